@@ -1,0 +1,88 @@
+# qkdsat: payload firmware (MicroPython) and ground tools (CPython) for a QKD microsatellite.
+#   make setup     install everything (apt, venv, MicroPython from Debian source) and build
+#   make test      every test (host, firmware on unix and QEMU, end to end)
+#   make demo      the main job on an emulated pass
+#   make bench     benchmarks, printed as ratios against baselines measured in the same run
+#   make firmware  rebuild the QEMU image with the current firmware/ frozen in
+
+include tools/micropython.env
+
+ROOT := $(abspath .)
+VENV := $(ROOT)/.venv
+PY := $(VENV)/bin/python
+MPY_SRC := $(ROOT)/build/micropython-$(MPY_UPSTREAM_VERSION)
+BIN := $(ROOT)/build/bin
+QEMU_BUILD := $(ROOT)/build/qemu
+
+# MicroPython's build needs a micropython-lib folder; Debian's source strips it.
+MPY_LIB_DIR := $(MPY_SRC)/lib/micropython-lib
+
+.PHONY: setup test test-fast demo mission bench firmware lint format flash clean \
+	clean-micropython micropython-builds lock
+
+setup:
+	@bash tools/setup.sh
+
+test: firmware
+	$(PY) -m pytest -q
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
+demo mission: firmware
+	$(VENV)/bin/qkdsat mission --target unix --out build/mission
+
+bench: firmware
+	$(PY) -m pytest -q benchmarks -p no:randomly -s
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format:
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+flash:
+	@test -n "$(PORT)" || { echo "usage: make flash PORT=/dev/ttyACM0"; exit 2; }
+	$(VENV)/bin/qkdsat flash --port $(PORT)
+
+lock:
+	rm -rf build/lockvenv && python3 -m venv build/lockvenv
+	build/lockvenv/bin/pip install -q -e .
+	{ echo "# Every Python package the project installs, pinned (pip freeze of a fresh venv)."; \
+	  echo "# Regenerate with: make lock"; \
+	  build/lockvenv/bin/pip freeze --exclude-editable; } > requirements.lock
+
+# ------------------------------------------------------------------ MicroPython builds
+
+micropython-builds: $(BIN)/mpy-cross $(BIN)/micropython firmware
+
+$(BIN)/mpy-cross:
+	@test -d $(MPY_SRC) || { echo "MicroPython source missing: run 'make setup'"; exit 1; }
+	$(MAKE) -s -C $(MPY_SRC)/mpy-cross -j2
+	mkdir -p $(BIN) && cp $(MPY_SRC)/mpy-cross/build/mpy-cross $@
+
+# The unix port runs the firmware from source (firmware/ on MICROPYPATH), so it is built
+# once; asyncio is frozen in as on the boards that have it.
+$(BIN)/micropython: $(BIN)/mpy-cross firmware/boards/unix/manifest.py
+	$(MAKE) -s -C $(MPY_SRC)/ports/unix -j2 BUILD=$(ROOT)/build/unix \
+		MPY_LIB_DIR=$(MPY_LIB_DIR) MICROPY_PY_BTREE=0 MICROPY_PY_SSL=0 MICROPY_PY_FFI=0 \
+		FROZEN_MANIFEST=$(ROOT)/firmware/boards/unix/manifest.py
+	mkdir -p $(BIN) && cp $(ROOT)/build/unix/micropython $@
+
+# Always re-run: MicroPython's own make only rebuilds what changed in firmware/.
+firmware: $(BIN)/mpy-cross
+	@test -d $(MPY_SRC) || { echo "MicroPython source missing: run 'make setup'"; exit 1; }
+	$(MAKE) -s -C $(MPY_SRC)/ports/qemu -j2 BOARD=MPS2_AN385 BUILD=$(QEMU_BUILD) \
+		MPY_LIB_DIR=$(MPY_LIB_DIR) MICROPY_VFS_LFS2=1 \
+		MICROPY_HEAP_SIZE=$(CONTROLLER_HEAP_BYTES) \
+		LDSCRIPT=$(ROOT)/firmware/boards/qemu/mps2_an385.ld \
+		"CFLAGS_EXTRA=-D'mp_hal_time_ns()=(0ULL)'" \
+		FROZEN_MANIFEST=$(ROOT)/firmware/boards/qemu/manifest.py
+
+clean:
+	rm -rf build/qemu build/mission .pytest_cache
+
+clean-micropython:
+	rm -rf build/micropython-* build/unix build/qemu build/bin

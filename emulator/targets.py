@@ -1,0 +1,251 @@
+"""Emulated payload controllers: the real firmware on the MicroPython unix port or on
+bare-metal MicroPython in QEMU (mps2-an385), wired the same way on both.
+
+    ground link (UART0)  -> a pty; the host opens `target.ground_port` with pyserial,
+                            exactly as it would a board's serial port
+    payload bus (UART1)  -> a TCP connection to the emulated optical head at `bus_address`
+    storage              -> a directory (unix) or littlefs on emulated PSRAM (QEMU)
+
+Both are context managers: the firmware runs inside the `with` block and is stopped at
+its end; `kill()` cuts power abruptly (for power-cut tests).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import subprocess
+import tempfile
+import time
+import tty
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILD_DIR = Path(os.environ.get("QKDSAT_BUILD_DIR", REPO_ROOT / "build"))
+FIRMWARE_DIR = REPO_ROOT / "firmware"
+MICROPYTHON_BIN = BUILD_DIR / "bin" / "micropython"
+QEMU_IMAGE = BUILD_DIR / "qemu" / "firmware.elf"
+QEMU_BIN = "qemu-system-arm"
+
+# Boot strap word the QEMU board reads at 0x20000000 (firmware/boards/qemu/board.py).
+_STRAP_ADDR = 0x20000000
+_STRAP_MAINTENANCE = 0x4E49414D
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            values[key] = value
+    return values
+
+
+MICROPYTHON_ENV = _read_env_file(REPO_ROOT / "tools" / "micropython.env")
+CONTROLLER_HEAP_BYTES = int(MICROPYTHON_ENV["CONTROLLER_HEAP_BYTES"])
+
+
+class TargetError(RuntimeError):
+    pass
+
+
+def require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise TargetError(f"{what} not found at {path}: run 'make setup' (or 'make firmware')")
+    return path
+
+
+class Target:
+    """Common lifetime handling: a child process with a ground-link pty."""
+
+    name = "?"
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.ground_port: str | None = None
+        self._keep_fds: list[int] = []
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self) -> None:
+        raise NotImplementedError  # each target launches its own process
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """Cut power: SIGKILL, no chance to flush or close anything."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._close_fds()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in self._keep_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._keep_fds.clear()
+
+    def stderr_text(self) -> str:
+        if self.process is None or self.process.stderr is None or self.running():
+            return ""
+        return self.process.stderr.read().decode(errors="replace")
+
+
+class UnixTarget(Target):
+    """The firmware on the MicroPython unix port, heap capped at the controller's RAM."""
+
+    name = "unix"
+
+    def __init__(
+        self,
+        storage_dir: str | os.PathLike | None = None,
+        bus_address: tuple[str, int] | None = None,
+        boot: str = "app",
+        script: str | os.PathLike | None = None,
+        heap_bytes: int = CONTROLLER_HEAP_BYTES,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self._tmp = None
+        if storage_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="qkdsat-unix-")
+            storage_dir = self._tmp.name
+        self.storage_dir = Path(storage_dir)
+        self.bus_address = bus_address
+        self.boot = boot
+        self.script = Path(script) if script else FIRMWARE_DIR / "main.py"
+        self.heap_bytes = heap_bytes
+        self.extra_env = extra_env or {}
+
+    def start(self) -> None:
+        binary = require(MICROPYTHON_BIN, "MicroPython unix port")
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        # The firmware must never block on a ground link nobody reads (like a UART).
+        flags = fcntl.fcntl(master, fcntl.F_GETFL)
+        fcntl.fcntl(master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        env = dict(os.environ)
+        env["MICROPYPATH"] = os.pathsep.join(
+            [str(FIRMWARE_DIR), str(FIRMWARE_DIR / "boards" / "unix"), ".frozen"]
+        )
+        env["QKDSAT_STORAGE"] = str(self.storage_dir)
+        env["QKDSAT_BOOT"] = self.boot
+        if self.bus_address:
+            env["QKDSAT_BUS"] = f"{self.bus_address[0]}:{self.bus_address[1]}"
+        env.update(self.extra_env)
+        self.process = subprocess.Popen(
+            [str(binary), "-X", f"heapsize={self.heap_bytes}", str(self.script)],
+            stdin=master,
+            stdout=master,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=str(self.storage_dir),
+        )
+        os.close(master)
+        # Keep the slave open so the pty survives between host connections.
+        self._keep_fds.append(slave)
+        self.ground_port = os.ttyname(slave)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        super().stop(timeout_s)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+class QemuTarget(Target):
+    """The frozen firmware image on QEMU's mps2-an385 (Cortex-M3, 25 MHz, no FPU).
+
+    icount_shift: if set, QEMU's clocks follow the instruction count (2**shift ns per
+    instruction) instead of the host's clock, so timing-dependent tests are deterministic
+    on a loaded machine.
+    """
+
+    name = "qemu"
+
+    def __init__(
+        self,
+        bus_address: tuple[str, int] | None = None,
+        boot: str = "app",
+        icount_shift: int | None = None,
+        image: str | os.PathLike = QEMU_IMAGE,
+    ) -> None:
+        super().__init__()
+        self.bus_address = bus_address
+        self.boot = boot
+        self.icount_shift = icount_shift
+        self.image = Path(image)
+
+    def command(self) -> list[str]:
+        image = require(self.image, "QEMU firmware image")
+        bus = (
+            f"tcp:{self.bus_address[0]}:{self.bus_address[1]}" if self.bus_address else "null"
+        )
+        cmd = [
+            QEMU_BIN,
+            "-machine", "mps2-an385",
+            "-nographic", "-monitor", "null", "-semihosting",
+            "-serial", "pty",
+            "-serial", bus,
+            "-kernel", str(image),
+        ]  # fmt: skip
+        if self.icount_shift is not None:
+            cmd += ["-icount", f"shift={self.icount_shift},align=off,sleep=off"]
+        if self.boot == "maintenance":
+            cmd += [
+                "-device",
+                f"loader,addr={_STRAP_ADDR:#x},data={_STRAP_MAINTENANCE:#x},data-len=4",
+            ]
+        return cmd
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.process = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        seen = b""
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            seen += line
+            match = re.search(rb"redirected to (/dev/pts/\d+) \(label serial0\)", line)
+            if match:
+                self.ground_port = match.group(1).decode()
+                return
+        self.stop()
+        raise TargetError(f"QEMU did not open its ground-link pty: {seen.decode(errors='replace')}")
+
+    def stderr_text(self) -> str:
+        return ""
+
+
+def make_target(name: str, **kwargs) -> Target:
+    if name == "unix":
+        kwargs.pop("icount_shift", None)
+        return UnixTarget(**kwargs)
+    if name == "qemu":
+        kwargs.pop("storage_dir", None)
+        return QemuTarget(**kwargs)
+    raise ValueError(f"unknown target {name!r}: expected 'unix' or 'qemu'")

@@ -1,0 +1,215 @@
+# Board support for the emulated controller: QEMU's mps2-an385 (Cortex-M3, 25 MHz, no FPU).
+# The only firmware module besides boards/unix/board.py that touches `machine`.
+#
+# Memory map used (ARM AN385 application note, QEMU hw/arm/mps2.c):
+#   0x40000000 CMSDK TIMER0   microsecond clock (free-running, counts down at 25 MHz)
+#   0x40004000 CMSDK UART0    ground link (QEMU's first -serial; also the REPL)
+#   0x40005000 CMSDK UART1    payload bus to the optical head (QEMU's second -serial)
+#   0x20000000 SSRAM2         boot strap word (set by the launcher with -device loader)
+#   0x21000000 PSRAM          RAM-backed block device for littlefs (the "flash")
+# MicroPython itself lives in SSRAM1 at 0x00000000, so the last two are free for us.
+import array
+
+import machine
+import micropython
+import uctypes
+import vfs
+from micropython import const
+
+NAME = "qemu"
+
+_TIMER0 = const(0x40000000)
+_UART0 = const(0x40004000)
+_UART1 = const(0x40005000)
+_STRAP_ADDR = const(0x20000000)
+_FLASH_ADDR = const(0x21000000)
+_FLASH_BLOCK_BYTES = const(4096)
+_FLASH_BLOCKS = const(512)  # 2 MiB of the 16 MiB PSRAM
+_STRAP_MAINTENANCE = const(0x4E49414D)  # b"MAIN" little-endian: stay in the REPL
+_CPU_HZ = const(25_000_000)
+_CYCLES_PER_US = const(25)
+# CMSDK UART registers (word offsets) and bits
+_UART_DATA = const(0)
+_UART_STATE = const(1)
+_UART_CTRL = const(2)
+_UART_BAUDDIV = const(4)
+_STATE_TX_FULL = const(1)
+_STATE_RX_FULL = const(2)
+
+STORAGE_ROOT = "/flash"
+
+
+class Uart:
+    """A CMSDK APB UART driven by register polling; non-blocking like a FIFO-less MCU UART.
+
+    QEMU holds back further input until DATA is read, so nothing is lost while the
+    firmware is busy: the host side simply waits (hardware flow control in effect).
+    """
+
+    def __init__(self, base):
+        self._base = base
+        machine.mem32[base + 4 * _UART_BAUDDIV] = 16
+        machine.mem32[base + 4 * _UART_CTRL] = 3  # TX and RX enabled
+
+    def readinto(self, buf):
+        return _uart_readinto(self._base, buf, len(buf))
+
+    def write(self, buf):
+        return _uart_write(self._base, buf, len(buf))
+
+
+@micropython.viper
+def _uart_readinto(base: int, buf: ptr8, length: int) -> int:
+    regs = ptr32(base)
+    count = 0
+    while count < length:
+        if not (regs[_UART_STATE] & _STATE_RX_FULL):
+            break
+        buf[count] = regs[_UART_DATA]
+        count += 1
+    return count
+
+
+@micropython.viper
+def _uart_write(base: int, buf: ptr8, length: int) -> int:
+    regs = ptr32(base)
+    for i in range(length):
+        while regs[_UART_STATE] & _STATE_TX_FULL:
+            pass
+        regs[_UART_DATA] = buf[i]
+    return length
+
+
+class Clock:
+    """Microsecond clock from TIMER0, extended to 64 bits without allocating.
+
+    TIMER0 counts down through 2**32 cycles (171.8 s at 25 MHz); `update()` must run at
+    least that often (the scheduler calls it every pass). State lives in a preallocated
+    array: [last timer value, leftover cycles, microseconds low word, high word], so
+    `update()` and `stamp_into()` may run in an interrupt handler.
+    """
+
+    def __init__(self):
+        self._state = array.array("I", (0, 0, 0, 0))
+        machine.mem32[_TIMER0 + 8] = 0xFFFFFFFF  # RELOAD
+        machine.mem32[_TIMER0 + 0] = 1  # CTRL: enable, no interrupt
+        self._state[0] = machine.mem32[_TIMER0 + 4] & 0xFFFFFFFF
+
+    def update(self):
+        _clock_update(self._state)
+
+    def ticks_us(self):
+        """Low 30 bits of the microsecond count: a small int, for short intervals."""
+        _clock_update(self._state)
+        return _clock_low30(self._state)
+
+    def stamp_into(self, buf, offset):
+        """Write the 64-bit microsecond count little-endian into buf[offset:offset+8]."""
+        _clock_update(self._state)
+        _clock_stamp(self._state, buf, offset)
+
+    def now_us(self):
+        """The full microsecond count as a Python int (allocates on 32-bit: not in IRQs)."""
+        _clock_update(self._state)
+        return (self._state[3] << 32) | self._state[2]
+
+
+@micropython.viper
+def _clock_update(state: ptr32):
+    now = ptr32(_TIMER0)[1]
+    elapsed = state[0] - now  # down-counter: wraps modulo 2**32 in 32-bit arithmetic
+    state[0] = now
+    # 67.1 s of cycles, to take off an elapsed >= 2**31 before signed division; built at
+    # run time because a folded constant >= 2**30 would be a heap object here.
+    big_chunk_us = 0x4000000
+    big_chunk_cycles = big_chunk_us
+    big_chunk_cycles *= _CYCLES_PER_US
+    total = state[1] + elapsed
+    add_us = 0
+    if total < 0:  # elapsed >= 2**31 cycles (signed overflow): take a chunk off first
+        total -= big_chunk_cycles
+        add_us = big_chunk_us
+    add_us += total // _CYCLES_PER_US
+    state[1] = total - (total // _CYCLES_PER_US) * _CYCLES_PER_US
+    low = state[2]
+    new_low = low + add_us
+    state[2] = new_low
+    if uint(new_low) < uint(low):
+        state[3] = state[3] + 1
+
+
+@micropython.viper
+def _clock_low30(state: ptr32) -> int:
+    return state[2] & 0x3FFFFFFF
+
+
+@micropython.viper
+def _clock_stamp(state: ptr32, buf: ptr8, offset: int):
+    low = state[2]
+    high = state[3]
+    for i in range(4):
+        buf[offset + i] = (low >> (8 * i)) & 0xFF
+        buf[offset + 4 + i] = (high >> (8 * i)) & 0xFF
+
+
+class RamBlockDevice:
+    """littlefs block device over PSRAM: stands in for the board's QSPI flash."""
+
+    def __init__(self, address, block_bytes, blocks):
+        self._mem = uctypes.bytearray_at(address, block_bytes * blocks)
+        self._block_bytes = block_bytes
+        self._blocks = blocks
+
+    def readblocks(self, block, buf, offset=0):
+        start = block * self._block_bytes + offset
+        buf[:] = self._mem[start : start + len(buf)]
+
+    def writeblocks(self, block, buf, offset=None):
+        if offset is None:
+            offset = 0
+        start = block * self._block_bytes + offset
+        self._mem[start : start + len(buf)] = buf
+
+    def ioctl(self, op, arg):
+        if op == 4:  # block count
+            return self._blocks
+        if op == 5:  # block size
+            return self._block_bytes
+        if op == 6:  # erase: RAM needs none
+            return 0
+        return None
+
+
+ground_link = Uart(_UART0)
+payload_bus = Uart(_UART1)
+clock = Clock()
+
+
+def boot_mode():
+    """'maintenance' when the launcher set the strap word (stay at the REPL), else 'app'."""
+    if machine.mem32[_STRAP_ADDR] == _STRAP_MAINTENANCE:
+        return "maintenance"
+    return "app"
+
+
+def mount_storage():
+    """Mount littlefs at STORAGE_ROOT, formatting a blank device (first boot)."""
+    device = RamBlockDevice(_FLASH_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
+    try:
+        vfs.mount(vfs.VfsLfs2(device, mtime=False), STORAGE_ROOT)
+    except OSError:
+        vfs.VfsLfs2.mkfs(device)
+        vfs.mount(vfs.VfsLfs2(device, mtime=False), STORAGE_ROOT)
+    return STORAGE_ROOT
+
+
+def idle():
+    machine.idle()
+
+
+def reset():
+    machine.reset()  # QEMU: exits through semihosting; a board restarts
+
+
+def cpu_hz():
+    return _CPU_HZ

@@ -1,0 +1,134 @@
+# Board support for the unix target: the same interface as boards/qemu/board.py, over
+# the host's file descriptors and sockets. The launcher (emulator/targets.py) sets:
+#   stdin/stdout          the ground link: the master side of a pty (the host opens the
+#                         slave with pyserial, as it would a board's USB or UART port)
+#   QKDSAT_BUS=host:port  the payload bus: a TCP connection to the emulated optical head
+#   QKDSAT_STORAGE=dir    the storage root (a directory stands in for flash)
+#   QKDSAT_BOOT=maintenance  stay at the REPL instead of starting the application
+import os
+import select
+import socket
+import sys
+import time
+
+NAME = "unix"
+
+STORAGE_ROOT = os.getenv("QKDSAT_STORAGE") or "flash"
+_CPU_HZ = 0  # not meaningful on the host
+
+
+class StdioLink:
+    """Ground link over fds 0/1; never blocks (the launcher set O_NONBLOCK on the pty)."""
+
+    def __init__(self):
+        self._in = sys.stdin.buffer
+        self._out = sys.stdout.buffer
+        self._poll = select.poll()
+        self._poll.register(sys.stdin, select.POLLIN)
+
+    def readinto(self, buf):
+        if not self._poll.poll(0):
+            return 0
+        try:
+            count = self._in.readinto(buf)
+        except OSError:  # EAGAIN: nothing after all
+            return 0
+        return count or 0
+
+    def write(self, buf):
+        try:
+            count = self._out.write(buf)
+        except OSError:  # EAGAIN: the pty is full, nobody reads the other side
+            return 0
+        return count or 0
+
+
+class SocketLink:
+    """Payload bus (or ground link) over a TCP connection, non-blocking."""
+
+    def __init__(self, address):
+        host, port = address.rsplit(":", 1)
+        self._sock = socket.socket()
+        self._sock.connect(socket.getaddrinfo(host, int(port))[0][-1])
+        self._sock.setblocking(False)
+
+    def readinto(self, buf):
+        try:
+            count = self._sock.readinto(buf)
+        except OSError:
+            return 0
+        return count or 0
+
+    def write(self, buf):
+        try:
+            count = self._sock.write(buf)
+        except OSError:
+            return 0
+        return count or 0
+
+
+class NoLink:
+    """Placeholder when a launcher wires no bus: reads nothing, drops writes."""
+
+    def readinto(self, buf):
+        return 0
+
+    def write(self, buf):
+        return len(buf)
+
+
+class Clock:
+    """Microsecond clock; on a 64-bit host every count is a small int already."""
+
+    def __init__(self):
+        self._last_ticks = time.ticks_us()
+        self._us = 0
+
+    def update(self):
+        now = time.ticks_us()
+        self._us += time.ticks_diff(now, self._last_ticks)
+        self._last_ticks = now
+
+    def ticks_us(self):
+        self.update()
+        return self._us & 0x3FFFFFFF
+
+    def stamp_into(self, buf, offset):
+        self.update()
+        value = self._us
+        for i in range(8):
+            buf[offset + i] = (value >> (8 * i)) & 0xFF
+
+    def now_us(self):
+        self.update()
+        return self._us
+
+
+ground_link = StdioLink()
+_bus_address = os.getenv("QKDSAT_BUS")
+payload_bus = SocketLink(_bus_address) if _bus_address else NoLink()
+clock = Clock()
+
+
+def boot_mode():
+    return "maintenance" if os.getenv("QKDSAT_BOOT") == "maintenance" else "app"
+
+
+def mount_storage():
+    try:
+        os.mkdir(STORAGE_ROOT)
+    except OSError:
+        pass  # exists
+    return STORAGE_ROOT
+
+
+def idle():
+    time.sleep_us(50)
+
+
+def reset():
+    sys.exit(0)
+
+
+def cpu_hz():
+    return _CPU_HZ

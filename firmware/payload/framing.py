@@ -1,0 +1,229 @@
+# Byte-stream framing shared by the ground link and the payload bus (docs/framing.md):
+#   frame = COBS(body || CRC-16/CCITT-FALSE(body), big-endian) || 0x00
+# COBS removes every zero from the encoded bytes, so 0x00 marks frame ends and a receiver
+# resynchronises after any corruption at the next zero. The CPython twin is
+# host/protocol/framing.py; both are tested against tests/vectors/framing.json.
+#
+# Kernels are viper over caller-provided buffers: no allocation per byte or per frame.
+import micropython
+from micropython import const
+
+_CRC16_INIT = const(0xFFFF)
+_CRC16_POLY = const(0x1021)
+CRC_BYTES = const(2)
+
+
+@micropython.viper
+def crc16(buf: ptr8, length: int) -> int:
+    """CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF, no reflection, no final xor)."""
+    crc = _CRC16_INIT
+    for i in range(length):
+        crc ^= buf[i] << 8
+        for _ in range(8):
+            if crc & 0x8000:
+                crc = ((crc << 1) ^ _CRC16_POLY) & 0xFFFF
+            else:
+                crc = (crc << 1) & 0xFFFF
+    return crc
+
+
+@micropython.viper
+def _crc32_update(state: ptr32, buf: ptr8, length: int):
+    crc = state[0]
+    # 0xEDB88320 (reflected 0x04C11DB7), built at run time: a literal >= 2**30, even a
+    # folded constant expression, would be a heap object on 32-bit targets.
+    poly = 0x3B6E20C8
+    poly <<= 2
+    for i in range(length):
+        crc ^= buf[i]
+        for _ in range(8):
+            mask = 0 - (crc & 1)
+            crc = int(uint(crc) >> 1) ^ (poly & mask)
+    state[0] = crc
+
+
+class Crc32:
+    """CRC-32 (IEEE 802.3, as zlib.crc32) updated in place over many buffers.
+
+    The running value stays in a preallocated word, so updating never allocates even on
+    32-bit targets where the CRC does not fit a small int; `value()` allocates.
+    """
+
+    def __init__(self):
+        import array
+
+        self._state = array.array("I", (0xFFFFFFFF,))
+
+    def reset(self):
+        self._state[0] = 0xFFFFFFFF
+
+    def update(self, buf, length=-1):
+        _crc32_update(self._state, buf, len(buf) if length < 0 else length)
+
+    def value(self):
+        return self._state[0] ^ 0xFFFFFFFF
+
+
+@micropython.viper
+def cobs_encode(src: ptr8, length: int, dst: ptr8) -> int:
+    """Encode src[:length] into dst (needs length + length // 254 + 1 bytes), no delimiter.
+    Returns the encoded length."""
+    code_at = 0
+    out = 1
+    code = 1
+    for i in range(length):
+        byte = src[i]
+        if byte == 0:
+            dst[code_at] = code
+            code_at = out
+            out += 1
+            code = 1
+        else:
+            dst[out] = byte
+            out += 1
+            code += 1
+            if code == 0xFF and i + 1 < length:  # a full block; more bytes follow
+                dst[code_at] = code
+                code_at = out
+                out += 1
+                code = 1
+    dst[code_at] = code
+    return out
+
+
+@micropython.viper
+def cobs_decode(src: ptr8, length: int, dst: ptr8, capacity: int) -> int:
+    """Decode src[:length] (no delimiter) into dst. Returns the decoded length, or -1 if
+    the input is not valid COBS (a zero byte, or a code running past the end), or -2 if
+    the result would exceed capacity."""
+    i = 0
+    out = 0
+    while i < length:
+        code = src[i]
+        if code == 0:
+            return -1
+        i += 1
+        end = i + code - 1
+        if end > length:
+            return -1
+        while i < end:
+            byte = src[i]
+            if byte == 0:
+                return -1
+            if out >= capacity:
+                return -2
+            dst[out] = byte
+            out += 1
+            i += 1
+        if code != 0xFF and i < length:
+            if out >= capacity:
+                return -2
+            dst[out] = 0
+            out += 1
+    return out
+
+
+def encoded_capacity(body_bytes):
+    """Bytes needed for an encoded frame of body_bytes, CRC and delimiter included."""
+    raw = body_bytes + CRC_BYTES
+    return raw + raw // 254 + 2
+
+
+class FrameWriter:
+    """Builds frames into one preallocated buffer; returns a memoryview of the frame."""
+
+    def __init__(self, max_body_bytes):
+        self.max_body_bytes = max_body_bytes
+        self._raw = bytearray(max_body_bytes + CRC_BYTES)
+        self._out = bytearray(encoded_capacity(max_body_bytes))
+        self._out_view = memoryview(self._out)
+
+    def encode(self, body, length=-1):
+        if length < 0:
+            length = len(body)
+        if length > self.max_body_bytes:
+            raise ValueError("frame body too long")
+        raw = self._raw
+        raw[:length] = body[:length] if length < len(body) else body
+        crc = crc16(raw, length)
+        raw[length] = crc >> 8
+        raw[length + 1] = crc & 0xFF
+        count = cobs_encode(raw, length + CRC_BYTES, self._out)
+        self._out[count] = 0
+        return self._out_view[: count + 1]
+
+
+# Reasons a received frame is dropped; counters are kept per reason.
+DROP_OVERSIZE = const(0)
+DROP_COBS = const(1)
+DROP_CRC = const(2)
+DROP_SHORT = const(3)
+DROP_REASONS = ("oversize", "cobs", "crc", "short")
+
+
+class FrameReader:
+    """Accumulates stream bytes; yields each good frame body once, counts every bad one.
+
+    `feed(chunk, length)` returns the number of bytes consumed; after it returns with
+    `ready` set, `body` (a memoryview valid until the next feed) holds one frame body.
+    Oversized input is discarded up to the next delimiter, so a babbling link cannot
+    exhaust memory, and the reader is back in step at the next frame.
+    """
+
+    def __init__(self, max_body_bytes):
+        self.max_body_bytes = max_body_bytes
+        self._encoded = bytearray(encoded_capacity(max_body_bytes))
+        self._decoded = bytearray(max_body_bytes + CRC_BYTES)
+        self._decoded_view = memoryview(self._decoded)
+        self._fill = 0
+        self._overflowed = False
+        self.ready = False
+        self.body = self._decoded_view[:0]
+        self.frames_ok = 0
+        self.drops = [0, 0, 0, 0]
+
+    def feed(self, chunk, length):
+        self.ready = False
+        encoded = self._encoded
+        capacity = len(encoded)
+        for i in range(length):
+            byte = chunk[i]
+            if byte != 0:
+                if self._fill < capacity:
+                    encoded[self._fill] = byte
+                    self._fill += 1
+                else:
+                    self._overflowed = True
+                continue
+            # a delimiter: finish this frame
+            fill = self._fill
+            self._fill = 0
+            if self._overflowed:
+                self._overflowed = False
+                self.drops[DROP_OVERSIZE] += 1
+                return i + 1
+            if fill == 0:
+                continue  # idle delimiters between frames are allowed
+            count = cobs_decode(encoded, fill, self._decoded, len(self._decoded))
+            if count == -2:
+                self.drops[DROP_OVERSIZE] += 1
+                return i + 1
+            if count < 0:
+                self.drops[DROP_COBS] += 1
+                return i + 1
+            if count < CRC_BYTES + 1:
+                self.drops[DROP_SHORT] += 1
+                return i + 1
+            body_bytes = count - CRC_BYTES
+            received = (self._decoded[body_bytes] << 8) | self._decoded[body_bytes + 1]
+            if crc16(self._decoded, body_bytes) != received:
+                self.drops[DROP_CRC] += 1
+                return i + 1
+            self.frames_ok += 1
+            self.body = self._decoded_view[:body_bytes]
+            self.ready = True
+            return i + 1
+        return length
+
+    def dropped(self):
+        return sum(self.drops)

@@ -1,0 +1,1 @@
+"""Getting code onto a MicroPython controller: raw REPL (tests) and mpremote (flash)."""

@@ -1,0 +1,103 @@
+"""MicroPython's raw REPL over a serial port: enter it, execute code, get stdout and the
+traceback apart. The protocol is the one mpremote and pyboard.py speak:
+
+    Ctrl-C Ctrl-C   interrupt whatever runs
+    Ctrl-A          enter the raw REPL   <- "raw REPL; CTRL-B to exit\\r\\n>"
+    code Ctrl-D     execute              <- "OK" stdout \\x04 stderr \\x04 ">"
+    Ctrl-B          back to the friendly REPL
+"""
+
+from __future__ import annotations
+
+import time
+
+import serial
+
+
+class RawReplError(RuntimeError):
+    pass
+
+
+class ExecutionFailed(RawReplError):
+    """The code raised; `traceback` is MicroPython's own text."""
+
+    def __init__(self, stdout: str, traceback: str):
+        super().__init__(traceback.strip().splitlines()[-1] if traceback.strip() else "error")
+        self.stdout = stdout
+        self.traceback = traceback
+
+
+class RawRepl:
+    def __init__(self, port: str, baudrate: int = 115200, timeout_s: float = 10.0):
+        self.serial = serial.Serial(port, baudrate=baudrate, timeout=0.05)
+        self.timeout_s = timeout_s
+        self._pending = bytearray()
+
+    def close(self) -> None:
+        self.serial.close()
+
+    def __enter__(self):
+        self.enter()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.serial.write(b"\x02")  # back to the friendly REPL
+        finally:
+            self.close()
+
+    def _read_until(self, marker: bytes, timeout_s: float) -> bytes:
+        """Bytes up to and including marker; what came after stays buffered."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self._pending.find(marker)
+            if found >= 0:
+                end = found + len(marker)
+                data = bytes(self._pending[:end])
+                del self._pending[:end]
+                return data
+            chunk = self.serial.read(max(1, self.serial.in_waiting))
+            if chunk:
+                self._pending += chunk
+                deadline = max(deadline, time.monotonic() + 1.0)
+            elif time.monotonic() > deadline:
+                raise RawReplError(
+                    f"timed out after {timeout_s:.1f} s waiting for {marker!r}; "
+                    f"received {bytes(self._pending[-200:])!r}"
+                )
+
+    def enter(self, attempt_s: float = 1.5) -> None:
+        """Interrupt the running program and enter the raw REPL.
+
+        Retried: a board may still be booting, and QEMU's pty drops output until it has
+        noticed (on a timer) that the host opened the port.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            self.serial.write(b"\r\x03\x03")
+            time.sleep(0.1)
+            self.serial.reset_input_buffer()
+            self._pending.clear()
+            self.serial.write(b"\r\x01")
+            try:
+                self._read_until(b"raw REPL; CTRL-B to exit\r\n>", attempt_s)
+                return
+            except RawReplError:
+                if time.monotonic() > deadline:
+                    raise
+
+    def exec(self, code: str | bytes, timeout_s: float | None = None) -> str:
+        """Run code; return its stdout, or raise ExecutionFailed with the traceback."""
+        if isinstance(code, str):
+            code = code.encode()
+        # Write in chunks: the raw REPL has no flow control on some ports.
+        for start in range(0, len(code), 256):
+            self.serial.write(code[start : start + 256])
+        self.serial.write(b"\x04")
+        self._read_until(b"OK", 5.0)
+        out = self._read_until(b"\x04", timeout_s or self.timeout_s)[:-1]
+        err = self._read_until(b"\x04>", 5.0)[:-2]
+        stdout = out.decode(errors="replace")
+        if err:
+            raise ExecutionFailed(stdout, err.decode(errors="replace"))
+        return stdout

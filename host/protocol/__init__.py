@@ -1,0 +1,1 @@
+"""CPython implementations of the wire protocols (twins of the firmware's)."""

@@ -1,0 +1,162 @@
+"""Byte-stream framing shared by the ground link and the payload bus (docs/framing.md).
+
+    frame = COBS(body || CRC-16/CCITT-FALSE(body), big-endian) || 0x00
+
+The CPython twin of firmware/payload/framing.py; both are tested against
+tests/vectors/framing.json.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+CRC_BYTES = 2
+DROP_REASONS = ("oversize", "cobs", "crc", "short")
+
+
+def crc16(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF, no reflection, no final xor."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
+def crc32(data: bytes, value: int = 0) -> int:
+    """CRC-32 as zlib (IEEE 802.3); the firmware's Crc32 gives the same numbers."""
+    return zlib.crc32(data, value)
+
+
+def cobs_encode(data: bytes) -> bytes:
+    out = bytearray([0])
+    code_at = 0
+    code = 1
+    for index, byte in enumerate(data):
+        if byte == 0:
+            out[code_at] = code
+            code_at = len(out)
+            out.append(0)
+            code = 1
+            continue
+        out.append(byte)
+        code += 1
+        if code == 0xFF and index + 1 < len(data):  # a full block; more bytes follow
+            out[code_at] = code
+            code_at = len(out)
+            out.append(0)
+            code = 1
+    out[code_at] = code
+    return bytes(out)
+
+
+class CobsError(ValueError):
+    pass
+
+
+def cobs_decode(data: bytes) -> bytes:
+    out = bytearray()
+    i = 0
+    while i < len(data):
+        code = data[i]
+        if code == 0:
+            raise CobsError(f"zero byte at offset {i} inside a COBS block")
+        end = i + code
+        if end > len(data):
+            raise CobsError(f"COBS code at offset {i} runs past the end ({len(data)} bytes)")
+        block = data[i + 1 : end]
+        if 0 in block:
+            raise CobsError(f"zero byte inside COBS block starting at offset {i}")
+        out += block
+        i = end
+        if code != 0xFF and i < len(data):
+            out.append(0)
+    return bytes(out)
+
+
+def encode_frame(body: bytes) -> bytes:
+    crc = crc16(body)
+    return cobs_encode(body + bytes((crc >> 8, crc & 0xFF))) + b"\x00"
+
+
+class FrameError(ValueError):
+    """A received frame that was dropped; `reason` is one of DROP_REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def decode_frame(encoded: bytes, max_body_bytes: int) -> bytes:
+    """Decode one frame without its delimiter; raises FrameError with the drop reason."""
+    if len(encoded) > max_body_bytes + CRC_BYTES + (max_body_bytes + CRC_BYTES) // 254 + 1:
+        raise FrameError("oversize", f"{len(encoded)} encoded bytes")
+    try:
+        raw = cobs_decode(encoded)
+    except CobsError as error:
+        raise FrameError("cobs", str(error)) from None
+    if len(raw) > max_body_bytes + CRC_BYTES:
+        raise FrameError("oversize", f"{len(raw) - CRC_BYTES} body bytes > {max_body_bytes}")
+    if len(raw) < CRC_BYTES + 1:
+        raise FrameError("short", f"{len(raw)} bytes after decoding")
+    body, received = raw[:-CRC_BYTES], int.from_bytes(raw[-CRC_BYTES:], "big")
+    computed = crc16(body)
+    if computed != received:
+        raise FrameError("crc", f"received {received:#06x}, computed {computed:#06x}")
+    return body
+
+
+@dataclass
+class FrameReader:
+    """Splits a byte stream into frame bodies; counts what it drops, by reason.
+
+    Feed it whatever a read returned (bulk, not a byte at a time); it returns the good
+    bodies completed by that chunk. Bytes past max size are discarded up to the next
+    delimiter, so corruption costs at most the frames it touched.
+    """
+
+    max_body_bytes: int
+    frames_ok: int = 0
+    drops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    last_error: FrameError | None = None
+    _pending: bytearray = field(default_factory=bytearray)
+    _overflowed: bool = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        bodies = []
+        limit = self.max_body_bytes + CRC_BYTES + (self.max_body_bytes + CRC_BYTES) // 254 + 1
+        start = 0
+        while True:
+            end = chunk.find(b"\x00", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if not self._overflowed:
+                self._pending += piece
+                if len(self._pending) > limit:
+                    self._overflowed = True
+                    self._pending.clear()
+            if end < 0:
+                return bodies
+            start = end + 1
+            if self._overflowed:
+                self._overflowed = False
+                self._count(FrameError("oversize", "frame exceeded the maximum size"))
+                continue
+            if not self._pending:
+                continue  # idle delimiter
+            encoded = bytes(self._pending)
+            self._pending.clear()
+            try:
+                bodies.append(decode_frame(encoded, self.max_body_bytes))
+                self.frames_ok += 1
+            except FrameError as error:
+                self._count(error)
+
+    def _count(self, error: FrameError) -> None:
+        self.drops[error.reason] += 1
+        self.last_error = error
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())

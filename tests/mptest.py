@@ -1,0 +1,184 @@
+"""Run MicroPython test files on the firmware's targets, for pytest (see conftest.py).
+
+A firmware test file is `tests/firmware/mptest_*.py`, written in MicroPython:
+- every `def test_*()` is a test; it passes unless it raises;
+- `load_vectors("framing.json")` returns the parsed golden vectors from tests/vectors/
+  (the harness embeds them, as the QEMU target has no host filesystem);
+- it runs on both targets; `TARGETS = ("unix",)` with `TARGETS_REASON = "..."` narrows that;
+- `QEMU_ICOUNT_SHIFT = N` runs QEMU with its clock following the instruction count.
+
+Each file runs once per target, in one fresh interpreter (unix) or one freshly booted
+QEMU image (maintenance boot, raw REPL); results are split per test function.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emulator.targets import (
+    CONTROLLER_HEAP_BYTES,
+    FIRMWARE_DIR,
+    MICROPYTHON_BIN,
+    QemuTarget,
+    require,
+)
+from host.deploy.raw_repl import ExecutionFailed, RawRepl, RawReplError
+
+VECTORS_DIR = Path(__file__).parent / "vectors"
+ALL_TARGETS = ("unix", "qemu")
+_MARK = "@@mptest"
+
+
+@dataclass
+class FileSpec:
+    path: Path
+    source: str
+    test_names: list[str]
+    targets: tuple[str, ...]
+    targets_reason: str | None
+    icount_shift: int | None
+
+
+@dataclass
+class FileResult:
+    outcomes: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (status, text)
+    fatal: str | None = None  # the whole file failed to run
+
+
+def parse_spec(path: Path) -> FileSpec:
+    source = path.read_text()
+    tree = ast.parse(source, filename=str(path))
+    names = [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+    ]
+    constants = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name) and target.id in (
+                "TARGETS",
+                "TARGETS_REASON",
+                "QEMU_ICOUNT_SHIFT",
+            ):
+                constants[target.id] = ast.literal_eval(node.value)
+    targets = tuple(constants.get("TARGETS", ALL_TARGETS))
+    reason = constants.get("TARGETS_REASON")
+    if set(targets) != set(ALL_TARGETS) and not reason:
+        raise ValueError(f"{path}: TARGETS narrows the targets but TARGETS_REASON says not why")
+    return FileSpec(path, source, names, targets, reason, constants.get("QEMU_ICOUNT_SHIFT"))
+
+
+def build_program(spec: FileSpec) -> str:
+    vector_files = sorted(set(re.findall(r"load_vectors\(\s*[\"']([^\"']+)[\"']", spec.source)))
+    embedded = {name: (VECTORS_DIR / name).read_text() for name in vector_files}
+    prelude = (
+        "import json as _mptest_json\n"
+        f"_MPTEST_VECTORS = {embedded!r}\n"
+        "def load_vectors(name):\n"
+        "    return _mptest_json.loads(_MPTEST_VECTORS[name])\n"
+    )
+    postlude = f"""
+def _mptest_main(names):
+    import sys
+    for name in names:
+        print("\\n{_MARK} start", name)
+        try:
+            globals()[name]()
+            print("\\n{_MARK} pass", name)
+        except Exception as error:
+            print("\\n{_MARK} fail", name)
+            sys.print_exception(error)
+    print("\\n{_MARK} done")
+_mptest_main({tuple(spec.test_names)!r})
+"""
+    # The test source comes first so MicroPython's tracebacks give the file's own line
+    # numbers; load_vectors only has to exist by the time the tests are called.
+    return spec.source + "\n" + prelude + postlude
+
+
+def split_results(spec: FileSpec, output: str) -> FileResult:
+    result = FileResult()
+    current = None
+    status = None
+    lines: list[str] = []
+
+    def close():
+        if current is not None:
+            result.outcomes[current] = (status or "fail", "\n".join(lines).strip())
+
+    done = False
+    for line in output.splitlines():
+        if line.startswith(_MARK):
+            parts = line.split()
+            if parts[1] == "start":
+                close()
+                current, status, lines = parts[2], None, []
+            elif parts[1] in ("pass", "fail"):
+                status = parts[1]
+            elif parts[1] == "done":
+                done = True
+        elif current is not None:
+            lines.append(line)
+    close()
+    if not done:
+        result.fatal = "the test file did not run to completion:\n" + output[-4000:]
+    return result
+
+
+def run_on_unix(spec: FileSpec, timeout_s: float = 300.0) -> FileResult:
+    binary = require(MICROPYTHON_BIN, "MicroPython unix port")
+    with tempfile.TemporaryDirectory(prefix="mptest-") as workdir:
+        program = Path(workdir) / spec.path.name
+        program.write_text(build_program(spec))
+        env = dict(os.environ)
+        env["MICROPYPATH"] = os.pathsep.join(
+            [str(FIRMWARE_DIR), str(FIRMWARE_DIR / "boards" / "unix"), ".frozen"]
+        )
+        env["QKDSAT_STORAGE"] = str(Path(workdir) / "flash")
+        proc = subprocess.run(
+            [str(binary), "-X", f"heapsize={CONTROLLER_HEAP_BYTES}", str(program)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+    result = split_results(spec, proc.stdout)
+    if result.fatal or proc.returncode != 0:
+        result.fatal = (result.fatal or f"exit code {proc.returncode}") + "\n" + proc.stderr
+    return result
+
+
+def run_on_qemu(spec: FileSpec, timeout_s: float = 300.0) -> FileResult:
+    with QemuTarget(boot="maintenance", icount_shift=spec.icount_shift) as target:
+        try:
+            with RawRepl(target.ground_port, timeout_s=30.0) as repl:
+                output = repl.exec(build_program(spec), timeout_s=timeout_s)
+        except ExecutionFailed as failure:
+            result = split_results(spec, failure.stdout)
+            result.fatal = "MicroPython raised outside a test:\n" + failure.traceback
+            return result
+        except RawReplError as error:
+            return FileResult(fatal=f"QEMU target: {error}")
+    return split_results(spec, output)
+
+
+RUNNERS = {"unix": run_on_unix, "qemu": run_on_qemu}
+
+
+def run_file(spec: FileSpec, target: str) -> FileResult:
+    return RUNNERS[target](spec)
+
+
+def dumps_for_debug(result: FileResult) -> str:
+    return json.dumps({"fatal": result.fatal, "outcomes": result.outcomes}, indent=1)
