@@ -47,6 +47,15 @@ MICROPYTHON_ENV = _read_env_file(REPO_ROOT / "tools" / "micropython.env")
 CONTROLLER_HEAP_BYTES = int(MICROPYTHON_ENV["CONTROLLER_HEAP_BYTES"])
 
 
+def firmware_version() -> str:
+    """FIRMWARE_VERSION from firmware/payload/version.py (the firmware's single source)."""
+    text = (FIRMWARE_DIR / "payload" / "version.py").read_text()
+    match = re.search(r'FIRMWARE_VERSION = "([^"]+)"', text)
+    if not match:
+        raise TargetError("firmware/payload/version.py does not define FIRMWARE_VERSION")
+    return match.group(1)
+
+
 class TargetError(RuntimeError):
     pass
 

@@ -1,0 +1,52 @@
+"""`qkdsat`: the command line of the ground tools (DESIGN.md, "Command line").
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args)`;
+they are imported only when used, so `qkdsat --help` stays fast.
+
+Exit codes: 0 success; 2 bad input (the message names the file and what is wrong);
+3 the protocol aborted by design (the reason is in report.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from host.errors import BadInput, ProtocolAborted
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "smoke": ("host.smoke", "boot the firmware on an emulated target and check both UARTs"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qkdsat", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except BadInput as error:
+        print(f"qkdsat {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ProtocolAborted as error:
+        print(f"qkdsat {args.command}: aborted: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"qkdsat {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ground link: framed serial transport to the payload controller."""
