@@ -255,7 +255,8 @@ class OpticalHead:
         if addr in (pb.REG_FRAME_SLOTS, pb.REG_SLOT_RATE_HZ):
             if self.regs[pb.REG_LASER_CTRL] & 1 or self.laser_active:
                 return pb.E_REFUSED  # the slot clock cannot change while emitting
-            if addr == pb.REG_FRAME_SLOTS and not (2 <= value <= MAX_FRAME_SLOTS and value % 2 == 0):
+            bad_slots = not (2 <= value <= MAX_FRAME_SLOTS and value % 2 == 0)
+            if addr == pb.REG_FRAME_SLOTS and bad_slots:
                 return pb.E_REFUSED
             if addr == pb.REG_SLOT_RATE_HZ and value == 0:
                 return pb.E_REFUSED
@@ -310,7 +311,8 @@ class OpticalHead:
                 if not self.regs[pb.REG_QRNG_CTRL] & 1:
                     return pb.Reply(req.op, req.tag, pb.E_REFUSED)
                 self.qrng_bytes += req.count
-                return pb.Reply(req.op, req.tag, pb.OK, req.addr, data=self._qrng.randbytes(req.count))
+                data = self._qrng.randbytes(req.count)
+                return pb.Reply(req.op, req.tag, pb.OK, req.addr, data=data)
             if req.addr == pb.FIFO_TDC:
                 n = min(req.count // pb.TDC_EVENT_BYTES, len(self.fifo))
                 out = bytearray()

@@ -234,7 +234,8 @@ class Controller:
         count = 0
         if "/" not in name:
             try:
-                with open(self.store.path(name[:-5] if name.endswith(".qrec") else name), "rb") as f:
+                stem = name[:-5] if name.endswith(".qrec") else name
+                with open(self.store.path(stem), "rb") as f:
                     f.seek(offset)
                     count = f.readinto(memoryview(reply)[5 : 5 + length]) or 0
             except OSError:

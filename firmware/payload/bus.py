@@ -1,10 +1,10 @@
 # Payload-bus client: the controller's only way to the optical head (docs/payload-bus.md).
 #
 # Requests and replies are frame bodies (framing.py: COBS + CRC-16), one reply per request:
-#   READ       01 tag addr:u16 count:u8                 -> 81 tag status addr:u16 count:u8 u32*count
-#   WRITE      02 tag addr:u16 count:u8 u32*count       -> 82 tag status
-#   FIFO_READ  03 tag fifo:u8 max_bytes:u16             -> 83 tag status fifo:u8 n:u16 bytes*n
-#   MEM_WRITE  04 tag mem:u8 offset:u32 n:u16 bytes*n   -> 84 tag status
+#   READ       01 tag addr:u16 count:u8               -> 81 tag status addr:u16 count:u8 u32*n
+#   WRITE      02 tag addr:u16 count:u8 u32*count     -> 82 tag status
+#   FIFO_READ  03 tag fifo:u8 max_bytes:u16           -> 83 tag status fifo:u8 n:u16 bytes*n
+#   MEM_WRITE  04 tag mem:u8 offset:u32 n:u16 bytes*n -> 84 tag status
 # All integers little-endian. The CPython twin is host/protocol/payload_bus.py; both pass
 # tests/vectors/payload_bus.json. Every call is synchronous with a timeout and returns a
 # status (never raises on a bad reply): the hot path allocates nothing, and a sick bus

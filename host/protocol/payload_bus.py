@@ -98,7 +98,8 @@ class Request:
         if self.op == OP_READ:
             return head + struct.pack("<HB", self.addr, self.count)
         if self.op == OP_WRITE:
-            return head + struct.pack(f"<HB{len(self.words)}I", self.addr, len(self.words), *self.words)
+            n = len(self.words)
+            return head + struct.pack(f"<HB{n}I", self.addr, n, *self.words)
         if self.op == OP_FIFO_READ:
             return head + struct.pack("<BH", self.addr, self.count)
         if self.op == OP_MEM_WRITE:
@@ -147,7 +148,9 @@ def unpack_request(body: bytes) -> Request:
             raise BusProtocolError(f"FIFO_READ: {len(rest)} argument bytes, expected 3")
         fifo, max_bytes = struct.unpack("<BH", rest)
         if not 1 <= max_bytes <= MAX_DATA_BYTES:
-            raise BusProtocolError(f"FIFO_READ: max_bytes {max_bytes} not in [1, {MAX_DATA_BYTES}]")
+            raise BusProtocolError(
+                f"FIFO_READ: max_bytes {max_bytes} not in [1, {MAX_DATA_BYTES}]"
+            )
         return Request(op, tag, fifo, max_bytes)
     if op == OP_MEM_WRITE:
         if len(rest) < 7:
