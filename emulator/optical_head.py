@@ -94,6 +94,8 @@ class OpticalHead:
         self.frame_count = 0  # boundaries processed = the frame the back bank may hold
         self.back = bytearray(MAX_FRAME_SLOTS // 2)
         self.back_committed: int | None = None
+        self.last_commit = 0xFFFFFFFF
+        self.tdc_delivered = 0
         self.current: EmittedFrame | None = None
         self.laser_active = False
         self.emitted: list[EmittedFrame] = []
@@ -216,6 +218,10 @@ class OpticalHead:
             return len(self.emitted)
         if addr == pb.REG_UNDERRUNS:
             return len(self.blank_frames)
+        if addr == pb.REG_LAST_COMMIT:
+            return self.last_commit
+        if addr == pb.REG_TDC_DELIVERED:
+            return self.tdc_delivered & 0xFFFFFFFF
         if addr == REG_LASER_ACTIVE:
             return int(self.laser_active)
         if addr == pb.REG_QRNG_BYTES:
@@ -251,6 +257,7 @@ class OpticalHead:
             if self.back_committed is not None or value != self.frame_count:
                 return pb.E_REFUSED  # too late for that frame, or the bank is full
             self.back_committed = value
+            self.last_commit = value
             return pb.OK
         if addr in (pb.REG_FRAME_SLOTS, pb.REG_SLOT_RATE_HZ):
             if self.regs[pb.REG_LASER_CTRL] & 1 or self.laser_active:
@@ -319,6 +326,7 @@ class OpticalHead:
                 for _ in range(n):
                     channel, t = self.fifo.popleft()
                     out += struct.pack("<BQ", channel, t)
+                self.tdc_delivered += n
                 return pb.Reply(req.op, req.tag, pb.OK, req.addr, data=bytes(out))
             return pb.Reply(req.op, req.tag, pb.E_BAD_ADDRESS)
         if req.op == pb.OP_MEM_WRITE:

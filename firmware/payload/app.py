@@ -58,6 +58,7 @@ class Housekeeping:
         return self.record()
 
     def record(self):
+        self.controller.tdc.read_overflow()
         if self.bus.read(busmod.REG_HK_LASER_POWER_UW, busmod.HK_REGS) != busmod.OK:
             return False
         w = self.bus.words

@@ -58,6 +58,7 @@ REG_COMMIT = const(0x0105)
 REG_FRAMES_EMITTED = const(0x0106)
 REG_UNDERRUNS = const(0x0107)
 REG_LASER_ACTIVE = const(0x0108)
+REG_LAST_COMMIT = const(0x0109)
 REG_QRNG_CTRL = const(0x0200)
 REG_QRNG_BYTES = const(0x0201)
 REG_TDC_CTRL = const(0x0300)
@@ -65,6 +66,7 @@ REG_TDC_LEVEL = const(0x0301)
 REG_TDC_DEPTH = const(0x0302)
 REG_TDC_OVERFLOW = const(0x0303)
 REG_TDC_EVENTS = const(0x0304)
+REG_TDC_DELIVERED = const(0x0305)
 REG_HK_LASER_POWER_UW = const(0x0400)
 REG_HK_TEMP_LASER_MC = const(0x0401)
 REG_HK_TEMP_TDC_MC = const(0x0402)
@@ -111,7 +113,7 @@ def _copy(src: ptr8, src_offset: int, dst: ptr8, dst_offset: int, count: int):
 class Bus:
     """Synchronous request/reply client over a byte link (board.payload_bus)."""
 
-    def __init__(self, link, clock, timeout_us=200_000):
+    def __init__(self, link, clock, timeout_us=500_000):
         self.link = link
         self.clock = clock
         self.timeout_us = timeout_us

@@ -266,6 +266,8 @@ class Sequencer:
                 return False
             offset += chunk
         status = bus.write1(busmod.REG_COMMIT, self.next_frame)
+        if status < 0 and bus.read1(busmod.REG_LAST_COMMIT) == self.next_frame:
+            status = busmod.OK  # the reply was lost, the commit was not
         if status == busmod.E_REFUSED:
             # The frame boundary passed while we wrote: the head will emit it blank.
             self.refused_commits += 1

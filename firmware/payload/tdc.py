@@ -106,6 +106,8 @@ class TdcDrain:
         self.blocks = 0
         self.events_spooled = 0
         self.fifo_overflow = 0  # as last read from the head
+        self.events_received = 0  # over the bus
+        self.events_delivered = 0  # as the head counted them (REG_TDC_DELIVERED)
         self.bus_failures = 0
         self.running = False
 
@@ -120,6 +122,7 @@ class TdcDrain:
             self.bus_failures += 1
             return -1
         events = n // EVENT_BYTES
+        self.events_received += events
         ring_push(self.state, self.ring, self.capacity, self.burst, events, self.pps)
         return events
 
@@ -160,10 +163,16 @@ class TdcDrain:
         self.running = False
 
     def read_overflow(self):
-        value = self.bus.read1(busmod.REG_TDC_OVERFLOW)
-        if value >= 0:
-            self.fifo_overflow = value
+        """Update the head's loss counters: FIFO overflow, and events it handed out whose
+        reply never arrived (a bus timeout), so no loss anywhere goes uncounted."""
+        if self.bus.read(busmod.REG_TDC_OVERFLOW, 3) == busmod.OK:
+            self.fifo_overflow = self.bus.words[0]
+            self.events_delivered = self.bus.words[2]
         return self.fifo_overflow
+
+    def transit_lost(self):
+        lost = self.events_delivered - self.events_received
+        return lost if lost > 0 else 0
 
     def pps_count(self):
         return self.state[_PPS_COUNT]
@@ -180,7 +189,8 @@ class TdcDrain:
             "blocks": self.blocks,
             "ring_overflow": self.state[_OVERFLOW],
             "fifo_overflow": self.fifo_overflow,
-            "lost": self.state[_OVERFLOW] + self.fifo_overflow,
+            "transit_lost": self.transit_lost(),
+            "lost": self.state[_OVERFLOW] + self.fifo_overflow + self.transit_lost(),
             "bus_failures": self.bus_failures,
         }
 
