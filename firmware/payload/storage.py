@@ -56,7 +56,8 @@ def _word_equals(buf: ptr8, offset: int, words: ptr32, index: int, xor: int) -> 
     value = words[index] ^ xor
     got = buf[offset] | (buf[offset + 1] << 8) | (buf[offset + 2] << 16)
     got |= buf[offset + 3] << 24
-    return got == value
+    diff = value ^ got  # compare the low 32 bits only (viper ints are 64-bit on unix)
+    return (diff & 0xFFFF) == 0 and ((diff >> 16) & 0xFFFF) == 0
 
 
 def _get_u32(buf, offset):
