@@ -1,7 +1,6 @@
 # The board interface every target provides: clock, ground link, payload bus, storage.
-import micropython
-
 import board
+import micropython
 
 
 def test_clock_is_monotonic_and_stamps_match_now_us():
