@@ -15,6 +15,10 @@ BIN := $(ROOT)/build/bin
 QEMU_BUILD ?= $(ROOT)/build/qemu
 FIRMWARE_MANIFEST ?= $(ROOT)/firmware/boards/qemu/manifest.py
 
+# MicroPython names its version after `git describe`; keep git from finding this project's
+# repository above the unpacked source, so builds say v1.25.0 rather than our commit.
+export GIT_CEILING_DIRECTORIES := $(ROOT)/build
+
 # MicroPython's build needs a micropython-lib folder; Debian's source strips it.
 MPY_LIB_DIR := $(MPY_SRC)/lib/micropython-lib
 
