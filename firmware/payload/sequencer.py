@@ -121,6 +121,15 @@ def validate(config, capacity_hz, time_scale_ppm):
     """Checks a sequencer configuration; returns the normalised one or raises ConfigError
     naming the field and the reason."""
     probs = config.get("intensity_probabilities")
+    names = config.get("intensity_names")
+    if isinstance(probs, dict):
+        # {class: p} as in pass.json; intensity_names fixes the nibble index of each class
+        if not isinstance(names, (list, tuple)):
+            raise ConfigError("intensity_names: needed to order intensity_probabilities")
+        for name in probs:
+            if name not in names:
+                raise ConfigError("intensity_probabilities: unknown intensity class %r" % name)
+        probs = [probs.get(name, 0) for name in names]
     if not isinstance(probs, (list, tuple)) or len(probs) not in (2, 3):
         raise ConfigError("intensity_probabilities: need a list of 2 or 3 probabilities")
     for i, p in enumerate(probs):
@@ -129,7 +138,6 @@ def validate(config, capacity_hz, time_scale_ppm):
     total = sum(probs)
     if abs(total - 1.0) > 1e-6:
         raise ConfigError("intensity_probabilities: sum to %r, not 1" % total)
-    names = config.get("intensity_names")
     if names is not None and (not isinstance(names, (list, tuple)) or len(names) != len(probs)):
         raise ConfigError("intensity_names: need one name per intensity class")
     p_z = config.get("basis_probability_z", 0.5)
