@@ -103,8 +103,10 @@ class OpticalHead:
         self.fifo: collections.deque[tuple[int, int]] = collections.deque()
         self.tdc_truth: list[tuple[int, int]] = []
         self.tdc_lost: list[tuple[int, int]] = []
+        self.tdc_lost_index: set[int] = set()  # positions in tdc_truth
         self.tdc_overflow = 0
         self.qrng_bytes = 0
+        self.qrng_log = bytearray()  # every QRNG byte handed out, for checks
         self.bad_requests = 0
         self.requests = 0
         self.reader = None  # the endpoint's FrameReader, for REG_BUS_ERRORS
@@ -187,6 +189,7 @@ class OpticalHead:
             if len(self.fifo) >= self.fifo_depth:
                 self.tdc_overflow += 1
                 self.tdc_lost.append(event)
+                self.tdc_lost_index.add(len(self.tdc_truth) - 1)
             else:
                 self.fifo.append(event)
 
@@ -194,6 +197,12 @@ class OpticalHead:
         if self.time_scale is not None:
             elapsed_s = time.monotonic() - self._wall0
             self.advance_to(int(elapsed_s * self.time_scale * PS_PER_S))
+
+    def stall(self, frames: int) -> None:
+        """Let `frames` frame periods pass at once, as if the controller had hung: the
+        frames it could not fill go out blank (tests of late-controller handling)."""
+        with self._lock:
+            self.advance_to(self.boundary_ps(self.frame_count + frames - 1))
 
     def finish(self) -> None:
         """Run to the end of the frame being emitted (end-of-test flush)."""
@@ -319,6 +328,7 @@ class OpticalHead:
                     return pb.Reply(req.op, req.tag, pb.E_REFUSED)
                 self.qrng_bytes += req.count
                 data = self._qrng.randbytes(req.count)
+                self.qrng_log += data
                 return pb.Reply(req.op, req.tag, pb.OK, req.addr, data=data)
             if req.addr == pb.FIFO_TDC:
                 n = min(req.count // pb.TDC_EVENT_BYTES, len(self.fifo))

@@ -101,8 +101,11 @@ def run_pass(
     frames: int,
     timeout_s: float = 120.0,
     icount_shift: int | None = None,
+    midway=None,
 ) -> PassRun:
-    """Configure, run until the head emitted `frames` frames, stop, read products back."""
+    """Configure, run until the head emitted `frames` frames, stop, read products back.
+
+    midway(head), if given, is called once half the frames have gone out."""
     started = time.monotonic()
     with HeadServer(head) as server:
         kwargs = {"bus_address": server.address}
@@ -120,6 +123,9 @@ def run_pass(
                     raise RuntimeError(f"start refused: {start_reply}")
                 deadline = time.monotonic() + timeout_s
                 while len(head.emitted) + len(head.blank_frames) < frames:
+                    if midway is not None and len(head.emitted) >= frames // 2:
+                        midway(head)
+                        midway = None
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"only {len(head.emitted)} frames in {timeout_s} s")
                     time.sleep(0.01)

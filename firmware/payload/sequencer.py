@@ -277,7 +277,8 @@ class Sequencer:
         if status < 0 and bus.read1(busmod.REG_LAST_COMMIT) == self.next_frame:
             status = busmod.OK  # the reply was lost, the commit was not
         if status == busmod.E_REFUSED:
-            # The frame boundary passed while we wrote: the head will emit it blank.
+            # The boundary passed while we wrote: the head emits it blank; the next step
+            # sees the frame counter ahead and counts it in frames_missed.
             self.refused_commits += 1
             self.behind = True
             return True
