@@ -92,6 +92,7 @@ class PassRun:
     products: list[tuple[str, int, int]]
     files: dict[str, bytes] = field(default_factory=dict)
     seconds: float = 0.0
+    run_seconds: float = 0.0  # from the start reply to the stop request
 
 
 def run_pass(
@@ -121,7 +122,8 @@ def run_pass(
                 start_reply = diag.start()
                 if not start_reply["ok"]:
                     raise RuntimeError(f"start refused: {start_reply}")
-                deadline = time.monotonic() + timeout_s
+                run_started = time.monotonic()
+                deadline = run_started + timeout_s
                 while len(head.emitted) + len(head.blank_frames) < frames:
                     if midway is not None and len(head.emitted) >= frames // 2:
                         midway(head)
@@ -129,6 +131,7 @@ def run_pass(
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"only {len(head.emitted)} frames in {timeout_s} s")
                     time.sleep(0.01)
+                run_seconds = time.monotonic() - run_started
                 stop_reply = diag.stop()
                 if not stop_reply["ok"]:
                     raise RuntimeError(f"stop refused: {stop_reply}")
@@ -136,5 +139,11 @@ def run_pass(
                 products = diag.products()
                 files = {name: diag.read_product(name, size) for name, size, _ in products}
     return PassRun(
-        target_name, reply, telemetry, products, files, round(time.monotonic() - started, 3)
+        target_name,
+        reply,
+        telemetry,
+        products,
+        files,
+        round(time.monotonic() - started, 3),
+        run_seconds,
     )

@@ -38,31 +38,45 @@ _PPS_COUNT = const(6)  # PPS events seen
 
 
 @micropython.viper
+def _copy_bytes(src: ptr8, src_at: int, dst: ptr8, dst_at: int, count: int):
+    for i in range(count):
+        dst[dst_at + i] = src[src_at + i]
+
+
+@micropython.viper
 def ring_push(state: ptr32, ring: ptr8, capacity: int, src: ptr8, n_events: int, pps: ptr8):
-    """Append n_events 9-byte events from src to the ring; copy PPS times into pps."""
-    w = state[_W]
+    """Append n_events 9-byte events from src to the ring; copy PPS times into pps.
+
+    Events that find the ring full are counted in state[_OVERFLOW] one by one. The copy
+    is bulk (at most two runs around the wrap), not per event."""
     count = state[_COUNT]
-    for e in range(n_events):
+    accepted = capacity - count
+    if accepted > n_events:
+        accepted = n_events
+    state[_OVERFLOW] = state[_OVERFLOW] + (n_events - accepted)
+    # PPS (channel 0) times for the discipline, from every event including dropped ones
+    e = 0
+    while e < n_events:
         s = e * 9
-        if src[s] == 0:  # CHANNEL_PPS: keep its time for the discipline
+        if src[s] == 0:
             slot = (state[_PPS_W] & 15) * 8
             for i in range(8):
                 pps[slot + i] = src[s + 1 + i]
             state[_PPS_W] = state[_PPS_W] + 1
             state[_PPS_COUNT] = state[_PPS_COUNT] + 1
-        if count >= capacity:
-            state[_OVERFLOW] = state[_OVERFLOW] + 1
-            continue
-        d = w * 9
-        for i in range(9):
-            ring[d + i] = src[s + i]
-        w += 1
-        if w == capacity:
-            w = 0
-        count += 1
-        state[_TOTAL] = state[_TOTAL] + 1
+        e += 1
+    w = state[_W]
+    first = capacity - w
+    if first > accepted:
+        first = accepted
+    _copy_bytes(src, 0, ring, w * 9, first * 9)
+    _copy_bytes(src, first * 9, ring, 0, (accepted - first) * 9)
+    w += accepted
+    if w >= capacity:
+        w -= capacity
     state[_W] = w
-    state[_COUNT] = count
+    state[_COUNT] = count + accepted
+    state[_TOTAL] = state[_TOTAL] + accepted
 
 
 @micropython.viper
@@ -71,14 +85,14 @@ def ring_pop(state: ptr32, ring: ptr8, capacity: int, dst: ptr8, n_events: int) 
     r = state[_R]
     count = state[_COUNT]
     n = n_events if n_events < count else count
-    for e in range(n):
-        s = r * 9
-        d = e * 9
-        for i in range(9):
-            dst[d + i] = ring[s + i]
-        r += 1
-        if r == capacity:
-            r = 0
+    first = capacity - r
+    if first > n:
+        first = n
+    _copy_bytes(ring, r * 9, dst, 0, first * 9)
+    _copy_bytes(ring, 0, dst, first * 9, (n - first) * 9)
+    r += n
+    if r >= capacity:
+        r -= capacity
     state[_R] = r
     state[_COUNT] = count - n
     return n
