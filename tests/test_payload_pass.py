@@ -181,3 +181,43 @@ def test_a_late_controller_says_so_and_never_repeats_or_skips_silently():
     assert [f.packed_symbols for f in frames_logged] == [f.nibbles for f in head.emitted]
     numbers = [f.frame_number for f in frames_logged] + head.blank_frames
     assert sorted(numbers) == list(range(len(numbers)))  # every frame accounted, once
+
+
+def test_invalid_configurations_are_refused_over_the_ground_link():
+    """Through the real firmware: each bad configuration is refused with a reason naming
+    the field, the controller keeps running, and a good one is then accepted."""
+    from emulator.optical_head import HeadServer
+    from emulator.payload_run import DIAG_CONFIGURE, DiagClient
+    from emulator.targets import UnixTarget
+    from host.link.framed_serial import FramedSerial
+
+    head = OpticalHead(seed=1, time_scale=1.0)  # a real-time head: capacity applies
+    good = _config(1024, 10**12)
+    good["slot_rate_hz"] = 50_000
+    bad = [
+        ({"intensity_probabilities": [0.5, 0.3, 0.3]}, "sum to"),
+        (
+            {
+                "intensity_probabilities": {"mu": 0.5, "nu": 0.25, "xi": 0.25},
+                "intensity_names": ["mu", "nu", "vac"],
+            },
+            "unknown intensity class 'xi'",
+        ),  # fmt: skip
+        ({"slot_rate_hz": 100_000_000}, "above the controller's sustained"),
+        ({"basis_probability_z": 0}, "basis_probability_z"),
+        ({"frame_slots": 5000}, "frame_slots"),
+        ({"tdc": [1]}, "tdc: need an object"),
+        ({"slot_rate": 5}, "unknown key 'slot_rate'"),
+    ]
+    with HeadServer(head) as server, UnixTarget(bus_address=server.address) as target:
+        with FramedSerial(target.ground_port, max_body_bytes=4096) as link:
+            diag = DiagClient(link)
+            diag.wait_ready()
+            for change, reason in bad:
+                reply = diag.configure({**good, **change})
+                assert reply["ok"] is False and reason in reply["reason"], (change, reply)
+            reply = diag.request_json(DIAG_CONFIGURE, b"{not json")
+            assert reply["ok"] is False and "bad JSON" in reply["reason"]
+            assert diag.configure(good) == {"ok": True, "reason": None}
+            status = diag.status()
+            assert all("errors" not in duty for duty in status["duties"].values())

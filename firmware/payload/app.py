@@ -40,6 +40,15 @@ _DIAG_PRODUCTS = const(0x07)
 _DIAG_READ = const(0x08)
 _REPLY_FLAG = const(0x80)
 _READ_MAX = const(900)
+CONFIG_KEYS = (
+    "intensity_probabilities",
+    "intensity_names",
+    "basis_probability_z",
+    "slot_rate_hz",
+    "frame_slots",
+    "pps_period_ps",
+    "tdc",
+)
 
 
 class Housekeeping:
@@ -112,12 +121,17 @@ class Controller:
         """Validate and apply a pass configuration; returns (ok, reason)."""
         if self.pass_running:
             return False, "a pass is running: stop it first"
+        for key in config:
+            if key not in CONFIG_KEYS:
+                return False, "config: unknown key %r" % (key,)
         scale = self.bus.read1(busmod.REG_TIME_SCALE_PPM)
         if scale < 0:
             return False, "optical head does not answer on the payload bus"
         try:
             self.sequencer.configure(config, scale)
             tdc_cfg = config.get("tdc", {})
+            if not isinstance(tdc_cfg, dict):
+                raise sequencer.ConfigError("tdc: need an object")
             bursts = tdc_cfg.get("bursts_per_step", 1)
             if not isinstance(bursts, int) or not 1 <= bursts <= 64:
                 raise sequencer.ConfigError("tdc.bursts_per_step: need an integer in [1, 64]")
