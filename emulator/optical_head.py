@@ -109,6 +109,10 @@ class OpticalHead:
         self.qrng_log = bytearray()  # every QRNG byte handed out, for checks
         self.bad_requests = 0
         self.requests = 0
+        self.retransmissions = 0  # repeated requests answered from the reply cache
+        self.drop_reply_every = 0  # tests: withhold every n-th reply (a lossy bus)
+        self._last_body = b""
+        self._last_reply = b""
         self.reader = None  # the endpoint's FrameReader, for REG_BUS_ERRORS
 
     # ------------------------------------------------------------------ time
@@ -295,6 +299,11 @@ class OpticalHead:
         """Serve one request body; malformed ones are counted and answered with a status."""
         with self._lock:
             self.requests += 1
+            if body == self._last_body:
+                # The controller resends a request (same tag) when a reply was lost: answer
+                # from the cache, never execute twice (FIFO data, commits).
+                self.retransmissions += 1
+                return self._last_reply
             try:
                 request = pb.unpack_request(body)
             except pb.BusProtocolError:
@@ -304,7 +313,11 @@ class OpticalHead:
                     return pb.error_reply(body, pb.E_BAD_LENGTH if known else pb.E_UNKNOWN_OP)
                 return None
             self._wall_advance()
-            return self._serve(request).pack()
+            reply = self._serve(request).pack()
+            self._last_body, self._last_reply = bytes(body), reply
+            if self.drop_reply_every and self.requests % self.drop_reply_every == 0:
+                return None
+            return reply
 
     def _serve(self, req: pb.Request) -> pb.Reply:
         if req.op == pb.OP_READ:

@@ -221,3 +221,24 @@ def test_invalid_configurations_are_refused_over_the_ground_link():
             assert diag.configure(good) == {"ok": True, "reason": None}
             status = diag.status()
             assert all("errors" not in duty for duty in status["duties"].values())
+
+
+def test_lost_bus_replies_are_retried_without_losing_data():
+    """Every 17th reply of the head is withheld: the controller times out, resends the
+    same request, the head answers from its cache; nothing is lost or duplicated."""
+    frame_slots, frames, pps_period_ps = RUNS["unix"]
+    head = OpticalHead(
+        seed=9, sources=TdcSources(uplink_rate_hz=(1e6,) * 4), pps_period_ps=pps_period_ps
+    )
+    head.drop_reply_every = 17
+    run = run_pass("unix", head, _config(frame_slots, pps_period_ps), 8)
+    bus = run.telemetry["bus"]
+    assert bus["retransmissions"] >= 3 and bus["timeouts"] == 0
+    assert head.retransmissions == bus["retransmissions"]
+    frames_logged = [
+        qrec.PatternFrame.decode(r.payload)
+        for r in _records(run, "patterns.qrec", qrec.Kind.PATTERN_FRAME)
+    ]
+    assert [f.packed_symbols for f in frames_logged] == [f.nibbles for f in head.emitted]
+    assert _tdc_events(run) == head.tdc_truth
+    assert run.telemetry["tdc"]["lost"] == 0
