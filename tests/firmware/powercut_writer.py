@@ -29,6 +29,9 @@ def main():
     size = os.stat(log.path)[6]
     print("R", r.records, r.dropped_bytes, r.valid_bytes, size, r.reason)
     if os.getenv("POWERCUT_EXIT"):
+        # recovery only: stay up until the test has read the report and stops us (an exit
+        # would hang up the pty and could discard the report before it is read)
+        time.sleep(30)
         return
     # a NOR flash page program takes ~0.2-3 ms: give the unix target's pages that time
     log.page_hook = lambda: time.sleep_us(300)
