@@ -19,6 +19,7 @@ from host.errors import BadInput, ProtocolAborted
 COMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("host.smoke", "boot the firmware on an emulated target and check both UARTs"),
     "simulate": ("host.simulate.command", "simulate a pass from physics into a pass directory"),
+    "timetags": ("host.formats.timetags", "convert time-tagger files (PTU, quTAG, CSV, qdet)"),
 }
 
 
