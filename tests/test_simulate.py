@@ -321,3 +321,17 @@ def test_out_dir_that_is_not_a_pass_directory_is_refused(tmp_path, micius):
     with pytest.raises(BadInput, match="not a pass directory"):
         passgen.run(scenario, tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_full_scale_micius_pass_reproduces_the_published_headline(tmp_path, micius):
+    """Liao et al. 2017 (REFERENCES.md): 3,551,136 detections, 1,671,072 sifted bits,
+    QBER ~1.1 %, within 25 %; a 2.74e10-slot pass without enumerating the slots."""
+    from host.simulate.headline import compare_with_published, headline
+
+    scenario = passgen.build_scenario(micius, seed=1)
+    assert scenario.slot_count == pytest.approx(2.74e10, rel=0.01)
+    passgen.run(scenario, tmp_path / "full")
+    rows = compare_with_published(headline(tmp_path / "full"), micius["published"])
+    for key in ("detections", "sifted_bits", "qber"):
+        assert abs(rows[key]["ratio"] - 1) < 0.25, (key, rows[key])
