@@ -335,3 +335,16 @@ def test_full_scale_micius_pass_reproduces_the_published_headline(tmp_path, mici
     rows = compare_with_published(headline(tmp_path / "full"), micius["published"])
     for key in ("detections", "sifted_bits", "qber"):
         assert abs(rows[key]["ratio"] - 1) < 0.25, (key, rows[key])
+
+
+def test_a_tracking_log_sets_the_pointing_loss(tmp_path, micius):
+    """Pointing loss from a tracking log: off by the beam's 1/e^2 half-angle (5 urad) for
+    the second half of the window, the count rate there drops by exp(-2) = 0.135."""
+    t = np.array([0.0, 0.5, 0.5 + 1e-9, 2.0])
+    error = np.array([0.0, 0.0, 5.0, 5.0])
+    scenario = passgen.build_scenario(micius, duration_s=1.0, pointing_log=(t, error))
+    truth = passgen.run(scenario, tmp_path / "p", pattern_mode="source")
+    data = np.load(tmp_path / "p" / "truth" / "detections.npz")
+    rx = data["true_rx_s"][data["kind"] == 0] - truth["recording_window_s"][0] - 1e-3
+    first, second = np.count_nonzero(rx < 0.5), np.count_nonzero(rx >= 0.5)
+    assert second / first == pytest.approx(math.exp(-2), rel=0.05)

@@ -79,7 +79,11 @@ def build_scenario(
     start_utc: str | None = None,
     seed: int = 1,
     duration_s: float | None = None,
+    pointing_log: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Scenario:
+    """Everything needed to simulate one pass. `pointing_log` = (t_s, error_urad) replaces
+    the pointing-jitter model with a measured or simulated tracking log (t_s after the
+    QKD window's start)."""
     from host.simulate.profiles import station as pick_station
 
     station = pick_station(profile, station_name)
@@ -125,13 +129,16 @@ def build_scenario(
         link_cfg["zenith_transmittance"],
         link_cfg["optics_efficiency"],
     )
-    pointing = PointingJitter.from_model(
-        geometry.duration_s + 1.0,
-        link_cfg["pointing_jitter_urad_rms_per_axis"],
-        link_cfg["pointing_correlation_s"],
-        link_cfg["pointing_bias_urad"],
-        rngs["pointing"],
-    )
+    if pointing_log is not None:
+        pointing = PointingJitter.from_log(*pointing_log)
+    else:
+        pointing = PointingJitter.from_model(
+            geometry.duration_s + 1.0,
+            link_cfg["pointing_jitter_urad_rms_per_axis"],
+            link_cfg["pointing_correlation_s"],
+            link_cfg["pointing_bias_urad"],
+            rngs["pointing"],
+        )
     det = profile["detectors"]
     receiver = Receiver(
         tuple(det["efficiency"]),
