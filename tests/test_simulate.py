@@ -348,3 +348,16 @@ def test_a_tracking_log_sets_the_pointing_loss(tmp_path, micius):
     rx = data["true_rx_s"][data["kind"] == 0] - truth["recording_window_s"][0] - 1e-3
     first, second = np.count_nonzero(rx < 0.5), np.count_nonzero(rx >= 0.5)
     assert second / first == pytest.approx(math.exp(-2), rel=0.05)
+
+
+def test_headline_counts_a_short_pass_like_a_synchronised_bob(short_pass):
+    from host.simulate.headline import headline
+
+    out, _, truth = short_pass
+    result = headline(out)
+    photon_clicks = truth["detections_by_kind"]["photon"]
+    # One event per slot inside the window: a little under the photon clicks (jitter
+    # tails, double clicks) plus the noise that falls in 2 ns of 10 ns.
+    assert 0.97 * photon_clicks < result["detections"] < 1.03 * photon_clicks
+    assert result["sifted_bits"] == pytest.approx(result["detections"] / 2, rel=0.02)
+    assert 0.007 < result["qber_signal"] < 0.013

@@ -31,6 +31,12 @@ def add_arguments(parser) -> None:
         help="satellite patterns as a pattern log (short runs) or a pattern source",
     )
     parser.add_argument("--out", required=True, help="pass directory to write")
+    parser.add_argument(
+        "--headline",
+        action="store_true",
+        help="also count the pass with the truth and compare with the profile's published"
+        " numbers (docs/simulator.md)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -66,5 +72,16 @@ def run(args) -> int:
             "link_loss_db": {k: v["link_loss_db"] for k, v in truth["events"].items()},
             "wall_seconds": truth["wall_seconds"],
         }
+        if args.headline:
+            from host.simulate.headline import compare_with_published, headline
+
+            result = headline(args.out)
+            summary["headline"] = {
+                k: result[k] for k in ("detections", "sifted_bits", "qber_signal", "qber_all")
+            }
+            if args.duration_s is None and args.tle is None:  # the published pass only
+                summary["vs_published"] = compare_with_published(
+                    result, profile.get("published", {})
+                )
         print(json.dumps(summary, indent=1))
     return 0
