@@ -361,3 +361,33 @@ def test_headline_counts_a_short_pass_like_a_synchronised_bob(short_pass):
     assert 0.97 * photon_clicks < result["detections"] < 1.03 * photon_clicks
     assert result["sifted_bits"] == pytest.approx(result["detections"] / 2, rel=0.02)
     assert 0.007 < result["qber_signal"] < 0.013
+
+
+def test_afterpulses_and_dead_time_on_the_ground_stream(short_pass, micius):
+    out, scenario, truth = short_pass
+    time_ps, channel, _ = read_detections(out / "ground" / "detections.qdet")
+    kind = np.load(out / "truth" / "detections.npz")["kind"]
+    dead_ps = scenario.channel.receiver.dead_time_ps
+    for ch in range(4):
+        times = time_ps[channel == ch]
+        assert np.diff(times).min() >= dead_ps  # no channel fires within its dead time
+    primaries = np.count_nonzero(kind != 2)
+    p = micius["detectors"]["afterpulse_probability"]
+    afterpulses = np.count_nonzero(kind == 2)
+    assert abs(afterpulses - p * primaries) < 5 * math.sqrt(p * primaries)
+    # Multi-photon pulses make double clicks: two channels within one slot's jitter.
+    data = np.load(out / "truth" / "detections.npz")
+    photon_slots = data["slot"][kind == 0]
+    assert np.unique(photon_slots).size < photon_slots.size
+
+
+def test_an_assumed_value_without_a_reason_is_refused(tmp_path, micius):
+    raw = json.loads(Path(micius["_path"]).read_text())
+    raw["detectors"]["dead_time_ns"] = {"value": 50, "status": "assumed"}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BadInput, match="detectors.dead_time_ns: an assumed value needs a reason"):
+        profiles.load(str(path))
+    raw["detectors"]["dead_time_ns"] = 50  # a plain value is fine: the user's own number
+    path.write_text(json.dumps(raw))
+    assert profiles.load(str(path))["detectors"]["dead_time_ns"] == 50
