@@ -81,6 +81,28 @@ def test_ptu_reader_decodes_hand_made_hydraharp_records(tmp_path):
     assert channel.tolist() == [0, 5]
 
 
+def _ptu_with_records(path, rec_type: int, records: list[int]) -> None:
+    ptu.write_ptu(path, np.zeros(0, np.int64), np.zeros(0, np.int16))
+    data = bytearray(path.read_bytes())
+    for ident, value in (("TTResult_NumberOfRecords", len(records)),
+                         ("TTResultFormat_TTTRRecType", rec_type)):  # fmt: skip
+        at = data.index(ident.encode()) + 40
+        data[at : at + 8] = struct.pack("<q", value)
+    path.write_bytes(bytes(data) + np.array(records, dtype="<u4").tobytes())
+
+
+def test_ptu_reader_knows_the_hydraharp_v1_and_picoharp_wraps(tmp_path):
+    path = tmp_path / "v1.ptu"
+    _ptu_with_records(path, ptu.RT_HYDRAHARP_T2, [(1 << 31) | (63 << 25) | 5, (2 << 25) | 4])
+    time_ps, channel, _ = ptu.read_ptu(path)
+    assert time_ps.tolist() == [33552000 + 4] and channel.tolist() == [2]
+    path = tmp_path / "ph.ptu"
+    # PicoHarp T2: overflow = channel 15 with marker bits 0; then channel 3 at time 11.
+    _ptu_with_records(path, ptu.RT_PICOHARP_T2, [15 << 28, (15 << 28) | 2, (3 << 28) | 11])
+    time_ps, channel, _ = ptu.read_ptu(path)
+    assert time_ps.tolist() == [210698240 + 11] and channel.tolist() == [3]
+
+
 def test_truncated_ptu_is_bad_input(tmp_path, tags):
     path = tmp_path / "t.ptu"
     ptu.write_ptu(path, *tags)

@@ -8,10 +8,11 @@ blobs put their byte length in the value and follow it with the bytes. The reade
 
 T2 records, HydraHarp V2 / TimeHarp 260 / MultiHarp layout (what we write, as
 rtMultiHarpT2): special (bit 31) | channel (bits 25-30) | time (bits 0-24). special=1
-and channel=63 is an overflow: the time field counts wraps of 2**25 (0 meaning 1, as the
-HydraHarp V1 firmware wrote). special=1 with channel 0 is a sync, 1..15 a marker; both
-are skipped. PicoHarp T2 (read only): channel (bits 28-31) | time (bits 0-27); channel 15
-with marker bits 0 is an overflow of 210698240 units.
+and channel=63 is an overflow: the time field counts wraps of 2**25 (0 meaning 1).
+HydraHarp V1 (rtHydraHarpT2) has the same layout but every overflow adds 33552000.
+special=1 with channel 0 is a sync, 1..15 a marker; both are skipped. PicoHarp T2 (read
+only): channel (bits 28-31) | time (bits 0-27); channel 15 with marker bits 0 is an
+overflow of 210698240 units.
 
 Times are unwrapped in int64 units of the global resolution, then scaled to integer
 picoseconds (never through floats when the resolution is whole picoseconds).
@@ -54,6 +55,7 @@ _HYDRA_LAYOUT = {RT_HYDRAHARP_T2, RT_HYDRAHARP2_T2, RT_TIMEHARP260N_T2, RT_TIMEH
 T3_TYPES = {0x00010303, 0x00010304, 0x01010304, 0x00010305, 0x00010306, 0x00010307}
 
 WRAP_HYDRA = 1 << 25
+WRAP_HYDRA_V1 = 33552000  # HydraHarp V1 T2 (rtHydraHarpT2) wraps at this, not 2**25
 WRAP_PICOHARP = 210698240
 MAX_TAG_BYTES = 1 << 24
 _MAX_TAGS = 100_000
@@ -193,7 +195,10 @@ def read_ptu(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
         chan = (records >> 25) & 0x3F
         tt = records & 0x1FFFFFF
         overflow = (special == 1) & (chan == 63)
-        wraps = np.cumsum(np.where(overflow, np.maximum(tt, 1), 0)) * WRAP_HYDRA
+        if rec_type == RT_HYDRAHARP_T2:  # HydraHarp V1: each overflow is one fixed wrap
+            wraps = np.cumsum(overflow.astype(np.int64)) * WRAP_HYDRA_V1
+        else:
+            wraps = np.cumsum(np.where(overflow, np.maximum(tt, 1), 0)) * WRAP_HYDRA
         photon = special == 0
     units = wraps[photon] + tt[photon]
     resolution_ps = float(tags["MeasDesc_GlobalResolution"]) * 1e12
