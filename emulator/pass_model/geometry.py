@@ -61,14 +61,11 @@ class PassGeometry:
         return self._splines["range_rate_km_s"](t_s)
 
     def downlink_delay_s(self, t_emit_s: np.ndarray) -> np.ndarray:
-        """Light time from the satellite at emission time to the station: solves
-        tau = range(t_emit + tau) / c (range to the station at reception). Two fixed-point
-        steps converge to far below a picosecond (the map contracts by range_rate/c)."""
-        t_emit_s = np.asarray(t_emit_s, dtype=np.float64)
-        tau = self.range_at(t_emit_s) / SPEED_OF_LIGHT_KM_S
-        for _ in range(2):
-            tau = self.range_at(t_emit_s + tau) / SPEED_OF_LIGHT_KM_S
-        return tau
+        """Light time of a photon emitted at `t_emit_s`: |r_sat(t_emit) - r_station| / c,
+        i.e. the range at emission. The station's own motion during the ~3 ms flight (the
+        Sagnac term, a few ns that vary slowly over the pass) is neglected; using the
+        range at *reception* instead would be wrong by range_rate * tau (~80 ns)."""
+        return self.range_at(np.asarray(t_emit_s, dtype=np.float64)) / SPEED_OF_LIGHT_KM_S
 
     def summary(self) -> dict:
         i_min = int(np.argmin(self.range_km))

@@ -80,10 +80,12 @@ def build_scenario(
     seed: int = 1,
     duration_s: float | None = None,
     pointing_log: tuple[np.ndarray, np.ndarray] | None = None,
+    window_start_s: float | None = None,
 ) -> Scenario:
     """Everything needed to simulate one pass. `pointing_log` = (t_s, error_urad) replaces
     the pointing-jitter model with a measured or simulated tracking log (t_s after the
-    QKD window's start)."""
+    QKD window's start). `duration_s` crops the pass around culmination, or from
+    `window_start_s` (seconds after the pass's start) when given."""
     from host.simulate.profiles import station as pick_station
 
     station = pick_station(profile, station_name)
@@ -103,7 +105,7 @@ def build_scenario(
             orbit["end_range_km"],
         )
     if duration_s is not None:
-        geometry = crop_around_culmination(geometry, duration_s)
+        geometry = crop_around_culmination(geometry, duration_s, window_start_s)
 
     children = np.random.SeedSequence(seed).spawn(len(_SEED_STREAMS))
     rngs = {
@@ -172,14 +174,18 @@ def build_scenario(
     )  # fmt: skip
 
 
-def crop_around_culmination(geometry: geo.PassGeometry, duration_s: float) -> geo.PassGeometry:
-    """The `duration_s` seconds of the pass centred on culmination (short test runs)."""
+def crop_around_culmination(
+    geometry: geo.PassGeometry, duration_s: float, start_s: float | None = None
+) -> geo.PassGeometry:
+    """The `duration_s` seconds of the pass centred on culmination, or from `start_s`
+    (short runs)."""
     if not 0 < duration_s <= geometry.duration_s:
         raise BadInput(
             f"--duration-s {duration_s} must be in (0, {geometry.duration_s:.1f}] s (the pass)"
         )
     centre = geometry.events.get("culmination", geometry.duration_s / 2)
-    begin = min(max(centre - duration_s / 2, 0.0), geometry.duration_s - duration_s)
+    begin = centre - duration_s / 2 if start_s is None else start_s
+    begin = min(max(begin, 0.0), geometry.duration_s - duration_s)
     count = int(math.ceil(duration_s / geo.DEFAULT_STEP_S)) + 1
     t = np.linspace(0.0, duration_s, count)
     cropped = geo.PassGeometry(
