@@ -340,6 +340,9 @@ def test_out_dir_that_is_not_a_pass_directory_is_refused(tmp_path, micius):
     with pytest.raises(BadInput, match="not a pass directory"):
         passgen.run(scenario, tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BadInput, match="is not a directory"):
+        passgen.run(scenario, tmp_path / "file")
 
 
 @pytest.mark.slow

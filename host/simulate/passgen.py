@@ -247,6 +247,8 @@ def run(
     """Simulate the pass and write the pass directory; returns the truth summary."""
     started = time.perf_counter()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not (out / "pass.json").exists():
             raise BadInput(f"{out}: exists, is not empty and is not a pass directory")
