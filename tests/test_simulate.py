@@ -413,3 +413,33 @@ def test_an_assumed_value_without_a_reason_is_refused(tmp_path, micius):
     raw["detectors"]["dead_time_ns"] = 50  # a plain value is fine: the user's own number
     path.write_text(json.dumps(raw))
     assert profiles.load(str(path))["detectors"]["dead_time_ns"] == 50
+
+
+def test_set_overrides_a_profile_parameter_and_is_recorded(tmp_path):
+    """How distillation tests raise the QBER or switch noise off: --set KEY=VALUE."""
+    out = tmp_path / "noisy"
+    code = qkdsat(["simulate", "--profile", "micius-2017", "--duration-s", "1",
+                   "--set", "detectors.misalignment_error=0.12",
+                   "--set", "detectors.background_hz=[0, 0, 0, 0]",
+                   "--pattern", "source", "--out", str(out), "--quiet"])  # fmt: skip
+    assert code == 0
+    scenario = read_pass_json(out)
+    assert scenario["profile_overrides"] == {
+        "detectors.misalignment_error": 0.12,
+        "detectors.background_hz": [0, 0, 0, 0],
+    }
+    z = json.loads((out / "truth" / "truth.json").read_text())["statistics"]["Z"]["mu"]
+    assert z["errors"] / z["sifted"] == pytest.approx(0.12, abs=0.01)
+    assert qkdsat(["simulate", "--profile", "micius-2017", "--set", "detectors.nope=1",
+                   "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+
+
+def test_jinan_basis_choice_is_biased_on_both_sides(tmp_path):
+    out = tmp_path / "j"
+    passgen.run(passgen.build_scenario(profiles.load("jinan-1"), duration_s=0.5), out)
+    t = np.load(out / "truth" / "detections.npz")
+    photon = t["kind"] == 0
+    basis_x, _, _ = decode_symbols(t["symbol"][photon].astype(np.uint8))
+    assert np.mean(basis_x == 0) == pytest.approx(0.9, abs=0.01)
+    time_ps, channel, _ = read_detections(out / "ground" / "detections.qdet")
+    assert np.mean(channel[photon] < 2) == pytest.approx(0.9, abs=0.01)

@@ -30,6 +30,14 @@ def add_arguments(parser) -> None:
         default="auto",
         help="satellite patterns as a pattern log (short runs) or a pattern source",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile parameter, e.g. --set detectors.misalignment_error=0.12"
+        " or --set 'detectors.background_hz=[0,0,0,0]' (repeatable; recorded in pass.json)",
+    )
     parser.add_argument("--out", required=True, help="pass directory to write")
     parser.add_argument(
         "--headline",
@@ -43,7 +51,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from host.simulate import passgen, profiles
 
-    profile = profiles.load(args.profile)
+    overrides = dict(profiles.parse_override(text) for text in args.set)
+    profile = profiles.load(args.profile, overrides)
     tle_text = None
     if args.tle:
         try:

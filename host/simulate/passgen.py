@@ -418,6 +418,7 @@ def pass_json(scenario: Scenario, slots_per_sync: int, pattern_mode: str) -> dic
     return {
         "profile": profile["name"],
         "profile_file": Path(profile["_path"]).name,
+        "profile_overrides": profile.get("_overrides", {}),
         "station": {k: station[k] for k in ("name", "lat_deg", "lon_deg", "alt_m")}
         | {"aperture_diameter_m": station["aperture_diameter_m"]},
         "utc_start": geo.iso_utc(geometry.utc_start),

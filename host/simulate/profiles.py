@@ -109,9 +109,35 @@ def _check_number(value, dotted: str, origin: str, low=None, high=None) -> float
     return float(value)
 
 
-def load(name_or_path: str) -> dict:
-    """The profile's values (annotations stripped), validated, with `_path` and
-    `_annotations` (the raw file) added."""
+def parse_override(text: str) -> tuple[str, object]:
+    """`dotted.key=JSON` (a bare word that is not JSON is taken as a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise BadInput(
+            f"--set {text!r}: expected KEY=VALUE, e.g. detectors.misalignment_error=0.1"
+        )
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def apply_overrides(profile: dict, overrides: dict, origin: str) -> None:
+    for dotted, value in overrides.items():
+        node = profile
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise BadInput(f"--set {dotted}: {origin} has no {part!r} here")
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise BadInput(f"--set {dotted}: {origin} has no such parameter")
+        node[parts[-1]] = value
+
+
+def load(name_or_path: str, overrides: dict | None = None) -> dict:
+    """The profile's values (annotations stripped), with `overrides` ({dotted.key: value})
+    applied, validated, with `_path`, `_overrides` and `_annotations` (the raw file)."""
     path = resolve(name_or_path)
     origin = str(path)
     try:
@@ -121,6 +147,7 @@ def load(name_or_path: str) -> dict:
     if not isinstance(raw, dict):
         raise BadInput(f"{origin}: a profile is a JSON object")
     profile = strip_annotations(raw, "", origin)
+    apply_overrides(profile, overrides or {}, origin)
     for dotted, (kind, text) in _REQUIRED.items():
         value = _get(profile, dotted, origin)
         if kind is float:
@@ -179,6 +206,7 @@ def load(name_or_path: str) -> dict:
                 _get(profile, f"stations.{name}.{key}", origin), f"stations.{name}.{key}", origin
             )
     profile["_path"] = str(path)
+    profile["_overrides"] = dict(overrides or {})
     profile["_annotations"] = raw
     return profile
 
