@@ -514,6 +514,16 @@ def truth_summary(scenario: Scenario, photons: PhotonEvents, tags, window) -> di
             for name, kind in (("photon", 0), ("noise", 1), ("afterpulse", 2))
         },
         "statistics": stats,
+        # s_{B,1} of the decoy-state analysis: sifted events from single-photon pulses,
+        # all intensities together (tag level: before windowing and squashing).
+        "single_photon_sifted": {
+            basis: sum(v["single_photon_sifted"] for v in stats[basis].values())
+            for basis in ("Z", "X")
+        },
+        "single_photon_errors": {
+            basis: sum(v["single_photon_errors"] for v in stats[basis].values())
+            for basis in ("Z", "X")
+        },
     }
 
 
