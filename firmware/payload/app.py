@@ -150,8 +150,13 @@ class Controller:
             return False, "a pass is already running"
         if self.sequencer.config is None:
             return False, "not configured"
-        self.tdc.start()
-        self.sequencer.start()
+        if self.tdc.start() != busmod.OK:
+            return False, "optical head: TDC_CTRL failed (see bus counters)"
+        try:
+            self.sequencer.start()
+        except sequencer.ConfigError as error:
+            self.tdc.stop()
+            return False, str(error)
         self.hk.running = True
         self.hk.record()
         self.pass_running = True

@@ -107,6 +107,11 @@ class ConfigError(ValueError):
     pass
 
 
+def _require(status, what):
+    if status != busmod.OK:
+        raise ConfigError("optical head: %s failed (bus status %d)" % (what, status))
+
+
 def thresholds_for(intensity_probabilities, basis_probability_z):
     """[z_threshold, c_0, c_1] as array('I') from validated probabilities."""
     cumulative = 0.0
@@ -190,6 +195,7 @@ class Sequencer:
         self.log = store.open_log(
             "patterns", storage.KIND_PATTERN_FRAME, PATTERN_HEADER_BYTES + MAX_FRAME_SLOTS // 2
         )
+        self._pattern = self.log.payload[PATTERN_HEADER_BYTES:]  # a view, made once
         self.next_frame = 0
         self.frames_sent = 0
         self.frames_missed = 0  # frames the head emitted blank because we were late
@@ -208,17 +214,26 @@ class Sequencer:
             raise ConfigError("sequencer: not configured")
         bus = self.bus
         cfg = self.config
-        bus.write1(busmod.REG_LASER_CTRL, 0)
-        bus.write1(busmod.REG_FRAME_SLOTS, cfg["frame_slots"])
-        bus.write1(busmod.REG_SLOT_RATE_HZ, cfg["slot_rate_hz"])
-        bus.write1(busmod.REG_QRNG_CTRL, 1)
-        count = bus.read1(busmod.REG_FRAME_COUNT)
-        self.next_frame = count if count > 0 else 0
+        # A laser left running (a controller reset mid-pass) must finish its frame before
+        # the slot clock may change.
+        _require(bus.write1(busmod.REG_LASER_CTRL, 0), "LASER_CTRL")
+        for _ in range(10_000):
+            if bus.read1(busmod.REG_LASER_ACTIVE) == 0:
+                break
+        _require(bus.write1(busmod.REG_FRAME_SLOTS, cfg["frame_slots"]), "FRAME_SLOTS")
+        _require(bus.write1(busmod.REG_SLOT_RATE_HZ, cfg["slot_rate_hz"]), "SLOT_RATE_HZ")
+        _require(bus.write1(busmod.REG_QRNG_CTRL, 1), "QRNG_CTRL")
+        # Read back: the log must describe the frames the head really emits.
+        _require(bus.read(busmod.REG_FRAME_SLOTS, 3), "FRAME_SLOTS read-back")
+        words = bus.words
+        if words[0] != cfg["frame_slots"] or words[1] != cfg["slot_rate_hz"]:
+            raise ConfigError("optical head did not take frame_slots / slot_rate_hz")
+        self.next_frame = words[2]  # REG_FRAME_COUNT follows SLOT_RATE_HZ
         self.running = True
         self.behind = False
-        # Fill the first frame before the laser starts, so frame 0 is never blank.
+        # Fill the first frame before the laser starts, so it is never blank.
         self.step()
-        bus.write1(busmod.REG_LASER_CTRL, 1)
+        _require(bus.write1(busmod.REG_LASER_CTRL, 1), "LASER_CTRL")
 
     def stop(self, max_polls=10_000):
         """Let the committed frame go out, then stop the laser at the next frame boundary
@@ -263,7 +278,7 @@ class Sequencer:
                 return False
             got += n
         payload = self.log.payload
-        pattern = payload[PATTERN_HEADER_BYTES:]
+        pattern = self._pattern
         map_symbols(qrng, slots, pattern, self._thresholds)
         pattern_bytes = slots // 2
         offset = 0

@@ -117,6 +117,7 @@ class TdcDrain:
         self.burst = bytearray(EVENT_BYTES * BURST_EVENTS)
         self.pps = bytearray(8 * PPS_SLOTS)
         self.log = store.open_log("tdc", storage.KIND_TDC_BLOCK, 4 + EVENT_BYTES * BLOCK_EVENTS)
+        self._events = self.log.payload[4:]  # a view, made once
         self.blocks = 0
         self.events_spooled = 0
         self.fifo_overflow = 0  # as last read from the head
@@ -126,8 +127,10 @@ class TdcDrain:
         self.running = False
 
     def start(self):
-        self.bus.write1(busmod.REG_TDC_CTRL, 1)
-        self.running = True
+        """Enable time-tagging; returns the bus status (0 = OK)."""
+        status = self.bus.write1(busmod.REG_TDC_CTRL, 1)
+        self.running = status == busmod.OK
+        return status
 
     def drain_once(self):
         """One FIFO burst into the ring; returns the number of events read (-1 on error)."""
@@ -146,7 +149,7 @@ class TdcDrain:
         log = self.log
         while self.state[_COUNT] >= BLOCK_EVENTS or (flush and self.state[_COUNT] > 0):
             payload = log.payload
-            n = ring_pop(self.state, self.ring, self.capacity, payload[4:], BLOCK_EVENTS)
+            n = ring_pop(self.state, self.ring, self.capacity, self._events, BLOCK_EVENTS)
             _put_u32(payload, 0, n)
             log.commit(4 + EVENT_BYTES * n)
             self.blocks += 1
