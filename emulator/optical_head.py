@@ -137,16 +137,18 @@ class OpticalHead:
         self._tdc_until(t_ps)
 
     def _frame_boundary(self) -> None:
+        # An accepted commit is a promise: that frame is emitted even if LASER_CTRL was
+        # cleared since (the controller logged it on acceptance, and may have reset).
         k = self.frame_count
-        if self.regs[pb.REG_LASER_CTRL] & 1:
-            slots = self.regs[pb.REG_FRAME_SLOTS]
-            if self.back_committed == k:
-                frame = EmittedFrame(k, k * slots, slots, bytes(self.back[: slots // 2]))
-                self.emitted.append(frame)
-                self.current = frame
-            else:
-                self.blank_frames.append(k)  # the laser stays dark: never a stale pattern
-                self.current = None
+        slots = self.regs[pb.REG_FRAME_SLOTS]
+        if self.back_committed == k:
+            frame = EmittedFrame(k, k * slots, slots, bytes(self.back[: slots // 2]))
+            self.emitted.append(frame)
+            self.current = frame
+            self.laser_active = True
+        elif self.regs[pb.REG_LASER_CTRL] & 1:
+            self.blank_frames.append(k)  # the laser stays dark: never a stale pattern
+            self.current = None
             self.laser_active = True
         else:
             self.laser_active = False
@@ -369,7 +371,7 @@ class OpticalHead:
         waiting_for_bank = pb.REG_FRAME_COUNT in addrs and self.back_committed is not None
         stopping = (
             REG_LASER_ACTIVE in addrs
-            and self.laser_active
+            and (self.laser_active or self.back_committed is not None)
             and not self.regs[pb.REG_LASER_CTRL] & 1
         )
         if waiting_for_bank or stopping:

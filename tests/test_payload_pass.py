@@ -3,6 +3,7 @@ against the emulated optical head, read the products back over the ground link a
 them against the head's truth (docs/sequencer.md, docs/payload-bus.md)."""
 
 import json
+import time
 import zlib
 
 import numpy as np
@@ -242,3 +243,45 @@ def test_lost_bus_replies_are_retried_without_losing_data():
     assert [f.packed_symbols for f in frames_logged] == [f.nibbles for f in head.emitted]
     assert _tdc_events(run) == head.tdc_truth
     assert run.telemetry["tdc"]["lost"] == 0
+
+
+def test_a_controller_reset_mid_pass_leaves_no_logged_frame_unsent(tmp_path):
+    """The unix controller is killed during a pass and booted again on the same storage
+    and optical head: the pattern log (recovered, continued) holds only frames the head
+    emitted, with their exact patterns, and misses at most the one frame per reset that
+    was accepted but not yet written."""
+    from emulator.optical_head import HeadServer
+    from emulator.payload_run import DiagClient
+    from emulator.targets import UnixTarget
+    from host.link.framed_serial import FramedSerial
+
+    frame_slots, _, pps_period_ps = RUNS["unix"]
+    head = OpticalHead(seed=21, pps_period_ps=pps_period_ps)
+    config = _config(frame_slots, pps_period_ps)
+    with HeadServer(head) as server:
+        for goal in (20, 40):
+            target = UnixTarget(storage_dir=tmp_path, bus_address=server.address)
+            target.start()
+            try:
+                with FramedSerial(target.ground_port, max_body_bytes=4096) as link:
+                    diag = DiagClient(link)
+                    diag.wait_ready()
+                    assert diag.configure(config)["ok"]
+                    assert diag.start()["ok"]
+                    deadline = time.monotonic() + 60
+                    while len(head.emitted) < goal and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    if goal == 40:
+                        assert diag.stop()["ok"]
+            finally:
+                target.kill()  # the first time mid-pass: a reset with no warning
+    log = qrec.read_records(tmp_path / "products" / "patterns.qrec")
+    assert log.complete, log.problem
+    logged = {
+        f.frame_number: f for f in map(qrec.PatternFrame.decode, (r.payload for r in log.records))
+    }
+    emitted = {f.frame_number: f for f in head.emitted}
+    assert set(logged) <= set(emitted)  # nothing logged that was not sent
+    for number, frame in logged.items():
+        assert frame.packed_symbols == emitted[number].nibbles
+    assert len(emitted) - len(logged) <= 1
