@@ -198,6 +198,11 @@ class Controller:
 
     def _reply_json(self, kind, obj):
         text = json.dumps(obj).encode()
+        if len(text) + 1 > MAX_FRAME_BODY_BYTES and isinstance(obj, dict):
+            # status grows with duties: keep the essentials, say what was left out
+            slim = {k: v for k, v in obj.items() if k not in ("duties", "storage_recovery")}
+            slim["truncated"] = ["duties", "storage_recovery"]
+            text = json.dumps(slim).encode()
         if len(text) + 1 > MAX_FRAME_BODY_BYTES:
             text = json.dumps({"ok": False, "reason": "reply too long"}).encode()
         reply = self._reply
