@@ -47,6 +47,22 @@ CH_PPS, CH_SYNC, CH_BEACON, CH_UPLINK0 = 0, 1, 2, 3
 REG_LASER_ACTIVE = pb.REG_LASER_ACTIVE
 
 
+class RegisterDevice:
+    """A function block behind the head's register map (tracking plants: issue 6).
+
+    Registers are addressed by their offset in the block (0..0xFF); values are u32.
+    `read_reg` raises KeyError for an address it does not have."""
+
+    def read_reg(self, offset: int) -> int:
+        raise KeyError(offset)
+
+    def write_reg(self, offset: int, value: int) -> int:
+        return pb.E_BAD_ADDRESS
+
+    def advance_to(self, t_ps: int) -> None:
+        """The head's clock moved to t_ps (called before each request is served)."""
+
+
 @dataclass
 class EmittedFrame:
     frame_number: int
@@ -114,6 +130,14 @@ class OpticalHead:
         self._last_body = b""
         self._last_reply = b""
         self.reader = None  # the endpoint's FrameReader, for REG_BUS_ERRORS
+        self.devices: dict[int, RegisterDevice] = {}  # block base (0x0500, ...) -> device
+
+    def attach(self, base: int, device: RegisterDevice) -> None:
+        """Plug a function block in at `base` (a multiple of 0x100, e.g. tracking at
+        0x0500): its registers answer base..base+0xFF, and it sees the head's time."""
+        if base % 0x100 or base < 0x0500 or base in self.devices:
+            raise ValueError(f"register block {base:#06x} is taken or not a free block")
+        self.devices[base] = device
 
     # ------------------------------------------------------------------ time
 
@@ -218,6 +242,9 @@ class OpticalHead:
     # ------------------------------------------------------------------ registers
 
     def read_reg(self, addr: int) -> int:
+        device = self.devices.get(addr & 0xFF00)
+        if device is not None:
+            return device.read_reg(addr & 0xFF) & 0xFFFFFFFF
         if addr == pb.REG_BUS_ERRORS:
             drops = self.reader.dropped if self.reader is not None else 0
             return (drops + self.bad_requests) & 0xFFFFFFFF
@@ -268,6 +295,9 @@ class OpticalHead:
         return value & 0xFFFFFFFF
 
     def write_reg(self, addr: int, value: int) -> int:
+        device = self.devices.get(addr & 0xFF00)
+        if device is not None:
+            return device.write_reg(addr & 0xFF, value)
         if addr == pb.REG_COMMIT:
             if self.back_committed is not None or value != self.frame_count:
                 return pb.E_REFUSED  # too late for that frame, or the bank is full
@@ -315,6 +345,8 @@ class OpticalHead:
                     return pb.error_reply(body, pb.E_BAD_LENGTH if known else pb.E_UNKNOWN_OP)
                 return None
             self._wall_advance()
+            for device in self.devices.values():
+                device.advance_to(self.now_ps)
             reply = self._serve(request).pack()
             self._last_body, self._last_reply = bytes(body), reply
             if self.drop_reply_every and self.requests % self.drop_reply_every == 0:

@@ -193,3 +193,35 @@ def test_a_repeated_request_is_answered_from_the_cache_not_executed_again(head_c
     fresh = client.call(pb.fifo_read(3, pb.FIFO_TDC, 180))
     assert fresh.data != first.data  # a new tag reads on
     assert head.tdc_delivered == 40
+
+
+def test_a_function_block_plugs_into_the_register_map(head_client):
+    """How tracking (issue 6) adds its registers: a RegisterDevice attached at 0x0500."""
+    from emulator.optical_head import RegisterDevice
+
+    class Mirror(RegisterDevice):
+        def __init__(self):
+            self.regs = {0: 0, 1: 0}
+            self.now_ps = -1
+
+        def read_reg(self, offset):
+            return self.regs[offset]
+
+        def write_reg(self, offset, value):
+            if offset not in self.regs:
+                return pb.E_BAD_ADDRESS
+            self.regs[offset] = value
+            return pb.OK
+
+        def advance_to(self, t_ps):
+            self.now_ps = t_ps
+
+    head, client = head_client
+    mirror = Mirror()
+    head.attach(pb.REG_TRACKING_BASE, mirror)
+    assert client.call(pb.write(1, 0x0500, 7, 0xFFFFFFFE)).status == pb.OK
+    assert client.call(pb.read(2, 0x0500, 2)).words == (7, 0xFFFFFFFE)
+    assert client.call(pb.read(3, 0x0502, 1)).status == pb.E_BAD_ADDRESS
+    assert mirror.now_ps == head.now_ps
+    with pytest.raises(ValueError):
+        head.attach(0x0100, mirror)  # the laser's block
