@@ -170,11 +170,13 @@ class TdcDrain:
         return self.spool() or busy
 
     def stop(self, max_bursts=100_000):
-        """Drain the FIFO to empty, spool everything and read the head's loss counter."""
+        """Stop time-tagging, drain the FIFO to empty, spool everything and read the head's
+        loss counters (disabling first, so a busy channel cannot keep the drain going)."""
+        self.bus.write1(busmod.REG_TDC_CTRL, 0)
         for _ in range(max_bursts):
             if self.drain_once() <= 0:
                 break
-        self.bus.write1(busmod.REG_TDC_CTRL, 0)
+            self.spool()  # keep the ring from overflowing during a long drain
         self.spool(flush=True)
         self.read_overflow()
         self.running = False
