@@ -249,7 +249,7 @@ def test_a_controller_reset_mid_pass_leaves_no_logged_frame_unsent(tmp_path):
     """The unix controller is killed during a pass and booted again on the same storage
     and optical head: the pattern log (recovered, continued) holds only frames the head
     emitted, with their exact patterns, and misses at most the one frame per reset that
-    was accepted but not yet written."""
+    was accepted but not yet written, which it then reports (`frames_unlogged`)."""
     from emulator.optical_head import HeadServer
     from emulator.payload_run import DiagClient
     from emulator.targets import UnixTarget
@@ -273,6 +273,7 @@ def test_a_controller_reset_mid_pass_leaves_no_logged_frame_unsent(tmp_path):
                         time.sleep(0.005)
                     if goal == 40:
                         assert diag.stop()["ok"]
+                        status = diag.status()
             finally:
                 target.kill()  # the first time mid-pass: a reset with no warning
     log = qrec.read_records(tmp_path / "products" / "patterns.qrec")
@@ -285,3 +286,40 @@ def test_a_controller_reset_mid_pass_leaves_no_logged_frame_unsent(tmp_path):
     for number, frame in logged.items():
         assert frame.packed_symbols == emitted[number].nibbles
     assert len(emitted) - len(logged) <= 1
+    # and if one was lost that way, the controller said so after the reset
+    assert status["sequencer"]["frames_unlogged"] == len(emitted) - len(logged)
+
+
+def test_a_frame_emitted_but_not_logged_before_a_reset_is_reported(tmp_path):
+    """The reset window made deterministic: the last pattern record is taken off the
+    log (as if power failed between the head's acceptance and the write); on the next
+    start the controller compares the head's LAST_COMMIT with its log and reports it."""
+    from emulator.optical_head import HeadServer
+    from emulator.payload_run import DiagClient
+    from emulator.targets import UnixTarget
+    from host.link.framed_serial import FramedSerial
+
+    frame_slots, _, pps_period_ps = RUNS["unix"]
+    head = OpticalHead(seed=22, pps_period_ps=pps_period_ps)
+    config = _config(frame_slots, pps_period_ps)
+    path = tmp_path / "products" / "patterns.qrec"
+    statuses = []
+    with HeadServer(head) as server:
+        for boot in range(2):
+            with UnixTarget(storage_dir=tmp_path, bus_address=server.address) as target:
+                with FramedSerial(target.ground_port, max_body_bytes=4096) as link:
+                    diag = DiagClient(link)
+                    diag.wait_ready()
+                    assert diag.configure(config)["ok"] and diag.start()["ok"]
+                    goal = len(head.emitted) + 5
+                    deadline = time.monotonic() + 60
+                    while len(head.emitted) < goal and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    assert diag.stop()["ok"]
+                    statuses.append(diag.status()["sequencer"])
+            if boot == 0:
+                last = qrec.read_records(path).records[-1]
+                with open(path, "r+b") as handle:
+                    handle.truncate(last.offset)
+    assert statuses[0]["frames_unlogged"] == 0
+    assert statuses[1]["frames_unlogged"] == 1

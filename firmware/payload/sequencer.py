@@ -196,6 +196,10 @@ class Sequencer:
             "patterns", storage.KIND_PATTERN_FRAME, PATTERN_HEADER_BYTES + MAX_FRAME_SLOTS // 2
         )
         self._pattern = self.log.payload[PATTERN_HEADER_BYTES:]  # a view, made once
+        head = self.log.recovery.last_payload_head
+        # frame number of the last logged frame, from before a reset (-1: none)
+        self.last_logged_frame = int.from_bytes(head[:4], "little") if len(head) >= 4 else -1
+        self.frames_unlogged = 0  # accepted by the head but lost in a reset before logging
         self.next_frame = 0
         self.frames_sent = 0
         self.frames_missed = 0  # frames the head emitted blank because we were late
@@ -229,6 +233,11 @@ class Sequencer:
         if words[0] != cfg["frame_slots"] or words[1] != cfg["slot_rate_hz"]:
             raise ConfigError("optical head did not take frame_slots / slot_rate_hz")
         self.next_frame = words[2]  # REG_FRAME_COUNT follows SLOT_RATE_HZ
+        # A reset between the head accepting a commit and the record write leaves one
+        # emitted frame unlogged: the head's LAST_COMMIT tells, so say so.
+        last_commit = bus.read1(busmod.REG_LAST_COMMIT)
+        if 0 <= last_commit < 0x3FFFFFFF and last_commit > self.last_logged_frame >= 0:
+            self.frames_unlogged += 1
         self.running = True
         self.behind = False
         # Fill the first frame before the laser starts, so it is never blank.
@@ -305,6 +314,7 @@ class Sequencer:
         # Accepted: the head will emit exactly this pattern as this frame. Log it.
         _put_frame_header(payload, self.next_frame, slots)
         self.log.commit(PATTERN_HEADER_BYTES + pattern_bytes)
+        self.last_logged_frame = self.next_frame
         self.next_frame += 1
         self.frames_sent += 1
         return True
@@ -315,6 +325,7 @@ class Sequencer:
             "frames_sent": self.frames_sent,
             "frames_missed": self.frames_missed,
             "refused_commits": self.refused_commits,
+            "frames_unlogged": self.frames_unlogged,
             "bus_failures": self.bus_failures,
             "behind": self.behind,
             "next_frame": self.next_frame,

@@ -31,6 +31,7 @@ KIND_CLOCK_DISCIPLINE = const(5)
 
 PRODUCTS_DIR = "products"
 _SCAN_CHUNK = const(512)
+LAST_HEAD_BYTES = const(16)  # kept from the last record at recovery (e.g. its frame number)
 
 
 @micropython.viper
@@ -92,6 +93,7 @@ class Recovery:
         self.valid_bytes = 0
         self.dropped_bytes = 0
         self.reason = None  # None, or why the tail was dropped
+        self.last_payload_head = b""  # first bytes of the last valid record's payload
 
     def as_dict(self):
         return {
@@ -145,10 +147,14 @@ def scan(path, max_payload_bytes, file_crc=None, stop_at=-1):
             record_crc.update(header)
             file_crc.update(header)
             left = length
+            first = True
             while left > 0:
                 n = f.readinto(chunk, left if left < _SCAN_CHUNK else _SCAN_CHUNK)
                 record_crc.update(chunk, n)
                 file_crc.update(chunk, n)
+                if first:
+                    head = bytes(chunk[: min(n, LAST_HEAD_BYTES)])
+                    first = False
                 left -= n
             f.readinto(tail)
             if not _word_equals(tail, 0, record_crc._state, 0, -1):
@@ -158,6 +164,7 @@ def scan(path, max_payload_bytes, file_crc=None, stop_at=-1):
             file_crc.update(tail)
             offset += HEADER_BYTES + length + CRC_BYTES
             result.records += 1
+            result.last_payload_head = head if length else b""
     result.valid_bytes = offset
     result.dropped_bytes = size - offset
     return result
