@@ -4,8 +4,8 @@
 # Ground link (UART0): CCSDS telecommands and telemetry in frames, handled by
 # payload.telecommands (docs/ground-link.md). The version query is the PUS "are you
 # alive" test (TC 17,1 -> TM 17,2 "qkdsat-fw <version> <board>").
-# Diagnostic service on the payload bus: a frame that comes back from the bus is passed to
-# `on_bus_frame` (the data path replaces this with its bus client).
+# Payload-bus loopback test: TC 17,128 <data> sends <data> as a bus frame; the frame that
+# comes back is reported as TM 17,129 <data>.
 from micropython import const
 
 from payload import framing, telecommands
@@ -28,6 +28,7 @@ class Controller:
             board, storage_root, self.send_ground, mission, GROUND_MAX_BODY_BYTES
         )
         self.link.frame_reader = self.ground_rx
+        self.link.bus_send = self.send_bus
 
     def send_ground(self, body, length):
         _write_all(self.board.ground_link, self.ground_tx.encode(body, length))
@@ -39,7 +40,8 @@ class Controller:
         self.link.handle(body)
 
     def on_bus_frame(self, body):
-        pass  # nothing on the bus is unsolicited yet; the data path takes this over
+        self.link.bus_reply(body)  # the bus loopback test (TC 17,128); the data path
+        # takes the bus over with its own client
 
     def poll(self):
         """One pass of the main loop; returns True if any input was handled."""

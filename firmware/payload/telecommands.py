@@ -52,6 +52,7 @@ class GroundLink:
         self._load_counter()
         self.pending_action = None  # FN_REBOOT / FN_MAINTENANCE after the report is out
         self.frame_reader = None  # the ground link's FrameReader, for its drop counters
+        self.bus_send = None  # send(buf, length) on the payload bus, for the bus test
 
     # ---------------------------------------------------------------- key and counter
 
@@ -198,6 +199,13 @@ class GroundLink:
             text = self.version_text
             self.tm.buf[data : data + len(text)] = text
             self._emit(ccsds.SVC_TEST, 2, len(text))
+        elif service == ccsds.SVC_TEST and subtype == 128:
+            # payload-bus loopback test: the data goes out as one bus frame; what comes
+            # back is reported as TM 17,129 (bus_reply)
+            if self.bus_send is None or not len(params):
+                raise Rejected(ccsds.REJECT_ARGUMENT, "bus test needs data and a bus")
+            self._accept(body, ack)
+            self.bus_send(params, len(params))
         elif service == ccsds.SVC_HOUSEKEEPING and subtype == 27:
             text = json.dumps(self.housekeeping()).encode()
             if len(text) > self.tm.max_data_bytes:
@@ -220,6 +228,13 @@ class GroundLink:
             self._accept(body, ack)
         else:
             raise Rejected(ccsds.REJECT_SERVICE, "no service %d,%d" % (service, subtype))
+
+    def bus_reply(self, body):
+        """A frame from the payload bus nobody else claimed: report it (TM 17,129)."""
+        length = min(len(body), self.tm.max_data_bytes)
+        data = ccsds.TM_HEADER_BYTES
+        self.tm.buf[data : data + length] = body[:length]
+        self._emit(ccsds.SVC_TEST, 129, length)
 
     def _accept(self, body, ack):
         self.accepted += 1
