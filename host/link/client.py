@@ -60,6 +60,7 @@ class PayloadClient:
         baudrate: int = 115200,
         source_id: int = 0,
         timeout_s: float = 3.0,
+        retries: int = 3,
     ):
         self.link = FramedSerial(port, baudrate, max_body_bytes=ccsds.GROUND_MAX_BODY_BYTES)
         self.key = key
@@ -72,6 +73,7 @@ class PayloadClient:
         self.sequence_count = 0
         self.bad_packets = 0
         self.stale_packets = 0
+        self.retries = retries
 
     def close(self) -> None:
         self._save_counter()
@@ -125,29 +127,54 @@ class PayloadClient:
                 self.bad_packets += 1
 
     def command(
-        self, what: str, service: int, subtype: int, data: bytes = b"", reply: int | None = None
+        self,
+        what: str,
+        service: int,
+        subtype: int,
+        data: bytes = b"",
+        reply: int | None = None,
+        idempotent: bool = False,
     ) -> Tm | None:
         """Send a telecommand and wait for its acceptance (and its reply TM `service,reply`).
 
         A replay rejection means this ground station's counter is behind the payload's
         (another station, a lost state file): jump past the payload's counter and retry
-        once. Any other rejection raises CommandRejected.
+        once. A command damaged in transit is sent again (up to `retries` times); one
+        that got no answer is sent again only if it is `idempotent` (a read), since an
+        action may have happened with only its report lost. Any other rejection raises
+        CommandRejected.
         """
-        for attempt in range(2):
+        resynced = False
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
             request = self.send_tc(service, subtype, data)
-            verification = self._await_verification(what, request)
+            try:
+                verification = self._await_verification(what, request)
+            except LinkError:
+                if last or not idempotent:
+                    raise
+                continue
             if verification.accepted:
                 break
-            if verification.last_counter is not None and attempt == 0:
+            if verification.last_counter is not None and not resynced:
                 self.counter = max(self.counter, verification.last_counter)
+                resynced = True
                 continue
+            if verification.damaged_in_transit and not last:
+                continue  # the payload never saw a valid command: send it again
             raise CommandRejected(what, verification)
         self._save_counter()
         if reply is None:
             return None
         deadline = time.monotonic() + self.timeout_s
         while True:
-            tm = self._receive_or_fail(what, deadline)
+            try:
+                tm = self._receive_or_fail(what, deadline)
+            except LinkError:
+                if not idempotent or attempt >= self.retries:
+                    raise
+                # the reply was lost after the acceptance: ask again (harmless, a read)
+                return self.command(what, service, subtype, data, reply, idempotent)
             if tm.service == service and tm.subtype == reply:
                 return tm
             self.stale_packets += 1
@@ -177,11 +204,13 @@ class PayloadClient:
 
     def ping(self) -> str:
         """The firmware's version text (PUS are-you-alive, TC 17,1)."""
-        tm = self.command("ping", ccsds.SVC_TEST, 1, reply=2)
+        tm = self.command("ping", ccsds.SVC_TEST, 1, reply=2, idempotent=True)
         return tm.data.decode(errors="replace")
 
     def housekeeping(self) -> dict:
-        tm = self.command("housekeeping", ccsds.SVC_HOUSEKEEPING, 27, reply=25)
+        tm = self.command(
+            "housekeeping", ccsds.SVC_HOUSEKEEPING, 27, reply=25, idempotent=True
+        )
         try:
             return json.loads(tm.data)
         except ValueError as error:
@@ -216,9 +245,8 @@ class PayloadClient:
     def list_products(self) -> list[ProductEntry]:
         entries: list[ProductEntry] = []
         while True:
-            tm = self.command(
-                "list", ccsds.SVC_PRODUCTS, 1, len(entries).to_bytes(2, "big"), reply=2
-            )
+            start = len(entries).to_bytes(2, "big")
+            tm = self.command("list", ccsds.SVC_PRODUCTS, 1, start, reply=2, idempotent=True)
             total, start, page = ccsds.parse_list(tm)
             if start != len(entries):
                 raise LinkError(f"product list page starts at {start}, asked {len(entries)}")
@@ -310,6 +338,8 @@ class PayloadClient:
                         if verification.last_counter is not None:  # counter behind: resync
                             self.counter = max(self.counter, verification.last_counter)
                             continue
+                        if verification.damaged_in_transit:
+                            continue  # a lost request: its timeout sends it again
                         self._save_meta(meta_path, entry, verified, crc)
                         raise CommandRejected(f"read {entry.name}", verification)
                     continue

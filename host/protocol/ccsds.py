@@ -63,6 +63,9 @@ REJECT_NAMES = (
     "storage",
 )
 REJECT_REPLAY = 7
+# Rejections that mean the packet was damaged on the way (it passed the frame CRC by
+# chance or by a cut that left a valid-looking frame): the request was lost, not refused.
+TRANSPORT_REJECTIONS = frozenset({1, 2, 3, 4})
 
 
 class PacketError(ValueError):
@@ -191,6 +194,10 @@ class Verification:
     code: int = 0
     detail: str = ""
     last_counter: int | None = None  # in replay rejections: the payload's last counter
+
+    @property
+    def damaged_in_transit(self) -> bool:
+        return not self.accepted and self.code in TRANSPORT_REJECTIONS
 
     @property
     def reason(self) -> str:
