@@ -21,9 +21,7 @@ def run_smoke(target_name: str, echo_payload: bytes = b"hello optical head") -> 
             with PayloadClient(target.ground_port, timeout_s=0.5) as payload:
                 version = ping_until_up(payload, timeout_s=20.0)
                 payload.timeout_s = 10.0
-                tm = payload.command(
-                    "bus loopback", ccsds.SVC_TEST, 128, echo_payload, reply=129
-                )
+                tm = payload.command("bus loopback", ccsds.SVC_TEST, 128, echo_payload, reply=129)
                 return {
                     "target": target_name,
                     "version": version,

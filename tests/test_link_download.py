@@ -5,10 +5,10 @@ into PASS_DIR/satellite/ and matches the CRC-32 the payload listed."""
 import zlib
 
 import pytest
+from linkhelpers import KEY, product_set, qemu_payload, unix_payload
 
 from host.link.client import CommandRejected, PayloadClient
 from host.protocol import ccsds
-from linkhelpers import KEY, product_set, qemu_payload, unix_payload
 
 SIZES = {"empty.qrec": 0, "one.qrec": 1, "exact.qrec": 1024, "tdc.qrec": 1025}
 

@@ -6,10 +6,10 @@ file is never accepted; an interrupted download resumes from its last verified c
 import zlib
 
 import pytest
+from linkhelpers import KEY, product_set, qemu_payload, unix_payload
 
 from emulator.link_proxy import LinkFaults, LinkProxy
 from host.link.client import CorruptDownload, LinkError, PayloadClient
-from linkhelpers import KEY, product_set, qemu_payload, unix_payload
 
 NOISY = LinkFaults(drop_rate=2e-4, flip_rate=2e-4, truncate_rate=0.02, frame_loss_rate=0.02)
 
@@ -21,9 +21,7 @@ def test_download_through_a_noisy_link_completes_byte_for_byte(tmp_path):
         with LinkProxy(target.ground_port, down=NOISY, up=NOISY, seed=7) as proxy:
             with PayloadClient(proxy.port, KEY, timeout_s=1.0) as payload:
                 entries = _list_with_retries(payload)
-                results = [
-                    payload.download(e, satellite, request_timeout_s=0.3) for e in entries
-                ]
+                results = [payload.download(e, satellite, request_timeout_s=0.3) for e in entries]
     for name, data in products.items():
         assert (satellite / name).read_bytes() == data
     faults = proxy.stats.down

@@ -1,10 +1,11 @@
-"""The frozen firmware boots on each target, answers an authenticated ping (TC 17,1) with its version on the ground link
-(UART0) and loops a frame through the payload bus (UART1) to an emulated endpoint."""
+"""The frozen firmware boots on each target, answers an authenticated ping (TC 17,1) with
+its version on the ground link (UART0) and loops a frame through the payload bus (UART1)
+to an emulated endpoint."""
 
 import pytest
 
-from host.smoke import run_smoke
 from emulator.targets import firmware_version
+from host.smoke import run_smoke
 
 
 @pytest.mark.parametrize("target", ["unix", "qemu"])

@@ -3,6 +3,7 @@
 # strictly increase. hashlib.sha256 is in MicroPython 1.25 on the unix port and in the
 # QEMU image (MICROPY_PY_HASHLIB, EXTRA_FEATURES level); tests check it against RFC 4231.
 import hashlib
+
 from micropython import const
 
 TAG_BYTES = const(16)  # 128-bit tag: forging one takes ~2**128 tries, no brute force

@@ -11,7 +11,7 @@ from micropython import const
 
 from payload import auth, ccsds, framing
 from payload.ccsds import get_u16, get_u32, put_u16, put_u32
-from payload.products import MAX_NAME_BYTES, Products, chunk_crc32, valid_name
+from payload.products import Products, chunk_crc32, valid_name
 from payload.version import FIRMWARE_VERSION
 
 LINK_DIR = "link"
@@ -288,14 +288,19 @@ class GroundLink:
             size = self.products.size(name)
             if size < 0:
                 continue  # deleted meanwhile
-            if data + 4 + sum(len(e[0]) + _LIST_ENTRY_FIXED for e in entries) + len(
-                name
-            ) + _LIST_ENTRY_FIXED > limit:
+            if (
+                data
+                + 4
+                + sum(len(e[0]) + _LIST_ENTRY_FIXED for e in entries)
+                + len(name)
+                + _LIST_ENTRY_FIXED
+                > limit
+            ):
                 break
             try:
                 crc = self.products.crc32(name, size)
             except OSError:
-                raise Rejected(ccsds.REJECT_STORAGE, "cannot read " + name.decode())
+                raise Rejected(ccsds.REJECT_STORAGE, "cannot read " + name.decode()) from None
             entries.append((name, size, crc))
         self._accept(body, ack)
         put_u16(buf, data, len(names))
@@ -319,7 +324,7 @@ class GroundLink:
         try:
             self.products.delete(name)
         except OSError as error:
-            raise Rejected(ccsds.REJECT_STORAGE, "delete failed: %r" % (error,))
+            raise Rejected(ccsds.REJECT_STORAGE, "delete failed: %r" % (error,)) from None
         self._accept(body, ack)
 
     # ---------------------------------------------------------------- functions
@@ -345,7 +350,7 @@ class GroundLink:
             try:
                 config = json.loads(bytes(args))
             except ValueError:
-                raise Rejected(ccsds.REJECT_ARGUMENT, "configuration is not JSON")
+                raise Rejected(ccsds.REJECT_ARGUMENT, "configuration is not JSON") from None
             if not isinstance(config, dict):
                 raise Rejected(ccsds.REJECT_ARGUMENT, "configuration: JSON object")
             self._call_mission(self.mission.configure, config)
@@ -363,9 +368,9 @@ class GroundLink:
         try:
             method(*args)
         except ValueError as error:
-            raise Rejected(ccsds.REJECT_ARGUMENT, str(error))
+            raise Rejected(ccsds.REJECT_ARGUMENT, str(error)) from None
         except RuntimeError as error:
-            raise Rejected(ccsds.REJECT_STATE, str(error))
+            raise Rejected(ccsds.REJECT_STATE, str(error)) from None
 
     # ---------------------------------------------------------------- housekeeping
 

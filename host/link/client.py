@@ -208,9 +208,7 @@ class PayloadClient:
         return tm.data.decode(errors="replace")
 
     def housekeeping(self) -> dict:
-        tm = self.command(
-            "housekeeping", ccsds.SVC_HOUSEKEEPING, 27, reply=25, idempotent=True
-        )
+        tm = self.command("housekeeping", ccsds.SVC_HOUSEKEEPING, 27, reply=25, idempotent=True)
         try:
             return json.loads(tm.data)
         except ValueError as error:

@@ -4,7 +4,6 @@
 import os
 
 import board
-
 from payload import auth, ccsds, telecommands
 from payload.framing import crc16
 
