@@ -18,6 +18,7 @@ from host.errors import BadInput, ProtocolAborted
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("host.smoke", "boot the firmware on an emulated target and check both UARTs"),
+    "payload": ("host.link.cli", "talk to a payload controller over the ground link"),
 }
 
 
