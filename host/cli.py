@@ -19,6 +19,7 @@ from host.errors import BadInput, ProtocolAborted
 COMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("host.smoke", "boot the firmware on an emulated target and check both UARTs"),
     "payload": ("host.link.cli", "talk to a payload controller over the ground link"),
+    "flash": ("host.deploy.flash", "deploy the firmware to a board with mpremote"),
 }
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from host.link.framed_serial import FramedSerial, LinkTimeout
 from host.protocol import ccsds
 from host.protocol.ccsds import PacketError, ProductEntry, Tm
+from host.protocol.framing import encode_frame
 
 
 class LinkError(RuntimeError):
@@ -110,7 +111,11 @@ class PayloadClient:
             ack=ccsds.ACK_ACCEPTANCE if ack else 0,
         )
         self.sequence_count = (self.sequence_count + 1) & 0x3FFF
-        self.link.send(packet)
+        # A leading delimiter ends whatever partial frame the payload may hold (line noise,
+        # a REPL tool that poked the port), so it cannot swallow this telecommand.
+        frame = b"\x00" + encode_frame(packet)
+        self.link.serial.write(frame)
+        self.link.bytes_sent += len(frame)
         return ccsds.request_id(packet)
 
     def receive_tm(self, timeout_s: float) -> Tm:
