@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from spacepackets.ecss.tc import PusTc
 from spacepackets.ecss.tm import PusTm
 
@@ -77,3 +79,20 @@ def test_counter_range_is_enforced():
         ccsds.build_tc(KEY, 0, 17, 1)
     with pytest.raises(ValueError, match="counter"):
         ccsds.build_tc(KEY, 2**32, 17, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120), st.integers(0, 255), st.integers(0, 255))
+def test_any_telemetry_parses_or_raises_packet_error(data, service, subtype):
+    """The ground side never crashes on what the link delivers: every parser either
+    returns or raises PacketError (which the client counts and skips)."""
+    for packet in (data, ccsds.build_tm(service, subtype, data)):
+        try:
+            tm = ccsds.parse_tm(packet)
+        except ccsds.PacketError:
+            continue
+        for parse in (ccsds.parse_verification, ccsds.parse_chunk, ccsds.parse_list):
+            try:
+                parse(tm)
+            except ccsds.PacketError:
+                pass

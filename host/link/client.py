@@ -200,7 +200,11 @@ class PayloadClient:
             if tm.service != ccsds.SVC_VERIFICATION:
                 self.stale_packets += 1
                 continue
-            verification = ccsds.parse_verification(tm)
+            try:
+                verification = ccsds.parse_verification(tm)
+            except PacketError:
+                self.bad_packets += 1
+                continue
             if verification.request == request:
                 return verification
             self.stale_packets += 1
@@ -336,7 +340,11 @@ class PayloadClient:
                 except LinkTimeout:
                     continue
                 if tm.service == ccsds.SVC_VERIFICATION:
-                    verification = ccsds.parse_verification(tm)
+                    try:
+                        verification = ccsds.parse_verification(tm)
+                    except PacketError:
+                        self.bad_packets += 1
+                        continue
                     if not verification.accepted and verification.request in reads:
                         if verification.last_counter is not None:  # counter behind: resync
                             self.counter = max(self.counter, verification.last_counter)

@@ -264,7 +264,10 @@ def parse_list(tm: Tm) -> tuple[int, int, list[ProductEntry]]:
         end = at + 1 + length + 8
         if end > len(data):
             raise PacketError(f"product list entry at byte {at} runs past the end")
-        name = data[at + 1 : at + 1 + length].decode()
+        try:
+            name = data[at + 1 : at + 1 + length].decode("ascii")
+        except UnicodeDecodeError:
+            raise PacketError(f"product list entry at byte {at}: name is not ASCII") from None
         size, crc = struct.unpack(">II", data[at + 1 + length : end])
         entries.append(ProductEntry(name, size, crc))
         at = end
