@@ -57,21 +57,25 @@ def _pty_copy_rate(size: int) -> float:
     return size / elapsed
 
 
-def test_goodput_at_115200_baud(tmp_path):
+@pytest.mark.parametrize("target_name", ["unix", "qemu"])
+def test_goodput_at_115200_baud(tmp_path, target_name):
     size = 64 * 1024
     data = product_set(30, {"patterns.qrec": size})
-    with unix_payload(tmp_path, data) as target:
+    payload = unix_payload(tmp_path, data) if target_name == "unix" else qemu_payload(data)
+    with payload as target:
         with LinkProxy(target.ground_port, bytes_per_s=RAW_BYTES_PER_S) as proxy:
             seconds, result = _download(proxy.port, tmp_path / "sat", size)
             wire_bytes = proxy.stats.down.bytes_out
     assert (tmp_path / "sat" / "patterns.qrec").read_bytes() == data["patterns.qrec"]
     goodput = size / seconds
     fraction = goodput / RAW_BYTES_PER_S
+    efficiency = size / wire_bytes
     print(
-        f"\nlink at {BAUD} baud 8N1 ({RAW_BYTES_PER_S:.0f} B/s raw): {size} B product in "
-        f"{seconds:.2f} s = {goodput:.0f} B/s goodput = {100 * fraction:.1f} % of the raw "
-        f"byte rate (target >= 90 %); framing+packet efficiency {100 * size / wire_bytes:.1f} "
-        f"% ({wire_bytes} B on the wire); {result.retransmissions} resent"
+        f"\n{target_name}: link at {BAUD} baud 8N1 ({RAW_BYTES_PER_S:.0f} B/s raw): "
+        f"{size} B product in {seconds:.2f} s = {goodput:.0f} B/s goodput = "
+        f"{100 * fraction:.1f} % of the raw byte rate (target >= 90 %); "
+        f"framing+packet efficiency {100 * efficiency:.1f} % ({wire_bytes} B on the wire); "
+        f"{result.retransmissions} resent"
     )
 
 

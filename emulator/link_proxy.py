@@ -196,9 +196,11 @@ class LinkProxy:
                 stats.cut_bytes += len(piece)
                 continue
             if self.bytes_per_s:
-                # pace like a UART: a byte every 1/bytes_per_s seconds
+                # pace like a UART: a byte every 1/bytes_per_s seconds while data is queued;
+                # a late wake-up is caught up (up to 10 ms) so sleep jitter does not slow
+                # the line below its rate
                 now = time.monotonic()
-                due = max(self._next_send[direction], now)
+                due = max(self._next_send[direction], now - 0.01)
                 if due > now:
                     time.sleep(due - now)
                 self._next_send[direction] = due + len(piece) / self.bytes_per_s
