@@ -87,3 +87,11 @@ def test_a_wrong_key_gets_nothing_done(tmp_path):
             with pytest.raises(CommandRejected, match="auth"):
                 intruder.delete("a.qrec")
         assert (target.storage_dir / "products" / "a.qrec").exists()
+
+
+def test_reboot_is_acknowledged_before_the_controller_restarts(tmp_path):
+    with unix_payload(tmp_path, {}) as target:
+        with PayloadClient(target.ground_port, KEY) as payload:
+            payload.reboot()  # raises unless the acceptance report came back first
+        target.process.wait(timeout=5.0)  # the unix board's reset ends the process
+        assert target.process.returncode == 0
