@@ -95,3 +95,13 @@ def test_reboot_is_acknowledged_before_the_controller_restarts(tmp_path):
             payload.reboot()  # raises unless the acceptance report came back first
         target.process.wait(timeout=5.0)  # the unix board's reset ends the process
         assert target.process.returncode == 0
+
+
+def test_a_long_product_list_comes_in_pages(tmp_path):
+    products = product_set(5, {f"tdc-{i:03d}.qrec": i for i in range(90)})
+    with unix_payload(tmp_path, products) as target:
+        with PayloadClient(target.ground_port, KEY) as payload:
+            entries = payload.list_products()
+    assert [e.name for e in entries] == sorted(products)
+    assert all(e.size == len(products[e.name]) for e in entries)
+    assert all(e.crc32 == zlib.crc32(products[e.name]) for e in entries)
