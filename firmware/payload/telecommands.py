@@ -284,28 +284,26 @@ class GroundLink:
         data = ccsds.TM_HEADER_BYTES
         limit = data + self.tm.max_data_bytes
         entries = []
-        for name in names[start:]:
+        used = data + 6
+        index = start
+        while index < len(names):
+            name = names[index]
             size = self.products.size(name)
-            if size < 0:
-                continue  # deleted meanwhile
-            if (
-                data
-                + 4
-                + sum(len(e[0]) + _LIST_ENTRY_FIXED for e in entries)
-                + len(name)
-                + _LIST_ENTRY_FIXED
-                > limit
-            ):
-                break
-            try:
-                crc = self.products.crc32(name, size)
-            except OSError:
-                raise Rejected(ccsds.REJECT_STORAGE, "cannot read " + name.decode()) from None
-            entries.append((name, size, crc))
+            if size >= 0:  # else deleted meanwhile: skipped, and `next` says so
+                if used + len(name) + _LIST_ENTRY_FIXED > limit:
+                    break
+                try:
+                    crc = self.products.crc32(name, size)
+                except OSError:
+                    raise Rejected(ccsds.REJECT_STORAGE, "cannot read " + name.decode()) from None
+                entries.append((name, size, crc))
+                used += len(name) + _LIST_ENTRY_FIXED
+            index += 1
         self._accept(body, ack)
         put_u16(buf, data, len(names))
         put_u16(buf, data + 2, start)
-        at = data + 4
+        put_u16(buf, data + 4, index)  # where the next page starts
+        at = data + 6
         for name, size, crc in entries:
             buf[at] = len(name)
             buf[at + 1 : at + 1 + len(name)] = name

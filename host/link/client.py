@@ -251,15 +251,18 @@ class PayloadClient:
 
     def list_products(self) -> list[ProductEntry]:
         entries: list[ProductEntry] = []
+        index = 0
         while True:
-            start = len(entries).to_bytes(2, "big")
-            tm = self.command("list", ccsds.SVC_PRODUCTS, 1, start, reply=2, idempotent=True)
-            total, start, page = ccsds.parse_list(tm)
-            if start != len(entries):
-                raise LinkError(f"product list page starts at {start}, asked {len(entries)}")
+            tm = self.command(
+                "list", ccsds.SVC_PRODUCTS, 1, index.to_bytes(2, "big"), reply=2, idempotent=True
+            )
+            total, start, next_index, page = ccsds.parse_list(tm)
+            if start != index:
+                raise LinkError(f"product list page starts at {start}, asked for {index}")
             entries += page
-            if len(entries) >= total or not page:
+            if next_index >= total or next_index == index:
                 return entries
+            index = next_index
 
     # ------------------------------------------------------------------ download
 

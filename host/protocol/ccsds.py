@@ -251,14 +251,16 @@ class ProductEntry:
     crc32: int
 
 
-def parse_list(tm: Tm) -> tuple[int, int, list[ProductEntry]]:
-    """(total products, start index, entries) from TM 128,2."""
+def parse_list(tm: Tm) -> tuple[int, int, int, list[ProductEntry]]:
+    """(total products, start index, next page's index, entries) from TM 128,2."""
     data = tm.data
-    if len(data) < 4:
+    if len(data) < 6:
         raise PacketError("product list shorter than its header")
-    total, start = struct.unpack(">HH", data[:4])
+    total, start, next_index = struct.unpack(">HHH", data[:6])
+    if not start <= next_index <= total:
+        raise PacketError(f"product list page {start}..{next_index} of {total}")
     entries = []
-    at = 4
+    at = 6
     while at < len(data):
         length = data[at]
         end = at + 1 + length + 8
@@ -271,4 +273,4 @@ def parse_list(tm: Tm) -> tuple[int, int, list[ProductEntry]]:
         size, crc = struct.unpack(">II", data[at + 1 + length : end])
         entries.append(ProductEntry(name, size, crc))
         at = end
-    return total, start, entries
+    return total, start, next_index, entries

@@ -168,11 +168,11 @@ def test_products_list_read_delete_and_names_confined():
     listing = sent[1]
     assert listing[7:9] == b"\x80\x02"
     body = listing[19:-2]
-    assert body[:4] == b"\x00\x01\x00\x00" and body[5:13] == b"tdc.qrec", body
-    assert ccsds.get_u32(body, 13) == 3000
+    assert body[:6] == b"\x00\x01\x00\x00\x00\x01" and body[7:15] == b"tdc.qrec", body
+    assert ccsds.get_u32(body, 15) == 3000
     import binascii
 
-    assert ccsds.get_u32(body, 17) == binascii.crc32(data)
+    assert ccsds.get_u32(body, 19) == binascii.crc32(data)
     del sent[:]
     args = b"\x08tdc.qrec" + b"\x00\x00\x0b\xb0" + b"\x04\x00"  # offset 2992, 1024 bytes
     link.handle(_tc(key, 2, 128, 3, args, ack=0))
