@@ -32,9 +32,10 @@ def test_flash_from_a_running_payload_then_command_it_with_the_new_key(tmp_path,
     new_key.write_bytes(KEY)
     with QemuTarget(boot="app") as target:
         port = target.ground_port
-        code = main(
-            ["flash", "--port", port, "--key", str(dev_key), "--provision-key", str(new_key)]
-        )
+        # the application is stopped by the maintenance TC; the wrong board is refused
+        assert main(["flash", "--port", port, "--key", str(dev_key), "--board", "unix"]) == 2
+        assert "runs board module 'qemu'" in capsys.readouterr().err
+        code = main(["flash", "--port", port, "--provision-key", str(new_key)])
         out = capsys.readouterr()
         assert code == 0, out.err
         assert "SHA-256 of every file verified" in out.out and "/flash" in out.out

@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", required=True, help="the board's serial port (its REPL)")
     parser.add_argument(
         "--board",
-        default="qemu",
-        help="board module to deploy: firmware/boards/<BOARD>/board.py (default qemu)",
+        help="board module to deploy: firmware/boards/<BOARD>/board.py (default: the one "
+        "the board runs now; required on a board without one)",
     )
     parser.add_argument("--key", type=Path, help="link key, to send the maintenance TC")
     parser.add_argument(
@@ -91,14 +91,16 @@ import os, sys
 try:
     import board
     root = board.mount_storage()
+    name = board.NAME
 except ImportError:
     root = '/flash' if 'flash' in os.listdir('/') else ''
+    name = '?'
 for d in ('', '/payload', '/link'):
     try:
         os.mkdir(root + d)
     except OSError:
         pass
-print('QKDSAT', sys.implementation._mpy, repr(root))
+print('QKDSAT', sys.implementation._mpy, name, repr(root))
 """
 
 
@@ -120,8 +122,9 @@ def repl_answers(port: str, timeout_s: float = 3.0) -> bool:
         repl.close()
 
 
-def reach_repl(port: str, key_path: Path | None) -> tuple[int, str]:
-    """(the board's .mpy ABI word, its storage root), entering the REPL if need be."""
+def reach_repl(port: str, key_path: Path | None) -> tuple[int, str, str]:
+    """(the board's .mpy ABI word, its board module's NAME or '?', its storage root),
+    entering the REPL if need be."""
     if not repl_answers(port):
         if key_path is None:
             raise FlashError(
@@ -138,8 +141,8 @@ def reach_repl(port: str, key_path: Path | None) -> tuple[int, str]:
     out = _exec(port, _PREPARE)
     for line in out.splitlines():
         if line.startswith("QKDSAT "):
-            _, abi, root = line.split(" ", 2)
-            return int(abi), root.strip().strip("'\"")
+            _, abi, name, root = line.split(" ", 3)
+            return int(abi), name, root.strip().strip("'\"")
     raise FlashError(f"unexpected answer from the board on {port}: {out!r}")
 
 
@@ -210,13 +213,22 @@ def verify(port: str, root: str, files: dict[str, Path]) -> str:
 
 def flash(
     port: str,
-    board: str = "qemu",
+    board: str | None = None,
     key_path: Path | None = None,
     provision_key: Path | None = None,
     reset: bool = False,
 ) -> dict:
     started = time.monotonic()
-    abi, root = reach_repl(port, key_path)
+    abi, running_board, root = reach_repl(port, key_path)
+    if board is None:
+        if running_board == "?":
+            raise BadInput(f"the board on {port} has no board module yet: give --board")
+        board = running_board
+    elif running_board not in ("?", board):
+        raise BadInput(
+            f"--board {board}, but the board on {port} runs board module {running_board!r}: "
+            "deploying another board's register map could drive the wrong hardware"
+        )
     arch_index = abi >> 10
     arch = MPY_ARCHES[arch_index] if arch_index < len(MPY_ARCHES) else None
     with tempfile.TemporaryDirectory(prefix="qkdsat-flash-") as tmp:
