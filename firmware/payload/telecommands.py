@@ -79,12 +79,16 @@ class GroundLink:
             self.hmac = None
 
     def _load_counter(self):
+        # The ceiling is written to a temporary file and renamed over the old one (atomic
+        # in littlefs and POSIX), so a power cut leaves the old or the new value, never an
+        # empty file that would reopen the replay window; both are read, the larger wins.
         self.last_counter = 0
-        try:
-            with open(self._link_path(COUNTER_FILE)) as f:
-                self.last_counter = int(f.read().strip())
-        except (OSError, ValueError):
-            pass
+        for name in (COUNTER_FILE, COUNTER_FILE + ".tmp"):
+            try:
+                with open(self._link_path(name)) as f:
+                    self.last_counter = max(self.last_counter, int(f.read().strip()))
+            except (OSError, ValueError):
+                pass
         self._ceiling = self.last_counter
 
     def _consume_counter(self, counter):
@@ -96,8 +100,10 @@ class GroundLink:
                     os.mkdir(self.root + "/" + LINK_DIR)
                 except OSError:
                     pass
-                with open(self._link_path(COUNTER_FILE), "w") as f:
+                temporary = self._link_path(COUNTER_FILE + ".tmp")
+                with open(temporary, "w") as f:
                     f.write(str(ceiling))
+                os.rename(temporary, self._link_path(COUNTER_FILE))
                 self._ceiling = ceiling
             except OSError:
                 pass  # storage full or failing: keep going, counted in housekeeping

@@ -154,6 +154,13 @@ def test_counter_survives_a_restart_without_a_replay_window():
     assert again.last_counter >= 100
     again.handle(_tc(key, 100, 17, 1))
     assert _verification(sent[0]) == (False, ccsds.REJECT_REPLAY)
+    # a power cut after the new ceiling was written but before the rename
+    with open(root + "/link/counter.tmp", "w") as f:
+        f.write("5000")
+    after_cut, sent = _link(root)
+    assert after_cut.last_counter == 5000
+    after_cut.handle(_tc(key, 4999, 17, 1))
+    assert _verification(sent[0]) == (False, ccsds.REJECT_REPLAY)
 
 
 def test_products_list_read_delete_and_names_confined():
