@@ -1,31 +1,34 @@
 # The payload controller's main program: one loop that services the ground link and the
 # payload bus. Later duties (sequencer, TDC drain, tracking) join as step functions.
 #
-# Diagnostic service on the ground link (docs/framing.md), one frame body per request:
-#   0x01                 version query  -> 0x81 "qkdsat-fw <version> <board>"
-#   0x02 <data>          bus echo       -> <data> goes out as a payload-bus frame; the
-#                                          frame that comes back is returned as 0x82 <data>
+# Ground link (UART0): CCSDS telecommands and telemetry in frames, handled by
+# payload.telecommands (docs/ground-link.md). The version query is the PUS "are you
+# alive" test (TC 17,1 -> TM 17,2 "qkdsat-fw <version> <board>").
+# Payload-bus loopback test: TC 17,128 <data> sends <data> as a bus frame; the frame that
+# comes back is reported as TM 17,129 <data>.
 from micropython import const
 
-from payload import framing
-from payload.version import FIRMWARE_VERSION
+from payload import framing, telecommands
+from payload.ccsds import FN_MAINTENANCE, FN_REBOOT
 
 MAX_FRAME_BODY_BYTES = const(1024)
-_DIAG_VERSION = const(0x01)
-_DIAG_BUS_ECHO = const(0x02)
-_REPLY_FLAG = const(0x80)
+# Ground frames carry a 1 KiB product chunk plus packet headers (docs/ground-link.md).
+GROUND_MAX_BODY_BYTES = const(1100)
 
 
 class Controller:
-    def __init__(self, board):
+    def __init__(self, board, storage_root, mission=None):
         self.board = board
-        self.ground_rx = framing.FrameReader(MAX_FRAME_BODY_BYTES)
+        self.ground_rx = framing.FrameReader(GROUND_MAX_BODY_BYTES)
         self.bus_rx = framing.FrameReader(MAX_FRAME_BODY_BYTES)
-        self.ground_tx = framing.FrameWriter(MAX_FRAME_BODY_BYTES)
+        self.ground_tx = framing.FrameWriter(GROUND_MAX_BODY_BYTES)
         self.bus_tx = framing.FrameWriter(MAX_FRAME_BODY_BYTES)
         self._chunk = bytearray(256)
-        self._reply = bytearray(MAX_FRAME_BODY_BYTES)
-        self.version_text = ("qkdsat-fw %s %s" % (FIRMWARE_VERSION, board.NAME)).encode()
+        self.link = telecommands.GroundLink(
+            board, storage_root, self.send_ground, mission, GROUND_MAX_BODY_BYTES
+        )
+        self.link.frame_reader = self.ground_rx
+        self.link.bus_send = self.send_bus
 
     def send_ground(self, body, length):
         _write_all(self.board.ground_link, self.ground_tx.encode(body, length))
@@ -34,29 +37,24 @@ class Controller:
         _write_all(self.board.payload_bus, self.bus_tx.encode(body, length))
 
     def on_ground_frame(self, body):
-        if len(body) == 0:
-            return
-        kind = body[0]
-        reply = self._reply
-        if kind == _DIAG_VERSION:
-            reply[0] = _DIAG_VERSION | _REPLY_FLAG
-            text = self.version_text
-            reply[1 : 1 + len(text)] = text
-            self.send_ground(reply, 1 + len(text))
-        elif kind == _DIAG_BUS_ECHO:
-            self.send_bus(body[1:], len(body) - 1)
+        self.link.handle(body)
 
     def on_bus_frame(self, body):
-        reply = self._reply
-        reply[0] = _DIAG_BUS_ECHO | _REPLY_FLAG
-        reply[1 : 1 + len(body)] = body
-        self.send_ground(reply, 1 + len(body))
+        self.link.bus_reply(body)  # the bus loopback test (TC 17,128); the data path
+        # takes the bus over with its own client
 
     def poll(self):
         """One pass of the main loop; returns True if any input was handled."""
         self.board.clock.update()
         busy = _pump(self.board.ground_link, self.ground_rx, self._chunk, self.on_ground_frame)
         busy |= _pump(self.board.payload_bus, self.bus_rx, self._chunk, self.on_bus_frame)
+        action = self.link.pending_action
+        if action is not None:
+            self.link.pending_action = None
+            if action == FN_REBOOT:
+                self.board.reset()
+            elif action == FN_MAINTENANCE:
+                raise telecommands.EnterMaintenance()
         return busy
 
 
@@ -80,9 +78,23 @@ def _write_all(link, data):
         sent += link.write(data[sent:])
 
 
+def _load_mission(board, storage_root):
+    # The data path provides payload/mission.py (configure/start/stop/status); until then
+    # those telecommands are rejected as "unavailable".
+    try:
+        from payload import mission
+    except ImportError:
+        return None
+    return mission.Mission(board, storage_root)
+
+
 def run(board):
-    board.mount_storage()
-    controller = Controller(board)
-    while True:
-        if not controller.poll():
-            board.idle()
+    """The application; returns only when a maintenance telecommand asks for the REPL."""
+    storage_root = board.mount_storage()
+    controller = Controller(board, storage_root, _load_mission(board, storage_root))
+    try:
+        while True:
+            if not controller.poll():
+                board.idle()
+    except telecommands.EnterMaintenance:
+        print("qkdsat firmware: maintenance telecommand, REPL on the ground link")
