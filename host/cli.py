@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("host.smoke", "boot the firmware on an emulated target and check both UARTs"),
     "simulate": ("host.simulate.command", "simulate a pass from physics into a pass directory"),
     "timetags": ("host.formats.timetags", "convert time-tagger files (PTU, quTAG, CSV, qdet)"),
+    "payload": ("host.link.cli", "talk to a payload controller over the ground link"),
+    "flash": ("host.deploy.flash", "deploy the firmware to a board with mpremote"),
 }
 
 

@@ -3,16 +3,16 @@ against the emulated optical head, read the products back over the ground link a
 them against the head's truth (docs/sequencer.md, docs/payload-bus.md)."""
 
 import json
-import time
 import zlib
 
 import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from emulator.optical_head import OpticalHead, TdcSources
-from emulator.payload_run import run_pass
+from emulator.optical_head import HeadServer, OpticalHead, TdcSources
+from emulator.payload_run import payload_session, run_pass, wait_frames
 from host.formats import qrec
+from host.link.client import CommandRejected
 from host.protocol.symbols import SymbolMapping
 
 PROBS = [0.5, 0.25, 0.25]
@@ -185,13 +185,9 @@ def test_a_late_controller_says_so_and_never_repeats_or_skips_silently():
 
 
 def test_invalid_configurations_are_refused_over_the_ground_link():
-    """Through the real firmware: each bad configuration is refused with a reason naming
-    the field, the controller keeps running, and a good one is then accepted."""
-    from emulator.optical_head import HeadServer
-    from emulator.payload_run import DIAG_CONFIGURE, DiagClient
-    from emulator.targets import UnixTarget
-    from host.link.framed_serial import FramedSerial
-
+    """Through the real firmware and the authenticated ground link: each bad configuration
+    is rejected with a reason naming the field, the controller keeps running, and a good
+    one is then accepted."""
     head = OpticalHead(seed=1, time_scale=1.0)  # a real-time head: capacity applies
     good = _config(1024, 10**12)
     good["slot_rate_hz"] = 50_000
@@ -204,24 +200,23 @@ def test_invalid_configurations_are_refused_over_the_ground_link():
             },
             "unknown intensity class 'xi'",
         ),  # fmt: skip
-        ({"slot_rate_hz": 100_000_000}, "above the controller's sustained"),
+        ({"slot_rate_hz": 100_000_000}, "exceeds capacity"),
         ({"basis_probability_z": 0}, "basis_probability_z"),
         ({"frame_slots": 5000}, "frame_slots"),
         ({"tdc": [1]}, "tdc: need an object"),
         ({"slot_rate": 5}, "unknown key 'slot_rate'"),
     ]
-    with HeadServer(head) as server, UnixTarget(bus_address=server.address) as target:
-        with FramedSerial(target.ground_port, max_body_bytes=4096) as link:
-            diag = DiagClient(link)
-            diag.wait_ready()
+    with HeadServer(head) as server:
+        with payload_session("unix", server.address) as (_target, payload):
             for change, reason in bad:
-                reply = diag.configure({**good, **change})
-                assert reply["ok"] is False and reason in reply["reason"], (change, reply)
-            reply = diag.request_json(DIAG_CONFIGURE, b"{not json")
-            assert reply["ok"] is False and "bad JSON" in reply["reason"]
-            assert diag.configure(good) == {"ok": True, "reason": None}
-            status = diag.status()
-            assert all("errors" not in duty for duty in status["duties"].values())
+                with pytest.raises(CommandRejected, match="argument") as rejected:
+                    payload.configure({**good, **change})
+                assert reason in str(rejected.value), (change, str(rejected.value))
+            with pytest.raises(CommandRejected, match="state: not configured"):
+                payload.start()
+            payload.configure(good)
+            mission = payload.housekeeping()["mission"]
+    assert "duty_errors" not in mission and mission["pass_running"] is False
 
 
 def test_lost_bus_replies_are_retried_without_losing_data():
@@ -250,37 +245,24 @@ def test_a_controller_reset_mid_pass_leaves_no_logged_frame_unsent(tmp_path):
     and optical head: the pattern log (recovered, continued) holds only frames the head
     emitted, with their exact patterns, and misses at most the one frame per reset that
     was accepted but not yet written, which it then reports (`frames_unlogged`)."""
-    from emulator.optical_head import HeadServer
-    from emulator.payload_run import DiagClient
-    from emulator.targets import UnixTarget
-    from host.link.framed_serial import FramedSerial
-
     frame_slots, _, pps_period_ps = RUNS["unix"]
     head = OpticalHead(seed=21, pps_period_ps=pps_period_ps)
     config = _config(frame_slots, pps_period_ps)
     with HeadServer(head) as server:
         for goal in (20, 40):
-            target = UnixTarget(storage_dir=tmp_path, bus_address=server.address)
-            target.start()
-            try:
-                with FramedSerial(target.ground_port, max_body_bytes=4096) as link:
-                    diag = DiagClient(link)
-                    diag.wait_ready()
-                    assert diag.configure(config)["ok"]
-                    assert diag.start()["ok"]
-                    deadline = time.monotonic() + 60
-                    while len(head.emitted) < goal and time.monotonic() < deadline:
-                        time.sleep(0.005)
-                    if goal == 40:
-                        assert diag.stop()["ok"]
-                        status = diag.status()
-            finally:
-                target.kill()  # the first time mid-pass: a reset with no warning
+            with payload_session("unix", server.address, tmp_path) as (target, payload):
+                payload.configure(config)
+                payload.start()
+                wait_frames(head, goal, 60)
+                if goal == 20:
+                    target.kill()  # a reset with no warning, mid-pass
+                    continue
+                payload.stop()
+                status = payload.housekeeping()["mission"]
     log = qrec.read_records(tmp_path / "products" / "patterns.qrec")
     assert log.complete, log.problem
-    logged = {
-        f.frame_number: f for f in map(qrec.PatternFrame.decode, (r.payload for r in log.records))
-    }
+    frames = [qrec.PatternFrame.decode(r.payload) for r in log.records]
+    logged = {f.frame_number: f for f in frames}
     emitted = {f.frame_number: f for f in head.emitted}
     assert set(logged) <= set(emitted)  # nothing logged that was not sent
     for number, frame in logged.items():
@@ -294,11 +276,6 @@ def test_a_frame_emitted_but_not_logged_before_a_reset_is_reported(tmp_path):
     """The reset window made deterministic: the last pattern record is taken off the
     log (as if power failed between the head's acceptance and the write); on the next
     start the controller compares the head's LAST_COMMIT with its log and reports it."""
-    from emulator.optical_head import HeadServer
-    from emulator.payload_run import DiagClient
-    from emulator.targets import UnixTarget
-    from host.link.framed_serial import FramedSerial
-
     frame_slots, _, pps_period_ps = RUNS["unix"]
     head = OpticalHead(seed=22, pps_period_ps=pps_period_ps)
     config = _config(frame_slots, pps_period_ps)
@@ -306,17 +283,12 @@ def test_a_frame_emitted_but_not_logged_before_a_reset_is_reported(tmp_path):
     statuses = []
     with HeadServer(head) as server:
         for boot in range(2):
-            with UnixTarget(storage_dir=tmp_path, bus_address=server.address) as target:
-                with FramedSerial(target.ground_port, max_body_bytes=4096) as link:
-                    diag = DiagClient(link)
-                    diag.wait_ready()
-                    assert diag.configure(config)["ok"] and diag.start()["ok"]
-                    goal = len(head.emitted) + 5
-                    deadline = time.monotonic() + 60
-                    while len(head.emitted) < goal and time.monotonic() < deadline:
-                        time.sleep(0.005)
-                    assert diag.stop()["ok"]
-                    statuses.append(diag.status()["sequencer"])
+            with payload_session("unix", server.address, tmp_path) as (_target, payload):
+                payload.configure(config)
+                payload.start()
+                wait_frames(head, len(head.emitted) + 5, 60)
+                payload.stop()
+                statuses.append(payload.housekeeping()["mission"]["sequencer"])
             if boot == 0:
                 last = qrec.read_records(path).records[-1]
                 with open(path, "r+b") as handle:

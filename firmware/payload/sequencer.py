@@ -167,10 +167,9 @@ def validate(config, capacity_hz, time_scale_ppm):
     if time_scale_ppm:
         effective = rate * time_scale_ppm // 1_000_000
         if effective > capacity_hz:
+            # short: the ground link carries about 60 characters of reason
             raise ConfigError(
-                "slot_rate_hz: %d slots/s is above the controller's sustained %d slots/s"
-                " (move generation into the optical head, docs/sequencer.md)"
-                % (effective, capacity_hz)
+                "slot_rate_hz: %d/s exceeds capacity %d/s" % (effective, capacity_hz)
             )
     return {
         "intensity_probabilities": list(probs),

@@ -170,6 +170,13 @@ def scan(path, max_payload_bytes, file_crc=None, stop_at=-1):
     return result
 
 
+def _starts_like_a_log(path):
+    # A torn first record still begins with (a prefix of) "QR" + version.
+    with open(path, "rb") as f:
+        first = f.read(3)
+    return bytes((MAGIC0, MAGIC1, FORMAT_VERSION))[: len(first)] == first
+
+
 def _copy_prefix(src, dst, count):
     buf = bytearray(_SCAN_CHUNK)
     with open(src, "rb") as fin, open(dst, "wb") as fout:
@@ -197,16 +204,23 @@ class RecordLog:
         self.payload = self._view[HEADER_BYTES : HEADER_BYTES + max_payload_bytes]
         self._crc = framing.Crc32()
         self.file_crc = framing.Crc32()
+        self.foreign = False
         self.recovery = self._recover()
         self.next_seq = self.recovery.records
         self.size_bytes = self.recovery.valid_bytes
-        self._file = open(path, "ab")
+        self._file = None  # opened at the first append: no empty products at boot
         # Called after each page write when set: the power-cut test uses it to give pages
         # a NOR-flash program time, so its kills land inside records as they would in orbit.
         self.page_hook = None
 
     def _recover(self):
         result = scan(self.path, self.max_payload_bytes, self.file_crc)
+        if result.dropped_bytes and result.records == 0 and not _starts_like_a_log(self.path):
+            # Not a record log at all (a file the data path never wrote): never cut it.
+            # The log refuses appends until someone deletes the file.
+            self.foreign = True
+            result.reason = "not a record log"
+            return result
         if result.dropped_bytes:
             tmp = self.path + ".tmp"
             _copy_prefix(self.path, tmp, result.valid_bytes)
@@ -225,6 +239,8 @@ class RecordLog:
         """Write the record whose payload is payload[:length]; returns its sequence number."""
         if length > self.max_payload_bytes:
             raise ValueError("record payload too long")
+        if self.foreign:
+            raise OSError("%s is not a record log; delete it to log here" % self.path)
         rec = self._record
         rec[0] = MAGIC0
         rec[1] = MAGIC1
@@ -240,6 +256,8 @@ class RecordLog:
         total = end + CRC_BYTES
         view = self._view
         f = self._file
+        if f is None:
+            f = self._file = open(self.path, "ab")
         start = 0
         while start < total:
             stop = start + PAGE_BYTES
@@ -260,7 +278,9 @@ class RecordLog:
         return self.file_crc.value()
 
     def close(self):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class Storage:
@@ -292,7 +312,7 @@ class Storage:
                 continue
             stem = name[:-5]
             log = self.logs.get(stem)
-            if log is not None:
+            if log is not None and log._file is not None:
                 out.append((name, log.size_bytes, log.crc32()))
                 continue
             crc = framing.Crc32()

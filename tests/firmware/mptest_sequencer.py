@@ -93,7 +93,7 @@ def test_invalid_configurations_are_refused_with_a_reason():
         ({"intensity_probabilities": [0.5, 0.25, 0.2]}, "sum to"),
         ({"intensity_probabilities": [0.5, 0.3, 0.1, 0.1]}, "2 or 3"),
         ({"basis_probability_z": 1.5}, "basis_probability_z"),
-        ({"slot_rate_hz": 100_000_000}, "above the controller's sustained"),
+        ({"slot_rate_hz": 100_000_000}, "exceeds capacity"),
         ({"slot_rate_hz": -5}, "slot_rate_hz"),
         ({"frame_slots": 1023}, "frame_slots"),
         ({"frame_slots": 8192}, "frame_slots"),
