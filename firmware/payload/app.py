@@ -104,7 +104,14 @@ def _load_mission(board, storage_root):
         from payload import mission
     except ImportError:
         return None
-    return mission.Mission(board, storage_root)
+    try:
+        return mission.Mission(board, storage_root)
+    except Exception as error:  # noqa: BLE001 - the ground link must come up regardless
+        # A data path that cannot start (no RAM, storage fault) must not take the ground
+        # link down with it: the mission telecommands then answer "unavailable". (No
+        # print: stdout is the ground link.)
+        del error
+        return None
 
 
 def run(board):

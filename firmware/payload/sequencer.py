@@ -20,6 +20,7 @@ from payload import storage
 
 MAX_FRAME_SLOTS = const(4096)
 QRNG_BYTES_PER_SLOT = const(4)
+QRNG_BURST_SLOTS = const(512)  # 2048 QRNG bytes: one payload-bus burst (even)
 PATTERN_HEADER_BYTES = const(16)  # u32 frame_number, u64 first_slot, u32 slot_count
 # Slots the controller sustains per second of real time with the bus in the loop; the
 # figure comes from benchmarks/bench_firmware.py (docs/sequencer.md) and is deliberately
@@ -189,7 +190,7 @@ class Sequencer:
         self.capacity_hz = capacity_hz
         self.config = None
         self.running = False
-        self._qrng = bytearray(QRNG_BYTES_PER_SLOT * MAX_FRAME_SLOTS)
+        self._qrng = bytearray(QRNG_BYTES_PER_SLOT * QRNG_BURST_SLOTS)
         self._thresholds = array.array("I", (0, 0, 0))
         self.log = store.open_log(
             "patterns", storage.KIND_PATTERN_FRAME, PATTERN_HEADER_BYTES + MAX_FRAME_SLOTS // 2
@@ -274,20 +275,25 @@ class Sequencer:
             self.next_frame = started
         slots = self.config["frame_slots"]
         qrng = self._qrng
-        need = QRNG_BYTES_PER_SLOT * slots
-        got = 0
-        while got < need:
-            chunk = need - got
-            if chunk > busmod.MAX_DATA_BYTES:
-                chunk = busmod.MAX_DATA_BYTES
-            n = bus.fifo_read(busmod.FIFO_QRNG, qrng, got, chunk)
-            if n <= 0:
-                self.bus_failures += 1
-                return False
-            got += n
         payload = self.log.payload
         pattern = self._pattern
-        map_symbols(qrng, slots, pattern, self._thresholds)
+        # QRNG bytes come in bus-sized bursts and are mapped burst by burst, so the
+        # buffer is one burst (2 kB), not a frame's 16 kB: RAM is the scarce resource.
+        done = 0
+        while done < slots:
+            burst_slots = slots - done
+            if burst_slots > QRNG_BURST_SLOTS:
+                burst_slots = QRNG_BURST_SLOTS
+            need = QRNG_BYTES_PER_SLOT * burst_slots
+            got = 0
+            while got < need:
+                n = bus.fifo_read(busmod.FIFO_QRNG, qrng, got, need - got)
+                if n <= 0:
+                    self.bus_failures += 1
+                    return False
+                got += n
+            map_symbols(qrng, burst_slots, pattern[done >> 1 :], self._thresholds)
+            done += burst_slots
         pattern_bytes = slots // 2
         offset = 0
         while offset < pattern_bytes:

@@ -22,7 +22,7 @@ CHANNEL_SYNC = const(1)
 CHANNEL_BEACON = const(2)
 CHANNEL_UPLINK0 = const(3)
 BURST_EVENTS = const(227)  # 227 * 9 = 2043 bytes, the largest burst under MAX_DATA_BYTES
-RING_EVENTS = const(4096)
+RING_EVENTS = const(2048)  # 18 kB: the controller has 512 kB of heap for everything
 BLOCK_EVENTS = const(227)
 PPS_SLOTS = const(16)
 PS_PER_S = 1_000_000_000_000  # a big int on 32-bit targets: only used off the hot path
