@@ -14,7 +14,7 @@ import micropython
 from micropython import const
 
 from payload import bus as busmod
-from payload import storage
+from payload import memcopy, storage
 
 EVENT_BYTES = const(9)
 CHANNEL_PPS = const(0)
@@ -35,12 +35,6 @@ _OVERFLOW = const(3)  # events dropped because the ring was full
 _TOTAL = const(4)  # events accepted
 _PPS_W = const(5)  # PPS slots written (mod PPS_SLOTS by index)
 _PPS_COUNT = const(6)  # PPS events seen
-
-
-@micropython.viper
-def _copy_bytes(src: ptr8, src_at: int, dst: ptr8, dst_at: int, count: int):
-    for i in range(count):
-        dst[dst_at + i] = src[src_at + i]
 
 
 @micropython.viper
@@ -69,8 +63,9 @@ def ring_push(state: ptr32, ring: ptr8, capacity: int, src: ptr8, n_events: int,
     first = capacity - w
     if first > accepted:
         first = accepted
-    _copy_bytes(src, 0, ring, w * 9, first * 9)
-    _copy_bytes(src, first * 9, ring, 0, (accepted - first) * 9)
+    copy = memcopy.copy
+    copy(uint(ring) + w * 9, uint(src), first * 9)
+    copy(uint(ring), uint(src) + first * 9, (accepted - first) * 9)
     w += accepted
     if w >= capacity:
         w -= capacity
@@ -88,8 +83,9 @@ def ring_pop(state: ptr32, ring: ptr8, capacity: int, dst: ptr8, n_events: int) 
     first = capacity - r
     if first > n:
         first = n
-    _copy_bytes(ring, r * 9, dst, 0, first * 9)
-    _copy_bytes(ring, 0, dst, first * 9, (n - first) * 9)
+    copy = memcopy.copy
+    copy(uint(dst), uint(ring) + r * 9, first * 9)
+    copy(uint(dst) + first * 9, uint(ring), (n - first) * 9)
     r += n
     if r >= capacity:
         r -= capacity
