@@ -207,9 +207,7 @@ class QemuTarget(Target):
 
     def command(self) -> list[str]:
         image = require(self.image, "QEMU firmware image")
-        bus = (
-            f"tcp:{self.bus_address[0]}:{self.bus_address[1]}" if self.bus_address else "null"
-        )
+        bus = f"tcp:{self.bus_address[0]}:{self.bus_address[1]}" if self.bus_address else "null"
         cmd = [
             QEMU_BIN,
             "-machine", "mps2-an385",
@@ -244,7 +242,9 @@ class QemuTarget(Target):
                 self.ground_port = match.group(1).decode()
                 return
         self.stop()
-        raise TargetError(f"QEMU did not open its ground-link pty: {seen.decode(errors='replace')}")
+        raise TargetError(
+            f"QEMU did not open its ground-link pty: {seen.decode(errors='replace')}"
+        )
 
     def stderr_text(self) -> str:
         return ""
