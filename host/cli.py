@@ -18,6 +18,7 @@ from host.errors import BadInput, ProtocolAborted
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("host.smoke", "boot the firmware on an emulated target and check both UARTs"),
+    "distil": ("host.distil.run", "distil a key from a pass directory (Alice and Bob)"),
 }
 
 

@@ -43,9 +43,11 @@ def _horner(blocks: np.ndarray, key: np.uint64, length_block: np.uint64) -> np.u
 
 def poly_hash(message: bytes | np.ndarray, key: int) -> int:
     """The 64-bit hash of a byte string (or uint8 array) under a 64-bit key."""
-    data = np.frombuffer(bytes(message), dtype=np.uint8) if not isinstance(
-        message, np.ndarray
-    ) else np.ascontiguousarray(message, dtype=np.uint8)
+    data = (
+        np.frombuffer(bytes(message), dtype=np.uint8)
+        if not isinstance(message, np.ndarray)
+        else np.ascontiguousarray(message, dtype=np.uint8)
+    )
     pad = (-data.size) % 8
     if pad:
         data = np.concatenate([data, np.zeros(pad, dtype=np.uint8)])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +35,7 @@ LLR_KNOWN = 40.0
 # simulation at n = 16384 (docs/distillation.md). Check degrees are as equal as possible.
 # Degrees of the variables outside the degree-2 staircase.
 DISTRIBUTIONS: dict[float, dict[int, float]] = {
-    0.5: {3: 0.70, 8: 0.30},
-    0.6: {3: 0.72, 8: 0.28},
-    0.7: {3: 0.75, 8: 0.25},
-    0.8: {3: 0.78, 8: 0.22},
-    0.9: {3: 0.82, 8: 0.18},
+    rate: {3: 0.4, 4: 0.3, 15: 0.3} for rate in MOTHER_RATES
 }
 
 
@@ -189,16 +186,31 @@ def _graph(n: int, rate: float, distribution: dict[int, float], seed: int):
     return ev, ec, fixed, m
 
 
+_BUILD_LOCK = threading.Lock()
+_CODES: dict[str, Code] = {}
+
+
 def construct(n: int, rate: float, seed: int = 1, distribution=None) -> Code:
+    """The code for (n, rate, seed, distribution): from memory, the disk cache, or built."""
     distribution = distribution or DISTRIBUTIONS[rate]
-    key = f"v{CODE_VERSION}-n{n}-r{rate}-s{seed}-" + hashlib.sha256(
-        repr(sorted(distribution.items())).encode()
-    ).hexdigest()[:10]
+    with _BUILD_LOCK:
+        return _construct(n, rate, seed, distribution)
+
+
+def _construct(n: int, rate: float, seed: int, distribution) -> Code:
+    key = (
+        f"v{CODE_VERSION}-n{n}-r{rate}-s{seed}-"
+        + hashlib.sha256(repr(sorted(distribution.items())).encode()).hexdigest()[:10]
+    )
+    if key in _CODES:
+        return _CODES[key]
     path = cache_dir() / f"{key}.npz"
     if path.exists():
         try:
             z = np.load(path)
-            return Code(n, int(z["m"]), z["check_ptr"], z["check_var"], seed, rate, z["order"])
+            code = Code(n, int(z["m"]), z["check_ptr"], z["check_var"], seed, rate, z["order"])
+            _CODES[key] = code
+            return code
         except (OSError, ValueError, KeyError):
             pass  # a torn cache file is rebuilt below
     ev, ec, fixed, m = _graph(n, rate, distribution, seed)
@@ -213,9 +225,10 @@ def construct(n: int, rate: float, seed: int = 1, distribution=None) -> Code:
     check_var = pairs[:, 1].astype(np.int32)
     order = np.random.default_rng(seed + 2).permutation(n).astype(np.int32)
     code = Code(n, m, check_ptr, check_var, seed, rate, order)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.npz")
     np.savez(tmp, m=m, check_ptr=check_ptr, check_var=check_var, order=order)
     os.replace(tmp, path)
+    _CODES[key] = code
     return code
 
 
@@ -347,8 +360,9 @@ def plan_for(qber: float, efficiency: float, n: int = FRAME_BITS, seed: int = 1)
     d = int(MODULATED_FRACTION * n)
     best = None
     for rate in MOTHER_RATES:
-        lo, hi = (rate - MODULATED_FRACTION) / (1 - MODULATED_FRACTION), rate / (
-            1 - MODULATED_FRACTION
+        lo, hi = (
+            (rate - MODULATED_FRACTION) / (1 - MODULATED_FRACTION),
+            rate / (1 - MODULATED_FRACTION),
         )
         clamped = min(max(target, lo), hi)
         if best is None or abs(clamped - target) < best[0] - 1e-12:
