@@ -94,7 +94,7 @@ def make_pass(
         channel[order],
         {"clock": "ground", "channels": {"0": "H", "1": "V", "2": "D", "3": "A"}},
     )
-    pps_true = np.arange(0, int(duration_s) + 2)
+    pps_true = np.arange(-2, int(duration_s) + 3)  # docs/formats.md: from 2 s before
     pps_ps = (ground_offset_ps + np.rint(pps_true * 1e12 * (1 + ground_drift))).astype(np.int64)
     write_detections(
         pd.ground / "pps.qdet",

@@ -27,8 +27,8 @@ import numpy as np
 
 CODE_VERSION = 1
 FRAME_BITS = 16384
-MOTHER_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
-MODULATED_FRACTION = 0.1  # d = p + s as a fraction of n
+MOTHER_RATES = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+MODULATED_FRACTION = 0.05  # d = p + s as a fraction of n (mother rates 0.05 apart)
 LLR_KNOWN = 40.0
 
 # Variable-node degree distributions (node perspective) per mother rate, found by

@@ -67,20 +67,30 @@ class SyncResult:
         }
 
 
+PPS_LEAD_S = 2  # docs/formats.md: PPS marks whole UTC seconds from 2 s before utc_start
+
+
+def _utc_fraction(pass_json: dict) -> float:
+    start = str(pass_json.get("utc_start", ""))
+    if "." not in start:
+        return 0.0
+    digits = start.split(".", 1)[1].rstrip("Z").split("+")[0]
+    return float("0." + digits) if digits else 0.0
+
+
 def _true_seconds(time_ps: np.ndarray, pps_ps: np.ndarray | None, pass_json: dict) -> np.ndarray:
+    """Ground clock -> true time T (s after utc_start) from the ground PPS: the k-th mark
+    is the k-th whole UTC second from PPS_LEAD_S before utc_start (missing marks show as
+    gaps of two seconds or more)."""
     if pps_ps is None or pps_ps.size < 2:
         return time_ps.astype(np.float64) * 1e-12
-    start = str(pass_json.get("utc_start", ""))
-    frac = 0.0
-    if "." in start:
-        frac = float("0." + start.split(".")[1].rstrip("Z").split("+")[0])
-    # PPS mark k (k-th UTC second boundary after the first) at true time k0 + k - frac.
+    frac = _utc_fraction(pass_json)
     gaps = np.rint(np.diff(pps_ps) * 1e-12).astype(np.int64)
     index = np.concatenate([[0], np.cumsum(gaps)])
-    first_true = math.floor((pps_ps[0] * 1e-12) + frac + 0.5) - frac  # nearest UTC mark
-    true = first_true + index
-    slope, intercept = np.polyfit(pps_ps.astype(np.float64), true, 1)
-    return time_ps.astype(np.float64) * slope + intercept
+    true = (math.ceil(-PPS_LEAD_S + frac) - frac) + index
+    t0 = pps_ps[0]
+    slope, intercept = np.polyfit((pps_ps - t0).astype(np.float64), true, 1)
+    return (np.asarray(time_ps) - t0).astype(np.float64) * slope + intercept
 
 
 class _Helper:
@@ -231,7 +241,11 @@ def synchronise(time_ps, channels, pps_ps, pass_json, channel) -> SyncResult:
     u_all = t_all * rate + model
     slots = np.rint(u_all).astype(np.int64)
     resid = u_all - slots
-    assigned = det & (np.abs(resid) <= GATE_SLOTS) & (slots >= 0)
+    # the receiver's coincidence window (pass.json) gates out most dark and background
+    # counts; without one, a fixed fraction of the slot
+    window_ps = (pass_json.get("receiver") or {}).get("coincidence_window_ps")
+    gate = GATE_SLOTS if not window_ps else min(GATE_SLOTS, 0.5 * window_ps * rate * 1e-12)
+    assigned = det & (np.abs(resid) <= gate) & (slots >= 0)
     period_ps = 1e12 / rate
     rms = float(np.sqrt(np.mean(resid[assigned] ** 2)) * period_ps) if assigned.any() else 0.0
     result = SyncResult(slots, assigned, rms, int(ts.size), period_ps)
