@@ -18,6 +18,8 @@ from host.errors import BadInput, ProtocolAborted
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("host.smoke", "boot the firmware on an emulated target and check both UARTs"),
+    "simulate": ("host.simulate.command", "simulate a pass from physics into a pass directory"),
+    "timetags": ("host.formats.timetags", "convert time-tagger files (PTU, quTAG, CSV, qdet)"),
     "distil": ("host.distil.run", "distil a key from a pass directory (Alice and Bob)"),
 }
 
