@@ -306,3 +306,10 @@ def test_simulated_micius_pass_gives_identical_keys_near_the_published_length(tm
     # Bob's slots against the simulator's truth: every sifted bit came from the right slot
     # or the QBER would be ~25 %; published ~1.1 % for the signal state
     assert report["qber"]["Z"] < 0.02
+    # the single-photon lower bound sits below the simulator's true count, and close to it
+    truth = json.loads((pass_dir / "truth" / "truth.json").read_text())
+    for block in report["blocks"]:
+        true_s1 = truth["single_photon_sifted"][block["basis"]]
+        assert 0.8 * true_s1 < block["s1_lower"] <= true_s1
+        true_e1 = truth["single_photon_errors"][block["basis"]] / true_s1
+        assert block["phase_error_upper"] >= true_e1

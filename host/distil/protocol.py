@@ -298,6 +298,17 @@ class Alice:
         with stage("estimation"):
             estimates = estimate_blocks(self.pass_json, cfg, key_bases, counts_full, counts_key)
             lengths = {e.basis: e.key_length(leaks[e.basis] + 64 * VERIFY_KEYS) for e in estimates}
+        # what the decision rests on is reported even when it is an abort
+        out.report.update(
+            counts={
+                b: {k: {"n": v[0], "m": v[1]} for k, v in counts_full[b].items()} for b in BASES
+            },
+            counts_key_blocks=counts_key,
+            blocks=[
+                {**e.to_json(), "leak_ec_bits": leaks[e.basis], "key_bits": lengths[e.basis]}
+                for e in estimates
+            ],
+        )
         if sum(lengths.values()) <= 0:
             raise ProtocolAborted(
                 "too few events for the requested epsilon: the finite-key length is 0 "
