@@ -313,3 +313,17 @@ def test_simulated_micius_pass_gives_identical_keys_near_the_published_length(tm
         assert 0.8 * true_s1 < block["s1_lower"] <= true_s1
         true_e1 = truth["single_photon_errors"][block["basis"]] / true_s1
         assert block["phase_error_upper"] >= true_e1
+
+
+def test_alice_and_bob_each_need_only_their_own_folder(micius_pass, tmp_path):
+    """Alice gets a copy without ground/ and truth/, Bob one without satellite/ and truth/:
+    the same key comes out, so neither endpoint touches the other's raw data."""
+    alice_dir, bob_dir = tmp_path / "alice_side", tmp_path / "bob_side"
+    shutil.copytree(micius_pass, alice_dir, ignore=shutil.ignore_patterns("ground", "truth"))
+    shutil.copytree(micius_pass, bob_dir, ignore=shutil.ignore_patterns("satellite", "truth"))
+    split = run_local(alice_dir, tmp_path / "split", Config(), seed=11, bob_pass_dir=bob_dir)
+    assert not split["aborted"], split["abort_reason"]
+    run_local(micius_pass, tmp_path / "together", Config(), seed=11)
+    key = (tmp_path / "together" / "alice.key").read_bytes()
+    assert (tmp_path / "split" / "alice.key").read_bytes() == key
+    assert (tmp_path / "split" / "bob.key").read_bytes() == key

@@ -17,8 +17,8 @@ from host.distil.bitcodec import pack_bits, unpack_bits
 from host.errors import ProtocolAborted
 
 LDPC_MAX_ITERATIONS = 100
-LDPC_RETRIES = 7
-LDPC_REVEAL_FRACTION = 0.01  # of the frame at the first retry, doubling each retry
+LDPC_RETRIES = 10
+LDPC_REVEAL_FRACTION = 0.0025  # of the frame at the first retry, doubling each retry
 
 
 class ReconciliationFailed(ProtocolAborted):

@@ -139,7 +139,14 @@ def build_report(pass_json, cfg, alice_out, bob_out, a_chan, b_chan, pool_bits, 
 
 
 def run_local(
-    pass_dir, out_dir, cfg: Config, pool_path=None, seed=None, tamper=None, bob_pool_path=None
+    pass_dir,
+    out_dir,
+    cfg: Config,
+    pool_path=None,
+    seed=None,
+    tamper=None,
+    bob_pool_path=None,
+    bob_pass_dir=None,
 ) -> dict:
     """Both endpoints in one process (two threads, in-process channel)."""
     pass_dir, out_dir = Path(pass_dir), Path(out_dir)
@@ -154,7 +161,7 @@ def run_local(
         data = os.urandom(1 << 20)
         pool_a, pool_b = ch.KeyPool(data), ch.KeyPool(data)
     alice = Alice(pass_dir, cfg, seed=None if seed is None else seed)
-    bob = Bob(pass_dir, cfg, seed=None if seed is None else seed + 1)
+    bob = Bob(bob_pass_dir or pass_dir, cfg, seed=None if seed is None else seed + 1)
     t_a, t_b = ch.queue_pair()
     if tamper is not None:
         t_a.tamper = tamper
