@@ -1,0 +1,1 @@
+"""`qkdsat mission`: an emulated pass end to end (docs/mission.md)."""

@@ -1,0 +1,50 @@
+"""`qkdsat mission [--target unix|qemu] [--profile P] [--seed N] [--budget-s S] --out DIR`:
+the main job, an emulated pass end to end (orbit -> firmware -> download -> distil ->
+report; docs/mission.md).
+
+Exit 0 when every stage worked as designed, whether or not the distillation made a key
+(an abort, say for too few events, is a result and is reported); 1 when a stage failed
+(firmware, link, download); 2 on bad input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    from host.mission.run import DEFAULT_BUDGET_S
+
+    parser.add_argument("--target", choices=("unix", "qemu"), default="unix")
+    parser.add_argument(
+        "--profile", default="micius-2017", help="micius-2017, jinan-1 or a profile's path"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of every random draw")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help="wall seconds for boot + pass mode + download; the segment holds as many"
+        f" slots as fit (default {DEFAULT_BUDGET_S:g})",
+    )
+    parser.add_argument("--out", default="build/mission", help="output directory")
+
+
+def run(args) -> int:
+    from host.mission.report import print_summary
+    from host.mission.run import StageFailed, run_mission
+
+    try:
+        summary = run_mission(
+            Path(args.out),
+            target=args.target,
+            profile_name=args.profile,
+            seed=args.seed,
+            budget_s=args.budget_s,
+        )
+    except StageFailed as error:
+        print(f"qkdsat mission: stage failed: {error}", file=sys.stderr)
+        return 1
+    print_summary(summary)
+    print(f"report: {Path(args.out) / 'mission.json'}, {Path(args.out) / 'mission.png'}")
+    return 0

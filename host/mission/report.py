@@ -1,0 +1,197 @@
+"""The mission report: OUT/mission.json, OUT/mission.png and the summary on stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from host.formats.qdet import read_detections
+
+
+def _json_default(value):
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def distil_figures(report: dict | None, outcome: dict, out: Path) -> dict:
+    """The distillation's figures the mission reports (report.json has them all)."""
+    report = report or {}
+    keys = sorted(p.name for p in out.glob("*.key"))
+    sync = report.get("sync") or {}
+    # report.json gives sifted_bits and qber only after error correction; the sifting
+    # counts (n detections, m errors per basis and intensity) exist whenever sifting ran
+    counts = report.get("counts") or {}
+    sifted = {b: sum(c["n"] for c in per.values()) for b, per in counts.items()}
+    errors = {b: sum(c["m"] for c in per.values()) for b, per in counts.items()}
+    return {
+        "aborted": outcome["aborted"],
+        "abort_reason": outcome["abort_reason"],
+        "sifted_bits": report.get("sifted_bits") or (sum(sifted.values()) if counts else None),
+        "sifted_by_basis": sifted or None,
+        "qber_sifted": {b: round(errors[b] / n, 5) if n else None for b, n in sifted.items()}
+        or None,
+        "counts": counts or None,
+        "qber": report.get("qber"),
+        "key_bits": report.get("key_bits", 0),
+        "key_files": keys,
+        "sync_assigned_fraction": sync.get("assigned_fraction"),
+        "sync_residual_rms_ps": sync.get("residual_rms_ps"),
+        "report": "report.json" if (out / "report.json").exists() else None,
+    }
+
+
+def write_json(out: Path, summary: dict) -> None:
+    path = out / "mission.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _detection_rate(out: Path, scenario, bins: int = 50):
+    """Ground detections per second over the segment, on the ground clock's true time."""
+    times_ps, _channels, _header = read_detections(out / "ground" / "detections.qdet")
+    if times_ps.size == 0:
+        return np.zeros(0), np.zeros(0)
+    true_s = scenario.ground_clock.true_time_s(times_ps)
+    edges = np.linspace(true_s.min(), true_s.max(), bins + 1)
+    counts, _ = np.histogram(true_s, edges)
+    width = edges[1] - edges[0] if edges[1] > edges[0] else 1.0
+    return (edges[:-1] + edges[1:]) / 2, counts / width
+
+
+def write(out: Path, summary: dict, curve: dict, scenario) -> None:
+    """mission.json and mission.png (Agg backend: no display needed)."""
+    write_json(out, summary)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(13, 8.5))
+    grid = fig.add_gridspec(2, 3, height_ratios=[1, 0.8])
+    axes = [fig.add_subplot(grid[0, i]) for i in range(3)]
+    stages = summary["stages"]
+    ax = axes[0]
+    ax.plot(curve["t_s"], curve["loss_db"], color="tab:blue")
+    ground = stages.get("ground")
+    if ground:
+        begin = ground["segment_start_s"]
+        ax.axvline(begin, color="tab:orange", lw=3, alpha=0.7)
+        ax.annotate(
+            f"emulated segment\n{ground['segment_seconds'] * 1e3:.1f} ms",
+            (begin, float(np.mean(curve["loss_db"]))),
+            textcoords="offset points",
+            xytext=(6, 0),
+            color="tab:orange",
+        )
+    ax.set_xlabel("time in pass (s)")
+    ax.set_ylabel("channel loss (dB, mean pointing, no detectors)")
+    ax.set_title("link loss over the pass")
+    ax.invert_yaxis()
+    ax.grid(alpha=0.3)
+
+    ax = axes[1]
+    if scenario is not None and ground:
+        centres, rate = _detection_rate(out, scenario)
+        ax.plot((centres - centres.min()) * 1e3 if centres.size else centres, rate / 1e3)
+        ax.set_xlabel("time in segment (ms, ground receive)")
+        ax.set_ylabel("detections (k/s)")
+        ax.set_title(f"ground detections: {ground['detections']:,}")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    else:
+        ax.set_axis_off()
+
+    ax = axes[2]
+    distil = stages.get("distil") or {}
+    counts = distil.get("counts")
+    if counts:
+        labels, qbers, ns = [], [], []
+        for basis, per in counts.items():
+            for name, c in per.items():
+                labels.append(f"{basis} {name}")
+                ns.append(c["n"])
+                qbers.append(100.0 * c["m"] / c["n"] if c["n"] else 0.0)
+        bars = ax.bar(labels, qbers, color="tab:green")
+        for bar, n in zip(bars, ns, strict=True):
+            ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)  # fmt: skip
+        ax.set_ylabel("sifted error rate (%)")
+        verdict = (
+            f"key {distil['key_bits']:,} bits" if not distil["aborted"] else "no key (aborted)"
+        )
+        ax.set_title(f"QBER by basis and intensity; {verdict}")
+        ax.grid(alpha=0.3, axis="y")
+    else:
+        ax.set_axis_off()
+
+    text = fig.add_subplot(grid[1, :])
+    text.set_axis_off()
+    wrapped = []
+    for line in _summary_lines(summary):
+        wrapped.extend(textwrap.wrap(line, 150, subsequent_indent=" " * 10) or [""])
+    text.text(0, 1, "\n".join(wrapped), va="top", family="monospace", fontsize=8.5)
+    fig.tight_layout()
+    fig.savefig(out / "mission.png", dpi=100)
+    plt.close(fig)
+
+
+def _summary_lines(summary: dict) -> list[str]:
+    s = summary["stages"]
+    lines = [f"qkdsat mission  target={summary['target']}  profile={summary['profile']}"]
+    if "orbit" in s:
+        o = s["orbit"]
+        lines.append(
+            f"orbit     pass {o['pass_seconds']} s, culmination {o['culmination_range_km']} km"
+            f" / {o['culmination_elevation_deg']} deg, loss {o['link_loss_db_min']}-"
+            f"{o['link_loss_db_max']} dB"
+        )
+    if "firmware" in s:
+        f = s["firmware"]
+        lines.append(
+            f"firmware  {f['frames_emitted']} frames, {f['slots_emitted']:,} slots in"
+            f" {f['run_seconds']} s ({f['slots_per_s_wall']:,} slots/s), missed"
+            f" {f['frames_missed']}, TDC lost {f['tdc_lost']}"
+        )
+        lines.append(f"          pattern log equals emitted: {f['pattern_log']['equals_emitted']}")
+    if "download" in s:
+        d = s["download"]
+        lines.append(
+            f"download  {len(d['products'])} products, {d['bytes']:,} bytes in {d['seconds']} s"
+            f" ({d['goodput_bytes_per_s']:,} B/s), CRC-verified"
+        )
+    if "ground" in s:
+        g = s["ground"]
+        lines.append(
+            f"ground    segment {g['segment_seconds'] * 1e3:.2f} ms at culmination,"
+            f" {g['detections']:,} detections"
+        )
+    if "distil" in s:
+        d = s["distil"]
+        qber = d["qber"] if d["qber"] is not None else d["qber_sifted"]
+        lines.append(
+            f"distil    sifted {d['sifted_bits']} ({d['sifted_by_basis']}), QBER"
+            f" {json.dumps(qber)}, sync assigned {d['sync_assigned_fraction']}"
+        )
+        if d["aborted"]:
+            lines.append(f"          no key: {d['abort_reason']}")
+        else:
+            lines.append(f"          key {d['key_bits']:,} bits ({', '.join(d['key_files'])})")
+    if "failed" in summary:
+        lines.append(f"FAILED    {summary['failed']}")
+    secs = summary.get("stage_seconds", {})
+    if secs:
+        lines.append("seconds   " + ", ".join(f"{k} {v}" for k, v in secs.items()))
+    return lines
+
+
+def print_summary(summary: dict) -> None:
+    for line in _summary_lines(summary):
+        print(line)

@@ -1,0 +1,299 @@
+"""The main job (docs/mission.md): one emulated pass end to end.
+
+    orbit    the simulator's scenario for the profile (synthetic pass), culmination
+    firmware the real firmware on the target, the emulated optical head on its payload
+             bus, driven over the authenticated ground link: configure, start, run, stop
+    download every product into OUT/satellite/, CRC-verified, as an operator would
+    ground   Bob's detections from the slots the laser driver emitted (pattern log)
+    distil   both endpoints, local mode: OUT/report.json, keys only when made
+    report   OUT/mission.json, OUT/mission.png, a summary on stdout
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from emulator.optical_head import HeadServer, OpticalHead, TdcSources
+from emulator.payload_run import payload_session
+from host.errors import BadInput, ProtocolAborted
+from host.formats.patterns import PatternLog
+
+FRAME_SLOTS = 4096  # the sequencer's largest frame: fewest bus round trips per slot
+# Ground-link goodput the budget plans the download with (docs/ground-link.md: bare pty
+# ~500 kB/s from the unix target, ~70 kB/s from QEMU; ~1 MB/s measured for large products)
+PLANNED_GOODPUT_BYTES_S = {"unix": 500_000, "qemu": 40_000}
+PATTERN_BYTES_PER_SLOT = 0.5
+RUN_POLL_S = 0.05
+DEFAULT_BUDGET_S = 40.0
+
+
+class StageFailed(RuntimeError):
+    """A stage did not work as designed (exit 1); the message names the stage."""
+
+
+class _DiscardQrngLog:
+    """The head keeps every QRNG byte it handed out for the tests' checks (4 bytes/slot:
+    160 MB for a 40 M-slot run); the mission compares the pattern log with the emitted
+    frames instead, so it does not keep them."""
+
+    def __iadd__(self, data):
+        return self
+
+
+def scenario_summary(profile: dict, seed: int) -> dict:
+    """Stage 1: the whole pass's geometry and link, and where the segment goes."""
+    from host.simulate import passgen
+
+    scenario = passgen.build_scenario(profile, seed=seed)
+    geometry = scenario.geometry
+    culmination_s = float(geometry.events.get("culmination", geometry.duration_s / 2))
+    t = np.linspace(0.0, geometry.duration_s, 200)
+    link = scenario.channel.link
+    pointing_factor = link.mean_pointing_efficiency(
+        profile["link"]["pointing_jitter_urad_rms_per_axis"], profile["link"]["pointing_bias_urad"]
+    )
+    # channel loss with the mean pointing loss, without the detectors (docs/simulator.md)
+    loss_db = link.link_loss_db(geometry.range_at(t), geometry.elevation_at(t), 1.0, pointing_factor)
+    return {
+        "profile": profile["name"],
+        "station": scenario.station["name"],
+        "utc_start": geometry.utc_start.isoformat().replace("+00:00", "Z"),
+        "pass_seconds": round(geometry.duration_s, 3),
+        "pass_slots": scenario.slot_count,
+        "culmination_s": round(culmination_s, 3),
+        "culmination_range_km": round(float(geometry.range_at(culmination_s)), 2),
+        "culmination_elevation_deg": round(float(geometry.elevation_at(culmination_s)), 3),
+        "link_loss_db_min": round(float(loss_db.min()), 2),
+        "link_loss_db_max": round(float(loss_db.max()), 2),
+        "_curve": {"t_s": t.tolist(), "loss_db": loss_db.tolist()},
+    }
+
+
+def sequencer_config(profile: dict) -> dict:
+    source = profile["source"]
+    classes = list(source["intensities"])
+    return {
+        "intensity_names": classes,
+        "intensity_probabilities": {c: source["intensity_probabilities"][c] for c in classes},
+        "basis_probability_z": source["basis_probability_z"],
+        "slot_rate_hz": int(source["slot_rate_hz"]),
+        "frame_slots": FRAME_SLOTS,
+        # the head's PPS every second of its clock (docs/scheduling.md)
+        "pps_period_ps": 10**12,
+    }
+
+
+def run_firmware(target: str, profile: dict, seed: int, budget_s: float, satellite: Path):
+    """Stages 2 and 3: pass mode on the real firmware, then every product downloaded."""
+    head = OpticalHead(
+        seed=seed,
+        fifo_depth=2048,
+        # satellite TDC: the sync laser's emissions and the beacon seen by the tracking
+        # camera's timing channel; uplink detectors dark (downlink-only pass)
+        sources=TdcSources(sync_rate_hz=float(profile["sync"]["rate_hz"]), beacon_rate_hz=1e3),
+        pps_period_ps=10**12,
+    )
+    head.qrng_log = _DiscardQrngLog()
+    config = sequencer_config(profile)
+    goodput = PLANNED_GOODPUT_BYTES_S[target]
+    stages: dict = {}
+    with HeadServer(head) as server:
+        t0 = time.monotonic()
+        with payload_session(target, server.address) as (_target, payload):
+            boot_s = time.monotonic() - t0
+            version = payload.ping()
+            payload.configure(config)
+            payload.start()
+            started = time.monotonic()
+            # as many slots as fit the budget: run until the time spent plus the planned
+            # download of what was emitted so far reaches it
+            while True:
+                time.sleep(RUN_POLL_S)
+                elapsed = time.monotonic() - started
+                slots = (len(head.emitted) + len(head.blank_frames)) * FRAME_SLOTS
+                planned = boot_s + elapsed + slots * PATTERN_BYTES_PER_SLOT / goodput
+                if planned >= budget_s:
+                    break
+            payload.stop()
+            run_s = time.monotonic() - started
+            housekeeping = payload.housekeeping()
+            t_dl = time.monotonic()
+            satellite.mkdir(parents=True, exist_ok=True)
+            entries = payload.list_products()
+            downloads = []
+            for entry in entries:
+                result = payload.download(entry, satellite)
+                data = result.path.read_bytes()
+                if zlib.crc32(data) != entry.crc32 or len(data) != entry.size:
+                    raise StageFailed(f"download: {entry.name} does not match its listing")
+                downloads.append(
+                    {
+                        "name": entry.name,
+                        "bytes": entry.size,
+                        "crc32": entry.crc32,
+                        "seconds": round(result.seconds, 3),
+                        "retransmissions": result.retransmissions,
+                    }
+                )
+            download_s = time.monotonic() - t_dl
+    (satellite / "products.json").write_text(
+        json.dumps(
+            {"products": [{k: d[k] for k in ("name", "bytes", "crc32")} for d in downloads]},
+            indent=1,
+        )
+        + "\n"
+    )
+    mission_tm = housekeeping.get("mission", {})
+    seq = mission_tm.get("sequencer", {})
+    tdc = mission_tm.get("tdc", {})
+    stages["firmware"] = {
+        "target": target,
+        "firmware": version,
+        "config": config,
+        "boot_seconds": round(boot_s, 3),
+        "run_seconds": round(run_s, 3),
+        "frames_emitted": len(head.emitted),
+        "frames_blank": len(head.blank_frames),
+        "slots_emitted": sum(f.slot_count for f in head.emitted),
+        "slots_per_s_wall": round(sum(f.slot_count for f in head.emitted) / run_s),
+        "frames_sent": seq.get("frames_sent"),
+        "frames_missed": seq.get("frames_missed"),
+        "frames_unlogged": seq.get("frames_unlogged", 0),
+        "refused_commits": seq.get("refused_commits", 0),
+        "behind": seq.get("behind"),
+        "tdc_events_logged": tdc.get("events_accepted"),
+        "tdc_lost": tdc.get("lost"),
+        "tdc_fifo_overflow": tdc.get("fifo_overflow"),
+        "duty_errors": mission_tm.get("duty_errors", {}),
+        "housekeeping": mission_tm,
+    }
+    total = sum(d["bytes"] for d in downloads)
+    stages["download"] = {
+        "products": downloads,
+        "bytes": total,
+        "seconds": round(download_s, 3),
+        "goodput_bytes_per_s": round(total / download_s) if download_s > 0 else None,
+    }
+    return head, stages
+
+
+def check_pattern_log(head: OpticalHead, log: PatternLog) -> dict:
+    """The downloaded pattern log against what the head's laser driver emitted."""
+    emitted_first = np.array([f.first_slot for f in head.emitted], dtype=np.int64)
+    same_frames = np.array_equal(emitted_first, log.frame_first_slot)
+    same_symbols = same_frames
+    if same_frames and head.emitted:
+        from host.protocol.symbols import pack_nibbles
+
+        logged = pack_nibbles(log._nibbles)
+        same_symbols = logged == b"".join(f.nibbles for f in head.emitted)
+    return {"frames": int(log.frame_first_slot.size), "equals_emitted": bool(same_symbols)}
+
+
+def run_mission(
+    out: Path,
+    *,
+    target: str = "unix",
+    profile_name: str = "micius-2017",
+    seed: int = 1,
+    budget_s: float = DEFAULT_BUDGET_S,
+) -> dict:
+    """Every stage; returns the mission summary (also written to OUT/mission.json)."""
+    from host.distil.protocol import Config
+    from host.distil.run import REPORT_NAME, run_local
+    from host.mission import ground, report
+    from host.simulate import profiles
+
+    if target not in PLANNED_GOODPUT_BYTES_S:
+        raise BadInput(f"--target {target!r}: choose unix or qemu")
+    if not budget_s > 0:
+        raise BadInput(f"--budget-s {budget_s}: must be positive")
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not (out / "mission.json").exists():
+        raise BadInput(f"--out {out}: not empty and not a previous mission's output")
+    profile = profiles.load(profile_name, {})
+    for stale in ("satellite", "ground", "truth"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    for stale in ("pass.json", "report.json", "mission.json", "mission.png"):
+        (out / stale).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    summary: dict = {
+        "format_version": 1,
+        "target": target,
+        "profile": profile["name"],
+        "seed": seed,
+        "budget_s": budget_s,
+        "stages": {},
+        "stage_seconds": {},
+    }
+    seconds = summary["stage_seconds"]
+    stages = summary["stages"]
+
+    t = time.perf_counter()
+    orbit = scenario_summary(profile, seed)
+    curve = orbit.pop("_curve")
+    stages["orbit"] = orbit
+    seconds["orbit"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    try:
+        head, fw = run_firmware(target, profile, seed, budget_s, out / "satellite")
+    except Exception as error:  # the link's and the target's errors alike
+        summary["failed"] = f"firmware/download: {type(error).__name__}: {error}"
+        report.write(out, summary, curve, None)
+        raise StageFailed(summary["failed"]) from error
+    stages.update(fw)
+    seconds["firmware_and_download"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    log = PatternLog(out / "satellite" / "patterns.qrec")
+    stages["firmware"]["pattern_log"] = check_pattern_log(head, log)
+    del head
+    slot_count = int(log.frame_first_slot[-1] + log.frame_slot_count[-1])
+    scenario = ground.make_segment_scenario(profile, seed, slot_count)
+    truth = ground.write_ground(out, scenario, log)
+    rate = scenario.slot_rate_hz
+    begin_s = float(scenario.geometry.source.get("cropped_from_s", [0.0])[0])
+    stages["ground"] = {
+        "segment_start_s": round(begin_s, 6),
+        "segment_seconds": slot_count / rate,
+        "segment_utc_start": scenario.geometry.utc_start.isoformat().replace("+00:00", "Z"),
+        "slots": slot_count,
+        "detections": truth["detections"],
+        "detections_by_kind": truth["detections_by_kind"],
+        "link_loss_db": {k: v["link_loss_db"] for k, v in truth["events"].items()},
+        "single_photon_sifted": truth.get("single_photon_sifted"),
+    }
+    seconds["ground"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    try:
+        distilled = run_local(out, out, Config(), seed=seed)
+        outcome = {
+            "aborted": bool(distilled["aborted"]),
+            "abort_reason": distilled.get("abort_reason"),
+        }
+    except ProtocolAborted as error:
+        distilled = None
+        outcome = {"aborted": True, "abort_reason": str(error)}
+    if (out / REPORT_NAME).exists():
+        distilled = json.loads((out / REPORT_NAME).read_text())
+    stages["distil"] = report.distil_figures(distilled, outcome, out)
+    seconds["distil"] = round(time.perf_counter() - t, 3)
+
+    t = time.perf_counter()
+    seconds["report"] = 0.0
+    summary["exit_code"] = 0
+    report.write(out, summary, curve, scenario)
+    seconds["report"] = round(time.perf_counter() - t, 3)
+    seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 3)
+    report.write_json(out, summary)
+    return summary
