@@ -30,7 +30,9 @@ def covered_runs(log: PatternLog) -> list[tuple[int, int]]:
     """Contiguous [begin, end) slot ranges of the log (frames the head emitted blank, if
     any, are gaps: no light left the payload there)."""
     runs: list[tuple[int, int]] = []
-    for first, count in zip(log.frame_first_slot.tolist(), log.frame_slot_count.tolist()):
+    for first, count in zip(
+        log.frame_first_slot.tolist(), log.frame_slot_count.tolist(), strict=True
+    ):
         if runs and runs[-1][1] == first:
             runs[-1] = (runs[-1][0], first + count)
         else:

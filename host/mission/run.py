@@ -1,12 +1,12 @@
 """The main job (docs/mission.md): one emulated pass end to end.
 
-    orbit    the simulator's scenario for the profile (synthetic pass), culmination
-    firmware the real firmware on the target, the emulated optical head on its payload
-             bus, driven over the authenticated ground link: configure, start, run, stop
-    download every product into OUT/satellite/, CRC-verified, as an operator would
-    ground   Bob's detections from the slots the laser driver emitted (pattern log)
-    distil   both endpoints, local mode: OUT/report.json, keys only when made
-    report   OUT/mission.json, OUT/mission.png, a summary on stdout
+orbit    the simulator's scenario for the profile (synthetic pass), culmination
+firmware the real firmware on the target, the emulated optical head on its payload
+         bus, driven over the authenticated ground link: configure, start, run, stop
+download every product into OUT/satellite/, CRC-verified, as an operator would
+ground   Bob's detections from the slots the laser driver emitted (pattern log)
+distil   both endpoints, local mode: OUT/report.json, keys only when made
+report   OUT/mission.json, OUT/mission.png, a summary on stdout
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def scenario_summary(profile: dict, seed: int) -> dict:
         profile["link"]["pointing_jitter_urad_rms_per_axis"], profile["link"]["pointing_bias_urad"]
     )
     # channel loss with the mean pointing loss, without the detectors (docs/simulator.md)
-    loss_db = link.link_loss_db(geometry.range_at(t), geometry.elevation_at(t), 1.0, pointing_factor)
+    loss_db = link.link_loss_db(
+        geometry.range_at(t), geometry.elevation_at(t), 1.0, pointing_factor
+    )
     return {
         "profile": profile["name"],
         "station": scenario.station["name"],
