@@ -24,6 +24,8 @@ from host.distil.bitcodec import (
     encode_sorted,
     pack_2bit,
     pack_bits,
+    rice_decode_sorted,
+    rice_encode_sorted,
     unpack_2bit,
     unpack_bits,
 )
@@ -214,7 +216,10 @@ class Alice:
             with stage("sifting"):
                 msg = channel.recv("detections")
                 count = int(msg["count"])
-                slots = decode_sorted(msg["slots"], count)
+                try:
+                    slots = rice_decode_sorted(int(msg["rice_k"]), msg["slots"], count)
+                except ValueError as error:
+                    raise ProtocolAborted(f"detections message: {error}") from error
                 bob_basis = unpack_bits(msg["basis"], count)
                 basis, bit, inten = self._symbols(slots)
                 channel.send("sift", basis=pack_bits(basis), intensity=pack_2bit(inten))
@@ -412,10 +417,12 @@ class Bob:
             out.report["sync"] = sync.summary()
             with stage("sifting"):
                 slots, basis, bit = self._detections_to_slots(sync)
+                rice_k, packed_slots = rice_encode_sorted(slots)
                 channel.send(
                     "detections",
                     count=int(slots.size),
-                    slots=encode_sorted(slots),
+                    rice_k=rice_k,
+                    slots=packed_slots,
                     basis=pack_bits(basis),
                 )
                 msg = channel.recv("sift")
