@@ -170,9 +170,10 @@ class UnixTarget(Target):
             env=env,
             cwd=str(self.storage_dir),
         )
-        os.close(master)
-        # Keep the slave open so the pty survives between host connections.
-        self._keep_fds.append(slave)
+        # Keep both sides open for the target's lifetime, as a UART outlives the program
+        # driving it: the pty survives between host connections, and what the firmware
+        # wrote just before it reset or exited stays readable by the host.
+        self._keep_fds += [master, slave]
         self.ground_port = os.ttyname(slave)
 
     def stop(self, timeout_s: float = 5.0) -> None:
