@@ -13,7 +13,7 @@ import json
 from micropython import const
 
 from payload import bus as busmod
-from payload import sequencer, storage, tdc
+from payload import headgen, sequencer, storage, tdc
 
 HK_PERIOD_US = const(100_000)
 CONFIG_KEYS = (
@@ -24,7 +24,9 @@ CONFIG_KEYS = (
     "frame_slots",
     "pps_period_ps",
     "tdc",
+    "pattern_generation",
 )
+GENERATION_MODES = ("controller", "head")  # who maps QRNG words to symbols (headgen.py)
 
 
 class Housekeeping:
@@ -75,6 +77,8 @@ class Mission:
         self.tdc = tdc.TdcDrain(self.bus, self.store)
         self.discipline = tdc.ClockDiscipline(self.tdc, self.store)
         self.hk = Housekeeping(self)
+        self.generator = headgen.HeadGenerator(self.bus, self.sequencer)
+        self.generation = "controller"
         self.pass_running = False
         self.time_scale_ppm = None
         self.scheduler = None  # set by duties(): the loop that runs them, for telemetry
@@ -109,7 +113,15 @@ class Mission:
         pps = config.get("pps_period_ps", tdc.PS_PER_S)
         if not isinstance(pps, int) or pps <= 0:
             raise sequencer.ConfigError("pps_period_ps: need a positive integer")
-        self.sequencer.configure(config, scale)
+        generation = config.get("pattern_generation", "controller")
+        if generation not in GENERATION_MODES:
+            raise sequencer.ConfigError(
+                "pattern_generation: %r is not controller or head" % (generation,)
+            )
+        # head generation: the FPGA maps at the slot clock, the controller's capacity does
+        # not bound the slot rate
+        self.sequencer.configure(config, 0 if generation == "head" else scale)
+        self.generation = generation
         self.tdc.bursts_per_step = bursts
         self.discipline.pps_period_ps = pps
         self.time_scale_ppm = scale
@@ -125,7 +137,10 @@ class Mission:
         if self.tdc.start() != busmod.OK:
             raise RuntimeError("optical head: TDC_CTRL failed (see bus counters)")
         try:
-            self.sequencer.start()
+            if self.generation == "head":
+                self.generator.start()
+            else:
+                self.sequencer.start()
         except sequencer.ConfigError as error:
             self.tdc.stop()
             raise RuntimeError(str(error)) from None
@@ -137,7 +152,10 @@ class Mission:
         """Let the last committed frame go out, drain the TDC, flush every log."""
         if not self.pass_running:
             raise RuntimeError("no pass is running")
-        self.sequencer.stop()
+        if self.generation == "head":
+            self.generator.stop()
+        else:
+            self.sequencer.stop()
         self.tdc.stop()
         self.discipline.step()
         self.hk.record()
@@ -153,6 +171,7 @@ class Mission:
             "pass_running": self.pass_running,
             "time_scale_ppm": self.time_scale_ppm,
             "sequencer": seq,
+            "generation": self.generation,
             "tdc": self.tdc.telemetry(),
             "clock": self.discipline.telemetry(),
             "bus": {
@@ -167,6 +186,8 @@ class Mission:
                 log.recovery.dropped_bytes for log in self.store.logs.values()
             ),
         }
+        if self.generation == "head":
+            out["generator"] = self.generator.telemetry()
         if self.scheduler is not None:
             out["worst_us"] = {d.name: d.worst_us for d in self.scheduler.duties}
             errors = {d.name: d.last_error for d in self.scheduler.duties if d.errors}

@@ -118,10 +118,68 @@ class PatternLog:
         return self._nibbles[self._offsets[frame] + slots - self.frame_first_slot[frame]]
 
 
+GENERATOR_SPLITMIX64_HIGH32 = 1
+PATTERN_SOURCE_RECORD_BYTES = 36
+
+
+def mapping_from_thresholds(basis: int, c0: int, c1: int) -> SymbolMapping:
+    """The mapping from the thresholds the firmware programs ([round(p_Z 2^15), c_0, c_1],
+    c_1 = 65536 with two intensity classes; docs/sequencer.md)."""
+    cut = (c0, 65536) if c1 >= 65536 else (c0, c1, 65536)
+    return SymbolMapping(basis, cut)
+
+
+def decode_pattern_source_record(payload: bytes) -> dict:
+    """PATTERN_SOURCE record (kind 6, docs/formats.md): u32 generator, 8 bytes seed (u64),
+    u32 basis_threshold, u32 c_0, u32 c_1, u32 first_frame, u32 frame_slots, u32 frames."""
+    if len(payload) != PATTERN_SOURCE_RECORD_BYTES:
+        raise BadInput(f"PATTERN_SOURCE record of {len(payload)} bytes, not 36")
+    generator = int.from_bytes(payload[0:4], "little")
+    fields = [int.from_bytes(payload[i : i + 4], "little") for i in range(12, 36, 4)]
+    return {
+        "generator": generator,
+        "seed": int.from_bytes(payload[4:12], "little"),
+        "thresholds": fields[0:3],
+        "first_frame": fields[3],
+        "frame_slots": fields[4],
+        "frames": fields[5],
+    }
+
+
+def pattern_source_from_log(path: str | Path) -> CounterPatternSource | None:
+    """The head-generated pattern a pattern product describes: its last PATTERN_SOURCE
+    record (the one the controller wrote at stop, with the frame count); None if the
+    product holds no such record (a controller-driven pattern log)."""
+    log = read_records(path)
+    if log.problem:
+        raise BadInput(f"{path}: {log.problem} (after {len(log.records)} good records)")
+    sources = [r for r in log.records if r.kind == Kind.PATTERN_SOURCE]
+    if not sources:
+        return None
+    if any(r.kind == Kind.PATTERN_FRAME for r in log.records):
+        raise BadInput(f"{path}: both pattern frames and a pattern source: one pass, one mode")
+    rec = decode_pattern_source_record(sources[-1].payload)
+    if rec["generator"] != GENERATOR_SPLITMIX64_HIGH32:
+        raise BadInput(f"{path}: unknown pattern generator {rec['generator']}")
+    if rec["frames"] == 0:
+        raise BadInput(f"{path}: the pattern source was never closed (no stop record)")
+    # the pass's slot 0 is the first generated slot: the generator counts from it
+    return CounterPatternSource(
+        rec["seed"],
+        mapping_from_thresholds(*rec["thresholds"]),
+        0,
+        rec["frames"] * rec["frame_slots"],
+    )
+
+
 def open_patterns(satellite_dir: str | Path):
-    """Alice's patterns from satellite/: the pattern log if present, else the source."""
+    """Alice's patterns from satellite/: the pattern log if present (frames, or the
+    head generator's seed and slot range), else the source."""
     satellite_dir = Path(satellite_dir)
     if (satellite_dir / PATTERN_LOG_NAME).exists():
+        source = pattern_source_from_log(satellite_dir / PATTERN_LOG_NAME)
+        if source is not None:
+            return source
         return PatternLog(satellite_dir / PATTERN_LOG_NAME)
     if (satellite_dir / PATTERN_SOURCE_NAME).exists():
         return read_pattern_source(satellite_dir / PATTERN_SOURCE_NAME)

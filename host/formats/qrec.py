@@ -30,6 +30,7 @@ class Kind(IntEnum):
     HOUSEKEEPING = 3
     TRACKING = 4
     CLOCK_DISCIPLINE = 5
+    PATTERN_SOURCE = 6
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,14 @@ def add_arguments(parser) -> None:
         help="wall seconds for boot + pass mode + download; the segment holds as many"
         f" slots as fit (default {DEFAULT_BUDGET_S:g})",
     )
+    parser.add_argument(
+        "--generation",
+        choices=("controller", "head"),
+        default="controller",
+        help="controller: the sequencer maps QRNG bytes frame by frame (bus-bound, a short"
+        " segment); head: the head's generator, seeded from the QRNG by the controller,"
+        " emits the whole pass (docs/sequencer.md 'Faster sources')",
+    )
     parser.add_argument("--out", default="build/mission", help="output directory")
 
 
@@ -41,6 +49,7 @@ def run(args) -> int:
             profile_name=args.profile,
             seed=args.seed,
             budget_s=args.budget_s,
+            generation=args.generation,
         )
     except StageFailed as error:
         print(f"qkdsat mission: stage failed: {error}", file=sys.stderr)

@@ -54,19 +54,23 @@ def make_segment_scenario(profile: dict, seed: int, slot_count: int) -> passgen.
     return scenario
 
 
-def write_ground(out: Path, scenario: passgen.Scenario, log: PatternLog) -> dict:
+def write_ground(out: Path, scenario: passgen.Scenario, log) -> dict:
     """OUT/ground/, OUT/truth/ and OUT/pass.json from the emitted pattern; returns the
     truth summary (counts by kind, link loss, single-photon statistics)."""
     started = time.perf_counter()
     (out / "ground").mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(parents=True, exist_ok=True)
-    log.seed = None  # truth_summary records the pattern seed; a log has none
+    if isinstance(log, PatternLog):
+        log.seed = None  # truth_summary records the pattern seed; a log has none
+        runs = covered_runs(log)
+    else:  # the head generator's pattern source: every slot of the pass
+        runs = [(0, scenario.slot_count)]
     scenario.pattern = log
     geometry, slots, profile = scenario.geometry, scenario.slots, scenario.profile
     receiver = scenario.channel.receiver
     bin_slots = max(1, int(scenario.slot_rate_hz * 1e-3))
     parts = []
-    for begin, end in covered_runs(log):
+    for begin, end in runs:
         for chunk in range(begin, end, int(scenario.slot_rate_hz)):
             parts.append(
                 sample_photon_clicks(
@@ -114,7 +118,8 @@ def write_ground(out: Path, scenario: passgen.Scenario, log: PatternLog) -> dict
     # The sync laser fires with every slots_per_pulse-th slot the laser emitted.
     slots_per_sync = int(round(scenario.slot_rate_hz / float(profile["sync"]["rate_hz"])))
     sync_slots = np.arange(0, scenario.slot_count, slots_per_sync, dtype=np.int64)
-    sync_slots = sync_slots[log.covers(sync_slots)]
+    if isinstance(log, PatternLog):
+        sync_slots = sync_slots[log.covers(sync_slots)]
     sync_rng = scenario.rngs["sync"]
     seen = sync_rng.random(sync_slots.size) < profile["sync"]["ground_detection_probability"]
     sync_emit_s = slots.true_time_s(sync_slots[seen])

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from emulator import pattern_generator
 from emulator.optical_head import HeadServer, OpticalHead, TdcSources
 from emulator.payload_run import payload_session
 from host.errors import BadInput, ProtocolAborted
-from host.formats.patterns import PatternLog
+from host.formats.patterns import PatternLog, pattern_source_from_log
 
 FRAME_SLOTS = 4096  # the sequencer's largest frame: fewest bus round trips per slot
 # Ground-link goodput the budget plans the download with (docs/ground-link.md: bare pty
@@ -77,7 +78,7 @@ def scenario_summary(profile: dict, seed: int) -> dict:
     }
 
 
-def sequencer_config(profile: dict) -> dict:
+def sequencer_config(profile: dict, generation: str = "controller") -> dict:
     source = profile["source"]
     classes = list(source["intensities"])
     return {
@@ -88,21 +89,38 @@ def sequencer_config(profile: dict) -> dict:
         "frame_slots": FRAME_SLOTS,
         # the head's PPS every second of its clock (docs/scheduling.md)
         "pps_period_ps": 10**12,
+        "pattern_generation": generation,
     }
 
 
-def run_firmware(target: str, profile: dict, seed: int, budget_s: float, satellite: Path):
-    """Stages 2 and 3: pass mode on the real firmware, then every product downloaded."""
-    head = OpticalHead(
-        seed=seed,
-        fifo_depth=2048,
-        # satellite TDC: the sync laser's emissions and the beacon seen by the tracking
-        # camera's timing channel; uplink detectors dark (downlink-only pass)
-        sources=TdcSources(sync_rate_hz=float(profile["sync"]["rate_hz"]), beacon_rate_hz=1e3),
-        pps_period_ps=10**12,
-    )
+def run_firmware(
+    target: str,
+    profile: dict,
+    seed: int,
+    budget_s: float,
+    satellite: Path,
+    generation: str = "controller",
+    pass_slots: int = 0,
+):
+    """Stages 2 and 3: pass mode on the real firmware, then every product downloaded.
+
+    generation "head": the head's generator emits the whole pass (`pass_slots`, whole
+    frames); the emulated pass goes by at once (emulator.pattern_generator.fast_forward)."""
+    if generation == "head":
+        head = OpticalHead(seed=seed, fifo_depth=2048, pps_period_ps=10**12)
+        generator = pattern_generator.attach(head)
+    else:
+        generator = None
+        head = OpticalHead(
+            seed=seed,
+            fifo_depth=2048,
+            # satellite TDC: the sync laser's emissions and the beacon seen by the tracking
+            # camera's timing channel; uplink detectors dark (downlink-only pass)
+            sources=TdcSources(sync_rate_hz=float(profile["sync"]["rate_hz"]), beacon_rate_hz=1e3),
+            pps_period_ps=10**12,
+        )
     head.qrng_log = _DiscardQrngLog()
-    config = sequencer_config(profile)
+    config = sequencer_config(profile, generation)
     goodput = PLANNED_GOODPUT_BYTES_S[target]
     stages: dict = {}
     with HeadServer(head) as server:
@@ -113,9 +131,17 @@ def run_firmware(target: str, profile: dict, seed: int, budget_s: float, satelli
             payload.configure(config)
             payload.start()
             started = time.monotonic()
+            if generator is not None:
+                frames = pass_slots // FRAME_SLOTS
+                pattern_generator.fast_forward(
+                    head, head.boundary_ps(generator.first_frame + frames - 1)
+                )
+                deadline = time.monotonic() + 60.0
+                while head.fifo and time.monotonic() < deadline:
+                    time.sleep(RUN_POLL_S)  # the controller drains the pass's TDC events
             # as many slots as fit the budget: run until the time spent plus the planned
             # download of what was emitted so far reaches it
-            while True:
+            while generator is None:
                 time.sleep(RUN_POLL_S)
                 elapsed = time.monotonic() - started
                 slots = (len(head.emitted) + len(head.blank_frames)) * FRAME_SLOTS
@@ -154,16 +180,20 @@ def run_firmware(target: str, profile: dict, seed: int, budget_s: float, satelli
     mission_tm = housekeeping.get("mission", {})
     seq = mission_tm.get("sequencer", {})
     tdc = mission_tm.get("tdc", {})
+    emitted_slots = sum(f.slot_count for f in head.emitted)
+    if generator is not None:
+        emitted_slots = generator.frames() * FRAME_SLOTS
     stages["firmware"] = {
         "target": target,
+        "generation": generation,
         "firmware": version,
         "config": config,
         "boot_seconds": round(boot_s, 3),
         "run_seconds": round(run_s, 3),
         "frames_emitted": len(head.emitted),
         "frames_blank": len(head.blank_frames),
-        "slots_emitted": sum(f.slot_count for f in head.emitted),
-        "slots_per_s_wall": round(sum(f.slot_count for f in head.emitted) / run_s),
+        "slots_emitted": emitted_slots,
+        "slots_per_s_wall": round(emitted_slots / run_s),
         "frames_sent": seq.get("frames_sent"),
         "frames_missed": seq.get("frames_missed"),
         "frames_unlogged": seq.get("frames_unlogged", 0),
@@ -182,7 +212,13 @@ def run_firmware(target: str, profile: dict, seed: int, budget_s: float, satelli
         "seconds": round(download_s, 3),
         "goodput_bytes_per_s": round(total / download_s) if download_s > 0 else None,
     }
-    return head, stages
+    if generator is not None:
+        stages["firmware"]["generator"] = {
+            "first_frame": generator.first_frame,
+            "frames": generator.frames(),
+            "seed_from_qrng": True,
+        }
+    return head, generator, stages
 
 
 def check_pattern_log(head: OpticalHead, log: PatternLog) -> dict:
@@ -205,6 +241,7 @@ def run_mission(
     profile_name: str = "micius-2017",
     seed: int = 1,
     budget_s: float = DEFAULT_BUDGET_S,
+    generation: str = "controller",
 ) -> dict:
     """Every stage; returns the mission summary (also written to OUT/mission.json)."""
     from host.distil.protocol import Config
@@ -214,6 +251,8 @@ def run_mission(
 
     if target not in PLANNED_GOODPUT_BYTES_S:
         raise BadInput(f"--target {target!r}: choose unix or qemu")
+    if generation not in ("controller", "head"):
+        raise BadInput(f"--generation {generation!r}: choose controller or head")
     if not budget_s > 0:
         raise BadInput(f"--budget-s {budget_s}: must be positive")
     if out.exists() and not out.is_dir():
@@ -233,6 +272,7 @@ def run_mission(
         "profile": profile["name"],
         "seed": seed,
         "budget_s": budget_s,
+        "generation": generation,
         "stages": {},
         "stage_seconds": {},
     }
@@ -242,12 +282,15 @@ def run_mission(
     t = time.perf_counter()
     orbit = scenario_summary(profile, seed)
     curve = orbit.pop("_curve")
+    pass_slots = orbit["pass_slots"]
     stages["orbit"] = orbit
     seconds["orbit"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
     try:
-        head, fw = run_firmware(target, profile, seed, budget_s, out / "satellite")
+        head, generator, fw = run_firmware(
+            target, profile, seed, budget_s, out / "satellite", generation, pass_slots
+        )
     except Exception as error:  # the link's and the target's errors alike
         summary["failed"] = f"firmware/download: {type(error).__name__}: {error}"
         report.write(out, summary, curve, None)
@@ -256,10 +299,22 @@ def run_mission(
     seconds["firmware_and_download"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
-    log = PatternLog(out / "satellite" / "patterns.qrec")
-    stages["firmware"]["pattern_log"] = check_pattern_log(head, log)
+    product = out / "satellite" / "patterns.qrec"
+    if generator is not None:
+        log = pattern_source_from_log(product)
+        if log is None:
+            raise StageFailed("firmware: head generation logged no PATTERN_SOURCE record")
+        emitted = generator.emitted()
+        stages["firmware"]["pattern_log"] = {
+            "records": "PATTERN_SOURCE",
+            "equals_emitted": log == emitted,
+        }
+        slot_count = log.slot_count
+    else:
+        log = PatternLog(product)
+        stages["firmware"]["pattern_log"] = check_pattern_log(head, log)
+        slot_count = int(log.frame_first_slot[-1] + log.frame_slot_count[-1])
     del head
-    slot_count = int(log.frame_first_slot[-1] + log.frame_slot_count[-1])
     scenario = ground.make_segment_scenario(profile, seed, slot_count)
     truth = ground.write_ground(out, scenario, log)
     rate = scenario.slot_rate_hz
