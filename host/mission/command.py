@@ -35,6 +35,12 @@ def add_arguments(parser) -> None:
         " segment); head: the head's generator, seeded from the QRNG by the controller,"
         " emits the whole pass (docs/sequencer.md 'Faster sources')",
     )
+    parser.add_argument(
+        "--segment-s",
+        type=float,
+        help="head generation: emit only this many seconds around culmination (default:"
+        " the whole pass)",
+    )
     parser.add_argument("--out", default="build/mission", help="output directory")
 
 
@@ -50,6 +56,7 @@ def run(args) -> int:
             seed=args.seed,
             budget_s=args.budget_s,
             generation=args.generation,
+            segment_s=args.segment_s,
         )
     except StageFailed as error:
         print(f"qkdsat mission: stage failed: {error}", file=sys.stderr)

@@ -83,9 +83,10 @@ def write(out: Path, summary: dict, curve: dict, scenario) -> None:
     ground = stages.get("ground")
     if ground:
         begin = ground["segment_start_s"]
-        ax.axvline(begin, color="tab:orange", lw=3, alpha=0.7)
+        ax.axvspan(begin, begin + ground["segment_seconds"], color="tab:orange", alpha=0.3)
+        ax.axvline(begin, color="tab:orange", lw=2, alpha=0.7)
         ax.annotate(
-            f"emulated segment\n{ground['segment_seconds'] * 1e3:.1f} ms",
+            f"emulated\n{ground['segment_seconds']:.3g} s",
             (begin, float(np.mean(curve["loss_db"]))),
             textcoords="offset points",
             xytext=(6, 0),
@@ -100,8 +101,8 @@ def write(out: Path, summary: dict, curve: dict, scenario) -> None:
     ax = axes[1]
     if scenario is not None and ground:
         centres, rate = _detection_rate(out, scenario)
-        ax.plot((centres - centres.min()) * 1e3 if centres.size else centres, rate / 1e3)
-        ax.set_xlabel("time in segment (ms, ground receive)")
+        ax.plot((centres - centres.min()) if centres.size else centres, rate / 1e3)
+        ax.set_xlabel("time in segment (s, ground receive)")
         ax.set_ylabel("detections (k/s)")
         ax.set_title(f"ground detections: {ground['detections']:,}")
         ax.set_ylim(bottom=0)
@@ -155,11 +156,17 @@ def _summary_lines(summary: dict) -> list[str]:
         )
     if "firmware" in s:
         f = s["firmware"]
-        lines.append(
-            f"firmware  {f['frames_emitted']} frames, {f['slots_emitted']:,} slots in"
-            f" {f['run_seconds']} s ({f['slots_per_s_wall']:,} slots/s), missed"
-            f" {f['frames_missed']}, TDC lost {f['tdc_lost']}"
-        )
+        if f.get("generator"):
+            lines.append(
+                f"firmware  head generator seeded from the QRNG: {f['generator']['frames']:,}"
+                f" frames, {f['slots_emitted']:,} slots; TDC lost {f['tdc_lost']}"
+            )
+        else:
+            lines.append(
+                f"firmware  {f['frames_emitted']} frames, {f['slots_emitted']:,} slots in"
+                f" {f['run_seconds']} s ({f['slots_per_s_wall']:,} slots/s), missed"
+                f" {f['frames_missed']}, TDC lost {f['tdc_lost']}"
+            )
         lines.append(f"          pattern log equals emitted: {f['pattern_log']['equals_emitted']}")
     if "download" in s:
         d = s["download"]
@@ -170,7 +177,7 @@ def _summary_lines(summary: dict) -> list[str]:
     if "ground" in s:
         g = s["ground"]
         lines.append(
-            f"ground    segment {g['segment_seconds'] * 1e3:.2f} ms at culmination,"
+            f"ground    {g['segment_seconds']:.4g} s of pass around culmination,"
             f" {g['detections']:,} detections"
         )
     if "distil" in s:

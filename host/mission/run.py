@@ -242,6 +242,7 @@ def run_mission(
     seed: int = 1,
     budget_s: float = DEFAULT_BUDGET_S,
     generation: str = "controller",
+    segment_s: float | None = None,
 ) -> dict:
     """Every stage; returns the mission summary (also written to OUT/mission.json)."""
     from host.distil.protocol import Config
@@ -253,6 +254,8 @@ def run_mission(
         raise BadInput(f"--target {target!r}: choose unix or qemu")
     if generation not in ("controller", "head"):
         raise BadInput(f"--generation {generation!r}: choose controller or head")
+    if segment_s is not None and (generation != "head" or not segment_s > 0):
+        raise BadInput("--segment-s: a positive number of seconds, with --generation head")
     if not budget_s > 0:
         raise BadInput(f"--budget-s {budget_s}: must be positive")
     if out.exists() and not out.is_dir():
@@ -273,6 +276,7 @@ def run_mission(
         "seed": seed,
         "budget_s": budget_s,
         "generation": generation,
+        "segment_s": segment_s,
         "stages": {},
         "stage_seconds": {},
     }
@@ -283,6 +287,10 @@ def run_mission(
     orbit = scenario_summary(profile, seed)
     curve = orbit.pop("_curve")
     pass_slots = orbit["pass_slots"]
+    if segment_s is not None:
+        if segment_s > orbit["pass_seconds"]:
+            raise BadInput(f"--segment-s {segment_s}: the pass lasts {orbit['pass_seconds']} s")
+        pass_slots = int(segment_s * float(profile["source"]["slot_rate_hz"]))
     stages["orbit"] = orbit
     seconds["orbit"] = round(time.perf_counter() - t, 3)
 
