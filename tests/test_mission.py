@@ -217,3 +217,26 @@ def test_head_generation_on_qemu(tmp_path):
     fw = summary["stages"]["firmware"]
     assert fw["firmware"].endswith("qemu") and fw["pattern_log"]["equals_emitted"] is True
     assert fw["generator"]["frames"] == 100_000_000 // 4096
+
+
+def test_head_generation_is_refused_by_a_head_without_a_generator():
+    """Over the ground link: an unknown generation mode is refused naming the field; a
+    head without the generator block refuses start, and nothing is logged as sent."""
+    from emulator.optical_head import HeadServer, OpticalHead
+    from emulator.payload_run import payload_session
+    from host.link.client import CommandRejected
+    from host.mission.run import sequencer_config
+    from host.simulate import profiles
+
+    config = sequencer_config(profiles.load("micius-2017", {}), "head")
+    with HeadServer(OpticalHead(seed=2)) as server:
+        with payload_session("unix", server.address) as (target, payload):
+            with pytest.raises(CommandRejected, match="pattern_generation"):
+                payload.configure({**config, "pattern_generation": "fpga"})
+            payload.configure(config)
+            with pytest.raises(CommandRejected, match="GEN_CTRL"):
+                payload.start()
+            mission = payload.housekeeping()["mission"]
+            assert mission["pass_running"] is False and mission["generation"] == "head"
+            names = [entry.name for entry in payload.list_products()]
+    assert "patterns.qrec" not in names
