@@ -74,8 +74,8 @@ def write(out: Path, summary: dict, curve: dict, scenario) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(13, 8.5))
-    grid = fig.add_gridspec(2, 3, height_ratios=[1, 0.8])
+    fig = plt.figure(figsize=(13, 6.8))
+    grid = fig.add_gridspec(2, 3, height_ratios=[1, 0.42])
     axes = [fig.add_subplot(grid[0, i]) for i in range(3)]
     stages = summary["stages"]
     ax = axes[0]
@@ -183,9 +183,14 @@ def _summary_lines(summary: dict) -> list[str]:
     if "distil" in s:
         d = s["distil"]
         qber = d["qber"] if d["qber"] is not None else d["qber_sifted"]
+        if isinstance(qber, dict):
+            qber_text = ", ".join(f"{b} {100 * q:.2f} %" for b, q in qber.items() if q is not None)
+        else:
+            qber_text = "-" if qber is None else f"{100 * qber:.2f} %"
+        assigned = d["sync_assigned_fraction"]
         lines.append(
-            f"distil    sifted {d['sifted_bits']} ({d['sifted_by_basis']}), QBER"
-            f" {json.dumps(qber)}, sync assigned {d['sync_assigned_fraction']}"
+            f"distil    sifted {d['sifted_bits']} ({d['sifted_by_basis']}), QBER {qber_text},"
+            f" time sync assigned {'-' if assigned is None else f'{100 * assigned:.1f} %'}"
         )
         if d["aborted"]:
             lines.append(f"          no key: {d['abort_reason']}")
