@@ -208,7 +208,10 @@ class QemuTarget(Target):
     def command(self) -> list[str]:
         image = require(self.image, "QEMU firmware image")
         bus = (
-            f"tcp:{self.bus_address[0]}:{self.bus_address[1]}" if self.bus_address else "null"
+            # nodelay: a bus round trip per frame (lockstep) must not wait for Nagle.
+            f"tcp:{self.bus_address[0]}:{self.bus_address[1]},nodelay=on"
+            if self.bus_address
+            else "null"
         )
         cmd = [
             QEMU_BIN,
