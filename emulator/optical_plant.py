@@ -49,7 +49,9 @@ MRAD = 1e-3
 
 # Payload-bus bodies of the lockstep exchange (docs/tracking.md "Lockstep link").
 # Firmware -> plant: 'S' start (no command applied) or 'C' command for one step.
-COMMAND_FORMAT = "<cIiiiiiiBB"  # tag, step, fsm x/y nrad, coarse rate x/y urad/s, pa x/y, state, flags
+COMMAND_FORMAT = (
+    "<cIiiiiiiBB"  # tag, step, fsm x/y nrad, coarse rate x/y urad/s, pa x/y, state, flags
+)
 COMMAND_BYTES = struct.calcsize(COMMAND_FORMAT)
 # Plant -> firmware: 'M' measurement at the start of a step.
 MEASUREMENT_FORMAT = "<cIHHHHBiiiii"  # tag, step, A,B,C,D, cam_new, cam x/y, cam signal, enc x/y

@@ -252,7 +252,7 @@ def _poly_add(a, b):
     n = max(len(a), len(b))
     a = a + [0.0] * (n - len(a))
     b = b + [0.0] * (n - len(b))
-    return [x + y for x, y in zip(a, b)]
+    return [a[i] + b[i] for i in range(n)]
 
 
 def fine_loop_polynomial(kp, ki, kii, kd):
@@ -347,7 +347,11 @@ def validate(config, hardware=None):
     )
     need(ko <= 15.0, "offload_gain_per_s", "above 15/s: does not fit the Q16 fixed point")
     need(0.0 < c["open_loop_gain_per_s"] <= 50.0, "open_loop_gain_per_s", "must be in (0, 50]")
-    need(0.0 < c["settle_urad"] < c["scan_pitch_urad"], "settle_urad", "must be below the scan pitch")
+    need(
+        0.0 < c["settle_urad"] < c["scan_pitch_urad"],
+        "settle_urad",
+        "must be below the scan pitch",
+    )
     pitch = c["scan_pitch_urad"]
     need(
         0.0 < pitch <= 1.8 * hw["camera_field_urad"],
@@ -781,7 +785,7 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
                 radius_max = cfg[_K_REACQ_RADIUS]
                 max_scans = cfg[_K_MAX_REACQ]
             phase = st[_S_PHASE]
-            r = (((cfg[_K_SCAN_PITCH] >> 4) * (phase >> 8)) >> 4)
+            r = ((cfg[_K_SCAN_PITCH] >> 4) * (phase >> 8)) >> 4
             if r > radius_max:
                 phase = 0
                 r = 0
@@ -903,8 +907,8 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
         # Offload the mirror's deflection to the coarse axis, with the prediction's rate
         # and the predictor's bias rate fed forward.
         ko = cfg[_K_KO]
-        bias_rate_x = ((((bdx >> 8) * spm) >> 16)) >> 8
-        bias_rate_y = ((((bdy >> 8) * spm) >> 16)) >> 8
+        bias_rate_x = (((bdx >> 8) * spm) >> 16) >> 8
+        bias_rate_y = (((bdy >> 8) * spm) >> 16) >> 8
         rate_x = vff_x + bias_rate_x + ((fsm_x * ko) >> 16)
         rate_y = vff_y + bias_rate_y + ((fsm_y * ko) >> 16)
 

@@ -97,9 +97,7 @@ def encode_samples(samples: np.ndarray, period_us: int, decimation: int) -> byte
 
 def encode_transitions(transitions: list[Transition], period_us: int) -> bytes:
     head = HEADER.pack(VERSION, SUBTYPE_TRANSITIONS, len(transitions), period_us, 0)
-    return head + b"".join(
-        TRANSITION.pack(t.step, t.old, t.new, t.reason, 0) for t in transitions
-    )
+    return head + b"".join(TRANSITION.pack(t.step, t.old, t.new, t.reason, 0) for t in transitions)
 
 
 # The record container is the storage's format; these two helpers stand in until the

@@ -1,7 +1,6 @@
 # Tracking loop (firmware/payload/tracking.py) on the real targets: configuration refusal,
 # allocation-free step through every state, transitions logged with reasons.
 import micropython
-
 from payload import tracking
 
 # A straight pass: 15 mrad/s along x, point-ahead -50 urad.
