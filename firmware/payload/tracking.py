@@ -867,18 +867,29 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
             i2y = (st[_S_I2Y] ^ m) - m
             dex = int(_clamp(ex - ((st[_S_EPX] ^ m) - m), _E_CLAMP))
             dey = int(_clamp(ey - ((st[_S_EPY] ^ m) - m), _E_CLAMP))
-            ux = ((kp * ex) >> 12) + (ix >> 8) + (i2x >> 8) + ((kd * dex) >> 12)
-            uy = ((kp * ey) >> 12) + (iy >> 8) + (i2y >> 8) + ((kd * dey) >> 12)
-            if not ((ux >= limit and ex > 0) or (ux <= 0 - limit and ex < 0)):
-                jx = int(_clamp(((st[_S_JX] ^ m) - m) + ex, _J_CLAMP))
+            # Integrate first so u_k contains e_k in every term (the form the validator
+            # checks); keep the new integrator values only if the mirror is not driven
+            # further into its limit (conditional integration).
+            jx = int(_clamp(((st[_S_JX] ^ m) - m) + ex, _J_CLAMP))
+            jy = int(_clamp(((st[_S_JY] ^ m) - m) + ey, _J_CLAMP))
+            nix = int(_clamp(ix + ((ki * ex) >> 4), limit << 8))
+            niy = int(_clamp(iy + ((ki * ey) >> 4), limit << 8))
+            ni2x = int(_clamp(i2x + ((kii * jx) >> 4), limit << 8))
+            ni2y = int(_clamp(i2y + ((kii * jy) >> 4), limit << 8))
+            ux = ((kp * ex) >> 12) + (nix >> 8) + (ni2x >> 8) + ((kd * dex) >> 12)
+            uy = ((kp * ey) >> 12) + (niy >> 8) + (ni2y >> 8) + ((kd * dey) >> 12)
+            if (ux >= limit and ex > 0) or (ux <= 0 - limit and ex < 0):
+                ux = ((kp * ex) >> 12) + (ix >> 8) + (i2x >> 8) + ((kd * dex) >> 12)
+            else:
+                ix = nix
+                i2x = ni2x
                 st[_S_JX] = jx
-                ix = int(_clamp(ix + ((ki * ex) >> 4), limit << 8))
-                i2x = int(_clamp(i2x + ((kii * jx) >> 4), limit << 8))
-            if not ((uy >= limit and ey > 0) or (uy <= 0 - limit and ey < 0)):
-                jy = int(_clamp(((st[_S_JY] ^ m) - m) + ey, _J_CLAMP))
+            if (uy >= limit and ey > 0) or (uy <= 0 - limit and ey < 0):
+                uy = ((kp * ey) >> 12) + (iy >> 8) + (i2y >> 8) + ((kd * dey) >> 12)
+            else:
+                iy = niy
+                i2y = ni2y
                 st[_S_JY] = jy
-                iy = int(_clamp(iy + ((ki * ey) >> 4), limit << 8))
-                i2y = int(_clamp(i2y + ((kii * jy) >> 4), limit << 8))
             st[_S_IX] = ix
             st[_S_IY] = iy
             st[_S_I2X] = i2x
