@@ -695,8 +695,16 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
         gain = cfg[_K_QPD_GAIN]
         ex = int(_qpd_error((qb + qd) - (qa + qc), signal, gain))
         ey = int(_qpd_error((qa + qb) - (qc + qd), signal, gain))
-        ex = int(_clamp(ex, _E_CLAMP))
-        ey = int(_clamp(ey, _E_CLAMP))
+        ex = ex
+        if ex > _E_CLAMP:
+            ex = _E_CLAMP
+        elif ex < 0 - _E_CLAMP:
+            ex = 0 - _E_CLAMP
+        ey = ey
+        if ey > _E_CLAMP:
+            ey = _E_CLAMP
+        elif ey < 0 - _E_CLAMP:
+            ey = 0 - _E_CLAMP
         st[_S_QPD_RUN] = st[_S_QPD_RUN] + 1
         st[_S_QPD_MISS] = 0
     else:
@@ -718,6 +726,7 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
     fsm_prev_x = (io[IO_FSM_X] ^ m) - m  # the command applied while this sample was taken
     fsm_prev_y = (io[IO_FSM_Y] ^ m) - m
     limit = cfg[_K_FSM_LIMIT]
+    ilim = limit << 8  # integrator bound, Q8
     bias_x = ((st[_S_BX] ^ m) - m) >> 6
     bias_y = ((st[_S_BY] ^ m) - m) >> 6
 
@@ -849,12 +858,28 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
         if state == FINE and fine_ok:
             # Residual of the measured LOS (encoder + mirror + error) against the
             # predicted one: alpha-beta update of the bias and its rate.
-            rx = int(_clamp(enc_x + fsm_prev_x + ex - pred_x - (bx >> 6), _E_CLAMP))
-            ry = int(_clamp(enc_y + fsm_prev_y + ey - pred_y - (by >> 6), _E_CLAMP))
+            rx = enc_x + fsm_prev_x + ex - pred_x - (bx >> 6)
+            if rx > _E_CLAMP:
+                rx = _E_CLAMP
+            elif rx < 0 - _E_CLAMP:
+                rx = 0 - _E_CLAMP
+            ry = enc_y + fsm_prev_y + ey - pred_y - (by >> 6)
+            if ry > _E_CLAMP:
+                ry = _E_CLAMP
+            elif ry < 0 - _E_CLAMP:
+                ry = 0 - _E_CLAMP
             bx += (alpha * rx) >> 10
             by += (alpha * ry) >> 10
-            bdx = int(_clamp(bdx + beta * rx, 1 << 29))
-            bdy = int(_clamp(bdy + beta * ry, 1 << 29))
+            bdx = bdx + beta * rx
+            if bdx > (1 << 29):
+                bdx = 1 << 29
+            elif bdx < 0 - (1 << 29):
+                bdx = 0 - (1 << 29)
+            bdy = bdy + beta * ry
+            if bdy > (1 << 29):
+                bdy = 1 << 29
+            elif bdy < 0 - (1 << 29):
+                bdy = 0 - (1 << 29)
             # PID plus a second integrator (type 2: rejects the coarse axis' ramp and
             # low-frequency vibration as f^2), conditional integration as anti-windup.
             kp = cfg[_K_KP]
@@ -865,17 +890,49 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
             iy = (st[_S_IY] ^ m) - m
             i2x = (st[_S_I2X] ^ m) - m
             i2y = (st[_S_I2Y] ^ m) - m
-            dex = int(_clamp(ex - ((st[_S_EPX] ^ m) - m), _E_CLAMP))
-            dey = int(_clamp(ey - ((st[_S_EPY] ^ m) - m), _E_CLAMP))
+            dex = ex - ((st[_S_EPX] ^ m) - m)
+            if dex > _E_CLAMP:
+                dex = _E_CLAMP
+            elif dex < 0 - _E_CLAMP:
+                dex = 0 - _E_CLAMP
+            dey = ey - ((st[_S_EPY] ^ m) - m)
+            if dey > _E_CLAMP:
+                dey = _E_CLAMP
+            elif dey < 0 - _E_CLAMP:
+                dey = 0 - _E_CLAMP
             # Integrate first so u_k contains e_k in every term (the form the validator
             # checks); keep the new integrator values only if the mirror is not driven
             # further into its limit (conditional integration).
-            jx = int(_clamp(((st[_S_JX] ^ m) - m) + ex, _J_CLAMP))
-            jy = int(_clamp(((st[_S_JY] ^ m) - m) + ey, _J_CLAMP))
-            nix = int(_clamp(ix + ((ki * ex) >> 4), limit << 8))
-            niy = int(_clamp(iy + ((ki * ey) >> 4), limit << 8))
-            ni2x = int(_clamp(i2x + ((kii * jx) >> 4), limit << 8))
-            ni2y = int(_clamp(i2y + ((kii * jy) >> 4), limit << 8))
+            jx = ((st[_S_JX] ^ m) - m) + ex
+            if jx > _J_CLAMP:
+                jx = _J_CLAMP
+            elif jx < 0 - _J_CLAMP:
+                jx = 0 - _J_CLAMP
+            jy = ((st[_S_JY] ^ m) - m) + ey
+            if jy > _J_CLAMP:
+                jy = _J_CLAMP
+            elif jy < 0 - _J_CLAMP:
+                jy = 0 - _J_CLAMP
+            nix = ix + ((ki * ex) >> 4)
+            if nix > ilim:
+                nix = ilim
+            elif nix < 0 - ilim:
+                nix = 0 - ilim
+            niy = iy + ((ki * ey) >> 4)
+            if niy > ilim:
+                niy = ilim
+            elif niy < 0 - ilim:
+                niy = 0 - ilim
+            ni2x = i2x + ((kii * jx) >> 4)
+            if ni2x > ilim:
+                ni2x = ilim
+            elif ni2x < 0 - ilim:
+                ni2x = 0 - ilim
+            ni2y = i2y + ((kii * jy) >> 4)
+            if ni2y > ilim:
+                ni2y = ilim
+            elif ni2y < 0 - ilim:
+                ni2y = 0 - ilim
             ux = ((kp * ex) >> 12) + (nix >> 8) + (ni2x >> 8) + ((kd * dex) >> 12)
             uy = ((kp * ey) >> 12) + (niy >> 8) + (ni2y >> 8) + ((kd * dey) >> 12)
             if (ux >= limit and ex > 0) or (ux <= 0 - limit and ex < 0):
@@ -896,13 +953,29 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
             st[_S_I2Y] = i2y
             st[_S_EPX] = ex
             st[_S_EPY] = ey
-            fsm_x = int(_clamp(ux, limit))
-            fsm_y = int(_clamp(uy, limit))
+            fsm_x = ux
+            if fsm_x > limit:
+                fsm_x = limit
+            elif fsm_x < 0 - limit:
+                fsm_x = 0 - limit
+            fsm_y = uy
+            if fsm_y > limit:
+                fsm_y = limit
+            elif fsm_y < 0 - limit:
+                fsm_y = 0 - limit
         else:
             # No beacon this sample: point the mirror where the predictor says the
             # beacon is, and keep the integrator there so the return is bumpless.
-            fsm_x = int(_clamp(pred_x + (bx >> 6) - enc_x, limit))
-            fsm_y = int(_clamp(pred_y + (by >> 6) - enc_y, limit))
+            fsm_x = pred_x + (bx >> 6) - enc_x
+            if fsm_x > limit:
+                fsm_x = limit
+            elif fsm_x < 0 - limit:
+                fsm_x = 0 - limit
+            fsm_y = pred_y + (by >> 6) - enc_y
+            if fsm_y > limit:
+                fsm_y = limit
+            elif fsm_y < 0 - limit:
+                fsm_y = 0 - limit
             st[_S_IX] = fsm_x << 8
             st[_S_IY] = fsm_y << 8
             st[_S_I2X] = 0
@@ -926,8 +999,16 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
     rate_limit = cfg[_K_RATE_LIMIT]
     io[IO_FSM_X] = fsm_x
     io[IO_FSM_Y] = fsm_y
-    io[IO_RATE_X] = int(_clamp(rate_x, rate_limit))
-    io[IO_RATE_Y] = int(_clamp(rate_y, rate_limit))
+    if rate_x > rate_limit:
+        rate_x = rate_limit
+    elif rate_x < 0 - rate_limit:
+        rate_x = 0 - rate_limit
+    if rate_y > rate_limit:
+        rate_y = rate_limit
+    elif rate_y < 0 - rate_limit:
+        rate_y = 0 - rate_limit
+    io[IO_RATE_X] = rate_x
+    io[IO_RATE_Y] = rate_y
     if state == IDLE:
         pa_x = 0
         pa_y = 0
