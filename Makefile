@@ -12,7 +12,12 @@ VENV := $(ROOT)/.venv
 PY := $(VENV)/bin/python
 MPY_SRC := $(ROOT)/build/micropython-$(MPY_UPSTREAM_VERSION)
 BIN := $(ROOT)/build/bin
-QEMU_BUILD := $(ROOT)/build/qemu
+QEMU_BUILD ?= $(ROOT)/build/qemu
+FIRMWARE_MANIFEST ?= $(ROOT)/firmware/boards/qemu/manifest.py
+
+# MicroPython names its version after `git describe`; keep git from finding this project's
+# repository above the unpacked source, so builds say v1.25.0 rather than our commit.
+export GIT_CEILING_DIRECTORIES := $(ROOT)/build
 
 # MicroPython's build needs a micropython-lib folder; Debian's source strips it.
 MPY_LIB_DIR := $(MPY_SRC)/lib/micropython-lib
@@ -79,7 +84,7 @@ firmware: $(BIN)/mpy-cross
 		MICROPY_HEAP_SIZE=$(CONTROLLER_HEAP_BYTES) \
 		LDSCRIPT=$(ROOT)/firmware/boards/qemu/mps2_an385.ld \
 		"CFLAGS_EXTRA=-D'mp_hal_time_ns()=(0ULL)'" \
-		FROZEN_MANIFEST=$(ROOT)/firmware/boards/qemu/manifest.py
+		FROZEN_MANIFEST=$(FIRMWARE_MANIFEST)
 
 clean:
 	rm -rf build/qemu build/mission .pytest_cache

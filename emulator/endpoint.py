@@ -50,9 +50,9 @@ class FrameEndpoint:
                 continue
             self.connections += 1
             with conn:
-                conn.settimeout(0.1)
-                # Small request/reply frames: Nagle + delayed ACK would add ~40 ms each.
+                # Request/reply traffic: Nagle + delayed ACK would add ~40 ms per reply.
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.settimeout(0.1)
                 while not self._stop.is_set():
                     try:
                         chunk = conn.recv(65536)

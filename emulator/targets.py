@@ -247,7 +247,9 @@ class QemuTarget(Target):
                 self.ground_port = match.group(1).decode()
                 return
         self.stop()
-        raise TargetError(f"QEMU did not open its ground-link pty: {seen.decode(errors='replace')}")
+        raise TargetError(
+            f"QEMU did not open its ground-link pty: {seen.decode(errors='replace')}"
+        )
 
     def stderr_text(self) -> str:
         return ""

@@ -75,4 +75,4 @@ class MicroPythonItem(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.path, None, f"{self.path.name}::{self.name}"
+        return self.path, self.parent._spec.test_lines[self.test_name], self.name

@@ -41,6 +41,7 @@ class FileSpec:
     path: Path
     source: str
     test_names: list[str]
+    test_lines: dict[str, int]
     targets: tuple[str, ...]
     targets_reason: str | None
     icount_shift: int | None
@@ -55,11 +56,13 @@ class FileResult:
 def parse_spec(path: Path) -> FileSpec:
     source = path.read_text()
     tree = ast.parse(source, filename=str(path))
-    names = [
-        node.name
+    tests = [
+        node
         for node in tree.body
         if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
     ]
+    names = [node.name for node in tests]
+    lines = {node.name: node.lineno - 1 for node in tests}
     constants = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
@@ -74,7 +77,9 @@ def parse_spec(path: Path) -> FileSpec:
     reason = constants.get("TARGETS_REASON")
     if set(targets) != set(ALL_TARGETS) and not reason:
         raise ValueError(f"{path}: TARGETS narrows the targets but TARGETS_REASON says not why")
-    return FileSpec(path, source, names, targets, reason, constants.get("QEMU_ICOUNT_SHIFT"))
+    return FileSpec(
+        path, source, names, lines, targets, reason, constants.get("QEMU_ICOUNT_SHIFT")
+    )
 
 
 def build_program(spec: FileSpec) -> str:

@@ -3,8 +3,8 @@
 
 import pytest
 
-from host.smoke import run_smoke
 from emulator.targets import firmware_version
+from host.smoke import run_smoke
 
 
 @pytest.mark.parametrize("target", ["unix", "qemu"])

@@ -1,6 +1,5 @@
 # Firmware framing (COBS + CRC-16) against the golden vectors the host's twin also passes.
 import micropython
-
 from payload import framing
 
 

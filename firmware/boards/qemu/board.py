@@ -35,6 +35,7 @@ _UART_CTRL = const(2)
 _UART_BAUDDIV = const(4)
 _STATE_TX_FULL = const(1)
 _STATE_RX_FULL = const(2)
+_RX_SPIN = const(400)  # status polls to wait for the next byte of a burst
 
 STORAGE_ROOT = "/flash"
 
@@ -60,13 +61,20 @@ class Uart:
 
 @micropython.viper
 def _uart_readinto(base: int, buf: ptr8, length: int) -> int:
+    # Once a byte has come, wait a little for the next one (a byte time at 1 Mbaud is
+    # ~250 cycles): returning after every byte would cost a Python call per byte.
     regs = ptr32(base)
     count = 0
+    spin = 0
     while count < length:
         if not (regs[_UART_STATE] & _STATE_RX_FULL):
-            break
+            if count == 0 or spin >= _RX_SPIN:
+                break
+            spin += 1
+            continue
         buf[count] = regs[_UART_DATA]
         count += 1
+        spin = 0
     return count
 
 

@@ -1,0 +1,393 @@
+"""The emulated optical head: the hardware at the far end of the payload bus.
+
+It serves payload-bus requests (host/protocol/payload_bus.py, docs/payload-bus.md) from a
+register file, and models:
+
+- a laser driver with a double-buffered pattern RAM: the controller writes the back bank
+  and commits it for frame n; at each frame boundary the head swaps it in and emits one
+  symbol per slot. It records what it emitted (`emitted`) and the frames it had to emit
+  blank because nothing was committed in time (`blank_frames`).
+- a QRNG (seeded, reproducible);
+- a TDC whose FIFO holds events (u8 channel, u64 time_ps on the local TDC clock): PPS,
+  sync, beacon pulse, uplink detectors 0-3. Everything generated is kept in `tdc_truth`;
+  events that found the FIFO full are counted (REG_TDC_OVERFLOW) and kept in `tdc_lost`.
+- housekeeping sensors (laser power, temperatures).
+
+Time is virtual (integer picoseconds), so a "100 MHz" source runs on any host. Two pacings:
+- lockstep (`time_scale=None`, REG_TIME_SCALE_PPM = 0): the clock waits for the controller.
+  It advances to the next frame boundary when the controller polls REG_FRAME_COUNT with the
+  back bank full, or polls REG_LASER_ACTIVE while the laser is stopping. Deterministic:
+  TDC overflow or underrun then depend only on the controller's work per frame.
+- scaled real time (`time_scale=s`): virtual time = s * wall time since start, checked at
+  every request; a controller that is too slow sees blank frames, as on hardware.
+
+The local TDC clock runs as `local_ps = clock_offset_ps + true_ps * (1 + drift_ppb/1e9)`;
+PPS events mark true multiples of `pps_period_ps` (1 s on the real thing; shorter in tests
+so a few milliseconds of virtual time hold many PPS edges).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import random
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from emulator.endpoint import FrameEndpoint
+from host.protocol import payload_bus as pb
+
+MAX_FRAME_SLOTS = 4096
+PS_PER_S = 10**12
+CH_PPS, CH_SYNC, CH_BEACON, CH_UPLINK0 = 0, 1, 2, 3
+REG_LASER_ACTIVE = pb.REG_LASER_ACTIVE
+
+
+@dataclass
+class EmittedFrame:
+    frame_number: int
+    first_slot: int
+    slot_count: int
+    nibbles: bytes  # slot 2k in the low nibble of byte k (docs/formats.md)
+
+
+@dataclass
+class TdcSources:
+    """Event rates on the TDC channels (per second of true time)."""
+
+    sync_rate_hz: float = 0.0
+    beacon_rate_hz: float = 0.0
+    uplink_rate_hz: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass
+class OpticalHead:
+    seed: int = 1
+    time_scale: float | None = None  # None: lockstep
+    fifo_depth: int = 4096
+    sources: TdcSources = field(default_factory=TdcSources)
+    pps_period_ps: int = PS_PER_S
+    clock_offset_ps: int = 0
+    clock_drift_ppb: int = 0
+    laser_power_uw: int = 1500
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rng = np.random.default_rng(self.seed)
+        self._qrng = random.Random(self.seed ^ 0x5152)
+        self.now_ps = 0
+        self._wall0 = time.monotonic()
+        self.regs: dict[int, int] = {
+            pb.REG_ID: pb.HEAD_ID,
+            pb.REG_VERSION: pb.HEAD_VERSION,
+            pb.REG_TIME_SCALE_PPM: 0 if self.time_scale is None else round(self.time_scale * 1e6),
+            pb.REG_LASER_CTRL: 0,
+            pb.REG_FRAME_SLOTS: 1024,
+            pb.REG_SLOT_RATE_HZ: 100_000_000,
+            pb.REG_QRNG_CTRL: 0,
+            pb.REG_TDC_CTRL: 0,
+        }
+        self.frame_count = 0  # boundaries processed = the frame the back bank may hold
+        self.back = bytearray(MAX_FRAME_SLOTS // 2)
+        self.back_committed: int | None = None
+        self.last_commit = 0xFFFFFFFF
+        self.tdc_delivered = 0
+        self.current: EmittedFrame | None = None
+        self.laser_active = False
+        self.emitted: list[EmittedFrame] = []
+        self.blank_frames: list[int] = []
+        self.fifo: collections.deque[tuple[int, int]] = collections.deque()
+        self.tdc_truth: list[tuple[int, int]] = []
+        self.tdc_lost: list[tuple[int, int]] = []
+        self.tdc_lost_index: set[int] = set()  # positions in tdc_truth
+        self.tdc_overflow = 0
+        self.qrng_bytes = 0
+        self.qrng_log = bytearray()  # every QRNG byte handed out, for checks
+        self.bad_requests = 0
+        self.requests = 0
+        self.reader = None  # the endpoint's FrameReader, for REG_BUS_ERRORS
+
+    # ------------------------------------------------------------------ time
+
+    def frame_period_ps(self) -> float:
+        return self.regs[pb.REG_FRAME_SLOTS] * PS_PER_S / self.regs[pb.REG_SLOT_RATE_HZ]
+
+    def boundary_ps(self, k: int) -> int:
+        return k * self.regs[pb.REG_FRAME_SLOTS] * PS_PER_S // self.regs[pb.REG_SLOT_RATE_HZ]
+
+    def local_ps(self, true_ps: int) -> int:
+        return self.clock_offset_ps + true_ps + true_ps * self.clock_drift_ppb // 10**9
+
+    def advance_to(self, t_ps: int) -> None:
+        """Run the hardware up to virtual time t_ps (boundaries at exactly t_ps included)."""
+        while True:
+            boundary = self.boundary_ps(self.frame_count)
+            if boundary > t_ps:
+                break
+            self._tdc_until(boundary)
+            self._frame_boundary()
+        self._tdc_until(t_ps)
+
+    def _frame_boundary(self) -> None:
+        k = self.frame_count
+        if self.regs[pb.REG_LASER_CTRL] & 1:
+            slots = self.regs[pb.REG_FRAME_SLOTS]
+            if self.back_committed == k:
+                frame = EmittedFrame(k, k * slots, slots, bytes(self.back[: slots // 2]))
+                self.emitted.append(frame)
+                self.current = frame
+            else:
+                self.blank_frames.append(k)  # the laser stays dark: never a stale pattern
+                self.current = None
+            self.laser_active = True
+        else:
+            self.laser_active = False
+            self.current = None
+        self.back_committed = None
+        self.frame_count = k + 1
+
+    def _tdc_until(self, t_ps: int) -> None:
+        start = self.now_ps
+        if t_ps <= start:
+            return
+        self.now_ps = t_ps
+        if not self.regs[pb.REG_TDC_CTRL] & 1:
+            return
+        events: list[tuple[int, int]] = []
+        # PPS on true multiples of the period, in (start, t_ps]
+        period = self.pps_period_ps
+        first = start // period + 1
+        for m in range(first, t_ps // period + 1):
+            events.append((m * period, CH_PPS))
+        src = self.sources
+        if src.sync_rate_hz:
+            step = PS_PER_S / src.sync_rate_hz
+            m0 = math.floor(start / step) + 1
+            m = m0
+            while m * step <= t_ps:
+                events.append((round(m * step), CH_SYNC))
+                m += 1
+        rates = [(CH_BEACON, src.beacon_rate_hz)] + [
+            (CH_UPLINK0 + i, r) for i, r in enumerate(src.uplink_rate_hz)
+        ]
+        span = t_ps - start
+        for channel, rate in rates:
+            if rate <= 0:
+                continue
+            n = self._rng.poisson(rate * span / PS_PER_S)
+            if n:
+                times = start + 1 + self._rng.integers(0, span, size=n)
+                events.extend((int(t), channel) for t in times)
+        events.sort()
+        for true_ps, channel in events:
+            event = (channel, self.local_ps(true_ps))
+            self.tdc_truth.append(event)
+            if len(self.fifo) >= self.fifo_depth:
+                self.tdc_overflow += 1
+                self.tdc_lost.append(event)
+                self.tdc_lost_index.add(len(self.tdc_truth) - 1)
+            else:
+                self.fifo.append(event)
+
+    def _wall_advance(self) -> None:
+        if self.time_scale is not None:
+            elapsed_s = time.monotonic() - self._wall0
+            self.advance_to(int(elapsed_s * self.time_scale * PS_PER_S))
+
+    def stall(self, frames: int) -> None:
+        """Let `frames` frame periods pass at once, as if the controller had hung: the
+        frames it could not fill go out blank (tests of late-controller handling)."""
+        with self._lock:
+            self.advance_to(self.boundary_ps(self.frame_count + frames - 1))
+
+    def finish(self) -> None:
+        """Run to the end of the frame being emitted (end-of-test flush)."""
+        with self._lock:
+            self.advance_to(self.boundary_ps(self.frame_count) - 1)
+
+    # ------------------------------------------------------------------ registers
+
+    def read_reg(self, addr: int) -> int:
+        if addr == pb.REG_BUS_ERRORS:
+            drops = self.reader.dropped if self.reader is not None else 0
+            return (drops + self.bad_requests) & 0xFFFFFFFF
+        if addr == pb.REG_TIME_PS_LO:
+            return self.now_ps & 0xFFFFFFFF
+        if addr == pb.REG_TIME_PS_HI:
+            return (self.now_ps >> 32) & 0xFFFFFFFF
+        if addr == pb.REG_FRAME_COUNT:
+            return self.frame_count
+        if addr == pb.REG_BACK_STATE:
+            return 0 if self.back_committed is None else 1
+        if addr == pb.REG_FRAMES_EMITTED:
+            return len(self.emitted)
+        if addr == pb.REG_UNDERRUNS:
+            return len(self.blank_frames)
+        if addr == pb.REG_LAST_COMMIT:
+            return self.last_commit
+        if addr == pb.REG_TDC_DELIVERED:
+            return self.tdc_delivered & 0xFFFFFFFF
+        if addr == REG_LASER_ACTIVE:
+            return int(self.laser_active)
+        if addr == pb.REG_QRNG_BYTES:
+            return self.qrng_bytes & 0xFFFFFFFF
+        if addr == pb.REG_TDC_LEVEL:
+            return len(self.fifo)
+        if addr == pb.REG_TDC_DEPTH:
+            return self.fifo_depth
+        if addr == pb.REG_TDC_OVERFLOW:
+            return self.tdc_overflow & 0xFFFFFFFF
+        if addr == pb.REG_TDC_EVENTS:
+            return len(self.tdc_truth) & 0xFFFFFFFF
+        if pb.REG_HK_LASER_POWER_UW <= addr <= pb.REG_HK_TEMP_BOARD_MC:
+            return self._housekeeping(addr)
+        if addr in self.regs:
+            return self.regs[addr]
+        raise KeyError(addr)
+
+    def _housekeeping(self, addr: int) -> int:
+        t_s = self.now_ps / PS_PER_S
+        if addr == pb.REG_HK_LASER_POWER_UW:
+            return self.laser_power_uw if self.laser_active else 0
+        base = {
+            pb.REG_HK_TEMP_LASER_MC: 25_000,
+            pb.REG_HK_TEMP_TDC_MC: 31_000,
+            pb.REG_HK_TEMP_BOARD_MC: -5_000,
+        }[addr]
+        value = base + round(500 * math.sin(2 * math.pi * t_s / 600))
+        return value & 0xFFFFFFFF
+
+    def write_reg(self, addr: int, value: int) -> int:
+        if addr == pb.REG_COMMIT:
+            if self.back_committed is not None or value != self.frame_count:
+                return pb.E_REFUSED  # too late for that frame, or the bank is full
+            self.back_committed = value
+            self.last_commit = value
+            return pb.OK
+        if addr in (pb.REG_FRAME_SLOTS, pb.REG_SLOT_RATE_HZ):
+            if self.regs[pb.REG_LASER_CTRL] & 1 or self.laser_active:
+                return pb.E_REFUSED  # the slot clock cannot change while emitting
+            bad_slots = not (2 <= value <= MAX_FRAME_SLOTS and value % 2 == 0)
+            if addr == pb.REG_FRAME_SLOTS and bad_slots:
+                return pb.E_REFUSED
+            if addr == pb.REG_SLOT_RATE_HZ and value == 0:
+                return pb.E_REFUSED
+            # keep frame numbering continuous in time: frames restart at the next boundary
+            old_boundary = self.boundary_ps(self.frame_count)
+            self.regs[addr] = value
+            while self.boundary_ps(self.frame_count) < max(old_boundary, self.now_ps):
+                self.frame_count += 1
+            return pb.OK
+        if addr in (pb.REG_LASER_CTRL, pb.REG_QRNG_CTRL, pb.REG_TDC_CTRL):
+            self.regs[addr] = value
+            return pb.OK
+        if addr in self.regs or addr in (pb.REG_FRAME_COUNT, pb.REG_TDC_OVERFLOW):
+            return pb.E_READ_ONLY
+        return pb.E_BAD_ADDRESS
+
+    # ------------------------------------------------------------------ bus
+
+    def handle(self, body: bytes) -> bytes | None:
+        """Serve one request body; malformed ones are counted and answered with a status."""
+        with self._lock:
+            self.requests += 1
+            try:
+                request = pb.unpack_request(body)
+            except pb.BusProtocolError:
+                self.bad_requests += 1
+                if len(body) >= 2 and not body[0] & pb.REPLY_FLAG:
+                    known = body[0] in (pb.OP_READ, pb.OP_WRITE, pb.OP_FIFO_READ, pb.OP_MEM_WRITE)
+                    return pb.error_reply(body, pb.E_BAD_LENGTH if known else pb.E_UNKNOWN_OP)
+                return None
+            self._wall_advance()
+            return self._serve(request).pack()
+
+    def _serve(self, req: pb.Request) -> pb.Reply:
+        if req.op == pb.OP_READ:
+            addrs = range(req.addr, req.addr + req.count)
+            if self.time_scale is None:
+                self._lockstep(addrs)
+            try:
+                words = tuple(self.read_reg(a) for a in addrs)
+            except KeyError:
+                return pb.Reply(req.op, req.tag, pb.E_BAD_ADDRESS)
+            return pb.Reply(req.op, req.tag, pb.OK, req.addr, words)
+        if req.op == pb.OP_WRITE:
+            for i, value in enumerate(req.words):
+                status = self.write_reg(req.addr + i, value)
+                if status != pb.OK:
+                    return pb.Reply(req.op, req.tag, status)
+            return pb.Reply(req.op, req.tag, pb.OK)
+        if req.op == pb.OP_FIFO_READ:
+            if req.addr == pb.FIFO_QRNG:
+                if not self.regs[pb.REG_QRNG_CTRL] & 1:
+                    return pb.Reply(req.op, req.tag, pb.E_REFUSED)
+                self.qrng_bytes += req.count
+                data = self._qrng.randbytes(req.count)
+                self.qrng_log += data
+                return pb.Reply(req.op, req.tag, pb.OK, req.addr, data=data)
+            if req.addr == pb.FIFO_TDC:
+                n = min(req.count // pb.TDC_EVENT_BYTES, len(self.fifo))
+                out = bytearray()
+                for _ in range(n):
+                    channel, t = self.fifo.popleft()
+                    out += struct.pack("<BQ", channel, t)
+                self.tdc_delivered += n
+                return pb.Reply(req.op, req.tag, pb.OK, req.addr, data=bytes(out))
+            return pb.Reply(req.op, req.tag, pb.E_BAD_ADDRESS)
+        if req.op == pb.OP_MEM_WRITE:
+            if req.addr != pb.MEM_PATTERN:
+                return pb.Reply(req.op, req.tag, pb.E_BAD_ADDRESS)
+            if self.back_committed is not None:
+                return pb.Reply(req.op, req.tag, pb.E_REFUSED)  # committed banks are frozen
+            if req.offset + len(req.data) > len(self.back):
+                return pb.Reply(req.op, req.tag, pb.E_BAD_LENGTH)
+            self.back[req.offset : req.offset + len(req.data)] = req.data
+            return pb.Reply(req.op, req.tag, pb.OK)
+        return pb.Reply(req.op, req.tag, pb.E_UNKNOWN_OP)
+
+    def _lockstep(self, addrs: range) -> None:
+        # The controller polls because it is waiting on the head: let the clock run to
+        # the next frame boundary (see the module docstring).
+        waiting_for_bank = pb.REG_FRAME_COUNT in addrs and self.back_committed is not None
+        stopping = (
+            REG_LASER_ACTIVE in addrs
+            and self.laser_active
+            and not self.regs[pb.REG_LASER_CTRL] & 1
+        )
+        if waiting_for_bank or stopping:
+            self.advance_to(self.boundary_ps(self.frame_count))
+
+    # ------------------------------------------------------------------ truth
+
+    def emitted_symbols(self) -> bytes:
+        """Every emitted symbol, one per byte, in slot order (for checks)."""
+        out = bytearray()
+        for frame in self.emitted:
+            arr = np.frombuffer(frame.nibbles, dtype=np.uint8)
+            pair = np.empty(2 * len(arr), dtype=np.uint8)
+            pair[0::2] = arr & 0x0F
+            pair[1::2] = arr >> 4
+            out += pair[: frame.slot_count].tobytes()
+        return bytes(out)
+
+
+class HeadServer:
+    """An OpticalHead behind a FrameEndpoint: the address a target's UART1 connects to."""
+
+    def __init__(self, head: OpticalHead):
+        self.head = head
+        self.endpoint = FrameEndpoint(head.handle, max_body_bytes=pb.MAX_BODY_BYTES)
+        head.reader = self.endpoint.reader
+        self.address = self.endpoint.address
+
+    def __enter__(self):
+        self.endpoint.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.endpoint.stop()

@@ -1,0 +1,302 @@
+# Payload-bus client: the controller's only way to the optical head (docs/payload-bus.md).
+#
+# Requests and replies are frame bodies (framing.py: COBS + CRC-16), one reply per request:
+#   READ       01 tag addr:u16 count:u8               -> 81 tag status addr:u16 count:u8 u32*n
+#   WRITE      02 tag addr:u16 count:u8 u32*count     -> 82 tag status
+#   FIFO_READ  03 tag fifo:u8 max_bytes:u16           -> 83 tag status fifo:u8 n:u16 bytes*n
+#   MEM_WRITE  04 tag mem:u8 offset:u32 n:u16 bytes*n -> 84 tag status
+# All integers little-endian. The CPython twin is host/protocol/payload_bus.py; both pass
+# tests/vectors/payload_bus.json. Every call is synchronous with a timeout and returns a
+# status (never raises on a bad reply): the hot path allocates nothing, and a sick bus
+# shows up in the error counters instead of crashing the controller.
+import array
+
+import micropython
+from micropython import const
+
+from payload import framing
+
+OP_READ = const(0x01)
+OP_WRITE = const(0x02)
+OP_FIFO_READ = const(0x03)
+OP_MEM_WRITE = const(0x04)
+REPLY_FLAG = const(0x80)
+
+# Reply status codes (from the head) and local outcomes (negative, from this client).
+OK = const(0)
+E_UNKNOWN_OP = const(1)
+E_BAD_ADDRESS = const(2)
+E_BAD_LENGTH = const(3)
+E_READ_ONLY = const(4)
+E_REFUSED = const(5)
+E_TIMEOUT = const(-1)
+E_BAD_REPLY = const(-2)
+
+MAX_DATA_BYTES = const(2048)  # largest FIFO burst or memory write in one frame
+MAX_BODY_BYTES = const(2064)  # MAX_DATA_BYTES plus the largest header, with margin
+MAX_REGS = const(64)
+
+# FIFOs and memories
+FIFO_QRNG = const(1)
+FIFO_TDC = const(2)
+MEM_PATTERN = const(1)
+
+# Register map (word addresses; docs/payload-bus.md). Blocks of 0x100 per function, so
+# new functions (tracking: 0x0500) join without moving anything.
+REG_ID = const(0x0000)
+REG_VERSION = const(0x0001)
+REG_BUS_ERRORS = const(0x0002)
+REG_TIME_SCALE_PPM = const(0x0003)
+REG_TIME_PS_LO = const(0x0004)
+REG_TIME_PS_HI = const(0x0005)
+REG_LASER_CTRL = const(0x0100)
+REG_FRAME_SLOTS = const(0x0101)
+REG_SLOT_RATE_HZ = const(0x0102)
+REG_FRAME_COUNT = const(0x0103)
+REG_BACK_STATE = const(0x0104)
+REG_COMMIT = const(0x0105)
+REG_FRAMES_EMITTED = const(0x0106)
+REG_UNDERRUNS = const(0x0107)
+REG_LASER_ACTIVE = const(0x0108)
+REG_LAST_COMMIT = const(0x0109)
+REG_QRNG_CTRL = const(0x0200)
+REG_QRNG_BYTES = const(0x0201)
+REG_TDC_CTRL = const(0x0300)
+REG_TDC_LEVEL = const(0x0301)
+REG_TDC_DEPTH = const(0x0302)
+REG_TDC_OVERFLOW = const(0x0303)
+REG_TDC_EVENTS = const(0x0304)
+REG_TDC_DELIVERED = const(0x0305)
+REG_HK_LASER_POWER_UW = const(0x0400)
+REG_HK_TEMP_LASER_MC = const(0x0401)
+REG_HK_TEMP_TDC_MC = const(0x0402)
+REG_HK_TEMP_BOARD_MC = const(0x0403)
+HK_REGS = const(4)
+REG_TRACKING_BASE = const(0x0500)  # reserved for the tracking work (docs/payload-bus.md)
+
+
+@micropython.viper
+def _put_u16(buf: ptr8, offset: int, value: int):
+    buf[offset] = value & 0xFF
+    buf[offset + 1] = (value >> 8) & 0xFF
+
+
+@micropython.viper
+def _get_u16(buf: ptr8, offset: int) -> int:
+    return buf[offset] | (buf[offset + 1] << 8)
+
+
+@micropython.viper
+def _words_to_bytes(words: ptr32, count: int, buf: ptr8, offset: int):
+    for i in range(count):
+        value = words[i]
+        j = offset + 4 * i
+        buf[j] = value & 0xFF
+        buf[j + 1] = (value >> 8) & 0xFF
+        buf[j + 2] = (value >> 16) & 0xFF
+        buf[j + 3] = (value >> 24) & 0xFF
+
+
+@micropython.viper
+def _bytes_to_words(buf: ptr8, offset: int, count: int, words: ptr32):
+    for i in range(count):
+        j = offset + 4 * i
+        words[i] = buf[j] | (buf[j + 1] << 8) | (buf[j + 2] << 16) | (buf[j + 3] << 24)
+
+
+@micropython.viper
+def _copy(src: ptr8, src_offset: int, dst: ptr8, dst_offset: int, count: int):
+    for i in range(count):
+        dst[dst_offset + i] = src[src_offset + i]
+
+
+class Bus:
+    """Synchronous request/reply client over a byte link (board.payload_bus)."""
+
+    def __init__(self, link, clock, timeout_us=500_000):
+        self.link = link
+        self.clock = clock
+        self.timeout_us = timeout_us
+        self.rx = framing.FrameReader(MAX_BODY_BYTES)
+        self.tx = framing.FrameWriter(MAX_BODY_BYTES)
+        self.req = bytearray(MAX_BODY_BYTES)
+        self._chunk = bytearray(512)
+        self._chunk_view = memoryview(self._chunk)
+        self._chunk_fill = 0
+        self._chunk_pos = 0
+        self.words = array.array("I", bytes(4 * MAX_REGS))  # values of the last READ
+        self._one = array.array("I", (0,))
+        self._tag = 0
+        self.reply = None  # memoryview of the last good reply body
+        # error counters (telemetry): bad replies, timeouts, head-reported errors
+        self.transactions = 0
+        self.timeouts = 0
+        self.bad_replies = 0
+        self.error_status = 0
+        self.unsolicited = 0
+        self.on_unsolicited = None
+
+    # ---------------------------------------------------------------- request builders
+    # Each fills self.req and returns the body length; tested against golden vectors.
+
+    def build_read(self, tag, addr, count):
+        req = self.req
+        req[0] = OP_READ
+        req[1] = tag
+        _put_u16(req, 2, addr)
+        req[4] = count
+        return 5
+
+    def build_write(self, tag, addr, words, count):
+        req = self.req
+        req[0] = OP_WRITE
+        req[1] = tag
+        _put_u16(req, 2, addr)
+        req[4] = count
+        _words_to_bytes(words, count, req, 5)
+        return 5 + 4 * count
+
+    def build_fifo_read(self, tag, fifo, max_bytes):
+        req = self.req
+        req[0] = OP_FIFO_READ
+        req[1] = tag
+        req[2] = fifo
+        _put_u16(req, 3, max_bytes)
+        return 5
+
+    def build_mem_write(self, tag, mem, offset, data, data_offset, count):
+        req = self.req
+        req[0] = OP_MEM_WRITE
+        req[1] = tag
+        req[2] = mem
+        _put_u16(req, 3, offset & 0xFFFF)
+        _put_u16(req, 5, offset >> 16)
+        _put_u16(req, 7, count)
+        _copy(data, data_offset, req, 9, count)
+        return 9 + count
+
+    # ---------------------------------------------------------------- transactions
+
+    def _transact(self, length):
+        """Send self.req[:length]; wait for the reply with the same tag. Returns the status
+        (>= 0 from the head, < 0 local); on OK, self.reply is the reply body."""
+        self.transactions += 1
+        frame = self.tx.encode(self.req, length)
+        link = self.link
+        sent = 0
+        total = len(frame)
+        while sent < total:
+            sent += link.write(frame[sent:])
+        op = self.req[0] | REPLY_FLAG
+        tag = self.req[1]
+        clock = self.clock
+        start = clock.ticks_us()
+        while True:
+            body = self._next_frame()
+            if body is None:
+                if ((clock.ticks_us() - start) & 0x3FFFFFFF) > self.timeout_us:
+                    self.timeouts += 1
+                    return E_TIMEOUT
+                continue
+            if len(body) < 3 or body[0] != op or body[1] != tag:
+                if len(body) >= 1 and not (body[0] & REPLY_FLAG) and self.on_unsolicited:
+                    self.unsolicited += 1
+                    self.on_unsolicited(body)
+                else:
+                    self.bad_replies += 1
+                continue
+            status = body[2]
+            if status != OK:
+                self.error_status += 1
+            self.reply = body
+            return status
+
+    def _next_frame(self):
+        """The next good frame body from the link, or None if none is complete yet."""
+        rx = self.rx
+        while True:
+            if self._chunk_pos >= self._chunk_fill:
+                count = self.link.readinto(self._chunk)
+                if not count:
+                    return None
+                self._chunk_fill = count
+                self._chunk_pos = 0
+            pos = self._chunk_pos
+            pos += rx.feed(self._chunk_view[pos:], self._chunk_fill - pos)
+            self._chunk_pos = pos
+            if rx.ready:
+                return rx.body
+
+    def _next_tag(self):
+        self._tag = (self._tag + 1) & 0xFF
+        return self._tag
+
+    def read(self, addr, count):
+        """Read count registers into self.words[:count]; returns the status."""
+        status = self._transact(self.build_read(self._next_tag(), addr, count))
+        if status == OK:
+            body = self.reply
+            if len(body) != 6 + 4 * count or _get_u16(body, 3) != addr or body[5] != count:
+                self.bad_replies += 1
+                return E_BAD_REPLY
+            _bytes_to_words(body, 6, count, self.words)
+        return status
+
+    def read1(self, addr):
+        """One register as an int (small values only on 32-bit targets), or -1 on error."""
+        if self.read(addr, 1) != OK:
+            return -1
+        return self.words[0]
+
+    def write(self, addr, words, count):
+        return self._transact(self.build_write(self._next_tag(), addr, words, count))
+
+    def write1(self, addr, value):
+        self._one[0] = value
+        return self._transact(self.build_write(self._next_tag(), addr, self._one, 1))
+
+    def fifo_read(self, fifo, dest, dest_offset, max_bytes):
+        """Read up to max_bytes from a FIFO into dest[dest_offset:]; returns the byte count
+        (>= 0) or a negative status."""
+        status = self._transact(self.build_fifo_read(self._next_tag(), fifo, max_bytes))
+        if status != OK:
+            return -status if status > 0 else status
+        body = self.reply
+        count = _get_u16(body, 4) if len(body) >= 6 else -1
+        if count < 0 or count > max_bytes or len(body) != 6 + count or body[3] != fifo:
+            self.bad_replies += 1
+            return E_BAD_REPLY
+        _copy(body, 6, dest, dest_offset, count)
+        return count
+
+    def mem_write(self, mem, offset, data, data_offset, count):
+        return self._transact(
+            self.build_mem_write(self._next_tag(), mem, offset, data, data_offset, count)
+        )
+
+    def poll(self):
+        """Between transactions: hand unsolicited frames to on_unsolicited."""
+        busy = False
+        while True:
+            body = self._next_frame()
+            if body is None:
+                return busy
+            busy = True
+            if self.on_unsolicited:
+                self.unsolicited += 1
+                self.on_unsolicited(body)
+            else:
+                self.bad_replies += 1
+
+    def counters(self):
+        drops = self.rx.drops
+        return {
+            "transactions": self.transactions,
+            "timeouts": self.timeouts,
+            "bad_replies": self.bad_replies,
+            "error_status": self.error_status,
+            "unsolicited": self.unsolicited,
+            "frames_dropped": {
+                framing.DROP_REASONS[i]: drops[i] for i in range(len(framing.DROP_REASONS))
+            },
+        }

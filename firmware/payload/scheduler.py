@@ -1,0 +1,51 @@
+# Cooperative scheduler (docs/scheduling.md): the duties are step functions called in a
+# fixed order every pass. Each step does a bounded amount of work and returns whether it
+# did any, so the main loop can idle when nothing is pending. On a board the time-critical
+# steps (sequencer refill, TDC drain) can move to a hardware timer or FIFO interrupt
+# unchanged: they already take no arguments and keep their state in preallocated buffers.
+#
+# Per duty the scheduler keeps the number of calls and the worst step time in
+# microseconds: the measured side of the latency budget in docs/scheduling.md.
+
+
+class Duty:
+    def __init__(self, name, step, period_us=0):
+        self.name = name
+        self.step = step
+        self.period_us = period_us  # 0: every pass
+        self.calls = 0
+        self.worst_us = 0
+        self.last_us = 0
+
+
+class Scheduler:
+    def __init__(self, clock):
+        self.clock = clock
+        self.duties = []
+        self.passes = 0
+
+    def add(self, name, step, period_us=0):
+        duty = Duty(name, step, period_us)
+        self.duties.append(duty)
+        return duty
+
+    def run_once(self):
+        """Call every due duty once; True if any did work."""
+        clock = self.clock
+        busy = False
+        self.passes += 1
+        for duty in self.duties:
+            start = clock.ticks_us()
+            if duty.period_us and ((start - duty.last_us) & 0x3FFFFFFF) < duty.period_us:
+                continue
+            duty.last_us = start
+            if duty.step():
+                busy = True
+            elapsed = (clock.ticks_us() - start) & 0x3FFFFFFF
+            duty.calls += 1
+            if elapsed > duty.worst_us:
+                duty.worst_us = elapsed
+        return busy
+
+    def telemetry(self):
+        return {d.name: {"calls": d.calls, "worst_us": d.worst_us} for d in self.duties}

@@ -1,0 +1,304 @@
+# Decoy-state pulse sequencer (docs/sequencer.md): QRNG bytes -> (basis, bit, intensity) per
+# slot -> 4-bit symbols packed two per byte -> the laser driver's back pattern bank, frame
+# by frame in step with the head's frame counter; every accepted frame is logged to
+# products/patterns.qrec (PATTERN_FRAME records: Alice's raw data).
+#
+# Mapping, per slot, from 4 QRNG bytes read as a little-endian u32 r:
+#   bit       = r & 1
+#   basis     = Z (0) if ((r >> 1) & 0x7FFF) < round(p_Z * 2**15) else X (1)
+#   intensity = smallest k with (r >> 16) < round(cumulative_p_k * 2**16)
+#   symbol    = bit | basis << 1 | intensity << 2     (slot 2k in the low nibble of byte k)
+# Probabilities are thus realised to within 2**-16 (intensity) and 2**-15 (basis); the
+# CPython twin is host/protocol/symbols.py, golden vectors tests/vectors/symbols.json.
+import array
+
+import micropython
+from micropython import const
+
+from payload import bus as busmod
+from payload import storage
+
+MAX_FRAME_SLOTS = const(4096)
+QRNG_BYTES_PER_SLOT = const(4)
+PATTERN_HEADER_BYTES = const(16)  # u32 frame_number, u64 first_slot, u32 slot_count
+# Slots the controller sustains per second of real time with the bus in the loop; the
+# figure comes from benchmarks/bench_firmware.py (docs/sequencer.md) and is deliberately
+# the slower target's (QEMU Cortex-M3 at 25 MHz), the conservative one for a board.
+DEFAULT_CAPACITY_HZ = const(100_000)
+
+
+@micropython.viper
+def map_symbols(qrng: ptr8, slots: int, out: ptr8, thresholds: ptr32, counts: ptr32):
+    """QRNG bytes (4 per slot) -> packed symbol nibbles; counts[symbol] += 1 per slot.
+
+    thresholds = [round(p_Z * 2**15), c_0, c_1] with c_k = round(cumulative p_k * 2**16);
+    the last class needs no threshold (two classes: c_1 = 65536)."""
+    z_threshold = thresholds[0]
+    c0 = thresholds[1]
+    c1 = thresholds[2]
+    j = 0
+    for s in range(slots):
+        b0 = qrng[j]
+        low15 = ((qrng[j + 1] << 8) | b0) >> 1
+        high16 = (qrng[j + 3] << 8) | qrng[j + 2]
+        j += 4
+        symbol = b0 & 1
+        if low15 >= z_threshold:
+            symbol |= 2
+        if high16 >= c0:
+            if high16 >= c1:
+                symbol |= 8
+            else:
+                symbol |= 4
+        counts[symbol] += 1
+        if s & 1:
+            out[s >> 1] |= symbol << 4
+        else:
+            out[s >> 1] = symbol
+
+
+def map_symbols_bytecode(qrng, slots, out, thresholds, counts):
+    """The same mapping as plain bytecode (benchmark reference, never on the hot path)."""
+    z_threshold = thresholds[0]
+    c0 = thresholds[1]
+    c1 = thresholds[2]
+    j = 0
+    for s in range(slots):
+        b0 = qrng[j]
+        low15 = ((qrng[j + 1] << 8) | b0) >> 1
+        high16 = (qrng[j + 3] << 8) | qrng[j + 2]
+        j += 4
+        symbol = b0 & 1
+        if low15 >= z_threshold:
+            symbol |= 2
+        if high16 >= c0:
+            if high16 >= c1:
+                symbol |= 8
+            else:
+                symbol |= 4
+        counts[symbol] += 1
+        if s & 1:
+            out[s >> 1] |= symbol << 4
+        else:
+            out[s >> 1] = symbol
+
+
+@micropython.viper
+def _put_frame_header(buf: ptr8, frame_number: int, frame_slots: int):
+    # first_slot = frame_number * frame_slots as a u64, built from 16-bit halves so no
+    # intermediate reaches 2**30 (frame numbers and slot counts are each < 2**30).
+    fn_lo = frame_number & 0xFFFF
+    fn_hi = frame_number >> 16
+    a = fn_lo * frame_slots  # < 2**16 * 2**13
+    b = fn_hi * frame_slots  # < 2**14 * 2**13; contributes b << 16
+    low = (a & 0xFFFF) | (((a >> 16) + b) << 16)
+    carry = ((a >> 16) + b) >> 16
+    for i in range(4):
+        buf[i] = (frame_number >> (8 * i)) & 0xFF
+        buf[4 + i] = (low >> (8 * i)) & 0xFF
+        buf[8 + i] = (carry >> (8 * i)) & 0xFF
+        buf[12 + i] = (frame_slots >> (8 * i)) & 0xFF
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def thresholds_for(intensity_probabilities, basis_probability_z):
+    """[z_threshold, c_0, c_1] as array('I') from validated probabilities."""
+    cumulative = 0.0
+    cut = []
+    for p in intensity_probabilities:
+        cumulative += p
+        cut.append(round(cumulative * 65536))
+    cut[-1] = 65536  # the last class takes the rest exactly
+    if len(cut) == 2:
+        cut.append(65536)
+    return array.array("I", (round(basis_probability_z * 32768), cut[0], cut[1]))
+
+
+def validate(config, capacity_hz, time_scale_ppm):
+    """Checks a sequencer configuration; returns the normalised one or raises ConfigError
+    naming the field and the reason."""
+    probs = config.get("intensity_probabilities")
+    names = config.get("intensity_names")
+    if isinstance(probs, dict):
+        # {class: p} as in pass.json; intensity_names fixes the nibble index of each class
+        if not isinstance(names, (list, tuple)):
+            raise ConfigError("intensity_names: needed to order intensity_probabilities")
+        for name in probs:
+            if name not in names:
+                raise ConfigError("intensity_probabilities: unknown intensity class %r" % name)
+        probs = [probs.get(name, 0) for name in names]
+    if not isinstance(probs, (list, tuple)) or len(probs) not in (2, 3):
+        raise ConfigError("intensity_probabilities: need a list of 2 or 3 probabilities")
+    for i, p in enumerate(probs):
+        if not isinstance(p, (int, float)) or p <= 0 or p >= 1:
+            raise ConfigError("intensity_probabilities[%d]: %r is not in (0, 1)" % (i, p))
+    total = sum(probs)
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError("intensity_probabilities: sum to %r, not 1" % total)
+    if names is not None and (not isinstance(names, (list, tuple)) or len(names) != len(probs)):
+        raise ConfigError("intensity_names: need one name per intensity class")
+    p_z = config.get("basis_probability_z", 0.5)
+    if not isinstance(p_z, (int, float)) or p_z <= 0 or p_z >= 1:
+        raise ConfigError("basis_probability_z: %r is not in (0, 1)" % (p_z,))
+    rate = config.get("slot_rate_hz")
+    if not isinstance(rate, int) or rate <= 0 or rate >= 1 << 30:
+        raise ConfigError("slot_rate_hz: need an integer in (0, 2**30), got %r" % (rate,))
+    frame_slots = config.get("frame_slots", 1024)
+    if (
+        not isinstance(frame_slots, int)
+        or frame_slots < 2
+        or frame_slots > MAX_FRAME_SLOTS
+        or frame_slots % 2
+    ):
+        raise ConfigError("frame_slots: need an even integer in [2, %d]" % MAX_FRAME_SLOTS)
+    # The head runs in real time (time_scale_ppm = 10**6), dilated (emulator), or in
+    # lockstep with the controller (0: the emulator's clock waits for each frame).
+    if time_scale_ppm:
+        effective = rate * time_scale_ppm // 1_000_000
+        if effective > capacity_hz:
+            raise ConfigError(
+                "slot_rate_hz: %d slots/s is above the controller's sustained %d slots/s"
+                " (move generation into the optical head, docs/sequencer.md)"
+                % (effective, capacity_hz)
+            )
+    return {
+        "intensity_probabilities": list(probs),
+        "intensity_names": list(names) if names else None,
+        "basis_probability_z": p_z,
+        "slot_rate_hz": rate,
+        "frame_slots": frame_slots,
+    }
+
+
+class Sequencer:
+    """Fills the laser driver frame by frame. `step()` is the scheduler's duty."""
+
+    def __init__(self, bus, store, capacity_hz=DEFAULT_CAPACITY_HZ):
+        self.bus = bus
+        self.store = store
+        self.capacity_hz = capacity_hz
+        self.config = None
+        self.running = False
+        self._qrng = bytearray(QRNG_BYTES_PER_SLOT * MAX_FRAME_SLOTS)
+        self.counts = array.array("I", bytes(64))
+        self._thresholds = array.array("I", (0, 0, 0))
+        self.log = store.open_log(
+            "patterns", storage.KIND_PATTERN_FRAME, PATTERN_HEADER_BYTES + MAX_FRAME_SLOTS // 2
+        )
+        self.next_frame = 0
+        self.frames_sent = 0
+        self.frames_missed = 0  # frames the head emitted blank because we were late
+        self.refused_commits = 0
+        self.bus_failures = 0
+        self.behind = False  # telemetry flag: the controller did not keep up
+
+    def configure(self, config, time_scale_ppm):
+        self.config = validate(config, self.capacity_hz, time_scale_ppm)
+        probs = self.config["intensity_probabilities"]
+        self._thresholds = thresholds_for(probs, self.config["basis_probability_z"])
+        return self.config
+
+    def start(self):
+        if self.config is None:
+            raise ConfigError("sequencer: not configured")
+        bus = self.bus
+        cfg = self.config
+        bus.write1(busmod.REG_LASER_CTRL, 0)
+        bus.write1(busmod.REG_FRAME_SLOTS, cfg["frame_slots"])
+        bus.write1(busmod.REG_SLOT_RATE_HZ, cfg["slot_rate_hz"])
+        bus.write1(busmod.REG_QRNG_CTRL, 1)
+        count = bus.read1(busmod.REG_FRAME_COUNT)
+        self.next_frame = count if count > 0 else 0
+        self.running = True
+        self.behind = False
+        # Fill the first frame before the laser starts, so frame 0 is never blank.
+        self.step()
+        bus.write1(busmod.REG_LASER_CTRL, 1)
+
+    def stop(self, max_polls=10_000):
+        """Let the committed frame go out, then stop the laser at the next frame boundary
+        (a frame is logged when the head accepts it, so it must also be emitted)."""
+        self.running = False
+        bus = self.bus
+        for _ in range(max_polls):
+            if bus.read(busmod.REG_FRAME_COUNT, 2) != busmod.OK or not bus.words[1]:
+                break
+        bus.write1(busmod.REG_LASER_CTRL, 0)
+        for _ in range(max_polls):
+            if bus.read1(busmod.REG_LASER_ACTIVE) != 1:
+                break
+
+    def step(self):
+        """Prepare and commit the next frame if the back bank is free; True if work done."""
+        if not self.running:
+            return False
+        bus = self.bus
+        if bus.read(busmod.REG_FRAME_COUNT, 2) != busmod.OK:
+            self.bus_failures += 1
+            return False
+        started = bus.words[0]
+        if bus.words[1]:  # back bank still holds a committed frame
+            return False
+        if started > self.next_frame:
+            # The head passed frames we never filled: it emitted them blank. Say so.
+            self.frames_missed += started - self.next_frame
+            self.behind = True
+            self.next_frame = started
+        slots = self.config["frame_slots"]
+        qrng = self._qrng
+        need = QRNG_BYTES_PER_SLOT * slots
+        got = 0
+        while got < need:
+            chunk = need - got
+            if chunk > busmod.MAX_DATA_BYTES:
+                chunk = busmod.MAX_DATA_BYTES
+            n = bus.fifo_read(busmod.FIFO_QRNG, qrng, got, chunk)
+            if n <= 0:
+                self.bus_failures += 1
+                return False
+            got += n
+        payload = self.log.payload
+        pattern = payload[PATTERN_HEADER_BYTES:]
+        map_symbols(qrng, slots, pattern, self._thresholds, self.counts)
+        pattern_bytes = slots // 2
+        offset = 0
+        while offset < pattern_bytes:
+            chunk = pattern_bytes - offset
+            if chunk > busmod.MAX_DATA_BYTES:
+                chunk = busmod.MAX_DATA_BYTES
+            if bus.mem_write(busmod.MEM_PATTERN, offset, pattern, offset, chunk) != busmod.OK:
+                self.bus_failures += 1
+                return False
+            offset += chunk
+        status = bus.write1(busmod.REG_COMMIT, self.next_frame)
+        if status < 0 and bus.read1(busmod.REG_LAST_COMMIT) == self.next_frame:
+            status = busmod.OK  # the reply was lost, the commit was not
+        if status == busmod.E_REFUSED:
+            # The boundary passed while we wrote: the head emits it blank; the next step
+            # sees the frame counter ahead and counts it in frames_missed.
+            self.refused_commits += 1
+            self.behind = True
+            return True
+        if status != busmod.OK:
+            self.bus_failures += 1
+            return False
+        # Accepted: the head will emit exactly this pattern as this frame. Log it.
+        _put_frame_header(payload, self.next_frame, slots)
+        self.log.commit(PATTERN_HEADER_BYTES + pattern_bytes)
+        self.next_frame += 1
+        self.frames_sent += 1
+        return True
+
+    def telemetry(self):
+        return {
+            "running": self.running,
+            "frames_sent": self.frames_sent,
+            "frames_missed": self.frames_missed,
+            "refused_commits": self.refused_commits,
+            "bus_failures": self.bus_failures,
+            "behind": self.behind,
+            "next_frame": self.next_frame,
+        }

@@ -1,0 +1,1 @@
+"""Readers and writers of the files that cross boundaries (docs/formats.md): one each."""

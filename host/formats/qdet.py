@@ -1,0 +1,74 @@
+"""Detection time tags (`.qdet`, docs/formats.md): int64 ps + int16 channel records
+after a JSON header. The one reader and writer; other tagger formats convert to this."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from host.errors import BadInput
+
+MAGIC = b"QKDDET\x00\x01"
+RECORD_DTYPE = np.dtype([("time_ps", "<i8"), ("channel", "<i2")])
+_HEADER_LENGTH = struct.Struct("<I")
+MAX_HEADER_BYTES = 1 << 20
+
+
+def write_detections(
+    path: str | Path, time_ps: np.ndarray, channel: np.ndarray, header: dict | None = None
+) -> None:
+    time_ps = np.asarray(time_ps, dtype=np.int64)
+    channel = np.asarray(channel, dtype=np.int16)
+    if time_ps.shape != channel.shape:
+        raise ValueError("time_ps and channel differ in length")
+    if time_ps.size and np.any(np.diff(time_ps) < 0):
+        raise ValueError("detections must be sorted by time")
+    meta = dict(header or {})
+    meta["count"] = int(time_ps.size)
+    meta.setdefault("format_version", 1)
+    head = json.dumps(meta, sort_keys=True).encode()
+    records = np.empty(time_ps.size, dtype=RECORD_DTYPE)
+    records["time_ps"] = time_ps
+    records["channel"] = channel
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(MAGIC + _HEADER_LENGTH.pack(len(head)) + head)
+        handle.write(records.tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_detections(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(time_ps int64, channel int16, header); BadInput naming the file and the fault."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            start = handle.read(len(MAGIC) + _HEADER_LENGTH.size)
+            if len(start) < len(MAGIC) + _HEADER_LENGTH.size or start[: len(MAGIC)] != MAGIC:
+                raise BadInput(f"{path}: not a .qdet detections file (bad magic)")
+            (head_bytes,) = _HEADER_LENGTH.unpack_from(start, len(MAGIC))
+            if head_bytes > MAX_HEADER_BYTES:
+                raise BadInput(f"{path}: header length {head_bytes} is implausible")
+            try:
+                header = json.loads(handle.read(head_bytes))
+            except ValueError as error:
+                raise BadInput(f"{path}: header is not valid JSON ({error})") from None
+    except OSError as error:
+        raise BadInput(f"{path}: cannot read ({error.strerror})") from None
+    offset = len(MAGIC) + _HEADER_LENGTH.size + head_bytes
+    count = header.get("count")
+    body = size - offset
+    if not isinstance(count, int) or body != count * RECORD_DTYPE.itemsize:
+        raise BadInput(
+            f"{path}: truncated or padded: header says {count} records, "
+            f"{body} bytes hold {body / RECORD_DTYPE.itemsize:g}"
+        )
+    records = np.fromfile(path, dtype=RECORD_DTYPE, offset=offset)
+    return records["time_ps"].astype(np.int64), records["channel"].astype(np.int16), header

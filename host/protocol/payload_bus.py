@@ -1,0 +1,210 @@
+"""Payload bus (docs/payload-bus.md): request and reply bodies between the controller and
+the optical head, carried in frames (host/protocol/framing.py: COBS + CRC-16).
+
+The CPython twin of firmware/payload/bus.py; both are tested against
+tests/vectors/payload_bus.json. The emulated optical head (emulator/optical_head.py)
+serves these requests.
+
+    READ       01 tag addr:u16 count:u8               -> 81 tag status addr:u16 count:u8 u32*count
+    WRITE      02 tag addr:u16 count:u8 u32*count     -> 82 tag status
+    FIFO_READ  03 tag fifo:u8 max_bytes:u16           -> 83 tag status fifo:u8 n:u16 bytes*n
+    MEM_WRITE  04 tag mem:u8 offset:u32 n:u16 bytes*n -> 84 tag status
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+OP_READ = 0x01
+OP_WRITE = 0x02
+OP_FIFO_READ = 0x03
+OP_MEM_WRITE = 0x04
+REPLY_FLAG = 0x80
+
+OK = 0
+E_UNKNOWN_OP = 1
+E_BAD_ADDRESS = 2
+E_BAD_LENGTH = 3
+E_READ_ONLY = 4
+E_REFUSED = 5
+STATUS_NAMES = {
+    OK: "ok",
+    E_UNKNOWN_OP: "unknown op",
+    E_BAD_ADDRESS: "bad address",
+    E_BAD_LENGTH: "bad length",
+    E_READ_ONLY: "read only",
+    E_REFUSED: "refused",
+}
+
+MAX_DATA_BYTES = 2048
+MAX_BODY_BYTES = 2064
+MAX_REGS = 64
+
+FIFO_QRNG = 1
+FIFO_TDC = 2
+MEM_PATTERN = 1
+TDC_EVENT_BYTES = 9
+
+# Register map: word addresses, one block of 0x100 per function (docs/payload-bus.md).
+REG_ID = 0x0000
+REG_VERSION = 0x0001
+REG_BUS_ERRORS = 0x0002
+REG_TIME_SCALE_PPM = 0x0003
+REG_TIME_PS_LO = 0x0004
+REG_TIME_PS_HI = 0x0005
+REG_LASER_CTRL = 0x0100
+REG_FRAME_SLOTS = 0x0101
+REG_SLOT_RATE_HZ = 0x0102
+REG_FRAME_COUNT = 0x0103
+REG_BACK_STATE = 0x0104
+REG_COMMIT = 0x0105
+REG_FRAMES_EMITTED = 0x0106
+REG_UNDERRUNS = 0x0107
+REG_LASER_ACTIVE = 0x0108  # 1 while a frame is being emitted
+REG_LAST_COMMIT = 0x0109  # frame number of the last accepted commit
+REG_QRNG_CTRL = 0x0200
+REG_QRNG_BYTES = 0x0201
+REG_TDC_CTRL = 0x0300
+REG_TDC_LEVEL = 0x0301
+REG_TDC_DEPTH = 0x0302
+REG_TDC_OVERFLOW = 0x0303
+REG_TDC_EVENTS = 0x0304
+REG_TDC_DELIVERED = 0x0305  # events handed out by FIFO_READ
+REG_HK_LASER_POWER_UW = 0x0400
+REG_HK_TEMP_LASER_MC = 0x0401
+REG_HK_TEMP_TDC_MC = 0x0402
+REG_HK_TEMP_BOARD_MC = 0x0403
+REG_TRACKING_BASE = 0x0500  # 0x0500-0x05FF reserved for tracking (issue 6)
+
+HEAD_ID = 0x31444851  # b"QHD1" little-endian
+HEAD_VERSION = 1
+
+
+class BusProtocolError(ValueError):
+    """A body that is not a well-formed request or reply; the message says what."""
+
+
+@dataclass(frozen=True)
+class Request:
+    op: int
+    tag: int
+    addr: int = 0  # READ/WRITE: register; FIFO_READ: fifo id; MEM_WRITE: memory id
+    count: int = 0  # READ: registers; FIFO_READ: max bytes
+    words: tuple[int, ...] = ()  # WRITE
+    offset: int = 0  # MEM_WRITE
+    data: bytes = b""  # MEM_WRITE
+
+    def pack(self) -> bytes:
+        head = bytes((self.op, self.tag))
+        if self.op == OP_READ:
+            return head + struct.pack("<HB", self.addr, self.count)
+        if self.op == OP_WRITE:
+            n = len(self.words)
+            return head + struct.pack(f"<HB{n}I", self.addr, n, *self.words)
+        if self.op == OP_FIFO_READ:
+            return head + struct.pack("<BH", self.addr, self.count)
+        if self.op == OP_MEM_WRITE:
+            return head + struct.pack("<BIH", self.addr, self.offset, len(self.data)) + self.data
+        raise BusProtocolError(f"unknown op {self.op:#04x}")
+
+
+def read(tag: int, addr: int, count: int) -> Request:
+    return Request(OP_READ, tag, addr, count)
+
+
+def write(tag: int, addr: int, *words: int) -> Request:
+    return Request(OP_WRITE, tag, addr, len(words), tuple(words))
+
+
+def fifo_read(tag: int, fifo: int, max_bytes: int) -> Request:
+    return Request(OP_FIFO_READ, tag, fifo, max_bytes)
+
+
+def mem_write(tag: int, mem: int, offset: int, data: bytes) -> Request:
+    return Request(OP_MEM_WRITE, tag, mem, len(data), offset=offset, data=bytes(data))
+
+
+def unpack_request(body: bytes) -> Request:
+    """Parse a request body; raises BusProtocolError naming what is wrong."""
+    if len(body) < 2:
+        raise BusProtocolError(f"request of {len(body)} bytes: need op and tag")
+    op, tag = body[0], body[1]
+    rest = body[2:]
+    if op == OP_READ:
+        if len(rest) != 3:
+            raise BusProtocolError(f"READ: {len(rest)} argument bytes, expected 3")
+        addr, count = struct.unpack("<HB", rest)
+        if not 1 <= count <= MAX_REGS:
+            raise BusProtocolError(f"READ: count {count} not in [1, {MAX_REGS}]")
+        return Request(op, tag, addr, count)
+    if op == OP_WRITE:
+        if len(rest) < 3:
+            raise BusProtocolError("WRITE: missing address and count")
+        addr, count = struct.unpack_from("<HB", rest)
+        if not 1 <= count <= MAX_REGS or len(rest) != 3 + 4 * count:
+            raise BusProtocolError(f"WRITE: count {count} does not match {len(rest)} bytes")
+        return Request(op, tag, addr, count, struct.unpack_from(f"<{count}I", rest, 3))
+    if op == OP_FIFO_READ:
+        if len(rest) != 3:
+            raise BusProtocolError(f"FIFO_READ: {len(rest)} argument bytes, expected 3")
+        fifo, max_bytes = struct.unpack("<BH", rest)
+        if not 1 <= max_bytes <= MAX_DATA_BYTES:
+            raise BusProtocolError(
+                f"FIFO_READ: max_bytes {max_bytes} not in [1, {MAX_DATA_BYTES}]"
+            )
+        return Request(op, tag, fifo, max_bytes)
+    if op == OP_MEM_WRITE:
+        if len(rest) < 7:
+            raise BusProtocolError("MEM_WRITE: missing memory, offset and length")
+        mem, offset, n = struct.unpack_from("<BIH", rest)
+        if n > MAX_DATA_BYTES or len(rest) != 7 + n:
+            raise BusProtocolError(f"MEM_WRITE: length {n} does not match {len(rest) - 7} bytes")
+        return Request(op, tag, mem, n, offset=offset, data=bytes(rest[7:]))
+    raise BusProtocolError(f"unknown op {op:#04x}")
+
+
+@dataclass(frozen=True)
+class Reply:
+    op: int  # the request's op (without REPLY_FLAG)
+    tag: int
+    status: int
+    addr: int = 0
+    words: tuple[int, ...] = ()
+    data: bytes = b""
+
+    def pack(self) -> bytes:
+        head = bytes((self.op | REPLY_FLAG, self.tag, self.status))
+        if self.status != OK:
+            return head
+        if self.op == OP_READ:
+            n = len(self.words)
+            return head + struct.pack(f"<HB{n}I", self.addr, n, *self.words)
+        if self.op == OP_FIFO_READ:
+            return head + struct.pack("<BH", self.addr, len(self.data)) + self.data
+        return head
+
+
+def unpack_reply(body: bytes) -> Reply:
+    if len(body) < 3 or not body[0] & REPLY_FLAG:
+        raise BusProtocolError(f"not a reply: {body[:3].hex()}")
+    op, tag, status = body[0] & 0x7F, body[1], body[2]
+    rest = body[3:]
+    if status != OK:
+        return Reply(op, tag, status)
+    if op == OP_READ:
+        addr, n = struct.unpack_from("<HB", rest)
+        if len(rest) != 3 + 4 * n:
+            raise BusProtocolError("READ reply: length does not match count")
+        return Reply(op, tag, status, addr, struct.unpack_from(f"<{n}I", rest, 3))
+    if op == OP_FIFO_READ:
+        fifo, n = struct.unpack_from("<BH", rest)
+        if len(rest) != 3 + n:
+            raise BusProtocolError("FIFO_READ reply: length does not match count")
+        return Reply(op, tag, status, fifo, data=bytes(rest[3:]))
+    return Reply(op, tag, status)
+
+
+def error_reply(body: bytes, status: int) -> bytes:
+    """The reply to a request that could not be served (needs at least op and tag)."""
+    return bytes(((body[0] & 0x7F) | REPLY_FLAG, body[1], status))

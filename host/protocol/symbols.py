@@ -1,0 +1,138 @@
+"""QRNG words -> BB84 decoy-state symbols: the mapping the firmware's sequencer applies
+(firmware/payload/sequencer.py is the MicroPython twin; docs/sequencer.md), vectorised.
+
+Per slot one u32 word r (4 QRNG bytes, little-endian):
+    bit       = r & 1
+    basis     = Z if ((r >> 1) & 0x7FFF) < round(p_Z * 2**15) else X
+    intensity = smallest k with (r >> 16) < round(cumulative_p_k * 2**16)
+Each probability is realised as an integer count over 2**15 or 2**16 equally likely
+values, so the realised probability differs from the configured one by at most 2**-16
+(half a step of 2**-15), and the three choices use disjoint bits: they are independent.
+
+Symbol nibble (docs/formats.md): bit 0 = bit value, bit 1 = basis (1 = X), bits 2-3 =
+intensity class index.
+
+For full-scale simulated passes the QRNG words come from a counter-based generator
+(splitmix64 of the slot index), so "what was sent in slot i" is computable for any i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BASIS_BITS = 15
+INTENSITY_BITS = 16
+MAX_INTENSITY_CLASSES = 4
+PROBABILITY_TOLERANCE = 1e-9
+
+NIBBLE_BIT = 0x1
+NIBBLE_BASIS_X = 0x2
+NIBBLE_INTENSITY_SHIFT = 2
+
+
+class MappingError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SymbolMapping:
+    """Integer thresholds realising p_Z and the intensity probabilities."""
+
+    basis_threshold: int  # Z if the 15-bit field is below this
+    intensity_thresholds: tuple[int, ...]  # cumulative, over 2**16; the last is 65536
+
+    @classmethod
+    def from_probabilities(
+        cls, basis_probability_z: float, intensity_probabilities: list[float]
+    ) -> SymbolMapping:
+        if not 0.0 <= basis_probability_z <= 1.0:
+            raise MappingError(f"basis_probability_z={basis_probability_z} is not in [0, 1]")
+        count = len(intensity_probabilities)
+        if not 1 <= count <= MAX_INTENSITY_CLASSES:
+            raise MappingError(
+                f"{count} intensity classes: between 1 and {MAX_INTENSITY_CLASSES} supported"
+            )
+        if any(not 0.0 <= p <= 1.0 for p in intensity_probabilities):
+            raise MappingError(f"intensity probabilities {intensity_probabilities} not in [0, 1]")
+        total = float(sum(intensity_probabilities))
+        if abs(total - 1.0) > PROBABILITY_TOLERANCE:
+            raise MappingError(f"intensity probabilities sum to {total}, not 1")
+        cumulative = np.cumsum(intensity_probabilities)
+        thresholds = [int(round(c * 2**INTENSITY_BITS)) for c in cumulative]
+        thresholds[-1] = 2**INTENSITY_BITS
+        return cls(int(round(basis_probability_z * 2**BASIS_BITS)), tuple(thresholds))
+
+    def realised_probabilities(self) -> tuple[float, list[float]]:
+        """The probabilities the integer thresholds actually give."""
+        previous = 0
+        intensity = []
+        for threshold in self.intensity_thresholds:
+            intensity.append((threshold - previous) / 2**INTENSITY_BITS)
+            previous = threshold
+        return self.basis_threshold / 2**BASIS_BITS, intensity
+
+    def symbols(self, words: np.ndarray) -> np.ndarray:
+        """Symbol nibbles (uint8) for an array of u32 QRNG words."""
+        words = np.asarray(words, dtype=np.uint32)
+        bit = (words & 1).astype(np.uint8)
+        basis_x = (((words >> 1) & 0x7FFF) >= self.basis_threshold).astype(np.uint8)
+        high = words >> 16
+        intensity = np.zeros(words.shape, dtype=np.uint8)
+        for threshold in self.intensity_thresholds[:-1]:
+            intensity += (high >= threshold).astype(np.uint8)
+        return bit | (basis_x << 1) | (intensity << NIBBLE_INTENSITY_SHIFT)
+
+
+def words_from_qrng_bytes(data: bytes) -> np.ndarray:
+    if len(data) % 4:
+        raise MappingError(f"{len(data)} QRNG bytes: 4 per slot needed")
+    return np.frombuffer(data, dtype="<u4")
+
+
+def decode_symbols(nibbles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(basis_x, bit, intensity_index) arrays from symbol nibbles."""
+    nibbles = np.asarray(nibbles, dtype=np.uint8)
+    return (
+        (nibbles >> 1) & 1,
+        nibbles & 1,
+        nibbles >> NIBBLE_INTENSITY_SHIFT,
+    )
+
+
+def pack_nibbles(nibbles: np.ndarray) -> bytes:
+    """Two slots per byte, slot 2k in the low nibble of byte k (docs/formats.md)."""
+    nibbles = np.asarray(nibbles, dtype=np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_nibbles(packed: bytes, count: int) -> np.ndarray:
+    raw = np.frombuffer(packed, dtype=np.uint8)
+    if raw.size * 2 < count:
+        raise MappingError(f"{raw.size} packed bytes hold fewer than {count} slots")
+    out = np.empty(raw.size * 2, dtype=np.uint8)
+    out[0::2] = raw & 0x0F
+    out[1::2] = raw >> 4
+    return out[:count]
+
+
+# ---------------------------------------------------------------- counter-based QRNG
+
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def counter_words(seed: int, slot_indices: np.ndarray) -> np.ndarray:
+    """u32 QRNG word of each slot: the high half of splitmix64's output number i+1 for
+    the stream seeded with `seed` (Steele, Lea & Flood 2014). Any slot, in any order."""
+    index = np.asarray(slot_indices, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + (index + np.uint64(1)) * _GOLDEN_GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(32)).astype(np.uint32)

@@ -1,0 +1,183 @@
+"""Emulated pass mode on the unix and QEMU targets: configure the real firmware, run it
+against the emulated optical head, read the products back over the ground link and check
+them against the head's truth (docs/sequencer.md, docs/payload-bus.md)."""
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from emulator.optical_head import OpticalHead, TdcSources
+from emulator.payload_run import run_pass
+from host.formats import qrec
+from host.protocol.symbols import SymbolMapping
+
+PROBS = [0.5, 0.25, 0.25]
+P_Z = 0.7
+SLOT_RATE_HZ = 100_000_000  # a "100 MHz" source in virtual time (lockstep head)
+# per target: frame length, frames to run (QEMU's emulated UART is the slow part) and a
+# PPS period short enough for several PPS edges in the run's virtual time
+RUNS = {"unix": (1024, 150, 100_000_000), "qemu": (512, 30, 25_000_000)}
+
+
+def _config(frame_slots, pps_period_ps):
+    return {
+        "intensity_probabilities": PROBS,
+        "basis_probability_z": P_Z,
+        "slot_rate_hz": SLOT_RATE_HZ,
+        "frame_slots": frame_slots,
+        "pps_period_ps": pps_period_ps,
+        "tdc": {"bursts_per_step": 1},
+    }
+
+
+def _rated_events_per_s(frame_slots):
+    # lockstep: one TDC burst (227 events) per frame, one frame per scheduler pass
+    return 227 * SLOT_RATE_HZ / frame_slots
+
+
+def _run(target, uplink_hz, seed):
+    frame_slots, frames, pps_period_ps = RUNS[target]
+    head = OpticalHead(
+        seed=seed,
+        fifo_depth=2048,
+        sources=TdcSources(sync_rate_hz=1e6, beacon_rate_hz=1e4, uplink_rate_hz=(uplink_hz,) * 4),
+        pps_period_ps=pps_period_ps,
+        clock_offset_ps=250_000,
+        clock_drift_ppb=3_000,
+    )
+    run = run_pass(target, head, _config(frame_slots, pps_period_ps), frames, timeout_s=300)
+    assert run.configure_reply["ok"], run.configure_reply
+    return head, run, frame_slots
+
+
+def _records(run, name, kind):
+    log = qrec.parse_records(run.files[name])
+    assert log.complete, log.problem
+    assert all(r.kind == kind for r in log.records)
+    return log.records
+
+
+def _tdc_events(run):
+    blocks = _records(run, "tdc.qrec", qrec.Kind.TDC_BLOCK)
+    events = [qrec.decode_tdc_block(r.payload) for r in blocks]
+    return [(int(e["channel"]), int(e["time_ps"])) for block in events for e in block]
+
+
+@pytest.fixture(scope="module", params=["unix", pytest.param("qemu", marks=pytest.mark.slow)])
+def below_rate(request):
+    return _run(request.param, uplink_hz=1e6, seed=11)
+
+
+def test_pattern_log_equals_what_the_laser_emitted_slot_for_slot(below_rate):
+    head, run, frame_slots = below_rate
+    frames = [
+        qrec.PatternFrame.decode(r.payload)
+        for r in _records(run, "patterns.qrec", qrec.Kind.PATTERN_FRAME)
+    ]
+    assert not head.blank_frames  # lockstep: the controller is never late
+    assert len(frames) == len(head.emitted) >= RUNS[run.target][1]
+    for logged, emitted in zip(frames, head.emitted, strict=True):
+        assert logged.frame_number == emitted.frame_number
+        assert logged.first_slot == emitted.first_slot == emitted.frame_number * frame_slots
+        assert logged.slot_count == emitted.slot_count == frame_slots
+        assert logged.packed_symbols == emitted.nibbles
+    assert run.telemetry["sequencer"]["frames_sent"] == len(frames)
+    assert not run.telemetry["sequencer"]["behind"]
+
+
+def test_emitted_symbols_are_the_mapping_of_the_qrng_bytes(below_rate):
+    head, run, frame_slots = below_rate
+    symbols = np.frombuffer(head.emitted_symbols(), dtype=np.uint8)
+    words = np.frombuffer(bytes(head.qrng_log), dtype="<u4")
+    mapping = SymbolMapping.from_probabilities(P_Z, PROBS)
+    assert np.array_equal(mapping.symbols(words[: len(symbols)]), symbols)
+
+
+def test_symbol_frequencies_match_the_configured_probabilities(below_rate):
+    head, run, frame_slots = below_rate
+    symbols = np.frombuffer(head.emitted_symbols(), dtype=np.uint8)
+    observed = np.bincount(symbols, minlength=16)[:12]
+    expected = np.array(
+        [
+            0.5 * (P_Z if basis == 0 else 1 - P_Z) * PROBS[k]
+            for k in range(3)
+            for basis in range(2)
+            for _bit in range(2)
+        ]
+    )
+    assert observed.sum() == len(symbols)
+    result = chisquare(observed, expected * len(symbols))
+    assert result.pvalue > 1e-3, (observed, result)
+
+
+def test_every_tdc_event_is_logged_below_the_rated_rate(below_rate):
+    head, run, frame_slots = below_rate
+    total_rate = 4e6 + 1e6 + 1e4
+    assert total_rate < _rated_events_per_s(frame_slots) / 4
+    events = _tdc_events(run)
+    assert events == head.tdc_truth
+    assert run.telemetry["tdc"]["lost"] == 0 and head.tdc_overflow == 0
+    assert sum(1 for c, _ in events if c == 0) >= 5  # PPS edges seen
+
+
+def test_pps_discipline_recovers_the_heads_clock(below_rate):
+    head, run, frame_slots = below_rate
+    clock = run.telemetry["clock"]
+    assert clock["drift_ppt"] == pytest.approx(head.clock_drift_ppb * 1000, abs=2)
+    assert clock["offset_ps"] == pytest.approx(head.clock_offset_ps, abs=2)
+    records = _records(run, "clock.qrec", qrec.Kind.CLOCK_DISCIPLINE)
+    assert len(records) == clock["records"] > 0
+
+
+def test_products_are_listed_with_size_and_crc32(below_rate):
+    head, run, frame_slots = below_rate
+    names = {name for name, _, _ in run.products}
+    assert {"patterns.qrec", "tdc.qrec", "housekeeping.qrec", "clock.qrec"} <= names
+    for name, size, crc in run.products:
+        assert len(run.files[name]) == size
+        assert zlib.crc32(run.files[name]) == crc
+    hk = [json.loads(r.payload) for r in _records(run, "housekeeping.qrec", 3)]
+    assert hk and all(20_000 < h["temp_laser_mc"] < 30_000 for h in hk)
+    assert hk[-1]["laser_power_uw"] in (0, head.laser_power_uw)
+
+
+@pytest.mark.parametrize("target", ["unix", pytest.param("qemu", marks=pytest.mark.slow)])
+def test_above_the_rated_rate_the_loss_counter_equals_the_events_lost(target):
+    frame_slots = RUNS[target][0]
+    uplink_hz = _rated_events_per_s(frame_slots)  # x4 channels: four times the rating
+    head, run, _ = _run(target, uplink_hz=uplink_hz, seed=12)
+    events = _tdc_events(run)
+    tdc = run.telemetry["tdc"]
+    lost = len(head.tdc_truth) - len(events)
+    assert lost > 1000
+    assert tdc["lost"] == lost
+    assert tdc["fifo_overflow"] == head.tdc_overflow
+    # exactly the events that found the FIFO full are the ones missing
+    kept = [e for i, e in enumerate(head.tdc_truth) if i not in head.tdc_lost_index]
+    assert events == kept
+
+
+def test_a_late_controller_says_so_and_never_repeats_or_skips_silently():
+    """The head's clock jumps 6 frames while the controller is busy: the frames it had not
+    filled (5 or 6, depending on whether the back bank was full at that moment) go out
+    blank, the controller flags `behind` and counts them, and its log still equals what
+    was emitted (no pattern repeated, none logged that was not sent)."""
+    frame_slots, frames, pps_period_ps = RUNS["unix"]
+    head = OpticalHead(seed=5, pps_period_ps=pps_period_ps)
+    config = _config(frame_slots, pps_period_ps)
+    run = run_pass("unix", head, config, 60, midway=lambda h: h.stall(6))
+    seq = run.telemetry["sequencer"]
+    assert 5 <= len(head.blank_frames) <= 6
+    assert seq["behind"] is True
+    assert seq["frames_missed"] == len(head.blank_frames)
+    frames_logged = [
+        qrec.PatternFrame.decode(r.payload)
+        for r in _records(run, "patterns.qrec", qrec.Kind.PATTERN_FRAME)
+    ]
+    assert [f.frame_number for f in frames_logged] == [f.frame_number for f in head.emitted]
+    assert [f.packed_symbols for f in frames_logged] == [f.nibbles for f in head.emitted]
+    numbers = [f.frame_number for f in frames_logged] + head.blank_frames
+    assert sorted(numbers) == list(range(len(numbers)))  # every frame accounted, once
