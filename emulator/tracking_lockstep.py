@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from emulator.endpoint import FrameEndpoint
+from emulator.optical_head import HeadServer, OpticalHead
 from emulator.optical_plant import NRAD, URAD, OpticalPlant, PlantParams, prediction_table
 from emulator.targets import (
     CONTROLLER_HEAP_BYTES,
@@ -29,7 +30,14 @@ from emulator.targets import (
     require,
 )
 from host.deploy.raw_repl import RawRepl
+from host.protocol import payload_bus as pb
 from host.protocol import tracking as trk
+
+# Tracking register blocks (firmware/payload/tracking_duty.py, docs/tracking.md).
+REG_TRK_SENSORS = pb.REG_TRACKING_BASE
+REG_TRK_COMMANDS = pb.REG_TRACKING_BASE + 0x10
+SENSOR_WORDS = 10
+COMMAND_WORDS = 7
 
 
 class LockstepError(RuntimeError):
@@ -133,6 +141,103 @@ def firmware_program(
         f"link = tracking_link.PlantLink(board.payload_bus, tracker, {idle})\n"
         f"total, worst = link.run({steps}, {start_at}, {stop_at}, board.clock.ticks_us)\n"
         "print('@@lockstep done', total, worst)\n"
+    )
+
+
+class TrackingHead(OpticalHead):
+    """The optical head with the tracking plant behind its 0x0500 register block: a READ
+    of the sensor block samples the plant (once per period), the WRITE of the command
+    block ending with STATE applies the commands and advances the plant one period."""
+
+    def attach(self, plant: OpticalPlant) -> None:
+        self.plant = plant
+        self._sample: tuple | None = None
+        self._commands = [0] * COMMAND_WORDS
+
+    def read_reg(self, addr: int) -> int:
+        if REG_TRK_SENSORS <= addr < REG_TRK_SENSORS + SENSOR_WORDS:
+            if self._sample is None:
+                self._sample = self.plant.measure()
+            return self._sample[addr - REG_TRK_SENSORS] & 0xFFFFFFFF
+        return super().read_reg(addr)
+
+    def write_reg(self, addr: int, value: int) -> int:
+        if REG_TRK_COMMANDS <= addr < REG_TRK_COMMANDS + COMMAND_WORDS:
+            if self._sample is None:
+                return pb.E_REFUSED  # commands before the period's sensors were read
+            index = addr - REG_TRK_COMMANDS
+            self._commands[index] = value - (1 << 32) if value >= 1 << 31 else value
+            if index == COMMAND_WORDS - 1:
+                fx, fy, rx, ry, pax, pay, state = self._commands
+                self.plant.apply((fx, fy), (rx, ry), (pax, pay), state)
+                self._sample = None
+            return pb.OK
+        return super().write_reg(addr, value)
+
+
+def bus_program(config: dict, rows: list[list[int]], steps: int, start_at: int) -> str:
+    """The firmware as it runs in the application: bus client, scheduler, tracking duty."""
+    return (
+        "import board\n"
+        "from payload import bus, scheduler, tracking, tracking_duty\n"
+        f"tracker = tracking.Tracker({config!r})\n"
+        f"tracker.load_predictions({rows!r})\n"
+        "duty = tracking_duty.TrackingDuty(bus.Bus(board.payload_bus, board.clock), tracker)\n"
+        "sched = scheduler.Scheduler(board.clock)\n"
+        "sched.add('tracking', duty.step)\n"
+        f"for k in range({steps}):\n"
+        f"    if k == {start_at}:\n"
+        "        tracker.start()\n"
+        "    sched.run_once()\n"
+        "for t in tracker.transitions():\n"
+        "    print('@@tr', *t)\n"
+        "print('@@bus', duty.steps, duty.bus_errors, sched.telemetry()['tracking']['worst_us'])\n"
+    )
+
+
+def run_over_bus(
+    params: PlantParams,
+    duration_s: float,
+    target: str = "unix",
+    config: dict | None = None,
+    start_at_s: float = 0.0,
+    icount_shift: int | None = None,
+) -> LockstepResult:
+    """Run the scenario through the payload bus: the firmware's bus client and scheduler
+    drive the tracking duty; the plant sits behind the optical head's register block."""
+    config = dict(config or {})
+    config.setdefault("loop_rate_hz", params.loop_rate_hz)
+    plant = OpticalPlant(params, duration_s)
+    rows = prediction_table(params, duration_s)
+    head = TrackingHead(seed=params.seed)
+    head.attach(plant)
+    start_at = int(round(start_at_s * params.loop_rate_hz))
+    program = bus_program(config, rows, plant.steps, start_at)
+    collector = _Collector(plant)
+    with HeadServer(head) as server:
+        if target == "unix":
+            output = _run_unix(program, server.address, collector, timeout_s=600.0)
+        else:
+            output = _run_qemu(program, server.address, collector, 600.0, icount_shift)
+    transitions, stats = [], None
+    for line in output.splitlines():
+        if line.startswith("@@tr"):
+            transitions.append(trk.Transition(*(int(v) for v in line.split()[1:5])))
+        elif line.startswith("@@bus"):
+            stats = [int(v) for v in line.split()[1:]]
+    if stats is None:
+        raise LockstepError(f"bus run did not finish:\n{output[-3000:]}")
+    return LockstepResult(
+        target=target,
+        plant=plant,
+        steps=plant.k,
+        period_us=1_000_000 // params.loop_rate_hz,
+        transitions=transitions,
+        samples=np.zeros(0, trk.SAMPLE_DTYPE),
+        telemetry_payloads=[],
+        step_time_worst=stats[2],
+        output=output,
+        extra={"duty_steps": stats[0], "bus_errors": stats[1], "head": head},
     )
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from emulator.optical_plant import PlantParams
-from emulator.tracking_lockstep import run_lockstep
+from emulator.tracking_lockstep import run_lockstep, run_over_bus
 from host.protocol import tracking as trk
 
 
@@ -95,6 +95,30 @@ def test_same_state_sequence_and_commands_on_unix_and_qemu():
     # Integer arithmetic bounded below 2**31: the 32-bit MCU computes the same bits.
     assert np.array_equal(on_qemu.plant.fsm_cmd_log, on_unix.plant.fsm_cmd_log)
     assert np.array_equal(on_qemu.samples, on_unix.samples)
+
+
+def test_payload_bus_path_runs_the_same_loop_as_the_lockstep_link():
+    # The application's path: bus client + scheduler + tracking duty, the plant behind the
+    # optical head's 0x0500 register block. Same plant, same firmware: same bits.
+    params = _acquired_quickly(dropouts=((0.6, 0.2),))
+    over_bus = run_over_bus(params, duration_s=1.0)
+    over_link = run_lockstep(params, duration_s=1.0)
+    assert over_bus.extra["bus_errors"] == 0 and over_bus.extra["duty_steps"] == 2000
+    assert over_bus.transitions == over_link.transitions
+    assert ("HOLD", "FINE") in _names(over_bus)
+    assert np.array_equal(over_bus.plant.fsm_cmd_log, over_link.plant.fsm_cmd_log)
+
+
+@pytest.mark.slow
+def test_payload_bus_path_on_qemu_matches_unix():
+    # Real-time QEMU clock: the bus client's 500 ms reply timeout is virtual time under
+    # -icount sleep=off, where a host hiccup can expire it (docs/tracking.md).
+    params = _acquired_quickly(dropouts=((0.6, 0.2),))
+    on_qemu = run_over_bus(params, duration_s=1.0, target="qemu")
+    on_unix = run_over_bus(params, duration_s=1.0, target="unix")
+    assert on_qemu.extra["bus_errors"] == 0
+    assert on_qemu.transitions == on_unix.transitions
+    assert np.array_equal(on_qemu.plant.fsm_cmd_log, on_unix.plant.fsm_cmd_log)
 
 
 def test_tracking_payload_round_trip_and_bad_payload_named():
