@@ -179,18 +179,29 @@ def bus_program(config: dict, rows: list[list[int]], steps: int, start_at: int) 
     """The firmware as it runs in the application: bus client, scheduler, tracking duty."""
     return (
         "import board\n"
-        "from payload import bus, scheduler, tracking, tracking_duty\n"
+        "from payload import bus, scheduler, storage, tracking, tracking_duty\n"
         f"tracker = tracking.Tracker({config!r})\n"
         f"tracker.load_predictions({rows!r})\n"
-        "duty = tracking_duty.TrackingDuty(bus.Bus(board.payload_bus, board.clock), tracker)\n"
+        # Lockstep: the head answers when the host gets to it, so the reply timeout would
+        # measure host load, not the firmware; 10 s instead of the flight 0.5 s.
+        "link = bus.Bus(board.payload_bus, board.clock, timeout_us=10_000_000)\n"
+        "duty = tracking_duty.TrackingDuty(link, tracker)\n"
+        "store = storage.Storage(board.mount_storage())\n"
+        "product = tracking_duty.TrackingProduct(tracker, store)\n"
         "sched = scheduler.Scheduler(board.clock)\n"
         "sched.add('tracking', duty.step)\n"
+        "sched.add('tracking-telemetry', product.step)\n"
         f"for k in range({steps}):\n"
         f"    if k == {start_at}:\n"
         "        tracker.start()\n"
         "    sched.run_once()\n"
+        "product.flush()\n"
         "for t in tracker.transitions():\n"
         "    print('@@tr', *t)\n"
+        "print('@@product', product.records, product.transitions_lost, tracker.telemetry_lost())\n"
+        "store.close()\n"
+        "for name, size, crc in store.products():\n"
+        "    print('@@stored', name, size, crc)\n"
         "print('@@bus', duty.steps, duty.bus_errors, sched.telemetry()['tracking']['worst_us'])\n"
     )
 
@@ -214,17 +225,23 @@ def run_over_bus(
     start_at = int(round(start_at_s * params.loop_rate_hz))
     program = bus_program(config, rows, plant.steps, start_at)
     collector = _Collector(plant)
+    files: dict[str, bytes] = {}
     with HeadServer(head) as server:
         if target == "unix":
-            output = _run_unix(program, server.address, collector, timeout_s=600.0)
+            output = _run_unix(program, server.address, collector, 600.0, files)
         else:
             output = _run_qemu(program, server.address, collector, 600.0, icount_shift)
-    transitions, stats = [], None
+    transitions, stats, stored, product = [], None, {}, None
     for line in output.splitlines():
         if line.startswith("@@tr"):
             transitions.append(trk.Transition(*(int(v) for v in line.split()[1:5])))
         elif line.startswith("@@bus"):
             stats = [int(v) for v in line.split()[1:]]
+        elif line.startswith("@@stored"):
+            _, name, size, crc = line.split()
+            stored[name] = (int(size), int(crc))
+        elif line.startswith("@@product"):
+            product = [int(v) for v in line.split()[1:]]
     if stats is None:
         raise LockstepError(f"bus run did not finish:\n{output[-3000:]}")
     return LockstepResult(
@@ -237,7 +254,14 @@ def run_over_bus(
         telemetry_payloads=[],
         step_time_worst=stats[2],
         output=output,
-        extra={"duty_steps": stats[0], "bus_errors": stats[1], "head": head},
+        extra={
+            "duty_steps": stats[0],
+            "bus_errors": stats[1],
+            "head": head,
+            "stored": stored,  # product name -> (bytes, crc32) as the firmware lists it
+            "files": files,  # unix only: product name -> bytes
+            "product": product,  # records written, transitions lost, telemetry lost
+        },
     )
 
 
@@ -326,7 +350,11 @@ def run_lockstep(
     )
 
 
-def _run_unix(program: str, address, collector: _Collector, timeout_s: float) -> str:
+def _run_unix(
+    program: str, address, collector: _Collector, timeout_s: float, files: dict | None = None
+) -> str:
+    """Run the program on the unix port; `files`, if given, receives every stored product
+    file's bytes by name (the unix target's flash is a directory)."""
     binary = require(MICROPYTHON_BIN, "MicroPython unix port")
     with tempfile.TemporaryDirectory(prefix="lockstep-") as workdir:
         script = Path(workdir) / "lockstep.py"
@@ -346,6 +374,9 @@ def _run_unix(program: str, address, collector: _Collector, timeout_s: float) ->
             env=env,
             stdin=subprocess.DEVNULL,
         )
+        if files is not None:
+            for path in (Path(workdir) / "flash" / "products").glob("*.qrec"):
+                files[path.name] = path.read_bytes()
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise LockstepError(f"unix: MicroPython exited {proc.returncode}:\n{output[-3000:]}")

@@ -97,7 +97,7 @@ def test_same_state_sequence_and_commands_on_unix_and_qemu():
     assert np.array_equal(on_qemu.samples, on_unix.samples)
 
 
-def test_payload_bus_path_runs_the_same_loop_as_the_lockstep_link():
+def test_payload_bus_path_runs_the_same_loop_as_the_lockstep_link(tmp_path):
     # The application's path: bus client + scheduler + tracking duty, the plant behind the
     # optical head's 0x0500 register block. Same plant, same firmware: same bits.
     params = _acquired_quickly(dropouts=((0.6, 0.2),))
@@ -107,6 +107,15 @@ def test_payload_bus_path_runs_the_same_loop_as_the_lockstep_link():
     assert over_bus.transitions == over_link.transitions
     assert ("HOLD", "FINE") in _names(over_bus)
     assert np.array_equal(over_bus.plant.fsm_cmd_log, over_link.plant.fsm_cmd_log)
+    # Telemetry is a storage product: record kind 4, read by the host's one reader.
+    path = tmp_path / "tracking.qrec"
+    path.write_bytes(over_bus.extra["files"]["tracking.qrec"])
+    samples, transitions, period_us, decimation = trk.read_tracking_log(path)
+    assert transitions == over_bus.transitions
+    assert (period_us, decimation, len(samples)) == (500, 10, 200)
+    assert over_bus.extra["product"][1:] == [0, 0]  # no transition or sample lost
+    fine = samples["state"] == 4
+    assert np.all(np.abs(samples["err_x_nrad"][fine]) < 150_000)
 
 
 @pytest.mark.slow
@@ -119,6 +128,8 @@ def test_payload_bus_path_on_qemu_matches_unix():
     assert on_qemu.extra["bus_errors"] == 0
     assert on_qemu.transitions == on_unix.transitions
     assert np.array_equal(on_qemu.plant.fsm_cmd_log, on_unix.plant.fsm_cmd_log)
+    # The stored telemetry product (littlefs on QEMU, a directory on unix): same bytes.
+    assert on_qemu.extra["stored"]["tracking.qrec"] == on_unix.extra["stored"]["tracking.qrec"]
 
 
 def test_tracking_payload_round_trip_and_bad_payload_named():

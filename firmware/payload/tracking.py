@@ -557,16 +557,35 @@ _SUB_SAMPLES = const(1)
 _SUB_TRANSITIONS = const(2)
 
 
-def pack_samples(samples, count, period_us, decimation):
-    """TRACKING payload with `count` telemetry samples (array 'i', 7 words each)."""
+def pack_samples_into(out, samples, count, period_us, decimation):
+    """Write a TRACKING samples payload into `out`; returns its length in bytes."""
     import struct
 
-    out = bytearray(12 + 24 * count)
     struct.pack_into("<BBHII", out, 0, 1, _SUB_SAMPLES, count, period_us, decimation)
     for n in range(count):
-        s = samples[TM_SAMPLE_WORDS * n : TM_SAMPLE_WORDS * (n + 1)]
-        struct.pack_into("<IBBHiiii", out, 12 + 24 * n, s[0], s[1], 0, min(s[2], 65535) if
-                         s[2] > 0 else 0, s[3], s[4], s[5], s[6])  # fmt: skip
+        i = TM_SAMPLE_WORDS * n
+        signal = samples[i + 2]
+        signal = 0 if signal < 0 else (65535 if signal > 65535 else signal)
+        struct.pack_into(
+            "<IBBHiiii",
+            out,
+            12 + 24 * n,
+            samples[i],
+            samples[i + 1],
+            0,
+            signal,
+            samples[i + 3],
+            samples[i + 4],
+            samples[i + 5],
+            samples[i + 6],
+        )
+    return 12 + 24 * count
+
+
+def pack_samples(samples, count, period_us, decimation):
+    """TRACKING payload with `count` telemetry samples (array 'i', 7 words each)."""
+    out = bytearray(12 + 24 * count)
+    pack_samples_into(out, samples, count, period_us, decimation)
     return out
 
 

@@ -6,7 +6,7 @@
 import micropython
 from micropython import const
 
-from payload import tracking
+from payload import storage, tracking
 
 REG_TRK_SENSORS = const(0x0500)  # read, 10 words: QA..QD, CAM_NEW, CAM_X, CAM_Y, CAM_SIGNAL,
 #                                  ENC_X, ENC_Y (Tracker.io words 0..9)
@@ -44,3 +44,56 @@ class TrackingDuty:
             self.bus_errors += 1
         self.steps += 1
         return True
+
+
+_PER_RECORD = const(40)
+_TRANSITIONS_PER_RECORD = const(120)  # 12 + 8 * 120 bytes fit the 12 + 24 * 40 payload
+
+
+class TrackingProduct:
+    """Telemetry into storage: drains the loop's telemetry ring into the product
+    "tracking" (record kind 4, docs/tracking.md), 40 samples per record, and appends the
+    transitions logged since the last call. A low-priority scheduler duty, never called
+    from an interrupt (it packs with struct)."""
+
+    def __init__(self, tracker, store):
+        self.tracker = tracker
+        self.log = store.open_log("tracking", storage.KIND_TRACKING, 12 + 24 * _PER_RECORD)
+        self._samples = tracking.array.array(
+            "i", bytes(4 * tracking.TM_SAMPLE_WORDS * _PER_RECORD)
+        )
+        self.transitions_written = 0
+        self.transitions_lost = 0
+        self.records = 0
+
+    def step(self, force=False):
+        tracker = self.tracker
+        pending = tracker.telemetry_pending()
+        if pending >= _PER_RECORD or (force and pending):
+            count = tracker.drain_telemetry(self._samples, _PER_RECORD)
+            length = tracking.pack_samples_into(
+                self.log.payload, self._samples, count, tracker.cfg[0],
+                tracker.config["telemetry_decimation"],
+            )  # fmt: skip
+            self.log.commit(length)
+            self.records += 1
+            return True
+        total = tracker.transition_count()
+        if total > self.transitions_written:
+            logged = tracker.transitions()  # oldest first, at most the ring's 64
+            missing = total - self.transitions_written
+            if missing > len(logged):  # the ring wrapped before we got here: count it
+                self.transitions_lost += missing - len(logged)
+                self.transitions_written += missing - len(logged)
+                missing = len(logged)
+            batch = logged[len(logged) - missing :][:_TRANSITIONS_PER_RECORD]
+            self.log.append(tracking.pack_transitions(batch, tracker.cfg[0]))
+            self.transitions_written += len(batch)
+            self.records += 1
+            return True
+        return False
+
+    def flush(self):
+        """Write everything pending (end of pass)."""
+        while self.step(force=True):
+            pass

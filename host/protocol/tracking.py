@@ -11,11 +11,12 @@ Transition (8 bytes): u32 step, u8 from, u8 to, u8 reason, u8 0.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from host.formats import qrec
 
 RECORD_KIND_TRACKING = 4
 VERSION = 1
@@ -100,43 +101,33 @@ def encode_transitions(transitions: list[Transition], period_us: int) -> bytes:
     return head + b"".join(TRANSITION.pack(t.step, t.old, t.new, t.reason, 0) for t in transitions)
 
 
-# The record container is the storage's format; these two helpers stand in until the
-# shared host/formats/qrec.py (one reader, one writer) is merged, and follow it byte for
-# byte: "QR" | version | kind | seq u32 | length u32 | payload | crc32.
-_RECORD_HEADER = struct.Struct("<2sBBII")
-
-
 def write_tracking_log(path: Path, payloads: list[bytes]) -> None:
-    out = bytearray()
-    for seq, payload in enumerate(payloads):
-        head = _RECORD_HEADER.pack(b"QR", 1, RECORD_KIND_TRACKING, seq, len(payload)) + payload
-        out += head + struct.pack("<I", zlib.crc32(head))
-    Path(path).write_bytes(bytes(out))
+    """A .qrec file of TRACKING records (the container's one writer: host/formats/qrec.py)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    writer = qrec.RecordWriter(path)
+    for payload in payloads:
+        writer.append(RECORD_KIND_TRACKING, payload)
 
 
 def read_tracking_log(path: Path) -> tuple[np.ndarray, list[Transition], int, int]:
-    """(samples, transitions, period_us, decimation) from a tracking .qrec file."""
-    data = Path(path).read_bytes()
-    offset, seq = 0, 0
+    """(samples, transitions, period_us, decimation) from a tracking .qrec file.
+
+    A torn or corrupt record (power cut) raises TrackingFormatError naming the file and
+    offset: the pointing record must not silently end early."""
+    log = qrec.read_records(path)
+    if log.problem:
+        raise TrackingFormatError(f"{path}: {log.problem}")
     chunks, transitions = [], []
     period_us = decimation = 0
-    while offset < len(data):
-        if len(data) - offset < 16:
-            raise TrackingFormatError(f"{path}: offset {offset}: torn record")
-        magic, version, kind, rseq, length = _RECORD_HEADER.unpack_from(data, offset)
-        end = offset + 12 + length
-        if magic != b"QR" or version != 1 or end + 4 > len(data):
-            raise TrackingFormatError(f"{path}: offset {offset}: bad or torn record")
-        (crc,) = struct.unpack_from("<I", data, end)
-        if crc != zlib.crc32(data[offset:end]) or rseq != seq:
-            raise TrackingFormatError(f"{path}: offset {offset}: CRC or sequence mismatch")
-        if kind == RECORD_KIND_TRACKING:
-            subtype, period_us, dec, items = decode_payload(data[offset + 12 : end])
-            if subtype == SUBTYPE_SAMPLES:
-                chunks.append(items)
-                decimation = dec
-            else:
-                transitions.extend(items)
-        offset, seq = end + 4, seq + 1
+    for record in log.records:
+        if record.kind != RECORD_KIND_TRACKING:
+            continue
+        subtype, period_us, dec, items = decode_payload(record.payload)
+        if subtype == SUBTYPE_SAMPLES:
+            chunks.append(items)
+            decimation = dec
+        else:
+            transitions.extend(items)
     samples = np.concatenate(chunks) if chunks else np.zeros(0, SAMPLE_DTYPE)
     return samples, transitions, period_us, decimation
