@@ -309,6 +309,16 @@ def validate(config, hardware=None):
             % (kp, ki, kii, kd, "unstable" if radius >= 1.0 else "too close to instability",
                radius, margin)
         )  # fmt: skip
+    # The QPD's slope (urad per unit of X) depends on the spot size, known to maybe +-50%
+    # (focus, temperature, atmosphere): the loop must stay stable over that range.
+    for gain in (0.5, 1.5):
+        off = _pole_radius(fine_loop_polynomial(kp * gain, ki * gain, kii * gain, kd * gain))
+        if off >= 1.0:
+            raise ConfigError(
+                "fine_kp=%r fine_ki=%r fine_kii=%r fine_kd=%r: fine loop unstable if the QPD"
+                " gain is %.1fx the nominal (spot size error; pole radius %.3f)"
+                % (kp, ki, kii, kd, gain, off)
+            )
     need(
         0.0 < c["fsm_limit_urad"] <= hw["fsm_range_urad"],
         "fsm_limit_urad",

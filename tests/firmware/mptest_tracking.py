@@ -29,6 +29,12 @@ def test_unstable_fine_gains_refused_with_reason():
     _refused({"fine_kp": 1.5, "fine_ki": 0.8}, ("pole radius",))
 
 
+def test_gains_fragile_to_qpd_gain_error_refused():
+    # Nominal pole radius 0.56 (looks fine), but a spot 1.5x sharper than assumed makes
+    # the loop unstable: refused.
+    _refused({"fine_kp": 0.2, "fine_ki": 1.0, "fine_kii": 0.0}, ("1.5x", "spot size"))
+
+
 def test_gains_that_do_not_fit_fixed_point_refused():
     _refused({"fine_kp": 2.5}, ("fine_kp", "Q12"))
     _refused({"fine_kii": 0.6}, ("fine_kii", "Q12"))
