@@ -83,8 +83,9 @@ class LockstepResult:
         return self.plant.err_x[:n] / URAD, self.plant.err_y[:n] / URAD
 
     def fine_rms_urad(self, settle_s: float = 0.5, window=None) -> tuple[float, float, int]:
-        """RMS per axis of the true downlink error over steps in FINE, skipping the first
-        `settle_s` after each entry into FINE; optional (start_s, end_s) window."""
+        """RMS per axis of the true downlink error over steps in FINE with the beacon on,
+        skipping the first `settle_s` after each entry into FINE; optional (start_s, end_s)
+        window. Returns (rms_x, rms_y, samples)."""
         states = self.states_per_step()
         fine = states == 4
         settle = int(settle_s * 1e6 / self.period_us)
@@ -94,6 +95,9 @@ class LockstepResult:
             entries = np.r_[0, entries]
         for e in entries:
             mask[e : e + settle] = False
+        # Samples with the beacon already gone (the few before the loss is declared) are
+        # not tracking: the outage figures cover them.
+        mask &= self.plant.beacon_on[: self.steps]
         if window:
             t = np.arange(self.steps) * self.period_us * 1e-6
             mask &= (t >= window[0]) & (t < window[1])

@@ -18,6 +18,7 @@ from host.errors import BadInput, ProtocolAborted
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "smoke": ("host.smoke", "boot the firmware on an emulated target and check both UARTs"),
+    "track": ("host.track", "close the firmware's tracking loop against the optical plant"),
 }
 
 
