@@ -160,6 +160,8 @@ class TrackingHead(OpticalHead):
 
     def read_reg(self, addr: int) -> int:
         if REG_TRK_SENSORS <= addr < REG_TRK_SENSORS + SENSOR_WORDS:
+            if self.plant.k >= self.plant.steps:
+                raise KeyError(addr)  # the scenario is over: answered as a bad address
             if self._sample is None:
                 self._sample = self.plant.measure()
             return self._sample[addr - REG_TRK_SENSORS] & 0xFFFFFFFF

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from emulator.optical_plant import PlantParams
-from emulator.tracking_lockstep import run_lockstep, run_over_bus
+from emulator.optical_plant import OpticalPlant, PlantParams, prediction_table
+from emulator.payload_run import run_pass
+from emulator.tracking_lockstep import TrackingHead, run_lockstep, run_over_bus
 from host.protocol import tracking as trk
 
 
@@ -130,6 +131,49 @@ def test_payload_bus_path_on_qemu_matches_unix():
     assert np.array_equal(on_qemu.plant.fsm_cmd_log, on_unix.plant.fsm_cmd_log)
     # The stored telemetry product (littlefs on QEMU, a directory on unix): same bytes.
     assert on_qemu.extra["stored"]["tracking.qrec"] == on_unix.extra["stored"]["tracking.qrec"]
+
+
+def _pass_config(rows, parameters=None):
+    return {
+        "intensity_probabilities": [0.5, 0.25, 0.25],
+        "basis_probability_z": 0.7,
+        "slot_rate_hz": 100_000_000,
+        "frame_slots": 1024,
+        "pps_period_ps": 100_000_000,
+        "tdc": {"bursts_per_step": 1},
+        "tracking": {"parameters": parameters or {}, "predictions": rows},
+    }
+
+
+@pytest.mark.slow
+def test_tracking_runs_in_pass_mode_configured_by_telecommand(tmp_path):
+    # The application: the pass configuration (diagnostic telecommand) carries a
+    # "tracking" section; start/stop drive the loop; its product is downloaded.
+    params = _acquired_quickly()
+    plant = OpticalPlant(params, 2.0)
+    head = TrackingHead(seed=5)
+    head.attach(plant)
+    run = run_pass("unix", head, _pass_config(prediction_table(params, 2.0)), 800)
+    assert run.configure_reply["ok"], run.configure_reply
+    status = run.telemetry["tracking"]
+    assert status["state"] == "IDLE" and status["bus_errors"] == 0 and status["steps"] >= 800
+    path = tmp_path / "tracking.qrec"
+    path.write_bytes(run.files["tracking.qrec"])
+    samples, transitions, _, _ = trk.read_tracking_log(path)
+    names = [(trk.STATE_NAMES[t.old], trk.STATE_NAMES[t.new]) for t in transitions]
+    assert names[0] == ("IDLE", "OPEN_LOOP") and names[-1][1] == "IDLE", names
+    assert ("COARSE", "FINE") in names and len(samples) >= 70
+
+
+def test_bad_tracking_configuration_refused_by_telecommand():
+    params = _acquired_quickly()
+    head = TrackingHead(seed=5)
+    head.attach(OpticalPlant(params, 1.0))
+    config = _pass_config(prediction_table(params, 1.0), {"fsm_limit_urad": 5000.0})
+    run = run_pass("unix", head, config, 10)
+    assert not run.configure_reply["ok"]
+    assert "fsm_limit_urad" in run.configure_reply["reason"]
+    assert "range" in run.configure_reply["reason"]
 
 
 def test_tracking_payload_round_trip_and_bad_payload_named():

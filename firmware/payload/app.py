@@ -25,7 +25,8 @@ import json
 from micropython import const
 
 from payload import bus as busmod
-from payload import framing, scheduler, sequencer, storage, tdc
+from payload import framing, scheduler, sequencer, storage, tdc, tracking_duty
+from payload import tracking as trackingmod
 from payload.version import FIRMWARE_VERSION
 
 MAX_FRAME_BODY_BYTES = const(2048)
@@ -105,6 +106,9 @@ class Controller:
         self.scheduler.add("tdc", self.tdc.step)
         self.scheduler.add("clock", self.discipline.step)
         self.scheduler.add("hk", self.hk.step, HK_PERIOD_US)
+        # Tracking joins when a configuration carries a "tracking" section (docs/tracking.md).
+        self.tracking = None
+        self.tracking_product = None
 
     # ---------------------------------------------------------------- pass control
 
@@ -124,18 +128,33 @@ class Controller:
             pps = config.get("pps_period_ps", tdc.PS_PER_S)
             if not isinstance(pps, int) or pps <= 0:
                 raise sequencer.ConfigError("pps_period_ps: need a positive integer")
-        except sequencer.ConfigError as error:
+            tracker = _tracker_from(config["tracking"]) if "tracking" in config else None
+        except (sequencer.ConfigError, trackingmod.ConfigError) as error:
             return False, str(error)
+        if tracker is not None:
+            self._attach_tracking(tracker)
         self.tdc.bursts_per_step = bursts
         self.discipline.pps_period_ps = pps
         self.time_scale_ppm = scale
         return True, None
+
+    def _attach_tracking(self, tracker):
+        if self.tracking is None:
+            self.tracking = tracking_duty.TrackingDuty(self.bus, tracker)
+            self.tracking_product = tracking_duty.TrackingProduct(tracker, self.store)
+            self.scheduler.add("tracking", self.tracking.step)
+            self.scheduler.add("tracking-telemetry", self.tracking_product.step)
+        else:  # a new pass configuration: same duties, new loop
+            self.tracking.attach(tracker)
+            self.tracking_product.attach(tracker)
 
     def start_pass(self):
         if self.pass_running:
             return False, "a pass is already running"
         if self.sequencer.config is None:
             return False, "not configured"
+        if self.tracking is not None:
+            self.tracking.tracker.start()
         self.tdc.start()
         self.sequencer.start()
         self.hk.running = True
@@ -148,6 +167,10 @@ class Controller:
             return False, "no pass is running"
         self.sequencer.stop()
         self.tdc.stop()
+        if self.tracking is not None:
+            self.tracking.tracker.stop()
+            self.tracking.step()  # the loop acts on the stop at its next period
+            self.tracking_product.flush()
         self.discipline.step()
         self.hk.record()
         self.hk.running = False
@@ -164,6 +187,7 @@ class Controller:
             "bus": self.bus.counters(),
             "ground_frames_dropped": self.ground_rx.dropped(),
             "duties": self.scheduler.telemetry(),
+            "tracking": self.tracking.telemetry() if self.tracking is not None else None,
             "storage_recovery": {
                 name: log.recovery.as_dict() for name, log in self.store.logs.items()
             },
@@ -266,6 +290,16 @@ class Controller:
         """One pass of the main loop; returns True if any duty did work."""
         self.board.clock.update()
         return self.scheduler.run_once()
+
+
+def _tracker_from(section):
+    """A Tracker from a configuration's "tracking" section: {"parameters": {...},
+    "predictions": [[x, y, vx, vy, ax, ay, pa_x, pa_y], ...]} (docs/tracking.md)."""
+    if not isinstance(section, dict) or "predictions" not in section:
+        raise trackingmod.ConfigError("tracking: need an object with 'predictions'")
+    tracker = trackingmod.Tracker(section.get("parameters") or {})
+    tracker.load_predictions(section["predictions"])
+    return tracker
 
 
 def _write_all(link, data):

@@ -509,6 +509,10 @@ class Tracker:
     def start(self):
         self.st[_S_CMD] = 1
 
+    def idle(self):
+        """True in IDLE with no command pending: stepping would do nothing."""
+        return self.st[_S_STATE] == IDLE and self.st[_S_CMD] == 0
+
     def stop(self):
         self.st[_S_CMD] = 2
 

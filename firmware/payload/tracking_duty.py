@@ -33,7 +33,23 @@ class TrackingDuty:
         self.steps = 0
         self.bus_errors = 0
 
+    def attach(self, tracker):
+        self.tracker = tracker
+        self._commands = memoryview(tracker.io)[tracking.IO_FSM_X : tracking.IO_FSM_X + 7]
+
+    def telemetry(self):
+        t = self.tracker
+        return {
+            "state": tracking.STATE_NAMES[t.state],
+            "steps": self.steps,
+            "bus_errors": self.bus_errors,
+            "transitions": t.transition_count(),
+            "telemetry_lost": t.telemetry_lost(),
+        }
+
     def step(self):
+        if self.tracker.idle():
+            return False  # no loop to run: leave the bus alone
         bus = self.bus
         if bus.read(REG_TRK_SENSORS, SENSOR_WORDS) != 0:
             self.bus_errors += 1
@@ -65,6 +81,10 @@ class TrackingProduct:
         self.transitions_written = 0
         self.transitions_lost = 0
         self.records = 0
+
+    def attach(self, tracker):
+        self.tracker = tracker
+        self.transitions_written = 0
 
     def step(self, force=False):
         tracker = self.tracker
