@@ -179,6 +179,16 @@ def test_bad_tracking_configuration_refused_by_telecommand():
     assert "range" in run.configure_reply["reason"]
 
 
+def test_pointing_efficiency_is_the_gaussian_beam_loss():
+    samples = np.zeros(3, trk.SAMPLE_DTYPE)
+    samples["err_x_nrad"] = [0, 5000, 3000]
+    samples["err_y_nrad"] = [0, 0, 4000]  # 0, 5, 5 urad off axis
+    eff = trk.pointing_efficiency(samples, beam_half_angle_urad=10.0)
+    assert np.allclose(eff, [1.0, math.exp(-0.5), math.exp(-0.5)])
+    with pytest.raises(ValueError, match="beam_half_angle_urad"):
+        trk.pointing_efficiency(samples, 0.0)
+
+
 def test_tracking_payload_round_trip_and_bad_payload_named():
     samples = np.zeros(3, trk.SAMPLE_DTYPE)
     samples["step"] = [10, 20, 30]

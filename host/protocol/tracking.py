@@ -131,3 +131,14 @@ def read_tracking_log(path: Path) -> tuple[np.ndarray, list[Transition], int, in
             transitions.extend(items)
     samples = np.concatenate(chunks) if chunks else np.zeros(0, SAMPLE_DTYPE)
     return samples, transitions, period_us, decimation
+
+
+def pointing_efficiency(samples: np.ndarray, beam_half_angle_urad: float) -> np.ndarray:
+    """Per-sample fraction of on-axis power reaching the station for a Gaussian beam of
+    1/e^2 half-angle divergence `beam_half_angle_urad`: exp(-2 theta^2 / theta_0^2), theta
+    the pointing error of the sample (the pass simulator's pointing-loss factor)."""
+    if beam_half_angle_urad <= 0:
+        raise ValueError(f"beam_half_angle_urad={beam_half_angle_urad}: must be positive")
+    ex = samples["err_x_nrad"].astype(np.float64) / 1000.0
+    ey = samples["err_y_nrad"].astype(np.float64) / 1000.0
+    return np.exp(-2.0 * (ex * ex + ey * ey) / beam_half_angle_urad**2)
