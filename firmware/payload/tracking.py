@@ -640,25 +640,6 @@ def _clamp(v: int, limit: int) -> int:
 
 
 @micropython.viper
-def _qpd_error(diff: int, total: int, gain: int) -> int:
-    """Normalised QPD difference -> angle (nrad), inverting X = erf(sqrt(2) x / w) to
-    fifth order: erfinv(X) ~ sqrt(pi)/2 (X + pi/12 X^3 + 7 pi^2/480 X^5)."""
-    neg = diff < 0
-    if neg:
-        diff = 0 - diff
-    if diff > total:
-        diff = total
-    x = (diff << 12) // total  # Q12, 0..4096 (diff <= 2**18 so diff << 12 < 2**31)
-    x3 = ((x * x) >> 12) * x >> 12
-    x5 = ((x3 * x) >> 12) * x >> 12
-    poly = x + ((x3 * 1072) >> 12) + ((x5 * 590) >> 12)
-    angle = (poly * gain) >> 8
-    if neg:
-        return 0 - angle
-    return angle
-
-
-@micropython.viper
 def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin: ptr16,
           log: ptr32, tm: ptr32) -> int:  # fmt: skip
     # ptr32 loads zero-extend on 64-bit builds: (v ^ m) - m restores the sign there and
@@ -726,14 +707,38 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
     ey = 0
     if fine_ok:
         gain = cfg[_K_QPD_GAIN]
-        ex = int(_qpd_error((qb + qd) - (qa + qc), signal, gain))
-        ey = int(_qpd_error((qa + qb) - (qc + qd), signal, gain))
-        ex = ex
+        # X = ((B+D)-(A+C))/S, Y = ((A+B)-(C+D))/S (Q12, |diff| <= S < 2**18 so diff << 12
+        # fits), then x = w/sqrt(2) erfinv(X), erfinv(X) ~ sqrt(pi)/2 (X + pi/12 X^3 +
+        # 7 pi^2/480 X^5): the fifth-order inverse of X = erf(sqrt(2) x / w). Inlined for
+        # both axes: a viper call costs more than this arithmetic on the MCU.
+        dx = (qb + qd) - (qa + qc)
+        neg = dx < 0
+        if neg:
+            dx = 0 - dx
+        if dx > signal:
+            dx = signal
+        x = (dx << 12) // signal
+        x3 = ((x * x) >> 12) * x >> 12
+        x5 = ((x3 * x) >> 12) * x >> 12
+        ex = ((x + ((x3 * 1072) >> 12) + ((x5 * 590) >> 12)) * gain) >> 8
+        if neg:
+            ex = 0 - ex
+        dy = (qa + qb) - (qc + qd)
+        neg = dy < 0
+        if neg:
+            dy = 0 - dy
+        if dy > signal:
+            dy = signal
+        x = (dy << 12) // signal
+        x3 = ((x * x) >> 12) * x >> 12
+        x5 = ((x3 * x) >> 12) * x >> 12
+        ey = ((x + ((x3 * 1072) >> 12) + ((x5 * 590) >> 12)) * gain) >> 8
+        if neg:
+            ey = 0 - ey
         if ex > _E_CLAMP:
             ex = _E_CLAMP
         elif ex < 0 - _E_CLAMP:
             ex = 0 - _E_CLAMP
-        ey = ey
         if ey > _E_CLAMP:
             ey = _E_CLAMP
         elif ey < 0 - _E_CLAMP:
