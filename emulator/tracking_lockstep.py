@@ -66,7 +66,7 @@ class LockstepResult:
     def first_entry_s(self, state: str, after_s: float = 0.0) -> float | None:
         """Time (s) of the first transition into `state` at or after `after_s`."""
         for t in self.transitions:
-            when = (t.step + 1) * self.period_us * 1e-6
+            when = t.step * self.period_us * 1e-6  # as Transition.describe
             if trk.STATE_NAMES[t.new] == state and when >= after_s:
                 return when
         return None
