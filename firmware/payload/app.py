@@ -25,8 +25,7 @@ import json
 from micropython import const
 
 from payload import bus as busmod
-from payload import framing, scheduler, sequencer, storage, tdc, tracking_duty
-from payload import tracking as trackingmod
+from payload import framing, scheduler, sequencer, storage, tdc
 from payload.version import FIRMWARE_VERSION
 
 MAX_FRAME_BODY_BYTES = const(2048)
@@ -119,6 +118,11 @@ class Controller:
         scale = self.bus.read1(busmod.REG_TIME_SCALE_PPM)
         if scale < 0:
             return False, "optical head does not answer on the payload bus"
+        tracker = None
+        if "tracking" in config:  # validated first: a refusal leaves everything unchanged
+            tracker, reason = _tracker_from(config["tracking"])
+            if tracker is None:
+                return False, reason
         try:
             self.sequencer.configure(config, scale)
             tdc_cfg = config.get("tdc", {})
@@ -128,8 +132,7 @@ class Controller:
             pps = config.get("pps_period_ps", tdc.PS_PER_S)
             if not isinstance(pps, int) or pps <= 0:
                 raise sequencer.ConfigError("pps_period_ps: need a positive integer")
-            tracker = _tracker_from(config["tracking"]) if "tracking" in config else None
-        except (sequencer.ConfigError, trackingmod.ConfigError) as error:
+        except sequencer.ConfigError as error:
             return False, str(error)
         if tracker is not None:
             self._attach_tracking(tracker)
@@ -139,6 +142,8 @@ class Controller:
         return True, None
 
     def _attach_tracking(self, tracker):
+        from payload import tracking_duty
+
         if self.tracking is None:
             self.tracking = tracking_duty.TrackingDuty(self.bus, tracker)
             self.tracking_product = tracking_duty.TrackingProduct(tracker, self.store)
@@ -294,12 +299,19 @@ class Controller:
 
 def _tracker_from(section):
     """A Tracker from a configuration's "tracking" section: {"parameters": {...},
-    "predictions": [[x, y, vx, vy, ax, ay, pa_x, pa_y], ...]} (docs/tracking.md)."""
+    "predictions": [[x, y, vx, vy, ax, ay, pa_x, pa_y], ...]} (docs/tracking.md).
+    Returns (tracker, None) or (None, reason). Imported only when a pass tracks: the
+    loop's code costs RAM on the unix target."""
+    from payload import tracking
+
     if not isinstance(section, dict) or "predictions" not in section:
-        raise trackingmod.ConfigError("tracking: need an object with 'predictions'")
-    tracker = trackingmod.Tracker(section.get("parameters") or {})
-    tracker.load_predictions(section["predictions"])
-    return tracker
+        return None, "tracking: need an object with 'predictions'"
+    try:
+        tracker = tracking.Tracker(section.get("parameters") or {})
+        tracker.load_predictions(section["predictions"])
+    except (tracking.ConfigError, TypeError) as error:  # TypeError: a non-numeric value
+        return None, "tracking: %s" % error
+    return tracker, None
 
 
 def _write_all(link, data):
