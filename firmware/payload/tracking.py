@@ -151,6 +151,14 @@ _S_I2X = const(29)  # second (double) integrator, nrad Q8
 _S_I2Y = const(30)
 _S_WORDS = const(32)
 
+# All int32 state lives in one array (fewer kernel arguments: each costs ~200 instructions
+# per call on the Cortex-M3): [state | config | io | nodes | transition ring | telemetry].
+_OFF_CFG = const(32)  # _S_WORDS
+_OFF_IO = const(64)  # _OFF_CFG + _K_WORDS
+_OFF_NODES = const(84)  # _OFF_IO + IO_WORDS
+_OFF_LOG = const(88)
+_OFF_TM = const(344)  # _OFF_LOG + 4 * _TR_SLOTS
+_ALL_WORDS = const(2136)  # _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS
 _TR_SLOTS = const(64)  # transition ring: step, from, to, reason
 TM_SAMPLE_WORDS = const(7)  # telemetry sample: step, state, signal, ex, ey, fsm x, fsm y
 _TM_SLOTS = const(256)
@@ -461,13 +469,17 @@ class Tracker:
         self.config = dict(DEFAULTS)
         if config:
             self.config.update(config)
-        self.cfg = validate(self.config, self.hardware)
-        self.io = array.array("i", bytes(4 * IO_WORDS))
-        self.st = array.array("i", bytes(4 * _S_WORDS))
-        self.transition_log = array.array("i", bytes(4 * 4 * _TR_SLOTS))
-        self.telemetry = array.array("i", bytes(4 * TM_SAMPLE_WORDS * _TM_SLOTS))
+        self.words = array.array("i", bytes(4 * _ALL_WORDS))
+        view = memoryview(self.words)
+        self.st = view[:_S_WORDS]
+        self.cfg = view[_OFF_CFG : _OFF_CFG + _K_WORDS]
+        self.io = view[_OFF_IO : _OFF_IO + IO_WORDS]
+        self._nodes = view[_OFF_NODES : _OFF_NODES + 1]
+        self.transition_log = view[_OFF_LOG : _OFF_LOG + 4 * _TR_SLOTS]
+        self.telemetry = view[_OFF_TM : _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS]
+        self.cfg[:] = validate(self.config, self.hardware)
         self.table = array.array("i", bytes(4 * _TABLE_WORDS * 2))
-        self._nodes = array.array("i", (2,))
+        self._nodes[0] = 2
         self._sin = _sin_table()
 
     # -------------------------------------------------------------- telecommands
@@ -519,8 +531,7 @@ class Tracker:
     # -------------------------------------------------------------- the loop
     def step(self):
         """One loop sample: sensors in self.io -> commands in self.io; returns the state."""
-        return _step(self.st, self.cfg, self.io, self.table, self._nodes, self._sin,
-                     self.transition_log, self.telemetry)  # fmt: skip
+        return _step(self.words, self.table, self._sin)
 
     # -------------------------------------------------------------- reading back (allocates)
     @property
@@ -616,13 +627,13 @@ def pack_transitions(transitions, period_us):
 
 # ---------------------------------------------------------------- kernels
 @micropython.viper
-def _log_transition(st: ptr32, log: ptr32, to: int, reason: int):
+def _log_transition(st: ptr32, to: int, reason: int):
     count = st[_S_TR_COUNT]
     i = (count % _TR_SLOTS) * 4
-    log[i] = st[_S_STEP]
-    log[i + 1] = st[_S_STATE]
-    log[i + 2] = to
-    log[i + 3] = reason
+    st[_OFF_LOG + i] = st[_S_STEP]
+    st[_OFF_LOG + i + 1] = st[_S_STATE]
+    st[_OFF_LOG + i + 2] = to
+    st[_OFF_LOG + i + 3] = reason
     st[_S_TR_COUNT] = count + 1
     st[_S_STATE] = to
     st[_S_IN_STATE] = 0
@@ -640,14 +651,13 @@ def _clamp(v: int, limit: int) -> int:
 
 
 @micropython.viper
-def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin: ptr16,
-          log: ptr32, tm: ptr32) -> int:  # fmt: skip
+def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
     # ptr32 loads zero-extend on 64-bit builds: (v ^ m) - m restores the sign there and
     # is the identity on 32-bit targets. Every signed word is loaded through it.
     m = 1
     m <<= 31
     state = st[_S_STATE]
-    period = cfg[_K_PERIOD_US]
+    period = st[_OFF_CFG + _K_PERIOD_US]
     step = st[_S_STEP] + 1
     st[_S_STEP] = step
     t_us = st[_S_T_US]
@@ -661,7 +671,7 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
     cmd = st[_S_CMD]
     st[_S_CMD] = 0
     if cmd == 2 and state != IDLE:
-        _log_transition(st, log, IDLE, R_COMMAND_STOP)
+        _log_transition(st, IDLE, R_COMMAND_STOP)
         state = IDLE
     if cmd == 1 and state == IDLE:
         st[_S_T_US] = 0
@@ -670,11 +680,11 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
         st[_S_BY] = 0
         st[_S_BDX] = 0
         st[_S_BDY] = 0
-        _log_transition(st, log, OPEN_LOOP, R_COMMAND_START)
+        _log_transition(st, OPEN_LOOP, R_COMMAND_START)
         state = OPEN_LOOP
 
     # -------- prediction at t_us: quadratic from the node at or before t
-    nodes = nodes_box[0]
+    nodes = st[_OFF_NODES]
     node = t_us // 1000000
     if node > nodes - 2:
         node = nodes - 2
@@ -697,16 +707,16 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
     pa_y = pa0 + ((((table[row + _TABLE_WORDS + 7] ^ m) - m - pa0) * t_ms * 65) >> 16)
 
     # -------- sensors
-    qa = io[IO_QA]
-    qb = io[IO_QB]
-    qc = io[IO_QC]
-    qd = io[IO_QD]
-    signal = qa + qb + qc + qd - 4 * cfg[_K_QPD_BG]
-    fine_ok = signal >= cfg[_K_QPD_THR]
+    qa = st[_OFF_IO + IO_QA]
+    qb = st[_OFF_IO + IO_QB]
+    qc = st[_OFF_IO + IO_QC]
+    qd = st[_OFF_IO + IO_QD]
+    signal = qa + qb + qc + qd - 4 * st[_OFF_CFG + _K_QPD_BG]
+    fine_ok = signal >= st[_OFF_CFG + _K_QPD_THR]
     ex = 0
     ey = 0
     if fine_ok:
-        gain = cfg[_K_QPD_GAIN]
+        gain = st[_OFF_CFG + _K_QPD_GAIN]
         # X = ((B+D)-(A+C))/S, Y = ((A+B)-(C+D))/S (Q12, |diff| <= S < 2**18 so diff << 12
         # fits), then x = w/sqrt(2) erfinv(X), erfinv(X) ~ sqrt(pi)/2 (X + pi/12 X^3 +
         # 7 pi^2/480 X^5): the fifth-order inverse of X = erf(sqrt(2) x / w). Inlined for
@@ -748,10 +758,10 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
     else:
         st[_S_QPD_MISS] = st[_S_QPD_MISS] + 1
         st[_S_QPD_RUN] = 0
-    cam_new = io[IO_CAM_NEW]
-    cam_x = (io[IO_CAM_X] ^ m) - m
-    cam_y = (io[IO_CAM_Y] ^ m) - m
-    cam_ok = io[IO_CAM_SIGNAL] >= cfg[_K_CAM_THR]
+    cam_new = st[_OFF_IO + IO_CAM_NEW]
+    cam_x = (st[_OFF_IO + IO_CAM_X] ^ m) - m
+    cam_y = (st[_OFF_IO + IO_CAM_Y] ^ m) - m
+    cam_ok = st[_OFF_IO + IO_CAM_SIGNAL] >= st[_OFF_CFG + _K_CAM_THR]
     if cam_new:
         if cam_ok:
             st[_S_CAM_RUN] = st[_S_CAM_RUN] + 1
@@ -759,30 +769,32 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
         else:
             st[_S_CAM_MISS] = st[_S_CAM_MISS] + 1
             st[_S_CAM_RUN] = 0
-    enc_x = (io[IO_ENC_X] ^ m) - m
-    enc_y = (io[IO_ENC_Y] ^ m) - m
-    fsm_prev_x = (io[IO_FSM_X] ^ m) - m  # the command applied while this sample was taken
-    fsm_prev_y = (io[IO_FSM_Y] ^ m) - m
-    limit = cfg[_K_FSM_LIMIT]
+    enc_x = (st[_OFF_IO + IO_ENC_X] ^ m) - m
+    enc_y = (st[_OFF_IO + IO_ENC_Y] ^ m) - m
+    fsm_prev_x = (
+        st[_OFF_IO + IO_FSM_X] ^ m
+    ) - m  # the command applied while this sample was taken
+    fsm_prev_y = (st[_OFF_IO + IO_FSM_Y] ^ m) - m
+    limit = st[_OFF_CFG + _K_FSM_LIMIT]
     ilim = limit << 8  # integrator bound, Q8
     bias_x = ((st[_S_BX] ^ m) - m) >> 6
     bias_y = ((st[_S_BY] ^ m) - m) >> 6
 
     # -------- transitions on measured signal
-    cam_seen = cam_new and st[_S_CAM_RUN] >= cfg[_K_CAM_CONFIRM]
+    cam_seen = cam_new and st[_S_CAM_RUN] >= st[_OFF_CFG + _K_CAM_CONFIRM]
     if state == OPEN_LOOP or state == SCAN or state == REACQ or state == LOST:
         if cam_seen:
-            _log_transition(st, log, COARSE, R_CAMERA_SIGNAL)
+            _log_transition(st, COARSE, R_CAMERA_SIGNAL)
             state = COARSE
             st[_S_CRX] = 0
             st[_S_CRY] = 0
     elif state == COARSE:
         if (
-            st[_S_QPD_RUN] >= cfg[_K_QPD_CONFIRM]
-            and int(_clamp(cam_x, cfg[_K_HANDOVER])) == cam_x
-            and int(_clamp(cam_y, cfg[_K_HANDOVER])) == cam_y
+            st[_S_QPD_RUN] >= st[_OFF_CFG + _K_QPD_CONFIRM]
+            and int(_clamp(cam_x, st[_OFF_CFG + _K_HANDOVER])) == cam_x
+            and int(_clamp(cam_y, st[_OFF_CFG + _K_HANDOVER])) == cam_y
         ):
-            _log_transition(st, log, FINE, R_FINE_SIGNAL)
+            _log_transition(st, FINE, R_FINE_SIGNAL)
             state = FINE
             st[_S_IX] = 0
             st[_S_IY] = 0
@@ -794,26 +806,26 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
             st[_S_EPY] = ey
             st[_S_BDX] = 0
             st[_S_BDY] = 0
-        elif cam_new and st[_S_CAM_MISS] >= cfg[_K_CAM_LOSS]:
-            _log_transition(st, log, REACQ, R_CAMERA_LOST)
+        elif cam_new and st[_S_CAM_MISS] >= st[_OFF_CFG + _K_CAM_LOSS]:
+            _log_transition(st, REACQ, R_CAMERA_LOST)
             state = REACQ
     elif state == FINE:
-        if st[_S_QPD_MISS] >= cfg[_K_LOSS_SAMPLES]:
-            _log_transition(st, log, HOLD, R_SIGNAL_LOST)
+        if st[_S_QPD_MISS] >= st[_OFF_CFG + _K_LOSS_SAMPLES]:
+            _log_transition(st, HOLD, R_SIGNAL_LOST)
             state = HOLD
     elif state == HOLD:
-        if st[_S_QPD_RUN] >= cfg[_K_QPD_CONFIRM]:
-            _log_transition(st, log, FINE, R_SIGNAL_BACK)
+        if st[_S_QPD_RUN] >= st[_OFF_CFG + _K_QPD_CONFIRM]:
+            _log_transition(st, FINE, R_SIGNAL_BACK)
             state = FINE
             st[_S_EPX] = ex
             st[_S_EPY] = ey
         elif cam_seen:
-            _log_transition(st, log, COARSE, R_CAMERA_SIGNAL)
+            _log_transition(st, COARSE, R_CAMERA_SIGNAL)
             state = COARSE
             st[_S_CRX] = 0
             st[_S_CRY] = 0
-        elif st[_S_IN_STATE] >= cfg[_K_HOLD_STEPS]:
-            _log_transition(st, log, REACQ, R_HOLD_TIMEOUT)
+        elif st[_S_IN_STATE] >= st[_OFF_CFG + _K_HOLD_STEPS]:
+            _log_transition(st, REACQ, R_HOLD_TIMEOUT)
             state = REACQ
 
     # -------- controllers per state
@@ -821,33 +833,33 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
     fsm_y = 0
     rate_x = 0
     rate_y = 0
-    spm = cfg[_K_SPM]
+    spm = st[_OFF_CFG + _K_SPM]
     if state == OPEN_LOOP or state == SCAN or state == REACQ or state == LOST:
         off_x = 0
         off_y = 0
         if state == SCAN or state == REACQ:
-            radius_max = cfg[_K_SCAN_RADIUS]
-            max_scans = cfg[_K_MAX_SCANS]
+            radius_max = st[_OFF_CFG + _K_SCAN_RADIUS]
+            max_scans = st[_OFF_CFG + _K_MAX_SCANS]
             if state == REACQ:
-                radius_max = cfg[_K_REACQ_RADIUS]
-                max_scans = cfg[_K_MAX_REACQ]
+                radius_max = st[_OFF_CFG + _K_REACQ_RADIUS]
+                max_scans = st[_OFF_CFG + _K_MAX_REACQ]
             phase = st[_S_PHASE]
-            r = ((cfg[_K_SCAN_PITCH] >> 4) * (phase >> 8)) >> 4
+            r = ((st[_OFF_CFG + _K_SCAN_PITCH] >> 4) * (phase >> 8)) >> 4
             if r > radius_max:
                 phase = 0
                 r = 0
                 st[_S_SCANS] = st[_S_SCANS] + 1
             r_div = r
-            if r_div < cfg[_K_SCAN_RMIN]:
-                r_div = cfg[_K_SCAN_RMIN]
-            st[_S_PHASE] = phase + cfg[_K_SCAN_K] // r_div
+            if r_div < st[_OFF_CFG + _K_SCAN_RMIN]:
+                r_div = st[_OFF_CFG + _K_SCAN_RMIN]
+            st[_S_PHASE] = phase + st[_OFF_CFG + _K_SCAN_K] // r_div
             idx = (phase >> 6) & (_SIN_SIZE - 1)
             sin_q14 = int(sin[idx]) - _SIN_BIAS
             cos_q14 = int(sin[(idx + (_SIN_SIZE >> 2)) & (_SIN_SIZE - 1)]) - _SIN_BIAS
             off_x = ((r >> 7) * cos_q14) >> 7
             off_y = ((r >> 7) * sin_q14) >> 7
             if st[_S_SCANS] >= max_scans:
-                _log_transition(st, log, LOST, R_SCAN_EXHAUSTED)
+                _log_transition(st, LOST, R_SCAN_EXHAUSTED)
                 state = LOST
                 off_x = 0
                 off_y = 0
@@ -862,21 +874,21 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
             last_y = off_y
         st[_S_OFFX] = off_x
         st[_S_OFFY] = off_y
-        kol = cfg[_K_KOL]
+        kol = st[_OFF_CFG + _K_KOL]
         rate_x = vff_x + ((int(_clamp(dx, 1 << 20)) * kol) >> 16)
         rate_x += ((off_x - last_x) * spm) >> 16
         rate_y = vff_y + ((int(_clamp(dy, 1 << 20)) * kol) >> 16)
         rate_y += ((off_y - last_y) * spm) >> 16
         if state == OPEN_LOOP:
-            settle = cfg[_K_SETTLE]
+            settle = st[_OFF_CFG + _K_SETTLE]
             if int(_clamp(dx, settle)) == dx and int(_clamp(dy, settle)) == dy:
-                _log_transition(st, log, SCAN, R_ON_PREDICTION)
+                _log_transition(st, SCAN, R_ON_PREDICTION)
                 state = SCAN
                 st[_S_OFFX] = 0
                 st[_S_OFFY] = 0
     elif state == COARSE:
         if cam_new and cam_ok:
-            kc = cfg[_K_KC]
+            kc = st[_OFF_CFG + _K_KC]
             st[_S_CRX] = (int(_clamp(cam_x, 1 << 20)) * kc) >> 16
             st[_S_CRY] = (int(_clamp(cam_y, 1 << 20)) * kc) >> 16
             # The camera measures where the beacon is: learn the prediction's bias.
@@ -885,8 +897,8 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
         rate_x = vff_x + ((st[_S_CRX] ^ m) - m)
         rate_y = vff_y + ((st[_S_CRY] ^ m) - m)
     elif state == FINE or state == HOLD:
-        alpha = cfg[_K_ALPHA]
-        beta = cfg[_K_BETA]
+        alpha = st[_OFF_CFG + _K_ALPHA]
+        beta = st[_OFF_CFG + _K_BETA]
         bx = (st[_S_BX] ^ m) - m
         by = (st[_S_BY] ^ m) - m
         bdx = (st[_S_BDX] ^ m) - m
@@ -920,10 +932,10 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
                 bdy = 0 - (1 << 29)
             # PID plus a second integrator (type 2: rejects the coarse axis' ramp and
             # low-frequency vibration as f^2), conditional integration as anti-windup.
-            kp = cfg[_K_KP]
-            ki = cfg[_K_KI]
-            kii = cfg[_K_KII]
-            kd = cfg[_K_KD]
+            kp = st[_OFF_CFG + _K_KP]
+            ki = st[_OFF_CFG + _K_KI]
+            kii = st[_OFF_CFG + _K_KII]
+            kd = st[_OFF_CFG + _K_KD]
             ix = (st[_S_IX] ^ m) - m
             iy = (st[_S_IY] ^ m) - m
             i2x = (st[_S_I2X] ^ m) - m
@@ -1028,15 +1040,15 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
         st[_S_BDY] = bdy
         # Offload the mirror's deflection to the coarse axis, with the prediction's rate
         # and the predictor's bias rate fed forward.
-        ko = cfg[_K_KO]
+        ko = st[_OFF_CFG + _K_KO]
         bias_rate_x = (((bdx >> 8) * spm) >> 16) >> 8
         bias_rate_y = (((bdy >> 8) * spm) >> 16) >> 8
         rate_x = vff_x + bias_rate_x + ((fsm_x * ko) >> 16)
         rate_y = vff_y + bias_rate_y + ((fsm_y * ko) >> 16)
 
-    rate_limit = cfg[_K_RATE_LIMIT]
-    io[IO_FSM_X] = fsm_x
-    io[IO_FSM_Y] = fsm_y
+    rate_limit = st[_OFF_CFG + _K_RATE_LIMIT]
+    st[_OFF_IO + IO_FSM_X] = fsm_x
+    st[_OFF_IO + IO_FSM_Y] = fsm_y
     if rate_x > rate_limit:
         rate_x = rate_limit
     elif rate_x < 0 - rate_limit:
@@ -1045,31 +1057,31 @@ def _step(st: ptr32, cfg: ptr32, io: ptr32, table: ptr32, nodes_box: ptr32, sin:
         rate_y = rate_limit
     elif rate_y < 0 - rate_limit:
         rate_y = 0 - rate_limit
-    io[IO_RATE_X] = rate_x
-    io[IO_RATE_Y] = rate_y
+    st[_OFF_IO + IO_RATE_X] = rate_x
+    st[_OFF_IO + IO_RATE_Y] = rate_y
     if state == IDLE:
         pa_x = 0
         pa_y = 0
-    io[IO_PA_X] = pa_x
-    io[IO_PA_Y] = pa_y
-    io[IO_STATE] = state
-    io[IO_ERR_X] = ex
-    io[IO_ERR_Y] = ey
-    io[IO_SIGNAL] = signal
+    st[_OFF_IO + IO_PA_X] = pa_x
+    st[_OFF_IO + IO_PA_Y] = pa_y
+    st[_OFF_IO + IO_STATE] = state
+    st[_OFF_IO + IO_ERR_X] = ex
+    st[_OFF_IO + IO_ERR_Y] = ey
+    st[_OFF_IO + IO_SIGNAL] = signal
 
     # -------- telemetry ring (decimated); a full ring drops the sample and counts it
-    if state != IDLE and step % cfg[_K_TELEM_DECIM] == 0:
+    if state != IDLE and step % st[_OFF_CFG + _K_TELEM_DECIM] == 0:
         head = st[_S_TM_HEAD]
         if head - st[_S_TM_TAIL] >= _TM_SLOTS:
             st[_S_TM_LOST] = st[_S_TM_LOST] + 1
         else:
             i = (head % _TM_SLOTS) * TM_SAMPLE_WORDS
-            tm[i] = step
-            tm[i + 1] = state
-            tm[i + 2] = signal
-            tm[i + 3] = ex
-            tm[i + 4] = ey
-            tm[i + 5] = fsm_x
-            tm[i + 6] = fsm_y
+            st[_OFF_TM + i] = step
+            st[_OFF_TM + i + 1] = state
+            st[_OFF_TM + i + 2] = signal
+            st[_OFF_TM + i + 3] = ex
+            st[_OFF_TM + i + 4] = ey
+            st[_OFF_TM + i + 5] = fsm_x
+            st[_OFF_TM + i + 6] = fsm_y
             st[_S_TM_HEAD] = head + 1
     return state
