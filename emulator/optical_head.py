@@ -47,6 +47,22 @@ CH_PPS, CH_SYNC, CH_BEACON, CH_UPLINK0 = 0, 1, 2, 3
 REG_LASER_ACTIVE = pb.REG_LASER_ACTIVE
 
 
+class RegisterDevice:
+    """A function block behind the head's register map (tracking plants: issue 6).
+
+    Registers are addressed by their offset in the block (0..0xFF); values are u32.
+    `read_reg` raises KeyError for an address it does not have."""
+
+    def read_reg(self, offset: int) -> int:
+        raise KeyError(offset)
+
+    def write_reg(self, offset: int, value: int) -> int:
+        return pb.E_BAD_ADDRESS
+
+    def advance_to(self, t_ps: int) -> None:
+        """The head's clock moved to t_ps (called before each request is served)."""
+
+
 @dataclass
 class EmittedFrame:
     frame_number: int
@@ -109,7 +125,19 @@ class OpticalHead:
         self.qrng_log = bytearray()  # every QRNG byte handed out, for checks
         self.bad_requests = 0
         self.requests = 0
+        self.retransmissions = 0  # repeated requests answered from the reply cache
+        self.drop_reply_every = 0  # tests: withhold every n-th reply (a lossy bus)
+        self._last_body = b""
+        self._last_reply = b""
         self.reader = None  # the endpoint's FrameReader, for REG_BUS_ERRORS
+        self.devices: dict[int, RegisterDevice] = {}  # block base (0x0500, ...) -> device
+
+    def attach(self, base: int, device: RegisterDevice) -> None:
+        """Plug a function block in at `base` (a multiple of 0x100, e.g. tracking at
+        0x0500): its registers answer base..base+0xFF, and it sees the head's time."""
+        if base % 0x100 or base < 0x0500 or base in self.devices:
+            raise ValueError(f"register block {base:#06x} is taken or not a free block")
+        self.devices[base] = device
 
     # ------------------------------------------------------------------ time
 
@@ -133,16 +161,18 @@ class OpticalHead:
         self._tdc_until(t_ps)
 
     def _frame_boundary(self) -> None:
+        # An accepted commit is a promise: that frame is emitted even if LASER_CTRL was
+        # cleared since (the controller logged it on acceptance, and may have reset).
         k = self.frame_count
-        if self.regs[pb.REG_LASER_CTRL] & 1:
-            slots = self.regs[pb.REG_FRAME_SLOTS]
-            if self.back_committed == k:
-                frame = EmittedFrame(k, k * slots, slots, bytes(self.back[: slots // 2]))
-                self.emitted.append(frame)
-                self.current = frame
-            else:
-                self.blank_frames.append(k)  # the laser stays dark: never a stale pattern
-                self.current = None
+        slots = self.regs[pb.REG_FRAME_SLOTS]
+        if self.back_committed == k:
+            frame = EmittedFrame(k, k * slots, slots, bytes(self.back[: slots // 2]))
+            self.emitted.append(frame)
+            self.current = frame
+            self.laser_active = True
+        elif self.regs[pb.REG_LASER_CTRL] & 1:
+            self.blank_frames.append(k)  # the laser stays dark: never a stale pattern
+            self.current = None
             self.laser_active = True
         else:
             self.laser_active = False
@@ -212,6 +242,9 @@ class OpticalHead:
     # ------------------------------------------------------------------ registers
 
     def read_reg(self, addr: int) -> int:
+        device = self.devices.get(addr & 0xFF00)
+        if device is not None:
+            return device.read_reg(addr & 0xFF) & 0xFFFFFFFF
         if addr == pb.REG_BUS_ERRORS:
             drops = self.reader.dropped if self.reader is not None else 0
             return (drops + self.bad_requests) & 0xFFFFFFFF
@@ -262,6 +295,9 @@ class OpticalHead:
         return value & 0xFFFFFFFF
 
     def write_reg(self, addr: int, value: int) -> int:
+        device = self.devices.get(addr & 0xFF00)
+        if device is not None:
+            return device.write_reg(addr & 0xFF, value)
         if addr == pb.REG_COMMIT:
             if self.back_committed is not None or value != self.frame_count:
                 return pb.E_REFUSED  # too late for that frame, or the bank is full
@@ -295,6 +331,11 @@ class OpticalHead:
         """Serve one request body; malformed ones are counted and answered with a status."""
         with self._lock:
             self.requests += 1
+            if body == self._last_body:
+                # The controller resends a request (same tag) when a reply was lost: answer
+                # from the cache, never execute twice (FIFO data, commits).
+                self.retransmissions += 1
+                return self._last_reply
             try:
                 request = pb.unpack_request(body)
             except pb.BusProtocolError:
@@ -304,7 +345,13 @@ class OpticalHead:
                     return pb.error_reply(body, pb.E_BAD_LENGTH if known else pb.E_UNKNOWN_OP)
                 return None
             self._wall_advance()
-            return self._serve(request).pack()
+            for device in self.devices.values():
+                device.advance_to(self.now_ps)
+            reply = self._serve(request).pack()
+            self._last_body, self._last_reply = bytes(body), reply
+            if self.drop_reply_every and self.requests % self.drop_reply_every == 0:
+                return None
+            return reply
 
     def _serve(self, req: pb.Request) -> pb.Reply:
         if req.op == pb.OP_READ:
@@ -356,7 +403,7 @@ class OpticalHead:
         waiting_for_bank = pb.REG_FRAME_COUNT in addrs and self.back_committed is not None
         stopping = (
             REG_LASER_ACTIVE in addrs
-            and self.laser_active
+            and (self.laser_active or self.back_committed is not None)
             and not self.regs[pb.REG_LASER_CTRL] & 1
         )
         if waiting_for_bank or stopping:

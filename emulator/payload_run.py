@@ -1,87 +1,79 @@
 """An emulated pass-mode run: the real firmware on a target, the emulated optical head on
-its payload bus, driven over the ground link with the controller's diagnostic service
-(firmware/payload/app.py): configure, start, run, stop, then read the products back.
+its payload bus, driven over the authenticated ground link (host.link.client, the CCSDS
+telecommands of docs/ground-link.md): configure, start, run, stop, then list and download
+the products and read the data path's status from housekeeping.
 
-Used by the end-to-end tests and the benchmarks; products come back through the ground
-link on every target (QEMU's storage lives inside the emulated MCU).
+Used by the end-to-end tests and the benchmarks. The payload is provisioned as a board
+would be: the link key in `<storage>/link/key` (unix: a file in the storage folder;
+QEMU: written through the raw REPL in maintenance boot, then the application started
+from that REPL, which hands UART0 to the ground link).
 """
 
 from __future__ import annotations
 
-import json
-import struct
+import base64
+import contextlib
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from emulator.optical_head import HeadServer, OpticalHead
-from emulator.targets import make_target
-from host.link.framed_serial import FramedSerial, LinkTimeout
+from emulator.targets import QemuTarget, UnixTarget
+from host.deploy.raw_repl import RawRepl
+from host.link.client import CommandRejected, PayloadClient
 
-DIAG_VERSION = 0x01
-DIAG_CONFIGURE = 0x03
-DIAG_START = 0x04
-DIAG_STOP = 0x05
-DIAG_STATUS = 0x06
-DIAG_PRODUCTS = 0x07
-DIAG_READ = 0x08
-REPLY_FLAG = 0x80
-READ_CHUNK = 900
+KEY = bytes(range(100, 132))  # the emulated payloads' link key (test provisioning only)
+COMMAND_TIMEOUT_S = 60.0  # stop drains the TDC and flushes every log before it reports
+
+_QEMU_PROVISION = """
+import board, os, binascii, vfs
+root = board.mount_storage()
+try:
+    os.mkdir(root + "/link")
+except OSError:
+    pass
+with open(root + "/link/key", "wb") as f:
+    f.write(binascii.a2b_base64(%r))
+vfs.umount(root)
+"""
 
 
-class DiagClient:
-    """The controller's diagnostic service over a FramedSerial ground link."""
-
-    def __init__(self, link: FramedSerial):
-        self.link = link
-
-    def request(self, kind: int, payload: bytes = b"", timeout_s: float = 30.0) -> bytes:
-        self.link.send(bytes([kind]) + payload)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            reply = self.link.receive(timeout_s=max(0.01, deadline - time.monotonic()))
-            if reply and reply[0] == kind | REPLY_FLAG:
-                return reply[1:]
-
-    def request_json(self, kind: int, payload: bytes = b"", timeout_s: float = 30.0):
-        return json.loads(self.request(kind, payload, timeout_s))
-
-    def wait_ready(self, timeout_s: float = 20.0) -> str:
-        """Ask for the version until the (booting) controller answers."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return self.request(DIAG_VERSION, timeout_s=0.5).decode()
-            except LinkTimeout:
-                if time.monotonic() > deadline:
-                    raise
-
-    def configure(self, config: dict) -> dict:
-        return self.request_json(DIAG_CONFIGURE, json.dumps(config).encode())
-
-    def start(self) -> dict:
-        return self.request_json(DIAG_START)
-
-    def stop(self) -> dict:
-        return self.request_json(DIAG_STOP, timeout_s=120.0)
-
-    def status(self) -> dict:
-        return self.request_json(DIAG_STATUS)
-
-    def products(self) -> list[tuple[str, int, int]]:
-        return [tuple(p) for p in self.request_json(DIAG_PRODUCTS)]
-
-    def read_product(self, name: str, size: int) -> bytes:
-        data = bytearray()
-        encoded = name.encode()
-        while len(data) < size:
-            chunk = min(READ_CHUNK, size - len(data))
-            request = bytes([len(encoded)]) + encoded + struct.pack("<IH", len(data), chunk)
-            reply = self.request(DIAG_READ, request)
-            offset = struct.unpack_from("<I", reply)[0]
-            if offset != len(data) or len(reply) <= 4:
-                raise RuntimeError(f"reading {name} at {len(data)}: bad reply {reply[:8].hex()}")
-            data += reply[4:]
-        return bytes(data)
+@contextlib.contextmanager
+def payload_session(
+    target_name: str,
+    bus_address: tuple[str, int],
+    storage_dir: str | Path | None = None,
+    icount_shift: int | None = None,
+):
+    """A provisioned emulated payload wired to the head at bus_address; yields
+    (target, PayloadClient)."""
+    if target_name == "unix":
+        with contextlib.ExitStack() as stack:
+            if storage_dir is None:
+                storage_dir = stack.enter_context(tempfile.TemporaryDirectory())
+            storage = Path(storage_dir)
+            (storage / "link").mkdir(parents=True, exist_ok=True)
+            (storage / "link" / "key").write_bytes(KEY)
+            target = stack.enter_context(UnixTarget(storage_dir=storage, bus_address=bus_address))
+            payload = stack.enter_context(
+                PayloadClient(target.ground_port, KEY, timeout_s=COMMAND_TIMEOUT_S)
+            )
+            payload.ping()
+            yield target, payload
+        return
+    if target_name != "qemu":
+        raise ValueError(f"unknown target {target_name!r}")
+    with QemuTarget(boot="maintenance", bus_address=bus_address, icount_shift=icount_shift) as t:
+        repl = RawRepl(t.ground_port, timeout_s=30.0)
+        repl.enter()
+        repl.exec(_QEMU_PROVISION % base64.b64encode(KEY).decode())
+        repl.serial.write(b"from payload import app\napp.run(board)\x04")
+        repl._read_until(b"OK", 10.0)
+        repl.close()
+        with PayloadClient(t.ground_port, KEY, timeout_s=COMMAND_TIMEOUT_S) as payload:
+            payload.ping()
+            yield t, payload
 
 
 @dataclass
@@ -92,6 +84,27 @@ class PassRun:
     products: list[tuple[str, int, int]]
     files: dict[str, bytes] = field(default_factory=dict)
     seconds: float = 0.0
+    run_seconds: float = 0.0  # from the start reply to the stop request
+
+
+def wait_frames(head: OpticalHead, frames: int, timeout_s: float, midway=None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(head.emitted) + len(head.blank_frames) < frames:
+        if midway is not None and len(head.emitted) >= frames // 2:
+            midway(head)
+            midway = None
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(head.emitted)} frames in {timeout_s} s")
+        time.sleep(0.005)
+
+
+def download_products(payload: PayloadClient, folder: Path):
+    """[(name, bytes, crc32)] as listed, and {name: bytes} downloaded and CRC-checked."""
+    entries = payload.list_products()
+    files = {}
+    for entry in entries:
+        files[entry.name] = payload.download(entry, folder).path.read_bytes()
+    return [(e.name, e.size, e.crc32) for e in entries], files
 
 
 def run_pass(
@@ -103,38 +116,33 @@ def run_pass(
     icount_shift: int | None = None,
     midway=None,
 ) -> PassRun:
-    """Configure, run until the head emitted `frames` frames, stop, read products back.
+    """Configure, run until the head emitted `frames` frames, stop, download products.
 
     midway(head), if given, is called once half the frames have gone out."""
     started = time.monotonic()
-    with HeadServer(head) as server:
-        kwargs = {"bus_address": server.address}
-        if target_name == "qemu" and icount_shift is not None:
-            kwargs["icount_shift"] = icount_shift
-        with make_target(target_name, **kwargs) as target:
-            with FramedSerial(target.ground_port, max_body_bytes=4096) as link:
-                diag = DiagClient(link)
-                diag.wait_ready()
-                reply = diag.configure(config)
-                if not reply["ok"]:
-                    return PassRun(target_name, reply, diag.status(), [])
-                start_reply = diag.start()
-                if not start_reply["ok"]:
-                    raise RuntimeError(f"start refused: {start_reply}")
-                deadline = time.monotonic() + timeout_s
-                while len(head.emitted) + len(head.blank_frames) < frames:
-                    if midway is not None and len(head.emitted) >= frames // 2:
-                        midway(head)
-                        midway = None
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"only {len(head.emitted)} frames in {timeout_s} s")
-                    time.sleep(0.01)
-                stop_reply = diag.stop()
-                if not stop_reply["ok"]:
-                    raise RuntimeError(f"stop refused: {stop_reply}")
-                telemetry = diag.status()
-                products = diag.products()
-                files = {name: diag.read_product(name, size) for name, size, _ in products}
+    with HeadServer(head) as server, tempfile.TemporaryDirectory() as downloads:
+        with payload_session(target_name, server.address, icount_shift=icount_shift) as (
+            _target,
+            payload,
+        ):
+            try:
+                payload.configure(config)
+            except CommandRejected as error:
+                reply = {"ok": False, "reason": str(error)}
+                return PassRun(target_name, reply, payload.housekeeping().get("mission"), [])
+            payload.start()
+            run_started = time.monotonic()
+            wait_frames(head, frames, timeout_s, midway)
+            run_seconds = time.monotonic() - run_started
+            payload.stop()
+            telemetry = payload.housekeeping()["mission"]
+            products, files = download_products(payload, Path(downloads))
     return PassRun(
-        target_name, reply, telemetry, products, files, round(time.monotonic() - started, 3)
+        target_name,
+        {"ok": True, "reason": None},
+        telemetry,
+        products,
+        files,
+        round(time.monotonic() - started, 3),
+        run_seconds,
     )

@@ -1,6 +1,7 @@
 """`qkdsat smoke`: boot the real firmware on an emulated target and prove both UARTs work:
-a version query on the ground link (UART0), and a frame echoed through the payload bus
-(UART1) by an emulated endpoint."""
+an authenticated are-you-alive telecommand on the ground link (UART0) answered with the
+firmware version, and a payload-bus loopback test (TC 17,128) through UART1 to an
+emulated endpoint and back."""
 
 from __future__ import annotations
 
@@ -9,52 +10,37 @@ import time
 
 from emulator.endpoint import FrameEndpoint, echo
 from emulator.targets import make_target
-from host.link.framed_serial import FramedSerial
-
-DIAG_VERSION = 0x01
-DIAG_BUS_ECHO = 0x02
-REPLY_FLAG = 0x80
+from host.link.client import LinkError, PayloadClient
+from host.protocol import ccsds
 
 
 def run_smoke(target_name: str, echo_payload: bytes = b"hello optical head") -> dict:
     started = time.monotonic()
     with FrameEndpoint(echo) as endpoint:
         with make_target(target_name, bus_address=endpoint.address) as target:
-            with FramedSerial(target.ground_port) as link:
-                reply = _request_with_retry(link, bytes([DIAG_VERSION]), timeout_s=20.0)
-                version = reply[1:].decode()
-                link.send(bytes([DIAG_BUS_ECHO]) + echo_payload)
-                reply = _receive_kind(link, DIAG_BUS_ECHO, timeout_s=10.0)
-                if reply != bytes([DIAG_BUS_ECHO | REPLY_FLAG]) + echo_payload:
-                    raise RuntimeError(f"payload-bus echo came back wrong: {reply!r}")
+            with PayloadClient(target.ground_port, timeout_s=0.5) as payload:
+                version = ping_until_up(payload, timeout_s=20.0)
+                payload.timeout_s = 10.0
+                tm = payload.command("bus loopback", ccsds.SVC_TEST, 128, echo_payload, reply=129)
                 return {
                     "target": target_name,
                     "version": version,
-                    "bus_echo": reply[1:],
+                    "bus_echo": tm.data,
                     "endpoint_frames": endpoint.reader.frames_ok,
                     "seconds": round(time.monotonic() - started, 3),
                 }
 
 
-def _request_with_retry(link: FramedSerial, body: bytes, timeout_s: float) -> bytes:
-    """The first request may reach a target that is still booting: ask again until then."""
+def ping_until_up(payload: PayloadClient, timeout_s: float) -> str:
+    """The first telecommand may reach a target that is still booting: ask until it
+    answers."""
     deadline = time.monotonic() + timeout_s
     while True:
-        link.send(body)
         try:
-            return _receive_kind(link, body[0], timeout_s=0.5)
-        except TimeoutError:
+            return payload.ping()
+        except LinkError:
             if time.monotonic() > deadline:
                 raise
-
-
-def _receive_kind(link: FramedSerial, kind: int, timeout_s: float) -> bytes:
-    """The next reply to a request of this kind; answers to earlier retries are skipped."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        reply = link.receive(timeout_s=max(0.01, deadline - time.monotonic()))
-        if reply and reply[0] == kind | REPLY_FLAG:
-            return reply
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -137,12 +137,12 @@ def test_tdc_fifo_overflow_is_counted_and_every_event_accounted(head_client):
     client.call(pb.write(1, pb.REG_TDC_CTRL, 1))
     head.advance_to(1_000_000)  # 1 us at 1 GHz: about 1000 events into a 100-event FIFO
     events = []
-    while True:
-        data = client.call(pb.fifo_read(2, pb.FIFO_TDC, 2043)).data
+    for tag in range(2, 256):  # a new tag each time: a repeated tag is a retransmission
+        data = client.call(pb.fifo_read(tag, pb.FIFO_TDC, 2043)).data
         if not data:
             break
         events += [struct.unpack_from("<BQ", data, i) for i in range(0, len(data), 9)]
-    overflow = client.call(pb.read(3, pb.REG_TDC_OVERFLOW, 1)).words[0]
+    overflow = client.call(pb.read(1, pb.REG_TDC_OVERFLOW, 1)).words[0]
     assert len(events) == 100
     assert overflow == len(head.tdc_truth) - 100 > 800
     assert [tuple(e) for e in events] == head.tdc_truth[:100]
@@ -179,3 +179,49 @@ def test_ten_thousand_mutated_frames_are_counted_and_dropped(head_client):
     assert dropped > 2500 and head.bad_requests > 1000
     errors = client.call(pb.read(0x43, pb.REG_BUS_ERRORS, 1)).words[0]
     assert errors == dropped + head.bad_requests
+
+
+def test_a_repeated_request_is_answered_from_the_cache_not_executed_again(head_client):
+    head, client = head_client
+    head.sources.uplink_rate_hz = (1e9, 0, 0, 0)
+    client.call(pb.write(1, pb.REG_TDC_CTRL, 1))
+    head.advance_to(100_000)  # about 100 events
+    first = client.call(pb.fifo_read(2, pb.FIFO_TDC, 180))
+    again = client.call(pb.fifo_read(2, pb.FIFO_TDC, 180))  # the reply was "lost": resend
+    assert again == first and len(first.data) == 180
+    assert head.retransmissions == 1
+    fresh = client.call(pb.fifo_read(3, pb.FIFO_TDC, 180))
+    assert fresh.data != first.data  # a new tag reads on
+    assert head.tdc_delivered == 40
+
+
+def test_a_function_block_plugs_into_the_register_map(head_client):
+    """How tracking (issue 6) adds its registers: a RegisterDevice attached at 0x0500."""
+    from emulator.optical_head import RegisterDevice
+
+    class Mirror(RegisterDevice):
+        def __init__(self):
+            self.regs = {0: 0, 1: 0}
+            self.now_ps = -1
+
+        def read_reg(self, offset):
+            return self.regs[offset]
+
+        def write_reg(self, offset, value):
+            if offset not in self.regs:
+                return pb.E_BAD_ADDRESS
+            self.regs[offset] = value
+            return pb.OK
+
+        def advance_to(self, t_ps):
+            self.now_ps = t_ps
+
+    head, client = head_client
+    mirror = Mirror()
+    head.attach(pb.REG_TRACKING_BASE, mirror)
+    assert client.call(pb.write(1, 0x0500, 7, 0xFFFFFFFE)).status == pb.OK
+    assert client.call(pb.read(2, 0x0500, 2)).words == (7, 0xFFFFFFFE)
+    assert client.call(pb.read(3, 0x0502, 1)).status == pb.E_BAD_ADDRESS
+    assert mirror.now_ps == head.now_ps
+    with pytest.raises(ValueError):
+        head.attach(0x0100, mirror)  # the laser's block

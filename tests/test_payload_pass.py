@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from emulator.optical_head import OpticalHead, TdcSources
-from emulator.payload_run import run_pass
+from emulator.optical_head import HeadServer, OpticalHead, TdcSources
+from emulator.payload_run import payload_session, run_pass, wait_frames
 from host.formats import qrec
+from host.link.client import CommandRejected
 from host.protocol.symbols import SymbolMapping
 
 PROBS = [0.5, 0.25, 0.25]
@@ -181,3 +182,116 @@ def test_a_late_controller_says_so_and_never_repeats_or_skips_silently():
     assert [f.packed_symbols for f in frames_logged] == [f.nibbles for f in head.emitted]
     numbers = [f.frame_number for f in frames_logged] + head.blank_frames
     assert sorted(numbers) == list(range(len(numbers)))  # every frame accounted, once
+
+
+def test_invalid_configurations_are_refused_over_the_ground_link():
+    """Through the real firmware and the authenticated ground link: each bad configuration
+    is rejected with a reason naming the field, the controller keeps running, and a good
+    one is then accepted."""
+    head = OpticalHead(seed=1, time_scale=1.0)  # a real-time head: capacity applies
+    good = _config(1024, 10**12)
+    good["slot_rate_hz"] = 50_000
+    bad = [
+        ({"intensity_probabilities": [0.5, 0.3, 0.3]}, "sum to"),
+        (
+            {
+                "intensity_probabilities": {"mu": 0.5, "nu": 0.25, "xi": 0.25},
+                "intensity_names": ["mu", "nu", "vac"],
+            },
+            "unknown intensity class 'xi'",
+        ),  # fmt: skip
+        ({"slot_rate_hz": 100_000_000}, "exceeds capacity"),
+        ({"basis_probability_z": 0}, "basis_probability_z"),
+        ({"frame_slots": 5000}, "frame_slots"),
+        ({"tdc": [1]}, "tdc: need an object"),
+        ({"slot_rate": 5}, "unknown key 'slot_rate'"),
+    ]
+    with HeadServer(head) as server:
+        with payload_session("unix", server.address) as (_target, payload):
+            for change, reason in bad:
+                with pytest.raises(CommandRejected, match="argument") as rejected:
+                    payload.configure({**good, **change})
+                assert reason in str(rejected.value), (change, str(rejected.value))
+            with pytest.raises(CommandRejected, match="state: not configured"):
+                payload.start()
+            payload.configure(good)
+            mission = payload.housekeeping()["mission"]
+    assert "duty_errors" not in mission and mission["pass_running"] is False
+
+
+def test_lost_bus_replies_are_retried_without_losing_data():
+    """Every 17th reply of the head is withheld: the controller times out, resends the
+    same request, the head answers from its cache; nothing is lost or duplicated."""
+    frame_slots, frames, pps_period_ps = RUNS["unix"]
+    head = OpticalHead(
+        seed=9, sources=TdcSources(uplink_rate_hz=(1e6,) * 4), pps_period_ps=pps_period_ps
+    )
+    head.drop_reply_every = 17
+    run = run_pass("unix", head, _config(frame_slots, pps_period_ps), 8)
+    bus = run.telemetry["bus"]
+    assert bus["retransmissions"] >= 3 and bus["timeouts"] == 0
+    assert head.retransmissions == bus["retransmissions"]
+    frames_logged = [
+        qrec.PatternFrame.decode(r.payload)
+        for r in _records(run, "patterns.qrec", qrec.Kind.PATTERN_FRAME)
+    ]
+    assert [f.packed_symbols for f in frames_logged] == [f.nibbles for f in head.emitted]
+    assert _tdc_events(run) == head.tdc_truth
+    assert run.telemetry["tdc"]["lost"] == 0
+
+
+def test_a_controller_reset_mid_pass_leaves_no_logged_frame_unsent(tmp_path):
+    """The unix controller is killed during a pass and booted again on the same storage
+    and optical head: the pattern log (recovered, continued) holds only frames the head
+    emitted, with their exact patterns, and misses at most the one frame per reset that
+    was accepted but not yet written, which it then reports (`frames_unlogged`)."""
+    frame_slots, _, pps_period_ps = RUNS["unix"]
+    head = OpticalHead(seed=21, pps_period_ps=pps_period_ps)
+    config = _config(frame_slots, pps_period_ps)
+    with HeadServer(head) as server:
+        for goal in (20, 40):
+            with payload_session("unix", server.address, tmp_path) as (target, payload):
+                payload.configure(config)
+                payload.start()
+                wait_frames(head, goal, 60)
+                if goal == 20:
+                    target.kill()  # a reset with no warning, mid-pass
+                    continue
+                payload.stop()
+                status = payload.housekeeping()["mission"]
+    log = qrec.read_records(tmp_path / "products" / "patterns.qrec")
+    assert log.complete, log.problem
+    frames = [qrec.PatternFrame.decode(r.payload) for r in log.records]
+    logged = {f.frame_number: f for f in frames}
+    emitted = {f.frame_number: f for f in head.emitted}
+    assert set(logged) <= set(emitted)  # nothing logged that was not sent
+    for number, frame in logged.items():
+        assert frame.packed_symbols == emitted[number].nibbles
+    assert len(emitted) - len(logged) <= 1
+    # and if one was lost that way, the controller said so after the reset
+    assert status["sequencer"]["frames_unlogged"] == len(emitted) - len(logged)
+
+
+def test_a_frame_emitted_but_not_logged_before_a_reset_is_reported(tmp_path):
+    """The reset window made deterministic: the last pattern record is taken off the
+    log (as if power failed between the head's acceptance and the write); on the next
+    start the controller compares the head's LAST_COMMIT with its log and reports it."""
+    frame_slots, _, pps_period_ps = RUNS["unix"]
+    head = OpticalHead(seed=22, pps_period_ps=pps_period_ps)
+    config = _config(frame_slots, pps_period_ps)
+    path = tmp_path / "products" / "patterns.qrec"
+    statuses = []
+    with HeadServer(head) as server:
+        for boot in range(2):
+            with payload_session("unix", server.address, tmp_path) as (_target, payload):
+                payload.configure(config)
+                payload.start()
+                wait_frames(head, len(head.emitted) + 5, 60)
+                payload.stop()
+                statuses.append(payload.housekeeping()["mission"]["sequencer"])
+            if boot == 0:
+                last = qrec.read_records(path).records[-1]
+                with open(path, "r+b") as handle:
+                    handle.truncate(last.offset)
+    assert statuses[0]["frames_unlogged"] == 0
+    assert statuses[1]["frames_unlogged"] == 1

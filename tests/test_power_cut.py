@@ -6,12 +6,11 @@ import os
 import random
 import re
 import select
-import struct
 import time
-import zlib
 from pathlib import Path
 
 from emulator.targets import UnixTarget
+from host.formats import qrec
 
 WRITER = Path(__file__).parent / "firmware" / "powercut_writer.py"
 KILLS = 50
@@ -47,19 +46,14 @@ def _boot(storage_dir, extra_env=None):
 
 
 def _check_file(path: Path, min_records: int) -> int:
-    """Walk the whole .qrec file: every record intact, sequence unbroken, payload right."""
-    data = path.read_bytes()
-    offset = seq = 0
-    while offset < len(data):
-        magic, version, kind, rec_seq, length = struct.unpack_from("<2sBBII", data, offset)
-        assert (magic, version, rec_seq) == (b"QR", 1, seq), f"record {seq} at {offset}"
-        end = offset + 12 + length
-        (crc,) = struct.unpack_from("<I", data, end)
-        assert crc == zlib.crc32(data[offset:end]), f"torn record {seq} served at {offset}"
-        assert data[offset + 12 : end] == _payload(seq)
-        offset, seq = end + 4, seq + 1
-    assert seq >= min_records
-    return seq
+    """The whole .qrec file with the host's reader: every record intact, the sequence
+    unbroken, every payload the one written for its sequence number."""
+    log = qrec.read_records(path)
+    assert log.complete, f"torn record served: {log.problem}"
+    for record in log.records:
+        assert record.payload == _payload(record.seq), f"record {record.seq} altered"
+    assert len(log.records) >= min_records
+    return len(log.records)
 
 
 def test_power_cut_at_fifty_random_points_loses_no_committed_record(tmp_path):

@@ -1,5 +1,6 @@
-"""The frozen firmware boots on each target, answers a version query on the ground link
-(UART0) and echoes a frame through the payload bus (UART1) to an emulated endpoint."""
+"""The frozen firmware boots on each target, answers an authenticated ping (TC 17,1) with
+its version on the ground link (UART0) and loops a frame through the payload bus (UART1)
+to an emulated endpoint."""
 
 import pytest
 

@@ -113,10 +113,11 @@ def _copy(src: ptr8, src_offset: int, dst: ptr8, dst_offset: int, count: int):
 class Bus:
     """Synchronous request/reply client over a byte link (board.payload_bus)."""
 
-    def __init__(self, link, clock, timeout_us=500_000):
+    def __init__(self, link, clock, timeout_us=500_000, retries=3):
         self.link = link
         self.clock = clock
         self.timeout_us = timeout_us
+        self.retries = retries
         self.rx = framing.FrameReader(MAX_BODY_BYTES)
         self.tx = framing.FrameWriter(MAX_BODY_BYTES)
         self.req = bytearray(MAX_BODY_BYTES)
@@ -131,6 +132,7 @@ class Bus:
         # error counters (telemetry): bad replies, timeouts, head-reported errors
         self.transactions = 0
         self.timeouts = 0
+        self.retransmissions = 0
         self.bad_replies = 0
         self.error_status = 0
         self.unsolicited = 0
@@ -179,24 +181,34 @@ class Bus:
 
     def _transact(self, length):
         """Send self.req[:length]; wait for the reply with the same tag. Returns the status
-        (>= 0 from the head, < 0 local); on OK, self.reply is the reply body."""
+        (>= 0 from the head, < 0 local); on OK, self.reply is the reply body.
+
+        On a timeout the identical frame (same tag) is sent again, up to `retries` times:
+        the head answers a repeated request from its reply cache without executing it
+        again, so a lost reply loses neither FIFO data nor a commit."""
         self.transactions += 1
         frame = self.tx.encode(self.req, length)
         link = self.link
-        sent = 0
-        total = len(frame)
-        while sent < total:
-            sent += link.write(frame[sent:])
         op = self.req[0] | REPLY_FLAG
         tag = self.req[1]
         clock = self.clock
-        start = clock.ticks_us()
+        attempt = 0
+        start = 0
         while True:
-            body = self._next_frame()
-            if body is None:
-                if ((clock.ticks_us() - start) & 0x3FFFFFFF) > self.timeout_us:
+            if attempt == 0 or ((clock.ticks_us() - start) & 0x3FFFFFFF) > self.timeout_us:
+                if attempt > self.retries:
                     self.timeouts += 1
                     return E_TIMEOUT
+                if attempt:
+                    self.retransmissions += 1
+                attempt += 1
+                sent = 0
+                total = len(frame)
+                while sent < total:
+                    sent += link.write(frame[sent:])
+                start = clock.ticks_us()
+            body = self._next_frame()
+            if body is None:
                 continue
             if len(body) < 3 or body[0] != op or body[1] != tag:
                 if len(body) >= 1 and not (body[0] & REPLY_FLAG) and self.on_unsolicited:
@@ -293,6 +305,7 @@ class Bus:
         return {
             "transactions": self.transactions,
             "timeouts": self.timeouts,
+            "retransmissions": self.retransmissions,
             "bad_replies": self.bad_replies,
             "error_status": self.error_status,
             "unsolicited": self.unsolicited,

@@ -15,7 +15,10 @@ class Duty:
         self.period_us = period_us  # 0: every pass
         self.calls = 0
         self.worst_us = 0
+        self.total_us = 0
         self.last_us = 0
+        self.errors = 0
+        self.last_error = None
 
 
 class Scheduler:
@@ -39,13 +42,25 @@ class Scheduler:
             if duty.period_us and ((start - duty.last_us) & 0x3FFFFFFF) < duty.period_us:
                 continue
             duty.last_us = start
-            if duty.step():
-                busy = True
+            try:
+                if duty.step():
+                    busy = True
+            except Exception as error:  # one failing duty must not stop the others
+                duty.errors += 1
+                duty.last_error = repr(error)
             elapsed = (clock.ticks_us() - start) & 0x3FFFFFFF
             duty.calls += 1
+            duty.total_us += elapsed
             if elapsed > duty.worst_us:
                 duty.worst_us = elapsed
         return busy
 
     def telemetry(self):
-        return {d.name: {"calls": d.calls, "worst_us": d.worst_us} for d in self.duties}
+        out = {}
+        for d in self.duties:
+            entry = {"calls": d.calls, "worst_us": d.worst_us, "total_us": d.total_us}
+            if d.errors:
+                entry["errors"] = d.errors
+                entry["last_error"] = d.last_error
+            out[d.name] = entry
+        return out

@@ -20,6 +20,7 @@ from payload import storage
 
 MAX_FRAME_SLOTS = const(4096)
 QRNG_BYTES_PER_SLOT = const(4)
+QRNG_BURST_SLOTS = const(512)  # 2048 QRNG bytes: one payload-bus burst (even)
 PATTERN_HEADER_BYTES = const(16)  # u32 frame_number, u64 first_slot, u32 slot_count
 # Slots the controller sustains per second of real time with the bus in the loop; the
 # figure comes from benchmarks/bench_firmware.py (docs/sequencer.md) and is deliberately
@@ -28,55 +29,58 @@ DEFAULT_CAPACITY_HZ = const(100_000)
 
 
 @micropython.viper
-def map_symbols(qrng: ptr8, slots: int, out: ptr8, thresholds: ptr32, counts: ptr32):
-    """QRNG bytes (4 per slot) -> packed symbol nibbles; counts[symbol] += 1 per slot.
+def map_symbols(qrng: ptr16, slots: int, out: ptr8, thresholds: ptr32):
+    """QRNG bytes (4 per slot, slots even) -> packed symbol nibbles, two slots per byte.
 
-    thresholds = [round(p_Z * 2**15), c_0, c_1] with c_k = round(cumulative p_k * 2**16);
-    the last class needs no threshold (two classes: c_1 = 65536)."""
+    thresholds = [round(p_Z * 2**15), c_0, c_1] with c_k = round(cumulative p_k * 2**16)
+    (two classes: c_1 = 65536). The QRNG buffer is read as little-endian 16-bit halves of
+    r (r & 0xFFFF, r >> 16; every target is little-endian): no int beyond 16 bits, few
+    live variables (Thumb-2 viper keeps only a handful in registers), two slots per
+    iteration so each output byte is stored once. 80 instructions/slot on Cortex-M3."""
     z_threshold = thresholds[0]
     c0 = thresholds[1]
     c1 = thresholds[2]
+    end = slots * 2
     j = 0
-    for s in range(slots):
-        b0 = qrng[j]
-        low15 = ((qrng[j + 1] << 8) | b0) >> 1
-        high16 = (qrng[j + 3] << 8) | qrng[j + 2]
+    o = 0
+    while j < end:
+        low = qrng[j]
+        high = qrng[j + 1]
+        a = low & 1
+        if (low >> 1) >= z_threshold:
+            a |= 2
+        if high >= c0:
+            a |= 4
+            if high >= c1:
+                a ^= 12  # class 2: 4 -> 8
+        low = qrng[j + 2]
+        high = qrng[j + 3]
+        a |= (low & 1) << 4
+        if (low >> 1) >= z_threshold:
+            a |= 32
+        if high >= c0:
+            a |= 64
+            if high >= c1:
+                a ^= 192
+        out[o] = a
+        o += 1
         j += 4
-        symbol = b0 & 1
-        if low15 >= z_threshold:
-            symbol |= 2
-        if high16 >= c0:
-            if high16 >= c1:
-                symbol |= 8
-            else:
-                symbol |= 4
-        counts[symbol] += 1
-        if s & 1:
-            out[s >> 1] |= symbol << 4
-        else:
-            out[s >> 1] = symbol
 
 
-def map_symbols_bytecode(qrng, slots, out, thresholds, counts):
+def map_symbols_bytecode(qrng, slots, out, thresholds):
     """The same mapping as plain bytecode (benchmark reference, never on the hot path)."""
     z_threshold = thresholds[0]
     c0 = thresholds[1]
     c1 = thresholds[2]
-    j = 0
     for s in range(slots):
-        b0 = qrng[j]
-        low15 = ((qrng[j + 1] << 8) | b0) >> 1
-        high16 = (qrng[j + 3] << 8) | qrng[j + 2]
-        j += 4
-        symbol = b0 & 1
-        if low15 >= z_threshold:
+        j = 4 * s
+        low = qrng[j] | (qrng[j + 1] << 8)
+        high = qrng[j + 2] | (qrng[j + 3] << 8)
+        symbol = low & 1
+        if (low >> 1) >= z_threshold:
             symbol |= 2
-        if high16 >= c0:
-            if high16 >= c1:
-                symbol |= 8
-            else:
-                symbol |= 4
-        counts[symbol] += 1
+        if high >= c0:
+            symbol |= 8 if high >= c1 else 4
         if s & 1:
             out[s >> 1] |= symbol << 4
         else:
@@ -102,6 +106,11 @@ def _put_frame_header(buf: ptr8, frame_number: int, frame_slots: int):
 
 class ConfigError(ValueError):
     pass
+
+
+def _require(status, what):
+    if status != busmod.OK:
+        raise ConfigError("optical head: %s failed (bus status %d)" % (what, status))
 
 
 def thresholds_for(intensity_probabilities, basis_probability_z):
@@ -159,10 +168,9 @@ def validate(config, capacity_hz, time_scale_ppm):
     if time_scale_ppm:
         effective = rate * time_scale_ppm // 1_000_000
         if effective > capacity_hz:
+            # short: the ground link carries about 60 characters of reason
             raise ConfigError(
-                "slot_rate_hz: %d slots/s is above the controller's sustained %d slots/s"
-                " (move generation into the optical head, docs/sequencer.md)"
-                % (effective, capacity_hz)
+                "slot_rate_hz: %d/s exceeds capacity %d/s" % (effective, capacity_hz)
             )
     return {
         "intensity_probabilities": list(probs),
@@ -182,12 +190,16 @@ class Sequencer:
         self.capacity_hz = capacity_hz
         self.config = None
         self.running = False
-        self._qrng = bytearray(QRNG_BYTES_PER_SLOT * MAX_FRAME_SLOTS)
-        self.counts = array.array("I", bytes(64))
+        self._qrng = bytearray(QRNG_BYTES_PER_SLOT * QRNG_BURST_SLOTS)
         self._thresholds = array.array("I", (0, 0, 0))
         self.log = store.open_log(
             "patterns", storage.KIND_PATTERN_FRAME, PATTERN_HEADER_BYTES + MAX_FRAME_SLOTS // 2
         )
+        self._pattern = self.log.payload[PATTERN_HEADER_BYTES:]  # a view, made once
+        head = self.log.recovery.last_payload_head
+        # frame number of the last logged frame, from before a reset (-1: none)
+        self.last_logged_frame = int.from_bytes(head[:4], "little") if len(head) >= 4 else -1
+        self.frames_unlogged = 0  # accepted by the head but lost in a reset before logging
         self.next_frame = 0
         self.frames_sent = 0
         self.frames_missed = 0  # frames the head emitted blank because we were late
@@ -206,17 +218,31 @@ class Sequencer:
             raise ConfigError("sequencer: not configured")
         bus = self.bus
         cfg = self.config
-        bus.write1(busmod.REG_LASER_CTRL, 0)
-        bus.write1(busmod.REG_FRAME_SLOTS, cfg["frame_slots"])
-        bus.write1(busmod.REG_SLOT_RATE_HZ, cfg["slot_rate_hz"])
-        bus.write1(busmod.REG_QRNG_CTRL, 1)
-        count = bus.read1(busmod.REG_FRAME_COUNT)
-        self.next_frame = count if count > 0 else 0
+        # A laser left running (a controller reset mid-pass) must finish its frame before
+        # the slot clock may change.
+        _require(bus.write1(busmod.REG_LASER_CTRL, 0), "LASER_CTRL")
+        for _ in range(10_000):
+            if bus.read1(busmod.REG_LASER_ACTIVE) == 0:
+                break
+        _require(bus.write1(busmod.REG_FRAME_SLOTS, cfg["frame_slots"]), "FRAME_SLOTS")
+        _require(bus.write1(busmod.REG_SLOT_RATE_HZ, cfg["slot_rate_hz"]), "SLOT_RATE_HZ")
+        _require(bus.write1(busmod.REG_QRNG_CTRL, 1), "QRNG_CTRL")
+        # Read back: the log must describe the frames the head really emits.
+        _require(bus.read(busmod.REG_FRAME_SLOTS, 3), "FRAME_SLOTS read-back")
+        words = bus.words
+        if words[0] != cfg["frame_slots"] or words[1] != cfg["slot_rate_hz"]:
+            raise ConfigError("optical head did not take frame_slots / slot_rate_hz")
+        self.next_frame = words[2]  # REG_FRAME_COUNT follows SLOT_RATE_HZ
+        # A reset between the head accepting a commit and the record write leaves one
+        # emitted frame unlogged: the head's LAST_COMMIT tells, so say so.
+        last_commit = bus.read1(busmod.REG_LAST_COMMIT)
+        if 0 <= last_commit < 0x3FFFFFFF and last_commit > self.last_logged_frame >= 0:
+            self.frames_unlogged += 1
         self.running = True
         self.behind = False
-        # Fill the first frame before the laser starts, so frame 0 is never blank.
+        # Fill the first frame before the laser starts, so it is never blank.
         self.step()
-        bus.write1(busmod.REG_LASER_CTRL, 1)
+        _require(bus.write1(busmod.REG_LASER_CTRL, 1), "LASER_CTRL")
 
     def stop(self, max_polls=10_000):
         """Let the committed frame go out, then stop the laser at the next frame boundary
@@ -249,20 +275,25 @@ class Sequencer:
             self.next_frame = started
         slots = self.config["frame_slots"]
         qrng = self._qrng
-        need = QRNG_BYTES_PER_SLOT * slots
-        got = 0
-        while got < need:
-            chunk = need - got
-            if chunk > busmod.MAX_DATA_BYTES:
-                chunk = busmod.MAX_DATA_BYTES
-            n = bus.fifo_read(busmod.FIFO_QRNG, qrng, got, chunk)
-            if n <= 0:
-                self.bus_failures += 1
-                return False
-            got += n
         payload = self.log.payload
-        pattern = payload[PATTERN_HEADER_BYTES:]
-        map_symbols(qrng, slots, pattern, self._thresholds, self.counts)
+        pattern = self._pattern
+        # QRNG bytes come in bus-sized bursts and are mapped burst by burst, so the
+        # buffer is one burst (2 kB), not a frame's 16 kB: RAM is the scarce resource.
+        done = 0
+        while done < slots:
+            burst_slots = slots - done
+            if burst_slots > QRNG_BURST_SLOTS:
+                burst_slots = QRNG_BURST_SLOTS
+            need = QRNG_BYTES_PER_SLOT * burst_slots
+            got = 0
+            while got < need:
+                n = bus.fifo_read(busmod.FIFO_QRNG, qrng, got, need - got)
+                if n <= 0:
+                    self.bus_failures += 1
+                    return False
+                got += n
+            map_symbols(qrng, burst_slots, pattern[done >> 1 :], self._thresholds)
+            done += burst_slots
         pattern_bytes = slots // 2
         offset = 0
         while offset < pattern_bytes:
@@ -288,6 +319,7 @@ class Sequencer:
         # Accepted: the head will emit exactly this pattern as this frame. Log it.
         _put_frame_header(payload, self.next_frame, slots)
         self.log.commit(PATTERN_HEADER_BYTES + pattern_bytes)
+        self.last_logged_frame = self.next_frame
         self.next_frame += 1
         self.frames_sent += 1
         return True
@@ -298,6 +330,7 @@ class Sequencer:
             "frames_sent": self.frames_sent,
             "frames_missed": self.frames_missed,
             "refused_commits": self.refused_commits,
+            "frames_unlogged": self.frames_unlogged,
             "bus_failures": self.bus_failures,
             "behind": self.behind,
             "next_frame": self.next_frame,

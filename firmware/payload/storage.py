@@ -31,6 +31,7 @@ KIND_CLOCK_DISCIPLINE = const(5)
 
 PRODUCTS_DIR = "products"
 _SCAN_CHUNK = const(512)
+LAST_HEAD_BYTES = const(16)  # kept from the last record at recovery (e.g. its frame number)
 
 
 @micropython.viper
@@ -92,6 +93,7 @@ class Recovery:
         self.valid_bytes = 0
         self.dropped_bytes = 0
         self.reason = None  # None, or why the tail was dropped
+        self.last_payload_head = b""  # first bytes of the last valid record's payload
 
     def as_dict(self):
         return {
@@ -145,10 +147,14 @@ def scan(path, max_payload_bytes, file_crc=None, stop_at=-1):
             record_crc.update(header)
             file_crc.update(header)
             left = length
+            first = True
             while left > 0:
                 n = f.readinto(chunk, left if left < _SCAN_CHUNK else _SCAN_CHUNK)
                 record_crc.update(chunk, n)
                 file_crc.update(chunk, n)
+                if first:
+                    head = bytes(chunk[: min(n, LAST_HEAD_BYTES)])
+                    first = False
                 left -= n
             f.readinto(tail)
             if not _word_equals(tail, 0, record_crc._state, 0, -1):
@@ -158,9 +164,17 @@ def scan(path, max_payload_bytes, file_crc=None, stop_at=-1):
             file_crc.update(tail)
             offset += HEADER_BYTES + length + CRC_BYTES
             result.records += 1
+            result.last_payload_head = head if length else b""
     result.valid_bytes = offset
     result.dropped_bytes = size - offset
     return result
+
+
+def _starts_like_a_log(path):
+    # A torn first record still begins with (a prefix of) "QR" + version.
+    with open(path, "rb") as f:
+        first = f.read(3)
+    return bytes((MAGIC0, MAGIC1, FORMAT_VERSION))[: len(first)] == first
 
 
 def _copy_prefix(src, dst, count):
@@ -190,16 +204,23 @@ class RecordLog:
         self.payload = self._view[HEADER_BYTES : HEADER_BYTES + max_payload_bytes]
         self._crc = framing.Crc32()
         self.file_crc = framing.Crc32()
+        self.foreign = False
         self.recovery = self._recover()
         self.next_seq = self.recovery.records
         self.size_bytes = self.recovery.valid_bytes
-        self._file = open(path, "ab")
+        self._file = None  # opened at the first append: no empty products at boot
         # Called after each page write when set: the power-cut test uses it to give pages
         # a NOR-flash program time, so its kills land inside records as they would in orbit.
         self.page_hook = None
 
     def _recover(self):
         result = scan(self.path, self.max_payload_bytes, self.file_crc)
+        if result.dropped_bytes and result.records == 0 and not _starts_like_a_log(self.path):
+            # Not a record log at all (a file the data path never wrote): never cut it.
+            # The log refuses appends until someone deletes the file.
+            self.foreign = True
+            result.reason = "not a record log"
+            return result
         if result.dropped_bytes:
             tmp = self.path + ".tmp"
             _copy_prefix(self.path, tmp, result.valid_bytes)
@@ -218,6 +239,8 @@ class RecordLog:
         """Write the record whose payload is payload[:length]; returns its sequence number."""
         if length > self.max_payload_bytes:
             raise ValueError("record payload too long")
+        if self.foreign:
+            raise OSError("%s is not a record log; delete it to log here" % self.path)
         rec = self._record
         rec[0] = MAGIC0
         rec[1] = MAGIC1
@@ -233,6 +256,8 @@ class RecordLog:
         total = end + CRC_BYTES
         view = self._view
         f = self._file
+        if f is None:
+            f = self._file = open(self.path, "ab")
         start = 0
         while start < total:
             stop = start + PAGE_BYTES
@@ -253,7 +278,9 @@ class RecordLog:
         return self.file_crc.value()
 
     def close(self):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class Storage:
@@ -285,7 +312,7 @@ class Storage:
                 continue
             stem = name[:-5]
             log = self.logs.get(stem)
-            if log is not None:
+            if log is not None and log._file is not None:
                 out.append((name, log.size_bytes, log.crc32()))
                 continue
             crc = framing.Crc32()

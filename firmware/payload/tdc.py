@@ -14,7 +14,7 @@ import micropython
 from micropython import const
 
 from payload import bus as busmod
-from payload import storage
+from payload import memcopy, storage
 
 EVENT_BYTES = const(9)
 CHANNEL_PPS = const(0)
@@ -22,7 +22,7 @@ CHANNEL_SYNC = const(1)
 CHANNEL_BEACON = const(2)
 CHANNEL_UPLINK0 = const(3)
 BURST_EVENTS = const(227)  # 227 * 9 = 2043 bytes, the largest burst under MAX_DATA_BYTES
-RING_EVENTS = const(4096)
+RING_EVENTS = const(2048)  # 18 kB: the controller has 512 kB of heap for everything
 BLOCK_EVENTS = const(227)
 PPS_SLOTS = const(16)
 PS_PER_S = 1_000_000_000_000  # a big int on 32-bit targets: only used off the hot path
@@ -39,30 +39,39 @@ _PPS_COUNT = const(6)  # PPS events seen
 
 @micropython.viper
 def ring_push(state: ptr32, ring: ptr8, capacity: int, src: ptr8, n_events: int, pps: ptr8):
-    """Append n_events 9-byte events from src to the ring; copy PPS times into pps."""
-    w = state[_W]
+    """Append n_events 9-byte events from src to the ring; copy PPS times into pps.
+
+    Events that find the ring full are counted in state[_OVERFLOW] one by one. The copy
+    is bulk (at most two runs around the wrap), not per event."""
     count = state[_COUNT]
-    for e in range(n_events):
+    accepted = capacity - count
+    if accepted > n_events:
+        accepted = n_events
+    state[_OVERFLOW] = state[_OVERFLOW] + (n_events - accepted)
+    # PPS (channel 0) times for the discipline, from every event including dropped ones
+    e = 0
+    while e < n_events:
         s = e * 9
-        if src[s] == 0:  # CHANNEL_PPS: keep its time for the discipline
+        if src[s] == 0:
             slot = (state[_PPS_W] & 15) * 8
             for i in range(8):
                 pps[slot + i] = src[s + 1 + i]
             state[_PPS_W] = state[_PPS_W] + 1
             state[_PPS_COUNT] = state[_PPS_COUNT] + 1
-        if count >= capacity:
-            state[_OVERFLOW] = state[_OVERFLOW] + 1
-            continue
-        d = w * 9
-        for i in range(9):
-            ring[d + i] = src[s + i]
-        w += 1
-        if w == capacity:
-            w = 0
-        count += 1
-        state[_TOTAL] = state[_TOTAL] + 1
+        e += 1
+    w = state[_W]
+    first = capacity - w
+    if first > accepted:
+        first = accepted
+    copy = memcopy.copy
+    copy(uint(ring) + w * 9, uint(src), first * 9)
+    copy(uint(ring), uint(src) + first * 9, (accepted - first) * 9)
+    w += accepted
+    if w >= capacity:
+        w -= capacity
     state[_W] = w
-    state[_COUNT] = count
+    state[_COUNT] = count + accepted
+    state[_TOTAL] = state[_TOTAL] + accepted
 
 
 @micropython.viper
@@ -71,14 +80,15 @@ def ring_pop(state: ptr32, ring: ptr8, capacity: int, dst: ptr8, n_events: int) 
     r = state[_R]
     count = state[_COUNT]
     n = n_events if n_events < count else count
-    for e in range(n):
-        s = r * 9
-        d = e * 9
-        for i in range(9):
-            dst[d + i] = ring[s + i]
-        r += 1
-        if r == capacity:
-            r = 0
+    first = capacity - r
+    if first > n:
+        first = n
+    copy = memcopy.copy
+    copy(uint(dst), uint(ring) + r * 9, first * 9)
+    copy(uint(dst) + first * 9, uint(ring), (n - first) * 9)
+    r += n
+    if r >= capacity:
+        r -= capacity
     state[_R] = r
     state[_COUNT] = count - n
     return n
@@ -103,6 +113,7 @@ class TdcDrain:
         self.burst = bytearray(EVENT_BYTES * BURST_EVENTS)
         self.pps = bytearray(8 * PPS_SLOTS)
         self.log = store.open_log("tdc", storage.KIND_TDC_BLOCK, 4 + EVENT_BYTES * BLOCK_EVENTS)
+        self._events = self.log.payload[4:]  # a view, made once
         self.blocks = 0
         self.events_spooled = 0
         self.fifo_overflow = 0  # as last read from the head
@@ -112,8 +123,10 @@ class TdcDrain:
         self.running = False
 
     def start(self):
-        self.bus.write1(busmod.REG_TDC_CTRL, 1)
-        self.running = True
+        """Enable time-tagging; returns the bus status (0 = OK)."""
+        status = self.bus.write1(busmod.REG_TDC_CTRL, 1)
+        self.running = status == busmod.OK
+        return status
 
     def drain_once(self):
         """One FIFO burst into the ring; returns the number of events read (-1 on error)."""
@@ -132,7 +145,7 @@ class TdcDrain:
         log = self.log
         while self.state[_COUNT] >= BLOCK_EVENTS or (flush and self.state[_COUNT] > 0):
             payload = log.payload
-            n = ring_pop(self.state, self.ring, self.capacity, payload[4:], BLOCK_EVENTS)
+            n = ring_pop(self.state, self.ring, self.capacity, self._events, BLOCK_EVENTS)
             _put_u32(payload, 0, n)
             log.commit(4 + EVENT_BYTES * n)
             self.blocks += 1
@@ -153,11 +166,13 @@ class TdcDrain:
         return self.spool() or busy
 
     def stop(self, max_bursts=100_000):
-        """Drain the FIFO to empty, spool everything and read the head's loss counter."""
+        """Stop time-tagging, drain the FIFO to empty, spool everything and read the head's
+        loss counters (disabling first, so a busy channel cannot keep the drain going)."""
+        self.bus.write1(busmod.REG_TDC_CTRL, 0)
         for _ in range(max_bursts):
             if self.drain_once() <= 0:
                 break
-        self.bus.write1(busmod.REG_TDC_CTRL, 0)
+            self.spool()  # keep the ring from overflowing during a long drain
         self.spool(flush=True)
         self.read_overflow()
         self.running = False

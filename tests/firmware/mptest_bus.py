@@ -32,7 +32,7 @@ class ByteLink:
 
 
 def _bus(link):
-    return busmod.Bus(link, board.clock, timeout_us=20_000)
+    return busmod.Bus(link, board.clock, timeout_us=20_000, retries=1)
 
 
 def test_request_bodies_match_vectors():

@@ -106,3 +106,26 @@ def test_products_list_size_and_crc32():
     store2 = storage.Storage(ROOT)  # not open: listed from the file itself
     listed = dict((n, (size, c)) for n, size, c in store2.products())
     assert listed["listed.qrec"] == (len(data), crc.value())
+
+
+def test_a_file_that_is_not_a_record_log_is_never_cut():
+    store, path = _fresh("foreign")
+    data = bytes((i * 31 + 7) & 0xFF for i in range(700))  # starts 07 26 ...: not "QR"
+    with open(path, "wb") as f:
+        f.write(data)
+    log = store.open_log("foreign", storage.KIND_TDC_BLOCK, 64)
+    assert log.foreign and log.recovery.reason == "not a record log"
+    assert _read(path) == data
+    try:
+        log.append(b"x")
+        raise AssertionError("appended to a foreign file")
+    except OSError:
+        pass
+    assert _read(path) == data
+    # a torn first record (only "QR" made it) is ours, and is cut
+    with open(path, "wb") as f:
+        f.write(b"QR")
+    log = storage.RecordLog(path, storage.KIND_TDC_BLOCK, 64)
+    assert not log.foreign and log.recovery.dropped_bytes == 2
+    assert log.append(b"y") == 0
+    log.close()

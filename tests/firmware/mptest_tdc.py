@@ -83,3 +83,21 @@ def test_clock_discipline_recovers_offset_and_drift():
     assert discipline.drift_ppt == drift_ppb * 1000
     assert abs(discipline.offset_ps - offset_ps) <= 1
     assert discipline.records == 6
+
+
+def test_memcopy_copies_exactly_at_any_offset_without_allocating():
+    from payload import memcopy
+
+    src = bytearray((i * 37 + 11) & 0xFF for i in range(64))
+    for impl in (memcopy.copy, memcopy.copy_viper):
+        for length in (0, 1, 2, 3, 8, 9, 17, 40):
+            for offset in (0, 1, 3):
+                dst = bytearray(64)
+                micropython.heap_lock()
+                try:
+                    impl(memcopy.address(dst) + offset, memcopy.address(src) + 5, length)
+                finally:
+                    micropython.heap_unlock()
+                assert dst[offset : offset + length] == src[5 : 5 + length]
+                assert dst[:offset] == bytearray(offset)
+                assert dst[offset + length :] == bytearray(64 - offset - length)

@@ -202,6 +202,13 @@ def boot_mode():
 
 def mount_storage():
     """Mount littlefs at STORAGE_ROOT, formatting a blank device (first boot)."""
+    import os
+
+    try:
+        os.stat(STORAGE_ROOT)
+        return STORAGE_ROOT  # already mounted (from the maintenance REPL): never format
+    except OSError:
+        pass
     device = RamBlockDevice(_FLASH_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
     try:
         vfs.mount(vfs.VfsLfs2(device, mtime=False), STORAGE_ROOT)

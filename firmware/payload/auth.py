@@ -1,0 +1,48 @@
+# Telecommand authentication (docs/ground-link.md): HMAC-SHA256 (RFC 2104) with the
+# payload's own key, truncated to TAG_BYTES, and a 32-bit security counter that must
+# strictly increase. hashlib.sha256 is in MicroPython 1.25 on the unix port and in the
+# QEMU image (MICROPY_PY_HASHLIB, EXTRA_FEATURES level); tests check it against RFC 4231.
+import hashlib
+
+from micropython import const
+
+TAG_BYTES = const(16)  # 128-bit tag: forging one takes ~2**128 tries, no brute force
+_BLOCK_BYTES = const(64)
+# Key used when none is provisioned (a fresh board, the emulated targets): public, so a
+# payload running on it is not protected; housekeeping reports it and `qkdsat payload`
+# warns. SHA-256 of b"qkdsat development key, not for flight".
+DEVELOPMENT_KEY = bytes.fromhex("7813be0a19e110814d12de0192a9c9c234272cd7d9e05a565031b5becf6c4572")
+
+
+class Hmac:
+    """HMAC-SHA256 with the key's padded blocks computed once (two hashes per message)."""
+
+    def __init__(self, key):
+        if len(key) > _BLOCK_BYTES:
+            key = hashlib.sha256(key).digest()
+        inner = bytearray(_BLOCK_BYTES)
+        outer = bytearray(_BLOCK_BYTES)
+        for i in range(_BLOCK_BYTES):
+            k = key[i] if i < len(key) else 0
+            inner[i] = k ^ 0x36
+            outer[i] = k ^ 0x5C
+        self._inner = bytes(inner)
+        self._outer = bytes(outer)
+
+    def digest(self, message):
+        h = hashlib.sha256(self._inner)
+        h.update(message)
+        o = hashlib.sha256(self._outer)
+        o.update(h.digest())
+        return o.digest()
+
+    def verify(self, message, tag):
+        """True if tag (TAG_BYTES) is HMAC(message) truncated; time does not depend on
+        where the first wrong byte is."""
+        if len(tag) != TAG_BYTES:
+            return False
+        expected = self.digest(message)
+        diff = 0
+        for i in range(TAG_BYTES):
+            diff |= expected[i] ^ tag[i]
+        return diff == 0

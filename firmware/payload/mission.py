@@ -1,0 +1,221 @@
+# The payload data path behind the ground link's mission hook (docs/ground-link.md,
+# "Contract with the data path"): configure / start / stop / status, and the duties the
+# main loop's scheduler runs (docs/scheduling.md):
+#   bus        unsolicited payload-bus frames (the link's bus loopback test)
+#   sequencer  refill the laser driver's back pattern bank, log each frame (sequencer.py)
+#   tdc        drain the TDC FIFO into the ring, spool blocks (tdc.py)
+#   clock      PPS discipline of the local clock (tdc.py)
+#   hk         housekeeping records (every HK_PERIOD_US during a pass)
+#   tracking, tracking-telemetry  the pointing loop and its product, added when a pass
+#              configuration carries a "tracking" section (docs/tracking.md)
+# Bad parameters raise ValueError (sequencer.ConfigError), a command that does not fit
+# the state raises RuntimeError; the link sends the message to the ground.
+import json
+
+from micropython import const
+
+from payload import bus as busmod
+from payload import sequencer, storage, tdc
+
+HK_PERIOD_US = const(100_000)
+CONFIG_KEYS = (
+    "intensity_probabilities",
+    "intensity_names",
+    "basis_probability_z",
+    "slot_rate_hz",
+    "frame_slots",
+    "pps_period_ps",
+    "tdc",
+    "tracking",
+)
+
+
+class Housekeeping:
+    """Reads the head's sensors and appends a HOUSEKEEPING record (JSON object)."""
+
+    def __init__(self, mission):
+        self.mission = mission
+        self.bus = mission.bus
+        self.log = mission.store.open_log("housekeeping", storage.KIND_HOUSEKEEPING, 1024)
+        self.running = False
+        self.records = 0
+
+    def step(self):
+        if not self.running:
+            return False
+        return self.record()
+
+    def record(self):
+        mission = self.mission
+        mission.tdc.read_overflow()
+        if self.bus.read(busmod.REG_HK_LASER_POWER_UW, busmod.HK_REGS) != busmod.OK:
+            return False
+        w = self.bus.words
+        temps = [w[1], w[2], w[3]]
+        for i in range(3):  # registers hold two's complement milli-degrees
+            if temps[i] & 0x80000000:
+                temps[i] -= 1 << 32
+        entry = {
+            "t_us": mission.board.clock.now_us(),
+            "laser_power_uw": w[0],
+            "temp_laser_mc": temps[0],
+            "temp_tdc_mc": temps[1],
+            "temp_board_mc": temps[2],
+            "frames_sent": mission.sequencer.frames_sent,
+            "tdc_lost": mission.tdc.telemetry()["lost"],
+        }
+        self.log.append(json.dumps(entry).encode())
+        self.records += 1
+        return True
+
+
+class Mission:
+    def __init__(self, board, storage_root):
+        self.board = board
+        self.store = storage.Storage(storage_root)
+        self.bus = busmod.Bus(board.payload_bus, board.clock)
+        self.sequencer = sequencer.Sequencer(self.bus, self.store)
+        self.tdc = tdc.TdcDrain(self.bus, self.store)
+        self.discipline = tdc.ClockDiscipline(self.tdc, self.store)
+        self.hk = Housekeeping(self)
+        self.pass_running = False
+        self.time_scale_ppm = None
+        self.scheduler = None  # set by duties(): the loop that runs them, for telemetry
+        self.tracking = None  # tracking_duty.TrackingDuty once a pass tracks
+        self.tracking_product = None
+
+    def duties(self, sched):
+        """Add the data path's duties to the main loop's scheduler."""
+        self.scheduler = sched
+        sched.add("bus", self.bus.poll)
+        sched.add("sequencer", self.sequencer.step)
+        sched.add("tdc", self.tdc.step)
+        sched.add("clock", self.discipline.step)
+        sched.add("hk", self.hk.step, HK_PERIOD_US)
+
+    def configure(self, config):
+        """Validate and apply a pass configuration (ValueError names the bad field)."""
+        if self.pass_running:
+            raise RuntimeError("a pass is running: stop it first")
+        for key in config:
+            if key not in CONFIG_KEYS:
+                raise sequencer.ConfigError("config: unknown key %r" % (key,))
+        scale = self.bus.read1(busmod.REG_TIME_SCALE_PPM)
+        if scale < 0:
+            raise RuntimeError("optical head does not answer on the payload bus")
+        # everything is checked before anything is applied: a refused configuration
+        # leaves the previous one in force
+        tdc_cfg = config.get("tdc", {})
+        if not isinstance(tdc_cfg, dict):
+            raise sequencer.ConfigError("tdc: need an object")
+        bursts = tdc_cfg.get("bursts_per_step", 1)
+        if not isinstance(bursts, int) or not 1 <= bursts <= 64:
+            raise sequencer.ConfigError("tdc.bursts_per_step: need an integer in [1, 64]")
+        pps = config.get("pps_period_ps", tdc.PS_PER_S)
+        if not isinstance(pps, int) or pps <= 0:
+            raise sequencer.ConfigError("pps_period_ps: need a positive integer")
+        tracker = _tracker_from(config["tracking"]) if "tracking" in config else None
+        self.sequencer.configure(config, scale)
+        if tracker is not None:
+            self._attach_tracking(tracker)
+        self.tdc.bursts_per_step = bursts
+        self.discipline.pps_period_ps = pps
+        self.time_scale_ppm = scale
+
+    def _attach_tracking(self, tracker):
+        from payload import tracking_duty
+
+        if self.tracking is None:
+            self.tracking = tracking_duty.TrackingDuty(self.bus, tracker)
+            self.tracking_product = tracking_duty.TrackingProduct(tracker, self.store)
+            if self.scheduler is not None:
+                self.scheduler.add("tracking", self.tracking.step)
+                self.scheduler.add("tracking-telemetry", self.tracking_product.step)
+        else:  # a new pass configuration: same duties, new loop
+            self.tracking.attach(tracker)
+            self.tracking_product.attach(tracker)
+
+    def start(self):
+        if self.pass_running:
+            raise RuntimeError("a pass is already running")
+        if self.sequencer.config is None:
+            raise RuntimeError("not configured")
+        for log in self.store.logs.values():
+            if log.foreign:
+                raise RuntimeError("%s is not a record log: delete it first" % log.path)
+        if self.tdc.start() != busmod.OK:
+            raise RuntimeError("optical head: TDC_CTRL failed (see bus counters)")
+        try:
+            self.sequencer.start()
+        except sequencer.ConfigError as error:
+            self.tdc.stop()
+            raise RuntimeError(str(error)) from None
+        self.hk.running = True
+        self.hk.record()
+        if self.tracking is not None:
+            self.tracking.tracker.start()
+        self.pass_running = True
+
+    def stop(self):
+        """Let the last committed frame go out, drain the TDC, flush every log."""
+        if not self.pass_running:
+            raise RuntimeError("no pass is running")
+        self.sequencer.stop()
+        self.tdc.stop()
+        if self.tracking is not None:
+            self.tracking.tracker.stop()
+            self.tracking.step()  # the loop acts on the stop at its next period
+            self.tracking_product.flush()
+        self.discipline.step()
+        self.hk.record()
+        self.hk.running = False
+        self.pass_running = False
+
+    def status(self):
+        """Compact telemetry (it travels in one housekeeping packet)."""
+        bus = self.bus
+        seq = self.sequencer.telemetry()
+        seq.pop("next_frame", None)
+        out = {
+            "pass_running": self.pass_running,
+            "time_scale_ppm": self.time_scale_ppm,
+            "sequencer": seq,
+            "tdc": self.tdc.telemetry(),
+            "clock": self.discipline.telemetry(),
+            "bus": {
+                "transactions": bus.transactions,
+                "timeouts": bus.timeouts,
+                "retransmissions": bus.retransmissions,
+                "bad_replies": bus.bad_replies,
+                "error_status": bus.error_status,
+                "frames_dropped": bus.rx.dropped(),
+            },
+            "storage_dropped_bytes": sum(
+                log.recovery.dropped_bytes for log in self.store.logs.values()
+            ),
+        }
+        if self.tracking is not None:
+            out["tracking"] = self.tracking.telemetry()
+        if self.scheduler is not None:
+            out["worst_us"] = {d.name: d.worst_us for d in self.scheduler.duties}
+            errors = {d.name: d.last_error for d in self.scheduler.duties if d.errors}
+            if errors:
+                out["duty_errors"] = errors
+        return out
+
+
+def _tracker_from(section):
+    """A Tracker from a configuration's "tracking" section: {"parameters": {...},
+    "predictions": [[x, y, vx, vy, ax, ay, pa_x, pa_y], ...]} (docs/tracking.md).
+    Raises ValueError (tracking.ConfigError) naming the field. Imported only when a pass
+    tracks: the loop's code costs RAM on the unix target."""
+    from payload import tracking
+
+    if not isinstance(section, dict) or "predictions" not in section:
+        raise tracking.ConfigError("tracking: need an object with 'predictions'")
+    try:
+        tracker = tracking.Tracker(section.get("parameters") or {})
+        tracker.load_predictions(section["predictions"])
+    except TypeError as error:  # a non-numeric value where a number belongs
+        raise tracking.ConfigError("tracking: %s" % error) from None
+    return tracker

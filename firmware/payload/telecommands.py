@@ -1,0 +1,412 @@
+# The ground link's telecommand service (docs/ground-link.md): every frame body that the
+# framing layer passes up is checked (header, length, PEC, APID, HMAC tag, replay counter)
+# and then dispatched. Every telecommand gets a verification report: TM 1,1 accepted
+# (when its ack flag asks for it) or TM 1,2 rejected with a reason code and a short text.
+# Nothing that arrives on the link can raise out of `handle`: a handler failure is a
+# rejection, counted like the rest.
+import json
+import os
+
+from micropython import const
+
+from payload import auth, ccsds, framing
+from payload.ccsds import get_u16, get_u32, put_u16, put_u32
+from payload.products import Products, chunk_crc32, valid_name
+from payload.version import FIRMWARE_VERSION
+
+LINK_DIR = "link"
+KEY_FILE = "key"
+COUNTER_FILE = "counter"
+# The accepted counter is persisted as a ceiling this far ahead, so storage is written
+# once per _COUNTER_STEP telecommands; after a reboot everything up to the ceiling counts
+# as used (a gap the ground skips over, never a replay window).
+_COUNTER_STEP = const(64)
+MAX_CHUNK_BYTES = const(1024)
+_LIST_ENTRY_FIXED = const(9)  # name length u8, size u32, crc32 u32
+_MAX_CONFIG_BYTES = const(512)
+
+
+class EnterMaintenance(Exception):
+    """Raised out of the main loop by the maintenance telecommand (after its report)."""
+
+
+class Rejected(Exception):
+    def __init__(self, code, detail=""):
+        self.code = code
+        self.detail = detail
+
+
+class GroundLink:
+    def __init__(self, board, storage_root, send, mission=None, max_packet_bytes=1100):
+        self.board = board
+        self.root = storage_root
+        self._send = send  # send(buf, length): one frame on the ground link
+        self.mission = mission
+        self.products = Products(storage_root)
+        self.tm = ccsds.TmWriter(max_packet_bytes)
+        self.accepted = 0
+        self.rejected = [0] * len(ccsds.REJECT_NAMES)
+        self.time_offset_us = None  # UTC - board clock, once a set-time arrived
+        self.version_text = ("qkdsat-fw %s %s" % (FIRMWARE_VERSION, board.NAME)).encode()
+        self._load_key()
+        self._load_counter()
+        self.pending_action = None  # FN_REBOOT / FN_MAINTENANCE after the report is out
+        self.frame_reader = None  # the ground link's FrameReader, for its drop counters
+        self.bus_send = None  # send(buf, length) on the payload bus, for the bus test
+
+    # ---------------------------------------------------------------- key and counter
+
+    def _link_path(self, name):
+        return self.root + "/" + LINK_DIR + "/" + name
+
+    def _load_key(self):
+        key = None
+        try:
+            with open(self._link_path(KEY_FILE), "rb") as f:
+                key = f.read()
+        except OSError:
+            pass
+        # A key file that is there but unusable is not silently replaced by the public
+        # development key: the link then rejects everything (reason "auth").
+        if key is None:
+            self.key_state = "development"
+            self.hmac = auth.Hmac(auth.DEVELOPMENT_KEY)
+        elif 16 <= len(key) <= 64:
+            self.key_state = "provisioned"
+            self.hmac = auth.Hmac(key)
+        else:
+            self.key_state = "invalid"
+            self.hmac = None
+
+    def _load_counter(self):
+        # The ceiling is written to a temporary file and renamed over the old one (atomic
+        # in littlefs and POSIX), so a power cut leaves the old or the new value, never an
+        # empty file that would reopen the replay window; both are read, the larger wins.
+        self.last_counter = 0
+        for name in (COUNTER_FILE, COUNTER_FILE + ".tmp"):
+            try:
+                with open(self._link_path(name)) as f:
+                    self.last_counter = max(self.last_counter, int(f.read().strip()))
+            except (OSError, ValueError):
+                pass
+        self._ceiling = self.last_counter
+
+    def _consume_counter(self, counter):
+        self.last_counter = counter
+        if counter >= self._ceiling:
+            ceiling = counter + _COUNTER_STEP
+            try:
+                try:
+                    os.mkdir(self.root + "/" + LINK_DIR)
+                except OSError:
+                    pass
+                temporary = self._link_path(COUNTER_FILE + ".tmp")
+                with open(temporary, "w") as f:
+                    f.write(str(ceiling))
+                os.rename(temporary, self._link_path(COUNTER_FILE))
+                self._ceiling = ceiling
+            except OSError:
+                pass  # storage full or failing: keep going, counted in housekeeping
+
+    # ---------------------------------------------------------------- time
+
+    def _stamp(self):
+        tm = self.tm
+        if self.time_offset_us is None:
+            utc_us = self.board.clock.now_us()  # time since boot until set
+        else:
+            utc_us = self.board.clock.now_us() + self.time_offset_us
+        seconds = utc_us // 1000000
+        tm.time_seconds = seconds & 0xFFFFFFFF
+        tm.time_fraction = ((utc_us - seconds * 1000000) * 65536) // 1000000
+
+    # ---------------------------------------------------------------- reports
+
+    def _emit(self, service, subtype, data_bytes):
+        self._stamp()
+        length = self.tm.finish(service, subtype, data_bytes)
+        self._send(self.tm.buf, length)
+
+    def _report(self, body, accepted, code=0, detail=""):
+        buf = self.tm.buf
+        at = ccsds.TM_HEADER_BYTES
+        # request id: packet id and sequence control of the telecommand (zeros if the
+        # packet was too short to have them)
+        for i in range(4):
+            buf[at + i] = body[i] if len(body) >= 4 else 0
+        if accepted:
+            self._emit(ccsds.SVC_VERIFICATION, 1, 4)
+            return
+        put_u16(buf, at + 4, code)
+        data = 6
+        if code == ccsds.REJECT_REPLAY:
+            put_u32(buf, at + 6, self.last_counter)
+            data = 10
+        elif detail:
+            text = detail.encode()[:64]
+            buf[at + 6 : at + 6 + len(text)] = text
+            data = 6 + len(text)
+        self._emit(ccsds.SVC_VERIFICATION, 2, data)
+
+    def _reject(self, body, code, detail=""):
+        self.rejected[code] += 1
+        self._report(body, False, code, detail)
+
+    # ---------------------------------------------------------------- input
+
+    def handle(self, body):
+        """One frame body from the ground link: check, authenticate, dispatch, report."""
+        try:
+            self._handle(body)
+        except Rejected as rejection:
+            self._reject(body, rejection.code, rejection.detail)
+        except EnterMaintenance:
+            raise
+        except Exception as error:  # a handler bug must not take the link down
+            self._reject(body, ccsds.REJECT_STORAGE, "internal: %r" % (error,))
+
+    def _handle(self, body):
+        n = len(body)
+        if n < ccsds.PRIMARY_BYTES:
+            raise Rejected(ccsds.REJECT_SHORT)
+        # version 0, type 1 (TC), secondary header flag 1
+        if body[0] & 0xF8 != 0x18:
+            raise Rejected(ccsds.REJECT_HEADER, "not a TC with secondary header")
+        if ccsds.PRIMARY_BYTES + get_u16(body, 4) + 1 != n:
+            raise Rejected(ccsds.REJECT_LENGTH, "data length field disagrees with frame")
+        if n < ccsds.TC_MIN_BYTES:
+            raise Rejected(ccsds.REJECT_SHORT, "no room for counter and tag")
+        if ccsds.crc16(body, n - 2) != get_u16(body, n - 2):
+            raise Rejected(ccsds.REJECT_PEC)
+        if ((body[0] & 0x07) << 8) | body[1] != ccsds.APID:
+            raise Rejected(ccsds.REJECT_APID)
+        if body[6] >> 4 != ccsds.PUS_VERSION:
+            raise Rejected(ccsds.REJECT_HEADER, "PUS version")
+        tag_at = n - ccsds.PEC_BYTES - ccsds.TAG_BYTES
+        if self.hmac is None:
+            raise Rejected(ccsds.REJECT_AUTH, "key file invalid")
+        if not self.hmac.verify(body[:tag_at], body[tag_at : tag_at + ccsds.TAG_BYTES]):
+            raise Rejected(ccsds.REJECT_AUTH)
+        counter = get_u32(body, tag_at - ccsds.COUNTER_BYTES)
+        if counter <= self.last_counter:
+            raise Rejected(ccsds.REJECT_REPLAY)
+        self._consume_counter(counter)
+        self.tm.destination_id = get_u16(body, 9)
+        params = body[ccsds.TC_HEADER_BYTES : tag_at - ccsds.COUNTER_BYTES]
+        ack = body[6] & ccsds.ACK_ACCEPTANCE
+        self._dispatch(body, body[7], body[8], params, ack)
+
+    def _dispatch(self, body, service, subtype, params, ack):
+        if service == ccsds.SVC_PRODUCTS and subtype == 3:
+            self._read_chunk(body, params, ack)  # the hot path: checked first
+        elif service == ccsds.SVC_TEST and subtype == 1:
+            self._accept(body, ack)
+            data = ccsds.TM_HEADER_BYTES
+            text = self.version_text
+            self.tm.buf[data : data + len(text)] = text
+            self._emit(ccsds.SVC_TEST, 2, len(text))
+        elif service == ccsds.SVC_TEST and subtype == 128:
+            # payload-bus loopback test: the data goes out as one bus frame; what comes
+            # back is reported as TM 17,129 (bus_reply)
+            if self.bus_send is None or not len(params):
+                raise Rejected(ccsds.REJECT_ARGUMENT, "bus test needs data and a bus")
+            self._accept(body, ack)
+            self.bus_send(params, len(params))
+        elif service == ccsds.SVC_HOUSEKEEPING and subtype == 27:
+            text = json.dumps(self.housekeeping()).encode()
+            if len(text) > self.tm.max_data_bytes:
+                raise Rejected(ccsds.REJECT_STORAGE, "housekeeping too long")
+            self._accept(body, ack)
+            data = ccsds.TM_HEADER_BYTES
+            self.tm.buf[data : data + len(text)] = text
+            self._emit(ccsds.SVC_HOUSEKEEPING, 25, len(text))
+        elif service == ccsds.SVC_PRODUCTS and subtype == 1:
+            self._list(body, params, ack)
+        elif service == ccsds.SVC_PRODUCTS and subtype == 5:
+            self._delete(body, params, ack)
+        elif service == ccsds.SVC_FUNCTION and subtype == 1:
+            self._function(body, params, ack)
+        elif service == ccsds.SVC_TIME and subtype == 128:
+            if len(params) != 8:
+                raise Rejected(ccsds.REJECT_ARGUMENT, "set time takes u64 UTC microseconds")
+            utc_us = (get_u32(params, 0) << 32) | get_u32(params, 4)
+            self.time_offset_us = utc_us - self.board.clock.now_us()
+            self._accept(body, ack)
+        else:
+            raise Rejected(ccsds.REJECT_SERVICE, "no service %d,%d" % (service, subtype))
+
+    def bus_reply(self, body):
+        """A frame from the payload bus nobody else claimed: report it (TM 17,129)."""
+        length = min(len(body), self.tm.max_data_bytes)
+        data = ccsds.TM_HEADER_BYTES
+        self.tm.buf[data : data + length] = body[:length]
+        self._emit(ccsds.SVC_TEST, 129, length)
+
+    def _accept(self, body, ack):
+        self.accepted += 1
+        if ack:
+            self._report(body, True)
+
+    # ---------------------------------------------------------------- products
+
+    def _name_arg(self, params, at):
+        if len(params) < at + 1:
+            raise Rejected(ccsds.REJECT_ARGUMENT, "missing product name")
+        length = params[at]
+        name = bytes(params[at + 1 : at + 1 + length])
+        if len(name) != length or not valid_name(name):
+            raise Rejected(ccsds.REJECT_ARGUMENT, "bad product name")
+        return name, at + 1 + length
+
+    def _read_chunk(self, body, params, ack):
+        name, at = self._name_arg(params, 0)
+        if len(params) != at + 6:
+            raise Rejected(ccsds.REJECT_ARGUMENT, "read takes name, offset u32, length u16")
+        offset = get_u32(params, at)
+        length = get_u16(params, at + 4)
+        if not 0 < length <= MAX_CHUNK_BYTES or length > self.tm.max_data_bytes - 10:
+            raise Rejected(ccsds.REJECT_ARGUMENT, "chunk length 1..%d" % MAX_CHUNK_BYTES)
+        size = self.products.size(name)
+        if size < 0:
+            raise Rejected(ccsds.REJECT_PRODUCT, "no product " + name.decode())
+        if offset > size:
+            raise Rejected(ccsds.REJECT_RANGE, "offset past end (%d bytes)" % size)
+        self._accept(body, ack)
+        buf = self.tm.buf
+        data = ccsds.TM_HEADER_BYTES
+        view = memoryview(buf)[data + 10 : data + 10 + min(length, size - offset)]
+        count = self.products.read_into(name, offset, view)
+        put_u32(buf, data, offset)
+        put_u16(buf, data + 4, count)
+        put_u32(buf, data + 6, chunk_crc32(view, count))
+        self._emit(ccsds.SVC_PRODUCTS, 4, 10 + count)
+
+    def _list(self, body, params, ack):
+        if len(params) != 2:
+            raise Rejected(ccsds.REJECT_ARGUMENT, "list takes a start index u16")
+        start = get_u16(params, 0)
+        names = self.products.names()
+        buf = self.tm.buf
+        data = ccsds.TM_HEADER_BYTES
+        limit = data + self.tm.max_data_bytes
+        entries = []
+        used = data + 6
+        index = start
+        while index < len(names):
+            name = names[index]
+            size = self.products.size(name)
+            if size >= 0:  # else deleted meanwhile: skipped, and `next` says so
+                if used + len(name) + _LIST_ENTRY_FIXED > limit:
+                    break
+                try:
+                    crc = self.products.crc32(name, size)
+                except OSError:
+                    raise Rejected(ccsds.REJECT_STORAGE, "cannot read " + name.decode()) from None
+                entries.append((name, size, crc))
+                used += len(name) + _LIST_ENTRY_FIXED
+            index += 1
+        self._accept(body, ack)
+        put_u16(buf, data, len(names))
+        put_u16(buf, data + 2, start)
+        put_u16(buf, data + 4, index)  # where the next page starts
+        at = data + 6
+        for name, size, crc in entries:
+            buf[at] = len(name)
+            buf[at + 1 : at + 1 + len(name)] = name
+            at += 1 + len(name)
+            put_u32(buf, at, size)
+            put_u32(buf, at + 4, crc)
+            at += 8
+        self._emit(ccsds.SVC_PRODUCTS, 2, at - data)
+
+    def _delete(self, body, params, ack):
+        name, at = self._name_arg(params, 0)
+        if at != len(params):
+            raise Rejected(ccsds.REJECT_ARGUMENT, "delete takes a name only")
+        if self.products.size(name) < 0:
+            raise Rejected(ccsds.REJECT_PRODUCT, "no product " + name.decode())
+        try:
+            self.products.delete(name)
+        except OSError as error:
+            raise Rejected(ccsds.REJECT_STORAGE, "delete failed: %r" % (error,)) from None
+        self._accept(body, ack)
+
+    # ---------------------------------------------------------------- functions
+
+    def _function(self, body, params, ack):
+        if len(params) < 1:
+            raise Rejected(ccsds.REJECT_ARGUMENT, "missing function id")
+        function = params[0]
+        args = params[1:]
+        if function in (ccsds.FN_REBOOT, ccsds.FN_MAINTENANCE):
+            if len(args):
+                raise Rejected(ccsds.REJECT_ARGUMENT, "function takes no arguments")
+            self.pending_action = function
+            self._accept(body, ack)
+            return
+        if function not in (ccsds.FN_CONFIGURE, ccsds.FN_START, ccsds.FN_STOP):
+            raise Rejected(ccsds.REJECT_ARGUMENT, "no function %d" % function)
+        if self.mission is None:
+            raise Rejected(ccsds.REJECT_UNAVAILABLE, "no mission in this firmware")
+        if function == ccsds.FN_CONFIGURE:
+            if not 0 < len(args) <= _MAX_CONFIG_BYTES:
+                raise Rejected(ccsds.REJECT_ARGUMENT, "configuration: JSON object")
+            try:
+                config = json.loads(bytes(args))
+            except ValueError:
+                raise Rejected(ccsds.REJECT_ARGUMENT, "configuration is not JSON") from None
+            if not isinstance(config, dict):
+                raise Rejected(ccsds.REJECT_ARGUMENT, "configuration: JSON object")
+            self._call_mission(self.mission.configure, config)
+        elif len(args):
+            raise Rejected(ccsds.REJECT_ARGUMENT, "function takes no arguments")
+        elif function == ccsds.FN_START:
+            self._call_mission(self.mission.start)
+        else:
+            self._call_mission(self.mission.stop)
+        self._accept(body, ack)
+
+    def _call_mission(self, method, *args):
+        # The mission validates its own parameters: ValueError is a bad argument,
+        # RuntimeError a command that does not fit the current state.
+        try:
+            method(*args)
+        except ValueError as error:
+            raise Rejected(ccsds.REJECT_ARGUMENT, str(error)) from None
+        except RuntimeError as error:
+            raise Rejected(ccsds.REJECT_STATE, str(error)) from None
+
+    # ---------------------------------------------------------------- housekeeping
+
+    def link_counters(self):
+        reader = self.frame_reader
+        frames = {}
+        if reader is not None:
+            frames["frames_ok"] = reader.frames_ok
+            for i in range(len(reader.drops)):
+                frames["frame_" + framing.DROP_REASONS[i]] = reader.drops[i]
+        return {
+            "frames": frames,
+            "tc_accepted": self.accepted,
+            "tc_rejected": {
+                ccsds.REJECT_NAMES[i]: self.rejected[i]
+                for i in range(1, len(self.rejected))
+                if self.rejected[i]
+            },
+            "tc_last_counter": self.last_counter,
+        }
+
+    def housekeeping(self):
+        report = {
+            "version": self.version_text.decode(),
+            "uptime_s": self.board.clock.now_us() // 1000000,
+            "time_set": self.time_offset_us is not None,
+            "key": self.key_state,
+            "link": self.link_counters(),
+        }
+        if self.mission is not None and hasattr(self.mission, "status"):
+            try:
+                report["mission"] = self.mission.status()
+            except Exception as error:
+                report["mission"] = {"error": repr(error)}
+        return report

@@ -1,0 +1,270 @@
+"""`qkdsat flash --port PORT`: deploy the payload firmware to a MicroPython board with
+mpremote, and verify what landed (docs/ground-link.md, "Flashing").
+
+What is deployed: firmware/payload/*.py and the board module compiled to .mpy by the
+project's own mpy-cross (MicroPython 1.25, the version every target runs), for the
+board's native architecture (read from sys.implementation._mpy, so viper code runs), plus
+main.py as source (the boot entry point). Files go to the board's storage root; each is
+read back and its SHA-256 compared, then the package is imported from there and its
+version checked. Why .mpy and not a ROMFS image: ROMFS needs a ROM partition that only
+some ports expose in 1.25 (the QEMU port has none: MICROPY_VFS_ROM_IOCTL=0), while every
+board with a filesystem loads .mpy; .mpy skips compiling on the board (RAM, boot time).
+
+The board must be at its REPL: in maintenance boot, or after the maintenance telecommand,
+which this command sends itself when given the link key (--key) and the REPL does not
+answer. --provision-key writes the payload's link key into <storage>/link/key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from emulator.targets import BUILD_DIR, FIRMWARE_DIR, firmware_version
+from host.errors import BadInput
+
+# sys.implementation._mpy >> 10: MicroPython's native architecture numbering
+MPY_ARCHES = (
+    None,
+    "x86",
+    "x64",
+    "armv6",
+    "armv6m",
+    "armv7m",
+    "armv7em",
+    "armv7emsp",
+    "armv7emdp",
+    "xtensa",
+    "xtensawin",
+    "rv32imc",
+)
+
+
+class FlashError(RuntimeError):
+    pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", required=True, help="the board's serial port (its REPL)")
+    parser.add_argument(
+        "--board",
+        help="board module to deploy: firmware/boards/<BOARD>/board.py (default: the one "
+        "the board runs now; required on a board without one)",
+    )
+    parser.add_argument("--key", type=Path, help="link key, to send the maintenance TC")
+    parser.add_argument(
+        "--provision-key", type=Path, metavar="FILE", help="write this link key to the board"
+    )
+    parser.add_argument("--reset", action="store_true", help="hard-reset the board at the end")
+
+
+def mpy_cross() -> Path:
+    for candidate in (BUILD_DIR / "bin" / "mpy-cross", shutil.which("mpy-cross")):
+        if candidate and Path(candidate).exists():
+            return Path(candidate)
+    raise BadInput("mpy-cross not found: run 'make setup'")
+
+
+def _mpremote(port: str, *commands: str, timeout_s: float = 120.0) -> str:
+    cmd = [sys.executable, "-m", "mpremote", "connect", port, "resume", *commands]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise FlashError(
+            f"mpremote {' '.join(commands[:2])} on {port} failed: "
+            f"{(proc.stderr or proc.stdout).strip()[-600:]}"
+        )
+    return proc.stdout
+
+
+def _exec(port: str, code: str) -> str:
+    return _mpremote(port, "exec", code)
+
+
+_PREPARE = """
+import os, sys
+try:
+    import board
+    root = board.mount_storage()
+    name = board.NAME
+except ImportError:
+    root = '/flash' if 'flash' in os.listdir('/') else ''
+    name = '?'
+for d in ('', '/payload', '/link'):
+    try:
+        os.mkdir(root + d)
+    except OSError:
+        pass
+print('QKDSAT', sys.implementation._mpy, name, repr(root))
+"""
+
+
+def repl_answers(port: str, timeout_s: float = 3.0) -> bool:
+    """A quick probe (mpremote itself waits long on a port where no REPL answers)."""
+    from host.deploy.raw_repl import RawRepl, RawReplError
+
+    try:
+        repl = RawRepl(port, timeout_s=timeout_s)
+    except OSError as error:
+        raise BadInput(f"port {port}: {error}") from None
+    try:
+        repl.enter(attempt_s=1.0)
+        repl.serial.write(b"\x02")  # back to the friendly REPL for mpremote
+        return True
+    except RawReplError:
+        return False
+    finally:
+        repl.close()
+
+
+def reach_repl(port: str, key_path: Path | None) -> tuple[int, str, str]:
+    """(the board's .mpy ABI word, its board module's NAME or '?', its storage root),
+    entering the REPL if need be."""
+    if not repl_answers(port):
+        if key_path is None:
+            raise FlashError(
+                f"no REPL on {port}: boot the board in maintenance mode, or give --key so "
+                "the maintenance telecommand can stop the application"
+            ) from None
+        from host.link.cli import load_key
+        from host.link.client import PayloadClient
+
+        with PayloadClient(port, load_key(key_path)) as payload:
+            payload.enter_maintenance()
+        if not repl_answers(port):
+            raise FlashError(f"the payload on {port} accepted maintenance, but no REPL")
+    out = _exec(port, _PREPARE)
+    for line in out.splitlines():
+        if line.startswith("QKDSAT "):
+            _, abi, name, root = line.split(" ", 3)
+            return int(abi), name, root.strip().strip("'\"")
+    raise FlashError(f"unexpected answer from the board on {port}: {out!r}")
+
+
+def compile_firmware(board: str, arch: str | None, out_dir: Path) -> dict[str, Path]:
+    """{path on the board relative to the storage root: local file}."""
+    board_module = FIRMWARE_DIR / "boards" / board / "board.py"
+    if not board_module.exists():
+        known = sorted(p.name for p in (FIRMWARE_DIR / "boards").iterdir() if p.is_dir())
+        raise BadInput(f"--board {board}: no {board_module} (known: {', '.join(known)})")
+    sources = {f"payload/{p.stem}.mpy": p for p in sorted((FIRMWARE_DIR / "payload").glob("*.py"))}
+    sources["board.mpy"] = board_module
+    files = {}
+    compiler = mpy_cross()
+    for target, source in sources.items():
+        output = out_dir / target
+        output.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [str(compiler), "-o", str(output), "-s", target.replace(".mpy", ".py")]
+        if arch:
+            cmd.append(f"-march={arch}")
+        proc = subprocess.run([*cmd, str(source)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise FlashError(f"mpy-cross {source}: {proc.stderr.strip()}")
+        files[target] = output
+    files["main.py"] = FIRMWARE_DIR / "main.py"
+    return files
+
+
+_VERIFY = """
+import hashlib, sys
+def _sha(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while True:
+            b = f.read(512)
+            if not b:
+                break
+            h.update(b)
+    return h.digest().hex()
+for p in {paths!r}:
+    print('SHA', p, _sha({root!r} + '/' + p))
+for m in [m for m in sys.modules if m == 'board' or m.startswith('payload')]:
+    del sys.modules[m]
+sys.path.insert(0, {root!r})
+from payload import version
+print('VERSION', version.FIRMWARE_VERSION, version.__file__)
+"""
+
+
+def verify(port: str, root: str, files: dict[str, Path]) -> str:
+    out = _exec(port, _VERIFY.format(paths=sorted(files), root=root))
+    landed = {}
+    version_line = ""
+    for line in out.splitlines():
+        if line.startswith("SHA "):
+            _, path, digest = line.split()
+            landed[path] = digest
+        elif line.startswith("VERSION "):
+            version_line = line
+    for path, local in files.items():
+        expected = hashlib.sha256(local.read_bytes()).hexdigest()
+        if landed.get(path) != expected:
+            raise FlashError(f"{root}/{path} on the board does not match {local}")
+    parts = version_line.split()
+    if len(parts) != 3 or parts[1] != firmware_version() or not parts[2].startswith(root):
+        raise FlashError(f"the deployed package does not import from {root}: {version_line!r}")
+    return parts[1]
+
+
+def flash(
+    port: str,
+    board: str | None = None,
+    key_path: Path | None = None,
+    provision_key: Path | None = None,
+    reset: bool = False,
+) -> dict:
+    started = time.monotonic()
+    abi, running_board, root = reach_repl(port, key_path)
+    if board is None:
+        if running_board == "?":
+            raise BadInput(f"the board on {port} has no board module yet: give --board")
+        board = running_board
+    elif running_board not in ("?", board):
+        raise BadInput(
+            f"--board {board}, but the board on {port} runs board module {running_board!r}: "
+            "deploying another board's register map could drive the wrong hardware"
+        )
+    arch_index = abi >> 10
+    arch = MPY_ARCHES[arch_index] if arch_index < len(MPY_ARCHES) else None
+    with tempfile.TemporaryDirectory(prefix="qkdsat-flash-") as tmp:
+        files = compile_firmware(board, arch, Path(tmp))
+        if provision_key is not None:
+            from host.link.cli import load_key
+
+            key_file = Path(tmp) / "link.key"
+            key_file.write_bytes(load_key(provision_key))
+            files["link/key"] = key_file
+        copies = []
+        for target, local in files.items():
+            copies += ["+", "fs", "cp", str(local), f":{root}/{target}"]
+        _mpremote(port, *copies[1:])
+        version = verify(port, root, files)
+    if reset:
+        _mpremote(port, "reset")
+    return {
+        "root": root,
+        "arch": arch,
+        "files": sorted(files),
+        "version": version,
+        "seconds": time.monotonic() - started,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = flash(args.port, args.board, args.key, args.provision_key, args.reset)
+    except FlashError as error:
+        print(f"qkdsat flash: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"deployed qkdsat-fw {result['version']} ({len(result['files'])} files, .mpy for "
+        f"{result['arch'] or 'bytecode only'}) to {result['root'] or '/'} on {args.port}; "
+        f"SHA-256 of every file verified, package imports from there "
+        f"({result['seconds']:.1f} s)"
+    )
+    return 0

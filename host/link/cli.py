@@ -1,0 +1,249 @@
+"""`qkdsat payload --port PORT ACTION`: talk to a payload controller (real or emulated)
+over the ground link (docs/ground-link.md).
+
+    qkdsat payload --port /dev/ttyUSB0 --key payload.key status
+    qkdsat payload --port /dev/ttyUSB0 --key payload.key download PASS_DIR
+
+Exit codes: 0 done; 1 the payload rejected the command or the link failed (the message
+says which and why); 2 bad input (key file, arguments, port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import serial
+
+from host.errors import BadInput
+from host.link.client import CommandRejected, LinkError, PayloadClient
+from host.protocol import ccsds
+
+ACTIONS = (
+    "status",
+    "ping",
+    "config",
+    "start",
+    "stop",
+    "list",
+    "download",
+    "delete",
+    "time",
+    "reboot",
+    "maintenance",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", required=True, help="serial port of the payload's ground link")
+    parser.add_argument("--baud", type=int, default=115200, help="baud rate (default 115200)")
+    parser.add_argument(
+        "--key",
+        type=Path,
+        default=os.environ.get("QKDSAT_LINK_KEY"),
+        help="the payload's link key: 32 raw bytes or 64 hex digits "
+        "(default $QKDSAT_LINK_KEY; without one, the public development key)",
+    )
+    parser.add_argument(
+        "--counter-file",
+        type=Path,
+        help="where this station keeps its telecommand counter "
+        "(default ~/.local/state/qkdsat/tc-counter-<key id>)",
+    )
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait per reply")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("status", help="housekeeping report (firmware, key, link counters)")
+    actions.add_parser("ping", help="are-you-alive test: prints the firmware version")
+    config = actions.add_parser("config", help="configure the pass (JSON object)")
+    config.add_argument("json", nargs="?", help="a JSON object, or @FILE")
+    config.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    actions.add_parser("start", help="start pass mode")
+    actions.add_parser("stop", help="stop pass mode")
+    actions.add_parser("list", help="list the products with size and CRC-32")
+    download = actions.add_parser("download", help="download products into PASS_DIR/satellite/")
+    download.add_argument("pass_dir", type=Path, help="the pass directory")
+    download.add_argument("names", nargs="*", help="products to fetch (default: all)")
+    download.add_argument("--chunk", type=int, default=ccsds.MAX_CHUNK_BYTES, help="bytes")
+    download.add_argument("--window", type=int, default=4, help="chunk requests in flight")
+    delete = actions.add_parser("delete", help="delete a product on the payload")
+    delete.add_argument("name")
+    time_parser = actions.add_parser("time", help="set the payload's UTC clock")
+    time_parser.add_argument("utc", nargs="?", default="now", help="ISO 8601 UTC or 'now'")
+    actions.add_parser("reboot", help="restart the payload controller")
+    actions.add_parser(
+        "maintenance", help="stop the application; the port becomes the MicroPython REPL"
+    )
+
+
+def load_key(path: Path | None) -> bytes:
+    if path is None:
+        print(
+            "qkdsat payload: warning: no --key given: using the public development key; a "
+            "flight payload must have its own (docs/ground-link.md)",
+            file=sys.stderr,
+        )
+        return ccsds.DEVELOPMENT_KEY
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as error:
+        raise BadInput(f"key file {path}: {error.strerror}") from None
+    text = raw.strip()
+    if len(text) in (32, 64, 128) and all(c in b"0123456789abcdefABCDEF" for c in text):
+        raw = bytes.fromhex(text.decode())
+    if not 16 <= len(raw) <= 64:
+        raise BadInput(f"key file {path}: {len(raw)} bytes; a link key is 16..64 bytes")
+    return raw
+
+
+def default_counter_file(key: bytes) -> Path:
+    state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+    key_id = hashlib.sha256(b"qkdsat key id" + key).hexdigest()[:12]
+    return state / "qkdsat" / f"tc-counter-{key_id}"
+
+
+def parse_config(args: argparse.Namespace) -> dict:
+    config: dict = {}
+    if args.json:
+        text = args.json
+        if text.startswith("@"):
+            try:
+                text = Path(text[1:]).read_text()
+            except OSError as error:
+                raise BadInput(f"config file {text[1:]}: {error.strerror}") from None
+        try:
+            config = json.loads(text)
+        except ValueError as error:
+            raise BadInput(f"configuration is not JSON: {error}") from None
+        if not isinstance(config, dict):
+            raise BadInput("configuration must be a JSON object")
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise BadInput(f"--set {item!r}: expected NAME=VALUE")
+        try:
+            config[name] = json.loads(value)
+        except ValueError:
+            config[name] = value
+    if not config:
+        raise BadInput("config: give a JSON object or --set NAME=VALUE")
+    return config
+
+
+def parse_utc(text: str) -> int | None:
+    if text == "now":
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadInput(f"time {text!r}: expected ISO 8601 UTC or 'now'") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1_000_000)
+
+
+def run(args: argparse.Namespace) -> int:
+    key = load_key(args.key)
+    counter_file = args.counter_file or default_counter_file(key)
+    config = parse_config(args) if args.action == "config" else None
+    try:
+        client = PayloadClient(
+            args.port, key, counter_file=counter_file, baudrate=args.baud, timeout_s=args.timeout
+        )
+    except (serial.SerialException, OSError) as error:
+        raise BadInput(f"port {args.port}: {error}") from None
+    try:
+        with client:
+            return _act(client, args, config)
+    except CommandRejected as error:
+        print(f"qkdsat payload {args.action}: {error}", file=sys.stderr)
+        return 1
+    except LinkError as error:
+        print(f"qkdsat payload {args.action}: {error}", file=sys.stderr)
+        return 1
+
+
+def _act(client: PayloadClient, args: argparse.Namespace, config: dict | None) -> int:
+    action = args.action
+    if action == "status":
+        report = client.housekeeping()
+        print(json.dumps(report, indent=1, sort_keys=True))
+        if report.get("key") == "development":
+            print("warning: the payload runs on the public development key", file=sys.stderr)
+    elif action == "ping":
+        print(client.ping())
+    elif action == "config":
+        client.configure(config)
+        print(f"configured: {json.dumps(config, sort_keys=True)}")
+    elif action == "start":
+        client.start()
+        print("pass mode started")
+    elif action == "stop":
+        client.stop()
+        print("pass mode stopped")
+    elif action == "list":
+        entries = client.list_products()
+        width = max([len(e.name) for e in entries] + [4])
+        print(f"{'name':{width}s}  {'bytes':>12s}  crc32")
+        for e in entries:
+            print(f"{e.name:{width}s}  {e.size:12d}  {e.crc32:08x}")
+        print(f"{len(entries)} products, {sum(e.size for e in entries)} bytes")
+    elif action == "download":
+        return _download(client, args)
+    elif action == "delete":
+        client.delete(args.name)
+        print(f"deleted {args.name}")
+    elif action == "time":
+        utc_us = client.set_time(parse_utc(args.utc))
+        when = dt.datetime.fromtimestamp(utc_us / 1e6, dt.UTC)
+        print(f"payload clock set to {when.isoformat()}")
+    elif action == "reboot":
+        client.reboot()
+        print("rebooting")
+    elif action == "maintenance":
+        client.enter_maintenance()
+        print(f"application stopped: {args.port} is now the MicroPython REPL")
+    return 0
+
+
+def _download(client: PayloadClient, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    if not 0 < args.chunk <= ccsds.MAX_CHUNK_BYTES:
+        raise BadInput(f"--chunk {args.chunk}: 1..{ccsds.MAX_CHUNK_BYTES} bytes")
+    if args.window < 1:
+        raise BadInput(f"--window {args.window}: at least 1")
+    satellite = args.pass_dir / "satellite"
+    entries = client.list_products()
+    by_name = {e.name: e for e in entries}
+    missing = [name for name in args.names if name not in by_name]
+    if missing:
+        raise BadInput(f"no such product on the payload: {', '.join(missing)}")
+    chosen = [by_name[name] for name in args.names] if args.names else entries
+    satellite.mkdir(parents=True, exist_ok=True)
+    listing = {
+        "format_version": 1,
+        "products": [{"name": e.name, "bytes": e.size, "crc32": e.crc32} for e in entries],
+    }
+    (satellite / "products.json").write_text(json.dumps(listing, indent=1) + "\n")
+    total = 0
+    for entry in chosen:
+        with tqdm(
+            total=entry.size, unit="B", unit_scale=True, desc=entry.name, disable=None, leave=False
+        ) as bar:
+            result = client.download(
+                entry, satellite, chunk_bytes=args.chunk, window=args.window, progress=bar.update
+            )
+        resumed = f", resumed at {result.resumed_from}" if result.resumed_from else ""
+        rate = result.size / result.seconds if result.seconds > 0 else 0.0
+        print(
+            f"{entry.name}: {entry.size} bytes, CRC-32 {entry.crc32:08x} verified "
+            f"({rate / 1000:.1f} kB/s, {result.retransmissions} resent{resumed})"
+        )
+        total += entry.size
+    print(f"{len(chosen)} products, {total} bytes in {satellite}")
+    return 0

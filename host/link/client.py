@@ -1,0 +1,445 @@
+"""The ground side of the payload link (docs/ground-link.md): authenticated telecommands
+out, telemetry in, over a serial port (a board's UART/USB port or an emulated target's
+pty), and resumable, CRC-verified product downloads.
+
+    with PayloadClient(port, key) as payload:
+        payload.ping()                      # "qkdsat-fw 0.1.0 qemu"
+        for entry in payload.list_products():
+            payload.download(entry, Path("PASS_DIR/satellite"))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from host.link.framed_serial import FramedSerial, LinkTimeout
+from host.protocol import ccsds
+from host.protocol.ccsds import PacketError, ProductEntry, Tm
+from host.protocol.framing import encode_frame
+
+
+class LinkError(RuntimeError):
+    """The link failed (no answer, lost mid-transfer); the message says what and where."""
+
+
+class CommandRejected(LinkError):
+    def __init__(self, what: str, verification: ccsds.Verification):
+        detail = f": {verification.detail}" if verification.detail else ""
+        super().__init__(f"{what} rejected by the payload ({verification.reason}{detail})")
+        self.verification = verification
+
+
+class CorruptDownload(LinkError):
+    """A product whose bytes did not match the CRC-32 the payload listed: not kept."""
+
+
+@dataclass
+class DownloadResult:
+    name: str
+    path: Path
+    size: int
+    crc32: int
+    resumed_from: int
+    retransmissions: int
+    bad_chunks: int
+    seconds: float
+
+
+class PayloadClient:
+    def __init__(
+        self,
+        port: str,
+        key: bytes = ccsds.DEVELOPMENT_KEY,
+        *,
+        counter_file: Path | None = None,
+        baudrate: int = 115200,
+        source_id: int = 0,
+        timeout_s: float = 3.0,
+        retries: int = 3,
+    ):
+        self.link = FramedSerial(port, baudrate, max_body_bytes=ccsds.GROUND_MAX_BODY_BYTES)
+        self.key = key
+        self.source_id = source_id
+        self.timeout_s = timeout_s
+        self.counter_file = counter_file
+        self.counter = 0
+        if counter_file is not None and counter_file.exists():
+            self.counter = int(counter_file.read_text().strip() or 0)
+        self.sequence_count = 0
+        self.bad_packets = 0
+        self.stale_packets = 0
+        self.retries = retries
+
+    def close(self) -> None:
+        self._save_counter()
+        self.link.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ packets
+
+    def _save_counter(self) -> None:
+        if self.counter_file is not None:
+            self.counter_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.counter_file.with_suffix(".tmp")
+            tmp.write_text(f"{self.counter}\n")
+            os.replace(tmp, self.counter_file)
+
+    def send_tc(self, service: int, subtype: int, data: bytes = b"", ack: bool = True) -> bytes:
+        """Send one telecommand; returns its request id (what reports quote)."""
+        self.counter += 1
+        if self.counter >= 2**32:
+            raise LinkError("security counter exhausted: provision a new key")
+        packet = ccsds.build_tc(
+            self.key,
+            self.counter,
+            service,
+            subtype,
+            data,
+            sequence_count=self.sequence_count,
+            source_id=self.source_id,
+            ack=ccsds.ACK_ACCEPTANCE if ack else 0,
+        )
+        self.sequence_count = (self.sequence_count + 1) & 0x3FFF
+        # A leading delimiter ends whatever partial frame the payload may hold (line noise,
+        # a REPL tool that poked the port), so it cannot swallow this telecommand.
+        frame = b"\x00" + encode_frame(packet)
+        self.link.serial.write(frame)
+        self.link.bytes_sent += len(frame)
+        return ccsds.request_id(packet)
+
+    def receive_tm(self, timeout_s: float) -> Tm:
+        """The next telemetry packet that parses; bad ones are counted and skipped."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LinkTimeout(f"no telemetry from {self.link.port_name} in {timeout_s:.1f} s")
+            body = self.link.receive(remaining)
+            try:
+                return ccsds.parse_tm(body)
+            except PacketError:
+                self.bad_packets += 1
+
+    def command(
+        self,
+        what: str,
+        service: int,
+        subtype: int,
+        data: bytes = b"",
+        reply: int | None = None,
+        idempotent: bool = False,
+    ) -> Tm | None:
+        """Send a telecommand and wait for its acceptance (and its reply TM `service,reply`).
+
+        A replay rejection means this ground station's counter is behind the payload's
+        (another station, a lost state file): jump past the payload's counter and retry
+        once. A command damaged in transit is sent again (up to `retries` times); one
+        that got no answer is sent again only if it is `idempotent` (a read), since an
+        action may have happened with only its report lost. Any other rejection raises
+        CommandRejected.
+        """
+        resynced = False
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            request = self.send_tc(service, subtype, data)
+            try:
+                verification = self._await_verification(what, request)
+            except LinkError:
+                if last or not idempotent:
+                    raise
+                continue
+            if verification.accepted:
+                break
+            if verification.last_counter is not None and not resynced:
+                self.counter = max(self.counter, verification.last_counter)
+                resynced = True
+                continue
+            if verification.damaged_in_transit and not last:
+                continue  # the payload never saw a valid command: send it again
+            raise CommandRejected(what, verification)
+        self._save_counter()
+        if reply is None:
+            return None
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                tm = self._receive_or_fail(what, deadline)
+            except LinkError:
+                if not idempotent or attempt >= self.retries:
+                    raise
+                # the reply was lost after the acceptance: ask again (harmless, a read)
+                return self.command(what, service, subtype, data, reply, idempotent)
+            if tm.service == service and tm.subtype == reply:
+                return tm
+            self.stale_packets += 1
+
+    def _receive_or_fail(self, what: str, deadline: float) -> Tm:
+        try:
+            return self.receive_tm(max(0.0, deadline - time.monotonic()) + 1e-3)
+        except LinkTimeout:
+            raise LinkError(
+                f"{what}: no answer from the payload on {self.link.port_name} within "
+                f"{self.timeout_s:.1f} s (check the port, the baud rate and the key)"
+            ) from None
+
+    def _await_verification(self, what: str, request: bytes) -> ccsds.Verification:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            tm = self._receive_or_fail(what, deadline)
+            if tm.service != ccsds.SVC_VERIFICATION:
+                self.stale_packets += 1
+                continue
+            try:
+                verification = ccsds.parse_verification(tm)
+            except PacketError:
+                self.bad_packets += 1
+                continue
+            if verification.request == request:
+                return verification
+            self.stale_packets += 1
+
+    # ------------------------------------------------------------------ telecommands
+
+    def ping(self) -> str:
+        """The firmware's version text (PUS are-you-alive, TC 17,1)."""
+        tm = self.command("ping", ccsds.SVC_TEST, 1, reply=2, idempotent=True)
+        return tm.data.decode(errors="replace")
+
+    def housekeeping(self) -> dict:
+        tm = self.command("housekeeping", ccsds.SVC_HOUSEKEEPING, 27, reply=25, idempotent=True)
+        try:
+            return json.loads(tm.data)
+        except ValueError as error:
+            raise LinkError(f"housekeeping report is not JSON: {error}") from None
+
+    def configure(self, params: dict) -> None:
+        text = json.dumps(params, separators=(",", ":")).encode()
+        self.command("configure", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_CONFIGURE]) + text)
+
+    def start(self) -> None:
+        self.command("start", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_START]))
+
+    def stop(self) -> None:
+        self.command("stop", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_STOP]))
+
+    def reboot(self) -> None:
+        self.command("reboot", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_REBOOT]))
+
+    def enter_maintenance(self) -> None:
+        """Stop the application; the ground link becomes the MicroPython REPL."""
+        self.command("maintenance", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_MAINTENANCE]))
+
+    def set_time(self, utc_us: int | None = None) -> int:
+        if utc_us is None:
+            utc_us = time.time_ns() // 1000
+        self.command("set time", ccsds.SVC_TIME, 128, utc_us.to_bytes(8, "big"))
+        return utc_us
+
+    def delete(self, name: str) -> None:
+        self.command(f"delete {name}", ccsds.SVC_PRODUCTS, 5, ccsds.name_arg(name))
+
+    def list_products(self) -> list[ProductEntry]:
+        entries: list[ProductEntry] = []
+        index = 0
+        while True:
+            tm = self.command(
+                "list", ccsds.SVC_PRODUCTS, 1, index.to_bytes(2, "big"), reply=2, idempotent=True
+            )
+            total, start, next_index, page = ccsds.parse_list(tm)
+            if start != index:
+                raise LinkError(f"product list page starts at {start}, asked for {index}")
+            entries += page
+            if next_index >= total or next_index == index:
+                return entries
+            index = next_index
+
+    # ------------------------------------------------------------------ download
+
+    def download(
+        self,
+        entry: ProductEntry,
+        folder: Path,
+        *,
+        chunk_bytes: int = ccsds.MAX_CHUNK_BYTES,
+        window: int = 4,
+        request_timeout_s: float = 1.0,
+        stall_timeout_s: float | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> DownloadResult:
+        """Fetch one product into folder/<name>, resuming a previous partial download.
+
+        Chunks are requested `window` at a time (the link stays busy while the payload
+        reads storage); each chunk is checked against its own CRC-32 and appended only in
+        order, so `<name>.part` always holds verified bytes and `<name>.part.json` says
+        how many. The finished file must match the CRC-32 the payload listed, else it is
+        deleted and CorruptDownload raised. A lost link raises LinkError; calling again
+        continues from the last verified chunk.
+        """
+        if not 0 < chunk_bytes <= ccsds.MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be 1..{ccsds.MAX_CHUNK_BYTES}")
+        stall_timeout_s = stall_timeout_s or max(10.0, 4 * self.timeout_s)
+        started = time.monotonic()
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / entry.name
+        part = folder / (entry.name + ".part")
+        meta_path = folder / (entry.name + ".part.json")
+        verified, crc = self._resume_point(entry, part, meta_path)
+        resumed_from = verified
+        if progress:
+            progress(verified)
+        outstanding: dict[int, tuple[float, int]] = {}  # offset -> (deadline, send index)
+        arrived: dict[int, bytes] = {}
+        next_offset = verified
+        sent = 0
+        retransmissions = 0
+        bad_chunks = 0
+        last_progress = time.monotonic()
+        reads: dict[bytes, int] = {}  # request id -> offset, for rejections
+
+        def request(offset: int) -> None:
+            nonlocal sent
+            length = min(chunk_bytes, entry.size - offset)
+            request_id = self.send_tc(
+                ccsds.SVC_PRODUCTS, 3, ccsds.read_args(entry.name, offset, length), ack=False
+            )
+            reads[request_id] = offset
+            if len(reads) > 4 * window:
+                reads.pop(next(iter(reads)))
+            outstanding[offset] = (time.monotonic() + request_timeout_s, sent)
+            sent += 1
+
+        with open(part, "r+b" if part.exists() else "wb") as out:
+            out.truncate(verified)
+            out.seek(verified)
+            while verified < entry.size:
+                while len(outstanding) + len(arrived) < window and next_offset < entry.size:
+                    request(next_offset)
+                    next_offset += chunk_bytes
+                now = time.monotonic()
+                if now - last_progress > stall_timeout_s:
+                    self._save_meta(meta_path, entry, verified, crc)
+                    raise LinkError(
+                        f"link to {self.link.port_name} lost while downloading {entry.name}: "
+                        f"{verified} of {entry.size} bytes verified and kept in {part}; "
+                        "run the same download again to resume"
+                    )
+                for offset, (deadline, _) in list(outstanding.items()):
+                    if now > deadline:
+                        request(offset)
+                        retransmissions += 1
+                try:
+                    tm = self.receive_tm(0.05)
+                except LinkTimeout:
+                    continue
+                if tm.service == ccsds.SVC_VERIFICATION:
+                    try:
+                        verification = ccsds.parse_verification(tm)
+                    except PacketError:
+                        self.bad_packets += 1
+                        continue
+                    if not verification.accepted and verification.request in reads:
+                        if verification.last_counter is not None:  # counter behind: resync
+                            self.counter = max(self.counter, verification.last_counter)
+                            continue
+                        if verification.damaged_in_transit:
+                            continue  # a lost request: its timeout sends it again
+                        self._save_meta(meta_path, entry, verified, crc)
+                        raise CommandRejected(f"read {entry.name}", verification)
+                    continue
+                if tm.service != ccsds.SVC_PRODUCTS or tm.subtype != 4:
+                    self.stale_packets += 1
+                    continue
+                try:
+                    chunk = ccsds.parse_chunk(tm)
+                except PacketError:
+                    bad_chunks += 1
+                    continue
+                if zlib.crc32(chunk.data) != chunk.crc32:
+                    bad_chunks += 1  # its request times out and is sent again
+                    continue
+                if chunk.offset not in outstanding:
+                    continue  # a duplicate answer to a retransmitted request
+                expected = min(chunk_bytes, entry.size - chunk.offset)
+                if len(chunk.data) != expected:
+                    self._save_meta(meta_path, entry, verified, crc)
+                    raise CorruptDownload(
+                        f"{entry.name} changed on the payload: {len(chunk.data)} bytes at "
+                        f"offset {chunk.offset}, expected {expected}; list the products again"
+                    )
+                _, index = outstanding.pop(chunk.offset)
+                arrived[chunk.offset] = chunk.data
+                # The payload answers in order: anything asked before this one and still
+                # missing was lost; ask again now instead of waiting for its timeout.
+                for offset, (_, other) in list(outstanding.items()):
+                    if other < index:
+                        request(offset)
+                        retransmissions += 1
+                while verified in arrived:
+                    data = arrived.pop(verified)
+                    out.write(data)
+                    crc = zlib.crc32(data, crc)
+                    verified += len(data)
+                    last_progress = time.monotonic()
+                    if progress:
+                        progress(len(data))
+                out.flush()
+                self._save_meta(meta_path, entry, verified, crc)
+        if crc != entry.crc32:
+            part.unlink()
+            meta_path.unlink(missing_ok=True)
+            raise CorruptDownload(
+                f"{entry.name}: CRC-32 of the {entry.size} downloaded bytes is {crc:#010x}, "
+                f"the payload listed {entry.crc32:#010x}; the file was not kept"
+            )
+        os.replace(part, final)
+        meta_path.unlink(missing_ok=True)
+        self._save_counter()
+        return DownloadResult(
+            entry.name,
+            final,
+            entry.size,
+            crc,
+            resumed_from,
+            retransmissions,
+            bad_chunks,
+            time.monotonic() - started,
+        )
+
+    @staticmethod
+    def _save_meta(path: Path, entry: ProductEntry, verified: int, crc: int) -> None:
+        meta = {"name": entry.name, "size": entry.size, "crc32": entry.crc32}
+        meta.update(verified_bytes=verified, verified_crc32=crc)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _resume_point(entry: ProductEntry, part: Path, meta_path: Path) -> tuple[int, int]:
+        """(verified bytes, their CRC-32) of an earlier partial download of this very
+        product (same size and CRC listed), re-checked from disk; else (0, 0)."""
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return 0, 0
+        if (meta.get("size"), meta.get("crc32")) != (entry.size, entry.crc32):
+            return 0, 0  # a different product under this name
+        verified = int(meta.get("verified_bytes", 0))
+        try:
+            with open(part, "rb") as f:
+                data = f.read(verified)
+        except OSError:
+            return 0, 0
+        if len(data) != verified or zlib.crc32(data) != meta.get("verified_crc32"):
+            return 0, 0
+        return verified, zlib.crc32(data)

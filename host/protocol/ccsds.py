@@ -1,0 +1,276 @@
+"""CCSDS space packets with PUS-C secondary headers on the ground link
+(docs/ground-link.md); the CPython twin of firmware/payload/ccsds.py and the telecommand
+side of firmware/payload/telecommands.py. Tested against tests/vectors/ccsds.json, and
+the telemetry against `spacepackets` (PusTm.unpack).
+
+    TC: primary(6) | pus_version<<4|ack, service, subtype, source_id u16
+        | application data | security counter u32 | HMAC-SHA256 tag[:16] | PEC CRC-16
+    TM: primary(6) | pus_version<<4, service, subtype, message_counter u16,
+        destination_id u16, time: seconds u32 + fraction/65536 u16 | source data | PEC
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+
+from host.protocol.framing import crc16
+
+APID = 0x0C8
+PUS_VERSION = 2
+TM_HEADER_BYTES = 19
+TC_HEADER_BYTES = 11
+TAG_BYTES = 16
+COUNTER_BYTES = 4
+PEC_BYTES = 2
+TIMESTAMP_BYTES = 6
+MAX_CHUNK_BYTES = 1024
+GROUND_MAX_BODY_BYTES = 1100
+ACK_ACCEPTANCE = 0x1
+
+DEVELOPMENT_KEY = hashlib.sha256(b"qkdsat development key, not for flight").digest()
+
+SVC_VERIFICATION = 1
+SVC_HOUSEKEEPING = 3
+SVC_FUNCTION = 8
+SVC_TIME = 9
+SVC_TEST = 17
+SVC_PRODUCTS = 128
+
+FN_CONFIGURE = 1
+FN_START = 2
+FN_STOP = 3
+FN_REBOOT = 4
+FN_MAINTENANCE = 5
+
+REJECT_NAMES = (
+    "",
+    "short",
+    "header",
+    "length",
+    "pec",
+    "apid",
+    "auth",
+    "replay",
+    "service",
+    "argument",
+    "product",
+    "range",
+    "state",
+    "unavailable",
+    "storage",
+)
+REJECT_REPLAY = 7
+# Rejections that mean the packet was damaged on the way (it passed the frame CRC by
+# chance or by a cut that left a valid-looking frame): the request was lost, not refused.
+TRANSPORT_REJECTIONS = frozenset({1, 2, 3, 4})
+
+
+class PacketError(ValueError):
+    """Telemetry that does not parse; the message says which field is wrong."""
+
+
+def hmac_tag(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()[:TAG_BYTES]
+
+
+def build_tc(
+    key: bytes,
+    counter: int,
+    service: int,
+    subtype: int,
+    app_data: bytes = b"",
+    *,
+    sequence_count: int = 0,
+    source_id: int = 0,
+    ack: int = ACK_ACCEPTANCE,
+) -> bytes:
+    """An authenticated telecommand packet (without framing)."""
+    if not 0 < counter < 2**32:
+        raise ValueError(f"security counter {counter} outside 1..2**32-1")
+    length = TC_HEADER_BYTES + len(app_data) + COUNTER_BYTES + TAG_BYTES + PEC_BYTES
+    head = struct.pack(
+        ">HHHBBBH",
+        0x1800 | APID,  # version 0, type TC, secondary header, APID
+        0xC000 | (sequence_count & 0x3FFF),
+        length - 7,
+        (PUS_VERSION << 4) | (ack & 0xF),
+        service,
+        subtype,
+        source_id,
+    )
+    signed = head + app_data + counter.to_bytes(4, "big")
+    packet = signed + hmac_tag(key, signed)
+    return packet + crc16(packet).to_bytes(2, "big")
+
+
+def request_id(tc: bytes) -> bytes:
+    """What a verification report quotes: the TC's packet id and sequence control."""
+    return bytes(tc[:4])
+
+
+@dataclass(frozen=True)
+class Tm:
+    service: int
+    subtype: int
+    sequence_count: int
+    message_counter: int
+    destination_id: int
+    time_seconds: int
+    time_fraction: int
+    data: bytes
+
+    @property
+    def time_s(self) -> float:
+        return self.time_seconds + self.time_fraction / 65536
+
+
+def parse_tm(packet: bytes) -> Tm:
+    if len(packet) < TM_HEADER_BYTES + PEC_BYTES:
+        raise PacketError(f"telemetry packet of {len(packet)} bytes is shorter than its header")
+    (packet_id, seq, data_length, pus, service, subtype, counter, dest, seconds, fraction) = (
+        struct.unpack(">HHHBBBHHIH", packet[:TM_HEADER_BYTES])
+    )
+    if packet_id & 0xF800 != 0x0800:
+        raise PacketError(f"packet id {packet_id:#06x} is not TM with a secondary header")
+    if packet_id & 0x7FF != APID:
+        raise PacketError(f"APID {packet_id & 0x7FF:#x}, expected {APID:#x}")
+    if data_length + 7 != len(packet):
+        raise PacketError(f"data length field {data_length} vs packet of {len(packet)} bytes")
+    if pus >> 4 != PUS_VERSION:
+        raise PacketError(f"PUS version {pus >> 4}")
+    if crc16(packet[:-2]) != int.from_bytes(packet[-2:], "big"):
+        raise PacketError("PEC (CRC-16) does not match")
+    return Tm(
+        service,
+        subtype,
+        seq & 0x3FFF,
+        counter,
+        dest,
+        seconds,
+        fraction,
+        bytes(packet[TM_HEADER_BYTES:-PEC_BYTES]),
+    )
+
+
+def build_tm(
+    service: int,
+    subtype: int,
+    data: bytes,
+    *,
+    sequence_count: int = 0,
+    message_counter: int = 0,
+    destination_id: int = 0,
+    time_seconds: int = 0,
+    time_fraction: int = 0,
+) -> bytes:
+    """Telemetry as the firmware builds it (for vectors and tests)."""
+    length = TM_HEADER_BYTES + len(data) + PEC_BYTES
+    head = struct.pack(
+        ">HHHBBBHHIH",
+        0x0800 | APID,
+        0xC000 | (sequence_count & 0x3FFF),
+        length - 7,
+        PUS_VERSION << 4,
+        service,
+        subtype,
+        message_counter,
+        destination_id,
+        time_seconds,
+        time_fraction,
+    )
+    packet = head + data
+    return packet + crc16(packet).to_bytes(2, "big")
+
+
+@dataclass(frozen=True)
+class Verification:
+    """TM 1,1 (accepted) or 1,2 (rejected, with reason and detail)."""
+
+    request: bytes
+    accepted: bool
+    code: int = 0
+    detail: str = ""
+    last_counter: int | None = None  # in replay rejections: the payload's last counter
+
+    @property
+    def damaged_in_transit(self) -> bool:
+        return not self.accepted and self.code in TRANSPORT_REJECTIONS
+
+    @property
+    def reason(self) -> str:
+        return REJECT_NAMES[self.code] if 0 < self.code < len(REJECT_NAMES) else f"{self.code}"
+
+
+def parse_verification(tm: Tm) -> Verification:
+    if tm.service != SVC_VERIFICATION or tm.subtype not in (1, 2) or len(tm.data) < 4:
+        raise PacketError(f"TM {tm.service},{tm.subtype} is not a verification report")
+    if tm.subtype == 1:
+        return Verification(tm.data[:4], True)
+    if len(tm.data) < 6:
+        raise PacketError("rejection report without a reason code")
+    code = int.from_bytes(tm.data[4:6], "big")
+    if code == REJECT_REPLAY and len(tm.data) >= 10:
+        return Verification(tm.data[:4], False, code, "", int.from_bytes(tm.data[6:10], "big"))
+    return Verification(tm.data[:4], False, code, tm.data[6:].decode(errors="replace"))
+
+
+def name_arg(name: str) -> bytes:
+    raw = name.encode()
+    if not 0 < len(raw) <= 48:
+        raise ValueError(f"product name {name!r}: 1..48 bytes")
+    return bytes([len(raw)]) + raw
+
+
+def read_args(name: str, offset: int, length: int) -> bytes:
+    return name_arg(name) + struct.pack(">IH", offset, length)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    offset: int
+    data: bytes
+    crc32: int
+
+
+def parse_chunk(tm: Tm) -> Chunk:
+    if len(tm.data) < 10:
+        raise PacketError("chunk report shorter than its fields")
+    offset, count, crc = struct.unpack(">IHI", tm.data[:10])
+    if count != len(tm.data) - 10:
+        raise PacketError(f"chunk says {count} bytes, carries {len(tm.data) - 10}")
+    return Chunk(offset, tm.data[10:], crc)
+
+
+@dataclass(frozen=True)
+class ProductEntry:
+    name: str
+    size: int
+    crc32: int
+
+
+def parse_list(tm: Tm) -> tuple[int, int, int, list[ProductEntry]]:
+    """(total products, start index, next page's index, entries) from TM 128,2."""
+    data = tm.data
+    if len(data) < 6:
+        raise PacketError("product list shorter than its header")
+    total, start, next_index = struct.unpack(">HHH", data[:6])
+    if not start <= next_index <= total:
+        raise PacketError(f"product list page {start}..{next_index} of {total}")
+    entries = []
+    at = 6
+    while at < len(data):
+        length = data[at]
+        end = at + 1 + length + 8
+        if end > len(data):
+            raise PacketError(f"product list entry at byte {at} runs past the end")
+        try:
+            name = data[at + 1 : at + 1 + length].decode("ascii")
+        except UnicodeDecodeError:
+            raise PacketError(f"product list entry at byte {at}: name is not ASCII") from None
+        size, crc = struct.unpack(">II", data[at + 1 + length : end])
+        entries.append(ProductEntry(name, size, crc))
+        at = end
+    return total, start, next_index, entries

@@ -1,0 +1,263 @@
+# The ground link's telecommand service (payload.telecommands) under real MicroPython:
+# golden vectors shared with host/protocol/ccsds.py, authentication, replay protection,
+# product access, and never raising on garbage.
+import os
+
+import board
+from payload import auth, ccsds, telecommands
+from payload.framing import crc16
+
+_ROOT = board.mount_storage()
+
+
+def _unhex(text):
+    return bytes.fromhex(text)
+
+
+def _mkdirs(path):
+    at = ""
+    for part in path.split("/"):
+        if not part:
+            at = "/" if not at else at
+            continue
+        at = at + part if at.endswith("/") or not at else at + "/" + part
+        try:
+            os.mkdir(at)
+        except OSError:
+            pass
+
+
+_serial = [0]
+
+
+def _fresh_root(key=None):
+    _serial[0] += 1
+    root = _ROOT + "/gl%d" % _serial[0]
+    _mkdirs(root + "/link")
+    _mkdirs(root + "/products")
+    if key is not None:
+        with open(root + "/link/key", "wb") as f:
+            f.write(key)
+    return root
+
+
+def _link(root, mission=None, keep=True):
+    sent = []
+
+    def send(buf, length):
+        sent.append(bytes(buf[:length]) if keep else length)
+
+    return telecommands.GroundLink(board, root, send, mission), sent
+
+
+def _tc(key, counter, service, subtype, data=b"", ack=1):
+    n = ccsds.TC_HEADER_BYTES + len(data) + ccsds.TC_TRAILER_BYTES
+    head = bytearray(11)
+    ccsds.put_u16(head, 0, 0x1800 | ccsds.APID)
+    ccsds.put_u16(head, 2, 0xC000)
+    ccsds.put_u16(head, 4, n - 7)
+    head[6] = 0x20 | ack
+    head[7] = service
+    head[8] = subtype
+    counter_bytes = bytearray(4)
+    ccsds.put_u32(counter_bytes, 0, counter)
+    signed = bytes(head) + data + bytes(counter_bytes)
+    packet = signed + auth.Hmac(key).digest(signed)[:16]
+    crc = crc16(packet, len(packet))
+    return packet + bytes((crc >> 8, crc & 0xFF))
+
+
+def _verification(packet):
+    assert packet[7] == 1, packet
+    code = 0 if packet[8] == 1 else (packet[23] << 8) | packet[24]
+    return packet[8] == 1, code
+
+
+def test_hmac_sha256_rfc4231():
+    for case in load_vectors("ccsds.json")["hmac_sha256_rfc4231"]:
+        mac = auth.Hmac(_unhex(case["key"])).digest(_unhex(case["data"]))
+        assert mac == _unhex(case["hmac"]), case
+
+
+def test_tm_writer_reproduces_vectors():
+    writer = ccsds.TmWriter(200)
+    for case in load_vectors("ccsds.json")["tm"]:
+        data = _unhex(case["data"])
+        writer.sequence_count = case["sequence_count"]
+        writer.message_counter = case["message_counter"]
+        writer.destination_id = case["destination_id"]
+        writer.time_seconds = case["time_seconds"]
+        writer.time_fraction = case["time_fraction"]
+        writer.buf[19 : 19 + len(data)] = data
+        length = writer.finish(case["service"], case["subtype"], len(data))
+        assert bytes(writer.buf[:length]) == _unhex(case["packet"]), case["note"]
+
+
+def test_host_built_telecommands_are_accepted_in_order():
+    vectors = load_vectors("ccsds.json")
+    key = _unhex(vectors["key"])
+    root = _fresh_root(key)
+    with open(root + "/products/patterns.qrec", "wb") as f:
+        f.write(bytes(range(256)) * 20)
+    link, sent = _link(root)
+    assert link.key_state == "provisioned"
+    for case in vectors["tc"]:
+        del sent[:]
+        link.handle(_unhex(case["packet"]))
+        if case["service"] == 8:  # configure: no mission in this test
+            assert _verification(sent[0]) == (False, ccsds.REJECT_UNAVAILABLE), sent
+        else:
+            assert sent, case["note"]
+            assert sent[0][7] != 1 or sent[0][8] == 1, (case["note"], sent)
+    assert link.accepted == 3 and link.last_counter == 0xFFFFFFFF
+
+
+def test_wrong_tag_and_replay_are_rejected_and_counted():
+    key = b"k" * 32
+    root = _fresh_root(key)
+    link, sent = _link(root)
+    link.handle(_tc(key, 5, 17, 1))
+    assert _verification(sent[0]) == (True, 0)
+    del sent[:]
+    link.handle(_tc(key, 5, 17, 1))  # the same counter again
+    assert _verification(sent[0]) == (False, ccsds.REJECT_REPLAY)
+    assert ccsds.get_u32(sent[0], 25) == 5  # the report tells the ground where it stands
+    del sent[:]
+    link.handle(_tc(key, 4, 17, 1))  # an older counter
+    link.handle(_tc(b"x" * 32, 9, 17, 1))  # a wrong key
+    link.handle(_tc(auth.DEVELOPMENT_KEY, 10, 17, 1))  # the public key no longer works
+    tampered = bytearray(_tc(key, 11, 17, 1))
+    tampered[8] = 2  # change the subtype, fix the PEC: only the tag notices
+    crc = crc16(tampered, len(tampered) - 2)
+    tampered[-2:] = bytes((crc >> 8, crc & 0xFF))
+    link.handle(tampered)
+    reasons = [_verification(p)[1] for p in sent]
+    assert reasons == [
+        ccsds.REJECT_REPLAY,
+        ccsds.REJECT_AUTH,
+        ccsds.REJECT_AUTH,
+        ccsds.REJECT_AUTH,
+    ], reasons
+    counters = link.link_counters()
+    assert counters["tc_rejected"] == {"replay": 2, "auth": 3}, counters
+    assert counters["tc_accepted"] == 1
+    link.handle(_tc(key, 12, 17, 1))  # counters may skip ahead
+    assert _verification(sent[-2]) == (True, 0)
+
+
+def test_counter_survives_a_restart_without_a_replay_window():
+    key = b"r" * 32
+    root = _fresh_root(key)
+    link, sent = _link(root)
+    link.handle(_tc(key, 100, 17, 1))
+    again, sent = _link(root)  # a reboot: state reloaded from storage
+    assert again.last_counter >= 100
+    again.handle(_tc(key, 100, 17, 1))
+    assert _verification(sent[0]) == (False, ccsds.REJECT_REPLAY)
+    # a power cut after the new ceiling was written but before the rename
+    with open(root + "/link/counter.tmp", "w") as f:
+        f.write("5000")
+    after_cut, sent = _link(root)
+    assert after_cut.last_counter == 5000
+    after_cut.handle(_tc(key, 4999, 17, 1))
+    assert _verification(sent[0]) == (False, ccsds.REJECT_REPLAY)
+
+
+def test_products_list_read_delete_and_names_confined():
+    key = b"p" * 32
+    root = _fresh_root(key)
+    data = bytes((i * 7 + 3) & 0xFF for i in range(3000))
+    with open(root + "/products/tdc.qrec", "wb") as f:
+        f.write(data)
+    link, sent = _link(root)
+    link.handle(_tc(key, 1, 128, 1, b"\x00\x00"))
+    assert _verification(sent[0]) == (True, 0)
+    listing = sent[1]
+    assert listing[7:9] == b"\x80\x02"
+    body = listing[19:-2]
+    assert body[:6] == b"\x00\x01\x00\x00\x00\x01" and body[7:15] == b"tdc.qrec", body
+    assert ccsds.get_u32(body, 15) == 3000
+    import binascii
+
+    assert ccsds.get_u32(body, 19) == binascii.crc32(data)
+    del sent[:]
+    args = b"\x08tdc.qrec" + b"\x00\x00\x0b\xb0" + b"\x04\x00"  # offset 2992, 1024 bytes
+    link.handle(_tc(key, 2, 128, 3, args, ack=0))
+    assert len(sent) == 1 and sent[0][7:9] == b"\x80\x04"
+    chunk = sent[0][19:-2]
+    assert ccsds.get_u16(chunk, 4) == 8 and chunk[10:] == data[2992:]
+    del sent[:]
+    for i, name in enumerate((b"../link/key", b"/flash", b"..", b".hidden", b"a" * 49)):
+        link.handle(_tc(key, 3 + i, 128, 3, bytes([len(name)]) + name + b"\0" * 6))
+        assert _verification(sent[-1]) == (False, ccsds.REJECT_ARGUMENT), name
+    link.handle(_tc(key, 60, 128, 5, b"\x08tdc.qrec"))
+    assert _verification(sent[-1]) == (True, 0)
+    link.handle(_tc(key, 61, 128, 5, b"\x08tdc.qrec"))
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_PRODUCT)
+
+
+class _Mission:
+    def __init__(self):
+        self.calls = []
+
+    def configure(self, params):
+        if "rep_rate_hz" not in params:
+            raise ValueError("rep_rate_hz missing")
+        self.calls.append(("configure", params))
+
+    def start(self):
+        if ("start",) in self.calls:
+            raise RuntimeError("already running")
+        self.calls.append(("start",))
+
+    def stop(self):
+        self.calls.append(("stop",))
+
+    def status(self):
+        return {"calls": len(self.calls)}
+
+
+def test_function_management_goes_to_the_mission_hook():
+    key = b"m" * 32
+    mission = _Mission()
+    link, sent = _link(_fresh_root(key), mission)
+    link.handle(_tc(key, 1, 8, 1, b'\x01{"rep_rate_hz": 1000}'))
+    link.handle(_tc(key, 2, 8, 1, b'\x01{"other": 1}'))
+    link.handle(_tc(key, 3, 8, 1, b"\x01[1, 2]"))
+    link.handle(_tc(key, 4, 8, 1, b"\x02"))
+    link.handle(_tc(key, 5, 8, 1, b"\x02"))
+    link.handle(_tc(key, 6, 8, 1, b"\x03"))
+    link.handle(_tc(key, 7, 8, 1, b"\x09"))
+    results = [_verification(p) for p in sent]
+    assert results == [
+        (True, 0),
+        (False, ccsds.REJECT_ARGUMENT),
+        (False, ccsds.REJECT_ARGUMENT),
+        (True, 0),
+        (False, ccsds.REJECT_STATE),
+        (True, 0),
+        (False, ccsds.REJECT_ARGUMENT),
+    ], results
+    assert mission.calls == [("configure", {"rep_rate_hz": 1000}), ("start",), ("stop",)]
+    assert link.housekeeping()["mission"] == {"calls": 3}
+
+
+def test_garbage_never_raises_and_every_packet_is_counted():
+    key = b"g" * 32
+    link, sent = _link(_fresh_root(key), keep=False)
+    good = _tc(key, 1, 128, 3, b"\x01x\x00\x00\x00\x00\x00\x10")
+    seed = 12345
+    count = 0
+    for i in range(600):
+        seed = (seed * 1103515245 + 12345) & 0x7FFFFFFF
+        packet = bytearray(good[: seed % (len(good) + 1)]) if i % 3 == 0 else bytearray(good)
+        for _ in range(1 + seed % 3):
+            seed = (seed * 1103515245 + 12345) & 0x7FFFFFFF
+            if packet:
+                packet[seed % len(packet)] ^= 1 + (seed >> 8) % 255
+        link.handle(packet)
+        count += 1
+    rejected = sum(link.rejected)
+    assert rejected + link.accepted == count, (rejected, link.accepted)
+    assert link.accepted == 0
+    assert len(sent) == count

@@ -1,0 +1,71 @@
+"""Test fixtures for the ground link: emulated payloads with a provisioned key and
+product files, on the unix target (files written into its storage folder) and on QEMU
+(written through the raw REPL in maintenance boot, then the application started from the
+same REPL: UART0 becomes the ground link)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import random
+from pathlib import Path
+
+from emulator.targets import QemuTarget, UnixTarget
+from host.deploy.raw_repl import RawRepl
+
+KEY = bytes(range(100, 132))
+
+
+def product_set(seed: int, sizes: dict[str, int]) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    return {name: rng.randbytes(size) for name, size in sizes.items()}
+
+
+@contextlib.contextmanager
+def unix_payload(tmp_path: Path, products: dict[str, bytes], key: bytes | None = KEY):
+    storage = tmp_path / "flash"
+    (storage / "products").mkdir(parents=True)
+    (storage / "link").mkdir()
+    if key is not None:
+        (storage / "link" / "key").write_bytes(key)
+    for name, data in products.items():
+        (storage / "products" / name).write_bytes(data)
+    with UnixTarget(storage_dir=storage) as target:
+        yield target
+
+
+_QEMU_SETUP = """
+import board, os, binascii, vfs
+root = board.mount_storage()
+for d in ("/link", "/products"):
+    try:
+        os.mkdir(root + d)
+    except OSError:
+        pass
+def put(path, text):
+    with open(root + path, "wb") as f:
+        f.write(binascii.a2b_base64(text))
+"""
+
+
+@contextlib.contextmanager
+def qemu_payload(products: dict[str, bytes], key: bytes | None = KEY, **target_args):
+    with QemuTarget(boot="maintenance", **target_args) as target:
+        repl = RawRepl(target.ground_port, timeout_s=30.0)
+        repl.enter()
+        repl.exec(_QEMU_SETUP)
+        if key is not None:
+            repl.exec(f"put('/link/key', {base64.b64encode(key).decode()!r})")
+        for name, data in products.items():
+            repl.exec(f"f = open(root + '/products/{name}', 'wb'); f.close()")
+            for start in range(0, len(data), 3072):
+                text = base64.b64encode(data[start : start + 3072]).decode()
+                repl.exec(
+                    f"f = open(root + '/products/{name}', 'ab')\n"
+                    f"f.write(binascii.a2b_base64({text!r}))\nf.close()"
+                )
+        # The application mounts storage itself; then it owns UART0 until told otherwise.
+        repl.serial.write(b"vfs.umount(root)\nfrom payload import app\napp.run(board)\x04")
+        repl._read_until(b"OK", 10.0)
+        repl.close()
+        yield target
