@@ -6,7 +6,7 @@
 #   tdc        drain the TDC FIFO into the ring, spool blocks (tdc.py)
 #   clock      PPS discipline of the local clock (tdc.py)
 #   hk         housekeeping records (every HK_PERIOD_US during a pass)
-#   tracking, tracking-telemetry  the pointing loop and its product, added when a pass
+#   trk, trk-tm the pointing loop and its telemetry product, added when a pass
 #              configuration carries a "tracking" section (docs/tracking.md)
 # Bad parameters raise ValueError (sequencer.ConfigError), a command that does not fit
 # the state raises RuntimeError; the link sends the message to the ground.
@@ -129,8 +129,9 @@ class Mission:
             self.tracking = tracking_duty.TrackingDuty(self.bus, tracker)
             self.tracking_product = tracking_duty.TrackingProduct(tracker, self.store)
             if self.scheduler is not None:
-                self.scheduler.add("tracking", self.tracking.step)
-                self.scheduler.add("tracking-telemetry", self.tracking_product.step)
+                # short names: the status travels in one housekeeping packet
+                self.scheduler.add("trk", self.tracking.step)
+                self.scheduler.add("trk-tm", self.tracking_product.step)
         else:  # a new pass configuration: same duties, new loop
             self.tracking.attach(tracker)
             self.tracking_product.attach(tracker)
@@ -195,7 +196,7 @@ class Mission:
             ),
         }
         if self.tracking is not None:
-            out["tracking"] = self.tracking.telemetry()
+            out["tracking"] = self.tracking.status()
         if self.scheduler is not None:
             out["worst_us"] = {d.name: d.worst_us for d in self.scheduler.duties}
             errors = {d.name: d.last_error for d in self.scheduler.duties if d.errors}

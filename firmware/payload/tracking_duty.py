@@ -47,6 +47,12 @@ class TrackingDuty:
             "telemetry_lost": t.telemetry_lost(),
         }
 
+    def status(self):
+        """Compact: [state, steps, bus errors, transitions, telemetry samples lost]."""
+        t = self.tracker
+        return [tracking.STATE_NAMES[t.state], self.steps, self.bus_errors,
+                t.transition_count(), t.telemetry_lost()]  # fmt: skip
+
     def step(self):
         if self.tracker.idle():
             return False  # no loop to run: leave the bus alone
