@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "timetags": ("host.formats.timetags", "convert time-tagger files (PTU, quTAG, CSV, qdet)"),
     "payload": ("host.link.cli", "talk to a payload controller over the ground link"),
     "flash": ("host.deploy.flash", "deploy the firmware to a board with mpremote"),
+    "track": ("host.track", "close the firmware's tracking loop against the optical plant"),
 }
 
 
