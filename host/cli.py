@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "payload": ("host.link.cli", "talk to a payload controller over the ground link"),
     "flash": ("host.deploy.flash", "deploy the firmware to a board with mpremote"),
     "track": ("host.track", "close the firmware's tracking loop against the optical plant"),
+    "distil": ("host.distil.run", "distil a key from a pass directory (Alice and Bob)"),
 }
 
 

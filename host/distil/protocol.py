@@ -1,0 +1,600 @@
+"""Alice and Bob: the two endpoints of key distillation. Each runs `run(channel)` with
+only its own raw data; everything crossing between them goes through the authenticated
+channel (host/distil/channel.py). Message sequence: docs/distillation.md.
+
+Alice holds the pattern (satellite/), Bob the detection time tags (ground/); both read
+the public pass.json. Neither reads truth/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from host.distil import finite_key, reconcile, timesync
+from host.distil.bitcodec import (
+    decode_sorted,
+    encode_sorted,
+    pack_2bit,
+    pack_bits,
+    rice_decode_sorted,
+    rice_encode_sorted,
+    unpack_2bit,
+    unpack_bits,
+)
+from host.distil.gf64 import bits_hash
+from host.distil.pa import seed_bits_needed, toeplitz_hash
+from host.errors import BadInput, ProtocolAborted
+from host.formats.passdir import read_pass_json
+from host.formats.patterns import open_patterns
+from host.formats.qdet import read_detections
+from host.protocol.symbols import decode_symbols
+
+PROTOCOL_VERSION = 1
+NO_PATTERN = 3  # intensity code Alice sends for a slot she has no record of
+VERIFY_KEYS = 2  # two independent 64-bit hashes: collision <= (L/2^64)^2
+BASES = ("Z", "X")
+
+
+@dataclass
+class Config:
+    ec: str = "ldpc"
+    analysis: str = "lim2014"
+    tail: str = "hoeffding"
+    eps_sec: float = 1e-9
+    eps_cor: float = 1e-15
+    qber_threshold: float = 0.11
+    ec_efficiency: float = 1.18  # LDPC: the rate the first attempt is sized for
+    sample_fraction: float = 0.02
+    sample_max: int = 8192
+    sample_min: int = 256
+    key_bases: str = "auto"  # "auto", "Z", "ZX"
+
+    def public(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if self.ec not in ("ldpc", "cascade"):
+            raise BadInput(f"--ec {self.ec!r}: choose ldpc or cascade")
+        if self.analysis not in finite_key.ANALYSES:
+            raise BadInput(f"--analysis {self.analysis!r}: choose lim2014 or rusca2018")
+        if self.tail not in finite_key.TAILS:
+            raise BadInput(f"--tail {self.tail!r}: choose hoeffding or chernoff")
+        for name in ("eps_sec", "eps_cor"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise BadInput(f"--{name.replace('_', '-')} {value}: must be in (0, 1)")
+
+
+@dataclass
+class Outcome:
+    """What one endpoint ends with; the key is kept in memory only until written."""
+
+    role: str
+    key: np.ndarray | None = None
+    report: dict = field(default_factory=dict)
+    stage_seconds: dict = field(default_factory=dict)
+
+
+def pass_digest(pass_json: dict) -> str:
+    return hashlib.sha256(json.dumps(pass_json, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def key_bases_for(pass_json: dict, config: Config) -> list[str]:
+    if config.key_bases == "Z":
+        return ["Z"]
+    if config.key_bases == "ZX":
+        return ["Z", "X"]
+    pz = float(pass_json["basis_probability_z"])
+    if abs(pz - 0.5) < 1e-9:
+        return ["Z", "X"]  # symmetric choice: both bases carry key (Micius)
+    return ["Z"] if pz > 0.5 else ["X"]
+
+
+def intensity_names(pass_json: dict) -> list[str]:
+    return list(pass_json["intensities"])
+
+
+class _Stages:
+    def __init__(self, seconds: dict):
+        self.seconds = seconds
+
+    def __call__(self, name: str):
+        stages = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                stages.seconds[name] = stages.seconds.get(name, 0.0) + (
+                    time.perf_counter() - self.t0
+                )
+
+        return _Timer()
+
+
+def _sample_positions(count: int, config: Config, rng) -> np.ndarray:
+    size = min(count, max(config.sample_min, int(config.sample_fraction * count)))
+    size = min(size, config.sample_max)
+    return np.sort(rng.choice(count, size=size, replace=False)) if size else np.zeros(0, int)
+
+
+def _counts_table(names, intensity, errors_mask, known_mask) -> dict:
+    """{intensity: [n, m]} over the positions of one basis."""
+    table = {}
+    for k, name in enumerate(names):
+        sel = intensity == k
+        table[name] = [int(sel.sum()), int((errors_mask & known_mask & sel).sum())]
+    return table
+
+
+def estimate_blocks(pass_json, config, key_bases, counts_full, counts_key) -> list:
+    """Finite-key bounds per key block; eps split evenly between blocks."""
+    intens = {k: float(v) for k, v in pass_json["intensities"].items()}
+    probs = {k: float(v) for k, v in pass_json["intensity_probabilities"].items()}
+    out = []
+    for basis in key_bases:
+        test = "X" if basis == "Z" else "Z"
+        counts = {basis: counts_key[basis], test: counts_full[test]}
+        out.append(
+            finite_key.estimate(
+                {b: {k: tuple(v) for k, v in c.items()} for b, c in counts.items()},
+                intens,
+                probs,
+                basis,
+                analysis=config.analysis,
+                tail=config.tail,
+                eps_sec=config.eps_sec / len(key_bases),
+                eps_cor=config.eps_cor / len(key_bases),
+            )
+        )
+    return out
+
+
+# ====================================================================== Alice
+
+
+class Alice:
+    """The satellite side: owns satellite/ (pattern log or source)."""
+
+    def __init__(self, pass_dir: str | Path, config: Config, seed: int | None = None):
+        self.pass_dir = Path(pass_dir)
+        self.pass_json = read_pass_json(self.pass_dir / "pass.json")
+        self.patterns = open_patterns(self.pass_dir / "satellite")
+        self.config = config
+        self.rng = np.random.default_rng(
+            seed if seed is not None else int.from_bytes(os.urandom(16), "little")
+        )
+
+    def _symbols(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(basis_x, bit, intensity code) per slot; NO_PATTERN where Alice has no record."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if hasattr(self.patterns, "covers"):
+            ok = self.patterns.covers(slots)
+        else:
+            lo = self.patterns.first_slot
+            ok = (slots >= lo) & (slots < lo + self.patterns.slot_count)
+        basis = np.zeros(slots.size, np.uint8)
+        bit = np.zeros(slots.size, np.uint8)
+        inten = np.full(slots.size, NO_PATTERN, np.uint8)
+        if ok.any():
+            b, v, k = decode_symbols(self.patterns.symbols(slots[ok]))
+            basis[ok], bit[ok], inten[ok] = b, v, k
+        return basis, bit, inten
+
+    def run(self, channel) -> Outcome:
+        out = Outcome("alice")
+        stage = _Stages(out.stage_seconds)
+        cfg = self.config
+        try:
+            channel.send(
+                "hello",
+                version=PROTOCOL_VERSION,
+                pass_digest=pass_digest(self.pass_json),
+                config=cfg.public(),
+            )
+            reply = channel.recv("hello_ok")
+            del reply
+            with stage("sync"):
+                while True:
+                    req = channel.recv("sync_request")
+                    if int(req["done"]):
+                        break
+                    starts = np.asarray(req["starts"], dtype=np.int64)
+                    length = int(req["length"])
+                    slots = (starts[:, None] + np.arange(length)[None, :]).reshape(-1)
+                    _, _, inten = self._symbols(slots)
+                    channel.send("sync_pattern", intensity=pack_2bit(inten))
+            with stage("sifting"):
+                msg = channel.recv("detections")
+                count = int(msg["count"])
+                try:
+                    slots = rice_decode_sorted(int(msg["rice_k"]), msg["slots"], count)
+                except ValueError as error:
+                    raise ProtocolAborted(f"detections message: {error}") from error
+                bob_basis = unpack_bits(msg["basis"], count)
+                basis, bit, inten = self._symbols(slots)
+                channel.send("sift", basis=pack_bits(basis), intensity=pack_2bit(inten))
+                keep = (basis == bob_basis) & (inten != NO_PATTERN)
+                s_basis, s_bit, s_int = basis[keep], bit[keep], inten[keep]
+            out.report = self._after_sifting(channel, stage, s_basis, s_bit, s_int, out)
+            channel.send("done")
+            channel.recv("done")
+        except ProtocolAborted as error:
+            if not isinstance(error, reconcile.ReconciliationFailed):
+                channel.abort(str(error))
+            out.key = None
+            out.report = {"aborted": True, "abort_reason": str(error), **out.report}
+        except Exception as error:
+            channel.abort(f"Alice failed internally: {type(error).__name__}")
+            raise
+        return out
+
+    def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
+        cfg = self.config
+        key_bases = key_bases_for(self.pass_json, cfg)
+        report: dict = {"key_bases": key_bases}
+        # --- disclosure: the test basis in full, a random sample of each key block
+        with stage("estimation"):
+            disclosed = {}
+            for b, name in enumerate(BASES):
+                pos_all = np.nonzero(s_basis == b)[0]
+                if name in key_bases:
+                    sample = _sample_positions(pos_all.size, cfg, self.rng)
+                else:
+                    sample = np.arange(pos_all.size)
+                disclosed[name] = sample
+            channel.send(
+                "disclose",
+                **{f"pos_{n}": encode_sorted(p) for n, p in disclosed.items()},
+                **{f"count_{n}": int(p.size) for n, p in disclosed.items()},
+                **{
+                    f"bits_{n}": pack_bits(s_bit[np.nonzero(s_basis == b)[0]][disclosed[n]])
+                    for b, n in enumerate(BASES)
+                },
+            )
+            reply = channel.recv("disclosed_errors")
+            qber_est = {n: float(reply[f"qber_{n}"]) for n in BASES}
+            sizes = {n: int(p.size) for n, p in disclosed.items()}
+        # --- error correction of each key block
+        leak_total, frames, frame_errors = 0, 0, 0
+        blocks = {}
+        with stage("error_correction"):
+            for name in key_bases:
+                b = BASES.index(name)
+                pos_all = np.nonzero(s_basis == b)[0]
+                keep = np.ones(pos_all.size, bool)
+                keep[disclosed[name]] = False
+                key_bits = s_bit[pos_all[keep]]
+                estimate = _ec_qber(qber_est, sizes, name)
+                if cfg.ec == "ldpc":
+                    stats = reconcile.ldpc_alice(
+                        channel, key_bits, estimate, cfg.ec_efficiency, self.rng
+                    )
+                else:
+                    stats = reconcile.cascade_alice(channel, key_bits, estimate, _public_seed(b))
+                blocks[name] = key_bits
+                leak_total += stats["leak_bits"]
+                frames += stats["frames"]
+                frame_errors += stats["frame_errors"]
+        # --- Bob now knows every error: he reports the counts, both estimate
+        with stage("estimation"):
+            msg = channel.recv("error_counts")
+            counts_full = json.loads(msg["counts_full"])
+            counts_key = json.loads(msg["counts_key"])
+            leaks = json.loads(msg["leaks"])
+        with stage("verification"):
+            tags = {}
+            hash_keys = {}
+            for name in key_bases:
+                keys = tuple(int(k) for k in self.rng.integers(0, 2**63, VERIFY_KEYS))
+                hash_keys[name] = list(keys)
+                tags[name] = bits_hash(blocks[name], keys).hex()
+            channel.send("verify", keys=json.dumps(hash_keys), tags=json.dumps(tags))
+            channel.recv("verify_ok")
+        with stage("estimation"):
+            estimates = estimate_blocks(self.pass_json, cfg, key_bases, counts_full, counts_key)
+            lengths = {e.basis: e.key_length(leaks[e.basis] + 64 * VERIFY_KEYS) for e in estimates}
+        # what the decision rests on is reported even when it is an abort
+        out.report.update(
+            counts={
+                b: {k: {"n": v[0], "m": v[1]} for k, v in counts_full[b].items()} for b in BASES
+            },
+            counts_key_blocks=counts_key,
+            blocks=[
+                {**e.to_json(), "leak_ec_bits": leaks[e.basis], "key_bits": lengths[e.basis]}
+                for e in estimates
+            ],
+        )
+        if sum(lengths.values()) <= 0:
+            raise ProtocolAborted(
+                "too few events for the requested epsilon: the finite-key length is 0 "
+                f"(eps_sec={cfg.eps_sec:g}, eps_cor={cfg.eps_cor:g}, analysis={cfg.analysis}, "
+                f"tail={cfg.tail})"
+            )
+        with stage("privacy_amplification"):
+            seeds, finals, worst = {}, [], 0.0
+            for name in key_bases:
+                n_in, n_out = blocks[name].size, lengths[name]
+                if n_out <= 0:
+                    continue
+                seed = self.rng.integers(0, 2, seed_bits_needed(n_in, n_out), dtype=np.uint8)
+                seeds[name] = seed
+                y, w = toeplitz_hash(blocks[name], seed, n_out)
+                finals.append(y)
+                worst = max(worst, w)
+            channel.send(
+                "pa",
+                lengths=json.dumps(lengths),
+                **{f"seed_{n}": pack_bits(s) for n, s in seeds.items()},
+            )
+            channel.recv("pa_ok")
+        out.key = np.concatenate(finals)
+        report.update(
+            {
+                "counts": {
+                    b: {k: {"n": v[0], "m": v[1]} for k, v in counts_full[b].items()}
+                    for b in BASES
+                },
+                "counts_key_blocks": counts_key,
+                "sifted_bits": int(s_basis.size),
+                "blocks": [
+                    {
+                        **e.to_json(),
+                        "leak_ec_bits": leaks[e.basis],
+                        "leak_verification_bits": 64 * VERIFY_KEYS,
+                        "key_bits": lengths[e.basis],
+                    }
+                    for e in estimates
+                ],
+                "pa": {
+                    "input_bits": int(sum(blocks[n].size for n in key_bases)),
+                    "output_bits": int(out.key.size),
+                    "fft_rounding_margin": worst,
+                },
+                "ec_alice": {"leak_bits": leak_total, "frames": frames},
+            }
+        )
+        return report
+
+
+def _public_seed(basis_index: int) -> int:
+    return 0x5EED0 + basis_index
+
+
+def _ec_qber(qber_est: dict, sample_size: dict, name: str) -> float:
+    """The QBER error correction is sized for: the sample's point estimate, floored. Frames
+    the code cannot decode at that rate are rescued by the retry path (a few revealed
+    bits each), which costs less on average than sizing every frame for the worst case."""
+    del sample_size
+    return min(max(qber_est[name], 0.004), 0.2)
+
+
+# ====================================================================== Bob
+
+
+class Bob:
+    """The ground side: owns ground/ (detections, PPS)."""
+
+    def __init__(self, pass_dir: str | Path, config: Config, seed: int | None = None):
+        self.pass_dir = Path(pass_dir)
+        self.pass_json = read_pass_json(self.pass_dir / "pass.json")
+        ground = self.pass_dir / "ground"
+        self.time_ps, self.channels, self.det_header = read_detections(ground / "detections.qdet")
+        pps_path = ground / "pps.qdet"
+        self.pps_ps = read_detections(pps_path)[0] if pps_path.exists() else None
+        self.config = config
+        self.rng = np.random.default_rng(
+            seed if seed is not None else int.from_bytes(os.urandom(16), "little")
+        )
+
+    def run(self, channel) -> Outcome:
+        out = Outcome("bob")
+        stage = _Stages(out.stage_seconds)
+        cfg = self.config
+        try:
+            hello = channel.recv("hello")
+            if int(hello["version"]) != PROTOCOL_VERSION:
+                raise ProtocolAborted(f"Alice speaks protocol {hello['version']}")
+            if hello["pass_digest"] != pass_digest(self.pass_json):
+                raise ProtocolAborted("Alice and Bob hold different pass.json files")
+            if hello["config"] != cfg.public():
+                raise ProtocolAborted("Alice and Bob were started with different parameters")
+            channel.send("hello_ok")
+            with stage("sync"):
+                sync = timesync.synchronise(
+                    self.time_ps, self.channels, self.pps_ps, self.pass_json, channel
+                )
+                channel.send("sync_request", done=1, starts=np.zeros(0, np.int64), length=0)
+            out.report["sync"] = sync.summary()
+            with stage("sifting"):
+                slots, basis, bit = self._detections_to_slots(sync)
+                rice_k, packed_slots = rice_encode_sorted(slots)
+                channel.send(
+                    "detections",
+                    count=int(slots.size),
+                    rice_k=rice_k,
+                    slots=packed_slots,
+                    basis=pack_bits(basis),
+                )
+                msg = channel.recv("sift")
+                a_basis = unpack_bits(msg["basis"], slots.size)
+                inten = unpack_2bit(msg["intensity"], slots.size)
+                keep = (a_basis == basis) & (inten != NO_PATTERN)
+                s_basis, s_bit, s_int = basis[keep], bit[keep], inten[keep]
+            out.report.update(self._after_sifting(channel, stage, s_basis, s_bit, s_int, out))
+            channel.recv("done")
+            channel.send("done")
+        except ProtocolAborted as error:
+            channel.abort(str(error))
+            out.key = None
+            out.report = {"aborted": True, "abort_reason": str(error), **out.report}
+        except Exception as error:
+            channel.abort(f"Bob failed internally: {type(error).__name__}")
+            raise
+        return out
+
+    def _detections_to_slots(self, sync):
+        """One (basis, bit) per occupied slot; double clicks get a random value (squashing)."""
+        det = np.isin(self.channels, (0, 1, 2, 3))
+        slots = sync.slots[det & sync.assigned]
+        ch = self.channels[det & sync.assigned].astype(np.int64)
+        order = np.argsort(slots, kind="stable")
+        slots, ch = slots[order], ch[order]
+        unique, first, counts = np.unique(slots, return_index=True, return_counts=True)
+        basis = (ch[first] >= 2).astype(np.uint8)
+        bit = (ch[first] & 1).astype(np.uint8)
+        multi = np.nonzero(counts > 1)[0]
+        for i in multi:  # rare: few per pass
+            group = ch[first[i] : first[i] + counts[i]]
+            if np.unique(group).size > 1:
+                pick = group[self.rng.integers(group.size)]
+                basis[i], bit[i] = int(pick >= 2), int(pick & 1)
+        return unique.astype(np.int64), basis, bit
+
+    def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
+        cfg = self.config
+        names = intensity_names(self.pass_json)
+        key_bases = key_bases_for(self.pass_json, cfg)
+        errors = np.zeros(s_basis.size, bool)
+        known = np.zeros(s_basis.size, bool)
+        with stage("estimation"):
+            msg = channel.recv("disclose")
+            disclosed, qber = {}, {}
+            for b, name in enumerate(BASES):
+                pos_all = np.nonzero(s_basis == b)[0]
+                count = int(msg[f"count_{name}"])
+                sample = decode_sorted(msg[f"pos_{name}"], count) if count else np.zeros(0, int)
+                if sample.size and sample[-1] >= pos_all.size:
+                    raise ProtocolAborted("Alice disclosed positions outside the sifted key")
+                alice_bits = unpack_bits(msg[f"bits_{name}"], count)
+                idx = pos_all[sample]
+                errors[idx] = alice_bits != s_bit[idx]
+                known[idx] = True
+                disclosed[name] = sample
+                qber[name] = float(errors[idx].mean()) if idx.size else 0.0
+            channel.send("disclosed_errors", **{f"qber_{n}": qber[n] for n in BASES})
+            sizes = {n: int(p.size) for n, p in disclosed.items()}
+            for name in key_bases:
+                if disclosed[name].size < cfg.sample_min and disclosed[name].size > 0:
+                    pass  # a small block: the estimate is noisy; EC retries cover it
+                if qber[name] > cfg.qber_threshold:
+                    raise ProtocolAborted(
+                        f"QBER above threshold: {name} basis {qber[name]:.4f} > "
+                        f"{cfg.qber_threshold:.4f} (from {disclosed[name].size} sampled bits)"
+                    )
+            test = [n for n in BASES if n not in key_bases]
+            for name in test:
+                if qber[name] > cfg.qber_threshold:
+                    raise ProtocolAborted(
+                        f"QBER above threshold: test basis {name} {qber[name]:.4f} > "
+                        f"{cfg.qber_threshold:.4f}"
+                    )
+        leaks, ec_stats = {}, []
+        blocks = {}
+        with stage("error_correction"):
+            for name in key_bases:
+                b = BASES.index(name)
+                pos_all = np.nonzero(s_basis == b)[0]
+                keep = np.ones(pos_all.size, bool)
+                keep[disclosed[name]] = False
+                idx = pos_all[keep]
+                estimate = _ec_qber(qber, sizes, name)
+                if idx.size == 0:
+                    raise ProtocolAborted(f"too few events: no {name}-basis key bits")
+                if cfg.ec == "ldpc":
+                    corrected, stats = reconcile.ldpc_bob(
+                        channel, s_bit[idx], estimate, cfg.ec_efficiency
+                    )
+                else:
+                    corrected, stats = reconcile.cascade_bob(
+                        channel, s_bit[idx], estimate, _public_seed(b)
+                    )
+                errors[idx] = corrected != s_bit[idx]
+                known[idx] = True
+                blocks[name] = corrected
+                leaks[name] = stats["leak_bits"]
+                stats["bits"] = int(idx.size)
+                stats["errors"] = int(errors[idx].sum())
+                ec_stats.append(stats)
+        with stage("estimation"):
+            counts_full, counts_key = {}, {}
+            for b, name in enumerate(BASES):
+                sel = s_basis == b
+                counts_full[name] = _counts_table(names, s_int[sel], errors[sel], known[sel])
+                if name in key_bases:
+                    pos_all = np.nonzero(sel)[0]
+                    keep = np.ones(pos_all.size, bool)
+                    keep[disclosed[name]] = False
+                    idx = pos_all[keep]
+                    counts_key[name] = _counts_table(names, s_int[idx], errors[idx], known[idx])
+            channel.send(
+                "error_counts",
+                counts_full=json.dumps(counts_full),
+                counts_key=json.dumps(counts_key),
+                leaks=json.dumps(leaks),
+            )
+        with stage("verification"):
+            msg = channel.recv("verify")
+            keys = json.loads(msg["keys"])
+            tags = json.loads(msg["tags"])
+            for name in key_bases:
+                mine = bits_hash(blocks[name], tuple(keys[name])).hex()
+                if mine != tags[name]:
+                    raise ProtocolAborted(
+                        f"verification failed: {name}-basis block hashes differ after "
+                        "error correction"
+                    )
+            channel.send("verify_ok")
+        with stage("estimation"):
+            estimates = estimate_blocks(self.pass_json, cfg, key_bases, counts_full, counts_key)
+            lengths = {e.basis: e.key_length(leaks[e.basis] + 64 * VERIFY_KEYS) for e in estimates}
+        if sum(lengths.values()) <= 0:
+            raise ProtocolAborted(
+                "too few events for the requested epsilon: the finite-key length is 0 "
+                f"(eps_sec={cfg.eps_sec:g}, eps_cor={cfg.eps_cor:g}, analysis={cfg.analysis}, "
+                f"tail={cfg.tail})"
+            )
+        with stage("privacy_amplification"):
+            msg = channel.recv("pa")
+            if json.loads(msg["lengths"]) != lengths:
+                raise ProtocolAborted("Alice and Bob computed different key lengths")
+            finals = []
+            for name in key_bases:
+                n_in, n_out = blocks[name].size, lengths[name]
+                if n_out <= 0:
+                    continue
+                seed = unpack_bits(msg[f"seed_{name}"], seed_bits_needed(n_in, n_out))
+                finals.append(toeplitz_hash(blocks[name], seed, n_out)[0])
+            channel.send("pa_ok")
+        out.key = np.concatenate(finals)
+        leak_bits = int(sum(leaks.values()))
+        bits_total = sum(s["bits"] for s in ec_stats)
+        errors_total = sum(s["errors"] for s in ec_stats)
+        q_key = errors_total / bits_total if bits_total else 0.0
+        h = finite_key.binary_entropy(q_key)
+        return {
+            "qber": {
+                name: (
+                    sum(v[1] for v in counts_full[name].values())
+                    / max(sum(v[0] for v in counts_full[name].values()), 1)
+                )
+                for name in BASES
+            },
+            "ec": {
+                "method": cfg.ec,
+                "leak_bits": leak_bits,
+                "efficiency": (leak_bits / (bits_total * h)) if h > 0 else math.inf,
+                "frames": int(sum(s["frames"] for s in ec_stats)),
+                "frame_errors": int(sum(s["frame_errors"] for s in ec_stats)),
+                "blocks": ec_stats,
+            },
+        }

@@ -1,0 +1,281 @@
+"""Error correction as two-party exchanges: LDPC syndromes (Alice -> Bob) with a retry path,
+and the Cascade baseline. Each side calls its half with the same public parameters.
+
+Leak accounting (bits an eavesdropper learns about the key string):
+- LDPC: per frame m - rank(H_punctured) syndrome bits, plus every bit revealed on a retry.
+- Cascade: every parity Alice sends, and every parity Bob sends (counted both ways).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from host.distil import ldpc
+from host.distil.bitcodec import pack_bits, unpack_bits
+from host.errors import ProtocolAborted
+
+LDPC_MAX_ITERATIONS = 100
+LDPC_RETRIES = 10
+LDPC_REVEAL_FRACTION = 0.0025  # of the frame at the first retry, doubling each retry
+
+
+class ReconciliationFailed(ProtocolAborted):
+    pass
+
+
+def _frames(count: int, plan: ldpc.FramePlan) -> list[tuple[int, int]]:
+    per = plan.key_bits
+    return [(start, min(per, count - start)) for start in range(0, count, per)]
+
+
+def _reveal_order(plan: ldpc.FramePlan, used: int) -> np.ndarray:
+    """Positions revealed on retries: Alice's punctured random bits first (each costs at
+    most one bit of leak and tells Bob the most), then key positions."""
+    key_in_order = plan.code.order[plan.punctured + plan.shortened :][:used]
+    return np.concatenate([plan.punctured_positions, key_in_order])
+
+
+def _frame_layout(plan: ldpc.FramePlan, used: int) -> tuple[np.ndarray, np.ndarray]:
+    """(key positions used by this frame in key order, positions known to be zero)."""
+    key_order = plan.code.order[plan.punctured + plan.shortened :]
+    key_pos = np.sort(key_order[:used])
+    zero_pos = np.concatenate([plan.shortened_positions, key_order[used:]])
+    return key_pos, zero_pos
+
+
+def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float, rng) -> dict:
+    plan = ldpc.plan_for(qber_estimate, efficiency)
+    code = plan.code
+    frames = _frames(key.size, plan)
+    words = np.zeros((len(frames), code.n), dtype=np.uint8)
+    for f, (start, used) in enumerate(frames):
+        key_pos, _ = _frame_layout(plan, used)
+        words[f, key_pos] = key[start : start + used]
+        words[f, plan.punctured_positions] = rng.integers(0, 2, plan.punctured, dtype=np.uint8)
+    syndromes = code.syndrome(words)
+    channel.send(
+        "ec_syndromes",
+        frames=len(frames),
+        code=code.digest(),
+        syndromes=pack_bits(syndromes.reshape(-1)),
+    )
+    revealed = np.zeros(len(frames), dtype=np.int64)
+    while True:
+        msg = channel.recv("ec_status")
+        failed = np.asarray(msg["failed"], dtype=np.int64)
+        if failed.size == 0:
+            break
+        step = int(msg["step"])
+        values = []
+        for f in failed:
+            order = _reveal_order(plan, frames[f][1])
+            pos = order[revealed[f] : revealed[f] + step]
+            values.append(words[f, pos])
+            revealed[f] += step
+        channel.send("ec_reveal", values=pack_bits(np.concatenate(values)))
+    leak = len(frames) * plan.leak_bits() + int(revealed.sum())
+    return {"leak_bits": leak, "frames": len(frames), "frame_errors": int(np.sum(revealed > 0))}
+
+
+def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float) -> tuple:
+    plan = ldpc.plan_for(qber_estimate, efficiency)
+    code = plan.code
+    frames = _frames(bits.size, plan)
+    msg = channel.recv("ec_syndromes")
+    if msg["code"] != code.digest() or int(msg["frames"]) != len(frames):
+        raise ReconciliationFailed("LDPC code or frame count differs between Alice and Bob")
+    syndromes = unpack_bits(msg["syndromes"], len(frames) * code.m).reshape(len(frames), code.m)
+    magnitude = math.log((1 - qber_estimate) / qber_estimate)
+    llr = np.zeros((len(frames), code.n), dtype=np.float64)
+    for f, (start, used) in enumerate(frames):
+        key_pos, zero_pos = _frame_layout(plan, used)
+        llr[f, key_pos] = np.where(bits[start : start + used] == 1, -magnitude, magnitude)
+        llr[f, zero_pos] = ldpc.LLR_KNOWN
+    out = np.zeros((len(frames), code.n), dtype=np.uint8)
+    iters = np.zeros(len(frames), dtype=np.int64)
+    pending = np.arange(len(frames))
+    revealed = np.zeros(len(frames), dtype=np.int64)
+    decoded = np.zeros(len(frames), dtype=bool)
+    for attempt in range(LDPC_RETRIES + 1):
+        sub_out = np.zeros((pending.size, code.n), dtype=np.uint8)
+        sub_iters = np.zeros(pending.size, dtype=np.int64)
+        ok = ldpc.decode_frames(
+            np.ascontiguousarray(llr[pending]),
+            np.ascontiguousarray(syndromes[pending]),
+            code.check_ptr,
+            code.check_var,
+            LDPC_MAX_ITERATIONS,
+            sub_out,
+            sub_iters,
+        )
+        out[pending], iters[pending] = sub_out, sub_iters
+        decoded[pending[ok]] = True
+        pending = pending[~ok]
+        if pending.size == 0 or attempt == LDPC_RETRIES:
+            break
+        step = max(1, int(LDPC_REVEAL_FRACTION * code.n)) << attempt
+        channel.send("ec_status", failed=pending.astype(np.int32), step=step)
+        values = unpack_bits(channel.recv("ec_reveal")["values"], pending.size * step)
+        for i, f in enumerate(pending):
+            order = _reveal_order(plan, frames[f][1])
+            pos = order[revealed[f] : revealed[f] + step]
+            v = values[i * step : i * step + pos.size]
+            llr[f, pos] = np.where(v == 1, -ldpc.LLR_KNOWN, ldpc.LLR_KNOWN)
+            revealed[f] += step
+    channel.send("ec_status", failed=np.zeros(0, dtype=np.int32), step=0)
+    if pending.size:
+        raise ReconciliationFailed(
+            f"LDPC decoding failed on {pending.size} of {len(frames)} frames after "
+            f"{LDPC_RETRIES} retries (QBER estimate {qber_estimate:.4f})"
+        )
+    corrected = np.empty_like(bits)
+    for f, (start, used) in enumerate(frames):
+        key_pos, _ = _frame_layout(plan, used)
+        corrected[start : start + used] = out[f, key_pos]
+    leak = len(frames) * plan.leak_bits() + int(revealed.sum())
+    stats = {
+        "leak_bits": leak,
+        "frames": len(frames),
+        "frame_errors": int(np.sum(revealed > 0)),
+        "mother_rate": code.rate,
+        "punctured": plan.punctured,
+        "shortened": plan.shortened,
+        "mean_iterations": float(iters.mean()) if iters.size else 0.0,
+    }
+    return corrected, stats
+
+
+# ------------------------------------------------------------------ Cascade
+
+CASCADE_PASSES = 4
+
+
+def _cascade_layout(count: int, qber: float, seed: int):
+    """Per pass: a public permutation and the block size (Martinez-Mateo 2015: k1 = 0.73/q,
+    doubling each pass)."""
+    rng = np.random.default_rng(seed)
+    k1 = max(4, int(0.73 / max(qber, 1e-3)))
+    layout = []
+    for p in range(CASCADE_PASSES):
+        perm = np.arange(count) if p == 0 else rng.permutation(count)
+        layout.append((perm, min(count, k1 << p)))
+    return layout
+
+
+def _block_parities(bits_perm: np.ndarray, size: int) -> np.ndarray:
+    pad = (-bits_perm.size) % size
+    padded = np.concatenate([bits_perm, np.zeros(pad, dtype=np.uint8)])
+    return np.bitwise_xor.reduce(padded.reshape(-1, size), axis=1)
+
+
+def cascade_alice(channel, key: np.ndarray, qber_estimate: float, seed: int) -> dict:
+    """Alice answers parity queries: ranges [start, stop) in a pass's permuted order."""
+    layout = _cascade_layout(key.size, qber_estimate, seed)
+    permuted = [key[perm] for perm, _ in layout]
+    prefix = [np.concatenate([[0], np.cumsum(b, dtype=np.int64)]) & 1 for b in permuted]
+    sent = 0
+    while True:
+        msg = channel.recv("cascade_query")
+        if int(msg["done"]):
+            break
+        passes, starts, stops = msg["passes"], msg["starts"], msg["stops"]
+        parities = np.empty(passes.size, dtype=np.uint8)
+        for p in np.unique(passes):
+            sel = passes == p
+            parities[sel] = (prefix[p][stops[sel]] ^ prefix[p][starts[sel]]).astype(np.uint8)
+        sent += passes.size
+        channel.send("cascade_parities", parities=pack_bits(parities))
+    return {"leak_bits": sent, "frames": 0, "frame_errors": 0}
+
+
+def cascade_bob(channel, bits: np.ndarray, qber_estimate: float, seed: int) -> tuple:
+    """Bob drives Cascade; every query round is one message each way. Bob's own parities are
+    never sent (he compares locally), but the ranges he asks about depend on where his
+    parities differ, so each query also discloses one of Bob's parities: counted too."""
+    count = bits.size
+    layout = _cascade_layout(count, qber_estimate, seed)
+    work = bits.copy()
+    inverse = [np.argsort(perm) for perm, _ in layout]
+    asked = 0
+    rounds = 0
+
+    def query(passes, starts, stops):
+        nonlocal asked, rounds
+        channel.send(
+            "cascade_query",
+            done=0,
+            passes=passes.astype(np.int8),
+            starts=starts.astype(np.int64),
+            stops=stops.astype(np.int64),
+        )
+        asked += passes.size
+        rounds += 1
+        return unpack_bits(channel.recv("cascade_parities")["parities"], passes.size)
+
+    def local_parity(p, starts, stops):
+        permuted = work[layout[p][0]]
+        prefix = np.concatenate([[0], np.cumsum(permuted, dtype=np.int64)]) & 1
+        return (prefix[stops] ^ prefix[starts]).astype(np.uint8)
+
+    def binary_search(p_arr, lo, hi):
+        """Find one error in each odd-parity range; flip it. Returns flipped positions."""
+        while True:
+            active = hi - lo > 1
+            if not active.any():
+                break
+            mid = (lo + hi) // 2
+            idx = np.nonzero(active)[0]
+            alice = query(p_arr[idx], lo[idx], mid[idx])
+            mine = np.empty(idx.size, dtype=np.uint8)
+            for p in np.unique(p_arr[idx]):
+                sel = p_arr[idx] == p
+                mine[sel] = local_parity(p, lo[idx][sel], mid[idx][sel])
+            left = alice != mine
+            hi[idx[left]] = mid[idx[left]]
+            lo[idx[~left]] = mid[idx[~left]]
+        positions = np.array([layout[p][0][i] for p, i in zip(p_arr, lo, strict=True)])
+        work[positions] ^= 1
+        return positions
+
+    for p, (_perm, size) in enumerate(layout):
+        starts = np.arange(0, count, size)
+        stops = np.minimum(starts + size, count)
+        alice = query(np.full(starts.size, p), starts, stops)
+        odd = alice != local_parity(p, starts, stops)
+        flipped = binary_search(np.full(int(odd.sum()), p), starts[odd].copy(), stops[odd].copy())
+        # Cascade: each flip makes the blocks containing it in earlier passes odd again.
+        while flipped.size and p > 0:
+            ps, los, his = [], [], []
+            for q in range(p):
+                size_q = layout[q][1]
+                pos_q = np.unique(inverse[q][flipped] // size_q)
+                st = pos_q * size_q
+                sp = np.minimum(st + size_q, count)
+                known = query(np.full(st.size, q), st, sp)
+                bad = known != local_parity(q, st, sp)
+                ps.append(np.full(int(bad.sum()), q))
+                los.append(st[bad])
+                his.append(sp[bad])
+            p_arr = np.concatenate(ps)
+            if p_arr.size == 0:
+                break
+            flipped = binary_search(p_arr, np.concatenate(los), np.concatenate(his))
+    channel.send(
+        "cascade_query",
+        done=1,
+        passes=np.zeros(0, np.int8),
+        starts=np.zeros(0, np.int64),
+        stops=np.zeros(0, np.int64),
+    )
+    # Alice's answers and the parity of Bob's that each query reveals: both directions.
+    stats = {
+        "leak_bits": 2 * asked,
+        "leak_bits_alice_to_bob": asked,
+        "leak_bits_bob_to_alice": asked,
+        "frames": 0,
+        "frame_errors": 0,
+        "rounds": rounds,
+    }
+    return work, stats

@@ -1,0 +1,253 @@
+"""Time synchronisation (Bob's side): map ground detection times to Alice's slot indices.
+
+Public help from Alice: the intensity class of slots Bob asks about (never bit values;
+intensities of detected slots are announced in sifting anyway). Steps:
+
+1. Clock: ground PPS marks UTC seconds, so a linear fit of PPS readings against their UTC
+   second gives true time T (s after utc_start) for each detection (if no PPS: the ground
+   clock is taken as T).
+2. Prior: slot(T) ~ (T - delay) * slot_rate, the delay (light time plus the satellite
+   clock's offset) unknown within [0, max_delay_s].
+3. First anchor, at the densest window (near culmination, where the range rate and so
+   the drift are smallest): the drift is found by maximising how tightly the detection
+   times cluster at one phase within the slot (circular mean resultant length); the
+   integer lag by FFT cross-correlation of the detections' slot comb with the mean photon
+   number of the slots Alice revealed over the whole lag range.
+4. Tracking: windows every `step_s` outward in both directions; each predicts the offset
+   from the anchors so far (quadratic), re-estimates the phase, and searches a small
+   integer lag range with Alice's intensities of the candidate slots only.
+5. Every detection gets slot = round(model(T)) from a smoothing spline through the
+   anchors; it is assigned only when its timing residual is inside the gate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft
+from scipy.interpolate import make_interp_spline
+
+from host.distil.bitcodec import unpack_2bit
+from host.errors import ProtocolAborted
+
+FIRST_WINDOW_S = 0.02
+TRACK_WINDOW_S = 0.05
+STEP_S = 0.5
+MAX_DELAY_S = 0.012
+TRACK_LAG_SLOTS = 12  # once the quadratic predictor has anchors to work from
+FIRST_LAG_S = 0.4e-6  # lag search of the first tracking windows
+SLOPE_SEARCH = 1e-6  # fractional drift searched around the prediction
+PHASE_DETECTIONS = 2000
+LAG_DETECTIONS = 400
+MIN_DETECTIONS = 60
+GATE_SLOTS = 0.35
+MAX_DRIFT = 2.5e-5  # range rate up to ~6.8 km/s plus clock frequency offsets
+FIRST_Z = 7.0
+TRACK_Z = 5.0
+
+
+@dataclass
+class SyncResult:
+    slots: np.ndarray  # int64 per detection (meaningful where assigned)
+    assigned: np.ndarray  # bool per detection
+    residual_ps: float  # RMS timing residual of assigned detections
+    anchors: int
+    period_ps: float
+
+    def summary(self) -> dict:
+        total = int(self.assigned.size)
+        return {
+            "anchors": self.anchors,
+            "detections": total,
+            "assigned_fraction": float(self.assigned.mean()) if total else 0.0,
+            "residual_rms_ps": self.residual_ps,
+        }
+
+
+PPS_LEAD_S = 2  # docs/formats.md: PPS marks whole UTC seconds from 2 s before utc_start
+
+
+def _utc_fraction(pass_json: dict) -> float:
+    start = str(pass_json.get("utc_start", ""))
+    if "." not in start:
+        return 0.0
+    digits = start.split(".", 1)[1].rstrip("Z").split("+")[0]
+    return float("0." + digits) if digits else 0.0
+
+
+def _true_seconds(time_ps: np.ndarray, pps_ps: np.ndarray | None, pass_json: dict) -> np.ndarray:
+    """Ground clock -> true time T (s after utc_start) from the ground PPS: the k-th mark
+    is the k-th whole UTC second from PPS_LEAD_S before utc_start (missing marks show as
+    gaps of two seconds or more)."""
+    if pps_ps is None or pps_ps.size < 2:
+        return time_ps.astype(np.float64) * 1e-12
+    frac = _utc_fraction(pass_json)
+    gaps = np.rint(np.diff(pps_ps) * 1e-12).astype(np.int64)
+    index = np.concatenate([[0], np.cumsum(gaps)])
+    true = (math.ceil(-PPS_LEAD_S + frac) - frac) + index
+    t0 = pps_ps[0]
+    slope, intercept = np.polyfit((pps_ps - t0).astype(np.float64), true, 1)
+    return (np.asarray(time_ps) - t0).astype(np.float64) * slope + intercept
+
+
+class _Helper:
+    """Asks Alice for intensity classes of slots, returns mean photon numbers."""
+
+    def __init__(self, channel, weights: np.ndarray):
+        self.channel = channel
+        self.weights = weights  # mean photon number by intensity code (code 3: no record)
+
+    def window(self, starts: np.ndarray, length: int) -> np.ndarray:
+        starts = np.asarray(starts, dtype=np.int64)
+        self.channel.send("sync_request", done=0, starts=starts, length=int(length))
+        packed = self.channel.recv("sync_pattern")["intensity"]
+        return self.weights[unpack_2bit(packed, starts.size * length)].reshape(starts.size, length)
+
+
+def _phase(u: np.ndarray) -> tuple[float, float]:
+    """Circular mean of the fractional slot position and its concentration (0..1)."""
+    angle = 2 * np.pi * u
+    c, s = np.cos(angle).mean(), np.sin(angle).mean()
+    return float(np.arctan2(s, c) / (2 * np.pi)), float(math.hypot(c, s))
+
+
+def _zscore(score: np.ndarray) -> tuple[int, float]:
+    best = int(np.argmax(score))
+    others = np.delete(score, best)
+    sd = others.std() or 1.0
+    return best, float((score[best] - others.mean()) / sd)
+
+
+def synchronise(time_ps, channels, pps_ps, pass_json, channel) -> SyncResult:
+    rate = float(pass_json["slot_rate_hz"])
+    names = list(pass_json["intensities"])
+    weights = np.zeros(4)
+    weights[: len(names)] = [float(pass_json["intensities"][n]) for n in names]
+    helper = _Helper(channel, weights)
+    det = np.isin(channels, (0, 1, 2, 3))
+    t_all = _true_seconds(np.asarray(time_ps), pps_ps, pass_json)
+    t = t_all[det]
+    if t.size < MIN_DETECTIONS:
+        raise ProtocolAborted(f"too few detections to synchronise ({t.size})")
+
+    # ---- first anchor: the densest window
+    edges = np.arange(t[0], t[-1] + FIRST_WINDOW_S, FIRST_WINDOW_S)
+    hist, _ = np.histogram(t, edges)
+    k = int(np.argmax(hist))
+    tc = edges[k] + FIRST_WINDOW_S / 2
+    sel = (t >= edges[k]) & (t < edges[k + 1])
+    tw = t[sel] - tc
+    best = (-1.0, 0.0, 0.0)
+    step = 0.1 / (FIRST_WINDOW_S * rate)
+    for drift in np.arange(-MAX_DRIFT, MAX_DRIFT + step, step):
+        phi, conc = _phase(tw * rate * (1 + drift))
+        if conc > best[0]:
+            best = (conc, drift, phi)
+    conc, drift, phi = best
+    # slot(T) = tc_slot + (T - tc) rate (1 + drift); tc_slot = (tc - delay) rate + phi
+    u_rel = tw * rate * (1 + drift) - phi
+    k_rel = np.rint(u_rel).astype(np.int64)
+    span = int(k_rel.max() - k_rel.min()) + 1
+    lag_range = int(MAX_DELAY_S * rate)
+    base = int(math.floor(tc * rate)) + int(k_rel.min()) - lag_range
+    length = span + lag_range
+    alice = helper.window(np.array([base]), length)[0]
+    size = scipy.fft.next_fast_len(length + span, real=True)
+    comb = np.zeros(size)
+    np.add.at(comb, k_rel - k_rel.min(), 1.0)
+    corr = scipy.fft.irfft(
+        np.conj(scipy.fft.rfft(comb, size)) * scipy.fft.rfft(alice, size), size
+    )[: lag_range + 1]
+    lag, z = _zscore(corr)
+    if z < FIRST_Z:
+        raise ProtocolAborted(
+            f"time synchronisation failed: no correlation peak (z={z:.1f}, "
+            f"{int(sel.sum())} detections in the densest {FIRST_WINDOW_S * 1e3:.0f} ms)"
+        )
+    # offset(T) = slot position - T * rate; at tc the detections sit on slot centres - phi
+    anchors_t = [tc]
+    anchors_off = [base + lag - int(k_rel.min()) - phi - tc * rate]
+    first_slope = drift * rate
+    anchors_slope = [first_slope]
+
+    def offset_model(tq: float) -> tuple[float, float]:
+        """Offset and slope (slots/s) at tq, extrapolated from the nearest anchor with the
+        acceleration seen between the two nearest anchors (the delay is smooth)."""
+        ts = np.array(anchors_t)
+        near = np.argsort(np.abs(ts - tq))[:2]
+        a = near[0]
+        acc = 0.0
+        if near.size == 2:
+            b = near[1]
+            acc = (anchors_slope[a] - anchors_slope[b]) / (ts[a] - ts[b])
+        dt = tq - ts[a]
+        off = anchors_off[a] + anchors_slope[a] * dt + 0.5 * acc * dt * dt
+        return float(off), float(anchors_slope[a] + acc * dt)
+
+    # ---- tracking outward from the first anchor
+    for direction in (+1, -1):
+        first_edge = t[0] + TRACK_WINDOW_S / 2
+        last_edge = t[-1] - TRACK_WINDOW_S / 2
+        edge = last_edge if direction > 0 else first_edge
+        centres = list(np.arange(tc + direction * STEP_S, edge, direction * STEP_S))
+        if (edge - tc) * direction > 0:
+            centres.append(edge)  # the data's end: no extrapolation beyond half a window
+        for tq in centres:
+            lo, hi = tq - TRACK_WINDOW_S / 2, tq + TRACK_WINDOW_S / 2
+            sel = (t >= lo) & (t < hi)
+            if sel.sum() >= MIN_DETECTIONS:
+                off, slope = offset_model(tq)
+                tw = t[sel] - tq
+                # refine the slope (the drift changes with the range acceleration)
+                fit = tw[:: max(1, tw.size // PHASE_DETECTIONS)]
+                width = SLOPE_SEARCH * rate
+                grid = slope + np.arange(-width, width, 0.1 / TRACK_WINDOW_S)
+                angle = 2 * np.pi * np.outer(grid, fit)
+                base_u = fit * rate
+                conc = np.abs(np.exp(1j * (angle + 2 * np.pi * base_u[None, :])).mean(axis=1))
+                slope = float(grid[int(np.argmax(conc))])
+                u = tw * rate + tq * rate + off + slope * tw
+                phi_q, _ = _phase(u)
+                kq = np.rint(u - phi_q).astype(np.int64)
+                kq = kq[:: max(1, kq.size // LAG_DETECTIONS)]
+                lag_slots = TRACK_LAG_SLOTS if len(anchors_t) > 3 else int(FIRST_LAG_S * rate)
+                win = helper.window(kq - lag_slots, 2 * lag_slots + 1)
+                j, zq = _zscore(win.sum(axis=0))
+                if os.environ.get("QKDSAT_SYNC_DEBUG"):
+                    print("track", tq, off, slope, phi_q, j - lag_slots, zq)
+                if zq >= TRACK_Z:
+                    anchors_t.append(tq)
+                    anchors_off.append(off + (j - lag_slots) - phi_q)
+                    anchors_slope.append(slope)
+
+    order = np.argsort(anchors_t)
+    ts = np.array(anchors_t)[order]
+    os_ = np.array(anchors_off)[order]
+    if ts.size >= 4:
+        spline = make_interp_spline(ts, os_, k=3)
+        model = spline(np.clip(t_all, ts[0], ts[-1]))
+        # outside the anchors: extrapolate linearly with the end slopes
+        d = spline.derivative()
+        model = np.where(t_all < ts[0], os_[0] + d(ts[0]) * (t_all - ts[0]), model)
+        model = np.where(t_all > ts[-1], os_[-1] + d(ts[-1]) * (t_all - ts[-1]), model)
+    elif ts.size >= 2:
+        coef = np.polyfit(ts, os_, ts.size - 1)
+        model = np.polyval(coef, t_all)
+    else:
+        model = os_[0] + first_slope * (t_all - ts[0])
+    u_all = t_all * rate + model
+    slots = np.rint(u_all).astype(np.int64)
+    resid = u_all - slots
+    # the receiver's coincidence window (pass.json) gates out most dark and background
+    # counts; without one, a fixed fraction of the slot
+    window_ps = (pass_json.get("receiver") or {}).get("coincidence_window_ps")
+    gate = GATE_SLOTS if not window_ps else min(GATE_SLOTS, 0.5 * window_ps * rate * 1e-12)
+    assigned = det & (np.abs(resid) <= gate) & (slots >= 0)
+    period_ps = 1e12 / rate
+    rms = float(np.sqrt(np.mean(resid[assigned] ** 2)) * period_ps) if assigned.any() else 0.0
+    result = SyncResult(slots, assigned, rms, int(ts.size), period_ps)
+    result.anchor_times, result.anchor_offsets = ts, os_
+    return result

@@ -1,0 +1,146 @@
+"""Wegman-Carter authentication, message encoding and byte counting, in-process and TCP."""
+
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from host.distil import channel as ch
+from host.distil.gf64 import bits_hash, gf64_mul, poly_hash
+from host.errors import BadInput
+
+
+def _mul(a, b):
+    return int(gf64_mul(np.uint64(a), np.uint64(b)))
+
+
+def test_gf64_is_a_field_multiplication():
+    r = random.Random(1)
+    for _ in range(50):
+        a, b, c = (r.getrandbits(64) for _ in range(3))
+        assert _mul(a, _mul(b, c)) == _mul(_mul(a, b), c)
+        assert _mul(a, b ^ c) == _mul(a, b) ^ _mul(a, c)
+        assert _mul(a, 1) == a
+    # x^63 * x = x^64 = x^4 + x^3 + x + 1 in GF(2)[x]/(x^64 + x^4 + x^3 + x + 1)
+    assert _mul(1 << 63, 2) == 0x1B
+
+
+def test_poly_hash_separates_messages_and_lengths():
+    key = 0x1234_5678_9ABC_DEF1
+    base = bytes(range(100))
+    assert poly_hash(base, key) != poly_hash(base[:-1] + b"\x64", key)
+    assert poly_hash(b"abc", key) != poly_hash(b"abc\x00", key)  # same blocks, other length
+    assert bits_hash(np.ones(9, np.uint8), (1, 2)) != bits_hash(np.ones(10, np.uint8), (1, 2))
+
+
+def _pair(pool_a=None, pool_b=None):
+    data = np.random.default_rng(0).bytes(4096)
+    t_a, t_b = ch.queue_pair(timeout_s=5)
+    a = ch.AuthChannel(t_a, pool_a or ch.KeyPool(data), ch.ALICE)
+    b = ch.AuthChannel(t_b, pool_b or ch.KeyPool(data), ch.BOB)
+    return a, b, t_a
+
+
+def test_messages_roundtrip_with_arrays_and_are_counted():
+    a, b, _ = _pair()
+    arr = np.arange(10, dtype=np.int64)
+    a.send("x", n=3, name="z", arr=arr, raw=b"\x00\x01")
+    got = b.recv("x")
+    assert got["n"] == 3 and got["name"] == "z" and got["raw"] == b"\x00\x01"
+    assert np.array_equal(got["arr"], arr)
+    b.send("y")
+    a.recv("y")
+    assert a.bytes_sent == b.bytes_received > 80 and b.bytes_sent == a.bytes_received
+    # pool: 64-bit hash key + one 128-bit pad pair per exchanged message index
+    assert a.pool.used_bits == 64 + 128
+
+
+def test_a_flipped_bit_on_the_wire_fails_authentication():
+    a, b, t_a = _pair()
+    t_a.tamper = lambda data: data[:20] + bytes([data[20] ^ 1]) + data[21:]
+    a.send("x", payload=np.zeros(100, np.uint8))
+    with pytest.raises(ch.AuthenticationFailed, match="authentication failed"):
+        b.recv("x")
+
+
+def test_a_replayed_message_fails_authentication():
+    a, b, t_a = _pair()
+    frames = []
+    t_a.tamper = lambda data: frames.append(data) or data
+    a.send("x", v=1)
+    b.recv("x")
+    t_a.outbox.put(frames[0])  # the same bytes again: the next pad differs
+    with pytest.raises(ch.AuthenticationFailed):
+        b.recv("x")
+
+
+def test_a_different_pre_shared_key_fails_authentication():
+    rng = np.random.default_rng(5)
+    a, b, _ = _pair(ch.KeyPool(rng.bytes(4096)), ch.KeyPool(rng.bytes(4096)))
+    a.send("hello")
+    with pytest.raises(ch.AuthenticationFailed):
+        b.recv("hello")
+
+
+def test_peer_abort_carries_the_reason():
+    a, b, _ = _pair()
+    a.abort("QBER above threshold")
+    with pytest.raises(ch.PeerAborted, match="QBER above threshold"):
+        b.recv("anything")
+
+
+def test_key_pool_file_records_consumption_and_refuses_reuse(tmp_path):
+    path = tmp_path / "pool.bin"
+    path.write_bytes(np.random.default_rng(1).bytes(8192))
+    pool = ch.KeyPool.from_file(str(path))
+    pool.take(0, 100)
+    pool.commit()
+    again = ch.KeyPool.from_file(str(path))
+    assert again.start_byte == 100
+    assert again.take(0, 8) == path.read_bytes()[100:108]
+    (tmp_path / "short.bin").write_bytes(b"x" * 10)
+    with pytest.raises(BadInput, match="only 10 bytes left"):
+        ch.KeyPool.from_file(str(tmp_path / "short.bin"))
+
+
+def test_tcp_transport_carries_authenticated_messages():
+    data = np.random.default_rng(2).bytes(4096)
+    ready = threading.Event()
+    received = {}
+
+    def server():
+        transport = ch.listen("127.0.0.1:0", timeout_s=10, ready=ready)
+        bob = ch.AuthChannel(transport, ch.KeyPool(data), ch.BOB)
+        received.update(bob.recv("big"))
+        bob.send("ok")
+        bob.close()
+
+    thread = threading.Thread(target=server)
+    thread.start()
+    ready.wait(5)
+    alice = ch.AuthChannel(ch.connect(f"127.0.0.1:{ready.port}"), ch.KeyPool(data), ch.ALICE)
+    big = np.random.default_rng(3).integers(0, 255, 3_000_000, dtype=np.uint8)
+    alice.send("big", blob=big)
+    alice.recv("ok")
+    alice.close()
+    thread.join(10)
+    assert np.array_equal(received["blob"], big)
+
+
+def test_rice_coded_slots_roundtrip_near_the_entropy_of_their_gaps():
+    from host.distil.bitcodec import encode_sorted, rice_decode_sorted, rice_encode_sorted
+
+    rng = np.random.default_rng(0)
+    mean_gap = 8500  # micius: 2.7e10 slots, 3.2e6 detections
+    slots = np.cumsum(rng.geometric(1 / mean_gap, 200_000)).astype(np.int64) + 10**9
+    k, packed = rice_encode_sorted(slots)
+    assert np.array_equal(rice_decode_sorted(k, packed, slots.size), slots)
+    bits_per_slot = packed.size * 8 / slots.size
+    entropy = np.log2(mean_gap * np.e)  # geometric gaps, large mean
+    assert bits_per_slot < 1.03 * entropy
+    assert bits_per_slot < 0.9 * len(encode_sorted(slots)) * 8 / slots.size
+    edge = np.array([0, 1, 2, 10**12, 10**12 + 5], dtype=np.int64)  # escapes for huge gaps
+    assert np.array_equal(rice_decode_sorted(*rice_encode_sorted(edge), 5), edge)
+    with pytest.raises(ValueError, match="ends early"):
+        rice_decode_sorted(k, packed[: packed.size // 2], slots.size)
