@@ -209,6 +209,7 @@ class QemuTarget(Target):
     def command(self) -> list[str]:
         image = require(self.image, "QEMU firmware image")
         bus = (
+            # nodelay: a bus round trip per frame (lockstep) must not wait for Nagle.
             f"tcp:{self.bus_address[0]}:{self.bus_address[1]},nodelay=on"
             if self.bus_address
             else "null"

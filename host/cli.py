@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "timetags": ("host.formats.timetags", "convert time-tagger files (PTU, quTAG, CSV, qdet)"),
     "payload": ("host.link.cli", "talk to a payload controller over the ground link"),
     "flash": ("host.deploy.flash", "deploy the firmware to a board with mpremote"),
+    "track": ("host.track", "close the firmware's tracking loop against the optical plant"),
     "distil": ("host.distil.run", "distil a key from a pass directory (Alice and Bob)"),
     "mission": ("host.mission.command", "the main job: an emulated pass end to end, orbit to key"),
 }

@@ -6,6 +6,8 @@
 #   tdc        drain the TDC FIFO into the ring, spool blocks (tdc.py)
 #   clock      PPS discipline of the local clock (tdc.py)
 #   hk         housekeeping records (every HK_PERIOD_US during a pass)
+#   trk, trk-tm the pointing loop and its telemetry product, added when a pass
+#              configuration carries a "tracking" section (docs/tracking.md)
 # Bad parameters raise ValueError (sequencer.ConfigError), a command that does not fit
 # the state raises RuntimeError; the link sends the message to the ground.
 import json
@@ -24,6 +26,7 @@ CONFIG_KEYS = (
     "frame_slots",
     "pps_period_ps",
     "tdc",
+    "tracking",
     "pattern_generation",
 )
 GENERATION_MODES = ("controller", "head")  # who maps QRNG words to symbols (headgen.py)
@@ -82,6 +85,8 @@ class Mission:
         self.pass_running = False
         self.time_scale_ppm = None
         self.scheduler = None  # set by duties(): the loop that runs them, for telemetry
+        self.tracking = None  # tracking_duty.TrackingDuty once a pass tracks
+        self.tracking_product = None
 
     def duties(self, sched):
         """Add the data path's duties to the main loop's scheduler."""
@@ -118,13 +123,30 @@ class Mission:
             raise sequencer.ConfigError(
                 "pattern_generation: %r is not controller or head" % (generation,)
             )
+        tracker = _tracker_from(config["tracking"]) if "tracking" in config else None
         # head generation: the FPGA maps at the slot clock, the controller's capacity does
         # not bound the slot rate
         self.sequencer.configure(config, 0 if generation == "head" else scale)
         self.generation = generation
+        if tracker is not None:
+            self._attach_tracking(tracker)
         self.tdc.bursts_per_step = bursts
         self.discipline.pps_period_ps = pps
         self.time_scale_ppm = scale
+
+    def _attach_tracking(self, tracker):
+        from payload import tracking_duty
+
+        if self.tracking is None:
+            self.tracking = tracking_duty.TrackingDuty(self.bus, tracker)
+            self.tracking_product = tracking_duty.TrackingProduct(tracker, self.store)
+            if self.scheduler is not None:
+                # short names: the status travels in one housekeeping packet
+                self.scheduler.add("trk", self.tracking.step)
+                self.scheduler.add("trk-tm", self.tracking_product.step)
+        else:  # a new pass configuration: same duties, new loop
+            self.tracking.attach(tracker)
+            self.tracking_product.attach(tracker)
 
     def start(self):
         if self.pass_running:
@@ -146,6 +168,8 @@ class Mission:
             raise RuntimeError(str(error)) from None
         self.hk.running = True
         self.hk.record()
+        if self.tracking is not None:
+            self.tracking.tracker.start()
         self.pass_running = True
 
     def stop(self):
@@ -157,6 +181,10 @@ class Mission:
         else:
             self.sequencer.stop()
         self.tdc.stop()
+        if self.tracking is not None:
+            self.tracking.tracker.stop()
+            self.tracking.step()  # the loop acts on the stop at its next period
+            self.tracking_product.flush()
         self.discipline.step()
         self.hk.record()
         self.hk.running = False
@@ -188,9 +216,28 @@ class Mission:
         }
         if self.generation == "head":
             out["generator"] = self.generator.telemetry()
+        if self.tracking is not None:
+            out["tracking"] = self.tracking.status()
         if self.scheduler is not None:
             out["worst_us"] = {d.name: d.worst_us for d in self.scheduler.duties}
             errors = {d.name: d.last_error for d in self.scheduler.duties if d.errors}
             if errors:
                 out["duty_errors"] = errors
         return out
+
+
+def _tracker_from(section):
+    """A Tracker from a configuration's "tracking" section: {"parameters": {...},
+    "predictions": [[x, y, vx, vy, ax, ay, pa_x, pa_y], ...]} (docs/tracking.md).
+    Raises ValueError (tracking.ConfigError) naming the field. Imported only when a pass
+    tracks: the loop's code costs RAM on the unix target."""
+    from payload import tracking
+
+    if not isinstance(section, dict) or "predictions" not in section:
+        raise tracking.ConfigError("tracking: need an object with 'predictions'")
+    try:
+        tracker = tracking.Tracker(section.get("parameters") or {})
+        tracker.load_predictions(section["predictions"])
+    except TypeError as error:  # a non-numeric value where a number belongs
+        raise tracking.ConfigError("tracking: %s" % error) from None
+    return tracker

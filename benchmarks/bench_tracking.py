@@ -1,0 +1,226 @@
+"""Tracking loop benchmark (make bench): loop-step cost on both targets, the loop rate it
+allows, and the closed-loop figures over several seeds (docs/tracking.md "Figures").
+
+    .venv/bin/python -m pytest -q benchmarks/bench_tracking.py -s
+
+Step cost is printed as a ratio against a baseline measured in the same run and process:
+a method that calls an empty viper function with the same three array arguments, the
+call overhead a timer interrupt would pay anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy.signal import welch
+
+from emulator.optical_plant import PlantParams
+from emulator.targets import (
+    CONTROLLER_HEAP_BYTES,
+    FIRMWARE_DIR,
+    MICROPYTHON_BIN,
+    REPO_ROOT,
+    QemuTarget,
+)
+from emulator.tracking_lockstep import run_lockstep
+from host.deploy.raw_repl import RawRepl
+
+OUT_DIR = REPO_ROOT / "build" / "bench"
+STEPS = 4000
+QEMU_ICOUNT_SHIFT = 0  # 1 ns of virtual time per instruction: ticks_us * 1000 = instructions
+MCU_HZ = 25_000_000
+
+# Runs on the target: time STEPS loop steps in FINE with a lit, slightly offset beacon,
+# and as many calls of an empty viper function with the same arguments (baseline).
+STEP_COST_PROGRAM = f"""
+import micropython, array
+import board
+from payload import tracking
+t = tracking.Tracker()
+t.load_predictions([[i * 15000000, 0, 15000, 0, 0, 0, -50000, 0] for i in range(8)])
+io = t.io
+def feed(q, cam):
+    io[0] = q[0]; io[1] = q[1]; io[2] = q[2]; io[3] = q[3]
+    io[4] = 1; io[5] = 0; io[6] = 0; io[7] = cam
+t.start()
+for _ in range(3):
+    feed((25, 25, 25, 25), 0); t.step()
+for _ in range(20):
+    feed((2400, 2600, 2450, 2550), 5000); t.step()
+assert t.state == tracking.FINE, t.state
+@micropython.viper
+def empty(a: ptr32, b: ptr32, c: ptr16) -> int:
+    return 0
+clock = board.clock.ticks_us
+class Baseline:  # the same call shape as Tracker.step(): method, attributes, 3 arrays
+    def __init__(self, t):
+        self.words = t.words
+        self.table = t.table
+        self._sin = t._sin
+    def step(self):
+        return empty(self.words, self.table, self._sin)
+base = Baseline(t)
+feed((2400, 2600, 2450, 2550), 5000)
+t0 = clock()
+for _ in range({STEPS}):
+    t.step()
+t1 = clock()
+for _ in range({STEPS}):
+    base.step()
+t2 = clock()
+print("@@cost", t.state, (t1 - t0) & 0x3FFFFFFF, (t2 - t1) & 0x3FFFFFFF)
+"""
+
+
+def _parse_cost(output: str) -> tuple[int, int, int]:
+    for line in output.splitlines():
+        if line.startswith("@@cost"):
+            state, step_us, base_us = (int(v) for v in line.split()[1:])
+            return state, step_us, base_us
+    raise AssertionError(f"no cost line in output:\n{output[-2000:]}")
+
+
+def _cost_on_unix() -> tuple[int, int, int]:
+    with tempfile.TemporaryDirectory() as workdir:
+        script = Path(workdir) / "cost.py"
+        script.write_text(STEP_COST_PROGRAM)
+        env = dict(os.environ)
+        env["MICROPYPATH"] = os.pathsep.join(
+            [str(FIRMWARE_DIR), str(FIRMWARE_DIR / "boards" / "unix"), ".frozen"]
+        )
+        proc = subprocess.run(
+            [str(MICROPYTHON_BIN), "-X", f"heapsize={CONTROLLER_HEAP_BYTES}", str(script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+        )
+    assert proc.returncode == 0, proc.stderr
+    return _parse_cost(proc.stdout)
+
+
+def _cost_on_qemu() -> tuple[int, int, int]:
+    with QemuTarget(boot="maintenance", icount_shift=QEMU_ICOUNT_SHIFT) as target:
+        with RawRepl(target.ground_port, timeout_s=30.0) as repl:
+            return _parse_cost(repl.exec(STEP_COST_PROGRAM, timeout_s=300))
+
+
+def test_loop_step_cost_and_achievable_rate():
+    state, step_us, base_us = _cost_on_unix()
+    per_step_us = step_us / STEPS
+    print(f"\n[tracking] loop step on unix (x86-64, viper): {per_step_us:.2f} us/step in FINE; ")
+    print(
+        f"[tracking]   baseline empty viper call {base_us / STEPS:.2f} us; ratio "
+        f"{step_us / max(base_us, 1):.1f}x; achievable rate {1e6 / per_step_us:,.0f} Hz"
+    )
+    state_q, step_vus, base_vus = _cost_on_qemu()
+    ns_per_instr = 2**QEMU_ICOUNT_SHIFT
+    instr = step_vus * 1000 / ns_per_instr / STEPS
+    base_instr = base_vus * 1000 / ns_per_instr / STEPS
+    # Instruction count, not cycles: a Cortex-M3 runs about one instruction per cycle
+    # (loads/branches take 2), so the rate at 25 MHz is an upper bound within ~1.5x.
+    rate_hz = MCU_HZ / instr
+    print(
+        f"[tracking] loop step on QEMU Cortex-M3 (-icount shift={QEMU_ICOUNT_SHIFT}): "
+        f"{instr:,.0f} instructions/step (baseline call {base_instr:,.0f}, ratio "
+        f"{instr / max(base_instr, 1):.1f}x)"
+    )
+    print(
+        f"[tracking]   at 25 MHz: {instr / 25:.0f} us/step, loop rate <= {rate_hz:,.0f} Hz "
+        f"(2 kHz loop uses {100 * 2000 / rate_hz:.0f}% of the CPU)"
+    )
+    assert state == state_q == 4
+
+
+def _band_rms(f, psd, lo, hi):
+    sel = (f >= lo) & (f < hi)
+    return math.sqrt(float(np.sum(psd[sel]) * (f[1] - f[0])))
+
+
+def test_closed_loop_figures_over_seeds():
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2024)
+    rows = []
+    spectra = []
+    for seed in range(1, 6):
+        # Beacon anywhere in the 5 mrad cone (uniform over the disc), seeded.
+        radius = 5000.0 * math.sqrt(rng.uniform(0.05, 1.0))
+        angle = rng.uniform(0, 2 * math.pi)
+        initial = (radius * math.cos(angle), radius * math.sin(angle))
+        params = PlantParams(seed=seed, initial_error_urad=initial)
+        result = run_lockstep(params, duration_s=10.0)
+        acquired = result.first_entry_s("FINE")
+        rms_x, rms_y, n = result.fine_rms_urad(settle_s=0.5)
+        rows.append((seed, radius, acquired, rms_x, rms_y, n))
+        if seed == 1:
+            result.write_pointing_log(OUT_DIR / "pointing_seed1.qrec")
+        fine = result.states_per_step() == 4
+        ex, ey = result.error_urad()
+        start = np.flatnonzero(fine)[0] + int(0.5 * params.loop_rate_hz) if fine.any() else 0
+        if fine[start:].all() and len(ex) - start > 4096:
+            f, px = welch(ex[start:], fs=params.loop_rate_hz, nperseg=4096)
+            _, py = welch(ey[start:], fs=params.loop_rate_hz, nperseg=4096)
+            vib_f, pv = welch(
+                result.plant.vib_x[start : result.steps] * 1e6,
+                fs=params.loop_rate_hz,
+                nperseg=4096,
+            )
+            spectra.append((f, px, py, pv))
+    print("\n[tracking] closed loop, real firmware on unix, 2 kHz, default disturbance")
+    print("[tracking]  seed  offset(urad)  acquisition(s)  fine RMS x / y (urad)  samples")
+    for seed, radius, acquired, rms_x, rms_y, n in rows:
+        acq = f"{acquired:6.2f}" if acquired is not None else "  none"
+        print(
+            f"[tracking]  {seed:4d}  {radius:12.0f}  {acq:>14}  {rms_x:9.3f} / {rms_y:5.3f}  {n}"
+        )
+    acq_times = [r[2] for r in rows if r[2] is not None]
+    rms_all = [max(r[3], r[4]) for r in rows]
+    print(
+        f"[tracking]  acquisition mean {np.mean(acq_times):.2f} s, max {np.max(acq_times):.2f} s "
+        f"(target <= 10 s); worst-axis RMS mean {np.mean(rms_all):.3f}, max "
+        f"{np.max(rms_all):.3f} urad (target <= 0.5, Micius 0.47)"
+    )
+    if spectra:
+        f, px, py, pv = (np.mean([s[i] for s in spectra], axis=0) for i in range(4))
+        print("[tracking]  residual spectrum (band RMS, urad): band      x      y   vibration")
+        for lo, hi in ((0, 1), (1, 5), (5, 10), (10, 30), (30, 100), (100, 1000)):
+            print(
+                f"[tracking]  {lo:>5}-{hi:<5} Hz  {_band_rms(f, px, lo, hi):6.3f} "
+                f"{_band_rms(f, py, lo, hi):6.3f}   {_band_rms(f, pv, lo, hi):7.3f}"
+            )
+        np.savetxt(
+            OUT_DIR / "tracking_residual_psd.csv",
+            np.c_[f, px, py, pv],
+            delimiter=",",
+            header="freq_hz,psd_x_urad2_per_hz,psd_y_urad2_per_hz,vibration_psd_urad2_per_hz",
+        )
+        _plot(f, px, py, pv, OUT_DIR / "tracking_residual_psd.png")
+        print(f"[tracking]  spectrum: {OUT_DIR / 'tracking_residual_psd.png'} (and .csv)")
+    assert len(acq_times) == len(rows)
+
+
+def _plot(f, px, py, pv, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.loglog(f[1:], pv[1:], label="micro-vibration (open loop)", color="0.6")
+    ax.loglog(f[1:], px[1:], label="fine residual x")
+    ax.loglog(f[1:], py[1:], label="fine residual y")
+    ax.set_xlabel("frequency (Hz)")
+    ax.set_ylabel("PSD (urad$^2$/Hz)")
+    ax.set_title("Downlink pointing error in FINE, 2 kHz loop, mean of seeds")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,338 @@
+"""Emulated optical plant for the tracking loop: what the firmware's sensors see and what
+its actuators do, stepped in lockstep with the firmware (docs/tracking.md).
+
+Geometry (small-angle tracking frame, flat-Earth pass): the satellite flies a straight
+line at `altitude_km` with ground speed `speed_km_s`; the station sits `cross_track_km`
+off the ground track; `t = 0` of a scenario is `time_from_culmination_s` before or after
+the closest approach. The line of sight (LOS) to the station, seen from the satellite, has
+two angles: x along track, y across track. At 500 km overhead the LOS turns at
+v/h = 15.2 mrad/s, the issue's "up to ~15 mrad/s".
+
+Chain, per axis (all angles in radians internally, nanoradians at the sensor/actuator
+interface, as the firmware uses):
+
+    beacon direction  los(t) + vibration(t)
+    coarse axis       c(t): rate command, rate and acceleration limits (gimbal or body)
+    fast-steering mirror f(t): second-order (natural frequency, damping), range limits,
+                      exact zero-order-hold discretisation
+    pointing error    e = los + vib - c - f   (seen by the quadrant detector)
+    acquisition camera sees los + vib - c inside its field (no FSM in its path)
+
+Quadrant detector: Gaussian spot of 1/e^2 radius `qpd_spot_radius_urad` (angle units),
+per-axis fraction on the positive half (1 + erf(sqrt(2) x / w)) / 2, so
+X = ((B+D)-(A+C))/S = erf(sqrt(2) x / w) as in REFERENCES.md. Signal photo-electrons
+scale as (range_ref / range)^2, plus background per quadrant; shot noise (Gaussian
+approximation of Poisson, exact enough above ~20 e-), 16-bit ADC clipping.
+
+Micro-vibration: stationary Gaussian noise, PSD ~ 1/f between 0.2 and 30 Hz with a
+4th-order roll-off above 30 Hz, plus three tones (flywheel-like), normalised to
+`vibration_rms_urad` per axis (9.3 urad default, Micius). Independent per axis.
+
+Everything random comes from one numpy Generator seeded by `seed` and drawn up front, so a
+scenario is bit-for-bit reproducible whatever the firmware does.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from scipy.linalg import expm
+from scipy.special import erf
+
+C_M_S = 299_792_458.0
+NRAD = 1e-9
+URAD = 1e-6
+MRAD = 1e-3
+
+# Payload-bus bodies of the lockstep exchange (docs/tracking.md "Lockstep link").
+# Firmware -> plant: 'S' start (no command applied) or 'C' command for one step.
+COMMAND_FORMAT = (
+    "<cIiiiiiiBB"  # tag, step, fsm x/y nrad, coarse rate x/y urad/s, pa x/y, state, flags
+)
+COMMAND_BYTES = struct.calcsize(COMMAND_FORMAT)
+# Plant -> firmware: 'M' measurement at the start of a step.
+MEASUREMENT_FORMAT = "<cIHHHHBiiiii"  # tag, step, A,B,C,D, cam_new, cam x/y, cam signal, enc x/y
+MEASUREMENT_BYTES = struct.calcsize(MEASUREMENT_FORMAT)
+
+
+@dataclass(frozen=True)
+class PassGeometry:
+    altitude_km: float = 500.0
+    speed_km_s: float = 7.6
+    cross_track_km: float = 0.0
+    time_from_culmination_s: float = -10.0  # scenario t=0 this long before culmination
+
+    def los_rad(self, t_s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Along-track and cross-track LOS angles (rad) and range (km) at scenario time."""
+        along_km = -self.speed_km_s * (t_s + self.time_from_culmination_s)
+        h = self.altitude_km
+        x = np.arctan2(along_km, h)
+        y = np.arctan2(self.cross_track_km, np.hypot(h, along_km))
+        range_km = np.sqrt(h * h + along_km**2 + self.cross_track_km**2)
+        return x, y, range_km
+
+    def point_ahead_rad(self, t_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """2 v_perp / c along the LOS motion (REFERENCES.md: up to ~51 urad at 500 km)."""
+        x, _, range_km = self.los_rad(t_s)
+        v_perp = self.speed_km_s * 1e3 * np.cos(x)  # velocity component across the LOS
+        pa = 2.0 * v_perp / C_M_S
+        return -pa * np.ones_like(t_s), np.zeros_like(t_s)
+
+
+@dataclass(frozen=True)
+class PlantParams:
+    loop_rate_hz: int = 2000
+    seed: int = 1
+    geometry: PassGeometry = field(default_factory=PassGeometry)
+    # What the firmware does not know: where the beacon really is against the prediction.
+    initial_error_urad: tuple[float, float] = (3500.0, -3000.0)  # |.| = 4.6 mrad in 5 mrad
+    prediction_timing_error_s: float = 0.05
+    # Coarse axis (gimbal or body): rate command, limits
+    coarse_rate_max_urad_s: float = 50_000.0
+    coarse_accel_max_urad_s2: float = 200_000.0
+    # Fast-steering mirror
+    fsm_natural_hz: float = 2000.0
+    fsm_damping: float = 0.7
+    fsm_range_urad: float = 1000.0
+    # Quadrant detector
+    qpd_spot_radius_urad: float = 25.0
+    qpd_field_urad: float = 150.0  # field stop: no beacon light beyond this error
+    qpd_signal_e_per_ms: float = 20000.0  # photo-electrons per ms at range_ref_km
+    qpd_background_e_per_ms: float = 50.0  # per quadrant
+    qpd_read_noise_e: float = 5.0
+    range_ref_km: float = 500.0
+    # Acquisition camera (wide field, slower)
+    camera_rate_hz: int = 100
+    camera_field_urad: float = 1000.0  # half width of the square field
+    camera_signal_counts: float = 4000.0
+    camera_background_counts: float = 60.0
+    camera_centroid_noise_urad: float = 2.0
+    # Micro-vibration
+    vibration_rms_urad: float = 9.3
+    vibration_tones_hz: tuple[float, ...] = (2.7, 7.1, 17.3)
+    # Beacon outages: list of (start_s, duration_s); duration inf = never returns
+    dropouts: tuple[tuple[float, float], ...] = ()
+
+    def with_(self, **changes) -> PlantParams:
+        return replace(self, **changes)
+
+
+def vibration_series(
+    rng: np.random.Generator, n: int, rate_hz: float, rms_urad: float, tones_hz
+) -> np.ndarray:
+    """n samples of one axis of micro-vibration (rad): shaped noise + tones, given RMS."""
+    nfft = 1 << max(10, int(math.ceil(math.log2(n + 1))))
+    freqs = np.fft.rfftfreq(nfft, 1.0 / rate_hz)
+    shape = np.zeros_like(freqs)
+    band = freqs >= 0.2
+    shape[band] = 1.0 / np.sqrt(freqs[band])  # amplitude ~ f^-1/2: PSD ~ 1/f
+    shape *= 1.0 / np.sqrt(1.0 + (freqs / 30.0) ** 8)  # 4th-order roll-off above 30 Hz
+    spectrum = shape * (rng.standard_normal(freqs.size) + 1j * rng.standard_normal(freqs.size))
+    noise = np.fft.irfft(spectrum, nfft)[:n]
+    noise /= np.std(noise)
+    t = np.arange(n) / rate_hz
+    tones = np.zeros(n)
+    for f in tones_hz:
+        tones += np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
+    if tones_hz:
+        tones /= np.std(tones)
+    # Half the power in the broadband part, half in the tones.
+    series = noise * math.sqrt(0.5) + tones * math.sqrt(0.5) if tones_hz else noise
+    series *= rms_urad * URAD / np.std(series)
+    return series
+
+
+def prediction_table(params: PlantParams, duration_s: float) -> list[list[int]]:
+    """The uplinked pass prediction, as the firmware stores it (docs/tracking.md).
+
+    One node per second: [x, y (nrad), vx, vy (nrad/ms), ax, ay (nrad/ms^2, Q16),
+    pa_x, pa_y (nrad)]. The prediction has a timing error (the orbit is known late or
+    early) and does not know the attitude bias `initial_error_urad`: that is the
+    uncertainty the scan must cover.
+    """
+    g = params.geometry
+    nodes = int(math.ceil(duration_s)) + 2
+    t = np.arange(nodes, dtype=float) + params.prediction_timing_error_s
+    eps = 1e-3
+    x, y, _ = g.los_rad(t)
+    xp, yp, _ = g.los_rad(t + eps)
+    xm, ym, _ = g.los_rad(t - eps)
+    vx, vy = (xp - xm) / (2 * eps), (yp - ym) / (2 * eps)  # rad/s
+    ax, ay = (xp - 2 * x + xm) / eps**2, (yp - 2 * y + ym) / eps**2  # rad/s^2
+    pax, pay = g.point_ahead_rad(t)
+    rows = []
+    for i in range(nodes):
+        rows.append(
+            [
+                round(x[i] / NRAD),
+                round(y[i] / NRAD),
+                round(vx[i] / NRAD / 1000.0),
+                round(vy[i] / NRAD / 1000.0),
+                round(ax[i] / NRAD / 1e6 * 65536),
+                round(ay[i] / NRAD / 1e6 * 65536),
+                round(pax[i] / NRAD),
+                round(pay[i] / NRAD),
+            ]
+        )
+    return rows
+
+
+class OpticalPlant:
+    """Steps the physical world one firmware loop period per command, deterministically.
+
+    `measure()` gives the sensor readings at the current time; `apply(command)` holds the
+    actuator commands for one period and advances time. `log` keeps the true pointing
+    error (downlink: tracking error plus point-ahead error) per step for analysis.
+    """
+
+    def __init__(self, params: PlantParams, duration_s: float):
+        self.p = params
+        self.dt = 1.0 / params.loop_rate_hz
+        self.steps = int(round(duration_s * params.loop_rate_hz))
+        n = self.steps + 2
+        rng = np.random.default_rng(params.seed)
+        self.t = np.arange(n) * self.dt
+        g = params.geometry
+        self.los_x, self.los_y, self.range_km = g.los_rad(self.t)
+        self.pa_x, self.pa_y = g.point_ahead_rad(self.t)
+        bias_x, bias_y = (v * URAD for v in params.initial_error_urad)
+        # The beacon's true direction differs from the prediction by the attitude bias
+        # and by the prediction's timing error; the prediction is what the firmware has.
+        self.los_x = self.los_x + bias_x
+        self.los_y = self.los_y + bias_y
+        self.vib_x = vibration_series(
+            rng, n, params.loop_rate_hz, params.vibration_rms_urad, params.vibration_tones_hz
+        )
+        self.vib_y = vibration_series(
+            rng, n, params.loop_rate_hz, params.vibration_rms_urad, params.vibration_tones_hz
+        )
+        self.qpd_noise = rng.standard_normal((n, 4))
+        self.cam_noise = rng.standard_normal((n, 3))
+        self.beacon_on = np.ones(n, dtype=bool)
+        for start_s, duration in params.dropouts:
+            end_s = start_s + duration
+            self.beacon_on &= ~((self.t >= start_s) & (self.t < end_s))
+        # Coarse axis state (rad, rad/s) starts where the prediction says at t=0, at rest.
+        pred0 = prediction_table(params, 1.0)[0]
+        self.coarse = np.array([pred0[0] * NRAD, pred0[1] * NRAD])
+        self.coarse_rate = np.zeros(2)
+        # FSM: x' = A x + B u per axis, state (angle, angular rate); exact ZOH step.
+        wn = 2 * math.pi * params.fsm_natural_hz
+        a = np.array([[0.0, 1.0], [-wn * wn, -2 * params.fsm_damping * wn]])
+        b = np.array([[0.0], [wn * wn]])
+        m = np.zeros((3, 3))
+        m[:2, :2], m[:2, 2:] = a * self.dt, b * self.dt
+        e = expm(m)
+        self.fsm_ad, self.fsm_bd = e[:2, :2], e[:2, 2]
+        self.fsm = np.zeros((2, 2))  # [axis][angle, rate]
+        self.k = 0
+        self.cam = (0, 0, 0)  # latest camera frame: centroid x, y (nrad), signal
+        self.err_x = np.zeros(n)
+        self.err_y = np.zeros(n)
+        self.downlink_x = np.zeros(n)
+        self.downlink_y = np.zeros(n)
+        self.states = np.zeros(n, dtype=np.int8)
+        self.fsm_cmd_log = np.zeros((n, 2))
+
+    # ------------------------------------------------------------------ sensors
+    def pointing_error_rad(self) -> tuple[float, float]:
+        k = self.k
+        ex = self.los_x[k] + self.vib_x[k] - self.coarse[0] - self.fsm[0, 0]
+        ey = self.los_y[k] + self.vib_y[k] - self.coarse[1] - self.fsm[1, 0]
+        return ex, ey
+
+    def measure(self) -> tuple:
+        """Sensor readings at the current step: QPD quadrants A,B,C,D (ADC counts),
+        camera (new-frame flag, centroid x/y nrad, signal counts), coarse encoder (nrad)."""
+        p, k = self.p, self.k
+        ex, ey = self.pointing_error_rad()
+        self.err_x[k], self.err_y[k] = ex, ey
+        signal = 0.0
+        if self.beacon_on[k]:
+            signal = p.qpd_signal_e_per_ms * (p.range_ref_km / self.range_km[k]) ** 2
+            signal *= 1000.0 / p.loop_rate_hz
+            if max(abs(ex), abs(ey)) > p.qpd_field_urad * URAD:
+                signal = 0.0
+        w = p.qpd_spot_radius_urad * URAD
+        fx = 0.5 * (1.0 + erf(math.sqrt(2.0) * ex / w))
+        fy = 0.5 * (1.0 + erf(math.sqrt(2.0) * ey / w))
+        # A: -x,+y  B: +x,+y  C: -x,-y  D: +x,-y  (X = ((B+D)-(A+C))/S, Y = ((A+B)-(C+D))/S)
+        means = (
+            signal * (1 - fx) * fy,
+            signal * fx * fy,
+            signal * (1 - fx) * (1 - fy),
+            signal * fx * (1 - fy),
+        )
+        quads = []
+        for i, mean in enumerate(means):
+            mean += p.qpd_background_e_per_ms * 1000.0 / p.loop_rate_hz
+            noisy = mean + math.sqrt(mean + p.qpd_read_noise_e**2) * self.qpd_noise[k, i]
+            quads.append(min(65535, max(0, int(round(noisy)))))
+        frame_steps = max(1, p.loop_rate_hz // p.camera_rate_hz)
+        cam_new = 1 if k % frame_steps == 0 else 0
+        if cam_new:
+            cx = self.los_x[k] + self.vib_x[k] - self.coarse[0]
+            cy = self.los_y[k] + self.vib_y[k] - self.coarse[1]
+            field_rad = p.camera_field_urad * URAD
+            sig = p.camera_background_counts
+            if self.beacon_on[k] and abs(cx) < field_rad and abs(cy) < field_rad:
+                sig += p.camera_signal_counts * (p.range_ref_km / self.range_km[k]) ** 2
+                nx = cx + p.camera_centroid_noise_urad * URAD * self.cam_noise[k, 0]
+                ny = cy + p.camera_centroid_noise_urad * URAD * self.cam_noise[k, 1]
+            else:  # no spot: the centroid of the background is noise around the centre
+                nx = field_rad * 0.3 * self.cam_noise[k, 0]
+                ny = field_rad * 0.3 * self.cam_noise[k, 1]
+            sig += math.sqrt(sig) * self.cam_noise[k, 2]
+            self.cam = (int(round(nx / NRAD)), int(round(ny / NRAD)), int(max(0.0, sig)))
+        cam_x, cam_y, cam_sig = self.cam
+        enc_x = int(round(self.coarse[0] / NRAD))
+        enc_y = int(round(self.coarse[1] / NRAD))
+        return (*quads, cam_new, cam_x, cam_y, cam_sig, enc_x, enc_y)
+
+    # ------------------------------------------------------------------ actuators
+    def apply(self, fsm_nrad, coarse_rate_urad_s, pa_nrad, state: int) -> None:
+        """Hold the commands for one loop period and advance time by one step."""
+        p, k, dt = self.p, self.k, self.dt
+        self.states[k] = state
+        self.fsm_cmd_log[k] = fsm_nrad
+        ex, ey = self.err_x[k], self.err_y[k]
+        # Downlink pointing error: the transmitter leads the beacon by the commanded point-
+        # ahead; whatever differs from the true point-ahead adds to the tracking error.
+        self.downlink_x[k] = ex + (pa_nrad[0] * NRAD - self.pa_x[k])
+        self.downlink_y[k] = ey + (pa_nrad[1] * NRAD - self.pa_y[k])
+        limit = p.fsm_range_urad * URAD
+        rate_max = p.coarse_rate_max_urad_s * URAD
+        accel_step = p.coarse_accel_max_urad_s2 * URAD * dt
+        for axis in range(2):
+            target = min(limit, max(-limit, fsm_nrad[axis] * NRAD))
+            state_vec = self.fsm_ad @ self.fsm[axis] + self.fsm_bd * target
+            state_vec[0] = min(limit, max(-limit, state_vec[0]))  # mechanical stops
+            self.fsm[axis] = state_vec
+            want = min(rate_max, max(-rate_max, coarse_rate_urad_s[axis] * URAD))
+            old = self.coarse_rate[axis]
+            new = old + min(accel_step, max(-accel_step, want - old))
+            self.coarse[axis] += 0.5 * (old + new) * dt
+            self.coarse_rate[axis] = new
+        self.k += 1
+
+    # ------------------------------------------------------------------ lockstep link
+    def on_bus_body(self, body: bytes) -> bytes:
+        """Payload-bus handler: a command body in, the next measurement body out."""
+        if body[:1] == b"S":
+            return self.measurement_body()
+        if body[:1] != b"C" or len(body) != COMMAND_BYTES:
+            raise ValueError(f"plant: unexpected bus body {body[:16]!r} ({len(body)} bytes)")
+        _, step, fx, fy, rx, ry, pax, pay, state, _flags = struct.unpack(COMMAND_FORMAT, body)
+        if step != self.k:
+            raise ValueError(f"plant: command for step {step} while at step {self.k}")
+        self.apply((fx, fy), (rx, ry), (pax, pay), state)
+        return self.measurement_body()
+
+    def measurement_body(self) -> bytes:
+        a, b, c, d, cam_new, cx, cy, cs, enc_x, enc_y = self.measure()
+        return struct.pack(
+            MEASUREMENT_FORMAT, b"M", self.k, a, b, c, d, cam_new, cx, cy, cs, enc_x, enc_y
+        )

@@ -1,0 +1,1087 @@
+# Beacon acquisition, pointing and tracking (docs/tracking.md).
+#
+# One step function, `Tracker.step()`, runs the whole loop for one sample: it reads the
+# sensor words in `tracker.io`, runs the state machine and the controllers, and leaves the
+# actuator commands in `tracker.io`. It is a viper kernel over preallocated int32 arrays:
+# integer arithmetic only (the Cortex-M3 has no FPU), no allocation (tested under
+# micropython.heap_lock()), so a hardware timer can call it on a board and the scheduler
+# (or the lockstep link to the emulated plant) calls it in emulation.
+#
+# States: IDLE -> OPEN_LOOP (pointing on the uplinked prediction, with point-ahead)
+#   -> SCAN (spiral over the uncertainty cone) -> COARSE (acquisition camera closes the
+#   coarse axis) -> FINE (quadrant detector closes the fast-steering mirror; its mean
+#   deflection is offloaded to the coarse axis) -> HOLD (beacon lost: the predictor
+#   carries the pointing) -> FINE again, or REACQ (small spiral around the last known
+#   direction) -> LOST (open loop on the prediction, camera still watched).
+# Every transition is decided on measured signal (QPD sum, camera signal) or on an
+# exhausted scan/hold budget, and is logged with its step and reason.
+#
+# Units: angles in nanoradians (int32), rates in nrad/ms (= urad/s), gains in fixed point
+# (Q12 or Q16, noted per field). All intermediate products are bounded below 2**31 so the
+# 64-bit unix build and the 32-bit MCU compute the same bits (docs/tracking.md).
+import array
+
+import micropython
+from micropython import const
+
+# ---------------------------------------------------------------- states and reasons
+IDLE = const(0)
+OPEN_LOOP = const(1)
+SCAN = const(2)
+COARSE = const(3)
+FINE = const(4)
+HOLD = const(5)
+REACQ = const(6)
+LOST = const(7)
+STATE_NAMES = ("IDLE", "OPEN_LOOP", "SCAN", "COARSE", "FINE", "HOLD", "REACQ", "LOST")
+
+R_COMMAND_START = const(1)
+R_COMMAND_STOP = const(2)
+R_ON_PREDICTION = const(3)  # coarse axis settled on the predicted direction
+R_CAMERA_SIGNAL = const(4)  # camera signal above threshold for N frames
+R_FINE_SIGNAL = const(5)  # QPD sum above threshold and camera error small for N samples
+R_SIGNAL_LOST = const(6)  # QPD sum below threshold for N samples
+R_SIGNAL_BACK = const(7)  # QPD sum back above threshold during HOLD
+R_HOLD_TIMEOUT = const(8)
+R_SCAN_EXHAUSTED = const(9)
+R_CAMERA_LOST = const(10)
+REASON_NAMES = (
+    "",
+    "command start",
+    "command stop",
+    "on prediction",
+    "camera signal",
+    "fine signal",
+    "signal lost",
+    "signal back",
+    "hold timeout",
+    "scan exhausted",
+    "camera lost",
+)
+
+# ---------------------------------------------------------------- io words (int32)
+IO_QA = const(0)  # quadrant A..D, ADC counts (A: -x+y, B: +x+y, C: -x-y, D: +x-y)
+IO_QB = const(1)
+IO_QC = const(2)
+IO_QD = const(3)
+IO_CAM_NEW = const(4)  # 1 when the camera delivered a new frame this step
+IO_CAM_X = const(5)  # camera centroid, nrad
+IO_CAM_Y = const(6)
+IO_CAM_SIGNAL = const(7)  # camera spot signal, counts
+IO_ENC_X = const(8)  # coarse axis position, nrad
+IO_ENC_Y = const(9)
+IO_FSM_X = const(10)  # out: mirror command, nrad
+IO_FSM_Y = const(11)
+IO_RATE_X = const(12)  # out: coarse axis rate command, nrad/ms (urad/s)
+IO_RATE_Y = const(13)
+IO_PA_X = const(14)  # out: point-ahead command, nrad
+IO_PA_Y = const(15)
+IO_STATE = const(16)  # out
+IO_ERR_X = const(17)  # out: measured fine error, nrad (0 without signal)
+IO_ERR_Y = const(18)
+IO_SIGNAL = const(19)  # out: QPD sum above background, counts
+IO_WORDS = const(20)
+
+# ---------------------------------------------------------------- config words (int32)
+_K_PERIOD_US = const(0)
+_K_KP = const(1)  # fine PID, Q12
+_K_KI = const(2)
+_K_KD = const(3)
+_K_FSM_LIMIT = const(4)  # nrad
+_K_QPD_GAIN = const(5)  # nrad per Q12 unit of normalised difference, Q8
+_K_QPD_BG = const(6)  # background per quadrant, counts
+_K_QPD_THR = const(7)  # counts above background
+_K_QPD_CONFIRM = const(8)  # samples
+_K_LOSS_SAMPLES = const(9)
+_K_CAM_THR = const(10)
+_K_CAM_CONFIRM = const(11)  # frames
+_K_CAM_LOSS = const(12)  # frames
+_K_KC = const(13)  # camera -> coarse rate, (nrad/ms) per nrad, Q16
+_K_KOL = const(14)  # open-loop position -> coarse rate, Q16
+_K_KO = const(15)  # mirror offload -> coarse rate, Q16
+_K_SETTLE = const(16)  # nrad
+_K_SCAN_RADIUS = const(17)  # nrad
+_K_SCAN_PITCH = const(18)  # nrad per turn
+_K_SCAN_K = const(19)  # phase speed constant: dphase(Q16 turns) = K // r
+_K_SCAN_RMIN = const(20)  # nrad
+_K_REACQ_RADIUS = const(21)
+_K_MAX_SCANS = const(22)
+_K_MAX_REACQ = const(23)
+_K_HOLD_STEPS = const(24)
+_K_ALPHA = const(25)  # predictor, Q16
+_K_BETA = const(26)  # Q16
+_K_RATE_LIMIT = const(27)  # nrad/ms
+_K_HANDOVER = const(28)  # camera error below which the QPD may take over, nrad
+_K_TELEM_DECIM = const(29)  # steps per telemetry sample
+_K_SPM = const(30)  # steps per ms, Q16 (per-step -> per-ms conversion)
+_K_KII = const(31)  # fine double-integral gain, Q12
+_K_WORDS = const(32)
+
+# ---------------------------------------------------------------- state words (int32)
+_S_STATE = const(0)
+_S_STEP = const(1)
+_S_T_US = const(2)
+_S_CMD = const(3)  # pending command: 1 start, 2 stop
+_S_IN_STATE = const(4)  # steps in the current state
+_S_QPD_RUN = const(5)
+_S_QPD_MISS = const(6)
+_S_CAM_RUN = const(7)
+_S_CAM_MISS = const(8)
+_S_IX = const(9)  # PID integrators, nrad Q8
+_S_IY = const(10)
+_S_EPX = const(11)  # previous error, nrad
+_S_EPY = const(12)
+_S_BX = const(13)  # predictor bias (LOS - prediction), nrad Q6
+_S_BY = const(14)
+_S_BDX = const(15)  # predictor bias rate, nrad/step Q16
+_S_BDY = const(16)
+_S_PHASE = const(17)  # spiral phase, turns Q16
+_S_SCANS = const(18)  # completed spirals in this scan/reacq
+_S_OFFX = const(19)  # spiral offset of the previous step, nrad
+_S_OFFY = const(20)
+_S_CRX = const(21)  # camera rate correction held between frames, nrad/ms
+_S_CRY = const(22)
+_S_TR_COUNT = const(23)  # transitions logged
+_S_TM_HEAD = const(24)  # telemetry samples written
+_S_TM_TAIL = const(25)  # telemetry samples drained
+_S_TM_LOST = const(26)  # telemetry samples dropped (ring full), never silent
+_S_JX = const(27)  # running sum of the fine error, nrad (feeds the second integrator)
+_S_JY = const(28)
+_S_I2X = const(29)  # second (double) integrator, nrad Q8
+_S_I2Y = const(30)
+_S_WORDS = const(32)
+
+# All int32 state lives in one array (fewer kernel arguments: each costs ~200 instructions
+# per call on the Cortex-M3): [state | config | io | nodes | transition ring | telemetry].
+_OFF_CFG = const(32)  # _S_WORDS
+_OFF_IO = const(64)  # _OFF_CFG + _K_WORDS
+_OFF_NODES = const(84)  # _OFF_IO + IO_WORDS
+_OFF_LOG = const(88)
+_OFF_TM = const(344)  # _OFF_LOG + 4 * _TR_SLOTS
+_ALL_WORDS = const(2136)  # _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS
+_TR_SLOTS = const(64)  # transition ring: step, from, to, reason
+TM_SAMPLE_WORDS = const(7)  # telemetry sample: step, state, signal, ex, ey, fsm x, fsm y
+_TM_SLOTS = const(256)
+_TABLE_WORDS = const(8)  # per prediction node: x, y, vx, vy, ax, ay, pa x, pa y
+_SIN_SIZE = const(1024)
+_SIN_BIAS = const(16384)  # sin table stored unsigned (Q14 + bias): same load on all targets
+_E_CLAMP = const(131072)  # 2**17 nrad: bound on fine errors so Q12 products fit int32
+_J_CLAMP = const(262144)  # 2**18 nrad: bound on the error sum (kii < 0.5 keeps kii*J < 2**30)
+
+# The actuator/sensor facts of the optical head (the plant's datasheet). Configurations
+# are validated against them.
+HARDWARE = {
+    "fsm_range_urad": 1000.0,
+    "coarse_rate_max_urad_s": 50000.0,
+    "coarse_accel_max_urad_s2": 200000.0,
+    "camera_field_urad": 1000.0,  # half width
+    "camera_rate_hz": 100,
+    "qpd_field_urad": 150.0,
+    "los_rate_max_urad_s": 15500.0,  # 500 km overhead pass, v/h
+}
+
+DEFAULTS = {
+    "loop_rate_hz": 2000,
+    "fine_kp": 0.1,
+    "fine_ki": 0.5,
+    "fine_kii": 0.2,
+    "fine_kd": 0.0,
+    "fsm_limit_urad": 900.0,
+    "qpd_spot_radius_urad": 25.0,
+    "qpd_background_counts": 25,
+    "qpd_threshold_counts": 2000,
+    "qpd_confirm_samples": 5,
+    "loss_samples": 3,
+    "camera_threshold_counts": 1000,
+    "camera_confirm_frames": 2,
+    "camera_loss_frames": 5,
+    "camera_gain_per_s": 15.0,
+    "open_loop_gain_per_s": 15.0,
+    "offload_gain_per_s": 5.0,
+    "settle_urad": 100.0,
+    "scan_radius_urad": 5000.0,
+    "scan_pitch_urad": 1500.0,
+    "scan_speed_urad_s": 10000.0,
+    "reacq_radius_urad": 1500.0,
+    "max_scans": 2,
+    "max_reacq_scans": 2,
+    "hold_ms": 1500,
+    "predictor_alpha": 0.01,
+    "predictor_beta": 0.00002,
+    "handover_urad": 60.0,
+    "telemetry_decimation": 10,
+    "stability_margin": 0.8,
+}
+
+
+class ConfigError(ValueError):
+    """A tracking configuration was refused; the message names the field and why."""
+
+
+def _poly_max_root_ok(coeffs, radius):
+    """True if every root of the polynomial (highest power first) lies strictly inside
+    |z| < radius: the Schur-Cohn test on the coefficients scaled to the unit circle."""
+    n = len(coeffs) - 1
+    a = [coeffs[i] * radius ** (n - i) for i in range(n + 1)]  # p(radius * w)
+    a = [c / a[0] for c in a]
+    while len(a) > 1:
+        last = a[-1]
+        if abs(last) >= 1.0:
+            return False
+        # reduced polynomial: (a(z) - last * reversed(a)(z)) / (1 - last^2), drop degree
+        rev = a[::-1]
+        a = [(a[i] - last * rev[i]) / (1.0 - last * last) for i in range(len(a) - 1)]
+    return True
+
+
+def _pole_radius(coeffs):
+    """Largest root modulus, by bisection on the Schur-Cohn test (good to 1e-4)."""
+    lo, hi = 0.0, 4.0
+    if not _poly_max_root_ok(coeffs, hi):
+        return hi
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if _poly_max_root_ok(coeffs, mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _poly_mul(a, b):
+    out = [0.0] * (len(a) + len(b) - 1)
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            out[i + j] += x * y
+    return out
+
+
+def _poly_add(a, b):
+    n = max(len(a), len(b))
+    a = a + [0.0] * (n - len(a))
+    b = b + [0.0] * (n - len(b))
+    return [a[i] + b[i] for i in range(n)]
+
+
+def fine_loop_polynomial(kp, ki, kii, kd):
+    """Closed-loop characteristic polynomial (in z, highest power first) of the fine loop:
+    u = kp e + ki sum(e) + kii sum(sum(e)) + kd diff(e), the mirror following its command
+    within one period (plant z^-1). With q = z^-1 and D = 1 - q:
+        D^2 + q (kp D^2 + ki D + kii + kd D^3) = 0."""
+    d = [1.0, -1.0]
+    d2 = _poly_mul(d, d)
+    inner = _poly_add(_poly_add([kp * c for c in d2], [ki * c for c in d]), [kii])
+    inner = _poly_add(inner, [kd * c for c in _poly_mul(d2, d)])
+    if kii == 0.0:  # no second integrator: divide the common factor D out
+        inner = _poly_add(_poly_add([kp * c for c in d], [ki]), [kd * c for c in d2])
+        d2 = d
+    in_q = _poly_add(d2, [0.0] + inner)  # ascending powers of q
+    while len(in_q) > 1 and in_q[-1] == 0.0:
+        in_q.pop()
+    return in_q  # ascending in q == descending in z for z^n P(1/z)
+
+
+def validate(config, hardware=None):
+    """Check a complete configuration; return the integer config words (array 'i').
+
+    Raises ConfigError naming the first field that would make the loop unstable, exceed
+    an actuator or sensor limit, or not fit the fixed-point arithmetic."""
+    hw = HARDWARE if hardware is None else hardware
+    c = config
+    for name in DEFAULTS:
+        if name not in c:
+            raise ConfigError("%s: missing" % name)
+    for name in c:
+        if name not in DEFAULTS:
+            raise ConfigError("%s: unknown tracking parameter" % name)
+
+    def need(ok, name, why):
+        if not ok:
+            raise ConfigError("%s=%r: %s" % (name, c[name], why))
+
+    rate = c["loop_rate_hz"]
+    need(rate in (500, 1000, 2000, 4000), "loop_rate_hz", "must be 500, 1000, 2000 or 4000")
+    period_us = 1000000 // rate
+    kp, ki, kii, kd = c["fine_kp"], c["fine_ki"], c["fine_kii"], c["fine_kd"]
+    for name in ("fine_kp", "fine_ki", "fine_kd"):
+        need(0.0 <= c[name] < 2.0, name, "gain outside [0, 2): does not fit Q12 fixed point")
+    need(0.0 <= kii < 0.5, "fine_kii", "gain outside [0, 0.5): does not fit Q12 fixed point")
+    need(ki > 0.0, "fine_ki", "the fine loop needs integral action (type 1) to null bias")
+    margin = c["stability_margin"]
+    need(0.5 <= margin < 1.0, "stability_margin", "must be in [0.5, 1)")
+    radius = _pole_radius(fine_loop_polynomial(kp, ki, kii, kd))
+    if radius >= margin:
+        raise ConfigError(
+            "fine_kp=%r fine_ki=%r fine_kii=%r fine_kd=%r: fine loop %s (closed-loop pole"
+            " radius %.3f, margin requires < %.2f)"
+            % (kp, ki, kii, kd, "unstable" if radius >= 1.0 else "too close to instability",
+               radius, margin)
+        )  # fmt: skip
+    # The QPD's slope (urad per unit of X) depends on the spot size, known to maybe +-50%
+    # (focus, temperature, atmosphere): the loop must stay stable over that range.
+    for gain in (0.5, 1.5):
+        off = _pole_radius(fine_loop_polynomial(kp * gain, ki * gain, kii * gain, kd * gain))
+        if off >= 1.0:
+            raise ConfigError(
+                "fine_kp=%r fine_ki=%r fine_kii=%r fine_kd=%r: fine loop unstable if the QPD"
+                " gain is %.1fx the nominal (spot size error; pole radius %.3f)"
+                % (kp, ki, kii, kd, gain, off)
+            )
+    need(
+        0.0 < c["fsm_limit_urad"] <= hw["fsm_range_urad"],
+        "fsm_limit_urad",
+        "exceeds the mirror's range of %r urad" % hw["fsm_range_urad"],
+    )
+    need(
+        5.0 <= c["qpd_spot_radius_urad"] <= hw["qpd_field_urad"],
+        "qpd_spot_radius_urad",
+        "must be between 5 urad and the QPD field",
+    )
+    need(c["qpd_threshold_counts"] > 0, "qpd_threshold_counts", "must be positive")
+    need(c["camera_threshold_counts"] > 0, "camera_threshold_counts", "must be positive")
+    for name in ("qpd_confirm_samples", "loss_samples", "camera_confirm_frames",
+                 "camera_loss_frames", "max_scans", "max_reacq_scans",
+                 "telemetry_decimation"):  # fmt: skip
+        need(1 <= c[name] <= 10000, name, "must be an integer in 1..10000")
+    frame_s = 1.0 / hw["camera_rate_hz"]
+    kc = c["camera_gain_per_s"]
+    # Camera loop: one frame of latency, x[n+1] = x[n] - kc T x[n-1]; poles of
+    # z^2 - z + kc T must stay within radius 0.9 (a slow loop: a fixed margin suffices).
+    need(kc > 0.0, "camera_gain_per_s", "must be positive")
+    cam_radius = _pole_radius([1.0, -1.0, kc * frame_s])
+    need(
+        cam_radius < 0.9,
+        "camera_gain_per_s",
+        "camera loop unstable or under-damped at %r frames/s (pole radius %.3f)"
+        % (hw["camera_rate_hz"], cam_radius),
+    )
+    fine_bw_hz = ki * rate / 6.283
+    ko = c["offload_gain_per_s"]
+    need(
+        0.0 < ko / 6.283 <= fine_bw_hz / 10.0,
+        "offload_gain_per_s",
+        "offload bandwidth must be positive and at most a tenth of the fine loop's"
+        " (%.1f Hz)" % fine_bw_hz,
+    )
+    need(ko <= 15.0, "offload_gain_per_s", "above 15/s: does not fit the Q16 fixed point")
+    need(0.0 < c["open_loop_gain_per_s"] <= 50.0, "open_loop_gain_per_s", "must be in (0, 50]")
+    need(
+        0.0 < c["settle_urad"] < c["scan_pitch_urad"],
+        "settle_urad",
+        "must be below the scan pitch",
+    )
+    pitch = c["scan_pitch_urad"]
+    need(
+        0.0 < pitch <= 1.8 * hw["camera_field_urad"],
+        "scan_pitch_urad",
+        "must be below 90%% of the camera field (%r urad): the spiral would leave gaps"
+        % (2 * hw["camera_field_urad"]),
+    )
+    for name in ("scan_radius_urad", "reacq_radius_urad"):
+        need(pitch <= c[name] <= 20000.0, name, "must be between the scan pitch and 20 mrad")
+    speed = c["scan_speed_urad_s"]
+    need(speed > 0.0, "scan_speed_urad_s", "must be positive")
+    need(
+        speed + hw["los_rate_max_urad_s"] <= hw["coarse_rate_max_urad_s"],
+        "scan_speed_urad_s",
+        "scan plus line-of-sight rate (%r urad/s) exceed the coarse axis rate limit %r urad/s"
+        % (hw["los_rate_max_urad_s"], hw["coarse_rate_max_urad_s"]),
+    )
+    r_min = pitch / 2.0
+    need(
+        speed * speed / r_min <= 0.8 * hw["coarse_accel_max_urad_s2"],
+        "scan_speed_urad_s",
+        "spiral needs %.0f urad/s^2 at its centre, above 80%% of the coarse axis limit %r"
+        % (speed * speed / r_min, hw["coarse_accel_max_urad_s2"]),
+    )
+    need(speed * frame_s <= 0.5 * hw["camera_field_urad"], "scan_speed_urad_s",
+         "the spot would cross more than half the camera field in one frame")  # fmt: skip
+    alpha, beta = c["predictor_alpha"], c["predictor_beta"]
+    need(0.0 < alpha < 1.0, "predictor_alpha", "must be in (0, 1)")
+    need(
+        1.0 / 65536 <= beta < alpha * alpha / (2.0 - alpha) * 4.0,
+        "predictor_beta",
+        "alpha-beta filter needs 2**-16 <= beta < 4 alpha^2/(2-alpha) (stable, not ringing)",
+    )
+    need(0 <= c["hold_ms"] <= 60000, "hold_ms", "must be in 0..60000")
+    need(
+        0.0 < c["handover_urad"] < hw["qpd_field_urad"],
+        "handover_urad",
+        "must be inside the QPD field (%r urad)" % hw["qpd_field_urad"],
+    )
+    need(0 <= c["qpd_background_counts"] < 65536, "qpd_background_counts", "must be 0..65535")
+
+    words = array.array("i", bytes(4 * _K_WORDS))
+    words[_K_PERIOD_US] = period_us
+    words[_K_KP] = int(kp * 4096 + 0.5)
+    words[_K_KI] = int(ki * 4096 + 0.5)
+    words[_K_KD] = int(kd * 4096 + 0.5)
+    words[_K_KII] = int(kii * 4096 + 0.5)
+    words[_K_FSM_LIMIT] = int(c["fsm_limit_urad"] * 1000)
+    # Small-signal inverse of X = erf(sqrt(2) x / w): x = w/sqrt(2) * sqrt(pi)/2 * X (the
+    # cubic and quintic terms are applied in the kernel).
+    w_nrad = c["qpd_spot_radius_urad"] * 1000.0
+    words[_K_QPD_GAIN] = int(w_nrad / 1.41421356 * 0.88622693 / 4096 * 256 + 0.5)
+    words[_K_QPD_BG] = c["qpd_background_counts"]
+    words[_K_QPD_THR] = c["qpd_threshold_counts"]
+    words[_K_QPD_CONFIRM] = c["qpd_confirm_samples"]
+    words[_K_LOSS_SAMPLES] = c["loss_samples"]
+    words[_K_CAM_THR] = c["camera_threshold_counts"]
+    words[_K_CAM_CONFIRM] = c["camera_confirm_frames"]
+    words[_K_CAM_LOSS] = c["camera_loss_frames"]
+    words[_K_KC] = int(kc / 1000.0 * 65536 + 0.5)
+    words[_K_KOL] = int(c["open_loop_gain_per_s"] / 1000.0 * 65536 + 0.5)
+    words[_K_KO] = int(ko / 1000.0 * 65536 + 0.5)
+    words[_K_SETTLE] = int(c["settle_urad"] * 1000)
+    words[_K_SCAN_RADIUS] = int(c["scan_radius_urad"] * 1000)
+    words[_K_SCAN_PITCH] = int(pitch * 1000)
+    step_nrad = speed * period_us / 1000.0  # nrad per step along the spiral
+    words[_K_SCAN_K] = int(step_nrad * 65536 / 6.2831853 + 0.5)
+    words[_K_SCAN_RMIN] = int(r_min * 1000)
+    words[_K_REACQ_RADIUS] = int(c["reacq_radius_urad"] * 1000)
+    words[_K_MAX_SCANS] = c["max_scans"]
+    words[_K_MAX_REACQ] = c["max_reacq_scans"]
+    words[_K_HOLD_STEPS] = c["hold_ms"] * 1000 // period_us
+    words[_K_ALPHA] = int(alpha * 65536 + 0.5)
+    words[_K_BETA] = max(1, int(beta * 65536 + 0.5))
+    words[_K_RATE_LIMIT] = int(hw["coarse_rate_max_urad_s"])
+    words[_K_HANDOVER] = int(c["handover_urad"] * 1000)
+    words[_K_TELEM_DECIM] = c["telemetry_decimation"]
+    words[_K_SPM] = 65536 * 1000 // period_us
+    return words
+
+
+def _sin_table():
+    import math
+
+    table = array.array("H", bytes(2 * _SIN_SIZE))
+    for i in range(_SIN_SIZE):
+        table[i] = int(_SIN_BIAS + 16384 * math.sin(6.283185307179586 * i / _SIN_SIZE) + 0.5)
+    return table
+
+
+class Tracker:
+    """The tracking loop. Sensor words go in `io`, commands come out of `io`; `step()`
+    is allocation-free and may be called from a timer interrupt."""
+
+    def __init__(self, config=None, hardware=None):
+        self.hardware = dict(HARDWARE if hardware is None else hardware)
+        self.config = dict(DEFAULTS)
+        if config:
+            self.config.update(config)
+        self.words = array.array("i", bytes(4 * _ALL_WORDS))
+        view = memoryview(self.words)
+        self.st = view[:_S_WORDS]
+        self.cfg = view[_OFF_CFG : _OFF_CFG + _K_WORDS]
+        self.io = view[_OFF_IO : _OFF_IO + IO_WORDS]
+        self._nodes = view[_OFF_NODES : _OFF_NODES + 1]
+        self.transition_log = view[_OFF_LOG : _OFF_LOG + 4 * _TR_SLOTS]
+        self.telemetry = view[_OFF_TM : _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS]
+        self.cfg[:] = validate(self.config, self.hardware)
+        self.table = array.array("i", bytes(4 * _TABLE_WORDS * 2))
+        self._nodes[0] = 2
+        self._sin = _sin_table()
+
+    # -------------------------------------------------------------- telecommands
+    def configure(self, changes):
+        """Apply parameter changes atomically, or raise ConfigError and change nothing.
+
+        Refused while the loop is running: gains must not change under a closed loop."""
+        if self.st[_S_STATE] != IDLE:
+            raise ConfigError("configure: refused while tracking (state %s); stop first"
+                              % STATE_NAMES[self.st[_S_STATE]])  # fmt: skip
+        merged = dict(self.config)
+        merged.update(changes)
+        words = validate(merged, self.hardware)
+        self.config = merged
+        self.cfg[:] = words
+
+    def load_predictions(self, rows):
+        """Store the uplinked pass prediction: one row per second from loop time 0,
+        [x, y nrad, vx, vy nrad/ms, ax, ay nrad/ms^2 Q16, pa_x, pa_y nrad]."""
+        if self.st[_S_STATE] != IDLE:
+            raise ConfigError("load_predictions: refused while tracking; stop first")
+        if len(rows) < 2:
+            raise ConfigError("load_predictions: need at least 2 nodes, got %d" % len(rows))
+        table = array.array("i", bytes(4 * _TABLE_WORDS * len(rows)))
+        for i, row in enumerate(rows):
+            if len(row) != _TABLE_WORDS:
+                raise ConfigError("load_predictions: row %d has %d values, expected %d"
+                                  % (i, len(row), _TABLE_WORDS))  # fmt: skip
+            for j in range(_TABLE_WORDS):
+                value = row[j]
+                limit = 1 << 20 if j in (4, 5) else 1 << 30
+                if not -limit < value < limit:
+                    raise ConfigError("load_predictions: row %d value %d out of range"
+                                      % (i, j))  # fmt: skip
+                table[i * _TABLE_WORDS + j] = value
+        self.table = table
+        self._nodes[0] = len(rows)
+
+    def start(self):
+        self.st[_S_CMD] = 1
+
+    def idle(self):
+        """True in IDLE with no command pending: stepping would do nothing."""
+        return self.st[_S_STATE] == IDLE and self.st[_S_CMD] == 0
+
+    def stop(self):
+        self.st[_S_CMD] = 2
+
+    # -------------------------------------------------------------- the loop
+    def step(self):
+        """One loop sample: sensors in self.io -> commands in self.io; returns the state."""
+        return _step(self.words, self.table, self._sin)
+
+    # -------------------------------------------------------------- reading back (allocates)
+    @property
+    def state(self):
+        return self.st[_S_STATE]
+
+    @property
+    def step_count(self):
+        return self.st[_S_STEP]
+
+    def transitions(self):
+        """Logged transitions, oldest first: (step, from_state, to_state, reason)."""
+        count = self.st[_S_TR_COUNT]
+        first = max(0, count - _TR_SLOTS)
+        out = []
+        for n in range(first, count):
+            i = 4 * (n % _TR_SLOTS)
+            log = self.transition_log
+            out.append((log[i], log[i + 1], log[i + 2], log[i + 3]))
+        return out
+
+    def transition_count(self):
+        return self.st[_S_TR_COUNT]
+
+    def telemetry_pending(self):
+        return self.st[_S_TM_HEAD] - self.st[_S_TM_TAIL]
+
+    def telemetry_lost(self):
+        return self.st[_S_TM_LOST]
+
+    def drain_telemetry(self, out, max_samples):
+        """Copy up to max_samples pending samples into array 'i' out; return how many."""
+        count = min(max_samples, self.telemetry_pending())
+        tail = self.st[_S_TM_TAIL]
+        for n in range(count):
+            src = TM_SAMPLE_WORDS * ((tail + n) % _TM_SLOTS)
+            dst = TM_SAMPLE_WORDS * n
+            for j in range(TM_SAMPLE_WORDS):
+                out[dst + j] = self.telemetry[src + j]
+        self.st[_S_TM_TAIL] = tail + count
+        return count
+
+
+# ---------------------------------------------------------------- telemetry record
+# Record kind 4 (TRACKING) payloads, docs/formats.md and docs/tracking.md.
+RECORD_KIND_TRACKING = const(4)
+_SUB_SAMPLES = const(1)
+_SUB_TRANSITIONS = const(2)
+
+
+def pack_samples_into(out, samples, count, period_us, decimation):
+    """Write a TRACKING samples payload into `out`; returns its length in bytes."""
+    import struct
+
+    struct.pack_into("<BBHII", out, 0, 1, _SUB_SAMPLES, count, period_us, decimation)
+    for n in range(count):
+        i = TM_SAMPLE_WORDS * n
+        signal = samples[i + 2]
+        signal = 0 if signal < 0 else (65535 if signal > 65535 else signal)
+        struct.pack_into(
+            "<IBBHiiii",
+            out,
+            12 + 24 * n,
+            samples[i],
+            samples[i + 1],
+            0,
+            signal,
+            samples[i + 3],
+            samples[i + 4],
+            samples[i + 5],
+            samples[i + 6],
+        )
+    return 12 + 24 * count
+
+
+def pack_samples(samples, count, period_us, decimation):
+    """TRACKING payload with `count` telemetry samples (array 'i', 7 words each)."""
+    out = bytearray(12 + 24 * count)
+    pack_samples_into(out, samples, count, period_us, decimation)
+    return out
+
+
+def pack_transitions(transitions, period_us):
+    """TRACKING payload listing state transitions (step, from, to, reason)."""
+    import struct
+
+    out = bytearray(12 + 8 * len(transitions))
+    struct.pack_into("<BBHII", out, 0, 1, _SUB_TRANSITIONS, len(transitions), period_us, 0)
+    for n, (step, old, new, reason) in enumerate(transitions):
+        struct.pack_into("<IBBBB", out, 12 + 8 * n, step, old, new, reason, 0)
+    return out
+
+
+# ---------------------------------------------------------------- kernels
+@micropython.viper
+def _log_transition(st: ptr32, to: int, reason: int):
+    count = st[_S_TR_COUNT]
+    i = (count % _TR_SLOTS) * 4
+    st[_OFF_LOG + i] = st[_S_STEP]
+    st[_OFF_LOG + i + 1] = st[_S_STATE]
+    st[_OFF_LOG + i + 2] = to
+    st[_OFF_LOG + i + 3] = reason
+    st[_S_TR_COUNT] = count + 1
+    st[_S_STATE] = to
+    st[_S_IN_STATE] = 0
+    st[_S_PHASE] = 0
+    st[_S_SCANS] = 0
+
+
+@micropython.viper
+def _clamp(v: int, limit: int) -> int:
+    if v > limit:
+        return limit
+    if v < 0 - limit:
+        return 0 - limit
+    return v
+
+
+@micropython.viper
+def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
+    # ptr32 loads zero-extend on 64-bit builds: (v ^ m) - m restores the sign there and
+    # is the identity on 32-bit targets. Every signed word is loaded through it.
+    m = 1
+    m <<= 31
+    state = st[_S_STATE]
+    period = st[_OFF_CFG + _K_PERIOD_US]
+    step = st[_S_STEP] + 1
+    st[_S_STEP] = step
+    t_us = st[_S_T_US]
+    if state != IDLE:
+        t_us += period
+        st[_S_T_US] = t_us
+    in_state = st[_S_IN_STATE] + 1
+    st[_S_IN_STATE] = in_state
+
+    # -------- commands
+    cmd = st[_S_CMD]
+    st[_S_CMD] = 0
+    if cmd == 2 and state != IDLE:
+        _log_transition(st, IDLE, R_COMMAND_STOP)
+        state = IDLE
+    if cmd == 1 and state == IDLE:
+        st[_S_T_US] = 0
+        t_us = 0
+        st[_S_BX] = 0
+        st[_S_BY] = 0
+        st[_S_BDX] = 0
+        st[_S_BDY] = 0
+        _log_transition(st, OPEN_LOOP, R_COMMAND_START)
+        state = OPEN_LOOP
+
+    # -------- prediction at t_us: quadratic from the node at or before t
+    nodes = st[_OFF_NODES]
+    node = t_us // 1000000
+    if node > nodes - 2:
+        node = nodes - 2
+    t_ms = (t_us - node * 1000000) // 1000
+    row = node * _TABLE_WORDS
+    acc_ms = t_ms
+    if acc_ms > 2000:
+        acc_ms = 2000
+    ax = (table[row + 4] ^ m) - m
+    ay = (table[row + 5] ^ m) - m
+    vx = (table[row + 2] ^ m) - m
+    vy = (table[row + 3] ^ m) - m
+    pred_x = ((table[row] ^ m) - m) + vx * t_ms + ((((ax * acc_ms) >> 8) * acc_ms) >> 9)
+    pred_y = ((table[row + 1] ^ m) - m) + vy * t_ms + ((((ay * acc_ms) >> 8) * acc_ms) >> 9)
+    vff_x = vx + ((ax * acc_ms) >> 16)  # nrad/ms
+    vff_y = vy + ((ay * acc_ms) >> 16)
+    pa0 = (table[row + 6] ^ m) - m
+    pa_x = pa0 + ((((table[row + _TABLE_WORDS + 6] ^ m) - m - pa0) * t_ms * 65) >> 16)
+    pa0 = (table[row + 7] ^ m) - m
+    pa_y = pa0 + ((((table[row + _TABLE_WORDS + 7] ^ m) - m - pa0) * t_ms * 65) >> 16)
+
+    # -------- sensors
+    qa = st[_OFF_IO + IO_QA]
+    qb = st[_OFF_IO + IO_QB]
+    qc = st[_OFF_IO + IO_QC]
+    qd = st[_OFF_IO + IO_QD]
+    signal = qa + qb + qc + qd - 4 * st[_OFF_CFG + _K_QPD_BG]
+    fine_ok = signal >= st[_OFF_CFG + _K_QPD_THR]
+    ex = 0
+    ey = 0
+    if fine_ok:
+        gain = st[_OFF_CFG + _K_QPD_GAIN]
+        # X = ((B+D)-(A+C))/S, Y = ((A+B)-(C+D))/S (Q12, |diff| <= S < 2**18 so diff << 12
+        # fits), then x = w/sqrt(2) erfinv(X), erfinv(X) ~ sqrt(pi)/2 (X + pi/12 X^3 +
+        # 7 pi^2/480 X^5): the fifth-order inverse of X = erf(sqrt(2) x / w). Inlined for
+        # both axes: a viper call costs more than this arithmetic on the MCU.
+        dx = (qb + qd) - (qa + qc)
+        neg = dx < 0
+        if neg:
+            dx = 0 - dx
+        if dx > signal:
+            dx = signal
+        x = (dx << 12) // signal
+        x3 = ((x * x) >> 12) * x >> 12
+        x5 = ((x3 * x) >> 12) * x >> 12
+        ex = ((x + ((x3 * 1072) >> 12) + ((x5 * 590) >> 12)) * gain) >> 8
+        if neg:
+            ex = 0 - ex
+        dy = (qa + qb) - (qc + qd)
+        neg = dy < 0
+        if neg:
+            dy = 0 - dy
+        if dy > signal:
+            dy = signal
+        x = (dy << 12) // signal
+        x3 = ((x * x) >> 12) * x >> 12
+        x5 = ((x3 * x) >> 12) * x >> 12
+        ey = ((x + ((x3 * 1072) >> 12) + ((x5 * 590) >> 12)) * gain) >> 8
+        if neg:
+            ey = 0 - ey
+        if ex > _E_CLAMP:
+            ex = _E_CLAMP
+        elif ex < 0 - _E_CLAMP:
+            ex = 0 - _E_CLAMP
+        if ey > _E_CLAMP:
+            ey = _E_CLAMP
+        elif ey < 0 - _E_CLAMP:
+            ey = 0 - _E_CLAMP
+        st[_S_QPD_RUN] = st[_S_QPD_RUN] + 1
+        st[_S_QPD_MISS] = 0
+    else:
+        st[_S_QPD_MISS] = st[_S_QPD_MISS] + 1
+        st[_S_QPD_RUN] = 0
+    cam_new = st[_OFF_IO + IO_CAM_NEW]
+    cam_x = (st[_OFF_IO + IO_CAM_X] ^ m) - m
+    cam_y = (st[_OFF_IO + IO_CAM_Y] ^ m) - m
+    cam_ok = st[_OFF_IO + IO_CAM_SIGNAL] >= st[_OFF_CFG + _K_CAM_THR]
+    if cam_new:
+        if cam_ok:
+            st[_S_CAM_RUN] = st[_S_CAM_RUN] + 1
+            st[_S_CAM_MISS] = 0
+        else:
+            st[_S_CAM_MISS] = st[_S_CAM_MISS] + 1
+            st[_S_CAM_RUN] = 0
+    enc_x = (st[_OFF_IO + IO_ENC_X] ^ m) - m
+    enc_y = (st[_OFF_IO + IO_ENC_Y] ^ m) - m
+    fsm_prev_x = (
+        st[_OFF_IO + IO_FSM_X] ^ m
+    ) - m  # the command applied while this sample was taken
+    fsm_prev_y = (st[_OFF_IO + IO_FSM_Y] ^ m) - m
+    limit = st[_OFF_CFG + _K_FSM_LIMIT]
+    ilim = limit << 8  # integrator bound, Q8
+    bias_x = ((st[_S_BX] ^ m) - m) >> 6
+    bias_y = ((st[_S_BY] ^ m) - m) >> 6
+
+    # -------- transitions on measured signal
+    cam_seen = cam_new and st[_S_CAM_RUN] >= st[_OFF_CFG + _K_CAM_CONFIRM]
+    if state == OPEN_LOOP or state == SCAN or state == REACQ or state == LOST:
+        if cam_seen:
+            _log_transition(st, COARSE, R_CAMERA_SIGNAL)
+            state = COARSE
+            st[_S_CRX] = 0
+            st[_S_CRY] = 0
+    elif state == COARSE:
+        if (
+            st[_S_QPD_RUN] >= st[_OFF_CFG + _K_QPD_CONFIRM]
+            and int(_clamp(cam_x, st[_OFF_CFG + _K_HANDOVER])) == cam_x
+            and int(_clamp(cam_y, st[_OFF_CFG + _K_HANDOVER])) == cam_y
+        ):
+            _log_transition(st, FINE, R_FINE_SIGNAL)
+            state = FINE
+            st[_S_IX] = 0
+            st[_S_IY] = 0
+            st[_S_I2X] = 0
+            st[_S_I2Y] = 0
+            st[_S_JX] = 0
+            st[_S_JY] = 0
+            st[_S_EPX] = ex
+            st[_S_EPY] = ey
+            st[_S_BDX] = 0
+            st[_S_BDY] = 0
+        elif cam_new and st[_S_CAM_MISS] >= st[_OFF_CFG + _K_CAM_LOSS]:
+            _log_transition(st, REACQ, R_CAMERA_LOST)
+            state = REACQ
+    elif state == FINE:
+        if st[_S_QPD_MISS] >= st[_OFF_CFG + _K_LOSS_SAMPLES]:
+            _log_transition(st, HOLD, R_SIGNAL_LOST)
+            state = HOLD
+    elif state == HOLD:
+        if st[_S_QPD_RUN] >= st[_OFF_CFG + _K_QPD_CONFIRM]:
+            _log_transition(st, FINE, R_SIGNAL_BACK)
+            state = FINE
+            st[_S_EPX] = ex
+            st[_S_EPY] = ey
+        elif cam_seen:
+            _log_transition(st, COARSE, R_CAMERA_SIGNAL)
+            state = COARSE
+            st[_S_CRX] = 0
+            st[_S_CRY] = 0
+        elif st[_S_IN_STATE] >= st[_OFF_CFG + _K_HOLD_STEPS]:
+            _log_transition(st, REACQ, R_HOLD_TIMEOUT)
+            state = REACQ
+
+    # -------- controllers per state
+    fsm_x = 0
+    fsm_y = 0
+    rate_x = 0
+    rate_y = 0
+    spm = st[_OFF_CFG + _K_SPM]
+    if state == OPEN_LOOP or state == SCAN or state == REACQ or state == LOST:
+        off_x = 0
+        off_y = 0
+        if state == SCAN or state == REACQ:
+            radius_max = st[_OFF_CFG + _K_SCAN_RADIUS]
+            max_scans = st[_OFF_CFG + _K_MAX_SCANS]
+            if state == REACQ:
+                radius_max = st[_OFF_CFG + _K_REACQ_RADIUS]
+                max_scans = st[_OFF_CFG + _K_MAX_REACQ]
+            phase = st[_S_PHASE]
+            r = ((st[_OFF_CFG + _K_SCAN_PITCH] >> 4) * (phase >> 8)) >> 4
+            if r > radius_max:
+                phase = 0
+                r = 0
+                st[_S_SCANS] = st[_S_SCANS] + 1
+            r_div = r
+            if r_div < st[_OFF_CFG + _K_SCAN_RMIN]:
+                r_div = st[_OFF_CFG + _K_SCAN_RMIN]
+            st[_S_PHASE] = phase + st[_OFF_CFG + _K_SCAN_K] // r_div
+            idx = (phase >> 6) & (_SIN_SIZE - 1)
+            sin_q14 = int(sin[idx]) - _SIN_BIAS
+            cos_q14 = int(sin[(idx + (_SIN_SIZE >> 2)) & (_SIN_SIZE - 1)]) - _SIN_BIAS
+            off_x = ((r >> 7) * cos_q14) >> 7
+            off_y = ((r >> 7) * sin_q14) >> 7
+            if st[_S_SCANS] >= max_scans:
+                _log_transition(st, LOST, R_SCAN_EXHAUSTED)
+                state = LOST
+                off_x = 0
+                off_y = 0
+        # Position loop on the encoder toward prediction + learned bias + scan offset,
+        # with the prediction's rate and the spiral's rate fed forward.
+        dx = pred_x + bias_x + off_x - enc_x
+        dy = pred_y + bias_y + off_y - enc_y
+        last_x = (st[_S_OFFX] ^ m) - m
+        last_y = (st[_S_OFFY] ^ m) - m
+        if state != SCAN and state != REACQ or in_state <= 1:
+            last_x = off_x
+            last_y = off_y
+        st[_S_OFFX] = off_x
+        st[_S_OFFY] = off_y
+        kol = st[_OFF_CFG + _K_KOL]
+        rate_x = vff_x + ((int(_clamp(dx, 1 << 20)) * kol) >> 16)
+        rate_x += ((off_x - last_x) * spm) >> 16
+        rate_y = vff_y + ((int(_clamp(dy, 1 << 20)) * kol) >> 16)
+        rate_y += ((off_y - last_y) * spm) >> 16
+        if state == OPEN_LOOP:
+            settle = st[_OFF_CFG + _K_SETTLE]
+            if int(_clamp(dx, settle)) == dx and int(_clamp(dy, settle)) == dy:
+                _log_transition(st, SCAN, R_ON_PREDICTION)
+                state = SCAN
+                st[_S_OFFX] = 0
+                st[_S_OFFY] = 0
+    elif state == COARSE:
+        if cam_new and cam_ok:
+            kc = st[_OFF_CFG + _K_KC]
+            st[_S_CRX] = (int(_clamp(cam_x, 1 << 20)) * kc) >> 16
+            st[_S_CRY] = (int(_clamp(cam_y, 1 << 20)) * kc) >> 16
+            # The camera measures where the beacon is: learn the prediction's bias.
+            st[_S_BX] = (enc_x + cam_x - pred_x) << 6
+            st[_S_BY] = (enc_y + cam_y - pred_y) << 6
+        rate_x = vff_x + ((st[_S_CRX] ^ m) - m)
+        rate_y = vff_y + ((st[_S_CRY] ^ m) - m)
+    elif state == FINE or state == HOLD:
+        alpha = st[_OFF_CFG + _K_ALPHA]
+        beta = st[_OFF_CFG + _K_BETA]
+        bx = (st[_S_BX] ^ m) - m
+        by = (st[_S_BY] ^ m) - m
+        bdx = (st[_S_BDX] ^ m) - m
+        bdy = (st[_S_BDY] ^ m) - m
+        bx += bdx >> 10  # predictor: bias Q6 advances by its rate (Q16 nrad/step)
+        by += bdy >> 10
+        if state == FINE and fine_ok:
+            # Residual of the measured LOS (encoder + mirror + error) against the
+            # predicted one: alpha-beta update of the bias and its rate.
+            rx = enc_x + fsm_prev_x + ex - pred_x - (bx >> 6)
+            if rx > _E_CLAMP:
+                rx = _E_CLAMP
+            elif rx < 0 - _E_CLAMP:
+                rx = 0 - _E_CLAMP
+            ry = enc_y + fsm_prev_y + ey - pred_y - (by >> 6)
+            if ry > _E_CLAMP:
+                ry = _E_CLAMP
+            elif ry < 0 - _E_CLAMP:
+                ry = 0 - _E_CLAMP
+            bx += (alpha * rx) >> 10
+            by += (alpha * ry) >> 10
+            bdx = bdx + beta * rx
+            if bdx > (1 << 29):
+                bdx = 1 << 29
+            elif bdx < 0 - (1 << 29):
+                bdx = 0 - (1 << 29)
+            bdy = bdy + beta * ry
+            if bdy > (1 << 29):
+                bdy = 1 << 29
+            elif bdy < 0 - (1 << 29):
+                bdy = 0 - (1 << 29)
+            # PID plus a second integrator (type 2: rejects the coarse axis' ramp and
+            # low-frequency vibration as f^2), conditional integration as anti-windup.
+            kp = st[_OFF_CFG + _K_KP]
+            ki = st[_OFF_CFG + _K_KI]
+            kii = st[_OFF_CFG + _K_KII]
+            kd = st[_OFF_CFG + _K_KD]
+            ix = (st[_S_IX] ^ m) - m
+            iy = (st[_S_IY] ^ m) - m
+            i2x = (st[_S_I2X] ^ m) - m
+            i2y = (st[_S_I2Y] ^ m) - m
+            dex = ex - ((st[_S_EPX] ^ m) - m)
+            if dex > _E_CLAMP:
+                dex = _E_CLAMP
+            elif dex < 0 - _E_CLAMP:
+                dex = 0 - _E_CLAMP
+            dey = ey - ((st[_S_EPY] ^ m) - m)
+            if dey > _E_CLAMP:
+                dey = _E_CLAMP
+            elif dey < 0 - _E_CLAMP:
+                dey = 0 - _E_CLAMP
+            # Integrate first so u_k contains e_k in every term (the form the validator
+            # checks); keep the new integrator values only if the mirror is not driven
+            # further into its limit (conditional integration).
+            jx = ((st[_S_JX] ^ m) - m) + ex
+            if jx > _J_CLAMP:
+                jx = _J_CLAMP
+            elif jx < 0 - _J_CLAMP:
+                jx = 0 - _J_CLAMP
+            jy = ((st[_S_JY] ^ m) - m) + ey
+            if jy > _J_CLAMP:
+                jy = _J_CLAMP
+            elif jy < 0 - _J_CLAMP:
+                jy = 0 - _J_CLAMP
+            nix = ix + ((ki * ex) >> 4)
+            if nix > ilim:
+                nix = ilim
+            elif nix < 0 - ilim:
+                nix = 0 - ilim
+            niy = iy + ((ki * ey) >> 4)
+            if niy > ilim:
+                niy = ilim
+            elif niy < 0 - ilim:
+                niy = 0 - ilim
+            ni2x = i2x + ((kii * jx) >> 4)
+            if ni2x > ilim:
+                ni2x = ilim
+            elif ni2x < 0 - ilim:
+                ni2x = 0 - ilim
+            ni2y = i2y + ((kii * jy) >> 4)
+            if ni2y > ilim:
+                ni2y = ilim
+            elif ni2y < 0 - ilim:
+                ni2y = 0 - ilim
+            ux = ((kp * ex) >> 12) + (nix >> 8) + (ni2x >> 8) + ((kd * dex) >> 12)
+            uy = ((kp * ey) >> 12) + (niy >> 8) + (ni2y >> 8) + ((kd * dey) >> 12)
+            if (ux >= limit and ex > 0) or (ux <= 0 - limit and ex < 0):
+                ux = ((kp * ex) >> 12) + (ix >> 8) + (i2x >> 8) + ((kd * dex) >> 12)
+            else:
+                ix = nix
+                i2x = ni2x
+                st[_S_JX] = jx
+            if (uy >= limit and ey > 0) or (uy <= 0 - limit and ey < 0):
+                uy = ((kp * ey) >> 12) + (iy >> 8) + (i2y >> 8) + ((kd * dey) >> 12)
+            else:
+                iy = niy
+                i2y = ni2y
+                st[_S_JY] = jy
+            st[_S_IX] = ix
+            st[_S_IY] = iy
+            st[_S_I2X] = i2x
+            st[_S_I2Y] = i2y
+            st[_S_EPX] = ex
+            st[_S_EPY] = ey
+            fsm_x = ux
+            if fsm_x > limit:
+                fsm_x = limit
+            elif fsm_x < 0 - limit:
+                fsm_x = 0 - limit
+            fsm_y = uy
+            if fsm_y > limit:
+                fsm_y = limit
+            elif fsm_y < 0 - limit:
+                fsm_y = 0 - limit
+        else:
+            # No beacon this sample: point the mirror where the predictor says the
+            # beacon is, and keep the integrator there so the return is bumpless.
+            fsm_x = pred_x + (bx >> 6) - enc_x
+            if fsm_x > limit:
+                fsm_x = limit
+            elif fsm_x < 0 - limit:
+                fsm_x = 0 - limit
+            fsm_y = pred_y + (by >> 6) - enc_y
+            if fsm_y > limit:
+                fsm_y = limit
+            elif fsm_y < 0 - limit:
+                fsm_y = 0 - limit
+            st[_S_IX] = fsm_x << 8
+            st[_S_IY] = fsm_y << 8
+            st[_S_I2X] = 0
+            st[_S_I2Y] = 0
+            st[_S_JX] = 0
+            st[_S_JY] = 0
+            st[_S_EPX] = 0
+            st[_S_EPY] = 0
+        st[_S_BX] = bx
+        st[_S_BY] = by
+        st[_S_BDX] = bdx
+        st[_S_BDY] = bdy
+        # Offload the mirror's deflection to the coarse axis, with the prediction's rate
+        # and the predictor's bias rate fed forward.
+        ko = st[_OFF_CFG + _K_KO]
+        bias_rate_x = (((bdx >> 8) * spm) >> 16) >> 8
+        bias_rate_y = (((bdy >> 8) * spm) >> 16) >> 8
+        rate_x = vff_x + bias_rate_x + ((fsm_x * ko) >> 16)
+        rate_y = vff_y + bias_rate_y + ((fsm_y * ko) >> 16)
+
+    rate_limit = st[_OFF_CFG + _K_RATE_LIMIT]
+    st[_OFF_IO + IO_FSM_X] = fsm_x
+    st[_OFF_IO + IO_FSM_Y] = fsm_y
+    if rate_x > rate_limit:
+        rate_x = rate_limit
+    elif rate_x < 0 - rate_limit:
+        rate_x = 0 - rate_limit
+    if rate_y > rate_limit:
+        rate_y = rate_limit
+    elif rate_y < 0 - rate_limit:
+        rate_y = 0 - rate_limit
+    st[_OFF_IO + IO_RATE_X] = rate_x
+    st[_OFF_IO + IO_RATE_Y] = rate_y
+    if state == IDLE:
+        pa_x = 0
+        pa_y = 0
+    st[_OFF_IO + IO_PA_X] = pa_x
+    st[_OFF_IO + IO_PA_Y] = pa_y
+    st[_OFF_IO + IO_STATE] = state
+    st[_OFF_IO + IO_ERR_X] = ex
+    st[_OFF_IO + IO_ERR_Y] = ey
+    st[_OFF_IO + IO_SIGNAL] = signal
+
+    # -------- telemetry ring (decimated); a full ring drops the sample and counts it
+    if state != IDLE and step % st[_OFF_CFG + _K_TELEM_DECIM] == 0:
+        head = st[_S_TM_HEAD]
+        if head - st[_S_TM_TAIL] >= _TM_SLOTS:
+            st[_S_TM_LOST] = st[_S_TM_LOST] + 1
+        else:
+            i = (head % _TM_SLOTS) * TM_SAMPLE_WORDS
+            st[_OFF_TM + i] = step
+            st[_OFF_TM + i + 1] = state
+            st[_OFF_TM + i + 2] = signal
+            st[_OFF_TM + i + 3] = ex
+            st[_OFF_TM + i + 4] = ey
+            st[_OFF_TM + i + 5] = fsm_x
+            st[_OFF_TM + i + 6] = fsm_y
+            st[_S_TM_HEAD] = head + 1
+    return state

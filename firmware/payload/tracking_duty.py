@@ -1,0 +1,125 @@
+# Tracking over the payload bus: the scheduler duty that reads the optical head's sensor
+# block, steps the loop and writes the command block (docs/tracking.md "Payload-bus
+# registers"). The register blocks mirror Tracker.io word for word, so one READ and one
+# WRITE per loop period carry everything; on a board a timer interrupt would do the same
+# with register reads instead of bus frames.
+import micropython
+from micropython import const
+
+from payload import storage, tracking
+
+REG_TRK_SENSORS = const(0x0500)  # read, 10 words: QA..QD, CAM_NEW, CAM_X, CAM_Y, CAM_SIGNAL,
+#                                  ENC_X, ENC_Y (Tracker.io words 0..9)
+REG_TRK_COMMANDS = const(0x0510)  # write, 7 words: FSM_X, FSM_Y, RATE_X, RATE_Y, PA_X, PA_Y,
+#                                   STATE (io words 10..16); writing STATE latches the set
+SENSOR_WORDS = const(10)
+COMMAND_WORDS = const(7)
+
+
+@micropython.viper
+def _copy_words(src: ptr32, dst: ptr32, count: int):
+    for i in range(count):
+        dst[i] = src[i]
+
+
+class TrackingDuty:
+    """`step()` for the scheduler: one loop period. A failed bus transaction skips the
+    period (the head holds the last commands) and is counted, never raised."""
+
+    def __init__(self, bus, tracker):
+        self.bus = bus
+        self.tracker = tracker
+        self._commands = memoryview(tracker.io)[tracking.IO_FSM_X : tracking.IO_FSM_X + 7]
+        self.steps = 0
+        self.bus_errors = 0
+
+    def attach(self, tracker):
+        self.tracker = tracker
+        self._commands = memoryview(tracker.io)[tracking.IO_FSM_X : tracking.IO_FSM_X + 7]
+
+    def telemetry(self):
+        t = self.tracker
+        return {
+            "state": tracking.STATE_NAMES[t.state],
+            "steps": self.steps,
+            "bus_errors": self.bus_errors,
+            "transitions": t.transition_count(),
+            "telemetry_lost": t.telemetry_lost(),
+        }
+
+    def status(self):
+        """Compact: [state, steps, bus errors, transitions, telemetry samples lost]."""
+        t = self.tracker
+        return [tracking.STATE_NAMES[t.state], self.steps, self.bus_errors,
+                t.transition_count(), t.telemetry_lost()]  # fmt: skip
+
+    def step(self):
+        if self.tracker.idle():
+            return False  # no loop to run: leave the bus alone
+        bus = self.bus
+        if bus.read(REG_TRK_SENSORS, SENSOR_WORDS) != 0:
+            self.bus_errors += 1
+            return False
+        _copy_words(bus.words, self.tracker.io, SENSOR_WORDS)
+        self.tracker.step()
+        if bus.write(REG_TRK_COMMANDS, self._commands, COMMAND_WORDS) != 0:
+            self.bus_errors += 1
+        self.steps += 1
+        return True
+
+
+_PER_RECORD = const(40)
+_TRANSITIONS_PER_RECORD = const(120)  # 12 + 8 * 120 bytes fit the 12 + 24 * 40 payload
+
+
+class TrackingProduct:
+    """Telemetry into storage: drains the loop's telemetry ring into the product
+    "tracking" (record kind 4, docs/tracking.md), 40 samples per record, and appends the
+    transitions logged since the last call. A low-priority scheduler duty, never called
+    from an interrupt (it packs with struct)."""
+
+    def __init__(self, tracker, store):
+        self.tracker = tracker
+        self.log = store.open_log("tracking", storage.KIND_TRACKING, 12 + 24 * _PER_RECORD)
+        self._samples = tracking.array.array(
+            "i", bytes(4 * tracking.TM_SAMPLE_WORDS * _PER_RECORD)
+        )
+        self.transitions_written = 0
+        self.transitions_lost = 0
+        self.records = 0
+
+    def attach(self, tracker):
+        self.tracker = tracker
+        self.transitions_written = 0
+
+    def step(self, force=False):
+        tracker = self.tracker
+        pending = tracker.telemetry_pending()
+        if pending >= _PER_RECORD or (force and pending):
+            count = tracker.drain_telemetry(self._samples, _PER_RECORD)
+            length = tracking.pack_samples_into(
+                self.log.payload, self._samples, count, tracker.cfg[0],
+                tracker.config["telemetry_decimation"],
+            )  # fmt: skip
+            self.log.commit(length)
+            self.records += 1
+            return True
+        total = tracker.transition_count()
+        if total > self.transitions_written:
+            logged = tracker.transitions()  # oldest first, at most the ring's 64
+            missing = total - self.transitions_written
+            if missing > len(logged):  # the ring wrapped before we got here: count it
+                self.transitions_lost += missing - len(logged)
+                self.transitions_written += missing - len(logged)
+                missing = len(logged)
+            batch = logged[len(logged) - missing :][:_TRANSITIONS_PER_RECORD]
+            self.log.append(tracking.pack_transitions(batch, tracker.cfg[0]))
+            self.transitions_written += len(batch)
+            self.records += 1
+            return True
+        return False
+
+    def flush(self):
+        """Write everything pending (end of pass)."""
+        while self.step(force=True):
+            pass

@@ -1,0 +1,166 @@
+# Tracking loop (firmware/payload/tracking.py) on the real targets: configuration refusal,
+# allocation-free step through every state, transitions logged with reasons.
+import micropython
+from payload import tracking
+
+# A straight pass: 15 mrad/s along x, point-ahead -50 urad.
+ROWS = [[i * 15000000, 0, 15000, 0, 0, 0, -50000, 0] for i in range(6)]
+
+
+def _refused(changes, words):
+    try:
+        tracking.Tracker(changes)
+    except tracking.ConfigError as error:
+        text = str(error)
+        for word in words:
+            assert word in text, text
+        return text
+    raise AssertionError("accepted: %r" % (changes,))
+
+
+def test_defaults_are_valid_and_fixed_point_words_set():
+    t = tracking.Tracker()
+    assert t.cfg[0] == 500  # 2 kHz loop period, us
+    assert t.state == tracking.IDLE
+
+
+def test_unstable_fine_gains_refused_with_reason():
+    _refused({"fine_ki": 1.9, "fine_kii": 0.4}, ("fine_ki", "unstable"))
+    _refused({"fine_kp": 1.5, "fine_ki": 0.8}, ("pole radius",))
+
+
+def test_gains_fragile_to_qpd_gain_error_refused():
+    # Nominal pole radius 0.56 (looks fine), but a spot 1.5x sharper than assumed makes
+    # the loop unstable: refused.
+    _refused({"fine_kp": 0.2, "fine_ki": 1.0, "fine_kii": 0.0}, ("1.5x", "spot size"))
+
+
+def test_gains_that_do_not_fit_fixed_point_refused():
+    _refused({"fine_kp": 2.5}, ("fine_kp", "Q12"))
+    _refused({"fine_kii": 0.6}, ("fine_kii", "Q12"))
+
+
+def test_actuator_limits_refused_with_reason():
+    _refused({"fsm_limit_urad": 1500.0}, ("fsm_limit_urad", "range"))
+    _refused({"scan_speed_urad_s": 40000.0}, ("scan_speed_urad_s", "rate limit"))
+    _refused({"scan_speed_urad_s": 11500.0}, ("scan_speed_urad_s", "urad/s^2"))
+    _refused({"scan_pitch_urad": 1900.0}, ("scan_pitch_urad", "gaps"))
+    _refused({"camera_gain_per_s": 120.0}, ("camera_gain_per_s", "camera loop"))
+    _refused({"offload_gain_per_s": 200.0}, ("offload_gain_per_s", "tenth"))
+    _refused({"loop_rate_hz": 1500}, ("loop_rate_hz",))
+    _refused({"fine_gain": 1.0}, ("fine_gain", "unknown"))
+
+
+def test_configure_is_atomic_and_refused_while_tracking():
+    t = tracking.Tracker()
+    before = bytes(t.cfg)
+    try:
+        t.configure({"fine_ki": 0.3, "fsm_limit_urad": 5000.0})
+    except tracking.ConfigError:
+        pass
+    assert bytes(t.cfg) == before and t.config["fine_ki"] == 0.5
+    t.configure({"fine_ki": 0.6})
+    assert t.cfg[2] == int(0.6 * 4096 + 0.5)
+    t.load_predictions(ROWS)
+    t.start()
+    t.step()
+    try:
+        t.configure({"fine_ki": 0.4})
+        raise AssertionError("configure accepted while tracking")
+    except tracking.ConfigError as error:
+        assert "stop first" in str(error)
+
+
+def _drive(t, steps, quads, cam_signal, cam_xy=(0, 0)):
+    io = t.io
+    for _ in range(steps):
+        io[0] = quads[0]
+        io[1] = quads[1]
+        io[2] = quads[2]
+        io[3] = quads[3]
+        io[4] = 1
+        io[5] = cam_xy[0]
+        io[6] = cam_xy[1]
+        io[7] = cam_signal
+        t.step()
+
+
+def _run_through_states(t):
+    """Synthetic sensors take the loop IDLE -> ... -> FINE -> HOLD -> REACQ -> LOST."""
+    dark = (25, 25, 25, 25)
+    lit = (3000, 3300, 2900, 3200)  # beacon slightly +x
+    t.start()
+    _drive(t, 3, dark, 0)
+    assert t.state == tracking.SCAN, t.state
+    _drive(t, 3, dark, 5000, (20000, -10000))
+    assert t.state == tracking.COARSE, t.state
+    _drive(t, 10, lit, 5000, (20000, -10000))
+    assert t.state == tracking.FINE, t.state
+    _drive(t, 20, lit, 5000, (20000, -10000))
+    _drive(t, 5, dark, 0)
+    assert t.state == tracking.HOLD, t.state
+    _drive(t, 3100, dark, 0)  # hold budget 1.5 s at 2 kHz, then the small spiral
+    assert t.state == tracking.REACQ, t.state
+    _drive(t, 12000, dark, 0)
+    assert t.state == tracking.LOST, t.state
+
+
+def test_step_never_allocates_in_any_state():
+    t = tracking.Tracker()
+    t.load_predictions(ROWS)
+    micropython.heap_lock()
+    try:
+        _run_through_states(t)
+    finally:
+        micropython.heap_unlock()
+
+
+def test_every_transition_logged_with_reason():
+    t = tracking.Tracker()
+    t.load_predictions(ROWS)
+    _run_through_states(t)
+    names = [(tracking.STATE_NAMES[a], tracking.STATE_NAMES[b], tracking.REASON_NAMES[r])
+             for (_, a, b, r) in t.transitions()]  # fmt: skip
+    assert names == [
+        ("IDLE", "OPEN_LOOP", "command start"),
+        ("OPEN_LOOP", "SCAN", "on prediction"),
+        ("SCAN", "COARSE", "camera signal"),
+        ("COARSE", "FINE", "fine signal"),
+        ("FINE", "HOLD", "signal lost"),
+        ("HOLD", "REACQ", "hold timeout"),
+        ("REACQ", "LOST", "scan exhausted"),
+    ], names
+    steps = [s for (s, _, _, _) in t.transitions()]
+    assert steps == sorted(steps)
+    t.stop()
+    t.step()
+    assert t.state == tracking.IDLE and t.transitions()[-1][3] == tracking.R_COMMAND_STOP
+
+
+def test_fine_error_sign_and_scale_from_quadrants():
+    # X = ((B+D)-(A+C))/S = 0.2 -> x = w/sqrt(2) erfinv(0.2) = 25 urad * 0.1259 = 3.15 urad
+    t = tracking.Tracker()
+    t.load_predictions(ROWS)
+    t.start()
+    _drive(t, 3, (25, 25, 25, 25), 0)
+    _drive(t, 3, (25, 25, 25, 25), 5000, (0, 0))
+    s = 10000
+    a = c = s * 4 // 10 // 2 + 25
+    b = d = s * 6 // 10 // 2 + 25
+    _drive(t, 6, (a, b, c, d), 5000, (0, 0))
+    assert t.state == tracking.FINE
+    err_x = t.io[tracking.IO_ERR_X]
+    assert 3050 < err_x < 3250 and t.io[tracking.IO_ERR_Y] == 0, err_x
+    assert t.io[tracking.IO_FSM_X] > 0  # mirror moves toward the beacon
+
+
+def test_telemetry_ring_counts_what_it_drops():
+    t = tracking.Tracker({"telemetry_decimation": 1})
+    t.load_predictions(ROWS)
+    t.start()
+    _drive(t, 300, (25, 25, 25, 25), 0)
+    assert t.telemetry_pending() == 256 and t.telemetry_lost() == 300 - 256
+    out = tracking.array.array("i", bytes(4 * 7 * 10))
+    assert t.drain_telemetry(out, 10) == 10 and out[0] == 1 and out[1] == tracking.SCAN
+    payload = tracking.pack_samples(out, 10, 500, 1)
+    assert len(payload) == 12 + 24 * 10 and payload[1] == 1
