@@ -301,6 +301,7 @@ def run_mission(
         )
     except Exception as error:  # the link's and the target's errors alike
         summary["failed"] = f"firmware/download: {type(error).__name__}: {error}"
+        summary["exit_code"] = 1
         report.write(out, summary, curve, None)
         raise StageFailed(summary["failed"]) from error
     stages.update(fw)
