@@ -237,6 +237,6 @@ def test_head_generation_is_refused_by_a_head_without_a_generator():
             with pytest.raises(CommandRejected, match="GEN_CTRL"):
                 payload.start()
             mission = payload.housekeeping()["mission"]
-            assert mission["pass_running"] is False and mission["generation"] == "head"
+            assert mission["pass_running"] is False and mission["generator"]["records"] == 0
             names = [entry.name for entry in payload.list_products()]
     assert "patterns.qrec" not in names

@@ -199,7 +199,6 @@ class Mission:
             "pass_running": self.pass_running,
             "time_scale_ppm": self.time_scale_ppm,
             "sequencer": seq,
-            "generation": self.generation,
             "tdc": self.tdc.telemetry(),
             "clock": self.discipline.telemetry(),
             "bus": {
