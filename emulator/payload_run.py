@@ -45,9 +45,10 @@ def payload_session(
     bus_address: tuple[str, int],
     storage_dir: str | Path | None = None,
     icount_shift: int | None = None,
+    unix_env: dict[str, str] | None = None,
 ):
     """A provisioned emulated payload wired to the head at bus_address; yields
-    (target, PayloadClient)."""
+    (target, PayloadClient). unix_env: extra environment for the unix board."""
     if target_name == "unix":
         with contextlib.ExitStack() as stack:
             if storage_dir is None:
@@ -55,7 +56,9 @@ def payload_session(
             storage = Path(storage_dir)
             (storage / "link").mkdir(parents=True, exist_ok=True)
             (storage / "link" / "key").write_bytes(KEY)
-            target = stack.enter_context(UnixTarget(storage_dir=storage, bus_address=bus_address))
+            target = stack.enter_context(
+                UnixTarget(storage_dir=storage, bus_address=bus_address, extra_env=unix_env)
+            )
             payload = stack.enter_context(
                 PayloadClient(target.ground_port, KEY, timeout_s=COMMAND_TIMEOUT_S)
             )
@@ -115,13 +118,16 @@ def run_pass(
     timeout_s: float = 120.0,
     icount_shift: int | None = None,
     midway=None,
+    unix_env: dict[str, str] | None = None,
 ) -> PassRun:
     """Configure, run until the head emitted `frames` frames, stop, download products.
 
     midway(head), if given, is called once half the frames have gone out."""
     started = time.monotonic()
     with HeadServer(head) as server, tempfile.TemporaryDirectory() as downloads:
-        with payload_session(target_name, server.address, icount_shift=icount_shift) as (
+        with payload_session(
+            target_name, server.address, icount_shift=icount_shift, unix_env=unix_env
+        ) as (
             _target,
             payload,
         ):

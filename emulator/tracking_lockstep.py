@@ -190,7 +190,7 @@ def bus_program(config: dict, rows: list[list[int]], steps: int, start_at: int) 
         f"tracker.load_predictions({rows!r})\n"
         # Lockstep: the head answers when the host gets to it, so the reply timeout would
         # measure host load, not the firmware; 10 s instead of the flight 0.5 s.
-        "link = bus.Bus(board.payload_bus, board.clock, timeout_us=10_000_000)\n"
+        "link = bus.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)\n"
         "duty = tracking_duty.TrackingDuty(link, tracker)\n"
         "store = storage.Storage(board.mount_storage())\n"
         "product = tracking_duty.TrackingProduct(tracker, store)\n"

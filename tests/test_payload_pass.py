@@ -227,7 +227,10 @@ def test_lost_bus_replies_are_retried_without_losing_data():
         seed=9, sources=TdcSources(uplink_rate_hz=(1e6,) * 4), pps_period_ps=pps_period_ps
     )
     head.drop_reply_every = 17
-    run = run_pass("unix", head, _config(frame_slots, pps_period_ps), 8)
+    run = run_pass(
+        "unix", head, _config(frame_slots, pps_period_ps), 8,
+        unix_env={"QKDSAT_BUS_TIMEOUT_US": "500000"},  # the flight value: retries are quick
+    )  # fmt: skip
     bus = run.telemetry["bus"]
     assert bus["retransmissions"] >= 3 and bus["timeouts"] == 0
     assert head.retransmissions == bus["retransmissions"]

@@ -75,7 +75,7 @@ class Mission:
     def __init__(self, board, storage_root):
         self.board = board
         self.store = storage.Storage(storage_root)
-        self.bus = busmod.Bus(board.payload_bus, board.clock)
+        self.bus = busmod.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)
         self.sequencer = sequencer.Sequencer(self.bus, self.store)
         self.tdc = tdc.TdcDrain(self.bus, self.store)
         self.discipline = tdc.ClockDiscipline(self.tdc, self.store)
