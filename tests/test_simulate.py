@@ -435,11 +435,18 @@ def test_set_overrides_a_profile_parameter_and_is_recorded(tmp_path):
 
 
 def test_jinan_basis_choice_is_biased_on_both_sides(tmp_path):
+    profile = profiles.load("jinan-1")
+    p_z = profile["source"]["basis_probability_z"]
+    assert p_z > 0.5 and profile["detectors"]["z_split"] == p_z
     out = tmp_path / "j"
-    passgen.run(passgen.build_scenario(profiles.load("jinan-1"), duration_s=0.5), out)
+    passgen.run(passgen.build_scenario(profile, duration_s=0.5), out)
     t = np.load(out / "truth" / "detections.npz")
     photon = t["kind"] == 0
     basis_x, _, _ = decode_symbols(t["symbol"][photon].astype(np.uint8))
-    assert np.mean(basis_x == 0) == pytest.approx(0.9, abs=0.01)
+    assert np.mean(basis_x == 0) == pytest.approx(p_z, abs=0.01)
     time_ps, channel, _ = read_detections(out / "ground" / "detections.qdet")
-    assert np.mean(channel[photon] < 2) == pytest.approx(0.9, abs=0.01)
+    assert np.mean(channel[photon] < 2) == pytest.approx(p_z, abs=0.01)
+    # sky background passes the same basis splitter as the signal
+    noise = t["kind"] == 1
+    z_noise = np.mean(channel[noise] < 2)
+    assert z_noise > 0.5
