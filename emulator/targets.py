@@ -66,6 +66,34 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
+def unix_firmware_env(
+    storage_dir: str | os.PathLike,
+    bus_address: tuple[str, int] | None = None,
+    boot: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment the unix board reads (firmware/boards/unix/board.py)."""
+    env = dict(os.environ)
+    env["MICROPYPATH"] = os.pathsep.join(
+        [str(FIRMWARE_DIR), str(FIRMWARE_DIR / "boards" / "unix"), ".frozen"]
+    )
+    env["QKDSAT_STORAGE"] = str(storage_dir)
+    if boot:
+        env["QKDSAT_BOOT"] = boot
+    if bus_address:
+        env["QKDSAT_BUS"] = f"{bus_address[0]}:{bus_address[1]}"
+    env.update(extra or {})
+    return env
+
+
+def unix_firmware_command(
+    script: str | os.PathLike, heap_bytes: int = CONTROLLER_HEAP_BYTES
+) -> list[str]:
+    """The unix port running a script with the heap capped at the controller's RAM."""
+    binary = require(MICROPYTHON_BIN, "MicroPython unix port")
+    return [str(binary), "-X", f"heapsize={heap_bytes}", str(script)]
+
+
 class Target:
     """Common lifetime handling: a child process with a ground-link pty."""
 
@@ -147,23 +175,15 @@ class UnixTarget(Target):
         self.extra_env = extra_env or {}
 
     def start(self) -> None:
-        binary = require(MICROPYTHON_BIN, "MicroPython unix port")
+        command = unix_firmware_command(self.script, self.heap_bytes)
         master, slave = os.openpty()
         tty.setraw(slave)
         # The firmware must never block on a ground link nobody reads (like a UART).
         flags = fcntl.fcntl(master, fcntl.F_GETFL)
         fcntl.fcntl(master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        env = dict(os.environ)
-        env["MICROPYPATH"] = os.pathsep.join(
-            [str(FIRMWARE_DIR), str(FIRMWARE_DIR / "boards" / "unix"), ".frozen"]
-        )
-        env["QKDSAT_STORAGE"] = str(self.storage_dir)
-        env["QKDSAT_BOOT"] = self.boot
-        if self.bus_address:
-            env["QKDSAT_BUS"] = f"{self.bus_address[0]}:{self.bus_address[1]}"
-        env.update(self.extra_env)
+        env = unix_firmware_env(self.storage_dir, self.bus_address, self.boot, self.extra_env)
         self.process = subprocess.Popen(
-            [str(binary), "-X", f"heapsize={self.heap_bytes}", str(self.script)],
+            command,
             stdin=master,
             stdout=master,
             stderr=subprocess.PIPE,

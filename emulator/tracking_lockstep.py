@@ -10,7 +10,6 @@ exact whatever the host load.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 import threading
@@ -23,11 +22,9 @@ from emulator.endpoint import FrameEndpoint
 from emulator.optical_head import HeadServer, OpticalHead
 from emulator.optical_plant import NRAD, URAD, OpticalPlant, PlantParams, prediction_table
 from emulator.targets import (
-    CONTROLLER_HEAP_BYTES,
-    FIRMWARE_DIR,
-    MICROPYTHON_BIN,
     QemuTarget,
-    require,
+    unix_firmware_command,
+    unix_firmware_env,
 )
 from host.deploy.raw_repl import RawRepl
 from host.protocol import payload_bus as pb
@@ -361,23 +358,16 @@ def _run_unix(
 ) -> str:
     """Run the program on the unix port; `files`, if given, receives every stored product
     file's bytes by name (the unix target's flash is a directory)."""
-    binary = require(MICROPYTHON_BIN, "MicroPython unix port")
     with tempfile.TemporaryDirectory(prefix="lockstep-") as workdir:
         script = Path(workdir) / "lockstep.py"
         script.write_text(program)
-        env = dict(os.environ)
-        env["MICROPYPATH"] = os.pathsep.join(
-            [str(FIRMWARE_DIR), str(FIRMWARE_DIR / "boards" / "unix"), ".frozen"]
-        )
-        env["QKDSAT_BUS"] = f"{address[0]}:{address[1]}"
-        env["QKDSAT_STORAGE"] = str(Path(workdir) / "flash")
         proc = subprocess.run(
-            [str(binary), "-X", f"heapsize={CONTROLLER_HEAP_BYTES}", str(script)],
+            unix_firmware_command(script),
             capture_output=True,
             text=True,
             timeout=timeout_s,
             cwd=workdir,
-            env=env,
+            env=unix_firmware_env(Path(workdir) / "flash", address),
             stdin=subprocess.DEVNULL,
         )
         if files is not None:

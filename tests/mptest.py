@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import subprocess
 import tempfile
@@ -23,11 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emulator.targets import (
-    CONTROLLER_HEAP_BYTES,
-    FIRMWARE_DIR,
-    MICROPYTHON_BIN,
     QemuTarget,
-    require,
+    unix_firmware_command,
+    unix_firmware_env,
 )
 from host.deploy.raw_repl import ExecutionFailed, RawRepl, RawReplError
 
@@ -140,22 +137,16 @@ def split_results(spec: FileSpec, output: str) -> FileResult:
 
 
 def run_on_unix(spec: FileSpec, timeout_s: float = 300.0) -> FileResult:
-    binary = require(MICROPYTHON_BIN, "MicroPython unix port")
     with tempfile.TemporaryDirectory(prefix="mptest-") as workdir:
         program = Path(workdir) / spec.path.name
         program.write_text(build_program(spec))
-        env = dict(os.environ)
-        env["MICROPYPATH"] = os.pathsep.join(
-            [str(FIRMWARE_DIR), str(FIRMWARE_DIR / "boards" / "unix"), ".frozen"]
-        )
-        env["QKDSAT_STORAGE"] = str(Path(workdir) / "flash")
         proc = subprocess.run(
-            [str(binary), "-X", f"heapsize={CONTROLLER_HEAP_BYTES}", str(program)],
+            unix_firmware_command(program),
             capture_output=True,
             text=True,
             timeout=timeout_s,
             cwd=workdir,
-            env=env,
+            env=unix_firmware_env(Path(workdir) / "flash"),
             stdin=subprocess.DEVNULL,
         )
     result = split_results(spec, proc.stdout)
