@@ -24,7 +24,7 @@ LDPC_RETRIES = 40
 # raises the frame's efficiency f by about this much, so the retry path ends close to the
 # frame's own decoding threshold instead of a worst-case margin chosen up front.
 LDPC_REVEAL_STEP_F = 0.01
-LDPC_STEP_DOUBLING = 8
+LDPC_STEP_DOUBLING = 6
 
 
 class ReconciliationFailed(ProtocolAborted):
@@ -114,7 +114,7 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
     revealed = np.zeros(len(frames), dtype=np.int64)
     messages = np.zeros((len(frames), code.edges), dtype=np.float32)
     base_step = max(
-        1, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * binary_entropy(qber_estimate))
+        4, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * binary_entropy(qber_estimate))
     )
     retries = 0
     for attempt in range(LDPC_RETRIES + 1):
