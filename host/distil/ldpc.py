@@ -25,10 +25,11 @@ from pathlib import Path
 import numba
 import numpy as np
 
-CODE_VERSION = 1
-FRAME_BITS = 16384
-MOTHER_RATES = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
-MODULATED_FRACTION = 0.05  # d = p + s as a fraction of n (mother rates 0.05 apart)
+CODE_VERSION = 2
+FRAME_BITS = 65536
+RATE_STEP = 0.01
+MOTHER_RATES = tuple(round(0.5 + RATE_STEP * i, 2) for i in range(46))  # 0.50 .. 0.95
+RESERVE_FRACTION = 0.01  # punctured bits kept for the retry path, fraction of n
 LLR_KNOWN = 40.0
 
 # Variable-node degree distributions (node perspective) per mother rate, found by
@@ -160,15 +161,23 @@ def _graph(n: int, rate: float, distribution: dict[int, float], seed: int):
     """Edges (variable, check, fixed): m - 1 degree-2 variables in a staircase (no cycles
     among degree-2 nodes, the usual error-floor culprit), the rest random by degree."""
     m = int(round(n * (1 - rate)))
-    rest = n - (m - 1)
-    degrees = sorted(distribution)
-    counts = [int(math.floor(distribution[d] * rest)) for d in degrees]
+    if 2 in distribution:
+        # a full distribution (node perspective): its degree-2 nodes form the staircase
+        stairs = min(m - 1, int(round(distribution[2] * n)))
+        others = {d: f for d, f in distribution.items() if d != 2}
+        total = sum(others.values())
+        others = {d: f / total for d, f in others.items()}
+    else:
+        stairs, others = m - 1, distribution
+    rest = n - stairs
+    degrees = sorted(others)
+    counts = [int(math.floor(others[d] * rest)) for d in degrees]
     counts[0] += rest - sum(counts)
     rng = np.random.default_rng(seed)
     var_degrees = np.repeat(np.array(degrees, dtype=np.int64), counts)
-    stair_v = np.repeat(np.arange(m - 1), 2)
-    stair_c = (np.arange(2 * (m - 1)) + 1) // 2  # variable i sits on checks i and i+1
-    rand_v = np.repeat(np.arange(m - 1, n), var_degrees)
+    stair_v = np.repeat(np.arange(stairs), 2)
+    stair_c = (np.arange(2 * stairs) + 1) // 2  # variable i sits on checks i and i+1
+    rand_v = np.repeat(np.arange(stairs, n), var_degrees)
     edges_rand = rand_v.size
     check_load = np.bincount(stair_c, minlength=m)
     total = 2 * (m - 1) + edges_rand
@@ -184,6 +193,20 @@ def _graph(n: int, rate: float, distribution: dict[int, float], seed: int):
     fixed = np.zeros(ev.size, dtype=np.bool_)
     fixed[: stair_v.size] = True
     return ev, ec, fixed, m
+
+
+def _public_order(n: int, stairs: int, column: np.ndarray, seed: int) -> np.ndarray:
+    """Order in which positions are punctured (then shortened): first every other staircase
+    variable (no check then has two punctured neighbours, so each punctured bit is
+    recovered in one decoding step: "untainted" puncturing, Elkouss et al. 2012), in random
+    order, then all other positions in random order."""
+    rng = np.random.default_rng(seed + 2)
+    if os.environ.get("QKDSAT_LDPC_RANDOM_ORDER"):
+        return rng.permutation(n).astype(np.int32)
+    first = column[np.arange(0, stairs, 2)]
+    first = first[rng.permutation(first.size)]
+    rest = np.setdiff1d(np.arange(n), first)
+    return np.concatenate([first, rest[rng.permutation(rest.size)]]).astype(np.int32)
 
 
 _BUILD_LOCK = threading.Lock()
@@ -223,7 +246,8 @@ def _construct(n: int, rate: float, seed: int, distribution) -> Code:
     np.add.at(check_ptr, pairs[:, 0] + 1, 1)
     check_ptr = np.cumsum(check_ptr).astype(np.int32)
     check_var = pairs[:, 1].astype(np.int32)
-    order = np.random.default_rng(seed + 2).permutation(n).astype(np.int32)
+    stairs = int(np.sum(np.bincount(ev, minlength=n) == 2)) if 2 in distribution else m - 1
+    order = _public_order(n, min(stairs, m - 1), column, seed)
     code = Code(n, m, check_ptr, check_var, seed, rate, order)
     tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.npz")
     np.savez(tmp, m=m, check_ptr=check_ptr, check_var=check_var, order=order)
@@ -232,19 +256,34 @@ def _construct(n: int, rate: float, seed: int, distribution) -> Code:
     return code
 
 
-@numba.njit(cache=True, parallel=True, fastmath=False)
 def decode_frames(llr, syndromes, check_ptr, check_var, max_iterations, out_bits, out_iters):
-    """Layered sum-product syndrome decoding of many frames; returns success flags."""
+    """Layered sum-product syndrome decoding of many frames from scratch; returns success
+    flags (see decode_frames_warm)."""
+    messages = np.zeros((llr.shape[0], check_var.size), dtype=np.float32)
+    return decode_frames_warm(
+        llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters
+    )
+
+
+@numba.njit(cache=True, parallel=True, fastmath=False)
+def decode_frames_warm(
+    llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters
+):
+    """Layered sum-product syndrome decoding of many frames, continuing from the check
+    messages of an earlier attempt (zeros: a fresh start). A retry only changes the LLRs of
+    the revealed positions, so resuming saves the iterations already spent; the messages
+    are updated in place. out_iters accumulates. Returns success flags."""
     frames, n = llr.shape
     m = check_ptr.size - 1
-    E = check_var.size
     ok = np.zeros(frames, dtype=np.bool_)
     maxdeg = 0
     for j in range(m):
         maxdeg = max(maxdeg, check_ptr[j + 1] - check_ptr[j])
     for f in numba.prange(frames):
+        r = messages[f]
         post = llr[f].copy()
-        r = np.zeros(E, dtype=np.float64)
+        for e in range(check_var.size):
+            post[check_var[e]] += r[e]
         t = np.empty(maxdeg, dtype=np.float64)
         q = np.empty(maxdeg, dtype=np.float64)
         pre = np.empty(maxdeg + 1, dtype=np.float64)
@@ -288,7 +327,7 @@ def decode_frames(llr, syndromes, check_ptr, check_var, max_iterations, out_bits
                     break
         for v in range(n):
             out_bits[f, v] = 1 if post[v] < 0 else 0
-        out_iters[f] = it
+        out_iters[f] += it
         ok[f] = done
     return ok
 
@@ -352,26 +391,48 @@ class FramePlan:
         return self.code.m - punctured_rank(self.code, self.punctured)
 
 
-def plan_for(qber: float, efficiency: float, n: int = FRAME_BITS, seed: int = 1) -> FramePlan:
-    """The mother code and (p, s) whose effective rate is 1 - efficiency h(qber)."""
+def plan_for(
+    qber: float,
+    efficiency: float,
+    n: int | None = None,
+    seed: int = 1,
+    key_bits: int | None = None,
+) -> FramePlan:
+    """The mother code and (p, s) for frames of key_bits key bits (default: as many as fit)
+    leaking efficiency * h(qber) per key bit: leak m - p = efficiency h key_bits.
+
+    The mother code is the highest grid rate leaving at least RESERVE_FRACTION n punctured
+    bits (so 1-2 grid steps): the reserve the retry path reveals first (a revealed punctured
+    bit is worth one syndrome bit, a revealed key bit only 1 - R of one). Positions that
+    are neither key nor punctured are shortened (known zeros: no leak, only capacity)."""
     from host.distil.finite_key import binary_entropy
 
-    target = 1.0 - efficiency * binary_entropy(max(qber, 1e-4))
-    d = int(MODULATED_FRACTION * n)
-    best = None
-    for rate in MOTHER_RATES:
-        lo, hi = (
-            (rate - MODULATED_FRACTION) / (1 - MODULATED_FRACTION),
-            rate / (1 - MODULATED_FRACTION),
-        )
-        clamped = min(max(target, lo), hi)
-        if best is None or abs(clamped - target) < best[0] - 1e-12:
-            best = (abs(clamped - target), rate, clamped)
-    _, rate, effective = best
+    n = n or FRAME_BITS
+    per_bit = efficiency * binary_entropy(min(max(qber, 1e-4), 0.5))
+    if key_bits is None:
+        key_bits = max_key_bits(qber, efficiency, n)
+    need = per_bit * key_bits + RESERVE_FRACTION * n
+    rate = MOTHER_RATES[0]
+    for candidate in reversed(MOTHER_RATES):
+        if round(n * (1 - candidate)) >= need:
+            rate = candidate
+            break
     code = construct(n, rate, seed)
-    s = int(round(code.n - code.m - effective * (n - d)))
-    s = min(max(s, 0), d)
-    return FramePlan(code, d - s, s)
+    p = int(round(code.m - per_bit * key_bits))
+    p = min(max(p, 0), code.n - key_bits)
+    return FramePlan(code, p, code.n - key_bits - p)
+
+
+def max_key_bits(qber: float, efficiency: float, n: int | None = None) -> int:
+    """Key bits per frame: the frame minus the punctured reserve and one grid step (so the
+    rate grid can always be met), fewer where even the lowest mother rate needs it."""
+    from host.distil.finite_key import binary_entropy
+
+    n = n or FRAME_BITS
+    per_bit = efficiency * binary_entropy(min(max(qber, 1e-4), 0.5))
+    lowest_m = round(n * (1 - MOTHER_RATES[0]))
+    fit = (lowest_m - RESERVE_FRACTION * n) / max(per_bit, 1e-9)
+    return int(min(n * (1 - 2 * RESERVE_FRACTION - RATE_STEP), fit))
 
 
 def channel_llr(bits: np.ndarray, qber: float) -> np.ndarray:

@@ -51,7 +51,7 @@ class Config:
     eps_sec: float = 1e-9
     eps_cor: float = 1e-15
     qber_threshold: float = 0.11
-    ec_efficiency: float = 1.18  # LDPC: the rate the first attempt is sized for
+    ec_efficiency: float = 1.1  # LDPC: the rate the first attempt is sized for (retries follow)
     sample_fraction: float = 0.02
     sample_max: int = 8192
     sample_min: int = 256

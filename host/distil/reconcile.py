@@ -14,15 +14,29 @@ import numpy as np
 
 from host.distil import ldpc
 from host.distil.bitcodec import pack_bits, unpack_bits
+from host.distil.finite_key import binary_entropy
 from host.errors import ProtocolAborted
 
-LDPC_MAX_ITERATIONS = 100
-LDPC_RETRIES = 10
-LDPC_REVEAL_FRACTION = 0.0025  # of the frame at the first retry, doubling each retry
+LDPC_MAX_ITERATIONS = 100  # first attempt
+LDPC_RETRY_ITERATIONS = 40  # each retry, resuming from the previous attempt's messages
+LDPC_RETRIES = 40
+# Bits revealed per retry, as a fraction of the frame's n h(QBER estimate): each retry
+# raises the frame's efficiency f by about this much, so the retry path ends close to the
+# frame's own decoding threshold instead of a worst-case margin chosen up front.
+LDPC_REVEAL_STEP_F = 0.01
+LDPC_STEP_DOUBLING = 6
 
 
 class ReconciliationFailed(ProtocolAborted):
     pass
+
+
+def _plan(count: int, qber_estimate: float, efficiency: float) -> ldpc.FramePlan:
+    """Equal frames: as few as fit the block, each sized to it, so no frame is mostly
+    padding (the syndrome length is the code's whatever the frame holds)."""
+    most = ldpc.max_key_bits(qber_estimate, efficiency)
+    frames = max(1, math.ceil(count / most))
+    return ldpc.plan_for(qber_estimate, efficiency, key_bits=max(1, math.ceil(count / frames)))
 
 
 def _frames(count: int, plan: ldpc.FramePlan) -> list[tuple[int, int]]:
@@ -46,7 +60,7 @@ def _frame_layout(plan: ldpc.FramePlan, used: int) -> tuple[np.ndarray, np.ndarr
 
 
 def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float, rng) -> dict:
-    plan = ldpc.plan_for(qber_estimate, efficiency)
+    plan = _plan(key.size, qber_estimate, efficiency)
     code = plan.code
     frames = _frames(key.size, plan)
     words = np.zeros((len(frames), code.n), dtype=np.uint8)
@@ -72,7 +86,8 @@ def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float
         for f in failed:
             order = _reveal_order(plan, frames[f][1])
             pos = order[revealed[f] : revealed[f] + step]
-            values.append(words[f, pos])
+            # a short last frame can run out of positions: pad (the leak counts full steps)
+            values.append(np.pad(words[f, pos], (0, step - pos.size)))
             revealed[f] += step
         channel.send("ec_reveal", values=pack_bits(np.concatenate(values)))
     leak = len(frames) * plan.leak_bits() + int(revealed.sum())
@@ -80,7 +95,7 @@ def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float
 
 
 def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float) -> tuple:
-    plan = ldpc.plan_for(qber_estimate, efficiency)
+    plan = _plan(bits.size, qber_estimate, efficiency)
     code = plan.code
     frames = _frames(bits.size, plan)
     msg = channel.recv("ec_syndromes")
@@ -97,25 +112,34 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
     iters = np.zeros(len(frames), dtype=np.int64)
     pending = np.arange(len(frames))
     revealed = np.zeros(len(frames), dtype=np.int64)
-    decoded = np.zeros(len(frames), dtype=bool)
+    messages = np.zeros((len(frames), code.edges), dtype=np.float32)
+    base_step = max(
+        4, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * binary_entropy(qber_estimate))
+    )
+    retries = 0
     for attempt in range(LDPC_RETRIES + 1):
         sub_out = np.zeros((pending.size, code.n), dtype=np.uint8)
-        sub_iters = np.zeros(pending.size, dtype=np.int64)
-        ok = ldpc.decode_frames(
+        sub_iters = iters[pending]
+        sub_messages = messages[pending]
+        ok = ldpc.decode_frames_warm(
             np.ascontiguousarray(llr[pending]),
             np.ascontiguousarray(syndromes[pending]),
             code.check_ptr,
             code.check_var,
-            LDPC_MAX_ITERATIONS,
+            LDPC_MAX_ITERATIONS if attempt == 0 else LDPC_RETRY_ITERATIONS,
+            sub_messages,
             sub_out,
             sub_iters,
         )
-        out[pending], iters[pending] = sub_out, sub_iters
-        decoded[pending[ok]] = True
+        out[pending], iters[pending], messages[pending] = sub_out, sub_iters, sub_messages
         pending = pending[~ok]
         if pending.size == 0 or attempt == LDPC_RETRIES:
             break
-        step = max(1, int(LDPC_REVEAL_FRACTION * code.n)) << attempt
+        retries += 1
+        # Fine steps first; doubled every LDPC_STEP_DOUBLING retries so that a frame past
+        # the punctured reserve (key bits are worth only 1 - R syndrome bits each) or an
+        # under-estimated QBER still decodes well within LDPC_RETRIES.
+        step = base_step << (attempt // LDPC_STEP_DOUBLING)
         channel.send("ec_status", failed=pending.astype(np.int32), step=step)
         values = unpack_bits(channel.recv("ec_reveal")["values"], pending.size * step)
         for i, f in enumerate(pending):
@@ -143,6 +167,8 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
         "punctured": plan.punctured,
         "shortened": plan.shortened,
         "mean_iterations": float(iters.mean()) if iters.size else 0.0,
+        "retry_rounds": retries,
+        "revealed_bits": int(revealed.sum()),
     }
     return corrected, stats
 
