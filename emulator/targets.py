@@ -12,6 +12,7 @@ its end; `kill()` cuts power abruptly (for power-cut tests).
 
 from __future__ import annotations
 
+import abc
 import fcntl
 import os
 import re
@@ -94,7 +95,7 @@ def unix_firmware_command(
     return [str(binary), "-X", f"heapsize={heap_bytes}", str(script)]
 
 
-class Target:
+class Target(abc.ABC):
     """Common lifetime handling: a child process with a ground-link pty."""
 
     name = "?"
@@ -111,8 +112,9 @@ class Target:
     def __exit__(self, *exc):
         self.stop()
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError  # each target launches its own process
+        """Launch the firmware; set self.process and self.ground_port."""
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
