@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from host.errors import BadInput
+from host.formats.tagfile import read_tagger_bytes
 
 HEADER_BYTES = 40
 RECORD_DTYPE = np.dtype([("time", "<u8"), ("channel", "<u2")])
 CHANNEL_OFFSET = 1
 MAX_INPUT = 20  # quTAG: highest channel number incl. synchronised devices
-_FOREIGN_MAGICS = {b"PQTTTR\x00\x00": "a PicoQuant PTU file", b"QKDDET\x00\x01": "a .qdet file"}
 
 
 def write_qutag(
@@ -44,13 +44,7 @@ def read_qutag(
     """(time_ps int64 sorted, channel int16). BadInput for a file that is not whole
     records, holds another format, or has channel numbers no quTAG writes."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise BadInput(f"{path}: cannot read ({error.strerror})") from None
-    for magic, name in _FOREIGN_MAGICS.items():
-        if data.startswith(magic):
-            raise BadInput(f"{path}: this is {name}, not a quTAG binary file")
+    data = read_tagger_bytes(path, "a quTAG binary file")
     skip = HEADER_BYTES if header else 0
     if len(data) < skip:
         raise BadInput(f"{path}: truncated: {len(data)} bytes, shorter than the 40-byte header")

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from host.errors import BadInput
+from host.formats.tagfile import read_tagger_bytes
 
 HEADER = "time_ps,channel"
-_FOREIGN_MAGICS = {b"PQTTTR\x00\x00": "a PicoQuant PTU file", b"QKDDET\x00\x01": "a .qdet file"}
 
 
 def write_csv(path: str | Path, time_ps: np.ndarray, channel: np.ndarray) -> None:
@@ -29,13 +29,7 @@ def write_csv(path: str | Path, time_ps: np.ndarray, channel: np.ndarray) -> Non
 
 def read_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise BadInput(f"{path}: cannot read ({error.strerror})") from None
-    for magic, name in _FOREIGN_MAGICS.items():
-        if data.startswith(magic):
-            raise BadInput(f"{path}: this is {name}, not a CSV file")
+    data = read_tagger_bytes(path, "a CSV file")
     try:
         lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as error:
