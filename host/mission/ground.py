@@ -22,9 +22,6 @@ from host.formats.patterns import PatternLog
 from host.formats.qdet import write_detections
 from host.simulate import passgen
 
-GROUND_CHANNEL_PPS = passgen.GROUND_CHANNEL_PPS
-GROUND_CHANNEL_SYNC = passgen.GROUND_CHANNEL_SYNC
-
 
 def covered_runs(log: PatternLog) -> list[tuple[int, int]]:
     """Contiguous [begin, end) slot ranges of the log (frames the head emitted blank, if
@@ -103,40 +100,13 @@ def write_ground(out: Path, scenario: passgen.Scenario, log) -> dict:
         },
     )
     pps_true = pps_true_times_s(geometry.utc_start.microsecond * 1e-6, window[1], margin_s=2.0)
-    gnd_pps_ps = scenario.ground_clock.to_clock_ps(
-        pps_true,
-        scenario.rngs["pps"].normal(
-            0, profile["clocks"]["ground"]["pps_jitter_ps_rms"], pps_true.size
-        ),
-    )
-    write_detections(
-        out / "ground" / "pps.qdet",
-        gnd_pps_ps,
-        np.full(gnd_pps_ps.size, GROUND_CHANNEL_PPS),
-        {"clock": "ground", "channels": {"0": "PPS"}, "station": station["name"]},
-    )
     # The sync laser fires with every slots_per_pulse-th slot the laser emitted.
     slots_per_sync = int(round(scenario.slot_rate_hz / float(profile["sync"]["rate_hz"])))
     sync_slots = np.arange(0, scenario.slot_count, slots_per_sync, dtype=np.int64)
     if isinstance(log, PatternLog):
         sync_slots = sync_slots[log.covers(sync_slots)]
-    sync_rng = scenario.rngs["sync"]
-    seen = sync_rng.random(sync_slots.size) < profile["sync"]["ground_detection_probability"]
-    sync_emit_s = slots.true_time_s(sync_slots[seen])
-    sync_rx_s = sync_emit_s + geometry.downlink_delay_s(sync_emit_s)
-    sync_ps = scenario.ground_clock.to_clock_ps(
-        sync_rx_s, sync_rng.normal(0, profile["sync"]["jitter_ps_rms"], sync_rx_s.size)
-    )
-    order = np.argsort(sync_ps, kind="stable")
-    write_detections(
-        out / "ground" / "sync.qdet",
-        sync_ps[order],
-        np.full(sync_ps.size, GROUND_CHANNEL_SYNC),
-        {
-            "clock": "ground",
-            "channels": {str(GROUND_CHANNEL_SYNC): "SYNC"},
-            "station": station["name"],
-        },
+    passgen.write_ground_clock_marks(
+        out / "ground", out / "truth", scenario, geometry, slots, pps_true, sync_slots
     )
     np.savez(
         out / "truth" / "detections.npz",
@@ -146,7 +116,6 @@ def write_ground(out: Path, scenario: passgen.Scenario, log) -> dict:
         symbol=tags.symbol,
         true_rx_s=tags.true_rx_s,
     )
-    np.savez(out / "truth" / "sync.npz", slot=sync_slots[seen][order], true_rx_s=sync_rx_s[order])
     np.savez(
         out / "truth" / "geometry.npz",
         t_s=geometry.t_s,

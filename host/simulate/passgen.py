@@ -313,35 +313,8 @@ def run(
             "source": "qkdsat simulate",
         },
     )
-    gnd_pps_ps = scenario.ground_clock.to_clock_ps(
-        pps_true,
-        scenario.rngs["pps"].normal(
-            0, profile["clocks"]["ground"]["pps_jitter_ps_rms"], pps_true.size
-        ),
-    )
-    write_detections(
-        pass_dir.ground / "pps.qdet",
-        gnd_pps_ps,
-        np.full(gnd_pps_ps.size, GROUND_CHANNEL_PPS),
-        {"clock": "ground", "channels": {"0": "PPS"}, "station": station["name"]},
-    )
-    sync_rng = scenario.rngs["sync"]
-    seen = sync_rng.random(sync_slots.size) < profile["sync"]["ground_detection_probability"]
-    sync_emit_s = slots.true_time_s(sync_slots[seen])
-    sync_rx_s = sync_emit_s + geometry.downlink_delay_s(sync_emit_s)
-    sync_ps = scenario.ground_clock.to_clock_ps(
-        sync_rx_s, sync_rng.normal(0, profile["sync"]["jitter_ps_rms"], sync_rx_s.size)
-    )
-    sync_ps.sort()
-    write_detections(
-        pass_dir.ground / "sync.qdet",
-        sync_ps,
-        np.full(sync_ps.size, GROUND_CHANNEL_SYNC),
-        {
-            "clock": "ground",
-            "channels": {str(GROUND_CHANNEL_SYNC): "SYNC"},
-            "station": station["name"],
-        },
+    write_ground_clock_marks(
+        pass_dir.ground, pass_dir.truth, scenario, geometry, slots, pps_true, sync_slots
     )
 
     # ---- truth/ and pass.json
@@ -353,7 +326,6 @@ def run(
         symbol=tags.symbol,
         true_rx_s=tags.true_rx_s,
     )
-    np.savez(pass_dir.truth / "sync.npz", slot=sync_slots[seen], true_rx_s=sync_rx_s)
     np.savez(
         pass_dir.truth / "geometry.npz",
         t_s=geometry.t_s,
@@ -367,6 +339,52 @@ def run(
     _write_json(pass_dir.truth / "truth.json", truth)
     write_pass_json(pass_dir.pass_json, pass_json(scenario, slots_per_sync, pattern_mode))
     return truth
+
+
+def write_ground_clock_marks(
+    ground_dir: Path,
+    truth_dir: Path,
+    scenario: Scenario,
+    geometry,
+    slots,
+    pps_true: np.ndarray,
+    sync_slots: np.ndarray,
+) -> None:
+    """The station's PPS (ground/pps.qdet) and the sync pulses it saw (ground/sync.qdet,
+    with their true slots in truth/sync.npz, row for row), on the ground clock."""
+    profile = scenario.profile
+    station_name = scenario.station["name"]
+    gnd_pps_ps = scenario.ground_clock.to_clock_ps(
+        pps_true,
+        scenario.rngs["pps"].normal(
+            0, profile["clocks"]["ground"]["pps_jitter_ps_rms"], pps_true.size
+        ),
+    )
+    write_detections(
+        ground_dir / "pps.qdet",
+        gnd_pps_ps,
+        np.full(gnd_pps_ps.size, GROUND_CHANNEL_PPS),
+        {"clock": "ground", "channels": {"0": "PPS"}, "station": station_name},
+    )
+    sync_rng = scenario.rngs["sync"]
+    seen = sync_rng.random(sync_slots.size) < profile["sync"]["ground_detection_probability"]
+    sync_emit_s = slots.true_time_s(sync_slots[seen])
+    sync_rx_s = sync_emit_s + geometry.downlink_delay_s(sync_emit_s)
+    sync_ps = scenario.ground_clock.to_clock_ps(
+        sync_rx_s, sync_rng.normal(0, profile["sync"]["jitter_ps_rms"], sync_rx_s.size)
+    )
+    order = np.argsort(sync_ps, kind="stable")
+    write_detections(
+        ground_dir / "sync.qdet",
+        sync_ps[order],
+        np.full(sync_ps.size, GROUND_CHANNEL_SYNC),
+        {
+            "clock": "ground",
+            "channels": {str(GROUND_CHANNEL_SYNC): "SYNC"},
+            "station": station_name,
+        },
+    )
+    np.savez(truth_dir / "sync.npz", slot=sync_slots[seen][order], true_rx_s=sync_rx_s[order])
 
 
 def write_pattern_log(path: Path, pattern: CounterPatternSource) -> None:
