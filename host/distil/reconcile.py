@@ -39,6 +39,14 @@ def _plan(count: int, qber_estimate: float, efficiency: float) -> ldpc.FramePlan
     return ldpc.plan_for(qber_estimate, efficiency, key_bits=max(1, math.ceil(count / frames)))
 
 
+def _interleave(count: int) -> np.ndarray:
+    """Public permutation applied to the key string before it is cut into frames. The QBER
+    drifts over a pass (it rises at low elevation, where the signal falls towards the
+    background), so contiguous frames would each see a different error rate than the
+    one the code is sized for; interleaved frames all see the block's average."""
+    return np.random.default_rng(0x1EAF).permutation(count)
+
+
 def _frames(count: int, plan: ldpc.FramePlan) -> list[tuple[int, int]]:
     per = plan.key_bits
     return [(start, min(per, count - start)) for start in range(0, count, per)]
@@ -63,6 +71,7 @@ def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float
     plan = _plan(key.size, qber_estimate, efficiency)
     code = plan.code
     frames = _frames(key.size, plan)
+    key = key[_interleave(key.size)]
     words = np.zeros((len(frames), code.n), dtype=np.uint8)
     for f, (start, used) in enumerate(frames):
         key_pos, _ = _frame_layout(plan, used)
@@ -98,6 +107,8 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
     plan = _plan(bits.size, qber_estimate, efficiency)
     code = plan.code
     frames = _frames(bits.size, plan)
+    interleave = _interleave(bits.size)
+    bits = bits[interleave]
     msg = channel.recv("ec_syndromes")
     if msg["code"] != code.digest() or int(msg["frames"]) != len(frames):
         raise ReconciliationFailed("LDPC code or frame count differs between Alice and Bob")
@@ -157,7 +168,7 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
     corrected = np.empty_like(bits)
     for f, (start, used) in enumerate(frames):
         key_pos, _ = _frame_layout(plan, used)
-        corrected[start : start + used] = out[f, key_pos]
+        corrected[interleave[start : start + used]] = out[f, key_pos]
     leak = len(frames) * plan.leak_bits() + int(revealed.sum())
     stats = {
         "leak_bits": leak,
