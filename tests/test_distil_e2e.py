@@ -18,6 +18,7 @@ import pytest
 from distil_passgen import BIASED, make_pass
 
 from host.cli import main as qkdsat
+from host.distil import ldpc, reconcile
 from host.distil.protocol import Config
 from host.distil.run import run_local
 
@@ -77,6 +78,28 @@ def _lim2014_hoeffding(key, test, intens, probs, eps_sec, eps_cor, leak):
     return max(math.floor(length), 0)
 
 
+def _recomputed_key_bits(report: dict) -> int:
+    """Independent recomputation (Lim 2014, Hoeffding, default epsilons, two key blocks)
+    from the counts in the report."""
+    prof = report["profile"]
+    total = 0
+    for block in report["blocks"]:
+        key_b, test_b = block["basis"], block["test_basis"]
+        key_counts = {k: tuple(v) for k, v in report["counts_key_blocks"][key_b].items()}
+        test_counts = {k: (v["n"], v["m"]) for k, v in report["counts"][test_b].items()}
+        leak = block["leak_ec_bits"] + block["leak_verification_bits"]
+        total += _lim2014_hoeffding(
+            key_counts,
+            test_counts,
+            prof["intensities"],
+            prof["intensity_probabilities"],
+            1e-9 / 2,
+            1e-15 / 2,
+            leak,
+        )
+    return total
+
+
 def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_pass, tmp_path):
     out = tmp_path / "out"
     report = run_local(micius_pass, out, Config(), seed=11)
@@ -88,24 +111,7 @@ def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_p
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["key_bits"] == report["key_bits"] > 1000
     assert on_disk["key_bases"] == ["Z", "X"]  # symmetric basis choice: both bases
-    # independent recomputation from the counts in the report
-    prof = on_disk["profile"]
-    total = 0
-    for block in on_disk["blocks"]:
-        key_b, test_b = block["basis"], block["test_basis"]
-        key_counts = {k: tuple(v) for k, v in on_disk["counts_key_blocks"][key_b].items()}
-        test_counts = {k: (v["n"], v["m"]) for k, v in on_disk["counts"][test_b].items()}
-        leak = block["leak_ec_bits"] + block["leak_verification_bits"]
-        total += _lim2014_hoeffding(
-            key_counts,
-            test_counts,
-            prof["intensities"],
-            prof["intensity_probabilities"],
-            1e-9 / 2,
-            1e-15 / 2,
-            leak,
-        )
-    assert on_disk["key_bits"] == total
+    assert on_disk["key_bits"] == _recomputed_key_bits(on_disk)
     # the report's other contract fields
     assert on_disk["qber"]["Z"] == pytest.approx(0.0105, abs=0.003)
     assert on_disk["sync"]["assigned_fraction"] > 0.99
@@ -210,6 +216,45 @@ def test_too_few_detections_abort_without_key(tmp_path):
     out = tmp_path / "out"
     report = run_local(pass_dir, out, Config(), seed=1)
     _assert_aborted(out, "too few events", report)
+
+
+def test_discarded_ldpc_frames_leave_the_key_and_the_rest_gives_identical_keys(
+    micius_pass, tmp_path, monkeypatch
+):
+    """Small frames (2^13 bits), first attempt sized for f = 1.3 and no retries: the few
+    frames that do not decode are discarded by both sides instead of aborting the pass.
+    The key comes from the kept bits only (the counts, the PA input), the discarded
+    frames' syndromes still count in the leak, and the key length still equals the
+    recomputation from the report."""
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
+    monkeypatch.setattr(reconcile, "LDPC_RETRIES", 0)
+    out = tmp_path / "out"
+    report = run_local(micius_pass, out, Config(ec_efficiency=1.3), seed=11)
+    assert not report["aborted"], report["abort_reason"]
+    assert (out / "alice.key").read_bytes() == (out / "bob.key").read_bytes()
+    ec = report["ec"]
+    assert 0 < ec["frames_discarded"] < ec["frames"]
+    assert ec["frames_discarded"] == sum(b["frames_discarded"] for b in report["blocks"])
+    assert ec["bits_discarded"] == sum(b["bits_discarded"] for b in report["blocks"]) > 0
+    for block, bob_block in zip(report["blocks"], ec["blocks"], strict=True):
+        kept = sum(v[0] for v in report["counts_key_blocks"][block["basis"]].values())
+        assert kept == bob_block["bits"]  # counted: the kept bits, nothing else
+        assert block["bits_discarded"] == bob_block["bits_discarded"]
+        assert block["leak_ec_bits"] == bob_block["leak_bits"]
+        tags = reconcile.FRAME_TAG_BITS * (bob_block["frames"] - bob_block["frames_discarded"])
+        assert bob_block["leak_frame_tag_bits"] == tags
+    assert report["pa"]["input_bits"] == sum(b["bits"] for b in ec["blocks"])
+    assert report["key_bits"] == _recomputed_key_bits(report) > 0
+
+
+def test_every_ldpc_frame_discarded_aborts_without_key(micius_pass, tmp_path, monkeypatch):
+    """First attempt sized below capacity (f = 0.6) and no retries: no frame can decode,
+    every frame is discarded, the run aborts with the reason and no key file."""
+    monkeypatch.setattr(reconcile, "LDPC_RETRIES", 0)
+    out = tmp_path / "out"
+    report = run_local(micius_pass, out, Config(ec_efficiency=0.6), seed=11)
+    _assert_aborted(out, "every LDPC frame was discarded", report)
+    assert "-basis block" in report["abort_reason"]
 
 
 def test_cli_exit_codes(micius_pass, tmp_path):

@@ -8,6 +8,7 @@ the public pass.json. Neither reads truth/.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from host.distil.bitcodec import (
     unpack_2bit,
     unpack_bits,
 )
+from host.distil.channel import PeerAborted
 from host.distil.gf64 import bits_hash
 from host.distil.pa import seed_bits_needed, toeplitz_hash
 from host.errors import BadInput, ProtocolAborted
@@ -37,7 +39,7 @@ from host.formats.patterns import open_patterns
 from host.formats.qdet import read_detections
 from host.protocol.symbols import decode_symbols
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: per-frame LDPC check (ec_verify, ec_discard)
 NO_PATTERN = 3  # intensity code Alice sends for a slot she has no record of
 VERIFY_KEYS = 2  # two independent 64-bit hashes: collision <= (L/2^64)^2
 BASES = ("Z", "X")
@@ -96,6 +98,25 @@ def key_bases_for(pass_json: dict, config: Config) -> list[str]:
     if abs(pz - 0.5) < 1e-9:
         return ["Z", "X"]  # symmetric choice: both bases carry key (Micius)
     return ["Z"] if pz > 0.5 else ["X"]
+
+
+def _stop(channel, out: Outcome, error: ProtocolAborted) -> None:
+    """How either endpoint ends on a failed check: tell the peer why (unless the peer is the
+    one that stopped; best effort, it may be gone), keep no key, and report the reason next
+    to whatever was measured so far."""
+    if not isinstance(error, PeerAborted):
+        channel.abort(str(error))
+    out.key = None
+    out.report = {"aborted": True, "abort_reason": str(error), **out.report}
+
+
+@contextlib.contextmanager
+def _naming_block(basis: str):
+    """Prefix a reconciliation failure with the key block it happened in."""
+    try:
+        yield
+    except reconcile.ReconciliationFailed as error:
+        raise reconcile.ReconciliationFailed(f"{basis}-basis block: {error}") from error
 
 
 def intensity_names(pass_json: dict) -> list[str]:
@@ -229,10 +250,7 @@ class Alice:
             channel.send("done")
             channel.recv("done")
         except ProtocolAborted as error:
-            if not isinstance(error, reconcile.ReconciliationFailed):
-                channel.abort(str(error))
-            out.key = None
-            out.report = {"aborted": True, "abort_reason": str(error), **out.report}
+            _stop(channel, out, error)
         except Exception as error:
             channel.abort(f"Alice failed internally: {type(error).__name__}")
             raise
@@ -266,7 +284,7 @@ class Alice:
             sizes = {n: int(p.size) for n, p in disclosed.items()}
         # --- error correction of each key block
         leak_total, frames, frame_errors = 0, 0, 0
-        blocks = {}
+        blocks, discards, my_leaks = {}, {}, {}
         with stage("error_correction"):
             for name in key_bases:
                 b = BASES.index(name)
@@ -276,12 +294,20 @@ class Alice:
                 key_bits = s_bit[pos_all[keep]]
                 estimate = _ec_qber(qber_est, sizes, name)
                 if cfg.ec == "ldpc":
-                    stats = reconcile.ldpc_alice(
-                        channel, key_bits, estimate, cfg.ec_efficiency, self.rng
-                    )
+                    with _naming_block(name):
+                        kept, stats = reconcile.ldpc_alice(
+                            channel, key_bits, estimate, cfg.ec_efficiency, self.rng
+                        )
                 else:
                     stats = reconcile.cascade_alice(channel, key_bits, estimate, _public_seed(b))
-                blocks[name] = key_bits
+                    kept = np.ones(key_bits.size, bool)
+                # frames both sides discarded leave the key block (their leak stays counted)
+                blocks[name] = key_bits[kept]
+                discards[name] = {
+                    "frames_discarded": int(stats.get("frames_discarded", 0)),
+                    "bits_discarded": int(key_bits.size - blocks[name].size),
+                }
+                my_leaks[name] = stats["leak_bits"]
                 leak_total += stats["leak_bits"]
                 frames += stats["frames"]
                 frame_errors += stats["frame_errors"]
@@ -291,6 +317,13 @@ class Alice:
             counts_full = json.loads(msg["counts_full"])
             counts_key = json.loads(msg["counts_key"])
             leaks = json.loads(msg["leaks"])
+            if set(leaks) != set(my_leaks) or any(leaks[n] < my_leaks[n] for n in my_leaks):
+                # the key length is cut by the leak: Alice accepts no smaller count than her
+                # own (LDPC: equal; Cascade: Bob's count adds his side's parities)
+                raise ProtocolAborted(
+                    f"Alice and Bob count different error-correction leaks: {my_leaks} "
+                    f"against {leaks}"
+                )
         with stage("verification"):
             tags = {}
             hash_keys = {}
@@ -310,7 +343,12 @@ class Alice:
             },
             counts_key_blocks=counts_key,
             blocks=[
-                {**e.to_json(), "leak_ec_bits": leaks[e.basis], "key_bits": lengths[e.basis]}
+                {
+                    **e.to_json(),
+                    "leak_ec_bits": leaks[e.basis],
+                    **discards[e.basis],
+                    "key_bits": lengths[e.basis],
+                }
                 for e in estimates
             ],
         )
@@ -351,6 +389,7 @@ class Alice:
                         **e.to_json(),
                         "leak_ec_bits": leaks[e.basis],
                         "leak_verification_bits": 64 * VERIFY_KEYS,
+                        **discards[e.basis],
                         "key_bits": lengths[e.basis],
                     }
                     for e in estimates
@@ -360,7 +399,11 @@ class Alice:
                     "output_bits": int(out.key.size),
                     "fft_rounding_margin": worst,
                 },
-                "ec_alice": {"leak_bits": leak_total, "frames": frames},
+                "ec_alice": {
+                    "leak_bits": leak_total,
+                    "frames": frames,
+                    "frames_discarded": sum(d["frames_discarded"] for d in discards.values()),
+                },
             }
         )
         return report
@@ -434,9 +477,7 @@ class Bob:
             channel.recv("done")
             channel.send("done")
         except ProtocolAborted as error:
-            channel.abort(str(error))
-            out.key = None
-            out.report = {"aborted": True, "abort_reason": str(error), **out.report}
+            _stop(channel, out, error)
         except Exception as error:
             channel.abort(f"Bob failed internally: {type(error).__name__}")
             raise
@@ -499,7 +540,10 @@ class Bob:
                         f"{cfg.qber_threshold:.4f}"
                     )
         leaks, ec_stats = {}, []
-        blocks = {}
+        blocks, key_idx = {}, {}
+        # positions in frames discarded after error correction: Bob does not know their
+        # errors, so they are in no count (and in no key)
+        dropped = np.zeros(s_basis.size, bool)
         with stage("error_correction"):
             for name in key_bases:
                 b = BASES.index(name)
@@ -511,30 +555,33 @@ class Bob:
                 if idx.size == 0:
                     raise ProtocolAborted(f"too few events: no {name}-basis key bits")
                 if cfg.ec == "ldpc":
-                    corrected, stats = reconcile.ldpc_bob(
-                        channel, s_bit[idx], estimate, cfg.ec_efficiency
-                    )
+                    with _naming_block(name):
+                        corrected, kept, stats = reconcile.ldpc_bob(
+                            channel, s_bit[idx], estimate, cfg.ec_efficiency
+                        )
                 else:
                     corrected, stats = reconcile.cascade_bob(
                         channel, s_bit[idx], estimate, _public_seed(b)
                     )
+                    kept = np.ones(idx.size, bool)
+                dropped[idx[~kept]] = True
+                idx, corrected = idx[kept], corrected[kept]
                 errors[idx] = corrected != s_bit[idx]
                 known[idx] = True
-                blocks[name] = corrected
+                blocks[name], key_idx[name] = corrected, idx
                 leaks[name] = stats["leak_bits"]
-                stats["bits"] = int(idx.size)
+                stats.setdefault("frames_discarded", 0)
+                stats.setdefault("bits_discarded", 0)
+                stats["bits"] = int(idx.size)  # kept bits: what the key is made from
                 stats["errors"] = int(errors[idx].sum())
                 ec_stats.append(stats)
         with stage("estimation"):
             counts_full, counts_key = {}, {}
             for b, name in enumerate(BASES):
-                sel = s_basis == b
+                sel = (s_basis == b) & ~dropped
                 counts_full[name] = _counts_table(names, s_int[sel], errors[sel], known[sel])
                 if name in key_bases:
-                    pos_all = np.nonzero(sel)[0]
-                    keep = np.ones(pos_all.size, bool)
-                    keep[disclosed[name]] = False
-                    idx = pos_all[keep]
+                    idx = key_idx[name]
                     counts_key[name] = _counts_table(names, s_int[idx], errors[idx], known[idx])
             channel.send(
                 "error_counts",
@@ -595,6 +642,8 @@ class Bob:
                 "efficiency": (leak_bits / (bits_total * h)) if h > 0 else math.inf,
                 "frames": int(sum(s["frames"] for s in ec_stats)),
                 "frame_errors": int(sum(s["frame_errors"] for s in ec_stats)),
+                "frames_discarded": int(sum(s["frames_discarded"] for s in ec_stats)),
+                "bits_discarded": int(sum(s["bits_discarded"] for s in ec_stats)),
                 "blocks": ec_stats,
             },
         }

@@ -2,7 +2,10 @@
 and the Cascade baseline. Each side calls its half with the same public parameters.
 
 Leak accounting (bits an eavesdropper learns about the key string):
-- LDPC: per frame m - rank(H_punctured) syndrome bits, plus every bit revealed on a retry.
+- LDPC: per frame m - rank(H_punctured) syndrome bits, plus every bit revealed on a retry,
+  plus the FRAME_TAG_BITS per-frame verification tag of every frame Bob decoded. Frames
+  that are discarded (never decoded, or decoded to a word whose tag differs from
+  Alice's) leave the key block, but what was sent about them still counts.
 - Cascade: every parity Alice sends, and every parity Bob sends (counted both ways).
 """
 
@@ -15,6 +18,7 @@ import numpy as np
 from host.distil import ldpc
 from host.distil.bitcodec import pack_bits, unpack_bits
 from host.distil.finite_key import binary_entropy
+from host.distil.gf64 import bits_hash
 from host.errors import ProtocolAborted
 
 LDPC_MAX_ITERATIONS = 100  # first attempt
@@ -27,8 +31,48 @@ LDPC_REVEAL_STEP_F = 0.01
 LDPC_STEP_DOUBLING = 6
 
 
+# Per-frame check after decoding: one 64-bit polynomial hash (gf64.bits_hash) of each
+# decoded frame's key bits under a key Alice draws after Bob has finished decoding. A wrong
+# word passes with probability <= (L + 1) / 2^64, L = 64-bit blocks of the frame (~2^-54
+# for 2^16-bit frames; ~6e-14 summed over 1000 frames). That is not part of eps_cor: the
+# block-level verification (protocol.py) still guards every kept bit; this tag only decides
+# which frames to drop so that one bad frame costs a frame, not the pass.
+FRAME_TAG_BITS = 64
+
+
 class ReconciliationFailed(ProtocolAborted):
     pass
+
+
+def _frame_tags(frame_bits: list[np.ndarray], hash_key: int) -> bytes:
+    return b"".join(bits_hash(bits, (hash_key,)) for bits in frame_bits)
+
+
+def _kept_mask(count: int, frames, interleave: np.ndarray, discarded: np.ndarray) -> np.ndarray:
+    """Positions of the (un-interleaved) key block that are in frames both sides keep."""
+    kept = np.ones(count, dtype=bool)
+    for f in discarded:
+        start, used = frames[f]
+        kept[interleave[start : start + used]] = False
+    return kept
+
+
+def _refuse_if_nothing_kept(frames: int, undecoded: np.ndarray, discarded: np.ndarray) -> None:
+    """Both sides reach this verdict from the same public lists, with the same reason."""
+    if discarded.size == frames:
+        raise ReconciliationFailed(
+            f"every LDPC frame was discarded, no key: {undecoded.size} of {frames} never "
+            f"decoded after {LDPC_RETRIES} retries, {discarded.size - undecoded.size} decoded "
+            "to a word whose hash differs from Alice's"
+        )
+
+
+def _frame_list(values, frames: int, what: str) -> np.ndarray:
+    """A frame index list from the peer: strictly increasing, in range (else an abort)."""
+    out = np.asarray(values, dtype=np.int64).reshape(-1)
+    if out.size and (out[0] < 0 or out[-1] >= frames or np.any(np.diff(out) <= 0)):
+        raise ReconciliationFailed(f"{what}: not a sorted list of frame indices < {frames}")
+    return out
 
 
 def _plan(count: int, qber_estimate: float, efficiency: float) -> ldpc.FramePlan:
@@ -67,11 +111,16 @@ def _frame_layout(plan: ldpc.FramePlan, used: int) -> tuple[np.ndarray, np.ndarr
     return key_pos, zero_pos
 
 
-def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float, rng) -> dict:
+def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float, rng) -> tuple:
+    """Alice's half: (kept, stats), kept a mask over `key` of the bits in frames both sides
+    keep (Bob announces the discarded frames; dropping a frame only shrinks the key, so
+    Alice can follow him, after checking he dropped at least the frames he gave up on)."""
     plan = _plan(key.size, qber_estimate, efficiency)
     code = plan.code
     frames = _frames(key.size, plan)
-    key = key[_interleave(key.size)]
+    interleave = _interleave(key.size)
+    count = key.size
+    key = key[interleave]
     words = np.zeros((len(frames), code.n), dtype=np.uint8)
     for f, (start, used) in enumerate(frames):
         key_pos, _ = _frame_layout(plan, used)
@@ -87,7 +136,7 @@ def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float
     revealed = np.zeros(len(frames), dtype=np.int64)
     while True:
         msg = channel.recv("ec_status")
-        failed = np.asarray(msg["failed"], dtype=np.int64)
+        failed = _frame_list(msg["failed"], len(frames), "ec_status")
         if failed.size == 0:
             break
         step = int(msg["step"])
@@ -99,11 +148,32 @@ def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float
             values.append(np.pad(words[f, pos], (0, step - pos.size)))
             revealed[f] += step
         channel.send("ec_reveal", values=pack_bits(np.concatenate(values)))
-    leak = len(frames) * plan.leak_bits() + int(revealed.sum())
-    return {"leak_bits": leak, "frames": len(frames), "frame_errors": int(np.sum(revealed > 0))}
+    # Per-frame check of every frame Bob decoded, under a key drawn only now (after Bob's
+    # decoder has fixed its output, so the wrong words cannot depend on it).
+    undecoded = _frame_list(msg["undecoded"], len(frames), "ec_status undecoded")
+    decoded = np.setdiff1d(np.arange(len(frames)), undecoded)
+    hash_key = int(rng.integers(0, 2**64, dtype=np.uint64))
+    tags = _frame_tags([key[frames[f][0] : sum(frames[f])] for f in decoded], hash_key)
+    channel.send("ec_verify", key=np.array([hash_key], dtype=np.uint64), tags=tags)
+    discarded = _frame_list(channel.recv("ec_discard")["frames"], len(frames), "ec_discard")
+    if np.setdiff1d(undecoded, discarded).size:
+        raise ReconciliationFailed("Bob keeps LDPC frames he reported as not decoded")
+    leak = len(frames) * plan.leak_bits() + int(revealed.sum()) + FRAME_TAG_BITS * decoded.size
+    _refuse_if_nothing_kept(len(frames), undecoded, discarded)
+    kept = _kept_mask(count, frames, interleave, discarded)
+    return kept, {
+        "leak_bits": leak,
+        "frames": len(frames),
+        "frame_errors": int(np.sum(revealed > 0)),
+        "frames_discarded": int(discarded.size),
+        "bits_discarded": int(count - kept.sum()),
+    }
 
 
 def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float) -> tuple:
+    """Bob's half: (corrected, kept, stats). Frames that do not decode within the retries,
+    or whose decoded key bits hash differently from Alice's, are discarded: kept masks
+    them out of `bits` and `corrected` (whose values there are meaningless)."""
     plan = _plan(bits.size, qber_estimate, efficiency)
     code = plan.code
     frames = _frames(bits.size, plan)
@@ -159,21 +229,46 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
             v = values[i * step : i * step + pos.size]
             llr[f, pos] = np.where(v == 1, -ldpc.LLR_KNOWN, ldpc.LLR_KNOWN)
             revealed[f] += step
-    channel.send("ec_status", failed=np.zeros(0, dtype=np.int32), step=0)
-    if pending.size:
-        raise ReconciliationFailed(
-            f"LDPC decoding failed on {pending.size} of {len(frames)} frames after "
-            f"{LDPC_RETRIES} retries (QBER estimate {qber_estimate:.4f})"
-        )
+    undecoded = pending
+    channel.send(
+        "ec_status",
+        failed=np.zeros(0, dtype=np.int32),
+        step=0,
+        undecoded=undecoded.astype(np.int32),
+    )
     corrected = np.empty_like(bits)
     for f, (start, used) in enumerate(frames):
         key_pos, _ = _frame_layout(plan, used)
         corrected[interleave[start : start + used]] = out[f, key_pos]
-    leak = len(frames) * plan.leak_bits() + int(revealed.sum())
+    decoded = np.setdiff1d(np.arange(len(frames)), undecoded)
+    msg = channel.recv("ec_verify")
+    hash_key = int(np.asarray(msg["key"], dtype=np.uint64).reshape(-1)[0])
+    theirs = bytes(msg["tags"])
+    tag_bytes = FRAME_TAG_BITS // 8
+    if len(theirs) != tag_bytes * decoded.size:
+        raise ReconciliationFailed("ec_verify: wrong number of frame tags")
+    mine = _frame_tags(
+        [corrected[interleave[frames[f][0] : sum(frames[f])]] for f in decoded], hash_key
+    )
+    differ = [
+        f
+        for i, f in enumerate(decoded)
+        if mine[i * tag_bytes : (i + 1) * tag_bytes] != theirs[i * tag_bytes : (i + 1) * tag_bytes]
+    ]
+    discarded = np.union1d(undecoded, np.asarray(differ, dtype=np.int64)).astype(np.int64)
+    channel.send("ec_discard", frames=discarded.astype(np.int32))
+    _refuse_if_nothing_kept(len(frames), undecoded, discarded)
+    kept = _kept_mask(bits.size, frames, interleave, discarded)
+    leak = len(frames) * plan.leak_bits() + int(revealed.sum()) + FRAME_TAG_BITS * decoded.size
     stats = {
         "leak_bits": leak,
         "frames": len(frames),
         "frame_errors": int(np.sum(revealed > 0)),
+        "frames_discarded": int(discarded.size),
+        "frames_undecoded": int(undecoded.size),
+        "frames_hash_mismatch": len(differ),
+        "bits_discarded": int(bits.size - kept.sum()),
+        "leak_frame_tag_bits": FRAME_TAG_BITS * int(decoded.size),
         "mother_rate": code.rate,
         "punctured": plan.punctured,
         "shortened": plan.shortened,
@@ -181,7 +276,7 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
         "retry_rounds": retries,
         "revealed_bits": int(revealed.sum()),
     }
-    return corrected, stats
+    return corrected, kept, stats
 
 
 # ------------------------------------------------------------------ Cascade
