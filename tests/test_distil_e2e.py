@@ -239,6 +239,12 @@ def test_discarded_ldpc_frames_leave_the_key_and_the_rest_gives_identical_keys(
     for block, bob_block in zip(report["blocks"], ec["blocks"], strict=True):
         kept = sum(v[0] for v in report["counts_key_blocks"][block["basis"]].values())
         assert kept == bob_block["bits"]  # counted: the kept bits, nothing else
+        # the per-basis statistics keep every position: sample + kept + discarded (Alice
+        # disclosed the discarded frames, so their errors are known)
+        total = sum(v["n"] for v in report["counts"][block["basis"]].values())
+        cfg = Config()
+        sample = min(total, max(cfg.sample_min, int(cfg.sample_fraction * total)), cfg.sample_max)
+        assert total == sample + kept + block["bits_discarded"]
         assert block["bits_discarded"] == bob_block["bits_discarded"]
         assert block["leak_ec_bits"] == bob_block["leak_bits"]
         tags = reconcile.FRAME_TAG_BITS * (bob_block["frames"] - bob_block["frames_discarded"])

@@ -232,8 +232,8 @@ def test_a_frame_decoded_to_a_wrong_codeword_is_discarded_and_the_others_kept(mo
     expected[positions] = False
     assert np.array_equal(stats["kept"], expected)
     assert np.array_equal(alice_stats["kept"], expected)
-    assert np.array_equal(corrected[expected], x[expected])
-    assert not np.array_equal(corrected[positions], x[positions])  # it did decode wrongly
+    # kept frames verified; the discarded one disclosed by Alice once out of the key
+    assert np.array_equal(corrected, x)
     assert stats["frames_discarded"] == alice_stats["frames_discarded"] == 1
     assert stats["bits_discarded"] == alice_stats["bits_discarded"] == positions.size
     assert stats["leak_bits"] == alice_stats["leak_bits"]
@@ -259,7 +259,7 @@ def test_a_frame_that_never_decodes_is_discarded_instead_of_aborting(monkeypatch
     kept = stats["kept"]
     assert np.array_equal(kept, alice_stats["kept"])
     assert not kept[positions].any()
-    assert np.array_equal(corrected[kept], x[kept])
+    assert np.array_equal(corrected, x)
     assert (
         stats["frames_discarded"] == alice_stats["frames_discarded"] == stats["frames_undecoded"]
     )

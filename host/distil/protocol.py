@@ -541,9 +541,6 @@ class Bob:
                     )
         leaks, ec_stats = {}, []
         blocks, key_idx = {}, {}
-        # positions in frames discarded after error correction: Bob does not know their
-        # errors, so they are in no count (and in no key)
-        dropped = np.zeros(s_basis.size, bool)
         with stage("error_correction"):
             for name in key_bases:
                 b = BASES.index(name)
@@ -564,21 +561,22 @@ class Bob:
                         channel, s_bit[idx], estimate, _public_seed(b)
                     )
                     kept = np.ones(idx.size, bool)
-                dropped[idx[~kept]] = True
-                idx, corrected = idx[kept], corrected[kept]
+                # Every error is known (Alice disclosed the discarded frames), so the error
+                # counts stay complete; the key and its counts take the kept bits only.
                 errors[idx] = corrected != s_bit[idx]
                 known[idx] = True
-                blocks[name], key_idx[name] = corrected, idx
+                blocks[name], key_idx[name] = corrected[kept], idx[kept]
                 leaks[name] = stats["leak_bits"]
                 stats.setdefault("frames_discarded", 0)
                 stats.setdefault("bits_discarded", 0)
-                stats["bits"] = int(idx.size)  # kept bits: what the key is made from
-                stats["errors"] = int(errors[idx].sum())
+                stats["bits"] = int(kept.sum())  # kept bits: what the key is made from
+                stats["errors"] = int(errors[idx[kept]].sum())
+                stats["errors_discarded"] = int(errors[idx[~kept]].sum())
                 ec_stats.append(stats)
         with stage("estimation"):
             counts_full, counts_key = {}, {}
             for b, name in enumerate(BASES):
-                sel = (s_basis == b) & ~dropped
+                sel = s_basis == b
                 counts_full[name] = _counts_table(names, s_int[sel], errors[sel], known[sel])
                 if name in key_bases:
                     idx = key_idx[name]

@@ -5,7 +5,9 @@ Leak accounting (bits an eavesdropper learns about the key string):
 - LDPC: per frame m - rank(H_punctured) syndrome bits, plus every bit revealed on a retry,
   plus the FRAME_TAG_BITS per-frame verification tag of every frame Bob decoded. Frames
   that are discarded (never decoded, or decoded to a word whose tag differs from
-  Alice's) leave the key block, but what was sent about them still counts.
+  Alice's) leave the key block, but what was sent about them still counts (conservative).
+  Their bits are then disclosed in full and, like the estimation sample, not counted:
+  they are not key (docs/distillation.md).
 - Cascade: every parity Alice sends, and every parity Bob sends (counted both ways).
 """
 
@@ -114,7 +116,8 @@ def _frame_layout(plan: ldpc.FramePlan, used: int) -> tuple[np.ndarray, np.ndarr
 def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float, rng) -> tuple:
     """Alice's half: (kept, stats), kept a mask over `key` of the bits in frames both sides
     keep (Bob announces the discarded frames; dropping a frame only shrinks the key, so
-    Alice can follow him, after checking he dropped at least the frames he gave up on)."""
+    Alice can follow him, after checking he dropped at least the frames he gave up on).
+    The discarded frames' bits are then disclosed: they are no longer key."""
     plan = _plan(key.size, qber_estimate, efficiency)
     code = plan.code
     frames = _frames(key.size, plan)
@@ -160,6 +163,11 @@ def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float
         raise ReconciliationFailed("Bob keeps LDPC frames he reported as not decoded")
     leak = len(frames) * plan.leak_bits() + int(revealed.sum()) + FRAME_TAG_BITS * decoded.size
     _refuse_if_nothing_kept(len(frames), undecoded, discarded)
+    if discarded.size:
+        # Out of the key now: disclosed like the estimation sample, so that Bob knows every
+        # error of the block and the error counts are not biased by which frames failed.
+        dropped = [key[frames[f][0] : sum(frames[f])] for f in discarded]
+        channel.send("ec_discarded_bits", bits=pack_bits(np.concatenate(dropped)))
     kept = _kept_mask(count, frames, interleave, discarded)
     return kept, {
         "leak_bits": leak,
@@ -172,8 +180,9 @@ def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float
 
 def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float) -> tuple:
     """Bob's half: (corrected, kept, stats). Frames that do not decode within the retries,
-    or whose decoded key bits hash differently from Alice's, are discarded: kept masks
-    them out of `bits` and `corrected` (whose values there are meaningless)."""
+    or whose decoded key bits hash differently from Alice's, are discarded: `kept` masks
+    them out of the key. Alice then discloses their bits, so `corrected` is her whole
+    string (the kept part verified by the per-frame hashes, and later the block hash)."""
     plan = _plan(bits.size, qber_estimate, efficiency)
     code = plan.code
     frames = _frames(bits.size, plan)
@@ -258,6 +267,11 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
     discarded = np.union1d(undecoded, np.asarray(differ, dtype=np.int64)).astype(np.int64)
     channel.send("ec_discard", frames=discarded.astype(np.int32))
     _refuse_if_nothing_kept(len(frames), undecoded, discarded)
+    if discarded.size:
+        sizes = [frames[f][1] for f in discarded]
+        alice = unpack_bits(channel.recv("ec_discarded_bits")["bits"], sum(sizes))
+        for f, part in zip(discarded, np.split(alice, np.cumsum(sizes)[:-1]), strict=True):
+            corrected[interleave[frames[f][0] : sum(frames[f])]] = part
     kept = _kept_mask(bits.size, frames, interleave, discarded)
     leak = len(frames) * plan.leak_bits() + int(revealed.sum()) + FRAME_TAG_BITS * decoded.size
     stats = {
