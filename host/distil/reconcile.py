@@ -251,7 +251,10 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
         corrected[interleave[start : start + used]] = out[f, key_pos]
     decoded = np.setdiff1d(np.arange(len(frames)), undecoded)
     msg = channel.recv("ec_verify")
-    hash_key = int(np.asarray(msg["key"], dtype=np.uint64).reshape(-1)[0])
+    hash_key = np.asarray(msg["key"], dtype=np.uint64).reshape(-1)
+    if hash_key.size != 1:
+        raise ReconciliationFailed("ec_verify: expected one hash key")
+    hash_key = int(hash_key[0])
     theirs = bytes(msg["tags"])
     tag_bytes = FRAME_TAG_BITS // 8
     if len(theirs) != tag_bytes * decoded.size:
