@@ -25,19 +25,114 @@ from pathlib import Path
 import numba
 import numpy as np
 
-CODE_VERSION = 2
+CODE_VERSION = 3
 FRAME_BITS = 65536
 RATE_STEP = 0.01
 MOTHER_RATES = tuple(round(0.5 + RATE_STEP * i, 2) for i in range(46))  # 0.50 .. 0.95
 RESERVE_FRACTION = 0.01  # punctured bits kept for the retry path, fraction of n
 LLR_KNOWN = 40.0
 
-# Variable-node degree distributions (node perspective) per mother rate, found by
-# simulation at n = 16384 (docs/distillation.md). Check degrees are as equal as possible.
-# Degrees of the variables outside the degree-2 staircase.
+# Variable-node degree distributions (node perspective) per mother rate, from
+# host/distil/ldpc_design.py (semi-Gaussian density evolution + LP, regenerate with
+# `python -m host.distil.ldpc_design`); the degree-2 share forms the staircase. q* is
+# the approximation's threshold, optimistic at high rates (there it exceeds capacity):
+# the measured efficiency is in docs/distillation.md.
+# fmt: off
 DISTRIBUTIONS: dict[float, dict[int, float]] = {
-    rate: {3: 0.4, 4: 0.3, 15: 0.3} for rate in MOTHER_RATES
+    # mean check degree 10, q* 0.10616
+    0.5: {2: 0.42835, 3: 0.3256, 7: 0.06385, 8: 0.12484, 30: 0.05736},
+    # mean check degree 10, q* 0.10313
+    0.51: {2: 0.42517, 3: 0.33097, 7: 0.0173, 8: 0.17351, 15: 0.00292, 30: 0.05013},
+    # mean check degree 10.5, q* 0.10000
+    0.52: {2: 0.41895, 3: 0.33105, 7: 0.04537, 8: 0.14762, 30: 0.05701},
+    # mean check degree 10.5, q* 0.09697
+    0.53: {2: 0.41588, 3: 0.33469, 7: 0.0304, 8: 0.16392, 25: 0.01565, 30: 0.03946},
+    # mean check degree 11, q* 0.09415
+    0.54: {2: 0.41151, 3: 0.33647, 7: 0.03093, 8: 0.16462, 30: 0.05647},
+    # mean check degree 11.5, q* 0.09115
+    0.55: {2: 0.40586, 3: 0.33683, 7: 0.05944, 8: 0.13634, 30: 0.06153},
+    # mean check degree 11.5, q* 0.08832
+    0.56: {2: 0.40252, 3: 0.34155, 7: 0.0247, 8: 0.17365, 20: 0.00266, 25: 0.00656, 30: 0.04837},
+    # mean check degree 12, q* 0.08556
+    0.57: {2: 0.3983, 3: 0.3434, 7: 0.02857, 8: 0.17086, 30: 0.05888},
+    # mean check degree 12.5, q* 0.08272
+    0.58: {2: 0.39294, 3: 0.3444, 7: 0.04798, 8: 0.15207, 30: 0.06262},
+    # mean check degree 12.5, q* 0.07995
+    0.59: {2: 0.38956, 3: 0.3489, 7: 0.02112, 8: 0.18113, 25: 0.01526, 30: 0.04403},
+    # mean check degree 13, q* 0.07735
+    0.6: {2: 0.38523, 3: 0.35219, 7: 0.00244, 8: 0.20107, 15: 0.00167, 30: 0.05741},
+    # mean check degree 13.5, q* 0.07468
+    0.61: {2: 0.37998, 3: 0.35392, 7: 0.00733, 8: 0.19868, 30: 0.06008},
+    # mean check degree 14, q* 0.07208
+    0.62: {2: 0.37582, 3: 0.3556, 7: 0.02004, 8: 0.18613, 30: 0.06241},
+    # mean check degree 14.5, q* 0.06946
+    0.63: {2: 0.37, 3: 0.3591, 7: 0.01819, 8: 0.18914, 30: 0.06358},
+    # mean check degree 15, q* 0.06690
+    0.64: {2: 0.36, 3: 0.37072, 7: 0.00401, 8: 0.20084, 30: 0.06444},
+    # mean check degree 15.5, q* 0.06434
+    0.65: {2: 0.35, 3: 0.3808, 8: 0.18753, 9: 0.0175, 30: 0.06416},
+    # mean check degree 16, q* 0.06185
+    0.66: {2: 0.34, 3: 0.39184, 8: 0.16563, 9: 0.03888, 30: 0.06365},
+    # mean check degree 16.5, q* 0.05936
+    0.67: {2: 0.33, 3: 0.40222, 8: 0.13716, 9: 0.06846, 30: 0.06216},
+    # mean check degree 17, q* 0.05692
+    0.68: {2: 0.32, 3: 0.41364, 8: 0.11126, 9: 0.09447, 30: 0.06062},
+    # mean check degree 18, q* 0.05452
+    0.69: {2: 0.31, 3: 0.42032, 8: 0.13959, 9: 0.06288, 30: 0.06721},
+    # mean check degree 18.5, q* 0.05217
+    0.7: {2: 0.3, 3: 0.43119, 8: 0.10065, 9: 0.10447, 30: 0.0637},
+    # mean check degree 19.5, q* 0.04983
+    0.71: {2: 0.29, 3: 0.43905, 8: 0.11374, 9: 0.08896, 30: 0.06824},
+    # mean check degree 20, q* 0.04757
+    0.72: {2: 0.28, 3: 0.45075, 8: 0.07186, 9: 0.13377, 30: 0.06363},
+    # mean check degree 21, q* 0.04533
+    0.73: {2: 0.27, 3: 0.45917, 8: 0.06992, 9: 0.13497, 30: 0.06595},
+    # mean check degree 22, q* 0.04313
+    0.74: {2: 0.26, 3: 0.46798, 8: 0.06256, 9: 0.14229, 30: 0.06716},
+    # mean check degree 23, q* 0.04096
+    0.75: {2: 0.25, 3: 0.47713, 8: 0.04997, 9: 0.15562, 30: 0.06727},
+    # mean check degree 24, q* 0.03882
+    0.76: {2: 0.24, 3: 0.48661, 8: 0.03194, 9: 0.1752, 30: 0.06625},
+    # mean check degree 25.5, q* 0.03674
+    0.77: {2: 0.23, 3: 0.49359, 8: 0.04153, 9: 0.16451, 30: 0.07038},
+    # mean check degree 27, q* 0.03469
+    0.78: {2: 0.22, 3: 0.50144, 8: 0.04535, 9: 0.16016, 30: 0.07306},
+    # mean check degree 28.5, q* 0.03267
+    0.79: {2: 0.21, 3: 0.50948, 8: 0.03769, 9: 0.16904, 30: 0.0738},
+    # mean check degree 30, q* 0.03069
+    0.8: {2: 0.2, 3: 0.51824, 8: 0.02255, 9: 0.18626, 30: 0.07295},
+    # mean check degree 32, q* 0.02875
+    0.81: {2: 0.19, 3: 0.52524, 8: 0.02768, 9: 0.1814, 30: 0.07567},
+    # mean check degree 34, q* 0.02685
+    0.82: {2: 0.18, 3: 0.53293, 8: 0.02122, 9: 0.18972, 30: 0.07613},
+    # mean check degree 36.5, q* 0.02498
+    0.83: {2: 0.17, 3: 0.53933, 8: 0.02992, 9: 0.18165, 30: 0.0791},
+    # mean check degree 39, q* 0.02315
+    0.84: {2: 0.16, 3: 0.54668, 8: 0.02213, 9: 0.19204, 30: 0.07915},
+    # mean check degree 42, q* 0.02136
+    0.85: {2: 0.15, 3: 0.55315, 8: 0.02337, 9: 0.19289, 30: 0.08058},
+    # mean check degree 45, q* 0.01961
+    0.86: {2: 0.14, 3: 0.56067, 8: 0.00531, 9: 0.21548, 30: 0.07854},
+    # mean check degree 49, q* 0.01790
+    0.87: {2: 0.13, 3: 0.56629, 8: 0.01036, 9: 0.21296, 30: 0.08039},
+    # mean check degree 53, q* 0.01623
+    0.88: {2: 0.12, 3: 0.5731, 9: 0.2175, 10: 0.01194, 30: 0.07746},
+    # mean check degree 58.5, q* 0.01460
+    0.89: {2: 0.11, 3: 0.57798, 9: 0.22746, 10: 0.00514, 30: 0.07942},
+    # mean check degree 65, q* 0.01301
+    0.9: {2: 0.1, 3: 0.58277, 9: 0.23307, 10: 0.00357, 30: 0.08059},
+    # mean check degree 73, q* 0.01146
+    0.91: {2: 0.09, 3: 0.58721, 9: 0.23794, 10: 0.00298, 30: 0.08187},
+    # mean check degree 83, q* 0.00996
+    0.92: {2: 0.08, 3: 0.59159, 9: 0.23796, 10: 0.00749, 30: 0.08296},
+    # mean check degree 96.5, q* 0.00850
+    0.93: {2: 0.07, 3: 0.59307, 8: 0.01503, 9: 0.23532, 30: 0.08658},
+    # mean check degree 114.5, q* 0.00709
+    0.94: {2: 0.06, 3: 0.59417, 8: 0.03166, 9: 0.22433, 30: 0.08984},
+    # mean check degree 119.5, q* 0.00555
+    0.95: {2: 0.05, 3: 0.61356, 8: 0.07395, 9: 0.17056, 20: 0.07843, 25: 0.0135},
 }
+# fmt: on
 
 
 def cache_dir() -> Path:
@@ -93,106 +188,105 @@ def _syndromes(bits, check_ptr, check_var, out):
 
 
 @numba.njit(cache=True)
-def _build(ev, ec, fixed, n, m, seed, passes):
-    """Break 4-cycles and double edges by swapping the checks of random (non-fixed) edges;
-    swaps keep every variable and check degree."""
+def _attach(v, c, check_vars, check_deg, var_checks, var_deg, slots, where, start):
+    """Add edge (v, c); c moves from its degree bucket to the next one (checks are kept
+    sorted by degree in `slots`, bucket d being slots[start[d]:start[d + 1]])."""
+    check_vars[c, check_deg[c]] = v
+    var_checks[v, var_deg[v]] = c
+    var_deg[v] += 1
+    d = check_deg[c]
+    last = start[d + 1] - 1
+    other = slots[last]
+    slots[where[c]] = other
+    where[other] = where[c]
+    slots[last] = c
+    where[c] = last
+    start[d + 1] -= 1
+    check_deg[c] += 1
+
+
+@numba.njit(cache=True)
+def _peg_edges(stairs, degrees, m, seed):
+    """Edges (variable, check) of a graph without 4-cycles: `stairs` degree-2 variables in
+    a staircase (variable i on checks i and i + 1), then the variables of `degrees`
+    (ascending) placed edge by edge on a lowest-degree check that is not within distance
+    2 of the variable (progressive edge growth to depth 1, Hu et al. 2005), at random
+    among equals, so the check degrees stay concentrated. Returns (ev, ec, edges that
+    could not avoid a 4-cycle)."""
     np.random.seed(seed)
-    E = ev.size
-    free = np.nonzero(~fixed)[0]
-    vptr = np.zeros(n + 1, dtype=np.int64)
-    for e in range(E):
-        vptr[ev[e] + 1] += 1
-    for v in range(n):
-        vptr[v + 1] += vptr[v]
-    vedges = np.empty(E, dtype=np.int64)
-    fill = vptr[:-1].copy()
-    for e in range(E):
-        vedges[fill[ev[e]]] = e
-        fill[ev[e]] += 1
-    mark = np.full(n, -1, dtype=np.int64)
-    for _ in range(passes):
-        cptr = np.zeros(m + 1, dtype=np.int64)
-        for e in range(E):
-            cptr[ec[e] + 1] += 1
-        for c in range(m):
-            cptr[c + 1] += cptr[c]
-        cfill = cptr[:-1].copy()
-        cvars = np.empty(E, dtype=np.int64)
-        for e in range(E):
-            cvars[cfill[ec[e]]] = ev[e]
-            cfill[ec[e]] += 1
-        bad = 0
-        for v in range(n):
-            # Mark each variable two steps away by the check it was reached through;
-            # reaching it again through another check closes a 4-cycle.
-            hit_edge = -1
-            for a in range(vptr[v], vptr[v + 1]):
-                c1 = ec[vedges[a]]
-                seen = 0
-                for t in range(cptr[c1], cptr[c1 + 1]):
-                    u = cvars[t]
-                    if u == v:
-                        seen += 1
-                        continue
-                    if mark[u] >= 0 and mark[u] != c1:
-                        if not fixed[vedges[a]]:
-                            hit_edge = vedges[a]
-                        else:
-                            bad += 1
-                    mark[u] = c1
-                if seen > 1 and not fixed[vedges[a]]:
-                    hit_edge = vedges[a]
-            for a in range(vptr[v], vptr[v + 1]):
-                c1 = ec[vedges[a]]
-                for t in range(cptr[c1], cptr[c1 + 1]):
-                    mark[cvars[t]] = -1
-            if hit_edge >= 0:
-                bad += 1
-                o = free[np.random.randint(free.size)]
-                tmp = ec[hit_edge]
-                ec[hit_edge] = ec[o]
-                ec[o] = tmp
-        if bad == 0:
-            break
-    return ec
+    nv = stairs + degrees.size
+    edges = 2 * stairs + degrees.sum()
+    cap = edges // m + 24
+    check_vars = np.full((m, cap), -1, np.int64)
+    check_deg = np.zeros(m, np.int64)
+    var_checks = np.full((nv, max(2, degrees.max() if degrees.size else 2)), -1, np.int64)
+    var_deg = np.zeros(nv, np.int64)
+    slots = np.arange(m)
+    where = np.arange(m)
+    start = np.full(cap + 2, m, np.int64)
+    start[0] = 0
+    ev = np.empty(edges, np.int64)
+    ec = np.empty(edges, np.int64)
+    e = 0
+    for i in range(stairs):
+        for c in (i, i + 1):
+            ev[e], ec[e] = i, c
+            e += 1
+            _attach(i, c, check_vars, check_deg, var_checks, var_deg, slots, where, start)
+    mark = np.zeros(m, np.int64)
+    failures = 0
+    for k in range(degrees.size):
+        v = stairs + k
+        stamp = k + 1
+        for _ in range(degrees[k]):
+            chosen = -1
+            d = 0
+            while d < cap - 1 and chosen < 0:
+                lo, size = start[d], start[d + 1] - start[d]
+                if size > 0:
+                    off = np.random.randint(size)
+                    for s in range(size):
+                        c = slots[lo + (off + s) % size]
+                        if mark[c] != stamp:
+                            chosen = c
+                            break
+                d += 1
+            while chosen < 0:  # no 4-cycle-free check left: any check not yet on v
+                failures += 1
+                c = np.random.randint(m)
+                if check_deg[c] < cap:
+                    chosen = c
+                    for a in range(var_deg[v]):
+                        if var_checks[v, a] == c:
+                            chosen = -1
+            ev[e], ec[e] = v, chosen
+            e += 1
+            # mark the check and every check of the variables already on it
+            mark[chosen] = stamp
+            for a in range(check_deg[chosen]):
+                u = check_vars[chosen, a]
+                for b in range(var_deg[u]):
+                    mark[var_checks[u, b]] = stamp
+            _attach(v, chosen, check_vars, check_deg, var_checks, var_deg, slots, where, start)
+    return ev, ec, failures
 
 
-def _graph(n: int, rate: float, distribution: dict[int, float], seed: int):
-    """Edges (variable, check, fixed): m - 1 degree-2 variables in a staircase (no cycles
-    among degree-2 nodes, the usual error-floor culprit), the rest random by degree."""
+def _degrees(n: int, rate: float, distribution: dict[int, float]):
+    """(staircase length, ascending degrees of the other variables, m): m - 1 degree-2
+    variables in a staircase (no cycles among degree-2 nodes, the usual error-floor
+    culprit), or the distribution's degree-2 share if smaller; the rest by degree."""
     m = int(round(n * (1 - rate)))
     if 2 in distribution:
-        # a full distribution (node perspective): its degree-2 nodes form the staircase
         stairs = min(m - 1, int(round(distribution[2] * n)))
         others = {d: f for d, f in distribution.items() if d != 2}
-        total = sum(others.values())
-        others = {d: f / total for d, f in others.items()}
     else:
         stairs, others = m - 1, distribution
+    total = sum(others.values())
     rest = n - stairs
     degrees = sorted(others)
-    counts = [int(math.floor(others[d] * rest)) for d in degrees]
+    counts = [int(math.floor(others[d] / total * rest)) for d in degrees]
     counts[0] += rest - sum(counts)
-    rng = np.random.default_rng(seed)
-    var_degrees = np.repeat(np.array(degrees, dtype=np.int64), counts)
-    stair_v = np.repeat(np.arange(stairs), 2)
-    stair_c = (np.arange(2 * stairs) + 1) // 2  # variable i sits on checks i and i+1
-    rand_v = np.repeat(np.arange(stairs, n), var_degrees)
-    edges_rand = rand_v.size
-    check_load = np.bincount(stair_c, minlength=m)
-    total = 2 * (m - 1) + edges_rand
-    target = np.full(m, total // m)
-    target[: total - target.sum()] += 1
-    need = np.maximum(target - check_load, 0)
-    while need.sum() < edges_rand:  # rounding: top up the lightest checks
-        need[np.argmin(need + check_load)] += 1
-    sockets = np.repeat(np.arange(m), need)[:edges_rand]
-    rand_c = sockets[rng.permutation(edges_rand)]
-    ev = np.concatenate([stair_v, rand_v]).astype(np.int64)
-    ec = np.concatenate([stair_c, rand_c]).astype(np.int64)
-    fixed = np.zeros(ev.size, dtype=np.bool_)
-    fixed[: stair_v.size] = True
-    return ev, ec, fixed, m
+    return stairs, np.repeat(np.array(degrees, dtype=np.int64), counts), m
 
 
 def _public_order(n: int, stairs: int, column: np.ndarray, seed: int) -> np.ndarray:
@@ -236,18 +330,16 @@ def _construct(n: int, rate: float, seed: int, distribution) -> Code:
             return code
         except (OSError, ValueError, KeyError):
             pass  # a torn cache file is rebuilt below
-    ev, ec, fixed, m = _graph(n, rate, distribution, seed)
-    ec = _build(ev, ec, fixed, n, m, seed, 40)
+    stairs, var_degrees, m = _degrees(n, rate, distribution)
+    ev, ec, _ = _peg_edges(stairs, var_degrees, m, seed)
     # Column order is shuffled so the staircase is not contiguous in the frame.
     column = np.random.default_rng(seed + 1).permutation(n)
-    # A double edge that survived would cancel in GF(2): keep one copy.
-    pairs = np.unique(np.stack([ec, column[ev]], 1), axis=0)
+    pairs = np.unique(np.stack([ec, column[ev]], 1), axis=0)  # sorted by check
     check_ptr = np.zeros(m + 1, dtype=np.int32)
     np.add.at(check_ptr, pairs[:, 0] + 1, 1)
     check_ptr = np.cumsum(check_ptr).astype(np.int32)
     check_var = pairs[:, 1].astype(np.int32)
-    stairs = int(np.sum(np.bincount(ev, minlength=n) == 2)) if 2 in distribution else m - 1
-    order = _public_order(n, min(stairs, m - 1), column, seed)
+    order = _public_order(n, stairs, column, seed)
     code = Code(n, m, check_ptr, check_var, seed, rate, order)
     tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.npz")
     np.savez(tmp, m=m, check_ptr=check_ptr, check_var=check_var, order=order)

@@ -1,0 +1,142 @@
+"""Degree distributions of the LDPC mother codes, designed in the project for syndrome
+decoding on the binary symmetric channel.
+
+Method: density evolution under a semi-Gaussian approximation, then linear programming.
+- Channel messages are exact: +-ln((1-q)/q) with probabilities 1-q and q.
+- The check-node update is exact in the statistic E[tanh(L/2)]. It is multiplicative
+  for independent messages.
+- Only the check-to-variable message is taken as Gaussian N(m, 2m). Chung, Richardson
+  and Urbanke (2001) take every message as Gaussian; this is their method, with the
+  BSC channel kept exact.
+- With the check degrees concentrated on two neighbours (floor(dc), floor(dc)+1), the
+  condition that decoding converges from every check mean m on a grid is linear in the
+  edge fractions lambda_i. The rate is maximised by an LP:
+  - subject to the BSC stability condition lambda_2 rho'(1) 2 sqrt(q(1-q)) < 1;
+  - with at most m - 1 degree-2 variables, so that they fit the cycle-free staircase.
+- The threshold q*(R) is the largest q at which rate R is still reachable.
+
+The approximation is optimistic at high rates: it puts R >= 0.9 slightly beyond capacity.
+So the table in ldpc.py is judged by finite-length simulation (benchmarks/bench_distil.py,
+docs/distillation.md), not by q*. The table was regenerated with
+
+    python -m host.distil.ldpc_design   # about 10 min on one core
+
+Deterministic, with no randomness.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.optimize import brentq, linprog
+
+DEGREES = np.array([2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30])
+_GH_X, _GH_W = np.polynomial.hermite_e.hermegauss(80)
+_GH_W = _GH_W / _GH_W.sum()
+# check means at which convergence is required: fine near 0, where decoding starts
+_GRID = np.concatenate([np.geomspace(1e-4, 1.0, 30), np.linspace(1.0, 40.0, 120)[1:]])
+
+
+def tanh_mean(shift, mean):
+    """E[tanh((shift + Y)/2)] for Y ~ N(mean, 2 mean) (a symmetric Gaussian LLR)."""
+    shift = np.asarray(shift, float)[..., None]
+    mean = np.asarray(mean, float)[..., None]
+    y = mean + np.sqrt(2 * mean) * _GH_X
+    return np.sum(_GH_W * np.tanh(0.5 * (shift + y)), axis=-1)
+
+
+def _variable_tanh(check_mean, q: float, degrees) -> np.ndarray:
+    """E[tanh(L/2)] of the variable-to-check message of each degree: exact BSC channel
+    message plus (degree - 1) Gaussian check messages of mean check_mean."""
+    llr = math.log((1 - q) / q)
+    mean = np.outer(np.asarray(check_mean, float), degrees - 1)
+    return (1 - q) * tanh_mean(llr, mean) + q * tanh_mean(-llr, mean)
+
+
+def check_distribution(dc: float) -> dict[int, float]:
+    """Edge-perspective rho for an average check degree dc on two neighbouring degrees."""
+    low = int(math.floor(dc))
+    high_nodes = dc - low
+    edges_low, edges_high = (1 - high_nodes) * low, high_nodes * (low + 1)
+    total = edges_low + edges_high
+    return {low: edges_low / total, low + 1: edges_high / total}
+
+
+def _rho_inverse(rho: dict[int, float], y: np.ndarray) -> np.ndarray:
+    """t with sum_j rho_j t^(j-1) = y, by bisection (the left side increases in t)."""
+    lo, hi = np.zeros_like(y), np.ones_like(y)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        below = sum(p * mid ** (j - 1) for j, p in rho.items()) < y
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return hi
+
+
+def best_lambda(q: float, dc: float, rate_target: float, max_degree: int = 30):
+    """(rate, edge-perspective lambda) of highest rate converging at q with checks dc."""
+    rho = check_distribution(dc)
+    degrees = DEGREES[DEGREES <= max_degree]
+    needed = _rho_inverse(rho, tanh_mean(0.0, _GRID))
+    rows, bounds = [-_variable_tanh(_GRID, q, degrees)], [-needed]
+    stability = np.zeros(degrees.size)
+    stability[0] = sum(p * (j - 1) for j, p in rho.items()) * 2 * math.sqrt(q * (1 - q))
+    staircase = -(1 - rate_target) / degrees  # degree-2 nodes <= m
+    staircase[0] += 0.5
+    rows += [stability[None], staircase[None]]
+    bounds += [[0.95], [0.0]]
+    result = linprog(
+        -1.0 / degrees,
+        A_ub=np.vstack(rows),
+        b_ub=np.concatenate(bounds),
+        A_eq=np.ones((1, degrees.size)),
+        b_eq=[1.0],
+        bounds=[(0, 1)] * degrees.size,
+        method="highs",
+    )
+    if not result.success:
+        return None
+    lam = result.x
+    rate = 1 - sum(p / j for j, p in rho.items()) / float(np.sum(lam / degrees))
+    return rate, dict(zip(degrees.tolist(), lam.tolist(), strict=True))
+
+
+def max_rate(q: float, rate_target: float, max_degree: int = 30):
+    """(rate, lambda, dc) of the best check degree for channel q."""
+    best = None
+    for dc in np.arange(5.0, 120.0, 0.5):
+        found = best_lambda(q, dc, rate_target, max_degree)
+        if found is None:
+            continue
+        if best is None or found[0] > best[0]:
+            best = (found[0], found[1], float(dc))
+        elif found[0] < best[0] - 0.01:
+            break
+    return best
+
+
+def design(rate: float, max_degree: int = 30) -> tuple[float, float, dict[int, float]]:
+    """(threshold q*, check degree dc, node-perspective variable distribution)."""
+
+    def gap(q):
+        found = max_rate(q, rate, max_degree)
+        return (found[0] if found else 0.0) - rate
+
+    q_star = brentq(gap, 1e-3, 0.15, xtol=1e-5)
+    _, lam, dc = max_rate(q_star, rate, max_degree)
+    per_node = sum(v / d for d, v in lam.items())
+    nodes = {d: round(v / d / per_node, 5) for d, v in lam.items() if v > 1e-5}
+    return q_star, dc, nodes
+
+
+def main() -> None:
+    """Print the DISTRIBUTIONS table of ldpc.py."""
+    from host.distil.ldpc import MOTHER_RATES
+
+    for rate in MOTHER_RATES:
+        q_star, dc, nodes = design(rate)
+        print(f"    # mean check degree {dc:g}, q* {q_star:.5f}\n    {rate}: {nodes},", flush=True)
+
+
+if __name__ == "__main__":
+    main()
