@@ -1,5 +1,6 @@
 """LDPC construction and decoding, rate adaptation, leak accounting, and Cascade."""
 
+import math
 import threading
 
 import numpy as np
@@ -132,9 +133,9 @@ def test_ldpc_leak_counts_every_syndrome_punctured_and_revealed_bit(monkeypatch)
     q, n = 0.02, 80_000
     x, corrected, stats, alice_stats, errors = _exchange("ldpc", n=n, q=q, seed=4)
     assert np.array_equal(corrected, x)
-    assert stats["frames"] == 11
+    assert stats["frames"] == math.ceil(n / ldpc.max_key_bits(q, 1.1, 8192)) >= 10
     plan = reconcile._plan(n, q, 1.1)
-    assert plan.code.n == 8192 and plan.punctured >= 0.01 * 8192
+    assert plan.code.n == 8192 and plan.punctured >= ldpc.RETRY_RESERVE_MIN * 8192
     # every frame decoded, so every frame's 64-bit check tag was sent
     assert stats["leak_frame_tag_bits"] == reconcile.FRAME_TAG_BITS * stats["frames"]
     assert stats["leak_bits"] == (
@@ -165,7 +166,8 @@ def test_ldpc_efficiency_does_not_suffer_when_the_qber_drifts_over_the_block(mon
         corrected, stats, _ = _run_pair("ldpc", x, y, float((x != y).mean()))
         assert np.array_equal(corrected, x)
         results[name] = stats["leak_bits"] / (n * binary_entropy(float((x != y).mean())))
-    assert results["drift"] < results["uniform"] + 0.08, results
+    # without interleaving: 2.45 against 1.34 (frame-to-frame spread at 2^13 is ~0.1)
+    assert results["drift"] < results["uniform"] + 0.15, results
 
 
 def _frame_positions(n: int, q: float, frame: int):
@@ -221,7 +223,7 @@ def test_a_frame_decoded_to_a_wrong_codeword_is_discarded_and_the_others_kept(mo
     plan, key_pos, positions = _frame_positions(n, q, bad)
     y[positions] = x[positions] ^ _codeword_on(plan.code, key_pos, rng)[key_pos]
     corrected, stats, alice_stats = _run_pair("ldpc", x, y, q)
-    assert stats["frames"] == 11
+    assert stats["frames"] == math.ceil(n / ldpc.max_key_bits(q, 1.1, 8192)) >= 10
     assert stats["frames_hash_mismatch"] == 1 and stats["frames_undecoded"] == 0
     expected = np.ones(n, bool)
     expected[positions] = False
@@ -233,7 +235,7 @@ def test_a_frame_decoded_to_a_wrong_codeword_is_discarded_and_the_others_kept(mo
     assert stats["bits_discarded"] == alice_stats["bits_discarded"] == positions.size
     assert stats["leak_bits"] == alice_stats["leak_bits"]
     assert stats["leak_bits"] == (
-        11 * plan.leak_bits() + stats["revealed_bits"] + reconcile.FRAME_TAG_BITS * 11
+        stats["frames"] * (plan.leak_bits() + reconcile.FRAME_TAG_BITS) + stats["revealed_bits"]
     )
 
 

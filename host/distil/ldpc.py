@@ -25,11 +25,21 @@ from pathlib import Path
 import numba
 import numpy as np
 
-CODE_VERSION = 3
+CODE_VERSION = 4
 FRAME_BITS = 65536
-RATE_STEP = 0.01
-MOTHER_RATES = tuple(round(0.5 + RATE_STEP * i, 2) for i in range(46))  # 0.50 .. 0.95
-RESERVE_FRACTION = 0.01  # punctured bits kept for the retry path, fraction of n
+DESIGN_RATES = tuple(round(0.5 + 0.01 * i, 2) for i in range(46))  # 0.50 .. 0.95
+# Mother codes on a finer grid than the designs (each uses the nearest design): a frame
+# must puncture whatever the code's m exceeds the target leak by, and puncturing beyond the
+# retry reserve costs efficiency (0.0025 n is ~0.02 in f at 2 % QBER; 0.01 n was ~0.07).
+RATE_STEP = 0.0025
+MOTHER_RATES = tuple(round(0.5 + RATE_STEP * i, 4) for i in range(181))  # 0.50 .. 0.95
+# Punctured bits kept for the retry path, in units of the efficiency f: the retries can
+# raise a frame's f by this much revealing punctured bits (each worth a syndrome bit)
+# before they must reveal key bits (worth only 1 - R of one).
+# At low QBER a bit is worth more f, and high-rate codes vary more from frame to frame, so
+# the reserve is at least RETRY_RESERVE_MIN of the frame.
+RETRY_RESERVE_F = float(os.environ.get("QKDSAT_RESERVE_F", "0.06"))
+RETRY_RESERVE_MIN = float(os.environ.get("QKDSAT_RESERVE_MIN", "0.0095"))
 LLR_KNOWN = 40.0
 
 # Variable-node degree distributions (node perspective) per mother rate, from
@@ -243,7 +253,15 @@ def _peg_edges(stairs, degrees, m, seed):
             d = 0
             while d < cap - 1 and chosen < 0:
                 lo, size = start[d], start[d + 1] - start[d]
-                if size > 0:
+                # Random probes first: a scan through the bucket would pick checks next to
+                # each other in the staircase, and two variables sharing a check whose other
+                # checks are staircase neighbours form a codeword of weight 4.
+                for _ in range(min(size, 64)):
+                    c = slots[lo + np.random.randint(size)]
+                    if mark[c] != stamp:
+                        chosen = c
+                        break
+                if chosen < 0 and size > 0:
                     off = np.random.randint(size)
                     for s in range(size):
                         c = slots[lo + (off + s) % size]
@@ -309,7 +327,7 @@ _CODES: dict[str, Code] = {}
 
 def construct(n: int, rate: float, seed: int = 1, distribution=None) -> Code:
     """The code for (n, rate, seed, distribution): from memory, the disk cache, or built."""
-    distribution = distribution or DISTRIBUTIONS[rate]
+    distribution = distribution or DISTRIBUTIONS[min(DESIGN_RATES, key=lambda r: abs(r - rate))]
     with _BUILD_LOCK:
         return _construct(n, rate, seed, distribution)
 
@@ -493,17 +511,17 @@ def plan_for(
     """The mother code and (p, s) for frames of key_bits key bits (default: as many as fit)
     leaking efficiency * h(qber) per key bit: leak m - p = efficiency h key_bits.
 
-    The mother code is the highest grid rate leaving at least RESERVE_FRACTION n punctured
-    bits (so 1-2 grid steps): the reserve the retry path reveals first (a revealed punctured
-    bit is worth one syndrome bit, a revealed key bit only 1 - R of one). Positions that
-    are neither key nor punctured are shortened (known zeros: no leak, only capacity)."""
+    The mother code is the highest grid rate leaving at least RETRY_RESERVE_F h key_bits
+    punctured bits: the reserve the retry path reveals first. Positions that are neither
+    key nor punctured are shortened (known zeros: no leak, only capacity)."""
     from host.distil.finite_key import binary_entropy
 
     n = n or FRAME_BITS
-    per_bit = efficiency * binary_entropy(min(max(qber, 1e-4), 0.5))
+    h = binary_entropy(min(max(qber, 1e-4), 0.5))
+    per_bit = efficiency * h
     if key_bits is None:
         key_bits = max_key_bits(qber, efficiency, n)
-    need = per_bit * key_bits + RESERVE_FRACTION * n
+    need = per_bit * key_bits + max(RETRY_RESERVE_F * h * key_bits, RETRY_RESERVE_MIN * n)
     rate = MOTHER_RATES[0]
     for candidate in reversed(MOTHER_RATES):
         if round(n * (1 - candidate)) >= need:
@@ -521,10 +539,11 @@ def max_key_bits(qber: float, efficiency: float, n: int | None = None) -> int:
     from host.distil.finite_key import binary_entropy
 
     n = n or FRAME_BITS
-    per_bit = efficiency * binary_entropy(min(max(qber, 1e-4), 0.5))
+    h = binary_entropy(min(max(qber, 1e-4), 0.5))
+    per_bit = (efficiency + RETRY_RESERVE_F) * h
     lowest_m = round(n * (1 - MOTHER_RATES[0]))
-    fit = (lowest_m - RESERVE_FRACTION * n) / max(per_bit, 1e-9)
-    return int(min(n * (1 - 2 * RESERVE_FRACTION - RATE_STEP), fit))
+    fit = (lowest_m - RETRY_RESERVE_MIN * n) / max(per_bit, 1e-9)
+    return int(min(n * (1 - RATE_STEP - RETRY_RESERVE_MIN) / (1 + RETRY_RESERVE_F * h), fit))
 
 
 def channel_llr(bits: np.ndarray, qber: float) -> np.ndarray:

@@ -131,9 +131,9 @@ def design(rate: float, max_degree: int = 30) -> tuple[float, float, dict[int, f
 
 def main() -> None:
     """Print the DISTRIBUTIONS table of ldpc.py."""
-    from host.distil.ldpc import MOTHER_RATES
+    from host.distil.ldpc import DESIGN_RATES
 
-    for rate in MOTHER_RATES:
+    for rate in DESIGN_RATES:
         q_star, dc, nodes = design(rate)
         print(f"    # mean check degree {dc:g}, q* {q_star:.5f}\n    {rate}: {nodes},", flush=True)
 

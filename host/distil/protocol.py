@@ -53,7 +53,9 @@ class Config:
     eps_sec: float = 1e-9
     eps_cor: float = 1e-15
     qber_threshold: float = 0.11
-    ec_efficiency: float = 1.1  # LDPC: the rate the first attempt is sized for (retries follow)
+    # LDPC: the first attempt is sized for this f, below most frames' threshold on purpose;
+    # retries then reveal punctured bits in steps of 0.01 f until each frame decodes
+    ec_efficiency: float = 1.05
     sample_fraction: float = 0.02
     sample_max: int = 8192
     sample_min: int = 256
