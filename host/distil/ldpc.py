@@ -38,8 +38,8 @@ MOTHER_RATES = tuple(round(0.5 + RATE_STEP * i, 4) for i in range(181))  # 0.50 
 # before they must reveal key bits (worth only 1 - R of one).
 # At low QBER a bit is worth more f, and high-rate codes vary more from frame to frame, so
 # the reserve is at least RETRY_RESERVE_MIN of the frame.
-RETRY_RESERVE_F = float(os.environ.get("QKDSAT_RESERVE_F", "0.06"))
-RETRY_RESERVE_MIN = float(os.environ.get("QKDSAT_RESERVE_MIN", "0.0095"))
+RETRY_RESERVE_F = 0.15
+RETRY_RESERVE_MIN = 0.0095
 LLR_KNOWN = 40.0
 
 # Variable-node degree distributions (node perspective) per mother rate, from
