@@ -341,29 +341,32 @@ def test_split_mode_over_tcp_gives_the_same_key_as_local_mode(micius_pass, tmp_p
 
 @pytest.mark.slow
 def test_simulated_micius_pass_gives_identical_keys_near_the_published_length(tmp_path):
-    """The physics simulator's micius-2017 pass (full scale, seed 1) through both endpoints:
-    the key must be within 30 % of Liao et al. 2017's 300,939 bits."""
+    """The physics simulator's micius-2017 pass (full scale, seed 1) through both endpoints,
+    with the default Hoeffding tails and with Micius' Chernoff tails: either way the key
+    must be within 30 % of Liao et al. 2017's 300,939 bits."""
     pass_dir = tmp_path / "micius"
     assert (
         qkdsat(["simulate", "--profile", "micius-2017", "--seed", "1", "--out", str(pass_dir)])
         == 0
     )
-    out = tmp_path / "out"
-    report = run_local(pass_dir, out, Config(tail="chernoff"), seed=3)
-    assert not report["aborted"], report["abort_reason"]
-    assert (out / "alice.key").read_bytes() == (out / "bob.key").read_bytes()
-    assert abs(report["key_bits"] / 300_939 - 1) < 0.30
-    assert report["sync"]["assigned_fraction"] > 0.9
-    # Bob's slots against the simulator's truth: every sifted bit came from the right slot
-    # or the QBER would be ~25 %; published ~1.1 % for the signal state
-    assert report["qber"]["Z"] < 0.02
-    # the single-photon lower bound sits below the simulator's true count, and close to it
     truth = json.loads((pass_dir / "truth" / "truth.json").read_text())
-    for block in report["blocks"]:
-        true_s1 = truth["single_photon_sifted"][block["basis"]]
-        assert 0.8 * true_s1 < block["s1_lower"] <= true_s1
-        true_e1 = truth["single_photon_errors"][block["basis"]] / true_s1
-        assert block["phase_error_upper"] >= true_e1
+    # how close the single-photon lower bound comes to the simulator's true count
+    s1_tightness = {"hoeffding": 0.75, "chernoff": 0.8}
+    for tail, tightness in s1_tightness.items():
+        out = tmp_path / f"out-{tail}"
+        report = run_local(pass_dir, out, Config(tail=tail), seed=3)
+        assert not report["aborted"], report["abort_reason"]
+        assert (out / "alice.key").read_bytes() == (out / "bob.key").read_bytes()
+        assert abs(report["key_bits"] / 300_939 - 1) < 0.30, (tail, report["key_bits"])
+        assert report["sync"]["assigned_fraction"] > 0.9
+        # Bob's slots against the simulator's truth: every sifted bit came from the right
+        # slot or the QBER would be ~25 %; published ~1.1 % for the signal state
+        assert report["qber"]["Z"] < 0.02
+        for block in report["blocks"]:
+            true_s1 = truth["single_photon_sifted"][block["basis"]]
+            assert tightness * true_s1 < block["s1_lower"] <= true_s1
+            true_e1 = truth["single_photon_errors"][block["basis"]] / true_s1
+            assert block["phase_error_upper"] >= true_e1
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ LDPC_RETRIES = 40
 # raises the frame's efficiency f by about this much, so the retry path ends close to the
 # frame's own decoding threshold instead of a worst-case margin chosen up front.
 LDPC_REVEAL_STEP_F = 0.01
-LDPC_STEP_GROWTH = 8  # retries per unit of step growth (see ldpc_bob)
+LDPC_STEP_GROWTH = 8  # retries per unit of step growth (see _retry_step)
+LDPC_STEP_LINEAR = 24  # retries of linear growth before doubling
 
 
 # Per-frame check after decoding: a polynomial hash (gf64.bits_hash) of each decoded
@@ -41,6 +42,20 @@ LDPC_STEP_GROWTH = 8  # retries per unit of step growth (see ldpc_bob)
 # frames to drop so that one bad frame costs a frame, not the pass. 32 bits rather than 64
 # halve the tags' leak (0.006 in f at 1 % QBER).
 FRAME_TAG_BITS = 32
+
+
+def _retry_step(base_step: int, attempt: int) -> int:
+    """Bits revealed per pending frame on retry `attempt` (0-based). Fine steps first,
+    growing linearly (one more base step every LDPC_STEP_GROWTH retries): frames end close
+    to their own threshold (doubling from the start overshot: a frame done on retry 20
+    paid up to 0.08 in f for its last step). After LDPC_STEP_LINEAR retries the step
+    doubles every 3, so that a small block whose sampled QBER was far too low, or a frame
+    past the punctured reserve (key bits are worth only 1 - R syndrome bits each), still
+    decodes within LDPC_RETRIES."""
+    if attempt < LDPC_STEP_LINEAR:
+        return base_step * (1 + attempt // LDPC_STEP_GROWTH)
+    linear_end = 1 + (LDPC_STEP_LINEAR - 1) // LDPC_STEP_GROWTH
+    return base_step * linear_end << (1 + (attempt - LDPC_STEP_LINEAR) // 3)
 
 
 class ReconciliationFailed(ProtocolAborted):
@@ -228,12 +243,7 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
         if pending.size == 0 or attempt == LDPC_RETRIES:
             break
         retries += 1
-        # Fine steps first, growing linearly (one more base step every LDPC_STEP_GROWTH
-        # retries) so that a frame past the punctured reserve (key bits are worth only
-        # 1 - R syndrome bits each) or a QBER under-estimated by the sample still decodes
-        # within LDPC_RETRIES (reach: 1.2 in f). Doubling reached as far but overshot: a
-        # frame done on retry 20 paid up to 0.08 in f for its last step.
-        step = base_step * (1 + attempt // LDPC_STEP_GROWTH)
+        step = _retry_step(base_step, attempt)
         channel.send("ec_status", failed=pending.astype(np.int32), step=step)
         values = unpack_bits(channel.recv("ec_reveal")["values"], pending.size * step)
         for i, f in enumerate(pending):
