@@ -62,17 +62,29 @@ class ReconciliationFailed(ProtocolAborted):
     pass
 
 
-def _frame_tags(frame_bits: list[np.ndarray], hash_key: int) -> bytes:
+def _frame_tags(frame_bits: list[np.ndarray], hash_key: int) -> list[bytes]:
     size = FRAME_TAG_BITS // 8
-    return b"".join(bits_hash(bits, (hash_key,))[:size] for bits in frame_bits)
+    return [bits_hash(bits, (hash_key,))[:size] for bits in frame_bits]
+
+
+def _frame_slice(frames, f: int) -> slice:
+    """Frame f's span of the interleaved key string."""
+    start, used = frames[f]
+    return slice(start, start + used)
+
+
+def _ldpc_leak(plan: ldpc.FramePlan, frames, revealed: np.ndarray, decoded: np.ndarray) -> int:
+    """What an eavesdropper learns, the same count on both sides: every frame's syndrome
+    (less the punctured rank) and revealed bits, kept or discarded, and the tag of every
+    decoded frame."""
+    return len(frames) * plan.leak_bits() + int(revealed.sum()) + FRAME_TAG_BITS * decoded.size
 
 
 def _kept_mask(count: int, frames, interleave: np.ndarray, discarded: np.ndarray) -> np.ndarray:
     """Positions of the (un-interleaved) key block that are in frames both sides keep."""
     kept = np.ones(count, dtype=bool)
     for f in discarded:
-        start, used = frames[f]
-        kept[interleave[start : start + used]] = False
+        kept[interleave[_frame_slice(frames, f)]] = False
     return kept
 
 
@@ -173,17 +185,17 @@ def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float
     undecoded = _frame_list(msg["undecoded"], len(frames), "ec_status undecoded")
     decoded = np.setdiff1d(np.arange(len(frames)), undecoded)
     hash_key = int(rng.integers(0, 2**64, dtype=np.uint64))
-    tags = _frame_tags([key[frames[f][0] : sum(frames[f])] for f in decoded], hash_key)
-    channel.send("ec_verify", key=np.array([hash_key], dtype=np.uint64), tags=tags)
+    tags = _frame_tags([key[_frame_slice(frames, f)] for f in decoded], hash_key)
+    channel.send("ec_verify", key=np.array([hash_key], dtype=np.uint64), tags=b"".join(tags))
     discarded = _frame_list(channel.recv("ec_discard")["frames"], len(frames), "ec_discard")
     if np.setdiff1d(undecoded, discarded).size:
         raise ReconciliationFailed("Bob keeps LDPC frames he reported as not decoded")
-    leak = len(frames) * plan.leak_bits() + int(revealed.sum()) + FRAME_TAG_BITS * decoded.size
+    leak = _ldpc_leak(plan, frames, revealed, decoded)
     _refuse_if_nothing_kept(len(frames), undecoded, discarded)
     if discarded.size:
         # Out of the key now: disclosed like the estimation sample, so that Bob knows every
         # error of the block and the error counts are not biased by which frames failed.
-        dropped = [key[frames[f][0] : sum(frames[f])] for f in discarded]
+        dropped = [key[_frame_slice(frames, f)] for f in discarded]
         channel.send("ec_discarded_bits", bits=pack_bits(np.concatenate(dropped)))
     kept = _kept_mask(count, frames, interleave, discarded)
     return kept, {
@@ -260,9 +272,9 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
         undecoded=undecoded.astype(np.int32),
     )
     corrected = np.empty_like(bits)
-    for f, (start, used) in enumerate(frames):
+    for f, (_, used) in enumerate(frames):
         key_pos, _ = _frame_layout(plan, used)
-        corrected[interleave[start : start + used]] = out[f, key_pos]
+        corrected[interleave[_frame_slice(frames, f)]] = out[f, key_pos]
     decoded = np.setdiff1d(np.arange(len(frames)), undecoded)
     msg = channel.recv("ec_verify")
     hash_key = np.asarray(msg["key"], dtype=np.uint64).reshape(-1)
@@ -273,13 +285,9 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
     tag_bytes = FRAME_TAG_BITS // 8
     if len(theirs) != tag_bytes * decoded.size:
         raise ReconciliationFailed("ec_verify: wrong number of frame tags")
-    mine = _frame_tags(
-        [corrected[interleave[frames[f][0] : sum(frames[f])]] for f in decoded], hash_key
-    )
+    mine = _frame_tags([corrected[interleave[_frame_slice(frames, f)]] for f in decoded], hash_key)
     differ = [
-        f
-        for i, f in enumerate(decoded)
-        if mine[i * tag_bytes : (i + 1) * tag_bytes] != theirs[i * tag_bytes : (i + 1) * tag_bytes]
+        f for i, f in enumerate(decoded) if mine[i] != theirs[i * tag_bytes : (i + 1) * tag_bytes]
     ]
     discarded = np.union1d(undecoded, np.asarray(differ, dtype=np.int64)).astype(np.int64)
     channel.send("ec_discard", frames=discarded.astype(np.int32))
@@ -288,9 +296,9 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
         sizes = [frames[f][1] for f in discarded]
         alice = unpack_bits(channel.recv("ec_discarded_bits")["bits"], sum(sizes))
         for f, part in zip(discarded, np.split(alice, np.cumsum(sizes)[:-1]), strict=True):
-            corrected[interleave[frames[f][0] : sum(frames[f])]] = part
+            corrected[interleave[_frame_slice(frames, f)]] = part
     kept = _kept_mask(bits.size, frames, interleave, discarded)
-    leak = len(frames) * plan.leak_bits() + int(revealed.sum()) + FRAME_TAG_BITS * decoded.size
+    leak = _ldpc_leak(plan, frames, revealed, decoded)
     stats = {
         "leak_bits": leak,
         "frames": len(frames),
