@@ -339,21 +339,23 @@ class Alice:
             estimates = estimate_blocks(self.pass_json, cfg, key_bases, counts_full, counts_key)
             lengths = {e.basis: e.key_length(leaks[e.basis] + 64 * VERIFY_KEYS) for e in estimates}
         # what the decision rests on is reported even when it is an abort
-        out.report.update(
-            counts={
+        decision = {
+            "counts": {
                 b: {k: {"n": v[0], "m": v[1]} for k, v in counts_full[b].items()} for b in BASES
             },
-            counts_key_blocks=counts_key,
-            blocks=[
+            "counts_key_blocks": counts_key,
+            "blocks": [
                 {
                     **e.to_json(),
                     "leak_ec_bits": leaks[e.basis],
+                    "leak_verification_bits": 64 * VERIFY_KEYS,
                     **discards[e.basis],
                     "key_bits": lengths[e.basis],
                 }
                 for e in estimates
             ],
-        )
+        }
+        out.report.update(decision)
         if sum(lengths.values()) <= 0:
             raise ProtocolAborted(
                 "too few events for the requested epsilon: the finite-key length is 0 "
@@ -380,22 +382,8 @@ class Alice:
         out.key = np.concatenate(finals)
         report.update(
             {
-                "counts": {
-                    b: {k: {"n": v[0], "m": v[1]} for k, v in counts_full[b].items()}
-                    for b in BASES
-                },
-                "counts_key_blocks": counts_key,
+                **decision,
                 "sifted_bits": int(s_basis.size),
-                "blocks": [
-                    {
-                        **e.to_json(),
-                        "leak_ec_bits": leaks[e.basis],
-                        "leak_verification_bits": 64 * VERIFY_KEYS,
-                        **discards[e.basis],
-                        "key_bits": lengths[e.basis],
-                    }
-                    for e in estimates
-                ],
                 "pa": {
                     "input_bits": int(sum(blocks[n].size for n in key_bases)),
                     "output_bits": int(out.key.size),
