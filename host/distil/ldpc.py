@@ -221,8 +221,9 @@ def _peg_edges(stairs, degrees, m, seed):
     a staircase (variable i on checks i and i + 1), then the variables of `degrees`
     (ascending) placed edge by edge on a lowest-degree check that is not within distance
     2 of the variable (progressive edge growth to depth 1, Hu et al. 2005), at random
-    among equals, so the check degrees stay concentrated. Returns (ev, ec, edges that
-    could not avoid a 4-cycle)."""
+    among equals, so the check degrees stay concentrated. Returns (ev, ec). An edge with
+    no such check left (a dense high-rate code on a small frame) takes any check not yet
+    on its variable, i.e. it closes a 4-cycle."""
     np.random.seed(seed)
     nv = stairs + degrees.size
     edges = 2 * stairs + degrees.sum()
@@ -244,7 +245,6 @@ def _peg_edges(stairs, degrees, m, seed):
             e += 1
             _attach(i, c, check_vars, check_deg, var_checks, var_deg, slots, where, start)
     mark = np.zeros(m, np.int64)
-    failures = 0
     for k in range(degrees.size):
         v = stairs + k
         stamp = k + 1
@@ -270,7 +270,6 @@ def _peg_edges(stairs, degrees, m, seed):
                             break
                 d += 1
             while chosen < 0:  # no 4-cycle-free check left: any check not yet on v
-                failures += 1
                 c = np.random.randint(m)
                 if check_deg[c] < cap:
                     chosen = c
@@ -286,7 +285,7 @@ def _peg_edges(stairs, degrees, m, seed):
                 for b in range(var_deg[u]):
                     mark[var_checks[u, b]] = stamp
             _attach(v, chosen, check_vars, check_deg, var_checks, var_deg, slots, where, start)
-    return ev, ec, failures
+    return ev, ec
 
 
 def _degrees(n: int, rate: float, distribution: dict[int, float]):
@@ -349,7 +348,7 @@ def _construct(n: int, rate: float, seed: int, distribution) -> Code:
         except (OSError, ValueError, KeyError):
             pass  # a torn cache file is rebuilt below
     stairs, var_degrees, m = _degrees(n, rate, distribution)
-    ev, ec, _ = _peg_edges(stairs, var_degrees, m, seed)
+    ev, ec = _peg_edges(stairs, var_degrees, m, seed)
     # Column order is shuffled so the staircase is not contiguous in the frame.
     column = np.random.default_rng(seed + 1).permutation(n)
     pairs = np.unique(np.stack([ec, column[ev]], 1), axis=0)  # sorted by check
@@ -511,9 +510,10 @@ def plan_for(
     """The mother code and (p, s) for frames of key_bits key bits (default: as many as fit)
     leaking efficiency * h(qber) per key bit: leak m - p = efficiency h key_bits.
 
-    The mother code is the highest grid rate leaving at least RETRY_RESERVE_F h key_bits
-    punctured bits: the reserve the retry path reveals first. Positions that are neither
-    key nor punctured are shortened (known zeros: no leak, only capacity)."""
+    The mother code is the highest grid rate leaving at least
+    max(RETRY_RESERVE_F h key_bits, RETRY_RESERVE_MIN n) punctured bits: the reserve the
+    retry path reveals first. Positions that are neither key nor punctured are shortened
+    (known zeros: no leak, only capacity)."""
     from host.distil.finite_key import binary_entropy
 
     n = n or FRAME_BITS
