@@ -136,16 +136,16 @@ def test_ldpc_leak_counts_every_syndrome_punctured_and_revealed_bit(monkeypatch)
     assert stats["frames"] == math.ceil(n / ldpc.max_key_bits(q, 1.1, 8192)) >= 10
     plan = reconcile._plan(n, q, 1.1)
     assert plan.code.n == 8192 and plan.punctured >= ldpc.RETRY_RESERVE_MIN * 8192
-    # every frame decoded, so every frame's 64-bit check tag was sent
-    assert stats["leak_frame_tag_bits"] == reconcile.FRAME_TAG_BITS * stats["frames"]
+    # every frame decoded right, so the block tag matched: no per-frame tags were sent
+    assert not stats["frame_tags_sent"]
+    assert stats["leak_ec_check_bits"] == reconcile.BLOCK_TAG_BITS
     assert stats["leak_bits"] == (
-        stats["frames"] * plan.leak_bits() + stats["revealed_bits"] + stats["leak_frame_tag_bits"]
+        stats["frames"] * plan.leak_bits() + stats["revealed_bits"] + reconcile.BLOCK_TAG_BITS
     )
     assert alice_stats["leak_bits"] == stats["leak_bits"]
     assert stats["frame_errors"] > 0 and stats["revealed_bits"] > 0  # the retry path ran
     f = stats["leak_bits"] / (n * binary_entropy(errors / n))
-    # the 64-bit frame tags add 64 / (7273 h(0.02)) = 0.06 to f at this frame size
-    assert 1.05 < f < 1.46
+    assert 1.05 < f < 1.4
 
 
 def test_ldpc_efficiency_does_not_suffer_when_the_qber_drifts_over_the_block(monkeypatch):
@@ -214,7 +214,7 @@ def test_a_frame_decoded_to_a_wrong_codeword_is_discarded_and_the_others_kept(mo
     as well the retries' revealed bits steer this frame back to Alice's word.) Only the
     per-frame hash can tell; that frame is discarded by both, every other frame kept, the
     kept bits agree, and the leak (syndromes, reveals, tags of all decoded frames) is the
-    same on both sides."""
+    same on both sides. The block tag differs, so the per-frame tags are sent and count."""
     monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
     n, q, bad = 80_000, 0.02, 3
     rng = np.random.default_rng(4)
@@ -225,6 +225,7 @@ def test_a_frame_decoded_to_a_wrong_codeword_is_discarded_and_the_others_kept(mo
     corrected, stats, alice_stats = _run_pair("ldpc", x, y, q)
     assert stats["frames"] == math.ceil(n / ldpc.max_key_bits(q, 1.1, 8192)) >= 10
     assert stats["frames_hash_mismatch"] == 1 and stats["frames_undecoded"] == 0
+    assert stats["frame_tags_sent"]
     expected = np.ones(n, bool)
     expected[positions] = False
     assert np.array_equal(stats["kept"], expected)
@@ -234,15 +235,18 @@ def test_a_frame_decoded_to_a_wrong_codeword_is_discarded_and_the_others_kept(mo
     assert stats["frames_discarded"] == alice_stats["frames_discarded"] == 1
     assert stats["bits_discarded"] == alice_stats["bits_discarded"] == positions.size
     assert stats["leak_bits"] == alice_stats["leak_bits"]
+    tags = reconcile.BLOCK_TAG_BITS + stats["frames"] * reconcile.FRAME_TAG_BITS
+    assert stats["leak_ec_check_bits"] == tags
     assert stats["leak_bits"] == (
-        stats["frames"] * (plan.leak_bits() + reconcile.FRAME_TAG_BITS) + stats["revealed_bits"]
+        stats["frames"] * plan.leak_bits() + stats["revealed_bits"] + tags
     )
 
 
 def test_a_frame_that_never_decodes_is_discarded_instead_of_aborting(monkeypatch):
     """One frame of Bob's is unrelated to Alice's (50 % errors) and the retry path is cut
-    to two rounds: that frame is given up and discarded; no tag is sent for it, its
-    syndrome and revealed bits still count in the leak, the run goes on with the rest."""
+    to two rounds: that frame is given up and discarded; it is not in the block tag (which
+    then matches: no per-frame tags), its syndrome and revealed bits still count in the
+    leak, the run goes on with the rest."""
     monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
     monkeypatch.setattr(reconcile, "LDPC_RETRIES", 2)
     n, q, bad = 80_000, 0.02, 6
@@ -260,16 +264,12 @@ def test_a_frame_that_never_decodes_is_discarded_instead_of_aborting(monkeypatch
     assert (
         stats["frames_discarded"] == alice_stats["frames_discarded"] == stats["frames_undecoded"]
     )
-    decoded = stats["frames"] - stats["frames_undecoded"]
-    assert stats["leak_frame_tag_bits"] == reconcile.FRAME_TAG_BITS * decoded
+    assert not stats["frame_tags_sent"]
+    assert stats["leak_ec_check_bits"] == reconcile.BLOCK_TAG_BITS
     assert (
         stats["leak_bits"]
         == alice_stats["leak_bits"]
-        == (
-            stats["frames"] * plan.leak_bits()
-            + stats["revealed_bits"]
-            + stats["leak_frame_tag_bits"]
-        )
+        == (stats["frames"] * plan.leak_bits() + stats["revealed_bits"] + reconcile.BLOCK_TAG_BITS)
     )
 
 

@@ -39,7 +39,7 @@ from host.formats.patterns import open_patterns
 from host.formats.qdet import read_detections
 from host.protocol.symbols import decode_symbols
 
-PROTOCOL_VERSION = 2  # 2: per-frame LDPC check (ec_verify, ec_discard)
+PROTOCOL_VERSION = 3  # 2: per-frame LDPC check; 3: block tag first (ec_verify, ec_check)
 NO_PATTERN = 3  # intensity code Alice sends for a slot she has no record of
 VERIFY_KEYS = 2  # two independent 64-bit hashes: collision <= (L/2^64)^2
 BASES = ("Z", "X")

@@ -3,11 +3,12 @@ and the Cascade baseline. Each side calls its half with the same public paramete
 
 Leak accounting (bits an eavesdropper learns about the key string):
 - LDPC: per frame m - rank(H_punctured) syndrome bits, plus every bit revealed on a retry,
-  plus the FRAME_TAG_BITS per-frame verification tag of every frame Bob decoded. Frames
-  that are discarded (never decoded, or decoded to a word whose tag differs from
-  Alice's) leave the key block, but what was sent about them still counts (conservative).
-  Their bits are then disclosed in full and, like the estimation sample, not counted:
-  they are not key (docs/distillation.md).
+  plus the check after decoding: a BLOCK_TAG_BITS tag of all decoded frames, and only if
+  it differs a FRAME_TAG_BITS tag per decoded frame. Frames that are discarded (never
+  decoded, or decoded to a word whose tag differs from Alice's) leave the key block, but
+  what was sent about them still counts (conservative). Their bits are then disclosed in
+  full and, like the estimation sample, not counted: they are not key
+  (docs/distillation.md).
 - Cascade: every parity Alice sends, and every parity Bob sends (counted both ways).
 """
 
@@ -34,13 +35,18 @@ LDPC_STEP_GROWTH = 8  # retries per unit of step growth (see _retry_step)
 LDPC_STEP_LINEAR = 24  # retries of linear growth before doubling
 
 
-# Per-frame check after decoding: a polynomial hash (gf64.bits_hash) of each decoded
-# frame's key bits under a key Alice draws after Bob has finished decoding, truncated to
-# FRAME_TAG_BITS. A wrong word passes with probability <= (L + 1) / 2^32, L = 64-bit blocks
-# of the frame (2.4e-7 for 2^16-bit frames). That is not part of eps_cor: the block-level
-# verification (protocol.py) still guards every kept bit; this tag only decides which
-# frames to drop so that one bad frame costs a frame, not the pass. 32 bits rather than 64
-# halve the tags' leak (0.006 in f at 1 % QBER).
+# Check after decoding, under a hash key Alice draws after Bob has finished decoding (so
+# the wrong words cannot depend on it), with the polynomial hash gf64.bits_hash:
+# - first one BLOCK_TAG_BITS tag of all decoded frames together: in the usual case, every
+#   frame right, that is the whole check (its leak does not grow with the frame count);
+# - only if it differs, one FRAME_TAG_BITS tag per decoded frame, to find the wrong ones.
+#   A wrong word passes with probability <= (L + 1) / 2^32, L = 64-bit blocks of the frame
+#   (2.4e-7 for 2^16-bit frames).
+# Neither is part of eps_cor: the block-level verification (protocol.py) still guards
+# every kept bit; these tags only decide which frames to drop so that one bad frame costs
+# a frame, not the pass. (One 32-bit tag per frame, always sent, cost 0.006 in f at 1 %
+# QBER.)
+BLOCK_TAG_BITS = 64
 FRAME_TAG_BITS = 32
 
 
@@ -73,11 +79,20 @@ def _frame_slice(frames, f: int) -> slice:
     return slice(start, start + used)
 
 
-def _ldpc_leak(plan: ldpc.FramePlan, frames, revealed: np.ndarray, decoded: np.ndarray) -> int:
+def _check_bits(decoded: np.ndarray, frame_tags_sent: bool) -> int:
+    """Bits of the post-decoding check: the block tag, and the per-frame tags if sent."""
+    return BLOCK_TAG_BITS + (FRAME_TAG_BITS * decoded.size if frame_tags_sent else 0)
+
+
+def _ldpc_leak(plan: ldpc.FramePlan, frames, revealed: np.ndarray, check_bits: int) -> int:
     """What an eavesdropper learns, the same count on both sides: every frame's syndrome
-    (less the punctured rank) and revealed bits, kept or discarded, and the tag of every
-    decoded frame."""
-    return len(frames) * plan.leak_bits() + int(revealed.sum()) + FRAME_TAG_BITS * decoded.size
+    (less the punctured rank) and revealed bits, kept or discarded, and the check tags."""
+    return len(frames) * plan.leak_bits() + int(revealed.sum()) + check_bits
+
+
+def _block_tag(frame_bits: list[np.ndarray], hash_key: int) -> bytes:
+    joined = np.concatenate(frame_bits) if frame_bits else np.zeros(0, dtype=np.uint8)
+    return bits_hash(joined, (hash_key,))[: BLOCK_TAG_BITS // 8]
 
 
 def _kept_mask(count: int, frames, interleave: np.ndarray, discarded: np.ndarray) -> np.ndarray:
@@ -180,17 +195,28 @@ def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float
             values.append(np.pad(words[f, pos], (0, step - pos.size)))
             revealed[f] += step
         channel.send("ec_reveal", values=pack_bits(np.concatenate(values)))
-    # Per-frame check of every frame Bob decoded, under a key drawn only now (after Bob's
-    # decoder has fixed its output, so the wrong words cannot depend on it).
+    # Check of the frames Bob decoded, under a key drawn only now (after Bob's decoder has
+    # fixed its output, so the wrong words cannot depend on it): one tag of them all, and
+    # per-frame tags only if Bob finds that it differs.
     undecoded = _frame_list(msg["undecoded"], len(frames), "ec_status undecoded")
     decoded = np.setdiff1d(np.arange(len(frames)), undecoded)
     hash_key = int(rng.integers(0, 2**64, dtype=np.uint64))
-    tags = _frame_tags([key[_frame_slice(frames, f)] for f in decoded], hash_key)
-    channel.send("ec_verify", key=np.array([hash_key], dtype=np.uint64), tags=b"".join(tags))
-    discarded = _frame_list(channel.recv("ec_discard")["frames"], len(frames), "ec_discard")
-    if np.setdiff1d(undecoded, discarded).size:
-        raise ReconciliationFailed("Bob keeps LDPC frames he reported as not decoded")
-    leak = _ldpc_leak(plan, frames, revealed, decoded)
+    decoded_bits = [key[_frame_slice(frames, f)] for f in decoded]
+    channel.send(
+        "ec_verify",
+        key=np.array([hash_key], dtype=np.uint64),
+        tag=_block_tag(decoded_bits, hash_key),
+    )
+    frame_tags_sent = not bool(channel.recv("ec_check")["match"])
+    if frame_tags_sent:
+        tags = _frame_tags(decoded_bits, hash_key)
+        channel.send("ec_frame_tags", tags=b"".join(tags))
+        discarded = _frame_list(channel.recv("ec_discard")["frames"], len(frames), "ec_discard")
+        if np.setdiff1d(undecoded, discarded).size:
+            raise ReconciliationFailed("Bob keeps LDPC frames he reported as not decoded")
+    else:
+        discarded = undecoded
+    leak = _ldpc_leak(plan, frames, revealed, _check_bits(decoded, frame_tags_sent))
     _refuse_if_nothing_kept(len(frames), undecoded, discarded)
     if discarded.size:
         # Out of the key now: disclosed like the estimation sample, so that Bob knows every
@@ -281,16 +307,24 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
     if hash_key.size != 1:
         raise ReconciliationFailed("ec_verify: expected one hash key")
     hash_key = int(hash_key[0])
-    theirs = bytes(msg["tags"])
-    tag_bytes = FRAME_TAG_BITS // 8
-    if len(theirs) != tag_bytes * decoded.size:
-        raise ReconciliationFailed("ec_verify: wrong number of frame tags")
-    mine = _frame_tags([corrected[interleave[_frame_slice(frames, f)]] for f in decoded], hash_key)
-    differ = [
-        f for i, f in enumerate(decoded) if mine[i] != theirs[i * tag_bytes : (i + 1) * tag_bytes]
-    ]
+    decoded_bits = [corrected[interleave[_frame_slice(frames, f)]] for f in decoded]
+    match = bytes(msg["tag"]) == _block_tag(decoded_bits, hash_key)
+    channel.send("ec_check", match=int(match))
+    differ = []
+    if not match:
+        theirs = bytes(channel.recv("ec_frame_tags")["tags"])
+        tag_bytes = FRAME_TAG_BITS // 8
+        if len(theirs) != tag_bytes * decoded.size:
+            raise ReconciliationFailed("ec_frame_tags: wrong number of frame tags")
+        mine = _frame_tags(decoded_bits, hash_key)
+        differ = [
+            f
+            for i, f in enumerate(decoded)
+            if mine[i] != theirs[i * tag_bytes : (i + 1) * tag_bytes]
+        ]
     discarded = np.union1d(undecoded, np.asarray(differ, dtype=np.int64)).astype(np.int64)
-    channel.send("ec_discard", frames=discarded.astype(np.int32))
+    if not match:
+        channel.send("ec_discard", frames=discarded.astype(np.int32))
     _refuse_if_nothing_kept(len(frames), undecoded, discarded)
     if discarded.size:
         sizes = [frames[f][1] for f in discarded]
@@ -298,7 +332,8 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
         for f, part in zip(discarded, np.split(alice, np.cumsum(sizes)[:-1]), strict=True):
             corrected[interleave[_frame_slice(frames, f)]] = part
     kept = _kept_mask(bits.size, frames, interleave, discarded)
-    leak = _ldpc_leak(plan, frames, revealed, decoded)
+    check_bits = _check_bits(decoded, not match)
+    leak = _ldpc_leak(plan, frames, revealed, check_bits)
     stats = {
         "leak_bits": leak,
         "frames": len(frames),
@@ -307,7 +342,8 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
         "frames_undecoded": int(undecoded.size),
         "frames_hash_mismatch": len(differ),
         "bits_discarded": int(bits.size - kept.sum()),
-        "leak_frame_tag_bits": FRAME_TAG_BITS * int(decoded.size),
+        "leak_ec_check_bits": check_bits,
+        "frame_tags_sent": not match,
         "mother_rate": code.rate,
         "punctured": plan.punctured,
         "shortened": plan.shortened,
