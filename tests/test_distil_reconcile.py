@@ -27,9 +27,12 @@ def test_construction_is_deterministic_and_cached(code, tmp_path, monkeypatch):
     assert list((tmp_path / "ldpc").glob("*.npz"))
 
 
-def test_code_has_the_designed_rate_and_no_four_cycles():
-    """Progressive edge growth keeps 4-cycles out even of a dense high-rate frame code
-    (rate 0.9, mean check degree 65), where random edge swaps left about 70,000."""
+def test_code_has_the_designed_rate_and_no_four_cycles_among_its_light_variables():
+    """Progressive edge growth keeps 4-cycles out of a dense high-rate frame code (rate
+    0.9, mean check degree 87) among every variable but the heaviest: random edge swaps
+    left about 70,000. The degree-80 variables (3 % of them, 2250 x 80 edges on 6554
+    checks) cannot all avoid each other; they converge first and anchor the rest
+    (ldpc_design.MAX_DEGREE)."""
     import scipy.sparse as sp
 
     code = ldpc.construct(ldpc.FRAME_BITS, 0.9, seed=3)
@@ -38,12 +41,14 @@ def test_code_has_the_designed_rate_and_no_four_cycles():
     h = sp.csr_matrix(
         (np.ones(code.edges, np.int32), (rows, code.check_var)), shape=(code.m, code.n)
     )
-    shared = (h @ h.T).tocoo()  # variables two checks have in common
-    off_diagonal = shared.row != shared.col
-    assert shared.data[off_diagonal].max() == 1  # two in common would close a 4-cycle
     assert h.max() == 1  # no double edges
     degrees = np.bincount(code.check_var, minlength=code.n)
     assert degrees.min() >= 2
+    assert degrees.max() == 80
+    light = h[:, degrees < degrees.max()]
+    shared = (light @ light.T).tocoo()  # light variables two checks have in common
+    off_diagonal = shared.row != shared.col
+    assert shared.data[off_diagonal].max() == 1  # two in common would close a 4-cycle
 
 
 def test_decoder_recovers_alices_word_from_the_syndrome(code):
@@ -308,5 +313,6 @@ def test_the_degree_distribution_table_is_what_the_design_program_gives():
     lambda_2 = 2 * nodes[2] / per_node
     rho_prime = sum(p * (j - 1) for j, p in rho.items())
     assert lambda_2 * rho_prime * 2 * (q_star * (1 - q_star)) ** 0.5 < 1
-    # the approximation's threshold is near capacity (f* = (1 - R) / h(q*) ~ 1.01)
-    assert 1.0 < (1 - 0.8) / binary_entropy(q_star) < 1.03
+    # the approximation's threshold is near capacity, f* = (1 - R) / h(q*) within 1 %;
+    # with degree-80 variables it is optimistic, 0.997 (finite-length f: bench_distil.py)
+    assert 0.99 < (1 - 0.8) / binary_entropy(q_star) < 1.03
