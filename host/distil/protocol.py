@@ -337,7 +337,8 @@ class Alice:
             channel.recv("verify_ok")
         with stage("estimation"):
             estimates = estimate_blocks(self.pass_json, cfg, key_bases, counts_full, counts_key)
-            lengths = {e.basis: e.key_length(leaks[e.basis] + 64 * VERIFY_KEYS) for e in estimates}
+            discarded = {n: d["bits_discarded"] for n, d in discards.items()}
+            lengths = _key_lengths(estimates, leaks, discarded)
         # what the decision rests on is reported even when it is an abort
         decision = {
             "counts": {
@@ -397,6 +398,19 @@ class Alice:
             }
         )
         return report
+
+
+def _key_lengths(estimates, leaks: dict, bits_discarded: dict) -> dict:
+    """Final key bits per block. The estimates bound the whole key block (its counts include
+    the discarded LDPC frames): which frames are discarded depends on their errors, so the
+    kept bits are not a random subset of the block and cannot be bounded on their own.
+    The discarded bits, disclosed, then cost one bit each (chain rule: revealing them lowers
+    the block's smooth min-entropy by at most their number), on top of the EC and
+    verification leak."""
+    return {
+        e.basis: e.key_length(leaks[e.basis] + 64 * VERIFY_KEYS + bits_discarded[e.basis])
+        for e in estimates
+    }
 
 
 def _public_seed(basis_index: int) -> int:
@@ -529,8 +543,8 @@ class Bob:
                         f"QBER above threshold: test basis {name} {qber[name]:.4f} > "
                         f"{cfg.qber_threshold:.4f}"
                     )
-        leaks, ec_stats = {}, []
-        blocks, key_idx = {}, {}
+        leaks, ec_stats, discarded = {}, [], {}
+        blocks, block_idx = {}, {}
         with stage("error_correction"):
             for name in key_bases:
                 b = BASES.index(name)
@@ -552,13 +566,15 @@ class Bob:
                     )
                     kept = np.ones(idx.size, bool)
                 # Every error is known (Alice disclosed the discarded frames), so the error
-                # counts stay complete; the key and its counts take the kept bits only.
+                # counts stay complete. The key takes the kept bits only; its counts are the
+                # whole block's, and the discarded bits count as leak (_key_lengths).
                 errors[idx] = corrected != s_bit[idx]
                 known[idx] = True
-                blocks[name], key_idx[name] = corrected[kept], idx[kept]
+                blocks[name], block_idx[name] = corrected[kept], idx
                 leaks[name] = stats["leak_bits"]
                 stats.setdefault("frames_discarded", 0)
                 stats.setdefault("bits_discarded", 0)
+                discarded[name] = stats["bits_discarded"]
                 stats["bits"] = int(kept.sum())  # kept bits: what the key is made from
                 stats["errors"] = int(errors[idx[kept]].sum())
                 stats["errors_discarded"] = int(errors[idx[~kept]].sum())
@@ -569,7 +585,7 @@ class Bob:
                 sel = s_basis == b
                 counts_full[name] = _counts_table(names, s_int[sel], errors[sel], known[sel])
                 if name in key_bases:
-                    idx = key_idx[name]
+                    idx = block_idx[name]
                     counts_key[name] = _counts_table(names, s_int[idx], errors[idx], known[idx])
             channel.send(
                 "error_counts",
@@ -591,7 +607,7 @@ class Bob:
             channel.send("verify_ok")
         with stage("estimation"):
             estimates = estimate_blocks(self.pass_json, cfg, key_bases, counts_full, counts_key)
-            lengths = {e.basis: e.key_length(leaks[e.basis] + 64 * VERIFY_KEYS) for e in estimates}
+            lengths = _key_lengths(estimates, leaks, discarded)
         if sum(lengths.values()) <= 0:
             raise ProtocolAborted(
                 "too few events for the requested epsilon: the finite-key length is 0 "
