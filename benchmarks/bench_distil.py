@@ -65,7 +65,7 @@ def test_bench_reconciliation_efficiency():
         f"LDPC: frames of {ldpc.FRAME_BITS} bits, first attempt sized for f = "
         f"{Config.ec_efficiency}, then retries of {reconcile.LDPC_REVEAL_STEP_F} n h(QBER) "
         "bits each; FER first = frames needing a retry, FER final = frames discarded "
-        "(not decoded after the retries, or failing the per-frame hash)"
+        "(not decoded after the retries, or failing the check tags)"
     )
     print(
         " QBER  | LDPC f | FER first | FER final | frames | retry rounds | LDPC Mbit/s | "

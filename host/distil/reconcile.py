@@ -237,7 +237,7 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
     """Bob's half: (corrected, kept, stats). Frames that do not decode within the retries,
     or whose decoded key bits hash differently from Alice's, are discarded: `kept` masks
     them out of the key. Alice then discloses their bits, so `corrected` is her whole
-    string (the kept part verified by the per-frame hashes, and later the block hash)."""
+    string (the kept part verified by the check tags, and later the block hash)."""
     plan = _plan(bits.size, qber_estimate, efficiency)
     code = plan.code
     frames = _frames(bits.size, plan)
