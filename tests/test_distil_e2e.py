@@ -102,6 +102,20 @@ def _recomputed_key_bits(report: dict) -> int:
     return total
 
 
+def test_a_key_block_is_sized_from_the_previous_blocks_exact_qber_when_it_agrees():
+    """The second key block's first LDPC attempt is sized from the first block's exact
+    error rate when it lies within two standard errors of the second block's own sample,
+    and from the sample otherwise (a basis really worse than the other), floored."""
+    from host.distil.protocol import _ec_qber
+
+    sample = {"X": 0.0140, "Z": 0.0130}
+    sizes = {"X": 8192, "Z": 8192}  # standard error of the X sample: 0.0013
+    assert _ec_qber(sample, sizes, "X") == 0.0140  # first block: its own sample
+    assert _ec_qber(sample, sizes, "X", (10_140, 780_000)) == 10_140 / 780_000  # 0.0130
+    assert _ec_qber(sample, sizes, "X", (7_800, 780_000)) == 0.0140  # 0.0100: 3 sigma off
+    assert _ec_qber({"X": 0.0}, sizes, "X", (0, 780_000)) == 0.004  # floor
+
+
 def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_pass, tmp_path):
     out = tmp_path / "out"
     report = run_local(micius_pass, out, Config(), seed=11)
@@ -114,6 +128,9 @@ def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_p
     assert on_disk["key_bits"] == report["key_bits"] > 1000
     assert on_disk["key_bases"] == ["Z", "X"]  # symmetric basis choice: both bases
     assert on_disk["key_bits"] == _recomputed_key_bits(on_disk)
+    # the second block was sized from the first block's exact QBER (the two agree here)
+    first, second = on_disk["ec"]["blocks"]
+    assert second["qber_sized_for"] == first["errors"] / first["bits"]
     # the report's other contract fields
     assert on_disk["qber"]["Z"] == pytest.approx(0.0105, abs=0.003)
     assert on_disk["sync"]["assigned_fraction"] > 0.99
@@ -223,8 +240,10 @@ def test_too_few_detections_abort_without_key(tmp_path):
 def test_discarded_ldpc_frames_leave_the_key_and_the_rest_gives_identical_keys(
     micius_pass, tmp_path, monkeypatch
 ):
-    """Small frames (2^13 bits), first attempt sized for f = 1.3 and no retries: the few
-    frames that do not decode are discarded by both sides instead of aborting the pass.
+    """Small frames (2^13 bits), first attempt sized for f = 1.35 and no retries: the
+    frame that does not decode is discarded by both sides instead of aborting the pass.
+    (On this 4 s pass that block's key is only a few thousand bits, so the discarded
+    frame's 7819 bits, charged one bit each, take it to 0: the key is the other block's.)
     The key comes from the kept bits only (the PA input); it is bounded from the whole
     block's counts with the discarded bits charged one bit each, the discarded frames'
     syndromes still count in the leak, and the key length still equals the recomputation
@@ -232,7 +251,7 @@ def test_discarded_ldpc_frames_leave_the_key_and_the_rest_gives_identical_keys(
     monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
     monkeypatch.setattr(reconcile, "LDPC_RETRIES", 0)
     out = tmp_path / "out"
-    report = run_local(micius_pass, out, Config(ec_efficiency=1.3), seed=11)
+    report = run_local(micius_pass, out, Config(ec_efficiency=1.35), seed=11)
     assert not report["aborted"], report["abort_reason"]
     assert (out / "alice.key").read_bytes() == (out / "bob.key").read_bytes()
     ec = report["ec"]
