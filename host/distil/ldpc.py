@@ -2,8 +2,8 @@
 
 Codes: irregular, built in the project from a designed degree distribution
 (ldpc_design.py) by progressive edge growth on a degree-2 staircase (seeded, so
-deterministic; no 4-cycles); cached as .npz under the cache directory keyed by (n, rate,
-distribution, seed, version).
+deterministic; no 4-cycles below the maximum degree); cached as .npz under the cache
+directory keyed by (n, rate, distribution, seed, version).
 Rate adaptation (Elkouss et al. 2010): a frame of n code bits holds n - p - s key bits,
 p punctured bits (Alice's private random bits, unknown to Bob: LLR 0) and s shortened
 bits (value known to both: LLR +-inf); the effective rate is (R0 n - s)/(n - p - s).
@@ -227,13 +227,14 @@ def _attach(v, c, check_vars, check_deg, var_checks, var_deg, slots, where, star
 
 @numba.njit(cache=True)
 def _peg_edges(stairs, degrees, m, seed):
-    """Edges (variable, check) of a graph without 4-cycles: `stairs` degree-2 variables in
+    """Edges (variable, check) of a graph avoiding 4-cycles: `stairs` degree-2 variables in
     a staircase (variable i on checks i and i + 1), then the variables of `degrees`
     (ascending) placed edge by edge on a lowest-degree check that is not within distance
     2 of the variable (progressive edge growth to depth 1, Hu et al. 2005), at random
     among equals, so the check degrees stay concentrated. Returns (ev, ec). An edge with
-    no such check left (a dense high-rate code on a small frame) takes any check not yet
-    on its variable, i.e. it closes a 4-cycle."""
+    no such check left (the heaviest variables of a dense high-rate code: rate 0.9 puts
+    2250 x 80 edges on 6554 checks) takes any check not yet on its variable, i.e. it
+    closes a 4-cycle."""
     np.random.seed(seed)
     nv = stairs + degrees.size
     edges = 2 * stairs + degrees.sum()

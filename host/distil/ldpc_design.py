@@ -17,7 +17,8 @@ Method: density evolution under a semi-Gaussian approximation, then linear progr
   on, every iteration must raise the check mean by GROWTH_MARGIN (10 %), not merely
   raise it.
 
-The approximation is optimistic at high rates: it puts R >= 0.9 slightly beyond capacity.
+The approximation is optimistic at high rates: with degrees up to 80 it puts R >= 0.8
+slightly beyond capacity (f* 0.997 at R = 0.8).
 So the table in ldpc.py is judged by finite-length simulation (benchmarks/bench_distil.py,
 docs/distillation.md), not by q*. The table was regenerated with
 
