@@ -7,8 +7,8 @@ Leak accounting (bits an eavesdropper learns about the key string):
   it differs a FRAME_TAG_BITS tag per decoded frame. Frames that are discarded (never
   decoded, or decoded to a word whose tag differs from Alice's) leave the key block, but
   what was sent about them still counts (conservative). Their bits are then disclosed in
-  full and, like the estimation sample, not counted: they are not key
-  (docs/distillation.md).
+  full, and the key length charges them one bit each (protocol._key_lengths,
+  docs/distillation.md).
 - Cascade: every parity Alice sends, and every parity Bob sends (counted both ways).
 """
 
@@ -310,7 +310,7 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
     decoded_bits = [corrected[interleave[_frame_slice(frames, f)]] for f in decoded]
     match = bytes(msg["tag"]) == _block_tag(decoded_bits, hash_key)
     channel.send("ec_check", match=int(match))
-    differ = []
+    differ, discarded = [], undecoded
     if not match:
         theirs = bytes(channel.recv("ec_frame_tags")["tags"])
         tag_bytes = FRAME_TAG_BITS // 8
@@ -322,8 +322,7 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
             for i, f in enumerate(decoded)
             if mine[i] != theirs[i * tag_bytes : (i + 1) * tag_bytes]
         ]
-    discarded = np.union1d(undecoded, np.asarray(differ, dtype=np.int64)).astype(np.int64)
-    if not match:
+        discarded = np.union1d(undecoded, np.asarray(differ, dtype=np.int64)).astype(np.int64)
         channel.send("ec_discard", frames=discarded.astype(np.int32))
     _refuse_if_nothing_kept(len(frames), undecoded, discarded)
     if discarded.size:
