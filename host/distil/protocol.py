@@ -567,7 +567,7 @@ class Bob:
                         f"QBER above threshold: test basis {name} {qber[name]:.4f} > "
                         f"{cfg.qber_threshold:.4f}"
                     )
-        leaks, ec_stats, discarded = {}, [], {}
+        leaks, ec_stats = {}, []
         blocks, block_idx = {}, {}
         previous = None  # (errors, bits) of the block reconciled before
         with stage("error_correction"):
@@ -599,7 +599,6 @@ class Bob:
                 leaks[name] = stats["leak_bits"]
                 stats.setdefault("frames_discarded", 0)
                 stats.setdefault("bits_discarded", 0)
-                discarded[name] = stats["bits_discarded"]
                 stats["bits"] = int(kept.sum())  # kept bits: what the key is made from
                 stats["errors"] = int(errors[idx[kept]].sum())
                 stats["errors_discarded"] = int(errors[idx[~kept]].sum())
@@ -636,6 +635,7 @@ class Bob:
             channel.send("verify_ok")
         with stage("estimation"):
             estimates = estimate_blocks(self.pass_json, cfg, key_bases, counts_full, counts_key)
+            discarded = {n: s["bits_discarded"] for n, s in zip(key_bases, ec_stats, strict=True)}
             lengths = _key_lengths(estimates, leaks, discarded)
         if sum(lengths.values()) <= 0:
             raise ProtocolAborted(
