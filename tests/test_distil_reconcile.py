@@ -111,10 +111,14 @@ def _run_pair(method, x, y, q, efficiency=1.1):
     return corrected, stats, result["a"]
 
 
-def _exchange(method, n=60_000, q=0.03, seed=1, efficiency=1.1):
-    rng = np.random.default_rng(seed)
+def _noisy_pair(n: int, q: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Alice's random string and Bob's copy through a binary symmetric channel q."""
     x = rng.integers(0, 2, n, dtype=np.uint8)
-    y = x ^ (rng.random(n) < q).astype(np.uint8)
+    return x, x ^ (rng.random(n) < q).astype(np.uint8)
+
+
+def _exchange(method, n=60_000, q=0.03, seed=1, efficiency=1.1):
+    x, y = _noisy_pair(n, q, np.random.default_rng(seed))
     corrected, stats, alice_stats = _run_pair(method, x, y, q, efficiency)
     return x, corrected, stats, alice_stats, int((x != y).sum())
 
@@ -223,8 +227,7 @@ def test_a_frame_decoded_to_a_wrong_codeword_is_discarded_and_the_others_kept(mo
     monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
     n, q, bad = 80_000, 0.02, 3
     rng = np.random.default_rng(4)
-    x = rng.integers(0, 2, n, dtype=np.uint8)
-    y = x ^ (rng.random(n) < q).astype(np.uint8)
+    x, y = _noisy_pair(n, q, rng)
     plan, key_pos, positions = _frame_positions(n, q, bad)
     y[positions] = x[positions] ^ _codeword_on(plan.code, key_pos, rng)[key_pos]
     corrected, stats, alice_stats = _run_pair("ldpc", x, y, q)
@@ -256,8 +259,7 @@ def test_a_frame_that_never_decodes_is_discarded_instead_of_aborting(monkeypatch
     monkeypatch.setattr(reconcile, "LDPC_RETRIES", 2)
     n, q, bad = 80_000, 0.02, 6
     rng = np.random.default_rng(5)
-    x = rng.integers(0, 2, n, dtype=np.uint8)
-    y = x ^ (rng.random(n) < q).astype(np.uint8)
+    x, y = _noisy_pair(n, q, rng)
     plan, _, positions = _frame_positions(n, q, bad)
     y[positions] = rng.integers(0, 2, positions.size, dtype=np.uint8)
     corrected, stats, alice_stats = _run_pair("ldpc", x, y, q)
