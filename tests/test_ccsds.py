@@ -44,12 +44,14 @@ def test_telecommands_match_vectors_and_parse_with_spacepackets(case):
 @pytest.mark.parametrize("case", VECTORS["tm"], ids=lambda c: c["note"])
 def test_telemetry_matches_vectors_and_parses_with_spacepackets(case):
     packet = bytes.fromhex(case["packet"])
-    tm = ccsds.parse_tm(packet)
+    tm = ccsds.parse_tm(packet, KEY)
     assert (tm.service, tm.subtype) == (case["service"], case["subtype"])
     assert tm.data.hex() == case["data"]
     theirs = PusTm.unpack(packet, timestamp_len=ccsds.TIMESTAMP_BYTES)
     assert (theirs.service, theirs.message_subtype, theirs.apid) == (tm.service, tm.subtype, 0x0C8)
-    assert theirs.source_data == tm.data
+    # spacepackets sees the tag as the last 16 bytes of the source data
+    tag = hmac.new(KEY, packet[:-18], hashlib.sha256).digest()[:16]
+    assert theirs.source_data == tm.data + tag
     assert theirs.seq_count == case["sequence_count"]
     assert theirs.timestamp == case["time_seconds"].to_bytes(4, "big") + case[
         "time_fraction"
@@ -65,13 +67,37 @@ def test_hmac_vectors_are_rfc4231(case):
 def test_damaged_telemetry_is_refused_with_the_field_named():
     packet = bytearray.fromhex(VECTORS["tm"][2]["packet"])
     with pytest.raises(ccsds.PacketError, match="PEC"):
-        ccsds.parse_tm(bytes(packet[:-1]) + bytes([packet[-1] ^ 1]))
+        ccsds.parse_tm(bytes(packet[:-1]) + bytes([packet[-1] ^ 1]), KEY)
     with pytest.raises(ccsds.PacketError, match="data length"):
-        ccsds.parse_tm(bytes(packet[:-3]) + bytes(packet[-2:]))
+        ccsds.parse_tm(bytes(packet[:-3]) + bytes(packet[-2:]), KEY)
     with pytest.raises(ccsds.PacketError, match="APID"):
-        ccsds.parse_tm(ccsds.build_tm(1, 1, b"abcd")[:1] + b"\x00" + packet[2:])
+        ccsds.parse_tm(ccsds.build_tm(KEY, 1, 1, b"abcd")[:1] + b"\x00" + packet[2:], KEY)
     with pytest.raises(ccsds.PacketError, match="shorter"):
-        ccsds.parse_tm(packet[:10])
+        ccsds.parse_tm(packet[:10], KEY)
+
+
+def _fix_pec(packet: bytearray) -> bytes:
+    packet[-2:] = ccsds.crc16(bytes(packet[:-2])).to_bytes(2, "big")
+    return bytes(packet)
+
+
+def test_telemetry_with_a_bad_hmac_is_refused():
+    """A forger can build a packet whose CRCs all check; only the tag tells it apart."""
+    for case in VECTORS["tm"]:
+        packet = bytearray.fromhex(case["packet"])
+        altered = bytearray(packet)
+        altered[7] ^= 0x01  # another service, PEC recomputed
+        bad_tag = bytearray(packet)
+        bad_tag[-3] ^= 0x80  # last tag byte
+        for forged in (_fix_pec(altered), _fix_pec(bad_tag)):
+            with pytest.raises(ccsds.TagMismatch, match="HMAC tag"):
+                ccsds.parse_tm(forged, KEY)
+        with pytest.raises(ccsds.TagMismatch):
+            ccsds.parse_tm(bytes(packet), ccsds.DEVELOPMENT_KEY)  # another payload's key
+        # a telecommand reflected back never passes as telemetry, even with the right key
+        tc = bytes.fromhex(VECTORS["tc"][0]["packet"])
+        with pytest.raises(ccsds.PacketError):
+            ccsds.parse_tm(tc, KEY)
 
 
 def test_counter_range_is_enforced():
@@ -86,9 +112,9 @@ def test_counter_range_is_enforced():
 def test_any_telemetry_parses_or_raises_packet_error(data, service, subtype):
     """The ground side never crashes on what the link delivers: every parser either
     returns or raises PacketError (which the client counts and skips)."""
-    for packet in (data, ccsds.build_tm(service, subtype, data)):
+    for packet in (data, ccsds.build_tm(KEY, service, subtype, data)):
         try:
-            tm = ccsds.parse_tm(packet)
+            tm = ccsds.parse_tm(packet, KEY)
         except ccsds.PacketError:
             continue
         for parse in (ccsds.parse_verification, ccsds.parse_chunk, ccsds.parse_list):

@@ -7,7 +7,7 @@ import zlib
 import pytest
 from linkhelpers import KEY, product_set, qemu_payload, unix_payload
 
-from host.link.client import CommandRejected, PayloadClient
+from host.link.client import CommandRejected, LinkError, PayloadClient
 from host.protocol import ccsds
 
 SIZES = {"empty.qrec": 0, "one.qrec": 1, "exact.qrec": 1024, "tdc.qrec": 1025}
@@ -83,10 +83,15 @@ def test_a_station_behind_on_counters_resyncs_but_replays_stay_rejected(tmp_path
 
 def test_a_wrong_key_gets_nothing_done(tmp_path):
     with unix_payload(tmp_path, product_set(4, {"a.qrec": 10})) as target:
-        with PayloadClient(target.ground_port, ccsds.DEVELOPMENT_KEY) as intruder:
-            with pytest.raises(CommandRejected, match="auth"):
+        with PayloadClient(target.ground_port, ccsds.DEVELOPMENT_KEY, timeout_s=1.0) as intruder:
+            # the payload rejects it ("auth"), and tags that rejection with its own key:
+            # the intruder cannot even authenticate the answer
+            with pytest.raises(LinkError, match="no answer"):
                 intruder.delete("a.qrec")
+            assert intruder.unauthenticated_packets >= 1
         assert (target.storage_dir / "products" / "a.qrec").exists()
+        with PayloadClient(target.ground_port, KEY) as payload:
+            assert payload.housekeeping()["link"]["tc_rejected"]["auth"] >= 1
 
 
 def test_reboot_is_acknowledged_before_the_controller_restarts(tmp_path):

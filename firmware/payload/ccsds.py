@@ -5,8 +5,12 @@
 #   TC: primary(6) | pus_version<<4|ack(1) service(1) subtype(1) source_id(2)
 #       | application data | security counter u32 | HMAC tag (16) | PEC CRC-16 (2)
 #   TM: primary(6) | pus_version<<4(1) service(1) subtype(1) message_counter(2)
-#       destination_id(2) CUC time: seconds u32, fraction u16 (6) | source data | PEC (2)
+#       destination_id(2) CUC time: seconds u32, fraction u16 (6) | source data
+#       | HMAC tag (16) | PEC (2)
 #
+# Telemetry is authenticated with the same link key as telecommands: the tag covers every
+# byte before it, the packet type bit included, so a telecommand can never pass as
+# telemetry or the other way round.
 # All fields big-endian, as CCSDS. The PEC is CRC-16/CCITT-FALSE (payload.framing.crc16),
 # the checksum PUS-C specifies, so spacepackets' PusTm.unpack parses our telemetry.
 from micropython import const
@@ -24,6 +28,7 @@ TAG_BYTES = const(16)
 PEC_BYTES = const(2)
 TC_TRAILER_BYTES = const(22)  # counter + tag + PEC
 TC_MIN_BYTES = const(33)  # header + trailer, no application data
+TM_TRAILER_BYTES = const(18)  # tag + PEC
 
 ACK_ACCEPTANCE = const(1)  # PUS ack flag bit 0: report successful acceptance
 
@@ -98,14 +103,17 @@ class TmWriter:
     """Builds telemetry packets in one preallocated buffer.
 
     A handler writes its source data into `buf` from `DATA` on and calls `finish(n)`,
-    which fills in the headers and the PEC and returns the packet length.
+    which fills in the headers, the HMAC tag (with `hmac`, a payload.auth.Hmac) and the
+    PEC and returns the packet length.
     """
 
     DATA = TM_HEADER_BYTES
 
-    def __init__(self, max_packet_bytes):
+    def __init__(self, max_packet_bytes, hmac):
         self.buf = bytearray(max_packet_bytes)
-        self.max_data_bytes = max_packet_bytes - TM_HEADER_BYTES - PEC_BYTES
+        self._view = memoryview(self.buf)
+        self.hmac = hmac
+        self.max_data_bytes = max_packet_bytes - TM_HEADER_BYTES - TM_TRAILER_BYTES
         self.sequence_count = 0
         self.message_counter = 0
         self.destination_id = 0
@@ -114,7 +122,7 @@ class TmWriter:
 
     def finish(self, service, subtype, data_bytes):
         buf = self.buf
-        length = TM_HEADER_BYTES + data_bytes + PEC_BYTES
+        length = TM_HEADER_BYTES + data_bytes + TM_TRAILER_BYTES
         # version 0, type 0 (TM), secondary header present, APID
         buf[0] = 0x08 | (APID >> 8)
         buf[1] = APID & 0xFF
@@ -127,6 +135,8 @@ class TmWriter:
         put_u16(buf, 11, self.destination_id)
         put_u32(buf, 13, self.time_seconds)
         put_u16(buf, 17, self.time_fraction)
+        tag_at = length - TM_TRAILER_BYTES
+        buf[tag_at : tag_at + TAG_BYTES] = self.hmac.digest(self._view[:tag_at])[:TAG_BYTES]
         put_u16(buf, length - PEC_BYTES, crc16(buf, length - PEC_BYTES))
         self.sequence_count = (self.sequence_count + 1) & 0x3FFF
         self.message_counter = (self.message_counter + 1) & 0xFFFF

@@ -43,12 +43,14 @@ class GroundLink:
         self._send = send  # send(buf, length): one frame on the ground link
         self.mission = mission
         self.products = Products(storage_root)
-        self.tm = ccsds.TmWriter(max_packet_bytes)
         self.accepted = 0
         self.rejected = [0] * len(ccsds.REJECT_NAMES)
         self.time_offset_us = None  # UTC - board clock, once a set-time arrived
         self.version_text = ("qkdsat-fw %s %s" % (FIRMWARE_VERSION, board.NAME)).encode()
         self._load_key()
+        # With an unusable key file telemetry is tagged with the public development key:
+        # the rejections then still say why to a ground that tries that key.
+        self.tm = ccsds.TmWriter(max_packet_bytes, self.hmac or auth.Hmac(auth.DEVELOPMENT_KEY))
         self._load_counter()
         self.pending_action = None  # FN_REBOOT / FN_MAINTENANCE after the report is out
         self.frame_reader = None  # the ground link's FrameReader, for its drop counters

@@ -73,6 +73,7 @@ class PayloadClient:
             self.counter = int(counter_file.read_text().strip() or 0)
         self.sequence_count = 0
         self.bad_packets = 0
+        self.unauthenticated_packets = 0  # of bad_packets: wrong HMAC tag, refused
         self.stale_packets = 0
         self.retries = retries
 
@@ -127,9 +128,10 @@ class PayloadClient:
                 raise LinkTimeout(f"no telemetry from {self.link.port_name} in {timeout_s:.1f} s")
             body = self.link.receive(remaining)
             try:
-                return ccsds.parse_tm(body)
-            except PacketError:
+                return ccsds.parse_tm(body, self.key)
+            except PacketError as error:
                 self.bad_packets += 1
+                self.unauthenticated_packets += isinstance(error, ccsds.TagMismatch)
 
     def command(
         self,

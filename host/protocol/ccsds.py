@@ -6,7 +6,11 @@ the telemetry against `spacepackets` (PusTm.unpack).
     TC: primary(6) | pus_version<<4|ack, service, subtype, source_id u16
         | application data | security counter u32 | HMAC-SHA256 tag[:16] | PEC CRC-16
     TM: primary(6) | pus_version<<4, service, subtype, message_counter u16,
-        destination_id u16, time: seconds u32 + fraction/65536 u16 | source data | PEC
+        destination_id u16, time: seconds u32 + fraction/65536 u16 | source data
+        | HMAC-SHA256 tag[:16] | PEC
+
+Both directions are tagged with the payload's link key; the packet type bit is under the
+tag, so a packet of one direction never verifies as the other.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ TC_HEADER_BYTES = 11
 TAG_BYTES = 16
 COUNTER_BYTES = 4
 PEC_BYTES = 2
+TM_TRAILER_BYTES = TAG_BYTES + PEC_BYTES
 TIMESTAMP_BYTES = 6
 MAX_CHUNK_BYTES = 1024
 GROUND_MAX_BODY_BYTES = 1100
@@ -70,6 +75,10 @@ TRANSPORT_REJECTIONS = frozenset({1, 2, 3, 4})
 
 class PacketError(ValueError):
     """Telemetry that does not parse; the message says which field is wrong."""
+
+
+class TagMismatch(PacketError):
+    """Telemetry whose HMAC tag is wrong: forged, altered, or from another key."""
 
 
 def hmac_tag(key: bytes, message: bytes) -> bytes:
@@ -127,8 +136,10 @@ class Tm:
         return self.time_seconds + self.time_fraction / 65536
 
 
-def parse_tm(packet: bytes) -> Tm:
-    if len(packet) < TM_HEADER_BYTES + PEC_BYTES:
+def parse_tm(packet: bytes, key: bytes) -> Tm:
+    """Check and decode one telemetry packet; PacketError names the field that is wrong
+    (a wrong tag: \"HMAC tag\", the packet is not from a payload holding `key`)."""
+    if len(packet) < TM_HEADER_BYTES + TM_TRAILER_BYTES:
         raise PacketError(f"telemetry packet of {len(packet)} bytes is shorter than its header")
     (packet_id, seq, data_length, pus, service, subtype, counter, dest, seconds, fraction) = (
         struct.unpack(">HHHBBBHHIH", packet[:TM_HEADER_BYTES])
@@ -143,6 +154,9 @@ def parse_tm(packet: bytes) -> Tm:
         raise PacketError(f"PUS version {pus >> 4}")
     if crc16(packet[:-2]) != int.from_bytes(packet[-2:], "big"):
         raise PacketError("PEC (CRC-16) does not match")
+    tag_at = len(packet) - TM_TRAILER_BYTES
+    if not hmac.compare_digest(hmac_tag(key, packet[:tag_at]), packet[tag_at:-PEC_BYTES]):
+        raise TagMismatch("HMAC tag does not match (not from a payload holding this key)")
     return Tm(
         service,
         subtype,
@@ -151,11 +165,12 @@ def parse_tm(packet: bytes) -> Tm:
         dest,
         seconds,
         fraction,
-        bytes(packet[TM_HEADER_BYTES:-PEC_BYTES]),
+        bytes(packet[TM_HEADER_BYTES:tag_at]),
     )
 
 
 def build_tm(
+    key: bytes,
     service: int,
     subtype: int,
     data: bytes,
@@ -167,7 +182,7 @@ def build_tm(
     time_fraction: int = 0,
 ) -> bytes:
     """Telemetry as the firmware builds it (for vectors and tests)."""
-    length = TM_HEADER_BYTES + len(data) + PEC_BYTES
+    length = TM_HEADER_BYTES + len(data) + TM_TRAILER_BYTES
     head = struct.pack(
         ">HHHBBBHHIH",
         0x0800 | APID,
@@ -182,6 +197,7 @@ def build_tm(
         time_fraction,
     )
     packet = head + data
+    packet += hmac_tag(key, packet)
     return packet + crc16(packet).to_bytes(2, "big")
 
 

@@ -80,8 +80,9 @@ def test_hmac_sha256_rfc4231():
 
 
 def test_tm_writer_reproduces_vectors():
-    writer = ccsds.TmWriter(200)
-    for case in load_vectors("ccsds.json")["tm"]:
+    vectors = load_vectors("ccsds.json")
+    writer = ccsds.TmWriter(200, auth.Hmac(_unhex(vectors["key"])))
+    for case in vectors["tm"]:
         data = _unhex(case["data"])
         writer.sequence_count = case["sequence_count"]
         writer.message_counter = case["message_counter"]
@@ -174,7 +175,7 @@ def test_products_list_read_delete_and_names_confined():
     assert _verification(sent[0]) == (True, 0)
     listing = sent[1]
     assert listing[7:9] == b"\x80\x02"
-    body = listing[19:-2]
+    body = listing[19:-18]
     assert body[:6] == b"\x00\x01\x00\x00\x00\x01" and body[7:15] == b"tdc.qrec", body
     assert ccsds.get_u32(body, 15) == 3000
     import binascii
@@ -184,7 +185,9 @@ def test_products_list_read_delete_and_names_confined():
     args = b"\x08tdc.qrec" + b"\x00\x00\x0b\xb0" + b"\x04\x00"  # offset 2992, 1024 bytes
     link.handle(_tc(key, 2, 128, 3, args, ack=0))
     assert len(sent) == 1 and sent[0][7:9] == b"\x80\x04"
-    chunk = sent[0][19:-2]
+    chunk = sent[0][19:-18]
+    # the reply is tagged with the link key (the ground refuses it otherwise)
+    assert sent[0][-18:-2] == auth.Hmac(key).digest(sent[0][:-18])[:16]
     assert ccsds.get_u16(chunk, 4) == 8 and chunk[10:] == data[2992:]
     del sent[:]
     for i, name in enumerate((b"../link/key", b"/flash", b"..", b".hidden", b"a" * 49)):
