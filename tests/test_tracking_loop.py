@@ -4,13 +4,18 @@ lockstep: the issue's must-show figures, asserted (docs/tracking.md)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from emulator.optical_plant import OpticalPlant, PlantParams, prediction_table
 from emulator.payload_run import run_pass
+from emulator.targets import QemuTarget, unix_firmware_command, unix_firmware_env
 from emulator.tracking_lockstep import TrackingHead, run_lockstep, run_over_bus
+from host.deploy.raw_repl import RawRepl
 from host.protocol import tracking as trk
 
 
@@ -202,3 +207,89 @@ def test_tracking_payload_round_trip_and_bad_payload_named():
         trk.decode_payload(trk.encode_samples(samples, 500, 10)[:-1])
     with pytest.raises(trk.TrackingFormatError, match="subtype 9"):
         trk.decode_payload(bytes([1, 9, 0, 0]) + bytes(8))
+
+
+# ------------------------------------------------ 32-bit regimes (issue 15, finding 5)
+# The kernel's int32 state overflowed on the 32-bit MCU (and not on the 64-bit unix
+# build): the extrapolation v*t after ~143 s past the last node, the Q6 predictor bias
+# at 33.5 mrad, the us pass clock after 35.8 min. This program drives the real kernel
+# through those regimes with scripted sensors (encoder on the prediction + an offset, a
+# beacon the camera then the QPD see) and digests every output word of every step.
+REGIME_PROGRAM = """
+import binascii
+from payload import tracking
+ROWS = [[-1300000000 + i * 15000000, 20000000, 15000, 0, 0, 0, -50000, 0] for i in range(4)]
+LIT = (3000, 3300, 2900, 3200)
+DARK = (25, 25, 25, 25)
+def run(at_ms, seconds, enc_offset):
+    t = tracking.Tracker({'loop_rate_hz': 500})
+    t.load_predictions(ROWS)
+    io = t.io
+    outputs = io[tracking.IO_FSM_X:]
+    t.start(at_ms)
+    crc = 0
+    worst_rate = 0
+    for k in range(seconds * 500):
+        quads, cam = DARK, 0
+        if 20 <= k < 40:
+            cam = 5000
+        elif k >= 40 and not 25000 <= k < 25250:  # a half-second outage at 50 s
+            quads, cam = LIT, 5000
+        io[0] = quads[0]; io[1] = quads[1]; io[2] = quads[2]; io[3] = quads[3]
+        io[4] = 1; io[5] = 0; io[6] = 0; io[7] = cam
+        io[8] = io[tracking.IO_PRED_X] + enc_offset
+        io[9] = io[tracking.IO_PRED_Y]
+        t.step()
+        crc = binascii.crc32(bytes(outputs), crc)
+        if abs(io[tracking.IO_RATE_X]) > worst_rate:
+            worst_rate = abs(io[tracking.IO_RATE_X])
+    bx, by = t.bias_nrad()
+    print('@@regime', at_ms, seconds, enc_offset, crc, t.state, t.pass_time_ms(),
+          io[tracking.IO_PRED_X], io[tracking.IO_PRED_Y], bx, by, worst_rate,
+          t.transition_count())
+run(0, 150, 0)              # 147 s of extrapolation past the 4-node table
+run(0, 60, -40000000)       # the beacon 40 mrad from the prediction: bias past 33.5 mrad
+run(2147000, 20, 0)         # started where the int32 us clock wrapped (35.8 min)
+"""
+
+
+def _regime_lines(output: str) -> list[list[int]]:
+    return [[int(v) for v in line.split()[1:]] for line in output.splitlines()
+            if line.startswith("@@regime")]  # fmt: skip
+
+
+def _regime_on_unix() -> list[list[int]]:
+    with tempfile.TemporaryDirectory() as workdir:
+        script = Path(workdir) / "regime.py"
+        script.write_text(REGIME_PROGRAM)
+        proc = subprocess.run(
+            unix_firmware_command(script), capture_output=True, text=True, timeout=300,
+            cwd=workdir, env=unix_firmware_env(Path(workdir) / "flash", None),
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return _regime_lines(proc.stdout)
+
+
+@pytest.mark.slow
+def test_32_bit_regimes_equal_on_unix_and_qemu_and_bounded():
+    on_unix = _regime_on_unix()
+    with QemuTarget(boot="maintenance") as target:
+        with RawRepl(target.ground_port, timeout_s=30.0) as repl:
+            on_qemu = _regime_lines(repl.exec(REGIME_PROGRAM, timeout_s=600))
+    assert len(on_unix) == 3
+    # Same bits: every output word of every step, on the 64-bit build and the 32-bit MCU.
+    assert on_qemu == on_unix
+    extrapolated, biased, late = on_unix
+    # Past the table (last node at 3 s) the prediction extrapolates 10 s, then holds with
+    # no rate fed forward: 1 s segment + 10 s at 15 urad/ms from the node at 2 s.
+    _, _, _, _, state, time_ms, pred_x, pred_y, _, _, worst_rate, _ = extrapolated
+    assert state == 4 and time_ms == 13000, (state, time_ms)  # FINE, clock held
+    assert pred_x == -1300000000 + 2 * 15000000 + 11000 * 15000 and pred_y == 20000000
+    assert worst_rate <= 50000  # never beyond the axis limit (an overflow saturates it)
+    # The beacon 40 mrad below the prediction: the bias saturates at -16.8 mrad with the
+    # right sign (a Q6 int32 wrapped to a positive bias at 33.5 mrad).
+    assert biased[8] == -(1 << 24), biased
+    # Started at 2147 s, past the table: the node index stays in the table and the
+    # prediction is the held one (an int32 us clock read a negative node here).
+    assert late[5] == 13000 and late[6] == extrapolated[6], late

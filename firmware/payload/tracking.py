@@ -80,7 +80,9 @@ IO_STATE = const(16)  # out
 IO_ERR_X = const(17)  # out: measured fine error, nrad (0 without signal)
 IO_ERR_Y = const(18)
 IO_SIGNAL = const(19)  # out: QPD sum above background, counts
-IO_WORDS = const(20)
+IO_PRED_X = const(20)  # out: predicted line of sight (uplinked prediction, no bias), nrad
+IO_PRED_Y = const(21)
+IO_WORDS = const(22)
 
 # ---------------------------------------------------------------- config words (int32)
 _K_PERIOD_US = const(0)
@@ -120,7 +122,7 @@ _K_WORDS = const(32)
 # ---------------------------------------------------------------- state words (int32)
 _S_STATE = const(0)
 _S_STEP = const(1)
-_S_T_US = const(2)
+_S_NODE_US = const(2)  # us since the current prediction node (wrap-safe pass time)
 _S_CMD = const(3)  # pending command: 1 start, 2 stop
 _S_IN_STATE = const(4)  # steps in the current state
 _S_QPD_RUN = const(5)
@@ -149,16 +151,19 @@ _S_JX = const(27)  # running sum of the fine error, nrad (feeds the second integ
 _S_JY = const(28)
 _S_I2X = const(29)  # second (double) integrator, nrad Q8
 _S_I2Y = const(30)
-_S_WORDS = const(32)
+_S_NODE = const(31)  # current prediction node (time = node s + _S_NODE_US us)
+_S_START_MS = const(32)  # pass time at which the next start begins, ms
+_S_TM_COUNTDOWN = const(33)  # steps to the next telemetry sample
+_S_WORDS = const(36)
 
 # All int32 state lives in one array (fewer kernel arguments: each costs ~200 instructions
 # per call on the Cortex-M3): [state | config | io | nodes | transition ring | telemetry].
-_OFF_CFG = const(32)  # _S_WORDS
-_OFF_IO = const(64)  # _OFF_CFG + _K_WORDS
-_OFF_NODES = const(84)  # _OFF_IO + IO_WORDS
-_OFF_LOG = const(88)
-_OFF_TM = const(344)  # _OFF_LOG + 4 * _TR_SLOTS
-_ALL_WORDS = const(2136)  # _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS
+_OFF_CFG = const(36)  # _S_WORDS
+_OFF_IO = const(68)  # _OFF_CFG + _K_WORDS
+_OFF_NODES = const(90)  # _OFF_IO + IO_WORDS
+_OFF_LOG = const(92)
+_OFF_TM = const(348)  # _OFF_LOG + 4 * _TR_SLOTS
+_ALL_WORDS = const(2140)  # _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS
 _TR_SLOTS = const(64)  # transition ring: step, from, to, reason
 TM_SAMPLE_WORDS = const(7)  # telemetry sample: step, state, signal, ex, ey, fsm x, fsm y
 _TM_SLOTS = const(256)
@@ -167,6 +172,22 @@ _SIN_SIZE = const(1024)
 _SIN_BIAS = const(16384)  # sin table stored unsigned (Q14 + bias): same load on all targets
 _E_CLAMP = const(131072)  # 2**17 nrad: bound on fine errors so Q12 products fit int32
 _J_CLAMP = const(262144)  # 2**18 nrad: bound on the error sum (kii < 0.5 keeps kii*J < 2**30)
+# Ranges that keep every intermediate below 2**31 (docs/tracking.md "Fixed-point ranges"):
+# (Literals above 2**30 - 1 are not small ints on 32-bit ports, and viper refuses them:
+# such bounds are formed at run time in the kernel from the constants below.)
+_ANGLE_MAX_NRAD = 1500000000  # absolute angles (prediction, encoder): 85.9 deg
+_ANGLE_MAX_KNRAD = const(1500000)  # the same, formed as * 1000 in the kernel
+_LOS_DIFF_HALF_NRAD = const(536870912)  # 2**29: prediction - encoder saturates at 2**30
+_BIAS_MAX_NRAD = const(16777216)  # 2**24 (16.8 mrad): predictor bias; Q6 stays < 2**30
+_BIAS_RATE_MAX_Q16 = const(134217727)  # 2**27 - 1: bias rate, nrad/step Q16
+_RATE_MAX_TABLE = const(65536)  # |vx|, |vy| in the table, nrad/ms (65 mrad/s)
+_ACCEL_MAX_TABLE = const(131072)  # |ax|, |ay| in the table, nrad/ms^2 Q16 (2 mrad/s^2)
+_PA_MAX_TABLE = const(131072)  # |point-ahead| in the table, nrad (131 urad)
+_NODE_US = const(1000000)  # one prediction node per second
+_EXTRAPOLATE_MS = const(10000)  # past the last node the prediction extrapolates 10 s, then holds
+_SEGMENT_US_MAX = const(11000000)  # last segment (1 s) + the extrapolation
+_COUNT_MAX = const(536870912)  # run/miss/in-state counters saturate here (never wrap)
+_SCAN_OFF_STEP_MAX = const(16384)  # nrad per step of spiral motion fed forward
 
 # The actuator/sensor facts of the optical head (the plant's datasheet). Configurations
 # are validated against them.
@@ -212,6 +233,13 @@ DEFAULTS = {
     "telemetry_decimation": 10,
     "stability_margin": 0.8,
 }
+
+
+# Per prediction-table field: the bound the kernel's fixed point is proven for.
+_TABLE_FIELDS = ("x nrad", "y nrad", "vx nrad/ms", "vy nrad/ms", "ax nrad/ms^2 Q16",
+                 "ay nrad/ms^2 Q16", "pa x nrad", "pa y nrad")  # fmt: skip
+_TABLE_LIMITS = (_ANGLE_MAX_NRAD, _ANGLE_MAX_NRAD, _RATE_MAX_TABLE, _RATE_MAX_TABLE,
+                 _ACCEL_MAX_TABLE, _ACCEL_MAX_TABLE, _PA_MAX_TABLE, _PA_MAX_TABLE)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -355,6 +383,7 @@ def validate(config, hardware=None):
         "camera loop unstable or under-damped at %r frames/s (pole radius %.3f)"
         % (hw["camera_rate_hz"], cam_radius),
     )
+    need(kc <= 30.0, "camera_gain_per_s", "above 30/s: does not fit the Q16 fixed point")
     fine_bw_hz = ki * rate / 6.283
     ko = c["offload_gain_per_s"]
     need(
@@ -364,7 +393,11 @@ def validate(config, hardware=None):
         " (%.1f Hz)" % fine_bw_hz,
     )
     need(ko <= 15.0, "offload_gain_per_s", "above 15/s: does not fit the Q16 fixed point")
-    need(0.0 < c["open_loop_gain_per_s"] <= 50.0, "open_loop_gain_per_s", "must be in (0, 50]")
+    need(
+        0.0 < c["open_loop_gain_per_s"] <= 30.0,
+        "open_loop_gain_per_s",
+        "must be in (0, 30]: above 30/s does not fit the Q16 fixed point",
+    )
     need(
         0.0 < c["settle_urad"] < c["scan_pitch_urad"],
         "settle_urad",
@@ -378,7 +411,11 @@ def validate(config, hardware=None):
         % (2 * hw["camera_field_urad"]),
     )
     for name in ("scan_radius_urad", "reacq_radius_urad"):
-        need(pitch <= c[name] <= 20000.0, name, "must be between the scan pitch and 20 mrad")
+        need(
+            pitch <= c[name] <= 15000.0,
+            name,
+            "must be between the scan pitch and 15 mrad (the bias range is 16.8 mrad)",
+        )
     speed = c["scan_speed_urad_s"]
     need(speed > 0.0, "scan_speed_urad_s", "must be positive")
     need(
@@ -397,7 +434,7 @@ def validate(config, hardware=None):
     need(speed * frame_s <= 0.5 * hw["camera_field_urad"], "scan_speed_urad_s",
          "the spot would cross more than half the camera field in one frame")  # fmt: skip
     alpha, beta = c["predictor_alpha"], c["predictor_beta"]
-    need(0.0 < alpha < 1.0, "predictor_alpha", "must be in (0, 1)")
+    need(0.0 < alpha <= 0.125, "predictor_alpha", "must be in (0, 0.125] (Q16 fixed point)")
     need(
         1.0 / 65536 <= beta < alpha * alpha / (2.0 - alpha) * 4.0,
         "predictor_beta",
@@ -510,15 +547,22 @@ class Tracker:
                                   % (i, len(row), _TABLE_WORDS))  # fmt: skip
             for j in range(_TABLE_WORDS):
                 value = row[j]
-                limit = 1 << 20 if j in (4, 5) else 1 << 30
-                if not -limit < value < limit:
-                    raise ConfigError("load_predictions: row %d value %d out of range"
-                                      % (i, j))  # fmt: skip
+                limit = _TABLE_LIMITS[j]
+                if not -limit <= value <= limit:
+                    raise ConfigError(
+                        "load_predictions: row %d value %d (%s) = %r outside +-%d"
+                        % (i, j, _TABLE_FIELDS[j], value, limit)
+                    )
                 table[i * _TABLE_WORDS + j] = value
         self.table = table
         self._nodes[0] = len(rows)
 
-    def start(self):
+    def start(self, at_ms=0):
+        """Start tracking at pass time `at_ms` (ms after the first prediction node): a loop
+        started late in a pass begins on the right node."""
+        if not 0 <= at_ms < 1 << 31:
+            raise ConfigError("start: at_ms=%r outside 0..2**31-1" % (at_ms,))
+        self.st[_S_START_MS] = at_ms
         self.st[_S_CMD] = 1
 
     def idle(self):
@@ -552,6 +596,14 @@ class Tracker:
             log = self.transition_log
             out.append((log[i], log[i + 1], log[i + 2], log[i + 3]))
         return out
+
+    def bias_nrad(self):
+        """The predictor's learned bias (line of sight - prediction), nrad per axis."""
+        return self.st[_S_BX] >> 6, self.st[_S_BY] >> 6
+
+    def pass_time_ms(self):
+        """The loop's pass time (ms after the first node; held past the extrapolation)."""
+        return self.st[_S_NODE] * 1000 + self.st[_S_NODE_US] // 1000
 
     def transition_count(self):
         return self.st[_S_TR_COUNT]
@@ -656,15 +708,31 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
     # is the identity on 32-bit targets. Every signed word is loaded through it.
     m = 1
     m <<= 31
+    angle_max = _ANGLE_MAX_KNRAD
+    angle_max *= 1000
+    los_max = _LOS_DIFF_HALF_NRAD
+    los_max <<= 1
+    bias_max_q6 = _BIAS_MAX_NRAD
+    bias_max_q6 <<= 6
     state = st[_S_STATE]
     period = st[_OFF_CFG + _K_PERIOD_US]
-    step = st[_S_STEP] + 1
+    step = st[_S_STEP] + 1  # stored as 32 bits on every target: wraps after 2**32 steps
     st[_S_STEP] = step
-    t_us = st[_S_T_US]
+    nodes = st[_OFF_NODES]
+    # Pass time as (node, us since the node): never above 11 s of us, so it cannot wrap
+    # however long the loop runs (an int32 us clock went negative after 35.8 min).
+    node = st[_S_NODE]
+    node_us = st[_S_NODE_US]
     if state != IDLE:
-        t_us += period
-        st[_S_T_US] = t_us
-    in_state = st[_S_IN_STATE] + 1
+        node_us += period
+        if node_us >= _NODE_US and node < nodes - 2:
+            node += 1
+            node_us -= _NODE_US
+        elif node_us > _SEGMENT_US_MAX:
+            node_us = _SEGMENT_US_MAX
+    in_state = st[_S_IN_STATE]
+    if in_state < _COUNT_MAX:
+        in_state += 1
     st[_S_IN_STATE] = in_state
 
     # -------- commands
@@ -674,21 +742,36 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         _log_transition(st, IDLE, R_COMMAND_STOP)
         state = IDLE
     if cmd == 1 and state == IDLE:
-        st[_S_T_US] = 0
-        t_us = 0
+        start_ms = st[_S_START_MS]
+        node = start_ms // 1000
+        node_us = (start_ms - node * 1000) * 1000
+        if node > nodes - 2:  # started past the table: extrapolate from the last segment
+            beyond = node - (nodes - 2)
+            node = nodes - 2
+            if beyond > 11:
+                node_us = _SEGMENT_US_MAX
+            else:
+                node_us += beyond * _NODE_US
+                if node_us > _SEGMENT_US_MAX:
+                    node_us = _SEGMENT_US_MAX
         st[_S_BX] = 0
         st[_S_BY] = 0
         st[_S_BDX] = 0
         st[_S_BDY] = 0
+        st[_S_TM_COUNTDOWN] = 0
         _log_transition(st, OPEN_LOOP, R_COMMAND_START)
         state = OPEN_LOOP
-
-    # -------- prediction at t_us: quadratic from the node at or before t
-    nodes = st[_OFF_NODES]
-    node = t_us // 1000000
-    if node > nodes - 2:
+    if node > nodes - 2:  # a table reloaded shorter while idle: never read past its end
         node = nodes - 2
-    t_ms = (t_us - node * 1000000) // 1000
+    st[_S_NODE] = node
+    st[_S_NODE_US] = node_us
+
+    # -------- prediction: quadratic from the node at or before the pass time. Table
+    # fields are bounded on upload (_TABLE_LIMITS), t_ms <= 11000 and acc_ms <= 2000, so
+    # |v t| <= 7.2e8, the acceleration term's intermediate <= 2.05e9, and the sum is
+    # saturated at +-_ANGLE_MAX_NRAD without forming anything beyond 2**31.
+    t_ms = node_us // 1000
+    held = node_us >= _SEGMENT_US_MAX  # past the extrapolation: hold, no rate fed forward
     row = node * _TABLE_WORDS
     acc_ms = t_ms
     if acc_ms > 2000:
@@ -697,20 +780,42 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
     ay = (table[row + 5] ^ m) - m
     vx = (table[row + 2] ^ m) - m
     vy = (table[row + 3] ^ m) - m
-    pred_x = ((table[row] ^ m) - m) + vx * t_ms + ((((ax * acc_ms) >> 8) * acc_ms) >> 9)
-    pred_y = ((table[row + 1] ^ m) - m) + vy * t_ms + ((((ay * acc_ms) >> 8) * acc_ms) >> 9)
+    x0 = (table[row] ^ m) - m
+    dx = vx * t_ms + ((((ax * acc_ms) >> 8) * acc_ms) >> 9)
+    if dx > 0 and x0 > angle_max - dx:
+        pred_x = angle_max
+    elif dx < 0 and x0 < 0 - (angle_max + dx):
+        pred_x = 0 - angle_max
+    else:
+        pred_x = x0 + dx
+    x0 = (table[row + 1] ^ m) - m
+    dx = vy * t_ms + ((((ay * acc_ms) >> 8) * acc_ms) >> 9)
+    if dx > 0 and x0 > angle_max - dx:
+        pred_y = angle_max
+    elif dx < 0 and x0 < 0 - (angle_max + dx):
+        pred_y = 0 - angle_max
+    else:
+        pred_y = x0 + dx
     vff_x = vx + ((ax * acc_ms) >> 16)  # nrad/ms
     vff_y = vy + ((ay * acc_ms) >> 16)
+    if held:
+        vff_x = 0
+        vff_y = 0
+    # Point-ahead: linear between the node and the next, fraction in Q10 of a second.
+    frac_q10 = t_ms
+    if frac_q10 > 1000:
+        frac_q10 = 1000
+    frac_q10 = (frac_q10 * 1049) >> 10
     pa0 = (table[row + 6] ^ m) - m
-    pa_x = pa0 + ((((table[row + _TABLE_WORDS + 6] ^ m) - m - pa0) * t_ms * 65) >> 16)
+    pa_x = pa0 + ((((table[row + _TABLE_WORDS + 6] ^ m) - m - pa0) * frac_q10) >> 10)
     pa0 = (table[row + 7] ^ m) - m
-    pa_y = pa0 + ((((table[row + _TABLE_WORDS + 7] ^ m) - m - pa0) * t_ms * 65) >> 16)
+    pa_y = pa0 + ((((table[row + _TABLE_WORDS + 7] ^ m) - m - pa0) * frac_q10) >> 10)
 
     # -------- sensors
-    qa = st[_OFF_IO + IO_QA]
-    qb = st[_OFF_IO + IO_QB]
-    qc = st[_OFF_IO + IO_QC]
-    qd = st[_OFF_IO + IO_QD]
+    qa = st[_OFF_IO + IO_QA] & 0xFFFF  # 16-bit ADC: a corrupt word cannot overflow S
+    qb = st[_OFF_IO + IO_QB] & 0xFFFF
+    qc = st[_OFF_IO + IO_QC] & 0xFFFF
+    qd = st[_OFF_IO + IO_QD] & 0xFFFF
     signal = qa + qb + qc + qd - 4 * st[_OFF_CFG + _K_QPD_BG]
     fine_ok = signal >= st[_OFF_CFG + _K_QPD_THR]
     ex = 0
@@ -753,24 +858,52 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             ey = _E_CLAMP
         elif ey < 0 - _E_CLAMP:
             ey = 0 - _E_CLAMP
-        st[_S_QPD_RUN] = st[_S_QPD_RUN] + 1
+        if st[_S_QPD_RUN] < _COUNT_MAX:
+            st[_S_QPD_RUN] = st[_S_QPD_RUN] + 1
         st[_S_QPD_MISS] = 0
     else:
-        st[_S_QPD_MISS] = st[_S_QPD_MISS] + 1
+        if st[_S_QPD_MISS] < _COUNT_MAX:
+            st[_S_QPD_MISS] = st[_S_QPD_MISS] + 1
         st[_S_QPD_RUN] = 0
     cam_new = st[_OFF_IO + IO_CAM_NEW]
     cam_x = (st[_OFF_IO + IO_CAM_X] ^ m) - m
     cam_y = (st[_OFF_IO + IO_CAM_Y] ^ m) - m
-    cam_ok = st[_OFF_IO + IO_CAM_SIGNAL] >= st[_OFF_CFG + _K_CAM_THR]
+    cam_ok = ((st[_OFF_IO + IO_CAM_SIGNAL] ^ m) - m) >= st[_OFF_CFG + _K_CAM_THR]
     if cam_new:
         if cam_ok:
-            st[_S_CAM_RUN] = st[_S_CAM_RUN] + 1
+            if st[_S_CAM_RUN] < _COUNT_MAX:
+                st[_S_CAM_RUN] = st[_S_CAM_RUN] + 1
             st[_S_CAM_MISS] = 0
         else:
-            st[_S_CAM_MISS] = st[_S_CAM_MISS] + 1
+            if st[_S_CAM_MISS] < _COUNT_MAX:
+                st[_S_CAM_MISS] = st[_S_CAM_MISS] + 1
             st[_S_CAM_RUN] = 0
     enc_x = (st[_OFF_IO + IO_ENC_X] ^ m) - m
+    if enc_x > angle_max:
+        enc_x = angle_max
+    elif enc_x < 0 - angle_max:
+        enc_x = 0 - angle_max
     enc_y = (st[_OFF_IO + IO_ENC_Y] ^ m) - m
+    if enc_y > angle_max:
+        enc_y = angle_max
+    elif enc_y < 0 - angle_max:
+        enc_y = 0 - angle_max
+    # Prediction - encoder, saturated at +-2**30: both are within +-1.5e9, so their halves'
+    # difference fits, and the full difference is formed only when it does too.
+    los_x = (pred_x >> 1) - (enc_x >> 1)
+    if los_x > _LOS_DIFF_HALF_NRAD:
+        los_x = los_max
+    elif los_x < 0 - _LOS_DIFF_HALF_NRAD:
+        los_x = 0 - los_max
+    else:
+        los_x = pred_x - enc_x
+    los_y = (pred_y >> 1) - (enc_y >> 1)
+    if los_y > _LOS_DIFF_HALF_NRAD:
+        los_y = los_max
+    elif los_y < 0 - _LOS_DIFF_HALF_NRAD:
+        los_y = 0 - los_max
+    else:
+        los_y = pred_y - enc_y
     fsm_prev_x = (
         st[_OFF_IO + IO_FSM_X] ^ m
     ) - m  # the command applied while this sample was taken
@@ -865,8 +998,8 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
                 off_y = 0
         # Position loop on the encoder toward prediction + learned bias + scan offset,
         # with the prediction's rate and the spiral's rate fed forward.
-        dx = pred_x + bias_x + off_x - enc_x
-        dy = pred_y + bias_y + off_y - enc_y
+        dx = los_x + bias_x + off_x  # each term bounded: 2**30 + 2**24 + 2**24
+        dy = los_y + bias_y + off_y
         last_x = (st[_S_OFFX] ^ m) - m
         last_y = (st[_S_OFFY] ^ m) - m
         if state != SCAN and state != REACQ or in_state <= 1:
@@ -875,10 +1008,11 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         st[_S_OFFX] = off_x
         st[_S_OFFY] = off_y
         kol = st[_OFF_CFG + _K_KOL]
+        spm4 = spm >> 2  # <= 2**16 at 4 kHz: times a step of <= 2**14 nrad fits
         rate_x = vff_x + ((int(_clamp(dx, 1 << 20)) * kol) >> 16)
-        rate_x += ((off_x - last_x) * spm) >> 16
+        rate_x += (int(_clamp(off_x - last_x, _SCAN_OFF_STEP_MAX)) * spm4) >> 14
         rate_y = vff_y + ((int(_clamp(dy, 1 << 20)) * kol) >> 16)
-        rate_y += ((off_y - last_y) * spm) >> 16
+        rate_y += (int(_clamp(off_y - last_y, _SCAN_OFF_STEP_MAX)) * spm4) >> 14
         if state == OPEN_LOOP:
             settle = st[_OFF_CFG + _K_SETTLE]
             if int(_clamp(dx, settle)) == dx and int(_clamp(dy, settle)) == dy:
@@ -892,8 +1026,8 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             st[_S_CRX] = (int(_clamp(cam_x, 1 << 20)) * kc) >> 16
             st[_S_CRY] = (int(_clamp(cam_y, 1 << 20)) * kc) >> 16
             # The camera measures where the beacon is: learn the prediction's bias.
-            st[_S_BX] = (enc_x + cam_x - pred_x) << 6
-            st[_S_BY] = (enc_y + cam_y - pred_y) << 6
+            st[_S_BX] = int(_clamp(cam_x - los_x, _BIAS_MAX_NRAD)) << 6
+            st[_S_BY] = int(_clamp(cam_y - los_y, _BIAS_MAX_NRAD)) << 6
         rate_x = vff_x + ((st[_S_CRX] ^ m) - m)
         rate_y = vff_y + ((st[_S_CRY] ^ m) - m)
     elif state == FINE or state == HOLD:
@@ -908,12 +1042,12 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         if state == FINE and fine_ok:
             # Residual of the measured LOS (encoder + mirror + error) against the
             # predicted one: alpha-beta update of the bias and its rate.
-            rx = enc_x + fsm_prev_x + ex - pred_x - (bx >> 6)
+            rx = fsm_prev_x + ex - los_x - (bx >> 6)
             if rx > _E_CLAMP:
                 rx = _E_CLAMP
             elif rx < 0 - _E_CLAMP:
                 rx = 0 - _E_CLAMP
-            ry = enc_y + fsm_prev_y + ey - pred_y - (by >> 6)
+            ry = fsm_prev_y + ey - los_y - (by >> 6)
             if ry > _E_CLAMP:
                 ry = _E_CLAMP
             elif ry < 0 - _E_CLAMP:
@@ -921,15 +1055,15 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             bx += (alpha * rx) >> 10
             by += (alpha * ry) >> 10
             bdx = bdx + beta * rx
-            if bdx > (1 << 29):
-                bdx = 1 << 29
-            elif bdx < 0 - (1 << 29):
-                bdx = 0 - (1 << 29)
+            if bdx > _BIAS_RATE_MAX_Q16:
+                bdx = _BIAS_RATE_MAX_Q16
+            elif bdx < 0 - _BIAS_RATE_MAX_Q16:
+                bdx = 0 - _BIAS_RATE_MAX_Q16
             bdy = bdy + beta * ry
-            if bdy > (1 << 29):
-                bdy = 1 << 29
-            elif bdy < 0 - (1 << 29):
-                bdy = 0 - (1 << 29)
+            if bdy > _BIAS_RATE_MAX_Q16:
+                bdy = _BIAS_RATE_MAX_Q16
+            elif bdy < 0 - _BIAS_RATE_MAX_Q16:
+                bdy = 0 - _BIAS_RATE_MAX_Q16
             # PID plus a second integrator (type 2: rejects the coarse axis' ramp and
             # low-frequency vibration as f^2), conditional integration as anti-windup.
             kp = st[_OFF_CFG + _K_KP]
@@ -1016,12 +1150,12 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         else:
             # No beacon this sample: point the mirror where the predictor says the
             # beacon is, and keep the integrator there so the return is bumpless.
-            fsm_x = pred_x + (bx >> 6) - enc_x
+            fsm_x = los_x + (bx >> 6)
             if fsm_x > limit:
                 fsm_x = limit
             elif fsm_x < 0 - limit:
                 fsm_x = 0 - limit
-            fsm_y = pred_y + (by >> 6) - enc_y
+            fsm_y = los_y + (by >> 6)
             if fsm_y > limit:
                 fsm_y = limit
             elif fsm_y < 0 - limit:
@@ -1034,6 +1168,16 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             st[_S_JY] = 0
             st[_S_EPX] = 0
             st[_S_EPY] = 0
+        # The bias saturates at +-16.8 mrad (Q6 then stays below 2**30; a Q6 int32 wrapped
+        # at 33.5 mrad before).
+        if bx > bias_max_q6:
+            bx = bias_max_q6
+        elif bx < 0 - bias_max_q6:
+            bx = 0 - bias_max_q6
+        if by > bias_max_q6:
+            by = bias_max_q6
+        elif by < 0 - bias_max_q6:
+            by = 0 - bias_max_q6
         st[_S_BX] = bx
         st[_S_BY] = by
         st[_S_BDX] = bdx
@@ -1041,8 +1185,9 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         # Offload the mirror's deflection to the coarse axis, with the prediction's rate
         # and the predictor's bias rate fed forward.
         ko = st[_OFF_CFG + _K_KO]
-        bias_rate_x = (((bdx >> 8) * spm) >> 16) >> 8
-        bias_rate_y = (((bdy >> 8) * spm) >> 16) >> 8
+        # bdx * spm / 2**32 (nrad/ms) with |bdx >> 12| < 2**15 and spm >> 2 <= 2**16.
+        bias_rate_x = ((bdx >> 12) * (spm >> 2)) >> 18
+        bias_rate_y = ((bdy >> 12) * (spm >> 2)) >> 18
         rate_x = vff_x + bias_rate_x + ((fsm_x * ko) >> 16)
         rate_y = vff_y + bias_rate_y + ((fsm_y * ko) >> 16)
 
@@ -1068,9 +1213,13 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
     st[_OFF_IO + IO_ERR_X] = ex
     st[_OFF_IO + IO_ERR_Y] = ey
     st[_OFF_IO + IO_SIGNAL] = signal
+    st[_OFF_IO + IO_PRED_X] = pred_x
+    st[_OFF_IO + IO_PRED_Y] = pred_y
 
     # -------- telemetry ring (decimated); a full ring drops the sample and counts it
-    if state != IDLE and step % st[_OFF_CFG + _K_TELEM_DECIM] == 0:
+    countdown = st[_S_TM_COUNTDOWN] - 1
+    if state != IDLE and countdown <= 0:
+        countdown = st[_OFF_CFG + _K_TELEM_DECIM]
         head = st[_S_TM_HEAD]
         if head - st[_S_TM_TAIL] >= _TM_SLOTS:
             st[_S_TM_LOST] = st[_S_TM_LOST] + 1
@@ -1084,4 +1233,7 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             st[_OFF_TM + i + 5] = fsm_x
             st[_OFF_TM + i + 6] = fsm_y
             st[_S_TM_HEAD] = head + 1
+    if countdown < 0:
+        countdown = 0
+    st[_S_TM_COUNTDOWN] = countdown
     return state

@@ -164,3 +164,39 @@ def test_telemetry_ring_counts_what_it_drops():
     assert t.drain_telemetry(out, 10) == 10 and out[0] == 1 and out[1] == tracking.SCAN
     payload = tracking.pack_samples(out, 10, 500, 1)
     assert len(payload) == 12 + 24 * 10 and payload[1] == 1
+
+
+def test_prediction_fields_outside_the_fixed_point_ranges_refused_by_name():
+    # The kernel's int32 arithmetic is proven for these bounds (docs/tracking.md
+    # "Fixed-point ranges"): a table beyond them is refused, naming row and field.
+    t = tracking.Tracker()
+    bad = [row[:] for row in ROWS]
+    bad[3][2] = 70000  # 70 mrad/s: beyond 65536 nrad/ms
+    try:
+        t.load_predictions(bad)
+        raise AssertionError("accepted a 70 mrad/s node")
+    except tracking.ConfigError as error:
+        assert "row 3" in str(error) and "vx nrad/ms" in str(error), str(error)
+    bad = [row[:] for row in ROWS]
+    bad[0][0] = 1600000000  # 91.7 deg
+    try:
+        t.load_predictions(bad)
+        raise AssertionError("accepted a 1.6 rad angle")
+    except tracking.ConfigError as error:
+        assert "x nrad" in str(error), str(error)
+    try:
+        t.start(-1)
+        raise AssertionError("accepted a negative start time")
+    except tracking.ConfigError as error:
+        assert "at_ms" in str(error)
+
+
+def test_start_late_in_the_pass_begins_on_the_right_node():
+    t = tracking.Tracker()
+    t.load_predictions(ROWS)
+    t.start(2500)  # 2.5 s into the pass: node 2, 500 ms after it
+    _drive(t, 1, (25, 25, 25, 25), 0)
+    assert t.pass_time_ms() == 2500, t.pass_time_ms()
+    assert t.io[tracking.IO_PRED_X] == 2 * 15000000 + 500 * 15000
+    _drive(t, 2000, (25, 25, 25, 25), 0)  # 1 s later at 2 kHz
+    assert t.pass_time_ms() == 3500 and t.io[tracking.IO_PRED_X] == 52500000
