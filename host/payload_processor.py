@@ -1,0 +1,141 @@
+"""The payload processor: the Linux-class computer in the payload that runs Alice's endpoint
+of host/distil (the same code as the ground's, `run_split`, no fork) during the pass, with
+its own on-board key store and authentication pool per ground station
+(docs/payload-processor.md).
+
+    python -m host.payload_processor PASS_DIR --station Xinglong --keystore KS \\
+        --connect 127.0.0.1:PORT [any `qkdsat distil` option: --ec, --seed, ...]
+
+It connects to the satellite terminal of the optical link (emulator/optical_link.py in
+emulation), runs Alice, and leaves in KS/STATION/passes/PASS_ID/:
+  alice.key       the key, 0600, written atomically, only when every check passed
+  report.json     Alice's report (an abort's reason, never key material)
+  processor.json  the processor's budget for the pass: CPU seconds, peak memory, wall time
+The pool is KS/STATION/auth.pool (its consumption in auth.pool.used, as for `qkdsat distil`).
+
+The processor is held to one core: the process is pinned to one CPU and every numerical
+library is limited to one thread before it is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_name] = "1"  # before numpy/numba load: one core is the budget
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from host.errors import BadInput, ProtocolAborted  # noqa: E402
+
+KEYSTORE_DIR_MODE = 0o700
+POOL_NAME = "auth.pool"
+
+
+def pass_id(pass_json: dict) -> str:
+    """The pass's name in the key store: its UTC start, compact (20161219T160212Z)."""
+    start = str(pass_json.get("utc_start", "unknown"))
+    return "".join(c for c in start.split(".")[0] if c.isalnum()) + "Z"
+
+
+def station_dir(keystore: Path, station: str) -> Path:
+    if not station or "/" in station or station.startswith("."):
+        raise BadInput(f"--station {station!r}: a ground-station name")
+    return Path(keystore) / station
+
+
+def _private_dirs(*paths: Path) -> None:
+    for path in paths:
+        path.mkdir(mode=KEYSTORE_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(path, KEYSTORE_DIR_MODE)
+
+
+def pin_to_one_core() -> int | None:
+    """Pin this process to one CPU (the last one allowed); None where not supported."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpu = max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    return cpu
+
+
+def budget(wall_s: float, cpu: int | None) -> dict:
+    """CPU seconds and peak memory of this process so far (resource.getrusage)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        "cpu_user_s": round(usage.ru_utime, 3),
+        "cpu_system_s": round(usage.ru_stime, 3),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024.0, 1),  # Linux: kilobytes
+        "wall_s": round(wall_s, 3),
+        "cores": 1,
+        "pinned_cpu": cpu,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m host.payload_processor",
+        description="Alice on the payload processor, over the optical link.",
+    )
+    parser.add_argument("pass_dir", help="the pass directory the payload recorded")
+    parser.add_argument("--station", required=True, help="ground station of the pass")
+    parser.add_argument("--keystore", required=True, help="the on-board key store")
+    parser.add_argument("--connect", required=True, help="HOST:PORT of the link terminal")
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    args, distil_options = build_parser().parse_known_args(argv)
+    cpu = pin_to_one_core()
+    t0 = time.perf_counter()
+    from host.distil import run as distil_run
+    from host.formats.passdir import read_pass_json
+
+    pass_json = read_pass_json(Path(args.pass_dir) / "pass.json")
+    station = station_dir(Path(args.keystore), args.station)
+    out = station / "passes" / pass_id(pass_json)
+    _private_dirs(Path(args.keystore), station, station / "passes", out)
+    pool = station / POOL_NAME
+    if not pool.is_file():
+        raise BadInput(f"{pool}: no authentication key pool for station {args.station!r}")
+    parser = argparse.ArgumentParser(prog="qkdsat distil")
+    distil_run.add_arguments(parser)
+    distil_args = parser.parse_args(
+        [str(args.pass_dir), "--out", str(out), "--role", "alice"]
+        + ["--connect", args.connect, "--auth-pool", str(pool)]
+        + distil_options
+    )
+    cfg = distil_run.config_from_args(distil_args)
+    try:
+        report = distil_run.run_split(distil_args, cfg)
+    finally:
+        figures = budget(time.perf_counter() - t0, cpu)
+        tmp = out / f".processor.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(figures, indent=1) + "\n")
+        os.replace(tmp, out / "processor.json")
+    if report["aborted"]:
+        print(f"payload processor: aborted: {report['abort_reason']}", file=sys.stderr)
+        return 3
+    print(f"payload processor: key_bits={report['key_bits']} cpu_s={figures['cpu_s']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except BadInput as error:
+        print(f"payload processor: {error}", file=sys.stderr)
+        return 2
+    except ProtocolAborted as error:
+        print(f"payload processor: aborted: {error}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
