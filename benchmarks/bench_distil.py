@@ -171,7 +171,7 @@ def test_bench_micius_pass_end_to_end(tmp_path):
         "duration_s"
     ]
     for tail in ("hoeffding", "chernoff"):
-        report = run_local(pass_dir, tmp_path / f"out-{tail}", Config(tail=tail), seed=1)
+        report = run_local(pass_dir, tmp_path / f"out-{tail}", Config(tail=tail))
         assert not report["aborted"], report["abort_reason"]
         sifted = report["sifted_bits"]
         stages = report["stage_seconds"]

@@ -1,6 +1,8 @@
 """Wegman-Carter authentication, message encoding and byte counting, in-process and TCP."""
 
+import json
 import random
+import stat
 import threading
 
 import numpy as np
@@ -90,18 +92,141 @@ def test_peer_abort_carries_the_reason():
         b.recv("anything")
 
 
+def _pool_file(path, size=8192, seed=1):
+    path.write_bytes(np.random.default_rng(seed).bytes(size))
+    path.chmod(0o600)
+    return path
+
+
+def _record(path) -> int:
+    return json.loads((path.parent / (path.name + ".used")).read_text())["used_bytes"]
+
+
 def test_key_pool_file_records_consumption_and_refuses_reuse(tmp_path):
-    path = tmp_path / "pool.bin"
-    path.write_bytes(np.random.default_rng(1).bytes(8192))
-    pool = ch.KeyPool.from_file(str(path))
+    path = _pool_file(tmp_path / "pool.bin")
+    pool = ch.KeyPool.from_file(str(path), new=True)
     pool.take(0, 100)
-    pool.commit()
+    pool.close()
     again = ch.KeyPool.from_file(str(path))
-    assert again.start_byte == 100
-    assert again.take(0, 8) == path.read_bytes()[100:108]
-    (tmp_path / "short.bin").write_bytes(b"x" * 10)
+    assert again.start_byte >= 100
+    assert again.take(0, 8) == path.read_bytes()[again.start_byte : again.start_byte + 8]
+    again.close()
+    _pool_file(tmp_path / "short.bin", size=10)
     with pytest.raises(BadInput, match="only 10 bytes left"):
-        ch.KeyPool.from_file(str(tmp_path / "short.bin"))
+        ch.KeyPool.from_file(str(tmp_path / "short.bin"), new=True)
+
+
+def test_the_usage_record_is_on_disk_before_a_pad_is_returned(tmp_path):
+    """No commit step: a session killed right after taking a pad has already recorded it
+    (the fix for pad reuse after a crash; main recorded usage only on a normal return)."""
+    path = _pool_file(tmp_path / "pool.bin")
+    pool = ch.KeyPool.from_file(str(path), new=True)
+    for offset in (0, 8, 3000, 5000):
+        pool.take(offset, 8)
+        assert _record(path) >= offset + 8  # read back from the file, not the object
+    used = path.parent / "pool.bin.used"
+    assert stat.S_IMODE(used.stat().st_mode) == 0o600
+    assert not list(tmp_path.glob("*.tmp"))
+    # the lock released as by the process dying (close() writes nothing): the next session
+    # starts after every pad taken
+    pool.close()
+    again = ch.KeyPool.from_file(str(path))
+    assert again.start_byte >= 5008
+    again.close()
+
+
+def test_a_pool_readable_by_group_or_others_is_refused(tmp_path):
+    path = _pool_file(tmp_path / "pool.bin")
+    path.chmod(0o640)
+    with pytest.raises(BadInput, match="pool.bin: readable or writable by group or others"):
+        ch.KeyPool.from_file(str(path), new=True)
+    path.chmod(0o604)
+    with pytest.raises(BadInput, match="chmod 600"):
+        ch.KeyPool.from_file(str(path), new=True)
+
+
+def test_a_missing_usage_record_is_an_error_not_a_restart_at_zero(tmp_path):
+    path = _pool_file(tmp_path / "pool.bin")
+    ch.KeyPool.from_file(str(path), new=True).take(0, 800)
+    (tmp_path / "pool.bin.used").unlink()
+    with pytest.raises(BadInput, match=r"pool.bin.used is missing"):
+        ch.KeyPool.from_file(str(path))
+    # and a pool declared new must really be new
+    ch.KeyPool.from_file(str(path), new=True).close()
+    with pytest.raises(BadInput, match="declared new, but .* exists"):
+        ch.KeyPool.from_file(str(path), new=True)
+
+
+def test_a_pool_in_use_by_another_session_is_refused(tmp_path):
+    path = _pool_file(tmp_path / "pool.bin")
+    first = ch.KeyPool.from_file(str(path), new=True)
+    with pytest.raises(BadInput, match="in use by another session"):
+        ch.KeyPool.from_file(str(path))
+    first.close()
+    ch.KeyPool.from_file(str(path)).close()  # released
+
+
+def test_the_two_sides_begin_at_the_later_record_and_authenticate(tmp_path):
+    """Bob died having reserved more than Alice: both announce their records and begin at
+    Bob's; the session then authenticates and Alice's record catches up."""
+    data = np.random.default_rng(4).bytes(1 << 15)
+    for name in ("a.pool", "b.pool"):
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / name).chmod(0o600)
+    (tmp_path / "a.pool.used").write_text('{"used_bytes": 1000}')
+    (tmp_path / "b.pool.used").write_text('{"used_bytes": 9000}')
+    pool_a = ch.KeyPool.from_file(str(tmp_path / "a.pool"))
+    pool_b = ch.KeyPool.from_file(str(tmp_path / "b.pool"))
+    t_a, t_b = ch.queue_pair(timeout_s=5)
+    thread = threading.Thread(target=ch.exchange_pool_start, args=(t_b, pool_b))
+    thread.start()
+    ch.exchange_pool_start(t_a, pool_a)
+    thread.join()
+    assert pool_a.start_byte == pool_b.start_byte == 9000
+    a, b = ch.AuthChannel(t_a, pool_a, ch.ALICE), ch.AuthChannel(t_b, pool_b, ch.BOB)
+    a.send("hello", n=1)
+    assert b.recv("hello")["n"] == 1
+    assert _record(tmp_path / "a.pool") >= 9000 + 8 + 8
+    # a peer can never move a side's start backwards
+    pool_a.close()
+    again = ch.KeyPool.from_file(str(tmp_path / "a.pool"))
+    again.agree_start(0)
+    assert again.start_byte >= 9016
+    again.close()
+    pool_b.close()
+
+
+def test_bob_sends_nothing_authenticated_before_alices_first_message_verified():
+    """Different starts (a man in the middle rewrote the announced positions): Alice's hello
+    fails at Bob, and Bob's abort, which would expose a pad from his own region, is not
+    sent; after a verified message he does tell Alice why he stops."""
+    data = np.random.default_rng(6).bytes(1 << 14)
+    pool_a, pool_b = ch.KeyPool(data), ch.KeyPool(data)
+    pool_b.agree_start(2048)
+    t_a, t_b = ch.queue_pair(timeout_s=0.5)
+    a, b = ch.AuthChannel(t_a, pool_a, ch.ALICE), ch.AuthChannel(t_b, pool_b, ch.BOB)
+    a.send("hello")
+    with pytest.raises(ch.AuthenticationFailed):
+        b.recv("hello")
+    b.abort("authentication failed")
+    assert b.sent == 0 and t_b.outbox.empty()
+    a2, b2, _ = _pair()
+    a2.send("hello")
+    b2.recv("hello")
+    b2.abort("QBER above threshold")
+    with pytest.raises(ch.PeerAborted, match="QBER"):
+        a2.recv("hello_ok")
+
+
+def test_forgery_bound_counts_every_message_against_the_size_limit():
+    a, b, t_a = _pair()
+    a.send("x", blob=np.zeros(1000, np.uint8))
+    b.recv("x")
+    per = (ch.MAX_MESSAGE_BYTES // 8 + 3) / 2.0**64
+    assert a.forgery_bound == b.forgery_bound == pytest.approx(per, rel=1e-6)
+    t_a.outbox.put(b"\x00" * (ch.MAX_MESSAGE_BYTES + 1))
+    with pytest.raises(ch.AuthenticationFailed, match="bytes"):
+        b.recv("x")
 
 
 def test_tcp_transport_carries_authenticated_messages():

@@ -20,6 +20,7 @@ from distil_passgen import BIASED, make_pass
 from host.cli import main as qkdsat
 from host.distil import ldpc, reconcile
 from host.distil.protocol import Config
+from host.distil.run import INSECURE_KEY_SUFFIX as INSECURE
 from host.distil.run import run_local
 
 PY = sys.executable
@@ -118,7 +119,7 @@ def test_a_key_block_is_sized_from_the_previous_blocks_exact_qber_when_it_agrees
 
 def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_pass, tmp_path):
     out = tmp_path / "out"
-    report = run_local(micius_pass, out, Config(), seed=11)
+    report = run_local(micius_pass, out, Config())
     assert not report["aborted"], report["abort_reason"]
     alice, bob = (out / "alice.key").read_bytes(), (out / "bob.key").read_bytes()
     assert alice == bob and len(alice) == math.ceil(report["key_bits"] / 8)
@@ -175,8 +176,8 @@ def test_sync_assigns_the_true_slots(micius_pass):
 
 @pytest.mark.slow
 def test_biased_basis_choice_keys_from_the_majority_basis(tmp_path):
-    pass_dir = make_pass(tmp_path / "pass", duration_s=3.0, profile=BIASED, seed=3)
-    report = run_local(pass_dir, tmp_path / "out", Config(tail="chernoff"), seed=1)
+    pass_dir = make_pass(tmp_path / "pass", duration_s=3.0, profile=BIASED)
+    report = run_local(pass_dir, tmp_path / "out", Config(tail="chernoff"))
     assert not report["aborted"], report["abort_reason"]
     assert report["key_bases"] == ["Z"]
     assert (tmp_path / "out" / "alice.key").read_bytes() == (
@@ -196,7 +197,7 @@ def test_qber_above_threshold_aborts_without_key(tmp_path):
     out = tmp_path / "out"
     (out).mkdir()
     (out / "alice.key").write_bytes(b"stale")  # a key from an earlier run must not survive
-    report = run_local(pass_dir, out, Config(), seed=1)
+    report = run_local(pass_dir, out, Config())
     _assert_aborted(out, "QBER above threshold", report)
 
 
@@ -210,30 +211,35 @@ def test_tampered_message_aborts_without_key(micius_pass, tmp_path):
         return data
 
     out = tmp_path / "out"
-    report = run_local(micius_pass, out, Config(), seed=1, tamper=flip_third_message)
+    report = run_local(micius_pass, out, Config(), tamper=flip_third_message)
     _assert_aborted(out, "authentication failed", report)
 
 
 def test_wrong_pre_shared_key_aborts_without_key(micius_pass, tmp_path):
     rng = np.random.default_rng(9)
-    (tmp_path / "alice.pool").write_bytes(rng.bytes(1 << 16))
-    (tmp_path / "bob.pool").write_bytes(rng.bytes(1 << 16))
+    for name in ("alice.pool", "bob.pool"):
+        (tmp_path / name).write_bytes(rng.bytes(1 << 16))
+        (tmp_path / name).chmod(0o600)
     out = tmp_path / "out"
     report = run_local(
         micius_pass,
         out,
         Config(),
-        seed=1,
         pool_path=tmp_path / "alice.pool",
         bob_pool_path=tmp_path / "bob.pool",
+        new_pool=True,
     )
     _assert_aborted(out, "authentication failed", report)
+    # both pools are locked and recorded in local mode: each record covers the pads used
+    for name in ("alice.pool", "bob.pool"):
+        used = json.loads((tmp_path / f"{name}.used").read_text())["used_bytes"]
+        assert used >= report["auth_key_bits_used"] // 8 > 0
 
 
 def test_too_few_detections_abort_without_key(tmp_path):
     pass_dir = make_pass(tmp_path / "pass", duration_s=1.0, transmittance=2e-4, seed=5)
     out = tmp_path / "out"
-    report = run_local(pass_dir, out, Config(), seed=1)
+    report = run_local(pass_dir, out, Config())
     _assert_aborted(out, "too few events", report)
 
 
@@ -251,9 +257,12 @@ def test_discarded_ldpc_frames_leave_the_key_and_the_rest_gives_identical_keys(
     monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
     monkeypatch.setattr(reconcile, "LDPC_RETRIES", 0)
     out = tmp_path / "out"
-    report = run_local(micius_pass, out, Config(ec_efficiency=1.35), seed=11)
+    # which frames fail depends on the draw: replayed so that one block keeps a key
+    report = run_local(
+        micius_pass, out, Config(ec_efficiency=1.35), insecure_deterministic_seed=11
+    )
     assert not report["aborted"], report["abort_reason"]
-    assert (out / "alice.key").read_bytes() == (out / "bob.key").read_bytes()
+    assert (out / f"alice{INSECURE}.key").read_bytes() == (out / f"bob{INSECURE}.key").read_bytes()
     ec = report["ec"]
     assert 0 < ec["frames_discarded"] < ec["frames"]
     assert ec["frames_discarded"] == sum(b["frames_discarded"] for b in report["blocks"])
@@ -286,27 +295,21 @@ def test_every_ldpc_frame_discarded_aborts_without_key(micius_pass, tmp_path, mo
     every frame is discarded, the run aborts with the reason and no key file."""
     monkeypatch.setattr(reconcile, "LDPC_RETRIES", 0)
     out = tmp_path / "out"
-    report = run_local(micius_pass, out, Config(ec_efficiency=0.6), seed=11)
+    report = run_local(micius_pass, out, Config(ec_efficiency=0.6))
     _assert_aborted(out, "every LDPC frame was discarded", report)
     assert "-basis block" in report["abort_reason"]
 
 
-def test_cli_exit_codes(micius_pass, tmp_path):
+def test_cli_exit_codes(micius_pass, tmp_path, capsys):
     assert qkdsat(["distil", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
-    assert qkdsat(
-        [
-            "distil",
-            str(micius_pass),
-            "--out",
-            str(tmp_path / "o"),
-            "--eps-sec",
-            "1e-300",
-            "--eps-cor",
-            "1e-300",
-            "--seed",
-            "1",
-        ]
-    ) in (0, 3)
+    common = ["distil", str(micius_pass), "--out", str(tmp_path / "o")]
+    # two 64-bit verification tags cannot make a collision rarer than 2^-128
+    assert qkdsat([*common, "--eps-cor", "1e-40"]) == 2
+    assert "--eps-cor 1e-40" in capsys.readouterr().err
+    # an attainable but very small eps_sec leaves no key on a 4 s pass: the protocol aborts
+    assert qkdsat([*common, "--eps-sec", "1e-300"]) == 3
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["aborted"] and "too few events" in report["abort_reason"]
 
 
 def _free_port() -> int:
@@ -320,12 +323,19 @@ def test_split_mode_over_tcp_gives_the_same_key_as_local_mode(micius_pass, tmp_p
     pool = np.random.default_rng(12).bytes(1 << 16)
     for name in ("local.pool", "alice.pool", "bob.pool"):
         (tmp_path / name).write_bytes(pool)
+        (tmp_path / name).chmod(0o600)
     local = run_local(
-        micius_pass, tmp_path / "local", Config(), seed=21, pool_path=tmp_path / "local.pool"
+        micius_pass,
+        tmp_path / "local",
+        Config(),
+        insecure_deterministic_seed=21,
+        pool_path=tmp_path / "local.pool",
+        new_pool=True,
     )
-    assert not local["aborted"]
+    assert not local["aborted"] and local["insecure_deterministic"] is True
     port = _free_port()
-    common = [PY, "-m", "host.cli", "distil", str(micius_pass), "--seed", "21"]
+    common = [PY, "-m", "host.cli", "distil", str(micius_pass), "--new-auth-pool"]
+    common += ["--insecure-deterministic-seed", "21"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     alice = subprocess.Popen(
         common
@@ -357,13 +367,16 @@ def test_split_mode_over_tcp_gives_the_same_key_as_local_mode(micius_pass, tmp_p
         timeout=300,
     )
     assert alice.wait(timeout=60) == 0 and bob.returncode == 0
-    key = (tmp_path / "local" / "alice.key").read_bytes()
-    assert (tmp_path / "a" / "alice.key").read_bytes() == key
-    assert (tmp_path / "b" / "bob.key").read_bytes() == key
-    used = json.loads((tmp_path / "alice.pool.used").read_text())["used_bytes"]
-    assert (
-        used * 8 == json.loads((tmp_path / "a" / "report.json").read_text())["auth_key_bits_used"]
-    )
+    key = (tmp_path / "local" / f"alice{INSECURE}.key").read_bytes()
+    assert (tmp_path / "a" / f"alice{INSECURE}.key").read_bytes() == key
+    assert (tmp_path / "b" / f"bob{INSECURE}.key").read_bytes() == key
+    for role in ("alice", "bob"):
+        assert not (tmp_path / role[0] / f"{role}.key").exists()  # never under the real name
+        report = json.loads((tmp_path / role[0] / "report.json").read_text())
+        assert report["insecure_deterministic"] is True
+        # each side's record covers every pad this session used (both sides, not only Alice)
+        used = json.loads((tmp_path / f"{role}.pool.used").read_text())["used_bytes"]
+        assert used * 8 >= report["auth_key_bits_used"] > 0
     shutil.rmtree(tmp_path / "local")
 
 
@@ -382,7 +395,7 @@ def test_simulated_micius_pass_gives_identical_keys_near_the_published_length(tm
     s1_tightness = {"hoeffding": 0.75, "chernoff": 0.8}
     for tail, tightness in s1_tightness.items():
         out = tmp_path / f"out-{tail}"
-        report = run_local(pass_dir, out, Config(tail=tail), seed=3)
+        report = run_local(pass_dir, out, Config(tail=tail))
         assert not report["aborted"], report["abort_reason"]
         assert (out / "alice.key").read_bytes() == (out / "bob.key").read_bytes()
         assert abs(report["key_bits"] / 300_939 - 1) < 0.30, (tail, report["key_bits"])
@@ -406,7 +419,7 @@ def test_simulated_jinan_pass_keys_from_the_majority_basis(tmp_path):
     argv = ["simulate", "--profile", "jinan-1", "--seed", "1", "--duration-s", "30"]
     assert qkdsat([*argv, "--quiet", "--out", str(pass_dir)]) == 0
     out = tmp_path / "out"
-    report = run_local(pass_dir, out, Config(tail="chernoff"), seed=3)
+    report = run_local(pass_dir, out, Config(tail="chernoff"))
     assert not report["aborted"], report["abort_reason"]
     assert report["key_bases"] == ["Z"]
     assert report["key_bits"] > 10_000
@@ -428,9 +441,15 @@ def test_alice_and_bob_each_need_only_their_own_folder(micius_pass, tmp_path):
     alice_dir, bob_dir = tmp_path / "alice_side", tmp_path / "bob_side"
     shutil.copytree(micius_pass, alice_dir, ignore=shutil.ignore_patterns("ground", "truth"))
     shutil.copytree(micius_pass, bob_dir, ignore=shutil.ignore_patterns("satellite", "truth"))
-    split = run_local(alice_dir, tmp_path / "split", Config(), seed=11, bob_pass_dir=bob_dir)
+    split = run_local(
+        alice_dir,
+        tmp_path / "split",
+        Config(),
+        insecure_deterministic_seed=11,
+        bob_pass_dir=bob_dir,
+    )
     assert not split["aborted"], split["abort_reason"]
-    run_local(micius_pass, tmp_path / "together", Config(), seed=11)
-    key = (tmp_path / "together" / "alice.key").read_bytes()
-    assert (tmp_path / "split" / "alice.key").read_bytes() == key
-    assert (tmp_path / "split" / "bob.key").read_bytes() == key
+    run_local(micius_pass, tmp_path / "together", Config(), insecure_deterministic_seed=11)
+    key = (tmp_path / "together" / f"alice{INSECURE}.key").read_bytes()
+    assert (tmp_path / "split" / f"alice{INSECURE}.key").read_bytes() == key
+    assert (tmp_path / "split" / f"bob{INSECURE}.key").read_bytes() == key

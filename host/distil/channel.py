@@ -13,6 +13,7 @@ of L 64-bit blocks.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import queue
@@ -29,7 +30,13 @@ ALICE, BOB = "alice", "bob"
 _DIRECTION = {ALICE: 0, BOB: 1}  # the direction of messages this role sends
 TAG_BYTES = 8
 _LEN = struct.Struct("<I")
-MAX_MESSAGE_BYTES = 1 << 30
+# Both sides refuse longer messages before checking their tag, so a forgery (any message
+# substituted for one of at most this length) passes with probability <= (L + 1) / 2^64,
+# L the 64-bit blocks of the longer (gf64.py): FORGERY_PER_MESSAGE, counted per message in
+# the report's epsilon. 64 MiB holds a full pass's largest message (the detections) ~10x.
+MAX_MESSAGE_BYTES = 1 << 26
+_MAX_HASH_BLOCKS = (MAX_MESSAGE_BYTES + 9 + 7) // 8 + 1  # + direction/seq prefix, length
+FORGERY_PER_MESSAGE = (_MAX_HASH_BLOCKS + 1) / 2.0**64
 
 
 class AuthenticationFailed(ProtocolAborted):
@@ -46,56 +53,176 @@ class ChannelClosed(ProtocolAborted):
 
 # ------------------------------------------------------------------ key pool
 
+# A side reserves this far beyond the last pad it takes, so that its usage record covers
+# every pad the peer can have put on the wire (the peer sends at most MAX_UNANSWERED
+# messages before it needs one of ours), even if this side dies before receiving them.
+MAX_UNANSWERED = 32
+RESERVE_AHEAD_BYTES = 16 * (MAX_UNANSWERED + 1)
+RESERVE_STEP_BYTES = 2048  # one fsync'd record per this many bytes, not one per message
+MIN_POOL_LEFT_BYTES = 1024
+_START_HELLO = b"QKDPOOL1"
+_START = struct.Struct("<8sQ")
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 class KeyPool:
-    """Pre-shared secret bytes. `start_byte` skips what earlier sessions consumed."""
+    """Pre-shared secret bytes, consumed from `start_byte` on.
 
-    def __init__(self, data: bytes, start_byte: int = 0, path: str | None = None):
+    A pool backed by a file (`from_file`) is locked for the session and its usage record,
+    POOL.used, is moved forward and made durable (file and directory fsync'd) BEFORE any
+    byte past the recorded point is used: a session that dies at any instant, even by
+    SIGKILL or power loss, leaves a record at or beyond every pad it used, so the next
+    session never reuses one. The record only grows; bytes reserved but not used by a
+    session that stopped are lost (at most RESERVE_STEP_BYTES + RESERVE_AHEAD_BYTES).
+    An in-memory pool (no path) records nothing: its bytes are used once, in one process.
+    """
+
+    def __init__(self, data: bytes, start_byte: int = 0, path: str | None = None, lock_fd=None):
         self.data = bytes(data)
         self.start_byte = start_byte
         self.path = path
         self.high_water_byte = start_byte
+        self.reserved_byte = start_byte  # what the usage record on disk covers
+        self._lock_fd = lock_fd
+        self._mutex = threading.Lock()  # local mode: both endpoints' threads share a pool
 
     @classmethod
-    def from_file(cls, path: str) -> KeyPool:
+    def from_file(cls, path: str, new: bool = False) -> KeyPool:
+        """Open, lock and check a pool file. new: the pool was never used, create its
+        usage record at 0 (refused if one exists); otherwise the record must exist."""
+        import fcntl
+
+        used_path = path + ".used"
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
+            fd = os.open(path, os.O_RDONLY)
         except OSError as error:
             raise BadInput(f"authentication key pool {path}: {error.strerror}") from error
-        start = 0
-        used_path = path + ".used"
-        if os.path.exists(used_path):
+        try:
+            mode = os.fstat(fd).st_mode
+            if mode & 0o077:
+                raise BadInput(
+                    f"authentication key pool {path}: readable or writable by group or others "
+                    f"(mode {mode & 0o777:o}); it is secret: chmod 600 {path}"
+                )
             try:
-                with open(used_path) as handle:
-                    start = int(json.load(handle)["used_bytes"])
-            except (ValueError, KeyError, TypeError) as error:
-                raise BadInput(f"{used_path}: not a key-pool usage record ({error})") from error
-        if len(data) - start < 1024:
-            raise BadInput(f"authentication key pool {path}: only {len(data) - start} bytes left")
-        return cls(data, start, path)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as error:
+                raise BadInput(
+                    f"authentication key pool {path}: in use by another session (locked)"
+                ) from error
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                data = handle.read()
+            if new:
+                if os.path.exists(used_path):
+                    raise BadInput(
+                        f"authentication key pool {path}: declared new, but {used_path} "
+                        "exists (the pool has been used)"
+                    )
+                start = 0
+            else:
+                start = _read_usage_record(path, used_path)
+            if len(data) - start < MIN_POOL_LEFT_BYTES:
+                raise BadInput(
+                    f"authentication key pool {path}: only {len(data) - start} bytes left"
+                )
+            pool = cls(data, start, path, lock_fd=fd)
+            if new:
+                pool._write_record(0)
+            return pool
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def agree_start(self, peer_start_byte: int) -> None:
+        """Begin this session at the later of the two sides' records (never earlier than
+        our own, whatever the peer claims): both then take the same pads."""
+        with self._mutex:
+            if self.high_water_byte != self.start_byte:
+                raise RuntimeError("the session start is agreed before any pad is taken")
+            start = max(self.start_byte, int(peer_start_byte))
+            if start + MIN_POOL_LEFT_BYTES > len(self.data):
+                raise ProtocolAborted("authentication key pool exhausted")
+            self.start_byte = self.high_water_byte = start
 
     def take(self, offset_byte: int, count: int) -> bytes:
-        """Bytes at offset_byte (relative to this session's start)."""
+        """Bytes at offset_byte (relative to this session's start), reserved durably first."""
         begin = self.start_byte + offset_byte
-        if begin + count > len(self.data):
+        end = begin + count
+        if end > len(self.data):
             raise ProtocolAborted("authentication key pool exhausted")
-        self.high_water_byte = max(self.high_water_byte, begin + count)
-        return self.data[begin : begin + count]
+        with self._mutex:
+            if end + RESERVE_AHEAD_BYTES > self.reserved_byte and self.path is not None:
+                target = max(end + RESERVE_AHEAD_BYTES, self.reserved_byte + RESERVE_STEP_BYTES)
+                self._write_record(min(target, len(self.data)))
+            self.high_water_byte = max(self.high_water_byte, end)
+        return self.data[begin:end]
 
     @property
     def used_bits(self) -> int:
         return 8 * (self.high_water_byte - self.start_byte)
 
-    def commit(self) -> None:
-        """Record the consumption next to the pool file, atomically: pads are never reused."""
-        if self.path is None:
-            return
+    def _write_record(self, reserved_byte: int) -> None:
+        """The usage record, atomically and durably: temporary file 0600, fsync, rename,
+        fsync of the directory (the rename itself must survive a power cut)."""
         used_path = self.path + ".used"
-        tmp = used_path + ".tmp"
-        with open(tmp, "w") as handle:
-            json.dump({"used_bytes": self.high_water_byte}, handle)
+        tmp = f"{used_path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps({"used_bytes": reserved_byte}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, used_path)
+        _fsync_directory(used_path)
+        self.reserved_byte = reserved_byte
+
+    def commit(self) -> None:
+        """End of the session: the record already covers every pad used; release the lock."""
+        self.close()
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def __del__(self):
+        self.close()
+
+
+def _read_usage_record(path: str, used_path: str) -> int:
+    try:
+        with open(used_path) as handle:
+            start = int(json.load(handle)["used_bytes"])
+    except FileNotFoundError as error:
+        raise BadInput(
+            f"authentication key pool {path}: its usage record {used_path} is missing; "
+            "without it the pads already used would be used again. Restore it, or, for a "
+            "pool never used before, pass --new-auth-pool"
+        ) from error
+    except (ValueError, KeyError, TypeError) as error:
+        raise BadInput(f"{used_path}: not a key-pool usage record ({error})") from error
+    if start < 0:
+        raise BadInput(f"{used_path}: negative used_bytes {start}")
+    return start
+
+
+def exchange_pool_start(transport, pool: KeyPool) -> None:
+    """Both sides announce where their usage record stands (in the clear: it is not
+    secret) and begin at the later one. A peer, or a man in the middle, can only move our
+    start forward (wasting pool) or make the two starts differ, which the first
+    authenticated message then fails on; see AuthChannel for why no pad is reused then."""
+    transport.send_bytes(_START.pack(_START_HELLO, pool.start_byte))
+    data = transport.recv_bytes()
+    if len(data) != _START.size or data[:8] != _START_HELLO:
+        raise ProtocolAborted("the peer did not announce its authentication pool position")
+    pool.agree_start(_START.unpack(data)[1])
 
 
 # ------------------------------------------------------------------ transports
@@ -257,16 +384,32 @@ def decode(body: bytes) -> tuple[str, dict]:
 
 
 class AuthChannel:
-    """Authenticated, counted, in-order messages for one role over a transport."""
+    """Authenticated, counted, in-order messages for one role over a transport.
+
+    Pad safety when the two sides' pool records differ (a crash, or a man in the middle
+    rewriting the announced positions): Alice speaks first, from her own record or later,
+    so her pads were never used by her nor, thanks to RESERVE_AHEAD_BYTES, by Bob in a
+    session she took part in. Bob sends nothing authenticated (not even an abort) until
+    Alice's first message has verified, which happens only if both began at the same
+    point, at or after both records."""
 
     def __init__(self, transport, pool: KeyPool, role: str):
         self.transport, self.pool, self.role = transport, pool, role
-        self.hash_key = int.from_bytes(pool.take(0, 8), "little")
+        self._hash_key = None
         self.sent = 0
         self.received = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.unanswered = 0
+        self.peer_verified = False
+        self.forgery_bound = 0.0  # sum over messages of (L + 1) / 2^64, L = max blocks
         self.closed = False
+
+    @property
+    def hash_key(self) -> int:
+        if self._hash_key is None:  # taken only once the session start is agreed
+            self._hash_key = int.from_bytes(self.pool.take(0, 8), "little")
+        return self._hash_key
 
     def _pad(self, direction: int, seq: int) -> int:
         return int.from_bytes(self.pool.take(8 + 8 * (2 * seq + direction), 8), "little")
@@ -278,9 +421,15 @@ class AuthChannel:
 
     def send(self, kind: str, **fields) -> None:
         body = encode(kind, fields)
+        if len(body) + TAG_BYTES > MAX_MESSAGE_BYTES:
+            raise RuntimeError(f"message {kind!r} of {len(body)} bytes exceeds the bound")
+        if self.unanswered >= MAX_UNANSWERED:
+            raise RuntimeError(f"more than {MAX_UNANSWERED} messages without an answer")
         direction = _DIRECTION[self.role]
         tag = self._tag(direction, self.sent, body)
         self.sent += 1
+        self.unanswered += 1
+        self.forgery_bound += FORGERY_PER_MESSAGE
         frame = body + tag
         self.bytes_sent += len(frame) + _LEN.size
         self.transport.send_bytes(frame)
@@ -289,13 +438,21 @@ class AuthChannel:
         frame = self.transport.recv_bytes()
         self.bytes_received += len(frame) + _LEN.size
         direction = 1 - _DIRECTION[self.role]
-        body, tag = frame[:-TAG_BYTES], frame[-TAG_BYTES:]
         seq = self.received
         self.received += 1
-        if len(frame) < TAG_BYTES or tag != self._tag(direction, seq, body):
+        self.forgery_bound += FORGERY_PER_MESSAGE
+        if not TAG_BYTES <= len(frame) <= MAX_MESSAGE_BYTES:
+            raise AuthenticationFailed(
+                f"authentication failed on message {seq} from {'bob' if direction else 'alice'}"
+                f": {len(frame)} bytes"
+            )
+        body, tag = frame[:-TAG_BYTES], frame[-TAG_BYTES:]
+        if not hmac.compare_digest(tag, self._tag(direction, seq, body)):
             raise AuthenticationFailed(
                 f"authentication failed on message {seq} from {'bob' if direction else 'alice'}"
             )
+        self.peer_verified = True
+        self.unanswered = 0
         kind, fields = decode(body)
         if kind == "abort":
             raise PeerAborted(f"{fields.get('reason', 'peer aborted')}")
@@ -304,12 +461,13 @@ class AuthChannel:
         return fields
 
     def abort(self, reason: str) -> None:
-        """Tell the peer why we stop (best effort: the channel may already be gone)."""
-        if self.closed:
+        """Tell the peer why we stop (best effort: the channel may already be gone). Bob
+        stays silent until Alice's first message verified (see the class docstring)."""
+        if self.closed or (self.role == BOB and not self.peer_verified):
             return
         try:
             self.send("abort", reason=reason)
-        except (ProtocolAborted, OSError):
+        except (ProtocolAborted, OSError, RuntimeError):
             pass
 
     def close(self) -> None:

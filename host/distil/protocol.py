@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from host.distil.bitcodec import (
     unpack_bits,
 )
 from host.distil.channel import PeerAborted
+from host.distil.endpoint_random import endpoint_random
 from host.distil.gf64 import bits_hash
 from host.distil.pa import seed_bits_needed, toeplitz_hash
 from host.errors import BadInput, ProtocolAborted
@@ -45,6 +45,17 @@ NO_PATTERN = 3  # intensity code Alice sends for a slot she has no record of
 VERIFY_KEYS = 2  # two independent 64-bit hashes: collision <= (L/2^64)^2
 EC_CONSISTENT_SIGMAS = 2.0  # see _ec_qber
 BASES = ("Z", "X")
+# Two independent 64-bit tags of a block of L 64-bit words collide for different strings
+# with probability <= ((L + 1) / 2^64)^2 (gf64.py); even a one-word block cannot go below
+# (3 / 2^64)^2. Larger blocks are checked against eps_cor when their size is known.
+EPS_COR_FLOOR = (3 / 2.0**64) ** VERIFY_KEYS
+
+
+def verification_collision_bound(bits: int) -> float:
+    """Probability that different blocks of `bits` bits pass the final verification:
+    bits_hash hashes the packed bits and an 8-byte length, poly_hash adds a length word."""
+    words = -(-(-(-bits // 8) + 8) // 8)
+    return ((words + 1) / 2.0**64) ** VERIFY_KEYS
 
 
 @dataclass
@@ -77,6 +88,11 @@ class Config:
             value = getattr(self, name)
             if not 0 < value < 1:
                 raise BadInput(f"--{name.replace('_', '-')} {value}: must be in (0, 1)")
+        if self.eps_cor < EPS_COR_FLOOR:
+            raise BadInput(
+                f"--eps-cor {self.eps_cor:g}: below what the {VERIFY_KEYS} 64-bit verification "
+                f"tags can deliver (a collision is at best ~{EPS_COR_FLOOR:.0e} likely)"
+            )
 
 
 @dataclass
@@ -190,14 +206,17 @@ def estimate_blocks(pass_json, config, key_bases, counts_full, counts_key) -> li
 class Alice:
     """The satellite side: owns satellite/ (pattern log or source)."""
 
-    def __init__(self, pass_dir: str | Path, config: Config, seed: int | None = None):
+    def __init__(
+        self,
+        pass_dir: str | Path,
+        config: Config,
+        insecure_deterministic_seed: int | None = None,
+    ):
         self.pass_dir = Path(pass_dir)
         self.pass_json = read_pass_json(self.pass_dir / "pass.json")
         self.patterns = open_patterns(self.pass_dir / "satellite")
         self.config = config
-        self.rng = np.random.default_rng(
-            seed if seed is not None else int.from_bytes(os.urandom(16), "little")
-        )
+        self.rng = endpoint_random(insecure_deterministic_seed)
 
     def _symbols(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(basis_x, bit, intensity code) per slot; NO_PATTERN where Alice has no record."""
@@ -337,10 +356,13 @@ class Alice:
                     f"against {leaks}"
                 )
         with stage("verification"):
+            _refuse_unattainable_eps_cor(blocks, cfg.eps_cor / len(key_bases))
             tags = {}
             hash_keys = {}
             for name in key_bases:
-                keys = tuple(int(k) for k in self.rng.integers(0, 2**63, VERIFY_KEYS))
+                keys = tuple(
+                    int(k) for k in self.rng.integers(0, 2**64, VERIFY_KEYS, dtype=np.uint64)
+                )
                 hash_keys[name] = list(keys)
                 tags[name] = bits_hash(blocks[name], keys).hex()
             channel.send("verify", keys=json.dumps(hash_keys), tags=json.dumps(tags))
@@ -423,6 +445,16 @@ def _key_lengths(estimates, leaks: dict, bits_discarded: dict) -> dict:
     }
 
 
+def _refuse_unattainable_eps_cor(blocks: dict, eps_cor_block: float) -> None:
+    for name, bits in blocks.items():
+        bound = verification_collision_bound(bits.size)
+        if bound > eps_cor_block:
+            raise ProtocolAborted(
+                f"eps_cor {eps_cor_block:g} per block is below what the verification tags "
+                f"deliver for the {bits.size}-bit {name} block ({bound:.2e})"
+            )
+
+
 def _public_seed(basis_index: int) -> int:
     return 0x5EED0 + basis_index
 
@@ -455,7 +487,12 @@ def _ec_qber(qber_est: dict, sample_size: dict, name: str, previous=None) -> flo
 class Bob:
     """The ground side: owns ground/ (detections, PPS)."""
 
-    def __init__(self, pass_dir: str | Path, config: Config, seed: int | None = None):
+    def __init__(
+        self,
+        pass_dir: str | Path,
+        config: Config,
+        insecure_deterministic_seed: int | None = None,
+    ):
         self.pass_dir = Path(pass_dir)
         self.pass_json = read_pass_json(self.pass_dir / "pass.json")
         ground = self.pass_dir / "ground"
@@ -463,9 +500,7 @@ class Bob:
         pps_path = ground / "pps.qdet"
         self.pps_ps = read_detections(pps_path)[0] if pps_path.exists() else None
         self.config = config
-        self.rng = np.random.default_rng(
-            seed if seed is not None else int.from_bytes(os.urandom(16), "little")
-        )
+        self.rng = endpoint_random(insecure_deterministic_seed)
 
     def run(self, channel) -> Outcome:
         out = Outcome("bob")
@@ -553,8 +588,6 @@ class Bob:
             channel.send("disclosed_errors", **{f"qber_{n}": qber[n] for n in BASES})
             sizes = {n: int(p.size) for n, p in disclosed.items()}
             for name in key_bases:
-                if disclosed[name].size < cfg.sample_min and disclosed[name].size > 0:
-                    pass  # a small block: the estimate is noisy; EC retries cover it
                 if qber[name] > cfg.qber_threshold:
                     raise ProtocolAborted(
                         f"QBER above threshold: {name} basis {qber[name]:.4f} > "
@@ -622,6 +655,7 @@ class Bob:
                 leaks=json.dumps(leaks),
             )
         with stage("verification"):
+            _refuse_unattainable_eps_cor(blocks, cfg.eps_cor / len(key_bases))
             msg = channel.recv("verify")
             keys = json.loads(msg["keys"])
             tags = json.loads(msg["tags"])

@@ -16,11 +16,20 @@ from pathlib import Path
 import numpy as np
 
 from host.distil import channel as ch
-from host.distil.protocol import BASES, Alice, Bob, Config
+from host.distil.protocol import BASES, VERIFY_KEYS, Alice, Bob, Config
 from host.errors import BadInput, ProtocolAborted
 from host.formats.passdir import read_pass_json
 
 REPORT_NAME = "report.json"
+# Keys made with replayed endpoint randomness are not secret: named so nothing takes them
+# for alice.key / bob.key.
+INSECURE_KEY_SUFFIX = ".INSECURE-TEST-ONLY"
+
+
+def key_names(insecure_deterministic: bool) -> dict:
+    """{role: file stem} of the key files."""
+    suffix = INSECURE_KEY_SUFFIX if insecure_deterministic else ""
+    return {role: role + suffix for role in ("alice", "bob")}
 
 
 def add_arguments(parser) -> None:
@@ -40,11 +49,22 @@ def add_arguments(parser) -> None:
         help="pre-shared authentication key pool file (consumption recorded in POOL.used); "
         "local mode without it uses a fresh random pool shared in memory",
     )
+    parser.add_argument(
+        "--new-auth-pool",
+        action="store_true",
+        help="the --auth-pool file was never used: create its usage record POOL.used "
+        "(without this flag a missing POOL.used is an error, never a silent restart at 0)",
+    )
     parser.add_argument("--role", choices=("alice", "bob"), help="split mode: run one endpoint")
     parser.add_argument("--listen", help="split mode: HOST:PORT to listen on")
     parser.add_argument("--connect", help="split mode: HOST:PORT to connect to")
     parser.add_argument(
-        "--seed", type=int, help="seed of the endpoints' private randomness (tests only)"
+        "--insecure-deterministic-seed",
+        type=int,
+        metavar="N",
+        help="TESTS ONLY, NOT SECURE: replay the endpoints' randomness (hash keys, PA seed, "
+        "samples) from N instead of the OS CSPRNG; the report says insecure_deterministic "
+        f"and the keys are written as ROLE{INSECURE_KEY_SUFFIX}",
     )
 
 
@@ -96,6 +116,19 @@ def _profile(pass_json: dict) -> dict:
     return prof
 
 
+def epsilon_figures(cfg: Config, chan) -> dict:
+    """The security statement: secrecy and correctness as asked for, plus the probability
+    that any authenticated message of this session was forged, sum (L_i + 1) / 2^64 over
+    both directions' messages at the size limit (channel.py); total is their sum."""
+    auth = chan.forgery_bound
+    return {
+        "sec": cfg.eps_sec,
+        "cor": cfg.eps_cor,
+        "auth": auth,
+        "total": cfg.eps_sec + cfg.eps_cor + auth,
+    }
+
+
 def build_report(pass_json, cfg, alice_out, bob_out, a_chan, b_chan, pool_bits, wall_s) -> dict:
     aborted = alice_out.key is None or bob_out.key is None
     reason = bob_out.report.get("abort_reason") or alice_out.report.get("abort_reason")
@@ -118,7 +151,7 @@ def build_report(pass_json, cfg, alice_out, bob_out, a_chan, b_chan, pool_bits, 
         "counts": a.get("counts"),
         "sifted_bits": a.get("sifted_bits"),
         "ec": b.get("ec"),
-        "epsilon": {"sec": cfg.eps_sec, "cor": cfg.eps_cor},
+        "epsilon": epsilon_figures(cfg, a_chan),
         "analysis": cfg.analysis,
         "tail": cfg.tail,
         "key_bases": a.get("key_bases"),
@@ -133,7 +166,7 @@ def build_report(pass_json, cfg, alice_out, bob_out, a_chan, b_chan, pool_bits, 
         "profile": _profile(pass_json),
     }
     if report["ec"] and report["ec"].get("leak_bits") is not None and report.get("qber"):
-        report["ec"]["leak_bits_verification"] = 128 * len(report["key_bases"] or [])
+        report["ec"]["leak_bits_verification"] = 64 * VERIFY_KEYS * len(report["key_bases"] or [])
     report["bases"] = list(BASES)
     return report
 
@@ -143,25 +176,38 @@ def run_local(
     out_dir,
     cfg: Config,
     pool_path=None,
-    seed=None,
+    insecure_deterministic_seed=None,
     tamper=None,
     bob_pool_path=None,
     bob_pass_dir=None,
+    new_pool=False,
 ) -> dict:
     """Both endpoints in one process (two threads, in-process channel)."""
+    pools = open_local_pools(pool_path, bob_pool_path, new_pool)
+    try:
+        return _run_local(
+            pass_dir, out_dir, cfg, pools, insecure_deterministic_seed, tamper, bob_pass_dir
+        )
+    finally:
+        for pool in pools:
+            pool.close()
+
+
+def _run_local(pass_dir, out_dir, cfg: Config, pools, seed, tamper, bob_pass_dir) -> dict:
     pass_dir, out_dir = Path(pass_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("alice.key", "bob.key"):
-        (out_dir / name).unlink(missing_ok=True)  # a stale key must never look like this run's
+    for insecure in (False, True):
+        for name in key_names(insecure).values():
+            (out_dir / f"{name}.key").unlink(missing_ok=True)  # never taken for this run's
     pass_json = read_pass_json(pass_dir / "pass.json")
-    if pool_path:
-        pool_a = ch.KeyPool.from_file(str(pool_path))
-        pool_b = ch.KeyPool.from_file(str(bob_pool_path or pool_path))
-    else:
-        data = os.urandom(1 << 20)
-        pool_a, pool_b = ch.KeyPool(data), ch.KeyPool(data)
-    alice = Alice(pass_dir, cfg, seed=None if seed is None else seed)
-    bob = Bob(bob_pass_dir or pass_dir, cfg, seed=None if seed is None else seed + 1)
+    pool_a, pool_b = pools
+    insecure = seed is not None
+    alice = Alice(pass_dir, cfg, insecure_deterministic_seed=seed)
+    bob = Bob(
+        bob_pass_dir or pass_dir,
+        cfg,
+        insecure_deterministic_seed=None if seed is None else seed + 1,
+    )
     t_a, t_b = ch.queue_pair()
     if tamper is not None:
         t_a.tamper = tamper
@@ -190,11 +236,32 @@ def run_local(
     report = build_report(
         pass_json, cfg, result["alice"], bob_out, a_chan, b_chan, pool_bits, wall
     )
-    finish(out_dir, report, {"alice": result["alice"].key, "bob": bob_out.key})
-    pool_a.commit()
-    if pool_b.path != pool_a.path:
-        pool_b.commit()
+    names = key_names(insecure)
+    if insecure:
+        report["insecure_deterministic"] = True
+    finish(out_dir, report, {names["alice"]: result["alice"].key, names["bob"]: bob_out.key})
     return report
+
+
+def open_local_pools(pool_path, bob_pool_path=None, new_pool=False):
+    """Local mode's pools: one file shared by both endpoints (one lock, one record), two
+    files (Alice's and Bob's copies, both locked and recorded), or, without a file, fresh
+    random bytes in memory. Both begin at the later of the two records."""
+    if not pool_path:
+        pool = ch.KeyPool(os.urandom(1 << 20))
+        return pool, pool
+    pool_a = ch.KeyPool.from_file(str(pool_path), new=new_pool)
+    if not bob_pool_path or os.path.samefile(bob_pool_path, pool_path):
+        return pool_a, pool_a
+    try:
+        pool_b = ch.KeyPool.from_file(str(bob_pool_path), new=new_pool)
+    except BaseException:
+        pool_a.close()
+        raise
+    start = max(pool_a.start_byte, pool_b.start_byte)
+    pool_a.agree_start(start)
+    pool_b.agree_start(start)
+    return pool_a, pool_b
 
 
 def finish(out_dir: Path, report: dict, keys: dict) -> None:
@@ -215,13 +282,25 @@ def run_split(args, cfg: Config) -> dict:
         raise BadInput("split mode needs exactly one of --listen or --connect")
     pass_dir, out_dir = Path(args.pass_dir), Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{args.role}.key").unlink(missing_ok=True)
+    for insecure in (False, True):
+        (out_dir / f"{key_names(insecure)[args.role]}.key").unlink(missing_ok=True)
     pass_json = read_pass_json(pass_dir / "pass.json")
-    pool = ch.KeyPool.from_file(args.auth_pool)
+    pool = ch.KeyPool.from_file(args.auth_pool, new=args.new_auth_pool)
+    try:
+        return _run_split(args, cfg, pass_dir, out_dir, pass_json, pool)
+    finally:
+        pool.close()
+
+
+def _run_split(args, cfg: Config, pass_dir, out_dir, pass_json, pool) -> dict:
+    seed = args.insecure_deterministic_seed
     endpoint = (Alice if args.role == "alice" else Bob)(
-        pass_dir, cfg, seed=None if args.seed is None else args.seed + (args.role == "bob")
+        pass_dir,
+        cfg,
+        insecure_deterministic_seed=None if seed is None else seed + (args.role == "bob"),
     )
     transport = ch.listen(args.listen) if args.listen else ch.connect(args.connect)
+    ch.exchange_pool_start(transport, pool)
     chan = ch.AuthChannel(transport, pool, args.role)
     t0 = time.perf_counter()
     try:
@@ -237,7 +316,7 @@ def run_split(args, cfg: Config) -> dict:
             "aborted": aborted,
             "abort_reason": outcome.report.get("abort_reason") if aborted else None,
             "key_bits": 0 if aborted else int(outcome.key.size),
-            "epsilon": {"sec": cfg.eps_sec, "cor": cfg.eps_cor},
+            "epsilon": epsilon_figures(cfg, chan),
             "analysis": cfg.analysis,
             "auth_key_bits_used": pool.used_bits,
             "classical_bytes": {
@@ -248,8 +327,9 @@ def run_split(args, cfg: Config) -> dict:
             "profile": _profile(pass_json),
         }
     )
-    finish(out_dir, report, {args.role: outcome.key})
-    pool.commit()
+    if seed is not None:
+        report["insecure_deterministic"] = True
+    finish(out_dir, report, {key_names(seed is not None)[args.role]: outcome.key})
     return report
 
 
@@ -262,7 +342,14 @@ def run(args) -> int:
     else:
         if not args.pass_dir:
             raise BadInput("give the pass directory: qkdsat distil PASS_DIR --out DIR")
-        report = run_local(args.pass_dir, args.out, cfg, args.auth_pool, args.seed)
+        report = run_local(
+            args.pass_dir,
+            args.out,
+            cfg,
+            args.auth_pool,
+            args.insecure_deterministic_seed,
+            new_pool=args.new_auth_pool,
+        )
     if report["aborted"]:
         raise ProtocolAborted(report["abort_reason"])
     print(

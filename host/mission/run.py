@@ -342,7 +342,7 @@ def run_mission(
 
     t = time.perf_counter()
     try:
-        distilled = run_local(out, out, Config(), seed=seed)
+        distilled = run_local(out, out, Config())
         outcome = {
             "aborted": bool(distilled["aborted"]),
             "abort_reason": distilled.get("abort_reason"),
