@@ -149,13 +149,18 @@ def estimate(
                 / (m1 * (m2 - m3) - m2**2 + m3**2)
             )
             return s0, s1
-        # Rusca 2018: one decoy; vacuum events bounded above by twice the decoy errors.
+        # Rusca 2018 eq. (2): one decoy; vacuum events make errors half the time, so they
+        # number at most twice the decoy's vacuum errors, 2 (tau0 e^mu2/p_mu2 m+_mu2 +
+        # delta(n_Z, eps)): the bound on the expected count turned into one on the actual
+        # count by a further tail term over the basis' n_Z detections (Hoeffding, or the
+        # Chernoff upper bound of the expected value under the Chernoff tail).
         m1, m2 = intensities[order[0]], intensities[order[1]]
         k1, k2 = order[0], order[1]
         mb = scaled(basis, 1)
         s0 = tau0 * (m1 * nb[k2][0] - m2 * nb[k1][1]) / (m1 - m2)
         s0 = max(s0, 0.0)
-        s0_upper = 2.0 * tau0 * mb[k2][1]
+        n_basis = sum(v[0] for v in counts[basis].values())
+        s0_upper = 2.0 * _bounds(tau0 * mb[k2][1], n_basis, eps, tail)[1]
         s1 = (
             tau1
             * m1
