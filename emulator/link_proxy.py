@@ -59,8 +59,11 @@ class LinkProxy:
         *,
         bytes_per_s: float | None = None,
         seed: int = 0,
+        capture: bool = False,
     ):
         self.target_port = target_port
+        # capture: every byte as it arrived, per direction (tests that decode the link)
+        self.captured = {"down": bytearray(), "up": bytearray()} if capture else None
         self.faults = {"down": down or LinkFaults(), "up": up or LinkFaults()}
         self.bytes_per_s = bytes_per_s
         self.random = {"down": random.Random(seed), "up": random.Random(seed + 1)}
@@ -143,6 +146,8 @@ class LinkProxy:
     def _forward(self, direction: str, data: bytes) -> None:
         stats = getattr(self.stats, direction)
         stats.bytes_in += len(data)
+        if self.captured is not None:
+            self.captured[direction] += data
         pending = self._pending[direction]
         pending += data
         while True:

@@ -7,7 +7,11 @@ register file, and models:
   and commits it for frame n; at each frame boundary the head swaps it in and emits one
   symbol per slot. It records what it emitted (`emitted`) and the frames it had to emit
   blank because nothing was committed in time (`blank_frames`).
-- a QRNG (seeded, reproducible);
+- a QRNG (emulator/head_qrng.py: AES-256-CTR keyed inside the head stands in for the
+  physics; `qrng_key` from a test's fixture, else 32 bytes from os.urandom) that feeds the
+  QRNG FIFO and, with emulator/pattern_generator.py attached, the head's own generator;
+- a pattern-memory port (`HeadServer.pattern_address`): the payload processor's link to
+  the head's pattern memory, serving OP_PATTERN_READ only (docs/payload-bus.md);
 - a TDC whose FIFO holds events (u8 channel, u64 time_ps on the local TDC clock): PPS,
   sync, beacon pulse, uplink detectors 0-3. Everything generated is kept in `tdc_truth`;
   events that found the FIFO full are counted (REG_TDC_OVERFLOW) and kept in `tdc_lost`.
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import math
-import random
 import struct
 import threading
 import time
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emulator.endpoint import FrameEndpoint
+from emulator.head_qrng import HeadQrng
 from host.protocol import payload_bus as pb
 
 MAX_FRAME_SLOTS = 4096
@@ -90,11 +94,17 @@ class OpticalHead:
     clock_offset_ps: int = 0
     clock_drift_ppb: int = 0
     laser_power_uw: int = 1500
+    # the QRNG stand-in's key: a test fixture, or None for os.urandom; taken by the QRNG
+    # and cleared here at once, so no repr, log or copy of the head shows it
+    qrng_key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._rng = np.random.default_rng(self.seed)
-        self._qrng = random.Random(self.seed ^ 0x5152)
+        self._rng = np.random.default_rng(self.seed)  # TDC physics: not secret
+        self.qrng = HeadQrng(self.qrng_key)
+        self.qrng_key = None
+        self.pattern_memory = None  # emulator.pattern_generator.attach sets it
+        self.pattern_reads = 0  # PATTERN_READ requests served on the pattern-memory port
         self.now_ps = 0
         self._wall0 = time.monotonic()
         self.regs: dict[int, int] = {
@@ -374,7 +384,7 @@ class OpticalHead:
                 if not self.regs[pb.REG_QRNG_CTRL] & 1:
                     return pb.Reply(req.op, req.tag, pb.E_REFUSED)
                 self.qrng_bytes += req.count
-                data = self._qrng.randbytes(req.count)
+                data = self.qrng.fifo_bytes(req.count)
                 self.qrng_log += data
                 return pb.Reply(req.op, req.tag, pb.OK, req.addr, data=data)
             if req.addr == pb.FIFO_TDC:
@@ -409,6 +419,24 @@ class OpticalHead:
         if waiting_for_bank or stopping:
             self.advance_to(self.boundary_ps(self.frame_count))
 
+    def handle_pattern_port(self, body: bytes) -> bytes | None:
+        """Serve one request on the pattern-memory port: PATTERN_READ, nothing else (no
+        register, no FIFO: the port reads symbols by slot list and can change nothing)."""
+        if len(body) < 2 or body[0] & pb.REPLY_FLAG:
+            return None
+        if body[0] != pb.OP_PATTERN_READ:
+            return pb.error_reply(body, pb.E_UNKNOWN_OP)
+        try:
+            tag, slots = pb.unpack_pattern_read(body)
+        except pb.BusProtocolError:
+            return pb.error_reply(body, pb.E_BAD_LENGTH)
+        with self._lock:
+            self.pattern_reads += 1
+            memory = self.pattern_memory
+            if memory is None or not bool(np.all(memory.covers(slots))):
+                return pb.pack_pattern_reply(tag, pb.E_BAD_ADDRESS)
+            return pb.pack_pattern_reply(tag, pb.OK, memory.symbols(slots))
+
     # ------------------------------------------------------------------ truth
 
     def emitted_symbols(self) -> bytes:
@@ -424,17 +452,25 @@ class OpticalHead:
 
 
 class HeadServer:
-    """An OpticalHead behind a FrameEndpoint: the address a target's UART1 connects to."""
+    """An OpticalHead behind two FrameEndpoints: `address`, the payload bus a target's
+    UART1 connects to, and `pattern_address`, the pattern-memory port the payload
+    processor reads (host.link.pattern_memory.PatternMemoryClient)."""
 
     def __init__(self, head: OpticalHead):
         self.head = head
         self.endpoint = FrameEndpoint(head.handle, max_body_bytes=pb.MAX_BODY_BYTES)
+        self.pattern_endpoint = FrameEndpoint(
+            head.handle_pattern_port, max_body_bytes=pb.PATTERN_PORT_MAX_BODY_BYTES
+        )
         head.reader = self.endpoint.reader
         self.address = self.endpoint.address
+        self.pattern_address = self.pattern_endpoint.address
 
     def __enter__(self):
         self.endpoint.start()
+        self.pattern_endpoint.start()
         return self
 
     def __exit__(self, *exc):
+        self.pattern_endpoint.stop()
         self.endpoint.stop()

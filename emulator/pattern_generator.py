@@ -1,13 +1,18 @@
-"""The optical head's pattern generator (head-generation mode, docs/sequencer.md "Faster
-sources"; registers in docs/payload-bus.md, block 0x0600; firmware side
-firmware/payload/headgen.py).
+"""The optical head's pattern generator and pattern memory (head-generation mode,
+docs/sequencer.md "Head generation"; registers in docs/payload-bus.md, block 0x0600;
+firmware side firmware/payload/headgen.py).
 
-While GEN_CTRL is set the head emits, at every frame boundary, the symbols of the
-counter-based generator: the i-th generated slot (from 0 at the first generated frame
-GEN_FIRST_FRAME) gets the QRNG word `host.protocol.symbols.counter_words(seed, i)`,
-mapped with the thresholds the controller programmed exactly as the sequencer maps QRNG
-bytes. What it emitted is therefore `CounterPatternSource(seed, mapping, first_slot,
-slot_count)`: the emulator keeps only that description, never the slots (2.7e10 per pass).
+While GEN_CTRL is set the head emits, at every frame boundary, symbols mapped from its
+QRNG at the slot clock (emulator/head_qrng.py stands in for the physics), with the
+thresholds the controller programmed, exactly as the sequencer maps QRNG bytes. It writes
+every emitted symbol to its pattern memory (on-board mass memory). Slot i of the memory
+is the i-th generated slot since generation was last enabled: the pass's slot 0 is the
+first generated slot.
+
+There is no seed and no register that reads anything random: the controller programs
+the thresholds and reads the run's frame numbers. The symbols leave the head only through
+the pattern-memory port (`OpticalHead` OP_PATTERN_READ, by lists of slot indices), which
+the payload processor reads for Alice; tests read them through `truth()`.
 
 `fast_forward(head, t_ps)` is the emulation's stand-in for the pass going by: in lockstep
 the head's clock only moves when the controller waits for it, and in head-generation mode
@@ -17,27 +22,97 @@ the pass at once (TDC events included) instead of one frame boundary at a time.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+
 from emulator.optical_head import RegisterDevice
-from host.formats.patterns import CounterPatternSource, mapping_from_thresholds
+from host.formats.patterns import mapping_from_thresholds
 from host.protocol import payload_bus as pb
+from host.protocol.symbols import SymbolMapping
 
 BASE = 0x0600
-GEN_CTRL, GEN_SEED, GEN_THRESHOLDS, GEN_FIRST_FRAME, GEN_FRAMES = 0x00, 0x01, 0x05, 0x08, 0x09
+GEN_CTRL, GEN_THRESHOLDS, GEN_FIRST_FRAME, GEN_FRAMES = 0x00, 0x05, 0x08, 0x09
+
+
+@dataclass(frozen=True)
+class PatternRun:
+    """One enable..disable of the generator: what the pattern memory holds."""
+
+    first_frame: int  # the head's frame number of the first generated frame
+    frame_slots: int
+    mapping: SymbolMapping
+    word_offset: int  # QRNG words used before this run: the memory never reuses one
+
+
+class PatternMemory:
+    """The head's pattern memory: the symbols of the current (or last) run, by slot index.
+
+    On hardware this is mass memory written at the slot clock (4 bits per slot,
+    docs/sequencer.md gives the size per pass); here the stored symbols are recomputed
+    from the QRNG stand-in on read, which is the same thing for every reader."""
+
+    def __init__(self, generator: PatternGenerator):
+        self._generator = generator
+
+    @property
+    def slot_count(self) -> int:
+        run = self._generator.run
+        return 0 if run is None else self._generator.frames() * run.frame_slots
+
+    first_slot = 0
+
+    def covers(self, slot_indices) -> np.ndarray:
+        slots = np.asarray(slot_indices, dtype=np.int64)
+        return (slots >= 0) & (slots < self.slot_count)
+
+    def symbols(self, slot_indices) -> np.ndarray:
+        """Symbol nibbles (uint8) of the given slots; IndexError for a slot not held."""
+        slots = np.asarray(slot_indices, dtype=np.int64).reshape(-1)
+        if not np.all(self.covers(slots)):
+            raise IndexError("slot not in the pattern memory")
+        run = self._generator.run
+        if slots.size == 0:
+            return np.zeros(0, np.uint8)
+        qrng = self._generator.head.qrng
+        lo, hi = int(slots.min()), int(slots.max())
+        if hi - lo < 4 * slots.size:  # dense (sync windows, frames): one CTR pass
+            words = qrng.slot_words_range(run.word_offset + lo, hi - lo + 1)[slots - lo]
+        else:
+            words = qrng.slot_words(run.word_offset + slots)
+        return run.mapping.symbols(words)
+
+
+class PatternTruth:
+    """What the head emitted, for tests and the ground simulation (the photons carry it):
+    the emulator's truth interface. Never a product, a register or a message."""
+
+    seed = None  # there is none; host.simulate.passgen.truth_summary records this field
+
+    def __init__(self, memory: PatternMemory, slot_count: int):
+        self._memory = memory
+        self.first_slot = 0
+        self.slot_count = slot_count
+
+    def covers(self, slot_indices) -> np.ndarray:
+        slots = np.asarray(slot_indices, dtype=np.int64)
+        return (slots >= 0) & (slots < self.slot_count)
+
+    def symbols(self, slot_indices) -> np.ndarray:
+        return self._memory.symbols(slot_indices)
 
 
 class PatternGenerator(RegisterDevice):
     def __init__(self, head):
         self.head = head
         self.enabled = False
-        self.seed_words = [0, 0, 0, 0]
         self.thresholds = [0, 0, 0]
         self.first_frame = 0
         self._frames_at_stop = 0
-        self.runs: list[CounterPatternSource] = []  # one per enable..disable
-
-    @property
-    def seed(self) -> int:
-        return sum((w & 0xFFFF) << (16 * i) for i, w in enumerate(self.seed_words))
+        self._words_used = 0
+        self.run: PatternRun | None = None
+        self.runs: list[PatternRun] = []
+        self.memory = PatternMemory(self)
 
     def frames(self) -> int:
         if self.enabled:
@@ -47,8 +122,6 @@ class PatternGenerator(RegisterDevice):
     def read_reg(self, offset: int) -> int:
         if offset == GEN_CTRL:
             return int(self.enabled)
-        if GEN_SEED <= offset < GEN_SEED + 4:
-            return self.seed_words[offset - GEN_SEED]
         if GEN_THRESHOLDS <= offset < GEN_THRESHOLDS + 3:
             return self.thresholds[offset - GEN_THRESHOLDS]
         if offset == GEN_FIRST_FRAME:
@@ -64,19 +137,23 @@ class PatternGenerator(RegisterDevice):
                 if self.head.regs[pb.REG_LASER_CTRL] & 1:
                     return pb.E_REFUSED  # the pattern banks are in use
                 self.first_frame = self.head.frame_count  # the next boundary's frame
+                if self.run is not None:
+                    self._words_used += self._frames_at_stop * self.run.frame_slots
+                self.run = PatternRun(
+                    self.first_frame,
+                    self.head.regs[pb.REG_FRAME_SLOTS],
+                    mapping_from_thresholds(*self.thresholds),
+                    self._words_used,
+                )
+                self.runs.append(self.run)
+                self._frames_at_stop = 0
                 self.enabled = True
             elif not on and self.enabled:
                 self._frames_at_stop = self.head.frame_count - self.first_frame
                 self.enabled = False
-                self.runs.append(self.emitted())
             return pb.OK
         if self.enabled:
-            return pb.E_REFUSED  # seed and thresholds are fixed while generating
-        if GEN_SEED <= offset < GEN_SEED + 4:
-            if value > 0xFFFF:
-                return pb.E_BAD_LENGTH
-            self.seed_words[offset - GEN_SEED] = value
-            return pb.OK
+            return pb.E_REFUSED  # thresholds are fixed while generating
         if GEN_THRESHOLDS <= offset < GEN_THRESHOLDS + 3:
             limit = 1 << 15 if offset == GEN_THRESHOLDS else 1 << 16
             if value > limit:
@@ -87,17 +164,15 @@ class PatternGenerator(RegisterDevice):
             return pb.E_READ_ONLY
         return pb.E_BAD_ADDRESS
 
-    def emitted(self) -> CounterPatternSource:
-        """What the laser emitted in the current (or last) run."""
-        slots = self.head.regs[pb.REG_FRAME_SLOTS]
-        mapping = mapping_from_thresholds(*self.thresholds)
-        # slot i of the run (counted from the first generated slot) gets word i
-        return CounterPatternSource(self.seed, mapping, 0, self.frames() * slots)
+    def truth(self) -> PatternTruth:
+        """What the laser emitted in the current (or last) run (tests, ground simulation)."""
+        return PatternTruth(self.memory, self.memory.slot_count)
 
 
 def attach(head) -> PatternGenerator:
     generator = PatternGenerator(head)
     head.attach(BASE, generator)
+    head.pattern_memory = generator.memory
     return generator
 
 

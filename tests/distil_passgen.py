@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from host.formats.passdir import PassDir, write_pass_json
-from host.formats.patterns import CounterPatternSource, write_pattern_source
+from host.formats.patterns import InsecureTestPatternSource, write_pattern_source
 from host.formats.qdet import write_detections
 from host.protocol.symbols import SymbolMapping, decode_symbols
 
@@ -55,7 +55,7 @@ def make_pass(
     probs = [profile["intensity_probabilities"][n] for n in names]
     mapping = SymbolMapping.from_probabilities(profile["basis_probability_z"], probs)
     slot_count = int(duration_s * slot_rate_hz)
-    source = CounterPatternSource(seed * 7919 + 11, mapping, 0, slot_count)
+    source = InsecureTestPatternSource(seed * 7919 + 11, mapping, 0, slot_count)
     write_pattern_source(pd.satellite / "pattern_source.json", source)
     # candidate slots at the highest click probability, thinned per intensity
     p_max = 1 - np.exp(-transmittance * mus.max()) + dark_per_slot * 4

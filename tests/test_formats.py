@@ -10,7 +10,7 @@ import pytest
 from host.errors import BadInput
 from host.formats import qdet, qrec
 from host.formats.patterns import (
-    CounterPatternSource,
+    InsecureTestPatternSource,
     PatternLog,
     open_patterns,
     read_pattern_source,
@@ -19,7 +19,7 @@ from host.formats.patterns import (
 from host.protocol.symbols import (
     MappingError,
     SymbolMapping,
-    counter_words,
+    insecure_test_pattern_words,
     pack_nibbles,
     unpack_nibbles,
     words_from_qrng_bytes,
@@ -59,7 +59,7 @@ def test_realised_probabilities_within_the_documented_bias_bound(p_z):
 
 def test_symbol_frequencies_follow_the_probabilities_on_uniform_words():
     mapping = SymbolMapping.from_probabilities(0.9, [0.7, 0.2, 0.1])
-    symbols = mapping.symbols(counter_words(7, np.arange(400_000)))
+    symbols = mapping.symbols(insecure_test_pattern_words(7, np.arange(400_000)))
     n = symbols.size
     x_fraction = np.mean((symbols >> 1) & 1)
     assert abs(x_fraction - 0.1) < 5 * np.sqrt(0.09 / n)
@@ -75,11 +75,11 @@ def test_invalid_probabilities_are_refused(case):
         )
 
 
-def test_counter_words_golden_vectors_any_order():
-    vec = SYMBOLS["counter_words"]
+def test_insecure_test_pattern_words_golden_vectors_any_order():
+    vec = SYMBOLS["insecure_test_pattern_words"]
     slots = np.array(vec["slots"], dtype=np.uint64)
-    assert counter_words(vec["seed"], slots).tolist() == vec["words"]
-    assert counter_words(vec["seed"], slots[::-1]).tolist() == vec["words"][::-1]
+    assert insecure_test_pattern_words(vec["seed"], slots).tolist() == vec["words"]
+    assert insecure_test_pattern_words(vec["seed"], slots[::-1]).tolist() == vec["words"][::-1]
 
 
 def test_record_log_round_trip_and_torn_tail_keeps_every_whole_record(tmp_path):
@@ -123,7 +123,7 @@ def test_pattern_log_answers_slots_across_frames(tmp_path):
     writer = qrec.RecordWriter(path)
     truth = {}
     for frame_number, first in enumerate([0, 1000, 5000]):  # a gap between 2000 and 5000
-        nibbles = mapping.symbols(counter_words(3, np.arange(first, first + 1001)))
+        nibbles = mapping.symbols(insecure_test_pattern_words(3, np.arange(first, first + 1001)))
         frame = qrec.PatternFrame(frame_number, first, 1001, pack_nibbles(nibbles))
         writer.append(qrec.Kind.PATTERN_FRAME, frame.encode())
         truth.update(zip(range(first, first + 1001), nibbles.tolist(), strict=True))
@@ -133,14 +133,14 @@ def test_pattern_log_answers_slots_across_frames(tmp_path):
     path.unlink()
     writer = qrec.RecordWriter(path)
     for frame_number, first in enumerate([0, 1001, 5000]):
-        nibbles = mapping.symbols(counter_words(3, np.arange(first, first + 1001)))
+        nibbles = mapping.symbols(insecure_test_pattern_words(3, np.arange(first, first + 1001)))
         writer.append(
             qrec.Kind.PATTERN_FRAME,
             qrec.PatternFrame(frame_number, first, 1001, pack_nibbles(nibbles)).encode(),
         )
     log = open_patterns(tmp_path)
     slots = np.array([0, 999, 1000, 1001, 2001, 5000, 6000])
-    expected = mapping.symbols(counter_words(3, slots))
+    expected = mapping.symbols(insecure_test_pattern_words(3, slots))
     assert log.symbols(slots).tolist() == expected.tolist()
     assert log.covers(np.array([2002, 4999, 6001])).tolist() == [False, False, False]
     with pytest.raises(IndexError):
@@ -149,7 +149,7 @@ def test_pattern_log_answers_slots_across_frames(tmp_path):
 
 def test_pattern_source_round_trip_is_private(tmp_path):
     mapping = SymbolMapping.from_probabilities(0.5, [0.5, 0.25, 0.25])
-    source = CounterPatternSource(99, mapping, 0, 27_400_000_000)
+    source = InsecureTestPatternSource(99, mapping, 0, 27_400_000_000)
     write_pattern_source(tmp_path / "pattern_source.json", source)
     assert os.stat(tmp_path / "pattern_source.json").st_mode & 0o077 == 0
     back = read_pattern_source(tmp_path / "pattern_source.json")

@@ -144,14 +144,14 @@ def test_mission_on_qemu(tmp_path):
     assert (tmp_path / "report.json").exists()
 
 
-def _pattern_source_records(path):
-    from host.formats.patterns import decode_pattern_source_record
+def _pattern_run_records(path):
+    from host.formats.patterns import decode_pattern_run_record
     from host.formats.qrec import Kind
 
     log = parse_records(path.read_bytes())
     assert log.complete
-    assert all(r.kind == Kind.PATTERN_SOURCE for r in log.records)
-    return [decode_pattern_source_record(r.payload) for r in log.records]
+    assert all(r.kind == Kind.PATTERN_RUN for r in log.records)
+    return [decode_pattern_run_record(r.payload) for r in log.records]
 
 
 @pytest.fixture(scope="module")
@@ -162,26 +162,28 @@ def head_segment(tmp_path_factory):
     return out, json.loads((out / "mission.json").read_text())
 
 
-def test_head_generation_logs_the_qrng_seed_and_the_slot_range(head_segment):
-    """The controller seeds the head's generator from the QRNG and logs it before any
-    slot depends on it (frames 0), then the frame count at stop; the product describes
-    exactly what the emulated head generated."""
+def test_head_generation_logs_the_run_and_keeps_the_pattern_on_board(head_segment):
+    """The controller programs the thresholds and logs the run (frames 0 at start, the
+    count at stop); no seed and no symbol is in any product: the pattern stays in the
+    head's pattern memory, which Alice read on board for a key."""
+    from host.errors import BadInput
     from host.formats.patterns import open_patterns
 
     out, summary = head_segment
-    start, stop = _pattern_source_records(out / "satellite" / "patterns.qrec")
-    assert start["frames"] == 0 and start["seed"] == stop["seed"] != 0
-    assert start["first_frame"] == stop["first_frame"] == 0
+    start, stop = _pattern_run_records(out / "satellite" / "patterns.qrec")
+    assert start["frames"] == 0 and start["first_frame"] == stop["first_frame"] == 0
     assert stop["thresholds"] == [16384, 32768, 49152]  # p_Z 0.5; mu 0.5, nu 0.25, vac 0.25
     fw = summary["stages"]["firmware"]
     assert fw["generation"] == "head" and fw["pattern_log"]["equals_emitted"] is True
     assert stop["frames"] == fw["generator"]["frames"] == 300_000_000 // 4096
-    source = open_patterns(out / "satellite")
-    assert source.slot_count == stop["frames"] * 4096 == summary["stages"]["ground"]["slots"]
-    # Bob's photons carry the generated symbols of their slots
+    assert stop["frames"] * 4096 == summary["stages"]["ground"]["slots"]
+    assert fw["pattern_memory_reads"] > 0
+    with pytest.raises(BadInput, match="pattern memory on board"):
+        open_patterns(out / "satellite")  # nothing in satellite/ to read it from
+    # Bob's photons carry symbols whose bits are balanced and whose bases follow p_Z
     truth = np.load(out / "truth" / "detections.npz")
-    photon = truth["kind"] == 0
-    assert np.array_equal(source.symbols(truth["slot"][photon]), truth["symbol"][photon])
+    basis_x, bit, _ = decode_symbols(truth["symbol"][truth["kind"] == 0])
+    assert abs(bit.mean() - 0.5) < 0.02 and abs(basis_x.mean() - 0.5) < 0.02
     distil = summary["stages"]["distil"]
     assert distil["sifted_bits"] > 20_000
     assert all(q < 0.02 for q in distil["qber_sifted"].values())

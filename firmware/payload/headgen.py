@@ -1,14 +1,14 @@
-# Head-generation mode (docs/sequencer.md, "Faster sources"): at source rates the
-# controller-driven sequencer cannot reach (100-625 MHz), the optical head's FPGA maps its
-# own counter-based generator's words to symbols at the slot clock, with the thresholds
-# the controller programs; the controller draws the generator's seed from the QRNG and
-# logs it with the slot range as PATTERN_SOURCE records (kind 6) in products/patterns.qrec
-# (docs/formats.md). The pattern is then computationally, not information-theoretically,
-# random: the security analysis must say so.
+# Head-generation mode (docs/sequencer.md, "Head generation"): at source rates the
+# controller-driven sequencer cannot reach (100-625 MHz), the optical head maps its own
+# QRNG's bits to symbols at the slot clock, with the thresholds the controller programs,
+# and writes every symbol to its pattern memory. Nothing random passes through the
+# controller: there is no seed, and the symbols leave the head only through its
+# pattern-memory port to the payload processor (Alice). The controller logs each run's
+# description as PATTERN_RUN records (kind 7) in products/patterns.qrec (docs/formats.md):
+# thresholds and frame numbers, nothing an eavesdropper could use.
 #
 # Registers (block 0x0600, docs/payload-bus.md):
 #   GEN_CTRL        bit 0: generate (the head emits its generated pattern every frame)
-#   GEN_SEED_0..3   the 64-bit seed in 16-bit pieces, least significant first
 #   GEN_THRESHOLDS  round(p_Z 2^15), c_0, c_1 (c_k = round(cumulative p_k 2^16), last 65536)
 #   GEN_FIRST_FRAME R: the first generated frame;  GEN_FRAMES R: frames generated
 from micropython import const
@@ -18,14 +18,12 @@ from payload.sequencer import ConfigError
 from payload.sequencer import _require as req
 
 REG_GEN_CTRL = const(0x0600)
-REG_GEN_SEED = const(0x0601)  # 4 registers
 REG_GEN_THRESHOLDS = const(0x0605)  # 3 registers
 REG_GEN_FIRST_FRAME = const(0x0608)
 REG_GEN_FRAMES = const(0x0609)
-KIND_PATTERN_SOURCE = const(6)
-RECORD_BYTES = const(36)
-SEED_BYTES = const(8)
-GENERATOR_SPLITMIX64_HIGH32 = const(1)
+KIND_PATTERN_RUN = const(7)
+RECORD_BYTES = const(28)
+GENERATOR_HEAD_QRNG = const(2)  # 1 was the retired splitmix64 seed expansion
 
 
 def _put_u32(buf, offset, value):
@@ -41,26 +39,24 @@ class HeadGenerator:
         self.bus = bus
         self.sequencer = sequencer  # its configuration, thresholds and pattern log
         self.running = False
-        self.seed = bytearray(SEED_BYTES)
         self.first_frame = 0
         self.frames = 0
         self.records = 0
 
     def _record(self):
-        """PATTERN_SOURCE payload: u32 generator, 8 bytes seed, u32 basis_threshold, u32 c_0,
-        u32 c_1, u32 first_frame, u32 frame_slots, u32 frames (0 while running)."""
+        """PATTERN_RUN payload: u32 generator, u32 basis_threshold, u32 c_0, u32 c_1,
+        u32 first_frame, u32 frame_slots, u32 frames (0 while running)."""
         log = self.sequencer.log
         rec = log.payload
-        _put_u32(rec, 0, GENERATOR_SPLITMIX64_HIGH32)
-        rec[4:12] = self.seed
+        _put_u32(rec, 0, GENERATOR_HEAD_QRNG)
         thresholds = self.sequencer._thresholds
         for i in range(3):
-            _put_u32(rec, 12 + 4 * i, thresholds[i])
-        _put_u32(rec, 24, self.first_frame)
-        _put_u32(rec, 28, self.sequencer.config["frame_slots"])
-        _put_u32(rec, 32, self.frames)
+            _put_u32(rec, 4 + 4 * i, thresholds[i])
+        _put_u32(rec, 16, self.first_frame)
+        _put_u32(rec, 20, self.sequencer.config["frame_slots"])
+        _put_u32(rec, 24, self.frames)
         kind = log.kind
-        log.kind = KIND_PATTERN_SOURCE  # the pattern product holds both record kinds
+        log.kind = KIND_PATTERN_RUN  # the pattern product holds both record kinds
         try:
             log.commit(RECORD_BYTES)
         finally:
@@ -75,38 +71,21 @@ class HeadGenerator:
         req(bus.write1(REG_GEN_CTRL, 0), "GEN_CTRL (no generator in this head?)")
         req(bus.write1(busmod.REG_FRAME_SLOTS, cfg["frame_slots"]), "FRAME_SLOTS")
         req(bus.write1(busmod.REG_SLOT_RATE_HZ, cfg["slot_rate_hz"]), "SLOT_RATE_HZ")
-        req(bus.write1(busmod.REG_QRNG_CTRL, 1), "QRNG_CTRL")
-        got = 0
-        for _ in range(100):
-            n = bus.fifo_read(busmod.FIFO_QRNG, self.seed, got, SEED_BYTES - got)
-            if n > 0:
-                got += n
-            if got == SEED_BYTES:
-                break
-        if got != SEED_BYTES:
-            raise ConfigError("optical head: QRNG gave %d of 8 seed bytes" % got)
-        req(bus.write1(busmod.REG_QRNG_CTRL, 0), "QRNG_CTRL")
-        for i in range(4):
-            value = self.seed[2 * i] | self.seed[2 * i + 1] << 8
-            req(bus.write1(REG_GEN_SEED + i, value), "GEN_SEED")
         thresholds = seq._thresholds
         for i in range(3):
             req(bus.write1(REG_GEN_THRESHOLDS + i, thresholds[i]), "GEN_THRESHOLDS")
         # read back: the record must describe what the head generates
-        req(bus.read(REG_GEN_SEED, 7), "GEN read-back")
+        req(bus.read(REG_GEN_THRESHOLDS, 3), "GEN read-back")
         w = bus.words
-        for i in range(4):
-            if w[i] != self.seed[2 * i] | self.seed[2 * i + 1] << 8:
-                raise ConfigError("optical head did not take GEN_SEED")
         for i in range(3):
-            if w[4 + i] != thresholds[i]:
+            if w[i] != thresholds[i]:
                 raise ConfigError("optical head did not take GEN_THRESHOLDS")
         req(bus.write1(REG_GEN_CTRL, 1), "GEN_CTRL")
         self.first_frame = bus.read1(REG_GEN_FIRST_FRAME)
         if self.first_frame < 0:
             raise ConfigError("optical head: GEN_FIRST_FRAME unreadable")
         self.frames = 0
-        self._record()  # the seed is logged before a single slot depends on it
+        self._record()  # the run is logged before a single slot of it is emitted
         self.running = True
 
     def stop(self):

@@ -35,7 +35,7 @@ from host.distil.gf64 import bits_hash
 from host.distil.pa import seed_bits_needed, toeplitz_hash
 from host.errors import BadInput, ProtocolAborted
 from host.formats.passdir import read_pass_json
-from host.formats.patterns import open_patterns
+from host.formats.patterns import open_patterns, symbols_by_slots
 from host.formats.qdet import read_detections
 from host.protocol.symbols import decode_symbols
 
@@ -204,33 +204,33 @@ def estimate_blocks(pass_json, config, key_bases, counts_full, counts_key) -> li
 
 
 class Alice:
-    """The satellite side: owns satellite/ (pattern log or source)."""
+    """The satellite side: owns satellite/ (pattern log or source), or reads `patterns`
+    (the head's pattern memory on board: host.link.pattern_memory) when given."""
 
     def __init__(
         self,
         pass_dir: str | Path,
         config: Config,
         insecure_deterministic_seed: int | None = None,
+        patterns=None,
     ):
         self.pass_dir = Path(pass_dir)
         self.pass_json = read_pass_json(self.pass_dir / "pass.json")
-        self.patterns = open_patterns(self.pass_dir / "satellite")
+        if patterns is None:
+            patterns = open_patterns(self.pass_dir / "satellite")
+        self.patterns = patterns
         self.config = config
         self.rng = endpoint_random(insecure_deterministic_seed)
 
     def _symbols(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(basis_x, bit, intensity code) per slot; NO_PATTERN where Alice has no record."""
         slots = np.asarray(slots, dtype=np.int64)
-        if hasattr(self.patterns, "covers"):
-            ok = self.patterns.covers(slots)
-        else:
-            lo = self.patterns.first_slot
-            ok = (slots >= lo) & (slots < lo + self.patterns.slot_count)
+        ok, nibbles = symbols_by_slots(self.patterns, slots)
         basis = np.zeros(slots.size, np.uint8)
         bit = np.zeros(slots.size, np.uint8)
         inten = np.full(slots.size, NO_PATTERN, np.uint8)
         if ok.any():
-            b, v, k = decode_symbols(self.patterns.symbols(slots[ok]))
+            b, v, k = decode_symbols(nibbles)
             basis[ok], bit[ok], inten[ok] = b, v, k
         return basis, bit, inten
 

@@ -181,19 +181,30 @@ def run_local(
     bob_pool_path=None,
     bob_pass_dir=None,
     new_pool=False,
+    alice_patterns=None,
 ) -> dict:
-    """Both endpoints in one process (two threads, in-process channel)."""
+    """Both endpoints in one process (two threads, in-process channel). alice_patterns:
+    where Alice reads her symbols when not from satellite/ (the head's pattern memory)."""
     pools = open_local_pools(pool_path, bob_pool_path, new_pool)
     try:
         return _run_local(
-            pass_dir, out_dir, cfg, pools, insecure_deterministic_seed, tamper, bob_pass_dir
+            pass_dir,
+            out_dir,
+            cfg,
+            pools,
+            insecure_deterministic_seed,
+            tamper,
+            bob_pass_dir,
+            alice_patterns,
         )
     finally:
         for pool in pools:
             pool.close()
 
 
-def _run_local(pass_dir, out_dir, cfg: Config, pools, seed, tamper, bob_pass_dir) -> dict:
+def _run_local(
+    pass_dir, out_dir, cfg: Config, pools, seed, tamper, bob_pass_dir, alice_patterns=None
+) -> dict:
     pass_dir, out_dir = Path(pass_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for insecure in (False, True):
@@ -202,7 +213,7 @@ def _run_local(pass_dir, out_dir, cfg: Config, pools, seed, tamper, bob_pass_dir
     pass_json = read_pass_json(pass_dir / "pass.json")
     pool_a, pool_b = pools
     insecure = seed is not None
-    alice = Alice(pass_dir, cfg, insecure_deterministic_seed=seed)
+    alice = Alice(pass_dir, cfg, insecure_deterministic_seed=seed, patterns=alice_patterns)
     bob = Bob(
         bob_pass_dir or pass_dir,
         cfg,

@@ -1,6 +1,9 @@
-"""What Alice sent: a pattern log (`satellite/patterns.qrec`, from the payload or a short
-simulation) or a pattern source (`satellite/pattern_source.json`, full-scale simulation).
-Both answer `symbols(slot_indices) -> nibbles` (docs/formats.md)."""
+"""What Alice sent: a pattern log (`satellite/patterns.qrec`, from a controller-driven
+payload or a short simulation), a pattern source (`satellite/pattern_source.json`,
+full-scale simulation), or, for a head-generated pass, the optical head's pattern memory
+on board (host/link/pattern_memory.py), which never reaches satellite/. Each answers
+`symbols(slot_indices) -> nibbles` and `covers(slot_indices)` (docs/formats.md);
+`symbols_by_slots` is what Alice calls on any of them."""
 
 from __future__ import annotations
 
@@ -13,16 +16,20 @@ import numpy as np
 
 from host.errors import BadInput
 from host.formats.qrec import Kind, PatternFrame, read_records
-from host.protocol.symbols import SymbolMapping, counter_words, unpack_nibbles
+from host.protocol.symbols import SymbolMapping, insecure_test_pattern_words, unpack_nibbles
 
 PATTERN_SOURCE_VERSION = 1
 PATTERN_LOG_NAME = "patterns.qrec"
 PATTERN_SOURCE_NAME = "pattern_source.json"
+INSECURE_TEST_PATTERN_KIND = "insecure-test-pattern"
 
 
 @dataclass(frozen=True)
-class CounterPatternSource:
-    """Symbols from the counter-based QRNG (host.protocol.symbols.counter_words)."""
+class InsecureTestPatternSource:
+    """Symbols from splitmix64 of the slot index (host.protocol.symbols.
+    insecure_test_pattern_words): reproducible from its seed, and recoverable from a few
+    dozen published symbols. For simulations and tests only: it never makes a secret key
+    (the emulated head uses emulator/head_qrng.py, real hardware its QRNG)."""
 
     seed: int
     mapping: SymbolMapping
@@ -35,12 +42,16 @@ class CounterPatternSource:
             slots.min() < self.first_slot or slots.max() >= self.first_slot + self.slot_count
         ):
             raise IndexError("slot outside the pattern source's range")
-        return self.mapping.symbols(counter_words(self.seed, slots))
+        return self.mapping.symbols(insecure_test_pattern_words(self.seed, slots))
+
+    def covers(self, slot_indices) -> np.ndarray:
+        slots = np.asarray(slot_indices, dtype=np.int64)
+        return (slots >= self.first_slot) & (slots < self.first_slot + self.slot_count)
 
     def to_json(self) -> dict:
         return {
             "format_version": PATTERN_SOURCE_VERSION,
-            "kind": "counter-hash",
+            "kind": INSECURE_TEST_PATTERN_KIND,
             "generator": "splitmix64-high32",
             "seed": self.seed,
             "basis_threshold": self.mapping.basis_threshold,
@@ -50,7 +61,7 @@ class CounterPatternSource:
         }
 
 
-def write_pattern_source(path: str | Path, source: CounterPatternSource) -> None:
+def write_pattern_source(path: str | Path, source: InsecureTestPatternSource) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(source.to_json(), indent=1) + "\n")
@@ -58,16 +69,17 @@ def write_pattern_source(path: str | Path, source: CounterPatternSource) -> None
     os.replace(tmp, path)
 
 
-def read_pattern_source(path: str | Path) -> CounterPatternSource:
+def read_pattern_source(path: str | Path) -> InsecureTestPatternSource:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
         if data.get("format_version") != PATTERN_SOURCE_VERSION:
             raise BadInput(f"{path}: format_version {data.get('format_version')!r} unsupported")
-        if data.get("kind") != "counter-hash" or data.get("generator") != "splitmix64-high32":
+        kind, generator = data.get("kind"), data.get("generator")
+        if kind != INSECURE_TEST_PATTERN_KIND or generator != "splitmix64-high32":
             raise BadInput(f"{path}: unknown pattern source {data.get('kind')!r}")
         mapping = SymbolMapping(int(data["basis_threshold"]), tuple(data["intensity_thresholds"]))
-        return CounterPatternSource(
+        return InsecureTestPatternSource(
             int(data["seed"]), mapping, int(data["first_slot"]), int(data["slot_count"])
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -118,8 +130,8 @@ class PatternLog:
         return self._nibbles[self._offsets[frame] + slots - self.frame_first_slot[frame]]
 
 
-GENERATOR_SPLITMIX64_HIGH32 = 1
-PATTERN_SOURCE_RECORD_BYTES = 36
+GENERATOR_HEAD_QRNG = 2  # 1 was the retired splitmix64 seed expansion (kind 6 records)
+PATTERN_RUN_RECORD_BYTES = 28
 
 
 def mapping_from_thresholds(basis: int, c0: int, c1: int) -> SymbolMapping:
@@ -129,58 +141,66 @@ def mapping_from_thresholds(basis: int, c0: int, c1: int) -> SymbolMapping:
     return SymbolMapping(basis, cut)
 
 
-def decode_pattern_source_record(payload: bytes) -> dict:
-    """PATTERN_SOURCE record (kind 6, docs/formats.md): u32 generator, 8 bytes seed (u64),
+def decode_pattern_run_record(payload: bytes) -> dict:
+    """PATTERN_RUN record (kind 7, docs/formats.md): u32 generator (2 = the head's QRNG),
     u32 basis_threshold, u32 c_0, u32 c_1, u32 first_frame, u32 frame_slots, u32 frames."""
-    if len(payload) != PATTERN_SOURCE_RECORD_BYTES:
-        raise BadInput(f"PATTERN_SOURCE record of {len(payload)} bytes, not 36")
-    generator = int.from_bytes(payload[0:4], "little")
-    fields = [int.from_bytes(payload[i : i + 4], "little") for i in range(12, 36, 4)]
+    if len(payload) != PATTERN_RUN_RECORD_BYTES:
+        raise BadInput(f"PATTERN_RUN record of {len(payload)} bytes, not 28")
+    fields = [int.from_bytes(payload[i : i + 4], "little") for i in range(0, 28, 4)]
     return {
-        "generator": generator,
-        "seed": int.from_bytes(payload[4:12], "little"),
-        "thresholds": fields[0:3],
-        "first_frame": fields[3],
-        "frame_slots": fields[4],
-        "frames": fields[5],
+        "generator": fields[0],
+        "thresholds": fields[1:4],
+        "first_frame": fields[4],
+        "frame_slots": fields[5],
+        "frames": fields[6],
     }
 
 
-def pattern_source_from_log(path: str | Path) -> CounterPatternSource | None:
-    """The head-generated pattern a pattern product describes: its last PATTERN_SOURCE
-    record (the one the controller wrote at stop, with the frame count); None if the
-    product holds no such record (a controller-driven pattern log)."""
+def pattern_runs_from_log(path: str | Path) -> list[dict] | None:
+    """The head-generation runs a pattern product describes (PATTERN_RUN records, in
+    order: the one written at start with frames 0, then the one written at stop); None if
+    the product holds pattern frames (a controller-driven pattern log)."""
     log = read_records(path)
     if log.problem:
         raise BadInput(f"{path}: {log.problem} (after {len(log.records)} good records)")
-    sources = [r for r in log.records if r.kind == Kind.PATTERN_SOURCE]
-    if not sources:
+    if any(r.kind == Kind.RETIRED_PATTERN_SOURCE for r in log.records):
+        raise BadInput(
+            f"{path}: PATTERN_SOURCE records (a splitmix64 seed): that generator is retired, "
+            "its patterns cannot make a secret key"
+        )
+    runs = [r for r in log.records if r.kind == Kind.PATTERN_RUN]
+    if not runs:
         return None
     if any(r.kind == Kind.PATTERN_FRAME for r in log.records):
-        raise BadInput(f"{path}: both pattern frames and a pattern source: one pass, one mode")
-    rec = decode_pattern_source_record(sources[-1].payload)
-    if rec["generator"] != GENERATOR_SPLITMIX64_HIGH32:
-        raise BadInput(f"{path}: unknown pattern generator {rec['generator']}")
-    if rec["frames"] == 0:
-        raise BadInput(f"{path}: the pattern source was never closed (no stop record)")
-    # the pass's slot 0 is the first generated slot: the generator counts from it
-    return CounterPatternSource(
-        rec["seed"],
-        mapping_from_thresholds(*rec["thresholds"]),
-        0,
-        rec["frames"] * rec["frame_slots"],
-    )
+        raise BadInput(f"{path}: both pattern frames and pattern runs: one pass, one mode")
+    decoded = [decode_pattern_run_record(r.payload) for r in runs]
+    for run in decoded:
+        if run["generator"] != GENERATOR_HEAD_QRNG:
+            raise BadInput(f"{path}: unknown pattern generator {run['generator']}")
+    return decoded
 
 
 def open_patterns(satellite_dir: str | Path):
-    """Alice's patterns from satellite/: the pattern log if present (frames, or the
-    head generator's seed and slot range), else the source."""
+    """Alice's patterns from satellite/: the pattern log if present, else the source. A
+    head-generated pass has neither: its pattern is in the head's pattern memory, read on
+    board (host.link.pattern_memory.PatternMemoryClient, passed to Alice)."""
     satellite_dir = Path(satellite_dir)
     if (satellite_dir / PATTERN_LOG_NAME).exists():
-        source = pattern_source_from_log(satellite_dir / PATTERN_LOG_NAME)
-        if source is not None:
-            return source
+        if pattern_runs_from_log(satellite_dir / PATTERN_LOG_NAME) is not None:
+            raise BadInput(
+                f"{satellite_dir / PATTERN_LOG_NAME}: a head-generated pass: the pattern is in "
+                "the optical head's pattern memory on board, never in satellite/; Alice reads "
+                "it there"
+            )
         return PatternLog(satellite_dir / PATTERN_LOG_NAME)
     if (satellite_dir / PATTERN_SOURCE_NAME).exists():
         return read_pattern_source(satellite_dir / PATTERN_SOURCE_NAME)
     raise BadInput(f"{satellite_dir}: neither {PATTERN_LOG_NAME} nor {PATTERN_SOURCE_NAME}")
+
+
+def symbols_by_slots(patterns, slot_indices) -> tuple[np.ndarray, np.ndarray]:
+    """(covered, nibbles): which slots the pattern holds, and the symbol nibbles of those
+    (in order). `patterns` is any reader of this module or the pattern memory client."""
+    slots = np.asarray(slot_indices, dtype=np.int64)
+    covered = np.asarray(patterns.covers(slots), dtype=bool)
+    return covered, patterns.symbols(slots[covered])

@@ -30,7 +30,8 @@ class Kind(IntEnum):
     HOUSEKEEPING = 3
     TRACKING = 4
     CLOCK_DISCIPLINE = 5
-    PATTERN_SOURCE = 6
+    RETIRED_PATTERN_SOURCE = 6  # a splitmix64 seed: refused (docs/formats.md)
+    PATTERN_RUN = 7
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from emulator import pattern_generator
 from emulator.optical_head import HeadServer, OpticalHead, TdcSources
 from emulator.payload_run import payload_session
 from host.errors import BadInput, ProtocolAborted
-from host.formats.patterns import PatternLog, pattern_source_from_log
+from host.formats.patterns import PatternLog, pattern_runs_from_log
+from host.link.pattern_memory import PatternMemoryClient
 
 FRAME_SLOTS = 4096  # the sequencer's largest frame: fewest bus round trips per slot
 # Ground-link goodput the budget plans the download with (docs/ground-link.md: bare pty
@@ -216,7 +217,10 @@ def run_firmware(
         stages["firmware"]["generator"] = {
             "first_frame": generator.first_frame,
             "frames": generator.frames(),
-            "seed_from_qrng": True,
+            # real hardware: the QRNG's bits; the emulator: AES-256-CTR keyed inside the
+            # head from os.urandom (emulator/head_qrng.py), a key no product or message holds
+            "source": "head QRNG",
+            "telemetry": mission_tm.get("generator"),
         }
     return head, generator, stages
 
@@ -310,20 +314,25 @@ def run_mission(
     t = time.perf_counter()
     product = out / "satellite" / "patterns.qrec"
     if generator is not None:
-        log = pattern_source_from_log(product)
-        if log is None:
-            raise StageFailed("firmware: head generation logged no PATTERN_SOURCE record")
-        emitted = generator.emitted()
-        stages["firmware"]["pattern_log"] = {
-            "records": "PATTERN_SOURCE",
-            "equals_emitted": log == emitted,
-        }
-        slot_count = log.slot_count
+        runs = pattern_runs_from_log(product)
+        if not runs:
+            raise StageFailed("firmware: head generation logged no PATTERN_RUN record")
+        last = runs[-1]
+        # the controller's record of the run against what the head generated
+        same = (
+            last["first_frame"] == generator.first_frame
+            and last["frames"] == generator.frames()
+            and last["frame_slots"] == generator.run.frame_slots
+            and last["thresholds"] == generator.thresholds
+        )
+        stages["firmware"]["pattern_log"] = {"records": "PATTERN_RUN", "equals_emitted": same}
+        slot_count = last["frames"] * last["frame_slots"]
+        log = generator.truth()  # the photons carry the emitted symbols (ground simulation)
     else:
         log = PatternLog(product)
         stages["firmware"]["pattern_log"] = check_pattern_log(head, log)
         slot_count = int(log.frame_first_slot[-1] + log.frame_slot_count[-1])
-    del head
+        del head
     scenario = ground.make_segment_scenario(profile, seed, slot_count)
     truth = ground.write_ground(out, scenario, log)
     rate = scenario.slot_rate_hz
@@ -342,7 +351,15 @@ def run_mission(
 
     t = time.perf_counter()
     try:
-        distilled = run_local(out, out, Config())
+        if generator is None:
+            distilled = run_local(out, out, Config())
+        else:
+            # Alice reads the head's pattern memory over its port, on board; the pattern
+            # never reached satellite/ or the ground link
+            with HeadServer(head) as server:
+                with PatternMemoryClient(server.pattern_address, slot_count) as memory:
+                    distilled = run_local(out, out, Config(), alice_patterns=memory)
+                    stages["firmware"]["pattern_memory_reads"] = memory.requests
         outcome = {
             "aborted": bool(distilled["aborted"]),
             "abort_reason": distilled.get("abort_reason"),

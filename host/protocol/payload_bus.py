@@ -9,6 +9,12 @@ serves these requests.
     WRITE      02 tag addr:u16 count:u8 u32*count     -> 82 tag status
     FIFO_READ  03 tag fifo:u8 max_bytes:u16           -> 83 tag status fifo:u8 n:u16 bytes*n
     MEM_WRITE  04 tag mem:u8 offset:u32 n:u16 bytes*n -> 84 tag status
+
+and, on the head's pattern-memory port only (the payload processor's link to the head's
+pattern memory; never on the controller's bus, never off the satellite):
+
+    PATTERN_READ 05 tag base:u64 count:u16 offset:u32*count
+                 -> 85 tag status count:u16 nibble*count (two per byte, padded)
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 OP_READ = 0x01
 OP_WRITE = 0x02
 OP_FIFO_READ = 0x03
 OP_MEM_WRITE = 0x04
+OP_PATTERN_READ = 0x05
 REPLY_FLAG = 0x80
 
 OK = 0
@@ -208,3 +217,63 @@ def unpack_reply(body: bytes) -> Reply:
 def error_reply(body: bytes, status: int) -> bytes:
     """The reply to a request that could not be served (needs at least op and tag)."""
     return bytes(((body[0] & 0x7F) | REPLY_FLAG, body[1], status))
+
+
+# ---------------------------------------------------------------- pattern-memory port
+
+MAX_PATTERN_READ_SLOTS = 16384
+PATTERN_READ_HEADER_BYTES = 12  # op, tag, base u64, count u16
+PATTERN_PORT_MAX_BODY_BYTES = PATTERN_READ_HEADER_BYTES + 4 * MAX_PATTERN_READ_SLOTS
+
+
+def pack_pattern_read(tag: int, base: int, offsets) -> bytes:
+    """Ask for the symbols of slots base + offsets[k] (u32 offsets, any order)."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if not 1 <= offsets.size <= MAX_PATTERN_READ_SLOTS:
+        raise BusProtocolError(f"PATTERN_READ: {offsets.size} slots, 1..{MAX_PATTERN_READ_SLOTS}")
+    if offsets.min() < 0 or offsets.max() >= 2**32 or not 0 <= base < 2**64:
+        raise BusProtocolError("PATTERN_READ: base u64 and offsets u32")
+    head = struct.pack("<BBQH", OP_PATTERN_READ, tag, base, offsets.size)
+    return head + offsets.astype("<u4").tobytes()
+
+
+def unpack_pattern_read(body: bytes) -> tuple[int, np.ndarray]:
+    """(tag, slot indices) of a PATTERN_READ request; BusProtocolError names the fault."""
+    if len(body) < PATTERN_READ_HEADER_BYTES or body[0] != OP_PATTERN_READ:
+        raise BusProtocolError("PATTERN_READ: shorter than its header or another op")
+    _op, tag, base, count = struct.unpack_from("<BBQH", body)
+    if not 1 <= count <= MAX_PATTERN_READ_SLOTS:
+        raise BusProtocolError(f"PATTERN_READ: count {count} not in [1, {MAX_PATTERN_READ_SLOTS}]")
+    if len(body) != PATTERN_READ_HEADER_BYTES + 4 * count:
+        raise BusProtocolError(f"PATTERN_READ: count {count} does not match {len(body)} bytes")
+    offsets = np.frombuffer(body, dtype="<u4", offset=PATTERN_READ_HEADER_BYTES)
+    return tag, offsets.astype(np.int64) + base
+
+
+def pack_pattern_reply(tag: int, status: int, nibbles=None) -> bytes:
+    head = bytes((OP_PATTERN_READ | REPLY_FLAG, tag, status))
+    if status != OK:
+        return head
+    nibbles = np.asarray(nibbles, dtype=np.uint8)
+    padded = np.append(nibbles, np.uint8(0)) if nibbles.size % 2 else nibbles
+    packed = (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8).tobytes()
+    return head + struct.pack("<H", nibbles.size) + packed
+
+
+def unpack_pattern_reply(body: bytes) -> tuple[int, int, np.ndarray]:
+    """(tag, status, symbol nibbles) of a PATTERN_READ reply."""
+    if len(body) < 3 or body[0] != OP_PATTERN_READ | REPLY_FLAG:
+        raise BusProtocolError(f"not a PATTERN_READ reply: {body[:3].hex()}")
+    tag, status = body[1], body[2]
+    if status != OK:
+        return tag, status, np.zeros(0, np.uint8)
+    if len(body) < 5:
+        raise BusProtocolError("PATTERN_READ reply: missing count")
+    (count,) = struct.unpack_from("<H", body, 3)
+    if len(body) != 5 + (count + 1) // 2:
+        raise BusProtocolError("PATTERN_READ reply: length does not match count")
+    raw = np.frombuffer(body, dtype=np.uint8, offset=5)
+    out = np.empty(raw.size * 2, dtype=np.uint8)
+    out[0::2] = raw & 0x0F
+    out[1::2] = raw >> 4
+    return tag, status, out[:count]

@@ -12,8 +12,9 @@ values, so the realised probability differs from the configured one by at most 2
 Symbol nibble (docs/formats.md): bit 0 = bit value, bit 1 = basis (1 = X), bits 2-3 =
 intensity class index.
 
-For full-scale simulated passes the QRNG words come from a counter-based generator
-(splitmix64 of the slot index), so "what was sent in slot i" is computable for any i.
+`insecure_test_pattern_words` (splitmix64 of the slot index) gives reproducible words for
+simulations and tests. It is not a random source: a few dozen published symbols pin its
+seed. Keys come from the head's QRNG (emulated by emulator/head_qrng.py).
 """
 
 from __future__ import annotations
@@ -119,16 +120,17 @@ def unpack_nibbles(packed: bytes, count: int) -> np.ndarray:
     return out[:count]
 
 
-# ---------------------------------------------------------------- counter-based QRNG
+# ---------------------------------------------------------------- insecure test pattern
 
 _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
-def counter_words(seed: int, slot_indices: np.ndarray) -> np.ndarray:
-    """u32 QRNG word of each slot: the high half of splitmix64's output number i+1 for
-    the stream seeded with `seed` (Steele, Lea & Flood 2014). Any slot, in any order."""
+def insecure_test_pattern_words(seed: int, slot_indices: np.ndarray) -> np.ndarray:
+    """u32 word of each slot: the high half of splitmix64's output number i+1 for the
+    stream seeded with `seed` (Steele, Lea & Flood 2014). Any slot, in any order.
+    INSECURE: invertible and non-cryptographic; reproducible patterns for tests only."""
     index = np.asarray(slot_indices, dtype=np.uint64)
     with np.errstate(over="ignore"):
         z = np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + (index + np.uint64(1)) * _GOLDEN_GAMMA

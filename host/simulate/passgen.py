@@ -34,7 +34,7 @@ from host.formats.passdir import PassDir, write_pass_json
 from host.formats.patterns import (
     PATTERN_LOG_NAME,
     PATTERN_SOURCE_NAME,
-    CounterPatternSource,
+    InsecureTestPatternSource,
     write_pattern_source,
 )
 from host.formats.qdet import write_detections
@@ -63,7 +63,7 @@ class Scenario:
     slot_count: int
     classes: list[str]
     mapping: SymbolMapping
-    pattern: CounterPatternSource
+    pattern: InsecureTestPatternSource
     channel: Channel
     slots: SlotClock
     ground_clock: Clock
@@ -122,7 +122,7 @@ def build_scenario(
     mapping = SymbolMapping.from_probabilities(
         source["basis_probability_z"], [source["intensity_probabilities"][c] for c in classes]
     )
-    pattern = CounterPatternSource(pattern_seed, mapping, 0, slot_count)
+    pattern = InsecureTestPatternSource(pattern_seed, mapping, 0, slot_count)
 
     link_cfg = profile["link"]
     link = LinkBudget(
@@ -387,7 +387,7 @@ def write_ground_clock_marks(
     np.savez(truth_dir / "sync.npz", slot=sync_slots[seen][order], true_rx_s=sync_rx_s[order])
 
 
-def write_pattern_log(path: Path, pattern: CounterPatternSource) -> None:
+def write_pattern_log(path: Path, pattern: InsecureTestPatternSource) -> None:
     writer = RecordWriter(path)
     for frame, first in enumerate(range(0, pattern.slot_count, PATTERN_FRAME_SLOTS)):
         count = min(PATTERN_FRAME_SLOTS, pattern.slot_count - first)

@@ -1,0 +1,171 @@
+"""The head's pattern comes from its QRNG (emulated: AES-256-CTR keyed inside the head) and
+stays on board: the generator's key and its stream never appear on the payload bus, the
+ground link or in a product; the pattern memory is read back by slot lists on the
+pattern-memory port only; the retired splitmix64 seed registers are gone."""
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emulator import pattern_generator
+from emulator.head_qrng import DOMAIN_FIFO_BYTES, DOMAIN_SLOT_WORDS, HeadQrng
+from emulator.link_proxy import LinkProxy
+from emulator.optical_head import HeadServer, OpticalHead, TdcSources
+from emulator.targets import UnixTarget
+from host.link.client import PayloadClient
+from host.link.pattern_memory import PatternMemoryClient, PatternMemoryError
+from host.protocol import payload_bus as pb
+from host.protocol.symbols import pack_nibbles
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "payload_bus.json").read_text())
+HEAD_KEY = bytes.fromhex("c0ffee" * 10 + "0102")  # a fixture: 32 bytes
+LINK_KEY = bytes(range(100, 132))
+
+
+def test_qrng_words_are_aes256_ctr_random_access_and_never_show_the_key():
+    qrng = HeadQrng(HEAD_KEY)
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    nonce = (DOMAIN_SLOT_WORDS << 64).to_bytes(16, "big")
+    stream = Cipher(algorithms.AES(HEAD_KEY), modes.CTR(nonce)).encryptor().update(bytes(4000))
+    words = np.frombuffer(stream, dtype="<u4")
+    slots = np.array([999, 0, 3, 4, 517, 5, 998])
+    assert np.array_equal(qrng.slot_words(slots), words[slots])
+    assert np.array_equal(qrng.slot_words_range(3, 990), words[3:993])
+    fifo_nonce = (DOMAIN_FIFO_BYTES << 64).to_bytes(16, "big")
+    fifo = Cipher(algorithms.AES(HEAD_KEY), modes.CTR(fifo_nonce)).encryptor().update(bytes(64))
+    assert qrng.fifo_bytes(10) + qrng.fifo_bytes(54) == fifo  # a domain of its own
+    assert HEAD_KEY.hex() not in repr(qrng) and HEAD_KEY.hex() not in repr(OpticalHead())
+    with pytest.raises(TypeError):
+        pickle.dumps(qrng)
+    with pytest.raises(ValueError, match="at least 32"):
+        HeadQrng(bytes(16))
+    a, b = HeadQrng(), HeadQrng()
+    assert not np.array_equal(a.slot_words_range(0, 64), b.slot_words_range(0, 64))
+
+
+def test_pattern_read_messages_match_the_vectors():
+    for case in VECTORS["pattern_memory"]:
+        body = bytes.fromhex(case["body"])
+        if case["kind"] == "request":
+            base, offsets = case["base"], np.array(case["offsets"])
+            assert pb.pack_pattern_read(case["tag"], base, offsets) == body
+            tag, slots = pb.unpack_pattern_read(body)
+            assert tag == case["tag"] and slots.tolist() == (base + offsets).tolist()
+        else:
+            tag, status, nibbles = pb.unpack_pattern_reply(body)
+            assert (tag, status, nibbles.tolist()) == (
+                case["tag"],
+                case["status"],
+                case["nibbles"],
+            )
+            assert pb.pack_pattern_reply(tag, status, nibbles) == body
+    with pytest.raises(pb.BusProtocolError, match="count 3 does not match"):
+        pb.unpack_pattern_read(bytes.fromhex(VECTORS["pattern_memory"][0]["body"])[:-4])
+
+
+def _generating_head(frames: int) -> tuple[OpticalHead, pattern_generator.PatternGenerator]:
+    head = OpticalHead(seed=3, qrng_key=HEAD_KEY)
+    generator = pattern_generator.attach(head)
+    for offset, value in ((5, 16384), (6, 32768), (7, 49152)):
+        assert head.write_reg(0x0600 + offset, value) == pb.OK
+    assert head.write_reg(pb.REG_FRAME_SLOTS, 4096) == pb.OK
+    assert head.write_reg(0x0600, 1) == pb.OK
+    pattern_generator.fast_forward(head, head.boundary_ps(frames - 1))
+    assert head.write_reg(0x0600, 0) == pb.OK
+    return head, generator
+
+
+def test_the_seed_registers_are_gone_and_the_bus_cannot_read_the_pattern():
+    head, _ = _generating_head(4)
+    for addr in range(0x0601, 0x0605):  # the retired GEN_SEED_0..3
+        reply = pb.unpack_reply(head.handle(pb.read(9, addr, 1).pack()))
+        assert reply.status == pb.E_BAD_ADDRESS
+        reply = pb.unpack_reply(head.handle(pb.write(10 + addr % 8, addr, 1).pack()))
+        assert reply.status == pb.E_BAD_ADDRESS
+    # PATTERN_READ is not an operation of the controller's bus
+    body = pb.pack_pattern_read(11, 0, np.arange(4))
+    assert pb.unpack_reply(head.handle(body)).status == pb.E_UNKNOWN_OP
+
+
+def test_the_pattern_memory_is_read_back_by_slot_lists_on_its_own_port():
+    head, generator = _generating_head(300)
+    truth = generator.truth()
+    assert truth.slot_count == 300 * 4096
+    rng = np.random.default_rng(1)
+    slots = rng.integers(0, truth.slot_count, 40_000)  # unsorted, repeated: as detections come
+    with HeadServer(head) as server:
+        with PatternMemoryClient(server.pattern_address, truth.slot_count) as memory:
+            got = memory.symbols(slots)
+            assert memory.requests == 3  # 16,384 slots per request
+            dense = memory.symbols(np.arange(4096, 4096 + 5000))
+            with pytest.raises(IndexError):
+                memory.symbols([truth.slot_count])
+        with PatternMemoryClient(server.pattern_address, truth.slot_count + 10) as memory:
+            with pytest.raises(PatternMemoryError, match="bad address"):
+                memory.symbols([truth.slot_count + 1])  # the head refuses what it lacks
+    expected = generator.run.mapping.symbols(HeadQrng(HEAD_KEY).slot_words(slots))
+    assert np.array_equal(got, expected) and np.array_equal(got, truth.symbols(slots))
+    assert np.array_equal(dense, truth.symbols(np.arange(4096, 9096)))
+    values, counts = np.unique(got, return_counts=True)
+    assert len(values) == 12  # 2 bases x 2 bits x 3 intensities, all present
+
+
+def _windows(stream: bytes, size: int = 16) -> list[bytes]:
+    return [stream[i : i + size] for i in range(0, len(stream) - size + 1, size)]
+
+
+def test_no_key_or_stream_leaves_the_head_in_a_head_generated_pass(tmp_path):
+    """A head-generated segment on the real firmware, commanded and downloaded over the
+    ground link: every payload-bus body and every ground-link byte is kept and searched
+    for the generator's key, its keystream and the emitted pattern. Only the pattern
+    memory port (the payload processor's link, on board) carries symbols."""
+    from host.mission.run import sequencer_config
+    from host.simulate import profiles
+
+    sources = TdcSources(sync_rate_hz=1e5, beacon_rate_hz=1e4)  # TDC traffic on the bus
+    head = OpticalHead(seed=4, fifo_depth=2048, sources=sources, qrng_key=HEAD_KEY)
+    generator = pattern_generator.attach(head)
+    bus_bodies: list[bytes] = []
+    serve = head.handle
+
+    def capture(body: bytes):
+        reply = serve(body)
+        bus_bodies.append(bytes(body))
+        bus_bodies.append(reply or b"")
+        return reply
+
+    server = HeadServer(head)
+    server.endpoint.handler = capture
+    storage = tmp_path / "flash"
+    (storage / "link").mkdir(parents=True)
+    (storage / "link" / "key").write_bytes(LINK_KEY)
+    config = sequencer_config(profiles.load("micius-2017", {}), "head")
+    with server, UnixTarget(storage_dir=storage, bus_address=server.address) as target:
+        with LinkProxy(target.ground_port, capture=True) as proxy:
+            with PayloadClient(proxy.port, LINK_KEY, timeout_s=30.0) as payload:
+                payload.configure(config)
+                payload.start()
+                pattern_generator.fast_forward(head, head.boundary_ps(generator.first_frame + 249))
+                payload.stop()
+                housekeeping = payload.housekeeping()
+                files = [payload.download(e, tmp_path / "sat") for e in payload.list_products()]
+            ground_link = bytes(proxy.captured["down"]) + b"|" + bytes(proxy.captured["up"])
+    assert housekeeping["mission"]["generator"]["frames"] == generator.frames() == 250
+    products = b"|".join(f.path.read_bytes() for f in files)
+    payload_bus = b"|".join(bus_bodies)
+    assert len(payload_bus) > 10_000 and len(ground_link) > 10_000 and len(products) > 10_000
+    qrng = HeadQrng(HEAD_KEY)
+    slot_stream = qrng.slot_words_range(0, 16_384).tobytes()
+    fifo_stream = qrng.fifo_bytes(16_384)
+    pattern = pack_nibbles(generator.truth().symbols(np.arange(131_072)))
+    secrets = [HEAD_KEY, HEAD_KEY[:16], HEAD_KEY[16:], HEAD_KEY.hex().encode()]
+    secrets += _windows(slot_stream) + _windows(fifo_stream) + _windows(pattern)
+    for where, data in (("payload bus", payload_bus), ("ground link", ground_link)):
+        found = [s for s in secrets if s in data]
+        assert not found, f"{where} carries {len(found)} pieces of the head's secrets"
+    assert not [s for s in secrets if s in products]
+    assert head.qrng.fifo_bytes_out == 0  # the controller never drew from the QRNG
