@@ -1,32 +1,39 @@
 """Emulated optical plant for the tracking loop: what the firmware's sensors see and what
 its actuators do, stepped in lockstep with the firmware (docs/tracking.md).
 
-Geometry (small-angle tracking frame, flat-Earth pass): the satellite flies a straight
-line at `altitude_km` with ground speed `speed_km_s`; the station sits `cross_track_km`
-off the ground track; `t = 0` of a scenario is `time_from_culmination_s` before or after
-the closest approach. The line of sight (LOS) to the station, seen from the satellite, has
-two angles: x along track, y across track. At 500 km overhead the LOS turns at
-v/h = 15.2 mrad/s, the issue's "up to ~15 mrad/s".
+Geometry (round Earth, circular orbit): the satellite flies at `altitude_km` with orbital
+speed `speed_km_s`; the station sits `cross_track_km` off the ground track; `t = 0` of a
+scenario is `time_from_culmination_s` before or after the closest approach
+(`PassGeometry.at_elevation(deg)` finds it for a given station elevation). The line of
+sight (LOS) to the station, seen from the nadir-pointing satellite, has two angles: x along
+track, y across track. At 500 km overhead the LOS turns at 15.2 mrad/s at culmination; a
+pass is tracked from 15 deg elevation (x = 63.6 deg off nadir, range 1407 km).
 
 Chain, per axis (all angles in radians internally, nanoradians at the sensor/actuator
 interface, as the firmware uses):
 
     beacon direction  los(t) + vibration(t)
-    coarse axis       c(t): rate command, rate and acceleration limits (gimbal or body)
-    fast-steering mirror f(t): second-order (natural frequency, damping), range limits,
-                      exact zero-order-hold discretisation
+    coarse axis       c(t): rate servo of finite bandwidth, rate and acceleration limits,
+                      stiction below a rate, encoder quantised (gimbal or body)
+    fast-steering mirror f(t): second-order resonance (0.7 kHz, damping 0.1), range limits,
+                      exact zero-order-hold discretisation, commands applied
+                      `latency_samples` periods after the sensors they answer
     pointing error    e = los + vib - c - f   (seen by the quadrant detector)
     acquisition camera sees los + vib - c inside its field (no FSM in its path)
 
 Quadrant detector: Gaussian spot of 1/e^2 radius `qpd_spot_radius_urad` (angle units),
 per-axis fraction on the positive half (1 + erf(sqrt(2) x / w)) / 2, so
-X = ((B+D)-(A+C))/S = erf(sqrt(2) x / w) as in REFERENCES.md. Signal photo-electrons
-scale as (range_ref / range)^2, plus background per quadrant; shot noise (Gaussian
-approximation of Poisson, exact enough above ~20 e-), 16-bit ADC clipping.
+X = ((B+D)-(A+C))/S = erf(sqrt(2) x / w) as in REFERENCES.md, each quadrant with its own
+gain (`qpd_quadrant_gains`, a 1-2 % mismatch the loop cannot see). Signal photo-electrons
+scale as (range_ref / range)^2 times the beacon's scintillation (log-normal, scintillation
+index `scintillation_index`, correlation time `scintillation_correlation_ms`), plus
+background per quadrant; shot noise (Gaussian approximation of Poisson), 16-bit ADC.
 
 Micro-vibration: stationary Gaussian noise, PSD ~ 1/f between 0.2 and 30 Hz with a
-4th-order roll-off above 30 Hz, plus three tones (flywheel-like), normalised to
-`vibration_rms_urad` per axis (9.3 urad default, Micius). Independent per axis.
+2nd-order roll-off above 30 Hz, plus three tones, normalised to `vibration_rms_urad` per
+axis (9.3 urad default, Micius); on top, reaction-wheel lines (`wheel_lines`: 1 urad at
+95 Hz, 0.5 urad at 190 Hz) and a white floor (`vibration_floor_urad_rthz`). Independent
+per axis.
 
 Everything random comes from one numpy Generator seeded by `seed` and drawn up front, so a
 scenario is bit-for-bit reproducible whatever the firmware does.
@@ -40,6 +47,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.linalg import expm
+from scipy.signal import lfilter
 from scipy.special import erf
 
 C_M_S = 299_792_458.0
@@ -58,28 +66,64 @@ MEASUREMENT_FORMAT = "<cIHHHHBiiiii"  # tag, step, A,B,C,D, cam_new, cam x/y, ca
 MEASUREMENT_BYTES = struct.calcsize(MEASUREMENT_FORMAT)
 
 
+EARTH_RADIUS_KM = 6371.0
+
+
 @dataclass(frozen=True)
 class PassGeometry:
     altitude_km: float = 500.0
-    speed_km_s: float = 7.6
+    speed_km_s: float = 7.6  # orbital speed
     cross_track_km: float = 0.0
     time_from_culmination_s: float = -10.0  # scenario t=0 this long before culmination
 
+    def _vectors(self, t_s):
+        """LOS components (km) in the satellite's frame: along track, across, nadir."""
+        r_sat = EARTH_RADIUS_KM + self.altitude_km
+        phi = self.speed_km_s / r_sat * (np.asarray(t_s, float) + self.time_from_culmination_s)
+        psi = self.cross_track_km / EARTH_RADIUS_KM
+        along = -EARTH_RADIUS_KM * math.cos(psi) * np.sin(phi)
+        across = EARTH_RADIUS_KM * math.sin(psi) * np.ones_like(phi)
+        nadir = r_sat - EARTH_RADIUS_KM * math.cos(psi) * np.cos(phi)
+        return along, across, nadir
+
     def los_rad(self, t_s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Along-track and cross-track LOS angles (rad) and range (km) at scenario time."""
-        along_km = -self.speed_km_s * (t_s + self.time_from_culmination_s)
-        h = self.altitude_km
-        x = np.arctan2(along_km, h)
-        y = np.arctan2(self.cross_track_km, np.hypot(h, along_km))
-        range_km = np.sqrt(h * h + along_km**2 + self.cross_track_km**2)
+        along, across, nadir = self._vectors(t_s)
+        x = np.arctan2(along, nadir)
+        y = np.arctan2(across, np.hypot(nadir, along))
+        range_km = np.sqrt(along**2 + across**2 + nadir**2)
         return x, y, range_km
+
+    def elevation_deg(self, t_s: np.ndarray) -> np.ndarray:
+        """The satellite's elevation seen from the station."""
+        along, across, nadir = self._vectors(t_s)
+        range_km = np.sqrt(along**2 + across**2 + nadir**2)
+        r_sat = EARTH_RADIUS_KM + self.altitude_km
+        # station -> satellite dotted with the station's vertical, via the law of cosines
+        sin_el = (r_sat**2 - EARTH_RADIUS_KM**2 - range_km**2) / (2 * EARTH_RADIUS_KM * range_km)
+        return np.degrees(np.arcsin(sin_el))
+
+    def at_elevation(self, elevation_deg: float, rising: bool = True) -> PassGeometry:
+        """The same pass with scenario t=0 when the satellite is at `elevation_deg`."""
+        lo, hi = 0.0, 2000.0  # seconds from culmination
+        probe = replace(self, time_from_culmination_s=0.0)
+        if probe.elevation_deg(np.array([0.0]))[0] < elevation_deg:
+            raise ValueError(f"the pass never reaches {elevation_deg} deg elevation")
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if probe.elevation_deg(np.array([mid]))[0] > elevation_deg:
+                lo = mid
+            else:
+                hi = mid
+        return replace(self, time_from_culmination_s=-lo if rising else lo)
 
     def point_ahead_rad(self, t_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """2 v_perp / c along the LOS motion (REFERENCES.md: up to ~51 urad at 500 km)."""
-        x, _, range_km = self.los_rad(t_s)
-        v_perp = self.speed_km_s * 1e3 * np.cos(x)  # velocity component across the LOS
+        along, across, nadir = self._vectors(t_s)
+        range_km = np.sqrt(along**2 + across**2 + nadir**2)
+        v_perp = self.speed_km_s * 1e3 * np.sqrt(1.0 - (along / range_km) ** 2)
         pa = 2.0 * v_perp / C_M_S
-        return -pa * np.ones_like(t_s), np.zeros_like(t_s)
+        return -pa * np.ones_like(np.asarray(t_s, float)), np.zeros_like(np.asarray(t_s, float))
 
 
 @dataclass(frozen=True)
@@ -88,22 +132,32 @@ class PlantParams:
     seed: int = 1
     geometry: PassGeometry = field(default_factory=PassGeometry)
     # What the firmware does not know: where the beacon really is against the prediction.
-    initial_error_urad: tuple[float, float] = (3500.0, -3000.0)  # |.| = 4.6 mrad in 5 mrad
+    initial_error_urad: tuple[float, float] = (2400.0, -2000.0)  # |.| = 3.1 mrad
+    prediction_drift_urad_s: tuple[float, float] = (6.0, -4.0)  # attitude knowledge drifts
     prediction_timing_error_s: float = 0.05
-    # Coarse axis (gimbal or body): rate command, limits
+    # Coarse axis (gimbal or body): rate servo, limits, friction, encoder
     coarse_rate_max_urad_s: float = 50_000.0
     coarse_accel_max_urad_s2: float = 200_000.0
-    # Fast-steering mirror
-    fsm_natural_hz: float = 2000.0
-    fsm_damping: float = 0.7
+    coarse_bandwidth_hz: float = 5.0  # rate servo: first-order lag
+    coarse_stiction_urad_s: float = 20.0  # commanded rates below this do not move the axis
+    encoder_resolution_nrad: float = 374.5  # 24-bit encoder: 2 pi / 2**24
+    # Fast-steering mirror: a resonance inside the loop's band, lightly damped
+    fsm_natural_hz: float = 700.0
+    fsm_damping: float = 0.1
     fsm_range_urad: float = 1000.0
+    # Sensor-to-actuator latency: commands act this many periods after their sample
+    latency_samples: int = 1
     # Quadrant detector
     qpd_spot_radius_urad: float = 25.0
     qpd_field_urad: float = 150.0  # field stop: no beacon light beyond this error
     qpd_signal_e_per_ms: float = 20000.0  # photo-electrons per ms at range_ref_km
     qpd_background_e_per_ms: float = 50.0  # per quadrant
     qpd_read_noise_e: float = 5.0
+    qpd_quadrant_gains: tuple[float, float, float, float] = (1.02, 1.0, 0.99, 0.99)  # A..D
     range_ref_km: float = 500.0
+    # Uplink beacon scintillation: log-normal intensity, scintillation index sigma_I^2
+    scintillation_index: float = 0.7
+    scintillation_correlation_ms: float = 5.0
     # Acquisition camera (wide field, slower)
     camera_rate_hz: int = 100
     camera_field_urad: float = 1000.0  # half width of the square field
@@ -113,23 +167,49 @@ class PlantParams:
     # Micro-vibration
     vibration_rms_urad: float = 9.3
     vibration_tones_hz: tuple[float, ...] = (2.7, 7.1, 17.3)
+    vibration_rolloff_order: int = 2  # PSD ~ f^-(2 order) above 30 Hz
+    wheel_lines: tuple[tuple[float, float], ...] = ((95.0, 1.0), (190.0, 0.5))  # Hz, urad RMS
+    vibration_floor_urad_rthz: float = 0.004  # white floor, one-sided PSD
     # Beacon outages: list of (start_s, duration_s); duration inf = never returns
     dropouts: tuple[tuple[float, float], ...] = ()
 
     def with_(self, **changes) -> PlantParams:
         return replace(self, **changes)
 
+    @classmethod
+    def idealised(cls, **changes) -> PlantParams:
+        """The plant before issue 15: no latency, a 2 kHz mirror at a 2 kHz loop, the
+        vibration falling as f^-8 above 30 Hz, no wheel lines, floor or scintillation,
+        matched quadrants, an ideal coarse axis and encoder, a near-zenith pass."""
+        base = dict(
+            initial_error_urad=(3500.0, -3000.0), prediction_drift_urad_s=(0.0, 0.0),
+            coarse_bandwidth_hz=0.0, coarse_stiction_urad_s=0.0, encoder_resolution_nrad=1.0,
+            fsm_natural_hz=2000.0, fsm_damping=0.7, latency_samples=0,
+            qpd_quadrant_gains=(1.0, 1.0, 1.0, 1.0), scintillation_index=0.0,
+            vibration_rolloff_order=4, wheel_lines=(), vibration_floor_urad_rthz=0.0,
+        )  # fmt: skip
+        base.update(changes)
+        return cls(**base)
+
 
 def vibration_series(
-    rng: np.random.Generator, n: int, rate_hz: float, rms_urad: float, tones_hz
+    rng: np.random.Generator,
+    n: int,
+    rate_hz: float,
+    rms_urad: float,
+    tones_hz,
+    rolloff_order: int = 4,
+    wheel_lines=(),
+    floor_urad_rthz: float = 0.0,
 ) -> np.ndarray:
-    """n samples of one axis of micro-vibration (rad): shaped noise + tones, given RMS."""
+    """n samples of one axis of micro-vibration (rad): shaped noise + tones at the given
+    RMS, plus reaction-wheel lines (Hz, urad RMS; random phase) and a white floor."""
     nfft = 1 << max(10, int(math.ceil(math.log2(n + 1))))
     freqs = np.fft.rfftfreq(nfft, 1.0 / rate_hz)
     shape = np.zeros_like(freqs)
     band = freqs >= 0.2
     shape[band] = 1.0 / np.sqrt(freqs[band])  # amplitude ~ f^-1/2: PSD ~ 1/f
-    shape *= 1.0 / np.sqrt(1.0 + (freqs / 30.0) ** 8)  # 4th-order roll-off above 30 Hz
+    shape *= 1.0 / np.sqrt(1.0 + (freqs / 30.0) ** (2 * rolloff_order))  # PSD roll-off
     spectrum = shape * (rng.standard_normal(freqs.size) + 1j * rng.standard_normal(freqs.size))
     noise = np.fft.irfft(spectrum, nfft)[:n]
     noise /= np.std(noise)
@@ -142,7 +222,29 @@ def vibration_series(
     # Half the power in the broadband part, half in the tones.
     series = noise * math.sqrt(0.5) + tones * math.sqrt(0.5) if tones_hz else noise
     series *= rms_urad * URAD / np.std(series)
+    for f, line_rms_urad in wheel_lines:
+        phase = rng.uniform(0, 2 * np.pi)
+        series += math.sqrt(2.0) * line_rms_urad * URAD * np.sin(2 * np.pi * f * t + phase)
+    if floor_urad_rthz > 0.0:
+        # One-sided PSD floor^2 up to Nyquist: RMS = floor * sqrt(rate / 2).
+        series += floor_urad_rthz * URAD * math.sqrt(rate_hz / 2.0) * rng.standard_normal(n)
     return series
+
+
+def scintillation_series(
+    rng: np.random.Generator, n: int, rate_hz: float, index: float, correlation_ms: float
+) -> np.ndarray:
+    """Beacon intensity factor per sample, mean 1: log-normal with scintillation index
+    sigma_I^2 = `index` (var(I)/mean(I)^2), log-amplitude an AR(1) process of correlation
+    time `correlation_ms` (Andrews & Phillips: sigma_lnI^2 = ln(1 + sigma_I^2))."""
+    if index <= 0.0:
+        return np.ones(n)
+    sigma_ln = math.sqrt(math.log1p(index))
+    rho = math.exp(-1000.0 / (rate_hz * correlation_ms))
+    white = rng.standard_normal(n)
+    white[0] /= math.sqrt(1.0 - rho * rho)  # start in the stationary distribution
+    g = lfilter([math.sqrt(1.0 - rho * rho)], [1.0, -rho], white)  # AR(1), unit variance
+    return np.exp(sigma_ln * g - 0.5 * sigma_ln * sigma_ln)
 
 
 def prediction_table(params: PlantParams, duration_s: float) -> list[list[int]]:
@@ -201,14 +303,26 @@ class OpticalPlant:
         bias_x, bias_y = (v * URAD for v in params.initial_error_urad)
         # The beacon's true direction differs from the prediction by the attitude bias
         # and by the prediction's timing error; the prediction is what the firmware has.
-        self.los_x = self.los_x + bias_x
-        self.los_y = self.los_y + bias_y
+        drift_x, drift_y = (v * URAD for v in params.prediction_drift_urad_s)
+        self.los_x = self.los_x + bias_x + drift_x * self.t
+        self.los_y = self.los_y + bias_y + drift_y * self.t
+        vib = dict(
+            rolloff_order=params.vibration_rolloff_order,
+            wheel_lines=params.wheel_lines,
+            floor_urad_rthz=params.vibration_floor_urad_rthz,
+        )
         self.vib_x = vibration_series(
-            rng, n, params.loop_rate_hz, params.vibration_rms_urad, params.vibration_tones_hz
-        )
+            rng, n, params.loop_rate_hz, params.vibration_rms_urad, params.vibration_tones_hz,
+            **vib,
+        )  # fmt: skip
         self.vib_y = vibration_series(
-            rng, n, params.loop_rate_hz, params.vibration_rms_urad, params.vibration_tones_hz
-        )
+            rng, n, params.loop_rate_hz, params.vibration_rms_urad, params.vibration_tones_hz,
+            **vib,
+        )  # fmt: skip
+        self.intensity = scintillation_series(
+            rng, n, params.loop_rate_hz, params.scintillation_index,
+            params.scintillation_correlation_ms,
+        )  # fmt: skip
         self.qpd_noise = rng.standard_normal((n, 4))
         self.cam_noise = rng.standard_normal((n, 3))
         self.beacon_on = np.ones(n, dtype=bool)
@@ -228,6 +342,12 @@ class OpticalPlant:
         e = expm(m)
         self.fsm_ad, self.fsm_bd = e[:2, :2], e[:2, 2]
         self.fsm = np.zeros((2, 2))  # [axis][angle, rate]
+        # Commands in flight: the mirror acts on the one `latency_samples` periods old.
+        self.fsm_pipeline = [(0, 0)] * params.latency_samples
+        if params.coarse_bandwidth_hz > 0:
+            self.coarse_lag = 1.0 - math.exp(-2 * math.pi * params.coarse_bandwidth_hz * self.dt)
+        else:
+            self.coarse_lag = 1.0  # ideal rate follower
         self.k = 0
         self.cam = (0, 0, 0)  # latest camera frame: centroid x, y (nrad), signal
         self.err_x = np.zeros(n)
@@ -253,7 +373,7 @@ class OpticalPlant:
         signal = 0.0
         if self.beacon_on[k]:
             signal = p.qpd_signal_e_per_ms * (p.range_ref_km / self.range_km[k]) ** 2
-            signal *= 1000.0 / p.loop_rate_hz
+            signal *= 1000.0 / p.loop_rate_hz * self.intensity[k]
             if max(abs(ex), abs(ey)) > p.qpd_field_urad * URAD:
                 signal = 0.0
         w = p.qpd_spot_radius_urad * URAD
@@ -268,6 +388,7 @@ class OpticalPlant:
         )
         quads = []
         for i, mean in enumerate(means):
+            mean = mean * p.qpd_quadrant_gains[i]
             mean += p.qpd_background_e_per_ms * 1000.0 / p.loop_rate_hz
             noisy = mean + math.sqrt(mean + p.qpd_read_noise_e**2) * self.qpd_noise[k, i]
             quads.append(min(65535, max(0, int(round(noisy)))))
@@ -279,7 +400,9 @@ class OpticalPlant:
             field_rad = p.camera_field_urad * URAD
             sig = p.camera_background_counts
             if self.beacon_on[k] and abs(cx) < field_rad and abs(cy) < field_rad:
-                sig += p.camera_signal_counts * (p.range_ref_km / self.range_km[k]) ** 2
+                # the frame integrates the scintillating beacon over its exposure
+                seen = float(np.mean(self.intensity[max(0, k - frame_steps + 1) : k + 1]))
+                sig += p.camera_signal_counts * (p.range_ref_km / self.range_km[k]) ** 2 * seen
                 nx = cx + p.camera_centroid_noise_urad * URAD * self.cam_noise[k, 0]
                 ny = cy + p.camera_centroid_noise_urad * URAD * self.cam_noise[k, 1]
             else:  # no spot: the centroid of the background is noise around the centre
@@ -288,8 +411,9 @@ class OpticalPlant:
             sig += math.sqrt(sig) * self.cam_noise[k, 2]
             self.cam = (int(round(nx / NRAD)), int(round(ny / NRAD)), int(max(0.0, sig)))
         cam_x, cam_y, cam_sig = self.cam
-        enc_x = int(round(self.coarse[0] / NRAD))
-        enc_y = int(round(self.coarse[1] / NRAD))
+        q = p.encoder_resolution_nrad
+        enc_x = int(round(round(self.coarse[0] / NRAD / q) * q))
+        enc_y = int(round(round(self.coarse[1] / NRAD / q) * q))
         return (*quads, cam_new, cam_x, cam_y, cam_sig, enc_x, enc_y)
 
     # ------------------------------------------------------------------ actuators
@@ -306,14 +430,27 @@ class OpticalPlant:
         limit = p.fsm_range_urad * URAD
         rate_max = p.coarse_rate_max_urad_s * URAD
         accel_step = p.coarse_accel_max_urad_s2 * URAD * dt
+        if self.fsm_pipeline:
+            self.fsm_pipeline.append(tuple(fsm_nrad))
+            fsm_nrad = self.fsm_pipeline.pop(0)
+            coarse_pipeline = getattr(self, "_coarse_pipeline", None)
+            if coarse_pipeline is None:
+                coarse_pipeline = self._coarse_pipeline = [(0, 0)] * p.latency_samples
+            coarse_pipeline.append(tuple(coarse_rate_urad_s))
+            coarse_rate_urad_s = coarse_pipeline.pop(0)
         for axis in range(2):
             target = min(limit, max(-limit, fsm_nrad[axis] * NRAD))
             state_vec = self.fsm_ad @ self.fsm[axis] + self.fsm_bd * target
-            state_vec[0] = min(limit, max(-limit, state_vec[0]))  # mechanical stops
+            if abs(state_vec[0]) > limit:  # mechanical stop: no bounce
+                state_vec[0] = math.copysign(limit, state_vec[0])
+                state_vec[1] = 0.0
             self.fsm[axis] = state_vec
             want = min(rate_max, max(-rate_max, coarse_rate_urad_s[axis] * URAD))
+            if abs(want) < p.coarse_stiction_urad_s * URAD:
+                want = 0.0  # below the breakaway torque the axis sticks
             old = self.coarse_rate[axis]
-            new = old + min(accel_step, max(-accel_step, want - old))
+            change = (want - old) * self.coarse_lag  # rate servo of finite bandwidth
+            new = old + min(accel_step, max(-accel_step, change))
             self.coarse[axis] += 0.5 * (old + new) * dt
             self.coarse_rate[axis] = new
         self.k += 1

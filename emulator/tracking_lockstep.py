@@ -82,7 +82,8 @@ class LockstepResult:
     def fine_rms_urad(self, settle_s: float = 0.5, window=None) -> tuple[float, float, int]:
         """RMS per axis of the true downlink error over steps in FINE with the beacon on,
         skipping the first `settle_s` after each entry into FINE; optional (start_s, end_s)
-        window. Returns (rms_x, rms_y, samples)."""
+        window. RMS about zero: a mean offset (quadrant mismatch, point-ahead) counts.
+        Returns (rms_x, rms_y, samples)."""
         states = self.states_per_step()
         fine = states == 4
         settle = int(settle_s * 1e6 / self.period_us)
@@ -101,7 +102,9 @@ class LockstepResult:
         ex, ey = self.error_urad()
         if mask.sum() == 0:
             return float("nan"), float("nan"), 0
-        return float(np.std(ex[mask])), float(np.std(ey[mask])), int(mask.sum())
+        rms_x = float(np.sqrt(np.mean(ex[mask] ** 2)))
+        rms_y = float(np.sqrt(np.mean(ey[mask] ** 2)))
+        return rms_x, rms_y, int(mask.sum())
 
     def write_pointing_log(self, path: Path) -> None:
         """The true downlink pointing error at the loop rate, as TRACKING sample records

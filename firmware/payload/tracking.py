@@ -210,10 +210,10 @@ DEFAULTS = {
     "fsm_limit_urad": 900.0,
     "qpd_spot_radius_urad": 25.0,
     "qpd_background_counts": 25,
-    "qpd_threshold_counts": 2000,
+    "qpd_threshold_counts": 300,
     "qpd_confirm_samples": 5,
-    "loss_samples": 3,
-    "camera_threshold_counts": 1000,
+    "loss_samples": 20,
+    "camera_threshold_counts": 200,
     "camera_confirm_frames": 2,
     "camera_loss_frames": 5,
     "camera_gain_per_s": 15.0,
@@ -952,7 +952,13 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             state = FINE
             st[_S_EPX] = ex
             st[_S_EPY] = ey
-        elif cam_seen:
+        elif cam_seen and (
+            int(_clamp(cam_x, st[_OFF_CFG + _K_HANDOVER])) != cam_x
+            or int(_clamp(cam_y, st[_OFF_CFG + _K_HANDOVER])) != cam_y
+        ):
+            # The camera sees the beacon away from the QPD's field: close the coarse loop
+            # again. Near the centre the QPD will see it back first (a scintillation fade
+            # of the QPD while the camera's 10 ms frame still integrates light).
             _log_transition(st, COARSE, R_CAMERA_SIGNAL)
             state = COARSE
             st[_S_CRX] = 0
@@ -1147,6 +1153,11 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
                 fsm_y = limit
             elif fsm_y < 0 - limit:
                 fsm_y = 0 - limit
+        elif state == FINE:
+            # A fade shorter than loss_samples (scintillation): hold the mirror and the
+            # integrators where they are; the next lit sample continues bumplessly.
+            fsm_x = fsm_prev_x
+            fsm_y = fsm_prev_y
         else:
             # No beacon this sample: point the mirror where the predictor says the
             # beacon is, and keep the integrator there so the return is bumpless.

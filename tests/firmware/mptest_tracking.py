@@ -97,7 +97,9 @@ def _run_through_states(t):
     _drive(t, 10, lit, 5000, (20000, -10000))
     assert t.state == tracking.FINE, t.state
     _drive(t, 20, lit, 5000, (20000, -10000))
-    _drive(t, 5, dark, 0)
+    _drive(t, 19, dark, 0)  # a scintillation fade shorter than loss_samples: still FINE
+    assert t.state == tracking.FINE, t.state
+    _drive(t, 1, dark, 0)
     assert t.state == tracking.HOLD, t.state
     _drive(t, 3100, dark, 0)  # hold budget 1.5 s at 2 kHz, then the small spiral
     assert t.state == tracking.REACQ, t.state
@@ -200,3 +202,26 @@ def test_start_late_in_the_pass_begins_on_the_right_node():
     assert t.io[tracking.IO_PRED_X] == 2 * 15000000 + 500 * 15000
     _drive(t, 2000, (25, 25, 25, 25), 0)  # 1 s later at 2 kHz
     assert t.pass_time_ms() == 3500 and t.io[tracking.IO_PRED_X] == 52500000
+
+
+def test_a_fade_shorter_than_the_loss_budget_holds_mirror_and_integrators():
+    # Scintillation fades the beacon for a few ms: the loop keeps its mirror command and
+    # integrators (no jump to the predictor), and resumes where it was.
+    t = tracking.Tracker()
+    t.load_predictions(ROWS)
+    lit = (3000, 3300, 2900, 3200)
+    t.start()
+    _drive(t, 3, (25, 25, 25, 25), 0)
+    _drive(t, 3, (25, 25, 25, 25), 5000, (0, 0))
+    _drive(t, 30, lit, 5000, (0, 0))
+    assert t.state == tracking.FINE
+    held = (t.io[tracking.IO_FSM_X], t.io[tracking.IO_FSM_Y])
+    _drive(t, 10, (25, 25, 25, 25), 5000, (0, 0))  # 5 ms dark; camera still integrates
+    assert t.state == tracking.FINE
+    assert (t.io[tracking.IO_FSM_X], t.io[tracking.IO_FSM_Y]) == held
+    _drive(t, 30, (25, 25, 25, 25), 5000, (0, 0))  # longer: HOLD, and the camera near the
+    assert t.state == tracking.HOLD, t.state  # centre does not send it back to COARSE
+    _drive(t, 6, lit, 5000, (0, 0))
+    assert t.state == tracking.FINE
+    _drive(t, 30, (25, 25, 25, 25), 5000, (400000, 0))  # camera: beacon 400 urad away
+    assert t.state == tracking.COARSE, t.state
