@@ -173,7 +173,7 @@ def test_closed_loop_figures_over_seeds():
                 nperseg=4096,
             )
             spectra.append((f, px, py, pv))
-    print("\n[tracking] closed loop, real firmware on unix, 2 kHz, default disturbance")
+    print("\n[tracking] closed loop, real firmware on unix, 2 kHz, honest default plant")
     print("[tracking]  seed  offset(urad)  acquisition(s)  fine RMS x / y (urad)  samples")
     for seed, radius, acquired, rms_x, rms_y, n in rows:
         acq = f"{acquired:6.2f}" if acquired is not None else "  none"
@@ -204,6 +204,31 @@ def test_closed_loop_figures_over_seeds():
         _plot(f, px, py, pv, OUT_DIR / "tracking_residual_psd.png")
         print(f"[tracking]  spectrum: {OUT_DIR / 'tracking_residual_psd.png'} (and .csv)")
     assert len(acq_times) == len(rows)
+    _elevation_and_idealised_figures()
+
+
+def _elevation_and_idealised_figures():
+    from emulator.optical_plant import PassGeometry
+
+    print("[tracking] fine residual RMS per axis (urad, mean included), honest plant:")
+    for label, geometry in (
+        ("culmination", PassGeometry(time_from_culmination_s=-4.0)),
+        ("20 deg elevation", PassGeometry().at_elevation(20.0)),
+        ("15 deg elevation", PassGeometry().at_elevation(15.0)),
+    ):
+        for seed in (1, 2, 3):
+            params = PlantParams(seed=seed, geometry=geometry, initial_error_urad=(600.0, -400.0))
+            result = run_lockstep(params, duration_s=8.0)
+            rms_x, rms_y, n = result.fine_rms_urad(settle_s=0.5)
+            print(
+                f"[tracking]  {label:>17}  seed {seed}  acquisition "
+                f"{result.first_entry_s('FINE') or float('nan'):5.2f} s  "
+                f"x {rms_x:6.3f}  y {rms_y:6.3f}  ({n} samples, {len(result.transitions)} "
+                f"transitions)  targets: culmination <= 0.5, 20 deg <= 1.0"
+            )
+    ideal = run_lockstep(PlantParams.idealised(seed=1), duration_s=8.0)
+    rms_x, rms_y, _ = ideal.fine_rms_urad(settle_s=0.5)
+    print(f"[tracking]  idealised plant (before issue 15), same loop: x {rms_x:.3f} y {rms_y:.3f}")
 
 
 def _plot(f, px, py, pv, path):
@@ -234,7 +259,7 @@ TWO_HOUR_PROGRAM = """
 import binascii
 from payload import tracking
 rows = {rows!r}
-t = tracking.Tracker({{'loop_rate_hz': 500}})
+t = tracking.Tracker({{'loop_rate_hz': 500, 'wheel_lines_hz': (0.0, 0.0)}})
 t.load_predictions(rows)
 io = t.io
 outputs = io[tracking.IO_FSM_X:]

@@ -19,7 +19,7 @@ from host.deploy.raw_repl import RawRepl
 from host.protocol import tracking as trk
 
 # Measured under the default plant (docs/tracking.md "Figures"), plus margin for the seed.
-FINE_RMS_CULMINATION_URAD = 1.5
+FINE_RMS_CULMINATION_URAD = 0.9
 
 
 def _names(result):
@@ -43,7 +43,8 @@ def test_acquisition_and_fine_residual_near_culmination_under_the_honest_plant(t
     rms_x, rms_y, n = result.fine_rms_urad(settle_s=0.5)
     assert n > 5000
     # The measured figure under this plant (docs/tracking.md "Figures"), with margin for
-    # the seed; the idealised plant gave 0.17 urad and the 0.5 urad target is not met.
+    # the seed (0.68 / 0.64 urad at seed 1); the idealised plant gave 0.17 urad, and the
+    # 0.5 urad target is not met under this plant.
     assert rms_x <= FINE_RMS_CULMINATION_URAD and rms_y <= FINE_RMS_CULMINATION_URAD, (
         rms_x, rms_y)  # fmt: skip
     # The pointing-error export reads back through the one TRACKING reader.
@@ -241,7 +242,7 @@ ROWS = [[-1300000000 + i * 15000000, 20000000, 15000, 0, 0, 0, -50000, 0] for i 
 LIT = (3000, 3300, 2900, 3200)
 DARK = (25, 25, 25, 25)
 def run(at_ms, seconds, enc_offset):
-    t = tracking.Tracker({'loop_rate_hz': 500})
+    t = tracking.Tracker({'loop_rate_hz': 500, 'wheel_lines_hz': (0.0, 0.0)})
     t.load_predictions(ROWS)
     io = t.io
     outputs = io[tracking.IO_FSM_X:]

@@ -117,7 +117,10 @@ _K_HANDOVER = const(28)  # camera error below which the QPD may take over, nrad
 _K_TELEM_DECIM = const(29)  # steps per telemetry sample
 _K_SPM = const(30)  # steps per ms, Q16 (per-step -> per-ms conversion)
 _K_KII = const(31)  # fine double-integral gain, Q12
-_K_WORDS = const(32)
+_K_RES = const(32)  # wheel-line resonators, per line: a1, a2, b0, b1 (Q12, signed)
+_K_WORDS = const(40)
+_WHEEL_LINES = const(2)
+_RES_MAX_NRAD = const(131072)  # 2**17: resonator state bound (a1 * r < 2**30)
 
 # ---------------------------------------------------------------- state words (int32)
 _S_STATE = const(0)
@@ -154,16 +157,17 @@ _S_I2Y = const(30)
 _S_NODE = const(31)  # current prediction node (time = node s + _S_NODE_US us)
 _S_START_MS = const(32)  # pass time at which the next start begins, ms
 _S_TM_COUNTDOWN = const(33)  # steps to the next telemetry sample
-_S_WORDS = const(36)
+_S_RES = const(34)  # resonator states, nrad: [axis x, y][line 0, 1][r(k-1), r(k-2)]
+_S_WORDS = const(44)
 
 # All int32 state lives in one array (fewer kernel arguments: each costs ~200 instructions
 # per call on the Cortex-M3): [state | config | io | nodes | transition ring | telemetry].
-_OFF_CFG = const(36)  # _S_WORDS
-_OFF_IO = const(68)  # _OFF_CFG + _K_WORDS
-_OFF_NODES = const(90)  # _OFF_IO + IO_WORDS
-_OFF_LOG = const(92)
-_OFF_TM = const(348)  # _OFF_LOG + 4 * _TR_SLOTS
-_ALL_WORDS = const(2140)  # _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS
+_OFF_CFG = const(44)  # _S_WORDS
+_OFF_IO = const(84)  # _OFF_CFG + _K_WORDS
+_OFF_NODES = const(106)  # _OFF_IO + IO_WORDS
+_OFF_LOG = const(108)
+_OFF_TM = const(364)  # _OFF_LOG + 4 * _TR_SLOTS
+_ALL_WORDS = const(2156)  # _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS
 _TR_SLOTS = const(64)  # transition ring: step, from, to, reason
 TM_SAMPLE_WORDS = const(7)  # telemetry sample: step, state, signal, ex, ey, fsm x, fsm y
 _TM_SLOTS = const(256)
@@ -199,14 +203,23 @@ HARDWARE = {
     "camera_rate_hz": 100,
     "qpd_field_urad": 150.0,
     "los_rate_max_urad_s": 15500.0,  # 500 km overhead pass, v/h
+    "fsm_natural_hz": 700.0,  # mirror resonance (the loop's stability check models it)
+    "fsm_damping": 0.1,
+    "latency_samples": 1,  # sensor-to-actuator latency beyond the zero-order hold
 }
 
 DEFAULTS = {
     "loop_rate_hz": 2000,
-    "fine_kp": 0.1,
-    "fine_ki": 0.5,
-    "fine_kii": 0.2,
-    "fine_kd": 0.0,
+    # Tuned on a frequency-domain model of the honest plant (docs/tracking.md "Tuning"),
+    # robust to a QPD slope of 0.5-1.5x and to one more sample of latency.
+    "fine_kp": 0.134,
+    "fine_ki": 0.285,
+    "fine_kii": 0.094,
+    "fine_kd": 0.02,
+    # Resonant terms at the reaction-wheel lines (0 Hz: off), from the wheel speed.
+    "wheel_lines_hz": (95.0, 190.0),
+    "wheel_line_gains": (0.0298, 0.0139),
+    "wheel_line_phases_deg": (-72.6, 35.3),
     "fsm_limit_urad": 900.0,
     "qpd_spot_radius_urad": 25.0,
     "qpd_background_counts": 25,
@@ -231,7 +244,7 @@ DEFAULTS = {
     "predictor_beta": 0.00002,
     "handover_urad": 60.0,
     "telemetry_decimation": 10,
-    "stability_margin": 0.8,
+    "stability_margin": 0.998,
 }
 
 
@@ -291,22 +304,58 @@ def _poly_add(a, b):
     return [a[i] + b[i] for i in range(n)]
 
 
-def fine_loop_polynomial(kp, ki, kii, kd):
-    """Closed-loop characteristic polynomial (in z, highest power first) of the fine loop:
-    u = kp e + ki sum(e) + kii sum(sum(e)) + kd diff(e), the mirror following its command
-    within one period (plant z^-1). With q = z^-1 and D = 1 - q:
-        D^2 + q (kp D^2 + ki D + kii + kd D^3) = 0."""
+def mirror_zoh(natural_hz, damping, period_s):
+    """The mirror (second order, underdamped) under a zero-order hold: (num, den) in
+    ascending powers of q = z^-1, num = [0, b1, b2], den = [1, a1, a2] (closed form)."""
+    import math
+
+    wn = 2.0 * math.pi * natural_hz
+    wd = wn * math.sqrt(1.0 - damping * damping)
+    decay = math.exp(-damping * wn * period_s)
+    cos_d = math.cos(wd * period_s)
+    sin_d = math.sin(wd * period_s) * damping * wn / wd
+    a1 = -2.0 * decay * cos_d
+    a2 = decay * decay
+    b1 = 1.0 - decay * (cos_d + sin_d)
+    b2 = a2 + decay * (sin_d - cos_d)
+    return [0.0, b1, b2], [1.0, a1, a2]
+
+
+def wheel_resonator(line_hz, gain, phase_deg, rate_hz, pole_radius=0.995):
+    """A resonant term at a reaction-wheel line (internal model: high loop gain there):
+    (num, den) in q, num = g [cos p, -r cos(w - p)], den = [1, -2 r cos w, r^2]."""
+    import math
+
+    w = 2.0 * math.pi * line_hz / rate_hz
+    p = math.radians(phase_deg)
+    num = [gain * math.cos(p), -gain * pole_radius * math.cos(w - p)]
+    den = [1.0, -2.0 * pole_radius * math.cos(w), pole_radius * pole_radius]
+    return num, den
+
+
+def fine_loop_polynomial(kp, ki, kii, kd, latency=0, mirror=None, resonators=()):
+    """Closed-loop characteristic polynomial (ascending powers of q = z^-1, i.e. the z
+    polynomial highest power first) of the fine loop: controller
+    u = kp e + ki sum(e) + kii sum(sum(e)) + kd diff(e) + resonators, plant
+    q^latency * mirror (ZOH, `mirror_zoh`) or q (a mirror following within one period).
+    With D = 1 - q: den_P D^2 R_den + num_P (kp D^2 + ki D + kii + kd D^3) R_den + ..."""
     d = [1.0, -1.0]
     d2 = _poly_mul(d, d)
-    inner = _poly_add(_poly_add([kp * c for c in d2], [ki * c for c in d]), [kii])
-    inner = _poly_add(inner, [kd * c for c in _poly_mul(d2, d)])
-    if kii == 0.0:  # no second integrator: divide the common factor D out
-        inner = _poly_add(_poly_add([kp * c for c in d], [ki]), [kd * c for c in d2])
-        d2 = d
-    in_q = _poly_add(d2, [0.0] + inner)  # ascending powers of q
+    c_num = _poly_add(_poly_add([kp * c for c in d2], [ki * c for c in d]), [kii])
+    c_num = _poly_add(c_num, [kd * c for c in _poly_mul(d2, d)])
+    c_den = d2
+    if kii == 0.0 and not resonators:  # no second integrator: divide the common D out
+        c_num = _poly_add(_poly_add([kp * c for c in d], [ki]), [kd * c for c in d2])
+        c_den = d
+    for r_num, r_den in resonators:
+        c_num = _poly_add(_poly_mul(c_num, r_den), _poly_mul(r_num, c_den))
+        c_den = _poly_mul(c_den, r_den)
+    p_num, p_den = mirror if mirror else ([0.0, 1.0], [1.0])
+    p_num = [0.0] * latency + list(p_num)
+    in_q = _poly_add(_poly_mul(p_den, c_den), _poly_mul(p_num, c_num))
     while len(in_q) > 1 and in_q[-1] == 0.0:
         in_q.pop()
-    return in_q  # ascending in q == descending in z for z^n P(1/z)
+    return in_q
 
 
 def validate(config, hardware=None):
@@ -337,24 +386,51 @@ def validate(config, hardware=None):
     need(ki > 0.0, "fine_ki", "the fine loop needs integral action (type 1) to null bias")
     margin = c["stability_margin"]
     need(0.5 <= margin < 1.0, "stability_margin", "must be in [0.5, 1)")
-    radius = _pole_radius(fine_loop_polynomial(kp, ki, kii, kd))
+    lines = c["wheel_lines_hz"]
+    gains = c["wheel_line_gains"]
+    phases = c["wheel_line_phases_deg"]
+    for name in ("wheel_lines_hz", "wheel_line_gains", "wheel_line_phases_deg"):
+        need(len(c[name]) == _WHEEL_LINES, name, "must list %d values" % _WHEEL_LINES)
+    resonators = []
+    for i in range(_WHEEL_LINES):
+        need(0.0 <= lines[i] < 0.45 * rate, "wheel_lines_hz",
+             "line %d: must be 0 (off) or below 0.45 x the loop rate" % i)  # fmt: skip
+        need(0.0 <= gains[i] <= 0.1, "wheel_line_gains",
+             "line %d: must be in [0, 0.1] (Q12 fixed point)" % i)  # fmt: skip
+        need(-180.0 <= phases[i] <= 180.0, "wheel_line_phases_deg",
+             "line %d: must be in [-180, 180]" % i)  # fmt: skip
+        if lines[i] > 0.0 and gains[i] > 0.0:
+            resonators.append(wheel_resonator(lines[i], gains[i], phases[i], rate))
+    latency = hw["latency_samples"]
+    mirror = mirror_zoh(hw["fsm_natural_hz"], hw["fsm_damping"], 1.0 / rate)
+
+    def loop(gain, extra_latency=0):
+        res = [([gain * v for v in num], den) for num, den in resonators]
+        return fine_loop_polynomial(kp * gain, ki * gain, kii * gain, kd * gain,
+                                    latency + extra_latency, mirror, res)  # fmt: skip
+
+    radius = _pole_radius(loop(1.0))
     if radius >= margin:
         raise ConfigError(
             "fine_kp=%r fine_ki=%r fine_kii=%r fine_kd=%r: fine loop %s (closed-loop pole"
-            " radius %.3f, margin requires < %.2f)"
+            " radius %.3f, margin requires < %.3f)"
             % (kp, ki, kii, kd, "unstable" if radius >= 1.0 else "too close to instability",
                radius, margin)
         )  # fmt: skip
     # The QPD's slope (urad per unit of X) depends on the spot size, known to maybe +-50%
     # (focus, temperature, atmosphere): the loop must stay stable over that range.
-    for gain in (0.5, 1.5):
-        off = _pole_radius(fine_loop_polynomial(kp * gain, ki * gain, kii * gain, kd * gain))
-        if off >= 1.0:
-            raise ConfigError(
-                "fine_kp=%r fine_ki=%r fine_kii=%r fine_kd=%r: fine loop unstable if the QPD"
-                " gain is %.1fx the nominal (spot size error; pole radius %.3f)"
-                % (kp, ki, kii, kd, gain, off)
-            )
+    # One more period of latency than the datasheet (the plant's 1-2 samples) must not
+    # make it unstable either, at any of these gains.
+    for extra in (0, 1):
+        for gain in (0.5, 1.0, 1.5):
+            off = _pole_radius(loop(gain, extra))
+            if off >= 1.0:
+                raise ConfigError(
+                    "fine_kp=%r fine_ki=%r fine_kii=%r fine_kd=%r: fine loop unstable if the"
+                    " QPD gain is %.1fx the nominal (spot size error) with %d sample(s) of"
+                    " latency (pole radius %.3f)"
+                    % (kp, ki, kii, kd, gain, latency + extra, off)
+                )
     need(
         0.0 < c["fsm_limit_urad"] <= hw["fsm_range_urad"],
         "fsm_limit_urad",
@@ -485,6 +561,9 @@ def validate(config, hardware=None):
     words[_K_HANDOVER] = int(c["handover_urad"] * 1000)
     words[_K_TELEM_DECIM] = c["telemetry_decimation"]
     words[_K_SPM] = 65536 * 1000 // period_us
+    for i, (num, den) in enumerate(resonators):
+        for j, value in enumerate((-den[1], den[2], num[0], num[1])):
+            words[_K_RES + 4 * i + j] = int(value * 4096 + (0.5 if value >= 0 else -0.5))
     return words
 
 
@@ -939,6 +1018,8 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             st[_S_EPY] = ey
             st[_S_BDX] = 0
             st[_S_BDY] = 0
+            for i in range(4 * _WHEEL_LINES):
+                st[_S_RES + i] = 0
         elif cam_new and st[_S_CAM_MISS] >= st[_OFF_CFG + _K_CAM_LOSS]:
             _log_transition(st, REACQ, R_CAMERA_LOST)
             state = REACQ
@@ -1123,16 +1204,48 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
                 ni2y = ilim
             elif ni2y < 0 - ilim:
                 ni2y = 0 - ilim
-            ux = ((kp * ex) >> 12) + (nix >> 8) + (ni2x >> 8) + ((kd * dex) >> 12)
-            uy = ((kp * ey) >> 12) + (niy >> 8) + (ni2y >> 8) + ((kd * dey) >> 12)
+            # Resonators at the wheel lines: r = a1 r1 - a2 r2 + b0 e + b1 e_prev, Q12
+            # coefficients, |r| <= 2**17 so every product stays below 2**30.
+            res_x = 0
+            res_y = 0
+            for line in range(_WHEEL_LINES):
+                c = _OFF_CFG + _K_RES + 4 * line
+                a1 = (st[c] ^ m) - m
+                a2 = (st[c + 1] ^ m) - m
+                b0 = (st[c + 2] ^ m) - m
+                b1 = (st[c + 3] ^ m) - m
+                i = _S_RES + 2 * line
+                r1 = (st[i] ^ m) - m
+                r = (a1 * r1 - a2 * ((st[i + 1] ^ m) - m) + b0 * ex
+                     + b1 * ((st[_S_EPX] ^ m) - m)) >> 12  # fmt: skip
+                if r > _RES_MAX_NRAD:
+                    r = _RES_MAX_NRAD
+                elif r < 0 - _RES_MAX_NRAD:
+                    r = 0 - _RES_MAX_NRAD
+                st[i + 1] = r1
+                st[i] = r
+                res_x += r
+                i = _S_RES + 4 + 2 * line
+                r1 = (st[i] ^ m) - m
+                r = (a1 * r1 - a2 * ((st[i + 1] ^ m) - m) + b0 * ey
+                     + b1 * ((st[_S_EPY] ^ m) - m)) >> 12  # fmt: skip
+                if r > _RES_MAX_NRAD:
+                    r = _RES_MAX_NRAD
+                elif r < 0 - _RES_MAX_NRAD:
+                    r = 0 - _RES_MAX_NRAD
+                st[i + 1] = r1
+                st[i] = r
+                res_y += r
+            ux = ((kp * ex) >> 12) + (nix >> 8) + (ni2x >> 8) + ((kd * dex) >> 12) + res_x
+            uy = ((kp * ey) >> 12) + (niy >> 8) + (ni2y >> 8) + ((kd * dey) >> 12) + res_y
             if (ux >= limit and ex > 0) or (ux <= 0 - limit and ex < 0):
-                ux = ((kp * ex) >> 12) + (ix >> 8) + (i2x >> 8) + ((kd * dex) >> 12)
+                ux = ((kp * ex) >> 12) + (ix >> 8) + (i2x >> 8) + ((kd * dex) >> 12) + res_x
             else:
                 ix = nix
                 i2x = ni2x
                 st[_S_JX] = jx
             if (uy >= limit and ey > 0) or (uy <= 0 - limit and ey < 0):
-                uy = ((kp * ey) >> 12) + (iy >> 8) + (i2y >> 8) + ((kd * dey) >> 12)
+                uy = ((kp * ey) >> 12) + (iy >> 8) + (i2y >> 8) + ((kd * dey) >> 12) + res_y
             else:
                 iy = niy
                 i2y = ni2y
@@ -1179,6 +1292,8 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             st[_S_JY] = 0
             st[_S_EPX] = 0
             st[_S_EPY] = 0
+            for i in range(4 * _WHEEL_LINES):
+                st[_S_RES + i] = 0
         # The bias saturates at +-16.8 mrad (Q6 then stays below 2**30; a Q6 int32 wrapped
         # at 33.5 mrad before).
         if bx > bias_max_q6:

@@ -30,9 +30,22 @@ def test_unstable_fine_gains_refused_with_reason():
 
 
 def test_gains_fragile_to_qpd_gain_error_refused():
-    # Nominal pole radius 0.56 (looks fine), but a spot 1.5x sharper than assumed makes
-    # the loop unstable: refused.
-    _refused({"fine_kp": 0.2, "fine_ki": 1.0, "fine_kii": 0.0}, ("1.5x", "spot size"))
+    # Stable at the nominal QPD slope with the mirror's 700 Hz resonance and one sample of
+    # latency in the model, but a spot 1.5x sharper than assumed makes it unstable.
+    _refused({"fine_kp": 0.2, "fine_ki": 0.3, "fine_kii": 0.1}, ("1.5x", "spot size"))
+
+
+def test_gains_fragile_to_one_more_sample_of_latency_refused():
+    # The plant has 1-2 samples of latency: gains that need exactly one are refused.
+    _refused({"fine_kp": 0.134, "fine_ki": 0.285, "fine_kii": 0.16}, ("2 sample(s)",))
+
+
+def test_wheel_line_resonators_validated():
+    _refused({"wheel_lines_hz": (95.0, 1500.0)}, ("wheel_lines_hz", "line 1"))
+    _refused({"wheel_line_gains": (0.2, 0.0)}, ("wheel_line_gains", "Q12"))
+    _refused({"wheel_lines_hz": (95.0,)}, ("wheel_lines_hz", "2 values"))
+    t = tracking.Tracker({"wheel_lines_hz": (0.0, 0.0)})  # off: the words are zero
+    assert all(t.cfg[32 + i] == 0 for i in range(8))
 
 
 def test_gains_that_do_not_fit_fixed_point_refused():
@@ -58,9 +71,9 @@ def test_configure_is_atomic_and_refused_while_tracking():
         t.configure({"fine_ki": 0.3, "fsm_limit_urad": 5000.0})
     except tracking.ConfigError:
         pass
-    assert bytes(t.cfg) == before and t.config["fine_ki"] == 0.5
-    t.configure({"fine_ki": 0.6})
-    assert t.cfg[2] == int(0.6 * 4096 + 0.5)
+    assert bytes(t.cfg) == before and t.config["fine_ki"] == tracking.DEFAULTS["fine_ki"]
+    t.configure({"fine_ki": 0.25})
+    assert t.cfg[2] == int(0.25 * 4096 + 0.5)
     t.load_predictions(ROWS)
     t.start()
     t.step()
