@@ -428,8 +428,7 @@ def validate(config, hardware=None):
                 raise ConfigError(
                     "fine_kp=%r fine_ki=%r fine_kii=%r fine_kd=%r: fine loop unstable if the"
                     " QPD gain is %.1fx the nominal (spot size error) with %d sample(s) of"
-                    " latency (pole radius %.3f)"
-                    % (kp, ki, kii, kd, gain, latency + extra, off)
+                    " latency (pole radius %.3f)" % (kp, ki, kii, kd, gain, latency + extra, off)
                 )
     need(
         0.0 < c["fsm_limit_urad"] <= hw["fsm_range_urad"],
