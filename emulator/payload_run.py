@@ -24,6 +24,9 @@ from host.deploy.raw_repl import RawRepl
 from host.link.client import CommandRejected, PayloadClient
 
 KEY = bytes(range(100, 132))  # the emulated payloads' link key (test provisioning only)
+# the emulated payloads' product key (AES-256-GCM for pattern products; test provisioning
+# only: a flight key is random, docs/ground-link.md "Product encryption")
+PRODUCT_KEY = bytes(range(200, 232))
 COMMAND_TIMEOUT_S = 60.0  # stop drains the TDC and flushes every log before it reports
 
 _QEMU_PROVISION = """
@@ -35,6 +38,9 @@ except OSError:
     pass
 with open(root + "/link/key", "wb") as f:
     f.write(binascii.a2b_base64(%r))
+if %r:
+    with open(root + "/link/product_key", "wb") as f:
+        f.write(binascii.a2b_base64(%r))
 vfs.umount(root)
 """
 
@@ -46,9 +52,12 @@ def payload_session(
     storage_dir: str | Path | None = None,
     icount_shift: int | None = None,
     unix_env: dict[str, str] | None = None,
+    product_key: bytes | None = PRODUCT_KEY,
 ):
     """A provisioned emulated payload wired to the head at bus_address; yields
-    (target, PayloadClient). unix_env: extra environment for the unix board."""
+    (target, PayloadClient). unix_env: extra environment for the unix board.
+    product_key: provisioned on the payload and given to the client (None: neither, so
+    the payload refuses to serve pattern products)."""
     if target_name == "unix":
         with contextlib.ExitStack() as stack:
             if storage_dir is None:
@@ -56,11 +65,18 @@ def payload_session(
             storage = Path(storage_dir)
             (storage / "link").mkdir(parents=True, exist_ok=True)
             (storage / "link" / "key").write_bytes(KEY)
+            if product_key is not None:
+                (storage / "link" / "product_key").write_bytes(product_key)
             target = stack.enter_context(
                 UnixTarget(storage_dir=storage, bus_address=bus_address, extra_env=unix_env)
             )
             payload = stack.enter_context(
-                PayloadClient(target.ground_port, KEY, timeout_s=COMMAND_TIMEOUT_S)
+                PayloadClient(
+                    target.ground_port,
+                    KEY,
+                    product_key=product_key,
+                    timeout_s=COMMAND_TIMEOUT_S,
+                )
             )
             payload.ping()
             yield target, payload
@@ -70,11 +86,14 @@ def payload_session(
     with QemuTarget(boot="maintenance", bus_address=bus_address, icount_shift=icount_shift) as t:
         repl = RawRepl(t.ground_port, timeout_s=30.0)
         repl.enter()
-        repl.exec(_QEMU_PROVISION % base64.b64encode(KEY).decode())
+        product = base64.b64encode(product_key or b"").decode()
+        repl.exec(_QEMU_PROVISION % (base64.b64encode(KEY).decode(), bool(product_key), product))
         repl.serial.write(b"from payload import app\napp.run(board)\x04")
         repl._read_until(b"OK", 10.0)
         repl.close()
-        with PayloadClient(t.ground_port, KEY, timeout_s=COMMAND_TIMEOUT_S) as payload:
+        with PayloadClient(
+            t.ground_port, KEY, product_key=product_key, timeout_s=COMMAND_TIMEOUT_S
+        ) as payload:
             payload.ping()
             yield t, payload
 

@@ -14,6 +14,7 @@ from emulator.targets import QemuTarget, UnixTarget
 from host.deploy.raw_repl import RawRepl
 
 KEY = bytes(range(100, 132))
+PRODUCT_KEY = bytes(range(200, 232))  # AES-256-GCM for pattern products (test provisioning)
 
 
 def product_set(seed: int, sizes: dict[str, int]) -> dict[str, bytes]:
@@ -22,12 +23,19 @@ def product_set(seed: int, sizes: dict[str, int]) -> dict[str, bytes]:
 
 
 @contextlib.contextmanager
-def unix_payload(tmp_path: Path, products: dict[str, bytes], key: bytes | None = KEY):
+def unix_payload(
+    tmp_path: Path,
+    products: dict[str, bytes],
+    key: bytes | None = KEY,
+    product_key: bytes | None = None,
+):
     storage = tmp_path / "flash"
     (storage / "products").mkdir(parents=True)
     (storage / "link").mkdir()
     if key is not None:
         (storage / "link" / "key").write_bytes(key)
+    if product_key is not None:
+        (storage / "link" / "product_key").write_bytes(product_key)
     for name, data in products.items():
         (storage / "products" / name).write_bytes(data)
     with UnixTarget(storage_dir=storage) as target:

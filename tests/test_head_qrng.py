@@ -15,7 +15,7 @@ from emulator.head_qrng import DOMAIN_FIFO_BYTES, DOMAIN_SLOT_WORDS, HeadQrng
 from emulator.link_proxy import LinkProxy
 from emulator.optical_head import HeadServer, OpticalHead, TdcSources
 from emulator.targets import UnixTarget
-from host.link.client import PayloadClient
+from host.link.client import CommandRejected, PayloadClient
 from host.link.pattern_memory import PatternMemoryClient, PatternMemoryError
 from host.protocol import payload_bus as pb
 from host.protocol.symbols import pack_nibbles
@@ -152,7 +152,16 @@ def test_no_key_or_stream_leaves_the_head_in_a_head_generated_pass(tmp_path):
                 pattern_generator.fast_forward(head, head.boundary_ps(generator.first_frame + 249))
                 payload.stop()
                 housekeeping = payload.housekeeping()
-                files = [payload.download(e, tmp_path / "sat") for e in payload.list_products()]
+                entries = payload.list_products()
+                files = [
+                    payload.download(e, tmp_path / "sat")
+                    for e in entries
+                    if e.name != "patterns.qrec"
+                ]
+                # no product key on this payload: the pattern product is never served
+                pattern_product = next(e for e in entries if e.name == "patterns.qrec")
+                with pytest.raises(CommandRejected, match="protected"):
+                    payload.download(pattern_product, tmp_path / "sat")
             ground_link = bytes(proxy.captured["down"]) + b"|" + bytes(proxy.captured["up"])
     assert housekeeping["mission"]["generator"]["frames"] == generator.frames() == 250
     products = b"|".join(f.path.read_bytes() for f in files)

@@ -30,7 +30,7 @@ def _download_all_and_check(port, products, tmp_path, counter_file):
 
 
 def test_unix_download_every_product_byte_for_byte(tmp_path):
-    products = product_set(1, {**SIZES, "patterns.qrec": 70_000})
+    products = product_set(1, {**SIZES, "stream.qrec": 70_000})
     with unix_payload(tmp_path, products) as target:
         hk = _download_all_and_check(target.ground_port, products, tmp_path, tmp_path / "ctr")
     assert hk["key"] == "provisioned"
@@ -39,7 +39,7 @@ def test_unix_download_every_product_byte_for_byte(tmp_path):
 
 @pytest.mark.qemu
 def test_qemu_download_every_product_byte_for_byte(tmp_path):
-    products = product_set(2, {**SIZES, "patterns.qrec": 12_000})
+    products = product_set(2, {**SIZES, "stream.qrec": 12_000})
     with qemu_payload(products) as target:
         hk = _download_all_and_check(target.ground_port, products, tmp_path, tmp_path / "ctr")
     assert hk["version"].endswith(" qemu") and hk["key"] == "provisioned"

@@ -15,7 +15,7 @@ NOISY = LinkFaults(drop_rate=2e-4, flip_rate=2e-4, truncate_rate=0.02, frame_los
 
 
 def test_download_through_a_noisy_link_completes_byte_for_byte(tmp_path):
-    products = product_set(10, {"patterns.qrec": 60_000, "tdc.qrec": 7_000})
+    products = product_set(10, {"stream.qrec": 60_000, "tdc.qrec": 7_000})
     satellite = tmp_path / "satellite"
     with unix_payload(tmp_path, products) as target:
         with LinkProxy(target.ground_port, down=NOISY, up=NOISY, seed=7) as proxy:
@@ -39,22 +39,22 @@ def _list_with_retries(payload, attempts=10):
 
 
 def test_cut_link_fails_clearly_and_the_download_resumes_where_it_stopped(tmp_path):
-    data = product_set(11, {"patterns.qrec": 80_000})["patterns.qrec"]
+    data = product_set(11, {"stream.qrec": 80_000})["stream.qrec"]
     satellite = tmp_path / "satellite"
-    with unix_payload(tmp_path, {"patterns.qrec": data}) as target:
+    with unix_payload(tmp_path, {"stream.qrec": data}) as target:
         with LinkProxy(target.ground_port, seed=3) as proxy:
             with PayloadClient(proxy.port, KEY, timeout_s=1.0) as payload:
                 (entry,) = payload.list_products()
                 proxy.cut_after(30_000)
                 with pytest.raises(LinkError, match="resume"):
                     payload.download(entry, satellite, stall_timeout_s=1.0)
-                part = (satellite / "patterns.qrec.part").read_bytes()
+                part = (satellite / "stream.qrec.part").read_bytes()
                 assert 0 < len(part) <= 30_000 and data.startswith(part)
-                assert not (satellite / "patterns.qrec").exists()
+                assert not (satellite / "stream.qrec").exists()
                 proxy.restore()
                 result = payload.download(entry, satellite)
     assert result.resumed_from == len(part)
-    assert (satellite / "patterns.qrec").read_bytes() == data
+    assert (satellite / "stream.qrec").read_bytes() == data
 
 
 def test_a_resumed_download_rechecks_what_is_on_disk(tmp_path):
@@ -97,18 +97,18 @@ def test_a_product_that_does_not_match_its_listed_crc_is_not_kept(tmp_path):
 
 @pytest.mark.qemu
 def test_qemu_noisy_link_with_a_cut_resumes_and_completes(tmp_path):
-    data = product_set(14, {"patterns.qrec": 12_000})["patterns.qrec"]
+    data = product_set(14, {"stream.qrec": 12_000})["stream.qrec"]
     satellite = tmp_path / "satellite"
-    with qemu_payload({"patterns.qrec": data}) as target:
+    with qemu_payload({"stream.qrec": data}) as target:
         with LinkProxy(target.ground_port, down=NOISY, up=NOISY, seed=5) as proxy:
             with PayloadClient(proxy.port, KEY, timeout_s=1.0) as payload:
                 (entry,) = _list_with_retries(payload)
                 proxy.cut_after(6_000)
                 with pytest.raises(LinkError, match="resume"):
                     payload.download(entry, satellite, stall_timeout_s=1.0)
-                part = (satellite / "patterns.qrec.part").read_bytes()
+                part = (satellite / "stream.qrec.part").read_bytes()
                 assert data.startswith(part)
                 proxy.restore()
                 result = payload.download(entry, satellite, request_timeout_s=0.5)
     assert result.resumed_from == len(part)
-    assert (satellite / "patterns.qrec").read_bytes() == data
+    assert (satellite / "stream.qrec").read_bytes() == data

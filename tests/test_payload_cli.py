@@ -5,7 +5,7 @@ and the maintenance telecommand that hands UART0 to the REPL on QEMU."""
 import json
 
 import pytest
-from linkhelpers import KEY, product_set, qemu_payload, unix_payload
+from linkhelpers import KEY, PRODUCT_KEY, product_set, qemu_payload, unix_payload
 
 from host.cli import main
 from host.deploy.raw_repl import RawRepl
@@ -27,7 +27,9 @@ def _qkdsat(port, key_file, tmp_path, *action):
 
 def test_status_list_download_delete(tmp_path, key_file, capsys):
     products = product_set(20, {"patterns.qrec": 5000, "tdc.qrec": 300})
-    with unix_payload(tmp_path, products) as target:
+    product_key = tmp_path / "product.key"
+    product_key.write_text(PRODUCT_KEY.hex())
+    with unix_payload(tmp_path, products, product_key=PRODUCT_KEY) as target:
         port = target.ground_port
         assert _qkdsat(port, key_file, tmp_path, "status") == 0
         status = json.loads(capsys.readouterr().out)
@@ -36,9 +38,14 @@ def test_status_list_download_delete(tmp_path, key_file, capsys):
         out = capsys.readouterr().out
         assert "patterns.qrec" in out and "2 products, 5300 bytes" in out
         pass_dir = tmp_path / "pass"
-        assert _qkdsat(port, key_file, tmp_path, "download", str(pass_dir)) == 0
+        # the pattern product is served sealed: without the product key, a clear refusal
+        assert _qkdsat(port, key_file, tmp_path, "download", str(pass_dir)) == 1
+        assert "give the product key" in capsys.readouterr().err
+        with_product_key = ("--product-key", str(product_key), "download", str(pass_dir))
+        assert _qkdsat(port, key_file, tmp_path, *with_product_key) == 0
         out = capsys.readouterr().out
         assert "CRC-32" in out and "verified" in out
+        assert "patterns.qrec: 5000 bytes, sealed (AES-256-GCM)" in out
         for name, data in products.items():
             assert (pass_dir / "satellite" / name).read_bytes() == data
         listing = json.loads((pass_dir / "satellite" / "products.json").read_text())

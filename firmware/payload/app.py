@@ -15,7 +15,7 @@ from payload.ccsds import FN_MAINTENANCE, FN_REBOOT
 
 MAX_FRAME_BODY_BYTES = const(1024)
 # Ground frames carry a 1 KiB product chunk plus packet headers (docs/ground-link.md).
-GROUND_MAX_BODY_BYTES = const(1100)
+GROUND_MAX_BODY_BYTES = const(1200)  # a 1 KiB chunk sealed, or housekeeping JSON
 
 
 class Controller:

@@ -38,7 +38,8 @@ SVC_HOUSEKEEPING = const(3)  # TC 3,27 report now -> TM 3,25
 SVC_FUNCTION = const(8)  # TC 8,1 perform function (id below)
 SVC_TIME = const(9)  # TC 9,128 set time
 SVC_TEST = const(17)  # TC 17,1 are you alive -> TM 17,2 (carries the version text)
-SVC_PRODUCTS = const(128)  # TC 128,1 list -> TM 128,2; 128,3 read -> 128,4; 128,5 delete
+SVC_PRODUCTS = const(128)  # TC 128,1 list -> TM 128,2; 128,3 read -> 128,4 (128,6 sealed)
+# 128,5 delete
 
 FN_CONFIGURE = const(1)
 FN_START = const(2)
@@ -61,6 +62,7 @@ REJECT_RANGE = const(11)
 REJECT_STATE = const(12)
 REJECT_UNAVAILABLE = const(13)
 REJECT_STORAGE = const(14)
+REJECT_PROTECTED = const(15)
 REJECT_NAMES = (
     "",
     "short",
@@ -77,6 +79,7 @@ REJECT_NAMES = (
     "state",
     "unavailable",
     "storage",
+    "protected",
 )
 
 

@@ -9,7 +9,7 @@ import os
 
 from micropython import const
 
-from payload import auth, ccsds, framing
+from payload import aesgcm, auth, ccsds, framing
 from payload.ccsds import get_u16, get_u32, put_u16, put_u32
 from payload.products import Products, chunk_crc32, valid_name
 from payload.version import FIRMWARE_VERSION
@@ -17,6 +17,14 @@ from payload.version import FIRMWARE_VERSION
 LINK_DIR = "link"
 KEY_FILE = "key"
 COUNTER_FILE = "counter"
+PRODUCT_KEY_FILE = "product_key"
+NONCE_FILE = "nonce"
+# Pattern products hold Alice's raw data (every slot's bit, basis and intensity): served
+# only sealed with AES-256-GCM under a provisioned product key, never in the clear.
+PROTECTED_PREFIX = b"patterns"
+_NONCE_PREFIX = b"PRD1"  # nonce = prefix + u64 chunk counter (big-endian), never reused
+_NONCE_STEP = const(256)
+_SEALED_FIXED = const(34)  # offset u32, count u16, nonce 12, tag 16
 # The accepted counter is persisted as a ceiling this far ahead, so storage is written
 # once per _COUNTER_STEP telecommands; after a reboot everything up to the ceiling counts
 # as used (a gap the ground skips over, never a replay window).
@@ -37,7 +45,7 @@ class Rejected(Exception):
 
 
 class GroundLink:
-    def __init__(self, board, storage_root, send, mission=None, max_packet_bytes=1100):
+    def __init__(self, board, storage_root, send, mission=None, max_packet_bytes=1200):
         self.board = board
         self.root = storage_root
         self._send = send  # send(buf, length): one frame on the ground link
@@ -52,6 +60,7 @@ class GroundLink:
         # the rejections then still say why to a ground that tries that key.
         self.tm = ccsds.TmWriter(max_packet_bytes, self.hmac or auth.Hmac(auth.DEVELOPMENT_KEY))
         self._load_counter()
+        self._load_product_key()
         self.pending_action = None  # FN_REBOOT / FN_MAINTENANCE after the report is out
         self.frame_reader = None  # the ground link's FrameReader, for its drop counters
         self.bus_send = None  # send(buf, length) on the payload bus, for the bus test
@@ -79,6 +88,60 @@ class GroundLink:
         else:
             self.key_state = "invalid"
             self.hmac = None
+
+    def _load_product_key(self):
+        # 32 raw bytes, or 64 hex characters. No key: pattern products are refused (there
+        # is no public fallback, unlike the link key); an unusable key file likewise.
+        self.gcm = None
+        self._plain = None
+        try:
+            with open(self._link_path(PRODUCT_KEY_FILE), "rb") as f:
+                key = f.read()
+        except OSError:
+            self.product_key_state = "none"
+            return
+        if len(key) in (64, 65):
+            try:
+                key = bytes.fromhex(key.decode().strip())
+            except ValueError:
+                pass
+        if len(key) != 32:
+            self.product_key_state = "invalid"
+            return
+        self.gcm = aesgcm.AesGcm(key)
+        self._plain = bytearray(MAX_CHUNK_BYTES)
+        self._nonce = bytearray(aesgcm.NONCE_BYTES)
+        self._nonce[:4] = _NONCE_PREFIX
+        self.product_key_state = "provisioned"
+        # the chunk counter: persisted as a ceiling, as the telecommand counter is
+        self.sealed_chunks = 0
+        for name in (NONCE_FILE, NONCE_FILE + ".tmp"):
+            try:
+                with open(self._link_path(name)) as f:
+                    self.sealed_chunks = max(self.sealed_chunks, int(f.read().strip()))
+            except (OSError, ValueError):
+                pass
+        self._nonce_ceiling = self.sealed_chunks
+
+    def _next_nonce(self):
+        """A nonce never used before with this key, or Rejected if that cannot be
+        guaranteed (the ceiling could not be stored)."""
+        counter = self.sealed_chunks + 1
+        if counter > self._nonce_ceiling:
+            ceiling = counter + _NONCE_STEP
+            try:
+                temporary = self._link_path(NONCE_FILE + ".tmp")
+                with open(temporary, "w") as f:
+                    f.write(str(ceiling))
+                os.rename(temporary, self._link_path(NONCE_FILE))
+            except OSError:
+                raise Rejected(ccsds.REJECT_STORAGE, "cannot store the nonce ceiling") from None
+            self._nonce_ceiling = ceiling
+        self.sealed_chunks = counter
+        nonce = self._nonce
+        for i in range(8):
+            nonce[11 - i] = (counter >> (8 * i)) & 0xFF
+        return nonce
 
     def _load_counter(self):
         # The ceiling is written to a temporary file and renamed over the old one (atomic
@@ -273,6 +336,9 @@ class GroundLink:
             raise Rejected(ccsds.REJECT_PRODUCT, "no product " + name.decode())
         if offset > size:
             raise Rejected(ccsds.REJECT_RANGE, "offset past end (%d bytes)" % size)
+        if name.startswith(PROTECTED_PREFIX):
+            self._read_sealed(body, name, offset, min(length, size - offset), ack)
+            return
         self._accept(body, ack)
         buf = self.tm.buf
         data = ccsds.TM_HEADER_BYTES
@@ -282,6 +348,35 @@ class GroundLink:
         put_u16(buf, data + 4, count)
         put_u32(buf, data + 6, chunk_crc32(view, count))
         self._emit(ccsds.SVC_PRODUCTS, 4, 10 + count)
+
+    def _read_sealed(self, body, name, offset, length, ack):
+        """TM 128,6: u32 offset, u16 count, nonce (12), ciphertext (count), GCM tag (16);
+        the additional data is u8 name length, name, u32 offset, u16 count, so a sealed
+        chunk opens only as that product's bytes at that offset."""
+        if self.gcm is None:
+            raise Rejected(
+                ccsds.REJECT_PROTECTED,
+                "pattern products need a provisioned product key (%s)" % self.product_key_state,
+            )
+        if length > self.tm.max_data_bytes - _SEALED_FIXED:
+            raise Rejected(ccsds.REJECT_ARGUMENT, "sealed chunk too long")
+        plain = memoryview(self._plain)[:length]
+        count = self.products.read_into(name, offset, plain)
+        nonce = self._next_nonce()
+        self._accept(body, ack)
+        buf = self.tm.buf
+        data = ccsds.TM_HEADER_BYTES
+        put_u32(buf, data, offset)
+        put_u16(buf, data + 4, count)
+        buf[data + 6 : data + 18] = nonce
+        aad = bytearray(len(name) + 7)
+        aad[0] = len(name)
+        aad[1 : 1 + len(name)] = name
+        aad[1 + len(name) : 7 + len(name)] = buf[data : data + 6]
+        out = memoryview(buf)[data + 18 : data + 18 + count]
+        tag = memoryview(buf)[data + 18 + count : data + 34 + count]
+        self.gcm.seal(nonce, aad, plain, count, out, tag)
+        self._emit(ccsds.SVC_PRODUCTS, 6, _SEALED_FIXED + count)
 
     def _list(self, body, params, ack):
         if len(params) != 2:
@@ -301,7 +396,11 @@ class GroundLink:
                 if used + len(name) + _LIST_ENTRY_FIXED > limit:
                     break
                 try:
-                    crc = self.products.crc32(name, size)
+                    # a pattern product's CRC-32 would be 32 linear bits of Alice's raw
+                    # data in the clear: listed as 0, its chunks are authenticated instead
+                    crc = (
+                        0 if name.startswith(PROTECTED_PREFIX) else self.products.crc32(name, size)
+                    )
                 except OSError:
                     raise Rejected(ccsds.REJECT_STORAGE, "cannot read " + name.decode()) from None
                 entries.append((name, size, crc))
@@ -404,6 +503,7 @@ class GroundLink:
             "uptime_s": self.board.clock.now_us() // 1000000,
             "time_set": self.time_offset_us is not None,
             "key": self.key_state,
+            "product_key": self.product_key_state,
             "link": self.link_counters(),
         }
         if self.mission is not None and hasattr(self.mission, "status"):

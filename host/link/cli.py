@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default $QKDSAT_LINK_KEY; without one, the public development key)",
     )
     parser.add_argument(
+        "--product-key",
+        type=Path,
+        default=os.environ.get("QKDSAT_PRODUCT_KEY"),
+        help="the payload's product key (AES-256-GCM, 32 raw bytes or 64 hex digits; default "
+        "$QKDSAT_PRODUCT_KEY): opens pattern products, which are served only sealed",
+    )
+    parser.add_argument(
         "--counter-file",
         type=Path,
         help="where this station keeps its telecommand counter "
@@ -97,6 +104,21 @@ def load_key(path: Path | None) -> bytes:
         raw = bytes.fromhex(text.decode())
     if not 16 <= len(raw) <= 64:
         raise BadInput(f"key file {path}: {len(raw)} bytes; a link key is 16..64 bytes")
+    return raw
+
+
+def load_product_key(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as error:
+        raise BadInput(f"product key file {path}: {error.strerror}") from None
+    text = raw.strip()
+    if len(text) == 64 and all(c in b"0123456789abcdefABCDEF" for c in text):
+        raw = bytes.fromhex(text.decode())
+    if len(raw) != 32:
+        raise BadInput(f"product key file {path}: {len(raw)} bytes; an AES-256 key is 32")
     return raw
 
 
@@ -152,7 +174,12 @@ def run(args: argparse.Namespace) -> int:
     config = parse_config(args) if args.action == "config" else None
     try:
         client = PayloadClient(
-            args.port, key, counter_file=counter_file, baudrate=args.baud, timeout_s=args.timeout
+            args.port,
+            key,
+            product_key=load_product_key(args.product_key),
+            counter_file=counter_file,
+            baudrate=args.baud,
+            timeout_s=args.timeout,
         )
     except (serial.SerialException, OSError) as error:
         raise BadInput(f"port {args.port}: {error}") from None
@@ -240,8 +267,13 @@ def _download(client: PayloadClient, args: argparse.Namespace) -> int:
             )
         resumed = f", resumed at {result.resumed_from}" if result.resumed_from else ""
         rate = result.size / result.seconds if result.seconds > 0 else 0.0
+        check = (
+            "sealed (AES-256-GCM), every chunk authenticated"
+            if result.sealed
+            else f"CRC-32 {entry.crc32:08x} verified"
+        )
         print(
-            f"{entry.name}: {entry.size} bytes, CRC-32 {entry.crc32:08x} verified "
+            f"{entry.name}: {entry.size} bytes, {check} "
             f"({rate / 1000:.1f} kB/s, {result.retransmissions} resent{resumed})"
         )
         total += entry.size

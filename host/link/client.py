@@ -49,6 +49,7 @@ class DownloadResult:
     retransmissions: int
     bad_chunks: int
     seconds: float
+    sealed: bool = False  # served AES-256-GCM sealed (a pattern product), opened here
 
 
 class PayloadClient:
@@ -57,6 +58,7 @@ class PayloadClient:
         port: str,
         key: bytes = ccsds.DEVELOPMENT_KEY,
         *,
+        product_key: bytes | None = None,
         counter_file: Path | None = None,
         baudrate: int = 115200,
         source_id: int = 0,
@@ -65,6 +67,8 @@ class PayloadClient:
     ):
         self.link = FramedSerial(port, baudrate, max_body_bytes=ccsds.GROUND_MAX_BODY_BYTES)
         self.key = key
+        self.product_key = product_key  # AES-256-GCM: opens sealed (pattern) products
+        self.refused_chunks = 0  # sealed chunks that did not authenticate: never kept
         self.source_id = source_id
         self.timeout_s = timeout_s
         self.counter_file = counter_file
@@ -308,6 +312,7 @@ class PayloadClient:
         bad_chunks = 0
         last_progress = time.monotonic()
         reads: dict[bytes, int] = {}  # request id -> offset, for rejections
+        sealed = False
 
         def request(offset: int) -> None:
             nonlocal sent
@@ -359,11 +364,19 @@ class PayloadClient:
                         self._save_meta(meta_path, entry, verified, crc)
                         raise CommandRejected(f"read {entry.name}", verification)
                     continue
-                if tm.service != ccsds.SVC_PRODUCTS or tm.subtype != 4:
+                if tm.service != ccsds.SVC_PRODUCTS or tm.subtype not in (4, 6):
                     self.stale_packets += 1
                     continue
                 try:
-                    chunk = ccsds.parse_chunk(tm)
+                    if tm.subtype == 6:
+                        chunk = self._open_sealed(entry, tm, part)
+                        sealed = True
+                    else:
+                        chunk = ccsds.parse_chunk(tm)
+                except ccsds.ChunkRefused:
+                    self.refused_chunks += 1
+                    bad_chunks += 1  # its request times out and is sent again
+                    continue
                 except PacketError:
                     bad_chunks += 1
                     continue
@@ -397,7 +410,9 @@ class PayloadClient:
                         progress(len(data))
                 out.flush()
                 self._save_meta(meta_path, entry, verified, crc)
-        if crc != entry.crc32:
+        # a sealed product is listed without its CRC-32 (it would be 32 bits of its
+        # plaintext in the clear); every chunk of it authenticated at its offset instead
+        if crc != entry.crc32 and not (sealed and entry.crc32 == 0):
             part.unlink()
             meta_path.unlink(missing_ok=True)
             raise CorruptDownload(
@@ -416,7 +431,19 @@ class PayloadClient:
             retransmissions,
             bad_chunks,
             time.monotonic() - started,
+            sealed,
         )
+
+    def _open_sealed(self, entry: ProductEntry, tm: Tm, part: Path) -> ccsds.Chunk:
+        if self.product_key is None:
+            raise LinkError(
+                f"{entry.name} is served sealed (AES-256-GCM): give the product key "
+                "(--product-key) to download it"
+            )
+        os.chmod(part, 0o600)  # Alice's raw data, decrypted on the ground
+        sealed = ccsds.parse_sealed_chunk(tm)
+        data = ccsds.open_sealed_chunk(self.product_key, entry.name, sealed)
+        return ccsds.Chunk(sealed.offset, data, zlib.crc32(data))
 
     @staticmethod
     def _save_meta(path: Path, entry: ProductEntry, verified: int, crc: int) -> None:

@@ -32,7 +32,7 @@ PEC_BYTES = 2
 TM_TRAILER_BYTES = TAG_BYTES + PEC_BYTES
 TIMESTAMP_BYTES = 6
 MAX_CHUNK_BYTES = 1024
-GROUND_MAX_BODY_BYTES = 1100
+GROUND_MAX_BODY_BYTES = 1200
 ACK_ACCEPTANCE = 0x1
 
 DEVELOPMENT_KEY = hashlib.sha256(b"qkdsat development key, not for flight").digest()
@@ -66,8 +66,10 @@ REJECT_NAMES = (
     "state",
     "unavailable",
     "storage",
+    "protected",
 )
 REJECT_REPLAY = 7
+REJECT_PROTECTED = 15
 # Rejections that mean the packet was damaged on the way (it passed the frame CRC by
 # chance or by a cut that left a valid-looking frame): the request was lost, not refused.
 TRANSPORT_REJECTIONS = frozenset({1, 2, 3, 4})
@@ -290,3 +292,65 @@ def parse_list(tm: Tm) -> tuple[int, int, int, list[ProductEntry]]:
         entries.append(ProductEntry(name, size, crc))
         at = end
     return total, start, next_index, entries
+
+
+# ---------------------------------------------------------------- sealed product chunks
+# Pattern products (names starting "patterns") are served only as TM 128,6, sealed with
+# AES-256-GCM under the payload's product key (firmware/payload/aesgcm.py, docs/
+# ground-link.md "Product encryption"). Computationally secure only: whoever breaks
+# AES-256 or steals the product key reads Alice's raw data, and with it the keys made
+# from that pass.
+
+PROTECTED_PREFIX = "patterns"
+SEALED_FIXED_BYTES = 34  # offset u32, count u16, nonce 12, tag 16
+GCM_TAG_BYTES = 16
+
+
+class ChunkRefused(PacketError):
+    """A sealed chunk whose GCM tag does not verify (tampered, misplaced, wrong key)."""
+
+
+@dataclass(frozen=True)
+class SealedChunk:
+    offset: int
+    count: int
+    nonce: bytes
+    ciphertext_and_tag: bytes
+
+
+def sealed_chunk_aad(name: str, offset: int, count: int) -> bytes:
+    """GCM additional data: the chunk opens only as `name`'s bytes at `offset`."""
+    return name_arg(name) + struct.pack(">IH", offset, count)
+
+
+def parse_sealed_chunk(tm: Tm) -> SealedChunk:
+    if len(tm.data) < SEALED_FIXED_BYTES:
+        raise PacketError("sealed chunk shorter than its fields")
+    offset, count = struct.unpack(">IH", tm.data[:6])
+    if count != len(tm.data) - SEALED_FIXED_BYTES:
+        raise PacketError(f"sealed chunk says {count} bytes, carries {len(tm.data) - 34}")
+    return SealedChunk(offset, count, bytes(tm.data[6:18]), bytes(tm.data[18:]))
+
+
+def open_sealed_chunk(product_key: bytes, name: str, sealed: SealedChunk) -> bytes:
+    """The plaintext of a sealed chunk of product `name`; ChunkRefused if it does not
+    authenticate."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aad = sealed_chunk_aad(name, sealed.offset, sealed.count)
+    try:
+        return AESGCM(product_key).decrypt(sealed.nonce, sealed.ciphertext_and_tag, aad)
+    except InvalidTag:
+        raise ChunkRefused(
+            f"{name}: sealed chunk at offset {sealed.offset} does not authenticate"
+        ) from None
+
+
+def seal_chunk_data(product_key: bytes, name: str, offset: int, data: bytes, nonce: bytes):
+    """TM 128,6 source data as the firmware builds it (vectors and tests)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aad = sealed_chunk_aad(name, offset, len(data))
+    sealed = AESGCM(product_key).encrypt(nonce, data, aad)
+    return struct.pack(">IH", offset, len(data)) + nonce + sealed

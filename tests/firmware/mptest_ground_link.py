@@ -100,6 +100,8 @@ def test_host_built_telecommands_are_accepted_in_order():
     root = _fresh_root(key)
     with open(root + "/products/patterns.qrec", "wb") as f:
         f.write(bytes(range(256)) * 20)
+    with open(root + "/link/product_key", "wb") as f:  # a pattern product is read: sealed
+        f.write(bytes(32))
     link, sent = _link(root)
     assert link.key_state == "provisioned"
     for case in vectors["tc"]:

@@ -1,0 +1,113 @@
+"""Pattern products over the RF ground link: never served without a provisioned product
+key; with one, sealed chunk by chunk with AES-256-GCM (firmware/payload/aesgcm.py) and
+opened on the ground with `cryptography`; a chunk that does not authenticate is refused."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from linkhelpers import KEY, product_set
+
+from emulator.link_proxy import LinkProxy
+from emulator.targets import UnixTarget
+from host.link.client import CommandRejected, LinkError, PayloadClient
+from host.protocol import ccsds
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "aesgcm.json").read_text())
+PRODUCT_KEY = bytes(range(200, 232))
+PATTERN = product_set(8, {"patterns.qrec": 5000})["patterns.qrec"]
+
+
+def _sealed_vector():
+    case = VECTORS["sealed_chunk"]
+    tm = ccsds.Tm(128, 6, 0, 0, 0, 0, 0, bytes.fromhex(case["tm_data"]))
+    return case, tm
+
+
+def test_the_sealed_vector_opens_to_the_product_bytes():
+    case, tm = _sealed_vector()
+    sealed = ccsds.parse_sealed_chunk(tm)
+    product = bytes.fromhex(case["product"])
+    plain = ccsds.open_sealed_chunk(bytes.fromhex(case["product_key"]), case["name"], sealed)
+    assert plain == product[case["offset"] :] and sealed.nonce == b"PRD1" + bytes(7) + b"\x01"
+    assert product[1000:1016] not in tm.data  # the ciphertext does not carry the plaintext
+
+
+def test_a_tampered_or_misplaced_chunk_is_refused():
+    case, tm = _sealed_vector()
+    key = bytes.fromhex(case["product_key"])
+    data = tm.data
+    for at in (0, 5, 6, 17, 18, 300, len(data) - 1):  # offset, count, nonce, body, tag
+        altered = bytearray(data)
+        altered[at] ^= 0x01
+        try:
+            sealed = ccsds.parse_sealed_chunk(ccsds.Tm(128, 6, 0, 0, 0, 0, 0, bytes(altered)))
+        except ccsds.PacketError:
+            continue  # a count that disagrees with the length never gets to the cipher
+        with pytest.raises(ccsds.ChunkRefused, match="does not authenticate"):
+            ccsds.open_sealed_chunk(key, case["name"], sealed)
+    sealed = ccsds.parse_sealed_chunk(tm)
+    with pytest.raises(ccsds.ChunkRefused):
+        ccsds.open_sealed_chunk(key, "patterns2.qrec", sealed)  # another product's name
+    with pytest.raises(ccsds.ChunkRefused):
+        ccsds.open_sealed_chunk(bytes(32), case["name"], sealed)  # another key
+
+
+def _payload(tmp_path, product_key):
+    storage = tmp_path / "flash"
+    (storage / "products").mkdir(parents=True)
+    (storage / "link").mkdir()
+    (storage / "link" / "key").write_bytes(KEY)
+    if product_key is not None:
+        (storage / "link" / "product_key").write_bytes(product_key)
+    (storage / "products" / "patterns.qrec").write_bytes(PATTERN)
+    (storage / "products" / "tdc.qrec").write_bytes(b"tdc" * 100)
+    return UnixTarget(storage_dir=storage)
+
+
+def _windows(data: bytes) -> list[bytes]:
+    return [data[i : i + 16] for i in range(0, len(data) - 15, 16)]
+
+
+def test_no_pattern_product_is_served_without_a_provisioned_key(tmp_path):
+    with _payload(tmp_path, None) as target:
+        with LinkProxy(target.ground_port, capture=True) as proxy:
+            with PayloadClient(proxy.port, KEY, product_key=PRODUCT_KEY) as payload:
+                entries = {e.name: e for e in payload.list_products()}
+                assert entries["patterns.qrec"].crc32 == 0  # no CRC of the secret either
+                with pytest.raises(CommandRejected, match="protected: pattern products need"):
+                    payload.download(entries["patterns.qrec"], tmp_path / "sat")
+                payload.download(entries["tdc.qrec"], tmp_path / "sat")  # others as before
+                assert payload.housekeeping()["product_key"] == "none"
+            down = bytes(proxy.captured["down"])
+    assert not (tmp_path / "sat" / "patterns.qrec").exists()
+    assert not [w for w in _windows(PATTERN) if w in down]
+
+
+def test_a_sealed_product_round_trips_and_only_ciphertext_crosses_the_link(tmp_path):
+    with _payload(tmp_path, PRODUCT_KEY) as target:
+        with LinkProxy(target.ground_port, capture=True) as proxy:
+            with PayloadClient(proxy.port, KEY, product_key=PRODUCT_KEY) as payload:
+                entry = next(e for e in payload.list_products() if e.name == "patterns.qrec")
+                result = payload.download(entry, tmp_path / "sat", chunk_bytes=700)
+            down = bytes(proxy.captured["down"])
+        with PayloadClient(target.ground_port, KEY) as keyless:
+            with pytest.raises(LinkError, match="give the product key"):
+                keyless.download(entry, tmp_path / "keyless")
+    assert result.sealed and result.path.read_bytes() == PATTERN
+    assert os.stat(result.path).st_mode & 0o777 == 0o600
+    assert not [w for w in _windows(PATTERN) if w in down]
+    assert down.count(b"PRD1") >= len(PATTERN) // 700  # one fresh nonce per chunk
+
+
+def test_chunks_sealed_under_another_key_are_refused_and_nothing_is_kept(tmp_path):
+    with _payload(tmp_path, bytes(32)) as target:
+        with PayloadClient(target.ground_port, KEY, product_key=PRODUCT_KEY) as payload:
+            entry = next(e for e in payload.list_products() if e.name == "patterns.qrec")
+            with pytest.raises(LinkError, match="lost while downloading"):
+                payload.download(entry, tmp_path / "sat", stall_timeout_s=2.0)
+            assert payload.refused_chunks >= 4
+    part = tmp_path / "sat" / "patterns.qrec.part"
+    assert not part.exists() or part.stat().st_size == 0
+    assert not (tmp_path / "sat" / "patterns.qrec").exists()
