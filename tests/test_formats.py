@@ -114,7 +114,23 @@ def test_record_log_rejects_corruption_and_sequence_gaps():
     assert "CRC" in qrec.parse_records(bytes(flipped)).problem
     gap = qrec.encode_record(1, 0, b"abc") + qrec.encode_record(1, 2, b"def")
     log = qrec.parse_records(gap)
-    assert len(log.records) == 1 and "sequence 2" in log.problem
+    assert [r.seq for r in log.records] == [0, 2] and "sequence 2" in log.problem
+    assert log.missing_records == 1
+
+
+def test_record_log_skips_a_corrupt_record_and_keeps_every_later_one():
+    # one bit flip in an old record must cost that record only (as the firmware reads it)
+    records = [qrec.encode_record(3, seq, bytes([seq]) * (seq * 11 % 60)) for seq in range(8)]
+    data = b"".join(records)
+    at = sum(len(r) for r in records[:3])
+    for where in (0, 5, 9, 14):  # magic, seq, length, payload of record 3
+        flipped = bytearray(data)
+        flipped[at + where] ^= 0x08
+        log = qrec.parse_records(bytes(flipped))
+        assert [r.seq for r in log.records] == [0, 1, 2, 4, 5, 6, 7], where
+        assert all(r.payload == bytes([r.seq]) * (r.seq * 11 % 60) for r in log.records)
+        assert log.skipped == [(at, len(records[3]), log.skipped[0][2])]
+        assert log.missing_records == 1 and not log.complete
 
 
 def test_pattern_log_answers_slots_across_frames(tmp_path):

@@ -1,6 +1,10 @@
-"""Power cuts during writes: the unix controller process is killed (SIGKILL, emulator
-Target.kill) at 50 random points while it appends records; after every restart no torn
-record is served and no committed (acknowledged) record is missing."""
+"""A controller crash during writes: the unix controller process is killed (SIGKILL,
+emulator Target.kill) at 50 random points while it appends records; after every restart no
+torn record is served and no committed (acknowledged) record is missing.
+
+A process kill is not a power cut: the host's page cache keeps every write that returned,
+so only a record cut between two page writes is torn. Power cuts at every program/erase
+operation of the flash under littlefs are tests/firmware/mptest_flash_faults.py."""
 
 import os
 import random
@@ -45,18 +49,18 @@ def _boot(storage_dir, extra_env=None):
     return target, fd
 
 
-def _check_file(path: Path, min_records: int) -> int:
-    """The whole .qrec file with the host's reader: every record intact, the sequence
-    unbroken, every payload the one written for its sequence number."""
+def _check_file(path: Path, acknowledged: int) -> qrec.RecordLog:
+    """The whole .qrec file with the host's reader: every record it serves is intact (the
+    payload written for its sequence number), and every acknowledged record is there."""
     log = qrec.read_records(path)
-    assert log.complete, f"torn record served: {log.problem}"
     for record in log.records:
         assert record.payload == _payload(record.seq), f"record {record.seq} altered"
-    assert len(log.records) >= min_records
-    return len(log.records)
+    seqs = [record.seq for record in log.records]
+    assert seqs == list(range(len(seqs))) and len(seqs) >= acknowledged + 1
+    return log
 
 
-def test_power_cut_at_fifty_random_points_loses_no_committed_record(tmp_path):
+def test_controller_killed_at_fifty_random_points_loses_no_committed_record(tmp_path):
     rng = random.Random(50)
     acknowledged = -1
     torn = 0
@@ -66,11 +70,10 @@ def test_power_cut_at_fifty_random_points_loses_no_committed_record(tmp_path):
             lines = _read_lines(fd, time.monotonic() + 10, want="R ")
             boot = [line for line in lines if line.startswith("R ")]
             assert boot, f"kill {kill}: no recovery report: {lines[-5:]} {target.stderr_text()}"
-            records, dropped, valid, size = map(int, boot[0].split()[1:5])
-            # every acknowledged record came back, and the torn tail is gone from the file
+            records, skipped = map(int, boot[0].split()[1:3])
+            # every acknowledged record came back; a new torn tail was found and skipped
             assert records >= acknowledged + 1, (kill, records, acknowledged)
-            assert size == valid, (kill, size, valid)
-            torn += dropped > 0
+            torn += skipped > torn  # (two torn records in a row read as one region)
             lines += _read_lines(fd, time.monotonic() + rng.uniform(0.0, 0.03))
             target.kill()
             lines += _read_lines(fd, time.monotonic() + 0.05)
@@ -86,9 +89,11 @@ def test_power_cut_at_fifty_random_points_loses_no_committed_record(tmp_path):
     finally:
         target.stop()
         os.close(fd)
-    records = int(next(line for line in lines if line.startswith("R ")).split()[1])
+    records, skipped = map(int, next(line for line in lines if line.startswith("R ")).split()[1:3])
     assert records >= acknowledged + 1
-    assert _check_file(tmp_path / "products" / "powercut.qrec", acknowledged + 1) == records
-    # the cuts really landed inside records, so recovery was exercised
+    log = _check_file(tmp_path / "products" / "powercut.qrec", acknowledged)
+    # the host's reader and the firmware's recovery agree on what is skipped
+    assert len(log.records) == records and len(log.skipped) == skipped >= torn
+    # the kills really landed inside records, so recovery was exercised
     assert torn >= 5, torn
-    print(f"\n{KILLS} power cuts: {records} records kept, {torn} torn tails dropped")
+    print(f"\n{KILLS} kills: {records} records kept, {torn} torn records skipped")

@@ -74,7 +74,7 @@ class Housekeeping:
 class Mission:
     def __init__(self, board, storage_root):
         self.board = board
-        self.store = storage.Storage(storage_root)
+        self.store = storage.Storage(storage_root, getattr(board, "STORAGE_QUOTA_BYTES", -1))
         self.bus = busmod.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)
         self.sequencer = sequencer.Sequencer(self.bus, self.store)
         self.tdc = tdc.TdcDrain(self.bus, self.store)
@@ -209,9 +209,7 @@ class Mission:
                 "error_status": bus.error_status,
                 "frames_dropped": bus.rx.dropped(),
             },
-            "storage_dropped_bytes": sum(
-                log.recovery.dropped_bytes for log in self.store.logs.values()
-            ),
+            "storage": self.store.status(),
         }
         if self.generation == "head":
             out["generator"] = self.generator.telemetry()

@@ -205,6 +205,7 @@ class Sequencer:
         self.frames_missed = 0  # frames the head emitted blank because we were late
         self.refused_commits = 0
         self.bus_failures = 0
+        self.storage_fault = False  # storage could not log a frame: the laser was stopped
         self.behind = False  # telemetry flag: the controller did not keep up
 
     def configure(self, config, time_scale_ppm):
@@ -216,6 +217,8 @@ class Sequencer:
     def start(self):
         if self.config is None:
             raise ConfigError("sequencer: not configured")
+        if not self.log.can_commit(self.log.max_payload_bytes):
+            raise ConfigError("storage full: no room to log frames (delete products)")
         bus = self.bus
         cfg = self.config
         # A laser left running (a controller reset mid-pass) must finish its frame before
@@ -240,6 +243,7 @@ class Sequencer:
             self.frames_unlogged += 1
         self.running = True
         self.behind = False
+        self.storage_fault = False
         # Fill the first frame before the laser starts, so it is never blank.
         self.step()
         _require(bus.write1(busmod.REG_LASER_CTRL, 1), "LASER_CTRL")
@@ -318,11 +322,24 @@ class Sequencer:
             return False
         # Accepted: the head will emit exactly this pattern as this frame. Log it.
         _put_frame_header(payload, self.next_frame, slots)
-        self.log.commit(PATTERN_HEADER_BYTES + pattern_bytes)
+        if self.log.commit(PATTERN_HEADER_BYTES + pattern_bytes) < 0:
+            self._storage_failed()
+            return True
         self.last_logged_frame = self.next_frame
         self.next_frame += 1
         self.frames_sent += 1
         return True
+
+    def _storage_failed(self):
+        # Storage could not commit the record of a frame the head accepted (full, I/O
+        # error; docs/storage.md): that frame goes out unlogged, so count it and stop the
+        # laser rather than emit frames nobody can sift. Counted in storage status too.
+        self.frames_unlogged += 1
+        self.frames_sent += 1
+        self.next_frame += 1
+        self.storage_fault = True
+        self.running = False
+        self.bus.write1(busmod.REG_LASER_CTRL, 0)
 
     def telemetry(self):
         return {
@@ -331,6 +348,7 @@ class Sequencer:
             "frames_missed": self.frames_missed,
             "refused_commits": self.refused_commits,
             "frames_unlogged": self.frames_unlogged,
+            "storage_fault": self.storage_fault,
             "bus_failures": self.bus_failures,
             "behind": self.behind,
             "next_frame": self.next_frame,

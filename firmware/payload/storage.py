@@ -1,14 +1,18 @@
 # Power-safe append-only record logs (.qrec, docs/formats.md; design in docs/storage.md).
 #
 # A record is  "QR" | version | kind | seq u32 | length u32 | payload | CRC-32  and each
-# product is one file <root>/products/<name>.qrec. After a power cut the last record may be
-# torn; opening a log walks it, keeps every record whose framing and CRC check, and rewrites
-# the file without the torn tail (copy to <name>.tmp, rename over: atomic on littlefs and
-# POSIX), so a reader is never served a torn record and appends continue the sequence.
+# product is one file <root>/products/<name>.qrec. Opening a log walks it and keeps every
+# record whose framing and CRC check; a torn record (power cut, failed write) or a record
+# a bit flip corrupted is skipped, never served, and the walk resynchronises on the next
+# record magic, so one bad record costs that record only. Nothing is copied or rewritten
+# at recovery (no free space needed): appends continue after whatever the file holds.
 #
-# Records go out in flash-page sized writes (PAGE_BYTES): a cut between two pages leaves
-# exactly the torn record the recovery is built for (and lets the unix power-cut test,
-# which kills the process, produce one).
+# A commit that storage cannot take (quota reached, ENOSPC, an I/O error) returns -1 and
+# is counted; it never raises into the data path, and on littlefs it leaves no partial
+# record (a failed write leaves the file at its last synced state). The sequencer checks
+# the result in one place and stops the laser (docs/storage.md).
+#
+# Records go out in flash-page sized writes (PAGE_BYTES) and are synced per record.
 import os
 
 import micropython
@@ -32,6 +36,12 @@ KIND_CLOCK_DISCIPLINE = const(5)
 PRODUCTS_DIR = "products"
 _SCAN_CHUNK = const(512)
 LAST_HEAD_BYTES = const(16)  # kept from the last record at recovery (e.g. its frame number)
+COMMIT_FAILED = const(-1)  # what commit() returns when storage could not take the record
+_ENOSPC = const(28)
+# Free space kept out of the quota: littlefs copies a file's last block on every synced
+# append and needs blocks for metadata compaction, so a store is "full" before littlefs is.
+_RESERVE_FRACTION = const(8)  # 1/8 of the filesystem ...
+_RESERVE_MIN_BLOCKS = const(8)  # ... and at least this many blocks
 
 
 @micropython.viper
@@ -61,6 +71,17 @@ def _word_equals(buf: ptr8, offset: int, words: ptr32, index: int, xor: int) -> 
     return (diff & 0xFFFF) == 0 and ((diff >> 16) & 0xFFFF) == 0
 
 
+@micropython.viper
+def _find_magic(buf: ptr8, start: int, end: int) -> int:
+    # Index of the first "QR" + version in buf[start:end], or -1.
+    i = start
+    while i + 2 < end:
+        if buf[i] == MAGIC0 and buf[i + 1] == MAGIC1 and buf[i + 2] == FORMAT_VERSION:
+            return i
+        i += 1
+    return -1
+
+
 def _get_u32(buf, offset):
     # Used for seq and length only, which stay far below 2**30.
     return buf[offset] | (buf[offset + 1] << 8) | (buf[offset + 2] << 16) | (buf[offset + 3] << 24)
@@ -85,14 +106,22 @@ def _mkdir(path):
         pass  # exists
 
 
+def _errno(error):
+    return error.args[0] if error.args and isinstance(error.args[0], int) else 0
+
+
 class Recovery:
-    """What opening a log found: records kept, bytes dropped, and why."""
+    """What opening a log found: records kept, bytes skipped, and why."""
 
     def __init__(self):
         self.records = 0
-        self.valid_bytes = 0
-        self.dropped_bytes = 0
-        self.reason = None  # None, or why the tail was dropped
+        self.valid_bytes = 0  # bytes inside valid records
+        self.size_bytes = 0  # the whole file
+        self.dropped_bytes = 0  # bytes in no valid record (torn or corrupt): never served
+        self.skipped_regions = 0  # runs of such bytes, each resynchronised past
+        self.missing_records = 0  # sequence numbers absent between valid records
+        self.reason = None  # None, or why the first skipped region was skipped
+        self.last_seq = -1
         self.last_payload_head = b""  # first bytes of the last valid record's payload
 
     def as_dict(self):
@@ -100,74 +129,152 @@ class Recovery:
             "records": self.records,
             "valid_bytes": self.valid_bytes,
             "dropped_bytes": self.dropped_bytes,
+            "skipped_regions": self.skipped_regions,
+            "missing_records": self.missing_records,
             "reason": self.reason,
         }
 
 
-def scan(path, max_payload_bytes, file_crc=None, stop_at=-1):
-    """Walk the records of `path`; returns a Recovery with the valid prefix.
+_REASONS = ("cut short", "bad magic", "bad length", "sequence repeat", "bad crc")
 
-    file_crc (a framing.Crc32) is left holding the CRC-32 of that valid prefix."""
+
+class _Walker:
+    """Reads candidate records of one open file (buffers made once per scan)."""
+
+    def __init__(self, f, size, max_payload_bytes, file_crc):
+        self.f = f
+        self.size = size
+        self.max_payload_bytes = max_payload_bytes
+        self.file_crc = file_crc
+        self.header = bytearray(HEADER_BYTES)
+        self.tail = bytearray(CRC_BYTES)
+        self.chunk = bytearray(_SCAN_CHUNK)
+        self.record_crc = framing.Crc32()
+        self.head = b""
+
+    def record_at(self, offset, last_seq, keep_file_crc):
+        """Payload length of a valid record at offset, or -1 - index into _REASONS."""
+        f = self.f
+        size = self.size
+        if size - offset < HEADER_BYTES + CRC_BYTES:
+            return -1
+        header = self.header
+        f.seek(offset)
+        f.readinto(header)
+        if header[0] != MAGIC0 or header[1] != MAGIC1 or header[2] != FORMAT_VERSION:
+            return -2
+        length = _get_u32(header, 8)
+        if length > self.max_payload_bytes:
+            return -3
+        if offset + HEADER_BYTES + length + CRC_BYTES > size:
+            return -1
+        if _get_u32(header, 4) <= last_seq:
+            return -4
+        file_crc = self.file_crc
+        saved_file_crc = file_crc._state[0]
+        record_crc = self.record_crc
+        record_crc.reset()
+        record_crc.update(header)
+        if keep_file_crc:
+            file_crc.update(header)
+        chunk = self.chunk
+        left = length
+        head = b""
+        while left > 0:
+            n = f.readinto(chunk, left if left < _SCAN_CHUNK else _SCAN_CHUNK)
+            if not n:
+                file_crc._state[0] = saved_file_crc
+                return -1
+            record_crc.update(chunk, n)
+            if keep_file_crc:
+                file_crc.update(chunk, n)
+            if not head:
+                head = bytes(chunk[: min(n, LAST_HEAD_BYTES)])
+            left -= n
+        tail = self.tail
+        f.readinto(tail)
+        if not _word_equals(tail, 0, record_crc._state, 0, -1):
+            file_crc._state[0] = saved_file_crc
+            return -5
+        if keep_file_crc:
+            file_crc.update(tail)
+        self.head = head
+        return length
+
+    def next_magic(self, start):
+        """Offset of the next record magic at or after start (the file size if none)."""
+        f = self.f
+        chunk = self.chunk
+        pos = start
+        while pos + 2 < self.size:
+            f.seek(pos)
+            n = f.readinto(chunk)
+            if n < 3:
+                break
+            i = _find_magic(chunk, 0, n)
+            if i >= 0:
+                return pos + i
+            pos += n - 2  # a magic split across chunks is found in the next one
+        return self.size
+
+
+def scan(path, max_payload_bytes, file_crc=None, visit=None):
+    """Walk the records of `path`, skipping torn or corrupt ones; returns a Recovery.
+
+    file_crc (a framing.Crc32) is left holding the CRC-32 of the whole file. visit, when
+    given, is called as visit(offset, seq, kind, length) for every valid record."""
     result = Recovery()
     try:
         size = os.stat(path)[6]
     except OSError:
         return result
-    record_crc = framing.Crc32()
+    result.size_bytes = size
     if file_crc is None:
         file_crc = framing.Crc32()
-    header = bytearray(HEADER_BYTES)
-    tail = bytearray(CRC_BYTES)
-    chunk = bytearray(_SCAN_CHUNK)
-    offset = 0
     with open(path, "rb") as f:
+        walker = _Walker(f, size, max_payload_bytes, file_crc)
+        offset = 0
+        bad_from = -1  # start of the run of bytes being skipped
+        contiguous = True  # every byte so far is in a valid record: file CRC kept on the way
         while offset < size:
-            if stop_at >= 0 and result.records >= stop_at:
-                break
-            if size - offset < HEADER_BYTES:
-                result.reason = "cut short"
-                break
-            f.readinto(header)
-            if header[0] != MAGIC0 or header[1] != MAGIC1 or header[2] != FORMAT_VERSION:
-                result.reason = "bad magic"
-                break
-            seq = _get_u32(header, 4)
-            length = _get_u32(header, 8)
-            if seq != result.records:
-                result.reason = "sequence gap"
-                break
-            if length > max_payload_bytes:
-                result.reason = "bad length"
-                break
-            if offset + HEADER_BYTES + length + CRC_BYTES > size:
-                result.reason = "cut short"
-                break
-            saved_file_crc = file_crc._state[0]
-            record_crc.reset()
-            record_crc.update(header)
-            file_crc.update(header)
-            left = length
-            first = True
-            while left > 0:
-                n = f.readinto(chunk, left if left < _SCAN_CHUNK else _SCAN_CHUNK)
-                record_crc.update(chunk, n)
-                file_crc.update(chunk, n)
-                if first:
-                    head = bytes(chunk[: min(n, LAST_HEAD_BYTES)])
-                    first = False
-                left -= n
-            f.readinto(tail)
-            if not _word_equals(tail, 0, record_crc._state, 0, -1):
-                file_crc._state[0] = saved_file_crc
-                result.reason = "bad crc"
-                break
-            file_crc.update(tail)
-            offset += HEADER_BYTES + length + CRC_BYTES
+            length = walker.record_at(offset, result.last_seq, contiguous)
+            if length < 0:
+                if bad_from < 0:
+                    bad_from = offset
+                    if result.reason is None:
+                        result.reason = _REASONS[-1 - length]
+                contiguous = False
+                offset = walker.next_magic(offset + 1)
+                continue
+            if bad_from >= 0:
+                result.skipped_regions += 1
+                result.dropped_bytes += offset - bad_from
+                bad_from = -1
+            seq = _get_u32(walker.header, 4)
+            result.missing_records += seq - result.last_seq - 1
+            result.last_seq = seq
             result.records += 1
-            result.last_payload_head = head if length else b""
-    result.valid_bytes = offset
-    result.dropped_bytes = size - offset
+            result.valid_bytes += HEADER_BYTES + length + CRC_BYTES
+            result.last_payload_head = walker.head if length else b""
+            if visit is not None:
+                visit(offset, seq, walker.header[3], length)
+            offset += HEADER_BYTES + length + CRC_BYTES
+        if bad_from >= 0:
+            result.skipped_regions += 1
+            result.dropped_bytes += size - bad_from
+        if not contiguous:
+            _file_crc(f, file_crc, walker.chunk)
     return result
+
+
+def _file_crc(f, crc, buf):
+    crc.reset()
+    f.seek(0)
+    while True:
+        n = f.readinto(buf)
+        if not n:
+            break
+        crc.update(buf, n)
 
 
 def _starts_like_a_log(path):
@@ -177,28 +284,19 @@ def _starts_like_a_log(path):
     return bytes((MAGIC0, MAGIC1, FORMAT_VERSION))[: len(first)] == first
 
 
-def _copy_prefix(src, dst, count):
-    buf = bytearray(_SCAN_CHUNK)
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        left = count
-        while left > 0:
-            n = fin.readinto(buf, left if left < _SCAN_CHUNK else _SCAN_CHUNK)
-            if not n:
-                break
-            fout.write(memoryview(buf)[:n])
-            left -= n
-
-
 class RecordLog:
     """One product file, opened for appending after recovering from any power cut.
 
     `payload` is a preallocated buffer: fill payload[:n] and call `commit(n)`, or call
-    `append(data)`. A record is committed once commit() returns (flushed to the file)."""
+    `append(data)`. A record is committed once commit() returns its sequence number (it is
+    synced to the file); commit() returns COMMIT_FAILED (-1) when storage cannot take it
+    (quota reached, ENOSPC, I/O error), counts it, and leaves the log usable."""
 
-    def __init__(self, path, kind, max_payload_bytes):
+    def __init__(self, path, kind, max_payload_bytes, store=None):
         self.path = path
         self.kind = kind
         self.max_payload_bytes = max_payload_bytes
+        self.store = store  # the Storage whose quota this log draws on (None: no quota)
         self._record = bytearray(HEADER_BYTES + max_payload_bytes + CRC_BYTES)
         self._view = memoryview(self._record)
         self.payload = self._view[HEADER_BYTES : HEADER_BYTES + max_payload_bytes]
@@ -206,27 +304,26 @@ class RecordLog:
         self.file_crc = framing.Crc32()
         self.foreign = False
         self.recovery = self._recover()
-        self.next_seq = self.recovery.records
-        self.size_bytes = self.recovery.valid_bytes
+        self.next_seq = self.recovery.last_seq + 1
+        self.size_bytes = self.recovery.size_bytes
+        self.commits_failed = 0  # storage errors (ENOSPC, EIO): record not written
+        self.commits_refused = 0  # the quota was reached: record not written
+        self.last_errno = 0
         self._file = None  # opened at the first append: no empty products at boot
-        # Called after each page write when set: the power-cut test uses it to give pages
-        # a NOR-flash program time, so its kills land inside records as they would in orbit.
+        # Called after each page write when set: the unix power-cut test uses it to give
+        # pages a NOR-flash program time, so its kills land inside records.
         self.page_hook = None
 
     def _recover(self):
         result = scan(self.path, self.max_payload_bytes, self.file_crc)
         if result.dropped_bytes and result.records == 0 and not _starts_like_a_log(self.path):
-            # Not a record log at all (a file the data path never wrote): never cut it.
-            # The log refuses appends until someone deletes the file.
+            # Not a record log at all (a file the data path never wrote): never append to
+            # it. The log refuses appends until someone deletes the file.
             self.foreign = True
             result.reason = "not a record log"
             return result
-        if result.dropped_bytes:
-            tmp = self.path + ".tmp"
-            _copy_prefix(self.path, tmp, result.valid_bytes)
-            os.rename(tmp, self.path)
-        elif _exists(self.path + ".tmp"):
-            os.remove(self.path + ".tmp")  # a cut during an earlier recovery
+        if _exists(self.path + ".tmp"):
+            os.remove(self.path + ".tmp")  # left by a recovery of an older firmware
         return result
 
     def append(self, data, length=-1):
@@ -236,11 +333,17 @@ class RecordLog:
         return self.commit(length)
 
     def commit(self, length):
-        """Write the record whose payload is payload[:length]; returns its sequence number."""
+        """Write the record whose payload is payload[:length]; returns its sequence
+        number, or COMMIT_FAILED if storage could not take it (counted here)."""
         if length > self.max_payload_bytes:
             raise ValueError("record payload too long")
         if self.foreign:
             raise OSError("%s is not a record log; delete it to log here" % self.path)
+        total = HEADER_BYTES + length + CRC_BYTES
+        store = self.store
+        if store is not None and not store.reserve(total):
+            self.commits_refused += 1
+            return COMMIT_FAILED
         rec = self._record
         rec[0] = MAGIC0
         rec[1] = MAGIC1
@@ -251,47 +354,141 @@ class RecordLog:
         crc = self._crc
         crc.reset()
         crc.update(rec, HEADER_BYTES + length)
-        end = HEADER_BYTES + length
-        _put_word(rec, end, crc._state, 0, -1)
-        total = end + CRC_BYTES
+        _put_word(rec, HEADER_BYTES + length, crc._state, 0, -1)
         view = self._view
-        f = self._file
-        if f is None:
-            f = self._file = open(self.path, "ab")
-        start = 0
-        while start < total:
-            stop = start + PAGE_BYTES
-            if stop > total:
-                stop = total
-            f.write(view[start:stop])
-            start = stop
-            if self.page_hook is not None:
-                self.page_hook()
-        f.flush()
+        try:
+            f = self._file
+            if f is None:
+                f = self._file = open(self.path, "ab")
+            start = 0
+            while start < total:
+                stop = start + PAGE_BYTES
+                if stop > total:
+                    stop = total
+                f.write(view[start:stop])
+                start = stop
+                if self.page_hook is not None:
+                    self.page_hook()
+            f.flush()
+        except OSError as error:
+            self._failed(error)
+            return COMMIT_FAILED
         self.file_crc.update(rec, total)
         self.size_bytes += total
+        if store is not None:
+            store.used_bytes += total
         seq = self.next_seq
         self.next_seq = seq + 1
         return seq
+
+    def _failed(self, error):
+        self.commits_failed += 1
+        self.last_errno = _errno(error)
+        if self.store is not None and self.last_errno == _ENOSPC:
+            self.store.full = True
+        f = self._file
+        self._file = None  # a failed littlefs file never syncs again: reopen next time
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+        # littlefs leaves the file at its last sync; a plain filesystem may keep part of
+        # the record (skipped by every reader). Either way size and CRC come from the file.
+        try:
+            size = os.stat(self.path)[6]
+            if size != self.size_bytes:
+                with open(self.path, "rb") as f:
+                    _file_crc(f, self.file_crc, bytearray(_SCAN_CHUNK))
+                if self.store is not None:
+                    self.store.used_bytes += size - self.size_bytes
+                self.size_bytes = size
+        except OSError:
+            pass  # storage unreadable too: the next failure tries again
+
+    def can_commit(self, length):
+        """True if a record of `length` payload bytes fits the quota now."""
+        return self.store is None or self.store.reserve(HEADER_BYTES + length + CRC_BYTES)
+
+    def status(self):
+        return {
+            "records": self.next_seq,
+            "bytes": self.size_bytes,
+            "failed": self.commits_failed,
+            "refused": self.commits_refused,
+            "errno": self.last_errno,
+            "skipped": self.recovery.skipped_regions,
+            "missing": self.recovery.missing_records,
+        }
 
     def crc32(self):
         return self.file_crc.value()
 
     def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        f = self._file
+        self._file = None
+        if f is not None:
+            f.close()
 
 
 class Storage:
-    """The storage root: product logs under <root>/products/, listed with size and CRC."""
+    """The storage root: product logs under <root>/products/, listed with size and CRC.
 
-    def __init__(self, root):
+    quota_bytes caps the bytes of all product files; by default it is what the products
+    hold at boot plus the free space minus a reserve (1/8 of the filesystem, at least
+    8 blocks) that keeps littlefs from ever running out under its own copy-on-write. A
+    store at its quota is `full`: commits return COMMIT_FAILED, counted, until products
+    are deleted."""
+
+    def __init__(self, root, quota_bytes=-1):
         self.root = root
         self.products_dir = _join(root, PRODUCTS_DIR)
         _mkdir(root)
         _mkdir(self.products_dir)
         self.logs = {}
+        self.used_bytes = self._usage()
+        if quota_bytes < 0:
+            quota_bytes = self.used_bytes + self._free_bytes()
+        self.quota_bytes = quota_bytes
+        self.full = False
+
+    def _usage(self):
+        total = 0
+        for name in os.listdir(self.products_dir):
+            try:
+                total += os.stat(_join(self.products_dir, name))[6]
+            except OSError:
+                pass
+        return total
+
+    def _free_bytes(self):
+        try:
+            st = os.statvfs(self.root)
+        except (OSError, AttributeError):
+            return 0x3FFFFFFF
+        block_bytes, blocks, free_blocks = st[1], st[2], st[4]
+        if free_blocks > blocks:
+            return 0  # littlefs reports an error (a full or damaged store) as ~0: none
+        reserve = blocks // _RESERVE_FRACTION
+        if reserve < _RESERVE_MIN_BLOCKS:
+            reserve = _RESERVE_MIN_BLOCKS
+        free = free_blocks - reserve
+        if free <= 0:
+            return 0
+        if free >= 0x3FFFFFFF // block_bytes:
+            return 0x3FFFFFFF  # a host disk: keep the quota a small int
+        return free * block_bytes
+
+    def reserve(self, nbytes):
+        """True if nbytes more fit the quota; else the store is full (reported)."""
+        if self.used_bytes + nbytes <= self.quota_bytes:
+            return True
+        self.used_bytes = self._usage()  # products may have been deleted since
+        self.full = self.used_bytes + nbytes > self.quota_bytes
+        return not self.full
+
+    def can_commit(self):
+        return not self.full
 
     def path(self, name):
         return _join(self.products_dir, name + ".qrec")
@@ -299,9 +496,30 @@ class Storage:
     def open_log(self, name, kind, max_payload_bytes):
         log = self.logs.get(name)
         if log is None:
-            log = RecordLog(self.path(name), kind, max_payload_bytes)
+            log = RecordLog(self.path(name), kind, max_payload_bytes, self)
             self.logs[name] = log
         return log
+
+    def status(self):
+        """Storage health for housekeeping (short: it shares one packet): bytes used and
+        the quota, full, commits failed (I/O, ENOSPC) and refused (quota) over all logs,
+        the last errno, and bytes skipped as torn or corrupt when the logs were opened."""
+        failed = refused = errno = skipped = 0
+        for log in self.logs.values():
+            failed += log.commits_failed
+            refused += log.commits_refused
+            skipped += log.recovery.dropped_bytes
+            if log.last_errno:
+                errno = log.last_errno
+        return {
+            "used": self.used_bytes,
+            "quota": self.quota_bytes,
+            "full": self.full,
+            "failed": failed,
+            "refused": refused,
+            "errno": errno,
+            "skipped": skipped,
+        }
 
     def products(self):
         """[(file name, bytes, crc32)] for every product file, whether open or not."""
@@ -318,13 +536,8 @@ class Storage:
             crc = framing.Crc32()
             path = _join(self.products_dir, name)
             size = os.stat(path)[6]
-            buf = bytearray(_SCAN_CHUNK)
             with open(path, "rb") as f:
-                while True:
-                    n = f.readinto(buf)
-                    if not n:
-                        break
-                    crc.update(buf, n)
+                _file_crc(f, crc, bytearray(_SCAN_CHUNK))
             out.append((name, size, crc.value()))
         return out
 

@@ -3,8 +3,8 @@
     record = "QR" | version u8 | kind u8 | seq u32 | length u32 | payload | crc32 u32
 
 The firmware writes them (firmware/payload/storage.py); this is the host's one reader and
-one writer. A torn tail (power cut mid-write) ends the valid part: what precedes it is
-returned, the rest is reported with its offset and reason, never silently used.
+one writer. A torn record (power cut mid-write) or a corrupt one (bit flip) is skipped and
+reported with its offset and reason, never returned; the records after it are kept.
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ class Record:
 @dataclass
 class RecordLog:
     records: list[Record] = field(default_factory=list)
-    valid_bytes: int = 0
+    valid_bytes: int = 0  # end of the last valid record
     total_bytes: int = 0
-    problem: str | None = None  # why reading stopped before the end, with the offset
+    problem: str | None = None  # the first thing not read as a record, with its offset
+    skipped: list[tuple[int, int, str]] = field(default_factory=list)  # (offset, bytes, why)
+    missing_records: int = 0  # sequence numbers absent between valid records
 
     @property
     def complete(self) -> bool:
@@ -59,39 +61,64 @@ def encode_record(kind: int, seq: int, payload: bytes) -> bytes:
     return head + CRC.pack(zlib.crc32(head))
 
 
+def _record_at(data: bytes, offset: int, last_seq: int) -> tuple[int, str]:
+    """(payload length, "") for a valid record at offset, else (-1, why not)."""
+    if len(data) - offset < HEADER.size + CRC.size:
+        return -1, f"torn record ({len(data) - offset} bytes left)"
+    magic, version, _kind, seq, length = HEADER.unpack_from(data, offset)
+    if magic != MAGIC:
+        return -1, f"bad magic {magic!r}"
+    if version != VERSION:
+        return -1, f"record format version {version}, expected {VERSION}"
+    if length > MAX_PAYLOAD_BYTES:
+        return -1, f"payload length {length} is implausible"
+    end = offset + HEADER.size + length
+    if end + CRC.size > len(data):
+        return -1, f"torn record (needs {end + CRC.size - offset} bytes)"
+    (stored_crc,) = CRC.unpack_from(data, end)
+    if zlib.crc32(data[offset:end]) != stored_crc:
+        return -1, "CRC mismatch"
+    if seq <= last_seq:
+        return -1, f"sequence {seq} repeats (after {last_seq})"
+    return length, ""
+
+
 def parse_records(data: bytes) -> RecordLog:
+    """Every valid record of a log. A torn or corrupt record (power cut, bit flip) is
+    skipped and reported in `skipped`; reading resynchronises on the next record magic, as
+    the firmware's recovery does (firmware/payload/storage.py), so one bad record costs
+    that record only."""
     log = RecordLog(total_bytes=len(data))
     offset = 0
-    expected_seq = 0
+    last_seq = -1
+    bad_from, bad_why = -1, ""
+    resync = MAGIC + bytes([VERSION])
     while offset < len(data):
-        if len(data) - offset < HEADER.size + CRC.size:
-            log.problem = f"offset {offset}: torn record ({len(data) - offset} bytes left)"
-            break
-        magic, version, kind, seq, length = HEADER.unpack_from(data, offset)
-        if magic != MAGIC:
-            log.problem = f"offset {offset}: bad magic {magic!r}"
-            break
-        if version != VERSION:
-            log.problem = f"offset {offset}: record format version {version}, expected {VERSION}"
-            break
-        if length > MAX_PAYLOAD_BYTES:
-            log.problem = f"offset {offset}: payload length {length} is implausible"
-            break
+        length, why = _record_at(data, offset, last_seq)
+        if length < 0:
+            if bad_from < 0:
+                bad_from, bad_why = offset, why
+            found = data.find(resync, offset + 1)
+            offset = len(data) if found < 0 else found
+            continue
+        if bad_from >= 0:
+            log.skipped.append((bad_from, offset - bad_from, bad_why))
+            bad_from = -1
+        _, _, kind, seq, _ = HEADER.unpack_from(data, offset)
+        if seq != last_seq + 1:
+            log.missing_records += seq - last_seq - 1
+            if log.problem is None:
+                log.problem = f"offset {offset}: sequence {seq}, expected {last_seq + 1}"
         end = offset + HEADER.size + length
-        if end + CRC.size > len(data):
-            log.problem = f"offset {offset}: torn record (needs {end + CRC.size - offset} bytes)"
-            break
-        (stored_crc,) = CRC.unpack_from(data, end)
-        if zlib.crc32(data[offset:end]) != stored_crc:
-            log.problem = f"offset {offset}: CRC mismatch"
-            break
-        if seq != expected_seq:
-            log.problem = f"offset {offset}: sequence {seq}, expected {expected_seq}"
-            break
         log.records.append(Record(kind, seq, bytes(data[offset + HEADER.size : end]), offset))
-        expected_seq += 1
+        last_seq = seq
         offset = end + CRC.size
         log.valid_bytes = offset
+    if bad_from >= 0:
+        log.skipped.append((bad_from, len(data) - bad_from, bad_why))
+    if log.skipped and (log.problem is None or log.skipped[0][0] < log.records[-1].offset):
+        first = log.skipped[0]
+        log.problem = f"offset {first[0]}: {first[2]} ({first[1]} bytes skipped)"
     return log
 
 
@@ -108,7 +135,7 @@ class RecordWriter:
         if existing.problem:
             with open(self.path, "r+b") as handle:  # drop a torn tail before appending
                 handle.truncate(existing.valid_bytes)
-        self.next_seq = len(existing.records)
+        self.next_seq = existing.records[-1].seq + 1 if existing.records else 0
 
     def append(self, kind: int, payload: bytes) -> None:
         with open(self.path, "ab") as handle:

@@ -1,6 +1,7 @@
 # Power-safe record logs on the target's filesystem (a directory on unix, littlefs on
-# PSRAM on QEMU): records survive reopening, a torn tail at any byte is dropped and the
-# sequence continues, corruption ends the valid part, products carry size and CRC-32.
+# PSRAM on QEMU): records survive reopening, a torn tail at any byte is skipped (never
+# served, never copied) and the sequence continues, a corrupt record costs that record only,
+# products carry size and CRC-32. Flash faults on littlefs: mptest_flash_faults.py.
 import os
 
 import board
@@ -61,7 +62,19 @@ def test_record_layout_matches_formats_doc():
     assert int.from_bytes(data[15:19], "little") == crc.value()
 
 
-def test_torn_tail_at_every_cut_is_dropped_and_sequence_continues():
+def _served(path):
+    out = []
+    with open(path, "rb") as f:
+
+        def visit(offset, seq, kind, length):
+            f.seek(offset + storage.HEADER_BYTES)
+            out.append((seq, f.read(length)))
+
+        result = storage.scan(path, 400, visit=visit)
+    return out, result
+
+
+def test_torn_tail_at_every_cut_is_skipped_and_sequence_continues():
     store, path = _fresh("torn")
     _write(store, "torn", 5).close()
     full = _read(path)
@@ -73,25 +86,43 @@ def test_torn_tail_at_every_cut_is_dropped_and_sequence_continues():
         log = storage.RecordLog(path, storage.KIND_HOUSEKEEPING, 400)
         assert log.recovery.records == 4, (cut, log.recovery.as_dict())
         assert log.recovery.dropped_bytes == last - cut
-        assert log.size_bytes == keep
+        assert log.recovery.valid_bytes == keep
+        # recovery copies nothing: the torn bytes stay, the next record follows them
+        assert log.size_bytes == len(full) - cut and _read(path) == full[: len(full) - cut]
         assert log.append(_payload(4)) == 4
+        assert log.append(_payload(5)) == 5
         log.close()
-        assert _read(path) == full, cut
+        served, result = _served(path)
+        assert served == [(seq, _payload(seq)) for seq in range(6)], cut
+        assert result.skipped_regions == 1 and result.missing_records == 0
+        # the product list describes the file as it is (what the ground downloads)
+        crc = framing.Crc32()
+        crc.update(_read(path))
+        assert log.crc32() == crc.value()
 
 
-def test_corruption_ends_the_valid_part_with_a_reason():
+def test_a_corrupt_record_is_skipped_and_every_later_record_kept():
     store, path = _fresh("corrupt")
     _write(store, "corrupt", 6).close()
     data = bytearray(_read(path))
     offset = 0
     for seq in range(3):
         offset += 12 + len(_payload(seq)) + 4
-    data[offset + 14] ^= 0x40  # a payload byte of record 3
-    with open(path, "wb") as f:
-        f.write(data)
-    result = storage.scan(path, 400)
-    assert result.records == 3 and result.reason == "bad crc"
-    assert result.valid_bytes == offset
+    for at, bit in ((offset + 14, 0x40), (offset + 9, 0x01), (offset, 0x02)):
+        # a payload byte, the length, the magic of record 3
+        bad = bytearray(data)
+        bad[at] ^= bit
+        with open(path, "wb") as f:
+            f.write(bad)
+        served, result = _served(path)
+        assert [seq for seq, _ in served] == [0, 1, 2, 4, 5], (at, result.as_dict())
+        assert all(payload == _payload(seq) for seq, payload in served)
+        assert result.skipped_regions == 1 and result.missing_records == 1
+        assert result.reason in ("bad crc", "bad length", "bad magic")
+        assert result.dropped_bytes == 12 + len(_payload(3)) + 4
+        log = storage.RecordLog(path, storage.KIND_HOUSEKEEPING, 400)
+        assert log.next_seq == 6 and log.recovery.records == 5
+        log.close()
 
 
 def test_products_list_size_and_crc32():
@@ -122,10 +153,11 @@ def test_a_file_that_is_not_a_record_log_is_never_cut():
     except OSError:
         pass
     assert _read(path) == data
-    # a torn first record (only "QR" made it) is ours, and is cut
+    # a torn first record (only "QR" made it) is ours: skipped, and appended after
     with open(path, "wb") as f:
         f.write(b"QR")
     log = storage.RecordLog(path, storage.KIND_TDC_BLOCK, 64)
     assert not log.foreign and log.recovery.dropped_bytes == 2
     assert log.append(b"y") == 0
     log.close()
+    assert storage.scan(path, 64).records == 1

@@ -4,6 +4,7 @@
 #                         slave with pyserial, as it would a board's USB or UART port)
 #   QKDSAT_BUS=host:port  the payload bus: a TCP connection to the emulated optical head
 #   QKDSAT_STORAGE=dir    the storage root (a directory stands in for flash)
+#   QKDSAT_STORAGE_QUOTA=bytes  cap the product bytes (default: free space less a reserve)
 #   QKDSAT_BOOT=maintenance  stay at the REPL instead of starting the application
 import os
 import select
@@ -19,6 +20,9 @@ NAME = "unix"
 BUS_TIMEOUT_US = int(os.getenv("QKDSAT_BUS_TIMEOUT_US") or 10_000_000)
 
 STORAGE_ROOT = os.getenv("QKDSAT_STORAGE") or "flash"
+# Product bytes the storage may hold (payload/storage.py): -1 = the free space at boot less
+# a reserve. A host directory has a disk's worth; tests of a full store set it small.
+STORAGE_QUOTA_BYTES = int(os.getenv("QKDSAT_STORAGE_QUOTA") or -1)
 _CPU_HZ = 0  # not meaningful on the host
 
 

@@ -1,0 +1,612 @@
+# Storage as flash fails: the firmware's record logs on littlefs (vfs.VfsLfs2, mounted as the
+# boards mount it) over a NOR flash model that erases to 0xFF, programs only 1 -> 0, takes
+# program and erase time, and fails on command: power cut at the Nth program/erase
+# operation (a torn program leaves part of the data, 0xFF, or garbage; a torn erase leaves
+# a half-erased sector), I/O errors, and bit flips in stored records. After each cut the
+# "controller" boots again: a fresh littlefs mount, Storage, RecordLog recovery, and the
+# check that every committed record came back intact and no torn record is served.
+#
+# CAMPAIGN_CUTS is the test's campaign; benchmarks/bench_storage.py runs >= 1000 cuts.
+import gc
+import os
+import random
+
+import micropython
+import vfs
+from micropython import const
+from payload import storage
+
+TARGETS = ("unix",)
+TARGETS_REASON = (
+    "the flash model holds the whole device in the heap and the campaign needs thousands of "
+    "littlefs operations per cut: minutes under QEMU; littlefs is the same C code on both"
+)
+
+CAMPAIGN_CUTS = 250
+CAMPAIGN_SEED = 15
+CUT_WITHIN = 300  # operations after power-on (mount, recovery, then ~10-30 per record)
+MOUNT = "/flt"
+_EIO = const(5)
+
+
+class PowerCut(Exception):
+    """The supply went away: nothing after this operation reaches the flash."""
+
+
+@micropython.viper
+def _program(mem: ptr8, start: int, src: ptr8, n: int) -> int:
+    # NOR program: bits only go 1 -> 0. Returns bytes that asked for a 0 -> 1 change.
+    wrong = 0
+    for i in range(n):
+        old = mem[start + i]
+        new = src[i]
+        if new & (old ^ 0xFF):
+            wrong += 1
+        mem[start + i] = old & new
+    return wrong
+
+
+@micropython.viper
+def _fill(mem: ptr8, start: int, n: int, value: int):
+    for i in range(n):
+        mem[start + i] = value
+
+
+@micropython.viper
+def _find(mem: ptr8, size: int, pattern: ptr8, n: int, start: int) -> int:
+    i = start
+    while i + n <= size:
+        j = 0
+        while j < n and mem[i + j] == pattern[j]:
+            j += 1
+        if j == n:
+            return i
+        i += 1
+    return -1
+
+
+class NorFlash:
+    """The flash chip: its cells survive power cuts; `port()` is one power-on session."""
+
+    def __init__(self, blocks=40, block_bytes=4096, page_bytes=256, rng=None, reuse=None):
+        self.blocks = blocks
+        self.block_bytes = block_bytes
+        self.page_bytes = page_bytes
+        self.mem = reuse if reuse is not None else bytearray(blocks * block_bytes)
+        self.rng = rng or random
+        self.blank()
+        # Typical serial NOR figures (e.g. W25Q-class datasheets): 0.7 ms per 256 B page
+        # program, 45 ms per 4 KiB sector erase; reads are free in this model.
+        self.program_us_per_page = 700
+        self.erase_us = 45_000
+        self.busy_us = 0
+        self.operations = 0  # programs + erases since the chip was made
+        self.programs = 0
+        self.erases = 0
+        self.wrong_programs = 0  # programs that asked for a 0 -> 1 change (must stay 0)
+        self.cut_at = -1  # cut the power during this operation
+        self.tear_at = -1  # bytes a torn program gets in (-1: random)
+        self.eio_at = -1  # this operation fails with EIO (the chip reports a failure)
+        self.eio_from = -1  # every operation from this one fails with EIO
+        self.cuts = 0
+        self.torn_programs = 0
+        self.torn_erases = 0
+        self._session = None
+
+    def blank(self):
+        """A factory-fresh chip: every cell erased."""
+        _fill(self.mem, 0, self.blocks * self.block_bytes, 0xFF)
+
+    def port(self):
+        """Power on: a new session; the last one's objects can never reach the cells."""
+        if self._session is not None:
+            self._session.alive = False
+        self._session = FlashPort(self)
+        return self._session
+
+    def _operation(self):
+        self.operations += 1
+        n = self.operations
+        if n == self.eio_at or (self.eio_from >= 0 and n >= self.eio_from):
+            return -_EIO
+        if n == self.cut_at:
+            return 1
+        return 0
+
+    def program(self, block, offset, buf):
+        verdict = self._operation()
+        if verdict < 0:
+            return verdict
+        start = block * self.block_bytes + offset
+        n = len(buf)
+        pages = (n + self.page_bytes - 1) // self.page_bytes
+        if verdict:
+            # Torn program: a prefix made it, then the cells under program are left erased
+            # (0xFF, nothing more programmed) or half-programmed (garbage).
+            done = self.rng.getrandbits(16) % (n + 1) if self.tear_at < 0 else self.tear_at
+            self.wrong_programs += 1 if _program(self.mem, start, buf, done) else 0
+            if done < n and self.rng.getrandbits(1):
+                junk = bytearray(self.rng.getrandbits(8) for _ in range(min(n - done, 32)))
+                _program(self.mem, start + done, junk, len(junk))
+            self.busy_us += self.program_us_per_page * pages // 2
+            self.torn_programs += 1
+            self._cut()
+        self.wrong_programs += 1 if _program(self.mem, start, buf, n) else 0
+        self.programs += 1
+        self.busy_us += self.program_us_per_page * pages
+
+    def erase(self, block):
+        verdict = self._operation()
+        if verdict < 0:
+            return verdict
+        start = block * self.block_bytes
+        if verdict:
+            # Torn erase: part of the sector reads 0xFF, the rest anything.
+            done = self.rng.getrandbits(16) % (self.block_bytes + 1)
+            _fill(self.mem, start, done, 0xFF)
+            for i in range(start + done, min(start + done + 64, start + self.block_bytes)):
+                self.mem[i] = self.rng.getrandbits(8)
+            self.busy_us += self.erase_us // 2
+            self.torn_erases += 1
+            self._cut()
+        _fill(self.mem, start, self.block_bytes, 0xFF)
+        self.erases += 1
+        self.busy_us += self.erase_us
+        return 0
+
+    def _cut(self):
+        self.cuts += 1
+        self._session.alive = False
+        raise PowerCut()
+
+    def flip_bit(self, address, bit):
+        self.mem[address] ^= 1 << bit
+
+
+class FlashPort:
+    """The block device littlefs sees (MicroPython's extended interface with offsets)."""
+
+    def __init__(self, chip):
+        self.chip = chip
+        self.alive = True
+
+    # After the cut, the old session's objects may still run (closing files, littlefs
+    # finalisers at a later garbage collection): they read, but no write or erase reaches
+    # the cells.
+
+    def readblocks(self, block, buf, offset=0):
+        chip = self.chip
+        start = block * chip.block_bytes + offset
+        buf[:] = memoryview(chip.mem)[start : start + len(buf)]
+        return 0
+
+    def writeblocks(self, block, buf, offset=None):
+        if not self.alive:
+            return 0
+        return self.chip.program(block, 0 if offset is None else offset, buf)
+
+    def ioctl(self, op, arg):
+        if op == 4:  # block count
+            return self.chip.blocks
+        if op == 5:  # block size
+            return self.chip.block_bytes
+        if op == 6:  # erase
+            if not self.alive:
+                return 0
+            return self.chip.erase(arg)
+        return 0  # init, deinit, sync
+
+
+_CHIP = None
+
+
+def _chip(blocks=40):
+    """One chip for the whole file (the heap is the controller's: a 160 KiB buffer made
+    per test would fragment it), made factory-fresh with `blocks` sectors in use."""
+    global _CHIP
+    if _CHIP is None:
+        _CHIP = NorFlash(blocks=40)
+    chip = _CHIP
+    chip.__init__(blocks, reuse=chip.mem)
+    return chip
+
+
+def _power_on(chip, format_first=False):
+    """Boot as the board does: mount littlefs (mtime off, defaults otherwise)."""
+    try:
+        vfs.umount(MOUNT)  # still mounted if a test failed before its power-off
+    except OSError:
+        pass
+    port = chip.port()
+    if format_first:
+        vfs.VfsLfs2.mkfs(port)
+    vfs.mount(vfs.VfsLfs2(port, mtime=False), MOUNT)
+    return port
+
+
+def _power_off():
+    try:
+        vfs.umount(MOUNT)
+    except OSError:
+        pass
+    gc.collect()
+
+
+# ------------------------------------------------------------------ records under test
+
+LOGS = (("frames", storage.KIND_PATTERN_FRAME, 1100), ("events", storage.KIND_TDC_BLOCK, 300))
+_FILL = bytes(range(256)) * 5
+
+
+def _payload_length(name, seq):
+    if name == "frames":
+        return 40 + (seq * 389) % 1060
+    return 8 + (seq * 53) % 290
+
+
+def _fill_payload(log, name, seq):
+    n = _payload_length(name, seq)
+    p = log.payload
+    p[:n] = memoryview(_FILL)[(seq * 7) & 0xFF : ((seq * 7) & 0xFF) + n]
+    p[0] = seq & 0xFF
+    p[1] = (seq >> 8) & 0xFF
+    p[2] = ord(name[0])
+    return n
+
+
+def _expected(name, seq):
+    n = _payload_length(name, seq)
+    out = bytearray(_FILL[(seq * 7) & 0xFF : ((seq * 7) & 0xFF) + n])
+    out[0] = seq & 0xFF
+    out[1] = (seq >> 8) & 0xFF
+    out[2] = ord(name[0])
+    return out
+
+
+def _served(path, max_payload):
+    """Every record a reader gets from the file: {seq: payload}."""
+    out = {}
+    with open(path, "rb") as f:
+
+        def visit(offset, seq, kind, length):
+            f.seek(offset + storage.HEADER_BYTES)
+            out[seq] = f.read(length)
+
+        result = storage.scan(path, max_payload, visit=visit)
+    return out, result
+
+
+class Ledger:
+    """What the controller knows it committed, per log, and what the campaign saw."""
+
+    def __init__(self):
+        self.lost = 0
+        self.torn_served = 0
+        self.torn_skipped = 0  # torn records found and skipped at recovery (not flips)
+        self.flipped_skipped = 0  # records a bit flip corrupted, skipped at recovery
+        self.boots = 0
+        self.records = 0
+        self.new_device()
+
+    def new_device(self):
+        self.committed = {name: set() for name, _, _ in LOGS}
+        self.in_flight = {name: -1 for name, _, _ in LOGS}
+        self.corrupted = {name: set() for name, _, _ in LOGS}
+        self.skipped = {name: 0 for name, _, _ in LOGS}
+        self.flips_pending = {name: 0 for name, _, _ in LOGS}
+
+    def check_boot(self, store):
+        """After a power-on: every committed record is served intact; nothing torn is."""
+        self.boots += 1
+        for name, kind, max_payload in LOGS:
+            log = store.open_log(name, kind, max_payload)
+            new = log.recovery.skipped_regions - self.skipped[name]
+            self.skipped[name] = log.recovery.skipped_regions
+            flips = min(new, self.flips_pending[name])
+            self.flips_pending[name] = 0
+            self.flipped_skipped += flips
+            self.torn_skipped += new - flips
+            served, _ = _served(log.path, max_payload) if log.size_bytes else ({}, None)
+            for seq, payload in served.items():
+                if payload != _expected(name, seq):
+                    self.torn_served += 1
+            for seq in self.committed[name]:
+                if seq not in served and seq not in self.corrupted[name]:
+                    self.lost += 1
+            # a record in flight at the cut may have made it: then it is committed
+            flying = self.in_flight[name]
+            if flying >= 0 and flying in served:
+                self.committed[name].add(flying)
+            self.in_flight[name] = -1
+            assert log.next_seq > max(self.committed[name] or (-1,)), log.recovery.as_dict()
+
+
+def _run_until_cut(chip, ledger, rng, cut_in, format_first=False):
+    """Power on, recover, append records until the power cut `cut_in` operations ahead.
+    Returns False when the store is full (time for a fresh device)."""
+    chip.cut_at = chip.operations + cut_in
+    store = None
+    try:
+        _power_on(chip, format_first)
+        store = storage.Storage(MOUNT)
+        ledger.check_boot(store)
+        while True:
+            name, kind, max_payload = LOGS[rng.getrandbits(2) % 3 // 2]
+            log = store.logs[name]
+            seq = log.next_seq
+            ledger.in_flight[name] = seq
+            n = _fill_payload(log, name, seq)
+            got = log.commit(n)
+            if got < 0:
+                assert store.full and log.commits_failed == 0, store.status()
+                chip.cut_at = -1
+                return False
+            assert got == seq
+            ledger.committed[name].add(seq)
+            ledger.in_flight[name] = -1
+            ledger.records += 1
+    except PowerCut:
+        if store is not None:
+            for log in store.logs.values():
+                try:
+                    log.close()  # the dead session takes it nowhere (see FlashPort)
+                except OSError:
+                    pass
+        return True
+    finally:
+        _power_off()
+
+
+def _flip_a_stored_record(chip, ledger, rng):
+    """Flip one bit inside a committed record on the chip (every copy littlefs left)."""
+    name = "frames"
+    seqs = sorted(ledger.committed[name])
+    if len(seqs) < 8:
+        return False
+    seq = seqs[len(seqs) // 2 + rng.getrandbits(8) % (len(seqs) // 2)]
+    if seq < 4:
+        return False  # early records may sit inline in littlefs metadata: not record data
+    head = bytearray(12)
+    head[0:3] = b"QR\x01"
+    head[3] = storage.KIND_PATTERN_FRAME
+    for i in range(4):
+        head[4 + i] = (seq >> (8 * i)) & 0xFF
+        head[8 + i] = (_payload_length(name, seq) >> (8 * i)) & 0xFF
+    at = _find(chip.mem, len(chip.mem), head, 12, 0)
+    hit = 0
+    while at >= 0:
+        block_end = (at // chip.block_bytes + 1) * chip.block_bytes
+        span = min(at + 12 + _payload_length(name, seq), block_end) - (at + 4)
+        if span > 0:
+            chip.flip_bit(at + 4 + rng.getrandbits(16) % span, rng.getrandbits(3))
+            hit += 1
+        at = _find(chip.mem, len(chip.mem), head, 12, at + 1)
+    if hit:
+        ledger.committed[name].discard(seq)
+        ledger.corrupted[name].add(seq)
+        ledger.flips_pending[name] += 1
+    return hit > 0
+
+
+def run_campaign(cuts, seed, flip_every=7, blocks=40):
+    """`cuts` random power cuts; returns the campaign's figures."""
+    rng = random
+    rng.seed(seed)
+    chip = _chip(blocks)
+    chip.rng = rng
+    ledger = Ledger()
+    devices = 1
+    flips = 0
+    fresh = True
+    done = 0
+    while done < cuts:
+        if done and done % flip_every == 0 and not fresh:
+            flips += _flip_a_stored_record(chip, ledger, rng)
+        # cut anywhere from the mount to a few records later (a record is ~4-20 operations)
+        cut = _run_until_cut(chip, ledger, rng, 1 + rng.getrandbits(16) % CUT_WITHIN, fresh)
+        if cut:
+            done += 1
+            fresh = False
+        else:
+            # full: a reported state. Check the full store once more, then a fresh device.
+            _power_on(chip)
+            ledger.check_boot(storage.Storage(MOUNT))
+            _power_off()
+            chip.blank()
+            ledger.new_device()
+            devices += 1
+            fresh = True
+    # the last boot's check
+    _power_on(chip)
+    ledger.check_boot(storage.Storage(MOUNT))
+    _power_off()
+    return {
+        "cuts": chip.cuts,
+        "devices": devices,
+        "records": ledger.records,
+        "lost": ledger.lost,
+        "torn_served": ledger.torn_served,
+        "boots": ledger.boots,
+        "torn_skipped": ledger.torn_skipped,
+        "flipped_skipped": ledger.flipped_skipped,
+        "torn_programs": chip.torn_programs,
+        "torn_erases": chip.torn_erases,
+        "flash_busy_ms": chip.busy_us // 1000,
+        "bit_flips": flips,
+        "wrong_programs": chip.wrong_programs,
+    }
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_random_power_cuts_lose_no_committed_record_and_serve_no_torn_one():
+    figures = run_campaign(CAMPAIGN_CUTS, CAMPAIGN_SEED)
+    print("campaign", sorted(figures.items()))
+    assert figures["cuts"] >= CAMPAIGN_CUTS
+    assert figures["lost"] == 0 and figures["torn_served"] == 0, figures
+    assert figures["wrong_programs"] == 0, figures  # littlefs never reprograms a 0 to 1
+    assert figures["bit_flips"] > 0 and figures["devices"] >= 2, figures
+
+
+def _fresh_store(chip, quota_bytes=-1):
+    _power_on(chip, format_first=True)
+    return storage.Storage(MOUNT, quota_bytes)
+
+
+def test_a_bit_flip_in_an_old_record_costs_that_record_only():
+    chip = _chip()
+    store = _fresh_store(chip)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    for seq in range(30):
+        assert log.commit(_fill_payload(log, "frames", seq)) == seq
+    _power_off()
+    ledger = Ledger()
+    ledger.committed["frames"] = set(range(30))
+    assert _flip_a_stored_record(chip, ledger, random)
+    (victim,) = ledger.corrupted["frames"]
+    _power_on(chip)
+    store = storage.Storage(MOUNT)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    r = log.recovery
+    assert r.records == 29 and r.skipped_regions == 1 and r.missing_records == 1, r.as_dict()
+    assert r.reason == "bad crc" or r.reason == "bad length" or r.reason == "bad magic"
+    served, _ = _served(log.path, 1100)
+    assert sorted(served) == [s for s in range(30) if s != victim]
+    assert all(served[s] == _expected("frames", s) for s in served)
+    # appends continue after the last record, and the bad one stays skipped
+    assert log.commit(_fill_payload(log, "frames", 30)) == 30
+    _power_off()
+
+
+def test_recovery_of_a_torn_tail_needs_no_free_space():
+    # A plain (non-copy-on-write) filesystem or an older firmware leaves a torn tail, and
+    # the store is nearly full. Recovery must not need a copy of the file.
+    chip = _chip(24)
+    store = _fresh_store(chip)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    for seq in range(40):
+        assert log.commit(_fill_payload(log, "frames", seq)) == seq
+    log.close()
+    with open(log.path, "ab") as f:  # the start of a record that never finished
+        f.write(b"QR\x01\x01" + bytes(60))
+    filler = bytes(1024)
+    with open(MOUNT + "/filler", "wb") as f:  # everything else littlefs has
+        try:
+            while True:
+                f.write(filler)
+                f.flush()
+        except OSError:
+            pass
+    _power_off()
+    _power_on(chip)
+    store = storage.Storage(MOUNT)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    assert log.recovery.records == 40 and log.recovery.skipped_regions == 1
+    served, _ = _served(log.path, 1100)
+    assert sorted(served) == list(range(40))
+    assert all(served[s] == _expected("frames", s) for s in served)
+    # and the full store refuses the next record cleanly
+    got = log.commit(_fill_payload(log, "frames", 40))
+    assert got == storage.COMMIT_FAILED and store.full, (got, store.status(), os.statvfs(MOUNT))
+    _power_off()
+
+
+def test_enospc_from_littlefs_itself_is_counted_and_leaves_no_torn_record():
+    chip = _chip(24)
+    store = _fresh_store(chip, quota_bytes=1 << 29)  # no quota: littlefs runs out first
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    seq = 0
+    while log.commit(_fill_payload(log, "frames", seq)) == seq:
+        seq += 1
+    assert log.last_errno == 28 and log.commits_failed == 1 and store.full, log.status()
+    _power_off()
+    _power_on(chip)
+    store = storage.Storage(MOUNT)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    served, result = _served(log.path, 1100)
+    assert sorted(served) == list(range(seq)) and result.dropped_bytes == 0
+    _power_off()
+
+
+def test_a_full_store_is_a_reported_state_not_a_crash_nor_a_torn_record():
+    chip = _chip(24)
+    store = _fresh_store(chip)  # the default quota from the filesystem's size
+    assert 0 < store.quota_bytes < 24 * 4096
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    seq = 0
+    while True:
+        got = log.commit(_fill_payload(log, "frames", seq))
+        if got < 0:
+            break
+        seq += 1
+    assert store.full and not store.can_commit() and log.commits_refused == 1, log.status()
+    assert log.commits_failed == 0  # the quota stopped it before littlefs ran out
+    assert store.status()["refused"] == 1
+    # the file ends with the last committed record; littlefs still has room to work
+    served, result = _served(log.path, 1100)
+    assert sorted(served) == list(range(seq)) and result.dropped_bytes == 0
+    # deleting a product makes room again: the next commit goes in
+    other = store.open_log("events", storage.KIND_TDC_BLOCK, 300)
+    while other.commit(_fill_payload(other, "events", other.next_seq)) >= 0:
+        pass
+    assert store.full and other.commits_refused == 1
+    log.close()
+    os.remove(log.path)
+    seq = other.next_seq
+    assert other.commit(_fill_payload(other, "events", seq)) == seq and not store.full
+    _power_off()
+
+
+def test_an_io_error_mid_record_is_counted_and_leaves_no_torn_record():
+    chip = _chip()
+    store = _fresh_store(chip)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    for seq in range(10):
+        assert log.commit(_fill_payload(log, "frames", seq)) == seq
+    chip.eio_at = chip.operations + 2  # the second program of the next record fails
+    assert log.commit(_fill_payload(log, "frames", 10)) == storage.COMMIT_FAILED
+    assert log.commits_failed == 1 and log.last_errno == _EIO
+    assert store.status()["failed"] == 1
+    # the chip works again: the log goes on with the same sequence number
+    assert log.commit(_fill_payload(log, "frames", 10)) == 10
+    assert log.commit(_fill_payload(log, "frames", 11)) == 11
+    chip.eio_from = chip.operations + 1  # the chip dies for good
+    assert log.commit(_fill_payload(log, "frames", 12)) == storage.COMMIT_FAILED
+    assert log.commit(_fill_payload(log, "frames", 12)) == storage.COMMIT_FAILED
+    assert log.commits_failed == 3
+    chip.eio_from = -1
+    _power_off()
+    _power_on(chip)
+    store = storage.Storage(MOUNT)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    served, result = _served(log.path, 1100)
+    assert sorted(served) == list(range(12)) and result.dropped_bytes == 0, result.as_dict()
+    assert all(served[s] == _expected("frames", s) for s in served)
+    _power_off()
+
+
+def test_the_flash_model_is_nor_flash():
+    chip = _chip(2)
+    port = chip.port()
+    buf = bytearray(16)
+    port.readblocks(1, buf, 8)
+    assert buf == b"\xff" * 16  # erased
+    port.writeblocks(1, b"\x0f" * 16, 8)
+    port.writeblocks(1, b"\xf1" * 16, 8)  # programming can only clear bits
+    port.readblocks(1, buf, 8)
+    assert buf == b"\x01" * 16 and chip.wrong_programs == 1
+    assert port.ioctl(6, 1) == 0
+    port.readblocks(1, buf, 8)
+    assert buf == b"\xff" * 16 and chip.busy_us == 2 * 700 + 45_000
+    chip.cut_at = chip.operations + 1
+    chip.tear_at = 5
+    try:
+        port.writeblocks(0, b"\x00" * 256, 0)
+        raise AssertionError("no power cut")
+    except PowerCut:
+        pass
+    port.writeblocks(0, b"\x00" * 16, 0)  # that session is gone for good
+    port = chip.port()
+    port.readblocks(0, buf, 0)  # the cells kept what the torn program left, no more
+    assert chip.torn_programs == 1 and buf[:5] == bytes(5) and buf[5:] != bytes(11)
