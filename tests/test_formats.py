@@ -161,6 +161,13 @@ def test_pattern_log_answers_slots_across_frames(tmp_path):
     assert log.covers(np.array([2002, 4999, 6001])).tolist() == [False, False, False]
     with pytest.raises(IndexError):
         log.symbols(np.array([3000]))
+    # a bit flip in the middle frame's record: that frame is a gap, the others stand
+    data = bytearray(path.read_bytes())
+    data[qrec.parse_records(bytes(data)).records[1].offset + 40] ^= 0x01
+    path.write_bytes(bytes(data))
+    log = open_patterns(tmp_path)
+    assert log.covers(np.array([0, 1001, 2001, 5000])).tolist() == [True, False, False, True]
+    assert log.symbols(slots[[0, 1, 2, 5, 6]]).tolist() == expected[[0, 1, 2, 5, 6]].tolist()
 
 
 def test_pattern_source_round_trip_is_private(tmp_path):

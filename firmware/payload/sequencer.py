@@ -205,7 +205,6 @@ class Sequencer:
         self.frames_missed = 0  # frames the head emitted blank because we were late
         self.refused_commits = 0
         self.bus_failures = 0
-        self.storage_fault = False  # storage could not log a frame: the laser was stopped
         self.behind = False  # telemetry flag: the controller did not keep up
 
     def configure(self, config, time_scale_ppm):
@@ -243,7 +242,6 @@ class Sequencer:
             self.frames_unlogged += 1
         self.running = True
         self.behind = False
-        self.storage_fault = False
         # Fill the first frame before the laser starts, so it is never blank.
         self.step()
         _require(bus.write1(busmod.REG_LASER_CTRL, 1), "LASER_CTRL")
@@ -337,7 +335,6 @@ class Sequencer:
         self.frames_unlogged += 1
         self.frames_sent += 1
         self.next_frame += 1
-        self.storage_fault = True
         self.running = False
         self.bus.write1(busmod.REG_LASER_CTRL, 0)
 
@@ -348,7 +345,6 @@ class Sequencer:
             "frames_missed": self.frames_missed,
             "refused_commits": self.refused_commits,
             "frames_unlogged": self.frames_unlogged,
-            "storage_fault": self.storage_fault,
             "bus_failures": self.bus_failures,
             "behind": self.behind,
             "next_frame": self.next_frame,

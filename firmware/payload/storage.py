@@ -501,9 +501,9 @@ class Storage:
         return log
 
     def status(self):
-        """Storage health for housekeeping (short: it shares one packet): bytes used and
-        the quota, full, commits failed (I/O, ENOSPC) and refused (quota) over all logs,
-        the last errno, and bytes skipped as torn or corrupt when the logs were opened."""
+        """Storage health for housekeeping, short as it shares one packet: bytes used, and
+        only when set: full, commits failed (I/O, ENOSPC) and refused (quota) over all logs,
+        the last errno, bytes skipped as torn or corrupt when the logs were opened."""
         failed = refused = errno = skipped = 0
         for log in self.logs.values():
             failed += log.commits_failed
@@ -511,15 +511,17 @@ class Storage:
             skipped += log.recovery.dropped_bytes
             if log.last_errno:
                 errno = log.last_errno
-        return {
-            "used": self.used_bytes,
-            "quota": self.quota_bytes,
-            "full": self.full,
-            "failed": failed,
-            "refused": refused,
-            "errno": errno,
-            "skipped": skipped,
-        }
+        out = {"used": self.used_bytes}
+        for key, value in (
+            ("full", self.full),
+            ("failed", failed),
+            ("refused", refused),
+            ("errno", errno),
+            ("skipped", skipped),
+        ):
+            if value:
+                out[key] = value
+        return out
 
     def products(self):
         """[(file name, bytes, crc32)] for every product file, whether open or not."""

@@ -91,8 +91,9 @@ class PatternLog:
 
     def __init__(self, path: str | Path):
         log = read_records(path)
-        if log.problem:
-            raise BadInput(f"{path}: {log.problem} (after {len(log.records)} good records)")
+        # A torn or corrupt frame record is skipped by the reader (docs/storage.md): its
+        # slots are a gap, as are frames never logged; the rest of the log stands.
+        self.skipped = log.skipped
         starts, nibbles = [], []
         for record in log.records:
             if record.kind != Kind.PATTERN_FRAME:
@@ -161,14 +162,16 @@ def pattern_runs_from_log(path: str | Path) -> list[dict] | None:
     order: the one written at start with frames 0, then the one written at stop); None if
     the product holds pattern frames (a controller-driven pattern log)."""
     log = read_records(path)
-    if log.problem:
-        raise BadInput(f"{path}: {log.problem} (after {len(log.records)} good records)")
     if any(r.kind == Kind.RETIRED_PATTERN_SOURCE for r in log.records):
         raise BadInput(
             f"{path}: PATTERN_SOURCE records (a splitmix64 seed): that generator is retired, "
             "its patterns cannot make a secret key"
         )
     runs = [r for r in log.records if r.kind == Kind.PATTERN_RUN]
+    if not runs and any(r.kind == Kind.PATTERN_FRAME for r in log.records):
+        return None  # a frame log: a skipped frame record is a gap (PatternLog)
+    if log.problem:  # a run record (start or stop) may be the one skipped
+        raise BadInput(f"{path}: {log.problem} (after {len(log.records)} good records)")
     if not runs:
         return None
     if any(r.kind == Kind.PATTERN_FRAME for r in log.records):
