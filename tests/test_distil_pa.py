@@ -44,3 +44,22 @@ def test_inexact_fft_falls_back_to_exact(monkeypatch):
 def test_wrong_seed_length_is_refused():
     with pytest.raises(pa.PrivacyAmplificationError, match="needs"):
         pa.toeplitz_hash(np.zeros(10, np.uint8), np.zeros(10, np.uint8), 5)
+
+
+def test_circular_transform_of_the_seeds_length_is_exact_where_its_wrap_lands():
+    """The transform is only the seed's length (n + l - 1), so the linear convolution's
+    tail wraps around; it must land only on the n - 1 values that are not output. With
+    the first and last rows of T (the seed's ends) carrying all the ones, a wrong wrap
+    would change the output; checked against the matrix product."""
+    n, l = 257, 100
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    x[-1] = 1
+    seed = rng.integers(0, 2, n + l - 1, dtype=np.uint8)
+    seed[:8] = 1
+    seed[-8:] = 1
+    assert pa.fft_length(n, l) < 2 * n + l - 2  # shorter than the linear convolution
+    y, margin = pa.toeplitz_hash(x, seed, l)
+    T = np.array([[seed[i - j + n - 1] for j in range(n)] for i in range(l)])
+    assert margin < 1e-6
+    assert np.array_equal(y, (T @ x) % 2)

@@ -2,9 +2,13 @@
 
 T (out_bits x in_bits) has T[i, j] = seed[i - j + in_bits - 1]: the seed (in + out - 1
 bits) runs along the diagonals. y = T x mod 2 is the middle part of the convolution
-seed * x. The convolution's values are integers up to min(in, seed) ones; float64 FFT gives
-them with a tiny error. The result is used only if every value is within EXACT_MARGIN of
-an integer; otherwise it is recomputed exactly in blocks (never silently wrong).
+seed * x, and only that part is needed: a circular convolution of length
+N >= in + out - 1 (the seed's length) wraps the linear one's tail onto its first in - 1
+values only, which are not used. So one real FFT length of about in + out is enough,
+half the linear convolution's 2 in + out (the transform is the cost: three of them).
+The convolution's values are integers up to min(in, seed) ones; float64 FFT gives them
+with a tiny error. The result is used only if every value is within EXACT_MARGIN of an
+integer; otherwise it is recomputed exactly in blocks (never silently wrong).
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ class PrivacyAmplificationError(RuntimeError):
 
 def seed_bits_needed(in_bits: int, out_bits: int) -> int:
     return in_bits + out_bits - 1
+
+
+def fft_length(in_bits: int, out_bits: int) -> int:
+    """The transform length: the seed's length or the next fast one above it."""
+    return scipy.fft.next_fast_len(seed_bits_needed(in_bits, out_bits), real=True)
 
 
 def _convolve_exact_blocks(seed: np.ndarray, x: np.ndarray, out_bits: int) -> np.ndarray:
@@ -45,11 +54,10 @@ def toeplitz_hash(x: np.ndarray, seed: np.ndarray, out_bits: int) -> tuple[np.nd
         raise PrivacyAmplificationError(
             f"Toeplitz seed has {seed.size} bits, needs {seed_bits_needed(n, out_bits)}"
         )
-    size = scipy.fft.next_fast_len(seed.size + n - 1, real=True)
-    conv = scipy.fft.irfft(
-        scipy.fft.rfft(seed.astype(np.float64), size) * scipy.fft.rfft(x.astype(np.float64), size),
-        size,
-    )[n - 1 : n - 1 + out_bits]
+    size = fft_length(n, out_bits)
+    spectrum = scipy.fft.rfft(seed.astype(np.float64), size)
+    spectrum *= scipy.fft.rfft(x.astype(np.float64), size)
+    conv = scipy.fft.irfft(spectrum, size, overwrite_x=True)[n - 1 : n - 1 + out_bits]
     rounded = np.rint(conv)
     worst = float(np.max(np.abs(conv - rounded))) if out_bits else 0.0
     if not worst < EXACT_MARGIN:

@@ -316,11 +316,11 @@ class Alice:
                 keep = np.ones(pos_all.size, bool)
                 keep[disclosed[name]] = False
                 key_bits = s_bit[pos_all[keep]]
-                estimate = _ec_qber(qber_est, sizes, name, previous)
+                estimate, sample_bits = _ec_sizing(qber_est, sizes, name, previous)
                 if cfg.ec == "ldpc":
                     with _naming_block(name):
                         kept, stats = reconcile.ldpc_alice(
-                            channel, key_bits, estimate, cfg.ec_efficiency, self.rng
+                            channel, key_bits, estimate, cfg.ec_efficiency, self.rng, sample_bits
                         )
                 else:
                     stats = reconcile.cascade_alice(channel, key_bits, estimate, _public_seed(b))
@@ -472,13 +472,20 @@ def _ec_qber(qber_est: dict, sample_size: dict, name: str, previous=None) -> flo
     block at f 1.18 while the Z block, sized low, climbed by retries to 1.09); one that
     ran low only costs retries. When the two bases' error rates really differ the sample
     stands, so a misaligned basis is not sized from the other one's."""
-    q = qber_est[name]
+    return _ec_sizing(qber_est, sample_size, name, previous)[0]
+
+
+def _ec_sizing(qber_est: dict, sample_size: dict, name: str, previous=None) -> tuple:
+    """(_ec_qber's estimate, the bits it comes from): error correction sizes its first
+    attempt and its punctured reserve from that estimate's confidence interval
+    (reconcile.qber_interval)."""
+    q, bits = qber_est[name], sample_size.get(name, 0)
     if previous is not None and previous[1] > 0 and sample_size.get(name, 0) > 0:
         exact = previous[0] / previous[1]
         spread = math.sqrt(max(q, 1e-4) * (1 - q) / sample_size[name])
         if abs(exact - q) <= EC_CONSISTENT_SIGMAS * spread:
-            q = exact
-    return min(max(q, 0.004), 0.2)
+            q, bits = exact, previous[1]
+    return min(max(q, 0.004), 0.2), bits
 
 
 # ====================================================================== Bob
@@ -610,13 +617,13 @@ class Bob:
                 keep = np.ones(pos_all.size, bool)
                 keep[disclosed[name]] = False
                 idx = pos_all[keep]
-                estimate = _ec_qber(qber, sizes, name, previous)
+                estimate, sample_bits = _ec_sizing(qber, sizes, name, previous)
                 if idx.size == 0:
                     raise ProtocolAborted(f"too few events: no {name}-basis key bits")
                 if cfg.ec == "ldpc":
                     with _naming_block(name):
                         corrected, kept, stats = reconcile.ldpc_bob(
-                            channel, s_bit[idx], estimate, cfg.ec_efficiency
+                            channel, s_bit[idx], estimate, cfg.ec_efficiency, sample_bits
                         )
                 else:
                     corrected, stats = reconcile.cascade_bob(

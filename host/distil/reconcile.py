@@ -15,6 +15,7 @@ Leak accounting (bits an eavesdropper learns about the key string):
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -33,6 +34,17 @@ LDPC_RETRIES = 40
 LDPC_REVEAL_STEP_F = 0.01
 LDPC_STEP_GROWTH = 8  # retries per unit of step growth (see _retry_step)
 LDPC_STEP_LINEAR = 24  # retries of linear growth before doubling
+# Sizing from the QBER sample: the first syndromes are sized for the low end of the
+# sample's confidence interval (estimate - QBER_SIGMAS_LOW standard errors), the punctured
+# reserve reaches its high end (+ QBER_SIGMAS_HIGH). Bob then measures the QBER from the
+# syndromes themselves (_syndrome_qber: every check whose parity differs from Alice's
+# counts, ~100x the sample) and asks, in one round, for the punctured bits that bring
+# every frame to LDPC_FIRST_F h(measured QBER); the fine retries follow only for the
+# frames that still fail. A sample that ran high costs at most the gap to the low end,
+# one that ran low costs nothing but that round.
+QBER_SIGMAS_LOW = 2.0
+QBER_SIGMAS_HIGH = 4.0
+LDPC_FIRST_F = 1.06
 
 
 # Check after decoding, under a hash key Alice draws after Bob has finished decoding (so
@@ -62,6 +74,12 @@ def _retry_step(base_step: int, attempt: int) -> int:
         return base_step * (1 + attempt // LDPC_STEP_GROWTH)
     linear_end = 1 + (LDPC_STEP_LINEAR - 1) // LDPC_STEP_GROWTH
     return base_step * linear_end << (1 + (attempt - LDPC_STEP_LINEAR) // 3)
+
+
+def _decode(llr, syndromes, code, iterations, messages, out, iters):
+    return ldpc.decode_phi(
+        llr, syndromes, code.check_ptr, code.check_var, iterations, messages, out, iters
+    )
 
 
 class ReconciliationFailed(ProtocolAborted):
@@ -121,12 +139,97 @@ def _frame_list(values, frames: int, what: str) -> np.ndarray:
     return out
 
 
-def _plan(count: int, qber_estimate: float, efficiency: float) -> ldpc.FramePlan:
+def qber_interval(qber_estimate: float, sample_bits: int) -> tuple[float, float]:
+    """(low, high) QBER the first attempt and the punctured reserve are sized for: the
+    estimate -QBER_SIGMAS_LOW / +QBER_SIGMAS_HIGH binomial standard errors of a sample of
+    sample_bits (0: the estimate is taken as exact). The spread uses at least 1 % QBER, so
+    a small sample with no error still reserves for a few percent."""
+    q = min(max(qber_estimate, 1e-4), 0.5)
+    if sample_bits <= 0:
+        return q, q
+    spread = math.sqrt(max(q, 0.01) * (1 - q) / sample_bits)
+    low = max(q - QBER_SIGMAS_LOW * spread, 0.5 * q, 1e-3)
+    return min(low, q), min(q + QBER_SIGMAS_HIGH * spread, 0.2)
+
+
+def _plan(
+    count: int, qber_estimate: float, efficiency: float, sample_bits: int = 0
+) -> ldpc.FramePlan:
     """Equal frames: as few as fit the block, each sized to it, so no frame is mostly
     padding (the syndrome length is the code's whatever the frame holds)."""
-    most = ldpc.max_key_bits(qber_estimate, efficiency)
+    low, high = qber_interval(qber_estimate, sample_bits)
+    most = ldpc.max_key_bits(low, efficiency, qber_high=high)
     frames = max(1, math.ceil(count / most))
-    return ldpc.plan_for(qber_estimate, efficiency, key_bits=max(1, math.ceil(count / frames)))
+    return ldpc.plan_for(
+        low, efficiency, key_bits=max(1, math.ceil(count / frames)), qber_high=high
+    )
+
+
+def _parity_groups(plan: ldpc.FramePlan) -> tuple[np.ndarray, np.ndarray]:
+    """Checks whose combined parity does not involve a punctured bit: (singles, pairs).
+    singles: the checks with no punctured neighbour; pairs (k x 2): the two checks of a
+    punctured degree-2 bit when it is their only punctured neighbour (the untainted
+    puncturing of the staircase gives every check exactly one once p >= m / 2, so
+    singles alone can run out). In a graph without 4-cycles the two checks share no
+    other bit."""
+    code = plan.code
+    punctured = np.zeros(code.n, dtype=bool)
+    punctured[plan.punctured_positions] = True
+    checks = np.repeat(np.arange(code.m), np.diff(code.check_ptr))
+    edges = np.nonzero(punctured[code.check_var])[0]
+    per_check = np.bincount(checks[edges], minlength=code.m)
+    variable, check = code.check_var[edges], checks[edges]
+    two = np.bincount(variable, minlength=code.n)[variable] == 2
+    order = np.argsort(variable[two], kind="stable")
+    pairs = check[two][order].reshape(-1, 2)
+    pairs = pairs[(per_check[pairs[:, 0]] == 1) & (per_check[pairs[:, 1]] == 1)]
+    return np.nonzero(per_check == 0)[0], pairs
+
+
+def _syndrome_qber(
+    plan: ldpc.FramePlan, frames, syndromes, bits, sample_qber=0.0, sample_bits=0
+) -> float:
+    """Bob's maximum-likelihood QBER from the syndromes and the disclosed sample together:
+    a parity over d of the frame's key bits (a check, or two checks whose punctured bit
+    cancels: _parity_groups) differs from Alice's with probability (1 - (1 - 2q)^d) / 2
+    (errors independent, which the interleaving makes so); the sample has
+    sample_qber * sample_bits errors in sample_bits. Known-zero positions carry no error.
+    On a large block the syndromes say ~100x more than the sample; on a small, heavily
+    punctured one few parities are free of punctured bits and the sample weighs in. Bob
+    computes it from what he has; nothing of it is sent (only the one top-up step chosen
+    from it)."""
+    code = plan.code
+    singles, pairs = _parity_groups(plan)
+    words = np.zeros((len(frames), code.n), dtype=np.uint8)
+    key_degree = {}
+    for f, (start, used) in enumerate(frames):
+        key_pos, _ = _frame_layout(plan, used)
+        if used not in key_degree:
+            is_key = np.zeros(code.n, dtype=np.int64)
+            is_key[key_pos] = 1
+            per_check = np.add.reduceat(is_key[code.check_var], code.check_ptr[:-1])
+            key_degree[used] = np.concatenate(
+                [per_check[singles], per_check[pairs[:, 0]] + per_check[pairs[:, 1]]]
+            )
+        words[f, key_pos] = bits[start : start + used]
+    differ_all = code.syndrome(words) ^ syndromes
+    size = 1 + max(int(d.max(initial=0)) for d in key_degree.values())
+    groups = np.zeros(size, dtype=np.int64)
+    differ = np.zeros(size, dtype=np.int64)
+    for f, (_, used) in enumerate(frames):
+        d = key_degree[used]
+        z = np.concatenate(
+            [differ_all[f, singles], differ_all[f, pairs[:, 0]] ^ differ_all[f, pairs[:, 1]]]
+        )
+        groups += np.bincount(d, minlength=size)
+        differ += np.bincount(d, weights=z, minlength=size).astype(np.int64)
+    d = np.nonzero(groups[1:])[0] + 1
+    grid = np.linspace(1e-4, 0.3, 3000)
+    p = np.clip(0.5 * (1 - (1 - 2 * grid[:, None]) ** d[None, :]), 1e-12, 1 - 1e-12)
+    loglik = (differ[d] * np.log(p) + (groups[d] - differ[d]) * np.log(1 - p)).sum(axis=1)
+    errors = sample_qber * sample_bits
+    loglik += errors * np.log(grid) + (sample_bits - errors) * np.log(1 - grid)
+    return float(grid[np.argmax(loglik)])
 
 
 def _interleave(count: int) -> np.ndarray:
@@ -157,12 +260,20 @@ def _frame_layout(plan: ldpc.FramePlan, used: int) -> tuple[np.ndarray, np.ndarr
     return key_pos, zero_pos
 
 
-def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float, rng) -> tuple:
+def ldpc_alice(
+    channel,
+    key: np.ndarray,
+    qber_estimate: float,
+    efficiency: float,
+    rng,
+    sample_bits: int = 0,
+) -> tuple:
     """Alice's half: (kept, stats), kept a mask over `key` of the bits in frames both sides
     keep (Bob announces the discarded frames; dropping a frame only shrinks the key, so
     Alice can follow him, after checking he dropped at least the frames he gave up on).
-    The discarded frames' bits are then disclosed: they are no longer key."""
-    plan = _plan(key.size, qber_estimate, efficiency)
+    The discarded frames' bits are then disclosed: they are no longer key.
+    sample_bits: the size of the sample behind qber_estimate (0: exact), see _plan."""
+    plan = _plan(key.size, qber_estimate, efficiency, sample_bits)
     code = plan.code
     frames = _frames(key.size, plan)
     interleave = _interleave(key.size)
@@ -181,20 +292,32 @@ def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float
         syndromes=pack_bits(syndromes.reshape(-1)),
     )
     revealed = np.zeros(len(frames), dtype=np.int64)
-    while True:
-        msg = channel.recv("ec_status")
-        failed = _frame_list(msg["failed"], len(frames), "ec_status")
-        if failed.size == 0:
-            break
-        step = int(msg["step"])
+
+    def reveal(pending: np.ndarray, step: int) -> None:
         values = []
-        for f in failed:
+        for f in pending:
             order = _reveal_order(plan, frames[f][1])
             pos = order[revealed[f] : revealed[f] + step]
             # a short last frame can run out of positions: pad (the leak counts full steps)
             values.append(np.pad(words[f, pos], (0, step - pos.size)))
             revealed[f] += step
         channel.send("ec_reveal", values=pack_bits(np.concatenate(values)))
+
+    # Bob's top-up before his first decoding: the same step for every frame (or none)
+    first_step = int(channel.recv("ec_top_up")["step"])
+    if not 0 <= first_step <= code.n:
+        raise ReconciliationFailed(f"ec_top_up: step {first_step} out of range")
+    if first_step:
+        reveal(np.arange(len(frames)), first_step)
+    while True:
+        msg = channel.recv("ec_status")
+        failed = _frame_list(msg["failed"], len(frames), "ec_status")
+        if failed.size == 0:
+            break
+        step = int(msg["step"])
+        if not 0 < step <= code.n:
+            raise ReconciliationFailed(f"ec_status: step {step} out of range")
+        reveal(failed, step)
     # Check of the frames Bob decoded, under a key drawn only now (after Bob's decoder has
     # fixed its output, so the wrong words cannot depend on it): one tag of them all, and
     # per-frame tags only if Bob finds that it differs.
@@ -227,18 +350,22 @@ def ldpc_alice(channel, key: np.ndarray, qber_estimate: float, efficiency: float
     return kept, {
         "leak_bits": leak,
         "frames": len(frames),
-        "frame_errors": int(np.sum(revealed > 0)),
+        "frame_errors": int(np.sum(revealed > first_step)),
         "frames_discarded": int(discarded.size),
         "bits_discarded": int(count - kept.sum()),
     }
 
 
-def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float) -> tuple:
+def ldpc_bob(
+    channel, bits: np.ndarray, qber_estimate: float, efficiency: float, sample_bits: int = 0
+) -> tuple:
     """Bob's half: (corrected, kept, stats). Frames that do not decode within the retries,
     or whose decoded key bits hash differently from Alice's, are discarded: `kept` masks
     them out of the key. Alice then discloses their bits, so `corrected` is her whole
-    string (the kept part verified by the check tags, and later the block hash)."""
-    plan = _plan(bits.size, qber_estimate, efficiency)
+    string (the kept part verified by the check tags, and later the block hash).
+    First Bob measures the QBER from the syndromes and asks for what the frames need
+    (LDPC_FIRST_F), then decodes, then retries in fine steps the frames that failed."""
+    plan = _plan(bits.size, qber_estimate, efficiency, sample_bits)
     code = plan.code
     frames = _frames(bits.size, plan)
     interleave = _interleave(bits.size)
@@ -247,42 +374,22 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
     if msg["code"] != code.digest() or int(msg["frames"]) != len(frames):
         raise ReconciliationFailed("LDPC code or frame count differs between Alice and Bob")
     syndromes = unpack_bits(msg["syndromes"], len(frames) * code.m).reshape(len(frames), code.m)
-    magnitude = math.log((1 - qber_estimate) / qber_estimate)
-    llr = np.zeros((len(frames), code.n), dtype=np.float64)
+    measured = _syndrome_qber(plan, frames, syndromes, bits, qber_estimate, sample_bits)
+    measured = min(max(measured, 1e-3), 0.25)
+    magnitude = math.log((1 - measured) / measured)
+    llr = np.zeros((len(frames), code.n), dtype=np.float32)
     for f, (start, used) in enumerate(frames):
         key_pos, zero_pos = _frame_layout(plan, used)
         llr[f, key_pos] = np.where(bits[start : start + used] == 1, -magnitude, magnitude)
         llr[f, zero_pos] = ldpc.LLR_KNOWN
     out = np.zeros((len(frames), code.n), dtype=np.uint8)
     iters = np.zeros(len(frames), dtype=np.int64)
-    pending = np.arange(len(frames))
     revealed = np.zeros(len(frames), dtype=np.int64)
     messages = np.zeros((len(frames), code.edges), dtype=np.float32)
-    base_step = max(
-        4, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * binary_entropy(qber_estimate))
-    )
-    retries = 0
-    for attempt in range(LDPC_RETRIES + 1):
-        sub_out = np.zeros((pending.size, code.n), dtype=np.uint8)
-        sub_iters = iters[pending]
-        sub_messages = messages[pending]
-        ok = ldpc.decode_frames_warm(
-            np.ascontiguousarray(llr[pending]),
-            np.ascontiguousarray(syndromes[pending]),
-            code.check_ptr,
-            code.check_var,
-            LDPC_MAX_ITERATIONS if attempt == 0 else LDPC_RETRY_ITERATIONS,
-            sub_messages,
-            sub_out,
-            sub_iters,
-        )
-        out[pending], iters[pending], messages[pending] = sub_out, sub_iters, sub_messages
-        pending = pending[~ok]
-        if pending.size == 0 or attempt == LDPC_RETRIES:
-            break
-        retries += 1
-        step = _retry_step(base_step, attempt)
-        channel.send("ec_status", failed=pending.astype(np.int32), step=step)
+    h = binary_entropy(measured)
+    base_step = max(4, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * h))
+
+    def request(pending: np.ndarray, step: int) -> None:
         values = unpack_bits(channel.recv("ec_reveal")["values"], pending.size * step)
         for i, f in enumerate(pending):
             order = _reveal_order(plan, frames[f][1])
@@ -290,6 +397,43 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
             v = values[i * step : i * step + pos.size]
             llr[f, pos] = np.where(v == 1, -ldpc.LLR_KNOWN, ldpc.LLR_KNOWN)
             revealed[f] += step
+
+    pending = np.arange(len(frames))
+    retries = 0
+    decoder_seconds = 0.0
+    # One request before decoding: the first syndromes were sized for the low end of the
+    # sample's QBER interval; bring every frame to LDPC_FIRST_F h(measured), in whole base
+    # steps (so the step Bob chooses from his data takes few values).
+    # At most the punctured reserve: beyond it a revealed key bit is worth less than a
+    # syndrome bit, and the fine retries decide how far each frame really needs to go.
+    missing = min(LDPC_FIRST_F * h * plan.key_bits - plan.leak_bits(), plan.punctured)
+    first_step = base_step * math.ceil(missing / base_step) if missing > 0 else 0
+    channel.send("ec_top_up", step=first_step)
+    if first_step:
+        request(pending, first_step)
+    for attempt in range(LDPC_RETRIES + 1):
+        sub_out = np.zeros((pending.size, code.n), dtype=np.uint8)
+        sub_iters = iters[pending]
+        sub_messages = messages[pending]
+        started = time.perf_counter()
+        ok = _decode(
+            np.ascontiguousarray(llr[pending]),
+            np.ascontiguousarray(syndromes[pending]),
+            code,
+            LDPC_MAX_ITERATIONS if attempt == 0 else LDPC_RETRY_ITERATIONS,
+            sub_messages,
+            sub_out,
+            sub_iters,
+        )
+        decoder_seconds += time.perf_counter() - started
+        out[pending], iters[pending], messages[pending] = sub_out, sub_iters, sub_messages
+        pending = pending[~ok]
+        if pending.size == 0 or attempt == LDPC_RETRIES:
+            break
+        retries += 1
+        step = _retry_step(base_step, attempt)
+        channel.send("ec_status", failed=pending.astype(np.int32), step=step)
+        request(pending, step)
     undecoded = pending
     channel.send(
         "ec_status",
@@ -336,7 +480,7 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
     stats = {
         "leak_bits": leak,
         "frames": len(frames),
-        "frame_errors": int(np.sum(revealed > 0)),
+        "frame_errors": int(np.sum(revealed > first_step)),
         "frames_discarded": int(discarded.size),
         "frames_undecoded": int(undecoded.size),
         "frames_hash_mismatch": len(differ),
@@ -348,6 +492,9 @@ def ldpc_bob(channel, bits: np.ndarray, qber_estimate: float, efficiency: float)
         "shortened": plan.shortened,
         "mean_iterations": float(iters.mean()) if iters.size else 0.0,
         "retry_rounds": retries,
+        "decoder_seconds": decoder_seconds,
+        "qber_measured": measured,
+        "first_request_bits": first_step,
         "revealed_bits": int(revealed.sum()),
     }
     return corrected, kept, stats
