@@ -246,7 +246,7 @@ def test_too_few_detections_abort_without_key(tmp_path):
 def test_discarded_ldpc_frames_leave_the_key_and_the_rest_gives_identical_keys(
     micius_pass, tmp_path, monkeypatch
 ):
-    """Small frames (2^13 bits), first attempt sized for f = 1.35 and no retries: the
+    """Small frames (2^13 bits), first attempt sized for f = 1.45 and no retries: the
     frame that does not decode is discarded by both sides instead of aborting the pass.
     (On this 4 s pass that block's key is only a few thousand bits, so the discarded
     frame's 7819 bits, charged one bit each, take it to 0: the key is the other block's.)
@@ -256,10 +256,13 @@ def test_discarded_ldpc_frames_leave_the_key_and_the_rest_gives_identical_keys(
     from the report."""
     monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
     monkeypatch.setattr(reconcile, "LDPC_RETRIES", 0)
+    # sized at the estimate itself, with no top-up from Bob: f = 1.45 is what frames get
+    monkeypatch.setattr(reconcile, "QBER_SIGMAS_LOW", 0.0)
+    monkeypatch.setattr(reconcile, "LDPC_FIRST_F", 0.0)
     out = tmp_path / "out"
     # which frames fail depends on the draw: replayed so that one block keeps a key
     report = run_local(
-        micius_pass, out, Config(ec_efficiency=1.35), insecure_deterministic_seed=11
+        micius_pass, out, Config(ec_efficiency=1.45), insecure_deterministic_seed=11
     )
     assert not report["aborted"], report["abort_reason"]
     assert (out / f"alice{INSECURE}.key").read_bytes() == (out / f"bob{INSECURE}.key").read_bytes()
@@ -291,9 +294,11 @@ def test_discarded_ldpc_frames_leave_the_key_and_the_rest_gives_identical_keys(
 
 
 def test_every_ldpc_frame_discarded_aborts_without_key(micius_pass, tmp_path, monkeypatch):
-    """First attempt sized below capacity (f = 0.6) and no retries: no frame can decode,
-    every frame is discarded, the run aborts with the reason and no key file."""
+    """First attempt sized below capacity (f = 0.6), Bob's top-up too, and no retries: no
+    frame can decode, every frame is discarded, the run aborts with the reason and no key
+    file."""
     monkeypatch.setattr(reconcile, "LDPC_RETRIES", 0)
+    monkeypatch.setattr(reconcile, "LDPC_FIRST_F", 0.6)
     out = tmp_path / "out"
     report = run_local(micius_pass, out, Config(ec_efficiency=0.6))
     _assert_aborted(out, "every LDPC frame was discarded", report)

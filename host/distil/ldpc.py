@@ -10,8 +10,11 @@ bits (value known to both: LLR +-inf); the effective rate is (R0 n - s)/(n - p -
 Leak of a frame: the m syndrome bits minus rank(H_punctured) (the punctured bits are
 uniform and independent, so they hide exactly that many syndrome bits), plus every bit
 revealed on a retry.
-Decoder: layered (check-serial) sum-product on LLRs, many frames in parallel
-(numba prange over frames: both cores).
+Decoder: layered (check-serial) sum-product on float32 LLRs with the check update in the
+log domain from a table (decode_phi), many frames in parallel (numba prange over frames:
+both cores), resuming from its messages on a retry, stopping a frame at the syndrome or
+when it stalls. decode_frames (tanh/atanh, float64) is the reference it is measured
+against.
 """
 
 from __future__ import annotations
@@ -487,7 +490,9 @@ def _phi(table, x):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def decode_phi(llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters):
+def decode_phi(
+    llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters
+):
     """Layered sum-product syndrome decoding (phi table, see PHI_STEPS_PER_UNIT) of many
     frames (numba prange over frames: both cores), continuing from the check messages of
     an earlier attempt (zeros: a fresh start); the messages (float32, frames x edges) are
@@ -697,9 +702,7 @@ def max_key_bits(
     a = _reserve_per_key_bit(qber, efficiency, qber_high)
     lowest_m = round(n * (1 - MOTHER_RATES[0]))
     per_bit = efficiency * h
-    fit = min(
-        (lowest_m - RETRY_RESERVE_MIN * n) / max(per_bit, 1e-9), lowest_m / (per_bit + a)
-    )
+    fit = min((lowest_m - RETRY_RESERVE_MIN * n) / max(per_bit, 1e-9), lowest_m / (per_bit + a))
     room = n * (1 - RATE_STEP)
     return int(min(room - RETRY_RESERVE_MIN * n, room / (1 + a), fit))
 
