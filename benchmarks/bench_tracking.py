@@ -326,3 +326,103 @@ def test_two_hour_run():
     assert lines["unix"] == lines["qemu"] and len(lines["unix"]) == 12
     last = lines["unix"][-1]
     assert int(last[3]) == (len(rows) - 2) * 1000 + 11000  # held past the extrapolation
+
+
+# Pass mode (issue 15, finding 5): the application's tracking duty does one bus READ of the
+# sensor block and one WRITE of the command block per loop period. This measures the
+# controller's CPU per period on QEMU with -icount (1 instruction = 1 ns of virtual time):
+# the duty over a loopback link that answers each request with a precomputed reply frame,
+# minus the loopback's own cost, and the kernel alone. The wire time comes from the frame
+# lengths the bus client really sends and receives.
+PASS_MODE_PROGRAM = """
+import struct
+import board
+from payload import bus, framing, tracking, tracking_duty
+N = {steps}
+t = tracking.Tracker()
+t.load_predictions([[0, 0, 0, 0, 0, 0, -50000, 0]] * 4)
+writer = framing.FrameWriter(256)
+values = struct.pack('<10I', 3000, 3300, 2900, 3200, 1, 0, 0, 5000, 0, 0)
+read_frames = []
+write_frames = []
+for tag in range(256):
+    body = bytes([0x81, tag, 0, 0x00, 0x05, 10]) + values
+    read_frames.append(bytes(writer.encode(body, len(body))))
+    body = bytes([0x82, tag, 0])
+    write_frames.append(bytes(writer.encode(body, len(body))))
+class Loopback:
+    def __init__(self):
+        self.count = 0
+        self.pending = None
+        self.sent = [0, 0]
+    def write(self, data):
+        n = self.count
+        tag = (n + 1) & 0xFF
+        self.pending = read_frames[tag] if n & 1 == 0 else write_frames[tag]
+        self.sent[n & 1] = len(data)
+        self.count = n + 1
+        return len(data)
+    def readinto(self, buf):
+        p = self.pending
+        if p is None:
+            return 0
+        buf[: len(p)] = p
+        self.pending = None
+        return len(p)
+link = Loopback()
+client = bus.Bus(link, board.clock, timeout_us=1000000)
+duty = tracking_duty.TrackingDuty(client, t)
+t.start()
+for _ in range(40):
+    duty.step()
+assert t.state == tracking.FINE, t.state
+clock = board.clock.ticks_us
+t0 = clock()
+for _ in range(N):
+    duty.step()
+t1 = clock()
+scratch = bytearray(512)
+sent = list(link.sent)
+frame = bytes(sent[0])
+for _ in range(N):  # the loopback alone, same calls
+    link.write(frame); link.readinto(scratch); link.write(frame); link.readinto(scratch)
+t2 = clock()
+for _ in range(N):
+    t.step()
+t3 = clock()
+print('@@pass', t.state, (t1 - t0) & 0x3FFFFFFF, (t2 - t1) & 0x3FFFFFFF, (t3 - t2) & 0x3FFFFFFF,
+      sent[0], len(read_frames[1]), sent[1], len(write_frames[1]), duty.bus_errors)
+"""
+
+
+def test_pass_mode_loop_rate():
+    steps = 400
+    out = _run_program(PASS_MODE_PROGRAM.format(steps=steps), "unix", 300.0)
+    line = [ln for ln in out.splitlines() if ln.startswith("@@pass")][0].split()[1:]
+    assert int(line[0]) == 4 and int(line[-1]) == 0
+    with QemuTarget(boot="maintenance", icount_shift=QEMU_ICOUNT_SHIFT) as target:
+        with RawRepl(target.ground_port, timeout_s=30.0) as repl:
+            out = repl.exec(PASS_MODE_PROGRAM.format(steps=steps), timeout_s=600)
+    state, duty_us, loop_us, kernel_us, rq, rr, wq, wr, errors = (
+        int(v) for v in [ln for ln in out.splitlines() if ln.startswith("@@pass")][0].split()[1:]
+    )
+    assert state == 4 and errors == 0
+    ns = 2**QEMU_ICOUNT_SHIFT
+    duty_instr = (duty_us - loop_us) * 1000 / ns / steps
+    kernel_instr = kernel_us * 1000 / ns / steps
+    wire_bytes = rq + rr + wq + wr
+    cpu_rate = MCU_HZ / duty_instr
+    print(f"\n[tracking] pass mode on QEMU Cortex-M3 (-icount shift={QEMU_ICOUNT_SHIFT}), FINE:")
+    print(
+        f"[tracking]  per period: {duty_instr:,.0f} instructions (bus READ + WRITE + step; "
+        f"kernel alone {kernel_instr:,.0f}); at 25 MHz {duty_instr / 25:.0f} us -> CPU-bound "
+        f"<= {cpu_rate:,.0f} Hz"
+    )
+    for baud in (115_200, 1_000_000, 2_000_000):
+        wire_s = wire_bytes * 10 / baud
+        rate = 1.0 / (wire_s + duty_instr / MCU_HZ)
+        print(
+            f"[tracking]  bus at {baud:>9,} baud: {wire_bytes} bytes on the wire per period "
+            f"(READ {rq}+{rr}, WRITE {wq}+{wr}) = {wire_s * 1e6:,.0f} us; with the CPU "
+            f"serialised: <= {rate:,.0f} Hz"
+        )

@@ -138,10 +138,12 @@ def run_pass(
     icount_shift: int | None = None,
     midway=None,
     unix_env: dict[str, str] | None = None,
+    uploads: list[dict] | None = None,
 ) -> PassRun:
     """Configure, run until the head emitted `frames` frames, stop, download products.
 
-    midway(head), if given, is called once half the frames have gone out."""
+    midway(head), if given, is called once half the frames have gone out; `uploads` are
+    configure telecommands sent before the configuration (a full-pass prediction)."""
     started = time.monotonic()
     with HeadServer(head) as server, tempfile.TemporaryDirectory() as downloads:
         with payload_session(
@@ -151,6 +153,8 @@ def run_pass(
             payload,
         ):
             try:
+                for upload in uploads or ():
+                    payload.configure(upload)
                 payload.configure(config)
             except CommandRejected as error:
                 reply = {"ok": False, "reason": str(error)}

@@ -180,12 +180,18 @@ def test_tracking_runs_in_pass_mode_configured_by_telecommand(tmp_path):
     plant = OpticalPlant(params, 10.0)
     head = TrackingHead(seed=5)
     head.attach(plant)
-    # The configure telecommand holds 512 bytes: 2 s of prediction (the loop extrapolates
-    # the last node); a full pass's table needs an upload path of its own.
-    run = run_pass("unix", head, _pass_config(prediction_table(params, 2.0)), 800)
+    # A full pass's prediction (402 nodes: 6.7 minutes) goes up in 67 configure
+    # telecommands of 6 nodes each, then the configuration names it by count and CRC-32.
+    chunks, reference = trk.prediction_upload(prediction_table(params, 400.0))
+    assert len(chunks) == 67
+    config = _pass_config([])
+    config["tracking"]["predictions"] = reference
+    run = run_pass("unix", head, config, 800, uploads=chunks)
     assert run.configure_reply["ok"], run.configure_reply
-    state, steps, bus_errors, transition_count, lost = run.telemetry["tracking"]
+    state, steps, bus_errors, transition_count, lost, overruns = run.telemetry["tracking"]
     assert state == "IDLE" and bus_errors == 0 and lost == 0, run.telemetry["tracking"]
+    # Periods that came later than the configured 500 us are counted, not hidden.
+    assert 0 <= overruns <= steps
     assert steps >= 800, steps
     path = tmp_path / "tracking.qrec"
     path.write_bytes(run.files["tracking.qrec"])
@@ -194,6 +200,21 @@ def test_tracking_runs_in_pass_mode_configured_by_telecommand(tmp_path):
     assert names[0] == ("IDLE", "OPEN_LOOP") and names[-1][1] == "IDLE", names
     assert ("COARSE", "FINE") in names and len(samples) >= 70
     assert len(transitions) == transition_count
+
+
+def test_full_pass_prediction_upload_refused_when_incomplete_or_corrupt():
+    params = _acquired_quickly()
+    head = TrackingHead(seed=5)
+    head.attach(OpticalPlant(params, 1.0))
+    chunks, reference = trk.prediction_upload(prediction_table(params, 100.0))
+    config = _pass_config([])
+    config["tracking"]["predictions"] = reference
+    run = run_pass("unix", head, config, 10, uploads=chunks[:-1])  # last chunk missing
+    assert not run.configure_reply["ok"]
+    assert "102 nodes named, 96 uploaded" in run.configure_reply["reason"]
+    config["tracking"]["predictions"] = dict(reference, crc32=reference["crc32"] ^ 1)
+    run = run_pass("unix", head, config, 10, uploads=chunks)
+    assert not run.configure_reply["ok"] and "CRC-32" in run.configure_reply["reason"]
 
 
 def test_bad_tracking_configuration_refused_by_telecommand():

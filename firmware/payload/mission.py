@@ -28,6 +28,7 @@ CONFIG_KEYS = (
     "tdc",
     "tracking",
     "pattern_generation",
+    "tracking_predictions",  # a chunk of a full-pass prediction, sent alone (below)
 )
 GENERATION_MODES = ("controller", "head")  # who maps QRNG words to symbols (headgen.py)
 
@@ -104,6 +105,9 @@ class Mission:
         for key in config:
             if key not in CONFIG_KEYS:
                 raise sequencer.ConfigError("config: unknown key %r" % (key,))
+        if "tracking_predictions" in config:
+            self._stage_predictions(config)
+            return
         scale = self.bus.read1(busmod.REG_TIME_SCALE_PPM)
         if scale < 0:
             raise RuntimeError("optical head does not answer on the payload bus")
@@ -123,7 +127,9 @@ class Mission:
             raise sequencer.ConfigError(
                 "pattern_generation: %r is not controller or head" % (generation,)
             )
-        tracker = _tracker_from(config["tracking"]) if "tracking" in config else None
+        tracker = None
+        if "tracking" in config:
+            tracker = _tracker_from(config["tracking"], getattr(self, "_predictions", None))
         # head generation: the FPGA maps at the slot clock, the controller's capacity does
         # not bound the slot rate
         self.sequencer.configure(config, 0 if generation == "head" else scale)
@@ -133,6 +139,26 @@ class Mission:
         self.tdc.bursts_per_step = bursts
         self.discipline.pps_period_ps = pps
         self.time_scale_ppm = scale
+
+    def _stage_predictions(self, config):
+        # A full pass's prediction does not fit one configure telecommand: it arrives as
+        # configure telecommands holding only {"tracking_predictions": {"first", "total",
+        # "hex"}} (docs/tracking.md "Full-pass prediction upload"); the configuration's
+        # tracking section then names it by node count and CRC-32.
+        from payload import tracking
+
+        if len(config) != 1:
+            raise tracking.ConfigError("tracking_predictions: send it alone")
+        chunk = config["tracking_predictions"]
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("hex"), str):
+            raise tracking.ConfigError("tracking_predictions: need first, total and hex")
+        try:
+            packed = bytes.fromhex(chunk["hex"])
+        except ValueError:
+            raise tracking.ConfigError("tracking_predictions.hex: not hexadecimal") from None
+        if getattr(self, "_predictions", None) is None:
+            self._predictions = tracking.PredictionUpload()
+        self._predictions.add(chunk.get("first"), chunk.get("total"), packed)
 
     def _attach_tracking(self, tracker):
         from payload import tracking_duty
@@ -223,9 +249,10 @@ class Mission:
         return out
 
 
-def _tracker_from(section):
+def _tracker_from(section, upload=None):
     """A Tracker from a configuration's "tracking" section: {"parameters": {...},
-    "predictions": [[x, y, vx, vy, ax, ay, pa_x, pa_y], ...]} (docs/tracking.md).
+    "predictions": [[x, y, vx, vy, ax, ay, pa_x, pa_y], ...]} or, for a full pass
+    uploaded beforehand, "predictions": {"nodes": N, "crc32": C} (docs/tracking.md).
     Raises ValueError (tracking.ConfigError) naming the field. Imported only when a pass
     tracks: the loop's code costs RAM on the unix target."""
     from payload import tracking
@@ -234,7 +261,18 @@ def _tracker_from(section):
         raise tracking.ConfigError("tracking: need an object with 'predictions'")
     try:
         tracker = tracking.Tracker(section.get("parameters") or {})
-        tracker.load_predictions(section["predictions"])
+        predictions = section["predictions"]
+        if isinstance(predictions, dict):
+            if upload is None or upload.received != predictions.get("nodes"):
+                raise tracking.ConfigError(
+                    "tracking.predictions: %r nodes named, %d uploaded"
+                    % (predictions.get("nodes"), upload.received if upload else 0)
+                )
+            if upload.crc32() != predictions.get("crc32"):
+                raise tracking.ConfigError("tracking.predictions: CRC-32 of the upload differs")
+            tracker.load_table(upload)
+        else:
+            tracker.load_predictions(predictions)
     except TypeError as error:  # a non-numeric value where a number belongs
         raise tracking.ConfigError("tracking: %s" % error) from None
     return tracker

@@ -635,6 +635,16 @@ class Tracker:
         self.table = table
         self._nodes[0] = len(rows)
 
+    def load_table(self, upload):
+        """Use a complete PredictionUpload's table (already validated row by row)."""
+        if self.st[_S_STATE] != IDLE:
+            raise ConfigError("load_table: refused while tracking; stop first")
+        if upload.received != upload.total or upload.total < 2:
+            raise ConfigError("tracking predictions: %d of %d nodes uploaded"
+                              % (upload.received, upload.total))  # fmt: skip
+        self.table = upload.table
+        self._nodes[0] = upload.total
+
     def start(self, at_ms=0):
         """Start tracking at pass time `at_ms` (ms after the first prediction node): a loop
         started late in a pass begins on the right node."""
@@ -703,6 +713,74 @@ class Tracker:
                 out[dst + j] = self.telemetry[src + j]
         self.st[_S_TM_TAIL] = tail + count
         return count
+
+
+# ---------------------------------------------------------------- full-pass prediction
+MAX_PREDICTION_NODES = 900  # 15 minutes at one node per second: 28.8 KB of RAM
+NODE_BYTES = const(32)  # 8 little-endian int32 per node, the table's own layout
+
+
+class PredictionUpload:
+    """A whole pass's prediction, uploaded in chunks that each fit a telecommand
+    (docs/tracking.md "Full-pass prediction upload"): chunk = (first node, total nodes,
+    packed nodes). Chunks arrive in order; a repeated chunk (a retransmission) is
+    ignored; a chunk with first == 0 starts a new upload. Every node is checked against
+    the kernel's fixed-point ranges as it arrives; the CRC-32 of all packed bytes must
+    match the one the configuration names before the table is used."""
+
+    def __init__(self):
+        self.table = None
+        self.total = 0
+        self.received = 0
+        self._crc = None
+
+    def add(self, first, total, packed):
+        if not isinstance(first, int) or not isinstance(total, int):
+            raise ConfigError("tracking_predictions: first and total must be integers")
+        if len(packed) % NODE_BYTES or not packed:
+            raise ConfigError("tracking_predictions: %d bytes is not a whole number of"
+                              " %d-byte nodes" % (len(packed), NODE_BYTES))  # fmt: skip
+        count = len(packed) // NODE_BYTES
+        if first == 0:
+            if not 2 <= total <= MAX_PREDICTION_NODES:
+                raise ConfigError("tracking_predictions.total=%r: must be 2..%d"
+                                  % (total, MAX_PREDICTION_NODES))  # fmt: skip
+            self.table = None  # free the previous one before allocating
+            self.table = array.array("i", bytes(4 * _TABLE_WORDS * total))
+            self.total = total
+            self.received = 0
+            from payload.framing import Crc32
+
+            self._crc = Crc32()
+        elif self.table is None or total != self.total:
+            raise ConfigError("tracking_predictions: chunk of an upload not begun (first=0)")
+        if first != self.received:
+            if first + count <= self.received:
+                return self.received  # a retransmitted chunk: already stored
+            raise ConfigError("tracking_predictions.first=%d: expected %d (chunks in order)"
+                              % (first, self.received))  # fmt: skip
+        if first + count > total:
+            raise ConfigError("tracking_predictions: nodes %d..%d beyond total %d"
+                              % (first, first + count - 1, total))  # fmt: skip
+        words = array.array("i", packed)  # little-endian on every target
+        for n in range(count):
+            for j in range(_TABLE_WORDS):
+                value = words[n * _TABLE_WORDS + j]
+                if not -_TABLE_LIMITS[j] <= value <= _TABLE_LIMITS[j]:
+                    raise ConfigError(
+                        "tracking_predictions: node %d value %d (%s) = %d outside +-%d"
+                        % (first + n, j, _TABLE_FIELDS[j], value, _TABLE_LIMITS[j])
+                    )
+        table = self.table
+        base = first * _TABLE_WORDS
+        for i in range(count * _TABLE_WORDS):
+            table[base + i] = words[i]
+        self._crc.update(packed)
+        self.received = first + count
+        return self.received
+
+    def crc32(self):
+        return self._crc.value() if self._crc is not None else 0
 
 
 # ---------------------------------------------------------------- telemetry record

@@ -24,7 +24,14 @@ def _copy_words(src: ptr32, dst: ptr32, count: int):
 
 class TrackingDuty:
     """`step()` for the scheduler: one loop period. A failed bus transaction skips the
-    period (the head holds the last commands) and is counted, never raised."""
+    period (the head holds the last commands) and is counted, never raised.
+
+    The kernel advances its pass time by one configured period per call. Over the bus the
+    application sustains ~130-140 Hz on a 25 MHz Cortex-M3 (docs/tracking.md "Loop rate
+    in pass mode"), below any configurable rate: each call that comes later than one
+    period after the previous one is counted in `overruns`, so the lag is reported, not
+    silent (the loop at its configured rate needs the sensors on the controller's own
+    peripherals and a timer, as on a board)."""
 
     def __init__(self, bus, tracker):
         self.bus = bus
@@ -32,6 +39,8 @@ class TrackingDuty:
         self._commands = memoryview(tracker.io)[tracking.IO_FSM_X : tracking.IO_FSM_X + 7]
         self.steps = 0
         self.bus_errors = 0
+        self.overruns = 0
+        self._last_us = -1
 
     def attach(self, tracker):
         self.tracker = tracker
@@ -45,18 +54,25 @@ class TrackingDuty:
             "bus_errors": self.bus_errors,
             "transitions": t.transition_count(),
             "telemetry_lost": t.telemetry_lost(),
+            "overruns": self.overruns,
         }
 
     def status(self):
-        """Compact: [state, steps, bus errors, transitions, telemetry samples lost]."""
+        """Compact: [state, steps, bus errors, transitions, telemetry samples lost,
+        overruns (periods that came late)]."""
         t = self.tracker
         return [tracking.STATE_NAMES[t.state], self.steps, self.bus_errors,
-                t.transition_count(), t.telemetry_lost()]  # fmt: skip
+                t.transition_count(), t.telemetry_lost(), self.overruns]  # fmt: skip
 
     def step(self):
         if self.tracker.idle():
+            self._last_us = -1
             return False  # no loop to run: leave the bus alone
         bus = self.bus
+        now = bus.clock.ticks_us()
+        if self._last_us >= 0 and ((now - self._last_us) & 0x3FFFFFFF) > self.tracker.cfg[0]:
+            self.overruns += 1
+        self._last_us = now
         if bus.read(REG_TRK_SENSORS, SENSOR_WORDS) != 0:
             self.bus_errors += 1
             return False

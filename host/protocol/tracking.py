@@ -10,7 +10,9 @@ Transition (8 bytes): u32 step, u8 from, u8 to, u8 reason, u8 0.
 
 from __future__ import annotations
 
+import json
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,34 @@ REASON_NAMES = (
 
 class TrackingFormatError(ValueError):
     pass
+
+
+# ------------------------------------------------------------ full-pass prediction upload
+# (docs/tracking.md "Full-pass prediction upload"; the firmware's reader is
+# firmware/payload/tracking.py PredictionUpload.) A node is 8 little-endian int32:
+# x, y (nrad), vx, vy (nrad/ms), ax, ay (nrad/ms^2, Q16), pa x, pa y (nrad).
+NODE = struct.Struct("<8i")
+CONFIGURE_MAX_BYTES = 512  # the configure telecommand's JSON (firmware telecommands.py)
+NODES_PER_CHUNK = 6  # 6 nodes = 384 hex characters: the JSON stays under 512 bytes
+
+
+def pack_nodes(rows: list[list[int]]) -> bytes:
+    return b"".join(NODE.pack(*row) for row in rows)
+
+
+def prediction_upload(rows: list[list[int]]) -> tuple[list[dict], dict]:
+    """(chunk configurations, tracking predictions reference) for a whole pass: send each
+    chunk as its own configure telecommand, in order, then the pass configuration with
+    `"tracking": {"parameters": ..., "predictions": reference}`."""
+    packed = pack_nodes(rows)
+    chunks = []
+    for first in range(0, len(rows), NODES_PER_CHUNK):
+        part = packed[first * NODE.size : (first + NODES_PER_CHUNK) * NODE.size]
+        chunk = {"tracking_predictions": {"first": first, "total": len(rows), "hex": part.hex()}}
+        if len(json.dumps(chunk, separators=(",", ":"))) > CONFIGURE_MAX_BYTES:
+            raise ValueError("prediction chunk does not fit the configure telecommand")
+        chunks.append(chunk)
+    return chunks, {"nodes": len(rows), "crc32": zlib.crc32(packed)}
 
 
 @dataclass(frozen=True)

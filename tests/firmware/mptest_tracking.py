@@ -238,3 +238,45 @@ def test_a_fade_shorter_than_the_loss_budget_holds_mirror_and_integrators():
     assert t.state == tracking.FINE
     _drive(t, 30, (25, 25, 25, 25), 5000, (400000, 0))  # camera: beacon 400 urad away
     assert t.state == tracking.COARSE, t.state
+
+
+def _packed(rows):
+    import struct
+
+    return b"".join(struct.pack("<8i", *row) for row in rows)
+
+
+def test_full_pass_prediction_upload_in_chunks():
+    rows = [[i * 15000000, 0, 15000, 0, 0, 0, -50000, 0] for i in range(20)]
+    up = tracking.PredictionUpload()
+    assert up.add(0, 20, _packed(rows[:6])) == 6
+    assert up.add(0 + 6, 20, _packed(rows[6:12])) == 12
+    assert up.add(6, 20, _packed(rows[6:12])) == 12  # a retransmission: ignored
+    for first, words in ((18, ("expected 12",)), (12, ())):
+        try:
+            up.add(first, 20, _packed(rows[first : first + 6]))
+            assert not words, "out-of-order chunk accepted"
+        except tracking.ConfigError as error:
+            assert words and words[0] in str(error), str(error)
+    bad = [row[:] for row in rows[18:]]
+    bad[1][2] = 70000
+    try:
+        up.add(18, 20, _packed(bad))
+        raise AssertionError("accepted 70 mrad/s")
+    except tracking.ConfigError as error:
+        assert "node 19" in str(error) and "vx" in str(error), str(error)
+    assert up.received == 18
+    try:
+        tracking.Tracker().load_table(up)
+        raise AssertionError("incomplete upload loaded")
+    except tracking.ConfigError as error:
+        assert "18 of 20" in str(error)
+    up.add(18, 20, _packed(rows[18:]))
+    import binascii
+
+    assert up.crc32() == binascii.crc32(_packed(rows)) & 0xFFFFFFFF
+    t = tracking.Tracker()
+    t.load_table(up)
+    t.start(19500)  # late in the pass: node 18 + 1.5 s
+    t.step()
+    assert t.io[tracking.IO_PRED_X] == 18 * 15000000 + 1500 * 15000
