@@ -111,3 +111,16 @@ def test_steady_state_flash_cost_of_one_synced_record():
             f" over {n} records"
         )
         assert n >= 20
+    # what a group commit would save (design input; the firmware syncs every record)
+    print("the 2064 B record with one sync per k records (a group commit; not implemented):")
+    for k in (1, 2, 4, 8):
+        source = (
+            "\ndef test_bench_steady():\n"
+            f"    print('steady', sorted(steady_state(2064, 40, records_per_sync={k}).items()))\n"
+        )
+        f, _ = _run(source, "test_bench_steady", "steady")
+        mean_ms = f["busy_us"] / f["records"] / 1000
+        print(
+            f"  k = {k}: {mean_ms:5.1f} ms per record ({mean_ms / FRAME_PERIOD_MS:.2f} frame "
+            f"periods), {f['erases'] / f['records']:.2f} erases per record"
+        )
