@@ -503,12 +503,14 @@ class Storage:
     def status(self):
         """Storage health for housekeeping, short as it shares one packet: bytes used, and
         only when set: full, commits failed (I/O, ENOSPC) and refused (quota) over all logs,
-        the last errno, bytes skipped as torn or corrupt when the logs were opened."""
-        failed = refused = errno = skipped = 0
+        the last errno, bytes skipped as torn or corrupt when the logs were opened and the
+        committed records found missing then (sequence gaps)."""
+        failed = refused = errno = skipped = missing = 0
         for log in self.logs.values():
             failed += log.commits_failed
             refused += log.commits_refused
             skipped += log.recovery.dropped_bytes
+            missing += log.recovery.missing_records
             if log.last_errno:
                 errno = log.last_errno
         out = {"used": self.used_bytes}
@@ -518,6 +520,7 @@ class Storage:
             ("refused", refused),
             ("errno", errno),
             ("skipped", skipped),
+            ("missing", missing),
         ):
             if value:
                 out[key] = value
