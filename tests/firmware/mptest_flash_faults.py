@@ -538,6 +538,51 @@ def test_random_power_cuts_lose_no_committed_record_and_serve_no_torn_one():
     assert figures["bit_flips"] > 0 and figures["devices"] >= 2, figures
 
 
+def test_a_power_cut_at_every_operation_of_a_boot_and_five_commits():
+    # Not random: the same start state, cut at operation 1, 2, ... until a run completes.
+    chip = _chip(24)
+    store = _fresh_store(chip)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    for seq in range(12):
+        assert log.commit(_fill_payload(log, "frames", seq)) == seq
+    _power_off()
+    start = bytes(chip.mem[: 24 * chip.block_bytes])
+    rng = random
+    rng.seed(99)
+    chip.rng = rng
+    cut = 0
+    while True:
+        cut += 1
+        chip.mem[: len(start)] = start
+        chip.cut_at = chip.operations + cut
+        committed = list(range(12))
+        flying = -1
+        try:
+            _power_on(chip)
+            log = storage.Storage(MOUNT).open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+            for seq in range(12, 17):
+                flying = seq
+                assert log.commit(_fill_payload(log, "frames", seq)) == seq
+                committed.append(seq)
+                flying = -1
+            finished = True
+        except PowerCut:
+            finished = False
+        _power_off()
+        chip.cut_at = -1
+        _power_on(chip)
+        log = storage.Storage(MOUNT).open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+        served, _ = _served(log.path, 1100)
+        _power_off()
+        want = committed + ([flying] if flying in served else [])
+        assert sorted(served) == want, (cut, sorted(served), committed)
+        assert all(served[s] == _expected("frames", s) for s in served), cut
+        if finished:
+            break
+    print("cut at each of", cut, "operations")
+    assert cut > 20, cut  # every program and erase of the boot and the five commits
+
+
 def _fresh_store(chip, quota_bytes=-1):
     _power_on(chip, format_first=True)
     return storage.Storage(MOUNT, quota_bytes)
