@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from emulator.pass_model import geometry as geo
-from host.errors import BadInput
+from host.errors import BadInput, ProtocolAborted
 
 DOWN, UP = "down", "up"  # satellite -> ground, ground -> satellite
 SATELLITE, GROUND = "satellite", "ground"
@@ -574,7 +574,10 @@ class OpticalLink:
             (length,) = struct.unpack_from("<I", buf, pos)
             if pos + 4 + length > len(buf):
                 break
-            kind, _ = decode(bytes(buf[pos + 4 : pos + 4 + length - TAG_BYTES]))
+            try:
+                kind, _ = decode(bytes(buf[pos + 4 : pos + 4 + length - TAG_BYTES]))
+            except ProtocolAborted:
+                kind = None  # not a protocol message (e.g. the pool-position hello)
             for trigger in list(self._triggers):
                 if trigger[0] == direction and trigger[1] == kind:
                     self._triggers.remove(trigger)

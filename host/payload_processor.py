@@ -100,10 +100,10 @@ def run(argv: list[str]) -> int:
     pass_json = read_pass_json(Path(args.pass_dir) / "pass.json")
     station = station_dir(Path(args.keystore), args.station)
     out = station / "passes" / pass_id(pass_json)
-    _private_dirs(Path(args.keystore), station, station / "passes", out)
     pool = station / POOL_NAME
     if not pool.is_file():
         raise BadInput(f"{pool}: no authentication key pool for station {args.station!r}")
+    _private_dirs(Path(args.keystore), station, station / "passes", out)
     parser = argparse.ArgumentParser(prog="qkdsat distil")
     distil_run.add_arguments(parser)
     distil_args = parser.parse_args(

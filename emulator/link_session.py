@@ -1,0 +1,99 @@
+"""One distillation over the emulated optical link: the payload processor (Alice, its own
+process, host/payload_processor.py) and the ground station (Bob, `qkdsat distil --role
+bob`, its own process), each connected to its terminal of the link
+(emulator/optical_link.py). Used by the tests, `make bench` and the mission.
+
+    link = link_for_pass(pass_dir, seed=1)
+    run = distil_over_link(pass_dir, out_dir, link, distil_options=["--ec", "ldpc"])
+    run.codes, run.alice, run.bob, run.link, run.alice_dir, run.bob_dir
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+@dataclass
+class LinkRun:
+    codes: tuple  # exit codes (payload processor, ground)
+    alice: dict  # Alice's report.json (on board)
+    bob: dict  # Bob's report.json (ground)
+    link: dict  # the link's report
+    alice_dir: Path  # the on-board key store's folder of this pass
+    bob_dir: Path
+
+
+def provision_pools(out_dir: Path, station: str, pool: bytes) -> tuple[Path, Path]:
+    """The same pre-shared authentication pool on board (KS/STATION/auth.pool) and at the
+    ground station (out_dir/ground.pool): what a real mission provisions before launch."""
+    keystore = out_dir / "onboard"
+    (keystore / station).mkdir(parents=True, exist_ok=True, mode=0o700)
+    onboard = keystore / station / "auth.pool"
+    ground = out_dir / "ground.pool"
+    for path in (onboard, ground):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pool)
+    return keystore, ground
+
+
+def distil_over_link(
+    pass_dir: Path,
+    out_dir: Path,
+    link,
+    *,
+    station: str,
+    distil_options: list[str] = (),
+    alice_options: list[str] = (),
+    bob_options: list[str] = (),
+    pool: bytes | None = None,
+    timeout_s: float = 3600.0,
+) -> LinkRun:
+    pass_dir, out_dir = Path(pass_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keystore, ground_pool = provision_pools(out_dir, station, pool or os.urandom(1 << 20))
+    sat_port, ground_port = link.start()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    alice = subprocess.Popen(
+        [sys.executable, "-m", "host.payload_processor", str(pass_dir), "--station", station]
+        + ["--keystore", str(keystore), "--connect", f"127.0.0.1:{sat_port}"]
+        + list(distil_options)
+        + list(alice_options),
+        env=env,
+    )
+    bob = subprocess.Popen(
+        [sys.executable, "-m", "host.cli", "distil", str(pass_dir), "--role", "bob"]
+        + ["--connect", f"127.0.0.1:{ground_port}", "--auth-pool", str(ground_pool)]
+        + ["--out", str(out_dir / "ground")]
+        + list(distil_options)
+        + list(bob_options),
+        env=env,
+    )
+    try:
+        codes = (alice.wait(timeout=timeout_s), bob.wait(timeout=timeout_s))
+        link_report = link.wait(60)
+    finally:
+        for process in (alice, bob):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        link.close()
+    (out_dir / "link.json").write_text(json.dumps(link_report, indent=1) + "\n")
+    passes = sorted((keystore / station / "passes").iterdir())
+    alice_dir, bob_dir = passes[-1], out_dir / "ground"
+
+    def report(folder: Path) -> dict:
+        path = folder / "report.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    return LinkRun(codes, report(alice_dir), report(bob_dir), link_report, alice_dir, bob_dir)

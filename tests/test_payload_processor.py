@@ -1,0 +1,246 @@
+"""Alice on the payload processor (host/payload_processor.py) and Bob at the ground station
+(`qkdsat distil --role bob`) as separate processes over the emulated optical link
+(emulator/optical_link.py), on a short simulated micius-2017 pass:
+
+- with an outage mid-protocol (the 20 s outage of a 274 s pass scaled to the 30 s pass)
+  the keys are those of the in-process run, and every byte that crossed the link decodes
+  into messages that carry no bit value of Alice's beyond the disclosed sample and the
+  discarded frames, in exactly the amounts the report's leak counts;
+- the link lost for good as Alice's last message before privacy amplification enters it
+  leaves no key on either side and a reason in both reports.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emulator.link_session import distil_over_link
+from emulator.optical_link import DOWN, UP, link_for_pass
+from host.cli import main as qkdsat
+from host.distil import reconcile
+from host.distil.bitcodec import decode_sorted, rice_decode_sorted, unpack_2bit, unpack_bits
+from host.distil.channel import TAG_BYTES, decode
+from host.distil.protocol import BASES, NO_PATTERN, Config
+from host.distil.run import run_local
+from host.formats.patterns import open_patterns
+from host.protocol.symbols import decode_symbols
+
+SEED = 21
+STATION = "Xinglong"
+PASS_S = 30.0
+OUTAGE_S = 3.0  # 20 s of micius' 274 s pass, scaled to the 30 s pass (2.2 s) and rounded up
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def micius_short(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micius") / "pass"
+    argv = ["simulate", "--profile", "micius-2017", "--duration-s", str(PASS_S)]
+    assert qkdsat(argv + ["--seed", "1", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def in_process(micius_short, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    report = run_local(micius_short, out, Config(), seed=SEED)
+    assert not report["aborted"], report["abort_reason"]
+    return report, (out / "alice.key").read_bytes()
+
+
+def _over_the_link(pass_dir: Path, tmp: Path, link):
+    return distil_over_link(
+        pass_dir, tmp, link, station=STATION, distil_options=["--seed", str(SEED)]
+    )
+
+
+def test_processor_and_ground_over_the_link_with_an_outage_keep_the_key_and_leak_nothing(
+    micius_short, in_process, tmp_path
+):
+    reference, key = in_process
+    link = link_for_pass(micius_short, seed=4, capture=True)
+    # clouds over the station just as Alice sends her syndromes: mid error correction
+    link.on_message(
+        DOWN, "ec_syndromes", lambda lk: lk.add_outage(lk.now_s(), OUTAGE_S, "clouds (test)")
+    )
+    run = _over_the_link(micius_short, tmp_path, link)
+    assert run.codes == (0, 0), (
+        run.alice.get("abort_reason"),
+        run.bob.get("abort_reason"),
+    )
+    # the outage happened during the protocol and only delayed it
+    assert [o["cause"] for o in run.link["outages"]] == ["clouds (test)"]
+    assert run.link["outages"][0]["end_s"] - run.link["outages"][0]["start_s"] >= OUTAGE_S
+    assert not run.link["lost_for_good"]
+    # the keys: identical on both sides, and those of the in-process run
+    alice_key = run.alice_dir / "alice.key"
+    assert alice_key.read_bytes() == key
+    assert (run.bob_dir / "bob.key").read_bytes() == key
+    assert stat.S_IMODE(alice_key.stat().st_mode) == 0o600
+    assert run.alice["key_bits"] == reference["key_bits"]
+    # the bytes each endpoint counted are the bytes that crossed the link
+    crossed = run.link["bytes"]
+    assert run.alice["classical_bytes"] == {
+        "alice_to_bob": crossed["satellite_to_ground"],
+        "bob_to_alice": crossed["ground_to_satellite"],
+    }
+    # the processor's budget was measured
+    budget = json.loads((run.alice_dir / "processor.json").read_text())
+    assert budget["cpu_s"] > 0 and budget["peak_rss_mb"] > 0 and budget["cores"] == 1
+    _check_no_leak(micius_short, link, run.alice, run.bob, key)
+
+
+def test_link_lost_for_good_before_privacy_amplification_leaves_no_key_on_either_side(
+    micius_short, tmp_path
+):
+    link = link_for_pass(micius_short, seed=5, capture=True)
+    # the link dies as Alice's last message before privacy amplification (the PA seeds)
+    # enters it: Bob never gets it, Alice never gets his acknowledgement
+    link.on_message(DOWN, "pa", lambda lk: lk.lose_for_good())
+    run = _over_the_link(micius_short, tmp_path, link)
+    assert run.codes == (3, 3)
+    assert run.link["lost_for_good"] and "lost for good" in run.link["lost_reason"]
+    for side, folder, report in (
+        ("alice", run.alice_dir, run.alice),
+        ("bob", run.bob_dir, run.bob),
+    ):
+        assert not list(folder.glob("*.key")), side
+        assert report["aborted"] and report["abort_reason"], side
+        assert report["key_bits"] == 0
+    # the PA message never arrived: Bob's side saw no "pa", Alice's no "pa_ok"
+    kinds_up = [kind for kind, _ in _messages(link.captured(UP))]
+    assert "pa_ok" not in kinds_up
+
+
+# ---------------------------------------------------------------- the link's no-leak check
+
+PUBLIC = "public"  # carries no bit value of Alice's
+# every field of every message that may cross the link, and what it carries
+FIELDS = {
+    (DOWN, "hello"): {"version": PUBLIC, "pass_digest": PUBLIC, "config": PUBLIC},
+    (DOWN, "sync_pattern"): {"intensity": PUBLIC},
+    (DOWN, "sift"): {"basis": PUBLIC, "intensity": PUBLIC},
+    (DOWN, "disclose"): {
+        **{f"pos_{b}": PUBLIC for b in BASES},
+        **{f"count_{b}": PUBLIC for b in BASES},
+        **{f"bits_{b}": "sample" for b in BASES},
+    },
+    (DOWN, "ec_syndromes"): {"frames": PUBLIC, "code": PUBLIC, "syndromes": "syndrome"},
+    (DOWN, "ec_reveal"): {"values": "reveal"},
+    (DOWN, "ec_verify"): {"key": PUBLIC, "tag": "check_tag"},
+    (DOWN, "ec_frame_tags"): {"tags": "check_tag"},
+    (DOWN, "ec_discarded_bits"): {"bits": "discarded"},
+    (DOWN, "verify"): {"keys": PUBLIC, "tags": "verify_tag"},
+    (DOWN, "pa"): {"lengths": PUBLIC, **{f"seed_{b}": PUBLIC for b in BASES}},
+    (DOWN, "done"): {},
+    (UP, "hello_ok"): {},
+    (UP, "sync_request"): {"done": PUBLIC, "starts": PUBLIC, "length": PUBLIC},
+    (UP, "detections"): {"count": PUBLIC, "rice_k": PUBLIC, "slots": PUBLIC, "basis": PUBLIC},
+    (UP, "disclosed_errors"): {f"qber_{b}": PUBLIC for b in BASES},
+    (UP, "ec_status"): {"failed": PUBLIC, "step": PUBLIC, "undecoded": PUBLIC},
+    (UP, "ec_check"): {"match": PUBLIC},
+    (UP, "ec_discard"): {"frames": PUBLIC},
+    (UP, "ec_block_errors"): {"errors": PUBLIC, "bits": PUBLIC},
+    (UP, "error_counts"): {"counts_full": PUBLIC, "counts_key": PUBLIC, "leaks": PUBLIC},
+    (UP, "verify_ok"): {},
+    (UP, "pa_ok"): {},
+    (UP, "done"): {},
+}
+
+
+def _messages(stream: bytes) -> list[tuple[str, dict]]:
+    """Every message in one direction's captured bytes: u32 length, body, 8-byte tag."""
+    out, pos = [], 0
+    while pos < len(stream):
+        (length,) = struct.unpack_from("<I", stream, pos)
+        assert pos + 4 + length <= len(stream), "a message cut short on the link"
+        out.append(decode(stream[pos + 4 : pos + 4 + length - TAG_BYTES]))
+        pos += 4 + length
+    return out
+
+
+def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, key: bytes):
+    down, up = _messages(link.captured(DOWN)), _messages(link.captured(UP))
+    for direction, messages in ((DOWN, down), (UP, up)):
+        for kind, fields in messages:
+            allowed = FIELDS.get((direction, kind))
+            assert allowed is not None, f"unknown message {kind!r} {direction}"
+            for name in fields:
+                assert name in allowed, f"{kind}.{name} ({direction}) is not accounted for"
+    # --- the disclosed sample: exactly Alice's bits at the sampled sifted positions
+    (detections,) = [f for k, f in up if k == "detections"]
+    (sift,) = [f for k, f in down if k == "sift"]
+    (disclose,) = [f for k, f in down if k == "disclose"]
+    count = int(detections["count"])
+    slots = rice_decode_sorted(int(detections["rice_k"]), detections["slots"], count)
+    keep = (unpack_bits(sift["basis"], count) == unpack_bits(detections["basis"], count)) & (
+        unpack_2bit(sift["intensity"], count) != NO_PATTERN
+    )
+    basis, bit, _ = decode_symbols(open_patterns(pass_dir / "satellite").symbols(slots[keep]))
+    sample_bits = 0
+    for b, name in enumerate(BASES):
+        n = int(disclose[f"count_{name}"])
+        assert disclose[f"bits_{name}"].size == -(-n // 8)  # n bits, packed: no more
+        positions = decode_sorted(disclose[f"pos_{name}"], n) if n else np.zeros(0, int)
+        truth = bit[np.nonzero(basis == b)[0][positions]]
+        assert np.array_equal(unpack_bits(disclose[f"bits_{name}"], n), truth)
+        sample_bits += n
+    assert sample_bits > 0
+    # --- error correction, per key block in order: what crossed is what the report counts
+    blocks = bob_report["ec"]["blocks"]
+    starts = [i for i, (k, _) in enumerate(down) if k == "ec_syndromes"]
+    assert len(starts) == len(blocks)
+    statuses = [f for k, f in up if k == "ec_status"]
+    reveals = [f for k, f in down if k == "ec_reveal"]
+    assert len(reveals) == sum(1 for s in statuses if np.asarray(s["failed"]).size)
+    reveal_iter = iter(reveals)
+    status_iter = iter(statuses)
+    # Alice's report: what the key length was cut by, per key block
+    charged = {b["basis"]: b for b in alice_report["blocks"]}
+    assert list(charged) == alice_report["key_bases"]
+    for index, stats in enumerate(blocks):
+        end = starts[index + 1] if index + 1 < len(starts) else len(down)
+        part = down[starts[index] : end]
+        syndromes = part[0][1]
+        block_bits = stats["bits"] + stats["bits_discarded"]
+        plan = reconcile._plan(block_bits, stats["qber_sized_for"], Config().ec_efficiency)
+        assert syndromes["code"] == plan.code.digest()
+        frames = int(syndromes["frames"])
+        assert syndromes["syndromes"].size == -(-frames * plan.code.m // 8)
+        revealed = 0
+        for status in status_iter:
+            failed = np.asarray(status["failed"]).size
+            if not failed:
+                break  # this block's decoding ended
+            values = next(reveal_iter)["values"]
+            revealed += failed * int(status["step"])
+            assert values.size == -(-failed * int(status["step"]) // 8)
+        assert revealed == stats["revealed_bits"]
+        check = sum(8 * len(f["tag"]) for k, f in part if k == "ec_verify")
+        check += sum(8 * len(f["tags"]) for k, f in part if k == "ec_frame_tags")
+        assert check == stats["leak_ec_check_bits"]
+        # the EC leak the key length is cut by: syndromes (their rank), reveals, checks
+        assert stats["leak_bits"] == frames * plan.leak_bits() + revealed + check
+        discarded = sum(f["bits"].size for k, f in part if k == "ec_discarded_bits")
+        assert discarded == -(-stats["bits_discarded"] // 8)
+        name = alice_report["key_bases"][index]
+        assert charged[name]["leak_ec_bits"] == stats["leak_bits"]
+        assert charged[name]["bits_discarded"] == stats["bits_discarded"]
+    # --- verification tags: the bits the report counts per block
+    (verify,) = [f for k, f in down if k == "verify"]
+    tags = json.loads(verify["tags"])
+    assert list(tags) == alice_report["key_bases"]
+    for name, tag in tags.items():
+        assert 4 * len(tag) == charged[name]["leak_verification_bits"]
+    # --- and the final key never crossed: no 8-byte piece of it is on the link
+    crossed = link.captured(DOWN) + link.captured(UP)
+    assert len(key) >= 64
+    for start in range(0, len(key) - 8, 8):
+        assert key[start : start + 8] not in crossed
