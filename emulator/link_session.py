@@ -59,6 +59,7 @@ def distil_over_link(
     pass_dir, out_dir = Path(pass_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keystore, ground_pool = provision_pools(out_dir, station, pool or os.urandom(1 << 20))
+    fresh = ["--new-auth-pool"]  # the pools were just provisioned: no usage record yet
     sat_port, ground_port = link.start()
     env = {
         **os.environ,
@@ -67,6 +68,7 @@ def distil_over_link(
     alice = subprocess.Popen(
         [sys.executable, "-m", "host.payload_processor", str(pass_dir), "--station", station]
         + ["--keystore", str(keystore), "--connect", f"127.0.0.1:{sat_port}"]
+        + fresh
         + list(distil_options)
         + list(alice_options),
         env=env,
@@ -75,6 +77,7 @@ def distil_over_link(
         [sys.executable, "-m", "host.cli", "distil", str(pass_dir), "--role", "bob"]
         + ["--connect", f"127.0.0.1:{ground_port}", "--auth-pool", str(ground_pool)]
         + ["--out", str(out_dir / "ground")]
+        + fresh
         + list(distil_options)
         + list(bob_options),
         env=env,

@@ -27,7 +27,7 @@ from host.distil import reconcile
 from host.distil.bitcodec import decode_sorted, rice_decode_sorted, unpack_2bit, unpack_bits
 from host.distil.channel import TAG_BYTES, decode
 from host.distil.protocol import BASES, NO_PATTERN, Config
-from host.distil.run import run_local
+from host.distil.run import key_names, run_local
 from host.formats.patterns import open_patterns
 from host.protocol.symbols import decode_symbols
 
@@ -35,6 +35,9 @@ SEED = 21
 STATION = "Xinglong"
 PASS_S = 30.0
 OUTAGE_S = 3.0  # 20 s of micius' 274 s pass, scaled to the 30 s pass (2.2 s) and rounded up
+
+POOL_POSITION_BYTES = 16  # channel.exchange_pool_start: b"QKDPOOL1", u64 start byte
+KEY_FILES = {role: name + ".key" for role, name in key_names(True).items()}  # test keys
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +53,14 @@ def micius_short(tmp_path_factory):
 @pytest.fixture(scope="module")
 def in_process(micius_short, tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
-    report = run_local(micius_short, out, Config(), seed=SEED)
+    report = run_local(micius_short, out, Config(), insecure_deterministic_seed=SEED)
     assert not report["aborted"], report["abort_reason"]
-    return report, (out / "alice.key").read_bytes()
+    return report, (out / KEY_FILES["alice"]).read_bytes()
 
 
 def _over_the_link(pass_dir: Path, tmp: Path, link):
-    return distil_over_link(
-        pass_dir, tmp, link, station=STATION, distil_options=["--seed", str(SEED)]
-    )
+    options = ["--insecure-deterministic-seed", str(SEED)]
+    return distil_over_link(pass_dir, tmp, link, station=STATION, distil_options=options)
 
 
 def test_processor_and_ground_over_the_link_with_an_outage_keep_the_key_and_leak_nothing(
@@ -80,16 +82,18 @@ def test_processor_and_ground_over_the_link_with_an_outage_keep_the_key_and_leak
     assert run.link["outages"][0]["end_s"] - run.link["outages"][0]["start_s"] >= OUTAGE_S
     assert not run.link["lost_for_good"]
     # the keys: identical on both sides, and those of the in-process run
-    alice_key = run.alice_dir / "alice.key"
+    alice_key = run.alice_dir / KEY_FILES["alice"]
     assert alice_key.read_bytes() == key
-    assert (run.bob_dir / "bob.key").read_bytes() == key
+    assert (run.bob_dir / KEY_FILES["bob"]).read_bytes() == key
     assert stat.S_IMODE(alice_key.stat().st_mode) == 0o600
     assert run.alice["key_bits"] == reference["key_bits"]
-    # the bytes each endpoint counted are the bytes that crossed the link
+    # the bytes each endpoint counted are the bytes that crossed the link (and the
+    # authentication pool's position, announced in the clear before the first message)
     crossed = run.link["bytes"]
+    hello = {d: len(link.captured(d)) - _protocol_bytes(link.captured(d)) for d in (DOWN, UP)}
     assert run.alice["classical_bytes"] == {
-        "alice_to_bob": crossed["satellite_to_ground"],
-        "bob_to_alice": crossed["ground_to_satellite"],
+        "alice_to_bob": crossed["satellite_to_ground"] - hello[DOWN],
+        "bob_to_alice": crossed["ground_to_satellite"] - hello[UP],
     }
     # the processor's budget was measured
     budget = json.loads((run.alice_dir / "processor.json").read_text())
@@ -155,15 +159,33 @@ FIELDS = {
 }
 
 
-def _messages(stream: bytes) -> list[tuple[str, dict]]:
-    """Every message in one direction's captured bytes: u32 length, body, 8-byte tag."""
+def _frames(stream: bytes) -> list[bytes]:
+    """One direction's captured bytes cut into the transport's u32-length-prefixed frames."""
     out, pos = [], 0
     while pos < len(stream):
         (length,) = struct.unpack_from("<I", stream, pos)
         assert pos + 4 + length <= len(stream), "a message cut short on the link"
-        out.append(decode(stream[pos + 4 : pos + 4 + length - TAG_BYTES]))
+        out.append(stream[pos + 4 : pos + 4 + length])
         pos += 4 + length
     return out
+
+
+def _is_pool_position(frame: bytes) -> bool:
+    """The first frame each way: the authentication pool's position (public, untagged)."""
+    return len(frame) == POOL_POSITION_BYTES and frame.startswith(b"QKDPOOL")
+
+
+def _protocol_bytes(stream: bytes) -> int:
+    return sum(4 + len(f) for f in _frames(stream) if not _is_pool_position(f))
+
+
+def _messages(stream: bytes) -> list[tuple[str, dict]]:
+    """Every protocol message in one direction's captured bytes: body, 8-byte tag. Only
+    the first frame may be something else: the pool position."""
+    frames = _frames(stream)
+    if frames and _is_pool_position(frames[0]):
+        frames = frames[1:]
+    return [decode(frame[:-TAG_BYTES]) for frame in frames]
 
 
 def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, key: bytes):
