@@ -23,7 +23,7 @@ import pytest
 from emulator.link_session import distil_over_link
 from emulator.optical_link import DOWN, UP, link_for_pass
 from host.cli import main as qkdsat
-from host.distil import reconcile
+from host.distil import ldpc
 from host.distil.bitcodec import decode_sorted, rice_decode_sorted, unpack_2bit, unpack_bits
 from host.distil.channel import TAG_BYTES, decode
 from host.distil.protocol import BASES, NO_PATTERN, Config
@@ -148,6 +148,7 @@ FIELDS = {
     (UP, "sync_request"): {"done": PUBLIC, "starts": PUBLIC, "length": PUBLIC},
     (UP, "detections"): {"count": PUBLIC, "rice_k": PUBLIC, "slots": PUBLIC, "basis": PUBLIC},
     (UP, "disclosed_errors"): {f"qber_{b}": PUBLIC for b in BASES},
+    (UP, "ec_top_up"): {"step": PUBLIC},
     (UP, "ec_status"): {"failed": PUBLIC, "step": PUBLIC, "undecoded": PUBLIC},
     (UP, "ec_check"): {"match": PUBLIC},
     (UP, "ec_discard"): {"frames": PUBLIC},
@@ -219,10 +220,11 @@ def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, k
     blocks = bob_report["ec"]["blocks"]
     starts = [i for i, (k, _) in enumerate(down) if k == "ec_syndromes"]
     assert len(starts) == len(blocks)
+    # Bob asks for revealed bits: once for every frame before decoding (ec_top_up), then
+    # for the frames that failed (ec_status), until an ec_status with none ends the block
+    top_ups = iter([f for k, f in up if k == "ec_top_up"])
     statuses = [f for k, f in up if k == "ec_status"]
-    reveals = [f for k, f in down if k == "ec_reveal"]
-    assert len(reveals) == sum(1 for s in statuses if np.asarray(s["failed"]).size)
-    reveal_iter = iter(reveals)
+    reveal_iter = iter([f for k, f in down if k == "ec_reveal"])
     status_iter = iter(statuses)
     # Alice's report: what the key length was cut by, per key block
     charged = {b["basis"]: b for b in alice_report["blocks"]}
@@ -231,12 +233,17 @@ def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, k
         end = starts[index + 1] if index + 1 < len(starts) else len(down)
         part = down[starts[index] : end]
         syndromes = part[0][1]
-        block_bits = stats["bits"] + stats["bits_discarded"]
-        plan = reconcile._plan(block_bits, stats["qber_sized_for"], Config().ec_efficiency)
-        assert syndromes["code"] == plan.code.digest()
+        code = ldpc.construct(ldpc.FRAME_BITS, stats["mother_rate"])
+        plan = ldpc.FramePlan(code, stats["punctured"], stats["shortened"])
+        assert syndromes["code"] == code.digest()
         frames = int(syndromes["frames"])
-        assert syndromes["syndromes"].size == -(-frames * plan.code.m // 8)
+        assert syndromes["syndromes"].size == -(-frames * code.m // 8)
         revealed = 0
+        first_step = int(next(top_ups)["step"])
+        if first_step:
+            values = next(reveal_iter)["values"]
+            revealed += frames * first_step
+            assert values.size == -(-frames * first_step // 8)
         for status in status_iter:
             failed = np.asarray(status["failed"]).size
             if not failed:
