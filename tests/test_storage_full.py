@@ -8,9 +8,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from emulator.optical_head import HeadServer, OpticalHead, TdcSources
 from emulator.payload_run import download_products, payload_session
 from host.formats import qrec
+from host.link.client import CommandRejected
 from host.protocol import payload_bus as pb
 
 QUOTA_BYTES = 60_000
@@ -77,3 +80,19 @@ def test_a_full_store_stops_the_laser_and_counts_the_unlogged_frame():
         assert logged.packed_symbols == sent.nibbles
     for name, data in files.items():
         assert qrec.parse_records(data).complete, name
+
+
+def test_a_pass_does_not_start_on_a_full_store_in_either_generation_mode():
+    head = OpticalHead(seed=9, fifo_depth=2048, pps_period_ps=CONFIG["pps_period_ps"])
+    env = {"QKDSAT_STORAGE_QUOTA": "0"}
+    with (
+        HeadServer(head) as server,
+        payload_session("unix", server.address, unix_env=env) as (_target, payload),
+    ):
+        for generation in ("controller", "head"):
+            payload.configure(dict(CONFIG, pattern_generation=generation))
+            with pytest.raises(CommandRejected, match="storage full"):
+                payload.start()
+            mission = payload.housekeeping()["mission"]
+            assert not mission["pass_running"] and mission["storage"]["full"]
+    assert not head.emitted and not head.blank_frames

@@ -58,15 +58,20 @@ class HeadGenerator:
         kind = log.kind
         log.kind = KIND_PATTERN_RUN  # the pattern product holds both record kinds
         try:
-            log.commit(RECORD_BYTES)
+            seq = log.commit(RECORD_BYTES)
         finally:
             log.kind = kind
+        if seq < 0:
+            return False  # storage full or failing: counted in the storage status
         self.records += 1
+        return True
 
     def start(self):
         seq = self.sequencer
         cfg = seq.config
         bus = self.bus
+        if not seq.log.can_commit(RECORD_BYTES):
+            raise ConfigError("storage full: no room to log the run (delete products)")
         req(bus.write1(busmod.REG_LASER_CTRL, 0), "LASER_CTRL")
         req(bus.write1(REG_GEN_CTRL, 0), "GEN_CTRL (no generator in this head?)")
         req(bus.write1(busmod.REG_FRAME_SLOTS, cfg["frame_slots"]), "FRAME_SLOTS")
@@ -85,7 +90,10 @@ class HeadGenerator:
         if self.first_frame < 0:
             raise ConfigError("optical head: GEN_FIRST_FRAME unreadable")
         self.frames = 0
-        self._record()  # the run is logged before a single slot of it is emitted
+        # the run is logged before a single slot of it is emitted, or it does not run
+        if not self._record():
+            bus.write1(REG_GEN_CTRL, 0)
+            raise ConfigError("storage could not log the run: generator stopped")
         self.running = True
 
     def stop(self):
@@ -97,8 +105,7 @@ class HeadGenerator:
             self.sequencer.bus_failures += 1
             return False
         self.frames = frames
-        self._record()
-        return True
+        return self._record()  # False: the run's end is not logged (storage status says why)
 
     def telemetry(self):
         return {
