@@ -68,7 +68,15 @@ def test_a_full_store_stops_the_laser_and_counts_the_unlogged_frame():
         # still serving telecommands: a stop, the products list and download, housekeeping
         payload.stop()
         _, files = download_products(payload, Path(downloads))
-        assert payload.housekeeping()["mission"]["storage"]["full"]
+        mission = payload.housekeeping()["mission"]
+        assert mission["storage"]["full"]
+        # TDC events the full store refused are lost and counted, not silently dropped
+        tdc = mission["tdc"]
+        assert tdc["unstored"] > 0 and tdc["lost"] >= tdc["unstored"], tdc
+    tdc_log = qrec.parse_records(files["tdc.qrec"])
+    stored = sum(len(qrec.decode_tdc_block(r.payload)) for r in tdc_log.records)
+    assert stored == tdc["events_spooled"]
+    assert tdc["events_accepted"] == tdc["events_spooled"] + tdc["unstored"], tdc
     assert not head.blank_frames
     log = qrec.parse_records(files["patterns.qrec"])
     assert log.complete, log.problem

@@ -116,6 +116,7 @@ class TdcDrain:
         self._events = self.log.payload[4:]  # a view, made once
         self.blocks = 0
         self.events_spooled = 0
+        self.events_unstored = 0  # popped for storage that refused them: lost, counted
         self.fifo_overflow = 0  # as last read from the head
         self.events_received = 0  # over the bus
         self.events_delivered = 0  # as the head counted them (REG_TDC_DELIVERED)
@@ -147,10 +148,12 @@ class TdcDrain:
             payload = log.payload
             n = ring_pop(self.state, self.ring, self.capacity, self._events, BLOCK_EVENTS)
             _put_u32(payload, 0, n)
-            log.commit(4 + EVENT_BYTES * n)
+            wrote = True
+            if log.commit(4 + EVENT_BYTES * n) < 0:
+                self.events_unstored += n  # storage full or failing (docs/storage.md)
+                continue
             self.blocks += 1
             self.events_spooled += n
-            wrote = True
         return wrote
 
     def step(self):
@@ -205,7 +208,11 @@ class TdcDrain:
             "ring_overflow": self.state[_OVERFLOW],
             "fifo_overflow": self.fifo_overflow,
             "transit_lost": self.transit_lost(),
-            "lost": self.state[_OVERFLOW] + self.fifo_overflow + self.transit_lost(),
+            "unstored": self.events_unstored,
+            "lost": self.state[_OVERFLOW]
+            + self.fifo_overflow
+            + self.transit_lost()
+            + self.events_unstored,
             "bus_failures": self.bus_failures,
         }
 
