@@ -605,6 +605,25 @@ def punctured_rank(code: Code, p: int) -> int:
 
 
 _RANKS: dict = {}
+_UNTAINTED: dict = {}
+
+
+def untainted_prefix(code: Code) -> int:
+    """The longest prefix of code.order in which no check has two members."""
+    key = code.digest()
+    if key not in _UNTAINTED:
+        checks = np.repeat(np.arange(code.m), np.diff(code.check_ptr))
+        rank = np.empty(code.n, dtype=np.int64)
+        rank[code.order] = np.arange(code.n)
+        # for each check its members' ranks in the order; the prefix ends where a check
+        # meets its second member
+        edge_rank = rank[code.check_var]
+        by_check = np.lexsort((edge_rank, checks))
+        ranks, owners = edge_rank[by_check], checks[by_check]
+        same = owners[1:] == owners[:-1]
+        second = ranks[1:][same]
+        _UNTAINTED[key] = int(second.min()) if second.size else code.n
+    return _UNTAINTED[key]
 
 
 @dataclass
@@ -634,6 +653,12 @@ class FramePlan:
 
     def leak_bits(self) -> int:
         return self.code.m - punctured_rank(self.code, self.punctured)
+
+    def untainted_punctured(self) -> int:
+        """How many of the punctured positions, from the start of the public order, have
+        no check with two punctured neighbours (ldpc._public_order puts the untainted ones
+        first)."""
+        return min(self.punctured, untainted_prefix(self.code))
 
 
 def plan_for(

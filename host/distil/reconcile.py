@@ -165,16 +165,15 @@ def _plan(
     )
 
 
-def _parity_groups(plan: ldpc.FramePlan) -> tuple[np.ndarray, np.ndarray]:
+def _parity_groups(code: ldpc.Code, punctured_now: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Checks whose combined parity does not involve a punctured bit: (singles, pairs).
     singles: the checks with no punctured neighbour; pairs (k x 2): the two checks of a
     punctured degree-2 bit when it is their only punctured neighbour (the untainted
     puncturing of the staircase gives every check exactly one once p >= m / 2, so
     singles alone can run out). In a graph without 4-cycles the two checks share no
     other bit."""
-    code = plan.code
     punctured = np.zeros(code.n, dtype=bool)
-    punctured[plan.punctured_positions] = True
+    punctured[punctured_now] = True
     checks = np.repeat(np.arange(code.m), np.diff(code.check_ptr))
     edges = np.nonzero(punctured[code.check_var])[0]
     per_check = np.bincount(checks[edges], minlength=code.m)
@@ -187,31 +186,36 @@ def _parity_groups(plan: ldpc.FramePlan) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _syndrome_qber(
-    plan: ldpc.FramePlan, frames, syndromes, bits, sample_qber=0.0, sample_bits=0
+    plan: ldpc.FramePlan,
+    frames,
+    syndromes,
+    words,
+    punctured_now,
+    sample_qber=0.0,
+    sample_bits=0,
 ) -> float:
     """Bob's maximum-likelihood QBER from the syndromes and the disclosed sample together:
     a parity over d of the frame's key bits (a check, or two checks whose punctured bit
     cancels: _parity_groups) differs from Alice's with probability (1 - (1 - 2q)^d) / 2
     (errors independent, which the interleaving makes so); the sample has
-    sample_qber * sample_bits errors in sample_bits. Known-zero positions carry no error.
-    On a large block the syndromes say ~100x more than the sample; on a small, heavily
+    sample_qber * sample_bits errors in sample_bits. words: Bob's frames, his key bits
+    and every bit he knows exactly (zeros, revealed bits), which carry no error. On a
+    large block the syndromes say ~100x more than the sample; on a small, heavily
     punctured one few parities are free of punctured bits and the sample weighs in. Bob
-    computes it from what he has; nothing of it is sent (only the one top-up step chosen
+    computes it from what he has; nothing of it is sent (only the top-up steps chosen
     from it)."""
     code = plan.code
-    singles, pairs = _parity_groups(plan)
-    words = np.zeros((len(frames), code.n), dtype=np.uint8)
+    singles, pairs = _parity_groups(code, punctured_now)
     key_degree = {}
-    for f, (start, used) in enumerate(frames):
-        key_pos, _ = _frame_layout(plan, used)
+    for _, used in frames:
         if used not in key_degree:
+            key_pos, _ = _frame_layout(plan, used)
             is_key = np.zeros(code.n, dtype=np.int64)
             is_key[key_pos] = 1
             per_check = np.add.reduceat(is_key[code.check_var], code.check_ptr[:-1])
             key_degree[used] = np.concatenate(
                 [per_check[singles], per_check[pairs[:, 0]] + per_check[pairs[:, 1]]]
             )
-        words[f, key_pos] = bits[start : start + used]
     differ_all = code.syndrome(words) ^ syndromes
     size = 1 + max(int(d.max(initial=0)) for d in key_degree.values())
     groups = np.zeros(size, dtype=np.int64)
@@ -246,10 +250,12 @@ def _frames(count: int, plan: ldpc.FramePlan) -> list[tuple[int, int]]:
 
 
 def _reveal_order(plan: ldpc.FramePlan, used: int) -> np.ndarray:
-    """Positions revealed on retries: Alice's punctured random bits first (each costs at
-    most one bit of leak and tells Bob the most), then key positions."""
+    """Positions revealed on the top-up and the retries: Alice's punctured random bits
+    first (each costs at most one bit of leak and tells Bob the most), the last punctured
+    first, so that what stays punctured is the untainted part (every other staircase bit,
+    ldpc._public_order), which decodes best; then key positions."""
     key_in_order = plan.code.order[plan.punctured + plan.shortened :][:used]
-    return np.concatenate([plan.punctured_positions, key_in_order])
+    return np.concatenate([plan.punctured_positions[::-1], key_in_order])
 
 
 def _frame_layout(plan: ldpc.FramePlan, used: int) -> tuple[np.ndarray, np.ndarray]:
@@ -303,12 +309,19 @@ def ldpc_alice(
             revealed[f] += step
         channel.send("ec_reveal", values=pack_bits(np.concatenate(values)))
 
-    # Bob's top-up before his first decoding: the same step for every frame (or none)
-    first_step = int(channel.recv("ec_top_up")["step"])
-    if not 0 <= first_step <= code.n:
-        raise ReconciliationFailed(f"ec_top_up: step {first_step} out of range")
-    if first_step:
-        reveal(np.arange(len(frames)), first_step)
+    # Bob's top-ups before his first decoding: the same step for every frame, up to two,
+    # ended by a step of 0
+    first_step = 0
+    for _ in range(3):
+        step = int(channel.recv("ec_top_up")["step"])
+        if not 0 <= step <= code.n:
+            raise ReconciliationFailed(f"ec_top_up: step {step} out of range")
+        if not step:
+            break
+        reveal(np.arange(len(frames)), step)
+        first_step += step
+    else:
+        raise ReconciliationFailed("ec_top_up: more than two top-ups")
     while True:
         msg = channel.recv("ec_status")
         failed = _frame_list(msg["failed"], len(frames), "ec_status")
@@ -374,20 +387,15 @@ def ldpc_bob(
     if msg["code"] != code.digest() or int(msg["frames"]) != len(frames):
         raise ReconciliationFailed("LDPC code or frame count differs between Alice and Bob")
     syndromes = unpack_bits(msg["syndromes"], len(frames) * code.m).reshape(len(frames), code.m)
-    measured = _syndrome_qber(plan, frames, syndromes, bits, qber_estimate, sample_bits)
-    measured = min(max(measured, 1e-3), 0.25)
-    magnitude = math.log((1 - measured) / measured)
-    llr = np.zeros((len(frames), code.n), dtype=np.float32)
+    words = np.zeros((len(frames), code.n), dtype=np.uint8)  # every bit Bob knows
     for f, (start, used) in enumerate(frames):
-        key_pos, zero_pos = _frame_layout(plan, used)
-        llr[f, key_pos] = np.where(bits[start : start + used] == 1, -magnitude, magnitude)
-        llr[f, zero_pos] = ldpc.LLR_KNOWN
+        words[f, _frame_layout(plan, used)[0]] = bits[start : start + used]
+    llr = np.zeros((len(frames), code.n), dtype=np.float32)
     out = np.zeros((len(frames), code.n), dtype=np.uint8)
     iters = np.zeros(len(frames), dtype=np.int64)
     revealed = np.zeros(len(frames), dtype=np.int64)
     messages = np.zeros((len(frames), code.edges), dtype=np.float32)
-    h = binary_entropy(measured)
-    base_step = max(4, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * h))
+    punctured_order = _reveal_order(plan, 0)  # the punctured part, in reveal order
 
     def request(pending: np.ndarray, step: int) -> None:
         values = unpack_bits(channel.recv("ec_reveal")["values"], pending.size * step)
@@ -396,21 +404,58 @@ def ldpc_bob(
             pos = order[revealed[f] : revealed[f] + step]
             v = values[i * step : i * step + pos.size]
             llr[f, pos] = np.where(v == 1, -ldpc.LLR_KNOWN, ldpc.LLR_KNOWN)
+            words[f, pos] = v
             revealed[f] += step
+
+    def measure() -> float:
+        q = _syndrome_qber(
+            plan,
+            frames,
+            syndromes,
+            words,
+            punctured_order[revealed[0] :],
+            qber_estimate,
+            sample_bits,
+        )
+        return min(max(q, 1e-3), 0.25)
 
     pending = np.arange(len(frames))
     retries = 0
     decoder_seconds = 0.0
-    # One request before decoding: the first syndromes were sized for the low end of the
+    # Top-up before decoding: the first syndromes were sized for the low end of the
     # sample's QBER interval; bring every frame to LDPC_FIRST_F h(measured), in whole base
-    # steps (so the step Bob chooses from his data takes few values).
-    # At most the punctured reserve: beyond it a revealed key bit is worth less than a
-    # syndrome bit, and the fine retries decide how far each frame really needs to go.
-    missing = min(LDPC_FIRST_F * h * plan.key_bits - plan.leak_bits(), plan.punctured)
-    first_step = base_step * math.ceil(missing / base_step) if missing > 0 else 0
-    channel.send("ec_top_up", step=first_step)
-    if first_step:
-        request(pending, first_step)
+    # steps (so the steps Bob chooses from his data take few values), at most the
+    # punctured reserve (beyond it a revealed key bit is worth less than a syndrome bit;
+    # the fine retries decide how far each frame really needs to go). The first round
+    # reveals at most the punctured bits beyond the untainted ones (a small block's reserve
+    # can exceed them): each revealed bit frees checks from punctured neighbours, so the
+    # second measurement, on many more parities, decides the rest.
+    measured = measure()
+    untainted = plan.untainted_punctured()
+    first_step = 0
+    for top_up in range(2):
+        h = binary_entropy(measured)
+        base_step = max(4, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * h))
+        cap = plan.punctured - first_step
+        if top_up == 0 and plan.punctured > untainted:
+            cap = plan.punctured - untainted
+        missing = min(LDPC_FIRST_F * h * plan.key_bits - plan.leak_bits() - first_step, cap)
+        step = base_step * math.ceil(missing / base_step) if missing > 0 else 0
+        channel.send("ec_top_up", step=step)
+        if not step:
+            break
+        request(pending, step)
+        first_step += step
+        measured = measure()
+    else:
+        channel.send("ec_top_up", step=0)
+    h = binary_entropy(measured)
+    base_step = max(4, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * h))
+    magnitude = math.log((1 - measured) / measured)
+    for f, (start, used) in enumerate(frames):
+        key_pos, zero_pos = _frame_layout(plan, used)
+        llr[f, key_pos] = np.where(bits[start : start + used] == 1, -magnitude, magnitude)
+        llr[f, zero_pos] = ldpc.LLR_KNOWN
     for attempt in range(LDPC_RETRIES + 1):
         sub_out = np.zeros((pending.size, code.n), dtype=np.uint8)
         sub_iters = iters[pending]
