@@ -220,7 +220,7 @@ def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, k
     blocks = bob_report["ec"]["blocks"]
     starts = [i for i, (k, _) in enumerate(down) if k == "ec_syndromes"]
     assert len(starts) == len(blocks)
-    # Bob asks for revealed bits: once for every frame before decoding (ec_top_up), then
+    # Bob asks for revealed bits: for every frame before decoding (ec_top_up), then
     # for the frames that failed (ec_status), until an ec_status with none ends the block
     top_ups = iter([f for k, f in up if k == "ec_top_up"])
     statuses = [f for k, f in up if k == "ec_status"]
@@ -239,11 +239,13 @@ def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, k
         frames = int(syndromes["frames"])
         assert syndromes["syndromes"].size == -(-frames * code.m // 8)
         revealed = 0
-        first_step = int(next(top_ups)["step"])
-        if first_step:
+        for top_up in top_ups:
+            step = int(top_up["step"])
+            if not step:
+                break  # the top-ups (at most two) end with a step of 0
             values = next(reveal_iter)["values"]
-            revealed += frames * first_step
-            assert values.size == -(-frames * first_step // 8)
+            revealed += frames * step
+            assert values.size == -(-frames * step // 8)
         for status in status_iter:
             failed = np.asarray(status["failed"]).size
             if not failed:
