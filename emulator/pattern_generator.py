@@ -74,12 +74,7 @@ class PatternMemory:
         run = self._generator.run
         if slots.size == 0:
             return np.zeros(0, np.uint8)
-        qrng = self._generator.head.qrng
-        lo, hi = int(slots.min()), int(slots.max())
-        if hi - lo < 4 * slots.size:  # dense (sync windows, frames): one CTR pass
-            words = qrng.slot_words_range(run.word_offset + lo, hi - lo + 1)[slots - lo]
-        else:
-            words = qrng.slot_words(run.word_offset + slots)
+        words = self._generator.head.qrng.slot_words(run.word_offset + slots)
         return run.mapping.symbols(words)
 
 

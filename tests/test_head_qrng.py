@@ -178,3 +178,29 @@ def test_no_key_or_stream_leaves_the_head_in_a_head_generated_pass(tmp_path):
         assert not found, f"{where} carries {len(found)} pieces of the head's secrets"
     assert not [s for s in secrets if s in products]
     assert head.qrng.fifo_bytes_out == 0  # the controller never drew from the QRNG
+
+
+def test_a_keyed_pattern_source_is_the_heads_stream_and_keeps_its_key_private(tmp_path):
+    """The simulator's stand-in for a secret pattern (pattern_source.json, kind aes256-ctr)
+    computes the same words as the emulated head and writes its key 0600, never in repr."""
+    from host.formats.patterns import (
+        KeyedPatternSource,
+        mapping_from_thresholds,
+        read_pattern_source,
+        write_pattern_source,
+    )
+
+    mapping = mapping_from_thresholds(16384, 32768, 49152)
+    source = KeyedPatternSource(HEAD_KEY, mapping, 0, 27_400_000_000)
+    slots = np.array([27_399_999_999, 0, 17, 18, 19, 5_000_000_001])
+    expected = mapping.symbols(HeadQrng(HEAD_KEY).slot_words(slots))
+    assert np.array_equal(source.symbols(slots), expected)
+    assert HEAD_KEY.hex() not in repr(source)
+    path = tmp_path / "pattern_source.json"
+    write_pattern_source(path, source)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert np.array_equal(read_pattern_source(path).symbols(slots), expected)
+    with pytest.raises(IndexError):
+        source.symbols([27_400_000_000])
+    with pytest.raises(ValueError, match="32 needed"):
+        KeyedPatternSource(HEAD_KEY[:16], mapping, 0, 10)

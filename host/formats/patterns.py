@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from host.errors import BadInput
 from host.formats.qrec import Kind, PatternFrame, read_records
-from host.protocol.symbols import SymbolMapping, insecure_test_pattern_words, unpack_nibbles
+from host.protocol.symbols import (
+    SymbolMapping,
+    insecure_test_pattern_words,
+    keyed_slot_words,
+    unpack_nibbles,
+)
 
 PATTERN_SOURCE_VERSION = 1
 PATTERN_LOG_NAME = "patterns.qrec"
 PATTERN_SOURCE_NAME = "pattern_source.json"
 INSECURE_TEST_PATTERN_KIND = "insecure-test-pattern"
+KEYED_PATTERN_KIND = "aes256-ctr"
 
 
 @dataclass(frozen=True)
@@ -61,24 +67,74 @@ class InsecureTestPatternSource:
         }
 
 
-def write_pattern_source(path: str | Path, source: InsecureTestPatternSource) -> None:
+@dataclass(frozen=True)
+class KeyedPatternSource:
+    """Symbols from AES-256-CTR under a secret 32-byte key (host.protocol.symbols.
+    keyed_slot_words, the same stream the emulated head's QRNG stand-in gives): only the
+    key's holder can compute them, so a simulation that keeps the key in satellite/ (and
+    truth/) and nowhere else gives Bob nothing to recover. Computationally random, as the
+    emulated head; real hardware uses its QRNG's bits."""
+
+    key: bytes = field(repr=False)
+    mapping: SymbolMapping
+    first_slot: int
+    slot_count: int
+
+    def __post_init__(self):
+        if len(self.key) != 32:
+            raise ValueError(f"pattern key of {len(self.key)} bytes: 32 needed")
+
+    seed = None  # there is no seed (truth summaries record this field)
+
+    def symbols(self, slot_indices: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slot_indices, dtype=np.int64)
+        if not np.all(self.covers(slots)):
+            raise IndexError("slot outside the pattern source's range")
+        return self.mapping.symbols(keyed_slot_words(self.key, slots))
+
+    def covers(self, slot_indices) -> np.ndarray:
+        slots = np.asarray(slot_indices, dtype=np.int64)
+        return (slots >= self.first_slot) & (slots < self.first_slot + self.slot_count)
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": PATTERN_SOURCE_VERSION,
+            "kind": KEYED_PATTERN_KIND,
+            "key": self.key.hex(),
+            "basis_threshold": self.mapping.basis_threshold,
+            "intensity_thresholds": list(self.mapping.intensity_thresholds),
+            "first_slot": self.first_slot,
+            "slot_count": self.slot_count,
+        }
+
+
+def write_pattern_source(
+    path: str | Path, source: InsecureTestPatternSource | KeyedPatternSource
+) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(source.to_json(), indent=1) + "\n")
-    os.chmod(tmp, 0o600)  # the seed is Alice's raw key material
+    os.chmod(tmp, 0o600)  # the seed or key is Alice's raw key material
     os.replace(tmp, path)
 
 
-def read_pattern_source(path: str | Path) -> InsecureTestPatternSource:
+def read_pattern_source(path: str | Path) -> InsecureTestPatternSource | KeyedPatternSource:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
         if data.get("format_version") != PATTERN_SOURCE_VERSION:
             raise BadInput(f"{path}: format_version {data.get('format_version')!r} unsupported")
         kind, generator = data.get("kind"), data.get("generator")
+        mapping = SymbolMapping(int(data["basis_threshold"]), tuple(data["intensity_thresholds"]))
+        if kind == KEYED_PATTERN_KIND:
+            return KeyedPatternSource(
+                bytes.fromhex(data["key"]),
+                mapping,
+                int(data["first_slot"]),
+                int(data["slot_count"]),
+            )
         if kind != INSECURE_TEST_PATTERN_KIND or generator != "splitmix64-high32":
             raise BadInput(f"{path}: unknown pattern source {data.get('kind')!r}")
-        mapping = SymbolMapping(int(data["basis_threshold"]), tuple(data["intensity_thresholds"]))
         return InsecureTestPatternSource(
             int(data["seed"]), mapping, int(data["first_slot"]), int(data["slot_count"])
         )

@@ -14,7 +14,9 @@ intensity class index.
 
 `insecure_test_pattern_words` (splitmix64 of the slot index) gives reproducible words for
 simulations and tests. It is not a random source: a few dozen published symbols pin its
-seed. Keys come from the head's QRNG (emulated by emulator/head_qrng.py).
+seed. Keys come from the head's QRNG; `keyed_slot_words` (AES-256-CTR under a secret key)
+stands in for it in the emulated head (emulator/head_qrng.py) and in simulations that
+need a pattern only the key's holder can compute.
 """
 
 from __future__ import annotations
@@ -138,3 +140,38 @@ def insecure_test_pattern_words(seed: int, slot_indices: np.ndarray) -> np.ndarr
         z = (z ^ (z >> np.uint64(27))) * _MIX2
         z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(32)).astype(np.uint32)
+
+
+# ---------------------------------------------------------------- keyed (AES-256-CTR)
+
+_SLOT_WORDS_DOMAIN = 1  # counter block = domain << 64 | block index (head_qrng.py)
+_WORDS_PER_BLOCK = 4
+
+
+def keyed_slot_words(key: bytes, slot_indices) -> np.ndarray:
+    """u32 word of each slot: word i%4 of AES-256_key(1 << 64 | i // 4), i.e. AES-256 in
+    counter mode read at any slot, in any order (a dense run costs one CTR pass)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    slots = np.asarray(slot_indices, dtype=np.int64).reshape(-1)
+    if slots.size == 0:
+        return np.zeros(0, np.uint32)
+    lo, hi = int(slots.min()), int(slots.max())
+    if lo < 0:
+        raise IndexError("negative slot index")
+    if hi - lo < 4 * slots.size:  # dense: one CTR pass over the span
+        block0 = lo // _WORDS_PER_BLOCK
+        skip = lo - block0 * _WORDS_PER_BLOCK
+        blocks = -(-(skip + hi - lo + 1) // _WORDS_PER_BLOCK)
+        nonce = ((_SLOT_WORDS_DOMAIN << 64) | block0).to_bytes(16, "big")
+        stream = (
+            Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor().update(bytes(16 * blocks))
+        )
+        return np.frombuffer(stream, dtype="<u4")[skip + slots - lo].astype(np.uint32)
+    blocks, inverse = np.unique(slots // _WORDS_PER_BLOCK, return_inverse=True)
+    counters = np.empty((blocks.size, 2), dtype=">u8")
+    counters[:, 0] = _SLOT_WORDS_DOMAIN
+    counters[:, 1] = blocks
+    encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    words = np.frombuffer(encryptor.update(counters.tobytes()), dtype="<u4").reshape(-1, 4)
+    return words[inverse, slots % _WORDS_PER_BLOCK].astype(np.uint32)
