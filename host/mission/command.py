@@ -32,8 +32,8 @@ def add_arguments(parser) -> None:
         choices=("controller", "head"),
         default="controller",
         help="controller: the sequencer maps QRNG bytes frame by frame (bus-bound, a short"
-        " segment); head: the head's generator, seeded from the QRNG by the controller,"
-        " emits the whole pass (docs/sequencer.md 'Faster sources')",
+        " segment); head: the head maps its QRNG at the slot clock and keeps the pattern in"
+        " its memory, read on board; emits the whole pass (docs/sequencer.md 'Faster sources')",
     )
     parser.add_argument(
         "--segment-s",

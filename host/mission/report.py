@@ -158,8 +158,9 @@ def _summary_lines(summary: dict) -> list[str]:
         f = s["firmware"]
         if f.get("generator"):
             lines.append(
-                f"firmware  head generator seeded from the QRNG: {f['generator']['frames']:,}"
-                f" frames, {f['slots_emitted']:,} slots; TDC lost {f['tdc_lost']}"
+                f"firmware  head QRNG -> pattern memory: {f['generator']['frames']:,}"
+                f" frames, {f['slots_emitted']:,} slots (read on board:"
+                f" {f.get('pattern_memory_reads', 0)} slot-list reads); TDC lost {f['tdc_lost']}"
             )
         else:
             lines.append(
