@@ -98,8 +98,8 @@ def test_bench_seal_kernel_unix_and_qemu():
     r = _run_unix((50, 500))
     seal, crc = _per_byte(r["seal"], r["bytes"]), _per_byte(r["crc"], r["bytes"])
     print(f"\n[unix] AES-256-GCM seal of a {r['bytes']}-byte chunk (wall time)")
-    print(f"  seal   {1 / seal / 1000:10,.1f} kB/s")
-    print(f"  CRC-32 {1 / crc / 1000:10,.1f} kB/s   seal / CRC-32 time ratio: {seal / crc:.1f}")
+    print(f"  seal   {1000 / seal:10,.1f} kB/s")
+    print(f"  CRC-32 {1000 / crc:10,.1f} kB/s   seal / CRC-32 time ratio: {seal / crc:.1f}")
     q = _run_qemu((3, 10))
     seal, crc = _per_byte(q["seal"], q["bytes"]), _per_byte(q["crc"], q["bytes"])
     print(f"[qemu MPS2-AN385] AES-256-GCM seal of a {q['bytes']}-byte chunk (-icount)")
@@ -124,7 +124,7 @@ def test_bench_sealed_download_goodput_unix():
                 entries = {e.name: e for e in payload.list_products()}
                 clear = payload.download(entries["stream.qrec"], Path(work) / "sat")
                 sealed = payload.download(entries["patterns.qrec"], Path(work) / "sat")
-    assert sealed.sealed and sealed.path.read_bytes() == data
+        assert sealed.sealed and sealed.path.read_bytes() == data
     clear_rate, sealed_rate = clear.size / clear.seconds, sealed.size / sealed.seconds
     ratio = sealed_rate / clear_rate
     print(f"\n[unix, pty] 200 kB download: clear {clear_rate / 1000:,.0f} kB/s, sealed "

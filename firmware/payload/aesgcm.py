@@ -6,8 +6,11 @@
 # `cryptography` on the host (tests/vectors/aesgcm.json).
 #
 # AES works on bytes (S-box and xtime tables, no 32-bit constants: viper ints are 32-bit
-# on the MCU and 64-bit on the unix port). GHASH multiplies in GF(2^128) bit by bit on
-# four 32-bit words (SP 800-38D algorithm 1), every word masked to 32 bits.
+# on the MCU and 64-bit on the unix port). GHASH multiplies in GF(2^128) a nibble at a
+# time with a 16-entry table of multiples of H (Shoup's method, as mbed TLS), on four
+# 32-bit words, every word masked to 32 bits.
+import array
+
 import micropython
 from micropython import const
 
@@ -91,40 +94,73 @@ def _encrypt_block(rk: ptr8, src: ptr8, dst: ptr8, sbox: ptr8, xt: ptr8, s: ptr8
         dst[o + 3] = sbox[s[4 * ((c + 3) & 3) + 3]] ^ rk[k + o + 3]
 
 
+# x^4 reduction for the 4-bit table method (Shoup; as mbed TLS's gcm_mult): the bits a
+# nibble shifted out of the low end fold back into the top 16 bits as these values
+_LAST4 = array.array(
+    "H",
+    (0x0000, 0x1C20, 0x3840, 0x2460, 0x7080, 0x6CA0, 0x48C0, 0x54E0,
+     0xE100, 0xFD20, 0xD940, 0xC560, 0x9180, 0x8DA0, 0xA9C0, 0xB5E0),
+)  # fmt: skip
+
+
+def _ghash_table(h):
+    """M[i] = i * H for the 16 nibbles i (GCM bit order: a nibble's top bit is x^0), as
+    4 big-endian 32-bit words each. Big ints, once per key."""
+    v = int.from_bytes(h, "big")
+    table = [0] * 16
+    table[8] = v
+    for i in (4, 2, 1):  # * x: shift right, reduce by x^128 = x^7 + x^2 + x + 1
+        v = (v >> 1) ^ ((0xE1 << 120) if v & 1 else 0)
+        table[i] = v
+    for i in (2, 4, 8):
+        for j in range(1, i):
+            table[i + j] = table[i] ^ table[j]
+    words = array.array("I", bytes(64 * 4))
+    for i in range(16):
+        for w in range(4):
+            words[4 * i + w] = (table[i] >> (96 - 32 * w)) & 0xFFFFFFFF
+    return words
+
+
 @micropython.viper
-def _ghash_block(y: ptr8, block: ptr8, n: int, h: ptr8):
-    # y = (y ^ block[:n] zero-padded) * H in GF(2^128), GCM's bit order (SP 800-38D).
-    # uint throughout: logical right shifts; masked to 32 bits for the 64-bit unix port.
+def _ghash_block(y: ptr8, block: ptr8, n: int, m: ptr32, last4: ptr16):
+    # y = (y ^ block[:n] zero-padded) * H in GF(2^128): a nibble at a time, last byte
+    # first, with the table M of _ghash_table. uint throughout (logical shifts), masked
+    # to 32 bits for the 64-bit unix port.
     for i in range(n):
         y[i] = y[i] ^ block[i]
     mask = uint(0xFFFF)
     mask = (mask << 16) | uint(0xFFFF)
-    v0 = uint((h[0] << 24) | (h[1] << 16) | (h[2] << 8) | h[3]) & mask
-    v1 = uint((h[4] << 24) | (h[5] << 16) | (h[6] << 8) | h[7]) & mask
-    v2 = uint((h[8] << 24) | (h[9] << 16) | (h[10] << 8) | h[11]) & mask
-    v3 = uint((h[12] << 24) | (h[13] << 16) | (h[14] << 8) | h[15]) & mask
-    z0 = uint(0)
-    z1 = uint(0)
-    z2 = uint(0)
-    z3 = uint(0)
-    r = (uint(0xE1) << 24) & mask
-    for i in range(16):
+    k = 4 * (y[15] & 0xF)
+    z0 = uint(m[k]) & mask
+    z1 = uint(m[k + 1]) & mask
+    z2 = uint(m[k + 2]) & mask
+    z3 = uint(m[k + 3]) & mask
+    i = 15
+    while i >= 0:
         byte = y[i]
-        bit = 0x80
-        while bit:
-            if byte & bit:
-                z0 ^= v0
-                z1 ^= v1
-                z2 ^= v2
-                z3 ^= v3
-            carry = v3 & 1
-            v3 = ((v3 >> 1) | ((v2 & 1) << 31)) & mask
-            v2 = ((v2 >> 1) | ((v1 & 1) << 31)) & mask
-            v1 = ((v1 >> 1) | ((v0 & 1) << 31)) & mask
-            v0 = v0 >> 1
-            if carry:
-                v0 ^= r
-            bit = bit >> 1
+        if i != 15:
+            rem = int(z3 & 0xF)
+            z3 = ((z3 >> 4) | (z2 << 28)) & mask
+            z2 = ((z2 >> 4) | (z1 << 28)) & mask
+            z1 = ((z1 >> 4) | (z0 << 28)) & mask
+            z0 = (z0 >> 4) ^ (uint(last4[rem]) << 16)
+            k = 4 * (byte & 0xF)
+            z0 ^= uint(m[k]) & mask
+            z1 ^= uint(m[k + 1]) & mask
+            z2 ^= uint(m[k + 2]) & mask
+            z3 ^= uint(m[k + 3]) & mask
+        rem = int(z3 & 0xF)
+        z3 = ((z3 >> 4) | (z2 << 28)) & mask
+        z2 = ((z2 >> 4) | (z1 << 28)) & mask
+        z1 = ((z1 >> 4) | (z0 << 28)) & mask
+        z0 = (z0 >> 4) ^ (uint(last4[rem]) << 16)
+        k = 4 * (byte >> 4)
+        z0 ^= uint(m[k]) & mask
+        z1 ^= uint(m[k + 1]) & mask
+        z2 ^= uint(m[k + 2]) & mask
+        z3 ^= uint(m[k + 3]) & mask
+        i -= 1
     for j in range(4):
         sh = 24 - 8 * j
         y[j] = int(z0 >> sh) & 0xFF
@@ -149,21 +185,22 @@ class AesGcm:
         self._pad = bytearray(16)
         self._counter = bytearray(16)
         self._y = bytearray(16)
-        self._h = bytearray(16)
         self._lengths = bytearray(16)
-        self.encrypt_block(bytes(16), self._h)
+        h = bytearray(16)
+        self.encrypt_block(bytes(16), h)
+        self._m = _ghash_table(h)
 
     def encrypt_block(self, src, dst):
         _encrypt_block(self._rk, src, dst, _SBOX, _XTIME, self._state)
 
     def _ghash(self, data, n):
         y = self._y
-        h = self._h
+        m = self._m
         view = memoryview(data)
         at = 0
         while at < n:
             take = min(16, n - at)
-            _ghash_block(y, view[at:], take, h)
+            _ghash_block(y, view[at:], take, m, _LAST4)
             at += 16
 
     def seal(self, nonce, aad, data, n, out, tag):
@@ -201,7 +238,7 @@ class AesGcm:
         for i in range(8):
             lengths[7 - i] = (abits >> (8 * i)) & 0xFF if i < 4 else 0
             lengths[15 - i] = (cbits >> (8 * i)) & 0xFF if i < 4 else 0
-        _ghash_block(y, lengths, 16, self._h)
+        _ghash_block(y, lengths, 16, self._m, _LAST4)
         counter[:12] = nonce
         counter[12] = counter[13] = counter[14] = 0
         counter[15] = 1  # J0
