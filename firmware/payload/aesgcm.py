@@ -5,8 +5,9 @@
 # the same code on every target. Checked against FIPS 197 / SP 800-38D vectors and against
 # `cryptography` on the host (tests/vectors/aesgcm.json).
 #
-# AES works on bytes (S-box and xtime tables, no 32-bit constants: viper ints are 32-bit
-# on the MCU and 64-bit on the unix port). GHASH multiplies in GF(2^128) a nibble at a
+# AES works on 32-bit column words with the four T-tables of FIPS 197's fast form (4 KiB
+# of RAM), uint and masked to 32 bits (viper ints are 32-bit on the MCU and 64-bit on the
+# unix port). GHASH multiplies in GF(2^128) a nibble at a
 # time with a 16-entry table of multiples of H (Shoup's method, as mbed TLS), on four
 # 32-bit words, every word masked to 32 bits.
 import array
@@ -60,38 +61,82 @@ def _expand_key(key):
             t = bytearray(_SBOX[b] for b in t)
         for j in range(4):
             rk[4 * i + j] = rk[4 * i - 32 + j] ^ t[j]
-    return rk
+    words = array.array("I", bytes(4 * 4 * (_ROUNDS + 1)))
+    for i in range(4 * (_ROUNDS + 1)):
+        words[i] = (rk[4 * i] << 24) | (rk[4 * i + 1] << 16) | (rk[4 * i + 2] << 8) | rk[4 * i + 3]
+    return words
+
+
+def _t_tables():
+    """Te0..Te3 (FIPS 197 section 5.2.1's round as table look-ups): one array of 4 x 256
+    big-endian words, Te_k[x] the column (2S, S, S, 3S)[x] rotated right by k bytes."""
+    t = array.array("I", bytes(4 * 1024))
+    for x in range(256):
+        s1 = _SBOX[x]
+        s2 = _XTIME[s1]
+        s3 = s2 ^ s1
+        column = (s2, s1, s1, s3)
+        for k in range(4):
+            b0, b1, b2, b3 = (
+                column[(0 - k) % 4],
+                column[(1 - k) % 4],
+                column[(2 - k) % 4],
+                column[(3 - k) % 4],
+            )
+            t[256 * k + x] = (b0 << 24) | (b1 << 16) | (b2 << 8) | b3
+    return t
+
+
+_TE = _t_tables()
 
 
 @micropython.viper
-def _encrypt_block(rk: ptr8, src: ptr8, dst: ptr8, sbox: ptr8, xt: ptr8, s: ptr8):
-    # state s[4c + row], column-major as FIPS 197; dst doubles as the round's scratch
-    for i in range(16):
-        s[i] = src[i] ^ rk[i]
-    r = 1
-    while r < 14:
-        k = r * 16
-        for c in range(4):
-            a0 = sbox[s[4 * c]]
-            a1 = sbox[s[4 * ((c + 1) & 3) + 1]]
-            a2 = sbox[s[4 * ((c + 2) & 3) + 2]]
-            a3 = sbox[s[4 * ((c + 3) & 3) + 3]]
-            x = a0 ^ a1 ^ a2 ^ a3
-            o = 4 * c
-            dst[o] = a0 ^ x ^ xt[a0 ^ a1] ^ rk[k + o]
-            dst[o + 1] = a1 ^ x ^ xt[a1 ^ a2] ^ rk[k + o + 1]
-            dst[o + 2] = a2 ^ x ^ xt[a2 ^ a3] ^ rk[k + o + 2]
-            dst[o + 3] = a3 ^ x ^ xt[a3 ^ a0] ^ rk[k + o + 3]
-        for i in range(16):
-            s[i] = dst[i]
-        r += 1
-    k = 14 * 16
-    for c in range(4):
-        o = 4 * c
-        dst[o] = sbox[s[o]] ^ rk[k + o]
-        dst[o + 1] = sbox[s[4 * ((c + 1) & 3) + 1]] ^ rk[k + o + 1]
-        dst[o + 2] = sbox[s[4 * ((c + 2) & 3) + 2]] ^ rk[k + o + 2]
-        dst[o + 3] = sbox[s[4 * ((c + 3) & 3) + 3]] ^ rk[k + o + 3]
+def _encrypt_block(rk: ptr32, src: ptr8, dst: ptr8, t: ptr32, sbox: ptr8):
+    # columns as big-endian 32-bit words; uint and masked to 32 bits (64-bit unix port)
+    mask = uint(0xFFFF)
+    mask = (mask << 16) | uint(0xFFFF)
+    s0 = (uint(src[0]) << 24) | (uint(src[1]) << 16) | (uint(src[2]) << 8) | uint(src[3])
+    s1 = (uint(src[4]) << 24) | (uint(src[5]) << 16) | (uint(src[6]) << 8) | uint(src[7])
+    s2 = (uint(src[8]) << 24) | (uint(src[9]) << 16) | (uint(src[10]) << 8) | uint(src[11])
+    s3 = (uint(src[12]) << 24) | (uint(src[13]) << 16) | (uint(src[14]) << 8) | uint(src[15])
+    s0 = (s0 ^ uint(rk[0])) & mask
+    s1 = (s1 ^ uint(rk[1])) & mask
+    s2 = (s2 ^ uint(rk[2])) & mask
+    s3 = (s3 ^ uint(rk[3])) & mask
+    k = 4
+    while k < 56:
+        t0 = uint(t[int(s0 >> 24)]) ^ uint(t[256 + int((s1 >> 16) & 0xFF)])
+        t0 ^= uint(t[512 + int((s2 >> 8) & 0xFF)]) ^ uint(t[768 + int(s3 & 0xFF)])
+        t1 = uint(t[int(s1 >> 24)]) ^ uint(t[256 + int((s2 >> 16) & 0xFF)])
+        t1 ^= uint(t[512 + int((s3 >> 8) & 0xFF)]) ^ uint(t[768 + int(s0 & 0xFF)])
+        t2 = uint(t[int(s2 >> 24)]) ^ uint(t[256 + int((s3 >> 16) & 0xFF)])
+        t2 ^= uint(t[512 + int((s0 >> 8) & 0xFF)]) ^ uint(t[768 + int(s1 & 0xFF)])
+        t3 = uint(t[int(s3 >> 24)]) ^ uint(t[256 + int((s0 >> 16) & 0xFF)])
+        t3 ^= uint(t[512 + int((s1 >> 8) & 0xFF)]) ^ uint(t[768 + int(s2 & 0xFF)])
+        s0 = (t0 ^ uint(rk[k])) & mask
+        s1 = (t1 ^ uint(rk[k + 1])) & mask
+        s2 = (t2 ^ uint(rk[k + 2])) & mask
+        s3 = (t3 ^ uint(rk[k + 3])) & mask
+        k += 4
+    # last round: SubBytes, ShiftRows, AddRoundKey (no MixColumns)
+    t0 = (uint(sbox[int(s0 >> 24)]) << 24) | (uint(sbox[int((s1 >> 16) & 0xFF)]) << 16)
+    t0 |= (uint(sbox[int((s2 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s3 & 0xFF)])
+    t1 = (uint(sbox[int(s1 >> 24)]) << 24) | (uint(sbox[int((s2 >> 16) & 0xFF)]) << 16)
+    t1 |= (uint(sbox[int((s3 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s0 & 0xFF)])
+    t2 = (uint(sbox[int(s2 >> 24)]) << 24) | (uint(sbox[int((s3 >> 16) & 0xFF)]) << 16)
+    t2 |= (uint(sbox[int((s0 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s1 & 0xFF)])
+    t3 = (uint(sbox[int(s3 >> 24)]) << 24) | (uint(sbox[int((s0 >> 16) & 0xFF)]) << 16)
+    t3 |= (uint(sbox[int((s1 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s2 & 0xFF)])
+    t0 = (t0 ^ uint(rk[56])) & mask
+    t1 = (t1 ^ uint(rk[57])) & mask
+    t2 = (t2 ^ uint(rk[58])) & mask
+    t3 = (t3 ^ uint(rk[59])) & mask
+    for j in range(4):
+        sh = 24 - 8 * j
+        dst[j] = int(t0 >> sh) & 0xFF
+        dst[4 + j] = int(t1 >> sh) & 0xFF
+        dst[8 + j] = int(t2 >> sh) & 0xFF
+        dst[12 + j] = int(t3 >> sh) & 0xFF
 
 
 # x^4 reduction for the 4-bit table method (Shoup; as mbed TLS's gcm_mult): the bits a
@@ -181,7 +226,6 @@ class AesGcm:
 
     def __init__(self, key):
         self._rk = _expand_key(key)
-        self._state = bytearray(16)
         self._pad = bytearray(16)
         self._counter = bytearray(16)
         self._y = bytearray(16)
@@ -191,7 +235,7 @@ class AesGcm:
         self._m = _ghash_table(h)
 
     def encrypt_block(self, src, dst):
-        _encrypt_block(self._rk, src, dst, _SBOX, _XTIME, self._state)
+        _encrypt_block(self._rk, src, dst, _TE, _SBOX)
 
     def _ghash(self, data, n):
         y = self._y
