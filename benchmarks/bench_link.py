@@ -12,8 +12,10 @@ Run alone: .venv/bin/python -m pytest benchmarks/bench_link.py -s
 from __future__ import annotations
 
 import os
+import select
 import sys
 import time
+import tty
 from pathlib import Path
 
 import pytest
@@ -38,22 +40,41 @@ def _download(port: str, folder: Path, size: int, window: int = 4) -> tuple[floa
         return time.perf_counter() - started, result
 
 
-def _pty_copy_rate(size: int) -> float:
-    """Baseline: how fast this machine moves bytes through a bare pty pair."""
-    master, slave = os.openpty()
-    import tty
+def _pty_copy_rate(size: int, timeout_s: float = 30.0) -> float:
+    """Baseline: how fast this machine moves bytes through a bare pty pair.
 
-    tty.setraw(slave)
-    data = os.urandom(size)
-    started = time.perf_counter()
-    sent = received = 0
-    while received < size:
-        if sent < size:
-            sent += os.write(master, data[sent : sent + 4096])
-        received += len(os.read(slave, 65536))
-    elapsed = time.perf_counter() - started
-    os.close(master)
-    os.close(slave)
+    Both ends are non-blocking and served by select(): a blocking write into the master
+    stalls for good once the pty's buffer is full, because the read that would drain it
+    comes after it in the same loop. Every wait has the deadline timeout_s."""
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        os.set_blocking(slave, False)
+        data = os.urandom(size)
+        started = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        sent = received = 0
+        while received < size:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise TimeoutError(f"pty copy: {received} of {size} bytes in {timeout_s} s")
+            writers = [master] if sent < size else []
+            readable, writable, _ = select.select([slave], writers, [], remaining_s)
+            if writable:
+                try:
+                    sent += os.write(master, data[sent : sent + 4096])
+                except BlockingIOError:
+                    pass
+            if readable:
+                try:
+                    received += len(os.read(slave, 65536))
+                except BlockingIOError:
+                    pass
+        elapsed = time.perf_counter() - started
+    finally:
+        os.close(master)
+        os.close(slave)
     return size / elapsed
 
 

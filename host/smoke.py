@@ -44,7 +44,12 @@ def ping_until_up(payload: PayloadClient, timeout_s: float) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", choices=["unix", "qemu", "all"], default="all")
+    parser.add_argument(
+        "--target",
+        choices=["unix", "qemu", "all"],
+        default="all",
+        help="which emulated target to boot",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

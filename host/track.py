@@ -17,21 +17,33 @@ import math
 import re
 from pathlib import Path
 
-from host.errors import BadInput
+from host.console import print_result
+from host.errors import BadInput, ProtocolAborted
+from host.outdir import check_output_dir
+
+MAX_OFFSET_URAD = 100_000.0  # 0.1 rad: far beyond any prediction the scan could search
+MAX_SEED = 2**63 - 1
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--target", choices=("unix", "qemu"), default="unix")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument(
+        "--target", choices=("unix", "qemu"), default="unix", help="where the firmware runs"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1, help="seed of the plant's noise and vibration (>= 0)"
+    )
+    parser.add_argument(
+        "--duration-s", type=float, default=10.0, help="seconds of loop time, 0.5..600"
+    )
     parser.add_argument(
         "--offset-urad",
         type=float,
         nargs=2,
         metavar=("X", "Y"),
         default=(3500.0, -3000.0),
-        help="where the beacon really is against the prediction (the uncertainty)",
+        help="where the beacon really is against the prediction (the uncertainty), "
+        f"each within +-{MAX_OFFSET_URAD:.0f} urad",
     )
     parser.add_argument(
         "--dropout",
@@ -50,6 +62,40 @@ def add_arguments(parser) -> None:
     )
 
 
+def check_arguments(args) -> list[tuple[float, float]]:
+    """Every number finite and in range, with its unit in the message; the dropouts."""
+    duration = args.duration_s
+    if not (math.isfinite(duration) and 0.5 <= duration <= 600):
+        raise BadInput(f"--duration-s {duration}: must be between 0.5 and 600 s")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise BadInput(f"--seed {args.seed}: must be an integer >= 0")
+    for axis, value in zip("XY", args.offset_urad, strict=True):
+        if not (math.isfinite(value) and abs(value) <= MAX_OFFSET_URAD):
+            raise BadInput(
+                f"--offset-urad {axis} {value}: must be a finite number of urad within "
+                f"+-{MAX_OFFSET_URAD:.0f} urad"
+            )
+    dropouts = []
+    for start_text, duration_text in args.dropout:
+        try:
+            start = float(start_text)
+            length = math.inf if duration_text == "inf" else float(duration_text)
+        except ValueError:
+            raise BadInput(f"--dropout {start_text} {duration_text}: expected seconds") from None
+        if not (math.isfinite(start) and 0 <= start <= duration):
+            raise BadInput(
+                f"--dropout START_S {start_text}: must be between 0 and --duration-s "
+                f"({duration:g} s)"
+            )
+        if math.isnan(length) or length <= 0 or (length == math.inf and duration_text != "inf"):
+            raise BadInput(
+                f"--dropout DURATION_S {duration_text}: must be a positive number of seconds "
+                "or 'inf'"
+            )
+        dropouts.append((start, length))
+    return dropouts
+
+
 def _parse_settings(items: list[str]) -> dict:
     config = {}
     for item in items:
@@ -57,9 +103,14 @@ def _parse_settings(items: list[str]) -> dict:
         if not sep or not re.fullmatch(r"[a-z_0-9]+", name):
             raise BadInput(f"--set {item!r}: expected NAME=VALUE, e.g. fine_ki=0.6")
         try:
-            config[name] = json.loads(value)
+            number = json.loads(value)
         except json.JSONDecodeError:
-            raise BadInput(f"--set {item!r}: VALUE must be a number") from None
+            number = None
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise BadInput(f"--set {item!r}: VALUE must be a number")
+        if not math.isfinite(number):
+            raise BadInput(f"--set {item!r}: VALUE must be finite")
+        config[name] = number
     return config
 
 
@@ -67,14 +118,8 @@ def run(args) -> int:
     from emulator.optical_plant import PlantParams
     from emulator.tracking_lockstep import LockstepError, run_lockstep
 
-    if not 0.5 <= args.duration_s <= 600:
-        raise BadInput(f"--duration-s {args.duration_s}: must be between 0.5 and 600 s")
-    dropouts = []
-    for start, duration in args.dropout:
-        try:
-            dropouts.append((float(start), math.inf if duration == "inf" else float(duration)))
-        except ValueError:
-            raise BadInput(f"--dropout {start} {duration}: expected seconds") from None
+    dropouts = check_arguments(args)
+    check_output_dir(Path(args.out))
     config = _parse_settings(args.set)
     rate = config.get("loop_rate_hz", 2000)
     params = PlantParams(
@@ -110,12 +155,21 @@ def run(args) -> int:
         "transitions": [t.describe(result.period_us).strip() for t in result.transitions],
     }
     (out / "tracking.json").write_text(json.dumps(report, indent=1) + "\n")
-    for line in report["transitions"]:
-        print(line)
     acq = report["acquisition_s"]
-    print(
-        f"acquisition {acq:.3f} s" if acq is not None else "no acquisition",
-        f"| fine RMS x {rms_x:.3f} urad, y {rms_y:.3f} urad" if fine_steps else "",
-    )
-    print(f"wrote {out / 'truth' / 'pointing.qrec'}, {out / 'satellite' / 'tracking.qrec'}")
+    human = {
+        "transitions": report["transitions"],
+        "acquisition_s": "never" if acq is None else f"{acq:.3f}",
+    }
+    if fine_steps:
+        human["fine_rms_urad"] = f"x {rms_x:.3f}, y {rms_y:.3f}"
+    human["wrote"] = f"{out / 'truth' / 'pointing.qrec'}, {out / 'satellite' / 'tracking.qrec'}"
+    if not getattr(args, "json", False) and not getattr(args, "quiet", False):
+        for line in report["transitions"]:
+            print(line)
+        del human["transitions"]
+    print_result(args, report, human)
+    if acq is None:
+        raise ProtocolAborted(
+            f"the loop never reached FINE in {args.duration_s:g} s (see {out / 'tracking.json'})"
+        )
     return 0

@@ -31,8 +31,11 @@ def test_status_list_download_delete(tmp_path, key_file, capsys):
     product_key.write_text(PRODUCT_KEY.hex())
     with unix_payload(tmp_path, products, product_key=PRODUCT_KEY) as target:
         port = target.ground_port
-        assert _qkdsat(port, key_file, tmp_path, "status") == 0
+        assert _qkdsat(port, key_file, tmp_path, "status", "--json") == 0
         status = json.loads(capsys.readouterr().out)
+        assert _qkdsat(port, key_file, tmp_path, "status") == 0  # aligned text for people
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+        assert ["key", "provisioned"] in rows
         assert status["key"] == "provisioned" and status["version"].startswith("qkdsat-fw")
         assert _qkdsat(port, key_file, tmp_path, "list") == 0
         out = capsys.readouterr().out

@@ -73,7 +73,12 @@ def mpy_cross() -> Path:
 
 def _mpremote(port: str, *commands: str, timeout_s: float = 120.0) -> str:
     cmd = [sys.executable, "-m", "mpremote", "connect", port, "resume", *commands]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise FlashError(
+            f"mpremote {' '.join(commands[:2])} on {port}: no end within {timeout_s:.0f} s"
+        ) from None
     if proc.returncode != 0:
         raise FlashError(
             f"mpremote {' '.join(commands[:2])} on {port} failed: "
@@ -132,10 +137,16 @@ def reach_repl(port: str, key_path: Path | None) -> tuple[int, str, str]:
                 "the maintenance telecommand can stop the application"
             ) from None
         from host.link.cli import load_key
-        from host.link.client import PayloadClient
+        from host.link.client import LinkError, PayloadClient
+        from host.link.framed_serial import LinkLost
 
-        with PayloadClient(port, load_key(key_path)) as payload:
-            payload.enter_maintenance()
+        try:
+            with PayloadClient(port, load_key(key_path)) as payload:
+                payload.enter_maintenance()
+        except (LinkError, LinkLost) as error:
+            raise FlashError(
+                f"no REPL on {port}, and the maintenance telecommand failed: {error}"
+            ) from None
         if not repl_answers(port):
             raise FlashError(f"the payload on {port} accepted maintenance, but no REPL")
     out = _exec(port, _PREPARE)
@@ -256,6 +267,12 @@ def flash(
 
 
 def run(args: argparse.Namespace) -> int:
+    from host.link.cli import load_key
+
+    if args.provision_key is not None:
+        load_key(args.provision_key, "--provision-key")  # a bad key file before the board
+    if args.key is not None:
+        load_key(args.key)
     try:
         result = flash(args.port, args.board, args.key, args.provision_key, args.reset)
     except FlashError as error:

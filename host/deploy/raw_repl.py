@@ -13,6 +13,8 @@ import time
 
 import serial
 
+HARD_DEADLINE_FACTOR = 3  # see RawRepl._read_until
+
 
 class RawReplError(RuntimeError):
     pass
@@ -47,8 +49,14 @@ class RawRepl:
             self.close()
 
     def _read_until(self, marker: bytes, timeout_s: float) -> bytes:
-        """Bytes up to and including marker; what came after stays buffered."""
-        deadline = time.monotonic() + timeout_s
+        """Bytes up to and including marker; what came after stays buffered.
+
+        Output that keeps coming extends the wait by a second at a time (a long exec that
+        prints), but never beyond HARD_DEADLINE_FACTOR * timeout_s: a noisy line (a wrong
+        baud rate) delivers bytes all the time and must not keep the wait open for good."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        hard_deadline = started + HARD_DEADLINE_FACTOR * timeout_s
         while True:
             found = self._pending.find(marker)
             if found >= 0:
@@ -56,11 +64,15 @@ class RawRepl:
                 data = bytes(self._pending[:end])
                 del self._pending[:end]
                 return data
-            chunk = self.serial.read(max(1, self.serial.in_waiting))
+            try:
+                chunk = self.serial.read(max(1, self.serial.in_waiting))
+            except (serial.SerialException, OSError) as error:
+                raise RawReplError(f"{self.serial.port}: link lost ({error})") from None
+            now = time.monotonic()
             if chunk:
                 self._pending += chunk
-                deadline = max(deadline, time.monotonic() + 1.0)
-            elif time.monotonic() > deadline:
+                deadline = min(max(deadline, now + 1.0), hard_deadline)
+            if now > deadline:
                 raise RawReplError(
                     f"timed out after {timeout_s:.1f} s waiting for {marker!r}; "
                     f"received {bytes(self._pending[-200:])!r}"

@@ -1,13 +1,27 @@
 """`qkdsat distil`: run Alice and Bob (local mode: both, in-process channel; split mode:
-one role over TCP), write report.json and, only when every check passed, the keys.
+one role over TCP), write the keys (only when every check passed) and report.json.
 
-Keys are written atomically (temporary file created 0600, fsync, rename) and never
-logged. An abort leaves report.json with the reason and no key file (exit 3).
+The output directory is touched only after every input was read and checked, and after
+the protocol ended: a typo, a bad pass directory or Ctrl-C leave it as it was. Then, in
+this order (docs/cli.md, "Outputs"):
+
+1. the previous report.json is removed (and the removal made durable), so no report can
+   describe keys that are not this run's;
+2. on success the keys are written to temporary files (created 0600, fsync) and renamed
+   over the previous ones; on an abort the previous keys are removed;
+3. report.json is written last (temporary file, fsync, rename, fsync of the directory).
+
+A crash or a full disk between the steps leaves no report.json: the directory is then
+marked incomplete by its missing report, never by a report that claims a key. When the
+keys cannot be written (disk full) an aborted report is written if the disk allows, and
+the command exits 1. Keys are never logged.
 """
 
 from __future__ import annotations
 
-import json
+import datetime as dt
+import hashlib
+import math
 import os
 import threading
 import time
@@ -15,15 +29,20 @@ from pathlib import Path
 
 import numpy as np
 
+from host.console import print_result, progress_for, to_json
 from host.distil import channel as ch
 from host.distil.protocol import BASES, VERIFY_KEYS, Alice, Bob, Config
-from host.errors import BadInput, ProtocolAborted
-from host.formats.passdir import read_pass_json
+from host.errors import BadInput, EnvironmentFailure, ProtocolAborted
+from host.formats.passdir import read_pass_json, require_fields
+from host.outdir import check_output_dir as check_outputs
 
 REPORT_NAME = "report.json"
+REPORT_FORMAT_VERSION = 2  # 2: format_version, tool, inputs, key_files, created_utc
 # Keys made with replayed endpoint randomness are not secret: named so nothing takes them
 # for alice.key / bob.key.
 INSECURE_KEY_SUFFIX = ".INSECURE-TEST-ONLY"
+STOP_GRACE_S = 1.0  # how long an interrupted run waits for the endpoints to end
+HEARTBEAT_S = 10.0  # progress line interval while the protocol runs
 
 
 def key_names(insecure_deterministic: bool) -> dict:
@@ -32,18 +51,49 @@ def key_names(insecure_deterministic: bool) -> dict:
     return {role: role + suffix for role in ("alice", "bob")}
 
 
+def key_files_of(roles) -> list[str]:
+    """Every key file name (secure or not) the given roles could have left."""
+    return [f"{key_names(insecure)[role]}.key" for role in roles for insecure in (False, True)]
+
+
 def add_arguments(parser) -> None:
     parser.add_argument(
         "pass_dir", nargs="?", help="pass directory (pass.json, satellite/, ground/)"
     )
-    parser.add_argument("--out", required=True, help="output directory (keys, report.json)")
-    parser.add_argument("--ec", default="ldpc", choices=("ldpc", "cascade"))
-    parser.add_argument("--analysis", default="lim2014", choices=("lim2014", "rusca2018"))
-    parser.add_argument("--tail", default="hoeffding", choices=("hoeffding", "chernoff"))
-    parser.add_argument("--eps-sec", type=float, default=1e-9)
-    parser.add_argument("--eps-cor", type=float, default=1e-15)
-    parser.add_argument("--qber-threshold", type=float, default=0.11)
-    parser.add_argument("--key-bases", default="auto", choices=("auto", "Z", "ZX"))
+    parser.add_argument(
+        "--out", required=True, help="output directory: alice.key, bob.key, report.json"
+    )
+    parser.add_argument(
+        "--ec", default="ldpc", choices=("ldpc", "cascade"), help="error-correction method"
+    )
+    parser.add_argument(
+        "--analysis",
+        default="lim2014",
+        choices=("lim2014", "rusca2018"),
+        help="finite-key decoy-state analysis",
+    )
+    parser.add_argument(
+        "--tail",
+        default="hoeffding",
+        choices=("hoeffding", "chernoff"),
+        help="concentration bound of the finite-key analysis",
+    )
+    parser.add_argument("--eps-sec", type=float, default=1e-9, help="secrecy parameter, in (0, 1)")
+    parser.add_argument(
+        "--eps-cor", type=float, default=1e-15, help="correctness parameter, in (0, 1)"
+    )
+    parser.add_argument(
+        "--qber-threshold",
+        type=float,
+        default=0.11,
+        help="abort above this estimated QBER, in (0, 0.5)",
+    )
+    parser.add_argument(
+        "--key-bases",
+        default="auto",
+        choices=("auto", "Z", "ZX"),
+        help="bases that carry key (auto: both when the basis choice is symmetric)",
+    )
     parser.add_argument(
         "--auth-pool",
         help="pre-shared authentication key pool file (consumption recorded in POOL.used); "
@@ -56,8 +106,8 @@ def add_arguments(parser) -> None:
         "(without this flag a missing POOL.used is an error, never a silent restart at 0)",
     )
     parser.add_argument("--role", choices=("alice", "bob"), help="split mode: run one endpoint")
-    parser.add_argument("--listen", help="split mode: HOST:PORT to listen on")
-    parser.add_argument("--connect", help="split mode: HOST:PORT to connect to")
+    parser.add_argument("--listen", help="split mode (with --role): HOST:PORT to listen on")
+    parser.add_argument("--connect", help="split mode (with --role): HOST:PORT to connect to")
     parser.add_argument(
         "--insecure-deterministic-seed",
         type=int,
@@ -68,7 +118,16 @@ def add_arguments(parser) -> None:
     )
 
 
+# ------------------------------------------------------------------ checks before any output
+
+
+def check_qber_threshold(value: float) -> None:
+    if not (math.isfinite(value) and 0 < value < 0.5):
+        raise BadInput(f"--qber-threshold {value}: must be a number in (0, 0.5)")
+
+
 def config_from_args(args) -> Config:
+    check_qber_threshold(args.qber_threshold)
     cfg = Config(
         ec=args.ec,
         analysis=args.analysis,
@@ -82,31 +141,140 @@ def config_from_args(args) -> Config:
     return cfg
 
 
-def write_key(path: Path, bits: np.ndarray) -> None:
-    """Packed bits (MSB first, zero-padded to a byte), created 0600, renamed into place."""
+def check_address(option: str, text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not sep or not 0 < port < 65536:
+        raise BadInput(f"{option} {text!r}: expected HOST:PORT with a port in 1..65535")
+    return host or "127.0.0.1", port
+
+
+def check_output_dir(out_dir: Path) -> None:
+    check_outputs(out_dir, "--out", (*key_files_of(("alice", "bob")), REPORT_NAME))
+
+
+def read_pass(pass_dir: Path, role: str | None) -> dict:
+    """pass.json with the fields both endpoints need, and the files of the role(s) run."""
+    pass_json = read_pass_json(pass_dir / "pass.json")
+    require_fields(pass_dir / "pass.json", pass_json)
+    if role in (None, "bob"):
+        for name in ("detections.qdet", "pps.qdet"):
+            if not (pass_dir / "ground" / name).is_file():
+                raise BadInput(f"{pass_dir / 'ground' / name}: missing (Bob's {name})")
+    return pass_json
+
+
+def pass_json_sha256(pass_dir: Path) -> str:
+    return hashlib.sha256((Path(pass_dir) / "pass.json").read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ writing the outputs
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes, mode: int) -> Path:
+    """data in a new temporary file next to path (created with mode, fsync'd); returns it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(np.packbits(bits).tobytes())
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=_json_default) + "\n")
+def key_bytes(bits: np.ndarray) -> bytes:
+    """Packed bits, MSB first, the last byte zero-padded; the bit length is in report.json
+    (key_files) and the padding bits are not key."""
+    return np.packbits(bits).tobytes()
+
+
+def write_key(path: Path, bits: np.ndarray) -> None:
+    """Created 0600, fsync'd, renamed into place."""
+    tmp = _write_durable(path, key_bytes(bits), 0o600)
     os.replace(tmp, path)
 
 
-def _json_default(value):
-    if isinstance(value, np.integer | np.floating):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = _write_durable(path, (to_json(data) + "\n").encode(), 0o644)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def finish(out_dir: Path, report: dict, keys: dict) -> None:
+    """Replace the previous outputs by this run's: report.json removed first, the keys made
+    durable, report.json written last (module docstring)."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInput(f"--out {out_dir}: cannot create ({error.strerror})") from None
+    report_path = out_dir / REPORT_NAME
+    report_path.unlink(missing_ok=True)
+    _fsync_dir(out_dir)
+    key_files = {}
+    if not report["aborted"]:
+        temporary = {}
+        try:
+            for stem, bits in keys.items():
+                if bits is not None:
+                    path = out_dir / f"{stem}.key"
+                    temporary[path] = _write_durable(path, key_bytes(bits), 0o600)
+                    key_files[stem.split(".")[0]] = {"file": path.name, "bits": int(bits.size)}
+        except OSError as error:
+            for tmp in temporary.values():
+                tmp.unlink(missing_ok=True)
+            report.update(
+                aborted=True,
+                abort_reason=f"the keys could not be written: {error.strerror}",
+                key_bits=0,
+            )
+            _remove_keys(out_dir, keys)
+            try:
+                write_json_atomic(report_path, {**report, "key_files": {}})
+            except OSError:
+                pass  # no report at all: the directory is marked incomplete
+            raise EnvironmentFailure(
+                f"{out_dir}: the keys could not be written ({error.strerror}); no key kept"
+            ) from None
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
+        _fsync_dir(out_dir)
+    else:
+        _remove_keys(out_dir, keys)
+    report["key_files"] = key_files
+    try:
+        write_json_atomic(report_path, report)
+    except OSError as error:
+        _remove_keys(out_dir, keys)  # a key without its report cannot be vouched for
+        raise EnvironmentFailure(
+            f"{report_path}: could not be written ({error.strerror}); no key kept"
+        ) from None
+
+
+def _remove_keys(out_dir: Path, keys: dict) -> None:
+    """The previous keys (secure or not) of the roles this run stands for: they must not
+    look like its."""
+    for name in key_files_of({stem.split(".")[0] for stem in keys}):
+        (out_dir / name).unlink(missing_ok=True)
+    _fsync_dir(out_dir)
+
+
+# ------------------------------------------------------------------ the report
 
 
 def _profile(pass_json: dict) -> dict:
@@ -126,6 +294,26 @@ def epsilon_figures(cfg: Config, chan) -> dict:
         "cor": cfg.eps_cor,
         "auth": auth,
         "total": cfg.eps_sec + cfg.eps_cor + auth,
+    }
+
+
+def _tool_version() -> str:
+    from host.cli import version
+
+    return version()
+
+
+def run_metadata(pass_dir: Path, cfg: Config, seed: int | None) -> dict:
+    """What a reader needs to tell which run, which inputs and which settings made a
+    report: merged into report.json by both modes."""
+    return {
+        "format_version": REPORT_FORMAT_VERSION,
+        "tool": {"name": "qkdsat", "version": _tool_version()},
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "inputs": {"pass_dir": str(pass_dir), "pass_json_sha256": pass_json_sha256(pass_dir)},
+        "qber_threshold": cfg.qber_threshold,
+        "ec_method": cfg.ec,
+        "deterministic_randomness": seed is not None,  # also insecure_deterministic
     }
 
 
@@ -171,6 +359,44 @@ def build_report(pass_json, cfg, alice_out, bob_out, a_chan, b_chan, pool_bits, 
     return report
 
 
+# ------------------------------------------------------------------ running the endpoints
+
+
+def _wait_for(threads: list[threading.Thread], channels, progress) -> None:
+    """Join the endpoint threads from the main thread, which stays free to take Ctrl-C.
+    On an interrupt both channels are closed, so each endpoint's next receive ends it, and
+    the threads (daemons) get STOP_GRACE_S before the interrupt goes on."""
+    next_beat = time.monotonic() + HEARTBEAT_S
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.1)
+                if progress is not None and time.monotonic() > next_beat:
+                    next_beat += HEARTBEAT_S
+                    sent = sum(c.bytes_sent for c in channels)
+                    messages = sum(c.sent for c in channels)
+                    progress(f"running: {messages} messages, {sent / 1e6:.2f} MB exchanged")
+    except BaseException:
+        for chan in channels:
+            chan.close()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        raise
+
+
+def _endpoint_thread(name: str, endpoint, chan, result: dict) -> threading.Thread:
+    def body():
+        try:
+            result[name] = endpoint.run(chan)
+        except BaseException as error:  # re-raised in the main thread
+            result[f"{name}_error"] = error
+        finally:
+            chan.close()
+
+    return threading.Thread(target=body, name=name, daemon=True)
+
+
 def run_local(
     pass_dir,
     out_dir,
@@ -182,9 +408,16 @@ def run_local(
     bob_pass_dir=None,
     new_pool=False,
     alice_patterns=None,
+    progress=None,
 ) -> dict:
     """Both endpoints in one process (two threads, in-process channel). alice_patterns:
-    where Alice reads her symbols when not from satellite/ (the head's pattern memory)."""
+    where Alice reads her symbols when not from satellite/ (the head's pattern memory).
+    Every input is read and checked before the pools are opened and the output touched."""
+    pass_dir, out_dir = Path(pass_dir), Path(out_dir)
+    check_output_dir(out_dir)
+    pass_json = read_pass(pass_dir, None if bob_pass_dir is None else "alice")
+    if bob_pass_dir is not None:
+        read_pass(Path(bob_pass_dir), "bob")
     pools = open_local_pools(pool_path, bob_pool_path, new_pool)
     try:
         return _run_local(
@@ -196,6 +429,8 @@ def run_local(
             tamper,
             bob_pass_dir,
             alice_patterns,
+            pass_json,
+            progress,
         )
     finally:
         for pool in pools:
@@ -203,14 +438,17 @@ def run_local(
 
 
 def _run_local(
-    pass_dir, out_dir, cfg: Config, pools, seed, tamper, bob_pass_dir, alice_patterns=None
+    pass_dir,
+    out_dir,
+    cfg: Config,
+    pools,
+    seed,
+    tamper,
+    bob_pass_dir,
+    alice_patterns,
+    pass_json,
+    progress,
 ) -> dict:
-    pass_dir, out_dir = Path(pass_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for insecure in (False, True):
-        for name in key_names(insecure).values():
-            (out_dir / f"{name}.key").unlink(missing_ok=True)  # never taken for this run's
-    pass_json = read_pass_json(pass_dir / "pass.json")
     pool_a, pool_b = pools
     insecure = seed is not None
     alice = Alice(pass_dir, cfg, insecure_deterministic_seed=seed, patterns=alice_patterns)
@@ -219,6 +457,7 @@ def _run_local(
         cfg,
         insecure_deterministic_seed=None if seed is None else seed + 1,
     )
+    metadata = run_metadata(pass_dir, cfg, seed)
     t_a, t_b = ch.queue_pair()
     if tamper is not None:
         t_a.tamper = tamper
@@ -226,31 +465,28 @@ def _run_local(
     b_chan = ch.AuthChannel(t_b, pool_b, ch.BOB)
     result = {}
     t0 = time.perf_counter()
-
-    def alice_thread():
-        try:
-            result["alice"] = alice.run(a_chan)
-        except BaseException as error:  # re-raised in the caller's thread below
-            result["alice_error"] = error
-        finally:
-            a_chan.close()
-
-    thread = threading.Thread(target=alice_thread, name="alice")
-    thread.start()
-    bob_out = bob.run(b_chan)
-    b_chan.close()
-    thread.join()
-    if "alice_error" in result:
-        raise result["alice_error"]
+    threads = [
+        _endpoint_thread("alice", alice, a_chan, result),
+        _endpoint_thread("bob", bob, b_chan, result),
+    ]
+    if progress is not None:
+        progress(f"Alice and Bob started on {pass_dir}")
+    for thread in threads:
+        thread.start()
+    _wait_for(threads, (a_chan, b_chan), progress)
+    names = key_names(insecure)
+    for role in ("bob", "alice"):
+        if f"{role}_error" in result:
+            _fail(out_dir, pass_json, metadata, role, result[f"{role}_error"], names.values())
     wall = time.perf_counter() - t0
     pool_bits = max(pool_a.used_bits, pool_b.used_bits)
     report = build_report(
-        pass_json, cfg, result["alice"], bob_out, a_chan, b_chan, pool_bits, wall
+        pass_json, cfg, result["alice"], result["bob"], a_chan, b_chan, pool_bits, wall
     )
-    names = key_names(insecure)
+    report.update(metadata)
     if insecure:
         report["insecure_deterministic"] = True
-    finish(out_dir, report, {names["alice"]: result["alice"].key, names["bob"]: bob_out.key})
+    finish(out_dir, report, {names["alice"]: result["alice"].key, names["bob"]: result["bob"].key})
     return report
 
 
@@ -275,49 +511,77 @@ def open_local_pools(pool_path, bob_pool_path=None, new_pool=False):
     return pool_a, pool_b
 
 
-def finish(out_dir: Path, report: dict, keys: dict) -> None:
-    """report.json first; the keys only when nothing aborted."""
-    write_json_atomic(out_dir / REPORT_NAME, report)
-    if report["aborted"]:
-        return
-    for role, key in keys.items():
-        if key is not None:
-            write_key(out_dir / f"{role}.key", key)
+def _fail(out_dir: Path, pass_json: dict, metadata: dict, role: str, error, roles) -> None:
+    """An endpoint stopped on an error, not by the protocol's design: bad input found late
+    (a damaged file) or a bug. The previous outputs are replaced by an aborted report that
+    says so; then the error goes on to the command line (exit 2 or 1)."""
+    if isinstance(error, Exception):
+        if isinstance(error, BadInput):
+            reason = f"bad input ({role}): {error}"
+        else:
+            reason = f"internal error in {role}: {type(error).__name__}: {error}"
+        report = {
+            "aborted": True,
+            "abort_reason": reason,
+            "key_bits": 0,
+            "profile": _profile(pass_json),
+            **metadata,
+        }
+        try:
+            finish(out_dir, report, dict.fromkeys(roles))
+        except (OSError, EnvironmentFailure, BadInput):
+            pass  # the error below is what the user needs to see
+    raise error
 
 
-def run_split(args, cfg: Config) -> dict:
+def run_split(args, cfg: Config, progress=None) -> dict:
     """One endpoint over TCP. The report holds this endpoint's view."""
     if not args.auth_pool:
         raise BadInput("split mode needs --auth-pool (the pre-shared authentication key)")
     if bool(args.listen) == bool(args.connect):
         raise BadInput("split mode needs exactly one of --listen or --connect")
+    address = args.listen or args.connect
+    option = "--listen" if args.listen else "--connect"
+    check_address(option, address)
     pass_dir, out_dir = Path(args.pass_dir), Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for insecure in (False, True):
-        (out_dir / f"{key_names(insecure)[args.role]}.key").unlink(missing_ok=True)
-    pass_json = read_pass_json(pass_dir / "pass.json")
+    check_output_dir(out_dir)
+    pass_json = read_pass(pass_dir, args.role)
     pool = ch.KeyPool.from_file(args.auth_pool, new=args.new_auth_pool)
     try:
-        return _run_split(args, cfg, pass_dir, out_dir, pass_json, pool)
+        return _run_split(args, cfg, pass_dir, out_dir, pass_json, pool, progress)
     finally:
         pool.close()
 
 
-def _run_split(args, cfg: Config, pass_dir, out_dir, pass_json, pool) -> dict:
+def _run_split(args, cfg: Config, pass_dir, out_dir, pass_json, pool, progress) -> dict:
     seed = args.insecure_deterministic_seed
     endpoint = (Alice if args.role == "alice" else Bob)(
         pass_dir,
         cfg,
         insecure_deterministic_seed=None if seed is None else seed + (args.role == "bob"),
     )
-    transport = ch.listen(args.listen) if args.listen else ch.connect(args.connect)
+    metadata = run_metadata(pass_dir, cfg, seed)
+    address = args.listen or args.connect
+    option = "--listen" if args.listen else "--connect"
+    if progress is not None:
+        progress(f"{args.role}: {'listening on' if args.listen else 'connecting to'} {address}")
+    try:
+        transport = ch.listen(args.listen) if args.listen else ch.connect(args.connect)
+    except (OSError, OverflowError) as error:
+        raise BadInput(f"{option} {address}: {error}") from None
     ch.exchange_pool_start(transport, pool)
     chan = ch.AuthChannel(transport, pool, args.role)
+    if progress is not None:
+        progress(f"{args.role}: connected; running the protocol")
     t0 = time.perf_counter()
-    try:
-        outcome = endpoint.run(chan)
-    finally:
-        chan.close()
+    result = {}
+    thread = _endpoint_thread(args.role, endpoint, chan, result)
+    thread.start()
+    _wait_for([thread], (chan,), progress)
+    stem = key_names(seed is not None)[args.role]
+    if f"{args.role}_error" in result:
+        _fail(out_dir, pass_json, metadata, args.role, result[f"{args.role}_error"], [stem])
+    outcome = result[args.role]
     wall = time.perf_counter() - t0
     aborted = outcome.key is None
     report = dict(outcome.report)
@@ -338,21 +602,47 @@ def _run_split(args, cfg: Config, pass_dir, out_dir, pass_json, pool) -> dict:
             "profile": _profile(pass_json),
         }
     )
+    report.update(metadata)
     if seed is not None:
         report["insecure_deterministic"] = True
-    finish(out_dir, report, {key_names(seed is not None)[args.role]: outcome.key})
+    finish(out_dir, report, {stem: outcome.key})
     return report
 
 
+def summary(report: dict, out_dir: Path) -> dict:
+    """The human-readable lines of a result (the whole report goes to --json)."""
+    qber = report.get("qber") or {}
+    lines = {
+        "result": "aborted" if report["aborted"] else "key made",
+        "key_bits": report["key_bits"],
+    }
+    if report["aborted"]:
+        lines["reason"] = report["abort_reason"]
+    for basis, value in qber.items():
+        if value is not None:
+            lines[f"qber_{basis}"] = f"{100 * value:.2f} %"
+    lines["sifted_bits"] = report.get("sifted_bits")
+    ec = report.get("ec") or {}
+    if ec.get("leak_bits") is not None:
+        lines["ec_leak_bits"] = ec["leak_bits"]
+    lines["seconds"] = f"{report['stage_seconds']['total']:.1f}"
+    lines["keys"] = ", ".join(
+        str(Path(out_dir) / f["file"]) for f in report.get("key_files", {}).values()
+    )
+    lines["report"] = str(Path(out_dir) / REPORT_NAME)
+    return lines
+
+
 def run(args) -> int:
+    if (args.listen or args.connect) and not args.role:
+        raise BadInput("--listen/--connect run one endpoint: give --role alice or --role bob")
+    if not args.pass_dir:
+        raise BadInput("give the pass directory: qkdsat distil PASS_DIR --out DIR")
     cfg = config_from_args(args)
+    progress = progress_for(args, "qkdsat distil")
     if args.role:
-        if not args.pass_dir:
-            raise BadInput("give the pass directory")
-        report = run_split(args, cfg)
+        report = run_split(args, cfg, progress)
     else:
-        if not args.pass_dir:
-            raise BadInput("give the pass directory: qkdsat distil PASS_DIR --out DIR")
         report = run_local(
             args.pass_dir,
             args.out,
@@ -360,11 +650,10 @@ def run(args) -> int:
             args.auth_pool,
             args.insecure_deterministic_seed,
             new_pool=args.new_auth_pool,
+            progress=progress,
         )
+    progress("done")
+    print_result(args, report, summary(report, args.out))
     if report["aborted"]:
         raise ProtocolAborted(report["abort_reason"])
-    print(
-        f"key_bits={report['key_bits']} qber={report.get('qber')} "
-        f"report={Path(args.out) / REPORT_NAME}"
-    )
     return 0

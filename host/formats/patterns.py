@@ -119,27 +119,51 @@ def write_pattern_source(
 
 
 def read_pattern_source(path: str | Path) -> InsecureTestPatternSource | KeyedPatternSource:
+    """Errors name the field, never its value: the seed and the key are Alice's key
+    material."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        if data.get("format_version") != PATTERN_SOURCE_VERSION:
-            raise BadInput(f"{path}: format_version {data.get('format_version')!r} unsupported")
-        kind, generator = data.get("kind"), data.get("generator")
-        mapping = SymbolMapping(int(data["basis_threshold"]), tuple(data["intensity_thresholds"]))
-        if kind == KEYED_PATTERN_KIND:
-            return KeyedPatternSource(
-                bytes.fromhex(data["key"]),
-                mapping,
-                int(data["first_slot"]),
-                int(data["slot_count"]),
-            )
-        if kind != INSECURE_TEST_PATTERN_KIND or generator != "splitmix64-high32":
-            raise BadInput(f"{path}: unknown pattern source {data.get('kind')!r}")
-        return InsecureTestPatternSource(
-            int(data["seed"]), mapping, int(data["first_slot"]), int(data["slot_count"])
-        )
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise BadInput(f"{path}: unreadable pattern source ({error!r})") from None
+    except (OSError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not valid JSON"
+        raise BadInput(f"{path}: unreadable pattern source ({reason})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: a pattern source is a JSON object")
+    if data.get("format_version") != PATTERN_SOURCE_VERSION:
+        raise BadInput(f"{path}: format_version {data.get('format_version')!r} unsupported")
+    kind = data.get("kind")
+    if kind not in (KEYED_PATTERN_KIND, INSECURE_TEST_PATTERN_KIND):
+        expected = f"{KEYED_PATTERN_KIND!r} or {INSECURE_TEST_PATTERN_KIND!r}"
+        raise BadInput(f"{path}: kind {str(kind)[:40]!r}: expected {expected}")
+
+    def integer(field: str) -> int:
+        value = data.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise BadInput(f"{path}: {field} missing or not a non-negative integer")
+        return value
+
+    thresholds = data.get("intensity_thresholds")
+    if not isinstance(thresholds, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in thresholds
+    ):
+        raise BadInput(f"{path}: intensity_thresholds missing or not a list of integers")
+    try:
+        mapping = SymbolMapping(integer("basis_threshold"), tuple(thresholds))
+    except ValueError as error:
+        raise BadInput(f"{path}: symbol mapping: {error}") from None
+    if kind == KEYED_PATTERN_KIND:
+        try:
+            key = bytes.fromhex(data["key"])
+        except (KeyError, TypeError, ValueError):
+            raise BadInput(f"{path}: key missing or not hex digits") from None
+        return KeyedPatternSource(key, mapping, integer("first_slot"), integer("slot_count"))
+    if data.get("generator") != "splitmix64-high32":
+        generator = data.get("generator")
+        found = "missing" if generator is None else f"{str(generator)[:40]!r}"
+        raise BadInput(f"{path}: generator {found}: expected 'splitmix64-high32'")
+    return InsecureTestPatternSource(
+        integer("seed"), mapping, integer("first_slot"), integer("slot_count")
+    )
 
 
 class PatternLog:

@@ -64,11 +64,24 @@ def write_tags(path: str | Path, time_ps, channel, fmt: str | None = None) -> No
 def add_arguments(parser) -> None:
     parser.add_argument("input", help="time-tag file to read")
     parser.add_argument("--out", required=True, help="file to write")
-    parser.add_argument("--from", dest="from_format", choices=FORMATS)
-    parser.add_argument("--to", dest="to_format", choices=FORMATS)
+    parser.add_argument(
+        "--from",
+        dest="from_format",
+        choices=FORMATS,
+        help="input format (default: from the file name's extension)",
+    )
+    parser.add_argument(
+        "--to",
+        dest="to_format",
+        choices=FORMATS,
+        help="output format (default: from the file name's extension)",
+    )
 
 
 def run(args) -> int:
+    from host.outdir import check_output_file
+
+    check_output_file(args.out)
     time_ps, channel = read_tags(args.input, args.from_format)
     try:
         write_tags(args.out, time_ps, channel, args.to_format)

@@ -4,8 +4,10 @@ over the ground link (docs/ground-link.md).
     qkdsat payload --port /dev/ttyUSB0 --key payload.key status
     qkdsat payload --port /dev/ttyUSB0 --key payload.key download PASS_DIR
 
-Exit codes: 0 done; 1 the payload rejected the command or the link failed (the message
-says which and why); 2 bad input (key file, arguments, port).
+Exit codes: 0 done; 1 the payload rejected the command (its reason is printed);
+2 bad input (key file, arguments, port); 4 the link failed (no answer within --timeout,
+the port went away): nothing is wrong with the command, check the line. An internal error
+(a bug) is exit 1 with "internal error" in the message (host/cli.py).
 """
 
 from __future__ import annotations
@@ -14,15 +16,21 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 import serial
 
+from host.console import print_result, to_json
 from host.errors import BadInput
 from host.link.client import CommandRejected, LinkError, PayloadClient
+from host.link.framed_serial import LinkLost, LinkTimeout
 from host.protocol import ccsds
+
+EXIT_REJECTED = 1
+EXIT_LINK_FAILED = 4
 
 ACTIONS = (
     "status",
@@ -39,55 +47,97 @@ ACTIONS = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", required=True, help="serial port of the payload's ground link")
-    parser.add_argument("--baud", type=int, default=115200, help="baud rate (default 115200)")
+def _link_options(parser: argparse.ArgumentParser, after_action: bool) -> None:
+    """The link options, accepted before the action and after it (`payload status --port
+    X`); after the action they default to SUPPRESS so they do not undo what came before."""
+
+    def default(value):
+        return argparse.SUPPRESS if after_action else value
+
+    parser.add_argument(
+        "--port", default=default(None), help="serial port of the payload's ground link"
+    )
+    parser.add_argument("--baud", type=int, default=default(115200), help="baud rate of the port")
     parser.add_argument(
         "--key",
         type=Path,
-        default=os.environ.get("QKDSAT_LINK_KEY"),
-        help="the payload's link key: 32 raw bytes or 64 hex digits "
-        "(default $QKDSAT_LINK_KEY; without one, the public development key)",
+        metavar="FILE",
+        default=default(os.environ.get("QKDSAT_LINK_KEY")),
+        help="FILE holding the payload's link key (16..64 raw bytes, or their hex digits); "
+        "default: the file named by $QKDSAT_LINK_KEY, else the public development key",
     )
     parser.add_argument(
         "--product-key",
         type=Path,
-        default=os.environ.get("QKDSAT_PRODUCT_KEY"),
-        help="the payload's product key (AES-256-GCM, 32 raw bytes or 64 hex digits; default "
-        "$QKDSAT_PRODUCT_KEY): opens pattern products, which are served only sealed",
+        metavar="FILE",
+        default=default(os.environ.get("QKDSAT_PRODUCT_KEY")),
+        help="FILE holding the payload's product key (AES-256-GCM: 32 raw bytes or their 64 "
+        "hex digits); default: the file named by $QKDSAT_PRODUCT_KEY. It opens pattern "
+        "products, which are served only sealed",
     )
     parser.add_argument(
         "--counter-file",
         type=Path,
+        default=default(None),
         help="where this station keeps its telecommand counter "
         "(default ~/.local/state/qkdsat/tc-counter-<key id>)",
     )
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait per reply")
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("status", help="housekeeping report (firmware, key, link counters)")
-    actions.add_parser("ping", help="are-you-alive test: prints the firmware version")
-    config = actions.add_parser("config", help="configure the pass (JSON object)")
-    config.add_argument("json", nargs="?", help="a JSON object, or @FILE")
-    config.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
-    actions.add_parser("start", help="start pass mode")
-    actions.add_parser("stop", help="stop pass mode")
-    actions.add_parser("list", help="list the products with size and CRC-32")
-    download = actions.add_parser("download", help="download products into PASS_DIR/satellite/")
-    download.add_argument("pass_dir", type=Path, help="the pass directory")
-    download.add_argument("names", nargs="*", help="products to fetch (default: all)")
-    download.add_argument("--chunk", type=int, default=ccsds.MAX_CHUNK_BYTES, help="bytes")
-    download.add_argument("--window", type=int, default=4, help="chunk requests in flight")
-    delete = actions.add_parser("delete", help="delete a product on the payload")
-    delete.add_argument("name")
-    time_parser = actions.add_parser("time", help="set the payload's UTC clock")
-    time_parser.add_argument("utc", nargs="?", default="now", help="ISO 8601 UTC or 'now'")
-    actions.add_parser("reboot", help="restart the payload controller")
-    actions.add_parser(
-        "maintenance", help="stop the application; the port becomes the MicroPython REPL"
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default(3.0),
+        help="seconds to wait for each reply",
     )
 
 
-def load_key(path: Path | None) -> bytes:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from host.cli import HelpFormatter, common_options
+
+    _link_options(parser, after_action=False)
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            parents=[common_options(json_output=True, nested=True)],
+            formatter_class=HelpFormatter,
+        )
+        _link_options(sub, after_action=True)
+        return sub
+
+    action("status", "housekeeping report (firmware, key, link counters)")
+    action("ping", "are-you-alive test: prints the firmware version")
+    config = action("config", "configure the pass (JSON object)")
+    config.add_argument("json", nargs="?", help="a JSON object, or @FILE")
+    config.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="one setting"
+    )
+    action("start", "start pass mode")
+    action("stop", "stop pass mode")
+    action("list", "list the products with size and CRC-32")
+    download = action("download", "download products into PASS_DIR/satellite/")
+    download.add_argument("pass_dir", type=Path, help="the pass directory")
+    download.add_argument("names", nargs="*", help="products to fetch (default: all)")
+    download.add_argument(
+        "--chunk",
+        type=int,
+        default=ccsds.MAX_CHUNK_BYTES,
+        help=f"bytes per chunk request, 1..{ccsds.MAX_CHUNK_BYTES}",
+    )
+    download.add_argument("--window", type=int, default=4, help="chunk requests in flight")
+    delete = action("delete", "delete a product on the payload")
+    delete.add_argument("name", help="product name (see 'list')")
+    time_parser = action("time", "set the payload's UTC clock")
+    time_parser.add_argument("utc", nargs="?", default="now", help="ISO 8601 UTC or 'now'")
+    action("reboot", "restart the payload controller")
+    action("maintenance", "stop the application; the port becomes the MicroPython REPL")
+
+
+def load_key(path: Path | None, option: str = "--key") -> bytes:
+    """The link key from a file. The file's name is not echoed in errors when the file does
+    not exist: a user who passed the key itself instead of a file would see it printed."""
     if path is None:
         print(
             "qkdsat payload: warning: no --key given: using the public development key; a "
@@ -95,8 +145,14 @@ def load_key(path: Path | None) -> bytes:
             file=sys.stderr,
         )
         return ccsds.DEVELOPMENT_KEY
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(
+            f"{option} (or $QKDSAT_LINK_KEY): not a readable file; it takes the name of a "
+            "FILE holding the key, never the key itself (the value is not shown)"
+        )
     try:
-        raw = Path(path).read_bytes()
+        raw = path.read_bytes()
     except OSError as error:
         raise BadInput(f"key file {path}: {error.strerror}") from None
     text = raw.strip()
@@ -108,8 +164,14 @@ def load_key(path: Path | None) -> bytes:
 
 
 def load_product_key(path: Path | None) -> bytes | None:
+    """Like load_key: a FILE; its name is not echoed when it is not a file."""
     if path is None:
         return None
+    if not Path(path).is_file():
+        raise BadInput(
+            "--product-key (or $QKDSAT_PRODUCT_KEY): not a readable file; it takes the name "
+            "of a FILE holding the key, never the key itself (the value is not shown)"
+        )
     try:
         raw = Path(path).read_bytes()
     except OSError as error:
@@ -120,6 +182,27 @@ def load_product_key(path: Path | None) -> bytes | None:
     if len(raw) != 32:
         raise BadInput(f"product key file {path}: {len(raw)} bytes; an AES-256 key is 32")
     return raw
+
+
+def check_counter_file(path: Path) -> None:
+    """The telecommand counter file must hold one integer, and be writable."""
+    if path.exists():
+        if not path.is_file():
+            raise BadInput(f"--counter-file {path}: not a file")
+        try:
+            text = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise BadInput(f"--counter-file {path}: cannot read ({error})") from None
+        if text and not text.isdigit():
+            raise BadInput(f"--counter-file {path}: expected one integer, found {text[:20]!r}")
+        if not os.access(path, os.W_OK):
+            raise BadInput(f"--counter-file {path}: not writable")
+    else:
+        probe = path.parent
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise BadInput(f"--counter-file {path}: {probe} is not a writable directory")
 
 
 def default_counter_file(key: bytes) -> Path:
@@ -168,41 +251,55 @@ def parse_utc(text: str) -> int | None:
     return int(when.timestamp() * 1_000_000)
 
 
+def check_link_options(args: argparse.Namespace) -> None:
+    if not args.port:
+        raise BadInput("--port: required (the serial port of the payload's ground link)")
+    if not 50 <= args.baud <= 12_000_000:
+        raise BadInput(f"--baud {args.baud}: must be between 50 and 12000000")
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 3600):
+        raise BadInput(f"--timeout {args.timeout}: must be between 0 and 3600 s")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_link_options(args)
+    if args.counter_file is not None:
+        check_counter_file(args.counter_file)
     key = load_key(args.key)
     counter_file = args.counter_file or default_counter_file(key)
+    check_counter_file(counter_file)
+    product_key = load_product_key(args.product_key)
     config = parse_config(args) if args.action == "config" else None
     try:
         client = PayloadClient(
             args.port,
             key,
-            product_key=load_product_key(args.product_key),
+            product_key=product_key,
             counter_file=counter_file,
             baudrate=args.baud,
             timeout_s=args.timeout,
         )
-    except (serial.SerialException, OSError) as error:
-        raise BadInput(f"port {args.port}: {error}") from None
+    except (serial.SerialException, OSError, ValueError) as error:
+        raise BadInput(f"--port {args.port}: {error}") from None
     try:
         with client:
             return _act(client, args, config)
     except CommandRejected as error:
         print(f"qkdsat payload {args.action}: {error}", file=sys.stderr)
-        return 1
-    except LinkError as error:
-        print(f"qkdsat payload {args.action}: {error}", file=sys.stderr)
-        return 1
+        return EXIT_REJECTED
+    except (LinkError, LinkLost, LinkTimeout) as error:
+        print(f"qkdsat payload {args.action}: link failed: {error}", file=sys.stderr)
+        return EXIT_LINK_FAILED
 
 
 def _act(client: PayloadClient, args: argparse.Namespace, config: dict | None) -> int:
     action = args.action
     if action == "status":
         report = client.housekeeping()
-        print(json.dumps(report, indent=1, sort_keys=True))
+        print_result(args, report)
         if report.get("key") == "development":
             print("warning: the payload runs on the public development key", file=sys.stderr)
     elif action == "ping":
-        print(client.ping())
+        print_result(args, {"firmware": client.ping()})
     elif action == "config":
         client.configure(config)
         print(f"configured: {json.dumps(config, sort_keys=True)}")
@@ -214,6 +311,9 @@ def _act(client: PayloadClient, args: argparse.Namespace, config: dict | None) -
         print("pass mode stopped")
     elif action == "list":
         entries = client.list_products()
+        if args.json:
+            print(to_json([{"name": e.name, "bytes": e.size, "crc32": e.crc32} for e in entries]))
+            return 0
         width = max([len(e.name) for e in entries] + [4])
         print(f"{'name':{width}s}  {'bytes':>12s}  crc32")
         for e in entries:

@@ -119,8 +119,7 @@ class PayloadClient:
         # A leading delimiter ends whatever partial frame the payload may hold (line noise,
         # a REPL tool that poked the port), so it cannot swallow this telecommand.
         frame = b"\x00" + encode_frame(packet)
-        self.link.serial.write(frame)
-        self.link.bytes_sent += len(frame)
+        self.link.write(frame)
         return ccsds.request_id(packet)
 
     def receive_tm(self, timeout_s: float) -> Tm:

@@ -18,6 +18,10 @@ class LinkTimeout(TimeoutError):
     pass
 
 
+class LinkLost(ConnectionError):
+    """The port went away (a USB adapter unplugged, the emulator ended)."""
+
+
 class FramedSerial:
     def __init__(self, port: str, baudrate: int = 115200, max_body_bytes: int = 1024):
         self.port_name = port
@@ -36,21 +40,34 @@ class FramedSerial:
     def __exit__(self, *exc):
         self.close()
 
+    def write(self, data: bytes) -> None:
+        """Raw bytes (an encoded frame, delimiters) onto the port."""
+        try:
+            self.serial.write(data)
+        except (serial.SerialException, OSError) as error:
+            raise LinkLost(f"{self.port_name}: link lost while sending ({error})") from None
+        self.bytes_sent += len(data)
+
     def send(self, body: bytes) -> None:
-        frame = encode_frame(body)
-        self.serial.write(frame)
-        self.bytes_sent += len(frame)
+        self.write(encode_frame(body))
 
     def receive(self, timeout_s: float) -> bytes:
-        """The next good frame body; bad frames are counted in self.reader.drops."""
+        """The next good frame body; bad frames are counted in self.reader.drops.
+
+        The deadline holds whatever arrives: a noisy line (a wrong baud rate) delivers
+        bytes all the time but never a good frame, so it is checked after every read,
+        not only after a read that returned nothing."""
         deadline = time.monotonic() + timeout_s
         while not self._bodies:
-            chunk = self.serial.read(max(1, self.serial.in_waiting))
+            if time.monotonic() > deadline:
+                raise LinkTimeout(f"no frame from {self.port_name} within {timeout_s:.1f} s")
+            try:
+                chunk = self.serial.read(max(1, self.serial.in_waiting))
+            except (serial.SerialException, OSError) as error:
+                raise LinkLost(f"{self.port_name}: link lost ({error})") from None
             if chunk:
                 self.bytes_received += len(chunk)
                 self._bodies.extend(self.reader.feed(chunk))
-            elif time.monotonic() > deadline:
-                raise LinkTimeout(f"no frame from {self.port_name} within {timeout_s:.1f} s")
         return self._bodies.popleft()
 
     def request(self, body: bytes, timeout_s: float = 5.0) -> bytes:

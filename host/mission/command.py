@@ -11,11 +11,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from host.errors import BadInput
+
 
 def add_arguments(parser) -> None:
     from host.mission.run import DEFAULT_BUDGET_S
 
-    parser.add_argument("--target", choices=("unix", "qemu"), default="unix")
+    parser.add_argument(
+        "--target",
+        choices=("unix", "qemu"),
+        default="unix",
+        help="where the firmware runs: MicroPython unix port or bare metal in QEMU",
+    )
     parser.add_argument(
         "--profile", default="micius-2017", help="micius-2017, jinan-1 or a profile's path"
     )
@@ -47,6 +54,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from host.mission.report import print_summary
     from host.mission.run import StageFailed, run_mission
+
+    if args.seed < 0:
+        raise BadInput(f"--seed {args.seed}: must be an integer >= 0")
 
     try:
         summary = run_mission(

@@ -5,30 +5,46 @@ a pass simulated from physics alone (no firmware), written as a pass directory
 from __future__ import annotations
 
 import json
-import sys
+import math
+import shutil
 from pathlib import Path
 
+from host.console import print_result, progress_for
 from host.errors import BadInput
+from host.outdir import check_output_dir
+
+EARTH_EQUATORIAL_RADIUS_KM = 6378.137
+EARTH_MU_KM3_S2 = 398_600.4418
+# A pattern log holds one 4-bit symbol per slot (docs/formats.md): half a byte per slot.
+PATTERN_LOG_BYTES_PER_SLOT = 0.5
+PATTERN_LOG_WARN_BYTES = 1 << 30  # above this an explicit --pattern log needs --force
+PASS_SUBDIRS = ("satellite", "ground", "truth")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--profile", required=True, help="profile name or path of a .json")
+    parser.add_argument(
+        "--profile", help="profile name (see --list-profiles) or path of a profile .json"
+    )
+    parser.add_argument(
+        "--list-profiles", action="store_true", help="list the profiles shipped and exit"
+    )
     parser.add_argument("--tle", help="TLE file (2 or 3 lines); default: synthetic pass")
     parser.add_argument("--station", help="ground station (default: the profile's)")
     parser.add_argument(
         "--start", help="UTC: search start for the TLE pass, or the synthetic pass's start"
     )
-    parser.add_argument("--seed", type=int, default=1, help="simulation seed (default 1)")
+    parser.add_argument("--seed", type=int, default=1, help="simulation seed (>= 0)")
     parser.add_argument(
         "--duration-s",
         type=float,
-        help="simulate only this many seconds around culmination (short runs)",
+        help="simulate only this many seconds around culmination (default: the whole pass)",
     )
     parser.add_argument(
         "--pattern",
         choices=("auto", "log", "source"),
         default="auto",
-        help="satellite patterns as a pattern log (short runs) or a pattern source",
+        help="satellite patterns as a pattern log (0.5 byte per slot; auto: short runs) or "
+        "a pattern source",
     )
     parser.add_argument(
         "--set",
@@ -38,19 +54,90 @@ def add_arguments(parser) -> None:
         help="override a profile parameter, e.g. --set detectors.misalignment_error=0.12"
         " or --set 'detectors.background_hz=[0,0,0,0]' (repeatable; recorded in pass.json)",
     )
-    parser.add_argument("--out", required=True, help="pass directory to write")
+    parser.add_argument("--out", help="pass directory to write")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing pass (or an interrupted run's leftovers) in --out, and "
+        "write a pattern log larger than 1 GiB",
+    )
     parser.add_argument(
         "--headline",
         action="store_true",
         help="also count the pass with the truth and compare with the profile's published"
         " numbers (docs/simulator.md)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def list_profiles() -> dict:
+    from host.simulate import profiles
+
+    listing = {}
+    for name in profiles.available():
+        data = json.loads(profiles.resolve(name).read_text())
+        description = str(data.get("description", ""))
+        listing[name] = description.split(". ")[0].rstrip(".")
+    return listing
+
+
+def check_tle_orbit(tle_text: str, origin: str) -> None:
+    """An orbit whose perigee lies inside the Earth is bad input, not 'never seen'."""
+    from emulator.pass_model.geometry import parse_tle
+
+    _, _, line2 = parse_tle(tle_text, origin)
+    try:
+        eccentricity = float("0." + line2[26:33].strip())
+        revs_per_day = float(line2[52:63])
+    except ValueError:
+        raise BadInput(f"{origin}: line 2 eccentricity or mean motion is not a number") from None
+    if not revs_per_day > 0:
+        raise BadInput(f"{origin}: line 2 mean motion {revs_per_day} rev/day must be positive")
+    mean_motion_rad_s = revs_per_day * 2 * math.pi / 86400.0
+    semi_major_km = (EARTH_MU_KM3_S2 / mean_motion_rad_s**2) ** (1 / 3)
+    perigee_km = semi_major_km * (1 - eccentricity) - EARTH_EQUATORIAL_RADIUS_KM
+    if perigee_km < 0:
+        raise BadInput(
+            f"{origin}: line 2 mean motion {revs_per_day} rev/day and eccentricity "
+            f"{eccentricity} put the perigee {-perigee_km:.0f} km inside the Earth"
+        )
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    """Refuse to overwrite a pass unless --force; name an interrupted run's leftovers."""
+    check_output_dir(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    entries = {p.name for p in out.iterdir()}
+    if "pass.json" in entries:
+        if not force:
+            raise BadInput(f"--out {out}: holds a pass already (pass.json); --force replaces it")
+        return
+    if entries <= set(PASS_SUBDIRS) | {"pass.json.tmp"}:
+        if not force:
+            raise BadInput(
+                f"--out {out}: leftovers of an interrupted simulation (no pass.json); "
+                "--force replaces them"
+            )
+        for name in entries:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
 def run(args) -> int:
     from host.simulate import passgen, profiles
 
+    if args.list_profiles:
+        listing = list_profiles()
+        print_result(args, listing)
+        return 0
+    if not args.profile or not args.out:
+        raise BadInput("give --profile P and --out DIR (profiles: --list-profiles)")
+    if args.seed < 0:
+        raise BadInput(f"--seed {args.seed}: must be >= 0")
+    if args.duration_s is not None and not (
+        math.isfinite(args.duration_s) and args.duration_s > 0
+    ):
+        raise BadInput(f"--duration-s {args.duration_s}: must be a positive number of seconds")
     overrides = dict(profiles.parse_override(text) for text in args.set)
     profile = profiles.load(args.profile, overrides)
     tle_text = None
@@ -59,8 +146,9 @@ def run(args) -> int:
             tle_text = Path(args.tle).read_text()
         except (OSError, UnicodeDecodeError) as error:
             raise BadInput(f"--tle {args.tle}: cannot read ({error})") from None
-    if args.seed < 0:
-        raise BadInput(f"--seed {args.seed}: must be >= 0")
+        check_tle_orbit(tle_text, args.tle)
+    out = Path(args.out)
+    prepare_out(out, args.force)
     scenario = passgen.build_scenario(
         profile,
         station_name=args.station,
@@ -70,27 +158,30 @@ def run(args) -> int:
         seed=args.seed,
         duration_s=args.duration_s,
     )
-    progress = not args.quiet and sys.stderr.isatty()
-    truth = passgen.run(scenario, args.out, pattern_mode=args.pattern, progress=progress)
-    if not args.quiet:
-        summary = {
-            "out": str(args.out),
-            "geometry": truth["geometry"],
-            "slots": truth["slot_count"],
-            "detections": truth["detections"],
-            "link_loss_db": {k: v["link_loss_db"] for k, v in truth["events"].items()},
-            "wall_seconds": truth["wall_seconds"],
-        }
-        if args.headline:
-            from host.simulate.headline import compare_with_published, headline
+    log_bytes = scenario.slot_count * PATTERN_LOG_BYTES_PER_SLOT
+    if args.pattern == "log" and log_bytes > PATTERN_LOG_WARN_BYTES and not args.force:
+        raise BadInput(
+            f"--pattern log: {scenario.slot_count} slots make a {log_bytes / 1e9:.1f} GB "
+            "pattern log; use --pattern source, --duration-s, or --force to write it"
+        )
+    progress = progress_for(args, "qkdsat simulate")
+    truth = passgen.run(scenario, out, pattern_mode=args.pattern, progress=progress.enabled)
+    summary = {
+        "out": str(out),
+        "geometry": truth["geometry"],
+        "slots": truth["slot_count"],
+        "detections": truth["detections"],
+        "link_loss_db": {k: v["link_loss_db"] for k, v in truth["events"].items()},
+        "wall_seconds": truth["wall_seconds"],
+    }
+    if args.headline:
+        from host.simulate.headline import compare_with_published, headline
 
-            result = headline(args.out)
-            summary["headline"] = {
-                k: result[k] for k in ("detections", "sifted_bits", "qber_signal", "qber_all")
-            }
-            if args.duration_s is None and args.tle is None:  # the published pass only
-                summary["vs_published"] = compare_with_published(
-                    result, profile.get("published", {})
-                )
-        print(json.dumps(summary, indent=1))
+        result = headline(out)
+        summary["headline"] = {
+            k: result[k] for k in ("detections", "sifted_bits", "qber_signal", "qber_all")
+        }
+        if args.duration_s is None and args.tle is None:  # the published pass only
+            summary["vs_published"] = compare_with_published(result, profile.get("published", {}))
+    print_result(args, summary)
     return 0

@@ -126,13 +126,27 @@ def apply_overrides(profile: dict, overrides: dict, origin: str) -> None:
     for dotted, value in overrides.items():
         node = profile
         parts = dotted.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             if not isinstance(node, dict) or part not in node:
-                raise BadInput(f"--set {dotted}: {origin} has no {part!r} here")
+                raise BadInput(
+                    f"--set {dotted}: {origin} has no {part!r} here"
+                    + _valid_keys(node, ".".join(parts[:depth]))
+                )
             node = node[part]
         if not isinstance(node, dict) or parts[-1] not in node:
-            raise BadInput(f"--set {dotted}: {origin} has no such parameter")
+            raise BadInput(
+                f"--set {dotted}: {origin} has no such parameter"
+                + _valid_keys(node, ".".join(parts[:-1]))
+            )
         node[parts[-1]] = value
+
+
+def _valid_keys(node, prefix: str) -> str:
+    """'; valid keys here: a.b, a.c' (what --set accepts at this level), or ''."""
+    if not isinstance(node, dict):
+        return f"; {prefix} is a value, not a group"
+    names = sorted(f"{prefix}.{key}" if prefix else key for key in node)
+    return f"; valid keys here: {', '.join(names)}"
 
 
 def load(name_or_path: str, overrides: dict | None = None) -> dict:

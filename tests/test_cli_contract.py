@@ -1,0 +1,477 @@
+"""The command line as users meet it (docs/cli.md): every command's --help and --version,
+a table of bad inputs that must each end in one line naming what is wrong with the right
+exit code and no traceback, and the behaviours that must not lose data: Ctrl-C, a typo in
+the pass directory, a full disk, waits on a noisy line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tty
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distil_passgen import make_pass
+
+from host.cli import COMMANDS, build_parser, main, version
+from host.formats.qdet import write_detections
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ help and version
+
+
+def _command_parsers(name: str) -> list[argparse.ArgumentParser]:
+    """The command's parser and, for commands with actions (payload), each action's."""
+    parser = build_parser(name)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found = [sub.choices[name]]
+    for action in found[0]._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found += list(action.choices.values())
+    return found
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_has_help_with_defaults_examples_and_exit_codes(name, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([name, "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and f"qkdsat {name}" in text.split("examples:")[1]
+    assert "exit codes:" in text and "130" in text
+    assert "DESIGN.md" not in text
+    for parser in _command_parsers(name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, f"qkdsat {name}: {action.dest} has no help text"
+            shown = parser.formatter_class(prog="x")._get_help_string(action)
+            if action.option_strings and action.default not in (
+                None,
+                False,
+                [],
+                argparse.SUPPRESS,
+            ):
+                assert "default" in shown, f"qkdsat {name} {action.dest}: default not shown"
+
+
+def test_top_level_help_lists_exit_codes_and_cites_nothing_users_lack(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "DESIGN.md" not in text
+    for code in ("0 ", "1 ", "2 ", "3 ", "130 "):
+        assert f"\n  {code}" in text
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["distil", "--version"]])
+def test_version(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"qkdsat {version()}"
+    assert version()[0].isdigit()
+
+
+# ------------------------------------------------------------------ the bad-input table
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A directory of small, real inputs: pass directories (only pass.json and empty
+    data files: every case below is refused before the data is read), a file where a
+    directory is expected, a key pool."""
+    root = tmp_path_factory.mktemp("inputs")
+    good = {
+        "format_version": 1,
+        "basis_probability_z": 0.5,
+        "intensities": {"mu": 0.8, "nu": 0.1, "vac": 0.0},
+        "intensity_probabilities": {"mu": 0.5, "nu": 0.25, "vac": 0.25},
+        "slot_rate_hz": 1e8,
+        "utc_start": "2017-01-01T00:00:00Z",
+    }
+
+    def pass_dir(name, pass_json, ground=("detections.qdet", "pps.qdet")):
+        folder = root / name
+        (folder / "ground").mkdir(parents=True)
+        (folder / "satellite").mkdir()
+        text = pass_json if isinstance(pass_json, str) else json.dumps(pass_json)
+        (folder / "pass.json").write_text(text)
+        for data in ground:
+            (folder / "ground" / data).write_bytes(b"")
+        return folder
+
+    pass_dir("good", good)
+    pass_dir("list", "[1, 2]")
+    pass_dir("wrong-type", {**good, "slot_rate_hz": "fast"})
+    pass_dir("missing-key", {k: v for k, v in good.items() if k != "intensities"})
+    pass_dir("negative-mu", {**good, "intensities": {"mu": -0.8, "nu": 0.1, "vac": 0.0}})
+    pass_dir("negative-rate", {**good, "slot_rate_hz": -1e8})
+    pass_dir("no-pps", good, ground=("detections.qdet",))
+    (root / "a-file").write_text("not a directory\n")
+    (root / "pool").write_bytes(os.urandom(4096))
+    (root / "counter-garbage").write_text("twelve\n")
+    (root / "counter-dir").mkdir()
+    # the project's test TLE with a mean motion of 25.5 rev/day: a 4,875 km orbit radius
+    name, line1, line2 = (ROOT / "tests" / "data" / "micius-like.tle").read_text().splitlines()
+    line2 = line2[:52] + "25.50000000" + line2[63:68]
+    line2 += str(_tle_checksum(line2))
+    (root / "inside-earth.tle").write_text(f"{name}\n{line1}\n{line2}\n")
+    write_detections(root / "tags.qdet", np.array([1, 2, 3]), np.array([0, 1, 2]))
+    return root
+
+
+def _tle_checksum(line: str) -> int:
+    return sum(int(c) if c.isdigit() else c == "-" for c in line[:68]) % 10
+
+
+KEY_MATERIAL = "8f" * 32  # what a user might paste instead of a key file's name
+
+# (name, argv with {d} for the inputs folder, exit code, what the one line must say)
+BAD_INPUTS = [
+    ("distil pass dir typo", "distil {d}/goood --out {d}/o", 2, "pass.json: missing"),
+    ("distil qber nan", "distil {d}/good --out {d}/o --qber-threshold nan", 2, "--qber-thr"),
+    ("distil qber -1", "distil {d}/good --out {d}/o --qber-threshold -1", 2, "--qber-thr"),
+    ("distil listen no role", "distil {d}/good --out {d}/o --listen :7000", 2, "--role"),
+    ("distil connect no role", "distil {d}/good --out {d}/o --connect h:1", 2, "--role"),
+    ("distil out is a file", "distil {d}/good --out {d}/a-file", 2, "not a directory"),
+    ("distil pass.json list", "distil {d}/list --out {d}/o", 2, "expected a JSON object"),
+    ("distil wrong type", "distil {d}/wrong-type --out {d}/o", 2, "slot_rate_hz must be"),
+    ("distil missing key", "distil {d}/missing-key --out {d}/o", 2, "missing intensities"),
+    ("distil negative mu", "distil {d}/negative-mu --out {d}/o", 2, "intensities.mu -0.8"),
+    ("distil negative rate", "distil {d}/negative-rate --out {d}/o", 2, "slot_rate_hz -1"),
+    ("distil missing pps", "distil {d}/no-pps --out {d}/o", 2, "pps.qdet: missing"),
+    (
+        "distil listen port 99999",
+        "distil {d}/good --out {d}/o --role alice --auth-pool {d}/pool --listen :99999",
+        2,
+        "port in 1..65535",
+    ),
+    ("track offset nan", "track --out {d}/t --offset-urad nan nan", 2, "finite number of urad"),
+    ("track offset inf", "track --out {d}/t --offset-urad inf 0", 2, "finite number of urad"),
+    ("track offset 1e12", "track --out {d}/t --offset-urad 1e12 0", 2, "within +-100000 urad"),
+    ("track dropout -1", "track --out {d}/t --dropout 1 -1", 2, "positive number of seconds"),
+    ("track dropout start", "track --out {d}/t --dropout -2 1", 2, "START_S -2"),
+    ("track seed -1", "track --out {d}/t --seed -1", 2, "--seed -1"),
+    ("track out is a file", "track --out {d}/a-file", 2, "not a directory"),
+    ("mission seed -1", "mission --out {d}/m --seed -1", 2, "--seed -1"),
+    ("mission out is a file", "mission --out {d}/a-file", 2, "not a directory"),
+    ("mission budget nan", "mission --out {d}/m --budget-s nan", 2, "--budget-s nan"),
+    ("simulate out is a file", "simulate --profile jinan-1 --out {d}/a-file", 2, "a-file"),
+    (
+        "simulate set unknown key",
+        "simulate --profile jinan-1 --out {d}/s --set detectors.nope=1",
+        2,
+        "valid keys here: detectors.afterpulse_probability",
+    ),
+    (
+        "simulate TLE inside the Earth",
+        "simulate --profile micius-2017 --tle {d}/inside-earth.tle --out {d}/s",
+        2,
+        "inside the Earth",
+    ),
+    (
+        "timetags out is a directory",
+        "timetags {d}/tags.qdet --out {d}/counter-dir",
+        2,
+        "counter-dir",
+    ),
+    ("timetags out in a file", "timetags {d}/tags.qdet --out {d}/a-file/x.csv", 2, "a-file"),
+    ("payload baud negative", "payload --port /dev/null --baud -9600 status", 2, "--baud -9600"),
+    ("payload no port", "payload status", 2, "--port: required"),
+    (
+        "payload options after the action",
+        "payload status --port /dev/null --timeout nan",
+        2,
+        "--timeout nan",
+    ),
+    (
+        "payload counter file garbage",
+        "payload --port /dev/null --counter-file {d}/counter-garbage status",
+        2,
+        "expected one integer",
+    ),
+    (
+        "payload counter file is a directory",
+        "payload --port /dev/null --counter-file {d}/counter-dir status",
+        2,
+        "--counter-file",
+    ),
+    (
+        "payload key given as the key itself",
+        f"payload --port /dev/null --key {KEY_MATERIAL} status",
+        2,
+        "never the key itself",
+    ),
+    (
+        "flash key given as the key itself",
+        f"flash --port /dev/null --provision-key {KEY_MATERIAL}",
+        2,
+        "never the key itself",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,argv,code,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_with_its_exit_code(files, capsys, name, argv, code, message):
+    args = argv.format(d=files).split()
+    assert main(args) == code
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "Traceback" not in captured.err + captured.out
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"qkdsat {args[0]}: error: ")
+    assert message in err
+    assert KEY_MATERIAL not in err  # never echo what could be key material
+
+
+def test_key_material_in_the_environment_is_not_echoed(files, capsys, monkeypatch):
+    monkeypatch.setenv("QKDSAT_LINK_KEY", KEY_MATERIAL)
+    assert main(["payload", "--port", "/dev/null", "status"]) == 2
+    err = capsys.readouterr().err
+    assert "QKDSAT_LINK_KEY" in err and KEY_MATERIAL not in err
+
+
+def test_a_bug_is_one_line_exit_1_and_the_traceback_only_with_debug(capsys, monkeypatch):
+    import host.smoke
+
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(host.smoke, "run", broken)
+    assert main(["smoke"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: KeyError" in err and "--debug" in err and "Traceback" not in err
+    assert main(["smoke", "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ distil: no lost data
+
+
+def _outputs(out: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.fixture
+def previous_run(tmp_path):
+    """An output directory as a previous successful run left it."""
+    out = tmp_path / "keys"
+    out.mkdir()
+    (out / "alice.key").write_bytes(b"previous key bytes")
+    (out / "bob.key").write_bytes(b"previous key bytes")
+    (out / "report.json").write_text(json.dumps({"aborted": False, "key_bits": 144}))
+    return out
+
+
+def test_a_typo_in_the_pass_dir_keeps_the_previous_keys(tmp_path, previous_run, capsys):
+    before = _outputs(previous_run)
+    assert main(["distil", str(tmp_path / "typo"), "--out", str(previous_run)]) == 2
+    assert "typo" in capsys.readouterr().err
+    assert _outputs(previous_run) == before
+
+
+@pytest.fixture(scope="module")
+def small_pass(tmp_path_factory):
+    return make_pass(tmp_path_factory.mktemp("cli") / "pass", duration_s=1.0, seed=3)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_distil_ends_both_endpoints_exits_130_and_keeps_the_outputs(
+    small_pass, previous_run
+):
+    before = _outputs(previous_run)
+    proc = subprocess.Popen(
+        [PY, "-m", "host.cli", "distil", str(small_pass), "--out", str(previous_run)]
+        + ["--verbose", "--insecure-deterministic-seed", "1"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert "started" in proc.stderr.readline()  # both endpoints run now
+        time.sleep(1.0)  # inside synchronisation or error correction
+        assert proc.poll() is None, "the run ended before the interrupt"
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        code = proc.wait(timeout=10)
+        waited_s = time.monotonic() - sent
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert waited_s < 2.0  # both endpoints end within a second, plus process exit
+    assert _outputs(previous_run) == before
+
+
+def _fill_tmpfs(mount: Path, leave_pages: int) -> None:
+    """Fill the tmpfs so that leave_pages 4 KiB pages stay free."""
+    stat = os.statvfs(mount)
+    free = stat.f_bavail * stat.f_frsize
+    (mount / "filler").write_bytes(b"\0" * (free - leave_pages * 4096))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 KiB tmpfs: a real full disk (needs root; skipped otherwise)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)])
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_while_keys_are_written_leaves_no_report_claiming_a_key(small_tmpfs):
+    """Keys of 20,000 bits (2,500 bytes: one page each) with one page left: the report
+    used to go first and fit, then a key failed. Now the keys go first, the failure is an
+    environment error (exit 1), and whatever report exists says aborted."""
+    from host.distil.run import finish
+    from host.errors import EnvironmentFailure
+
+    out = small_tmpfs / "keys"
+    out.mkdir()
+    _fill_tmpfs(small_tmpfs, leave_pages=1)
+    key = np.random.default_rng(1).integers(0, 2, 20_000, dtype=np.uint8)
+    report = {"aborted": False, "abort_reason": None, "key_bits": int(key.size)}
+    with pytest.raises(EnvironmentFailure, match="No space left"):
+        finish(out, report, {"alice": key, "bob": key.copy()})
+    assert not (out / "alice.key").exists() and not (out / "bob.key").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    if (out / "report.json").exists():
+        written = json.loads((out / "report.json").read_text())
+        assert written["aborted"] is True and written["key_bits"] == 0
+        assert "could not be written" in written["abort_reason"]
+
+
+# ------------------------------------------------------------------ waits with deadlines
+
+
+def _noise_pty():
+    """A pty whose far end sends random bytes without end (a wrong baud rate): (port name,
+    stop event, thread)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    name = os.ttyname(slave)
+    stop = threading.Event()
+
+    def noise():  # never a zero byte (a frame delimiter): no frame ever ends
+        burst = np.random.default_rng(5).integers(1, 256, 4096, dtype=np.uint8).tobytes()
+        os.set_blocking(master, False)
+        while not stop.is_set():
+            try:
+                os.write(master, burst)
+            except BlockingIOError:
+                time.sleep(0.001)  # the line is full: the reader has bytes waiting
+            except OSError:
+                return
+
+    thread = threading.Thread(target=noise, daemon=True)
+    thread.start()
+    return name, stop, thread, (master, slave)
+
+
+def _ends_within(function, seconds: float):
+    """Run function in a thread; (finished in time, its exception or result)."""
+    outcome = {}
+
+    def body():
+        try:
+            outcome["value"] = function()
+        except BaseException as error:
+            outcome["value"] = error
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive(), outcome.get("value")
+
+
+def test_framed_serial_deadline_holds_on_a_noisy_line():
+    from host.link.framed_serial import FramedSerial, LinkTimeout
+
+    name, stop, thread, fds = _noise_pty()
+    try:
+        with FramedSerial(name) as link:
+            ended, value = _ends_within(lambda: link.receive(0.3), 5.0)
+            assert ended, "receive() ignored its deadline while bytes kept arriving"
+            assert isinstance(value, LinkTimeout)
+            assert link.bytes_received > 0  # the noise did arrive
+    finally:
+        stop.set()
+        thread.join()
+        for fd in fds:
+            os.close(fd)
+
+
+def test_payload_on_a_noisy_line_ends_with_link_failed_exit_4(tmp_path, capsys):
+    name, stop, thread, fds = _noise_pty()
+    try:
+        argv = ["payload", "--port", name, "--timeout", "0.5"]
+        argv += ["--counter-file", str(tmp_path / "counter"), "ping"]
+        ended, code = _ends_within(lambda: main(argv), 15.0)
+        assert ended, "qkdsat payload hung on a noisy line"
+        assert code == 4
+        err = capsys.readouterr().err
+        assert "link failed" in err and "Traceback" not in err
+    finally:
+        stop.set()
+        thread.join()
+        for fd in fds:
+            os.close(fd)
+
+
+def test_raw_repl_deadline_holds_on_a_noisy_line():
+    from host.deploy.raw_repl import HARD_DEADLINE_FACTOR, RawRepl, RawReplError
+
+    name, stop, thread, fds = _noise_pty()
+    try:
+        repl = RawRepl(name, timeout_s=0.3)
+        try:
+            budget_s = HARD_DEADLINE_FACTOR * 0.3 + 2.0
+            ended, value = _ends_within(lambda: repl._read_until(b"never", 0.3), budget_s)
+            assert ended, "the raw REPL wait ignored its deadline while bytes kept arriving"
+            assert isinstance(value, RawReplError)
+        finally:
+            repl.close()
+    finally:
+        stop.set()
+        thread.join()
+        for fd in fds:
+            os.close(fd)
+
+
+def test_the_link_benchmarks_pty_baseline_never_blocks():
+    """benchmarks/bench_link.py's baseline copies 4 MiB through a bare pty; a blocking
+    write into a full pty buffer used to stall it for good (within 30 repetitions on this
+    machine, often the first)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_link
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def thirty_copies():
+        return [bench_link._pty_copy_rate(4 * 1024 * 1024) for _ in range(30)]
+
+    ended, rates = _ends_within(thirty_copies, 60.0)
+    assert ended, "the pty baseline blocked"
+    assert not isinstance(rates, BaseException), rates
+    assert min(rates) > 1e6  # bytes/s: every copy completed
