@@ -17,6 +17,12 @@ from host.formats.qrec import parse_records
 from host.protocol.symbols import decode_symbols
 
 
+def _exit_code_of(out) -> int:
+    """0 when the mission made a key, 3 when it made none (like `qkdsat distil`)."""
+    summary = json.loads((out / "mission.json").read_text())
+    return 3 if summary["stages"]["distil"]["aborted"] else 0
+
+
 def _mission(out, target="unix", budget_s=10.0, seed=3, extra=()):
     return subprocess.run(
         [sys.executable, "-m", "host.cli", "mission", "--target", target, "--seed", str(seed)]
@@ -31,7 +37,7 @@ def _mission(out, target="unix", budget_s=10.0, seed=3, extra=()):
 def unix_mission(tmp_path_factory):
     out = tmp_path_factory.mktemp("mission")
     result = _mission(out)
-    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.returncode == _exit_code_of(out), result.stderr + result.stdout
     return out, result, json.loads((out / "mission.json").read_text())
 
 
@@ -44,7 +50,9 @@ def test_every_stage_ran_and_the_summary_says_so(unix_mission):
     assert fw["tdc_lost"] == 0 and fw["tdc_fifo_overflow"] == 0 and not fw["duty_errors"]
     assert fw["pattern_log"]["equals_emitted"] is True
     assert fw["config"]["slot_rate_hz"] == 100_000_000  # the profile's source, not a toy
-    assert summary["exit_code"] == 0
+    assert summary["exit_code"] == result.returncode
+    if result.returncode == 3:
+        assert "aborted: no key: " in result.stderr
     for line in ("firmware", "download", "ground", "distil"):
         assert f"\n{line}" in result.stdout
     png = (out / "mission.png").read_bytes()
@@ -134,7 +142,7 @@ def test_mission_on_qemu(tmp_path):
     """The same job with the firmware frozen into bare-metal MicroPython on QEMU's
     Cortex-M3: the emulated UARTs make the segment short, every stage must still work."""
     result = _mission(tmp_path, target="qemu", budget_s=25.0)
-    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.returncode == _exit_code_of(tmp_path), result.stderr + result.stdout
     summary = json.loads((tmp_path / "mission.json").read_text())
     fw = summary["stages"]["firmware"]
     assert fw["firmware"].endswith("qemu")
@@ -158,7 +166,7 @@ def _pattern_run_records(path):
 def head_segment(tmp_path_factory):
     out = tmp_path_factory.mktemp("head")
     result = _mission(out, extra=("--generation", "head", "--segment-s", "3"))
-    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.returncode == _exit_code_of(out), result.stderr + result.stdout
     return out, json.loads((out / "mission.json").read_text())
 
 
@@ -214,7 +222,7 @@ def test_a_whole_micius_pass_with_head_generation_gives_a_key(tmp_path):
 @pytest.mark.slow
 def test_head_generation_on_qemu(tmp_path):
     result = _mission(tmp_path, target="qemu", extra=("--generation", "head", "--segment-s", "1"))
-    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.returncode == _exit_code_of(tmp_path), result.stderr + result.stdout
     summary = json.loads((tmp_path / "mission.json").read_text())
     fw = summary["stages"]["firmware"]
     assert fw["firmware"].endswith("qemu") and fw["pattern_log"]["equals_emitted"] is True

@@ -2,16 +2,18 @@
 the main job, an emulated pass end to end (orbit -> firmware -> download -> distil ->
 report; docs/mission.md).
 
-Exit 0 when every stage worked as designed, whether or not the distillation made a key
-(an abort, say for too few events, is a result and is reported); 1 when a stage failed
-(firmware, link, download); 2 on bad input."""
+Exit 0 when every stage worked and a key was made; 3 when every stage worked but the
+distillation made no key (an abort, say for too few events: the reason is in mission.json
+and report.json, like `qkdsat distil`); 1 when a stage failed (firmware, link, download);
+2 on bad input."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from host.errors import BadInput
+from host.console import to_json
+from host.errors import EXIT_ABORTED, BadInput, ProtocolAborted
 
 
 def add_arguments(parser) -> None:
@@ -71,6 +73,12 @@ def run(args) -> int:
     except StageFailed as error:
         print(f"qkdsat mission: stage failed: {error}", file=sys.stderr)
         return 1
-    print_summary(summary)
-    print(f"report: {Path(args.out) / 'mission.json'}, {Path(args.out) / 'mission.png'}")
+    if args.json:
+        print(to_json(summary))
+    else:
+        print_summary(summary)
+        print(f"report: {Path(args.out) / 'mission.json'}, {Path(args.out) / 'mission.png'}")
+    if summary["exit_code"] == EXIT_ABORTED:
+        distil = summary["stages"]["distil"]
+        raise ProtocolAborted(f"no key: {distil['abort_reason']}")
     return 0

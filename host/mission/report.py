@@ -38,6 +38,7 @@ def distil_figures(report: dict | None, outcome: dict, out: Path) -> dict:
         "qber_sifted": {b: round(errors[b] / n, 5) if n else None for b, n in sifted.items()}
         or None,
         "counts": counts or None,
+        "intensities": (report.get("profile") or {}).get("intensities"),
         "qber": report.get("qber"),
         "key_bits": report.get("key_bits", 0),
         "key_files": keys,
@@ -112,24 +113,11 @@ def write(out: Path, summary: dict, curve: dict, scenario) -> None:
 
     ax = axes[2]
     distil = stages.get("distil") or {}
-    counts = distil.get("counts")
-    if counts:
-        labels, qbers, ns = [], [], []
-        for basis, per in counts.items():
-            for name, c in per.items():
-                labels.append(f"{basis} {name}")
-                ns.append(c["n"])
-                qbers.append(100.0 * c["m"] / c["n"] if c["n"] else 0.0)
-        bars = ax.bar(labels, qbers, color="tab:green")
-        for bar, n in zip(bars, ns, strict=True):
-            ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)  # fmt: skip
-        ax.set_ylabel("sifted error rate (%)")
+    if distil.get("counts"):
         verdict = (
             f"key {distil['key_bits']:,} bits" if not distil["aborted"] else "no key (aborted)"
         )
-        ax.set_title(f"QBER by basis and intensity; {verdict}")
-        ax.grid(alpha=0.3, axis="y")
+        draw_qber_panel(ax, distil["counts"], distil.get("intensities"), verdict)
     else:
         ax.set_axis_off()
 
@@ -142,6 +130,41 @@ def write(out: Path, summary: dict, curve: dict, scenario) -> None:
     fig.tight_layout()
     fig.savefig(out / "mission.png", dpi=100)
     plt.close(fig)
+
+
+def draw_qber_panel(ax, counts: dict, intensities: dict | None, verdict: str) -> None:
+    """Sifted error rate per basis and signal/decoy intensity, on a scale that shows the
+    ~1 % that matter. Vacuum classes (mean photon number 0: errors are dark counts, ~50 %
+    on a handful of events) are written as text, not drawn: one 2-event bar at 100 %
+    would set the scale and flatten every other bar."""
+    intensities = intensities or {}
+    labels, rates_pct, errors_pct, ns, vacuum = [], [], [], [], []
+    for basis, per in counts.items():
+        for name, c in per.items():
+            n, m = c["n"], c["m"]
+            if intensities.get(name, 1.0) == 0:
+                rate = f"{100 * m / n:.0f} %" if n else "-"
+                vacuum.append(f"{basis} {name}: {m}/{n} ({rate})")
+                continue
+            p = m / n if n else 0.0
+            labels.append(f"{basis} {name}")
+            rates_pct.append(100.0 * p)
+            errors_pct.append(100.0 * (p * (1 - p) / n) ** 0.5 if n else 0.0)
+            ns.append(n)
+    bars = ax.bar(labels, rates_pct, yerr=errors_pct, color="tab:green", capsize=3)
+    for bar, n in zip(bars, ns, strict=True):
+        ax.annotate(f"n={n:,}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+    top = max([r + e for r, e in zip(rates_pct, errors_pct, strict=True)] + [1.0])
+    ax.set_ylim(0, 1.3 * top)
+    ax.set_ylabel("sifted error rate (%)")
+    ax.set_title(f"QBER by basis and intensity; {verdict}")
+    ax.grid(alpha=0.3, axis="y")
+    if vacuum:
+        ax.text(
+            0.02, 0.97, "vacuum (dark counts): " + "; ".join(vacuum), transform=ax.transAxes,
+            va="top", fontsize=7,
+        )  # fmt: skip
 
 
 def _summary_lines(summary: dict) -> list[str]:

@@ -384,7 +384,8 @@ def run_mission(
 
     t = time.perf_counter()
     seconds["report"] = 0.0
-    summary["exit_code"] = 0
+    # like distil: no key is exit 3 (the reason is in the summary and report.json)
+    summary["exit_code"] = 3 if stages["distil"]["aborted"] else 0
     report.write(out, summary, curve, scenario)
     seconds["report"] = round(time.perf_counter() - t, 3)
     seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 3)
