@@ -57,7 +57,7 @@ flash:
 
 lock:
 	rm -rf build/lockvenv && python3 -m venv build/lockvenv
-	build/lockvenv/bin/pip install -q -e .
+	build/lockvenv/bin/pip install -q -e '.[dev]'
 	{ echo "# Every Python package the project installs, pinned (pip freeze of a fresh venv)."; \
 	  echo "# Regenerate with: make lock"; \
 	  build/lockvenv/bin/pip freeze --exclude-editable; } > requirements.lock

@@ -49,3 +49,19 @@ def test_a_firmware_that_does_not_compile_stops_setup_and_names_the_file(tmp_pat
     assert "setup FAILED at: MicroPython builds" in result.stderr
     # the working image was not touched
     assert (REPO / "build" / "qemu" / "firmware.elf").exists()
+
+
+def test_test_and_lint_tools_are_an_extra_that_setup_installs():
+    """`pip install .` gives users the runtime only; `make setup` installs the `dev` extra
+    (pytest, ruff, ...), every one pinned in pyproject.toml and in requirements.lock."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    tools = {"pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "ruff"}
+    runtime = {pin.split("==")[0].lower() for pin in project["dependencies"]}
+    assert not runtime & tools
+    dev = project["optional-dependencies"]["dev"]
+    assert {pin.split("==")[0].lower() for pin in dev} == tools
+    lock = set((REPO / "requirements.lock").read_text().lower().split())
+    assert all("==" in pin and pin.lower() in lock for pin in dev + project["dependencies"])
+    assert '-e ".[dev]"' in (REPO / "tools" / "setup.sh").read_text()

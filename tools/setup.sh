@@ -68,8 +68,9 @@ if [ "$(cat "$VENV/.qkdsat-lock" 2>/dev/null)" != "$LOCK_HASH" ]; then
         || fail "pip upgrade" "check access to PyPI"
     "$VENV/bin/python" -m pip install -q -r requirements.lock \
         || fail "pip install -r requirements.lock" "check access to PyPI; read pip's message"
-    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . \
-        || fail "pip install -e ." "pyproject.toml is broken; read pip's message"
+    # the project with its test/lint extra (pytest, ruff, ...): all pinned in the lock
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e ".[dev]" \
+        || fail "pip install -e .[dev]" "pyproject.toml is broken; read pip's message"
     echo "$LOCK_HASH" > "$VENV/.qkdsat-lock"
 else
     echo "up to date"
