@@ -120,6 +120,13 @@ def files(tmp_path_factory):
     pass_dir("negative-mu", {**good, "intensities": {"mu": -0.8, "nu": 0.1, "vac": 0.0}})
     pass_dir("negative-rate", {**good, "slot_rate_hz": -1e8})
     pass_dir("no-pps", good, ground=("detections.qdet",))
+    no_generator = pass_dir("no-generator", good)
+    (no_generator / "satellite" / "pattern_source.json").write_text(
+        json.dumps({"format_version": 1, "kind": "insecure-test-pattern", "seed": 7})
+    )
+    (root / "old-pass").mkdir()
+    (root / "old-pass" / "pass.json").write_text("{}")
+    (root / "leftovers" / "ground").mkdir(parents=True)
     (root / "a-file").write_text("not a directory\n")
     (root / "pool").write_bytes(os.urandom(4096))
     (root / "counter-garbage").write_text("twelve\n")
@@ -154,6 +161,12 @@ BAD_INPUTS = [
     ("distil negative rate", "distil {d}/negative-rate --out {d}/o", 2, "slot_rate_hz -1"),
     ("distil missing pps", "distil {d}/no-pps --out {d}/o", 2, "pps.qdet: missing"),
     (
+        "distil pattern source without generator",
+        "distil {d}/no-generator --out {d}/o",
+        2,
+        "generator missing",
+    ),
+    (
         "distil listen port 99999",
         "distil {d}/good --out {d}/o --role alice --auth-pool {d}/pool --listen :99999",
         2,
@@ -170,6 +183,24 @@ BAD_INPUTS = [
     ("mission out is a file", "mission --out {d}/a-file", 2, "not a directory"),
     ("mission budget nan", "mission --out {d}/m --budget-s nan", 2, "--budget-s nan"),
     ("simulate out is a file", "simulate --profile jinan-1 --out {d}/a-file", 2, "a-file"),
+    (
+        "simulate over a pass",
+        "simulate --profile jinan-1 --out {d}/old-pass",
+        2,
+        "--force replaces it",
+    ),
+    (
+        "simulate over leftovers",
+        "simulate --profile jinan-1 --out {d}/leftovers",
+        2,
+        "leftovers of an interrupted simulation",
+    ),
+    (
+        "simulate 13.7 GB pattern log",
+        "simulate --profile micius-2017 --pattern log --out {d}/s",
+        2,
+        "13.7 GB pattern log",
+    ),
     (
         "simulate set unknown key",
         "simulate --profile jinan-1 --out {d}/s --set detectors.nope=1",
@@ -281,6 +312,52 @@ def test_a_typo_in_the_pass_dir_keeps_the_previous_keys(tmp_path, previous_run, 
     assert main(["distil", str(tmp_path / "typo"), "--out", str(previous_run)]) == 2
     assert "typo" in capsys.readouterr().err
     assert _outputs(previous_run) == before
+
+
+def test_progress_lines_on_a_terminal_and_not_in_a_pipe(monkeypatch, capsys):
+    from host.console import progress_for
+
+    args = argparse.Namespace(quiet=False, verbose=False, json=False)
+    progress_for(args, "qkdsat x")("piped")
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here
+    master, slave = os.openpty()
+    try:
+        with open(slave, "w", closefd=False) as terminal:
+            monkeypatch.setattr(sys, "stderr", terminal)
+            progress_for(args, "qkdsat x")("on a terminal")
+            quiet = argparse.Namespace(quiet=True, verbose=False, json=False)
+            progress_for(quiet, "qkdsat x")("quiet")
+        shown = b""
+        while _readable(master):
+            shown += os.read(master, 4096)
+        assert b"qkdsat x: [" in shown and b"on a terminal" in shown
+        assert b"quiet" not in shown
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def _readable(fd) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0.05)[0])
+
+
+def test_distil_json_and_report_metadata_on_an_abort(tmp_path, capsys):
+    """--json prints the report; the report says which tool, inputs and settings made it
+    (here: an abort for QBER above threshold, found right after the sample)."""
+    pass_dir = make_pass(tmp_path / "pass", duration_s=1.0, misalignment=0.14, seed=4)
+    out = tmp_path / "out"
+    assert main(["distil", str(pass_dir), "--out", str(out), "--json"]) == 3
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert printed == json.loads((out / "report.json").read_text())
+    assert printed["aborted"] and "QBER above threshold" in printed["abort_reason"]
+    assert printed["format_version"] == 2 and printed["tool"]["version"] == version()
+    assert printed["qber_threshold"] == 0.11 and printed["deterministic_randomness"] is False
+    assert printed["key_files"] == {} and printed["created_utc"]
+    assert len(printed["inputs"]["pass_json_sha256"]) == 64
+    assert captured.err.strip().startswith("qkdsat distil: aborted: QBER above threshold")
 
 
 @pytest.fixture(scope="module")

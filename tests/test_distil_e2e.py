@@ -3,6 +3,7 @@ keys, key length recomputed independently from the report, abort paths, split mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -141,6 +142,18 @@ def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_p
     )
     assert on_disk["auth_key_bits_used"] >= 64 + 128
     assert set(on_disk["stage_seconds"]) >= {"sync", "sifting", "error_correction", "total"}
+    # which run, which inputs, which settings (docs/cli.md); the keys' bit lengths (the
+    # files are padded to whole bytes)
+    bits = report["key_bits"]
+    assert on_disk["key_files"] == {
+        "alice": {"file": "alice.key", "bits": bits},
+        "bob": {"file": "bob.key", "bits": bits},
+    }
+    assert on_disk["format_version"] == 2 and on_disk["tool"]["version"]
+    sha = hashlib.sha256((micius_pass / "pass.json").read_bytes()).hexdigest()
+    assert on_disk["inputs"]["pass_json_sha256"] == sha
+    assert on_disk["qber_threshold"] == 0.11 and on_disk["deterministic_randomness"] is False
+    assert on_disk["created_utc"].endswith("+00:00")
 
 
 def test_sync_assigns_the_true_slots(micius_pass):
@@ -199,6 +212,8 @@ def test_qber_above_threshold_aborts_without_key(tmp_path):
     (out / "alice.key").write_bytes(b"stale")  # a key from an earlier run must not survive
     report = run_local(pass_dir, out, Config())
     _assert_aborted(out, "QBER above threshold", report)
+    written = json.loads((out / "report.json").read_text())  # the sample's QBER, said so
+    assert written["sifted_bits"] > 0 and written["qber"]["Z"] > 0.11
 
 
 def test_tampered_message_aborts_without_key(micius_pass, tmp_path):
@@ -241,6 +256,11 @@ def test_too_few_detections_abort_without_key(tmp_path):
     out = tmp_path / "out"
     report = run_local(pass_dir, out, Config())
     _assert_aborted(out, "too few events", report)
+    # the report explains itself as far as the protocol got: counts, QBER, EC statistics
+    written = json.loads((out / "report.json").read_text())
+    assert written["sifted_bits"] > 0 and written["counts"]["Z"]["mu"]["n"] > 0
+    assert 0 < written["qber"]["Z"] < 0.11 and written["ec"]["leak_bits"] > 0
+    assert written["ec"]["frames"] >= 1
 
 
 def test_discarded_ldpc_frames_leave_the_key_and_the_rest_gives_identical_keys(

@@ -269,6 +269,7 @@ class Alice:
                 channel.send("sift", basis=pack_bits(basis), intensity=pack_2bit(inten))
                 keep = (basis == bob_basis) & (inten != NO_PATTERN)
                 s_basis, s_bit, s_int = basis[keep], bit[keep], inten[keep]
+            out.report["sifted_bits"] = int(s_basis.size)  # reported even on an abort
             out.report = self._after_sifting(channel, stage, s_basis, s_bit, s_int, out)
             channel.send("done")
             channel.recv("done")
@@ -593,6 +594,7 @@ class Bob:
                 disclosed[name] = sample
                 qber[name] = float(errors[idx].mean()) if idx.size else 0.0
             channel.send("disclosed_errors", **{f"qber_{n}": qber[n] for n in BASES})
+            out.report["qber"] = dict(qber)  # the sample's; replaced by the full counts
             sizes = {n: int(p.size) for n, p in disclosed.items()}
             for name in key_bases:
                 if qber[name] > cfg.qber_threshold:
@@ -661,6 +663,8 @@ class Bob:
                 counts_key=json.dumps(counts_key),
                 leaks=json.dumps(leaks),
             )
+        # from here on an abort (too few events, verification) still explains itself
+        out.report.update(_bob_figures(cfg, counts_full, leaks, ec_stats))
         with stage("verification"):
             _refuse_unattainable_eps_cor(blocks, cfg.eps_cor / len(key_bases))
             msg = channel.recv("verify")
@@ -697,27 +701,32 @@ class Bob:
                 finals.append(toeplitz_hash(blocks[name], seed, n_out)[0])
             channel.send("pa_ok")
         out.key = np.concatenate(finals)
-        leak_bits = int(sum(leaks.values()))
-        bits_total = sum(s["bits"] for s in ec_stats)
-        errors_total = sum(s["errors"] for s in ec_stats)
-        q_key = errors_total / bits_total if bits_total else 0.0
-        h = finite_key.binary_entropy(q_key)
-        return {
-            "qber": {
-                name: (
-                    sum(v[1] for v in counts_full[name].values())
-                    / max(sum(v[0] for v in counts_full[name].values()), 1)
-                )
-                for name in BASES
-            },
-            "ec": {
-                "method": cfg.ec,
-                "leak_bits": leak_bits,
-                "efficiency": (leak_bits / (bits_total * h)) if h > 0 else math.inf,
-                "frames": int(sum(s["frames"] for s in ec_stats)),
-                "frame_errors": int(sum(s["frame_errors"] for s in ec_stats)),
-                "frames_discarded": int(sum(s["frames_discarded"] for s in ec_stats)),
-                "bits_discarded": int(sum(s["bits_discarded"] for s in ec_stats)),
-                "blocks": ec_stats,
-            },
-        }
+        return _bob_figures(cfg, counts_full, leaks, ec_stats)
+
+
+def _bob_figures(cfg: Config, counts_full: dict, leaks: dict, ec_stats: list) -> dict:
+    """Bob's report: QBER per basis from every known error, and the EC statistics."""
+    leak_bits = int(sum(leaks.values()))
+    bits_total = sum(s["bits"] for s in ec_stats)
+    errors_total = sum(s["errors"] for s in ec_stats)
+    q_key = errors_total / bits_total if bits_total else 0.0
+    h = finite_key.binary_entropy(q_key)
+    return {
+        "qber": {
+            name: (
+                sum(v[1] for v in counts_full[name].values())
+                / max(sum(v[0] for v in counts_full[name].values()), 1)
+            )
+            for name in BASES
+        },
+        "ec": {
+            "method": cfg.ec,
+            "leak_bits": leak_bits,
+            "efficiency": (leak_bits / (bits_total * h)) if h > 0 else math.inf,
+            "frames": int(sum(s["frames"] for s in ec_stats)),
+            "frame_errors": int(sum(s["frame_errors"] for s in ec_stats)),
+            "frames_discarded": int(sum(s["frames_discarded"] for s in ec_stats)),
+            "bits_discarded": int(sum(s["bits_discarded"] for s in ec_stats)),
+            "blocks": ec_stats,
+        },
+    }
