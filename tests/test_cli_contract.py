@@ -498,6 +498,23 @@ def test_framed_serial_deadline_holds_on_a_noisy_line():
             os.close(fd)
 
 
+def test_a_port_that_goes_away_is_link_lost_not_a_traceback():
+    from host.link.framed_serial import FramedSerial, LinkLost
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        with FramedSerial(os.ttyname(slave)) as link:
+            os.close(master)  # the far end is gone (a USB adapter pulled out)
+            master = None
+            with pytest.raises(LinkLost, match="link lost"):
+                link.receive(1.0)
+    finally:
+        if master is not None:
+            os.close(master)
+        os.close(slave)
+
+
 def test_payload_on_a_noisy_line_ends_with_link_failed_exit_4(tmp_path, capsys):
     name, stop, thread, fds = _noise_pty()
     try:

@@ -23,6 +23,7 @@ import datetime as dt
 import hashlib
 import math
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -563,8 +564,11 @@ def _run_split(args, cfg: Config, pass_dir, out_dir, pass_json, pool, progress) 
     metadata = run_metadata(pass_dir, cfg, seed)
     address = args.listen or args.connect
     option = "--listen" if args.listen else "--connect"
-    if progress is not None:
-        progress(f"{args.role}: {'listening on' if args.listen else 'connecting to'} {address}")
+    if args.listen and not getattr(args, "quiet", False):
+        # always said (not only as progress): the peer's operator needs the address
+        print(f"qkdsat distil: {args.role} listening on {address}", file=sys.stderr, flush=True)
+    elif progress is not None:
+        progress(f"{args.role}: connecting to {address}")
     try:
         transport = ch.listen(args.listen) if args.listen else ch.connect(args.connect)
     except (OSError, OverflowError) as error:
