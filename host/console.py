@@ -70,9 +70,11 @@ def print_result(args, result: dict, human: dict | None = None) -> None:
 
 
 def wants_progress(args) -> bool:
-    if getattr(args, "quiet", False) or getattr(args, "json", False) and not args.verbose:
+    """Progress on a terminal, or when asked for (--verbose); never with --quiet."""
+    verbose = bool(getattr(args, "verbose", False))
+    if getattr(args, "quiet", False):
         return False
-    return bool(getattr(args, "verbose", False)) or sys.stderr.isatty()
+    return verbose or sys.stderr.isatty()
 
 
 class Progress:
