@@ -630,8 +630,10 @@ def summary(report: dict, out_dir: Path) -> dict:
     if ec.get("leak_bits") is not None:
         lines["ec_leak_bits"] = ec["leak_bits"]
     lines["seconds"] = f"{report['stage_seconds']['total']:.1f}"
-    lines["keys"] = ", ".join(
-        str(Path(out_dir) / f["file"]) for f in report.get("key_files", {}).values()
+    key_files = report.get("key_files") or {}
+    lines["keys"] = (
+        ", ".join(f"{Path(out_dir) / f['file']} ({f['bits']} bits)" for f in key_files.values())
+        or "none"
     )
     lines["report"] = str(Path(out_dir) / REPORT_NAME)
     return lines
