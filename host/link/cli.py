@@ -4,7 +4,8 @@ over the ground link (docs/ground-link.md).
     qkdsat payload --port /dev/ttyUSB0 --key payload.key status
     qkdsat payload --port /dev/ttyUSB0 --key payload.key download PASS_DIR
 
-Exit codes: 0 done; 1 the payload rejected the command (its reason is printed);
+Exit codes: 0 done; 1 the payload rejected the command, or the answer cannot be used
+(a sealed product without --product-key, a corrupt download): the reason is printed;
 2 bad input (key file, arguments, port); 4 the link failed (no answer within --timeout,
 the port went away): nothing is wrong with the command, check the line. An internal error
 (a bug) is exit 1 with "internal error" in the message (host/cli.py).
@@ -25,7 +26,7 @@ import serial
 
 from host.console import print_result, to_json
 from host.errors import BadInput
-from host.link.client import CommandRejected, LinkError, PayloadClient
+from host.link.client import LinkError, LinkFailed, PayloadClient
 from host.link.framed_serial import LinkLost, LinkTimeout
 from host.protocol import ccsds
 
@@ -283,12 +284,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         with client:
             return _act(client, args, config)
-    except CommandRejected as error:
-        print(f"qkdsat payload {args.action}: {error}", file=sys.stderr)
-        return EXIT_REJECTED
-    except (LinkError, LinkLost, LinkTimeout) as error:
+    except (LinkFailed, LinkLost, LinkTimeout) as error:
         print(f"qkdsat payload {args.action}: link failed: {error}", file=sys.stderr)
         return EXIT_LINK_FAILED
+    except LinkError as error:  # rejected, or refused here (a sealed product without key)
+        print(f"qkdsat payload {args.action}: {error}", file=sys.stderr)
+        return EXIT_REJECTED
 
 
 def _act(client: PayloadClient, args: argparse.Namespace, config: dict | None) -> int:

@@ -28,6 +28,11 @@ class LinkError(RuntimeError):
     """The link failed (no answer, lost mid-transfer); the message says what and where."""
 
 
+class LinkFailed(LinkError):
+    """No answer within the timeout, or the link lost mid-transfer: the line, not the
+    command (qkdsat payload exit 4)."""
+
+
 class CommandRejected(LinkError):
     def __init__(self, what: str, verification: ccsds.Verification):
         detail = f": {verification.detail}" if verification.detail else ""
@@ -193,7 +198,7 @@ class PayloadClient:
         try:
             return self.receive_tm(max(0.0, deadline - time.monotonic()) + 1e-3)
         except LinkTimeout:
-            raise LinkError(
+            raise LinkFailed(
                 f"{what}: no answer from the payload on {self.link.port_name} within "
                 f"{self.timeout_s:.1f} s (check the port, the baud rate and the key)"
             ) from None
@@ -335,7 +340,7 @@ class PayloadClient:
                 now = time.monotonic()
                 if now - last_progress > stall_timeout_s:
                     self._save_meta(meta_path, entry, verified, crc)
-                    raise LinkError(
+                    raise LinkFailed(
                         f"link to {self.link.port_name} lost while downloading {entry.name}: "
                         f"{verified} of {entry.size} bytes verified and kept in {part}; "
                         "run the same download again to resume"
