@@ -36,7 +36,7 @@ def _mission(out, target="unix", budget_s=10.0, seed=3, extra=()):
 @pytest.fixture(scope="module")
 def unix_mission(tmp_path_factory):
     out = tmp_path_factory.mktemp("mission")
-    result = _mission(out)
+    result = _mission(out, extra=("--verbose",))
     assert result.returncode == _exit_code_of(out), result.stderr + result.stdout
     return out, result, json.loads((out / "mission.json").read_text())
 
@@ -55,6 +55,9 @@ def test_every_stage_ran_and_the_summary_says_so(unix_mission):
         assert "aborted: no key: " in result.stderr
     for line in ("firmware", "download", "ground", "distil"):
         assert f"\n{line}" in result.stdout
+    # --verbose: stage lines on stderr while the run lasts (a terminal gets them unasked)
+    for stage in ("orbit:", "firmware on unix:", "ground:", "distil: Alice and Bob"):
+        assert "qkdsat mission: [" in result.stderr and stage in result.stderr
     png = (out / "mission.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from host.console import to_json
+from host.console import progress_for, to_json
 from host.errors import EXIT_ABORTED, BadInput, ProtocolAborted
 
 
@@ -69,6 +69,7 @@ def run(args) -> int:
             budget_s=args.budget_s,
             generation=args.generation,
             segment_s=args.segment_s,
+            progress=progress_for(args, "qkdsat mission"),
         )
     except StageFailed as error:
         print(f"qkdsat mission: stage failed: {error}", file=sys.stderr)

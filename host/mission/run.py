@@ -257,6 +257,7 @@ def run_mission(
     budget_s: float = DEFAULT_BUDGET_S,
     generation: str = "controller",
     segment_s: float | None = None,
+    progress=None,
 ) -> dict:
     """Every stage; returns the mission summary (also written to OUT/mission.json)."""
     from host.distil.protocol import Config
@@ -297,6 +298,8 @@ def run_mission(
     seconds = summary["stage_seconds"]
     stages = summary["stages"]
 
+    say = progress or (lambda message: None)  # stage lines (host/console.py)
+    say("orbit: the pass geometry")
     t = time.perf_counter()
     orbit = scenario_summary(profile, seed)
     curve = orbit.pop("_curve")
@@ -308,6 +311,7 @@ def run_mission(
     stages["orbit"] = orbit
     seconds["orbit"] = round(time.perf_counter() - t, 3)
 
+    say(f"firmware on {target}: boot, pass mode, download (budget {budget_s:g} s)")
     t = time.perf_counter()
     try:
         head, generator, fw = run_firmware(
@@ -321,6 +325,7 @@ def run_mission(
     stages.update(fw)
     seconds["firmware_and_download"] = round(time.perf_counter() - t, 3)
 
+    say("ground: Bob's detections of the emitted slots")
     t = time.perf_counter()
     product = out / "satellite" / "patterns.qrec"
     if generator is not None:
@@ -359,16 +364,19 @@ def run_mission(
     }
     seconds["ground"] = round(time.perf_counter() - t, 3)
 
+    say("distil: Alice and Bob")
     t = time.perf_counter()
     try:
         if generator is None:
-            distilled = run_local(out, out, Config())
+            distilled = run_local(out, out, Config(), progress=progress)
         else:
             # Alice reads the head's pattern memory over its port, on board; the pattern
             # never reached satellite/ or the ground link
             with HeadServer(head) as server:
                 with PatternMemoryClient(server.pattern_address, slot_count) as memory:
-                    distilled = run_local(out, out, Config(), alice_patterns=memory)
+                    distilled = run_local(
+                        out, out, Config(), alice_patterns=memory, progress=progress
+                    )
                     stages["firmware"]["pattern_memory_reads"] = memory.requests
         outcome = {
             "aborted": bool(distilled["aborted"]),
