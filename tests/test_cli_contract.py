@@ -532,6 +532,26 @@ def test_payload_on_a_noisy_line_ends_with_link_failed_exit_4(tmp_path, capsys):
             os.close(fd)
 
 
+@pytest.mark.slow
+def test_flash_with_a_key_and_no_answer_is_one_line_exit_1(tmp_path, capsys):
+    """No REPL and no answer to the maintenance telecommand (a board that is off): ~7 s
+    of bounded waits, then one line naming both failures."""
+    key = tmp_path / "payload.key"
+    key.write_text("ab" * 32)
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        argv = ["flash", "--port", os.ttyname(slave), "--key", str(key)]
+        ended, code = _ends_within(lambda: main(argv), 60.0)
+        assert ended and code == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert "maintenance telecommand failed" in err and "no answer" in err
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_raw_repl_deadline_holds_on_a_noisy_line():
     from host.deploy.raw_repl import HARD_DEADLINE_FACTOR, RawRepl, RawReplError
 
