@@ -135,6 +135,10 @@ def read_pattern_source(path: str | Path) -> InsecureTestPatternSource | KeyedPa
     if kind not in (KEYED_PATTERN_KIND, INSECURE_TEST_PATTERN_KIND):
         expected = f"{KEYED_PATTERN_KIND!r} or {INSECURE_TEST_PATTERN_KIND!r}"
         raise BadInput(f"{path}: kind {str(kind)[:40]!r}: expected {expected}")
+    if kind == INSECURE_TEST_PATTERN_KIND and data.get("generator") != "splitmix64-high32":
+        generator = data.get("generator")
+        found = "missing" if generator is None else f"{str(generator)[:40]!r}"
+        raise BadInput(f"{path}: generator {found}: expected 'splitmix64-high32'")
 
     def integer(field: str) -> int:
         value = data.get(field)
@@ -156,11 +160,9 @@ def read_pattern_source(path: str | Path) -> InsecureTestPatternSource | KeyedPa
             key = bytes.fromhex(data["key"])
         except (KeyError, TypeError, ValueError):
             raise BadInput(f"{path}: key missing or not hex digits") from None
+        if len(key) != 32:
+            raise BadInput(f"{path}: key of {len(key)} bytes; a pattern key is 32 bytes")
         return KeyedPatternSource(key, mapping, integer("first_slot"), integer("slot_count"))
-    if data.get("generator") != "splitmix64-high32":
-        generator = data.get("generator")
-        found = "missing" if generator is None else f"{str(generator)[:40]!r}"
-        raise BadInput(f"{path}: generator {found}: expected 'splitmix64-high32'")
     return InsecureTestPatternSource(
         integer("seed"), mapping, integer("first_slot"), integer("slot_count")
     )
