@@ -4,6 +4,7 @@ ground link or in a product; the pattern memory is read back by slot lists on th
 pattern-memory port only; the retired splitmix64 seed registers are gone."""
 
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def _windows(stream: bytes, size: int = 16) -> list[bytes]:
     return [stream[i : i + size] for i in range(0, len(stream) - size + 1, size)]
 
 
-def test_no_key_or_stream_leaves_the_head_in_a_head_generated_pass(tmp_path):
+def test_no_key_or_stream_leaves_the_head_in_a_head_generated_pass(tmp_path, caplog):
     """A head-generated segment on the real firmware, commanded and downloaded over the
     ground link: every payload-bus body and every ground-link byte is kept and searched
     for the generator's key, its keystream and the emitted pattern. Only the pattern
@@ -144,6 +145,7 @@ def test_no_key_or_stream_leaves_the_head_in_a_head_generated_pass(tmp_path):
     (storage / "link").mkdir(parents=True)
     (storage / "link" / "key").write_bytes(LINK_KEY)
     config = sequencer_config(profiles.load("micius-2017", {}), "head")
+    caplog.set_level(logging.DEBUG)  # every log record of the run, any logger
     with server, UnixTarget(storage_dir=storage, bus_address=server.address) as target:
         with LinkProxy(target.ground_port, capture=True) as proxy:
             with PayloadClient(proxy.port, LINK_KEY, timeout_s=30.0) as payload:
@@ -178,6 +180,9 @@ def test_no_key_or_stream_leaves_the_head_in_a_head_generated_pass(tmp_path):
         assert not found, f"{where} carries {len(found)} pieces of the head's secrets"
     assert not [s for s in secrets if s in products]
     assert head.qrng.fifo_bytes_out == 0  # the controller never drew from the QRNG
+    # the logs: the firmware's stderr and every Python log record of the run
+    logs = (target.stderr_text() + caplog.text + repr(head) + repr(generator)).encode()
+    assert not [s for s in secrets if s in logs or s.hex().encode() in logs]
 
 
 def test_a_keyed_pattern_source_is_the_heads_stream_and_keeps_its_key_private(tmp_path):
