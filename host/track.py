@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from host.console import print_result
-from host.errors import BadInput, ProtocolAborted
+from host.errors import BadInput, EnvironmentFailure, ProtocolAborted
 from host.outdir import check_output_dir
 
 MAX_OFFSET_URAD = 100_000.0  # 0.1 rad: far beyond any prediction the scan could search
@@ -138,10 +138,15 @@ def run(args) -> int:
             ) from None
         raise
     out = Path(args.out)
-    (out / "truth").mkdir(parents=True, exist_ok=True)
-    (out / "satellite").mkdir(parents=True, exist_ok=True)
-    result.write_pointing_log(out / "truth" / "pointing.qrec")
-    result.write_telemetry_log(out / "satellite" / "tracking.qrec")
+    try:
+        (out / "truth").mkdir(parents=True, exist_ok=True)
+        (out / "satellite").mkdir(parents=True, exist_ok=True)
+        result.write_pointing_log(out / "truth" / "pointing.qrec")
+        result.write_telemetry_log(out / "satellite" / "tracking.qrec")
+    except OSError as error:
+        raise EnvironmentFailure(
+            f"--out {out}: {error.strerror or error} while writing the tracking logs"
+        ) from None
     rms_x, rms_y, fine_steps = result.fine_rms_urad(settle_s=0.5)
     report = {
         "target": args.target,

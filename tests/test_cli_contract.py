@@ -438,6 +438,16 @@ def test_a_full_disk_while_keys_are_written_leaves_no_report_claiming_a_key(smal
         assert "could not be written" in written["abort_reason"]
 
 
+def test_a_full_disk_in_simulate_is_one_line_exit_1_naming_the_directory(small_tmpfs, capsys):
+    out = small_tmpfs / "pass"
+    argv = ["simulate", "--profile", "jinan-1", "--duration-s", "1", "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"qkdsat simulate: failed: --out {out}: No space left on device")
+    assert "--force" in err and not (out / "pass.json").exists()
+
+
 # ------------------------------------------------------------------ waits with deadlines
 
 

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from host.console import print_result, progress_for
-from host.errors import BadInput
+from host.errors import BadInput, EnvironmentFailure
 from host.outdir import check_output_dir
 
 EARTH_EQUATORIAL_RADIUS_KM = 6378.137
@@ -165,7 +165,13 @@ def run(args) -> int:
             "pattern log; use --pattern source, --duration-s, or --force to write it"
         )
     progress = progress_for(args, "qkdsat simulate")
-    truth = passgen.run(scenario, out, pattern_mode=args.pattern, progress=progress.enabled)
+    try:
+        truth = passgen.run(scenario, out, pattern_mode=args.pattern, progress=progress.enabled)
+    except OSError as error:  # a full or failing disk: pass.json, written last, is missing
+        raise EnvironmentFailure(
+            f"--out {out}: {error.strerror or error} while writing the pass; the directory "
+            "is incomplete (no pass.json): free space, then run again with --force"
+        ) from None
     summary = {
         "out": str(out),
         "geometry": truth["geometry"],
