@@ -111,3 +111,26 @@ def test_chunks_sealed_under_another_key_are_refused_and_nothing_is_kept(tmp_pat
     part = tmp_path / "sat" / "patterns.qrec.part"
     assert not part.exists() or part.stat().st_size == 0
     assert not (tmp_path / "sat" / "patterns.qrec").exists()
+
+
+def test_a_noisy_cut_link_still_gives_the_sealed_product_byte_for_byte(tmp_path):
+    """Bit flips and a cut mid-download: damaged packets are dropped (HMAC, GCM), the
+    download stops clearly and resumes from the verified (opened) bytes kept 0600."""
+    from emulator.link_proxy import LinkFaults
+
+    noisy = LinkFaults(flip_rate=2e-5, frame_loss_rate=0.01)
+    satellite = tmp_path / "sat"
+    with _payload(tmp_path, PRODUCT_KEY) as target:
+        with LinkProxy(target.ground_port, down=noisy, up=noisy, seed=9) as proxy:
+            with PayloadClient(proxy.port, KEY, product_key=PRODUCT_KEY, timeout_s=1.0) as p:
+                entry = next(e for e in p.list_products() if e.name == "patterns.qrec")
+                proxy.cut_after(2_500)
+                with pytest.raises(LinkError, match="resume"):
+                    p.download(entry, satellite, chunk_bytes=256, stall_timeout_s=1.0)
+                part = satellite / "patterns.qrec.part"
+                assert PATTERN.startswith(part.read_bytes())
+                assert part.stat().st_mode & 0o777 == 0o600
+                proxy.restore()
+                result = p.download(entry, satellite, chunk_bytes=256)
+    assert result.sealed and result.resumed_from > 0
+    assert (satellite / "patterns.qrec").read_bytes() == PATTERN
