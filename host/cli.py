@@ -87,6 +87,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "qkdsat mission --out build/mission\n"
         "  qkdsat mission --target qemu --generation head --out build/mission-head",
     ),
+    "schedule": (
+        "host.network.schedule_command",
+        "night QKD passes over the stations from a TLE",
+        "qkdsat schedule --tle sat.tle --stations Jinan,Beijing,Stellenbosch"
+        " --start 2024-03-01T00:00:00Z --days 3 --out schedule.json",
+    ),
 }
 
 
