@@ -51,6 +51,10 @@ def test_every_stage_ran_and_the_summary_says_so(unix_mission):
     assert fw["pattern_log"]["equals_emitted"] is True
     assert fw["config"]["slot_rate_hz"] == 100_000_000  # the profile's source, not a toy
     assert summary["exit_code"] == result.returncode
+    # the pattern crossed the ground link sealed: the summary says what that is worth
+    security = summary["stages"]["download"]["pattern_product_security"]
+    assert "computationally secure only" in security
+    assert "computationally secure only" in result.stdout
     if result.returncode == 3:
         assert "aborted: no key: " in result.stderr
     for line in ("firmware", "download", "ground", "distil"):
@@ -189,6 +193,7 @@ def test_head_generation_logs_the_run_and_keeps_the_pattern_on_board(head_segmen
     assert stop["frames"] == fw["generator"]["frames"] == 300_000_000 // 4096
     assert stop["frames"] * 4096 == summary["stages"]["ground"]["slots"]
     assert fw["pattern_memory_reads"] > 0
+    assert "pattern_product_security" not in summary["stages"]["download"]
     with pytest.raises(BadInput, match="pattern memory on board"):
         open_patterns(out / "satellite")  # nothing in satellite/ to read it from
     # Bob's photons carry symbols whose bits are balanced and whose bases follow p_Z

@@ -198,6 +198,11 @@ def _summary_lines(summary: dict) -> list[str]:
             f"download  {len(d['products'])} products, {d['bytes']:,} bytes in {d['seconds']} s"
             f" ({d['goodput_bytes_per_s']:,} B/s), CRC-verified"
         )
+        if d.get("pattern_product_security"):
+            lines.append(
+                "          pattern product sealed with AES-256-GCM (product key): the key of"
+                " this pass is computationally secure only"
+            )
     if "ground" in s:
         g = s["ground"]
         lines.append(

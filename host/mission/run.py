@@ -217,7 +217,9 @@ def run_firmware(
         "seconds": round(download_s, 3),
         "goodput_bytes_per_s": round(total / download_s) if download_s > 0 else None,
     }
-    if any(d["sealed"] for d in downloads):
+    # controller mode: the sealed product is Alice's pattern, the key rests on AES-256;
+    # head mode: it holds only the run's description, the pattern never left the head
+    if generator is None and any(d["sealed"] for d in downloads):
         stages["download"]["pattern_product_security"] = (
             "AES-256-GCM with a provisioned product key: computationally secure only (whoever "
             "breaks AES-256 or obtains the product key reads Alice's pattern, and the key "
