@@ -348,8 +348,10 @@ def test_distil_json_and_report_metadata_on_an_abort(tmp_path, capsys):
     (here: an abort for QBER above threshold, found right after the sample)."""
     pass_dir = make_pass(tmp_path / "pass", duration_s=1.0, misalignment=0.14, seed=4)
     out = tmp_path / "out"
-    assert main(["distil", str(pass_dir), "--out", str(out), "--json"]) == 3
+    assert main(["distil", str(pass_dir), "--out", str(out), "--json", "--verbose"]) == 3
     captured = capsys.readouterr()
+    for stage in ("stage: sync", "stage: sifting", "stage: estimation"):
+        assert stage in captured.err  # --verbose: stage lines, on stderr only
     printed = json.loads(captured.out)
     assert printed == json.loads((out / "report.json").read_text())
     assert printed["aborted"] and "QBER above threshold" in printed["abort_reason"]
@@ -357,7 +359,8 @@ def test_distil_json_and_report_metadata_on_an_abort(tmp_path, capsys):
     assert printed["qber_threshold"] == 0.11 and printed["deterministic_randomness"] is False
     assert printed["key_files"] == {} and printed["created_utc"]
     assert len(printed["inputs"]["pass_json_sha256"]) == 64
-    assert captured.err.strip().startswith("qkdsat distil: aborted: QBER above threshold")
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("qkdsat distil: aborted: QBER above threshold")
 
 
 @pytest.fixture(scope="module")

@@ -144,14 +144,22 @@ def intensity_names(pass_json: dict) -> list[str]:
 
 
 class _Stages:
-    def __init__(self, seconds: dict):
+    """Times each stage into `seconds`; `on_stage(name)`, when given, hears each new stage
+    as it begins (the command line's progress lines)."""
+
+    def __init__(self, seconds: dict, on_stage=None):
         self.seconds = seconds
+        self.on_stage = on_stage
+        self.current = None
 
     def __call__(self, name: str):
         stages = self
 
         class _Timer:
             def __enter__(self):
+                if stages.on_stage is not None and name != stages.current:
+                    stages.on_stage(name)
+                stages.current = name
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
@@ -207,6 +215,8 @@ class Alice:
     """The satellite side: owns satellite/ (pattern log or source), or reads `patterns`
     (the head's pattern memory on board: host.link.pattern_memory) when given."""
 
+    on_stage = None  # callable(stage name) or None: progress for the command line
+
     def __init__(
         self,
         pass_dir: str | Path,
@@ -236,7 +246,7 @@ class Alice:
 
     def run(self, channel) -> Outcome:
         out = Outcome("alice")
-        stage = _Stages(out.stage_seconds)
+        stage = _Stages(out.stage_seconds, self.on_stage)
         cfg = self.config
         try:
             channel.send(
@@ -495,6 +505,8 @@ def _ec_sizing(qber_est: dict, sample_size: dict, name: str, previous=None) -> t
 class Bob:
     """The ground side: owns ground/ (detections, PPS)."""
 
+    on_stage = None  # callable(stage name) or None: progress for the command line
+
     def __init__(
         self,
         pass_dir: str | Path,
@@ -512,7 +524,7 @@ class Bob:
 
     def run(self, channel) -> Outcome:
         out = Outcome("bob")
-        stage = _Stages(out.stage_seconds)
+        stage = _Stages(out.stage_seconds, self.on_stage)
         cfg = self.config
         try:
             hello = channel.recv("hello")

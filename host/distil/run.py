@@ -386,6 +386,13 @@ def _wait_for(threads: list[threading.Thread], channels, progress) -> None:
         raise
 
 
+def _stage_lines(progress):
+    def on_stage(name: str) -> None:
+        progress(f"stage: {name.replace('_', ' ')}")
+
+    return on_stage
+
+
 def _endpoint_thread(name: str, endpoint, chan, result: dict) -> threading.Thread:
     def body():
         try:
@@ -459,6 +466,8 @@ def _run_local(
         insecure_deterministic_seed=None if seed is None else seed + 1,
     )
     metadata = run_metadata(pass_dir, cfg, seed)
+    if progress is not None:  # Bob's stages stand for both: they run in lockstep
+        bob.on_stage = _stage_lines(progress)
     t_a, t_b = ch.queue_pair()
     if tamper is not None:
         t_a.tamper = tamper
@@ -562,6 +571,8 @@ def _run_split(args, cfg: Config, pass_dir, out_dir, pass_json, pool, progress) 
         insecure_deterministic_seed=None if seed is None else seed + (args.role == "bob"),
     )
     metadata = run_metadata(pass_dir, cfg, seed)
+    if progress is not None:
+        endpoint.on_stage = _stage_lines(progress)
     address = args.listen or args.connect
     option = "--listen" if args.listen else "--connect"
     if args.listen and not getattr(args, "quiet", False):
