@@ -6,6 +6,7 @@ pattern-memory port only; the retired splitmix64 seed registers are gone."""
 import json
 import logging
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,17 @@ def test_a_keyed_pattern_source_is_the_heads_stream_and_keeps_its_key_private(tm
         source.symbols([27_400_000_000])
     with pytest.raises(ValueError, match="32 needed"):
         KeyedPatternSource(HEAD_KEY[:16], mapping, 0, 10)
+
+
+def test_a_pattern_product_with_a_splitmix64_seed_is_refused(tmp_path):
+    """A product from before the head QRNG (kind 6: a seed that expands into the whole
+    pass) can never make a key: every reader refuses it, naming why."""
+    from host.errors import BadInput
+    from host.formats.patterns import open_patterns, pattern_runs_from_log
+    from host.formats.qrec import Kind, encode_record
+
+    old = struct.pack("<I8s6I", 1, bytes(range(8)), 16384, 32768, 49152, 0, 4096, 10)
+    (tmp_path / "patterns.qrec").write_bytes(encode_record(Kind.RETIRED_PATTERN_SOURCE, 0, old))
+    for read in (open_patterns, lambda d: pattern_runs_from_log(d / "patterns.qrec")):
+        with pytest.raises(BadInput, match="splitmix64 seed.*retired"):
+            read(tmp_path)
