@@ -78,6 +78,23 @@ def budget(wall_s: float, cpu: int | None) -> dict:
     }
 
 
+def _pattern_memory(args):
+    """The head's pattern memory (host/link/pattern_memory.py), or None: satellite/."""
+    if args.pattern_memory is None:
+        if args.slot_count is not None:
+            raise BadInput("--slot-count goes with --pattern-memory")
+        return None
+    if args.slot_count is None or args.slot_count <= 0:
+        raise BadInput("--pattern-memory needs --slot-count N > 0 (the slots the head emitted)")
+    from host.distil.channel import parse_address
+    from host.link.pattern_memory import PatternMemoryClient
+
+    try:
+        return PatternMemoryClient(parse_address(args.pattern_memory), args.slot_count)
+    except OSError as error:
+        raise BadInput(f"--pattern-memory {args.pattern_memory}: {error}") from error
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m host.payload_processor",
@@ -87,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--station", required=True, help="ground station of the pass")
     parser.add_argument("--keystore", required=True, help="the on-board key store")
     parser.add_argument("--connect", required=True, help="HOST:PORT of the link terminal")
+    parser.add_argument(
+        "--pattern-memory",
+        metavar="HOST:PORT",
+        help="read Alice's symbols from the optical head's pattern memory on this port (on "
+        "board) instead of satellite/",
+    )
+    parser.add_argument(
+        "--slot-count", type=int, help="with --pattern-memory: the slots the head emitted"
+    )
     return parser
 
 
@@ -112,10 +138,14 @@ def run(argv: list[str]) -> int:
         + distil_options
     )
     cfg = distil_run.config_from_args(distil_args)
+    memory = _pattern_memory(args)
     try:
-        report = distil_run.run_split(distil_args, cfg)
+        report = distil_run.run_split(distil_args, cfg, alice_patterns=memory)
     finally:
         figures = budget(time.perf_counter() - t0, cpu)
+        if memory is not None:
+            figures["pattern_memory_reads"] = memory.requests
+            memory.close()
         tmp = out / f".processor.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(figures, indent=1) + "\n")
         os.replace(tmp, out / "processor.json")

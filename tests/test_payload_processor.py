@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import struct
 from pathlib import Path
@@ -28,12 +29,14 @@ from host.distil.bitcodec import decode_sorted, rice_decode_sorted, unpack_2bit,
 from host.distil.channel import TAG_BYTES, decode
 from host.distil.protocol import BASES, NO_PATTERN, Config
 from host.distil.run import key_names, run_local
+from host.errors import BadInput
 from host.formats.patterns import open_patterns
 from host.protocol.symbols import decode_symbols
 
 SEED = 21
 STATION = "Xinglong"
 PASS_S = 30.0
+HEAD_SEGMENT_S = 2.0  # seconds of head generation around culmination
 OUTAGE_S = 3.0  # 20 s of micius' 274 s pass, scaled to the 30 s pass (2.2 s) and rounded up
 
 POOL_POSITION_BYTES = 16  # channel.exchange_pool_start: b"QKDPOOL1", u64 start byte
@@ -275,3 +278,49 @@ def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, k
     assert len(key) >= 64
     for start in range(0, len(key) - 8, 8):
         assert key[start : start + 8] not in crossed
+
+
+def test_the_processor_reads_alices_symbols_from_the_heads_pattern_memory(tmp_path):
+    """A head-generated segment: the pattern exists only in the emulated head's pattern
+    memory (nothing in satellite/). The payload processor reads Alice's symbols from it
+    over the pattern-memory port, on board, and they match the photons Bob detected."""
+    from emulator import pattern_generator
+    from emulator.optical_head import HeadServer, OpticalHead
+    from host.mission import ground
+    from host.protocol import payload_bus as pb
+    from host.simulate import profiles
+
+    profile = profiles.load("micius-2017", {})
+    head = OpticalHead(seed=3, qrng_key=os.urandom(32))
+    generator = pattern_generator.attach(head)
+    # p_Z 0.5; mu 0.5, nu 0.25, vac 0.25 as integer thresholds (docs/sequencer.md)
+    for offset, value in ((5, 16384), (6, 32768), (7, 49152)):
+        assert head.write_reg(0x0600 + offset, value) == pb.OK
+    assert head.write_reg(pb.REG_FRAME_SLOTS, 4096) == pb.OK
+    assert head.write_reg(0x0600, 1) == pb.OK
+    frames = int(HEAD_SEGMENT_S * 1e8) // 4096
+    pattern_generator.fast_forward(head, head.boundary_ps(frames - 1))
+    assert head.write_reg(0x0600, 0) == pb.OK
+    truth = generator.truth()
+    pass_dir = tmp_path / "pass"
+    scenario = ground.make_segment_scenario(profile, 1, truth.slot_count)
+    ground.write_ground(pass_dir, scenario, truth)
+    with pytest.raises(BadInput, match="pattern"):
+        open_patterns(pass_dir / "satellite")  # Alice has nothing to read on the ground
+    link = link_for_pass(pass_dir, "micius-2017", seed=6)
+    with HeadServer(head) as server:
+        host, port = server.pattern_address
+        memory = ["--pattern-memory", f"{host}:{port}", "--slot-count", str(truth.slot_count)]
+        run = distil_over_link(
+            pass_dir, tmp_path / "run", link, station=STATION, alice_options=memory
+        )
+    budget = json.loads((run.alice_dir / "processor.json").read_text())
+    assert budget["pattern_memory_reads"] > 0
+    # Alice's symbols for the slots Bob detected give the physics' error rate: ~1 %
+    counts = run.alice["counts"]
+    for basis in BASES:
+        signal = counts[basis]["mu"]
+        assert signal["n"] > 1000 and signal["m"] / signal["n"] < 0.03, (basis, signal)
+    if run.codes != (0, 0):  # a short segment: the finite key may be 0, then no key at all
+        assert run.codes == (3, 3) and "too few events" in run.alice["abort_reason"]
+        assert not list(run.alice_dir.glob("*.key")) and not list(run.bob_dir.glob("*.key"))

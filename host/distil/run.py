@@ -544,8 +544,10 @@ def _fail(out_dir: Path, pass_json: dict, metadata: dict, role: str, error, role
     raise error
 
 
-def run_split(args, cfg: Config, progress=None) -> dict:
-    """One endpoint over TCP. The report holds this endpoint's view."""
+def run_split(args, cfg: Config, progress=None, alice_patterns=None) -> dict:
+    """One endpoint over TCP. The report holds this endpoint's view. alice_patterns: where
+    Alice reads her symbols when not from satellite/ (the payload processor: the head's
+    pattern memory)."""
     if not args.auth_pool:
         raise BadInput("split mode needs --auth-pool (the pre-shared authentication key)")
     if bool(args.listen) == bool(args.connect):
@@ -558,18 +560,21 @@ def run_split(args, cfg: Config, progress=None) -> dict:
     pass_json = read_pass(pass_dir, args.role)
     pool = ch.KeyPool.from_file(args.auth_pool, new=args.new_auth_pool)
     try:
-        return _run_split(args, cfg, pass_dir, out_dir, pass_json, pool, progress)
+        return _run_split(args, cfg, pass_dir, out_dir, pass_json, pool, progress, alice_patterns)
     finally:
         pool.close()
 
 
-def _run_split(args, cfg: Config, pass_dir, out_dir, pass_json, pool, progress) -> dict:
+def _run_split(
+    args, cfg: Config, pass_dir, out_dir, pass_json, pool, progress, alice_patterns=None
+) -> dict:
     seed = args.insecure_deterministic_seed
-    endpoint = (Alice if args.role == "alice" else Bob)(
-        pass_dir,
-        cfg,
-        insecure_deterministic_seed=None if seed is None else seed + (args.role == "bob"),
-    )
+    if args.role == "alice":
+        endpoint = Alice(pass_dir, cfg, insecure_deterministic_seed=seed, patterns=alice_patterns)
+    else:
+        endpoint = Bob(
+            pass_dir, cfg, insecure_deterministic_seed=None if seed is None else seed + 1
+        )
     metadata = run_metadata(pass_dir, cfg, seed)
     if progress is not None:
         endpoint.on_stage = _stage_lines(progress)
