@@ -244,3 +244,39 @@ def test_profiles_give_the_link_and_a_bad_field_is_named(tmp_path):
     with pytest.raises(BadInput, match=r"bad\.json.*optical_link\.uplink_rate_bps"):
         OpticalLinkConfig.from_profile(profiles.load(str(bad)))
     assert math.isfinite(OpticalLinkConfig.from_profile(profiles.load("jinan-1")).too_slow_s)
+
+
+def test_the_link_runs_as_its_own_process_for_a_pass_directory(tmp_path):
+    """`python -m emulator.optical_link PASS_DIR`: the relay process between two endpoints
+    of a simulated pass, its ports on stdout, its report written when both ends closed."""
+    import subprocess
+    import sys
+
+    from host.cli import main as qkdsat
+
+    pass_dir = tmp_path / "pass"
+    argv = ["simulate", "--profile", "jinan-1", "--duration-s", "0.2", "--quiet"]
+    assert qkdsat(argv + ["--out", str(pass_dir)]) == 0
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "emulator.optical_link", str(pass_dir)]
+        + ["--report", str(tmp_path / "link.json"), "--seed", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ports = json.loads(relay.stdout.readline())
+        sat = socket.create_connection(("127.0.0.1", ports["satellite_port"]), timeout=30)
+        ground = socket.create_connection(("127.0.0.1", ports["ground_port"]), timeout=30)
+        sat.sendall(b"hello ground")
+        sat.shutdown(socket.SHUT_WR)
+        assert _Ends.read_all(ground, 12) == b"hello ground"
+        ground.shutdown(socket.SHUT_WR)
+        assert _Ends.read_all(sat) == b""
+        assert relay.wait(timeout=30) == 0
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+    report = json.loads((tmp_path / "link.json").read_text())
+    assert report["bytes"] == {"satellite_to_ground": 12, "ground_to_satellite": 0}
+    assert report["elevation_mask_deg"] == 15.0  # the jinan-1 station's mask
+    assert report["config"]["downlink_rate_bps"] == 10e6
