@@ -6,6 +6,9 @@
 2. Over the bare pty (no baud limit): bytes/s from the unix target and from QEMU, against
    a baseline measured in the same run: the raw pty copy rate of the same bytes.
 
+The product is a TDC log: pattern products are served only sealed (docs/ground-link.md),
+which would measure AES-GCM on the target too, not the link.
+
 Run alone: .venv/bin/python -m pytest benchmarks/bench_link.py -s
 """
 
@@ -81,13 +84,13 @@ def _pty_copy_rate(size: int, timeout_s: float = 30.0) -> float:
 @pytest.mark.parametrize("target_name", ["unix", "qemu"])
 def test_goodput_at_115200_baud(tmp_path, target_name):
     size = 64 * 1024
-    data = product_set(30, {"patterns.qrec": size})
+    data = product_set(30, {"tdc.qrec": size})
     payload = unix_payload(tmp_path, data) if target_name == "unix" else qemu_payload(data)
     with payload as target:
         with LinkProxy(target.ground_port, bytes_per_s=RAW_BYTES_PER_S) as proxy:
             seconds, result = _download(proxy.port, tmp_path / "sat", size)
             wire_bytes = proxy.stats.down.bytes_out
-    assert (tmp_path / "sat" / "patterns.qrec").read_bytes() == data["patterns.qrec"]
+    assert (tmp_path / "sat" / "tdc.qrec").read_bytes() == data["tdc.qrec"]
     goodput = size / seconds
     fraction = goodput / RAW_BYTES_PER_S
     efficiency = size / wire_bytes
@@ -103,14 +106,14 @@ def test_goodput_at_115200_baud(tmp_path, target_name):
 @pytest.mark.parametrize("target_name", ["unix", "qemu"])
 def test_bytes_per_second_over_a_bare_pty(tmp_path, target_name):
     size = 512 * 1024 if target_name == "unix" else 128 * 1024
-    data = product_set(31, {"patterns.qrec": size})
+    data = product_set(31, {"tdc.qrec": size})
     if target_name == "unix":
         payload = unix_payload(tmp_path, data)
     else:
         payload = qemu_payload(data)
     with payload as target:
         seconds, result = _download(target.ground_port, tmp_path / "sat", size, window=8)
-    assert (tmp_path / "sat" / "patterns.qrec").read_bytes() == data["patterns.qrec"]
+    assert (tmp_path / "sat" / "tdc.qrec").read_bytes() == data["tdc.qrec"]
     baseline = _pty_copy_rate(4 * 1024 * 1024)
     rate = size / seconds
     print(
