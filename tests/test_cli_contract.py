@@ -289,6 +289,18 @@ def test_a_bug_is_one_line_exit_1_and_the_traceback_only_with_debug(capsys, monk
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_track_that_never_acquires_exits_3_and_keeps_its_products(tmp_path, capsys):
+    out = tmp_path / "track"
+    argv = ["track", "--out", str(out), "--duration-s", "0.5", "--dropout", "0", "inf"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err.strip()
+    assert err == f"qkdsat track: aborted: the loop never reached FINE in 0.5 s (see {out}/" + (
+        "tracking.json)"
+    )
+    assert json.loads((out / "tracking.json").read_text())["acquisition_s"] is None
+    assert (out / "truth" / "pointing.qrec").stat().st_size > 0
+
+
 # ------------------------------------------------------------------ distil: no lost data
 
 
