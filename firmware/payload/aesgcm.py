@@ -7,9 +7,9 @@
 #
 # AES works on 32-bit column words with the four T-tables of FIPS 197's fast form (4 KiB
 # of RAM), uint and masked to 32 bits (viper ints are 32-bit on the MCU and 64-bit on the
-# unix port). GHASH multiplies in GF(2^128) a nibble at a
-# time with a 16-entry table of multiples of H (Shoup's method, as mbed TLS), on four
-# 32-bit words, every word masked to 32 bits.
+# unix port). GHASH multiplies in GF(2^128) a byte at a time with a 256-entry table of
+# multiples of H (Shoup's method; 4 KiB per key), on four 32-bit words, every word masked
+# to 32 bits.
 import array
 
 import micropython
@@ -44,6 +44,7 @@ def _tables():
 
 
 _SBOX, _XTIME = _tables()
+_ZERO_BLOCK = bytes(16)
 
 
 def _expand_key(key):
@@ -91,161 +92,169 @@ _TE = _t_tables()
 
 
 @micropython.viper
-def _encrypt_block(rk: ptr32, src: ptr8, dst: ptr8, t: ptr32, sbox: ptr8):
-    # columns as big-endian 32-bit words; uint and masked to 32 bits (64-bit unix port)
+def _aes_ctr(rk: ptr32, t: ptr32, sbox: ptr8, counter: ptr8, src: ptr8, dst: ptr8, n: int):
+    # dst[:n] = src[:n] ^ AES(counter), AES(counter + 1), ...; inc32 (the last four bytes
+    # count) after each block. One call per chunk, no bytecode per block. Columns as
+    # big-endian 32-bit words; uint and masked to 32 bits (the 64-bit unix port).
     mask = uint(0xFFFF)
     mask = (mask << 16) | uint(0xFFFF)
-    s0 = (uint(src[0]) << 24) | (uint(src[1]) << 16) | (uint(src[2]) << 8) | uint(src[3])
-    s1 = (uint(src[4]) << 24) | (uint(src[5]) << 16) | (uint(src[6]) << 8) | uint(src[7])
-    s2 = (uint(src[8]) << 24) | (uint(src[9]) << 16) | (uint(src[10]) << 8) | uint(src[11])
-    s3 = (uint(src[12]) << 24) | (uint(src[13]) << 16) | (uint(src[14]) << 8) | uint(src[15])
-    s0 = (s0 ^ uint(rk[0])) & mask
-    s1 = (s1 ^ uint(rk[1])) & mask
-    s2 = (s2 ^ uint(rk[2])) & mask
-    s3 = (s3 ^ uint(rk[3])) & mask
-    k = 4
-    while k < 56:
-        t0 = uint(t[int(s0 >> 24)]) ^ uint(t[256 + int((s1 >> 16) & 0xFF)])
-        t0 ^= uint(t[512 + int((s2 >> 8) & 0xFF)]) ^ uint(t[768 + int(s3 & 0xFF)])
-        t1 = uint(t[int(s1 >> 24)]) ^ uint(t[256 + int((s2 >> 16) & 0xFF)])
-        t1 ^= uint(t[512 + int((s3 >> 8) & 0xFF)]) ^ uint(t[768 + int(s0 & 0xFF)])
-        t2 = uint(t[int(s2 >> 24)]) ^ uint(t[256 + int((s3 >> 16) & 0xFF)])
-        t2 ^= uint(t[512 + int((s0 >> 8) & 0xFF)]) ^ uint(t[768 + int(s1 & 0xFF)])
-        t3 = uint(t[int(s3 >> 24)]) ^ uint(t[256 + int((s0 >> 16) & 0xFF)])
-        t3 ^= uint(t[512 + int((s1 >> 8) & 0xFF)]) ^ uint(t[768 + int(s2 & 0xFF)])
-        s0 = (t0 ^ uint(rk[k])) & mask
-        s1 = (t1 ^ uint(rk[k + 1])) & mask
-        s2 = (t2 ^ uint(rk[k + 2])) & mask
-        s3 = (t3 ^ uint(rk[k + 3])) & mask
-        k += 4
-    # last round: SubBytes, ShiftRows, AddRoundKey (no MixColumns)
-    t0 = (uint(sbox[int(s0 >> 24)]) << 24) | (uint(sbox[int((s1 >> 16) & 0xFF)]) << 16)
-    t0 |= (uint(sbox[int((s2 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s3 & 0xFF)])
-    t1 = (uint(sbox[int(s1 >> 24)]) << 24) | (uint(sbox[int((s2 >> 16) & 0xFF)]) << 16)
-    t1 |= (uint(sbox[int((s3 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s0 & 0xFF)])
-    t2 = (uint(sbox[int(s2 >> 24)]) << 24) | (uint(sbox[int((s3 >> 16) & 0xFF)]) << 16)
-    t2 |= (uint(sbox[int((s0 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s1 & 0xFF)])
-    t3 = (uint(sbox[int(s3 >> 24)]) << 24) | (uint(sbox[int((s0 >> 16) & 0xFF)]) << 16)
-    t3 |= (uint(sbox[int((s1 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s2 & 0xFF)])
-    t0 = (t0 ^ uint(rk[56])) & mask
-    t1 = (t1 ^ uint(rk[57])) & mask
-    t2 = (t2 ^ uint(rk[58])) & mask
-    t3 = (t3 ^ uint(rk[59])) & mask
-    for j in range(4):
-        sh = 24 - 8 * j
-        dst[j] = int(t0 >> sh) & 0xFF
-        dst[4 + j] = int(t1 >> sh) & 0xFF
-        dst[8 + j] = int(t2 >> sh) & 0xFF
-        dst[12 + j] = int(t3 >> sh) & 0xFF
+    at = 0
+    while at < n:
+        c = counter
+        s0 = (uint(c[0]) << 24) | (uint(c[1]) << 16) | (uint(c[2]) << 8) | uint(c[3])
+        s1 = (uint(c[4]) << 24) | (uint(c[5]) << 16) | (uint(c[6]) << 8) | uint(c[7])
+        s2 = (uint(c[8]) << 24) | (uint(c[9]) << 16) | (uint(c[10]) << 8) | uint(c[11])
+        s3 = (uint(c[12]) << 24) | (uint(c[13]) << 16) | (uint(c[14]) << 8) | uint(c[15])
+        s0 = (s0 ^ uint(rk[0])) & mask
+        s1 = (s1 ^ uint(rk[1])) & mask
+        s2 = (s2 ^ uint(rk[2])) & mask
+        s3 = (s3 ^ uint(rk[3])) & mask
+        k = 4
+        while k < 56:
+            t0 = uint(t[int(s0 >> 24)]) ^ uint(t[256 + int((s1 >> 16) & 0xFF)])
+            t0 ^= uint(t[512 + int((s2 >> 8) & 0xFF)]) ^ uint(t[768 + int(s3 & 0xFF)])
+            t1 = uint(t[int(s1 >> 24)]) ^ uint(t[256 + int((s2 >> 16) & 0xFF)])
+            t1 ^= uint(t[512 + int((s3 >> 8) & 0xFF)]) ^ uint(t[768 + int(s0 & 0xFF)])
+            t2 = uint(t[int(s2 >> 24)]) ^ uint(t[256 + int((s3 >> 16) & 0xFF)])
+            t2 ^= uint(t[512 + int((s0 >> 8) & 0xFF)]) ^ uint(t[768 + int(s1 & 0xFF)])
+            t3 = uint(t[int(s3 >> 24)]) ^ uint(t[256 + int((s0 >> 16) & 0xFF)])
+            t3 ^= uint(t[512 + int((s1 >> 8) & 0xFF)]) ^ uint(t[768 + int(s2 & 0xFF)])
+            s0 = (t0 ^ uint(rk[k])) & mask
+            s1 = (t1 ^ uint(rk[k + 1])) & mask
+            s2 = (t2 ^ uint(rk[k + 2])) & mask
+            s3 = (t3 ^ uint(rk[k + 3])) & mask
+            k += 4
+        # last round: SubBytes, ShiftRows, AddRoundKey (no MixColumns)
+        t0 = (uint(sbox[int(s0 >> 24)]) << 24) | (uint(sbox[int((s1 >> 16) & 0xFF)]) << 16)
+        t0 |= (uint(sbox[int((s2 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s3 & 0xFF)])
+        t1 = (uint(sbox[int(s1 >> 24)]) << 24) | (uint(sbox[int((s2 >> 16) & 0xFF)]) << 16)
+        t1 |= (uint(sbox[int((s3 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s0 & 0xFF)])
+        t2 = (uint(sbox[int(s2 >> 24)]) << 24) | (uint(sbox[int((s3 >> 16) & 0xFF)]) << 16)
+        t2 |= (uint(sbox[int((s0 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s1 & 0xFF)])
+        t3 = (uint(sbox[int(s3 >> 24)]) << 24) | (uint(sbox[int((s0 >> 16) & 0xFF)]) << 16)
+        t3 |= (uint(sbox[int((s1 >> 8) & 0xFF)]) << 8) | uint(sbox[int(s2 & 0xFF)])
+        t0 = (t0 ^ uint(rk[56])) & mask
+        t1 = (t1 ^ uint(rk[57])) & mask
+        t2 = (t2 ^ uint(rk[58])) & mask
+        t3 = (t3 ^ uint(rk[59])) & mask
+        j = 0
+        while j < 16 and at + j < n:
+            w = t0
+            if j >= 12:
+                w = t3
+            elif j >= 8:
+                w = t2
+            elif j >= 4:
+                w = t1
+            dst[at + j] = src[at + j] ^ (int(w >> (24 - 8 * (j & 3))) & 0xFF)
+            j += 1
+        i = 15
+        while i >= 12:
+            v = (c[i] + 1) & 0xFF
+            c[i] = v
+            if v:
+                break
+            i -= 1
+        at += 16
 
 
-# x^4 reduction for the 4-bit table method (Shoup; as mbed TLS's gcm_mult): the bits a
-# nibble shifted out of the low end fold back into the top 16 bits as these values
-_LAST4 = array.array(
-    "H",
-    (0x0000, 0x1C20, 0x3840, 0x2460, 0x7080, 0x6CA0, 0x48C0, 0x54E0,
-     0xE100, 0xFD20, 0xD940, 0xC560, 0x9180, 0x8DA0, 0xA9C0, 0xB5E0),
-)  # fmt: skip
+def _reduction_table():
+    """R[r]: what the byte r shifted out of the low end of Z by Z * x^8 folds back into
+    Z's top 16 bits (x^128 = x^7 + x^2 + x + 1, GCM's reflected bit order)."""
+    table = array.array("H", bytes(512))
+    for r in range(256):
+        v = r
+        for _ in range(8):
+            v = (v >> 1) ^ ((0xE1 << 120) if v & 1 else 0)
+        table[r] = v >> 112
+    return table
+
+
+_REDUCE8 = _reduction_table()
 
 
 def _ghash_table(h):
-    """M[i] = i * H for the 16 nibbles i (GCM bit order: a nibble's top bit is x^0), as
-    4 big-endian 32-bit words each. Big ints, once per key."""
+    """M[b] = b * H for the 256 bytes b (GCM bit order: a byte's top bit is x^0), as 4
+    big-endian 32-bit words each (4 KiB per key). Big ints, once per key."""
     v = int.from_bytes(h, "big")
-    table = [0] * 16
-    table[8] = v
-    for i in (4, 2, 1):  # * x: shift right, reduce by x^128 = x^7 + x^2 + x + 1
-        v = (v >> 1) ^ ((0xE1 << 120) if v & 1 else 0)
-        table[i] = v
-    for i in (2, 4, 8):
+    table = [0] * 256
+    bit = 0x80
+    while bit:
+        table[bit] = v
+        v = (v >> 1) ^ ((0xE1 << 120) if v & 1 else 0)  # * x
+        bit >>= 1
+    i = 2
+    while i < 256:
         for j in range(1, i):
             table[i + j] = table[i] ^ table[j]
-    words = array.array("I", bytes(64 * 4))
-    for i in range(16):
+        i <<= 1
+    words = array.array("I", bytes(4 * 1024))
+    for i in range(256):
+        t = table[i]
         for w in range(4):
-            words[4 * i + w] = (table[i] >> (96 - 32 * w)) & 0xFFFFFFFF
+            words[4 * i + w] = (t >> (96 - 32 * w)) & 0xFFFFFFFF
     return words
 
 
 @micropython.viper
-def _ghash_block(y: ptr8, block: ptr8, n: int, m: ptr32, last4: ptr16):
-    # y = (y ^ block[:n] zero-padded) * H in GF(2^128): a nibble at a time, last byte
-    # first, with the table M of _ghash_table. uint throughout (logical shifts), masked
-    # to 32 bits for the 64-bit unix port.
-    for i in range(n):
-        y[i] = y[i] ^ block[i]
+def _ghash(y: ptr8, data: ptr8, n: int, m: ptr32, reduce8: ptr16):
+    # for each 16-byte block of data[:n] (the last zero-padded): y = (y ^ block) * H in
+    # GF(2^128), a byte at a time, last byte first (Shoup's method with 8-bit tables), on
+    # four big-endian 32-bit words; uint throughout (logical shifts), masked to 32 bits
+    # for the 64-bit unix port.
     mask = uint(0xFFFF)
     mask = (mask << 16) | uint(0xFFFF)
-    k = 4 * (y[15] & 0xF)
-    z0 = uint(m[k]) & mask
-    z1 = uint(m[k + 1]) & mask
-    z2 = uint(m[k + 2]) & mask
-    z3 = uint(m[k + 3]) & mask
-    i = 15
-    while i >= 0:
-        byte = y[i]
-        if i != 15:
-            rem = int(z3 & 0xF)
-            z3 = ((z3 >> 4) | (z2 << 28)) & mask
-            z2 = ((z2 >> 4) | (z1 << 28)) & mask
-            z1 = ((z1 >> 4) | (z0 << 28)) & mask
-            z0 = (z0 >> 4) ^ (uint(last4[rem]) << 16)
-            k = 4 * (byte & 0xF)
+    at = 0
+    while at < n:
+        j = 0
+        while j < 16 and at + j < n:
+            y[j] = y[j] ^ data[at + j]
+            j += 1
+        at += 16
+        k = 4 * y[15]
+        z0 = uint(m[k]) & mask
+        z1 = uint(m[k + 1]) & mask
+        z2 = uint(m[k + 2]) & mask
+        z3 = uint(m[k + 3]) & mask
+        i = 14
+        while i >= 0:
+            rem = int(z3 & 0xFF)
+            z3 = ((z3 >> 8) | (z2 << 24)) & mask
+            z2 = ((z2 >> 8) | (z1 << 24)) & mask
+            z1 = ((z1 >> 8) | (z0 << 24)) & mask
+            z0 = (z0 >> 8) ^ (uint(reduce8[rem]) << 16)
+            k = 4 * y[i]
             z0 ^= uint(m[k]) & mask
             z1 ^= uint(m[k + 1]) & mask
             z2 ^= uint(m[k + 2]) & mask
             z3 ^= uint(m[k + 3]) & mask
-        rem = int(z3 & 0xF)
-        z3 = ((z3 >> 4) | (z2 << 28)) & mask
-        z2 = ((z2 >> 4) | (z1 << 28)) & mask
-        z1 = ((z1 >> 4) | (z0 << 28)) & mask
-        z0 = (z0 >> 4) ^ (uint(last4[rem]) << 16)
-        k = 4 * (byte >> 4)
-        z0 ^= uint(m[k]) & mask
-        z1 ^= uint(m[k + 1]) & mask
-        z2 ^= uint(m[k + 2]) & mask
-        z3 ^= uint(m[k + 3]) & mask
-        i -= 1
-    for j in range(4):
-        sh = 24 - 8 * j
-        y[j] = int(z0 >> sh) & 0xFF
-        y[4 + j] = int(z1 >> sh) & 0xFF
-        y[8 + j] = int(z2 >> sh) & 0xFF
-        y[12 + j] = int(z3 >> sh) & 0xFF
-
-
-@micropython.viper
-def _xor_into(dst: ptr8, src: ptr8, pad: ptr8, n: int):
-    for i in range(n):
-        dst[i] = src[i] ^ pad[i]
+            i -= 1
+        for j in range(4):
+            sh = 24 - 8 * j
+            y[j] = int(z0 >> sh) & 0xFF
+            y[4 + j] = int(z1 >> sh) & 0xFF
+            y[8 + j] = int(z2 >> sh) & 0xFF
+            y[12 + j] = int(z3 >> sh) & 0xFF
 
 
 class AesGcm:
-    """AES-256-GCM encryption with one key; buffers preallocated, so sealing a chunk
-    allocates only the views of its arguments."""
+    """AES-256-GCM encryption with one key; buffers and tables made once per key, so
+    sealing a chunk allocates nothing (tested under heap_lock)."""
 
     def __init__(self, key):
         self._rk = _expand_key(key)
-        self._pad = bytearray(16)
         self._counter = bytearray(16)
         self._y = bytearray(16)
         self._lengths = bytearray(16)
+        self._block = bytearray(16)
         h = bytearray(16)
         self.encrypt_block(bytes(16), h)
         self._m = _ghash_table(h)
 
     def encrypt_block(self, src, dst):
-        _encrypt_block(self._rk, src, dst, _TE, _SBOX)
-
-    def _ghash(self, data, n):
-        y = self._y
-        m = self._m
-        view = memoryview(data)
-        at = 0
-        while at < n:
-            take = min(16, n - at)
-            _ghash_block(y, view[at:], take, m, _LAST4)
-            at += 16
+        block = self._block
+        block[:] = src
+        _aes_ctr(self._rk, _TE, _SBOX, block, _ZERO_BLOCK, dst, 16)
 
     def seal(self, nonce, aad, data, n, out, tag):
         """Encrypt data[:n] into out[:n] and write the 16-byte tag into `tag`; aad is
@@ -253,38 +262,25 @@ class AesGcm:
         if len(nonce) != NONCE_BYTES:
             raise ValueError("GCM nonce: 12 bytes")
         counter = self._counter
-        counter[:12] = nonce
+        for i in range(12):  # no slice assignment: a slice object is an allocation
+            counter[i] = nonce[i]
         counter[12] = counter[13] = counter[14] = 0
         counter[15] = 2  # J0 + 1: the first block of data
-        pad = self._pad
-        src = memoryview(data)
-        dst = memoryview(out)
-        at = 0
-        while at < n:
-            self.encrypt_block(counter, pad)
-            take = min(16, n - at)
-            _xor_into(dst[at:], src[at:], pad, take)
-            at += 16
-            i = 15  # inc32: the last four bytes count
-            while i >= 12:
-                counter[i] = (counter[i] + 1) & 0xFF
-                if counter[i]:
-                    break
-                i -= 1
+        _aes_ctr(self._rk, _TE, _SBOX, counter, data, out, n)
         y = self._y
         for i in range(16):
             y[i] = 0
-        self._ghash(aad, len(aad))
-        self._ghash(out, n)
+        _ghash(y, aad, len(aad), self._m, _REDUCE8)
+        _ghash(y, out, n, self._m, _REDUCE8)
         lengths = self._lengths
         abits = len(aad) * 8
         cbits = n * 8
         for i in range(8):
             lengths[7 - i] = (abits >> (8 * i)) & 0xFF if i < 4 else 0
             lengths[15 - i] = (cbits >> (8 * i)) & 0xFF if i < 4 else 0
-        _ghash_block(y, lengths, 16, self._m, _LAST4)
-        counter[:12] = nonce
+        _ghash(y, lengths, 16, self._m, _REDUCE8)
+        for i in range(12):
+            counter[i] = nonce[i]
         counter[12] = counter[13] = counter[14] = 0
         counter[15] = 1  # J0
-        self.encrypt_block(counter, pad)
-        _xor_into(tag, y, pad, TAG_BYTES)
+        _aes_ctr(self._rk, _TE, _SBOX, counter, y, tag, TAG_BYTES)  # E(J0) ^ GHASH

@@ -124,3 +124,22 @@ def test_a_sealed_chunk_is_what_the_host_opens():
     nonce_b = sent[-1][25:37]
     assert nonce_a[:4] == nonce_b[:4] == b"PRD1"
     assert ccsds.get_u32(nonce_a, 8) == 2 and ccsds.get_u32(nonce_b, 8) > 2
+
+
+def test_sealing_a_chunk_allocates_nothing():
+    import micropython
+
+    gcm = aesgcm.AesGcm(bytes(range(32)))
+    plain = bytearray(1024)
+    out = bytearray(1024)
+    tag = bytearray(16)
+    nonce = bytearray(12)
+    aad = bytearray(20)
+    micropython.heap_lock()
+    try:
+        gcm.seal(nonce, aad, plain, 1000, out, tag)
+    finally:
+        micropython.heap_unlock()
+    reference = bytearray(16)
+    gcm.seal(nonce, aad, plain, 1000, out, reference)
+    assert tag == reference
