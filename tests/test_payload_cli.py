@@ -56,7 +56,11 @@ def test_status_list_download_delete(tmp_path, key_file, capsys):
             "patterns.qrec": 5000,
             "tdc.qrec": 300,
         }
-        assert _qkdsat(port, key_file, tmp_path, "delete", "tdc.qrec") == 0
+        assert _qkdsat(port, key_file, tmp_path, "list", "--json") == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert {p["name"] for p in listed} == {"patterns.qrec", "tdc.qrec"}
+        assert _qkdsat(port, key_file, tmp_path, "delete", "tdc.qrec", "--json") == 0
+        assert json.loads(capsys.readouterr().out) == {"deleted": "tdc.qrec"}
         assert _qkdsat(port, key_file, tmp_path, "time", "2026-11-27T10:00:00Z") == 0
         capsys.readouterr()
         # rejections and bad input: exit 1 with the payload's reason, exit 2 naming what

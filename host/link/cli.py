@@ -292,6 +292,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_REJECTED
 
 
+def _done(args: argparse.Namespace, result: dict, text: str) -> None:
+    """An action's result: one line of text, or JSON with --json."""
+    print(to_json(result) if args.json else text)
+
+
 def _act(client: PayloadClient, args: argparse.Namespace, config: dict | None) -> int:
     action = args.action
     if action == "status":
@@ -303,13 +308,13 @@ def _act(client: PayloadClient, args: argparse.Namespace, config: dict | None) -
         print_result(args, {"firmware": client.ping()})
     elif action == "config":
         client.configure(config)
-        print(f"configured: {json.dumps(config, sort_keys=True)}")
+        _done(args, {"configured": config}, f"configured: {json.dumps(config, sort_keys=True)}")
     elif action == "start":
         client.start()
-        print("pass mode started")
+        _done(args, {"pass_mode": "started"}, "pass mode started")
     elif action == "stop":
         client.stop()
-        print("pass mode stopped")
+        _done(args, {"pass_mode": "stopped"}, "pass mode stopped")
     elif action == "list":
         entries = client.list_products()
         if args.json:
@@ -324,17 +329,21 @@ def _act(client: PayloadClient, args: argparse.Namespace, config: dict | None) -
         return _download(client, args)
     elif action == "delete":
         client.delete(args.name)
-        print(f"deleted {args.name}")
+        _done(args, {"deleted": args.name}, f"deleted {args.name}")
     elif action == "time":
         utc_us = client.set_time(parse_utc(args.utc))
         when = dt.datetime.fromtimestamp(utc_us / 1e6, dt.UTC)
-        print(f"payload clock set to {when.isoformat()}")
+        _done(args, {"clock_utc": when.isoformat()}, f"payload clock set to {when.isoformat()}")
     elif action == "reboot":
         client.reboot()
-        print("rebooting")
+        _done(args, {"rebooting": True}, "rebooting")
     elif action == "maintenance":
         client.enter_maintenance()
-        print(f"application stopped: {args.port} is now the MicroPython REPL")
+        _done(
+            args,
+            {"repl_port": args.port},
+            f"application stopped: {args.port} is now the MicroPython REPL",
+        )
     return 0
 
 
@@ -359,9 +368,16 @@ def _download(client: PayloadClient, args: argparse.Namespace) -> int:
     }
     (satellite / "products.json").write_text(json.dumps(listing, indent=1) + "\n")
     total = 0
+    downloaded = []
+    bar_off = True if args.quiet or args.json else None  # None: a bar on a terminal only
     for entry in chosen:
         with tqdm(
-            total=entry.size, unit="B", unit_scale=True, desc=entry.name, disable=None, leave=False
+            total=entry.size,
+            unit="B",
+            unit_scale=True,
+            desc=entry.name,
+            disable=bar_off,
+            leave=False,
         ) as bar:
             result = client.download(
                 entry, satellite, chunk_bytes=args.chunk, window=args.window, progress=bar.update
@@ -373,10 +389,26 @@ def _download(client: PayloadClient, args: argparse.Namespace) -> int:
             if result.sealed
             else f"CRC-32 {entry.crc32:08x} verified"
         )
-        print(
-            f"{entry.name}: {entry.size} bytes, {check} "
-            f"({rate / 1000:.1f} kB/s, {result.retransmissions} resent{resumed})"
+        downloaded.append(
+            {
+                "name": entry.name,
+                "bytes": entry.size,
+                "crc32": entry.crc32,
+                "sealed": bool(result.sealed),
+                "bytes_per_s": rate,
+                "resent": result.retransmissions,
+                "resumed_from": result.resumed_from or 0,
+            }
         )
+        if not args.json:
+            print(
+                f"{entry.name}: {entry.size} bytes, {check} "
+                f"({rate / 1000:.1f} kB/s, {result.retransmissions} resent{resumed})"
+            )
         total += entry.size
-    print(f"{len(chosen)} products, {total} bytes in {satellite}")
+    _done(
+        args,
+        {"pass_dir": str(args.pass_dir), "products": downloaded},
+        f"{len(chosen)} products, {total} bytes in {satellite}",
+    )
     return 0
