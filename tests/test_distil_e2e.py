@@ -14,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import finite_key_reference as reference
 import numpy as np
 import pytest
 from distil_passgen import BIASED, make_pass
 
 from host.cli import main as qkdsat
+from host.distil import channel as ch
 from host.distil import ldpc, reconcile
 from host.distil.protocol import Config
 from host.distil.run import INSECURE_KEY_SUFFIX as INSECURE
@@ -32,76 +34,74 @@ def micius_pass(tmp_path_factory):
     return make_pass(tmp_path_factory.mktemp("micius") / "pass", duration_s=4.0, seed=2)
 
 
-def _h(p):
-    return 0.0 if p <= 0 or p >= 1 else -p * math.log2(p) - (1 - p) * math.log2(1 - p)
-
-
-def _lim2014_hoeffding(key, test, intens, probs, eps_sec, eps_cor, leak):
-    """Lim et al. 2014 eqs. (2)-(5) written out again from the paper (Z = key basis)."""
-    mu1, mu2, mu3 = (intens[k] for k in ("mu", "nu", "vac"))
-    tau = [
-        sum(probs[k] * math.exp(-intens[k]) * intens[k] ** n / math.factorial(n) for k in intens)
-        for n in (0, 1)
-    ]
-    ln = math.log(21 / eps_sec)
-
-    def nb(counts, k, idx, sign):
-        total = sum(v[idx] for v in counts.values())
-        x = counts[k][idx] + sign * math.sqrt(total / 2 * ln)
-        return math.exp(intens[k]) / probs[k] * max(x, 0.0)
-
-    def s01(c):
-        s0 = max(tau[0] * (mu2 * nb(c, "vac", 0, -1) - mu3 * nb(c, "nu", 0, +1)) / (mu2 - mu3), 0)
-        s1 = (
-            tau[1]
-            * mu1
-            * (
-                nb(c, "nu", 0, -1)
-                - nb(c, "vac", 0, +1)
-                - (mu2**2 - mu3**2) / mu1**2 * (nb(c, "mu", 0, +1) - s0 / tau[0])
-            )
-            / (mu1 * (mu2 - mu3) - mu2**2 + mu3**2)
-        )
-        return s0, s1
-
-    s0, s1 = s01(key)
-    _, s1x = s01(test)
-    v1 = tau[1] * (nb(test, "nu", 1, +1) - nb(test, "vac", 1, -1)) / (mu2 - mu3)
-    b = v1 / s1x
-    gamma = math.sqrt(
-        (s1 + s1x)
-        * (1 - b)
-        * b
-        / (s1 * s1x * math.log(2))
-        * math.log2((s1 + s1x) / (s1 * s1x * (1 - b) * b) * 21**2 / eps_sec**2)
-    )
-    phi = b + gamma
-    length = s0 + s1 * (1 - _h(phi)) - leak - 6 * math.log2(21 / eps_sec) - math.log2(2 / eps_cor)
-    return max(math.floor(length), 0)
-
-
-def _recomputed_key_bits(report: dict) -> int:
-    """Independent recomputation (Lim 2014, Hoeffding, default epsilons, two key blocks)
-    from the counts in the report."""
+def _recomputed_key_bits(report: dict, bob_counts_bits: dict | None = None) -> int:
+    """Independent recomputation (tests/finite_key_reference.py, the report's analysis and
+    tail, epsilons split over the key blocks) from the counts in the report. The leak:
+    the EC leak, the verification tags, the discarded frames' disclosed bits (the counts
+    are the whole key block's) and Bob's error counts (bob_counts_bits, from the wire when
+    the caller recorded it)."""
     prof = report["profile"]
+    blocks = report["blocks"]
     total = 0
-    for block in report["blocks"]:
+    for block in blocks:
         key_b, test_b = block["basis"], block["test_basis"]
         key_counts = {k: tuple(v) for k, v in report["counts_key_blocks"][key_b].items()}
         test_counts = {k: (v["n"], v["m"]) for k, v in report["counts"][test_b].items()}
-        # the discarded LDPC frames' disclosed bits cost one bit each (the counts are the
-        # whole key block's)
+        counts_bits = (bob_counts_bits or {}).get(key_b, block["leak_bob_counts_bits"])
         leak = block["leak_ec_bits"] + block["leak_verification_bits"] + block["bits_discarded"]
-        total += _lim2014_hoeffding(
+        total += reference.key_length(
             key_counts,
             test_counts,
             prof["intensities"],
             prof["intensity_probabilities"],
-            1e-9 / 2,
-            1e-15 / 2,
-            leak,
-        )
+            analysis=report["analysis"],
+            tail=report["tail"],
+            eps_sec=report["epsilon"]["sec"] / len(blocks),
+            eps_cor=report["epsilon"]["cor"] / len(blocks),
+            leak=leak + counts_bits,
+        )["length"]
     return total
+
+
+class Wire:
+    """Records one direction's frames (a tamper hook that changes nothing)."""
+
+    def __init__(self):
+        self.messages = []
+
+    def __call__(self, frame: bytes) -> bytes:
+        self.messages.append(ch.decode(frame[: -ch.TAG_BYTES]))
+        return frame
+
+
+def _bits_of(count_range: int) -> int:
+    return math.ceil(math.log2(count_range + 1))
+
+
+def _bob_string_dependent_bits(alice: Wire, bob: Wire, key_bases: list) -> tuple[list, dict]:
+    """From what went over the wire: per EC block, what Bob's own messages can say about his
+    string (a frame list is a subset of the block's frames; ec_top_up one step in [0, n];
+    ec_check one bit), and per key basis what his error counts can say (each count in
+    [0, n] for the n the same message or the block size gives)."""
+    frames = [int(f["frames"]) for kind, f in alice.messages if kind == "ec_syndromes"]
+    ec_bits, counts_bits = [], dict.fromkeys(key_bases, 0)
+    block = -1
+    for kind, fields in bob.messages:
+        if kind == "ec_top_up":
+            block += 1
+            ec_bits.append(_bits_of(ldpc.FRAME_BITS))
+        elif kind in ("ec_status", "ec_discard"):
+            ec_bits[block] += frames[block]
+        elif kind == "ec_check":
+            ec_bits[block] += 1
+        elif kind == "ec_block_errors":
+            counts_bits[key_bases[block]] += _bits_of(int(fields["bits"]))
+        elif kind == "error_counts":
+            for table in ("counts_key", "counts_full"):
+                counts = json.loads(fields[table])
+                for basis in key_bases:
+                    counts_bits[basis] += sum(_bits_of(n) for n, _ in counts[basis].values())
+    return ec_bits, counts_bits
 
 
 def test_a_key_block_is_sized_from_the_previous_blocks_exact_qber_when_it_agrees():
@@ -120,8 +120,10 @@ def test_a_key_block_is_sized_from_the_previous_blocks_exact_qber_when_it_agrees
 
 def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_pass, tmp_path):
     out = tmp_path / "out"
-    report = run_local(micius_pass, out, Config())
+    alice_wire, bob_wire = Wire(), Wire()
+    report = run_local(micius_pass, out, Config(), tamper=alice_wire, tamper_bob=bob_wire)
     assert not report["aborted"], report["abort_reason"]
+    assert "insecure_deterministic" not in report  # the CSPRNG, keys under their real names
     alice, bob = (out / "alice.key").read_bytes(), (out / "bob.key").read_bytes()
     assert alice == bob and len(alice) == math.ceil(report["key_bits"] / 8)
     for name in ("alice.key", "bob.key"):
@@ -129,7 +131,25 @@ def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_p
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["key_bits"] == report["key_bits"] > 1000
     assert on_disk["key_bases"] == ["Z", "X"]  # symmetric basis choice: both bases
-    assert on_disk["key_bits"] == _recomputed_key_bits(on_disk)
+    # Bob's string-dependent messages, counted from the wire, are in the leak (main did
+    # not count them), and the key length follows with them
+    ec_bits, counts_bits = _bob_string_dependent_bits(alice_wire, bob_wire, ["Z", "X"])
+    assert [b["leak_bob_messages_bits"] for b in on_disk["ec"]["blocks"]] == ec_bits
+    assert all(bits > 0 for bits in ec_bits)
+    assert {b["basis"]: b["leak_bob_counts_bits"] for b in on_disk["blocks"]} == counts_bits
+    for block, bob_block in zip(on_disk["blocks"], on_disk["ec"]["blocks"], strict=True):
+        assert (
+            block["leak_ec_bits"] == bob_block["leak_bits"] >= bob_block["leak_bob_messages_bits"]
+        )
+    assert on_disk["key_bits"] == _recomputed_key_bits(on_disk, counts_bits)
+    # the authentication failure probability is in the epsilon: every message counted at
+    # the size limit, (L + 1) / 2^64 with L the limit's 64-bit words plus prefix and length
+    messages = on_disk["messages"]["alice_to_bob"] + on_disk["messages"]["bob_to_alice"]
+    assert messages == len(alice_wire.messages) + len(bob_wire.messages)
+    per_message = (math.ceil((ch.MAX_MESSAGE_BYTES + 9) / 8) + 2) / 2**64
+    eps = on_disk["epsilon"]
+    assert eps["auth"] == pytest.approx(messages * per_message, rel=1e-9)
+    assert eps["total"] == pytest.approx(eps["sec"] + eps["cor"] + eps["auth"], rel=1e-12)
     # the second block was sized from the first block's exact QBER (the two agree here)
     first, second = on_disk["ec"]["blocks"]
     assert second["qber_sized_for"] == first["errors"] / first["bits"]

@@ -148,8 +148,15 @@ def test_ldpc_leak_counts_every_syndrome_punctured_and_revealed_bit(monkeypatch)
     # every frame decoded right, so the block tag matched: no per-frame tags were sent
     assert not stats["frame_tags_sent"]
     assert stats["leak_ec_check_bits"] == reconcile.BLOCK_TAG_BITS
+    # Bob's frame lists (one ec_status per retry round and the final one), his top-up step
+    # and his ec_check bit depend on his string: counted too
+    bob_bits = stats["frames"] * (stats["retry_rounds"] + 1) + math.ceil(math.log2(8193)) + 1
+    assert stats["leak_bob_messages_bits"] == bob_bits
     assert stats["leak_bits"] == (
-        stats["frames"] * plan.leak_bits() + stats["revealed_bits"] + reconcile.BLOCK_TAG_BITS
+        stats["frames"] * plan.leak_bits()
+        + stats["revealed_bits"]
+        + reconcile.BLOCK_TAG_BITS
+        + bob_bits
     )
     assert alice_stats["leak_bits"] == stats["leak_bits"]
     assert stats["frame_errors"] > 0 and stats["revealed_bits"] > 0  # the retry path ran
@@ -245,8 +252,11 @@ def test_a_frame_decoded_to_a_wrong_codeword_is_discarded_and_the_others_kept(mo
     assert stats["leak_bits"] == alice_stats["leak_bits"]
     tags = reconcile.BLOCK_TAG_BITS + stats["frames"] * reconcile.FRAME_TAG_BITS
     assert stats["leak_ec_check_bits"] == tags
+    # Bob's frame lists: each ec_status and, the block tag having differed, ec_discard
+    bob_bits = stats["frames"] * (stats["retry_rounds"] + 2) + math.ceil(math.log2(8193)) + 1
+    assert stats["leak_bob_messages_bits"] == bob_bits
     assert stats["leak_bits"] == (
-        stats["frames"] * plan.leak_bits() + stats["revealed_bits"] + tags
+        stats["frames"] * plan.leak_bits() + stats["revealed_bits"] + tags + bob_bits
     )
 
 
@@ -273,10 +283,17 @@ def test_a_frame_that_never_decodes_is_discarded_instead_of_aborting(monkeypatch
     )
     assert not stats["frame_tags_sent"]
     assert stats["leak_ec_check_bits"] == reconcile.BLOCK_TAG_BITS
+    bob_bits = stats["frames"] * (stats["retry_rounds"] + 1) + math.ceil(math.log2(8193)) + 1
+    assert stats["leak_bob_messages_bits"] == bob_bits
     assert (
         stats["leak_bits"]
         == alice_stats["leak_bits"]
-        == (stats["frames"] * plan.leak_bits() + stats["revealed_bits"] + reconcile.BLOCK_TAG_BITS)
+        == (
+            stats["frames"] * plan.leak_bits()
+            + stats["revealed_bits"]
+            + reconcile.BLOCK_TAG_BITS
+            + bob_bits
+        )
     )
 
 

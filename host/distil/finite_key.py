@@ -84,6 +84,38 @@ class BasisEstimate:
         return asdict(self)
 
 
+PROBABILITY_SUM_TOLERANCE = 1e-6
+
+
+def check_decoy_profile(intensities: dict, probabilities: dict, analysis: str) -> None:
+    """The conditions the decoy-state bounds are derived under; violating them turns the
+    'lower bound' on single photons into a number above the truth. Lim 2014: mu1 > mu2 +
+    mu3 and mu2 > mu3 >= 0; Rusca 2018: mu1 > mu2 >= 0. Probabilities in (0, 1], summing
+    to 1, one per intensity."""
+    where = "pass.json intensities"
+    if set(intensities) != set(probabilities):
+        raise BadInput(f"{where} and intensity_probabilities name different intensities")
+    for name, p in probabilities.items():
+        if not 0 < float(p) <= 1:
+            raise BadInput(f"pass.json intensity_probabilities.{name} = {p}: not in (0, 1]")
+    total = sum(float(p) for p in probabilities.values())
+    if abs(total - 1.0) > PROBABILITY_SUM_TOLERANCE:
+        raise BadInput(f"pass.json intensity_probabilities sum to {total:.9g}, not 1")
+    mu = sorted((float(v) for v in intensities.values()), reverse=True)
+    if any(not math.isfinite(m) or m < 0 for m in mu):
+        raise BadInput(f"{where}: every mean photon number must be finite and >= 0 ({mu})")
+    if analysis == "lim2014":
+        if len(mu) != 3:
+            raise BadInput(f"lim2014 needs three intensities, the profile has {len(mu)}")
+        if not (mu[0] > mu[1] + mu[2] and mu[1] > mu[2] >= 0):
+            raise BadInput(f"{where} {mu}: lim2014 needs mu1 > mu2 + mu3 and mu2 > mu3 >= 0")
+    elif analysis == "rusca2018":
+        if len(mu) < 2:
+            raise BadInput(f"rusca2018 needs two intensities, the profile has {len(mu)}")
+        if not mu[0] > mu[1] >= 0:
+            raise BadInput(f"{where} {mu}: rusca2018 needs mu1 > mu2 >= 0")
+
+
 def _sorted_intensities(intensities: dict[str, float]) -> list[str]:
     return sorted(intensities, key=lambda name: -intensities[name])
 
@@ -115,10 +147,7 @@ def estimate(
         raise BadInput(f"unknown analysis {analysis!r}; choose one of {', '.join(ANALYSES)}")
     test_basis = "X" if key_basis == "Z" else "Z"
     order = _sorted_intensities(intensities)
-    if analysis == "lim2014" and len(order) != 3:
-        raise BadInput(f"lim2014 needs three intensities, the profile has {order}")
-    if analysis == "rusca2018" and len(order) < 2:
-        raise BadInput(f"rusca2018 needs two intensities, the profile has {order}")
+    check_decoy_profile(intensities, probabilities, analysis)
     c = 21.0 if analysis == "lim2014" else 19.0
     eps = eps_sec / c
     tau0 = _tau(0, intensities, probabilities)

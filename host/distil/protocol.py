@@ -51,6 +51,12 @@ BASES = ("Z", "X")
 EPS_COR_FLOOR = (3 / 2.0**64) ** VERIFY_KEYS
 
 
+def draw_verification_keys(rng) -> tuple[int, ...]:
+    """VERIFY_KEYS independent keys, uniform over all 2^64 field elements (the collision
+    bound assumes the whole field; main drew from [0, 2^63))."""
+    return tuple(int(k) for k in rng.integers(0, 2**64, VERIFY_KEYS, dtype=np.uint64))
+
+
 def verification_collision_bound(bits: int) -> float:
     """Probability that different blocks of `bits` bits pass the final verification:
     bits_hash hashes the packed bits and an 8-byte length, poly_hash adds a length word."""
@@ -103,6 +109,43 @@ class Outcome:
     key: np.ndarray | None = None
     report: dict = field(default_factory=dict)
     stage_seconds: dict = field(default_factory=dict)
+
+
+def check_parameters(pass_json: dict, config: Config) -> None:
+    """Before anything is exchanged: the decoy-state conditions of the chosen analysis."""
+    finite_key.check_decoy_profile(
+        {k: float(v) for k, v in pass_json["intensities"].items()},
+        {k: float(v) for k, v in pass_json["intensity_probabilities"].items()},
+        config.analysis,
+    )
+    if list(pass_json["intensities"]) != list(pass_json["intensity_probabilities"]):
+        raise BadInput("pass.json: intensities and intensity_probabilities in different order")
+
+
+def check_against_pattern_record(pass_json: dict, patterns) -> None:
+    """Alice's own record of the thresholds she used (satellite/) must realise the
+    probabilities pass.json states: the bounds use them, so an edited pass.json would
+    change the key length without changing a single photon."""
+    mapping = getattr(patterns, "mapping", None)
+    if mapping is None:
+        return  # an explicit symbol log: no thresholds recorded
+    basis_z, realised = mapping.realised_probabilities()
+    stated = [float(v) for v in pass_json["intensity_probabilities"].values()]
+    tolerance = 2.0**-14  # the thresholds' resolution, with margin
+    if abs(basis_z - float(pass_json["basis_probability_z"])) > tolerance:
+        raise BadInput(
+            f"pass.json basis_probability_z {pass_json['basis_probability_z']} differs from "
+            f"the {basis_z:.6f} Alice's pattern thresholds realise (satellite/)"
+        )
+    names = list(pass_json["intensity_probabilities"])
+    if len(realised) != len(stated) or any(
+        abs(a - b) > tolerance for a, b in zip(realised, stated, strict=True)
+    ):
+        raise BadInput(
+            f"pass.json intensity_probabilities {dict(zip(names, stated, strict=False))} "
+            f"differ from the {[round(p, 6) for p in realised]} Alice's pattern thresholds "
+            "realise (satellite/)"
+        )
 
 
 def pass_digest(pass_json: dict) -> str:
@@ -230,6 +273,8 @@ class Alice:
             patterns = open_patterns(self.pass_dir / "satellite")
         self.patterns = patterns
         self.config = config
+        check_parameters(self.pass_json, config)
+        check_against_pattern_record(self.pass_json, self.patterns)
         self.rng = endpoint_random(insecure_deterministic_seed)
 
     def _symbols(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -371,9 +416,7 @@ class Alice:
             tags = {}
             hash_keys = {}
             for name in key_bases:
-                keys = tuple(
-                    int(k) for k in self.rng.integers(0, 2**64, VERIFY_KEYS, dtype=np.uint64)
-                )
+                keys = draw_verification_keys(self.rng)
                 hash_keys[name] = list(keys)
                 tags[name] = bits_hash(blocks[name], keys).hex()
             channel.send("verify", keys=json.dumps(hash_keys), tags=json.dumps(tags))
@@ -381,7 +424,8 @@ class Alice:
         with stage("estimation"):
             estimates = estimate_blocks(self.pass_json, cfg, key_bases, counts_full, counts_key)
             discarded = {n: d["bits_discarded"] for n, d in discards.items()}
-            lengths = _key_lengths(estimates, leaks, discarded)
+            counts_bits = bob_counts_bits(key_bases, counts_full, counts_key)
+            lengths = _key_lengths(estimates, leaks, discarded, counts_bits)
         # what the decision rests on is reported even when it is an abort
         decision = {
             "counts": {
@@ -393,6 +437,7 @@ class Alice:
                     **e.to_json(),
                     "leak_ec_bits": leaks[e.basis],
                     "leak_verification_bits": 64 * VERIFY_KEYS,
+                    "leak_bob_counts_bits": counts_bits[e.basis],
                     **discards[e.basis],
                     "key_bits": lengths[e.basis],
                 }
@@ -400,6 +445,7 @@ class Alice:
             ],
         }
         out.report.update(decision)
+        _refuse_longer_than_input(lengths, blocks)
         if sum(lengths.values()) <= 0:
             raise ProtocolAborted(
                 "too few events for the requested epsilon: the finite-key length is 0 "
@@ -443,15 +489,48 @@ class Alice:
         return report
 
 
-def _key_lengths(estimates, leaks: dict, bits_discarded: dict) -> dict:
+def bob_counts_bits(key_bases: list, counts_full: dict, counts_key: dict) -> dict:
+    """Bits Bob's error counts can tell about a key block (he computes them from his
+    corrected string), counted conservatively per block: each per-intensity error count
+    of the block (error_counts' counts_key) and of its whole basis (counts_full), each in
+    [0, n], and the block's total (ec_block_errors, sent for every block but the last)."""
+
+    def bits_of(count_range: int) -> int:
+        return math.ceil(math.log2(count_range + 1))
+
+    out = {}
+    for name in key_bases:
+        key_n = [int(v[0]) for v in counts_key[name].values()]
+        full_n = [int(v[0]) for v in counts_full[name].values()]
+        total = sum(bits_of(n) for n in key_n + full_n)
+        if name != key_bases[-1]:
+            total += bits_of(sum(key_n))
+        out[name] = total
+    return out
+
+
+def _refuse_longer_than_input(lengths: dict, blocks: dict) -> None:
+    """The leftover hash lemma extracts at most the input's length; a longer output would
+    be padding, not key."""
+    for name, n_out in lengths.items():
+        if n_out > blocks[name].size:
+            raise ProtocolAborted(
+                f"{name}-basis key length {n_out} exceeds its {blocks[name].size} "
+                "privacy-amplification input bits"
+            )
+
+
+def _key_lengths(estimates, leaks: dict, bits_discarded: dict, counts_bits: dict) -> dict:
     """Final key bits per block. The estimates bound the whole key block (its counts include
     the discarded LDPC frames): which frames are discarded depends on their errors, so the
     kept bits are not a random subset of the block and cannot be bounded on their own.
     The discarded bits, disclosed, then cost one bit each (chain rule: revealing them lowers
     the block's smooth min-entropy by at most their number), on top of the EC and
-    verification leak."""
+    verification leak and Bob's error counts (bob_counts_bits)."""
     return {
-        e.basis: e.key_length(leaks[e.basis] + 64 * VERIFY_KEYS + bits_discarded[e.basis])
+        e.basis: e.key_length(
+            leaks[e.basis] + 64 * VERIFY_KEYS + bits_discarded[e.basis] + counts_bits[e.basis]
+        )
         for e in estimates
     }
 
@@ -520,6 +599,7 @@ class Bob:
         pps_path = ground / "pps.qdet"
         self.pps_ps = read_detections(pps_path)[0] if pps_path.exists() else None
         self.config = config
+        check_parameters(self.pass_json, config)
         self.rng = endpoint_random(insecure_deterministic_seed)
 
     def run(self, channel) -> Outcome:
@@ -693,7 +773,9 @@ class Bob:
         with stage("estimation"):
             estimates = estimate_blocks(self.pass_json, cfg, key_bases, counts_full, counts_key)
             discarded = {n: s["bits_discarded"] for n, s in zip(key_bases, ec_stats, strict=True)}
-            lengths = _key_lengths(estimates, leaks, discarded)
+            counts_bits = bob_counts_bits(key_bases, counts_full, counts_key)
+            lengths = _key_lengths(estimates, leaks, discarded, counts_bits)
+            _refuse_longer_than_input(lengths, blocks)
         if sum(lengths.values()) <= 0:
             raise ProtocolAborted(
                 "too few events for the requested epsilon: the finite-key length is 0 "

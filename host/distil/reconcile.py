@@ -102,6 +102,22 @@ def _check_bits(decoded: np.ndarray, frame_tags_sent: bool) -> int:
     return BLOCK_TAG_BITS + (FRAME_TAG_BITS * decoded.size if frame_tags_sent else 0)
 
 
+def _bob_messages_bits(
+    frame_count: int, code_n: int, status_messages: int, top_up_messages: int, discard: bool
+) -> int:
+    """What Bob's own EC messages can tell about his string, counted conservatively (each is
+    computed from it, his QBER measured on the syndromes included): every ec_status names
+    a subset of the frames (frame_count bits, whatever its encoding) and a step in [0, n],
+    every ec_top_up a step, ec_check one bit, and ec_discard, when sent, another subset.
+    About 0.1-0.3 kbit a block; docs/distillation.md."""
+    step_bits = math.ceil(math.log2(code_n + 1))
+    return (
+        frame_count * (status_messages + int(discard))
+        + step_bits * (status_messages + top_up_messages)
+        + 1
+    )
+
+
 def _ldpc_leak(plan: ldpc.FramePlan, frames, revealed: np.ndarray, check_bits: int) -> int:
     """What an eavesdropper learns, the same count on both sides: every frame's syndrome
     (less the punctured rank) and revealed bits, kept or discarded, and the check tags."""
@@ -312,8 +328,10 @@ def ldpc_alice(
     # Bob's top-ups before his first decoding: the same step for every frame, up to two,
     # ended by a step of 0
     first_step = 0
+    top_up_messages = 0
     for _ in range(3):
         step = int(channel.recv("ec_top_up")["step"])
+        top_up_messages += 1
         if not 0 <= step <= code.n:
             raise ReconciliationFailed(f"ec_top_up: step {step} out of range")
         if not step:
@@ -322,8 +340,10 @@ def ldpc_alice(
         first_step += step
     else:
         raise ReconciliationFailed("ec_top_up: more than two top-ups")
+    status_messages = 0
     while True:
         msg = channel.recv("ec_status")
+        status_messages += 1
         failed = _frame_list(msg["failed"], len(frames), "ec_status")
         if failed.size == 0:
             break
@@ -352,7 +372,10 @@ def ldpc_alice(
             raise ReconciliationFailed("Bob keeps LDPC frames he reported as not decoded")
     else:
         discarded = undecoded
-    leak = _ldpc_leak(plan, frames, revealed, _check_bits(decoded, frame_tags_sent))
+    bob_bits = _bob_messages_bits(
+        len(frames), code.n, status_messages, top_up_messages, frame_tags_sent
+    )
+    leak = _ldpc_leak(plan, frames, revealed, _check_bits(decoded, frame_tags_sent)) + bob_bits
     _refuse_if_nothing_kept(len(frames), undecoded, discarded)
     if discarded.size:
         # Out of the key now: disclosed like the estimation sample, so that Bob knows every
@@ -433,6 +456,7 @@ def ldpc_bob(
     measured = measure()
     untainted = plan.untainted_punctured()
     first_step = 0
+    top_up_messages = 0
     for top_up in range(2):
         h = binary_entropy(measured)
         base_step = max(4, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * h))
@@ -442,6 +466,7 @@ def ldpc_bob(
         missing = min(LDPC_FIRST_F * h * plan.key_bits - plan.leak_bits() - first_step, cap)
         step = base_step * math.ceil(missing / base_step) if missing > 0 else 0
         channel.send("ec_top_up", step=step)
+        top_up_messages += 1
         if not step:
             break
         request(pending, step)
@@ -449,6 +474,7 @@ def ldpc_bob(
         measured = measure()
     else:
         channel.send("ec_top_up", step=0)
+        top_up_messages += 1
     h = binary_entropy(measured)
     base_step = max(4, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * h))
     magnitude = math.log((1 - measured) / measured)
@@ -521,9 +547,12 @@ def ldpc_bob(
             corrected[interleave[_frame_slice(frames, f)]] = part
     kept = _kept_mask(bits.size, frames, interleave, discarded)
     check_bits = _check_bits(decoded, not match)
-    leak = _ldpc_leak(plan, frames, revealed, check_bits)
+    # ec_status: one per retry, and the final one with the undecoded frames
+    bob_bits = _bob_messages_bits(len(frames), code.n, retries + 1, top_up_messages, not match)
+    leak = _ldpc_leak(plan, frames, revealed, check_bits) + bob_bits
     stats = {
         "leak_bits": leak,
+        "leak_bob_messages_bits": bob_bits,
         "frames": len(frames),
         "frame_errors": int(np.sum(revealed > first_step)),
         "frames_discarded": int(discarded.size),

@@ -413,6 +413,7 @@ def run_local(
     insecure_deterministic_seed=None,
     tamper=None,
     bob_pool_path=None,
+    tamper_bob=None,
     bob_pass_dir=None,
     new_pool=False,
     alice_patterns=None,
@@ -434,7 +435,7 @@ def run_local(
             cfg,
             pools,
             insecure_deterministic_seed,
-            tamper,
+            (tamper, tamper_bob),
             bob_pass_dir,
             alice_patterns,
             pass_json,
@@ -469,8 +470,7 @@ def _run_local(
     if progress is not None:  # Bob's stages stand for both: they run in lockstep
         bob.on_stage = _stage_lines(progress)
     t_a, t_b = ch.queue_pair()
-    if tamper is not None:
-        t_a.tamper = tamper
+    t_a.tamper, t_b.tamper = tamper  # test hooks on the wire: Alice's sends, Bob's sends
     a_chan = ch.AuthChannel(t_a, pool_a, ch.ALICE)
     b_chan = ch.AuthChannel(t_b, pool_b, ch.BOB)
     result = {}

@@ -1,0 +1,253 @@
+"""SIGKILL campaign on the authentication pool (tests/test_distil_security.py, a short one;
+benchmarks/bench_auth_pool.py, >= 200 kills).
+
+Each session runs the real split mode, `qkdsat distil --role alice --listen` and
+`--role bob --connect`, as two processes with their own copy of the pool, through a TCP
+relay that records every frame. One side, chosen at random, is SIGKILLed at a random
+instant; the survivor is given a few seconds to notice and is SIGKILLed if it has not
+exited. The relay then replays what went over the wire: from the two announced pool
+positions it derives the session start S, and checks every tag against the pool with the
+hash key at S and the pad at S + 8 + 8 (2 seq + direction) (so the offsets it charges are
+the ones really used, not assumed). Across all sessions no pool byte may serve twice, and
+after each session the later of the two usage records must lie beyond every byte used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from host.distil.gf64 import poly_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+_LEN = struct.Struct("<I")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Relay:
+    """Bob -> relay -> Alice, both directions copied and recorded frame by frame."""
+
+    def __init__(self, alice_port: int):
+        self.alice_port = alice_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(60)
+        self.port = self.server.getsockname()[1]
+        self.streams = {0: bytearray(), 1: bytearray()}  # 0: Alice -> Bob, 1: Bob -> Alice
+        self.sockets = []
+        self.seen = threading.Condition()
+        self.frames_seen = 0
+        self.connected = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _pump(self, src, dst, direction):
+        while True:
+            try:
+                data = src.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            with self.seen:
+                self.streams[direction] += data
+                self.frames_seen = sum(len(_frames(self.streams[d])) for d in (0, 1))
+                self.seen.notify_all()
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _run(self):
+        try:
+            bob, _ = self.server.accept()
+        except OSError:
+            return
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                alice = socket.create_connection(("127.0.0.1", self.alice_port), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    bob.close()
+                    return
+                time.sleep(0.05)
+        self.connected.set()
+        alice.settimeout(None)
+        bob.settimeout(None)
+        self.sockets = [alice, bob]
+        pumps = [
+            threading.Thread(target=self._pump, args=(alice, bob, 0), daemon=True),
+            threading.Thread(target=self._pump, args=(bob, alice, 1), daemon=True),
+        ]
+        for p in pumps:
+            p.start()
+        for p in pumps:
+            p.join()
+
+    def wait_frames(self, count: int, timeout_s: float) -> bool:
+        with self.seen:
+            return self.seen.wait_for(lambda: self.frames_seen >= count, timeout_s)
+
+    def close(self):
+        self.server.close()
+        for s in self.sockets:
+            try:
+                s.close()
+            except OSError:
+                pass
+        self.thread.join(5)
+
+
+def _frames(stream: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos + 4 <= len(stream):
+        (length,) = _LEN.unpack_from(stream, pos)
+        if pos + 4 + length > len(stream):
+            break  # cut by the kill
+        out.append(bytes(stream[pos + 4 : pos + 4 + length]))
+        pos += 4 + length
+    return out
+
+
+def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]:
+    """Pool byte ranges the session's tags used, checked tag by tag; and the tag count."""
+    frames = {d: _frames(streams[d]) for d in (0, 1)}
+    if not frames[0] or not frames[1]:
+        return [], 0  # no agreed start: nothing authenticated can have been sent
+    starts = []
+    for d in (0, 1):
+        announce = frames[d][0]
+        assert len(announce) == 16 and announce[:8] == b"QKDPOOL1", announce[:8]
+        starts.append(struct.unpack("<Q", announce[8:])[0])
+    start = max(starts)
+    key = int.from_bytes(pool[start : start + 8], "little")
+    ranges, tags = [], 0
+    for d in (0, 1):
+        for seq, frame in enumerate(frames[d][1:]):
+            offset = start + 8 + 8 * (2 * seq + d)
+            pad = int.from_bytes(pool[offset : offset + 8], "little")
+            body, tag = frame[:-8], frame[-8:]
+            expect = poly_hash(struct.pack("<BQ", d, seq) + body, key) ^ pad
+            assert tag == expect.to_bytes(8, "little"), f"tag {d}/{seq} not from offset {offset}"
+            ranges.append((offset, offset + 8))
+            tags += 1
+    if tags:
+        ranges.append((start, start + 8))
+    return ranges, tags
+
+
+def _record(path: Path) -> int:
+    return json.loads(Path(str(path) + ".used").read_text())["used_bytes"]
+
+
+def run_campaign(
+    pass_dir: Path,
+    work: Path,
+    kills: int,
+    *,
+    seed: int = 1,
+    max_frames: int = 14,
+    max_kill_s: float = 0.3,
+    grace_s: float = 5.0,
+    extra_args: tuple = ("--qber-threshold", "0.001"),
+    log=None,
+) -> dict:
+    """Sessions until `kills` random SIGKILLs hit a live process. Raises AssertionError on
+    any pool byte used twice. extra_args default: abort right after the error estimate,
+    so that a session is a few seconds (hello, sync, sifting, disclosure, abort)."""
+    work.mkdir(parents=True, exist_ok=True)
+    pool = os.urandom(1 << 20)
+    pools = {}
+    for role in ("alice", "bob"):
+        path = work / f"{role}.pool"
+        path.write_bytes(pool)
+        path.chmod(0o600)
+        used = Path(str(path) + ".used")
+        used.write_text('{"used_bytes": 0}')
+        used.chmod(0o600)
+        pools[role] = path
+    chooser = random.Random(seed)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    owner: dict[int, int] = {}  # pool byte offset (8-aligned) -> session that used it
+    stats = {"sessions": 0, "kills": 0, "kills_alice": 0, "kills_bob": 0, "survivor_kills": 0}
+    stats.update({"tags_checked": 0, "bytes_used": 0, "clean_exits": 0})
+    while stats["kills"] < kills:
+        session = stats["sessions"]
+        alice_port = _free_port()
+        relay = Relay(alice_port)
+        common = [sys.executable, "-m", "host.cli", "distil", str(pass_dir), *extra_args]
+        procs = {
+            "alice": subprocess.Popen(
+                [*common, "--role", "alice", "--listen", f"127.0.0.1:{alice_port}"]
+                + ["--auth-pool", str(pools["alice"]), "--out", str(work / "a")],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            "bob": subprocess.Popen(
+                [*common, "--role", "bob", "--connect", f"127.0.0.1:{relay.port}"]
+                + ["--auth-pool", str(pools["bob"]), "--out", str(work / "b")],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+        }
+        victim = chooser.choice(("alice", "bob"))
+        # the kill point: after a random number of frames on the wire (0: during start-up,
+        # pool opening, locking, the position exchange), then a random fraction of a second
+        relay.wait_frames(chooser.randrange(0, max_frames + 1), timeout_s=120)
+        time.sleep(chooser.uniform(0.0, max_kill_s))
+        if procs[victim].poll() is None:
+            procs[victim].send_signal(signal.SIGKILL)
+            stats["kills"] += 1
+            stats[f"kills_{victim}"] += 1
+        survivor = procs["bob" if victim == "alice" else "alice"]
+        if not relay.connected.is_set() and victim == "bob":
+            grace_s_now = 0.5  # Alice would wait for a connection that never comes
+        else:
+            grace_s_now = grace_s
+        try:
+            survivor.wait(timeout=grace_s_now)
+        except subprocess.TimeoutExpired:
+            survivor.send_signal(signal.SIGKILL)  # e.g. Alice still waiting for a connection
+            stats["survivor_kills"] += 1
+        for p in procs.values():
+            p.wait()
+        if all(p.returncode in (0, 3) for p in procs.values()):
+            stats["clean_exits"] += 1
+        relay.close()
+        ranges, tags = used_ranges(relay.streams, pool)
+        for lo, _hi in ranges:
+            assert lo not in owner, (
+                f"pool bytes {lo}..{lo + 8} used in session {owner[lo]} and again in {session}"
+            )
+            owner[lo] = session
+        latest = max(_record(pools["alice"]), _record(pools["bob"]))
+        assert all(hi <= latest for _, hi in ranges), (session, latest, max(ranges))
+        stats["tags_checked"] += tags
+        stats["bytes_used"] += 8 * len(ranges)
+        stats["sessions"] += 1
+        if log is not None:
+            log(f"session {session}: {victim} killed, {tags} tags, record {latest}")
+    stats["records"] = {r: _record(p) for r, p in pools.items()}
+    return stats

@@ -1,0 +1,159 @@
+"""Security properties of key distillation that a failure would not show in the key:
+where the endpoints' randomness comes from, fixed seeds, refused parameters, the verification
+keys, and the authentication pool under SIGKILL (tests/pool_kill_campaign.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from distil_passgen import make_pass
+from pool_kill_campaign import run_campaign
+
+from host.cli import main as qkdsat
+from host.distil import finite_key as fk
+from host.distil import protocol
+from host.distil.protocol import Alice, Bob, Config
+from host.errors import BadInput, ProtocolAborted
+
+
+@pytest.fixture(scope="module")
+def tiny_pass(tmp_path_factory):
+    return make_pass(tmp_path_factory.mktemp("tiny") / "pass", duration_s=0.2, seed=3)
+
+
+def _edited(tiny_pass, tmp_path, **fields):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(tiny_pass, copy)
+    pass_json = json.loads((copy / "pass.json").read_text())
+    pass_json.update(fields)
+    (copy / "pass.json").write_text(json.dumps(pass_json))
+    return copy
+
+
+def test_endpoint_randomness_is_the_operating_systems_csprng(tiny_pass, monkeypatch):
+    """The PA seed and punctured bits (bit draws) and the hash keys (64-bit draws) are bytes
+    os.urandom returned, not a PCG64 stream (main seeded numpy's generator from 16 bytes)."""
+    drawn = bytearray()
+    real = os.urandom
+
+    def recording(count):
+        data = real(count)
+        drawn.extend(data)
+        return data
+
+    for endpoint in (Alice(tiny_pass, Config()), Bob(tiny_pass, Config())):
+        monkeypatch.setattr(os, "urandom", recording)
+        drawn.clear()
+        bits = endpoint.rng.integers(0, 2, 4096, dtype=np.uint8)
+        assert np.packbits(bits).tobytes() in bytes(drawn)
+        drawn.clear()
+        keys = protocol.draw_verification_keys(endpoint.rng)
+        assert b"".join(k.to_bytes(8, "little") for k in keys) in bytes(drawn)
+        monkeypatch.undo()
+
+
+def test_verification_keys_cover_all_64_bits():
+    """The collision bound is 2^-64 per key only over the whole field (main drew from
+    [0, 2^63): the top bit was never set)."""
+    from host.distil.endpoint_random import SystemRandom
+
+    keys = [k for _ in range(64) for k in protocol.draw_verification_keys(SystemRandom())]
+    assert any(k >= 2**63 for k in keys)
+    assert all(0 <= k < 2**64 for k in keys)
+
+
+def test_a_fixed_seed_is_refused_unless_named_insecure(tiny_pass, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    with pytest.raises(SystemExit) as exit_info:
+        qkdsat(["distil", str(tiny_pass), "--out", out, "--seed", "1"])
+    assert exit_info.value.code == 2
+    assert "--seed" in capsys.readouterr().err
+
+
+def test_the_mission_does_not_fix_the_distillation_seed():
+    """`qkdsat mission` used to distil with --seed 1 (its simulation seed)."""
+    import inspect
+
+    from host.mission import run as mission_run
+
+    source = inspect.getsource(mission_run)
+    assert "run_local(" in source
+    call = source[source.index("run_local(") :].split(")")[0]
+    assert "seed" not in call
+
+
+@pytest.mark.parametrize(
+    "intensities, message",
+    [
+        ({"mu": 0.5, "nu": 0.3, "vac": 0.25}, r"lim2014 needs mu1 > mu2 \+ mu3"),
+        ({"mu": 0.8, "nu": 0.1, "vac": 0.1}, "mu2 > mu3"),
+        ({"mu": 0.8, "nu": 0.1, "vac": -0.01}, ">= 0"),
+    ],
+)
+def test_decoy_intensities_outside_the_proofs_conditions_are_refused(
+    tiny_pass, tmp_path, capsys, intensities, message
+):
+    """0.5/0.3/0.25 gave a single-photon 'lower bound' of 14.7 M against a true 6.4 M."""
+    edited = _edited(tiny_pass, tmp_path, intensities=intensities)
+    assert qkdsat(["distil", str(edited), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "pass.json intensities" in err
+    assert not list((tmp_path / "o").glob("*.key")) if (tmp_path / "o").exists() else True
+    with pytest.raises(BadInput, match=message):
+        fk.estimate(
+            {"Z": {k: (100, 1) for k in intensities}, "X": {k: (100, 1) for k in intensities}},
+            intensities,
+            {"mu": 0.5, "nu": 0.25, "vac": 0.25},
+            "Z",
+        )
+
+
+def test_probabilities_that_do_not_sum_to_one_are_refused(tiny_pass, tmp_path):
+    probs = {"mu": 0.6, "nu": 0.25, "vac": 0.25}
+    edited = _edited(tiny_pass, tmp_path, intensity_probabilities=probs)
+    with pytest.raises(BadInput, match="sum to 1.1"):
+        Bob(edited, Config())
+
+
+def test_pass_json_must_match_alices_own_threshold_record(tiny_pass, tmp_path):
+    """Editing pass.json on both sides would change the key length with not one photon
+    changed: Alice compares it with the thresholds she used (satellite/)."""
+    probs = {"mu": 0.6, "nu": 0.2, "vac": 0.2}
+    edited = _edited(tiny_pass, tmp_path, intensity_probabilities=probs)
+    with pytest.raises(BadInput, match="Alice's pattern thresholds"):
+        Alice(edited, Config())
+    Bob(edited, Config())  # Bob has no record of them: the hello's digest covers him
+    edited_z = _edited(tiny_pass, tmp_path / "z", basis_probability_z=0.6)
+    with pytest.raises(BadInput, match="basis_probability_z"):
+        Alice(edited_z, Config())
+
+
+def test_a_key_longer_than_the_privacy_amplification_input_is_refused():
+    blocks = {"Z": np.zeros(100, np.uint8)}
+    protocol._refuse_longer_than_input({"Z": 100}, blocks)
+    with pytest.raises(ProtocolAborted, match="exceeds its 100 privacy-amplification"):
+        protocol._refuse_longer_than_input({"Z": 300}, blocks)
+
+
+def test_eps_cor_the_tags_cannot_deliver_is_refused():
+    with pytest.raises(BadInput, match="--eps-cor 1e-40"):
+        Config(eps_cor=1e-40).validate()
+    # a 1.5 Mbit block: two 64-bit tags give ~1.6e-30, so 1e-31 is refused at verification
+    assert 1e-31 < protocol.verification_collision_bound(1_500_000) < 1e-29
+    with pytest.raises(ProtocolAborted, match="below what the verification tags deliver"):
+        protocol._refuse_unattainable_eps_cor({"Z": np.zeros(1_500_000, np.uint8)}, 1e-31)
+
+
+@pytest.mark.slow
+def test_sigkill_campaign_reuses_no_pool_byte(tiny_pass, tmp_path):
+    """Split mode, two processes, one SIGKILLed at a random point of each session: across
+    the sessions no pool byte serves twice (every tag checked against its pool offset)."""
+    stats = run_campaign(tiny_pass, tmp_path / "campaign", kills=8, seed=16)
+    assert stats["kills"] >= 8
+    assert stats["tags_checked"] > 0
+    assert stats["records"]["alice"] > 0 and stats["records"]["bob"] > 0
