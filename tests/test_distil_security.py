@@ -157,3 +157,26 @@ def test_sigkill_campaign_reuses_no_pool_byte(tiny_pass, tmp_path):
     assert stats["kills"] >= 8
     assert stats["tags_checked"] > 0
     assert stats["records"]["alice"] > 0 and stats["records"]["bob"] > 0
+
+
+def test_multi_clicks_are_squashed_by_basis_not_by_tag_count(tiny_pass):
+    """A slot with three tags on detector 0 (Z, bit 0) and one on detector 2 (X, bit 0):
+    the squashing model draws the basis uniformly among the bases that clicked (main drew
+    a tag, so Z three times in four); a double click inside a basis gives a uniform bit."""
+    from types import SimpleNamespace
+
+    bob = Bob(tiny_pass, Config())
+    slots_per_case = 4000
+    cross = np.tile([0, 0, 0, 2], slots_per_case)  # channels: Z0 Z0 Z0 X0
+    double = np.tile([0, 1], slots_per_case)  # Z0 and Z1 in the same slot
+    for channels, per_slot in ((cross, 4), (double, 2)):
+        bob.channels = channels.astype(np.uint8)
+        slot_of = np.repeat(np.arange(slots_per_case), per_slot)
+        sync = SimpleNamespace(slots=slot_of, assigned=np.ones(channels.size, bool))
+        _, basis, bit = bob._detections_to_slots(sync)
+        assert basis.size == slots_per_case
+        if per_slot == 4:
+            assert 0.45 < basis.mean() < 0.55  # main: 0.25
+            assert not bit.any()
+        else:
+            assert not basis.any() and 0.45 < bit.mean() < 0.55

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import struct
@@ -242,14 +243,18 @@ def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, k
         frames = int(syndromes["frames"])
         assert syndromes["syndromes"].size == -(-frames * code.m // 8)
         revealed = 0
+        top_up_messages = 0
         for top_up in top_ups:
+            top_up_messages += 1
             step = int(top_up["step"])
             if not step:
                 break  # the top-ups (at most two) end with a step of 0
             values = next(reveal_iter)["values"]
             revealed += frames * step
             assert values.size == -(-frames * step // 8)
+        status_messages = 0
         for status in status_iter:
+            status_messages += 1
             failed = np.asarray(status["failed"]).size
             if not failed:
                 break  # this block's decoding ended
@@ -260,8 +265,15 @@ def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, k
         check = sum(8 * len(f["tag"]) for k, f in part if k == "ec_verify")
         check += sum(8 * len(f["tags"]) for k, f in part if k == "ec_frame_tags")
         assert check == stats["leak_ec_check_bits"]
+        # Bob's own messages, computed from his string: each ec_status (the last one too)
+        # and ec_discard (sent with the frame tags) names a subset of the frames, each
+        # ec_status and ec_top_up a step in [0, n], ec_check one bit
+        lists = status_messages + int(any(k == "ec_frame_tags" for k, _ in part))
+        steps = status_messages + top_up_messages
+        bob_bits = frames * lists + steps * math.ceil(math.log2(code.n + 1)) + 1
+        assert stats["leak_bob_messages_bits"] == bob_bits
         # the EC leak the key length is cut by: syndromes (their rank), reveals, checks
-        assert stats["leak_bits"] == frames * plan.leak_bits() + revealed + check
+        assert stats["leak_bits"] == frames * plan.leak_bits() + revealed + check + bob_bits
         discarded = sum(f["bits"].size for k, f in part if k == "ec_discarded_bits")
         assert discarded == -(-stats["bits_discarded"] // 8)
         name = alice_report["key_bases"][index]

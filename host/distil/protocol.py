@@ -647,7 +647,12 @@ class Bob:
         return out
 
     def _detections_to_slots(self, sync):
-        """One (basis, bit) per occupied slot; double clicks get a random value (squashing)."""
+        """One (basis, bit) per occupied slot. Multi-clicks follow the squashing rule for a
+        passive four-detector receiver (docs/distillation.md): a basis drawn uniformly
+        among the bases whose detectors clicked, then the bit of that basis' detector, or
+        a uniform bit if both of its detectors clicked (a double click in the measured
+        basis is then an error half the time, as the squashed qubit measurement would give).
+        Several tags on one detector count as one click."""
         det = np.isin(self.channels, (0, 1, 2, 3))
         slots = sync.slots[det & sync.assigned]
         ch = self.channels[det & sync.assigned].astype(np.int64)
@@ -658,10 +663,14 @@ class Bob:
         bit = (ch[first] & 1).astype(np.uint8)
         multi = np.nonzero(counts > 1)[0]
         for i in multi:  # rare: few per pass
-            group = ch[first[i] : first[i] + counts[i]]
-            if np.unique(group).size > 1:
-                pick = group[self.rng.integers(group.size)]
-                basis[i], bit[i] = int(pick >= 2), int(pick & 1)
+            clicked = np.unique(ch[first[i] : first[i] + counts[i]])
+            if clicked.size == 1:
+                continue
+            bases = np.unique(clicked >= 2)
+            chosen = bool(bases[int(self.rng.integers(bases.size))])
+            bits = (clicked[(clicked >= 2) == chosen] & 1).astype(np.uint8)
+            basis[i] = int(chosen)
+            bit[i] = int(bits[0]) if bits.size == 1 else int(self.rng.integers(2))
         return unique.astype(np.int64), basis, bit
 
     def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
