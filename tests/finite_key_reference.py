@@ -163,3 +163,31 @@ def key_length(
         "phi": phi,
         "length": max(math.floor(length), 0),
     }
+
+
+def recomputed_key_bits(report: dict, bob_counts_bits: dict | None = None) -> int:
+    """The key length recomputed from a distillation report's counts (the report's analysis
+    and tail, epsilons split over the key blocks). The leak: the EC leak, the verification
+    tags, the discarded frames' disclosed bits (the counts are the whole key block's) and
+    Bob's error counts (bob_counts_bits, from the wire when the caller recorded it)."""
+    prof = report["profile"]
+    blocks = report["blocks"]
+    total = 0
+    for block in blocks:
+        key_b, test_b = block["basis"], block["test_basis"]
+        key_counts = {k: tuple(v) for k, v in report["counts_key_blocks"][key_b].items()}
+        test_counts = {k: (v["n"], v["m"]) for k, v in report["counts"][test_b].items()}
+        counts_bits = (bob_counts_bits or {}).get(key_b, block["leak_bob_counts_bits"])
+        leak = block["leak_ec_bits"] + block["leak_verification_bits"] + block["bits_discarded"]
+        total += key_length(
+            key_counts,
+            test_counts,
+            prof["intensities"],
+            prof["intensity_probabilities"],
+            analysis=report["analysis"],
+            tail=report["tail"],
+            eps_sec=report["epsilon"]["sec"] / len(blocks),
+            eps_cor=report["epsilon"]["cor"] / len(blocks),
+            leak=leak + counts_bits,
+        )["length"]
+    return total

@@ -217,7 +217,8 @@ def run_campaign(
         # pool opening, locking, the position exchange), then a random fraction of a second
         relay.wait_frames(chooser.randrange(0, max_frames + 1), timeout_s=120)
         time.sleep(chooser.uniform(0.0, max_kill_s))
-        if procs[victim].poll() is None:
+        killed = procs[victim].poll() is None
+        if killed:
             procs[victim].send_signal(signal.SIGKILL)
             stats["kills"] += 1
             stats[f"kills_{victim}"] += 1
@@ -248,6 +249,7 @@ def run_campaign(
         stats["bytes_used"] += 8 * len(ranges)
         stats["sessions"] += 1
         if log is not None:
-            log(f"session {session}: {victim} killed, {tags} tags, record {latest}")
+            what = "SIGKILLed" if killed else "had already exited"
+            log(f"session {session}: {victim} {what}, {tags} tags, record {latest}")
     stats["records"] = {r: _record(p) for r, p in pools.items()}
     return stats

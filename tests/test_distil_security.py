@@ -180,3 +180,25 @@ def test_multi_clicks_are_squashed_by_basis_not_by_tag_count(tiny_pass):
             assert not bit.any()
         else:
             assert not basis.any() and 0.45 < bit.mean() < 0.55
+
+
+def test_the_public_simulation_seed_does_not_determine_alices_pattern(tmp_path):
+    """pass.json publishes seeds.simulation; main derived Alice's pattern seed from it, so
+    anyone could recompute her bases and bits. Now the same seed gives different patterns,
+    the pattern follows a secret kept in satellite/ and truth/ only, and pass.json holds
+    neither the secret nor the pattern seed."""
+    from host.simulate import passgen, profiles
+
+    micius = profiles.load("micius-2017")
+    a, b = (passgen.build_scenario(micius, seed=5, duration_s=0.01) for _ in range(2))
+    assert a.pattern.seed != b.pattern.seed
+    secret = os.urandom(16)
+    c, d = (passgen.build_scenario(micius, seed=s, duration_s=0.01, pattern_secret=secret)
+            for s in (5, 6))  # fmt: skip
+    assert c.pattern.seed == d.pattern.seed == passgen.pattern_seed_from_secret(secret)
+    truth = passgen.run(c, tmp_path / "p", pattern_mode="source")
+    assert truth["pattern_secret"] == secret.hex()
+    public = (tmp_path / "p" / "pass.json").read_text()
+    assert secret.hex() not in public and str(c.pattern.seed) not in public
+    record = json.loads((tmp_path / "p" / "satellite" / "pattern_source.json").read_text())
+    assert record["seed"] == c.pattern.seed

@@ -250,8 +250,12 @@ def test_same_seed_same_pass_other_seed_other_pass(tmp_path, micius):
     files = ("ground/detections.qdet", "ground/sync.qdet", "satellite/tdc.qrec",
              "satellite/pattern_source.json", "pass.json")  # fmt: skip
     runs = {}
+    secret = bytes(range(16))  # Alice's pattern: from its own secret, not from the seed
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        scenario = passgen.build_scenario(micius, seed=seed, duration_s=0.6)
+        pattern_secret = secret if seed == 3 else bytes(16 * [7])
+        scenario = passgen.build_scenario(
+            micius, seed=seed, duration_s=0.6, pattern_secret=pattern_secret
+        )
         passgen.run(scenario, tmp_path / name, pattern_mode="source")
         runs[name] = [(tmp_path / name / f).read_bytes() for f in files]
     assert runs["a"] == runs["b"]

@@ -35,6 +35,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--seed", type=int, default=1, help="simulation seed (>= 0)")
     parser.add_argument(
+        "--pattern-secret",
+        metavar="HEX",
+        help="Alice's pattern secret (32 hex digits) to reproduce a pass exactly; default: "
+        "fresh from the OS. Never derived from --seed, which pass.json publishes",
+    )
+    parser.add_argument(
         "--duration-s",
         type=float,
         help="simulate only this many seconds around culmination (default: the whole pass)",
@@ -147,6 +153,16 @@ def run(args) -> int:
         except (OSError, UnicodeDecodeError) as error:
             raise BadInput(f"--tle {args.tle}: cannot read ({error})") from None
         check_tle_orbit(tle_text, args.tle)
+    pattern_secret = None
+    if args.pattern_secret is not None:
+        try:
+            pattern_secret = bytes.fromhex(args.pattern_secret)
+        except ValueError:
+            raise BadInput(
+                f"--pattern-secret: not hexadecimal ({args.pattern_secret!r})"
+            ) from None
+        if len(pattern_secret) != passgen.PATTERN_SECRET_BYTES:
+            raise BadInput(f"--pattern-secret: {2 * passgen.PATTERN_SECRET_BYTES} hex digits")
     out = Path(args.out)
     prepare_out(out, args.force)
     scenario = passgen.build_scenario(
@@ -157,6 +173,7 @@ def run(args) -> int:
         start_utc=args.start,
         seed=args.seed,
         duration_s=args.duration_s,
+        pattern_secret=pattern_secret,
     )
     log_bytes = scenario.slot_count * PATTERN_LOG_BYTES_PER_SLOT
     if args.pattern == "log" and log_bytes > PATTERN_LOG_WARN_BYTES and not args.force:

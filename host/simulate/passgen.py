@@ -1,12 +1,15 @@
 """Generate a pass directory from a profile: geometry -> link -> detections -> files.
 
-Everything random comes from one seed through numpy SeedSequence children, one per
-component, so the same seed gives the same pass byte for byte, and changing one model
-(say, the pointing) does not reshuffle the others.
+The physics comes from one seed through numpy SeedSequence children, one per component,
+so the same seed (and the same pattern secret) gives the same pass byte for byte, and
+changing one model (say, the pointing) does not reshuffle the others. Alice's pattern comes
+from a separate secret (fresh from os.urandom unless given), kept in satellite/ and truth/
+only: the seed is published in pass.json.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -68,6 +71,9 @@ class Scenario:
     slots: SlotClock
     ground_clock: Clock
     rngs: dict
+    # Alice's pattern comes from this secret, never from the public seed (which pass.json
+    # publishes): it goes only to satellite/ (as the pattern source or log) and truth/
+    pattern_secret: bytes = b""
 
 
 def build_scenario(
@@ -81,6 +87,7 @@ def build_scenario(
     duration_s: float | None = None,
     pointing_log: tuple[np.ndarray, np.ndarray] | None = None,
     window_start_s: float | None = None,
+    pattern_secret: bytes | None = None,
 ) -> Scenario:
     """Everything needed to simulate one pass. `pointing_log` = (t_s, error_urad) replaces
     the pointing-jitter model with a measured or simulated tracking log (t_s after the
@@ -112,7 +119,9 @@ def build_scenario(
         name: np.random.default_rng(child)
         for name, child in zip(_SEED_STREAMS, children, strict=True)
     }
-    pattern_seed = int(children[0].generate_state(1, np.uint64)[0])
+    if pattern_secret is None:
+        pattern_secret = os.urandom(PATTERN_SECRET_BYTES)
+    pattern_seed = pattern_seed_from_secret(pattern_secret)
 
     source = profile["source"]
     classes = list(source["intensities"])
@@ -170,8 +179,21 @@ def build_scenario(
     slots = SlotClock(sat_clock, first_slot_ps, period_ps, slot_count)
     return Scenario(
         profile, station, geometry, seed, rate, period_ps, slot_count, classes, mapping,
-        pattern, channel, slots, ground_clock, rngs,
+        pattern, channel, slots, ground_clock, rngs, bytes(pattern_secret),
     )  # fmt: skip
+
+
+PATTERN_SECRET_BYTES = 16
+
+
+def pattern_seed_from_secret(secret: bytes) -> int:
+    """Alice's pattern seed: a keyed hash of the pattern secret alone. The simulation seed
+    is public (pass.json `seeds.simulation`); deriving the pattern from it, as before, let
+    anyone holding pass.json recompute every basis and bit Alice sent."""
+    if len(secret) < PATTERN_SECRET_BYTES:
+        raise BadInput(f"pattern secret: {len(secret)} bytes, need {PATTERN_SECRET_BYTES}")
+    digest = hashlib.blake2b(secret, digest_size=8, person=b"qkdsat-pattern").digest()
+    return int.from_bytes(digest, "little")
 
 
 def crop_around_culmination(
@@ -513,6 +535,7 @@ def truth_summary(scenario: Scenario, photons: PhotonEvents, tags, window) -> di
         "simulator_version": SIMULATOR_VERSION,
         "seed": scenario.seed,
         "pattern_seed": scenario.pattern.seed,
+        "pattern_secret": scenario.pattern_secret.hex(),
         "slot_count": scenario.slot_count,
         "clocks": {
             "satellite": scenario.slots.clock.to_json(),
