@@ -55,20 +55,25 @@ def _bits_of(count_range: int) -> int:
 
 def _bob_string_dependent_bits(alice: Wire, bob: Wire, key_bases: list) -> tuple[list, dict]:
     """From what went over the wire: per EC block, what Bob's own messages can say about his
-    string (a frame list is a subset of the block's frames; ec_top_up one step in [0, n];
-    ec_check one bit), and per key basis what his error counts can say (each count in
-    [0, n] for the n the same message or the block size gives)."""
+    string (a frame list is a subset of the block's frames; a step, in ec_top_up or
+    ec_status, one of n + 1 values; ec_check one bit), and per key basis what his error
+    counts can say (each count in [0, n] for the n the same message or the block gives)."""
     frames = [int(f["frames"]) for kind, f in alice.messages if kind == "ec_syndromes"]
+    step_bits = _bits_of(ldpc.FRAME_BITS)
     ec_bits, counts_bits = [], dict.fromkeys(key_bases, 0)
-    block = -1
+    block, in_block = -1, False
     for kind, fields in bob.messages:
         if kind == "ec_top_up":
-            block += 1
-            ec_bits.append(_bits_of(ldpc.FRAME_BITS))
-        elif kind in ("ec_status", "ec_discard"):
+            if not in_block:  # a block's first message from Bob
+                block, in_block = block + 1, True
+                ec_bits.append(1)  # its ec_check, sent once per block
+            ec_bits[block] += step_bits
+        elif kind == "ec_status":
+            ec_bits[block] += frames[block] + step_bits
+        elif kind == "ec_discard":
             ec_bits[block] += frames[block]
         elif kind == "ec_check":
-            ec_bits[block] += 1
+            in_block = False
         elif kind == "ec_block_errors":
             counts_bits[key_bases[block]] += _bits_of(int(fields["bits"]))
         elif kind == "error_counts":
@@ -76,6 +81,7 @@ def _bob_string_dependent_bits(alice: Wire, bob: Wire, key_bases: list) -> tuple
                 counts = json.loads(fields[table])
                 for basis in key_bases:
                     counts_bits[basis] += sum(_bits_of(n) for n, _ in counts[basis].values())
+    assert block == len(frames) - 1
     return ec_bits, counts_bits
 
 

@@ -133,6 +133,13 @@ def test_ldpc_exchange_corrects_every_frame_and_both_sides_count_the_same_leak()
     assert 1.0 < f < 1.3
 
 
+def _bob_bits(stats: dict, lists: int, code_n: int = 8192) -> int:
+    """Bob's string-dependent EC messages: each frame list (ec_status, ec_discard) a subset
+    of the frames, each step (ec_status, ec_top_up) one of n + 1 values, ec_check one bit."""
+    steps = stats["retry_rounds"] + 1 + stats["top_up_messages"]
+    return stats["frames"] * lists + steps * math.ceil(math.log2(code_n + 1)) + 1
+
+
 def test_ldpc_leak_counts_every_syndrome_punctured_and_revealed_bit(monkeypatch):
     """Many small frames (2^13 bits) so that some need the retry path: the leak is the
     syndrome bits minus the punctured rank of every frame plus every revealed bit, the
@@ -150,7 +157,7 @@ def test_ldpc_leak_counts_every_syndrome_punctured_and_revealed_bit(monkeypatch)
     assert stats["leak_ec_check_bits"] == reconcile.BLOCK_TAG_BITS
     # Bob's frame lists (one ec_status per retry round and the final one), his top-up step
     # and his ec_check bit depend on his string: counted too
-    bob_bits = stats["frames"] * (stats["retry_rounds"] + 1) + math.ceil(math.log2(8193)) + 1
+    bob_bits = _bob_bits(stats, lists=stats["retry_rounds"] + 1)
     assert stats["leak_bob_messages_bits"] == bob_bits
     assert stats["leak_bits"] == (
         stats["frames"] * plan.leak_bits()
@@ -253,7 +260,7 @@ def test_a_frame_decoded_to_a_wrong_codeword_is_discarded_and_the_others_kept(mo
     tags = reconcile.BLOCK_TAG_BITS + stats["frames"] * reconcile.FRAME_TAG_BITS
     assert stats["leak_ec_check_bits"] == tags
     # Bob's frame lists: each ec_status and, the block tag having differed, ec_discard
-    bob_bits = stats["frames"] * (stats["retry_rounds"] + 2) + math.ceil(math.log2(8193)) + 1
+    bob_bits = _bob_bits(stats, lists=stats["retry_rounds"] + 2)
     assert stats["leak_bob_messages_bits"] == bob_bits
     assert stats["leak_bits"] == (
         stats["frames"] * plan.leak_bits() + stats["revealed_bits"] + tags + bob_bits
@@ -283,7 +290,7 @@ def test_a_frame_that_never_decodes_is_discarded_instead_of_aborting(monkeypatch
     )
     assert not stats["frame_tags_sent"]
     assert stats["leak_ec_check_bits"] == reconcile.BLOCK_TAG_BITS
-    bob_bits = stats["frames"] * (stats["retry_rounds"] + 1) + math.ceil(math.log2(8193)) + 1
+    bob_bits = _bob_bits(stats, lists=stats["retry_rounds"] + 1)
     assert stats["leak_bob_messages_bits"] == bob_bits
     assert (
         stats["leak_bits"]
@@ -407,10 +414,12 @@ def test_a_small_blocks_leak_stays_bounded_when_its_qber_sample_is_off(q_estimat
     )
     tag_bits = sum(len(bytes(fields["tag"])) * 8 for kind, fields in sent if kind == "ec_verify")
     assert "ec_frame_tags" not in kinds
-    # reveals are packed to whole bytes: the leak counts the bits, at most 7 fewer each
+    # reveals are packed to whole bytes: the leak counts the bits, at most 7 fewer each;
+    # on top of Alice's messages, the leak counts Bob's string-dependent ones
     reveals = kinds.count("ec_reveal")
+    alice_leak = stats["leak_bits"] - stats["leak_bob_messages_bits"]
+    lists = stats["retry_rounds"] + 1
+    assert stats["leak_bob_messages_bits"] == _bob_bits(stats, lists, plan.code.n)
     assert (
-        0
-        <= syndrome_bits - punctured_rank + revealed_bits + tag_bits - stats["leak_bits"]
-        <= 7 * reveals
+        0 <= syndrome_bits - punctured_rank + revealed_bits + tag_bits - alice_leak <= 7 * reveals
     )

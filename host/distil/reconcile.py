@@ -553,6 +553,7 @@ def ldpc_bob(
     stats = {
         "leak_bits": leak,
         "leak_bob_messages_bits": bob_bits,
+        "top_up_messages": top_up_messages,
         "frames": len(frames),
         "frame_errors": int(np.sum(revealed > first_step)),
         "frames_discarded": int(discarded.size),
