@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -173,7 +174,8 @@ def test_bench_decoder_against_ldpc_package():
         syndromes = code.syndrome(x)
         llr = np.stack([ldpc.channel_llr(row, q) for row in y]).astype(np.float32)
         times, decoded = {}, {}
-        for name, fn in (("phi", ldpc.decode_phi), ("tanh", ldpc.decode_frames_warm)):
+        phi = functools.partial(ldpc.decode_phi, stall=ldpc.STALL_ITERATIONS)
+        for name, fn in (("phi", phi), ("tanh", ldpc.decode_frames_warm)):
             out = np.zeros_like(x)
             iters = np.zeros(frames, np.int64)
             messages = np.zeros((frames, code.edges), np.float32)

@@ -491,7 +491,7 @@ def _phi(table, x):
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def decode_phi(
-    llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters
+    llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters, stall
 ):
     """Layered sum-product syndrome decoding (phi table, see PHI_STEPS_PER_UNIT) of many
     frames (numba prange over frames: both cores), continuing from the check messages of
@@ -568,7 +568,7 @@ def decode_phi(
                 since_best = 0
             else:
                 since_best += 1
-                if since_best >= STALL_ITERATIONS:
+                if since_best >= stall:
                     break
         for v in range(n):
             out_bits[f, v] = 1 if post[v] < 0 else 0

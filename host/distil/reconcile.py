@@ -78,7 +78,15 @@ def _retry_step(base_step: int, attempt: int) -> int:
 
 def _decode(llr, syndromes, code, iterations, messages, out, iters):
     return ldpc.decode_phi(
-        llr, syndromes, code.check_ptr, code.check_var, iterations, messages, out, iters
+        llr,
+        syndromes,
+        code.check_ptr,
+        code.check_var,
+        iterations,
+        messages,
+        out,
+        iters,
+        ldpc.STALL_ITERATIONS,
     )
 
 
