@@ -309,12 +309,55 @@ def run_lockstep(
     stop_at_s: float | None = None,
     icount_shift: int | None = None,
     timeout_s: float = 600.0,
+    progress=None,
+    progress_interval_s: float = 5.0,
 ) -> LockstepResult:
+    """`progress`, when given, is called with a line now and then while the firmware runs
+    (loop time done against the plant's clock): the command line's progress lines."""
     config = dict(config or {})
     config.setdefault("loop_rate_hz", params.loop_rate_hz)
     if config["loop_rate_hz"] != params.loop_rate_hz:
         raise ValueError("the firmware's loop rate and the plant's must agree")
     plant = OpticalPlant(params, duration_s)
+    with _LoopProgress(plant, params.loop_rate_hz, progress, progress_interval_s):
+        return _run_lockstep(
+            params, plant, duration_s, target, config, start_at_s, stop_at_s, icount_shift,
+            timeout_s,
+        )  # fmt: skip
+
+
+class _LoopProgress:
+    """A heartbeat thread that reports the plant's step count every `interval_s` (the
+    main thread is blocked in the firmware's process, so it cannot report itself)."""
+
+    def __init__(self, plant: OpticalPlant, loop_rate_hz: int, progress, interval_s: float):
+        self.plant, self.rate, self.progress, self.interval_s = (
+            plant, loop_rate_hz, progress, interval_s,
+        )  # fmt: skip
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _beat(self) -> None:
+        total_s = self.plant.steps / self.rate
+        while not self._stop.wait(self.interval_s):
+            done_s = min(self.plant.k, self.plant.steps) / self.rate
+            self.progress(f"loop time {done_s:.1f} of {total_s:g} s")
+
+    def __enter__(self):
+        if self.progress is not None:
+            self._thread = threading.Thread(target=self._beat, name="progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+
+
+def _run_lockstep(
+    params, plant, duration_s, target, config, start_at_s, stop_at_s, icount_shift, timeout_s
+) -> LockstepResult:
     rows = prediction_table(params, duration_s)
     steps = plant.steps
     period_us = 1_000_000 // params.loop_rate_hz

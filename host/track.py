@@ -17,12 +17,13 @@ import math
 import re
 from pathlib import Path
 
-from host.console import print_result
+from host.console import print_result, progress_for
 from host.errors import BadInput, EnvironmentFailure, ProtocolAborted
 from host.outdir import check_output_dir
 
 MAX_OFFSET_URAD = 100_000.0  # 0.1 rad: far beyond any prediction the scan could search
 MAX_SEED = 2**63 - 1
+PROGRESS_INTERVAL_S = 5.0  # a 600 s loop runs ~15 min here: a line every few seconds
 
 
 def add_arguments(parser) -> None:
@@ -128,8 +129,17 @@ def run(args) -> int:
         initial_error_urad=tuple(args.offset_urad),
         dropouts=tuple(dropouts),
     )
+    progress = progress_for(args, "qkdsat track")
+    progress(f"firmware starting on {args.target}: {args.duration_s:g} s of loop time")
     try:
-        result = run_lockstep(params, args.duration_s, target=args.target, config=config)
+        result = run_lockstep(
+            params,
+            args.duration_s,
+            target=args.target,
+            config=config,
+            progress=progress if progress.enabled else None,
+            progress_interval_s=PROGRESS_INTERVAL_S,
+        )
     except LockstepError as error:
         refused = re.search(r"ConfigError: (.*)", str(error))
         if refused:
@@ -138,6 +148,7 @@ def run(args) -> int:
             ) from None
         raise
     out = Path(args.out)
+    progress(f"loop done; writing the products to {out}")
     try:
         (out / "truth").mkdir(parents=True, exist_ok=True)
         (out / "satellite").mkdir(parents=True, exist_ok=True)

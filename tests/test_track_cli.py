@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import select
+import sys
 
 from host.cli import main
 from host.protocol import tracking as trk
@@ -24,7 +27,9 @@ def test_track_writes_pointing_products(tmp_path, capsys):
     assert [trk.STATE_NAMES[t.new] for t in transitions][-1] == "FINE"
     telemetry, _, _, decimation = trk.read_tracking_log(out / "satellite" / "tracking.qrec")
     assert decimation == 10 and len(telemetry) == 200
-    assert "COARSE -> FINE" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "COARSE -> FINE" in captured.out
+    assert "qkdsat track: [" not in captured.err  # stderr is no terminal: no progress lines
 
 
 def test_track_refuses_unstable_configuration_with_the_firmware_reason(tmp_path, capsys):
@@ -41,3 +46,33 @@ def test_track_bad_arguments_are_named(tmp_path, capsys):
     assert "NAME=VALUE" in capsys.readouterr().err
     assert main(["track", "--out", str(tmp_path), "--duration-s", "0.1"]) == 2
     assert "--duration-s" in capsys.readouterr().err
+
+
+def test_track_progress_lines_on_a_terminal(tmp_path, monkeypatch, capsys):
+    """A long loop (600 s of loop time runs ~15 min here) is never silent on a terminal:
+    a stage line when the firmware starts, the loop time done every few seconds, and one
+    when the products are written; all on stderr, none on stdout."""
+    import host.track
+
+    monkeypatch.setattr(host.track, "PROGRESS_INTERVAL_S", 0.2)
+    master, slave = os.openpty()
+    try:
+        with open(slave, "w", closefd=False) as terminal:
+            monkeypatch.setattr(sys, "stderr", terminal)
+            code = main(["track", "--out", str(tmp_path), "--duration-s", "1.0",
+                         "--offset-urad", "500", "-300"])  # fmt: skip
+        shown = b""
+        while select.select([master], [], [], 0.05)[0]:
+            shown += os.read(master, 65536)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert code == 0, shown
+    lines = shown.decode().splitlines()
+    assert lines[0].startswith("qkdsat track: [") and "firmware starting on unix" in lines[0]
+    beats = [
+        float(line.split("] loop time ")[1].split()[0]) for line in lines if "] loop time " in line
+    ]
+    assert beats and beats == sorted(beats) and all(0 <= b <= 1.0 for b in beats)
+    assert "writing the products" in lines[-1]
+    assert "qkdsat track: [" not in capsys.readouterr().out
