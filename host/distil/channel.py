@@ -279,7 +279,8 @@ class SocketTransport:
             except OSError as error:
                 raise ChannelClosed(f"receive failed: {error}") from error
             if not chunk:
-                raise ChannelClosed("peer closed the connection")
+                # on the optical link this is also how a link lost for good shows
+                raise ChannelClosed("connection closed: the peer stopped or the link was lost")
             parts.append(chunk)
             remaining -= len(chunk)
         return b"".join(parts)
