@@ -9,7 +9,7 @@ import argparse
 import time
 
 from emulator.endpoint import FrameEndpoint, echo
-from emulator.targets import make_target
+from emulator.payload_run import payload_session
 from host.link.client import LinkError, PayloadClient
 from host.protocol import ccsds
 
@@ -17,18 +17,20 @@ from host.protocol import ccsds
 def run_smoke(target_name: str, echo_payload: bytes = b"hello optical head") -> dict:
     started = time.monotonic()
     with FrameEndpoint(echo) as endpoint:
-        with make_target(target_name, bus_address=endpoint.address) as target:
-            with PayloadClient(target.ground_port, timeout_s=0.5) as payload:
-                version = ping_until_up(payload, timeout_s=20.0)
-                payload.timeout_s = 10.0
-                tm = payload.command("bus loopback", ccsds.SVC_TEST, 128, echo_payload, reply=129)
-                return {
-                    "target": target_name,
-                    "version": version,
-                    "bus_echo": tm.data,
-                    "endpoint_frames": endpoint.reader.frames_ok,
-                    "seconds": round(time.monotonic() - started, 3),
-                }
+        # provisioned with a test key as a board would be (the firmware has no built-in
+        # key): unix writes it into the storage folder, QEMU through the maintenance REPL
+        with payload_session(target_name, endpoint.address) as (_target, payload):
+            payload.timeout_s = 0.5
+            version = ping_until_up(payload, timeout_s=20.0)
+            payload.timeout_s = 10.0
+            tm = payload.command("bus loopback", ccsds.SVC_TEST, 128, echo_payload, reply=129)
+            return {
+                "target": target_name,
+                "version": version,
+                "bus_echo": tm.data,
+                "endpoint_frames": endpoint.reader.frames_ok,
+                "seconds": round(time.monotonic() - started, 3),
+            }
 
 
 def ping_until_up(payload: PayloadClient, timeout_s: float) -> str:

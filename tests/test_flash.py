@@ -3,9 +3,9 @@ the maintenance telecommand), deploy .mpy files with mpremote, provision a link 
 verify every file, then run the deployed firmware and command it with the new key."""
 
 import pytest
-from linkhelpers import KEY
+from linkhelpers import KEY, qemu_payload
 
-from emulator.targets import QemuTarget, UnixTarget
+from emulator.targets import UnixTarget
 from host.cli import main
 from host.deploy.raw_repl import RawRepl
 from host.link.client import LinkError, PayloadClient
@@ -26,14 +26,16 @@ _RUN_DEPLOYED = (
 @pytest.mark.qemu
 @pytest.mark.slow
 def test_flash_from_a_running_payload_then_command_it_with_the_new_key(tmp_path, capsys):
-    dev_key = tmp_path / "dev.key"
-    dev_key.write_bytes(ccsds.DEVELOPMENT_KEY)
+    old_key = tmp_path / "old.key"
+    old_key.write_bytes(KEY)
+    next_key = bytes(range(200, 232))
     new_key = tmp_path / "payload.key"
-    new_key.write_bytes(KEY)
-    with QemuTarget(boot="app") as target:
+    new_key.write_bytes(next_key)
+    with qemu_payload({}, key=KEY) as target:  # provisioned, running the application
         port = target.ground_port
-        # the application is stopped by the maintenance TC; the wrong board is refused
-        assert main(["flash", "--port", port, "--key", str(dev_key), "--board", "unix"]) == 2
+        # the application is stopped by the (armed) maintenance TC; the wrong board is
+        # refused
+        assert main(["flash", "--port", port, "--key", str(old_key), "--board", "unix"]) == 2
         assert "runs board module 'qemu'" in capsys.readouterr().err
         code = main(["flash", "--port", port, "--provision-key", str(new_key)])
         out = capsys.readouterr()
@@ -46,13 +48,14 @@ def test_flash_from_a_running_payload_then_command_it_with_the_new_key(tmp_path,
         started = repl._read_until(b"\n", 10.0)
         assert b"RUNNING /flash/payload/app.mpy" in started, started
         repl.close()
-        with PayloadClient(port, KEY) as payload:
+        with PayloadClient(port, next_key) as payload:
             hk = payload.housekeeping()
             assert hk["key"] == "provisioned" and hk["version"].endswith("qemu")
-        with PayloadClient(port, ccsds.DEVELOPMENT_KEY, timeout_s=2.0) as intruder:
-            with pytest.raises(LinkError, match="no answer"):
-                intruder.ping()  # rejected, and the rejection is tagged with the real key
-            assert intruder.unauthenticated_packets >= 1
+        for wrong in (ccsds.DEVELOPMENT_KEY, KEY):  # the public key, the replaced key
+            with PayloadClient(port, wrong, timeout_s=2.0) as intruder:
+                with pytest.raises(LinkError, match="no answer"):
+                    intruder.ping()  # rejected, and the rejection is tagged with the real key
+                assert intruder.unauthenticated_packets >= 1
 
 
 def test_flash_refuses_clearly_without_a_repl_or_a_key(tmp_path, capsys):

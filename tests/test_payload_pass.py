@@ -299,3 +299,40 @@ def test_a_frame_emitted_but_not_logged_before_a_reset_is_reported(tmp_path):
                     handle.truncate(last.offset)
     assert statuses[0]["frames_unlogged"] == 0
     assert statuses[1]["frames_unlogged"] == 1
+
+
+class _HeadThatDiesMidStart(OpticalHead):
+    """Answers until the controller has stopped the laser at the start of a pass, then
+    never again: the head lost power while the controller was starting the pass."""
+
+    dead = False
+
+    def handle(self, body):
+        if self.dead:
+            return None
+        reply = super().handle(body)
+        # WRITE (0x02) of LASER_CTRL (0x0100): the start's first step on the laser
+        if body[:1] == b"\x02" and body[2:4] == (0x0100).to_bytes(2, "little"):
+            self.dead = True
+        return reply
+
+
+def test_a_head_dead_mid_start_is_reported_and_the_link_keeps_serving():
+    """Every wait in the start is bounded: the controller rejects the start with the
+    bus fault within a few bus timeouts (it used to poll LASER_ACTIVE 10 000 times, each
+    poll a full set of timed-out retries: hours) and answers telecommands after it."""
+    head = _HeadThatDiesMidStart(seed=3)
+    env = {"QKDSAT_BUS_TIMEOUT_US": "200000"}
+    with HeadServer(head) as server:
+        with payload_session("unix", server.address, unix_env=env) as (_target, payload):
+            payload.configure(_config(1024, 10**12))
+            payload.timeout_s = 20.0
+            with pytest.raises(CommandRejected, match="state: optical head") as rejected:
+                payload.start()
+            assert "LASER_ACTIVE" in str(rejected.value)
+            assert payload.ping().startswith("qkdsat-fw")
+            mission = payload.housekeeping()["mission"]
+    assert head.dead
+    assert mission["pass_running"] is False
+    assert mission["bus"]["timeouts"] >= 1
+    assert "duty_errors" not in mission

@@ -8,6 +8,7 @@
 # alive" test (TC 17,1 -> TM 17,2 "qkdsat-fw <version> <board>").
 # Payload-bus loopback test: TC 17,128 <data> sends <data> as a bus frame; the frame that
 # comes back is reported as TM 17,129 <data>.
+import micropython
 from micropython import const
 
 from payload import framing, scheduler, telecommands
@@ -16,6 +17,72 @@ from payload.ccsds import FN_MAINTENANCE, FN_REBOOT
 MAX_FRAME_BODY_BYTES = const(1024)
 # Ground frames carry a 1 KiB product chunk plus packet headers (docs/ground-link.md).
 GROUND_MAX_BODY_BYTES = const(1200)  # a 1 KiB chunk sealed, or housekeeping JSON
+# Longest a scheduler pass spends writing to the ground link: at 115200 baud a 1 KiB
+# packet takes ~89 ms, more than two 41 ms frame periods, so it goes out in slices.
+GROUND_TX_SLICE_US = const(2000)
+# When the queue is full, how long a new packet may wait for room before it is dropped
+# (and counted): a ground link nobody reads must not stop the payload.
+GROUND_TX_FULL_WAIT_US = const(200_000)
+# Before a reboot or the maintenance REPL: time to get the acceptance report out.
+GROUND_TX_FLUSH_US = const(2_000_000)
+
+
+class TxQueue:
+    """Whole frames queued for a link that takes bytes at its own pace; `pump` (a
+    scheduler duty) writes for at most slice_us per pass, so a long send never blocks
+    the loop. Frames are never cut: one that finds no room after full_wait_us is dropped
+    and counted (`dropped_frames`)."""
+
+    def __init__(self, link, clock, capacity, slice_us, full_wait_us):
+        self.link = link
+        self.clock = clock
+        self._buf = bytearray(capacity)
+        self._view = memoryview(self._buf)
+        self._capacity = capacity
+        self._head = 0
+        self._count = 0
+        self.slice_us = slice_us
+        self.full_wait_us = full_wait_us
+        self.dropped_frames = 0
+        self.bytes_sent = 0
+
+    def pending(self):
+        return self._count
+
+    def push(self, frame):
+        n = len(frame)
+        if n > self._capacity - self._count:
+            self.drain(self.full_wait_us)
+            if n > self._capacity - self._count:
+                self.dropped_frames += 1
+                return False
+        tail = (self._head + self._count) % self._capacity
+        first = min(n, self._capacity - tail)
+        self._buf[tail : tail + first] = frame[:first]
+        if first < n:
+            self._buf[: n - first] = frame[first:]
+        self._count += n
+        return True
+
+    def pump(self):
+        return self.drain(self.slice_us)
+
+    def drain(self, budget_us):
+        """Write until empty or budget_us has passed; True if anything went out."""
+        clock = self.clock
+        start = clock.ticks_us()
+        wrote = False
+        while self._count:
+            first = min(self._count, self._capacity - self._head)
+            n = self.link.write(self._view[self._head : self._head + first])
+            if n:
+                self._head = (self._head + n) % self._capacity
+                self._count -= n
+                self.bytes_sent += n
+                wrote = True
+            if ((clock.ticks_us() - start) & 0x3FFFFFFF) > budget_us:
+                break
+        return wrote
 
 
 class Controller:
@@ -26,14 +93,23 @@ class Controller:
         self.ground_tx = framing.FrameWriter(GROUND_MAX_BODY_BYTES)
         self.bus_tx = framing.FrameWriter(MAX_FRAME_BODY_BYTES)
         self._chunk = bytearray(256)
+        self.ground_queue = TxQueue(
+            board.ground_link,
+            board.clock,
+            2 * framing.encoded_capacity(GROUND_MAX_BODY_BYTES),
+            GROUND_TX_SLICE_US,
+            GROUND_TX_FULL_WAIT_US,
+        )
         self.link = telecommands.GroundLink(
             board, storage_root, self.send_ground, mission, GROUND_MAX_BODY_BYTES
         )
         self.link.frame_reader = self.ground_rx
+        self.link.tx_queue = self.ground_queue
         self.link.bus_send = self.send_bus
         self.mission = mission
         self.scheduler = scheduler.Scheduler(board.clock)
         self.scheduler.add("ground", self.poll_ground)
+        self.scheduler.add("gtx", self.ground_queue.pump)
         if mission is not None and hasattr(mission, "duties"):
             # The data path's bus client owns the payload bus; frames it did not ask for
             # (the loopback test's) come back through on_unsolicited.
@@ -45,10 +121,15 @@ class Controller:
             self.scheduler.add("bus", self.poll_bus)
 
     def send_ground(self, body, length):
-        _write_all(self.board.ground_link, self.ground_tx.encode(body, length))
+        self.ground_queue.push(self.ground_tx.encode(body, length))
 
     def send_bus(self, body, length):
-        _write_all(self.board.payload_bus, self._bus_tx.encode(body, length))
+        _write_bounded(
+            self.board.payload_bus,
+            self._bus_tx.encode(body, length),
+            self.board.clock,
+            self.board.BUS_TIMEOUT_US,
+        )
 
     def on_ground_frame(self, body):
         self.link.handle(body)
@@ -64,12 +145,15 @@ class Controller:
         return _pump(self.board.payload_bus, self.bus_rx, self._chunk, self.on_bus_frame)
 
     def poll(self):
-        """One pass of the main loop; returns True if any duty did work."""
+        """One pass of the main loop; returns True if any duty did work. The watchdog is
+        fed here and only here: after a whole pass of the scheduler, every duty returned."""
         self.board.clock.update()
         busy = self.scheduler.run_once()
+        self.board.watchdog_feed()
         action = self.link.pending_action
         if action is not None:
             self.link.pending_action = None
+            self.ground_queue.drain(GROUND_TX_FLUSH_US)  # the acceptance report first
             if action == FN_REBOOT:
                 self.board.reset()
             elif action == FN_MAINTENANCE:
@@ -90,11 +174,16 @@ def _pump(link, reader, chunk, handler):
     return True
 
 
-def _write_all(link, data):
+def _write_bounded(link, data, clock, timeout_us):
+    """Write data unless the link takes nothing for timeout_us; returns bytes written."""
     sent = 0
     total = len(data)
+    start = clock.ticks_us()
     while sent < total:
         sent += link.write(data[sent:])
+        if ((clock.ticks_us() - start) & 0x3FFFFFFF) > timeout_us:
+            break
+    return sent
 
 
 def _load_mission(board, storage_root):
@@ -114,13 +203,45 @@ def _load_mission(board, storage_root):
         return None
 
 
+def lock_console():
+    """The ground link is the application's alone: no Ctrl-C (0x03 would raise
+    KeyboardInterrupt on a board whose REPL shares the UART) and no terminal duplicated
+    onto it."""
+    micropython.kbd_intr(-1)
+    import os
+
+    dupterm = getattr(os, "dupterm", None)
+    if dupterm is not None:
+        try:
+            dupterm(None)
+        except (OSError, ValueError, TypeError):
+            pass
+
+
+def unlock_console():
+    micropython.kbd_intr(3)
+
+
 def run(board):
-    """The application; returns only when a maintenance telecommand asks for the REPL."""
+    """The application; returns only when an armed maintenance telecommand asks for the
+    REPL (docs/ground-link.md). Nothing else ends the loop: an exception of any kind is
+    counted and the loop goes on."""
+    lock_console()
+    board.watchdog_start()
     storage_root = board.mount_storage()
     controller = Controller(board, storage_root, _load_mission(board, storage_root))
-    try:
-        while True:
+    while True:
+        try:
             if not controller.poll():
                 board.idle()
-    except telecommands.EnterMaintenance:
-        print("qkdsat firmware: maintenance telecommand, REPL on the ground link")
+        except telecommands.EnterMaintenance:
+            break
+        except SystemExit:  # the unix board's reset()
+            raise
+        except BaseException as error:  # noqa: BLE001 - counted, never a way to the REPL
+            controller.link.loop_errors += 1
+            controller.link.last_loop_error = repr(error)
+    controller.link.wipe_key()
+    board.watchdog_stop()
+    unlock_console()
+    print("qkdsat firmware: maintenance telecommand, REPL on the ground link")

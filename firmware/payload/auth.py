@@ -8,10 +8,14 @@ from micropython import const
 
 TAG_BYTES = const(16)  # 128-bit tag: forging one takes ~2**128 tries, no brute force
 _BLOCK_BYTES = const(64)
-# Key used when none is provisioned (a fresh board, the emulated targets): public, so a
-# payload running on it is not protected; housekeeping reports it and `qkdsat payload`
-# warns. SHA-256 of b"qkdsat development key, not for flight".
-DEVELOPMENT_KEY = bytes.fromhex("7813be0a19e110814d12de0192a9c9c234272cd7d9e05a565031b5becf6c4572")
+# There is no built-in key: a payload without a provisioned one accepts no telecommand
+# (docs/ground-link.md, "Key storage").
+
+
+def key_id(key):
+    """A short public name of a key (binds the replay counter to the key it counts for)."""
+    digest = hashlib.sha256(b"qkdsat key id" + key).digest()
+    return "".join("%02x" % b for b in digest[:8])
 
 
 class Hmac:
@@ -26,8 +30,14 @@ class Hmac:
             k = key[i] if i < len(key) else 0
             inner[i] = k ^ 0x36
             outer[i] = k ^ 0x5C
-        self._inner = bytes(inner)
-        self._outer = bytes(outer)
+        self._inner = inner
+        self._outer = outer
+
+    def wipe(self):
+        """Overwrite the key-derived pads (they are as good as the key)."""
+        for i in range(_BLOCK_BYTES):
+            self._inner[i] = 0
+            self._outer[i] = 0
 
     def digest(self, message):
         h = hashlib.sha256(self._inner)

@@ -202,11 +202,15 @@ class Bus:
                 if attempt:
                     self.retransmissions += 1
                 attempt += 1
+                start = clock.ticks_us()
+                # Bounded like the reply: a link that takes nothing for timeout_us (back-
+                # pressure from a stuck head) counts as a lost attempt.
                 sent = 0
                 total = len(frame)
                 while sent < total:
                     sent += link.write(frame[sent:])
-                start = clock.ticks_us()
+                    if ((clock.ticks_us() - start) & 0x3FFFFFFF) > self.timeout_us:
+                        break
             body = self._next_frame()
             if body is None:
                 continue

@@ -46,6 +46,8 @@ FN_START = const(2)
 FN_STOP = const(3)
 FN_REBOOT = const(4)
 FN_MAINTENANCE = const(5)  # stop the application, leave the REPL on the ground link
+FN_MAINTENANCE_ARM = const(6)  # opens the window in which FN_MAINTENANCE is accepted
+FN_REKEY = const(7)  # install the next link key (wrapped), new counter space
 
 # Rejection reasons (TM 1,2): u16 code, then up to 64 bytes of ASCII detail
 REJECT_SHORT = const(1)

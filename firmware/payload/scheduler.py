@@ -45,7 +45,10 @@ class Scheduler:
             try:
                 if duty.step():
                     busy = True
-            except Exception as error:  # one failing duty must not stop the others
+            except BaseException as error:  # noqa: BLE001
+                # One failing duty must not stop the others, and nothing a link can make
+                # happen (a KeyboardInterrupt on a REPL UART, a MemoryError) may end the
+                # loop and leave a REPL behind.
                 duty.errors += 1
                 duty.last_error = repr(error)
             elapsed = (clock.ticks_us() - start) & 0x3FFFFFFF

@@ -108,6 +108,29 @@ class ConfigError(ValueError):
     pass
 
 
+# Longest wait for the laser to finish its frame: a frame is at most MAX_FRAME_SLOTS, and
+# the head runs at >= 1 kHz slot rates in any configuration that makes sense (4.1 s).
+LASER_STOP_TIMEOUT_US = const(10_000_000)
+
+
+def _elapsed_us(clock, start):
+    return (clock.ticks_us() - start) & 0x3FFFFFFF
+
+
+def wait_laser_idle(bus, max_polls=10_000):
+    """Poll LASER_ACTIVE until 0. Bounded three ways: a failed read (a dead head answers
+    nothing: the bus has already retried) returns -1 at once, and at most max_polls reads
+    or LASER_STOP_TIMEOUT_US; returns 0 when idle, 1 when still active."""
+    start = bus.clock.ticks_us()
+    for _ in range(max_polls):
+        active = bus.read1(busmod.REG_LASER_ACTIVE)
+        if active <= 0:
+            return active
+        if _elapsed_us(bus.clock, start) > LASER_STOP_TIMEOUT_US:
+            break
+    return 1
+
+
 def _require(status, what):
     if status != busmod.OK:
         raise ConfigError("optical head: %s failed (bus status %d)" % (what, status))
@@ -223,9 +246,11 @@ class Sequencer:
         # A laser left running (a controller reset mid-pass) must finish its frame before
         # the slot clock may change.
         _require(bus.write1(busmod.REG_LASER_CTRL, 0), "LASER_CTRL")
-        for _ in range(10_000):
-            if bus.read1(busmod.REG_LASER_ACTIVE) == 0:
-                break
+        idle = wait_laser_idle(bus)
+        if idle < 0:
+            raise ConfigError("optical head: no answer to LASER_ACTIVE (bus timeout)")
+        if idle:
+            raise ConfigError("optical head: laser did not stop (LASER_ACTIVE)")
         _require(bus.write1(busmod.REG_FRAME_SLOTS, cfg["frame_slots"]), "FRAME_SLOTS")
         _require(bus.write1(busmod.REG_SLOT_RATE_HZ, cfg["slot_rate_hz"]), "SLOT_RATE_HZ")
         _require(bus.write1(busmod.REG_QRNG_CTRL, 1), "QRNG_CTRL")
@@ -251,13 +276,15 @@ class Sequencer:
         (a frame is logged when the head accepts it, so it must also be emitted)."""
         self.running = False
         bus = self.bus
+        start = bus.clock.ticks_us()
         for _ in range(max_polls):
             if bus.read(busmod.REG_FRAME_COUNT, 2) != busmod.OK or not bus.words[1]:
                 break
-        bus.write1(busmod.REG_LASER_CTRL, 0)
-        for _ in range(max_polls):
-            if bus.read1(busmod.REG_LASER_ACTIVE) != 1:
+            if _elapsed_us(bus.clock, start) > LASER_STOP_TIMEOUT_US:
                 break
+        bus.write1(busmod.REG_LASER_CTRL, 0)
+        if wait_laser_idle(bus, max_polls) != 0:
+            self.bus_failures += 1  # reported in telemetry; stop itself must not hang
 
     def step(self):
         """Prepare and commit the next frame if the back bank is free; True if work done."""

@@ -9,12 +9,15 @@ import os
 
 from micropython import const
 
-from payload import aesgcm, auth, ccsds, framing
+from payload import aesgcm, auth, ccsds, framing, keystore
 from payload.ccsds import get_u16, get_u32, put_u16, put_u32
 from payload.products import Products, chunk_crc32, valid_name
 from payload.version import FIRMWARE_VERSION
 
 LINK_DIR = "link"
+# Provisioning drop box: a key written here (in maintenance, by `qkdsat flash
+# --provision-key`) is moved into the board's key region at the next start and the file
+# removed; the key is never kept in the filesystem.
 KEY_FILE = "key"
 COUNTER_FILE = "counter"
 PRODUCT_KEY_FILE = "product_key"
@@ -25,6 +28,14 @@ PROTECTED_PREFIX = b"patterns"
 _NONCE_PREFIX = b"PRD1"  # nonce = prefix + u64 chunk counter (big-endian), never reused
 _NONCE_STEP = const(256)
 _SEALED_FIXED = const(34)  # offset u32, count u16, nonce 12, tag 16
+# Counters above this are reserved for the rekey telecommand, so a ground station that
+# used up the ordinary range (or a command sent with 0xFFFFFFFF) cannot lock the link:
+# the next key can still be installed, authenticated by the current one.
+ORDINARY_COUNTER_MAX = 0xFFFFFEFF  # a big int on 32-bit targets: off the hot path
+# The maintenance telecommand is accepted only this long after a maintenance-arm one.
+MAINTENANCE_WINDOW_US = 60_000_000
+REKEY_KEY_BYTES = const(32)
+REKEY_LABEL = b"qkdsat rekey"
 # The accepted counter is persisted as a ceiling this far ahead, so storage is written
 # once per _COUNTER_STEP telecommands; after a reboot everything up to the ceiling counts
 # as used (a gap the ground skips over, never a replay window).
@@ -45,7 +56,9 @@ class Rejected(Exception):
 
 
 class GroundLink:
-    def __init__(self, board, storage_root, send, mission=None, max_packet_bytes=1200):
+    def __init__(
+        self, board, storage_root, send, mission=None, max_packet_bytes=1200, key_region=None
+    ):
         self.board = board
         self.root = storage_root
         self._send = send  # send(buf, length): one frame on the ground link
@@ -55,6 +68,14 @@ class GroundLink:
         self.rejected = [0] * len(ccsds.REJECT_NAMES)
         self.time_offset_us = None  # UTC - board clock, once a set-time arrived
         self.version_text = ("qkdsat-fw %s %s" % (FIRMWARE_VERSION, board.NAME)).encode()
+        if key_region is None:
+            key_region = board.key_region
+        self.key_store = keystore.KeyStore(key_region)
+        self.counter_write_failures = 0
+        self.loop_errors = 0  # exceptions the main loop caught (app.run)
+        self.last_loop_error = None
+        self._maintenance_armed_us = None
+        self.maintenance_window_us = MAINTENANCE_WINDOW_US
         self._load_key()
         # With an unusable key file telemetry is tagged with the public development key:
         # the rejections then still say why to a ground that tries that key.
@@ -63,6 +84,7 @@ class GroundLink:
         self._load_product_key()
         self.pending_action = None  # FN_REBOOT / FN_MAINTENANCE after the report is out
         self.frame_reader = None  # the ground link's FrameReader, for its drop counters
+        self.tx_queue = None  # the ground link's transmit queue, for its drop counter
         self.bus_send = None  # send(buf, length) on the payload bus, for the bus test
 
     # ---------------------------------------------------------------- key and counter
@@ -71,23 +93,47 @@ class GroundLink:
         return self.root + "/" + LINK_DIR + "/" + name
 
     def _load_key(self):
-        key = None
+        # There is no fallback key: a payload without a provisioned key rejects every
+        # telecommand (reason "auth"), it never accepts commands signed with a key that
+        # anyone could know.
+        self.hmac = None
+        self.key_id = ""
+        dropped = None
+        path = self._link_path(KEY_FILE)
         try:
-            with open(self._link_path(KEY_FILE), "rb") as f:
-                key = f.read()
+            with open(path, "rb") as f:
+                dropped = f.read()
         except OSError:
             pass
-        # A key file that is there but unusable is not silently replaced by the public
-        # development key: the link then rejects everything (reason "auth").
+        if dropped is not None:
+            if not keystore.MIN_KEY_BYTES <= len(dropped) <= keystore.MAX_KEY_BYTES:
+                # unusable, and not silently ignored in favour of an older key
+                self.key_state = "invalid"
+                return
+            try:
+                self.key_store.store(dropped)
+                os.remove(path)
+            except OSError:
+                pass  # region not writable: run on the dropped key, try again next start
+        key = self.key_store.load()
         if key is None:
-            self.key_state = "development"
-            self.hmac = auth.Hmac(auth.DEVELOPMENT_KEY)
-        elif 16 <= len(key) <= 64:
-            self.key_state = "provisioned"
-            self.hmac = auth.Hmac(key)
-        else:
-            self.key_state = "invalid"
-            self.hmac = None
+            key = dropped
+        if key is None:
+            self.key_state = "missing"
+            return
+        self._use_key(key)
+
+    def _use_key(self, key):
+        self.key_state = "provisioned"
+        self.hmac = auth.Hmac(key)
+        self.key_id = auth.key_id(key)
+
+    def wipe_key(self):
+        """Forget the key in RAM (before the maintenance REPL opens)."""
+        if self.hmac is not None:
+            self.hmac.wipe()
+        self.hmac = None
+        self.key_state = "wiped"
 
     def _load_product_key(self):
         # 32 raw bytes, or 64 hex characters. No key: pattern products are refused (there
@@ -147,31 +193,40 @@ class GroundLink:
         # The ceiling is written to a temporary file and renamed over the old one (atomic
         # in littlefs and POSIX), so a power cut leaves the old or the new value, never an
         # empty file that would reopen the replay window; both are read, the larger wins.
+        # Each file names the key it belongs to: a new key starts a new counter space.
         self.last_counter = 0
         for name in (COUNTER_FILE, COUNTER_FILE + ".tmp"):
             try:
                 with open(self._link_path(name)) as f:
-                    self.last_counter = max(self.last_counter, int(f.read().strip()))
-            except (OSError, ValueError):
-                pass
+                    fields = f.read().split()
+                value = int(fields[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            if len(fields) > 1 and fields[1] != self.key_id:
+                continue  # the counter of a previous key
+            self.last_counter = max(self.last_counter, value)
         self._ceiling = self.last_counter
 
-    def _consume_counter(self, counter):
-        self.last_counter = counter
-        if counter >= self._ceiling:
-            ceiling = counter + _COUNTER_STEP
+    def _persist_counter(self, counter):
+        """Make sure the ceiling on storage is above counter before the command acts;
+        False if it cannot be written (the command must then not act)."""
+        if counter < self._ceiling:
+            return True
+        ceiling = counter + _COUNTER_STEP
+        try:
             try:
-                try:
-                    os.mkdir(self.root + "/" + LINK_DIR)
-                except OSError:
-                    pass
-                temporary = self._link_path(COUNTER_FILE + ".tmp")
-                with open(temporary, "w") as f:
-                    f.write(str(ceiling))
-                os.rename(temporary, self._link_path(COUNTER_FILE))
-                self._ceiling = ceiling
+                os.mkdir(self.root + "/" + LINK_DIR)
             except OSError:
-                pass  # storage full or failing: keep going, counted in housekeeping
+                pass
+            temporary = self._link_path(COUNTER_FILE + ".tmp")
+            with open(temporary, "w") as f:
+                f.write("%d %s" % (ceiling, self.key_id))
+            os.rename(temporary, self._link_path(COUNTER_FILE))
+        except OSError:
+            self.counter_write_failures += 1
+            return False
+        self._ceiling = ceiling
+        return True
 
     # ---------------------------------------------------------------- time
 
@@ -255,9 +310,15 @@ class GroundLink:
         counter = get_u32(body, tag_at - ccsds.COUNTER_BYTES)
         if counter <= self.last_counter:
             raise Rejected(ccsds.REJECT_REPLAY)
-        self._consume_counter(counter)
-        self.tm.destination_id = get_u16(body, 9)
         params = body[ccsds.TC_HEADER_BYTES : tag_at - ccsds.COUNTER_BYTES]
+        rekey = body[7] == ccsds.SVC_FUNCTION and len(params) and params[0] == ccsds.FN_REKEY
+        if counter > ORDINARY_COUNTER_MAX and not rekey:
+            # not consumed: the reserved counters stay usable for the rekey
+            raise Rejected(ccsds.REJECT_STATE, "counter reserved for rekey")
+        self.last_counter = counter  # never accepted again in this boot, whatever follows
+        if not self._persist_counter(counter):
+            raise Rejected(ccsds.REJECT_STORAGE, "replay counter not persisted")
+        self.tm.destination_id = get_u16(body, 9)
         ack = body[6] & ccsds.ACK_ACCEPTANCE
         self._dispatch(body, body[7], body[8], params, ack)
 
@@ -439,9 +500,22 @@ class GroundLink:
             raise Rejected(ccsds.REJECT_ARGUMENT, "missing function id")
         function = params[0]
         args = params[1:]
-        if function in (ccsds.FN_REBOOT, ccsds.FN_MAINTENANCE):
+        if function == ccsds.FN_REKEY:
+            self._rekey(body, args, ack)
+            return
+        if function in (ccsds.FN_REBOOT, ccsds.FN_MAINTENANCE, ccsds.FN_MAINTENANCE_ARM):
             if len(args):
                 raise Rejected(ccsds.REJECT_ARGUMENT, "function takes no arguments")
+            now_us = self.board.clock.now_us()
+            if function == ccsds.FN_MAINTENANCE_ARM:
+                self._maintenance_armed_us = now_us
+                self._accept(body, ack)
+                return
+            if function == ccsds.FN_MAINTENANCE:
+                armed = self._maintenance_armed_us
+                self._maintenance_armed_us = None
+                if armed is None or now_us - armed > self.maintenance_window_us:
+                    raise Rejected(ccsds.REJECT_STATE, "maintenance not armed")
             self.pending_action = function
             self._accept(body, ack)
             return
@@ -467,6 +541,26 @@ class GroundLink:
             self._call_mission(self.mission.stop)
         self._accept(body, ack)
 
+    def _rekey(self, body, args, ack):
+        """Install the next key, wrapped with a pad only the current key can make:
+        new key XOR HMAC(current key, REKEY_LABEL || counter). The counter space starts
+        again at 0 for the new key (the counter file names its key)."""
+        if len(args) != REKEY_KEY_BYTES:
+            raise Rejected(ccsds.REJECT_ARGUMENT, "rekey takes a 32-byte wrapped key")
+        counter = bytearray(4)
+        put_u32(counter, 0, self.last_counter)
+        pad = self.hmac.digest(REKEY_LABEL + bytes(counter))
+        key = bytes(args[i] ^ pad[i] for i in range(REKEY_KEY_BYTES))
+        try:
+            self.key_store.store(key)
+        except OSError:
+            raise Rejected(ccsds.REJECT_STORAGE, "key region not writable") from None
+        self._accept(body, ack)  # reported under the old key's counter, as sent
+        self._use_key(key)
+        self.last_counter = 0
+        self._ceiling = 0
+        self._persist_counter(0)
+
     def _call_mission(self, method, *args):
         # The mission validates its own parameters: ValueError is a bad argument,
         # RuntimeError a command that does not fit the current state.
@@ -486,7 +580,7 @@ class GroundLink:
             frames["frames_ok"] = reader.frames_ok
             for i in range(len(reader.drops)):
                 frames["frame_" + framing.DROP_REASONS[i]] = reader.drops[i]
-        return {
+        counters = {
             "frames": frames,
             "tc_accepted": self.accepted,
             "tc_rejected": {
@@ -496,6 +590,11 @@ class GroundLink:
             },
             "tc_last_counter": self.last_counter,
         }
+        if self.counter_write_failures:
+            counters["counter_write_failures"] = self.counter_write_failures
+        if self.tx_queue is not None and self.tx_queue.dropped_frames:
+            counters["tx_dropped"] = self.tx_queue.dropped_frames
+        return counters
 
     def housekeeping(self):
         report = {
@@ -506,6 +605,11 @@ class GroundLink:
             "product_key": self.product_key_state,
             "link": self.link_counters(),
         }
+        if self.loop_errors:
+            report["loop_errors"] = self.loop_errors
+            report["last_loop_error"] = self.last_loop_error
+        if getattr(self.board, "storage_formatted", False):
+            report["storage_formatted"] = True
         if self.mission is not None and hasattr(self.mission, "status"):
             try:
                 report["mission"] = self.mission.status()

@@ -45,6 +45,7 @@ ACTIONS = (
     "time",
     "reboot",
     "maintenance",
+    "rekey",
 )
 
 
@@ -65,7 +66,7 @@ def _link_options(parser: argparse.ArgumentParser, after_action: bool) -> None:
         metavar="FILE",
         default=default(os.environ.get("QKDSAT_LINK_KEY")),
         help="FILE holding the payload's link key (16..64 raw bytes, or their hex digits); "
-        "default: the file named by $QKDSAT_LINK_KEY, else the public development key",
+        "default: the file named by $QKDSAT_LINK_KEY (the payload has no built-in key)",
     )
     parser.add_argument(
         "--product-key",
@@ -134,18 +135,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     time_parser.add_argument("utc", nargs="?", default="now", help="ISO 8601 UTC or 'now'")
     action("reboot", "restart the payload controller")
     action("maintenance", "stop the application; the port becomes the MicroPython REPL")
+    rekey = action("rekey", "install the next link key (wrapped by the current one)")
+    rekey.add_argument("next_key", type=Path, help="file with the next key (32 bytes or hex)")
 
 
 def load_key(path: Path | None, option: str = "--key") -> bytes:
     """The link key from a file. The file's name is not echoed in errors when the file does
     not exist: a user who passed the key itself instead of a file would see it printed."""
     if path is None:
-        print(
-            "qkdsat payload: warning: no --key given: using the public development key; a "
-            "flight payload must have its own (docs/ground-link.md)",
-            file=sys.stderr,
-        )
-        return ccsds.DEVELOPMENT_KEY
+        raise BadInput(f"{option}: needed (or $QKDSAT_LINK_KEY): the payload has no built-in key")
     path = Path(path)
     if not path.is_file():
         raise BadInput(
@@ -302,8 +300,8 @@ def _act(client: PayloadClient, args: argparse.Namespace, config: dict | None) -
     if action == "status":
         report = client.housekeeping()
         print_result(args, report)
-        if report.get("key") == "development":
-            print("warning: the payload runs on the public development key", file=sys.stderr)
+        if report.get("key") != "provisioned":
+            print(f"warning: the payload's key is {report.get('key')}", file=sys.stderr)
     elif action == "ping":
         print_result(args, {"firmware": client.ping()})
     elif action == "config":
@@ -344,6 +342,13 @@ def _act(client: PayloadClient, args: argparse.Namespace, config: dict | None) -
             {"repl_port": args.port},
             f"application stopped: {args.port} is now the MicroPython REPL",
         )
+    elif action == "rekey":
+        next_key = load_key(args.next_key)
+        if len(next_key) != ccsds.REKEY_KEY_BYTES:
+            raise BadInput(f"next key {args.next_key}: {len(next_key)} bytes, need 32")
+        client.rekey(next_key)
+        client.counter_file = default_counter_file(next_key)
+        _done(args, {"rekeyed": True}, "next key installed; telecommand counters restart at 1")
     return 0
 
 

@@ -61,7 +61,7 @@ class PayloadClient:
     def __init__(
         self,
         port: str,
-        key: bytes = ccsds.DEVELOPMENT_KEY,
+        key: bytes,
         *,
         product_key: bytes | None = None,
         counter_file: Path | None = None,
@@ -106,10 +106,14 @@ class PayloadClient:
             os.replace(tmp, self.counter_file)
 
     def send_tc(self, service: int, subtype: int, data: bytes = b"", ack: bool = True) -> bytes:
-        """Send one telecommand; returns its request id (what reports quote)."""
+        """Send one telecommand; returns its request id (what reports quote). `data` may be
+        a function of the counter (the rekey telecommand's wrapped key depends on it)."""
         self.counter += 1
-        if self.counter >= 2**32:
-            raise LinkError("security counter exhausted: provision a new key")
+        rekey = service == ccsds.SVC_FUNCTION and callable(data)
+        if self.counter > (2**32 - 1 if rekey else ccsds.ORDINARY_COUNTER_MAX):
+            raise LinkError("security counter exhausted: install the next key (rekey)")
+        if callable(data):
+            data = data(self.counter)
         packet = ccsds.build_tc(
             self.key,
             self.counter,
@@ -247,8 +251,27 @@ class PayloadClient:
         self.command("reboot", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_REBOOT]))
 
     def enter_maintenance(self) -> None:
-        """Stop the application; the ground link becomes the MicroPython REPL."""
+        """Stop the application; the ground link becomes the MicroPython REPL. Two
+        authenticated commands: arm, then maintenance within the payload's window."""
+        self.command("maintenance arm", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_MAINTENANCE_ARM]))
         self.command("maintenance", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_MAINTENANCE]))
+
+    def rekey(self, next_key: bytes) -> None:
+        """Install next_key on the payload (authenticated by the current key, which wraps
+        it); both sides then count from 0 again. Works with the counter exhausted: the
+        counters above ccsds.ORDINARY_COUNTER_MAX are kept for this command. The old key's
+        counter file keeps its last value; the new key's counter is not saved anywhere
+        until the caller sets counter_file."""
+        old_key = self.key
+
+        def wrapped(counter: int) -> bytes:
+            return bytes([ccsds.FN_REKEY]) + ccsds.wrap_next_key(old_key, counter, next_key)
+
+        self.command("rekey", ccsds.SVC_FUNCTION, 1, wrapped)
+        self._save_counter()
+        self.key = next_key
+        self.counter = 0
+        self.counter_file = None
 
     def set_time(self, utc_us: int | None = None) -> int:
         if utc_us is None:

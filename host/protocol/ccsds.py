@@ -35,7 +35,13 @@ MAX_CHUNK_BYTES = 1024
 GROUND_MAX_BODY_BYTES = 1200
 ACK_ACCEPTANCE = 0x1
 
+# A public key that the firmware never accepts (it has no built-in key); tests use it as
+# the key an intruder would try.
 DEVELOPMENT_KEY = hashlib.sha256(b"qkdsat development key, not for flight").digest()
+# Counters above this are only for the rekey telecommand (firmware/payload/telecommands.py).
+ORDINARY_COUNTER_MAX = 0xFFFFFEFF
+REKEY_KEY_BYTES = 32
+REKEY_LABEL = b"qkdsat rekey"
 
 SVC_VERIFICATION = 1
 SVC_HOUSEKEEPING = 3
@@ -49,6 +55,8 @@ FN_START = 2
 FN_STOP = 3
 FN_REBOOT = 4
 FN_MAINTENANCE = 5
+FN_MAINTENANCE_ARM = 6
+FN_REKEY = 7
 
 REJECT_NAMES = (
     "",
@@ -115,6 +123,15 @@ def build_tc(
     signed = head + app_data + counter.to_bytes(4, "big")
     packet = signed + hmac_tag(key, signed)
     return packet + crc16(packet).to_bytes(2, "big")
+
+
+def wrap_next_key(key: bytes, counter: int, next_key: bytes) -> bytes:
+    """The rekey telecommand's argument: next_key XOR HMAC(key, REKEY_LABEL || counter),
+    where counter is the rekey telecommand's own (each pad is used once)."""
+    if len(next_key) != REKEY_KEY_BYTES:
+        raise ValueError(f"next key: {len(next_key)} bytes, need {REKEY_KEY_BYTES}")
+    pad = hmac.new(key, REKEY_LABEL + counter.to_bytes(4, "big"), hashlib.sha256).digest()
+    return bytes(a ^ b for a, b in zip(next_key, pad, strict=True))
 
 
 def request_id(tc: bytes) -> bytes:

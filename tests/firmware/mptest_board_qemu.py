@@ -29,3 +29,20 @@ def test_clock_survives_a_timer_wrap_between_updates():
     clock.update()
     advanced_us = clock.now_us() - before
     assert 85899345 <= advanced_us <= 85899345 + 1000, advanced_us  # (2**31 + 1000) / 25
+
+
+def test_watchdog_counts_down_and_a_feed_reloads_it():
+    board.watchdog_start()
+    try:
+        first = board.watchdog_remaining_cycles()
+        for _ in range(2000):
+            pass
+        later = board.watchdog_remaining_cycles()
+        board.watchdog_feed()
+        fed = board.watchdog_remaining_cycles()
+    finally:
+        board.watchdog_stop()
+    period = board.WATCHDOG_PERIOD_S * board.cpu_hz()
+    assert period - 200_000 < first <= period, first
+    assert later < first  # running on the emulated silicon's clock
+    assert fed > later and period - fed < first - later, (first, later, fed)

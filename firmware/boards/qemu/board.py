@@ -5,8 +5,10 @@
 #   0x40000000 CMSDK TIMER0   microsecond clock (free-running, counts down at 25 MHz)
 #   0x40004000 CMSDK UART0    ground link (QEMU's first -serial; also the REPL)
 #   0x40005000 CMSDK UART1    payload bus to the optical head (QEMU's second -serial)
+#   0x40008000 CMSDK WATCHDOG resets the MCU when the main loop stops feeding it
 #   0x20000000 SSRAM2         boot strap word (set by the launcher with -device loader)
 #   0x21000000 PSRAM          RAM-backed block device for littlefs (the "flash")
+#   0x21200000 PSRAM          the link key's region, outside littlefs (keystore.py)
 # MicroPython itself lives in SSRAM1 at 0x00000000, so the last two are free for us.
 import array
 
@@ -15,6 +17,7 @@ import micropython
 import uctypes
 import vfs
 from micropython import const
+from payload import keystore
 
 NAME = "qemu"
 
@@ -30,7 +33,17 @@ _STRAP_ADDR = const(0x20000000)
 _FLASH_ADDR = const(0x21000000)
 _FLASH_BLOCK_BYTES = const(4096)
 _FLASH_BLOCKS = const(512)  # 2 MiB of the 16 MiB PSRAM
+_KEY_REGION_ADDR = const(0x21200000)  # just past the littlefs blocks: a format spares it
 _STRAP_MAINTENANCE = const(0x4E49414D)  # b"MAIN" little-endian: stay in the REPL
+_WATCHDOG = const(0x40008000)
+_WDOG_LOAD = const(0x00)
+_WDOG_CTRL = const(0x08)
+_WDOG_INTCLR = const(0x0C)
+_WDOG_LOCK = const(0xC00)
+# The longest bounded wait in a duty on this target: 4 bus attempts of BUS_TIMEOUT_US
+# (40 s, an emulated head on a loaded host) plus the laser stop (10 s); the watchdog
+# interrupts at one period and resets at the second, so a hung loop resets in <= 120 s.
+WATCHDOG_PERIOD_S = const(60)
 _CPU_HZ = const(25_000_000)
 _CYCLES_PER_US = const(25)
 # CMSDK UART registers (word offsets) and bits
@@ -196,6 +209,8 @@ class RamBlockDevice:
 ground_link = Uart(_UART0)
 payload_bus = Uart(_UART1)
 clock = Clock()
+key_region = keystore.MemoryRegion(_KEY_REGION_ADDR)
+storage_formatted = False  # set when mounting failed and storage was formatted
 
 
 def boot_mode():
@@ -218,9 +233,48 @@ def mount_storage():
     try:
         vfs.mount(vfs.VfsLfs2(device, mtime=False), STORAGE_ROOT)
     except OSError:
+        # Products and logs are lost, the link key is not (it lives outside littlefs);
+        # housekeeping reports the format.
+        global storage_formatted
+        storage_formatted = any(device._mem[0:64])  # not on a blank (first-boot) device
         vfs.VfsLfs2.mkfs(device)
         vfs.mount(vfs.VfsLfs2(device, mtime=False), STORAGE_ROOT)
     return STORAGE_ROOT
+
+
+_WDOG_UNLOCK_KEY = (0x1ACCE << 12) | 0x551  # 0x1ACCE551: a heap int, made once
+
+
+def _watchdog_unlock():
+    machine.mem32[_WATCHDOG + _WDOG_LOCK] = _WDOG_UNLOCK_KEY
+
+
+def watchdog_start():
+    """CMSDK APB watchdog (ARM DDI 0479): counts down at the 25 MHz system clock, raises
+    its interrupt at zero and reloads; still unfed at the next zero, it resets the MCU."""
+    _watchdog_unlock()
+    machine.mem32[_WATCHDOG + _WDOG_LOAD] = WATCHDOG_PERIOD_S * _CPU_HZ
+    machine.mem32[_WATCHDOG + _WDOG_CTRL] = 3  # INTEN | RESEN
+    machine.mem32[_WATCHDOG + _WDOG_LOCK] = 0
+
+
+def watchdog_feed():
+    # a write to INTCLR clears the interrupt and reloads the counter (needs the unlock)
+    _watchdog_unlock()
+    machine.mem32[_WATCHDOG + _WDOG_INTCLR] = 1
+    machine.mem32[_WATCHDOG + _WDOG_LOCK] = 0
+
+
+def watchdog_stop():
+    """For the maintenance REPL on the emulated board (an STM32 IWDG cannot be stopped:
+    there the REPL session lasts one watchdog period unless the operator feeds it)."""
+    _watchdog_unlock()
+    machine.mem32[_WATCHDOG + _WDOG_CTRL] = 0
+    machine.mem32[_WATCHDOG + _WDOG_LOCK] = 0
+
+
+def watchdog_remaining_cycles():
+    return machine.mem32[_WATCHDOG + 0x04] & 0xFFFFFFFF
 
 
 def idle():

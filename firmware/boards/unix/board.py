@@ -12,6 +12,8 @@ import socket
 import sys
 import time
 
+from payload import keystore
+
 NAME = "unix"
 
 # The optical head on this target is emulated by a host process on a shared machine, not
@@ -117,6 +119,9 @@ ground_link = StdioLink()
 _bus_address = os.getenv("QKDSAT_BUS")
 payload_bus = SocketLink(_bus_address) if _bus_address else NoLink()
 clock = Clock()
+# The link key's region: a file of its own beside the products and logs (the unix target
+# never formats its storage; the boards keep the region outside the filesystem).
+key_region = keystore.FileRegion(STORAGE_ROOT + "/.keyregion")
 
 
 def boot_mode():
@@ -129,6 +134,24 @@ def mount_storage():
     except OSError:
         pass  # exists
     return STORAGE_ROOT
+
+
+# No watchdog on the host: the launcher supervises the process. The calls are the same
+# as on the boards, so the application's feeding path runs here too.
+watchdog_feeds = 0
+
+
+def watchdog_start():
+    pass
+
+
+def watchdog_feed():
+    global watchdog_feeds
+    watchdog_feeds += 1
+
+
+def watchdog_stop():
+    pass
 
 
 def idle():

@@ -1,0 +1,114 @@
+# The link key's own region (docs/ground-link.md, "Key storage"): outside the filesystem,
+# so formatting storage (a board does it when littlefs will not mount) cannot erase the key
+# and leave the payload without one. Two slots, written alternately, so a power cut while
+# writing leaves the previous key intact:
+#   slot = magic u32 | sequence u32 | key length u32 | key (64 bytes, zero padded) | crc32 u32
+# (little-endian; the CRC covers the 76 bytes before it). The valid slot with the larger
+# sequence is the key. A region is anything with read(offset, n) -> bytes and
+# write(offset, data): a reserved RAM/flash area on the boards, a file on the unix target.
+from micropython import const
+
+from payload.framing import Crc32
+
+SLOT_BYTES = const(80)
+REGION_BYTES = const(160)
+MAX_KEY_BYTES = const(64)
+MIN_KEY_BYTES = const(16)
+_MAGIC = b"QKEY"
+
+
+def _crc(data):
+    crc = Crc32()
+    crc.update(data)
+    return crc.value()
+
+
+def _parse(slot):
+    """(sequence, key) of a valid slot, else None."""
+    if len(slot) != SLOT_BYTES or bytes(slot[0:4]) != _MAGIC:
+        return None
+    if int.from_bytes(slot[76:80], "little") != _crc(slot[:76]):
+        return None
+    length = int.from_bytes(slot[8:12], "little")
+    if not MIN_KEY_BYTES <= length <= MAX_KEY_BYTES:
+        return None
+    return int.from_bytes(slot[4:8], "little"), bytes(slot[12 : 12 + length])
+
+
+class KeyStore:
+    def __init__(self, region):
+        self.region = region
+
+    def _slots(self):
+        return [_parse(self.region.read(i * SLOT_BYTES, SLOT_BYTES)) for i in range(2)]
+
+    def load(self):
+        """The stored key, or None when no slot holds a valid one."""
+        best = None
+        for slot in self._slots():
+            if slot is not None and (best is None or slot[0] > best[0]):
+                best = slot
+        return None if best is None else best[1]
+
+    def store(self, key):
+        """Write key into the older (or invalid) slot; the previous key stays in the other
+        one until this write is complete."""
+        if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+            raise ValueError("key: need 16..64 bytes")
+        slots = self._slots()
+        sequences = [s[0] if s is not None else -1 for s in slots]
+        target = 0 if sequences[0] <= sequences[1] else 1
+        sequence = max(sequences) + 1
+        slot = bytearray(SLOT_BYTES)
+        slot[0:4] = _MAGIC
+        slot[4:8] = sequence.to_bytes(4, "little")
+        slot[8:12] = len(key).to_bytes(4, "little")
+        slot[12 : 12 + len(key)] = key
+        slot[76:80] = _crc(slot[:76]).to_bytes(4, "little")
+        self.region.write(target * SLOT_BYTES, slot)
+
+
+class FileRegion:
+    """A key region in a file of its own (the unix target, and tests)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def read(self, offset, count):
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                return f.read(count)
+        except OSError:
+            return b""
+
+    def write(self, offset, data):
+        current = bytearray(REGION_BYTES)
+        try:
+            with open(self.path, "rb") as f:
+                old = f.read(REGION_BYTES)
+            current[: len(old)] = old
+        except OSError:
+            pass
+        current[offset : offset + len(data)] = data
+        temporary = self.path + ".tmp"
+        with open(temporary, "wb") as f:
+            f.write(current)
+        import os
+
+        os.rename(temporary, self.path)
+
+
+class MemoryRegion:
+    """A key region in memory the filesystem never touches (uctypes over an address)."""
+
+    def __init__(self, address):
+        import uctypes
+
+        self._mem = uctypes.bytearray_at(address, REGION_BYTES)
+
+    def read(self, offset, count):
+        return bytes(self._mem[offset : offset + count])
+
+    def write(self, offset, data):
+        self._mem[offset : offset + len(data)] = data
