@@ -1,0 +1,52 @@
+# Table-driven CRC loops in inline Thumb-2 (see framing.py); importing this fails where the
+# port has no inline assembler (unix), and framing.py falls back to viper (~50
+# instructions a byte on the Cortex-M3) or the port's C binascii.crc32. Buffers are passed
+# as their addresses by the inline-assembler call; nothing allocates.
+import micropython
+
+
+@micropython.asm_thumb
+def crc16_thumb(r0, r1, r2):  # r0 = data, r1 = byte count, r2 = 256 x u16 table; -> crc
+    movw(r3, 0xFFFF)  # CRC-16/CCITT-FALSE initial value
+    movw(r6, 0xFF)
+    movw(r7, 0xFFFF)
+    cmp(r1, 0)
+    beq(DONE)
+    label(LOOP)
+    ldrb(r4, [r0, 0])
+    lsr(r5, r3, 8)
+    eor(r5, r4)
+    and_(r5, r6)
+    add(r5, r5, r5)
+    add(r5, r5, r2)
+    ldrh(r5, [r5, 0])
+    lsl(r3, r3, 8)
+    eor(r3, r5)
+    and_(r3, r7)
+    add(r0, 1)
+    sub(r1, 1)
+    bne(LOOP)
+    label(DONE)
+    mov(r0, r3)
+
+
+@micropython.asm_thumb
+def crc32_thumb(r0, r1, r2, r3):  # r0 = u32 state, r1 = data, r2 = count, r3 = table
+    ldr(r4, [r0, 0])
+    movw(r6, 0xFF)
+    cmp(r2, 0)
+    beq(DONE)
+    label(LOOP)
+    ldrb(r5, [r1, 0])
+    eor(r5, r4)
+    and_(r5, r6)
+    lsl(r5, r5, 2)
+    add(r5, r5, r3)
+    ldr(r5, [r5, 0])
+    lsr(r4, r4, 8)
+    eor(r4, r5)
+    add(r1, 1)
+    sub(r2, 1)
+    bne(LOOP)
+    label(DONE)
+    str(r4, [r0, 0])
