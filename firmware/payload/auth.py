@@ -8,8 +8,13 @@ from micropython import const
 
 TAG_BYTES = const(16)  # 128-bit tag: forging one takes ~2**128 tries, no brute force
 _BLOCK_BYTES = const(64)
-# There is no built-in key: a payload without a provisioned one accepts no telecommand
-# (docs/ground-link.md, "Key storage").
+# There is no built-in key for telecommands: a payload without a provisioned one accepts
+# none (docs/ground-link.md, "Key provisioning and key storage"). Its telemetry (the
+# rejections saying why) is tagged with this public key, so the ground can read them:
+# SHA-256 of b"qkdsat development key, not for flight" (host ccsds.DEVELOPMENT_KEY).
+UNPROVISIONED_TM_KEY = bytes.fromhex(
+    "7813be0a19e110814d12de0192a9c9c234272cd7d9e05a565031b5becf6c4572"
+)
 
 
 def key_id(key):

@@ -77,9 +77,11 @@ class GroundLink:
         self._maintenance_armed_us = None
         self.maintenance_window_us = MAINTENANCE_WINDOW_US
         self._load_key()
-        # With an unusable key file telemetry is tagged with the public development key:
-        # the rejections then still say why to a ground that tries that key.
-        self.tm = ccsds.TmWriter(max_packet_bytes, self.hmac or auth.Hmac(auth.DEVELOPMENT_KEY))
+        # Without a usable key telemetry is tagged with a public key (commands are never
+        # accepted with it): the rejections then still say why to a ground that tries it.
+        self.tm = ccsds.TmWriter(
+            max_packet_bytes, self.hmac or auth.Hmac(auth.UNPROVISIONED_TM_KEY)
+        )
         self._load_counter()
         self._load_product_key()
         self.pending_action = None  # FN_REBOOT / FN_MAINTENANCE after the report is out
@@ -127,6 +129,9 @@ class GroundLink:
         self.key_state = "provisioned"
         self.hmac = auth.Hmac(key)
         self.key_id = auth.key_id(key)
+        tm = getattr(self, "tm", None)
+        if tm is not None:
+            tm.hmac = self.hmac  # a rekey: telemetry is tagged with the new key from now
 
     def wipe_key(self):
         """Forget the key in RAM (before the maintenance REPL opens)."""
