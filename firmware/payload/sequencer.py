@@ -87,6 +87,58 @@ def map_symbols_bytecode(qrng, slots, out, thresholds):
             out[s >> 1] = symbol
 
 
+# SP 800-90B 4.4 continuous health tests on the QRNG bytes (one sample = one byte),
+# claimed min-entropy H = 7 bits a byte (a conditioned physical source; conservative for
+# the emulated head's AES-CTR stream), false-alarm probability alpha = 2**-40 per sample
+# (at 400 kB/s: one false alarm in ~90 days):
+#   repetition count: a run of RCT_CUTOFF = 1 + ceil(40 / 7) = 7 equal bytes fails;
+#   adaptive proportion: the first byte of each 512-byte window seen APT_CUTOFF = 27
+#   times in that window fails (1 + the binomial(511, 2**-7) critical value, computed
+#   with scipy; docs/sequencer.md).
+RCT_CUTOFF = const(7)
+APT_CUTOFF = const(27)
+APT_WINDOW = const(512)
+
+
+@micropython.viper
+def qrng_health(state: ptr32, buf: ptr8, n: int) -> int:
+    """Run both tests over buf[:n], state carried across calls (no allocation); returns
+    0, or 1 (repetition count) | 2 (adaptive proportion) if a test failed."""
+    last = state[0]
+    run = state[1]
+    ref = state[2]
+    count = state[3]
+    pos = state[4]
+    rct_cutoff = state[5]
+    apt_cutoff = state[6]
+    failed = 0
+    for i in range(n):
+        b = buf[i]
+        if b == last:
+            run += 1
+            if run >= rct_cutoff:
+                failed |= 1
+        else:
+            last = b
+            run = 1
+        if pos == 0:
+            ref = b
+            count = 1
+        elif b == ref:
+            count += 1
+            if count >= apt_cutoff:
+                failed |= 2
+        pos += 1
+        if pos == APT_WINDOW:
+            pos = 0
+    state[0] = last
+    state[1] = run
+    state[2] = ref
+    state[3] = count
+    state[4] = pos
+    return failed
+
+
 @micropython.viper
 def _put_frame_header(buf: ptr8, frame_number: int, frame_slots: int):
     # first_slot = frame_number * frame_slots as a u64, built from 16-bit halves so no
@@ -229,6 +281,12 @@ class Sequencer:
         self.refused_commits = 0
         self.bus_failures = 0
         self.behind = False  # telemetry flag: the controller did not keep up
+        self._done = 0  # slots of the next frame mapped so far (kept across steps)
+        self._got = 0  # QRNG bytes of the current burst read so far
+        self.qrng_empty = 0  # FIFO reads that found no byte (normal, counted)
+        # health test state: last, run, reference, count, position, RCT and APT cutoffs
+        self._health = array.array("i", (-1, 0, 0, 0, 0, RCT_CUTOFF, APT_CUTOFF))
+        self.qrng_fault = None  # "rct" / "apt" once a health test failed: generation off
 
     def configure(self, config, time_scale_ppm):
         self.config = validate(config, self.capacity_hz, time_scale_ppm)
@@ -236,11 +294,24 @@ class Sequencer:
         self._thresholds = thresholds_for(probs, self.config["basis_probability_z"])
         return self.config
 
+    def _qrng_fault(self, failed):
+        """A health test failed: no byte of this burst is used, the laser stops at the
+        frame boundary, the sequencer stops and says why (cleared by the next start)."""
+        self.qrng_fault = "rct" if failed & 1 else "apt"
+        self.running = False
+        self._done = 0
+        self.bus.write1(busmod.REG_LASER_CTRL, 0)
+
     def start(self):
         if self.config is None:
             raise ConfigError("sequencer: not configured")
         if not self.log.can_commit(self.log.max_payload_bytes):
             raise ConfigError("storage full: no room to log frames (delete products)")
+        self.qrng_fault = None
+        self._done = 0
+        self._got = 0
+        for i in range(5):
+            self._health[i] = -1 if i == 0 else 0
         bus = self.bus
         cfg = self.config
         # A laser left running (a controller reset mid-pass) must finish its frame before
@@ -308,21 +379,36 @@ class Sequencer:
         pattern = self._pattern
         # QRNG bytes come in bus-sized bursts and are mapped burst by burst, so the
         # buffer is one burst (2 kB), not a frame's 16 kB: RAM is the scarce resource.
-        done = 0
+        # Progress is kept across steps: a QRNG FIFO that momentarily has no bytes is
+        # normal (the step returns and goes on next pass), not a bus failure.
+        done = self._done
         while done < slots:
             burst_slots = slots - done
             if burst_slots > QRNG_BURST_SLOTS:
                 burst_slots = QRNG_BURST_SLOTS
             need = QRNG_BYTES_PER_SLOT * burst_slots
-            got = 0
+            got = self._got
             while got < need:
                 n = bus.fifo_read(busmod.FIFO_QRNG, qrng, got, need - got)
-                if n <= 0:
+                if n < 0:
                     self.bus_failures += 1
+                    self._got = got
+                    return False
+                if n == 0:
+                    self.qrng_empty += 1
+                    self._got = got
                     return False
                 got += n
+            self._got = 0
+            # SP 800-90B continuous health tests on every QRNG byte before it is used
+            failed = qrng_health(self._health, qrng, need)
+            if failed:
+                self._qrng_fault(failed)
+                return True
             map_symbols(qrng, burst_slots, pattern[done >> 1 :], self._thresholds)
             done += burst_slots
+            self._done = done
+        self._done = 0
         pattern_bytes = slots // 2
         offset = 0
         while offset < pattern_bytes:
@@ -366,7 +452,7 @@ class Sequencer:
         self.bus.write1(busmod.REG_LASER_CTRL, 0)
 
     def telemetry(self):
-        return {
+        out = {
             "running": self.running,
             "frames_sent": self.frames_sent,
             "frames_missed": self.frames_missed,
@@ -376,3 +462,8 @@ class Sequencer:
             "behind": self.behind,
             "next_frame": self.next_frame,
         }
+        if self.qrng_empty:
+            out["qrng_empty"] = self.qrng_empty
+        if self.qrng_fault:
+            out["qrng_fault"] = self.qrng_fault
+        return out

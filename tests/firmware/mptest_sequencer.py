@@ -2,7 +2,12 @@
 # (host/protocol/symbols.py) passes, its hot path under heap_lock, and configuration
 # refusals with reasons.
 
+import array
+import os
+
+import board
 import micropython
+from payload import bus as busmod
 from payload import sequencer
 
 
@@ -122,3 +127,127 @@ def test_rate_check_follows_the_heads_time_base():
     named["intensity_probabilities"] = {"mu": 0.5, "nu": 0.25, "vac": 0.25}
     named["intensity_names"] = ["mu", "nu", "vac"]
     assert _refusal(named) is None
+
+
+class _LcgSource:
+    """Pseudo-random QRNG bytes; `empty_every`: every n-th FIFO read finds none;
+    `stuck_at`: from that byte on, the source repeats one value."""
+
+    def __init__(self, seed, empty_every=0, stuck_at=-1):
+        self.seed = seed
+        self.reads = 0
+        self.sent = 0
+        self.empty_every = empty_every
+        self.stuck_at = stuck_at
+
+    def __call__(self, max_bytes):
+        self.reads += 1
+        if self.empty_every and self.reads % self.empty_every == 0:
+            return b""
+        n = min(max_bytes, 700)  # FIFO bursts shorter than asked, as a real FIFO gives
+        out = bytearray(n)
+        seed = self.seed
+        for i in range(n):
+            seed = (seed * 1103515245 + 12345) & 0x7FFFFFFF
+            out[i] = seed >> 16
+            if 0 <= self.stuck_at <= self.sent + i:
+                out[i] = 0x5A
+        self.seed = seed
+        self.sent += n
+        return out
+
+
+class _Head:
+    """Stands in for the payload bus to the optical head: frame counter, commits, laser
+    control and the QRNG FIFO (the real bus client is tested in mptest_bus.py)."""
+
+    def __init__(self, source):
+        self.clock = board.clock
+        self.words = array.array("I", bytes(16))
+        self.frame = 0
+        self.laser = None
+        self.source = source
+
+    def read(self, addr, count):
+        self.words[0] = self.frame
+        self.words[1] = 0
+        return busmod.OK
+
+    def read1(self, addr):
+        return 0
+
+    def write1(self, addr, value):
+        if addr == busmod.REG_LASER_CTRL:
+            self.laser = value
+        elif addr == busmod.REG_COMMIT:
+            self.frame += 1
+        return busmod.OK
+
+    def fifo_read(self, fifo, dest, offset, max_bytes):
+        data = self.source(max_bytes)
+        dest[offset : offset + len(data)] = data
+        return len(data)
+
+    def mem_write(self, mem, offset, data, data_offset, count):
+        return busmod.OK
+
+
+_runs = [0]
+
+
+def _sequencer(source):
+    from payload import storage
+
+    _runs[0] += 1
+    root = board.mount_storage() + "/seq%d" % _runs[0]
+    try:
+        os.mkdir(root)
+    except OSError:
+        pass
+    head = _Head(source)
+    seq = sequencer.Sequencer(head, storage.Storage(root))
+    seq.configure(
+        {"intensity_probabilities": [0.5, 0.25, 0.25], "slot_rate_hz": 1000, "frame_slots": 2048},
+        0,
+    )
+    seq.running = True
+    return seq, head
+
+
+def test_health_tests_pass_random_bytes_and_catch_a_stuck_or_biased_source():
+    state = array.array("i", (-1, 0, 0, 0, 0, sequencer.RCT_CUTOFF, sequencer.APT_CUTOFF))
+    source = _LcgSource(7)
+    for _ in range(100):  # 70 kB of good bytes: no false alarm
+        data = source(700)
+        assert sequencer.qrng_health(state, data, len(data)) == 0
+    stuck = bytearray(source(700))
+    stuck[300 : 300 + sequencer.RCT_CUTOFF] = b"\x33" * sequencer.RCT_CUTOFF
+    assert sequencer.qrng_health(state, stuck, len(stuck)) & 1
+    state = array.array("i", (-1, 0, 0, 0, 0, sequencer.RCT_CUTOFF, sequencer.APT_CUTOFF))
+    biased = bytearray(source(700)) + bytearray(source(700))
+    for i in range(0, 1024, 4):  # every 4th byte 0x77: no runs, but a quarter of a window
+        biased[i] = 0x77
+    biased[0] = 0x77
+    assert sequencer.qrng_health(state, biased, 1024) == 2
+
+
+def test_a_failed_health_test_stops_generation_and_says_why():
+    seq, head = _sequencer(_LcgSource(11, stuck_at=5000))
+    assert seq.step()  # frame 0 takes bytes 0..8191 of the stream: the stuck run is in it
+    assert seq.qrng_fault == "rct", seq.telemetry()
+    assert not seq.running and head.laser == 0  # laser told to stop at the boundary
+    assert seq.frames_sent == 0  # no frame from a failing source was committed
+    assert seq.telemetry()["qrng_fault"] == "rct"
+    assert not seq.step()  # stays stopped
+
+
+def test_an_empty_qrng_fifo_is_waited_for_not_a_bus_failure():
+    source = _LcgSource(13, empty_every=3)
+    seq, head = _sequencer(source)
+    steps = 0
+    while seq.frames_sent < 2 and steps < 50:
+        seq.step()
+        steps += 1
+    assert seq.frames_sent == 2 and seq.bus_failures == 0, seq.telemetry()
+    assert seq.qrng_empty > 0 and seq.qrng_fault is None
+    assert source.sent == 2 * 4 * 2048  # every byte read was used, none thrown away
