@@ -57,8 +57,9 @@ def _run(target, uplink_hz, seed):
 def _records(run, name, kind):
     log = qrec.parse_records(run.files[name])
     assert log.complete, log.problem
-    assert all(r.kind == kind for r in log.records)
-    return log.records
+    # the pattern log also carries its configuration (one record per pass start)
+    assert all(r.kind in (kind, qrec.Kind.PATTERN_CONFIG) for r in log.records)
+    return [r for r in log.records if r.kind == kind]
 
 
 def _tdc_events(run):
@@ -336,3 +337,18 @@ def test_a_head_dead_mid_start_is_reported_and_the_link_keeps_serving():
     assert mission["pass_running"] is False
     assert mission["bus"]["timeouts"] >= 1
     assert "duty_errors" not in mission
+
+
+def test_the_pattern_log_describes_its_own_configuration(below_rate):
+    """Each pass start writes a PATTERN_CONFIG record ahead of the frames: slot rate,
+    frame size and probabilities travel with the pattern product."""
+    head, run, frame_slots = below_rate
+    configs = [
+        json.loads(r.payload) for r in _records(run, "patterns.qrec", qrec.Kind.PATTERN_CONFIG)
+    ]
+    assert len(configs) == 1, configs
+    config = configs[0]
+    assert config["slot_rate_hz"] == SLOT_RATE_HZ and config["frame_slots"] == frame_slots
+    assert config["first_frame"] == head.emitted[0].frame_number
+    assert config["intensity_probabilities"] == PROBS
+    assert config["qrng_health"] == {"rct": 7, "apt": 27, "window": 512}

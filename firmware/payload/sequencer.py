@@ -22,6 +22,9 @@ MAX_FRAME_SLOTS = const(4096)
 QRNG_BYTES_PER_SLOT = const(4)
 QRNG_BURST_SLOTS = const(512)  # 2048 QRNG bytes: one payload-bus burst (even)
 PATTERN_HEADER_BYTES = const(16)  # u32 frame_number, u64 first_slot, u32 slot_count
+# Record kind of the pass configuration written into patterns.qrec at each start (JSON;
+# host/formats/qrec.py Kind.PATTERN_CONFIG, docs/formats.md).
+KIND_PATTERN_CONFIG = const(8)
 # Slots the controller sustains per second of real time with the bus in the loop; the
 # figure comes from benchmarks/bench_firmware.py (docs/sequencer.md) and is deliberately
 # the slower target's (QEMU Cortex-M3 at 25 MHz), the conservative one for a board.
@@ -294,6 +297,34 @@ class Sequencer:
         self._thresholds = thresholds_for(probs, self.config["basis_probability_z"])
         return self.config
 
+    def _log_config(self):
+        """A PATTERN_CONFIG record ahead of the pass's frames: the pattern log describes
+        itself (slot rate, frame size, probabilities and the thresholds that realise them,
+        the first frame, the QRNG health-test parameters). The head's read-back values
+        are the ones logged. The record shares the log's sequence numbers."""
+        import json
+
+        cfg = self.config
+        thresholds = self._thresholds
+        text = json.dumps(
+            {
+                "slot_rate_hz": cfg["slot_rate_hz"],
+                "frame_slots": cfg["frame_slots"],
+                "first_frame": self.next_frame,
+                "intensity_probabilities": cfg["intensity_probabilities"],
+                "intensity_names": cfg["intensity_names"],
+                "basis_probability_z": cfg["basis_probability_z"],
+                "thresholds": [thresholds[0], thresholds[1], thresholds[2]],
+                "qrng_health": {"rct": RCT_CUTOFF, "apt": APT_CUTOFF, "window": APT_WINDOW},
+            }
+        ).encode()
+        log = self.log
+        log.kind = KIND_PATTERN_CONFIG  # the payload buffer is free: no frame is pending
+        try:
+            log.append(text)
+        finally:
+            log.kind = storage.KIND_PATTERN_FRAME
+
     def _qrng_fault(self, failed):
         """A health test failed: no byte of this burst is used, the laser stops at the
         frame boundary, the sequencer stops and says why (cleared by the next start)."""
@@ -336,6 +367,7 @@ class Sequencer:
         last_commit = bus.read1(busmod.REG_LAST_COMMIT)
         if 0 <= last_commit < 0x3FFFFFFF and last_commit > self.last_logged_frame >= 0:
             self.frames_unlogged += 1
+        self._log_config()
         self.running = True
         self.behind = False
         # Fill the first frame before the laser starts, so it is never blank.

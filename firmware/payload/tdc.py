@@ -27,14 +27,27 @@ BLOCK_EVENTS = const(227)
 PPS_SLOTS = const(16)
 PS_PER_S = 1_000_000_000_000  # a big int on 32-bit targets: only used off the hot path
 
-# ring state words
-_W = const(0)  # write index (events)
-_R = const(1)  # read index
-_COUNT = const(2)  # events held
-_OVERFLOW = const(3)  # events dropped because the ring was full
-_TOTAL = const(4)  # events accepted
-_PPS_W = const(5)  # PPS slots written (mod PPS_SLOTS by index)
-_PPS_COUNT = const(6)  # PPS events seen
+# ring state words. Single writer per word, so ring_push (an interrupt handler on a
+# board) and ring_pop (the main loop) never race on a read-modify-write: push writes only
+# _W and its counters, pop writes only _R. The indices run over [0, 2 * capacity), so
+# W - R (mod 2 * capacity) tells a full ring from an empty one without a shared count;
+# each publishes its index after copying.
+_W = const(0)  # write index (events, mod 2 * capacity): ring_push only
+_R = const(1)  # read index (events, mod 2 * capacity): ring_pop only
+_UNUSED = const(2)  # was a shared event count (written by both sides: not ISR-safe)
+_OVERFLOW = const(3)  # events dropped because the ring was full: ring_push only
+_TOTAL = const(4)  # events accepted: ring_push only
+_PPS_W = const(5)  # PPS slots written (mod PPS_SLOTS by index): ring_push only
+_PPS_COUNT = const(6)  # PPS events seen: ring_push only
+
+
+@micropython.viper
+def ring_count(state: ptr32, capacity: int) -> int:
+    """Events held (any context may read it: two single-writer words)."""
+    count = state[_W] - state[_R]
+    if count < 0:
+        count += 2 * capacity
+    return count
 
 
 @micropython.viper
@@ -43,7 +56,10 @@ def ring_push(state: ptr32, ring: ptr8, capacity: int, src: ptr8, n_events: int,
 
     Events that find the ring full are counted in state[_OVERFLOW] one by one. The copy
     is bulk (at most two runs around the wrap), not per event."""
-    count = state[_COUNT]
+    w = state[_W]
+    count = w - state[_R]
+    if count < 0:
+        count += 2 * capacity
     accepted = capacity - count
     if accepted > n_events:
         accepted = n_events
@@ -59,38 +75,39 @@ def ring_push(state: ptr32, ring: ptr8, capacity: int, src: ptr8, n_events: int,
             state[_PPS_W] = state[_PPS_W] + 1
             state[_PPS_COUNT] = state[_PPS_COUNT] + 1
         e += 1
-    w = state[_W]
-    first = capacity - w
+    position = w if w < capacity else w - capacity
+    first = capacity - position
     if first > accepted:
         first = accepted
     copy = memcopy.copy
-    copy(uint(ring) + w * 9, uint(src), first * 9)
+    copy(uint(ring) + position * 9, uint(src), first * 9)
     copy(uint(ring), uint(src) + first * 9, (accepted - first) * 9)
     w += accepted
-    if w >= capacity:
-        w -= capacity
-    state[_W] = w
-    state[_COUNT] = count + accepted
+    if w >= 2 * capacity:
+        w -= 2 * capacity
     state[_TOTAL] = state[_TOTAL] + accepted
+    state[_W] = w  # published last: the reader sees these events only once copied
 
 
 @micropython.viper
 def ring_pop(state: ptr32, ring: ptr8, capacity: int, dst: ptr8, n_events: int) -> int:
     """Move up to n_events from the ring to dst; returns how many."""
     r = state[_R]
-    count = state[_COUNT]
+    count = state[_W] - r
+    if count < 0:
+        count += 2 * capacity
     n = n_events if n_events < count else count
-    first = capacity - r
+    position = r if r < capacity else r - capacity
+    first = capacity - position
     if first > n:
         first = n
     copy = memcopy.copy
-    copy(uint(dst), uint(ring) + r * 9, first * 9)
+    copy(uint(dst), uint(ring) + position * 9, first * 9)
     copy(uint(dst) + first * 9, uint(ring), (n - first) * 9)
     r += n
-    if r >= capacity:
-        r -= capacity
-    state[_R] = r
-    state[_COUNT] = count - n
+    if r >= 2 * capacity:
+        r -= 2 * capacity
+    state[_R] = r  # published last: the writer may reuse these slots only now
     return n
 
 
@@ -117,14 +134,32 @@ class TdcDrain:
         self.blocks = 0
         self.events_spooled = 0
         self.events_unstored = 0  # popped for storage that refused them: lost, counted
-        self.fifo_overflow = 0  # as last read from the head
-        self.events_received = 0  # over the bus
-        self.events_delivered = 0  # as the head counted them (REG_TDC_DELIVERED)
+        # Loss accounting with one origin: everything counts from the pass's start. The
+        # head's u32 counters (overflow, delivered) are read as baselines when the pass
+        # starts and followed by wrap-safe differences into Python ints (they wrap in
+        # ~14 min at 5 M events/s), so a controller reset does not show the head's earlier
+        # events as lost. A head counter that goes back (the head restarted) cannot be
+        # told from loss: it is counted in head_resets and the accounting restarts there.
+        self.fifo_overflow = 0  # events the head's FIFO dropped since the start
+        self.events_received = 0  # events received over the bus since the start
+        self.events_delivered = 0  # events the head handed out since the start
+        self.head_resets = 0
+        self._head_last = None  # [overflow, delivered] as last read (u32)
         self.bus_failures = 0
         self.running = False
 
     def start(self):
         """Enable time-tagging; returns the bus status (0 = OK)."""
+        self.fifo_overflow = 0
+        self.events_received = 0
+        self.events_delivered = 0
+        self.events_unstored = 0
+        self.head_resets = 0
+        self._head_last = None
+        self.state[_OVERFLOW] = 0  # the interrupt path is not running yet
+        self.state[_TOTAL] = 0
+        if self.bus.read(busmod.REG_TDC_OVERFLOW, 3) == busmod.OK:
+            self._head_last = [self.bus.words[0], self.bus.words[2]]
         status = self.bus.write1(busmod.REG_TDC_CTRL, 1)
         self.running = status == busmod.OK
         return status
@@ -144,7 +179,10 @@ class TdcDrain:
         """Write full blocks (and with flush, the partial last one) to tdc.qrec."""
         wrote = False
         log = self.log
-        while self.state[_COUNT] >= BLOCK_EVENTS or (flush and self.state[_COUNT] > 0):
+        while True:
+            held = ring_count(self.state, self.capacity)
+            if held < BLOCK_EVENTS and not (flush and held > 0):
+                break
             payload = log.payload
             n = ring_pop(self.state, self.ring, self.capacity, self._events, BLOCK_EVENTS)
             _put_u32(payload, 0, n)
@@ -184,9 +222,24 @@ class TdcDrain:
         """Update the head's loss counters: FIFO overflow, and events it handed out whose
         reply never arrived (a bus timeout), so no loss anywhere goes uncounted."""
         if self.bus.read(busmod.REG_TDC_OVERFLOW, 3) == busmod.OK:
-            self.fifo_overflow = self.bus.words[0]
-            self.events_delivered = self.bus.words[2]
+            self.account(self.bus.words[0], self.bus.words[2])
         return self.fifo_overflow
+
+    def account(self, overflow, delivered):
+        """Fold the head's u32 counters (as just read) into the pass's totals."""
+        last = self._head_last
+        self._head_last = [overflow, delivered]
+        if last is None:
+            return  # no baseline (the start's read failed): from here on
+        d_overflow = (overflow - last[0]) & 0xFFFFFFFF
+        d_delivered = (delivered - last[1]) & 0xFFFFFFFF
+        if d_overflow >= 0x80000000 or d_delivered >= 0x80000000:
+            # a counter went back: the head restarted (2**31 events between two reads
+            # would take 7 min at 5 M/s; housekeeping reads every 100 ms)
+            self.head_resets += 1
+            return
+        self.fifo_overflow += d_overflow
+        self.events_delivered += d_delivered
 
     def transit_lost(self):
         lost = self.events_delivered - self.events_received
@@ -201,7 +254,7 @@ class TdcDrain:
         return int.from_bytes(self.pps[slot : slot + 8], "little")
 
     def telemetry(self):
-        return {
+        out = {
             "events_accepted": self.state[_TOTAL],
             "events_spooled": self.events_spooled,
             "blocks": self.blocks,
@@ -215,31 +268,45 @@ class TdcDrain:
             + self.events_unstored,
             "bus_failures": self.bus_failures,
         }
+        if self.head_resets:
+            out["head_resets"] = self.head_resets
+        return out
 
 
 class ClockDiscipline:
     """Local (TDC) clock against PPS: offset and drift, logged as CLOCK_DISCIPLINE records.
 
-    PPS k (true time k * pps_period_ps) is stamped at local time L_k. With L = offset +
-    (1 + drift) * true, the drift is the slope between the first and the latest PPS and
-    the offset the latest stamp minus its ideal time. Integer arithmetic (big ints, at the
-    PPS rate only): the 32-bit targets have no double-precision floats.
+    PPS k (true time k * pps_period_ps) is stamped at local time L_k, modelled as
+    L = offset + (1 + drift) * true. The model is a least-squares line through the last
+    PPS_SLOTS accepted pulses (exact integer arithmetic, big ints at the PPS rate only:
+    the 32-bit targets have no double-precision floats). A pulse further than
+    tolerance_ps from the model's prediction is an outlier: counted, not used. Three
+    outliers in a row that agree with each other mean the model was wrong (a bad first
+    pulse, or a real clock step): the fit restarts from them (counted in refits).
 
     Record payload (docs/payload-bus.md): u32 pps_index, u64 local_ps, i64 offset_ps,
     i64 drift_ppt (parts per 10**12)."""
 
     RECORD = "<IQqq"
+    TOLERANCE_PS = 1_000_000  # 1 us: GNSS PPS jitter is tens of ns; drift is in the model
+    # Until three pulses fix the drift, a pulse may also be off the model by the largest
+    # drift a controller clock has (100 ppm) times the time since the last one.
+    MAX_DRIFT_PPB = 100_000
 
     def __init__(self, tdc, store, pps_period_ps=PS_PER_S):
         self.tdc = tdc
         self.pps_period_ps = pps_period_ps
+        self.tolerance_ps = self.TOLERANCE_PS
         self.log = store.open_log("clock", storage.KIND_CLOCK_DISCIPLINE, 28)
         self._seen = 0
-        self._first = None  # (index, local_ps)
+        self._points = []  # accepted (index, local_ps)
+        self._rejected = []  # consecutive outliers (index, local_ps)
         self.offset_ps = None
         self.drift_ppt = None
         self.pps_index = None
         self.records = 0
+        self.outliers = 0
+        self.refits = 0
 
     def step(self):
         count = self.tdc.pps_count()
@@ -252,32 +319,89 @@ class ClockDiscipline:
             self._seen += 1
         return True
 
+    def _predict(self, index):
+        return self.offset_ps + index * self.pps_period_ps * (10**12 + self.drift_ppt) // 10**12
+
+    def _index_for(self, local_ps):
+        scaled = self.pps_period_ps * (10**12 + self.drift_ppt)
+        return ((local_ps - self.offset_ps) * 10**12 + scaled // 2) // scaled
+
+    def _fit(self, points):
+        """(offset_ps, drift_ppt) of the least-squares line local = a + b * true."""
+        period = self.pps_period_ps
+        n = len(points)
+        if n == 1:
+            index, local = points[0]
+            return local - index * period, 0
+        sx = sy = sxx = sxy = 0
+        for index, local in points:
+            x = index * period
+            sx += x
+            sy += local
+            sxx += x * x
+            sxy += x * local
+        den = n * sxx - sx * sx
+        num = n * sxy - sx * sy
+        drift_ppt = (num * 10**12 * 2 + den) // (2 * den) - 10**12
+        offset_ps = (sy * 10**12 - (10**12 + drift_ppt) * sx + n * 10**12 // 2) // (n * 10**12)
+        return offset_ps, drift_ppt
+
+    def _consistent(self, points):
+        offset, drift = self._fit(points)
+        period = self.pps_period_ps
+        for index, local in points:
+            predicted = offset + index * period * (10**12 + drift) // 10**12
+            if abs(local - predicted) > self.tolerance_ps:
+                return False
+        return True
+
     def _update(self, local_ps):
         period = self.pps_period_ps
-        if self._first is None:
-            # Assumes |offset| < half a period: the first PPS names its own second.
+        if not self._points:
+            # No model yet: assumes |offset| < half a period, the pulse names its second.
             index = (local_ps + period // 2) // period
-            self._first = (index, local_ps)
-            self.drift_ppt = 0
         else:
-            index0, local0 = self._first
-            # the whole number of periods elapsed, with the current drift estimate
-            elapsed = local_ps - local0
-            seconds = (elapsed * 10**12 // (10**12 + self.drift_ppt) + period // 2) // period
-            index = index0 + seconds
-            if seconds > 0:
-                ideal = seconds * period
-                self.drift_ppt = (elapsed - ideal) * 10**12 // ideal
+            index = self._index_for(local_ps)
+            allowed = self.tolerance_ps
+            if len(self._points) < 3:
+                gap = abs(index - self._points[-1][0]) * period
+                allowed += gap * self.MAX_DRIFT_PPB // 10**9
+            if abs(local_ps - self._predict(index)) > allowed:
+                self.outliers += 1
+                self._rejected.append((index, local_ps))
+                if len(self._rejected) < 3:
+                    return
+                if not self._consistent(self._rejected[-3:]):
+                    self._rejected = self._rejected[-2:]
+                    return
+                self._points = self._rejected[-3:]
+                self._rejected = []
+                self.refits += 1
+                index, local_ps = self._points[-1]
+                self._apply(index, local_ps)
+                return
+        self._rejected = []
+        self._points.append((index, local_ps))
+        if len(self._points) > PPS_SLOTS:
+            self._points.pop(0)
+        self._apply(index, local_ps)
+
+    def _apply(self, index, local_ps):
+        self.offset_ps, self.drift_ppt = self._fit(self._points)
         self.pps_index = index
-        self.offset_ps = local_ps - index * period * (10**12 + self.drift_ppt) // 10**12
         record = struct.pack(self.RECORD, index, local_ps, self.offset_ps, self.drift_ppt)
         self.log.append(record)
         self.records += 1
 
     def telemetry(self):
-        return {
+        out = {
             "pps_index": self.pps_index,
             "offset_ps": self.offset_ps,
             "drift_ppt": self.drift_ppt,
             "records": self.records,
         }
+        if self.outliers:
+            out["pps_outliers"] = self.outliers
+        if self.refits:
+            out["pps_refits"] = self.refits
+        return out

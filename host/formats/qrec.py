@@ -32,6 +32,7 @@ class Kind(IntEnum):
     CLOCK_DISCIPLINE = 5
     RETIRED_PATTERN_SOURCE = 6  # a splitmix64 seed: refused (docs/formats.md)
     PATTERN_RUN = 7
+    PATTERN_CONFIG = 8  # JSON: the sequencer's configuration at a pass start (docs/formats.md)
 
 
 @dataclass(frozen=True)

@@ -101,3 +101,99 @@ def test_memcopy_copies_exactly_at_any_offset_without_allocating():
                 assert dst[offset : offset + length] == src[5 : 5 + length]
                 assert dst[:offset] == bytearray(offset)
                 assert dst[offset + length :] == bytearray(64 - offset - length)
+
+
+def test_push_and_pop_each_write_only_their_own_state_words():
+    # ring_push runs in an interrupt on a board, ring_pop in the main loop: if both wrote
+    # one word (a shared count), a push landing inside a pop would be undone. Each side
+    # must write only its own words.
+    writer_words = (0, 3, 4, 5, 6)  # _W, _OVERFLOW, _TOTAL, _PPS_W, _PPS_COUNT
+    reader_words = (1,)  # _R
+    state = array.array("I", bytes(32))
+    ring = bytearray(9 * 8)
+    pps = bytearray(8 * tdc.PPS_SLOTS)
+    src = bytearray(9 * 5)
+    for e in range(5):
+        src[9 * e] = 0 if e == 2 else 3
+    dst = bytearray(9 * 5)
+    for round_ in range(6):  # several times around the ring
+        before = list(state)
+        tdc.ring_push(state, ring, 8, src, 5, pps)
+        changed = [i for i in range(8) if state[i] != before[i]]
+        assert all(i in writer_words for i in changed), ("push wrote", changed)
+        before = list(state)
+        assert tdc.ring_pop(state, ring, 8, dst, 5) == 5
+        changed = [i for i in range(8) if state[i] != before[i]]
+        assert changed == list(reader_words), ("pop wrote", changed)
+        assert bytes(dst) == bytes(src), round_
+    assert tdc.ring_count(state, 8) == 0
+    tdc.ring_push(state, ring, 8, src, 5, pps)
+    tdc.ring_push(state, ring, 8, src, 5, pps)  # 10 events into 8 places: 2 dropped
+    assert tdc.ring_count(state, 8) == 8 and state[3] == 2
+
+
+def test_a_bad_first_pps_and_a_spike_do_not_bend_the_clock_model():
+    # The first pulse is 50 us late (a receiver still settling), one later pulse spikes
+    # 30 us: the old discipline trusted the first pulse and drew a two-point slope from
+    # it, off by 50 us / elapsed seconds for the rest of the pass.
+    store = storage.Storage(board.mount_storage() + "/t_tdc_pps")
+    drain = tdc.TdcDrain(None, store, ring_events=64)
+    period = 10**12
+    offset_ps = 123_456
+    drift_ppb = 2_500
+    discipline = tdc.ClockDiscipline(drain, store, period)
+    src = bytearray(9)
+    for k in range(3, 16):
+        true_ps = k * period
+        local = offset_ps + true_ps + true_ps * drift_ppb // 10**9
+        if k == 3:
+            local += 50_000_000
+        elif k == 11:
+            local += 30_000_000
+        _event(src, 0, 0, local)
+        tdc.ring_push(drain.state, drain.ring, drain.capacity, src, 1, drain.pps)
+        discipline.step()
+    assert discipline.pps_index == 15
+    assert discipline.drift_ppt == drift_ppb * 1000, discipline.telemetry()
+    assert abs(discipline.offset_ps - offset_ps) <= 1, discipline.telemetry()
+    report = discipline.telemetry()
+    assert report["pps_outliers"] == 4 and report["pps_refits"] == 1, report
+
+
+class _CounterHead:
+    """The TDC's loss registers (OVERFLOW, EVENTS, DELIVERED) behind a bus stand-in."""
+
+    def __init__(self, overflow, delivered):
+        self.words = array.array("I", bytes(12))
+        self.regs = [overflow, 0, delivered]
+
+    def read(self, addr, count):
+        for i in range(3):
+            self.words[i] = self.regs[i] & 0xFFFFFFFF
+        return 0
+
+    def write1(self, addr, value):
+        return 0
+
+
+def test_tdc_loss_counts_from_the_pass_start_across_wraps_and_head_restarts():
+    store = storage.Storage(board.mount_storage() + "/t_tdc_loss")
+    # a controller that restarted mid-life: the head has handed out 4 billion events
+    head = _CounterHead(overflow=1000, delivered=0xFFFFFF00)
+    drain = tdc.TdcDrain(head, store, ring_events=64)
+    assert drain.start() == 0
+    assert drain.telemetry()["lost"] == 0  # the head's history is not this pass's loss
+    head.regs[2] += 0x200  # 512 more delivered, across the u32 wrap
+    drain.events_received = 500  # 12 of them never arrived (a bus timeout)
+    head.regs[0] += 3  # and the FIFO dropped 3
+    drain.read_overflow()
+    report = drain.telemetry()
+    assert report["transit_lost"] == 12 and report["fifo_overflow"] == 3, report
+    assert report["lost"] == 15, report
+    head.regs = [2, 0, 40]  # the head restarted: its counters went back
+    drain.read_overflow()
+    assert drain.telemetry()["head_resets"] == 1
+    head.regs = [2, 0, 60]
+    drain.events_received += 20
+    drain.read_overflow()
+    assert drain.telemetry()["lost"] == 15  # counted again from the restart

@@ -116,15 +116,21 @@ class Clock:
 
     TIMER0 counts down through 2**32 cycles (171.8 s at 25 MHz); `update()` must run at
     least that often (the scheduler calls it every pass). State lives in a preallocated
-    array: [last timer value, leftover cycles, microseconds low word, high word], so
-    `update()` and `stamp_into()` may run in an interrupt handler.
+    array: [active copy, then two copies of (last timer value, leftover cycles,
+    microseconds low word, high word)].
+
+    Single writer, lock-free readers: only the main loop calls `update()` (and `ticks_us`
+    / `now_us`, which update); it writes the inactive copy and then publishes it with one
+    word store. `stamp_into()` may run in an interrupt handler: it reads the active copy
+    and the timer and writes nothing, so an interrupt that lands in the middle of an
+    update still sees a whole, consistent copy (tested in mptest_board_qemu.py).
     """
 
     def __init__(self):
-        self._state = array.array("I", (0, 0, 0, 0))
+        self._state = array.array("I", bytes(36))
         machine.mem32[_TIMER0 + 8] = 0xFFFFFFFF  # RELOAD
         machine.mem32[_TIMER0 + 0] = 1  # CTRL: enable, no interrupt
-        self._state[0] = machine.mem32[_TIMER0 + 4] & 0xFFFFFFFF
+        self._state[1] = machine.mem32[_TIMER0 + 4] & 0xFFFFFFFF
 
     def update(self):
         _clock_update(self._state)
@@ -135,51 +141,67 @@ class Clock:
         return _clock_low30(self._state)
 
     def stamp_into(self, buf, offset):
-        """Write the 64-bit microsecond count little-endian into buf[offset:offset+8]."""
-        _clock_update(self._state)
+        """Write the 64-bit microsecond count little-endian into buf[offset:offset+8]
+        (interrupt-safe: reads only)."""
         _clock_stamp(self._state, buf, offset)
 
     def now_us(self):
         """The full microsecond count as a Python int (allocates on 32-bit: not in IRQs)."""
         _clock_update(self._state)
-        return (self._state[3] << 32) | self._state[2]
+        base = 1 + 4 * self._state[0]
+        return (self._state[base + 3] << 32) | self._state[base + 2]
 
 
 @micropython.viper
 def _clock_update(state: ptr32):
+    active = state[0]
+    src = 1 + 4 * active
+    dst = 5 - 4 * active
     now = ptr32(_TIMER0)[1]
-    elapsed = state[0] - now  # down-counter: wraps modulo 2**32 in 32-bit arithmetic
-    state[0] = now
+    elapsed = state[src] - now  # down-counter: wraps modulo 2**32 in 32-bit arithmetic
     # 67.1 s of cycles, to take off an elapsed >= 2**31 before signed division; built at
     # run time because a folded constant >= 2**30 would be a heap object here.
     big_chunk_us = 0x4000000
     big_chunk_cycles = big_chunk_us
     big_chunk_cycles *= _CYCLES_PER_US
-    total = state[1] + elapsed
+    total = state[src + 1] + elapsed
     add_us = 0
     if total < 0:  # elapsed >= 2**31 cycles (signed overflow): take a chunk off first
         total -= big_chunk_cycles
         add_us = big_chunk_us
     add_us += total // _CYCLES_PER_US
-    state[1] = total - (total // _CYCLES_PER_US) * _CYCLES_PER_US
-    low = state[2]
+    low = state[src + 2]
     new_low = low + add_us
-    state[2] = new_low
+    high = state[src + 3]
     if uint(new_low) < uint(low):
-        state[3] = state[3] + 1
+        high += 1
+    state[dst] = now
+    state[dst + 1] = total - (total // _CYCLES_PER_US) * _CYCLES_PER_US
+    state[dst + 2] = new_low
+    state[dst + 3] = high
+    state[0] = 1 - active  # publish: one word store
 
 
 @micropython.viper
 def _clock_low30(state: ptr32) -> int:
-    return state[2] & 0x3FFFFFFF
+    return state[1 + 4 * state[0] + 2] & 0x3FFFFFFF
 
 
 @micropython.viper
 def _clock_stamp(state: ptr32, buf: ptr8, offset: int):
-    low = state[2]
-    high = state[3]
+    src = 1 + 4 * state[0]
+    low = state[src + 2]
+    high = state[src + 3]
+    now = ptr32(_TIMER0)[1]
+    elapsed = state[src] - now
+    if elapsed < 0:  # a whole update period without update(): cannot be, clamp
+        elapsed = 0
+    add_us = (state[src + 1] + elapsed) // _CYCLES_PER_US
+    new_low = low + add_us
+    if uint(new_low) < uint(low):
+        high += 1
     for i in range(4):
-        buf[offset + i] = (low >> (8 * i)) & 0xFF
+        buf[offset + i] = (new_low >> (8 * i)) & 0xFF
         buf[offset + 4 + i] = (high >> (8 * i)) & 0xFF
 
 
