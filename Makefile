@@ -3,7 +3,8 @@
 #   make test      every test (host, firmware on unix and QEMU, end to end)
 #   make demo      the main job on an emulated pass
 #   make bench     benchmarks, printed as ratios against baselines measured in the same run
-#   make firmware  rebuild the QEMU image with the current firmware/ frozen in
+#   make firmware  rebuild the QEMU images (MPS2-AN385 and the STM32 netduino2) with the
+#                  current firmware/ frozen in
 
 include tools/micropython.env
 
@@ -14,6 +15,9 @@ MPY_SRC := $(ROOT)/build/micropython-$(MPY_UPSTREAM_VERSION)
 BIN := $(ROOT)/build/bin
 QEMU_BUILD ?= $(ROOT)/build/qemu
 FIRMWARE_MANIFEST ?= $(ROOT)/firmware/boards/qemu/manifest.py
+NETDUINO2_BUILD ?= $(ROOT)/build/netduino2
+# The STM32F205 has 128 KiB of SRAM: the port's default heap (140 KiB) does not fit.
+NETDUINO2_HEAP_BYTES := 98304
 
 # MicroPython names its version after `git describe`; keep git from finding this project's
 # repository above the unpacked source, so builds say v1.25.0 rather than our commit.
@@ -22,7 +26,8 @@ export GIT_CEILING_DIRECTORIES := $(ROOT)/build
 # MicroPython's build needs a micropython-lib folder; Debian's source strips it.
 MPY_LIB_DIR := $(MPY_SRC)/lib/micropython-lib
 
-.PHONY: setup test test-fast demo mission bench firmware lint format flash clean \
+.PHONY: setup test test-fast demo mission bench firmware firmware-mps2 firmware-netduino2 \
+	lint format flash clean \
 	clean-micropython micropython-builds lock
 
 setup:
@@ -80,7 +85,9 @@ $(BIN)/micropython: $(BIN)/mpy-cross firmware/boards/unix/manifest.py
 	mkdir -p $(BIN) && cp $(ROOT)/build/unix/micropython $@
 
 # Always re-run: MicroPython's own make only rebuilds what changed in firmware/.
-firmware: $(BIN)/mpy-cross
+firmware: firmware-mps2 firmware-netduino2
+
+firmware-mps2: $(BIN)/mpy-cross
 	@test -d $(MPY_SRC) || { echo "MicroPython source missing: run 'make setup'"; exit 1; }
 	$(MAKE) -s -C $(MPY_SRC)/ports/qemu -j2 BOARD=MPS2_AN385 BUILD=$(QEMU_BUILD) \
 		MPY_LIB_DIR=$(MPY_LIB_DIR) MICROPY_VFS_LFS2=1 \
@@ -89,8 +96,19 @@ firmware: $(BIN)/mpy-cross
 		"CFLAGS_EXTRA=-D'mp_hal_time_ns()=(0ULL)'" \
 		FROZEN_MANIFEST=$(FIRMWARE_MANIFEST)
 
+# The STM32 board (docs/targets.md): ports/qemu's NETDUINO2 (STM32F205, Cortex-M3) with
+# firmware/boards/netduino2 frozen in.
+firmware-netduino2: $(BIN)/mpy-cross
+	@test -d $(MPY_SRC) || { echo "MicroPython source missing: run 'make setup'"; exit 1; }
+	$(MAKE) -s -C $(MPY_SRC)/ports/qemu -j2 BOARD=NETDUINO2 BUILD=$(NETDUINO2_BUILD) \
+		MPY_LIB_DIR=$(MPY_LIB_DIR) MICROPY_VFS_LFS2=1 \
+		MICROPY_HEAP_SIZE=$(NETDUINO2_HEAP_BYTES) \
+		LDSCRIPT=$(ROOT)/firmware/boards/netduino2/stm32f205.ld \
+		"CFLAGS_EXTRA=-D'mp_hal_time_ns()=(0ULL)'" \
+		FROZEN_MANIFEST=$(ROOT)/firmware/boards/netduino2/manifest.py
+
 clean:
-	rm -rf build/qemu build/mission build/mission-head .pytest_cache
+	rm -rf build/qemu build/netduino2 build/mission build/mission-head .pytest_cache
 
 clean-micropython:
-	rm -rf build/micropython-* build/unix build/qemu build/bin
+	rm -rf build/micropython-* build/unix build/qemu build/netduino2 build/bin

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emulator.optical_head import HeadServer, OpticalHead
-from emulator.targets import QemuTarget, UnixTarget
+from emulator.targets import Netduino2Target, QemuTarget, UnixTarget
 from host.deploy.raw_repl import RawRepl
 from host.link.client import CommandRejected, PayloadClient
 
@@ -81,9 +81,10 @@ def payload_session(
             payload.ping()
             yield target, payload
         return
-    if target_name != "qemu":
+    if target_name not in ("qemu", "netduino2"):
         raise ValueError(f"unknown target {target_name!r}")
-    with QemuTarget(boot="maintenance", bus_address=bus_address, icount_shift=icount_shift) as t:
+    target_class = QemuTarget if target_name == "qemu" else Netduino2Target
+    with target_class(boot="maintenance", bus_address=bus_address, icount_shift=icount_shift) as t:
         repl = RawRepl(t.ground_port, timeout_s=30.0)
         repl.enter()
         product = base64.b64encode(product_key or b"").decode()

@@ -27,6 +27,7 @@ BUILD_DIR = Path(os.environ.get("QKDSAT_BUILD_DIR", REPO_ROOT / "build"))
 FIRMWARE_DIR = REPO_ROOT / "firmware"
 MICROPYTHON_BIN = BUILD_DIR / "bin" / "micropython"
 QEMU_IMAGE = BUILD_DIR / "qemu" / "firmware.elf"
+NETDUINO2_IMAGE = BUILD_DIR / "netduino2" / "firmware.elf"
 QEMU_BIN = "qemu-system-arm"
 
 # Boot strap word the QEMU board reads at 0x20000000 (firmware/boards/qemu/board.py).
@@ -278,6 +279,44 @@ class QemuTarget(Target):
         return ""
 
 
+class Netduino2Target(QemuTarget):
+    """The frozen STM32 image (firmware/boards/netduino2) on QEMU's netduino2 machine: an
+    STM32F205 Cortex-M3 with STM32 USARTs and timers, 128 KiB of SRAM (docs/targets.md).
+    USART1 is the ground link, USART2 the payload bus. The boot strap is the emulator's
+    semihosting command line (the board reads it with SYS_GET_CMDLINE)."""
+
+    name = "netduino2"
+
+    def __init__(
+        self,
+        bus_address: tuple[str, int] | None = None,
+        boot: str = "app",
+        icount_shift: int | None = None,
+        image: str | os.PathLike = NETDUINO2_IMAGE,
+    ) -> None:
+        super().__init__(bus_address, boot, icount_shift, image)
+
+    def command(self) -> list[str]:
+        image = require(self.image, "netduino2 firmware image (make firmware)")
+        bus = (
+            f"tcp:{self.bus_address[0]}:{self.bus_address[1]},nodelay=on"
+            if self.bus_address
+            else "null"
+        )
+        cmd = [
+            QEMU_BIN,
+            "-machine", "netduino2",
+            "-nographic", "-monitor", "null",
+            "-semihosting-config", f"enable=on,target=native,arg=qkdsat,arg={self.boot}",
+            "-serial", "pty",
+            "-serial", bus,
+            "-kernel", str(image),
+        ]  # fmt: skip
+        if self.icount_shift is not None:
+            cmd += ["-icount", f"shift={self.icount_shift},align=off,sleep=off"]
+        return cmd
+
+
 def make_target(name: str, **kwargs) -> Target:
     if name == "unix":
         kwargs.pop("icount_shift", None)
@@ -285,4 +324,7 @@ def make_target(name: str, **kwargs) -> Target:
     if name == "qemu":
         kwargs.pop("storage_dir", None)
         return QemuTarget(**kwargs)
-    raise ValueError(f"unknown target {name!r}: expected 'unix' or 'qemu'")
+    if name == "netduino2":
+        kwargs.pop("storage_dir", None)
+        return Netduino2Target(**kwargs)
+    raise ValueError(f"unknown target {name!r}: expected 'unix', 'qemu' or 'netduino2'")

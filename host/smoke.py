@@ -48,14 +48,14 @@ def ping_until_up(payload: PayloadClient, timeout_s: float) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
-        choices=["unix", "qemu", "all"],
+        choices=["unix", "qemu", "netduino2", "all"],
         default="all",
         help="which emulated target to boot",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    targets = ["unix", "qemu"] if args.target == "all" else [args.target]
+    targets = ["unix", "qemu", "netduino2"] if args.target == "all" else [args.target]
     for name in targets:
         result = run_smoke(name)
         print(

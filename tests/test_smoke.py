@@ -8,7 +8,7 @@ from emulator.targets import firmware_version
 from host.smoke import run_smoke
 
 
-@pytest.mark.parametrize("target", ["unix", "qemu"])
+@pytest.mark.parametrize("target", ["unix", "qemu", "netduino2"])
 def test_firmware_boots_answers_version_and_echoes_over_the_payload_bus(target):
     payload = b"\x00frame with zeros\x00 and \xff bytes"
     result = run_smoke(target, echo_payload=payload)

@@ -89,9 +89,8 @@ class Controller:
     def __init__(self, board, storage_root, mission=None):
         self.board = board
         self.ground_rx = framing.FrameReader(GROUND_MAX_BODY_BYTES)
-        self.bus_rx = framing.FrameReader(MAX_FRAME_BODY_BYTES)
         self.ground_tx = framing.FrameWriter(GROUND_MAX_BODY_BYTES)
-        self.bus_tx = framing.FrameWriter(MAX_FRAME_BODY_BYTES)
+        self.bus_rx = None  # the controller's own bus framing, only without a data path
         self._chunk = bytearray(256)
         self.ground_queue = TxQueue(
             board.ground_link,
@@ -117,7 +116,9 @@ class Controller:
             self._bus_tx = mission.bus.tx
             mission.duties(self.scheduler)
         else:
-            self._bus_tx = self.bus_tx
+            # 4 kB of buffers a data path (with its own bus client) does not need
+            self.bus_rx = framing.FrameReader(MAX_FRAME_BODY_BYTES)
+            self._bus_tx = framing.FrameWriter(MAX_FRAME_BODY_BYTES)
             self.scheduler.add("bus", self.poll_bus)
 
     def send_ground(self, body, length):

@@ -78,7 +78,10 @@ class Mission:
         self.store = storage.Storage(storage_root, getattr(board, "STORAGE_QUOTA_BYTES", -1))
         self.bus = busmod.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)
         self.sequencer = sequencer.Sequencer(self.bus, self.store)
-        self.tdc = tdc.TdcDrain(self.bus, self.store)
+        # the ring between the TDC FIFO and storage: a board with little RAM sets a
+        # smaller one (netduino2: 512 events, docs/targets.md)
+        ring_events = getattr(board, "TDC_RING_EVENTS", tdc.RING_EVENTS)
+        self.tdc = tdc.TdcDrain(self.bus, self.store, ring_events=ring_events)
         self.discipline = tdc.ClockDiscipline(self.tdc, self.store)
         self.hk = Housekeeping(self)
         self.generator = headgen.HeadGenerator(self.bus, self.sequencer)

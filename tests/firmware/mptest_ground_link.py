@@ -5,7 +5,7 @@ import hashlib
 import os
 
 import board
-from payload import auth, ccsds, keystore, scheduler, telecommands
+from payload import auth, ccsds, keystore, telecommands
 from payload.framing import crc16
 
 # What the firmware used to fall back to when no key was provisioned: public.
@@ -46,24 +46,19 @@ def _fresh_root(key=None):
 
 
 def _link(root, mission=None, keep=True):
-    sent = []
+    # keep=False: count the packets only (a growing list needs RAM in one piece, which
+    # the netduino2 heap does not always have)
+    sent = [] if keep else [0]
 
     def send(buf, length):
-        sent.append(bytes(buf[:length]) if keep else length)
+        if keep:
+            sent.append(bytes(buf[:length]))
+        else:
+            sent[0] += 1
 
     # each test root has its own key region beside it (the board has one, outside storage)
     region = keystore.FileRegion(root + ".keyregion")
     return telecommands.GroundLink(board, root, send, mission, key_region=region), sent
-
-
-def _rmtree(path):
-    for entry in os.listdir(path):
-        full = path + "/" + entry
-        try:
-            os.remove(full)
-        except OSError:
-            _rmtree(full)
-    os.rmdir(path)
 
 
 def _tc(key, counter, service, subtype, data=b"", ack=1):
@@ -129,127 +124,6 @@ def test_host_built_telecommands_are_accepted_in_order():
             assert sent, case["note"]
             assert sent[0][7] != 1 or sent[0][8] == 1, (case["note"], sent)
     assert link.accepted == 3 and link.last_counter == 0x7FFFFFFF
-
-
-def _rekey_tc(key, counter, next_key):
-    counter_bytes = bytearray(4)
-    ccsds.put_u32(counter_bytes, 0, counter)
-    pad = auth.Hmac(key).digest(telecommands.REKEY_LABEL + bytes(counter_bytes))
-    wrapped = bytes(next_key[i] ^ pad[i] for i in range(32))
-    return _tc(key, counter, 8, 1, bytes([ccsds.FN_REKEY]) + wrapped)
-
-
-def test_counter_exhaustion_does_not_lock_the_link_and_rekey_recovers():
-    # The golden vectors end with counter 0xFFFFFFFF on an ordinary command: it used to
-    # be accepted and lock the link for good. Counters above ORDINARY_COUNTER_MAX are
-    # refused for ordinary commands (not consumed) and kept for the rekey.
-    vectors = load_vectors("ccsds.json")
-    key = _unhex(vectors["key"])
-    root = _fresh_root(key)
-    link, sent = _link(root)
-    link.handle(_tc(key, 0xFFFFFF00, 17, 1))
-    assert _verification(sent[-1]) == (False, ccsds.REJECT_STATE), sent
-    assert link.last_counter == 0  # not consumed
-    link.handle(_tc(key, 0xFFFFFEFF, 17, 1))  # the last ordinary counter
-    assert _verification(sent[-2]) == (True, 0)
-    next_key = bytes(range(7, 39))
-    link.handle(_rekey_tc(b"wrong key" * 4, 0xFFFFFFFF, next_key))
-    assert _verification(sent[-1]) == (False, ccsds.REJECT_AUTH)
-    link.handle(_rekey_tc(key, 0xFFFFFFFF, next_key))
-    assert _verification(sent[-1]) == (True, 0), sent[-1]
-    assert link.last_counter == 0 and link.key_state == "provisioned"
-    link.handle(_tc(next_key, 1, 17, 1))  # the new key, from counter 1
-    assert _verification(sent[-2]) == (True, 0)
-    link.handle(_tc(key, 2, 17, 1))  # the old key is gone
-    assert _verification(sent[-1]) == (False, ccsds.REJECT_AUTH)
-    # after a reboot: the new key from its region, its own counter (not the old 2**32-1)
-    again, sent = _link(root)
-    assert again.key_state == "provisioned" and again.last_counter >= 1
-    again.handle(_tc(next_key, 200, 17, 1))
-    assert _verification(sent[0]) == (True, 0)
-
-
-def test_no_key_means_no_command_and_the_public_key_is_refused():
-    root = _fresh_root()  # nothing provisioned
-    link, sent = _link(root)
-    assert link.key_state == "missing"
-    link.handle(_tc(PUBLIC_KEY, 1, 17, 1))
-    link.handle(_tc(b"\0" * 32, 2, 17, 1))
-    assert [_verification(p) for p in sent] == [(False, ccsds.REJECT_AUTH)] * 2
-
-
-def test_key_lives_outside_storage_so_a_format_keeps_it():
-    key = b"f" * 32
-    root = _fresh_root(key)
-    link, sent = _link(root)
-    assert link.key_state == "provisioned"
-    assert "key" not in os.listdir(root + "/link")  # moved out of the filesystem
-    _rmtree(root)  # what formatting the storage does to everything in it
-    _mkdirs(root)
-    again, sent = _link(root)
-    assert again.key_state == "provisioned"
-    again.handle(_tc(key, 1, 17, 1))
-    assert _verification(sent[0]) == (True, 0)
-    again.handle(_tc(PUBLIC_KEY, 2, 17, 1))
-    assert _verification(sent[-1]) == (False, ccsds.REJECT_AUTH)
-
-
-def test_a_counter_that_cannot_be_persisted_refuses_the_command():
-    key = b"c" * 32
-    root = _fresh_root(key)
-    link, sent = _link(root)
-    os.mkdir(root + "/link/counter.tmp")  # the ceiling's write now fails (a directory)
-    link.handle(_tc(key, 1, 8, 1, bytes([ccsds.FN_REBOOT])))
-    assert _verification(sent[0]) == (False, ccsds.REJECT_STORAGE), sent
-    assert link.pending_action is None  # nothing acted
-    assert link.link_counters().get("counter_write_failures") == 1
-    link.handle(_tc(key, 1, 17, 1))  # still a replay: the counter was used in RAM
-    assert _verification(sent[1]) == (False, ccsds.REJECT_REPLAY)
-    os.rmdir(root + "/link/counter.tmp")
-    link.handle(_tc(key, 2, 8, 1, bytes([ccsds.FN_REBOOT])))
-    assert _verification(sent[2]) == (True, 0)
-    assert link.pending_action == ccsds.FN_REBOOT
-
-
-def test_maintenance_needs_an_armed_window():
-    key = b"w" * 32
-    link, sent = _link(_fresh_root(key))
-    link.handle(_tc(key, 1, 8, 1, bytes([ccsds.FN_MAINTENANCE])))
-    assert _verification(sent[-1]) == (False, ccsds.REJECT_STATE)
-    link.maintenance_window_us = -1  # the window has passed
-    link.handle(_tc(key, 2, 8, 1, bytes([ccsds.FN_MAINTENANCE_ARM])))
-    link.handle(_tc(key, 3, 8, 1, bytes([ccsds.FN_MAINTENANCE])))
-    assert _verification(sent[-1]) == (False, ccsds.REJECT_STATE)
-    assert link.pending_action is None
-    link.maintenance_window_us = telecommands.MAINTENANCE_WINDOW_US
-    link.handle(_tc(key, 4, 8, 1, bytes([ccsds.FN_MAINTENANCE_ARM])))
-    link.handle(_tc(key, 5, 8, 1, bytes([ccsds.FN_MAINTENANCE])))
-    assert _verification(sent[-1]) == (True, 0)
-    assert link.pending_action == ccsds.FN_MAINTENANCE
-    link.wipe_key()  # what the application does before the REPL opens
-    assert link.hmac is None
-    link.handle(_tc(key, 6, 17, 1))
-    assert _verification(sent[-1]) == (False, ccsds.REJECT_AUTH)
-
-
-def test_keyboard_interrupt_in_a_duty_does_not_end_the_loop():
-    calls = []
-
-    def interrupted():
-        raise KeyboardInterrupt  # what 0x03 on a REPL UART raises
-
-    def healthy():
-        calls.append(1)
-        return True
-
-    loop = scheduler.Scheduler(board.clock)
-    loop.add("ground", interrupted)
-    loop.add("hk", healthy)
-    for _ in range(3):
-        loop.run_once()
-    assert len(calls) == 3
-    report = loop.telemetry()["ground"]
-    assert report["errors"] == 3 and "KeyboardInterrupt" in report["last_error"], report
 
 
 def test_wrong_tag_and_replay_are_rejected_and_counted():
@@ -402,42 +276,4 @@ def test_garbage_never_raises_and_every_packet_is_counted():
     rejected = sum(link.rejected)
     assert rejected + link.accepted == count, (rejected, link.accepted)
     assert link.accepted == 0
-    assert len(sent) == count
-
-
-class _SlowLink:
-    """Takes at most 16 bytes per write, like a UART with a small FIFO."""
-
-    def __init__(self):
-        self.out = bytearray()
-        self.accepting = True
-
-    def write(self, buf):
-        if not self.accepting:
-            return 0
-        n = min(16, len(buf))
-        self.out += bytes(buf[:n])
-        return n
-
-
-def test_long_sends_go_out_in_slices_and_a_full_queue_drops_whole_frames():
-    from payload import app
-
-    link = _SlowLink()
-    queue = app.TxQueue(link, board.clock, 3000, -1, -1)  # one write per pump
-    frame = bytes((i * 7 + 1) & 0xFF for i in range(1100))
-    assert queue.push(frame)
-    assert queue.pump() and len(link.out) == 16  # the loop goes on after one slice
-    passes = 1
-    while queue.pending():
-        queue.pump()
-        passes += 1
-    assert bytes(link.out) == frame and passes == 69
-    link.accepting = False  # nobody takes bytes: the queue fills, frames are dropped whole
-    assert queue.push(frame) and queue.push(frame)
-    assert not queue.push(frame)
-    assert queue.dropped_frames == 1 and queue.pending() == 2200
-    link.accepting = True
-    link.out = bytearray()
-    queue.drain(10_000_000)
-    assert bytes(link.out) == frame + frame  # across the ring's wrap, in order
+    assert sent[0] == count

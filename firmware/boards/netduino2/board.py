@@ -1,0 +1,309 @@
+# Board support for an STM32 payload controller: the STM32F2/F4 family (Cortex-M3/M4),
+# run in CI as the STM32F205 of QEMU's netduino2 machine (docs/targets.md). Registers
+# from RM0033 (STM32F205/207 reference manual); the same offsets hold on the F4 (RM0090).
+# The only firmware module besides the other boards' that touches `machine`.
+#
+#   0x40011000 USART1   ground link (QEMU's first -serial; the port's REPL UART)
+#   0x40004400 USART2   payload bus to the optical head (QEMU's second -serial)
+#   0x40000000 TIM2     microsecond clock (32-bit up-counter, free-running)
+#   0x40003000 IWDG     independent watchdog (LSI-clocked: runs even if the core clock
+#                       stops; once started it cannot be stopped)
+#   0x40023C00 FLASH    flash interface: on the real part the link key's sector and the
+#                       littlefs region are programmed through it (docs/targets.md)
+#   the link key's region: a flash sector of its own on the real part; in this emulation
+#   (QEMU models the flash as ROM) a RAM buffer outside littlefs (KeyRegion below)
+import array
+
+import machine
+import micropython
+import vfs
+from micropython import const
+from payload import keystore
+
+NAME = "netduino2"
+
+# An emulated head on a loaded host, as on the other emulated targets; 500 ms in flight.
+BUS_TIMEOUT_US = const(10_000_000)
+
+_USART1 = const(0x40011000)
+_USART2 = const(0x40004400)
+_TIM2 = const(0x40000000)
+_IWDG = const(0x40003000)
+# USART registers (byte offsets) and bits
+_SR = const(0x00)
+_DR = const(0x04)
+_CR1 = const(0x0C)
+_SR_RXNE = const(1 << 5)
+_SR_TXE = const(1 << 7)
+_CR1_ENABLE = const((1 << 13) | (1 << 3) | (1 << 2))  # UE | TE | RE
+# TIM2 registers
+_TIM_CR1 = const(0x00)
+_TIM_EGR = const(0x14)
+_TIM_CNT = const(0x24)
+_TIM_PSC = const(0x28)
+_TIM_ARR = const(0x2C)
+# IWDG registers and keys
+_IWDG_KR = const(0x00)
+_IWDG_PR = const(0x04)
+_IWDG_RLR = const(0x08)
+_KEY_START = const(0xCCCC)
+_KEY_UNLOCK = const(0x5555)
+_KEY_FEED = const(0xAAAA)
+# LSI 32 kHz / 256 = 125 Hz, 12-bit reload: at most 32.7 s. The longest bounded wait in a
+# duty here is 4 bus attempts of BUS_TIMEOUT_US; flight (500 ms) fits in 8 s.
+_IWDG_PRESCALER_256 = const(6)
+_IWDG_RELOAD = const(4095)
+WATCHDOG_PERIOD_S = const(32)
+
+_RX_SPIN = const(400)  # status polls to wait for the next byte of a burst
+_CPU_HZ = const(120_000_000)  # the netduino2 machine's system clock
+# TIM2's input clock in this emulation, divided down to 1 MHz by the prescaler. On a real
+# STM32F205 at 120 MHz, TIM2 on APB1 is clocked at 60 MHz: PSC = 59 (docs/targets.md).
+TIMER_INPUT_HZ = 1_000_000_000  # QEMU's stm32f2xx_timer "clock-frequency"
+
+# The TDC ring between the head's FIFO and storage: 512 events (4.6 kB) instead of 2048,
+# so the data path fits the 128 KiB part (docs/targets.md).
+TDC_RING_EVENTS = 512
+
+STORAGE_ROOT = "/flash"
+_FLASH_BLOCK_BYTES = const(256)
+_FLASH_BLOCKS = const(80)  # 20 KiB of RAM standing in for the flash region
+
+
+class Uart:
+    """An STM32 USART by register polling; non-blocking (returns what moved now)."""
+
+    def __init__(self, base):
+        self._base = base
+        machine.mem32[base + _CR1] = _CR1_ENABLE
+
+    def readinto(self, buf):
+        return _uart_readinto(self._base, buf, len(buf))
+
+    def write(self, buf):
+        return _uart_write(self._base, buf, len(buf))
+
+
+@micropython.viper
+def _uart_readinto(base: int, buf: ptr8, length: int) -> int:
+    regs = ptr32(base)
+    count = 0
+    spin = 0
+    while count < length:
+        if not (regs[0] & _SR_RXNE):  # SR
+            if count == 0 or spin >= _RX_SPIN:
+                break
+            spin += 1
+            continue
+        buf[count] = regs[1]  # DR (reading it clears RXNE)
+        count += 1
+        spin = 0
+    return count
+
+
+@micropython.viper
+def _uart_write(base: int, buf: ptr8, length: int) -> int:
+    # Non-blocking: as many bytes as the transmit register takes now (the application
+    # queues the rest, app.TxQueue).
+    regs = ptr32(base)
+    count = 0
+    while count < length:
+        if not (regs[0] & _SR_TXE):
+            break
+        regs[1] = buf[count]
+        count += 1
+    return count
+
+
+class Clock:
+    """Microsecond clock from TIM2 (32 bits at 1 MHz: wraps every 71.6 min), extended to
+    64 bits. Same interface and the same single-writer, lock-free state as the QEMU
+    board's clock: [active copy, 2 x (last counter, unused, low word, high word)]."""
+
+    def __init__(self):
+        self._state = array.array("I", bytes(36))
+        prescaler = TIMER_INPUT_HZ // 1_000_000 - 1
+        machine.mem32[_TIM2 + _TIM_PSC] = prescaler
+        machine.mem32[_TIM2 + _TIM_ARR] = 0xFFFFFFFF
+        machine.mem32[_TIM2 + _TIM_EGR] = 1  # load the prescaler now
+        machine.mem32[_TIM2 + _TIM_CR1] = 1  # CEN: count up
+        self._state[1] = machine.mem32[_TIM2 + _TIM_CNT] & 0xFFFFFFFF
+
+    def update(self):
+        _clock_update(self._state)
+
+    def ticks_us(self):
+        _clock_update(self._state)
+        return _clock_low30(self._state)
+
+    def stamp_into(self, buf, offset):
+        """Interrupt-safe: reads the published copy and the counter, writes nothing."""
+        _clock_stamp(self._state, buf, offset)
+
+    def now_us(self):
+        _clock_update(self._state)
+        base = 1 + 4 * self._state[0]
+        return (self._state[base + 3] << 32) | self._state[base + 2]
+
+
+@micropython.viper
+def _clock_update(state: ptr32):
+    active = state[0]
+    src = 1 + 4 * active
+    dst = 5 - 4 * active
+    now = ptr32(_TIM2)[9]  # CNT (0x24)
+    elapsed = now - state[src]  # up-counter, wraps modulo 2**32
+    low = state[src + 2]
+    new_low = low + elapsed
+    high = state[src + 3]
+    if uint(new_low) < uint(low):
+        high += 1
+    state[dst] = now
+    state[dst + 2] = new_low
+    state[dst + 3] = high
+    state[0] = 1 - active  # publish: one word store
+
+
+@micropython.viper
+def _clock_low30(state: ptr32) -> int:
+    return state[1 + 4 * state[0] + 2] & 0x3FFFFFFF
+
+
+@micropython.viper
+def _clock_stamp(state: ptr32, buf: ptr8, offset: int):
+    src = 1 + 4 * state[0]
+    low = state[src + 2]
+    high = state[src + 3]
+    new_low = low + (ptr32(_TIM2)[9] - state[src])
+    if uint(new_low) < uint(low):
+        high += 1
+    for i in range(4):
+        buf[offset + i] = (new_low >> (8 * i)) & 0xFF
+        buf[offset + 4 + i] = (high >> (8 * i)) & 0xFF
+
+
+class RamBlockDevice:
+    """littlefs block device in RAM. The STM32F205 has 1 MiB of on-chip flash, but QEMU's
+    netduino2 models it as ROM (no flash controller), so the emulation keeps the
+    filesystem in RAM; the real board programs flash sectors through the FLASH interface
+    (docs/targets.md)."""
+
+    def __init__(self, block_bytes, blocks):
+        self._mem = bytearray(block_bytes * blocks)
+        self._view = memoryview(self._mem)
+        self._block_bytes = block_bytes
+        self._blocks = blocks
+
+    def readblocks(self, block, buf, offset=0):
+        start = block * self._block_bytes + offset
+        buf[:] = self._view[start : start + len(buf)]
+
+    def writeblocks(self, block, buf, offset=None):
+        if offset is None:
+            offset = 0
+        start = block * self._block_bytes + offset
+        self._view[start : start + len(buf)] = buf
+
+    def ioctl(self, op, arg):
+        if op == 4:
+            return self._blocks
+        if op == 5:
+            return self._block_bytes
+        if op == 6:
+            return 0
+        return None
+
+
+class KeyRegion:
+    """The link key's region outside littlefs (keystore.py), so a format spares it. Here
+    a RAM buffer (QEMU's netduino2 flash is ROM); on the real part flash sector 1
+    (0x08004000, 16 KiB), erased and programmed through the FLASH interface."""
+
+    def __init__(self):
+        self._mem = bytearray(keystore.REGION_BYTES)
+
+    def read(self, offset, count):
+        return bytes(self._mem[offset : offset + count])
+
+    def write(self, offset, data):
+        self._mem[offset : offset + len(data)] = data
+
+
+ground_link = Uart(_USART1)
+payload_bus = Uart(_USART2)
+clock = Clock()
+key_region = KeyRegion()
+storage_formatted = False
+# Allocated at boot, while the heap is empty: 20 KiB in one piece is hard to find later.
+_device = RamBlockDevice(_FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
+
+
+@micropython.asm_thumb
+def _semihost(r0, r1):  # r0 = operation, r1 = parameter block; returns r0
+    data(2, 0xBEAB)  # BKPT 0xAB: the ARM semihosting call
+
+
+def _launcher_args():
+    """The emulator's command line for the firmware (QEMU -semihosting-config arg=...):
+    SYS_GET_CMDLINE. Emulation only: on the real board a BKPT without a debugger faults,
+    and the boot mode comes from a strap pin instead (docs/targets.md)."""
+    import uctypes
+
+    text = bytearray(80)
+    block = array.array("I", (uctypes.addressof(text), len(text)))
+    if _semihost(0x15, block) != 0:
+        return ""
+    return bytes(text[: block[1]]).decode()
+
+
+def boot_mode():
+    """'maintenance' when the launcher asked for it (a boot strap), else 'app'."""
+    return "maintenance" if "maintenance" in _launcher_args().split() else "app"
+
+
+def mount_storage():
+    import os
+
+    global storage_formatted
+    try:
+        os.stat(STORAGE_ROOT)
+        return STORAGE_ROOT
+    except OSError:
+        pass
+    try:
+        vfs.mount(vfs.VfsLfs2(_device, mtime=False), STORAGE_ROOT)
+    except OSError:
+        storage_formatted = any(_device._mem[0:64])
+        vfs.VfsLfs2.mkfs(_device)
+        vfs.mount(vfs.VfsLfs2(_device, mtime=False), STORAGE_ROOT)
+    return STORAGE_ROOT
+
+
+def watchdog_start():
+    """IWDG: LSI / 256, reload 4095 (32.8 s). QEMU's netduino2 does not model the IWDG (its
+    registers read as zero and writes are ignored), so here only the sequence is run."""
+    machine.mem32[_IWDG + _IWDG_KR] = _KEY_UNLOCK
+    machine.mem32[_IWDG + _IWDG_PR] = _IWDG_PRESCALER_256
+    machine.mem32[_IWDG + _IWDG_RLR] = _IWDG_RELOAD
+    machine.mem32[_IWDG + _IWDG_KR] = _KEY_START
+
+
+def watchdog_feed():
+    machine.mem32[_IWDG + _IWDG_KR] = _KEY_FEED
+
+
+def watchdog_stop():
+    """The IWDG cannot be stopped: the maintenance REPL lasts one watchdog period unless
+    the operator feeds it (board.watchdog_feed())."""
+
+
+def idle():
+    machine.idle()
+
+
+def reset():
+    machine.reset()
+
+
+def cpu_hz():
+    return _CPU_HZ
