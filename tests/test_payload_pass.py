@@ -280,7 +280,11 @@ def test_a_controller_reset_mid_pass_leaves_no_logged_frame_unsent(tmp_path):
                 status = payload.housekeeping()["mission"]
     log = qrec.read_records(tmp_path / "products" / "patterns.qrec")
     assert log.complete, log.problem
-    frames = [qrec.PatternFrame.decode(r.payload) for r in log.records]
+    frames = [
+        qrec.PatternFrame.decode(r.payload)
+        for r in log.records
+        if r.kind == qrec.Kind.PATTERN_FRAME  # the PATTERN_CONFIG record of each start
+    ]
     logged = {f.frame_number: f for f in frames}
     emitted = {f.frame_number: f for f in head.emitted}
     assert set(logged) <= set(emitted)  # nothing logged that was not sent

@@ -274,9 +274,13 @@ class Sequencer:
             "patterns", storage.KIND_PATTERN_FRAME, PATTERN_HEADER_BYTES + MAX_FRAME_SLOTS // 2
         )
         self._pattern = self.log.payload[PATTERN_HEADER_BYTES:]  # a view, made once
-        head = self.log.recovery.last_payload_head
-        # frame number of the last logged frame, from before a reset (-1: none)
-        self.last_logged_frame = int.from_bytes(head[:4], "little") if len(head) >= 4 else -1
+        recovery = self.log.recovery
+        head = recovery.last_payload_head
+        # frame number of the last logged frame, from before a reset (-1: none; a
+        # PATTERN_CONFIG record last means the pass started and logged no frame yet)
+        self.last_logged_frame = -1
+        if len(head) >= 4 and recovery.last_kind == storage.KIND_PATTERN_FRAME:
+            self.last_logged_frame = int.from_bytes(head[:4], "little")
         self.frames_unlogged = 0  # accepted by the head but lost in a reset before logging
         self.next_frame = 0
         self.frames_sent = 0

@@ -123,6 +123,7 @@ class Recovery:
         self.reason = None  # None, or why the first skipped region was skipped
         self.last_seq = -1
         self.last_payload_head = b""  # first bytes of the last valid record's payload
+        self.last_kind = -1  # kind of the last valid record
 
     def as_dict(self):
         return {
@@ -256,6 +257,7 @@ def scan(path, max_payload_bytes, file_crc=None, visit=None):
             result.records += 1
             result.valid_bytes += HEADER_BYTES + length + CRC_BYTES
             result.last_payload_head = walker.head if length else b""
+            result.last_kind = walker.header[3]
             if visit is not None:
                 visit(offset, seq, walker.header[3], length)
             offset += HEADER_BYTES + length + CRC_BYTES
