@@ -19,7 +19,11 @@ def run_smoke(target_name: str, echo_payload: bytes = b"hello optical head") -> 
     with FrameEndpoint(echo) as endpoint:
         # provisioned with a test key as a board would be (the firmware has no built-in
         # key): unix writes it into the storage folder, QEMU through the maintenance REPL
-        with payload_session(target_name, endpoint.address) as (_target, payload):
+        # (no product key: the smoke test reads no pattern product)
+        with payload_session(target_name, endpoint.address, product_key=None) as (
+            _target,
+            payload,
+        ):
             payload.timeout_s = 0.5
             version = ping_until_up(payload, timeout_s=20.0)
             payload.timeout_s = 10.0

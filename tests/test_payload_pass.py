@@ -23,7 +23,6 @@ SLOT_RATE_HZ = 100_000_000  # a "100 MHz" source in virtual time (lockstep head)
 RUNS = {
     "unix": (1024, 150, 100_000_000),
     "qemu": (512, 30, 25_000_000),
-    "netduino2": (512, 30, 25_000_000),  # the STM32 board (docs/targets.md)
 }
 
 
@@ -75,14 +74,7 @@ def _tdc_events(run):
     return [(int(e["channel"]), int(e["time_ps"])) for block in events for e in block]
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "unix",
-        pytest.param("qemu", marks=pytest.mark.slow),
-        pytest.param("netduino2", marks=pytest.mark.slow),
-    ],
-)
+@pytest.fixture(scope="module", params=["unix", pytest.param("qemu", marks=pytest.mark.slow)])
 def below_rate(request):
     return _run(request.param, uplink_hz=1e6, seed=11)
 
