@@ -280,3 +280,33 @@ def test_the_link_runs_as_its_own_process_for_a_pass_directory(tmp_path):
     assert report["bytes"] == {"satellite_to_ground": 12, "ground_to_satellite": 0}
     assert report["elevation_mask_deg"] == 15.0  # the jinan-1 station's mask
     assert report["config"]["downlink_rate_bps"] == 10e6
+
+
+def test_time_transfer_data_shares_the_link_on_its_own_stream():
+    """Stream 1 (time transfer) beside stream 0 (distillation): each pair of endpoints
+    gets exactly its own bytes, on the same transmitters."""
+    link = OpticalLink(
+        _config(bit_error_rate=1e-5), _schedule(), streams=("distil", "time_transfer"), seed=2
+    )
+    rng = np.random.default_rng(5)
+    payload = {name: rng.bytes(30_000) for name in ("distil", "time_transfer")}
+    with link:
+        link.start()
+        ends = {
+            name: {
+                side: socket.create_connection(("127.0.0.1", link.port(name, side)), timeout=30)
+                for side in ("satellite", "ground")
+            }
+            for name in payload
+        }
+        for name, data in payload.items():
+            ends[name]["satellite"].sendall(data)
+            ends[name]["satellite"].shutdown(socket.SHUT_WR)
+        for name, data in payload.items():
+            assert _Ends.read_all(ends[name]["ground"], len(data)) == data
+            ends[name]["ground"].shutdown(socket.SHUT_WR)
+            assert _Ends.read_all(ends[name]["satellite"]) == b""
+        report = link.wait(30)
+    assert report["bytes"]["satellite_to_ground"] == 60_000
+    # both streams' frames went through the one downlink transmitter
+    assert report["directions"][DOWN]["frames_sent"] >= 2 * math.ceil(30_000 / 1024)
