@@ -93,6 +93,17 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "qkdsat schedule --tle sat.tle --stations Jinan,Beijing,Stellenbosch"
         " --start 2024-03-01T00:00:00Z --days 3 --out schedule.json",
     ),
+    "pool": (
+        "host.network.pool_command",
+        "the network's key pools: fill from a distilled pass, show levels",
+        "qkdsat pool fill --network net --station Jinan --keys keys/p1\n"
+        "  qkdsat pool status --network net",
+    ),
+    "relay": (
+        "host.network.relay_command",
+        "a common key for two stations through the satellite (trusted relay)",
+        "qkdsat relay --network net --from Beijing --to Stellenbosch --bits 4096",
+    ),
 }
 
 

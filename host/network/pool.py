@@ -1,0 +1,332 @@
+"""Key pools of the network: one per (holder, peer) pair, e.g. the satellite's pool for
+Jinan and Jinan's pool for the satellite, filled with the same distilled keys in the same
+order so that byte i of one is byte i of the other.
+
+Files of a pool `DIR/PEER.pool` (docs/network.md):
+  PEER.pool          the key bytes, 0600, append-only;
+  PEER.pool.used     the usage record {"used_bytes": N}: the same write-ahead record as the
+                     distillation's authentication pool (host/distil/channel.py KeyPool), so
+                     a pool file can also serve as `qkdsat distil --auth-pool`;
+  PEER.pool.journal  one JSON line per fill and per take: source, offset, bytes, purpose.
+                     Never key material.
+
+Power-cut safety, in the order of the writes:
+- take: the usage record is moved past the bytes taken and made durable (file and
+  directory fsync'd) BEFORE any byte is returned, then the take is journalled. A cut after
+  the record and before the journal loses those bytes (counted as `lost_bytes`), never
+  serves them twice.
+- fill: the bytes are appended and fsync'd, then the fill is journalled (fsync'd). The
+  journal's fills define the pool's length: bytes appended by a fill whose journal line
+  never landed are cut off when the pool is next opened (they were never served), and
+  the same key can be filled again. A source already in the journal is refused, so one
+  distilled key never enters a pool twice.
+Every operation holds an exclusive flock on the pool file: one writer at a time (the
+relay, the key-delivery server and `qkdsat pool` may share a station's pools).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from host.distil.channel import _fsync_directory
+from host.errors import BadInput
+
+SATELLITE = "satellite"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class PoolShort(BadInput):
+    """A pool holds fewer bytes than asked for: nothing was taken."""
+
+    def __init__(self, message: str, available_bytes: int, wanted_bytes: int):
+        super().__init__(message)
+        self.available_bytes = available_bytes
+        self.wanted_bytes = wanted_bytes
+
+
+def check_name(name: str, what: str = "station") -> str:
+    if not _NAME.match(name or ""):
+        raise BadInput(f"{what} name {name!r}: letters, digits, '_', '-', '.' only")
+    return name
+
+
+@dataclass
+class PoolLevel:
+    filled_bytes: int
+    used_bytes: int  # the usage record: every byte below it is gone
+    taken_bytes: int  # journalled takes (used_bytes - taken_bytes were lost in a cut)
+
+    @property
+    def available_bytes(self) -> int:
+        return self.filled_bytes - self.used_bytes
+
+    @property
+    def lost_bytes(self) -> int:
+        return self.used_bytes - self.taken_bytes
+
+
+class StationPool:
+    """One pool, opened and locked for one operation: `with StationPool(path) as pool:`."""
+
+    def __init__(self, path: str | Path, create: bool = False):
+        self.path = Path(path)
+        self.used_path = Path(f"{self.path}.used")
+        self.journal_path = Path(f"{self.path}.journal")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        try:
+            self._fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError as error:
+            raise BadInput(f"key pool {self.path}: does not exist (fill it first)") from error
+        except OSError as error:
+            raise BadInput(f"key pool {self.path}: {error.strerror}") from error
+        try:
+            mode = os.fstat(self._fd).st_mode
+            if mode & 0o077:
+                raise BadInput(
+                    f"key pool {self.path}: readable or writable by group or others "
+                    f"(mode {mode & 0o777:o}); it is secret: chmod 600 {self.path}"
+                )
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # waits for the other operation to end
+            self._load(create)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> StationPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+    # ---------------------------------------------------------------- state
+
+    def _load(self, create: bool) -> None:
+        self.sources: dict[str, int] = {}  # source -> offset of its bytes
+        self.filled_bytes = 0
+        self.taken_bytes = 0
+        if self.journal_path.exists():
+            lines = self.journal_path.read_text().splitlines()
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    event, count = entry["event"], int(entry["bytes"])
+                except (ValueError, KeyError, TypeError):
+                    if number == len(lines):
+                        continue  # a line cut by a power loss: its operation never finished
+                    raise BadInput(f"{self.journal_path}:{number}: not a journal line") from None
+                if event == "fill":
+                    self.sources[entry["source"]] = self.filled_bytes
+                    self.filled_bytes += count
+                elif event == "take":
+                    self.taken_bytes += count + int(entry.get("skipped_bytes", 0))
+        if self.used_path.exists():
+            try:
+                self.used_bytes = int(json.loads(self.used_path.read_text())["used_bytes"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise BadInput(f"{self.used_path}: not a usage record ({error})") from None
+        elif create and self.filled_bytes == 0:
+            self.used_bytes = 0
+            self._write_used(0)
+        else:
+            raise BadInput(
+                f"key pool {self.path}: its usage record {self.used_path} is missing; without "
+                "it the bytes already served would be served again. Restore it"
+            )
+        size = os.fstat(self._fd).st_size
+        if size < self.filled_bytes:
+            raise BadInput(
+                f"key pool {self.path}: {size} bytes, but its journal records "
+                f"{self.filled_bytes} filled: the file was truncated"
+            )
+        if size > self.filled_bytes:  # a fill cut before its journal line: never served
+            os.ftruncate(self._fd, self.filled_bytes)
+            os.fsync(self._fd)
+        if self.used_bytes > self.filled_bytes:
+            raise BadInput(
+                f"key pool {self.path}: usage record {self.used_bytes} beyond the "
+                f"{self.filled_bytes} bytes filled"
+            )
+
+    def level(self) -> PoolLevel:
+        return PoolLevel(self.filled_bytes, self.used_bytes, self.taken_bytes)
+
+    @property
+    def available_bytes(self) -> int:
+        return self.filled_bytes - self.used_bytes
+
+    # ---------------------------------------------------------------- writes
+
+    def _write_used(self, used_bytes: int) -> None:
+        """Atomically and durably (same record and steps as KeyPool._write_record)."""
+        tmp = f"{self.used_path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps({"used_bytes": used_bytes}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.used_path)
+        _fsync_directory(str(self.used_path))
+        self.used_bytes = used_bytes
+
+    def _journal(self, entry: dict) -> None:
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def fill(self, data: bytes, source: str) -> int:
+        """Append `data` (distilled key) once per `source`; returns its offset."""
+        if source in self.sources:
+            raise BadInput(f"key pool {self.path}: {source} was already added to this pool")
+        offset = self.filled_bytes
+        os.lseek(self._fd, offset, os.SEEK_SET)
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        os.fsync(self._fd)
+        _fsync_directory(str(self.path))  # a new file's name must survive too
+        self._journal({"event": "fill", "source": source, "offset": offset, "bytes": len(data)})
+        self.sources[source] = offset
+        self.filled_bytes += len(data)
+        return offset
+
+    def take(self, count: int, purpose: str, offset: int | None = None) -> bytes:
+        """`count` bytes from `offset` (default: the first unused one), made unusable on disk
+        before they are returned. Bytes between the record and `offset` are skipped and
+        lost (both ends of a pair take the same offsets, so they stay aligned). An offset
+        below the record (already used) is refused: nothing is served twice."""
+        offset = self.used_bytes if offset is None else int(offset)
+        if count <= 0:
+            raise BadInput(f"key pool {self.path}: take {count} bytes")
+        if offset < self.used_bytes:
+            raise BadInput(
+                f"key pool {self.path}: bytes from {offset} were already used (the pool is "
+                f"used up to {self.used_bytes}): refused, a key is never served twice"
+            )
+        if offset + count > self.filled_bytes:
+            available = self.filled_bytes - offset
+            raise PoolShort(
+                f"key pool {self.path}: {count} bytes wanted, {max(available, 0)} available",
+                max(available, 0),
+                count,
+            )
+        skipped = offset - self.used_bytes
+        self._write_used(offset + count)  # write-ahead: durable before any byte is used
+        entry = {"event": "take", "purpose": purpose, "offset": offset, "bytes": count}
+        if skipped:
+            entry["skipped_bytes"] = skipped
+        self._journal(entry)
+        self.taken_bytes += count + skipped
+        return os.pread(self._fd, count, offset)
+
+
+def pool_path(network_dir: str | Path, holder: str, peer: str) -> Path:
+    """`NET/HOLDER/PEER.pool`: e.g. NET/satellite/Jinan.pool and NET/Jinan/satellite.pool."""
+    return Path(network_dir) / check_name(holder, "holder") / f"{check_name(peer, 'peer')}.pool"
+
+
+# ------------------------------------------------------------------ filling from distil
+
+
+def read_distilled_key(out_dir: str | Path, role: str) -> tuple[bytes, str]:
+    """(whole key bytes, source id) of `role`'s key in a `qkdsat distil` output directory.
+    Only a key the report vouches for: not aborted, not made with replayed (insecure)
+    randomness, file length matching the bit count. The partial last byte is dropped (its
+    padding bits are not key). The source id is the pass: a second key distilled from the
+    same pass is correlated with the first and must never enter a pool as well."""
+    out_dir = Path(out_dir)
+    report_path = out_dir / "report.json"
+    try:
+        report = json.loads(report_path.read_text())
+    except OSError as error:
+        raise BadInput(f"{report_path}: {error.strerror}") from error
+    except ValueError as error:
+        raise BadInput(f"{report_path}: not JSON ({error})") from error
+    if report.get("aborted", True):
+        raise BadInput(f"{report_path}: the distillation aborted; it made no key")
+    if report.get("deterministic_randomness", True):
+        raise BadInput(f"{report_path}: made with replayed randomness: a test key, not secret")
+    try:
+        entry = report["key_files"][role]
+        bits = int(entry["bits"])
+        key_path = out_dir / entry["file"]
+        source = "pass-sha256:" + report["inputs"]["pass_json_sha256"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise BadInput(f"{report_path}: no {role} key recorded ({error})") from error
+    if Path(entry["file"]).name != entry["file"]:
+        raise BadInput(f"{report_path}: key file {entry['file']!r} outside the directory")
+    try:
+        data = key_path.read_bytes()
+    except OSError as error:
+        raise BadInput(f"{key_path}: {error.strerror}") from error
+    if len(data) != (bits + 7) // 8:
+        raise BadInput(f"{key_path}: {len(data)} bytes, the report says {bits} bits")
+    return data[: bits // 8], source
+
+
+def fill_pair(network_dir: str | Path, station: str, alice_dir, bob_dir=None) -> dict:
+    """Add one pass's key to the satellite's pool for `station` (Alice's key) and to the
+    station's pool for the satellite (Bob's key), at the same offset in both. A pair cut
+    half-way (one pool filled) is completed by running the same fill again."""
+    alice_key, alice_source = read_distilled_key(alice_dir, "alice")
+    bob_key, bob_source = read_distilled_key(bob_dir or alice_dir, "bob")
+    if alice_source != bob_source or len(alice_key) != len(bob_key):
+        raise BadInput("the alice and bob keys come from different passes or differ in length")
+    offsets = {}
+    added = 0
+    for holder, peer, key in ((SATELLITE, station, alice_key), (station, SATELLITE, bob_key)):
+        with StationPool(pool_path(network_dir, holder, peer), create=True) as pool:
+            if alice_source in pool.sources:
+                offsets[holder] = pool.sources[alice_source]
+            else:
+                offsets[holder] = pool.fill(key, alice_source)
+                added += 1
+    if offsets[SATELLITE] != offsets[station]:
+        raise BadInput(
+            f"pools of {station} out of step: this pass sits at byte {offsets[SATELLITE]} on "
+            f"the satellite and {offsets[station]} at the station"
+        )
+    if added == 0:
+        raise BadInput(f"{alice_source} is already in both pools of {station}")
+    return {"station": station, "source": alice_source, "bytes": len(alice_key),
+            "offset": offsets[station]}  # fmt: skip
+
+
+def network_levels(network_dir: str | Path) -> list[dict]:
+    """Every pool under NET with its level (no key material)."""
+    levels = []
+    for path in sorted(Path(network_dir).glob("*/*.pool")):
+        with StationPool(path) as pool:
+            level = pool.level()
+        levels.append(
+            {
+                "holder": path.parent.name,
+                "peer": path.stem,
+                "filled_bytes": level.filled_bytes,
+                "used_bytes": level.used_bytes,
+                "available_bytes": level.available_bytes,
+                "lost_bytes": level.lost_bytes,
+            }
+        )
+    return levels

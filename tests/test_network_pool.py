@@ -1,0 +1,170 @@
+"""Key pools of the network: filled from distilled keys in step on the satellite and at
+the station, each byte served once, across restarts and a SIGKILL mid-take."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from network_keys import distilled
+
+from host.cli import main as qkdsat
+from host.errors import BadInput
+from host.network.pool import (
+    SATELLITE,
+    PoolShort,
+    StationPool,
+    fill_pair,
+    pool_path,
+    read_distilled_key,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fill_puts_the_pass_at_the_same_offset_in_both_pools_once(tmp_path):
+    net = tmp_path / "net"
+    first = distilled(tmp_path / "k1", 8 * 1000 + 5, "pass-1")  # last 5 bits dropped
+    second = distilled(tmp_path / "k2", 8 * 300, "pass-2")
+    assert fill_pair(net, "Jinan", tmp_path / "k1")["offset"] == 0
+    assert fill_pair(net, "Jinan", tmp_path / "k2")["offset"] == 1000
+    for holder, peer in ((SATELLITE, "Jinan"), ("Jinan", SATELLITE)):
+        path = pool_path(net, holder, peer)
+        assert path.read_bytes() == first + second
+        assert path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(BadInput, match="already in both pools"):
+        fill_pair(net, "Jinan", tmp_path / "k1")
+    # The journal says where each pass went, and holds no key material.
+    journal = pool_path(net, "Jinan", SATELLITE).with_suffix(".pool.journal").read_text()
+    assert first.hex()[:16] not in journal and '"offset": 1000' in journal
+
+
+def test_a_fill_cut_between_the_two_pools_is_completed_by_running_it_again(tmp_path):
+    net = tmp_path / "net"
+    key = distilled(tmp_path / "k", 4096, "pass-1")
+    _, source = read_distilled_key(tmp_path / "k", "alice")
+    with StationPool(pool_path(net, SATELLITE, "Hefei"), create=True) as pool:
+        pool.fill(key, source)  # the station's pool was never reached
+    assert not pool_path(net, "Hefei", SATELLITE).exists()
+    assert fill_pair(net, "Hefei", tmp_path / "k")["offset"] == 0
+    assert pool_path(net, "Hefei", SATELLITE).read_bytes() == key
+
+
+def test_bytes_are_served_once_across_restarts_and_never_again(tmp_path):
+    net = tmp_path / "net"
+    key = distilled(tmp_path / "k", 8 * 2000, "pass-1")
+    fill_pair(net, "Wuhan", tmp_path / "k")
+    path = pool_path(net, "Wuhan", SATELLITE)
+    with StationPool(path) as pool:
+        assert pool.take(100, "test") == key[:100]
+    with StationPool(path) as pool:  # a restart: the next take starts after the first
+        assert pool.used_bytes == 100
+        assert pool.take(50, "test") == key[100:150]
+        with pytest.raises(BadInput, match="already used"):
+            pool.take(10, "replay", offset=120)
+        assert pool.take(10, "skip", offset=200) == key[200:210]  # 150..200 skipped, lost
+        with pytest.raises(PoolShort, match="1800 bytes wanted, 1790 available"):
+            pool.take(1800, "too much")
+        level = pool.level()
+    assert (level.filled_bytes, level.used_bytes, level.available_bytes) == (2000, 210, 1790)
+    assert level.lost_bytes == 0  # every used byte is journalled (taken or skipped)
+
+
+def test_a_pool_killed_mid_take_never_serves_a_byte_twice(tmp_path):
+    """A real process takes bytes in a loop and is SIGKILLed; every offset it reported
+    served lies below the usage record the next opening finds."""
+    net = tmp_path / "net"
+    distilled(tmp_path / "k", 8 * 200_000, "pass-1")
+    fill_pair(net, "Beijing", tmp_path / "k")
+    path = pool_path(net, "Beijing", SATELLITE)
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys\n"
+         "from host.network.pool import StationPool\n"
+         "while True:\n"
+         f"    with StationPool({str(path)!r}) as pool:\n"
+         "        offset = pool.used_bytes\n"
+         "        pool.take(64, 'loop')\n"
+         "    print(offset + 64, flush=True)\n"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    served_end = 0
+    deadline = time.monotonic() + 60
+    while served_end < 64 * 20 and time.monotonic() < deadline:
+        served_end = int(child.stdout.readline())
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    served_end = max([served_end] + [int(line) for line in child.stdout.read().split()])
+    assert served_end >= 64 * 20
+    with StationPool(path) as pool:
+        assert pool.used_bytes >= served_end
+        next_offset = pool.used_bytes
+        pool.take(64, "after the cut")
+    assert next_offset >= served_end
+
+
+def test_a_fill_cut_before_its_journal_line_is_cut_off_and_refilled(tmp_path):
+    net = tmp_path / "net"
+    key = distilled(tmp_path / "k", 8 * 100, "pass-1")
+    fill_pair(net, "Shanghai", tmp_path / "k")
+    path = pool_path(net, "Shanghai", SATELLITE)
+    with open(path, "ab") as handle:  # bytes a power cut left without their journal line
+        handle.write(b"\x55" * 37)
+    with StationPool(path) as pool:
+        assert pool.filled_bytes == 100 and pool.available_bytes == 100
+    assert path.read_bytes() == key
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"aborted": True}, "aborted"),
+        ({"deterministic_randomness": True}, "replayed randomness"),
+        ({"key_files": {"alice": {"file": "alice.key", "bits": 999}}}, "the report says 999"),
+    ],
+)
+def test_keys_the_report_does_not_vouch_for_are_refused(tmp_path, change, message):
+    distilled(tmp_path / "k", 800, "pass-1")
+    report_path = tmp_path / "k" / "report.json"
+    report_path.write_text(json.dumps({**json.loads(report_path.read_text()), **change}))
+    with pytest.raises(BadInput, match=message):
+        fill_pair(tmp_path / "net", "Jinan", tmp_path / "k")
+
+
+def test_unsafe_or_unrecorded_pools_are_refused(tmp_path, capsys):
+    net = tmp_path / "net"
+    distilled(tmp_path / "k", 800, "pass-1")
+    fill_pair(net, "Jinan", tmp_path / "k")
+    path = pool_path(net, "Jinan", SATELLITE)
+    path.chmod(0o644)
+    with pytest.raises(BadInput, match="chmod 600"):
+        StationPool(path)
+    path.chmod(0o600)
+    Path(f"{path}.used").unlink()
+    with pytest.raises(BadInput, match="usage record .* is missing"):
+        StationPool(path)
+    assert qkdsat(["pool", "status", "--network", str(net)]) == 2
+    assert "is missing" in capsys.readouterr().err
+
+
+def test_pool_command_fills_and_reports_levels(tmp_path, capsys):
+    net = tmp_path / "net"
+    distilled(tmp_path / "k", 8 * 512, "pass-1")
+    assert qkdsat(["pool", "fill", "--network", str(net), "--station", "Nanshan",
+                   "--keys", str(tmp_path / "k")]) == 0  # fmt: skip
+    assert qkdsat(["pool", "status", "--network", str(net), "--json"]) == 0
+    out = capsys.readouterr().out
+    levels = json.loads(out[out.index("[") :])
+    assert {(x["holder"], x["peer"], x["available_bytes"]) for x in levels} == {
+        ("Nanshan", SATELLITE, 512),
+        (SATELLITE, "Nanshan", 512),
+    }
+    assert qkdsat(["pool", "fill", "--network", str(net), "--station", "Nanshan",
+                   "--keys", str(tmp_path / "k")]) == 2  # fmt: skip

@@ -1,0 +1,132 @@
+"""Trusted relay through the satellite: A and B end with the same key, every pool
+consumes exactly the bits used, a short pool refuses with what is missing, a forged
+announcement is rejected."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from network_keys import distilled
+
+from host.cli import main as qkdsat
+from host.network.pool import SATELLITE, StationPool, fill_pair, pool_path
+from host.network.relay import (
+    AUTH_BYTES,
+    RelayAuthenticationFailed,
+    _announcement,
+    _station_receives,
+    relay,
+    wegman_carter_tag,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _used(net, holder, peer) -> int:
+    with StationPool(pool_path(net, holder, peer)) as pool:
+        return pool.used_bytes
+
+
+def _available(net, holder, peer) -> int:
+    with StationPool(pool_path(net, holder, peer)) as pool:
+        return pool.available_bytes
+
+
+FOUR = ((SATELLITE, "Beijing"), (SATELLITE, "Stellenbosch"), ("Beijing", SATELLITE),
+        ("Stellenbosch", SATELLITE))  # fmt: skip
+
+
+def _check_relay(net, bits: int, capsys) -> None:
+    before = {pair: _used(net, *pair) for pair in FOUR}
+    code = qkdsat(["relay", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
+                   "--bits", str(bits)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    relayed_a = pool_path(net, "Beijing", "Stellenbosch").read_bytes()
+    relayed_b = pool_path(net, "Stellenbosch", "Beijing").read_bytes()
+    assert relayed_a == relayed_b and len(relayed_a) == bits // 8
+    for pair in FOUR:  # exact consumption: the key plus one Wegman-Carter tag's key
+        assert _used(net, *pair) - before[pair] == bits // 8 + AUTH_BYTES, pair
+    # Station A's relayed key is the satellite's K_A: the bytes A used from its own pool.
+    assert (
+        relayed_a
+        == pool_path(net, "Beijing", SATELLITE).read_bytes()[
+            before[("Beijing", SATELLITE)] : before[("Beijing", SATELLITE)] + bits // 8
+        ]
+    )
+    # More than the pools hold: refused, saying how much is missing, nothing consumed.
+    available = min(_available(net, *pair) for pair in FOUR)
+    too_many = 8 * (available - AUTH_BYTES + 1)
+    after = {pair: _used(net, *pair) for pair in FOUR}
+    code = qkdsat(["relay", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
+                   "--bits", str(too_many)])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "8 missing" in err
+    assert {pair: _used(net, *pair) for pair in FOUR} == after
+
+
+def test_relay_of_random_pool_keys_is_exact_and_refuses_more(tmp_path, capsys):
+    net = tmp_path / "net"
+    distilled(tmp_path / "a", 8 * 3000, "pass-a")
+    distilled(tmp_path / "b", 8 * 2000, "pass-b")
+    fill_pair(net, "Beijing", tmp_path / "a")
+    fill_pair(net, "Stellenbosch", tmp_path / "b")
+    _check_relay(net, 8 * 1000, capsys)
+
+
+def test_forged_or_replayed_announcement_is_rejected_and_burns_its_bytes(tmp_path):
+    net = tmp_path / "net"
+    distilled(tmp_path / "b", 8 * 1000, "pass-b")
+    fill_pair(net, "Stellenbosch", tmp_path / "b")
+    with StationPool(pool_path(net, SATELLITE, "Stellenbosch")) as pool:
+        taken = pool.take(32 + AUTH_BYTES, "test relay")
+    message = _announcement({"relay_id": "r", "offset": 0, "bytes": 32}, bytes(32))
+    message += wegman_carter_tag(message, taken[32:])
+    forged = bytearray(message)
+    forged[-TAG_OFFSET] ^= 1
+    with pytest.raises(RelayAuthenticationFailed):
+        _station_receives(net, "Stellenbosch", bytes(forged), expect_payload=True)
+    assert _used(net, "Stellenbosch", SATELLITE) == 32 + AUTH_BYTES  # burnt, not reused
+    with pytest.raises(Exception, match="already used"):  # the genuine one, now a replay
+        _station_receives(net, "Stellenbosch", message, expect_payload=True)
+
+
+TAG_OFFSET = 12  # a byte inside the payload (the tag is the last 8)
+
+
+def test_unknown_or_empty_station_is_refused_with_what_is_missing(tmp_path, capsys):
+    net = tmp_path / "net"
+    distilled(tmp_path / "a", 8 * 100, "pass-a")
+    fill_pair(net, "Beijing", tmp_path / "a")
+    code = qkdsat(["relay", "--network", str(net), "--from", "Beijing", "--to", "Wuhan",
+                   "--bits", "512"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "the satellite's pool for Wuhan holds 0 bits, 640 missing" in err
+    assert "Wuhan's pool for satellite holds 0 bits, 640 missing" in err
+    assert _used(net, SATELLITE, "Beijing") == 0
+    assert qkdsat(["relay", "--network", str(net), "--from", "Beijing", "--to", "Beijing",
+                   "--bits", "8"]) == 2  # fmt: skip
+    assert qkdsat(["relay", "--network", str(net), "--from", "Beijing", "--to", "Wuhan",
+                   "--bits", "12"]) == 2  # fmt: skip
+    assert "multiple of 8" in capsys.readouterr().err
+    with pytest.raises(Exception, match="station name"):
+        relay(net, "../etc", "Beijing", 8)
+
+
+@pytest.mark.slow
+def test_relay_between_two_distilled_passes(tmp_path, capsys):
+    """Must-show: keys distilled from two simulated passes (A: Beijing, B: Stellenbosch) by
+    `qkdsat distil`, filled into the pools, then relayed."""
+    from distil_passgen import make_pass
+
+    net = tmp_path / "net"
+    for station, seed in (("Beijing", 2), ("Stellenbosch", 3)):
+        pass_dir = make_pass(tmp_path / f"pass-{station}", duration_s=4.0, seed=seed)
+        assert qkdsat(["distil", str(pass_dir), "--out", str(tmp_path / station), "--quiet"]) == 0
+        assert qkdsat(["pool", "fill", "--network", str(net), "--station", station,
+                       "--keys", str(tmp_path / station)]) == 0  # fmt: skip
+    capsys.readouterr()
+    _check_relay(net, 8 * 1024, capsys)
