@@ -23,6 +23,9 @@ from host.outdir import check_output_dir
 
 MAX_OFFSET_URAD = 100_000.0  # 0.1 rad: far beyond any prediction the scan could search
 MAX_SEED = 2**63 - 1
+# The firmware's rates (firmware/payload/tracking.py checks them too): the plant is built at
+# this rate before the firmware sees the configuration, so it is checked here first.
+LOOP_RATES_HZ = (500, 1000, 2000, 4000)
 PROGRESS_INTERVAL_S = 5.0  # a 600 s loop runs ~15 min here: a line every few seconds
 
 
@@ -123,6 +126,13 @@ def run(args) -> int:
     check_output_dir(Path(args.out))
     config = _parse_settings(args.set)
     rate = config.get("loop_rate_hz", 2000)
+    if rate not in LOOP_RATES_HZ:
+        raise BadInput(
+            f"--set loop_rate_hz={rate:g}: must be "
+            + ", ".join(f"{r}" for r in LOOP_RATES_HZ[:-1])
+            + f" or {LOOP_RATES_HZ[-1]} Hz"
+        )
+    rate = int(rate)
     params = PlantParams(
         seed=args.seed,
         loop_rate_hz=rate,

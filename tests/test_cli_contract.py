@@ -56,6 +56,8 @@ def test_every_command_has_help_with_defaults_examples_and_exit_codes(name, caps
             if isinstance(action, argparse._SubParsersAction):
                 continue
             assert action.help, f"qkdsat {name}: {action.dest} has no help text"
+            if action.dest in ("key", "provision_key"):  # a file's name, never the key
+                assert action.metavar == "FILE" and "FILE" in action.help, action.dest
             shown = parser.formatter_class(prog="x")._get_help_string(action)
             if action.option_strings and action.default not in (
                 None,
@@ -164,6 +166,12 @@ BAD_INPUTS = [
     ("distil listen no role", "distil {d}/good --out {d}/o --listen :7000", 2, "--role"),
     ("distil connect no role", "distil {d}/good --out {d}/o --connect h:1", 2, "--role"),
     ("distil out is a file", "distil {d}/good --out {d}/a-file", 2, "not a directory"),
+    (
+        "distil seed -1",
+        "distil {d}/good --out {d}/o --insecure-deterministic-seed -1",
+        2,
+        "--insecure-deterministic-seed -1",
+    ),
     ("distil pass.json list", "distil {d}/list --out {d}/o", 2, "expected a JSON object"),
     ("distil wrong type", "distil {d}/wrong-type --out {d}/o", 2, "slot_rate_hz must be"),
     ("distil missing key", "distil {d}/missing-key --out {d}/o", 2, "missing intensities"),
@@ -189,6 +197,9 @@ BAD_INPUTS = [
     ("track dropout start", "track --out {d}/t --dropout -2 1", 2, "START_S -2"),
     ("track seed -1", "track --out {d}/t --seed -1", 2, "--seed -1"),
     ("track out is a file", "track --out {d}/a-file", 2, "not a directory"),
+    ("track loop rate 0", "track --out {d}/t --set loop_rate_hz=0", 2, "loop_rate_hz=0"),
+    ("track loop rate -5", "track --out {d}/t --set loop_rate_hz=-5", 2, "500, 1000, 2000"),
+    ("track loop rate 1e308", "track --out {d}/t --set loop_rate_hz=1e308", 2, "4000 Hz"),
     ("mission seed -1", "mission --out {d}/m --seed -1", 2, "--seed -1"),
     ("mission out is a file", "mission --out {d}/a-file", 2, "not a directory"),
     ("mission budget nan", "mission --out {d}/m --budget-s nan", 2, "--budget-s nan"),
@@ -253,6 +264,12 @@ BAD_INPUTS = [
     (
         "payload key given as the key itself",
         f"payload --port /dev/null --key {KEY_MATERIAL} status",
+        2,
+        "never the key itself",
+    ),
+    (
+        "flash link key given as the key itself",
+        f"flash --port /dev/null --key {KEY_MATERIAL}",
         2,
         "never the key itself",
     ),

@@ -57,9 +57,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="board module to deploy: firmware/boards/<BOARD>/board.py (default: the one "
         "the board runs now; required on a board without one)",
     )
-    parser.add_argument("--key", type=Path, help="link key, to send the maintenance TC")
     parser.add_argument(
-        "--provision-key", type=Path, metavar="FILE", help="write this link key to the board"
+        "--key",
+        type=Path,
+        metavar="FILE",
+        help="FILE holding the payload's link key (16..64 raw bytes, or their hex digits), "
+        "to send the maintenance TC; the name of a file, never the key itself",
+    )
+    parser.add_argument(
+        "--provision-key",
+        type=Path,
+        metavar="FILE",
+        help="write the link key held in FILE to the board (the name of a file, never the key)",
     )
     parser.add_argument("--reset", action="store_true", help="hard-reset the board at the end")
 

@@ -660,6 +660,9 @@ def run(args) -> int:
         raise BadInput("--listen/--connect run one endpoint: give --role alice or --role bob")
     if not args.pass_dir:
         raise BadInput("give the pass directory: qkdsat distil PASS_DIR --out DIR")
+    seed = args.insecure_deterministic_seed
+    if seed is not None and not 0 <= seed < 2**63:
+        raise BadInput(f"--insecure-deterministic-seed {seed}: must be an integer in 0..2**63-1")
     cfg = config_from_args(args)
     progress = progress_for(args, "qkdsat distil")
     if args.role:
