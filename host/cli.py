@@ -104,6 +104,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "a common key for two stations through the satellite (trusted relay)",
         "qkdsat relay --network net --from Beijing --to Stellenbosch --bits 4096",
     ),
+    "kms": (
+        "host.network.kms_command",
+        "ETSI GS QKD 014 key delivery at a station (HTTPS, mutual TLS)",
+        "qkdsat kms pki --pki pki --sae sae-a,sae-b\n"
+        "  qkdsat kms serve --pki pki --sae sae-a,sae-b --pool net/Beijing/Stellenbosch.pool"
+        " --db kms.sqlite --audit kms-audit.jsonl --listen 127.0.0.1:8443",
+    ),
 }
 
 

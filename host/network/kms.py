@@ -1,0 +1,337 @@
+"""ETSI GS QKD 014 (v1.1.1) key delivery at a station: an HTTPS server with mutual TLS
+(docs/network.md).
+
+An SAE is identified by the common name of the client certificate it presents (signed by
+the configured CA); only registered SAE IDs are served. The master SAE asks enc_keys for
+a slave SAE: the keys are taken from the station's pool (write-ahead, host/network/pool.py),
+kept for the slave in the store and returned with fresh UUID key_IDs. The slave asks
+dec_keys with those key_IDs: each key is served once, to that slave only, and erased from
+the store in the same transaction. Errors as the standard: 400 bad request (malformed
+JSON or parameters, unknown or already served key_ID), 401 an SAE that is not registered
+or asks for what is not its own, 503 the pool is short. The audit log records who asked
+what and the key_IDs, never key material.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sqlite3
+import ssl
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from host.errors import BadInput
+from host.network.pool import PoolShort, StationPool
+
+API_PREFIX = "/api/v1/keys/"
+DEFAULT_KEY_SIZE_BITS = 256
+MIN_KEY_SIZE_BITS = 64
+MAX_KEY_SIZE_BITS = 8192
+MAX_KEYS_PER_REQUEST = 128
+MAX_REQUEST_BYTES = 1 << 16
+MAX_STORED_KEYS = 100_000
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, details: list | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details or []
+
+
+# ------------------------------------------------------------------ storage
+
+
+class SQLiteStore:
+    """Keys delivered to a master SAE and not yet to its slave. The file is created 0600;
+    secure_delete overwrites served keys in the file's pages."""
+
+    SCHEMA = """CREATE TABLE IF NOT EXISTS pending_keys (
+        key_id TEXT PRIMARY KEY, master_sae TEXT NOT NULL, slave_sae TEXT NOT NULL,
+        size_bits INTEGER NOT NULL, key BLOB NOT NULL, created_unix REAL NOT NULL)"""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        if not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        with self._connect() as db:
+            db.execute(self.SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA secure_delete = ON")
+        db.execute("PRAGMA journal_mode = DELETE")
+        db.execute("PRAGMA synchronous = FULL")
+        return db
+
+    def add(self, master: str, slave: str, keys: list[tuple[str, bytes]]) -> None:
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT INTO pending_keys VALUES (?, ?, ?, ?, ?, ?)",
+                [(key_id, master, slave, 8 * len(key), key, time.time()) for key_id, key in keys],
+            )
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def take(self, master: str, slave: str, key_ids: list[str]) -> list[tuple[str, bytes]]:
+        """All the keys asked for, removed in one transaction, or none (RequestError)."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            found = []
+            for key_id in key_ids:
+                row = db.execute(
+                    "SELECT key FROM pending_keys WHERE key_id = ? AND master_sae = ? "
+                    "AND slave_sae = ?",
+                    (key_id, master, slave),
+                ).fetchone()
+                if row is None:
+                    db.execute("ROLLBACK")
+                    raise RequestError(
+                        400, "key_ID unknown, not for this SAE, or already served", [key_id]
+                    )
+                found.append((key_id, bytes(row[0])))
+            db.executemany("DELETE FROM pending_keys WHERE key_id = ?", [(k,) for k in key_ids])
+            db.execute("COMMIT")
+            return found
+        finally:
+            db.close()
+
+    def count(self) -> int:
+        db = self._connect()
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM pending_keys").fetchone()[0])
+        finally:
+            db.close()
+
+
+# ------------------------------------------------------------------ the KME
+
+
+class KeyManager:
+    """The KME's logic, apart from HTTP: what the handler calls."""
+
+    def __init__(self, kme_id: str, pool_path, store: SQLiteStore, sae_ids, audit_path):
+        self.kme_id = kme_id
+        self.pool_path = Path(pool_path)
+        self.store = store
+        self.sae_ids = set(sae_ids)
+        self.audit_path = Path(audit_path)
+        self._audit_lock = threading.Lock()
+        with StationPool(self.pool_path):
+            pass  # the pool must exist and be sound before the server starts
+
+    def audit(self, entry: dict) -> None:
+        line = json.dumps({"utc_unix": round(time.time(), 3), **entry}, sort_keys=True) + "\n"
+        with self._audit_lock:
+            fd = os.open(self.audit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _peer(self, caller: str | None, url_sae: str) -> None:
+        if caller not in self.sae_ids:
+            raise RequestError(401, "client certificate names no registered SAE")
+        if url_sae not in self.sae_ids:
+            raise RequestError(400, f"unknown SAE_ID {url_sae!r}")
+        if url_sae == caller:
+            raise RequestError(400, "an SAE cannot exchange keys with itself")
+
+    def status(self, caller: str, slave: str) -> dict:
+        self._peer(caller, slave)
+        with StationPool(self.pool_path) as pool:
+            available_bytes = pool.available_bytes
+        return {
+            "source_KME_ID": self.kme_id,
+            "target_KME_ID": self.kme_id,
+            "master_SAE_ID": caller,
+            "slave_SAE_ID": slave,
+            "key_size": DEFAULT_KEY_SIZE_BITS,
+            "stored_key_count": 8 * available_bytes // DEFAULT_KEY_SIZE_BITS,
+            "max_key_count": MAX_STORED_KEYS,
+            "max_key_per_request": MAX_KEYS_PER_REQUEST,
+            "max_key_size": MAX_KEY_SIZE_BITS,
+            "min_key_size": MIN_KEY_SIZE_BITS,
+            "max_SAE_ID_count": 0,
+        }
+
+    def enc_keys(self, caller: str, slave: str, request: dict) -> dict:
+        self._peer(caller, slave)
+        number = _integer(request, "number", 1)
+        size = _integer(request, "size", DEFAULT_KEY_SIZE_BITS)
+        if not 1 <= number <= MAX_KEYS_PER_REQUEST:
+            raise RequestError(400, f"number must be in 1..{MAX_KEYS_PER_REQUEST}", [number])
+        if not MIN_KEY_SIZE_BITS <= size <= MAX_KEY_SIZE_BITS or size % 8:
+            raise RequestError(
+                400,
+                f"size must be a multiple of 8 in {MIN_KEY_SIZE_BITS}..{MAX_KEY_SIZE_BITS}",
+                [size],
+            )
+        if request.get("additional_slave_SAE_IDs"):
+            raise RequestError(400, "additional_slave_SAE_IDs not supported (max_SAE_ID_count 0)")
+        if request.get("extension_mandatory"):
+            raise RequestError(400, "extension_mandatory not supported")
+        if self.store.count() + number > MAX_STORED_KEYS:
+            raise RequestError(503, "the key store is full: the slave SAE must fetch keys")
+        key_ids = [str(uuid.uuid4()) for _ in range(number)]
+        try:
+            with StationPool(self.pool_path) as pool:
+                material = pool.take(number * size // 8, f"etsi014 enc_keys {key_ids[0]}")
+        except PoolShort as short:
+            raise RequestError(
+                503,
+                f"key pool short: {8 * short.available_bytes} bits available, "
+                f"{number * size} asked",
+            ) from None
+        step = size // 8
+        keys = [(key_id, material[i * step : (i + 1) * step]) for i, key_id in enumerate(key_ids)]
+        del material
+        self.store.add(caller, slave, keys)
+        return {"keys": [{"key_ID": k, "key": base64.b64encode(v).decode()} for k, v in keys]}
+
+    def dec_keys(self, caller: str, master: str, request: dict) -> dict:
+        self._peer(caller, master)
+        try:
+            key_ids = [str(item["key_ID"]) for item in request["key_IDs"]]
+        except (KeyError, TypeError) as error:
+            raise RequestError(400, 'key_IDs must be a list of {"key_ID": ...}') from error
+        if not 1 <= len(key_ids) <= MAX_KEYS_PER_REQUEST or len(set(key_ids)) != len(key_ids):
+            raise RequestError(400, f"1..{MAX_KEYS_PER_REQUEST} distinct key_IDs")
+        for key_id in key_ids:
+            try:
+                uuid.UUID(key_id)
+            except ValueError:
+                raise RequestError(400, "key_ID is not a UUID", [key_id]) from None
+        keys = self.store.take(master, caller, key_ids)
+        return {"keys": [{"key_ID": k, "key": base64.b64encode(v).decode()} for k, v in keys]}
+
+
+def _integer(request: dict, name: str, default: int) -> int:
+    value = request.get(name, default)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(400, f"{name} must be an integer", [str(value)[:40]])
+    return value
+
+
+# ------------------------------------------------------------------ HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "qkdsat-kme/1"
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # seconds a connection may idle
+
+    def log_message(self, *args) -> None:  # the audit log replaces the access log
+        pass
+
+    def _caller(self) -> str | None:
+        cert = self.connection.getpeercert()
+        for rdn in (cert or {}).get("subject", ()):
+            for name, value in rdn:
+                if name == "commonName":
+                    return value
+        return None
+
+    def _handle(self, method: str) -> None:
+        kme: KeyManager = self.server.kme
+        caller = self._caller()
+        parts = urlsplit(self.path)
+        entry = {"sae": caller, "method": method, "path": parts.path}
+        try:
+            if not parts.path.startswith(API_PREFIX):
+                raise RequestError(400, "not an ETSI GS QKD 014 path")
+            sae_id, _, operation = parts.path[len(API_PREFIX) :].partition("/")
+            if method == "GET":
+                query = parse_qs(parts.query, keep_blank_values=True)
+                request = {k: v[0] for k, v in query.items() if k != "key_ID"}
+                if "key_ID" in query:
+                    request["key_IDs"] = [{"key_ID": k} for k in query["key_ID"]]
+            else:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_REQUEST_BYTES:
+                    raise RequestError(400, "request body too large")
+                try:
+                    request = json.loads(self.rfile.read(length) or b"{}")
+                except (ValueError, UnicodeDecodeError) as error:
+                    raise RequestError(400, f"body is not JSON: {error}") from None
+                if not isinstance(request, dict):
+                    raise RequestError(400, "body must be a JSON object")
+            if operation == "status" and method == "GET":
+                body = kme.status(caller, sae_id)
+            elif operation == "enc_keys":
+                body = kme.enc_keys(caller, sae_id, request)
+                entry["key_IDs"] = [k["key_ID"] for k in body["keys"]]
+            elif operation == "dec_keys":
+                body = kme.dec_keys(caller, sae_id, request)
+                entry["key_IDs"] = [k["key_ID"] for k in body["keys"]]
+            else:
+                raise RequestError(400, f"unknown operation {operation!r}")
+            status = 200
+        except RequestError as error:
+            status, body = error.status, {"message": error.message}
+            if error.details:
+                body["details"] = [{"detail": str(d)} for d in error.details]
+            entry["message"] = error.message
+        except BadInput as error:  # the pool itself is unusable: a server-side failure
+            status, body = 503, {"message": "key pool unavailable"}
+            entry["message"] = str(error)
+        entry["status"] = status
+        kme.audit(entry)
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+
+def tls_context(ca_pem, cert_pem, key_pem) -> ssl.SSLContext:
+    """Server side: TLS 1.2+, a client certificate signed by the CA required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert_pem), str(key_pem))
+    context.load_verify_locations(str(ca_pem))
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def make_server(kme: KeyManager, host: str, port: int, context: ssl.SSLContext):
+    server = _Server((host, port), Handler)
+    server.daemon_threads = True
+    # the handshake runs in the request's thread: a slow or failing client holds no other
+    server.socket = context.wrap_socket(
+        server.socket, server_side=True, do_handshake_on_connect=False
+    )
+    server.kme = kme
+    return server
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client refused in the TLS handshake (no certificate, another CA): audited."""
+        import sys
+
+        error = sys.exc_info()[1]
+        self.kme.audit(
+            {"peer": client_address[0], "refused": f"{type(error).__name__}: {error}"[:200]}
+        )

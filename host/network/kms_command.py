@@ -1,0 +1,64 @@
+"""`qkdsat kms pki|serve`: ETSI GS QKD 014 key delivery at a station (docs/network.md)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from host.errors import BadInput
+from host.network.pool import check_name
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("action", choices=("pki", "serve"), help="make the demo PKI, or serve")
+    parser.add_argument("--pki", required=True, help="PKI directory (ca.pem, NAME.pem/.key)")
+    parser.add_argument("--sae", required=True, help="comma-separated SAE IDs (cert names)")
+    parser.add_argument("--server-name", default="localhost", help="the KME's host name")
+    parser.add_argument("--pool", help="serve: the key pool to deliver from (NET/A/B.pool)")
+    parser.add_argument("--db", help="serve: SQLite file of keys awaiting their slave SAE")
+    parser.add_argument("--audit", help="serve: audit log (JSON lines, no key material)")
+    parser.add_argument("--listen", default="127.0.0.1:8443", help="serve: host:port")
+    parser.add_argument("--kme-id", default="kme", help="serve: this KME's ID")
+
+
+def run(args) -> int:
+    from host.network.pki import issue, make_ca
+
+    sae_ids = [check_name(name.strip(), "SAE") for name in args.sae.split(",") if name.strip()]
+    pki = Path(args.pki)
+    if args.action == "pki":
+        if (pki / "ca.pem").exists():
+            raise BadInput(f"--pki {pki}: holds a CA already (ca.pem); use another directory")
+        make_ca(pki)
+        issue(pki, args.server_name, server=True)
+        for name in sae_ids:
+            issue(pki, name)
+        print(f"{pki}: CA, server certificate {args.server_name}, SAEs {', '.join(sae_ids)}")
+        return 0
+    from host.distil.channel import parse_address
+    from host.network.kms import KeyManager, SQLiteStore, make_server, tls_context
+
+    if not (args.pool and args.db and args.audit):
+        raise BadInput("kms serve needs --pool, --db and --audit")
+    for name in ("ca.pem", f"{args.server_name}.pem", f"{args.server_name}.key"):
+        if not (pki / name).is_file():
+            raise BadInput(f"--pki {pki}: {name} missing (make it with qkdsat kms pki)")
+    host, port = parse_address(args.listen)
+    manager = KeyManager(args.kme_id, args.pool, SQLiteStore(args.db), sae_ids, args.audit)
+    context = tls_context(
+        pki / "ca.pem", pki / f"{args.server_name}.pem", pki / f"{args.server_name}.key"
+    )
+    server = make_server(manager, host, port, context)
+    signal.signal(signal.SIGTERM, _stop)
+    print(f"ETSI GS QKD 014 on https://{host}:{server.server_address[1]}/api/v1/", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends the server like Ctrl-C: a clean close

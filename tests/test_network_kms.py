@@ -1,0 +1,211 @@
+"""ETSI GS QKD 014 key delivery over real HTTPS with client certificates: status,
+enc_keys, dec_keys once to the slave only, replay refused, wrong certificate 401 (or a TLS
+refusal), empty pool 503, malformed requests 400, and an audit log without keys."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import ssl
+import threading
+import uuid
+
+import pytest
+from network_keys import distilled
+
+from host.network.kms import KeyManager, SQLiteStore, make_server, tls_context
+from host.network.pki import issue, make_ca
+from host.network.pool import SATELLITE, StationPool, fill_pair, pool_path
+
+MASTER, SLAVE, OTHER, STRANGER = "sae-jinan-1", "sae-beijing-1", "sae-wuhan-1", "sae-unknown"
+POOL_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+def kme(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kms")
+    pki = root / "pki"
+    make_ca(pki)
+    for name in (MASTER, SLAVE, OTHER, STRANGER):
+        issue(pki, name)
+    issue(pki, "localhost", server=True)
+    make_ca(root / "rogue")  # another CA with a certificate in the master's name
+    issue(root / "rogue", MASTER)
+    distilled(root / "keys", 8 * POOL_BYTES, "pass-1")
+    fill_pair(root / "net", "Jinan", root / "keys")
+    pool = pool_path(root / "net", "Jinan", SATELLITE)
+    manager = KeyManager(
+        "kme-jinan", pool, SQLiteStore(root / "keys.sqlite"), [MASTER, SLAVE, OTHER],
+        root / "audit.jsonl",
+    )  # fmt: skip
+    context = tls_context(pki / "ca.pem", pki / "localhost.pem", pki / "localhost.key")
+    server = make_server(manager, "localhost", 0, context)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"root": root, "pki": pki, "port": server.server_address[1], "pool": pool}
+    server.shutdown()
+    server.server_close()
+
+
+def _call(kme, sae, method, path, body=None, pki=None):
+    pki = pki or kme["pki"]
+    context = ssl.create_default_context(cafile=str(kme["pki"] / "ca.pem"))
+    context.load_cert_chain(str(pki / f"{sae}.pem"), str(pki / f"{sae}.key"))
+    connection = http.client.HTTPSConnection("localhost", kme["port"], context=context, timeout=30)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        connection.request(method, path, body=data, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def _used(kme) -> int:
+    with StationPool(kme["pool"]) as pool:
+        return pool.used_bytes
+
+
+def test_status_enc_keys_then_dec_keys_once_to_the_slave_only(kme):
+    status, body = _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/status")
+    assert status == 200
+    assert body["master_SAE_ID"] == MASTER and body["slave_SAE_ID"] == SLAVE
+    assert body["stored_key_count"] == 8 * (POOL_BYTES - _used(kme)) // body["key_size"]
+    used = _used(kme)
+    status, enc = _call(kme, MASTER, "POST", f"/api/v1/keys/{SLAVE}/enc_keys",
+                        {"number": 3, "size": 512})  # fmt: skip
+    assert status == 200 and len(enc["keys"]) == 3
+    assert _used(kme) - used == 3 * 64  # exactly the keys delivered
+    keys = {item["key_ID"]: base64.b64decode(item["key"]) for item in enc["keys"]}
+    assert all(len(k) == 64 for k in keys.values()) and len(set(keys.values())) == 3
+    for key_id in keys:
+        uuid.UUID(key_id)
+    status, get_enc = _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/enc_keys?number=1")
+    assert status == 200 and len(base64.b64decode(get_enc["keys"][0]["key"])) == 32
+    ids = list(keys)
+    request = {"key_IDs": [{"key_ID": k} for k in ids[:2]]}
+    # Nobody but the slave gets them: another registered SAE is refused, nothing served.
+    status, _ = _call(kme, OTHER, "POST", f"/api/v1/keys/{MASTER}/dec_keys", request)
+    assert status == 400
+    status, dec = _call(kme, SLAVE, "POST", f"/api/v1/keys/{MASTER}/dec_keys", request)
+    assert status == 200
+    assert {item["key_ID"]: base64.b64decode(item["key"]) for item in dec["keys"]} == {
+        k: keys[k] for k in ids[:2]
+    }
+    status, dec = _call(kme, SLAVE, "GET", f"/api/v1/keys/{MASTER}/dec_keys?key_ID={ids[2]}")
+    assert status == 200 and base64.b64decode(dec["keys"][0]["key"]) == keys[ids[2]]
+    # Replayed: refused, whether alone or with a fresh one (which is then not served either).
+    status, body = _call(kme, SLAVE, "POST", f"/api/v1/keys/{MASTER}/dec_keys", request)
+    assert status == 400 and "already served" in body["message"]
+    fresh = get_enc["keys"][0]["key_ID"]
+    mixed = {"key_IDs": [{"key_ID": fresh}, {"key_ID": ids[0]}]}
+    assert _call(kme, SLAVE, "POST", f"/api/v1/keys/{MASTER}/dec_keys", mixed)[0] == 400
+    status, dec = _call(kme, SLAVE, "GET", f"/api/v1/keys/{MASTER}/dec_keys?key_ID={fresh}")
+    assert status == 200
+    # The audit log names who got which key_ID, and never a key.
+    audit = (kme["root"] / "audit.jsonl").read_text()
+    assert ids[0] in audit and SLAVE in audit
+    for key in list(keys.values()) + [base64.b64decode(get_enc["keys"][0]["key"])]:
+        assert base64.b64encode(key).decode() not in audit and key.hex() not in audit
+
+
+def test_wrong_certificate_is_401_or_refused_in_the_handshake(kme):
+    # Signed by the CA but naming no registered SAE: 401.
+    status, body = _call(kme, STRANGER, "GET", f"/api/v1/keys/{SLAVE}/status")
+    assert status == 401
+    used = _used(kme)
+    assert _call(kme, STRANGER, "POST", f"/api/v1/keys/{SLAVE}/enc_keys", {})[0] == 401
+    assert _used(kme) == used
+    # The master's name on a certificate from another CA: the TLS handshake fails.
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/status", pki=kme["root"] / "rogue")
+    # No certificate at all: refused as well.
+    context = ssl.create_default_context(cafile=str(kme["pki"] / "ca.pem"))
+    connection = http.client.HTTPSConnection("localhost", kme["port"], context=context)
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        connection.request("GET", f"/api/v1/keys/{SLAVE}/status")
+        connection.getresponse()
+
+
+@pytest.mark.parametrize(
+    "body, detail",
+    [
+        (b"{not json", "not JSON"),
+        ({"number": 1, "size": 260}, "multiple of 8"),
+        ({"number": 129, "size": 256}, "number must be"),
+        ({"number": 0}, "number must be"),
+        ({"number": "many"}, "integer"),
+        ({"number": 1, "additional_slave_SAE_IDs": [MASTER]}, "additional"),
+    ],
+)
+def test_malformed_enc_keys_is_400_and_takes_nothing(kme, body, detail):
+    used = _used(kme)
+    status, answer = _call(kme, MASTER, "POST", f"/api/v1/keys/{SLAVE}/enc_keys", body)
+    assert status == 400 and detail in answer["message"]
+    assert _used(kme) == used
+
+
+def test_malformed_dec_keys_is_400(kme):
+    for body in ({"key_IDs": "x"}, {"key_IDs": [{"key_ID": "not-a-uuid"}]}, {}):
+        assert _call(kme, SLAVE, "POST", f"/api/v1/keys/{MASTER}/dec_keys", body)[0] == 400
+    assert _call(kme, MASTER, "GET", "/api/v1/keys/nobody/status")[0] == 400
+
+
+def test_a_short_or_empty_pool_is_503_and_nothing_is_taken(kme):
+    with StationPool(kme["pool"]) as pool:
+        available = pool.available_bytes
+    short = {"number": available // 1024 + 1, "size": 8192}
+    status, body = _call(kme, MASTER, "POST", f"/api/v1/keys/{SLAVE}/enc_keys", short)
+    assert status == 503 and "short" in body["message"]
+    assert POOL_BYTES - _used(kme) == available
+    with StationPool(kme["pool"]) as pool:  # another user (a relay, say) empties it
+        pool.take(available, "drain")
+    status, body = _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/status")
+    assert status == 200 and body["stored_key_count"] == 0
+    status, body = _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/enc_keys?number=1&size=64")
+    assert status == 503 and "0 bits available" in body["message"]
+    # The next pass refills it and delivery resumes.
+    distilled(kme["root"] / "keys2", 8 * 64, "pass-2")
+    fill_pair(kme["root"] / "net", "Jinan", kme["root"] / "keys2")
+    assert _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/enc_keys?size=512")[0] == 200
+    assert _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/enc_keys?size=64")[0] == 503
+
+
+def test_kms_command_serves_over_https_until_terminated(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from host.cli import main as qkdsat
+
+    root = Path(__file__).resolve().parents[1]
+    pki = tmp_path / "pki"
+    assert qkdsat(["kms", "pki", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}"]) == 0
+    assert qkdsat(["kms", "pki", "--pki", str(pki), "--sae", MASTER]) == 2  # no overwrite
+    distilled(tmp_path / "keys", 8 * 256, "pass-1")
+    fill_pair(tmp_path / "net", "Hefei", tmp_path / "keys")
+    pool = pool_path(tmp_path / "net", "Hefei", SATELLITE)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "host.cli", "kms", "serve", "--pki", str(pki),
+         "--sae", f"{MASTER},{SLAVE}", "--pool", str(pool), "--db", str(tmp_path / "k.db"),
+         "--audit", str(tmp_path / "audit.jsonl"), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    try:
+        line = server.stdout.readline()
+        port = int(line.rsplit(":", 1)[1].split("/")[0])
+        kme = {"pki": pki, "port": port}
+        status, enc = _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/enc_keys?number=2")
+        assert status == 200
+        ids = "&".join(f"key_ID={item['key_ID']}" for item in enc["keys"])
+        status, dec = _call(kme, SLAVE, "GET", f"/api/v1/keys/{MASTER}/dec_keys?{ids}")
+        assert status == 200 and dec["keys"] == enc["keys"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    with StationPool(pool) as pool_now:
+        assert pool_now.used_bytes == 64
