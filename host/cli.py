@@ -111,6 +111,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "  qkdsat kms serve --pki pki --sae sae-a,sae-b --pool net/Beijing/Stellenbosch.pool"
         " --db kms.sqlite --audit kms-audit.jsonl --listen 127.0.0.1:8443",
     ),
+    "send": (
+        "host.network.send_command",
+        "encrypt a file for another station (one-time pad + Wegman-Carter)",
+        "qkdsat send --network net --from Beijing --to Stellenbosch image.png --out image.msg",
+    ),
+    "receive": (
+        "host.network.receive_command",
+        "check and decrypt a message from another station",
+        "qkdsat receive --network net --at Stellenbosch image.msg --out image.png",
+    ),
 }
 
 

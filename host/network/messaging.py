@@ -1,0 +1,154 @@
+"""Encrypted messages between two stations from their shared key pool (docs/network.md):
+`qkdsat send` / `qkdsat receive`.
+
+Default, information-theoretic: a one-time pad from the pool (as long as the file) and a
+Wegman-Carter tag (host/network/relay.py: GF(2^64) hash, 16 pool bytes, used once) over
+header and ciphertext. Option `--cipher aes-256-gcm`: 32 pool bytes key AES-256-GCM, the
+header as associated data; COMPUTATIONALLY secure only (marked so in the header and the
+output), for files larger than the pool.
+
+Message file: MAGIC | header length (4, LE) | header JSON | body [| tag]. The header (from,
+to, cipher, pool offset, lengths, file name) is public and authenticated.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from pathlib import Path
+
+from host.errors import BadInput, ProtocolAborted
+from host.network.pool import PoolShort, StationPool, check_name, pool_path
+from host.network.relay import AUTH_BYTES, TAG_BYTES, wegman_carter_tag, xor_bytes
+
+MAGIC = b"QKDSATM1"
+OTP, AES_GCM = "otp-wegman-carter", "aes-256-gcm"
+AES_KEY_BYTES, AES_NONCE_BYTES = 32, 12
+MAX_MESSAGE_BYTES = 1 << 30
+SECURITY = {OTP: "information-theoretic", AES_GCM: "computational"}
+
+
+class MessageRejected(ProtocolAborted):
+    pass
+
+
+def pool_bytes_needed(cipher: str, plaintext_bytes: int) -> int:
+    return plaintext_bytes + AUTH_BYTES if cipher == OTP else AES_KEY_BYTES
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def send(network_dir, sender: str, receiver: str, in_path, out_path, cipher: str = OTP) -> dict:
+    check_name(sender), check_name(receiver)
+    if cipher not in SECURITY:
+        raise BadInput(f"--cipher {cipher}: one of {', '.join(SECURITY)}")
+    try:
+        plaintext = Path(in_path).read_bytes()
+    except OSError as error:
+        raise BadInput(f"{in_path}: {error.strerror}") from error
+    if len(plaintext) > MAX_MESSAGE_BYTES:
+        raise BadInput(f"{in_path}: larger than {MAX_MESSAGE_BYTES} bytes")
+    needed = pool_bytes_needed(cipher, len(plaintext))
+    path = pool_path(network_dir, sender, receiver)
+    if not path.exists():
+        raise BadInput(
+            f"{sender} shares no key with {receiver} ({path} missing): relay one first "
+            f"(qkdsat relay --from {sender} --to {receiver} --bits N)"
+        )
+    with StationPool(path) as pool:
+        if pool.available_bytes < needed:
+            raise PoolShort(
+                f"{sender}'s pool for {receiver} holds {8 * pool.available_bytes} bits, the "
+                f"message needs {8 * needed} ({8 * (needed - pool.available_bytes)} missing); "
+                "nothing was taken",
+                pool.available_bytes,
+                needed,
+            )
+        offset = pool.used_bytes
+        key = pool.take(needed, f"send {Path(in_path).name} to {receiver}")
+    header = {
+        "from": sender, "to": receiver, "cipher": cipher, "security": SECURITY[cipher],
+        "pool_offset": offset, "pool_bytes": needed, "plaintext_bytes": len(plaintext),
+        "name": Path(in_path).name,
+    }  # fmt: skip
+    head = _head(header)
+    if cipher == OTP:
+        body = xor_bytes(plaintext, key[: len(plaintext)])
+        message = head + body + wegman_carter_tag(head + body, key[len(plaintext) :])
+    else:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        nonce = os.urandom(AES_NONCE_BYTES)  # the key is used once; a fresh nonce anyway
+        message = head + nonce + AESGCM(key).encrypt(nonce, plaintext, head)
+    del key
+    _write_atomic(Path(out_path), message)
+    return header
+
+
+def _head(header: dict) -> bytes:
+    encoded = json.dumps(header, sort_keys=True).encode()
+    return MAGIC + len(encoded).to_bytes(4, "little") + encoded
+
+
+def receive(network_dir, receiver: str, in_path, out_path) -> dict:
+    """Check and decrypt a message; the output is written only when it authenticated. The
+    pool bytes are taken (at the sender's offset) before the check: a forged or replayed
+    message never makes them usable again."""
+    check_name(receiver)
+    try:
+        message = Path(in_path).read_bytes()
+    except OSError as error:
+        raise BadInput(f"{in_path}: {error.strerror}") from error
+    try:
+        if message[:8] != MAGIC:
+            raise ValueError("not a qkdsat message")
+        size = int.from_bytes(message[8:12], "little")
+        head = message[: 12 + size]
+        header = json.loads(message[12 : 12 + size])
+        sender, cipher = check_name(header["from"]), header["cipher"]
+        offset, needed = int(header["pool_offset"]), int(header["pool_bytes"])
+        plaintext_bytes = int(header["plaintext_bytes"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise BadInput(f"{in_path}: not a qkdsat message ({error})") from error
+    if header["to"] != receiver:
+        raise BadInput(f"{in_path}: addressed to {header['to']}, not {receiver}")
+    if cipher not in SECURITY or needed != pool_bytes_needed(cipher, plaintext_bytes):
+        raise MessageRejected(f"{in_path}: inconsistent header")
+    body = message[len(head) :]
+    with StationPool(pool_path(network_dir, receiver, sender)) as pool:
+        key = pool.take(needed, f"receive {header.get('name')} from {sender}", offset)
+    if cipher == OTP:
+        if len(body) != plaintext_bytes + TAG_BYTES:
+            raise MessageRejected(f"{in_path}: length does not match its header")
+        ciphertext, tag = body[:-TAG_BYTES], body[-TAG_BYTES:]
+        expected = wegman_carter_tag(head + ciphertext, key[plaintext_bytes:])
+        if not hmac.compare_digest(expected, tag):
+            raise MessageRejected(f"{in_path}: authentication failed: altered or forged")
+        plaintext = xor_bytes(ciphertext, key[:plaintext_bytes])
+    else:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        if len(body) != AES_NONCE_BYTES + plaintext_bytes + 16:
+            raise MessageRejected(f"{in_path}: length does not match its header")
+
+        try:
+            plaintext = AESGCM(key).decrypt(body[:AES_NONCE_BYTES], body[AES_NONCE_BYTES:], head)
+        except InvalidTag:
+            raise MessageRejected(f"{in_path}: authentication failed: altered or forged") from None
+    del key
+    _write_atomic(Path(out_path), plaintext)
+    return header
