@@ -87,6 +87,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "qkdsat mission --out build/mission\n"
         "  qkdsat mission --target qemu --generation head --out build/mission-head",
     ),
+    "timetransfer": (
+        "host.timetransfer.command",
+        "two-way quantum-secure time transfer from a pass directory",
+        "qkdsat timetransfer passes/p1 --out tt/p1",
+    ),
     "schedule": (
         "host.network.schedule_command",
         "night QKD passes over the stations from a TLE",

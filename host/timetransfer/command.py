@@ -1,0 +1,140 @@
+"""`qkdsat timetransfer PASS_DIR --out DIR`: two-way time transfer from a pass directory.
+
+Writes DIR/report.json (the figures; `aborted`/`abort_reason` as distil's report) and
+DIR/offset.csv (the offset series with its uncertainty and the range error per bin).
+Exit 0 with a result, 2 for bad input, 3 when no time transfer can be vouched for (too
+few events, no overlap of the two directions, timing QBER too high, range check failed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from host.errors import ProtocolAborted
+from host.outdir import check_output_dir
+from host.timetransfer import estimate, files
+
+TDEV_TAUS_S = (0.1, 1.0, 10.0)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("pass_dir", metavar="PASS_DIR", help="pass directory with two-way data")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+
+
+def stability(t_s: np.ndarray, offset_ps: np.ndarray, bin_s: float) -> dict:
+    """TDEV and ADEV (allantools) of an offset series on a regular grid; gaps of missing
+    bins are filled by linear interpolation (their count is reported)."""
+    import allantools
+
+    index = np.rint((t_s - t_s[0]) / bin_s).astype(np.int64)
+    grid = np.arange(index[-1] + 1)
+    phase_s = np.interp(grid, index, offset_ps) * 1e-12
+    rate_hz = 1.0 / bin_s
+    taus = [tau for tau in TDEV_TAUS_S if tau >= bin_s and tau * rate_hz * 3 <= grid.size]
+    result = {"gaps_filled": int(grid.size - index.size), "tdev_ps": {}, "adev": {}}
+    if not taus:
+        return result
+    t_tau, tdev, _, _ = allantools.tdev(phase_s, rate=rate_hz, data_type="phase", taus=taus)
+    a_tau, adev, _, _ = allantools.adev(phase_s, rate=rate_hz, data_type="phase", taus=taus)
+    result["tdev_ps"] = {f"{tau:g}": float(v) * 1e12 for tau, v in zip(t_tau, tdev, strict=True)}
+    result["adev"] = {f"{tau:g}": float(v) for tau, v in zip(a_tau, adev, strict=True)}
+    return result
+
+
+def compare_with_truth(report: dict, series: dict, truth: dict) -> dict:
+    """Figures against the simulator's truth: bias, 1 s precision, TDEV of the error."""
+    reference = int(truth["offset_base_ps"]) - report["offset_reference_ps"]
+    true_ps = reference + np.interp(series["t_s"], truth["t_s"], truth["offset_residual_ps"])
+    error = series["offset_ps"] - true_ps
+    bin_s = report["bin_s"]
+    per_second = np.floor(series["t_s"]).astype(np.int64)
+    seconds, inverse, counts = np.unique(per_second, return_inverse=True, return_counts=True)
+    mean_error_1s = np.bincount(inverse, error) / counts
+    full = counts >= max(1, int(round(0.8 / bin_s)))
+    return {
+        "offset_bias_ps": float(np.mean(error)),
+        "precision_1s_ps": float(np.std(mean_error_1s[full])) if full.sum() > 1 else None,
+        "error_std_per_bin_ps": float(np.std(error)),
+        "tdev_error_ps": stability(series["t_s"], error, bin_s)["tdev_ps"],
+        "one_way_delay_ps_injected": float(truth["one_way_delay_ps"]),
+        "intercept_resend_injected": float(truth["intercept_resend"]),
+    }
+
+
+def write_outputs(out_dir: Path, report: dict, series: dict | None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if series is not None:
+        rows = ["t_s,offset_ps,offset_sigma_ps,range_error_mm,events_up,events_down"]
+        for t, x, s, e, nu, nd in zip(
+            series["t_s"], series["offset_ps"], series["offset_sigma_ps"],
+            series["range_error_ps"], series["events_up"], series["events_down"], strict=True,
+        ):  # fmt: skip
+            rows.append(f"{t:.3f},{x:.3f},{s:.3f},{e * estimate.MM_PER_PS:.4f},{nu},{nd}")
+        temporary = out_dir / "offset.csv.tmp"
+        temporary.write_text("\n".join(rows) + "\n")
+        os.replace(temporary, out_dir / "offset.csv")
+    temporary = out_dir / "report.json.tmp"
+    temporary.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    os.replace(temporary, out_dir / "report.json")
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value).__name__)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def time_transfer(pass_dir: Path, out_dir: Path) -> dict:
+    """Run the estimator and write the outputs; returns the report (raises
+    ProtocolAborted after writing the report when the protocol stops by design)."""
+    check_output_dir(out_dir, files=("report.json", "offset.csv"))
+    started = time.process_time()
+    scenario = files.read_scenario(pass_dir)
+    events = files.read_events(pass_dir)
+    truth = files.read_truth(pass_dir)
+    aborted = None
+    try:
+        report = estimate.estimate(scenario, events)
+    except ProtocolAborted as error:
+        report, aborted = error.report, error
+    series = report.pop("series", None)
+    if series is not None:
+        report["stability"] = stability(series["t_s"], series["offset_ps"], report["bin_s"])
+        if truth is not None:
+            report["truth"] = compare_with_truth(report, series, truth)
+    report["pass_duration_s"] = float(scenario.get("duration_s", math.nan))
+    report["cpu_seconds"] = time.process_time() - started
+    report["cpu_fraction_of_pass"] = report["cpu_seconds"] / report["pass_duration_s"]
+    report["profile"] = scenario.get("profile")
+    report = _finite(report)
+    write_outputs(Path(out_dir), report, series)
+    if aborted is not None:
+        raise aborted
+    return report
+
+
+def run(args) -> int:
+    report = time_transfer(Path(args.pass_dir), Path(args.out))
+    stab = report.get("stability", {}).get("tdev_ps", {})
+    print(
+        f"time transfer: {report['bins']} bins, time-data rate "
+        f"{report['time_data_rate_hz']:.0f} Hz, QBER up {report['qber']['uplink']:.4f} "
+        f"down {report['qber']['downlink']:.4f}, TDEV "
+        + ", ".join(f"{k} s: {v:.2f} ps" for k, v in stab.items())
+    )
+    return 0

@@ -1,0 +1,106 @@
+"""The time-transfer files of a pass directory: their one writer and one reader.
+
+    PASS_DIR/timetransfer.json          scenario: profile, predicted orbit, station,
+                                        calibrated delays, ground clock epoch
+    PASS_DIR/satellite/tt_uplink_rx.npz     satellite tags of received up photons
+    PASS_DIR/satellite/tt_downlink_tx.npz   satellite tags of emitted down photons
+    PASS_DIR/ground/tt_uplink_tx.npz        ground tags of emitted up photons
+    PASS_DIR/ground/tt_downlink_rx.npz      ground tags of received down photons
+    PASS_DIR/truth/tt_truth.npz             true offset (satellite minus ground clock)
+
+Each event file holds `tag_ps` (int64 picoseconds of that side's clock), `basis` and
+`bit` (uint8). Index i of a tx file and index i of the matching rx file are the same
+photon: the lists are the sifted events (bases agree). In this version the simulator
+writes them matched from its truth; matching by slot through the QKD sifting is the
+protocol integration still to come (docs/time-transfer.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from host.errors import BadInput
+
+FORMAT = "qkdsat-timetransfer/1"
+EVENT_FILES = {
+    "uplink_tx": "ground/tt_uplink_tx.npz",
+    "uplink_rx": "satellite/tt_uplink_rx.npz",
+    "downlink_tx": "satellite/tt_downlink_tx.npz",
+    "downlink_rx": "ground/tt_downlink_rx.npz",
+}
+SCENARIO_FILE = "timetransfer.json"
+TRUTH_FILE = "truth/tt_truth.npz"
+
+
+def write_pass(pass_dir: Path, scenario: dict, events: dict, truth: dict | None) -> None:
+    pass_dir = Path(pass_dir)
+    for sub in ("satellite", "ground", "truth"):
+        (pass_dir / sub).mkdir(parents=True, exist_ok=True)
+    for key, relative in EVENT_FILES.items():
+        tag_ps, basis, bit = events[key]
+        np.savez(
+            pass_dir / relative,
+            tag_ps=np.asarray(tag_ps, dtype=np.int64),
+            basis=np.asarray(basis, dtype=np.uint8),
+            bit=np.asarray(bit, dtype=np.uint8),
+        )
+    if truth is not None:
+        np.savez(pass_dir / TRUTH_FILE, **truth)
+    scenario = dict(scenario, format=FORMAT)
+    (pass_dir / SCENARIO_FILE).write_text(json.dumps(scenario, indent=1) + "\n")
+
+
+def read_scenario(pass_dir: Path) -> dict:
+    path = Path(pass_dir) / SCENARIO_FILE
+    if not Path(pass_dir).is_dir():
+        raise BadInput(f"{pass_dir}: not a directory")
+    if not path.is_file():
+        raise BadInput(f"{path}: missing (no two-way time-transfer data in this pass)")
+    try:
+        scenario = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadInput(f"{path}: not JSON ({error})") from None
+    if scenario.get("format") != FORMAT:
+        raise BadInput(f"{path}: format {scenario.get('format')!r}, expected {FORMAT!r}")
+    for field in ("orbit", "station", "delays_ps", "ground_clock_epoch_ps", "wavelengths_nm"):
+        if field not in scenario:
+            raise BadInput(f"{path}: field {field!r} missing")
+    return scenario
+
+
+def read_events(pass_dir: Path) -> dict:
+    """{key: (tag_ps, basis, bit)}; BadInput naming the file that is missing or wrong."""
+    events = {}
+    for key, relative in EVENT_FILES.items():
+        path = Path(pass_dir) / relative
+        if not path.is_file():
+            raise BadInput(f"{path}: missing ({key.replace('_', ' ')} time tags)")
+        try:
+            with np.load(path) as data:
+                tag_ps, basis, bit = data["tag_ps"], data["basis"], data["bit"]
+        except (OSError, ValueError, KeyError) as error:
+            raise BadInput(
+                f"{path}: not a time-tag file with tag_ps/basis/bit ({error})"
+            ) from None
+        if tag_ps.dtype != np.int64 or not (tag_ps.shape == basis.shape == bit.shape):
+            raise BadInput(f"{path}: tag_ps must be int64 with basis and bit of equal length")
+        events[key] = (tag_ps, basis, bit)
+    for direction in ("uplink", "downlink"):
+        tx, rx = events[f"{direction}_tx"][0], events[f"{direction}_rx"][0]
+        if tx.size != rx.size:
+            raise BadInput(
+                f"{pass_dir}: {direction} has {tx.size} emitted and {rx.size} received "
+                "sifted events; the lists must be matched one to one"
+            )
+    return events
+
+
+def read_truth(pass_dir: Path) -> dict | None:
+    path = Path(pass_dir) / TRUTH_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
