@@ -13,6 +13,7 @@ import errno
 import importlib
 import os
 import sys
+import threading
 import traceback
 
 from host.errors import (
@@ -227,11 +228,30 @@ def _os_error_message(error: OSError) -> str:
     return what
 
 
+def _exit_interrupted(from_command_line: bool) -> int:
+    """Ctrl-C's exit. Endpoint threads (daemons) may still be inside a C++ library call
+    (scipy.fft, ...): the interpreter's shutdown would end them with a forced unwind, which
+    C++ answers with "terminate called without an active exception" and SIGABRT (exit
+    134, not 130). When we own the process, leave it at once instead: nothing is left to
+    write (the outputs were not touched; the pool's usage record is already durable)."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if from_command_line and any(t.is_alive() for t in others):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     selected = next((arg for arg in argv if not arg.startswith("-")), None)
-    parser = build_parser(selected)
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser(selected)  # imports the command's module: seconds for some
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print(f"qkdsat {selected or ''}: interrupted".replace(" :", ":"), file=sys.stderr)
+        return EXIT_INTERRUPTED
     debug = getattr(args, "debug", False) or "--debug" in argv
     name = f"qkdsat {args.command}"
     try:
@@ -247,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         code, failure = EXIT_ABORTED, error
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _exit_interrupted(from_command_line)
     except EnvironmentFailure as error:
         print(f"{name}: failed: {_one_line(error)}", file=sys.stderr)
         code, failure = EXIT_ENVIRONMENT, error

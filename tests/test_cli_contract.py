@@ -402,6 +402,56 @@ def test_distil_json_and_report_metadata_on_an_abort(tmp_path, capsys):
     assert last.startswith("qkdsat distil: aborted: QBER above threshold")
 
 
+def test_ctrl_c_while_the_command_loads_is_one_line_exit_130(monkeypatch, capsys):
+    """Importing distil's modules takes seconds on a loaded machine; an interrupt then used
+    to end in a KeyboardInterrupt traceback (exit -2) instead of the documented 130."""
+    import host.cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(host.cli.importlib, "import_module", interrupted)
+    try:
+        code = main(["distil", "pass", "--out", "o"])
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped main() as a traceback")
+    assert code == 130
+    assert capsys.readouterr().err == "qkdsat distil: interrupted\n"
+
+
+INTERRUPTED_IN_CPP = """
+import sys, threading, time
+import numpy as np, scipy.fft
+import host.cli, host.smoke
+
+def endpoint():  # an endpoint thread inside a C++ call, as distil's sync is (scipy.fft)
+    x = np.random.default_rng(1).random(1 << 20)
+    while True:
+        scipy.fft.rfft(x)
+
+def run(args):
+    threading.Thread(target=endpoint, daemon=True).start()
+    time.sleep(0.5)
+    raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+
+host.smoke.run = run
+sys.argv[1:] = ["smoke"]
+sys.exit(host.cli.main())
+"""
+
+
+def test_ctrl_c_with_an_endpoint_inside_cpp_code_exits_130_not_sigabrt():
+    """An interrupted `distil` whose endpoint thread is still in scipy.fft when the process
+    ends: the interpreter's shutdown killed that thread with a forced unwind and C++ aborted
+    the process ("terminate called without an active exception", exit 134), seen on one
+    Ctrl-C of `distil --role bob` in five."""
+    proc = subprocess.run(
+        [PY, "-c", INTERRUPTED_IN_CPP], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "qkdsat smoke: interrupted\n"
+
+
 @pytest.fixture(scope="module")
 def small_pass(tmp_path_factory):
     return make_pass(tmp_path_factory.mktemp("cli") / "pass", duration_s=1.0, seed=3)
@@ -570,7 +620,10 @@ def test_a_port_that_goes_away_is_link_lost_not_a_traceback():
 def test_payload_on_a_noisy_line_ends_with_link_failed_exit_4(tmp_path, capsys):
     name, stop, thread, fds = _noise_pty()
     try:
-        argv = ["payload", "--port", name, "--timeout", "0.5"]
+        key = tmp_path / "link.key"  # the payload has no built-in key: a test key file
+        key.write_bytes(os.urandom(32))
+        key.chmod(0o600)
+        argv = ["payload", "--port", name, "--timeout", "0.5", "--key", str(key)]
         argv += ["--counter-file", str(tmp_path / "counter"), "ping"]
         ended, code = _ends_within(lambda: main(argv), 15.0)
         assert ended, "qkdsat payload hung on a noisy line"
