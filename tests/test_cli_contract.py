@@ -295,6 +295,27 @@ def test_bad_input_is_one_line_with_its_exit_code(files, capsys, name, argv, cod
     assert KEY_MATERIAL not in err  # never echo what could be key material
 
 
+def test_listen_on_an_address_in_use_is_one_line_without_claiming_to_listen(
+    small_pass, tmp_path, capsys
+):
+    """The "listening on" line is for the peer's operator: it used to be printed before
+    the bind, so a busy port gave "bob listening on ..." and then the bind error."""
+    import socket
+
+    pool = tmp_path / "pool"
+    pool.write_bytes(os.urandom(4096))
+    pool.chmod(0o600)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        argv = ["distil", str(small_pass), "--out", str(tmp_path / "o"), "--role", "bob"]
+        argv += ["--listen", f"127.0.0.1:{port}", "--auth-pool", str(pool), "--new-auth-pool"]
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qkdsat distil: error: --listen 127.0.0.1:{port}: ")
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_key_material_in_the_environment_is_not_echoed(files, capsys, monkeypatch):
     monkeypatch.setenv("QKDSAT_LINK_KEY", KEY_MATERIAL)
     assert main(["payload", "--port", "/dev/null", "status"]) == 2

@@ -306,9 +306,15 @@ def parse_address(text: str) -> tuple[str, int]:
         raise BadInput(f"address {text!r}: expected HOST:PORT") from error
 
 
-def listen(address: str, timeout_s: float = 600.0, ready: threading.Event | None = None):
+def listen(
+    address: str, timeout_s: float = 600.0, ready: threading.Event | None = None, on_listening=None
+):
+    """`on_listening()`, when given, is called once the address is bound (not before: a
+    "listening on" line must not precede a bind error)."""
     host, port = parse_address(address)
     server = socket.create_server((host, port))
+    if on_listening is not None:
+        on_listening()
     server.settimeout(timeout_s)
     if ready is not None:
         ready.port = server.getsockname()[1]

@@ -580,13 +580,21 @@ def _run_split(
         endpoint.on_stage = _stage_lines(progress)
     address = args.listen or args.connect
     option = "--listen" if args.listen else "--connect"
-    if args.listen and not getattr(args, "quiet", False):
+
+    def say_listening() -> None:
         # always said (not only as progress): the peer's operator needs the address
-        print(f"qkdsat distil: {args.role} listening on {address}", file=sys.stderr, flush=True)
-    elif progress is not None:
+        if not getattr(args, "quiet", False):
+            print(
+                f"qkdsat distil: {args.role} listening on {address}", file=sys.stderr, flush=True
+            )
+
+    if args.connect and progress is not None:
         progress(f"{args.role}: connecting to {address}")
     try:
-        transport = ch.listen(args.listen) if args.listen else ch.connect(args.connect)
+        if args.listen:
+            transport = ch.listen(args.listen, on_listening=say_listening)
+        else:
+            transport = ch.connect(args.connect)
     except (OSError, OverflowError) as error:
         raise BadInput(f"{option} {address}: {error}") from None
     ch.exchange_pool_start(transport, pool)
