@@ -5,16 +5,22 @@ refusal), empty pool 503, malformed requests 400, and an audit log without keys.
 from __future__ import annotations
 
 import base64
+import glob
 import http.client
 import json
+import os
+import pwd
+import shutil
 import ssl
+import subprocess
+import tempfile
 import threading
 import uuid
 
 import pytest
 from network_keys import distilled
 
-from host.network.kms import KeyManager, SQLiteStore, make_server, tls_context
+from host.network.kms import KeyManager, make_server, open_store, tls_context
 from host.network.pki import issue, make_ca
 from host.network.pool import SATELLITE, StationPool, fill_pair, pool_path
 
@@ -22,9 +28,45 @@ MASTER, SLAVE, OTHER, STRANGER = "sae-jinan-1", "sae-beijing-1", "sae-wuhan-1", 
 POOL_BYTES = 4096
 
 
+def _postgres_binary(name: str) -> str | None:
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) or not found else found[-1]
+
+
 @pytest.fixture(scope="module")
-def kme(tmp_path_factory):
+def postgres_url():
+    """A real PostgreSQL (Debian's package) in a temporary directory, on a Unix socket
+    only; run as the `postgres` user when the tests run as root (it refuses root)."""
+    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (Debian package postgresql) not installed")
+    base = tempfile.mkdtemp(prefix="qkdsat-pg-", dir="/tmp")
+    prefix = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    data = os.path.join(base, "data")
+    run = {"check": True, "capture_output": True, "timeout": 120}
+    subprocess.run(prefix + [initdb, "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"],
+                   **run)  # fmt: skip
+    options = f"-k {base} -c listen_addresses='' -F"
+    subprocess.run(prefix + [pg_ctl, "-D", data, "-o", options, "-w", "-l",
+                             os.path.join(base, "log"), "start"], **run)  # fmt: skip
+    try:
+        yield f"postgresql://postgres@/postgres?host={base}"
+    finally:
+        subprocess.run(prefix + [pg_ctl, "-D", data, "-m", "immediate", "stop"], timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def kme(request, tmp_path_factory):
+    if request.param == "postgresql":
+        database = request.getfixturevalue("postgres_url")
     root = tmp_path_factory.mktemp("kms")
+    if request.param == "sqlite":
+        database = str(root / "keys.sqlite")
     pki = root / "pki"
     make_ca(pki)
     for name in (MASTER, SLAVE, OTHER, STRANGER):
@@ -36,7 +78,7 @@ def kme(tmp_path_factory):
     fill_pair(root / "net", "Jinan", root / "keys")
     pool = pool_path(root / "net", "Jinan", SATELLITE)
     manager = KeyManager(
-        "kme-jinan", pool, SQLiteStore(root / "keys.sqlite"), [MASTER, SLAVE, OTHER],
+        "kme-jinan", pool, open_store(database), [MASTER, SLAVE, OTHER],
         root / "audit.jsonl",
     )  # fmt: skip
     context = tls_context(pki / "ca.pem", pki / "localhost.pem", pki / "localhost.key")
@@ -209,3 +251,23 @@ def test_kms_command_serves_over_https_until_terminated(tmp_path):
         assert server.wait(timeout=30) == 0
     with StationPool(pool) as pool_now:
         assert pool_now.used_bytes == 64
+
+
+def test_an_unreachable_postgresql_is_a_clear_error(tmp_path, capsys):
+    from host.cli import main as qkdsat
+    from host.errors import BadInput
+
+    url = "postgresql://kme:secret@127.0.0.1:1/keys"
+    with pytest.raises(BadInput, match=r"PostgreSQL postgresql://kme:\*\*\*@127.0.0.1:1/keys"):
+        open_store(url)
+    pki = tmp_path / "pki"
+    assert qkdsat(["kms", "pki", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}"]) == 0
+    distilled(tmp_path / "keys", 8 * 64, "pass-1")
+    fill_pair(tmp_path / "net", "Hefei", tmp_path / "keys")
+    pool = pool_path(tmp_path / "net", "Hefei", SATELLITE)
+    code = qkdsat(["kms", "serve", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}",
+                   "--pool", str(pool), "--db", url, "--audit", str(tmp_path / "a"),
+                   "--listen", "127.0.0.1:0"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "PostgreSQL" in err and "secret" not in err

@@ -27,6 +27,7 @@ APT_PACKAGES=(
     gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm   # bare-metal target
     build-essential pkg-config python3                          # unix port + mpy-cross
     dpkg-dev xz-utils                                           # apt-get source, unpack
+    postgresql libpq5                           # ETSI 014 store tests on PostgreSQL (psycopg)
 )
 
 missing_packages() {

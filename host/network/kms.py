@@ -50,36 +50,62 @@ class RequestError(Exception):
 
 
 class SQLiteStore:
-    """Keys delivered to a master SAE and not yet to its slave. The file is created 0600;
-    secure_delete overwrites served keys in the file's pages."""
+    """Keys delivered to a master SAE and not yet to its slave, in SQLite (the default,
+    embedded). The file is created 0600; secure_delete overwrites served keys in the
+    file's pages. PostgresStore runs the same statements on PostgreSQL."""
 
-    SCHEMA = """CREATE TABLE IF NOT EXISTS pending_keys (
-        key_id TEXT PRIMARY KEY, master_sae TEXT NOT NULL, slave_sae TEXT NOT NULL,
-        size_bits INTEGER NOT NULL, key BLOB NOT NULL, created_unix REAL NOT NULL)"""
+    PARAM = "?"
+    BLOB = "BLOB"
+    REAL = "REAL"
 
     def __init__(self, path: str | Path):
         self.path = str(path)
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        with self._connect() as db:
-            db.execute(self.SCHEMA)
+        self._create()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _create(self) -> None:
+        db = self._connect()
+        try:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS pending_keys (key_id TEXT PRIMARY KEY, "
+                "master_sae TEXT NOT NULL, slave_sae TEXT NOT NULL, size_bits INTEGER NOT NULL, "
+                f"key {self.BLOB} NOT NULL, created_unix {self.REAL} NOT NULL)"
+            )
+            self._commit(db)
+        finally:
+            db.close()
+
+    def _connect(self):
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         db.execute("PRAGMA secure_delete = ON")
         db.execute("PRAGMA journal_mode = DELETE")
         db.execute("PRAGMA synchronous = FULL")
         return db
 
+    def _begin(self, db) -> None:
+        db.execute("BEGIN IMMEDIATE")  # the write lock now: no two takes interleave
+
+    def _commit(self, db) -> None:
+        if db.in_transaction:
+            db.execute("COMMIT")
+
+    def _rollback(self, db) -> None:
+        db.execute("ROLLBACK")
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", self.PARAM)
+
     def add(self, master: str, slave: str, keys: list[tuple[str, bytes]]) -> None:
         db = self._connect()
         try:
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany(
-                "INSERT INTO pending_keys VALUES (?, ?, ?, ?, ?, ?)",
+            self._begin(db)
+            cursor = db.cursor()
+            cursor.executemany(
+                self._sql("INSERT INTO pending_keys VALUES (?, ?, ?, ?, ?, ?)"),
                 [(key_id, master, slave, 8 * len(key), key, time.time()) for key_id, key in keys],
             )
-            db.execute("COMMIT")
+            self._commit(db)
         finally:
             db.close()
 
@@ -87,32 +113,99 @@ class SQLiteStore:
         """All the keys asked for, removed in one transaction, or none (RequestError)."""
         db = self._connect()
         try:
-            db.execute("BEGIN IMMEDIATE")
+            self._begin(db)
+            cursor = db.cursor()
             found = []
             for key_id in key_ids:
-                row = db.execute(
-                    "SELECT key FROM pending_keys WHERE key_id = ? AND master_sae = ? "
-                    "AND slave_sae = ?",
+                cursor.execute(
+                    self._sql(
+                        "SELECT key FROM pending_keys WHERE key_id = ? AND master_sae = ? "
+                        "AND slave_sae = ?" + self.LOCK_ROW
+                    ),
                     (key_id, master, slave),
-                ).fetchone()
+                )
+                row = cursor.fetchone()
                 if row is None:
-                    db.execute("ROLLBACK")
+                    self._rollback(db)
                     raise RequestError(
                         400, "key_ID unknown, not for this SAE, or already served", [key_id]
                     )
                 found.append((key_id, bytes(row[0])))
-            db.executemany("DELETE FROM pending_keys WHERE key_id = ?", [(k,) for k in key_ids])
-            db.execute("COMMIT")
+            cursor.executemany(
+                self._sql("DELETE FROM pending_keys WHERE key_id = ?"), [(k,) for k in key_ids]
+            )
+            self._commit(db)
             return found
         finally:
             db.close()
 
+    LOCK_ROW = ""
+
     def count(self) -> int:
         db = self._connect()
         try:
-            return int(db.execute("SELECT COUNT(*) FROM pending_keys").fetchone()[0])
+            cursor = db.cursor()
+            cursor.execute("SELECT COUNT(*) FROM pending_keys")
+            return int(cursor.fetchone()[0])
         finally:
             db.close()
+
+
+class PostgresStore(SQLiteStore):
+    """The same store on PostgreSQL (a postgresql:// URL), through psycopg 3. A take
+    locks its rows (SELECT ... FOR UPDATE): a concurrent replay waits, then finds them
+    gone."""
+
+    PARAM = "%s"
+    BLOB = "BYTEA"
+    REAL = "DOUBLE PRECISION"
+    LOCK_ROW = " FOR UPDATE"
+    CONNECT_TIMEOUT_S = 5
+
+    def __init__(self, url: str):
+        try:
+            import psycopg
+        except ImportError as error:
+            raise BadInput("a PostgreSQL URL needs the psycopg package") from error
+        self._psycopg = psycopg
+        self.url = url
+        self.path = _redact(url)
+        try:
+            self._create()
+        except psycopg.Error as error:
+            raise BadInput(f"PostgreSQL {self.path}: {_one_line(error)}") from None
+
+    def _connect(self):
+        return self._psycopg.connect(self.url, connect_timeout=self.CONNECT_TIMEOUT_S)
+
+    def _begin(self, db) -> None:
+        pass  # psycopg opens a transaction on the first statement
+
+    def _commit(self, db) -> None:
+        db.commit()
+
+    def _rollback(self, db) -> None:
+        db.rollback()
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def _one_line(error) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def open_store(location: str) -> SQLiteStore:
+    """A postgresql:// (or postgres://) URL, or an SQLite file path."""
+    if location.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(location)
+    return SQLiteStore(location)
 
 
 # ------------------------------------------------------------------ the KME

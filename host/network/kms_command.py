@@ -15,7 +15,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sae", required=True, help="comma-separated SAE IDs (cert names)")
     parser.add_argument("--server-name", default="localhost", help="the KME's host name")
     parser.add_argument("--pool", help="serve: the key pool to deliver from (NET/A/B.pool)")
-    parser.add_argument("--db", help="serve: SQLite file of keys awaiting their slave SAE")
+    parser.add_argument(
+        "--db",
+        help="serve: keys awaiting their slave SAE: an SQLite file, or a postgresql:// URL",
+    )
     parser.add_argument("--audit", help="serve: audit log (JSON lines, no key material)")
     parser.add_argument("--listen", default="127.0.0.1:8443", help="serve: host:port")
     parser.add_argument("--kme-id", default="kme", help="serve: this KME's ID")
@@ -36,7 +39,7 @@ def run(args) -> int:
         print(f"{pki}: CA, server certificate {args.server_name}, SAEs {', '.join(sae_ids)}")
         return 0
     from host.distil.channel import parse_address
-    from host.network.kms import KeyManager, SQLiteStore, make_server, tls_context
+    from host.network.kms import KeyManager, make_server, open_store, tls_context
 
     if not (args.pool and args.db and args.audit):
         raise BadInput("kms serve needs --pool, --db and --audit")
@@ -44,7 +47,7 @@ def run(args) -> int:
         if not (pki / name).is_file():
             raise BadInput(f"--pki {pki}: {name} missing (make it with qkdsat kms pki)")
     host, port = parse_address(args.listen)
-    manager = KeyManager(args.kme_id, args.pool, SQLiteStore(args.db), sae_ids, args.audit)
+    manager = KeyManager(args.kme_id, args.pool, open_store(args.db), sae_ids, args.audit)
     context = tls_context(
         pki / "ca.pem", pki / f"{args.server_name}.pem", pki / f"{args.server_name}.key"
     )
