@@ -22,6 +22,8 @@ import time
 import tty
 from pathlib import Path
 
+from host.errors import EnvironmentFailure
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_DIR = Path(os.environ.get("QKDSAT_BUILD_DIR", REPO_ROOT / "build"))
 FIRMWARE_DIR = REPO_ROOT / "firmware"
@@ -62,9 +64,14 @@ class TargetError(RuntimeError):
     pass
 
 
+class BuildMissing(TargetError, EnvironmentFailure):
+    """A build product is absent: the machine's setup, not a bug (exit 1, not 'internal
+    error ... report it')."""
+
+
 def require(path: Path, what: str) -> Path:
     if not path.exists():
-        raise TargetError(f"{what} not found at {path}: run 'make setup' (or 'make firmware')")
+        raise BuildMissing(f"{what} not found at {path}: run 'make setup' (or 'make firmware')")
     return path
 
 

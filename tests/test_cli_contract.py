@@ -323,6 +323,21 @@ def test_key_material_in_the_environment_is_not_echoed(files, capsys, monkeypatc
     assert "QKDSAT_LINK_KEY" in err and KEY_MATERIAL not in err
 
 
+def test_a_missing_firmware_build_is_an_environment_failure_not_a_bug(
+    tmp_path, monkeypatch, capsys
+):
+    """`qkdsat smoke --target qemu` before `make firmware` said "internal error ... report
+    it"; a missing build is the machine's setup: exit 1 with what to run."""
+    import emulator.targets
+
+    monkeypatch.setattr(emulator.targets, "MICROPYTHON_BIN", tmp_path / "no" / "micropython")
+    assert main(["smoke", "--target", "unix"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qkdsat smoke: failed: MicroPython unix port not found at ")
+    assert "make setup" in err and "internal error" not in err
+    assert len(err.splitlines()) == 1
+
+
 def test_a_bug_is_one_line_exit_1_and_the_traceback_only_with_debug(capsys, monkeypatch):
     import host.smoke
 
