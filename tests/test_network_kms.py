@@ -189,6 +189,20 @@ def test_malformed_enc_keys_is_400_and_takes_nothing(kme, body, detail):
     assert _used(kme) == used
 
 
+def test_a_bad_content_length_is_400(kme):
+    context = ssl.create_default_context(cafile=str(kme["pki"] / "ca.pem"))
+    context.load_cert_chain(str(kme["pki"] / f"{MASTER}.pem"), str(kme["pki"] / f"{MASTER}.key"))
+    connection = http.client.HTTPSConnection("localhost", kme["port"], context=context, timeout=30)
+    try:
+        connection.putrequest("POST", f"/api/v1/keys/{SLAVE}/enc_keys")
+        connection.putheader("Content-Length", "lots")
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == 400 and b"Content-Length" in response.read()
+    finally:
+        connection.close()
+
+
 def test_malformed_dec_keys_is_400(kme):
     for body in ({"key_IDs": "x"}, {"key_IDs": [{"key_ID": "not-a-uuid"}]}, {}):
         assert _call(kme, SLAVE, "POST", f"/api/v1/keys/{MASTER}/dec_keys", body)[0] == 400

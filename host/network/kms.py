@@ -354,8 +354,11 @@ class Handler(BaseHTTPRequestHandler):
                 if "key_ID" in query:
                     request["key_IDs"] = [{"key_ID": k} for k in query["key_ID"]]
             else:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_REQUEST_BYTES:
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    raise RequestError(400, "Content-Length is not a number") from None
+                if not 0 <= length <= MAX_REQUEST_BYTES:
                     raise RequestError(400, "request body too large")
                 try:
                     request = json.loads(self.rfile.read(length) or b"{}")
@@ -382,6 +385,9 @@ class Handler(BaseHTTPRequestHandler):
         except BadInput as error:  # the pool itself is unusable: a server-side failure
             status, body = 503, {"message": "key pool unavailable"}
             entry["message"] = str(error)
+        except Exception as error:  # a server fault: answered, audited, never a key
+            status, body = 503, {"message": "internal error"}
+            entry["message"] = f"{type(error).__name__}: {error}"[:300]
         entry["status"] = status
         kme.audit(entry)
         data = json.dumps(body).encode()
