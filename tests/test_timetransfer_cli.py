@@ -93,3 +93,13 @@ def test_too_few_events_give_no_time_transfer(clean_pass, tmp_path):
     _keep(broken, "uplink", lambda n: slice(0, 100))
     code, report = run(broken, tmp_path / "out")
     assert code == 3 and "too few uplink timing events" in report["abort_reason"]
+
+
+def test_best_profile_reaches_10_ps_tdev_and_bias(tmp_path_factory, tmp_path):
+    pass_dir = simulated(tmp_path_factory, "best", profile="qstt-best")
+    code, report = run(pass_dir, tmp_path)
+    assert code == 0
+    assert report["stability"]["tdev_ps"]["1"] <= 10.0
+    assert report["truth"]["tdev_error_ps"]["1"] <= 10.0
+    # the bias left is half the profile's 5 ps calibration residual
+    assert abs(report["truth"]["offset_bias_ps"] - 2.5) < 2.0
