@@ -50,3 +50,41 @@ def crc32_thumb(r0, r1, r2, r3):  # r0 = u32 state, r1 = data, r2 = count, r3 = 
     bne(LOOP)
     label(DONE)
     str(r4, [r0, 0])
+
+
+@micropython.asm_thumb
+def scan_thumb(r0, r1, r2):
+    # framing._scan_until_zero in Thumb: r0 = src, r1 = dst,
+    # r2 = int32[5] [i, length, capacity, fill, overflowed]; copies src[i:] to dst[fill:]
+    # up to the first zero byte (bytes past capacity dropped and flagged); returns the
+    # zero's index (or length), with i, fill and overflowed updated in r2.
+    ldr(r3, [r2, 0])
+    ldr(r4, [r2, 4])
+    ldr(r5, [r2, 12])
+    ldr(r6, [r2, 8])
+    sub(r6, r6, r5)  # room left
+    add(r1, r1, r5)  # dst + fill
+    label(LOOP)
+    cmp(r3, r4)
+    bge(DONE)
+    add(r7, r0, r3)
+    ldrb(r7, [r7, 0])
+    cmp(r7, 0)
+    beq(DONE)
+    cmp(r6, 0)
+    ble(OVER)
+    strb(r7, [r1, 0])
+    add(r1, 1)
+    sub(r6, 1)
+    add(r5, 1)
+    add(r3, 1)
+    b(LOOP)
+    label(OVER)
+    mov(r7, 1)
+    str(r7, [r2, 16])
+    add(r3, 1)
+    b(LOOP)
+    label(DONE)
+    str(r3, [r2, 0])
+    str(r5, [r2, 12])
+    mov(r0, r3)

@@ -27,8 +27,8 @@ PATTERN_HEADER_BYTES = const(16)  # u32 frame_number, u64 first_slot, u32 slot_c
 KIND_PATTERN_CONFIG = const(8)
 # Slots the controller sustains per second of real time: the whole frame path (bus replies
 # decoded, health tests, mapping, pattern written, record committed) measured with -icount
-# on the Cortex-M3 (benchmarks/bench_firmware.py, docs/sequencer.md): 8.4 M instructions
-# per 4096-slot frame, 12 k slots/s at 25 MHz and one instruction per cycle; 10 k leaves
+# on the Cortex-M3 (benchmarks/bench_firmware.py, docs/sequencer.md): 7.7 M instructions
+# per 4096-slot frame, 13 k slots/s at 25 MHz and one instruction per cycle; 10 k leaves
 # room for flash wait states and the other duties. (It said 100 k, never measured so.)
 DEFAULT_CAPACITY_HZ = const(10_000)
 
