@@ -45,6 +45,8 @@ def test_clean_pass_matches_truth_and_raises_no_flag(clean_pass, tmp_path):
     lines = (tmp_path / "offset.csv").read_text().splitlines()
     assert lines[0].startswith("t_s,offset_ps,offset_sigma_ps")
     assert len(lines) - 1 == report["bins"] >= 0.9 * DURATION_S / report["bin_s"]
+    assert (tmp_path / "timetransfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["time_data_security"].startswith("none yet")
 
 
 def test_one_way_delay_of_200_ps_is_flagged_by_the_range_check(tmp_path_factory, tmp_path):
