@@ -223,6 +223,12 @@ BAD_INPUTS = [
         "13.7 GB pattern log",
     ),
     (
+        "simulate pattern secret with a typo",
+        f"simulate --profile jinan-1 --out {{d}}/s --pattern-secret {KEY_MATERIAL[:31]}g",
+        2,
+        "--pattern-secret: expected 32 hex digits",
+    ),
+    (
         "simulate set unknown key",
         "simulate --profile jinan-1 --out {d}/s --set detectors.nope=1",
         2,
@@ -293,6 +299,7 @@ def test_bad_input_is_one_line_with_its_exit_code(files, capsys, name, argv, cod
     assert err.startswith(f"qkdsat {args[0]}: error: ")
     assert message in err
     assert KEY_MATERIAL not in err  # never echo what could be key material
+    assert KEY_MATERIAL[:31] not in err
 
 
 def test_listen_on_an_address_in_use_is_one_line_without_claiming_to_listen(

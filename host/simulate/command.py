@@ -158,8 +158,10 @@ def run(args) -> int:
         try:
             pattern_secret = bytes.fromhex(args.pattern_secret)
         except ValueError:
+            # the value is a secret (or a typo of one): never echoed
             raise BadInput(
-                f"--pattern-secret: not hexadecimal ({args.pattern_secret!r})"
+                f"--pattern-secret: expected {2 * passgen.PATTERN_SECRET_BYTES} hex digits "
+                "(the value is not shown)"
             ) from None
         if len(pattern_secret) != passgen.PATTERN_SECRET_BYTES:
             raise BadInput(f"--pattern-secret: {2 * passgen.PATTERN_SECRET_BYTES} hex digits")
