@@ -274,6 +274,12 @@ BAD_INPUTS = [
         "never the key itself",
     ),
     (
+        "distil auth pool given as the key itself",
+        f"distil {{d}}/good --out {{d}}/o --auth-pool {KEY_MATERIAL}",
+        2,
+        "never the key itself",
+    ),
+    (
         "flash link key given as the key itself",
         f"flash --port /dev/null --key {KEY_MATERIAL}",
         2,

@@ -102,6 +102,13 @@ class KeyPool:
         used_path = path + ".used"
         try:
             fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            # its name is not echoed: a user who pasted the key material itself would see it
+            raise BadInput(
+                "--auth-pool: no such file; it takes the name of the FILE holding the "
+                "pre-shared authentication key pool, never the key itself (the value is not "
+                "shown)"
+            ) from None
         except OSError as error:
             raise BadInput(f"authentication key pool {path}: {error.strerror}") from error
         try:
