@@ -50,6 +50,11 @@ def _print(profile: str, report: dict, read_cpu_s: float) -> None:
         f"  range check          mean one-way error {check['mean_one_way_error_ps']:.1f} ps"
         f" (threshold {check['threshold_ps']:.0f} ps): {check['bound']}"
     )
+    rate = report["range_rate_check"]
+    print(
+        f"  range-rate check     {rate['one_way_error_rate_ps_s']:.3f} ps/s"
+        f" (threshold {rate['threshold_ps_s']:.3f} ps/s)"
+    )
     for name, value in report["corrections_ps"].items():
         if isinstance(value, list):
             print(f"  correction {name:36s} {value[0]:>11.1f} {value[1]:>11.1f} {value[2]:>11.1f}")
@@ -71,6 +76,7 @@ def test_bench_micius_profile_against_the_published_qstt(tmp_path):
     assert abs(rate / PUBLISHED_RATE_HZ - 1) <= 0.25
     assert report["truth"]["precision_1s_ps"] <= PUBLISHED_PRECISION_PS
     assert report["range_check"]["violation"] is False
+    assert report["range_rate_check"]["violation"] is False
 
 
 def test_bench_best_profile_beyond_micius(tmp_path):
@@ -78,4 +84,5 @@ def test_bench_best_profile_beyond_micius(tmp_path):
     _print("qstt-best", report, read_cpu_s)
     assert report["stability"]["tdev_ps"]["1"] <= 10.0
     assert abs(report["truth"]["offset_bias_ps"]) <= 10.0
+    assert not report["range_check"]["violation"] and not report["range_rate_check"]["violation"]
     assert np.isfinite(report["cpu_fraction_of_pass"])

@@ -38,6 +38,7 @@ def test_clean_pass_matches_truth_and_raises_no_flag(clean_pass, tmp_path):
     assert abs(report["truth"]["offset_bias_ps"] - 7.5) < 5.0
     assert report["truth"]["precision_1s_ps"] <= 30.0
     assert report["range_check"]["violation"] is False
+    assert report["range_rate_check"]["violation"] is False
     # each correction the estimator applies is far larger than the result's error
     corrections = report["corrections_ps"]
     assert abs(corrections["sagnac"][1]) > 500
@@ -55,6 +56,18 @@ def test_one_way_delay_of_200_ps_is_flagged_by_the_range_check(tmp_path_factory,
     assert code == 3 and report["aborted"] is True
     assert "asymmetric delay" in report["abort_reason"]
     assert report["range_check"]["mean_one_way_error_ps"] == pytest.approx(100.0, abs=25.0)
+
+
+def test_a_drifting_delay_under_the_mean_check_is_flagged_by_the_range_rate(
+    tmp_path_factory, tmp_path
+):
+    # 0 -> 200 ps over the window: the mean one-way error (~50 ps) stays under the range
+    # check's threshold; its drift of ~10 ps/s does not pass the range-rate check
+    pass_dir = simulated(tmp_path_factory, "ramp", delay_ramp_ps=200.0)
+    code, report = run(pass_dir, tmp_path)
+    assert code == 3 and "drifting asymmetric delay" in report["abort_reason"]
+    assert report["range_check"]["violation"] is False
+    assert report["range_rate_check"]["one_way_error_rate_ps_s"] == pytest.approx(10.0, abs=3.0)
 
 
 def test_intercept_resend_is_flagged_by_the_timing_qber(tmp_path_factory, tmp_path):

@@ -65,6 +65,9 @@ def compare_with_truth(report: dict, series: dict, truth: dict) -> dict:
         "error_std_per_bin_ps": float(np.std(error)),
         "tdev_error_ps": stability(series["t_s"], error, bin_s)["tdev_ps"],
         "one_way_delay_ps_injected": float(truth["one_way_delay_ps"]),
+        "delay_ramp_ps_injected": float(truth["delay_ramp_ps"])
+        if "delay_ramp_ps" in truth
+        else 0.0,
         "intercept_resend_injected": float(truth["intercept_resend"]),
     }
 

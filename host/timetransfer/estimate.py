@@ -191,6 +191,15 @@ def estimate(scenario: dict, events: dict) -> dict:
     orbit_ps = scenario["orbit"]["range_sigma_mm"] / MM_PER_PS
     threshold_ps = RANGE_CHECK_SIGMA * math.hypot(stat_ps, orbit_ps)
 
+    # range-rate check: the slope of e over the pass against the orbit's range-rate error;
+    # catches a delay that drifts while its mean stays under the range check
+    t_mid = float(np.sum(w * t_good) / np.sum(w))
+    slope_ps_s = float(
+        np.sum(w * (t_good - t_mid) * range_error_ps[good]) / np.sum(w * (t_good - t_mid) ** 2)
+    )
+    slope_stat = float(1.0 / math.sqrt(np.sum(w * (t_good - t_mid) ** 2)))
+    rate_orbit = scenario["orbit"]["range_rate_sigma_mm_s"] / MM_PER_PS
+    rate_threshold = RANGE_CHECK_SIGMA * math.hypot(slope_stat, rate_orbit)
     corrections = correction_sizes(scenario, orbit, t_good)
     used = {"uplink": int(counts_up[good].sum()), "downlink": int(counts_down[good].sum())}
     duration_s = float(n_bins * bin_s)
@@ -215,6 +224,14 @@ def estimate(scenario: dict, events: dict) -> dict:
                 ),
                 "violation": abs(mean_e_ps) > threshold_ps,
             },
+            "range_rate_check": {
+                "one_way_error_rate_ps_s": slope_ps_s,
+                "one_way_error_rate_mm_s": slope_ps_s * MM_PER_PS,
+                "statistical_sigma_ps_s": slope_stat,
+                "orbit_sigma_ps_s": rate_orbit,
+                "threshold_ps_s": rate_threshold,
+                "violation": abs(slope_ps_s) > rate_threshold,
+            },
             "corrections_ps": corrections,
         }
     )
@@ -237,6 +254,12 @@ def estimate(scenario: dict, events: dict) -> dict:
             f"two-way range differs from the orbit's by {mean_e_ps:.0f} ps one-way "
             f"({mean_e_ps * MM_PER_PS:.1f} mm), above {threshold_ps:.0f} ps: "
             "asymmetric delay suspected"
+        )
+    if report["range_rate_check"]["violation"]:
+        abort(
+            f"two-way range drifts from the orbit's by {slope_ps_s:.2f} ps/s one-way "
+            f"({slope_ps_s * MM_PER_PS:.3f} mm/s), above {rate_threshold:.2f} ps/s: "
+            "a drifting asymmetric delay suspected"
         )
     return report
 

@@ -68,6 +68,10 @@ def read_scenario(pass_dir: Path) -> dict:
     for field in ("orbit", "station", "delays_ps", "ground_clock_epoch_ps", "wavelengths_nm"):
         if field not in scenario:
             raise BadInput(f"{path}: field {field!r} missing")
+    orbit_fields = ("altitude_km", "inclination_deg", "cross_track_deg", "t_reference_s")
+    for field in orbit_fields + ("range_sigma_mm", "range_rate_sigma_mm_s"):
+        if not isinstance(scenario["orbit"].get(field), (int, float)):
+            raise BadInput(f"{path}: orbit.{field} missing or not a number")
     return scenario
 
 

@@ -124,7 +124,12 @@ def simulate(
     duration_s: float | None = None,
     one_way_delay_ps: float = 0.0,
     intercept_resend: float = 0.0,
+    delay_ramp_ps: float = 0.0,
 ) -> dict:
+    """`one_way_delay_ps`: an extra delay on every up photon; `delay_ramp_ps`: an extra
+    up delay growing linearly from 0 at the start to this at the end of the window (an
+    attacker hiding below the mean range check); `intercept_resend`: fraction of photons
+    of both directions measured and resent in a random basis."""
     rng = np.random.default_rng(seed)
     truth_orbit, predicted_orbit, duration = orbits(profile, duration_s)
     up, down = values(profile["uplink"]), values(profile["downlink"])
@@ -173,7 +178,8 @@ def simulate(
                 link["wavelength_nm"],
                 truth_orbit.station_height_km,
             )
-            arrive = leave + flight + (true_satellite_rx_ps + one_way_delay_ps) / PS_PER_S
+            attack_ps = one_way_delay_ps + delay_ramp_ps * emit / duration
+            arrive = leave + flight + (true_satellite_rx_ps + attack_ps) / PS_PER_S
             tx_tag = tag(ground, ground.elapsed_ps(emit))
             rx_tag = tag(satellite, satellite_elapsed_ps(arrive) + timing_ps)
         else:
@@ -197,6 +203,7 @@ def simulate(
         "offset_residual_ps": satellite_elapsed_ps(grid) - ground.elapsed_ps(grid),
         "relativistic_ps": truth_orbit.relativistic_offset_s(grid) * PS_PER_S,
         "one_way_delay_ps": np.float64(one_way_delay_ps),
+        "delay_ramp_ps": np.float64(delay_ramp_ps),
         "intercept_resend": np.float64(intercept_resend),
     }
     o = values(profile["orbit"])
@@ -210,6 +217,7 @@ def simulate(
             "cross_track_deg": o["cross_track_deg"],
             "t_reference_s": predicted_orbit.t_reference_s + o["predicted_along_track_error_s"],
             "range_sigma_mm": o["range_sigma_mm"],
+            "range_rate_sigma_mm_s": o["range_rate_sigma_mm_s"],
         },
         "station": profile["station"],
         "delays_ps": {k: delays[k] for k in ("ground_tx", "ground_rx", "satellite_tx")}
@@ -231,10 +239,11 @@ def main(argv=None) -> int:
     parser.add_argument("--duration-s", type=float, default=None)
     parser.add_argument("--one-way-delay-ps", type=float, default=0.0)
     parser.add_argument("--intercept-resend", type=float, default=0.0)
+    parser.add_argument("--delay-ramp-ps", type=float, default=0.0)
     args = parser.parse_args(argv)
     summary = simulate(
         load_profile(args.profile), Path(args.out), args.seed, args.duration_s,
-        args.one_way_delay_ps, args.intercept_resend,
+        args.one_way_delay_ps, args.intercept_resend, args.delay_ramp_ps,
     )  # fmt: skip
     print(json.dumps(summary))
     return 0
