@@ -118,3 +118,8 @@ def test_best_profile_reaches_10_ps_tdev_and_bias(tmp_path_factory, tmp_path):
     assert report["truth"]["tdev_error_ps"]["1"] <= 10.0
     # the bias left is half the profile's 5 ps calibration residual
     assert abs(report["truth"]["offset_bias_ps"] - 2.5) < 2.0
+    # the measured rate of the satellite clock is its oscillator's 1e-9 plus relativity:
+    # -3.22e-10 velocity dilation + 5.06e-11 gravitational blueshift at 500 km
+    table = np.loadtxt(tmp_path / "offset.csv", delimiter=",", skiprows=1)
+    rate = np.polyfit(table[:, 0], table[:, 1], 1)[0] * 1e-12
+    assert rate - 1.0e-9 == pytest.approx(-3.22e-10 + 5.06e-11, abs=5e-12)
