@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from distil_passgen import make_pass  # noqa: E402
@@ -18,6 +20,7 @@ from pool_kill_campaign import run_campaign  # noqa: E402
 KILLS = 200
 
 
+@pytest.mark.timeout(7200)  # whole passes / hundreds of sessions
 def test_bench_two_hundred_sigkills_reuse_no_pad(tmp_path):
     pass_dir = make_pass(tmp_path / "pass", duration_s=0.2, seed=3)
     t0 = time.perf_counter()

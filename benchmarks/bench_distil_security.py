@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import finite_key_reference as reference  # noqa: E402
@@ -21,6 +23,7 @@ from host.distil.run import run_local  # noqa: E402
 PUBLISHED_BITS = 300_939
 
 
+@pytest.mark.timeout(3600)  # whole passes / hundreds of sessions
 def test_bench_full_micius_pass_csprng_four_analyses(tmp_path):
     pass_dir = tmp_path / "micius"
     assert qkdsat(["simulate", "--profile", "micius-2017", "--quiet", "--out", str(pass_dir)]) == 0
