@@ -247,6 +247,7 @@ BAD_INPUTS = [
         "counter-dir",
     ),
     ("timetags out in a file", "timetags {d}/tags.qdet --out {d}/a-file/x.csv", 2, "a-file"),
+    ("pool status network typo", "pool status --network {d}/netwrok", 2, "--network"),
     ("payload baud negative", "payload --port /dev/null --baud -9600 status", 2, "--baud -9600"),
     ("payload no port", "payload status", 2, "--port: required"),
     (

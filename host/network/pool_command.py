@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from host.errors import BadInput
 from host.network.pool import check_name, fill_pair, network_levels
@@ -33,6 +34,8 @@ def run(args) -> int:
             f"to the satellite's pool and the station's ({result['source']})"
         )
         return 0
+    if not Path(args.network).is_dir():  # a typo must not read as "no keys anywhere"
+        raise BadInput(f"--network {args.network}: not a directory (no pool was filled there)")
     levels = network_levels(args.network)
     if args.json:
         print(json.dumps(levels, indent=1))
