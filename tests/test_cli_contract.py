@@ -247,6 +247,8 @@ BAD_INPUTS = [
         "counter-dir",
     ),
     ("timetags out in a file", "timetags {d}/tags.qdet --out {d}/a-file/x.csv", 2, "a-file"),
+    ("kms pki in a file", "kms pki --pki {d}/a-file --sae a,b", 2, "--pki"),
+    ("kms pki without SAEs", "kms pki --pki {d}/pki --sae ,", 2, "--sae"),
     ("pool status network typo", "pool status --network {d}/netwrok", 2, "--network"),
     ("payload baud negative", "payload --port /dev/null --baud -9600 status", 2, "--baud -9600"),
     ("payload no port", "payload status", 2, "--port: required"),

@@ -30,6 +30,10 @@ def run(args) -> int:
     sae_ids = [check_name(name.strip(), "SAE") for name in args.sae.split(",") if name.strip()]
     pki = Path(args.pki)
     if args.action == "pki":
+        if pki.exists() and not pki.is_dir():
+            raise BadInput(f"--pki {pki}: not a directory")
+        if not sae_ids:
+            raise BadInput(f"--sae {args.sae!r}: give the SAE names, e.g. --sae sae-a,sae-b")
         if (pki / "ca.pem").exists():
             raise BadInput(f"--pki {pki}: holds a CA already (ca.pem); use another directory")
         make_ca(pki)
