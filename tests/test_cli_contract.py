@@ -332,6 +332,33 @@ def test_listen_on_an_address_in_use_is_one_line_without_claiming_to_listen(
     assert not (tmp_path / "o").exists()
 
 
+def test_no_peer_to_connect_to_is_a_link_failure_exit_1_with_the_outputs_kept(
+    small_pass, previous_run, tmp_path, monkeypatch, capsys
+):
+    """--connect to a port where nobody listens (real socket, retries cut from 30 s to
+    0.3 s): the link failed before the protocol began. It said "aborted" with exit 3,
+    which promises a report.json with the reason; there is none, the outputs are kept."""
+    import functools
+    import socket
+
+    from host.distil import channel as ch
+
+    monkeypatch.setattr(ch, "connect", functools.partial(ch.connect, retry_s=0.3))
+    pool = tmp_path / "pool"
+    pool.write_bytes(os.urandom(4096))
+    pool.chmod(0o600)
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]  # free once closed: nobody listens there
+    before = _outputs(previous_run)
+    argv = ["distil", str(small_pass), "--out", str(previous_run), "--role", "alice"]
+    argv += ["--connect", f"127.0.0.1:{port}", "--auth-pool", str(pool), "--new-auth-pool"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"qkdsat distil: failed: --connect 127.0.0.1:{port}: cannot connect")
+    assert len(err.splitlines()) == 1
+    assert _outputs(previous_run) == before
+
+
 def test_key_material_in_the_environment_is_not_echoed(files, capsys, monkeypatch):
     monkeypatch.setenv("QKDSAT_LINK_KEY", KEY_MATERIAL)
     assert main(["payload", "--port", "/dev/null", "status"]) == 2

@@ -597,6 +597,10 @@ def _run_split(
             transport = ch.connect(args.connect)
     except (OSError, OverflowError) as error:
         raise BadInput(f"{option} {address}: {error}") from None
+    except ch.ChannelClosed as error:
+        # no peer came, or none answered: the link failed before the protocol began (exit
+        # 1, as a link lost); exit 3 is for a protocol that stopped, with its report
+        raise EnvironmentFailure(f"{option} {address}: {error}") from None
     ch.exchange_pool_start(transport, pool)
     chan = ch.AuthChannel(transport, pool, args.role)
     if progress is not None:
