@@ -149,6 +149,8 @@ def files(tmp_path_factory):
     line2 += str(_tle_checksum(line2))
     (root / "inside-earth.tle").write_text(f"{name}\n{line1}\n{line2}\n")
     write_detections(root / "tags.qdet", np.array([1, 2, 3]), np.array([0, 1, 2]))
+    (root / "huge-time.csv").write_text("time_ps,channel\n5,1\n99999999999999999999999,1\n")
+    (root / "huge-channel.csv").write_text("time_ps,channel\n5,99999999999999999999999\n")
     return root
 
 
@@ -246,6 +248,8 @@ BAD_INPUTS = [
         2,
         "counter-dir",
     ),
+    ("timetags time beyond 64 bits", "timetags {d}/huge-time.csv --out {d}/t.qdet", 2, "line 3"),
+    ("timetags huge channel", "timetags {d}/huge-channel.csv --out {d}/t.qdet", 2, "0..32767"),
     ("timetags out in a file", "timetags {d}/tags.qdet --out {d}/a-file/x.csv", 2, "a-file"),
     ("kms pki in a file", "kms pki --pki {d}/a-file --sae a,b", 2, "--pki"),
     ("kms pki without SAEs", "kms pki --pki {d}/pki --sae ,", 2, "--sae"),

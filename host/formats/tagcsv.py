@@ -50,8 +50,17 @@ def read_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             raise BadInput(
                 f"{path}: line {number}: expected 'time_ps,channel' integers, got {line!r}"
             ) from None
-    time_ps = np.array(times, dtype=np.int64)
-    channel = np.array(channels, dtype=np.int64)
+    try:
+        time_ps = np.array(times, dtype=np.int64)
+    except OverflowError:  # Python ints are unbounded; a .qdet time is 64-bit
+        number = 2 + next(i for i, t in enumerate(times) if not -(2**63) <= t < 2**63)
+        raise BadInput(
+            f"{path}: line {number}: time_ps outside the 64-bit range (+-9.2e18 ps)"
+        ) from None
+    try:
+        channel = np.array(channels, dtype=np.int64)
+    except OverflowError:
+        raise BadInput(f"{path}: channel numbers must be 0..32767") from None
     if channel.size and (channel.min() < 0 or channel.max() > np.iinfo(np.int16).max):
         raise BadInput(f"{path}: channel numbers must be 0..32767")
     order = np.argsort(time_ps, kind="stable")
