@@ -393,7 +393,7 @@ def test_a_small_blocks_leak_stays_bounded_when_its_qber_sample_is_off(q_estimat
     True QBER 2 %, the 256-bit sample says 0.8 % (low) or 3.5 % (high). Bob measures the
     QBER from the syndromes and tops the frames up; the leak stays within f 1.35 (before:
     the low sample revealed its way to f 4.39 in 40 retries, the high one leaked f 1.66
-    up front; now 1.11 and 1.29), both
+    up front; now 1.13 and 1.30), both
     sides count the same leak, and it equals what Alice actually sent about the key:
     syndrome bits less the punctured rank, every revealed bit, the check tag."""
     n, q = 80_000, 0.02
