@@ -202,3 +202,66 @@ def test_the_public_simulation_seed_does_not_determine_alices_pattern(tmp_path):
     assert secret.hex() not in public and str(c.pattern.seed) not in public
     record = json.loads((tmp_path / "p" / "satellite" / "pattern_source.json").read_text())
     assert record["seed"] == c.pattern.seed
+
+
+def _pass_with_pattern_log(root, *, with_config: bool):
+    """A pass whose satellite/ holds a pattern log (short simulations and every payload
+    pass) instead of a pattern source; with or without its PATTERN_CONFIG record."""
+    from host.formats.patterns import read_pattern_source
+    from host.formats.qrec import Kind, RecordWriter, read_records
+    from host.simulate.passgen import write_pattern_log
+
+    pass_dir = make_pass(root / "pass", duration_s=0.02, seed=5)
+    source_path = pass_dir / "satellite" / "pattern_source.json"
+    log_path = pass_dir / "satellite" / "patterns.qrec"
+    write_pattern_log(log_path, read_pattern_source(source_path))
+    source_path.unlink()
+    if not with_config:
+        records = read_records(log_path).records
+        log_path.unlink()
+        writer = RecordWriter(log_path)
+        for record in records:
+            if record.kind != Kind.PATTERN_CONFIG:
+                writer.append(record.kind, record.payload)
+    return pass_dir
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_pass_json_must_match_alices_pattern_log(tmp_path, with_config):
+    """main skipped the check for a pattern log (every payload pass, every short
+    simulation): an edited pass.json changed Alice's key length unchecked."""
+    pass_dir = _pass_with_pattern_log(tmp_path, with_config=with_config)
+    Alice(pass_dir, Config())  # the honest pass.json passes
+    probs = {"mu": 0.52, "nu": 0.24, "vac": 0.24}
+    edited = _edited(pass_dir, tmp_path, intensity_probabilities=probs)
+    with pytest.raises(BadInput, match="intensity_probabilities.*Alice's pattern"):
+        Alice(edited, Config())
+    edited_z = _edited(pass_dir, tmp_path / "z", basis_probability_z=0.52)
+    with pytest.raises(BadInput, match="basis_probability_z.*Alice's pattern"):
+        Alice(edited_z, Config())
+
+
+def test_the_payloads_pattern_config_record_gives_alices_thresholds(tmp_path):
+    """The sequencer's PATTERN_CONFIG record (firmware/payload/sequencer.py) is what Alice
+    reads the thresholds from; two records that disagree are refused."""
+    from host.formats.patterns import PatternLog
+    from host.formats.qrec import Kind, PatternFrame, RecordWriter
+
+    path = tmp_path / "patterns.qrec"
+    writer = RecordWriter(path)
+    config = {
+        "slot_rate_hz": 1e8,
+        "frame_slots": 4,
+        "first_frame": 0,
+        "intensity_probabilities": [0.5, 0.25, 0.25],
+        "intensity_names": ["mu", "nu", "vac"],
+        "basis_probability_z": 0.5,
+        "thresholds": [16384, 32768, 49152],
+        "qrng_health": {"rct": 41, "apt": 613, "window": 1024},
+    }
+    writer.append(Kind.PATTERN_CONFIG, json.dumps(config).encode())
+    writer.append(Kind.PATTERN_FRAME, PatternFrame(0, 0, 4, b"\x10\x32").encode())
+    assert PatternLog(path).mapping.realised_probabilities() == (0.5, [0.5, 0.25, 0.25])
+    writer.append(Kind.PATTERN_CONFIG, json.dumps({**config, "thresholds": [1, 2, 3]}).encode())
+    with pytest.raises(BadInput, match="different thresholds"):
+        PatternLog(path)

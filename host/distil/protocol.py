@@ -128,7 +128,8 @@ def check_against_pattern_record(pass_json: dict, patterns) -> None:
     change the key length without changing a single photon."""
     mapping = getattr(patterns, "mapping", None)
     if mapping is None:
-        return  # an explicit symbol log: no thresholds recorded
+        _check_against_logged_symbols(pass_json, patterns)
+        return
     basis_z, realised = mapping.realised_probabilities()
     stated = [float(v) for v in pass_json["intensity_probabilities"].values()]
     tolerance = 2.0**-14  # the thresholds' resolution, with margin
@@ -146,6 +147,33 @@ def check_against_pattern_record(pass_json: dict, patterns) -> None:
             f"differ from the {[round(p, 6) for p in realised]} Alice's pattern thresholds "
             "realise (satellite/)"
         )
+
+
+# A stated probability p is refused when the logged symbols' count lies this many standard
+# deviations of Binomial(N, p) away (beyond the thresholds' resolution): an honest pass
+# fails this with probability ~1e-9 per value, an edit of 0.01 on a 1 M-slot log is 10 sigma.
+SYMBOL_COUNT_SIGMAS = 6.0
+
+
+def _check_against_logged_symbols(pass_json: dict, patterns) -> None:
+    """A pattern log without its thresholds (no PATTERN_CONFIG record) still holds every
+    symbol Alice sent: pass.json's probabilities must be what those symbols show."""
+    counts = getattr(patterns, "symbol_counts", None)
+    if counts is None:
+        return  # the head's pattern memory: its PATTERN_RUN records carry the thresholds
+    slots, z_slots, per_code = counts()
+    stated = {"basis_probability_z": float(pass_json["basis_probability_z"])}
+    seen = {"basis_probability_z": z_slots}
+    for code, (name, p) in enumerate(pass_json["intensity_probabilities"].items()):
+        stated[f"intensity_probabilities.{name}"] = float(p)
+        seen[f"intensity_probabilities.{name}"] = int(per_code[code])
+    for field_name, p in stated.items():
+        spread = SYMBOL_COUNT_SIGMAS * math.sqrt(slots * p * (1 - p)) + slots * 2.0**-14 + 1
+        if abs(seen[field_name] - slots * p) > spread:
+            raise BadInput(
+                f"pass.json {field_name} {p} differs from the {seen[field_name] / slots:.6f} "
+                f"of the {slots} symbols in Alice's pattern log (satellite/)"
+            )
 
 
 def pass_digest(pass_json: dict) -> str:

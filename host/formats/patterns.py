@@ -177,7 +177,10 @@ class PatternLog:
         # slots are a gap, as are frames never logged; the rest of the log stands.
         self.skipped = log.skipped
         starts, nibbles = [], []
+        thresholds = set()
         for record in log.records:
+            if record.kind == Kind.PATTERN_CONFIG:
+                thresholds.add(_config_thresholds(path, record.payload))
             if record.kind != Kind.PATTERN_FRAME:
                 continue
             frame = PatternFrame.decode(record.payload)
@@ -193,6 +196,25 @@ class PatternLog:
         ends = self.frame_first_slot + self.frame_slot_count
         if np.any(ends[:-1] > self.frame_first_slot[1:]):
             raise BadInput(f"{path}: pattern frames overlap")
+        if len(thresholds) > 1:
+            raise BadInput(
+                f"{path}: PATTERN_CONFIG records with different thresholds "
+                f"{sorted(thresholds)}: one pass, one symbol mapping"
+            )
+        # The thresholds the sequencer programmed (PATTERN_CONFIG), which the distillation
+        # checks pass.json against; None for a log without one (checked statistically).
+        self.mapping = mapping_from_thresholds(*thresholds.pop()) if thresholds else None
+
+    def symbol_counts(self) -> tuple[int, int, np.ndarray]:
+        """(slots, Z-basis slots, slots per intensity code) over every logged symbol: what
+        Alice actually sent, to check pass.json against when no thresholds were logged."""
+        basis_x = (self._nibbles >> 1) & 1
+        codes = self._nibbles >> 2
+        return (
+            int(self._nibbles.size),
+            int(self._nibbles.size - np.count_nonzero(basis_x)),
+            np.bincount(codes, minlength=4),
+        )
 
     @property
     def slot_count(self) -> int:
@@ -211,6 +233,20 @@ class PatternLog:
             raise IndexError("slot not in the pattern log")
         frame = np.searchsorted(self.frame_first_slot, slots, side="right") - 1
         return self._nibbles[self._offsets[frame] + slots - self.frame_first_slot[frame]]
+
+
+def _config_thresholds(path, payload: bytes) -> tuple[int, int, int]:
+    """[z, c_0, c_1] of a PATTERN_CONFIG record (docs/formats.md)."""
+    try:
+        values = json.loads(payload.decode())["thresholds"]
+        z, c0, c1 = (int(v) for v in values)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise BadInput(
+            f"{path}: PATTERN_CONFIG record without valid thresholds ({error})"
+        ) from None
+    if not (0 <= z <= 1 << 15 and 0 <= c0 <= c1 <= 65536):
+        raise BadInput(f"{path}: PATTERN_CONFIG thresholds {[z, c0, c1]} out of range")
+    return z, c0, c1
 
 
 GENERATOR_HEAD_QRNG = 2  # 1 was the retired splitmix64 seed expansion (kind 6 records)

@@ -410,7 +410,16 @@ def write_ground_clock_marks(
 
 
 def write_pattern_log(path: Path, pattern: InsecureTestPatternSource) -> None:
+    """Frames of symbols behind a PATTERN_CONFIG record with the thresholds that made
+    them, as the payload's sequencer writes (docs/formats.md): Alice checks pass.json's
+    probabilities against it."""
     writer = RecordWriter(path)
+    cuts = list(pattern.mapping.intensity_thresholds)
+    thresholds = [pattern.mapping.basis_threshold, cuts[0], cuts[1] if len(cuts) > 2 else 65536]
+    writer.append(
+        Kind.PATTERN_CONFIG,
+        json.dumps({"source": "qkdsat simulate", "thresholds": thresholds}).encode(),
+    )
     for frame, first in enumerate(range(0, pattern.slot_count, PATTERN_FRAME_SLOTS)):
         count = min(PATTERN_FRAME_SLOTS, pattern.slot_count - first)
         nibbles = pattern.symbols(np.arange(first, first + count, dtype=np.int64))
