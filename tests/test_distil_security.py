@@ -265,3 +265,32 @@ def test_the_payloads_pattern_config_record_gives_alices_thresholds(tmp_path):
     writer.append(Kind.PATTERN_CONFIG, json.dumps({**config, "thresholds": [1, 2, 3]}).encode())
     with pytest.raises(BadInput, match="different thresholds"):
         PatternLog(path)
+
+
+def test_pass_json_must_match_a_head_generated_pass_run_records(tmp_path):
+    """A head-generated pass: Alice reads the symbols from the head's pattern memory, which
+    has no thresholds; they are in satellite/'s PATTERN_RUN records (main checked nothing)."""
+    import struct
+
+    from host.formats.patterns import read_pattern_source
+    from host.formats.qrec import Kind, RecordWriter
+
+    pass_dir = make_pass(tmp_path / "pass", duration_s=0.02, seed=5)
+    source_path = pass_dir / "satellite" / "pattern_source.json"
+    source = read_pattern_source(source_path)
+    source_path.unlink()
+    cuts = source.mapping.intensity_thresholds
+    writer = RecordWriter(pass_dir / "satellite" / "patterns.qrec")
+    for frames in (0, source.slot_count // 4096):  # the start and the stop record
+        run = (2, source.mapping.basis_threshold, cuts[0], cuts[1], 0, 4096, frames)
+        writer.append(Kind.PATTERN_RUN, struct.pack("<7I", *run))
+
+    class HeadPatternMemory:  # what PatternMemoryClient answers: symbols, no thresholds
+        covers, symbols = source.covers, source.symbols
+
+    Alice(pass_dir, Config(), patterns=HeadPatternMemory())
+    edited = _edited(
+        pass_dir, tmp_path, intensity_probabilities={"mu": 0.6, "nu": 0.2, "vac": 0.2}
+    )
+    with pytest.raises(BadInput, match="Alice's pattern thresholds"):
+        Alice(edited, Config(), patterns=HeadPatternMemory())

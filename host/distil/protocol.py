@@ -122,11 +122,27 @@ def check_parameters(pass_json: dict, config: Config) -> None:
         raise BadInput("pass.json: intensities and intensity_probabilities in different order")
 
 
-def check_against_pattern_record(pass_json: dict, patterns) -> None:
+def _head_run_mapping(satellite: Path):
+    """The thresholds of a head-generated pass (its PATTERN_RUN records in satellite/),
+    or None: the symbols themselves are in the head's pattern memory, which holds none."""
+    from host.formats.patterns import mapping_from_thresholds, pattern_runs_from_log
+
+    log = satellite / "patterns.qrec"
+    runs = pattern_runs_from_log(log) if log.exists() else None
+    if not runs:
+        return None
+    thresholds = {tuple(run["thresholds"]) for run in runs}
+    if len(thresholds) != 1:
+        raise BadInput(f"{log}: PATTERN_RUN records with different thresholds")
+    return mapping_from_thresholds(*thresholds.pop())
+
+
+def check_against_pattern_record(pass_json: dict, patterns, run_mapping=None) -> None:
     """Alice's own record of the thresholds she used (satellite/) must realise the
     probabilities pass.json states: the bounds use them, so an edited pass.json would
-    change the key length without changing a single photon."""
-    mapping = getattr(patterns, "mapping", None)
+    change the key length without changing a single photon. run_mapping: the thresholds
+    of a head-generated pass's PATTERN_RUN records, when `patterns` has none."""
+    mapping = getattr(patterns, "mapping", None) or run_mapping
     if mapping is None:
         _check_against_logged_symbols(pass_json, patterns)
         return
@@ -302,7 +318,9 @@ class Alice:
         self.patterns = patterns
         self.config = config
         check_parameters(self.pass_json, config)
-        check_against_pattern_record(self.pass_json, self.patterns)
+        check_against_pattern_record(
+            self.pass_json, self.patterns, _head_run_mapping(self.pass_dir / "satellite")
+        )
         self.rng = endpoint_random(insecure_deterministic_seed)
 
     def _symbols(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
