@@ -63,3 +63,17 @@ def test_circular_transform_of_the_seeds_length_is_exact_where_its_wrap_lands():
     T = np.array([[seed[i - j + n - 1] for j in range(n)] for i in range(l)])
     assert margin < 1e-6
     assert np.array_equal(y, (T @ x) % 2)
+
+
+def test_more_output_than_input_is_refused():
+    """main's toeplitz_hash returned 300 bits from a 100-bit input (issue 16 item 5): only
+    the protocol's caller checked; the hash itself must never stretch a key."""
+    seed = np.zeros(pa.seed_bits_needed(100, 300), np.uint8)
+    with pytest.raises(pa.PrivacyAmplificationError, match="300 output bits from a 100-bit"):
+        pa.toeplitz_hash(np.zeros(100, np.uint8), seed, 300)
+    assert (
+        pa.toeplitz_hash(np.ones(100, np.uint8), seed[: pa.seed_bits_needed(100, 100)], 100)[
+            0
+        ].size
+        == 100
+    )

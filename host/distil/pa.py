@@ -50,6 +50,8 @@ def toeplitz_hash(x: np.ndarray, seed: np.ndarray, out_bits: int) -> tuple[np.nd
     n = x.size
     if out_bits <= 0:
         return np.zeros(0, dtype=np.uint8), 0.0
+    if out_bits > n:  # more output than input: the extra bits are not key, whatever the seed
+        raise PrivacyAmplificationError(f"{out_bits} output bits from a {n}-bit input")
     if seed.size != seed_bits_needed(n, out_bits):
         raise PrivacyAmplificationError(
             f"Toeplitz seed has {seed.size} bits, needs {seed_bits_needed(n, out_bits)}"
