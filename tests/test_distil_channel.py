@@ -1,6 +1,7 @@
 """Wegman-Carter authentication, message encoding and byte counting, in-process and TCP."""
 
 import json
+import os
 import random
 import stat
 import threading
@@ -133,6 +134,23 @@ def test_the_usage_record_is_on_disk_before_a_pad_is_returned(tmp_path):
     again = ch.KeyPool.from_file(str(path))
     assert again.start_byte >= 5008
     again.close()
+
+
+def test_the_usage_record_never_writes_through_a_planted_symlink(tmp_path):
+    """The record's temporary file is created afresh: main opened it with O_TRUNC and
+    followed a symlink planted under its name, truncating the target and leaving the
+    record a link to a file others control."""
+    path = _pool_file(tmp_path / "pool.bin")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not yours")
+    planted = tmp_path / f"pool.bin.used.{os.getpid()}.tmp"
+    planted.symlink_to(victim)
+    pool = ch.KeyPool.from_file(str(path), new=True)
+    pool.take(0, 8)
+    pool.close()
+    assert victim.read_text() == "not yours"
+    used = tmp_path / "pool.bin.used"
+    assert not used.is_symlink() and _record(path) >= 8
 
 
 def test_a_pool_readable_by_group_or_others_is_refused(tmp_path):

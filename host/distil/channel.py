@@ -13,6 +13,7 @@ of L 64-bit blocks.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
@@ -180,7 +181,12 @@ class KeyPool:
         fsync of the directory (the rename itself must survive a power cut)."""
         used_path = self.path + ".used"
         tmp = f"{used_path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A fresh file, never one already there: a leftover of a killed session with our
+        # pid is removed, and a symlink planted under this name is neither followed (it
+        # would truncate its target) nor kept (it could point the record elsewhere).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, json.dumps({"used_bytes": reserved_byte}).encode())
             os.fsync(fd)
