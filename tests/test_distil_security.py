@@ -191,17 +191,30 @@ def test_the_public_simulation_seed_does_not_determine_alices_pattern(tmp_path):
 
     micius = profiles.load("micius-2017")
     a, b = (passgen.build_scenario(micius, seed=5, duration_s=0.01) for _ in range(2))
-    assert a.pattern.seed != b.pattern.seed
+    assert a.pattern.key != b.pattern.key
     secret = os.urandom(16)
     c, d = (passgen.build_scenario(micius, seed=s, duration_s=0.01, pattern_secret=secret)
             for s in (5, 6))  # fmt: skip
-    assert c.pattern.seed == d.pattern.seed == passgen.pattern_seed_from_secret(secret)
+    assert c.pattern.key == d.pattern.key == passgen.pattern_key_from_secret(secret)
     truth = passgen.run(c, tmp_path / "p", pattern_mode="source")
     assert truth["pattern_secret"] == secret.hex()
     public = (tmp_path / "p" / "pass.json").read_text()
-    assert secret.hex() not in public and str(c.pattern.seed) not in public
+    assert secret.hex() not in public and c.pattern.key.hex() not in public
     record = json.loads((tmp_path / "p" / "satellite" / "pattern_source.json").read_text())
-    assert record["seed"] == c.pattern.seed
+    assert record["kind"] == "aes256-ctr" and record["key"] == c.pattern.key.hex()
+
+
+def test_a_simulated_pass_uses_a_keyed_pattern_not_splitmix64(tmp_path):
+    """main's simulator expanded a 64-bit seed with splitmix64 (InsecureTestPatternSource,
+    'recoverable from a few dozen published symbols'): the bases Alice publishes in sifting
+    gave away her bits. Its patterns are now AES-256-CTR under the secret's key."""
+    from host.formats.patterns import KeyedPatternSource, open_patterns
+    from host.simulate import passgen, profiles
+
+    scenario = passgen.build_scenario(profiles.load("micius-2017"), seed=5, duration_s=0.01)
+    assert isinstance(scenario.pattern, KeyedPatternSource)
+    passgen.run(scenario, tmp_path / "p", pattern_mode="source")
+    assert isinstance(open_patterns(tmp_path / "p" / "satellite"), KeyedPatternSource)
 
 
 def _pass_with_pattern_log(root, *, with_config: bool):

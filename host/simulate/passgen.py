@@ -38,6 +38,7 @@ from host.formats.patterns import (
     PATTERN_LOG_NAME,
     PATTERN_SOURCE_NAME,
     InsecureTestPatternSource,
+    KeyedPatternSource,
     write_pattern_source,
 )
 from host.formats.qdet import write_detections
@@ -66,7 +67,7 @@ class Scenario:
     slot_count: int
     classes: list[str]
     mapping: SymbolMapping
-    pattern: InsecureTestPatternSource
+    pattern: KeyedPatternSource
     channel: Channel
     slots: SlotClock
     ground_clock: Clock
@@ -121,7 +122,7 @@ def build_scenario(
     }
     if pattern_secret is None:
         pattern_secret = os.urandom(PATTERN_SECRET_BYTES)
-    pattern_seed = pattern_seed_from_secret(pattern_secret)
+    pattern_key = pattern_key_from_secret(pattern_secret)
 
     source = profile["source"]
     classes = list(source["intensities"])
@@ -131,7 +132,10 @@ def build_scenario(
     mapping = SymbolMapping.from_probabilities(
         source["basis_probability_z"], [source["intensity_probabilities"][c] for c in classes]
     )
-    pattern = InsecureTestPatternSource(pattern_seed, mapping, 0, slot_count)
+    # AES-256-CTR under a key only the secret gives (the emulated head's QRNG stand-in):
+    # splitmix64 of a 64-bit seed, as before, is recoverable from the bases Alice publishes
+    # in sifting (InsecureTestPatternSource), so its keys were never secret
+    pattern = KeyedPatternSource(pattern_key, mapping, 0, slot_count)
 
     link_cfg = profile["link"]
     link = LinkBudget(
@@ -186,14 +190,12 @@ def build_scenario(
 PATTERN_SECRET_BYTES = 16
 
 
-def pattern_seed_from_secret(secret: bytes) -> int:
-    """Alice's pattern seed: a keyed hash of the pattern secret alone. The simulation seed
-    is public (pass.json `seeds.simulation`); deriving the pattern from it, as before, let
-    anyone holding pass.json recompute every basis and bit Alice sent."""
+def pattern_key_from_secret(secret: bytes) -> bytes:
+    """Alice's 32-byte pattern key (AES-256-CTR, KeyedPatternSource): a keyed hash of the
+    pattern secret alone, never of the public simulation seed."""
     if len(secret) < PATTERN_SECRET_BYTES:
         raise BadInput(f"pattern secret: {len(secret)} bytes, need {PATTERN_SECRET_BYTES}")
-    digest = hashlib.blake2b(secret, digest_size=8, person=b"qkdsat-pattern").digest()
-    return int.from_bytes(digest, "little")
+    return hashlib.blake2b(secret, digest_size=32, person=b"qkdsat-pattern-k").digest()
 
 
 def crop_around_culmination(
@@ -409,7 +411,7 @@ def write_ground_clock_marks(
     np.savez(truth_dir / "sync.npz", slot=sync_slots[seen][order], true_rx_s=sync_rx_s[order])
 
 
-def write_pattern_log(path: Path, pattern: InsecureTestPatternSource) -> None:
+def write_pattern_log(path: Path, pattern: KeyedPatternSource | InsecureTestPatternSource) -> None:
     """Frames of symbols behind a PATTERN_CONFIG record with the thresholds that made
     them, as the payload's sequencer writes (docs/formats.md): Alice checks pass.json's
     probabilities against it."""
