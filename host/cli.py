@@ -152,7 +152,7 @@ def version() -> str:
 
 
 # commands whose result can be printed as JSON
-JSON_COMMANDS = ("simulate", "payload", "track", "distil", "mission")
+JSON_COMMANDS = ("simulate", "payload", "track", "distil", "mission", "schedule", "timetransfer")
 
 
 def common_options(json_output: bool, nested: bool = False) -> argparse.ArgumentParser:

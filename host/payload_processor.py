@@ -4,7 +4,7 @@ its own on-board key store and authentication pool per ground station
 (docs/payload-processor.md).
 
     python -m host.payload_processor PASS_DIR --station Xinglong --keystore KS \\
-        --connect 127.0.0.1:PORT [any `qkdsat distil` option: --ec, --seed, ...]
+        --connect 127.0.0.1:PORT [any `qkdsat distil` option: --ec, --analysis, ...]
 
 It connects to the satellite terminal of the optical link (emulator/optical_link.py in
 emulation), runs Alice, and leaves in KS/STATION/passes/PASS_ID/:

@@ -153,3 +153,8 @@ def test_schedule_command_writes_the_schedule(tmp_path, capsys):
     assert scheduled and all(p["station"] == "Stellenbosch" for p in scheduled)
     assert scheduled[0]["rise_utc"] in capsys.readouterr().out
     assert np.all([p["sun_max_elevation_deg"] < -12 for p in scheduled])
+    # --json: the same schedule on stdout as one JSON document, nothing else
+    code = qkdsat(["schedule", "--tle", str(TLE_PATH), "--stations", "Stellenbosch",
+                   "--start", "2024-03-01T00:00:00Z", "--days", "1", "--json"])  # fmt: skip
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["passes"] == schedule["passes"]

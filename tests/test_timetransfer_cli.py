@@ -50,6 +50,12 @@ def test_clean_pass_matches_truth_and_raises_no_flag(clean_pass, tmp_path):
     assert report["time_data_security"].startswith("none yet")
 
 
+def test_json_prints_the_report_alone(clean_pass, tmp_path, capsys):
+    code = main(["timetransfer", str(clean_pass), "--out", str(tmp_path), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert code == 0 and printed == json.loads((tmp_path / "report.json").read_text())
+
+
 def test_one_way_delay_of_200_ps_is_flagged_by_the_range_check(tmp_path_factory, tmp_path):
     pass_dir = simulated(tmp_path_factory, "delay", one_way_delay_ps=200.0)
     code, report = run(pass_dir, tmp_path)

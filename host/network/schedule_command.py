@@ -8,6 +8,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+from host.console import to_json
 from host.errors import BadInput
 from host.network.schedule import CONFLICT, SCHEDULED, make_schedule
 from host.network.stations import load_catalogue, select_stations
@@ -39,13 +40,16 @@ def run(args) -> int:
         raise BadInput(f"--tle {args.tle}: {error.strerror}") from error
     stations = select_stations(args.stations, load_catalogue(args.catalogue))
     schedule = make_schedule(tle_text, stations, parse_utc(args.start), args.days, args.tle)
-    for item in schedule["passes"]:
-        if item["status"] in (SCHEDULED, CONFLICT):
-            note = f" (lost to {item['lost_to']})" if item["status"] == CONFLICT else ""
-            print(
-                f"{item['rise_utc']}  {item['station']:<13} {item['duration_s']:6.0f} s  "
-                f"max {item['max_elevation_deg']:5.1f} deg  {item['status']}{note}"
-            )
+    if getattr(args, "json", False):
+        print(to_json(schedule))
+    else:
+        for item in schedule["passes"]:
+            if item["status"] in (SCHEDULED, CONFLICT):
+                note = f" (lost to {item['lost_to']})" if item["status"] == CONFLICT else ""
+                print(
+                    f"{item['rise_utc']}  {item['station']:<13} {item['duration_s']:6.0f} s  "
+                    f"max {item['max_elevation_deg']:5.1f} deg  {item['status']}{note}"
+                )
     if args.out:
         tmp = f"{args.out}.{os.getpid()}.tmp"
         with open(tmp, "w") as handle:

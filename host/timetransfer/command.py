@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from host.console import to_json
 from host.errors import ProtocolAborted
 from host.outdir import check_output_dir
 from host.timetransfer import estimate, files
@@ -189,6 +190,9 @@ def time_transfer(pass_dir: Path, out_dir: Path) -> dict:
 
 def run(args) -> int:
     report = time_transfer(Path(args.pass_dir), Path(args.out))
+    if getattr(args, "json", False):
+        print(to_json(report))
+        return 0
     stab = report.get("stability", {}).get("tdev_ps", {})
     print(
         f"time transfer: {report['bins']} bins, time-data rate "
