@@ -792,6 +792,7 @@ class Bob:
                 stats["errors"] = int(errors[idx[kept]].sum())
                 stats["errors_discarded"] = int(errors[idx[~kept]].sum())
                 stats["qber_sized_for"] = estimate
+                stats["qber_sample"], stats["sample_bits"] = qber[name], sizes[name]
                 ec_stats.append(stats)
                 if name != key_bases[-1]:
                     previous = (int(errors[idx].sum()), int(idx.size))
