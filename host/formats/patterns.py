@@ -30,8 +30,31 @@ INSECURE_TEST_PATTERN_KIND = "insecure-test-pattern"
 KEYED_PATTERN_KIND = "aes256-ctr"
 
 
+class _SlotRangeSource:
+    """What both pattern sources share: a mapping and a range of slots
+    [first_slot, first_slot + slot_count) they answer for."""
+
+    def covers(self, slot_indices) -> np.ndarray:
+        slots = np.asarray(slot_indices, dtype=np.int64)
+        return (slots >= self.first_slot) & (slots < self.first_slot + self.slot_count)
+
+    def _slots_in_range(self, slot_indices) -> np.ndarray:
+        slots = np.asarray(slot_indices, dtype=np.int64)
+        if not np.all(self.covers(slots)):
+            raise IndexError("slot outside the pattern source's range")
+        return slots
+
+    def _mapping_and_range_json(self) -> dict:
+        return {
+            "basis_threshold": self.mapping.basis_threshold,
+            "intensity_thresholds": list(self.mapping.intensity_thresholds),
+            "first_slot": self.first_slot,
+            "slot_count": self.slot_count,
+        }
+
+
 @dataclass(frozen=True)
-class InsecureTestPatternSource:
+class InsecureTestPatternSource(_SlotRangeSource):
     """Symbols from splitmix64 of the slot index (host.protocol.symbols.
     insecure_test_pattern_words): reproducible from its seed, and recoverable from a few
     dozen published symbols. For simulations and tests only: it never makes a secret key
@@ -43,16 +66,8 @@ class InsecureTestPatternSource:
     slot_count: int
 
     def symbols(self, slot_indices: np.ndarray) -> np.ndarray:
-        slots = np.asarray(slot_indices, dtype=np.int64)
-        if slots.size and (
-            slots.min() < self.first_slot or slots.max() >= self.first_slot + self.slot_count
-        ):
-            raise IndexError("slot outside the pattern source's range")
+        slots = self._slots_in_range(slot_indices)
         return self.mapping.symbols(insecure_test_pattern_words(self.seed, slots))
-
-    def covers(self, slot_indices) -> np.ndarray:
-        slots = np.asarray(slot_indices, dtype=np.int64)
-        return (slots >= self.first_slot) & (slots < self.first_slot + self.slot_count)
 
     def to_json(self) -> dict:
         return {
@@ -60,15 +75,12 @@ class InsecureTestPatternSource:
             "kind": INSECURE_TEST_PATTERN_KIND,
             "generator": "splitmix64-high32",
             "seed": self.seed,
-            "basis_threshold": self.mapping.basis_threshold,
-            "intensity_thresholds": list(self.mapping.intensity_thresholds),
-            "first_slot": self.first_slot,
-            "slot_count": self.slot_count,
+            **self._mapping_and_range_json(),
         }
 
 
 @dataclass(frozen=True)
-class KeyedPatternSource:
+class KeyedPatternSource(_SlotRangeSource):
     """Symbols from AES-256-CTR under a secret 32-byte key (host.protocol.symbols.
     keyed_slot_words, the same stream the emulated head's QRNG stand-in gives): only the
     key's holder can compute them, so a simulation that keeps the key in satellite/ (and
@@ -87,24 +99,15 @@ class KeyedPatternSource:
     seed = None  # there is no seed (truth summaries record this field)
 
     def symbols(self, slot_indices: np.ndarray) -> np.ndarray:
-        slots = np.asarray(slot_indices, dtype=np.int64)
-        if not np.all(self.covers(slots)):
-            raise IndexError("slot outside the pattern source's range")
+        slots = self._slots_in_range(slot_indices)
         return self.mapping.symbols(keyed_slot_words(self.key, slots))
-
-    def covers(self, slot_indices) -> np.ndarray:
-        slots = np.asarray(slot_indices, dtype=np.int64)
-        return (slots >= self.first_slot) & (slots < self.first_slot + self.slot_count)
 
     def to_json(self) -> dict:
         return {
             "format_version": PATTERN_SOURCE_VERSION,
             "kind": KEYED_PATTERN_KIND,
             "key": self.key.hex(),
-            "basis_threshold": self.mapping.basis_threshold,
-            "intensity_thresholds": list(self.mapping.intensity_thresholds),
-            "first_slot": self.first_slot,
-            "slot_count": self.slot_count,
+            **self._mapping_and_range_json(),
         }
 
 
