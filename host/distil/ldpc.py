@@ -388,6 +388,20 @@ def decode_frames(llr, syndromes, check_ptr, check_var, max_iterations, out_bits
     )
 
 
+@numba.njit(cache=True, inline="always")
+def _hard_decision_satisfies(post, syndromes, f, m, check_ptr, check_var):
+    """Whether the hard decision of the posteriors `post` meets frame f's syndrome.
+    Inlined at numba IR level, so each decoder compiles it under its own fastmath flags."""
+    for j in range(m):
+        acc = syndromes[f, j]
+        for e in range(check_ptr[j], check_ptr[j + 1]):
+            if post[check_var[e]] < 0:
+                acc ^= 1
+        if acc:
+            return False
+    return True
+
+
 @numba.njit(cache=True, parallel=True, fastmath=False)
 def decode_frames_warm(
     llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters
@@ -439,15 +453,7 @@ def decode_frames_warm(
                     post[check_var[e]] = q[i] + ri
                     suf *= t[i]
             # stop as soon as the hard decision satisfies the syndrome
-            done = True
-            for j in range(m):
-                acc = syndromes[f, j]
-                for e in range(check_ptr[j], check_ptr[j + 1]):
-                    if post[check_var[e]] < 0:
-                        acc ^= 1
-                if acc:
-                    done = False
-                    break
+            done = _hard_decision_satisfies(post, syndromes, f, m, check_ptr, check_var)
         for v in range(n):
             out_bits[f, v] = 1 if post[v] < 0 else 0
         out_iters[f] += it
@@ -554,15 +560,7 @@ def decode_phi(
                         hard ^= 1
                 unsatisfied += hard
             if unsatisfied == 0:
-                done = True
-                for j in range(m):
-                    acc = syndromes[f, j]
-                    for e in range(check_ptr[j], check_ptr[j + 1]):
-                        if post[check_var[e]] < 0:
-                            acc ^= 1
-                    if acc:
-                        done = False
-                        break
+                done = _hard_decision_satisfies(post, syndromes, f, m, check_ptr, check_var)
             if unsatisfied < best:
                 best = unsatisfied
                 since_best = 0
