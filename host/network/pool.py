@@ -241,6 +241,13 @@ class StationPool:
         return os.pread(self._fd, count, offset)
 
 
+def add_network_option(parser) -> None:
+    """The `--network` option of every command that reads or writes the pools."""
+    parser.add_argument(
+        "--network", default="network", help="the network's pool directory (NET/HOLDER/PEER.pool)"
+    )
+
+
 def pool_path(network_dir: str | Path, holder: str, peer: str) -> Path:
     """`NET/HOLDER/PEER.pool`: e.g. NET/satellite/Jinan.pool and NET/Jinan/satellite.pool."""
     return Path(network_dir) / check_name(holder, "holder") / f"{check_name(peer, 'peer')}.pool"

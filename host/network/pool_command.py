@@ -6,14 +6,12 @@ import json
 from pathlib import Path
 
 from host.errors import BadInput
-from host.network.pool import check_name, fill_pair, network_levels
+from host.network.pool import add_network_option, check_name, fill_pair, network_levels
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("action", choices=("fill", "status"), help="what to do")
-    parser.add_argument(
-        "--network", default="network", help="the network's pool directory (NET/HOLDER/PEER.pool)"
-    )
+    add_network_option(parser)
     parser.add_argument("--station", help="fill: the station the pass was made with")
     parser.add_argument(
         "--keys", help="fill: `qkdsat distil --out` directory (alice.key, bob.key, report.json)"

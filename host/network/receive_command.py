@@ -4,15 +4,14 @@ station (docs/network.md). An altered message is rejected (exit 3), nothing writ
 from __future__ import annotations
 
 from host.network.messaging import receive
+from host.network.pool import add_network_option
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("message", help="the message file (from qkdsat send)")
     parser.add_argument("--at", dest="receiver", required=True, help="this station")
     parser.add_argument("--out", required=True, help="where to write the decrypted file")
-    parser.add_argument(
-        "--network", default="network", help="the network's pool directory (NET/HOLDER/PEER.pool)"
-    )
+    add_network_option(parser)
 
 
 def run(args) -> int:

@@ -3,6 +3,7 @@ satellite as trusted relay (docs/network.md; the satellite learns the key)."""
 
 from __future__ import annotations
 
+from host.network.pool import add_network_option
 from host.network.relay import relay
 
 
@@ -10,9 +11,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--from", dest="source", required=True, help="station A")
     parser.add_argument("--to", dest="target", required=True, help="station B")
     parser.add_argument("--bits", type=int, required=True, help="key length (multiple of 8)")
-    parser.add_argument(
-        "--network", default="network", help="the network's pool directory (NET/HOLDER/PEER.pool)"
-    )
+    add_network_option(parser)
 
 
 def run(args) -> int:

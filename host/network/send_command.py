@@ -4,6 +4,7 @@ with their shared pool (one-time pad + Wegman-Carter; docs/network.md)."""
 from __future__ import annotations
 
 from host.network.messaging import AES_GCM, OTP, send
+from host.network.pool import add_network_option
 
 
 def add_arguments(parser) -> None:
@@ -15,9 +16,7 @@ def add_arguments(parser) -> None:
         "--cipher", default=OTP, choices=(OTP, AES_GCM),
         help=f"{OTP}: information-theoretic; {AES_GCM}: computationally secure only",
     )  # fmt: skip
-    parser.add_argument(
-        "--network", default="network", help="the network's pool directory (NET/HOLDER/PEER.pool)"
-    )
+    add_network_option(parser)
 
 
 def run(args) -> int:
