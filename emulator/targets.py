@@ -236,24 +236,29 @@ class QemuTarget(Target):
         self.icount_shift = icount_shift
         self.image = Path(image)
 
+    def _bus_chardev(self) -> str:
+        """The payload bus UART's QEMU chardev: the emulated payload's TCP socket, or none."""
+        if not self.bus_address:
+            return "null"
+        # nodelay: a bus round trip per frame (lockstep) must not wait for Nagle.
+        return f"tcp:{self.bus_address[0]}:{self.bus_address[1]},nodelay=on"
+
+    def _icount_args(self) -> list[str]:
+        if self.icount_shift is None:
+            return []
+        return ["-icount", f"shift={self.icount_shift},align=off,sleep=off"]
+
     def command(self) -> list[str]:
         image = require(self.image, "QEMU firmware image")
-        bus = (
-            # nodelay: a bus round trip per frame (lockstep) must not wait for Nagle.
-            f"tcp:{self.bus_address[0]}:{self.bus_address[1]},nodelay=on"
-            if self.bus_address
-            else "null"
-        )
         cmd = [
             QEMU_BIN,
             "-machine", "mps2-an385",
             "-nographic", "-monitor", "null", "-semihosting",
             "-serial", "pty",
-            "-serial", bus,
+            "-serial", self._bus_chardev(),
             "-kernel", str(image),
         ]  # fmt: skip
-        if self.icount_shift is not None:
-            cmd += ["-icount", f"shift={self.icount_shift},align=off,sleep=off"]
+        cmd += self._icount_args()
         if self.boot == "maintenance":
             cmd += [
                 "-device",
@@ -305,22 +310,16 @@ class Netduino2Target(QemuTarget):
 
     def command(self) -> list[str]:
         image = require(self.image, "netduino2 firmware image (make firmware)")
-        bus = (
-            f"tcp:{self.bus_address[0]}:{self.bus_address[1]},nodelay=on"
-            if self.bus_address
-            else "null"
-        )
         cmd = [
             QEMU_BIN,
             "-machine", "netduino2",
             "-nographic", "-monitor", "null",
             "-semihosting-config", f"enable=on,target=native,arg=qkdsat,arg={self.boot}",
             "-serial", "pty",
-            "-serial", bus,
+            "-serial", self._bus_chardev(),
             "-kernel", str(image),
         ]  # fmt: skip
-        if self.icount_shift is not None:
-            cmd += ["-icount", f"shift={self.icount_shift},align=off,sleep=off"]
+        cmd += self._icount_args()
         return cmd
 
 
