@@ -7,7 +7,10 @@ A firmware test file is `tests/firmware/mptest_*.py`, written in MicroPython:
 - it runs on every target (unix, QEMU MPS2-AN385, QEMU netduino2: the STM32 board);
   `TARGETS = ("unix",)` with `TARGETS_REASON = "..."` narrows that, and NOT_ON_NETDUINO2
   below names the files that do not run on the STM32 board's 96 KiB heap, and why;
-- `QEMU_ICOUNT_SHIFT = N` runs QEMU with its clock following the instruction count.
+- `QEMU_ICOUNT_SHIFT = N` runs QEMU with its clock following the instruction count;
+- `MPTEST_HELPERS = ("link_helpers.py",)` appends those files of tests/firmware/ (set-up
+  shared by several test files) after the file's own source, so that its line numbers
+  stay the file's; the helpers only have to exist by the time the tests are called.
 
 Each file runs once per target, in one fresh interpreter (unix) or one freshly booted
 QEMU image (maintenance boot, raw REPL); results are split per test function.
@@ -32,6 +35,7 @@ from emulator.targets import (
 from host.deploy.raw_repl import ExecutionFailed, RawRepl, RawReplError
 
 VECTORS_DIR = Path(__file__).parent / "vectors"
+FIRMWARE_TESTS_DIR = Path(__file__).parent / "firmware"
 ALL_TARGETS = ("unix", "qemu", "netduino2")
 # Files that cannot run on the netduino2 board, with the reason (docs/targets.md). The
 # harness compiles each test file on the board from source, which takes RAM a flashed
@@ -60,6 +64,7 @@ class FileSpec:
     targets: tuple[str, ...]
     targets_reason: str | None
     icount_shift: int | None
+    helpers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -86,6 +91,7 @@ def parse_spec(path: Path) -> FileSpec:
                 "TARGETS",
                 "TARGETS_REASON",
                 "QEMU_ICOUNT_SHIFT",
+                "MPTEST_HELPERS",
             ):
                 constants[target.id] = ast.literal_eval(node.value)
     targets = tuple(constants.get("TARGETS", ALL_TARGETS))
@@ -95,15 +101,27 @@ def parse_spec(path: Path) -> FileSpec:
     if path.name in NOT_ON_NETDUINO2 and "netduino2" in targets:
         targets = tuple(t for t in targets if t != "netduino2")
         reason = NOT_ON_NETDUINO2[path.name]
+    helpers = tuple(constants.get("MPTEST_HELPERS", ()))
+    for helper in helpers:
+        if helper.startswith("mptest_") or not (FIRMWARE_TESTS_DIR / helper).is_file():
+            raise ValueError(f"{path}: MPTEST_HELPERS names {helper!r}, not a helper file")
     return FileSpec(
-        path, source, names, lines, targets, reason, constants.get("QEMU_ICOUNT_SHIFT")
+        path,
+        source,
+        names,
+        lines,
+        targets,
+        reason,
+        constants.get("QEMU_ICOUNT_SHIFT"),
+        helpers,
     )
 
 
 def build_program(spec: FileSpec) -> str:
     vector_files = sorted(set(re.findall(r"load_vectors\(\s*[\"']([^\"']+)[\"']", spec.source)))
     embedded = {name: (VECTORS_DIR / name).read_text() for name in vector_files}
-    prelude = (
+    helpers = "".join((FIRMWARE_TESTS_DIR / name).read_text() + "\n" for name in spec.helpers)
+    prelude = helpers + (
         "import json as _mptest_json\n"
         f"_MPTEST_VECTORS = {embedded!r}\n"
         "def load_vectors(name):\n"
@@ -124,7 +142,8 @@ def _mptest_main(names):
 _mptest_main({tuple(spec.test_names)!r})
 """
     # The test source comes first so MicroPython's tracebacks give the file's own line
-    # numbers; load_vectors only has to exist by the time the tests are called.
+    # numbers; load_vectors and the helpers only have to exist by the time the tests are
+    # called.
     return spec.source + "\n" + prelude + postlude
 
 

@@ -2,86 +2,15 @@
 # golden vectors shared with host/protocol/ccsds.py, authentication, replay protection,
 # product access, and never raising on garbage.
 import hashlib
-import os
 
-import board
-from payload import auth, ccsds, keystore, telecommands
+from payload import auth, ccsds
 from payload.framing import crc16
 
 # What the firmware used to fall back to when no key was provisioned: public.
 PUBLIC_KEY = hashlib.sha256(b"qkdsat development key, not for flight").digest()
 
-_ROOT = board.mount_storage()
-
-
-def _unhex(text):
-    return bytes.fromhex(text)
-
-
-def _mkdirs(path):
-    at = ""
-    for part in path.split("/"):
-        if not part:
-            at = "/" if not at else at
-            continue
-        at = at + part if at.endswith("/") or not at else at + "/" + part
-        try:
-            os.mkdir(at)
-        except OSError:
-            pass
-
-
-_serial = [0]
-
-
-def _fresh_root(key=None):
-    _serial[0] += 1
-    root = _ROOT + "/gl%d" % _serial[0]
-    _mkdirs(root + "/link")
-    _mkdirs(root + "/products")
-    if key is not None:
-        with open(root + "/link/key", "wb") as f:
-            f.write(key)
-    return root
-
-
-def _link(root, mission=None, keep=True):
-    # keep=False: count the packets only (a growing list needs RAM in one piece, which
-    # the netduino2 heap does not always have)
-    sent = [] if keep else [0]
-
-    def send(buf, length):
-        if keep:
-            sent.append(bytes(buf[:length]))
-        else:
-            sent[0] += 1
-
-    # each test root has its own key region beside it (the board has one, outside storage)
-    region = keystore.FileRegion(root + ".keyregion")
-    return telecommands.GroundLink(board, root, send, mission, key_region=region), sent
-
-
-def _tc(key, counter, service, subtype, data=b"", ack=1):
-    n = ccsds.TC_HEADER_BYTES + len(data) + ccsds.TC_TRAILER_BYTES
-    head = bytearray(11)
-    ccsds.put_u16(head, 0, 0x1800 | ccsds.APID)
-    ccsds.put_u16(head, 2, 0xC000)
-    ccsds.put_u16(head, 4, n - 7)
-    head[6] = 0x20 | ack
-    head[7] = service
-    head[8] = subtype
-    counter_bytes = bytearray(4)
-    ccsds.put_u32(counter_bytes, 0, counter)
-    signed = bytes(head) + data + bytes(counter_bytes)
-    packet = signed + auth.Hmac(key).digest(signed)[:16]
-    crc = crc16(packet, len(packet))
-    return packet + bytes((crc >> 8, crc & 0xFF))
-
-
-def _verification(packet):
-    assert packet[7] == 1, packet
-    code = 0 if packet[8] == 1 else (packet[23] << 8) | packet[24]
-    return packet[8] == 1, code
+# _ROOT, _fresh_root, _link, _tc, _verification, _unhex (appended by the harness)
+MPTEST_HELPERS = ("link_helpers.py",)
 
 
 def test_hmac_sha256_rfc4231():
