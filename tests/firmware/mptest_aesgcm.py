@@ -4,15 +4,11 @@
 import os
 
 import board
-from payload import aesgcm, auth, ccsds, telecommands
-from payload.framing import crc16
+from payload import aesgcm, ccsds, telecommands
 
-_ROOT = board.mount_storage()
-_serial = [0]
-
-
-def _unhex(text):
-    return bytes.fromhex(text)
+# _ROOT, _serial, _unhex, _tc (appended by the harness)
+MPTEST_HELPERS = ("link_helpers.py",)
+_LINK_KEY = b"k" * 32
 
 
 def test_aes256_block_is_fips197():
@@ -42,29 +38,11 @@ def _root(product_key):
         except OSError:
             pass
     with open(root + "/link/key", "wb") as f:
-        f.write(b"k" * 32)
+        f.write(_LINK_KEY)
     if product_key is not None:
         with open(root + "/link/product_key", "wb") as f:
             f.write(product_key)
     return root
-
-
-def _tc(counter, service, subtype, data):
-    key = b"k" * 32
-    n = ccsds.TC_HEADER_BYTES + len(data) + ccsds.TC_TRAILER_BYTES
-    head = bytearray(11)
-    ccsds.put_u16(head, 0, 0x1800 | ccsds.APID)
-    ccsds.put_u16(head, 2, 0xC000)
-    ccsds.put_u16(head, 4, n - 7)
-    head[6] = 0x20
-    head[7] = service
-    head[8] = subtype
-    counter_bytes = bytearray(4)
-    ccsds.put_u32(counter_bytes, 0, counter)
-    signed = bytes(head) + data + bytes(counter_bytes)
-    packet = signed + auth.Hmac(key).digest(signed)[:16]
-    crc = crc16(packet, len(packet))
-    return packet + bytes((crc >> 8, crc & 0xFF))
 
 
 def _read_args(name, offset, length):
@@ -74,7 +52,13 @@ def _read_args(name, offset, length):
     return bytes(args)
 
 
-def _link(root):
+def _link_tc(counter, service, subtype, data):
+    # under the link key, no acknowledgement flags
+    return _tc(_LINK_KEY, counter, service, subtype, data, ack=0)
+
+
+def _board_link(root):
+    # the board's own key region (link_helpers._link gives each root a file region)
     sent = []
     link = telecommands.GroundLink(board, root, lambda b, n: sent.append(bytes(b[:n])))
     return link, sent
@@ -87,14 +71,14 @@ def test_pattern_products_are_refused_without_a_product_key():
             f.write(b"\x01" * 100)
         with open(root + "/products/tdc.qrec", "wb") as f:
             f.write(b"\x02" * 100)
-        link, sent = _link(root)
+        link, sent = _board_link(root)
         assert link.housekeeping()["product_key"] == ("none" if key is None else "invalid")
-        link.handle(_tc(1, 128, 3, _read_args(b"patterns.qrec", 0, 64)))
+        link.handle(_link_tc(1, 128, 3, _read_args(b"patterns.qrec", 0, 64)))
         assert sent[0][7:9] == b"\x01\x02", sent  # rejected ...
         assert ccsds.get_u16(sent[0], 23) == ccsds.REJECT_PROTECTED  # ... as protected
         assert b"\x01" * 16 not in b"".join(sent)
         del sent[:]
-        link.handle(_tc(2, 128, 3, _read_args(b"tdc.qrec", 0, 64)))
+        link.handle(_link_tc(2, 128, 3, _read_args(b"tdc.qrec", 0, 64)))
         assert sent[-1][7:9] == b"\x80\x04"  # other products are served as before
 
 
@@ -103,24 +87,24 @@ def test_a_sealed_chunk_is_what_the_host_opens():
     root = _root(_unhex(case["product_key"]))
     with open(root + "/products/" + case["name"], "wb") as f:
         f.write(_unhex(case["product"]))
-    link, sent = _link(root)
+    link, sent = _board_link(root)
     assert link.housekeeping()["product_key"] == "provisioned"
     name = case["name"].encode()
-    link.handle(_tc(1, 128, 3, _read_args(name, case["offset"], case["length"])))
+    link.handle(_link_tc(1, 128, 3, _read_args(name, case["offset"], case["length"])))
     reply = sent[-1]
     assert reply[7:9] == b"\x80\x06", reply[:12]
     assert reply[19:-18] == _unhex(case["tm_data"])
     # the listing does not carry the pattern product's CRC-32
     del sent[:]
-    link.handle(_tc(2, 128, 1, b"\x00\x00"))
+    link.handle(_link_tc(2, 128, 1, b"\x00\x00"))
     listing = sent[-1][19:-18]
     at = 6 + 1 + len(name)
     assert listing[7:at] == name and ccsds.get_u32(listing, at + 4) == 0
     # a second read gets a fresh nonce; after a restart too (the ceiling is stored)
-    link.handle(_tc(3, 128, 3, _read_args(name, 0, 16)))
+    link.handle(_link_tc(3, 128, 3, _read_args(name, 0, 16)))
     nonce_a = sent[-1][25:37]
-    link, sent = _link(root)
-    link.handle(_tc(100, 128, 3, _read_args(name, 0, 16)))  # past the stored TC ceiling
+    link, sent = _board_link(root)
+    link.handle(_link_tc(100, 128, 3, _read_args(name, 0, 16)))  # past the stored TC ceiling
     nonce_b = sent[-1][25:37]
     assert nonce_a[:4] == nonce_b[:4] == b"PRD1"
     assert ccsds.get_u32(nonce_a, 8) == 2 and ccsds.get_u32(nonce_b, 8) > 2
