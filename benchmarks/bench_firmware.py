@@ -7,15 +7,11 @@ payload bus, ring and storage with nothing lost.
 
 Numbers are printed, not asserted (no timing assertions); run with -s to see them."""
 
-import json
-import os
-import subprocess
-import tempfile
-from pathlib import Path
+import mpbench
 
 from emulator.optical_head import OpticalHead, TdcSources
 from emulator.payload_run import run_pass
-from emulator.targets import CONTROLLER_HEAP_BYTES, FIRMWARE_DIR, MICROPYTHON_BIN, QemuTarget
+from emulator.targets import QemuTarget
 from host.deploy.raw_repl import RawRepl
 
 KERNELS = """
@@ -201,31 +197,12 @@ print("BENCH", {"frame_slots": 4096, "frames": FRAMES, "seq_us": seq_us,
 """
 
 
-def _parse(output: str) -> dict:
-    line = next(line for line in output.splitlines() if line.startswith("BENCH "))
-    return json.loads(line[6:].replace("(", "[").replace(")", "]").replace("'", '"'))
-
-
 def _run_unix(reps) -> dict:
-    with tempfile.TemporaryDirectory() as work:
-        program = Path(work) / "bench.py"
-        program.write_text(KERNELS.replace("REPS", repr(reps)))
-        env = dict(os.environ)
-        env["MICROPYPATH"] = f"{FIRMWARE_DIR}:{FIRMWARE_DIR / 'boards' / 'unix'}:.frozen"
-        env["QKDSAT_STORAGE"] = str(Path(work) / "flash")
-        proc = subprocess.run(
-            [str(MICROPYTHON_BIN), "-X", f"heapsize={CONTROLLER_HEAP_BYTES}", str(program)],
-            capture_output=True, text=True, env=env, cwd=work, timeout=300,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return _parse(proc.stdout)
+    return mpbench.run_unix(KERNELS.replace("REPS", repr(reps)))
 
 
 def _run_qemu(reps) -> dict:
-    with QemuTarget(boot="maintenance", icount_shift=0) as target:
-        with RawRepl(target.ground_port, timeout_s=30.0) as repl:
-            return _parse(repl.exec(KERNELS.replace("REPS", repr(reps)), timeout_s=600))
+    return mpbench.run_qemu(KERNELS.replace("REPS", repr(reps)))
 
 
 def _per(entry, items):
@@ -267,7 +244,7 @@ def run_frame_path_qemu(image=None) -> dict:
     kwargs = {"image": image} if image else {}
     with QemuTarget(boot="maintenance", icount_shift=0, **kwargs) as target:
         with RawRepl(target.ground_port, timeout_s=60.0) as repl:
-            return _parse(repl.exec(FRAME_PATH, timeout_s=900))
+            return mpbench.parse_bench(repl.exec(FRAME_PATH, timeout_s=900))
 
 
 def test_bench_whole_frame_path_on_qemu():

@@ -6,21 +6,13 @@ the same product from the unix target over its pty (goodput ratio).
 
 Numbers are printed, not asserted; run with -s to see them."""
 
-import json
-import os
 import random
-import subprocess
 import tempfile
 from pathlib import Path
 
-from emulator.targets import (
-    CONTROLLER_HEAP_BYTES,
-    FIRMWARE_DIR,
-    MICROPYTHON_BIN,
-    QemuTarget,
-    UnixTarget,
-)
-from host.deploy.raw_repl import RawRepl
+import mpbench
+
+from emulator.targets import UnixTarget
 from host.link.client import PayloadClient
 
 KERNELS = """
@@ -62,31 +54,12 @@ print("BENCH", {"bytes": CHUNK, "seal": timed(seal, R[0]), "crc": timed(crc, R[1
 """
 
 
-def _parse(output: str) -> dict:
-    line = next(line for line in output.splitlines() if line.startswith("BENCH "))
-    return json.loads(line[6:].replace("(", "[").replace(")", "]").replace("'", '"'))
-
-
 def _run_unix(reps) -> dict:
-    with tempfile.TemporaryDirectory() as work:
-        program = Path(work) / "bench.py"
-        program.write_text(KERNELS.replace("REPS", repr(reps)))
-        env = dict(os.environ)
-        env["MICROPYPATH"] = f"{FIRMWARE_DIR}:{FIRMWARE_DIR / 'boards' / 'unix'}:.frozen"
-        env["QKDSAT_STORAGE"] = str(Path(work) / "flash")
-        proc = subprocess.run(
-            [str(MICROPYTHON_BIN), "-X", f"heapsize={CONTROLLER_HEAP_BYTES}", str(program)],
-            capture_output=True, text=True, env=env, cwd=work, timeout=300,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return _parse(proc.stdout)
+    return mpbench.run_unix(KERNELS.replace("REPS", repr(reps)))
 
 
 def _run_qemu(reps) -> dict:
-    with QemuTarget(boot="maintenance", icount_shift=0) as target:
-        with RawRepl(target.ground_port, timeout_s=30.0) as repl:
-            return _parse(repl.exec(KERNELS.replace("REPS", repr(reps)), timeout_s=600))
+    return mpbench.run_qemu(KERNELS.replace("REPS", repr(reps)))
 
 
 def _per_byte(entry, size):
