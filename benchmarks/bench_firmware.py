@@ -14,21 +14,14 @@ from emulator.payload_run import run_pass
 from emulator.targets import QemuTarget
 from host.deploy.raw_repl import RawRepl
 
-KERNELS = """
+KERNELS = (
+    """
 import array
 import board
 from payload import sequencer, tdc
-
-clock = board.clock
-
-
-def timed(fn, reps):
-    clock.update()
-    t0 = clock.ticks_us()
-    for _ in range(reps):
-        fn()
-    return ((clock.ticks_us() - t0) & 0x3FFFFFFF, reps)
-
+"""
+    + mpbench.TIMED
+    + """
 
 SLOTS = 4096
 qrng = bytearray((i * 2654435761 >> 7) & 0xFF for i in range(4 * SLOTS))
@@ -72,6 +65,7 @@ result = {
 }
 print("BENCH", result)
 """
+)
 
 
 # The controller's whole frame path on the MCU, without the transport: the sequencer's

@@ -15,21 +15,14 @@ import mpbench
 from emulator.targets import UnixTarget
 from host.link.client import PayloadClient
 
-KERNELS = """
+KERNELS = (
+    """
 import board
 from payload import aesgcm
 from payload.products import chunk_crc32
-
-clock = board.clock
-
-
-def timed(fn, reps):
-    clock.update()
-    t0 = clock.ticks_us()
-    for _ in range(reps):
-        fn()
-    return ((clock.ticks_us() - t0) & 0x3FFFFFFF, reps)
-
+"""
+    + mpbench.TIMED
+    + """
 
 CHUNK = 1024
 plain = bytearray((i * 37 + 11) & 0xFF for i in range(CHUNK))
@@ -52,6 +45,7 @@ def crc():
 R = REPS
 print("BENCH", {"bytes": CHUNK, "seal": timed(seal, R[0]), "crc": timed(crc, R[1])})
 """
+)
 
 
 def _run_unix(reps) -> dict:

@@ -11,6 +11,20 @@ from pathlib import Path
 from emulator.targets import CONTROLLER_HEAP_BYTES, FIRMWARE_DIR, MICROPYTHON_BIN, QemuTarget
 from host.deploy.raw_repl import RawRepl
 
+# MicroPython: timed(fn, reps) -> (elapsed us, reps) on the board's clock; a benchmark
+# program imports board, then includes this.
+TIMED = """
+clock = board.clock
+
+
+def timed(fn, reps):
+    clock.update()
+    t0 = clock.ticks_us()
+    for _ in range(reps):
+        fn()
+    return ((clock.ticks_us() - t0) & 0x3FFFFFFF, reps)
+"""
+
 
 def parse_bench(output: str) -> dict:
     line = next(line for line in output.splitlines() if line.startswith("BENCH "))
