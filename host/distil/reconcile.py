@@ -675,7 +675,9 @@ def cascade_bob(channel, bits: np.ndarray, qber_estimate: float, seed: int) -> t
             left = alice != mine
             hi[idx[left]] = mid[idx[left]]
             lo[idx[~left]] = mid[idx[~left]]
-        positions = np.array([layout[p][0][i] for p, i in zip(p_arr, lo, strict=True)])
+        positions = np.array(
+            [layout[p][0][i] for p, i in zip(p_arr, lo, strict=True)], dtype=np.int64
+        )  # typed: a pass with no odd block gives an empty list, which must still index
         work[positions] ^= 1
         return positions
 
