@@ -109,3 +109,23 @@ def test_stations_without_a_shared_key_are_told_to_relay(net, tmp_path, capsys):
     assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to", "Wuhan",
                    str(image), "--out", str(tmp_path / "m")]) == 2  # fmt: skip
     assert "relay one first" in capsys.readouterr().err
+
+
+def test_the_decrypted_file_is_private_and_a_planted_symlink_is_not_followed(net, tmp_path):
+    """The plaintext is written 0600 through a fresh temporary file: a symlink planted
+    under the temporary name (predictable: the pid) neither has its target overwritten
+    with the plaintext nor becomes the output."""
+    image = tmp_path / "image.png"
+    image.write_bytes(_png(16, 16))
+    message, received = tmp_path / "image.msg", tmp_path / "received.png"
+    assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
+                   str(image), "--out", str(message)]) == 0  # fmt: skip
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"not yours to overwrite")
+    (tmp_path / f".received.png.{os.getpid()}.tmp").symlink_to(victim)
+    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
+                   "--out", str(received)]) == 0  # fmt: skip
+    assert victim.read_bytes() == b"not yours to overwrite"
+    assert not received.is_symlink() and received.read_bytes() == image.read_bytes()
+    assert received.stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / f".received.png.{os.getpid()}.tmp").exists()

@@ -13,11 +13,13 @@ to, cipher, pool offset, lengths, file name) is public and authenticated.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
 from pathlib import Path
 
+from host.distil.channel import _fsync_directory
 from host.errors import BadInput, ProtocolAborted
 from host.network.pool import PoolShort, StationPool, check_name, pool_path
 from host.network.relay import AUTH_BYTES, TAG_BYTES, wegman_carter_tag, xor_bytes
@@ -37,15 +39,22 @@ def pool_bytes_needed(cipher: str, plaintext_bytes: int) -> int:
     return plaintext_bytes + AUTH_BYTES if cipher == OTP else AES_KEY_BYTES
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
+    """A decrypted message is as secret as the pad that hid it: written to a fresh
+    temporary file created 0600 (O_EXCL|O_NOFOLLOW: a file or symlink planted under that
+    name is removed first, never followed or truncated), fsync'd, renamed into place, and
+    the rename made durable."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover of a killed run with our pid, or a planted symlink
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_directory(str(path))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
