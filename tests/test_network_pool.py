@@ -76,6 +76,26 @@ def test_bytes_are_served_once_across_restarts_and_never_again(tmp_path):
     assert level.lost_bytes == 0  # every used byte is journalled (taken or skipped)
 
 
+def test_a_symlink_planted_at_the_usage_records_temporary_name_is_not_followed(tmp_path):
+    """The usage record is written through a fresh temporary file (O_EXCL|O_NOFOLLOW): a
+    symlink under its predictable name (the pid) neither has its target truncated nor
+    replaces the record."""
+    net = tmp_path / "net"
+    key = distilled(tmp_path / "k", 8 * 200, "pass-1")
+    fill_pair(net, "Wuhan", tmp_path / "k")
+    path = pool_path(net, "Wuhan", SATELLITE)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"not yours to truncate")
+    planted = Path(f"{path}.used.{os.getpid()}.tmp")
+    planted.symlink_to(victim)
+    with StationPool(path) as pool:
+        assert pool.take(20, "test") == key[:20]
+    assert victim.read_bytes() == b"not yours to truncate"
+    used = Path(f"{path}.used")
+    assert not used.is_symlink() and json.loads(used.read_text()) == {"used_bytes": 20}
+    assert used.stat().st_mode & 0o777 == 0o600 and not planted.exists()
+
+
 def test_a_pool_killed_mid_take_never_serves_a_byte_twice(tmp_path):
     """A real process takes bytes in a loop and is SIGKILLed; every offset it reported
     served lies below the usage record the next opening finds."""

@@ -26,6 +26,7 @@ relay, the key-delivery server and `qkdsat pool` may share a station's pools).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -176,7 +177,11 @@ class StationPool:
     def _write_used(self, used_bytes: int) -> None:
         """Atomically and durably (same record and steps as KeyPool._write_record)."""
         tmp = f"{self.used_path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # a fresh file: a leftover or a planted symlink under this name is removed, never
+        # followed (its target would be truncated) nor renamed into the record's place
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, json.dumps({"used_bytes": used_bytes}).encode())
             os.fsync(fd)
