@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -307,3 +308,93 @@ def test_pass_json_must_match_a_head_generated_pass_run_records(tmp_path):
     )
     with pytest.raises(BadInput, match="Alice's pattern thresholds"):
         Alice(edited, Config(), patterns=HeadPatternMemory())
+
+
+class _TagWithoutEquality(bytes):
+    """A tag that refuses == and !=: only a constant-time comparison
+    (hmac.compare_digest, which reads the bytes) can check it. With == Python calls this
+    class's reflected __eq__ even when the tag is the right-hand operand."""
+
+    def __eq__(self, other):
+        raise AssertionError("a tag was compared with == / != (not constant time)")
+
+    __ne__ = __eq__
+    __hash__ = bytes.__hash__
+
+    def hex(self, *args):
+        return _HexWithoutEquality(bytes.hex(self, *args))
+
+
+class _HexWithoutEquality(str):
+    """The same tag as text (main compared the final verification tags as hex strings)."""
+
+    def __eq__(self, other):
+        raise AssertionError("a tag was compared with == / != (not constant time)")
+
+    __ne__ = __eq__
+    __hash__ = str.__hash__
+
+
+def _bob_gets_traps(function, corrupt=False):
+    """Wrap a tag function: Bob's thread gets _TagWithoutEquality tags (flipped when
+    `corrupt`, so the comparison fails and the next check runs), Alice the real ones."""
+
+    def wrapped(*args):
+        real = function(*args)
+        if threading.current_thread().name not in ("bob", "MainThread"):
+            return real
+        trap = lambda tag: _TagWithoutEquality(bytes(b ^ 0xFF for b in tag) if corrupt else tag)  # noqa: E731
+        return [trap(t) for t in real] if isinstance(real, list) else trap(real)
+
+    return wrapped
+
+
+def test_ldpc_check_tags_are_compared_in_constant_time(monkeypatch):
+    """The EC block tag and, when it differs, the per-frame tags: main compared both with
+    ==/!=, whose time depends on the first differing byte."""
+    from host.distil import channel as ch
+    from host.distil import ldpc, reconcile
+
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
+    monkeypatch.setattr(reconcile, "_block_tag", _bob_gets_traps(reconcile._block_tag, True))
+    monkeypatch.setattr(reconcile, "_frame_tags", _bob_gets_traps(reconcile._frame_tags))
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 2, 20_000, dtype=np.uint8)
+    y = x ^ (rng.random(x.size) < 0.02).astype(np.uint8)
+    data = rng.bytes(1 << 16)
+    t_a, t_b = ch.queue_pair(timeout_s=20)
+    a = ch.AuthChannel(t_a, ch.KeyPool(data), ch.ALICE)
+    b = ch.AuthChannel(t_b, ch.KeyPool(data), ch.BOB)
+    result = {}
+    alice = threading.Thread(
+        target=lambda: result.update(a=reconcile.ldpc_alice(a, x, 0.02, 1.1, rng)),
+        name="alice",
+    )
+    alice.start()
+    try:
+        corrected, kept, stats = reconcile.ldpc_bob(b, y, 0.02, 1.1)
+    finally:
+        t_b.close()
+        alice.join()
+    assert stats["frame_tags_sent"]  # the block tag "differed": the frame tags were checked
+    assert stats["frames_discarded"] == 0 and kept.all()
+    assert np.array_equal(corrected, x)
+
+
+@pytest.mark.slow
+def test_final_verification_and_channel_tags_are_compared_in_constant_time(
+    tiny_pass, tmp_path, monkeypatch
+):
+    """Bob's check of the final verification hashes (main: hex strings with !=) and every
+    authentication tag of the channel, in a full local distillation."""
+    from host.distil import channel as ch
+    from host.distil.run import run_local
+
+    monkeypatch.setattr(protocol, "bits_hash", _bob_gets_traps(protocol.bits_hash))
+    real_tag = ch.AuthChannel._tag
+    monkeypatch.setattr(
+        ch.AuthChannel, "_tag", lambda self, *a: _TagWithoutEquality(real_tag(self, *a))
+    )
+    report = run_local(tiny_pass, tmp_path / "out", Config())
+    assert "verification" in report["stage_seconds"]
+    assert not (report["aborted"] and "verification" in (report["abort_reason"] or ""))

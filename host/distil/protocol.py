@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import math
 import time
@@ -819,8 +820,12 @@ class Bob:
             keys = json.loads(msg["keys"])
             tags = json.loads(msg["tags"])
             for name in key_bases:
-                mine = bits_hash(blocks[name], tuple(keys[name])).hex()
-                if mine != tags[name]:
+                mine = bits_hash(blocks[name], tuple(keys[name]))
+                try:
+                    theirs = bytes.fromhex(tags[name])
+                except (TypeError, ValueError) as error:
+                    raise ProtocolAborted(f"verify: {name}-basis tag is not hex") from error
+                if not hmac.compare_digest(mine, theirs):  # constant time, as every tag
                     raise ProtocolAborted(
                         f"verification failed: {name}-basis block hashes differ after "
                         "error correction"

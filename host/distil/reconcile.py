@@ -14,6 +14,7 @@ Leak accounting (bits an eavesdropper learns about the key string):
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
 
@@ -535,7 +536,8 @@ def ldpc_bob(
         raise ReconciliationFailed("ec_verify: expected one hash key")
     hash_key = int(hash_key[0])
     decoded_bits = [corrected[interleave[_frame_slice(frames, f)]] for f in decoded]
-    match = bytes(msg["tag"]) == _block_tag(decoded_bits, hash_key)
+    # tags are compared in constant time (hmac.compare_digest), as every tag in host/distil
+    match = hmac.compare_digest(bytes(msg["tag"]), _block_tag(decoded_bits, hash_key))
     channel.send("ec_check", match=int(match))
     differ, discarded = [], undecoded
     if not match:
@@ -547,7 +549,7 @@ def ldpc_bob(
         differ = [
             f
             for i, f in enumerate(decoded)
-            if mine[i] != theirs[i * tag_bytes : (i + 1) * tag_bytes]
+            if not hmac.compare_digest(mine[i], theirs[i * tag_bytes : (i + 1) * tag_bytes])
         ]
         discarded = np.union1d(undecoded, np.asarray(differ, dtype=np.int64)).astype(np.int64)
         channel.send("ec_discard", frames=discarded.astype(np.int32))
