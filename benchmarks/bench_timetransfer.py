@@ -2,7 +2,8 @@
 
 Prints, per profile: TDEV at 0.1, 1 and 10 s (of the measured offset and of its error
 against truth), the time-data rate, the timing QBER, the offset bias against truth, the
-1 s precision, the size of each correction, and the time-transfer CPU time as a fraction
+1 s precision, the key bits the sealed time messages consumed, the size of each
+correction, and the time-transfer CPU time as a fraction
 of the pass duration, beside a baseline measured in the same run (reading the pass's
 event files, which any estimator has to do).
 """
@@ -15,6 +16,7 @@ import numpy as np
 
 from host.timetransfer import files, simulate
 from host.timetransfer.command import time_transfer
+from tests.network_keys import distilled
 
 PUBLISHED_RATE_HZ = 9000.0  # Dai et al. 2020
 PUBLISHED_PRECISION_PS = 30.0
@@ -26,7 +28,9 @@ def _run(profile: str, tmp_path):
     started = time.process_time()
     files.read_events(pass_dir)
     read_cpu_s = time.process_time() - started
-    report = time_transfer(pass_dir, tmp_path / f"{profile}-out")
+    keys = tmp_path / f"{profile}-keys"
+    distilled(keys, 1_000_000, profile)  # a pass key of 1 Mbit, as a distillation writes it
+    report = time_transfer(pass_dir, tmp_path / f"{profile}-out", keys)
     return report, read_cpu_s
 
 
@@ -44,6 +48,13 @@ def _print(profile: str, report: dict, read_cpu_s: float) -> None:
         f"down {report['qber']['downlink']:.4f}"
     )
     print(f"  offset bias vs truth {truth['offset_bias_ps']:.2f} ps")
+    key = report["key"]
+    print(
+        f"  key consumed         {key['pad_bits']} pad + {key['auth_bits']} tag bits "
+        f"({key['pad_bits'] / report['pass_duration_s']:.0f} bit/s of pass); classical "
+        f"{report['classical_bytes']['satellite_to_ground'] / 1e6:.2f} MB down, "
+        f"{report['classical_bytes']['ground_to_satellite'] / 1e6:.2f} MB up"
+    )
     print(f"  1 s precision        {truth['precision_1s_ps']:.2f} ps")
     check = report["range_check"]
     print(

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from host.cli import main
-from host.timetransfer import simulate
+from host.distil import channel as ch
+from host.errors import ProtocolAborted
+from host.timetransfer import command, endpoints, estimate, simulate
+from tests.network_keys import distilled
 
 DURATION_S = 10.0
 
@@ -24,14 +27,22 @@ def clean_pass(tmp_path_factory):
     return simulated(tmp_path_factory, "clean")
 
 
-def run(pass_dir, out_dir):
-    code = main(["timetransfer", str(pass_dir), "--out", str(out_dir)])
+@pytest.fixture
+def keys(tmp_path_factory):
+    """A fresh distilled key pair (alice.key = bob.key, 64 kbit) for one test."""
+    directory = tmp_path_factory.mktemp("keys")
+    distilled(directory, 64_000, "a pass")
+    return directory
+
+
+def run(pass_dir, out_dir, keys):
+    code = main(["timetransfer", str(pass_dir), "--keys", str(keys), "--out", str(out_dir)])
     report_path = out_dir / "report.json"
     return code, json.loads(report_path.read_text()) if report_path.exists() else None
 
 
-def test_clean_pass_matches_truth_and_raises_no_flag(clean_pass, tmp_path):
-    code, report = run(clean_pass, tmp_path)
+def test_clean_pass_matches_truth_and_raises_no_flag(clean_pass, tmp_path, keys):
+    code, report = run(clean_pass, tmp_path, keys)
     assert code == 0 and report["aborted"] is False
     assert report["qber"]["uplink"] < 0.01 and report["qber"]["downlink"] < 0.01
     # bias: half the profile's 15 ps delay-calibration residual, nothing more
@@ -47,47 +58,49 @@ def test_clean_pass_matches_truth_and_raises_no_flag(clean_pass, tmp_path):
     assert lines[0].startswith("t_s,offset_ps,offset_sigma_ps")
     assert len(lines) - 1 == report["bins"] >= 0.9 * DURATION_S / report["bin_s"]
     assert (tmp_path / "timetransfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert report["time_data_security"].startswith("none yet")
+    assert report["time_data_security"].startswith("one-time pad")
 
 
-def test_json_prints_the_report_alone(clean_pass, tmp_path, capsys):
-    code = main(["timetransfer", str(clean_pass), "--out", str(tmp_path), "--json"])
+def test_json_prints_the_report_alone(clean_pass, tmp_path, capsys, keys):
+    argv = ["timetransfer", str(clean_pass), "--keys", str(keys), "--out", str(tmp_path)]
+    code = main(argv + ["--json"])
     printed = json.loads(capsys.readouterr().out)
     assert code == 0 and printed == json.loads((tmp_path / "report.json").read_text())
 
 
-def test_one_way_delay_of_200_ps_is_flagged_by_the_range_check(tmp_path_factory, tmp_path):
+def test_one_way_delay_of_200_ps_is_flagged_by_the_range_check(tmp_path_factory, tmp_path, keys):
     pass_dir = simulated(tmp_path_factory, "delay", one_way_delay_ps=200.0)
-    code, report = run(pass_dir, tmp_path)
+    code, report = run(pass_dir, tmp_path, keys)
     assert code == 3 and report["aborted"] is True
     assert "asymmetric delay" in report["abort_reason"]
     assert report["range_check"]["mean_one_way_error_ps"] == pytest.approx(100.0, abs=25.0)
 
 
 def test_a_drifting_delay_under_the_mean_check_is_flagged_by_the_range_rate(
-    tmp_path_factory, tmp_path
+    tmp_path_factory, tmp_path, keys
 ):
     # 0 -> 200 ps over the window: the mean one-way error (~50 ps) stays under the range
     # check's threshold; its drift of ~10 ps/s does not pass the range-rate check
     pass_dir = simulated(tmp_path_factory, "ramp", delay_ramp_ps=200.0)
-    code, report = run(pass_dir, tmp_path)
+    code, report = run(pass_dir, tmp_path, keys)
     assert code == 3 and "drifting asymmetric delay" in report["abort_reason"]
     assert report["range_check"]["violation"] is False
     assert report["range_rate_check"]["one_way_error_rate_ps_s"] == pytest.approx(10.0, abs=3.0)
 
 
-def test_intercept_resend_is_flagged_by_the_timing_qber(tmp_path_factory, tmp_path):
+def test_intercept_resend_is_flagged_by_the_timing_qber(tmp_path_factory, tmp_path, keys):
     pass_dir = simulated(tmp_path_factory, "eve", intercept_resend=0.5)
-    code, report = run(pass_dir, tmp_path)
+    code, report = run(pass_dir, tmp_path, keys)
     assert code == 3 and "QBER" in report["abort_reason"]
     assert report["qber"]["downlink"] > 0.1
 
 
-def test_missing_uplink_data_is_bad_input(clean_pass, tmp_path, capsys):
+def test_missing_uplink_data_is_bad_input(clean_pass, tmp_path, capsys, keys):
     broken = tmp_path / "pass"
     shutil.copytree(clean_pass, broken)
     (broken / "satellite" / "tt_uplink_rx.npz").unlink()
-    assert main(["timetransfer", str(broken), "--out", str(tmp_path / "out")]) == 2
+    argv = ["timetransfer", str(broken), "--keys", str(keys), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
     assert "tt_uplink_rx.npz: missing" in capsys.readouterr().err
 
 
@@ -99,26 +112,26 @@ def _keep(pass_dir, direction, keep):
         np.savez(pass_dir / relative, **arrays)
 
 
-def test_directions_that_never_overlap_give_no_time_transfer(clean_pass, tmp_path):
+def test_directions_that_never_overlap_give_no_time_transfer(clean_pass, tmp_path, keys):
     broken = tmp_path / "pass"
     shutil.copytree(clean_pass, broken)
     _keep(broken, "uplink", lambda n: slice(0, n // 3))  # first third of the pass only
     _keep(broken, "downlink", lambda n: slice(2 * n // 3, n))  # last third only
-    code, report = run(broken, tmp_path / "out")
+    code, report = run(broken, tmp_path / "out", keys)
     assert code == 3 and "do not overlap" in report["abort_reason"]
 
 
-def test_too_few_events_give_no_time_transfer(clean_pass, tmp_path):
+def test_too_few_events_give_no_time_transfer(clean_pass, tmp_path, keys):
     broken = tmp_path / "pass"
     shutil.copytree(clean_pass, broken)
     _keep(broken, "uplink", lambda n: slice(0, 100))
-    code, report = run(broken, tmp_path / "out")
+    code, report = run(broken, tmp_path / "out", keys)
     assert code == 3 and "too few uplink timing events" in report["abort_reason"]
 
 
-def test_best_profile_reaches_10_ps_tdev_and_bias(tmp_path_factory, tmp_path):
+def test_best_profile_reaches_10_ps_tdev_and_bias(tmp_path_factory, tmp_path, keys):
     pass_dir = simulated(tmp_path_factory, "best", profile="qstt-best")
-    code, report = run(pass_dir, tmp_path)
+    code, report = run(pass_dir, tmp_path, keys)
     assert code == 0
     assert report["stability"]["tdev_ps"]["1"] <= 10.0
     assert report["truth"]["tdev_error_ps"]["1"] <= 10.0
@@ -129,3 +142,140 @@ def test_best_profile_reaches_10_ps_tdev_and_bias(tmp_path_factory, tmp_path):
     table = np.loadtxt(tmp_path / "offset.csv", delimiter=",", skiprows=1)
     rate = np.polyfit(table[:, 0], table[:, 1], 1)[0] * 1e-12
     assert rate - 1.0e-9 == pytest.approx(-3.22e-10 + 5.06e-11, abs=5e-12)
+
+
+# ---------------------------------------------------------------- the endpoints and the key
+
+
+def test_sifting_is_the_endpoints_basis_exchange(clean_pass, tmp_path, keys):
+    # the pass holds every detection in both bases; the endpoints keep the half whose bases
+    # agree (as the truth says) and measure the QBER on a disclosed sample of them
+    code, report = run(clean_pass, tmp_path, keys)
+    events = simulate.files.read_events(clean_pass)
+    for direction in ("uplink", "downlink"):
+        tx, rx = events[f"{direction}_tx"], events[f"{direction}_rx"]
+        agree = tx[1] == rx[1]
+        assert 0.45 < agree.mean() < 0.55
+        assert report["sifted_events"][direction] == int(agree.sum())
+        sample = report["qber_sample"][direction]
+        assert sample["n"] >= 0.1 * agree.sum() - 1
+        assert report["qber"][direction] == sample["errors"] / sample["n"]
+        true_qber = float(np.mean(tx[2][agree] != rx[2][agree]))
+        assert report["qber"][direction] == pytest.approx(true_qber, abs=0.006)
+        assert report["timing_events_used"][direction] > 0.9 * agree.sum()
+
+
+def test_no_raw_time_tag_crosses_the_link_in_the_clear(clean_pass, tmp_path, keys):
+    # the satellite's uplink detection tags and the ground's downlink detection tags (the
+    # measured times) stay with their endpoint: not one of them is on the wire as int64
+    wire = []
+
+    def record(data):
+        wire.append(data)
+        return data
+
+    scenario = simulate.files.read_scenario(clean_pass)
+    report = command.run_endpoints(scenario, clean_pass, keys, tamper=record)
+    assert report["aborted"] is False and len(wire) == 3  # pool start, bases, uplink fit
+    stream = b"".join(wire)
+    on_wire = {stream[i : i + 8] for i in range(len(stream) - 7)}
+    events = simulate.files.read_events(clean_pass)
+    for key in ("uplink_rx", "downlink_rx"):
+        tags = events[key][0].astype("<i8")
+        assert not any(tag.tobytes() in on_wire for tag in tags)
+    # while the emission epochs of the sifted downlink events, public slot epochs, are
+    sifted = events["downlink_tx"][1] == events["downlink_rx"][1]
+    first = events["downlink_tx"][0][sifted][:5].astype("<i8")
+    assert all(tag.tobytes() in on_wire for tag in first)
+
+
+def test_a_tampered_time_message_aborts_the_time_transfer(clean_pass, tmp_path, keys):
+    sent = []
+
+    def flip_one_bit_of_the_uplink_fit(data):
+        sent.append(data)
+        if len(sent) == 3:  # pool start, bases, then the sealed uplink fit
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0x01
+            data = bytes(data)
+        return data
+
+    with pytest.raises(ProtocolAborted, match="time message authentication failed"):
+        command.time_transfer(clean_pass, tmp_path, keys, tamper=flip_one_bit_of_the_uplink_fit)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["aborted"] is True
+    assert report["abort_reason"].startswith("time message authentication failed")
+    assert "offset_reference_ps" not in report and not (tmp_path / "offset.csv").exists()
+
+
+def test_keys_that_are_not_a_distillation_output_are_bad_input(clean_pass, tmp_path, capsys):
+    argv = ["timetransfer", str(clean_pass), "--out", str(tmp_path / "out"), "--keys"]
+    assert main(argv + [str(tmp_path / "none")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(argv + [str(tmp_path / "empty")]) == 2
+    assert "report.json" in capsys.readouterr().err
+
+
+def test_key_consumption_is_exact_and_no_pad_bit_is_used_twice(
+    clean_pass, tmp_path_factory, tmp_path, monkeypatch
+):
+    keys = tmp_path_factory.mktemp("keys")
+    distilled(keys, 200_000, "a pass")
+    taken = {}  # (key file, run) -> bytes of the key taken, absolute offsets
+    take = ch.KeyPool.take
+
+    def spy(pool, offset_byte, count):
+        bytes_ = taken.setdefault((pool.path, run_number), set())
+        bytes_.update(range(pool.start_byte + offset_byte, pool.start_byte + offset_byte + count))
+        return take(pool, offset_byte, count)
+
+    monkeypatch.setattr(ch.KeyPool, "take", spy)
+    reports = []
+    for run_number in (1, 2):
+        code, report = run(clean_pass, tmp_path / f"out{run_number}", keys)
+        assert code == 0
+        reports.append(report)
+    _, n_bins = estimate.bin_grid(simulate.files.read_scenario(clean_pass))
+    for number, report in enumerate(reports, start=1):
+        ground, satellite = report["key"], report["satellite"]["key"]
+        assert {k: v for k, v in ground.items() if k != "file"} == {
+            k: v for k, v in satellite.items() if k != "file"
+        }
+        # pads: the uplink fit (8 bytes a bin: residual float32, variance float16, count
+        # uint16) and the result, each with its small header; tags: hash key + one pad per
+        # message each way
+        assert 8 * 8 * n_bins < ground["pad_bits"] < 8 * 8 * n_bins + 8 * 700
+        assert ground["auth_bits"] == 64 + 64 * 4
+        assert ground["consumed_bits"] == 8 * endpoints.AUTH_REGION_BYTES + ground["pad_bits"]
+        for role in ("alice", "bob"):
+            used = taken[(str(keys / f"{role}.key"), number)]
+            start = ground["start_bit"] // 8
+            # every byte taken lies in the span reported, and every pad byte was taken
+            assert min(used) == start
+            assert max(used) == start + ground["consumed_bits"] // 8 - 1
+            pads = {b for b in used if b >= start + endpoints.AUTH_REGION_BYTES}
+            assert len(pads) == ground["pad_bits"] // 8
+            # the usage record on disk covers every byte taken, before the next run
+            record = json.loads((keys / f"{role}.key.used").read_text())["used_bytes"]
+            assert record * 8 >= reports[-1]["key"]["record_bits"] >= ground["record_bits"]
+    for role in ("alice", "bob"):
+        first = taken[(str(keys / f"{role}.key"), 1)]
+        second = taken[(str(keys / f"{role}.key"), 2)]
+        assert not first & second
+        assert min(second) * 8 >= reports[0]["key"]["record_bits"]
+
+
+def test_not_enough_key_is_refused_clearly(clean_pass, tmp_path_factory, tmp_path):
+    keys = tmp_path_factory.mktemp("small-keys")
+    distilled(keys, 9_000, "a pass")  # 1125 bytes: enough to start, not for 100 bins
+    code, report = run(clean_pass, tmp_path, keys)
+    assert code == 3 and report["aborted"] is True
+    assert report["abort_reason"].startswith("not enough key in alice.key: the time data needs")
+    assert not (tmp_path / "offset.csv").exists()
+    # the pads the satellite had reserved stay used: a second attempt does not reuse them
+    record = json.loads((keys / "alice.key.used").read_text())["used_bytes"]
+    assert record > 0
+    code = main(["timetransfer", str(clean_pass), "--keys", str(keys), "--out",
+                 str(tmp_path / "again")])  # fmt: skip
+    assert code == 2  # fewer than the pool's minimum left: refused before any message

@@ -1,10 +1,17 @@
-"""`qkdsat timetransfer PASS_DIR --out DIR`: two-way time transfer from a pass directory.
+"""`qkdsat timetransfer PASS_DIR --keys KEYS --out DIR`: two-way time transfer from a pass
+directory, its time messages sealed with the pass's distilled key (KEYS: the `qkdsat
+distil --out` directory; alice.key for the satellite endpoint, bob.key for the ground's).
+
+The satellite endpoint (reading only satellite/) and the ground endpoint (reading only
+ground/) run in two threads over the distillation's authenticated channel
+(host/timetransfer/endpoints.py); the ground endpoint's report is the result.
 
 Writes DIR/report.json (the figures; `aborted`/`abort_reason` as distil's report),
 DIR/offset.csv (the offset series with its uncertainty and the range error per bin) and
 DIR/timetransfer.png (offset, range check, TDEV).
 Exit 0 with a result, 2 for bad input, 3 when no time transfer can be vouched for (too
-few events, no overlap of the two directions, timing QBER too high, range check failed).
+few events, no overlap of the two directions, timing QBER too high, range check failed,
+a time message that fails authentication, not enough key).
 """
 
 from __future__ import annotations
@@ -12,21 +19,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from host.console import to_json
+from host.distil import channel as ch
 from host.errors import ProtocolAborted
 from host.outdir import check_output_dir
-from host.timetransfer import estimate, files
+from host.timetransfer import endpoints, estimate, files
 
 TDEV_TAUS_S = (0.1, 1.0, 10.0)
+ENDPOINT_TIMEOUT_S = 600.0
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("pass_dir", metavar="PASS_DIR", help="pass directory with two-way data")
+    parser.add_argument(
+        "--keys",
+        required=True,
+        metavar="KEYS",
+        help="`qkdsat distil --out` directory of the pass: alice.key (satellite) and bob.key "
+        "(ground) seal the time messages; their use is recorded in KEY.used",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
 
@@ -152,19 +169,76 @@ def _finite(value):
     return value
 
 
-def time_transfer(pass_dir: Path, out_dir: Path) -> dict:
-    """Run the estimator and write the outputs; returns the report (raises
+def run_endpoints(scenario: dict, pass_dir: Path, keys_dir: Path, tamper=None) -> dict:
+    """The satellite endpoint in a thread, the ground endpoint in another, over an
+    in-process channel; returns the ground's report with the satellite's outcome, or
+    raises ProtocolAborted carrying that report. `tamper`: a test hook on the satellite's
+    outgoing bytes (channel.QueueTransport.tamper)."""
+    satellite_events = files.read_events(pass_dir, files.SATELLITE_FILES)
+    ground_events = files.read_events(pass_dir, files.GROUND_FILES)
+    satellite_pool, satellite_key = endpoints.open_time_key(keys_dir, "satellite")
+    try:
+        ground_pool, ground_key = endpoints.open_time_key(keys_dir, "ground")
+    except BaseException:
+        satellite_pool.close()
+        raise
+    satellite = endpoints.SatelliteEndpoint(scenario, satellite_events, satellite_pool,
+                                            satellite_key)  # fmt: skip
+    ground = endpoints.GroundEndpoint(scenario, ground_events, ground_pool, ground_key)
+    to_ground, to_satellite = ch.queue_pair(timeout_s=ENDPOINT_TIMEOUT_S)
+    to_ground.tamper = tamper
+    results = {}
+
+    def body(name, endpoint, transport):
+        try:
+            results[name] = endpoint.run(transport)
+        except BaseException as error:  # re-raised in the calling thread
+            results[f"{name}_error"] = error
+        finally:
+            transport.close()
+
+    threads = [
+        threading.Thread(target=body, args=("satellite", satellite, to_ground), daemon=True),
+        threading.Thread(target=body, args=("ground", ground, to_satellite), daemon=True),
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        satellite_pool.close()
+        ground_pool.close()
+    report = ground.report
+    if satellite.sealed is not None:
+        report["satellite"] = results.get("satellite", {"key": satellite.sealed.accounting()})
+    error = results.get("ground_error")
+    if error is None and "satellite_error" in results:
+        error = results["satellite_error"]
+    if error is not None:
+        if not isinstance(error, ProtocolAborted):
+            raise error
+        report["aborted"], report["abort_reason"] = True, str(error)
+        error.report = report
+        raise error
+    return report
+
+
+def time_transfer(pass_dir: Path, out_dir: Path, keys_dir: Path, tamper=None) -> dict:
+    """Run both endpoints and write the outputs; returns the report (raises
     ProtocolAborted after writing the report when the protocol stops by design)."""
     check_output_dir(out_dir, files=("report.json", "offset.csv"))
     started = time.process_time()
+    pass_dir = Path(pass_dir)
     scenario = files.read_scenario(pass_dir)
-    events = files.read_events(pass_dir)
     truth = files.read_truth(pass_dir)
     aborted = None
     try:
-        report = estimate.estimate(scenario, events)
+        report = run_endpoints(scenario, pass_dir, Path(keys_dir), tamper)
     except ProtocolAborted as error:
-        report, aborted = error.report, error
+        report, aborted = getattr(error, "report", None), error
+        if report is None:
+            report = {"aborted": True, "abort_reason": str(error)}
     series = report.pop("series", None)
     if series is not None:
         report["stability"] = stability(series["t_s"], series["offset_ps"], report["bin_s"])
@@ -174,11 +248,8 @@ def time_transfer(pass_dir: Path, out_dir: Path) -> dict:
     report["cpu_seconds"] = time.process_time() - started
     report["cpu_fraction_of_pass"] = report["cpu_seconds"] / report["pass_duration_s"]
     report["profile"] = scenario.get("profile")
-    # said plainly until the time messages travel under the pass key (docs/time-transfer.md)
-    report["time_data_security"] = (
-        "none yet: the satellite's time tags are read from the pass directory, not received "
-        "one-time-pad encrypted and authenticated; no key consumed"
-    )
+    if "key" in report:
+        report["time_data_security"] = endpoints.describe_security(report["key"])
     report = _finite(report)
     write_outputs(Path(out_dir), report, series)
     if series is not None:
@@ -189,7 +260,7 @@ def time_transfer(pass_dir: Path, out_dir: Path) -> dict:
 
 
 def run(args) -> int:
-    report = time_transfer(Path(args.pass_dir), Path(args.out))
+    report = time_transfer(Path(args.pass_dir), Path(args.out), Path(args.keys))
     if getattr(args, "json", False):
         print(to_json(report))
         return 0

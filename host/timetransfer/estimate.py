@@ -12,9 +12,13 @@ where (t2' - t1) and (t4' - t3) are the predicted flights: equipment delays + th
 light-time solution on the predicted orbit (satellite motion, Sagnac, Shapiro) + the
 troposphere at each wavelength, and e is whatever the prediction misses on a one-way path
 (orbit error, a symmetric delay, *or an asymmetric delay attack's half*). Inside each bin
-of `bin_s` the offset is a line and e a constant; the three unknowns are fitted by
-weighted least squares over both directions at once, so up and down events never need
-to be paired. Noise counts (uniform in the detection gate) are clipped at 4 sigma.
+of `bin_s` the offset is a line and e a constant. Each endpoint fits the line of the
+direction it receives (the satellite the uplink, `uplink_samples`; the ground the
+downlink, `downlink_samples`) with `fit_direction`, so the satellite's detection tags
+never leave it: only its per-bin intercepts cross the link, one-time-pad encrypted
+(host/timetransfer/endpoints.py). `combine` turns the two intercepts at each bin centre,
+a_up = Delta + e and a_down = Delta - e, into the offset and e; up and down events are
+never paired. Noise counts (uniform in the detection gate) are clipped at 4 sigma.
 """
 
 from __future__ import annotations
@@ -44,86 +48,93 @@ def predicted_orbit(scenario: dict) -> InertialPass:
     )  # fmt: skip
 
 
-def timing_events(events: dict) -> dict:
-    """Sifted events whose bits agree are timing events; the others give the QBER."""
-    out = {}
-    for direction in ("uplink", "downlink"):
-        tx_tag, tx_basis, tx_bit = events[f"{direction}_tx"]
-        rx_tag, rx_basis, rx_bit = events[f"{direction}_rx"]
-        sifted = tx_basis == rx_basis
-        agree = sifted & (tx_bit == rx_bit)
-        n_sifted = int(sifted.sum())
-        out[direction] = {
-            "tx": tx_tag[agree],
-            "rx": rx_tag[agree],
-            "sifted": n_sifted,
-            "errors": n_sifted - int(agree.sum()),
-            "qber": (n_sifted - int(agree.sum())) / n_sifted if n_sifted else math.nan,
-        }
-    return out
-
-
-def residuals(scenario: dict, timing: dict, orbit: InertialPass):
-    """Event times (s, ground time) and Delta - base (ps) of up and down events."""
+def uplink_samples(scenario: dict, orbit: InertialPass, tx_tag, rx_tag, base: int):
+    """Up events as (t2 ground time in s from the ground clock epoch, Delta - base in ps):
+    the satellite computes them from its own reception tags and the ground's emission
+    epochs (public after sifting)."""
     delays = scenario["delays_ps"]
     epoch = np.int64(scenario["ground_clock_epoch_ps"])
-    height = scenario["station"]["height_km"]
-    wavelengths = scenario["wavelengths_nm"]
-    up, down = timing["uplink"], timing["downlink"]
-    base = np.int64(np.median(up["rx"] - up["tx"]))  # coarse offset, keeps floats small
-
-    t1 = (up["tx"] - epoch).astype(np.float64) / PS_PER_S
+    t1 = (tx_tag - epoch).astype(np.float64) / PS_PER_S
     leave = t1 + delays["ground_tx"] / PS_PER_S
     flight = orbit.up_light_time_s(leave) + troposphere_delay_s(
-        orbit.elevation_deg(leave), wavelengths["uplink"], height
+        orbit.elevation_deg(leave),
+        scenario["wavelengths_nm"]["uplink"],
+        scenario["station"]["height_km"],
     )
     t2 = leave + flight + delays["satellite_rx"] / PS_PER_S
-    up_y = (up["rx"] - up["tx"] - base).astype(np.float64) - (t2 - t1) * PS_PER_S
+    y = (rx_tag - tx_tag - np.int64(base)).astype(np.float64) - (t2 - t1) * PS_PER_S
+    return t2, y
 
-    t4_tag = (down["rx"] - epoch).astype(np.float64) / PS_PER_S
+
+def downlink_samples(scenario: dict, orbit: InertialPass, tx_tag, rx_tag, base: int):
+    """Down events as (t3 ground time in s, Delta - base in ps): the ground computes them
+    from its own reception tags and the satellite's emission epochs."""
+    delays = scenario["delays_ps"]
+    epoch = np.int64(scenario["ground_clock_epoch_ps"])
+    t4_tag = (rx_tag - epoch).astype(np.float64) / PS_PER_S
     t4 = t4_tag - delays["ground_rx"] / PS_PER_S
     flight = orbit.down_light_time_by_reception_s(t4)
     flight = flight + troposphere_delay_s(
-        orbit.elevation_deg(t4 - flight), wavelengths["downlink"], height
+        orbit.elevation_deg(t4 - flight),
+        scenario["wavelengths_nm"]["downlink"],
+        scenario["station"]["height_km"],
     )
     t3 = t4 - flight - delays["satellite_tx"] / PS_PER_S
-    down_y = (down["tx"] - down["rx"] - base).astype(np.float64) + (t4_tag - t3) * PS_PER_S
-    return base, (t2, up_y), (t3, down_y)
+    y = (tx_tag - rx_tag - np.int64(base)).astype(np.float64) + (t4_tag - t3) * PS_PER_S
+    return t3, y
 
 
-def _fit_bins(times, values, signs, weights, bin_index, n_bins, bin_centres):
-    """Weighted least squares of y = a + b (t - centre) + sign * e in every bin at once."""
-    dt = times - bin_centres[bin_index]
-    columns = (np.ones_like(dt), dt, signs)
-    normal = np.zeros((n_bins, 3, 3))
-    rhs = np.zeros((n_bins, 3))
-    for i in range(3):
-        rhs[:, i] = np.bincount(bin_index, weights * columns[i] * values, n_bins)
-        for j in range(i, 3):
-            normal[:, i, j] = normal[:, j, i] = np.bincount(
-                bin_index, weights * columns[i] * columns[j], n_bins
-            )
-    solvable = np.abs(np.linalg.det(normal)) > 1e-300
-    params = np.full((n_bins, 3), np.nan)
-    covariance = np.full((n_bins, 3, 3), np.nan)
-    if solvable.any():
-        covariance[solvable] = np.linalg.inv(normal[solvable])
-        params[solvable] = np.einsum("nij,nj->ni", covariance[solvable], rhs[solvable])
-    return params, covariance, solvable
+def bin_grid(scenario: dict) -> tuple[float, int]:
+    """(bin length, number of bins) both endpoints use: bins of `bin_s` from the ground
+    clock's epoch over the pass, so the two sides' per-bin fits line up without talking."""
+    bin_s = float(scenario.get("bin_s", 0.1))
+    return bin_s, int(math.ceil(float(scenario["duration_s"]) / bin_s)) + 1
 
 
-def estimate(scenario: dict, events: dict) -> dict:
-    """The offset series, range check and corrections; raises ProtocolAborted (with the
-    partial report as its `report` attribute) when the result cannot be vouched for."""
-    orbit = predicted_orbit(scenario)
-    timing = timing_events(events)
-    report = {
-        "aborted": False,
-        "abort_reason": None,
-        "qber": {d: timing[d]["qber"] for d in timing},
-        "sifted_events": {d: timing[d]["sifted"] for d in timing},
-        "sifting": scenario.get("sifting"),
-    }
+def fit_direction(times: np.ndarray, values: np.ndarray, bin_s: float, n_bins: int) -> dict:
+    """One direction's per-bin line y = a + b (t - centre), unweighted least squares with
+    three rounds of clipping at CLIP_SIGMA times the direction's robust (MAD) scatter,
+    which drops the noise counts spread over the detection gate. Returns per bin the
+    intercept at the bin centre `a_ps`, its variance `var_ps2` (NaN where fewer than 3
+    events or no spread in time), the events kept `n`, and the scatter `sigma_ps`."""
+    bin_index = np.clip((times / bin_s).astype(np.int64), 0, n_bins - 1)
+    dt = times - (bin_index + 0.5) * bin_s
+    keep = np.isfinite(values)
+    sigma = math.nan
+
+    def fit(mask):
+        w = mask.astype(np.float64)
+        n = np.bincount(bin_index, w, n_bins)
+        s_t = np.bincount(bin_index, w * dt, n_bins)
+        s_tt = np.bincount(bin_index, w * dt * dt, n_bins)
+        s_y = np.bincount(bin_index, np.where(mask, values, 0.0), n_bins)
+        s_ty = np.bincount(bin_index, np.where(mask, dt * values, 0.0), n_bins)
+        det = n * s_tt - s_t**2
+        ok = (n >= 3) & (det > 1e-12 * np.maximum(n * s_tt, 1e-300))
+        safe = np.where(ok, det, 1.0)
+        a = np.where(ok, (s_tt * s_y - s_t * s_ty) / safe, np.nan)
+        b = np.where(ok, (n * s_ty - s_t * s_y) / safe, np.nan)
+        return a, b, np.where(ok, s_tt / safe, np.nan), n
+
+    for _ in range(3):
+        a, b, unit_var, n = fit(keep)
+        residual = values - a[bin_index] - b[bin_index] * dt
+        usable = keep & np.isfinite(residual)
+        if not usable.any():
+            break
+        sigma = max(1.4826 * float(np.median(np.abs(residual[usable]))), 0.1)
+        keep = np.isfinite(residual) & (np.abs(residual) < CLIP_SIGMA * sigma)
+    a, b, unit_var, n = fit(keep)
+    return {"a_ps": a, "var_ps2": unit_var * sigma**2, "n": n.astype(np.int64), "sigma_ps": sigma}
+
+
+def combine(scenario: dict, orbit: InertialPass, base: int, up: dict, down: dict,
+            report: dict) -> dict:  # fmt: skip
+    """Offset and one-way range error per bin from the two directions' fits:
+    a_up = Delta + e and a_down = Delta - e at each bin centre. Fills `report` (and its
+    `series`); raises ProtocolAborted with the report attached when the result cannot be
+    vouched for (QBER, overlap, range and range-rate checks)."""
+    bin_s, n_bins = bin_grid(scenario)
 
     def abort(reason: str):
         report["aborted"], report["abort_reason"] = True, reason
@@ -131,57 +142,24 @@ def estimate(scenario: dict, events: dict) -> dict:
         error.report = report
         raise error
 
-    for direction in timing:
-        if timing[direction]["tx"].size < MIN_EVENTS_PER_DIRECTION:
+    for direction, fit in (("uplink", up), ("downlink", down)):
+        if int(fit["n"].sum()) < MIN_EVENTS_PER_DIRECTION:
             abort(
-                f"too few {direction} timing events: {timing[direction]['tx'].size} "
+                f"too few {direction} timing events: {int(fit['n'].sum())} "
                 f"(need {MIN_EVENTS_PER_DIRECTION})"
             )
-    base, (t_up, y_up), (t_down, y_down) = residuals(scenario, timing, orbit)
-    bin_s = float(scenario.get("bin_s", 0.1))
-    start = math.floor(min(t_up.min(), t_down.min()) / bin_s) * bin_s
-    end = max(t_up.max(), t_down.max())
-    n_bins = int(math.ceil((end - start) / bin_s)) + 1
-    centres = start + (np.arange(n_bins) + 0.5) * bin_s
-    times = np.concatenate([t_up, t_down])
-    values = np.concatenate([y_up, y_down])
-    signs = np.concatenate([np.ones_like(t_up), -np.ones_like(t_down)])
-    bin_index = np.clip(((times - start) / bin_s).astype(np.int64), 0, n_bins - 1)
-    is_up = signs > 0
-    # per-direction scatter, first from a robust spread around the bin median
-    keep = np.ones(times.size, dtype=bool)
-    sigma = {True: 1e6, False: 1e6}
-    params = covariance = solvable = None
-    for _ in range(3):
-        weights = np.where(is_up, 1.0 / sigma[True] ** 2, 1.0 / sigma[False] ** 2) * keep
-        params, covariance, solvable = _fit_bins(
-            times, values, signs, weights, bin_index, n_bins, centres
-        )
-        model = (
-            params[bin_index, 0]
-            + params[bin_index, 1] * (times - centres[bin_index])
-            + signs * params[bin_index, 2]
-        )
-        residual = values - model
-        for flag in (True, False):
-            chosen = (is_up == flag) & np.isfinite(residual)
-            mad = np.median(np.abs(residual[chosen & keep])) if chosen.any() else np.nan
-            sigma[flag] = max(1.4826 * mad, 0.1) if np.isfinite(mad) else 1e6
-        keep = np.isfinite(residual) & (
-            np.abs(residual) < CLIP_SIGMA * np.where(is_up, sigma[True], sigma[False])
-        )
-    counts_up = np.bincount(bin_index[is_up & keep], minlength=n_bins)
-    counts_down = np.bincount(bin_index[~is_up & keep], minlength=n_bins)
-    good = solvable & (counts_up >= 3) & (counts_down >= 3)
+    centres = (np.arange(n_bins) + 0.5) * bin_s
+    good = np.isfinite(up["a_ps"]) & np.isfinite(down["a_ps"])
+    good &= np.isfinite(up["var_ps2"]) & np.isfinite(down["var_ps2"])
     if good.sum() < MIN_BINS:
         abort(
             f"only {int(good.sum())} bins of {bin_s} s hold events of both directions "
             f"(need {MIN_BINS}): the up and down data do not overlap in time"
         )
-    offset_ps = params[:, 0]
-    offset_sigma_ps = np.sqrt(covariance[:, 0, 0])
-    range_error_ps = params[:, 2]
-    range_sigma_ps = np.sqrt(covariance[:, 2, 2])
+    offset_ps = (up["a_ps"] + down["a_ps"]) / 2
+    range_error_ps = (up["a_ps"] - down["a_ps"]) / 2
+    offset_sigma_ps = np.sqrt(up["var_ps2"] + down["var_ps2"]) / 2
+    range_sigma_ps = offset_sigma_ps  # the same two variances, halved
     t_good = centres[good]
 
     # range check: mean one-way range error against the orbit's uncertainty
@@ -201,7 +179,7 @@ def estimate(scenario: dict, events: dict) -> dict:
     rate_orbit = scenario["orbit"]["range_rate_sigma_mm_s"] / MM_PER_PS
     rate_threshold = RANGE_CHECK_SIGMA * math.hypot(slope_stat, rate_orbit)
     corrections = correction_sizes(scenario, orbit, t_good)
-    used = {"uplink": int(counts_up[good].sum()), "downlink": int(counts_down[good].sum())}
+    used = {"uplink": int(up["n"][good].sum()), "downlink": int(down["n"][good].sum())}
     duration_s = float(n_bins * bin_s)
     report.update(
         {
@@ -210,7 +188,7 @@ def estimate(scenario: dict, events: dict) -> dict:
             "bins": int(good.sum()),
             "timing_events_used": used,
             "time_data_rate_hz": (used["uplink"] + used["downlink"]) / duration_s,
-            "jitter_ps_rms": {"uplink": sigma[True], "downlink": sigma[False]},
+            "jitter_ps_rms": {"uplink": up["sigma_ps"], "downlink": down["sigma_ps"]},
             "offset_sigma_ps_median": float(np.median(offset_sigma_ps[good])),
             "range_check": {
                 "mean_one_way_error_ps": mean_e_ps,
@@ -240,13 +218,14 @@ def estimate(scenario: dict, events: dict) -> dict:
         "offset_ps": offset_ps[good],
         "offset_sigma_ps": offset_sigma_ps[good],
         "range_error_ps": range_error_ps[good],
-        "events_up": counts_up[good],
-        "events_down": counts_down[good],
+        "events_up": up["n"][good],
+        "events_down": down["n"][good],
     }
     for direction in ("uplink", "downlink"):
-        if timing[direction]["qber"] > QBER_MAX:
+        qber = report["qber"][direction]
+        if qber > QBER_MAX:
             abort(
-                f"{direction} timing QBER {timing[direction]['qber']:.3f} above "
+                f"{direction} timing QBER {qber:.3f} above "
                 f"{QBER_MAX}: photons intercepted or injected, time not vouched for"
             )
     if report["range_check"]["violation"]:

@@ -9,10 +9,12 @@
     PASS_DIR/truth/tt_truth.npz             true offset (satellite minus ground clock)
 
 Each event file holds `tag_ps` (int64 picoseconds of that side's clock), `basis` and
-`bit` (uint8). Index i of a tx file and index i of the matching rx file are the same
-photon: the lists are the sifted events (bases agree). In this version the simulator
-writes them matched from its truth; matching by slot through the QKD sifting is the
-protocol integration still to come (docs/time-transfer.md).
+`bit` (uint8) of every detected photon, both bases: sifting is done by the two
+endpoints over the classical link (host/timetransfer/endpoints.py), never from these files
+together. Index i of a tx file and index i of the matching rx file are the same photon:
+the index stands for the slot identification the downlink's time synchronisation gives
+(host/distil/timesync.py); emission tags are slot epochs, public once sifting names the
+slot.
 """
 
 from __future__ import annotations
@@ -75,10 +77,16 @@ def read_scenario(pass_dir: Path) -> dict:
     return scenario
 
 
-def read_events(pass_dir: Path) -> dict:
-    """{key: (tag_ps, basis, bit)}; BadInput naming the file that is missing or wrong."""
+SATELLITE_FILES = ("uplink_rx", "downlink_tx")  # what the payload recorded
+GROUND_FILES = ("uplink_tx", "downlink_rx")  # what the ground station recorded
+
+
+def read_events(pass_dir: Path, keys=tuple(EVENT_FILES)) -> dict:
+    """{key: (tag_ps, basis, bit)} of the files `keys` (one side's: SATELLITE_FILES or
+    GROUND_FILES); BadInput naming the file that is missing or wrong."""
     events = {}
-    for key, relative in EVENT_FILES.items():
+    for key in keys:
+        relative = EVENT_FILES[key]
         path = Path(pass_dir) / relative
         if not path.is_file():
             raise BadInput(f"{path}: missing ({key.replace('_', ' ')} time tags)")
@@ -93,11 +101,13 @@ def read_events(pass_dir: Path) -> dict:
             raise BadInput(f"{path}: tag_ps must be int64 with basis and bit of equal length")
         events[key] = (tag_ps, basis, bit)
     for direction in ("uplink", "downlink"):
+        if f"{direction}_tx" not in events or f"{direction}_rx" not in events:
+            continue
         tx, rx = events[f"{direction}_tx"][0], events[f"{direction}_rx"][0]
         if tx.size != rx.size:
             raise BadInput(
                 f"{pass_dir}: {direction} has {tx.size} emitted and {rx.size} received "
-                "sifted events; the lists must be matched one to one"
+                "events; the lists must be matched one to one"
             )
     return events
 

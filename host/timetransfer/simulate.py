@@ -3,8 +3,9 @@
     python -m host.timetransfer.simulate --profile micius-qstt --out PASS_DIR
         [--duration-s 20] [--seed 1] [--one-way-delay-ps 200] [--intercept-resend 0.5]
 
-The sifted timing events of each direction are drawn as a Poisson process whose rate
-follows the link budget over the pass; each event's emission and reception are exact
+Every detection of each direction (both bases: sifting is the endpoints' job,
+host/timetransfer/endpoints.py) is drawn as a Poisson process whose rate follows the
+link budget over the pass; each event's emission and reception are exact
 light-time solutions (emulator/pass_model/two_way.py) on clocks with power-law noise
 (emulator/pass_model/clock_noise.py) and the satellite clock's relativistic rate.
 Attacks for the tests: an extra one-way delay on the uplink, intercept-resend on a
@@ -97,16 +98,16 @@ def loss_db(link: dict, orbit: InertialPass, t_s: np.ndarray) -> np.ndarray:
 
 
 def draw_events(link: dict, orbit: InertialPass, duration_s: float, rng) -> dict:
-    """Emission true times of sifted timing events, and which are noise (a dark or
-    background count in the gate of a slot whose photon was lost)."""
+    """Emission true times of detected photons (either basis), and which are noise (a
+    dark or background count in the gate of a slot whose photon was lost)."""
     chunks = np.arange(0.0, duration_s, CHUNK_S)
     centre = chunks + CHUNK_S / 2
     transmission = 10.0 ** (-loss_db(link, orbit, centre) / 10.0)
     signal_hz = (
         link["slot_rate_hz"] * link["mean_photon_number"] * transmission
-    ) * link["detector_efficiency"] * 0.5  # fmt: skip
+    ) * link["detector_efficiency"]  # fmt: skip
     duty = min(1.0, link["gate_ns"] * 1e-9 * link["slot_rate_hz"])
-    noise_hz = link["noise_counts_hz"] * duty * 0.5
+    noise_hz = link["noise_counts_hz"] * duty
     counts = rng.poisson((signal_hz + noise_hz) * CHUNK_S)
     emit = np.repeat(chunks, counts) + rng.uniform(0.0, CHUNK_S, counts.sum())
     # snap to the sender's slot grid (true time; the clock's rate error is ~1e-8 of it)
@@ -161,11 +162,16 @@ def simulate(
         emit, is_noise = drawn["emit_s"], drawn["is_noise"]
         n = emit.size
         basis = rng.integers(0, 2, n, dtype=np.uint8)
+        received_basis = rng.integers(0, 2, n, dtype=np.uint8)  # the receiver's own choice
         sent_bit = rng.integers(0, 2, n, dtype=np.uint8)
         error = np.where(is_noise, rng.random(n) < 0.5, rng.random(n) < link["misalignment_error"])
         attacked = rng.random(n) < intercept_resend  # Eve guesses the basis: 25 % errors
         error = np.where(attacked, rng.random(n) < 0.25, error)
-        received_bit = sent_bit ^ error.astype(np.uint8)
+        received_bit = np.where(
+            basis == received_basis,
+            sent_bit ^ error.astype(np.uint8),
+            rng.integers(0, 2, n, dtype=np.uint8),  # the other basis: a coin
+        ).astype(np.uint8)
         timing_ps = np.where(
             is_noise,
             rng.uniform(-0.5, 0.5, n) * link["gate_ns"] * 1e3,
@@ -193,7 +199,7 @@ def simulate(
             tx_tag = tag(satellite, satellite_elapsed_ps(emit))
             rx_tag = tag(ground, ground.elapsed_ps(arrive) + timing_ps)
         events[f"{direction}_tx"] = (tx_tag, basis, sent_bit)
-        events[f"{direction}_rx"] = (rx_tag, basis, received_bit)
+        events[f"{direction}_rx"] = (rx_tag, received_basis, received_bit)
 
     grid = np.arange(0.0, duration, 1e-3)
     offset_base_ps = satellite.clock.offset_ps - ground.clock.offset_ps
@@ -225,7 +231,7 @@ def simulate(
         "ground_clock_epoch_ps": int(ground.clock.offset_ps),
         "wavelengths_nm": {"uplink": up["wavelength_nm"], "downlink": down["wavelength_nm"]},
         "bin_s": values(profile["estimator"])["bin_s"],
-        "sifting": "matched from the simulator's truth (bases agree); bits as measured",
+        "sifting": "by the endpoints: bases exchanged, a CSPRNG sample of bits disclosed",
     }
     files.write_pass(Path(out_dir), scenario, events, truth)
     return {"events": {k: int(v[0].size) for k, v in events.items()}, "duration_s": duration}

@@ -1,0 +1,394 @@
+"""The two time-transfer endpoints: the satellite's (payload processor) and the ground
+station's. They share nothing but the public scenario (timetransfer.json) and the
+messages below, over the distillation's authenticated channel (host/distil/channel.py:
+Wegman-Carter tags, pads reserved before use). The key is the pass's distilled key
+(`qkdsat distil --out DIR`: alice.key on the satellite, bob.key on the ground), read as a
+key pool: its usage record KEY.used moves forward, durably, before any bit is used, so no
+bit serves twice, even across a power cut.
+
+Messages (the satellite is the channel's first speaker, "alice"):
+
+    satellite -> ground  tt_bases   bases of every uplink detection and downlink emission
+                                    (public, as the distillation's sifting)
+    ground -> satellite  tt_sift    which of them agree (sifted), the uplink emission
+                                    epochs of the sifted events (public slot epochs), a
+                                    CSPRNG sample of each direction's sifted events and the
+                                    ground's emitted bits of the uplink sample (disclosed,
+                                    as the distillation's parameter estimation)
+    satellite -> ground  tt_uplink  SEALED: the satellite's per-bin uplink fit (intercept,
+                                    variance, events; its detection tags never leave it);
+                                    in the clear: the downlink emission epochs of the
+                                    sifted events, its emitted bits of the downlink sample,
+                                    the uplink sample's error count
+    ground -> satellite  tt_result  SEALED: the offset the ground measured (value at the
+                                    pass middle and rate), so the satellite learns its clock
+
+SEALED is one-time-pad encryption with key bits after the authentication region (the
+hash key and the tag pads of at most MAX_MESSAGES_EACH_WAY messages each way), then the
+channel's tag over the ciphertext. Both sides take the pads in protocol order, so they
+agree on every offset without sending one. The sealed messages have a fixed size for a
+pass (one entry per bin, NaN where a bin is empty): their length says nothing about the
+data.
+
+Timing events are the sifted events minus the disclosed ones whose bits disagree. The
+bits of the undisclosed events stay secret (they can be key when the timing photons are
+key photons) and are not needed: a wrong bit does not move a photon's arrival time, and
+noise counts are clipped by the fit. docs/time-transfer.md has the reasons.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from host.distil import channel as ch
+from host.distil.bitcodec import pack_bits, unpack_bits
+from host.distil.endpoint_random import SystemRandom
+from host.errors import BadInput, ProtocolAborted
+from host.timetransfer import estimate
+
+MAX_MESSAGES_EACH_WAY = 3  # two protocol messages + an abort
+AUTH_REGION_BYTES = 8 + 16 * MAX_MESSAGES_EACH_WAY  # hash key + one pad per message each way
+SAMPLE_FRACTION = 0.1  # of each direction's sifted events, bits disclosed for the QBER
+SAMPLE_MIN = 256
+SEALED_HEADER_BYTES = 400  # a sealed message's header: kind, field names, scalars, shapes
+ROLE_OF_SIDE = {"satellite": ch.ALICE, "ground": ch.BOB}
+
+
+class NotEnoughKey(ProtocolAborted):
+    pass
+
+
+def open_time_key(keys_dir: Path, side: str) -> tuple[ch.KeyPool, dict]:
+    """The side's distilled key as a pool that records its use (KEY.used, the auth pool's
+    format). Only a key the distillation's report vouches for (host/network/pool.py's
+    reader: not aborted, not made with replayed randomness, length as reported); the
+    padding bits of the last byte are not used. A key never used has no record yet: it
+    is created at 0 before the first bit is taken."""
+    from host.network.pool import read_distilled_key
+
+    role = ROLE_OF_SIDE[side]
+    keys_dir = Path(keys_dir)
+    if not keys_dir.is_dir():
+        raise BadInput(f"--keys {keys_dir}: not a directory (a `qkdsat distil --out` directory)")
+    data, source = read_distilled_key(keys_dir, role)
+    path = keys_dir / f"{role}.key"
+    pool = ch.KeyPool.from_file(str(path), new=not os.path.exists(f"{path}.used"))
+    pool.data = data  # whole bytes only
+    if pool.start_byte >= len(data):
+        pool.close()
+        raise BadInput(f"{path}: every bit of this key is used (record {path}.used)")
+    return pool, {"file": path.name, "source": source}
+
+
+class SealedChannel:
+    """One-time-pad sealing over an AuthChannel: pads from the key after the
+    authentication region, in protocol order (both sides count the same bytes)."""
+
+    def __init__(self, chan: ch.AuthChannel, key_info: dict):
+        self.chan = chan
+        self.key_info = key_info
+        self.pad_bytes = 0
+
+    def require(self, count: int) -> None:
+        """Refuse, before anything secret is sent, a key too short for `count` more pad
+        bytes."""
+        pool = self.chan.pool
+        offset = AUTH_REGION_BYTES + self.pad_bytes
+        left = len(pool.data) - pool.start_byte - offset
+        if count > left:
+            raise NotEnoughKey(
+                f"not enough key in {self.key_info['file']}: the time data needs "
+                f"{8 * count} pad bits, {8 * max(left, 0)} are left after "
+                f"{8 * (pool.start_byte + offset)} used or reserved for authentication"
+            )
+
+    def _pad(self, count: int) -> np.ndarray:
+        self.require(count)
+        offset = AUTH_REGION_BYTES + self.pad_bytes
+        self.pad_bytes += count
+        return np.frombuffer(self.chan.pool.take(offset, count), dtype=np.uint8)
+
+    def seal(self, kind: str, **fields) -> bytes:
+        plain = np.frombuffer(ch.encode(kind, fields), dtype=np.uint8)
+        return (plain ^ self._pad(plain.size)).tobytes()
+
+    def open(self, sealed: bytes, kind: str) -> dict:
+        cipher = np.frombuffer(sealed, dtype=np.uint8)
+        received_kind, fields = ch.decode((cipher ^ self._pad(cipher.size)).tobytes())
+        if received_kind != kind:
+            raise ProtocolAborted(f"sealed message {received_kind!r}, expected {kind!r}")
+        return fields
+
+    def accounting(self) -> dict:
+        """Key bits this side consumed: pads of the sealed messages, the hash key and the
+        tag pads of every message each way; `consumed_bits` is the span of the key this
+        session used (the authentication region is reserved whole), `record_bits` where
+        the usage record stands (reserved ahead for power-cut safety, never reused)."""
+        pool, chan = self.chan.pool, self.chan
+        return {
+            **self.key_info,
+            "start_bit": 8 * pool.start_byte,
+            "pad_bits": 8 * self.pad_bytes,
+            "auth_bits": 64 + 64 * (chan.sent + chan.received),
+            "consumed_bits": pool.used_bits,
+            "record_bits": 8 * pool.reserved_byte,
+            "left_bits": 8 * (len(pool.data) - pool.reserved_byte),
+        }
+
+
+def _check(condition: bool, reason: str) -> None:
+    if not condition:
+        raise ProtocolAborted(f"malformed time message: {reason}")
+
+
+def _positions(values, limit: int, name: str) -> np.ndarray:
+    positions = np.asarray(values, dtype=np.int64)
+    _check(positions.ndim == 1, f"{name} is not a list")
+    _check(bool(np.all((positions >= 0) & (positions < limit))), f"{name} out of range")
+    _check(np.unique(positions).size == positions.size, f"{name} repeats a position")
+    return positions
+
+
+def sample_positions(count: int, rng) -> np.ndarray:
+    size = min(count, max(SAMPLE_MIN, int(SAMPLE_FRACTION * count)))
+    return np.sort(rng.choice(count, size)) if size else np.zeros(0, dtype=np.int64)
+
+
+def pad_bytes_bound(scenario: dict) -> int:
+    """Pad bytes the two sealed messages of a pass take at most: 8 a bin for the uplink
+    fit, plus the headers (field names and scalars, < SEALED_HEADER_BYTES each)."""
+    return 8 * estimate.bin_grid(scenario)[1] + 2 * SEALED_HEADER_BYTES
+
+
+def pack_fit(fit: dict, base: int, n_bins: int) -> dict:
+    """A direction's per-bin fit in 8 bytes a bin, the bulk of the key the time data
+    costs: the intercepts as float32 residuals from a quadratic over the pass (float64
+    coefficients; the residuals are the clock noise, ns at most, so float32 keeps them to
+    a few 1e-4 ps, where the raw intercepts, microseconds of drift, would lose 0.5 ps),
+    the variances as float16 (0.05 % steps, capped at its largest finite value: such a
+    bin weighs nothing anyway) and the event counts as uint16."""
+    a = fit["a_ps"]
+    centres = np.arange(n_bins, dtype=np.float64)
+    finite = np.isfinite(a)
+    trend = np.polyfit(centres[finite], a[finite], 2) if finite.sum() >= 3 else np.zeros(3)
+    variance = np.minimum(fit["var_ps2"], float(np.finfo(np.float16).max))
+    return {
+        "offset_reference_ps": int(base),
+        "sigma_ps": float(fit["sigma_ps"]),
+        "trend_ps": trend.astype(np.float64),
+        "residual_ps": (a - np.polyval(trend, centres)).astype(np.float32),
+        "var_ps2": variance.astype(np.float16),
+        "n": np.minimum(fit["n"], 65535).astype(np.uint16),
+    }
+
+
+def unpack_fit(fields: dict, n_bins: int) -> tuple[int, dict]:
+    for name in ("residual_ps", "var_ps2", "n"):
+        _check(np.shape(fields.get(name)) == (n_bins,), f"uplink fit {name} size")
+    _check(np.shape(fields.get("trend_ps")) == (3,), "uplink fit trend")
+    centres = np.arange(n_bins, dtype=np.float64)
+    fit = {
+        "a_ps": np.polyval(fields["trend_ps"], centres) + fields["residual_ps"],
+        "var_ps2": np.asarray(fields["var_ps2"], dtype=np.float64),
+        "n": np.asarray(fields["n"], dtype=np.int64),
+        "sigma_ps": float(fields["sigma_ps"]),
+    }
+    return int(fields["offset_reference_ps"]), fit
+
+
+def _session(transport, pool: ch.KeyPool, role: str) -> ch.AuthChannel:
+    ch.exchange_pool_start(transport, pool)
+    return ch.AuthChannel(transport, pool, role)
+
+
+class SatelliteEndpoint:
+    """The payload processor's side: its uplink detection tags and its downlink emission
+    epochs (satellite/ of the pass directory, or the controller's streams in a mission)."""
+
+    def __init__(self, scenario: dict, events: dict, pool: ch.KeyPool, key_info: dict):
+        self.scenario, self.events = scenario, events
+        self.pool, self.key_info = pool, key_info
+        self.sealed: SealedChannel | None = None
+
+    def run(self, transport) -> dict:
+        chan = _session(transport, self.pool, ch.ALICE)
+        self.sealed = sealed = SealedChannel(chan, self.key_info)
+        try:
+            return self._run(chan, sealed)
+        except ProtocolAborted as error:
+            if not isinstance(error, (ch.PeerAborted, ch.ChannelClosed)):
+                chan.abort(str(error))
+            raise
+        finally:
+            chan.close()
+
+    def _run(self, chan, sealed) -> dict:
+        sealed.require(pad_bytes_bound(self.scenario))
+        up_tag, up_basis, up_bit = self.events["uplink_rx"]
+        down_tag, down_basis, down_bit = self.events["downlink_tx"]
+        chan.send(
+            "tt_bases",
+            uplink_count=int(up_basis.size),
+            uplink_basis=pack_bits(up_basis),
+            downlink_count=int(down_basis.size),
+            downlink_basis=pack_bits(down_basis),
+        )
+        sift = chan.recv("tt_sift")
+        up_sifted = unpack_bits(sift["uplink_sifted"], up_basis.size).astype(bool)
+        down_sifted = unpack_bits(sift["downlink_sifted"], down_basis.size).astype(bool)
+        n_up, n_down = int(up_sifted.sum()), int(down_sifted.sum())
+        emission = np.asarray(sift["uplink_emission_tag_ps"], dtype=np.int64)
+        _check(emission.shape == (n_up,), "uplink emission epochs do not match the sifting")
+        up_sample = _positions(sift["uplink_sample"], n_up, "uplink sample")
+        down_sample = _positions(sift["downlink_sample"], n_down, "downlink sample")
+        ground_bits = unpack_bits(sift["uplink_sample_bits"], up_sample.size)
+        received = up_tag[up_sifted]
+        wrong = up_bit[up_sifted][up_sample] != ground_bits
+        timing = np.ones(n_up, dtype=bool)
+        timing[up_sample[wrong]] = False
+        base = int(np.median(received[timing] - emission[timing])) if timing.any() else 0
+        orbit = estimate.predicted_orbit(self.scenario)
+        t2, y = estimate.uplink_samples(
+            self.scenario, orbit, emission[timing], received[timing], base
+        )
+        bin_s, n_bins = estimate.bin_grid(self.scenario)
+        fit = estimate.fit_direction(t2, y, bin_s, n_bins)
+        payload = sealed.seal("tt_uplink_fit", **pack_fit(fit, base, n_bins))
+        chan.send(
+            "tt_uplink",
+            sealed=payload,
+            downlink_emission_tag_ps=down_tag[down_sifted],
+            downlink_sample_bits=pack_bits(down_bit[down_sifted][down_sample]),
+            uplink_sifted=n_up,
+            uplink_sample=int(up_sample.size),
+            uplink_sample_errors=int(wrong.sum()),
+        )
+        result = sealed.open(chan.recv("tt_result")["sealed"], "tt_offset")
+        return {
+            "offset_reference_ps": int(result["offset_reference_ps"]),
+            "offset_at_middle_ps": float(result["offset_at_middle_ps"]),
+            "middle_s": float(result["middle_s"]),
+            "rate": float(result["rate"]),
+            "key": sealed.accounting(),
+            "classical_bytes_sent": chan.bytes_sent,
+        }
+
+
+class GroundEndpoint:
+    """The ground station's side: its uplink emission epochs and downlink detection tags
+    (ground/ of the pass directory). It makes the time-transfer report."""
+
+    def __init__(self, scenario: dict, events: dict, pool: ch.KeyPool, key_info: dict,
+                 rng=None):  # fmt: skip
+        self.scenario, self.events = scenario, events
+        self.pool, self.key_info = pool, key_info
+        self.rng = rng if rng is not None else SystemRandom()
+        self.sealed: SealedChannel | None = None
+        self.report = {
+            "aborted": False,
+            "abort_reason": None,
+            "qber": {"uplink": None, "downlink": None},
+            "sifting": "bases exchanged by the endpoints; a CSPRNG sample of "
+            f"{SAMPLE_FRACTION:.0%} (at least {SAMPLE_MIN}) of each direction's sifted "
+            "events has its bits disclosed for the QBER; disagreeing sampled events dropped",
+        }
+
+    def run(self, transport) -> dict:
+        chan = _session(transport, self.pool, ch.BOB)
+        self.sealed = sealed = SealedChannel(chan, self.key_info)
+        try:
+            return self._run(chan, sealed)
+        except ProtocolAborted as error:
+            if isinstance(error, ch.AuthenticationFailed):
+                error = ProtocolAborted(f"time message authentication failed: {error}")
+            if not isinstance(error, (ch.PeerAborted, ch.ChannelClosed)):
+                chan.abort(str(error))
+            self.report["aborted"], self.report["abort_reason"] = True, str(error)
+            error.report = self.report
+            raise error from None
+        finally:
+            self.report["key"] = sealed.accounting()
+            self.report["classical_bytes"] = {
+                "satellite_to_ground": chan.bytes_received,
+                "ground_to_satellite": chan.bytes_sent,
+            }
+            chan.close()
+
+    def _run(self, chan, sealed) -> dict:
+        report = self.report
+        up_tag, up_basis, up_bit = self.events["uplink_tx"]
+        down_tag, down_basis, down_bit = self.events["downlink_rx"]
+        bases = chan.recv("tt_bases")  # the satellite has checked its key: now ours
+        sealed.require(pad_bytes_bound(self.scenario))
+        for direction, own in (("uplink", up_basis), ("downlink", down_basis)):
+            if int(bases[f"{direction}_count"]) != own.size:
+                raise ProtocolAborted(
+                    f"the satellite holds {int(bases[f'{direction}_count'])} {direction} "
+                    f"events, the ground {own.size}: the two records do not belong together"
+                )
+        up_sifted = unpack_bits(bases["uplink_basis"], up_basis.size) == up_basis
+        down_sifted = unpack_bits(bases["downlink_basis"], down_basis.size) == down_basis
+        n_up, n_down = int(up_sifted.sum()), int(down_sifted.sum())
+        up_sample = sample_positions(n_up, self.rng)
+        down_sample = sample_positions(n_down, self.rng)
+        chan.send(
+            "tt_sift",
+            uplink_sifted=pack_bits(up_sifted),
+            downlink_sifted=pack_bits(down_sifted),
+            uplink_emission_tag_ps=up_tag[up_sifted],
+            uplink_sample=up_sample,
+            uplink_sample_bits=pack_bits(up_bit[up_sifted][up_sample]),
+            downlink_sample=down_sample,
+        )
+        message = chan.recv("tt_uplink")
+        bin_s, n_bins = estimate.bin_grid(self.scenario)
+        base, up = unpack_fit(sealed.open(message["sealed"], "tt_uplink_fit"), n_bins)
+        emission = np.asarray(message["downlink_emission_tag_ps"], dtype=np.int64)
+        _check(emission.shape == (n_down,), "downlink emission epochs do not match the sifting")
+        satellite_bits = unpack_bits(message["downlink_sample_bits"], down_sample.size)
+        received = down_tag[down_sifted]
+        wrong = down_bit[down_sifted][down_sample] != satellite_bits
+        timing = np.ones(n_down, dtype=bool)
+        timing[down_sample[wrong]] = False
+        up_sampled, up_errors = int(message["uplink_sample"]), int(message["uplink_sample_errors"])
+        _check(0 <= up_errors <= up_sampled == up_sample.size, "uplink sample counts")
+        report["qber"] = {
+            "uplink": up_errors / up_sampled if up_sampled else math.nan,
+            "downlink": int(wrong.sum()) / down_sample.size if down_sample.size else math.nan,
+        }
+        report["sifted_events"] = {"uplink": n_up, "downlink": n_down}
+        report["qber_sample"] = {
+            "uplink": {"n": up_sampled, "errors": up_errors},
+            "downlink": {"n": int(down_sample.size), "errors": int(wrong.sum())},
+        }
+        orbit = estimate.predicted_orbit(self.scenario)
+        t3, y = estimate.downlink_samples(
+            self.scenario, orbit, emission[timing], received[timing], base
+        )
+        down = estimate.fit_direction(t3, y, bin_s, n_bins)
+        estimate.combine(self.scenario, orbit, base, up, down, report)
+        series = report["series"]
+        middle_s = float(np.mean(series["t_s"]))
+        rate_ps_s, at_middle = np.polyfit(series["t_s"] - middle_s, series["offset_ps"], 1)
+        chan.send(
+            "tt_result",
+            sealed=sealed.seal(
+                "tt_offset",
+                offset_reference_ps=base,
+                offset_at_middle_ps=float(at_middle),
+                middle_s=middle_s,
+                rate=float(rate_ps_s) * 1e-12,
+            ),
+        )
+        return report
+
+
+def describe_security(key: dict) -> str:
+    return (
+        f"one-time pad ({key['pad_bits']} bits) + Wegman-Carter tags ({key['auth_bits']} "
+        f"bits) from {key['file']} of {key['source']}"
+    )
