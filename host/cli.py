@@ -91,7 +91,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "timetransfer": (
         "host.timetransfer.command",
         "two-way quantum-secure time transfer from a pass directory",
-        "qkdsat timetransfer passes/p1 --out tt/p1",
+        "qkdsat distil passes/p1 --out keys/p1 && "
+        "qkdsat timetransfer passes/p1 --keys keys/p1 --out tt/p1",
     ),
     "schedule": (
         "host.network.schedule_command",
