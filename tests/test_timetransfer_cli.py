@@ -279,3 +279,23 @@ def test_not_enough_key_is_refused_clearly(clean_pass, tmp_path_factory, tmp_pat
     code = main(["timetransfer", str(clean_pass), "--keys", str(keys), "--out",
                  str(tmp_path / "again")])  # fmt: skip
     assert code == 2  # fewer than the pool's minimum left: refused before any message
+
+
+def test_a_key_serves_the_time_transfer_or_the_network_pools_never_both(
+    clean_pass, tmp_path_factory, tmp_path, capsys
+):
+    from host.network.pool import SATELLITE, fill_pair, pool_path
+
+    keys = tmp_path_factory.mktemp("keys")
+    key = distilled(keys, 64_000, "a pass")
+    code, report = run(clean_pass, tmp_path / "tt", keys)
+    assert code == 0
+    # the pools get only what the time transfer left: from its usage record on
+    record_bytes = report["key"]["record_bits"] // 8
+    fill_pair(tmp_path / "net", "Jinan", keys)
+    for holder, peer in ((SATELLITE, "Jinan"), ("Jinan", SATELLITE)):
+        assert pool_path(tmp_path / "net", holder, peer).read_bytes() == key[record_bytes:]
+    # and once filled, the key is used up for any later time transfer
+    argv = ["timetransfer", str(clean_pass), "--keys", str(keys), "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    assert "only 0 bytes left" in capsys.readouterr().err

@@ -177,23 +177,7 @@ class KeyPool:
         return 8 * (self.high_water_byte - self.start_byte)
 
     def _write_record(self, reserved_byte: int) -> None:
-        """The usage record, atomically and durably: temporary file 0600, fsync, rename,
-        fsync of the directory (the rename itself must survive a power cut)."""
-        used_path = self.path + ".used"
-        tmp = f"{used_path}.{os.getpid()}.tmp"
-        # A fresh file, never one already there: a leftover of a killed session with our
-        # pid is removed, and a symlink planted under this name is neither followed (it
-        # would truncate its target) nor kept (it could point the record elsewhere).
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, json.dumps({"used_bytes": reserved_byte}).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, used_path)
-        _fsync_directory(used_path)
+        write_usage_record(self.path, reserved_byte)
         self.reserved_byte = reserved_byte
 
     def commit(self) -> None:
@@ -207,6 +191,27 @@ class KeyPool:
 
     def __del__(self):
         self.close()
+
+
+def write_usage_record(path: str, used_bytes: int, **extra) -> None:
+    """PATH.used, atomically and durably: temporary file 0600, fsync, rename, fsync of the
+    directory (the rename itself must survive a power cut). `extra` fields are kept
+    beside used_bytes for other readers of the same record (host/network/pool.py)."""
+    used_path = str(path) + ".used"
+    tmp = f"{used_path}.{os.getpid()}.tmp"
+    # A fresh file, never one already there: a leftover of a killed session with our
+    # pid is removed, and a symlink planted under this name is neither followed (it
+    # would truncate its target) nor kept (it could point the record elsewhere).
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, json.dumps({"used_bytes": int(used_bytes), **extra}).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, used_path)
+    _fsync_directory(used_path)
 
 
 def _read_usage_record(path: str, used_path: str) -> int:

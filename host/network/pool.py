@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from host.distil.channel import _fsync_directory
+from host.distil.channel import _fsync_directory, write_usage_record
 from host.errors import BadInput
 
 SATELLITE = "satellite"
@@ -305,6 +305,51 @@ def fill_pair(network_dir: str | Path, station: str, alice_dir, bob_dir=None) ->
     bob_key, bob_source = read_distilled_key(bob_dir or alice_dir, "bob")
     if alice_source != bob_source or len(alice_key) != len(bob_key):
         raise BadInput("the alice and bob keys come from different passes or differ in length")
+    with contextlib.ExitStack() as locks:
+        key_files = [
+            _locked_key_file(Path(alice_dir) / "alice.key", locks),
+            _locked_key_file(Path(bob_dir or alice_dir) / "bob.key", locks),
+        ]
+        start = max(_pool_fill_start(path) for path in key_files)
+        if start >= len(alice_key):
+            raise BadInput(
+                f"{key_files[0]}: every byte of this key is used (time transfer, "
+                f"{key_files[0]}.used): nothing left for the pools"
+            )
+        for path in key_files:  # the key's own record first: no other use can take it now
+            write_usage_record(str(path), path.stat().st_size, pool_fill_from=start)
+        return _fill_both(network_dir, station, alice_source, alice_key[start:], bob_key[start:])
+
+
+def _locked_key_file(path: Path, locks: contextlib.ExitStack) -> Path:
+    """Hold the flock a time transfer holds on a key it uses (KeyPool.from_file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as error:
+        raise BadInput(f"{path}: {error.strerror}") from None
+    locks.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BadInput(f"{path}: in use (a time transfer holds it)") from None
+    return path
+
+
+def _pool_fill_start(key_path: Path) -> int:
+    """Where the pools' part of a distilled key begins: after what a time transfer used
+    (its usage record KEY.used, the auth pool's format), or where an earlier fill of the
+    same key began (a fill cut between the two pools is completed from there)."""
+    try:
+        record = json.loads(Path(f"{key_path}.used").read_text())
+    except FileNotFoundError:
+        return 0
+    except ValueError as error:
+        raise BadInput(f"{key_path}.used: not a usage record ({error})") from None
+    return int(record.get("pool_fill_from", record["used_bytes"]))
+
+
+def _fill_both(network_dir, station: str, alice_source: str, alice_key: bytes,
+               bob_key: bytes) -> dict:  # fmt: skip
     offsets = {}
     added = 0
     for holder, peer, key in ((SATELLITE, station, alice_key), (station, SATELLITE, bob_key)):
