@@ -287,3 +287,82 @@ def test_rice_coded_slots_roundtrip_near_the_entropy_of_their_gaps():
     assert np.array_equal(rice_decode_sorted(*rice_encode_sorted(edge), 5), edge)
     with pytest.raises(ValueError, match="ends early"):
         rice_decode_sorted(k, packed[: packed.size // 2], slots.size)
+
+
+def _file_pools(tmp_path, size=1 << 16):
+    """Alice's and Bob's copies of one pool, as files (a.pool, b.pool), never used."""
+    paths = [_pool_file(tmp_path / name, size=size, seed=9) for name in ("a.pool", "b.pool")]
+    return paths, [ch.KeyPool.from_file(str(path), new=True) for path in paths]
+
+
+def _start(pool_a, pool_b):
+    """Both sides announce their records and begin at the later one (channel.py)."""
+    t_a, t_b = ch.queue_pair(timeout_s=5)
+    thread = threading.Thread(target=ch.exchange_pool_start, args=(t_b, pool_b))
+    thread.start()
+    ch.exchange_pool_start(t_a, pool_a)
+    thread.join()
+    return ch.AuthChannel(t_a, pool_a, ch.ALICE), ch.AuthChannel(t_b, pool_b, ch.BOB)
+
+
+def test_a_side_never_puts_a_pad_on_the_wire_beyond_the_peers_record(tmp_path):
+    """If a side's usage record is later rolled back, the peer's record must still cover
+    every pad that side sent, received or not. Alice sends bursts of 30 messages while Bob,
+    not reading them, sends a note each time: main reset its count of unanswered messages
+    on every message received, so Alice's pads ran past Bob's record after the fifth burst.
+    Now each message acknowledges what its sender received, and a send beyond 32
+    unacknowledged messages is refused before its pad is used."""
+    (_, path_b), (pool_a, pool_b) = _file_pools(tmp_path)
+    a, b = _start(pool_a, pool_b)
+    refused = None
+    for _ in range(8):
+        try:
+            for i in range(30):
+                a.send("burst", i=i)
+        except RuntimeError as error:
+            refused = error
+            break
+        finally:
+            assert pool_a.high_water_byte <= _record(path_b), "Alice's pad beyond Bob's record"
+        b.send("note")
+        a.recv("note")
+    assert refused is not None and "not yet acknowledged" in str(refused)
+    assert a.sent == ch.MAX_UNANSWERED
+    # once Bob has read them, his acknowledgement reopens the window
+    for i in range(a.sent):
+        assert b.recv("burst")["i"] == i % 30
+    b.send("note")
+    a.recv("note")
+    assert a.unanswered == 0
+    a.send("burst", i=0)
+    assert pool_a.high_water_byte <= _record(path_b)
+
+
+@pytest.mark.parametrize("rolled_back", ["alice", "bob"])
+def test_a_rolled_back_usage_record_on_one_side_reuses_no_pad(tmp_path, rolled_back):
+    """A backup of one side's POOL.used from before a session is restored (or the disk lost
+    the last writes). The next session begins at the later of the two records, so no pool
+    byte the first session used serves again, and the sessions authenticate."""
+    paths, pools = _file_pools(tmp_path)
+    side = 0 if rolled_back == "alice" else 1
+    backup = (paths[side].parent / (paths[side].name + ".used")).read_bytes()
+    used = []
+    for session in range(2):
+        a, b = _start(*pools)
+        start = pools[0].start_byte
+        assert pools[1].start_byte == start
+        for i in range(40):
+            a.send("ping", i=i)
+            assert b.recv("ping")["i"] == i
+            b.send("pong", i=i)
+            assert a.recv("pong")["i"] == i
+        used.append((start, max(pool.high_water_byte for pool in pools)))
+        for pool in pools:
+            pool.close()
+        if session == 0:
+            (paths[side].parent / (paths[side].name + ".used")).write_bytes(backup)
+            assert _record(paths[side]) == 0  # rolled back to before the session
+            pools = [ch.KeyPool.from_file(str(path)) for path in paths]
+    (first_start, first_end), (second_start, second_end) = used
+    assert first_end - first_start == 8 + 16 * 40  # the hash key and 80 pads
+    assert second_start >= first_end  # no byte of session 1 serves in session 2

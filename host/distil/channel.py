@@ -55,9 +55,15 @@ class ChannelClosed(ProtocolAborted):
 # ------------------------------------------------------------------ key pool
 
 # A side reserves this far beyond the last pad it takes, so that its usage record covers
-# every pad the peer can have put on the wire (the peer sends at most MAX_UNANSWERED
-# messages before it needs one of ours), even if this side dies before receiving them.
+# every pad the peer can have put on the wire, even if this side dies before receiving
+# them: the peer sends at most MAX_UNANSWERED messages beyond the last one this side has
+# acknowledged. Every message carries the sender's count of messages received (its
+# acknowledgement, inside the authenticated body), and AuthChannel.send refuses a message
+# beyond that window, whatever shape the protocol has (main counted messages since the
+# last one received, which a side that sends while the peer's messages are in flight
+# could exceed without noticing).
 MAX_UNANSWERED = 32
+_ACK_FIELD = "_ack"  # the acknowledgement's name in every message body
 RESERVE_AHEAD_BYTES = 16 * (MAX_UNANSWERED + 1)
 RESERVE_STEP_BYTES = 2048  # one fsync'd record per this many bytes, not one per message
 MIN_POOL_LEFT_BYTES = 1024
@@ -158,6 +164,9 @@ class KeyPool:
             if start + MIN_POOL_LEFT_BYTES > len(self.data):
                 raise ProtocolAborted("authentication key pool exhausted")
             self.start_byte = self.high_water_byte = start
+            if self.path is not None and self.reserved_byte < start + RESERVE_AHEAD_BYTES:
+                # cover the peer's first MAX_UNANSWERED messages at once, before any pad
+                self._write_record(min(start + RESERVE_AHEAD_BYTES, len(self.data)))
 
     def take(self, offset_byte: int, count: int) -> bytes:
         """Bytes at offset_byte (relative to this session's start), reserved durably first."""
@@ -425,7 +434,7 @@ class AuthChannel:
         self.received = 0
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.unanswered = 0
+        self.peer_acknowledged = 0  # of our messages, as the peer's last message said
         self.peer_verified = False
         self.forgery_bound = 0.0  # sum over messages of (L + 1) / 2^64, L = max blocks
         self.closed = False
@@ -444,16 +453,25 @@ class AuthChannel:
         h = poly_hash(prefix + body, self.hash_key) ^ self._pad(direction, seq)
         return h.to_bytes(8, "little")
 
+    @property
+    def unanswered(self) -> int:
+        """Our messages the peer has not acknowledged (may still be in flight)."""
+        return self.sent - self.peer_acknowledged
+
     def send(self, kind: str, **fields) -> None:
-        body = encode(kind, fields)
+        body = encode(kind, {**fields, _ACK_FIELD: self.received})
         if len(body) + TAG_BYTES > MAX_MESSAGE_BYTES:
             raise RuntimeError(f"message {kind!r} of {len(body)} bytes exceeds the bound")
         if self.unanswered >= MAX_UNANSWERED:
-            raise RuntimeError(f"more than {MAX_UNANSWERED} messages without an answer")
+            # a protocol bug, never the peer's doing: the peer's usage record would not
+            # cover this pad (RESERVE_AHEAD_BYTES), so it is refused, loudly
+            raise RuntimeError(
+                f"message {kind!r}: {self.unanswered} messages not yet acknowledged by the "
+                f"peer, the most its pool reserve covers is {MAX_UNANSWERED}"
+            )
         direction = _DIRECTION[self.role]
         tag = self._tag(direction, self.sent, body)
         self.sent += 1
-        self.unanswered += 1
         self.forgery_bound += FORGERY_PER_MESSAGE
         frame = body + tag
         self.bytes_sent += len(frame) + _LEN.size
@@ -477,8 +495,11 @@ class AuthChannel:
                 f"authentication failed on message {seq} from {'bob' if direction else 'alice'}"
             )
         self.peer_verified = True
-        self.unanswered = 0
         kind, fields = decode(body)
+        acknowledged = fields.pop(_ACK_FIELD, None)
+        if not isinstance(acknowledged, int) or not 0 <= acknowledged <= self.sent:
+            raise ProtocolAborted(f"message {seq}: acknowledges {acknowledged!r} of {self.sent}")
+        self.peer_acknowledged = max(self.peer_acknowledged, acknowledged)
         if kind == "abort":
             raise PeerAborted(f"{fields.get('reason', 'peer aborted')}")
         if kind != expected_kind:
