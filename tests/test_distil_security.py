@@ -426,3 +426,45 @@ def test_final_verification_and_channel_tags_are_compared_in_constant_time(
     report = run_local(tiny_pass, tmp_path / "out", Config())
     assert "verification" in report["stage_seconds"]
     assert not (report["aborted"] and "verification" in (report["abort_reason"] or ""))
+
+
+@pytest.mark.slow
+def test_a_phase_error_bound_above_the_tolerance_aborts_with_exit_3(tmp_path):
+    """Lim's and Rusca's acceptance test, phi_tol (main had none: any bound below 0.5 went
+    into the length). A 0.3 s pass at high transmittance yields ~30 kbit with Chernoff
+    tails at phase-error bounds of ~0.05; a tolerance below that stops it before privacy
+    amplification: exit 3, the reason and the tolerance in report.json, the lengths it
+    would have had, no key file."""
+    pass_dir = make_pass(tmp_path / "pass", duration_s=0.3, transmittance=0.03, seed=5)
+    out = tmp_path / "o"
+    command = ["distil", str(pass_dir), "--out", str(out), "--tail", "chernoff", "--quiet"]
+    assert qkdsat([*command, "--phase-error-tolerance", "0.02"]) == 3
+    report = json.loads((out / "report.json").read_text())
+    assert report["aborted"] and report["phase_error_tolerance"] == 0.02
+    assert report["abort_reason"].startswith("phase-error bound above tolerance: ")
+    keyed = [b for b in report["blocks"] if b["key_bits"] > 0]
+    assert keyed and all(0.02 < b["phase_error_upper"] < 0.25 for b in keyed)
+    first = report["blocks"][0]
+    assert (
+        f"{first['basis']}-basis block {first['phase_error_upper']:.4f} > 0.0200"
+        in (report["abort_reason"])
+    )
+    assert not list(out.glob("*.key"))
+
+
+def test_the_tolerance_test_uses_the_blocks_bound_and_spares_keyless_blocks():
+    from types import SimpleNamespace
+
+    def block(basis, phi):
+        return SimpleNamespace(basis=basis, test_basis="X", phase_error_upper=phi, s1_test_lower=1)
+
+    blocks = [block("Z", 0.06), block("X", 0.5)]  # X: no single photons, bound 0.5
+    protocol.refuse_phase_error_above_tolerance(blocks, {"Z": 1000, "X": 0}, 0.25)
+    protocol.refuse_phase_error_above_tolerance(blocks, {"Z": 1000, "X": 0}, 0.06)
+    with pytest.raises(ProtocolAborted, match=r"Z-basis block 0.0600 > 0.0500"):
+        protocol.refuse_phase_error_above_tolerance(blocks, {"Z": 1000, "X": 0}, 0.05)
+    with pytest.raises(ProtocolAborted, match="X-basis block 0.5000"):
+        protocol.refuse_phase_error_above_tolerance(blocks, {"Z": 1000, "X": 5}, 0.25)
+    for bad in (0.0, 0.51, float("nan")):
+        with pytest.raises(BadInput, match="--phase-error-tolerance"):
+            Config(phase_error_tolerance=bad).validate()

@@ -50,6 +50,10 @@ BASES = ("Z", "X")
 # with probability <= ((L + 1) / 2^64)^2 (gf64.py); even a one-word block cannot go below
 # (3 / 2^64)^2. Larger blocks are checked against eps_cor when their size is known.
 EPS_COR_FLOOR = (3 / 2.0**64) ** VERIFY_KEYS
+# Default phi_tol: at a phase-error bound of 0.25 a single photon is worth 1 - h(0.25) =
+# 0.19 bits, and any QBER that passes the 0.11 threshold leaks more than that through error
+# correction (f h(Q) >= 0.19 from Q ~ 2.5 %); the 30 s jinan-1 pass keys at 0.185.
+PHASE_ERROR_TOLERANCE = 0.25
 
 
 def draw_verification_keys(rng) -> tuple[int, ...]:
@@ -80,6 +84,9 @@ class Config:
     sample_max: int = 8192
     sample_min: int = 256
     key_bases: str = "auto"  # "auto", "Z", "ZX"
+    # phi_tol of Lim 2014 / Rusca 2018: abort when a block's phase-error upper bound is
+    # above it (docs/distillation.md, "How the implementation maps onto the proofs")
+    phase_error_tolerance: float = PHASE_ERROR_TOLERANCE
 
     def public(self) -> dict:
         return asdict(self)
@@ -95,6 +102,9 @@ class Config:
             value = getattr(self, name)
             if not 0 < value < 1:
                 raise BadInput(f"--{name.replace('_', '-')} {value}: must be in (0, 1)")
+        tolerance = self.phase_error_tolerance
+        if not (math.isfinite(tolerance) and 0 < tolerance <= 0.5):
+            raise BadInput(f"--phase-error-tolerance {tolerance}: must be a number in (0, 0.5]")
         if self.eps_cor < EPS_COR_FLOOR:
             raise BadInput(
                 f"--eps-cor {self.eps_cor:g}: below what the {VERIFY_KEYS} 64-bit verification "
@@ -499,6 +509,8 @@ class Alice:
                 f"(eps_sec={cfg.eps_sec:g}, eps_cor={cfg.eps_cor:g}, analysis={cfg.analysis}, "
                 f"tail={cfg.tail})"
             )
+        # no key anyway says "too few events"; a key the tolerance forbids says why
+        refuse_phase_error_above_tolerance(estimates, lengths, cfg.phase_error_tolerance)
         with stage("privacy_amplification"):
             seeds, finals, worst = {}, [], 0.0
             for name in key_bases:
@@ -554,6 +566,20 @@ def bob_counts_bits(key_bases: list, counts_full: dict, counts_key: dict) -> dic
             total += bits_of(sum(key_n))
         out[name] = total
     return out
+
+
+def refuse_phase_error_above_tolerance(estimates, lengths: dict, tolerance: float) -> None:
+    """The acceptance test of Lim 2014 / Rusca 2018: a key block whose phase-error upper
+    bound exceeds phi_tol ends the protocol (both sides compute the same bound from the
+    same counts, so both stop here). Below it the length follows the observed bounds. A
+    block that yields no key is not tested: it outputs nothing either way."""
+    for e in estimates:
+        if lengths[e.basis] > 0 and e.phase_error_upper > tolerance:
+            raise ProtocolAborted(
+                f"phase-error bound above tolerance: {e.basis}-basis block "
+                f"{e.phase_error_upper:.4f} > {tolerance:.4f} (--phase-error-tolerance; "
+                f"from {e.s1_test_lower:.0f} single photons of the {e.test_basis} basis)"
+            )
 
 
 def _refuse_longer_than_input(lengths: dict, blocks: dict) -> None:
@@ -846,6 +872,8 @@ class Bob:
                 f"(eps_sec={cfg.eps_sec:g}, eps_cor={cfg.eps_cor:g}, analysis={cfg.analysis}, "
                 f"tail={cfg.tail})"
             )
+        # no key anyway says "too few events"; a key the tolerance forbids says why
+        refuse_phase_error_above_tolerance(estimates, lengths, cfg.phase_error_tolerance)
         with stage("privacy_amplification"):
             msg = channel.recv("pa")
             if json.loads(msg["lengths"]) != lengths:

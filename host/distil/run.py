@@ -32,7 +32,14 @@ import numpy as np
 
 from host.console import print_result, progress_for, to_json
 from host.distil import channel as ch
-from host.distil.protocol import BASES, VERIFY_KEYS, Alice, Bob, Config
+from host.distil.protocol import (
+    BASES,
+    PHASE_ERROR_TOLERANCE,
+    VERIFY_KEYS,
+    Alice,
+    Bob,
+    Config,
+)
 from host.errors import BadInput, EnvironmentFailure, ProtocolAborted
 from host.formats.passdir import read_pass_json, require_fields
 from host.outdir import check_output_dir as check_outputs
@@ -93,6 +100,14 @@ def add_arguments(parser) -> None:
         help="abort above this estimated QBER, in (0, 0.5)",
     )
     parser.add_argument(
+        "--phase-error-tolerance",
+        type=float,
+        default=PHASE_ERROR_TOLERANCE,
+        metavar="PHI",
+        help="abort (exit 3) when a key block's phase-error upper bound exceeds PHI, the "
+        f"phi_tol of Lim 2014 / Rusca 2018, in (0, 0.5] (default {PHASE_ERROR_TOLERANCE})",
+    )
+    parser.add_argument(
         "--key-bases",
         default="auto",
         choices=("auto", "Z", "ZX"),
@@ -140,6 +155,7 @@ def config_from_args(args) -> Config:
         eps_cor=args.eps_cor,
         qber_threshold=args.qber_threshold,
         key_bases=args.key_bases,
+        phase_error_tolerance=args.phase_error_tolerance,
     )
     cfg.validate()
     return cfg
@@ -316,6 +332,7 @@ def run_metadata(pass_dir: Path, cfg: Config, seed: int | None) -> dict:
         "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "inputs": {"pass_dir": str(pass_dir), "pass_json_sha256": pass_json_sha256(pass_dir)},
         "qber_threshold": cfg.qber_threshold,
+        "phase_error_tolerance": cfg.phase_error_tolerance,
         "ec_method": cfg.ec,
         "deterministic_randomness": seed is not None,  # also insecure_deterministic
     }
