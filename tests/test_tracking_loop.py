@@ -11,15 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emulator.optical_plant import OpticalPlant, PlantParams, prediction_table
+from emulator.optical_plant import OpticalPlant, PassGeometry, PlantParams, prediction_table
 from emulator.payload_run import run_pass
 from emulator.targets import QemuTarget, unix_firmware_command, unix_firmware_env
 from emulator.tracking_lockstep import TrackingHead, run_lockstep, run_over_bus
 from host.deploy.raw_repl import RawRepl
 from host.protocol import tracking as trk
 
-# Measured under the default plant (docs/tracking.md "Figures"), plus margin for the seed.
-FINE_RMS_CULMINATION_URAD = 0.9
+# Measured under the default plant (docs/tracking.md "Figures"): the runs are seeded and
+# bit-for-bit reproducible, so these bounds sit just above the figures the default loop
+# gives on seed 1, and below what the loop before the retune (resonator poles at 0.995)
+# gave there: 0.68 / 0.64 urad near culmination, 1.063 / 1.002 at 20 deg elevation.
+FINE_RMS_CULMINATION_URAD = 0.65
+FINE_RMS_20_DEG_URAD = 1.04
 
 
 def _names(result):
@@ -42,9 +46,8 @@ def test_acquisition_and_fine_residual_near_culmination_under_the_honest_plant(t
     assert len(result.transitions) <= 8, _names(result)
     rms_x, rms_y, n = result.fine_rms_urad(settle_s=0.5)
     assert n > 5000
-    # The measured figure under this plant (docs/tracking.md "Figures"), with margin for
-    # the seed (0.68 / 0.64 urad at seed 1); the idealised plant gave 0.17 urad, and the
-    # 0.5 urad target is not met under this plant.
+    # The measured figure under this plant (docs/tracking.md "Figures"); the idealised
+    # plant gave 0.17 urad, and the 0.5 urad target is not met under this plant.
     assert rms_x <= FINE_RMS_CULMINATION_URAD and rms_y <= FINE_RMS_CULMINATION_URAD, (
         rms_x, rms_y)  # fmt: skip
     # The pointing-error export reads back through the one TRACKING reader.
@@ -62,6 +65,21 @@ def test_acquisition_and_fine_residual_near_culmination_under_the_honest_plant(t
     assert set(np.unique(samples["state"])) >= {2, 3, 4}
     # What the firmware measures is the truth plus sensor noise and the quadrant offset.
     _measured_error_follows_the_truth(result, samples)
+
+
+@pytest.mark.slow
+def test_fine_residual_at_20_deg_elevation_under_the_honest_plant():
+    # Low in the pass the beacon is 8x weaker and fading (scintillation), so QPD noise
+    # and the vibration share the residual; the loop must stay in FINE through the fades.
+    geometry = PassGeometry().at_elevation(20.0)
+    params = PlantParams(seed=1, geometry=geometry, initial_error_urad=(600.0, -400.0))
+    result = run_lockstep(params, duration_s=8.0)
+    assert _names(result) == [
+        ("IDLE", "OPEN_LOOP"), ("OPEN_LOOP", "SCAN"), ("SCAN", "COARSE"), ("COARSE", "FINE")
+    ]  # fmt: skip
+    rms_x, rms_y, n = result.fine_rms_urad(settle_s=0.5)
+    assert n > 14000
+    assert rms_x <= FINE_RMS_20_DEG_URAD and rms_y <= FINE_RMS_20_DEG_URAD, (rms_x, rms_y)
 
 
 def _measured_error_follows_the_truth(result, samples, settle_steps=1000, min_samples=100):

@@ -212,14 +212,17 @@ DEFAULTS = {
     "loop_rate_hz": 2000,
     # Tuned on a frequency-domain model of the honest plant (docs/tracking.md "Tuning"),
     # robust to a QPD slope of 0.5-1.5x and to one more sample of latency.
-    "fine_kp": 0.134,
-    "fine_ki": 0.285,
-    "fine_kii": 0.094,
-    "fine_kd": 0.02,
-    # Resonant terms at the reaction-wheel lines (0 Hz: off), from the wheel speed.
+    "fine_kp": 0.108,
+    "fine_ki": 0.287,
+    "fine_kii": 0.084,
+    "fine_kd": 0.002,
+    # Resonant terms at the reaction-wheel lines (0 Hz: off), from the wheel speed. Pole
+    # radius 0.998: a peak of loop gain +-0.64 Hz wide at 2 kHz (the wheel speed must be
+    # known to ~+-20 rpm at 5700 rpm; 0.995 rejected the lines 2x less).
     "wheel_lines_hz": (95.0, 190.0),
-    "wheel_line_gains": (0.0298, 0.0139),
-    "wheel_line_phases_deg": (-72.6, 35.3),
+    "wheel_line_gains": (0.031, 0.0128),
+    "wheel_line_phases_deg": (-70.0, 37.7),
+    "wheel_line_pole_radius": 0.998,
     "fsm_limit_urad": 900.0,
     "qpd_spot_radius_urad": 25.0,
     "qpd_background_counts": 25,
@@ -399,8 +402,13 @@ def validate(config, hardware=None):
              "line %d: must be in [0, 0.1] (Q12 fixed point)" % i)  # fmt: skip
         need(-180.0 <= phases[i] <= 180.0, "wheel_line_phases_deg",
              "line %d: must be in [-180, 180]" % i)  # fmt: skip
+    rho = c["wheel_line_pole_radius"]
+    # Q12 coefficients: a2 = rho^2 needs rho <= 0.999 to keep the line frequency within
+    # ~0.1 Hz after rounding; below 0.99 the peak is too wide to be a line.
+    need(0.99 <= rho <= 0.999, "wheel_line_pole_radius", "must be in [0.99, 0.999]")
+    for i in range(_WHEEL_LINES):
         if lines[i] > 0.0 and gains[i] > 0.0:
-            resonators.append(wheel_resonator(lines[i], gains[i], phases[i], rate))
+            resonators.append(wheel_resonator(lines[i], gains[i], phases[i], rate, rho))
     latency = hw["latency_samples"]
     mirror = mirror_zoh(hw["fsm_natural_hz"], hw["fsm_damping"], 1.0 / rate)
 
