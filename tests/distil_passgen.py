@@ -55,7 +55,9 @@ def make_pass(
     probs = [profile["intensity_probabilities"][n] for n in names]
     mapping = SymbolMapping.from_probabilities(profile["basis_probability_z"], probs)
     slot_count = int(duration_s * slot_rate_hz)
-    source = InsecureTestPatternSource(seed * 7919 + 11, mapping, 0, slot_count)
+    source = InsecureTestPatternSource(
+        seed * 7919 + 11, mapping, 0, slot_count, dict(profile["intensities"])
+    )
     write_pattern_source(pd.satellite / "pattern_source.json", source)
     # candidate slots at the highest click probability, thinned per intensity
     p_max = 1 - np.exp(-transmittance * mus.max()) + dark_per_slot * 4

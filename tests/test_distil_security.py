@@ -468,3 +468,50 @@ def test_the_tolerance_test_uses_the_blocks_bound_and_spares_keyless_blocks():
     for bad in (0.0, 0.51, float("nan")):
         with pytest.raises(BadInput, match="--phase-error-tolerance"):
             Config(phase_error_tolerance=bad).validate()
+
+
+def test_pass_json_mean_photon_numbers_must_match_alices_source_record(
+    tiny_pass, tmp_path, capsys
+):
+    """The decoy bounds rest on the mean photon numbers, and pass.json is public and
+    editable: main took them as stated, so 0.8 -> 0.7 on both sides changed s1 and the key
+    length with not one photon changed. Alice's pattern source records what her laser was
+    set to; a mismatch is bad input (exit 2), found before the output is touched."""
+    edited = _edited(tiny_pass, tmp_path, intensities={"mu": 0.7, "nu": 0.1, "vac": 0.0})
+    with pytest.raises(BadInput, match=r"intensities .* differ from the mean photon numbers"):
+        Alice(edited, Config())
+    out = tmp_path / "o"
+    assert qkdsat(["distil", str(edited), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pass.json intensities" in err and "Alice's record of her source" in err
+    assert not out.exists()
+    Alice(tiny_pass, Config())  # the unedited pass.json matches
+
+
+def test_a_pattern_log_records_the_mean_photon_numbers_in_its_config_record(tmp_path):
+    """A payload's pattern log: the PATTERN_CONFIG record carries the sequencer's
+    `intensities` (firmware/payload/sequencer.py); every record of a log must agree, and
+    pass.json must match them. A log without them (older products) is not checked."""
+    from host.formats.patterns import PatternLog, read_pattern_source
+    from host.formats.qrec import Kind, RecordWriter
+    from host.simulate.passgen import write_pattern_log
+
+    pass_dir = make_pass(tmp_path / "pass", duration_s=0.02, seed=5)
+    source_path = pass_dir / "satellite" / "pattern_source.json"
+    source = read_pattern_source(source_path)
+    assert source.intensities == {"mu": 0.8, "nu": 0.1, "vac": 0.0}
+    source_path.unlink()
+    log_path = pass_dir / "satellite" / "patterns.qrec"
+    write_pattern_log(log_path, source)
+    assert PatternLog(log_path).intensities == source.intensities
+    Alice(pass_dir, Config())
+    edited = _edited(pass_dir, tmp_path, intensities={"mu": 0.8, "nu": 0.15, "vac": 0.0})
+    with pytest.raises(BadInput, match="Alice's record of her source"):
+        Alice(edited, Config())
+    writer = RecordWriter(log_path)  # a second start logged with other intensities
+    writer.append(
+        Kind.PATTERN_CONFIG,
+        json.dumps({"thresholds": [16384, 32768, 49152], "intensities": {"mu": 0.5}}).encode(),
+    )
+    with pytest.raises(BadInput, match="PATTERN_CONFIG records with different intensities"):
+        PatternLog(log_path)

@@ -232,6 +232,18 @@ def validate(config, capacity_hz, time_scale_ppm):
     p_z = config.get("basis_probability_z", 0.5)
     if not isinstance(p_z, (int, float)) or p_z <= 0 or p_z >= 1:
         raise ConfigError("basis_probability_z: %r is not in (0, 1)" % (p_z,))
+    # optional: {class: mean photon number} the laser is set to, logged in PATTERN_CONFIG
+    # as Alice's record (the distillation checks pass.json's intensities against it)
+    mus = config.get("intensities")
+    if mus is not None:
+        if not isinstance(mus, dict) or not isinstance(names, (list, tuple)):
+            raise ConfigError("intensities: need {class: mu} and intensity_names")
+        for name in names:
+            mu = mus.get(name)
+            if not isinstance(mu, (int, float)) or mu < 0 or mu > 100:
+                raise ConfigError("intensities[%r]: %r is not a mean photon number" % (name, mu))
+        if len(mus) != len(names):
+            raise ConfigError("intensities: one mean photon number per intensity class")
     rate = config.get("slot_rate_hz")
     if not isinstance(rate, int) or rate <= 0 or rate >= 1 << 30:
         raise ConfigError("slot_rate_hz: need an integer in (0, 2**30), got %r" % (rate,))
@@ -252,13 +264,16 @@ def validate(config, capacity_hz, time_scale_ppm):
             raise ConfigError(
                 "slot_rate_hz: %d/s exceeds capacity %d/s" % (effective, capacity_hz)
             )
-    return {
+    normalised = {
         "intensity_probabilities": list(probs),
         "intensity_names": list(names) if names else None,
         "basis_probability_z": p_z,
         "slot_rate_hz": rate,
         "frame_slots": frame_slots,
     }
+    if mus is not None:
+        normalised["intensities"] = dict(mus)
+    return normalised
 
 
 class Sequencer:
@@ -312,18 +327,19 @@ class Sequencer:
 
         cfg = self.config
         thresholds = self._thresholds
-        text = json.dumps(
-            {
-                "slot_rate_hz": cfg["slot_rate_hz"],
-                "frame_slots": cfg["frame_slots"],
-                "first_frame": self.next_frame,
-                "intensity_probabilities": cfg["intensity_probabilities"],
-                "intensity_names": cfg["intensity_names"],
-                "basis_probability_z": cfg["basis_probability_z"],
-                "thresholds": [thresholds[0], thresholds[1], thresholds[2]],
-                "qrng_health": {"rct": RCT_CUTOFF, "apt": APT_CUTOFF, "window": APT_WINDOW},
-            }
-        ).encode()
+        record = {
+            "slot_rate_hz": cfg["slot_rate_hz"],
+            "frame_slots": cfg["frame_slots"],
+            "first_frame": self.next_frame,
+            "intensity_probabilities": cfg["intensity_probabilities"],
+            "intensity_names": cfg["intensity_names"],
+            "basis_probability_z": cfg["basis_probability_z"],
+            "thresholds": [thresholds[0], thresholds[1], thresholds[2]],
+            "qrng_health": {"rct": RCT_CUTOFF, "apt": APT_CUTOFF, "window": APT_WINDOW},
+        }
+        if cfg.get("intensities") is not None:
+            record["intensities"] = cfg["intensities"]
+        text = json.dumps(record).encode()
         log = self.log
         log.kind = KIND_PATTERN_CONFIG  # the payload buffer is free: no frame is pending
         try:

@@ -153,6 +153,7 @@ def check_against_pattern_record(pass_json: dict, patterns, run_mapping=None) ->
     probabilities pass.json states: the bounds use them, so an edited pass.json would
     change the key length without changing a single photon. run_mapping: the thresholds
     of a head-generated pass's PATTERN_RUN records, when `patterns` has none."""
+    _check_recorded_intensities(pass_json, getattr(patterns, "intensities", None))
     mapping = getattr(patterns, "mapping", None) or run_mapping
     if mapping is None:
         _check_against_logged_symbols(pass_json, patterns)
@@ -173,6 +174,26 @@ def check_against_pattern_record(pass_json: dict, patterns, run_mapping=None) ->
             f"pass.json intensity_probabilities {dict(zip(names, stated, strict=False))} "
             f"differ from the {[round(p, 6) for p in realised]} Alice's pattern thresholds "
             "realise (satellite/)"
+        )
+
+
+def _check_recorded_intensities(pass_json: dict, recorded: dict | None) -> None:
+    """The mean photon numbers of pass.json must be the ones Alice's own record of her
+    source holds (a pattern source's or PATTERN_CONFIG's `intensities`): the decoy bounds
+    rest on them, and a 0.8 edited to 0.7 moves s1 with not one photon changed. A record
+    without them (a head-generated pass's PATTERN_RUN records, older products) leaves
+    pass.json as stated (docs/distillation.md)."""
+    if recorded is None:
+        return
+    stated = {name: float(mu) for name, mu in pass_json["intensities"].items()}
+    if set(stated) != set(recorded) or any(
+        # 1e-6: a record written by a single-precision MicroPython port rounds to 7 digits
+        abs(stated[name] - mu) > 1e-6 * max(1.0, mu)
+        for name, mu in recorded.items()
+    ):
+        raise BadInput(
+            f"pass.json intensities {stated} differ from the mean photon numbers "
+            f"{recorded} in Alice's record of her source (satellite/)"
         )
 
 

@@ -45,12 +45,15 @@ class _SlotRangeSource:
         return slots
 
     def _mapping_and_range_json(self) -> dict:
-        return {
+        out = {
             "basis_threshold": self.mapping.basis_threshold,
             "intensity_thresholds": list(self.mapping.intensity_thresholds),
             "first_slot": self.first_slot,
             "slot_count": self.slot_count,
         }
+        if self.intensities is not None:
+            out["intensities"] = dict(self.intensities)
+        return out
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class InsecureTestPatternSource(_SlotRangeSource):
     mapping: SymbolMapping
     first_slot: int
     slot_count: int
+    # {class: mean photon number} the source's laser was set to (Alice's record, checked
+    # against pass.json by the distillation); None when not recorded
+    intensities: dict | None = None
 
     def symbols(self, slot_indices: np.ndarray) -> np.ndarray:
         slots = self._slots_in_range(slot_indices)
@@ -91,6 +97,7 @@ class KeyedPatternSource(_SlotRangeSource):
     mapping: SymbolMapping
     first_slot: int
     slot_count: int
+    intensities: dict | None = None  # as InsecureTestPatternSource.intensities
 
     def __post_init__(self):
         if len(self.key) != 32:
@@ -158,6 +165,7 @@ def read_pattern_source(path: str | Path) -> InsecureTestPatternSource | KeyedPa
         mapping = SymbolMapping(integer("basis_threshold"), tuple(thresholds))
     except ValueError as error:
         raise BadInput(f"{path}: symbol mapping: {error}") from None
+    intensities = recorded_intensities(path, data.get("intensities"))
     if kind == KEYED_PATTERN_KIND:
         try:
             key = bytes.fromhex(data["key"])
@@ -165,10 +173,27 @@ def read_pattern_source(path: str | Path) -> InsecureTestPatternSource | KeyedPa
             raise BadInput(f"{path}: key missing or not hex digits") from None
         if len(key) != 32:
             raise BadInput(f"{path}: key of {len(key)} bytes; a pattern key is 32 bytes")
-        return KeyedPatternSource(key, mapping, integer("first_slot"), integer("slot_count"))
+        return KeyedPatternSource(
+            key, mapping, integer("first_slot"), integer("slot_count"), intensities
+        )
     return InsecureTestPatternSource(
-        integer("seed"), mapping, integer("first_slot"), integer("slot_count")
+        integer("seed"), mapping, integer("first_slot"), integer("slot_count"), intensities
     )
+
+
+def recorded_intensities(path, value) -> dict | None:
+    """The optional `intensities` of a pattern source or PATTERN_CONFIG record: {class:
+    mean photon number}, each finite and >= 0; None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise BadInput(f"{path}: intensities must be an object {{class: mean photon number}}")
+    out = {}
+    for name, mu in value.items():
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1e3:
+            raise BadInput(f"{path}: intensities.{name} = {mu!r}: not a mean photon number")
+        out[str(name)] = float(mu)
+    return out
 
 
 class PatternLog:
@@ -180,10 +205,13 @@ class PatternLog:
         # slots are a gap, as are frames never logged; the rest of the log stands.
         self.skipped = log.skipped
         starts, nibbles = [], []
-        thresholds = set()
+        thresholds, intensities = set(), set()
         for record in log.records:
             if record.kind == Kind.PATTERN_CONFIG:
                 thresholds.add(_config_thresholds(path, record.payload))
+                recorded = _config_intensities(path, record.payload)
+                if recorded is not None:
+                    intensities.add(tuple(sorted(recorded.items())))
             if record.kind != Kind.PATTERN_FRAME:
                 continue
             frame = PatternFrame.decode(record.payload)
@@ -207,6 +235,10 @@ class PatternLog:
         # The thresholds the sequencer programmed (PATTERN_CONFIG), which the distillation
         # checks pass.json against; None for a log without one (checked statistically).
         self.mapping = mapping_from_thresholds(*thresholds.pop()) if thresholds else None
+        if len(intensities) > 1:
+            raise BadInput(f"{path}: PATTERN_CONFIG records with different intensities")
+        # the mean photon numbers the sequencer was configured with, when it logged them
+        self.intensities = dict(intensities.pop()) if intensities else None
 
     def symbol_counts(self) -> tuple[int, int, np.ndarray]:
         """(slots, Z-basis slots, slots per intensity code) over every logged symbol: what
@@ -250,6 +282,13 @@ def _config_thresholds(path, payload: bytes) -> tuple[int, int, int]:
     if not (0 <= z <= 1 << 15 and 0 <= c0 <= c1 <= 65536):
         raise BadInput(f"{path}: PATTERN_CONFIG thresholds {[z, c0, c1]} out of range")
     return z, c0, c1
+
+
+def _config_intensities(path, payload: bytes) -> dict | None:
+    """The optional `intensities` of a PATTERN_CONFIG record (docs/formats.md)."""
+    return recorded_intensities(
+        f"{path} PATTERN_CONFIG", json.loads(payload.decode()).get("intensities")
+    )
 
 
 GENERATOR_HEAD_QRNG = 2  # 1 was the retired splitmix64 seed expansion (kind 6 records)

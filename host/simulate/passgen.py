@@ -135,7 +135,10 @@ def build_scenario(
     # AES-256-CTR under a key only the secret gives (the emulated head's QRNG stand-in):
     # splitmix64 of a 64-bit seed, as before, is recoverable from the bases Alice publishes
     # in sifting (InsecureTestPatternSource), so its keys were never secret
-    pattern = KeyedPatternSource(pattern_key, mapping, 0, slot_count)
+    # the source records the mean photon numbers its laser was set to (Alice's own record,
+    # which the distillation checks pass.json's `intensities` against)
+    laser_mu = {c: float(source["intensities"][c]) for c in classes}
+    pattern = KeyedPatternSource(pattern_key, mapping, 0, slot_count, laser_mu)
 
     link_cfg = profile["link"]
     link = LinkBudget(
@@ -420,7 +423,10 @@ def write_pattern_log(path: Path, pattern: KeyedPatternSource | InsecureTestPatt
     thresholds = [pattern.mapping.basis_threshold, cuts[0], cuts[1] if len(cuts) > 2 else 65536]
     writer.append(
         Kind.PATTERN_CONFIG,
-        json.dumps({"source": "qkdsat simulate", "thresholds": thresholds}).encode(),
+        json.dumps(
+            {"source": "qkdsat simulate", "thresholds": thresholds}
+            | ({"intensities": pattern.intensities} if pattern.intensities else {})
+        ).encode(),
     )
     for frame, first in enumerate(range(0, pattern.slot_count, PATTERN_FRAME_SLOTS)):
         count = min(PATTERN_FRAME_SLOTS, pattern.slot_count - first)

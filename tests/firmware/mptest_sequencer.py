@@ -251,3 +251,45 @@ def test_an_empty_qrng_fifo_is_waited_for_not_a_bus_failure():
     assert seq.frames_sent == 2 and seq.bus_failures == 0, seq.telemetry()
     assert seq.qrng_empty > 0 and seq.qrng_fault is None
     assert source.sent == 2 * 4 * 2048  # every byte read was used, none thrown away
+
+
+def test_the_lasers_mean_photon_numbers_are_checked_and_logged_with_the_config():
+    """Optional `intensities` ({class: mean photon number}): validated against the class
+    names and written into the PATTERN_CONFIG record, Alice's own record that the
+    distillation compares pass.json's intensities with (docs/formats.md)."""
+    import json
+
+    named = dict(GOOD)
+    named["intensity_probabilities"] = {"mu": 0.5, "nu": 0.25, "vac": 0.25}
+    named["intensity_names"] = ["mu", "nu", "vac"]
+    named["intensities"] = {"mu": 0.8, "nu": 0.1, "vac": 0.0}
+    assert _refusal(named) is None
+    cases = [
+        ({"mu": 0.8, "nu": 0.1}, "intensities['vac']"),
+        ({"mu": 0.8, "nu": 0.1, "vac": 0.0, "omega": 1.0}, "one mean photon number"),
+        ({"mu": 0.8, "nu": -0.1, "vac": 0.0}, "intensities['nu']"),
+        ({"mu": 0.8, "nu": "x", "vac": 0.0}, "intensities['nu']"),
+        ([0.8, 0.1, 0.0], "intensities: need"),
+    ]
+    for value, reason in cases:
+        config = dict(named)
+        config["intensities"] = value
+        message = _refusal(config)
+        assert message is not None and reason in message, (value, message)
+        assert len(message) <= 60, message  # the ground link's reason field
+
+    class _Log:
+        kind = 0
+        texts = []
+
+        def append(self, text):
+            self.texts.append(bytes(text))
+
+    seq, _ = _sequencer(_LcgSource(3))
+    seq.configure(named, 0)
+    seq.log = _Log()
+    seq._log_config()
+    assert json.loads(seq.log.texts[-1])["intensities"] == named["intensities"]
+    seq.configure(GOOD, 0)  # none configured: none logged
+    seq._log_config()
+    assert "intensities" not in json.loads(seq.log.texts[-1])
