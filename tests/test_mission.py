@@ -258,3 +258,12 @@ def test_head_generation_is_refused_by_a_head_without_a_generator():
             assert mission["pass_running"] is False and mission["generator"]["records"] == 0
             names = [entry.name for entry in payload.list_products()]
     assert "patterns.qrec" not in names
+
+
+def test_the_pattern_log_records_the_lasers_mean_photon_numbers(unix_mission):
+    """The sequencer is configured with the laser's mean photon numbers and logs them in
+    PATTERN_CONFIG; the distillation checked pass.json against them (docs/formats.md)."""
+    out, _result, _summary = unix_mission
+    log = PatternLog(out / "satellite" / "patterns.qrec")
+    assert log.intensities == {"mu": 0.8, "nu": 0.1, "vac": 0.0}
+    assert json.loads((out / "pass.json").read_text())["intensities"] == log.intensities

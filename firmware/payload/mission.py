@@ -21,6 +21,7 @@ HK_PERIOD_US = const(100_000)
 CONFIG_KEYS = (
     "intensity_probabilities",
     "intensity_names",
+    "intensities",  # the laser's mean photon numbers, logged in PATTERN_CONFIG
     "basis_probability_z",
     "slot_rate_hz",
     "frame_slots",

@@ -85,6 +85,9 @@ def sequencer_config(profile: dict, generation: str = "controller") -> dict:
     return {
         "intensity_names": classes,
         "intensity_probabilities": {c: source["intensity_probabilities"][c] for c in classes},
+        # the laser's mean photon numbers, logged in PATTERN_CONFIG: Alice's own record,
+        # which the distillation checks pass.json against
+        "intensities": {c: source["intensities"][c] for c in classes},
         "basis_probability_z": source["basis_probability_z"],
         "slot_rate_hz": int(source["slot_rate_hz"]),
         "frame_slots": FRAME_SLOTS,
