@@ -515,3 +515,33 @@ def test_a_pattern_log_records_the_mean_photon_numbers_in_its_config_record(tmp_
     )
     with pytest.raises(BadInput, match="PATTERN_CONFIG records with different intensities"):
         PatternLog(log_path)
+
+
+def test_a_head_generated_pass_checks_the_mean_photon_numbers_logged_beside_its_runs(tmp_path):
+    """A head-generated pass: the controller logs its configuration (PATTERN_CONFIG with
+    the laser's `intensities`, firmware/payload/headgen.py) beside the PATTERN_RUN records;
+    Alice, reading the symbols from the head's memory, checks pass.json against it."""
+    import struct
+
+    from host.formats.patterns import read_pattern_source
+    from host.formats.qrec import Kind, RecordWriter
+
+    pass_dir = make_pass(tmp_path / "pass", duration_s=0.02, seed=5)
+    source_path = pass_dir / "satellite" / "pattern_source.json"
+    source = read_pattern_source(source_path)
+    source_path.unlink()
+    cuts = source.mapping.intensity_thresholds
+    thresholds = [source.mapping.basis_threshold, cuts[0], cuts[1]]
+    writer = RecordWriter(pass_dir / "satellite" / "patterns.qrec")
+    config = {"thresholds": thresholds, "intensities": {"mu": 0.8, "nu": 0.1, "vac": 0.0}}
+    writer.append(Kind.PATTERN_CONFIG, json.dumps(config).encode())
+    for frames in (0, source.slot_count // 4096):
+        writer.append(Kind.PATTERN_RUN, struct.pack("<7I", 2, *thresholds, 0, 4096, frames))
+
+    class HeadPatternMemory:  # what PatternMemoryClient answers: symbols only
+        covers, symbols = source.covers, source.symbols
+
+    Alice(pass_dir, Config(), patterns=HeadPatternMemory())
+    edited = _edited(pass_dir, tmp_path, intensities={"mu": 0.8, "nu": 0.1, "vac": 0.01})
+    with pytest.raises(BadInput, match="Alice's record of her source"):
+        Alice(edited, Config(), patterns=HeadPatternMemory())

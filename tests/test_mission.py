@@ -165,8 +165,13 @@ def _pattern_run_records(path):
 
     log = parse_records(path.read_bytes())
     assert log.complete
-    assert all(r.kind == Kind.PATTERN_RUN for r in log.records)
-    return [decode_pattern_run_record(r.payload) for r in log.records]
+    # besides the runs, only the configuration (the laser's mean photon numbers)
+    others = [r for r in log.records if r.kind != Kind.PATTERN_RUN]
+    assert [r.kind for r in others] == [Kind.PATTERN_CONFIG]
+    assert json.loads(others[0].payload)["intensities"] == {"mu": 0.8, "nu": 0.1, "vac": 0.0}
+    return [
+        decode_pattern_run_record(r.payload) for r in log.records if r.kind == Kind.PATTERN_RUN
+    ]
 
 
 @pytest.fixture(scope="module")

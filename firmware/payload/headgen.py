@@ -90,6 +90,10 @@ class HeadGenerator:
         if self.first_frame < 0:
             raise ConfigError("optical head: GEN_FIRST_FRAME unreadable")
         self.frames = 0
+        if cfg.get("intensities") is not None:
+            # the laser's mean photon numbers travel with the run records: Alice's own
+            # record, which the distillation checks pass.json against (docs/formats.md)
+            seq._log_config()
         # the run is logged before a single slot of it is emitted, or it does not run
         if not self._record():
             bus.write1(REG_GEN_CTRL, 0)

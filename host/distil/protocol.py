@@ -148,12 +148,28 @@ def _head_run_mapping(satellite: Path):
     return mapping_from_thresholds(*thresholds.pop())
 
 
-def check_against_pattern_record(pass_json: dict, patterns, run_mapping=None) -> None:
+def _head_run_intensities(satellite: Path):
+    """The mean photon numbers logged beside a head-generated pass's PATTERN_RUN records
+    (its PATTERN_CONFIG), or None."""
+    from host.formats.patterns import logged_intensities, pattern_runs_from_log
+
+    log = satellite / "patterns.qrec"
+    if not log.exists() or not pattern_runs_from_log(log):
+        return None
+    return logged_intensities(log)
+
+
+def check_against_pattern_record(
+    pass_json: dict, patterns, run_mapping=None, run_intensities=None
+) -> None:
     """Alice's own record of the thresholds she used (satellite/) must realise the
     probabilities pass.json states: the bounds use them, so an edited pass.json would
     change the key length without changing a single photon. run_mapping: the thresholds
-    of a head-generated pass's PATTERN_RUN records, when `patterns` has none."""
-    _check_recorded_intensities(pass_json, getattr(patterns, "intensities", None))
+    of a head-generated pass's PATTERN_RUN records, when `patterns` has none; likewise
+    run_intensities, the mean photon numbers logged beside them."""
+    _check_recorded_intensities(
+        pass_json, getattr(patterns, "intensities", None) or run_intensities
+    )
     mapping = getattr(patterns, "mapping", None) or run_mapping
     if mapping is None:
         _check_against_logged_symbols(pass_json, patterns)
@@ -350,8 +366,12 @@ class Alice:
         self.patterns = patterns
         self.config = config
         check_parameters(self.pass_json, config)
+        satellite = self.pass_dir / "satellite"
         check_against_pattern_record(
-            self.pass_json, self.patterns, _head_run_mapping(self.pass_dir / "satellite")
+            self.pass_json,
+            self.patterns,
+            _head_run_mapping(satellite),
+            _head_run_intensities(satellite),
         )
         self.rng = endpoint_random(insecure_deterministic_seed)
 

@@ -343,6 +343,21 @@ def pattern_runs_from_log(path: str | Path) -> list[dict] | None:
     return decoded
 
 
+def logged_intensities(path: str | Path) -> dict | None:
+    """The mean photon numbers the PATTERN_CONFIG records of a pattern product state (a
+    head-generated pass's product holds them beside its PATTERN_RUN records); None when
+    no record states them. All records must agree."""
+    found = set()
+    for record in read_records(path).records:
+        if record.kind == Kind.PATTERN_CONFIG:
+            recorded = _config_intensities(path, record.payload)
+            if recorded is not None:
+                found.add(tuple(sorted(recorded.items())))
+    if len(found) > 1:
+        raise BadInput(f"{path}: PATTERN_CONFIG records with different intensities")
+    return dict(found.pop()) if found else None
+
+
 def open_patterns(satellite_dir: str | Path):
     """Alice's patterns from satellite/: the pattern log if present, else the source. A
     head-generated pass has neither: its pattern is in the head's pattern memory, read on
