@@ -6,6 +6,10 @@ bob`, its own process), each connected to its terminal of the link
     link = link_for_pass(pass_dir, seed=1)
     run = distil_over_link(pass_dir, out_dir, link, distil_options=["--ec", "ldpc"])
     run.codes, run.alice, run.bob, run.link, run.alice_dir, run.bob_dir
+
+Bob's folder is OUT_DIR/ground unless `ground_dir` names another (the mission: its OUT);
+`logs=True` sends each process's stdout and stderr to processor.log / ground.log in
+OUT_DIR instead of this process's (the mission keeps its own stdout for its summary).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,8 @@ class LinkRun:
     link: dict  # the link's report
     alice_dir: Path  # the on-board key store's folder of this pass
     bob_dir: Path
+    started_unix_s: float = 0.0  # wall clock (time.time) when both processes were started
+    wall_s: float = 0.0  # until both processes had exited
 
 
 def provision_pools(out_dir: Path, station: str, pool: bytes) -> tuple[Path, Path]:
@@ -55,9 +62,12 @@ def distil_over_link(
     bob_options: list[str] = (),
     pool: bytes | None = None,
     timeout_s: float = 3600.0,
+    ground_dir: Path | None = None,
+    logs: bool = False,
 ) -> LinkRun:
     pass_dir, out_dir = Path(pass_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    bob_dir = Path(ground_dir) if ground_dir is not None else out_dir / "ground"
     keystore, ground_pool = provision_pools(out_dir, station, pool or os.urandom(1 << 20))
     fresh = ["--new-auth-pool"]  # the pools were just provisioned: no usage record yet
     sat_port, ground_port = link.start()
@@ -65,6 +75,12 @@ def distil_over_link(
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
+    outputs = {}
+    if logs:
+        for name in ("processor", "ground"):
+            handle = open(out_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed below)
+            outputs[name] = {"stdout": handle, "stderr": subprocess.STDOUT}
+    started_unix_s, t0 = time.time(), time.monotonic()
     alice = subprocess.Popen(
         [sys.executable, "-m", "host.payload_processor", str(pass_dir), "--station", station]
         + ["--keystore", str(keystore), "--connect", f"127.0.0.1:{sat_port}"]
@@ -72,18 +88,21 @@ def distil_over_link(
         + list(distil_options)
         + list(alice_options),
         env=env,
+        **outputs.get("processor", {}),
     )
     bob = subprocess.Popen(
         [sys.executable, "-m", "host.cli", "distil", str(pass_dir), "--role", "bob"]
         + ["--connect", f"127.0.0.1:{ground_port}", "--auth-pool", str(ground_pool)]
-        + ["--out", str(out_dir / "ground")]
+        + ["--out", str(bob_dir)]
         + fresh
         + list(distil_options)
         + list(bob_options),
         env=env,
+        **outputs.get("ground", {}),
     )
     try:
         codes = (alice.wait(timeout=timeout_s), bob.wait(timeout=timeout_s))
+        wall_s = time.monotonic() - t0
         link_report = link.wait(60)
     finally:
         for process in (alice, bob):
@@ -91,12 +110,17 @@ def distil_over_link(
                 process.kill()
                 process.wait()
         link.close()
+        for output in outputs.values():
+            output["stdout"].close()
     (out_dir / "link.json").write_text(json.dumps(link_report, indent=1) + "\n")
     passes = sorted((keystore / station / "passes").iterdir())
-    alice_dir, bob_dir = passes[-1], out_dir / "ground"
+    alice_dir = passes[-1]
 
     def report(folder: Path) -> dict:
         path = folder / "report.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    return LinkRun(codes, report(alice_dir), report(bob_dir), link_report, alice_dir, bob_dir)
+    return LinkRun(
+        codes, report(alice_dir), report(bob_dir), link_report, alice_dir, bob_dir,
+        started_unix_s, wall_s,
+    )  # fmt: skip

@@ -36,7 +36,7 @@ def _mission(out, target="unix", budget_s=10.0, seed=3, extra=()):
 @pytest.fixture(scope="module")
 def unix_mission(tmp_path_factory):
     out = tmp_path_factory.mktemp("mission")
-    result = _mission(out, extra=("--verbose",))
+    result = _mission(out, extra=("--generation", "controller", "--verbose"))
     assert result.returncode == _exit_code_of(out), result.stderr + result.stdout
     return out, result, json.loads((out / "mission.json").read_text())
 
@@ -60,7 +60,7 @@ def test_every_stage_ran_and_the_summary_says_so(unix_mission):
     for line in ("firmware", "download", "ground", "distil"):
         assert f"\n{line}" in result.stdout
     # --verbose: stage lines on stderr while the run lasts (a terminal gets them unasked)
-    for stage in ("orbit:", "firmware on unix:", "ground:", "distil: Alice and Bob"):
+    for stage in ("orbit:", "firmware on unix:", "ground:", "distil: Alice and Bob on the"):
         assert "qkdsat mission: [" in result.stderr and stage in result.stderr
     png = (out / "mission.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -148,7 +148,7 @@ def test_an_out_that_is_not_a_missions_folder_is_never_overwritten(tmp_path):
 def test_mission_on_qemu(tmp_path):
     """The same job with the firmware frozen into bare-metal MicroPython on QEMU's
     Cortex-M3: the emulated UARTs make the segment short, every stage must still work."""
-    result = _mission(tmp_path, target="qemu", budget_s=25.0)
+    result = _mission(tmp_path, target="qemu", budget_s=25.0, extra=("--generation", "controller"))
     assert result.returncode == _exit_code_of(tmp_path), result.stderr + result.stdout
     summary = json.loads((tmp_path / "mission.json").read_text())
     fw = summary["stages"]["firmware"]
@@ -177,7 +177,8 @@ def _pattern_run_records(path):
 @pytest.fixture(scope="module")
 def head_segment(tmp_path_factory):
     out = tmp_path_factory.mktemp("head")
-    result = _mission(out, extra=("--generation", "head", "--segment-s", "3"))
+    # the default: head generation, distilled over the optical link (no --generation)
+    result = _mission(out, extra=("--segment-s", "3"))
     assert result.returncode == _exit_code_of(out), result.stderr + result.stdout
     return out, json.loads((out / "mission.json").read_text())
 
@@ -210,9 +211,50 @@ def test_head_generation_logs_the_run_and_keeps_the_pattern_on_board(head_segmen
     assert all(q < 0.02 for q in distil["qber_sifted"].values())
 
 
-def test_head_generation_refuses_a_segment_without_it(tmp_path):
-    result = _mission(tmp_path / "o", extra=("--segment-s", "3"))
+def test_the_controller_segment_refuses_a_segment_length_and_the_optical_link(tmp_path):
+    result = _mission(tmp_path / "o", extra=("--generation", "controller", "--segment-s", "3"))
     assert result.returncode == 2 and "--segment-s" in result.stderr
+    result = _mission(tmp_path / "o", extra=("--generation", "controller", "--distil", "link"))
+    assert result.returncode == 2 and "--distil link needs --generation head" in result.stderr
+
+
+def test_by_default_alice_runs_on_the_payload_processor_over_the_optical_link(head_segment):
+    """The default mission: Alice's endpoint ran in its own process (the payload
+    processor, its key store under onboard/), Bob's in another (OUT/report.json), and the
+    protocol's bytes crossed the emulated optical link, counted each way; the timeline
+    covers the pass second by second and says the distillation was post-pass."""
+    out, summary = head_segment
+    assert summary["generation"] == "head" and summary["distil"] == "link"
+    link = summary["stages"]["link"]
+    assert link["station"] == "Xinglong" and not link["lost_for_good"]
+    assert link["classical_bytes"]["down"] > 10_000 and link["classical_bytes"]["up"] > 10_000
+    assert summary["classical_bytes"] == link["classical_bytes"]
+    onboard = json.loads((out / link["onboard_report"]).read_text())
+    ground = json.loads((out / "report.json").read_text())
+    assert onboard["role"] == "alice" and ground["role"] == "bob"
+    # the link carried exactly what the endpoints' authenticated channels sent
+    assert ground["classical_bytes"]["alice_to_bob"] <= link["classical_bytes"]["down"]
+    assert onboard["aborted"] == ground["aborted"] == summary["stages"]["distil"]["aborted"]
+    processor = link["processor"]
+    assert processor["cores"] == 1 and processor["cpu_s"] > 0 and processor["peak_rss_mb"] > 0
+    rows = summary["timeline"]
+    assert set(rows[0]) == {
+        "t_s", "detections", "sifted_bits", "reconciled_bits", "link_up", "backlog_bits",
+        "lag_s",
+    }  # fmt: skip
+    assert summary["pipeline"] == "post-pass"
+    during = [r for r in rows if r["t_s"] <= 3.0]
+    assert all(r["link_up"] for r in rows)  # culmination: above the mask, no clouds
+    assert all(r["sifted_bits"] == 0 for r in during)  # post-pass: nothing before LOS
+    detections = [r["detections"] for r in rows]
+    assert (
+        detections == sorted(detections)
+        and detections[-1] == (summary["stages"]["ground"]["detections"])
+    )
+    assert rows[-1]["sifted_bits"] == summary["stages"]["distil"]["sifted_bits"]
+    assert summary["lag_s_max"] >= 2.9  # the whole segment waited for loss of signal
+    png = (out / "mission.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
 @pytest.mark.slow
@@ -220,13 +262,16 @@ def test_a_whole_micius_pass_with_head_generation_gives_a_key(tmp_path):
     """Full scale (2.74e10 slots): the finite-key analysis now has the events it needs.
     Lim 2014 with Hoeffding tails gives ~0.72x the published 300,939 bits
     (docs/distillation.md); both ends hold the same key, files 0600."""
-    result = _mission(tmp_path, extra=("--generation", "head"))
+    result = _mission(tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     summary = json.loads((tmp_path / "mission.json").read_text())
     distil = summary["stages"]["distil"]
     assert not distil["aborted"]
     assert 150_000 < distil["key_bits"] < 400_000
-    alice, bob = tmp_path / "alice.key", tmp_path / "bob.key"
+    onboard, ground = sorted(distil["key_files"], key=len, reverse=True)
+    alice, bob = tmp_path / onboard, tmp_path / ground
+    assert alice.name == "alice.key" and bob.name == "bob.key"
+    assert summary["key_latency_s"] > 0
     assert alice.read_bytes() == bob.read_bytes()
     assert alice.stat().st_mode & 0o777 == 0o600
     assert summary["stages"]["ground"]["detections"] > 3_000_000

@@ -1,6 +1,7 @@
-"""`qkdsat mission [--target unix|qemu] [--profile P] [--seed N] [--budget-s S] --out DIR`:
-the main job, an emulated pass end to end (orbit -> firmware -> download -> distil ->
-report; docs/mission.md).
+"""`qkdsat mission [--target unix|qemu] [--profile P] [--seed N] [--segment-s S]
+[--distil link|local] [--generation head|controller [--budget-s S]] --out DIR`: the main
+job, an emulated pass end to end (orbit -> firmware -> download -> ground -> distil over
+the optical link, Alice on the payload processor -> report; docs/mission.md).
 
 Exit 0 when every stage worked and a key was made; 3 when every stage worked but the
 distillation made no key (an abort, say for too few events: the reason is in mission.json
@@ -33,16 +34,24 @@ def add_arguments(parser) -> None:
         "--budget-s",
         type=float,
         default=DEFAULT_BUDGET_S,
-        help="wall seconds for boot + pass mode + download; the segment holds as many"
-        f" slots as fit (default {DEFAULT_BUDGET_S:g})",
+        help="--generation controller: wall seconds for boot + pass mode + download; the"
+        f" segment holds as many slots as fit (default {DEFAULT_BUDGET_S:g})",
     )
     parser.add_argument(
         "--generation",
         choices=("controller", "head"),
-        default="controller",
-        help="controller: the sequencer maps QRNG bytes frame by frame (bus-bound, a short"
-        " segment); head: the head maps its QRNG at the slot clock and keeps the pattern in"
-        " its memory, read on board; emits the whole pass (docs/sequencer.md 'Faster sources')",
+        default="head",
+        help="head (default): the head maps its QRNG at the slot clock and keeps the pattern"
+        " in its memory, read on board; emits the whole pass (docs/sequencer.md 'Faster"
+        " sources'); controller: the sequencer maps QRNG bytes frame by frame (bus-bound, a"
+        " short segment, its pattern downloaded sealed and distilled post-pass on the ground)",
+    )
+    parser.add_argument(
+        "--distil",
+        choices=("link", "local"),
+        help="link (default with head generation): Alice on the payload processor and Bob"
+        " at the ground station, separate processes over the emulated optical link; local:"
+        " both endpoints in this process (the reference; the controller segment's mode)",
     )
     parser.add_argument(
         "--segment-s",
@@ -69,6 +78,7 @@ def run(args) -> int:
             budget_s=args.budget_s,
             generation=args.generation,
             segment_s=args.segment_s,
+            distil=args.distil,
             progress=progress_for(args, "qkdsat mission"),
         )
     except StageFailed as error:

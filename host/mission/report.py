@@ -75,8 +75,16 @@ def write(out: Path, summary: dict, curve: dict, scenario) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(13, 6.8))
-    grid = fig.add_gridspec(2, 3, height_ratios=[1, 0.42])
+    rows = summary.get("timeline")
+    if rows:
+        fig = plt.figure(figsize=(13, 10.4))
+        grid = fig.add_gridspec(3, 3, height_ratios=[1, 0.95, 0.5])
+        draw_timeline(fig.add_subplot(grid[1, :]), summary)
+        text_row = 2
+    else:
+        fig = plt.figure(figsize=(13, 6.8))
+        grid = fig.add_gridspec(2, 3, height_ratios=[1, 0.42])
+        text_row = 1
     axes = [fig.add_subplot(grid[0, i]) for i in range(3)]
     stages = summary["stages"]
     ax = axes[0]
@@ -121,7 +129,7 @@ def write(out: Path, summary: dict, curve: dict, scenario) -> None:
     else:
         ax.set_axis_off()
 
-    text = fig.add_subplot(grid[1, :])
+    text = fig.add_subplot(grid[text_row, :])
     text.set_axis_off()
     wrapped = []
     for line in _summary_lines(summary):
@@ -130,6 +138,63 @@ def write(out: Path, summary: dict, curve: dict, scenario) -> None:
     fig.tight_layout()
     fig.savefig(out / "mission.png", dpi=100)
     plt.close(fig)
+
+
+def draw_timeline(ax, summary: dict) -> None:
+    """Running totals of detections, sifted and reconciled bits over pass time, the backlog
+    (detections not yet worked off), the optical link's down times shaded, loss of signal
+    and the moment both keys existed marked. A post-pass pipeline says so in the title:
+    its bits appear only after the pass."""
+    from host.mission.timeline import link_intervals
+
+    rows = summary["timeline"]
+    t = np.array([r["t_s"] for r in rows])
+    for name, colour in (
+        ("detections", "tab:blue"),
+        ("sifted_bits", "tab:orange"),
+        ("reconciled_bits", "tab:green"),
+        ("backlog_bits", "tab:red"),
+    ):
+        values = np.array([r[name] for r in rows], dtype=float)
+        style = "--" if name == "backlog_bits" else "-"
+        ax.step(t, values, where="post", color=colour, ls=style, label=name.replace("_", " "))
+    for start, end, up in link_intervals(rows):
+        if not up:
+            ax.axvspan(start, end, color="grey", alpha=0.25, lw=0)
+    ax.axvspan(0, 0, color="grey", alpha=0.25, label="optical link down")
+    link = summary["stages"].get("link") or {}
+    los = link.get("start_s")
+    if los is not None:
+        ax.axvline(los, color="black", lw=1)
+        ax.annotate("loss of signal", (los, 0), textcoords="offset points", xytext=(3, 3),
+                    fontsize=8)  # fmt: skip
+    latency = summary.get("key_latency_s")
+    if latency is not None:
+        ax.axvline(t[-1], color="tab:purple", lw=1.5, label=f"both keys: +{latency:.1f} s")
+    pipeline = summary.get("pipeline", "post-pass")
+    lag = summary.get("lag_s_max")
+    ax.set_title(
+        f"pipeline over the pass ({pipeline}: "
+        + (
+            "distilled after loss of signal, bits appear only then"
+            if pipeline == "post-pass"
+            else "streamed during the pass"
+        )
+        + (f"; lag max {lag:.0f} s, median {summary.get('lag_s_median', 0):.0f} s)" if lag
+           is not None else ")")
+    )  # fmt: skip
+    ax.set_xlabel("pass time (s, optical link clock)")
+    ax.set_ylabel("bits (running total)")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    lag_axis = ax.twinx()
+    lag_axis.plot(t, [r["lag_s"] for r in rows], color="tab:purple", ls=":", label="lag (s)")
+    lag_axis.set_ylabel("lag behind the newest detection (s)", color="tab:purple")
+    lag_axis.set_ylim(bottom=0)
+    handles, labels = ax.get_legend_handles_labels()
+    more, more_labels = lag_axis.get_legend_handles_labels()
+    ax.legend(handles + more, labels + more_labels, loc="upper left", fontsize=8, ncol=4)
 
 
 def draw_qber_panel(ax, counts: dict, intensities: dict | None, verdict: str) -> None:
@@ -225,6 +290,24 @@ def _summary_lines(summary: dict) -> list[str]:
             lines.append(f"          no key: {d['abort_reason']}")
         else:
             lines.append(f"          key {d['key_bits']:,} bits ({', '.join(d['key_files'])})")
+    if "link" in s:
+        k = s["link"]
+        cpu = (k.get("processor") or {}).get("cpu_s")
+        mem = (k.get("processor") or {}).get("peak_rss_mb")
+        lines.append(
+            f"link      optical link to {k['station']}: {k['classical_bytes']['down']:,} bytes"
+            f" down, {k['classical_bytes']['up']:,} up; outages {len(k['outages'])}; too slow"
+            f" {len(k['too_slow'])}; payload processor CPU {cpu} s, peak {mem} MB"
+        )
+        if k.get("lost_for_good"):
+            lines.append(f"          {k['lost_reason']}")
+    if summary.get("timeline"):
+        latency = summary.get("key_latency_s")
+        lines.append(
+            f"timeline  {summary.get('pipeline')}: key latency after loss of signal "
+            f"{'-' if latency is None else f'{latency} s'}, lag behind detections max "
+            f"{summary['lag_s_max']} s, median {summary['lag_s_median']} s"
+        )
     if "failed" in summary:
         lines.append(f"FAILED    {summary['failed']}")
     secs = summary.get("stage_seconds", {})

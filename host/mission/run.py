@@ -2,11 +2,16 @@
 
 orbit    the simulator's scenario for the profile (synthetic pass), culmination
 firmware the real firmware on the target, the emulated optical head on its payload
-         bus, driven over the authenticated ground link: configure, start, run, stop
+         bus, driven over the authenticated ground link: configure, start, run, stop;
+         by default the head generates the pass from its QRNG into its pattern memory
 download every product into OUT/satellite/, CRC-verified, as an operator would
-ground   Bob's detections from the slots the laser driver emitted (pattern log)
-distil   both endpoints, local mode: OUT/report.json, keys only when made
-report   OUT/mission.json, OUT/mission.png, a summary on stdout
+ground   Bob's detections from the slots the head emitted
+distil   by default Alice on the payload processor (its own process, reading the head's
+         pattern memory on board, key store OUT/onboard/) and Bob at the ground station
+         (its own process, OUT/report.json and OUT/bob.key) over the emulated optical link
+         (emulator/optical_link.py); `--distil local`: both endpoints in this process;
+         the controller-driven segment: local, from the sealed pattern product
+report   OUT/mission.json (with the timeline over the pass), OUT/mission.png, a summary
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ PLANNED_GOODPUT_BYTES_S = {"unix": 500_000, "qemu": 40_000}
 PATTERN_BYTES_PER_SLOT = 0.5
 RUN_POLL_S = 0.05
 DEFAULT_BUDGET_S = 40.0
+DISTIL_MODES = ("link", "local")
 
 
 class StageFailed(RuntimeError):
@@ -253,6 +259,111 @@ def check_pattern_log(head: OpticalHead, log: PatternLog) -> dict:
     return {"frames": int(log.frame_first_slot.size), "equals_emitted": bool(same_symbols)}
 
 
+def distil_over_optical_link(
+    out: Path, head: OpticalHead, scenario, slot_count: int, profile_name: str, seed: int
+) -> tuple[dict, dict, dict]:
+    """Alice on the payload processor and Bob at the ground station, separate processes
+    over the emulated optical link (emulator/link_session.py), after the pass: the link's
+    clock starts at the end of the emitted pass (loss of signal of the quantum downlink)
+    and the link lasts until the satellite sets below the station's mask.
+
+    Returns (the merged report for the summary, the link's figures, the timeline)."""
+    from emulator.link_session import distil_over_link
+    from emulator.optical_link import link_for_pass
+    from host.mission import timeline as tl
+
+    pass_end_s = slot_count / scenario.slot_rate_hz
+    detections_s = tl.detection_times_s(out, scenario)
+    link = link_for_pass(out, profile_name, start_s=pass_end_s, seed=seed)
+    station = scenario.station["name"]
+    with HeadServer(head) as server:
+        host, port = server.pattern_address
+        memory = ["--pattern-memory", f"{host}:{port}", "--slot-count", str(slot_count)]
+        run = distil_over_link(
+            out, out, link, station=station, alice_options=memory, ground_dir=out, logs=True
+        )
+    processor_json = run.alice_dir / "processor.json"
+    processor = json.loads(processor_json.read_text()) if processor_json.exists() else {}
+    if any(code not in (0, 3) for code in run.codes) or len(set(run.codes)) != 1:
+        tails = []
+        for name in ("processor", "ground"):
+            lines = (out / f"{name}.log").read_text(errors="replace").strip().splitlines()
+            tails.append(f"{name}: {lines[-1] if lines else '(no output)'}")
+        raise StageFailed(
+            f"distil over the optical link: exit codes (payload processor, ground) = "
+            f"{run.codes}; " + "; ".join(tails)
+        )
+    alice, bob = run.alice, run.bob
+    key_written = [p.stat().st_mtime for p in (*run.alice_dir.glob("*.key"), *out.glob("*.key"))]
+    last_detection_s = float(detections_s[-1]) if detections_s.size else pass_end_s
+    key_latency_s = None
+    if run.codes == (0, 0) and len(key_written) == 2:
+        key_latency_s = round(
+            (pass_end_s - last_detection_s) + max(key_written) - run.started_unix_s, 3
+        )
+    link_report = run.link
+    directions = link_report["directions"]
+    classical = {
+        "down": link_report["bytes"]["satellite_to_ground"],
+        "up": link_report["bytes"]["ground_to_satellite"],
+    }
+    figures = {
+        "station": station,
+        "pipeline": "post-pass",
+        "start_s": round(pass_end_s, 3),
+        "pass_visibility_s": link_report["pass_visibility_s"],
+        "codes": {"payload_processor": run.codes[0], "ground": run.codes[1]},
+        "wall_s": round(run.wall_s, 3),
+        "classical_bytes": classical,
+        "air_bytes": {d: directions[d]["air_bytes"] for d in ("down", "up")},
+        "frames_retransmitted": {d: directions[d]["frames_retransmitted"] for d in ("down", "up")},
+        "max_backlog_s": {d: directions[d]["max_backlog_s"] for d in ("down", "up")},
+        "outages": link_report["outages"],
+        "too_slow": link_report["too_slow"],
+        "lost_for_good": link_report["lost_for_good"],
+        "lost_reason": link_report["lost_reason"],
+        "processor": processor,
+        "pattern_memory_reads": processor.get("pattern_memory_reads", 0),
+        "onboard_report": str(run.alice_dir.relative_to(out) / "report.json"),
+        "logs": ["processor.log", "ground.log", "link.json"],
+    }
+    # bits error correction left in agreement (Bob's EC blocks; frames it discarded are not)
+    blocks = (bob.get("ec") or {}).get("blocks") or []
+    reconciled = sum(b["bits"] - b.get("bits_discarded", 0) for b in blocks) if blocks else None
+    rows = tl.post_pass_timeline(
+        detections_s,
+        pass_end_s,
+        lambda t_s: link.schedule.down_cause(t_s) is None,
+        distil_start_s=pass_end_s,
+        key_latency_s=key_latency_s,
+        stage_seconds=bob.get("stage_seconds") or {},
+        sifted_bits=alice.get("sifted_bits"),
+        reconciled_bits=reconciled,
+    )
+    timeline = {
+        "pipeline": "post-pass",
+        "rows": rows,
+        "key_latency_s": key_latency_s,
+        **tl.lag_figures(rows),
+        "classical_bytes": classical,
+    }
+    merged = {**alice, **bob}
+    for name in ("counts", "sifted_bits", "pa"):
+        if merged.get(name) is None and alice.get(name) is not None:
+            merged[name] = alice[name]
+    if run.codes != (0, 0):
+        merged["aborted"] = True
+        merged["abort_reason"] = bob.get("abort_reason") or alice.get("abort_reason")
+    return merged, figures, timeline
+
+
+def link_key_files(out: Path, link_figures: dict) -> list[str]:
+    """The keys a link run left: the ground station's (OUT) and the on-board key store's,
+    as paths relative to OUT."""
+    onboard = out / Path(link_figures["onboard_report"]).parent
+    return sorted(str(p.relative_to(out)) for p in (*out.glob("*.key"), *onboard.glob("*.key")))
+
+
 def run_mission(
     out: Path,
     *,
@@ -260,8 +371,9 @@ def run_mission(
     profile_name: str = "micius-2017",
     seed: int = 1,
     budget_s: float = DEFAULT_BUDGET_S,
-    generation: str = "controller",
+    generation: str = "head",
     segment_s: float | None = None,
+    distil: str | None = None,
     progress=None,
 ) -> dict:
     """Every stage; returns the mission summary (also written to OUT/mission.json)."""
@@ -274,6 +386,15 @@ def run_mission(
         raise BadInput(f"--target {target!r}: choose unix or qemu")
     if generation not in ("controller", "head"):
         raise BadInput(f"--generation {generation!r}: choose controller or head")
+    if distil is None:
+        distil = "link" if generation == "head" else "local"
+    if distil not in DISTIL_MODES:
+        raise BadInput(f"--distil {distil!r}: choose link or local")
+    if generation == "controller" and distil == "link":
+        raise BadInput(
+            "--distil link needs --generation head: the controller-driven segment's pattern"
+            " is downloaded (sealed) and distilled post-pass on the ground (--distil local)"
+        )
     if segment_s is not None and (generation != "head" or not segment_s > 0):
         raise BadInput("--segment-s: a positive number of seconds, with --generation head")
     if not budget_s > 0:
@@ -283,10 +404,15 @@ def run_mission(
     if out.exists() and any(out.iterdir()) and not (out / "mission.json").exists():
         raise BadInput(f"--out {out}: not empty and not a previous mission's output")
     profile = profiles.load(profile_name, {})
-    for stale in ("satellite", "ground", "truth"):
+    for stale in ("satellite", "ground", "truth", "onboard"):
         shutil.rmtree(out / stale, ignore_errors=True)
-    for stale in ("pass.json", "report.json", "mission.json", "mission.png"):
+    for stale in (
+        "pass.json", "report.json", "mission.json", "mission.png", "link.json",
+        "ground.pool", "ground.pool.used", "processor.log", "ground.log",
+    ):  # fmt: skip
         (out / stale).unlink(missing_ok=True)
+    for stale in out.glob("*.key") if out.is_dir() else ():
+        stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
     summary: dict = {
@@ -296,6 +422,7 @@ def run_mission(
         "seed": seed,
         "budget_s": budget_s,
         "generation": generation,
+        "distil": distil,
         "segment_s": segment_s,
         "stages": {},
         "stage_seconds": {},
@@ -369,12 +496,14 @@ def run_mission(
     }
     seconds["ground"] = round(time.perf_counter() - t, 3)
 
-    say("distil: Alice and Bob")
     t = time.perf_counter()
+    timeline = None
     try:
         if generator is None:
+            say("distil: Alice and Bob on the ground, post-pass, from the sealed product")
             distilled = run_local(out, out, Config(), progress=progress)
-        else:
+        elif distil == "local":
+            say("distil: Alice and Bob in this process (reference mode)")
             # Alice reads the head's pattern memory over its port, on board; the pattern
             # never reached satellite/ or the ground link
             with HeadServer(head) as server:
@@ -383,6 +512,15 @@ def run_mission(
                         out, out, Config(), alice_patterns=memory, progress=progress
                     )
                     stages["firmware"]["pattern_memory_reads"] = memory.requests
+        else:
+            say(
+                f"distil: Alice on the payload processor, Bob at {scenario.station['name']},"
+                " over the optical link"
+            )
+            distilled, stages["link"], timeline = distil_over_optical_link(
+                out, head, scenario, slot_count, profile_name, seed
+            )
+            stages["firmware"]["pattern_memory_reads"] = stages["link"]["pattern_memory_reads"]
         outcome = {
             "aborted": bool(distilled["aborted"]),
             "abort_reason": distilled.get("abort_reason"),
@@ -390,10 +528,15 @@ def run_mission(
     except ProtocolAborted as error:
         distilled = None
         outcome = {"aborted": True, "abort_reason": str(error)}
-    if (out / REPORT_NAME).exists():
+    if distil == "local" and (out / REPORT_NAME).exists():
         distilled = json.loads((out / REPORT_NAME).read_text())
     stages["distil"] = report.distil_figures(distilled, outcome, out)
+    if distil == "link":
+        stages["distil"]["key_files"] = link_key_files(out, stages["link"])
     seconds["distil"] = round(time.perf_counter() - t, 3)
+    if timeline is not None:
+        summary["timeline"] = timeline["rows"]
+        summary.update({k: v for k, v in timeline.items() if k != "rows"})
 
     t = time.perf_counter()
     seconds["report"] = 0.0
