@@ -26,7 +26,8 @@ between, the bytes cross an emulated free-space link:
   undelivered: both terminals close both TCP connections at the same moment, so both
   endpoints see the channel close and abort (no key), and the link report says why;
 - too slow: when the bytes waiting at a transmitter would take longer than `too_slow_s`
-  to send at its rate, the link says so on stderr and in its report (never silently).
+  to send at its rate, or longer than is left until the satellite sets, the link says so
+  on stderr and in its report (never silently).
 
 Time: the link's clock is the pass clock, seconds after pass.json's `utc_start`; it starts
 at `start_s` and runs with the wall clock.
@@ -750,20 +751,33 @@ class OpticalLink:
         drain_s = 8 * backlog / self.config.rate_bps[direction]
         stats.max_backlog_bytes = max(stats.max_backlog_bytes, backlog)
         stats.max_backlog_s = max(stats.max_backlog_s, drain_s)
-        slow = drain_s > self.config.too_slow_s
+        # two deadlines: the pipeline's lag budget, and loss of signal (what cannot leave
+        # before the satellite sets never arrives)
+        remaining_s = self.schedule.set_s - now
+        over_budget = drain_s > self.config.too_slow_s
+        past_los = drain_s > remaining_s
+        slow = over_budget or past_los
         if slow and not self._too_slow_now[direction]:
+            deadline = "loss of signal" if past_los else "the lag budget"
             event = {
                 "direction": direction,
                 "t_s": round(now, 3),
                 "backlog_bytes": backlog,
                 "drain_s": round(drain_s, 3),
                 "rate_bps": self.config.rate_bps[direction],
+                "deadline": deadline,
+                "until_loss_of_signal_s": round(remaining_s, 3),
             }
             self.too_slow_events.append(event)
+            limit = (
+                f"the satellite sets in {remaining_s:.1f} s"
+                if past_los
+                else f"more than {self.config.too_slow_s:g} s"
+            )
             print(
                 f"optical link: too slow for the traffic {direction}: {backlog} bytes waiting "
                 f"need {drain_s:.1f} s at {self.config.rate_bps[direction]:g} bit/s "
-                f"(more than {self.config.too_slow_s:g} s) at t={now:.3f} s",
+                f"({limit}) at t={now:.3f} s",
                 file=self.log,
                 flush=True,
             )

@@ -196,6 +196,31 @@ def test_a_link_too_slow_for_the_traffic_is_reported_and_then_lost_at_loss_of_si
     assert "too slow" in report["lost_reason"]
 
 
+def test_traffic_that_cannot_leave_before_loss_of_signal_is_reported_at_once():
+    """Within the lag budget but not within the pass: 40 kB at 16 kbit/s need 20 s, the
+    budget allows 1000 s, the satellite sets after 8 s. The link says so as soon as the
+    bytes queue, not only when the satellite has set."""
+    log = io.StringIO()
+    config = _config(rate_bps={DOWN: 16e3, UP: 16e3}, too_slow_s=1000.0)
+    link = OpticalLink(config, _schedule(duration_s=8.0), log=log)
+    with link:
+        ends = _Ends(link)
+        ends.sat.sendall(bytes(40_000))
+        deadline = time.monotonic() + 5
+        while not link.too_slow_events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = list(link.too_slow_events)
+        received = _Ends.read_all(ends.ground)
+        report = link.wait(15)
+    assert first and first[0]["t_s"] < 2.0  # reported while the satellite was still up
+    event = report["too_slow"][0]
+    assert event["direction"] == DOWN and event["deadline"] == "loss of signal"
+    assert event["drain_s"] > event["until_loss_of_signal_s"]
+    assert "the satellite sets in" in log.getvalue()
+    assert len(received) < 40_000 and report["lost_for_good"]
+    assert "too slow" in report["lost_reason"]
+
+
 def test_schedule_of_a_simulated_pass_uses_its_geometry_mask_and_tracking_log(tmp_path):
     profile = profiles.load("micius-2017")
     config = OpticalLinkConfig.from_profile(profile)
