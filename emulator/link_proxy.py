@@ -123,6 +123,11 @@ class LinkProxy:
             self._cut = False
             self._cut_after_down = None
 
+    def inject(self, direction: str, data: bytes) -> None:
+        """An intruder's transmitter: `data` reaches the other end as if sent on the link
+        ("down": towards the ground), e.g. frames recorded earlier with capture=True."""
+        self._emit(direction, bytes(data), getattr(self.stats, direction))
+
     # ------------------------------------------------------------------ forwarding
 
     def _run(self, fd: int, direction: str) -> None:

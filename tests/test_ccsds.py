@@ -47,11 +47,20 @@ def test_telemetry_matches_vectors_and_parses_with_spacepackets(case):
     tm = ccsds.parse_tm(packet, KEY)
     assert (tm.service, tm.subtype) == (case["service"], case["subtype"])
     assert tm.data.hex() == case["data"]
+    assert tm.security_counter == case["security_counter"]
+    built = ccsds.build_tm(
+        KEY, case["service"], case["subtype"], bytes.fromhex(case["data"]),
+        sequence_count=case["sequence_count"], message_counter=case["message_counter"],
+        destination_id=case["destination_id"], time_seconds=case["time_seconds"],
+        time_fraction=case["time_fraction"], security_counter=case["security_counter"],
+    )  # fmt: skip
+    assert built == packet
     theirs = PusTm.unpack(packet, timestamp_len=ccsds.TIMESTAMP_BYTES)
     assert (theirs.service, theirs.message_subtype, theirs.apid) == (tm.service, tm.subtype, 0x0C8)
-    # spacepackets sees the tag as the last 16 bytes of the source data
+    # spacepackets sees the counter and the tag as the last 20 bytes of the source data
     tag = hmac.new(KEY, packet[:-18], hashlib.sha256).digest()[:16]
-    assert theirs.source_data == tm.data + tag
+    counter = case["security_counter"].to_bytes(4, "big")
+    assert theirs.source_data == tm.data + counter + tag
     assert theirs.seq_count == case["sequence_count"]
     assert theirs.timestamp == case["time_seconds"].to_bytes(4, "big") + case[
         "time_fraction"
@@ -98,6 +107,22 @@ def test_telemetry_with_a_bad_hmac_is_refused():
         tc = bytes.fromhex(VECTORS["tc"][0]["packet"])
         with pytest.raises(ccsds.PacketError):
             ccsds.parse_tm(tc, KEY)
+
+
+def test_replayed_or_reordered_telemetry_is_refused_and_counted():
+    """A captured packet sent again, or an older one after a newer, is authentic (its tag
+    checks) but its counter is not above the last accepted: refused, with the reason."""
+    first, second, third = (ccsds.parse_tm(bytes.fromhex(c["packet"]), KEY) for c in VECTORS["tm"])
+    guard = ccsds.TelemetryCounter()
+    assert guard.accept(first) is first and guard.accept(second) is second
+    with pytest.raises(
+        ccsds.TelemetryReplayed, match="counter 2 is not above the last accepted 2"
+    ):
+        guard.accept(second)  # the same packet again
+    with pytest.raises(ccsds.TelemetryReplayed, match="replayed or reordered"):
+        guard.accept(first)  # an older packet after a newer one
+    assert guard.refused == 2 and guard.last == 2
+    assert guard.accept(third) is third and guard.last == 0xFFFFFFFF
 
 
 def test_counter_range_is_enforced():

@@ -10,6 +10,7 @@ from linkhelpers import KEY, product_set, qemu_payload, unix_payload
 
 from emulator.link_proxy import LinkFaults, LinkProxy
 from host.link.client import CorruptDownload, LinkError, PayloadClient
+from host.link.framed_serial import LinkTimeout
 
 NOISY = LinkFaults(drop_rate=2e-4, flip_rate=2e-4, truncate_rate=0.02, frame_loss_rate=0.02)
 
@@ -112,3 +113,22 @@ def test_qemu_noisy_link_with_a_cut_resumes_and_completes(tmp_path):
                 result = payload.download(entry, satellite, request_timeout_s=0.5)
     assert result.resumed_from == len(part)
     assert (satellite / "stream.qrec").read_bytes() == data
+
+
+def test_replayed_telemetry_is_refused_and_counted(tmp_path):
+    """Telemetry recorded off the link and sent again by an intruder is authentic (its tag
+    checks) but its security counter is not above the last the ground accepted: refused,
+    counted, and said so; fresh telemetry is still accepted afterwards."""
+    with unix_payload(tmp_path, {}) as target:
+        with LinkProxy(target.ground_port, seed=1, capture=True) as proxy:
+            with PayloadClient(proxy.port, KEY, timeout_s=3.0) as payload:
+                version = payload.ping()
+                recorded = bytes(proxy.captured["down"])  # the ping's acceptance and reply
+                frames = recorded.count(b"\x00")
+                assert frames >= 1 and payload.replayed_packets == 0
+                proxy.inject("down", recorded)
+                with pytest.raises(LinkTimeout, match="replayed or reordered"):
+                    payload.receive_tm(1.0)
+                assert payload.replayed_packets == frames
+                assert payload.ping() == version
+                assert payload.replayed_packets == frames

@@ -6,11 +6,14 @@
 #       | application data | security counter u32 | HMAC tag (16) | PEC CRC-16 (2)
 #   TM: primary(6) | pus_version<<4(1) service(1) subtype(1) message_counter(2)
 #       destination_id(2) CUC time: seconds u32, fraction u16 (6) | source data
-#       | HMAC tag (16) | PEC (2)
+#       | security counter u32 | HMAC tag (16) | PEC (2)
 #
 # Telemetry is authenticated with the same link key as telecommands: the tag covers every
 # byte before it, the packet type bit included, so a telecommand can never pass as
-# telemetry or the other way round.
+# telemetry or the other way round. The telemetry security counter (under the tag) rises
+# by one per packet and never repeats, power cuts included (payload.telecommands keeps its
+# ceiling on storage): the ground refuses a packet whose counter is not above the last
+# one it accepted, so recorded telemetry cannot be replayed or reordered.
 # All fields big-endian, as CCSDS. The PEC is CRC-16/CCITT-FALSE (payload.framing.crc16),
 # the checksum PUS-C specifies, so spacepackets' PusTm.unpack parses our telemetry.
 from micropython import const
@@ -28,7 +31,7 @@ TAG_BYTES = const(16)
 PEC_BYTES = const(2)
 TC_TRAILER_BYTES = const(22)  # counter + tag + PEC
 TC_MIN_BYTES = const(33)  # header + trailer, no application data
-TM_TRAILER_BYTES = const(18)  # tag + PEC
+TM_TRAILER_BYTES = const(22)  # counter + tag + PEC
 
 ACK_ACCEPTANCE = const(1)  # PUS ack flag bit 0: report successful acceptance
 
@@ -108,8 +111,9 @@ class TmWriter:
     """Builds telemetry packets in one preallocated buffer.
 
     A handler writes its source data into `buf` from `DATA` on and calls `finish(n)`,
-    which fills in the headers, the HMAC tag (with `hmac`, a payload.auth.Hmac) and the
-    PEC and returns the packet length.
+    which fills in the headers, `security_counter`, the HMAC tag (with `hmac`, a
+    payload.auth.Hmac) and the PEC and returns the packet length. The owner sets
+    `security_counter` before each finish (payload.telecommands: persisted ahead).
     """
 
     DATA = TM_HEADER_BYTES
@@ -124,6 +128,7 @@ class TmWriter:
         self.destination_id = 0
         self.time_seconds = 0
         self.time_fraction = 0
+        self.security_counter = 0
 
     def finish(self, service, subtype, data_bytes):
         buf = self.buf
@@ -140,7 +145,8 @@ class TmWriter:
         put_u16(buf, 11, self.destination_id)
         put_u32(buf, 13, self.time_seconds)
         put_u16(buf, 17, self.time_fraction)
-        tag_at = length - TM_TRAILER_BYTES
+        tag_at = length - TAG_BYTES - PEC_BYTES
+        put_u32(buf, tag_at - COUNTER_BYTES, self.security_counter)
         buf[tag_at : tag_at + TAG_BYTES] = self.hmac.digest(self._view[:tag_at])[:TAG_BYTES]
         put_u16(buf, length - PEC_BYTES, crc16(buf, length - PEC_BYTES))
         self.sequence_count = (self.sequence_count + 1) & 0x3FFF

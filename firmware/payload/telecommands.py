@@ -20,6 +20,7 @@ LINK_DIR = "link"
 # removed; the key is never kept in the filesystem.
 KEY_FILE = "key"
 COUNTER_FILE = "counter"
+TM_COUNTER_FILE = "tm_counter"
 PRODUCT_KEY_FILE = "product_key"
 NONCE_FILE = "nonce"
 # Pattern products hold Alice's raw data (every slot's bit, basis and intensity): served
@@ -40,6 +41,10 @@ REKEY_LABEL = b"qkdsat rekey"
 # once per _COUNTER_STEP telecommands; after a reboot everything up to the ceiling counts
 # as used (a gap the ground skips over, never a replay window).
 _COUNTER_STEP = const(64)
+# The telemetry counter's ceiling likewise, further ahead: a download sends a packet per
+# chunk, and one ceiling write per 256 packets keeps flash wear and time small (one synced
+# write costs ~89 ms on NOR, docs/storage.md).
+_TM_COUNTER_STEP = const(256)
 MAX_CHUNK_BYTES = const(1024)
 _LIST_ENTRY_FIXED = const(9)  # name length u8, size u32, crc32 u32
 _MAX_CONFIG_BYTES = const(512)
@@ -83,6 +88,7 @@ class GroundLink:
             max_packet_bytes, self.hmac or auth.Hmac(auth.UNPROVISIONED_TM_KEY)
         )
         self._load_counter()
+        self._load_tm_counter()
         self._load_product_key()
         self.pending_action = None  # FN_REBOOT / FN_MAINTENANCE after the report is out
         self.frame_reader = None  # the ground link's FrameReader, for its drop counters
@@ -212,6 +218,43 @@ class GroundLink:
             self.last_counter = max(self.last_counter, value)
         self._ceiling = self.last_counter
 
+    def _load_tm_counter(self):
+        # Telemetry counts on from the ceiling stored before the last power cut, so no
+        # counter value is ever sent twice; one counter for the payload's life (not per
+        # key: the ground's last accepted value stays valid across a rekey).
+        ceiling = 0
+        for name in (TM_COUNTER_FILE, TM_COUNTER_FILE + ".tmp"):
+            try:
+                with open(self._link_path(name)) as f:
+                    ceiling = max(ceiling, int(f.read().split()[0]))
+            except (OSError, ValueError, IndexError):
+                pass
+        self.tm.security_counter = ceiling
+        self._tm_ceiling = ceiling
+        self.tm_counter_write_failures = 0
+
+    def _next_tm_counter(self):
+        """Advance the telemetry counter, storing a new ceiling first when it reaches the
+        stored one. If storage fails the packet still goes out (counted): a counter reused
+        after a later power cut is refused by the ground as a replay, which costs
+        telemetry, never security."""
+        counter = self.tm.security_counter + 1
+        if counter > self._tm_ceiling:
+            ceiling = counter + _TM_COUNTER_STEP
+            try:
+                try:
+                    os.mkdir(self.root + "/" + LINK_DIR)
+                except OSError:
+                    pass
+                temporary = self._link_path(TM_COUNTER_FILE + ".tmp")
+                with open(temporary, "w") as f:
+                    f.write("%d" % ceiling)
+                os.rename(temporary, self._link_path(TM_COUNTER_FILE))
+                self._tm_ceiling = ceiling
+            except OSError:
+                self.tm_counter_write_failures += 1
+        self.tm.security_counter = counter
+
     def _persist_counter(self, counter):
         """Make sure the ceiling on storage is above counter before the command acts;
         False if it cannot be written (the command must then not act)."""
@@ -249,6 +292,7 @@ class GroundLink:
 
     def _emit(self, service, subtype, data_bytes):
         self._stamp()
+        self._next_tm_counter()
         length = self.tm.finish(service, subtype, data_bytes)
         self._send(self.tm.buf, length)
 
@@ -594,9 +638,12 @@ class GroundLink:
                 if self.rejected[i]
             },
             "tc_last_counter": self.last_counter,
+            "tm_counter": self.tm.security_counter,
         }
         if self.counter_write_failures:
             counters["counter_write_failures"] = self.counter_write_failures
+        if self.tm_counter_write_failures:
+            counters["tm_counter_write_failures"] = self.tm_counter_write_failures
         if self.tx_queue is not None and self.tx_queue.dropped_frames:
             counters["tx_dropped"] = self.tx_queue.dropped_frames
         return counters

@@ -84,6 +84,9 @@ class PayloadClient:
         self.bad_packets = 0
         self.unauthenticated_packets = 0  # of bad_packets: wrong HMAC tag, refused
         self.stale_packets = 0
+        # the payload's telemetry security counter: replayed or reordered packets refused
+        self.tm_counter = ccsds.TelemetryCounter()
+        self.last_refusal: str | None = None
         self.retries = retries
 
     def close(self) -> None:
@@ -134,16 +137,30 @@ class PayloadClient:
     def receive_tm(self, timeout_s: float) -> Tm:
         """The next telemetry packet that parses; bad ones are counted and skipped."""
         deadline = time.monotonic() + timeout_s
+        refused = None  # why the last packet of this wait was refused: said on timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise LinkTimeout(f"no telemetry from {self.link.port_name} in {timeout_s:.1f} s")
-            body = self.link.receive(remaining)
             try:
-                return ccsds.parse_tm(body, self.key)
+                if remaining <= 0:
+                    raise LinkTimeout(
+                        f"no telemetry from {self.link.port_name} in {timeout_s:.1f} s"
+                    )
+                body = self.link.receive(remaining)
+            except LinkTimeout as error:
+                if refused is None:
+                    raise
+                raise LinkTimeout(f"{error}; refused: {refused}") from None
+            try:
+                return self.tm_counter.accept(ccsds.parse_tm(body, self.key))
             except PacketError as error:
                 self.bad_packets += 1
                 self.unauthenticated_packets += isinstance(error, ccsds.TagMismatch)
+                refused = self.last_refusal = str(error)
+
+    @property
+    def replayed_packets(self) -> int:
+        """Authentic telemetry refused for a counter not above the last accepted one."""
+        return self.tm_counter.refused
 
     def command(
         self,

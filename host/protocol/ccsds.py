@@ -7,10 +7,13 @@ the telemetry against `spacepackets` (PusTm.unpack).
         | application data | security counter u32 | HMAC-SHA256 tag[:16] | PEC CRC-16
     TM: primary(6) | pus_version<<4, service, subtype, message_counter u16,
         destination_id u16, time: seconds u32 + fraction/65536 u16 | source data
-        | HMAC-SHA256 tag[:16] | PEC
+        | security counter u32 | HMAC-SHA256 tag[:16] | PEC
 
 Both directions are tagged with the payload's link key; the packet type bit is under the
-tag, so a packet of one direction never verifies as the other.
+tag, so a packet of one direction never verifies as the other. Both carry a security
+counter under the tag: the payload refuses a telecommand whose counter is not above the
+last it accepted, and the ground (`TelemetryCounter`) refuses telemetry likewise, so a
+recorded packet can be neither replayed nor reordered in either direction.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ TC_HEADER_BYTES = 11
 TAG_BYTES = 16
 COUNTER_BYTES = 4
 PEC_BYTES = 2
-TM_TRAILER_BYTES = TAG_BYTES + PEC_BYTES
+TM_TRAILER_BYTES = COUNTER_BYTES + TAG_BYTES + PEC_BYTES
 TIMESTAMP_BYTES = 6
 MAX_CHUNK_BYTES = 1024
 GROUND_MAX_BODY_BYTES = 1200
@@ -91,6 +94,31 @@ class TagMismatch(PacketError):
     """Telemetry whose HMAC tag is wrong: forged, altered, or from another key."""
 
 
+class TelemetryReplayed(PacketError):
+    """Authentic telemetry whose security counter is not above the last one accepted: a
+    replayed or reordered packet."""
+
+
+class TelemetryCounter:
+    """The ground's record of the payload's telemetry counter: `accept(tm)` passes a packet
+    whose counter is above every one accepted before and raises TelemetryReplayed
+    otherwise (counted in `refused`)."""
+
+    def __init__(self, last: int | None = None):
+        self.last = last  # None: nothing accepted yet
+        self.refused = 0
+
+    def accept(self, tm: Tm) -> Tm:
+        if self.last is not None and tm.security_counter <= self.last:
+            self.refused += 1
+            raise TelemetryReplayed(
+                f"telemetry security counter {tm.security_counter} is not above the last"
+                f" accepted {self.last}: a replayed or reordered packet, refused"
+            )
+        self.last = tm.security_counter
+        return tm
+
+
 def hmac_tag(key: bytes, message: bytes) -> bytes:
     return hmac.new(key, message, hashlib.sha256).digest()[:TAG_BYTES]
 
@@ -149,6 +177,7 @@ class Tm:
     time_seconds: int
     time_fraction: int
     data: bytes
+    security_counter: int = 0
 
     @property
     def time_s(self) -> float:
@@ -173,9 +202,10 @@ def parse_tm(packet: bytes, key: bytes) -> Tm:
         raise PacketError(f"PUS version {pus >> 4}")
     if crc16(packet[:-2]) != int.from_bytes(packet[-2:], "big"):
         raise PacketError("PEC (CRC-16) does not match")
-    tag_at = len(packet) - TM_TRAILER_BYTES
+    tag_at = len(packet) - TAG_BYTES - PEC_BYTES
     if not hmac.compare_digest(hmac_tag(key, packet[:tag_at]), packet[tag_at:-PEC_BYTES]):
         raise TagMismatch("HMAC tag does not match (not from a payload holding this key)")
+    counter_at = tag_at - COUNTER_BYTES
     return Tm(
         service,
         subtype,
@@ -184,7 +214,8 @@ def parse_tm(packet: bytes, key: bytes) -> Tm:
         dest,
         seconds,
         fraction,
-        bytes(packet[TM_HEADER_BYTES:tag_at]),
+        bytes(packet[TM_HEADER_BYTES:counter_at]),
+        int.from_bytes(packet[counter_at:tag_at], "big"),
     )
 
 
@@ -199,6 +230,7 @@ def build_tm(
     destination_id: int = 0,
     time_seconds: int = 0,
     time_fraction: int = 0,
+    security_counter: int = 0,
 ) -> bytes:
     """Telemetry as the firmware builds it (for vectors and tests)."""
     length = TM_HEADER_BYTES + len(data) + TM_TRAILER_BYTES
@@ -215,7 +247,7 @@ def build_tm(
         time_seconds,
         time_fraction,
     )
-    packet = head + data
+    packet = head + data + security_counter.to_bytes(COUNTER_BYTES, "big")
     packet += hmac_tag(key, packet)
     return packet + crc16(packet).to_bytes(2, "big")
 

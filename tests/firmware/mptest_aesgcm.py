@@ -93,11 +93,11 @@ def test_a_sealed_chunk_is_what_the_host_opens():
     link.handle(_link_tc(1, 128, 3, _read_args(name, case["offset"], case["length"])))
     reply = sent[-1]
     assert reply[7:9] == b"\x80\x06", reply[:12]
-    assert reply[19:-18] == _unhex(case["tm_data"])
+    assert reply[19:-22] == _unhex(case["tm_data"])
     # the listing does not carry the pattern product's CRC-32
     del sent[:]
     link.handle(_link_tc(2, 128, 1, b"\x00\x00"))
-    listing = sent[-1][19:-18]
+    listing = sent[-1][19:-22]
     at = 6 + 1 + len(name)
     assert listing[7:at] == name and ccsds.get_u32(listing, at + 4) == 0
     # a second read gets a fresh nonce; after a restart too (the ceiling is stored)

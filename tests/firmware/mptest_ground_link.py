@@ -29,6 +29,7 @@ def test_tm_writer_reproduces_vectors():
         writer.destination_id = case["destination_id"]
         writer.time_seconds = case["time_seconds"]
         writer.time_fraction = case["time_fraction"]
+        writer.security_counter = case["security_counter"]
         writer.buf[19 : 19 + len(data)] = data
         length = writer.finish(case["service"], case["subtype"], len(data))
         assert bytes(writer.buf[:length]) == _unhex(case["packet"]), case["note"]
@@ -106,6 +107,35 @@ def test_counter_survives_a_restart_without_a_replay_window():
     assert _verification(sent[0]) == (False, ccsds.REJECT_REPLAY)
 
 
+def _tm_counter(packet, length=None):
+    # the telemetry security counter: the u32 before the tag and the PEC
+    return ccsds.get_u32(packet, (len(packet) if length is None else length) - 22)
+
+
+def test_telemetry_counter_rises_and_survives_power_cuts():
+    """Every packet's counter is above the one before, also across a power cut at any
+    point: the next boot counts on from the ceiling stored ahead, never below a counter
+    already sent."""
+    key = b"t" * 32
+    root = _fresh_root(key)
+    link, _ = _link(root, keep=False)
+    counters = []
+    link._send = lambda buf, length: counters.append(_tm_counter(buf, length))
+    for counter in range(1, 301):  # past the first stored ceiling (256 ahead)
+        link.handle(_tc(key, counter, 17, 1))
+    assert counters == list(range(1, len(counters) + 1)), counters[:5]
+    assert len(counters) >= 300 and link.link_counters()["tm_counter"] == counters[-1]
+    again, sent = _link(root)  # power cut, reboot: the state comes back from storage
+    again.handle(_tc(key, 1000, 17, 1))
+    assert _tm_counter(sent[0]) > counters[-1]
+    # cut after the new ceiling's temporary file was written, before the rename
+    with open(root + "/link/tm_counter.tmp", "w") as f:
+        f.write("90000")
+    after_cut, sent = _link(root)
+    after_cut.handle(_tc(key, 1001, 17, 1))
+    assert _tm_counter(sent[0]) == 90001
+
+
 def test_products_list_read_delete_and_names_confined():
     key = b"p" * 32
     root = _fresh_root(key)
@@ -117,7 +147,7 @@ def test_products_list_read_delete_and_names_confined():
     assert _verification(sent[0]) == (True, 0)
     listing = sent[1]
     assert listing[7:9] == b"\x80\x02"
-    body = listing[19:-18]
+    body = listing[19:-22]
     assert body[:6] == b"\x00\x01\x00\x00\x00\x01" and body[7:15] == b"tdc.qrec", body
     assert ccsds.get_u32(body, 15) == 3000
     import binascii
@@ -127,7 +157,7 @@ def test_products_list_read_delete_and_names_confined():
     args = b"\x08tdc.qrec" + b"\x00\x00\x0b\xb0" + b"\x04\x00"  # offset 2992, 1024 bytes
     link.handle(_tc(key, 2, 128, 3, args, ack=0))
     assert len(sent) == 1 and sent[0][7:9] == b"\x80\x04"
-    chunk = sent[0][19:-18]
+    chunk = sent[0][19:-22]
     # the reply is tagged with the link key (the ground refuses it otherwise)
     assert sent[0][-18:-2] == auth.Hmac(key).digest(sent[0][:-18])[:16]
     assert ccsds.get_u16(chunk, 4) == 8 and chunk[10:] == data[2992:]
