@@ -354,6 +354,8 @@ def distil_over_optical_link(
     if run.codes != (0, 0):
         merged["aborted"] = True
         merged["abort_reason"] = bob.get("abort_reason") or alice.get("abort_reason")
+        if link_report["lost_for_good"]:  # the endpoints only saw their channel close
+            merged["abort_reason"] = f"{merged['abort_reason']} ({link_report['lost_reason']})"
     return merged, figures, timeline
 
 
