@@ -5,8 +5,8 @@ A firmware test file is `tests/firmware/mptest_*.py`, written in MicroPython:
 - `load_vectors("framing.json")` returns the parsed golden vectors from tests/vectors/
   (the harness embeds them, as the QEMU target has no host filesystem);
 - it runs on every target (unix, QEMU MPS2-AN385, QEMU netduino2: the STM32 board);
-  `TARGETS = ("unix",)` with `TARGETS_REASON = "..."` narrows that, and NOT_ON_NETDUINO2
-  below names the files that do not run on the STM32 board's 96 KiB heap, and why;
+  `TARGETS = ("unix",)` with `TARGETS_REASON = "..."` narrows that (the STM32 board's
+  96 KiB heap runs every file but the NOR-chip model's, mptest_flash_faults.py);
 - `QEMU_ICOUNT_SHIFT = N` runs QEMU with its clock following the instruction count;
 - `MPTEST_HELPERS = ("link_helpers.py",)` appends those files of tests/firmware/ (set-up
   shared by several test files) after the file's own source, so that its line numbers
@@ -37,21 +37,6 @@ from host.deploy.raw_repl import ExecutionFailed, RawRepl, RawReplError
 VECTORS_DIR = Path(__file__).parent / "vectors"
 FIRMWARE_TESTS_DIR = Path(__file__).parent / "firmware"
 ALL_TARGETS = ("unix", "qemu", "netduino2")
-# Files that cannot run on the netduino2 board, with the reason (docs/targets.md). The
-# harness compiles each test file on the board from source, which takes RAM a flashed
-# .mpy would not; these need more than the 96 KiB heap has left.
-NOT_ON_NETDUINO2 = {
-    "mptest_ground_link.py": "its golden-vector test builds a 5 kB product and 4 kB read "
-    "buffers, which the netduino2 heap (96 KiB, with the test source and the product "
-    "encryption's tables) no longer has in one piece; the lock-down tests "
-    "(mptest_link_lockdown.py) do run there",
-    "mptest_aesgcm.py": "its embedded AES-GCM vectors (3 kB, parsed from JSON) do not fit "
-    "the netduino2 heap beside the test source compiled in it",
-    "mptest_flash_faults.py": "the simulated NOR chip it power-cuts lives in RAM and does "
-    "not fit the netduino2 heap (96 KiB) beside the test source",
-    "mptest_tracking.py": "the fine-gain stability check builds an 8.5 kB table that the "
-    "netduino2 heap (96 KiB, the test source compiled in it) cannot hold",
-}
 _MARK = "@@mptest"
 
 
@@ -98,9 +83,6 @@ def parse_spec(path: Path) -> FileSpec:
     reason = constants.get("TARGETS_REASON")
     if set(targets) != set(ALL_TARGETS) and not reason:
         raise ValueError(f"{path}: TARGETS narrows the targets but TARGETS_REASON says not why")
-    if path.name in NOT_ON_NETDUINO2 and "netduino2" in targets:
-        targets = tuple(t for t in targets if t != "netduino2")
-        reason = NOT_ON_NETDUINO2[path.name]
     helpers = tuple(constants.get("MPTEST_HELPERS", ()))
     for helper in helpers:
         if helper.startswith("mptest_") or not (FIRMWARE_TESTS_DIR / helper).is_file():

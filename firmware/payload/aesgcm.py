@@ -7,9 +7,9 @@
 #
 # AES works on 32-bit column words with the four T-tables of FIPS 197's fast form (4 KiB
 # of RAM), uint and masked to 32 bits (viper ints are 32-bit on the MCU and 64-bit on the
-# unix port). GHASH multiplies in GF(2^128) a byte at a time with a 256-entry table of
-# multiples of H (Shoup's method; 4 KiB per key), on four 32-bit words, every word masked
-# to 32 bits.
+# unix port). GHASH multiplies in GF(2^128) a nibble at a time with a 16-entry table of
+# multiples of H (Shoup's method; 256 bytes per key), on four 32-bit words, every word
+# masked to 32 bits.
 import array
 
 import micropython
@@ -159,49 +159,47 @@ def _aes_ctr(rk: ptr32, t: ptr32, sbox: ptr8, counter: ptr8, src: ptr8, dst: ptr
 
 
 def _reduction_table():
-    """R[r]: what the byte r shifted out of the low end of Z by Z * x^8 folds back into
+    """R[r]: what the nibble r shifted out of the low end of Z by Z * x^4 folds back into
     Z's top 16 bits (x^128 = x^7 + x^2 + x + 1, GCM's reflected bit order)."""
-    table = array.array("H", bytes(512))
-    for r in range(256):
+    table = array.array("H", bytes(32))
+    for r in range(16):
         v = r
-        for _ in range(8):
+        for _ in range(4):
             v = (v >> 1) ^ ((0xE1 << 120) if v & 1 else 0)
         table[r] = v >> 112
     return table
 
 
-_REDUCE8 = _reduction_table()
+_REDUCE4 = _reduction_table()
 
 
 def _ghash_table(h):
-    """M[b] = b * H for the 256 bytes b (GCM bit order: a byte's top bit is x^0), as 4
-    big-endian 32-bit words each (4 KiB per key). Big ints, once per key."""
+    """M[n] = n * H for the 16 nibbles n (GCM bit order: a nibble's top bit is x^0), as 4
+    big-endian 32-bit words each: 256 bytes per key (Shoup's 4-bit table; the 8-bit one,
+    4 KiB, did not fit the STM32 board's heap beside the data path, docs/targets.md)."""
+    words = array.array("I", bytes(16 * 16))
     v = int.from_bytes(h, "big")
-    table = [0] * 256
-    bit = 0x80
+    bit = 8
     while bit:
-        table[bit] = v
+        for w in range(4):
+            words[4 * bit + w] = (v >> (96 - 32 * w)) & 0xFFFFFFFF
         v = (v >> 1) ^ ((0xE1 << 120) if v & 1 else 0)  # * x
         bit >>= 1
     i = 2
-    while i < 256:
+    while i < 16:
         for j in range(1, i):
-            table[i + j] = table[i] ^ table[j]
+            for w in range(4):
+                words[4 * (i + j) + w] = words[4 * i + w] ^ words[4 * j + w]
         i <<= 1
-    words = array.array("I", bytes(4 * 1024))
-    for i in range(256):
-        t = table[i]
-        for w in range(4):
-            words[4 * i + w] = (t >> (96 - 32 * w)) & 0xFFFFFFFF
     return words
 
 
 @micropython.viper
-def _ghash(y: ptr8, data: ptr8, n: int, m: ptr32, reduce8: ptr16):
+def _ghash(y: ptr8, data: ptr8, n: int, m: ptr32, reduce4: ptr16):
     # for each 16-byte block of data[:n] (the last zero-padded): y = (y ^ block) * H in
-    # GF(2^128), a byte at a time, last byte first (Shoup's method with 8-bit tables), on
-    # four big-endian 32-bit words; uint throughout (logical shifts), masked to 32 bits
-    # for the 64-bit unix port.
+    # GF(2^128), a nibble at a time, last nibble first (Shoup's method with 4-bit tables;
+    # a byte's low nibble holds the higher powers of x), on four big-endian 32-bit words;
+    # uint throughout (logical shifts), masked to 32 bits for the 64-bit unix port.
     mask = uint(0xFFFF)
     mask = (mask << 16) | uint(0xFFFF)
     at = 0
@@ -211,24 +209,29 @@ def _ghash(y: ptr8, data: ptr8, n: int, m: ptr32, reduce8: ptr16):
             y[j] = y[j] ^ data[at + j]
             j += 1
         at += 16
-        k = 4 * y[15]
+        k = 4 * (y[15] & 0xF)
         z0 = uint(m[k]) & mask
         z1 = uint(m[k + 1]) & mask
         z2 = uint(m[k + 2]) & mask
         z3 = uint(m[k + 3]) & mask
-        i = 14
-        while i >= 0:
-            rem = int(z3 & 0xFF)
-            z3 = ((z3 >> 8) | (z2 << 24)) & mask
-            z2 = ((z2 >> 8) | (z1 << 24)) & mask
-            z1 = ((z1 >> 8) | (z0 << 24)) & mask
-            z0 = (z0 >> 8) ^ (uint(reduce8[rem]) << 16)
-            k = 4 * y[i]
+        step = 30  # nibble 31 (y[15]'s low one) done; odd steps low nibbles, even high
+        while step >= 0:
+            b = y[step >> 1]
+            if step & 1:
+                nibble = b & 0xF
+            else:
+                nibble = b >> 4
+            rem = int(z3 & 0xF)
+            z3 = ((z3 >> 4) | (z2 << 28)) & mask
+            z2 = ((z2 >> 4) | (z1 << 28)) & mask
+            z1 = ((z1 >> 4) | (z0 << 28)) & mask
+            z0 = (z0 >> 4) ^ (uint(reduce4[rem]) << 16)
+            k = 4 * nibble
             z0 ^= uint(m[k]) & mask
             z1 ^= uint(m[k + 1]) & mask
             z2 ^= uint(m[k + 2]) & mask
             z3 ^= uint(m[k + 3]) & mask
-            i -= 1
+            step -= 1
         for j in range(4):
             sh = 24 - 8 * j
             y[j] = int(z0 >> sh) & 0xFF
@@ -270,15 +273,15 @@ class AesGcm:
         y = self._y
         for i in range(16):
             y[i] = 0
-        _ghash(y, aad, len(aad), self._m, _REDUCE8)
-        _ghash(y, out, n, self._m, _REDUCE8)
+        _ghash(y, aad, len(aad), self._m, _REDUCE4)
+        _ghash(y, out, n, self._m, _REDUCE4)
         lengths = self._lengths
         abits = len(aad) * 8
         cbits = n * 8
         for i in range(8):
             lengths[7 - i] = (abits >> (8 * i)) & 0xFF if i < 4 else 0
             lengths[15 - i] = (cbits >> (8 * i)) & 0xFF if i < 4 else 0
-        _ghash(y, lengths, 16, self._m, _REDUCE8)
+        _ghash(y, lengths, 16, self._m, _REDUCE4)
         for i in range(12):
             counter[i] = nonce[i]
         counter[12] = counter[13] = counter[14] = 0

@@ -68,6 +68,9 @@ TDC_RING_EVENTS = 512
 STORAGE_ROOT = "/flash"
 _FLASH_BLOCK_BYTES = const(256)
 _FLASH_BLOCKS = const(80)  # 20 KiB of RAM standing in for the flash region
+# Where that RAM is: SRAM the linker script keeps out of .bss, the heap and the stack
+# (stm32f205.ld, region FLASHDISK), so the heap is what the real part's application has.
+_FLASH_DISK_ADDR = const(0x20018800)
 
 
 class Uart:
@@ -185,11 +188,14 @@ def _clock_stamp(state: ptr32, buf: ptr8, offset: int):
 class RamBlockDevice:
     """littlefs block device in RAM. The STM32F205 has 1 MiB of on-chip flash, but QEMU's
     netduino2 models it as ROM (no flash controller), so the emulation keeps the
-    filesystem in RAM; the real board programs flash sectors through the FLASH interface
-    (docs/targets.md)."""
+    filesystem in SRAM outside the heap (at `address`, reserved by the linker script);
+    the real board programs flash sectors through the FLASH interface (docs/targets.md).
+    Like flash, its contents survive a soft reset."""
 
-    def __init__(self, block_bytes, blocks):
-        self._mem = bytearray(block_bytes * blocks)
+    def __init__(self, address, block_bytes, blocks):
+        import uctypes
+
+        self._mem = uctypes.bytearray_at(address, block_bytes * blocks)
         self._view = memoryview(self._mem)
         self._block_bytes = block_bytes
         self._blocks = blocks
@@ -234,8 +240,7 @@ payload_bus = Uart(_USART2)
 clock = Clock()
 key_region = KeyRegion()
 storage_formatted = False
-# Allocated at boot, while the heap is empty: 20 KiB in one piece is hard to find later.
-_device = RamBlockDevice(_FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
+_device = RamBlockDevice(_FLASH_DISK_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
 
 
 @micropython.asm_thumb
