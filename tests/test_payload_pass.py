@@ -20,12 +20,13 @@ P_Z = 0.7
 SLOT_RATE_HZ = 100_000_000  # a "100 MHz" source in virtual time (lockstep head)
 # per target: frame length, frames to run (QEMU's emulated UART is the slow part) and a
 # PPS period short enough for several PPS edges in the run's virtual time. The STM32
-# board's littlefs has 20 KiB (RAM standing in for its flash, docs/targets.md): 15 frames
-# of logs fit in it, 30 do not (the sequencer then stops, as storage cannot commit).
+# board's store is 20 KiB (RAM standing in for its flash, docs/targets.md; products may
+# take ~15 kB of it): 10 frames of logs fit in it with room for the frames the head
+# emits while the stop telecommand is on its way (5-7 there); 30 do not.
 RUNS = {
     "unix": (1024, 150, 100_000_000),
     "qemu": (512, 30, 25_000_000),
-    "netduino2": (512, 15, 10_000_000),
+    "netduino2": (512, 10, 8_000_000),
 }
 
 
@@ -45,18 +46,11 @@ def _rated_events_per_s(frame_slots):
     return 227 * SLOT_RATE_HZ / frame_slots
 
 
-# Above the rating, the STM32 board's 20 KiB store could not hold the 2048 events (18 kB)
-# a full head FIFO drains at the stop: there the head's FIFO is 256 events and the run 4
-# frames, still over a thousand events lost (frames, head FIFO depth).
-ABOVE_RATE_RUNS = {"netduino2": (4, 256)}
-
-
-def _run(target, uplink_hz, seed, frames=None, fifo_depth=2048):
-    frame_slots, default_frames, pps_period_ps = RUNS[target]
-    frames = frames or default_frames
+def _run(target, uplink_hz, seed):
+    frame_slots, frames, pps_period_ps = RUNS[target]
     head = OpticalHead(
         seed=seed,
-        fifo_depth=fifo_depth,
+        fifo_depth=2048,
         sources=TdcSources(sync_rate_hz=1e6, beacon_rate_hz=1e4, uplink_rate_hz=(uplink_hz,) * 4),
         pps_period_ps=pps_period_ps,
         clock_offset_ps=250_000,
@@ -143,6 +137,7 @@ def test_every_tdc_event_is_logged_below_the_rated_rate(below_rate):
     total_rate = 4e6 + 1e6 + 1e4
     assert total_rate < _rated_events_per_s(frame_slots) / 4
     events = _tdc_events(run)
+    assert run.telemetry["storage"].get("full") is not True, run.telemetry["storage"]
     assert events == head.tdc_truth
     assert run.telemetry["tdc"]["lost"] == 0 and head.tdc_overflow == 0
     assert sum(1 for c, _ in events if c == 0) >= 5  # PPS edges seen
@@ -170,19 +165,15 @@ def test_products_are_listed_with_size_and_crc32(below_rate):
     assert hk[-1]["laser_power_uw"] in (0, head.laser_power_uw)
 
 
-@pytest.mark.parametrize(
-    "target",
-    [
-        "unix",
-        pytest.param("qemu", marks=pytest.mark.slow),
-        pytest.param("netduino2", marks=pytest.mark.slow),
-    ],
-)
+# Not on the STM32 board: above the rating every frame spools 2 kB of TDC events, and the
+# head keeps emitting in lockstep until the stop telecommand arrives, so its 20 KiB store
+# fills before the stop; the refused records (counted as unstored) would then be missing
+# beside the FIFO's losses (docs/targets.md).
+@pytest.mark.parametrize("target", ["unix", pytest.param("qemu", marks=pytest.mark.slow)])
 def test_above_the_rated_rate_the_loss_counter_equals_the_events_lost(target):
     frame_slots = RUNS[target][0]
     uplink_hz = _rated_events_per_s(frame_slots)  # x4 channels: four times the rating
-    frames, fifo_depth = ABOVE_RATE_RUNS.get(target, (None, 2048))
-    head, run, _ = _run(target, uplink_hz=uplink_hz, seed=12, frames=frames, fifo_depth=fifo_depth)
+    head, run, _ = _run(target, uplink_hz=uplink_hz, seed=12)
     events = _tdc_events(run)
     tdc = run.telemetry["tdc"]
     lost = len(head.tdc_truth) - len(events)
