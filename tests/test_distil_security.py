@@ -545,3 +545,31 @@ def test_a_head_generated_pass_checks_the_mean_photon_numbers_logged_beside_its_
     edited = _edited(pass_dir, tmp_path, intensities={"mu": 0.8, "nu": 0.1, "vac": 0.01})
     with pytest.raises(BadInput, match="Alice's record of her source"):
         Alice(edited, Config(), patterns=HeadPatternMemory())
+
+
+def test_a_killed_runs_leftover_or_a_planted_symlink_does_not_stop_or_redirect_the_keys(
+    tmp_path,
+):
+    """The keys' temporary files (one writer, host/distil/durable.py): main created them
+    with O_EXCL and no clean-up, so a temporary left by a killed run whose pid came round
+    again made every later run in that directory fail with "the keys could not be
+    written". Now a leftover is replaced, a symlink under the name is not followed, and
+    the keys land 0600 with nothing left beside them."""
+    from host.distil import run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".alice.key.{os.getpid()}.tmp").write_bytes(b"left by a killed run")
+    victim = tmp_path / "victim"
+    victim.write_text("not yours")
+    (out / f".bob.key.{os.getpid()}.tmp").symlink_to(victim)
+    bits = np.array([1, 0, 1, 1, 0, 0, 1, 0, 1], np.uint8)
+    report = {"aborted": False, "abort_reason": None, "key_bits": int(bits.size)}
+    run.finish(out, report, {"alice": bits, "bob": bits})
+    for role in ("alice", "bob"):
+        key = out / f"{role}.key"
+        assert key.read_bytes() == np.packbits(bits).tobytes()
+        assert key.stat().st_mode & 0o777 == 0o600
+    assert victim.read_text() == "not yours"
+    assert sorted(p.name for p in out.iterdir()) == ["alice.key", "bob.key", "report.json"]
+    assert json.loads((out / "report.json").read_text())["key_files"]["alice"]["bits"] == 9

@@ -13,7 +13,6 @@ of L 64-bit blocks.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import os
@@ -24,6 +23,7 @@ import threading
 
 import numpy as np
 
+from host.distil.durable import fsync_directory, write_atomic
 from host.distil.gf64 import poly_hash
 from host.errors import BadInput, ProtocolAborted
 
@@ -72,11 +72,8 @@ _START = struct.Struct("<8sQ")
 
 
 def _fsync_directory(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """The directory holding `path` (host/network imports this name)."""
+    fsync_directory(os.path.dirname(os.path.abspath(path)) or ".")
 
 
 class KeyPool:
@@ -207,20 +204,10 @@ def write_usage_record(path: str, used_bytes: int, **extra) -> None:
     directory (the rename itself must survive a power cut). `extra` fields are kept
     beside used_bytes for other readers of the same record (host/network/pool.py)."""
     used_path = str(path) + ".used"
-    tmp = f"{used_path}.{os.getpid()}.tmp"
-    # A fresh file, never one already there: a leftover of a killed session with our
-    # pid is removed, and a symlink planted under this name is neither followed (it
-    # would truncate its target) nor kept (it could point the record elsewhere).
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, json.dumps({"used_bytes": int(used_bytes), **extra}).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, used_path)
-    _fsync_directory(used_path)
+    record = json.dumps({"used_bytes": int(used_bytes), **extra}).encode()
+    # host/distil/durable.py: a fresh 0600 temporary (a leftover or a planted symlink
+    # under its name is removed, never followed), fsync, rename, fsync of the directory
+    write_atomic(used_path, record, 0o600, tmp=f"{used_path}.{os.getpid()}.tmp")
 
 
 def _read_usage_record(path: str, used_path: str) -> int:

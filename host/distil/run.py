@@ -32,6 +32,7 @@ import numpy as np
 
 from host.console import print_result, progress_for, to_json
 from host.distil import channel as ch
+from host.distil.durable import fsync_directory, write_atomic, write_temporary
 from host.distil.protocol import (
     BASES,
     PHASE_ERROR_TOLERANCE,
@@ -194,29 +195,6 @@ def pass_json_sha256(pass_dir: Path) -> str:
 # ------------------------------------------------------------------ writing the outputs
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes, mode: int) -> Path:
-    """data in a new temporary file next to path (created with mode, fsync'd); returns it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
 def key_bytes(bits: np.ndarray) -> bytes:
     """Packed bits, MSB first, the last byte zero-padded; the bit length is in report.json
     (key_files) and the padding bits are not key."""
@@ -224,15 +202,12 @@ def key_bytes(bits: np.ndarray) -> bytes:
 
 
 def write_key(path: Path, bits: np.ndarray) -> None:
-    """Created 0600, fsync'd, renamed into place."""
-    tmp = _write_durable(path, key_bytes(bits), 0o600)
-    os.replace(tmp, path)
+    """Created 0600, fsync'd, renamed into place (host/distil/durable.py)."""
+    write_atomic(path, key_bytes(bits), 0o600)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = _write_durable(path, (to_json(data) + "\n").encode(), 0o644)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_atomic(path, (to_json(data) + "\n").encode(), 0o644)
 
 
 def finish(out_dir: Path, report: dict, keys: dict) -> None:
@@ -245,7 +220,7 @@ def finish(out_dir: Path, report: dict, keys: dict) -> None:
         raise BadInput(f"--out {out_dir}: cannot create ({error.strerror})") from None
     report_path = out_dir / REPORT_NAME
     report_path.unlink(missing_ok=True)
-    _fsync_dir(out_dir)
+    fsync_directory(out_dir)
     key_files = {}
     if not report["aborted"]:
         temporary = {}
@@ -253,7 +228,7 @@ def finish(out_dir: Path, report: dict, keys: dict) -> None:
             for stem, bits in keys.items():
                 if bits is not None:
                     path = out_dir / f"{stem}.key"
-                    temporary[path] = _write_durable(path, key_bytes(bits), 0o600)
+                    temporary[path] = write_temporary(path, key_bytes(bits), 0o600)
                     key_files[stem.split(".")[0]] = {"file": path.name, "bits": int(bits.size)}
         except OSError as error:
             for tmp in temporary.values():
@@ -273,7 +248,7 @@ def finish(out_dir: Path, report: dict, keys: dict) -> None:
             ) from None
         for path, tmp in temporary.items():
             os.replace(tmp, path)
-        _fsync_dir(out_dir)
+        fsync_directory(out_dir)
     else:
         _remove_keys(out_dir, keys)
     report["key_files"] = key_files
@@ -291,7 +266,7 @@ def _remove_keys(out_dir: Path, keys: dict) -> None:
     look like its."""
     for name in key_files_of({stem.split(".")[0] for stem in keys}):
         (out_dir / name).unlink(missing_ok=True)
-    _fsync_dir(out_dir)
+    fsync_directory(out_dir)
 
 
 # ------------------------------------------------------------------ the report
