@@ -299,3 +299,58 @@ def test_a_key_serves_the_time_transfer_or_the_network_pools_never_both(
     argv = ["timetransfer", str(clean_pass), "--keys", str(keys), "--out", str(tmp_path / "x")]
     assert main(argv) == 2
     assert "only 0 bytes left" in capsys.readouterr().err
+
+
+def test_a_new_distilled_key_starts_without_the_old_keys_usage_record(tmp_path):
+    distilled(tmp_path, 64_000, "pass 1")
+    pool, _ = endpoints.open_time_key(tmp_path, "satellite")
+    pool.take(0, 8)  # the record is written (reserved ahead) before the bytes are used
+    pool.close()
+    assert (tmp_path / "alice.key.used").exists()
+    distilled(tmp_path, 64_000, "pass 2")  # the distillation replaces the key
+    assert not (tmp_path / "alice.key.used").exists()
+    pool, _ = endpoints.open_time_key(tmp_path, "satellite")
+    assert pool.start_byte == 0
+    pool.close()
+
+
+# ---------------------------------------------------------------- simulate and mission
+
+
+def test_simulate_two_way_writes_the_uplink_products_beside_the_pass(tmp_path, keys):
+    pass_dir = tmp_path / "pass"
+    argv = ["simulate", "--profile", "micius-2017", "--duration-s", "5", "--two-way"]
+    assert main(argv + ["--out", str(pass_dir)]) == 0
+    assert (pass_dir / "pass.json").exists()  # the QKD pass, and beside it the two-way one
+    scenario = simulate.files.read_scenario(pass_dir)
+    assert scenario["profile"] == "micius-qstt" and scenario["duration_s"] == 5.0
+    code, report = run(pass_dir, tmp_path / "tt", keys)
+    assert code == 0 and report["bins"] >= 45
+    # a pass without --two-way replacing it leaves no two-way scenario of the old one
+    assert main(argv[:-1] + ["--out", str(pass_dir), "--force"]) == 0
+    assert not (pass_dir / "timetransfer.json").exists()
+
+
+def test_simulate_two_way_refuses_a_profile_without_a_two_way_profile(tmp_path, capsys):
+    profile = tmp_path / "custom.json"
+    original = simulate.PROFILE_DIR.parents[1] / "simulate" / "profiles" / "jinan-1.json"
+    profile.write_text(original.read_text().replace('"jinan-1"', '"custom"', 1))
+    argv = ["simulate", "--profile", str(profile), "--two-way", "--out", str(tmp_path / "p")]
+    assert main(argv) == 2
+    assert "no two-way time-transfer profile" in capsys.readouterr().err
+
+
+def test_the_mission_stage_seals_with_the_missions_key_or_says_why_not(tmp_path):
+    from host.timetransfer.mission_stage import run_stage
+
+    stage = run_stage(tmp_path, "micius-2017", 3, 5.0, key_made=False)
+    assert stage == {
+        "aborted": True,
+        "abort_reason": "no key from the distillation: nothing to seal the time data with",
+    }
+    distilled(tmp_path, 64_000, "the mission's pass")  # what the mission's distil wrote
+    stage = run_stage(tmp_path, "micius-2017", 3, 5.0, key_made=True)
+    assert stage["aborted"] is False and stage["profile"] == "micius-qstt"
+    assert stage["qber"]["downlink"] < 0.02 and stage["tdev_ps"]["0.1"] > 0
+    report = json.loads((tmp_path / "timetransfer" / "report.json").read_text())
+    assert stage["key_bits_used"]["pad"] == report["key"]["pad_bits"] > 0

@@ -248,6 +248,8 @@ def finish(out_dir: Path, report: dict, keys: dict) -> None:
             ) from None
         for path, tmp in temporary.items():
             os.replace(tmp, path)
+            # the usage record of the key this one replaced (time transfer) is not its
+            Path(f"{path}.used").unlink(missing_ok=True)
         fsync_directory(out_dir)
     else:
         _remove_keys(out_dir, keys)
@@ -266,6 +268,7 @@ def _remove_keys(out_dir: Path, keys: dict) -> None:
     look like its."""
     for name in key_files_of({stem.split(".")[0] for stem in keys}):
         (out_dir / name).unlink(missing_ok=True)
+        (out_dir / f"{name}.used").unlink(missing_ok=True)
     fsync_directory(out_dir)
 
 

@@ -59,6 +59,12 @@ def add_arguments(parser) -> None:
         help="head generation: emit only this many seconds around culmination (default:"
         " the whole pass)",
     )
+    parser.add_argument(
+        "--timetransfer",
+        action="store_true",
+        help="after the distillation, two-way time transfer sealed with the pass's key"
+        " (OUT/timetransfer/; docs/time-transfer.md)",
+    )
     parser.add_argument("--out", default="build/mission", help="output directory")
 
 
@@ -79,6 +85,7 @@ def run(args) -> int:
             generation=args.generation,
             segment_s=args.segment_s,
             distil=args.distil,
+            timetransfer=args.timetransfer,
             progress=progress_for(args, "qkdsat mission"),
         )
     except StageFailed as error:
@@ -91,5 +98,8 @@ def run(args) -> int:
         print(f"report: {Path(args.out) / 'mission.json'}, {Path(args.out) / 'mission.png'}")
     if summary["exit_code"] == EXIT_ABORTED:
         distil = summary["stages"]["distil"]
-        raise ProtocolAborted(f"no key: {distil['abort_reason']}")
+        if distil["aborted"]:
+            raise ProtocolAborted(f"no key: {distil['abort_reason']}")
+        reason = summary["stages"]["timetransfer"]["abort_reason"]
+        raise ProtocolAborted(f"time transfer: {reason}")
     return 0

@@ -308,6 +308,16 @@ def _summary_lines(summary: dict) -> list[str]:
             f"{'-' if latency is None else f'{latency} s'}, lag behind detections max "
             f"{summary['lag_s_max']} s, median {summary['lag_s_median']} s"
         )
+    if "timetransfer" in s:
+        tt = s["timetransfer"]
+        if tt["aborted"]:
+            lines.append(f"time      no time transfer: {tt['abort_reason']}")
+        else:
+            tdev = ", ".join(f"{k} s {v:.2f} ps" for k, v in tt["tdev_ps"].items())
+            lines.append(
+                f"time      {tt['time_data_rate_hz']:.0f} Hz of time data, TDEV {tdev};"
+                f" key {tt['key_bits_used']['pad']} pad + {tt['key_bits_used']['auth']} tag bits"
+            )
     if "failed" in summary:
         lines.append(f"FAILED    {summary['failed']}")
     secs = summary.get("stage_seconds", {})

@@ -376,6 +376,7 @@ def run_mission(
     generation: str = "head",
     segment_s: float | None = None,
     distil: str | None = None,
+    timetransfer: bool = False,
     progress=None,
 ) -> dict:
     """Every stage; returns the mission summary (also written to OUT/mission.json)."""
@@ -406,15 +407,20 @@ def run_mission(
     if out.exists() and any(out.iterdir()) and not (out / "mission.json").exists():
         raise BadInput(f"--out {out}: not empty and not a previous mission's output")
     profile = profiles.load(profile_name, {})
+    if timetransfer:
+        from host.timetransfer.simulate import profile_for
+
+        profile_for(profile["name"])  # bad input now, not after the pass
     for stale in ("satellite", "ground", "truth", "onboard"):
         shutil.rmtree(out / stale, ignore_errors=True)
     for stale in (
         "pass.json", "report.json", "mission.json", "mission.png", "link.json",
-        "ground.pool", "ground.pool.used", "processor.log", "ground.log",
+        "ground.pool", "ground.pool.used", "processor.log", "ground.log", "timetransfer.json",
     ):  # fmt: skip
         (out / stale).unlink(missing_ok=True)
-    for stale in out.glob("*.key") if out.is_dir() else ():
+    for stale in [*out.glob("*.key"), *out.glob("*.key.used")] if out.is_dir() else ():
         stale.unlink()
+    shutil.rmtree(out / "timetransfer", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
     summary: dict = {
@@ -540,10 +546,26 @@ def run_mission(
         summary["timeline"] = timeline["rows"]
         summary.update({k: v for k, v in timeline.items() if k != "rows"})
 
+    if timetransfer:  # post-pass, sealed with the key just made (docs/time-transfer.md)
+        from host.timetransfer.mission_stage import run_stage
+
+        say("timetransfer: satellite and ground endpoints")
+        t = time.perf_counter()
+        onboard = out  # Alice's key: the on-board key store after a link distillation
+        if "link" in stages:
+            onboard = out / Path(stages["link"]["onboard_report"]).parent
+        stages["timetransfer"] = run_stage(
+            out, profile["name"], seed, stages["ground"]["segment_seconds"],
+            key_made=not stages["distil"]["aborted"], satellite_keys=onboard,
+        )  # fmt: skip
+        seconds["timetransfer"] = round(time.perf_counter() - t, 3)
+
     t = time.perf_counter()
     seconds["report"] = 0.0
-    # like distil: no key is exit 3 (the reason is in the summary and report.json)
-    summary["exit_code"] = 3 if stages["distil"]["aborted"] else 0
+    # like distil: no key is exit 3 (the reason is in the summary and report.json), and so
+    # is a time transfer asked for and not vouched for
+    aborted = stages["distil"]["aborted"] or stages.get("timetransfer", {}).get("aborted")
+    summary["exit_code"] = 3 if aborted else 0
     report.write(out, summary, curve, scenario)
     seconds["report"] = round(time.perf_counter() - t, 3)
     seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 3)

@@ -1,6 +1,7 @@
-"""`qkdsat simulate --profile P [--tle FILE --station NAME --start UTC] [--seed N] --out DIR`:
-a pass simulated from physics alone (no firmware), written as a pass directory
-(docs/formats.md; the models are described in docs/simulator.md)."""
+"""`qkdsat simulate --profile P [--tle FILE --station NAME --start UTC] [--seed N] [--two-way]
+--out DIR`: a pass simulated from physics alone (no firmware), written as a pass directory
+(docs/formats.md; the models are described in docs/simulator.md). --two-way adds the
+uplink and the time-transfer products (docs/time-transfer.md)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,13 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="replace an existing pass (or an interrupted run's leftovers) in --out, and "
         "write a pattern log larger than 1 GiB",
+    )
+    parser.add_argument(
+        "--two-way",
+        action="store_true",
+        help="also write the two-way time-transfer products (uplink and downlink time tags,"
+        " timetransfer.json; micius-2017 -> micius-qstt, jinan-1 -> qstt-best) for"
+        " `qkdsat timetransfer` (docs/time-transfer.md)",
     )
     parser.add_argument(
         "--headline",
@@ -183,9 +191,18 @@ def run(args) -> int:
             f"--pattern log: {scenario.slot_count} slots make a {log_bytes / 1e9:.1f} GB "
             "pattern log; use --pattern source, --duration-s, or --force to write it"
         )
+    two_way_profile = None
+    if args.two_way:
+        from host.timetransfer import simulate as two_way
+
+        two_way_profile = two_way.load_profile(two_way.profile_for(profile["name"]))
     progress = progress_for(args, "qkdsat simulate")
     try:
+        # a replaced pass's two-way scenario must not describe this pass
+        (out / "timetransfer.json").unlink(missing_ok=True)
         truth = passgen.run(scenario, out, pattern_mode=args.pattern, progress=progress.enabled)
+        if two_way_profile is not None:
+            two_way_summary = two_way.simulate(two_way_profile, out, args.seed, args.duration_s)
     except OSError as error:  # a full or failing disk: pass.json, written last, is missing
         raise EnvironmentFailure(
             f"--out {out}: {error.strerror or error} while writing the pass; the directory "
@@ -199,6 +216,8 @@ def run(args) -> int:
         "link_loss_db": {k: v["link_loss_db"] for k, v in truth["events"].items()},
         "wall_seconds": truth["wall_seconds"],
     }
+    if two_way_profile is not None:
+        summary["two_way"] = {"profile": two_way_profile["name"], **two_way_summary}
     if args.headline:
         from host.simulate.headline import compare_with_published, headline
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from host.console import to_json
 from host.distil import channel as ch
-from host.errors import ProtocolAborted
+from host.errors import BadInput, ProtocolAborted
 from host.outdir import check_output_dir
 from host.timetransfer import endpoints, estimate, files
 
@@ -43,6 +43,12 @@ def add_arguments(parser) -> None:
         metavar="KEYS",
         help="`qkdsat distil --out` directory of the pass: alice.key (satellite) and bob.key "
         "(ground) seal the time messages; their use is recorded in KEY.used",
+    )
+    parser.add_argument(
+        "--satellite-keys",
+        metavar="DIR",
+        help="the satellite's distillation output when it is not KEYS (split mode: the "
+        "payload processor's key store pass directory, holding alice.key)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
@@ -169,19 +175,30 @@ def _finite(value):
     return value
 
 
-def run_endpoints(scenario: dict, pass_dir: Path, keys_dir: Path, tamper=None) -> dict:
+def run_endpoints(
+    scenario: dict, pass_dir: Path, keys_dir: Path, tamper=None, satellite_keys_dir=None
+) -> dict:
     """The satellite endpoint in a thread, the ground endpoint in another, over an
     in-process channel; returns the ground's report with the satellite's outcome, or
     raises ProtocolAborted carrying that report. `tamper`: a test hook on the satellite's
     outgoing bytes (channel.QueueTransport.tamper)."""
     satellite_events = files.read_events(pass_dir, files.SATELLITE_FILES)
     ground_events = files.read_events(pass_dir, files.GROUND_FILES)
-    satellite_pool, satellite_key = endpoints.open_time_key(keys_dir, "satellite")
+    satellite_pool, satellite_key = endpoints.open_time_key(
+        satellite_keys_dir or keys_dir, "satellite"
+    )
     try:
         ground_pool, ground_key = endpoints.open_time_key(keys_dir, "ground")
     except BaseException:
         satellite_pool.close()
         raise
+    if satellite_key["source"] != ground_key["source"]:
+        satellite_pool.close()
+        ground_pool.close()
+        raise BadInput(
+            f"--keys {keys_dir} and --satellite-keys {satellite_keys_dir}: the two keys come "
+            "from different passes"
+        )
     satellite = endpoints.SatelliteEndpoint(scenario, satellite_events, satellite_pool,
                                             satellite_key)  # fmt: skip
     ground = endpoints.GroundEndpoint(scenario, ground_events, ground_pool, ground_key)
@@ -224,7 +241,9 @@ def run_endpoints(scenario: dict, pass_dir: Path, keys_dir: Path, tamper=None) -
     return report
 
 
-def time_transfer(pass_dir: Path, out_dir: Path, keys_dir: Path, tamper=None) -> dict:
+def time_transfer(
+    pass_dir: Path, out_dir: Path, keys_dir: Path, tamper=None, satellite_keys_dir=None
+) -> dict:
     """Run both endpoints and write the outputs; returns the report (raises
     ProtocolAborted after writing the report when the protocol stops by design)."""
     check_output_dir(out_dir, files=("report.json", "offset.csv"))
@@ -234,7 +253,7 @@ def time_transfer(pass_dir: Path, out_dir: Path, keys_dir: Path, tamper=None) ->
     truth = files.read_truth(pass_dir)
     aborted = None
     try:
-        report = run_endpoints(scenario, pass_dir, Path(keys_dir), tamper)
+        report = run_endpoints(scenario, pass_dir, Path(keys_dir), tamper, satellite_keys_dir)
     except ProtocolAborted as error:
         report, aborted = getattr(error, "report", None), error
         if report is None:
@@ -260,7 +279,10 @@ def time_transfer(pass_dir: Path, out_dir: Path, keys_dir: Path, tamper=None) ->
 
 
 def run(args) -> int:
-    report = time_transfer(Path(args.pass_dir), Path(args.out), Path(args.keys))
+    satellite_keys = Path(args.satellite_keys) if args.satellite_keys else None
+    report = time_transfer(
+        Path(args.pass_dir), Path(args.out), Path(args.keys), satellite_keys_dir=satellite_keys
+    )
     if getattr(args, "json", False):
         print(to_json(report))
         return 0

@@ -30,6 +30,17 @@ from host.timetransfer import files
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 CHUNK_S = 0.01
+# The two-way profile that goes with a QKD profile of `qkdsat simulate` / `mission`
+TWO_WAY_PROFILE = {"micius-2017": "micius-qstt", "jinan-1": "qstt-best"}
+
+
+def profile_for(qkd_profile_name: str) -> str:
+    if qkd_profile_name not in TWO_WAY_PROFILE:
+        raise BadInput(
+            f"profile {qkd_profile_name}: no two-way time-transfer profile goes with it "
+            f"(known: {', '.join(TWO_WAY_PROFILE)})"
+        )
+    return TWO_WAY_PROFILE[qkd_profile_name]
 
 
 def load_profile(name: str) -> dict:
