@@ -28,13 +28,14 @@ qrng = bytearray((i * 2654435761 >> 7) & 0xFF for i in range(4 * SLOTS))
 out = bytearray(SLOTS // 2)
 copy_dst = bytearray(4 * SLOTS)
 thr = sequencer.thresholds_for([0.5, 0.25, 0.25], 0.5)
-state = array.array("I", bytes(32))
+state = array.array("I", bytes(4 * tdc.STATE_WORDS))
 ring = bytearray(9 * 4096)
 burst = bytearray((i * 7) & 0xFF for i in range(9 * 227))
 for i in range(227):
     burst[9 * i] = 3
 block = bytearray(9 * 227)
 pps = bytearray(8 * 16)
+epochs = bytearray(8 * tdc.EPOCH_SLOTS)
 
 
 def viper():
@@ -50,7 +51,7 @@ def copy():
 
 
 def tdc_burst():
-    tdc.ring_push(state, ring, 4096, burst, 227, pps)
+    tdc.ring_push(state, ring, 4096, burst, 227, pps, epochs)
     tdc.ring_pop(state, ring, 4096, block, 227)
 
 

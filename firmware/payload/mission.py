@@ -84,6 +84,7 @@ class Mission:
         ring_events = getattr(board, "TDC_RING_EVENTS", tdc.RING_EVENTS)
         self.tdc = tdc.TdcDrain(self.bus, self.store, ring_events=ring_events)
         self.discipline = tdc.ClockDiscipline(self.tdc, self.store)
+        self.epochs = tdc.EmissionEpochs(self.tdc, self.store)
         self.hk = Housekeeping(self)
         self.generator = headgen.HeadGenerator(self.bus, self.sequencer)
         self.generation = "controller"
@@ -100,6 +101,7 @@ class Mission:
         sched.add("sequencer", self.sequencer.step)
         sched.add("tdc", self.tdc.step)
         sched.add("clock", self.discipline.step)
+        sched.add("epochs", self.epochs.step)
         sched.add("hk", self.hk.step, HK_PERIOD_US)
 
     def configure(self, config):
@@ -188,6 +190,7 @@ class Mission:
                 raise RuntimeError("%s is not a record log: delete it first" % log.path)
         if self.tdc.start() != busmod.OK:
             raise RuntimeError("optical head: TDC_CTRL failed (see bus counters)")
+        self.epochs.start()
         try:
             if self.generation == "head":
                 self.generator.start()
@@ -216,6 +219,7 @@ class Mission:
             self.tracking.step()  # the loop acts on the stop at its next period
             self.tracking_product.flush()
         self.discipline.step()
+        self.epochs.step()
         self.hk.record()
         self.hk.running = False
         self.pass_running = False

@@ -4,6 +4,14 @@
 # clock discipline. Loss is counted, never silent: events the head's FIFO dropped
 # (REG_TDC_OVERFLOW) and events the ring had no room for (ring_overflow).
 #
+# Two-way time transfer (docs/time-transfer.md): the uplink detectors' tags (channels
+# UPLINK0..) take the same path, and the ring counts them apart (accepted and dropped), so
+# the time-transfer stream's loss is its own figure. The laser's slot-clock sync output
+# (channel SYNC) marks the epochs of the satellite's own emissions: ring_push keeps the
+# last EPOCH_SLOTS of them, and EmissionEpochs logs one every `record_every` to
+# products/epochs.qrec (mark index, local time), so the satellite side knows when it sent
+# which slot without reading the whole TDC stream.
+#
 # `ring_push` is the interrupt-path kernel (on a board a DMA-complete or FIFO-half-full
 # interrupt calls it): viper over preallocated buffers, no allocation, and no Python int
 # >= 2**30 (times stay bytes; tested under micropython.heap_lock()).
@@ -25,6 +33,9 @@ BURST_EVENTS = const(227)  # 227 * 9 = 2043 bytes, the largest burst under MAX_D
 RING_EVENTS = const(2048)  # 18 kB: the controller has 512 kB of heap for everything
 BLOCK_EVENTS = const(227)
 PPS_SLOTS = const(16)
+EPOCH_SLOTS = const(16)
+STATE_WORDS = const(12)
+KIND_EMISSION_EPOCH = const(9)
 PS_PER_S = 1_000_000_000_000  # a big int on 32-bit targets: only used off the hot path
 
 # ring state words. Single writer per word, so ring_push (an interrupt handler on a
@@ -39,6 +50,9 @@ _OVERFLOW = const(3)  # events dropped because the ring was full: ring_push only
 _TOTAL = const(4)  # events accepted: ring_push only
 _PPS_W = const(5)  # PPS slots written (mod PPS_SLOTS by index): ring_push only
 _PPS_COUNT = const(6)  # PPS events seen: ring_push only
+_UP_ACCEPTED = const(7)  # uplink-detector events taken into the ring: ring_push only
+_UP_DROPPED = const(8)  # uplink-detector events the full ring dropped: ring_push only
+_EPOCH_COUNT = const(9)  # emission epoch marks (SYNC) seen: ring_push only
 
 
 @micropython.viper
@@ -51,11 +65,15 @@ def ring_count(state: ptr32, capacity: int) -> int:
 
 
 @micropython.viper
-def ring_push(state: ptr32, ring: ptr8, capacity: int, src: ptr8, n_events: int, pps: ptr8):
-    """Append n_events 9-byte events from src to the ring; copy PPS times into pps.
+def ring_push(
+    state: ptr32, ring: ptr8, capacity: int, src: ptr8, n_events: int, pps: ptr8, epochs: ptr8
+):
+    """Append n_events 9-byte events from src to the ring; copy PPS times into pps and
+    emission epoch marks (SYNC) into epochs (state STATE_WORDS long).
 
-    Events that find the ring full are counted in state[_OVERFLOW] one by one. The copy
-    is bulk (at most two runs around the wrap), not per event."""
+    Events that find the ring full are counted in state[_OVERFLOW] one by one, and the
+    uplink detectors' among them also in state[_UP_DROPPED]. The copy is bulk (at most
+    two runs around the wrap), not per event."""
     w = state[_W]
     count = w - state[_R]
     if count < 0:
@@ -64,17 +82,34 @@ def ring_push(state: ptr32, ring: ptr8, capacity: int, src: ptr8, n_events: int,
     if accepted > n_events:
         accepted = n_events
     state[_OVERFLOW] = state[_OVERFLOW] + (n_events - accepted)
-    # PPS (channel 0) times for the discipline, from every event including dropped ones
+    # PPS (channel 0) times for the discipline and SYNC (channel 1) marks, from every event
+    # including dropped ones; the uplink stream counted apart (the first `accepted` events
+    # go into the ring, the rest are dropped)
+    up_accepted = 0
+    up_dropped = 0
     e = 0
     while e < n_events:
         s = e * 9
-        if src[s] == 0:
+        channel = src[s]
+        if channel == 0:
             slot = (state[_PPS_W] & 15) * 8
             for i in range(8):
                 pps[slot + i] = src[s + 1 + i]
             state[_PPS_W] = state[_PPS_W] + 1
             state[_PPS_COUNT] = state[_PPS_COUNT] + 1
+        elif channel == 1:
+            slot = (state[_EPOCH_COUNT] & 15) * 8
+            for i in range(8):
+                epochs[slot + i] = src[s + 1 + i]
+            state[_EPOCH_COUNT] = state[_EPOCH_COUNT] + 1
+        elif channel >= 3:
+            if e < accepted:
+                up_accepted += 1
+            else:
+                up_dropped += 1
         e += 1
+    state[_UP_ACCEPTED] = state[_UP_ACCEPTED] + up_accepted
+    state[_UP_DROPPED] = state[_UP_DROPPED] + up_dropped
     position = w if w < capacity else w - capacity
     first = capacity - position
     if first > accepted:
@@ -125,10 +160,11 @@ class TdcDrain:
         self.store = store
         self.capacity = ring_events
         self.bursts_per_step = bursts_per_step
-        self.state = array.array("I", bytes(4 * 8))
+        self.state = array.array("I", bytes(4 * STATE_WORDS))
         self.ring = bytearray(EVENT_BYTES * ring_events)
         self.burst = bytearray(EVENT_BYTES * BURST_EVENTS)
         self.pps = bytearray(8 * PPS_SLOTS)
+        self.epochs = bytearray(8 * EPOCH_SLOTS)
         self.log = store.open_log("tdc", storage.KIND_TDC_BLOCK, 4 + EVENT_BYTES * BLOCK_EVENTS)
         self._events = self.log.payload[4:]  # a view, made once
         self.blocks = 0
@@ -158,6 +194,8 @@ class TdcDrain:
         self._head_last = None
         self.state[_OVERFLOW] = 0  # the interrupt path is not running yet
         self.state[_TOTAL] = 0
+        self.state[_UP_ACCEPTED] = 0
+        self.state[_UP_DROPPED] = 0
         if self.bus.read(busmod.REG_TDC_OVERFLOW, 3) == busmod.OK:
             self._head_last = [self.bus.words[0], self.bus.words[2]]
         status = self.bus.write1(busmod.REG_TDC_CTRL, 1)
@@ -172,7 +210,7 @@ class TdcDrain:
             return -1
         events = n // EVENT_BYTES
         self.events_received += events
-        ring_push(self.state, self.ring, self.capacity, self.burst, events, self.pps)
+        ring_push(self.state, self.ring, self.capacity, self.burst, events, self.pps, self.epochs)
         return events
 
     def spool(self, flush=False):
@@ -248,6 +286,14 @@ class TdcDrain:
     def pps_count(self):
         return self.state[_PPS_COUNT]
 
+    def epoch_count(self):
+        return self.state[_EPOCH_COUNT]
+
+    def epoch_time_ps(self, index):
+        """Local time of emission epoch mark number index (of the last EPOCH_SLOTS)."""
+        slot = (index % EPOCH_SLOTS) * 8
+        return int.from_bytes(self.epochs[slot : slot + 8], "little")
+
     def pps_time_ps(self, index):
         """Local time of PPS number index (of the last PPS_SLOTS) as a Python int."""
         slot = (index % PPS_SLOTS) * 8
@@ -267,10 +313,57 @@ class TdcDrain:
             + self.transit_lost()
             + self.events_unstored,
             "bus_failures": self.bus_failures,
+            # the time-transfer stream: uplink detections taken and dropped by the ring
+            # (the head's FIFO and transit losses are not told by channel: in "lost"),
+            # short keys: the status travels in one housekeeping packet
+            "up": [self.state[_UP_ACCEPTED], self.state[_UP_DROPPED]],
         }
         if self.head_resets:
             out["head_resets"] = self.head_resets
         return out
+
+
+class EmissionEpochs:
+    """The satellite's emission epochs: the laser's slot-clock sync marks (TDC channel
+    SYNC, captured by ring_push) logged to products/epochs.qrec as EMISSION_EPOCH records,
+    one every `record_every` marks (u32 mark index since the pass start, u64 local_ps).
+    The slot of any emission follows from the nearest record and the slot rate. Marks
+    overwritten in the slots before this duty read them are counted (`marks_missed`);
+    every mark also stays in tdc.qrec."""
+
+    RECORD = "<IQ"
+
+    def __init__(self, tdc, store, record_every=100_000):
+        self.tdc = tdc
+        self.record_every = record_every
+        self.log = store.open_log("epochs", KIND_EMISSION_EPOCH, 12)
+        self._seen = tdc.epoch_count()
+        self._first = self._seen
+        self.records = 0
+        self.marks_missed = 0
+
+    def start(self):
+        """Count marks from the pass's start."""
+        self._seen = self._first = self.tdc.epoch_count()
+
+    def step(self):
+        count = self.tdc.epoch_count()
+        if count == self._seen:
+            return False
+        if count - self._seen > EPOCH_SLOTS:
+            self.marks_missed += count - EPOCH_SLOTS - self._seen
+            self._seen = count - EPOCH_SLOTS
+        while self._seen < count:
+            index = self._seen - self._first
+            if index % self.record_every == 0:
+                local_ps = self.tdc.epoch_time_ps(self._seen)
+                self.log.append(struct.pack(self.RECORD, index, local_ps))
+                self.records += 1
+            self._seen += 1
+        return True
+
+    def telemetry(self):
+        return {"records": self.records, "marks_missed": self.marks_missed}
 
 
 class ClockDiscipline:

@@ -33,6 +33,7 @@ class Kind(IntEnum):
     RETIRED_PATTERN_SOURCE = 6  # a splitmix64 seed: refused (docs/formats.md)
     PATTERN_RUN = 7
     PATTERN_CONFIG = 8  # JSON: the sequencer's configuration at a pass start (docs/formats.md)
+    EMISSION_EPOCH = 9  # u32 mark index, u64 local_ps: the laser's sync marks (docs/formats.md)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 # 64-bit times as bytes, overflow is counted event by event, PPS times are captured, and
 # the clock discipline recovers a known offset and drift.
 import array
+import struct
 
 import board
 import micropython
@@ -21,9 +22,10 @@ def _time(buf, index):
 
 def test_ring_push_and_pop_allocate_nothing_and_keep_64_bit_times():
     capacity = 8
-    state = array.array("I", bytes(32))
+    state = array.array("I", bytes(4 * tdc.STATE_WORDS))
     ring = bytearray(9 * capacity)
     pps = bytearray(8 * tdc.PPS_SLOTS)
+    epochs = bytearray(8 * tdc.EPOCH_SLOTS)
     src = bytearray(9 * 5)
     times = [(1 << 63) + 5, 10**12, (1 << 40) + 3, 7, (1 << 64) - 1]
     for i, t in enumerate(times):
@@ -31,8 +33,8 @@ def test_ring_push_and_pop_allocate_nothing_and_keep_64_bit_times():
     dst = bytearray(9 * 8)
     micropython.heap_lock()
     try:
-        tdc.ring_push(state, ring, capacity, src, 5, pps)
-        tdc.ring_push(state, ring, capacity, src, 5, pps)  # 10 into 8: 2 overflow
+        tdc.ring_push(state, ring, capacity, src, 5, pps, epochs)
+        tdc.ring_push(state, ring, capacity, src, 5, pps, epochs)  # 10 into 8: 2 overflow
         popped = tdc.ring_pop(state, ring, capacity, dst, 8)
     finally:
         micropython.heap_unlock()
@@ -50,16 +52,17 @@ def test_ring_push_and_pop_allocate_nothing_and_keep_64_bit_times():
 
 def test_ring_wraps_around():
     capacity = 4
-    state = array.array("I", bytes(32))
+    state = array.array("I", bytes(4 * tdc.STATE_WORDS))
     ring = bytearray(9 * capacity)
     pps = bytearray(8 * tdc.PPS_SLOTS)
+    epochs = bytearray(8 * tdc.EPOCH_SLOTS)
     src = bytearray(9 * 3)
     dst = bytearray(9 * 3)
     seen = []
     for round_ in range(5):
         for i in range(3):
             _event(src, i, 3, round_ * 10 + i)
-        tdc.ring_push(state, ring, capacity, src, 3, pps)
+        tdc.ring_push(state, ring, capacity, src, 3, pps, epochs)
         n = tdc.ring_pop(state, ring, capacity, dst, 3)
         seen += [_time(dst, i)[1] for i in range(n)]
     assert seen == [r * 10 + i for r in range(5) for i in range(3)]
@@ -77,7 +80,7 @@ def test_clock_discipline_recovers_offset_and_drift():
     for k in range(3, 9):
         true_ps = k * period
         _event(src, 0, 0, offset_ps + true_ps + true_ps * drift_ppb // 10**9)
-        tdc.ring_push(drain.state, drain.ring, drain.capacity, src, 1, drain.pps)
+        tdc.ring_push(drain.state, drain.ring, drain.capacity, src, 1, drain.pps, drain.epochs)
         discipline.step()
     assert discipline.pps_index == 8
     assert discipline.drift_ppt == drift_ppb * 1000
@@ -107,28 +110,30 @@ def test_push_and_pop_each_write_only_their_own_state_words():
     # ring_push runs in an interrupt on a board, ring_pop in the main loop: if both wrote
     # one word (a shared count), a push landing inside a pop would be undone. Each side
     # must write only its own words.
-    writer_words = (0, 3, 4, 5, 6)  # _W, _OVERFLOW, _TOTAL, _PPS_W, _PPS_COUNT
+    # _W, _OVERFLOW, _TOTAL, _PPS_W, _PPS_COUNT, _UP_ACCEPTED, _UP_DROPPED, _EPOCH_COUNT
+    writer_words = (0, 3, 4, 5, 6, 7, 8, 9)
     reader_words = (1,)  # _R
-    state = array.array("I", bytes(32))
+    state = array.array("I", bytes(4 * tdc.STATE_WORDS))
     ring = bytearray(9 * 8)
     pps = bytearray(8 * tdc.PPS_SLOTS)
+    epochs = bytearray(8 * tdc.EPOCH_SLOTS)
     src = bytearray(9 * 5)
     for e in range(5):
         src[9 * e] = 0 if e == 2 else 3
     dst = bytearray(9 * 5)
     for round_ in range(6):  # several times around the ring
         before = list(state)
-        tdc.ring_push(state, ring, 8, src, 5, pps)
-        changed = [i for i in range(8) if state[i] != before[i]]
+        tdc.ring_push(state, ring, 8, src, 5, pps, epochs)
+        changed = [i for i in range(tdc.STATE_WORDS) if state[i] != before[i]]
         assert all(i in writer_words for i in changed), ("push wrote", changed)
         before = list(state)
         assert tdc.ring_pop(state, ring, 8, dst, 5) == 5
-        changed = [i for i in range(8) if state[i] != before[i]]
+        changed = [i for i in range(tdc.STATE_WORDS) if state[i] != before[i]]
         assert changed == list(reader_words), ("pop wrote", changed)
         assert bytes(dst) == bytes(src), round_
     assert tdc.ring_count(state, 8) == 0
-    tdc.ring_push(state, ring, 8, src, 5, pps)
-    tdc.ring_push(state, ring, 8, src, 5, pps)  # 10 events into 8 places: 2 dropped
+    tdc.ring_push(state, ring, 8, src, 5, pps, epochs)
+    tdc.ring_push(state, ring, 8, src, 5, pps, epochs)  # 10 events into 8 places: 2 dropped
     assert tdc.ring_count(state, 8) == 8 and state[3] == 2
 
 
@@ -151,7 +156,7 @@ def test_a_bad_first_pps_and_a_spike_do_not_bend_the_clock_model():
         elif k == 11:
             local += 30_000_000
         _event(src, 0, 0, local)
-        tdc.ring_push(drain.state, drain.ring, drain.capacity, src, 1, drain.pps)
+        tdc.ring_push(drain.state, drain.ring, drain.capacity, src, 1, drain.pps, drain.epochs)
         discipline.step()
     assert discipline.pps_index == 15
     assert discipline.drift_ppt == drift_ppb * 1000, discipline.telemetry()
@@ -197,3 +202,58 @@ def test_tdc_loss_counts_from_the_pass_start_across_wraps_and_head_restarts():
     drain.events_received += 20
     drain.read_overflow()
     assert drain.telemetry()["lost"] == 15  # counted again from the restart
+
+
+def test_uplink_tags_are_counted_apart_and_emission_marks_kept_without_allocating():
+    # the time-transfer streams take the interrupt path too: uplink detections (channels 3+)
+    # counted as taken or dropped, the laser's sync marks (channel 1) kept as emission
+    # epochs, all under heap_lock
+    capacity = 8
+    state = array.array("I", bytes(4 * tdc.STATE_WORDS))
+    ring = bytearray(9 * capacity)
+    pps = bytearray(8 * tdc.PPS_SLOTS)
+    epochs = bytearray(8 * tdc.EPOCH_SLOTS)
+    src = bytearray(9 * 6)
+    channels = (3, 1, 4, 6, 1, 2)  # 3 uplink, 2 sync marks, 1 beacon
+    for i, channel in enumerate(channels):
+        _event(src, i, channel, (1 << 62) + 1000 * i)
+    micropython.heap_lock()
+    try:
+        tdc.ring_push(state, ring, capacity, src, 6, pps, epochs)
+        tdc.ring_push(state, ring, capacity, src, 6, pps, epochs)  # 12 into 8: last 4 dropped
+    finally:
+        micropython.heap_unlock()
+    # the second push took events 0, 1 (an uplink) and dropped 2..5 (two uplinks)
+    assert state[3] == 4
+    assert (state[7], state[8]) == (3 + 1, 2), (state[7], state[8])
+    assert state[9] == 4  # every sync mark, dropped or not, is an epoch
+    assert int.from_bytes(epochs[0:8], "little") == (1 << 62) + 1000
+    assert int.from_bytes(epochs[24:32], "little") == (1 << 62) + 4000
+
+
+def test_emission_epochs_are_logged_every_nth_mark_and_missed_marks_counted():
+    store = storage.Storage(board.mount_storage() + "/t_tdc_epochs")
+    drain = tdc.TdcDrain(None, store, ring_events=64)
+    epochs = tdc.EmissionEpochs(drain, store, record_every=4)
+    src = bytearray(9)
+    for mark in range(10):
+        _event(src, 0, 1, 5_000_000 + 1_000_000 * mark)
+        tdc.ring_push(drain.state, drain.ring, drain.capacity, src, 1, drain.pps, drain.epochs)
+        epochs.step()
+    assert epochs.records == 3  # marks 0, 4, 8
+    for mark in range(10, 10 + tdc.EPOCH_SLOTS + 5):  # the duty late: 5 marks overwritten
+        _event(src, 0, 1, 5_000_000 + 1_000_000 * mark)
+        tdc.ring_push(drain.state, drain.ring, drain.capacity, src, 1, drain.pps, drain.epochs)
+    epochs.step()
+    assert epochs.telemetry() == {"records": 7, "marks_missed": 5}  # + 16, 20, 24, 28
+    records = []
+    with open(store.path("epochs"), "rb") as f:
+        data = f.read()
+    position = 0
+    while position < len(data):
+        length = int.from_bytes(data[position + 8 : position + 12], "little")
+        payload = data[position + 12 : position + 12 + length]
+        records.append(struct.unpack("<IQ", payload))
+        position += 12 + length + 4
+    assert records == [(m, 5_000_000 + 1_000_000 * m) for m in (0, 4, 8, 16, 20, 24, 28)]
+    assert drain.epoch_count() == 31
