@@ -348,9 +348,18 @@ def test_the_mission_stage_seals_with_the_missions_key_or_says_why_not(tmp_path)
         "aborted": True,
         "abort_reason": "no key from the distillation: nothing to seal the time data with",
     }
-    distilled(tmp_path, 64_000, "the mission's pass")  # what the mission's distil wrote
-    stage = run_stage(tmp_path, "micius-2017", 3, 5.0, key_made=True)
+    # what a distillation over the optical link leaves: Bob's key in OUT, Alice's in the
+    # on-board key store's pass directory
+    distilled(tmp_path, 64_000, "the mission's pass")
+    onboard = tmp_path / "onboard" / "Xinglong" / "passes" / "p1"
+    onboard.mkdir(parents=True)
+    for name in ("alice.key", "report.json"):
+        shutil.copy2(tmp_path / name, onboard / name)
+    (tmp_path / "alice.key").unlink()
+    stage = run_stage(tmp_path, "micius-2017", 3, 5.0, key_made=True, satellite_keys=onboard)
     assert stage["aborted"] is False and stage["profile"] == "micius-qstt"
     assert stage["qber"]["downlink"] < 0.02 and stage["tdev_ps"]["0.1"] > 0
     report = json.loads((tmp_path / "timetransfer" / "report.json").read_text())
     assert stage["key_bits_used"]["pad"] == report["key"]["pad_bits"] > 0
+    assert report["satellite"]["key"]["file"] == "alice.key"
+    assert (onboard / "alice.key.used").exists() and (tmp_path / "bob.key.used").exists()
