@@ -363,3 +363,14 @@ def test_the_mission_stage_seals_with_the_missions_key_or_says_why_not(tmp_path)
     assert stage["key_bits_used"]["pad"] == report["key"]["pad_bits"] > 0
     assert report["satellite"]["key"]["file"] == "alice.key"
     assert (onboard / "alice.key.used").exists() and (tmp_path / "bob.key.used").exists()
+
+
+def test_a_key_file_others_can_read_is_refused(clean_pass, tmp_path, keys, capsys):
+    (keys / "bob.key").chmod(0o644)
+    code, report = run(clean_pass, tmp_path / "out", keys)
+    assert code == 2 and report is None  # refused before any message or output
+    assert "readable or writable by group or others" in capsys.readouterr().err
+    assert (
+        not (keys / "alice.key.used").exists()
+        or json.loads((keys / "alice.key.used").read_text())["used_bytes"] == 0
+    )
