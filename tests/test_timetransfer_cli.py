@@ -374,3 +374,46 @@ def test_a_key_file_others_can_read_is_refused(clean_pass, tmp_path, keys, capsy
         not (keys / "alice.key.used").exists()
         or json.loads((keys / "alice.key.used").read_text())["used_bytes"] == 0
     )
+
+
+def test_split_mode_runs_the_satellite_in_its_own_process_over_tcp(clean_pass, tmp_path, keys):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    common = ["timetransfer", str(clean_pass), "--keys", str(keys)]
+    satellite = subprocess.Popen(
+        [sys.executable, "-m", "host.cli", *common, "--role", "satellite", "--listen",
+         f"127.0.0.1:{port}", "--out", str(tmp_path / "sat")],
+        env=env,
+    )  # fmt: skip
+    try:
+        code = main(
+            [*common, "--role", "ground", "--connect", f"127.0.0.1:{port}", "--out",
+             str(tmp_path / "gnd")]
+        )  # fmt: skip
+        assert satellite.wait(timeout=120) == 0
+    finally:
+        satellite.kill()
+    assert code == 0
+    ground = json.loads((tmp_path / "gnd" / "report.json").read_text())
+    sat = json.loads((tmp_path / "sat" / "report.json").read_text())
+    assert ground["aborted"] is False and sat["aborted"] is False and sat["role"] == "satellite"
+    assert (tmp_path / "gnd" / "offset.csv").exists() and not (
+        tmp_path / "sat" / "offset.csv"
+    ).exists()
+    # both ends took the same key bits, and the satellite learnt the offset the ground measured
+    assert {k: v for k, v in sat["key"].items() if k != "file"} == {
+        k: v for k, v in ground["key"].items() if k != "file"
+    }
+    assert sat["offset_reference_ps"] == ground["offset_reference_ps"]
+    table = np.loadtxt(tmp_path / "gnd" / "offset.csv", delimiter=",", skiprows=1)
+    rate_ps_s, at_middle = np.polyfit(table[:, 0] - sat["middle_s"], table[:, 1], 1)
+    assert sat["offset_at_middle_ps"] == pytest.approx(at_middle, abs=0.01)
+    assert sat["rate"] == pytest.approx(rate_ps_s * 1e-12, rel=1e-6)

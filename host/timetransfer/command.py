@@ -27,7 +27,7 @@ import numpy as np
 
 from host.console import to_json
 from host.distil import channel as ch
-from host.errors import BadInput, ProtocolAborted
+from host.errors import BadInput, EnvironmentFailure, ProtocolAborted
 from host.outdir import check_output_dir
 from host.timetransfer import endpoints, estimate, files
 
@@ -50,6 +50,15 @@ def add_arguments(parser) -> None:
         help="the satellite's distillation output when it is not KEYS (split mode: the "
         "payload processor's key store pass directory, holding alice.key)",
     )
+    parser.add_argument(
+        "--role",
+        choices=("satellite", "ground"),
+        help="split mode: run one endpoint (satellite: on the payload processor, reading "
+        "satellite/ and alice.key; ground: at the station, ground/ and bob.key, writes the "
+        "time-transfer outputs) over TCP with --listen or --connect",
+    )
+    parser.add_argument("--listen", metavar="HOST:PORT", help="split mode: listen here")
+    parser.add_argument("--connect", metavar="HOST:PORT", help="split mode: connect here")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
 
@@ -250,14 +259,67 @@ def time_transfer(
     started = time.process_time()
     pass_dir = Path(pass_dir)
     scenario = files.read_scenario(pass_dir)
-    truth = files.read_truth(pass_dir)
-    aborted = None
     try:
         report = run_endpoints(scenario, pass_dir, Path(keys_dir), tamper, satellite_keys_dir)
     except ProtocolAborted as error:
-        report, aborted = getattr(error, "report", None), error
-        if report is None:
-            report = {"aborted": True, "abort_reason": str(error)}
+        return finish(out_dir, pass_dir, scenario, started, error=error)
+    return finish(out_dir, pass_dir, scenario, started, report=report)
+
+
+def time_transfer_split(
+    pass_dir: Path, out_dir: Path, keys_dir: Path, role: str, listen=None, connect=None
+) -> dict:
+    """One endpoint over TCP (split mode). The ground writes the time-transfer outputs;
+    the satellite writes its own report.json: the offset the ground measured (sealed to
+    it), its key accounting, or why it stopped."""
+    if bool(listen) == bool(connect):
+        raise BadInput("split mode (--role) needs exactly one of --listen or --connect")
+    check_output_dir(out_dir, files=("report.json", "offset.csv"))
+    started = time.process_time()
+    pass_dir = Path(pass_dir)
+    scenario = files.read_scenario(pass_dir)
+    side_files = files.SATELLITE_FILES if role == "satellite" else files.GROUND_FILES
+    events = files.read_events(pass_dir, side_files)
+    pool, key = endpoints.open_time_key(keys_dir, role)
+    option, address = ("--listen", listen) if listen else ("--connect", connect)
+    try:
+        try:
+            transport = ch.listen(listen) if listen else ch.connect(connect)
+        except (OSError, OverflowError) as error:
+            raise BadInput(f"{option} {address}: {error}") from None
+        except ch.ChannelClosed as error:
+            raise EnvironmentFailure(f"{option} {address}: {error}") from None
+        kind = endpoints.SatelliteEndpoint if role == "satellite" else endpoints.GroundEndpoint
+        endpoint = kind(scenario, events, pool, key)
+        try:
+            result = endpoint.run(transport)
+        except ProtocolAborted as error:
+            if role == "ground":
+                return finish(out_dir, pass_dir, scenario, started, error=error)
+            result, failure = {"aborted": True, "abort_reason": str(error)}, error
+        else:
+            if role == "ground":
+                return finish(out_dir, pass_dir, scenario, started, report=result)
+            result, failure = {"aborted": False, "abort_reason": None, **result}, None
+        finally:
+            transport.close()
+    finally:
+        pool.close()
+    if endpoint.sealed is not None:
+        result.setdefault("key", endpoint.sealed.accounting())
+    result.update(role="satellite", cpu_seconds=time.process_time() - started)
+    write_outputs(Path(out_dir), _finite(result), None)
+    if failure is not None:
+        raise failure
+    return result
+
+
+def finish(out_dir, pass_dir, scenario, started, report=None, error=None) -> dict:
+    """The ground's outputs from its report (or from an abort's): stability, truth,
+    report.json, offset.csv and the plot; re-raises the abort after writing."""
+    if error is not None:
+        report = getattr(error, "report", None) or {"aborted": True, "abort_reason": str(error)}
+    truth = files.read_truth(pass_dir)
     series = report.pop("series", None)
     if series is not None:
         report["stability"] = stability(series["t_s"], series["offset_ps"], report["bin_s"])
@@ -273,18 +335,34 @@ def time_transfer(
     write_outputs(Path(out_dir), report, series)
     if series is not None:
         write_plot(Path(out_dir), report, series)
-    if aborted is not None:
-        raise aborted
+    if error is not None:
+        raise error
     return report
 
 
 def run(args) -> int:
-    satellite_keys = Path(args.satellite_keys) if args.satellite_keys else None
-    report = time_transfer(
-        Path(args.pass_dir), Path(args.out), Path(args.keys), satellite_keys_dir=satellite_keys
-    )
+    if args.role:
+        report = time_transfer_split(
+            Path(args.pass_dir), Path(args.out), Path(args.keys), args.role, args.listen,
+            args.connect,
+        )  # fmt: skip
+    else:
+        if args.listen or args.connect:
+            raise BadInput("--listen and --connect need --role satellite or --role ground")
+        satellite_keys = Path(args.satellite_keys) if args.satellite_keys else None
+        report = time_transfer(
+            Path(args.pass_dir), Path(args.out), Path(args.keys), satellite_keys_dir=satellite_keys
+        )
     if getattr(args, "json", False):
         print(to_json(report))
+        return 0
+    if report.get("role") == "satellite":
+        print(
+            f"time transfer (satellite): offset {report['offset_reference_ps']} + "
+            f"{report['offset_at_middle_ps']:.1f} ps at {report['middle_s']:.1f} s, rate "
+            f"{report['rate']:.3e}; key {report['key']['pad_bits']} pad + "
+            f"{report['key']['auth_bits']} tag bits"
+        )
         return 0
     stab = report.get("stability", {}).get("tdev_ps", {})
     print(
