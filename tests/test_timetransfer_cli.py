@@ -266,19 +266,24 @@ def test_key_consumption_is_exact_and_no_pad_bit_is_used_twice(
         assert min(second) * 8 >= reports[0]["key"]["record_bits"]
 
 
-def test_not_enough_key_is_refused_clearly(clean_pass, tmp_path_factory, tmp_path):
+def test_not_enough_key_is_refused_clearly_and_costs_no_key(
+    clean_pass, tmp_path_factory, tmp_path
+):
     keys = tmp_path_factory.mktemp("small-keys")
-    distilled(keys, 9_000, "a pass")  # 1125 bytes: enough to start, not for 100 bins
-    code, report = run(clean_pass, tmp_path, keys)
-    assert code == 3 and report["aborted"] is True
-    assert report["abort_reason"].startswith("not enough key in alice.key: the time data needs")
-    assert not (tmp_path / "offset.csv").exists()
-    # the pads the satellite had reserved stay used: a second attempt does not reuse them
-    record = json.loads((keys / "alice.key.used").read_text())["used_bytes"]
-    assert record > 0
-    code = main(["timetransfer", str(clean_pass), "--keys", str(keys), "--out",
-                 str(tmp_path / "again")])  # fmt: skip
-    assert code == 2  # fewer than the pool's minimum left: refused before any message
+    distilled(keys, 9_000, "a pass")  # 1125 bytes: enough to open, not for 100 bins
+    for attempt in ("first", "again"):
+        code, report = run(clean_pass, tmp_path / attempt, keys)
+        assert code == 3 and report["aborted"] is True
+        reason = report["abort_reason"]  # whichever side checked first names its key
+        assert reason.startswith(("not enough key in alice.key", "not enough key in bob.key"))
+        assert (
+            "the time data of this pass needs 13312 bits (pads and tags), 9000 are left" in reason
+        )
+        assert not (tmp_path / attempt / "offset.csv").exists()
+        # refused before the session took a bit: the key is still whole for a shorter use
+        for role in ("alice", "bob"):
+            record = json.loads((keys / f"{role}.key.used").read_text())["used_bytes"]
+            assert record == 0
 
 
 def test_a_key_serves_the_time_transfer_or_the_network_pools_never_both(

@@ -238,9 +238,10 @@ def run_endpoints(
     report = ground.report
     if satellite.sealed is not None:
         report["satellite"] = results.get("satellite", {"key": satellite.sealed.accounting()})
+    # the side that stopped first says why; the other only saw its channel close
     error = results.get("ground_error")
-    if error is None and "satellite_error" in results:
-        error = results["satellite_error"]
+    if error is None or isinstance(error, ch.ChannelClosed):
+        error = results.get("satellite_error", error)
     if error is not None:
         if not isinstance(error, ProtocolAborted):
             raise error

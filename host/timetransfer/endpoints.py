@@ -200,6 +200,20 @@ def unpack_fit(fields: dict, n_bins: int) -> tuple[int, dict]:
     return int(fields["offset_reference_ps"]), fit
 
 
+def check_key_length(pool: ch.KeyPool, key_info: dict, scenario: dict) -> None:
+    """Refuse a key too short for this pass before the session takes any of it: the
+    session's first tag would reserve key ahead (power-cut safety) that a refused run
+    would waste. (Inside the session `SealedChannel.require` checks again from the start
+    both sides agreed, which the peer's record can move forward.)"""
+    need = AUTH_REGION_BYTES + pad_bytes_bound(scenario)
+    left = len(pool.data) - pool.start_byte
+    if need > left:
+        raise NotEnoughKey(
+            f"not enough key in {key_info['file']}: the time data of this pass needs "
+            f"{8 * need} bits (pads and tags), {8 * left} are left"
+        )
+
+
 def _session(transport, pool: ch.KeyPool, role: str) -> ch.AuthChannel:
     ch.exchange_pool_start(transport, pool)
     return ch.AuthChannel(transport, pool, role)
@@ -215,6 +229,7 @@ class SatelliteEndpoint:
         self.sealed: SealedChannel | None = None
 
     def run(self, transport) -> dict:
+        check_key_length(self.pool, self.key_info, self.scenario)
         chan = _session(transport, self.pool, ch.ALICE)
         self.sealed = sealed = SealedChannel(chan, self.key_info)
         try:
@@ -298,6 +313,12 @@ class GroundEndpoint:
         }
 
     def run(self, transport) -> dict:
+        try:
+            check_key_length(self.pool, self.key_info, self.scenario)
+        except NotEnoughKey as error:
+            self.report["aborted"], self.report["abort_reason"] = True, str(error)
+            error.report = self.report
+            raise
         chan = _session(transport, self.pool, ch.BOB)
         self.sealed = sealed = SealedChannel(chan, self.key_info)
         try:
