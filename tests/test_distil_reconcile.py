@@ -63,6 +63,38 @@ def test_decoder_recovers_alices_word_from_the_syndrome(code):
     assert ok.all() and np.array_equal(out, x)
 
 
+def test_lane_decoder_gives_the_per_frame_decoders_results_frame_for_frame(code):
+    """decode_lanes (frames side by side in SIMD lanes, what reconciliation runs) against
+    decode_phi (one frame at a time): same success flags, words, iteration counts and
+    resumable messages, over a first attempt and a resumed one with a shorter stall, for
+    a frame count that leaves a group's lanes partly empty and frames that fail (QBER
+    above the code's threshold)."""
+    rng = np.random.default_rng(2)
+    frames = ldpc.LANES + 3
+    x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
+    q = np.where(np.arange(frames) % 4 == 3, 0.07, 0.03)[:, None]
+    y = x ^ (rng.random((frames, code.n)) < q).astype(np.uint8)
+    llr = np.stack([ldpc.channel_llr(row, 0.03) for row in y]).astype(np.float32)
+    syndromes = code.syndrome(x)
+    results = []
+    for decoder in (ldpc.decode_phi, ldpc.decode_lanes):
+        messages = np.zeros((frames, code.edges), np.float32)
+        out = np.zeros_like(x)
+        iters = np.zeros(frames, np.int64)
+        oks = [
+            decoder(
+                llr, syndromes, code.check_ptr, code.check_var, its, messages, out, iters, stall
+            )
+            for its, stall in ((30, 16), (20, 5))
+        ]
+        results.append((oks, out, iters, messages))
+    (phi_ok, phi_out, phi_iters, phi_messages), (ok, out, iters, messages) = results
+    assert 0 < phi_ok[1].sum() < frames  # both outcomes are exercised
+    assert all(np.array_equal(a, b) for a, b in zip(phi_ok, ok, strict=True))
+    assert np.array_equal(phi_out, out) and np.array_equal(phi_iters, iters)
+    assert np.array_equal(phi_messages, messages)
+
+
 def test_punctured_leak_counts_the_rank_of_the_punctured_columns(code):
     plan = ldpc.FramePlan(code, punctured=200, shortened=100)
     assert plan.leak_bits() == code.m - 200  # low-weight random columns: full rank
