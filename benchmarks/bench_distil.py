@@ -11,7 +11,8 @@
 - Simulated passes (`qkdsat simulate`), distilled with the endpoints' CSPRNG randomness:
   BENCH_PASSES full passes of micius-2017 and of jinan-1 (worst and median f, key and
   time to distil as a fraction of the pass), and a 15 s micius-2017 pass over 20 endpoint
-  seeds (the spread of the key length, issue 18 item 7).
+  seeds (the spread of the key length, issue 18 item 7); BENCH_SEED_PASSES 30 s passes
+  of each profile, one per simulation seed (worst and median f and time to distil).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ BLOCK_BITS = 1_000_000  # 16 frames of 2^16: about the micius pass's 1.6 M sifte
 EC_SEEDS = int(os.environ.get("BENCH_EC_SEEDS", "3"))
 PASSES = int(os.environ.get("BENCH_PASSES", "3"))
 SHORT_PASS_SEEDS = int(os.environ.get("BENCH_SHORT_PASS_SEEDS", "20"))
+SEED_PASSES = int(os.environ.get("BENCH_SEED_PASSES", "10"))
 QBERS = (0.01, 0.02, 0.03, 0.05)
 TCP_DELAY_S = 0.005
 
@@ -158,16 +160,24 @@ def test_bench_reconciliation():
 
 
 def test_bench_decoder_against_ldpc_package():
-    """The same frames (each QBER's frame plan, Bob's word after the top-up) through our
-    decoder, the earlier tanh/atanh sum-product one, and ldpc.BpDecoder (product-sum,
-    flooding, the package's fastest exact schedule)."""
+    """The same frames (each QBER's frame plan, no puncturing) through the decoder
+    reconciliation runs (decode_lanes: LANES frames side by side, groups on both cores),
+    the per-frame phi-table decoder, the earlier tanh/atanh sum-product one, and
+    ldpc.BpDecoder (product-sum, flooding, the package's fastest exact schedule) on the
+    first PACKAGE_FRAMES of them (it decodes one frame per call): Mbit/s of frame bits."""
     from ldpc import BpDecoder
 
-    print("\ndecoder on the same frames (2 per QBER, 2^16 bits, no puncturing): Mbit/s")
-    print(" QBER | rate  | ours (phi table, layered) | tanh sum-product | ldpc.BpDecoder | ratio")
+    frames, package_frames = ldpc.LANES, 2
+    print(
+        f"\ndecoder on the same frames ({frames} per QBER, 2^16 bits, no puncturing; the "
+        f"ldpc package on the first {package_frames}): Mbit/s, frames decoded"
+    )
+    print(
+        " QBER | rate  | ours (lanes, reconciliation's) | phi per frame | tanh sum-product | "
+        "ldpc.BpDecoder | ours / package"
+    )
     for q in QBERS:
         code = ldpc.plan_for(q, 1.1).code
-        frames = 2
         rng = np.random.default_rng(5)
         x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
         e = (rng.random((frames, code.n)) < q).astype(np.uint8)
@@ -175,8 +185,9 @@ def test_bench_decoder_against_ldpc_package():
         syndromes = code.syndrome(x)
         llr = np.stack([ldpc.channel_llr(row, q) for row in y]).astype(np.float32)
         times, decoded = {}, {}
+        lanes = functools.partial(ldpc.decode_lanes, stall=ldpc.STALL_ITERATIONS)
         phi = functools.partial(ldpc.decode_phi, stall=ldpc.STALL_ITERATIONS)
-        for name, fn in (("phi", phi), ("tanh", ldpc.decode_frames_warm)):
+        for name, fn in (("lanes", lanes), ("phi", phi), ("tanh", ldpc.decode_frames_warm)):
             out = np.zeros_like(x)
             iters = np.zeros(frames, np.int64)
             messages = np.zeros((frames, code.edges), np.float32)
@@ -196,16 +207,18 @@ def test_bench_decoder_against_ldpc_package():
         )
         t0 = time.perf_counter()
         theirs_ok = 0
-        for f in range(frames):
+        for f in range(package_frames):
             # the package decodes the error pattern from its syndrome H e = s_A + H y
             s_err = (syndromes[f] ^ code.syndrome(y[f])[0]).astype(np.uint8)
             theirs_ok += np.array_equal(decoder.decode(s_err), e[f])
         theirs = time.perf_counter() - t0
-        bits = frames * code.n
+        rate = {name: frames * code.n / seconds / 1e6 for name, seconds in times.items()}
+        theirs_rate = package_frames * code.n / theirs / 1e6
         print(
-            f" {q:.2f} | {code.rate:.3f} | {bits / times['phi'] / 1e6:8.3f} ({decoded['phi']} ok)"
-            f"{'':11s} | {bits / times['tanh'] / 1e6:8.3f} ({decoded['tanh']} ok) | "
-            f"{bits / theirs / 1e6:8.3f} ({theirs_ok} ok) | {theirs / times['phi']:.1f}x"
+            f" {q:.2f} | {code.rate:.3f} | {rate['lanes']:8.3f} ({decoded['lanes']} ok){'':17s} | "
+            f"{rate['phi']:7.3f} ({decoded['phi']} ok) | "
+            f"{rate['tanh']:8.3f} ({decoded['tanh']} ok) | {theirs_rate:8.3f} ({theirs_ok} ok) | "
+            f"{rate['lanes'] / theirs_rate:.1f}x"
         )
 
 
@@ -337,3 +350,31 @@ def test_bench_short_pass_over_endpoint_seeds(tmp_path):
         f"{_summary('block f', fs, max)}; EC seconds max {max(seconds):.1f} median "
         f"{statistics.median(seconds):.1f}"
     )
+
+
+def test_bench_30s_passes_over_simulation_seeds(tmp_path):
+    """Issue 17 (robustness): BENCH_SEED_PASSES (10) 30 s passes of micius-2017 and of
+    jinan-1, each a different simulation seed, distilled with the endpoints' CSPRNG: the
+    worst EC efficiency f and the worst distillation time as a fraction of the pass, next
+    to the median (a pass whose finite-key length is 0 still reports its EC)."""
+    for profile, tail in (("micius-2017", "hoeffding"), ("jinan-1", "chernoff")):
+        fs, fractions, ec_fractions, keys, aborted = [], [], [], [], 0
+        for sim_seed in range(1, SEED_PASSES + 1):
+            pass_dir = tmp_path / f"{profile}-30s-{sim_seed}"
+            duration_s = _simulate(profile, sim_seed, pass_dir, duration_s=30)
+            report = run_local(
+                pass_dir, tmp_path / f"out30-{profile}-{sim_seed}", Config(tail=tail)
+            )
+            stages = report["stage_seconds"]
+            aborted += bool(report["aborted"])
+            if report.get("ec", {}).get("efficiency") is not None:
+                fs.append(report["ec"]["efficiency"])
+            fractions.append(stages["total"] / duration_s)
+            ec_fractions.append(stages.get("error_correction", 0.0) / duration_s)
+            keys.append(report["key_bits"] or 0)
+        print(
+            f"\n{profile}, {SEED_PASSES} simulation seeds of 30 s ({tail}): "
+            f"{_summary('EC f', fs, max)}; {_summary('distil / pass', fractions, max)}; "
+            f"{_summary('EC / pass', ec_fractions, max)}; key bits min {min(keys)} median "
+            f"{statistics.median(keys):.0f}; aborted {aborted}"
+        )
