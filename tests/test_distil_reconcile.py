@@ -63,36 +63,37 @@ def test_decoder_recovers_alices_word_from_the_syndrome(code):
     assert ok.all() and np.array_equal(out, x)
 
 
-def test_lane_decoder_gives_the_per_frame_decoders_results_frame_for_frame(code):
-    """decode_lanes (frames side by side in SIMD lanes, what reconciliation runs) against
-    decode_phi (one frame at a time): same success flags, words, iteration counts and
-    resumable messages, over a first attempt and a resumed one with a shorter stall, for
-    a frame count that leaves a group's lanes partly empty and frames that fail (QBER
-    above the code's threshold)."""
+def test_table_decoder_decodes_what_the_tanh_reference_decodes_and_resumes(code):
+    """decode_phi (the phi table, signs as bits: what reconciliation runs) against the
+    float64 tanh/atanh reference on the same frames, a quarter of them above the code's
+    threshold: the same frames decode, to Alice's words, and a frame that stalls keeps
+    messages from which a resumed attempt with the true word's positions revealed
+    (LLR_KNOWN) decodes."""
     rng = np.random.default_rng(2)
-    frames = ldpc.LANES + 3
+    frames = 12
     x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
     q = np.where(np.arange(frames) % 4 == 3, 0.07, 0.03)[:, None]
     y = x ^ (rng.random((frames, code.n)) < q).astype(np.uint8)
     llr = np.stack([ldpc.channel_llr(row, 0.03) for row in y]).astype(np.float32)
     syndromes = code.syndrome(x)
-    results = []
-    for decoder in (ldpc.decode_phi, ldpc.decode_lanes):
-        messages = np.zeros((frames, code.edges), np.float32)
-        out = np.zeros_like(x)
-        iters = np.zeros(frames, np.int64)
-        oks = [
-            decoder(
-                llr, syndromes, code.check_ptr, code.check_var, its, messages, out, iters, stall
-            )
-            for its, stall in ((30, 16), (20, 5))
-        ]
-        results.append((oks, out, iters, messages))
-    (phi_ok, phi_out, phi_iters, phi_messages), (ok, out, iters, messages) = results
-    assert 0 < phi_ok[1].sum() < frames  # both outcomes are exercised
-    assert all(np.array_equal(a, b) for a, b in zip(phi_ok, ok, strict=True))
-    assert np.array_equal(phi_out, out) and np.array_equal(phi_iters, iters)
-    assert np.array_equal(phi_messages, messages)
+    reference = np.zeros_like(x)
+    ref_ok = ldpc.decode_frames(
+        llr.astype(np.float64), syndromes, code.check_ptr, code.check_var, 60, reference,
+        np.zeros(frames, np.int64),
+    )  # fmt: skip
+    messages = np.zeros((frames, code.edges), np.float32)
+    out = np.zeros_like(x)
+    iters = np.zeros(frames, np.int64)
+    args = (code.check_ptr, code.check_var, 60, messages, out, iters, ldpc.STALL_ITERATIONS)
+    ok = ldpc.decode_phi(llr, syndromes, *args)
+    assert 0 < ok.sum() < frames and np.array_equal(ok, ref_ok)
+    assert np.array_equal(out[ok], x[ok]) and np.array_equal(reference[ok], x[ok])
+    failed = np.nonzero(~ok)[0]
+    reveal = rng.permutation(code.n)[: code.n // 2]
+    llr[np.ix_(failed, reveal)] = np.where(x[np.ix_(failed, reveal)] == 1, -1, 1) * ldpc.LLR_KNOWN
+    resumed = ldpc.decode_phi(llr[failed], syndromes[failed], code.check_ptr, code.check_var,
+                              60, messages[failed], out[failed], iters[failed], 16)  # fmt: skip
+    assert resumed.all()
 
 
 def test_punctured_leak_counts_the_rank_of_the_punctured_columns(code):

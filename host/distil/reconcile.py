@@ -82,7 +82,7 @@ def _retry_step(base_step: int, attempt: int) -> int:
 
 
 def _decode(llr, syndromes, code, iterations, messages, out, iters):
-    return ldpc.decode_lanes(
+    return ldpc.decode_phi(
         llr,
         syndromes,
         code.check_ptr,
