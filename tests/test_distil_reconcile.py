@@ -102,6 +102,22 @@ def test_punctured_leak_counts_the_rank_of_the_punctured_columns(code):
     assert ldpc.punctured_rank(code, 0) == 0
 
 
+def test_untainted_prefix_and_punctured_rank_follow_their_definitions(code):
+    """The untainted prefix is the longest prefix of the public order in which no check
+    has two members, and the punctured rank the GF(2) rank of those columns of H: both
+    against a direct computation (dense H over GF(2)) on the 4096-bit code."""
+    import galois
+
+    dense = np.zeros((code.m, code.n), dtype=np.uint8)
+    dense[np.repeat(np.arange(code.m), np.diff(code.check_ptr)), code.check_var] = 1
+    members = np.cumsum(dense[:, code.order], axis=1)  # per check, members in each prefix
+    longest = int(np.argmax((members >= 2).any(axis=0)))  # first prefix length - 1 tainted
+    assert ldpc.untainted_prefix(code) == longest
+    for p in (1, 300, longest, code.m - 5, code.m + 200):
+        columns = galois.GF2(dense[:, code.order[:p]])
+        assert ldpc.punctured_rank(code, p) == np.linalg.matrix_rank(columns)
+
+
 def test_rate_adaptation_hits_the_target_rate():
     for q in (0.01, 0.03, 0.05):
         plan = ldpc.plan_for(q, 1.2, n=4096)
