@@ -122,65 +122,90 @@ def _zscore(score: np.ndarray) -> tuple[int, float]:
 
 
 def synchronise(time_ps, channels, pps_ps, pass_json, channel) -> SyncResult:
-    rate = float(pass_json["slot_rate_hz"])
-    names = list(pass_json["intensities"])
-    weights = np.zeros(4)
-    weights[: len(names)] = [float(pass_json["intensities"][n]) for n in names]
-    helper = _Helper(channel, weights)
+    """The whole pass at once (post-pass mode)."""
+    sync = Synchroniser(pass_json, channel)
     det = np.isin(channels, (0, 1, 2, 3))
     t_all = _true_seconds(np.asarray(time_ps), pps_ps, pass_json)
     t = t_all[det]
     if t.size < MIN_DETECTIONS:
         raise ProtocolAborted(f"too few detections to synchronise ({t.size})")
+    tc = sync.first_anchor(t)
+    sync.track(t, tc, +1, t[-1] - TRACK_WINDOW_S / 2, to_edge=True)
+    sync.track(t, tc, -1, t[0] + TRACK_WINDOW_S / 2, to_edge=True)
+    return sync.assign(t_all, det)
 
-    # ---- first anchor: the densest window
-    edges = np.arange(t[0], t[-1] + FIRST_WINDOW_S, FIRST_WINDOW_S)
-    hist, _ = np.histogram(t, edges)
-    k = int(np.argmax(hist))
-    tc = edges[k] + FIRST_WINDOW_S / 2
-    sel = (t >= edges[k]) & (t < edges[k + 1])
-    tw = t[sel] - tc
-    best = (-1.0, 0.0, 0.0)
-    step = 0.1 / (FIRST_WINDOW_S * rate)
-    for drift in np.arange(-MAX_DRIFT, MAX_DRIFT + step, step):
-        phi, conc = _phase(tw * rate * (1 + drift))
-        if conc > best[0]:
-            best = (conc, drift, phi)
-    conc, drift, phi = best
-    # slot(T) = tc_slot + (T - tc) rate (1 + drift); tc_slot = (tc - delay) rate + phi
-    u_rel = tw * rate * (1 + drift) - phi
-    k_rel = np.rint(u_rel).astype(np.int64)
-    span = int(k_rel.max() - k_rel.min()) + 1
-    lag_range = int(MAX_DELAY_S * rate)
-    base = int(math.floor(tc * rate)) + int(k_rel.min()) - lag_range
-    length = span + lag_range
-    alice = helper.window(np.array([base]), length)[0]
-    size = scipy.fft.next_fast_len(length + span, real=True)
-    # float32 halves the FFT time of this (at 625 MHz ~3e7-point) correlation; its peak is
-    # a few hundred counts over a background of tens, far above float32 rounding
-    comb = np.zeros(size, np.float32)
-    np.add.at(comb, k_rel - k_rel.min(), np.float32(1.0))
-    spectrum = scipy.fft.rfft(comb, size, workers=-1)
-    np.conj(spectrum, out=spectrum)
-    spectrum *= scipy.fft.rfft(alice.astype(np.float32), size, workers=-1)
-    corr = scipy.fft.irfft(spectrum, size, workers=-1)[: lag_range + 1].astype(np.float64)
-    del spectrum, comb
-    lag, z = _zscore(corr)
-    if z < FIRST_Z:
-        raise ProtocolAborted(
-            f"time synchronisation failed: no correlation peak (z={z:.1f}, "
-            f"{int(sel.sum())} detections in the densest {FIRST_WINDOW_S * 1e3:.0f} ms)"
-        )
-    # offset(T) = slot position - T * rate; at tc the detections sit on slot centres - phi
-    anchors_t = [tc]
-    anchors_off = [base + lag - int(k_rel.min()) - phi - tc * rate]
-    first_slope = drift * rate
-    anchors_slope = [first_slope]
 
-    def offset_model(tq: float) -> tuple[float, float]:
+class Synchroniser:
+    """Bob's clock model, built from anchors: the first at the densest window of the
+    detections given (first_anchor), more by tracking windows every STEP_S (track), for the
+    whole pass at once (synchronise) or as the detections arrive (host/distil/stream.py:
+    tracking forward block by block, each detection assigned once anchors lie beyond it)."""
+
+    def __init__(self, pass_json: dict, channel):
+        self.pass_json = pass_json
+        self.rate = float(pass_json["slot_rate_hz"])
+        names = list(pass_json["intensities"])
+        weights = np.zeros(4)
+        weights[: len(names)] = [float(pass_json["intensities"][n]) for n in names]
+        self.helper = _Helper(channel, weights)
+        self.anchors_t: list[float] = []
+        self.anchors_off: list[float] = []
+        self.anchors_slope: list[float] = []
+        self.first_slope = 0.0
+
+    def first_anchor(self, t: np.ndarray) -> float:
+        """The first anchor, at the densest FIRST_WINDOW_S of t (true seconds of the
+        detections, in time order); returns its time."""
+        rate, helper = self.rate, self.helper
+        edges = np.arange(t[0], t[-1] + FIRST_WINDOW_S, FIRST_WINDOW_S)
+        hist, _ = np.histogram(t, edges)
+        k = int(np.argmax(hist))
+        tc = edges[k] + FIRST_WINDOW_S / 2
+        sel = (t >= edges[k]) & (t < edges[k + 1])
+        tw = t[sel] - tc
+        best = (-1.0, 0.0, 0.0)
+        step = 0.1 / (FIRST_WINDOW_S * rate)
+        for drift in np.arange(-MAX_DRIFT, MAX_DRIFT + step, step):
+            phi, conc = _phase(tw * rate * (1 + drift))
+            if conc > best[0]:
+                best = (conc, drift, phi)
+        conc, drift, phi = best
+        # slot(T) = tc_slot + (T - tc) rate (1 + drift); tc_slot = (tc - delay) rate + phi
+        u_rel = tw * rate * (1 + drift) - phi
+        k_rel = np.rint(u_rel).astype(np.int64)
+        span = int(k_rel.max() - k_rel.min()) + 1
+        lag_range = int(MAX_DELAY_S * rate)
+        base = int(math.floor(tc * rate)) + int(k_rel.min()) - lag_range
+        length = span + lag_range
+        alice = helper.window(np.array([base]), length)[0]
+        size = scipy.fft.next_fast_len(length + span, real=True)
+        # float32 halves the FFT time of this (at 625 MHz ~3e7-point) correlation; its peak
+        # is a few hundred counts over a background of tens, far above float32 rounding
+        comb = np.zeros(size, np.float32)
+        np.add.at(comb, k_rel - k_rel.min(), np.float32(1.0))
+        spectrum = scipy.fft.rfft(comb, size, workers=-1)
+        np.conj(spectrum, out=spectrum)
+        spectrum *= scipy.fft.rfft(alice.astype(np.float32), size, workers=-1)
+        corr = scipy.fft.irfft(spectrum, size, workers=-1)[: lag_range + 1].astype(np.float64)
+        del spectrum, comb
+        lag, z = _zscore(corr)
+        if z < FIRST_Z:
+            raise ProtocolAborted(
+                f"time synchronisation failed: no correlation peak (z={z:.1f}, "
+                f"{int(sel.sum())} detections in the densest {FIRST_WINDOW_S * 1e3:.0f} ms)"
+            )
+        # offset(T) = slot position - T * rate; at tc the detections sit on slot centres - phi
+        self.anchors_t = [tc]
+        self.anchors_off = [base + lag - int(k_rel.min()) - phi - tc * rate]
+        self.first_slope = drift * rate
+        self.anchors_slope = [self.first_slope]
+        return tc
+
+    def offset_model(self, tq: float) -> tuple[float, float]:
         """Offset and slope (slots/s) at tq, extrapolated from the nearest anchor with the
         acceleration seen between the two nearest anchors (the delay is smooth)."""
-        ts = np.array(anchors_t)
+        anchors_off, anchors_slope = self.anchors_off, self.anchors_slope
+        ts = np.array(self.anchors_t)
         near = np.argsort(np.abs(ts - tq))[:2]
         a = near[0]
         acc = 0.0
@@ -191,23 +216,27 @@ def synchronise(time_ps, channels, pps_ps, pass_json, channel) -> SyncResult:
         off = anchors_off[a] + anchors_slope[a] * dt + 0.5 * acc * dt * dt
         return float(off), float(anchors_slope[a] + acc * dt)
 
-    # ---- tracking outward from the first anchor
-    t_sorted = bool(np.all(np.diff(t) >= 0))
-    for direction in (+1, -1):
-        first_edge = t[0] + TRACK_WINDOW_S / 2
-        last_edge = t[-1] - TRACK_WINDOW_S / 2
-        edge = last_edge if direction > 0 else first_edge
-        centres = list(np.arange(tc + direction * STEP_S, edge, direction * STEP_S))
-        if (edge - tc) * direction > 0:
-            centres.append(edge)  # the data's end: no extrapolation beyond half a window
+    def track(self, t: np.ndarray, start: float, direction: int, edge: float, to_edge: bool):
+        """Tracking windows every STEP_S from start (exclusive) towards edge; with to_edge,
+        one more window at the edge itself (the data's end: no extrapolation beyond half a
+        window). Returns the centre of the last window tried (start if none)."""
+        rate, helper = self.rate, self.helper
+        anchors_t, anchors_off = self.anchors_t, self.anchors_off
+        anchors_slope = self.anchors_slope
+        t_sorted = bool(np.all(np.diff(t) >= 0))
+        centres = list(np.arange(start + direction * STEP_S, edge, direction * STEP_S))
+        if to_edge and (edge - start) * direction > 0:
+            centres.append(edge)
+        last = start
         for tq in centres:
+            last = float(tq)
             lo, hi = tq - TRACK_WINDOW_S / 2, tq + TRACK_WINDOW_S / 2
             # detections are in time order: a window is a slice (a mask over the whole
             # pass per window cost ~6 s on a 9e6-detection jinan-1 pass)
             i0, i1 = np.searchsorted(t, (lo, hi)) if t_sorted else (0, 0)
             sel = slice(i0, i1) if t_sorted else (t >= lo) & (t < hi)
             if (i1 - i0 if t_sorted else int(sel.sum())) >= MIN_DETECTIONS:
-                off, slope = offset_model(tq)
+                off, slope = self.offset_model(tq)
                 tw = t[sel] - tq
                 # refine the slope (the drift changes with the range acceleration)
                 fit = tw[:: max(1, tw.size // PHASE_DETECTIONS)]
@@ -237,32 +266,37 @@ def synchronise(time_ps, channels, pps_ps, pass_json, channel) -> SyncResult:
                     anchors_t.append(tq)
                     anchors_off.append(off + (j - lag_slots) - phi_q)
                     anchors_slope.append(slope)
+        return last
 
-    order = np.argsort(anchors_t)
-    ts = np.array(anchors_t)[order]
-    os_ = np.array(anchors_off)[order]
-    if ts.size >= 4:
-        spline = make_interp_spline(ts, os_, k=3)
-        model = spline(np.clip(t_all, ts[0], ts[-1]))
-        # outside the anchors: extrapolate linearly with the end slopes
-        d = spline.derivative()
-        model = np.where(t_all < ts[0], os_[0] + d(ts[0]) * (t_all - ts[0]), model)
-        model = np.where(t_all > ts[-1], os_[-1] + d(ts[-1]) * (t_all - ts[-1]), model)
-    elif ts.size >= 2:
-        coef = np.polyfit(ts, os_, ts.size - 1)
-        model = np.polyval(coef, t_all)
-    else:
-        model = os_[0] + first_slope * (t_all - ts[0])
-    u_all = t_all * rate + model
-    slots = np.rint(u_all).astype(np.int64)
-    resid = u_all - slots
-    # the receiver's coincidence window (pass.json) gates out most dark and background
-    # counts; without one, a fixed fraction of the slot
-    window_ps = (pass_json.get("receiver") or {}).get("coincidence_window_ps")
-    gate = GATE_SLOTS if not window_ps else min(GATE_SLOTS, 0.5 * window_ps * rate * 1e-12)
-    assigned = det & (np.abs(resid) <= gate) & (slots >= 0)
-    period_ps = 1e12 / rate
-    rms = float(np.sqrt(np.mean(resid[assigned] ** 2)) * period_ps) if assigned.any() else 0.0
-    result = SyncResult(slots, assigned, rms, int(ts.size), period_ps)
-    result.anchor_times, result.anchor_offsets = ts, os_
-    return result
+    def assign(self, t_all: np.ndarray, det: np.ndarray) -> SyncResult:
+        """Every detection's slot from a smoothing spline through the anchors (linear
+        beyond them, with the end slopes); assigned only inside the timing gate."""
+        rate, pass_json = self.rate, self.pass_json
+        order = np.argsort(self.anchors_t)
+        ts = np.array(self.anchors_t)[order]
+        os_ = np.array(self.anchors_off)[order]
+        if ts.size >= 4:
+            spline = make_interp_spline(ts, os_, k=3)
+            model = spline(np.clip(t_all, ts[0], ts[-1]))
+            # outside the anchors: extrapolate linearly with the end slopes
+            d = spline.derivative()
+            model = np.where(t_all < ts[0], os_[0] + d(ts[0]) * (t_all - ts[0]), model)
+            model = np.where(t_all > ts[-1], os_[-1] + d(ts[-1]) * (t_all - ts[-1]), model)
+        elif ts.size >= 2:
+            coef = np.polyfit(ts, os_, ts.size - 1)
+            model = np.polyval(coef, t_all)
+        else:
+            model = os_[0] + self.first_slope * (t_all - ts[0])
+        u_all = t_all * rate + model
+        slots = np.rint(u_all).astype(np.int64)
+        resid = u_all - slots
+        # the receiver's coincidence window (pass.json) gates out most dark and background
+        # counts; without one, a fixed fraction of the slot
+        window_ps = (pass_json.get("receiver") or {}).get("coincidence_window_ps")
+        gate = GATE_SLOTS if not window_ps else min(GATE_SLOTS, 0.5 * window_ps * rate * 1e-12)
+        assigned = det & (np.abs(resid) <= gate) & (slots >= 0)
+        period_ps = 1e12 / rate
+        rms = float(np.sqrt(np.mean(resid[assigned] ** 2)) * period_ps) if assigned.any() else 0.0
+        result = SyncResult(slots, assigned, rms, int(ts.size), period_ps)
+        result.anchor_times, result.anchor_offsets = ts, os_
+        return result
