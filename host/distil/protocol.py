@@ -496,6 +496,29 @@ class Alice:
                         raise ProtocolAborted(
                             f"ec_block_errors: {previous} for {key_bits.size} bits"
                         )
+        return self._finish(
+            channel,
+            stage,
+            out,
+            report,
+            int(s_basis.size),
+            blocks,
+            discards,
+            my_leaks,
+            (leak_total, frames, frame_errors),
+        )
+
+    def _finish(
+        self, channel, stage, out, report, sifted_bits, blocks, discards, my_leaks, ec_totals
+    ) -> dict:
+        """After error correction, the same for the whole pass post-pass or streamed
+        (host/distil/stream.py): Bob's error counts, verification, the finite-key length,
+        privacy amplification. blocks: the key block per basis, the discarded frames left
+        out; discards: their frames and bits per basis; my_leaks: Alice's EC leak count per
+        basis; ec_totals: (leak, frames, frame errors) over the pass."""
+        cfg = self.config
+        key_bases = report["key_bases"]
+        leak_total, frames, frame_errors = ec_totals
         # --- Bob now knows every error: he reports the counts, both estimate
         with stage("estimation"):
             msg = channel.recv("error_counts")
@@ -573,7 +596,7 @@ class Alice:
         report.update(
             {
                 **decision,
-                "sifted_bits": int(s_basis.size),
+                "sifted_bits": sifted_bits,
                 "pa": {
                     "input_bits": int(sum(blocks[n].size for n in key_bases)),
                     "output_bits": int(out.key.size),
@@ -792,7 +815,6 @@ class Bob:
 
     def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
         cfg = self.config
-        names = intensity_names(self.pass_json)
         key_bases = key_bases_for(self.pass_json, cfg)
         errors = np.zeros(s_basis.size, bool)
         known = np.zeros(s_basis.size, bool)
@@ -868,6 +890,32 @@ class Bob:
                 if name != key_bases[-1]:
                     previous = (int(errors[idx].sum()), int(idx.size))
                     channel.send("ec_block_errors", errors=previous[0], bits=previous[1])
+        return self._finish(
+            channel, stage, out, s_basis, s_int, errors, known, block_idx, blocks, leaks, ec_stats
+        )
+
+    def _finish(
+        self,
+        channel,
+        stage,
+        out,
+        s_basis,
+        s_int,
+        errors,
+        known,
+        block_idx,
+        blocks,
+        leaks,
+        ec_stats,
+    ) -> dict:
+        """After error correction, the same for the whole pass post-pass or streamed
+        (host/distil/stream.py): the error counts, verification, the finite-key length,
+        privacy amplification. s_basis, s_int, errors, known: per sifted bit of the pass;
+        block_idx: the sifted positions of each key block (its discarded frames included);
+        blocks: the corrected key block per basis without them; leaks: EC leak per basis."""
+        cfg = self.config
+        names = intensity_names(self.pass_json)
+        key_bases = key_bases_for(self.pass_json, cfg)
         with stage("estimation"):
             counts_full, counts_key = {}, {}
             for b, name in enumerate(BASES):
