@@ -401,15 +401,7 @@ class Alice:
             reply = channel.recv("hello_ok")
             del reply
             with stage("sync"):
-                while True:
-                    req = channel.recv("sync_request")
-                    if int(req["done"]):
-                        break
-                    starts = np.asarray(req["starts"], dtype=np.int64)
-                    length = int(req["length"])
-                    slots = (starts[:, None] + np.arange(length)[None, :]).reshape(-1)
-                    _, _, inten = self._symbols(slots)
-                    channel.send("sync_pattern", intensity=pack_2bit(inten))
+                self._serve_sync(channel)
             with stage("sifting"):
                 msg = channel.recv("detections")
                 count = int(msg["count"])
@@ -432,6 +424,19 @@ class Alice:
             channel.abort(f"Alice failed internally: {type(error).__name__}")
             raise
         return out
+
+    def _serve_sync(self, channel) -> None:
+        """Answer Bob's synchronisation requests (intensity classes of slot windows) until
+        he says done."""
+        while True:
+            req = channel.recv("sync_request")
+            if int(req["done"]):
+                return
+            starts = np.asarray(req["starts"], dtype=np.int64)
+            length = int(req["length"])
+            slots = (starts[:, None] + np.arange(length)[None, :]).reshape(-1)
+            _, _, inten = self._symbols(slots)
+            channel.send("sync_pattern", intensity=pack_2bit(inten))
 
     def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
         cfg = self.config

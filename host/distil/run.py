@@ -136,6 +136,34 @@ def add_arguments(parser) -> None:
         "samples) from N instead of the OS CSPRNG; the report says insecure_deterministic "
         f"and the keys are written as ROLE{INSECURE_KEY_SUFFIX}",
     )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="distil DURING the pass: Bob reads ground/detections.qdet as the tagger appends "
+        "it (a complete file is replayed at the pass's pace, see --stream-speedup), sync, "
+        "sifting and error correction keep up, PA at loss of signal (docs/streaming.md)",
+    )
+    parser.add_argument(
+        "--stream-speedup",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="with --stream: pass seconds replayed per wall second (1: real time)",
+    )
+    parser.add_argument(
+        "--stream-block-s",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="with --stream: pass seconds of detections per block Bob sends (at most 1)",
+    )
+    parser.add_argument(
+        "--stream-chunk-frames",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --stream: LDPC frames per error-correction chunk",
+    )
 
 
 # ------------------------------------------------------------------ checks before any output
@@ -160,6 +188,68 @@ def config_from_args(args) -> Config:
     )
     cfg.validate()
     return cfg
+
+
+def stream_from_args(args):
+    """StreamOptions for --stream, or None (post-pass)."""
+    given = (
+        args.stream_speedup != 1.0 or args.stream_block_s != 1.0 or args.stream_chunk_frames != 2
+    )
+    if not args.stream:
+        if given:
+            raise BadInput("--stream-speedup/--stream-block-s/--stream-chunk-frames need --stream")
+        return None
+    from host.distil.stream import StreamOptions
+
+    options = StreamOptions(args.stream_block_s, args.stream_speedup, args.stream_chunk_frames)
+    options.validate()
+    return options
+
+
+def _endpoints(pass_dir, bob_pass_dir, cfg, seed, alice_patterns, stream, roles):
+    """{role: endpoint}: post-pass (protocol.Alice/Bob) or streaming (stream.StreamAlice/
+    StreamBob)."""
+    if stream is None:
+        kinds = {"alice": Alice, "bob": Bob}
+        extra = {}
+    else:
+        from host.distil.stream import StreamAlice, StreamBob
+
+        kinds = {"alice": StreamAlice, "bob": StreamBob}
+        extra = {"stream": stream}
+    out = {}
+    if "alice" in roles:
+        out["alice"] = kinds["alice"](
+            pass_dir, cfg, insecure_deterministic_seed=seed, patterns=alice_patterns, **extra
+        )
+    if "bob" in roles:
+        out["bob"] = kinds["bob"](
+            bob_pass_dir or pass_dir,
+            cfg,
+            insecure_deterministic_seed=None if seed is None else seed + 1,
+            **extra,
+        )
+    return out
+
+
+def _stamp_key_latency(out_dir: Path, report: dict, last_detection_unix_s) -> None:
+    """Streaming: the wall time from the last detection's arrival to the keys written (they
+    are, when finish() returns), added to report.json (rewritten atomically)."""
+    if report["aborted"] or last_detection_unix_s is None:
+        report["key_latency_s"] = None
+    else:
+        report["key_latency_s"] = round(time.time() - float(last_detection_unix_s), 3)
+    write_json_atomic(Path(out_dir) / REPORT_NAME, report)
+
+
+def _stream_fields(report: dict, outcome) -> None:
+    """The streaming figures of one endpoint's outcome, and the bytes each way named by
+    the optical link's directions (down: satellite to ground)."""
+    for name in ("timeline", "lag_s_max", "lag_s_median", "stream"):
+        if name in outcome.report:
+            report[name] = outcome.report[name]
+    report["classical_bytes"]["down"] = report["classical_bytes"]["alice_to_bob"]
+    report["classical_bytes"]["up"] = report["classical_bytes"]["bob_to_alice"]
 
 
 def check_address(option: str, text: str) -> tuple[str, int]:
@@ -416,6 +506,7 @@ def run_local(
     new_pool=False,
     alice_patterns=None,
     progress=None,
+    stream=None,
 ) -> dict:
     """Both endpoints in one process (two threads, in-process channel). alice_patterns:
     where Alice reads her symbols when not from satellite/ (the head's pattern memory).
@@ -438,6 +529,7 @@ def run_local(
             alice_patterns,
             pass_json,
             progress,
+            stream,
         )
     finally:
         for pool in pools:
@@ -455,15 +547,14 @@ def _run_local(
     alice_patterns,
     pass_json,
     progress,
+    stream=None,
 ) -> dict:
     pool_a, pool_b = pools
     insecure = seed is not None
-    alice = Alice(pass_dir, cfg, insecure_deterministic_seed=seed, patterns=alice_patterns)
-    bob = Bob(
-        bob_pass_dir or pass_dir,
-        cfg,
-        insecure_deterministic_seed=None if seed is None else seed + 1,
+    endpoints = _endpoints(
+        pass_dir, bob_pass_dir, cfg, seed, alice_patterns, stream, ("alice", "bob")
     )
+    alice, bob = endpoints["alice"], endpoints["bob"]
     metadata = run_metadata(pass_dir, cfg, seed)
     if progress is not None:  # Bob's stages stand for both: they run in lockstep
         bob.on_stage = _stage_lines(progress)
@@ -494,7 +585,11 @@ def _run_local(
     report.update(metadata)
     if insecure:
         report["insecure_deterministic"] = True
+    if stream is not None:
+        _stream_fields(report, result["bob"])  # the ground's view; Alice's is the same pass
     finish(out_dir, report, {names["alice"]: result["alice"].key, names["bob"]: result["bob"].key})
+    if stream is not None:
+        _stamp_key_latency(out_dir, report, result["bob"].report.get("last_detection_unix_s"))
     return report
 
 
@@ -542,7 +637,7 @@ def _fail(out_dir: Path, pass_json: dict, metadata: dict, role: str, error, role
     raise error
 
 
-def run_split(args, cfg: Config, progress=None, alice_patterns=None) -> dict:
+def run_split(args, cfg: Config, progress=None, alice_patterns=None, stream=None) -> dict:
     """One endpoint over TCP. The report holds this endpoint's view. alice_patterns: where
     Alice reads her symbols when not from satellite/ (the payload processor: the head's
     pattern memory)."""
@@ -558,21 +653,28 @@ def run_split(args, cfg: Config, progress=None, alice_patterns=None) -> dict:
     pass_json = read_pass(pass_dir, args.role)
     pool = ch.KeyPool.from_file(args.auth_pool, new=args.new_auth_pool)
     try:
-        return _run_split(args, cfg, pass_dir, out_dir, pass_json, pool, progress, alice_patterns)
+        return _run_split(
+            args, cfg, pass_dir, out_dir, pass_json, pool, progress, alice_patterns, stream
+        )
     finally:
         pool.close()
 
 
 def _run_split(
-    args, cfg: Config, pass_dir, out_dir, pass_json, pool, progress, alice_patterns=None
+    args,
+    cfg: Config,
+    pass_dir,
+    out_dir,
+    pass_json,
+    pool,
+    progress,
+    alice_patterns=None,
+    stream=None,
 ) -> dict:
     seed = args.insecure_deterministic_seed
-    if args.role == "alice":
-        endpoint = Alice(pass_dir, cfg, insecure_deterministic_seed=seed, patterns=alice_patterns)
-    else:
-        endpoint = Bob(
-            pass_dir, cfg, insecure_deterministic_seed=None if seed is None else seed + 1
-        )
+    endpoint = _endpoints(pass_dir, None, cfg, seed, alice_patterns, stream, (args.role,))[
+        args.role
+    ]
     metadata = run_metadata(pass_dir, cfg, seed)
     if progress is not None:
         endpoint.on_stage = _stage_lines(progress)
@@ -635,7 +737,11 @@ def _run_split(
     report.update(metadata)
     if seed is not None:
         report["insecure_deterministic"] = True
+    if stream is not None:
+        _stream_fields(report, outcome)
     finish(out_dir, report, {stem: outcome.key})
+    if stream is not None:
+        _stamp_key_latency(out_dir, report, outcome.report.get("last_detection_unix_s"))
     return report
 
 
@@ -674,9 +780,10 @@ def run(args) -> int:
     if seed is not None and not 0 <= seed < 2**63:
         raise BadInput(f"--insecure-deterministic-seed {seed}: must be an integer in 0..2**63-1")
     cfg = config_from_args(args)
+    stream = stream_from_args(args)
     progress = progress_for(args, "qkdsat distil")
     if args.role:
-        report = run_split(args, cfg, progress)
+        report = run_split(args, cfg, progress, stream=stream)
     else:
         report = run_local(
             args.pass_dir,
@@ -686,6 +793,7 @@ def run(args) -> int:
             args.insecure_deterministic_seed,
             new_pool=args.new_auth_pool,
             progress=progress,
+            stream=stream,
         )
     progress("done")
     print_result(args, report, summary(report, args.out))

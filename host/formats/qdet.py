@@ -72,3 +72,35 @@ def read_detections(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
         )
     records = np.fromfile(path, dtype=RECORD_DTYPE, offset=offset)
     return records["time_ps"].astype(np.int64), records["channel"].astype(np.int16), header
+
+
+class AppendedDetections:
+    """A `.qdet` file read while its writer may still be appending records (a time tagger
+    streaming during the pass): the header is read once; records() maps the whole records
+    present now (a partial record at the end is left for the next call). The header's
+    count is not checked against the body, which is only final once the writer is done."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as handle:
+                start = handle.read(len(MAGIC) + _HEADER_LENGTH.size)
+                if len(start) < len(MAGIC) + _HEADER_LENGTH.size or start[: len(MAGIC)] != MAGIC:
+                    raise BadInput(f"{self.path}: not a .qdet detections file (bad magic)")
+                (head_bytes,) = _HEADER_LENGTH.unpack_from(start, len(MAGIC))
+                if head_bytes > MAX_HEADER_BYTES:
+                    raise BadInput(f"{self.path}: header length {head_bytes} is implausible")
+                try:
+                    self.header = json.loads(handle.read(head_bytes))
+                except ValueError as error:
+                    raise BadInput(f"{self.path}: header is not valid JSON ({error})") from None
+        except OSError as error:
+            raise BadInput(f"{self.path}: cannot read ({error.strerror})") from None
+        self.offset = len(MAGIC) + _HEADER_LENGTH.size + head_bytes
+
+    def records(self) -> np.ndarray:
+        """Every whole record in the file now (memory-mapped, read lazily)."""
+        count = max(0, (self.path.stat().st_size - self.offset) // RECORD_DTYPE.itemsize)
+        if count == 0:
+            return np.zeros(0, dtype=RECORD_DTYPE)
+        return np.memmap(self.path, dtype=RECORD_DTYPE, mode="r", offset=self.offset, shape=count)

@@ -1,0 +1,848 @@
+"""Streaming distillation: Alice and Bob distil DURING the pass (docs/streaming.md).
+
+Bob reads the time tagger's detections as they arrive, in blocks of at most `block_s` of
+pass time; Alice answers as the pass runs. The steps are those of the post-pass protocol
+(host/distil/protocol.py), run on the detections so far:
+
+- time synchronisation on the first blocks (timesync.Synchroniser: first anchor, tracking
+  windows), then forward tracking block by block; a detection is assigned its slot once
+  anchors lie beyond it (spline interpolation, as post-pass);
+- sifting per block, with Alice's disclosed sample drawn per block from the CSPRNG so that
+  the cumulative sample follows the post-pass rule (Config.sample_fraction, min, max);
+- error correction (reconcile.ldpc_alice / ldpc_bob, unchanged) on chunks of whole LDPC
+  frames, as soon as a key basis holds `chunk_frames` frames of unreconciled bits, sized
+  from the running QBER estimate of the sample;
+- at loss of signal: the remaining bits, then parameter estimation, verification and
+  privacy amplification over the whole pass (protocol.Alice._finish / Bob._finish, the
+  post-pass code): the finite-key analysis is per pass.
+
+Bob drives: every step he takes is announced to Alice by a `stream_next` message (sync,
+block, reconcile, end); the exchanges are request/answer, so a link outage only delays
+them (the link queues and retransmits) and a link lost for good ends both sides in an
+abort before privacy amplification, with no key on either side.
+
+Each side's report gains `timeline` (one row per second of pass time), `lag_s_max`,
+`lag_s_median` and `stream`; run.py adds `key_latency_s`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from host.distil import ldpc, reconcile, timesync
+from host.distil.bitcodec import (
+    decode_sorted,
+    encode_sorted,
+    pack_2bit,
+    pack_bits,
+    rice_decode_sorted,
+    rice_encode_sorted,
+    unpack_2bit,
+    unpack_bits,
+)
+from host.distil.channel import AuthenticationFailed, ChannelClosed, PeerAborted
+from host.distil.endpoint_random import endpoint_random
+from host.distil.protocol import (
+    BASES,
+    NO_PATTERN,
+    PROTOCOL_VERSION,
+    Alice,
+    Bob,
+    Config,
+    Outcome,
+    _ec_sizing,
+    _naming_block,
+    _public_seed,
+    _Stages,
+    _stop,
+    check_parameters,
+    key_bases_for,
+    pass_digest,
+)
+from host.errors import BadInput, ProtocolAborted
+from host.formats.passdir import read_pass_json
+from host.formats.qdet import AppendedDetections
+
+MODE = "stream"
+# First synchronisation attempt once this much pass time and these many detections are
+# in; a failed attempt (no correlation peak yet, e.g. low elevation) is retried every
+# SYNC_RETRY_S of new data until loss of signal.
+SYNC_FIRST_S = 2.0
+SYNC_FIRST_DETECTIONS = 2000
+SYNC_RETRY_S = 2.0
+# An endpoint shows the link as down in its timeline while it has waited this long (wall
+# seconds, so that a replay's speed-up does not turn the peer's computing into an outage)
+# for the peer's next message. Over the emulated optical link, emulator/link_session.py
+# replaces the column by the link's own record of its outages.
+LINK_SILENT_S = 5.0
+# Rice-coded slots per block message stay far below channel.MAX_MESSAGE_BYTES; a backlog
+# after an outage is sent block by block.
+
+
+@dataclass
+class StreamOptions:
+    block_s: float = 1.0  # pass seconds per detection block (at most 1 s)
+    speedup: float = 1.0  # pass seconds per wall second of the replay
+    chunk_frames: int = 2  # LDPC frames per error-correction chunk
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.block_s) and 0.05 <= self.block_s <= 1.0):
+            raise BadInput(f"--stream-block-s {self.block_s}: must be in [0.05, 1] s")
+        if not (math.isfinite(self.speedup) and 0 < self.speedup <= 1000):
+            raise BadInput(f"--stream-speedup {self.speedup}: must be in (0, 1000]")
+        if not 1 <= int(self.chunk_frames) <= 64:
+            raise BadInput(f"--stream-chunk-frames {self.chunk_frames}: must be in 1..64")
+
+
+class PassClock:
+    """Pass time: seconds since the first detection arrived, at `speedup` pass seconds per
+    wall second from the wall time `epoch_unix_s` (both sides read UTC; in emulation the
+    host clock)."""
+
+    def __init__(self, speedup: float, epoch_unix_s: float | None = None):
+        self.speedup = float(speedup)
+        self.epoch_unix_s = time.time() if epoch_unix_s is None else float(epoch_unix_s)
+
+    def now(self) -> float:
+        return (time.time() - self.epoch_unix_s) * self.speedup
+
+    def wall_of(self, pass_s: float) -> float:
+        return self.epoch_unix_s + pass_s / self.speedup
+
+    def sleep_until(self, pass_s: float) -> None:
+        delay = self.wall_of(pass_s) - time.time()
+        if delay > 0:
+            time.sleep(delay)
+
+
+class Timeline:
+    """The pipeline's state over pass time: every change is logged with its pass time;
+    rows() gives one row per second (the schema of docs/streaming.md, shared with
+    `qkdsat mission`)."""
+
+    def __init__(self, clock: PassClock):
+        self.clock = clock
+        self.state = {
+            "detections": 0,
+            "sifted_bits": 0,
+            "reconciled_bits": 0,
+            "backlog_bits": 0,
+            "handled_s": 0.0,
+        }
+        self.events = [(0.0, dict(self.state))]
+        self.silences = []  # (start, end) pass seconds of waits for the peer
+        self.last_detection_s = None
+
+    def update(self, **values) -> None:
+        self.state.update(values)
+        self.events.append((self.clock.now(), dict(self.state)))
+
+    def waited(self, start_s: float, end_s: float) -> None:
+        """A wait for the peer from start_s to end_s (pass seconds)."""
+        silent_s = LINK_SILENT_S * self.clock.speedup
+        if end_s - start_s > silent_s:
+            self.silences.append((start_s + silent_s, end_s))
+
+    def rows(self, end_s: float) -> list[dict]:
+        times = np.array([t for t, _ in self.events])
+        rows = []
+        for second in range(int(math.floor(max(end_s, 0.0))) + 1):
+            i = int(np.searchsorted(times, second, side="right")) - 1
+            state = self.events[max(i, 0)][1]
+            handled = min(state["handled_s"], float(second))
+            last = self.last_detection_s
+            arrived_until = second if last is None else min(second, last)
+            rows.append(
+                {
+                    "t_s": second,
+                    "detections": int(state["detections"]),
+                    "sifted_bits": int(state["sifted_bits"]),
+                    "reconciled_bits": int(state["reconciled_bits"]),
+                    "link_up": not any(a <= second < b for a, b in self.silences),
+                    "backlog_bits": int(state["backlog_bits"]),
+                    "lag_s": round(max(0.0, arrived_until - handled), 3),
+                }
+            )
+        return rows
+
+    def report(self) -> dict:
+        end = self.clock.now()
+        rows = self.rows(end)
+        last = self.last_detection_s if self.last_detection_s is not None else end
+        during = [r["lag_s"] for r in rows if r["t_s"] <= last] or [0.0]
+        return {
+            "timeline": rows,
+            "lag_s_max": float(max(during)),
+            "lag_s_median": float(np.median(during)),
+        }
+
+
+class _Watched:
+    """The channel, with the waits for the peer's messages logged on the timeline (its
+    link_up column). Alice logs only her waits for Bob's next step: while Bob decodes,
+    her wait for his answer is his computing, not the link."""
+
+    def __init__(self, channel, timeline: Timeline, kinds=None):
+        self.channel, self.timeline, self.kinds = channel, timeline, kinds
+
+    def send(self, kind, **fields):
+        self.channel.send(kind, **fields)
+
+    def recv(self, kind):
+        if self.kinds is not None and kind not in self.kinds:
+            return self.channel.recv(kind)
+        start = self.timeline.clock.now()
+        try:
+            return self.channel.recv(kind)
+        finally:
+            self.timeline.waited(start, self.timeline.clock.now())
+
+    def abort(self, reason):
+        self.channel.abort(reason)
+
+    def close(self):
+        self.channel.close()
+
+
+class _Growing:
+    """An array that grows at its end (amortised doubling)."""
+
+    def __init__(self, dtype):
+        self.data = np.zeros(1024, dtype=dtype)
+        self.size = 0
+
+    def extend(self, values) -> np.ndarray:
+        values = np.asarray(values, dtype=self.data.dtype)
+        need = self.size + values.size
+        if need > self.data.size:
+            grown = np.zeros(max(need, 2 * self.data.size), dtype=self.data.dtype)
+            grown[: self.size] = self.data[: self.size]
+            self.data = grown
+        index = np.arange(self.size, need)
+        self.data[self.size : need] = values
+        self.size = need
+        return index
+
+    @property
+    def view(self) -> np.ndarray:
+        return self.data[: self.size]
+
+
+def sample_target(count: int, cfg: Config) -> int:
+    """Disclosed sample after `count` sifted bits of a key basis: the post-pass rule
+    (protocol._sample_positions) applied to the bits so far, so a pass streamed to its end
+    discloses as many as post-pass."""
+    return min(count, max(cfg.sample_min, int(cfg.sample_fraction * count)), cfg.sample_max)
+
+
+def chunk_bits(cfg: Config, options: StreamOptions, qber: float, sample_bits: int) -> int:
+    """Key bits of one error-correction chunk: `chunk_frames` whole frames of the plan the
+    reconciliation will choose for this QBER estimate (reconcile._plan), so that no frame
+    of a chunk is short (a short frame costs as much in check bits and Bob's messages)."""
+    if cfg.ec != "ldpc":
+        return options.chunk_frames * ldpc.FRAME_BITS
+    low, high = reconcile.qber_interval(qber, sample_bits)
+    return options.chunk_frames * ldpc.max_key_bits(low, cfg.ec_efficiency, qber_high=high)
+
+
+class _Sifted:
+    """One side's sifted bits of the pass so far, and per key basis the positions that
+    are key (not disclosed) with how far they are reconciled."""
+
+    def __init__(self, key_bases):
+        self.basis = _Growing(np.uint8)
+        self.bit = _Growing(np.uint8)
+        self.intensity = _Growing(np.uint8)
+        self.key_positions = {n: _Growing(np.int64) for n in key_bases}
+        self.reconciled = dict.fromkeys(key_bases, 0)  # key positions reconciled
+        self.basis_bits = dict.fromkeys(BASES, 0)  # sifted bits per basis
+        self.sampled = dict.fromkeys(BASES, 0)  # disclosed bits per basis
+
+    def backlog(self, name: str) -> int:
+        return self.key_positions[name].size - self.reconciled[name]
+
+    def backlog_total(self) -> int:
+        return sum(self.backlog(n) for n in self.key_positions)
+
+
+def _check_step(msg: dict, expected: str) -> None:
+    if msg.get("step") != expected:
+        raise ProtocolAborted(f"stream: expected step {expected!r}, received {msg.get('step')!r}")
+
+
+# ====================================================================== Alice
+
+
+class StreamAlice(Alice):
+    """Alice during the pass (on the payload processor): answers Bob's steps."""
+
+    def __init__(self, *args, stream: StreamOptions | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stream = stream or StreamOptions()
+
+    def run(self, channel) -> Outcome:
+        out = Outcome("alice")
+        stage = _Stages(out.stage_seconds, self.on_stage)
+        cfg = self.config
+        key_bases = key_bases_for(self.pass_json, cfg)
+        timeline = None
+        try:
+            channel.send(
+                "hello",
+                version=PROTOCOL_VERSION,
+                pass_digest=pass_digest(self.pass_json),
+                config=cfg.public(),
+                mode=MODE,
+            )
+            channel.recv("hello_ok")
+            start = channel.recv("stream_start")
+            clock = PassClock(float(start["speedup"]), float(start["epoch_unix_s"]))
+            timeline = Timeline(clock)
+            out.report["stream"] = {"block_s": float(start["block_s"]), "speedup": clock.speedup}
+            watched = _Watched(channel, timeline, kinds={"stream_next"})
+            sifted = _Sifted(key_bases)
+            blocks = {n: [] for n in key_bases}
+            discards = {n: {"frames_discarded": 0, "bits_discarded": 0} for n in key_bases}
+            my_leaks = dict.fromkeys(key_bases, 0)
+            totals = [0, 0, 0]  # leak, frames, frame errors
+            detections = 0
+            while True:
+                msg = watched.recv("stream_next")
+                step = msg.get("step")
+                if step == "sync":
+                    with stage("sync"):
+                        self._serve_sync(channel)
+                elif step == "block":
+                    with stage("sifting"):
+                        detections += int(msg["detections"])
+                        self._sift_block(channel, msg, sifted, key_bases)
+                    timeline.update(
+                        detections=detections,
+                        sifted_bits=sifted.basis.size,
+                        backlog_bits=sifted.backlog_total(),
+                        handled_s=float(msg["t_end_s"]),
+                    )
+                elif step == "reconcile":
+                    name = str(msg["basis"])
+                    with stage("error_correction"):
+                        kept_bits, stats, count = self._reconcile(channel, msg, sifted, name)
+                    blocks[name].append(kept_bits)
+                    discards[name]["frames_discarded"] += int(stats.get("frames_discarded", 0))
+                    discards[name]["bits_discarded"] += count - kept_bits.size
+                    my_leaks[name] += stats["leak_bits"]
+                    totals[0] += stats["leak_bits"]
+                    totals[1] += stats["frames"]
+                    totals[2] += stats["frame_errors"]
+                    timeline.update(
+                        reconciled_bits=timeline.state["reconciled_bits"] + count,
+                        backlog_bits=sifted.backlog_total(),
+                        handled_s=float(msg["t_handled_s"]),
+                    )
+                elif step == "end":
+                    timeline.last_detection_s = float(msg["last_detection_s"])
+                    out.report["last_detection_unix_s"] = clock.wall_of(timeline.last_detection_s)
+                    break
+                else:
+                    raise ProtocolAborted(f"stream: unknown step {step!r}")
+            out.report["sifted_bits"] = int(sifted.basis.size)
+            report = {"key_bases": key_bases}
+            joined = {
+                n: np.concatenate(blocks[n]) if blocks[n] else np.zeros(0, np.uint8)
+                for n in key_bases
+            }
+            out.report = self._finish(
+                channel,
+                stage,
+                out,
+                report,
+                int(sifted.basis.size),
+                joined,
+                discards,
+                my_leaks,
+                tuple(totals),
+            ) | {k: out.report[k] for k in ("stream", "last_detection_unix_s")}
+            channel.send("done")
+            channel.recv("done")
+        except ProtocolAborted as error:
+            _stop(channel, out, error)
+        except Exception as error:
+            channel.abort(f"Alice failed internally: {type(error).__name__}")
+            raise
+        finally:
+            if timeline is not None:
+                out.report.update(timeline.report())
+        return out
+
+    def _sift_block(self, channel, msg, sifted: _Sifted, key_bases) -> None:
+        count = int(msg["count"])
+        try:
+            slots = rice_decode_sorted(int(msg["rice_k"]), msg["slots"], count)
+        except ValueError as error:
+            raise ProtocolAborted(f"stream block: {error}") from error
+        bob_basis = unpack_bits(msg["basis"], count)
+        basis, bit, inten = self._symbols(slots)
+        keep = (basis == bob_basis) & (inten != NO_PATTERN)
+        index = sifted.basis.extend(basis[keep])
+        sifted.bit.extend(bit[keep])
+        sifted.intensity.extend(inten[keep])
+        fields = {}
+        for b, name in enumerate(BASES):
+            pos = index[basis[keep] == b]
+            sifted.basis_bits[name] += pos.size
+            if name in key_bases:
+                want = sample_target(sifted.basis_bits[name], self.config) - sifted.sampled[name]
+                sample = np.sort(self.rng.choice(pos.size, size=want, replace=False))
+                mask = np.ones(pos.size, bool)
+                mask[sample] = False
+                sifted.key_positions[name].extend(pos[mask])
+            else:
+                sample = np.arange(pos.size)  # the test basis: disclosed in full
+            sifted.sampled[name] += sample.size
+            fields[f"pos_{name}"] = encode_sorted(sample)
+            fields[f"count_{name}"] = int(sample.size)
+            fields[f"bits_{name}"] = pack_bits(sifted.bit.view[pos[sample]])
+        channel.send("stream_sift", basis=pack_bits(basis), intensity=pack_2bit(inten), **fields)
+
+    def _reconcile(self, channel, msg, sifted: _Sifted, name: str):
+        if name not in sifted.key_positions:
+            raise ProtocolAborted(f"stream: reconcile of {name!r}, not a key basis")
+        count = int(msg["bits"])
+        qber, sample_bits = float(msg["qber"]), int(msg["sample_bits"])
+        if not 0 < count <= sifted.backlog(name) or not 0 < qber < 0.5 or sample_bits < 0:
+            raise ProtocolAborted(f"stream: reconcile request out of range ({count} bits)")
+        start = sifted.reconciled[name]
+        positions = sifted.key_positions[name].view[start : start + count]
+        key_bits = sifted.bit.view[positions]
+        if self.config.ec == "ldpc":
+            with _naming_block(name):
+                kept, stats = reconcile.ldpc_alice(
+                    channel, key_bits, qber, self.config.ec_efficiency, self.rng, sample_bits
+                )
+        else:
+            stats = reconcile.cascade_alice(
+                channel, key_bits, qber, _public_seed(BASES.index(name))
+            )
+            kept = np.ones(count, bool)
+        sifted.reconciled[name] += count
+        return key_bits[kept], stats, count
+
+
+# ====================================================================== Bob
+
+
+class DetectionFeed:
+    """Bob's detections as the time tagger delivers them: ground/detections.qdet (and
+    pps.qdet) read as files being appended. In emulation the files are complete and are
+    REPLAYED: a record becomes visible once the pass clock has passed its time (its
+    offset from the first detection), at the clock's speed-up; the rest of the file is
+    never read before then. A real tagger appending to the file is read the same way
+    (records() maps what is there)."""
+
+    def __init__(self, ground: Path, clock_speedup: float):
+        self.detections = AppendedDetections(ground / "detections.qdet")
+        pps_path = ground / "pps.qdet"
+        self.pps = AppendedDetections(pps_path) if pps_path.exists() else None
+        records = self.detections.records()
+        if records.size == 0:
+            raise ProtocolAborted("too few detections to synchronise (0)")
+        self.first_ps = int(records["time_ps"][0])
+        self.last_s = (int(records["time_ps"][-1]) - self.first_ps) * 1e-12
+        self.speedup = clock_speedup
+
+    def until(self, pass_s: float) -> int:
+        """How many records have arrived by pass time pass_s."""
+        times = self.detections.records()["time_ps"]
+        cutoff = self.first_ps + int(round(pass_s * 1e12))
+        return int(np.searchsorted(times, cutoff, side="right"))
+
+    def count(self) -> int:
+        return int(self.detections.records().size)
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        records = self.detections.records()[start:stop]
+        return records["time_ps"].astype(np.int64), records["channel"].astype(np.int16)
+
+    def pps_until(self, pass_s: float) -> np.ndarray | None:
+        if self.pps is None:
+            return None
+        times = self.pps.records()["time_ps"]
+        cutoff = self.first_ps + int(round(pass_s * 1e12))
+        return times[: int(np.searchsorted(times, cutoff, side="right"))].astype(np.int64)
+
+
+class StreamBob(Bob):
+    """Bob during the pass (the ground station): reads the detections as they arrive and
+    drives the steps."""
+
+    def __init__(
+        self,
+        pass_dir,
+        config: Config,
+        insecure_deterministic_seed: int | None = None,
+        stream: StreamOptions | None = None,
+    ):
+        # not Bob.__init__: the detections are not read whole, they arrive (DetectionFeed)
+        self.pass_dir = Path(pass_dir)
+        self.pass_json = read_pass_json(self.pass_dir / "pass.json")
+        self.config = config
+        check_parameters(self.pass_json, config)
+        self.rng = endpoint_random(insecure_deterministic_seed)
+        self.stream = stream or StreamOptions()
+        self.stream.validate()
+        self.feed = DetectionFeed(self.pass_dir / "ground", self.stream.speedup)
+
+    def run(self, channel) -> Outcome:
+        out = Outcome("bob")
+        stage = _Stages(out.stage_seconds, self.on_stage)
+        cfg = self.config
+        timeline = None
+        try:
+            hello = channel.recv("hello")
+            if int(hello["version"]) != PROTOCOL_VERSION:
+                raise ProtocolAborted(f"Alice speaks protocol {hello['version']}")
+            if hello.get("mode") != MODE:
+                raise ProtocolAborted("Alice runs post-pass distillation, Bob streams")
+            if hello["pass_digest"] != pass_digest(self.pass_json):
+                raise ProtocolAborted("Alice and Bob hold different pass.json files")
+            if hello["config"] != cfg.public():
+                raise ProtocolAborted("Alice and Bob were started with different parameters")
+            channel.send("hello_ok")
+            clock = PassClock(self.stream.speedup)
+            timeline = Timeline(clock)
+            channel.send(
+                "stream_start",
+                epoch_unix_s=clock.epoch_unix_s,
+                speedup=clock.speedup,
+                block_s=self.stream.block_s,
+            )
+            out.report["stream"] = asdict(self.stream)
+            watched = _Watched(channel, timeline)
+            self._stream(watched, stage, out, clock, timeline)
+            channel.recv("done")
+            channel.send("done")
+        except ProtocolAborted as error:
+            _stop(channel, out, error)
+        except Exception as error:
+            channel.abort(f"Bob failed internally: {type(error).__name__}")
+            raise
+        finally:
+            if timeline is not None:
+                out.report.update(timeline.report())
+        return out
+
+    # ------------------------------------------------------------------ the pass
+
+    def _stream(self, channel, stage, out, clock: PassClock, timeline: Timeline) -> None:
+        cfg, opts, feed = self.config, self.stream, self.feed
+        key_bases = key_bases_for(self.pass_json, cfg)
+        self.key_bases = key_bases
+        sync = timesync.Synchroniser(self.pass_json, channel)
+        self._sifted = _Sifted(key_bases)
+        self._errors = _Growing(bool)
+        self._known = _Growing(bool)
+        self._sample = {n: [0, 0] for n in BASES}  # errors, bits of the disclosed bits
+        self._blocks = {n: [] for n in key_bases}
+        self._block_idx = {n: [] for n in key_bases}
+        self._leaks = dict.fromkeys(key_bases, 0)
+        self._ec_stats = dict.fromkeys(key_bases)
+        self._last_slot = -1
+        self._assigned = 0
+        self._t0 = None  # true seconds of the first detection: pass time 0
+        buffer_t = np.zeros(0)  # true seconds of the detections not yet assigned
+        buffer_ch = np.zeros(0, np.int16)
+        read = 0  # records read from the feed
+        synced = False
+        next_sync_s = SYNC_FIRST_S
+        last_centre = 0.0
+        handled_s = 0.0
+        block = 0
+        while True:
+            block += 1
+            block_end = block * opts.block_s
+            final = block_end >= feed.last_s
+            if final:
+                block_end = feed.last_s
+            clock.sleep_until(block_end)
+            visible = feed.count() if final else feed.until(block_end)
+            time_ps, channels = feed.read(read, visible)
+            read = visible
+            if time_ps.size:
+                if self._t0 is None:
+                    # The ground clock's PPS fit is frozen at the first detections: refitted
+                    # as marks arrive, it would move every later detection's true time a
+                    # little at each block boundary, a step the anchors' spline cannot
+                    # follow (a frozen fit is off by a linear function of time, which the
+                    # clock model absorbs like any drift).
+                    self._pps = feed.pps_until(block_end)
+                t_new = timesync._true_seconds(time_ps, self._pps, self.pass_json)
+                if self._t0 is None:
+                    self._t0 = float(t_new[0])
+                buffer_t = np.concatenate([buffer_t, t_new])
+                buffer_ch = np.concatenate([buffer_ch, channels])
+            timeline.update(detections=read)
+            det = np.isin(buffer_ch, (0, 1, 2, 3))
+            detected = int(det.sum())
+            if not synced:
+                if (detected >= SYNC_FIRST_DETECTIONS and block_end >= next_sync_s) or (
+                    final and detected >= timesync.MIN_DETECTIONS
+                ):
+                    synced, last_centre = self._first_sync(
+                        channel, stage, sync, buffer_t[det], final
+                    )
+                    next_sync_s = block_end + SYNC_RETRY_S
+                if not synced and final:
+                    raise ProtocolAborted(f"too few detections to synchronise ({detected})")
+            elif detected:
+                edge = buffer_t[det][-1] - timesync.TRACK_WINDOW_S / 2
+                if edge > last_centre + timesync.STEP_S or (final and edge > last_centre):
+                    channel.send("stream_next", step="sync")
+                    with stage("sync"):
+                        last_centre = sync.track(
+                            buffer_t[det], last_centre, +1, edge, to_edge=final
+                        )
+                        channel.send(
+                            "sync_request", done=1, starts=np.zeros(0, np.int64), length=0
+                        )
+            # assign every detection with anchors beyond it (all of them at the end)
+            take = np.zeros(buffer_t.size, bool)
+            if synced:
+                cut = math.inf if final else max(sync.anchors_t)
+                take = buffer_t < cut
+                if not final:
+                    handled_s = max(handled_s, cut - self._t0)
+            if final:
+                handled_s = feed.last_s
+            result = None
+            if take.any():
+                with stage("sync"):
+                    result = sync.assign(buffer_t[take], det[take])
+                self.channels = buffer_ch[take]  # what _detections_to_slots reads
+            with stage("sifting"):
+                self._send_block(channel, result, int(take.sum()), handled_s)
+            buffer_t, buffer_ch = buffer_t[~take], buffer_ch[~take]
+            timeline.update(
+                sifted_bits=self._sifted.basis.size,
+                backlog_bits=self._sifted.backlog_total(),
+            )
+            self._check_qber(key_bases, final)
+            for name in key_bases:
+                while True:
+                    qber, bits = self._estimate(name)
+                    chunk = chunk_bits(cfg, opts, qber, bits)
+                    backlog = self._sifted.backlog(name)
+                    # One frame more than the chunk is held back, so that what is left at
+                    # loss of signal is at least a frame (reconciled in equal frames), never
+                    # a sliver of one: a short frame costs as much in check bits and Bob's
+                    # messages as a full one, and decodes worse.
+                    hold = chunk // opts.chunk_frames
+                    if final and backlog > 0:
+                        chunk = hold = backlog
+                    if backlog == 0 or backlog < chunk + hold * (not final):
+                        break
+                    with stage("error_correction"):
+                        self._reconcile(channel, name, chunk, qber, bits, handled_s)
+                    timeline.update(
+                        reconciled_bits=timeline.state["reconciled_bits"] + chunk,
+                        backlog_bits=self._sifted.backlog_total(),
+                    )
+            timeline.update(handled_s=handled_s)
+            if final:
+                break
+        timeline.last_detection_s = feed.last_s
+        out.report["last_detection_unix_s"] = clock.wall_of(feed.last_s)
+        out.report["sifted_bits"] = int(self._sifted.basis.size)
+        out.report["sync"] = {
+            "anchors": len(sync.anchors_t),
+            "detections": read,
+            "assigned_fraction": self._assigned / max(read, 1),
+        }
+        channel.send("stream_next", step="end", last_detection_s=feed.last_s)
+        for name in key_bases:
+            if not self._block_idx[name]:
+                raise ProtocolAborted(f"too few events: no {name}-basis key bits")
+        sifted = self._sifted
+        figures = self._finish(
+            channel,
+            stage,
+            out,
+            sifted.basis.view,
+            sifted.intensity.view,
+            self._errors.view,
+            self._known.view,
+            {n: np.concatenate(self._block_idx[n]) for n in key_bases},
+            {n: np.concatenate(self._blocks[n]) for n in key_bases},
+            self._leaks,
+            [self._ec_stats[n] for n in key_bases],
+        )
+        out.report.update(figures)
+
+    def _first_sync(self, channel, stage, sync, t: np.ndarray, final: bool):
+        """The first anchor and tracking over the detections so far: (synced, last centre
+        tried forward). A failure for want of correlation is retried with more data."""
+        channel.send("stream_next", step="sync")
+        with stage("sync"):
+            try:
+                tc = sync.first_anchor(t)
+            except (PeerAborted, ChannelClosed, AuthenticationFailed):
+                raise
+            except ProtocolAborted:
+                if final:
+                    raise
+                channel.send("sync_request", done=1, starts=np.zeros(0, np.int64), length=0)
+                return False, 0.0
+            sync.track(t, tc, -1, t[0] + timesync.TRACK_WINDOW_S / 2, to_edge=True)
+            last = sync.track(t, tc, +1, t[-1] - timesync.TRACK_WINDOW_S / 2, to_edge=final)
+            channel.send("sync_request", done=1, starts=np.zeros(0, np.int64), length=0)
+        return True, last
+
+    def _send_block(self, channel, result, raw_count: int, handled_s: float):
+        """One block: Bob's slots and bases, Alice's answer (her bases, intensities and the
+        block's disclosed bits)."""
+        if result is None:
+            slots, basis, bit = np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.uint8)
+        else:
+            slots, basis, bit = self._detections_to_slots(result)
+            self._assigned += int(result.assigned.sum())
+        fresh = slots > self._last_slot  # a slot split across two blocks is sifted once
+        slots, basis, bit = slots[fresh], basis[fresh], bit[fresh]
+        if slots.size:
+            self._last_slot = int(slots[-1])
+        rice_k, packed = rice_encode_sorted(slots)
+        channel.send(
+            "stream_next",
+            step="block",
+            t_end_s=float(handled_s),
+            detections=raw_count,
+            count=int(slots.size),
+            rice_k=rice_k,
+            slots=packed,
+            basis=pack_bits(basis),
+        )
+        msg = channel.recv("stream_sift")
+        a_basis = unpack_bits(msg["basis"], slots.size)
+        inten = unpack_2bit(msg["intensity"], slots.size)
+        keep = (a_basis == basis) & (inten != NO_PATTERN)
+        s_basis, s_bit, s_int = basis[keep], bit[keep], inten[keep]
+        sifted = self._sifted
+        index = sifted.basis.extend(s_basis)
+        sifted.bit.extend(s_bit)
+        sifted.intensity.extend(s_int)
+        self._errors.extend(np.zeros(index.size, bool))
+        self._known.extend(np.zeros(index.size, bool))
+        for b, name in enumerate(BASES):
+            pos = index[s_basis == b]
+            sifted.basis_bits[name] += pos.size
+            count = int(msg[f"count_{name}"])
+            sample = decode_sorted(msg[f"pos_{name}"], count) if count else np.zeros(0, int)
+            if sample.size and (sample[-1] >= pos.size or np.any(np.diff(sample) <= 0)):
+                raise ProtocolAborted("Alice disclosed positions outside the block's bits")
+            if name in self.key_bases:
+                want = sample_target(sifted.basis_bits[name], self.config) - sifted.sampled[name]
+                if sample.size != want:
+                    raise ProtocolAborted(
+                        f"Alice disclosed {sample.size} {name} bits of a block, the rule "
+                        f"gives {want}"
+                    )
+                mask = np.ones(pos.size, bool)
+                mask[sample] = False
+                sifted.key_positions[name].extend(pos[mask])
+            elif sample.size != pos.size:
+                raise ProtocolAborted(f"Alice disclosed part of the test basis {name}")
+            sifted.sampled[name] += sample.size
+            alice_bits = unpack_bits(msg[f"bits_{name}"], count)
+            idx = pos[sample]
+            wrong = alice_bits != sifted.bit.view[idx]
+            self._errors.data[idx] = wrong
+            self._known.data[idx] = True
+            self._sample[name][0] += int(wrong.sum())
+            self._sample[name][1] += int(idx.size)
+
+    def _estimate(self, name: str) -> tuple[float, int]:
+        """The running QBER estimate of a basis from its disclosed sample, floored as
+        post-pass (protocol._ec_sizing)."""
+        errors, bits = self._sample[name]
+        qber = {name: errors / bits if bits else 0.0}
+        return _ec_sizing(qber, {name: bits}, name)
+
+    def _check_qber(self, key_bases, final: bool = False) -> None:
+        """The sample's QBER against the threshold, once the sample has its minimum size
+        (at the end, whatever its size: post-pass checks the sample it has)."""
+        cfg = self.config
+        for name in BASES:
+            errors, bits = self._sample[name]
+            if bits and (bits >= cfg.sample_min or final) and errors / bits > cfg.qber_threshold:
+                role = "" if name in key_bases else "test basis "
+                raise ProtocolAborted(
+                    f"QBER above threshold: {role}{name} basis {errors / bits:.4f} > "
+                    f"{cfg.qber_threshold:.4f} (from {bits} sampled bits)"
+                )
+
+    def _reconcile(self, channel, name, count, qber, sample_bits, handled_s) -> None:
+        cfg = self.config
+        sifted = self._sifted
+        channel.send(
+            "stream_next",
+            step="reconcile",
+            basis=name,
+            bits=int(count),
+            qber=float(qber),
+            sample_bits=int(sample_bits),
+            t_handled_s=float(handled_s),
+        )
+        start = sifted.reconciled[name]
+        idx = sifted.key_positions[name].view[start : start + count].copy()
+        mine = sifted.bit.view[idx]
+        if cfg.ec == "ldpc":
+            with _naming_block(name):
+                corrected, kept, stats = reconcile.ldpc_bob(
+                    channel, mine, qber, cfg.ec_efficiency, sample_bits
+                )
+        else:
+            corrected, stats = reconcile.cascade_bob(
+                channel, mine, qber, _public_seed(BASES.index(name))
+            )
+            kept = np.ones(count, bool)
+        sifted.reconciled[name] += count
+        wrong = corrected != mine
+        self._errors.data[idx] = wrong
+        self._known.data[idx] = True
+        self._blocks[name].append(corrected[kept])
+        self._block_idx[name].append(idx)
+        self._leaks[name] += stats["leak_bits"]
+        stats.setdefault("frames_discarded", 0)
+        stats.setdefault("bits_discarded", 0)
+        merged = self._ec_stats[name] or {
+            "basis": name,
+            "chunks": 0,
+            "bits": 0,
+            "errors": 0,
+            "errors_discarded": 0,
+            "leak_bits": 0,
+            "frames": 0,
+            "frame_errors": 0,
+            "frames_discarded": 0,
+            "bits_discarded": 0,
+            "chunk_list": [],
+        }
+        merged["chunks"] += 1
+        merged["bits"] += int(kept.sum())
+        merged["errors"] += int(wrong[kept].sum())
+        merged["errors_discarded"] += int(wrong[~kept].sum())
+        for key in ("leak_bits", "frames", "frame_errors", "frames_discarded", "bits_discarded"):
+            merged[key] += int(stats[key])
+        merged["chunk_list"].append(
+            {
+                "bits": int(count),
+                "frames": int(stats["frames"]),
+                "leak_bits": int(stats["leak_bits"]),
+                "qber_sized_for": qber,
+                "sample_bits": int(sample_bits),
+                "t_handled_s": round(float(handled_s), 3),
+            }
+        )
+        self._ec_stats[name] = merged

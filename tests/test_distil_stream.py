@@ -1,0 +1,152 @@
+"""Streaming distillation during the pass (host/distil/stream.py, docs/streaming.md) on a
+30 s simulated micius-2017 pass: the detections are replayed as the tagger would append
+them, and Alice and Bob sync, sift and reconcile while they arrive.
+
+- the streamed key is the post-pass key's length within 2 %, identical on both sides;
+- split over TCP (two processes) gives the key of the in-process run;
+- the report carries the timeline (one row per pass second) and the latency figures.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from host.cli import main as qkdsat
+from host.distil.protocol import Config
+from host.distil.run import key_names, run_local
+from host.distil.stream import StreamOptions
+
+SEED = 33
+PATTERN_SECRET = "5eed" * 8  # a test's pattern: not secret
+PASS_S = 30.0
+SPEEDUP = 6.0  # pass seconds replayed per wall second: the 30 s pass in 5 s of replay
+# One frame per chunk (the default is two): on a 30 s pass (~160 kbit per basis, ~60 kbit
+# frames) a chunk is reconciled mid-pass and the rest at loss of signal.
+STREAM = StreamOptions(block_s=1.0, speedup=SPEEDUP, chunk_frames=1)
+KEY_FILES = {role: name + ".key" for role, name in key_names(True).items()}
+TIMELINE_KEYS = {
+    "t_s",
+    "detections",
+    "sifted_bits",
+    "reconciled_bits",
+    "link_up",
+    "backlog_bits",
+    "lag_s",
+}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def micius_30s(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micius") / "pass"
+    argv = ["simulate", "--profile", "micius-2017", "--duration-s", str(PASS_S), "--seed", "1"]
+    argv += ["--pattern-secret", PATTERN_SECRET]  # the same pass on every run
+    assert qkdsat(argv + ["--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def streamed(micius_30s, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream")
+    report = run_local(micius_30s, out, Config(), insecure_deterministic_seed=SEED, stream=STREAM)
+    return report, out
+
+
+def test_streamed_key_is_the_post_pass_length_within_2_percent_and_identical(
+    micius_30s, streamed, tmp_path
+):
+    report, out = streamed
+    assert not report["aborted"], report["abort_reason"]
+    alice = (out / KEY_FILES["alice"]).read_bytes()
+    bob = (out / KEY_FILES["bob"]).read_bytes()
+    assert alice == bob and len(alice) == -(-report["key_bits"] // 8)
+    reference = run_local(micius_30s, tmp_path, Config(), insecure_deterministic_seed=SEED)
+    assert not reference["aborted"], reference["abort_reason"]
+    assert abs(report["key_bits"] - reference["key_bits"]) <= 0.02 * reference["key_bits"], (
+        report["key_bits"],
+        reference["key_bits"],
+    )
+    # the same detections were synchronised and sifted
+    assert abs(report["sifted_bits"] - reference["sifted_bits"]) <= 1e-3 * reference["sifted_bits"]
+    # error correction ran during the pass: a chunk before loss of signal
+    chunks = [c for block in report["ec"]["blocks"] for c in block["chunk_list"]]
+    last = report["timeline"][-1]["t_s"]
+    assert any(c["t_handled_s"] < PASS_S - 2 for c in chunks), chunks
+    assert last >= PASS_S - 1
+
+
+def test_the_report_carries_the_timeline_and_latency_figures(streamed):
+    report, out = streamed
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["key_latency_s"] == report["key_latency_s"] > 0
+    rows = on_disk["timeline"]
+    assert [r["t_s"] for r in rows] == list(range(len(rows)))
+    assert all(set(r) == TIMELINE_KEYS for r in rows)
+    for name in ("detections", "sifted_bits", "reconciled_bits"):
+        values = [r[name] for r in rows]
+        assert values == sorted(values), name  # cumulative
+    assert rows[-1]["detections"] == report["sync"]["detections"]
+    assert rows[-1]["sifted_bits"] == report["sifted_bits"]
+    assert rows[-1]["backlog_bits"] == 0
+    # everything reconciled: the key blocks plus the disclosed sample are the key bases
+    reconciled = rows[-1]["reconciled_bits"]
+    assert reconciled == sum(b["bits"] + b["bits_discarded"] for b in report["ec"]["blocks"])
+    assert all(r["link_up"] for r in rows)
+    assert 0 <= report["lag_s_median"] <= report["lag_s_max"]
+    assert report["classical_bytes"]["down"] == report["classical_bytes"]["alice_to_bob"] > 0
+    assert report["classical_bytes"]["up"] == report["classical_bytes"]["bob_to_alice"] > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_split_over_tcp_gives_the_key_of_the_in_process_run(micius_30s, streamed, tmp_path):
+    report, out = streamed
+    pool = tmp_path / "pool"
+    pool.write_bytes(np.random.default_rng(7).bytes(1 << 20))
+    pool.chmod(0o600)
+    bob_pool = tmp_path / "pool_bob"
+    bob_pool.write_bytes(pool.read_bytes())
+    bob_pool.chmod(0o600)
+    port = _free_port()
+    common = ["--insecure-deterministic-seed", str(SEED), "--new-auth-pool", "--quiet"]
+    stream = ["--stream", "--stream-speedup", str(SPEEDUP), "--stream-chunk-frames", "1"]
+    root = Path(__file__).parents[1]
+    run = [sys.executable, "-m", "host.cli", "distil", str(micius_30s)]
+    alice = subprocess.Popen(
+        run
+        + ["--role", "alice", "--listen", f"127.0.0.1:{port}", "--auth-pool", str(pool)]
+        + ["--out", str(tmp_path / "alice")]
+        + common
+        + stream,
+        cwd=root,
+    )
+    bob = subprocess.Popen(
+        run
+        + ["--role", "bob", "--connect", f"127.0.0.1:{port}", "--auth-pool", str(bob_pool)]
+        + ["--out", str(tmp_path / "bob")]
+        + common
+        + stream,
+        cwd=root,
+    )
+    assert (alice.wait(600), bob.wait(600)) == (0, 0)
+    key = (out / KEY_FILES["alice"]).read_bytes()
+    assert (tmp_path / "alice" / KEY_FILES["alice"]).read_bytes() == key
+    assert (tmp_path / "bob" / KEY_FILES["bob"]).read_bytes() == key
+    for role in ("alice", "bob"):
+        side = json.loads((tmp_path / role / "report.json").read_text())
+        assert side["role"] == role and side["key_bits"] == report["key_bits"]
+        assert side["key_latency_s"] > 0 and side["lag_s_max"] >= side["lag_s_median"] >= 0
+        assert {k for r in side["timeline"] for k in r} == TIMELINE_KEYS
+        assert side["timeline"][-1]["reconciled_bits"] > 0
