@@ -15,12 +15,15 @@ OUT_DIR instead of this process's (the mission keeps its own stdout for its summ
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from host.distil.run import write_json_atomic
 
 ROOT = Path(__file__).parents[1]
 
@@ -118,9 +121,40 @@ def distil_over_link(
 
     def report(folder: Path) -> dict:
         path = folder / "report.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        if not path.exists():
+            return {}
+        data = json.loads(path.read_text())
+        if data.get("timeline"):
+            mark_link_state(data, link_report, link.started_unix_s, link.start_s)
+            write_json_atomic(path, data)
+        return data
 
     return LinkRun(
         codes, report(alice_dir), report(bob_dir), link_report, alice_dir, bob_dir,
         started_unix_s, wall_s,
     )  # fmt: skip
+
+
+def mark_link_state(report: dict, link_report: dict, started_unix_s: float, start_s: float):
+    """A streamed report's timeline `link_up` column from the link's own record of its
+    outages (link time -> UTC -> the report's pass clock), instead of the endpoint's view
+    (docs/streaming.md)."""
+    stream = report.get("stream") or {}
+    epoch, speedup = stream.get("epoch_unix_s"), stream.get("speedup")
+    if epoch is None or not speedup:
+        return
+    down = []
+    for outage in link_report.get("outages", []):
+        end = outage.get("end_s")
+        end = math.inf if end is None else end
+        down.append(
+            tuple(
+                (started_unix_s + (t - start_s) - epoch) * speedup
+                for t in (outage["start_s"], end)
+            )
+        )
+    lost = link_report.get("lost_at_s")
+    if lost is not None:
+        down.append(((started_unix_s + (lost - start_s) - epoch) * speedup, math.inf))
+    for row in report["timeline"]:
+        row["link_up"] = not any(a <= row["t_s"] < b for a, b in down)

@@ -389,6 +389,7 @@ class OpticalLink:
                 server.setblocking(False)
                 self._servers[(name, side)] = server
         self._t0_wall = time.monotonic()
+        self.started_unix_s = time.time()  # link time start_s, on the endpoints' UTC clock
         self._thread = threading.Thread(target=self._run, name="optical-link", daemon=True)
         self._thread.start()
         first = next(iter(self.streams))

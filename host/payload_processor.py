@@ -138,9 +138,10 @@ def run(argv: list[str]) -> int:
         + distil_options
     )
     cfg = distil_run.config_from_args(distil_args)
+    stream = distil_run.stream_from_args(distil_args)  # --stream: during the pass
     memory = _pattern_memory(args)
     try:
-        report = distil_run.run_split(distil_args, cfg, alice_patterns=memory)
+        report = distil_run.run_split(distil_args, cfg, alice_patterns=memory, stream=stream)
     finally:
         figures = budget(time.perf_counter() - t0, cpu)
         if memory is not None:

@@ -84,6 +84,12 @@ LINK_SILENT_S = 5.0
 # after an outage is sent block by block.
 
 
+def chunk_errors_bits(bits: int) -> int:
+    """Leak of Bob's announcement of a chunk's error count (0..bits), which sizes the
+    next chunk: counted on both sides, as post-pass counts ec_block_errors."""
+    return math.ceil(math.log2(bits + 1))
+
+
 @dataclass
 class StreamOptions:
     block_s: float = 1.0  # pass seconds per detection block (at most 1 s)
@@ -151,7 +157,8 @@ class Timeline:
     def rows(self, end_s: float) -> list[dict]:
         times = np.array([t for t, _ in self.events])
         rows = []
-        for second in range(int(math.floor(max(end_s, 0.0))) + 1):
+        # up to the second after end_s: the last row shows the state at the end
+        for second in range(int(math.ceil(max(end_s, 0.0))) + 1):
             i = int(np.searchsorted(times, second, side="right")) - 1
             state = self.events[max(i, 0)][1]
             handled = min(state["handled_s"], float(second))
@@ -303,7 +310,11 @@ class StreamAlice(Alice):
             start = channel.recv("stream_start")
             clock = PassClock(float(start["speedup"]), float(start["epoch_unix_s"]))
             timeline = Timeline(clock)
-            out.report["stream"] = {"block_s": float(start["block_s"]), "speedup": clock.speedup}
+            out.report["stream"] = {
+                "block_s": float(start["block_s"]),
+                "speedup": clock.speedup,
+                "epoch_unix_s": clock.epoch_unix_s,
+            }
             watched = _Watched(channel, timeline, kinds={"stream_next"})
             sifted = _Sifted(key_bases)
             blocks = {n: [] for n in key_bases}
@@ -334,8 +345,14 @@ class StreamAlice(Alice):
                     blocks[name].append(kept_bits)
                     discards[name]["frames_discarded"] += int(stats.get("frames_discarded", 0))
                     discards[name]["bits_discarded"] += count - kept_bits.size
-                    my_leaks[name] += stats["leak_bits"]
-                    totals[0] += stats["leak_bits"]
+                    told = channel.recv("stream_chunk_errors")
+                    if not 0 <= int(told["errors"]) <= int(told["bits"]) == count:
+                        raise ProtocolAborted(
+                            f"stream_chunk_errors: {told['errors']} of {told['bits']} bits"
+                        )
+                    announced = chunk_errors_bits(count)
+                    my_leaks[name] += stats["leak_bits"] + announced
+                    totals[0] += stats["leak_bits"] + announced
                     totals[1] += stats["frames"]
                     totals[2] += stats["frame_errors"]
                     timeline.update(
@@ -520,7 +537,7 @@ class StreamBob(Bob):
                 speedup=clock.speedup,
                 block_s=self.stream.block_s,
             )
-            out.report["stream"] = asdict(self.stream)
+            out.report["stream"] = {**asdict(self.stream), "epoch_unix_s": clock.epoch_unix_s}
             watched = _Watched(channel, timeline)
             self._stream(watched, stage, out, clock, timeline)
             channel.recv("done")
@@ -550,6 +567,7 @@ class StreamBob(Bob):
         self._block_idx = {n: [] for n in key_bases}
         self._leaks = dict.fromkeys(key_bases, 0)
         self._ec_stats = dict.fromkeys(key_bases)
+        self._previous = None  # (errors, bits) of the chunk reconciled last
         self._last_slot = -1
         self._assigned = 0
         self._t0 = None  # true seconds of the first detection: pass time 0
@@ -763,11 +781,13 @@ class StreamBob(Bob):
             self._sample[name][1] += int(idx.size)
 
     def _estimate(self, name: str) -> tuple[float, int]:
-        """The running QBER estimate of a basis from its disclosed sample, floored as
-        post-pass (protocol._ec_sizing)."""
+        """The running QBER estimate of a basis: its disclosed sample, or the exact error
+        rate of the chunk reconciled last (either basis) when it agrees with the sample
+        within protocol.EC_CONSISTENT_SIGMAS (as post-pass sizes its second block from the
+        first: protocol._ec_sizing)."""
         errors, bits = self._sample[name]
         qber = {name: errors / bits if bits else 0.0}
-        return _ec_sizing(qber, {name: bits}, name)
+        return _ec_sizing(qber, {name: bits}, name, self._previous)
 
     def _check_qber(self, key_bases, final: bool = False) -> None:
         """The sample's QBER against the threshold, once the sample has its minimum size
@@ -813,6 +833,10 @@ class StreamBob(Bob):
         self._known.data[idx] = True
         self._blocks[name].append(corrected[kept])
         self._block_idx[name].append(idx)
+        chunk_errors = int(wrong.sum())
+        channel.send("stream_chunk_errors", errors=chunk_errors, bits=int(count))
+        self._previous = (chunk_errors, int(count))
+        stats["leak_bits"] += chunk_errors_bits(count)
         self._leaks[name] += stats["leak_bits"]
         stats.setdefault("frames_discarded", 0)
         stats.setdefault("bits_discarded", 0)
