@@ -45,7 +45,12 @@ from pathlib import Path
 import numpy as np
 
 from host.distil import channel as ch
-from host.distil.bitcodec import pack_bits, unpack_bits
+from host.distil.bitcodec import (
+    pack_bits,
+    rice_decode_sorted,
+    rice_encode_sorted,
+    unpack_bits,
+)
 from host.distil.endpoint_random import SystemRandom
 from host.errors import BadInput, ProtocolAborted
 from host.timetransfer import estimate
@@ -200,6 +205,34 @@ def unpack_fit(fields: dict, n_bins: int) -> tuple[int, dict]:
     return int(fields["offset_reference_ps"]), fit
 
 
+def pack_epochs(name: str, tags_ps: np.ndarray) -> dict:
+    """Emission epochs (public) for the wire: Rice-coded gaps (host/distil/bitcodec.py,
+    the sync messages' codec) of tag - first + index, strictly increasing when the tags
+    are in time order (two photons may share a slot): ~30 bits an epoch instead of 64.
+    Tags out of order go as raw int64."""
+    tags = np.asarray(tags_ps, dtype=np.int64)
+    if tags.size and np.all(np.diff(tags) >= 0):
+        first = int(tags[0])
+        k, packed = rice_encode_sorted(tags - first + np.arange(tags.size))
+        return {f"{name}_first_ps": first, f"{name}_rice_k": k, f"{name}_rice": packed}
+    return {f"{name}_tag_ps": tags}
+
+
+def unpack_epochs(fields: dict, name: str, count: int) -> np.ndarray:
+    if f"{name}_tag_ps" in fields:
+        tags = np.asarray(fields[f"{name}_tag_ps"], dtype=np.int64)
+    else:
+        try:
+            k = int(fields[f"{name}_rice_k"])
+            _check(0 <= k < 64, f"{name} Rice parameter {k}")
+            offsets = rice_decode_sorted(k, fields[f"{name}_rice"], count)
+            tags = offsets - np.arange(count) + np.int64(fields[f"{name}_first_ps"])
+        except (KeyError, ValueError, TypeError) as error:
+            raise ProtocolAborted(f"malformed time message: {name} ({error})") from None
+    _check(tags.shape == (count,), f"{name} epochs do not match the sifting")
+    return tags
+
+
 def check_key_length(pool: ch.KeyPool, key_info: dict, scenario: dict) -> None:
     """Refuse a key too short for this pass before the session takes any of it: the
     session's first tag would reserve key ahead (power-cut safety) that a refused run
@@ -256,8 +289,7 @@ class SatelliteEndpoint:
         up_sifted = unpack_bits(sift["uplink_sifted"], up_basis.size).astype(bool)
         down_sifted = unpack_bits(sift["downlink_sifted"], down_basis.size).astype(bool)
         n_up, n_down = int(up_sifted.sum()), int(down_sifted.sum())
-        emission = np.asarray(sift["uplink_emission_tag_ps"], dtype=np.int64)
-        _check(emission.shape == (n_up,), "uplink emission epochs do not match the sifting")
+        emission = unpack_epochs(sift, "uplink_emission", n_up)
         up_sample = _positions(sift["uplink_sample"], n_up, "uplink sample")
         down_sample = _positions(sift["downlink_sample"], n_down, "downlink sample")
         ground_bits = unpack_bits(sift["uplink_sample_bits"], up_sample.size)
@@ -276,7 +308,7 @@ class SatelliteEndpoint:
         chan.send(
             "tt_uplink",
             sealed=payload,
-            downlink_emission_tag_ps=down_tag[down_sifted],
+            **pack_epochs("downlink_emission", down_tag[down_sifted]),
             downlink_sample_bits=pack_bits(down_bit[down_sifted][down_sample]),
             uplink_sifted=n_up,
             uplink_sample=int(up_sample.size),
@@ -360,7 +392,7 @@ class GroundEndpoint:
             "tt_sift",
             uplink_sifted=pack_bits(up_sifted),
             downlink_sifted=pack_bits(down_sifted),
-            uplink_emission_tag_ps=up_tag[up_sifted],
+            **pack_epochs("uplink_emission", up_tag[up_sifted]),
             uplink_sample=up_sample,
             uplink_sample_bits=pack_bits(up_bit[up_sifted][up_sample]),
             downlink_sample=down_sample,
@@ -368,8 +400,7 @@ class GroundEndpoint:
         message = chan.recv("tt_uplink")
         bin_s, n_bins = estimate.bin_grid(self.scenario)
         base, up = unpack_fit(sealed.open(message["sealed"], "tt_uplink_fit"), n_bins)
-        emission = np.asarray(message["downlink_emission_tag_ps"], dtype=np.int64)
-        _check(emission.shape == (n_down,), "downlink emission epochs do not match the sifting")
+        emission = unpack_epochs(message, "downlink_emission", n_down)
         satellite_bits = unpack_bits(message["downlink_sample_bits"], down_sample.size)
         received = down_tag[down_sifted]
         wrong = down_bit[down_sifted][down_sample] != satellite_bits
