@@ -118,6 +118,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "  qkdsat kms serve --pki pki --sae sae-a,sae-b --pool net/Beijing/Stellenbosch.pool"
         " --db kms.sqlite --audit kms-audit.jsonl --listen 127.0.0.1:8443",
     ),
+    "campaign": (
+        "host.network.campaign_command",
+        "simulate and distil every scheduled pass on Dask, fill the pools, report",
+        "qkdsat campaign --tle sat.tle --stations Jinan,Nanshan,Stellenbosch"
+        " --start 2024-03-01T00:00:00Z --days 3 --out campaigns/c1\n"
+        "  qkdsat campaign ... --scheduler tcp://10.0.0.5:8786",
+    ),
     "send": (
         "host.network.send_command",
         "encrypt a file for another station (one-time pad + Wegman-Carter)",
@@ -153,7 +160,9 @@ def version() -> str:
 
 
 # commands whose result can be printed as JSON
-JSON_COMMANDS = ("simulate", "payload", "track", "distil", "mission", "schedule", "timetransfer")
+JSON_COMMANDS = (
+    "simulate", "payload", "track", "distil", "mission", "schedule", "timetransfer", "campaign",
+)  # fmt: skip
 
 
 def common_options(json_output: bool, nested: bool = False) -> argparse.ArgumentParser:
