@@ -24,6 +24,13 @@ from host.network.kms import KeyManager, make_server, open_store, tls_context
 from host.network.pki import issue, make_ca
 from host.network.pool import SATELLITE, StationPool, fill_pair, pool_path
 
+# micius-2017 with a brighter link for a 0.28 m portable station (2 urad beam, lossless
+# optics) at a 20 MHz slot rate: the 16 s around culmination give ~0.8-1.5 million
+# detections and 18-73 kbit over Stellenbosch and Beijing, in seconds of CPU per pass
+KEY_MAKING_PASSES = (
+    "--profile micius-2017 --set link.divergence_full_urad=2 --set link.optics_efficiency=1 "
+    "--set source.slot_rate_hz=2e7 --duration-s 16 --ec cascade"
+)
 MASTER, SLAVE, OTHER, STRANGER = "sae-jinan-1", "sae-beijing-1", "sae-wuhan-1", "sae-unknown"
 POOL_BYTES = 4096
 
@@ -180,6 +187,12 @@ def test_wrong_certificate_is_401_or_refused_in_the_handshake(kme):
         ({"number": 0}, "number must be"),
         ({"number": "many"}, "integer"),
         ({"number": 1, "additional_slave_SAE_IDs": [MASTER]}, "additional"),
+        ({"number": 1, "size": 8200}, "64..8192"),  # above max_key_size
+        ({"number": 1, "size": 56}, "64..8192"),  # below min_key_size
+        ({"number": 1, "size": 2**70}, "64..8192"),  # not a 64-bit number either
+        ({"number": 10**30}, "number must be"),
+        ([1, 2], "JSON object"),
+        ({"number": 1, "extension_mandatory": [{"x": 1}]}, "extension_mandatory"),
     ],
 )
 def test_malformed_enc_keys_is_400_and_takes_nothing(kme, body, detail):
@@ -204,7 +217,9 @@ def test_a_bad_content_length_is_400(kme):
 
 
 def test_malformed_dec_keys_is_400(kme):
-    for body in ({"key_IDs": "x"}, {"key_IDs": [{"key_ID": "not-a-uuid"}]}, {}):
+    too_many = {"key_IDs": [{"key_ID": str(uuid.uuid4())} for _ in range(129)]}
+    twice = {"key_IDs": [{"key_ID": str(uuid.UUID(int=1))}] * 2}
+    for body in ({"key_IDs": "x"}, {"key_IDs": [{"key_ID": "not-a-uuid"}]}, {}, too_many, twice):
         assert _call(kme, SLAVE, "POST", f"/api/v1/keys/{MASTER}/dec_keys", body)[0] == 400
     assert _call(kme, MASTER, "GET", "/api/v1/keys/nobody/status")[0] == 400
 
@@ -285,3 +300,179 @@ def test_an_unreachable_postgresql_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "PostgreSQL" in err and "secret" not in err
+
+
+@pytest.mark.slow
+def test_two_kmes_serve_the_same_relayed_key_made_from_simulated_passes(tmp_path):
+    """Must-show, end to end: a campaign simulates and distils a pass over Beijing and
+    one over Stellenbosch (`qkdsat simulate` + `qkdsat distil` of the 16 s around
+    culmination, micius-2017 with a brighter link: KEY_MAKING_PASSES), fills the pools, the
+    satellite relays a key between them, and each station's own KME serves it: the
+    master SAE gets keys from Beijing's KME, the slave SAE the same keys by key_ID from
+    Stellenbosch's, once."""
+    from pathlib import Path
+
+    from host.cli import main as qkdsat
+    from host.network.kms import PEER_DELIVER_PATH, PeerKME
+
+    tle = Path(__file__).parent / "data" / "sso-500km.tle"
+    net = tmp_path / "net"
+    campaign = (
+        f"campaign --tle {tle} --stations Beijing,Stellenbosch --start 2024-03-01T00:00:00Z "
+        f"--days 1 {KEY_MAKING_PASSES} --workers 1 --out {tmp_path / 'campaign'} "
+        f"--network {net} --quiet"
+    )
+    assert qkdsat(campaign.split()) == 0
+    report = json.loads((tmp_path / "campaign" / "report.json").read_text())
+    assert [p["station"] for p in report["passes"]] == ["Stellenbosch", "Beijing"]
+    assert all(p["key_bits"] >= 2048 + 128 + 7 for p in report["passes"]), report["passes"]
+    assert (
+        qkdsat(
+            [
+                "relay",
+                "--network",
+                str(net),
+                "--from",
+                "Beijing",
+                "--to",
+                "Stellenbosch",
+                "--bits",
+                "2048",
+            ]
+        )
+        == 0
+    )
+    relayed = pool_path(net, "Beijing", "Stellenbosch").read_bytes()
+    assert relayed == pool_path(net, "Stellenbosch", "Beijing").read_bytes()
+
+    beijing, stellenbosch = "sae-beijing", "sae-stellenbosch"
+    pki = tmp_path / "pki"
+    make_ca(pki)
+    issue(pki, "localhost", server=True)
+    for name in (beijing, stellenbosch, "kme-beijing", "kme-stellenbosch"):
+        issue(pki, name)
+    servers, managers = [], {}
+    for kme_id, pool in (
+        ("kme-beijing", pool_path(net, "Beijing", "Stellenbosch")),
+        ("kme-stellenbosch", pool_path(net, "Stellenbosch", "Beijing")),
+    ):
+        managers[kme_id] = KeyManager(
+            kme_id,
+            pool,
+            open_store(str(tmp_path / f"{kme_id}.sqlite")),
+            [beijing, stellenbosch],
+            tmp_path / f"{kme_id}-audit.jsonl",
+        )
+        context = tls_context(pki / "ca.pem", pki / "localhost.pem", pki / "localhost.key")
+        servers.append(make_server(managers[kme_id], "localhost", 0, context))
+        threading.Thread(target=servers[-1].serve_forever, daemon=True).start()
+    at = {
+        "kme-beijing": {"pki": pki, "port": servers[0].server_address[1]},
+        "kme-stellenbosch": {"pki": pki, "port": servers[1].server_address[1]},
+    }
+    for own, peer in (("kme-beijing", "kme-stellenbosch"), ("kme-stellenbosch", "kme-beijing")):
+        managers[own].peer = PeerKME(
+            f"https://localhost:{at[peer]['port']}",
+            peer,
+            pki / "ca.pem",
+            pki / f"{own}.pem",
+            pki / f"{own}.key",
+        )
+    try:
+        status, body = _call(
+            at["kme-beijing"], beijing, "GET", f"/api/v1/keys/{stellenbosch}/status"
+        )
+        assert status == 200 and body["target_KME_ID"] == "kme-stellenbosch"
+        assert body["stored_key_count"] == 2048 // 256
+        status, enc = _call(
+            at["kme-beijing"],
+            beijing,
+            "POST",
+            f"/api/v1/keys/{stellenbosch}/enc_keys",
+            {"number": 2, "size": 512},
+        )
+        assert status == 200
+        keys = {item["key_ID"]: base64.b64decode(item["key"]) for item in enc["keys"]}
+        assert b"".join(keys.values()) == relayed[:128]  # the relayed key, in pool order
+        request = {"key_IDs": [{"key_ID": k} for k in keys]}
+        # Not at the master's KME (it kept nothing), and not to the master itself.
+        assert (
+            _call(
+                at["kme-beijing"],
+                stellenbosch,
+                "POST",
+                f"/api/v1/keys/{beijing}/dec_keys",
+                request,
+            )[0]
+            == 400
+        )
+        assert (
+            _call(
+                at["kme-stellenbosch"],
+                beijing,
+                "POST",
+                f"/api/v1/keys/{beijing}/dec_keys",
+                request,
+            )[0]
+            == 400
+        )
+        status, dec = _call(
+            at["kme-stellenbosch"],
+            stellenbosch,
+            "POST",
+            f"/api/v1/keys/{beijing}/dec_keys",
+            request,
+        )
+        assert status == 200
+        assert {item["key_ID"]: base64.b64decode(item["key"]) for item in dec["keys"]} == keys
+        assert (
+            _call(
+                at["kme-stellenbosch"],
+                stellenbosch,
+                "POST",
+                f"/api/v1/keys/{beijing}/dec_keys",
+                request,
+            )[0]
+            == 400
+        )
+        # The other direction: Stellenbosch's SAE is the master, at its own KME.
+        status, enc = _call(
+            at["kme-stellenbosch"],
+            stellenbosch,
+            "GET",
+            f"/api/v1/keys/{beijing}/enc_keys?number=1&size=256",
+        )
+        ids = enc["keys"][0]["key_ID"]
+        status, dec = _call(
+            at["kme-beijing"], beijing, "GET", f"/api/v1/keys/{stellenbosch}/dec_keys?key_ID={ids}"
+        )
+        assert status == 200 and dec["keys"] == enc["keys"]
+        assert base64.b64decode(dec["keys"][0]["key"]) == relayed[128:160]
+        # Both pools consumed exactly the same bytes; an SAE cannot pose as the peer KME.
+        with StationPool(pool_path(net, "Beijing", "Stellenbosch")) as pool_a:
+            with StationPool(pool_path(net, "Stellenbosch", "Beijing")) as pool_b:
+                assert pool_a.used_bytes == pool_b.used_bytes == 160
+        forged = {
+            "master_SAE_ID": beijing,
+            "slave_SAE_ID": stellenbosch,
+            "key_IDs": [str(uuid.uuid4())],
+            "offset": 160,
+            "size": 256,
+        }
+        assert _call(at["kme-stellenbosch"], beijing, "POST", PEER_DELIVER_PATH, forged)[0] == 401
+        # The peer KME gone: the master gets nothing, and those bits are never served.
+        servers[1].shutdown()
+        servers[1].server_close()
+        status, body = _call(
+            at["kme-beijing"], beijing, "GET", f"/api/v1/keys/{stellenbosch}/enc_keys?size=256"
+        )
+        assert status == 503 and "slave's KME" in body["message"]
+        for kme_id in managers:
+            audit = (tmp_path / f"{kme_id}-audit.jsonl").read_text()
+            assert relayed[:160].hex() not in audit
+            for key in keys.values():
+                assert base64.b64encode(key).decode() not in audit
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()

@@ -15,6 +15,7 @@ what and the key_IDs, never key material.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import sqlite3
@@ -214,8 +215,9 @@ def open_store(location: str) -> SQLiteStore:
 class KeyManager:
     """The KME's logic, apart from HTTP: what the handler calls."""
 
-    def __init__(self, kme_id: str, pool_path, store: SQLiteStore, sae_ids, audit_path):
+    def __init__(self, kme_id: str, pool_path, store: SQLiteStore, sae_ids, audit_path, peer=None):
         self.kme_id = kme_id
+        self.peer: PeerKME | None = peer
         self.pool_path = Path(pool_path)
         self.store = store
         self.sae_ids = set(sae_ids)
@@ -248,7 +250,7 @@ class KeyManager:
             available_bytes = pool.available_bytes
         return {
             "source_KME_ID": self.kme_id,
-            "target_KME_ID": self.kme_id,
+            "target_KME_ID": self.peer.kme_id if self.peer else self.kme_id,
             "master_SAE_ID": caller,
             "slave_SAE_ID": slave,
             "key_size": DEFAULT_KEY_SIZE_BITS,
@@ -281,6 +283,7 @@ class KeyManager:
         key_ids = [str(uuid.uuid4()) for _ in range(number)]
         try:
             with StationPool(self.pool_path) as pool:
+                offset = pool.used_bytes
                 material = pool.take(number * size // 8, f"etsi014 enc_keys {key_ids[0]}")
         except PoolShort as short:
             raise RequestError(
@@ -291,8 +294,53 @@ class KeyManager:
         step = size // 8
         keys = [(key_id, material[i * step : (i + 1) * step]) for i, key_id in enumerate(key_ids)]
         del material
-        self.store.add(caller, slave, keys)
+        if self.peer is None:
+            self.store.add(caller, slave, keys)
+        else:
+            # The slave's KME holds the same bytes at the same offset (the two pools of a
+            # relayed pair): it is told which key_IDs they became, never the keys. Until
+            # it confirms, the master gets nothing; if it never does, the bytes taken here
+            # are lost (counted in the pool), never served.
+            try:
+                self.peer.deliver(caller, slave, key_ids, offset, size)
+            except PeerError as error:
+                raise RequestError(
+                    503, f"the slave's KME did not take the keys: {error}"
+                ) from None
         return {"keys": [{"key_ID": k, "key": base64.b64encode(v).decode()} for k, v in keys]}
+
+    def deliver(self, caller: str | None, request: dict) -> dict:
+        """The peer KME's enc_keys: store for the slave the `number` keys of `size` bits
+        that start at byte `offset` of this KME's pool, under the peer's key_IDs."""
+        if self.peer is None or caller != self.peer.kme_id:
+            raise RequestError(401, "client certificate names no peer KME of this KME")
+        try:
+            master, slave = str(request["master_SAE_ID"]), str(request["slave_SAE_ID"])
+            key_ids = [str(uuid.UUID(str(k))) for k in request["key_IDs"]]
+            offset, size = int(request["offset"]), int(request["size"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise RequestError(400, f"malformed key delivery ({error})") from None
+        if master not in self.sae_ids or slave not in self.sae_ids or master == slave:
+            raise RequestError(400, "unknown master or slave SAE_ID")
+        if not 1 <= len(key_ids) <= MAX_KEYS_PER_REQUEST or len(set(key_ids)) != len(key_ids):
+            raise RequestError(400, f"1..{MAX_KEYS_PER_REQUEST} distinct key_IDs")
+        if not MIN_KEY_SIZE_BITS <= size <= MAX_KEY_SIZE_BITS or size % 8 or offset < 0:
+            raise RequestError(400, "size or offset out of range")
+        count = len(key_ids) * size // 8
+        try:
+            with StationPool(self.pool_path) as pool:
+                # at the peer's offset: bytes below it are skipped (lost), bytes already
+                # used are refused by the pool: nothing is served twice
+                material = pool.take(count, f"etsi014 from {caller} {key_ids[0]}", offset)
+        except PoolShort as short:
+            raise RequestError(503, f"key pool short: {8 * short.available_bytes} bits") from None
+        except BadInput as error:
+            raise RequestError(400, str(error)) from None
+        step = size // 8
+        keys = [(key_id, material[i * step : (i + 1) * step]) for i, key_id in enumerate(key_ids)]
+        del material
+        self.store.add(master, slave, keys)
+        return {"key_IDs": key_ids}
 
     def dec_keys(self, caller: str, master: str, request: dict) -> dict:
         self._peer(caller, master)
@@ -345,6 +393,10 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         entry = {"sae": caller, "method": method, "path": parts.path}
         try:
+            if parts.path == PEER_DELIVER_PATH and method == "POST":
+                body = kme.deliver(caller, _json_body(self))
+                entry["key_IDs"] = body["key_IDs"]
+                raise _Answered(body)
             if not parts.path.startswith(API_PREFIX):
                 raise RequestError(400, "not an ETSI GS QKD 014 path")
             sae_id, _, operation = parts.path[len(API_PREFIX) :].partition("/")
@@ -354,18 +406,7 @@ class Handler(BaseHTTPRequestHandler):
                 if "key_ID" in query:
                     request["key_IDs"] = [{"key_ID": k} for k in query["key_ID"]]
             else:
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                except ValueError:
-                    raise RequestError(400, "Content-Length is not a number") from None
-                if not 0 <= length <= MAX_REQUEST_BYTES:
-                    raise RequestError(400, "request body too large")
-                try:
-                    request = json.loads(self.rfile.read(length) or b"{}")
-                except (ValueError, UnicodeDecodeError) as error:
-                    raise RequestError(400, f"body is not JSON: {error}") from None
-                if not isinstance(request, dict):
-                    raise RequestError(400, "body must be a JSON object")
+                request = _json_body(self)
             if operation == "status" and method == "GET":
                 body = kme.status(caller, sae_id)
             elif operation == "enc_keys":
@@ -377,6 +418,8 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 raise RequestError(400, f"unknown operation {operation!r}")
             status = 200
+        except _Answered as answered:
+            status, body = 200, answered.body
         except RequestError as error:
             status, body = error.status, {"message": error.message}
             if error.details:
@@ -402,6 +445,79 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._handle("POST")
+
+
+class _Answered(Exception):
+    def __init__(self, body: dict):
+        self.body = body
+
+
+def _json_body(handler) -> dict:
+    try:
+        length = int(handler.headers.get("Content-Length") or 0)
+    except ValueError:
+        raise RequestError(400, "Content-Length is not a number") from None
+    if not 0 <= length <= MAX_REQUEST_BYTES:
+        raise RequestError(400, "request body too large")
+    try:
+        request = json.loads(handler.rfile.read(length) or b"{}")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RequestError(400, f"body is not JSON: {error}") from None
+    if not isinstance(request, dict):
+        raise RequestError(400, "body must be a JSON object")
+    return request
+
+
+# ------------------------------------------------------------------ the peer KME
+
+PEER_DELIVER_PATH = "/qkdsat/v1/kme/deliver"
+
+
+class PeerError(Exception):
+    pass
+
+
+class PeerKME:
+    """The KME at the other end of a relayed pair of pools (A/B.pool here, B/A.pool
+    there: the same bytes at the same offsets). After an enc_keys here, `deliver` tells it
+    over mutual TLS which offsets became which key_IDs, so that it serves them to the
+    slave SAE by dec_keys. Only key_IDs and offsets cross; this KME authenticates with its
+    own certificate (common name = its KME ID), and the peer's server certificate must
+    name the peer's host."""
+
+    TIMEOUT_S = 10
+
+    def __init__(self, url: str, kme_id: str, ca_pem, cert_pem, key_pem):
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname or not parts.port:
+            raise BadInput(f"--peer-url {url!r}: expected https://HOST:PORT")
+        self.host, self.port, self.kme_id = parts.hostname, parts.port, kme_id
+        self.context = ssl.create_default_context(cafile=str(ca_pem))
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.load_cert_chain(str(cert_pem), str(key_pem))
+
+    def deliver(self, master: str, slave: str, key_ids: list, offset: int, size: int) -> None:
+        body = json.dumps({"master_SAE_ID": master, "slave_SAE_ID": slave, "key_IDs": key_ids,
+                           "offset": offset, "size": size}).encode()  # fmt: skip
+        connection = http.client.HTTPSConnection(
+            self.host, self.port, context=self.context, timeout=self.TIMEOUT_S
+        )
+        try:
+            connection.request(
+                "POST", PEER_DELIVER_PATH, body, {"Content-Type": "application/json"}
+            )
+            response = connection.getresponse()
+            answer = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            raise PeerError(f"{self.kme_id} unreachable ({error})") from None
+        finally:
+            connection.close()
+        if response.status != 200:
+            try:
+                message = json.loads(answer)["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {response.status}"
+            raise PeerError(f"{self.kme_id} refused: {message}")
 
 
 def tls_context(ca_pem, cert_pem, key_pem) -> ssl.SSLContext:

@@ -21,7 +21,22 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--audit", help="serve: audit log (JSON lines, no key material)")
     parser.add_argument("--listen", default="127.0.0.1:8443", help="serve: host:port")
-    parser.add_argument("--kme-id", default="kme", help="serve: this KME's ID")
+    parser.add_argument(
+        "--kme-id",
+        default="kme",
+        help="serve: this KME's ID (its certificate's name for --peer-url)",
+    )
+    parser.add_argument(
+        "--kme",
+        default="",
+        help="pki: comma-separated KME IDs to certify as clients (for two KMEs, --peer-url)",
+    )
+    parser.add_argument(
+        "--peer-url",
+        help="serve: the slave side's KME (https://HOST:PORT), whose pool is this pool's "
+        "pair (B/A.pool for A/B.pool): enc_keys here are served by dec_keys there",
+    )
+    parser.add_argument("--peer-kme-id", help="serve: that KME's ID (with --peer-url)")
 
 
 def run(args) -> int:
@@ -38,9 +53,13 @@ def run(args) -> int:
             raise BadInput(f"--pki {pki}: holds a CA already (ca.pem); use another directory")
         make_ca(pki)
         issue(pki, args.server_name, server=True)
-        for name in sae_ids:
+        kme_ids = [check_name(n.strip(), "KME") for n in args.kme.split(",") if n.strip()]
+        for name in sae_ids + kme_ids:
             issue(pki, name)
-        print(f"{pki}: CA, server certificate {args.server_name}, SAEs {', '.join(sae_ids)}")
+        print(
+            f"{pki}: CA, server certificate {args.server_name}, SAEs {', '.join(sae_ids)}"
+            + (f", KMEs {', '.join(kme_ids)}" if kme_ids else "")
+        )
         return 0
     from host.distil.channel import parse_address
     from host.network.kms import KeyManager, make_server, open_store, tls_context
@@ -51,7 +70,22 @@ def run(args) -> int:
         if not (pki / name).is_file():
             raise BadInput(f"--pki {pki}: {name} missing (make it with qkdsat kms pki)")
     host, port = parse_address(args.listen)
-    manager = KeyManager(args.kme_id, args.pool, open_store(args.db), sae_ids, args.audit)
+    peer = None
+    if bool(args.peer_url) != bool(args.peer_kme_id):
+        raise BadInput("--peer-url and --peer-kme-id go together")
+    if args.peer_url:
+        from host.network.kms import PeerKME
+
+        for name in (f"{args.kme_id}.pem", f"{args.kme_id}.key"):
+            if not (pki / name).is_file():
+                raise BadInput(f"--pki {pki}: {name} missing (qkdsat kms pki --kme {args.kme_id})")
+        peer = PeerKME(
+            args.peer_url, check_name(args.peer_kme_id, "KME"), pki / "ca.pem",
+            pki / f"{args.kme_id}.pem", pki / f"{args.kme_id}.key",
+        )  # fmt: skip
+    manager = KeyManager(
+        args.kme_id, args.pool, open_store(args.db), sae_ids, args.audit, peer=peer
+    )
     context = tls_context(
         pki / "ca.pem", pki / f"{args.server_name}.pem", pki / f"{args.server_name}.key"
     )
