@@ -111,7 +111,9 @@ def test_a_killed_campaign_resumes_and_1_or_2_workers_give_the_same_results(tmp_
     for field in ("passes", "stations", "relay_capacity_bits", "pool_levels"):
         assert report_one[field] == report_two[field], field
     by_id = {result["id"]: result for result in report_one["passes"]}
-    assert all(by_id[name]["detections"] > 1000 for name in ids)  # real simulated passes
+    for result in by_id.values():  # real simulated passes: synchronised, or said why not
+        reason = result["abort_reason"] or ""
+        assert (result["detections"] or 0) > 1000 or reason.startswith("time synchronisation")
     assert report_one["stations"]["Stellenbosch"]["passes"] == 7
     for plot in ("key-per-station.png", "pool-levels.png"):
         assert (two / plot).read_bytes().startswith(b"\x89PNG")

@@ -326,6 +326,10 @@ def test_two_kmes_serve_the_same_relayed_key_made_from_simulated_passes(tmp_path
     report = json.loads((tmp_path / "campaign" / "report.json").read_text())
     assert [p["station"] for p in report["passes"]] == ["Stellenbosch", "Beijing"]
     assert all(p["key_bits"] >= 2048 + 128 + 7 for p in report["passes"]), report["passes"]
+    capacity = report["relay_capacity_bits"]["Beijing-Stellenbosch"]
+    assert capacity >= 2048 and report["pool_levels"][-1]["relay_capacity_bits"] == {
+        "Beijing-Stellenbosch": capacity
+    }
     assert (
         qkdsat(
             [

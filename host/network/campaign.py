@@ -376,6 +376,7 @@ def fill_pools(out: Path, network: Path, results: list[dict]) -> list[dict]:
         pool_path,
         read_distilled_key,
     )
+    from host.network.relay import AUTH_BYTES
 
     timeline = []
     levels = {}
@@ -399,11 +400,20 @@ def fill_pools(out: Path, network: Path, results: list[dict]) -> list[dict]:
             with StationPool(path) as pool:
                 levels[station] = pool.available_bytes
         available_bits = {k: 8 * v for k, v in sorted(levels.items())}
+        # a station's pool and the satellite's pool for it are filled alike: the relay
+        # between two stations is bounded by the smaller of their levels, less one tag
+        names = sorted(levels)
+        relay_bits = {
+            f"{first}-{second}": 8 * max(min(levels[first], levels[second]) - AUTH_BYTES, 0)
+            for i, first in enumerate(names)
+            for second in names[i + 1 :]
+        }
         timeline.append(
             {
                 "utc": result["culmination_utc"],
                 "pass": result["id"],
                 "available_bits": available_bits,
+                "relay_capacity_bits": relay_bits,
             }
         )
     return timeline
