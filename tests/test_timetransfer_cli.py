@@ -425,3 +425,14 @@ def test_split_mode_runs_the_satellite_in_its_own_process_over_tcp(clean_pass, t
     rate_ps_s, at_middle = np.polyfit(table[:, 0] - sat["middle_s"], table[:, 1], 1)
     assert sat["offset_at_middle_ps"] == pytest.approx(at_middle, abs=0.01)
     assert sat["rate"] == pytest.approx(rate_ps_s * 1e-12, rel=1e-6)
+
+
+def test_satellite_and_ground_keys_of_different_passes_are_bad_input(
+    clean_pass, tmp_path_factory, tmp_path, keys, capsys
+):
+    other = tmp_path_factory.mktemp("other-keys")
+    distilled(other, 64_000, "another pass")
+    argv = ["timetransfer", str(clean_pass), "--keys", str(keys), "--satellite-keys", str(other)]
+    assert main(argv + ["--out", str(tmp_path / "out")]) == 2
+    assert "the two keys come from different passes" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
