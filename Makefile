@@ -43,13 +43,15 @@ test-fast:
 # in the optical head from its QRNG, Alice on the payload processor and Bob at the ground
 # station distilling over the emulated optical link. The controller-driven segment stays
 # an option: qkdsat mission --generation controller (bus-bound: too few events, exit 3).
-# The distillation is post-pass today: jinan-1's optical link sets ~2 s after its QKD
-# window (the 15 deg mask bounds both), so its post-pass run ends without a key, exit 3,
-# reason in mission.json: the case for distilling during the pass.
+# The distillation streams during the pass in real time (a pass takes its own duration).
+# When the pipeline falls behind the detections (a loaded machine: docs/mission.md), the
+# satellite sets before the keys (jinan-1's link ends ~2 s after its QKD window,
+# micius-2017's ~77 s after): exit 3 with the reason in mission.json, accepted here.
 demo mission: firmware
-	$(VENV)/bin/qkdsat mission --target unix --profile micius-2017 --out build/mission
+	$(VENV)/bin/qkdsat mission --target unix --profile micius-2017 --out build/mission \
+		|| test $$? -eq 3  # no key: the pipeline fell behind the pass (see above)
 	$(VENV)/bin/qkdsat mission --target unix --profile jinan-1 --out build/mission-jinan \
-		|| test $$? -eq 3  # post-pass: the link is gone before the keys (see above)
+		|| test $$? -eq 3
 
 bench: firmware
 	$(PY) -m pytest -q benchmarks -p no:randomly -s

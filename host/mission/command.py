@@ -54,6 +54,18 @@ def add_arguments(parser) -> None:
         " both endpoints in this process (the reference; the controller segment's mode)",
     )
     parser.add_argument(
+        "--post-pass",
+        action="store_true",
+        help="with the optical link: distil after the pass (starts at loss of signal, must"
+        " end before the satellite sets) instead of streaming during it",
+    )
+    parser.add_argument(
+        "--stream-speedup",
+        type=float,
+        default=1.0,
+        help="streaming: pass seconds replayed per wall second (default 1: real time)",
+    )
+    parser.add_argument(
         "--segment-s",
         type=float,
         help="head generation: emit only this many seconds around culmination (default:"
@@ -85,6 +97,7 @@ def run(args) -> int:
             generation=args.generation,
             segment_s=args.segment_s,
             distil=args.distil,
+            stream_speedup=None if args.post_pass else args.stream_speedup,
             timetransfer=args.timetransfer,
             progress=progress_for(args, "qkdsat mission"),
         )

@@ -162,8 +162,7 @@ def draw_timeline(ax, summary: dict) -> None:
         if not up:
             ax.axvspan(start, end, color="grey", alpha=0.25, lw=0)
     ax.axvspan(0, 0, color="grey", alpha=0.25, label="optical link down")
-    link = summary["stages"].get("link") or {}
-    los = link.get("start_s")
+    los = summary.get("loss_of_signal_s")
     if los is not None:
         ax.axvline(los, color="black", lw=1)
         ax.annotate("loss of signal", (los, 0), textcoords="offset points", xytext=(3, 3),

@@ -260,12 +260,23 @@ def check_pattern_log(head: OpticalHead, log: PatternLog) -> dict:
 
 
 def distil_over_optical_link(
-    out: Path, head: OpticalHead, scenario, slot_count: int, profile_name: str, seed: int
+    out: Path,
+    head: OpticalHead,
+    scenario,
+    slot_count: int,
+    profile_name: str,
+    seed: int,
+    stream_speedup: float | None = None,
 ) -> tuple[dict, dict, dict]:
     """Alice on the payload processor and Bob at the ground station, separate processes
-    over the emulated optical link (emulator/link_session.py), after the pass: the link's
-    clock starts at the end of the emitted pass (loss of signal of the quantum downlink)
-    and the link lasts until the satellite sets below the station's mask.
+    over the emulated optical link (emulator/link_session.py).
+
+    stream_speedup given: streaming (`qkdsat distil --stream`, docs/streaming.md): Bob
+    replays the detections at the pass's pace (that many pass seconds per wall second) and
+    Alice answers as the pass runs; the link's clock starts at the first detection.
+    None: post-pass: the link's clock starts at the end of the emitted pass (loss of
+    signal of the quantum downlink) and the link lasts until the satellite sets below the
+    station's mask.
 
     Returns (the merged report for the summary, the link's figures, the timeline)."""
     from emulator.link_session import distil_over_link
@@ -274,14 +285,19 @@ def distil_over_optical_link(
 
     pass_end_s = slot_count / scenario.slot_rate_hz
     detections_s = tl.detection_times_s(out, scenario)
-    link = link_for_pass(out, profile_name, start_s=pass_end_s, seed=seed)
+    streaming = stream_speedup is not None
+    first_detection_s = float(detections_s[0]) if detections_s.size else 0.0
+    start_s = first_detection_s if streaming else pass_end_s
+    link = link_for_pass(out, profile_name, start_s=start_s, seed=seed)
     station = scenario.station["name"]
+    options = ["--stream", "--stream-speedup", f"{stream_speedup:g}"] if streaming else []
     with HeadServer(head) as server:
         host, port = server.pattern_address
         memory = ["--pattern-memory", f"{host}:{port}", "--slot-count", str(slot_count)]
         run = distil_over_link(
-            out, out, link, station=station, alice_options=memory, ground_dir=out, logs=True
-        )
+            out, out, link, station=station, distil_options=options, alice_options=memory,
+            ground_dir=out, logs=True,
+        )  # fmt: skip
     processor_json = run.alice_dir / "processor.json"
     processor = json.loads(processor_json.read_text()) if processor_json.exists() else {}
     if any(code not in (0, 3) for code in run.codes) or len(set(run.codes)) != 1:
@@ -298,19 +314,25 @@ def distil_over_optical_link(
     last_detection_s = float(detections_s[-1]) if detections_s.size else pass_end_s
     key_latency_s = None
     if run.codes == (0, 0) and len(key_written) == 2:
-        key_latency_s = round(
-            (pass_end_s - last_detection_s) + max(key_written) - run.started_unix_s, 3
-        )
+        if streaming:  # each side timed its own key from the last detection's arrival
+            sides = [alice.get("key_latency_s"), bob.get("key_latency_s")]
+            key_latency_s = round(max(sides), 3) if None not in sides else None
+        else:
+            key_latency_s = round(
+                (pass_end_s - last_detection_s) + max(key_written) - run.started_unix_s, 3
+            )
     link_report = run.link
     directions = link_report["directions"]
     classical = {
         "down": link_report["bytes"]["satellite_to_ground"],
         "up": link_report["bytes"]["ground_to_satellite"],
     }
+    pipeline = "streaming" if streaming else "post-pass"
     figures = {
         "station": station,
-        "pipeline": "post-pass",
-        "start_s": round(pass_end_s, 3),
+        "pipeline": pipeline,
+        "stream_speedup": stream_speedup,
+        "start_s": round(start_s, 3),
         "pass_visibility_s": link_report["pass_visibility_s"],
         "codes": {"payload_processor": run.codes[0], "ground": run.codes[1]},
         "wall_s": round(run.wall_s, 3),
@@ -327,26 +349,43 @@ def distil_over_optical_link(
         "onboard_report": str(run.alice_dir.relative_to(out) / "report.json"),
         "logs": ["processor.log", "ground.log", "link.json"],
     }
-    # bits error correction left in agreement (Bob's EC blocks; frames it discarded are not)
-    blocks = (bob.get("ec") or {}).get("blocks") or []
-    reconciled = sum(b["bits"] - b.get("bits_discarded", 0) for b in blocks) if blocks else None
-    rows = tl.post_pass_timeline(
-        detections_s,
-        pass_end_s,
-        lambda t_s: link.schedule.down_cause(t_s) is None,
-        distil_start_s=pass_end_s,
-        key_latency_s=key_latency_s,
-        stage_seconds=bob.get("stage_seconds") or {},
-        sifted_bits=alice.get("sifted_bits"),
-        reconciled_bits=reconciled,
-    )
-    timeline = {
-        "pipeline": "post-pass",
-        "rows": rows,
-        "key_latency_s": key_latency_s,
-        **tl.lag_figures(rows),
-        "classical_bytes": classical,
-    }
+    if streaming:
+        # the ground's rows (docs/streaming.md), pass time from the first detection; the
+        # link's column from the link's own record (emulator/link_session.py)
+        rows = bob.get("timeline") or []
+        timeline = {
+            "pipeline": pipeline,
+            "rows": rows,
+            "key_latency_s": key_latency_s,
+            "lag_s_max": bob.get("lag_s_max"),
+            "lag_s_median": bob.get("lag_s_median"),
+            "loss_of_signal_s": round(last_detection_s - first_detection_s, 3),
+            "classical_bytes": classical,
+        }
+    else:
+        # bits error correction left in agreement (Bob's EC blocks; discarded frames not)
+        blocks = (bob.get("ec") or {}).get("blocks") or []
+        reconciled = (
+            sum(b["bits"] - b.get("bits_discarded", 0) for b in blocks) if blocks else None
+        )
+        rows = tl.post_pass_timeline(
+            detections_s,
+            pass_end_s,
+            lambda t_s: link.schedule.down_cause(t_s) is None,
+            distil_start_s=pass_end_s,
+            key_latency_s=key_latency_s,
+            stage_seconds=bob.get("stage_seconds") or {},
+            sifted_bits=alice.get("sifted_bits"),
+            reconciled_bits=reconciled,
+        )
+        timeline = {
+            "pipeline": pipeline,
+            "rows": rows,
+            "key_latency_s": key_latency_s,
+            **tl.lag_figures(rows),
+            "loss_of_signal_s": round(pass_end_s, 3),
+            "classical_bytes": classical,
+        }
     merged = {**alice, **bob}
     for name in ("counts", "sifted_bits", "pa"):
         if merged.get(name) is None and alice.get(name) is not None:
@@ -376,6 +415,7 @@ def run_mission(
     generation: str = "head",
     segment_s: float | None = None,
     distil: str | None = None,
+    stream_speedup: float | None = 1.0,
     timetransfer: bool = False,
     progress=None,
 ) -> dict:
@@ -393,6 +433,8 @@ def run_mission(
         distil = "link" if generation == "head" else "local"
     if distil not in DISTIL_MODES:
         raise BadInput(f"--distil {distil!r}: choose link or local")
+    if stream_speedup is not None and not 0 < stream_speedup <= 1000:
+        raise BadInput(f"--stream-speedup {stream_speedup}: pass seconds per wall second, >0")
     if generation == "controller" and distil == "link":
         raise BadInput(
             "--distil link needs --generation head: the controller-driven segment's pattern"
@@ -431,6 +473,7 @@ def run_mission(
         "budget_s": budget_s,
         "generation": generation,
         "distil": distil,
+        "stream_speedup": stream_speedup if distil == "link" else None,
         "segment_s": segment_s,
         "stages": {},
         "stage_seconds": {},
@@ -526,7 +569,7 @@ def run_mission(
                 " over the optical link"
             )
             distilled, stages["link"], timeline = distil_over_optical_link(
-                out, head, scenario, slot_count, profile_name, seed
+                out, head, scenario, slot_count, profile_name, seed, stream_speedup
             )
             stages["firmware"]["pattern_memory_reads"] = stages["link"]["pattern_memory_reads"]
         outcome = {
