@@ -366,3 +366,14 @@ def test_a_rolled_back_usage_record_on_one_side_reuses_no_pad(tmp_path, rolled_b
     (first_start, first_end), (second_start, second_end) = used
     assert first_end - first_start == 8 + 16 * 40  # the hash key and 80 pads
     assert second_start >= first_end  # no byte of session 1 serves in session 2
+
+
+def test_a_message_without_acknowledgement_is_an_older_peer_and_ends_the_session():
+    """Protocol 4 acknowledges in every message; a peer of version 3 sends none, which is
+    said as such (its hello would otherwise be refused with a bare version number only
+    after its acknowledgement was found missing)."""
+    a, b, t_a = _pair()
+    body = ch.encode("hello", {"version": 3})  # as a version-3 Alice encodes it
+    t_a.send_bytes(body + a._tag(0, 0, body))
+    with pytest.raises(ch.ProtocolAborted, match="older protocol"):
+        b.recv("hello")

@@ -484,6 +484,11 @@ class AuthChannel:
         self.peer_verified = True
         kind, fields = decode(body)
         acknowledged = fields.pop(_ACK_FIELD, None)
+        if acknowledged is None:
+            raise ProtocolAborted(
+                f"message {seq} ({kind!r}) carries no acknowledgement: the peer speaks an "
+                "older protocol (before version 4)"
+            )
         if not isinstance(acknowledged, int) or not 0 <= acknowledged <= self.sent:
             raise ProtocolAborted(f"message {seq}: acknowledges {acknowledged!r} of {self.sent}")
         self.peer_acknowledged = max(self.peer_acknowledged, acknowledged)
