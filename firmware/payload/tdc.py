@@ -440,6 +440,11 @@ class ClockDiscipline:
         return offset_ps, drift_ppt
 
     def _consistent(self, points):
+        index = points[0][0]
+        if all(p[0] == index for p in points):
+            # pulses that all name one second (a PPS faster than the configured period)
+            # define no line: never a model
+            return False
         offset, drift = self._fit(points)
         period = self.pps_period_ps
         for index, local in points:

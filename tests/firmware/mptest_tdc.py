@@ -165,6 +165,24 @@ def test_a_bad_first_pps_and_a_spike_do_not_bend_the_clock_model():
     assert report["pps_outliers"] == 4 and report["pps_refits"] == 1, report
 
 
+def test_pulses_faster_than_the_configured_period_are_outliers_not_a_crash():
+    # A head whose PPS comes every 1 ms against a configured 1 s period: every pulse
+    # names second 0 again. Three such "outliers" agree with each other, and the refit
+    # through three points of one index divided by zero (main: ZeroDivisionError out of
+    # the stop telecommand, "storage: internal").
+    store = storage.Storage(board.mount_storage() + "/t_tdc_fast_pps")
+    drain = tdc.TdcDrain(None, store, ring_events=64)
+    discipline = tdc.ClockDiscipline(drain, store, 10**12)
+    src = bytearray(9)
+    for k in range(1, 9):
+        _event(src, 0, 0, k * 10**9)
+        tdc.ring_push(drain.state, drain.ring, drain.capacity, src, 1, drain.pps, drain.epochs)
+        discipline.step()
+    report = discipline.telemetry()
+    assert discipline.pps_index == 0, report
+    assert report["pps_outliers"] == 7 and "pps_refits" not in report, report
+
+
 class _CounterHead:
     """The TDC's loss registers (OVERFLOW, EVENTS, DELIVERED) behind a bus stand-in."""
 
