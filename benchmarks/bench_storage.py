@@ -10,7 +10,8 @@ Printed: cuts, records committed, committed records lost (must be 0), torn recor
 model's cost of logging: bytes programmed per record byte (littlefs write amplification),
 erases per 100 records, modelled flash time per record and for the slowest commit (0.7 ms
 per 256 B page program, 45 ms per 4 KiB sector erase), against the 41 ms frame period
-(docs/sequencer.md); the same with one sync per k records (design input); and one bit
+(docs/sequencer.md); the same through the firmware's group commit (one sync per k
+records, storage.RECORDS_PER_SYNC), alone and with a TDC block per frame; and one bit
 flipped anywhere on the chip, littlefs's structures included: how many records each flip
 costs. The wall time is this shared machine's and only for scale."""
 
@@ -77,6 +78,10 @@ def test_power_cut_campaign_on_littlefs_over_nor_flash():
         f"\nstorage campaign: {f['cuts']} power cuts ({f['torn_programs']} torn programs, "
         f"{f['torn_erases']} torn erases), {f['boots']} boots, {f['devices']} chips filled\n"
         f"  records committed {records}, lost {f['lost']}, torn served {f['torn_served']}\n"
+        f"  group commit (the pattern-sized log, {f['records_per_sync']} records per sync): "
+        f"{f['window_lost']} records committed but not yet synced were lost at cuts, at "
+        f"most {f['worst_window']} at one cut (the window: at most "
+        f"{f['records_per_sync'] - 1})\n"
         f"  skipped at recovery: {f['torn_skipped']} torn, {f['flipped_skipped']} of "
         f"{f['bit_flips']} bit-flipped records (each costs that record only)\n"
         f"  NOR programs that asked for a 0->1 change: {f['wrong_programs']}\n"
@@ -90,6 +95,7 @@ def test_power_cut_campaign_on_littlefs_over_nor_flash():
     )
     assert f["cuts"] >= 1000
     assert f["lost"] == 0 and f["torn_served"] == 0 and f["wrong_programs"] == 0
+    assert f["worst_window"] <= f["records_per_sync"] - 1
 
 
 # (payload bytes, what logs records of that size)
@@ -118,18 +124,39 @@ def test_steady_state_flash_cost_of_one_synced_record():
             f" over {n} records"
         )
         assert n >= 20
-    # what a group commit would save (design input; the firmware syncs every record)
-    print("the 2064 B record with one sync per k records (a group commit; not implemented):")
-    for k in (1, 2, 4, 8):
+    # the firmware's group commit (storage.RECORDS_PER_SYNC for the pattern and TDC logs)
+    print("the 2064 B record through the batched log, one sync per k records:")
+    results = {}
+    for k in (1, 2, 4, 8, 16):
         source = (
             "\ndef test_bench_steady():\n"
             f"    print('steady', sorted(steady_state(2064, 40, records_per_sync={k}).items()))\n"
         )
         f, _ = _run(source, "test_bench_steady", "steady")
         mean_ms = f["busy_us"] / f["records"] / 1000
+        results[k] = mean_ms
         print(
-            f"  k = {k}: {mean_ms:5.1f} ms per record ({mean_ms / FRAME_PERIOD_MS:.2f} frame "
-            f"periods), {f['erases'] / f['records']:.2f} erases per record"
+            f"  k = {k:2d}: {mean_ms:5.1f} ms per record ({mean_ms / FRAME_PERIOD_MS:.2f} frame "
+            f"periods), {f['erases'] / f['records']:.2f} erases per record, slowest commit "
+            f"{f['worst_commit_us'] / 1000:.1f} ms, slowest window of k "
+            f"{f['worst_window_us'] / 1000:.1f} ms"
+        )
+    per_sync = int(_run_raw("\ndef test_k():\n    print('k', storage.RECORDS_PER_SYNC)\n",
+                            "test_k", "k")[0])  # fmt: skip
+    print(f"  the firmware syncs the pattern and TDC logs every {per_sync} records")
+    # every frame's pattern record within the frame period, on average, at the firmware's k
+    assert results[per_sync] < FRAME_PERIOD_MS
+    print("a frame's pattern record (2064 B) and a 2 kB TDC block, both batched:")
+    for k in (per_sync,):
+        source = (
+            "\ndef test_bench_steady():\n"
+            f"    print('steady', sorted(steady_state_frames(40, 2064, 2048, {k}).items()))\n"
+        )
+        f, _ = _run(source, "test_bench_steady", "steady")
+        mean_ms = f["busy_us"] / f["frames"] / 1000
+        print(
+            f"  k = {k:2d}: {mean_ms:5.1f} ms per frame ({mean_ms / FRAME_PERIOD_MS:.2f} frame "
+            f"periods), slowest frame {f['worst_frame_us'] / 1000:.1f} ms"
         )
 
 
@@ -146,3 +173,50 @@ def test_a_bit_flip_anywhere_on_the_chip():
         f"  (records lost, trials) {lost}; wrong records served: {wrong}"
     )
     assert wrong == "0"
+
+
+_COMMIT_CPU = """
+import board, gc
+from payload import storage
+root = board.mount_storage()
+clock = board.clock
+for k in (1, %d):
+    store = storage.Storage(root, -1, k)
+    log = store.open_log("bench%%d" %% k, storage.KIND_PATTERN_FRAME, 2064, batched=True)
+    gc.collect()
+    t0 = clock.now_us()
+    for i in range(%d):
+        log.commit(2064)
+    log.sync()
+    print("COMMIT_CPU", k, clock.now_us() - t0)
+    store.close()
+"""
+
+
+def test_commit_cpu_cost_on_qemu_icount():
+    """The controller's own work per committed 2064 B record (CRC, page writes, littlefs)
+    on the QEMU MPS2-AN385 image's littlefs (RAM-backed: no flash time), -icount shift=0:
+    one emulated ns per instruction, so microseconds are thousands of instructions."""
+    from emulator.targets import QemuTarget
+    from host.deploy.raw_repl import RawRepl
+
+    records = 60
+    per_sync = int(_run_raw("\ndef test_k():\n    print('k', storage.RECORDS_PER_SYNC)\n",
+                            "test_k", "k")[0])  # fmt: skip
+    with QemuTarget(boot="maintenance", icount_shift=0) as target:
+        with RawRepl(target.ground_port, timeout_s=30.0) as repl:
+            out = repl.exec(_COMMIT_CPU % (per_sync, records), timeout_s=300)
+    costs = {}
+    for line in out.splitlines():
+        if line.startswith("COMMIT_CPU"):
+            _, k, us = line.split()
+            costs[int(k)] = int(us) / records
+    print("\ncommit of a 2064 B record on QEMU MPS2-AN385 (-icount shift=0, RAM littlefs):")
+    for k, us in sorted(costs.items()):
+        ms_at_25mhz = us * 1000 / 25_000  # instructions / 25 M per s, one per cycle
+        print(
+            f"  one sync per {k} records: {us * 1000:,.0f} instructions per record "
+            f"({ms_at_25mhz:.1f} ms at 25 MHz, {ms_at_25mhz / FRAME_PERIOD_MS:.2f} frame "
+            "periods)"
+        )
+    assert costs[per_sync] <= costs[1]

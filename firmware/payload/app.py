@@ -154,6 +154,8 @@ class Controller:
         action = self.link.pending_action
         if action is not None:
             self.link.pending_action = None
+            if self.mission is not None and hasattr(self.mission, "store"):
+                self.mission.store.sync()  # the batched logs' records, before a reset
             self.ground_queue.drain(GROUND_TX_FLUSH_US)  # the acceptance report first
             if action == FN_REBOOT:
                 self.board.reset()

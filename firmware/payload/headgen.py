@@ -58,7 +58,7 @@ class HeadGenerator:
         kind = log.kind
         log.kind = KIND_PATTERN_RUN  # the pattern product holds both record kinds
         try:
-            seq = log.commit(RECORD_BYTES)
+            seq = log.commit(RECORD_BYTES, sync=True)  # durable before the run emits
         finally:
             log.kind = kind
         if seq < 0:

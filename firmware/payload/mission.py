@@ -76,7 +76,11 @@ class Housekeeping:
 class Mission:
     def __init__(self, board, storage_root):
         self.board = board
-        self.store = storage.Storage(storage_root, getattr(board, "STORAGE_QUOTA_BYTES", -1))
+        self.store = storage.Storage(
+            storage_root,
+            getattr(board, "STORAGE_QUOTA_BYTES", -1),
+            getattr(board, "STORAGE_RECORDS_PER_SYNC", storage.RECORDS_PER_SYNC),
+        )
         self.bus = busmod.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)
         self.sequencer = sequencer.Sequencer(self.bus, self.store)
         # the ring between the TDC FIFO and storage: a board with little RAM sets a
@@ -221,6 +225,7 @@ class Mission:
         self.discipline.step()
         self.epochs.step()
         self.hk.record()
+        self.store.sync()  # the batched logs' last records: durable before stop reports
         self.hk.running = False
         self.pass_running = False
 

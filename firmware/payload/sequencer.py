@@ -288,7 +288,10 @@ class Sequencer:
         self._qrng = bytearray(QRNG_BYTES_PER_SLOT * QRNG_BURST_SLOTS)
         self._thresholds = array.array("I", (0, 0, 0))
         self.log = store.open_log(
-            "patterns", storage.KIND_PATTERN_FRAME, PATTERN_HEADER_BYTES + MAX_FRAME_SLOTS // 2
+            "patterns",
+            storage.KIND_PATTERN_FRAME,
+            PATTERN_HEADER_BYTES + MAX_FRAME_SLOTS // 2,
+            batched=True,  # a group commit: one sync per records_per_sync frames
         )
         self._pattern = self.log.payload[PATTERN_HEADER_BYTES:]  # a view, made once
         recovery = self.log.recovery
@@ -343,7 +346,7 @@ class Sequencer:
         log = self.log
         log.kind = KIND_PATTERN_CONFIG  # the payload buffer is free: no frame is pending
         try:
-            log.append(text)
+            log.append(text, sync=True)  # durable before the first frame goes out
         finally:
             log.kind = storage.KIND_PATTERN_FRAME
 

@@ -12,7 +12,12 @@
 # record (a failed write leaves the file at its last synced state). The sequencer checks
 # the result in one place and stops the laser (docs/storage.md).
 #
-# Records go out in flash-page sized writes (PAGE_BYTES) and are synced per record.
+# Records go out in flash-page sized writes (PAGE_BYTES). A log is synced per record, or,
+# for the high-rate logs (pattern frames, TDC blocks) opened `batched`, once per
+# `records_per_sync` records (a group commit): on NOR flash a sync per 2 kB frame record
+# costs two frame periods, a sync per 8 less than one (docs/storage.md). A power cut then
+# loses at most the records since the last sync (the loss window, whole records: littlefs
+# reverts an unsynced file to its last sync), never a torn one.
 import os
 
 import micropython
@@ -42,6 +47,10 @@ _ENOSPC = const(28)
 # append and needs blocks for metadata compaction, so a store is "full" before littlefs is.
 _RESERVE_FRACTION = const(8)  # 1/8 of the filesystem ...
 _RESERVE_MIN_BLOCKS = const(8)  # ... and at least this many blocks
+# Records per sync of a batched log (measured on the NOR model, docs/storage.md): the
+# loss window on a power cut, in frames for the pattern log. A board may set its own
+# (board.STORAGE_RECORDS_PER_SYNC).
+RECORDS_PER_SYNC = const(8)
 
 
 @micropython.viper
@@ -290,11 +299,13 @@ class RecordLog:
     """One product file, opened for appending after recovering from any power cut.
 
     `payload` is a preallocated buffer: fill payload[:n] and call `commit(n)`, or call
-    `append(data)`. A record is committed once commit() returns its sequence number (it is
-    synced to the file); commit() returns COMMIT_FAILED (-1) when storage cannot take it
-    (quota reached, ENOSPC, I/O error), counts it, and leaves the log usable."""
+    `append(data)`. A record is committed once commit() returns its sequence number; it is
+    durable (synced) then, or with records_per_sync > 1 at the latest when that many
+    records have been committed since the last sync, or at `sync()` (`durable_seq` says
+    which). commit() returns COMMIT_FAILED (-1) when storage cannot take it (quota
+    reached, ENOSPC, I/O error), counts it, and leaves the log usable."""
 
-    def __init__(self, path, kind, max_payload_bytes, store=None):
+    def __init__(self, path, kind, max_payload_bytes, store=None, records_per_sync=1):
         self.path = path
         self.kind = kind
         self.max_payload_bytes = max_payload_bytes
@@ -311,6 +322,12 @@ class RecordLog:
         self.commits_failed = 0  # storage errors (ENOSPC, EIO): record not written
         self.commits_refused = 0  # the quota was reached: record not written
         self.last_errno = 0
+        self.records_per_sync = records_per_sync
+        self.durable_seq = self.next_seq - 1  # the last record known to be on the medium
+        self._unsynced = 0  # records committed since the last sync
+        self._synced_size = self.size_bytes
+        # records a failed write or sync took back with it (committed, never durable)
+        self.unsynced_lost = 0
         self._file = None  # opened at the first append: no empty products at boot
         # Called after each page write when set: the unix power-cut test uses it to give
         # pages a NOR-flash program time, so its kills land inside records.
@@ -328,15 +345,16 @@ class RecordLog:
             os.remove(self.path + ".tmp")  # left by a recovery of an older firmware
         return result
 
-    def append(self, data, length=-1):
+    def append(self, data, length=-1, sync=False):
         if length < 0:
             length = len(data)
         self.payload[:length] = data[:length] if length < len(data) else data
-        return self.commit(length)
+        return self.commit(length, sync)
 
-    def commit(self, length):
+    def commit(self, length, sync=False):
         """Write the record whose payload is payload[:length]; returns its sequence
-        number, or COMMIT_FAILED if storage could not take it (counted here)."""
+        number, or COMMIT_FAILED if storage could not take it (counted here). sync: make
+        it durable now whatever the batch (a pass's configuration record)."""
         if length > self.max_payload_bytes:
             raise ValueError("record payload too long")
         if self.foreign:
@@ -358,6 +376,7 @@ class RecordLog:
         crc.update(rec, HEADER_BYTES + length)
         _put_word(rec, HEADER_BYTES + length, crc._state, 0, -1)
         view = self._view
+        self._unsynced += 1  # this record, from its first byte on
         try:
             f = self._file
             if f is None:
@@ -371,7 +390,9 @@ class RecordLog:
                 start = stop
                 if self.page_hook is not None:
                     self.page_hook()
-            f.flush()
+            if sync or self._unsynced >= self.records_per_sync:
+                f.flush()
+                self._unsynced = 0
         except OSError as error:
             self._failed(error)
             return COMMIT_FAILED
@@ -381,10 +402,30 @@ class RecordLog:
             store.used_bytes += total
         seq = self.next_seq
         self.next_seq = seq + 1
+        if self._unsynced == 0:
+            self.durable_seq = seq
+            self._synced_size = self.size_bytes
         return seq
 
-    def _failed(self, error):
-        self.commits_failed += 1
+    def sync(self):
+        """Make every committed record durable; False if the sync failed (counted: the
+        records since the last sync are lost on littlefs, and counted in unsynced_lost)."""
+        f = self._file
+        if f is None or self._unsynced == 0:
+            return True
+        try:
+            f.flush()
+        except OSError as error:
+            self._failed(error, counted=False)
+            return False
+        self._unsynced = 0
+        self.durable_seq = self.next_seq - 1
+        self._synced_size = self.size_bytes
+        return True
+
+    def _failed(self, error, counted=True):
+        if counted:
+            self.commits_failed += 1
         self.last_errno = _errno(error)
         if self.store is not None and self.last_errno == _ENOSPC:
             self.store.full = True
@@ -395,10 +436,16 @@ class RecordLog:
                 f.close()
             except OSError:
                 pass
-        # littlefs leaves the file at its last sync; a plain filesystem may keep part of
-        # the record (skipped by every reader). Either way size and CRC come from the file.
+        # littlefs leaves the file at its last sync (the batch since then is gone with the
+        # failed record); a plain filesystem may keep part of the record (skipped by every
+        # reader). Either way size and CRC come from the file.
+        unsynced = self._unsynced - (1 if counted else 0)  # committed, not yet durable
+        self._unsynced = 0
         try:
             size = os.stat(self.path)[6]
+            if unsynced > 0 and size <= self._synced_size:
+                self.unsynced_lost += unsynced
+            self._synced_size = size
             if size != self.size_bytes:
                 with open(self.path, "rb") as f:
                     _file_crc(f, self.file_crc, bytearray(_SCAN_CHUNK))
@@ -418,6 +465,7 @@ class RecordLog:
             "bytes": self.size_bytes,
             "failed": self.commits_failed,
             "refused": self.commits_refused,
+            "unsynced_lost": self.unsynced_lost,
             "errno": self.last_errno,
             "skipped": self.recovery.skipped_regions,
             "missing": self.recovery.missing_records,
@@ -427,6 +475,7 @@ class RecordLog:
         return self.file_crc.value()
 
     def close(self):
+        self.sync()
         f = self._file
         self._file = None
         if f is not None:
@@ -442,8 +491,9 @@ class Storage:
     store at its quota is `full`: commits return COMMIT_FAILED, counted, until products
     are deleted."""
 
-    def __init__(self, root, quota_bytes=-1):
+    def __init__(self, root, quota_bytes=-1, records_per_sync=RECORDS_PER_SYNC):
         self.root = root
+        self.records_per_sync = records_per_sync  # for the logs opened batched
         self.products_dir = _join(root, PRODUCTS_DIR)
         _mkdir(root)
         _mkdir(self.products_dir)
@@ -495,20 +545,33 @@ class Storage:
     def path(self, name):
         return _join(self.products_dir, name + ".qrec")
 
-    def open_log(self, name, kind, max_payload_bytes):
+    def open_log(self, name, kind, max_payload_bytes, batched=False):
+        """The log `name`; batched: synced once per records_per_sync records (the
+        high-rate logs), else per record."""
         log = self.logs.get(name)
         if log is None:
-            log = RecordLog(self.path(name), kind, max_payload_bytes, self)
+            per_sync = self.records_per_sync if batched else 1
+            log = RecordLog(self.path(name), kind, max_payload_bytes, self, per_sync)
             self.logs[name] = log
         return log
+
+    def sync(self):
+        """Make every log's committed records durable (a pass's stop, a product list);
+        False if a sync failed (counted in the log)."""
+        ok = True
+        for log in self.logs.values():
+            ok = log.sync() and ok
+        return ok
 
     def status(self):
         """Storage health for housekeeping, short as it shares one packet: bytes used, and
         only when set: full, commits failed (I/O, ENOSPC) and refused (quota) over all logs,
         the last errno, bytes skipped as torn or corrupt when the logs were opened and the
-        committed records found missing then (sequence gaps)."""
-        failed = refused = errno = skipped = missing = 0
+        committed records found missing then (sequence gaps), and the committed records a
+        failed write or sync of a batched log took back (window_lost)."""
+        failed = refused = errno = skipped = missing = window_lost = 0
         for log in self.logs.values():
+            window_lost += log.unsynced_lost
             failed += log.commits_failed
             refused += log.commits_refused
             skipped += log.recovery.dropped_bytes
@@ -523,6 +586,7 @@ class Storage:
             ("errno", errno),
             ("skipped", skipped),
             ("missing", missing),
+            ("window_lost", window_lost),
         ):
             if value:
                 out[key] = value
@@ -530,6 +594,7 @@ class Storage:
 
     def products(self):
         """[(file name, bytes, crc32)] for every product file, whether open or not."""
+        self.sync()  # a listed size is what a download reads
         out = []
         names = sorted(os.listdir(self.products_dir))
         for name in names:

@@ -165,7 +165,9 @@ class TdcDrain:
         self.burst = bytearray(EVENT_BYTES * BURST_EVENTS)
         self.pps = bytearray(8 * PPS_SLOTS)
         self.epochs = bytearray(8 * EPOCH_SLOTS)
-        self.log = store.open_log("tdc", storage.KIND_TDC_BLOCK, 4 + EVENT_BYTES * BLOCK_EVENTS)
+        self.log = store.open_log(
+            "tdc", storage.KIND_TDC_BLOCK, 4 + EVENT_BYTES * BLOCK_EVENTS, batched=True
+        )
         self._events = self.log.payload[4:]  # a view, made once
         self.blocks = 0
         self.events_spooled = 0

@@ -99,6 +99,7 @@ class NorFlash:
 
     def blank(self):
         """A factory-fresh chip: every cell erased."""
+        self.formatted = False
         _fill(self.mem, 0, self.blocks * self.block_bytes, 0xFF)
 
     def port(self):
@@ -203,29 +204,49 @@ class FlashPort:
 
 
 _CHIP = None
+_SNAPSHOT = None  # the sweeps' start state: 24 sectors, made with the chip (one piece)
+
+
+def _snapshot(chip, blocks):
+    """A view of the chip's first `blocks` sectors as they are now (copied into one buffer
+    made beside the chip: 96 KiB allocated late would not find one piece on QEMU)."""
+    n = blocks * chip.block_bytes
+    view = memoryview(_SNAPSHOT)[:n]
+    view[:] = memoryview(chip.mem)[:n]
+    return view
 
 
 def _chip(blocks=40):
     """One chip for the whole file (the heap is the controller's: a 160 KiB buffer made
     per test would fragment it), made factory-fresh with `blocks` sectors in use."""
-    global _CHIP
+    global _CHIP, _SNAPSHOT
     if _CHIP is None:
         _CHIP = NorFlash(blocks=40)
+        _SNAPSHOT = bytearray(24 * 4096)
     chip = _CHIP
     chip.__init__(blocks, reuse=chip.mem)
     return chip
 
 
+# littlefs's program size on NOR: MicroPython's VfsLfs2 caches 4 x progsize, so 64 gives a
+# 256-byte cache and littlefs programs whole 256-byte pages (one page-program time each);
+# the default 32 (128-byte programs) costs ~15 % more flash time per record, measured
+# with steady_state (docs/storage.md).
+NOR_PROG_BYTES = const(64)
+
+
 def _power_on(chip, format_first=False):
-    """Boot as the board does: mount littlefs (mtime off, defaults otherwise)."""
+    """Boot as a NOR board does: mount littlefs (mtime off, progsize NOR_PROG_BYTES)."""
     try:
         vfs.umount(MOUNT)  # still mounted if a test failed before its power-off
     except OSError:
         pass
     port = chip.port()
     if format_first:
-        vfs.VfsLfs2.mkfs(port)
-    vfs.mount(vfs.VfsLfs2(port, mtime=False), MOUNT)
+        chip.formatted = False
+        vfs.VfsLfs2.mkfs(port, progsize=NOR_PROG_BYTES)
+        chip.formatted = True  # a cut before this: the next boot formats again
+    vfs.mount(vfs.VfsLfs2(port, mtime=False, progsize=NOR_PROG_BYTES), MOUNT)
     return port
 
 
@@ -234,12 +255,21 @@ def _power_off():
         vfs.umount(MOUNT)
     except OSError:
         pass
+    # Power is off: a file object nobody closed (a batched log's, with records not yet
+    # synced) must not reach the cells when its finaliser runs at the next collection.
+    if _CHIP is not None and _CHIP._session is not None:
+        _CHIP._session.alive = False
     gc.collect()
 
 
 # ------------------------------------------------------------------ records under test
 
-LOGS = (("frames", storage.KIND_PATTERN_FRAME, 1100), ("events", storage.KIND_TDC_BLOCK, 300))
+# name, kind, max payload, batched: "frames" is synced as the firmware's pattern log is
+# (once per storage.RECORDS_PER_SYNC records, a group commit), "events" per record
+LOGS = (
+    ("frames", storage.KIND_PATTERN_FRAME, 1100, True),
+    ("events", storage.KIND_TDC_BLOCK, 300, False),
+)
 _FILL = bytes(range(256)) * 5
 
 
@@ -281,11 +311,31 @@ def _served(path, max_payload):
     return out, result
 
 
+def _served_checked(path, name, max_payload):
+    """The sequence numbers a reader gets from the file, and how many of those records
+    differ from what was written (compared as read: the payloads are not kept, so a
+    chip's worth of records fits beside the chip in the controller's heap)."""
+    seqs = set()
+    wrong = [0]
+    with open(path, "rb") as f:
+
+        def visit(offset, seq, kind, length):
+            f.seek(offset + storage.HEADER_BYTES)
+            if f.read(length) != _expected(name, seq):
+                wrong[0] += 1
+            seqs.add(seq)
+
+        result = storage.scan(path, max_payload, visit=visit)
+    return seqs, wrong[0], result
+
+
 class Ledger:
     """What the controller knows it committed, per log, and what the campaign saw."""
 
     def __init__(self):
         self.lost = 0
+        self.window_lost = 0  # committed, not yet synced at the cut: the loss window
+        self.worst_window = 0  # most records one cut took from one log's window
         self.torn_served = 0
         self.torn_skipped = 0  # torn records found and skipped at recovery (not flips)
         self.flipped_skipped = 0  # records a bit flip corrupted, skipped at recovery
@@ -296,36 +346,63 @@ class Ledger:
         self.new_device()
 
     def new_device(self):
-        self.committed = {name: set() for name, _, _ in LOGS}
-        self.in_flight = {name: -1 for name, _, _ in LOGS}
-        self.corrupted = {name: set() for name, _, _ in LOGS}
-        self.skipped = {name: 0 for name, _, _ in LOGS}
-        self.flips_pending = {name: 0 for name, _, _ in LOGS}
+        self.committed = {name: set() for name, *_ in LOGS}  # durable (synced)
+        self.unsynced = {name: set() for name, *_ in LOGS}  # committed, not yet synced
+        self.in_flight = {name: -1 for name, *_ in LOGS}
+        self.corrupted = {name: set() for name, *_ in LOGS}
+        self.skipped = {name: 0 for name, *_ in LOGS}
+        self.flips_pending = {name: 0 for name, *_ in LOGS}
+
+    def committed_now(self, name, log, seq):
+        """commit() returned seq: durable once the log's durable_seq reaches it."""
+        self.unsynced[name].add(seq)
+        self.synced(name, log)
+
+    def synced(self, name, log):
+        pending = self.unsynced[name]
+        for s in [s for s in pending if s <= log.durable_seq]:
+            pending.discard(s)
+            self.committed[name].add(s)
 
     def check_boot(self, store):
-        """After a power-on: every committed record is served intact; nothing torn is."""
+        """After a power-on: every durable record is served intact, nothing torn is, and a
+        cut took at most the records of one group commit (records_per_sync - 1 committed
+        since the last sync)."""
         self.boots += 1
-        for name, kind, max_payload in LOGS:
-            log = store.open_log(name, kind, max_payload)
+        for name, kind, max_payload, batched in LOGS:
+            log = store.open_log(name, kind, max_payload, batched)
             new = log.recovery.skipped_regions - self.skipped[name]
             self.skipped[name] = log.recovery.skipped_regions
             flips = min(new, self.flips_pending[name])
             self.flips_pending[name] = 0
             self.flipped_skipped += flips
             self.torn_skipped += new - flips
-            served, _ = _served(log.path, max_payload) if log.size_bytes else ({}, None)
-            for seq, payload in served.items():
-                if payload != _expected(name, seq):
-                    self.torn_served += 1
+            served, wrong, _ = (
+                _served_checked(log.path, name, max_payload)
+                if log.size_bytes
+                else (set(), 0, None)
+            )
+            self.torn_served += wrong
             for seq in self.committed[name]:
                 if seq not in served and seq not in self.corrupted[name]:
                     self.lost += 1
+            window = 0
+            for seq in self.unsynced[name]:
+                if seq in served:
+                    self.committed[name].add(seq)  # made it to the medium after all
+                else:
+                    window += 1
+            self.unsynced[name] = set()
+            assert window <= log.records_per_sync - 1, (name, window)
+            self.window_lost += window
+            self.worst_window = max(self.worst_window, window)
             # a record in flight at the cut may have made it: then it is committed
             flying = self.in_flight[name]
             if flying >= 0 and flying in served:
                 self.committed[name].add(flying)
             self.in_flight[name] = -1
             assert log.next_seq > max(self.committed[name] or (-1,)), log.recovery.as_dict()
+            assert log.durable_seq == log.next_seq - 1
 
 
 def _run_until_cut(chip, ledger, rng, cut_in, format_first=False):
@@ -338,7 +415,7 @@ def _run_until_cut(chip, ledger, rng, cut_in, format_first=False):
         store = storage.Storage(MOUNT)
         ledger.check_boot(store)
         while True:
-            name, kind, max_payload = LOGS[rng.getrandbits(2) % 3 // 2]
+            name = LOGS[rng.getrandbits(2) % 3 // 2][0]
             log = store.logs[name]
             seq = log.next_seq
             ledger.in_flight[name] = seq
@@ -349,9 +426,13 @@ def _run_until_cut(chip, ledger, rng, cut_in, format_first=False):
             if got < 0:
                 assert store.full and log.commits_failed == 0, store.status()
                 chip.cut_at = -1
+                logs = dict(store.logs)
+                store.close()  # a full store still syncs what it took (the controller's stop)
+                for name, log in logs.items():
+                    ledger.synced(name, log)
                 return False
             assert got == seq
-            ledger.committed[name].add(seq)
+            ledger.committed_now(name, log, seq)
             ledger.in_flight[name] = -1
             ledger.records += 1
             ledger.record_bytes += storage.HEADER_BYTES + n + storage.CRC_BYTES
@@ -418,7 +499,7 @@ def run_campaign(cuts, seed, flip_every=7, blocks=40):
         cut = _run_until_cut(chip, ledger, rng, 1 + rng.getrandbits(16) % CUT_WITHIN, fresh)
         if cut:
             done += 1
-            fresh = False
+            fresh = not chip.formatted  # the cut tore the first format: format again
         else:
             # full: a reported state. Check the full store once more, then a fresh device.
             _power_on(chip)
@@ -437,6 +518,9 @@ def run_campaign(cuts, seed, flip_every=7, blocks=40):
         "devices": devices,
         "records": ledger.records,
         "lost": ledger.lost,
+        "window_lost": ledger.window_lost,
+        "worst_window": ledger.worst_window,
+        "records_per_sync": storage.RECORDS_PER_SYNC,
         "torn_served": ledger.torn_served,
         "boots": ledger.boots,
         "torn_skipped": ledger.torn_skipped,
@@ -455,46 +539,62 @@ def run_campaign(cuts, seed, flip_every=7, blocks=40):
 
 def steady_state(payload_bytes, records, blocks=40, records_per_sync=1):
     """Modelled flash cost of logging `records` records of `payload_bytes` each, no faults
-    (benchmarks/bench_storage.py). records_per_sync 1 is RecordLog.commit (one sync per
-    record); k > 1 writes the same bytes with one sync per k records, what a group commit
-    would cost littlefs (the firmware does not do that)."""
+    (benchmarks/bench_storage.py), through RecordLog.commit: one sync per record, or with
+    records_per_sync > 1 the batched log's group commit (the firmware's pattern and TDC
+    logs). worst_commit_us is the slowest single commit; worst_window_us the slowest run
+    of records_per_sync commits ending in a sync (what one window costs)."""
     chip = _chip(blocks)
-    store = _fresh_store(chip)
-    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, payload_bytes)
+    _power_on(chip, format_first=True)
+    store = storage.Storage(MOUNT, -1, records_per_sync)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, payload_bytes, batched=True)
     record_bytes = storage.HEADER_BYTES + payload_bytes + storage.CRC_BYTES
-    raw = bytearray(record_bytes)
-    f = open(log.path, "ab") if records_per_sync > 1 else None
     busy0, erases0, programmed0 = chip.busy_us, chip.erases, chip.programmed_bytes
     worst_us = 0
+    worst_window_us = 0
+    window_start = chip.busy_us
     done = 0
-    try:
-        for seq in range(records):
-            before = chip.busy_us
-            if f is None:
-                if log.commit(payload_bytes) != seq:
-                    break
-            else:
-                f.write(raw)
-                if (seq + 1) % records_per_sync == 0:
-                    f.flush()
-            worst_us = max(worst_us, chip.busy_us - before)
-            done += 1
-    except OSError:
-        pass  # full
-    if f is not None:
-        try:
-            f.close()
-        except OSError:
-            pass
+    for seq in range(records):
+        before = chip.busy_us
+        if log.commit(payload_bytes) != seq:
+            break  # full
+        worst_us = max(worst_us, chip.busy_us - before)
+        if log.durable_seq == seq:
+            worst_window_us = max(worst_window_us, chip.busy_us - window_start)
+            window_start = chip.busy_us
+        done += 1
     _power_off()
     return {
         "records": done,
         "record_bytes": done * record_bytes,
         "busy_us": chip.busy_us - busy0,
         "worst_commit_us": worst_us,
+        "worst_window_us": worst_window_us,
         "erases": chip.erases - erases0,
         "programmed_bytes": chip.programmed_bytes - programmed0,
     }
+
+
+def steady_state_frames(frames, pattern_bytes, tdc_bytes, records_per_sync, blocks=40):
+    """Modelled flash time per frame when every frame logs a pattern record and a TDC
+    block, both batched logs on one chip (benchmarks/bench_storage.py)."""
+    chip = _chip(blocks)
+    _power_on(chip, format_first=True)
+    store = storage.Storage(MOUNT, -1, records_per_sync)
+    patterns = store.open_log("patterns", storage.KIND_PATTERN_FRAME, pattern_bytes, True)
+    events = store.open_log("tdc", storage.KIND_TDC_BLOCK, tdc_bytes, True) if tdc_bytes else None
+    busy0 = chip.busy_us
+    worst_frame_us = 0
+    done = 0
+    for frame in range(frames):
+        before = chip.busy_us
+        if patterns.commit(pattern_bytes) != frame:
+            break
+        if events is not None and events.commit(tdc_bytes) != frame:
+            break
+        worst_frame_us = max(worst_frame_us, chip.busy_us - before)
+        done += 1
+    _power_off()
+    return {"frames": done, "busy_us": chip.busy_us - busy0, "worst_frame_us": worst_frame_us}
 
 
 def flips_anywhere(trials, seed, records=25):
@@ -541,6 +641,8 @@ def test_random_power_cuts_lose_no_committed_record_and_serve_no_torn_one():
     assert figures["lost"] == 0 and figures["torn_served"] == 0, figures
     assert figures["wrong_programs"] == 0, figures  # littlefs never reprograms a 0 to 1
     assert figures["bit_flips"] > 0 and figures["devices"] >= 2, figures
+    # the group commit's window was cut into, and never cost more than its records
+    assert 0 < figures["worst_window"] <= figures["records_per_sync"] - 1, figures
 
 
 def test_a_power_cut_at_every_operation_of_a_boot_and_five_commits():
@@ -551,7 +653,7 @@ def test_a_power_cut_at_every_operation_of_a_boot_and_five_commits():
     for seq in range(12):
         assert log.commit(_fill_payload(log, "frames", seq)) == seq
     _power_off()
-    start = bytes(chip.mem[: 24 * chip.block_bytes])
+    start = _snapshot(chip, 24)
     rng = random
     rng.seed(99)
     chip.rng = rng
@@ -586,6 +688,88 @@ def test_a_power_cut_at_every_operation_of_a_boot_and_five_commits():
             break
     print("cut at each of", cut, "operations")
     assert cut > 20, cut  # every program and erase of the boot and the five commits
+
+
+def test_a_power_cut_at_every_operation_of_a_group_commit_loses_only_its_window():
+    # A batched log (the pattern log's group commit): from the same start state, cut at
+    # operation 1, 2, ... of a boot and RECORDS_PER_SYNC + 3 commits. What comes back is
+    # every record up to the last sync that completed, whole, and at most the window
+    # (records committed since that sync) is gone: never a torn or a reordered record.
+    per_sync = storage.RECORDS_PER_SYNC
+    assert per_sync > 1
+    chip = _chip(24)
+    store = _fresh_store(chip)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100, batched=True)
+    for seq in range(12):
+        assert log.commit(_fill_payload(log, "frames", seq)) == seq
+    assert log.durable_seq == per_sync - 1 and log.sync() and log.durable_seq == 11
+    _power_off()
+    start = _snapshot(chip, 24)
+    rng = random
+    rng.seed(98)
+    chip.rng = rng
+    cut = 0
+    windows = set()
+    while True:
+        cut += 1
+        chip.mem[: len(start)] = start
+        chip.cut_at = chip.operations + cut
+        durable = 11
+        returned = 11
+        try:
+            _power_on(chip)
+            log = storage.Storage(MOUNT).open_log(
+                "frames", storage.KIND_PATTERN_FRAME, 1100, batched=True
+            )
+            for seq in range(12, 12 + per_sync + 3):
+                assert log.commit(_fill_payload(log, "frames", seq)) == seq
+                returned = seq
+                durable = log.durable_seq
+            finished = True
+        except PowerCut:
+            finished = False
+        _power_off()
+        chip.cut_at = -1
+        _power_on(chip)
+        log = storage.Storage(MOUNT).open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+        served, result = _served(log.path, 1100)
+        _power_off()
+        last = max(served)
+        assert sorted(served) == list(range(last + 1)), (cut, sorted(served))
+        assert durable <= last <= returned + 1, (cut, durable, last, returned)
+        assert returned - last <= per_sync - 1, (cut, returned, last)
+        assert all(served[s] == _expected("frames", s) for s in served), cut
+        assert result.dropped_bytes == 0, (cut, result.as_dict())
+        windows.add(returned - last if returned > last else 0)
+        if finished:
+            break
+    print("cut at each of", cut, "operations; records lost per cut:", sorted(windows))
+    assert cut > 20 and max(windows) == per_sync - 1, (cut, windows)
+
+
+def test_an_io_error_in_a_group_commit_counts_the_window_it_took():
+    per_sync = storage.RECORDS_PER_SYNC
+    chip = _chip()
+    store = _fresh_store(chip)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100, batched=True)
+    for seq in range(per_sync + 2):  # one sync done, two records in the next window
+        assert log.commit(_fill_payload(log, "frames", seq)) == seq
+    assert log.durable_seq == per_sync - 1
+    chip.eio_from = chip.operations + 1  # the chip fails from here on
+    assert not log.sync()
+    assert log.unsynced_lost == 2 and log.commits_failed == 0, log.status()
+    assert store.status()["window_lost"] == 2
+    chip.eio_from = -1
+    # the log goes on after the lost window; the gap is what a reader sees
+    seq = log.next_seq
+    assert log.commit(_fill_payload(log, "frames", seq), sync=True) == seq == per_sync + 2
+    _power_off()
+    _power_on(chip)
+    log = storage.Storage(MOUNT).open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    served, result = _served(log.path, 1100)
+    assert sorted(served) == list(range(per_sync)) + [per_sync + 2], sorted(served)
+    assert log.recovery.missing_records == 2 and result.dropped_bytes == 0
+    _power_off()
 
 
 def _fresh_store(chip, quota_bytes=-1):
@@ -665,8 +849,8 @@ def test_enospc_from_littlefs_itself_is_counted_and_leaves_no_torn_record():
     _power_on(chip)
     store = storage.Storage(MOUNT)
     log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
-    served, result = _served(log.path, 1100)
-    assert sorted(served) == list(range(seq)) and result.dropped_bytes == 0
+    served, wrong, result = _served_checked(log.path, "frames", 1100)
+    assert sorted(served) == list(range(seq)) and result.dropped_bytes == 0 and not wrong
     _power_off()
 
 
@@ -685,8 +869,8 @@ def test_a_full_store_is_a_reported_state_not_a_crash_nor_a_torn_record():
     assert log.commits_failed == 0  # the quota stopped it before littlefs ran out
     assert store.status()["refused"] == 1
     # the file ends with the last committed record; littlefs still has room to work
-    served, result = _served(log.path, 1100)
-    assert sorted(served) == list(range(seq)) and result.dropped_bytes == 0
+    served, wrong, result = _served_checked(log.path, "frames", 1100)
+    assert sorted(served) == list(range(seq)) and result.dropped_bytes == 0 and not wrong
     # deleting a product makes room again: the next commit goes in
     other = store.open_log("events", storage.KIND_TDC_BLOCK, 300)
     while other.commit(_fill_payload(other, "events", other.next_seq)) >= 0:

@@ -282,7 +282,7 @@ def test_the_lasers_mean_photon_numbers_are_checked_and_logged_with_the_config()
         kind = 0
         texts = []
 
-        def append(self, text):
+        def append(self, text, sync=False):
             self.texts.append(bytes(text))
 
     seq, _ = _sequencer(_LcgSource(3))
