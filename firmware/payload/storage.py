@@ -532,11 +532,17 @@ class Storage:
         return free * block_bytes
 
     def reserve(self, nbytes):
-        """True if nbytes more fit the quota; else the store is full (reported)."""
-        if self.used_bytes + nbytes <= self.quota_bytes:
+        """True if nbytes more fit the quota; else the store is full (reported). A full
+        store stays full until products are deleted: a small record must not slip into
+        the room a larger one was refused (a TDC block after the frames it belongs with
+        were refused)."""
+        if not self.full and self.used_bytes + nbytes <= self.quota_bytes:
             return True
-        self.used_bytes = self._usage()  # products may have been deleted since
-        self.full = self.used_bytes + nbytes > self.quota_bytes
+        used = self._usage()  # products may have been deleted since
+        if self.full and used >= self.used_bytes:
+            return False  # nothing was deleted: still full
+        self.used_bytes = used
+        self.full = used + nbytes > self.quota_bytes
         return not self.full
 
     def can_commit(self):
