@@ -112,3 +112,11 @@ class MemoryRegion:
 
     def write(self, offset, data):
         self._mem[offset : offset + len(data)] = data
+
+
+class BufferRegion(MemoryRegion):
+    """A key region in a buffer the filesystem never touches (a board whose key sector
+    cannot be emulated at a fixed address: netduino2, docs/targets.md)."""
+
+    def __init__(self, buf):
+        self._mem = buf

@@ -16,9 +16,8 @@ import array
 
 import machine
 import micropython
-import vfs
 from micropython import const
-from payload import keystore
+from payload import boardkit, keystore
 
 NAME = "netduino2"
 
@@ -73,18 +72,12 @@ _FLASH_BLOCKS = const(80)  # 20 KiB of RAM standing in for the flash region
 _FLASH_DISK_ADDR = const(0x20018800)
 
 
-class Uart:
+class Uart(boardkit.PolledUart):
     """An STM32 USART by register polling; non-blocking (returns what moved now)."""
 
     def __init__(self, base):
-        self._base = base
         machine.mem32[base + _CR1] = _CR1_ENABLE
-
-    def readinto(self, buf):
-        return _uart_readinto(self._base, buf, len(buf))
-
-    def write(self, buf):
-        return _uart_write(self._base, buf, len(buf))
+        super().__init__(base, _uart_readinto, _uart_write)
 
 
 @micropython.viper
@@ -118,35 +111,18 @@ def _uart_write(base: int, buf: ptr8, length: int) -> int:
     return count
 
 
-class Clock:
+class Clock(boardkit.ExtendedClock):
     """Microsecond clock from TIM2 (32 bits at 1 MHz: wraps every 71.6 min), extended to
-    64 bits. Same interface and the same single-writer, lock-free state as the QEMU
-    board's clock: [active copy, 2 x (last counter, unused, low word, high word)]."""
+    64 bits: the QEMU board's state and single-writer rules (payload/boardkit.py), a copy
+    holding (last counter, unused, low word, high word)."""
 
     def __init__(self):
-        self._state = array.array("I", bytes(36))
         prescaler = TIMER_INPUT_HZ // 1_000_000 - 1
         machine.mem32[_TIM2 + _TIM_PSC] = prescaler
         machine.mem32[_TIM2 + _TIM_ARR] = 0xFFFFFFFF
         machine.mem32[_TIM2 + _TIM_EGR] = 1  # load the prescaler now
         machine.mem32[_TIM2 + _TIM_CR1] = 1  # CEN: count up
-        self._state[1] = machine.mem32[_TIM2 + _TIM_CNT] & 0xFFFFFFFF
-
-    def update(self):
-        _clock_update(self._state)
-
-    def ticks_us(self):
-        _clock_update(self._state)
-        return _clock_low30(self._state)
-
-    def stamp_into(self, buf, offset):
-        """Interrupt-safe: reads the published copy and the counter, writes nothing."""
-        _clock_stamp(self._state, buf, offset)
-
-    def now_us(self):
-        _clock_update(self._state)
-        base = 1 + 4 * self._state[0]
-        return (self._state[base + 3] << 32) | self._state[base + 2]
+        super().__init__(_clock_update, _clock_stamp, machine.mem32[_TIM2 + _TIM_CNT] & 0xFFFFFFFF)
 
 
 @micropython.viper
@@ -168,11 +144,6 @@ def _clock_update(state: ptr32):
 
 
 @micropython.viper
-def _clock_low30(state: ptr32) -> int:
-    return state[1 + 4 * state[0] + 2] & 0x3FFFFFFF
-
-
-@micropython.viper
 def _clock_stamp(state: ptr32, buf: ptr8, offset: int):
     src = 1 + 4 * state[0]
     low = state[src + 2]
@@ -185,62 +156,17 @@ def _clock_stamp(state: ptr32, buf: ptr8, offset: int):
         buf[offset + 4 + i] = (high >> (8 * i)) & 0xFF
 
 
-class RamBlockDevice:
-    """littlefs block device in RAM. The STM32F205 has 1 MiB of on-chip flash, but QEMU's
-    netduino2 models it as ROM (no flash controller), so the emulation keeps the
-    filesystem in SRAM outside the heap (at `address`, reserved by the linker script);
-    the real board programs flash sectors through the FLASH interface (docs/targets.md).
-    Like flash, its contents survive a soft reset."""
-
-    def __init__(self, address, block_bytes, blocks):
-        import uctypes
-
-        self._mem = uctypes.bytearray_at(address, block_bytes * blocks)
-        self._view = memoryview(self._mem)
-        self._block_bytes = block_bytes
-        self._blocks = blocks
-
-    def readblocks(self, block, buf, offset=0):
-        start = block * self._block_bytes + offset
-        buf[:] = self._view[start : start + len(buf)]
-
-    def writeblocks(self, block, buf, offset=None):
-        if offset is None:
-            offset = 0
-        start = block * self._block_bytes + offset
-        self._view[start : start + len(buf)] = buf
-
-    def ioctl(self, op, arg):
-        if op == 4:
-            return self._blocks
-        if op == 5:
-            return self._block_bytes
-        if op == 6:
-            return 0
-        return None
-
-
-class KeyRegion:
-    """The link key's region outside littlefs (keystore.py), so a format spares it. Here
-    a RAM buffer (QEMU's netduino2 flash is ROM); on the real part flash sector 1
-    (0x08004000, 16 KiB), erased and programmed through the FLASH interface."""
-
-    def __init__(self):
-        self._mem = bytearray(keystore.REGION_BYTES)
-
-    def read(self, offset, count):
-        return bytes(self._mem[offset : offset + count])
-
-    def write(self, offset, data):
-        self._mem[offset : offset + len(data)] = data
-
-
 ground_link = Uart(_USART1)
 payload_bus = Uart(_USART2)
 clock = Clock()
-key_region = KeyRegion()
+# the link key's region: a flash sector of its own on the real part, RAM here
+key_region = keystore.BufferRegion(bytearray(keystore.REGION_BYTES))
 storage_formatted = False
-_device = RamBlockDevice(_FLASH_DISK_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
+# The STM32F205 has 1 MiB of on-chip flash, but QEMU's netduino2 models it as ROM (no
+# flash controller), so the emulation keeps the filesystem in SRAM outside the heap (the
+# linker script's FLASHDISK); the real board programs flash sectors through the FLASH
+# interface (docs/targets.md). Like flash, its contents survive a soft reset.
+_device = boardkit.RamBlockDevice(_FLASH_DISK_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
 
 
 @micropython.asm_thumb
@@ -267,20 +193,9 @@ def boot_mode():
 
 
 def mount_storage():
-    import os
-
     global storage_formatted
-    try:
-        os.stat(STORAGE_ROOT)
-        return STORAGE_ROOT
-    except OSError:
-        pass
-    try:
-        vfs.mount(vfs.VfsLfs2(_device, mtime=False), STORAGE_ROOT)
-    except OSError:
-        storage_formatted = any(_device._mem[0:64])
-        vfs.VfsLfs2.mkfs(_device)
-        vfs.mount(vfs.VfsLfs2(_device, mtime=False), STORAGE_ROOT)
+    if boardkit.mount_littlefs(_device, STORAGE_ROOT):
+        storage_formatted = True
     return STORAGE_ROOT
 
 

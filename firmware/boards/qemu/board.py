@@ -10,14 +10,11 @@
 #   0x21000000 PSRAM          RAM-backed block device for littlefs (the "flash")
 #   0x21200000 PSRAM          the link key's region, outside littlefs (keystore.py)
 # MicroPython itself lives in SSRAM1 at 0x00000000, so the last two are free for us.
-import array
 
 import machine
 import micropython
-import uctypes
-import vfs
 from micropython import const
-from payload import keystore
+from payload import boardkit, keystore
 
 NAME = "qemu"
 
@@ -63,7 +60,7 @@ _RX_SPIN = const(400)  # status polls to wait for the next byte of a burst
 STORAGE_ROOT = "/flash"
 
 
-class Uart:
+class Uart(boardkit.PolledUart):
     """A CMSDK APB UART driven by register polling; non-blocking like a FIFO-less MCU UART.
 
     QEMU holds back further input until DATA is read, so nothing is lost while the
@@ -71,15 +68,9 @@ class Uart:
     """
 
     def __init__(self, base):
-        self._base = base
         machine.mem32[base + 4 * _UART_BAUDDIV] = 16
         machine.mem32[base + 4 * _UART_CTRL] = 3  # TX and RX enabled
-
-    def readinto(self, buf):
-        return _uart_readinto(self._base, buf, len(buf))
-
-    def write(self, buf):
-        return _uart_write(self._base, buf, len(buf))
+        super().__init__(base, _uart_readinto, _uart_write)
 
 
 @micropython.viper
@@ -111,45 +102,17 @@ def _uart_write(base: int, buf: ptr8, length: int) -> int:
     return length
 
 
-class Clock:
-    """Microsecond clock from TIMER0, extended to 64 bits without allocating.
-
-    TIMER0 counts down through 2**32 cycles (171.8 s at 25 MHz); `update()` must run at
-    least that often (the scheduler calls it every pass). State lives in a preallocated
-    array: [active copy, then two copies of (last timer value, leftover cycles,
-    microseconds low word, high word)].
-
-    Single writer, lock-free readers: only the main loop calls `update()` (and `ticks_us`
-    / `now_us`, which update); it writes the inactive copy and then publishes it with one
-    word store. `stamp_into()` may run in an interrupt handler: it reads the active copy
-    and the timer and writes nothing, so an interrupt that lands in the middle of an
-    update still sees a whole, consistent copy (tested in mptest_board_qemu.py).
-    """
+class Clock(boardkit.ExtendedClock):
+    """Microsecond clock from TIMER0, extended to 64 bits without allocating (the state and
+    its single-writer rules: payload/boardkit.py). TIMER0 counts down through 2**32 cycles
+    (171.8 s at 25 MHz); `update()` must run at least that often (the scheduler calls it
+    every pass). A copy holds (last timer value, leftover cycles, microseconds low word,
+    high word)."""
 
     def __init__(self):
-        self._state = array.array("I", bytes(36))
         machine.mem32[_TIMER0 + 8] = 0xFFFFFFFF  # RELOAD
         machine.mem32[_TIMER0 + 0] = 1  # CTRL: enable, no interrupt
-        self._state[1] = machine.mem32[_TIMER0 + 4] & 0xFFFFFFFF
-
-    def update(self):
-        _clock_update(self._state)
-
-    def ticks_us(self):
-        """Low 30 bits of the microsecond count: a small int, for short intervals."""
-        _clock_update(self._state)
-        return _clock_low30(self._state)
-
-    def stamp_into(self, buf, offset):
-        """Write the 64-bit microsecond count little-endian into buf[offset:offset+8]
-        (interrupt-safe: reads only)."""
-        _clock_stamp(self._state, buf, offset)
-
-    def now_us(self):
-        """The full microsecond count as a Python int (allocates on 32-bit: not in IRQs)."""
-        _clock_update(self._state)
-        base = 1 + 4 * self._state[0]
-        return (self._state[base + 3] << 32) | self._state[base + 2]
+        super().__init__(_clock_update, _clock_stamp, machine.mem32[_TIMER0 + 4] & 0xFFFFFFFF)
 
 
 @micropython.viper
@@ -183,11 +146,6 @@ def _clock_update(state: ptr32):
 
 
 @micropython.viper
-def _clock_low30(state: ptr32) -> int:
-    return state[1 + 4 * state[0] + 2] & 0x3FFFFFFF
-
-
-@micropython.viper
 def _clock_stamp(state: ptr32, buf: ptr8, offset: int):
     src = 1 + 4 * state[0]
     low = state[src + 2]
@@ -205,37 +163,6 @@ def _clock_stamp(state: ptr32, buf: ptr8, offset: int):
         buf[offset + 4 + i] = (high >> (8 * i)) & 0xFF
 
 
-class RamBlockDevice:
-    """littlefs block device over PSRAM: stands in for the board's QSPI flash."""
-
-    def __init__(self, address, block_bytes, blocks):
-        self._mem = uctypes.bytearray_at(address, block_bytes * blocks)
-        # through a memoryview: slicing the bytearray itself would copy every read into a
-        # new heap object (measured: most of a pattern record's commit time)
-        self._view = memoryview(self._mem)
-        self._block_bytes = block_bytes
-        self._blocks = blocks
-
-    def readblocks(self, block, buf, offset=0):
-        start = block * self._block_bytes + offset
-        buf[:] = self._view[start : start + len(buf)]
-
-    def writeblocks(self, block, buf, offset=None):
-        if offset is None:
-            offset = 0
-        start = block * self._block_bytes + offset
-        self._view[start : start + len(buf)] = buf
-
-    def ioctl(self, op, arg):
-        if op == 4:  # block count
-            return self._blocks
-        if op == 5:  # block size
-            return self._block_bytes
-        if op == 6:  # erase: RAM needs none
-            return 0
-        return None
-
-
 ground_link = Uart(_UART0)
 payload_bus = Uart(_UART1)
 clock = Clock()
@@ -250,31 +177,13 @@ def boot_mode():
     return "app"
 
 
-def _lfs(device):
-    return vfs.VfsLfs2(
-        device, readsize=_LFS_IO_BYTES, progsize=_LFS_IO_BYTES, lookahead=32, mtime=False
-    )
-
-
 def mount_storage():
-    """Mount littlefs at STORAGE_ROOT, formatting a blank device (first boot)."""
-    import os
-
-    try:
-        os.stat(STORAGE_ROOT)
-        return STORAGE_ROOT  # already mounted (from the maintenance REPL): never format
-    except OSError:
-        pass
-    device = RamBlockDevice(_FLASH_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
-    try:
-        vfs.mount(_lfs(device), STORAGE_ROOT)
-    except OSError:
-        # Products and logs are lost, the link key is not (it lives outside littlefs);
-        # housekeeping reports the format.
-        global storage_formatted
-        storage_formatted = any(device._mem[0:64])  # not on a blank (first-boot) device
-        vfs.VfsLfs2.mkfs(device, readsize=_LFS_IO_BYTES, progsize=_LFS_IO_BYTES)
-        vfs.mount(_lfs(device), STORAGE_ROOT)
+    """Mount littlefs at STORAGE_ROOT, formatting a device that does not mount (first
+    boot); the link key is not lost (it lives outside littlefs)."""
+    global storage_formatted
+    device = boardkit.RamBlockDevice(_FLASH_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
+    if boardkit.mount_littlefs(device, STORAGE_ROOT, _LFS_IO_BYTES):
+        storage_formatted = True
     return STORAGE_ROOT
 
 
