@@ -77,15 +77,31 @@ def test_a_fixed_seed_is_refused_unless_named_insecure(tiny_pass, tmp_path, caps
 
 
 def test_the_mission_does_not_fix_the_distillation_seed():
-    """`qkdsat mission` used to distil with --seed 1 (its simulation seed)."""
+    """`qkdsat mission` used to distil with --seed 1 (its simulation seed). Every call of
+    the mission that starts a distillation is bound to the callee's real signature: none
+    may set its insecure_deterministic_seed (the check before this one read only the text
+    up to the first ')' of the first call, so `run_local(out, out, Config(), seed)` passed)."""
+    import ast
     import inspect
 
+    from host.distil import run as distil_run
     from host.mission import run as mission_run
 
-    source = inspect.getsource(mission_run)
-    assert "run_local(" in source
-    call = source[source.index("run_local(") :].split(")")[0]
-    assert "seed" not in call
+    callees = {"run_local": distil_run.run_local, "Alice": Alice, "Bob": Bob}
+    calls = 0
+    for node in ast.walk(ast.parse(inspect.getsource(mission_run))):
+        if not isinstance(node, ast.Call):
+            continue
+        name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+        if name not in callees:
+            continue
+        calls += 1
+        signature = inspect.signature(callees[name])
+        keywords = {k.arg: None for k in node.keywords if k.arg is not None}
+        bound = signature.bind_partial(*[None] * len(node.args), **keywords)
+        assert "insecure_deterministic_seed" not in bound.arguments, ast.unparse(node)
+        assert not any(k.arg is None for k in node.keywords), ast.unparse(node)  # no **kw
+    assert calls >= 2  # the post-pass and the pattern-memory distillations
 
 
 @pytest.mark.parametrize(
