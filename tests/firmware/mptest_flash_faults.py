@@ -645,86 +645,41 @@ def test_random_power_cuts_lose_no_committed_record_and_serve_no_torn_one():
     assert 0 < figures["worst_window"] <= figures["records_per_sync"] - 1, figures
 
 
-def test_a_power_cut_at_every_operation_of_a_boot_and_five_commits():
-    # Not random: the same start state, cut at operation 1, 2, ... until a run completes.
+def _sweep_every_cut(batched, commits, seed, check):
+    """Not random: from one start state (12 records, synced), cut at operation 1, 2, ...
+    of a boot and `commits` more commits of the "frames" log (batched: the group commit)
+    until a run completes. After each cut the next boot reads the log: every record
+    served must be what was written, and check(cut, served, result, returned, durable,
+    flying) gets the rest (the last seq commit() returned, the log's durable_seq then, the
+    seq in flight at the cut or -1). Returns the number of cuts."""
     chip = _chip(24)
     store = _fresh_store(chip)
-    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
+    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100, batched)
     for seq in range(12):
         assert log.commit(_fill_payload(log, "frames", seq)) == seq
+    assert log.durable_seq == (storage.RECORDS_PER_SYNC - 1 if batched else 11)
+    assert log.sync() and log.durable_seq == 11
     _power_off()
     start = _snapshot(chip, 24)
     rng = random
-    rng.seed(99)
+    rng.seed(seed)
     chip.rng = rng
     cut = 0
     while True:
         cut += 1
         chip.mem[: len(start)] = start
         chip.cut_at = chip.operations + cut
-        committed = list(range(12))
+        returned = durable = 11
         flying = -1
         try:
             _power_on(chip)
-            log = storage.Storage(MOUNT).open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
-            for seq in range(12, 17):
+            log = storage.Storage(MOUNT).open_log(
+                "frames", storage.KIND_PATTERN_FRAME, 1100, batched
+            )
+            for seq in range(12, 12 + commits):
                 flying = seq
                 assert log.commit(_fill_payload(log, "frames", seq)) == seq
-                committed.append(seq)
-                flying = -1
-            finished = True
-        except PowerCut:
-            finished = False
-        _power_off()
-        chip.cut_at = -1
-        _power_on(chip)
-        log = storage.Storage(MOUNT).open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
-        served, _ = _served(log.path, 1100)
-        _power_off()
-        want = committed + ([flying] if flying in served else [])
-        assert sorted(served) == want, (cut, sorted(served), committed)
-        assert all(served[s] == _expected("frames", s) for s in served), cut
-        if finished:
-            break
-    print("cut at each of", cut, "operations")
-    assert cut > 20, cut  # every program and erase of the boot and the five commits
-
-
-def test_a_power_cut_at_every_operation_of_a_group_commit_loses_only_its_window():
-    # A batched log (the pattern log's group commit): from the same start state, cut at
-    # operation 1, 2, ... of a boot and RECORDS_PER_SYNC + 3 commits. What comes back is
-    # every record up to the last sync that completed, whole, and at most the window
-    # (records committed since that sync) is gone: never a torn or a reordered record.
-    per_sync = storage.RECORDS_PER_SYNC
-    assert per_sync > 1
-    chip = _chip(24)
-    store = _fresh_store(chip)
-    log = store.open_log("frames", storage.KIND_PATTERN_FRAME, 1100, batched=True)
-    for seq in range(12):
-        assert log.commit(_fill_payload(log, "frames", seq)) == seq
-    assert log.durable_seq == per_sync - 1 and log.sync() and log.durable_seq == 11
-    _power_off()
-    start = _snapshot(chip, 24)
-    rng = random
-    rng.seed(98)
-    chip.rng = rng
-    cut = 0
-    windows = set()
-    while True:
-        cut += 1
-        chip.mem[: len(start)] = start
-        chip.cut_at = chip.operations + cut
-        durable = 11
-        returned = 11
-        try:
-            _power_on(chip)
-            log = storage.Storage(MOUNT).open_log(
-                "frames", storage.KIND_PATTERN_FRAME, 1100, batched=True
-            )
-            for seq in range(12, 12 + per_sync + 3):
-                assert log.commit(_fill_payload(log, "frames", seq)) == seq
-                returned = seq
-                durable = log.durable_seq
+                returned, durable, flying = seq, log.durable_seq, -1
             finished = True
         except PowerCut:
             finished = False
@@ -734,17 +689,44 @@ def test_a_power_cut_at_every_operation_of_a_group_commit_loses_only_its_window(
         log = storage.Storage(MOUNT).open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
         served, result = _served(log.path, 1100)
         _power_off()
+        assert all(served[s] == _expected("frames", s) for s in served), cut
+        check(cut, served, result, returned, durable, flying)
+        if finished:
+            return cut
+
+
+def test_a_power_cut_at_every_operation_of_a_boot_and_five_commits():
+    # Synced per record: every record whose commit returned comes back, and the one in
+    # flight at the cut only whole.
+    def check(cut, served, result, returned, durable, flying):
+        want = list(range(returned + 1)) + ([flying] if flying in served else [])
+        assert sorted(served) == want, (cut, sorted(served), returned)
+
+    cuts = _sweep_every_cut(False, 5, 99, check)
+    print("cut at each of", cuts, "operations")
+    assert cuts > 20, cuts  # every program and erase of the boot and the five commits
+
+
+def test_a_power_cut_at_every_operation_of_a_group_commit_loses_only_its_window():
+    # A batched log (the pattern log's group commit), RECORDS_PER_SYNC + 3 commits after
+    # the boot. What comes back is every record up to the last sync that completed, whole,
+    # and at most the window (records committed since that sync) is gone: never a torn or
+    # a reordered record.
+    per_sync = storage.RECORDS_PER_SYNC
+    assert per_sync > 1
+    windows = set()
+
+    def check(cut, served, result, returned, durable, flying):
         last = max(served)
         assert sorted(served) == list(range(last + 1)), (cut, sorted(served))
         assert durable <= last <= returned + 1, (cut, durable, last, returned)
         assert returned - last <= per_sync - 1, (cut, returned, last)
-        assert all(served[s] == _expected("frames", s) for s in served), cut
         assert result.dropped_bytes == 0, (cut, result.as_dict())
         windows.add(returned - last if returned > last else 0)
-        if finished:
-            break
-    print("cut at each of", cut, "operations; records lost per cut:", sorted(windows))
-    assert cut > 20 and max(windows) == per_sync - 1, (cut, windows)
+
+    cuts = _sweep_every_cut(True, per_sync + 3, 98, check)
+    print("cut at each of", cuts, "operations; records lost per cut:", sorted(windows))
+    assert cuts > 20 and max(windows) == per_sync - 1, (cuts, windows)
 
 
 def test_an_io_error_in_a_group_commit_counts_the_window_it_took():
