@@ -480,3 +480,26 @@ def test_two_kmes_serve_the_same_relayed_key_made_from_simulated_passes(tmp_path
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+def test_peer_delivery_is_refused_without_a_peer_and_peer_options_are_checked(
+    kme, tmp_path, capsys
+):
+    from host.cli import main as qkdsat
+    from host.network.kms import PEER_DELIVER_PATH
+
+    used = _used(kme)
+    delivery = {"master_SAE_ID": MASTER, "slave_SAE_ID": SLAVE,
+                "key_IDs": [str(uuid.uuid4())], "offset": used, "size": 256}  # fmt: skip
+    status, body = _call(kme, MASTER, "POST", PEER_DELIVER_PATH, delivery)
+    assert status == 401 and "peer KME" in body["message"]
+    assert _used(kme) == used  # nothing taken for a caller that is no peer
+    pki = tmp_path / "pki"
+    assert qkdsat(["kms", "pki", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}"]) == 0
+    serve = ["kms", "serve", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}", "--pool",
+             str(kme["pool"]), "--db", str(tmp_path / "k.db"), "--audit", str(tmp_path / "a"),
+             "--listen", "127.0.0.1:0", "--kme-id", "kme-a"]  # fmt: skip
+    assert qkdsat(serve + ["--peer-url", "https://localhost:9"]) == 2
+    assert "--peer-url and --peer-kme-id go together" in capsys.readouterr().err
+    assert qkdsat(serve + ["--peer-url", "https://localhost:9", "--peer-kme-id", "kme-b"]) == 2
+    assert "kme-a.pem missing (qkdsat kms pki --kme kme-a)" in capsys.readouterr().err
