@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import finite_key_reference
 import numpy as np
 import pytest
 
@@ -105,6 +106,15 @@ def test_the_report_carries_the_timeline_and_latency_figures(streamed):
     assert reconciled == sum(b["bits"] + b["bits_discarded"] for b in report["ec"]["blocks"])
     assert all(r["link_up"] for r in rows)
     assert 0 <= report["lag_s_median"] <= report["lag_s_max"]
+    # the key length is the finite-key analysis of the report's own counts and leaks (the
+    # chunks' EC leaks and announced error counts summed per basis)
+    assert on_disk["key_bits"] == finite_key_reference.recomputed_key_bits(on_disk)
+    for block, bob_block in zip(on_disk["blocks"], on_disk["ec"]["blocks"], strict=True):
+        assert (
+            block["leak_ec_bits"]
+            == bob_block["leak_bits"]
+            == sum(c["leak_bits"] for c in bob_block["chunk_list"])
+        )
     assert report["classical_bytes"]["down"] == report["classical_bytes"]["alice_to_bob"] > 0
     assert report["classical_bytes"]["up"] == report["classical_bytes"]["bob_to_alice"] > 0
 
