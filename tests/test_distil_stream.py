@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from host.cli import main as qkdsat
-from host.distil.protocol import Config
+from host.distil.channel import TAG_BYTES, decode
+from host.distil.protocol import BASES, Config
 from host.distil.run import key_names, run_local
 from host.distil.stream import StreamOptions
 
@@ -54,11 +55,63 @@ def micius_30s(tmp_path_factory):
     return out
 
 
+class Wire:
+    """Records one direction's messages (a tamper hook that changes nothing)."""
+
+    def __init__(self):
+        self.messages = []
+
+    def __call__(self, frame: bytes) -> bytes:
+        self.messages.append(decode(frame[:-TAG_BYTES]))
+        return frame
+
+
+WIRES = {}  # the streamed run's messages, each direction
+
+
 @pytest.fixture(scope="module")
 def streamed(micius_30s, tmp_path_factory):
     out = tmp_path_factory.mktemp("stream")
-    report = run_local(micius_30s, out, Config(), insecure_deterministic_seed=SEED, stream=STREAM)
+    WIRES["alice"], WIRES["bob"] = Wire(), Wire()
+    report = run_local(
+        micius_30s,
+        out,
+        Config(),
+        insecure_deterministic_seed=SEED,
+        stream=STREAM,
+        tamper=WIRES["alice"],
+        tamper_bob=WIRES["bob"],
+    )
     return report, out
+
+
+PUBLIC = "public"
+# every field of the streaming steps' own messages, and what it carries (the sync, EC and
+# final messages are the post-pass ones: tests/test_payload_processor.py)
+STREAM_FIELDS = {
+    "stream_start": {"epoch_unix_s": PUBLIC, "speedup": PUBLIC, "block_s": PUBLIC},
+    "stream_next": {
+        "step": PUBLIC,
+        "t_end_s": PUBLIC,
+        "detections": PUBLIC,
+        "count": PUBLIC,
+        "rice_k": PUBLIC,
+        "slots": PUBLIC,
+        "basis": PUBLIC,
+        "bits": PUBLIC,
+        "qber": PUBLIC,
+        "sample_bits": PUBLIC,
+        "t_handled_s": PUBLIC,
+        "last_detection_s": PUBLIC,
+    },
+    "stream_sift": {
+        "basis": PUBLIC,
+        "intensity": PUBLIC,
+        **{f"pos_{b}": PUBLIC for b in BASES},
+        **{f"count_{b}": PUBLIC for b in BASES},
+        **{f"bits_{b}": "sample" for b in BASES},
+    },
+}
 
 
 def test_streamed_key_is_near_the_post_pass_length_and_identical_on_both_sides(
@@ -107,7 +160,7 @@ def test_the_report_carries_the_timeline_and_latency_figures(streamed):
     assert all(r["link_up"] for r in rows)
     assert 0 <= report["lag_s_median"] <= report["lag_s_max"]
     # the key length is the finite-key analysis of the report's own counts and leaks (the
-    # chunks' EC leaks and announced error counts summed per basis)
+    # chunks' EC leaks summed per basis)
     assert on_disk["key_bits"] == finite_key_reference.recomputed_key_bits(on_disk)
     for block, bob_block in zip(on_disk["blocks"], on_disk["ec"]["blocks"], strict=True):
         assert (
@@ -248,3 +301,31 @@ def test_link_lost_for_good_before_pa_leaves_no_key_on_either_side_while_streami
         assert side_report["key_bits"] == 0 and side_report["key_latency_s"] is None
         # the stream had run: the pass was sifted and reconciled before the link died
         assert side_report["timeline"][-1]["reconciled_bits"] > 0, side
+
+
+def test_the_streams_messages_carry_alices_bits_only_in_the_counted_sample(streamed):
+    """Alice's bit values cross only as the disclosed sample (the EC messages are the
+    post-pass ones); the sample is what the report's key blocks leave out of the sifted
+    bits."""
+    report, _ = streamed
+    messages = WIRES["alice"].messages + WIRES["bob"].messages
+    sample_bits = dict.fromkeys(BASES, 0)
+    for kind, fields in messages:
+        if kind not in STREAM_FIELDS:
+            continue
+        for name in fields:
+            assert name in STREAM_FIELDS[kind] or name.startswith("_"), (kind, name)
+        if kind == "stream_sift":
+            for b in BASES:
+                sample_bits[b] += int(fields[f"count_{b}"])
+    kinds = {kind for kind, _ in messages}
+    assert {"stream_start", "stream_next", "stream_sift"} <= kinds
+    assert "detections" not in kinds and "disclose" not in kinds  # no post-pass sifting
+    counts = report["counts"]
+    for block in report["blocks"]:
+        sifted = sum(v["n"] for v in counts[block["basis"]].values())
+        assert sifted - block["n"] == sample_bits[block["basis"]] > 0
+    # EC ran in chunks, each announced by a reconcile step
+    steps = [f["step"] for kind, f in messages if kind == "stream_next"]
+    chunks = sum(b["chunks"] for b in report["ec"]["blocks"])
+    assert steps.count("reconcile") == chunks >= 3

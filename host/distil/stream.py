@@ -84,12 +84,6 @@ LINK_SILENT_S = 5.0
 # after an outage is sent block by block.
 
 
-def chunk_errors_bits(bits: int) -> int:
-    """Leak of Bob's announcement of a chunk's error count (0..bits), which sizes the
-    next chunk: counted on both sides, as post-pass counts ec_block_errors."""
-    return math.ceil(math.log2(bits + 1))
-
-
 @dataclass
 class StreamOptions:
     block_s: float = 1.0  # pass seconds per detection block (at most 1 s)
@@ -242,9 +236,10 @@ class _Growing:
 
 def sample_target(count: int, cfg: Config) -> int:
     """Disclosed sample after `count` sifted bits of a key basis: the post-pass rule
-    (protocol._sample_positions) applied to the bits so far, so a pass streamed to its end
-    discloses as many as post-pass."""
-    return min(count, max(cfg.sample_min, int(cfg.sample_fraction * count)), cfg.sample_max)
+    (protocol._sample_positions) applied to the bits so far, without its cap
+    (sample_max): every chunk needs a sample of its own stretch of the pass to be sized
+    from (Bob._estimate), so the sample goes on growing at sample_fraction."""
+    return min(count, max(cfg.sample_min, int(cfg.sample_fraction * count)))
 
 
 def chunk_bits(cfg: Config, options: StreamOptions, qber: float, sample_bits: int) -> int:
@@ -345,14 +340,8 @@ class StreamAlice(Alice):
                     blocks[name].append(kept_bits)
                     discards[name]["frames_discarded"] += int(stats.get("frames_discarded", 0))
                     discards[name]["bits_discarded"] += count - kept_bits.size
-                    told = channel.recv("stream_chunk_errors")
-                    if not 0 <= int(told["errors"]) <= int(told["bits"]) == count:
-                        raise ProtocolAborted(
-                            f"stream_chunk_errors: {told['errors']} of {told['bits']} bits"
-                        )
-                    announced = chunk_errors_bits(count)
-                    my_leaks[name] += stats["leak_bits"] + announced
-                    totals[0] += stats["leak_bits"] + announced
+                    my_leaks[name] += stats["leak_bits"]
+                    totals[0] += stats["leak_bits"]
                     totals[1] += stats["frames"]
                     totals[2] += stats["frame_errors"]
                     timeline.update(
@@ -567,7 +556,9 @@ class StreamBob(Bob):
         self._block_idx = {n: [] for n in key_bases}
         self._leaks = dict.fromkeys(key_bases, 0)
         self._ec_stats = dict.fromkeys(key_bases)
-        self._previous = None  # (errors, bits) of the chunk reconciled last
+        # per basis: sifted positions of the disclosed bits, and whether each was an error
+        self._sample_at = {n: _Growing(np.int64) for n in BASES}
+        self._sample_wrong = {n: _Growing(bool) for n in BASES}
         self._last_slot = -1
         self._assigned = 0
         self._t0 = None  # true seconds of the first detection: pass time 0
@@ -779,15 +770,25 @@ class StreamBob(Bob):
             self._known.data[idx] = True
             self._sample[name][0] += int(wrong.sum())
             self._sample[name][1] += int(idx.size)
+            self._sample_at[name].extend(idx)
+            self._sample_wrong[name].extend(wrong)
 
     def _estimate(self, name: str) -> tuple[float, int]:
-        """The running QBER estimate of a basis: its disclosed sample, or the exact error
-        rate of the chunk reconciled last (either basis) when it agrees with the sample
-        within protocol.EC_CONSISTENT_SIGMAS (as post-pass sizes its second block from the
-        first: protocol._ec_sizing)."""
-        errors, bits = self._sample[name]
-        qber = {name: errors / bits if bits else 0.0}
-        return _ec_sizing(qber, {name: bits}, name, self._previous)
+        """The QBER estimate the next chunk of a basis is sized for: the disclosed bits
+        among its unreconciled bits (the QBER drifts over a pass, rising towards low
+        elevation, and a chunk's bits are contiguous in time; an estimate from earlier in
+        the pass cost twice the leak at the end of a full micius pass), or the whole
+        sample while that holds fewer than sample_min bits; floored as post-pass
+        (protocol._ec_sizing)."""
+        sifted = self._sifted
+        backlog = sifted.key_positions[name].view[sifted.reconciled[name] :]
+        at = self._sample_at[name].view
+        local = at >= backlog[0] if backlog.size else np.zeros(at.size, bool)
+        wrong = self._sample_wrong[name].view[local]
+        if wrong.size < self.config.sample_min:  # too few yet: the pass so far
+            wrong = self._sample_wrong[name].view
+        qber = {name: float(wrong.mean()) if wrong.size else 0.0}
+        return _ec_sizing(qber, {name: int(wrong.size)}, name)
 
     def _check_qber(self, key_bases, final: bool = False) -> None:
         """The sample's QBER against the threshold, once the sample has its minimum size
@@ -833,10 +834,6 @@ class StreamBob(Bob):
         self._known.data[idx] = True
         self._blocks[name].append(corrected[kept])
         self._block_idx[name].append(idx)
-        chunk_errors = int(wrong.sum())
-        channel.send("stream_chunk_errors", errors=chunk_errors, bits=int(count))
-        self._previous = (chunk_errors, int(count))
-        stats["leak_bits"] += chunk_errors_bits(count)
         self._leaks[name] += stats["leak_bits"]
         stats.setdefault("frames_discarded", 0)
         stats.setdefault("bits_discarded", 0)
