@@ -197,6 +197,10 @@ def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, k
     down, up = _messages(link.captured(DOWN)), _messages(link.captured(UP))
     for direction, messages in ((DOWN, down), (UP, up)):
         for kind, fields in messages:
+            # every message's acknowledgement (channel.py): a count of the peer's messages
+            acknowledged = fields.pop("_ack")
+            assert isinstance(acknowledged, int)
+            assert 0 <= acknowledged <= len(up if direction == DOWN else down)
             allowed = FIELDS.get((direction, kind))
             assert allowed is not None, f"unknown message {kind!r} {direction}"
             for name in fields:
