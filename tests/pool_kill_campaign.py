@@ -134,12 +134,14 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
     frames = {d: _frames(streams[d]) for d in (0, 1)}
     if not frames[0] or not frames[1]:
         return [], 0  # no agreed start: nothing authenticated can have been sent
-    starts = []
+    starts, nonces = [], []
     for d in (0, 1):
         announce = frames[d][0]
-        assert len(announce) == 16 and announce[:8] == b"QKDPOOL1", announce[:8]
-        starts.append(struct.unpack("<Q", announce[8:])[0])
+        assert len(announce) == 32 and announce[:8] == b"QKDPOOL2", announce[:8]
+        starts.append(struct.unpack("<Q", announce[8:16])[0])
+        nonces.append(announce[16:])
     start = max(starts)
+    session = min(nonces) + max(nonces)  # every tag covers both sides' nonces
     key = int.from_bytes(pool[start : start + 8], "little")
     ranges, tags = [], 0
     for d in (0, 1):
@@ -147,7 +149,7 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
             offset = start + 8 + 8 * (2 * seq + d)
             pad = int.from_bytes(pool[offset : offset + 8], "little")
             body, tag = frame[:-8], frame[-8:]
-            expect = poly_hash(struct.pack("<BQ", d, seq) + body, key) ^ pad
+            expect = poly_hash(struct.pack("<BQ", d, seq) + session + body, key) ^ pad
             assert tag == expect.to_bytes(8, "little"), f"tag {d}/{seq} not from offset {offset}"
             ranges.append((offset, offset + 8))
             tags += 1

@@ -196,12 +196,16 @@ def test_the_two_sides_begin_at_the_later_record_and_authenticate(tmp_path):
     pool_a = ch.KeyPool.from_file(str(tmp_path / "a.pool"))
     pool_b = ch.KeyPool.from_file(str(tmp_path / "b.pool"))
     t_a, t_b = ch.queue_pair(timeout_s=5)
-    thread = threading.Thread(target=ch.exchange_pool_start, args=(t_b, pool_b))
+    sessions = {}
+    thread = threading.Thread(
+        target=lambda: sessions.update(b=ch.exchange_pool_start(t_b, pool_b))
+    )
     thread.start()
-    ch.exchange_pool_start(t_a, pool_a)
+    session = ch.exchange_pool_start(t_a, pool_a)
     thread.join()
     assert pool_a.start_byte == pool_b.start_byte == 9000
-    a, b = ch.AuthChannel(t_a, pool_a, ch.ALICE), ch.AuthChannel(t_b, pool_b, ch.BOB)
+    a = ch.AuthChannel(t_a, pool_a, ch.ALICE, session=session)
+    b = ch.AuthChannel(t_b, pool_b, ch.BOB, session=sessions["b"])
     a.send("hello", n=1)
     assert b.recv("hello")["n"] == 1
     assert _record(tmp_path / "a.pool") >= 9000 + 8 + 8
@@ -298,11 +302,18 @@ def _file_pools(tmp_path, size=1 << 16):
 def _start(pool_a, pool_b):
     """Both sides announce their records and begin at the later one (channel.py)."""
     t_a, t_b = ch.queue_pair(timeout_s=5)
-    thread = threading.Thread(target=ch.exchange_pool_start, args=(t_b, pool_b))
+    sessions = {}
+    thread = threading.Thread(
+        target=lambda: sessions.update(b=ch.exchange_pool_start(t_b, pool_b))
+    )
     thread.start()
-    ch.exchange_pool_start(t_a, pool_a)
+    session = ch.exchange_pool_start(t_a, pool_a)
     thread.join()
-    return ch.AuthChannel(t_a, pool_a, ch.ALICE), ch.AuthChannel(t_b, pool_b, ch.BOB)
+    assert session == sessions["b"] and len(session) == 2 * ch.SESSION_NONCE_BYTES
+    return (
+        ch.AuthChannel(t_a, pool_a, ch.ALICE, session=session),
+        ch.AuthChannel(t_b, pool_b, ch.BOB, session=session),
+    )
 
 
 def test_a_side_never_puts_a_pad_on_the_wire_beyond_the_peers_record(tmp_path):
@@ -377,3 +388,44 @@ def test_a_message_without_acknowledgement_is_an_older_peer_and_ends_the_session
     t_a.send_bytes(body + a._tag(0, 0, body))
     with pytest.raises(ch.ProtocolAborted, match="older protocol"):
         b.recv("hello")
+
+
+def test_a_rolled_back_bob_does_not_accept_alices_messages_replayed_from_an_old_session(
+    tmp_path,
+):
+    """Bob's POOL.used is restored from before a session. A man in the middle answers Bob's
+    announcement with the position Alice announced then and replays her first message:
+    it verified at Bob (same start, same hash key, same pad, same sequence number), and
+    Bob then tagged his own messages with pads he had used in that session (other
+    messages under the same pads give away the hash key, and with it every pad of the
+    session). Each side now puts a fresh nonce in its announcement and every tag covers
+    both: a replayed message fails to verify, and Bob sends nothing."""
+    paths, pools = _file_pools(tmp_path)
+    bob_used = paths[1].parent / (paths[1].name + ".used")
+    backup = bob_used.read_bytes()
+    t_a, t_b = ch.queue_pair(timeout_s=5)
+    from_alice = []
+    t_a.tamper = lambda frame: from_alice.append(frame) or frame  # the eavesdropper's copy
+    thread = threading.Thread(target=ch.exchange_pool_start, args=(t_b, pools[1]))
+    thread.start()
+    session_a = ch.exchange_pool_start(t_a, pools[0])
+    thread.join()
+    a = ch.AuthChannel(t_a, pools[0], ch.ALICE, session=session_a)
+    a.send("hello", pass_digest="first pass")
+    for pool in pools:
+        pool.close()
+    bob_used.write_bytes(backup)  # Bob's record rolled back to before that session
+    bob_pool = ch.KeyPool.from_file(str(paths[1]))
+    eve, t_bob = ch.queue_pair(timeout_s=5)
+    eve.send_bytes(from_alice[0])  # Alice's announcement of then
+    eve.send_bytes(from_alice[1])  # and her first message
+    session_b = ch.exchange_pool_start(t_bob, bob_pool)
+    assert bob_pool.start_byte == pools[0].start_byte  # the same pads as then
+    b = ch.AuthChannel(t_bob, bob_pool, ch.BOB, session=session_b)
+    with pytest.raises(ch.AuthenticationFailed):
+        b.recv("hello")
+    b.abort("authentication failed")
+    assert b.sent == 0
+    eve.recv_bytes()  # Bob's announcement; nothing else came from Bob
+    assert eve.inbox.empty()
+    bob_pool.close()

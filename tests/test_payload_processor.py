@@ -40,7 +40,7 @@ PASS_S = 30.0
 HEAD_SEGMENT_S = 2.0  # seconds of head generation around culmination
 OUTAGE_S = 3.0  # 20 s of micius' 274 s pass, scaled to the 30 s pass (2.2 s) and rounded up
 
-POOL_POSITION_BYTES = 16  # channel.exchange_pool_start: b"QKDPOOL1", u64 start byte
+POOL_POSITION_BYTES = 32  # channel.exchange_pool_start: b"QKDPOOL2", u64 start, 16-byte nonce
 KEY_FILES = {role: name + ".key" for role, name in key_names(True).items()}  # test keys
 
 pytestmark = pytest.mark.slow

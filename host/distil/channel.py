@@ -1,12 +1,15 @@
 """The classical channel between Alice and Bob: transports (in-process, TCP), message
 encoding, and Wegman-Carter authentication from a pre-shared key pool.
 
-Authentication: every message carries tag = h_k(direction | seq | body) XOR r, with h the
-GF(2^64) polynomial hash (host/distil/gf64.py), k a 64-bit hash key used for the whole
-session (key recycling is allowed because the tag is one-time padded) and r a fresh 64-bit
-one-time pad per message. Both come from the pool file both parties hold. Pads are laid out
-in the pool as [k | pad(A->B, 0) | pad(B->A, 0) | pad(A->B, 1) | ...] so each side finds
-them without coordination; the pool consumed is 64 + 128 * max(messages each way) bits.
+Authentication: every message carries tag = h_k(direction | seq | session | body) XOR r,
+with h the GF(2^64) polynomial hash (host/distil/gf64.py), k a 64-bit hash key used for the
+whole session (key recycling is allowed because the tag is one-time padded) and r a fresh
+64-bit one-time pad per message. Both come from the pool file both parties hold. Pads are
+laid out in the pool as [k | pad(A->B, 0) | pad(B->A, 0) | pad(A->B, 1) | ...] so each side
+finds them without coordination; the pool consumed is 64 + 128 * max(messages each way)
+bits. `session` is the two sides' fresh nonces, exchanged with the pool positions
+(exchange_pool_start): a message recorded in an earlier session never verifies in a later
+one, even at the same pool offset (a side whose usage record was rolled back).
 A forged or altered message is accepted with probability <= (L + 1) / 2^64 for a message
 of L 64-bit blocks.
 """
@@ -36,7 +39,9 @@ _LEN = struct.Struct("<I")
 # L the 64-bit blocks of the longer (gf64.py): FORGERY_PER_MESSAGE, counted per message in
 # the report's epsilon. 64 MiB holds a full pass's largest message (the detections) ~10x.
 MAX_MESSAGE_BYTES = 1 << 26
-_MAX_HASH_BLOCKS = (MAX_MESSAGE_BYTES + 9 + 7) // 8 + 1  # + direction/seq prefix, length
+SESSION_NONCE_BYTES = 16  # each side's, in its announcement; a tag covers both
+# + the direction/seq/session prefix, and the length block
+_MAX_HASH_BLOCKS = (MAX_MESSAGE_BYTES + 9 + 2 * SESSION_NONCE_BYTES + 7) // 8 + 1
 FORGERY_PER_MESSAGE = (_MAX_HASH_BLOCKS + 1) / 2.0**64
 
 
@@ -67,8 +72,8 @@ _ACK_FIELD = "_ack"  # the acknowledgement's name in every message body
 RESERVE_AHEAD_BYTES = 16 * (MAX_UNANSWERED + 1)
 RESERVE_STEP_BYTES = 2048  # one fsync'd record per this many bytes, not one per message
 MIN_POOL_LEFT_BYTES = 1024
-_START_HELLO = b"QKDPOOL1"
-_START = struct.Struct("<8sQ")
+_START_HELLO = b"QKDPOOL2"  # 2: a session nonce follows the position (QKDPOOL1: none)
+_START = struct.Struct(f"<8sQ{SESSION_NONCE_BYTES}s")
 
 
 def _fsync_directory(path: str) -> None:
@@ -227,16 +232,30 @@ def _read_usage_record(path: str, used_path: str) -> int:
     return start
 
 
-def exchange_pool_start(transport, pool: KeyPool) -> None:
+def exchange_pool_start(transport, pool: KeyPool) -> bytes:
     """Both sides announce where their usage record stands (in the clear: it is not
     secret) and begin at the later one. A peer, or a man in the middle, can only move our
     start forward (wasting pool) or make the two starts differ, which the first
-    authenticated message then fails on; see AuthChannel for why no pad is reused then."""
-    transport.send_bytes(_START.pack(_START_HELLO, pool.start_byte))
+    authenticated message then fails on; see AuthChannel for why no pad is reused then.
+
+    Each announcement also carries a fresh random nonce; the session (both nonces, in a
+    fixed order) is returned for AuthChannel, whose every tag covers it. Without it, a
+    side whose record was rolled back would begin again where an earlier session began,
+    and a man in the middle replaying the peer's messages of then would see them verify
+    and the side answer under pads it had already used."""
+    nonce = os.urandom(SESSION_NONCE_BYTES)
+    transport.send_bytes(_START.pack(_START_HELLO, pool.start_byte, nonce))
     data = transport.recv_bytes()
+    if data[:8] == b"QKDPOOL1":
+        raise ProtocolAborted(
+            "the peer announces its pool position without a session nonce: it speaks an "
+            "older protocol"
+        )
     if len(data) != _START.size or data[:8] != _START_HELLO:
         raise ProtocolAborted("the peer did not announce its authentication pool position")
-    pool.agree_start(_START.unpack(data)[1])
+    _, peer_start_byte, peer_nonce = _START.unpack(data)
+    pool.agree_start(peer_start_byte)
+    return min(nonce, peer_nonce) + max(nonce, peer_nonce)
 
 
 # ------------------------------------------------------------------ transports
@@ -412,10 +431,17 @@ class AuthChannel:
     so her pads were never used by her nor, thanks to RESERVE_AHEAD_BYTES, by Bob in a
     session she took part in. Bob sends nothing authenticated (not even an abort) until
     Alice's first message has verified, which happens only if both began at the same
-    point, at or after both records."""
+    point, at or after both records, in this session: the tags cover both sides' fresh
+    nonces, so Alice's messages of an earlier session replayed to a Bob whose record was
+    rolled back to its start do not verify. Alice, who speaks first, relies on her own
+    record alone: if it is rolled back, a man in the middle who lowers Bob's announced
+    position makes her tag her first message under a pad she used before (docs)."""
 
-    def __init__(self, transport, pool: KeyPool, role: str):
+    def __init__(self, transport, pool: KeyPool, role: str, session: bytes = b""):
+        """session: what exchange_pool_start returned (empty in one process, where
+        nothing is replayed and both endpoints share the pool's record)."""
         self.transport, self.pool, self.role = transport, pool, role
+        self.session = bytes(session)
         self._hash_key = None
         self.sent = 0
         self.received = 0
@@ -436,7 +462,7 @@ class AuthChannel:
         return int.from_bytes(self.pool.take(8 + 8 * (2 * seq + direction), 8), "little")
 
     def _tag(self, direction: int, seq: int, body: bytes) -> bytes:
-        prefix = struct.pack("<BQ", direction, seq)
+        prefix = struct.pack("<BQ", direction, seq) + self.session
         h = poly_hash(prefix + body, self.hash_key) ^ self._pad(direction, seq)
         return h.to_bytes(8, "little")
 

@@ -701,8 +701,8 @@ def _run_split(
         # no peer came, or none answered: the link failed before the protocol began (exit
         # 1, as a link lost); exit 3 is for a protocol that stopped, with its report
         raise EnvironmentFailure(f"{option} {address}: {error}") from None
-    ch.exchange_pool_start(transport, pool)
-    chan = ch.AuthChannel(transport, pool, args.role)
+    session = ch.exchange_pool_start(transport, pool)
+    chan = ch.AuthChannel(transport, pool, args.role, session=session)
     if progress is not None:
         progress(f"{args.role}: connected; running the protocol")
     t0 = time.perf_counter()

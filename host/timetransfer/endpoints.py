@@ -248,8 +248,8 @@ def check_key_length(pool: ch.KeyPool, key_info: dict, scenario: dict) -> None:
 
 
 def _session(transport, pool: ch.KeyPool, role: str) -> ch.AuthChannel:
-    ch.exchange_pool_start(transport, pool)
-    return ch.AuthChannel(transport, pool, role)
+    session = ch.exchange_pool_start(transport, pool)
+    return ch.AuthChannel(transport, pool, role, session=session)
 
 
 class SatelliteEndpoint:
