@@ -226,7 +226,11 @@ DEFAULTS = {
     "fsm_limit_urad": 900.0,
     "qpd_spot_radius_urad": 25.0,
     "qpd_background_counts": 25,
-    "qpd_threshold_counts": 300,
+    # 150 counts above background: ~10 sigma of the background sum's noise (4 x 25 counts
+    # and read noise), 12 % of a 15 deg beacon's mean. At 300, scintillation fades held
+    # the loop (mirror and resonators frozen) ~2 % of the time at 20 deg, and each hold
+    # left the resonators out of phase with the wheel lines: 1.0 -> 0.8 urad RMS there.
+    "qpd_threshold_counts": 150,
     "qpd_confirm_samples": 5,
     "loss_samples": 20,
     "camera_threshold_counts": 200,
