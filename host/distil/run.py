@@ -310,6 +310,7 @@ def finish(out_dir: Path, report: dict, keys: dict) -> None:
         raise BadInput(f"--out {out_dir}: cannot create ({error.strerror})") from None
     report_path = out_dir / REPORT_NAME
     report_path.unlink(missing_ok=True)
+    _remove_key_temporaries(out_dir, keys)
     fsync_directory(out_dir)
     key_files = {}
     if not report["aborted"]:
@@ -351,6 +352,16 @@ def finish(out_dir: Path, report: dict, keys: dict) -> None:
         raise EnvironmentFailure(
             f"{report_path}: could not be written ({error.strerror}); no key kept"
         ) from None
+
+
+def _remove_key_temporaries(out_dir: Path, keys: dict) -> None:
+    """Key material a killed run left in its temporary files (durable.temporary_name,
+    any pid) for the roles this run stands for: no report vouches for it, and a pid that
+    never comes round again would leave it there for good."""
+    for name in key_files_of({stem.split(".")[0] for stem in keys}):
+        for leftover in out_dir.glob(f".{name}.*.tmp"):
+            if leftover.name[len(name) + 2 : -len(".tmp")].isdigit():  # .NAME.PID.tmp
+                leftover.unlink(missing_ok=True)
 
 
 def _remove_keys(out_dir: Path, keys: dict) -> None:
