@@ -40,7 +40,9 @@ def test_host_built_telecommands_are_accepted_in_order():
     key = _unhex(vectors["key"])
     root = _fresh_root(key)
     with open(root + "/products/patterns.qrec", "wb") as f:
-        f.write(bytes(range(256)) * 20)
+        block = bytes(range(256))
+        for _ in range(20):  # 5 kB, written without 5 kB in one piece (netduino2's heap)
+            f.write(block)
     with open(root + "/link/product_key", "wb") as f:  # a pattern product is read: sealed
         f.write(bytes(32))
     link, sent = _link(root)
@@ -119,16 +121,25 @@ def test_telemetry_counter_rises_and_survives_power_cuts():
     key = b"t" * 32
     root = _fresh_root(key)
     link, _ = _link(root, keep=False)
-    counters = []
-    link._send = lambda buf, length: counters.append(_tm_counter(buf, length))
+    # checked as they come, not kept: on netduino2's 96 KiB heap a list of the ~900
+    # counters regrows into 4 kB pieces that the link's own allocations leave scarce
+    seen = [0, 0, 0]  # packets, packets whose counter was not the packet's number, last
+
+    def record(buf, length):
+        counter = _tm_counter(buf, length)
+        seen[0] += 1
+        if counter != seen[0]:
+            seen[1] += 1
+        seen[2] = counter
+
+    link._send = record
     for counter in range(1, 301):  # past the first stored ceiling (256 ahead)
         link.handle(_tc(key, counter, 17, 1))
-    # compared in place: a second 300-entry list needs 4 kB in one piece on netduino2
-    assert all(c == i + 1 for i, c in enumerate(counters)), counters[:5]
-    assert len(counters) >= 300 and link.link_counters()["tm_counter"] == counters[-1]
+    assert seen[1] == 0, seen
+    assert seen[0] >= 300 and link.link_counters()["tm_counter"] == seen[2]
     again, sent = _link(root)  # power cut, reboot: the state comes back from storage
     again.handle(_tc(key, 1000, 17, 1))
-    assert _tm_counter(sent[0]) > counters[-1]
+    assert _tm_counter(sent[0]) > seen[2]
     # cut after the new ceiling's temporary file was written, before the rename
     with open(root + "/link/tm_counter.tmp", "w") as f:
         f.write("90000")
