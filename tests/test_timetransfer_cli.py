@@ -10,7 +10,7 @@ import pytest
 
 from host.cli import main
 from host.distil import channel as ch
-from host.errors import ProtocolAborted
+from host.errors import BadInput, ProtocolAborted
 from host.timetransfer import command, endpoints, estimate, simulate
 from tests.network_keys import distilled
 
@@ -436,3 +436,42 @@ def test_satellite_and_ground_keys_of_different_passes_are_bad_input(
     assert main(argv + ["--out", str(tmp_path / "out")]) == 2
     assert "the two keys come from different passes" in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_key_replaced_while_a_time_transfer_opens_it_serves_no_used_byte_again(
+    tmp_path, monkeypatch
+):
+    """The time transfer read the distilled key (read_distilled_key), and only then
+    locked the file and read its usage record. A distillation finishing into the same
+    directory in between (it replaces alice.key and removes alice.key.used) made it take
+    the OLD key's bytes from 0, though 4,096 of them had sealed earlier messages. Now the
+    file is locked and its record read first, and the key read after must be the locked
+    file's: the old key goes on from its record, or the new one is refused/used fresh."""
+    from host.network import pool as network_pool
+
+    old = distilled(tmp_path, 8 * 16384, "first pass")
+    pool, _ = endpoints.open_time_key(tmp_path, "satellite")
+    pool.take(0, 4096)  # a first time transfer sealed with the old key
+    used = pool.reserved_byte
+    pool.close()
+    real = network_pool.read_distilled_key
+
+    landed = []
+
+    def distillation_lands_meanwhile(keys_dir, role):
+        data = real(keys_dir, role)
+        if not landed:  # run.finish: a new key, its record gone
+            landed.append(distilled(tmp_path, 8 * 16384, "second pass"))
+        return data
+
+    monkeypatch.setattr(network_pool, "read_distilled_key", distillation_lands_meanwhile)
+    try:
+        pool, _ = endpoints.open_time_key(tmp_path, "satellite")
+    except BadInput:
+        return  # refused: nothing served
+    try:
+        assert pool.data in (old, landed[0])
+        if pool.data == old:
+            assert pool.start_byte >= used, "the old key's used bytes serve again"
+    finally:
+        pool.close()

@@ -79,9 +79,20 @@ def open_time_key(keys_dir: Path, side: str) -> tuple[ch.KeyPool, dict]:
     keys_dir = Path(keys_dir)
     if not keys_dir.is_dir():
         raise BadInput(f"--keys {keys_dir}: not a directory (a `qkdsat distil --out` directory)")
-    data, source = read_distilled_key(keys_dir, role)
+    read_distilled_key(keys_dir, role)  # a key the report vouches for, or its error
     path = keys_dir / f"{role}.key"
+    # the file is locked and its record read BEFORE the key is read, and the key read must
+    # be the locked file's: a distillation finishing into this directory in between
+    # replaces the key and removes its record, and the old key's bytes would start at 0
     pool = ch.KeyPool.from_file(str(path), new=not os.path.exists(f"{path}.used"))
+    try:
+        data, source = read_distilled_key(keys_dir, role)
+    except BaseException:
+        pool.close()
+        raise
+    if pool.data[: len(data)] != data:
+        pool.close()
+        raise BadInput(f"{path}: replaced while it was opened (a distillation finished?)")
     pool.data = data  # whole bytes only
     if pool.start_byte >= len(data):
         pool.close()
