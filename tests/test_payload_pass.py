@@ -129,7 +129,11 @@ def test_symbol_frequencies_match_the_configured_probabilities(below_rate):
     )
     assert observed.sum() == len(symbols)
     result = chisquare(observed, expected * len(symbols))
-    assert result.pvalue > 1e-3, (observed, result)
+    # 1e-6, not 1e-3: the QRNG bytes differ from run to run, and 1e-3 failed about one
+    # run in a thousand per target (seen once). The mapping itself is checked bit for bit
+    # by test_emitted_symbols_are_the_mapping_of_the_qrng_bytes; this catches a skewed
+    # source (its rarest symbol a quarter off on MPS2's 15 k slots: p ~ 5e-11).
+    assert result.pvalue > 1e-6, (observed, result)
 
 
 def test_every_tdc_event_is_logged_below_the_rated_rate(below_rate):
