@@ -188,3 +188,38 @@ def test_pool_command_fills_and_reports_levels(tmp_path, capsys):
     }
     assert qkdsat(["pool", "fill", "--network", str(net), "--station", "Nanshan",
                    "--keys", str(tmp_path / "k")]) == 2  # fmt: skip
+
+
+def test_a_key_replaced_while_it_is_filled_puts_no_time_transfer_byte_in_the_pools(
+    tmp_path, monkeypatch
+):
+    """The fill read the keys, then locked the files and read their usage records: a
+    distillation finishing into the directory in between (new keys, records removed) made
+    it fill the OLD keys from byte 0, the 1,000 bytes a time transfer had sealed with
+    included. Now the keys are read again once their records are read under the lock,
+    and a key replaced meanwhile is refused."""
+    import host.network.pool as network_pool
+    from host.distil.channel import write_usage_record
+
+    keys, net = tmp_path / "k", tmp_path / "net"
+    old = distilled(keys, 8 * 4096, "pass-1")
+    for role in ("alice", "bob"):  # a time transfer sealed with the first 1,000 bytes
+        write_usage_record(str(keys / f"{role}.key"), 1000)
+    real = network_pool.read_distilled_key
+    landed = []
+
+    def distillation_lands_meanwhile(keys_dir, role):
+        data = real(keys_dir, role)
+        if role == "bob" and not landed:
+            landed.append(distilled(keys, 8 * 4096, "pass-2"))
+        return data
+
+    monkeypatch.setattr(network_pool, "read_distilled_key", distillation_lands_meanwhile)
+    try:
+        fill_pair(net, "Jinan", keys)
+    except BadInput as error:
+        assert "replaced" in str(error)
+        return
+    filled = pool_path(net, SATELLITE, "Jinan").read_bytes()
+    fresh = filled in (old[1000:], landed[0])  # (not compared in the output: key bytes)
+    assert fresh, "bytes a time transfer used are in the pool"

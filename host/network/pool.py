@@ -311,6 +311,15 @@ def fill_pair(network_dir: str | Path, station: str, alice_dir, bob_dir=None) ->
             _locked_key_file(Path(bob_dir or alice_dir) / "bob.key", locks),
         ]
         start = max(_pool_fill_start(path) for path in key_files)
+        # the keys again, now that their records are read under the lock: a distillation
+        # finishing into the directory since the first reading replaced a key and removed
+        # its record, and the old key would be filled from byte 0 (time transfer's included)
+        again = (
+            read_distilled_key(alice_dir, "alice"),
+            read_distilled_key(bob_dir or alice_dir, "bob"),
+        )
+        if again != ((alice_key, alice_source), (bob_key, bob_source)):
+            raise BadInput(f"{key_files[0].parent}: a key was replaced while being filled")
         if start >= len(alice_key):
             raise BadInput(
                 f"{key_files[0]}: every byte of this key is used (time transfer, "
