@@ -130,10 +130,11 @@ def _frames(stream: bytes) -> list[bytes]:
 
 
 def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]:
-    """Pool byte ranges the session's tags used, checked tag by tag; and the tag count."""
+    """Pool byte ranges the session's tags used, checked tag by tag; the tag count; and
+    who sent each range's tag (0: Alice, 1: Bob, None: the hash key, used by both)."""
     frames = {d: _frames(streams[d]) for d in (0, 1)}
     if not frames[0] or not frames[1]:
-        return [], 0  # no agreed start: nothing authenticated can have been sent
+        return [], 0, []  # no agreed start: nothing authenticated can have been sent
     starts, nonces = [], []
     for d in (0, 1):
         announce = frames[d][0]
@@ -143,7 +144,7 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
     start = max(starts)
     session = min(nonces) + max(nonces)  # every tag covers both sides' nonces
     key = int.from_bytes(pool[start : start + 8], "little")
-    ranges, tags = [], 0
+    ranges, tags, senders = [], 0, []
     for d in (0, 1):
         for seq, frame in enumerate(frames[d][1:]):
             offset = start + 8 + 8 * (2 * seq + d)
@@ -152,10 +153,12 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
             expect = poly_hash(struct.pack("<BQ", d, seq) + session + body, key) ^ pad
             assert tag == expect.to_bytes(8, "little"), f"tag {d}/{seq} not from offset {offset}"
             ranges.append((offset, offset + 8))
+            senders.append(d)
             tags += 1
     if tags:
-        ranges.append((start, start + 8))
-    return ranges, tags
+        ranges.append((start, start + 8))  # the hash key: both sides' tags used it
+        senders.append(None)
+    return ranges, tags, senders
 
 
 def _record(path: Path) -> int:
@@ -239,14 +242,22 @@ def run_campaign(
         if all(p.returncode in (0, 3) for p in procs.values()):
             stats["clean_exits"] += 1
         relay.close()
-        ranges, tags = used_ranges(relay.streams, pool)
+        ranges, tags, senders = used_ranges(relay.streams, pool)
         for lo, _hi in ranges:
             assert lo not in owner, (
                 f"pool bytes {lo}..{lo + 8} used in session {owner[lo]} and again in {session}"
             )
             owner[lo] = session
-        latest = max(_record(pools["alice"]), _record(pools["bob"]))
+        records = {role: _record(path) for role, path in pools.items()}
+        latest = max(records.values())
         assert all(hi <= latest for _, hi in ranges), (session, latest, max(ranges))
+        # and each side's own record lies beyond every pad it put on the wire (and so
+        # beyond the hash key before them): a man in the middle who lowers the peer's
+        # announcement leaves a side its own record only
+        for (_, hi), sender in zip(ranges, senders, strict=True):
+            if sender is not None:
+                role = ("alice", "bob")[sender]
+                assert hi <= records[role], (session, role, hi, records[role])
         stats["tags_checked"] += tags
         stats["bytes_used"] += 8 * len(ranges)
         stats["sessions"] += 1
