@@ -29,6 +29,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import scipy.fft
 import scipy.sparse
 
@@ -45,6 +46,8 @@ SHORT_PASS_SEEDS = int(os.environ.get("BENCH_SHORT_PASS_SEEDS", "20"))
 SEED_PASSES = int(os.environ.get("BENCH_SEED_PASSES", "10"))
 QBERS = (0.01, 0.02, 0.03, 0.05)
 TCP_DELAY_S = 0.005
+# Whole passes over many seeds take longer than the suite's 600 s per-test timeout.
+pytestmark = pytest.mark.timeout(7200)
 
 
 class _DelayedSocket(ch.SocketTransport):
@@ -350,29 +353,27 @@ def test_bench_short_pass_over_endpoint_seeds(tmp_path):
     )
 
 
-def test_bench_30s_passes_over_simulation_seeds(tmp_path):
-    """Issue 17 (robustness): BENCH_SEED_PASSES (10) 30 s passes of micius-2017 and of
-    jinan-1, each a different simulation seed, distilled with the endpoints' CSPRNG: the
-    worst EC efficiency f and the worst distillation time as a fraction of the pass, next
-    to the median (a pass whose finite-key length is 0 still reports its EC)."""
-    for profile, tail in (("micius-2017", "hoeffding"), ("jinan-1", "chernoff")):
-        fs, fractions, ec_fractions, keys, aborted = [], [], [], [], 0
-        for sim_seed in range(1, SEED_PASSES + 1):
-            pass_dir = tmp_path / f"{profile}-30s-{sim_seed}"
-            duration_s = _simulate(profile, sim_seed, pass_dir, duration_s=30)
-            report = run_local(
-                pass_dir, tmp_path / f"out30-{profile}-{sim_seed}", Config(tail=tail)
-            )
-            stages = report["stage_seconds"]
-            aborted += bool(report["aborted"])
-            if report.get("ec", {}).get("efficiency") is not None:
-                fs.append(report["ec"]["efficiency"])
-            fractions.append(stages["total"] / duration_s)
-            ec_fractions.append(stages.get("error_correction", 0.0) / duration_s)
-            keys.append(report["key_bits"] or 0)
-        print(
-            f"\n{profile}, {SEED_PASSES} simulation seeds of 30 s ({tail}): "
-            f"{_summary('EC f', fs, max)}; {_summary('distil / pass', fractions, max)}; "
-            f"{_summary('EC / pass', ec_fractions, max)}; key bits min {min(keys)} median "
-            f"{statistics.median(keys):.0f}; aborted {aborted}"
-        )
+@pytest.mark.parametrize("profile,tail", [("micius-2017", "hoeffding"), ("jinan-1", "chernoff")])
+def test_bench_30s_passes_over_simulation_seeds(tmp_path, profile, tail):
+    """Issue 17 (robustness): BENCH_SEED_PASSES (10) 30 s passes of the profile, each a
+    different simulation seed, distilled with the endpoints' CSPRNG: the worst EC
+    efficiency f and the worst distillation time as a fraction of the pass, next to the
+    median (a pass whose finite-key length is 0 still reports its EC)."""
+    fs, fractions, ec_fractions, keys, aborted = [], [], [], [], 0
+    for sim_seed in range(1, SEED_PASSES + 1):
+        pass_dir = tmp_path / f"{profile}-30s-{sim_seed}"
+        duration_s = _simulate(profile, sim_seed, pass_dir, duration_s=30)
+        report = run_local(pass_dir, tmp_path / f"out30-{profile}-{sim_seed}", Config(tail=tail))
+        stages = report["stage_seconds"]
+        aborted += bool(report["aborted"])
+        if report.get("ec", {}).get("efficiency") is not None:
+            fs.append(report["ec"]["efficiency"])
+        fractions.append(stages["total"] / duration_s)
+        ec_fractions.append(stages.get("error_correction", 0.0) / duration_s)
+        keys.append(report["key_bits"] or 0)
+    print(
+        f"\n{profile}, {SEED_PASSES} simulation seeds of 30 s ({tail}): "
+        f"{_summary('EC f', fs, max)}; {_summary('distil / pass', fractions, max)}; "
+        f"{_summary('EC / pass', ec_fractions, max)}; key bits min {min(keys)} median "
+        f"{statistics.median(keys):.0f}; aborted {aborted}"
+    )
