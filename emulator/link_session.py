@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from host.distil.durable import write_atomic
 from host.distil.run import write_json_atomic
 
 ROOT = Path(__file__).parents[1]
@@ -48,9 +49,9 @@ def provision_pools(out_dir: Path, station: str, pool: bytes) -> tuple[Path, Pat
     onboard = keystore / station / "auth.pool"
     ground = out_dir / "ground.pool"
     for path in (onboard, ground):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pool)
+        # a fresh 0600 file renamed into place: a symlink planted under the name is
+        # replaced, never written through (host/distil/durable.py)
+        write_atomic(path, pool, 0o600)
     return keystore, ground
 
 

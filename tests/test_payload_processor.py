@@ -340,3 +340,26 @@ def test_the_processor_reads_alices_symbols_from_the_heads_pattern_memory(tmp_pa
     if run.codes != (0, 0):  # a short segment: the finite key may be 0, then no key at all
         assert run.codes == (3, 3) and "too few events" in run.alice["abort_reason"]
         assert not list(run.alice_dir.glob("*.key")) and not list(run.bob_dir.glob("*.key"))
+
+
+def test_the_provisioned_pools_are_never_written_through_a_planted_symlink(tmp_path):
+    """The mission provisions the pre-shared pool on board and at the ground by name in
+    its output directory: main opened ground.pool with O_CREAT|O_TRUNC, following a
+    symlink planted there into any file the attacker can read (the secret pool written
+    into it, its mode left as it was). Now each copy is a fresh 0600 file renamed into
+    place."""
+    from emulator.link_session import provision_pools
+
+    out = tmp_path / "mission"
+    (out / "onboard" / "Nanshan").mkdir(parents=True)
+    trap = tmp_path / "readable-by-all"
+    trap.write_bytes(b"")
+    trap.chmod(0o666)
+    (out / "ground.pool").symlink_to(trap)
+    (out / "onboard" / "Nanshan" / "auth.pool").symlink_to(trap)
+    pool = os.urandom(4096)
+    _, ground = provision_pools(out, "Nanshan", pool)
+    assert trap.read_bytes() == b""
+    for path in (ground, out / "onboard" / "Nanshan" / "auth.pool"):
+        assert not path.is_symlink() and path.read_bytes() == pool
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
