@@ -503,3 +503,28 @@ def test_peer_delivery_is_refused_without_a_peer_and_peer_options_are_checked(
     assert "--peer-url and --peer-kme-id go together" in capsys.readouterr().err
     assert qkdsat(serve + ["--peer-url", "https://localhost:9", "--peer-kme-id", "kme-b"]) == 2
     assert "kme-a.pem missing (qkdsat kms pki --kme kme-a)" in capsys.readouterr().err
+
+
+def test_a_private_key_is_never_written_through_a_file_planted_at_its_temporary_name(
+    tmp_path,
+):
+    """pki wrote each private key to .NAME.PID.tmp opened O_CREAT|O_TRUNC: a symlink
+    planted there took the key into any file the attacker reads, and a file planted there
+    (the attacker's, mode 0666) was truncated, filled and renamed into place, the key then
+    the attacker's file. Now the temporary is created afresh (O_EXCL|O_NOFOLLOW, 0600)."""
+    from host.network import pki
+
+    trap = tmp_path / "readable-by-all"
+    trap.write_bytes(b"")
+    trap.chmod(0o666)
+    pki_dir = tmp_path / "pki"
+    pki_dir.mkdir()
+    (pki_dir / f".ca.key.{os.getpid()}.tmp").symlink_to(trap)
+    planted = pki_dir / f".ca.pem.{os.getpid()}.tmp"
+    planted.write_bytes(b"")
+    planted.chmod(0o666)
+    pki.make_ca(pki_dir)
+    assert trap.stat().st_size == 0  # (its content not compared: a private key)
+    key = pki_dir / "ca.key"
+    assert not key.is_symlink() and b"PRIVATE KEY" in key.read_bytes()
+    assert os.stat(key).st_mode & 0o777 == 0o600
