@@ -196,3 +196,24 @@ def test_detections_round_trip_and_clear_errors(tmp_path):
         qdet.read_detections(tmp_path / "foreign.bin")
     with pytest.raises(ValueError, match="sorted"):
         qdet.write_detections(path, times[::-1], channels)
+
+
+def test_a_pattern_key_is_never_written_through_a_symlink_planted_at_its_temporary(tmp_path):
+    """write_pattern_source wrote Alice's pattern key to PATH.tmp with the default mode,
+    following a symlink planted there (the key went into the attacker's file), and only
+    then set 0600. Now it is the one atomic writer's fresh 0600 temporary."""
+    from host.formats.patterns import KeyedPatternSource
+
+    trap = tmp_path / "readable-by-all"
+    trap.write_bytes(b"")
+    trap.chmod(0o666)
+    path = tmp_path / "pattern_source.json"
+    path.with_name(path.name + ".tmp").symlink_to(trap)
+    mapping = SymbolMapping.from_probabilities(0.5, [0.5, 0.25, 0.25])
+    source = KeyedPatternSource(os.urandom(32), mapping, 0, 1000)
+    write_pattern_source(path, source)
+    assert trap.stat().st_size == 0  # (not compared: it would hold the key)
+    assert not path.is_symlink() and os.stat(path).st_mode & 0o777 == 0o600
+    assert read_pattern_source(path).symbols(np.arange(5)).tolist() == (
+        source.symbols(np.arange(5)).tolist()
+    )

@@ -8,12 +8,12 @@ on board (host/link/pattern_memory.py), which never reaches satellite/. Each ans
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from host.distil.durable import write_atomic
 from host.errors import BadInput
 from host.formats.qrec import Kind, PatternFrame, read_records
 from host.protocol.symbols import (
@@ -121,11 +121,10 @@ class KeyedPatternSource(_SlotRangeSource):
 def write_pattern_source(
     path: str | Path, source: InsecureTestPatternSource | KeyedPatternSource
 ) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(source.to_json(), indent=1) + "\n")
-    os.chmod(tmp, 0o600)  # the seed or key is Alice's raw key material
-    os.replace(tmp, path)
+    # the seed or key is Alice's raw key material: a fresh temporary created 0600 (a
+    # symlink planted under its name is removed, never written through), then renamed
+    data = (json.dumps(source.to_json(), indent=1) + "\n").encode()
+    write_atomic(Path(path), data, 0o600)
 
 
 def read_pattern_source(path: str | Path) -> InsecureTestPatternSource | KeyedPatternSource:
