@@ -329,3 +329,30 @@ def test_the_streams_messages_carry_alices_bits_only_in_the_counted_sample(strea
     steps = [f["step"] for kind, f in messages if kind == "stream_next"]
     chunks = sum(b["chunks"] for b in report["ec"]["blocks"])
     assert steps.count("reconcile") == chunks >= 3
+
+
+def test_alice_refuses_a_slot_sifted_in_an_earlier_block(micius_30s, tmp_path, monkeypatch):
+    """A Bob that sends a slot again in a later block (a block boundary through a slot, a
+    faulty tagger feed): Alice would sift her bit twice, one copy possibly in the key and
+    the other in the disclosed sample, counted twice in the analysis. She aborts; no key."""
+    from host.distil.stream import StreamBob
+
+    original = StreamBob._detections_to_slots
+
+    def resending(self, result):
+        slots, basis, bit = original(self, result)
+        if self._last_slot >= 0 and slots.size:
+            # the newest slot already sent, again; Bob's own filter is stepped around
+            slots = np.concatenate([[self._last_slot], slots])
+            basis, bit = np.concatenate([basis[:1], basis]), np.concatenate([bit[:1], bit])
+            self._last_slot -= 1
+        return slots, basis, bit
+
+    monkeypatch.setattr(StreamBob, "_detections_to_slots", resending)
+    fast = StreamOptions(block_s=1.0, speedup=30.0, chunk_frames=1)
+    report = run_local(
+        micius_30s, tmp_path, Config(), insecure_deterministic_seed=SEED, stream=fast
+    )
+    assert report["aborted"], "Alice sifted a slot twice"
+    assert "not strictly after the slots already sifted" in report["abort_reason"]
+    assert not list(tmp_path.glob("*.key"))

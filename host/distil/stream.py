@@ -312,6 +312,7 @@ class StreamAlice(Alice):
             }
             watched = _Watched(channel, timeline, kinds={"stream_next"})
             sifted = _Sifted(key_bases)
+            self._last_slot = -1  # the newest slot sifted: every block's slots lie beyond it
             blocks = {n: [] for n in key_bases}
             discards = {n: {"frames_discarded": 0, "bits_discarded": 0} for n in key_bases}
             my_leaks = dict.fromkeys(key_bases, 0)
@@ -390,6 +391,15 @@ class StreamAlice(Alice):
             slots = rice_decode_sorted(int(msg["rice_k"]), msg["slots"], count)
         except ValueError as error:
             raise ProtocolAborted(f"stream block: {error}") from error
+        # A slot sifted twice would put one of Alice's bits in the key and, drawn again,
+        # in the disclosed sample (a disclosed key bit no leak counts), and count it twice
+        # in the finite-key analysis: Alice takes each slot once, in pass order.
+        if slots.size and (slots[0] <= self._last_slot or np.any(np.diff(slots) <= 0)):
+            raise ProtocolAborted(
+                "stream block: Bob's slots are not strictly after the slots already sifted"
+            )
+        if slots.size:
+            self._last_slot = int(slots[-1])
         bob_basis = unpack_bits(msg["basis"], count)
         basis, bit, inten = self._symbols(slots)
         keep = (basis == bob_basis) & (inten != NO_PATTERN)
