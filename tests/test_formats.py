@@ -217,3 +217,20 @@ def test_a_pattern_key_is_never_written_through_a_symlink_planted_at_its_tempora
     assert read_pattern_source(path).symbols(np.arange(5)).tolist() == (
         source.symbols(np.arange(5)).tolist()
     )
+
+
+def test_detections_are_private_and_never_written_through_a_planted_symlink(tmp_path):
+    """A .qdet's channels are the receiver's raw key (basis and bit of every click): main
+    wrote PATH.tmp with the default mode (0644: readable by every user), through a
+    symlink planted under that name."""
+    trap = tmp_path / "readable-by-all"
+    trap.write_bytes(b"")
+    trap.chmod(0o666)
+    path = tmp_path / "detections.qdet"
+    path.with_name(path.name + ".tmp").symlink_to(trap)
+    path.with_name(f".{path.name}.{os.getpid()}.tmp").symlink_to(trap)
+    times = np.array([5, 10, 2**40], dtype=np.int64)
+    qdet.write_detections(path, times, np.array([0, 3, 1], dtype=np.int16))
+    assert trap.stat().st_size == 0
+    assert not path.is_symlink() and os.stat(path).st_mode & 0o777 == 0o600
+    assert qdet.read_detections(path)[1].tolist() == [0, 3, 1]

@@ -3,6 +3,7 @@ after a JSON header. The one reader and writer; other tagger formats convert to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from host.distil.durable import replace_durably, temporary_name
 from host.errors import BadInput
 
 MAGIC = b"QKDDET\x00\x01"
@@ -35,13 +37,23 @@ def write_detections(
     records["time_ps"] = time_ps
     records["channel"] = channel
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(MAGIC + _HEADER_LENGTH.pack(len(head)) + head)
-        handle.write(records.tobytes())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    # The channels are the receiver's raw key (basis and bit per click): a fresh temporary
+    # created 0600, a leftover or a symlink planted under its name removed first, never
+    # written through (host/distil/durable.py's rule; written here in two parts)
+    tmp = temporary_name(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(MAGIC + _HEADER_LENGTH.pack(len(head)) + head)
+            handle.write(records.tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    replace_durably(tmp, path)
 
 
 def read_detections(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
