@@ -133,12 +133,21 @@ def _densest_drift(u: np.ndarray, drifts: np.ndarray, step: float) -> int:
     conc = np.empty(drifts.size)
     for k0 in range(0, drifts.size, DRIFT_CHUNK):
         rows = min(DRIFT_CHUNK, drifts.size - k0)
-        phasor = np.empty((rows, u.size), np.complex128)
-        phasor[0] = np.exp(2j * np.pi * u * (1 + drifts[k0]))
-        phasor[1:] = ratio
-        np.cumprod(phasor, axis=0, out=phasor)
-        conc[k0 : k0 + rows] = np.abs(phasor.mean(axis=1))
+        start = np.exp(2j * np.pi * u * (1 + drifts[k0]))
+        conc[k0 : k0 + rows] = _running_concentration(start, ratio, rows)
     return int(np.argmax(conc))
+
+
+def _running_concentration(start: np.ndarray, ratio: np.ndarray, steps: int) -> np.ndarray:
+    """|mean(start * ratio**k)| for k = 0..steps-1, one vector kept and multiplied in place
+    (it stays in cache): the same products as np.cumprod over a (steps, n) matrix, whose
+    cumprod along axis 0 measured 6x slower (625 x 2000 phasors: 23 ms against 3.5 ms)."""
+    phasor = start.copy()
+    conc = np.empty(steps)
+    for k in range(steps):
+        conc[k] = abs(phasor.mean())
+        phasor *= ratio
+    return conc
 
 
 def _zscore(score: np.ndarray) -> tuple[int, float]:
@@ -278,11 +287,11 @@ class Synchroniser:
                 # running product along the grid instead of one complex exp per entry: at
                 # 625 MHz the grid has 625 slopes x 2000 detections per window and the
                 # exps dominated sync time
-                phasor = np.empty((grid.size, fit.size), np.complex128)
-                phasor[0] = np.exp(2j * np.pi * (fit * rate + grid[0] * fit))
-                phasor[1:] = np.exp(2j * np.pi * d_slope * fit)
-                np.cumprod(phasor, axis=0, out=phasor)
-                conc = np.abs(phasor.mean(axis=1))
+                conc = _running_concentration(
+                    np.exp(2j * np.pi * (fit * rate + grid[0] * fit)),
+                    np.exp(2j * np.pi * d_slope * fit),
+                    grid.size,
+                )
                 slope = float(grid[int(np.argmax(conc))])
                 u = tw * rate + tq * rate + off + slope * tw
                 phi_q, _ = _phase(u)
