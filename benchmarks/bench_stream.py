@@ -47,7 +47,13 @@ def test_bench_streaming_distillation_on_a_full_pass(profile, tmp_path):
         station=_station(pass_dir),
         distil_options=["--stream", "--stream-speedup", "1"],
     )
-    assert run.codes == (0, 0), (run.alice.get("abort_reason"), run.bob.get("abort_reason"))
+    # jinan-1's simulated pass makes no key post-pass either (finite-key length 0): its
+    # pipeline figures are measured all the same, and both sides must agree
+    assert run.codes in ((0, 0), (3, 3)), (run.codes, run.alice.get("abort_reason"))
+    assert (run.codes == (3, 3)) == bool(reference["aborted"]), (
+        reference["abort_reason"],
+        run.bob.get("abort_reason"),
+    )
     rows = run.bob["timeline"]
     detections = [r["t_s"] for r in rows if r["detections"] < rows[-1]["detections"]]
     pass_s = (detections[-1] + 1) if detections else rows[-1]["t_s"]
@@ -58,12 +64,16 @@ def test_bench_streaming_distillation_on_a_full_pass(profile, tmp_path):
         f"detections): key {run.alice['key_bits']} bits, post-pass {reference['key_bits']} "
         f"bits (ratio {run.alice['key_bits'] / max(reference['key_bits'], 1):.4f})"
     )
+    if reference["aborted"]:
+        print(f"  post-pass aborted: {reference['abort_reason']}")
+        print(f"  streamed aborted: {run.bob['abort_reason']}")
     for side, report in (("Alice (on board)", run.alice), ("Bob (ground)", run.bob)):
         latency = report["key_latency_s"]
+        said = "none (no key)" if latency is None else f"{latency:.2f} s"
+        ratio = "" if latency is None else f" = {latency / pass_s:.4f} of the pass"
         print(
-            f"  {side}: key latency after the last detection {latency:.2f} s = "
-            f"{latency / pass_s:.4f} of the pass; lag max {report['lag_s_max']:.2f} s, "
-            f"median {report['lag_s_median']:.2f} s"
+            f"  {side}: key latency after the last detection {said}{ratio}; lag max "
+            f"{report['lag_s_max']:.2f} s, median {report['lag_s_median']:.2f} s"
         )
     bytes_each_way = run.alice["classical_bytes"]
     print(
@@ -74,7 +84,7 @@ def test_bench_streaming_distillation_on_a_full_pass(profile, tmp_path):
         f"  Alice CPU {budget['cpu_s']:.2f} s on one core = {budget['cpu_s'] / pass_s:.4f} of "
         f"the pass, peak memory {budget['peak_rss_mb']:.0f} MB"
     )
-    assert run.alice["key_bits"] == run.bob["key_bits"] > 0
+    assert run.alice["key_bits"] == run.bob["key_bits"]
 
 
 def _station(pass_dir) -> str:
