@@ -70,11 +70,15 @@ from host.formats.qdet import AppendedDetections
 
 MODE = "stream"
 # First synchronisation attempt once this much pass time and these many detections are
-# in; a failed attempt (no correlation peak yet, e.g. low elevation) is retried every
-# SYNC_RETRY_S of new data until loss of signal.
+# in; a failed attempt (no correlation peak yet, e.g. low elevation) is retried once the
+# detections have grown by SYNC_RETRY_GROWTH, until loss of signal. Geometric, so that
+# the attempts stay few (each asks Alice for MAX_DELAY_S of slot intensities, 1.9 MB at
+# jinan-1's 625 MHz: retried every 2 s, they kept Bob from ever reaching the strong part
+# of a jinan-1 pass), and counted in detections, not time, so that the same pass is cut
+# the same way however fast it is replayed.
 SYNC_FIRST_S = 2.0
 SYNC_FIRST_DETECTIONS = 2000
-SYNC_RETRY_S = 2.0
+SYNC_RETRY_GROWTH = 1.5
 # An endpoint shows the link as down in its timeline while it has waited this long (wall
 # seconds, so that a replay's speed-up does not turn the peer's computing into an outage)
 # for the peer's next message. Over the emulated optical link, emulator/link_session.py
@@ -576,7 +580,7 @@ class StreamBob(Bob):
         buffer_ch = np.zeros(0, np.int16)
         read = 0  # records read from the feed
         synced = False
-        next_sync_s = SYNC_FIRST_S
+        next_sync_detections = 0
         last_centre = 0.0
         handled_s = 0.0
         block = 0
@@ -607,13 +611,14 @@ class StreamBob(Bob):
             det = np.isin(buffer_ch, (0, 1, 2, 3))
             detected = int(det.sum())
             if not synced:
-                if (detected >= SYNC_FIRST_DETECTIONS and block_end >= next_sync_s) or (
-                    final and detected >= timesync.MIN_DETECTIONS
-                ):
+                if (
+                    detected >= max(SYNC_FIRST_DETECTIONS, next_sync_detections)
+                    and block_end >= SYNC_FIRST_S
+                ) or (final and detected >= timesync.MIN_DETECTIONS):
                     synced, last_centre = self._first_sync(
                         channel, stage, sync, buffer_t[det], final
                     )
-                    next_sync_s = block_end + SYNC_RETRY_S
+                    next_sync_detections = int(SYNC_RETRY_GROWTH * detected)
                 if not synced and final:
                     raise ProtocolAborted(f"too few detections to synchronise ({detected})")
             elif detected:
