@@ -613,3 +613,22 @@ def test_key_material_a_killed_run_left_in_a_temporary_file_is_removed(tmp_path)
     (out / ".alice.key.2.tmp").write_bytes(b"key of another killed run")
     run.finish(out, {"aborted": True, "abort_reason": "x", "key_bits": 0}, {"alice": None})
     assert sorted(p.name for p in out.iterdir()) == [".notes.1.tmp", "bob.key", "report.json"]
+
+
+def test_a_simulated_pattern_log_is_private_and_never_written_through_a_symlink(tmp_path):
+    """A short simulation's satellite/patterns.qrec holds every symbol Alice sent (basis,
+    bit, intensity: her raw key); main created it with the default mode (readable by
+    all) and appended through a symlink planted under its name."""
+    from host.formats.patterns import KeyedPatternSource, mapping_from_thresholds
+    from host.simulate.passgen import write_pattern_log
+
+    trap = tmp_path / "readable-by-all"
+    trap.write_bytes(b"")
+    trap.chmod(0o666)
+    log_path = tmp_path / "patterns.qrec"
+    log_path.symlink_to(trap)
+    mapping = mapping_from_thresholds(32768, 40000, 60000)
+    write_pattern_log(log_path, KeyedPatternSource(os.urandom(32), mapping, 0, 5000))
+    assert trap.stat().st_size == 0
+    assert not log_path.is_symlink() and os.stat(log_path).st_mode & 0o777 == 0o600
+    assert log_path.stat().st_size > 5000 // 2  # the symbols, one nibble each

@@ -417,7 +417,13 @@ def write_ground_clock_marks(
 def write_pattern_log(path: Path, pattern: KeyedPatternSource | InsecureTestPatternSource) -> None:
     """Frames of symbols behind a PATTERN_CONFIG record with the thresholds that made
     them, as the payload's sequencer writes (docs/formats.md): Alice checks pass.json's
-    probabilities against it."""
+    probabilities against it. The symbols are Alice's raw key: the log is created 0600,
+    a symlink planted under its name removed, never written through."""
+    path = Path(path)
+    if path.is_symlink():
+        path.unlink()
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
     writer = RecordWriter(path)
     cuts = list(pattern.mapping.intensity_thresholds)
     thresholds = [pattern.mapping.basis_threshold, cuts[0], cuts[1] if len(cuts) > 2 else 65536]
