@@ -632,3 +632,17 @@ def test_a_simulated_pattern_log_is_private_and_never_written_through_a_symlink(
     assert trap.stat().st_size == 0
     assert not log_path.is_symlink() and os.stat(log_path).st_mode & 0o777 == 0o600
     assert log_path.stat().st_size > 5000 // 2  # the symbols, one nibble each
+
+
+def test_the_simulations_truth_holding_the_pattern_secret_is_private(tmp_path):
+    """truth/truth.json holds the pattern secret Alice's symbols derive from (and
+    satellite/products.json is Alice's): main wrote them with the default mode, readable
+    by every user."""
+    from host.simulate import passgen, profiles
+
+    scenario = passgen.build_scenario(profiles.load("micius-2017"), seed=7, duration_s=0.05)
+    passgen.run(scenario, tmp_path / "p")
+    truth = tmp_path / "p" / "truth" / "truth.json"
+    assert json.loads(truth.read_text())["pattern_secret"]
+    for path in (truth, tmp_path / "p" / "satellite" / "products.json"):
+        assert os.stat(path).st_mode & 0o777 == 0o600, path

@@ -32,6 +32,7 @@ from emulator.pass_model.sampler import (
     ground_tags,
     sample_photon_clicks,
 )
+from host.distil.durable import write_atomic
 from host.errors import BadInput
 from host.formats.passdir import PassDir, write_pass_json
 from host.formats.patterns import (
@@ -467,9 +468,10 @@ def write_products(satellite_dir: Path) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """0600 through a fresh temporary (durable.write_atomic): truth.json holds the pattern
+    secret, and satellite/ is Alice's; a symlink planted at the temporary name is removed,
+    never written through."""
+    write_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), 0o600)
 
 
 def pass_json(scenario: Scenario, slots_per_sync: int, pattern_mode: str) -> dict:
