@@ -13,7 +13,14 @@ A firmware test file is `tests/firmware/mptest_*.py`, written in MicroPython:
   stay the file's; the helpers only have to exist by the time the tests are called.
 
 Each file runs once per target, in one fresh interpreter (unix) or one freshly booted
-QEMU image (maintenance boot, raw REPL); results are split per test function.
+QEMU image (maintenance boot, raw REPL); results are split per test function. On the
+STM32 board (96 KiB heap) a file runs in sessions of at most NETDUINO2_TESTS_PER_SESSION
+tests, each on a fresh boot with only its own tests' source sent (the others' lines are
+blanked, so line numbers stay the file's): the raw REPL keeps the whole program text and
+its compiled code in the heap while the tests run. With all 16 tracking tests in one
+session, 8.5 KiB more source was enough for a Tracker's 8.6 KiB of words to find no
+contiguous block; in sessions of 8, 17 KiB more still passes. gc.collect() runs before
+each test on every target, so no test starts in the previous one's garbage.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from host.deploy.raw_repl import ExecutionFailed, RawRepl, RawReplError
 VECTORS_DIR = Path(__file__).parent / "vectors"
 FIRMWARE_TESTS_DIR = Path(__file__).parent / "firmware"
 ALL_TARGETS = ("unix", "qemu", "netduino2")
+NETDUINO2_TESTS_PER_SESSION = 8
 _MARK = "@@mptest"
 
 
@@ -46,6 +54,7 @@ class FileSpec:
     source: str
     test_names: list[str]
     test_lines: dict[str, int]
+    test_spans: dict[str, tuple[int, int]]  # name -> first, last source line (1-based)
     targets: tuple[str, ...]
     targets_reason: str | None
     icount_shift: int | None
@@ -68,6 +77,10 @@ def parse_spec(path: Path) -> FileSpec:
     ]
     names = [node.name for node in tests]
     lines = {node.name: node.lineno - 1 for node in tests}
+    spans = {
+        node.name: (min([node.lineno] + [d.lineno for d in node.decorator_list]), node.end_lineno)
+        for node in tests
+    }
     constants = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
@@ -92,6 +105,7 @@ def parse_spec(path: Path) -> FileSpec:
         source,
         names,
         lines,
+        spans,
         targets,
         reason,
         constants.get("QEMU_ICOUNT_SHIFT"),
@@ -99,7 +113,19 @@ def parse_spec(path: Path) -> FileSpec:
     )
 
 
-def build_program(spec: FileSpec) -> str:
+def _source_of(spec: FileSpec, names: tuple[str, ...]) -> str:
+    """The file's source with the tests not in names blanked to empty lines: the session
+    compiles only what it runs, and tracebacks keep the file's line numbers."""
+    lines = spec.source.split("\n")
+    for name in spec.test_names:
+        if name not in names:
+            first, last = spec.test_spans[name]
+            lines[first - 1 : last] = [""] * (last - first + 1)
+    return "\n".join(lines)
+
+
+def build_program(spec: FileSpec, names: tuple[str, ...] | None = None) -> str:
+    names = tuple(spec.test_names) if names is None else names
     vector_files = sorted(set(re.findall(r"load_vectors\(\s*[\"']([^\"']+)[\"']", spec.source)))
     embedded = {name: (VECTORS_DIR / name).read_text() for name in vector_files}
     helpers = "".join((FIRMWARE_TESTS_DIR / name).read_text() + "\n" for name in spec.helpers)
@@ -111,8 +137,10 @@ def build_program(spec: FileSpec) -> str:
     )
     postlude = f"""
 def _mptest_main(names):
+    import gc
     import sys
     for name in names:
+        gc.collect()
         print("\\n{_MARK} start", name)
         try:
             globals()[name]()
@@ -121,12 +149,12 @@ def _mptest_main(names):
             print("\\n{_MARK} fail", name)
             sys.print_exception(error)
     print("\\n{_MARK} done")
-_mptest_main({tuple(spec.test_names)!r})
+_mptest_main({names!r})
 """
     # The test source comes first so MicroPython's tracebacks give the file's own line
     # numbers; load_vectors and the helpers only have to exist by the time the tests are
     # called.
-    return spec.source + "\n" + prelude + postlude
+    return _source_of(spec, names) + "\n" + prelude + postlude
 
 
 def split_results(spec: FileSpec, output: str) -> FileResult:
@@ -177,11 +205,16 @@ def run_on_unix(spec: FileSpec, timeout_s: float = 300.0) -> FileResult:
     return result
 
 
-def run_on_qemu(spec: FileSpec, timeout_s: float = 300.0, target_class=QemuTarget) -> FileResult:
+def run_on_qemu(
+    spec: FileSpec,
+    timeout_s: float = 300.0,
+    target_class=QemuTarget,
+    names: tuple[str, ...] | None = None,
+) -> FileResult:
     with target_class(boot="maintenance", icount_shift=spec.icount_shift) as target:
         try:
             with RawRepl(target.ground_port, timeout_s=30.0) as repl:
-                output = repl.exec(build_program(spec), timeout_s=timeout_s)
+                output = repl.exec(build_program(spec, names), timeout_s=timeout_s)
         except ExecutionFailed as failure:
             result = split_results(spec, failure.stdout)
             result.fatal = "MicroPython raised outside a test:\n" + failure.traceback
@@ -192,7 +225,17 @@ def run_on_qemu(spec: FileSpec, timeout_s: float = 300.0, target_class=QemuTarge
 
 
 def run_on_netduino2(spec: FileSpec, timeout_s: float = 300.0) -> FileResult:
-    return run_on_qemu(spec, timeout_s, Netduino2Target)
+    merged = FileResult()
+    fatals = []
+    names = tuple(spec.test_names)
+    for first in range(0, len(names), NETDUINO2_TESTS_PER_SESSION):
+        group = names[first : first + NETDUINO2_TESTS_PER_SESSION]
+        result = run_on_qemu(spec, timeout_s, Netduino2Target, group)
+        merged.outcomes.update(result.outcomes)
+        if result.fatal:
+            fatals.append(f"session {group[0]}..{group[-1]}: {result.fatal}")
+    merged.fatal = "\n".join(fatals) or None
+    return merged
 
 
 RUNNERS = {"unix": run_on_unix, "qemu": run_on_qemu, "netduino2": run_on_netduino2}
