@@ -3,6 +3,7 @@ message is rejected, the pad bits are gone from both pools, a short pool is refu
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
@@ -129,3 +130,29 @@ def test_the_decrypted_file_is_private_and_a_planted_symlink_is_not_followed(net
     assert not received.is_symlink() and received.read_bytes() == image.read_bytes()
     assert received.stat().st_mode & 0o777 == 0o600
     assert not (tmp_path / f".received.png.{os.getpid()}.tmp").exists()
+
+
+@pytest.mark.parametrize("drop", ["to", "from", "pool_offset"])
+def test_a_message_missing_a_header_field_is_bad_input_and_takes_nothing(
+    net, tmp_path, capsys, drop
+):
+    """A header without one of its fields is the sender's malformed input: a one-line
+    error naming the file (exit 2, not an internal error), and no pool byte taken."""
+    image = tmp_path / "x"
+    image.write_bytes(b"hello")
+    message = tmp_path / "m"
+    assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
+                   str(image), "--out", str(message)]) == 0  # fmt: skip
+    data = message.read_bytes()
+    size = int.from_bytes(data[8:12], "little")
+    header = json.loads(data[12 : 12 + size])
+    del header[drop]
+    encoded = json.dumps(header, sort_keys=True).encode()
+    message.write_bytes(data[:8] + len(encoded).to_bytes(4, "little") + encoded
+                        + data[12 + size :])  # fmt: skip
+    capsys.readouterr()
+    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
+                   "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+    assert "not a qkdsat message" in capsys.readouterr().err
+    assert _used(net, "Stellenbosch", "Beijing") == 0
+    assert not (tmp_path / "out").exists()

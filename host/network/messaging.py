@@ -127,13 +127,15 @@ def receive(network_dir, receiver: str, in_path, out_path) -> dict:
         size = int.from_bytes(message[8:12], "little")
         head = message[: 12 + size]
         header = json.loads(message[12 : 12 + size])
-        sender, cipher = check_name(header["from"]), header["cipher"]
+        if not isinstance(header, dict):
+            raise TypeError("the header is not a JSON object")
+        sender, cipher, addressee = check_name(header["from"]), header["cipher"], header["to"]
         offset, needed = int(header["pool_offset"]), int(header["pool_bytes"])
         plaintext_bytes = int(header["plaintext_bytes"])
     except (ValueError, KeyError, TypeError) as error:
         raise BadInput(f"{in_path}: not a qkdsat message ({error})") from error
-    if header["to"] != receiver:
-        raise BadInput(f"{in_path}: addressed to {header['to']}, not {receiver}")
+    if addressee != receiver:
+        raise BadInput(f"{in_path}: addressed to {addressee}, not {receiver}")
     if cipher not in SECURITY or needed != pool_bytes_needed(cipher, plaintext_bytes):
         raise MessageRejected(f"{in_path}: inconsistent header")
     body = message[len(head) :]
