@@ -223,3 +223,18 @@ def test_a_key_replaced_while_it_is_filled_puts_no_time_transfer_byte_in_the_poo
     filled = pool_path(net, SATELLITE, "Jinan").read_bytes()
     fresh = filled in (old[1000:], landed[0])  # (not compared in the output: key bytes)
     assert fresh, "bytes a time transfer used are in the pool"
+
+
+def test_a_key_filled_once_never_enters_another_network_or_station(tmp_path):
+    """The pools' source check is per pool: the same distilled key filled into a second
+    network directory, or for a second station, would be served once from each. The key's
+    own record says where its fill went; only that fill can be completed."""
+    key = distilled(tmp_path / "k", 8 * 1000, "pass-1")
+    fill_pair(tmp_path / "net", "Jinan", tmp_path / "k")
+    with pytest.raises(BadInput, match="already filled into"):
+        fill_pair(tmp_path / "net2", "Jinan", tmp_path / "k")
+    with pytest.raises(BadInput, match="already filled into"):
+        fill_pair(tmp_path / "net", "Hefei", tmp_path / "k")
+    assert not (tmp_path / "net2").exists()
+    assert not pool_path(tmp_path / "net", SATELLITE, "Hefei").exists()
+    assert pool_path(tmp_path / "net", SATELLITE, "Jinan").read_bytes() == key

@@ -310,7 +310,21 @@ def fill_pair(network_dir: str | Path, station: str, alice_dir, bob_dir=None) ->
             _locked_key_file(Path(alice_dir) / "alice.key", locks),
             _locked_key_file(Path(bob_dir or alice_dir) / "bob.key", locks),
         ]
-        start = max(_pool_fill_start(path) for path in key_files)
+        records = [_pool_fill_record(path) for path in key_files]
+        start = max(record[0] for record in records)
+        # the pools' source check is per pool: the same key filled into another network
+        # directory, or for another station, would be served once from each. Only the
+        # fill the key's record names can be completed.
+        destination = f"{Path(network_dir).resolve()} station {station}"
+        for path, (_, began_into) in zip(key_files, records, strict=True):
+            if began_into is None or began_into == destination:
+                continue
+            if began_into == "" and _holds_source(network_dir, station, alice_source):
+                continue  # a record from before destinations were kept: this very fill
+            raise BadInput(
+                f"{path}: already filled into {began_into or 'another network or station'}; "
+                "a key enters one pair of pools only (nothing is served twice)"
+            )
         # the keys again, now that their records are read under the lock: a distillation
         # finishing into the directory since the first reading replaced a key and removed
         # its record, and the old key would be filled from byte 0 (time transfer's included)
@@ -326,7 +340,9 @@ def fill_pair(network_dir: str | Path, station: str, alice_dir, bob_dir=None) ->
                 f"{key_files[0]}.used): nothing left for the pools"
             )
         for path in key_files:  # the key's own record first: no other use can take it now
-            write_usage_record(str(path), path.stat().st_size, pool_fill_from=start)
+            write_usage_record(
+                str(path), path.stat().st_size, pool_fill_from=start, pool_fill_into=destination
+            )
         return _fill_both(network_dir, station, alice_source, alice_key[start:], bob_key[start:])
 
 
@@ -344,17 +360,31 @@ def _locked_key_file(path: Path, locks: contextlib.ExitStack) -> Path:
     return path
 
 
-def _pool_fill_start(key_path: Path) -> int:
-    """Where the pools' part of a distilled key begins: after what a time transfer used
-    (its usage record KEY.used, the auth pool's format), or where an earlier fill of the
-    same key began (a fill cut between the two pools is completed from there)."""
+def _pool_fill_record(key_path: Path) -> tuple[int, str | None]:
+    """(where the pools' part of a distilled key begins, where an earlier fill of it went).
+    The start is after what a time transfer used (its usage record KEY.used, the auth
+    pool's format), or where an earlier fill of the same key began (a fill cut between
+    the two pools is completed from there). The destination is None when no fill began,
+    "" for a fill recorded without one."""
     try:
         record = json.loads(Path(f"{key_path}.used").read_text())
     except FileNotFoundError:
-        return 0
+        return 0, None
     except ValueError as error:
         raise BadInput(f"{key_path}.used: not a usage record ({error})") from None
-    return int(record.get("pool_fill_from", record["used_bytes"]))
+    if "pool_fill_from" not in record:
+        return int(record["used_bytes"]), None
+    return int(record["pool_fill_from"]), str(record.get("pool_fill_into", ""))
+
+
+def _holds_source(network_dir, station: str, source: str) -> bool:
+    for holder, peer in ((SATELLITE, station), (station, SATELLITE)):
+        path = pool_path(network_dir, holder, peer)
+        if path.exists():
+            with StationPool(path) as pool:
+                if source in pool.sources:
+                    return True
+    return False
 
 
 def _fill_both(network_dir, station: str, alice_source: str, alice_key: bytes,
