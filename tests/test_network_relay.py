@@ -11,6 +11,7 @@ import pytest
 from network_keys import distilled
 
 from host.cli import main as qkdsat
+from host.errors import BadInput
 from host.network.pool import SATELLITE, StationPool, fill_pair, pool_path
 from host.network.relay import (
     AUTH_BYTES,
@@ -130,3 +131,24 @@ def test_relay_between_two_distilled_passes(tmp_path, capsys):
                        "--keys", str(tmp_path / station)]) == 0  # fmt: skip
     capsys.readouterr()
     _check_relay(net, 8 * 1024, capsys)
+
+
+def test_a_relay_into_a_pair_of_pools_out_of_step_is_refused_before_anything_is_taken(
+    tmp_path,
+):
+    """A relay cut between filling A/B.pool and B/A.pool leaves the pair out of step (the
+    same offset holds different keys). The next relay must not deepen that, nor spend
+    the satellite's key on it: refused before any pool is touched."""
+    net = tmp_path / "net"
+    distilled(tmp_path / "a", 8 * 600, "pass-a")
+    distilled(tmp_path / "b", 8 * 600, "pass-b")
+    fill_pair(net, "Beijing", tmp_path / "a")
+    fill_pair(net, "Stellenbosch", tmp_path / "b")
+    with StationPool(pool_path(net, "Beijing", "Stellenbosch"), create=True) as pool:
+        pool.fill(b"\x5a" * 40, "relay:cut-before-the-second-pool")
+    before = {pair: _used(net, *pair) for pair in FOUR}
+    with pytest.raises(BadInput, match="out of step"):
+        relay(net, "Beijing", "Stellenbosch", 8 * 100)
+    assert {pair: _used(net, *pair) for pair in FOUR} == before
+    assert not pool_path(net, "Stellenbosch", "Beijing").exists()
+    assert pool_path(net, "Beijing", "Stellenbosch").stat().st_size == 40

@@ -87,6 +87,25 @@ def relay_shortfall(network_dir, source: str, target: str, key_bytes: int) -> li
     return missing
 
 
+def _check_pair_in_step(network_dir, source: str, target: str) -> None:
+    """The relayed pair A/B.pool and B/A.pool must hold the same number of bytes before a
+    relay appends to both: a pair left out of step (a relay cut between its two fills)
+    holds different keys at the same offset. Refused before the satellite spends a byte."""
+    filled = {}
+    for holder, peer in ((source, target), (target, source)):
+        path = pool_path(network_dir, holder, peer)
+        filled[holder] = 0
+        if path.exists():
+            with StationPool(path) as pool:
+                filled[holder] = pool.filled_bytes
+    if filled[source] != filled[target]:
+        raise BadInput(
+            f"relayed pools {source}/{target}.pool and {target}/{source}.pool out of step "
+            f"({filled[source]} and {filled[target]} bytes filled): a relay was cut between "
+            "them; nothing was taken"
+        )
+
+
 def relay(network_dir: str | Path, source: str, target: str, bits: int) -> dict:
     """Give `source` and `target` a common key of `bits` through the satellite. Refused,
     nothing consumed, when any pool is short (the message says how many bits are missing)."""
@@ -105,6 +124,7 @@ def relay(network_dir: str | Path, source: str, target: str, bits: int) -> dict:
             0,
             needed,
         )
+    _check_pair_in_step(network_dir, source, target)
     relay_id = str(uuid.uuid4())
 
     # ---- on the satellite: take K_A and K_B (write-ahead), announce
