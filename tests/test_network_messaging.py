@@ -156,3 +156,31 @@ def test_a_message_missing_a_header_field_is_bad_input_and_takes_nothing(
     assert "not a qkdsat message" in capsys.readouterr().err
     assert _used(net, "Stellenbosch", "Beijing") == 0
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cipher", ["otp-wegman-carter", AES_GCM])
+def test_a_header_claiming_more_bytes_than_the_message_carries_takes_nothing(
+    net, tmp_path, cipher
+):
+    """The header is authenticated only after the pool bytes are taken, so its lengths
+    must agree with the file first: otherwise a few forged bytes claiming a large file
+    burn that much of the receiver's pool."""
+    image = tmp_path / "x"
+    image.write_bytes(b"hello")
+    message = tmp_path / "m"
+    assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
+                   str(image), "--out", str(message), "--cipher", cipher]) == 0  # fmt: skip
+    data = message.read_bytes()
+    size = int.from_bytes(data[8:12], "little")
+    header = json.loads(data[12 : 12 + size])
+    header["plaintext_bytes"] = 30_000
+    header["pool_bytes"] = 30_000 + (AUTH_BYTES if cipher != AES_GCM else 0)
+    if cipher == AES_GCM:
+        header["pool_bytes"] = 32
+    encoded = json.dumps(header, sort_keys=True).encode()
+    message.write_bytes(data[:8] + len(encoded).to_bytes(4, "little") + encoded
+                        + data[12 + size :])  # fmt: skip
+    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
+                   "--out", str(tmp_path / "out")]) == 3  # fmt: skip
+    assert _used(net, "Stellenbosch", "Beijing") == 0
+    assert not (tmp_path / "out").exists()

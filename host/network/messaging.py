@@ -139,11 +139,14 @@ def receive(network_dir, receiver: str, in_path, out_path) -> dict:
     if cipher not in SECURITY or needed != pool_bytes_needed(cipher, plaintext_bytes):
         raise MessageRejected(f"{in_path}: inconsistent header")
     body = message[len(head) :]
+    # the lengths before the take: a few forged bytes claiming a large file must not burn
+    # that much of the pool (the header itself is authenticated only after the take)
+    expected_bytes = plaintext_bytes + (TAG_BYTES if cipher == OTP else AES_NONCE_BYTES + 16)
+    if plaintext_bytes < 0 or len(body) != expected_bytes:
+        raise MessageRejected(f"{in_path}: length does not match its header")
     with StationPool(pool_path(network_dir, receiver, sender)) as pool:
         key = pool.take(needed, f"receive {header.get('name')} from {sender}", offset)
     if cipher == OTP:
-        if len(body) != plaintext_bytes + TAG_BYTES:
-            raise MessageRejected(f"{in_path}: length does not match its header")
         ciphertext, tag = body[:-TAG_BYTES], body[-TAG_BYTES:]
         expected = wegman_carter_tag(head + ciphertext, key[plaintext_bytes:])
         if not hmac.compare_digest(expected, tag):
@@ -152,9 +155,6 @@ def receive(network_dir, receiver: str, in_path, out_path) -> dict:
     else:
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        if len(body) != AES_NONCE_BYTES + plaintext_bytes + 16:
-            raise MessageRejected(f"{in_path}: length does not match its header")
 
         try:
             plaintext = AESGCM(key).decrypt(body[:AES_NONCE_BYTES], body[AES_NONCE_BYTES:], head)
