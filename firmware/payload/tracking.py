@@ -758,7 +758,13 @@ class PredictionUpload:
                 raise ConfigError("tracking_predictions.total=%r: must be 2..%d"
                                   % (total, MAX_PREDICTION_NODES))  # fmt: skip
             self.table = None  # free the previous one before allocating
-            self.table = array.array("i", bytes(4 * _TABLE_WORDS * total))
+            # one block of 4 bytes a word, from a range (its length is known, so the
+            # array is allocated once and filled): array("i", bytes(n)) needed a second
+            # n-byte block for the zeros, and after the mission's start-up the 512 KiB
+            # heap (290 KB free, fragmented) could not place both 12.9 KB blocks of a
+            # full pass (MemoryError); one it could. Every word is
+            # overwritten by the chunks before configure accepts the table.
+            self.table = array.array("i", range(_TABLE_WORDS * total))
             self.total = total
             self.received = 0
             from payload.framing import Crc32
