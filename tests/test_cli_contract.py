@@ -552,6 +552,10 @@ def test_ctrl_c_in_distil_ends_both_endpoints_exits_130_and_keeps_the_outputs(
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        # a terminal's Ctrl-C: the child starts with SIGINT at its default, whatever this
+        # process inherited (an ignored SIGINT is inherited, and Python then keeps it
+        # ignored: the run went on to exit 3 in a CI run)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert "started" in proc.stderr.readline()  # both endpoints run now
