@@ -179,7 +179,8 @@ def _pattern_run_records(path):
 def head_segment(tmp_path_factory):
     out = tmp_path_factory.mktemp("head")
     # the default: head generation, distilled over the optical link (no --generation)
-    result = _mission(out, extra=("--segment-s", "3"))
+    # --tail chernoff: micius' profile says hoeffding, the command line overrides it
+    result = _mission(out, extra=("--segment-s", "3", "--tail", "chernoff"))
     assert result.returncode == _exit_code_of(out), result.stderr + result.stdout
     return out, json.loads((out / "mission.json").read_text())
 
@@ -234,6 +235,7 @@ def test_by_default_alice_runs_on_the_payload_processor_over_the_optical_link(he
     onboard = json.loads((out / link["onboard_report"]).read_text())
     ground = json.loads((out / "report.json").read_text())
     assert onboard["role"] == "alice" and ground["role"] == "bob"
+    assert onboard["tail"] == ground["tail"] == "chernoff"  # --tail reached both endpoints
     # the link carried exactly what the endpoints' authenticated channels sent
     assert ground["classical_bytes"]["alice_to_bob"] <= link["classical_bytes"]["down"]
     assert onboard["aborted"] == ground["aborted"] == summary["stages"]["distil"]["aborted"]

@@ -321,6 +321,20 @@ def test_every_assumed_value_in_the_shipped_profiles_has_a_reason():
         assert "assumed" in statuses
 
 
+def test_the_profile_names_the_finite_key_tail_its_passes_are_distilled_with(tmp_path, micius):
+    """jinan-1's pass is too short in X-basis tests for Hoeffding tails (no key): its
+    profile asks the mission for Chernoff; micius keeps the conservative default."""
+    assert profiles.distillation_tail(profiles.load("jinan-1")) == "chernoff"
+    assert profiles.distillation_tail(profiles.load("jinan-1-stress10x")) == "chernoff"
+    assert profiles.distillation_tail(micius) == "hoeffding"
+    raw = json.loads(Path(micius["_path"]).read_text())
+    raw["distillation"] = {"tail": "gaussian"}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BadInput, match="distillation.tail 'gaussian'"):
+        profiles.load(str(path))
+
+
 def test_jinan_profile_simulates(tmp_path):
     code = qkdsat(["simulate", "--profile", "jinan-1", "--duration-s", "1", "--out",
                    str(tmp_path / "j"), "--quiet"])  # fmt: skip

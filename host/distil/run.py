@@ -736,6 +736,7 @@ def _run_split(
             "key_bits": 0 if aborted else int(outcome.key.size),
             "epsilon": epsilon_figures(cfg, chan),
             "analysis": cfg.analysis,
+            "tail": cfg.tail,
             "auth_key_bits_used": pool.used_bits,
             "classical_bytes": {
                 "alice_to_bob": chan.bytes_sent if args.role == "alice" else chan.bytes_received,

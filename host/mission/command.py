@@ -77,6 +77,12 @@ def add_arguments(parser) -> None:
         help="after the distillation, two-way time transfer sealed with the pass's key"
         " (OUT/timetransfer/; docs/time-transfer.md)",
     )
+    parser.add_argument(
+        "--tail",
+        choices=("hoeffding", "chernoff"),
+        help="concentration bound of the finite-key analysis (default: the profile's"
+        " distillation.tail, hoeffding if it names none; jinan-1: chernoff)",
+    )
     parser.add_argument("--out", default="build/mission", help="output directory")
 
 
@@ -99,6 +105,7 @@ def run(args) -> int:
             distil=args.distil,
             stream_speedup=None if args.post_pass else args.stream_speedup,
             timetransfer=args.timetransfer,
+            tail=args.tail,
             progress=progress_for(args, "qkdsat mission"),
         )
     except StageFailed as error:

@@ -267,6 +267,7 @@ def distil_over_optical_link(
     profile_name: str,
     seed: int,
     stream_speedup: float | None = None,
+    tail: str = "hoeffding",
 ) -> tuple[dict, dict, dict]:
     """Alice on the payload processor and Bob at the ground station, separate processes
     over the emulated optical link (emulator/link_session.py).
@@ -290,7 +291,8 @@ def distil_over_optical_link(
     start_s = first_detection_s if streaming else pass_end_s
     link = link_for_pass(out, profile_name, start_s=start_s, seed=seed)
     station = scenario.station["name"]
-    options = ["--stream", "--stream-speedup", f"{stream_speedup:g}"] if streaming else []
+    options = ["--tail", tail]
+    options += ["--stream", "--stream-speedup", f"{stream_speedup:g}"] if streaming else []
     with HeadServer(head) as server:
         host, port = server.pattern_address
         memory = ["--pattern-memory", f"{host}:{port}", "--slot-count", str(slot_count)]
@@ -417,6 +419,7 @@ def run_mission(
     distil: str | None = None,
     stream_speedup: float | None = 1.0,
     timetransfer: bool = False,
+    tail: str | None = None,
     progress=None,
 ) -> dict:
     """Every stage; returns the mission summary (also written to OUT/mission.json)."""
@@ -449,6 +452,10 @@ def run_mission(
     if out.exists() and any(out.iterdir()) and not (out / "mission.json").exists():
         raise BadInput(f"--out {out}: not empty and not a previous mission's output")
     profile = profiles.load(profile_name, {})
+    # the finite-key tail: the command line's, else the profile's (jinan-1: chernoff)
+    tail = tail or profiles.distillation_tail(profile)
+    if tail not in profiles.TAILS:
+        raise BadInput(f"--tail {tail!r}: choose {' or '.join(profiles.TAILS)}")
     if timetransfer:
         from host.timetransfer.simulate import profile_for
 
@@ -552,7 +559,7 @@ def run_mission(
     try:
         if generator is None:
             say("distil: Alice and Bob on the ground, post-pass, from the sealed product")
-            distilled = run_local(out, out, Config(), progress=progress)
+            distilled = run_local(out, out, Config(tail=tail), progress=progress)
         elif distil == "local":
             say("distil: Alice and Bob in this process (reference mode)")
             # Alice reads the head's pattern memory over its port, on board; the pattern
@@ -560,7 +567,7 @@ def run_mission(
             with HeadServer(head) as server:
                 with PatternMemoryClient(server.pattern_address, slot_count) as memory:
                     distilled = run_local(
-                        out, out, Config(), alice_patterns=memory, progress=progress
+                        out, out, Config(tail=tail), alice_patterns=memory, progress=progress
                     )
                     stages["firmware"]["pattern_memory_reads"] = memory.requests
         else:
@@ -569,7 +576,7 @@ def run_mission(
                 " over the optical link"
             )
             distilled, stages["link"], timeline = distil_over_optical_link(
-                out, head, scenario, slot_count, profile_name, seed, stream_speedup
+                out, head, scenario, slot_count, profile_name, seed, stream_speedup, tail
             )
             stages["firmware"]["pattern_memory_reads"] = stages["link"]["pattern_memory_reads"]
         outcome = {

@@ -219,10 +219,25 @@ def load(name_or_path: str, overrides: dict | None = None) -> dict:
             _check_number(
                 _get(profile, f"stations.{name}.{key}", origin), f"stations.{name}.{key}", origin
             )
+    tail = distillation_tail(profile, origin)
+    if tail not in TAILS:
+        raise BadInput(f"{origin}: distillation.tail {tail!r}: choose {' or '.join(TAILS)}")
     profile["_path"] = str(path)
     profile["_overrides"] = dict(overrides or {})
     profile["_annotations"] = raw
     return profile
+
+
+TAILS = ("hoeffding", "chernoff")
+
+
+def distillation_tail(profile: dict, origin: str = "profile") -> str:
+    """The finite-key concentration bound the profile's passes are distilled with by the
+    mission (`distillation.tail`; hoeffding when the profile says nothing)."""
+    section = profile.get("distillation", {})
+    if not isinstance(section, dict):
+        raise BadInput(f"{origin}: distillation must be a group, got {section!r}")
+    return section.get("tail", "hoeffding")
 
 
 def station(profile: dict, name: str | None) -> dict:
