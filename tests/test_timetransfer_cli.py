@@ -2,6 +2,7 @@
 that must be flagged and inputs that must be refused."""
 
 import json
+import math
 import re
 import shutil
 
@@ -11,7 +12,7 @@ import pytest
 from host.cli import main
 from host.distil import channel as ch
 from host.errors import BadInput, ProtocolAborted
-from host.timetransfer import command, endpoints, estimate, simulate
+from host.timetransfer import command, endpoints, estimate, files, simulate
 from tests.network_keys import distilled
 
 DURATION_S = 10.0
@@ -42,10 +43,53 @@ def run(pass_dir, out_dir, keys):
     return code, json.loads(report_path.read_text()) if report_path.exists() else None
 
 
+def check_qber_against_the_profile(pass_dir, report):
+    """Each direction's QBER, in two steps, both with 5-sigma tolerances from the counts.
+
+    1. The whole sifted set of this fixed-seed pass (both sides' records: truth no endpoint
+       sees) against the profile: misalignment e_d, plus the noise clicks' share f (noise
+       rate x gate duty over all detections) at 1/2: q = e_d + (1/2 - e_d) f. For micius-qstt
+       that is ~0.59 % up (10 Hz of noise in the gates against ~2,600 clicks/s) and ~0.47 %
+       down: under QSTT's published "< 1 %" (Dai et al. 2020), the uplink with little room.
+    2. The reported QBER is a CSPRNG sample of 10 % of the sifted events (~1,300 up,
+       ~17,000 down), so it scatters around the whole set's value: +-0.2 % (1 sigma) up,
+       where 20 runs on this pass gave 0.23-0.99 % and CI once saw 1.06 %: a bound of 1 % on
+       the sample sits ~2 sigma above its mean, a flake and not a test. Checked instead:
+       the sample's error count within 5 sigma of its hypergeometric spread.
+    A doubled QBER in the simulation fails step 1 in either direction (>9 sigma); a
+    doubled count in the report fails step 2 for the downlink (>9 sigma), and only by
+    ~3 sigma for the uplink, whose sample is too small to say more."""
+    profile = simulate.load_profile("micius-qstt")
+    duration_s = files.read_scenario(pass_dir)["duration_s"]
+    events = files.read_events(pass_dir)
+    for direction in ("uplink", "downlink"):
+        link = simulate.values(profile[direction])
+        _, sent_basis, sent_bit = events[f"{direction}_tx"]
+        _, received_basis, received_bit = events[f"{direction}_rx"]
+        sifted = sent_basis == received_basis
+        n_sifted = int(sifted.sum())
+        errors = int((sent_bit[sifted] != received_bit[sifted]).sum())
+        assert report["sifted_events"][direction] == n_sifted
+        duty = link["gate_ns"] * 1e-9 * link["slot_rate_hz"]
+        noise_share = link["noise_counts_hz"] * duty / (sent_basis.size / duration_s)
+        e_d = link["misalignment_error"]
+        expected_qber = e_d + (0.5 - e_d) * noise_share
+        sigma = math.sqrt(expected_qber * (1 - expected_qber) / n_sifted)
+        assert abs(errors / n_sifted - expected_qber) < 5 * sigma, direction
+        assert errors / n_sifted < 0.01, direction  # the published "< 1 %", whole pass
+        sample = report["qber_sample"][direction]
+        n, k = sample["n"], sample["errors"]
+        assert n == max(endpoints.SAMPLE_MIN, int(endpoints.SAMPLE_FRACTION * n_sifted))
+        assert report["qber"][direction] == k / n
+        q = errors / n_sifted  # sampled without replacement from this set: hypergeometric
+        sample_sigma = math.sqrt(n * q * (1 - q) * (n_sifted - n) / (n_sifted - 1))
+        assert abs(k - n * q) < 5 * sample_sigma, (direction, k, n * q)
+
+
 def test_clean_pass_matches_truth_and_raises_no_flag(clean_pass, tmp_path, keys):
     code, report = run(clean_pass, tmp_path, keys)
     assert code == 0 and report["aborted"] is False
-    assert report["qber"]["uplink"] < 0.01 and report["qber"]["downlink"] < 0.01
+    check_qber_against_the_profile(clean_pass, report)
     # bias: half the profile's 15 ps delay-calibration residual, nothing more
     assert abs(report["truth"]["offset_bias_ps"] - 7.5) < 5.0
     assert report["truth"]["precision_1s_ps"] <= 30.0
