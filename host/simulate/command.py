@@ -71,9 +71,10 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--two-way",
         action="store_true",
-        help="also write the two-way time-transfer products (uplink and downlink time tags,"
-        " timetransfer.json; micius-2017 -> micius-qstt, jinan-1 -> qstt-best) for"
-        " `qkdsat timetransfer` (docs/time-transfer.md)",
+        help="a two-way pass for `qkdsat timetransfer`: the pass flies the two-way profile's"
+        " orbit on its clocks (micius-2017 -> micius-qstt, jinan-1 -> qstt-best), its"
+        " detections are the downlink events and the uplink is simulated beside it"
+        " (timetransfer.json, tt_*.npz; docs/time-transfer.md)",
     )
     parser.add_argument(
         "--headline",
@@ -175,6 +176,21 @@ def run(args) -> int:
             raise BadInput(f"--pattern-secret: {2 * passgen.PATTERN_SECRET_BYTES} hex digits")
     out = Path(args.out)
     prepare_out(out, args.force)
+    two_way_pass = None
+    if args.two_way:
+        from host.simulate.profiles import station as pick_station
+        from host.timetransfer import simulate as two_way
+
+        if tle_text is not None:
+            raise BadInput(
+                "--two-way with --tle: the two-way pass flies the two-way profile's circular "
+                "orbit (docs/time-transfer.md); drop --tle"
+            )
+        two_way_profile = two_way.load_profile(two_way.profile_for(profile["name"]))
+        two_way_pass = two_way.prepare_beside_qkd(
+            two_way_profile, profile, pick_station(profile, args.station), args.seed,
+            args.duration_s, args.start or profile["orbit"]["utc_start"],
+        )  # fmt: skip
     scenario = passgen.build_scenario(
         profile,
         station_name=args.station,
@@ -184,6 +200,8 @@ def run(args) -> int:
         seed=args.seed,
         duration_s=args.duration_s,
         pattern_secret=pattern_secret,
+        geometry=two_way_pass.geometry if two_way_pass else None,
+        clocks=(two_way_pass.satellite, two_way_pass.ground) if two_way_pass else None,
     )
     log_bytes = scenario.slot_count * PATTERN_LOG_BYTES_PER_SLOT
     if args.pattern == "log" and log_bytes > PATTERN_LOG_WARN_BYTES and not args.force:
@@ -191,18 +209,13 @@ def run(args) -> int:
             f"--pattern log: {scenario.slot_count} slots make a {log_bytes / 1e9:.1f} GB "
             "pattern log; use --pattern source, --duration-s, or --force to write it"
         )
-    two_way_profile = None
-    if args.two_way:
-        from host.timetransfer import simulate as two_way
-
-        two_way_profile = two_way.load_profile(two_way.profile_for(profile["name"]))
     progress = progress_for(args, "qkdsat simulate")
     try:
         # a replaced pass's two-way scenario must not describe this pass
         (out / "timetransfer.json").unlink(missing_ok=True)
         truth = passgen.run(scenario, out, pattern_mode=args.pattern, progress=progress.enabled)
-        if two_way_profile is not None:
-            two_way_summary = two_way.simulate(two_way_profile, out, args.seed, args.duration_s)
+        if two_way_pass is not None:  # the uplink beside this pass, on its orbit and clocks
+            two_way_summary = two_way.write_beside(two_way_pass, out, scenario)
     except OSError as error:  # a full or failing disk: pass.json, written last, is missing
         raise EnvironmentFailure(
             f"--out {out}: {error.strerror or error} while writing the pass; the directory "
@@ -216,8 +229,8 @@ def run(args) -> int:
         "link_loss_db": {k: v["link_loss_db"] for k, v in truth["events"].items()},
         "wall_seconds": truth["wall_seconds"],
     }
-    if two_way_profile is not None:
-        summary["two_way"] = {"profile": two_way_profile["name"], **two_way_summary}
+    if two_way_pass is not None:
+        summary["two_way"] = {"profile": two_way_pass.profile["name"], **two_way_summary}
     if args.headline:
         from host.simulate.headline import compare_with_published, headline
 

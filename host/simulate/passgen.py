@@ -90,31 +90,23 @@ def build_scenario(
     pointing_log: tuple[np.ndarray, np.ndarray] | None = None,
     window_start_s: float | None = None,
     pattern_secret: bytes | None = None,
+    geometry: geo.PassGeometry | None = None,
+    clocks: tuple | None = None,
 ) -> Scenario:
     """Everything needed to simulate one pass. `pointing_log` = (t_s, error_urad) replaces
     the pointing-jitter model with a measured or simulated tracking log (t_s after the
     QKD window's start). `duration_s` crops the pass around culmination, or from
-    `window_start_s` (seconds after the pass's start) when given."""
+    `window_start_s` (seconds after the pass's start) when given. `geometry` and `clocks`
+    (satellite, ground) replace the profile's orbit and clocks: a two-way pass
+    (host/timetransfer/simulate.py) gives its inertial orbit, already cut to the window,
+    and its noisy clocks."""
     from host.simulate.profiles import station as pick_station
 
     station = pick_station(profile, station_name)
-    if tle_text is not None:
-        search_start = geo.parse_utc(start_utc or profile["orbit"]["utc_start"], "--start")
-        geometry = geo.tle_pass(
-            tle_text, station, search_start, station["elevation_mask_deg"], origin=tle_origin
+    if geometry is None:
+        geometry = profile_geometry(
+            profile, station, tle_text, tle_origin, start_utc, duration_s, window_start_s
         )
-    else:
-        orbit = profile["orbit"]["synthetic"]
-        utc_start = geo.parse_utc(start_utc or profile["orbit"]["utc_start"], "start")
-        geometry = geo.synthetic_circular_pass(
-            utc_start,
-            orbit["altitude_km"],
-            orbit["min_range_km"],
-            orbit["start_range_km"],
-            orbit["end_range_km"],
-        )
-    if duration_s is not None:
-        geometry = crop_around_culmination(geometry, duration_s, window_start_s)
 
     children = np.random.SeedSequence(seed).spawn(len(_SEED_STREAMS))
     rngs = {
@@ -175,12 +167,15 @@ def build_scenario(
     )
     sat = profile["clocks"]["satellite"]
     gnd = profile["clocks"]["ground"]
-    sat_clock = Clock(
-        "satellite", int(round(sat["offset_s"] * 1e12)), sat["drift"], sat["aging_per_s"]
-    )
-    ground_clock = Clock(
-        "ground", int(round(gnd["offset_s"] * 1e12)), gnd["drift"], gnd["aging_per_s"]
-    )
+    if clocks is not None:
+        sat_clock, ground_clock = clocks
+    else:
+        sat_clock = Clock(
+            "satellite", int(round(sat["offset_s"] * 1e12)), sat["drift"], sat["aging_per_s"]
+        )
+        ground_clock = Clock(
+            "ground", int(round(gnd["offset_s"] * 1e12)), gnd["drift"], gnd["aging_per_s"]
+        )
     # The laser starts on the first whole slot period of the TDC clock after T = 0.
     start_ps = int(sat_clock.to_clock_ps(0.0))
     first_slot_ps = -(-start_ps // period_ps) * period_ps
@@ -189,6 +184,36 @@ def build_scenario(
         profile, station, geometry, seed, rate, period_ps, slot_count, classes, mapping,
         pattern, channel, slots, ground_clock, rngs, bytes(pattern_secret),
     )  # fmt: skip
+
+
+def profile_geometry(
+    profile: dict,
+    station: dict,
+    tle_text: str | None,
+    tle_origin: str,
+    start_utc: str | None,
+    duration_s: float | None,
+    window_start_s: float | None,
+) -> geo.PassGeometry:
+    """The pass of the profile's synthetic orbit or of a TLE, cut to `duration_s`."""
+    if tle_text is not None:
+        search_start = geo.parse_utc(start_utc or profile["orbit"]["utc_start"], "--start")
+        geometry = geo.tle_pass(
+            tle_text, station, search_start, station["elevation_mask_deg"], origin=tle_origin
+        )
+    else:
+        orbit = profile["orbit"]["synthetic"]
+        utc_start = geo.parse_utc(start_utc or profile["orbit"]["utc_start"], "start")
+        geometry = geo.synthetic_circular_pass(
+            utc_start,
+            orbit["altitude_km"],
+            orbit["min_range_km"],
+            orbit["start_range_km"],
+            orbit["end_range_km"],
+        )
+    if duration_s is not None:
+        geometry = crop_around_culmination(geometry, duration_s, window_start_s)
+    return geometry
 
 
 PATTERN_SECRET_BYTES = 16

@@ -19,11 +19,13 @@ slot.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 
+from host.distil.durable import write_atomic
 from host.errors import BadInput
 
 FORMAT = "qkdsat-timetransfer/1"
@@ -43,12 +45,16 @@ def write_pass(pass_dir: Path, scenario: dict, events: dict, truth: dict | None)
         (pass_dir / sub).mkdir(parents=True, exist_ok=True)
     for key, relative in EVENT_FILES.items():
         tag_ps, basis, bit = events[key]
+        buffer = io.BytesIO()
         np.savez(
-            pass_dir / relative,
+            buffer,
             tag_ps=np.asarray(tag_ps, dtype=np.int64),
             basis=np.asarray(basis, dtype=np.uint8),
             bit=np.asarray(bit, dtype=np.uint8),
         )
+        # 0600: the bits of the downlink emissions are the QKD pass's raw key (Alice's
+        # symbols), the rest is each side's own record, as the pattern log is
+        write_atomic(pass_dir / relative, buffer.getvalue(), 0o600)
     if truth is not None:
         np.savez(pass_dir / TRUTH_FILE, **truth)
     scenario = dict(scenario, format=FORMAT)
