@@ -266,6 +266,17 @@ def _stop(channel, out: Outcome, error: ProtocolAborted) -> None:
     out.report = {"aborted": True, "abort_reason": str(error), **out.report}
 
 
+def _end_failed_run(channel, out: Outcome, error: Exception, who: str) -> None:
+    """How a run that raised ends, for every endpoint (post-pass and stream): a protocol
+    abort is stopped (_stop: the reason in the report, no key); anything else tells the
+    peer only its type (its text may hold data) and propagates."""
+    if isinstance(error, ProtocolAborted):
+        _stop(channel, out, error)
+        return
+    channel.abort(f"{who} failed internally: {type(error).__name__}")
+    raise error
+
+
 @contextlib.contextmanager
 def _naming_block(basis: str):
     """Prefix a reconciliation failure with the key block it happened in."""
@@ -405,26 +416,44 @@ class Alice:
                 self._serve_sync(channel)
             with stage("sifting"):
                 msg = channel.recv("detections")
-                count = int(msg["count"])
-                try:
-                    slots = rice_decode_sorted(int(msg["rice_k"]), msg["slots"], count)
-                except ValueError as error:
-                    raise ProtocolAborted(f"detections message: {error}") from error
-                bob_basis = unpack_bits(msg["basis"], count)
-                basis, bit, inten = self._symbols(slots)
-                channel.send("sift", basis=pack_bits(basis), intensity=pack_2bit(inten))
-                keep = (basis == bob_basis) & (inten != NO_PATTERN)
-                s_basis, s_bit, s_int = basis[keep], bit[keep], inten[keep]
+                _, answer, (s_basis, s_bit, s_int) = self._answer_sifting(
+                    msg, "detections message"
+                )
+                channel.send("sift", **answer)
             out.report["sifted_bits"] = int(s_basis.size)  # reported even on an abort
             out.report = self._after_sifting(channel, stage, s_basis, s_bit, s_int, out)
             channel.send("done")
             channel.recv("done")
-        except ProtocolAborted as error:
-            _stop(channel, out, error)
         except Exception as error:
-            channel.abort(f"Alice failed internally: {type(error).__name__}")
-            raise
+            _end_failed_run(channel, out, error, "Alice")
         return out
+
+    def _answer_sifting(self, msg: dict, context: str, last_slot: int | None = None):
+        """Alice's half of sifting (post-pass and stream): Bob's slots and bases from his
+        message; returns (his slots, the fields of her answer: her basis and intensity code
+        per slot, her sifted (basis, bit, intensity): the slots where the bases agree and
+        she holds a pattern). With last_slot (the stream, block after block), Bob's slots
+        must lie strictly beyond it and strictly increase: a slot sifted twice would put
+        one of her bits in the key and, drawn again, in the disclosed sample (a disclosed
+        key bit no leak counts), and count it twice in the finite-key analysis."""
+        count = int(msg["count"])
+        try:
+            slots = rice_decode_sorted(int(msg["rice_k"]), msg["slots"], count)
+        except ValueError as error:
+            raise ProtocolAborted(f"{context}: {error}") from error
+        if (
+            last_slot is not None
+            and slots.size
+            and (slots[0] <= last_slot or np.any(np.diff(slots) <= 0))
+        ):
+            raise ProtocolAborted(
+                f"{context}: Bob's slots are not strictly after the slots already sifted"
+            )
+        bob_basis = unpack_bits(msg["basis"], count)
+        basis, bit, inten = self._symbols(slots)
+        keep = (basis == bob_basis) & (inten != NO_PATTERN)
+        answer = {"basis": pack_bits(basis), "intensity": pack_2bit(inten)}
+        return slots, answer, (basis[keep], bit[keep], inten[keep])
 
     def _serve_sync(self, channel) -> None:
         """Answer Bob's synchronisation requests (intensity classes of slot windows) until
@@ -724,6 +753,27 @@ def _ec_sizing(qber_est: dict, sample_size: dict, name: str, previous=None) -> t
 # ====================================================================== Bob
 
 
+def _request_sifting(channel, kind: str, reply_kind: str, slots, basis, bit, **fields):
+    """Bob's half of sifting (post-pass and stream): his sorted slots (Rice-coded) and
+    bases to Alice in a `kind` message (after `fields`); her `reply_kind` answer gives her
+    basis and intensity code per slot. Returns his sifted (basis, bit, intensity): the
+    slots where the bases agree and she holds a pattern, and her answer."""
+    rice_k, packed_slots = rice_encode_sorted(slots)
+    channel.send(
+        kind,
+        **fields,
+        count=int(slots.size),
+        rice_k=rice_k,
+        slots=packed_slots,
+        basis=pack_bits(basis),
+    )
+    answer = channel.recv(reply_kind)
+    a_basis = unpack_bits(answer["basis"], slots.size)
+    inten = unpack_2bit(answer["intensity"], slots.size)
+    keep = (a_basis == basis) & (inten != NO_PATTERN)
+    return (basis[keep], bit[keep], inten[keep]), answer
+
+
 class Bob:
     """The ground side: owns ground/ (detections, PPS)."""
 
@@ -766,27 +816,14 @@ class Bob:
             out.report["sync"] = sync.summary()
             with stage("sifting"):
                 slots, basis, bit = self._detections_to_slots(sync)
-                rice_k, packed_slots = rice_encode_sorted(slots)
-                channel.send(
-                    "detections",
-                    count=int(slots.size),
-                    rice_k=rice_k,
-                    slots=packed_slots,
-                    basis=pack_bits(basis),
+                (s_basis, s_bit, s_int), _ = _request_sifting(
+                    channel, "detections", "sift", slots, basis, bit
                 )
-                msg = channel.recv("sift")
-                a_basis = unpack_bits(msg["basis"], slots.size)
-                inten = unpack_2bit(msg["intensity"], slots.size)
-                keep = (a_basis == basis) & (inten != NO_PATTERN)
-                s_basis, s_bit, s_int = basis[keep], bit[keep], inten[keep]
             out.report.update(self._after_sifting(channel, stage, s_basis, s_bit, s_int, out))
             channel.recv("done")
             channel.send("done")
-        except ProtocolAborted as error:
-            _stop(channel, out, error)
         except Exception as error:
-            channel.abort(f"Bob failed internally: {type(error).__name__}")
-            raise
+            _end_failed_run(channel, out, error, "Bob")
         return out
 
     def _detections_to_slots(self, sync):

@@ -38,28 +38,24 @@ from host.distil import ldpc, reconcile, timesync
 from host.distil.bitcodec import (
     decode_sorted,
     encode_sorted,
-    pack_2bit,
     pack_bits,
-    rice_decode_sorted,
-    rice_encode_sorted,
-    unpack_2bit,
     unpack_bits,
 )
 from host.distil.channel import AuthenticationFailed, ChannelClosed, PeerAborted
 from host.distil.endpoint_random import endpoint_random
 from host.distil.protocol import (
     BASES,
-    NO_PATTERN,
     PROTOCOL_VERSION,
     Alice,
     Bob,
     Config,
     Outcome,
     _ec_sizing,
+    _end_failed_run,
     _naming_block,
     _public_seed,
+    _request_sifting,
     _Stages,
-    _stop,
     check_parameters,
     key_bases_for,
     pass_digest,
@@ -379,40 +375,26 @@ class StreamAlice(Alice):
             ) | {k: out.report[k] for k in ("stream", "last_detection_unix_s")}
             channel.send("done")
             channel.recv("done")
-        except ProtocolAborted as error:
-            _stop(channel, out, error)
         except Exception as error:
-            channel.abort(f"Alice failed internally: {type(error).__name__}")
-            raise
+            _end_failed_run(channel, out, error, "Alice")
         finally:
             if timeline is not None:
                 out.report.update(timeline.report())
         return out
 
     def _sift_block(self, channel, msg, sifted: _Sifted, key_bases) -> None:
-        count = int(msg["count"])
-        try:
-            slots = rice_decode_sorted(int(msg["rice_k"]), msg["slots"], count)
-        except ValueError as error:
-            raise ProtocolAborted(f"stream block: {error}") from error
-        # A slot sifted twice would put one of Alice's bits in the key and, drawn again,
-        # in the disclosed sample (a disclosed key bit no leak counts), and count it twice
-        # in the finite-key analysis: Alice takes each slot once, in pass order.
-        if slots.size and (slots[0] <= self._last_slot or np.any(np.diff(slots) <= 0)):
-            raise ProtocolAborted(
-                "stream block: Bob's slots are not strictly after the slots already sifted"
-            )
+        # Alice takes each slot once, in pass order (see _answer_sifting)
+        slots, answer, (s_basis, s_bit, s_int) = self._answer_sifting(
+            msg, "stream block", self._last_slot
+        )
         if slots.size:
             self._last_slot = int(slots[-1])
-        bob_basis = unpack_bits(msg["basis"], count)
-        basis, bit, inten = self._symbols(slots)
-        keep = (basis == bob_basis) & (inten != NO_PATTERN)
-        index = sifted.basis.extend(basis[keep])
-        sifted.bit.extend(bit[keep])
-        sifted.intensity.extend(inten[keep])
+        index = sifted.basis.extend(s_basis)
+        sifted.bit.extend(s_bit)
+        sifted.intensity.extend(s_int)
         fields = {}
         for b, name in enumerate(BASES):
-            pos = index[basis[keep] == b]
+            pos = index[s_basis == b]
             sifted.basis_bits[name] += pos.size
             if name in key_bases:
                 want = sample_target(sifted.basis_bits[name], self.config) - sifted.sampled[name]
@@ -426,7 +408,7 @@ class StreamAlice(Alice):
             fields[f"pos_{name}"] = encode_sorted(sample)
             fields[f"count_{name}"] = int(sample.size)
             fields[f"bits_{name}"] = pack_bits(sifted.bit.view[pos[sample]])
-        channel.send("stream_sift", basis=pack_bits(basis), intensity=pack_2bit(inten), **fields)
+        channel.send("stream_sift", **answer, **fields)
 
     def _reconcile(self, channel, msg, sifted: _Sifted, name: str):
         if name not in sifted.key_positions:
@@ -545,11 +527,8 @@ class StreamBob(Bob):
             self._stream(watched, stage, out, clock, timeline)
             channel.recv("done")
             channel.send("done")
-        except ProtocolAborted as error:
-            _stop(channel, out, error)
         except Exception as error:
-            channel.abort(f"Bob failed internally: {type(error).__name__}")
-            raise
+            _end_failed_run(channel, out, error, "Bob")
         finally:
             if timeline is not None:
                 out.report.update(timeline.report())
@@ -736,22 +715,17 @@ class StreamBob(Bob):
         slots, basis, bit = slots[fresh], basis[fresh], bit[fresh]
         if slots.size:
             self._last_slot = int(slots[-1])
-        rice_k, packed = rice_encode_sorted(slots)
-        channel.send(
+        (s_basis, s_bit, s_int), msg = _request_sifting(
+            channel,
             "stream_next",
+            "stream_sift",
+            slots,
+            basis,
+            bit,
             step="block",
             t_end_s=float(handled_s),
             detections=raw_count,
-            count=int(slots.size),
-            rice_k=rice_k,
-            slots=packed,
-            basis=pack_bits(basis),
         )
-        msg = channel.recv("stream_sift")
-        a_basis = unpack_bits(msg["basis"], slots.size)
-        inten = unpack_2bit(msg["intensity"], slots.size)
-        keep = (a_basis == basis) & (inten != NO_PATTERN)
-        s_basis, s_bit, s_int = basis[keep], bit[keep], inten[keep]
         sifted = self._sifted
         index = sifted.basis.extend(s_basis)
         sifted.bit.extend(s_bit)
