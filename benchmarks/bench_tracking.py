@@ -344,12 +344,14 @@ def test_two_hour_run():
     assert int(last[3]) == (len(rows) - 2) * 1000 + 11000  # held past the extrapolation
 
 
-# Pass mode (issue 15, finding 5): the application's tracking duty does one bus READ of the
-# sensor block and one WRITE of the command block per loop period. This measures the
-# controller's CPU per period on QEMU with -icount (1 instruction = 1 ns of virtual time):
-# the duty over a loopback link that answers each request with a precomputed reply frame,
-# minus the loopback's own cost, and the kernel alone. The wire time comes from the frame
-# lengths the bus client really sends and receives.
+# Pass mode (issue 15, finding 5): the application's tracking duty does one bus READ_WRITE
+# per loop period (the last period's commands out, this period's sensors in). This
+# measures the controller's CPU per period on QEMU with -icount (1 instruction = 1 ns of
+# virtual time): the duty over a loopback link that answers each request with a
+# precomputed reply frame, minus the loopback's own cost, and the kernel alone. The
+# baseline, in the same run, is the period as it was before READ_WRITE: a READ of the
+# sensor block, the step, a WRITE of the command block (two transactions). The wire time
+# comes from the frame lengths the bus client really sends and receives.
 PASS_MODE_PROGRAM = """
 import struct
 import board
@@ -359,24 +361,29 @@ t = tracking.Tracker()
 t.load_predictions([[0, 0, 0, 0, 0, 0, -50000, 0]] * 4)
 writer = framing.FrameWriter(256)
 values = struct.pack('<10I', 3000, 3300, 2900, 3200, 1, 0, 0, 5000, 0, 0)
-read_frames = []
-write_frames = []
-for tag in range(256):
-    body = bytes([0x81, tag, 0, 0x00, 0x05, 10]) + values
-    read_frames.append(bytes(writer.encode(body, len(body))))
-    body = bytes([0x82, tag, 0])
-    write_frames.append(bytes(writer.encode(body, len(body))))
+def frames(head):
+    out = []
+    for tag in range(256):
+        body = bytes([head[0], tag]) + head[1:]
+        out.append(bytes(writer.encode(body, len(body))))
+    return out
+READ = frames(bytes([0x81, 0, 0x00, 0x05, 10]) + values)
+WRITE = frames(bytes([0x82, 0]))
+READ_WRITE = frames(bytes([0x86, 0, 0x00, 0x05, 10]) + values)
 class Loopback:
+    # answers the client's n-th transaction (tag n + 1) with the next reply of `cycle`
     def __init__(self):
         self.count = 0
         self.pending = None
-        self.sent = [0, 0]
+        self.cycle = [READ_WRITE]
+        self.phase = 0
+        self.sent = {{}}
     def write(self, data):
-        n = self.count
-        tag = (n + 1) & 0xFF
-        self.pending = read_frames[tag] if n & 1 == 0 else write_frames[tag]
-        self.sent[n & 1] = len(data)
-        self.count = n + 1
+        replies = self.cycle[self.phase]
+        self.phase = (self.phase + 1) % len(self.cycle)
+        self.count += 1
+        self.pending = replies[self.count & 0xFF]
+        self.sent[id(replies)] = len(data)
         return len(data)
     def readinto(self, buf):
         p = self.pending
@@ -385,9 +392,30 @@ class Loopback:
         buf[: len(p)] = p
         self.pending = None
         return len(p)
+class SplitDuty(tracking_duty.TrackingDuty):
+    # the period before READ_WRITE (main before this change): READ, step, WRITE
+    def step(self):
+        if self.tracker.idle():
+            self._last_us = -1
+            return False
+        bus = self.bus
+        now = bus.clock.ticks_us()
+        if self._last_us >= 0 and ((now - self._last_us) & 0x3FFFFFFF) > self.tracker.cfg[0]:
+            self.overruns += 1
+        self._last_us = now
+        if bus.read(tracking_duty.REG_TRK_SENSORS, 10) != 0:
+            self.bus_errors += 1
+            return False
+        tracking_duty._copy_words(bus.words, self.tracker.io, 10)
+        self.tracker.step()
+        if bus.write(tracking_duty.REG_TRK_COMMANDS, self._commands, 7) != 0:
+            self.bus_errors += 1
+        self.steps += 1
+        return True
 link = Loopback()
 client = bus.Bus(link, board.clock, timeout_us=1000000)
 duty = tracking_duty.TrackingDuty(client, t)
+split = SplitDuty(client, t)
 t.start()
 for _ in range(40):
     duty.step()
@@ -397,17 +425,24 @@ t0 = clock()
 for _ in range(N):
     duty.step()
 t1 = clock()
-scratch = bytearray(512)
-sent = list(link.sent)
-frame = bytes(sent[0])
-for _ in range(N):  # the loopback alone, same calls
-    link.write(frame); link.readinto(scratch); link.write(frame); link.readinto(scratch)
+link.cycle = [READ, WRITE]
+link.phase = 0
+for _ in range(N):
+    split.step()
 t2 = clock()
+sent = [link.sent[id(f)] for f in (READ_WRITE, READ, WRITE)]
+scratch = bytearray(512)
+frame = bytes(sent[0])
+for _ in range(N):  # the loopback alone, one transaction's calls
+    link.write(frame); link.readinto(scratch)
+t3 = clock()
 for _ in range(N):
     t.step()
-t3 = clock()
-print('@@pass', t.state, (t1 - t0) & 0x3FFFFFFF, (t2 - t1) & 0x3FFFFFFF, (t3 - t2) & 0x3FFFFFFF,
-      sent[0], len(read_frames[1]), sent[1], len(write_frames[1]), duty.bus_errors)
+t4 = clock()
+d = lambda a, b: (b - a) & 0x3FFFFFFF
+print('@@pass', t.state, d(t0, t1), d(t1, t2), d(t2, t3), d(t3, t4),
+      sent[0], len(READ_WRITE[1]), sent[1], len(READ[1]), sent[2], len(WRITE[1]),
+      duty.bus_errors + split.bus_errors)
 """
 
 
@@ -419,26 +454,34 @@ def test_pass_mode_loop_rate():
     with QemuTarget(boot="maintenance", icount_shift=QEMU_ICOUNT_SHIFT) as target:
         with RawRepl(target.ground_port, timeout_s=30.0) as repl:
             out = repl.exec(PASS_MODE_PROGRAM.format(steps=steps), timeout_s=600)
-    state, duty_us, loop_us, kernel_us, rq, rr, wq, wr, errors = (
-        int(v) for v in [ln for ln in out.splitlines() if ln.startswith("@@pass")][0].split()[1:]
-    )
+    fields = [ln for ln in out.splitlines() if ln.startswith("@@pass")][0].split()[1:]
+    state, batched_us, split_us, loop_us, kernel_us = (int(v) for v in fields[:5])
+    xq, xr, rq, rr, wq, wr, errors = (int(v) for v in fields[5:])
     assert state == 4 and errors == 0
     ns = 2**QEMU_ICOUNT_SHIFT
-    duty_instr = (duty_us - loop_us) * 1000 / ns / steps
+    loop_instr = loop_us * 1000 / ns / steps  # the loopback's cost of one transaction
+    batched_instr = batched_us * 1000 / ns / steps - loop_instr
+    split_instr = split_us * 1000 / ns / steps - 2 * loop_instr
     kernel_instr = kernel_us * 1000 / ns / steps
-    wire_bytes = rq + rr + wq + wr
-    cpu_rate = MCU_HZ / duty_instr
     print(f"\n[tracking] pass mode on QEMU Cortex-M3 (-icount shift={QEMU_ICOUNT_SHIFT}), FINE:")
-    print(
-        f"[tracking]  per period: {duty_instr:,.0f} instructions (bus READ + WRITE + step; "
-        f"kernel alone {kernel_instr:,.0f}); at 25 MHz {duty_instr / 25:.0f} us -> CPU-bound "
-        f"<= {cpu_rate:,.0f} Hz"
-    )
-    for baud in (115_200, 1_000_000, 2_000_000):
-        wire_s = wire_bytes * 10 / baud
-        rate = 1.0 / (wire_s + duty_instr / MCU_HZ)
+    print(f"[tracking]  kernel alone {kernel_instr:,.0f} instructions a step")
+    rows = (
+        ("READ + WRITE (before)", split_instr, rq + rr + wq + wr,
+         f"READ {rq}+{rr}, WRITE {wq}+{wr}"),
+        ("READ_WRITE", batched_instr, xq + xr, f"READ_WRITE {xq}+{xr}"),
+    )  # fmt: skip
+    for name, instr, wire_bytes, detail in rows:
         print(
-            f"[tracking]  bus at {baud:>9,} baud: {wire_bytes} bytes on the wire per period "
-            f"(READ {rq}+{rr}, WRITE {wq}+{wr}) = {wire_s * 1e6:,.0f} us; with the CPU "
-            f"serialised: <= {rate:,.0f} Hz"
+            f"[tracking]  {name}: {instr:,.0f} instructions a period; at 25 MHz "
+            f"{instr / 25:,.0f} us -> CPU-bound <= {MCU_HZ / instr:,.0f} Hz"
         )
+        for baud in (115_200, 1_000_000, 2_000_000):
+            wire_s = wire_bytes * 10 / baud
+            rate = 1.0 / (wire_s + instr / MCU_HZ)
+            print(
+                f"[tracking]    bus at {baud:>9,} baud: {wire_bytes} bytes a period ({detail})"
+                f" = {wire_s * 1e6:,.0f} us; with the CPU serialised: <= {rate:,.0f} Hz"
+            )
+    print(f"[tracking]  READ_WRITE / READ + WRITE: CPU {batched_instr / split_instr:.2f}")
+    # one transaction must cost less than two: the point of the opcode
+    assert batched_instr < split_instr

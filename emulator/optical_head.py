@@ -351,7 +351,10 @@ class OpticalHead:
             except pb.BusProtocolError:
                 self.bad_requests += 1
                 if len(body) >= 2 and not body[0] & pb.REPLY_FLAG:
-                    known = body[0] in (pb.OP_READ, pb.OP_WRITE, pb.OP_FIFO_READ, pb.OP_MEM_WRITE)
+                    known = body[0] in (
+                        pb.OP_READ, pb.OP_WRITE, pb.OP_FIFO_READ, pb.OP_MEM_WRITE,
+                        pb.OP_READ_WRITE,
+                    )  # fmt: skip
                     return pb.error_reply(body, pb.E_BAD_LENGTH if known else pb.E_UNKNOWN_OP)
                 return None
             self._wall_advance()
@@ -379,6 +382,21 @@ class OpticalHead:
                 if status != pb.OK:
                     return pb.Reply(req.op, req.tag, status)
             return pb.Reply(req.op, req.tag, pb.OK)
+        if req.op == pb.OP_READ_WRITE:
+            # The tracking loop's period in one transaction: last period's commands out,
+            # then this period's sensors in (the write may advance a device a period).
+            for i, value in enumerate(req.words):
+                status = self.write_reg(req.write_addr + i, value)
+                if status != pb.OK:
+                    return pb.Reply(req.op, req.tag, status)
+            addrs = range(req.addr, req.addr + req.count)
+            if self.time_scale is None:
+                self._lockstep(addrs)
+            try:
+                words = tuple(self.read_reg(a) for a in addrs)
+            except KeyError:
+                return pb.Reply(req.op, req.tag, pb.E_BAD_ADDRESS)
+            return pb.Reply(req.op, req.tag, pb.OK, req.addr, words)
         if req.op == pb.OP_FIFO_READ:
             if req.addr == pb.FIFO_QRNG:
                 if not self.regs[pb.REG_QRNG_CTRL] & 1:

@@ -151,7 +151,9 @@ def firmware_program(
 class TrackingHead(OpticalHead):
     """The optical head with the tracking plant behind its 0x0500 register block: a READ
     of the sensor block samples the plant (once per period), the WRITE of the command
-    block ending with STATE applies the commands and advances the plant one period."""
+    block ending with STATE applies the commands and advances the plant one period. The
+    duty's READ_WRITE does both in that order: last period's commands, then the new
+    sample (the plant's sequence is the same as with a separate READ and WRITE)."""
 
     def attach(self, plant: OpticalPlant) -> None:
         self.plant = plant
@@ -201,6 +203,7 @@ def bus_program(config: dict, rows: list[list[int]], steps: int, start_at: int) 
         f"    if k == {start_at}:\n"
         "        tracker.start()\n"
         "    sched.run_once()\n"
+        "duty.flush()\n"  # the last period's commands: no next period carries them
         "product.flush()\n"
         "for t in tracker.transitions():\n"
         "    print('@@tr', *t)\n"

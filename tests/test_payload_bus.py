@@ -25,6 +25,10 @@ def _request_from(case):
         return pb.write(case["tag"], case["addr"], *case["words"])
     if op == "fifo_read":
         return pb.fifo_read(case["tag"], case["fifo"], case["max_bytes"])
+    if op == "read_write":
+        return pb.read_write(
+            case["tag"], case["write_addr"], tuple(case["words"]), case["addr"], case["count"]
+        )
     return pb.mem_write(case["tag"], case["mem"], case["offset"], bytes.fromhex(case["data"]))
 
 
@@ -56,6 +60,9 @@ def test_replies_parse_as_the_vectors(case):
         (bytes.fromhex("031402ff0f"), "max_bytes 4095"),
         (bytes.fromhex("0415010000000005000102"), "MEM_WRITE: length 5 does not match 2 bytes"),
         (bytes.fromhex("7f00"), "unknown op 0x7f"),
+        (bytes.fromhex("06211005000005"), "READ_WRITE: missing addresses"),
+        (bytes.fromhex("062110050000050b"[:-2] + "00"), "read count 0"),
+        (bytes.fromhex("062110050100050a"), "READ_WRITE: write count 1 does not match 0"),
     ],
 )
 def test_malformed_requests_are_refused_with_the_reason(body, message):
@@ -110,6 +117,22 @@ def test_head_registers_reads_writes_and_errors(head_client):
     assert client.call(pb.fifo_read(7, pb.FIFO_QRNG, 16)).status == pb.E_REFUSED  # QRNG off
     assert client.call(pb.write(8, pb.REG_QRNG_CTRL, 1)).status == pb.OK
     assert len(client.call(pb.fifo_read(9, pb.FIFO_QRNG, 2048)).data) == 2048
+
+
+def test_read_write_writes_then_reads_in_one_transaction(head_client):
+    head, client = head_client
+    # the write lands before the read: the reply already shows it
+    reply = client.call(pb.read_write(1, pb.REG_FRAME_SLOTS, (256,), pb.REG_FRAME_SLOTS, 1))
+    assert reply.status == pb.OK and reply.words == (256,) and reply.addr == pb.REG_FRAME_SLOTS
+    # no words to write: a plain read
+    reply = client.call(pb.read_write(2, pb.REG_FRAME_SLOTS, (), pb.REG_ID, 2))
+    assert reply.words == (pb.HEAD_ID, pb.HEAD_VERSION)
+    # a refused write stops the transaction with its status: no read done
+    reply = client.call(pb.read_write(3, pb.REG_FRAME_COUNT, (9,), pb.REG_ID, 1))
+    assert reply.status == pb.E_READ_ONLY and reply.words == ()
+    # the write is done even when the read then fails (the reply says only the status)
+    reply = client.call(pb.read_write(4, pb.REG_FRAME_SLOTS, (128,), 0x7777, 1))
+    assert reply.status == pb.E_BAD_ADDRESS and head.regs[pb.REG_FRAME_SLOTS] == 128
 
 
 def test_laser_emits_the_committed_bank_and_blank_frames_when_late(head_client):

@@ -219,6 +219,8 @@ def test_tracking_runs_in_pass_mode_configured_by_telecommand(tmp_path):
     assert names[0] == ("IDLE", "OPEN_LOOP") and names[-1][1] == "IDLE", names
     assert ("COARSE", "FINE") in names and len(samples) >= 70
     assert len(transitions) == transition_count
+    # The stop's IDLE commands reached the head (a plain WRITE: no next period carries them)
+    assert plant.k > 0 and plant.states[plant.k - 1] == trk.STATE_NAMES.index("IDLE")
 
 
 def test_full_pass_prediction_upload_refused_when_incomplete_or_corrupt():

@@ -5,6 +5,8 @@
 #   WRITE      02 tag addr:u16 count:u8 u32*count     -> 82 tag status
 #   FIFO_READ  03 tag fifo:u8 max_bytes:u16           -> 83 tag status fifo:u8 n:u16 bytes*n
 #   MEM_WRITE  04 tag mem:u8 offset:u32 n:u16 bytes*n -> 84 tag status
+#   READ_WRITE 06 tag waddr:u16 wcount:u8 raddr:u16 rcount:u8 u32*wcount
+#                                                     -> 86 tag status raddr:u16 rcount:u8 u32*n
 # All integers little-endian. The CPython twin is host/protocol/payload_bus.py; both pass
 # tests/vectors/payload_bus.json. Every call is synchronous with a timeout and returns a
 # status (never raises on a bad reply): the hot path allocates nothing, and a sick bus
@@ -20,6 +22,7 @@ OP_READ = const(0x01)
 OP_WRITE = const(0x02)
 OP_FIFO_READ = const(0x03)
 OP_MEM_WRITE = const(0x04)
+OP_READ_WRITE = const(0x06)  # 0x05 is PATTERN_READ, on the head's pattern-memory port only
 REPLY_FLAG = const(0x80)
 
 # Reply status codes (from the head) and local outcomes (negative, from this client).
@@ -177,6 +180,17 @@ class Bus:
         _copy(data, data_offset, req, 9, count)
         return 9 + count
 
+    def build_read_write(self, tag, write_addr, words, write_count, read_addr, read_count):
+        req = self.req
+        req[0] = OP_READ_WRITE
+        req[1] = tag
+        _put_u16(req, 2, write_addr)
+        req[4] = write_count
+        _put_u16(req, 5, read_addr)
+        req[7] = read_count
+        _words_to_bytes(words, write_count, req, 8)
+        return 8 + 4 * write_count
+
     # ---------------------------------------------------------------- transactions
 
     def _transact(self, length):
@@ -205,12 +219,14 @@ class Bus:
                 start = clock.ticks_us()
                 # Bounded like the reply: a link that takes nothing for timeout_us (back-
                 # pressure from a stuck head) counts as a lost attempt.
-                sent = 0
+                # The whole frame first, with no clock read or slice (one write takes it all
+                # unless the link pushes back: ~1.6k instructions a clock read on the M3).
                 total = len(frame)
+                sent = link.write(frame)
                 while sent < total:
-                    sent += link.write(frame[sent:])
                     if ((clock.ticks_us() - start) & 0x3FFFFFFF) > self.timeout_us:
                         break
+                    sent += link.write(frame[sent:])
             body = self._next_frame()
             if body is None:
                 continue
@@ -253,6 +269,26 @@ class Bus:
         if status == OK:
             body = self.reply
             if len(body) != 6 + 4 * count or _get_u16(body, 3) != addr or body[5] != count:
+                self.bad_replies += 1
+                return E_BAD_REPLY
+            _bytes_to_words(body, 6, count, self.words)
+        return status
+
+    def read_write(self, write_addr, words, write_count, read_addr, read_count):
+        """One transaction: write words[:write_count] from write_addr (0 words: none),
+        then read read_count registers from read_addr into self.words. The head does the
+        writes first, in order, and stops at the first failing register (its status; no
+        read done); returns the status (a loop period of the tracking duty: the last
+        period's commands out, this period's sensors in)."""
+        status = self._transact(
+            self.build_read_write(
+                self._next_tag(), write_addr, words, write_count, read_addr, read_count
+            )
+        )
+        if status == OK:
+            body = self.reply
+            count = read_count
+            if len(body) != 6 + 4 * count or _get_u16(body, 3) != read_addr or body[5] != count:
                 self.bad_replies += 1
                 return E_BAD_REPLY
             _bytes_to_words(body, 6, count, self.words)

@@ -1,8 +1,9 @@
-# Tracking over the payload bus: the scheduler duty that reads the optical head's sensor
-# block, steps the loop and writes the command block (docs/tracking.md "Payload-bus
-# registers"). The register blocks mirror Tracker.io word for word, so one READ and one
-# WRITE per loop period carry everything; on a board a timer interrupt would do the same
-# with register reads instead of bus frames.
+# Tracking over the payload bus: the scheduler duty that writes the optical head's command
+# block and reads its sensor block, then steps the loop (docs/tracking.md "Payload-bus
+# registers"). The register blocks mirror Tracker.io word for word, so one READ_WRITE per
+# loop period carries everything: the commands computed last period out, this period's
+# sensors in. On a board a timer interrupt would do the same with register reads instead
+# of bus frames.
 import micropython
 from micropython import const
 
@@ -23,28 +24,34 @@ def _copy_words(src: ptr32, dst: ptr32, count: int):
 
 
 class TrackingDuty:
-    """`step()` for the scheduler: one loop period. A failed bus transaction skips the
-    period (the head holds the last commands) and is counted, never raised.
+    """`step()` for the scheduler: one loop period, one bus transaction (READ_WRITE: the
+    commands of the previous period, then the sensors of this one). A failed transaction
+    skips the period (the head holds the last commands; the unsent ones are sent with the
+    next period's) and is counted, never raised.
+
+    The commands reach the head at the start of the next period, one loop period after
+    the sensors they answer: the plant's one sample of latency (docs/tracking.md). When
+    the loop stops, the last commands (IDLE) go out at once in a plain WRITE.
 
     The kernel advances its pass time by one configured period per call. Over the bus the
-    application sustains ~130-140 Hz on a 25 MHz Cortex-M3 (docs/tracking.md "Loop rate
-    in pass mode"), below any configurable rate: each call that comes later than one
+    application sustains a few hundred Hz on a 25 MHz Cortex-M3 (docs/tracking.md "Loop
+    rate in pass mode"), below any configurable rate: each call that comes later than one
     period after the previous one is counted in `overruns`, so the lag is reported, not
     silent (the loop at its configured rate needs the sensors on the controller's own
     peripherals and a timer, as on a board)."""
 
     def __init__(self, bus, tracker):
         self.bus = bus
-        self.tracker = tracker
-        self._commands = memoryview(tracker.io)[tracking.IO_FSM_X : tracking.IO_FSM_X + 7]
         self.steps = 0
         self.bus_errors = 0
         self.overruns = 0
         self._last_us = -1
+        self.attach(tracker)
 
     def attach(self, tracker):
         self.tracker = tracker
         self._commands = memoryview(tracker.io)[tracking.IO_FSM_X : tracking.IO_FSM_X + 7]
+        self._unsent = 0  # command words computed and not yet on the head (0 or 7)
 
     def telemetry(self):
         t = self.tracker
@@ -64,23 +71,38 @@ class TrackingDuty:
         return [tracking.STATE_NAMES[t.state], self.steps, self.bus_errors,
                 t.transition_count(), t.telemetry_lost(), self.overruns]  # fmt: skip
 
+    def flush(self):
+        """Send the commands still owed to the head (the loop stopped, or the run ends)."""
+        if self._unsent:
+            if self.bus.write(REG_TRK_COMMANDS, self._commands, COMMAND_WORDS) != 0:
+                self.bus_errors += 1
+                return False
+            self._unsent = 0
+        return True
+
     def step(self):
-        if self.tracker.idle():
+        tracker = self.tracker
+        if tracker.idle():
             self._last_us = -1
-            return False  # no loop to run: leave the bus alone
+            self.flush()  # owed only if the stop's WRITE failed: retried here
+            return False  # no loop to run
         bus = self.bus
         now = bus.clock.ticks_us()
-        if self._last_us >= 0 and ((now - self._last_us) & 0x3FFFFFFF) > self.tracker.cfg[0]:
+        if self._last_us >= 0 and ((now - self._last_us) & 0x3FFFFFFF) > tracker.cfg[0]:
             self.overruns += 1
         self._last_us = now
-        if bus.read(REG_TRK_SENSORS, SENSOR_WORDS) != 0:
+        status = bus.read_write(
+            REG_TRK_COMMANDS, self._commands, self._unsent, REG_TRK_SENSORS, SENSOR_WORDS
+        )
+        if status != 0:
             self.bus_errors += 1
             return False
-        _copy_words(bus.words, self.tracker.io, SENSOR_WORDS)
-        self.tracker.step()
-        if bus.write(REG_TRK_COMMANDS, self._commands, COMMAND_WORDS) != 0:
-            self.bus_errors += 1
+        _copy_words(bus.words, tracker.io, SENSOR_WORDS)
+        tracker.step()
+        self._unsent = COMMAND_WORDS
         self.steps += 1
+        if tracker.idle():  # stopped: no next period to carry the IDLE commands
+            self.flush()
         return True
 
 

@@ -9,9 +9,13 @@ serves these requests.
     WRITE      02 tag addr:u16 count:u8 u32*count     -> 82 tag status
     FIFO_READ  03 tag fifo:u8 max_bytes:u16           -> 83 tag status fifo:u8 n:u16 bytes*n
     MEM_WRITE  04 tag mem:u8 offset:u32 n:u16 bytes*n -> 84 tag status
+    READ_WRITE 06 tag waddr:u16 wcount:u8 raddr:u16 rcount:u8 u32*wcount
+                                                      -> 86 tag status raddr:u16 rcount:u8 u32*n
 
-and, on the head's pattern-memory port only (the payload processor's link to the head's
-pattern memory; never on the controller's bus, never off the satellite):
+(READ_WRITE: the writes first, then the read, in one transaction: the tracking loop's
+period, docs/payload-bus.md), and, on the head's pattern-memory port only (the payload
+processor's link to the head's pattern memory; never on the controller's bus, never off
+the satellite):
 
     PATTERN_READ 05 tag base:u64 count:u16 offset:u32*count
                  -> 85 tag status count:u16 nibble*count (two per byte, padded)
@@ -29,6 +33,7 @@ OP_WRITE = 0x02
 OP_FIFO_READ = 0x03
 OP_MEM_WRITE = 0x04
 OP_PATTERN_READ = 0x05
+OP_READ_WRITE = 0x06
 REPLY_FLAG = 0x80
 
 OK = 0
@@ -98,11 +103,12 @@ class BusProtocolError(ValueError):
 class Request:
     op: int
     tag: int
-    addr: int = 0  # READ/WRITE: register; FIFO_READ: fifo id; MEM_WRITE: memory id
-    count: int = 0  # READ: registers; FIFO_READ: max bytes
-    words: tuple[int, ...] = ()  # WRITE
+    addr: int = 0  # READ(_WRITE)/WRITE: register; FIFO_READ: fifo id; MEM_WRITE: memory id
+    count: int = 0  # READ(_WRITE): registers read; FIFO_READ: max bytes
+    words: tuple[int, ...] = ()  # WRITE, READ_WRITE (the words written)
     offset: int = 0  # MEM_WRITE
     data: bytes = b""  # MEM_WRITE
+    write_addr: int = 0  # READ_WRITE: first register written
 
     def pack(self) -> bytes:
         head = bytes((self.op, self.tag))
@@ -115,6 +121,11 @@ class Request:
             return head + struct.pack("<BH", self.addr, self.count)
         if self.op == OP_MEM_WRITE:
             return head + struct.pack("<BIH", self.addr, self.offset, len(self.data)) + self.data
+        if self.op == OP_READ_WRITE:
+            n = len(self.words)
+            return head + struct.pack(
+                f"<HBHB{n}I", self.write_addr, n, self.addr, self.count, *self.words
+            )
         raise BusProtocolError(f"unknown op {self.op:#04x}")
 
 
@@ -132,6 +143,14 @@ def fifo_read(tag: int, fifo: int, max_bytes: int) -> Request:
 
 def mem_write(tag: int, mem: int, offset: int, data: bytes) -> Request:
     return Request(OP_MEM_WRITE, tag, mem, len(data), offset=offset, data=bytes(data))
+
+
+def read_write(
+    tag: int, write_addr: int, words: tuple[int, ...], read_addr: int, read_count: int
+) -> Request:
+    """Write `words` from write_addr (none: a plain read), then read read_count registers
+    from read_addr, in one transaction."""
+    return Request(OP_READ_WRITE, tag, read_addr, read_count, tuple(words), write_addr=write_addr)
 
 
 def unpack_request(body: bytes) -> Request:
@@ -170,6 +189,18 @@ def unpack_request(body: bytes) -> Request:
         if n > MAX_DATA_BYTES or len(rest) != 7 + n:
             raise BusProtocolError(f"MEM_WRITE: length {n} does not match {len(rest) - 7} bytes")
         return Request(op, tag, mem, n, offset=offset, data=bytes(rest[7:]))
+    if op == OP_READ_WRITE:
+        if len(rest) < 6:
+            raise BusProtocolError("READ_WRITE: missing addresses and counts")
+        write_addr, wcount, read_addr, rcount = struct.unpack_from("<HBHB", rest)
+        if not 1 <= rcount <= MAX_REGS:
+            raise BusProtocolError(f"READ_WRITE: read count {rcount} not in [1, {MAX_REGS}]")
+        if wcount > MAX_REGS or len(rest) != 6 + 4 * wcount:
+            raise BusProtocolError(
+                f"READ_WRITE: write count {wcount} does not match {len(rest) - 6} bytes"
+            )
+        words = struct.unpack_from(f"<{wcount}I", rest, 6)
+        return Request(op, tag, read_addr, rcount, words, write_addr=write_addr)
     raise BusProtocolError(f"unknown op {op:#04x}")
 
 
@@ -186,7 +217,7 @@ class Reply:
         head = bytes((self.op | REPLY_FLAG, self.tag, self.status))
         if self.status != OK:
             return head
-        if self.op == OP_READ:
+        if self.op in (OP_READ, OP_READ_WRITE):
             n = len(self.words)
             return head + struct.pack(f"<HB{n}I", self.addr, n, *self.words)
         if self.op == OP_FIFO_READ:
@@ -201,7 +232,7 @@ def unpack_reply(body: bytes) -> Reply:
     rest = body[3:]
     if status != OK:
         return Reply(op, tag, status)
-    if op == OP_READ:
+    if op in (OP_READ, OP_READ_WRITE):
         addr, n = struct.unpack_from("<HB", rest)
         if len(rest) != 3 + 4 * n:
             raise BusProtocolError("READ reply: length does not match count")

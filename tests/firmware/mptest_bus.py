@@ -46,6 +46,11 @@ def test_request_bodies_match_vectors():
             n = b.build_write(case["tag"], case["addr"], words, len(words))
         elif op == "fifo_read":
             n = b.build_fifo_read(case["tag"], case["fifo"], case["max_bytes"])
+        elif op == "read_write":
+            words = array.array("I", case["words"])
+            n = b.build_read_write(
+                case["tag"], case["write_addr"], words, len(words), case["addr"], case["count"]
+            )
         else:
             data = bytes.fromhex(case["data"])
             n = b.build_mem_write(case["tag"], case["mem"], case["offset"], data, 0, len(data))
@@ -81,7 +86,15 @@ def test_transactions_decode_vector_replies():
     dest = bytearray(32)
     assert b.fifo_read(busmod.FIFO_TDC, dest, 0, 2043) == 18
     assert dest[0] == 0 and dest[9] == 3 and dest[17] == 0x80
-    assert b.error_status == 1 and b.bad_replies == 0
+    link.rx, link.pos = _reply_frames(("read_write reply",)), 0
+    b._tag = 0x20
+    commands = array.array("I", (0,) * 7)
+    assert b.read_write(0x0510, commands, 7, 0x0500, 10) == busmod.OK
+    assert b.words[0] == 3000 and b.words[5] == 0xFFFFFB50 and b.words[9] == 2000000
+    link.rx, link.pos = _reply_frames(("read_write refused",)), 0
+    b._tag = 0x22
+    assert b.read_write(0x0510, commands, 7, 0x0500, 10) == busmod.E_REFUSED
+    assert b.error_status == 2 and b.bad_replies == 0
 
 
 def test_timeout_is_counted_not_raised():
