@@ -33,6 +33,7 @@ KEY_MAKING_PASSES = (
 )
 MASTER, SLAVE, OTHER, STRANGER = "sae-jinan-1", "sae-beijing-1", "sae-wuhan-1", "sae-unknown"
 POOL_BYTES = 4096
+SHARE_BYTES = POOL_BYTES // 2  # the half of the pair Jinan's takes (its KME) use
 
 
 def _postgres_binary(name: str) -> str | None:
@@ -121,7 +122,7 @@ def test_status_enc_keys_then_dec_keys_once_to_the_slave_only(kme):
     status, body = _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/status")
     assert status == 200
     assert body["master_SAE_ID"] == MASTER and body["slave_SAE_ID"] == SLAVE
-    assert body["stored_key_count"] == 8 * (POOL_BYTES - _used(kme)) // body["key_size"]
+    assert body["stored_key_count"] == 8 * (SHARE_BYTES - _used(kme)) // body["key_size"]
     used = _used(kme)
     status, enc = _call(kme, MASTER, "POST", f"/api/v1/keys/{SLAVE}/enc_keys",
                         {"number": 3, "size": 512})  # fmt: skip
@@ -226,11 +227,11 @@ def test_malformed_dec_keys_is_400(kme):
 
 def test_a_short_or_empty_pool_is_503_and_nothing_is_taken(kme):
     with StationPool(kme["pool"]) as pool:
-        available = pool.available_bytes
+        available = pool.available_for("Jinan")
     short = {"number": available // 1024 + 1, "size": 8192}
     status, body = _call(kme, MASTER, "POST", f"/api/v1/keys/{SLAVE}/enc_keys", short)
     assert status == 503 and "short" in body["message"]
-    assert POOL_BYTES - _used(kme) == available
+    assert SHARE_BYTES - _used(kme) == available
     with StationPool(kme["pool"]) as pool:  # another user (a relay, say) empties it
         pool.take(available, "drain")
     status, body = _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/status")
@@ -238,7 +239,7 @@ def test_a_short_or_empty_pool_is_503_and_nothing_is_taken(kme):
     status, body = _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/enc_keys?number=1&size=64")
     assert status == 503 and "0 bits available" in body["message"]
     # The next pass refills it and delivery resumes.
-    distilled(kme["root"] / "keys2", 8 * 64, "pass-2")
+    distilled(kme["root"] / "keys2", 8 * 128, "pass-2")  # 64 bytes for Jinan's takes
     fill_pair(kme["root"] / "net", "Jinan", kme["root"] / "keys2")
     assert _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/enc_keys?size=512")[0] == 200
     assert _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/enc_keys?size=64")[0] == 503
@@ -325,7 +326,8 @@ def test_two_kmes_serve_the_same_relayed_key_made_from_simulated_passes(tmp_path
     assert qkdsat(campaign.split()) == 0
     report = json.loads((tmp_path / "campaign" / "report.json").read_text())
     assert [p["station"] for p in report["passes"]] == ["Stellenbosch", "Beijing"]
-    assert all(p["key_bits"] >= 2048 + 128 + 7 for p in report["passes"]), report["passes"]
+    # a relay takes the satellite's half of each pass's key (pool.split_fill)
+    assert all(p["key_bits"] >= 2 * (2048 + 128) + 15 for p in report["passes"]), report["passes"]
     capacity = report["relay_capacity_bits"]["Beijing-Stellenbosch"]
     assert capacity >= 2048 and report["pool_levels"][-1]["relay_capacity_bits"] == {
         "Beijing-Stellenbosch": capacity
@@ -387,17 +389,17 @@ def test_two_kmes_serve_the_same_relayed_key_made_from_simulated_passes(tmp_path
             at["kme-beijing"], beijing, "GET", f"/api/v1/keys/{stellenbosch}/status"
         )
         assert status == 200 and body["target_KME_ID"] == "kme-stellenbosch"
-        assert body["stored_key_count"] == 2048 // 256
+        assert body["stored_key_count"] == 1024 // 256  # Beijing's half of the relayed key
         status, enc = _call(
             at["kme-beijing"],
             beijing,
             "POST",
             f"/api/v1/keys/{stellenbosch}/enc_keys",
-            {"number": 2, "size": 512},
+            {"number": 2, "size": 256},
         )
         assert status == 200
         keys = {item["key_ID"]: base64.b64decode(item["key"]) for item in enc["keys"]}
-        assert b"".join(keys.values()) == relayed[:128]  # the relayed key, in pool order
+        assert b"".join(keys.values()) == relayed[:64]  # Beijing's share, in pool order
         request = {"key_IDs": [{"key_ID": k} for k in keys]}
         # Not at the master's KME (it kept nothing), and not to the master itself.
         assert (
@@ -451,11 +453,12 @@ def test_two_kmes_serve_the_same_relayed_key_made_from_simulated_passes(tmp_path
             at["kme-beijing"], beijing, "GET", f"/api/v1/keys/{stellenbosch}/dec_keys?key_ID={ids}"
         )
         assert status == 200 and dec["keys"] == enc["keys"]
+        # from Stellenbosch's share: the second half (its sends and keys never meet Beijing's)
         assert base64.b64decode(dec["keys"][0]["key"]) == relayed[128:160]
         # Both pools consumed exactly the same bytes; an SAE cannot pose as the peer KME.
         with StationPool(pool_path(net, "Beijing", "Stellenbosch")) as pool_a:
             with StationPool(pool_path(net, "Stellenbosch", "Beijing")) as pool_b:
-                assert pool_a.used_bytes == pool_b.used_bytes == 160
+                assert pool_a.used_bytes == pool_b.used_bytes == 64 + 32
         forged = {
             "master_SAE_ID": beijing,
             "slave_SAE_ID": stellenbosch,
@@ -528,3 +531,52 @@ def test_a_private_key_is_never_written_through_a_file_planted_at_its_temporary_
     key = pki_dir / "ca.key"
     assert not key.is_symlink() and b"PRIVATE KEY" in key.read_bytes()
     assert os.stat(key).st_mode & 0o777 == 0o600
+
+
+def test_a_kme_serving_one_pool_alone_and_a_send_to_its_station_never_share_a_key(tmp_path):
+    """Stellenbosch's KME serves its pool for Beijing alone (no peer KME) while Beijing
+    sends Stellenbosch a message over the same relayed pair: the keys the KME hands its
+    master SAE and the message's pad lie apart in the pool (before, both took the pair's
+    first bytes: the application's key was the message's pad)."""
+    from host.cli import main as qkdsat
+    from host.network.relay import AUTH_BYTES, relay
+
+    net = tmp_path / "net"
+    for station in ("Beijing", "Stellenbosch"):
+        distilled(tmp_path / station, 8 * 4096, f"pass-{station}")
+        fill_pair(net, station, tmp_path / station)
+    relay(net, "Beijing", "Stellenbosch", 8 * 1024)
+    pki = tmp_path / "pki"
+    make_ca(pki)
+    issue(pki, "localhost", server=True)
+    for name in (MASTER, SLAVE):
+        issue(pki, name)
+    pool = pool_path(net, "Stellenbosch", "Beijing")
+    manager = KeyManager("kme-stellenbosch", pool, open_store(str(tmp_path / "k.sqlite")),
+                         [MASTER, SLAVE], tmp_path / "audit.jsonl")  # fmt: skip
+    context = tls_context(pki / "ca.pem", pki / "localhost.pem", pki / "localhost.key")
+    server = make_server(manager, "localhost", 0, context)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        plain = tmp_path / "image.bin"
+        plain.write_bytes(os.urandom(300))
+        message = tmp_path / "image.msg"
+        assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to",
+                       "Stellenbosch", str(plain), "--out", str(message)]) == 0  # fmt: skip
+        at = {"pki": pki, "port": server.server_address[1]}
+        status, enc = _call(at, MASTER, "POST", f"/api/v1/keys/{SLAVE}/enc_keys",
+                            {"number": 2, "size": 1024})  # fmt: skip
+        assert status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    data = message.read_bytes()
+    size = int.from_bytes(data[8:12], "little")
+    ciphertext = data[12 + size : 12 + size + 300]
+    pad = bytes(c ^ p for c, p in zip(ciphertext, plain.read_bytes(), strict=True))
+    relayed = pool.read_bytes()
+    pad_at = relayed.find(pad)
+    key_at = relayed.find(b"".join(base64.b64decode(k["key"]) for k in enc["keys"]))
+    assert pad_at >= 0 and key_at >= 0
+    first, second = sorted([(pad_at, 300 + AUTH_BYTES), (key_at, 256)])
+    assert first[0] + first[1] <= second[0], "one pool byte served as a key and as a pad"

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
+from pathlib import Path
 
 import pytest
 from network_keys import distilled
 
 from host.cli import main as qkdsat
 from host.network.messaging import AES_GCM
-from host.network.pool import StationPool, fill_pair, pool_path
+from host.network.pool import SATELLITE, StationPool, fill_pair, pool_path
 from host.network.relay import AUTH_BYTES, relay
 
 
@@ -33,10 +38,10 @@ def _png(width: int, height: int) -> bytes:
 
 @pytest.fixture
 def net(tmp_path):
-    """Beijing and Stellenbosch share 40000 relayed bytes."""
+    """Beijing and Stellenbosch share 40000 relayed bytes: 20000 for messages from each."""
     net = tmp_path / "net"
-    distilled(tmp_path / "a", 8 * 41_000, "pass-a")
-    distilled(tmp_path / "b", 8 * 41_000, "pass-b")
+    distilled(tmp_path / "a", 8 * 82_000, "pass-a")  # the satellite's half relays
+    distilled(tmp_path / "b", 8 * 82_000, "pass-b")
     fill_pair(net, "Beijing", tmp_path / "a")
     fill_pair(net, "Stellenbosch", tmp_path / "b")
     relay(net, "Beijing", "Stellenbosch", 8 * 40_000)
@@ -93,7 +98,8 @@ def test_aes_gcm_is_marked_computational_and_uses_32_pool_bytes(net, tmp_path, c
     assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
                    str(big), "--out", str(tmp_path / "m")]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert "holds 320000 bits, the message needs 800128" in err and "nothing was taken" in err
+    assert "holds 160000 bits for messages from Beijing, the message needs 800128" in err
+    assert "nothing was taken" in err
     assert _used(net, "Beijing", "Stellenbosch") == 0
     assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
                    str(big), "--out", str(tmp_path / "m"), "--cipher", AES_GCM]) == 0  # fmt: skip
@@ -184,3 +190,130 @@ def test_a_header_claiming_more_bytes_than_the_message_carries_takes_nothing(
                    "--out", str(tmp_path / "out")]) == 3  # fmt: skip
     assert _used(net, "Stellenbosch", "Beijing") == 0
     assert not (tmp_path / "out").exists()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _qkdsat_process(*args: str) -> subprocess.Popen:
+    """`qkdsat ARGS` as its own process (the broken console-script shebang avoided)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "host.cli", *args], cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _pad(message: bytes, plaintext: bytes) -> bytes:
+    """What an eavesdropper who knows the file learns: ciphertext xor plaintext."""
+    size = int.from_bytes(message[8:12], "little")
+    ciphertext = message[12 + size : 12 + size + len(plaintext)]
+    return bytes(c ^ p for c, p in zip(ciphertext, plaintext, strict=True))
+
+
+def _assert_disjoint(ranges: list[tuple[int, int]]) -> None:
+    ordered = sorted(ranges)
+    for (start, end), (next_start, _) in zip(ordered, ordered[1:], strict=False):
+        assert start < end <= next_start, f"pool bytes used twice: {ordered}"
+
+
+def test_messages_crossing_in_both_directions_never_share_a_pad(net, tmp_path):
+    """Beijing and Stellenbosch send to each other at the same time, three rounds, each
+    send its own process: no byte of pad serves two messages (found by where each pad,
+    ciphertext xor the known file, lies in the pair's pool), and every message arrives.
+    Before the pools were split by direction both ends took from offset 0: one pad hid
+    two files (C1 xor C2 = P1 xor P2) and both were refused at reception as replays."""
+    sends = []
+    for round_number in range(3):
+        running = []
+        for sender, receiver in (("Beijing", "Stellenbosch"), ("Stellenbosch", "Beijing")):
+            plain = tmp_path / f"{sender}-{round_number}.bin"
+            plain.write_bytes(os.urandom(700 + 100 * round_number))
+            message = tmp_path / f"{sender}-{round_number}.msg"
+            running.append(_qkdsat_process(
+                "send", "--network", str(net), "--from", sender, "--to", receiver, str(plain),
+                "--out", str(message)))  # fmt: skip
+            sends.append((receiver, plain, message))
+        for process in running:
+            assert process.wait(timeout=120) == 0, process.stderr.read()
+    pool = pool_path(net, "Beijing", "Stellenbosch").read_bytes()
+    assert pool == pool_path(net, "Stellenbosch", "Beijing").read_bytes()
+    ranges = []
+    for _, plain, message in sends:
+        pad = _pad(message.read_bytes(), plain.read_bytes())
+        start = pool.find(pad)
+        assert start >= 0 and pool.find(pad, start + 1) < 0
+        ranges.append((start, start + len(pad) + AUTH_BYTES))  # the pad, then its tag key
+    _assert_disjoint(ranges)
+    for receiver, plain, message in sends:
+        out = tmp_path / f"{message.name}.out"
+        assert qkdsat(["receive", "--network", str(net), "--at", receiver, str(message),
+                       "--out", str(out)]) == 0  # fmt: skip
+        assert out.read_bytes() == plain.read_bytes()
+
+
+def test_a_send_killed_after_taking_its_pad_then_resent_reuses_no_byte(net, tmp_path):
+    """The attacker's view: Beijing's send is SIGKILLed as soon as its usage record moves
+    (its pad reserved, its message perhaps written and intercepted), Beijing sends the
+    file again and Stellenbosch sends to Beijing. The resent pad lies beyond the killed
+    send's, and Stellenbosch's pad lies apart from both (before, Stellenbosch took the
+    killed send's bytes again: its record had not moved), and the resent message arrives."""
+    plain, answer = tmp_path / "image.bin", tmp_path / "answer.bin"
+    plain.write_bytes(os.urandom(5000))
+    answer.write_bytes(os.urandom(3000))
+    record = Path(f"{pool_path(net, 'Beijing', 'Stellenbosch')}.used")
+    before = record.stat().st_ino
+    send = ["send", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
+            str(plain)]  # fmt: skip
+    killed = _qkdsat_process(*send, "--out", str(tmp_path / "killed.msg"))
+    deadline = time.monotonic() + 60
+    while record.stat().st_ino == before and time.monotonic() < deadline:
+        time.sleep(0.0005)  # the take replaces the record (renamed into place)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert record.stat().st_ino != before, "the send never took its pad"
+    resent, answered = tmp_path / "resent.msg", tmp_path / "answer.msg"
+    assert qkdsat([*send, "--out", str(resent)]) == 0
+    assert qkdsat(["send", "--network", str(net), "--from", "Stellenbosch", "--to", "Beijing",
+                   str(answer), "--out", str(answered)]) == 0  # fmt: skip
+    pool = pool_path(net, "Beijing", "Stellenbosch").read_bytes()
+    resent_at = pool.find(_pad(resent.read_bytes(), plain.read_bytes()))
+    answer_at = pool.find(_pad(answered.read_bytes(), answer.read_bytes()))
+    assert resent_at > 0 and answer_at >= 0
+    # the killed send took Beijing's first bytes: everything before the resent pad
+    ranges = [(0, resent_at), (resent_at, resent_at + 5000 + AUTH_BYTES),
+              (answer_at, answer_at + 3000 + AUTH_BYTES)]  # fmt: skip
+    if (tmp_path / "killed.msg").exists():  # written before the kill: intercepted
+        assert pool.find(_pad((tmp_path / "killed.msg").read_bytes(), plain.read_bytes())) == 0
+    _assert_disjoint(ranges)
+    out = tmp_path / "received.bin"
+    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(resent),
+                   "--out", str(out)]) == 0  # fmt: skip
+    assert out.read_bytes() == plain.read_bytes()
+
+
+def test_a_message_to_the_satellite_and_a_relay_never_share_a_pad(net, tmp_path):
+    """Beijing sends to the satellite over their pair, then (before the satellite has
+    received it) the satellite relays from its pool for Beijing: the relayed key and the
+    message's pad lie apart in that pool. Before, the satellite took the pad's bytes as
+    K_A (its record had not moved), and Beijing refused the relay as a replay after the
+    satellite had used them."""
+    plain = tmp_path / "telemetry.bin"
+    plain.write_bytes(os.urandom(600))
+    message = tmp_path / "to-satellite.msg"
+    send = _qkdsat_process("send", "--network", str(net), "--from", "Beijing", "--to",
+                           SATELLITE, str(plain), "--out", str(message))  # fmt: skip
+    assert send.wait(timeout=120) == 0, send.stderr.read()
+    relayed_before = pool_path(net, "Beijing", "Stellenbosch").stat().st_size
+    relay(net, "Beijing", "Stellenbosch", 8 * 600)
+    pool = pool_path(net, "Beijing", SATELLITE).read_bytes()
+    relayed = pool_path(net, "Beijing", "Stellenbosch").read_bytes()[relayed_before:]
+    pad = _pad(message.read_bytes(), plain.read_bytes())
+    key_at, pad_at = pool.find(relayed), pool.find(pad)
+    assert key_at >= 0 and pad_at >= 0
+    _assert_disjoint([(key_at, key_at + len(relayed) + AUTH_BYTES),
+                      (pad_at, pad_at + len(pad) + AUTH_BYTES)])  # fmt: skip
+    out = tmp_path / "at-satellite.bin"
+    assert qkdsat(["receive", "--network", str(net), "--at", SATELLITE, str(message),
+                   "--out", str(out)]) == 0  # fmt: skip
+    assert out.read_bytes() == plain.read_bytes()

@@ -60,7 +60,7 @@ def test_bytes_are_served_once_across_restarts_and_never_again(tmp_path):
     net = tmp_path / "net"
     key = distilled(tmp_path / "k", 8 * 2000, "pass-1")
     fill_pair(net, "Wuhan", tmp_path / "k")
-    path = pool_path(net, "Wuhan", SATELLITE)
+    path = pool_path(net, SATELLITE, "Wuhan")  # the satellite's share: the first half
     with StationPool(path) as pool:
         assert pool.take(100, "test") == key[:100]
     with StationPool(path) as pool:  # a restart: the next take starts after the first
@@ -69,8 +69,8 @@ def test_bytes_are_served_once_across_restarts_and_never_again(tmp_path):
         with pytest.raises(BadInput, match="already used"):
             pool.take(10, "replay", offset=120)
         assert pool.take(10, "skip", offset=200) == key[200:210]  # 150..200 skipped, lost
-        with pytest.raises(PoolShort, match="1800 bytes wanted, 1790 available"):
-            pool.take(1800, "too much")
+        with pytest.raises(PoolShort, match="800 bytes wanted, 790 available"):
+            pool.take(800, "too much")
         level = pool.level()
     assert (level.filled_bytes, level.used_bytes, level.available_bytes) == (2000, 210, 1790)
     assert level.lost_bytes == 0  # every used byte is journalled (taken or skipped)
@@ -83,7 +83,7 @@ def test_a_symlink_planted_at_the_usage_records_temporary_name_is_not_followed(t
     net = tmp_path / "net"
     key = distilled(tmp_path / "k", 8 * 200, "pass-1")
     fill_pair(net, "Wuhan", tmp_path / "k")
-    path = pool_path(net, "Wuhan", SATELLITE)
+    path = pool_path(net, SATELLITE, "Wuhan")
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"not yours to truncate")
     planted = Path(f"{path}.used.{os.getpid()}.tmp")
@@ -92,7 +92,7 @@ def test_a_symlink_planted_at_the_usage_records_temporary_name_is_not_followed(t
         assert pool.take(20, "test") == key[:20]
     assert victim.read_bytes() == b"not yours to truncate"
     used = Path(f"{path}.used")
-    assert not used.is_symlink() and json.loads(used.read_text()) == {"used_bytes": 20}
+    assert not used.is_symlink() and json.loads(used.read_text())["used_bytes"] == 20
     assert used.stat().st_mode & 0o777 == 0o600 and not planted.exists()
 
 

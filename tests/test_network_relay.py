@@ -32,7 +32,7 @@ def _used(net, holder, peer) -> int:
 
 def _available(net, holder, peer) -> int:
     with StationPool(pool_path(net, holder, peer)) as pool:
-        return pool.available_bytes
+        return pool.available_for(SATELLITE)  # relays take the satellite's share
 
 
 FOUR = ((SATELLITE, "Beijing"), (SATELLITE, "Stellenbosch"), ("Beijing", SATELLITE),
@@ -70,8 +70,8 @@ def _check_relay(net, bits: int, capsys) -> None:
 
 def test_relay_of_random_pool_keys_is_exact_and_refuses_more(tmp_path, capsys):
     net = tmp_path / "net"
-    distilled(tmp_path / "a", 8 * 3000, "pass-a")
-    distilled(tmp_path / "b", 8 * 2000, "pass-b")
+    distilled(tmp_path / "a", 8 * 6000, "pass-a")  # relays take the satellite's half
+    distilled(tmp_path / "b", 8 * 4000, "pass-b")
     fill_pair(net, "Beijing", tmp_path / "a")
     fill_pair(net, "Stellenbosch", tmp_path / "b")
     _check_relay(net, 8 * 1000, capsys)
@@ -99,14 +99,15 @@ TAG_OFFSET = 12  # a byte inside the payload (the tag is the last 8)
 
 def test_unknown_or_empty_station_is_refused_with_what_is_missing(tmp_path, capsys):
     net = tmp_path / "net"
-    distilled(tmp_path / "a", 8 * 100, "pass-a")
+    distilled(tmp_path / "a", 8 * 200, "pass-a")  # the satellite's half: 800 bits
     fill_pair(net, "Beijing", tmp_path / "a")
     code = qkdsat(["relay", "--network", str(net), "--from", "Beijing", "--to", "Wuhan",
                    "--bits", "512"])  # fmt: skip
     assert code == 2
     err = capsys.readouterr().err
-    assert "the satellite's pool for Wuhan holds 0 bits, 640 missing" in err
-    assert "Wuhan's pool for satellite holds 0 bits, 640 missing" in err
+    assert "the satellite's pool for Wuhan holds 0 bits for relays, 640 missing" in err
+    assert "Wuhan's pool for satellite holds 0 bits for relays, 640 missing" in err
+    assert "Beijing" not in err.split("refused")[1].replace("Beijing -> ", "")
     assert _used(net, SATELLITE, "Beijing") == 0
     assert qkdsat(["relay", "--network", str(net), "--from", "Beijing", "--to", "Beijing",
                    "--bits", "8"]) == 2  # fmt: skip
@@ -130,7 +131,8 @@ def test_relay_between_two_distilled_passes(tmp_path, capsys):
         assert qkdsat(["pool", "fill", "--network", str(net), "--station", station,
                        "--keys", str(tmp_path / station)]) == 0  # fmt: skip
     capsys.readouterr()
-    _check_relay(net, 8 * 1024, capsys)
+    # 4 s passes give ~14-16 kbit each; a relay takes the satellite's half of them
+    _check_relay(net, 8 * 512, capsys)
 
 
 def test_a_relay_into_a_pair_of_pools_out_of_step_is_refused_before_anything_is_taken(

@@ -398,7 +398,7 @@ def fill_pools(out: Path, network: Path, results: list[dict]) -> list[dict]:
         path = pool_path(network, station, SATELLITE)
         if path.exists():
             with StationPool(path) as pool:
-                levels[station] = pool.available_bytes
+                levels[station] = pool.available_for(SATELLITE)  # what relays can take
         available_bits = {k: 8 * v for k, v in sorted(levels.items())}
         # a station's pool and the satellite's pool for it are filled alike: the relay
         # between two stations is bounded by the smaller of their levels, less one tag
@@ -430,7 +430,7 @@ def relay_capacity_bits(network: Path, stations: list[str]) -> dict:
         if not path.exists():
             return 0
         with StationPool(path) as pool:
-            return pool.available_bytes
+            return pool.available_for(SATELLITE)  # a relay takes the satellite's share
 
     capacity = {}
     for i, first in enumerate(stations):

@@ -247,7 +247,7 @@ class KeyManager:
     def status(self, caller: str, slave: str) -> dict:
         self._peer(caller, slave)
         with StationPool(self.pool_path) as pool:
-            available_bytes = pool.available_bytes
+            available_bytes = pool.available_for(pool.holder)  # what enc_keys here can take
         return {
             "source_KME_ID": self.kme_id,
             "target_KME_ID": self.peer.kme_id if self.peer else self.kme_id,
@@ -283,8 +283,12 @@ class KeyManager:
         key_ids = [str(uuid.uuid4()) for _ in range(number)]
         try:
             with StationPool(self.pool_path) as pool:
-                offset = pool.used_bytes
-                material = pool.take(number * size // 8, f"etsi014 enc_keys {key_ids[0]}")
+                # this end's share of the pair: the other end's KME (or its sends) take
+                # the other share, so no key here is ever a key there (pool.split_fill)
+                offset = pool.position(pool.holder)
+                material = pool.take(
+                    number * size // 8, f"etsi014 enc_keys {key_ids[0]}", offset, pool.holder
+                )
         except PoolShort as short:
             raise RequestError(
                 503,
@@ -331,7 +335,10 @@ class KeyManager:
             with StationPool(self.pool_path) as pool:
                 # at the peer's offset: bytes below it are skipped (lost), bytes already
                 # used are refused by the pool: nothing is served twice
-                material = pool.take(count, f"etsi014 from {caller} {key_ids[0]}", offset)
+                # in the share of the pair's other end, whose KME made these keys
+                material = pool.take(
+                    count, f"etsi014 from {caller} {key_ids[0]}", offset, pool.peer
+                )
         except PoolShort as short:
             raise RequestError(503, f"key pool short: {8 * short.available_bytes} bits") from None
         except BadInput as error:

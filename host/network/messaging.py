@@ -78,16 +78,19 @@ def send(network_dir, sender: str, receiver: str, in_path, out_path, cipher: str
             f"(qkdsat relay --from {sender} --to {receiver} --bits N)"
         )
     with StationPool(path) as pool:
-        if pool.available_bytes < needed:
+        # only the sender's share of the pair: the receiver's own sends take the other
+        # share, so two messages crossing never share a pad (pool.split_fill)
+        available = pool.available_for(sender)
+        if available < needed:
             raise PoolShort(
-                f"{sender}'s pool for {receiver} holds {8 * pool.available_bytes} bits, the "
-                f"message needs {8 * needed} ({8 * (needed - pool.available_bytes)} missing); "
-                "nothing was taken",
-                pool.available_bytes,
+                f"{sender}'s pool for {receiver} holds {8 * available} bits for messages from "
+                f"{sender}, the message needs {8 * needed} ({8 * (needed - available)} "
+                "missing); nothing was taken",
+                available,
                 needed,
             )
-        offset = pool.used_bytes
-        key = pool.take(needed, f"send {Path(in_path).name} to {receiver}")
+        offset = pool.position(sender)
+        key = pool.take(needed, f"send {Path(in_path).name} to {receiver}", offset, sender)
     header = {
         "from": sender, "to": receiver, "cipher": cipher, "security": SECURITY[cipher],
         "pool_offset": offset, "pool_bytes": needed, "plaintext_bytes": len(plaintext),
@@ -145,7 +148,7 @@ def receive(network_dir, receiver: str, in_path, out_path) -> dict:
     if plaintext_bytes < 0 or len(body) != expected_bytes:
         raise MessageRejected(f"{in_path}: length does not match its header")
     with StationPool(pool_path(network_dir, receiver, sender)) as pool:
-        key = pool.take(needed, f"receive {header.get('name')} from {sender}", offset)
+        key = pool.take(needed, f"receive {header.get('name')} from {sender}", offset, sender)
     if cipher == OTP:
         ciphertext, tag = body[:-TAG_BYTES], body[-TAG_BYTES:]
         expected = wegman_carter_tag(head + ciphertext, key[plaintext_bytes:])

@@ -22,6 +22,17 @@ Power-cut safety, in the order of the writes:
   distilled key never enters a pool twice.
 Every operation holds an exclusive flock on the pool file: one writer at a time (the
 relay, the key-delivery server and `qkdsat pool` may share a station's pools).
+
+Directions. The two ends of a pair take without talking to each other first (a sender
+takes at its own usage record, the receiver at the offset the message names), so a pair
+serving both directions from one sequence of bytes would hand the same pad to a send A->B
+and a send B->A made before either is received. Each fill is therefore cut in two, the
+same way at both ends (the cut depends only on the pair's names and the fill's length,
+and is journalled): one part for takes the first end initiates, the other for takes the
+second end initiates (split_fill). A take names its initiator; its offset is a position
+in that initiator's share (the concatenation of its parts of every fill, in fill order),
+and each share has its own position in the usage record. No byte is in two shares, so
+no order of sends, crashes or restarts at either end can reuse a pad.
 """
 
 from __future__ import annotations
@@ -56,6 +67,18 @@ def check_name(name: str, what: str = "station") -> str:
     return name
 
 
+def split_fill(holder: str, peer: str, count: int) -> list[list]:
+    """How a fill of `count` bytes into the pair (holder, peer) is cut between the takes
+    each end initiates: [[initiator, bytes], [initiator, bytes]], in pool order. Depends
+    only on the pair (either order) and the count, so both ends cut alike. Half each (the
+    odd byte to the second): either end may initiate on every kind of pair (relays and
+    the station's messages or KME on a satellite pair, both stations on a relayed pair).
+    The satellite's share comes first on its pairs; between two stations, the share of
+    the name that sorts first."""
+    first, second = sorted((holder, peer), key=lambda name: (name != SATELLITE, name))
+    return [[first, count // 2], [second, count - count // 2]]
+
+
 @dataclass
 class PoolLevel:
     filled_bytes: int
@@ -76,6 +99,9 @@ class StationPool:
 
     def __init__(self, path: str | Path, create: bool = False):
         self.path = Path(path)
+        # NET/HOLDER/PEER.pool: the pair's names decide how its fills are split
+        self.holder = self.path.parent.name
+        self.peer = self.path.name.removesuffix(".pool")
         self.used_path = Path(f"{self.path}.used")
         self.journal_path = Path(f"{self.path}.journal")
         if create:
@@ -120,6 +146,8 @@ class StationPool:
         self.sources: dict[str, int] = {}  # source -> offset of its bytes
         self.filled_bytes = 0
         self.taken_bytes = 0
+        # initiator -> its parts of the fills, (pool offset, bytes), in fill order
+        self.shares: dict[str, list[tuple[int, int]]] = {self.holder: [], self.peer: []}
         if self.journal_path.exists():
             lines = self.journal_path.read_text().splitlines()
             for number, line in enumerate(lines, 1):
@@ -134,17 +162,32 @@ class StationPool:
                     raise BadInput(f"{self.journal_path}:{number}: not a journal line") from None
                 if event == "fill":
                     self.sources[entry["source"]] = self.filled_bytes
+                    self._add_shares(self.filled_bytes, count, entry.get("split"))
                     self.filled_bytes += count
                 elif event == "take":
                     self.taken_bytes += count + int(entry.get("skipped_bytes", 0))
+        self.floor_bytes = 0  # every byte below it is gone, whatever its share
+        self.positions: dict[str, int] = {}  # initiator -> next position in its share
         if self.used_path.exists():
             try:
-                self.used_bytes = int(json.loads(self.used_path.read_text())["used_bytes"])
-            except (ValueError, KeyError, TypeError) as error:
+                record = json.loads(self.used_path.read_text())
+                record_bytes = int(record["used_bytes"])
+                self.floor_bytes = int(record.get("floor_bytes", record_bytes))
+                self.positions = {
+                    str(name): int(position)
+                    for name, position in record.get("initiator_positions", {}).items()
+                }
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
                 raise BadInput(f"{self.used_path}: not a usage record ({error})") from None
+            if min([self.floor_bytes, record_bytes, *self.positions.values()]) < 0:
+                raise BadInput(f"{self.used_path}: negative position")
+            if record_bytes > self._high_water():
+                # moved by another writer of this record (the distillation's auth pool,
+                # which keeps used_bytes only) or written before shares existed: every
+                # byte below it is gone, in both shares
+                self.floor_bytes = record_bytes
         elif create and self.filled_bytes == 0:
-            self.used_bytes = 0
-            self._write_used(0)
+            self._write_used()
         else:
             raise BadInput(
                 f"key pool {self.path}: its usage record {self.used_path} is missing; without "
@@ -159,23 +202,83 @@ class StationPool:
         if size > self.filled_bytes:  # a fill cut before its journal line: never served
             os.ftruncate(self._fd, self.filled_bytes)
             os.fsync(self._fd)
-        if self.used_bytes > self.filled_bytes:
+        beyond = [n for n, p in self.positions.items() if p > self._share_bytes(n)]
+        if self.floor_bytes > self.filled_bytes or beyond:
             raise BadInput(
-                f"key pool {self.path}: usage record {self.used_bytes} beyond the "
-                f"{self.filled_bytes} bytes filled"
+                f"key pool {self.path}: usage record beyond the {self.filled_bytes} bytes filled"
             )
+
+    def _add_shares(self, offset: int, count: int, split) -> None:
+        split = split or split_fill(self.holder, self.peer, count)
+        if sum(int(part) for _, part in split) != count:
+            raise BadInput(f"{self.journal_path}: a fill's split does not add up to its bytes")
+        for name, part in split:
+            if int(part) > 0:
+                self.shares.setdefault(str(name), []).append((offset, int(part)))
+            offset += int(part)
+
+    def _share_bytes(self, initiator: str) -> int:
+        return sum(count for _, count in self.shares.get(initiator, ()))
+
+    def _pool_end(self, initiator: str, position: int) -> int:
+        """The pool offset just past the first `position` bytes of a share (0 for none)."""
+        end = 0
+        for offset, count in self.shares.get(initiator, ()):
+            if position <= 0:
+                break
+            end = offset + min(count, position)
+            position -= count
+        return end
+
+    def _high_water(self) -> int:
+        """Where the usage record's `used_bytes` stands: past every byte used in any
+        share. A reader that knows no shares (the distillation's auth pool) begins there."""
+        return max([self.floor_bytes] + [self._pool_end(n, p) for n, p in self.positions.items()])
+
+    def _check_initiator(self, initiator: str | None) -> str:
+        initiator = self.holder if initiator is None else initiator
+        if initiator not in (self.holder, self.peer):
+            raise BadInput(f"key pool {self.path}: {initiator} is neither end of this pool")
+        return initiator
+
+    def position(self, initiator: str | None = None) -> int:
+        """The first unused position in `initiator`'s share (default: this pool's holder's)."""
+        initiator = self._check_initiator(initiator)
+        below_floor = sum(
+            max(0, min(count, self.floor_bytes - offset))
+            for offset, count in self.shares.get(initiator, ())
+        )
+        return max(self.positions.get(initiator, 0), below_floor)
+
+    def available_for(self, initiator: str | None = None) -> int:
+        """Bytes left for takes that `initiator` begins (default: this pool's holder)."""
+        initiator = self._check_initiator(initiator)
+        return self._share_bytes(initiator) - self.position(initiator)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes gone, both shares together."""
+        return sum(self.position(name) for name in (self.holder, self.peer))
 
     def level(self) -> PoolLevel:
         return PoolLevel(self.filled_bytes, self.used_bytes, self.taken_bytes)
 
     @property
     def available_bytes(self) -> int:
+        """Bytes left, both shares together (a take can use only its initiator's share)."""
         return self.filled_bytes - self.used_bytes
 
     # ---------------------------------------------------------------- writes
 
-    def _write_used(self, used_bytes: int) -> None:
-        """Atomically and durably (same record and steps as KeyPool._write_record)."""
+    def _write_used(self) -> None:
+        """Atomically and durably (same record and steps as KeyPool._write_record). The
+        record keeps each share's position and, as `used_bytes`, the high-water mark a
+        reader of the plain record (the auth pool) must begin after."""
+        record = {
+            "used_bytes": self._high_water(),
+            "floor_bytes": self.floor_bytes,
+            "initiator_positions": dict(sorted(self.positions.items())),
+        }
         tmp = f"{self.used_path}.{os.getpid()}.tmp"
         # a fresh file: a leftover or a planted symlink under this name is removed, never
         # followed (its target would be truncated) nor renamed into the record's place
@@ -183,13 +286,12 @@ class StationPool:
             os.unlink(tmp)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, json.dumps({"used_bytes": used_bytes}).encode())
+            os.write(fd, json.dumps(record).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.used_path)
         _fsync_directory(str(self.used_path))
-        self.used_bytes = used_bytes
 
     def _journal(self, entry: dict) -> None:
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -204,6 +306,7 @@ class StationPool:
         if source in self.sources:
             raise BadInput(f"key pool {self.path}: {source} was already added to this pool")
         offset = self.filled_bytes
+        split = split_fill(self.holder, self.peer, len(data))
         os.lseek(self._fd, offset, os.SEEK_SET)
         view = memoryview(data)
         while view:
@@ -211,39 +314,85 @@ class StationPool:
             view = view[written:]
         os.fsync(self._fd)
         _fsync_directory(str(self.path))  # a new file's name must survive too
-        self._journal({"event": "fill", "source": source, "offset": offset, "bytes": len(data)})
+        self._journal({"event": "fill", "source": source, "offset": offset, "bytes": len(data),
+                       "split": split})  # fmt: skip
         self.sources[source] = offset
+        self._add_shares(offset, len(data), split)
         self.filled_bytes += len(data)
         return offset
 
-    def take(self, count: int, purpose: str, offset: int | None = None) -> bytes:
-        """`count` bytes from `offset` (default: the first unused one), made unusable on disk
-        before they are returned. Bytes between the record and `offset` are skipped and
-        lost (both ends of a pair take the same offsets, so they stay aligned). An offset
-        below the record (already used) is refused: nothing is served twice."""
-        offset = self.used_bytes if offset is None else int(offset)
-        if count <= 0:
-            raise BadInput(f"key pool {self.path}: take {count} bytes")
-        if offset < self.used_bytes:
-            raise BadInput(
-                f"key pool {self.path}: bytes from {offset} were already used (the pool is "
-                f"used up to {self.used_bytes}): refused, a key is never served twice"
-            )
-        if offset + count > self.filled_bytes:
-            available = self.filled_bytes - offset
-            raise PoolShort(
-                f"key pool {self.path}: {count} bytes wanted, {max(available, 0)} available",
-                max(available, 0),
-                count,
-            )
-        skipped = offset - self.used_bytes
-        self._write_used(offset + count)  # write-ahead: durable before any byte is used
-        entry = {"event": "take", "purpose": purpose, "offset": offset, "bytes": count}
+    def take(self, count: int, purpose: str, offset: int | None = None,
+             initiator: str | None = None) -> bytes:  # fmt: skip
+        """`count` bytes of `initiator`'s share (default: this pool's holder's) from
+        position `offset` in that share (default: its first unused one), made unusable on
+        disk before they are returned. Positions between the first unused one and `offset`
+        are skipped and lost (both ends of a pair take the same positions, so they stay
+        aligned). A position below it (already used) is refused: nothing is served twice."""
+        return self.take_checked(count, purpose, offset, initiator)
+
+    def take_checked(self, count: int, purpose: str, offset: int | None = None,
+                     initiator: str | None = None, check=None) -> bytes | None:  # fmt: skip
+        """As take; with `check`, a function of the bytes, the take happens only when it
+        returns true (under the same lock), and None is returned when it does not: nothing
+        is used then."""
+        initiator, offset, count = self._bounds(count, offset, initiator)
+        data = self._read(initiator, offset, count)
+        if check is not None and not check(data):
+            return None
+        skipped = offset - self.position(initiator)
+        self.positions[initiator] = offset + count
+        self._write_used()  # write-ahead: durable before any byte is used
+        # the pool bytes themselves, for audit: which bytes every take consumed
+        ranges = [[start, start + size] for start, size in self._pieces(initiator, offset, count)]
+        entry = {"event": "take", "purpose": purpose, "initiator": initiator,
+                 "position": offset, "bytes": count, "ranges": ranges}  # fmt: skip
         if skipped:
             entry["skipped_bytes"] = skipped
         self._journal(entry)
         self.taken_bytes += count + skipped
-        return os.pread(self._fd, count, offset)
+        return data
+
+    def _bounds(self, count: int, offset: int | None, initiator: str | None) -> tuple:
+        initiator = self._check_initiator(initiator)
+        first = self.position(initiator)
+        offset = first if offset is None else int(offset)
+        if count <= 0:
+            raise BadInput(f"key pool {self.path}: take {count} bytes")
+        if offset < first:
+            raise BadInput(
+                f"key pool {self.path}: bytes from {offset} of {initiator}'s share were "
+                f"already used (used up to {first}): refused, a key is never served twice"
+            )
+        share = self._share_bytes(initiator)
+        if offset + count > share:
+            available = max(share - offset, 0)
+            raise PoolShort(
+                f"key pool {self.path}: {count} bytes wanted, {available} available "
+                f"for {initiator}",
+                available,
+                count,
+            )
+        return initiator, offset, count
+
+    def _pieces(self, initiator: str, position: int, count: int) -> list[tuple[int, int]]:
+        """(pool offset, bytes) of the pieces that positions position..+count of a share
+        occupy in the pool."""
+        pieces = []
+        for offset, size in self.shares[initiator]:
+            if count <= 0:
+                break
+            if position >= size:
+                position -= size
+                continue
+            length = min(size - position, count)
+            pieces.append((offset + position, length))
+            count -= length
+            position = 0
+        return pieces
+
+    def _read(self, initiator: str, position: int, count: int) -> bytes:
+        pieces = self._pieces(initiator, position, count)
+        return b"".join(os.pread(self._fd, length, offset) for offset, length in pieces)
 
 
 def add_network_option(parser) -> None:

@@ -78,11 +78,11 @@ def relay_shortfall(network_dir, source: str, target: str, key_bytes: int) -> li
         available = 0
         if path.exists():
             with StationPool(path) as pool:
-                available = pool.available_bytes
+                available = pool.available_for(SATELLITE)  # the relay is the satellite's
         if available < needed:
             missing.append(
                 f"{'the satellite' if holder == SATELLITE else holder}'s pool for {peer} holds "
-                f"{8 * available} bits, {8 * (needed - available)} missing"
+                f"{8 * available} bits for relays, {8 * (needed - available)} missing"
             )
     return missing
 
@@ -128,12 +128,13 @@ def relay(network_dir: str | Path, source: str, target: str, bits: int) -> dict:
     relay_id = str(uuid.uuid4())
 
     # ---- on the satellite: take K_A and K_B (write-ahead), announce
+    # (offsets are positions in the satellite's share of each pair: pool.split_fill)
     with StationPool(pool_path(network_dir, SATELLITE, source)) as pool_a:
-        offset_a = pool_a.used_bytes
+        offset_a = pool_a.position(SATELLITE)
         taken = pool_a.take(key_bytes + AUTH_BYTES, f"relay {relay_id} to {target}")
     key_a, auth_a = taken[:key_bytes], taken[key_bytes:]
     with StationPool(pool_path(network_dir, SATELLITE, target)) as pool_b:
-        offset_b = pool_b.used_bytes
+        offset_b = pool_b.position(SATELLITE)
         taken = pool_b.take(key_bytes + AUTH_BYTES, f"relay {relay_id} from {source}")
     key_b, auth_b = taken[:key_bytes], taken[key_bytes:]
     xor = xor_bytes(key_a, key_b)
@@ -172,7 +173,9 @@ def _station_receives(network_dir, station: str, message: bytes, expect_payload:
         raise RelayAuthenticationFailed(f"{station}: malformed relay announcement") from error
     with StationPool(pool_path(network_dir, station, SATELLITE)) as pool:
         # taken before checking: a forged announcement burns these bytes, never reuses them
-        taken = pool.take(key_bytes + AUTH_BYTES, f"relay {fields.get('relay_id')}", offset)
+        taken = pool.take(
+            key_bytes + AUTH_BYTES, f"relay {fields.get('relay_id')}", offset, SATELLITE
+        )
     own, auth = taken[:key_bytes], taken[key_bytes:]
     if not hmac.compare_digest(wegman_carter_tag(body, auth), tag):
         raise RelayAuthenticationFailed(f"{station}: relay announcement failed authentication")
