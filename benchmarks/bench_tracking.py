@@ -244,6 +244,16 @@ def _elevation_and_idealised_figures():
     ideal = run_lockstep(PlantParams.idealised(seed=1), duration_s=8.0)
     rms_x, rms_y, _ = ideal.fine_rms_urad(settle_s=0.5)
     print(f"[tracking]  idealised plant (before issue 15), same loop: x {rms_x:.3f} y {rms_y:.3f}")
+    # The application's bus path runs the loop at ~260-290 Hz (test_pass_mode_loop_rate),
+    # below the lowest rate the firmware accepts (500 Hz): the culmination figure there, the
+    # 2 kHz gains with the wheel-line resonators off (they are tuned for 2 kHz).
+    slow = run_lockstep(
+        PlantParams(seed=1, initial_error_urad=(300.0, -200.0), loop_rate_hz=500),
+        duration_s=6.0,
+        config={"wheel_lines_hz": [0.0, 0.0]},
+    )
+    rms_x, rms_y, _ = slow.fine_rms_urad(settle_s=0.5)
+    print(f"[tracking]  culmination at a 500 Hz loop, seed 1: x {rms_x:.3f} y {rms_y:.3f} urad")
 
 
 def _plot(f, px, py, pv, path):
