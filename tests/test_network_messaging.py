@@ -317,3 +317,32 @@ def test_a_message_to_the_satellite_and_a_relay_never_share_a_pad(net, tmp_path)
     assert qkdsat(["receive", "--network", str(net), "--at", SATELLITE, str(message),
                    "--out", str(out)]) == 0  # fmt: skip
     assert out.read_bytes() == plain.read_bytes()
+
+
+@pytest.mark.parametrize("cipher", ["otp-wegman-carter", AES_GCM])
+def test_a_forged_message_naming_a_far_pool_offset_burns_nothing(net, tmp_path, cipher):
+    """A forger who rewrites a message's pool_offset (lengths consistent, tag not) must not
+    make the receiver skip, and lose, the pool bytes up to that offset: the tag is
+    checked before the pool moves. Before, the receiver took the bytes first: 10,000
+    bytes of its pool were gone and the genuine message was then refused as a replay."""
+    image = tmp_path / "x"
+    image.write_bytes(b"hello, Stellenbosch")
+    message = tmp_path / "m"
+    assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
+                   str(image), "--out", str(message), "--cipher", cipher]) == 0  # fmt: skip
+    data = message.read_bytes()
+    size = int.from_bytes(data[8:12], "little")
+    header = json.loads(data[12 : 12 + size])
+    header["pool_offset"] = 10_000
+    encoded = json.dumps(header, sort_keys=True).encode()
+    forged = tmp_path / "forged"
+    forged.write_bytes(data[:8] + len(encoded).to_bytes(4, "little") + encoded
+                       + data[12 + size :])  # fmt: skip
+    out = tmp_path / "out"
+    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(forged),
+                   "--out", str(out)]) == 3  # fmt: skip
+    assert _used(net, "Stellenbosch", "Beijing") == 0 and not out.exists()
+    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
+                   "--out", str(out)]) == 0  # fmt: skip
+    assert out.read_bytes() == image.read_bytes()
+    assert _used(net, "Stellenbosch", "Beijing") == _used(net, "Beijing", "Stellenbosch")

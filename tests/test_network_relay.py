@@ -77,7 +77,10 @@ def test_relay_of_random_pool_keys_is_exact_and_refuses_more(tmp_path, capsys):
     _check_relay(net, 8 * 1000, capsys)
 
 
-def test_forged_or_replayed_announcement_is_rejected_and_burns_its_bytes(tmp_path):
+def test_forged_announcement_is_rejected_taking_nothing_and_a_replay_is_refused(tmp_path):
+    """A forged announcement, even one naming an offset far ahead, moves nothing: the
+    tag is checked before the station's pool moves (it burned the bytes up to its offset
+    before). The genuine announcement then goes through, and again is a replay."""
     net = tmp_path / "net"
     distilled(tmp_path / "b", 8 * 1000, "pass-b")
     fill_pair(net, "Stellenbosch", tmp_path / "b")
@@ -89,7 +92,13 @@ def test_forged_or_replayed_announcement_is_rejected_and_burns_its_bytes(tmp_pat
     forged[-TAG_OFFSET] ^= 1
     with pytest.raises(RelayAuthenticationFailed):
         _station_receives(net, "Stellenbosch", bytes(forged), expect_payload=True)
-    assert _used(net, "Stellenbosch", SATELLITE) == 32 + AUTH_BYTES  # burnt, not reused
+    far = _announcement({"relay_id": "f", "offset": 400, "bytes": 32}, bytes(32)) + bytes(8)
+    with pytest.raises(RelayAuthenticationFailed):
+        _station_receives(net, "Stellenbosch", far, expect_payload=True)
+    assert _used(net, "Stellenbosch", SATELLITE) == 0  # nothing taken, nothing skipped
+    share = _station_receives(net, "Stellenbosch", message, expect_payload=True)
+    assert share == taken[:32]  # payload zero: the station's own bytes, K_B
+    assert _used(net, "Stellenbosch", SATELLITE) == 32 + AUTH_BYTES
     with pytest.raises(Exception, match="already used"):  # the genuine one, now a replay
         _station_receives(net, "Stellenbosch", message, expect_payload=True)
 

@@ -117,8 +117,9 @@ def _head(header: dict) -> bytes:
 
 def receive(network_dir, receiver: str, in_path, out_path) -> dict:
     """Check and decrypt a message; the output is written only when it authenticated. The
-    pool bytes are taken (at the sender's offset) before the check: a forged or replayed
-    message never makes them usable again."""
+    pool bytes (at the sender's offset in its share) are taken, durably, only once the
+    message authenticated and before anything is written: a forged message moves nothing,
+    a replayed one is refused (its bytes are used)."""
     check_name(receiver)
     try:
         message = Path(in_path).read_bytes()
@@ -142,27 +143,40 @@ def receive(network_dir, receiver: str, in_path, out_path) -> dict:
     if cipher not in SECURITY or needed != pool_bytes_needed(cipher, plaintext_bytes):
         raise MessageRejected(f"{in_path}: inconsistent header")
     body = message[len(head) :]
-    # the lengths before the take: a few forged bytes claiming a large file must not burn
-    # that much of the pool (the header itself is authenticated only after the take)
+    # the lengths before anything is read from the pool: the tag covers the header, but
+    # a header claiming a large file must not make the receiver read that much
     expected_bytes = plaintext_bytes + (TAG_BYTES if cipher == OTP else AES_NONCE_BYTES + 16)
     if plaintext_bytes < 0 or len(body) != expected_bytes:
         raise MessageRejected(f"{in_path}: length does not match its header")
-    with StationPool(pool_path(network_dir, receiver, sender)) as pool:
-        key = pool.take(needed, f"receive {header.get('name')} from {sender}", offset, sender)
-    if cipher == OTP:
-        ciphertext, tag = body[:-TAG_BYTES], body[-TAG_BYTES:]
-        expected = wegman_carter_tag(head + ciphertext, key[plaintext_bytes:])
-        if not hmac.compare_digest(expected, tag):
-            raise MessageRejected(f"{in_path}: authentication failed: altered or forged")
-        plaintext = xor_bytes(ciphertext, key[:plaintext_bytes])
-    else:
+    decrypted = []
+
+    def authentic(key: bytes) -> bool:
+        if cipher == OTP:
+            ciphertext, tag = body[:-TAG_BYTES], body[-TAG_BYTES:]
+            expected = wegman_carter_tag(head + ciphertext, key[plaintext_bytes:])
+            if hmac.compare_digest(expected, tag):
+                decrypted.append(xor_bytes(ciphertext, key[:plaintext_bytes]))
+            return bool(decrypted)
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-        try:
-            plaintext = AESGCM(key).decrypt(body[:AES_NONCE_BYTES], body[AES_NONCE_BYTES:], head)
-        except InvalidTag:
-            raise MessageRejected(f"{in_path}: authentication failed: altered or forged") from None
+        with contextlib.suppress(InvalidTag):
+            nonce, sealed = body[:AES_NONCE_BYTES], body[AES_NONCE_BYTES:]
+            decrypted.append(AESGCM(key).decrypt(nonce, sealed, head))
+        return bool(decrypted)
+
+    # The tag is checked BEFORE the pool moves (under the pool's lock), and the bytes are
+    # taken only for a message that authenticated: a forgery naming a far pool_offset
+    # must not burn the bytes up to it. The pad then serves one check per forgery, never
+    # an output; a forger's chance stays (L + 1)/2^64 per forged message (docs).
+    with StationPool(pool_path(network_dir, receiver, sender)) as pool:
+        key = pool.take_checked(
+            needed, f"receive {header.get('name')} from {sender}", offset, sender, authentic
+        )
+    if key is None:
+        raise MessageRejected(
+            f"{in_path}: authentication failed: altered or forged (no pool byte was used)"
+        )
     del key
-    _write_atomic(Path(out_path), plaintext)
+    _write_atomic(Path(out_path), decrypted[0])
     return header

@@ -171,16 +171,22 @@ def _station_receives(network_dir, station: str, message: bytes, expect_payload:
         offset, key_bytes = int(fields["offset"]), int(fields["bytes"])
     except (ValueError, KeyError, TypeError) as error:
         raise RelayAuthenticationFailed(f"{station}: malformed relay announcement") from error
+    if expect_payload and len(payload) != key_bytes:
+        raise RelayAuthenticationFailed(f"{station}: relay payload of the wrong length")
+
+    def authentic(taken: bytes) -> bool:
+        return hmac.compare_digest(wegman_carter_tag(body, taken[key_bytes:]), tag)
+
     with StationPool(pool_path(network_dir, station, SATELLITE)) as pool:
-        # taken before checking: a forged announcement burns these bytes, never reuses them
-        taken = pool.take(
-            key_bytes + AUTH_BYTES, f"relay {fields.get('relay_id')}", offset, SATELLITE
-        )
-    own, auth = taken[:key_bytes], taken[key_bytes:]
-    if not hmac.compare_digest(wegman_carter_tag(body, auth), tag):
+        # checked before the pool moves, taken only when authentic: a forged announcement
+        # naming a far offset must not burn the station's key up to it
+        taken = pool.take_checked(
+            key_bytes + AUTH_BYTES, f"relay {fields.get('relay_id')}", offset, SATELLITE,
+            authentic,
+        )  # fmt: skip
+    if taken is None:
         raise RelayAuthenticationFailed(f"{station}: relay announcement failed authentication")
+    own = taken[:key_bytes]
     if not expect_payload:
         return own
-    if len(payload) != key_bytes:
-        raise RelayAuthenticationFailed(f"{station}: relay payload of the wrong length")
     return xor_bytes(payload, own)
