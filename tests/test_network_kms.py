@@ -136,9 +136,12 @@ def test_status_enc_keys_then_dec_keys_once_to_the_slave_only(kme):
     assert status == 200 and len(base64.b64decode(get_enc["keys"][0]["key"])) == 32
     ids = list(keys)
     request = {"key_IDs": [{"key_ID": k} for k in ids[:2]]}
-    # Nobody but the slave gets them: another registered SAE is refused, nothing served.
-    status, _ = _call(kme, OTHER, "POST", f"/api/v1/keys/{MASTER}/dec_keys", request)
-    assert status == 400
+    # Nobody but the slave gets them: another registered SAE is Unauthorized (GS QKD 014
+    # 5.4: 401), as is the slave naming another master; nothing is served.
+    status, body = _call(kme, OTHER, "POST", f"/api/v1/keys/{MASTER}/dec_keys", request)
+    assert status == 401 and body["details"] == [{"detail": ids[0]}]
+    status, _ = _call(kme, SLAVE, "POST", f"/api/v1/keys/{OTHER}/dec_keys", request)
+    assert status == 401
     status, dec = _call(kme, SLAVE, "POST", f"/api/v1/keys/{MASTER}/dec_keys", request)
     assert status == 200
     assert {item["key_ID"]: base64.b64decode(item["key"]) for item in dec["keys"]} == {

@@ -8,8 +8,8 @@ kept for the slave in the store and returned with fresh UUID key_IDs. The slave 
 dec_keys with those key_IDs: each key is served once, to that slave only, and erased from
 the store in the same transaction. Errors as the standard: 400 bad request (malformed
 JSON or parameters, unknown or already served key_ID), 401 an SAE that is not registered
-or asks for what is not its own, 503 the pool is short. The audit log records who asked
-what and the key_IDs, never key material.
+or asks for a key_ID made for another SAE (or under another master), 503 the pool is
+short. The audit log records who asked what and the key_IDs, never key material.
 """
 
 from __future__ import annotations
@@ -120,16 +120,20 @@ class SQLiteStore:
             for key_id in key_ids:
                 cursor.execute(
                     self._sql(
-                        "SELECT key FROM pending_keys WHERE key_id = ? AND master_sae = ? "
-                        "AND slave_sae = ?" + self.LOCK_ROW
+                        "SELECT key, master_sae, slave_sae FROM pending_keys WHERE key_id = ?"
+                        + self.LOCK_ROW
                     ),
-                    (key_id, master, slave),
+                    (key_id,),
                 )
                 row = cursor.fetchone()
                 if row is None:
                     self._rollback(db)
+                    raise RequestError(400, "key_ID unknown or already served", [key_id])
+                if (row[1], row[2]) != (master, slave):
+                    # GS QKD 014 5.4: 401 Unauthorized, a key made for another pair of SAEs
+                    self._rollback(db)
                     raise RequestError(
-                        400, "key_ID unknown, not for this SAE, or already served", [key_id]
+                        401, "key_ID not delivered to this SAE by that master SAE", [key_id]
                     )
                 found.append((key_id, bytes(row[0])))
             cursor.executemany(
