@@ -56,12 +56,12 @@ def write_detections(
     replace_durably(tmp, path)
 
 
-def read_detections(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(time_ps int64, channel int16, header); BadInput naming the file and the fault."""
-    path = Path(path)
+def _read_header(path: Path) -> tuple[dict, int, int]:
+    """(header, offset of the first record, file size in bytes) of a `.qdet` file, for both
+    readers; BadInput naming the file and the fault."""
     try:
-        size = path.stat().st_size
         with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
             start = handle.read(len(MAGIC) + _HEADER_LENGTH.size)
             if len(start) < len(MAGIC) + _HEADER_LENGTH.size or start[: len(MAGIC)] != MAGIC:
                 raise BadInput(f"{path}: not a .qdet detections file (bad magic)")
@@ -74,7 +74,13 @@ def read_detections(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
                 raise BadInput(f"{path}: header is not valid JSON ({error})") from None
     except OSError as error:
         raise BadInput(f"{path}: cannot read ({error.strerror})") from None
-    offset = len(MAGIC) + _HEADER_LENGTH.size + head_bytes
+    return header, len(MAGIC) + _HEADER_LENGTH.size + head_bytes, size
+
+
+def read_detections(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(time_ps int64, channel int16, header); BadInput naming the file and the fault."""
+    path = Path(path)
+    header, offset, size = _read_header(path)
     count = header.get("count")
     body = size - offset
     if not isinstance(count, int) or body != count * RECORD_DTYPE.itemsize:
@@ -94,21 +100,7 @@ class AppendedDetections:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as handle:
-                start = handle.read(len(MAGIC) + _HEADER_LENGTH.size)
-                if len(start) < len(MAGIC) + _HEADER_LENGTH.size or start[: len(MAGIC)] != MAGIC:
-                    raise BadInput(f"{self.path}: not a .qdet detections file (bad magic)")
-                (head_bytes,) = _HEADER_LENGTH.unpack_from(start, len(MAGIC))
-                if head_bytes > MAX_HEADER_BYTES:
-                    raise BadInput(f"{self.path}: header length {head_bytes} is implausible")
-                try:
-                    self.header = json.loads(handle.read(head_bytes))
-                except ValueError as error:
-                    raise BadInput(f"{self.path}: header is not valid JSON ({error})") from None
-        except OSError as error:
-            raise BadInput(f"{self.path}: cannot read ({error.strerror})") from None
-        self.offset = len(MAGIC) + _HEADER_LENGTH.size + head_bytes
+        self.header, self.offset, _ = _read_header(self.path)
 
     def records(self) -> np.ndarray:
         """Every whole record in the file now (memory-mapped, read lazily)."""
