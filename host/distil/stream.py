@@ -63,6 +63,7 @@ from host.distil.protocol import (
 from host.errors import BadInput, ProtocolAborted
 from host.formats.passdir import read_pass_json
 from host.formats.qdet import AppendedDetections
+from host.mission.timeline import timeline_row
 
 MODE = "stream"
 # First synchronisation attempt once this much pass time and these many detections are
@@ -159,15 +160,15 @@ class Timeline:
             last = self.last_detection_s
             arrived_until = second if last is None else min(second, last)
             rows.append(
-                {
-                    "t_s": second,
-                    "detections": int(state["detections"]),
-                    "sifted_bits": int(state["sifted_bits"]),
-                    "reconciled_bits": int(state["reconciled_bits"]),
-                    "link_up": not any(a <= second < b for a, b in self.silences),
-                    "backlog_bits": int(state["backlog_bits"]),
-                    "lag_s": round(max(0.0, arrived_until - handled), 3),
-                }
+                timeline_row(
+                    second,
+                    int(state["detections"]),
+                    int(state["sifted_bits"]),
+                    int(state["reconciled_bits"]),
+                    not any(a <= second < b for a, b in self.silences),
+                    int(state["backlog_bits"]),
+                    max(0.0, arrived_until - handled),
+                )
             )
         return rows
 

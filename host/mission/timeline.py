@@ -79,7 +79,7 @@ def post_pass_timeline(
         t = round(k * step, 6)
         seen = int(np.searchsorted(detections_s, t, side="right"))
         lag = float(detections_s[seen - 1]) - first if seen else 0.0
-        rows.append(_row(t, seen, 0, 0, link_up(t), seen, lag))
+        rows.append(timeline_row(t, seen, 0, 0, link_up(t), seen, lag))
 
     def after(names) -> float:
         return distil_start_s + sum(float(stage_seconds.get(n, 0.0)) for n in names)
@@ -102,11 +102,14 @@ def post_pass_timeline(
         # until the keys exist the pipeline has worked off none of the pass: it lags the
         # newest detection by the whole pass
         lag = 0.0 if done else max(last_detection_s - first, 0.0)
-        rows.append(_row(t, total, sifted, reconciled, link_up(t), backlog, lag))
+        rows.append(timeline_row(t, total, sifted, reconciled, link_up(t), backlog, lag))
     return rows
 
 
-def _row(t, detections, sifted, reconciled, up, backlog, lag) -> dict:
+def timeline_row(t, detections, sifted, reconciled, up, backlog, lag) -> dict:
+    """One row of the timeline, its fields in ROW_FIELDS order: the one writer of the
+    schema, for the post-pass rows here and the streaming pipeline's (host/distil/stream.py
+    Timeline.rows)."""
     return {
         "t_s": t,
         "detections": detections,
