@@ -82,6 +82,10 @@ class TdcSources:
     sync_rate_hz: float = 0.0
     beacon_rate_hz: float = 0.0
     uplink_rate_hz: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    # events simulated elsewhere (the two-way pass's uplink detections): (head true time
+    # ps, channel, TDC time ps) arrays sorted by true time; the TDC time is given because
+    # it is the pass's satellite clock (noise, relativity), not the head's simple model
+    scheduled: tuple | None = None
 
 
 @dataclass
@@ -222,9 +226,16 @@ class OpticalHead:
             if n:
                 times = start + 1 + self._rng.integers(0, span, size=n)
                 events.extend((int(t), channel) for t in times)
+        if src.scheduled is not None:
+            true_ps, channels, tdc_ps = src.scheduled
+            first, last = np.searchsorted(true_ps, [start, t_ps], side="right")
+            events.extend(
+                (int(true_ps[k]), int(channels[k]), int(tdc_ps[k])) for k in range(first, last)
+            )
         events.sort()
-        for true_ps, channel in events:
-            event = (channel, self.local_ps(true_ps))
+        for item in events:
+            true_ps, channel = item[0], item[1]
+            event = (channel, item[2] if len(item) > 2 else self.local_ps(true_ps))
             self.tdc_truth.append(event)
             if len(self.fifo) >= self.fifo_depth:
                 self.tdc_overflow += 1

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from host.errors import BadInput
+
 MAGIC = b"QR"
 VERSION = 1
 HEADER = struct.Struct("<2sBBII")
@@ -197,3 +199,25 @@ def decode_tdc_block(payload: bytes) -> np.ndarray:
     if len(body) != count * TDC_EVENT_DTYPE.itemsize:
         raise ValueError(f"TDC block says {count} events but holds {len(body)} bytes")
     return np.frombuffer(body, dtype=TDC_EVENT_DTYPE)
+
+
+def read_tdc_events(path: str | Path) -> tuple[np.ndarray, np.ndarray, RecordLog]:
+    """Every event of a TDC log (products/tdc.qrec: TDC_BLOCK records, what the
+    controller's ring spooled) as (channel uint8, time_ps int64) in log order, with the
+    log itself (its `problem`, `skipped` and `missing_records` say what was lost); a
+    block that does not decode is bad input naming the file and the record."""
+    path = Path(path)
+    try:
+        log = read_records(path)
+    except OSError as error:
+        raise BadInput(f"{path}: cannot read ({error.strerror})") from None
+    blocks = []
+    for record in log.records:
+        if record.kind != Kind.TDC_BLOCK:
+            continue
+        try:
+            blocks.append(decode_tdc_block(record.payload))
+        except (ValueError, struct.error) as error:
+            raise BadInput(f"{path}: record {record.seq}: {error}") from None
+    events = np.concatenate(blocks) if blocks else np.zeros(0, dtype=TDC_EVENT_DTYPE)
+    return events["channel"].astype(np.uint8), events["time_ps"].astype(np.int64), log

@@ -37,12 +37,21 @@ def covered_runs(log: PatternLog) -> list[tuple[int, int]]:
     return runs
 
 
-def make_segment_scenario(profile: dict, seed: int, slot_count: int) -> passgen.Scenario:
+def make_segment_scenario(
+    profile: dict, seed: int, slot_count: int, two_way=None
+) -> passgen.Scenario:
     """The simulator's scenario cropped to the `slot_count` slots the firmware emitted,
-    centred on culmination (where the link is best)."""
+    centred on culmination (where the link is best). `two_way`: the two-way pass
+    (host/timetransfer/mission_stage.py) whose orbit and clocks the segment shares."""
     rate = float(profile["source"]["slot_rate_hz"])
     duration_s = slot_count / rate
-    scenario = passgen.build_scenario(profile, seed=seed, duration_s=duration_s)
+    scenario = passgen.build_scenario(
+        profile,
+        seed=seed,
+        duration_s=duration_s,
+        geometry=two_way.geometry if two_way is not None else None,
+        clocks=(two_way.satellite, two_way.ground) if two_way is not None else None,
+    )
     # floor(duration * rate) can lose the last slot to rounding; the log is the truth
     scenario.slot_count = slot_count
     scenario.slots = SlotClock(

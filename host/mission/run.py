@@ -111,11 +111,15 @@ def run_firmware(
     satellite: Path,
     generation: str = "controller",
     pass_slots: int = 0,
+    uplink=None,
 ):
     """Stages 2 and 3: pass mode on the real firmware, then every product downloaded.
 
     generation "head": the head's generator emits the whole pass (`pass_slots`, whole
-    frames); the emulated pass goes by at once (emulator.pattern_generator.fast_forward)."""
+    frames); the emulated pass goes by at once (emulator.pattern_generator.fast_forward).
+    `uplink`: the two-way pass's uplink detections as (seconds after the segment's first
+    slot, TDC channel, satellite clock ps), fed to the head's TDC as the pass goes by, a
+    FIFO's worth at a time, so the controller takes them into its ring as on a pass."""
     if generation == "head":
         head = OpticalHead(seed=seed, fifo_depth=2048, pps_period_ps=10**12)
         generator = pattern_generator.attach(head)
@@ -143,9 +147,11 @@ def run_firmware(
             started = time.monotonic()
             if generator is not None:
                 frames = pass_slots // FRAME_SLOTS
-                pattern_generator.fast_forward(
-                    head, head.boundary_ps(generator.first_frame + frames - 1)
-                )
+                end_ps = head.boundary_ps(generator.first_frame + frames - 1)
+                if uplink is not None:
+                    first_ps = head.boundary_ps(generator.first_frame)
+                    end_ps = max(end_ps, feed_uplink(head, first_ps, uplink))
+                pattern_generator.fast_forward(head, end_ps)
                 deadline = time.monotonic() + 60.0
                 while head.fifo and time.monotonic() < deadline:
                     time.sleep(RUN_POLL_S)  # the controller drains the pass's TDC events
@@ -244,6 +250,25 @@ def run_firmware(
             "telemetry": mission_tm.get("generator"),
         }
     return head, generator, stages
+
+
+def feed_uplink(head: OpticalHead, first_slot_ps: int, uplink, wait_s: float = 60.0) -> int:
+    """Let the pass go by with the uplink detections on the head's TDC: the head's clock
+    moves on by half a FIFO of events at a time and waits for the controller to drain
+    the FIFO below a quarter (the pattern banks stay idle: the head's generator emits
+    arithmetically). Returns the head time just after the last event."""
+    after_s, channel, tdc_ps = uplink
+    true_ps = first_slot_ps + np.rint(np.asarray(after_s) * 1e12).astype(np.int64)
+    order = np.argsort(true_ps, kind="stable")
+    true_ps = true_ps[order]
+    head.sources.scheduled = (true_ps, np.asarray(channel)[order], np.asarray(tdc_ps)[order])
+    step = max(1, head.fifo_depth // 2)
+    deadline = time.monotonic() + wait_s
+    for at in range(step, true_ps.size + step, step):
+        pattern_generator.fast_forward(head, int(true_ps[min(at, true_ps.size) - 1]))
+        while len(head.fifo) > head.fifo_depth // 4 and time.monotonic() < deadline:
+            time.sleep(0.002)
+    return int(true_ps[-1]) + 1 if true_ps.size else first_slot_ps
 
 
 def check_pattern_log(head: OpticalHead, log: PatternLog) -> dict:
@@ -501,12 +526,22 @@ def run_mission(
     stages["orbit"] = orbit
     seconds["orbit"] = round(time.perf_counter() - t, 3)
 
+    two_way = None
+    if timetransfer and generation == "head":  # the uplink goes through the firmware
+        from host.timetransfer import mission_stage
+
+        say("timetransfer: the segment's two-way orbit, clocks and uplink")
+        t = time.perf_counter()
+        two_way = mission_stage.prepare(profile, seed, pass_slots // FRAME_SLOTS * FRAME_SLOTS)
+        seconds["timetransfer_uplink"] = round(time.perf_counter() - t, 3)
+
     say(f"firmware on {target}: boot, pass mode, download (budget {budget_s:g} s)")
     t = time.perf_counter()
     try:
         head, generator, fw = run_firmware(
-            target, profile, seed, budget_s, out / "satellite", generation, pass_slots
-        )
+            target, profile, seed, budget_s, out / "satellite", generation, pass_slots,
+            uplink=two_way.tdc_feed() if two_way is not None else None,
+        )  # fmt: skip
     except Exception as error:  # the link's and the target's errors alike
         summary["failed"] = f"firmware/download: {type(error).__name__}: {error}"
         summary["exit_code"] = 1
@@ -538,7 +573,7 @@ def run_mission(
         stages["firmware"]["pattern_log"] = check_pattern_log(head, log)
         slot_count = int(log.frame_first_slot[-1] + log.frame_slot_count[-1])
         del head
-    scenario = ground.make_segment_scenario(profile, seed, slot_count)
+    scenario = ground.make_segment_scenario(profile, seed, slot_count, two_way)
     truth = ground.write_ground(out, scenario, log)
     rate = scenario.slot_rate_hz
     begin_s = float(scenario.geometry.source.get("cropped_from_s", [0.0])[0])
@@ -604,10 +639,19 @@ def run_mission(
         onboard = out  # Alice's key: the on-board key store after a link distillation
         if "link" in stages:
             onboard = out / Path(stages["link"]["onboard_report"]).parent
-        stages["timetransfer"] = run_stage(
-            out, profile["name"], seed, stages["ground"]["segment_seconds"],
-            key_made=not stages["distil"]["aborted"], satellite_keys=onboard,
-        )  # fmt: skip
+        if two_way is None:
+            stages["timetransfer"] = run_stage(
+                out, profile["name"], seed, stages["ground"]["segment_seconds"],
+                key_made=not stages["distil"]["aborted"], satellite_keys=onboard,
+            )  # fmt: skip
+        else:  # the satellite reads its symbols on board, over the pattern-memory port
+            with HeadServer(head) as server:
+                with PatternMemoryClient(server.pattern_address, slot_count) as memory:
+                    stages["timetransfer"] = run_stage(
+                        out, profile["name"], seed, stages["ground"]["segment_seconds"],
+                        key_made=not stages["distil"]["aborted"], satellite_keys=onboard,
+                        mission=two_way, qkd_scenario=scenario, memory=memory,
+                    )  # fmt: skip
         seconds["timetransfer"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()

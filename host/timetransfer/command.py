@@ -185,14 +185,23 @@ def _finite(value):
 
 
 def run_endpoints(
-    scenario: dict, pass_dir: Path, keys_dir: Path, tamper=None, satellite_keys_dir=None
-) -> dict:
+    scenario: dict, pass_dir: Path, keys_dir: Path, tamper=None, satellite_keys_dir=None,
+    satellite=None,
+) -> dict:  # fmt: skip
     """The satellite endpoint in a thread, the ground endpoint in another, over an
     in-process channel; returns the ground's report with the satellite's outcome, or
     raises ProtocolAborted carrying that report. `tamper`: a test hook on the satellite's
-    outgoing bytes (channel.QueueTransport.tamper)."""
-    satellite_events = files.read_events(pass_dir, files.SATELLITE_FILES)
+    outgoing bytes (channel.QueueTransport.tamper). `satellite`: the satellite's records
+    when they are not satellite/tt_*.npz (a mission: {"uplink_rx": tags the firmware
+    downloaded, "downlink_source": its slot clock and the head's pattern memory})."""
+    if satellite is None:
+        satellite_events = files.read_events(pass_dir, files.SATELLITE_FILES)
+        downlink_source = None
+    else:
+        satellite_events = {"uplink_rx": satellite["uplink_rx"]}
+        downlink_source = satellite["downlink_source"]
     ground_events = files.read_events(pass_dir, files.GROUND_FILES)
+    ground_slots = files.read_downlink_slots(pass_dir)
     satellite_pool, satellite_key = endpoints.open_time_key(
         satellite_keys_dir or keys_dir, "satellite"
     )
@@ -209,8 +218,10 @@ def run_endpoints(
             "from different passes"
         )
     satellite = endpoints.SatelliteEndpoint(scenario, satellite_events, satellite_pool,
-                                            satellite_key)  # fmt: skip
-    ground = endpoints.GroundEndpoint(scenario, ground_events, ground_pool, ground_key)
+                                            satellite_key, downlink_source)  # fmt: skip
+    ground = endpoints.GroundEndpoint(
+        scenario, ground_events, ground_pool, ground_key, downlink_slots=ground_slots
+    )
     to_ground, to_satellite = ch.queue_pair(timeout_s=ENDPOINT_TIMEOUT_S)
     to_ground.tamper = tamper
     results = {}
@@ -252,16 +263,20 @@ def run_endpoints(
 
 
 def time_transfer(
-    pass_dir: Path, out_dir: Path, keys_dir: Path, tamper=None, satellite_keys_dir=None
-) -> dict:
+    pass_dir: Path, out_dir: Path, keys_dir: Path, tamper=None, satellite_keys_dir=None,
+    satellite=None,
+) -> dict:  # fmt: skip
     """Run both endpoints and write the outputs; returns the report (raises
-    ProtocolAborted after writing the report when the protocol stops by design)."""
+    ProtocolAborted after writing the report when the protocol stops by design).
+    `satellite`: as run_endpoints."""
     check_output_dir(out_dir, files=("report.json", "offset.csv"))
     started = time.process_time()
     pass_dir = Path(pass_dir)
     scenario = files.read_scenario(pass_dir)
     try:
-        report = run_endpoints(scenario, pass_dir, Path(keys_dir), tamper, satellite_keys_dir)
+        report = run_endpoints(
+            scenario, pass_dir, Path(keys_dir), tamper, satellite_keys_dir, satellite
+        )
     except ProtocolAborted as error:
         return finish(out_dir, pass_dir, scenario, started, error=error)
     return finish(out_dir, pass_dir, scenario, started, report=report)

@@ -61,6 +61,7 @@ SAMPLE_FRACTION = 0.1  # of each direction's sifted events, bits disclosed for t
 SAMPLE_MIN = 256
 SEALED_HEADER_BYTES = 400  # a sealed message's header: kind, field names, scalars, shapes
 ROLE_OF_SIDE = {"satellite": ch.ALICE, "ground": ch.BOB}
+BY_SLOT = -1  # tt_bases downlink_count: "name your detections' slots, I sift the downlink"
 
 
 class NotEnoughKey(ProtocolAborted):
@@ -267,9 +268,15 @@ class SatelliteEndpoint:
     """The payload processor's side: its uplink detection tags and its downlink emission
     epochs (satellite/ of the pass directory, or the controller's streams in a mission)."""
 
-    def __init__(self, scenario: dict, events: dict, pool: ch.KeyPool, key_info: dict):
+    def __init__(self, scenario: dict, events: dict, pool: ch.KeyPool, key_info: dict,
+                 downlink_source=None):  # fmt: skip
+        """`events`: "uplink_rx" and, unless `downlink_source` is given, "downlink_tx".
+        `downlink_source(slots) -> (epoch_ps, basis, bit)`: the satellite's own record of
+        the slots the ground names (its slot clock and the head's pattern memory, read on
+        board, in a mission); the ground then sends the slots of its detections."""
         self.scenario, self.events = scenario, events
         self.pool, self.key_info = pool, key_info
+        self.downlink_source = downlink_source
         self.sealed: SealedChannel | None = None
 
     def run(self, transport) -> dict:
@@ -288,21 +295,32 @@ class SatelliteEndpoint:
     def _run(self, chan, sealed) -> dict:
         sealed.require(pad_bytes_bound(self.scenario))
         up_tag, up_basis, up_bit = self.events["uplink_rx"]
-        down_tag, down_basis, down_bit = self.events["downlink_tx"]
+        by_slot = self.downlink_source is not None
+        downlink = {"downlink_count": BY_SLOT}
+        if not by_slot:
+            down_tag, down_basis, down_bit = self.events["downlink_tx"]
+            downlink = {
+                "downlink_count": int(down_basis.size),
+                "downlink_basis": pack_bits(down_basis),
+            }
         chan.send(
-            "tt_bases",
-            uplink_count=int(up_basis.size),
-            uplink_basis=pack_bits(up_basis),
-            downlink_count=int(down_basis.size),
-            downlink_basis=pack_bits(down_basis),
-        )
+            "tt_bases", uplink_count=int(up_basis.size), uplink_basis=pack_bits(up_basis),
+            **downlink,
+        )  # fmt: skip
         sift = chan.recv("tt_sift")
         up_sifted = unpack_bits(sift["uplink_sifted"], up_basis.size).astype(bool)
-        down_sifted = unpack_bits(sift["downlink_sifted"], down_basis.size).astype(bool)
-        n_up, n_down = int(up_sifted.sum()), int(down_sifted.sum())
+        extra = {}
+        if by_slot:
+            down_tag, down_bit, down_sifted, down_sample = self._downlink_by_slot(sift)
+            extra["downlink_sifted"] = pack_bits(down_sifted)
+            n_down = int(down_sifted.sum())
+        else:
+            down_sifted = unpack_bits(sift["downlink_sifted"], down_basis.size).astype(bool)
+            n_down = int(down_sifted.sum())
+            down_sample = _positions(sift["downlink_sample"], n_down, "downlink sample")
+        n_up = int(up_sifted.sum())
         emission = unpack_epochs(sift, "uplink_emission", n_up)
         up_sample = _positions(sift["uplink_sample"], n_up, "uplink sample")
-        down_sample = _positions(sift["downlink_sample"], n_down, "downlink sample")
         ground_bits = unpack_bits(sift["uplink_sample_bits"], up_sample.size)
         received = up_tag[up_sifted]
         wrong = up_bit[up_sifted][up_sample] != ground_bits
@@ -324,6 +342,7 @@ class SatelliteEndpoint:
             uplink_sifted=n_up,
             uplink_sample=int(up_sample.size),
             uplink_sample_errors=int(wrong.sum()),
+            **extra,
         )
         result = sealed.open(chan.recv("tt_result")["sealed"], "tt_offset")
         return {
@@ -335,13 +354,36 @@ class SatelliteEndpoint:
             "classical_bytes_sent": chan.bytes_sent,
         }
 
+    def _downlink_by_slot(self, sift: dict):
+        """The downlink when the ground names the slots of its detections: the satellite's
+        epochs and symbols of those slots, sifted here against the ground's bases; the
+        ground's sample (over all its detections) restricted to the sifted ones."""
+        count = int(sift["downlink_count"])
+        _check(0 <= count, "downlink count")
+        slots = unpack_epochs(sift, "downlink_slot", count)
+        ground_basis = unpack_bits(sift["downlink_basis"], count)
+        sample = _positions(sift["downlink_sample"], count, "downlink sample")
+        try:
+            epoch_ps, basis, bit = self.downlink_source(slots)
+        except (IndexError, ValueError) as error:
+            raise ProtocolAborted(f"downlink slots the satellite did not emit ({error})") from None
+        sifted = np.asarray(basis, dtype=np.uint8) == ground_basis
+        in_sample = np.zeros(count, dtype=bool)
+        in_sample[sample] = True
+        epoch_ps, bit = np.asarray(epoch_ps, dtype=np.int64), np.asarray(bit, dtype=np.uint8)
+        return epoch_ps, bit, sifted, np.flatnonzero(in_sample[sifted])
+
 
 class GroundEndpoint:
     """The ground station's side: its uplink emission epochs and downlink detection tags
     (ground/ of the pass directory). It makes the time-transfer report."""
 
     def __init__(self, scenario: dict, events: dict, pool: ch.KeyPool, key_info: dict,
-                 rng=None):  # fmt: skip
+                 rng=None, downlink_slots=None):  # fmt: skip
+        """`downlink_slots`: the slot of each downlink detection (the downlink's time
+        synchronisation), sent when the satellite asks for them (a mission: the satellite
+        reads its symbols on board instead of holding a downlink record)."""
+        self.downlink_slots = downlink_slots
         self.scenario, self.events = scenario, events
         self.pool, self.key_info = pool, key_info
         self.rng = rng if rng is not None else SystemRandom()
@@ -388,27 +430,50 @@ class GroundEndpoint:
         down_tag, down_basis, down_bit = self.events["downlink_rx"]
         bases = chan.recv("tt_bases")  # the satellite has checked its key: now ours
         sealed.require(pad_bytes_bound(self.scenario))
+        by_slot = int(bases["downlink_count"]) == BY_SLOT
+        if by_slot and self.downlink_slots is None:
+            raise ProtocolAborted(
+                "the satellite asks for the downlink slots and the ground has no slot "
+                "identification of its detections"
+            )
         for direction, own in (("uplink", up_basis), ("downlink", down_basis)):
+            if direction == "downlink" and by_slot:
+                continue
             if int(bases[f"{direction}_count"]) != own.size:
                 raise ProtocolAborted(
                     f"the satellite holds {int(bases[f'{direction}_count'])} {direction} "
                     f"events, the ground {own.size}: the two records do not belong together"
                 )
         up_sifted = unpack_bits(bases["uplink_basis"], up_basis.size) == up_basis
-        down_sifted = unpack_bits(bases["downlink_basis"], down_basis.size) == down_basis
-        n_up, n_down = int(up_sifted.sum()), int(down_sifted.sum())
+        n_up = int(up_sifted.sum())
         up_sample = sample_positions(n_up, self.rng)
-        down_sample = sample_positions(n_down, self.rng)
+        if by_slot:  # the satellite sifts: the ground names slots and its bases
+            down_sample_all = sample_positions(down_basis.size, self.rng)
+            downlink = {
+                "downlink_count": int(down_basis.size),
+                **pack_epochs("downlink_slot", self.downlink_slots),
+                "downlink_basis": pack_bits(down_basis),
+                "downlink_sample": down_sample_all,
+            }
+        else:
+            down_sifted = unpack_bits(bases["downlink_basis"], down_basis.size) == down_basis
+            down_sample = sample_positions(int(down_sifted.sum()), self.rng)
+            downlink = {"downlink_sifted": pack_bits(down_sifted), "downlink_sample": down_sample}
         chan.send(
             "tt_sift",
             uplink_sifted=pack_bits(up_sifted),
-            downlink_sifted=pack_bits(down_sifted),
             **pack_epochs("uplink_emission", up_tag[up_sifted]),
             uplink_sample=up_sample,
             uplink_sample_bits=pack_bits(up_bit[up_sifted][up_sample]),
-            downlink_sample=down_sample,
+            **downlink,
         )
         message = chan.recv("tt_uplink")
+        if by_slot:
+            down_sifted = unpack_bits(message["downlink_sifted"], down_basis.size).astype(bool)
+            in_sample = np.zeros(down_basis.size, dtype=bool)
+            in_sample[down_sample_all] = True
+            down_sample = np.flatnonzero(in_sample[down_sifted])
+        n_down = int(down_sifted.sum())
         bin_s, n_bins = estimate.bin_grid(self.scenario)
         base, up = unpack_fit(sealed.open(message["sealed"], "tt_uplink_fit"), n_bins)
         emission = unpack_epochs(message, "downlink_emission", n_down)

@@ -9,7 +9,8 @@
     PASS_DIR/truth/tt_truth.npz             true offset (satellite minus ground clock)
 
 Each event file holds `tag_ps` (int64 picoseconds of that side's clock), `basis` and
-`bit` (uint8) of every detected photon, both bases: sifting is done by the two
+`bit` (uint8) of every detected photon (the ground's downlink file also `slot`, int64,
+when the pass came with its QKD detections), both bases: sifting is done by the two
 endpoints over the classical link (host/timetransfer/endpoints.py), never from these files
 together. Index i of a tx file and index i of the matching rx file are the same photon:
 the index stands for the slot identification the downlink's time synchronisation gives
@@ -44,13 +45,19 @@ def write_pass(pass_dir: Path, scenario: dict, events: dict, truth: dict | None)
     for sub in ("satellite", "ground", "truth"):
         (pass_dir / sub).mkdir(parents=True, exist_ok=True)
     for key, relative in EVENT_FILES.items():
-        tag_ps, basis, bit = events[key]
+        if key not in events:  # a side whose record is elsewhere (a mission's satellite)
+            continue
+        tag_ps, basis, bit = events[key][:3]
+        extra = {}
+        if len(events[key]) > 3:  # the ground's slot of each downlink detection
+            extra["slot"] = np.asarray(events[key][3], dtype=np.int64)
         buffer = io.BytesIO()
         np.savez(
             buffer,
             tag_ps=np.asarray(tag_ps, dtype=np.int64),
             basis=np.asarray(basis, dtype=np.uint8),
             bit=np.asarray(bit, dtype=np.uint8),
+            **extra,
         )
         # 0600: the bits of the downlink emissions are the QKD pass's raw key (Alice's
         # symbols), the rest is each side's own record, as the pattern log is
@@ -116,6 +123,19 @@ def read_events(pass_dir: Path, keys=tuple(EVENT_FILES)) -> dict:
                 "events; the lists must be matched one to one"
             )
     return events
+
+
+def read_downlink_slots(pass_dir: Path) -> np.ndarray | None:
+    """The slot of each downlink detection (ground/tt_downlink_rx.npz `slot`, what the
+    downlink's time synchronisation identified), or None when the file has none."""
+    path = Path(pass_dir) / EVENT_FILES["downlink_rx"]
+    with np.load(path) as data:
+        if "slot" not in data.files:
+            return None
+        slots, tags = data["slot"], data["tag_ps"]
+    if slots.dtype != np.int64 or slots.shape != tags.shape:
+        raise BadInput(f"{path}: slot must be int64, one per detection")
+    return slots
 
 
 def read_truth(pass_dir: Path) -> dict | None:

@@ -1,47 +1,189 @@
-"""The time-transfer stage of `qkdsat mission --timetransfer`: after the distillation, the
-pass's two-way time tags (the time-transfer simulator over the mission's window, with the
-two-way profile of the mission's profile) and `qkdsat timetransfer` sealed with the key
-the mission just distilled; outputs in OUT/timetransfer/.
+"""The time-transfer stage of `qkdsat mission --timetransfer`, sealed with the key the
+mission just distilled; outputs in OUT/timetransfer/.
 
-Post-pass, like the mission's distillation. During the pass over the optical link is the
-real-time mission's business (docs/mission.md); the endpoints (endpoints.py) take any
-transport already."""
+With the head generating the pass (the mission's default) the two-way pass is the
+mission's own (docs/time-transfer.md, "In the mission"):
+
+    prepare()       before the firmware runs: the two-way orbit and clocks of the segment
+                    (the ground simulation of the segment flies them too) and the uplink
+                    detections, simulated on them
+    tdc_feed()      those detections as TDC events on the satellite clock, which the
+                    emulated head puts on its uplink channels while the pass goes by: the
+                    real firmware takes them into its ring and spools them to tdc.qrec
+    run_stage(...)  after the distillation: the satellite endpoint reads its uplink tags
+                    from the downloaded satellite/tdc.qrec and its downlink emissions
+                    (slot epochs, symbols) on board, from its slot clock and the head's
+                    pattern memory, for the slots the ground names; the ground endpoint
+                    reads its own records (its uplink emissions, its detections with the
+                    slots its time synchronisation gave), written to OUT/ground/
+
+Without it (`--generation controller`) the stage simulates a two-way pass of its own
+over the segment's length (`simulate.simulate`), as before.
+
+Post-pass, like the mission's distillation; during the pass over the optical link is
+not done yet (docs/time-transfer.md).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from host.errors import ProtocolAborted
-from host.timetransfer import simulate
+import numpy as np
+
+from emulator.optical_head import CH_UPLINK0
+from host.errors import BadInput, ProtocolAborted
+from host.timetransfer import files, simulate
 from host.timetransfer.command import time_transfer
 
 OUT_NAME = "timetransfer"
+UPLINK_CHANNELS = 4  # H, V, D, A: channel CH_UPLINK0 + 2 * basis + bit
+
+
+@dataclass
+class MissionTwoWay:
+    """The segment's two-way pass: orbit, clocks and the uplink detections (ground's
+    emission record, the satellite's reception tags)."""
+
+    two_way: simulate.TwoWayPass
+    uplink_tx: tuple
+    uplink_rx: tuple
+
+    @property
+    def geometry(self):
+        return self.two_way.geometry
+
+    @property
+    def satellite(self):
+        return self.two_way.satellite
+
+    @property
+    def ground(self):
+        return self.two_way.ground
+
+    def tdc_feed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(seconds after the segment's start, TDC channel, satellite clock ps) of every
+        uplink detection, for the emulated head's TDC (host/mission/run.py feed_uplink)."""
+        tag_ps, basis, bit = self.uplink_rx
+        arrival_s = self.satellite.true_time_s(tag_ps)
+        channel = CH_UPLINK0 + 2 * basis.astype(np.int64) + bit.astype(np.int64)
+        return arrival_s, channel.astype(np.uint8), np.asarray(tag_ps, dtype=np.int64)
+
+
+def prepare(qkd_profile: dict, seed: int, slot_count: int) -> MissionTwoWay:
+    """The two-way pass of a mission segment of `slot_count` slots (before the firmware
+    runs: its uplink goes through the controller)."""
+    from host.simulate.profiles import station as pick_station
+
+    profile = simulate.load_profile(simulate.profile_for(qkd_profile["name"]))
+    duration_s = slot_count / float(qkd_profile["source"]["slot_rate_hz"])
+    two_way = simulate.prepare_beside_qkd(
+        profile, qkd_profile, pick_station(qkd_profile, None), seed, duration_s,
+        qkd_profile["orbit"]["utc_start"],
+    )  # fmt: skip
+    tx, rx = simulate.direction_events(
+        "uplink", simulate.values(two_way.profile["uplink"]), two_way.truth_orbit,
+        two_way.duration_s, simulate.values(two_way.profile["delays_ps"]), two_way.satellite,
+        two_way.ground, two_way.rng, two_way.attack,
+    )  # fmt: skip
+    return MissionTwoWay(two_way, tx, rx)
+
+
+def uplink_from_tdc_log(path: Path) -> tuple[tuple, dict]:
+    """The satellite's uplink record from the controller's downloaded TDC log: the tags of
+    channels UPLINK0..3 in log order, basis and bit from the detector; and what the log
+    says about loss (records skipped or missing)."""
+    from host.formats.qrec import read_tdc_events
+
+    if not path.is_file():
+        raise BadInput(f"{path}: missing (the controller's TDC log, downloaded)")
+    channel, time_ps, log = read_tdc_events(path)
+    uplink = (channel >= CH_UPLINK0) & (channel < CH_UPLINK0 + UPLINK_CHANNELS)
+    detector = (channel[uplink] - CH_UPLINK0).astype(np.uint8)
+    record = (time_ps[uplink], detector // 2, detector % 2)
+    losses = {
+        "events": int(uplink.sum()),
+        "records_missing": log.missing_records,
+        "bytes_skipped": sum(n for _, n, _ in log.skipped),
+    }
+    return record, losses
+
+
+def write_ground_records(out: Path, mission: MissionTwoWay, qkd_scenario) -> None:
+    """OUT/ground/ (the station's uplink emissions, its downlink detections with their
+    slots), OUT/truth/tt_truth.npz and OUT/timetransfer.json; nothing in satellite/: the
+    satellite's records are the firmware's and the head's."""
+    two_way = mission.two_way
+    _, downlink_rx = simulate.downlink_from_detections(out, qkd_scenario)
+    up = simulate.values(two_way.profile["uplink"])
+    wavelengths = {"uplink": up["wavelength_nm"], "downlink": two_way.geometry.wavelength_nm}
+    scenario = simulate.scenario_json(
+        two_way.profile, two_way.predicted_orbit, two_way.duration_s, two_way.seed,
+        two_way.ground, wavelengths,
+        downlink="the mission's detections (ground/detections.qdet) inside the coincidence "
+        "window, each with the slot its tag points to; the satellite's record of those "
+        "slots is read on board (slot clock, head pattern memory)",
+        uplink="the satellite's tags from the controller's TDC log (satellite/tdc.qrec)",
+        qkd_profile=qkd_scenario.profile["name"],
+    )  # fmt: skip
+    truth = simulate.truth_series(two_way.duration_s, two_way.satellite, two_way.ground, {})
+    events = {"uplink_tx": mission.uplink_tx, "downlink_rx": downlink_rx}
+    files.write_pass(out, scenario, events, truth)
+
+
+def satellite_records(out: Path, qkd_scenario, memory) -> tuple[dict, dict]:
+    """The satellite endpoint's records in a mission: uplink tags from the downloaded
+    TDC log; downlink emissions of any slot from its slot clock and, for basis and bit,
+    the head's pattern memory (`memory.symbols`, the port Alice reads on board)."""
+    from host.protocol.symbols import decode_symbols
+
+    uplink, losses = uplink_from_tdc_log(out / "satellite" / "tdc.qrec")
+    slots_clock = qkd_scenario.slots
+
+    def downlink_source(slots):
+        basis, bit, _ = decode_symbols(memory.symbols(slots))
+        return slots_clock.sat_time_ps(slots), basis.astype(np.uint8), bit.astype(np.uint8)
+
+    return {"uplink_rx": uplink, "downlink_source": downlink_source}, losses
 
 
 def run_stage(out: Path, qkd_profile: str, seed: int, window_s: float | None,
-              key_made: bool, satellite_keys: Path | None = None) -> dict:  # fmt: skip
+              key_made: bool, satellite_keys: Path | None = None, mission=None,
+              qkd_scenario=None, memory=None) -> dict:  # fmt: skip
     """The stage's figures for mission.json; `aborted` with the reason when there is no
     time transfer to vouch for (no key to seal with, or the protocol aborted). Bob's key
     is in OUT, Alice's in `satellite_keys` (the on-board key store's pass directory after
-    a distillation over the optical link; OUT after a local one)."""
+    a distillation over the optical link; OUT after a local one). `mission` (prepare's),
+    `qkd_scenario` (the segment's ground scenario) and `memory` (the head's pattern
+    memory client): the mission's own two-way pass; otherwise a simulated one."""
     if not key_made:
         return {
             "aborted": True,
             "abort_reason": "no key from the distillation: nothing to seal the time data with",
         }
-    profile = simulate.load_profile(simulate.profile_for(qkd_profile))
-    simulate.simulate(profile, out, seed, window_s)
+    satellite, figures = None, {}
+    if mission is not None:
+        write_ground_records(out, mission, qkd_scenario)
+        satellite, losses = satellite_records(out, qkd_scenario, memory)
+        figures["uplink_from_firmware"] = losses
+        profile_name = mission.two_way.profile["name"]
+    else:
+        profile = simulate.load_profile(simulate.profile_for(qkd_profile))
+        simulate.simulate(profile, out, seed, window_s)
+        profile_name = profile["name"]
     try:
-        report = time_transfer(out, out / OUT_NAME, out, satellite_keys_dir=satellite_keys)
+        report = time_transfer(
+            out, out / OUT_NAME, out, satellite_keys_dir=satellite_keys, satellite=satellite
+        )
     except ProtocolAborted:
         report = json.loads((out / OUT_NAME / "report.json").read_text())
-    figures = {
-        "aborted": bool(report["aborted"]),
-        "abort_reason": report.get("abort_reason"),
-        "profile": profile["name"],
-        "out": f"{OUT_NAME}/",
-    }
+    figures.update(
+        aborted=bool(report["aborted"]),
+        abort_reason=report.get("abort_reason"),
+        profile=profile_name,
+        out=f"{OUT_NAME}/",
+    )
     if "key" in report:
         figures["key_bits_used"] = {
             "pad": report["key"]["pad_bits"],

@@ -395,7 +395,7 @@ def downlink_from_detections(pass_dir: Path, qkd_scenario) -> tuple[tuple, tuple
     slot, time_ps, channel = slot[keep], time_ps[keep], channel[keep]
     basis_x, bit, _ = decode_symbols(qkd_scenario.pattern.symbols(slot))
     tx = (slots.sat_time_ps(slot), basis_x.astype(np.uint8), bit.astype(np.uint8))
-    rx = (time_ps, (channel // 2).astype(np.uint8), (channel % 2).astype(np.uint8))
+    rx = (time_ps, (channel // 2).astype(np.uint8), (channel % 2).astype(np.uint8), slot)
     return tx, rx
 
 
