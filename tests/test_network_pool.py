@@ -186,6 +186,12 @@ def test_pool_command_fills_and_reports_levels(tmp_path, capsys):
         ("Nanshan", SATELLITE, 512),
         (SATELLITE, "Nanshan", 512),
     }
+    assert all(x["available_bytes_by_initiator"] == {SATELLITE: 256, "Nanshan": 256}
+               for x in levels)  # fmt: skip
+    assert qkdsat(["pool", "status", "--network", str(net)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    row = ["Nanshan", SATELLITE, "4096", "2048", "2048"]  # available, for holder, for peer
+    assert "for holder" in table[0] and table[1].split()[:5] == row
     assert qkdsat(["pool", "fill", "--network", str(net), "--station", "Nanshan",
                    "--keys", str(tmp_path / "k")]) == 2  # fmt: skip
 
@@ -238,3 +244,80 @@ def test_a_key_filled_once_never_enters_another_network_or_station(tmp_path):
     assert not (tmp_path / "net2").exists()
     assert not pool_path(tmp_path / "net", SATELLITE, "Hefei").exists()
     assert pool_path(tmp_path / "net", SATELLITE, "Jinan").read_bytes() == key
+
+
+def test_each_end_takes_only_its_half_of_every_fill_across_fills(tmp_path):
+    """Every fill is cut in two at both ends alike: the satellite's takes use the first
+    half of each fill, the station's the second, and a take longer than what is left of
+    one fill's half continues in the next fill's half. No byte is in both shares."""
+    net = tmp_path / "net"
+    first = distilled(tmp_path / "k1", 8 * 101, "pass-1")  # 50 + 51
+    second = distilled(tmp_path / "k2", 8 * 40, "pass-2")  # 20 + 20
+    fill_pair(net, "Jinan", tmp_path / "k1")
+    fill_pair(net, "Jinan", tmp_path / "k2")
+    ends = {holder: pool_path(net, *pair) for holder, pair in
+            ((SATELLITE, (SATELLITE, "Jinan")), ("Jinan", ("Jinan", SATELLITE)))}  # fmt: skip
+    with StationPool(ends[SATELLITE]) as pool:
+        assert pool.available_for(SATELLITE) == 70 and pool.available_for("Jinan") == 71
+        assert pool.take(60, "satellite's") == first[:50] + second[:10]
+    with StationPool(ends["Jinan"]) as pool:
+        assert pool.take(60, "Jinan's") == first[50:101] + second[20:29]
+        # the satellite's take, received at the station: same bytes, same positions
+        assert pool.take(60, "from the satellite", 0, SATELLITE) == first[:50] + second[:10]
+        with pytest.raises(PoolShort, match="11 bytes wanted, 10 available for satellite"):
+            pool.take(11, "too much", initiator=SATELLITE)
+        with pytest.raises(BadInput, match="neither end"):
+            pool.take(1, "stranger", initiator="Hefei")
+        level = pool.level()
+    assert (level.used_bytes, level.available_bytes, level.lost_bytes) == (120, 21, 0)
+    journal = Path(f"{ends['Jinan']}.journal").read_text()
+    assert '"ranges": [[50, 101], [121, 130]]' in journal  # the pool bytes Jinan's take used
+
+
+def test_a_pool_used_as_a_distillation_auth_pool_never_serves_those_bytes_again(tmp_path):
+    """`qkdsat distil --auth-pool` reads the usage record's used_bytes only (past every
+    byte either share used), takes from there and writes used_bytes alone: the pool then
+    treats everything below it as gone, in both shares (the satellite's unused half of
+    this fill included: the price of sharing a pool with a reader that knows no shares)."""
+    from host.distil.channel import KeyPool
+
+    net = tmp_path / "net"
+    key = distilled(tmp_path / "k", 8 * 20_000, "pass-1")
+    fill_pair(net, "Hefei", tmp_path / "k")
+    path = pool_path(net, SATELLITE, "Hefei")
+    with StationPool(path) as pool:
+        assert pool.take(100, "relay") == key[:100]
+        assert pool.take(50, "from Hefei", initiator="Hefei") == key[10_000:10_050]
+    auth = KeyPool.from_file(str(path))
+    assert auth.take(0, 16) == key[10_050:10_066]  # begins past both shares' takes
+    auth.commit()
+    floor = json.loads(Path(f"{path}.used").read_text())["used_bytes"]
+    assert floor >= 10_066
+    with StationPool(path) as pool:
+        assert pool.available_for(SATELLITE) == 0  # its half lies below the floor
+        assert pool.available_for("Hefei") == 20_000 - floor
+        assert pool.take(10, "from Hefei", initiator="Hefei") == key[floor : floor + 10]
+        with pytest.raises(BadInput, match="already used"):
+            pool.take(10, "an auth pad", offset=10_050 - 10_000, initiator="Hefei")
+
+
+def test_a_pool_from_before_the_direction_split_is_read_with_its_record_as_a_floor(tmp_path):
+    """A pool whose journal has no splits and whose record holds used_bytes alone (written
+    before pools were split by direction): every byte below the record is gone in both
+    shares, the rest is cut as today, and nothing below the record is served."""
+    net = tmp_path / "net"
+    key = distilled(tmp_path / "k", 8 * 1000, "pass-1")
+    fill_pair(net, "Wuhan", tmp_path / "k")
+    path = pool_path(net, "Wuhan", SATELLITE)
+    journal = Path(f"{path}.journal")
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    for line in lines:
+        line.pop("split", None)
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    Path(f"{path}.used").write_text('{"used_bytes": 700}')  # the old single offset
+    with StationPool(path) as pool:
+        assert pool.available_for(SATELLITE) == 0 and pool.available_for("Wuhan") == 300
+        assert pool.used_bytes == 700
+        assert pool.take(10, "from Wuhan") == key[700:710]
+        with pytest.raises(BadInput, match="already used"):
+            pool.take(10, "old offset", offset=100, initiator="Wuhan")

@@ -564,6 +564,7 @@ def network_levels(network_dir: str | Path) -> list[dict]:
     for path in sorted(Path(network_dir).glob("*/*.pool")):
         with StationPool(path) as pool:
             level = pool.level()
+            shares = {name: pool.available_for(name) for name in (pool.holder, pool.peer)}
         levels.append(
             {
                 "holder": path.parent.name,
@@ -571,6 +572,8 @@ def network_levels(network_dir: str | Path) -> list[dict]:
                 "filled_bytes": level.filled_bytes,
                 "used_bytes": level.used_bytes,
                 "available_bytes": level.available_bytes,
+                # what takes each end begins can still use (split_fill)
+                "available_bytes_by_initiator": shares,
                 "lost_bytes": level.lost_bytes,
             }
         )

@@ -38,10 +38,15 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(levels, indent=1))
         return 0
-    print(f"{'holder':<13} {'peer':<13} {'available':>12} {'used':>12} {'lost':>8}  (bits)")
+    print(
+        f"{'holder':<13} {'peer':<13} {'available':>12} {'for holder':>12} {'for peer':>12} "
+        f"{'used':>12} {'lost':>8}  (bits; each end's takes use its own share)"
+    )
     for level in levels:
+        shares = level["available_bytes_by_initiator"]
         print(
             f"{level['holder']:<13} {level['peer']:<13} {8 * level['available_bytes']:>12} "
+            f"{8 * shares[level['holder']]:>12} {8 * shares[level['peer']]:>12} "
             f"{8 * level['used_bytes']:>12} {8 * level['lost_bytes']:>8}"
         )
     return 0
