@@ -47,6 +47,15 @@ GATE_SLOTS = 0.35
 MAX_DRIFT = 2.5e-5  # range rate up to ~6.8 km/s plus clock frequency offsets
 FIRST_Z = 7.0
 TRACK_Z = 5.0
+# The acceleration is a difference of two anchors' slopes, each quantised by its search
+# grid (first anchor 0.1 / FIRST_WINDOW_S = 5 slots/s, tracking 0.1 / TRACK_WINDOW_S =
+# 2 slots/s): up to 3.5 slots/s apart with no acceleration at all. Divided by the anchors'
+# separation it must stay small: from 0.25 s, at most 14 slots/s^2, i.e. 1.8 slots of
+# offset one STEP_S on (TRACK_LAG_SLOTS searches 12). An edge window a few ms from the
+# first anchor (first anchor in the data's second or second-to-last FIRST_WINDOW_S) gave
+# ~190 slots/s^2 from 5.7 ms: every window on the other side predicted tens of slots off,
+# none correlated, and two anchors 6 ms apart set the slots of a whole 2 s segment.
+ACCEL_BASELINE_S = STEP_S / 2
 
 
 @dataclass
@@ -243,14 +252,16 @@ class Synchroniser:
 
     def offset_model(self, tq: float) -> tuple[float, float]:
         """Offset and slope (slots/s) at tq, extrapolated from the nearest anchor with the
-        acceleration seen between the two nearest anchors (the delay is smooth)."""
+        acceleration seen between it and the anchor nearest tq among those at least
+        ACCEL_BASELINE_S from it (none: no acceleration; the delay is smooth)."""
         anchors_off, anchors_slope = self.anchors_off, self.anchors_slope
         ts = np.array(self.anchors_t)
-        near = np.argsort(np.abs(ts - tq))[:2]
+        near = np.argsort(np.abs(ts - tq))
         a = near[0]
+        apart = near[np.abs(ts[near] - ts[a]) >= ACCEL_BASELINE_S]
         acc = 0.0
-        if near.size == 2:
-            b = near[1]
+        if apart.size:
+            b = apart[0]
             acc = (anchors_slope[a] - anchors_slope[b]) / (ts[a] - ts[b])
         dt = tq - ts[a]
         off = anchors_off[a] + anchors_slope[a] * dt + 0.5 * acc * dt * dt
