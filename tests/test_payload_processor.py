@@ -333,10 +333,14 @@ def test_the_processor_reads_alices_symbols_from_the_heads_pattern_memory(tmp_pa
     budget = json.loads((run.alice_dir / "processor.json").read_text())
     assert budget["pattern_memory_reads"] > 0
     # Alice's symbols for the slots Bob detected give the physics' error rate: ~1 %
+    # on failure: the abort and Bob's clock model (anchors, assigned fraction), which tell
+    # a sync that lost the slots (timesync: few anchors, a low fraction) from a bad read
+    evidence = (run.codes, run.alice.get("abort_reason"), run.bob.get("sync"))
+    assert "counts" in run.alice, evidence
     counts = run.alice["counts"]
     for basis in BASES:
         signal = counts[basis]["mu"]
-        assert signal["n"] > 1000 and signal["m"] / signal["n"] < 0.03, (basis, signal)
+        assert signal["n"] > 1000 and signal["m"] / signal["n"] < 0.03, (basis, signal, evidence)
     if run.codes != (0, 0):  # a short segment: the finite key may be 0, then no key at all
         assert run.codes == (3, 3) and "too few events" in run.alice["abort_reason"]
         assert not list(run.alice_dir.glob("*.key")) and not list(run.bob_dir.glob("*.key"))
