@@ -402,16 +402,8 @@ class Alice:
     def run(self, channel) -> Outcome:
         out = Outcome("alice")
         stage = _Stages(out.stage_seconds, self.on_stage)
-        cfg = self.config
         try:
-            channel.send(
-                "hello",
-                version=PROTOCOL_VERSION,
-                pass_digest=pass_digest(self.pass_json),
-                config=cfg.public(),
-            )
-            reply = channel.recv("hello_ok")
-            del reply
+            self._hello(channel)
             with stage("sync"):
                 self._serve_sync(channel)
             with stage("sifting"):
@@ -427,6 +419,19 @@ class Alice:
         except Exception as error:
             _end_failed_run(channel, out, error, "Alice")
         return out
+
+    def _hello(self, channel, **fields) -> None:
+        """The opening exchange, Alice's side (post-pass and stream, whose `fields` name its
+        mode): the protocol version, the pass and the parameters she runs with, for Bob to
+        check (Bob._check_hello)."""
+        channel.send(
+            "hello",
+            version=PROTOCOL_VERSION,
+            pass_digest=pass_digest(self.pass_json),
+            config=self.config.public(),
+            **fields,
+        )
+        channel.recv("hello_ok")
 
     def _answer_sifting(self, msg: dict, context: str, last_slot: int | None = None):
         """Alice's half of sifting (post-pass and stream): Bob's slots and bases from his
@@ -602,14 +607,7 @@ class Alice:
         }
         out.report.update(decision)
         _refuse_longer_than_input(lengths, blocks)
-        if sum(lengths.values()) <= 0:
-            raise ProtocolAborted(
-                "too few events for the requested epsilon: the finite-key length is 0 "
-                f"(eps_sec={cfg.eps_sec:g}, eps_cor={cfg.eps_cor:g}, analysis={cfg.analysis}, "
-                f"tail={cfg.tail})"
-            )
-        # no key anyway says "too few events"; a key the tolerance forbids says why
-        refuse_phase_error_above_tolerance(estimates, lengths, cfg.phase_error_tolerance)
+        _refuse_without_key(cfg, estimates, lengths)
         with stage("privacy_amplification"):
             seeds, finals, worst = {}, [], 0.0
             for name in key_bases:
@@ -679,6 +677,18 @@ def refuse_phase_error_above_tolerance(estimates, lengths: dict, tolerance: floa
                 f"{e.phase_error_upper:.4f} > {tolerance:.4f} (--phase-error-tolerance; "
                 f"from {e.s1_test_lower:.0f} single photons of the {e.test_basis} basis)"
             )
+
+
+def _refuse_without_key(cfg: Config, estimates, lengths: dict) -> None:
+    """Both sides' refusals once the key lengths are known: no key at all says "too few
+    events"; a key the phase-error tolerance forbids says why."""
+    if sum(lengths.values()) <= 0:
+        raise ProtocolAborted(
+            "too few events for the requested epsilon: the finite-key length is 0 "
+            f"(eps_sec={cfg.eps_sec:g}, eps_cor={cfg.eps_cor:g}, analysis={cfg.analysis}, "
+            f"tail={cfg.tail})"
+        )
+    refuse_phase_error_above_tolerance(estimates, lengths, cfg.phase_error_tolerance)
 
 
 def _refuse_longer_than_input(lengths: dict, blocks: dict) -> None:
@@ -798,16 +808,8 @@ class Bob:
     def run(self, channel) -> Outcome:
         out = Outcome("bob")
         stage = _Stages(out.stage_seconds, self.on_stage)
-        cfg = self.config
         try:
-            hello = channel.recv("hello")
-            if int(hello["version"]) != PROTOCOL_VERSION:
-                raise ProtocolAborted(f"Alice speaks protocol {hello['version']}")
-            if hello["pass_digest"] != pass_digest(self.pass_json):
-                raise ProtocolAborted("Alice and Bob hold different pass.json files")
-            if hello["config"] != cfg.public():
-                raise ProtocolAborted("Alice and Bob were started with different parameters")
-            channel.send("hello_ok")
+            self._check_hello(channel)
             with stage("sync"):
                 sync = timesync.synchronise(
                     self.time_ps, self.channels, self.pps_ps, self.pass_json, channel
@@ -825,6 +827,21 @@ class Bob:
         except Exception as error:
             _end_failed_run(channel, out, error, "Bob")
         return out
+
+    def _check_hello(self, channel, mode: str | None = None) -> None:
+        """The opening exchange, Bob's side (post-pass and stream, which gives its `mode`):
+        Alice must speak this protocol version, hold the same pass.json and run with the
+        same parameters."""
+        hello = channel.recv("hello")
+        if int(hello["version"]) != PROTOCOL_VERSION:
+            raise ProtocolAborted(f"Alice speaks protocol {hello['version']}")
+        if mode is not None and hello.get("mode") != mode:
+            raise ProtocolAborted("Alice runs post-pass distillation, Bob streams")
+        if hello["pass_digest"] != pass_digest(self.pass_json):
+            raise ProtocolAborted("Alice and Bob hold different pass.json files")
+        if hello["config"] != self.config.public():
+            raise ProtocolAborted("Alice and Bob were started with different parameters")
+        channel.send("hello_ok")
 
     def _detections_to_slots(self, sync):
         """One (basis, bit) per occupied slot. Multi-clicks follow the squashing rule for a
@@ -998,14 +1015,7 @@ class Bob:
             counts_bits = bob_counts_bits(key_bases, counts_full, counts_key)
             lengths = _key_lengths(estimates, leaks, discarded, counts_bits)
             _refuse_longer_than_input(lengths, blocks)
-        if sum(lengths.values()) <= 0:
-            raise ProtocolAborted(
-                "too few events for the requested epsilon: the finite-key length is 0 "
-                f"(eps_sec={cfg.eps_sec:g}, eps_cor={cfg.eps_cor:g}, analysis={cfg.analysis}, "
-                f"tail={cfg.tail})"
-            )
-        # no key anyway says "too few events"; a key the tolerance forbids says why
-        refuse_phase_error_above_tolerance(estimates, lengths, cfg.phase_error_tolerance)
+        _refuse_without_key(cfg, estimates, lengths)
         with stage("privacy_amplification"):
             msg = channel.recv("pa")
             if json.loads(msg["lengths"]) != lengths:

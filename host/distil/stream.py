@@ -45,7 +45,6 @@ from host.distil.channel import AuthenticationFailed, ChannelClosed, PeerAborted
 from host.distil.endpoint_random import endpoint_random
 from host.distil.protocol import (
     BASES,
-    PROTOCOL_VERSION,
     Alice,
     Bob,
     Config,
@@ -58,7 +57,6 @@ from host.distil.protocol import (
     _Stages,
     check_parameters,
     key_bases_for,
-    pass_digest,
 )
 from host.errors import BadInput, ProtocolAborted
 from host.formats.passdir import read_pass_json
@@ -295,14 +293,7 @@ class StreamAlice(Alice):
         key_bases = key_bases_for(self.pass_json, cfg)
         timeline = None
         try:
-            channel.send(
-                "hello",
-                version=PROTOCOL_VERSION,
-                pass_digest=pass_digest(self.pass_json),
-                config=cfg.public(),
-                mode=MODE,
-            )
-            channel.recv("hello_ok")
+            self._hello(channel, mode=MODE)
             start = channel.recv("stream_start")
             clock = PassClock(float(start["speedup"]), float(start["epoch_unix_s"]))
             timeline = Timeline(clock)
@@ -502,19 +493,9 @@ class StreamBob(Bob):
     def run(self, channel) -> Outcome:
         out = Outcome("bob")
         stage = _Stages(out.stage_seconds, self.on_stage)
-        cfg = self.config
         timeline = None
         try:
-            hello = channel.recv("hello")
-            if int(hello["version"]) != PROTOCOL_VERSION:
-                raise ProtocolAborted(f"Alice speaks protocol {hello['version']}")
-            if hello.get("mode") != MODE:
-                raise ProtocolAborted("Alice runs post-pass distillation, Bob streams")
-            if hello["pass_digest"] != pass_digest(self.pass_json):
-                raise ProtocolAborted("Alice and Bob hold different pass.json files")
-            if hello["config"] != cfg.public():
-                raise ProtocolAborted("Alice and Bob were started with different parameters")
-            channel.send("hello_ok")
+            self._check_hello(channel, MODE)
             clock = PassClock(self.stream.speedup)
             timeline = Timeline(clock)
             channel.send(
