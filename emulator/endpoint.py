@@ -49,6 +49,7 @@ class FrameEndpoint:
             except (TimeoutError, OSError):
                 continue
             self.connections += 1
+            self.reader.new_stream()
             with conn:
                 # Request/reply traffic: Nagle + delayed ACK would add ~40 ms per reply.
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -105,6 +105,23 @@ def head_client():
         client.close()
 
 
+def test_a_frame_cut_by_a_dropped_connection_does_not_spoil_the_next_connections_first():
+    """The controller's link drops mid-request and reconnects: the head answers the new
+    connection's first request (its unfinished frame was counted and dropped, not glued
+    in front of the next frame, whose CRC would then fail)."""
+    head = OpticalHead(seed=7)
+    with HeadServer(head) as server:
+        cut = BusClient(server.address)
+        cut.send_raw(encode_frame(pb.read(1, pb.REG_ID, 2).pack())[:5])
+        time.sleep(0.3)  # the head has read the partial frame before the line drops
+        cut.close()
+        client = BusClient(server.address)
+        reply = client.call(pb.read(2, pb.REG_ID, 2))
+        client.close()
+    assert reply.status == pb.OK and reply.words == (pb.HEAD_ID, pb.HEAD_VERSION)
+    assert head.reader.drops["short"] == 1
+
+
 def test_head_registers_reads_writes_and_errors(head_client):
     head, client = head_client
     reply = client.call(pb.read(1, pb.REG_ID, 2))

@@ -150,6 +150,14 @@ class FrameReader:
             except FrameError as error:
                 self._count(error)
 
+    def new_stream(self) -> None:
+        """A new connection starts: the old one's unfinished frame is dropped, never
+        joined to the new stream's first bytes (the counters carry on)."""
+        if self._pending or self._overflowed:
+            self._count(FrameError("short", "the connection ended inside a frame"))
+        self._pending.clear()
+        self._overflowed = False
+
     def _count(self, error: FrameError) -> None:
         self.drops[error.reason] += 1
         self.last_error = error
