@@ -60,6 +60,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--listen", metavar="HOST:PORT", help="split mode: listen here")
     parser.add_argument("--connect", metavar="HOST:PORT", help="split mode: connect here")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument(
+        "--during-pass",
+        action="store_true",
+        help="stream the time data block by block as the pass goes by (offsets of each bin "
+        "known ~one block later), over the emulated optical link at the pass's pace "
+        "(docs/time-transfer.md, 'During the pass')",
+    )
+    parser.add_argument(
+        "--block-s", type=float, default=1.0, help="--during-pass: pass seconds per block"
+    )
+    parser.add_argument(
+        "--speedup",
+        type=float,
+        help="--during-pass: replay at this many pass seconds per wall second, in process "
+        "(no optical link, which runs on the wall clock)",
+    )
 
 
 def stability(t_s: np.ndarray, offset_ps: np.ndarray, bin_s: float) -> dict:
@@ -109,11 +125,15 @@ def write_outputs(out_dir: Path, report: dict, series: dict | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if series is not None:
         rows = ["t_s,offset_ps,offset_sigma_ps,range_error_mm,events_up,events_down"]
-        for t, x, s, e, nu, nd in zip(
+        known = series.get("known_at_s")
+        if known is not None:  # streamed: the pass time the ground knew the offset at
+            rows[0] += ",known_at_s"
+        for i, (t, x, s, e, nu, nd) in enumerate(zip(
             series["t_s"], series["offset_ps"], series["offset_sigma_ps"],
             series["range_error_ps"], series["events_up"], series["events_down"], strict=True,
-        ):  # fmt: skip
-            rows.append(f"{t:.3f},{x:.3f},{s:.3f},{e * estimate.MM_PER_PS:.4f},{nu},{nd}")
+        )):  # fmt: skip
+            row = f"{t:.3f},{x:.3f},{s:.3f},{e * estimate.MM_PER_PS:.4f},{nu},{nd}"
+            rows.append(row + (f",{known[i]:.3f}" if known is not None else ""))
         temporary = out_dir / "offset.csv.tmp"
         temporary.write_text("\n".join(rows) + "\n")
         os.replace(temporary, out_dir / "offset.csv")
@@ -356,8 +376,53 @@ def finish(out_dir, pass_dir, scenario, started, report=None, error=None) -> dic
     return report
 
 
+def time_transfer_during_pass(
+    pass_dir: Path, out_dir: Path, keys_dir: Path, block_s: float, speedup: float | None
+) -> dict:
+    """The streaming endpoints (host/timetransfer/stream.py) over the pass's emulated
+    optical link (speedup None) or in process; the outputs as post-pass, with the pass
+    time each bin's offset was known (offset.csv `known_at_s`, report `streaming`)."""
+    from host.timetransfer import stream
+
+    check_output_dir(out_dir, files=("report.json", "offset.csv"))
+    started = time.process_time()
+    pass_dir = Path(pass_dir)
+    scenario = files.read_scenario(pass_dir)
+    if speedup is not None and not (math.isfinite(speedup) and 0 < speedup <= 1000):
+        raise BadInput(f"--speedup {speedup}: must be in (0, 1000]")
+    link, transports = None, None
+    if speedup is None:
+        link, satellite, ground = stream.optical_link_transports(pass_dir, scenario)
+        transports = (satellite, ground)
+    try:
+        report, satellite_result = stream.run_streaming(
+            pass_dir, Path(keys_dir), block_s, speedup or 1.0, transports
+        )
+    except ProtocolAborted as error:
+        return finish(out_dir, pass_dir, scenario, started, error=error)
+    finally:
+        if link is not None:
+            link_report = link.wait(30.0)
+    if link is not None:
+        report["optical_link"] = {
+            "bytes": link_report["bytes"],
+            "frames_retransmitted": {
+                d: link_report["directions"][d]["frames_retransmitted"] for d in ("down", "up")
+            },
+            "lost_for_good": link_report["lost_for_good"],
+        }
+    report["satellite"] = satellite_result
+    return finish(out_dir, pass_dir, scenario, started, report=report)
+
+
 def run(args) -> int:
-    if args.role:
+    if args.during_pass:
+        if args.role or args.satellite_keys:
+            raise BadInput("--during-pass runs both endpoints: no --role or --satellite-keys")
+        report = time_transfer_during_pass(
+            Path(args.pass_dir), Path(args.out), Path(args.keys), args.block_s, args.speedup
+        )
+    elif args.role:
         report = time_transfer_split(
             Path(args.pass_dir), Path(args.out), Path(args.keys), args.role, args.listen,
             args.connect,

@@ -105,16 +105,21 @@ class SealedChannel:
     """One-time-pad sealing over an AuthChannel: pads from the key after the
     authentication region, in protocol order (both sides count the same bytes)."""
 
-    def __init__(self, chan: ch.AuthChannel, key_info: dict):
+    def __init__(self, chan: ch.AuthChannel, key_info: dict,
+                 auth_region_bytes: int = AUTH_REGION_BYTES):  # fmt: skip
+        """`auth_region_bytes`: the hash key and one tag pad per message either way, at
+        the session's start; the sealing pads follow (a streaming session, with a
+        message pair per block, reserves more: host/timetransfer/stream.py)."""
         self.chan = chan
         self.key_info = key_info
+        self.auth_region_bytes = auth_region_bytes
         self.pad_bytes = 0
 
     def require(self, count: int) -> None:
         """Refuse, before anything secret is sent, a key too short for `count` more pad
         bytes."""
         pool = self.chan.pool
-        offset = AUTH_REGION_BYTES + self.pad_bytes
+        offset = self.auth_region_bytes + self.pad_bytes
         left = len(pool.data) - pool.start_byte - offset
         if count > left:
             raise NotEnoughKey(
@@ -125,9 +130,17 @@ class SealedChannel:
 
     def _pad(self, count: int) -> np.ndarray:
         self.require(count)
-        offset = AUTH_REGION_BYTES + self.pad_bytes
+        offset = self.auth_region_bytes + self.pad_bytes
         self.pad_bytes += count
         return np.frombuffer(self.chan.pool.take(offset, count), dtype=np.uint8)
+
+    def seal_bytes(self, plain: bytes) -> bytes:
+        """One-time pad over raw bytes (a fixed binary layout: no field names to pay for)."""
+        data = np.frombuffer(plain, dtype=np.uint8)
+        return (data ^ self._pad(data.size)).tobytes()
+
+    def open_bytes(self, sealed: bytes) -> bytes:
+        return self.seal_bytes(sealed)
 
     def seal(self, kind: str, **fields) -> bytes:
         plain = np.frombuffer(ch.encode(kind, fields), dtype=np.uint8)

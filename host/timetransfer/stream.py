@@ -1,0 +1,573 @@
+"""Time transfer DURING the pass: the two endpoints exchange their time data block by
+block as the pass goes by, and the ground knows the offset of each 0.1 s bin about one
+block after the bin (docs/time-transfer.md, "During the pass").
+
+The steps are those of the post-pass protocol (endpoints.py), cut into blocks of
+`block_s` of pass time. Both sides read their records as a pass clock lets them
+(host/distil/stream.py PassClock: pass seconds since the first event, at `speedup`
+pass seconds per wall second); the satellite decides each block's events by its own
+clock (uplink receptions, downlink emissions: index ranges of the records, which the
+ground takes the same from its own records, index i being the same photon in both).
+Messages, strictly alternating (the satellite is the first speaker):
+
+    satellite -> ground  tt_block       block k: bases of its uplink receptions and
+                                        downlink emissions; for block k-1: SEALED, the
+                                        uplink fit of the bins now complete, and in the
+                                        clear the downlink emission epochs of the sifted
+                                        events, its emitted bits of the downlink sample,
+                                        the uplink sample's error count
+    ground -> satellite  tt_block_sift  block k: which bases agree, the uplink emission
+                                        epochs of the sifted events, a CSPRNG sample
+                                        (SAMPLE_FRACTION) of each direction's sifted
+                                        events and its emitted bits of the uplink sample
+    ...
+    satellite -> ground  tt_block       final: block N-1's data only
+    ground -> satellite  tt_result      SEALED: the measured offset (middle, rate)
+
+A bin is fitted once, when it is complete (its end more than COMPLETE_MARGIN_S behind
+the newest timing event of the direction, or at the end), from all its events; the
+ground combines a bin as soon as both directions' fits of it are in and records the
+pass time it knew the offset at. The checks that need the whole pass (timing QBER, the
+range and range-rate checks, enough events and overlap) are estimate.combine's, at the
+end, over the same per-bin fits: the offsets known during the pass are provisional until
+then, like the streaming distillation's bits before privacy amplification.
+
+Key: a streaming session has N + 2 messages each way (N blocks, the result, an abort),
+so its authentication region is 8 + 16 (N + 2) bytes; the sealed uplink fits follow as
+raw bytes (SEALED_FIT header, then 8 bytes a bin), ~8 bytes a bin in all, as post-pass.
+During the pass the pass's own key does not exist yet (privacy amplification runs at
+loss of signal): the key is an earlier distillation's (`--keys`).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from host.distil import channel as ch
+from host.distil.bitcodec import pack_bits, unpack_bits
+from host.distil.endpoint_random import SystemRandom
+from host.distil.stream import PassClock
+from host.errors import BadInput, ProtocolAborted
+from host.timetransfer import endpoints, estimate, files
+from host.timetransfer.endpoints import (
+    SealedChannel,
+    _check,
+    _positions,
+    pack_epochs,
+    unpack_epochs,
+)
+
+COMPLETE_MARGIN_S = 0.02  # a bin is complete when the newest event is this far past it
+SEALED_FIT = struct.Struct("<qdIH")  # base ps, reference intercept ps, first bin, count
+FIT_BYTES_PER_BIN = 8  # float32 intercept - reference, float16 variance, uint16 events
+RESULT_PAD_BYTES = 400  # the sealed result's encoded fields (as post-pass)
+
+
+def block_count(scenario: dict, block_s: float) -> int:
+    return int(math.ceil(float(scenario["duration_s"]) / block_s))
+
+
+def auth_region_bytes(n_blocks: int) -> int:
+    return 8 + 16 * (n_blocks + 2)
+
+
+def key_need_bytes(scenario: dict, block_s: float) -> int:
+    n_blocks = block_count(scenario, block_s)
+    n_bins = estimate.bin_grid(scenario)[1]
+    pads = SEALED_FIT.size * (n_blocks + 1) + FIT_BYTES_PER_BIN * n_bins + RESULT_PAD_BYTES
+    return auth_region_bytes(n_blocks) + pads
+
+
+def check_key(pool: ch.KeyPool, key_info: dict, scenario: dict, block_s: float) -> None:
+    need = key_need_bytes(scenario, block_s)
+    left = len(pool.data) - pool.start_byte
+    if need > left:
+        raise endpoints.NotEnoughKey(
+            f"not enough key in {key_info['file']}: the streamed time data of this pass "
+            f"needs {8 * need} bits (pads and tags), {8 * left} are left"
+        )
+
+
+def block_edges(tags_ps: np.ndarray, zero_ps: int, block_s: float, n_blocks: int) -> np.ndarray:
+    """Index ranges of a record by its own clock: edges[k]..edges[k+1] is block k (the
+    last block takes everything left). Tags out of order by a jitter count where their
+    running maximum puts them."""
+    monotone = (
+        np.maximum.accumulate(np.asarray(tags_ps, dtype=np.int64)) if tags_ps.size else tags_ps
+    )
+    bounds = zero_ps + np.rint(np.arange(1, n_blocks) * block_s * 1e12).astype(np.int64)
+    inner = np.searchsorted(monotone, bounds, side="left")
+    return np.concatenate([[0], inner, [tags_ps.size]]).astype(np.int64)
+
+
+def pack_fit_bytes(fit: dict, base: int, first: int, count: int) -> bytes:
+    a = fit["a_ps"][first : first + count]
+    finite = np.isfinite(a)
+    reference = float(np.median(a[finite])) if finite.any() else 0.0
+    variance = np.minimum(fit["var_ps2"][first : first + count], float(np.finfo(np.float16).max))
+    return (
+        SEALED_FIT.pack(int(base), reference, first, count)
+        + (a - reference).astype("<f4").tobytes()
+        + variance.astype("<f2").tobytes()
+        + np.minimum(fit["n"][first : first + count], 65535).astype("<u2").tobytes()
+    )
+
+
+def unpack_fit_bytes(data: bytes, n_bins: int):
+    _check(len(data) >= SEALED_FIT.size, "sealed fit header")
+    base, reference, first, count = SEALED_FIT.unpack_from(data)
+    _check(len(data) == SEALED_FIT.size + FIT_BYTES_PER_BIN * count, "sealed fit length")
+    _check(first + count <= n_bins, "sealed fit bins out of range")
+    at = SEALED_FIT.size
+    a = np.frombuffer(data, "<f4", count, at).astype(np.float64) + reference
+    variance = np.frombuffer(data, "<f2", count, at + 4 * count).astype(np.float64)
+    n = np.frombuffer(data, "<u2", count, at + 6 * count).astype(np.int64)
+    return int(base), int(first), a, variance, n
+
+
+class _Direction:
+    """One receiving direction's timing samples so far and its per-bin fits, each bin
+    fitted once when complete."""
+
+    def __init__(self, n_bins: int, bin_s: float):
+        self.n_bins, self.bin_s = n_bins, bin_s
+        self.t, self.y = [], []
+        self.done = 0  # bins [0, done) fitted
+        self.fit = {
+            "a_ps": np.full(n_bins, np.nan),
+            "var_ps2": np.full(n_bins, np.nan),
+            "n": np.zeros(n_bins, np.int64),
+        }
+        self.sigmas = []
+
+    def add(self, t: np.ndarray, y: np.ndarray) -> None:
+        if t.size:
+            self.t.append(t)
+            self.y.append(y)
+
+    def complete(self, final: bool) -> tuple[int, int]:
+        """Fit the bins now complete; (first, count) of them."""
+        first = self.done
+        if final:
+            last = self.n_bins
+        elif not self.t:
+            return first, 0
+        else:
+            newest = float(self.t[-1].max())
+            last = min(self.n_bins, int((newest - COMPLETE_MARGIN_S) / self.bin_s))
+        if last <= first:
+            return first, 0
+        t = np.concatenate(self.t) if self.t else np.zeros(0)
+        y = np.concatenate(self.y) if self.y else np.zeros(0)
+        index = np.clip((t / self.bin_s).astype(np.int64), 0, self.n_bins - 1)
+        keep = (index >= first) & (index < last)
+        if keep.sum() >= 3:
+            fit = estimate.fit_direction(t[keep], y[keep], self.bin_s, self.n_bins)
+            for name in ("a_ps", "var_ps2", "n"):
+                self.fit[name][first:last] = fit[name][first:last]
+            self.sigmas.append(fit["sigma_ps"])
+        # the samples of fitted bins are not needed again
+        self.t, self.y = ([t[~keep & (index >= last)]], [y[~keep & (index >= last)]])
+        self.done = last
+        return first, last - first
+
+    def as_fit(self) -> dict:
+        sigma = float(np.median(self.sigmas)) if self.sigmas else math.nan
+        return {**self.fit, "sigma_ps": sigma}
+
+
+def _start(transport, pool, role, key_info, scenario, block_s):
+    chan = endpoints._session(transport, pool, role)
+    sealed = SealedChannel(chan, key_info, auth_region_bytes(block_count(scenario, block_s)))
+    return chan, sealed
+
+
+class StreamSatellite:
+    """The payload processor's side, streaming: its uplink receptions and downlink
+    emissions, read as the pass clock lets it."""
+
+    def __init__(self, scenario, events, pool, key_info, clock: PassClock, block_s: float):
+        self.scenario, self.events = scenario, events
+        self.pool, self.key_info = pool, key_info
+        self.clock, self.block_s = clock, block_s
+        self.sealed = None
+
+    def run(self, transport) -> dict:
+        check_key(self.pool, self.key_info, self.scenario, self.block_s)
+        chan, self.sealed = _start(
+            transport, self.pool, ch.ALICE, self.key_info, self.scenario, self.block_s
+        )
+        try:
+            return self._run(chan, self.sealed)
+        except ProtocolAborted as error:
+            if not isinstance(error, (ch.PeerAborted, ch.ChannelClosed)):
+                chan.abort(str(error))
+            raise
+        finally:
+            chan.close()
+
+    def _run(self, chan, sealed) -> dict:
+        scenario, block_s = self.scenario, self.block_s
+        up_tag, up_basis, up_bit = self.events["uplink_rx"]
+        down_tag, down_basis, down_bit = self.events["downlink_tx"]
+        n_blocks = block_count(scenario, block_s)
+        bin_s, n_bins = estimate.bin_grid(scenario)
+        zero = min(
+            int(up_tag[0]) if up_tag.size else 2**62, int(down_tag[0]) if down_tag.size else 2**62
+        )
+        up_edges = block_edges(up_tag, zero, block_s, n_blocks)
+        down_edges = block_edges(down_tag, zero, block_s, n_blocks)
+        orbit = estimate.predicted_orbit(scenario)
+        uplink = _Direction(n_bins, bin_s)
+        base = None
+        previous = None
+        errors = sampled = 0
+        for k in range(n_blocks + 1):
+            final = k == n_blocks
+            fields = {"block": k, "final": final}
+            if not final:
+                self.clock.sleep_until(min((k + 1) * block_s, float(scenario["duration_s"])))
+                u = slice(up_edges[k], up_edges[k + 1])
+                d = slice(down_edges[k], down_edges[k + 1])
+                fields.update(
+                    uplink_count=int(up_basis[u].size), uplink_basis=pack_bits(up_basis[u]),
+                    downlink_count=int(down_basis[d].size),
+                    downlink_basis=pack_bits(down_basis[d]),
+                )  # fmt: skip
+            if previous is not None:
+                first, count = uplink.complete(final)
+                payload = pack_fit_bytes(uplink.fit, base or 0, first, count)
+                fields.update(
+                    sealed=sealed.seal_bytes(payload),
+                    **pack_epochs("downlink_emission", previous["down_epochs"]),
+                    downlink_sample_bits=pack_bits(previous["down_sample_bits"]),
+                    uplink_sample_errors=previous["up_errors"],
+                )
+            chan.send("tt_block", **fields)
+            if final:
+                break
+            sift = chan.recv("tt_block_sift")
+            _check(int(sift["block"]) == k, "block out of order")
+            received, basis, bits = up_tag[u], up_basis[u], up_bit[u]
+            up_sifted = unpack_bits(sift["uplink_sifted"], basis.size).astype(bool)
+            n_up = int(up_sifted.sum())
+            emission = unpack_epochs(sift, "uplink_emission", n_up)
+            up_sample = _positions(sift["uplink_sample"], n_up, "uplink sample")
+            ground_bits = unpack_bits(sift["uplink_sample_bits"], up_sample.size)
+            wrong = bits[up_sifted][up_sample] != ground_bits
+            errors, sampled = errors + int(wrong.sum()), sampled + up_sample.size
+            timing = np.ones(n_up, dtype=bool)
+            timing[up_sample[wrong]] = False
+            got = received[up_sifted][timing]
+            if base is None and got.size:
+                base = int(np.median(got - emission[timing]))
+            if got.size:
+                t2, y = estimate.uplink_samples(scenario, orbit, emission[timing], got, base)
+                uplink.add(t2, y)
+            down_sifted = unpack_bits(sift["downlink_sifted"], down_basis[d].size).astype(bool)
+            down_sample = _positions(
+                sift["downlink_sample"], int(down_sifted.sum()), "downlink sample"
+            )
+            previous = {
+                "down_epochs": down_tag[d][down_sifted],
+                "down_sample_bits": down_bit[d][down_sifted][down_sample],
+                "up_errors": int(wrong.sum()),
+            }
+        result = sealed.open(chan.recv("tt_result")["sealed"], "tt_offset")
+        return {
+            "offset_reference_ps": int(result["offset_reference_ps"]),
+            "offset_at_middle_ps": float(result["offset_at_middle_ps"]),
+            "middle_s": float(result["middle_s"]),
+            "rate": float(result["rate"]),
+            "key": sealed.accounting(),
+            "classical_bytes_sent": chan.bytes_sent,
+            "uplink_qber_sample": {"n": sampled, "errors": errors},
+        }
+
+
+class StreamGround:
+    """The ground station's side, streaming; its report is the result, with the pass time
+    at which each bin's offset was known."""
+
+    def __init__(self, scenario, events, pool, key_info, clock: PassClock, block_s: float,
+                 rng=None):  # fmt: skip
+        self.scenario, self.events = scenario, events
+        self.pool, self.key_info = pool, key_info
+        self.clock, self.block_s = clock, block_s
+        self.rng = rng if rng is not None else SystemRandom()
+        self.sealed = None
+        self.report = {"aborted": False, "abort_reason": None, "mode": "stream"}
+
+    def run(self, transport) -> dict:
+        try:
+            check_key(self.pool, self.key_info, self.scenario, self.block_s)
+        except endpoints.NotEnoughKey as error:
+            self.report.update(aborted=True, abort_reason=str(error))
+            error.report = self.report
+            raise
+        chan, self.sealed = _start(
+            transport, self.pool, ch.BOB, self.key_info, self.scenario, self.block_s
+        )
+        try:
+            return self._run(chan, self.sealed)
+        except ProtocolAborted as error:
+            if isinstance(error, ch.AuthenticationFailed):
+                error = ProtocolAborted(f"time message authentication failed: {error}")
+            if not isinstance(error, (ch.PeerAborted, ch.ChannelClosed)):
+                chan.abort(str(error))
+            self.report.update(aborted=True, abort_reason=str(error))
+            error.report = self.report
+            raise error from None
+        finally:
+            self.report["key"] = self.sealed.accounting()
+            self.report["classical_bytes"] = {
+                "satellite_to_ground": chan.bytes_received,
+                "ground_to_satellite": chan.bytes_sent,
+            }
+            chan.close()
+
+    def _sample(self, count: int) -> np.ndarray:
+        size = min(count, int(math.ceil(endpoints.SAMPLE_FRACTION * count)))
+        return np.sort(self.rng.choice(count, size)) if size else np.zeros(0, np.int64)
+
+    def _run(self, chan, sealed) -> dict:
+        scenario, report = self.scenario, self.report
+        up_tag, up_basis, up_bit = self.events["uplink_tx"]
+        down_tag, down_basis, down_bit = self.events["downlink_rx"]
+        bin_s, n_bins = estimate.bin_grid(scenario)
+        orbit = estimate.predicted_orbit(scenario)
+        downlink = _Direction(n_bins, bin_s)
+        up_fit = {"a_ps": np.full(n_bins, np.nan), "var_ps2": np.full(n_bins, np.nan),
+                  "n": np.zeros(n_bins, np.int64)}  # fmt: skip
+        known_at = np.full(n_bins, np.nan)  # pass time the ground knew each bin's offset
+        known_in = np.full(n_bins, -1)  # and the block whose message brought it
+        u0 = d0 = 0
+        base = None
+        pending = None
+        counts = {"up": [0, 0], "down": [0, 0], "up_sifted": 0, "down_sifted": 0}
+        while True:
+            message = chan.recv("tt_block")
+            final = bool(message["final"])
+            if pending is not None:
+                _check("sealed" in message, "block data missing")
+                b, first, a, variance, n = unpack_fit_bytes(
+                    sealed.open_bytes(message["sealed"]), n_bins
+                )
+                base = b if base is None else base
+                up_fit["a_ps"][first : first + a.size] = a
+                up_fit["var_ps2"][first : first + a.size] = variance
+                up_fit["n"][first : first + a.size] = n
+                emission = unpack_epochs(message, "downlink_emission", pending["n_down"])
+                sample = pending["down_sample"]
+                satellite_bits = unpack_bits(message["downlink_sample_bits"], sample.size)
+                wrong = pending["down_bits"][sample] != satellite_bits
+                counts["down"][0] += int(wrong.sum())
+                counts["down"][1] += sample.size
+                up_errors = int(message["uplink_sample_errors"])
+                _check(0 <= up_errors <= pending["up_sampled"], "uplink sample errors")
+                counts["up"][0] += up_errors
+                counts["up"][1] += pending["up_sampled"]
+                timing = np.ones(pending["n_down"], dtype=bool)
+                timing[sample[wrong]] = False
+                if timing.any() and base is not None:
+                    t3, y = estimate.downlink_samples(
+                        scenario, orbit, emission[timing], pending["received"][timing], base
+                    )
+                    downlink.add(t3, y)
+                downlink.complete(final)
+                both = np.isfinite(up_fit["a_ps"]) & np.isfinite(downlink.fit["a_ps"])
+                new = both & np.isnan(known_at)
+                known_at[new] = self.clock.now()
+                known_in[new] = int(message["block"])
+            if final:
+                break
+            k = int(message["block"])
+            n_up, n_dn = int(message["uplink_count"]), int(message["downlink_count"])
+            if u0 + n_up > up_basis.size or d0 + n_dn > down_basis.size:
+                raise ProtocolAborted(
+                    f"block {k}: the satellite names events past the ground's records: the "
+                    "two records do not belong together"
+                )
+            u, d = slice(u0, u0 + n_up), slice(d0, d0 + n_dn)
+            u0, d0 = u0 + n_up, d0 + n_dn
+            up_sifted = unpack_bits(message["uplink_basis"], n_up) == up_basis[u]
+            down_sifted = unpack_bits(message["downlink_basis"], n_dn) == down_basis[d]
+            up_sample = self._sample(int(up_sifted.sum()))
+            down_sample = self._sample(int(down_sifted.sum()))
+            counts["up_sifted"] += int(up_sifted.sum())
+            counts["down_sifted"] += int(down_sifted.sum())
+            chan.send(
+                "tt_block_sift",
+                block=k,
+                uplink_sifted=pack_bits(up_sifted),
+                **pack_epochs("uplink_emission", up_tag[u][up_sifted]),
+                uplink_sample=up_sample,
+                uplink_sample_bits=pack_bits(up_bit[u][up_sifted][up_sample]),
+                downlink_sifted=pack_bits(down_sifted),
+                downlink_sample=down_sample,
+            )
+            pending = {
+                "n_down": int(down_sifted.sum()),
+                "received": down_tag[d][down_sifted],
+                "down_bits": down_bit[d][down_sifted],
+                "down_sample": down_sample,
+                "up_sampled": int(up_sample.size),
+            }
+        if u0 != up_basis.size or d0 != down_basis.size:
+            raise ProtocolAborted(
+                "the satellite's blocks cover a different number of events than the "
+                "ground's records: the two records do not belong together"
+            )
+        report["qber"] = {
+            "uplink": counts["up"][0] / counts["up"][1] if counts["up"][1] else math.nan,
+            "downlink": counts["down"][0] / counts["down"][1] if counts["down"][1] else math.nan,
+        }
+        report["qber_sample"] = {
+            name: {"n": counts[key][1], "errors": counts[key][0]}
+            for name, key in (("uplink", "up"), ("downlink", "down"))
+        }
+        report["sifted_events"] = {
+            "uplink": counts["up_sifted"],
+            "downlink": counts["down_sifted"],
+        }
+        up = {**up_fit, "sigma_ps": math.nan}
+        down = downlink.as_fit()
+        up["sigma_ps"] = down["sigma_ps"]  # reported only; the satellite's stays with it
+        _check(base is not None, "no uplink timing event in the whole pass")
+        estimate.combine(scenario, orbit, base, up, down, report)
+        series = report["series"]
+        centres = (np.arange(n_bins) + 0.5) * bin_s
+        good = np.isfinite(known_at) & np.isfinite(up_fit["a_ps"]) & np.isfinite(down["a_ps"])
+        latency = known_at[good] - (centres[good] + bin_s / 2)
+        duration = float(scenario["duration_s"])
+        listed = np.isin(centres, series["t_s"])
+        series["known_at_s"] = known_at[listed]
+        series["known_in_block"] = known_in[listed]
+        report["streaming"] = {
+            "block_s": self.block_s,
+            "speedup": self.clock.speedup,
+            "bins_known_before_the_end": int(np.sum(known_at[good] < duration)),
+            "offset_latency_s": {
+                "median": float(np.median(latency)) if latency.size else None,
+                "max": float(np.max(latency)) if latency.size else None,
+            },
+            "key_source": "an earlier distillation's key (--keys): the pass's own key exists "
+            "only after privacy amplification at loss of signal",
+        }
+        middle_s = float(np.mean(series["t_s"]))
+        rate_ps_s, at_middle = np.polyfit(series["t_s"] - middle_s, series["offset_ps"], 1)
+        chan.send(
+            "tt_result",
+            sealed=sealed.seal(
+                "tt_offset",
+                offset_reference_ps=base,
+                offset_at_middle_ps=float(at_middle),
+                middle_s=middle_s,
+                rate=float(rate_ps_s) * 1e-12,
+            ),  # fmt: skip
+        )
+        return report
+
+
+def run_streaming(
+    pass_dir: Path, keys_dir: Path, block_s: float = 1.0, speedup: float = 1.0,
+    transports=None, tamper=None,
+) -> tuple[dict, dict]:  # fmt: skip
+    """Both streaming endpoints in threads over `transports` (satellite's, ground's; an
+    in-process pair by default, or the optical link's time-transfer stream); returns (the
+    ground's report, the satellite's result) or raises ProtocolAborted with the report."""
+    if not (math.isfinite(block_s) and 0.1 <= block_s <= 10.0):
+        raise BadInput(f"--block-s {block_s}: must be in [0.1, 10] s")
+    scenario = files.read_scenario(pass_dir)
+    satellite_events = files.read_events(pass_dir, files.SATELLITE_FILES)
+    ground_events = files.read_events(pass_dir, files.GROUND_FILES)
+    satellite_pool, satellite_key = endpoints.open_time_key(keys_dir, "satellite")
+    try:
+        ground_pool, ground_key = endpoints.open_time_key(keys_dir, "ground")
+    except BaseException:
+        satellite_pool.close()
+        raise
+    clock = PassClock(speedup)
+    satellite = StreamSatellite(
+        scenario, satellite_events, satellite_pool, satellite_key, clock, block_s
+    )
+    ground = StreamGround(scenario, ground_events, ground_pool, ground_key, clock, block_s)
+    if transports is None:
+        transports = ch.queue_pair(timeout_s=600.0)
+    to_ground, to_satellite = transports
+    if tamper is not None:
+        to_ground.tamper = tamper
+    results = {}
+
+    def body(name, endpoint, transport):
+        try:
+            results[name] = endpoint.run(transport)
+        except BaseException as error:
+            results[f"{name}_error"] = error
+        finally:
+            transport.close()
+
+    threads = [
+        threading.Thread(target=body, args=("satellite", satellite, to_ground), daemon=True),
+        threading.Thread(target=body, args=("ground", ground, to_satellite), daemon=True),
+    ]
+    started = time.process_time()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        satellite_pool.close()
+        ground_pool.close()
+    report = ground.report
+    report["cpu_seconds"] = time.process_time() - started
+    error = results.get("ground_error")
+    if error is None or isinstance(error, ch.ChannelClosed):
+        error = results.get("satellite_error", error)
+    if error is not None:
+        if not isinstance(error, ProtocolAborted):
+            raise error
+        report.update(aborted=True, abort_reason=str(error))
+        error.report = report
+        raise error
+    return report, results["satellite"]
+
+
+def optical_link_transports(pass_dir: Path, scenario: dict, seed: int = 1):
+    """The emulated optical link of the pass (emulator/optical_link.py: rate, light time,
+    bit errors, ARQ; the profile's link configuration) carrying the time-transfer stream
+    (stream 1, beside the distillation's): (link, satellite transport, ground transport).
+    Its schedule is the predicted two-way orbit from a minute before the window to a
+    minute after, mask 0: the window itself never sees the satellite set. The link runs
+    on the wall clock: a streaming session over it runs at speedup 1."""
+    import dataclasses
+
+    from emulator.optical_link import LinkSchedule, OpticalLink, OpticalLinkConfig
+    from emulator.pass_model import geometry as geo
+    from emulator.pass_model.two_way import inertial_pass_geometry
+    from host.formats.passdir import read_pass_json
+    from host.simulate import profiles
+
+    pass_json = read_pass_json(Path(pass_dir) / "pass.json")
+    config = OpticalLinkConfig.from_profile(profiles.load(pass_json["profile"], {}))
+    margin_s = 60.0
+    orbit = estimate.predicted_orbit(scenario)
+    orbit = dataclasses.replace(orbit, t_reference_s=orbit.t_reference_s - margin_s)
+    geometry = inertial_pass_geometry(
+        orbit, float(scenario["duration_s"]) + 2 * margin_s,
+        geo.parse_utc(pass_json["utc_start"], "pass.json utc_start"), {"kind": "predicted"},
+        float(scenario["wavelengths_nm"]["downlink"]), 0.0, 0.0,
+    )  # fmt: skip
+    schedule = LinkSchedule(geometry, margin_s, 0.0)
+    link = OpticalLink(config, schedule, start_s=0.0, seed=seed, streams=("time_transfer",))
+    satellite_port, ground_port = link.start()
+    satellite = ch.connect(f"127.0.0.1:{satellite_port}")
+    ground = ch.connect(f"127.0.0.1:{ground_port}")
+    return link, satellite, ground
