@@ -160,6 +160,46 @@ def test_steady_state_flash_cost_of_one_synced_record():
         )
 
 
+def test_erase_ahead_campaign_and_commit_cost():
+    """littlefs through eraseahead.EraseAhead (docs/storage.md "Erase ahead"): the same
+    1200-cut campaign (a short journal, so cuts land in its compactions too), then the
+    steady-state commit cost with the flight journal and one background erase per frame,
+    against littlefs straight on the chip, measured in the same run."""
+    f, wall_s = _run(
+        f"\nEA_CUTS = {CUTS}\nCAMPAIGN_SEED = {SEED}\n",
+        "test_erase_ahead_power_cuts_lose_no_committed_record_and_serve_no_torn_one",
+        "erase-ahead campaign",
+    )
+    print(
+        f"\nerase-ahead campaign: {f['cuts']} power cuts ({f['torn_programs']} torn programs, "
+        f"{f['torn_erases']} torn erases), {f['boots']} boots, {f['devices']} chips filled\n"
+        f"  records committed {f['records']}, lost {f['lost']}, torn served "
+        f"{f['torn_served']}, at most {f['worst_window']} unsynced lost at one cut\n"
+        f"  wall time {wall_s:.1f} s"
+    )
+    assert f["cuts"] >= 1000 and f["lost"] == 0 and f["torn_served"] == 0
+    print("the 2064 B record, one sync per 8 records, 30 records, 40-sector chip:")
+    rows = {}
+    for label, flag in (("littlefs on the chip", "False"), ("through EraseAhead", "True")):
+        source = (
+            "\ndef test_bench_steady():\n"
+            "    print('steady', sorted(steady_state(2064, 30, blocks=40, records_per_sync=8, "
+            f"erase_ahead={flag}).items()))\n"
+        )
+        f, _ = _run(source, "test_bench_steady", "steady")
+        rows[flag] = f
+        n = f["records"]
+        print(
+            f"  {label:>21}: slowest commit {f['worst_commit_us'] / 1000:5.1f} ms "
+            f"({f['worst_commit_us'] / 1000 / FRAME_PERIOD_MS:.2f} frame periods), "
+            f"{f['commit_erases']} erases inside commits, commits {f['commit_us'] / n / 1000:.1f}"
+            f" ms a record + background erases {f['background_us'] / n / 1000:.1f} ms a record "
+            f"(flash busy {f['busy_us'] / n / 1000 / FRAME_PERIOD_MS:.2f} of a frame period)"
+        )
+    assert rows["True"]["commit_erases"] == 0
+    assert rows["True"]["worst_commit_us"] / 1000 < FRAME_PERIOD_MS
+
+
 def test_a_bit_flip_anywhere_on_the_chip():
     source = (
         "\ndef test_bench_flips():\n"
