@@ -228,6 +228,8 @@ class LinkSchedule:
             # culmination at the same instant: link time 0 is the window's start (cropped)
             culmination_link_s = window.events["culmination"] - window_begin_s
             offset = visible.events["culmination"] - culmination_link_s
+        elif orbit.get("kind") == "two-way-inertial":  # qkdsat simulate --two-way
+            visible, offset = _inertial_visibility(orbit, utc_start, elevation_mask_deg)
         else:
             table = pass_json.get("predicted_geometry")
             if not table:
@@ -251,6 +253,30 @@ class LinkSchedule:
             ):
                 schedule.add_outage(start, end, "fine tracking lost")
         return schedule
+
+
+def _inertial_visibility(orbit: dict, utc_start, elevation_mask_deg: float):
+    """(geometry from rise to set at the mask, its time offset from link time) of a
+    two-way pass's inertial orbit (host/timetransfer/simulate.py): link time 0 is the
+    window's start, `t_reference_s` on the orbit's own time."""
+    import dataclasses
+
+    from emulator.pass_model.two_way import InertialPass, inertial_pass_geometry, pass_window
+
+    base = InertialPass(
+        float(orbit["altitude_km"]), float(orbit["inclination_deg"]),
+        float(orbit["station_lat_deg"]), float(orbit["station_height_km"]),
+        float(orbit["cross_track_deg"]),
+    )  # fmt: skip
+    window = pass_window(base, elevation_mask_deg)
+    if window is None:
+        raise BadInput("pass.json: the two-way orbit never rises above the link's mask")
+    rise_s, set_s = window
+    visible = inertial_pass_geometry(
+        dataclasses.replace(base, t_reference_s=rise_s), set_s - rise_s, utc_start,
+        {"kind": "two-way-inertial, rise to set"}, 850.0, 0.0, 0.0,
+    )  # fmt: skip
+    return visible, float(orbit["t_reference_s"]) - rise_s
 
 
 # ---------------------------------------------------------------- frames

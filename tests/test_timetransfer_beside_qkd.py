@@ -100,3 +100,20 @@ def test_the_time_transfer_recovers_the_qkd_passs_range_and_offset(two_way_pass,
     bias_sigma = report["truth"]["error_std_per_bin_ps"] / math.sqrt(report["bins"])
     assert abs(report["truth"]["offset_bias_ps"] - 7.5) < 5 * bias_sigma
     assert report["range_check"]["violation"] is False
+
+
+def test_the_optical_link_of_a_two_way_pass_lasts_from_rise_to_set(two_way_pass):
+    """The streaming distillation's link (emulator/optical_link.py) rebuilds the pass
+    from rise to set on the two-way orbit: it must not end with the QKD window (it did:
+    the link was lost at the window's end, before privacy amplification)."""
+    from emulator.optical_link import link_for_pass
+    from emulator.pass_model.geometry import SPEED_OF_LIGHT_KM_S
+
+    schedule = link_for_pass(two_way_pass).schedule  # not started: no sockets
+    assert schedule.rise_s < -100 and schedule.set_s > DURATION_S + 100
+    assert schedule.down_cause(DURATION_S + 10) is None
+    geometry = np.load(two_way_pass / "truth" / "geometry.npz")
+    for t_s in (0.0, DURATION_S / 2, DURATION_S):
+        range_km = schedule.light_time_s(t_s) * SPEED_OF_LIGHT_KM_S
+        true_km = float(np.interp(t_s, geometry["t_s"], geometry["range_km"]))
+        assert abs(range_km - true_km) < 0.02  # the same orbit (linear interpolation: m)

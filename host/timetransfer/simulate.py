@@ -40,6 +40,7 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 CHUNK_S = 0.01
 # The two-way profile that goes with a QKD profile of `qkdsat simulate` / `mission`
 TWO_WAY_PROFILE = {"micius-2017": "micius-qstt", "jinan-1": "qstt-best"}
+TWO_WAY_ORBIT_KIND = "two-way-inertial"  # pass.json orbit kind of a --two-way pass
 TWO_WAY_STREAM = 2  # SeedSequence([seed, 2]): the two-way components beside a QKD pass
 
 
@@ -351,11 +352,14 @@ def prepare_beside_qkd(
     )  # fmt: skip
     delays = values(profile["delays_ps"])
     source = {
-        "model": "two-way inertial orbit (host/timetransfer/simulate.py)",
+        "kind": TWO_WAY_ORBIT_KIND,
         "profile": profile["name"],
         **{k: v for k, v in values(profile["orbit"]).items() if not k.startswith("predicted")},
         "station_lat_deg": profile["station"]["lat_deg"],
         "station_height_km": profile["station"]["height_km"],
+        # the window's start on the orbit's own time: the optical link rebuilds the pass
+        # from rise to set around it (emulator/optical_link.py LinkSchedule.for_pass)
+        "t_reference_s": truth_orbit.t_reference_s,
     }
     wavelength_nm = float(
         qkd_profile["source"].get("wavelength_nm") or values(profile["downlink"])["wavelength_nm"]
