@@ -379,7 +379,7 @@ def fill_pools(out: Path, network: Path, results: list[dict]) -> list[dict]:
     from host.network.relay import AUTH_BYTES
 
     timeline = []
-    levels = {}
+    levels, for_relays = {}, {}
     for result in results:
         station = result["station"]
         keys = out / "passes" / result["id"] / "keys"
@@ -398,13 +398,16 @@ def fill_pools(out: Path, network: Path, results: list[dict]) -> list[dict]:
         path = pool_path(network, station, SATELLITE)
         if path.exists():
             with StationPool(path) as pool:
-                levels[station] = pool.available_for(SATELLITE)  # what relays can take
+                levels[station] = pool.available_bytes
+                for_relays[station] = pool.available_for(SATELLITE)  # a relay's share
         available_bits = {k: 8 * v for k, v in sorted(levels.items())}
         # a station's pool and the satellite's pool for it are filled alike: the relay
-        # between two stations is bounded by the smaller of their levels, less one tag
-        names = sorted(levels)
+        # between two stations is bounded by the smaller of the satellite's shares of
+        # their pools, less one tag
+        names = sorted(for_relays)
         relay_bits = {
-            f"{first}-{second}": 8 * max(min(levels[first], levels[second]) - AUTH_BYTES, 0)
+            f"{first}-{second}": 8
+            * max(min(for_relays[first], for_relays[second]) - AUTH_BYTES, 0)
             for i, first in enumerate(names)
             for second in names[i + 1 :]
         }
