@@ -3,14 +3,18 @@
 - Per QBER 1, 2, 3, 5 % on 1 M-bit blocks over BENCH_EC_SEEDS noise seeds: LDPC
   efficiency f and frame error rate (first decoding, and after the retry path), end-to-end
   reconciliation Mbit/s in process (every round trip, retry and check tag counted) and
-  over TCP with a 5 ms one-way delay; the worst case next to the median. Cascade's
-  efficiency on the same data as the baseline.
+  over TCP with a 5 ms one-way delay, and Mbit per CPU second and the decoder's edge
+  updates per key bit (figures the machine's load changes little); the worst case next to
+  the median. Cascade's efficiency on the same data as the baseline.
+- A micius-like first key block sized from an 8192-bit QBER sample that is off by -3 .. +3
+  standard errors: f and work against the same block sized from the exact QBER.
 - Decoder throughput against the `ldpc` package's BpDecoder on the same frames (ratio),
   and against the project's earlier tanh/atanh sum-product decoder.
 - Privacy amplification time against one real FFT (ratio).
 - Simulated passes (`qkdsat simulate`), distilled with the endpoints' CSPRNG randomness:
   BENCH_PASSES full passes of micius-2017 and of jinan-1 (worst and median f, key and
-  time to distil as a fraction of the pass), and a 15 s micius-2017 pass over 20 endpoint
+  time to distil as a fraction of the pass, and the process's CPU time as a fraction of
+  it), and a 15 s micius-2017 pass over 20 endpoint
   seeds (the spread of the key length, issue 18 item 7); BENCH_SEED_PASSES 30 s passes
   of each profile, one per simulation seed (worst and median f and time to distil).
 """
@@ -75,8 +79,12 @@ def _transports(tcp: bool):
     return _DelayedSocket(left), _DelayedSocket(right)
 
 
-def _exchange(method, x, y, q, tcp=False):
-    """(Bob's stats, Alice's stats, seconds from Alice's first message to Bob's result)."""
+def _exchange(method, x, y, q, tcp=False, sample_bits=0):
+    """(Bob's stats, Alice's stats, seconds from Alice's first message to Bob's result).
+    q is the QBER estimate both sides size the first attempt from, sample_bits the size of
+    the sample behind it (0: exact).
+    Bob's stats gain cpu_seconds: the CPU time of this process (both endpoints, every
+    thread) over the exchange, which the machine's load inflates far less than wall time."""
     data = np.random.default_rng(0).bytes(1 << 20)
     t_a, t_b = _transports(tcp)
     a = ch.AuthChannel(t_a, ch.KeyPool(data), ch.ALICE)
@@ -86,21 +94,23 @@ def _exchange(method, x, y, q, tcp=False):
     def alice():
         if method == "ldpc":
             result["a"] = reconcile.ldpc_alice(
-                a, x, q, Config.ec_efficiency, np.random.default_rng(2)
+                a, x, q, Config.ec_efficiency, np.random.default_rng(2), sample_bits
             )[1]
         else:
             result["a"] = reconcile.cascade_alice(a, x, q, 7)
 
     thread = threading.Thread(target=alice)
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     thread.start()
     if method == "ldpc":
-        corrected, kept, stats = reconcile.ldpc_bob(b, y, q, Config.ec_efficiency)
+        corrected, kept, stats = reconcile.ldpc_bob(b, y, q, Config.ec_efficiency, sample_bits)
     else:
         corrected, stats = reconcile.cascade_bob(b, y, q, 7)
         kept = np.ones(x.size, bool)
     thread.join()
     seconds = time.perf_counter() - t0
+    stats["cpu_seconds"] = time.process_time() - cpu0
     a.close()
     b.close()
     assert np.array_equal(corrected[kept], x[kept])  # discarded frames are counted as FER
@@ -112,6 +122,16 @@ def _noisy(q: float, seed: int):
     rng = np.random.default_rng([seed, int(q * 1000)])
     x = rng.integers(0, 2, BLOCK_BITS, dtype=np.uint8)
     return x, x ^ (rng.random(BLOCK_BITS) < q).astype(np.uint8)
+
+
+def _work_per_bit(stats: dict, bits: int) -> float:
+    """The decoder's edge updates (iterations x the code's edges, every frame) per key bit,
+    over both parts of a block reconciled in two."""
+    total = 0.0
+    for part in stats.get("parts", [stats]):
+        edges = ldpc.construct(ldpc.FRAME_BITS, part["mother_rate"]).edges
+        total += part["mean_iterations"] * part["frames"] * edges
+    return total / bits
 
 
 def _warm_up():
@@ -133,12 +153,18 @@ def test_bench_reconciliation():
         "sifted key, end to end (both endpoints, every round trip, retry and check tag)."
     )
     print(
+        "Load-independent figures: CPU = this process's CPU time over the exchange (both "
+        "endpoints, every thread), so 2 idle cores give at most 2x the Mbit per CPU second; "
+        "work = decoder edge updates (iterations x edges of every frame), per key bit."
+    )
+    print(
         " QBER | f worst | f median | FER first | FER final | retry rounds worst | "
         "in-process Mbit/s worst / median | decoder Mbit/s | TCP 5 ms Mbit/s | "
-        "Cascade f (Alice / both ways)"
+        "Mbit per CPU s (median) | work per bit (median) | Cascade f (Alice / both ways)"
     )
     for q in QBERS:
         fs, fer_first, fer_final, rounds, rates, decoder = [], [], [], [], [], []
+        per_cpu, work = [], []
         for seed in range(EC_SEEDS):
             x, y = _noisy(q, seed)
             h = BLOCK_BITS * binary_entropy(float((x != y).mean()))
@@ -149,6 +175,8 @@ def test_bench_reconciliation():
             rounds.append(stats["retry_rounds"])
             rates.append(BLOCK_BITS / seconds / 1e6)
             decoder.append(BLOCK_BITS / stats["decoder_seconds"] / 1e6)
+            per_cpu.append(BLOCK_BITS / stats["cpu_seconds"] / 1e6)
+            work.append(_work_per_bit(stats, BLOCK_BITS))
         x, y = _noisy(q, 0)
         _, _, tcp_seconds = _exchange("ldpc", x, y, q, tcp=True)
         h = BLOCK_BITS * binary_entropy(float((x != y).mean()))
@@ -158,7 +186,44 @@ def test_bench_reconciliation():
             f"{statistics.mean(fer_first):9.3f} | {max(fer_final):9.3f} | {max(rounds):18d} | "
             f"{min(rates):7.3f} / {statistics.median(rates):7.3f}{'':18s} | "
             f"{statistics.median(decoder):14.3f} | {BLOCK_BITS / tcp_seconds / 1e6:15.3f} | "
+            f"{statistics.median(per_cpu):23.3f} | {statistics.median(work):21.0f} | "
             f"{c_alice['leak_bits'] / h:.3f} / {c_stats['leak_bits'] / h:.3f}"
+        )
+
+
+def test_bench_reconciliation_sized_from_a_sample():
+    """Issue 17 (robustness): a pass's first key block is sized from its QBER sample, not
+    the exact rate. A micius-like block (783,000 bits at 1.28 %, an 8192-bit sample)
+    reconciled with the sample off by -3 .. +3 of its standard errors, over BENCH_EC_SEEDS
+    noise seeds: f and the decoder's work against the same block sized from the exact
+    QBER (the bench above; in a pass, the second block)."""
+    _warm_up()
+    bits, q, sample = 783_000, 0.0128, 8192
+    sigma = (q * (1 - q) / sample) ** 0.5
+    print(
+        f"\nkey block of {bits} bits at QBER {q}, first attempt sized from a {sample}-bit "
+        f"sample (standard error {sigma:.5f}) that is off by k standard errors; sample "
+        f"interval -{reconcile.QBER_SIGMAS_LOW:g} / +{reconcile.QBER_SIGMAS_HIGH:g} "
+        "standard errors; work = decoder edge updates per key bit"
+    )
+    print("    k | f worst | f median | work median | retry rounds worst | Mbit per CPU s")
+    for k in (-3.0, -1.5, 0.0, 1.5, 3.0, None):
+        fs, work, rounds, per_cpu = [], [], [], []
+        for seed in range(EC_SEEDS):
+            rng = np.random.default_rng([seed, 77])
+            x = rng.integers(0, 2, bits, dtype=np.uint8)
+            y = x ^ (rng.random(bits) < q).astype(np.uint8)
+            estimate, sample_bits = (q, 0) if k is None else (q + k * sigma, sample)
+            stats, _, _ = _exchange("ldpc", x, y, estimate, sample_bits=sample_bits)
+            fs.append(stats["leak_bits"] / (bits * binary_entropy(float((x != y).mean()))))
+            work.append(_work_per_bit(stats, bits))
+            rounds.append(stats["retry_rounds"])
+            per_cpu.append(bits / stats["cpu_seconds"] / 1e6)
+        label = "exact" if k is None else f"{k:+5.1f}"
+        print(
+            f"{label:>5s} | {max(fs):7.3f} | {statistics.median(fs):8.3f} | "
+            f"{statistics.median(work):11.0f} | {max(rounds):18d} | "
+            f"{statistics.median(per_cpu):14.3f}"
         )
 
 
@@ -276,26 +341,31 @@ def test_bench_full_passes(tmp_path):
     """BENCH_PASSES full passes per profile, each a different simulation seed, distilled
     with CSPRNG endpoint randomness (seed=None)."""
     for profile, tail in (("micius-2017", "hoeffding"), ("jinan-1", "chernoff")):
-        fs, fractions, keys = [], [], []
+        fs, fractions, cpu_fractions, keys = [], [], [], []
         for sim_seed in range(1, PASSES + 1):
             pass_dir = tmp_path / f"{profile}-{sim_seed}"
             duration_s = _simulate(profile, sim_seed, pass_dir)
+            cpu0 = time.process_time()
             report = run_local(pass_dir, tmp_path / f"out-{profile}-{sim_seed}", Config(tail=tail))
+            cpu_s = time.process_time() - cpu0
             assert not report["aborted"], report["abort_reason"]
             stages = report["stage_seconds"]
             fs.append(report["ec"]["efficiency"])
             fractions.append(stages["total"] / duration_s)
+            cpu_fractions.append(cpu_s / duration_s)
             keys.append(report["key_bits"])
             print(
                 f"\n{profile} seed {sim_seed} ({tail}): {duration_s:.0f} s pass, key "
                 f"{report['key_bits']} bits, sifted {report['sifted_bits']}, EC f "
                 f"{report['ec']['efficiency']:.3f}, frames {report['ec']['frames']}, "
                 f"distil {stages['total']:.1f} s = {stages['total'] / duration_s:.3f} of "
-                f"the pass (EC {stages.get('error_correction', 0):.1f} s)"
+                f"the pass (EC {stages.get('error_correction', 0):.1f} s), CPU {cpu_s:.1f} s "
+                f"(both endpoints) = {cpu_s / duration_s:.3f} of the pass"
             )
         print(
             f"{profile} over {PASSES} passes: {_summary('f', fs, max)}; "
-            f"{_summary('distil / pass', fractions, max)}; key bits min {min(keys)} "
+            f"{_summary('distil / pass', fractions, max)}; "
+            f"{_summary('CPU s / pass s', cpu_fractions, max)}; key bits min {min(keys)} "
             f"median {statistics.median(keys):.0f}"
         )
 
