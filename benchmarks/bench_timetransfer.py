@@ -97,3 +97,43 @@ def test_bench_best_profile_beyond_micius(tmp_path):
     assert abs(report["truth"]["offset_bias_ps"]) <= 10.0
     assert not report["range_check"]["violation"] and not report["range_rate_check"]["violation"]
     assert np.isfinite(report["cpu_fraction_of_pass"])
+
+
+def test_bench_the_qkd_pass_as_its_own_two_way_pass(tmp_path):
+    """`qkdsat simulate --profile micius-2017 --two-way` (the whole pass: its detections
+    are the downlink events, the uplink beside them on the same orbit and clocks), then
+    the time transfer post-pass and during the pass (streamed in 1 s blocks, replayed in
+    process at 1000 pass seconds per wall second: the offsets' latency in blocks, and the
+    CPU the streaming costs against the post-pass run of the same pass)."""
+    from host.cli import main
+    from host.timetransfer import stream
+    from host.timetransfer.command import compare_with_truth
+
+    pass_dir = tmp_path / "pass"
+    argv = ["simulate", "--profile", "micius-2017", "--two-way", "--seed", "1"]
+    assert main(argv + ["--quiet", "--out", str(pass_dir)]) == 0
+    started = time.process_time()
+    files.read_events(pass_dir)
+    read_cpu_s = time.process_time() - started
+    keys = tmp_path / "keys"
+    distilled(keys, 1_000_000, "micius-2017 two-way")
+    report = time_transfer(pass_dir, tmp_path / "out", keys)
+    _print("micius-2017 --two-way, post-pass", report, read_cpu_s)
+    keys = tmp_path / "keys-stream"
+    distilled(keys, 1_000_000, "an earlier pass")
+    started = time.process_time()
+    streamed, _ = stream.run_streaming(pass_dir, keys, 1.0, 1000.0)
+    stream_cpu_s = time.process_time() - started
+    truth = compare_with_truth(streamed, streamed["series"], files.read_truth(pass_dir))
+    blocks = streamed["series"]["known_in_block"] - np.floor(streamed["series"]["t_s"])
+    print(
+        f"  during the pass: {streamed['bins']} bins, bias {truth['offset_bias_ps']:.2f} ps,"
+        f" 1 s precision {truth['precision_1s_ps']:.2f} ps; offsets known "
+        f"{np.mean(blocks == 1):.3f} one block / {np.mean(blocks == 2):.3f} two blocks "
+        f"after their bin; key {streamed['key']['pad_bits']} pad + "
+        f"{streamed['key']['auth_bits']} tag bits; CPU {stream_cpu_s:.2f} s = "
+        f"{stream_cpu_s / report['pass_duration_s']:.4f} of the pass (post-pass "
+        f"{report['cpu_seconds']:.2f} s: ratio {stream_cpu_s / report['cpu_seconds']:.2f})"
+    )
+    assert not report["aborted"] and not streamed["aborted"]
+    assert report["range_check"]["violation"] is False
