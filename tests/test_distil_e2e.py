@@ -422,22 +422,29 @@ def test_split_mode_over_tcp_gives_the_same_key_as_local_mode(micius_pass, tmp_p
 @pytest.mark.slow
 def test_simulated_micius_pass_gives_identical_keys_near_the_published_length(tmp_path):
     """The physics simulator's micius-2017 pass (full scale, seed 1) through both endpoints,
-    with the default Hoeffding tails and with Micius' Chernoff tails: either way the key
-    must be within 30 % of Liao et al. 2017's 300,939 bits."""
+    with the default Hoeffding tails and with Micius' Chernoff tails: the key must be within
+    30 % of Liao et al. 2017's 300,939 bits with Hoeffding, and Chernoff's tighter tails may
+    give up to 35 % more."""
     pass_dir = tmp_path / "micius"
-    assert (
-        qkdsat(["simulate", "--profile", "micius-2017", "--seed", "1", "--out", str(pass_dir)])
-        == 0
-    )
+    # a fixed pattern secret as well as the seed: the same detections on every run (only
+    # the endpoints' CSPRNG draws, hence the EC leak, still vary)
+    argv = ["simulate", "--profile", "micius-2017", "--seed", "1", "--pattern-secret", "5eed" * 8]
+    assert qkdsat([*argv, "--out", str(pass_dir)]) == 0
     truth = json.loads((pass_dir / "truth" / "truth.json").read_text())
-    # how close the single-photon lower bound comes to the simulator's true count
-    s1_tightness = {"hoeffding": 0.75, "chernoff": 0.8}
+    # Over 9 fresh pattern secrets (seed 1): key / 300,939 was 0.883-0.913 with Hoeffding
+    # and 1.234-1.277 with Chernoff (sd 0.011, 0.013), so Chernoff's upper end is 1.35 (7
+    # sd; 1.30 was 3.4); the single-photon lower bound over the simulator's true count was
+    # 0.762-0.788 (Hoeffding) and 0.871-0.898 (Chernoff), sd 0.007 per basis, so the
+    # tightness floors are 0.73 (6.7 sd; 0.75 was 3.8) and 0.80 (13 sd).
+    key_ratio_range = {"hoeffding": (0.70, 1.30), "chernoff": (0.70, 1.35)}
+    s1_tightness = {"hoeffding": 0.73, "chernoff": 0.8}
     for tail, tightness in s1_tightness.items():
         out = tmp_path / f"out-{tail}"
         report = run_local(pass_dir, out, Config(tail=tail))
         assert not report["aborted"], report["abort_reason"]
         assert (out / "alice.key").read_bytes() == (out / "bob.key").read_bytes()
-        assert abs(report["key_bits"] / 300_939 - 1) < 0.30, (tail, report["key_bits"])
+        low, high = key_ratio_range[tail]
+        assert low < report["key_bits"] / 300_939 < high, (tail, report["key_bits"])
         assert report["sync"]["assigned_fraction"] > 0.9
         # Bob's slots against the simulator's truth: every sifted bit came from the right
         # slot or the QBER would be ~25 %; published ~1.1 % for the signal state
