@@ -34,7 +34,7 @@ then, like the streaming distillation's bits before privacy amplification.
 
 Key: a streaming session has N + 2 messages each way (N blocks, the result, an abort),
 so its authentication region is 8 + 16 (N + 2) bytes; the sealed uplink fits follow as
-raw bytes (SEALED_FIT header, then 8 bytes a bin), ~8 bytes a bin in all, as post-pass.
+raw bytes (SEALED_FIT header, 26 bytes, then 8 bytes a bin), ~8 bytes a bin in all, as post-pass.
 During the pass the pass's own key does not exist yet (privacy amplification runs at
 loss of signal): the key is an earlier distillation's (`--keys`).
 """
@@ -64,7 +64,7 @@ from host.timetransfer.endpoints import (
 )
 
 COMPLETE_MARGIN_S = 0.02  # a bin is complete when the newest event is this far past it
-SEALED_FIT = struct.Struct("<qdIH")  # base ps, reference intercept ps, first bin, count
+SEALED_FIT = struct.Struct("<qdfIH")  # base ps, reference ps, jitter ps, first bin, count
 FIT_BYTES_PER_BIN = 8  # float32 intercept - reference, float16 variance, uint16 events
 RESULT_PAD_BYTES = 400  # the sealed result's encoded fields (as post-pass)
 
@@ -106,13 +106,13 @@ def block_edges(tags_ps: np.ndarray, zero_ps: int, block_s: float, n_blocks: int
     return np.concatenate([[0], inner, [tags_ps.size]]).astype(np.int64)
 
 
-def pack_fit_bytes(fit: dict, base: int, first: int, count: int) -> bytes:
+def pack_fit_bytes(fit: dict, base: int, first: int, count: int, sigma_ps: float) -> bytes:
     a = fit["a_ps"][first : first + count]
     finite = np.isfinite(a)
     reference = float(np.median(a[finite])) if finite.any() else 0.0
     variance = np.minimum(fit["var_ps2"][first : first + count], float(np.finfo(np.float16).max))
     return (
-        SEALED_FIT.pack(int(base), reference, first, count)
+        SEALED_FIT.pack(int(base), reference, sigma_ps, first, count)
         + (a - reference).astype("<f4").tobytes()
         + variance.astype("<f2").tobytes()
         + np.minimum(fit["n"][first : first + count], 65535).astype("<u2").tobytes()
@@ -121,14 +121,14 @@ def pack_fit_bytes(fit: dict, base: int, first: int, count: int) -> bytes:
 
 def unpack_fit_bytes(data: bytes, n_bins: int):
     _check(len(data) >= SEALED_FIT.size, "sealed fit header")
-    base, reference, first, count = SEALED_FIT.unpack_from(data)
+    base, reference, sigma_ps, first, count = SEALED_FIT.unpack_from(data)
     _check(len(data) == SEALED_FIT.size + FIT_BYTES_PER_BIN * count, "sealed fit length")
     _check(first + count <= n_bins, "sealed fit bins out of range")
     at = SEALED_FIT.size
     a = np.frombuffer(data, "<f4", count, at).astype(np.float64) + reference
     variance = np.frombuffer(data, "<f2", count, at + 4 * count).astype(np.float64)
     n = np.frombuffer(data, "<u2", count, at + 6 * count).astype(np.int64)
-    return int(base), int(first), a, variance, n
+    return int(base), int(first), a, variance, n, float(sigma_ps)
 
 
 class _Direction:
@@ -242,7 +242,8 @@ class StreamSatellite:
                 )  # fmt: skip
             if previous is not None:
                 first, count = uplink.complete(final)
-                payload = pack_fit_bytes(uplink.fit, base or 0, first, count)
+                sigma = uplink.as_fit()["sigma_ps"]
+                payload = pack_fit_bytes(uplink.fit, base or 0, first, count, sigma)
                 fields.update(
                     sealed=sealed.seal_bytes(payload),
                     **pack_epochs("downlink_emission", previous["down_epochs"]),
@@ -350,13 +351,14 @@ class StreamGround:
         u0 = d0 = 0
         base = None
         pending = None
+        up_sigma = math.nan
         counts = {"up": [0, 0], "down": [0, 0], "up_sifted": 0, "down_sifted": 0}
         while True:
             message = chan.recv("tt_block")
             final = bool(message["final"])
             if pending is not None:
                 _check("sealed" in message, "block data missing")
-                b, first, a, variance, n = unpack_fit_bytes(
+                b, first, a, variance, n, up_sigma = unpack_fit_bytes(
                     sealed.open_bytes(message["sealed"]), n_bins
                 )
                 base = b if base is None else base
@@ -436,9 +438,8 @@ class StreamGround:
             "uplink": counts["up_sifted"],
             "downlink": counts["down_sifted"],
         }
-        up = {**up_fit, "sigma_ps": math.nan}
+        up = {**up_fit, "sigma_ps": up_sigma}  # the satellite's scatter, as of its last fit
         down = downlink.as_fit()
-        up["sigma_ps"] = down["sigma_ps"]  # reported only; the satellite's stays with it
         _check(base is not None, "no uplink timing event in the whole pass")
         estimate.combine(scenario, orbit, base, up, down, report)
         series = report["series"]
