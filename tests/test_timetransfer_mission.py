@@ -20,7 +20,9 @@ from host.timetransfer import files, mission_stage
 from tests.network_keys import distilled
 
 SEED = 3
-SEGMENT_SLOTS = 1000 * 4096 * 50  # 2.048 s of the 100 MHz micius-2017 source
+# 4.096 s of the 100 MHz micius-2017 source: its ~540 sampled uplink events at ~0.5 %
+# make a timing QBER above the 3 % abort a < 1e-8 chance (at 2 s, 271 events: ~1e-5)
+SEGMENT_SLOTS = 1000 * 4096 * 100
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,12 @@ def mission(tmp_path_factory):
     out = tmp_path_factory.mktemp("mission")
     profile = profiles.load("micius-2017", {})
     two_way = mission_stage.prepare(profile, SEED, SEGMENT_SLOTS)
+    # the head's QRNG key fixed as the simulation seed is: the pass is the same on every
+    # run (which slots click depends on the emitted intensities), so the clean pass's
+    # 4-sigma range and range-rate checks are a fixed draw, not a 6e-5 chance a run
     head, generator, stages = run_firmware(
         "unix", profile, SEED, 30.0, out / "satellite", "head", SEGMENT_SLOTS,
-        uplink=two_way.tdc_feed(),
+        uplink=two_way.tdc_feed(), qrng_key=bytes(range(32)),
     )  # fmt: skip
     scenario = ground.make_segment_scenario(profile, SEED, SEGMENT_SLOTS, two_way)
     ground.write_ground(out, scenario, generator.truth())
@@ -79,7 +84,7 @@ def test_the_satellite_endpoint_reads_the_downloaded_tags_and_recovers_the_truth
     # residual, within 5 sigma of the mean of the per-bin errors
     bias_sigma = report["truth"]["error_std_per_bin_ps"] / math.sqrt(report["bins"])
     assert abs(report["truth"]["offset_bias_ps"] - 7.5) < 5 * bias_sigma
-    assert report["bins"] >= 19 and report["qber"]["uplink"] < 0.03
+    assert report["bins"] >= 38 and report["qber"]["uplink"] < 0.03
     # the downlink was sifted on board from the head's pattern memory, for the slots the
     # ground named: the timing QBER is the pass's (~1 %; 5 sigma of the sample count)
     sample = report["qber_sample"]["downlink"]

@@ -112,6 +112,7 @@ def run_firmware(
     generation: str = "controller",
     pass_slots: int = 0,
     uplink=None,
+    qrng_key: bytes | None = None,
 ):
     """Stages 2 and 3: pass mode on the real firmware, then every product downloaded.
 
@@ -119,9 +120,10 @@ def run_firmware(
     frames); the emulated pass goes by at once (emulator.pattern_generator.fast_forward).
     `uplink`: the two-way pass's uplink detections as (seconds after the segment's first
     slot, TDC channel, satellite clock ps), fed to the head's TDC as the pass goes by, a
-    FIFO's worth at a time, so the controller takes them into its ring as on a pass."""
+    FIFO's worth at a time, so the controller takes them into its ring as on a pass.
+    `qrng_key`: the head's QRNG stand-in's key (a test's fixed key; None: os.urandom)."""
     if generation == "head":
-        head = OpticalHead(seed=seed, fifo_depth=2048, pps_period_ps=10**12)
+        head = OpticalHead(seed=seed, fifo_depth=2048, pps_period_ps=10**12, qrng_key=qrng_key)
         generator = pattern_generator.attach(head)
     else:
         generator = None
