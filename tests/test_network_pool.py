@@ -321,3 +321,35 @@ def test_a_pool_from_before_the_direction_split_is_read_with_its_record_as_a_flo
         assert pool.take(10, "from Wuhan") == key[700:710]
         with pytest.raises(BadInput, match="already used"):
             pool.take(10, "old offset", offset=100, initiator="Wuhan")
+
+
+def test_a_journal_line_torn_by_a_power_cut_leaves_the_pool_usable_and_whole(tmp_path):
+    """A power cut can leave the journal's last line half-written (no newline). The next
+    line must not be glued onto it: glued, a re-run fill's line became unreadable, its
+    bytes were cut off at the next opening (the satellite's pool still held them), and
+    once anything followed the garbled line the pool refused to open at all."""
+    net = tmp_path / "net"
+    first = distilled(tmp_path / "k1", 8 * 1000, "pass-1")
+    second = distilled(tmp_path / "k2", 8 * 600, "pass-2")
+    fill_pair(net, "Wuhan", tmp_path / "k1")
+    fill_pair(net, "Wuhan", tmp_path / "k2")
+    path = pool_path(net, "Wuhan", SATELLITE)
+    journal = Path(f"{path}.journal")
+    whole = journal.read_bytes()
+    journal.write_bytes(whole[: len(whole) - 30])  # pass-2's fill line cut mid-write
+    with StationPool(path) as pool:  # its bytes were never served: cut off
+        assert pool.filled_bytes == 1000
+    fill_pair(net, "Wuhan", tmp_path / "k2")  # completes the pair, as after any cut fill
+    with StationPool(path) as pool:
+        assert pool.filled_bytes == 1600
+        assert pool.take(10, "from the satellite", 0, SATELLITE) == first[:10]
+    # a take's line torn too, then more operations: the pool keeps opening
+    whole = journal.read_bytes()
+    journal.write_bytes(whole[: len(whole) - 1])  # only the newline lost
+    for round_number in range(3):
+        with StationPool(path) as pool:
+            assert pool.take(5, f"round {round_number}") == first[500 + 5 * round_number :][:5]
+    with StationPool(path) as pool:
+        level = pool.level()
+        assert (level.filled_bytes, level.used_bytes, level.lost_bytes) == (1600, 25, 0)
+    assert path.read_bytes() == first + second

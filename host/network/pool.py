@@ -149,6 +149,7 @@ class StationPool:
         # initiator -> its parts of the fills, (pool offset, bytes), in fill order
         self.shares: dict[str, list[tuple[int, int]]] = {self.holder: [], self.peer: []}
         if self.journal_path.exists():
+            self._mend_torn_journal_tail()
             lines = self.journal_path.read_text().splitlines()
             for number, line in enumerate(lines, 1):
                 if not line.strip():
@@ -207,6 +208,27 @@ class StationPool:
             raise BadInput(
                 f"key pool {self.path}: usage record beyond the {self.filled_bytes} bytes filled"
             )
+
+    def _mend_torn_journal_tail(self) -> None:
+        """A power cut can leave the last journal line without its newline: the next line
+        appended would be glued onto it, and that line (a re-run fill's, say) would read
+        as garbage, then stop the pool opening once anything follows it. Whole JSON is
+        ended with its newline; a cut line is removed (its operation never finished)."""
+        with open(self.journal_path, "r+b") as handle:
+            data = handle.read()
+            if not data or data.endswith(b"\n"):
+                return
+            cut = data.rfind(b"\n") + 1
+            try:
+                whole = isinstance(json.loads(data[cut:]), dict)
+            except ValueError:
+                whole = False
+            if whole:
+                handle.write(b"\n")
+            else:
+                handle.truncate(cut)
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def _add_shares(self, offset: int, count: int, split) -> None:
         split = split or split_fill(self.holder, self.peer, count)
