@@ -347,3 +347,33 @@ def test_a_forged_message_naming_a_far_pool_offset_burns_nothing(net, tmp_path, 
                    "--out", str(out)]) == 0  # fmt: skip
     assert out.read_bytes() == image.read_bytes()
     assert _used(net, "Stellenbosch", "Beijing") == _used(net, "Beijing", "Stellenbosch")
+
+
+def test_messages_received_out_of_order_are_all_accepted_once(net, tmp_path):
+    """Message files travel independently (and the link's attacker may reorder them):
+    Beijing sends three files, Stellenbosch receives the third, then the first, then the
+    second. Each is accepted once: the later one's take skipped the others' bytes, which
+    stay takeable at exactly their offsets until their message comes (they were never
+    used at this end), and each replay is refused. Before, the first and second were
+    refused as replays ("already used"): genuine messages lost to an ordering."""
+    sent = []
+    for number in range(3):
+        plain, message = tmp_path / f"p{number}", tmp_path / f"m{number}"
+        plain.write_bytes(os.urandom(300 + 50 * number))
+        assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to",
+                       "Stellenbosch", str(plain), "--out", str(message)]) == 0  # fmt: skip
+        sent.append((plain, message))
+    for number in (2, 0, 1):
+        plain, message = sent[number]
+        out = tmp_path / f"out{number}"
+        assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
+                       "--out", str(out)]) == 0, number  # fmt: skip
+        assert out.read_bytes() == plain.read_bytes()
+    for number in range(3):  # each once only
+        assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch",
+                       str(sent[number][1]), "--out", str(tmp_path / "again")]) == 2  # fmt: skip
+    assert not (tmp_path / "again").exists()
+    with StationPool(pool_path(net, "Stellenbosch", "Beijing")) as pool:
+        level = pool.level()
+    assert level.used_bytes == _used(net, "Beijing", "Stellenbosch") == 3 * 16 + 1050
+    assert level.lost_bytes == 0 and level.taken_bytes == level.used_bytes

@@ -49,6 +49,8 @@ from host.distil.channel import _fsync_directory, write_usage_record
 from host.errors import BadInput
 
 SATELLITE = "satellite"
+# skipped ranges of the peer's share kept takeable, per pool: beyond it the oldest are lost
+MAX_SKIPPED_RANGES = 256
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -165,10 +167,14 @@ class StationPool:
                     self.sources[entry["source"]] = self.filled_bytes
                     self._add_shares(self.filled_bytes, count, entry.get("split"))
                     self.filled_bytes += count
-                elif event == "take":
+                elif event == "take" and not entry.get("from_skipped"):
+                    # a take from a skipped range: those bytes were counted when skipped
                     self.taken_bytes += count + int(entry.get("skipped_bytes", 0))
         self.floor_bytes = 0  # every byte below it is gone, whatever its share
         self.positions: dict[str, int] = {}  # initiator -> next position in its share
+        # initiator -> [start, end) positions below its position that a take skipped and
+        # no take used yet: the peer's messages can arrive out of order (take_checked)
+        self.skipped: dict[str, list[list[int]]] = {}
         if self.used_path.exists():
             try:
                 record = json.loads(self.used_path.read_text())
@@ -177,6 +183,10 @@ class StationPool:
                 self.positions = {
                     str(name): int(position)
                     for name, position in record.get("initiator_positions", {}).items()
+                }
+                self.skipped = {
+                    str(name): [[int(start), int(end)] for start, end in ranges]
+                    for name, ranges in record.get("skipped_positions", {}).items()
                 }
             except (ValueError, KeyError, TypeError, AttributeError) as error:
                 raise BadInput(f"{self.used_path}: not a usage record ({error})") from None
@@ -204,6 +214,12 @@ class StationPool:
             os.ftruncate(self._fd, self.filled_bytes)
             os.fsync(self._fd)
         beyond = [n for n, p in self.positions.items() if p > self._share_bytes(n)]
+        beyond += [
+            name
+            for name, ranges in self.skipped.items()
+            for start, end in ranges
+            if not 0 <= start < end <= self.positions.get(name, 0)
+        ]
         if self.floor_bytes > self.filled_bytes or beyond:
             raise BadInput(
                 f"key pool {self.path}: usage record beyond the {self.filled_bytes} bytes filled"
@@ -263,14 +279,30 @@ class StationPool:
             raise BadInput(f"key pool {self.path}: {initiator} is neither end of this pool")
         return initiator
 
-    def position(self, initiator: str | None = None) -> int:
-        """The first unused position in `initiator`'s share (default: this pool's holder's)."""
-        initiator = self._check_initiator(initiator)
-        below_floor = sum(
+    def _below_floor(self, initiator: str) -> int:
+        """Positions of `initiator`'s share whose bytes lie below the floor (all gone)."""
+        return sum(
             max(0, min(count, self.floor_bytes - offset))
             for offset, count in self.shares.get(initiator, ())
         )
-        return max(self.positions.get(initiator, 0), below_floor)
+
+    def position(self, initiator: str | None = None) -> int:
+        """The first unused position in `initiator`'s share (default: this pool's holder's)."""
+        initiator = self._check_initiator(initiator)
+        return max(self.positions.get(initiator, 0), self._below_floor(initiator))
+
+    def _skipped_range(self, initiator: str, offset: int, count: int) -> int | None:
+        """Index of the skipped range of `initiator`'s share holding offset..+count whole
+        (None: none does). Only the peer's share keeps them: this end takes there only at
+        the offsets the peer's messages name, so a message overtaken by a later one still
+        finds its bytes, once."""
+        if initiator != self.peer:
+            return None
+        below_floor = self._below_floor(initiator)
+        for index, (start, end) in enumerate(self.skipped.get(initiator, ())):
+            if max(start, below_floor) <= offset and offset + count <= end:
+                return index
+        return None
 
     def available_for(self, initiator: str | None = None) -> int:
         """Bytes left for takes that `initiator` begins (default: this pool's holder)."""
@@ -301,6 +333,9 @@ class StationPool:
             "floor_bytes": self.floor_bytes,
             "initiator_positions": dict(sorted(self.positions.items())),
         }
+        skipped = {name: ranges for name, ranges in sorted(self.skipped.items()) if ranges}
+        if skipped:
+            record["skipped_positions"] = skipped
         tmp = f"{self.used_path}.{os.getpid()}.tmp"
         # a fresh file: a leftover or a planted symlink under this name is removed, never
         # followed (its target would be truncated) nor renamed into the record's place
@@ -357,12 +392,22 @@ class StationPool:
         """As take; with `check`, a function of the bytes, the take happens only when it
         returns true (under the same lock), and None is returned when it does not: nothing
         is used then."""
-        initiator, offset, count = self._bounds(count, offset, initiator)
+        initiator, offset, count, in_skipped = self._bounds(count, offset, initiator)
         data = self._read(initiator, offset, count)
         if check is not None and not check(data):
             return None
-        skipped = offset - self.position(initiator)
-        self.positions[initiator] = offset + count
+        if in_skipped is not None:  # a message overtaken by a later one: its bytes, once
+            start, end = self.skipped[initiator].pop(in_skipped)
+            rest = [[a, b] for a, b in ((start, offset), (offset + count, end)) if a < b]
+            self.skipped[initiator][in_skipped:in_skipped] = rest
+            skipped = 0
+        else:
+            skipped = offset - self.position(initiator)
+            if skipped and initiator == self.peer:
+                ranges = self.skipped.setdefault(initiator, [])
+                ranges.append([self.position(initiator), offset])
+                del ranges[:-MAX_SKIPPED_RANGES]  # the oldest beyond the bound: lost
+            self.positions[initiator] = offset + count
         self._write_used()  # write-ahead: durable before any byte is used
         # the pool bytes themselves, for audit: which bytes every take consumed
         ranges = [[start, start + size] for start, size in self._pieces(initiator, offset, count)]
@@ -370,8 +415,11 @@ class StationPool:
                  "position": offset, "bytes": count, "ranges": ranges}  # fmt: skip
         if skipped:
             entry["skipped_bytes"] = skipped
+        if in_skipped is not None:
+            entry["from_skipped"] = True
         self._journal(entry)
-        self.taken_bytes += count + skipped
+        if in_skipped is None:
+            self.taken_bytes += count + skipped
         return data
 
     def _bounds(self, count: int, offset: int | None, initiator: str | None) -> tuple:
@@ -380,7 +428,10 @@ class StationPool:
         offset = first if offset is None else int(offset)
         if count <= 0:
             raise BadInput(f"key pool {self.path}: take {count} bytes")
+        in_skipped = None
         if offset < first:
+            in_skipped = self._skipped_range(initiator, offset, count)
+        if offset < first and in_skipped is None:
             raise BadInput(
                 f"key pool {self.path}: bytes from {offset} of {initiator}'s share were "
                 f"already used (used up to {first}): refused, a key is never served twice"
@@ -394,7 +445,7 @@ class StationPool:
                 available,
                 count,
             )
-        return initiator, offset, count
+        return initiator, offset, count, in_skipped
 
     def _pieces(self, initiator: str, position: int, count: int) -> list[tuple[int, int]]:
         """(pool offset, bytes) of the pieces that positions position..+count of a share
