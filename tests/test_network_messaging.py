@@ -377,3 +377,50 @@ def test_messages_received_out_of_order_are_all_accepted_once(net, tmp_path):
         level = pool.level()
     assert level.used_bytes == _used(net, "Beijing", "Stellenbosch") == 3 * 16 + 1050
     assert level.lost_bytes == 0 and level.taken_bytes == level.used_bytes
+
+
+def _send_one(net, tmp_path, name: str, size: int) -> tuple[Path, Path]:
+    plain, message = tmp_path / f"{name}.bin", tmp_path / f"{name}.msg"
+    plain.write_bytes(os.urandom(size))
+    assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
+                   str(plain), "--out", str(message)]) == 0  # fmt: skip
+    return plain, message
+
+
+def test_a_receive_whose_output_cannot_be_written_can_run_again(net, tmp_path, capsys):
+    """The output directory missing (or the disk full): the receive fails with a one-line
+    error and its pool does not move, so the same message received again to a good path
+    decrypts. Before, the pad was taken first: the message was then refused as a replay,
+    lost for good (its sender's pad is gone too)."""
+    plain, message = _send_one(net, tmp_path, "image", 2000)
+    missing = tmp_path / "no-such-directory" / "image.bin"
+    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
+                   "--out", str(missing)]) == 2  # fmt: skip
+    assert str(missing) in capsys.readouterr().err
+    assert _used(net, "Stellenbosch", "Beijing") == 0
+    out = tmp_path / "image.out"
+    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
+                   "--out", str(out)]) == 0  # fmt: skip
+    assert out.read_bytes() == plain.read_bytes()
+
+
+def test_a_receive_killed_as_its_pool_moves_has_already_written_its_file(net, tmp_path):
+    """SIGKILL the moment the receiver's usage record moves (the message's bytes are gone
+    from then on): the decrypted file must already be in place, whole, or the message is
+    lost. Before, the record moved first and the file was written after it."""
+    record = Path(f"{pool_path(net, 'Stellenbosch', 'Beijing')}.used")
+    plain, message = _send_one(net, tmp_path, "image", 15_000)
+    before = record.stat().st_ino
+    out = tmp_path / "image.out"
+    killed = _qkdsat_process("receive", "--network", str(net), "--at", "Stellenbosch",
+                             str(message), "--out", str(out))  # fmt: skip
+    deadline = time.monotonic() + 60
+    while record.stat().st_ino == before and time.monotonic() < deadline:
+        time.sleep(0.0002)  # the take replaces the record (renamed into place)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert record.stat().st_ino != before, "the receive never took its pad"
+    assert out.read_bytes() == plain.read_bytes()
+    # and the message is not accepted again
+    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
+                   "--out", str(tmp_path / "again")]) == 2  # fmt: skip

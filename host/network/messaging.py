@@ -118,8 +118,9 @@ def _head(header: dict) -> bytes:
 def receive(network_dir, receiver: str, in_path, out_path) -> dict:
     """Check and decrypt a message; the output is written only when it authenticated. The
     pool bytes (at the sender's offset in its share) are taken, durably, only once the
-    message authenticated and before anything is written: a forged message moves nothing,
-    a replayed one is refused (its bytes are used)."""
+    message authenticated and its file is written: a forged message moves nothing, a
+    replayed one is refused (its bytes are used), and a receive cut before its take (or
+    whose file cannot be written) can run again."""
     check_name(receiver)
     try:
         message = Path(in_path).read_bytes()
@@ -165,18 +166,29 @@ def receive(network_dir, receiver: str, in_path, out_path) -> dict:
             decrypted.append(AESGCM(key).decrypt(nonce, sealed, head))
         return bool(decrypted)
 
+    def authentic_and_written(key: bytes) -> bool:
+        if not authentic(key):
+            return False
+        # before the pool moves: the pad is only ever used by the sender, so a receive cut
+        # here leaks nothing and runs again; written after the take, a cut or an unwritable
+        # --out lost the message for good (its bytes used, its file never written)
+        try:
+            _write_atomic(Path(out_path), decrypted[0])
+        except OSError as error:
+            raise BadInput(f"{out_path}: {error.strerror} (no pool byte was used)") from None
+        return True
+
     # The tag is checked BEFORE the pool moves (under the pool's lock), and the bytes are
     # taken only for a message that authenticated: a forgery naming a far pool_offset
     # must not burn the bytes up to it. The pad then serves one check per forgery, never
     # an output; a forger's chance stays (L + 1)/2^64 per forged message (docs).
     with StationPool(pool_path(network_dir, receiver, sender)) as pool:
         key = pool.take_checked(
-            needed, f"receive {header.get('name')} from {sender}", offset, sender, authentic
-        )
+            needed, f"receive {header.get('name')} from {sender}", offset, sender,
+            authentic_and_written,
+        )  # fmt: skip
     if key is None:
         raise MessageRejected(
             f"{in_path}: authentication failed: altered or forged (no pool byte was used)"
         )
-    del key
-    _write_atomic(Path(out_path), decrypted[0])
     return header
