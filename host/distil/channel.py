@@ -538,3 +538,20 @@ class AuthChannel:
         if not self.closed:
             self.closed = True
             self.transport.close()
+
+
+def endpoint_thread(name: str, endpoint, chan, result: dict) -> threading.Thread:
+    """A thread running `endpoint.run(chan)` (one side of a protocol in this process, for
+    distillation and time transfer alike): its outcome goes to result[name], an exception
+    to result[name + "_error"] for the caller to re-raise, and the channel is closed
+    whatever happens, so that the peer stops waiting."""
+
+    def body():
+        try:
+            result[name] = endpoint.run(chan)
+        except BaseException as error:  # re-raised in the calling thread
+            result[f"{name}_error"] = error
+        finally:
+            chan.close()
+
+    return threading.Thread(target=body, name=name, daemon=True)

@@ -492,18 +492,6 @@ def _stage_lines(progress):
     return on_stage
 
 
-def _endpoint_thread(name: str, endpoint, chan, result: dict) -> threading.Thread:
-    def body():
-        try:
-            result[name] = endpoint.run(chan)
-        except BaseException as error:  # re-raised in the main thread
-            result[f"{name}_error"] = error
-        finally:
-            chan.close()
-
-    return threading.Thread(target=body, name=name, daemon=True)
-
-
 def run_local(
     pass_dir,
     out_dir,
@@ -576,8 +564,8 @@ def _run_local(
     result = {}
     t0 = time.perf_counter()
     threads = [
-        _endpoint_thread("alice", alice, a_chan, result),
-        _endpoint_thread("bob", bob, b_chan, result),
+        ch.endpoint_thread("alice", alice, a_chan, result),
+        ch.endpoint_thread("bob", bob, b_chan, result),
     ]
     if progress is not None:
         progress(f"Alice and Bob started on {pass_dir}")
@@ -718,7 +706,7 @@ def _run_split(
         progress(f"{args.role}: connected; running the protocol")
     t0 = time.perf_counter()
     result = {}
-    thread = _endpoint_thread(args.role, endpoint, chan, result)
+    thread = ch.endpoint_thread(args.role, endpoint, chan, result)
     thread.start()
     _wait_for([thread], (chan,), progress)
     stem = key_names(seed is not None)[args.role]

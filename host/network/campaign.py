@@ -39,6 +39,7 @@ import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from host.distil.durable import fsync_directory, write_atomic
 from host.errors import BadInput, EnvironmentFailure
 
 CAMPAIGN_FORMAT_VERSION = 1
@@ -139,26 +140,10 @@ def _derived_seed(text: str, size_bytes: int) -> int:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """The one durable writer (host/distil/durable.py); its temporary is named apart per
+    call too, not only per process."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, data, mode, tmp)
 
 
 def _json_bytes(data) -> bytes:
@@ -278,7 +263,7 @@ def run_pass(campaign_dir: str, spec: dict) -> dict:
             "deterministic_randomness": bool(report.get("deterministic_randomness")),
         }
         _write_atomic(work / RESULT_NAME, _json_bytes(result))
-        _fsync_dir(work)
+        fsync_directory(work)
         try:
             os.rename(work, final)  # the commit point of the pass
         except OSError:
@@ -286,7 +271,7 @@ def run_pass(campaign_dir: str, spec: dict) -> dict:
                 raise
             shutil.rmtree(work, ignore_errors=True)  # a duplicate run finished first
             return finished(out, spec)
-        _fsync_dir(final.parent)
+        fsync_directory(final.parent)
         return result
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

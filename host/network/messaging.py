@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from host.distil.channel import _fsync_directory
+from host.distil.durable import write_atomic
 from host.errors import BadInput, ProtocolAborted
 from host.network.pool import PoolShort, StationPool, check_name, pool_path
 from host.network.relay import AUTH_BYTES, TAG_BYTES, wegman_carter_tag, xor_bytes
@@ -40,24 +40,9 @@ def pool_bytes_needed(cipher: str, plaintext_bytes: int) -> int:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """A decrypted message is as secret as the pad that hid it: written to a fresh
-    temporary file created 0600 (O_EXCL|O_NOFOLLOW: a file or symlink planted under that
-    name is removed first, never followed or truncated), fsync'd, renamed into place, and
-    the rename made durable."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # a leftover of a killed run with our pid, or a planted symlink
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_directory(str(path))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """A decrypted message is as secret as the pad that hid it: the one durable writer
+    (host/distil/durable.py), created 0600."""
+    write_atomic(path, data, 0o600)
 
 
 def send(network_dir, sender: str, receiver: str, in_path, out_path, cipher: str = OTP) -> dict:

@@ -325,30 +325,17 @@ class StationPool:
     # ---------------------------------------------------------------- writes
 
     def _write_used(self) -> None:
-        """Atomically and durably (same record and steps as KeyPool._write_record). The
-        record keeps each share's position and, as `used_bytes`, the high-water mark a
-        reader of the plain record (the auth pool) must begin after."""
-        record = {
-            "used_bytes": self._high_water(),
+        """Atomically and durably, by the auth pool's record writer (channel.py): the
+        record keeps, beside `used_bytes` (the high-water mark a reader of the plain record,
+        the auth pool, must begin after), each share's position and the ranges skipped."""
+        extra = {
             "floor_bytes": self.floor_bytes,
             "initiator_positions": dict(sorted(self.positions.items())),
         }
         skipped = {name: ranges for name, ranges in sorted(self.skipped.items()) if ranges}
         if skipped:
-            record["skipped_positions"] = skipped
-        tmp = f"{self.used_path}.{os.getpid()}.tmp"
-        # a fresh file: a leftover or a planted symlink under this name is removed, never
-        # followed (its target would be truncated) nor renamed into the record's place
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, json.dumps(record).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.used_path)
-        _fsync_directory(str(self.used_path))
+            extra["skipped_positions"] = skipped
+        write_usage_record(self.path, self._high_water(), **extra)
 
     def _journal(self, entry: dict) -> None:
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

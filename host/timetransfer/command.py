@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -245,18 +244,9 @@ def run_endpoints(
     to_ground, to_satellite = ch.queue_pair(timeout_s=ENDPOINT_TIMEOUT_S)
     to_ground.tamper = tamper
     results = {}
-
-    def body(name, endpoint, transport):
-        try:
-            results[name] = endpoint.run(transport)
-        except BaseException as error:  # re-raised in the calling thread
-            results[f"{name}_error"] = error
-        finally:
-            transport.close()
-
     threads = [
-        threading.Thread(target=body, args=("satellite", satellite, to_ground), daemon=True),
-        threading.Thread(target=body, args=("ground", ground, to_satellite), daemon=True),
+        ch.endpoint_thread("satellite", satellite, to_ground, results),
+        ch.endpoint_thread("ground", ground, to_satellite, results),
     ]
     try:
         for thread in threads:
