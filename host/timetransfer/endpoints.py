@@ -368,23 +368,28 @@ class SatelliteEndpoint:
         }
 
     def _downlink_by_slot(self, sift: dict):
-        """The downlink when the ground names the slots of its detections: the satellite's
-        epochs and symbols of those slots, sifted here against the ground's bases; the
-        ground's sample (over all its detections) restricted to the sifted ones."""
-        count = int(sift["downlink_count"])
-        _check(0 <= count, "downlink count")
-        slots = unpack_epochs(sift, "downlink_slot", count)
-        ground_basis = unpack_bits(sift["downlink_basis"], count)
-        sample = _positions(sift["downlink_sample"], count, "downlink sample")
-        try:
-            epoch_ps, basis, bit = self.downlink_source(slots)
-        except (IndexError, ValueError) as error:
-            raise ProtocolAborted(f"downlink slots the satellite did not emit ({error})") from None
-        sifted = np.asarray(basis, dtype=np.uint8) == ground_basis
-        in_sample = np.zeros(count, dtype=bool)
-        in_sample[sample] = True
-        epoch_ps, bit = np.asarray(epoch_ps, dtype=np.int64), np.asarray(bit, dtype=np.uint8)
-        return epoch_ps, bit, sifted, np.flatnonzero(in_sample[sifted])
+        return sift_downlink_by_slot(self.downlink_source, sift)
+
+
+def sift_downlink_by_slot(downlink_source, sift: dict):
+    """The downlink when the ground names the slots of its detections: the satellite's
+    epochs and symbols of those slots (`downlink_source`), sifted against the ground's
+    bases; the ground's sample (over all its detections) restricted to the sifted ones.
+    Returns (epoch_ps, bit, sifted mask, sample positions among the sifted)."""
+    count = int(sift["downlink_count"])
+    _check(0 <= count, "downlink count")
+    slots = unpack_epochs(sift, "downlink_slot", count)
+    ground_basis = unpack_bits(sift["downlink_basis"], count)
+    sample = _positions(sift["downlink_sample"], count, "downlink sample")
+    try:
+        epoch_ps, basis, bit = downlink_source(slots)
+    except (IndexError, ValueError) as error:
+        raise ProtocolAborted(f"downlink slots the satellite did not emit ({error})") from None
+    sifted = np.asarray(basis, dtype=np.uint8) == ground_basis
+    in_sample = np.zeros(count, dtype=bool)
+    in_sample[sample] = True
+    epoch_ps, bit = np.asarray(epoch_ps, dtype=np.int64), np.asarray(bit, dtype=np.uint8)
+    return epoch_ps, bit, sifted, np.flatnonzero(in_sample[sifted])
 
 
 class GroundEndpoint:

@@ -148,6 +148,25 @@ def satellite_records(out: Path, qkd_scenario, memory) -> tuple[dict, dict]:
     return {"uplink_rx": uplink, "downlink_source": downlink_source}, losses
 
 
+def stream_during_pass(out: Path, mission: MissionTwoWay, qkd_scenario, memory,
+                       keys_dir: Path, block_s: float = 1.0, speedup: float = 1.0,
+                       transports=None) -> tuple[dict, dict]:  # fmt: skip
+    """The mission's records streamed block by block (host/timetransfer/stream.py): the
+    satellite's uplink tags from the downloaded TDC log, its downlink symbols read on
+    board for the slots the ground names each block; sealed with `keys_dir`'s key (an
+    earlier distillation's: the pass's own exists only at its end). Returns (the
+    ground's report, the satellite's result). Not yet run by `qkdsat mission`: that
+    needs the mission's link session to carry the time-transfer stream beside the
+    distillation's (docs/time-transfer.md)."""
+    from host.timetransfer import stream
+
+    write_ground_records(out, mission, qkd_scenario)
+    satellite, _ = satellite_records(out, qkd_scenario, memory)
+    return stream.run_streaming(
+        out, keys_dir, block_s, speedup, transports=transports, satellite=satellite
+    )
+
+
 def run_stage(out: Path, qkd_profile: str, seed: int, window_s: float | None,
               key_made: bool, satellite_keys: Path | None = None, mission=None,
               qkd_scenario=None, memory=None) -> dict:  # fmt: skip

@@ -24,6 +24,11 @@ Messages, strictly alternating (the satellite is the first speaker):
     satellite -> ground  tt_block       final: block N-1's data only
     ground -> satellite  tt_result      SEALED: the measured offset (middle, rate)
 
+"By slot" (a satellite without a downlink record: a mission's, which reads its symbols
+on board): its tt_block says downlink_count = -1; the ground cuts its detections into
+blocks by its own clock and names each block's slots, its bases and a sample over all of
+them in tt_block_sift; the satellite sifts and returns the mask in the next tt_block.
+
 A bin is fitted once, when it is complete (its end more than COMPLETE_MARGIN_S behind
 the newest timing event of the direction, or at the end), from all its events; the
 ground combines a bin as soon as both directions' fits of it are in and records the
@@ -192,10 +197,14 @@ class StreamSatellite:
     """The payload processor's side, streaming: its uplink receptions and downlink
     emissions, read as the pass clock lets it."""
 
-    def __init__(self, scenario, events, pool, key_info, clock: PassClock, block_s: float):
+    def __init__(self, scenario, events, pool, key_info, clock: PassClock, block_s: float,
+                 downlink_source=None):  # fmt: skip
+        """`downlink_source`: as endpoints.SatelliteEndpoint's (a mission: the slot clock
+        and the head's pattern memory); the ground then names its detections' slots."""
         self.scenario, self.events = scenario, events
         self.pool, self.key_info = pool, key_info
         self.clock, self.block_s = clock, block_s
+        self.downlink_source = downlink_source
         self.sealed = None
 
     def run(self, transport) -> dict:
@@ -215,7 +224,12 @@ class StreamSatellite:
     def _run(self, chan, sealed) -> dict:
         scenario, block_s = self.scenario, self.block_s
         up_tag, up_basis, up_bit = self.events["uplink_rx"]
-        down_tag, down_basis, down_bit = self.events["downlink_tx"]
+        by_slot = self.downlink_source is not None
+        if by_slot:  # the ground names the slots: no downlink record of the satellite's
+            down_tag = np.zeros(0, np.int64)
+            down_basis = down_bit = np.zeros(0, np.uint8)
+        else:
+            down_tag, down_basis, down_bit = self.events["downlink_tx"]
         n_blocks = block_count(scenario, block_s)
         bin_s, n_bins = estimate.bin_grid(scenario)
         zero = min(
@@ -237,7 +251,7 @@ class StreamSatellite:
                 d = slice(down_edges[k], down_edges[k + 1])
                 fields.update(
                     uplink_count=int(up_basis[u].size), uplink_basis=pack_bits(up_basis[u]),
-                    downlink_count=int(down_basis[d].size),
+                    downlink_count=endpoints.BY_SLOT if by_slot else int(down_basis[d].size),
                     downlink_basis=pack_bits(down_basis[d]),
                 )  # fmt: skip
             if previous is not None:
@@ -250,6 +264,8 @@ class StreamSatellite:
                     downlink_sample_bits=pack_bits(previous["down_sample_bits"]),
                     uplink_sample_errors=previous["up_errors"],
                 )
+                if by_slot:
+                    fields["downlink_sifted"] = pack_bits(previous["down_sifted"])
             chan.send("tt_block", **fields)
             if final:
                 break
@@ -271,13 +287,20 @@ class StreamSatellite:
             if got.size:
                 t2, y = estimate.uplink_samples(scenario, orbit, emission[timing], got, base)
                 uplink.add(t2, y)
-            down_sifted = unpack_bits(sift["downlink_sifted"], down_basis[d].size).astype(bool)
-            down_sample = _positions(
-                sift["downlink_sample"], int(down_sifted.sum()), "downlink sample"
-            )
+            if by_slot:
+                epochs, bits, down_sifted, down_sample = endpoints.sift_downlink_by_slot(
+                    self.downlink_source, sift
+                )
+            else:
+                epochs, bits = down_tag[d], down_bit[d]
+                down_sifted = unpack_bits(sift["downlink_sifted"], epochs.size).astype(bool)
+                down_sample = _positions(
+                    sift["downlink_sample"], int(down_sifted.sum()), "downlink sample"
+                )
             previous = {
-                "down_epochs": down_tag[d][down_sifted],
-                "down_sample_bits": down_bit[d][down_sifted][down_sample],
+                "down_epochs": epochs[down_sifted],
+                "down_sample_bits": bits[down_sifted][down_sample],
+                "down_sifted": down_sifted,
                 "up_errors": int(wrong.sum()),
             }
         result = sealed.open(chan.recv("tt_result")["sealed"], "tt_offset")
@@ -297,7 +320,10 @@ class StreamGround:
     at which each bin's offset was known."""
 
     def __init__(self, scenario, events, pool, key_info, clock: PassClock, block_s: float,
-                 rng=None):  # fmt: skip
+                 rng=None, downlink_slots=None):  # fmt: skip
+        """`downlink_slots`: the slot of each downlink detection, named to a satellite
+        that asks (endpoints.GroundEndpoint's)."""
+        self.downlink_slots = downlink_slots
         self.scenario, self.events = scenario, events
         self.pool, self.key_info = pool, key_info
         self.clock, self.block_s = clock, block_s
@@ -351,11 +377,28 @@ class StreamGround:
         u0 = d0 = 0
         base = None
         pending = None
+        by_slot = None  # decided by the satellite's first block
+        n_blocks = block_count(scenario, self.block_s)
+        zero = min(
+            int(up_tag[0]) if up_tag.size else 2**62, int(down_tag[0]) if down_tag.size else 2**62
+        )
+        own_down_edges = block_edges(down_tag, zero, self.block_s, n_blocks)
         up_sigma = math.nan
         counts = {"up": [0, 0], "down": [0, 0], "up_sifted": 0, "down_sifted": 0}
         while True:
             message = chan.recv("tt_block")
             final = bool(message["final"])
+            if pending is not None and by_slot:  # the satellite sifted the named slots
+                sifted = unpack_bits(message["downlink_sifted"], pending["count"]).astype(bool)
+                in_sample = np.zeros(pending["count"], dtype=bool)
+                in_sample[pending["sample_all"]] = True
+                pending.update(
+                    n_down=int(sifted.sum()),
+                    received=pending["tags"][sifted],
+                    down_bits=pending["bits"][sifted],
+                    down_sample=np.flatnonzero(in_sample[sifted]),
+                )
+                counts["down_sifted"] += int(sifted.sum())
             if pending is not None:
                 _check("sealed" in message, "block data missing")
                 b, first, a, variance, n, up_sigma = unpack_fit_bytes(
@@ -391,6 +434,16 @@ class StreamGround:
                 break
             k = int(message["block"])
             n_up, n_dn = int(message["uplink_count"]), int(message["downlink_count"])
+            if by_slot is None:
+                by_slot = n_dn == endpoints.BY_SLOT
+                if by_slot and self.downlink_slots is None:
+                    raise ProtocolAborted(
+                        "the satellite asks for the downlink slots and the ground has no "
+                        "slot identification of its detections"
+                    )
+            _check((n_dn == endpoints.BY_SLOT) == by_slot, "downlink mode changed")
+            if by_slot:  # the ground's own blocks of its detections, by its clock
+                n_dn = int(own_down_edges[k + 1] - own_down_edges[k]) if k < n_blocks else 0
             if u0 + n_up > up_basis.size or d0 + n_dn > down_basis.size:
                 raise ProtocolAborted(
                     f"block {k}: the satellite names events past the ground's records: the "
@@ -399,11 +452,24 @@ class StreamGround:
             u, d = slice(u0, u0 + n_up), slice(d0, d0 + n_dn)
             u0, d0 = u0 + n_up, d0 + n_dn
             up_sifted = unpack_bits(message["uplink_basis"], n_up) == up_basis[u]
-            down_sifted = unpack_bits(message["downlink_basis"], n_dn) == down_basis[d]
             up_sample = self._sample(int(up_sifted.sum()))
-            down_sample = self._sample(int(down_sifted.sum()))
             counts["up_sifted"] += int(up_sifted.sum())
-            counts["down_sifted"] += int(down_sifted.sum())
+            if by_slot:  # name the slots and bases; the satellite sifts
+                sample_all = self._sample(n_dn)
+                downlink_fields = {
+                    "downlink_count": n_dn,
+                    **pack_epochs("downlink_slot", self.downlink_slots[d]),
+                    "downlink_basis": pack_bits(down_basis[d]),
+                    "downlink_sample": sample_all,
+                }
+            else:
+                down_sifted = unpack_bits(message["downlink_basis"], n_dn) == down_basis[d]
+                down_sample = self._sample(int(down_sifted.sum()))
+                counts["down_sifted"] += int(down_sifted.sum())
+                downlink_fields = {
+                    "downlink_sifted": pack_bits(down_sifted),
+                    "downlink_sample": down_sample,
+                }
             chan.send(
                 "tt_block_sift",
                 block=k,
@@ -411,16 +477,20 @@ class StreamGround:
                 **pack_epochs("uplink_emission", up_tag[u][up_sifted]),
                 uplink_sample=up_sample,
                 uplink_sample_bits=pack_bits(up_bit[u][up_sifted][up_sample]),
-                downlink_sifted=pack_bits(down_sifted),
-                downlink_sample=down_sample,
+                **downlink_fields,
             )
-            pending = {
-                "n_down": int(down_sifted.sum()),
-                "received": down_tag[d][down_sifted],
-                "down_bits": down_bit[d][down_sifted],
-                "down_sample": down_sample,
-                "up_sampled": int(up_sample.size),
-            }
+            pending = {"up_sampled": int(up_sample.size)}
+            if by_slot:
+                pending.update(
+                    count=n_dn, sample_all=sample_all, tags=down_tag[d], bits=down_bit[d]
+                )
+            else:
+                pending.update(
+                    n_down=int(down_sifted.sum()),
+                    received=down_tag[d][down_sifted],
+                    down_bits=down_bit[d][down_sifted],
+                    down_sample=down_sample,
+                )
         if u0 != up_basis.size or d0 != down_basis.size:
             raise ProtocolAborted(
                 "the satellite's blocks cover a different number of events than the "
@@ -478,16 +548,24 @@ class StreamGround:
 
 def run_streaming(
     pass_dir: Path, keys_dir: Path, block_s: float = 1.0, speedup: float = 1.0,
-    transports=None, tamper=None,
+    transports=None, tamper=None, satellite=None,
 ) -> tuple[dict, dict]:  # fmt: skip
     """Both streaming endpoints in threads over `transports` (satellite's, ground's; an
     in-process pair by default, or the optical link's time-transfer stream); returns (the
-    ground's report, the satellite's result) or raises ProtocolAborted with the report."""
+    ground's report, the satellite's result) or raises ProtocolAborted with the report.
+    `satellite`: the satellite's records when they are not satellite/tt_*.npz, as
+    command.run_endpoints's ({"uplink_rx", "downlink_source"})."""
     if not (math.isfinite(block_s) and 0.1 <= block_s <= 10.0):
         raise BadInput(f"--block-s {block_s}: must be in [0.1, 10] s")
     scenario = files.read_scenario(pass_dir)
-    satellite_events = files.read_events(pass_dir, files.SATELLITE_FILES)
+    downlink_source = None
+    if satellite is None:
+        satellite_events = files.read_events(pass_dir, files.SATELLITE_FILES)
+    else:
+        satellite_events = {"uplink_rx": satellite["uplink_rx"]}
+        downlink_source = satellite["downlink_source"]
     ground_events = files.read_events(pass_dir, files.GROUND_FILES)
+    ground_slots = files.read_downlink_slots(pass_dir)
     satellite_pool, satellite_key = endpoints.open_time_key(keys_dir, "satellite")
     try:
         ground_pool, ground_key = endpoints.open_time_key(keys_dir, "ground")
@@ -496,9 +574,13 @@ def run_streaming(
         raise
     clock = PassClock(speedup)
     satellite = StreamSatellite(
-        scenario, satellite_events, satellite_pool, satellite_key, clock, block_s
-    )
-    ground = StreamGround(scenario, ground_events, ground_pool, ground_key, clock, block_s)
+        scenario, satellite_events, satellite_pool, satellite_key, clock, block_s,
+        downlink_source,
+    )  # fmt: skip
+    ground = StreamGround(
+        scenario, ground_events, ground_pool, ground_key, clock, block_s,
+        downlink_slots=ground_slots,
+    )  # fmt: skip
     if transports is None:
         transports = ch.queue_pair(timeout_s=600.0)
     to_ground, to_satellite = transports
