@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 import struct
-import threading
 import time
 from pathlib import Path
 
@@ -587,18 +586,9 @@ def run_streaming(
     if tamper is not None:
         to_ground.tamper = tamper
     results = {}
-
-    def body(name, endpoint, transport):
-        try:
-            results[name] = endpoint.run(transport)
-        except BaseException as error:
-            results[f"{name}_error"] = error
-        finally:
-            transport.close()
-
     threads = [
-        threading.Thread(target=body, args=("satellite", satellite, to_ground), daemon=True),
-        threading.Thread(target=body, args=("ground", ground, to_satellite), daemon=True),
+        ch.endpoint_thread("satellite", satellite, to_ground, results),
+        ch.endpoint_thread("ground", ground, to_satellite, results),
     ]
     started = time.process_time()
     try:
