@@ -55,21 +55,25 @@ def _bits_of(count_range: int) -> int:
 
 def _bob_string_dependent_bits(alice: Wire, bob: Wire, key_bases: list) -> tuple[list, dict]:
     """From what went over the wire: per EC block, what Bob's own messages can say about his
-    string (a frame list is a subset of the block's frames; a step, in ec_top_up or
-    ec_status, one of n + 1 values; ec_check one bit), and per key basis what his error
+    string (a frame list is a subset of the block's frames; a step, in ec_top_up, one of
+    n + 1 values, and one more for all the retries' ec_status steps, which follow the retry
+    schedule from the first; ec_check one bit), and per key basis what his error
     counts can say (each count in [0, n] for the n the same message or the block gives)."""
     frames = [int(f["frames"]) for kind, f in alice.messages if kind == "ec_syndromes"]
     step_bits = _bits_of(ldpc.FRAME_BITS)
     ec_bits, counts_bits = [], dict.fromkeys(key_bases, 0)
-    block, in_block = -1, False
+    block, in_block, retried = -1, False, False
     for kind, fields in bob.messages:
         if kind == "ec_top_up":
             if not in_block:  # a block's first message from Bob
-                block, in_block = block + 1, True
+                block, in_block, retried = block + 1, True, False
                 ec_bits.append(1)  # its ec_check, sent once per block
             ec_bits[block] += step_bits
         elif kind == "ec_status":
-            ec_bits[block] += frames[block] + step_bits
+            ec_bits[block] += frames[block]
+            if int(fields["step"]) and not retried:
+                ec_bits[block] += step_bits
+                retried = True
         elif kind == "ec_discard":
             ec_bits[block] += frames[block]
         elif kind == "ec_check":

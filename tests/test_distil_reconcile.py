@@ -184,8 +184,9 @@ def test_ldpc_exchange_corrects_every_frame_and_both_sides_count_the_same_leak()
 
 def _bob_bits(stats: dict, lists: int, code_n: int = 8192) -> int:
     """Bob's string-dependent EC messages: each frame list (ec_status, ec_discard) a subset
-    of the frames, each step (ec_status, ec_top_up) one of n + 1 values, ec_check one bit."""
-    steps = stats["retry_rounds"] + 1 + stats["top_up_messages"]
+    of the frames, each ec_top_up step one of n + 1 values, the retries' steps one such
+    value (they follow the schedule from the first), ec_check one bit."""
+    steps = int(stats["retry_rounds"] > 0) + stats["top_up_messages"]
     return stats["frames"] * lists + steps * math.ceil(math.log2(code_n + 1)) + 1
 
 

@@ -63,21 +63,43 @@ class Wire:
 
 
 WIRES = {}  # the streamed run's messages, each direction
+# Bob's block cuts in the streamed run (true seconds: the newest anchor when a block's
+# detections are assigned) and his clock map (ground ps -> true seconds), read by spies that
+# change nothing, with the synchroniser as it ended
+CUTS = {"cuts_s": [], "ground_ps": [], "true_s": [], "sync": None}
 
 
 @pytest.fixture(scope="module")
 def streamed(micius_30s, tmp_path_factory):
+    from host.distil import timesync
+
     out = tmp_path_factory.mktemp("stream")
     WIRES["alice"], WIRES["bob"] = Wire(), Wire()
-    report = run_local(
-        micius_30s,
-        out,
-        Config(),
-        insecure_deterministic_seed=SEED,
-        stream=STREAM,
-        tamper=WIRES["alice"],
-        tamper_bob=WIRES["bob"],
-    )
+    assign, true_seconds = timesync.Synchroniser.assign, timesync._true_seconds
+
+    def assign_spy(self, t_all, det):
+        CUTS["cuts_s"].append(max(self.anchors_t))
+        CUTS["sync"] = self
+        return assign(self, t_all, det)
+
+    def true_seconds_spy(time_ps, pps_ps, pass_json):
+        true = true_seconds(time_ps, pps_ps, pass_json)
+        CUTS["ground_ps"].append(np.asarray(time_ps))
+        CUTS["true_s"].append(true)
+        return true
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(timesync.Synchroniser, "assign", assign_spy)
+        patch.setattr(timesync, "_true_seconds", true_seconds_spy)
+        report = run_local(
+            micius_30s,
+            out,
+            Config(),
+            insecure_deterministic_seed=SEED,
+            stream=STREAM,
+            tamper=WIRES["alice"],
+            tamper_bob=WIRES["bob"],
+        )
     return report, out
 
 
@@ -97,6 +119,8 @@ STREAM_FIELDS = {
         "bits": PUBLIC,
         "qber": PUBLIC,
         "sample_bits": PUBLIC,
+        "sized_from_basis": PUBLIC,
+        "sized_from_chunk": PUBLIC,
         "t_handled_s": PUBLIC,
         "last_detection_s": PUBLIC,
     },
@@ -352,3 +376,83 @@ def test_alice_refuses_a_slot_sifted_in_an_earlier_block(micius_30s, tmp_path, m
     assert report["aborted"], "Alice sifted a slot twice"
     assert "not strictly after the slots already sifted" in report["abort_reason"]
     assert not list(tmp_path.glob("*.key"))
+
+
+def test_alice_refuses_bob_detection_counts_that_differ_from_her_own(
+    micius_30s, tmp_path, monkeypatch
+):
+    """A Bob whose per-intensity key-block counts are off (a faulty ground segment, or one
+    that inflates the signal class): the decoy bounds would rest on detections that never
+    happened and the key come out longer. Alice counts her own sifted bits per intensity and
+    aborts; no key on either side."""
+    from host.distil import protocol
+
+    original = protocol._counts_table
+
+    def inflated(names, intensity, errors_mask, known_mask):
+        table = original(names, intensity, errors_mask, known_mask)
+        first = names[0]
+        table[first] = [table[first][0] + 1000, table[first][1]]
+        return table
+
+    monkeypatch.setattr(protocol, "_counts_table", inflated)
+    fast = StreamOptions(block_s=1.0, speedup=30.0, chunk_frames=1)
+    report = run_local(
+        micius_30s, tmp_path, Config(), insecure_deterministic_seed=SEED, stream=fast
+    )
+    assert report["aborted"], "Alice took Bob's inflated counts"
+    assert "detection count differs from Alice's" in report["abort_reason"]
+    assert not list(tmp_path.glob("*.key"))
+
+
+def test_a_double_click_split_by_a_block_cut_is_squashed_as_one_slot(
+    micius_30s, streamed, tmp_path
+):
+    """A cross-basis double click (H and D in one slot) whose two clicks fall either side
+    of the time where Bob cuts a block: both clicks must reach the squashing together (a
+    uniformly random basis and bit), as post-pass. Split, the first block took the H click
+    alone as a clean Z outcome and the next dropped the D click as a slot already sent: a
+    two-photon pulse could pass as error-free single-basis clicks at every cut.
+
+    The cuts and the clock map are those of the streamed run (spies); the same pass with a
+    pair added across each cut that lies inside a slot's timing gate is streamed again:
+    its squashed cross-basis slots are the first run's plus one per pair."""
+    import shutil
+
+    from host.formats.qdet import read_detections, write_detections
+
+    report, _ = streamed
+    sync = CUTS["sync"]
+    ground_ps = np.concatenate(CUTS["ground_ps"])
+    true_s = np.concatenate(CUTS["true_s"])
+    half_ps = 20  # each click 20 ps from the cut: one slot (10,000 ps), inside its gate
+    pairs = []
+    for cut_s in CUTS["cuts_s"][:-1]:  # the last assignment is loss of signal, no cut
+        if cut_s < 5.0 or (pairs and cut_s - pairs[-1] < 1.0):
+            continue  # after the first synchronisation, one pair per block at most
+        around = np.array([cut_s - half_ps * 1e-12, cut_s + half_ps * 1e-12])
+        result = sync.assign(around, np.ones(2, bool))
+        if result.assigned.all() and result.slots[0] == result.slots[1]:
+            pairs.append(cut_s)
+    assert len(pairs) >= 3, "too few block cuts inside a slot's gate on this pass"
+    crafted = tmp_path / "pass"
+    shutil.copytree(micius_30s, crafted)
+    detections = crafted / "ground" / "detections.qdet"
+    time_ps, channels, header = read_detections(detections)
+    centre_ps = np.rint(np.interp(pairs, true_s, ground_ps)).astype(np.int64)
+    added_ps = np.concatenate([centre_ps - half_ps, centre_ps + half_ps])
+    added_ch = np.concatenate([np.zeros(len(pairs)), np.full(len(pairs), 2)])  # H, then D
+    order = np.argsort(np.concatenate([time_ps, added_ps]), kind="stable")
+    header.pop("count", None)
+    write_detections(
+        detections,
+        np.concatenate([time_ps, added_ps])[order],
+        np.concatenate([channels, added_ch.astype(np.int16)])[order],
+        header,
+    )
+    fast = StreamOptions(block_s=1.0, speedup=30.0, chunk_frames=1)
+    again = run_local(
+        crafted, tmp_path / "out", Config(), insecure_deterministic_seed=SEED, stream=fast
+    )
+    before = report["sync"]["multi_click_slots"]["both_bases"]
+    assert again["sync"]["multi_click_slots"]["both_bases"] == before + len(pairs), pairs

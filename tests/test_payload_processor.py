@@ -271,9 +271,10 @@ def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, k
         assert check == stats["leak_ec_check_bits"]
         # Bob's own messages, computed from his string: each ec_status (the last one too)
         # and ec_discard (sent with the frame tags) names a subset of the frames, each
-        # ec_status and ec_top_up a step in [0, n], ec_check one bit
+        # ec_top_up a step in [0, n], the retries' ec_status steps one such step (they
+        # follow the retry schedule from the first), ec_check one bit
         lists = status_messages + int(any(k == "ec_frame_tags" for k, _ in part))
-        steps = status_messages + top_up_messages
+        steps = int(status_messages > 1) + top_up_messages
         bob_bits = frames * lists + steps * math.ceil(math.log2(code.n + 1)) + 1
         assert stats["leak_bob_messages_bits"] == bob_bits
         # the EC leak the key length is cut by: syndromes (their rank), reveals, checks

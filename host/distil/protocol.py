@@ -323,6 +323,56 @@ def _sample_positions(count: int, config: Config, rng) -> np.ndarray:
     return np.sort(rng.choice(count, size=size, replace=False)) if size else np.zeros(0, int)
 
 
+def own_detection_counts(
+    names, s_basis: np.ndarray, s_int: np.ndarray, key_positions: dict
+) -> tuple[dict, dict]:
+    """Alice's own n per intensity, from her record of the sifted bits (basis and
+    intensity of each) and the key blocks' positions (disclosed frames included): the n of
+    Bob's error_counts tables (counts_full per basis, counts_key per key basis) must be
+    these. Computed by bincount, not by Bob's _counts_table."""
+    full = {}
+    for b, name in enumerate(BASES):
+        per = np.bincount(s_int[s_basis == b], minlength=len(names))
+        full[name] = {k: int(per[i]) for i, k in enumerate(names)}
+    key = {}
+    for name, positions in key_positions.items():
+        per = np.bincount(s_int[np.asarray(positions, np.int64)], minlength=len(names))
+        key[name] = {k: int(per[i]) for i, k in enumerate(names)}
+    return full, key
+
+
+def check_bob_counts(counts_full: dict, counts_key: dict, own: tuple[dict, dict]) -> None:
+    """Bob's per-intensity detection counts against Alice's own (own_detection_counts), and
+    every error count within [0, n]: the decoy bounds and so the key length rest on them, and
+    an n raised by one faulty or tampered ground segment would lengthen the key with not one
+    detection more."""
+    for table_name, theirs, mine in (
+        ("counts_full", counts_full, own[0]),
+        ("counts_key", counts_key, own[1]),
+    ):
+        if not isinstance(theirs, dict) or set(theirs) != set(mine):
+            raise ProtocolAborted(f"error_counts {table_name}: bases differ from Alice's")
+        for basis, per in mine.items():
+            if not isinstance(theirs[basis], dict) or set(theirs[basis]) != set(per):
+                raise ProtocolAborted(
+                    f"error_counts {table_name}: {basis}-basis intensities differ from Alice's"
+                )
+            for k, n in per.items():
+                value = theirs[basis][k]
+                if not (isinstance(value, list) and len(value) == 2):
+                    raise ProtocolAborted(f"error_counts {table_name}: {basis}/{k} malformed")
+                their_n, their_m = value
+                if their_n != n:
+                    raise ProtocolAborted(
+                        f"Bob's detection count differs from Alice's: {table_name} {basis}-basis "
+                        f"{k} n={their_n}, Alice sifted {n}"
+                    )
+                if not (isinstance(their_m, int) and 0 <= their_m <= n):
+                    raise ProtocolAborted(
+                        f"error_counts {table_name}: {basis}/{k} errors {their_m} not in [0, {n}]"
+                    )
+
+
 def _counts_table(names, intensity, errors_mask, known_mask) -> dict:
     """{intensity: [n, m]} over the positions of one basis."""
     table = {}
@@ -536,6 +586,13 @@ class Alice:
                         raise ProtocolAborted(
                             f"ec_block_errors: {previous} for {key_bits.size} bits"
                         )
+        key_positions = {}
+        for name in key_bases:
+            pos_all = np.nonzero(s_basis == BASES.index(name))[0]
+            keep = np.ones(pos_all.size, bool)
+            keep[disclosed[name]] = False
+            key_positions[name] = pos_all[keep]
+        own = own_detection_counts(intensity_names(self.pass_json), s_basis, s_int, key_positions)
         return self._finish(
             channel,
             stage,
@@ -546,16 +603,28 @@ class Alice:
             discards,
             my_leaks,
             (leak_total, frames, frame_errors),
+            own,
         )
 
     def _finish(
-        self, channel, stage, out, report, sifted_bits, blocks, discards, my_leaks, ec_totals
+        self,
+        channel,
+        stage,
+        out,
+        report,
+        sifted_bits,
+        blocks,
+        discards,
+        my_leaks,
+        ec_totals,
+        own_counts,
     ) -> dict:
         """After error correction, the same for the whole pass post-pass or streamed
         (host/distil/stream.py): Bob's error counts, verification, the finite-key length,
         privacy amplification. blocks: the key block per basis, the discarded frames left
         out; discards: their frames and bits per basis; my_leaks: Alice's EC leak count per
-        basis; ec_totals: (leak, frames, frame errors) over the pass."""
+        basis; ec_totals: (leak, frames, frame errors) over the pass; own_counts: Alice's
+        own detection counts per intensity (own_detection_counts), checked against Bob's."""
         cfg = self.config
         key_bases = report["key_bases"]
         leak_total, frames, frame_errors = ec_totals
@@ -564,6 +633,7 @@ class Alice:
             msg = channel.recv("error_counts")
             counts_full = json.loads(msg["counts_full"])
             counts_key = json.loads(msg["counts_key"])
+            check_bob_counts(counts_full, counts_key, own_counts)
             leaks = json.loads(msg["leaks"])
             if set(leaks) != set(my_leaks) or any(leaks[n] < my_leaks[n] for n in my_leaks):
                 # the key length is cut by the leak: Alice accepts no smaller count than her
@@ -801,6 +871,7 @@ class Bob:
         self.time_ps, self.channels, self.det_header = read_detections(ground / "detections.qdet")
         pps_path = ground / "pps.qdet"
         self.pps_ps = read_detections(pps_path)[0] if pps_path.exists() else None
+        self.multi_click_slots = {"one_basis": 0, "both_bases": 0}  # squashed
         self.config = config
         check_parameters(self.pass_json, config)
         self.rng = endpoint_random(insecure_deterministic_seed)
@@ -818,6 +889,8 @@ class Bob:
             out.report["sync"] = sync.summary()
             with stage("sifting"):
                 slots, basis, bit = self._detections_to_slots(sync)
+                # slots with clicks on more than one detector, squashed (report: sync)
+                out.report["sync"]["multi_click_slots"] = dict(self.multi_click_slots)
                 (s_basis, s_bit, s_int), _ = _request_sifting(
                     channel, "detections", "sift", slots, basis, bit
                 )
@@ -861,6 +934,7 @@ class Bob:
         multi = np.nonzero(counts > 1)[0]
         # one uniform (basis, bit) pair per multi-tag slot, drawn whether used or not
         coins = self.rng.integers(0, 2, (multi.size, 2), dtype=np.uint8)
+        tally = self.multi_click_slots
         for i, (basis_coin, bit_coin) in zip(multi, coins, strict=True):  # few per pass
             clicked = np.unique(ch[first[i] : first[i] + counts[i]])
             if clicked.size == 1:
@@ -870,6 +944,9 @@ class Bob:
                 # both bases, so neither detector's value may be kept (picking one would
                 # let a two-photon pulse |H>|+> look error-free in Z and in X alike).
                 basis[i] = basis_coin
+                tally["both_bases"] += 1
+            else:
+                tally["one_basis"] += 1
             bit[i] = bit_coin
         return unique.astype(np.int64), basis, bit
 

@@ -124,13 +124,16 @@ def _bob_messages_bits(
 ) -> int:
     """What Bob's own EC messages can tell about his string, counted conservatively (each is
     computed from it, his QBER measured on the syndromes included): every ec_status names
-    a subset of the frames (frame_count bits, whatever its encoding) and a step in [0, n],
-    every ec_top_up a step, ec_check one bit, and ec_discard, when sent, another subset.
-    About 0.1-0.3 kbit a block; docs/distillation.md."""
+    a subset of the frames (frame_count bits, whatever its encoding), every ec_top_up a
+    step in [0, n], ec_check one bit, and ec_discard, when sent, another subset. The retry
+    steps are one step in [0, n]: retry k reveals _retry_step(base, k), base the first
+    retry's step (Alice refuses any other), so the rounds after the first add only their
+    frame lists. About 0.1-0.3 kbit a block; docs/distillation.md."""
     step_bits = math.ceil(math.log2(code_n + 1))
+    retried = status_messages > 1  # the last ec_status carries no step
     return (
         frame_count * (status_messages + int(discard))
-        + step_bits * (status_messages + top_up_messages)
+        + step_bits * (top_up_messages + int(retried))
         + 1
     )
 
@@ -362,6 +365,7 @@ def ldpc_alice(
     else:
         raise ReconciliationFailed("ec_top_up: more than two top-ups")
     status_messages = 0
+    base_step = None
     while True:
         msg = channel.recv("ec_status")
         status_messages += 1
@@ -371,6 +375,10 @@ def ldpc_alice(
         step = int(msg["step"])
         if not 0 < step <= code.n:
             raise ReconciliationFailed(f"ec_status: step {step} out of range")
+        base_step = step if base_step is None else base_step
+        # the leak counts one step for all retries (_bob_messages_bits): they must follow
+        if step != _retry_step(base_step, status_messages - 1):
+            raise ReconciliationFailed(f"ec_status: step {step} off the retry schedule")
         reveal(failed, step)
     # Check of the frames Bob decoded, under a key drawn only now (after Bob's decoder has
     # fixed its output, so the wrong words cannot depend on it): one tag of them all, and

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,18 +45,20 @@ from host.distil.channel import AuthenticationFailed, ChannelClosed, PeerAborted
 from host.distil.endpoint_random import endpoint_random
 from host.distil.protocol import (
     BASES,
+    EC_CONSISTENT_SIGMAS,
     Alice,
     Bob,
     Config,
     Outcome,
-    _ec_sizing,
     _end_failed_run,
     _naming_block,
     _public_seed,
     _request_sifting,
     _Stages,
     check_parameters,
+    intensity_names,
     key_bases_for,
+    own_detection_counts,
 )
 from host.errors import BadInput, ProtocolAborted
 from host.formats.passdir import read_pass_json
@@ -235,10 +237,19 @@ class _Growing:
 
 def sample_target(count: int, cfg: Config) -> int:
     """Disclosed sample after `count` sifted bits of a key basis: the post-pass rule
-    (protocol._sample_positions) applied to the bits so far, without its cap
-    (sample_max): every chunk needs a sample of its own stretch of the pass to be sized
-    from (Bob._estimate), so the sample goes on growing at sample_fraction."""
-    return min(count, max(cfg.sample_min, int(cfg.sample_fraction * count)))
+    (protocol._sample_positions) applied to the bits so far, its cap (sample_max)
+    included. Uncapped (2 % of a full micius-2017 pass: 15.9 kbit per basis instead of
+    8,192) the extra disclosed bits left the key blocks and took 3.3-3.6 kbit of s1 per
+    basis with them (-2.5 kbit of key each). Once the cap is reached, the chunks are
+    sized from the exact error counts of the chunks reconciled before them
+    (StreamBob._estimate), which come from ~15x more bits than a 2 % sample of a chunk."""
+    return min(count, max(cfg.sample_min, int(cfg.sample_fraction * count)), cfg.sample_max)
+
+
+def count_announcement_bits(chunk_bits: int) -> int:
+    """Leak of announcing a reconciled chunk's error count (a number in [0, chunk_bits]),
+    counted as post-pass counts ec_block_errors (protocol.bob_counts_bits)."""
+    return math.ceil(math.log2(chunk_bits + 1))
 
 
 def chunk_bits(cfg: Config, options: StreamOptions, qber: float, sample_bits: int) -> int:
@@ -269,6 +280,17 @@ class _Sifted:
 
     def backlog_total(self) -> int:
         return sum(self.backlog(n) for n in self.key_positions)
+
+
+def _sizing_source(msg: dict, chunk_sizes: dict) -> tuple[str, int] | None:
+    """The reconciled chunk whose exact error count a reconcile request was sized from
+    (its QBER field reveals that count), or None (sized from the disclosed sample)."""
+    basis, index = str(msg.get("sized_from_basis", "")), int(msg.get("sized_from_chunk", -1))
+    if not basis:
+        return None
+    if basis not in chunk_sizes or not 0 <= index < len(chunk_sizes[basis]):
+        raise ProtocolAborted(f"stream: sized from chunk {index} of {basis!r}, not reconciled")
+    return basis, index
 
 
 def _check_step(msg: dict, expected: str) -> None:
@@ -309,6 +331,8 @@ class StreamAlice(Alice):
             discards = {n: {"frames_discarded": 0, "bits_discarded": 0} for n in key_bases}
             my_leaks = dict.fromkeys(key_bases, 0)
             totals = [0, 0, 0]  # leak, frames, frame errors
+            chunk_sizes = {n: [] for n in key_bases}  # bits of each reconciled chunk
+            announced = set()  # (basis, chunk) whose error count Bob's sizing revealed
             detections = 0
             while True:
                 msg = watched.recv("stream_next")
@@ -328,8 +352,16 @@ class StreamAlice(Alice):
                     )
                 elif step == "reconcile":
                     name = str(msg["basis"])
+                    source = _sizing_source(msg, chunk_sizes)
+                    if source is not None and source not in announced:
+                        # the chunk's QBER Bob sized from is that chunk's exact error count
+                        announced.add(source)
+                        leak = count_announcement_bits(chunk_sizes[source[0]][source[1]])
+                        my_leaks[source[0]] += leak
+                        totals[0] += leak
                     with stage("error_correction"):
                         kept_bits, stats, count = self._reconcile(channel, msg, sifted, name)
+                    chunk_sizes[name].append(count)
                     blocks[name].append(kept_bits)
                     discards[name]["frames_discarded"] += int(stats.get("frames_discarded", 0))
                     discards[name]["bits_discarded"] += count - kept_bits.size
@@ -364,6 +396,12 @@ class StreamAlice(Alice):
                 discards,
                 my_leaks,
                 tuple(totals),
+                own_detection_counts(
+                    intensity_names(self.pass_json),
+                    sifted.basis.view,
+                    sifted.intensity.view,
+                    {n: sifted.key_positions[n].view for n in key_bases},
+                ),
             ) | {k: out.report[k] for k in ("stream", "last_detection_unix_s")}
             channel.send("done")
             channel.recv("done")
@@ -489,6 +527,7 @@ class StreamBob(Bob):
         self.stream = stream or StreamOptions()
         self.stream.validate()
         self.feed = DetectionFeed(self.pass_dir / "ground", self.stream.speedup)
+        self.multi_click_slots = {"one_basis": 0, "both_bases": 0}  # squashed, so far
 
     def run(self, channel) -> Outcome:
         out = Outcome("bob")
@@ -534,6 +573,10 @@ class StreamBob(Bob):
         # per basis: sifted positions of the disclosed bits, and whether each was an error
         self._sample_at = {n: _Growing(np.int64) for n in BASES}
         self._sample_wrong = {n: _Growing(bool) for n in BASES}
+        # per key basis: (errors, bits) of each reconciled chunk, exact once decoded
+        self._chunk_errors = {n: [] for n in key_bases}
+        self._announced = set()  # (basis, chunk) whose error count a request revealed
+        self._chunk_log = []  # (basis, chunk) in the order reconciled
         self._last_slot = -1
         self._assigned = 0
         self._t0 = None  # true seconds of the first detection: pass time 0
@@ -606,6 +649,17 @@ class StreamBob(Bob):
             if take.any():
                 with stage("sync"):
                     result = sync.assign(buffer_t[take], det[take])
+                if not final and result.assigned.any():
+                    # The block's last slot waits for the next block: a click of it may lie
+                    # beyond the cut, and a slot's clicks are squashed together (a
+                    # cross-basis double click split here gave the first click's basis
+                    # and bit, unsquashed, and dropped the second as a slot already sent).
+                    held = result.slots >= result.slots[result.assigned].max()
+                    at = np.nonzero(take)[0]
+                    take[at[held]] = False
+                    result = replace(
+                        result, slots=result.slots[~held], assigned=result.assigned[~held]
+                    )
                 self.channels = buffer_ch[take]  # what _detections_to_slots reads
             with stage("sifting"):
                 self._send_block(channel, result, int(take.sum()), handled_s)
@@ -617,7 +671,7 @@ class StreamBob(Bob):
             self._check_qber(key_bases, final)
             for name in key_bases:
                 while True:
-                    qber, bits = self._estimate(name)
+                    qber, bits, source = self._estimate(name)
                     chunk = chunk_bits(cfg, opts, qber, bits)
                     backlog = self._sifted.backlog(name)
                     # One frame more than the chunk is held back, so that what is left at
@@ -630,7 +684,7 @@ class StreamBob(Bob):
                     if backlog == 0 or backlog < chunk + hold * (not final):
                         break
                     with stage("error_correction"):
-                        self._reconcile(channel, name, chunk, qber, bits, handled_s)
+                        self._reconcile(channel, name, chunk, qber, bits, handled_s, source)
                     timeline.update(
                         reconciled_bits=timeline.state["reconciled_bits"] + chunk,
                         backlog_bits=self._sifted.backlog_total(),
@@ -645,6 +699,7 @@ class StreamBob(Bob):
             "anchors": len(sync.anchors_t),
             "detections": read,
             "assigned_fraction": self._assigned / max(read, 1),
+            "multi_click_slots": dict(self.multi_click_slots),
         }
         channel.send("stream_next", step="end", last_detection_s=feed.last_s)
         for name in key_bases:
@@ -744,13 +799,19 @@ class StreamBob(Bob):
             self._sample_at[name].extend(idx)
             self._sample_wrong[name].extend(wrong)
 
-    def _estimate(self, name: str) -> tuple[float, int]:
-        """The QBER estimate the next chunk of a basis is sized for: the disclosed bits
-        among its unreconciled bits (the QBER drifts over a pass, rising towards low
-        elevation, and a chunk's bits are contiguous in time; an estimate from earlier in
-        the pass cost twice the leak at the end of a full micius pass), or the whole
-        sample while that holds fewer than sample_min bits; floored as post-pass
-        (protocol._ec_sizing)."""
+    def _estimate(self, name: str) -> tuple[float, int, tuple[str, int] | None]:
+        """The QBER the next chunk of a basis is sized for, the bits it comes from, and the
+        reconciled chunk it is that chunk's exact error rate of (None: the sample).
+
+        - After a chunk of the same basis: that chunk's exact error rate (Bob knows every
+          error once it is decoded). The QBER drifts over a pass (it rises towards low
+          elevation) and a chunk's bits are contiguous in time, so the previous chunk is
+          the nearest stretch of the pass, measured on ~120 kbit instead of a 2 % sample.
+        - The first chunk of a basis: the disclosed bits among its unreconciled bits (or
+          the whole sample while those are fewer than sample_min), replaced, as post-pass
+          (protocol._ec_sizing), by the exact rate of the other basis's latest chunk when
+          the sample agrees with it.
+        Floored as post-pass (protocol._ec_sizing)."""
         sifted = self._sifted
         backlog = sifted.key_positions[name].view[sifted.reconciled[name] :]
         at = self._sample_at[name].view
@@ -758,8 +819,27 @@ class StreamBob(Bob):
         wrong = self._sample_wrong[name].view[local]
         if wrong.size < self.config.sample_min:  # too few yet: the pass so far
             wrong = self._sample_wrong[name].view
-        qber = {name: float(wrong.mean()) if wrong.size else 0.0}
-        return _ec_sizing(qber, {name: int(wrong.size)}, name)
+        q = float(wrong.mean()) if wrong.size else 0.0
+        bits, source = int(wrong.size), None
+        own = self._chunk_errors[name]
+        if own:
+            source = (name, len(own) - 1)
+        elif self._chunk_log and bits:
+            other = self._chunk_log[-1]  # the latest chunk, of another basis
+            errors, other_bits = self._chunk_errors[other[0]][other[1]]
+            spread = math.sqrt(max(q, 1e-4) * (1 - q) / bits)
+            if abs(errors / other_bits - q) <= EC_CONSISTENT_SIGMAS * spread:
+                source = other
+        if source is not None:
+            errors, exact_bits = self._chunk_errors[source[0]][source[1]]
+            q = errors / exact_bits
+            # The interval stays that of a sample_fraction sample of the chunk, not of an
+            # exact count: the QBER moves between chunks (full micius-2017 pass, seed 1:
+            # 1.56 % -> 1.17 % over the first two chunks, 1.13 % -> 1.57 % over the last
+            # two). Sized from the exact count's narrow interval, the last chunks' reserve
+            # fell short and retries revealed key bits (35-42 kbit leaked for 150 kbit).
+            bits = max(self.config.sample_min, int(self.config.sample_fraction * exact_bits))
+        return min(max(q, 0.004), 0.2), bits, source
 
     def _check_qber(self, key_bases, final: bool = False) -> None:
         """The sample's QBER against the threshold, once the sample has its minimum size
@@ -774,7 +854,7 @@ class StreamBob(Bob):
                     f"{cfg.qber_threshold:.4f} (from {bits} sampled bits)"
                 )
 
-    def _reconcile(self, channel, name, count, qber, sample_bits, handled_s) -> None:
+    def _reconcile(self, channel, name, count, qber, sample_bits, handled_s, source) -> None:
         cfg = self.config
         sifted = self._sifted
         channel.send(
@@ -784,8 +864,20 @@ class StreamBob(Bob):
             bits=int(count),
             qber=float(qber),
             sample_bits=int(sample_bits),
+            sized_from_basis="" if source is None else source[0],
+            sized_from_chunk=-1 if source is None else int(source[1]),
             t_handled_s=float(handled_s),
         )
+        if source is not None and source not in self._announced:
+            # the QBER field reveals that chunk's exact error count: a leak about the key
+            # block of its basis, counted on that chunk
+            self._announced.add(source)
+            leak = count_announcement_bits(self._chunk_errors[source[0]][source[1]][1])
+            self._leaks[source[0]] += leak
+            stats_of_source = self._ec_stats[source[0]]
+            stats_of_source["leak_bits"] += leak
+            stats_of_source["chunk_list"][source[1]]["leak_bits"] += leak
+            stats_of_source["chunk_list"][source[1]]["leak_error_count_bits"] = leak
         start = sifted.reconciled[name]
         idx = sifted.key_positions[name].view[start : start + count].copy()
         mine = sifted.bit.view[idx]
@@ -801,6 +893,8 @@ class StreamBob(Bob):
             kept = np.ones(count, bool)
         sifted.reconciled[name] += count
         wrong = corrected != mine
+        self._chunk_errors[name].append((int(wrong.sum()), int(count)))
+        self._chunk_log.append((name, len(self._chunk_errors[name]) - 1))
         self._errors.data[idx] = wrong
         self._known.data[idx] = True
         self._blocks[name].append(corrected[kept])
@@ -834,6 +928,14 @@ class StreamBob(Bob):
                 "leak_bits": int(stats["leak_bits"]),
                 "qber_sized_for": qber,
                 "sample_bits": int(sample_bits),
+                "sized_from": None if source is None else f"{source[0]}{source[1]}",
+                "errors": int(wrong.sum()),
+                **{
+                    key: stats[key]
+                    for key in ("retry_rounds", "leak_bob_messages_bits", "revealed_bits")
+                    if key in stats
+                },
+                "leak_error_count_bits": 0,
                 "t_handled_s": round(float(handled_s), 3),
             }
         )
