@@ -4,7 +4,11 @@ announcement is rejected."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,7 @@ from host.network.relay import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _used(net, holder, peer) -> int:
@@ -163,3 +168,92 @@ def test_a_relay_into_a_pair_of_pools_out_of_step_is_refused_before_anything_is_
     assert {pair: _used(net, *pair) for pair in FOUR} == before
     assert not pool_path(net, "Stellenbosch", "Beijing").exists()
     assert pool_path(net, "Beijing", "Stellenbosch").stat().st_size == 40
+
+
+def _journal_size(net, holder, peer) -> int:
+    journal = Path(f"{pool_path(net, holder, peer)}.journal")
+    return journal.stat().st_size if journal.exists() else 0
+
+
+def test_a_relay_killed_between_its_two_fills_is_completed_by_the_next_relay(tmp_path):
+    """SIGKILL `qkdsat relay` as soon as the first relayed pool (A/B) has its fill, before
+    the second (B/A): the next relay completes the cut one (each station's relayed key was
+    kept, 0600, until both fills were done) and the pair stays in step: the same bytes
+    at the same offsets, and messages both ways arrive. Before, the pair was out of step
+    for good: every later relay was refused, and A's sends over the cut relay's bytes
+    could never be received."""
+    net = tmp_path / "net"
+    distilled(tmp_path / "a", 8 * 6000, "pass-a")
+    distilled(tmp_path / "b", 8 * 6000, "pass-b")
+    fill_pair(net, "Beijing", tmp_path / "a")
+    fill_pair(net, "Stellenbosch", tmp_path / "b")
+    relay(net, "Beijing", "Stellenbosch", 8 * 200)
+    before = _journal_size(net, "Beijing", "Stellenbosch")
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "host.cli", "relay", "--network", str(net), "--from", "Beijing",
+         "--to", "Stellenbosch", "--bits", str(8 * 1000)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while (_journal_size(net, "Beijing", "Stellenbosch") == before and killed.poll() is None
+           and time.monotonic() < deadline):  # fmt: skip
+        time.sleep(0.0002)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert _journal_size(net, "Beijing", "Stellenbosch") > before, "the relay never filled"
+    assert qkdsat(["relay", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
+                   "--bits", str(8 * 100)]) == 0  # fmt: skip
+    a_b, b_a = (pool_path(net, *pair) for pair in (("Beijing", "Stellenbosch"),
+                                                  ("Stellenbosch", "Beijing")))  # fmt: skip
+    assert a_b.read_bytes() == b_a.read_bytes() and a_b.stat().st_size == 1300
+    assert not list(net.rglob("*relay-*.key*"))  # the kept keys are gone once both fills are in
+    for sender, receiver in (("Beijing", "Stellenbosch"), ("Stellenbosch", "Beijing")):
+        plain, message, out = (tmp_path / f"{sender}.{kind}" for kind in ("in", "msg", "out"))
+        plain.write_bytes(os.urandom(600))  # beyond the first relay's 100 bytes each way
+        assert qkdsat(["send", "--network", str(net), "--from", sender, "--to", receiver,
+                       str(plain), "--out", str(message)]) == 0  # fmt: skip
+        assert qkdsat(["receive", "--network", str(net), "--at", receiver, str(message),
+                       "--out", str(out)]) == 0  # fmt: skip
+        assert out.read_bytes() == plain.read_bytes()
+
+
+@pytest.mark.slow  # ~8 s: six qkdsat relay processes
+def test_relays_run_at_once_into_one_pair_leave_it_in_step(tmp_path):
+    """Two `qkdsat relay` for the same pair at once, three rounds: each relayed pool must
+    hold the same keys in the same order at both stations. Interleaved fills (relay 1
+    into A/B, relay 2 into A/B and B/A, relay 1 into B/A) put two keys in opposite orders:
+    the same length (so no later check saw it) and different bytes at every offset."""
+    net = tmp_path / "net"
+    distilled(tmp_path / "a", 8 * 30_000, "pass-a")
+    distilled(tmp_path / "b", 8 * 30_000, "pass-b")
+    fill_pair(net, "Beijing", tmp_path / "a")
+    fill_pair(net, "Stellenbosch", tmp_path / "b")
+    for _ in range(3):
+        running = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "host.cli",
+                    "relay",
+                    "--network",
+                    str(net),
+                    "--from",
+                    source,
+                    "--to",
+                    target,
+                    "--bits",
+                    str(8 * 2000),
+                ],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+            for source, target in (("Beijing", "Stellenbosch"), ("Stellenbosch", "Beijing"))
+        ]
+        for process in running:
+            assert process.wait(timeout=120) == 0, process.stderr.read()
+    a_b = pool_path(net, "Beijing", "Stellenbosch").read_bytes()
+    assert len(a_b) == 6 * 2000
+    assert a_b == pool_path(net, "Stellenbosch", "Beijing").read_bytes()

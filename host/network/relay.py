@@ -18,13 +18,17 @@ from where `qkdsat send` and the ETSI 014 server take it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hmac
 import json
+import os
 import uuid
 from pathlib import Path
 
 import numpy as np
 
+from host.distil.channel import _fsync_directory
 from host.distil.gf64 import poly_hash
 from host.errors import BadInput, ProtocolAborted
 from host.network.pool import SATELLITE, PoolShort, StationPool, check_name, pool_path
@@ -106,6 +110,68 @@ def _check_pair_in_step(network_dir, source: str, target: str) -> None:
         )
 
 
+def _kept_key_path(network_dir, holder: str, peer: str, relay_id: str) -> Path:
+    """Where `holder` keeps its relayed key until both relayed pools hold it."""
+    return Path(network_dir) / holder / f".{peer}.relay-{relay_id}.key"
+
+
+def _keep_key(path: Path, key: bytes) -> None:
+    """Secret, as a pool: a fresh 0600 file (O_EXCL|O_NOFOLLOW), fsync'd, renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_directory(str(path))
+
+
+def _complete_cut_relays(network_dir, source: str, target: str) -> list[str]:
+    """Finish the fills of a relay cut between its two relayed pools. Both stations' keys
+    are kept (_keep_key, A's then B's) before either fill and removed after both: when
+    both are there the fills may have begun and are completed (a fill's source makes it
+    happen once); when only one is, either no fill began (B's never written) or both
+    ended (one removed): it goes. Returns the relay_ids completed."""
+    completed = []
+    for holder, peer in ((source, target), (target, source)):
+        for leftover in (Path(network_dir) / holder).glob(f".{peer}.relay-*.key.tmp"):
+            leftover.unlink()  # a key cut while being kept: its relay filled nothing
+    for kept_a in sorted((Path(network_dir) / source).glob(f".{target}.relay-*.key")):
+        relay_id = kept_a.name.removeprefix(f".{target}.relay-").removesuffix(".key")
+        kept_b = _kept_key_path(network_dir, target, source, relay_id)
+        if kept_b.exists():
+            for holder, peer, kept in ((source, target, kept_a), (target, source, kept_b)):
+                with StationPool(pool_path(network_dir, holder, peer), create=True) as pool:
+                    if f"relay:{relay_id}" not in pool.sources:
+                        pool.fill(kept.read_bytes(), f"relay:{relay_id}")
+            completed.append(relay_id)
+        for kept in (kept_a, kept_b):
+            kept.unlink(missing_ok=True)
+    for kept_b in (Path(network_dir) / target).glob(f".{source}.relay-*.key"):
+        kept_b.unlink()  # A's already removed: both fills ended
+    return completed
+
+
+@contextlib.contextmanager
+def _pair_lock(network_dir, source: str, target: str):
+    """One relay at a time into a relayed pair: two relays interleaving their fills put
+    their keys in opposite orders in A/B.pool and B/A.pool (same length, different keys
+    at each offset)."""
+    first, second = sorted((source, target))
+    path = Path(network_dir) / f".relay-{first}-{second}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def relay(network_dir: str | Path, source: str, target: str, bits: int) -> dict:
     """Give `source` and `target` a common key of `bits` through the satellite. Refused,
     nothing consumed, when any pool is short (the message says how many bits are missing)."""
@@ -114,6 +180,13 @@ def relay(network_dir: str | Path, source: str, target: str, bits: int) -> dict:
         raise BadInput("--from and --to must be two different stations")
     if bits <= 0 or bits % 8:
         raise BadInput(f"--bits {bits}: must be a positive multiple of 8")
+    with _pair_lock(network_dir, source, target):
+        _complete_cut_relays(network_dir, source, target)
+        _complete_cut_relays(network_dir, target, source)
+        return _relay(network_dir, source, target, bits)
+
+
+def _relay(network_dir, source: str, target: str, bits: int) -> dict:
     key_bytes = bits // 8
     missing = relay_shortfall(network_dir, source, target, key_bytes)
     if missing:
@@ -148,10 +221,18 @@ def relay(network_dir: str | Path, source: str, target: str, bits: int) -> dict:
     # ---- at the stations: each checks its announcement and takes the same bytes
     key_at_a = _station_receives(network_dir, source, to_a, expect_payload=False)
     key_at_b = _station_receives(network_dir, target, to_b, expect_payload=True)
+    # each station keeps its key until both relayed pools hold it: a relay cut between the
+    # two fills is completed by the next one (_complete_cut_relays) instead of leaving the
+    # pair out of step for good. A's is kept first (the order that function relies on).
+    fills = ((source, target, key_at_a), (target, source, key_at_b))
+    for holder, peer, key in fills:
+        _keep_key(_kept_key_path(network_dir, holder, peer, relay_id), key)
     offsets = {}
-    for holder, peer, key in ((source, target, key_at_a), (target, source, key_at_b)):
+    for holder, peer, key in fills:
         with StationPool(pool_path(network_dir, holder, peer), create=True) as pool:
             offsets[holder] = pool.fill(key, f"relay:{relay_id}")
+    for holder, peer, _ in fills:
+        _kept_key_path(network_dir, holder, peer, relay_id).unlink()
     if offsets[source] != offsets[target]:
         raise BadInput(
             f"relayed pools {source}/{target}.pool and {target}/{source}.pool out of step "
