@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from emulator.pass_model.clocks import pps_true_times_s
-from emulator.pass_model.detectors import CHANNEL_NAMES
 from emulator.pass_model.sampler import PhotonEvents, SlotClock, ground_tags, sample_photon_clicks
 from host.formats.passdir import write_pass_json
 from host.formats.patterns import PatternLog
-from host.formats.qdet import write_detections
 from host.simulate import passgen
 
 
@@ -96,18 +94,7 @@ def write_ground(out: Path, scenario: passgen.Scenario, log) -> dict:
         t_end_emit + float(geometry.downlink_delay_s(np.array([t_end_emit]))[0]) + 1e-3,
     )
     tags = ground_tags(photons, receiver, scenario.ground_clock, window, scenario.rngs["ground"])
-    station = scenario.station
-    write_detections(
-        out / "ground" / "detections.qdet",
-        tags.time_ps,
-        tags.channel,
-        {
-            "clock": "ground",
-            "channels": {str(k): v for k, v in CHANNEL_NAMES.items()},
-            "station": station["name"],
-            "source": "qkdsat mission",
-        },
-    )
+    passgen.write_ground_detections(out / "ground", scenario, tags, "qkdsat mission")
     pps_true = pps_true_times_s(geometry.utc_start.microsecond * 1e-6, window[1], margin_s=2.0)
     # The sync laser fires with every slots_per_pulse-th slot the laser emitted.
     slots_per_sync = int(round(scenario.slot_rate_hz / float(profile["sync"]["rate_hz"])))
@@ -117,25 +104,9 @@ def write_ground(out: Path, scenario: passgen.Scenario, log) -> dict:
     passgen.write_ground_clock_marks(
         out / "ground", out / "truth", scenario, geometry, slots, pps_true, sync_slots
     )
-    np.savez(
-        out / "truth" / "detections.npz",
-        slot=tags.slot,
-        kind=tags.kind,
-        photons=tags.photons,
-        symbol=tags.symbol,
-        true_rx_s=tags.true_rx_s,
+    truth = passgen.write_truth(
+        out / "truth", scenario, photons, tags, window, slots_per_sync, started
     )
-    np.savez(
-        out / "truth" / "geometry.npz",
-        t_s=geometry.t_s,
-        range_km=geometry.range_km,
-        elevation_deg=geometry.elevation_deg,
-        range_rate_km_s=geometry.range_rate_km_s,
-    )
-    truth = passgen.truth_summary(scenario, photons, tags, window)
-    truth["sync_slots_per_pulse"] = slots_per_sync
-    truth["wall_seconds"] = round(time.perf_counter() - started, 3)
-    passgen._write_json(out / "truth" / "truth.json", truth)
     public = passgen.pass_json(scenario, slots_per_sync, "log")
     public["seeds"] = {"mission": scenario.seed}
     # The payload's TDC (satellite/tdc.qrec) is the emulated optical head's clock, which

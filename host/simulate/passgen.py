@@ -354,25 +354,42 @@ def run(
     write_products(pass_dir.satellite)
 
     # ---- ground/: detections, PPS, sync detections
-    station = scenario.station
-    write_detections(
-        pass_dir.ground / "detections.qdet",
-        tags.time_ps,
-        tags.channel,
-        {
-            "clock": "ground",
-            "channels": {str(k): v for k, v in CHANNEL_NAMES.items()},
-            "station": station["name"],
-            "source": "qkdsat simulate",
-        },
-    )
+    write_ground_detections(pass_dir.ground, scenario, tags, "qkdsat simulate")
     write_ground_clock_marks(
         pass_dir.ground, pass_dir.truth, scenario, geometry, slots, pps_true, sync_slots
     )
 
     # ---- truth/ and pass.json
+    truth = write_truth(pass_dir.truth, scenario, photons, tags, window, slots_per_sync, started)
+    write_pass_json(pass_dir.pass_json, pass_json(scenario, slots_per_sync, pattern_mode))
+    return truth
+
+
+def write_ground_detections(ground_dir: Path, scenario: Scenario, tags, source: str) -> None:
+    """ground/detections.qdet: the station's time tags, for `qkdsat simulate` and the
+    mission's ground segment alike."""
+    write_detections(
+        ground_dir / "detections.qdet",
+        tags.time_ps,
+        tags.channel,
+        {
+            "clock": "ground",
+            "channels": {str(k): v for k, v in CHANNEL_NAMES.items()},
+            "station": scenario.station["name"],
+            "source": source,
+        },
+    )
+
+
+def write_truth(
+    truth_dir: Path, scenario: Scenario, photons, tags, window, slots_per_sync: int, started
+) -> dict:
+    """truth/detections.npz, geometry.npz and truth.json (the summary, returned), for
+    `qkdsat simulate` and the mission's ground segment alike; `started`: the
+    time.perf_counter() at which the generation began (truth.json's wall_seconds)."""
+    geometry = scenario.geometry
     np.savez(
-        pass_dir.truth / "detections.npz",
+        truth_dir / "detections.npz",
         slot=tags.slot,
         kind=tags.kind,
         photons=tags.photons,
@@ -380,7 +397,7 @@ def run(
         true_rx_s=tags.true_rx_s,
     )
     np.savez(
-        pass_dir.truth / "geometry.npz",
+        truth_dir / "geometry.npz",
         t_s=geometry.t_s,
         range_km=geometry.range_km,
         elevation_deg=geometry.elevation_deg,
@@ -389,8 +406,7 @@ def run(
     truth = truth_summary(scenario, photons, tags, window)
     truth["sync_slots_per_pulse"] = slots_per_sync
     truth["wall_seconds"] = round(time.perf_counter() - started, 3)
-    _write_json(pass_dir.truth / "truth.json", truth)
-    write_pass_json(pass_dir.pass_json, pass_json(scenario, slots_per_sync, pattern_mode))
+    _write_json(truth_dir / "truth.json", truth)
     return truth
 
 
