@@ -243,32 +243,13 @@ def run_endpoints(
     )
     to_ground, to_satellite = ch.queue_pair(timeout_s=ENDPOINT_TIMEOUT_S)
     to_ground.tamper = tamper
-    results = {}
-    threads = [
-        ch.endpoint_thread("satellite", satellite, to_ground, results),
-        ch.endpoint_thread("ground", ground, to_satellite, results),
-    ]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        satellite_pool.close()
-        ground_pool.close()
+    results = endpoints.run_pair(
+        satellite, ground, to_ground, to_satellite, (satellite_pool, ground_pool)
+    )
     report = ground.report
     if satellite.sealed is not None:
         report["satellite"] = results.get("satellite", {"key": satellite.sealed.accounting()})
-    # the side that stopped first says why; the other only saw its channel close
-    error = results.get("ground_error")
-    if error is None or isinstance(error, ch.ChannelClosed):
-        error = results.get("satellite_error", error)
-    if error is not None:
-        if not isinstance(error, ProtocolAborted):
-            raise error
-        report["aborted"], report["abort_reason"] = True, str(error)
-        error.report = report
-        raise error
+    endpoints.raise_stop_reason(results, report)
     return report
 
 

@@ -538,3 +538,38 @@ def describe_security(key: dict) -> str:
         f"one-time pad ({key['pad_bits']} bits) + Wegman-Carter tags ({key['auth_bits']} "
         f"bits) from {key['file']} of {key['source']}"
     )
+
+
+def run_pair(satellite, ground, to_ground, to_satellite, pools) -> dict:
+    """Both endpoints of a time transfer in this process, each in its own thread
+    (channel.endpoint_thread: `to_ground` is the satellite's transport); the key pools are
+    closed once both have ended. Returns their results (name, or name_error)."""
+    results = {}
+    threads = [
+        ch.endpoint_thread("satellite", satellite, to_ground, results),
+        ch.endpoint_thread("ground", ground, to_satellite, results),
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for pool in pools:
+            pool.close()
+    return results
+
+
+def raise_stop_reason(results: dict, report: dict) -> None:
+    """Either endpoint's error, if any, raised: the side that stopped first says why (the
+    other only saw its channel close); a protocol abort marks `report` aborted with its
+    reason and carries it (error.report)."""
+    error = results.get("ground_error")
+    if error is None or isinstance(error, ch.ChannelClosed):
+        error = results.get("satellite_error", error)
+    if error is not None:
+        if not isinstance(error, ProtocolAborted):
+            raise error
+        report.update(aborted=True, abort_reason=str(error))
+        error.report = report
+        raise error

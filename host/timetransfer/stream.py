@@ -585,31 +585,13 @@ def run_streaming(
     to_ground, to_satellite = transports
     if tamper is not None:
         to_ground.tamper = tamper
-    results = {}
-    threads = [
-        ch.endpoint_thread("satellite", satellite, to_ground, results),
-        ch.endpoint_thread("ground", ground, to_satellite, results),
-    ]
     started = time.process_time()
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        satellite_pool.close()
-        ground_pool.close()
+    results = endpoints.run_pair(
+        satellite, ground, to_ground, to_satellite, (satellite_pool, ground_pool)
+    )
     report = ground.report
     report["cpu_seconds"] = time.process_time() - started
-    error = results.get("ground_error")
-    if error is None or isinstance(error, ch.ChannelClosed):
-        error = results.get("satellite_error", error)
-    if error is not None:
-        if not isinstance(error, ProtocolAborted):
-            raise error
-        report.update(aborted=True, abort_reason=str(error))
-        error.report = report
-        raise error
+    endpoints.raise_stop_reason(results, report)
     return report, results["satellite"]
 
 
