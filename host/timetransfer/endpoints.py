@@ -357,18 +357,42 @@ class SatelliteEndpoint:
             uplink_sample_errors=int(wrong.sum()),
             **extra,
         )
-        result = sealed.open(chan.recv("tt_result")["sealed"], "tt_offset")
-        return {
-            "offset_reference_ps": int(result["offset_reference_ps"]),
-            "offset_at_middle_ps": float(result["offset_at_middle_ps"]),
-            "middle_s": float(result["middle_s"]),
-            "rate": float(result["rate"]),
-            "key": sealed.accounting(),
-            "classical_bytes_sent": chan.bytes_sent,
-        }
+        return receive_offset_result(chan, sealed)
 
     def _downlink_by_slot(self, sift: dict):
         return sift_downlink_by_slot(self.downlink_source, sift)
+
+
+def send_offset_result(chan, sealed, series: dict, base) -> None:
+    """The ground's last message (post-pass and streamed), tt_result: the offset's line
+    over the pass (its value and rate at the middle of the series, and the reference),
+    sealed for the satellite."""
+    middle_s = float(np.mean(series["t_s"]))
+    rate_ps_s, at_middle = np.polyfit(series["t_s"] - middle_s, series["offset_ps"], 1)
+    chan.send(
+        "tt_result",
+        sealed=sealed.seal(
+            "tt_offset",
+            offset_reference_ps=base,
+            offset_at_middle_ps=float(at_middle),
+            middle_s=middle_s,
+            rate=float(rate_ps_s) * 1e-12,
+        ),
+    )
+
+
+def receive_offset_result(chan, sealed) -> dict:
+    """The satellite's end of tt_result (post-pass and streamed): the offset the ground
+    measured, with the key's accounting and the bytes sent."""
+    result = sealed.open(chan.recv("tt_result")["sealed"], "tt_offset")
+    return {
+        "offset_reference_ps": int(result["offset_reference_ps"]),
+        "offset_at_middle_ps": float(result["offset_at_middle_ps"]),
+        "middle_s": float(result["middle_s"]),
+        "rate": float(result["rate"]),
+        "key": sealed.accounting(),
+        "classical_bytes_sent": chan.bytes_sent,
+    }
 
 
 def sift_downlink_by_slot(downlink_source, sift: dict):
@@ -518,18 +542,7 @@ class GroundEndpoint:
         down = estimate.fit_direction(t3, y, bin_s, n_bins)
         estimate.combine(self.scenario, orbit, base, up, down, report)
         series = report["series"]
-        middle_s = float(np.mean(series["t_s"]))
-        rate_ps_s, at_middle = np.polyfit(series["t_s"] - middle_s, series["offset_ps"], 1)
-        chan.send(
-            "tt_result",
-            sealed=sealed.seal(
-                "tt_offset",
-                offset_reference_ps=base,
-                offset_at_middle_ps=float(at_middle),
-                middle_s=middle_s,
-                rate=float(rate_ps_s) * 1e-12,
-            ),
-        )
+        send_offset_result(chan, sealed, series, base)
         return report
 
 

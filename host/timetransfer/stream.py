@@ -302,14 +302,8 @@ class StreamSatellite:
                 "down_sifted": down_sifted,
                 "up_errors": int(wrong.sum()),
             }
-        result = sealed.open(chan.recv("tt_result")["sealed"], "tt_offset")
         return {
-            "offset_reference_ps": int(result["offset_reference_ps"]),
-            "offset_at_middle_ps": float(result["offset_at_middle_ps"]),
-            "middle_s": float(result["middle_s"]),
-            "rate": float(result["rate"]),
-            "key": sealed.accounting(),
-            "classical_bytes_sent": chan.bytes_sent,
+            **endpoints.receive_offset_result(chan, sealed),
             "uplink_qber_sample": {"n": sampled, "errors": errors},
         }
 
@@ -530,18 +524,7 @@ class StreamGround:
             "key_source": "an earlier distillation's key (--keys): the pass's own key exists "
             "only after privacy amplification at loss of signal",
         }
-        middle_s = float(np.mean(series["t_s"]))
-        rate_ps_s, at_middle = np.polyfit(series["t_s"] - middle_s, series["offset_ps"], 1)
-        chan.send(
-            "tt_result",
-            sealed=sealed.seal(
-                "tt_offset",
-                offset_reference_ps=base,
-                offset_at_middle_ps=float(at_middle),
-                middle_s=middle_s,
-                rate=float(rate_ps_s) * 1e-12,
-            ),  # fmt: skip
-        )
+        endpoints.send_offset_result(chan, sealed, series, base)
         return report
 
 
