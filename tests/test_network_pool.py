@@ -3,6 +3,7 @@ the station, each byte served once, across restarts and a SIGKILL mid-take."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -353,3 +354,49 @@ def test_a_journal_line_torn_by_a_power_cut_leaves_the_pool_usable_and_whole(tmp
         level = pool.level()
         assert (level.filled_bytes, level.used_bytes, level.lost_bytes) == (1600, 25, 0)
     assert path.read_bytes() == first + second
+
+
+def _flock_waiters(pids) -> int:
+    """How many of these processes wait for a flock (/proc/locks: '->' lines)."""
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for line in lines if "->" in line and int(line.split()[5]) in pids)
+
+
+def test_two_fills_for_one_station_at_once_leave_its_pools_in_step(tmp_path):
+    """Two `qkdsat pool fill` of different passes for one station at once, the worst
+    interleaving forced: the station's pool held locked until both fills wait, the
+    first to fill the satellite's pool stopped, the other let through. Both pools must
+    hold the same keys in the same order. Before, the second pass went first into the
+    station's pool: opposite orders (every byte differs), both fills then 'out of step'
+    with their bytes in, and later fills, at equal offsets again, no longer saw it."""
+    net = tmp_path / "net"
+    for number in range(3):
+        distilled(tmp_path / f"k{number}", 8 * 4000, f"pass-{number}")
+    fill_pair(net, "Hefei", tmp_path / "k0")
+    station = pool_path(net, "Hefei", SATELLITE)
+    fills = []
+    with StationPool(station):  # the station's pool busy (a KME's take, say)
+        for number in (1, 2):
+            fills.append(subprocess.Popen(
+                [sys.executable, "-m", "host.cli", "pool", "fill", "--network", str(net),
+                 "--station", "Hefei", "--keys", str(tmp_path / f"k{number}")],
+                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            ))  # fmt: skip
+            deadline = time.monotonic() + 60
+            while _flock_waiters({f.pid for f in fills}) < number:
+                assert time.monotonic() < deadline, "the fill never waited for a lock"
+                time.sleep(0.01)
+        fills[0].send_signal(signal.SIGSTOP)
+        stat = Path(f"/proc/{fills[0].pid}/stat")
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+            time.sleep(0.001)  # stopped before the lock is let go, or it may take it
+    try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            fills[1].wait(timeout=1.5)  # through now, unless it waits for the first
+    finally:
+        fills[0].send_signal(signal.SIGCONT)
+    for process in fills:
+        assert process.wait(timeout=120) == 0, process.stderr.read()
+    satellite = pool_path(net, SATELLITE, "Hefei").read_bytes()
+    assert len(satellite) == 3 * 4000 and satellite == station.read_bytes()

@@ -455,6 +455,24 @@ class StationPool:
         return b"".join(os.pread(self._fd, length, offset) for offset, length in pieces)
 
 
+@contextlib.contextmanager
+def pair_lock(network_dir: str | Path, first: str, second: str):
+    """One operation at a time that fills both pools of a pair (a pool fill, a relay):
+    two at once interleaved their fills (one into the first pool, the other into both,
+    then the first into the second) and put two keys in opposite orders in the pair's
+    pools, same length, different bytes at every offset. An flock on NET/.pair-A-B.lock
+    (names sorted), held across both fills."""
+    low, high = sorted((check_name(first), check_name(second)))
+    path = Path(network_dir) / f".pair-{low}-{high}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def add_network_option(parser) -> None:
     """The `--network` option of every command that reads or writes the pools."""
     parser.add_argument(
@@ -552,7 +570,10 @@ def fill_pair(network_dir: str | Path, station: str, alice_dir, bob_dir=None) ->
             write_usage_record(
                 str(path), path.stat().st_size, pool_fill_from=start, pool_fill_into=destination
             )
-        return _fill_both(network_dir, station, alice_source, alice_key[start:], bob_key[start:])
+        with pair_lock(network_dir, SATELLITE, station):
+            return _fill_both(
+                network_dir, station, alice_source, alice_key[start:], bob_key[start:]
+            )
 
 
 def _locked_key_file(path: Path, locks: contextlib.ExitStack) -> Path:

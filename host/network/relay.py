@@ -19,7 +19,6 @@ from where `qkdsat send` and the ETSI 014 server take it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hmac
 import json
 import os
@@ -31,7 +30,14 @@ import numpy as np
 from host.distil.channel import _fsync_directory
 from host.distil.gf64 import poly_hash
 from host.errors import BadInput, ProtocolAborted
-from host.network.pool import SATELLITE, PoolShort, StationPool, check_name, pool_path
+from host.network.pool import (
+    SATELLITE,
+    PoolShort,
+    StationPool,
+    check_name,
+    pair_lock,
+    pool_path,
+)
 
 AUTH_BYTES = 16  # 64-bit hash key + 64-bit one-time pad of one Wegman-Carter tag
 TAG_BYTES = 8
@@ -156,22 +162,6 @@ def _complete_cut_relays(network_dir, source: str, target: str) -> list[str]:
     return completed
 
 
-@contextlib.contextmanager
-def _pair_lock(network_dir, source: str, target: str):
-    """One relay at a time into a relayed pair: two relays interleaving their fills put
-    their keys in opposite orders in A/B.pool and B/A.pool (same length, different keys
-    at each offset)."""
-    first, second = sorted((source, target))
-    path = Path(network_dir) / f".relay-{first}-{second}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def relay(network_dir: str | Path, source: str, target: str, bits: int) -> dict:
     """Give `source` and `target` a common key of `bits` through the satellite. Refused,
     nothing consumed, when any pool is short (the message says how many bits are missing)."""
@@ -180,7 +170,7 @@ def relay(network_dir: str | Path, source: str, target: str, bits: int) -> dict:
         raise BadInput("--from and --to must be two different stations")
     if bits <= 0 or bits % 8:
         raise BadInput(f"--bits {bits}: must be a positive multiple of 8")
-    with _pair_lock(network_dir, source, target):
+    with pair_lock(network_dir, source, target):
         _complete_cut_relays(network_dir, source, target)
         _complete_cut_relays(network_dir, target, source)
         return _relay(network_dir, source, target, bits)
