@@ -377,37 +377,38 @@ class OpticalHead:
                 return None
             return reply
 
+    def _read_reply(self, req: pb.Request) -> pb.Reply:
+        """The registers req.addr.. (req.count of them), for READ and READ_WRITE."""
+        addrs = range(req.addr, req.addr + req.count)
+        if self.time_scale is None:
+            self._lockstep(addrs)
+        try:
+            words = tuple(self.read_reg(a) for a in addrs)
+        except KeyError:
+            return pb.Reply(req.op, req.tag, pb.E_BAD_ADDRESS)
+        return pb.Reply(req.op, req.tag, pb.OK, req.addr, words)
+
+    def _write_status(self, req: pb.Request, first_addr: int) -> int:
+        """req.words into the registers from first_addr on, for WRITE and READ_WRITE:
+        the first failing write's status, or OK."""
+        for i, value in enumerate(req.words):
+            status = self.write_reg(first_addr + i, value)
+            if status != pb.OK:
+                return status
+        return pb.OK
+
     def _serve(self, req: pb.Request) -> pb.Reply:
         if req.op == pb.OP_READ:
-            addrs = range(req.addr, req.addr + req.count)
-            if self.time_scale is None:
-                self._lockstep(addrs)
-            try:
-                words = tuple(self.read_reg(a) for a in addrs)
-            except KeyError:
-                return pb.Reply(req.op, req.tag, pb.E_BAD_ADDRESS)
-            return pb.Reply(req.op, req.tag, pb.OK, req.addr, words)
+            return self._read_reply(req)
         if req.op == pb.OP_WRITE:
-            for i, value in enumerate(req.words):
-                status = self.write_reg(req.addr + i, value)
-                if status != pb.OK:
-                    return pb.Reply(req.op, req.tag, status)
-            return pb.Reply(req.op, req.tag, pb.OK)
+            return pb.Reply(req.op, req.tag, self._write_status(req, req.addr))
         if req.op == pb.OP_READ_WRITE:
             # The tracking loop's period in one transaction: last period's commands out,
             # then this period's sensors in (the write may advance a device a period).
-            for i, value in enumerate(req.words):
-                status = self.write_reg(req.write_addr + i, value)
-                if status != pb.OK:
-                    return pb.Reply(req.op, req.tag, status)
-            addrs = range(req.addr, req.addr + req.count)
-            if self.time_scale is None:
-                self._lockstep(addrs)
-            try:
-                words = tuple(self.read_reg(a) for a in addrs)
-            except KeyError:
-                return pb.Reply(req.op, req.tag, pb.E_BAD_ADDRESS)
-            return pb.Reply(req.op, req.tag, pb.OK, req.addr, words)
+            status = self._write_status(req, req.write_addr)
+            if status != pb.OK:
+                return pb.Reply(req.op, req.tag, status)
+            return self._read_reply(req)
         if req.op == pb.OP_FIFO_READ:
             if req.addr == pb.FIFO_QRNG:
                 if not self.regs[pb.REG_QRNG_CTRL] & 1:
