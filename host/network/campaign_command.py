@@ -10,15 +10,11 @@ from pathlib import Path
 from host.console import print_result, wants_progress
 from host.errors import BadInput
 from host.network.pool import add_network_option
-from host.network.schedule_command import parse_utc
+from host.network.schedule_command import add_window_arguments, parse_utc
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--tle", required=True, help="TLE file (2 or 3 lines)")
-    parser.add_argument("--stations", required=True, help="comma-separated station names")
-    parser.add_argument("--days", type=float, default=3.0, help="length of the window")
-    parser.add_argument("--start", required=True, help="window start, UTC (ISO 8601, ...Z)")
-    parser.add_argument("--catalogue", help="station catalogue (default: the built-in one)")
+    add_window_arguments(parser)
     parser.add_argument("--profile", default="jinan-1", help="simulation profile of every pass")
     parser.add_argument(
         "--duration-s",

@@ -14,12 +14,18 @@ from host.network.schedule import CONFLICT, SCHEDULED, make_schedule
 from host.network.stations import load_catalogue, select_stations
 
 
-def add_arguments(parser) -> None:
+def add_window_arguments(parser) -> None:
+    """The satellite, the stations and the window, as `qkdsat schedule` and `qkdsat
+    campaign` take them."""
     parser.add_argument("--tle", required=True, help="TLE file (2 or 3 lines)")
     parser.add_argument("--stations", required=True, help="comma-separated station names")
     parser.add_argument("--days", type=float, default=3.0, help="length of the window")
     parser.add_argument("--start", required=True, help="window start, UTC (ISO 8601, ...Z)")
     parser.add_argument("--catalogue", help="station catalogue (default: the built-in one)")
+
+
+def add_arguments(parser) -> None:
+    add_window_arguments(parser)
     parser.add_argument("--out", help="write the schedule here as JSON")
 
 
