@@ -20,6 +20,9 @@ class FrameEndpoint:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self._server = socket.create_server((host, 0))
+        # set here, not in the thread: a stop() before the thread first runs closed the
+        # socket under it (OSError: bad file descriptor in the thread)
+        self._server.settimeout(0.1)
         self.address: tuple[str, int] = self._server.getsockname()[:2]
         self._thread = threading.Thread(target=self._serve, daemon=True, name="bus-endpoint")
         self._stop = threading.Event()
@@ -42,7 +45,6 @@ class FrameEndpoint:
         self._thread.join(timeout=2)
 
     def _serve(self) -> None:
-        self._server.settimeout(0.1)
         while not self._stop.is_set():
             try:
                 conn, _ = self._server.accept()

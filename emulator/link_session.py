@@ -68,13 +68,18 @@ def distil_over_link(
     timeout_s: float = 3600.0,
     ground_dir: Path | None = None,
     logs: bool = False,
+    beside=None,
 ) -> LinkRun:
+    """`beside(link)`: started once the link listens, for other streams of the same link
+    (the time transfer's); it returns a callable that waits for them, called once the
+    distillation's endpoints have ended and before the link's report is taken."""
     pass_dir, out_dir = Path(pass_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bob_dir = Path(ground_dir) if ground_dir is not None else out_dir / "ground"
     keystore, ground_pool = provision_pools(out_dir, station, pool or os.urandom(1 << 20))
     fresh = ["--new-auth-pool"]  # the pools were just provisioned: no usage record yet
     sat_port, ground_port = link.start()
+    join_beside = beside(link) if beside is not None else None
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -107,6 +112,8 @@ def distil_over_link(
     try:
         codes = (alice.wait(timeout=timeout_s), bob.wait(timeout=timeout_s))
         wall_s = time.monotonic() - t0
+        if join_beside is not None:
+            join_beside()
         link_report = link.wait(60)
     finally:
         for process in (alice, bob):

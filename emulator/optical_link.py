@@ -868,9 +868,11 @@ def link_for_pass(
     tracking_start_s: float = 0.0,
     capture: bool = False,
     overrides: dict | None = None,
+    streams: tuple[str, ...] = ("distil",),
 ) -> OpticalLink:
     """The link of the pass in pass_dir, configured from its profile (pass.json names it;
-    `overrides` as `qkdsat simulate --set`, e.g. {"optical_link.uplink_rate_bps": 1e5})."""
+    `overrides` as `qkdsat simulate --set`, e.g. {"optical_link.uplink_rate_bps": 1e5});
+    `streams`: what it carries (the distillation's, and the time transfer's beside it)."""
     from host.formats.passdir import read_pass_json
     from host.simulate import profiles
 
@@ -889,7 +891,9 @@ def link_for_pass(
         pass_dir / "satellite" / "tracking.qrec",
         tracking_start_s,
     )
-    return OpticalLink(config, schedule, start_s=start_s, seed=seed, capture=capture)
+    return OpticalLink(
+        config, schedule, start_s=start_s, seed=seed, capture=capture, streams=streams
+    )
 
 
 def main(argv=None) -> int:

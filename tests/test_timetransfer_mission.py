@@ -137,3 +137,34 @@ def test_the_missions_records_stream_block_by_block(mission, tmp_path):
     error = series["offset_ps"] - true_ps
     # 7.5 ps (half the calibration residual) within 5 sigma of the mean of the errors
     assert abs(np.mean(error) - 7.5) < 5 * np.std(error) / math.sqrt(error.size)
+
+
+def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path):
+    """`qkdsat mission --timetransfer --timetransfer-keys K` (the streaming distillation
+    over the optical link): the time transfer streams on the same link's second stream
+    while the distillation streams on the first, sealed with an earlier pass's key; a 2 s
+    segment replayed x4 (no key from the distillation: too short, exit 3 as designed)."""
+    from host.mission.run import run_mission
+
+    keys = tmp_path / "earlier"
+    keys.mkdir()
+    distilled(keys, 64_000, "an earlier pass")
+    out = tmp_path / "mission"
+    summary = run_mission(
+        out, segment_s=2.0, stream_speedup=4.0, timetransfer=True, timetransfer_keys=keys,
+        seed=SEED, qrng_key=bytes(range(32)),
+    )  # fmt: skip
+    during = summary["stages"]["timetransfer_during_pass"]
+    assert during["aborted"] is False, during["abort_reason"]
+    assert during["bins"] >= 18 and during["streaming"]["speedup"] == 4.0
+    report = json.loads((out / "timetransfer-during-pass" / "report.json").read_text())
+    bias_sigma = report["truth"]["error_std_per_bin_ps"] / math.sqrt(report["bins"])
+    assert abs(report["truth"]["offset_bias_ps"] - 7.5) < 5 * bias_sigma
+    # one link carried both: its bytes hold the distillation's and the time transfer's
+    link = json.loads((out / "link.json").read_text())["bytes"]
+    distil = json.loads((out / "report.json").read_text())["classical_bytes"]
+    assert link["satellite_to_ground"] >= (
+        distil["alice_to_bob"] + report["classical_bytes"]["satellite_to_ground"]
+    )
+    assert report["key"]["file"] == "bob.key" and report["key"]["pad_bits"] > 0
+    assert (keys / "bob.key.used").exists() and (keys / "alice.key.used").exists()

@@ -78,6 +78,13 @@ def add_arguments(parser) -> None:
         " (OUT/timetransfer/; docs/time-transfer.md)",
     )
     parser.add_argument(
+        "--timetransfer-keys",
+        metavar="DIR",
+        help="with --timetransfer over the streaming optical link: also stream the time "
+        "transfer during the pass on the link's second stream, sealed with this earlier "
+        "distillation's key (OUT/timetransfer-during-pass/)",
+    )
+    parser.add_argument(
         "--tail",
         choices=("hoeffding", "chernoff"),
         help="concentration bound of the finite-key analysis (default: the profile's"
@@ -105,6 +112,7 @@ def run(args) -> int:
             distil=args.distil,
             stream_speedup=None if args.post_pass else args.stream_speedup,
             timetransfer=args.timetransfer,
+            timetransfer_keys=Path(args.timetransfer_keys) if args.timetransfer_keys else None,
             tail=args.tail,
             progress=progress_for(args, "qkdsat mission"),
         )

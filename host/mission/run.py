@@ -295,6 +295,7 @@ def distil_over_optical_link(
     seed: int,
     stream_speedup: float | None = None,
     tail: str = "hoeffding",
+    beside=None,
 ) -> tuple[dict, dict, dict]:
     """Alice on the payload processor and Bob at the ground station, separate processes
     over the emulated optical link (emulator/link_session.py).
@@ -306,6 +307,9 @@ def distil_over_optical_link(
     signal of the quantum downlink) and the link lasts until the satellite sets below the
     station's mask.
 
+    `beside(link)`: the time transfer on the same link's second stream, during the pass
+    (emulator/link_session.py distil_over_link).
+
     Returns (the merged report for the summary, the link's figures, the timeline)."""
     from emulator.link_session import distil_over_link
     from emulator.optical_link import link_for_pass
@@ -316,7 +320,8 @@ def distil_over_optical_link(
     streaming = stream_speedup is not None
     first_detection_s = float(detections_s[0]) if detections_s.size else 0.0
     start_s = first_detection_s if streaming else pass_end_s
-    link = link_for_pass(out, profile_name, start_s=start_s, seed=seed)
+    streams = ("distil", "time_transfer") if beside is not None else ("distil",)
+    link = link_for_pass(out, profile_name, start_s=start_s, seed=seed, streams=streams)
     station = scenario.station["name"]
     options = ["--tail", tail]
     options += ["--stream", "--stream-speedup", f"{stream_speedup:g}"] if streaming else []
@@ -325,7 +330,7 @@ def distil_over_optical_link(
         memory = ["--pattern-memory", f"{host}:{port}", "--slot-count", str(slot_count)]
         run = distil_over_link(
             out, out, link, station=station, distil_options=options, alice_options=memory,
-            ground_dir=out, logs=True,
+            ground_dir=out, logs=True, beside=beside,
         )  # fmt: skip
     processor_json = run.alice_dir / "processor.json"
     processor = json.loads(processor_json.read_text()) if processor_json.exists() else {}
@@ -446,10 +451,14 @@ def run_mission(
     distil: str | None = None,
     stream_speedup: float | None = 1.0,
     timetransfer: bool = False,
+    timetransfer_keys: Path | None = None,
+    qrng_key: bytes | None = None,
     tail: str | None = None,
     progress=None,
 ) -> dict:
-    """Every stage; returns the mission summary (also written to OUT/mission.json)."""
+    """Every stage; returns the mission summary (also written to OUT/mission.json).
+    `qrng_key`: the emulated head's QRNG key (a test's fixed key: the same pass every run;
+    None: os.urandom, as the command line runs)."""
     from host.distil.protocol import Config
     from host.distil.run import REPORT_NAME, run_local
     from host.mission import ground, report
@@ -487,6 +496,13 @@ def run_mission(
         from host.timetransfer.simulate import profile_for
 
         profile_for(profile["name"])  # bad input now, not after the pass
+    if timetransfer_keys is not None and not (
+        timetransfer and generation == "head" and distil == "link" and stream_speedup
+    ):
+        raise BadInput(
+            "--timetransfer-keys: the time transfer during the pass needs --timetransfer, "
+            "head generation and the streaming distillation over the optical link"
+        )
     for stale in ("satellite", "ground", "truth", "onboard"):
         shutil.rmtree(out / stale, ignore_errors=True)
     for stale in (
@@ -497,6 +513,7 @@ def run_mission(
     for stale in [*out.glob("*.key"), *out.glob("*.key.used")] if out.is_dir() else ():
         stale.unlink()
     shutil.rmtree(out / "timetransfer", ignore_errors=True)
+    shutil.rmtree(out / "timetransfer-during-pass", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
     summary: dict = {
@@ -542,7 +559,7 @@ def run_mission(
     try:
         head, generator, fw = run_firmware(
             target, profile, seed, budget_s, out / "satellite", generation, pass_slots,
-            uplink=two_way.tdc_feed() if two_way is not None else None,
+            uplink=two_way.tdc_feed() if two_way is not None else None, qrng_key=qrng_key,
         )  # fmt: skip
     except Exception as error:  # the link's and the target's errors alike
         summary["failed"] = f"firmware/download: {type(error).__name__}: {error}"
@@ -612,9 +629,21 @@ def run_mission(
                 f"distil: Alice on the payload processor, Bob at {scenario.station['name']},"
                 " over the optical link"
             )
+            beside = during = None
+            if two_way is not None and timetransfer_keys is not None:
+                from host.timetransfer import mission_stage
+
+                say("timetransfer: during the pass, on the optical link's second stream")
+                beside, during = mission_stage.beside_the_distillation(
+                    out, two_way, scenario, head, slot_count, Path(timetransfer_keys),
+                    stream_speedup,
+                )  # fmt: skip
             distilled, stages["link"], timeline = distil_over_optical_link(
-                out, head, scenario, slot_count, profile_name, seed, stream_speedup, tail
-            )
+                out, head, scenario, slot_count, profile_name, seed, stream_speedup, tail,
+                beside=beside,
+            )  # fmt: skip
+            if during is not None:
+                stages["timetransfer_during_pass"] = mission_stage.during_pass_figures(out, during)
             stages["firmware"]["pattern_memory_reads"] = stages["link"]["pattern_memory_reads"]
         outcome = {
             "aborted": bool(distilled["aborted"]),
@@ -660,7 +689,11 @@ def run_mission(
     seconds["report"] = 0.0
     # like distil: no key is exit 3 (the reason is in the summary and report.json), and so
     # is a time transfer asked for and not vouched for
-    aborted = stages["distil"]["aborted"] or stages.get("timetransfer", {}).get("aborted")
+    aborted = (
+        stages["distil"]["aborted"]
+        or stages.get("timetransfer", {}).get("aborted")
+        or stages.get("timetransfer_during_pass", {}).get("aborted")
+    )
     summary["exit_code"] = 3 if aborted else 0
     report.write(out, summary, curve, scenario)
     seconds["report"] = round(time.perf_counter() - t, 3)

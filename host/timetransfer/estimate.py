@@ -96,11 +96,20 @@ def fit_direction(times: np.ndarray, values: np.ndarray, bin_s: float, n_bins: i
     three rounds of clipping at CLIP_SIGMA times the direction's robust (MAD) scatter,
     which drops the noise counts spread over the detection gate. Returns per bin the
     intercept at the bin centre `a_ps`, its variance `var_ps2` (NaN where fewer than 3
-    events or no spread in time), the events kept `n`, and the scatter `sigma_ps`."""
+    events, or events spanning less than half the bin), the events kept `n`, and the
+    scatter `sigma_ps`."""
     bin_index = np.clip((times / bin_s).astype(np.int64), 0, n_bins - 1)
     dt = times - (bin_index + 0.5) * bin_s
     keep = np.isfinite(values)
     sigma = math.nan
+    # the intercept is the line at the bin's centre: events spanning less than half the
+    # bin (a pass's last sliver of flight time, a few ms) put the centre far outside them,
+    # where the slope's error dominates (34 ns seen on a 2 s segment's last bin)
+    first_dt = np.full(n_bins, np.inf)
+    last_dt = np.full(n_bins, -np.inf)
+    np.minimum.at(first_dt, bin_index[keep], dt[keep])
+    np.maximum.at(last_dt, bin_index[keep], dt[keep])
+    spanned = last_dt - first_dt >= bin_s / 2
 
     def fit(mask):
         w = mask.astype(np.float64)
@@ -110,7 +119,7 @@ def fit_direction(times: np.ndarray, values: np.ndarray, bin_s: float, n_bins: i
         s_y = np.bincount(bin_index, np.where(mask, values, 0.0), n_bins)
         s_ty = np.bincount(bin_index, np.where(mask, dt * values, 0.0), n_bins)
         det = n * s_tt - s_t**2
-        ok = (n >= 3) & (det > 1e-12 * np.maximum(n * s_tt, 1e-300))
+        ok = spanned & (n >= 3) & (det > 1e-12 * np.maximum(n * s_tt, 1e-300))
         safe = np.where(ok, det, 1.0)
         a = np.where(ok, (s_tt * s_y - s_t * s_ty) / safe, np.nan)
         b = np.where(ok, (n * s_ty - s_t * s_y) / safe, np.nan)

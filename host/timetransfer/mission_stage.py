@@ -27,6 +27,8 @@ not done yet (docs/time-transfer.md).
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +167,90 @@ def stream_during_pass(out: Path, mission: MissionTwoWay, qkd_scenario, memory,
     return stream.run_streaming(
         out, keys_dir, block_s, speedup, transports=transports, satellite=satellite
     )
+
+
+DURING_NAME = "timetransfer-during-pass"
+
+
+def beside_the_distillation(out: Path, mission: MissionTwoWay, qkd_scenario, head,
+                            slot_count: int, keys_dir: Path, speedup: float,
+                            block_s: float = 1.0):  # fmt: skip
+    """(beside(link), outcome): `beside` starts the streamed time transfer on the link's
+    time-transfer stream while the distillation streams on its own (host/mission/run.py
+    passes it to emulator/link_session.py), and returns the callable that waits for it;
+    `outcome` receives the ground's report and the satellite's result, or the error.
+    The satellite endpoint reads the head's pattern memory through a port of its own (the
+    payload processor's Alice holds the other)."""
+    from emulator.endpoint import FrameEndpoint
+    from host.distil import channel as ch
+    from host.link.pattern_memory import PatternMemoryClient
+    from host.protocol import payload_bus as pb
+
+    outcome: dict = {"started": time.process_time()}
+
+    def beside(link):
+        port = FrameEndpoint(
+            head.handle_pattern_port, max_body_bytes=pb.PATTERN_PORT_MAX_BODY_BYTES
+        )
+        port.start()
+        satellite = ch.connect(f"127.0.0.1:{link.port('time_transfer', 'satellite')}")
+        ground = ch.connect(f"127.0.0.1:{link.port('time_transfer', 'ground')}")
+
+        def body():
+            try:
+                with PatternMemoryClient(port.address, slot_count) as memory:
+                    outcome["report"], outcome["satellite"] = stream_during_pass(
+                        out, mission, qkd_scenario, memory, keys_dir, block_s, speedup,
+                        transports=(satellite, ground),
+                    )  # fmt: skip
+            except BaseException as error:  # reported in the mission's figures
+                outcome["error"] = error
+                outcome["report"] = getattr(error, "report", None)
+
+        thread = threading.Thread(target=body, name="timetransfer-during-pass", daemon=True)
+        thread.start()
+
+        def join():
+            thread.join()
+            port.stop()
+
+        return join
+
+    return beside, outcome
+
+
+def during_pass_figures(out: Path, outcome: dict) -> dict:
+    """OUT/timetransfer-during-pass/ (the outputs of `qkdsat timetransfer --during-pass`)
+    and the stage's figures for mission.json."""
+    from host.timetransfer.command import finish
+
+    scenario = files.read_scenario(out)
+    error, report = outcome.get("error"), outcome.get("report")
+    if error is not None and not isinstance(error, ProtocolAborted):
+        return {"aborted": True, "abort_reason": f"{type(error).__name__}: {error}"}
+    if report is None:
+        return {"aborted": True, "abort_reason": "the streamed time transfer did not run"}
+    if error is None:
+        report["satellite"] = outcome["satellite"]
+    try:
+        report = finish(out / DURING_NAME, out, scenario, outcome["started"], report, error)
+    except ProtocolAborted:
+        report = json.loads((out / DURING_NAME / "report.json").read_text())
+    figures = {
+        "aborted": bool(report["aborted"]),
+        "abort_reason": report.get("abort_reason"),
+        "out": f"{DURING_NAME}/",
+    }
+    if not report["aborted"]:
+        figures.update(
+            bins=report["bins"],
+            streaming=report["streaming"],
+            time_data_rate_hz=report["time_data_rate_hz"],
+            qber=report["qber"],
+            offset_bias_ps=report.get("truth", {}).get("offset_bias_ps"),
+            key_bits_used={"pad": report["key"]["pad_bits"], "auth": report["key"]["auth_bits"]},
+        )
+    return figures
 
 
 def run_stage(out: Path, qkd_profile: str, seed: int, window_s: float | None,
