@@ -19,6 +19,10 @@ from host.simulate import profiles
 from host.timetransfer import files, mission_stage
 from tests.network_keys import distilled
 
+# the real firmware, an emulated pass and (last test) the streaming distillation over the
+# optical link: ~50 s in all
+pytestmark = pytest.mark.slow
+
 SEED = 3
 # 4.096 s of the 100 MHz micius-2017 source: its ~540 sampled uplink events at ~0.5 %
 # make a timing QBER above the 3 % abort a < 1e-8 chance (at 2 s, 271 events: ~1e-5)

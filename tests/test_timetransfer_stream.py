@@ -35,6 +35,7 @@ def keys(tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow  # a 4 s pass over the optical link in real time
 def test_the_offsets_stream_over_the_optical_link_during_the_pass(two_way_pass, keys, tmp_path):
     out = tmp_path / "out"
     argv = ["timetransfer", str(two_way_pass), "--keys", str(keys), "--out", str(out)]
