@@ -130,35 +130,33 @@ class InertialPass:
         shapiro = SHAPIRO_S * np.log((ra + rb + separation) / (ra + rb - separation))
         return separation / SPEED_OF_LIGHT_KM_S + shapiro
 
+    def _light_time_s(self, t_s, emitter_state, receiver_state, at_emission: bool):
+        """Flight time (vacuum + Shapiro) of a photon from the emitter to the receiver,
+        given its emission time (at_emission) or its reception time `t_s`: fixed-point
+        iteration from the range, the other end taken where it is when the photon leaves
+        or arrives there."""
+        t = np.asarray(t_s, dtype=np.float64)
+        known_state, other_state = (
+            (emitter_state, receiver_state) if at_emission else (receiver_state, emitter_state)
+        )
+        known, _ = known_state(t)
+        tau = self.range_km(t) / SPEED_OF_LIGHT_KM_S
+        for _ in range(LIGHT_TIME_ITERATIONS):
+            other, _ = other_state(t + tau if at_emission else t - tau)
+            tau = self._flight_s(known, other) if at_emission else self._flight_s(other, known)
+        return tau
+
     def up_light_time_s(self, t_emit_s) -> np.ndarray:
         """Flight time of a photon the station emits at `t_emit_s` (vacuum + Shapiro)."""
-        t1 = np.asarray(t_emit_s, dtype=np.float64)
-        gnd, _ = self.station_state(t1)
-        tau = self.range_km(t1) / SPEED_OF_LIGHT_KM_S
-        for _ in range(LIGHT_TIME_ITERATIONS):
-            sat, _ = self.satellite_state(t1 + tau)
-            tau = self._flight_s(gnd, sat)
-        return tau
+        return self._light_time_s(t_emit_s, self.station_state, self.satellite_state, True)
 
     def down_light_time_s(self, t_emit_s) -> np.ndarray:
         """Flight time of a photon the satellite emits at `t_emit_s`."""
-        t3 = np.asarray(t_emit_s, dtype=np.float64)
-        sat, _ = self.satellite_state(t3)
-        tau = self.range_km(t3) / SPEED_OF_LIGHT_KM_S
-        for _ in range(LIGHT_TIME_ITERATIONS):
-            gnd, _ = self.station_state(t3 + tau)
-            tau = self._flight_s(sat, gnd)
-        return tau
+        return self._light_time_s(t_emit_s, self.satellite_state, self.station_state, True)
 
     def down_light_time_by_reception_s(self, t_receive_s) -> np.ndarray:
         """Flight time of a downlink photon the station receives at `t_receive_s`."""
-        t4 = np.asarray(t_receive_s, dtype=np.float64)
-        gnd, _ = self.station_state(t4)
-        tau = self.range_km(t4) / SPEED_OF_LIGHT_KM_S
-        for _ in range(LIGHT_TIME_ITERATIONS):
-            sat, _ = self.satellite_state(t4 - tau)
-            tau = self._flight_s(sat, gnd)
-        return tau
+        return self._light_time_s(t_receive_s, self.satellite_state, self.station_state, False)
 
     def sagnac_s(self, t_s) -> np.ndarray:
         """Sagnac term of an up photon at `t_s`: omega_E (r_gnd x r_sat)_z / c^2; a down
