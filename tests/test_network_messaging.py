@@ -424,3 +424,16 @@ def test_a_receive_killed_as_its_pool_moves_has_already_written_its_file(net, tm
     # and the message is not accepted again
     assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
                    "--out", str(tmp_path / "again")]) == 2  # fmt: skip
+
+
+def test_a_send_whose_message_cannot_be_written_takes_nothing(net, tmp_path, capsys):
+    """--out in a missing directory: a one-line error naming it, exit 2, and the sender's
+    pool untouched. Before, the pad was taken first and the write then failed (a
+    traceback, exit 1): the bytes were lost for nothing."""
+    plain = tmp_path / "image.bin"
+    plain.write_bytes(os.urandom(3000))
+    missing = tmp_path / "no-such-directory" / "image.msg"
+    assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
+                   str(plain), "--out", str(missing)]) == 2  # fmt: skip
+    assert str(missing.parent) in capsys.readouterr().err
+    assert _used(net, "Beijing", "Stellenbosch") == 0

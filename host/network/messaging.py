@@ -56,6 +56,10 @@ def send(network_dir, sender: str, receiver: str, in_path, out_path, cipher: str
     if len(plaintext) > MAX_MESSAGE_BYTES:
         raise BadInput(f"{in_path}: larger than {MAX_MESSAGE_BYTES} bytes")
     needed = pool_bytes_needed(cipher, len(plaintext))
+    out_dir = Path(out_path).parent
+    if not out_dir.is_dir() or not os.access(out_dir, os.W_OK | os.X_OK):
+        # checked before the pad is taken: a message that cannot be written burns nothing
+        raise BadInput(f"--out {out_path}: {out_dir} is not a writable directory")
     path = pool_path(network_dir, sender, receiver)
     if not path.exists():
         raise BadInput(
