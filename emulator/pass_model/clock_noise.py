@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emulator.pass_model.clocks import PS_PER_S, Clock
+from emulator.pass_model.clocks import PS_PER_S, Clock, stored_reading_ps
 
 # exponents of f in S_y(f), by the names the profiles use
 POWER_LAW_EXPONENTS = {
@@ -157,10 +157,7 @@ class PassClock:
         return self.clock.reading_ps(t) + self._beyond_ps(t)
 
     def to_clock_ps(self, true_s, jitter_ps=None) -> np.ndarray:
-        elapsed = self.reading_ps(true_s)
-        if jitter_ps is not None:
-            elapsed = elapsed + jitter_ps
-        return self.offset_ps + np.rint(elapsed).astype(np.int64)
+        return stored_reading_ps(self.offset_ps, self.reading_ps(true_s), jitter_ps)
 
     def true_time_s(self, clock_ps) -> np.ndarray:
         """Inverse of the reading: the deterministic inverse, then Newton steps for the

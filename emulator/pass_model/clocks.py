@@ -16,6 +16,14 @@ import numpy as np
 PS_PER_S = 1e12
 
 
+def stored_reading_ps(offset_ps: int, reading_ps, jitter_ps=None) -> np.ndarray:
+    """A clock's reading as stored: int64 ps, offset_ps plus the float64 reading relative
+    to it (with the tagger's jitter, when given) rounded; every clock model's to_clock_ps."""
+    if jitter_ps is not None:
+        reading_ps = reading_ps + jitter_ps
+    return offset_ps + np.rint(reading_ps).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Clock:
     name: str
@@ -29,10 +37,7 @@ class Clock:
         return t * PS_PER_S * (1.0 + self.drift + 0.5 * self.aging_per_s * t)
 
     def to_clock_ps(self, true_s, jitter_ps=None) -> np.ndarray:
-        elapsed = self.reading_ps(true_s)
-        if jitter_ps is not None:
-            elapsed = elapsed + jitter_ps
-        return self.offset_ps + np.rint(elapsed).astype(np.int64)
+        return stored_reading_ps(self.offset_ps, self.reading_ps(true_s), jitter_ps)
 
     def true_time_s(self, clock_ps) -> np.ndarray:
         """Inverse of the noise-free reading (Newton step for the aging term)."""
