@@ -62,22 +62,31 @@ def _bob_string_dependent_bits(alice: Wire, bob: Wire, key_bases: list) -> tuple
     frames = [int(f["frames"]) for kind, f in alice.messages if kind == "ec_syndromes"]
     step_bits = _bits_of(ldpc.FRAME_BITS)
     ec_bits, counts_bits = [], dict.fromkeys(key_bases, 0)
-    block, in_block, retried = -1, False, False
+    # a block sized from a sample goes in two parts (a probe frame, its error count, the
+    # rest), each with its own syndromes, top-ups, statuses and ec_check
+    block, part, in_part, continues, retried = -1, -1, False, False, False
     for kind, fields in bob.messages:
         if kind == "ec_top_up":
-            if not in_block:  # a block's first message from Bob
-                block, in_block, retried = block + 1, True, False
-                ec_bits.append(1)  # its ec_check, sent once per block
+            if not in_part:  # a part's first message from Bob
+                part, in_part, retried = part + 1, True, False
+                if not continues:
+                    block += 1
+                    ec_bits.append(0)
+                continues = False
+                ec_bits[block] += 1  # the part's ec_check
             ec_bits[block] += step_bits
         elif kind == "ec_status":
-            ec_bits[block] += frames[block]
+            ec_bits[block] += frames[part]
             if int(fields["step"]) and not retried:
                 ec_bits[block] += step_bits
                 retried = True
         elif kind == "ec_discard":
-            ec_bits[block] += frames[block]
+            ec_bits[block] += frames[part]
         elif kind == "ec_check":
-            in_block = False
+            in_part = False
+        elif kind == "ec_probe_errors":  # the probe's error count, in [0, its bits]
+            ec_bits[block] += _bits_of(int(fields["bits"]))
+            continues = True
         elif kind == "ec_block_errors":
             counts_bits[key_bases[block]] += _bits_of(int(fields["bits"]))
         elif kind == "error_counts":
@@ -85,7 +94,7 @@ def _bob_string_dependent_bits(alice: Wire, bob: Wire, key_bases: list) -> tuple
                 counts = json.loads(fields[table])
                 for basis in key_bases:
                     counts_bits[basis] += sum(_bits_of(n) for n, _ in counts[basis].values())
-    assert block == len(frames) - 1
+    assert part == len(frames) - 1 and block == len(ec_bits) - 1
     return ec_bits, counts_bits
 
 
@@ -297,6 +306,8 @@ def test_discarded_ldpc_frames_leave_the_key_and_the_rest_gives_identical_keys(
     # sized at the estimate itself, with no top-up from Bob: f = 1.45 is what frames get
     monkeypatch.setattr(reconcile, "QBER_SIGMAS_LOW", 0.0)
     monkeypatch.setattr(reconcile, "LDPC_FIRST_F", 0.0)
+    # each block whole, as when the draw below was chosen (no probe frame first)
+    monkeypatch.setattr(reconcile, "PROBE_MIN_FRAMES", 10**9)
     out = tmp_path / "out"
     # which frames fail depends on the draw: replayed so that one block keeps a key
     report = run_local(

@@ -485,3 +485,76 @@ def test_a_small_blocks_leak_stays_bounded_when_its_qber_sample_is_off(q_estimat
     assert (
         0 <= syndrome_bits - punctured_rank + revealed_bits + tag_bits - alice_leak <= 7 * reveals
     )
+
+
+def _recorded_both_ways(x, y, q_estimate, sample_bits):
+    """LDPC between two endpoints whose transports log what each sends: (Bob's corrected
+    string, kept mask, Bob's stats, Alice's stats, Alice's messages, Bob's messages)."""
+    data = np.random.default_rng(0).bytes(1 << 16)
+    t_a, t_b = ch.queue_pair(timeout_s=300)
+    by_alice, by_bob = [], []
+    a = ch.AuthChannel(_Recorder(t_a, by_alice), ch.KeyPool(data), ch.ALICE)
+    b = ch.AuthChannel(_Recorder(t_b, by_bob), ch.KeyPool(data), ch.BOB)
+    result = {}
+
+    def alice():
+        result["a"] = reconcile.ldpc_alice(
+            a, x, q_estimate, 1.05, np.random.default_rng(2), sample_bits
+        )
+
+    thread = threading.Thread(target=alice)
+    thread.start()
+    try:
+        corrected, kept, stats = reconcile.ldpc_bob(b, y, q_estimate, 1.05, sample_bits)
+    finally:
+        thread.join()
+    return corrected, kept, stats, result["a"][1], by_alice, by_bob
+
+
+def test_a_block_sized_from_a_sample_that_ran_high_is_resized_from_a_probe(monkeypatch):
+    """Issue 17 (robustness): a key block sized from its QBER sample (the first block of a
+    pass) reserved punctured bits up to the sample interval's high end; a sample that ran
+    high left every frame heavily punctured and leaked the excess. Now the block's first
+    frame is a probe: Bob announces its exact error count and the rest is sized from it.
+    100,000 bits at 2 % QBER in frames of 2^13, a 1024-bit sample saying 3.3 % (3
+    standard errors high): keys identical, both sides count the same leak, it is what
+    crossed the channel (syndromes less the punctured ranks, reveals, tags, and Bob's
+    messages including the probe's count), and it is lower than the same block reconciled
+    whole. Deterministic: fixed noise and Alice's random bits."""
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
+    n, q, sample = 100_000, 0.02, 1024
+    high = q + 3 * math.sqrt(q * (1 - q) / sample)
+    x, y = _noisy_pair(n, q, np.random.default_rng(11))
+    h = n * binary_entropy(float((x != y).mean()))
+    corrected, kept, stats, alice_stats, by_alice, by_bob = _recorded_both_ways(x, y, high, sample)
+    assert np.array_equal(corrected, x) and kept.all()
+    assert stats["leak_bits"] == alice_stats["leak_bits"]
+    probe, _ = reconcile._probe_split(n, high, 1.05, sample)
+    (announced,) = [f for kind, f in by_bob if kind == "ec_probe_errors"]
+    assert int(announced["errors"]) == int((x[probe] != y[probe]).sum())
+    # what crossed, part by part: syndromes less the punctured rank, reveals, check tags
+    parts = stats["parts"]
+    syndromes = [f for kind, f in by_alice if kind == "ec_syndromes"]
+    assert len(parts) == len(syndromes) == 2 and parts[0]["frames"] == 1
+    alice_bits = 0
+    for part, message in zip(parts, syndromes, strict=True):
+        code = ldpc.construct(8192, part["mother_rate"])
+        assert message["code"] == code.digest()
+        plan = ldpc.FramePlan(code, part["punctured"], part["shortened"])
+        alice_bits += int(message["frames"]) * plan.leak_bits()
+    alice_bits += sum(8 * len(bytes(f["tag"])) for kind, f in by_alice if kind == "ec_verify")
+    assert "ec_frame_tags" not in [kind for kind, _ in by_alice]
+    reveals = [len(bytes(f["values"])) * 8 for kind, f in by_alice if kind == "ec_reveal"]
+    assert 0 <= sum(reveals) - stats["revealed_bits"] <= 7 * len(reveals)  # whole bytes
+    alice_bits += stats["revealed_bits"]
+    # Bob's string-dependent messages: each part's, and the probe's count in [0, probe]
+    bob_bits = sum(_bob_bits(part, part["retry_rounds"] + 1) for part in parts)
+    bob_bits += math.ceil(math.log2(probe.size + 1))
+    assert stats["leak_bob_messages_bits"] == bob_bits
+    assert stats["leak_bits"] == alice_bits + bob_bits
+    # the same block reconciled whole, as before the probe
+    monkeypatch.setattr(reconcile, "PROBE_MIN_FRAMES", 10**9)
+    corrected, kept, whole, _, by_alice, _ = _recorded_both_ways(x, y, high, sample)
+    assert np.array_equal(corrected, x) and "parts" not in whole
+    assert len([kind for kind, _ in by_alice if kind == "ec_syndromes"]) == 1
+    assert stats["leak_bits"] / h < whole["leak_bits"] / h - 0.01, (stats, whole)

@@ -156,6 +156,7 @@ FIELDS = {
     (UP, "ec_status"): {"failed": PUBLIC, "step": PUBLIC, "undecoded": PUBLIC},
     (UP, "ec_check"): {"match": PUBLIC},
     (UP, "ec_discard"): {"frames": PUBLIC},
+    (UP, "ec_probe_errors"): {"errors": PUBLIC, "bits": PUBLIC},
     (UP, "ec_block_errors"): {"errors": PUBLIC, "bits": PUBLIC},
     (UP, "error_counts"): {"counts_full": PUBLIC, "counts_key": PUBLIC, "leaks": PUBLIC},
     (UP, "verify_ok"): {},

@@ -306,7 +306,7 @@ def _frame_layout(plan: ldpc.FramePlan, used: int) -> tuple[np.ndarray, np.ndarr
     return key_pos, zero_pos
 
 
-def ldpc_alice(
+def _ldpc_alice_part(
     channel,
     key: np.ndarray,
     qber_estimate: float,
@@ -314,9 +314,10 @@ def ldpc_alice(
     rng,
     sample_bits: int = 0,
 ) -> tuple:
-    """Alice's half: (kept, stats), kept a mask over `key` of the bits in frames both sides
-    keep (Bob announces the discarded frames; dropping a frame only shrinks the key, so
-    Alice can follow him, after checking he dropped at least the frames he gave up on).
+    """Alice's half of one part (see ldpc_alice): (kept, stats), kept a mask over `key` of
+    the bits in frames both sides keep (Bob announces the discarded frames; dropping a
+    frame only shrinks the key, so Alice can follow him, after checking he dropped at
+    least the frames he gave up on).
     The discarded frames' bits are then disclosed: they are no longer key.
     sample_bits: the size of the sample behind qber_estimate (0: exact), see _plan."""
     plan = _plan(key.size, qber_estimate, efficiency, sample_bits)
@@ -421,13 +422,14 @@ def ldpc_alice(
     }
 
 
-def ldpc_bob(
+def _ldpc_bob_part(
     channel, bits: np.ndarray, qber_estimate: float, efficiency: float, sample_bits: int = 0
 ) -> tuple:
-    """Bob's half: (corrected, kept, stats). Frames that do not decode within the retries,
-    or whose decoded key bits hash differently from Alice's, are discarded: `kept` masks
-    them out of the key. Alice then discloses their bits, so `corrected` is her whole
-    string (the kept part verified by the check tags, and later the block hash).
+    """Bob's half of one part (see ldpc_bob): (corrected, kept, stats). Frames that do not
+    decode within the retries, or whose decoded key bits hash differently from Alice's,
+    are discarded: `kept` masks them out of the key. Alice then discloses their bits, so
+    `corrected` is her whole string (the kept part verified by the check tags, and later
+    the block hash).
     First Bob measures the QBER from the syndromes and asks for what the frames need
     (LDPC_FIRST_F), then decodes, then retries in fine steps the frames that failed."""
     plan = _plan(bits.size, qber_estimate, efficiency, sample_bits)
@@ -606,6 +608,140 @@ def ldpc_bob(
         "first_request_bits": first_step,
         "revealed_bits": int(revealed.sum()),
     }
+    return corrected, kept, stats
+
+
+# A key block sized from a QBER sample (the first block of a pass: 8192 bits, +-10 % at
+# 1.3 % QBER) needs a punctured reserve up to the sample interval's high end, and a
+# heavily punctured code decodes worse and slower: on a 783,000-bit block at 1.28 % QBER
+# the sample-sized block gave f 1.108-1.159 (sample off by -3 .. +3 standard errors) and
+# 1.7-2.6x the decoder work of the same block sized from its exact QBER (f 1.10; micius,
+# docs/distillation.md). So such a block is reconciled in two parts: first a probe, one
+# frame of key bits at public random positions, sized from the sample; Bob then knows
+# the probe's exact error count and announces it (ec_probe_errors, counted in the leak),
+# and the rest of the block is sized from the probe and the sample together (~8x the
+# sample's bits). Only blocks of at least PROBE_MIN_FRAMES frames: the second part's
+# check tag and messages cost ~100 bits, too much on a small block.
+PROBE_MIN_FRAMES = 4
+PROBE_QBER_FLOOR = 0.004  # as protocol._ec_sizing floors an estimate
+
+
+def _probe_split(count: int, qber_estimate: float, efficiency: float, sample_bits: int):
+    """The probe's positions in the block and the rest's (both sorted), or None when the
+    block is reconciled whole: sized from an exact rate, or too few frames."""
+    if not 0 < sample_bits < count:
+        return None
+    plan = _plan(count, qber_estimate, efficiency, sample_bits)
+    if math.ceil(count / plan.key_bits) < PROBE_MIN_FRAMES:
+        return None
+    order = np.random.default_rng(0x9B0BE).permutation(count)
+    return np.sort(order[: plan.key_bits]), np.sort(order[plan.key_bits :])
+
+
+def _after_probe(errors: int, probe_bits: int, qber_estimate: float, sample_bits: int):
+    """(estimate, bits behind it) for the rest of the block: the probe's exact count
+    pooled with the sample's."""
+    pooled = (errors + qber_estimate * sample_bits) / (probe_bits + sample_bits)
+    return min(max(pooled, PROBE_QBER_FLOOR), 0.2), probe_bits + sample_bits
+
+
+def _probe_errors_bits(probe_bits: int) -> int:
+    """Leak of Bob's ec_probe_errors: a count in [0, probe_bits]."""
+    return math.ceil(math.log2(probe_bits + 1))
+
+
+_SUMMED = (
+    "leak_bits",
+    "leak_bob_messages_bits",
+    "top_up_messages",
+    "frames",
+    "frame_errors",
+    "frames_discarded",
+    "frames_undecoded",
+    "frames_hash_mismatch",
+    "bits_discarded",
+    "leak_ec_check_bits",
+    "retry_rounds",
+    "decoder_seconds",
+    "first_request_bits",
+    "revealed_bits",
+)
+
+
+def _merged(probe: dict, rest: dict, probe_bits: int) -> dict:
+    """One block's stats from its two parts: counts summed, the code and QBER of the rest
+    (the bulk), each part's own stats under "parts"."""
+    out = dict(rest)
+    for name in _SUMMED:
+        if name in rest:
+            out[name] = probe[name] + rest[name]
+    extra = _probe_errors_bits(probe_bits)
+    out["leak_bits"] += extra
+    if "leak_bob_messages_bits" in out:
+        out["leak_bob_messages_bits"] += extra
+        frames = out["frames"]
+        out["mean_iterations"] = (
+            probe["mean_iterations"] * probe["frames"] + rest["mean_iterations"] * rest["frames"]
+        ) / max(frames, 1)
+        out["frame_tags_sent"] = probe["frame_tags_sent"] or rest["frame_tags_sent"]
+    out["probe_bits"] = probe_bits
+    out["parts"] = [probe, rest]
+    return out
+
+
+def ldpc_alice(
+    channel,
+    key: np.ndarray,
+    qber_estimate: float,
+    efficiency: float,
+    rng,
+    sample_bits: int = 0,
+) -> tuple:
+    """Alice's half: (kept, stats), kept a mask over `key` of the bits in frames both sides
+    keep. A block sized from a sample goes in two parts, a probe first (_probe_split)."""
+    split = _probe_split(key.size, qber_estimate, efficiency, sample_bits)
+    if split is None:
+        return _ldpc_alice_part(channel, key, qber_estimate, efficiency, rng, sample_bits)
+    probe, rest = split
+    kept = np.empty(key.size, dtype=bool)
+    kept[probe], probe_stats = _ldpc_alice_part(
+        channel, key[probe], qber_estimate, efficiency, rng, sample_bits
+    )
+    msg = channel.recv("ec_probe_errors")
+    errors = int(msg["errors"])
+    if int(msg["bits"]) != probe.size or not 0 <= errors <= probe.size:
+        raise ReconciliationFailed(
+            f"ec_probe_errors: {errors} of {int(msg['bits'])} bits for a {probe.size}-bit probe"
+        )
+    estimate, bits = _after_probe(errors, probe.size, qber_estimate, sample_bits)
+    kept[rest], rest_stats = _ldpc_alice_part(channel, key[rest], estimate, efficiency, rng, bits)
+    return kept, _merged(probe_stats, rest_stats, probe.size)
+
+
+def ldpc_bob(
+    channel, bits: np.ndarray, qber_estimate: float, efficiency: float, sample_bits: int = 0
+) -> tuple:
+    """Bob's half: (corrected, kept, stats); see _ldpc_bob_part. A block sized from a
+    sample goes in two parts (_probe_split): after the probe Bob announces its exact error
+    count, and the rest is sized from it."""
+    split = _probe_split(bits.size, qber_estimate, efficiency, sample_bits)
+    if split is None:
+        return _ldpc_bob_part(channel, bits, qber_estimate, efficiency, sample_bits)
+    probe, rest = split
+    corrected = np.empty_like(bits)
+    kept = np.empty(bits.size, dtype=bool)
+    corrected[probe], kept[probe], probe_stats = _ldpc_bob_part(
+        channel, bits[probe], qber_estimate, efficiency, sample_bits
+    )
+    # every error of the probe is known: its discarded frames' bits were disclosed
+    errors = int(np.count_nonzero(corrected[probe] != bits[probe]))
+    channel.send("ec_probe_errors", errors=errors, bits=int(probe.size))
+    estimate, sized_bits = _after_probe(errors, probe.size, qber_estimate, sample_bits)
+    corrected[rest], kept[rest], rest_stats = _ldpc_bob_part(
+        channel, bits[rest], estimate, efficiency, sized_bits
+    )
+    stats = _merged(probe_stats, rest_stats, probe.size)
+    stats["probe_errors"] = errors
     return corrected, kept, stats
 
 
