@@ -175,41 +175,59 @@ def _journal_size(net, holder, peer) -> int:
     return journal.stat().st_size if journal.exists() else 0
 
 
-def test_a_relay_killed_between_its_two_fills_is_completed_by_the_next_relay(tmp_path):
-    """SIGKILL `qkdsat relay` as soon as the first relayed pool (A/B) has its fill, before
-    the second (B/A): the next relay completes the cut one (each station's relayed key was
-    kept, 0600, until both fills were done) and the pair stays in step: the same bytes
-    at the same offsets, and messages both ways arrive. Before, the pair was out of step
-    for good: every later relay was refused, and A's sends over the cut relay's bytes
-    could never be received."""
+def _record_inode(net, holder, peer) -> int:
+    return Path(f"{pool_path(net, holder, peer)}.used").stat().st_ino
+
+
+# Where a relay is SIGKILLed: the first change of each of these, in the order the relay
+# makes them (the satellite's takes, the stations' takes, the kept keys, the two fills).
+KILL_POINTS = {
+    "satellite took K_A": lambda net: _record_inode(net, SATELLITE, "Beijing"),
+    "satellite took K_B": lambda net: _record_inode(net, SATELLITE, "Stellenbosch"),
+    "A took its bytes": lambda net: _record_inode(net, "Beijing", SATELLITE),
+    "B took its bytes": lambda net: _record_inode(net, "Stellenbosch", SATELLITE),
+    "A kept its key": lambda net: len(list((net / "Beijing").glob(".*.relay-*.key"))),
+    "A/B filled": lambda net: _journal_size(net, "Beijing", "Stellenbosch"),
+    "B/A filled": lambda net: _journal_size(net, "Stellenbosch", "Beijing"),
+}
+
+
+@pytest.mark.slow  # ~15 s: seven qkdsat relay processes
+def test_a_relay_killed_at_any_step_leaves_the_pair_in_step_and_reuses_nothing(tmp_path):
+    """SIGKILL `qkdsat relay` at each of its steps in turn; after each, the next relay
+    (which completes a relay cut between its two fills: each station kept its relayed
+    key, 0600, until both relayed pools held it) succeeds and the pair holds the same
+    bytes at the same offsets; at the end messages both ways arrive. Before, a kill
+    between the two fills left the pair out of step for good: every later relay was
+    refused, and A's sends over the cut relay's bytes could never be received."""
     net = tmp_path / "net"
-    distilled(tmp_path / "a", 8 * 6000, "pass-a")
-    distilled(tmp_path / "b", 8 * 6000, "pass-b")
+    distilled(tmp_path / "a", 8 * 12_000, "pass-a")
+    distilled(tmp_path / "b", 8 * 12_000, "pass-b")
     fill_pair(net, "Beijing", tmp_path / "a")
     fill_pair(net, "Stellenbosch", tmp_path / "b")
-    relay(net, "Beijing", "Stellenbosch", 8 * 200)
-    before = _journal_size(net, "Beijing", "Stellenbosch")
-    killed = subprocess.Popen(
-        [sys.executable, "-m", "host.cli", "relay", "--network", str(net), "--from", "Beijing",
-         "--to", "Stellenbosch", "--bits", str(8 * 1000)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while (_journal_size(net, "Beijing", "Stellenbosch") == before and killed.poll() is None
-           and time.monotonic() < deadline):  # fmt: skip
-        time.sleep(0.0002)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert _journal_size(net, "Beijing", "Stellenbosch") > before, "the relay never filled"
-    assert qkdsat(["relay", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
-                   "--bits", str(8 * 100)]) == 0  # fmt: skip
+    relay(net, "Beijing", "Stellenbosch", 8 * 100)
     a_b, b_a = (pool_path(net, *pair) for pair in (("Beijing", "Stellenbosch"),
                                                   ("Stellenbosch", "Beijing")))  # fmt: skip
-    assert a_b.read_bytes() == b_a.read_bytes() and a_b.stat().st_size == 1300
-    assert not list(net.rglob("*relay-*.key*"))  # the kept keys are gone once both fills are in
+    for point, watched in KILL_POINTS.items():
+        before = watched(net)
+        killed = subprocess.Popen(
+            [sys.executable, "-m", "host.cli", "relay", "--network", str(net), "--from",
+             "Beijing", "--to", "Stellenbosch", "--bits", str(8 * 500)],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while watched(net) == before and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert watched(net) != before, f"the relay never reached: {point}"
+        assert qkdsat(["relay", "--network", str(net), "--from", "Beijing", "--to",
+                       "Stellenbosch", "--bits", str(8 * 50)]) == 0, point  # fmt: skip
+        assert a_b.read_bytes() == b_a.read_bytes(), point
+        assert not list(net.rglob("*relay-*.key*")), point  # kept keys gone once filled
     for sender, receiver in (("Beijing", "Stellenbosch"), ("Stellenbosch", "Beijing")):
         plain, message, out = (tmp_path / f"{sender}.{kind}" for kind in ("in", "msg", "out"))
-        plain.write_bytes(os.urandom(600))  # beyond the first relay's 100 bytes each way
+        plain.write_bytes(os.urandom(400))  # past the first relay: a completed one
         assert qkdsat(["send", "--network", str(net), "--from", sender, "--to", receiver,
                        str(plain), "--out", str(message)]) == 0  # fmt: skip
         assert qkdsat(["receive", "--network", str(net), "--at", receiver, str(message),
