@@ -296,14 +296,7 @@ class SatelliteEndpoint:
         check_key_length(self.pool, self.key_info, self.scenario)
         chan = _session(transport, self.pool, ch.ALICE)
         self.sealed = sealed = SealedChannel(chan, self.key_info)
-        try:
-            return self._run(chan, sealed)
-        except ProtocolAborted as error:
-            if not isinstance(error, (ch.PeerAborted, ch.ChannelClosed)):
-                chan.abort(str(error))
-            raise
-        finally:
-            chan.close()
+        return run_session(chan, sealed, lambda: self._run(chan, sealed))
 
     def _run(self, chan, sealed) -> dict:
         sealed.require(pad_bytes_bound(self.scenario))
@@ -443,28 +436,11 @@ class GroundEndpoint:
         try:
             check_key_length(self.pool, self.key_info, self.scenario)
         except NotEnoughKey as error:
-            self.report["aborted"], self.report["abort_reason"] = True, str(error)
-            error.report = self.report
+            mark_aborted(self.report, error)
             raise
         chan = _session(transport, self.pool, ch.BOB)
         self.sealed = sealed = SealedChannel(chan, self.key_info)
-        try:
-            return self._run(chan, sealed)
-        except ProtocolAborted as error:
-            if isinstance(error, ch.AuthenticationFailed):
-                error = ProtocolAborted(f"time message authentication failed: {error}")
-            if not isinstance(error, (ch.PeerAborted, ch.ChannelClosed)):
-                chan.abort(str(error))
-            self.report["aborted"], self.report["abort_reason"] = True, str(error)
-            error.report = self.report
-            raise error from None
-        finally:
-            self.report["key"] = sealed.accounting()
-            self.report["classical_bytes"] = {
-                "satellite_to_ground": chan.bytes_received,
-                "ground_to_satellite": chan.bytes_sent,
-            }
-            chan.close()
+        return run_session(chan, sealed, lambda: self._run(chan, sealed), self.report)
 
     def _run(self, chan, sealed) -> dict:
         report = self.report
@@ -583,6 +559,39 @@ def raise_stop_reason(results: dict, report: dict) -> None:
     if error is not None:
         if not isinstance(error, ProtocolAborted):
             raise error
-        report.update(aborted=True, abort_reason=str(error))
-        error.report = report
+        mark_aborted(report, error)
         raise error
+
+
+def mark_aborted(report: dict, error: Exception) -> None:
+    """The ground's report ends aborted with the error's reason, and the error carries
+    the report (error.report) to whoever writes it."""
+    report["aborted"], report["abort_reason"] = True, str(error)
+    error.report = report
+
+
+def run_session(chan, sealed, body, ground_report: dict | None = None):
+    """One endpoint's session over `chan` (satellite or ground, post-pass or streamed):
+    returns body(). A protocol abort is told to the peer (unless the peer aborted or the
+    channel closed) and propagates; with `ground_report` (the ground's), an authentication
+    failure is named as the time messages', the report is marked aborted, and it gets the
+    key's accounting and the bytes each way whatever happens. The channel is closed."""
+    try:
+        return body()
+    except ProtocolAborted as error:
+        if ground_report is not None and isinstance(error, ch.AuthenticationFailed):
+            error = ProtocolAborted(f"time message authentication failed: {error}")
+        if not isinstance(error, (ch.PeerAborted, ch.ChannelClosed)):
+            chan.abort(str(error))
+        if ground_report is None:
+            raise
+        mark_aborted(ground_report, error)
+        raise error from None
+    finally:
+        if ground_report is not None:
+            ground_report["key"] = sealed.accounting()
+            ground_report["classical_bytes"] = {
+                "satellite_to_ground": chan.bytes_received,
+                "ground_to_satellite": chan.bytes_sent,
+            }
+        chan.close()

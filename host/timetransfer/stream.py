@@ -211,14 +211,7 @@ class StreamSatellite:
         chan, self.sealed = _start(
             transport, self.pool, ch.ALICE, self.key_info, self.scenario, self.block_s
         )
-        try:
-            return self._run(chan, self.sealed)
-        except ProtocolAborted as error:
-            if not isinstance(error, (ch.PeerAborted, ch.ChannelClosed)):
-                chan.abort(str(error))
-            raise
-        finally:
-            chan.close()
+        return endpoints.run_session(chan, self.sealed, lambda: self._run(chan, self.sealed))
 
     def _run(self, chan, sealed) -> dict:
         scenario, block_s = self.scenario, self.block_s
@@ -328,29 +321,14 @@ class StreamGround:
         try:
             check_key(self.pool, self.key_info, self.scenario, self.block_s)
         except endpoints.NotEnoughKey as error:
-            self.report.update(aborted=True, abort_reason=str(error))
-            error.report = self.report
+            endpoints.mark_aborted(self.report, error)
             raise
         chan, self.sealed = _start(
             transport, self.pool, ch.BOB, self.key_info, self.scenario, self.block_s
         )
-        try:
-            return self._run(chan, self.sealed)
-        except ProtocolAborted as error:
-            if isinstance(error, ch.AuthenticationFailed):
-                error = ProtocolAborted(f"time message authentication failed: {error}")
-            if not isinstance(error, (ch.PeerAborted, ch.ChannelClosed)):
-                chan.abort(str(error))
-            self.report.update(aborted=True, abort_reason=str(error))
-            error.report = self.report
-            raise error from None
-        finally:
-            self.report["key"] = self.sealed.accounting()
-            self.report["classical_bytes"] = {
-                "satellite_to_ground": chan.bytes_received,
-                "ground_to_satellite": chan.bytes_sent,
-            }
-            chan.close()
+        return endpoints.run_session(
+            chan, self.sealed, lambda: self._run(chan, self.sealed), self.report
+        )
 
     def _sample(self, count: int) -> np.ndarray:
         size = min(count, int(math.ceil(endpoints.SAMPLE_FRACTION * count)))
