@@ -400,3 +400,17 @@ def test_two_fills_for_one_station_at_once_leave_its_pools_in_step(tmp_path):
         assert process.wait(timeout=120) == 0, process.stderr.read()
     satellite = pool_path(net, SATELLITE, "Hefei").read_bytes()
     assert len(satellite) == 3 * 4000 and satellite == station.read_bytes()
+
+
+def test_a_pool_shared_with_its_own_holder_is_refused(tmp_path, capsys):
+    """`pool fill --station satellite` made NET/satellite/satellite.pool: both ends one
+    file, Bob's key silently dropped (the same source), and both halves of every fill
+    counted as each end's (pool status showed the same bits for holder and for peer)."""
+    net = tmp_path / "net"
+    distilled(tmp_path / "k", 8 * 100, "pass-1")
+    assert qkdsat(["pool", "fill", "--network", str(net), "--station", SATELLITE,
+                   "--keys", str(tmp_path / "k")]) == 2  # fmt: skip
+    assert "a pool is shared between two different ends" in capsys.readouterr().err
+    assert not list(net.rglob("*.pool"))
+    with pytest.raises(BadInput, match="two different ends"):
+        StationPool(pool_path(net, "Jinan", "Jinan"), create=True)

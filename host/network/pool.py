@@ -106,6 +106,11 @@ class StationPool:
         self.peer = self.path.name.removesuffix(".pool")
         self.used_path = Path(f"{self.path}.used")
         self.journal_path = Path(f"{self.path}.journal")
+        if self.holder == self.peer:
+            raise BadInput(
+                f"key pool {self.path}: held by {self.holder} for {self.peer}; a pool is "
+                "shared between two different ends"
+            )
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
@@ -528,6 +533,11 @@ def fill_pair(network_dir: str | Path, station: str, alice_dir, bob_dir=None) ->
     """Add one pass's key to the satellite's pool for `station` (Alice's key) and to the
     station's pool for the satellite (Bob's key), at the same offset in both. A pair cut
     half-way (one pool filled) is completed by running the same fill again."""
+    if station == SATELLITE:
+        raise BadInput(
+            f"--station {station}: the satellite's own name; a pool is shared between two "
+            "different ends"
+        )
     alice_key, alice_source = read_distilled_key(alice_dir, "alice")
     bob_key, bob_source = read_distilled_key(bob_dir or alice_dir, "bob")
     if alice_source != bob_source or len(alice_key) != len(bob_key):
