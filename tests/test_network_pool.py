@@ -414,3 +414,27 @@ def test_a_pool_shared_with_its_own_holder_is_refused(tmp_path, capsys):
     assert not list(net.rglob("*.pool"))
     with pytest.raises(BadInput, match="two different ends"):
         StationPool(pool_path(net, "Jinan", "Jinan"), create=True)
+
+
+def test_a_pool_moved_out_of_its_holders_directory_is_refused(tmp_path):
+    """The pair's names come from the pool's path (NET/HOLDER/PEER.pool). A relayed pool
+    served by a KME from another directory (`--pool /srv/pools/Stellenbosch.pool`) was
+    read as held by 'pools': no share of its own (every enc_keys 503), and for fills
+    journalled before pools were split, a split computed with the wrong name: both
+    stations' KMEs took the same half and handed out the same keys."""
+    import shutil
+
+    net = tmp_path / "net"
+    distilled(tmp_path / "a", 8 * 600, "pass-a")
+    distilled(tmp_path / "b", 8 * 600, "pass-b")
+    fill_pair(net, "Beijing", tmp_path / "a")
+    fill_pair(net, "Stellenbosch", tmp_path / "b")
+    qkdsat(["relay", "--network", str(net), "--from", "Beijing", "--to", "Stellenbosch",
+            "--bits", str(8 * 100)])  # fmt: skip
+    moved = tmp_path / "srv" / "pools"
+    moved.mkdir(parents=True)
+    for suffix in ("", ".used", ".journal"):
+        source = Path(f"{pool_path(net, 'Beijing', 'Stellenbosch')}{suffix}")
+        shutil.copy2(source, moved / f"Stellenbosch.pool{suffix}")
+    with pytest.raises(BadInput, match="NET/HOLDER/PEER.pool"):
+        StationPool(moved / "Stellenbosch.pool")

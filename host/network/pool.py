@@ -252,6 +252,15 @@ class StationPool:
             os.fsync(handle.fileno())
 
     def _add_shares(self, offset: int, count: int, split) -> None:
+        if split and {str(name) for name, _ in split} - {self.holder, self.peer}:
+            # the names come from the path: a pool read as held by someone else has no
+            # share of its own, and fills journalled without a split would be cut with
+            # the wrong names (both ends then take the same half)
+            raise BadInput(
+                f"key pool {self.path}: its fills are split between "
+                f"{' and '.join(str(name) for name, _ in split)}, not {self.holder} (the "
+                f"directory) and {self.peer}: a pool must lie at NET/HOLDER/PEER.pool"
+            )
         split = split or split_fill(self.holder, self.peer, count)
         if sum(int(part) for _, part in split) != count:
             raise BadInput(f"{self.journal_path}: a fill's split does not add up to its bytes")
