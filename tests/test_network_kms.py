@@ -583,3 +583,64 @@ def test_a_kme_serving_one_pool_alone_and_a_send_to_its_station_never_share_a_ke
     assert pad_at >= 0 and key_at >= 0
     first, second = sorted([(pad_at, 300 + AUTH_BYTES), (key_at, 256)])
     assert first[0] + first[1] <= second[0], "one pool byte served as a key and as a pad"
+
+
+def test_a_message_overtaken_by_a_kme_delivery_is_still_received(tmp_path):
+    """Beijing sends Stellenbosch a file, then (before the file arrives) Beijing's master
+    SAE asks its KME for keys: Beijing's KME tells Stellenbosch's to take the bytes after
+    the message's pad, skipping the pad. The message, received after, must still decrypt
+    (once), and the slave SAE gets the master's keys. Before, the delivery's skip used
+    the pad's bytes up at Stellenbosch and the message was refused as a replay."""
+    from host.cli import main as qkdsat
+    from host.network.kms import PeerKME
+    from host.network.relay import relay
+
+    net = tmp_path / "net"
+    for station in ("Beijing", "Stellenbosch"):
+        distilled(tmp_path / station, 8 * 4096, f"pass-{station}")
+        fill_pair(net, station, tmp_path / station)
+    relay(net, "Beijing", "Stellenbosch", 8 * 1024)
+    pki = tmp_path / "pki"
+    make_ca(pki)
+    issue(pki, "localhost", server=True)
+    for name in (MASTER, SLAVE, "kme-beijing", "kme-stellenbosch"):
+        issue(pki, name)
+    managers, servers, ports = {}, [], {}
+    for kme_id, holder, peer in (("kme-beijing", "Beijing", "Stellenbosch"),
+                                 ("kme-stellenbosch", "Stellenbosch", "Beijing")):  # fmt: skip
+        managers[kme_id] = KeyManager(
+            kme_id, pool_path(net, holder, peer), open_store(str(tmp_path / f"{kme_id}.db")),
+            [MASTER, SLAVE], tmp_path / f"{kme_id}.audit",
+        )  # fmt: skip
+        context = tls_context(pki / "ca.pem", pki / "localhost.pem", pki / "localhost.key")
+        servers.append(make_server(managers[kme_id], "localhost", 0, context))
+        ports[kme_id] = servers[-1].server_address[1]
+        threading.Thread(target=servers[-1].serve_forever, daemon=True).start()
+    for own, peer in (("kme-beijing", "kme-stellenbosch"), ("kme-stellenbosch", "kme-beijing")):
+        managers[own].peer = PeerKME(f"https://localhost:{ports[peer]}", peer, pki / "ca.pem",
+                                     pki / f"{own}.pem", pki / f"{own}.key")  # fmt: skip
+    try:
+        plain, message, out = (tmp_path / name for name in ("image.bin", "image.msg", "out"))
+        plain.write_bytes(os.urandom(300))
+        assert qkdsat(["send", "--network", str(net), "--from", "Beijing", "--to",
+                       "Stellenbosch", str(plain), "--out", str(message)]) == 0  # fmt: skip
+        beijing, stellenbosch = ({"pki": pki, "port": ports[kme_id]} for kme_id in ports)
+        status, enc = _call(beijing, MASTER, "POST", f"/api/v1/keys/{SLAVE}/enc_keys",
+                            {"number": 2, "size": 256})  # fmt: skip
+        assert status == 200, enc
+        request = {"key_IDs": [{"key_ID": item["key_ID"]} for item in enc["keys"]]}
+        status, dec = _call(stellenbosch, SLAVE, "POST", f"/api/v1/keys/{MASTER}/dec_keys",
+                            request)  # fmt: skip
+        assert status == 200 and dec["keys"] == enc["keys"]
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
+                   "--out", str(out)]) == 0  # fmt: skip
+    assert out.read_bytes() == plain.read_bytes()
+    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
+                   "--out", str(tmp_path / "again")]) == 2  # fmt: skip
+    with StationPool(pool_path(net, "Stellenbosch", "Beijing")) as pool_b:
+        with StationPool(pool_path(net, "Beijing", "Stellenbosch")) as pool_a:
+            assert pool_a.used_bytes == pool_b.used_bytes == 300 + 16 + 64
