@@ -646,3 +646,34 @@ def test_the_simulations_truth_holding_the_pattern_secret_is_private(tmp_path):
     assert json.loads(truth.read_text())["pattern_secret"]
     for path in (truth, tmp_path / "p" / "satellite" / "products.json"):
         assert os.stat(path).st_mode & 0o777 == 0o600, path
+
+
+def test_post_pass_alice_refuses_a_slot_bob_sends_twice(tiny_pass, tmp_path, monkeypatch):
+    """A Bob whose slot list repeats a slot (a faulty tagger feed, a forged or buggy
+    encoder: the Rice code carries a gap of 0): Alice would sift her bit twice, one copy
+    possibly in the key and the other in the disclosed sample, counted twice in the
+    analysis. She aborts before answering; no key (post-pass accepted gaps of 0; the
+    stream already refused them)."""
+    from host.distil import bitcodec
+    from host.distil.run import run_local
+
+    def unchecked(slots):  # bitcodec.rice_encode_sorted without its own check
+        slots = np.asarray(slots, np.int64)
+        gaps = np.diff(slots, prepend=np.int64(0))
+        k = bitcodec.rice_parameter(gaps[1:])
+        out = np.zeros(int(np.sum(gaps >> k)) + slots.size * (65 + k) + 8, dtype=np.uint8)
+        return k, np.packbits(out[: bitcodec._rice_encode(gaps, np.int64(k), out)])
+
+    real = protocol._request_sifting
+
+    def repeating(channel, kind, reply_kind, slots, basis, bit, **fields):
+        # Bob's first detection twice, his last dropped: his own view matches what he sent
+        again = lambda a: np.concatenate([a[:1], a[:-1]])  # noqa: E731
+        return real(channel, kind, reply_kind, again(slots), again(basis), again(bit), **fields)
+
+    monkeypatch.setattr(protocol, "rice_encode_sorted", unchecked)
+    monkeypatch.setattr(protocol, "_request_sifting", repeating)
+    report = run_local(tiny_pass, tmp_path / "out", Config())
+    assert report["aborted"]
+    assert "not strictly after the slots already sifted" in report["abort_reason"]
+    assert not list((tmp_path / "out").glob("*.key"))

@@ -483,24 +483,21 @@ class Alice:
         )
         channel.recv("hello_ok")
 
-    def _answer_sifting(self, msg: dict, context: str, last_slot: int | None = None):
+    def _answer_sifting(self, msg: dict, context: str, last_slot: int = -1):
         """Alice's half of sifting (post-pass and stream): Bob's slots and bases from his
         message; returns (his slots, the fields of her answer: her basis and intensity code
         per slot, her sifted (basis, bit, intensity): the slots where the bases agree and
-        she holds a pattern). With last_slot (the stream, block after block), Bob's slots
-        must lie strictly beyond it and strictly increase: a slot sifted twice would put
-        one of her bits in the key and, drawn again, in the disclosed sample (a disclosed
-        key bit no leak counts), and count it twice in the finite-key analysis."""
+        she holds a pattern). Bob's slots must lie strictly beyond last_slot (the stream,
+        block after block: the last slot already sifted) and strictly increase: a slot
+        sifted twice would put one of her bits in the key and, drawn again, in the
+        disclosed sample (a disclosed key bit no leak counts), and count it twice in the
+        finite-key analysis."""
         count = int(msg["count"])
         try:
             slots = rice_decode_sorted(int(msg["rice_k"]), msg["slots"], count)
         except ValueError as error:
             raise ProtocolAborted(f"{context}: {error}") from error
-        if (
-            last_slot is not None
-            and slots.size
-            and (slots[0] <= last_slot or np.any(np.diff(slots) <= 0))
-        ):
+        if slots.size and (slots[0] <= last_slot or np.any(np.diff(slots) <= 0)):
             raise ProtocolAborted(
                 f"{context}: Bob's slots are not strictly after the slots already sifted"
             )
