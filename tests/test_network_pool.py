@@ -302,26 +302,47 @@ def test_a_pool_used_as_a_distillation_auth_pool_never_serves_those_bytes_again(
             pool.take(10, "an auth pad", offset=10_050 - 10_000, initiator="Hefei")
 
 
-def test_a_pool_from_before_the_direction_split_is_read_with_its_record_as_a_floor(tmp_path):
-    """A pool whose journal has no splits and whose record holds used_bytes alone (written
-    before pools were split by direction): every byte below the record is gone in both
-    shares, the rest is cut as today, and nothing below the record is served."""
-    net = tmp_path / "net"
-    key = distilled(tmp_path / "k", 8 * 1000, "pass-1")
-    fill_pair(net, "Wuhan", tmp_path / "k")
-    path = pool_path(net, "Wuhan", SATELLITE)
+def _as_before_the_split(path: Path, used_bytes: int) -> None:
+    """Rewrite a pool's journal and record as written before pools were split."""
     journal = Path(f"{path}.journal")
     lines = [json.loads(line) for line in journal.read_text().splitlines()]
     for line in lines:
         line.pop("split", None)
     journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    Path(f"{path}.used").write_text('{"used_bytes": 700}')  # the old single offset
-    with StationPool(path) as pool:
-        assert pool.available_for(SATELLITE) == 0 and pool.available_for("Wuhan") == 300
-        assert pool.used_bytes == 700
-        assert pool.take(10, "from Wuhan") == key[700:710]
-        with pytest.raises(BadInput, match="already used"):
-            pool.take(10, "old offset", offset=100, initiator="Wuhan")
+    Path(f"{path}.used").write_text(json.dumps({"used_bytes": used_bytes}))
+
+
+def test_a_pool_from_before_the_direction_split_serves_none_of_its_old_fills(tmp_path):
+    """Before the split both ends took from one sequence, each at its own record: the
+    satellite had sent through byte 700 (its record 700) while the station, not having
+    received it, still read 0. Each end's record read as a floor let the station begin
+    its own sends at byte 500 (its half of the old fill), inside the satellite's pad still
+    in flight: one pad, two files. Neither end can know how far the other went, so the
+    fills journalled before the split are gone at both ends; new fills serve as usual."""
+    net = tmp_path / "net"
+    distilled(tmp_path / "k", 8 * 1000, "pass-1")
+    fill_pair(net, "Wuhan", tmp_path / "k")
+    _as_before_the_split(pool_path(net, SATELLITE, "Wuhan"), 700)  # sent through 700
+    _as_before_the_split(pool_path(net, "Wuhan", SATELLITE), 0)  # received nothing yet
+    plain, message = tmp_path / "reply.bin", tmp_path / "reply.msg"
+    plain.write_bytes(os.urandom(100))
+    send = ["send", "--network", str(net), "--from", "Wuhan", "--to", SATELLITE, str(plain),
+            "--out", str(message)]  # fmt: skip
+    assert qkdsat(send) == 2  # nothing of the old fill for Wuhan's own sends
+    for end in ((SATELLITE, "Wuhan"), ("Wuhan", SATELLITE)):
+        with StationPool(pool_path(net, *end)) as pool:
+            assert pool.available_bytes == 0 and pool.used_bytes == 1000
+            with pytest.raises(BadInput, match="already used"):
+                pool.take(10, "old offset", offset=100, initiator="Wuhan")
+    new_key = distilled(tmp_path / "k2", 8 * 400, "pass-2")
+    fill_pair(net, "Wuhan", tmp_path / "k2")
+    assert qkdsat(send) == 0
+    data = message.read_bytes()
+    size = int.from_bytes(data[8:12], "little")
+    pad = bytes(
+        c ^ p for c, p in zip(data[12 + size : 112 + size], plain.read_bytes(), strict=True)
+    )
+    assert pad == new_key[200:300]  # Wuhan's half of the new fill
 
 
 def test_a_journal_line_torn_by_a_power_cut_leaves_the_pool_usable_and_whole(tmp_path):

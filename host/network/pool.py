@@ -153,6 +153,7 @@ class StationPool:
         self.sources: dict[str, int] = {}  # source -> offset of its bytes
         self.filled_bytes = 0
         self.taken_bytes = 0
+        unsplit_end = 0  # the end of the last fill journalled before pools were split
         # initiator -> its parts of the fills, (pool offset, bytes), in fill order
         self.shares: dict[str, list[tuple[int, int]]] = {self.holder: [], self.peer: []}
         if self.journal_path.exists():
@@ -169,6 +170,8 @@ class StationPool:
                         continue  # a line cut by a power loss: its operation never finished
                     raise BadInput(f"{self.journal_path}:{number}: not a journal line") from None
                 if event == "fill":
+                    if "split" not in entry:
+                        unsplit_end = self.filled_bytes + count
                     self.sources[entry["source"]] = self.filled_bytes
                     self._add_shares(self.filled_bytes, count, entry.get("split"))
                     self.filled_bytes += count
@@ -209,6 +212,11 @@ class StationPool:
                 f"key pool {self.path}: its usage record {self.used_path} is missing; without "
                 "it the bytes already served would be served again. Restore it"
             )
+        # Fills from before the split: both ends took from one sequence, each at its own
+        # record, and neither knows how far the other went (a send still in flight). Read
+        # as a floor, this end's lower record let it begin its own sends inside the other
+        # end's pad: one pad, two files. All of them are gone, at both ends.
+        self.floor_bytes = max(self.floor_bytes, unsplit_end)
         size = os.fstat(self._fd).st_size
         if size < self.filled_bytes:
             raise BadInput(
