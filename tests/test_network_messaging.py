@@ -404,28 +404,6 @@ def test_a_receive_whose_output_cannot_be_written_can_run_again(net, tmp_path, c
     assert out.read_bytes() == plain.read_bytes()
 
 
-def test_a_receive_killed_as_its_pool_moves_has_already_written_its_file(net, tmp_path):
-    """SIGKILL the moment the receiver's usage record moves (the message's bytes are gone
-    from then on): the decrypted file must already be in place, whole, or the message is
-    lost. Before, the record moved first and the file was written after it."""
-    record = Path(f"{pool_path(net, 'Stellenbosch', 'Beijing')}.used")
-    plain, message = _send_one(net, tmp_path, "image", 15_000)
-    before = record.stat().st_ino
-    out = tmp_path / "image.out"
-    killed = _qkdsat_process("receive", "--network", str(net), "--at", "Stellenbosch",
-                             str(message), "--out", str(out))  # fmt: skip
-    deadline = time.monotonic() + 60
-    while record.stat().st_ino == before and time.monotonic() < deadline:
-        time.sleep(0.0002)  # the take replaces the record (renamed into place)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert record.stat().st_ino != before, "the receive never took its pad"
-    assert out.read_bytes() == plain.read_bytes()
-    # and the message is not accepted again
-    assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch", str(message),
-                   "--out", str(tmp_path / "again")]) == 2  # fmt: skip
-
-
 def test_a_send_whose_message_cannot_be_written_takes_nothing(net, tmp_path, capsys):
     """--out in a missing directory: a one-line error naming it, exit 2, and the sender's
     pool untouched. Before, the pad was taken first and the write then failed (a
@@ -437,3 +415,39 @@ def test_a_send_whose_message_cannot_be_written_takes_nothing(net, tmp_path, cap
                    str(plain), "--out", str(missing)]) == 2  # fmt: skip
     assert str(missing.parent) in capsys.readouterr().err
     assert _used(net, "Beijing", "Stellenbosch") == 0
+
+
+@pytest.mark.slow  # ~8 s: four killed qkdsat receive processes
+def test_a_receive_killed_at_any_step_delivers_its_file_once_and_never_loses_it(net, tmp_path):
+    """SIGKILL `qkdsat receive` at each of its steps in turn (its temporary file made, the
+    file in place, the usage record moved, the journal line written); then the same
+    message is received again. The file is always there in the end, whole, and the
+    message is accepted at most once more (when the kill fell between the file and the
+    take), never refused while its file is missing."""
+    record = Path(f"{pool_path(net, 'Stellenbosch', 'Beijing')}.used")
+    journal = Path(f"{pool_path(net, 'Stellenbosch', 'Beijing')}.journal")
+    points = {
+        "temporary file made": lambda out: len(list(out.parent.glob(f".{out.name}.*.tmp"))),
+        "file in place": lambda out: out.exists(),
+        "record moved": lambda out: record.stat().st_ino,
+        "journal written": lambda out: journal.stat().st_size,
+    }
+    for number, (point, watched) in enumerate(points.items()):
+        plain, message = _send_one(net, tmp_path, f"image{number}", 8000 // 2**number)
+        out = tmp_path / f"out{number}" / "image.bin"
+        out.parent.mkdir()
+        before = watched(out)
+        killed = _qkdsat_process("receive", "--network", str(net), "--at", "Stellenbosch",
+                                 str(message), "--out", str(out))  # fmt: skip
+        deadline = time.monotonic() + 60
+        while watched(out) == before and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert watched(out) != before, f"the receive never reached: {point}"
+        again = qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch",
+                        str(message), "--out", str(out)])  # fmt: skip
+        assert again in (0, 2), point
+        assert out.read_bytes() == plain.read_bytes(), point
+        assert qkdsat(["receive", "--network", str(net), "--at", "Stellenbosch",
+                       str(message), "--out", str(tmp_path / "again")]) == 2, point  # fmt: skip
