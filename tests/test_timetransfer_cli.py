@@ -11,6 +11,7 @@ import pytest
 
 from host.cli import main
 from host.distil import channel as ch
+from host.distil.bitcodec import pack_bits, unpack_bits
 from host.errors import BadInput, ProtocolAborted
 from host.timetransfer import command, endpoints, estimate, files, simulate
 from tests.network_keys import distilled
@@ -174,8 +175,12 @@ def test_too_few_events_give_no_time_transfer(clean_pass, tmp_path, keys):
     assert code == 3 and "too few uplink timing events" in report["abort_reason"]
 
 
-def test_best_profile_reaches_10_ps_tdev_and_bias(tmp_path_factory, tmp_path, keys):
+def test_best_profile_reaches_10_ps_tdev_and_bias(tmp_path_factory, tmp_path):
     pass_dir = simulated(tmp_path_factory, "best", profile="qstt-best")
+    # its downlink QBER sample (~80,000 events in 10 s) is sealed, one pad bit an event:
+    # ~93 kbit with the fits, more than the 64 kbit key of the other tests
+    keys = tmp_path_factory.mktemp("keys")
+    distilled(keys, 200_000, "a pass")
     code, report = run(pass_dir, tmp_path, keys)
     assert code == 0
     assert report["stability"]["tdev_ps"]["1"] <= 10.0
@@ -240,6 +245,51 @@ def test_no_raw_time_tag_crosses_the_link_in_the_clear(clean_pass, tmp_path, key
     assert str(int(events["downlink_tx"][0][sifted][0])).encode() in numbers_on_wire
 
 
+def wire_messages(frames):
+    """What an eavesdropper decodes from authenticated frames: (kind, clear fields); the
+    pool announcement that opens a session is not a protocol message."""
+    for frame in frames:
+        try:
+            yield ch.decode(frame[: -ch.TAG_BYTES])
+        except ProtocolAborted:
+            continue
+
+
+def test_alices_downlink_sample_bits_never_cross_the_link_in_the_clear(
+    clean_pass, keys, monkeypatch
+):
+    # the downlink events are the QKD pass's detections: the satellite's emitted bits are
+    # Alice's raw key, which the distillation's privacy amplification counted as secret.
+    # An eavesdropper reads the ground's sifting and sample positions in tt_sift; the
+    # satellite's bits of those events must not follow in the clear (main sent them as
+    # downlink_sample_bits: ~1,700 raw key bits of this 10 s pass, a leak no
+    # distillation accounted for)
+    frames = {"satellite": [], "ground": []}
+    queue_pair = ch.queue_pair
+
+    def recording_pair(timeout_s=600.0):
+        to_ground, to_satellite = queue_pair(timeout_s)
+        to_satellite.tamper = lambda data: frames["ground"].append(data) or data
+        return to_ground, to_satellite
+
+    monkeypatch.setattr(ch, "queue_pair", recording_pair)
+    scenario = files.read_scenario(clean_pass)
+    report = command.run_endpoints(
+        scenario, clean_pass, keys, tamper=lambda data: frames["satellite"].append(data) or data
+    )
+    assert report["aborted"] is False
+    sift = dict(wire_messages(frames["ground"]))["tt_sift"]
+    _, sent_basis, sent_bit = files.read_events(clean_pass)["downlink_tx"]
+    sifted = unpack_bits(sift["downlink_sifted"], sent_basis.size).astype(bool)
+    sample = np.asarray(sift["downlink_sample"])
+    assert sample.size >= endpoints.SAMPLE_MIN
+    alices_sample_bits = pack_bits(sent_bit[sifted][sample]).tobytes()
+    assert alices_sample_bits not in b"".join(frames["satellite"])
+    # and the ground still counts the sample's errors (it opened the sealed bits)
+    assert report["qber_sample"]["downlink"]["n"] == sample.size
+    assert report["qber"]["downlink"] < 0.03
+
+
 def test_a_tampered_time_message_aborts_the_time_transfer(clean_pass, tmp_path, keys):
     sent = []
 
@@ -294,9 +344,12 @@ def test_key_consumption_is_exact_and_no_pad_bit_is_used_twice(
             k: v for k, v in satellite.items() if k != "file"
         }
         # pads: the uplink fit (8 bytes a bin: residual float32, variance float16, count
-        # uint16) and the result, each with its small header; tags: hash key + one pad per
-        # message each way
-        assert 8 * 8 * n_bins < ground["pad_bits"] < 8 * 8 * n_bins + 8 * 700
+        # uint16) and the result, each with its small header, and the satellite's bits of
+        # the downlink QBER sample (Alice's raw key: one bit an event, whole bytes); tags:
+        # hash key + one pad per message each way
+        sample_bits = 8 * ((report["qber_sample"]["downlink"]["n"] + 7) // 8)
+        fit_bits = ground["pad_bits"] - sample_bits
+        assert 8 * 8 * n_bins < fit_bits < 8 * 8 * n_bins + 8 * 700
         assert ground["auth_bits"] == 64 + 64 * 4
         assert ground["consumed_bits"] == 8 * endpoints.AUTH_REGION_BYTES + ground["pad_bits"]
         for role in ("alice", "bob"):

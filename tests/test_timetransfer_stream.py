@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from host.cli import main
+from host.distil import channel as ch
+from host.distil.bitcodec import pack_bits, unpack_bits
 from host.errors import ProtocolAborted
 from host.timetransfer import files, stream
 from tests.network_keys import distilled
@@ -76,6 +78,50 @@ def test_each_bins_offset_is_known_one_or_two_blocks_after_it(two_way_pass, keys
     assert satellite["offset_reference_ps"] == report["offset_reference_ps"]
     truth = files.read_truth(two_way_pass)
     assert int(truth["offset_base_ps"]) != 0  # the truth is there to compare in the CLI test
+
+
+def test_alices_downlink_sample_bits_never_cross_in_the_clear_during_the_pass(two_way_pass, keys):
+    # the downlink events are the QKD pass's detections (simulate --two-way): the
+    # satellite's bits of each block's QBER sample are Alice's raw key, secret for the
+    # distillation that runs beside. An eavesdropper reads each block's sifting and sample
+    # positions (tt_block_sift) and the block's size (tt_block); the satellite's bits of
+    # those events must not follow in the clear (main sent them as downlink_sample_bits)
+    frames = {"satellite": [], "ground": []}
+    to_ground, to_satellite = ch.queue_pair(timeout_s=600.0)
+    to_ground.tamper = lambda data: frames["satellite"].append(data) or data
+    to_satellite.tamper = lambda data: frames["ground"].append(data) or data
+    report, _ = stream.run_streaming(
+        two_way_pass, keys, BLOCK_S, speedup=50.0, transports=(to_ground, to_satellite)
+    )
+    assert report["aborted"] is False
+
+    def messages(side, kind):
+        for frame in frames[side]:
+            try:
+                got, fields = ch.decode(frame[: -ch.TAG_BYTES])
+            except ProtocolAborted:  # the pool announcement
+                continue
+            if got == kind:
+                yield fields
+
+    blocks = [m for m in messages("satellite", "tt_block") if not m["final"]]
+    sifts = list(messages("ground", "tt_block_sift"))
+    assert len(blocks) == len(sifts) == math.ceil(DURATION_S / BLOCK_S)
+    _, _, sent_bit = files.read_events(two_way_pass)["downlink_tx"]
+    satellite_wire = b"".join(frames["satellite"])
+    first = 0
+    checked = 0
+    for block, sift in zip(blocks, sifts, strict=True):
+        count = int(block["downlink_count"])
+        sifted = unpack_bits(sift["downlink_sifted"], count).astype(bool)
+        bits = sent_bit[first : first + count][sifted][np.asarray(sift["downlink_sample"])]
+        first += count
+        alices_sample_bits = pack_bits(bits).tobytes()
+        if len(alices_sample_bits) >= 8:  # 64 bits: no chance match in the stream
+            checked += 1
+            assert alices_sample_bits not in satellite_wire
+    assert first == sent_bit.size and checked == len(blocks)
+    assert report["qber_sample"]["downlink"]["n"] > 0
 
 
 def test_a_tampered_block_aborts_the_streamed_time_transfer(two_way_pass, keys):

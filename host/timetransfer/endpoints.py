@@ -16,10 +16,12 @@ Messages (the satellite is the channel's first speaker, "alice"):
                                     ground's emitted bits of the uplink sample (disclosed,
                                     as the distillation's parameter estimation)
     satellite -> ground  tt_uplink  SEALED: the satellite's per-bin uplink fit (intercept,
-                                    variance, events; its detection tags never leave it);
-                                    in the clear: the downlink emission epochs of the
-                                    sifted events, its emitted bits of the downlink sample,
-                                    the uplink sample's error count
+                                    variance, events; its detection tags never leave it)
+                                    and its emitted bits of the downlink sample (Alice's
+                                    raw key bits: the downlink events are the QKD pass's
+                                    detections); in the clear: the downlink emission
+                                    epochs of the sifted events, the uplink sample's
+                                    error count
     ground -> satellite  tt_result  SEALED: the offset the ground measured (value at the
                                     pass middle and rate), so the satellite learns its clock
 
@@ -183,6 +185,26 @@ def _positions(values, limit: int, name: str) -> np.ndarray:
     return positions
 
 
+def seal_downlink_sample_bits(sealed: SealedChannel, bits: np.ndarray) -> bytes:
+    """The satellite's emitted bits of the downlink QBER sample, one-time padded: the
+    downlink events are the QKD pass's detections, so these are Alice's raw key bits,
+    which the distillation's privacy amplification counted as secret (in the clear they
+    were a leak no distillation accounted for). One pad bit a sampled event."""
+    return sealed.seal_bytes(pack_bits(np.asarray(bits, dtype=np.uint8)).tobytes())
+
+
+def open_downlink_sample_bits(sealed: SealedChannel, message: dict, count: int) -> np.ndarray:
+    data = message.get("downlink_sample_sealed")
+    _check(isinstance(data, bytes), "downlink sample bits missing")
+    _check(len(data) == (count + 7) // 8, "downlink sample bits length")
+    return unpack_bits(np.frombuffer(sealed.open_bytes(data), dtype=np.uint8), count)
+
+
+def sample_bytes_bound(count: int) -> int:
+    """Pad bytes of the sealed downlink sample bits of `count` events at most."""
+    return (min(count, max(SAMPLE_MIN, int(SAMPLE_FRACTION * count))) + 7) // 8
+
+
 def sample_positions(count: int, rng) -> np.ndarray:
     size = min(count, max(SAMPLE_MIN, int(SAMPLE_FRACTION * count)))
     return np.sort(rng.choice(count, size)) if size else np.zeros(0, dtype=np.int64)
@@ -340,11 +362,12 @@ class SatelliteEndpoint:
         bin_s, n_bins = estimate.bin_grid(self.scenario)
         fit = estimate.fit_direction(t2, y, bin_s, n_bins)
         payload = sealed.seal("tt_uplink_fit", **pack_fit(fit, base, n_bins))
+        sample_bits = seal_downlink_sample_bits(sealed, down_bit[down_sifted][down_sample])
         chan.send(
             "tt_uplink",
             sealed=payload,
             **pack_epochs("downlink_emission", down_tag[down_sifted]),
-            downlink_sample_bits=pack_bits(down_bit[down_sifted][down_sample]),
+            downlink_sample_sealed=sample_bits,
             uplink_sifted=n_up,
             uplink_sample=int(up_sample.size),
             uplink_sample_errors=int(wrong.sum()),
@@ -447,7 +470,7 @@ class GroundEndpoint:
         up_tag, up_basis, up_bit = self.events["uplink_tx"]
         down_tag, down_basis, down_bit = self.events["downlink_rx"]
         bases = chan.recv("tt_bases")  # the satellite has checked its key: now ours
-        sealed.require(pad_bytes_bound(self.scenario))
+        sealed.require(pad_bytes_bound(self.scenario) + sample_bytes_bound(down_basis.size))
         by_slot = int(bases["downlink_count"]) == BY_SLOT
         if by_slot and self.downlink_slots is None:
             raise ProtocolAborted(
@@ -495,7 +518,7 @@ class GroundEndpoint:
         bin_s, n_bins = estimate.bin_grid(self.scenario)
         base, up = unpack_fit(sealed.open(message["sealed"], "tt_uplink_fit"), n_bins)
         emission = unpack_epochs(message, "downlink_emission", n_down)
-        satellite_bits = unpack_bits(message["downlink_sample_bits"], down_sample.size)
+        satellite_bits = open_downlink_sample_bits(sealed, message, down_sample.size)
         received = down_tag[down_sifted]
         wrong = down_bit[down_sifted][down_sample] != satellite_bits
         timing = np.ones(n_down, dtype=bool)

@@ -12,10 +12,11 @@ Messages, strictly alternating (the satellite is the first speaker):
 
     satellite -> ground  tt_block       block k: bases of its uplink receptions and
                                         downlink emissions; for block k-1: SEALED, the
-                                        uplink fit of the bins now complete, and in the
-                                        clear the downlink emission epochs of the sifted
-                                        events, its emitted bits of the downlink sample,
-                                        the uplink sample's error count
+                                        uplink fit of the bins now complete and its
+                                        emitted bits of the downlink sample (Alice's raw
+                                        key bits), and in the clear the downlink emission
+                                        epochs of the sifted events, the uplink sample's
+                                        error count
     ground -> satellite  tt_block_sift  block k: which bases agree, the uplink emission
                                         epochs of the sifted events, a CSPRNG sample
                                         (SAMPLE_FRACTION) of each direction's sifted
@@ -253,7 +254,9 @@ class StreamSatellite:
                 fields.update(
                     sealed=sealed.seal_bytes(payload),
                     **pack_epochs("downlink_emission", previous["down_epochs"]),
-                    downlink_sample_bits=pack_bits(previous["down_sample_bits"]),
+                    downlink_sample_sealed=endpoints.seal_downlink_sample_bits(
+                        sealed, previous["down_sample_bits"]
+                    ),
                     uplink_sample_errors=previous["up_errors"],
                 )
                 if by_slot:
@@ -381,7 +384,7 @@ class StreamGround:
                 up_fit["n"][first : first + a.size] = n
                 emission = unpack_epochs(message, "downlink_emission", pending["n_down"])
                 sample = pending["down_sample"]
-                satellite_bits = unpack_bits(message["downlink_sample_bits"], sample.size)
+                satellite_bits = endpoints.open_downlink_sample_bits(sealed, message, sample.size)
                 wrong = pending["down_bits"][sample] != satellite_bits
                 counts["down"][0] += int(wrong.sum())
                 counts["down"][1] += sample.size
