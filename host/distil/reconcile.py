@@ -175,25 +175,28 @@ def _frame_list(values, frames: int, what: str) -> np.ndarray:
     return out
 
 
-def qber_interval(qber_estimate: float, sample_bits: int) -> tuple[float, float]:
+def qber_interval(
+    qber_estimate: float, sample_bits: int, sigmas: tuple[float, float] | None = None
+) -> tuple[float, float]:
     """(low, high) QBER the first attempt and the punctured reserve are sized for: the
-    estimate -QBER_SIGMAS_LOW / +QBER_SIGMAS_HIGH binomial standard errors of a sample of
-    sample_bits (0: the estimate is taken as exact). The spread uses at least 1 % QBER, so
-    a small sample with no error still reserves for a few percent."""
+    estimate -QBER_SIGMAS_LOW / +QBER_SIGMAS_HIGH binomial standard errors (or `sigmas`) of
+    a sample of sample_bits (0: the estimate is taken as exact). The spread uses at least
+    1 % QBER, so a small sample with no error still reserves for a few percent."""
+    sigmas_low, sigmas_high = sigmas or (QBER_SIGMAS_LOW, QBER_SIGMAS_HIGH)
     q = min(max(qber_estimate, 1e-4), 0.5)
     if sample_bits <= 0:
         return q, q
     spread = math.sqrt(max(q, 0.01) * (1 - q) / sample_bits)
-    low = max(q - QBER_SIGMAS_LOW * spread, 0.5 * q, 1e-3)
-    return min(low, q), min(q + QBER_SIGMAS_HIGH * spread, 0.2)
+    low = max(q - sigmas_low * spread, 0.5 * q, 1e-3)
+    return min(low, q), min(q + sigmas_high * spread, 0.2)
 
 
 def _plan(
-    count: int, qber_estimate: float, efficiency: float, sample_bits: int = 0
+    count: int, qber_estimate: float, efficiency: float, sample_bits: int = 0, sigmas=None
 ) -> ldpc.FramePlan:
     """Equal frames: as few as fit the block, each sized to it, so no frame is mostly
     padding (the syndrome length is the code's whatever the frame holds)."""
-    low, high = qber_interval(qber_estimate, sample_bits)
+    low, high = qber_interval(qber_estimate, sample_bits, sigmas)
     most = ldpc.max_key_bits(low, efficiency, qber_high=high)
     frames = max(1, math.ceil(count / most))
     return ldpc.plan_for(
@@ -313,14 +316,16 @@ def _ldpc_alice_part(
     efficiency: float,
     rng,
     sample_bits: int = 0,
+    sigmas: tuple[float, float] | None = None,
 ) -> tuple:
     """Alice's half of one part (see ldpc_alice): (kept, stats), kept a mask over `key` of
     the bits in frames both sides keep (Bob announces the discarded frames; dropping a
     frame only shrinks the key, so Alice can follow him, after checking he dropped at
     least the frames he gave up on).
     The discarded frames' bits are then disclosed: they are no longer key.
-    sample_bits: the size of the sample behind qber_estimate (0: exact), see _plan."""
-    plan = _plan(key.size, qber_estimate, efficiency, sample_bits)
+    sample_bits: the size of the sample behind qber_estimate (0: exact), sigmas the
+    interval's width in its standard errors (default QBER_SIGMAS_LOW / HIGH), see _plan."""
+    plan = _plan(key.size, qber_estimate, efficiency, sample_bits, sigmas)
     code = plan.code
     frames = _frames(key.size, plan)
     interleave = _interleave(key.size)
@@ -423,7 +428,12 @@ def _ldpc_alice_part(
 
 
 def _ldpc_bob_part(
-    channel, bits: np.ndarray, qber_estimate: float, efficiency: float, sample_bits: int = 0
+    channel,
+    bits: np.ndarray,
+    qber_estimate: float,
+    efficiency: float,
+    sample_bits: int = 0,
+    sigmas: tuple[float, float] | None = None,
 ) -> tuple:
     """Bob's half of one part (see ldpc_bob): (corrected, kept, stats). Frames that do not
     decode within the retries, or whose decoded key bits hash differently from Alice's,
@@ -432,7 +442,7 @@ def _ldpc_bob_part(
     the block hash).
     First Bob measures the QBER from the syndromes and asks for what the frames need
     (LDPC_FIRST_F), then decodes, then retries in fine steps the frames that failed."""
-    plan = _plan(bits.size, qber_estimate, efficiency, sample_bits)
+    plan = _plan(bits.size, qber_estimate, efficiency, sample_bits, sigmas)
     code = plan.code
     frames = _frames(bits.size, plan)
     interleave = _interleave(bits.size)
@@ -624,6 +634,10 @@ def _ldpc_bob_part(
 # check tag and messages cost ~100 bits, too much on a small block.
 PROBE_MIN_FRAMES = 4
 PROBE_QBER_FLOOR = 0.004  # as protocol._ec_sizing floors an estimate
+# The rest's interval, in standard errors of the pooled estimate (~3.5 % of the QBER at
+# 1.3 %): a narrower one than the sample's, since a frame that needs more than it still
+# has the retry reserve (RETRY_RESERVE_F h, ~15 % in f) before key bits are revealed.
+PROBE_SIGMAS = (1.0, 2.0)
 
 
 def _probe_split(count: int, qber_estimate: float, efficiency: float, sample_bits: int):
@@ -714,7 +728,9 @@ def ldpc_alice(
             f"ec_probe_errors: {errors} of {int(msg['bits'])} bits for a {probe.size}-bit probe"
         )
     estimate, bits = _after_probe(errors, probe.size, qber_estimate, sample_bits)
-    kept[rest], rest_stats = _ldpc_alice_part(channel, key[rest], estimate, efficiency, rng, bits)
+    kept[rest], rest_stats = _ldpc_alice_part(
+        channel, key[rest], estimate, efficiency, rng, bits, PROBE_SIGMAS
+    )
     return kept, _merged(probe_stats, rest_stats, probe.size)
 
 
@@ -738,7 +754,7 @@ def ldpc_bob(
     channel.send("ec_probe_errors", errors=errors, bits=int(probe.size))
     estimate, sized_bits = _after_probe(errors, probe.size, qber_estimate, sample_bits)
     corrected[rest], kept[rest], rest_stats = _ldpc_bob_part(
-        channel, bits[rest], estimate, efficiency, sized_bits
+        channel, bits[rest], estimate, efficiency, sized_bits, PROBE_SIGMAS
     )
     stats = _merged(probe_stats, rest_stats, probe.size)
     stats["probe_errors"] = errors
