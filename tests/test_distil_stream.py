@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from host.cli import main as qkdsat
+from host.distil.bitcodec import rice_decode_sorted
 from host.distil.channel import TAG_BYTES, decode
 from host.distil.protocol import BASES, Config
 from host.distil.run import key_names, run_local
@@ -124,6 +125,8 @@ STREAM_FIELDS = {
         "t_handled_s": PUBLIC,
         "last_detection_s": PUBLIC,
     },
+    # a lock's probe: Alice's bits of its slots, which are never sifted (burned)
+    "stream_probe": {"basis": PUBLIC, "bit": "probe, never key", "known": PUBLIC},
     "stream_sift": {
         "basis": PUBLIC,
         "intensity": PUBLIC,
@@ -339,7 +342,17 @@ def test_the_streams_messages_carry_alices_bits_only_in_the_counted_sample(strea
             for b in BASES:
                 sample_bits[b] += int(fields[f"count_{b}"])
     kinds = {kind for kind, _ in messages}
-    assert {"stream_start", "stream_next", "stream_sift"} <= kinds
+    assert {"stream_start", "stream_next", "stream_sift", "stream_probe"} <= kinds
+    # the lock's probe slots (Alice disclosed their bits) are never sifted
+    named = {"probe": [], "block": []}
+    for kind, fields in WIRES["bob"].messages:
+        if kind == "stream_next" and fields["step"] in named:
+            count = int(fields["count"])
+            named[fields["step"]].append(
+                rice_decode_sorted(int(fields["rice_k"]), fields["slots"], count)
+            )
+    assert len(named["probe"]) == 1 and named["probe"][0].size > 0
+    assert not np.intersect1d(named["probe"][0], np.concatenate(named["block"])).size
     assert "detections" not in kinds and "disclose" not in kinds  # no post-pass sifting
     counts = report["counts"]
     for block in report["blocks"]:
@@ -456,3 +469,38 @@ def test_a_double_click_split_by_a_block_cut_is_squashed_as_one_slot(
     )
     before = report["sync"]["multi_click_slots"]["both_bases"]
     assert again["sync"]["multi_click_slots"]["both_bases"] == before + len(pairs), pairs
+
+
+def test_a_false_first_lock_is_caught_by_its_probe_and_synchronised_again(
+    micius_30s, tmp_path, monkeypatch
+):
+    """The first anchor locks 1,000 slots off (a false correlation peak: every detection
+    then gets a wrong slot and a random bit of Alice's). Before any block is sifted, the
+    lock's probe compares Alice's bits of its first detections (~50 % errors), drops the
+    lock, and the first synchronisation is made again with more detections: the pass
+    still gives a key, identical on both sides. (Before: the wrong lock was sifted and the
+    run aborted on the QBER.)"""
+    from host.distil import timesync
+
+    original = timesync.Synchroniser.first_anchor
+    locks = []
+
+    def first_lock_false(self, t, *args, **kwargs):
+        tc = original(self, t, *args, **kwargs)
+        if not locks:
+            self.anchors_off[0] += 1000
+        locks.append(tc)
+        return tc
+
+    monkeypatch.setattr(timesync.Synchroniser, "first_anchor", first_lock_false)
+    fast = StreamOptions(block_s=1.0, speedup=30.0, chunk_frames=1)
+    report = run_local(
+        micius_30s, tmp_path, Config(), insecure_deterministic_seed=SEED, stream=fast
+    )
+    assert not report["aborted"], report["abort_reason"]
+    assert len(locks) == 2 and report["sync"]["false_locks"] == 1, report["sync"]
+    # the true lock's probe: the channel's QBER on its ~300 compared bits, far below 25 %
+    assert report["sync"]["probe"]["compared_bits"] >= 100
+    alice = (tmp_path / KEY_FILES["alice"]).read_bytes()
+    assert alice == (tmp_path / KEY_FILES["bob"]).read_bytes()
+    assert len(alice) == -(-report["key_bits"] // 8) > 0

@@ -39,6 +39,8 @@ from host.distil.bitcodec import (
     decode_sorted,
     encode_sorted,
     pack_bits,
+    rice_decode_sorted,
+    rice_encode_sorted,
     unpack_bits,
 )
 from host.distil.channel import AuthenticationFailed, ChannelClosed, PeerAborted
@@ -46,6 +48,7 @@ from host.distil.endpoint_random import endpoint_random
 from host.distil.protocol import (
     BASES,
     EC_CONSISTENT_SIGMAS,
+    NO_PATTERN,
     Alice,
     Bob,
     Config,
@@ -60,22 +63,44 @@ from host.distil.protocol import (
     key_bases_for,
     own_detection_counts,
 )
+from host.distil.timesync import FIRST_Z
 from host.errors import BadInput, ProtocolAborted
 from host.formats.passdir import read_pass_json
 from host.formats.qdet import AppendedDetections
 from host.mission.timeline import timeline_row
 
 MODE = "stream"
-# First synchronisation attempt once this much pass time and these many detections are
-# in; a failed attempt (no correlation peak yet, e.g. low elevation) is retried once the
-# detections have grown by SYNC_RETRY_GROWTH, until loss of signal. Geometric, so that
-# the attempts stay few (each asks Alice for MAX_DELAY_S of slot intensities, 1.9 MB at
-# jinan-1's 625 MHz: retried every 2 s, they kept Bob from ever reaching the strong part
-# of a jinan-1 pass), and counted in detections, not time, so that the same pass is cut
-# the same way however fast it is replayed.
-SYNC_FIRST_S = 2.0
-SYNC_FIRST_DETECTIONS = 2000
-SYNC_RETRY_GROWTH = 1.5
+# The first anchor's window grows while the detections are sparse (the first attempt
+# waited for 2 s and 2,000 detections, then searched the densest 20 ms: at the start of
+# the full micius-2017 pass that held 73-98 detections, z 5.8-6.8 below FIRST_Z, and the
+# first sync came only at ~20 s; the densest 40 ms of the first second, 129 detections,
+# locked). An attempt is made once the densest window of one of these lengths holds the
+# detections the statistics need: FIRST_SYNC_DETECTIONS at first, then, after a window
+# gave no peak (z < FIRST_Z on n detections), n (FIRST_Z SYNC_RETRY_Z_MARGIN / z)^2: the
+# peak grows as the square root of the detections (jinan-1 gave z 6.5 on 240, locked on
+# 476), and an attempt costs Alice's window of slot intensities (retried every 2 s, they
+# kept Bob from ever reaching the strong part of a jinan-1 pass). Counted in detections,
+# not time, so that the same pass is cut the same way however fast it is replayed.
+# Windows are tried shortest first, then the longer ones on the same data. At most
+# FIRST_SYNC_MAX_SLOTS slots a window: Alice's intensity window, the AES-CTR words behind
+# it and the lag FFTs grow with it (at jinan-1's 625 MHz the 20 ms window is 12.5 M slots
+# already; a 40 ms attempt took 10-27 s of this loaded machine).
+FIRST_SYNC_WINDOWS_S = (0.02, 0.04, 0.08, 0.16)
+FIRST_SYNC_MAX_SLOTS = 25_000_000
+FIRST_SYNC_DETECTIONS = 120
+SYNC_RETRY_Z_MARGIN = 1.1
+# A lock is verified before any block is sifted: PROBE_DETECTIONS of its first assigned
+# detections (then never sifted) are compared with Alice's bits where the bases agree
+# (she discloses basis and bit of these slots only, and never sifts them again). A wrong
+# lock gives ~50 % errors, a true one the channel's QBER (below the 11 % threshold): with
+# >= PROBE_MIN_COMPARED bits, FALSE_LOCK_QBER is >= 5 standard deviations from both
+# (0.5 - 0.25 = 5.0 sigma at 100 bits; 0.25 - 0.11 = 4.5 sigma at 100, 6.3 at 200, and
+# a probe compares ~300). A lock that fails is dropped (the detections stay, the anchors
+# go) and the first sync is attempted again with more detections.
+PROBE_DETECTIONS = 600
+FALSE_LOCK_RETRY_GROWTH = 1.5  # detections a window needs for the next try, after one
+PROBE_MIN_COMPARED = 100
+FALSE_LOCK_QBER = 0.25
 # An endpoint shows the link as down in its timeline while it has waited this long (wall
 # seconds, so that a replay's speed-up does not turn the peer's computing into an outage)
 # for the peer's next message. Over the emulated optical link, emulator/link_session.py
@@ -235,6 +260,19 @@ class _Growing:
         return self.data[: self.size]
 
 
+def first_sync_windows(slot_rate_hz: float) -> list[float]:
+    """The first-anchor window lengths allowed at this slot rate (FIRST_SYNC_MAX_SLOTS)."""
+    allowed = [w for w in FIRST_SYNC_WINDOWS_S if w * slot_rate_hz <= FIRST_SYNC_MAX_SLOTS]
+    return allowed or [FIRST_SYNC_WINDOWS_S[0]]
+
+
+def first_sync_window(t: np.ndarray, slot_rate_hz: float, needed: int) -> list[float]:
+    """The first-anchor windows worth trying on detections t (true seconds): the allowed
+    lengths whose densest window holds `needed` detections, shortest first; empty while
+    none does."""
+    return [w for w in first_sync_windows(slot_rate_hz) if timesync.densest_count(t, w) >= needed]
+
+
 def sample_target(count: int, cfg: Config) -> int:
     """Disclosed sample after `count` sifted bits of a key basis: the post-pass rule
     (protocol._sample_positions) applied to the bits so far, its cap (sample_max)
@@ -307,6 +345,8 @@ class StreamAlice(Alice):
     def __init__(self, *args, stream: StreamOptions | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stream = stream or StreamOptions()
+        self._burned = np.zeros(0, np.int64)  # slots a lock's probe disclosed, sorted
+        self._burning = False  # _symbols answers burned slots as unknown (sifting only)
 
     def run(self, channel) -> Outcome:
         out = Outcome("alice")
@@ -340,6 +380,9 @@ class StreamAlice(Alice):
                 if step == "sync":
                     with stage("sync"):
                         self._serve_sync(channel)
+                elif step == "probe":
+                    with stage("sync"):
+                        self._answer_probe(channel, msg)
                 elif step == "block":
                     with stage("sifting"):
                         detections += int(msg["detections"])
@@ -412,11 +455,46 @@ class StreamAlice(Alice):
                 out.report.update(timeline.report())
         return out
 
-    def _sift_block(self, channel, msg, sifted: _Sifted, key_bases) -> None:
-        # Alice takes each slot once, in pass order (see _answer_sifting)
-        slots, answer, (s_basis, s_bit, s_int) = self._answer_sifting(
-            msg, "stream block", self._last_slot
+    def _answer_probe(self, channel, msg) -> None:
+        """A new lock's probe (StreamBob._verify_lock): her basis and bit of each slot Bob
+        names, and whether she holds it. These bits are disclosed, so the slots are burned:
+        never sifted afterwards (answered as slots she holds no pattern for)."""
+        count = int(msg["count"])
+        if not 0 <= count <= PROBE_DETECTIONS:
+            raise ProtocolAborted(f"stream probe: {count} slots, at most {PROBE_DETECTIONS}")
+        try:
+            slots = rice_decode_sorted(int(msg["rice_k"]), msg["slots"], count)
+        except ValueError as error:
+            raise ProtocolAborted(f"stream probe: {error}") from error
+        if np.any(np.diff(slots) <= 0):
+            raise ProtocolAborted("stream probe: slots not strictly increasing")
+        basis, bit, inten = self._symbols(slots)
+        self._burned = np.union1d(self._burned, slots)
+        channel.send(
+            "stream_probe",
+            basis=pack_bits(basis),
+            bit=pack_bits(bit),
+            known=pack_bits((inten != NO_PATTERN).astype(np.uint8)),
         )
+
+    def _symbols(self, slots):
+        basis, bit, inten = super()._symbols(slots)
+        if self._burning and self._burned.size and slots.size:
+            at = np.minimum(np.searchsorted(self._burned, slots), self._burned.size - 1)
+            burned = self._burned[at] == slots
+            basis[burned], bit[burned], inten[burned] = 0, 0, NO_PATTERN
+        return basis, bit, inten
+
+    def _sift_block(self, channel, msg, sifted: _Sifted, key_bases) -> None:
+        # Alice takes each slot once, in pass order (see _answer_sifting), and never a slot
+        # whose bit a lock's probe disclosed
+        self._burning = True
+        try:
+            slots, answer, (s_basis, s_bit, s_int) = self._answer_sifting(
+                msg, "stream block", self._last_slot
+            )
+        finally:
+            self._burning = False
         if slots.size:
             self._last_slot = int(slots[-1])
         index = sifted.basis.extend(s_basis)
@@ -580,11 +658,15 @@ class StreamBob(Bob):
         self._last_slot = -1
         self._assigned = 0
         self._t0 = None  # true seconds of the first detection: pass time 0
+        self._unverified = False  # a lock whose probe has not run yet
+        self._false_locks = 0
+        self._probe = None
+        self._lock_s = None
         buffer_t = np.zeros(0)  # true seconds of the detections not yet assigned
         buffer_ch = np.zeros(0, np.int16)
         read = 0  # records read from the feed
         synced = False
-        next_sync_detections = 0
+        sync_needed = FIRST_SYNC_DETECTIONS  # detections in a window for a first sync
         last_centre = 0.0
         handled_s = 0.0
         block = 0
@@ -615,14 +697,23 @@ class StreamBob(Bob):
             det = np.isin(buffer_ch, (0, 1, 2, 3))
             detected = int(det.sum())
             if not synced:
-                if (
-                    detected >= max(SYNC_FIRST_DETECTIONS, next_sync_detections)
-                    and block_end >= SYNC_FIRST_S
-                ) or (final and detected >= timesync.MIN_DETECTIONS):
+                windows = []
+                if detected >= timesync.MIN_DETECTIONS:
+                    windows = first_sync_window(buffer_t[det], sync.rate, sync_needed)
+                    if final and not windows:  # the last chance: the longest window
+                        windows = first_sync_windows(sync.rate)[-1:]
+                if windows:
                     synced, last_centre = self._first_sync(
-                        channel, stage, sync, buffer_t[det], final
+                        channel, stage, sync, buffer_t[det], final, windows
                     )
-                    next_sync_detections = int(SYNC_RETRY_GROWTH * detected)
+                    if not synced:
+                        # the detections a peak at FIRST_Z needs, from the last window tried
+                        z = max(sync.first_z, 1.0)
+                        grown = sync.first_detections * (FIRST_Z * SYNC_RETRY_Z_MARGIN / z) ** 2
+                        sync_needed = max(sync_needed + 1, math.ceil(grown))
+                    self._unverified = synced
+                    if synced:
+                        self._lock_s = block_end
                 if not synced and final:
                     raise ProtocolAborted(f"too few detections to synchronise ({detected})")
             elif detected:
@@ -638,6 +729,7 @@ class StreamBob(Bob):
                         )
             # assign every detection with anchors beyond it (all of them at the end)
             take = np.zeros(buffer_t.size, bool)
+            handled_before = handled_s
             if synced:
                 cut = math.inf if final else max(sync.anchors_t)
                 take = buffer_t < cut
@@ -649,7 +741,23 @@ class StreamBob(Bob):
             if take.any():
                 with stage("sync"):
                     result = sync.assign(buffer_t[take], det[take])
-                if not final and result.assigned.any():
+                if self._unverified:
+                    with stage("sync"):
+                        verdict = self._verify_lock(channel, result, buffer_ch[take], final)
+                    if verdict is None:  # too few assigned detections yet: wait for more
+                        take[:] = False
+                        result = None
+                    elif verdict is False:  # a false lock: drop it, sync again later
+                        sync = timesync.Synchroniser(self.pass_json, channel)
+                        sync_needed = math.ceil(FALSE_LOCK_RETRY_GROWTH * sync_needed)
+                        synced, self._unverified, self._lock_s = False, False, None
+                        handled_s = handled_before
+                        take[:] = False
+                        result = None
+                    else:
+                        self._unverified = False
+                        result = verdict
+                if result is not None and not final and result.assigned.any():
                     # The block's last slot waits for the next block: a click of it may lie
                     # beyond the cut, and a slot's clicks are squashed together (a
                     # cross-basis double click split here gave the first click's basis
@@ -658,9 +766,12 @@ class StreamBob(Bob):
                     at = np.nonzero(take)[0]
                     take[at[held]] = False
                     result = replace(
-                        result, slots=result.slots[~held], assigned=result.assigned[~held]
+                        result,
+                        slots=result.slots[~held],
+                        assigned=result.assigned[~held],
                     )
-                self.channels = buffer_ch[take]  # what _detections_to_slots reads
+                if result is not None:
+                    self.channels = buffer_ch[take]  # what _detections_to_slots reads
             with stage("sifting"):
                 self._send_block(channel, result, int(take.sum()), handled_s)
             buffer_t, buffer_ch = buffer_t[~take], buffer_ch[~take]
@@ -700,6 +811,9 @@ class StreamBob(Bob):
             "detections": read,
             "assigned_fraction": self._assigned / max(read, 1),
             "multi_click_slots": dict(self.multi_click_slots),
+            "first_lock_s": self._lock_s,
+            "false_locks": self._false_locks,
+            "probe": self._probe,
         }
         channel.send("stream_next", step="end", last_detection_s=feed.last_s)
         for name in key_bases:
@@ -721,24 +835,69 @@ class StreamBob(Bob):
         )
         out.report.update(figures)
 
-    def _first_sync(self, channel, stage, sync, t: np.ndarray, final: bool):
+    def _first_sync(self, channel, stage, sync, t: np.ndarray, final: bool, windows: list):
         """The first anchor and tracking over the detections so far: (synced, last centre
-        tried forward). A failure for want of correlation is retried with more data."""
+        tried forward). The windows are tried shortest first until one has a correlation
+        peak; a failure for want of correlation is retried with more data."""
         channel.send("stream_next", step="sync")
         with stage("sync"):
-            try:
-                tc = sync.first_anchor(t)
-            except (PeerAborted, ChannelClosed, AuthenticationFailed):
-                raise
-            except ProtocolAborted:
-                if final:
+            for i, window_s in enumerate(windows):
+                try:
+                    tc = sync.first_anchor(t, window_s)
+                    self._lock_window_s = window_s
+                    break
+                except (PeerAborted, ChannelClosed, AuthenticationFailed):
                     raise
-                channel.send("sync_request", done=1, starts=np.zeros(0, np.int64), length=0)
-                return False, 0.0
+                except ProtocolAborted:
+                    if i + 1 < len(windows):
+                        continue
+                    if final:
+                        raise
+                    channel.send("sync_request", done=1, starts=np.zeros(0, np.int64), length=0)
+                    return False, 0.0
             sync.track(t, tc, -1, t[0] + timesync.TRACK_WINDOW_S / 2, to_edge=True)
             last = sync.track(t, tc, +1, t[-1] - timesync.TRACK_WINDOW_S / 2, to_edge=final)
             channel.send("sync_request", done=1, starts=np.zeros(0, np.int64), length=0)
         return True, last
+
+    def _verify_lock(self, channel, result, channels: np.ndarray, final: bool):
+        """The probe of a new lock (PROBE_DETECTIONS, FALSE_LOCK_QBER): None while too few
+        detections are assigned yet, False for a false lock, else the result without
+        the probe's detections, which are never sifted (Alice burns their slots)."""
+        assigned = np.nonzero(result.assigned)[0]
+        if assigned.size < PROBE_DETECTIONS and not final:
+            return None
+        last = int(result.slots[assigned[:PROBE_DETECTIONS][-1]]) if assigned.size else -1
+        probe = result.assigned & (result.slots <= last)
+        slots, first, counts = np.unique(
+            result.slots[probe], return_index=True, return_counts=True
+        )
+        single = counts == 1  # a slot clicked twice is left out of the probe
+        slots = slots[single]
+        ch = channels[probe][first[single]].astype(np.int64)
+        basis, bit = (ch >= 2).astype(np.uint8), (ch & 1).astype(np.uint8)
+        rice_k, packed = rice_encode_sorted(slots)
+        channel.send(
+            "stream_next", step="probe", count=int(slots.size), rice_k=rice_k, slots=packed
+        )
+        msg = channel.recv("stream_probe")
+        a_basis = unpack_bits(msg["basis"], slots.size)
+        a_bit = unpack_bits(msg["bit"], slots.size)
+        known = unpack_bits(msg["known"], slots.size).astype(bool)
+        match = known & (a_basis == basis)
+        compared = int(match.sum())
+        errors = int((a_bit[match] != bit[match]).sum())
+        qber = errors / compared if compared else 0.0
+        if compared >= PROBE_MIN_COMPARED and qber >= FALSE_LOCK_QBER:
+            self._false_locks += 1
+            return False
+        self._probe = {
+            "slots": int(slots.size),
+            "compared_bits": compared,
+            "qber": qber,
+            "window_s": self._lock_window_s,
+        }
+        return replace(result, assigned=result.assigned & ~probe)
 
     def _send_block(self, channel, result, raw_count: int, handled_s: float):
         """One block: Bob's slots and bases, Alice's answer (her bases, intensities and the

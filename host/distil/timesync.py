@@ -159,6 +159,14 @@ def _running_concentration(start: np.ndarray, ratio: np.ndarray, steps: int) -> 
     return conc
 
 
+def densest_count(t: np.ndarray, window_s: float) -> int:
+    """Detections in the densest window_s of t (the windows first_anchor chooses among)."""
+    if t.size == 0:
+        return 0
+    edges = np.arange(t[0], t[-1] + window_s, window_s)
+    return int(np.histogram(t, edges)[0].max())
+
+
 def _zscore(score: np.ndarray) -> tuple[int, float]:
     best = int(np.argmax(score))
     others = np.delete(score, best)
@@ -197,18 +205,20 @@ class Synchroniser:
         self.anchors_off: list[float] = []
         self.anchors_slope: list[float] = []
         self.first_slope = 0.0
+        self.first_z, self.first_detections = 0.0, 0  # the last first_anchor's peak
 
-    def first_anchor(self, t: np.ndarray) -> float:
-        """The first anchor, at the densest FIRST_WINDOW_S of t (true seconds of the
-        detections, in time order); returns its time."""
+    def first_anchor(self, t: np.ndarray, window_s: float = FIRST_WINDOW_S) -> float:
+        """The first anchor, at the densest window_s of t (true seconds of the detections,
+        in time order); returns its time. Post-pass uses FIRST_WINDOW_S; the stream a
+        longer window while the detections are sparse (stream.first_sync_window)."""
         rate, helper = self.rate, self.helper
-        edges = np.arange(t[0], t[-1] + FIRST_WINDOW_S, FIRST_WINDOW_S)
+        edges = np.arange(t[0], t[-1] + window_s, window_s)
         hist, _ = np.histogram(t, edges)
         k = int(np.argmax(hist))
-        tc = edges[k] + FIRST_WINDOW_S / 2
+        tc = edges[k] + window_s / 2
         sel = (t >= edges[k]) & (t < edges[k + 1])
         tw = t[sel] - tc
-        step = 0.1 / (FIRST_WINDOW_S * rate)
+        step = 0.1 / (window_s * rate)
         drifts = np.arange(-MAX_DRIFT, MAX_DRIFT + step, step)
         drift = float(drifts[_densest_drift(tw * rate, drifts, step)])
         phi, conc = _phase(tw * rate * (1 + drift))
@@ -238,10 +248,11 @@ class Synchroniser:
         corr = scipy.fft.irfft(spectrum, size, workers=-1)[: lag_range + 1].astype(np.float64)
         del spectrum, comb
         lag, z = _zscore(corr)
+        self.first_z, self.first_detections = z, int(sel.sum())  # the stream's retry rule
         if z < FIRST_Z:
             raise ProtocolAborted(
                 f"time synchronisation failed: no correlation peak (z={z:.1f}, "
-                f"{int(sel.sum())} detections in the densest {FIRST_WINDOW_S * 1e3:.0f} ms)"
+                f"{int(sel.sum())} detections in the densest {window_s * 1e3:.0f} ms)"
             )
         # offset(T) = slot position - T * rate; at tc the detections sit on slot centres - phi
         self.anchors_t = [tc]
