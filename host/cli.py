@@ -100,6 +100,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "qkdsat schedule --tle sat.tle --stations Jinan,Beijing,Stellenbosch"
         " --start 2024-03-01T00:00:00Z --days 3 --out schedule.json",
     ),
+    "keys": (
+        "host.distil.keys_command",
+        "confirm a split distillation's pending keys with the peer at the next contact",
+        "qkdsat keys confirm --role alice --store ks/Jinan --auth-pool auth.pool"
+        " --listen 0.0.0.0:7001\n"
+        "  qkdsat keys confirm --role bob --store keys --auth-pool auth.pool"
+        " --connect sat:7001",
+    ),
     "pool": (
         "host.network.pool_command",
         "the network's key pools: fill from a distilled pass, show levels",
@@ -162,6 +170,7 @@ def version() -> str:
 # commands whose result can be printed as JSON
 JSON_COMMANDS = (
     "simulate", "payload", "track", "distil", "mission", "schedule", "timetransfer", "campaign",
+    "keys",
 )  # fmt: skip
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from host.console import print_result, progress_for, to_json
 from host.distil import channel as ch
+from host.distil import keystore
 from host.distil.durable import fsync_directory, write_atomic, write_temporary
 from host.distil.protocol import (
     BASES,
@@ -300,9 +301,11 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_atomic(path, (to_json(data) + "\n").encode(), 0o644)
 
 
-def finish(out_dir: Path, report: dict, keys: dict) -> None:
+def finish(out_dir: Path, report: dict, keys: dict, pending: bool = False) -> None:
     """Replace the previous outputs by this run's: report.json removed first, the keys made
-    durable, report.json written last (module docstring)."""
+    durable, report.json written last (module docstring). pending: one endpoint of a split
+    run; each key gets its pending marker (KEY.pending, host/distil/keystore.py) before it
+    is renamed into place, and nothing uses it until `qkdsat keys confirm`."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -338,6 +341,12 @@ def finish(out_dir: Path, report: dict, keys: dict) -> None:
                 f"{out_dir}: the keys could not be written ({error.strerror}); no key kept"
             ) from None
         for path, tmp in temporary.items():
+            if pending:
+                key_id = "pass-sha256:" + report["inputs"]["pass_json_sha256"]
+                keystore.write_pending_marker(path, key_id)
+                key_files[path.name.split(".")[0]]["pending"] = True
+            else:  # a marker of the key this one replaces is not its
+                keystore.pending_marker(path).unlink(missing_ok=True)
             os.replace(tmp, path)
             # the usage record of the key this one replaced (time transfer) is not its
             Path(f"{path}.used").unlink(missing_ok=True)
@@ -370,6 +379,7 @@ def _remove_keys(out_dir: Path, keys: dict) -> None:
     for name in key_files_of({stem.split(".")[0] for stem in keys}):
         (out_dir / name).unlink(missing_ok=True)
         (out_dir / f"{name}.used").unlink(missing_ok=True)
+        keystore.pending_marker(out_dir / name).unlink(missing_ok=True)
     fsync_directory(out_dir)
 
 
@@ -739,7 +749,7 @@ def _run_split(
         report["insecure_deterministic"] = True
     if stream is not None:
         _stream_fields(report, outcome)
-    finish(out_dir, report, {stem: outcome.key})
+    finish(out_dir, report, {stem: outcome.key}, pending=True)
     if stream is not None:
         _stamp_key_latency(out_dir, report, outcome.report.get("last_detection_unix_s"))
     return report

@@ -45,6 +45,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from host.distil import keystore
 from host.distil.channel import _fsync_directory, write_usage_record
 from host.errors import BadInput
 
@@ -515,7 +516,8 @@ def read_distilled_key(out_dir: str | Path, role: str) -> tuple[bytes, str]:
     Only a key the report vouches for: not aborted, not made with replayed (insecure)
     randomness, file length matching the bit count. The partial last byte is dropped (its
     padding bits are not key). The source id is the pass: a second key distilled from the
-    same pass is correlated with the first and must never enter a pool as well."""
+    same pass is correlated with the first and must never enter a pool as well. A pending
+    key (split mode, not yet confirmed with the peer: host/distil/keystore.py) is refused."""
     out_dir = Path(out_dir)
     report_path = out_dir / "report.json"
     try:
@@ -537,6 +539,7 @@ def read_distilled_key(out_dir: str | Path, role: str) -> tuple[bytes, str]:
         raise BadInput(f"{report_path}: no {role} key recorded ({error})") from error
     if Path(entry["file"]).name != entry["file"]:
         raise BadInput(f"{report_path}: key file {entry['file']!r} outside the directory")
+    keystore.refuse_pending(key_path)  # held by one side only, perhaps (two generals)
     try:
         data = key_path.read_bytes()
     except OSError as error:

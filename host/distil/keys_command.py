@@ -1,0 +1,86 @@
+"""`qkdsat keys confirm`: confirm or destroy the pending keys of a split distillation with
+the peer at the next contact (host/distil/keystore.py, docs/payload-processor.md)."""
+
+from __future__ import annotations
+
+import sys
+
+from host.console import print_result
+from host.distil import channel as ch
+from host.distil import keystore
+from host.distil.run import check_address
+from host.errors import BadInput, EnvironmentFailure
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("action", choices=("confirm",), help="what to do")
+    parser.add_argument("--role", required=True, choices=("alice", "bob"), help="this side")
+    parser.add_argument(
+        "--store",
+        required=True,
+        help="this side's keys: a `qkdsat distil --out` directory, or the payload "
+        "processor's KS/STATION (searched at any depth for report.json)",
+    )
+    parser.add_argument(
+        "--auth-pool", required=True, help="the pre-shared authentication pool (as distil)"
+    )
+    parser.add_argument(
+        "--new-auth-pool", action="store_true", help="the --auth-pool was never used"
+    )
+    parser.add_argument("--listen", help="HOST:PORT to listen on")
+    parser.add_argument("--connect", help="HOST:PORT to connect to")
+
+
+def confirm_over(transport, pool: ch.KeyPool, role: str, store) -> dict:
+    """The confirmation over an open transport (the mission runs it in-process)."""
+    session = ch.exchange_pool_start(transport, pool)
+    chan = ch.AuthChannel(transport, pool, role, session=session)
+    try:
+        return keystore.run_confirm(chan, store, role)
+    finally:
+        chan.close()
+
+
+def run(args) -> int:
+    if bool(args.listen) == bool(args.connect):
+        raise BadInput("keys confirm needs exactly one of --listen or --connect")
+    option = "--listen" if args.listen else "--connect"
+    address = args.listen or args.connect
+    check_address(option, address)
+    keystore.held_keys(args.store, args.role)  # a bad --store before any connection
+    pool = ch.KeyPool.from_file(args.auth_pool, new=args.new_auth_pool)
+    try:
+        try:
+            if args.listen:
+                transport = ch.listen(
+                    args.listen,
+                    on_listening=lambda: print(
+                        f"qkdsat keys: {args.role} listening on {address}",
+                        file=sys.stderr,
+                        flush=True,
+                    ),
+                )
+            else:
+                transport = ch.connect(args.connect)
+        except (OSError, OverflowError) as error:
+            raise BadInput(f"{option} {address}: {error}") from None
+        except ch.ChannelClosed as error:
+            raise EnvironmentFailure(f"{option} {address}: {error}") from None
+        result = confirm_over(transport, pool, args.role, args.store)
+    finally:
+        pool.close()
+    result["role"] = args.role
+    print_result(args, result, _human(result))
+    return 0
+
+
+def _human(result: dict) -> dict:
+    lines = {
+        "confirmed": ", ".join(result["confirmed"]) or "none",
+        "kept (confirmed before)": ", ".join(result["kept"]) or "none",
+        "destroyed": ", ".join(f"{d['key_id']} ({d['reason']})" for d in result["destroyed"])
+        or "none",
+    }
+    for warning in result.get("warnings", []):
+        lines.setdefault("warning", warning)
+    return lines

@@ -1,0 +1,279 @@
+"""Pending keys and `qkdsat keys confirm` (host/distil/keystore.py): split distillations
+between real processes over TCP, through a relay in the test that plays the link (it can
+lose it at a given message, or change a byte of one), then the confirmation between real
+processes over the same authentication pools."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distil_passgen import make_pass
+
+from host.distil import channel as ch
+from host.distil.keystore import CHECK_BYTES
+
+PY = sys.executable
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+_LEN = struct.Struct("<I")
+
+
+def _kind(frame: bytes) -> str | None:
+    try:
+        return ch.decode(frame[: -ch.TAG_BYTES])[0]
+    except Exception:  # the pool-start announcement is not a tagged message
+        return None
+
+
+def _read_frame(sock: socket.socket) -> bytes | None:
+    def exact(count):
+        data = b""
+        while len(data) < count:
+            chunk = sock.recv(count - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    head = exact(4)
+    if head is None:
+        return None
+    return exact(_LEN.unpack(head)[0])
+
+
+class Link:
+    """Bob connects here; the relay connects to Alice and forwards whole frames. lose_at:
+    (direction "up" = Bob -> Alice, kind) whose frame is swallowed, then the link is gone
+    for good (both connections closed). tamper_at: (direction, kind) whose last byte is
+    flipped in transit."""
+
+    def __init__(self, alice_port: int, lose_at=None, tamper_at=None):
+        self.alice_port, self.lose_at, self.tamper_at = alice_port, lose_at, tamper_at
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.seen = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        bob, _ = self.server.accept()
+        while True:
+            try:
+                alice = socket.create_connection(("127.0.0.1", self.alice_port))
+                break
+            except OSError:
+                threading.Event().wait(0.05)
+        done = threading.Event()
+
+        def pump(src, dst, direction):
+            try:
+                while not done.is_set():
+                    frame = _read_frame(src)
+                    if frame is None:
+                        break
+                    kind = _kind(frame)
+                    self.seen.append((direction, kind))
+                    if (direction, kind) == self.lose_at:
+                        break  # swallowed: the link is lost with it in flight
+                    if (direction, kind) == self.tamper_at:
+                        frame = frame[:-1] + bytes([frame[-1] ^ 1])
+                    dst.sendall(_LEN.pack(len(frame)) + frame)
+            except OSError:
+                pass
+            done.set()
+            for sock in (alice, bob):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        pumps = [
+            threading.Thread(target=pump, args=(bob, alice, "up"), daemon=True),
+            threading.Thread(target=pump, args=(alice, bob, "down"), daemon=True),
+        ]
+        for thread in pumps:
+            thread.start()
+        for thread in pumps:
+            thread.join()
+        alice.close()
+        bob.close()
+        self.server.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pair(alice_cmd, bob_cmd, **link_options):
+    """Alice listens, Bob connects through the Link; returns (alice rc, bob rc, link)."""
+    port = _free_port()
+    alice = subprocess.Popen(
+        alice_cmd + ["--listen", f"127.0.0.1:{port}"], env=ENV, stderr=subprocess.PIPE
+    )
+    link = Link(port, **link_options)
+    bob = subprocess.run(
+        bob_cmd + ["--connect", f"127.0.0.1:{link.port}"],
+        env=ENV,
+        stderr=subprocess.PIPE,
+        timeout=300,
+    )
+    alice_rc = alice.wait(timeout=60)
+    link.thread.join(timeout=10)
+    return (alice_rc, alice.stderr.read().decode()), (bob.returncode, bob.stderr.decode()), link
+
+
+def _distil(root: Path, pass_dir: Path, **link_options):
+    common = [PY, "-m", "host.cli", "distil", str(pass_dir), "--new-auth-pool"]
+    return _pair(
+        common + ["--role", "alice", "--auth-pool", str(root / "alice.pool"), "--out",
+                  str(root / "a")],
+        common + ["--role", "bob", "--auth-pool", str(root / "bob.pool"), "--out",
+                  str(root / "b")],
+        **link_options,
+    )  # fmt: skip
+
+
+def _confirm(root: Path, **link_options):
+    common = [PY, "-m", "host.cli", "keys", "confirm", "--json"]
+    alice, bob, link = _pair(
+        common + ["--role", "alice", "--store", str(root / "a"), "--auth-pool",
+                  str(root / "alice.pool")],
+        common + ["--role", "bob", "--store", str(root / "b"), "--auth-pool",
+                  str(root / "bob.pool")],
+        **link_options,
+    )  # fmt: skip
+    return alice, bob, link
+
+
+def _pools(root: Path) -> None:
+    pool = np.random.default_rng(5).bytes(1 << 16)
+    for name in ("alice.pool", "bob.pool"):
+        (root / name).write_bytes(pool)
+        (root / name).chmod(0o600)
+
+
+def _fill(root: Path, network: Path):
+    return subprocess.run(
+        [PY, "-m", "host.cli", "pool", "fill", "--network", str(network), "--station",
+         "Jinan", "--keys", str(root / "a"), "--bob-keys", str(root / "b")],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pass_dir(tmp_path_factory):
+    return make_pass(tmp_path_factory.mktemp("confirm") / "pass", duration_s=4.0, seed=2)
+
+
+@pytest.fixture(scope="module")
+def both_pending(pass_dir, tmp_path_factory):
+    """A normal split run: both keys written, both pending."""
+    root = tmp_path_factory.mktemp("normal")
+    _pools(root)
+    (alice_rc, alice_err), (bob_rc, bob_err), _ = _distil(root, pass_dir)
+    assert alice_rc == 0 and bob_rc == 0, (alice_err, bob_err)
+    return root
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)  # copy2: modes kept (keys and pools 0600)
+    return dst
+
+
+def _state(root: Path) -> dict:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith(".pool.used")
+    }
+
+
+@pytest.mark.slow
+def test_a_normal_run_leaves_both_keys_pending_until_confirmed_then_pool_fill_takes_them(
+    both_pending, tmp_path
+):
+    root = _copy(both_pending, tmp_path / "run")
+    alice_key, bob_key = root / "a" / "alice.key", root / "b" / "bob.key"
+    assert alice_key.read_bytes() == bob_key.read_bytes()
+    for key in (alice_key, bob_key):
+        assert (Path(f"{key}.pending")).exists()
+        assert (key.stat().st_mode & 0o777) == 0o600
+    report = json.loads((root / "b" / "report.json").read_text())
+    assert report["key_files"]["bob"]["pending"] is True
+
+    # nothing uses a pending key: pool fill refuses it, exit 2, naming the file
+    refused = _fill(root, tmp_path / "net")
+    assert refused.returncode == 2
+    assert "pending" in refused.stderr and "qkdsat keys confirm" in refused.stderr
+    assert not (tmp_path / "net" / "satellite" / "Jinan.pool").exists()
+
+    (alice_rc, alice_out), (bob_rc, bob_out), _ = _confirm(root)
+    assert (alice_rc, bob_rc) == (0, 0), (alice_out, bob_out)
+    for key in (alice_key, bob_key):
+        assert not Path(f"{key}.pending").exists()
+        # the check value disclosed at confirmation is burnt: the key's usage record
+        assert json.loads(Path(f"{key}.used").read_text())["used_bytes"] == CHECK_BYTES
+
+    filled = _fill(root, tmp_path / "net")
+    assert filled.returncode == 0, filled.stderr
+    bits = report["key_files"]["bob"]["bits"]
+    pooled = (tmp_path / "net" / "satellite" / "Jinan.pool").read_bytes()
+    assert pooled == alice_key.read_bytes()[CHECK_BYTES : bits // 8]  # never the burnt bytes
+    assert (tmp_path / "net" / "Jinan" / "satellite.pool").read_bytes() == pooled
+
+    # a second confirmation (the peer missed our list, say) changes nothing
+    assert _confirm(root)[0][0] == 0
+    assert json.loads(Path(f"{alice_key}.used").read_text())["pool_fill_into"]
+
+
+@pytest.mark.slow
+def test_link_lost_after_bobs_final_done_leaves_no_key_on_either_side_after_confirm(
+    pass_dir, tmp_path
+):
+    root = tmp_path / "lost"
+    root.mkdir()
+    _pools(root)
+    # Bob sends his final `done` and keeps his key; it never reaches Alice (two generals)
+    (alice_rc, _), (bob_rc, bob_err), link = _distil(root, pass_dir, lose_at=("up", "done"))
+    assert ("up", "done") in link.seen
+    assert alice_rc == 3 and bob_rc == 0, bob_err
+    alice_report = json.loads((root / "a" / "report.json").read_text())
+    assert alice_report["aborted"] and "connection closed" in alice_report["abort_reason"]
+    assert not list((root / "a").glob("*.key"))
+    bob_key = root / "b" / "bob.key"
+    assert bob_key.exists() and Path(f"{bob_key}.pending").exists()  # one-sided, but pending
+    refused = _fill(root, tmp_path / "net")
+    assert refused.returncode == 2
+
+    (alice_rc, alice_out), (bob_rc, bob_out), _ = _confirm(root)
+    assert (alice_rc, bob_rc) == (0, 0), (alice_out, bob_out)
+    assert not list((root / "a").glob("*.key*")) and not list((root / "b").glob("*.key*"))
+    bob_report = json.loads((root / "b" / "report.json").read_text())
+    assert "bob" not in bob_report["key_files"]
+    assert "holds no key" in bob_report["keys_destroyed"]["bob"]
+
+
+@pytest.mark.slow
+def test_a_tampered_confirmation_is_refused_and_changes_nothing(both_pending, tmp_path):
+    root = _copy(both_pending, tmp_path / "run")
+    before = _state(root)
+    (alice_rc, _), (bob_rc, bob_err), link = _confirm(root, tamper_at=("down", "keys_held"))
+    assert ("down", "keys_held") in link.seen
+    assert bob_rc == 3 and "authentication failed" in bob_err
+    assert alice_rc == 3
+    assert _state(root) == before  # both keys still pending, nothing burnt or destroyed
+    # an honest confirmation afterwards still works
+    (alice_rc, _), (bob_rc, _), _ = _confirm(root)
+    assert (alice_rc, bob_rc) == (0, 0)
+    assert not list(root.rglob("*.pending"))
