@@ -84,3 +84,41 @@ def _human(result: dict) -> dict:
     for warning in result.get("warnings", []):
         lines.setdefault("warning", warning)
     return lines
+
+
+def confirm_in_process(alice_store, alice_pool, bob_store, bob_pool) -> dict:
+    """Both sides' confirmation in this process, over a connected pair of TCP sockets,
+    each side with its own pool file (the mission: the next contact, right after the
+    pass). Returns {role: outcome}; an error of either side is raised."""
+    import socket
+    import threading
+
+    with socket.create_server(("127.0.0.1", 0)) as server:  # loopback TCP, as the link's
+        dialled = socket.create_connection(server.getsockname())
+        sockets = (server.accept()[0], dialled)
+    results, threads = {}, []
+    for role, store, pool_path, sock in (
+        (ch.ALICE, alice_store, alice_pool, sockets[0]),
+        (ch.BOB, bob_store, bob_pool, sockets[1]),
+    ):
+
+        def side(role=role, store=store, pool_path=pool_path, sock=sock):
+            try:
+                pool = ch.KeyPool.from_file(str(pool_path))
+                try:
+                    results[role] = confirm_over(ch.SocketTransport(sock), pool, role, store)
+                finally:
+                    pool.close()
+            except BaseException as error:  # re-raised below
+                results[f"{role}_error"] = error
+                sock.close()  # the peer stops waiting
+
+        threads.append(threading.Thread(target=side, name=f"confirm-{role}", daemon=True))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for role in (ch.ALICE, ch.BOB):
+        if f"{role}_error" in results:
+            raise results[f"{role}_error"]
+    return results

@@ -343,6 +343,15 @@ def distil_over_optical_link(
             f"distil over the optical link: exit codes (payload processor, ground) = "
             f"{run.codes}; " + "; ".join(tails)
         )
+    # the next contact, stood in for right after the pass: the two sides confirm the keys
+    # both hold and destroy a key only one holds (Bob's final `done` lost with the link);
+    # until then both keys are pending and nothing uses them (host/distil/keystore.py)
+    from host.distil.keys_command import confirm_in_process
+
+    onboard_station = run.alice_dir.parent.parent
+    confirmation = confirm_in_process(
+        onboard_station, onboard_station / "auth.pool", out, out / "ground.pool"
+    )
     alice, bob = run.alice, run.bob
     key_written = [p.stat().st_mtime for p in (*run.alice_dir.glob("*.key"), *out.glob("*.key"))]
     last_detection_s = float(detections_s[-1]) if detections_s.size else pass_end_s
@@ -381,6 +390,7 @@ def distil_over_optical_link(
         "processor": processor,
         "pattern_memory_reads": processor.get("pattern_memory_reads", 0),
         "onboard_report": str(run.alice_dir.relative_to(out) / "report.json"),
+        "key_confirmation": confirmation,
         "logs": ["processor.log", "ground.log", "link.json"],
     }
     if streaming:
