@@ -11,7 +11,8 @@ register file, and models:
   physics; `qrng_key` from a test's fixture, else 32 bytes from os.urandom) that feeds the
   QRNG FIFO and, with emulator/pattern_generator.py attached, the head's own generator;
 - a pattern-memory port (`HeadServer.pattern_address`): the payload processor's link to
-  the head's pattern memory, serving OP_PATTERN_READ only (docs/payload-bus.md);
+  the head's pattern memory, serving OP_PATTERN_READ and OP_PATTERN_READ_RUNS only
+  (docs/payload-bus.md);
 - a TDC whose FIFO holds events (u8 channel, u64 time_ps on the local TDC clock): PPS,
   sync, beacon pulse, uplink detectors 0-3. Everything generated is kept in `tdc_truth`;
   events that found the FIFO full are counted (REG_TDC_OVERFLOW) and kept in `tdc_lost`.
@@ -108,7 +109,7 @@ class OpticalHead:
         self.qrng = HeadQrng(self.qrng_key)
         self.qrng_key = None
         self.pattern_memory = None  # emulator.pattern_generator.attach sets it
-        self.pattern_reads = 0  # PATTERN_READ requests served on the pattern-memory port
+        self.pattern_reads = 0  # PATTERN_READ(_RUNS) requests served on the pattern-memory port
         self.now_ps = 0
         self._wall0 = time.monotonic()
         self.regs: dict[int, int] = {
@@ -450,22 +451,27 @@ class OpticalHead:
             self.advance_to(self.boundary_ps(self.frame_count))
 
     def handle_pattern_port(self, body: bytes) -> bytes | None:
-        """Serve one request on the pattern-memory port: PATTERN_READ, nothing else (no
-        register, no FIFO: the port reads symbols by slot list and can change nothing)."""
+        """Serve one request on the pattern-memory port: PATTERN_READ (a slot list) or
+        PATTERN_READ_RUNS (runs of consecutive slots), nothing else (no register, no FIFO:
+        the port reads symbols and can change nothing)."""
         if len(body) < 2 or body[0] & pb.REPLY_FLAG:
             return None
-        if body[0] != pb.OP_PATTERN_READ:
+        unpack = {
+            pb.OP_PATTERN_READ: pb.unpack_pattern_read,
+            pb.OP_PATTERN_READ_RUNS: pb.unpack_pattern_read_runs,
+        }.get(body[0])
+        if unpack is None:
             return pb.error_reply(body, pb.E_UNKNOWN_OP)
         try:
-            tag, slots = pb.unpack_pattern_read(body)
+            tag, slots = unpack(body)
         except pb.BusProtocolError:
             return pb.error_reply(body, pb.E_BAD_LENGTH)
         with self._lock:
             self.pattern_reads += 1
             memory = self.pattern_memory
             if memory is None or not bool(np.all(memory.covers(slots))):
-                return pb.pack_pattern_reply(tag, pb.E_BAD_ADDRESS)
-            return pb.pack_pattern_reply(tag, pb.OK, memory.symbols(slots))
+                return pb.pack_pattern_reply(tag, pb.E_BAD_ADDRESS, op=body[0])
+            return pb.pack_pattern_reply(tag, pb.OK, memory.symbols(slots), op=body[0])
 
     # ------------------------------------------------------------------ truth
 

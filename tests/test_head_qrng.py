@@ -20,6 +20,7 @@ from emulator.targets import UnixTarget
 from host.link.client import CommandRejected, PayloadClient
 from host.link.pattern_memory import PatternMemoryClient, PatternMemoryError
 from host.protocol import payload_bus as pb
+from host.protocol.framing import encode_frame
 from host.protocol.symbols import pack_nibbles
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "payload_bus.json").read_text())
@@ -57,16 +58,35 @@ def test_pattern_read_messages_match_the_vectors():
             assert pb.pack_pattern_read(case["tag"], base, offsets) == body
             tag, slots = pb.unpack_pattern_read(body)
             assert tag == case["tag"] and slots.tolist() == (base + offsets).tolist()
+        elif case["kind"] == "runs_request":
+            base, (offsets, lengths) = case["base"], np.array(case["runs"]).T
+            assert pb.pack_pattern_read_runs(case["tag"], base, offsets, lengths) == body
+            tag, slots = pb.unpack_pattern_read_runs(body)
+            runs = [base + np.arange(o, o + n) for o, n in case["runs"]]
+            assert tag == case["tag"] and slots.tolist() == np.concatenate(runs).tolist()
+            if "frame" in case:
+                assert encode_frame(body).hex() == case["frame"]
         else:
-            tag, status, nibbles = pb.unpack_pattern_reply(body)
+            op = case.get("op", pb.OP_PATTERN_READ)
+            tag, status, nibbles = pb.unpack_pattern_reply(body, op)
             assert (tag, status, nibbles.tolist()) == (
                 case["tag"],
                 case["status"],
                 case["nibbles"],
             )
-            assert pb.pack_pattern_reply(tag, status, nibbles) == body
+            assert pb.pack_pattern_reply(tag, status, nibbles, op=op) == body
     with pytest.raises(pb.BusProtocolError, match="count 3 does not match"):
         pb.unpack_pattern_read(bytes.fromhex(VECTORS["pattern_memory"][0]["body"])[:-4])
+    runs_body = bytes.fromhex(VECTORS["pattern_memory"][3]["body"])
+    with pytest.raises(pb.BusProtocolError, match="count 2 does not match"):
+        pb.unpack_pattern_read_runs(runs_body[:-6])
+    with pytest.raises(pb.BusProtocolError, match="a run of length 0"):
+        pb.unpack_pattern_read_runs(runs_body[:-2] + bytes(2))
+    too_many = pb.pack_pattern_read_runs(1, 0, [0, 20000], [16383, 1])[:-2] + bytes((0, 0x40))
+    with pytest.raises(pb.BusProtocolError, match="32767 slots > 16384"):
+        pb.unpack_pattern_read_runs(too_many)
+    with pytest.raises(pb.BusProtocolError, match="16384 slots at most"):
+        pb.pack_pattern_read_runs(1, 0, [0, 20000], [16384, 1])
 
 
 def _generating_head(frames: int) -> tuple[OpticalHead, pattern_generator.PatternGenerator]:
@@ -88,9 +108,11 @@ def test_the_seed_registers_are_gone_and_the_bus_cannot_read_the_pattern():
         assert reply.status == pb.E_BAD_ADDRESS
         reply = pb.unpack_reply(head.handle(pb.write(10 + addr % 8, addr, 1).pack()))
         assert reply.status == pb.E_BAD_ADDRESS
-    # PATTERN_READ is not an operation of the controller's bus
+    # PATTERN_READ(_RUNS) is not an operation of the controller's bus
     body = pb.pack_pattern_read(11, 0, np.arange(4))
     assert pb.unpack_reply(head.handle(body)).status == pb.E_UNKNOWN_OP
+    body = pb.pack_pattern_read_runs(12, 0, [0], [4])
+    assert head.handle(body) == bytes((0x87, 12, pb.E_UNKNOWN_OP))
 
 
 def test_the_pattern_memory_is_read_back_by_slot_lists_on_its_own_port():
@@ -114,6 +136,47 @@ def test_the_pattern_memory_is_read_back_by_slot_lists_on_its_own_port():
     assert np.array_equal(dense, truth.symbols(np.arange(4096, 9096)))
     values, counts = np.unique(got, return_counts=True)
     assert len(values) == 12  # 2 bases x 2 bits x 3 intensities, all present
+
+
+class _HeadBeforeRuns(OpticalHead):
+    """A head built before PATTERN_READ_RUNS: its port knows op 05 only (main's port
+    before the runs op), so it answers op 07 `unknown op`."""
+
+    def handle_pattern_port(self, body: bytes) -> bytes | None:
+        if body[:1] == bytes((pb.OP_PATTERN_READ_RUNS,)):
+            return pb.error_reply(body, pb.E_UNKNOWN_OP)
+        return super().handle_pattern_port(body)
+
+
+def test_contiguous_windows_go_over_the_port_as_runs_with_the_same_symbols():
+    head, generator = _generating_head(40)
+    truth = generator.truth()
+    window = np.arange(70_000, 110_000)  # an intensity window of the time synchronisation
+    rng = np.random.default_rng(2)
+    mixed = np.concatenate([window[:9000], rng.integers(0, truth.slot_count, 3000)])
+    mixed = np.concatenate([mixed, mixed[:50]])[rng.permutation(12_050)]  # repeats, shuffled
+    with HeadServer(head) as server:
+        with PatternMemoryClient(server.pattern_address, truth.slot_count) as memory:
+            got_window = memory.symbols(window)
+            assert memory.requests == 3  # 16,384 slots per request, one run each
+            assert memory.bytes_sent < 3 * 40  # 18-byte bodies, not 3 x 65,548
+            got_mixed = memory.symbols(mixed)
+            assert memory.runs_supported
+        assert head.handle_pattern_port(pb.pack_pattern_read_runs(9, 0, [0], [4])[:-1]) == (
+            bytes((0x87, 9, pb.E_BAD_LENGTH))
+        )
+        reply = head.handle_pattern_port(pb.pack_pattern_read_runs(9, truth.slot_count, [0], [1]))
+        assert reply == bytes((0x87, 9, pb.E_BAD_ADDRESS))
+    assert np.array_equal(got_window, truth.symbols(window))
+    assert np.array_equal(got_mixed, truth.symbols(mixed))
+
+    old_head = _HeadBeforeRuns(seed=3, qrng_key=HEAD_KEY)
+    old_head.pattern_memory = head.pattern_memory
+    with HeadServer(old_head) as server:
+        with PatternMemoryClient(server.pattern_address, truth.slot_count) as memory:
+            assert np.array_equal(memory.symbols(window), got_window)
+            assert not memory.runs_supported  # fell back to slot lists, once
+            assert memory.requests == 1 + 3
 
 
 def _windows(stream: bytes, size: int = 16) -> list[bytes]:

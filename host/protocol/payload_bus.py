@@ -17,8 +17,10 @@ period, docs/payload-bus.md), and, on the head's pattern-memory port only (the p
 processor's link to the head's pattern memory; never on the controller's bus, never off
 the satellite):
 
-    PATTERN_READ 05 tag base:u64 count:u16 offset:u32*count
-                 -> 85 tag status count:u16 nibble*count (two per byte, padded)
+    PATTERN_READ      05 tag base:u64 count:u16 offset:u32*count
+                      -> 85 tag status count:u16 nibble*count (two per byte, padded)
+    PATTERN_READ_RUNS 07 tag base:u64 count:u16 (offset:u32 length:u16)*count
+                      -> 87 tag status n:u16 nibble*n (n = the lengths' sum)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ OP_FIFO_READ = 0x03
 OP_MEM_WRITE = 0x04
 OP_PATTERN_READ = 0x05
 OP_READ_WRITE = 0x06
+OP_PATTERN_READ_RUNS = 0x07
 REPLY_FLAG = 0x80
 
 OK = 0
@@ -255,6 +258,10 @@ def error_reply(body: bytes, status: int) -> bytes:
 MAX_PATTERN_READ_SLOTS = 16384
 PATTERN_READ_HEADER_BYTES = 12  # op, tag, base u64, count u16
 PATTERN_PORT_MAX_BODY_BYTES = PATTERN_READ_HEADER_BYTES + 4 * MAX_PATTERN_READ_SLOTS
+# PATTERN_READ_RUNS: runs of consecutive slots, 6 bytes each; as many as keep the body
+# within the port's PATTERN_READ maximum (12 + 6 x 8,192 = 49,164 bytes)
+MAX_PATTERN_READ_RUNS = 8192
+PATTERN_RUN_BYTES = 6  # offset u32, length u16
 
 
 def pack_pattern_read(tag: int, base: int, offsets) -> bytes:
@@ -281,8 +288,62 @@ def unpack_pattern_read(body: bytes) -> tuple[int, np.ndarray]:
     return tag, offsets.astype(np.int64) + base
 
 
-def pack_pattern_reply(tag: int, status: int, nibbles=None) -> bytes:
-    head = bytes((OP_PATTERN_READ | REPLY_FLAG, tag, status))
+def pack_pattern_read_runs(tag: int, base: int, offsets, lengths) -> bytes:
+    """Ask for the symbols of the runs of slots base + offsets[k] .. + lengths[k] - 1, in
+    run order (u32 offsets, u16 lengths >= 1, any order, overlaps allowed)."""
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if not 1 <= offsets.size <= MAX_PATTERN_READ_RUNS or lengths.size != offsets.size:
+        raise BusProtocolError(
+            f"PATTERN_READ_RUNS: {offsets.size} runs and {lengths.size} lengths, "
+            f"1..{MAX_PATTERN_READ_RUNS} of each"
+        )
+    if offsets.min() < 0 or offsets.max() >= 2**32 or not 0 <= base < 2**64:
+        raise BusProtocolError("PATTERN_READ_RUNS: base u64 and offsets u32")
+    if lengths.min() < 1 or int(lengths.sum()) > MAX_PATTERN_READ_SLOTS:
+        raise BusProtocolError(
+            f"PATTERN_READ_RUNS: run lengths >= 1, {MAX_PATTERN_READ_SLOTS} slots at most"
+        )
+    runs = np.empty(offsets.size, dtype=[("offset", "<u4"), ("length", "<u2")])
+    runs["offset"], runs["length"] = offsets, lengths
+    return struct.pack("<BBQH", OP_PATTERN_READ_RUNS, tag, base, offsets.size) + runs.tobytes()
+
+
+def unpack_pattern_read_runs(body: bytes) -> tuple[int, np.ndarray]:
+    """(tag, slot indices, run after run) of a PATTERN_READ_RUNS request; BusProtocolError
+    names the fault."""
+    if len(body) < PATTERN_READ_HEADER_BYTES or body[0] != OP_PATTERN_READ_RUNS:
+        raise BusProtocolError("PATTERN_READ_RUNS: shorter than its header or another op")
+    _op, tag, base, count = struct.unpack_from("<BBQH", body)
+    if not 1 <= count <= MAX_PATTERN_READ_RUNS:
+        raise BusProtocolError(
+            f"PATTERN_READ_RUNS: count {count} not in [1, {MAX_PATTERN_READ_RUNS}]"
+        )
+    if len(body) != PATTERN_READ_HEADER_BYTES + PATTERN_RUN_BYTES * count:
+        raise BusProtocolError(
+            f"PATTERN_READ_RUNS: count {count} does not match {len(body)} bytes"
+        )
+    runs = np.frombuffer(
+        body, dtype=[("offset", "<u4"), ("length", "<u2")], offset=PATTERN_READ_HEADER_BYTES
+    )
+    starts = runs["offset"].astype(np.int64) + base
+    lengths = runs["length"].astype(np.int64)
+    total = int(lengths.sum())
+    if lengths.min() < 1 or total > MAX_PATTERN_READ_SLOTS:
+        raise BusProtocolError(
+            f"PATTERN_READ_RUNS: run lengths >= 1, {total} slots > {MAX_PATTERN_READ_SLOTS}"
+            if total > MAX_PATTERN_READ_SLOTS
+            else "PATTERN_READ_RUNS: a run of length 0"
+        )
+    # slot j of run k: starts[k] + j, laid out run after run
+    run_first = np.cumsum(lengths) - lengths
+    slots = np.arange(total, dtype=np.int64) + np.repeat(starts - run_first, lengths)
+    return tag, slots
+
+
+def pack_pattern_reply(tag: int, status: int, nibbles=None, op: int = OP_PATTERN_READ) -> bytes:
+    """The reply to a PATTERN_READ (op 05) or a PATTERN_READ_RUNS (op 07): the same body."""
+    head = bytes((op | REPLY_FLAG, tag, status))
     if status != OK:
         return head
     nibbles = np.asarray(nibbles, dtype=np.uint8)
@@ -291,10 +352,10 @@ def pack_pattern_reply(tag: int, status: int, nibbles=None) -> bytes:
     return head + struct.pack("<H", nibbles.size) + packed
 
 
-def unpack_pattern_reply(body: bytes) -> tuple[int, int, np.ndarray]:
-    """(tag, status, symbol nibbles) of a PATTERN_READ reply."""
-    if len(body) < 3 or body[0] != OP_PATTERN_READ | REPLY_FLAG:
-        raise BusProtocolError(f"not a PATTERN_READ reply: {body[:3].hex()}")
+def unpack_pattern_reply(body: bytes, op: int = OP_PATTERN_READ) -> tuple[int, int, np.ndarray]:
+    """(tag, status, symbol nibbles) of the reply to a PATTERN_READ (or to `op`)."""
+    if len(body) < 3 or body[0] != op | REPLY_FLAG:
+        raise BusProtocolError(f"not a reply to op {op:02x}: {body[:3].hex()}")
     tag, status = body[1], body[2]
     if status != OK:
         return tag, status, np.zeros(0, np.uint8)
