@@ -286,6 +286,12 @@ def test_a_whole_micius_pass_with_head_generation_gives_a_key(tmp_path):
     assert alice.read_bytes() == bob.read_bytes()
     assert alice.stat().st_mode & 0o777 == 0o600
     assert summary["stages"]["ground"]["detections"] > 3_000_000
+    # confirmed at the next contact (stood in for after the pass): no marker left, both
+    # sides confirmed the same pass (docs/payload-processor.md, "Pending keys")
+    confirmation = link["key_confirmation"]
+    assert confirmation["alice"]["confirmed"] == confirmation["bob"]["confirmed"]
+    assert len(confirmation["alice"]["confirmed"]) == 1
+    assert not list(tmp_path.rglob("*.key.pending"))
 
 
 @pytest.mark.slow
