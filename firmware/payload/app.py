@@ -243,7 +243,7 @@ def run(board):
             raise
         except BaseException as error:  # noqa: BLE001 - counted, never a way to the REPL
             controller.link.loop_errors += 1
-            controller.link.last_loop_error = repr(error)
+            controller.link.last_loop_error = scheduler.error_text(error)
     controller.link.wipe_key()
     board.watchdog_stop()
     unlock_console()

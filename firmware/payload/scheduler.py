@@ -6,6 +6,17 @@
 #
 # Per duty the scheduler keeps the number of calls and the worst step time in
 # microseconds: the measured side of the latency budget in docs/scheduling.md.
+from micropython import const
+
+# An error's text as telemetry keeps it (a duty's last_error, the main loop's
+# last_loop_error, a failing mission status): bounded, so that housekeeping, which carries
+# them, still fits one packet however long an exception's message is.
+MAX_ERROR_TEXT_CHARS = const(80)
+
+
+def error_text(error):
+    """An exception's repr, at most MAX_ERROR_TEXT_CHARS."""
+    return repr(error)[:MAX_ERROR_TEXT_CHARS]
 
 
 class Duty:
@@ -50,7 +61,7 @@ class Scheduler:
                 # happen (a KeyboardInterrupt on a REPL UART, a MemoryError) may end the
                 # loop and leave a REPL behind.
                 duty.errors += 1
-                duty.last_error = repr(error)
+                duty.last_error = error_text(error)
             elapsed = (clock.ticks_us() - start) & 0x3FFFFFFF
             duty.calls += 1
             duty.total_us += elapsed

@@ -12,6 +12,7 @@ from micropython import const
 from payload import aesgcm, auth, ccsds, framing, keystore
 from payload.ccsds import get_u16, get_u32, put_u16, put_u32
 from payload.products import Products, chunk_crc32, valid_name
+from payload.scheduler import error_text
 from payload.version import FIRMWARE_VERSION
 
 LINK_DIR = "link"
@@ -48,6 +49,31 @@ _TM_COUNTER_STEP = const(256)
 MAX_CHUNK_BYTES = const(1024)
 _LIST_ENTRY_FIXED = const(9)  # name length u8, size u32, crc32 u32
 _MAX_CONFIG_BYTES = const(512)
+
+# Housekeeping is what an operator asks for when something went wrong, so it is always
+# served in one packet (docs/ground-link.md): compact JSON, error texts cut to
+# scheduler.MAX_ERROR_TEXT_CHARS, and when the report would still not fit, these sections
+# are left out in this order, least needed first (the data path's timing diagnostics and
+# subsystems; its duty_errors go only with the mission status as a whole; then the last
+# loop error's text, the link counters), and named in the report's "omitted". Version,
+# uptime, key states and the loop error count always stay.
+HOUSEKEEPING_SHED_ORDER = (
+    ("mission", "worst_us"),
+    ("mission", "tracking"),
+    ("mission", "generator"),
+    ("mission", "tdc"),
+    ("mission", "bus"),
+    ("mission", "clock"),
+    ("mission", "sequencer"),
+    ("mission", "storage"),
+    ("mission", None),
+    ("last_loop_error", None),
+    ("link", None),
+)
+
+
+def compact_json(value):
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 class EnterMaintenance(Exception):
@@ -388,9 +414,7 @@ class GroundLink:
             self._accept(body, ack)
             self.bus_send(params, len(params))
         elif service == ccsds.SVC_HOUSEKEEPING and subtype == 27:
-            text = json.dumps(self.housekeeping()).encode()
-            if len(text) > self.tm.max_data_bytes:
-                raise Rejected(ccsds.REJECT_STORAGE, "housekeeping too long")
+            text = self.housekeeping_text()
             self._accept(body, ack)
             data = ccsds.TM_HEADER_BYTES
             self.tm.buf[data : data + len(text)] = text
@@ -666,5 +690,27 @@ class GroundLink:
             try:
                 report["mission"] = self.mission.status()
             except Exception as error:
-                report["mission"] = {"error": repr(error)}
+                report["mission"] = {"error": error_text(error)}
         return report
+
+    def housekeeping_text(self):
+        """housekeeping() as compact JSON of at most one packet's data: sections left out
+        in HOUSEKEEPING_SHED_ORDER (named in "omitted") until it fits."""
+        report = self.housekeeping()
+        limit = self.tm.max_data_bytes
+        text = compact_json(report)
+        omitted = []
+        for section, part in HOUSEKEEPING_SHED_ORDER:
+            if len(text) <= limit:
+                return text
+            holder = report if part is None else report.get(section)
+            key = section if part is None else part
+            if not isinstance(holder, dict) or key not in holder:
+                continue
+            del holder[key]
+            omitted.append(section if part is None else section + "." + part)
+            report["omitted"] = omitted
+            text = compact_json(report)
+        if len(text) > limit:  # only a packet too small for the version and key states
+            raise Rejected(ccsds.REJECT_STORAGE, "housekeeping too long")
+        return text

@@ -2,8 +2,9 @@
 # golden vectors shared with host/protocol/ccsds.py, authentication, replay protection,
 # product access, and never raising on garbage.
 import hashlib
+import json
 
-from payload import auth, ccsds
+from payload import auth, ccsds, scheduler
 from payload.framing import crc16
 
 # What the firmware used to fall back to when no key was provisioned: public.
@@ -227,6 +228,97 @@ def test_function_management_goes_to_the_mission_hook():
     ], results
     assert mission.calls == [("configure", {"rep_rate_hz": 1000}), ("start",), ("stop",)]
     assert link.housekeeping()["mission"] == {"calls": 3}
+
+
+class _StatusMission:
+    """A data path whose status() is given by the test (or raises it)."""
+
+    def __init__(self, status):
+        self._status = status
+
+    def status(self):
+        if isinstance(self._status, Exception):
+            raise self._status
+        return self._status
+
+
+_HOUSEKEEPING_LIMIT = 1200 - ccsds.TM_HEADER_BYTES - ccsds.TM_TRAILER_BYTES
+
+
+def _housekeeping_over_the_link(mission, loop_error=None):
+    """Ask for housekeeping with a telecommand; the TM 3,25 must come back and fit one
+    packet: its parsed JSON."""
+    key = b"h" * 32
+    link, sent = _link(_fresh_root(key), mission)
+    if loop_error is not None:
+        link.loop_errors = 7
+        link.last_loop_error = scheduler.error_text(loop_error)  # as app.run keeps it
+    link.handle(_tc(key, 1, 3, 27))
+    replies = [p for p in sent if p[7] == 3]
+    assert len(sent) == 2 and len(replies) == 1, [bytes(p[:9]) for p in sent]
+    packet = replies[0]
+    assert packet[8] == 25 and len(packet) <= 1200, (packet[8], len(packet))
+    text = packet[ccsds.TM_HEADER_BYTES : len(packet) - ccsds.TM_TRAILER_BYTES]
+    return json.loads(text), len(text)
+
+
+def _bulky_status(digits, filler_chars=0):
+    # the shape of payload.mission's status, each number `digits` long, and a string
+    # to bring it near the packet's limit
+    number = int("9" * digits)
+    return {
+        "filler": "f" * filler_chars,
+        "sequencer": {"frames_sent": number, "frames_missed": number, "running": True},
+        "clock": {"offset_ps": number, "drift_ppt": number, "records": number},
+        "bus": {"bad_replies": number, "timeouts": number, "transactions": number},
+        "worst_us": {name: number for name in ("ground", "sequencer", "bus", "epochs")},
+        "tdc": {"up": [number, number], "blocks": number, "events_accepted": number},
+        "pass_running": True,
+    }
+
+
+def test_housekeeping_is_served_compact_when_the_spaced_report_would_not_fit():
+    status = _bulky_status(14, filler_chars=420)
+    report, length = _housekeeping_over_the_link(_StatusMission(status))
+    assert "omitted" not in report, report["omitted"]
+    assert report["mission"] == status
+    assert report["key"] == "provisioned" and report["link"]["tc_accepted"] == 0
+    spaced = len(json.dumps(report))  # with ", " and ": ": more than one packet holds
+    assert length <= _HOUSEKEEPING_LIMIT < spaced, (length, spaced)
+
+
+def test_housekeeping_sheds_the_least_needed_sections_in_order_and_names_them():
+    status = _bulky_status(30, filler_chars=490)
+    report, length = _housekeeping_over_the_link(_StatusMission(status), OSError(5))
+    assert length <= _HOUSEKEEPING_LIMIT
+    assert report["omitted"] == ["mission.worst_us", "mission.tdc", "mission.bus"], report
+    assert report["mission"]["clock"] == status["clock"]
+    assert report["mission"]["sequencer"] == status["sequencer"]
+    assert report["loop_errors"] == 7 and report["last_loop_error"] == repr(OSError(5))
+    assert report["link"]["tc_rejected"] == {}
+
+    status = {"pass_running": False, "log": ["x" * 60] * 40}  # nothing named fits
+    report, length = _housekeeping_over_the_link(_StatusMission(status))
+    assert report["omitted"] == ["mission"] and "mission" not in report, report
+    assert report["version"].startswith("qkdsat-fw") and report["link"]["frames"] == {}
+
+
+def test_housekeeping_error_texts_are_bounded():
+    long_error = ValueError("the data path says " + "very " * 200 + "much")
+    report, _ = _housekeeping_over_the_link(_StatusMission(long_error), long_error)
+    assert "omitted" not in report
+    for text in (report["mission"]["error"], report["last_loop_error"]):
+        assert text.startswith("ValueError('the data path says very")
+        assert len(text) == scheduler.MAX_ERROR_TEXT_CHARS, text
+
+    def failing():
+        raise long_error
+
+    loop = scheduler.Scheduler(board.clock)  # a duty's error, as mission status shows it
+    duty = loop.add("ground", failing)
+    loop.run_once()
+    assert duty.errors == 1 and len(duty.last_error) == scheduler.MAX_ERROR_TEXT_CHARS
+    assert duty.last_error.startswith("ValueError('the data path says very")
 
 
 def test_garbage_never_raises_and_every_packet_is_counted():
