@@ -96,6 +96,7 @@ def test_clean_pass_matches_truth_and_raises_no_flag(clean_pass, tmp_path, keys)
     assert report["truth"]["precision_1s_ps"] <= 30.0
     assert report["range_check"]["violation"] is False
     assert report["range_rate_check"]["violation"] is False
+    assert report["range_segment_check"]["violation"] is False
     # each correction the estimator applies is far larger than the result's error
     corrections = report["corrections_ps"]
     assert abs(corrections["sagnac"][1]) > 500
@@ -120,6 +121,23 @@ def test_one_way_delay_of_200_ps_is_flagged_by_the_range_check(tmp_path_factory,
     assert code == 3 and report["aborted"] is True
     assert "asymmetric delay" in report["abort_reason"]
     assert report["range_check"]["mean_one_way_error_ps"] == pytest.approx(100.0, abs=25.0)
+
+
+def test_a_delay_burst_under_the_mean_and_rate_checks_is_flagged_per_second(
+    tmp_path_factory, tmp_path, keys
+):
+    # 1 ns on the up photons during the middle second of the 10 s pass only: its mean
+    # over the pass (~50 ps one-way range error) is under the range check's ~67 ps and it
+    # has no slope, yet it moves that second's offsets by ~500 ps (main: exit 0, the
+    # offsets of t = 4.5..5.5 s ~500 ps off, no flag)
+    pass_dir = simulated(tmp_path_factory, "burst", delay_burst_ps=1000.0)
+    code, report = run(pass_dir, tmp_path, keys)
+    assert code == 3 and "asymmetric delay burst" in report["abort_reason"]
+    assert report["range_check"]["violation"] is False
+    assert report["range_rate_check"]["violation"] is False
+    worst = report["range_segment_check"]["worst"]
+    # the burst (4.5..5.5 s) lies half in each of the seconds 4 and 5: ~250 ps in each
+    assert 4.0 <= worst["t_s"] <= 5.0 and worst["one_way_error_ps"] > 200.0
 
 
 def test_a_drifting_delay_under_the_mean_check_is_flagged_by_the_range_rate(

@@ -155,13 +155,16 @@ def relativistic_ps(orbit: InertialPass):
     return lambda t_s: orbit.relativistic_offset_s(t_s) * PS_PER_S
 
 
+BURST_FRACTION = 0.1  # of the window: the `delay_burst_ps` attack's span, at its middle
+
+
 def direction_events(
     direction: str, link: dict, orbit: InertialPass, duration_s: float, delays: dict,
     satellite: PassClock, ground: PassClock, rng, attack: dict,
 ) -> tuple[tuple, tuple]:  # fmt: skip
     """((tx_tag, basis, bit), (rx_tag, basis, bit)) of every detection of one direction
-    (both bases), index for index. `attack`: `one_way_delay_ps` and `delay_ramp_ps` on the
-    up photons, `intercept_resend` on both directions."""
+    (both bases), index for index. `attack`: `one_way_delay_ps`, `delay_ramp_ps` and
+    `delay_burst_ps` on the up photons, `intercept_resend` on both directions."""
     drawn = draw_events(link, orbit, duration_s, rng)
     emit, is_noise = drawn["emit_s"], drawn["is_noise"]
     n = emit.size
@@ -188,6 +191,8 @@ def direction_events(
         )
         attack_ps = attack.get("one_way_delay_ps", 0.0)
         attack_ps = attack_ps + attack.get("delay_ramp_ps", 0.0) * emit / duration_s
+        burst = np.abs(emit / duration_s - 0.5) < BURST_FRACTION / 2  # middle of the window
+        attack_ps = attack_ps + attack.get("delay_burst_ps", 0.0) * burst
         satellite_rx_ps = delays["satellite_rx"] + delays["calibration_residual_ps"]
         arrive = leave + flight + (satellite_rx_ps + attack_ps) / PS_PER_S
         tx_tag = ground.to_clock_ps(emit)
@@ -213,6 +218,7 @@ def truth_series(duration_s: float, satellite: PassClock, ground: PassClock, att
         "relativistic_ps": satellite.extra_ps(grid),
         "one_way_delay_ps": np.float64(attack.get("one_way_delay_ps", 0.0)),
         "delay_ramp_ps": np.float64(attack.get("delay_ramp_ps", 0.0)),
+        "delay_burst_ps": np.float64(attack.get("delay_burst_ps", 0.0)),
         "intercept_resend": np.float64(attack.get("intercept_resend", 0.0)),
     }
 
@@ -254,12 +260,16 @@ def simulate(
     one_way_delay_ps: float = 0.0,
     intercept_resend: float = 0.0,
     delay_ramp_ps: float = 0.0,
+    delay_burst_ps: float = 0.0,
 ) -> dict:
     """A two-way pass of its own (the profile's link budgets both ways).
     `one_way_delay_ps`: an extra delay on every up photon; `delay_ramp_ps`: an extra
     up delay growing linearly from 0 at the start to this at the end of the window (an
-    attacker hiding below the mean range check); `intercept_resend`: fraction of photons
-    of both directions measured and resent in a random basis."""
+    attacker hiding below the mean range check); `delay_burst_ps`: an extra up delay
+    during the middle BURST_FRACTION of the window only (its mean over the pass under the
+    range check, no slope: an attacker moving a second's offsets by half of it);
+    `intercept_resend`: fraction of photons of both directions measured and resent in a
+    random basis."""
     rng = np.random.default_rng(seed)
     truth_orbit, predicted_orbit, duration = orbits(profile, duration_s)
     up, down = values(profile["uplink"]), values(profile["downlink"])
@@ -274,6 +284,7 @@ def simulate(
     attack = {
         "one_way_delay_ps": one_way_delay_ps,
         "delay_ramp_ps": delay_ramp_ps,
+        "delay_burst_ps": delay_burst_ps,
         "intercept_resend": intercept_resend,
     }
     events = {}
