@@ -123,6 +123,29 @@ def test_one_way_delay_of_200_ps_is_flagged_by_the_range_check(tmp_path_factory,
     assert report["range_check"]["mean_one_way_error_ps"] == pytest.approx(100.0, abs=25.0)
 
 
+def test_an_attack_flagged_leaves_no_offset_csv_to_take_the_time_from(
+    clean_pass, tmp_path_factory, tmp_path
+):
+    # a good run, then a delay attack flagged by the range check into the same --out: the
+    # attacked offsets go to offset.rejected.csv (for diagnosis), and no offset.csv, this
+    # run's or the earlier one's, is left where a user takes the time from (main wrote
+    # the attacked series as offset.csv)
+    keys = tmp_path_factory.mktemp("keys")
+    distilled(keys, 200_000, "a pass")  # three runs of ~40 kbit each
+    code, _ = run(clean_pass, tmp_path, keys)
+    assert code == 0 and (tmp_path / "offset.csv").exists()
+    pass_dir = simulated(tmp_path_factory, "delay-out", one_way_delay_ps=200.0)
+    code, report = run(pass_dir, tmp_path, keys)
+    assert code == 3 and "asymmetric delay" in report["abort_reason"]
+    assert not (tmp_path / "offset.csv").exists()
+    rejected = np.genfromtxt(tmp_path / "offset.rejected.csv", delimiter=",", names=True)
+    assert rejected.size == report["bins"]
+    # and a good run after it takes offset.csv back, the rejected series gone
+    code, _ = run(clean_pass, tmp_path, keys)
+    assert code == 0 and (tmp_path / "offset.csv").exists()
+    assert not (tmp_path / "offset.rejected.csv").exists()
+
+
 def test_a_delay_burst_under_the_mean_and_rate_checks_is_flagged_per_second(
     tmp_path_factory, tmp_path, keys
 ):

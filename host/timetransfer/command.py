@@ -120,8 +120,18 @@ def compare_with_truth(report: dict, series: dict, truth: dict) -> dict:
     }
 
 
+OFFSET_NAME = "offset.csv"
+REJECTED_NAME = "offset.rejected.csv"  # an aborted run's series: diagnosis, not time
+
+
 def write_outputs(out_dir: Path, report: dict, series: dict | None) -> None:
+    """report.json, and the series as offset.csv, or as offset.rejected.csv when the run
+    aborted: a range check that flags a delay attack (or a QBER one) still has the
+    attacked offsets, which must not sit where a user takes the time from; an offset.csv
+    of an earlier run in the same directory is removed for the same reason."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    aborted = bool(report.get("aborted"))
+    (out_dir / (OFFSET_NAME if aborted else REJECTED_NAME)).unlink(missing_ok=True)
     if series is not None:
         rows = ["t_s,offset_ps,offset_sigma_ps,range_error_mm,events_up,events_down"]
         known = series.get("known_at_s")
@@ -133,9 +143,10 @@ def write_outputs(out_dir: Path, report: dict, series: dict | None) -> None:
         )):  # fmt: skip
             row = f"{t:.3f},{x:.3f},{s:.3f},{e * estimate.MM_PER_PS:.4f},{nu},{nd}"
             rows.append(row + (f",{known[i]:.3f}" if known is not None else ""))
-        temporary = out_dir / "offset.csv.tmp"
+        name = REJECTED_NAME if aborted else OFFSET_NAME
+        temporary = out_dir / f"{name}.tmp"
         temporary.write_text("\n".join(rows) + "\n")
-        os.replace(temporary, out_dir / "offset.csv")
+        os.replace(temporary, out_dir / name)
     temporary = out_dir / "report.json.tmp"
     temporary.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
     os.replace(temporary, out_dir / "report.json")
