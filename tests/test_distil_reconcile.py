@@ -558,3 +558,18 @@ def test_a_block_sized_from_a_sample_that_ran_high_is_resized_from_a_probe(monke
     assert np.array_equal(corrected, x) and "parts" not in whole
     assert len([kind for kind, _ in by_alice if kind == "ec_syndromes"]) == 1
     assert stats["leak_bits"] / h < whole["leak_bits"] / h - 0.01, (stats, whole)
+
+
+def test_a_block_sized_from_an_exact_count_is_not_probed():
+    """The probe frame only pays where the estimate is poorer than the probe would make it:
+    a block sized from a previous block's or chunk's exact count over at least a frame's
+    bits (protocol, stream) is reconciled whole, and so is one of fewer than
+    PROBE_MIN_FRAMES frames; a 1 M-bit block sized from an 8192-bit sample is probed."""
+    n, q = 1_000_000, 0.013
+    probe, rest = reconcile._probe_split(n, q, 1.05, 8192)
+    assert probe.size + rest.size == n and np.intersect1d(probe, rest).size == 0
+    frame = reconcile._plan(probe.size, q, 1.05, 8192)
+    assert math.ceil(probe.size / frame.key_bits) == 1  # the probe is one frame
+    assert reconcile._probe_split(n, q, 1.05, 0) is None  # exact
+    assert reconcile._probe_split(n, q, 1.05, 300_000) is None  # a previous chunk's count
+    assert reconcile._probe_split(150_000, q, 1.05, 8192) is None  # 3 frames

@@ -631,7 +631,9 @@ def _ldpc_bob_part(
 # the probe's exact error count and announces it (ec_probe_errors, counted in the leak),
 # and the rest of the block is sized from the probe and the sample together (~8x the
 # sample's bits). Only blocks of at least PROBE_MIN_FRAMES frames: the second part's
-# check tag and messages cost ~100 bits, too much on a small block.
+# check tag and messages cost ~100 bits, too much on a small block. And only when the
+# estimate comes from fewer bits than the probe holds: one from a previous block's or
+# chunk's exact count (protocol, stream) is already as good as the probe would make it.
 PROBE_MIN_FRAMES = 4
 PROBE_QBER_FLOOR = 0.004  # as protocol._ec_sizing floors an estimate
 # The rest's interval, in standard errors of the pooled estimate (~3.5 % of the QBER at
@@ -642,11 +644,12 @@ PROBE_SIGMAS = (1.0, 2.0)
 
 def _probe_split(count: int, qber_estimate: float, efficiency: float, sample_bits: int):
     """The probe's positions in the block and the rest's (both sorted), or None when the
-    block is reconciled whole: sized from an exact rate, or too few frames."""
+    block is reconciled whole: sized from an exact rate or from at least as many bits as
+    the probe would add, or too few frames."""
     if not 0 < sample_bits < count:
         return None
     plan = _plan(count, qber_estimate, efficiency, sample_bits)
-    if math.ceil(count / plan.key_bits) < PROBE_MIN_FRAMES:
+    if math.ceil(count / plan.key_bits) < PROBE_MIN_FRAMES or sample_bits >= plan.key_bits:
         return None
     order = np.random.default_rng(0x9B0BE).permutation(count)
     return np.sort(order[: plan.key_bits]), np.sort(order[plan.key_bits :])
