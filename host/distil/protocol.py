@@ -55,6 +55,9 @@ EPS_COR_FLOOR = (3 / 2.0**64) ** VERIFY_KEYS
 # 0.19 bits, and any QBER that passes the 0.11 threshold leaks more than that through error
 # correction (f h(Q) >= 0.19 from Q ~ 2.5 %); the 30 s jinan-1 pass keys at 0.185.
 PHASE_ERROR_TOLERANCE = 0.25
+# Alice computes a synchronisation request's intensity codes this many slots at a time
+# (Alice._window_codes): what she holds per request stays ~1 byte a slot.
+SYNC_PIECE_SLOTS = 1 << 20
 
 
 def draw_verification_keys(rng) -> tuple[int, ...]:
@@ -514,11 +517,29 @@ class Alice:
             req = channel.recv("sync_request")
             if int(req["done"]):
                 return
-            starts = np.asarray(req["starts"], dtype=np.int64)
+            starts = np.asarray(req["starts"], dtype=np.int64).reshape(-1)
             length = int(req["length"])
-            slots = (starts[:, None] + np.arange(length)[None, :]).reshape(-1)
-            _, _, inten = self._symbols(slots)
-            channel.send("sync_pattern", intensity=pack_2bit(inten))
+            channel.send("sync_pattern", intensity=pack_2bit(self._window_codes(starts, length)))
+
+    def _window_codes(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Intensity codes of `length` slots from each start, computed SYNC_PIECE_SLOTS at
+        a time into one byte a slot: Alice holds a request's codes and one piece's
+        temporaries, not every slot's int64 index, symbol and decoded arrays at once (~30
+        bytes a slot: ~1 GB for a first anchor's 32 M-slot window at 625 MHz)."""
+        codes = np.empty(starts.size * max(length, 0), dtype=np.uint8)
+        if codes.size == 0:
+            return codes
+        rows = max(1, SYNC_PIECE_SLOTS // length)  # whole windows per piece, if they fit
+        piece = min(length, SYNC_PIECE_SLOTS)
+        at = 0
+        for r0 in range(0, starts.size, rows):
+            group = starts[r0 : r0 + rows]
+            for k0 in range(0, length, piece):
+                n = min(piece, length - k0)
+                slots = (group[:, None] + (k0 + np.arange(n))[None, :]).reshape(-1)
+                codes[at : at + slots.size] = self._symbols(slots)[2]
+                at += slots.size
+        return codes
 
     def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
         cfg = self.config
