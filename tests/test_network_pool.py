@@ -3,7 +3,6 @@ the station, each byte served once, across restarts and a SIGKILL mid-take."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -413,8 +412,15 @@ def test_two_fills_for_one_station_at_once_leave_its_pools_in_step(tmp_path):
         while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
             time.sleep(0.001)  # stopped before the lock is let go, or it may take it
     try:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            fills[1].wait(timeout=1.5)  # through now, unless it waits for the first
+        # the second fill goes through now, unless it waits for the first: wait for either
+        # event, not for a fixed time (a 1.5 s wait let a loaded machine's fill that had
+        # not yet run past the pools pass as one waiting, and cost 1.5 s when it waited).
+        # The release above unlinks the waiters on the station's lock at once, so a fill
+        # listed as a waiter now waits for a lock the stopped first fill holds.
+        deadline = time.monotonic() + 120
+        while fills[1].poll() is None and not _flock_waiters({fills[1].pid}):
+            assert time.monotonic() < deadline, "the second fill neither ended nor waited"
+            time.sleep(0.01)
     finally:
         fills[0].send_signal(signal.SIGCONT)
     for process in fills:
