@@ -128,7 +128,7 @@ def _pair(alice_cmd, bob_cmd, **link_options):
         stderr=subprocess.PIPE,
         timeout=300,
     )
-    alice_rc = alice.wait(timeout=60)
+    alice_rc = alice.wait(timeout=300)  # as long as Bob's: a loaded CI ran 2x slower
     link.thread.join(timeout=10)
     return (alice_rc, alice.stderr.read().decode()), (bob.returncode, bob.stderr.decode()), link
 
