@@ -372,3 +372,22 @@ def test_the_provisioned_pools_are_never_written_through_a_planted_symlink(tmp_p
     for path in (ground, out / "onboard" / "Nanshan" / "auth.pool"):
         assert not path.is_symlink() and path.read_bytes() == pool
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_the_processors_peak_memory_is_its_own_not_its_parents():
+    """The processor is started by `qkdsat mission`, a process of several hundred MB: its
+    budget's peak memory must be its own. ru_maxrss is kept across execve on Linux, so the
+    processor reported its parent's size (the micius-2017 mission: 711 MB, the processor
+    itself never above ~311 MB). Here a parent holding 400 MB starts the same budget()."""
+    import subprocess
+    import sys
+
+    held = np.ones(400 * 2**20, dtype=np.uint8)  # touched: resident in this process
+    code = "from host.payload_processor import budget; print(budget(0.0, None)['peak_rss_mb'])"
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    peak_mb = float(child.stdout)
+    assert held[-1] == 1
+    # the child imports only the processor module and its small dependencies (~20-40 MB)
+    assert 0 < peak_mb < 200, peak_mb
