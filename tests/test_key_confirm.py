@@ -61,6 +61,7 @@ class Link:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.seen = []
+        self.frames = []  # (direction, kind, frame) of every frame that crossed the link
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -82,6 +83,7 @@ class Link:
                         break
                     kind = _kind(frame)
                     self.seen.append((direction, kind))
+                    self.frames.append((direction, kind, frame))
                     if (direction, kind) == self.lose_at:
                         break  # swallowed: the link is lost with it in flight
                     if (direction, kind) == self.tamper_at:
@@ -272,8 +274,91 @@ def test_a_tampered_confirmation_is_refused_and_changes_nothing(both_pending, tm
     assert ("down", "keys_held") in link.seen
     assert bob_rc == 3 and "authentication failed" in bob_err
     assert alice_rc == 3
-    assert _state(root) == before  # both keys still pending, nothing burnt or destroyed
+    after = _state(root)
+    # Alice's check value went out: burnt before it was sent (its usage record), nothing else
+    burnt = after.pop("a/alice.key.used")
+    assert json.loads(burnt)["used_bytes"] == CHECK_BYTES
+    assert after == before  # both keys still pending, nothing destroyed
     # an honest confirmation afterwards still works
     (alice_rc, _), (bob_rc, _), _ = _confirm(root)
     assert (alice_rc, bob_rc) == (0, 0)
     assert not list(root.rglob("*.pending"))
+
+
+def _disclosed_checks(link) -> list[bytes]:
+    """Every check value that crossed the link in clear (keys_held bodies are not sealed)."""
+    checks = []
+    for _, kind, frame in link.frames:
+        if kind == "keys_held":
+            body = ch.decode(frame[: -ch.TAG_BYTES])[1]["checks"]
+            checks += [body[i : i + CHECK_BYTES] for i in range(0, len(body), CHECK_BYTES)]
+    return checks
+
+
+@pytest.mark.slow
+def test_check_values_are_burnt_before_sent_and_a_lost_last_message_settles_next_contact(
+    both_pending, tmp_path
+):
+    """The confirmation's own two generals: Bob's keys_held is lost with the link. Bob has
+    confirmed his copy, Alice's stays pending (nothing one-sided is usable: pool fill needs
+    both). Her check value is on the wire already: it must be burnt, durably, before it was
+    sent (on main it was burnt only at confirmation, so a cut exchange left disclosed key
+    bytes unburnt). The next contact confirms her copy; nothing is destroyed."""
+    root = _copy(both_pending, tmp_path / "run")
+    alice_key, bob_key = root / "a" / "alice.key", root / "b" / "bob.key"
+    (alice_rc, _), (bob_rc, bob_err), link = _confirm(root, lose_at=("up", "keys_held"))
+    assert ("down", "keys_held") in link.seen and ("up", "keys_held") in link.seen
+    assert alice_rc == 3 and bob_rc == 0, bob_err
+    # both lists were on the wire (Bob's swallowed after Eve saw it), one key's check each
+    assert _disclosed_checks(link) == [alice_key.read_bytes()[:CHECK_BYTES]] * 2
+    assert Path(f"{alice_key}.pending").exists() and not Path(f"{bob_key}.pending").exists()
+    for key in (alice_key, bob_key):
+        assert json.loads(Path(f"{key}.used").read_text())["used_bytes"] == CHECK_BYTES
+    assert _fill(root, tmp_path / "net").returncode == 2  # Alice's copy still pending
+
+    (alice_rc, alice_out), (bob_rc, bob_out), _ = _confirm(root)
+    assert (alice_rc, bob_rc) == (0, 0), (alice_out, bob_out)
+    assert not list(root.rglob("*.pending"))
+    filled = _fill(root, tmp_path / "net")
+    assert filled.returncode == 0, filled.stderr
+    bits = json.loads((root / "b" / "report.json").read_text())["key_files"]["bob"]["bits"]
+    pooled = (tmp_path / "net" / "satellite" / "Jinan.pool").read_bytes()
+    assert pooled == alice_key.read_bytes()[CHECK_BYTES : bits // 8]
+
+
+@pytest.mark.slow
+def test_a_key_never_pending_in_the_store_is_not_listed_and_its_bytes_never_sent(
+    both_pending, tmp_path_factory, tmp_path
+):
+    """Bob's store also holds a local-mode distillation (both keys in one process, never
+    pending, usable from byte 0). On main it was listed: its first 16 bytes went out in
+    clear and were not burnt ("kept"), and pool fill then put them into both pools."""
+    root = _copy(both_pending, tmp_path / "run")
+    other_pass = make_pass(tmp_path_factory.mktemp("other") / "pass", duration_s=4.0, seed=3)
+    meta = json.loads((other_pass / "pass.json").read_text())  # another pass: a later start
+    meta["utc_start"] = "2017-01-02T00:00:00Z"
+    (other_pass / "pass.json").write_text(json.dumps(meta))
+    local_dir = root / "b" / "local-run"
+    made = subprocess.run(
+        [PY, "-m", "host.cli", "distil", str(other_pass), "--out", str(local_dir)],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    local_key = (local_dir / "bob.key").read_bytes()
+    assert not (local_dir / "bob.key.pending").exists()
+
+    (alice_rc, alice_out), (bob_rc, bob_out), link = _confirm(root)
+    assert (alice_rc, bob_rc) == (0, 0), (alice_out, bob_out)
+    disclosed = _disclosed_checks(link)
+    assert local_key[:CHECK_BYTES] not in disclosed
+    network = tmp_path / "net"
+    filled = subprocess.run(
+        [PY, "-m", "host.cli", "pool", "fill", "--network", str(network), "--station",
+         "Jinan", "--keys", str(local_dir)],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert filled.returncode == 0, filled.stderr
+    for pool in (network / "satellite" / "Jinan.pool", network / "Jinan" / "satellite.pool"):
+        pooled = pool.read_bytes()
+        assert pooled[:CHECK_BYTES] == local_key[:CHECK_BYTES]  # used from byte 0
+        assert not any(check in pooled for check in disclosed)  # nothing sent is in a pool

@@ -23,6 +23,14 @@ nothing about the rest (information-theoretically, not under a computational ass
 as a MAC or a hash of the key would), and the rest is what is used. Two different keys
 agree on 128 bits with probability 2^-128.
 
+Only keys born pending take part (their report's `key_files` entry says `"pending":
+true`, set by the split run that wrote them; KEY.pending says whether they still are): a
+key that never was pending (local mode, or written before pending keys existed) may have
+been used from byte 0 already, so its first bytes are never sent. And a key's check bytes
+are burnt (KEY.used, durably) BEFORE they are sent, not at confirmation: a listing that
+reaches Eve but not the peer (the contact lost, or a stranger posing as the peer: Alice
+speaks first) must not leave disclosed bytes that a later use could take.
+
 Why no one-sided key remains: each side decides only after the peer's list verified;
 a key is destroyed only when the peer does not hold it, and a confirmed key was held by
 the peer when confirmed, so the peer (which destroys only what WE lack) keeps it too.
@@ -84,7 +92,9 @@ class HeldKey:
 
 def held_keys(store: str | Path, role: str) -> dict[str, HeldKey]:
     """{key id: key} of `role`'s keys under `store` (any depth: a `distil --out` directory,
-    or the payload processor's KS/STATION/passes/*), those a report vouches for."""
+    or the payload processor's KS/STATION/passes/*), those a report vouches for and that
+    were born pending (a split run's; a local-mode or older key is not listed: its first
+    bytes may be in use already, and it has no peer to settle with)."""
     store = Path(store)
     if not store.is_dir():
         raise BadInput(f"--store {store}: not a directory")
@@ -95,6 +105,8 @@ def held_keys(store: str | Path, role: str) -> dict[str, HeldKey]:
             entry = (report.get("key_files") or {}).get(role)
             if report.get("aborted", True) or entry is None:
                 continue
+            if entry.get("pending") is not True:
+                continue  # never pending: not the confirmation's, its bytes never sent
             key_id = "pass-sha256:" + report["inputs"]["pass_json_sha256"]
             name = entry["file"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -112,6 +124,9 @@ def held_keys(store: str | Path, role: str) -> dict[str, HeldKey]:
 
 
 def _listing(keys: dict[str, HeldKey]) -> dict:
+    """Our keys_held message; every check value in it is burnt first (module docstring)."""
+    for key in keys.values():
+        burn_check(key)
     ids = sorted(keys)
     checks = b"".join(keys[key_id].check_value().ljust(CHECK_BYTES, b"\0") for key_id in ids)
     return {"ids": ids, "checks": checks}
@@ -142,6 +157,9 @@ def destroy(key: HeldKey, reason: str) -> None:
     except FileNotFoundError:
         pass
     key.path.unlink(missing_ok=True)
+    # the key's removal durable before its marker's: a file system free to reorder the
+    # two would otherwise leave the zeros, vouched for by the report, without a marker
+    fsync_directory(key.path.parent)
     Path(f"{key.path}.used").unlink(missing_ok=True)
     pending_marker(key.path).unlink(missing_ok=True)
     fsync_directory(key.path.parent)
@@ -152,8 +170,8 @@ def destroy(key: HeldKey, reason: str) -> None:
     write_atomic(key.report_path, (json.dumps(report, indent=1) + "\n").encode(), 0o644)
 
 
-def confirm(key: HeldKey) -> None:
-    """Burn the check bytes (usage record first), then remove the marker, durably."""
+def burn_check(key: HeldKey) -> None:
+    """The key's check bytes recorded as used (KEY.used, durably), before they are sent."""
     size = key.path.stat().st_size
     used_path = Path(f"{key.path}.used")
     used = 0
@@ -161,6 +179,12 @@ def confirm(key: HeldKey) -> None:
         used = int(json.loads(used_path.read_text())["used_bytes"])
     if used < min(CHECK_BYTES, size):
         ch.write_usage_record(str(key.path), min(CHECK_BYTES, size))
+
+
+def confirm(key: HeldKey) -> None:
+    """Burn the check bytes (usage record first; done already before they were sent),
+    then remove the marker, durably."""
+    burn_check(key)
     pending_marker(key.path).unlink(missing_ok=True)
     fsync_directory(key.path.parent)
 
