@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -200,7 +201,12 @@ def run_campaign(
         session = stats["sessions"]
         alice_port = _free_port()
         relay = Relay(alice_port)
-        common = [sys.executable, "-m", "host.cli", "distil", str(pass_dir), *extra_args]
+        # a copy per session: Alice claims a pass's raw data on her first run and refuses
+        # it after (host/distil/raw_data_record.py); every session must reach the protocol
+        session_pass = work / "pass"
+        shutil.rmtree(session_pass, ignore_errors=True)
+        shutil.copytree(pass_dir, session_pass)
+        common = [sys.executable, "-m", "host.cli", "distil", str(session_pass), *extra_args]
         procs = {
             "alice": subprocess.Popen(
                 [*common, "--role", "alice", "--listen", f"127.0.0.1:{alice_port}"]

@@ -30,8 +30,15 @@ PY = sys.executable
 
 
 @pytest.fixture(scope="module")
-def micius_pass(tmp_path_factory):
+def micius_master(tmp_path_factory):
     return make_pass(tmp_path_factory.mktemp("micius") / "pass", duration_s=4.0, seed=2)
+
+
+@pytest.fixture
+def micius_pass(micius_master, tmp_path):
+    """A copy per test: Alice marks a pass's raw data used on her first run
+    (host/distil/raw_data_record.py) and refuses it after."""
+    return shutil.copytree(micius_master, tmp_path / "micius-copy")
 
 
 def _recomputed_key_bits(report: dict, bob_counts_bits: dict | None = None) -> int:
@@ -455,7 +462,8 @@ def test_simulated_micius_pass_gives_identical_keys_near_the_published_length(tm
     s1_tightness = {"hoeffding": 0.73, "chernoff": 0.8}
     for tail, tightness in s1_tightness.items():
         out = tmp_path / f"out-{tail}"
-        report = run_local(pass_dir, out, Config(tail=tail))
+        # a copy per run: a pass's raw data gives one key (host/distil/raw_data_record.py)
+        report = run_local(shutil.copytree(pass_dir, tmp_path / tail), out, Config(tail=tail))
         assert not report["aborted"], report["abort_reason"]
         assert (out / "alice.key").read_bytes() == (out / "bob.key").read_bytes()
         low, high = key_ratio_range[tail]

@@ -21,8 +21,17 @@ from host.errors import BadInput, ProtocolAborted
 
 
 @pytest.fixture(scope="module")
-def tiny_pass(tmp_path_factory):
+def tiny_master(tmp_path_factory):
     return make_pass(tmp_path_factory.mktemp("tiny") / "pass", duration_s=0.2, seed=3)
+
+
+@pytest.fixture
+def tiny_pass(tiny_master, tmp_path):
+    """A copy per test: Alice claims a pass's raw data on her first run and refuses it
+    after (host/distil/raw_data_record.py)."""
+    import shutil
+
+    return shutil.copytree(tiny_master, tmp_path / "tiny-copy")
 
 
 def _edited(tiny_pass, tmp_path, **fields):

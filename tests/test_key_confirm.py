@@ -136,6 +136,9 @@ def _pair(alice_cmd, bob_cmd, **link_options):
 
 
 def _distil(root: Path, pass_dir: Path, **link_options):
+    # a copy per run: Alice claims a pass's raw data on her first run and refuses it after
+    # (host/distil/raw_data_record.py)
+    pass_dir = shutil.copytree(pass_dir, root / "pass")
     common = [PY, "-m", "host.cli", "distil", str(pass_dir), "--new-auth-pool"]
     return _pair(
         common + ["--role", "alice", "--auth-pool", str(root / "alice.pool"), "--out",

@@ -34,6 +34,7 @@ from host.distil.channel import PeerAborted
 from host.distil.endpoint_random import endpoint_random
 from host.distil.gf64 import bits_hash
 from host.distil.pa import seed_bits_needed, toeplitz_hash
+from host.distil.raw_data_record import claim_raw_data
 from host.errors import BadInput, ProtocolAborted
 from host.formats.passdir import read_pass_json
 from host.formats.patterns import open_patterns, symbols_by_slots
@@ -439,6 +440,7 @@ class Alice:
             _head_run_intensities(satellite),
         )
         self.rng = endpoint_random(insecure_deterministic_seed)
+        self.insecure = insecure_deterministic_seed is not None
 
     def _symbols(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(basis_x, bit, intensity code) per slot; NO_PATTERN where Alice has no record."""
@@ -457,6 +459,7 @@ class Alice:
         stage = _Stages(out.stage_seconds, self.on_stage)
         try:
             self._hello(channel)
+            self._claim_raw_data()
             with stage("sync"):
                 self._serve_sync(channel)
             with stage("sifting"):
@@ -485,6 +488,12 @@ class Alice:
             **fields,
         )
         channel.recv("hello_ok")
+
+    def _claim_raw_data(self) -> None:
+        """Mark this pass's raw data used (raw_data_record) before the first message that
+        depends on it: the sync answers. The hello (version, pass digest, parameters) does
+        not. A pass already used aborts here: Bob gets the reason, nobody keeps a key."""
+        claim_raw_data(self.pass_dir, pass_digest(self.pass_json), self.insecure)
 
     def _answer_sifting(self, msg: dict, context: str, last_slot: int = -1):
         """Alice's half of sifting (post-pass and stream): Bob's slots and bases from his

@@ -356,6 +356,7 @@ class StreamAlice(Alice):
         timeline = None
         try:
             self._hello(channel, mode=MODE)
+            self._claim_raw_data()
             start = channel.recv("stream_start")
             clock = PassClock(float(start["speedup"]), float(start["epoch_unix_s"]))
             timeline = Timeline(clock)
