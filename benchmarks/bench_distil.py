@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import socket
 import statistics
 import struct
@@ -397,10 +398,15 @@ def test_bench_short_pass_over_endpoint_seeds(tmp_path):
 
         reconcile.ldpc_bob = recording_bob
         try:
+            # a copy per run: Alice claims a pass's raw data on her first run and refuses it
+            # after (host/distil/raw_data_record.py)
+            run_pass = tmp_path / "m15-run"
+            shutil.rmtree(run_pass, ignore_errors=True)
+            shutil.copytree(pass_dir, run_pass)
             report = run_local(
                 # the endpoints' own CSPRNG (issue 16: make bench uses no replayed seed); each
                 # run draws fresh punctured bits, samples and seeds, which is the spread
-                pass_dir,
+                run_pass,
                 tmp_path / f"out-{seed}",
                 Config(),
             )
