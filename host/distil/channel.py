@@ -362,6 +362,25 @@ def listen(
     return SocketTransport(conn)
 
 
+def open_split(listen_address: str | None, connect_address: str | None, on_listening=None):
+    """A split mode's transport: listen on `listen_address` or connect to `connect_address`
+    (HOST:PORT, exactly one given). A bad address is bad input (exit 2); no peer coming or
+    none answering is an EnvironmentFailure (exit 1: the link failed before the protocol
+    began; exit 3 is for a protocol that stopped, with its report)."""
+    from host.errors import EnvironmentFailure
+
+    option = "--listen" if listen_address else "--connect"
+    address = listen_address or connect_address
+    try:
+        if listen_address:
+            return listen(listen_address, on_listening=on_listening)
+        return connect(connect_address)
+    except (OSError, OverflowError) as error:
+        raise BadInput(f"{option} {address}: {error}") from None
+    except ChannelClosed as error:
+        raise EnvironmentFailure(f"{option} {address}: {error}") from None
+
+
 def connect(address: str, timeout_s: float = 600.0, retry_s: float = 30.0):
     import time
 

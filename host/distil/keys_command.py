@@ -9,7 +9,7 @@ from host.console import print_result
 from host.distil import channel as ch
 from host.distil import keystore
 from host.distil.run import check_address
-from host.errors import BadInput, EnvironmentFailure
+from host.errors import BadInput
 
 
 def add_arguments(parser) -> None:
@@ -50,22 +50,13 @@ def run(args) -> int:
     keystore.held_keys(args.store, args.role)  # a bad --store before any connection
     pool = ch.KeyPool.from_file(args.auth_pool, new=args.new_auth_pool)
     try:
-        try:
-            if args.listen:
-                transport = ch.listen(
-                    args.listen,
-                    on_listening=lambda: print(
-                        f"qkdsat keys: {args.role} listening on {address}",
-                        file=sys.stderr,
-                        flush=True,
-                    ),
-                )
-            else:
-                transport = ch.connect(args.connect)
-        except (OSError, OverflowError) as error:
-            raise BadInput(f"{option} {address}: {error}") from None
-        except ch.ChannelClosed as error:
-            raise EnvironmentFailure(f"{option} {address}: {error}") from None
+        transport = ch.open_split(
+            args.listen,
+            args.connect,
+            on_listening=lambda: print(
+                f"qkdsat keys: {args.role} listening on {address}", file=sys.stderr, flush=True
+            ),
+        )
         result = confirm_over(transport, pool, args.role, args.store)
     finally:
         pool.close()

@@ -688,7 +688,6 @@ def _run_split(
     if progress is not None:
         endpoint.on_stage = _stage_lines(progress)
     address = args.listen or args.connect
-    option = "--listen" if args.listen else "--connect"
 
     def say_listening() -> None:
         # always said (not only as progress): the peer's operator needs the address
@@ -699,17 +698,7 @@ def _run_split(
 
     if args.connect and progress is not None:
         progress(f"{args.role}: connecting to {address}")
-    try:
-        if args.listen:
-            transport = ch.listen(args.listen, on_listening=say_listening)
-        else:
-            transport = ch.connect(args.connect)
-    except (OSError, OverflowError) as error:
-        raise BadInput(f"{option} {address}: {error}") from None
-    except ch.ChannelClosed as error:
-        # no peer came, or none answered: the link failed before the protocol began (exit
-        # 1, as a link lost); exit 3 is for a protocol that stopped, with its report
-        raise EnvironmentFailure(f"{option} {address}: {error}") from None
+    transport = ch.open_split(args.listen, args.connect, on_listening=say_listening)
     session = ch.exchange_pool_start(transport, pool)
     chan = ch.AuthChannel(transport, pool, args.role, session=session)
     if progress is not None:

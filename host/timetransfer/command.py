@@ -26,7 +26,7 @@ import numpy as np
 
 from host.console import to_json
 from host.distil import channel as ch
-from host.errors import BadInput, EnvironmentFailure, ProtocolAborted
+from host.errors import BadInput, ProtocolAborted
 from host.outdir import check_output_dir
 from host.timetransfer import endpoints, estimate, files
 
@@ -299,14 +299,8 @@ def time_transfer_split(
     side_files = files.SATELLITE_FILES if role == "satellite" else files.GROUND_FILES
     events = files.read_events(pass_dir, side_files)
     pool, key = endpoints.open_time_key(keys_dir, role)
-    option, address = ("--listen", listen) if listen else ("--connect", connect)
     try:
-        try:
-            transport = ch.listen(listen) if listen else ch.connect(connect)
-        except (OSError, OverflowError) as error:
-            raise BadInput(f"{option} {address}: {error}") from None
-        except ch.ChannelClosed as error:
-            raise EnvironmentFailure(f"{option} {address}: {error}") from None
+        transport = ch.open_split(listen, connect)
         kind = endpoints.SatelliteEndpoint if role == "satellite" else endpoints.GroundEndpoint
         endpoint = kind(scenario, events, pool, key)
         try:
