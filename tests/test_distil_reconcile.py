@@ -426,25 +426,7 @@ class _Recorder:
 def _recorded_exchange(x, y, q_estimate, sample_bits):
     """LDPC between two endpoints whose transports log what Alice sends: (Bob's
     corrected string, kept mask, Bob's stats, Alice's stats, Alice's messages)."""
-    data = np.random.default_rng(0).bytes(1 << 16)
-    t_a, t_b = ch.queue_pair(timeout_s=300)
-    sent_by_alice = []
-    a = ch.AuthChannel(_Recorder(t_a, sent_by_alice), ch.KeyPool(data), ch.ALICE)
-    b = ch.AuthChannel(t_b, ch.KeyPool(data), ch.BOB)
-    result = {}
-
-    def alice():
-        result["a"] = reconcile.ldpc_alice(
-            a, x, q_estimate, 1.05, np.random.default_rng(2), sample_bits
-        )
-
-    thread = threading.Thread(target=alice)
-    thread.start()
-    try:
-        corrected, kept, stats = reconcile.ldpc_bob(b, y, q_estimate, 1.05, sample_bits)
-    finally:
-        thread.join()
-    return corrected, kept, stats, result["a"][1], sent_by_alice
+    return _recorded_both_ways(x, y, q_estimate, sample_bits)[:5]
 
 
 @pytest.mark.parametrize("q_estimate", [0.008, 0.035])
