@@ -85,7 +85,7 @@ def send(network_dir, sender: str, receiver: str, in_path, out_path, cipher: str
         "pool_offset": offset, "pool_bytes": needed, "plaintext_bytes": len(plaintext),
         "name": Path(in_path).name,
     }  # fmt: skip
-    head = _head(header)
+    head = pack_head(header)
     if cipher == OTP:
         body = xor_bytes(plaintext, key[: len(plaintext)])
         message = head + body + wegman_carter_tag(head + body, key[len(plaintext) :])
@@ -99,9 +99,22 @@ def send(network_dir, sender: str, receiver: str, in_path, out_path, cipher: str
     return header
 
 
-def _head(header: dict) -> bytes:
+def pack_head(header: dict) -> bytes:
+    """A message file's head: MAGIC | header length (4, LE) | header JSON (the writer)."""
     encoded = json.dumps(header, sort_keys=True).encode()
     return MAGIC + len(encoded).to_bytes(4, "little") + encoded
+
+
+def unpack_head(message: bytes) -> tuple[dict, int]:
+    """(header, head length) of a message file (the reader); ValueError or TypeError if
+    it is not one."""
+    if message[:8] != MAGIC:
+        raise ValueError("not a qkdsat message")
+    size = int.from_bytes(message[8:12], "little")
+    header = json.loads(message[12 : 12 + size])
+    if not isinstance(header, dict):
+        raise TypeError("the header is not a JSON object")
+    return header, 12 + size
 
 
 def receive(network_dir, receiver: str, in_path, out_path) -> dict:
@@ -116,13 +129,8 @@ def receive(network_dir, receiver: str, in_path, out_path) -> dict:
     except OSError as error:
         raise BadInput(f"{in_path}: {error.strerror}") from error
     try:
-        if message[:8] != MAGIC:
-            raise ValueError("not a qkdsat message")
-        size = int.from_bytes(message[8:12], "little")
-        head = message[: 12 + size]
-        header = json.loads(message[12 : 12 + size])
-        if not isinstance(header, dict):
-            raise TypeError("the header is not a JSON object")
+        header, head_bytes = unpack_head(message)
+        head = message[:head_bytes]
         sender, cipher, addressee = check_name(header["from"]), header["cipher"], header["to"]
         offset, needed = int(header["pool_offset"]), int(header["pool_bytes"])
         plaintext_bytes = int(header["plaintext_bytes"])
