@@ -21,6 +21,7 @@ import pytest
 from network_keys import distilled
 
 from host.network.kms import KeyManager, make_server, open_store, tls_context
+from host.network.messaging import unpack_head
 from host.network.pki import issue, make_ca
 from host.network.pool import SATELLITE, StationPool, fill_pair, pool_path
 
@@ -574,8 +575,8 @@ def test_a_kme_serving_one_pool_alone_and_a_send_to_its_station_never_share_a_ke
         server.shutdown()
         server.server_close()
     data = message.read_bytes()
-    size = int.from_bytes(data[8:12], "little")
-    ciphertext = data[12 + size : 12 + size + 300]
+    _, head_bytes = unpack_head(data)
+    ciphertext = data[head_bytes : head_bytes + 300]
     pad = bytes(c ^ p for c, p in zip(ciphertext, plain.read_bytes(), strict=True))
     relayed = pool.read_bytes()
     pad_at = relayed.find(pad)

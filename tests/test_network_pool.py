@@ -16,6 +16,7 @@ from network_keys import distilled
 
 from host.cli import main as qkdsat
 from host.errors import BadInput
+from host.network.messaging import unpack_head
 from host.network.pool import (
     SATELLITE,
     PoolShort,
@@ -337,10 +338,9 @@ def test_a_pool_from_before_the_direction_split_serves_none_of_its_old_fills(tmp
     fill_pair(net, "Wuhan", tmp_path / "k2")
     assert qkdsat(send) == 0
     data = message.read_bytes()
-    size = int.from_bytes(data[8:12], "little")
-    pad = bytes(
-        c ^ p for c, p in zip(data[12 + size : 112 + size], plain.read_bytes(), strict=True)
-    )
+    _, head_bytes = unpack_head(data)
+    ciphertext = data[head_bytes : head_bytes + 100]
+    pad = bytes(c ^ p for c, p in zip(ciphertext, plain.read_bytes(), strict=True))
     assert pad == new_key[200:300]  # Wuhan's half of the new fill
 
 
