@@ -362,3 +362,176 @@ class Synchroniser:
         result = SyncResult(slots, assigned, rms, int(ts.size), period_ps)
         result.anchor_times, result.anchor_offsets = ts, os_
         return result
+
+
+# ------------------------------------------------------------ the uplink: public epochs
+
+# The uplink's synchronisation (the time transfer's satellite endpoint,
+# host/timetransfer/endpoints.py): the satellite's detection tags against the ground's
+# emission epochs, which the ground names (public, as slot epochs are once sifting names
+# them) with each emission's predicted flight (the predicted orbit, the calibrated delays,
+# the troposphere). What is unknown is the lag: the clock offset Delta plus what the
+# prediction misses, slowly varying (a clock's rate offset, ~1e-7, and its noise). The
+# downlink's intensity correlation above does not fit: the ground's record is a sparse
+# list of epochs (~1 kHz on a 100 MHz slot grid), not a dense pattern to correlate with;
+# the structure is the same: a first anchor, anchors tracked window by window, every
+# detection assigned from the anchors inside a timing gate, so a detection lost on board
+# or one with no emission (a dark count) moves nothing else.
+EPOCH_WINDOW_S = 1.0  # of emissions per anchor (~1,300 Micius uplink events near culmination)
+EPOCH_FIRST_SLIP = 512  # first anchor: detection index within this of the emission index
+EPOCH_FIRST_BIN_PS = 100_000  # the first anchor's lag histogram (100 ns)
+EPOCH_MAX_RATE = 2e-6  # lag drift searched per second (a free-running TCXO, ~1 ppm, x2)
+EPOCH_TRACK_FLOOR_PS = 200_000  # plus this, for clock noise and the prediction's error
+EPOCH_CLUSTER_PS = 20_000  # a window's lag: the median inside 20 ns of its densest point
+EPOCH_GATE_PS = 2_000  # +-2 ns: > 5 sigma of a 350 ps jitter, the 1 ns detection gate
+EPOCH_MIN_PAIRS = 10  # pairs at one lag to make an anchor (random ones: << 1 a window)
+EPOCH_FIRST_EMISSIONS = 400  # of a window, for the first anchor (x 1,424 detections)
+EPOCH_FIRST_TRIES = 30  # windows tried for the first anchor before giving up
+
+
+@dataclass
+class EpochMatch:
+    emission: np.ndarray  # int64 per detection: index of its emission, -1 if none
+    anchors_s: np.ndarray  # anchor times (s of predicted arrival from the first emission)
+    lags_ps: np.ndarray  # the lag at each anchor, minus the first anchor's (lag_base_ps)
+    lag_base_ps: int
+
+    def summary(self) -> dict:
+        matched = int((self.emission >= 0).sum())
+        return {
+            "anchors": int(self.anchors_s.size),
+            "detections": int(self.emission.size),
+            "matched": matched,
+            "unmatched_detections": int(self.emission.size) - matched,
+        }
+
+
+def _densest_lag(lags_ps: np.ndarray, times_s: np.ndarray, bin_ps: int):
+    """(count, time, lag) of the densest `bin_ps`-wide histogram bin of lags (two bins
+    merged, so a cluster on a bin edge counts whole): the mean time and mean lag of the
+    pairs inside it, a point on the lag's line (the middle of a window is not, when a run
+    of detections is lost: 300 lost at a window's start moved it 2 ns off)."""
+    if lags_ps.size == 0:
+        return 0, 0.0, 0
+    cell = np.floor_divide(lags_ps, bin_ps)
+    cells, counts = np.unique(cell, return_counts=True)
+    pair = counts.copy()
+    pair[:-1] += np.where(np.diff(cells) == 1, counts[1:], 0)
+    best = int(np.argmax(pair))
+    inside = (cell >= cells[best]) & (cell <= cells[best] + 1)
+    lag0 = int(lags_ps[inside][0])
+    lag = lag0 + int(round(float(np.mean(lags_ps[inside] - lag0))))
+    return int(pair[best]), float(np.mean(times_s[inside])), lag
+
+
+def match_epochs(detection_ps: np.ndarray, arrival_ps: np.ndarray) -> EpochMatch:
+    """Each detection's emission. `detection_ps`: the receiver's tags (int64, its clock,
+    time order); `arrival_ps`: each emission's predicted arrival (int64, the sender's
+    epoch plus the predicted flight, in the sender's clock, time order). The lag
+    detection - arrival is found at a first anchor (the earliest window of emissions
+    whose detections, index for index within EPOCH_FIRST_SLIP, pile up at one lag), then
+    tracked window by window in time (a lag that moves at most EPOCH_MAX_RATE per second),
+    then every detection takes the emission whose arrival plus the interpolated lag is
+    nearest, inside EPOCH_GATE_PS; an emission claimed twice goes to the nearer.
+    Raises ProtocolAborted when no window gives an anchor."""
+    det = np.asarray(detection_ps, dtype=np.int64)
+    arr = np.asarray(arrival_ps, dtype=np.int64)
+    none = np.full(det.size, -1, dtype=np.int64)
+    if det.size < EPOCH_MIN_PAIRS or arr.size < EPOCH_MIN_PAIRS:
+        raise ProtocolAborted(
+            f"uplink time synchronisation failed: {det.size} detections and {arr.size} "
+            "emissions are too few"
+        )
+    window_ps = int(EPOCH_WINDOW_S * 1e12)
+    t0 = int(arr[0])
+    windows = np.floor_divide(arr - t0, window_ps)
+    starts = np.searchsorted(windows, np.arange(int(windows[-1]) + 2))
+    anchors_t, anchors_lag = [], []
+    first = None
+    for w in range(min(EPOCH_FIRST_TRIES, starts.size - 1)):
+        i0, i1 = starts[w], min(starts[w + 1], starts[w] + EPOCH_FIRST_EMISSIONS)
+        if i1 - i0 < EPOCH_MIN_PAIRS:
+            continue
+        # index for index, within EPOCH_FIRST_SLIP of the emission's index: the records
+        # start together, so a detection's index slips only by the events lost or added
+        # before it
+        lo = max(0, i0 - EPOCH_FIRST_SLIP)
+        hi = min(det.size, i1 + EPOCH_FIRST_SLIP)
+        if hi <= lo:
+            break
+        lags = (det[lo:hi][None, :] - arr[i0:i1][:, None]).ravel()
+        times = np.repeat((arr[i0:i1] - t0) * 1e-12, hi - lo)
+        count, at, lag = _densest_lag(lags, times, EPOCH_FIRST_BIN_PS)
+        # random pairs spread over ~2 EPOCH_FIRST_SLIP gaps: per 200 ns, far below one
+        if count >= max(EPOCH_MIN_PAIRS, (i1 - i0) // 4):
+            first = w
+            anchors_t.append(at)
+            anchors_lag.append(lag)
+            break
+    if first is None:
+        raise ProtocolAborted(
+            "uplink time synchronisation failed: no window of the first "
+            f"{EPOCH_FIRST_TRIES} s of emissions has its detections at one lag"
+        )
+    base = anchors_lag[0]
+    for w in range(first + 1, starts.size - 1):
+        i0, i1 = starts[w], starts[w + 1]
+        if i1 - i0 < EPOCH_MIN_PAIRS:
+            continue
+        centre = float(np.median(arr[i0:i1] - t0)) * 1e-12
+        predicted = _lag_at(anchors_t, anchors_lag, centre)
+        half = EPOCH_TRACK_FLOOR_PS + EPOCH_MAX_RATE * abs(centre - anchors_t[-1]) * 1e12
+        pairs, owner = _pairs_near(det, arr[i0:i1] + predicted, half)
+        times = (arr[i0:i1][owner] - t0) * 1e-12
+        count, at, lag = _densest_lag(pairs, times, EPOCH_CLUSTER_PS)
+        if count >= EPOCH_MIN_PAIRS:
+            anchors_t.append(at)
+            anchors_lag.append(predicted + lag)
+    ts = np.array(anchors_t)
+    lags = np.array(anchors_lag, dtype=np.float64) - base
+    expected = arr + base + np.rint(_lag_line(ts, lags, (arr - t0) * 1e-12)).astype(np.int64)
+    # nearest expected arrival of each detection (both neighbours in time order)
+    k = np.clip(np.searchsorted(expected, det), 1, max(1, expected.size - 1))
+    left, right = k - 1, np.minimum(k, expected.size - 1)
+    pick = np.where(np.abs(det - expected[left]) <= np.abs(det - expected[right]), left, right)
+    residual = np.abs(det - expected[pick])
+    emission = np.where(residual <= EPOCH_GATE_PS, pick, none)
+    # an emission claimed by two detections: the nearer keeps it
+    order = np.lexsort((residual, emission))
+    ordered = emission[order]
+    repeat = np.zeros(order.size, dtype=bool)
+    repeat[1:] = (ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)
+    emission[order[repeat]] = -1
+    return EpochMatch(emission, ts, lags, base)
+
+
+def _lag_line(ts: np.ndarray, lags: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The lag through the anchors: linear between them, and beyond the first and last
+    along the end segments (a clock's rate offset keeps the lag moving: held flat, the
+    last half window of a 10 s pass drifted 15 ns)."""
+    inside = np.interp(t, ts, lags)
+    if ts.size < 2:
+        return inside
+    head = lags[0] + (lags[1] - lags[0]) / (ts[1] - ts[0]) * (t - ts[0])
+    tail = lags[-1] + (lags[-1] - lags[-2]) / (ts[-1] - ts[-2]) * (t - ts[-1])
+    return np.where(t < ts[0], head, np.where(t > ts[-1], tail, inside))
+
+
+def _lag_at(anchors_t: list, anchors_lag: list, t: float) -> int:
+    """The lag at t extrapolated from the last anchors (a line through the last two)."""
+    if len(anchors_t) < 2:
+        return int(anchors_lag[-1])
+    t1, t2 = anchors_t[-2], anchors_t[-1]
+    rate = (anchors_lag[-1] - anchors_lag[-2]) / (t2 - t1) if t2 > t1 else 0.0
+    return int(round(anchors_lag[-1] + rate * (t - t2)))
+
+
+def _pairs_near(det: np.ndarray, expected: np.ndarray, half_ps: float):
+    """(detection - expected, index of the expected) of every detection within half_ps
+    of an expected arrival."""
+    lo = np.searchsorted(det, expected - int(half_ps))
+    hi = np.searchsorted(det, expected + int(half_ps), side="right")
+    count = hi - lo
+    owner = np.repeat(np.arange(expected.size), count)
+    index = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(count.sum())
+    return det[index] - expected[owner], owner

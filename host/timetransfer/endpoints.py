@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from host.distil import channel as ch
+from host.distil import timesync
 from host.distil.bitcodec import (
     pack_bits,
     rice_decode_sorted,
@@ -64,6 +65,7 @@ SAMPLE_MIN = 256
 SEALED_HEADER_BYTES = 400  # a sealed message's header: kind, field names, scalars, shapes
 ROLE_OF_SIDE = {"satellite": ch.ALICE, "ground": ch.BOB}
 BY_SLOT = -1  # tt_bases downlink_count: "name your detections' slots, I sift the downlink"
+BY_EPOCH = -1  # tt_bases uplink_count: "name your emissions, I match and sift the uplink"
 
 
 class NotEnoughKey(ProtocolAborted):
@@ -331,12 +333,9 @@ class SatelliteEndpoint:
                 "downlink_count": int(down_basis.size),
                 "downlink_basis": pack_bits(down_basis),
             }
-        chan.send(
-            "tt_bases", uplink_count=int(up_basis.size), uplink_basis=pack_bits(up_basis),
-            **downlink,
-        )  # fmt: skip
+        chan.send("tt_bases", uplink_count=BY_EPOCH, **downlink)
         sift = chan.recv("tt_sift")
-        up_sifted = unpack_bits(sift["uplink_sifted"], up_basis.size).astype(bool)
+        uplink = sift_uplink_by_epoch(self.scenario, up_tag, up_basis, up_bit, sift)
         extra = {}
         if by_slot:
             down_tag, down_bit, down_sifted, down_sample = self._downlink_by_slot(sift)
@@ -346,14 +345,8 @@ class SatelliteEndpoint:
             down_sifted = unpack_bits(sift["downlink_sifted"], down_basis.size).astype(bool)
             n_down = int(down_sifted.sum())
             down_sample = _positions(sift["downlink_sample"], n_down, "downlink sample")
-        n_up = int(up_sifted.sum())
-        emission = unpack_epochs(sift, "uplink_emission", n_up)
-        up_sample = _positions(sift["uplink_sample"], n_up, "uplink sample")
-        ground_bits = unpack_bits(sift["uplink_sample_bits"], up_sample.size)
-        received = up_tag[up_sifted]
-        wrong = up_bit[up_sifted][up_sample] != ground_bits
-        timing = np.ones(n_up, dtype=bool)
-        timing[up_sample[wrong]] = False
+        emission, received = uplink["emission_ps"], uplink["received_ps"]
+        timing = uplink["timing"]
         base = int(np.median(received[timing] - emission[timing])) if timing.any() else 0
         orbit = estimate.predicted_orbit(self.scenario)
         t2, y = estimate.uplink_samples(
@@ -368,9 +361,11 @@ class SatelliteEndpoint:
             sealed=payload,
             **pack_epochs("downlink_emission", down_tag[down_sifted]),
             downlink_sample_sealed=sample_bits,
-            uplink_sifted=n_up,
-            uplink_sample=int(up_sample.size),
-            uplink_sample_errors=int(wrong.sum()),
+            uplink_sifted=int(emission.size),
+            uplink_sample=uplink["sampled"],
+            uplink_sample_errors=uplink["sample_errors"],
+            uplink_detections=int(up_tag.size),
+            uplink_matched=uplink["matched"],
             **extra,
         )
         return receive_offset_result(chan, sealed)
@@ -408,6 +403,57 @@ def receive_offset_result(chan, sealed) -> dict:
         "rate": float(result["rate"]),
         "key": sealed.accounting(),
         "classical_bytes_sent": chan.bytes_sent,
+    }
+
+
+def sift_uplink_by_epoch(scenario: dict, tag_ps, basis, bit, sift: dict) -> dict:
+    """The satellite's uplink when the ground names its emissions (tt_sift: the epochs,
+    bases and CSPRNG sample of every emission, the ground's bits of the sample): each
+    detection matched to its emission by the uplink's time synchronisation
+    (timesync.match_epochs on the predicted arrivals), so a detection lost on board or
+    one with no emission (a dark count) moves nothing else; the matched ones sifted
+    against the ground's bases; the sample's errors counted. Returns the sifted events'
+    emission epochs and reception tags, their timing mask (sampled ones whose bits
+    disagree dropped), the counts."""
+    count = int(sift["uplink_count"])
+    _check(0 <= count, "uplink count")
+    emission_all = unpack_epochs(sift, "uplink_emission", count)
+    ground_basis = unpack_bits(sift["uplink_basis"], count)
+    sample = _positions(sift["uplink_sample"], count, "uplink sample")
+    ground_bits = unpack_bits(sift["uplink_sample_bits"], sample.size)
+    tag_ps = np.asarray(tag_ps, dtype=np.int64)
+    if tag_ps.size == 0 or count == 0:
+        matched_emission = np.full(tag_ps.size, -1, dtype=np.int64)
+    else:
+        orbit = estimate.predicted_orbit(scenario)
+        t1, t2 = estimate.uplink_flight(scenario, orbit, emission_all)
+        arrival = emission_all + np.rint((t2 - t1) * 1e12).astype(np.int64)
+        by_arrival = np.argsort(arrival, kind="stable")
+        by_tag = np.argsort(tag_ps, kind="stable")  # the log's order: a rare swap
+        found = timesync.match_epochs(tag_ps[by_tag], arrival[by_arrival]).emission
+        matched_emission = np.full(tag_ps.size, -1, dtype=np.int64)
+        matched_emission[by_tag] = np.where(found >= 0, by_arrival[np.maximum(found, 0)], -1)
+    detection = np.flatnonzero(matched_emission >= 0)
+    emission_index = matched_emission[detection]
+    sifted = np.asarray(basis, dtype=np.uint8)[detection] == ground_basis[emission_index]
+    detection, emission_index = detection[sifted], emission_index[sifted]
+    order = np.argsort(emission_index, kind="stable")  # time order of emission
+    detection, emission_index = detection[order], emission_index[order]
+    sample_of = np.full(count, -1, dtype=np.int64)
+    sample_of[sample] = np.arange(sample.size)
+    in_sample = sample_of[emission_index]
+    sampled = in_sample >= 0
+    wrong = np.zeros(detection.size, dtype=bool)
+    wrong[sampled] = (
+        np.asarray(bit, dtype=np.uint8)[detection[sampled]] != ground_bits[in_sample[sampled]]
+    )
+    return {
+        "emission_ps": emission_all[emission_index],
+        "received_ps": tag_ps[detection],
+        "timing": ~wrong,
+        "sampled": int(sampled.sum()),
+        "sample_errors": int(wrong.sum()),
+        "matched": int((matched_emission >= 0).sum()),
     }
 
 
@@ -477,17 +523,15 @@ class GroundEndpoint:
                 "the satellite asks for the downlink slots and the ground has no slot "
                 "identification of its detections"
             )
-        for direction, own in (("uplink", up_basis), ("downlink", down_basis)):
-            if direction == "downlink" and by_slot:
-                continue
-            if int(bases[f"{direction}_count"]) != own.size:
-                raise ProtocolAborted(
-                    f"the satellite holds {int(bases[f'{direction}_count'])} {direction} "
-                    f"events, the ground {own.size}: the two records do not belong together"
-                )
-        up_sifted = unpack_bits(bases["uplink_basis"], up_basis.size) == up_basis
-        n_up = int(up_sifted.sum())
-        up_sample = sample_positions(n_up, self.rng)
+        _check(int(bases["uplink_count"]) == BY_EPOCH, "uplink mode")
+        if not by_slot and int(bases["downlink_count"]) != down_basis.size:
+            raise ProtocolAborted(
+                f"the satellite holds {int(bases['downlink_count'])} downlink events, the "
+                f"ground {down_basis.size}: the two records do not belong together"
+            )
+        # the uplink: the ground names every emission (public epochs and bases), the
+        # satellite matches its detections to them and sifts (sift_uplink_by_epoch)
+        up_sample = sample_positions(up_basis.size, self.rng)
         if by_slot:  # the satellite sifts: the ground names slots and its bases
             down_sample_all = sample_positions(down_basis.size, self.rng)
             downlink = {
@@ -502,10 +546,11 @@ class GroundEndpoint:
             downlink = {"downlink_sifted": pack_bits(down_sifted), "downlink_sample": down_sample}
         chan.send(
             "tt_sift",
-            uplink_sifted=pack_bits(up_sifted),
-            **pack_epochs("uplink_emission", up_tag[up_sifted]),
+            uplink_count=int(up_basis.size),
+            **pack_epochs("uplink_emission", up_tag),
+            uplink_basis=pack_bits(up_basis),
             uplink_sample=up_sample,
-            uplink_sample_bits=pack_bits(up_bit[up_sifted][up_sample]),
+            uplink_sample_bits=pack_bits(up_bit[up_sample]),
             **downlink,
         )
         message = chan.recv("tt_uplink")
@@ -524,7 +569,17 @@ class GroundEndpoint:
         timing = np.ones(n_down, dtype=bool)
         timing[down_sample[wrong]] = False
         up_sampled, up_errors = int(message["uplink_sample"]), int(message["uplink_sample_errors"])
-        _check(0 <= up_errors <= up_sampled == up_sample.size, "uplink sample counts")
+        _check(0 <= up_errors <= up_sampled <= up_sample.size, "uplink sample counts")
+        n_up = int(message["uplink_sifted"])
+        detections, matched = int(message["uplink_detections"]), int(message["uplink_matched"])
+        _check(0 <= n_up <= matched <= min(detections, up_basis.size), "uplink match counts")
+        report["uplink_sync"] = {
+            "emissions": int(up_basis.size),
+            "detections": detections,
+            "matched": matched,
+            "unmatched_detections": detections - matched,
+            "unmatched_emissions": int(up_basis.size) - matched,
+        }
         report["qber"] = {
             "uplink": up_errors / up_sampled if up_sampled else math.nan,
             "downlink": int(wrong.sum()) / down_sample.size if down_sample.size else math.nan,

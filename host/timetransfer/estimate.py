@@ -58,18 +58,25 @@ def uplink_samples(scenario: dict, orbit: InertialPass, tx_tag, rx_tag, base: in
     """Up events as (t2 ground time in s from the ground clock epoch, Delta - base in ps):
     the satellite computes them from its own reception tags and the ground's emission
     epochs (public after sifting)."""
+    t1, t2 = uplink_flight(scenario, orbit, tx_tag)
+    y = (rx_tag - tx_tag - np.int64(base)).astype(np.float64) - (t2 - t1) * PS_PER_S
+    return t2, y
+
+
+def uplink_flight(scenario: dict, orbit: InertialPass, tx_tag):
+    """(t1, t2): an up photon's emission and its predicted reception tag instant, s of
+    ground time from the ground clock epoch (delays, light time on the predicted orbit,
+    troposphere)."""
     delays = scenario["delays_ps"]
     epoch = np.int64(scenario["ground_clock_epoch_ps"])
-    t1 = (tx_tag - epoch).astype(np.float64) / PS_PER_S
+    t1 = (np.asarray(tx_tag, dtype=np.int64) - epoch).astype(np.float64) / PS_PER_S
     leave = t1 + delays["ground_tx"] / PS_PER_S
     flight = orbit.up_light_time_s(leave) + troposphere_delay_s(
         orbit.elevation_deg(leave),
         scenario["wavelengths_nm"]["uplink"],
         scenario["station"]["height_km"],
     )
-    t2 = leave + flight + delays["satellite_rx"] / PS_PER_S
-    y = (rx_tag - tx_tag - np.int64(base)).astype(np.float64) - (t2 - t1) * PS_PER_S
-    return t2, y
+    return t1, leave + flight + delays["satellite_rx"] / PS_PER_S
 
 
 def downlink_samples(scenario: dict, orbit: InertialPass, tx_tag, rx_tag, base: int):
