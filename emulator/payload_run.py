@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emulator.optical_head import HeadServer, OpticalHead
-from emulator.targets import Netduino2Target, QemuTarget, UnixTarget
+from emulator.targets import CONTROLLER_HEAP_BYTES, Netduino2Target, QemuTarget, UnixTarget
 from host.deploy.raw_repl import RawRepl
 from host.link.client import CommandRejected, PayloadClient
 
@@ -53,9 +53,11 @@ def payload_session(
     icount_shift: int | None = None,
     unix_env: dict[str, str] | None = None,
     product_key: bytes | None = PRODUCT_KEY,
+    unix_heap_bytes: int = CONTROLLER_HEAP_BYTES,
 ):
     """A provisioned emulated payload wired to the head at bus_address; yields
-    (target, PayloadClient). unix_env: extra environment for the unix board.
+    (target, PayloadClient). unix_env: extra environment for the unix board;
+    unix_heap_bytes: its heap (below the controller's to show a margin).
     product_key: provisioned on the payload and given to the client (None: neither, so
     the payload refuses to serve pattern products)."""
     if target_name == "unix":
@@ -68,7 +70,12 @@ def payload_session(
             if product_key is not None:
                 (storage / "link" / "product_key").write_bytes(product_key)
             target = stack.enter_context(
-                UnixTarget(storage_dir=storage, bus_address=bus_address, extra_env=unix_env)
+                UnixTarget(
+                    storage_dir=storage,
+                    bus_address=bus_address,
+                    extra_env=unix_env,
+                    heap_bytes=unix_heap_bytes,
+                )
             )
             payload = stack.enter_context(
                 PayloadClient(
@@ -140,6 +147,7 @@ def run_pass(
     midway=None,
     unix_env: dict[str, str] | None = None,
     uploads: list[dict] | None = None,
+    unix_heap_bytes: int = CONTROLLER_HEAP_BYTES,
 ) -> PassRun:
     """Configure, run until the head emitted `frames` frames, stop, download products.
 
@@ -148,7 +156,11 @@ def run_pass(
     started = time.monotonic()
     with HeadServer(head) as server, tempfile.TemporaryDirectory() as downloads:
         with payload_session(
-            target_name, server.address, icount_shift=icount_shift, unix_env=unix_env
+            target_name,
+            server.address,
+            icount_shift=icount_shift,
+            unix_env=unix_env,
+            unix_heap_bytes=unix_heap_bytes,
         ) as (
             _target,
             payload,

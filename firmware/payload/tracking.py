@@ -596,7 +596,11 @@ class Tracker:
         self.config = dict(DEFAULTS)
         if config:
             self.config.update(config)
-        self.words = array.array("i", bytes(4 * _ALL_WORDS))
+        # one block, from a range: array("i", bytes(n)) needs a second n-byte block for
+        # the zeros (PredictionUpload.add); every word is set below or zero by design
+        self.words = array.array("i", range(_ALL_WORDS))
+        for i in range(_ALL_WORDS):
+            self.words[i] = 0
         view = memoryview(self.words)
         self.st = view[:_S_WORDS]
         self.cfg = view[_OFF_CFG : _OFF_CFG + _K_WORDS]
