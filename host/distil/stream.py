@@ -300,6 +300,32 @@ def chunk_bits(cfg: Config, options: StreamOptions, qber: float, sample_bits: in
     return options.chunk_frames * ldpc.max_key_bits(low, cfg.ec_efficiency, qber_high=high)
 
 
+# A backlog of many frames (a bright pass, the catch-up after the first lock or an outage)
+# is reconciled as one chunk of every whole frame but the held one, up to this many frames
+# (or `chunk_frames` if more): the decoder works on a chunk's frames in parallel (both
+# cores) and its retry rounds are per chunk, so one 12-frame chunk took 2.1 CPU s where
+# six 2-frame chunks took 6.1 (1.2 % QBER, same bits, docs/streaming.md "Keeping up").
+# The cap bounds Bob's decoder memory (messages and LLRs of the frames, ~3 MB a frame).
+MAX_CHUNK_FRAMES = 16
+
+
+def due_chunk_bits(backlog: int, frame_bits: int, chunk_frames: int, final: bool) -> int:
+    """Key bits of a basis to reconcile now (0: none yet), `backlog` bits unreconciled and
+    frames of `frame_bits` at the running estimate. During the pass: once the backlog holds
+    `chunk_frames` frames plus one held back (so that what is left at loss of signal is at
+    least a frame, reconciled in equal frames, never a sliver of one: a short frame costs
+    as much in check bits and Bob's messages as a full one, and decodes worse), every whole
+    frame but the held one (at most MAX_CHUNK_FRAMES). At loss of signal: all of it."""
+    if backlog <= 0:
+        return 0
+    if final:
+        return backlog
+    frames = backlog // frame_bits - 1
+    if frames < chunk_frames:
+        return 0
+    return min(frames, max(MAX_CHUNK_FRAMES, chunk_frames)) * frame_bits
+
+
 class _Sifted:
     """One side's sifted bits of the pass so far, and per key basis the positions that
     are key (not disclosed) with how far they are reconciled."""
@@ -784,16 +810,10 @@ class StreamBob(Bob):
             for name in key_bases:
                 while True:
                     qber, bits, source = self._estimate(name)
-                    chunk = chunk_bits(cfg, opts, qber, bits)
+                    frame = chunk_bits(cfg, replace(opts, chunk_frames=1), qber, bits)
                     backlog = self._sifted.backlog(name)
-                    # One frame more than the chunk is held back, so that what is left at
-                    # loss of signal is at least a frame (reconciled in equal frames), never
-                    # a sliver of one: a short frame costs as much in check bits and Bob's
-                    # messages as a full one, and decodes worse.
-                    hold = chunk // opts.chunk_frames
-                    if final and backlog > 0:
-                        chunk = hold = backlog
-                    if backlog == 0 or backlog < chunk + hold * (not final):
+                    chunk = due_chunk_bits(backlog, frame, opts.chunk_frames, final)
+                    if not chunk:
                         break
                     with stage("error_correction"):
                         self._reconcile(channel, name, chunk, qber, bits, handled_s, source)
