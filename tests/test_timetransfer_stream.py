@@ -12,6 +12,7 @@ import pytest
 from host.cli import main
 from host.distil import channel as ch
 from host.distil.bitcodec import pack_bits, unpack_bits
+from host.distil.endpoint_random import InsecureDeterministicRandom
 from host.errors import ProtocolAborted
 from host.timetransfer import files, stream
 from tests.network_keys import distilled
@@ -140,3 +141,62 @@ def test_a_tampered_block_aborts_the_streamed_time_transfer(two_way_pass, keys):
             two_way_pass, keys, BLOCK_S, 50.0, tamper=flip_a_bit_of_the_second_sealed_block
         )
     assert caught.value.report["aborted"] is True and "series" not in caught.value.report
+
+
+@pytest.mark.slow  # a process started, two streamed runs: ~12 s
+def test_split_processes_over_tcp_give_the_in_process_offsets(
+    two_way_pass, keys, tmp_path, monkeypatch
+):
+    # the satellite endpoint in its own process (--role satellite --listen, as on the
+    # payload processor), the ground in this one (--role ground --connect), streamed over
+    # TCP: the offsets are those of both endpoints in one process. The ground's QBER
+    # sample is the only randomness (the satellite has none): drawn from the same seeded
+    # generator in both runs here, so the offsets must agree exactly
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(stream, "SystemRandom", lambda: InsecureDeterministicRandom(11))
+    common = ["timetransfer", str(two_way_pass), "--keys", str(keys), "--during-pass"]
+    common += ["--block-s", str(BLOCK_S), "--speedup", "50"]
+    assert main([*common, "--out", str(tmp_path / "together")]) == 0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    satellite = subprocess.Popen(
+        [sys.executable, "-m", "host.cli", *common, "--role", "satellite", "--listen",
+         f"127.0.0.1:{port}", "--out", str(tmp_path / "sat")],
+        env=env,
+    )  # fmt: skip
+    try:
+        code = main(
+            [*common, "--role", "ground", "--connect", f"127.0.0.1:{port}", "--out",
+             str(tmp_path / "gnd")]
+        )  # fmt: skip
+        assert satellite.wait(timeout=120) == 0
+    finally:
+        satellite.kill()
+    assert code == 0
+    together = json.loads((tmp_path / "together" / "report.json").read_text())
+    ground = json.loads((tmp_path / "gnd" / "report.json").read_text())
+    sat = json.loads((tmp_path / "sat" / "report.json").read_text())
+    assert ground["aborted"] is False and ground["mode"] == "stream"
+    assert sat["aborted"] is False and sat["role"] == "satellite"
+    assert ground["offset_reference_ps"] == together["offset_reference_ps"]
+    assert sat["offset_reference_ps"] == ground["offset_reference_ps"]
+    assert ground["qber_sample"] == together["qber_sample"]
+
+    def offsets(name):
+        rows = np.genfromtxt(tmp_path / name / "offset.csv", delimiter=",", names=True)
+        return {c: rows[c] for c in ("t_s", "offset_ps", "offset_sigma_ps", "range_error_mm")}
+
+    split, joint = offsets("gnd"), offsets("together")
+    assert split["t_s"].size == joint["t_s"].size >= 0.9 * DURATION_S / ground["bin_s"]
+    for column in split:
+        np.testing.assert_array_equal(split[column], joint[column], err_msg=column)
+    # each side sealed with its own key file of the pair: the same pad bits either way
+    assert sat["key"]["file"] == "alice.key" and ground["key"]["file"] == "bob.key"
+    assert sat["key"]["pad_bits"] == ground["key"]["pad_bits"] > 0

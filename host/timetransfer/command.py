@@ -73,7 +73,8 @@ def add_arguments(parser) -> None:
         "--speedup",
         type=float,
         help="--during-pass: replay at this many pass seconds per wall second, in process "
-        "(no optical link, which runs on the wall clock)",
+        "(no optical link, which runs on the wall clock); with --role, the pace of the "
+        "split endpoints over TCP (default 1; give both the same)",
     )
 
 
@@ -285,13 +286,24 @@ def time_transfer(
 
 
 def time_transfer_split(
-    pass_dir: Path, out_dir: Path, keys_dir: Path, role: str, listen=None, connect=None
-) -> dict:
-    """One endpoint over TCP (split mode). The ground writes the time-transfer outputs;
-    the satellite writes its own report.json: the offset the ground measured (sealed to
-    it), its key accounting, or why it stopped."""
+    pass_dir: Path, out_dir: Path, keys_dir: Path, role: str, listen=None, connect=None,
+    block_s: float | None = None, speedup: float | None = None,
+) -> dict:  # fmt: skip
+    """One endpoint over TCP (split mode), post-pass, or streamed during the pass with
+    `block_s` (host/timetransfer/stream.py, at `speedup` pass seconds per wall second, 1
+    by default: the pass's pace; each side's pass clock starts when the connection is
+    made). The ground writes the time-transfer outputs; the satellite writes its own
+    report.json: the offset the ground measured (sealed to it), its key accounting, or
+    why it stopped."""
     if bool(listen) == bool(connect):
         raise BadInput("split mode (--role) needs exactly one of --listen or --connect")
+    during_pass = block_s is not None
+    if during_pass:
+        from host.distil.stream import PassClock
+        from host.timetransfer import stream
+
+        stream.check_block_s(block_s)
+        speedup = check_speedup(speedup) or 1.0
     check_output_dir(out_dir, files=("report.json", "offset.csv"))
     started = time.process_time()
     pass_dir = Path(pass_dir)
@@ -301,8 +313,19 @@ def time_transfer_split(
     pool, key = endpoints.open_time_key(keys_dir, role)
     try:
         transport = ch.open_split(listen, connect)
-        kind = endpoints.SatelliteEndpoint if role == "satellite" else endpoints.GroundEndpoint
-        endpoint = kind(scenario, events, pool, key)
+        if during_pass:
+            clock = PassClock(speedup)
+            if role == "satellite":
+                endpoint = stream.StreamSatellite(scenario, events, pool, key, clock, block_s)
+            else:
+                endpoint = stream.StreamGround(
+                    scenario, events, pool, key, clock, block_s,
+                    downlink_slots=files.read_downlink_slots(pass_dir),
+                )  # fmt: skip
+        elif role == "satellite":
+            endpoint = endpoints.SatelliteEndpoint(scenario, events, pool, key)
+        else:
+            endpoint = endpoints.GroundEndpoint(scenario, events, pool, key)
         try:
             result = endpoint.run(transport)
         except ProtocolAborted as error:
@@ -364,8 +387,7 @@ def time_transfer_during_pass(
     started = time.process_time()
     pass_dir = Path(pass_dir)
     scenario = files.read_scenario(pass_dir)
-    if speedup is not None and not (math.isfinite(speedup) and 0 < speedup <= 1000):
-        raise BadInput(f"--speedup {speedup}: must be in (0, 1000]")
+    check_speedup(speedup)
     link, transports = None, None
     if speedup is None:
         link, satellite, ground = stream.optical_link_transports(pass_dir, scenario)
@@ -391,18 +413,30 @@ def time_transfer_during_pass(
     return finish(out_dir, pass_dir, scenario, started, report=report)
 
 
+def check_speedup(speedup: float | None) -> float | None:
+    if speedup is not None and not (math.isfinite(speedup) and 0 < speedup <= 1000):
+        raise BadInput(f"--speedup {speedup}: must be in (0, 1000]")
+    return speedup
+
+
 def run(args) -> int:
-    if args.during_pass:
-        if args.role or args.satellite_keys:
-            raise BadInput("--during-pass runs both endpoints: no --role or --satellite-keys")
+    if args.role:
+        if args.satellite_keys:
+            raise BadInput("--role runs one endpoint with its key in --keys: no --satellite-keys")
+        if not args.during_pass and args.speedup is not None:
+            raise BadInput("--speedup needs --during-pass")
+        report = time_transfer_split(
+            Path(args.pass_dir), Path(args.out), Path(args.keys), args.role, args.listen,
+            args.connect, args.block_s if args.during_pass else None, args.speedup,
+        )  # fmt: skip
+    elif args.during_pass:
+        if args.satellite_keys:
+            raise BadInput("--during-pass runs both endpoints from --keys: no --satellite-keys")
+        if args.listen or args.connect:
+            raise BadInput("--listen and --connect need --role satellite or --role ground")
         report = time_transfer_during_pass(
             Path(args.pass_dir), Path(args.out), Path(args.keys), args.block_s, args.speedup
         )
-    elif args.role:
-        report = time_transfer_split(
-            Path(args.pass_dir), Path(args.out), Path(args.keys), args.role, args.listen,
-            args.connect,
-        )  # fmt: skip
     else:
         if args.listen or args.connect:
             raise BadInput("--listen and --connect need --role satellite or --role ground")

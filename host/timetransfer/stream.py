@@ -509,6 +509,11 @@ class StreamGround:
         return report
 
 
+def check_block_s(block_s: float) -> None:
+    if not (math.isfinite(block_s) and 0.1 <= block_s <= 10.0):
+        raise BadInput(f"--block-s {block_s}: must be in [0.1, 10] s")
+
+
 def run_streaming(
     pass_dir: Path, keys_dir: Path, block_s: float = 1.0, speedup: float = 1.0,
     transports=None, tamper=None, satellite=None,
@@ -518,8 +523,7 @@ def run_streaming(
     ground's report, the satellite's result) or raises ProtocolAborted with the report.
     `satellite`: the satellite's records when they are not satellite/tt_*.npz, as
     command.run_endpoints's ({"uplink_rx", "downlink_source"})."""
-    if not (math.isfinite(block_s) and 0.1 <= block_s <= 10.0):
-        raise BadInput(f"--block-s {block_s}: must be in [0.1, 10] s")
+    check_block_s(block_s)
     scenario = files.read_scenario(pass_dir)
     downlink_source = None
     if satellite is None:
