@@ -152,6 +152,9 @@ def run(argv: list[str]) -> int:
         [str(args.pass_dir), "--out", str(out), "--role", "alice"]
         + ["--connect", args.connect, "--auth-pool", str(pool)]
         + distil_options
+        # the station's store, whatever the options say: its pending keys are settled with
+        # this ground station before the pass makes a new one (host/distil/run.py)
+        + ["--key-store", str(station)]
     )
     cfg = distil_run.config_from_args(distil_args)
     stream = distil_run.stream_from_args(distil_args)  # --stream: during the pass

@@ -135,18 +135,22 @@ def _pair(alice_cmd, bob_cmd, **link_options):
     return (alice_rc, alice.stderr.read().decode()), (bob.returncode, bob.stderr.decode()), link
 
 
-def _distil(root: Path, pass_dir: Path, **link_options):
+def _distil(root: Path, pass_dir: Path, outs=("a", "b"), stores=None, **link_options):
     # a copy per run: Alice claims a pass's raw data on her first run and refuses it after
     # (host/distil/raw_data_record.py)
-    pass_dir = shutil.copytree(pass_dir, root / "pass")
-    common = [PY, "-m", "host.cli", "distil", str(pass_dir), "--new-auth-pool"]
+    pass_dir = shutil.copytree(pass_dir, root / f"pass-{outs[0].replace('/', '-')}")
+    common = [PY, "-m", "host.cli", "distil", str(pass_dir)]
+    if not (root / "alice.pool.used").exists():
+        common.append("--new-auth-pool")
+    alice, bob = (
+        ["--out", str(root / out)] + (["--key-store", str(root / stores[i])] if stores else [])
+        for i, out in enumerate(outs)
+    )
     return _pair(
-        common + ["--role", "alice", "--auth-pool", str(root / "alice.pool"), "--out",
-                  str(root / "a")],
-        common + ["--role", "bob", "--auth-pool", str(root / "bob.pool"), "--out",
-                  str(root / "b")],
+        common + ["--role", "alice", "--auth-pool", str(root / "alice.pool"), *alice],
+        common + ["--role", "bob", "--auth-pool", str(root / "bob.pool"), *bob],
         **link_options,
-    )  # fmt: skip
+    )
 
 
 def _confirm(root: Path, **link_options):
@@ -365,3 +369,53 @@ def test_a_key_never_pending_in_the_store_is_not_listed_and_its_bytes_never_sent
         pooled = pool.read_bytes()
         assert pooled[:CHECK_BYTES] == local_key[:CHECK_BYTES]  # used from byte 0
         assert not any(check in pooled for check in disclosed)  # nothing sent is in a pool
+
+
+def _later_pass(tmp_path_factory) -> Path:
+    """Another pass of the pair, a day later (another key identifier)."""
+    later = make_pass(tmp_path_factory.mktemp("later") / "pass", duration_s=4.0, seed=3)
+    meta = json.loads((later / "pass.json").read_text())
+    meta["utc_start"] = "2017-01-02T00:00:00Z"
+    (later / "pass.json").write_text(json.dumps(meta))
+    return later
+
+
+@pytest.mark.slow
+def test_a_pending_key_of_the_last_contact_is_settled_at_the_start_of_the_next_distil(
+    pass_dir, tmp_path_factory, tmp_path
+):
+    """Pass 1 loses Bob's final `done` with the link: Bob holds a pending key Alice does not.
+    Pass 2's split distil settles it first, over its own authenticated channel, before
+    it makes any key (on main nothing did: the one-sided key lingered until somebody ran
+    `qkdsat keys confirm`): destroyed on Bob's side, as on Alice's; then pass 2 proceeds
+    and both sides hold its key."""
+    root = tmp_path / "stores"
+    root.mkdir()
+    _pools(root)
+    (alice_rc, _), (bob_rc, bob_err), link = _distil(
+        root, pass_dir, outs=("a/p1", "b/p1"), lose_at=("up", "done")
+    )
+    assert (alice_rc, bob_rc) == (3, 0), bob_err
+    first_key = root / "b" / "p1" / "bob.key"
+    assert Path(f"{first_key}.pending").exists() and not list((root / "a").rglob("*.key"))
+
+    (alice_rc, alice_err), (bob_rc, bob_err), link = _distil(
+        root, _later_pass(tmp_path_factory), outs=("a/p2", "b/p2"), stores=("a", "b")
+    )
+    assert (alice_rc, bob_rc) == (0, 0), (alice_err, bob_err)
+    # the settling went first on the channel, before the protocol's hello
+    kinds = [kind for _, kind in link.seen if kind is not None]
+    assert kinds[:3] == ["keys_held", "keys_held", "hello"], kinds[:3]
+    assert not first_key.exists() and not list((root / "b" / "p1").glob("bob.key*"))
+    first_report = json.loads((root / "b" / "p1" / "report.json").read_text())
+    assert "holds no key" in first_report["keys_destroyed"]["bob"]
+    reports = {
+        role: json.loads((root / side / "p2" / "report.json").read_text())
+        for role, side in (("alice", "a"), ("bob", "b"))
+    }
+    first_id = "pass-sha256:" + first_report["inputs"]["pass_json_sha256"]
+    assert [d["key_id"] for d in reports["bob"]["key_confirmation"]["destroyed"]] == [first_id]
+    assert reports["alice"]["key_confirmation"]["peer_only"] == [first_id]
+    alice_key, bob_key = root / "a" / "p2" / "alice.key", root / "b" / "p2" / "bob.key"
+    assert alice_key.read_bytes() == bob_key.read_bytes()
+    assert reports["bob"]["key_files"]["bob"]["pending"] is True

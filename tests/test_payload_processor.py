@@ -132,6 +132,10 @@ def test_link_lost_for_good_before_privacy_amplification_leaves_no_key_on_either
 PUBLIC = "public"  # carries no bit value of Alice's
 # every field of every message that may cross the link, and what it carries
 FIELDS = {
+    # the settling of earlier pending keys before the pass (host/distil/run.py): their
+    # identifiers and check values, key bytes burnt before they are sent (keystore.py)
+    (DOWN, "keys_held"): {"ids": PUBLIC, "checks": "burnt_check"},
+    (UP, "keys_held"): {"ids": PUBLIC, "checks": "burnt_check"},
     (DOWN, "hello"): {"version": PUBLIC, "pass_digest": PUBLIC, "config": PUBLIC},
     (DOWN, "sync_pattern"): {"intensity": PUBLIC},
     (DOWN, "sift"): {"basis": PUBLIC, "intensity": PUBLIC},
@@ -206,6 +210,8 @@ def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, k
             assert allowed is not None, f"unknown message {kind!r} {direction}"
             for name in fields:
                 assert name in allowed, f"{kind}.{name} ({direction}) is not accounted for"
+            if kind == "keys_held":  # freshly provisioned stores: no earlier key, no byte
+                assert fields["ids"] == [] and fields["checks"] == b""
     # --- the disclosed sample: exactly Alice's bits at the sampled sifted positions
     (detections,) = [f for k, f in up if k == "detections"]
     (sift,) = [f for k, f in down if k == "sift"]

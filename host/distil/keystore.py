@@ -219,10 +219,11 @@ def decide(mine: dict[str, HeldKey], peer: dict[str, bytes]) -> dict:
     return outcome
 
 
-def run_confirm(chan: ch.AuthChannel, store: str | Path, role: str) -> dict:
+def run_confirm(chan: ch.AuthChannel, store: str | Path | None, role: str) -> dict:
     """One side of the confirmation. Alice speaks first (AuthChannel: Bob sends nothing
-    authenticated before Alice's first message verified)."""
-    mine = held_keys(store, role)
+    authenticated before Alice's first message verified). store None: this side holds no
+    key for the peer (a split distillation's first run into a new directory)."""
+    mine = {} if store is None else held_keys(store, role)
     if role == ch.ALICE:
         chan.send(KEYS_HELD, **_listing(mine))
         peer = _peer_listing(chan.recv(KEYS_HELD))

@@ -130,6 +130,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--listen", help="split mode (with --role): HOST:PORT to listen on")
     parser.add_argument("--connect", help="split mode (with --role): HOST:PORT to connect to")
     parser.add_argument(
+        "--key-store",
+        metavar="DIR",
+        help="split mode: this side's keys for this peer (earlier runs' --out directories, "
+        "searched at any depth; default: --out). Their pending keys are settled with the "
+        "peer, as `qkdsat keys confirm` does, before this run makes any key",
+    )
+    parser.add_argument(
         "--insecure-deterministic-seed",
         type=int,
         metavar="N",
@@ -660,6 +667,7 @@ def run_split(args, cfg: Config, progress=None, alice_patterns=None, stream=None
     pass_dir, out_dir = Path(args.pass_dir), Path(args.out)
     check_output_dir(out_dir)
     pass_json = read_pass(pass_dir, args.role)
+    key_store_of(args, out_dir)  # a bad store (two keys of one pass) before any connection
     pool = ch.KeyPool.from_file(args.auth_pool, new=args.new_auth_pool)
     try:
         return _run_split(
@@ -667,6 +675,55 @@ def run_split(args, cfg: Config, progress=None, alice_patterns=None, stream=None
         )
     finally:
         pool.close()
+
+
+def key_store_of(args, out_dir: Path) -> Path:
+    """The store whose pending keys a split run settles first (--key-store, or --out),
+    checked: its keys are listed (keystore.held_keys) without a connection."""
+    store = Path(args.key_store) if getattr(args, "key_store", None) else Path(out_dir)
+    if getattr(args, "key_store", None) and not store.is_dir():
+        raise BadInput(f"--key-store {store}: not a directory")
+    if store.is_dir():
+        keystore.held_keys(store, args.role)
+    return store
+
+
+class SettlePendingFirst:
+    """A split run's endpoint, preceded on the same authenticated channel by the settling
+    of the pending keys this side holds for the peer (host/distil/keystore.py, what `qkdsat
+    keys confirm` does): a pending key left by an earlier contact (Bob's final `done` lost
+    with the link) is kept on both sides or destroyed on both before any new key material
+    is made, so none lingers from one contact to the next. The outcome is in the report
+    (key_confirmation); a settling that fails aborts the run before the protocol begins
+    (exit 3, no key; this side's pending keys unchanged, the next contact decides)."""
+
+    def __init__(self, endpoint, store: Path, role: str):
+        self.endpoint, self.store, self.role = endpoint, Path(store), role
+
+    @property
+    def on_stage(self):
+        return self.endpoint.on_stage
+
+    @on_stage.setter
+    def on_stage(self, callback) -> None:
+        self.endpoint.on_stage = callback
+
+    def run(self, chan):
+        from host.distil.channel import PeerAborted
+        from host.distil.protocol import Outcome
+
+        try:
+            # a first run into a new --out holds nothing: its list says so
+            store = self.store if self.store.is_dir() else None
+            settled = keystore.run_confirm(chan, store, self.role)
+        except ProtocolAborted as error:
+            if not isinstance(error, PeerAborted):
+                chan.abort(f"settling the pending keys: {error}")
+            reason = f"settling the pending keys before the run: {error}"
+            return Outcome(self.role, None, {"aborted": True, "abort_reason": reason})
+        outcome = self.endpoint.run(chan)
+        outcome.report["key_confirmation"] = settled
+        return outcome
 
 
 def _run_split(
@@ -684,6 +741,7 @@ def _run_split(
     endpoint = _endpoints(pass_dir, None, cfg, seed, alice_patterns, stream, (args.role,))[
         args.role
     ]
+    endpoint = SettlePendingFirst(endpoint, key_store_of(args, out_dir), args.role)
     metadata = run_metadata(pass_dir, cfg, seed)
     if progress is not None:
         endpoint.on_stage = _stage_lines(progress)
