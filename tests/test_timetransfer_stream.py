@@ -77,6 +77,15 @@ def test_each_bins_offset_is_known_one_or_two_blocks_after_it(two_way_pass, keys
     assert inside.sum() >= 0.8 * inside.size
     assert np.all(series["known_in_block"][inside] == block_of_bin[inside] + 1)
     assert satellite["offset_reference_ps"] == report["offset_reference_ps"]
+    # the key budget known before the first bit holds what the session took: the sealed
+    # downlink sample at most DOWNLINK_SAMPLE_MAX bits over the pass, a share a block
+    budget = report["key_budget"]
+    assert budget["enough"] is True
+    used_pads = report["key"]["pad_bits"]
+    assert used_pads <= budget["fit_bits"] + budget["header_bits"] + budget["downlink_sample_bits"]
+    n_blocks = math.ceil(DURATION_S / BLOCK_S)
+    cap = stream.downlink_sample_cap(n_blocks)
+    assert report["qber_sample"]["downlink"]["n"] <= n_blocks * cap
     truth = files.read_truth(two_way_pass)
     assert int(truth["offset_base_ps"]) != 0  # the truth is there to compare in the CLI test
 

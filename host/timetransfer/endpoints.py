@@ -62,6 +62,13 @@ MAX_MESSAGES_EACH_WAY = 3  # two protocol messages + an abort
 AUTH_REGION_BYTES = 8 + 16 * MAX_MESSAGES_EACH_WAY  # hash key + one pad per message each way
 SAMPLE_FRACTION = 0.1  # of each direction's sifted events, bits disclosed for the QBER
 SAMPLE_MIN = 256
+# The satellite's bits of the downlink sample are Alice's raw key and go sealed, one pad
+# bit an event: 10 % of a full pass's detections took 218-527 kbit, more than a Micius
+# pass's key (216-326 kbit). The QBER check needs far fewer: at 8,192 events a clean 1.2 %
+# has a sigma of 0.12 %, 15 sigma under the 3 % abort, and intercept-resend on a tenth of
+# the photons (+2.5 %) stands 20 sigma out. So at most this many a pass (1 KiB of pad),
+# which makes the key budget a fixed bound known before any bit is taken.
+DOWNLINK_SAMPLE_MAX = 8192
 SEALED_HEADER_BYTES = 400  # a sealed message's header: kind, field names, scalars, shapes
 ROLE_OF_SIDE = {"satellite": ch.ALICE, "ground": ch.BOB}
 BY_SLOT = -1  # tt_bases downlink_count: "name your detections' slots, I sift the downlink"
@@ -202,13 +209,15 @@ def open_downlink_sample_bits(sealed: SealedChannel, message: dict, count: int) 
     return unpack_bits(np.frombuffer(sealed.open_bytes(data), dtype=np.uint8), count)
 
 
-def sample_bytes_bound(count: int) -> int:
-    """Pad bytes of the sealed downlink sample bits of `count` events at most."""
-    return (min(count, max(SAMPLE_MIN, int(SAMPLE_FRACTION * count))) + 7) // 8
-
-
-def sample_positions(count: int, rng) -> np.ndarray:
+def sample_size(count: int, cap: int | None = None) -> int:
+    """A QBER sample's size out of `count` events: SAMPLE_FRACTION, at least SAMPLE_MIN,
+    at most `cap` (the downlink's DOWNLINK_SAMPLE_MAX: its bits are sealed)."""
     size = min(count, max(SAMPLE_MIN, int(SAMPLE_FRACTION * count)))
+    return size if cap is None else min(size, cap)
+
+
+def sample_positions(count: int, rng, cap: int | None = None) -> np.ndarray:
+    size = sample_size(count, cap)
     return np.sort(rng.choice(count, size)) if size else np.zeros(0, dtype=np.int64)
 
 
@@ -282,18 +291,49 @@ def unpack_epochs(fields: dict, name: str, count: int) -> np.ndarray:
     return tags
 
 
-def check_key_length(pool: ch.KeyPool, key_info: dict, scenario: dict) -> None:
+def key_budget(pool: ch.KeyPool, scenario: dict, auth_bytes: int = AUTH_REGION_BYTES,
+               fit_bytes: int | None = None, header_bytes: int = 2 * SEALED_HEADER_BYTES,
+               sample_bytes: int = (DOWNLINK_SAMPLE_MAX + 7) // 8) -> dict:  # fmt: skip
+    """The key a pass's time data takes at most, part by part, in bits, against what is
+    left of the key: the hash key and tag pads, the sealed uplink fit (8 bytes a bin),
+    the sealed messages' headers, the sealed downlink sample bits (at most
+    DOWNLINK_SAMPLE_MAX). Known from the scenario alone, before any bit is taken."""
+    if fit_bytes is None:
+        fit_bytes = 8 * estimate.bin_grid(scenario)[1]
+    parts = {
+        "auth_bits": 8 * auth_bytes,
+        "fit_bits": 8 * fit_bytes,
+        "header_bits": 8 * header_bytes,
+        "downlink_sample_bits": 8 * sample_bytes,
+    }
+    need = sum(parts.values())
+    left = 8 * (len(pool.data) - pool.start_byte)
+    return {**parts, "need_bits": need, "left_bits": left, "enough": need <= left}
+
+
+def refuse_short_key(budget: dict, key_info: dict, what: str = "the time data") -> None:
+    """NotEnoughKey naming every part of the budget, unless the key holds it."""
+    if budget["enough"]:
+        return
+    error = NotEnoughKey(
+        f"not enough key in {key_info['file']}: {what} of this pass needs "
+        f"{budget['need_bits']} bits (tags {budget['auth_bits']}, uplink fit "
+        f"{budget['fit_bits']}, headers {budget['header_bits']}, downlink QBER sample "
+        f"{budget['downlink_sample_bits']}), {budget['left_bits']} are left; no bit of it "
+        "was used"
+    )
+    error.key_budget = budget
+    raise error
+
+
+def check_key_length(pool: ch.KeyPool, key_info: dict, scenario: dict) -> dict:
     """Refuse a key too short for this pass before the session takes any of it: the
     session's first tag would reserve key ahead (power-cut safety) that a refused run
     would waste. (Inside the session `SealedChannel.require` checks again from the start
-    both sides agreed, which the peer's record can move forward.)"""
-    need = AUTH_REGION_BYTES + pad_bytes_bound(scenario)
-    left = len(pool.data) - pool.start_byte
-    if need > left:
-        raise NotEnoughKey(
-            f"not enough key in {key_info['file']}: the time data of this pass needs "
-            f"{8 * need} bits (pads and tags), {8 * left} are left"
-        )
+    both sides agreed, which the peer's record can move forward.) Returns the budget."""
+    budget = key_budget(pool, scenario)
+    refuse_short_key(budget, key_info)
+    return budget
 
 
 def _session(transport, pool: ch.KeyPool, role: str) -> ch.AuthChannel:
@@ -317,13 +357,13 @@ class SatelliteEndpoint:
         self.sealed: SealedChannel | None = None
 
     def run(self, transport) -> dict:
-        check_key_length(self.pool, self.key_info, self.scenario)
+        budget = check_key_length(self.pool, self.key_info, self.scenario)
         chan = _session(transport, self.pool, ch.ALICE)
         self.sealed = sealed = SealedChannel(chan, self.key_info)
-        return run_session(chan, sealed, lambda: self._run(chan, sealed))
+        return {**run_session(chan, sealed, lambda: self._run(chan, sealed)), "key_budget": budget}
 
     def _run(self, chan, sealed) -> dict:
-        sealed.require(pad_bytes_bound(self.scenario))
+        sealed.require(pad_bytes_bound(self.scenario) + (DOWNLINK_SAMPLE_MAX + 7) // 8)
         up_tag, up_basis, up_bit = self.events["uplink_rx"]
         by_slot = self.downlink_source is not None
         downlink = {"downlink_count": BY_SLOT}
@@ -503,8 +543,9 @@ class GroundEndpoint:
 
     def run(self, transport) -> dict:
         try:
-            check_key_length(self.pool, self.key_info, self.scenario)
+            self.report["key_budget"] = check_key_length(self.pool, self.key_info, self.scenario)
         except NotEnoughKey as error:
+            self.report["key_budget"] = error.key_budget
             mark_aborted(self.report, error)
             raise
         chan = _session(transport, self.pool, ch.BOB)
@@ -516,7 +557,7 @@ class GroundEndpoint:
         up_tag, up_basis, up_bit = self.events["uplink_tx"]
         down_tag, down_basis, down_bit = self.events["downlink_rx"]
         bases = chan.recv("tt_bases")  # the satellite has checked its key: now ours
-        sealed.require(pad_bytes_bound(self.scenario) + sample_bytes_bound(down_basis.size))
+        sealed.require(pad_bytes_bound(self.scenario) + (DOWNLINK_SAMPLE_MAX + 7) // 8)
         by_slot = int(bases["downlink_count"]) == BY_SLOT
         if by_slot and self.downlink_slots is None:
             raise ProtocolAborted(
@@ -533,7 +574,7 @@ class GroundEndpoint:
         # satellite matches its detections to them and sifts (sift_uplink_by_epoch)
         up_sample = sample_positions(up_basis.size, self.rng)
         if by_slot:  # the satellite sifts: the ground names slots and its bases
-            down_sample_all = sample_positions(down_basis.size, self.rng)
+            down_sample_all = sample_positions(down_basis.size, self.rng, DOWNLINK_SAMPLE_MAX)
             downlink = {
                 "downlink_count": int(down_basis.size),
                 **pack_epochs("downlink_slot", self.downlink_slots),
@@ -542,7 +583,7 @@ class GroundEndpoint:
             }
         else:
             down_sifted = unpack_bits(bases["downlink_basis"], down_basis.size) == down_basis
-            down_sample = sample_positions(int(down_sifted.sum()), self.rng)
+            down_sample = sample_positions(int(down_sifted.sum()), self.rng, DOWNLINK_SAMPLE_MAX)
             downlink = {"downlink_sifted": pack_bits(down_sifted), "downlink_sample": down_sample}
         chan.send(
             "tt_sift",

@@ -289,6 +289,8 @@ def run_stage(out: Path, qkd_profile: str, seed: int, window_s: float | None,
         profile=profile_name,
         out=f"{OUT_NAME}/",
     )
+    if "key_budget" in report:  # what the time data needs of the key, part by part
+        figures["key_budget"] = report["key_budget"]
     if "key" in report:
         figures["key_bits_used"] = {
             "pad": report["key"]["pad_bits"],

@@ -82,21 +82,29 @@ def auth_region_bytes(n_blocks: int) -> int:
     return 8 + 16 * (n_blocks + 2)
 
 
-def key_need_bytes(scenario: dict, block_s: float) -> int:
+def downlink_sample_cap(n_blocks: int) -> int:
+    """A block's downlink QBER sample at most: the pass's DOWNLINK_SAMPLE_MAX shared by
+    its blocks, so the sealed sample bits of the whole pass stay within the budget."""
+    return max(1, endpoints.DOWNLINK_SAMPLE_MAX // n_blocks)
+
+
+def key_budget(pool: ch.KeyPool, scenario: dict, block_s: float) -> dict:
+    """endpoints.key_budget for a streamed session: tags of N + 2 messages each way, a
+    sealed fit header a block and the result, 8 bytes a bin, and each block's sealed
+    sample bits (whole bytes a block)."""
     n_blocks = block_count(scenario, block_s)
     n_bins = estimate.bin_grid(scenario)[1]
-    pads = SEALED_FIT.size * (n_blocks + 1) + FIT_BYTES_PER_BIN * n_bins + RESULT_PAD_BYTES
-    return auth_region_bytes(n_blocks) + pads
+    return endpoints.key_budget(
+        pool, scenario, auth_region_bytes(n_blocks), FIT_BYTES_PER_BIN * n_bins,
+        SEALED_FIT.size * (n_blocks + 1) + RESULT_PAD_BYTES,
+        n_blocks * ((downlink_sample_cap(n_blocks) + 7) // 8),
+    )  # fmt: skip
 
 
-def check_key(pool: ch.KeyPool, key_info: dict, scenario: dict, block_s: float) -> None:
-    need = key_need_bytes(scenario, block_s)
-    left = len(pool.data) - pool.start_byte
-    if need > left:
-        raise endpoints.NotEnoughKey(
-            f"not enough key in {key_info['file']}: the streamed time data of this pass "
-            f"needs {8 * need} bits (pads and tags), {8 * left} are left"
-        )
+def check_key(pool: ch.KeyPool, key_info: dict, scenario: dict, block_s: float) -> dict:
+    budget = key_budget(pool, scenario, block_s)
+    endpoints.refuse_short_key(budget, key_info, "the streamed time data")
+    return budget
 
 
 def block_edges(tags_ps: np.ndarray, zero_ps: int, block_s: float, n_blocks: int) -> np.ndarray:
@@ -322,8 +330,11 @@ class StreamGround:
 
     def run(self, transport) -> dict:
         try:
-            check_key(self.pool, self.key_info, self.scenario, self.block_s)
+            self.report["key_budget"] = check_key(
+                self.pool, self.key_info, self.scenario, self.block_s
+            )
         except endpoints.NotEnoughKey as error:
+            self.report["key_budget"] = error.key_budget
             endpoints.mark_aborted(self.report, error)
             raise
         chan, self.sealed = _start(
@@ -333,8 +344,9 @@ class StreamGround:
             chan, self.sealed, lambda: self._run(chan, self.sealed), self.report
         )
 
-    def _sample(self, count: int) -> np.ndarray:
+    def _sample(self, count: int, cap: int | None = None) -> np.ndarray:
         size = min(count, int(math.ceil(endpoints.SAMPLE_FRACTION * count)))
+        size = size if cap is None else min(size, cap)
         return np.sort(self.rng.choice(count, size)) if size else np.zeros(0, np.int64)
 
     def _run(self, chan, sealed) -> dict:
@@ -353,6 +365,7 @@ class StreamGround:
         pending = None
         by_slot = None  # decided by the satellite's first block
         n_blocks = block_count(scenario, self.block_s)
+        down_cap = downlink_sample_cap(n_blocks)
         zero = min(
             int(up_tag[0]) if up_tag.size else 2**62, int(down_tag[0]) if down_tag.size else 2**62
         )
@@ -429,7 +442,7 @@ class StreamGround:
             up_sample = self._sample(int(up_sifted.sum()))
             counts["up_sifted"] += int(up_sifted.sum())
             if by_slot:  # name the slots and bases; the satellite sifts
-                sample_all = self._sample(n_dn)
+                sample_all = self._sample(n_dn, down_cap)
                 downlink_fields = {
                     "downlink_count": n_dn,
                     **pack_epochs("downlink_slot", self.downlink_slots[d]),
@@ -438,7 +451,7 @@ class StreamGround:
                 }
             else:
                 down_sifted = unpack_bits(message["downlink_basis"], n_dn) == down_basis[d]
-                down_sample = self._sample(int(down_sifted.sum()))
+                down_sample = self._sample(int(down_sifted.sum()), down_cap)
                 counts["down_sifted"] += int(down_sifted.sum())
                 downlink_fields = {
                     "downlink_sifted": pack_bits(down_sifted),
