@@ -709,18 +709,22 @@ class Alice:
             seeds, finals, worst = {}, [], 0.0
             for name in key_bases:
                 n_in, n_out = blocks[name].size, lengths[name]
-                if n_out <= 0:
-                    continue
-                seed = self.rng.integers(0, 2, seed_bits_needed(n_in, n_out), dtype=np.uint8)
-                seeds[name] = seed
-                y, w = toeplitz_hash(blocks[name], seed, n_out)
-                finals.append(y)
-                worst = max(worst, w)
+                if n_out > 0:
+                    seeds[name] = self.rng.integers(
+                        0, 2, seed_bits_needed(n_in, n_out), dtype=np.uint8
+                    )
+            # the seeds (public) go first, so that both sides hash at once (two processes,
+            # two cores) instead of Bob waiting for Alice's hashing before his own: the
+            # hashing is most of what runs after loss of signal besides the last chunks
             channel.send(
                 "pa",
                 lengths=json.dumps(lengths),
                 **{f"seed_{n}": pack_bits(s) for n, s in seeds.items()},
             )
+            for name, seed in seeds.items():
+                y, w = toeplitz_hash(blocks[name], seed, lengths[name])
+                finals.append(y)
+                worst = max(worst, w)
             channel.recv("pa_ok")
         out.key = np.concatenate(finals)
         report.update(
@@ -961,20 +965,22 @@ class Bob:
         multi = np.nonzero(counts > 1)[0]
         # one uniform (basis, bit) pair per multi-tag slot, drawn whether used or not
         coins = self.rng.integers(0, 2, (multi.size, 2), dtype=np.uint8)
+        # a slot's clicks are contiguous (sorted by slot): its lowest and highest detector
+        # tell whether two detectors clicked (they differ) and whether both bases did
+        # (detectors 0-1 are Z, 2-3 are X); one pass over the array instead of a
+        # np.unique per slot (~1,100 of them a second at 10x jinan-1's rate)
+        lowest = np.minimum.reduceat(ch, first)[multi] if multi.size else multi
+        highest = np.maximum.reduceat(ch, first)[multi] if multi.size else multi
+        clicks = lowest != highest  # several tags on one detector count as one click
+        both = clicks & (lowest < 2) & (highest >= 2)
+        # A cross-basis click: no qubit measurement gives one definite outcome in both
+        # bases, so neither detector's value may be kept (picking one would let a
+        # two-photon pulse |H>|+> look error-free in Z and in X alike).
+        basis[multi[both]] = coins[both, 0]
+        bit[multi[clicks]] = coins[clicks, 1]
         tally = self.multi_click_slots
-        for i, (basis_coin, bit_coin) in zip(multi, coins, strict=True):  # few per pass
-            clicked = np.unique(ch[first[i] : first[i] + counts[i]])
-            if clicked.size == 1:
-                continue
-            if np.unique(clicked >= 2).size == 2:
-                # A cross-basis click: no qubit measurement gives one definite outcome in
-                # both bases, so neither detector's value may be kept (picking one would
-                # let a two-photon pulse |H>|+> look error-free in Z and in X alike).
-                basis[i] = basis_coin
-                tally["both_bases"] += 1
-            else:
-                tally["one_basis"] += 1
-            bit[i] = bit_coin
+        tally["both_bases"] += int(both.sum())
+        tally["one_basis"] += int((clicks & ~both).sum())
         return unique.astype(np.int64), basis, bit
 
     def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
