@@ -172,6 +172,15 @@ def add_arguments(parser) -> None:
         metavar="N",
         help="with --stream: LDPC frames per error-correction chunk",
     )
+    parser.add_argument(
+        "--stream-idle-s",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="with --stream on a live tagger's file: the pass ends when the tagger wrote "
+        "nothing (no detection, no PPS mark) for S wall seconds and no end-of-pass record "
+        "came (docs/streaming.md)",
+    )
 
 
 # ------------------------------------------------------------------ checks before any output
@@ -201,15 +210,26 @@ def config_from_args(args) -> Config:
 def stream_from_args(args):
     """StreamOptions for --stream, or None (post-pass)."""
     given = (
-        args.stream_speedup != 1.0 or args.stream_block_s != 1.0 or args.stream_chunk_frames != 2
+        args.stream_speedup != 1.0
+        or args.stream_block_s != 1.0
+        or args.stream_chunk_frames != 2
+        or args.stream_idle_s != 10.0
     )
     if not args.stream:
         if given:
-            raise BadInput("--stream-speedup/--stream-block-s/--stream-chunk-frames need --stream")
+            raise BadInput(
+                "--stream-speedup/--stream-block-s/--stream-chunk-frames/--stream-idle-s "
+                "need --stream"
+            )
         return None
     from host.distil.stream import StreamOptions
 
-    options = StreamOptions(args.stream_block_s, args.stream_speedup, args.stream_chunk_frames)
+    options = StreamOptions(
+        args.stream_block_s,
+        args.stream_speedup,
+        args.stream_chunk_frames,
+        idle_s=args.stream_idle_s,
+    )
     options.validate()
     return options
 
@@ -253,7 +273,7 @@ def _stamp_key_latency(out_dir: Path, report: dict, last_detection_unix_s) -> No
 def _stream_fields(report: dict, outcome) -> None:
     """The streaming figures of one endpoint's outcome, and the bytes each way named by
     the optical link's directions (down: satellite to ground)."""
-    for name in ("timeline", "lag_s_max", "lag_s_median", "stream"):
+    for name in ("timeline", "lag_s_max", "lag_s_median", "stream", "end_of_pass"):
         if name in outcome.report:
             report[name] = outcome.report[name]
     report["classical_bytes"]["down"] = report["classical_bytes"]["alice_to_bob"]

@@ -66,7 +66,7 @@ from host.distil.protocol import (
 from host.distil.timesync import FIRST_Z
 from host.errors import BadInput, ProtocolAborted
 from host.formats.passdir import read_pass_json
-from host.formats.qdet import AppendedDetections
+from host.formats.qdet import END_OF_PASS_CHANNEL, AppendedDetections
 from host.mission.timeline import timeline_row
 
 MODE = "stream"
@@ -106,6 +106,9 @@ FALSE_LOCK_QBER = 0.25
 # for the peer's next message. Over the emulated optical link, emulator/link_session.py
 # replaces the column by the link's own record of its outages.
 LINK_SILENT_S = 5.0
+# A live tagger's file (qdet.LiveDetectionsWriter) is polled this often (wall seconds)
+# while Bob waits for the tagger to pass a block's end.
+LIVE_POLL_S = 0.05
 # Rice-coded slots per block message stay far below channel.MAX_MESSAGE_BYTES; a backlog
 # after an outage is sent block by block.
 
@@ -115,8 +118,14 @@ class StreamOptions:
     block_s: float = 1.0  # pass seconds per detection block (at most 1 s)
     speedup: float = 1.0  # pass seconds per wall second of the replay
     chunk_frames: int = 2  # LDPC frames per error-correction chunk
+    # A live tagger silent this long (wall seconds: no new record in detections.qdet or
+    # pps.qdet, whose marks come every second) stopped without its end-of-pass record:
+    # the pass ends at its last record (LiveDetectionFeed)
+    idle_s: float = 10.0
 
     def validate(self) -> None:
+        if not (math.isfinite(self.idle_s) and 0 < self.idle_s <= 600):
+            raise BadInput(f"--stream-idle-s {self.idle_s}: must be in (0, 600] s")
         if not (math.isfinite(self.block_s) and 0.05 <= self.block_s <= 1.0):
             raise BadInput(f"--stream-block-s {self.block_s}: must be in [0.05, 1] s")
         if not (math.isfinite(self.speedup) and 0 < self.speedup <= 1000):
@@ -611,6 +620,167 @@ class DetectionFeed:
         cutoff = self.first_ps + int(round(pass_s * 1e12))
         return times[: int(np.searchsorted(times, cutoff, side="right"))].astype(np.int64)
 
+    # a replay is paced by the pass clock alone (StreamBob._stream sleeps until each
+    # block's end) and its end is the file's end, known from the start
+    epoch_unix_s = None  # the pass clock starts with the stream
+    end = {"by": "end of the replayed file"}
+
+    def start(self) -> None:
+        pass
+
+    def wait_for(self, pass_s: float) -> None:
+        pass
+
+
+class LiveDetectionFeed(DetectionFeed):
+    """Bob's detections from a time tagger appending during the pass: a live
+    ground/detections.qdet (qdet.LiveDetectionsWriter: count null; pps.qdet likewise), read
+    at the tagger's own pace (docs/streaming.md, "End of pass from a live tagger").
+
+    A block is taken once the tagger's clock has passed its end: a record beyond it in
+    detections.qdet or pps.qdet (a mark every second, detections or not). Records come in
+    time order, so nothing of the block is still to come, and a block still arriving is
+    never cut. The pass ends at the first of:
+    - the tagger's end-of-pass record: its time is the end (the normal case);
+    - loss of signal by the pass geometry: the tagger's clock (through its PPS marks)
+      passes pass.json's utc_end; the end is utc_end, later records are not the pass's;
+    - the tagger silent for idle_s wall seconds (no new whole record in either file): it
+      stopped without its end record; the end is its last record.
+    Until then last_s is infinite: no block is the last."""
+
+    def __init__(self, ground: Path, pass_json: dict, idle_s: float):
+        self.detections = AppendedDetections(ground / "detections.qdet")
+        pps_path = ground / "pps.qdet"
+        self.pps = AppendedDetections(pps_path) if pps_path.exists() else None
+        self.pass_json, self.idle_s, self.speedup = pass_json, float(idle_s), 1.0
+        self.los_true_s = _seconds_between(pass_json.get("utc_start"), pass_json.get("utc_end"))
+        self.end = None  # how the pass ended, for the report
+        self._count = 0  # detection records of the pass known so far
+        self._scanned = 0  # records searched for the end-of-pass record
+        self._reached_ps = None  # the tagger's clock: its latest record, marks included
+        self._end_ps = None
+        self._sizes = None
+        self._grew = time.monotonic()
+        self.first_ps = None
+        self.epoch_unix_s = None
+
+    @property
+    def last_s(self) -> float:
+        if self._end_ps is None:
+            return math.inf
+        return (self._end_ps - self.first_ps) * 1e-12
+
+    def start(self) -> None:
+        """Wait for the first detection (Bob may start before the pass). The pass clock's
+        epoch is the wall time of the tagger's latest record less its distance from the
+        first detection, so a stream joined late works its backlog off at once."""
+        while True:
+            self._poll()
+            if self._count or self.end is not None:
+                break
+            time.sleep(LIVE_POLL_S)
+        if self._count == 0:
+            raise ProtocolAborted(f"too few detections to synchronise (0; {self.end['by']})")
+        self.first_ps = int(self.detections.records()["time_ps"][0])
+        self.epoch_unix_s = time.time() - (self._reached_ps - self.first_ps) * 1e-12
+
+    def wait_for(self, pass_s: float) -> None:
+        """Return once the tagger has passed pass_s (a record beyond it) or the pass ended."""
+        target = self.first_ps + int(round(pass_s * 1e12))
+        while True:
+            self._poll()
+            if self.end is not None or self._reached_ps > target:
+                return
+            time.sleep(LIVE_POLL_S)
+
+    def _poll(self) -> None:
+        records = self.detections.records()
+        marks = self._marks()
+        sizes = (records.size, 0 if marks is None else marks.size)
+        now = time.monotonic()
+        if sizes != self._sizes:
+            self._sizes, self._grew = sizes, now
+        if self.end is not None:
+            return
+        times, channels = records["time_ps"], records["channel"]
+        ends = np.flatnonzero(channels[self._scanned :] == END_OF_PASS_CHANNEL)
+        if ends.size:
+            at = self._scanned + int(ends[0])
+            if at != records.size - 1:
+                raise BadInput(
+                    f"{self.detections.path}: {records.size - 1 - at} records after the "
+                    "end-of-pass record"
+                )
+            self._count, self._end_ps = at, int(times[at])
+            self._reached_ps = self._end_ps
+            self.end = {"by": "end-of-pass record"}
+            return
+        self._scanned = records.size
+        latest = [int(times[-1])] if records.size else []
+        if marks is not None and marks.size:
+            latest.append(int(marks[-1]))
+        if latest:
+            self._reached_ps = max(latest)
+        if self.los_true_s is not None and marks is not None and marks.size >= 2:
+            los_ps = timesync.ground_ps_of_true_s(self.los_true_s, marks, self.pass_json)
+            if self._reached_ps >= los_ps:
+                self._count = int(np.searchsorted(times, los_ps, side="right"))
+                self._end_ps = los_ps
+                self.end = {"by": "loss of signal (pass geometry: utc_end)"}
+                return
+        self._count = records.size
+        if now - self._grew > self.idle_s:
+            self._end_ps = self._reached_ps
+            self.end = {"by": "idle", "idle_s": self.idle_s}
+
+    def _marks(self) -> np.ndarray | None:
+        """The PPS marks so far (int64 ps), without an end-of-pass record."""
+        if self.pps is None:
+            return None
+        marks = self.pps.records()
+        return marks["time_ps"][marks["channel"] != END_OF_PASS_CHANNEL].astype(np.int64)
+
+    def until(self, pass_s: float) -> int:
+        return min(super().until(pass_s), self._count)
+
+    def count(self) -> int:
+        return self._count
+
+    def pps_until(self, pass_s: float) -> np.ndarray | None:
+        marks = self._marks()
+        if marks is None:
+            return None
+        cutoff = self.first_ps + int(round(pass_s * 1e12))
+        return marks[: int(np.searchsorted(marks, cutoff, side="right"))]
+
+
+def _seconds_between(utc_start, utc_end) -> float | None:
+    """utc_end - utc_start in seconds (pass.json), None when either is missing."""
+    import datetime as dt
+
+    if not utc_start or not utc_end:
+        return None
+    try:
+        start, end = (
+            dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+            for text in (utc_start, utc_end)
+        )
+    except ValueError:
+        raise BadInput(f"pass.json: utc_start/utc_end {utc_start!r}, {utc_end!r}") from None
+    return (end - start).total_seconds()
+
+
+def open_feed(ground: Path, pass_json: dict, options: StreamOptions) -> DetectionFeed:
+    """A live tagger's file (count null) is read as it grows; a complete one is replayed."""
+    if AppendedDetections(ground / "detections.qdet").live:
+        if options.speedup != 1.0:
+            raise BadInput(
+                f"--stream-speedup {options.speedup:g}: {ground / 'detections.qdet'} is a "
+                "live tagger's file, read at the tagger's pace"
+            )
+        return LiveDetectionFeed(ground, pass_json, options.idle_s)
+    return DetectionFeed(ground, options.speedup)
+
 
 class StreamBob(Bob):
     """Bob during the pass (the ground station): reads the detections as they arrive and
@@ -631,7 +801,7 @@ class StreamBob(Bob):
         self.rng = endpoint_random(insecure_deterministic_seed)
         self.stream = stream or StreamOptions()
         self.stream.validate()
-        self.feed = DetectionFeed(self.pass_dir / "ground", self.stream.speedup)
+        self.feed = open_feed(self.pass_dir / "ground", self.pass_json, self.stream)
         self.multi_click_slots = {"one_basis": 0, "both_bases": 0}  # squashed, so far
 
     def run(self, channel) -> Outcome:
@@ -640,7 +810,8 @@ class StreamBob(Bob):
         timeline = None
         try:
             self._check_hello(channel, MODE)
-            clock = PassClock(self.stream.speedup)
+            self.feed.start()  # a live tagger: its first detection
+            clock = PassClock(self.stream.speedup, self.feed.epoch_unix_s)
             timeline = Timeline(clock)
             channel.send(
                 "stream_start",
@@ -700,6 +871,7 @@ class StreamBob(Bob):
         while True:
             block += 1
             block_end = block * opts.block_s
+            feed.wait_for(block_end)  # a live tagger: until it has passed the block's end
             final = block_end >= feed.last_s
             if final:
                 block_end = feed.last_s
@@ -826,6 +998,7 @@ class StreamBob(Bob):
                 break
         timeline.last_detection_s = feed.last_s
         out.report["last_detection_unix_s"] = clock.wall_of(feed.last_s)
+        out.report["end_of_pass"] = {**feed.end, "end_s": feed.last_s, "detections": read}
         out.report["sifted_bits"] = int(self._sifted.basis.size)
         out.report["sync"] = {
             "anchors": len(sync.anchors_t),

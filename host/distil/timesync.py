@@ -93,13 +93,28 @@ def _true_seconds(time_ps: np.ndarray, pps_ps: np.ndarray | None, pass_json: dic
     gaps of two seconds or more)."""
     if pps_ps is None or pps_ps.size < 2:
         return time_ps.astype(np.float64) * 1e-12
+    t0, slope, intercept = _pps_fit(pps_ps, pass_json)
+    return (np.asarray(time_ps) - t0).astype(np.float64) * slope + intercept
+
+
+def _pps_fit(pps_ps: np.ndarray, pass_json: dict) -> tuple[int, float, float]:
+    """(t0, slope, intercept): T = (ground ps - t0) * slope + intercept (_true_seconds)."""
     frac = _utc_fraction(pass_json)
     gaps = np.rint(np.diff(pps_ps) * 1e-12).astype(np.int64)
     index = np.concatenate([[0], np.cumsum(gaps)])
     true = (math.ceil(-PPS_LEAD_S + frac) - frac) + index
     t0 = pps_ps[0]
     slope, intercept = np.polyfit((pps_ps - t0).astype(np.float64), true, 1)
-    return (np.asarray(time_ps) - t0).astype(np.float64) * slope + intercept
+    return int(t0), float(slope), float(intercept)
+
+
+def ground_ps_of_true_s(true_s: float, pps_ps: np.ndarray | None, pass_json: dict) -> int:
+    """The ground clock's reading at true time true_s (s after utc_start): _true_seconds
+    inverted (a live tagger's end of the pass by the pass geometry, stream.py)."""
+    if pps_ps is None or pps_ps.size < 2:
+        return int(round(true_s * 1e12))
+    t0, slope, intercept = _pps_fit(pps_ps, pass_json)
+    return t0 + int(round((true_s - intercept) / slope))
 
 
 class _Helper:
