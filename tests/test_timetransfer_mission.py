@@ -6,12 +6,13 @@ emissions on board, from the head's pattern memory), not from a simulator's file
 
 import json
 import math
+import struct
 
 import numpy as np
 import pytest
 
 from host.errors import BadInput
-from host.formats.qrec import read_tdc_events
+from host.formats.qrec import Kind, encode_record, read_emission_epochs, read_tdc_events
 from host.link.pattern_memory import PatternMemoryClient
 from host.mission import ground
 from host.mission.run import run_firmware
@@ -102,6 +103,37 @@ def test_the_satellite_endpoint_reads_the_downloaded_tags_and_recovers_the_truth
     assert sample["n"] > 1000
     assert sample["errors"] / sample["n"] < 0.011 + 5 * math.sqrt(0.011 / sample["n"])
     assert files.read_downlink_slots(out) is not None
+
+
+def test_the_downlink_epochs_come_from_the_firmwares_emission_epochs(mission, tmp_path):
+    # the laser's sync marks went through the TDC on the satellite clock; the firmware
+    # logged their epochs (epochs.qrec, with the first mark kept at the pass's start) and
+    # the satellite endpoint takes its slot epochs from them: the simulator's slot clock,
+    # to the picosecond, without reading it
+    out, two_way, _, _, _ = mission
+    path = out / "satellite" / "epochs.qrec"
+    index, local_ps, log = read_emission_epochs(path)
+    # the first drain brought more marks than ring_push keeps (mark 172 was the first
+    # kept): before, no record until mark 100,000, 10 s into the pass
+    assert log.problem is None and index.size >= 1 and index[0] < 100_000
+    profile = profiles.load("micius-2017", {})
+    scenario = ground.make_segment_scenario(profile, SEED, SEGMENT_SLOTS, two_way)
+    slots = np.array([0, 1, 12_345, SEGMENT_SLOTS // 2, SEGMENT_SLOTS - 1])
+    epoch_of = mission_stage.emission_epochs(path, profile)
+    assert np.array_equal(epoch_of(slots), scenario.slots.sat_time_ps(slots))
+    # a second record off that slot clock by a nanosecond is refused, naming the file
+    mark_ps = mission_stage.slots_per_sync_mark(profile) * mission_stage.slot_period_ps(profile)
+    later = int(index[0]) + 100_000
+    off_ps = int(local_ps[0]) + 100_000 * mark_ps + 1000
+    moved = tmp_path / "epochs.qrec"
+    moved.write_bytes(
+        encode_record(Kind.EMISSION_EPOCH, 0, struct.pack("<IQ", int(index[0]), int(local_ps[0])))
+        + encode_record(Kind.EMISSION_EPOCH, 1, struct.pack("<IQ", later, off_ps))
+    )
+    with pytest.raises(BadInput, match="epochs.qrec: the laser's sync marks disagree .* 1000 ps"):
+        mission_stage.emission_epochs(moved, profile)
+    with pytest.raises(BadInput, match="epochs.qrec: missing"):
+        mission_stage.emission_epochs(tmp_path / "none" / "epochs.qrec", profile)
 
 
 def test_without_the_downloaded_tdc_log_the_satellite_has_no_uplink_record(mission, tmp_path):

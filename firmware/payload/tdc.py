@@ -329,9 +329,12 @@ class EmissionEpochs:
     """The satellite's emission epochs: the laser's slot-clock sync marks (TDC channel
     SYNC, captured by ring_push) logged to products/epochs.qrec as EMISSION_EPOCH records,
     one every `record_every` marks (u32 mark index since the pass start, u64 local_ps).
-    The slot of any emission follows from the nearest record and the slot rate. Marks
-    overwritten in the slots before this duty read them are counted (`marks_missed`);
-    every mark also stays in tdc.qrec."""
+    The slot of any emission follows from a record and the slot rate (mark i is slot
+    i * slots-per-mark). Marks overwritten in the slots before this duty read them are
+    counted (`marks_missed`); when the mark due for a record is among them, the first
+    mark kept after it is logged instead, with its own index (a drain of more than
+    EPOCH_SLOTS marks at the pass's start lost mark 0, and a 4 s pass at 10 kHz had no
+    record at all); every mark also stays in tdc.qrec."""
 
     RECORD = "<IQ"
 
@@ -341,12 +344,14 @@ class EmissionEpochs:
         self.log = store.open_log("epochs", KIND_EMISSION_EPOCH, 12)
         self._seen = tdc.epoch_count()
         self._first = self._seen
+        self._due = 0  # index of the next mark to log (or the first kept after it)
         self.records = 0
         self.marks_missed = 0
 
     def start(self):
         """Count marks from the pass's start."""
         self._seen = self._first = self.tdc.epoch_count()
+        self._due = 0
 
     def step(self):
         count = self.tdc.epoch_count()
@@ -357,10 +362,11 @@ class EmissionEpochs:
             self._seen = count - EPOCH_SLOTS
         while self._seen < count:
             index = self._seen - self._first
-            if index % self.record_every == 0:
+            if index >= self._due:
                 local_ps = self.tdc.epoch_time_ps(self._seen)
                 self.log.append(struct.pack(self.RECORD, index, local_ps))
                 self.records += 1
+                self._due = (index // self.record_every + 1) * self.record_every
             self._seen += 1
         return True
 

@@ -221,3 +221,30 @@ def read_tdc_events(path: str | Path) -> tuple[np.ndarray, np.ndarray, RecordLog
             raise BadInput(f"{path}: record {record.seq}: {error}") from None
     events = np.concatenate(blocks) if blocks else np.zeros(0, dtype=TDC_EVENT_DTYPE)
     return events["channel"].astype(np.uint8), events["time_ps"].astype(np.int64), log
+
+
+EMISSION_EPOCH_RECORD = struct.Struct("<IQ")  # mark index since the pass start, local_ps
+
+
+def read_emission_epochs(path: str | Path) -> tuple[np.ndarray, np.ndarray, RecordLog]:
+    """The emission epochs of an epochs log (products/epochs.qrec: EMISSION_EPOCH
+    records, the firmware's EmissionEpochs) as (mark index int64, local_ps int64) in log
+    order, with the log itself; a record of the wrong size is bad input naming the file
+    and the record."""
+    path = Path(path)
+    try:
+        log = read_records(path)
+    except OSError as error:
+        raise BadInput(f"{path}: cannot read ({error.strerror})") from None
+    marks = []
+    for record in log.records:
+        if record.kind != Kind.EMISSION_EPOCH:
+            continue
+        if len(record.payload) != EMISSION_EPOCH_RECORD.size:
+            raise BadInput(
+                f"{path}: record {record.seq}: an emission epoch of {len(record.payload)} "
+                f"bytes (expected {EMISSION_EPOCH_RECORD.size})"
+            )
+        marks.append(EMISSION_EPOCH_RECORD.unpack(record.payload))
+    table = np.array(marks, dtype=np.int64).reshape(-1, 2)
+    return table[:, 0], table[:, 1], log

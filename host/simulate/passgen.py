@@ -176,14 +176,18 @@ def build_scenario(
         ground_clock = Clock(
             "ground", int(round(gnd["offset_s"] * 1e12)), gnd["drift"], gnd["aging_per_s"]
         )
-    # The laser starts on the first whole slot period of the TDC clock after T = 0.
-    start_ps = int(sat_clock.to_clock_ps(0.0))
-    first_slot_ps = -(-start_ps // period_ps) * period_ps
-    slots = SlotClock(sat_clock, first_slot_ps, period_ps, slot_count)
+    slots = SlotClock(sat_clock, first_slot_ps(sat_clock, period_ps), period_ps, slot_count)
     return Scenario(
         profile, station, geometry, seed, rate, period_ps, slot_count, classes, mapping,
         pattern, channel, slots, ground_clock, rngs, bytes(pattern_secret),
     )  # fmt: skip
+
+
+def first_slot_ps(sat_clock, period_ps: int) -> int:
+    """The satellite clock's reading of the pass's first slot: the laser starts on the
+    first whole slot period of the TDC clock after T = 0."""
+    start_ps = int(sat_clock.to_clock_ps(0.0))
+    return -(-start_ps // period_ps) * period_ps
 
 
 def profile_geometry(

@@ -8,12 +8,15 @@ mission's own (docs/time-transfer.md, "In the mission"):
                     (the ground simulation of the segment flies them too) and the uplink
                     detections, simulated on them
     tdc_feed()      those detections as TDC events on the satellite clock, which the
-                    emulated head puts on its uplink channels while the pass goes by: the
-                    real firmware takes them into its ring and spools them to tdc.qrec
+                    emulated head puts on its uplink channels while the pass goes by, and
+                    the laser's sync marks (one every slots-per-mark slots, on the same
+                    clock): the real firmware takes them into its ring, spools them to
+                    tdc.qrec and logs the marks' epochs to epochs.qrec
     run_stage(...)  after the distillation: the satellite endpoint reads its uplink tags
                     from the downloaded satellite/tdc.qrec and its downlink emissions
-                    (slot epochs, symbols) on board, from its slot clock and the head's
-                    pattern memory, for the slots the ground names; the ground endpoint
+                    for the slots the ground names: their epochs from the downloaded
+                    satellite/epochs.qrec (the firmware's emission epochs), their symbols
+                    from the head's pattern memory; the ground endpoint
                     reads its own records (its uplink emissions, its detections with the
                     slots its time synchronisation gave), written to OUT/ground/
 
@@ -34,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from emulator.optical_head import CH_UPLINK0
+from emulator.optical_head import CH_SYNC, CH_UPLINK0
 from host.errors import BadInput, ProtocolAborted
+from host.simulate import passgen
 from host.timetransfer import files, simulate
 from host.timetransfer.command import time_transfer
 
@@ -51,6 +55,7 @@ class MissionTwoWay:
     two_way: simulate.TwoWayPass
     uplink_tx: tuple
     uplink_rx: tuple
+    sync_marks_ps: np.ndarray  # the laser's sync marks, satellite clock (slot 0, M, 2M...)
 
     @property
     def geometry(self):
@@ -68,9 +73,12 @@ class MissionTwoWay:
         """(seconds after the segment's start, TDC channel, satellite clock ps) of every
         uplink detection, for the emulated head's TDC (host/mission/run.py feed_uplink)."""
         tag_ps, basis, bit = self.uplink_rx
-        arrival_s = self.satellite.true_time_s(tag_ps)
-        channel = CH_UPLINK0 + 2 * basis.astype(np.int64) + bit.astype(np.int64)
-        return arrival_s, channel.astype(np.uint8), np.asarray(tag_ps, dtype=np.int64)
+        tag_ps = np.concatenate([np.asarray(tag_ps, dtype=np.int64), self.sync_marks_ps])
+        channel = np.concatenate([
+            CH_UPLINK0 + 2 * basis.astype(np.int64) + bit.astype(np.int64),
+            np.full(self.sync_marks_ps.size, CH_SYNC, dtype=np.int64),
+        ])  # fmt: skip
+        return self.satellite.true_time_s(tag_ps), channel.astype(np.uint8), tag_ps
 
 
 def prepare(qkd_profile: dict, seed: int, slot_count: int) -> MissionTwoWay:
@@ -89,7 +97,48 @@ def prepare(qkd_profile: dict, seed: int, slot_count: int) -> MissionTwoWay:
         two_way.duration_s, simulate.values(two_way.profile["delays_ps"]), two_way.satellite,
         two_way.ground, two_way.rng, two_way.attack,
     )  # fmt: skip
-    return MissionTwoWay(two_way, tx, rx)
+    period_ps, slots_per_mark = slot_period_ps(qkd_profile), slots_per_sync_mark(qkd_profile)
+    first = passgen.first_slot_ps(two_way.satellite, period_ps)  # the segment's slot clock
+    marks = first + np.arange(0, slot_count, slots_per_mark, dtype=np.int64) * period_ps
+    return MissionTwoWay(two_way, tx, rx, marks)
+
+
+def slot_period_ps(qkd_profile: dict) -> int:
+    return int(round(1e12 / float(qkd_profile["source"]["slot_rate_hz"])))
+
+
+def slots_per_sync_mark(qkd_profile: dict) -> int:
+    """Slots between two of the laser's sync marks (the slot rate over the sync rate)."""
+    rate = float(qkd_profile["source"]["slot_rate_hz"]) / float(qkd_profile["sync"]["rate_hz"])
+    return int(round(rate))
+
+
+EPOCH_AGREEMENT_PS = 100  # the marks and the slot clock share an oscillator: TDC jitter only
+
+
+def emission_epochs(path: Path, qkd_profile: dict):
+    """The satellite's epoch of any slot, from the firmware's emission epochs (the
+    downloaded epochs.qrec): mark i is slot i * slots-per-mark, and the laser's slot
+    clock and the TDC run on one oscillator, so slot k left at record's local_ps +
+    (k - i * slots-per-mark) * period. Every record must give the same slot clock (within
+    EPOCH_AGREEMENT_PS), else the epochs cannot be vouched for. Returns slots -> epoch_ps."""
+    from host.formats.qrec import read_emission_epochs
+
+    if not path.is_file():
+        raise BadInput(f"{path}: missing (the controller's emission epochs, downloaded)")
+    index, local_ps, _ = read_emission_epochs(path)
+    if index.size == 0:
+        raise BadInput(f"{path}: no EMISSION_EPOCH record (no sync mark logged)")
+    period_ps, slots_per_mark = slot_period_ps(qkd_profile), slots_per_sync_mark(qkd_profile)
+    first_slot_ps = local_ps - index * slots_per_mark * period_ps
+    spread = int(np.abs(first_slot_ps - first_slot_ps[0]).max())
+    if spread > EPOCH_AGREEMENT_PS:
+        raise BadInput(
+            f"{path}: the laser's sync marks disagree with one slot clock by {spread} ps "
+            f"(mark indices {int(index[0])}..{int(index[-1])}): no emission epoch to vouch for"
+        )
+    first = int(first_slot_ps[0])
+    return lambda slots: first + np.asarray(slots, dtype=np.int64) * period_ps
 
 
 def uplink_from_tdc_log(path: Path) -> tuple[tuple, dict]:
@@ -136,16 +185,17 @@ def write_ground_records(out: Path, mission: MissionTwoWay, qkd_scenario) -> Non
 
 def satellite_records(out: Path, qkd_scenario, memory) -> tuple[dict, dict]:
     """The satellite endpoint's records in a mission: uplink tags from the downloaded
-    TDC log; downlink emissions of any slot from its slot clock and, for basis and bit,
-    the head's pattern memory (`memory.symbols`, the port Alice reads on board)."""
+    TDC log; downlink emissions of any slot: the epoch from the downloaded emission
+    epochs (epochs.qrec), basis and bit from the head's pattern memory (`memory.symbols`,
+    the port Alice reads on board)."""
     from host.protocol.symbols import decode_symbols
 
     uplink, losses = uplink_from_tdc_log(out / "satellite" / "tdc.qrec")
-    slots_clock = qkd_scenario.slots
+    epoch_of = emission_epochs(out / "satellite" / "epochs.qrec", qkd_scenario.profile)
 
     def downlink_source(slots):
         basis, bit, _ = decode_symbols(memory.symbols(slots))
-        return slots_clock.sat_time_ps(slots), basis.astype(np.uint8), bit.astype(np.uint8)
+        return epoch_of(slots), basis.astype(np.uint8), bit.astype(np.uint8)
 
     return {"uplink_rx": uplink, "downlink_source": downlink_source}, losses
 
