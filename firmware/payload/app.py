@@ -120,6 +120,11 @@ class Controller:
             self.bus_rx = framing.FrameReader(MAX_FRAME_BODY_BYTES)
             self._bus_tx = framing.FrameWriter(MAX_FRAME_BODY_BYTES)
             self.scheduler.add("bus", self.poll_bus)
+        # Last: a board whose littlefs sits on NOR through EraseAhead erases one sector ahead
+        # per pass while one is owed (boardkit.FlashStore), after every other duty's work.
+        background = getattr(board, "storage_background", None)
+        if background is not None:
+            self.scheduler.add("flash", background)
 
     def send_ground(self, body, length):
         self.ground_queue.push(self.ground_tx.encode(body, length))

@@ -9,9 +9,10 @@
 # controller works; a program that arrives meanwhile suspends it (erase-suspend, which
 # serial NOR parts have; ~20-30 us).
 #
-# On the chip: sectors 0 and 1 are the journal (one active, the other erased standby), the
-# rest data. littlefs sees `sectors - 2 - spares` blocks. The map (littlefs block ->
-# sector) is a journal of 16-byte slots:
+# On the chip: the first 2 x J sectors are the journal's two copies (one active, the other
+# an erased standby; J = `journal_sectors`, 1 by default, more on a chip whose map does not
+# fit one sector's 16-byte slots), the rest data. littlefs sees `sectors - 2J - spares`
+# blocks. The map (littlefs block -> sector) is a journal of 16-byte slots:
 #   u8 'E', u8 'A', u16 block, u16 sector, u32 seq, 4 x 0x00, u16 CRC-16 of bytes 0..13
 # Slot 0 of a journal sector is its header (block 0xFFFE, seq = epoch); slots 1.. are map
 # entries, applied in order. When the active journal fills, the whole map is written to the
@@ -26,7 +27,7 @@ from micropython import const
 
 from payload import framing
 
-JOURNAL_SECTORS = const(2)
+JOURNAL_SECTORS = const(2)  # the journal's two copies with the default J = 1
 # what a data sector holds (self.state)
 _NAMED = const(1)  # a littlefs block's
 _SPARE = const(2)  # erased ahead, named by no block
@@ -44,30 +45,53 @@ def _all_erased(buf: ptr8, n: int) -> bool:
     return True
 
 
+@micropython.viper
+def _scan(state: ptr8, first: int, n: int, cursor: int, wanted: int) -> int:
+    # the round-robin search of _find, in viper: in Python it cost ~50 k instructions a
+    # remap on a 512-sector chip (QEMU -icount)
+    k = cursor - first
+    for _ in range(n):
+        if k >= n:
+            k -= n
+        if state[first + k] == wanted:
+            return first + k
+        k += 1
+    return 0
+
+
 class EraseAhead:
     """littlefs's block device (extended interface: offsets, ioctl 4/5/6) over a raw NOR
     block device with the same interface (each of its erases is one sector erase)."""
 
-    def __init__(self, raw, spares=4, journal_slots=0):
+    def __init__(self, raw, spares=4, journal_slots=0, journal_sectors=1):
         self.raw = raw
+        # bound once: littlefs calls these for every page it reads or programs
+        self._raw_read = raw.readblocks
+        self._raw_write = raw.writeblocks
         self.sectors = raw.ioctl(4, 0)
         self.sector_bytes = raw.ioctl(5, 0)
-        self.blocks = self.sectors - JOURNAL_SECTORS - spares  # what littlefs sees
-        if spares < 1 or self.blocks < 2:
+        # J sectors per journal copy: copy 0 is sectors [0, J), copy 1 [J, 2J)
+        self.journal_sectors = journal_sectors
+        self.first_data = 2 * journal_sectors
+        self.blocks = self.sectors - self.first_data - spares  # what littlefs sees
+        if spares < 1 or journal_sectors < 1 or self.blocks < 2:
             raise ValueError("eraseahead: %d sectors, %d spares" % (self.sectors, spares))
+        self.slots_per_sector = self.sector_bytes // SLOT_BYTES
         # journal_slots (tests): a shorter journal, compacted more often
-        self.slots = journal_slots or self.sector_bytes // SLOT_BYTES
-        if self.slots < self.blocks + 2 or self.slots > self.sector_bytes // SLOT_BYTES:
+        most = journal_sectors * self.slots_per_sector
+        self.slots = journal_slots or most
+        if self.slots < self.blocks + 2 or self.slots > most:
             raise ValueError("eraseahead: journal sector too small for the map")
-        self.map = array.array("H", range(JOURNAL_SECTORS, JOURNAL_SECTORS + self.blocks))
+        self.map = array.array("H", range(self.first_data, self.first_data + self.blocks))
         # Per sector, _NAMED / _SPARE / _DIRTY (the journal's two: 0): fixed arrays, so an
         # erase asked for from a file's finaliser (heap locked) allocates nothing.
         self.state = bytearray(self.sectors)
-        self._cursor = JOURNAL_SECTORS  # where the next spare or dirty search starts
-        self.journal = 0  # the active journal sector
+        self._cursor = self.first_data  # where the next spare or dirty search starts
+        self.journal = 0  # the active journal copy
         self.epoch = 0
         self.next_slot = 1
         self.standby_blank = False
+        self._standby_erased = 0  # sectors of the standby copy erased so far
         self.seq = 0
         # counters (storage status): erases a caller waited for, and the rest
         self.foreground_erases = 0
@@ -83,10 +107,10 @@ class EraseAhead:
     # ---------------------------------------------------------------- littlefs's interface
 
     def readblocks(self, block, buf, offset=0):
-        return self.raw.readblocks(self.map[block], buf, offset)
+        return self._raw_read(self.map[block], buf, offset)
 
     def writeblocks(self, block, buf, offset=None):
-        return self.raw.writeblocks(self.map[block], buf, 0 if offset is None else offset)
+        return self._raw_write(self.map[block], buf, 0 if offset is None else offset)
 
     def ioctl(self, op, arg):
         if op == 4:
@@ -103,9 +127,10 @@ class EraseAhead:
         """Erase one sector owed (the old journal, or a sector a remap freed); returns True
         if it did. Call from idle time: the only place where a whole erase is waited."""
         if not self.standby_blank:
-            status = self._erase_sector(1 - self.journal, False)
+            status = self._erase_sector(self._standby_next(), False)
             if status == 0:
-                self.standby_blank = True
+                self._standby_erased += 1
+                self.standby_blank = self._standby_erased == self.journal_sectors
             return status == 0
         sector = self._find(_DIRTY)
         if sector and self._erase_sector(sector, False) == 0:
@@ -126,14 +151,16 @@ class EraseAhead:
     def _find(self, wanted):
         """A data sector in state `wanted` (searched round-robin, spreading the wear), or
         0 if none."""
-        n = self.sectors - JOURNAL_SECTORS
-        state = self.state
-        for i in range(n):
-            sector = JOURNAL_SECTORS + (self._cursor - JOURNAL_SECTORS + i) % n
-            if state[sector] == wanted:
-                self._cursor = JOURNAL_SECTORS + (sector + 1 - JOURNAL_SECTORS) % n
-                return sector
-        return 0
+        first = self.first_data
+        n = self.sectors - first
+        sector = _scan(self.state, first, n, self._cursor, wanted)
+        if sector:
+            self._cursor = first + (sector + 1 - first) % n
+        return sector
+
+    def _standby_next(self):
+        """The standby copy's next sector owed an erase."""
+        return (1 - self.journal) * self.journal_sectors + self._standby_erased
 
     # ---------------------------------------------------------------- internals
 
@@ -185,12 +212,16 @@ class EraseAhead:
 
     def _write_slot(self, journal, slot, block, sector, seq):
         self._fill_slot(block, sector, seq)
-        return self.raw.writeblocks(journal, self._slot, slot * SLOT_BYTES)
+        per = self.slots_per_sector
+        sector_at = journal * self.journal_sectors + slot // per
+        return self.raw.writeblocks(sector_at, self._slot, (slot % per) * SLOT_BYTES)
 
     def _read_slot(self, journal, slot):
         """(block, sector, seq) of a valid slot; None if blank; False if torn or corrupt."""
         s = self._read
-        self.raw.readblocks(journal, s, slot * SLOT_BYTES)
+        per = self.slots_per_sector
+        sector_at = journal * self.journal_sectors + slot // per
+        self.raw.readblocks(sector_at, s, (slot % per) * SLOT_BYTES)
         if _all_erased(s, SLOT_BYTES):
             return None
         crc = framing.crc16(s, 14)
@@ -212,11 +243,14 @@ class EraseAhead:
     def _compact(self):
         """Write the whole map to the standby journal (header last), make it the active."""
         standby = 1 - self.journal
-        if not self.standby_blank:
-            status = self._erase_sector(standby, True)
+        while not self.standby_blank:
+            status = self._erase_sector(self._standby_next(), True)
             if status:
                 return status
+            self._standby_erased += 1
+            self.standby_blank = self._standby_erased == self.journal_sectors
         self.standby_blank = False
+        self._standby_erased = 0
         for block in range(self.blocks):
             self.seq += 1
             status = self._write_slot(standby, 1 + block, block, self.map[block], self.seq)
@@ -229,6 +263,15 @@ class EraseAhead:
         self.journal = standby
         self.next_slot = 1 + self.blocks
         return 0
+
+    def _copy_blank(self, journal):
+        """Whether journal copy `journal` is erased (sets the standby's erase progress)."""
+        first = journal * self.journal_sectors
+        done = 0
+        while done < self.journal_sectors and self._blank(first + done):
+            done += 1
+        self._standby_erased = done
+        return done == self.journal_sectors
 
     def _blank(self, sector):
         page = self._page
@@ -247,8 +290,8 @@ class EraseAhead:
                 self.journal = journal
         if best < 0:
             # A fresh chip (or a first compaction cut short): the identity map, written out.
-            self.journal = 1  # so that _compact writes sector 0
-            self.standby_blank = self._blank(0)
+            self.journal = 1  # so that _compact writes copy 0
+            self.standby_blank = self._copy_blank(0)
             status = self._compact()
             if status:
                 return status
@@ -263,16 +306,16 @@ class EraseAhead:
                 if entry is False:
                     continue  # torn by a power cut: that remap never happened
                 block, sector, seq = entry
-                if block < self.blocks and JOURNAL_SECTORS <= sector < self.sectors:
+                if block < self.blocks and self.first_data <= sector < self.sectors:
                     self.map[block] = sector
                     if seq > self.seq:
                         self.seq = seq
             self.next_slot = last + 1
-            self.standby_blank = self._blank(1 - self.journal)
+            self.standby_blank = self._copy_blank(1 - self.journal)
         state = self.state
         for block in range(self.blocks):
             state[self.map[block]] = _NAMED
-        for sector in range(JOURNAL_SECTORS, self.sectors):
+        for sector in range(self.first_data, self.sectors):
             if not state[sector]:
                 state[sector] = _SPARE if self._blank(sector) else _DIRTY
         return 0

@@ -67,6 +67,12 @@ TDC_RING_EVENTS = 512
 STORAGE_ROOT = "/flash"
 _FLASH_BLOCK_BYTES = const(256)
 _FLASH_BLOCKS = const(80)  # 20 KiB of RAM standing in for the flash region
+# littlefs through EraseAhead (docs/storage.md "Erase ahead"), as on the flight board's
+# NOR: 4 sectors erased ahead; the map of 64 blocks needs 66 of the journal's 16-byte
+# slots, a 256-byte sector holds 16, so each journal copy spans 6 sectors (96 slots). So
+# littlefs sees 80 - 12 - 4 = 64 blocks (16 KiB).
+_FLASH_SPARES = const(4)
+_FLASH_JOURNAL_SECTORS = const(6)
 # Where that RAM is: SRAM the linker script keeps out of .bss, the heap and the stack
 # (stm32f205.ld, region FLASHDISK), so the heap is what the real part's application has.
 _FLASH_DISK_ADDR = const(0x20018800)
@@ -166,7 +172,8 @@ storage_formatted = False
 # flash controller), so the emulation keeps the filesystem in SRAM outside the heap (the
 # linker script's FLASHDISK); the real board programs flash sectors through the FLASH
 # interface (docs/targets.md). Like flash, its contents survive a soft reset.
-_device = boardkit.RamBlockDevice(_FLASH_DISK_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
+flash = boardkit.RamNorDevice(_FLASH_DISK_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
+store = boardkit.FlashStore(flash, STORAGE_ROOT, 32, _FLASH_SPARES, _FLASH_JOURNAL_SECTORS)
 
 
 @micropython.asm_thumb
@@ -193,10 +200,17 @@ def boot_mode():
 
 
 def mount_storage():
+    """Mount littlefs at STORAGE_ROOT through EraseAhead, formatting a device that does
+    not mount (first boot)."""
     global storage_formatted
-    if boardkit.mount_littlefs(_device, STORAGE_ROOT):
+    if store.mount():
         storage_formatted = True
     return STORAGE_ROOT
+
+
+def storage_background():
+    """The scheduler's last duty: one sector erased ahead, if one is owed."""
+    return store.background()
 
 
 def watchdog_start():

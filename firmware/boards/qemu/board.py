@@ -7,7 +7,8 @@
 #   0x40005000 CMSDK UART1    payload bus to the optical head (QEMU's second -serial)
 #   0x40008000 CMSDK WATCHDOG resets the MCU when the main loop stops feeding it
 #   0x20000000 SSRAM2         boot strap word (set by the launcher with -device loader)
-#   0x21000000 PSRAM          RAM-backed block device for littlefs (the "flash")
+#   0x21000000 PSRAM          the "flash": a NOR chip of 4 KiB sectors (erased to 0xFF)
+#                             that littlefs is mounted on through EraseAhead
 #   0x21200000 PSRAM          the link key's region, outside littlefs (keystore.py)
 # MicroPython itself lives in SSRAM1 at 0x00000000, so the last two are free for us.
 
@@ -29,7 +30,12 @@ _UART1 = const(0x40005000)
 _STRAP_ADDR = const(0x20000000)
 _FLASH_ADDR = const(0x21000000)
 _FLASH_BLOCK_BYTES = const(4096)
-_FLASH_BLOCKS = const(512)  # 2 MiB of the 16 MiB PSRAM
+_FLASH_BLOCKS = const(512)  # 2 MiB of the 16 MiB PSRAM: a W25Q16-class NOR's sectors
+# EraseAhead (docs/storage.md "Erase ahead"): sectors kept erased ahead, and the journal's
+# sectors per copy: the map of 500 blocks needs 502 of its 16-byte slots, 4 sectors hold
+# 1024 (a compaction every ~520 remaps). littlefs sees 512 - 8 - 4 = 500 blocks.
+_FLASH_SPARES = const(4)
+_FLASH_JOURNAL_SECTORS = const(4)
 # littlefs read/program granularity (also its cache size per file): the default 32 made
 # a 2 kB record's append + sync cost 13.5 M instructions (a Python block-device call per
 # 32 bytes), 512 costs 2.1 M (measured with -icount; docs/scheduling.md). Two 256-byte
@@ -168,6 +174,10 @@ payload_bus = Uart(_UART1)
 clock = Clock()
 key_region = keystore.MemoryRegion(_KEY_REGION_ADDR)
 storage_formatted = False  # set when mounting failed and storage was formatted
+flash = boardkit.RamNorDevice(_FLASH_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
+store = boardkit.FlashStore(
+    flash, STORAGE_ROOT, _LFS_IO_BYTES, _FLASH_SPARES, _FLASH_JOURNAL_SECTORS
+)
 
 
 def boot_mode():
@@ -178,13 +188,17 @@ def boot_mode():
 
 
 def mount_storage():
-    """Mount littlefs at STORAGE_ROOT, formatting a device that does not mount (first
-    boot); the link key is not lost (it lives outside littlefs)."""
+    """Mount littlefs at STORAGE_ROOT through EraseAhead, formatting a device that does
+    not mount (first boot); the link key is not lost (it lives outside littlefs)."""
     global storage_formatted
-    device = boardkit.RamBlockDevice(_FLASH_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
-    if boardkit.mount_littlefs(device, STORAGE_ROOT, _LFS_IO_BYTES):
+    if store.mount():
         storage_formatted = True
     return STORAGE_ROOT
+
+
+def storage_background():
+    """The scheduler's last duty: one sector erased ahead, if one is owed."""
+    return store.background()
 
 
 _WDOG_UNLOCK_KEY = (0x1ACCE << 12) | 0x551  # 0x1ACCE551: a heap int, made once
