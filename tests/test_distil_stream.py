@@ -182,6 +182,13 @@ def test_the_report_carries_the_timeline_and_latency_figures(streamed):
     assert reconciled == sum(b["bits"] + b["bits_discarded"] for b in report["ec"]["blocks"])
     assert all(r["link_up"] for r in rows)
     assert 0 <= report["lag_s_median"] <= report["lag_s_max"]
+    # what ran after loss of signal, in order, before the key was written; each chunk timed
+    after_los = on_disk["after_loss_of_signal_s"]
+    steps = ("last_block_sifted", "last_chunks_reconciled", "keys_computed")
+    assert set(after_los) == set(steps)
+    assert [after_los[step] for step in steps] == sorted(after_los.values())
+    assert after_los["keys_computed"] <= on_disk["key_latency_s"]
+    assert all(c["seconds"] > 0 for b in on_disk["ec"]["blocks"] for c in b["chunk_list"])
     # the key length is the finite-key analysis of the report's own counts and leaks (the
     # chunks' EC leaks summed per basis)
     assert on_disk["key_bits"] == finite_key_reference.recomputed_key_bits(on_disk)

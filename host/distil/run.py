@@ -273,7 +273,9 @@ def _stamp_key_latency(out_dir: Path, report: dict, last_detection_unix_s) -> No
 def _stream_fields(report: dict, outcome) -> None:
     """The streaming figures of one endpoint's outcome, and the bytes each way named by
     the optical link's directions (down: satellite to ground)."""
-    for name in ("timeline", "lag_s_max", "lag_s_median", "stream", "end_of_pass"):
+    for name in (
+        "timeline", "lag_s_max", "lag_s_median", "stream", "end_of_pass", "after_loss_of_signal_s",
+    ):  # fmt: skip
         if name in outcome.report:
             report[name] = outcome.report[name]
     report["classical_bytes"]["down"] = report["classical_bytes"]["alice_to_bob"]

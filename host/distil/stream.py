@@ -868,6 +868,13 @@ class StreamBob(Bob):
         last_centre = 0.0
         handled_s = 0.0
         block = 0
+        # what runs after loss of signal (docs/streaming.md "After loss of signal"): wall
+        # seconds from the last detection's arrival to the end of each step
+        after_los = out.report["after_loss_of_signal_s"] = {}
+
+        def after(pass_s: float) -> float:
+            return round(time.time() - clock.wall_of(pass_s), 3)
+
         while True:
             block += 1
             block_end = block * opts.block_s
@@ -973,6 +980,8 @@ class StreamBob(Bob):
                     self.channels = buffer_ch[take]  # what _detections_to_slots reads
             with stage("sifting"):
                 self._send_block(channel, result, int(take.sum()), handled_s)
+            if final:
+                after_los["last_block_sifted"] = after(feed.last_s)
             buffer_t, buffer_ch = buffer_t[~take], buffer_ch[~take]
             timeline.update(
                 sifted_bits=self._sifted.basis.size,
@@ -987,14 +996,19 @@ class StreamBob(Bob):
                     chunk = due_chunk_bits(backlog, frame, opts.chunk_frames, final)
                     if not chunk:
                         break
+                    started = time.perf_counter()
                     with stage("error_correction"):
                         self._reconcile(channel, name, chunk, qber, bits, handled_s, source)
+                    self._ec_stats[name]["chunk_list"][-1]["seconds"] = round(
+                        time.perf_counter() - started, 3
+                    )
                     timeline.update(
                         reconciled_bits=timeline.state["reconciled_bits"] + chunk,
                         backlog_bits=self._sifted.backlog_total(),
                     )
             timeline.update(handled_s=handled_s)
             if final:
+                after_los["last_chunks_reconciled"] = after(feed.last_s)
                 break
         timeline.last_detection_s = feed.last_s
         out.report["last_detection_unix_s"] = clock.wall_of(feed.last_s)
@@ -1028,6 +1042,7 @@ class StreamBob(Bob):
             [self._ec_stats[n] for n in key_bases],
         )
         out.report.update(figures)
+        after_los["keys_computed"] = after(feed.last_s)
 
     def _first_sync(self, channel, stage, sync, t: np.ndarray, final: bool, windows: list):
         """The first anchor and tracking over the detections so far: (synced, last centre
