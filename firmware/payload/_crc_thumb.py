@@ -1,5 +1,6 @@
-# Table-driven CRC loops in inline Thumb-2 (see framing.py); importing this fails where the
-# port has no inline assembler (unix), and framing.py falls back to viper (~50
+# Table-driven CRC loops, the frame scan and COBS in inline Thumb-2 (see framing.py);
+# importing this fails where the port has no inline assembler (unix), and framing.py falls
+# back to viper (~50
 # instructions a byte on the Cortex-M3) or the port's C binascii.crc32. Buffers are passed
 # as their addresses by the inline-assembler call; nothing allocates.
 import micropython
@@ -88,3 +89,100 @@ def scan_thumb(r0, r1, r2):
     str(r3, [r2, 0])
     str(r5, [r2, 12])
     mov(r0, r3)
+
+
+@micropython.asm_thumb
+def cobs_decode_thumb(r0, r1, r2, r3):
+    # framing.cobs_decode_viper in Thumb (~10 instructions a byte on the M3, viper ~120):
+    # r0 = src, r1 = length, r2 = dst, r3 = capacity; returns the decoded length, -1 for
+    # input that is not COBS (a zero byte, a code running past the end), -2 past capacity.
+    # Registers: r0 src pointer, r1 src end, r2 dst pointer, r3 dst end, r4 dst start,
+    # r5 the block's end, r6 its code, r7 a byte.
+    add(r1, r0, r1)
+    add(r3, r2, r3)
+    mov(r4, r2)
+    label(BLOCK)
+    cmp(r0, r1)
+    bge(DONE)
+    ldrb(r6, [r0, 0])
+    cmp(r6, 0)
+    beq(BAD)
+    add(r0, 1)
+    add(r5, r0, r6)
+    sub(r5, 1)  # the block's data ends at src + code - 1
+    cmp(r5, r1)
+    bgt(BAD)
+    label(COPY)
+    cmp(r0, r5)
+    bge(COPIED)
+    ldrb(r7, [r0, 0])
+    cmp(r7, 0)
+    beq(BAD)
+    cmp(r2, r3)
+    bge(FULL)
+    strb(r7, [r2, 0])
+    add(r2, 1)
+    add(r0, 1)
+    b(COPY)
+    label(COPIED)
+    cmp(r6, 0xFF)
+    beq(BLOCK)  # a full block: no zero follows it
+    cmp(r0, r1)
+    bge(DONE)  # the last block: its zero is the frame's end
+    cmp(r2, r3)
+    bge(FULL)
+    mov(r7, 0)
+    strb(r7, [r2, 0])
+    add(r2, 1)
+    b(BLOCK)
+    label(BAD)
+    mov(r0, 0)
+    sub(r0, 1)
+    b(END)
+    label(FULL)
+    mov(r0, 0)
+    sub(r0, 2)
+    b(END)
+    label(DONE)
+    sub(r0, r2, r4)
+    label(END)
+
+
+@micropython.asm_thumb
+def cobs_encode_thumb(r0, r1, r2):
+    # framing.cobs_encode_viper in Thumb: r0 = src, r1 = length, r2 = dst (length +
+    # length // 254 + 1 bytes); returns the encoded length, no delimiter.
+    # Registers: r0 src pointer, r1 src end, r2 dst start, r3 where the block's code goes,
+    # r4 dst pointer, r5 the code, r6 a byte.
+    add(r1, r0, r1)
+    mov(r3, r2)
+    add(r4, r2, 1)
+    mov(r5, 1)
+    label(LOOP)
+    cmp(r0, r1)
+    bge(END)
+    ldrb(r6, [r0, 0])
+    add(r0, 1)
+    cmp(r6, 0)
+    bne(DATA)
+    strb(r5, [r3, 0])  # a zero ends the block
+    mov(r3, r4)
+    add(r4, 1)
+    mov(r5, 1)
+    b(LOOP)
+    label(DATA)
+    strb(r6, [r4, 0])
+    add(r4, 1)
+    add(r5, 1)
+    cmp(r5, 0xFF)
+    bne(LOOP)
+    cmp(r0, r1)
+    bge(LOOP)  # a full block with nothing after it: the code goes in at the end
+    strb(r5, [r3, 0])  # a full block and more bytes follow: a new block
+    mov(r3, r4)
+    add(r4, 1)
+    mov(r5, 1)
+    b(LOOP)
+    label(END)
+    strb(r5, [r3, 0])
+    sub(r0, r4, r2)

@@ -92,3 +92,55 @@ def test_every_crc_implementation_the_port_has_agrees_with_the_vectors():
         state = framing.Crc32()
         framing._crc32_update(state._state, data, len(data))
         assert state.value() == case["crc"], case
+
+
+def _cobs_cases():
+    """Deterministic inputs (an LCG): runs of zeros and non-zeros, blocks of 253-255
+    bytes around COBS's 254-byte code limit, and the empty input."""
+    seed = 12345
+    cases = [b"", b"\x00", b"\x00\x00", bytes(range(1, 255)), bytes(range(1, 256))]
+    cases.append(bytes(range(1, 255)) + b"\x00" + bytes(range(1, 255)))
+    for _ in range(60):
+        seed = (seed * 1103515245 + 12345) & 0x7FFFFFFF
+        length = (seed >> 8) % 600
+        zeros = 1 + (seed >> 4) % 40  # one zero per ~zeros bytes
+        data = bytearray(length)
+        for i in range(length):
+            seed = (seed * 1103515245 + 12345) & 0x7FFFFFFF
+            data[i] = 0 if (seed >> 16) % zeros == 0 else 1 + (seed >> 8) % 255
+        cases.append(bytes(data))
+    return cases
+
+
+def test_every_cobs_implementation_the_port_has_agrees():
+    # the inline Thumb loops (QEMU, STM32) and the viper ones must give the same bytes,
+    # the same lengths and the same refusals (-1 not COBS, -2 past capacity)
+    out_a = bytearray(700)
+    out_b = bytearray(700)
+    back_a = bytearray(700)
+    back_b = bytearray(700)
+    fast_encode, fast_decode = framing.cobs_encode, framing.cobs_decode
+    for raw in _cobs_cases():
+        n = framing.cobs_encode_viper(raw, len(raw), out_a)
+        assert fast_encode(raw, len(raw), out_b) == n, len(raw)
+        assert out_a[:n] == out_b[:n], len(raw)
+        assert framing.cobs_decode_viper(out_a, n, back_a, 700) == len(raw)
+        assert fast_decode(out_a, n, back_b, 700) == len(raw)
+        assert back_a[: len(raw)] == raw and back_b[: len(raw)] == raw
+        if len(raw) > 2:
+            # capacity one short, a zero inside, a code running past the end
+            for cap in (len(raw) - 1, 0):
+                assert framing.cobs_decode_viper(out_a, n, back_a, cap) == -2
+                assert fast_decode(out_a, n, back_b, cap) == -2
+            bad = bytearray(out_a[:n])
+            bad[n // 2] = 0
+            assert framing.cobs_decode_viper(bad, n, back_a, 700) == -1
+            assert fast_decode(bad, n, back_b, 700) == -1
+            bad = bytearray(out_a[:n])
+            bad[0] = 0xFE if bad[0] < 0xFE else bad[0]
+            want = framing.cobs_decode_viper(bad, n, back_a, 700)
+            assert fast_decode(bad, n, back_b, 700) == want
+            if want >= 0:
+                assert back_a[:want] == back_b[:want]
+    if framing.cobs_decode_thumb is not None:
+        assert fast_decode is framing.cobs_decode_thumb  # the fast loop is the one in use
