@@ -85,6 +85,13 @@ def _cobs_cases():
             cases += [filler + run + b"\x00" + run + filler]
     cases.append(bytes(12) + bytes(range(0, 256)) * 8)
     cases.append(struct.pack("<BBQH", 5, 1, 2**32, 16384) + struct.pack("<16384I", *range(16384)))
+    # a slot list's offsets above 2^24 (the detections of a sifting block): long zero-free
+    # runs, each cut by 0xFF blocks
+    offsets = sorted(rng.sample(range(2**24, 2**32), 16384))
+    cases.append(struct.pack("<BBQH", 5, 1, 2**32, 16384) + struct.pack("<16384I", *offsets))
+    for size in (254 * 3, 254 * 3 + 1, 254 * 5 - 1):
+        run = bytes(rng.randrange(1, 256) for _ in range(size))
+        cases += [run, run + b"\x00", run + b"\x00" + run, b"\x00" * 3 + run + b"\x00" * 2]
     for _ in range(300):
         size = rng.choice((rng.randrange(0, 64), rng.randrange(900, 1200), rng.randrange(3000)))
         zero_fraction = rng.choice((0.0, 0.004, 0.1, 0.5, 0.95, 1.0))
@@ -103,6 +110,7 @@ def test_cobs_gives_the_reference_bytes_on_every_path():
         encoded = cobs_reference.cobs_encode(raw)
         assert framing.cobs_encode(raw) == encoded, len(raw)
         assert framing._cobs_encode_blocks(raw) == encoded
+        assert framing._cobs_encode_vectorised(raw) == encoded
         short_runs = framing._cobs_encode_short_runs(raw)
         assert short_runs in (None, encoded)
         assert (short_runs is None) == any(len(run) >= 254 for run in raw.split(b"\x00"))

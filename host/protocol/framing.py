@@ -46,6 +46,7 @@ def cobs_encode(data: bytes) -> bytes:
         encoded = _cobs_encode_short_runs(data)
         if encoded is not None:
             return encoded
+        return _cobs_encode_vectorised(data)
     return _cobs_encode_blocks(data)
 
 
@@ -88,6 +89,39 @@ def _cobs_encode_short_runs(data: bytes) -> bytes | None:
     out[1:] = raw
     out[marks[:-1] + 1] = codes
     return out.tobytes()
+
+
+def _cobs_encode_vectorised(data: bytes) -> bytes:
+    """COBS of any data, in numpy: as _cobs_encode_short_runs, each zero (and the front)
+    becomes the code of the block after it, and a zero-free run of 254 bytes or more is
+    cut every 254 bytes by one more code byte inserted there (0xFF while 254 or more
+    follow in the run, else what is left + 1); a last run that ends exactly at a cut
+    needs no closing 0x01 block. The pattern-memory port's slot lists (u32 offsets above
+    2^24: long zero-free runs) took 1.8 ms a 64 kB request block by block in Python."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    zeros = np.flatnonzero(raw == 0)
+    starts = np.empty(zeros.size + 1, dtype=np.int64)  # each run's first byte
+    starts[0] = 0
+    starts[1:] = zeros + 1
+    ends = np.empty(zeros.size + 1, dtype=np.int64)  # one past its last byte
+    ends[:-1] = zeros
+    ends[-1] = raw.size
+    lengths = ends - starts
+    out = np.empty(raw.size + 1, dtype=np.uint8)
+    out[1:] = raw
+    out[starts] = np.where(lengths >= 254, 0xFF, lengths + 1)  # the zero before each run
+    cuts_per_run = lengths // 254
+    if cuts_per_run[-1] and lengths[-1] % 254 == 0:
+        cuts_per_run[-1] -= 1  # the last run ends at a cut: no closing block
+    run = np.repeat(np.arange(lengths.size), cuts_per_run)
+    if run.size == 0:
+        return out.tobytes()
+    # j = 1, 2, ... within each run
+    first_of_run = np.cumsum(cuts_per_run) - cuts_per_run
+    j = np.arange(run.size) - np.repeat(first_of_run, cuts_per_run) + 1
+    left = lengths[run] - 254 * j
+    codes = np.where(left >= 254, 0xFF, left + 1).astype(np.uint8)
+    return np.insert(out, starts[run] + 254 * j + 1, codes).tobytes()
 
 
 class CobsError(ValueError):
