@@ -108,6 +108,28 @@ def _bytes_to_words(buf: ptr8, offset: int, count: int, words: ptr32):
 
 
 @micropython.viper
+def _build_read_write(req: ptr8, words: ptr32, write: int, read: int):
+    # write = tag << 16 | write_addr; read = write_count << 23 | read_count << 16 |
+    # read_addr (counts <= MAX_REGS: both stay small ints, < 2**30, on a 32-bit port)
+    req[0] = OP_READ_WRITE
+    req[1] = (write >> 16) & 0xFF
+    req[2] = write & 0xFF
+    req[3] = (write >> 8) & 0xFF
+    count = (read >> 23) & 0x7F
+    req[4] = count
+    req[5] = read & 0xFF
+    req[6] = (read >> 8) & 0xFF
+    req[7] = (read >> 16) & 0x7F
+    for i in range(count):
+        value = words[i]
+        j = 8 + 4 * i
+        req[j] = value & 0xFF
+        req[j + 1] = (value >> 8) & 0xFF
+        req[j + 2] = (value >> 16) & 0xFF
+        req[j + 3] = (value >> 24) & 0xFF
+
+
+@micropython.viper
 def _copy(src: ptr8, src_offset: int, dst: ptr8, dst_offset: int, count: int):
     for i in range(count):
         dst[dst_offset + i] = src[src_offset + i]
@@ -123,7 +145,8 @@ class Bus:
         self.retries = retries
         self.rx = framing.FrameReader(MAX_BODY_BYTES)
         self.tx = framing.FrameWriter(MAX_BODY_BYTES)
-        self.req = bytearray(MAX_BODY_BYTES)
+        # requests are built in the writer's own buffer: encoding copies nothing
+        self.req = self.tx.body_buffer
         self._chunk = bytearray(512)
         self._chunk_view = memoryview(self._chunk)
         self._chunk_fill = 0
@@ -181,14 +204,12 @@ class Bus:
         return 9 + count
 
     def build_read_write(self, tag, write_addr, words, write_count, read_addr, read_count):
-        req = self.req
-        req[0] = OP_READ_WRITE
-        req[1] = tag
-        _put_u16(req, 2, write_addr)
-        req[4] = write_count
-        _put_u16(req, 5, read_addr)
-        req[7] = read_count
-        _words_to_bytes(words, write_count, req, 8)
+        # one viper call (the tracking duty's every period: eight stores and three calls
+        # in bytecode cost ~8k instructions on the M3)
+        _build_read_write(
+            self.req, words, (tag << 16) | write_addr,
+            (write_count << 23) | (read_count << 16) | read_addr,
+        )  # fmt: skip
         return 8 + 4 * write_count
 
     # ---------------------------------------------------------------- transactions
@@ -253,9 +274,7 @@ class Bus:
                     return None
                 self._chunk_fill = count
                 self._chunk_pos = 0
-            pos = self._chunk_pos
-            pos += rx.feed(self._chunk_view[pos:], self._chunk_fill - pos)
-            self._chunk_pos = pos
+            self._chunk_pos = rx.feed_from(self._chunk, self._chunk_pos, self._chunk_fill)
             if rx.ready:
                 return rx.body
 

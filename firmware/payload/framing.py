@@ -212,6 +212,8 @@ class FrameWriter:
     def __init__(self, max_body_bytes):
         self.max_body_bytes = max_body_bytes
         self._raw = bytearray(max_body_bytes + CRC_BYTES)
+        # a caller may build its body here (encode then copies nothing)
+        self.body_buffer = self._raw
         self._out = bytearray(encoded_capacity(max_body_bytes))
         self._out_view = memoryview(self._out)
 
@@ -224,8 +226,12 @@ class FrameWriter:
         # Not `raw[:length] = body`: MicroPython's slice store also memmoves the rest of
         # the buffer onto itself (~2 kB for the bus's writer: 12k of the 18k instructions
         # a 9-byte frame cost on the M3), and slicing a bytes body would allocate.
-        _copy_bytes(body, raw, length)
-        crc = crc16(raw, length)
+        if body is not raw:
+            _copy_bytes(body, raw, length)
+        if crc16_thumb is not None:  # the Thumb loop called directly: no wrapper call
+            crc = crc16_thumb(raw, length, _CRC16_TABLE)
+        else:
+            crc = crc16_viper(raw, length)
         raw[length] = crc >> 8
         raw[length + 1] = crc & 0xFF
         count = cobs_encode(raw, length + CRC_BYTES, self._out)
@@ -242,13 +248,14 @@ DROP_REASONS = ("oversize", "cobs", "crc", "short")
 
 
 @micropython.viper
-def _scan_until_zero(
-    src: ptr8, start: int, length: int, dst: ptr8, capacity: int, state: ptr32
-) -> int:
-    """Append src[start:] to dst up to the first zero; returns its index (or length).
-    state = [fill, overflowed]: bytes beyond capacity are dropped and flagged."""
-    fill = state[0]
-    i = start
+def _scan_until_zero(src: ptr8, dst: ptr8, params: ptr32) -> int:
+    """Append src[i:end] to dst[fill:] up to the first zero; returns its index (or end).
+    params = [i, end, capacity, fill, overflowed] (scan_thumb's): bytes beyond capacity
+    are dropped and flagged; i and fill are updated."""
+    i = params[0]
+    length = params[1]
+    capacity = params[2]
+    fill = params[3]
     while i < length:
         byte = src[i]
         if byte == 0:
@@ -257,9 +264,10 @@ def _scan_until_zero(
             dst[fill] = byte
             fill += 1
         else:
-            state[1] = 1
+            params[4] = 1
         i += 1
-    state[0] = fill
+    params[0] = i
+    params[3] = fill
     return i
 
 
@@ -277,53 +285,48 @@ class FrameReader:
         self._encoded = bytearray(encoded_capacity(max_body_bytes))
         self._decoded = bytearray(max_body_bytes + CRC_BYTES)
         self._decoded_view = memoryview(self._decoded)
-        self._fill = 0
-        self._overflowed = False
-        self._scan_state = array.array("i", (0, 0))
-        self._scan_params = array.array("i", (0, 0, 0, 0, 0))  # for scan_thumb
+        # the scan's state: [i, end, capacity, fill, overflowed] (scan_thumb's layout)
+        self._scan_params = array.array("i", (0, 0, len(self._encoded), 0, 0))
         self.ready = False
         self.body = self._decoded_view[:0]
         self.frames_ok = 0
         self.drops = [0, 0, 0, 0]
 
     def feed(self, chunk, length):
+        return self.feed_from(chunk, 0, length)
+
+    def feed_from(self, chunk, start, end):
+        """feed(chunk[start:end]) without slicing chunk (a new memoryview per call);
+        returns the index in chunk after the bytes consumed."""
         self.ready = False
         encoded = self._encoded
-        capacity = len(encoded)
-        state = self._scan_state
-        i = 0
-        while i < length:
-            # Copy up to the next delimiter in viper (the per-byte loop in bytecode was the
-            # payload bus's bottleneck on the MCU).
+        # The scan's state lives in params: [i, end, capacity, fill, overflowed] (set here
+        # only where it changes: each store is ~150 instructions of bytecode on the M3).
+        params = self._scan_params
+        i = start
+        while i < end:
+            # Copy up to the next delimiter in Thumb or viper (the per-byte loop in
+            # bytecode was the payload bus's bottleneck on the MCU).
+            params[0] = i
+            params[1] = end
             if scan_thumb is not None:  # 14 instructions a byte on the M3, viper ~90
-                params = self._scan_params
-                params[0] = i
-                params[1] = length
-                params[2] = capacity
-                params[3] = self._fill
-                params[4] = 1 if self._overflowed else 0
                 i = scan_thumb(chunk, encoded, params)
-                self._fill = params[3]
-                self._overflowed = params[4] != 0
             else:
-                state[0] = self._fill
-                state[1] = 1 if self._overflowed else 0
-                i = _scan_until_zero(chunk, i, length, encoded, capacity, state)
-                self._fill = state[0]
-                self._overflowed = state[1] != 0
-            if i >= length:
+                i = _scan_until_zero(chunk, encoded, params)
+            if i >= end:
                 break
             # a delimiter: finish this frame
-            fill = self._fill
-            self._fill = 0
-            if self._overflowed:
-                self._overflowed = False
+            fill = params[3]
+            params[3] = 0
+            if params[4]:
+                params[4] = 0
                 self.drops[DROP_OVERSIZE] += 1
                 return i + 1
             if fill == 0:
                 i += 1
                 continue  # idle delimiters between frames are allowed
-            count = cobs_decode(encoded, fill, self._decoded, len(self._decoded))
+            decoded = self._decoded
+            count = cobs_decode(encoded, fill, decoded, len(decoded))
             if count == -2:
                 self.drops[DROP_OVERSIZE] += 1
                 return i + 1
@@ -334,15 +337,19 @@ class FrameReader:
                 self.drops[DROP_SHORT] += 1
                 return i + 1
             body_bytes = count - CRC_BYTES
-            received = (self._decoded[body_bytes] << 8) | self._decoded[body_bytes + 1]
-            if crc16(self._decoded, body_bytes) != received:
+            received = (decoded[body_bytes] << 8) | decoded[body_bytes + 1]
+            if crc16_thumb is not None:  # the Thumb loop called directly: no wrapper call
+                crc = crc16_thumb(decoded, body_bytes, _CRC16_TABLE)
+            else:
+                crc = crc16_viper(decoded, body_bytes)
+            if crc != received:
                 self.drops[DROP_CRC] += 1
                 return i + 1
             self.frames_ok += 1
             self.body = self._decoded_view[:body_bytes]
             self.ready = True
             return i + 1
-        return length
+        return end
 
     def dropped(self):
         return sum(self.drops)
