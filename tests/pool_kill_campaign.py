@@ -134,20 +134,38 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
     """Pool byte ranges the session's tags used, checked tag by tag; the tag count; and
     who sent each range's tag (0: Alice, 1: Bob, None: the hash key, used by both)."""
     frames = {d: _frames(streams[d]) for d in (0, 1)}
-    if not frames[0] or not frames[1]:
-        return [], 0, []  # no agreed start: nothing authenticated can have been sent
-    starts, nonces = [], []
-    for d in (0, 1):
-        announce = frames[d][0]
-        assert len(announce) == 32 and announce[:8] == b"QKDPOOL2", announce[:8]
-        starts.append(struct.unpack("<Q", announce[8:16])[0])
-        nonces.append(announce[16:])
-    start = max(starts)
-    session = min(nonces) + max(nonces)  # every tag covers both sides' nonces
+    # the pool-start exchange (channel.exchange_pool_start): each side's hello (mode, nonce),
+    # then Bob's tagged position (he connects: he proves first), then Alice's
+    if len(frames[1]) < 2:
+        return [], 0, []  # Bob's announcement never crossed: nothing tagged was sent
+    hellos = [frames[d][0] for d in (0, 1)]
+    assert all(len(h) == 25 and h[:8] == b"QKDPOOL3" for h in hellos), hellos
+    nonce_a, nonce_b = hellos[0][9:], hellos[1][9:]
+
+    def announcement_tag(offset: int, body: bytes) -> bytes:
+        key = int.from_bytes(pool[offset : offset + 8], "little")
+        pad = int.from_bytes(pool[offset + 8 : offset + 16], "little")
+        return (poly_hash(body, key) ^ pad).to_bytes(8, "little")
+
+    magic, p_bob, tag = struct.unpack("<8sQ8s", frames[1][1])
+    assert magic == b"QKDPANN3"
+    body = magic + struct.pack("<BQQ", 0, p_bob, 0) + nonce_b + nonce_a
+    assert tag == announcement_tag(p_bob, body), "Bob's announcement not from his position"
+    ranges, senders = [(p_bob, p_bob + 8), (p_bob + 8, p_bob + 16)], [1, 1]
+    if len(frames[0]) < 2:
+        return ranges, 1, senders  # Alice never answered: no session
+    magic, p_alice, tag = struct.unpack("<8sQ8s", frames[0][1])
+    at = max(p_bob + 16, p_alice)
+    body = magic + struct.pack("<BQQ", 1, p_bob, p_alice) + nonce_a + nonce_b
+    assert tag == announcement_tag(at, body), "Alice's announcement not from its place"
+    ranges += [(at, at + 8), (at + 8, at + 16)]
+    senders += [0, 0]
+    start = at + 16
+    session = min(nonce_a, nonce_b) + max(nonce_a, nonce_b)  # every tag covers both
     key = int.from_bytes(pool[start : start + 8], "little")
-    ranges, tags, senders = [], 0, []
+    tags = 2
     for d in (0, 1):
-        for seq, frame in enumerate(frames[d][1:]):
+        for seq, frame in enumerate(frames[d][2:]):
             offset = start + 8 + 8 * (2 * seq + d)
             pad = int.from_bytes(pool[offset : offset + 8], "little")
             body, tag = frame[:-8], frame[-8:]
@@ -156,7 +174,7 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
             ranges.append((offset, offset + 8))
             senders.append(d)
             tags += 1
-    if tags:
+    if tags > 2:
         ranges.append((start, start + 8))  # the hash key: both sides' tags used it
         senders.append(None)
     return ranges, tags, senders

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import socket
 import stat
 import threading
 
@@ -203,7 +204,9 @@ def test_the_two_sides_begin_at_the_later_record_and_authenticate(tmp_path):
     thread.start()
     session = ch.exchange_pool_start(t_a, pool_a)
     thread.join()
-    assert pool_a.start_byte == pool_b.start_byte == 9000
+    # Bob (the connector) announced 9000 under the 16 bytes there, Alice answered under
+    # the next 16: the session begins past both (channel.exchange_pool_start)
+    assert pool_a.start_byte == pool_b.start_byte == 9000 + 2 * ch.ANNOUNCE_BYTES
     a = ch.AuthChannel(t_a, pool_a, ch.ALICE, session=session)
     b = ch.AuthChannel(t_b, pool_b, ch.BOB, session=sessions["b"])
     a.send("hello", n=1)
@@ -393,13 +396,13 @@ def test_a_message_without_acknowledgement_is_an_older_peer_and_ends_the_session
 def test_a_rolled_back_bob_does_not_accept_alices_messages_replayed_from_an_old_session(
     tmp_path,
 ):
-    """Bob's POOL.used is restored from before a session. A man in the middle answers Bob's
-    announcement with the position Alice announced then and replays her first message:
-    it verified at Bob (same start, same hash key, same pad, same sequence number), and
-    Bob then tagged his own messages with pads he had used in that session (other
-    messages under the same pads give away the hash key, and with it every pad of the
-    session). Each side now puts a fresh nonce in its announcement and every tag covers
-    both: a replayed message fails to verify, and Bob sends nothing."""
+    """Bob's POOL.used is restored from before a session. A man in the middle answers Bob
+    with what Alice sent then: on main her position and her first message, which verified
+    at Bob (same start, same hash key, same pad, same sequence number), and Bob then
+    tagged his own messages with pads he had used in that session (other messages under
+    the same pads give away the hash key, and with it every pad of the session). Now her
+    announcement's tag covers Bob's fresh nonce: the replayed one fails before Bob moves
+    his start, and Bob sends nothing authenticated."""
     paths, pools = _file_pools(tmp_path)
     bob_used = paths[1].parent / (paths[1].name + ".used")
     backup = bob_used.read_bytes()
@@ -417,15 +420,106 @@ def test_a_rolled_back_bob_does_not_accept_alices_messages_replayed_from_an_old_
     bob_used.write_bytes(backup)  # Bob's record rolled back to before that session
     bob_pool = ch.KeyPool.from_file(str(paths[1]))
     eve, t_bob = ch.queue_pair(timeout_s=5)
-    eve.send_bytes(from_alice[0])  # Alice's announcement of then
-    eve.send_bytes(from_alice[1])  # and her first message
-    session_b = ch.exchange_pool_start(t_bob, bob_pool)
-    assert bob_pool.start_byte == pools[0].start_byte  # the same pads as then
-    b = ch.AuthChannel(t_bob, bob_pool, ch.BOB, session=session_b)
-    with pytest.raises(ch.AuthenticationFailed):
-        b.recv("hello")
-    b.abort("authentication failed")
-    assert b.sent == 0
-    eve.recv_bytes()  # Bob's announcement; nothing else came from Bob
+    for frame in from_alice:  # Alice's hello, announcement and first message of then
+        eve.send_bytes(frame)
+    start_before = bob_pool.start_byte
+    with pytest.raises(ch.AuthenticationFailed, match="pool position"):
+        ch.exchange_pool_start(t_bob, bob_pool)
+    assert bob_pool.start_byte == start_before < pools[0].start_byte  # not moved
+    eve.recv_bytes(), eve.recv_bytes()  # Bob's hello and announcement; nothing else
     assert eve.inbox.empty()
     bob_pool.close()
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """The listener closed this connection (read to its end within 30 s)."""
+    sock.settimeout(30)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_session(
+    tmp_path, monkeypatch
+):
+    """The pool-start denial of service. On main the listener took the first connection's
+    pool position on trust (untagged): one forged frame moved its usage record to the
+    pool's end (the pool burnt for good), then the listener aborted and its peer found
+    nobody. Now the connector proves its position first (tagged, over the listener's
+    fresh nonce): a forged position, garbage and silence are each dropped with nothing
+    committed, and the peer that connects next gets its session."""
+    monkeypatch.setattr(ch, "HANDSHAKE_TIMEOUT_S", 0.5)
+    (path_l, _), (pool_l, pool_c) = _file_pools(tmp_path)
+    ready, result = threading.Event(), {}
+
+    def listener():
+        try:
+            transport = ch.listen("127.0.0.1:0", timeout_s=60, ready=ready)
+            session = ch.exchange_pool_start(transport, pool_l, ch.ALICE)
+            result["dropped"] = list(transport.dropped)
+            chan = ch.AuthChannel(transport, pool_l, ch.ALICE, session=session)
+            chan.send("hello", n=7)
+            result["ok"] = chan.recv("ok")
+            chan.close()
+        except BaseException as error:  # re-raised below
+            result["error"] = error
+
+    thread = threading.Thread(target=listener, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    address = ("127.0.0.1", ready.port)
+    with socket.create_connection(address) as forger:  # a position near the pool's end
+        stranger = ch.SocketTransport(forger)
+        stranger.send_bytes(ch._START.pack(ch._START_HELLO, ch.CONNECTOR, os.urandom(16)))
+        stranger.recv_bytes()  # the listener's hello
+        end = len(pool_l.data) - ch.MIN_POOL_LEFT_BYTES - ch.ANNOUNCE_BYTES
+        stranger.send_bytes(ch._ANNOUNCEMENT.pack(ch._ANNOUNCE, end, os.urandom(8)))
+        assert _dropped(forger)
+    with socket.create_connection(address) as garbage:
+        garbage.sendall(b"\x10\x00\x00\x00" + os.urandom(16))
+        assert _dropped(garbage)
+    with socket.create_connection(address) as silent:
+        assert _dropped(silent)  # after HANDSHAKE_TIMEOUT_S
+    assert _record(path_l) == 0 and pool_l.start_byte == 0  # nothing committed
+    transport = ch.connect(f"127.0.0.1:{ready.port}")
+    session = ch.exchange_pool_start(transport, pool_c, ch.BOB)
+    chan = ch.AuthChannel(transport, pool_c, ch.BOB, session=session)
+    assert chan.recv("hello")["n"] == 7
+    chan.send("ok")
+    thread.join(30)
+    assert "error" not in result, result.get("error")
+    assert len(result["dropped"]) == 3
+    assert "failed authentication" in result["dropped"][0]
+    assert pool_l.start_byte == pool_c.start_byte == 2 * ch.ANNOUNCE_BYTES
+    chan.close()
+
+
+def test_a_forged_position_from_the_listener_costs_the_connector_only_its_announcement(
+    tmp_path,
+):
+    """The other way round: a stranger posing as the listener answers the connector's
+    announcement with a position near the pool's end and a guessed tag. The connector
+    stops (authentication failed) having committed only the 16 bytes its own announcement
+    used; its start stays."""
+    (_, path_c), (_, pool_c) = _file_pools(tmp_path)
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def fake_listener():
+        conn, _ = server.accept()
+        fake = ch.SocketTransport(conn, ch.LISTENER)
+        fake.send_bytes(ch._START.pack(ch._START_HELLO, ch.LISTENER, os.urandom(16)))
+        fake.recv_bytes(), fake.recv_bytes()  # the connector's hello and announcement
+        end = len(pool_c.data) - ch.MIN_POOL_LEFT_BYTES - ch.ANNOUNCE_BYTES
+        fake.send_bytes(ch._ANNOUNCEMENT.pack(ch._ANNOUNCE, end, os.urandom(8)))
+
+    thread = threading.Thread(target=fake_listener, daemon=True)
+    thread.start()
+    transport = ch.connect(f"127.0.0.1:{server.getsockname()[1]}")
+    with pytest.raises(ch.AuthenticationFailed, match="pool position"):
+        ch.exchange_pool_start(transport, pool_c, ch.BOB)
+    assert _record(path_c) == ch.ANNOUNCE_BYTES and pool_c.start_byte == 0
+    thread.join(10)
+    server.close()

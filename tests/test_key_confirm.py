@@ -419,3 +419,53 @@ def test_a_pending_key_of_the_last_contact_is_settled_at_the_start_of_the_next_d
     alice_key, bob_key = root / "a" / "p2" / "alice.key", root / "b" / "p2" / "bob.key"
     assert alice_key.read_bytes() == bob_key.read_bytes()
     assert reports["bob"]["key_files"]["bob"]["pending"] is True
+
+
+@pytest.mark.slow
+def test_a_stranger_at_keys_confirm_listen_burns_no_pool_and_the_peer_confirms_after(
+    both_pending, tmp_path
+):
+    """`keys confirm --listen` (and every split listener): a stranger connects first and
+    announces a pool position near the end under a guessed tag. On main an untagged
+    position was taken on trust: the record jumped to the pool's end (burnt) and the
+    listener aborted. Now the stranger is dropped with nothing committed, and the peer
+    that connects next confirms as usual."""
+    import os
+
+    root = _copy(both_pending, tmp_path / "run")
+    record_before = json.loads((root / "alice.pool.used").read_text())["used_bytes"]
+    port = _free_port()
+    alice = subprocess.Popen(
+        [PY, "-m", "host.cli", "keys", "confirm", "--json", "--role", "alice", "--store",
+         str(root / "a"), "--auth-pool", str(root / "alice.pool"), "--listen",
+         f"127.0.0.1:{port}"],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    for _ in range(600):
+        try:
+            stranger = socket.create_connection(("127.0.0.1", port))
+            break
+        except OSError:
+            threading.Event().wait(0.05)
+    with stranger:
+        wire = ch.SocketTransport(stranger)
+        wire.send_bytes(ch._START.pack(ch._START_HELLO, ch.CONNECTOR, os.urandom(16)))
+        wire.recv_bytes()  # Alice's hello
+        near_end = (1 << 16) - ch.MIN_POOL_LEFT_BYTES - ch.ANNOUNCE_BYTES
+        wire.send_bytes(ch._ANNOUNCEMENT.pack(ch._ANNOUNCE, near_end, os.urandom(8)))
+        with pytest.raises(ch.ChannelClosed):
+            wire.recv_bytes()  # dropped
+    assert json.loads((root / "alice.pool.used").read_text())["used_bytes"] == record_before
+    bob = subprocess.run(
+        [PY, "-m", "host.cli", "keys", "confirm", "--json", "--role", "bob", "--store",
+         str(root / "b"), "--auth-pool", str(root / "bob.pool"), "--connect",
+         f"127.0.0.1:{port}"],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    alice_out, alice_err = alice.communicate(timeout=120)
+    assert (alice.returncode, bob.returncode) == (0, 0), (alice_err, bob.stderr)
+    assert "dropped a peer before the session" in alice_err.decode()
+    assert "failed authentication" in alice_err.decode()
+    assert not list(root.rglob("*.pending"))  # both keys confirmed
+    record_after = json.loads((root / "alice.pool.used").read_text())["used_bytes"]
+    assert record_after < record_before + 4096  # one session's reserve, not the pool

@@ -40,7 +40,9 @@ PASS_S = 30.0
 HEAD_SEGMENT_S = 2.0  # seconds of head generation around culmination
 OUTAGE_S = 3.0  # 20 s of micius' 274 s pass, scaled to the 30 s pass (2.2 s) and rounded up
 
-POOL_POSITION_BYTES = 32  # channel.exchange_pool_start: b"QKDPOOL2", u64 start, 16-byte nonce
+# channel.exchange_pool_start, the first two frames each way: the hello (b"QKDPOOL3", mode,
+# 16-byte nonce) and the tagged position (b"QKDPANN3", u64 position, 8-byte tag)
+POOL_START_FRAMES = {b"QKDPOOL3": 25, b"QKDPANN3": 24}
 KEY_FILES = {role: name + ".key" for role, name in key_names(True).items()}  # test keys
 
 pytestmark = pytest.mark.slow
@@ -181,8 +183,9 @@ def _frames(stream: bytes) -> list[bytes]:
 
 
 def _is_pool_position(frame: bytes) -> bool:
-    """The first frame each way: the authentication pool's position (public, untagged)."""
-    return len(frame) == POOL_POSITION_BYTES and frame.startswith(b"QKDPOOL")
+    """The first two frames each way: the pool-start exchange (public nonces, positions and
+    their tags)."""
+    return POOL_START_FRAMES.get(frame[:8]) == len(frame)
 
 
 def _protocol_bytes(stream: bytes) -> int:
@@ -191,9 +194,9 @@ def _protocol_bytes(stream: bytes) -> int:
 
 def _messages(stream: bytes) -> list[tuple[str, dict]]:
     """Every protocol message in one direction's captured bytes: body, 8-byte tag. Only
-    the first frame may be something else: the pool position."""
+    the first two frames may be something else: the pool-start exchange."""
     frames = _frames(stream)
-    if frames and _is_pool_position(frames[0]):
+    while frames and _is_pool_position(frames[0]):
         frames = frames[1:]
     return [decode(frame[:-TAG_BYTES]) for frame in frames]
 

@@ -324,7 +324,8 @@ def test_no_raw_time_tag_crosses_the_link_in_the_clear(clean_pass, tmp_path, key
 
     scenario = simulate.files.read_scenario(clean_pass)
     report = command.run_endpoints(scenario, clean_pass, keys, tamper=record)
-    assert report["aborted"] is False and len(wire) == 3  # pool start, bases, uplink fit
+    # the pool start (hello, tagged position), the bases, the uplink fit
+    assert report["aborted"] is False and len(wire) == 4
     stream = b"".join(wire)
     on_wire = {stream[i : i + 8] for i in range(len(stream) - 7)}  # as int64
     numbers_on_wire = set(re.findall(rb"\d{6,}", stream))  # as JSON text
@@ -389,7 +390,7 @@ def test_a_tampered_time_message_aborts_the_time_transfer(clean_pass, tmp_path, 
 
     def flip_one_bit_of_the_uplink_fit(data):
         sent.append(data)
-        if len(sent) == 3:  # pool start, bases, then the sealed uplink fit
+        if len(sent) == 4:  # pool start (two frames), bases, then the sealed uplink fit
             data = bytearray(data)
             data[len(data) // 2] ^= 0x01
             data = bytes(data)

@@ -109,7 +109,7 @@ def test_alices_downlink_sample_bits_never_cross_in_the_clear_during_the_pass(tw
         for frame in frames[side]:
             try:
                 got, fields = ch.decode(frame[: -ch.TAG_BYTES])
-            except ProtocolAborted:  # the pool announcement
+            except ProtocolAborted:  # the pool-start exchange
                 continue
             if got == kind:
                 yield fields
@@ -139,7 +139,8 @@ def test_a_tampered_block_aborts_the_streamed_time_transfer(two_way_pass, keys):
 
     def flip_a_bit_of_the_second_sealed_block(data):
         sent.append(data)
-        if len(sent) == 4:  # pool start, block 0, block 1 (bases + block 0's sealed fit)
+        # pool start (two frames), block 0, block 1 (bases + block 0's sealed fit)
+        if len(sent) == 5:
             data = bytearray(data)
             data[len(data) // 2] ^= 0x01
             data = bytes(data)

@@ -22,7 +22,9 @@ import os
 import queue
 import socket
 import struct
+import sys
 import threading
+import time
 
 import numpy as np
 
@@ -72,8 +74,18 @@ _ACK_FIELD = "_ack"  # the acknowledgement's name in every message body
 RESERVE_AHEAD_BYTES = 16 * (MAX_UNANSWERED + 1)
 RESERVE_STEP_BYTES = 2048  # one fsync'd record per this many bytes, not one per message
 MIN_POOL_LEFT_BYTES = 1024
-_START_HELLO = b"QKDPOOL2"  # 2: a session nonce follows the position (QKDPOOL1: none)
-_START = struct.Struct(f"<8sQ{SESSION_NONCE_BYTES}s")
+# The pool-start exchange (exchange_pool_start): each side's hello (its mode and a fresh
+# session nonce, no position), then the two positions, each announcement tagged.
+_START_HELLO = b"QKDPOOL3"  # 3: hello, then tagged announcements (2: an untagged position)
+_START = struct.Struct(f"<8sc{SESSION_NONCE_BYTES}s")
+_ANNOUNCE = b"QKDPANN3"
+_ANNOUNCEMENT = struct.Struct("<8sQ8s")  # magic, position, tag
+ANNOUNCE_BYTES = 16  # an announcement's hash key and pad, at its place in the pool
+LISTENER, CONNECTOR = b"L", b"C"
+# A listener gives a peer this long (wall seconds) from its connection to a verified
+# announcement; a peer that fails (silent, garbage, a forged tag) is dropped and the
+# listener accepts the next, within its own deadline (listen's timeout_s).
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def _fsync_directory(path: str) -> None:
@@ -156,6 +168,19 @@ class KeyPool:
             os.close(fd)
             raise
 
+    def reserve_announcement(self) -> int:
+        """The ANNOUNCE_BYTES at our start, for our announcement's tag (exchange_pool_start):
+        recorded used, durably, before the tag goes out. Returns their offset."""
+        with self._mutex:
+            if self.high_water_byte != self.start_byte:
+                raise RuntimeError("the announcement comes before any pad is taken")
+            end = self.start_byte + ANNOUNCE_BYTES
+            if end + MIN_POOL_LEFT_BYTES > len(self.data):
+                raise ProtocolAborted("authentication key pool exhausted")
+            if self.path is not None and self.reserved_byte < end:
+                self._write_record(end)
+            return self.start_byte
+
     def agree_start(self, peer_start_byte: int) -> None:
         """Begin this session at the later of the two sides' records (never earlier than
         our own, whatever the peer claims): both then take the same pads."""
@@ -232,40 +257,131 @@ def _read_usage_record(path: str, used_path: str) -> int:
     return start
 
 
-def exchange_pool_start(transport, pool: KeyPool) -> bytes:
-    """Both sides announce where their usage record stands (in the clear: it is not
-    secret) and begin at the later one. A peer, or a man in the middle, can only move our
-    start forward (wasting pool) or make the two starts differ, which the first
-    authenticated message then fails on; see AuthChannel for why no pad is reused then.
+def _announcement_tag(pool: KeyPool, offset: int, body: bytes) -> bytes:
+    """h_k(body) xor r, k and r the ANNOUNCE_BYTES at `offset` (every byte used once)."""
+    key = int.from_bytes(pool.data[offset : offset + 8], "little")
+    pad = int.from_bytes(pool.data[offset + 8 : offset + 16], "little")
+    return (poly_hash(body, key) ^ pad).to_bytes(8, "little")
 
-    Each announcement also carries a fresh random nonce; the session (both nonces, in a
-    fixed order) is returned for AuthChannel, whose every tag covers it. Without it, a
-    side whose record was rolled back would begin again where an earlier session began,
-    and a man in the middle replaying the peer's messages of then would see them verify
-    and the side answer under pads it had already used."""
+
+def _announcement_body(direction: int, prover_byte: int, verifier_byte: int, nonces) -> bytes:
+    """What an announcement's tag covers: who sends it, both positions (the verifier's 0 in
+    the prover's, who speaks first), the sender's nonce then the receiver's."""
+    return _ANNOUNCE + struct.pack("<BQQ", direction, prover_byte, verifier_byte) + nonces
+
+
+def _fits(pool: KeyPool, offset: int) -> bool:
+    return 0 <= offset and offset + ANNOUNCE_BYTES + MIN_POOL_LEFT_BYTES <= len(pool.data)
+
+
+def exchange_pool_start(transport, pool: KeyPool, role: str | None = None) -> bytes:
+    """Agree where this session begins in the pool, authenticated before anything a peer
+    says is committed (docs/distillation.md, "The pool-start exchange"). Returns the
+    session (both sides' fresh nonces, in a fixed order) for AuthChannel, whose every tag
+    covers it: a message recorded in another session never verifies.
+
+    1. Each side sends its hello: its mode (listener or connector) and a fresh nonce.
+       Nothing is committed: a hello costs no pool.
+    2. The PROVER sends its position p (its usage record) with a tag under the
+       ANNOUNCE_BYTES at p, recorded used (durably) before it is sent, covering both
+       nonces. A listener is never the prover: whoever connects proves first, so a stranger
+       connecting to a listener costs it nothing. Two connectors (through a relay, or one
+       process): Bob proves, Alice verifies.
+    3. The VERIFIER checks that tag at p without committing anything: a forged or replayed
+       announcement fails (the tag covers its fresh nonce) and changes nothing on this side.
+       Then it takes q = max(p + ANNOUNCE_BYTES, its own position), records the session
+       start q + ANNOUNCE_BYTES (durably) and sends its position, tagged under the bytes
+       at q. The prover checks that tag, and only then moves its start there.
+    So no byte serves two tags, a peer without the pool moves neither record (main: one
+    forged position burnt the pool to its end), and the session begins past both records.
+    A listener drops a peer that fails (a forged tag, garbage, silence for
+    HANDSHAKE_TIMEOUT_S) and accepts the next (ListeningTransport)."""
+    while True:
+        try:
+            return _exchange_pool_start(transport, pool, role)
+        except (ProtocolAborted, OSError) as error:
+            # a listener whose peer failed before anything was committed: the next peer
+            if not getattr(transport, "accept_next", lambda _reason: False)(str(error)):
+                raise
+
+
+def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
+    mode = getattr(transport, "mode", CONNECTOR)
     nonce = os.urandom(SESSION_NONCE_BYTES)
-    transport.send_bytes(_START.pack(_START_HELLO, pool.start_byte, nonce))
+    transport.send_bytes(_START.pack(_START_HELLO, mode, nonce))
     data = transport.recv_bytes()
-    if data[:8] == b"QKDPOOL1":
+    if data[:8] in (b"QKDPOOL1", b"QKDPOOL2"):
         raise ProtocolAborted(
-            "the peer announces its pool position without a session nonce: it speaks an "
+            "the peer announces its pool position without authentication: it speaks an "
             "older protocol"
         )
     if len(data) != _START.size or data[:8] != _START_HELLO:
-        raise ProtocolAborted("the peer did not announce its authentication pool position")
-    _, peer_start_byte, peer_nonce = _START.unpack(data)
-    pool.agree_start(peer_start_byte)
+        raise ProtocolAborted("the peer did not open the pool-start exchange")
+    _, peer_mode, peer_nonce = _START.unpack(data)
+    if mode == LISTENER:
+        prover = False
+    elif peer_mode == LISTENER:
+        prover = True
+    elif role in (ALICE, BOB):
+        prover = role == BOB
+    else:
+        raise ProtocolAborted("pool start: two connectors and no role to tell who proves")
+    if prover:
+        mine = pool.reserve_announcement()
+        body = _announcement_body(0, mine, 0, nonce + peer_nonce)
+        tag = _announcement_tag(pool, mine, body)
+        transport.send_bytes(_ANNOUNCEMENT.pack(_ANNOUNCE, mine, tag))
+        theirs, their_tag = _read_announcement(transport.recv_bytes())
+        at = max(mine + ANNOUNCE_BYTES, theirs)
+        body = _announcement_body(1, mine, theirs, peer_nonce + nonce)
+        if not _fits(pool, at) or not hmac.compare_digest(
+            their_tag, _announcement_tag(pool, at, body)
+        ):
+            raise AuthenticationFailed("the peer's pool position failed authentication")
+        pool.agree_start(at + ANNOUNCE_BYTES)
+    else:
+        theirs, their_tag = _read_announcement(transport.recv_bytes())
+        body = _announcement_body(0, theirs, 0, peer_nonce + nonce)
+        if not _fits(pool, theirs) or not hmac.compare_digest(
+            their_tag, _announcement_tag(pool, theirs, body)
+        ):
+            raise AuthenticationFailed("the peer's pool position failed authentication")
+        mine = pool.start_byte
+        at = max(theirs + ANNOUNCE_BYTES, mine)
+        if not _fits(pool, at):
+            raise ProtocolAborted("authentication key pool exhausted")
+        pool.agree_start(at + ANNOUNCE_BYTES)  # durable before our tag uses the bytes at q
+        body = _announcement_body(1, theirs, mine, nonce + peer_nonce)
+        tag = _announcement_tag(pool, at, body)
+        transport.send_bytes(_ANNOUNCEMENT.pack(_ANNOUNCE, mine, tag))
+    if hasattr(transport, "handshake_done"):
+        transport.handshake_done()
     return min(nonce, peer_nonce) + max(nonce, peer_nonce)
+
+
+def _read_announcement(data: bytes) -> tuple[int, bytes]:
+    if len(data) != _ANNOUNCEMENT.size or data[:8] != _ANNOUNCE:
+        raise ProtocolAborted("the peer did not announce its authentication pool position")
+    _, position, tag = _ANNOUNCEMENT.unpack(data)
+    return position, tag
 
 
 # ------------------------------------------------------------------ transports
 
 
 class QueueTransport:
-    """One end of an in-process duplex pipe (two queues)."""
+    """One end of an in-process duplex pipe (two queues). mode: as a socket's (the pool-start
+    exchange's asymmetry): queue_pair's first end stands for the listener."""
 
-    def __init__(self, inbox: queue.Queue, outbox: queue.Queue, timeout_s: float = 600.0):
+    def __init__(
+        self,
+        inbox: queue.Queue,
+        outbox: queue.Queue,
+        timeout_s: float = 600.0,
+        mode: bytes = CONNECTOR,
+    ):
         self.inbox, self.outbox, self.timeout_s = inbox, outbox, timeout_s
+        self.mode = mode
         self.tamper = None  # test hook on the wire: callable(bytes) -> bytes
 
     def send_bytes(self, data: bytes) -> None:
@@ -288,14 +404,20 @@ class QueueTransport:
 
 def queue_pair(timeout_s: float = 600.0) -> tuple[QueueTransport, QueueTransport]:
     a_to_b, b_to_a = queue.Queue(), queue.Queue()
-    return QueueTransport(b_to_a, a_to_b, timeout_s), QueueTransport(a_to_b, b_to_a, timeout_s)
+    return (
+        QueueTransport(b_to_a, a_to_b, timeout_s, LISTENER),
+        QueueTransport(a_to_b, b_to_a, timeout_s, CONNECTOR),
+    )
 
 
 class SocketTransport:
-    """Length-prefixed messages over a TCP stream."""
+    """Length-prefixed messages over a TCP stream. mode: LISTENER for a connection this side
+    accepted, CONNECTOR for one it made (exchange_pool_start: a listener never proves
+    first)."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, mode: bytes = CONNECTOR):
         self.sock = sock
+        self.mode = mode
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def send_bytes(self, data: bytes) -> None:
@@ -339,6 +461,61 @@ def parse_address(text: str) -> tuple[str, int]:
         raise BadInput(f"address {text!r}: expected HOST:PORT") from error
 
 
+class ListeningTransport(SocketTransport):
+    """The transport of a side that listens. Until the pool-start exchange has verified a
+    peer (exchange_pool_start), the listening socket stays open: a peer that fails before
+    then (silent for HANDSHAKE_TIMEOUT_S, garbage, a forged or replayed announcement) is
+    dropped, said on stderr, and the next one accepted, all within the listener's own
+    deadline (timeout_s from the start). A stranger can hold the listener for at most
+    HANDSHAKE_TIMEOUT_S a connection, and never commits anything on this side."""
+
+    def __init__(self, server: socket.socket, address: str, timeout_s: float):
+        self.server, self.address, self.timeout_s = server, address, timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.dropped = []  # why each peer before the verified one was dropped
+        self._accept()
+
+    def _accept(self) -> None:
+        remaining = self.deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            self.server.settimeout(remaining)
+            conn, _ = self.server.accept()
+        except TimeoutError as error:
+            self.close()
+            raise ChannelClosed(f"no peer connected to {self.address}") from error
+        conn.settimeout(min(HANDSHAKE_TIMEOUT_S, remaining))
+        super().__init__(conn, LISTENER)
+
+    def accept_next(self, reason: str) -> bool:
+        """A peer failed the pool-start exchange: drop it, accept the next (True), or
+        False once a peer was verified (the failure is then the session's)."""
+        if self.server is None:
+            return False
+        self.dropped.append(reason)
+        print(
+            f"qkdsat: {self.address}: dropped a peer before the session ({reason}); "
+            "waiting for the next",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.sock.close()
+        self._accept()
+        return True
+
+    def handshake_done(self) -> None:
+        self.server.close()
+        self.server = None
+        self.sock.settimeout(self.timeout_s)
+
+    def close(self) -> None:
+        super().close()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
 def listen(
     address: str, timeout_s: float = 600.0, ready: threading.Event | None = None, on_listening=None
 ):
@@ -348,18 +525,10 @@ def listen(
     server = socket.create_server((host, port))
     if on_listening is not None:
         on_listening()
-    server.settimeout(timeout_s)
     if ready is not None:
         ready.port = server.getsockname()[1]
         ready.set()
-    try:
-        conn, _ = server.accept()
-    except TimeoutError as error:
-        raise ChannelClosed(f"no peer connected to {address}") from error
-    finally:
-        server.close()
-    conn.settimeout(timeout_s)
-    return SocketTransport(conn)
+    return ListeningTransport(server, address, timeout_s)
 
 
 def open_split(listen_address: str | None, connect_address: str | None, on_listening=None):
@@ -382,8 +551,6 @@ def open_split(listen_address: str | None, connect_address: str | None, on_liste
 
 
 def connect(address: str, timeout_s: float = 600.0, retry_s: float = 30.0):
-    import time
-
     host, port = parse_address(address)
     deadline = time.monotonic() + retry_s
     while True:

@@ -33,7 +33,7 @@ def add_arguments(parser) -> None:
 
 def confirm_over(transport, pool: ch.KeyPool, role: str, store) -> dict:
     """The confirmation over an open transport (the mission runs it in-process)."""
-    session = ch.exchange_pool_start(transport, pool)
+    session = ch.exchange_pool_start(transport, pool, role)
     chan = ch.AuthChannel(transport, pool, role, session=session)
     try:
         return keystore.run_confirm(chan, store, role)

@@ -779,7 +779,7 @@ def _run_split(
     if args.connect and progress is not None:
         progress(f"{args.role}: connecting to {address}")
     transport = ch.open_split(args.listen, args.connect, on_listening=say_listening)
-    session = ch.exchange_pool_start(transport, pool)
+    session = ch.exchange_pool_start(transport, pool, args.role)
     chan = ch.AuthChannel(transport, pool, args.role, session=session)
     if progress is not None:
         progress(f"{args.role}: connected; running the protocol")

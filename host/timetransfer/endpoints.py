@@ -337,7 +337,7 @@ def check_key_length(pool: ch.KeyPool, key_info: dict, scenario: dict) -> dict:
 
 
 def _session(transport, pool: ch.KeyPool, role: str) -> ch.AuthChannel:
-    session = ch.exchange_pool_start(transport, pool)
+    session = ch.exchange_pool_start(transport, pool, role)
     return ch.AuthChannel(transport, pool, role, session=session)
 
 
