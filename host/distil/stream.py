@@ -88,6 +88,17 @@ MODE = "stream"
 FIRST_SYNC_WINDOWS_S = (0.02, 0.04, 0.08, 0.16)
 FIRST_SYNC_MAX_SLOTS = 25_000_000
 FIRST_SYNC_DETECTIONS = 120
+# A bright pass (10x jinan-1: ~12,000 detections in 20 ms) needs far less than 20 ms: its
+# densest 5 or 10 ms are tried first when they hold FIRST_SYNC_SHORT_DETECTIONS. The lag
+# FFTs and Alice's window are the span plus the 7.5 M-slot lag range at 625 MHz (20 M
+# slots at 20 ms, 10.6 M at 5 ms), and the drift scan has 4x fewer drifts of 4x fewer
+# detections: jinan-1-stress10x's first anchor took 22.3 s at 20 ms and 11.6 s at 5 ms
+# (same data and run, load ~9; z 49 on 12,557 detections, 25.5 on 3,361; the two anchors
+# agree within 0.1 slot). z grows as ~0.44 sqrt(n) there (0.65 at micius-2017), so 2,000
+# detections give z ~20, far above FIRST_Z: a short window that fails costs an attempt,
+# and sparse passes (micius-2017, jinan-1: a few hundred in 5 ms at most) never try one.
+FIRST_SYNC_SHORT_WINDOWS_S = (0.005, 0.01)
+FIRST_SYNC_SHORT_DETECTIONS = 2000
 SYNC_RETRY_Z_MARGIN = 1.1
 # A lock is verified before any block is sifted: PROBE_DETECTIONS of its first assigned
 # detections (then never sifted) are compared with Alice's bits where the bases agree
@@ -277,9 +288,12 @@ def first_sync_windows(slot_rate_hz: float) -> list[float]:
 
 def first_sync_window(t: np.ndarray, slot_rate_hz: float, needed: int) -> list[float]:
     """The first-anchor windows worth trying on detections t (true seconds): the allowed
-    lengths whose densest window holds `needed` detections, shortest first; empty while
-    none does."""
-    return [w for w in first_sync_windows(slot_rate_hz) if timesync.densest_count(t, w) >= needed]
+    lengths whose densest window holds `needed` detections (the short ones, at least
+    FIRST_SYNC_SHORT_DETECTIONS), shortest first; empty while none does."""
+    short = max(needed, FIRST_SYNC_SHORT_DETECTIONS)
+    return [w for w in FIRST_SYNC_SHORT_WINDOWS_S if timesync.densest_count(t, w) >= short] + [
+        w for w in first_sync_windows(slot_rate_hz) if timesync.densest_count(t, w) >= needed
+    ]
 
 
 def sample_target(count: int, cfg: Config) -> int:
