@@ -78,6 +78,18 @@ def distil_over_link(
     bob_dir = Path(ground_dir) if ground_dir is not None else out_dir / "ground"
     keystore, ground_pool = provision_pools(out_dir, station, pool or os.urandom(1 << 20))
     fresh = ["--new-auth-pool"]  # the pools were just provisioned: no usage record yet
+    distil_options = list(distil_options)
+    if "--stream" in distil_options:
+        # Streaming: the link's clock starts at the first detection (link time start_s), and
+        # so does Bob's replay, at his stream_start: the pass moves on the link's clock to
+        # that moment (the processes' start-up is not pass time). Both endpoints are told
+        # when the link ends, as the pass geometry predicts it, on that same clock.
+        from emulator.optical_link import UP
+
+        link.on_message(UP, "stream_start", lambda lk: lk.align_pass_to_now(), first=True)
+        link_end_s = link.predicted_end_s() - link.start_s
+        if link_end_s > 0:  # else the link is gone before the pass: it fails as it does
+            distil_options += ["--stream-link-end-s", repr(float(link_end_s))]
     sat_port, ground_port = link.start()
     join_beside = beside(link) if beside is not None else None
     env = {

@@ -166,6 +166,7 @@ class LinkSchedule:
     geometry_offset_s: float
     elevation_mask_deg: float
     outages: list = field(default_factory=list)  # [start_s, end_s, cause]
+    set_early_s: float | None = None  # set_at: the satellite sets here, before the geometry's
 
     @property
     def rise_s(self) -> float:
@@ -173,7 +174,17 @@ class LinkSchedule:
 
     @property
     def set_s(self) -> float:
-        return self.geometry.duration_s - self.geometry_offset_s
+        end = self.geometry.duration_s - self.geometry_offset_s
+        return end if self.set_early_s is None else min(end, self.set_early_s)
+
+    def shift(self, delta_s: float) -> None:
+        """Move the whole pass (geometry, set, outages) delta_s later in link time."""
+        self.geometry_offset_s -= delta_s
+        if self.set_early_s is not None:
+            self.set_early_s += delta_s
+        for outage in self.outages:
+            outage[0] += delta_s
+            outage[1] += delta_s
 
     def light_time_s(self, t_s: float) -> float:
         t = min(max(t_s + self.geometry_offset_s, 0.0), self.geometry.duration_s)
@@ -371,6 +382,7 @@ class OpticalLink:
         self.start_s = float(start_s)
         self.rng = random.Random(seed)
         self.capture = capture
+        self._capture_asked = capture  # else only while hooks wait for their message
         self.log = log
         self.streams = {name: _Stream(name, STREAMS[name]) for name in streams}
         self.by_sid = {s.sid: s for s in self.streams.values()}
@@ -434,11 +446,31 @@ class OpticalLink:
             self._lose_at_s = self.now_s() if at_s is None else at_s
             self.schedule.add_outage(self._lose_at_s, math.inf, "link lost for good (test)")
 
-    def on_message(self, direction: str, kind: str, action) -> None:
-        """Test hook: call action(link) the first time a distillation message of `kind`
-        enters the link in `direction`, before any of its bytes are sent."""
-        self.capture = True
-        self._triggers.append([direction, kind, action])
+    def on_message(self, direction: str, kind: str, action, first: bool = False) -> None:
+        """Hook: call action(link) the first time a distillation message of `kind` enters
+        the link in `direction`, before any of its bytes are sent (`first`: before the
+        hooks already waiting for it)."""
+        with self._lock:
+            self.capture = True
+            self._triggers.insert(0 if first else len(self._triggers), [direction, kind, action])
+
+    def set_at(self, at_s: float) -> None:
+        """The satellite sets at at_s (link time), before the geometry's set: a pass whose
+        link ends when a test wants, predicted like any set (predicted_end_s)."""
+        with self._lock:
+            self.schedule.set_early_s = float(at_s)
+
+    def predicted_end_s(self) -> float:
+        """When the pass geometry says the link ends (the satellite sets below the mask),
+        link time: what both endpoints can predict. Clouds and tracking losses are not."""
+        return self.schedule.set_s
+
+    def align_pass_to_now(self) -> None:
+        """The pass on the link's clock (geometry, set, outages) moves later so that link
+        time start_s, the first detection, is now: a streamed pass's replay starts when the
+        ground endpoint is ready (its stream_start), not when the link was started."""
+        with self._lock:
+            self.schedule.shift(self.now_s() - self.start_s)
 
     def wait(self, timeout_s: float | None = None) -> dict:
         if not self._done.wait(timeout_s):
@@ -612,6 +644,8 @@ class OpticalLink:
                     trigger[2](self)
             pos += 4 + length
         self._scan[direction] = pos
+        if not self._triggers and not self._capture_asked:
+            self.capture = False  # the hooks have fired: the rest need not be kept
 
     def _write_sockets(self) -> None:
         for stream in self.streams.values():

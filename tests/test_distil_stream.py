@@ -29,6 +29,7 @@ from host.distil.channel import TAG_BYTES, decode
 from host.distil.protocol import BASES, Config
 from host.distil.run import key_names, run_local
 from host.distil.stream import StreamOptions
+from host.formats.qdet import AppendedDetections
 from host.mission.timeline import ROW_FIELDS
 
 SEED = 33
@@ -108,7 +109,12 @@ PUBLIC = "public"
 # every field of the streaming steps' own messages, and what it carries (the sync, EC and
 # final messages are the post-pass ones: tests/test_payload_processor.py)
 STREAM_FIELDS = {
-    "stream_start": {"epoch_unix_s": PUBLIC, "speedup": PUBLIC, "block_s": PUBLIC},
+    "stream_start": {
+        "epoch_unix_s": PUBLIC,
+        "speedup": PUBLIC,
+        "block_s": PUBLIC,
+        "link_end_s": PUBLIC,
+    },
     "stream_next": {
         "step": PUBLIC,
         "t_end_s": PUBLIC,
@@ -124,6 +130,8 @@ STREAM_FIELDS = {
         "sized_from_chunk": PUBLIC,
         "t_handled_s": PUBLIC,
         "last_detection_s": PUBLIC,
+        "cut_s": PUBLIC,
+        "detections_discarded": PUBLIC,
     },
     # a lock's probe: Alice's bits of its slots, which are never sifted (burned)
     "stream_probe": {"basis": PUBLIC, "bit": "probe, never key", "known": PUBLIC},
@@ -257,11 +265,11 @@ OUTAGE_AT_PASS_S = 8.0
 LINK_SPEEDUP = 3.0  # the key does not depend on the speed-up: blocks are cut in pass time
 
 
-def _over_the_link(pass_dir: Path, tmp: Path, link):
+def _over_the_link(pass_dir: Path, tmp: Path, link, speedup: float = LINK_SPEEDUP, extra=()):
     from emulator.link_session import distil_over_link
 
     options = ["--insecure-deterministic-seed", str(SEED), "--stream"]
-    options += ["--stream-speedup", str(LINK_SPEEDUP), "--stream-chunk-frames", "1"]
+    options += ["--stream-speedup", str(speedup), "--stream-chunk-frames", "1", *extra]
     return distil_over_link(pass_dir, tmp, link, station=STATION, distil_options=options)
 
 
@@ -331,6 +339,74 @@ def test_link_lost_for_good_before_pa_leaves_no_key_on_either_side_while_streami
         assert side_report["key_bits"] == 0 and side_report["key_latency_s"] is None
         # the stream had run: the pass was sifted and reconciled before the link died
         assert side_report["timeline"][-1]["reconciled_bits"] > 0, side
+
+
+def _link_messages(stream: bytes) -> list[tuple[str, dict]]:
+    """The distillation messages in one direction's captured bytes (u32 length, body, tag;
+    the untagged pool-position frame skipped)."""
+    messages, pos = [], 0
+    while pos + 4 <= len(stream):
+        length = int.from_bytes(stream[pos : pos + 4], "little")
+        try:
+            messages.append(decode(stream[pos + 4 : pos + 4 + length - TAG_BYTES]))
+        except Exception:  # the pool-position frame is no protocol message
+            pass
+        pos += 4 + length
+    return messages
+
+
+# A pass long enough that the part before the cut keys on a loaded machine: under load ~10
+# a chunk took 4-8 s of wall time and the cut fell 15-20 s before the link's end.
+CUT_PASS_S = 45.0
+
+
+@pytest.fixture(scope="module")
+def micius_45s(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micius45") / "pass"
+    argv = ["simulate", "--profile", "micius-2017", "--duration-s", str(CUT_PASS_S)]
+    argv += ["--seed", "2", "--pattern-secret", PATTERN_SECRET]
+    assert qkdsat(argv + ["--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_a_link_that_sets_at_loss_of_signal_gives_both_sides_the_key_of_a_pass_cut_early(
+    micius_45s, streamed, tmp_path
+):
+    """Jinan-1's case: the optical link ends as the last detection arrives, with sifted bits
+    still to reconcile. Bob closes the pass early enough, from the link's predicted end and
+    the pipeline's measured costs, and both sides agree on the cut: the same key on both
+    sides, the tail named in both reports, and none of its detections on the link. Before,
+    the link closed on the backlog and neither side had a key (exit 3, 3)."""
+    from emulator.optical_link import UP, link_for_pass
+
+    # (`streamed` first: its in-process run has compiled the decoders' machine code, which
+    # numba caches; compiled in the endpoints instead, their first chunk costs ~10 s more
+    # on a loaded machine than the cut could foresee from the pass so far)
+    link = link_for_pass(micius_45s, seed=6, capture=True)
+    # the satellite sets as the last detection arrives (real time: link and pass clocks
+    # run together, both from the first detection)
+    link.set_at(link.start_s + CUT_PASS_S)
+    # Chernoff tails (jinan-1's choice): with Hoeffding's the part of this pass before
+    # the cut is too short for a key on a loaded machine
+    run = _over_the_link(micius_45s, tmp_path, link, speedup=1.0, extra=["--tail", "chernoff"])
+    assert run.codes == (0, 0), (run.alice.get("abort_reason"), run.bob.get("abort_reason"))
+    key = (run.alice_dir / KEY_FILES["alice"]).read_bytes()
+    assert key and (run.bob_dir / KEY_FILES["bob"]).read_bytes() == key
+    cuts = [side["stream_cut"] for side in (run.alice, run.bob)]
+    total = AppendedDetections(micius_45s / "ground" / "detections.qdet").records().size
+    for cut in cuts:
+        assert 0 < cut["cut_s"] < cut["loss_of_signal_s"] < CUT_PASS_S + 1
+        assert abs(cut["link_end_s"] - CUT_PASS_S) < 1e-6
+        assert 0 < cut["detections_discarded"] < total
+    assert {k: cuts[0][k] for k in cuts[0]} == {k: cuts[1][k] for k in cuts[0]}
+    for side in (run.alice, run.bob):
+        assert side["key_bits"] == finite_key_reference.recomputed_key_bits(side) > 0
+        assert side["sifted_bits"] == run.alice["sifted_bits"]
+    # the tail never crossed the link: Bob's blocks end at the cut and carry every
+    # detection before it, none after
+    blocks = [m for k, m in _link_messages(link.captured(UP)) if m.get("step") == "block"]
+    assert max(m["t_end_s"] for m in blocks) == cuts[1]["cut_s"]
+    assert sum(m["detections"] for m in blocks) + cuts[1]["detections_discarded"] == total
 
 
 def test_the_streams_messages_carry_alices_bits_only_in_the_counted_sample(streamed):

@@ -898,3 +898,80 @@ def cascade_bob(channel, bits: np.ndarray, qber_estimate: float, seed: int) -> t
         "rounds": rounds,
     }
     return work, stats
+
+
+# ------------------------------------------------------------------ warm-up
+
+WARM_UP_QBER = 0.015  # a typical pass's (micius-2017 1.1-1.6 %, jinan-1 ~1-4 %)
+WARM_UP_SAMPLE_BITS = 8192
+
+
+class _PipeChannel:
+    """One end of an in-process message pipe for the warm-up (no authentication: nothing
+    crosses it but public throw-away bits)."""
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def send(self, kind: str, **fields) -> None:
+        from host.distil.channel import encode
+
+        self.transport.send_bytes(encode(kind, fields))
+
+    def recv(self, kind: str) -> dict:
+        from host.distil.channel import decode
+
+        got, fields = decode(self.transport.recv_bytes())
+        if got != kind:
+            raise ProtocolAborted(f"warm-up: expected {kind!r}, received {got!r}")
+        return fields
+
+
+def warm_up(efficiency: float) -> float:
+    """LDPC error correction of one frame of throw-away bits (a public numpy generator: no
+    key material) at WARM_UP_QBER, Alice's and Bob's halves in two threads of this process,
+    twice. The first loads the decoders' machine code (numba's cache, or compiles it) and
+    the code of that rate before the pass, not in the first chunk (1.3 s against 0.2 s for
+    the second, measured at load ~8); the second's wall seconds are returned: a first
+    measure of this machine under its present load (docs/streaming.md, "The link's
+    end")."""
+    _correct_throwaway_frame(efficiency)
+    return _correct_throwaway_frame(efficiency)
+
+
+def _correct_throwaway_frame(efficiency: float) -> float:
+    import threading
+
+    from host.distil.channel import queue_pair
+
+    throwaway = np.random.default_rng(20261205)
+    low, high = qber_interval(WARM_UP_QBER, WARM_UP_SAMPLE_BITS)
+    count = ldpc.max_key_bits(low, efficiency, qber_high=high)
+    alice_bits = throwaway.integers(0, 2, count, dtype=np.uint8)
+    flips = throwaway.random(count) < WARM_UP_QBER
+    bob_bits = alice_bits ^ flips.astype(np.uint8)
+    a_end, b_end = queue_pair(timeout_s=120.0)
+    failed = []
+
+    def alice():
+        try:
+            ldpc_alice(
+                _PipeChannel(a_end), alice_bits, WARM_UP_QBER, efficiency, throwaway,
+                WARM_UP_SAMPLE_BITS,
+            )  # fmt: skip
+        except Exception as error:  # reported below; Bob's side stops on the closed pipe
+            failed.append(error)
+        finally:
+            a_end.close()
+
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=alice, name="ec-warm-up", daemon=True)
+    thread.start()
+    try:
+        ldpc_bob(_PipeChannel(b_end), bob_bits, WARM_UP_QBER, efficiency, WARM_UP_SAMPLE_BITS)
+    finally:
+        b_end.close()
+        thread.join()
+    if failed:
+        raise failed[0]
+    return time.perf_counter() - t0

@@ -181,6 +181,15 @@ def add_arguments(parser) -> None:
         "nothing (no detection, no PPS mark) for S wall seconds and no end-of-pass record "
         "came (docs/streaming.md)",
     )
+    parser.add_argument(
+        "--stream-link-end-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --stream: the optical link's predicted end (the satellite sets), in wall "
+        "seconds after the first detection, from the pass geometry; Bob closes the pass "
+        "early enough that the keys exist before it (docs/streaming.md, 'The link's end')",
+    )
 
 
 # ------------------------------------------------------------------ checks before any output
@@ -214,12 +223,13 @@ def stream_from_args(args):
         or args.stream_block_s != 1.0
         or args.stream_chunk_frames != 2
         or args.stream_idle_s != 10.0
+        or args.stream_link_end_s is not None
     )
     if not args.stream:
         if given:
             raise BadInput(
-                "--stream-speedup/--stream-block-s/--stream-chunk-frames/--stream-idle-s "
-                "need --stream"
+                "--stream-speedup/--stream-block-s/--stream-chunk-frames/--stream-idle-s/"
+                "--stream-link-end-s need --stream"
             )
         return None
     from host.distil.stream import StreamOptions
@@ -229,6 +239,7 @@ def stream_from_args(args):
         args.stream_speedup,
         args.stream_chunk_frames,
         idle_s=args.stream_idle_s,
+        link_end_s=args.stream_link_end_s,
     )
     options.validate()
     return options

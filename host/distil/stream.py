@@ -122,6 +122,36 @@ LINK_SILENT_S = 5.0
 LIVE_POLL_S = 0.05
 # Rice-coded slots per block message stay far below channel.MAX_MESSAGE_BYTES; a backlog
 # after an outage is sent block by block.
+#
+# The optical link's predicted end (docs/streaming.md, "The link's end"). Bob closes the
+# pass at the last block from which the rest (reconciling the backlog, the finite-key
+# analysis, privacy amplification, the last messages) still ends before the link does;
+# the detections after that cut are never sifted (they never cross the link). The time
+# the rest takes is estimated from what it costs, times LINK_END_SAFETY (the load of this
+# shared machine swings ~2x within a pass):
+# - error correction at Bob's measured wall seconds per LDPC frame so far (the whole
+#   exchange, Alice's syndromes and the link included: a short frame costs about as much
+#   as a full one, its ~10-30 exchanges each wait for the peer's and the link's turn);
+#   before the first chunk, WARM_UP_TO_STREAM times the warm-up's (reconcile.warm_up: one
+#   frame decoded in Bob's process before the pass), or EC_S_PER_FRAME_UNMEASURED;
+# - one privacy amplification hashing (both sides hash at once, protocol._finish) at
+#   PA_S_PER_BIT of the key block: on this machine, load ~4, 5.4 Mbit took 2.2-7.8 s
+#   (the first hashing in a process is the slow one) and 1.57 Mbit 0.44-1.48 s; in a full
+#   jinan-1 mission at load 8-10, Bob's privacy amplification stage took 14.6 s for 4.44
+#   Mbit (his hashing, and the wait for Alice's seeds);
+# - FINISH_FIXED_S for the estimation, the verification hashes, the last round trips and
+#   the keys' fsyncs.
+LINK_END_SAFETY = 2.0
+EC_S_PER_FRAME_UNMEASURED = 1.0  # a full jinan-1 pass under load: 54.4 s, 94 frames
+WARM_UP_TO_STREAM = 8.0
+# Within NEAR_END_RESTS times the rest of the link's end, every whole frame is reconciled
+# at once (no frame held back): the backlog the rest must reconcile stays under a frame,
+# and the chunks measure the error correction's speed before the cut is decided (a 30 s
+# micius-2017 pass under load ~10: 58 kbit took 8 s in the stream, ~40x the warm-up's
+# rate: each of a chunk's ~10-30 exchanges waits for the peer's and the link's turn).
+NEAR_END_RESTS = 4.0
+PA_S_PER_BIT = 3.5e-6
+FINISH_FIXED_S = 1.0
 
 
 @dataclass
@@ -133,8 +163,16 @@ class StreamOptions:
     # pps.qdet, whose marks come every second) stopped without its end-of-pass record:
     # the pass ends at its last record (LiveDetectionFeed)
     idle_s: float = 10.0
+    # The optical link's predicted end (the satellite sets), in wall seconds after the
+    # first detection (a replay's speed-up does not move it), from the pass geometry;
+    # None: not known, the pipeline runs to loss of signal.
+    link_end_s: float | None = None
 
     def validate(self) -> None:
+        if self.link_end_s is not None and not (
+            math.isfinite(self.link_end_s) and self.link_end_s > 0
+        ):
+            raise BadInput(f"--stream-link-end-s {self.link_end_s}: must be a positive number")
         if not (math.isfinite(self.idle_s) and 0 < self.idle_s <= 600):
             raise BadInput(f"--stream-idle-s {self.idle_s}: must be in (0, 600] s")
         if not (math.isfinite(self.block_s) and 0.05 <= self.block_s <= 1.0):
@@ -332,17 +370,22 @@ def chunk_bits(cfg: Config, options: StreamOptions, qber: float, sample_bits: in
 MAX_CHUNK_FRAMES = 16
 
 
-def due_chunk_bits(backlog: int, frame_bits: int, chunk_frames: int, final: bool) -> int:
+def due_chunk_bits(
+    backlog: int, frame_bits: int, chunk_frames: int, final: bool, hold: bool = True
+) -> int:
     """Key bits of a basis to reconcile now (0: none yet), `backlog` bits unreconciled and
     frames of `frame_bits` at the running estimate. During the pass: once the backlog holds
     `chunk_frames` frames plus one held back (so that what is left at loss of signal is at
     least a frame, reconciled in equal frames, never a sliver of one: a short frame costs
     as much in check bits and Bob's messages as a full one, and decodes worse), every whole
-    frame but the held one (at most MAX_CHUNK_FRAMES). At loss of signal: all of it."""
+    frame but the held one (at most MAX_CHUNK_FRAMES). Without `hold` (the optical link's
+    end is near): every whole frame, from the first. At loss of signal: all of it."""
     if backlog <= 0:
         return 0
     if final:
         return backlog
+    if not hold:
+        return min(backlog // frame_bits, max(MAX_CHUNK_FRAMES, chunk_frames)) * frame_bits
     frames = backlog // frame_bits - 1
     if frames < chunk_frames:
         return 0
@@ -409,10 +452,19 @@ class StreamAlice(Alice):
             start = channel.recv("stream_start")
             clock = PassClock(float(start["speedup"]), float(start["epoch_unix_s"]))
             timeline = Timeline(clock)
+            link_end_s = start.get("link_end_s")
+            mine = self.stream.link_end_s
+            if mine is not None and (link_end_s is None or abs(float(link_end_s) - mine) > 1.0):
+                # both sides predict the link's end from the same pass geometry
+                raise ProtocolAborted(
+                    f"stream: Bob predicts the optical link's end at {link_end_s} s, Alice at "
+                    f"{mine:g} s"
+                )
             out.report["stream"] = {
                 "block_s": float(start["block_s"]),
                 "speedup": clock.speedup,
                 "epoch_unix_s": clock.epoch_unix_s,
+                "link_end_s": None if link_end_s is None else float(link_end_s),
             }
             watched = _Watched(channel, timeline, kinds={"stream_next"})
             sifted = _Sifted(key_bases)
@@ -424,6 +476,7 @@ class StreamAlice(Alice):
             chunk_sizes = {n: [] for n in key_bases}  # bits of each reconciled chunk
             announced = set()  # (basis, chunk) whose error count Bob's sizing revealed
             detections = 0
+            last_block_end_s = None
             while True:
                 msg = watched.recv("stream_next")
                 step = msg.get("step")
@@ -434,6 +487,7 @@ class StreamAlice(Alice):
                     with stage("sync"):
                         self._answer_probe(channel, msg)
                 elif step == "block":
+                    last_block_end_s = float(msg["t_end_s"])
                     with stage("sifting"):
                         detections += int(msg["detections"])
                         self._sift_block(channel, msg, sifted, key_bases)
@@ -468,8 +522,11 @@ class StreamAlice(Alice):
                         handled_s=float(msg["t_handled_s"]),
                     )
                 elif step == "end":
-                    timeline.last_detection_s = float(msg["last_detection_s"])
-                    out.report["last_detection_unix_s"] = clock.wall_of(timeline.last_detection_s)
+                    loss_of_signal_s = float(msg["last_detection_s"])
+                    out.report["last_detection_unix_s"] = clock.wall_of(loss_of_signal_s)
+                    timeline.last_detection_s = self._agree_cut(
+                        msg, out, last_block_end_s, loss_of_signal_s
+                    )
                     break
                 else:
                     raise ProtocolAborted(f"stream: unknown step {step!r}")
@@ -495,7 +552,7 @@ class StreamAlice(Alice):
                     sifted.intensity.view,
                     {n: sifted.key_positions[n].view for n in key_bases},
                 ),
-            ) | {k: out.report[k] for k in ("stream", "last_detection_unix_s")}
+            ) | {k: out.report[k] for k in ("stream", "last_detection_unix_s", "stream_cut")}
             channel.send("done")
             channel.recv("done")
         except Exception as error:
@@ -504,6 +561,30 @@ class StreamAlice(Alice):
             if timeline is not None:
                 out.report.update(timeline.report())
         return out
+
+    def _agree_cut(self, msg, out, last_block_end_s, loss_of_signal_s: float) -> float:
+        """The end of the pass Bob announces: at loss of signal, or cut early for the
+        optical link's end (StreamBob._cut_for_link_end). A cut must be where the last block
+        ended (everything before it sifted, nothing after it) and before loss of signal;
+        the report names it and the detections it discarded. Returns the pass time up to
+        which the pipeline took detections."""
+        cut_s = msg.get("cut_s")
+        out.report["stream_cut"] = None
+        if cut_s is None:
+            return loss_of_signal_s
+        cut_s = float(cut_s)
+        if last_block_end_s is None or cut_s != last_block_end_s or cut_s > loss_of_signal_s:
+            raise ProtocolAborted(
+                f"stream: a cut at {cut_s} s that is not the last block's end "
+                f"({last_block_end_s} s) before loss of signal ({loss_of_signal_s} s)"
+            )
+        out.report["stream_cut"] = {
+            "cut_s": cut_s,
+            "loss_of_signal_s": loss_of_signal_s,
+            "link_end_s": out.report["stream"]["link_end_s"],
+            "detections_discarded": int(msg["detections_discarded"]),
+        }
+        return cut_s
 
     def _answer_probe(self, channel, msg) -> None:
         """A new lock's probe (StreamBob._verify_lock): her basis and bit of each slot Bob
@@ -824,6 +905,12 @@ class StreamBob(Bob):
         timeline = None
         try:
             self._check_hello(channel, MODE)
+            # the decoders loaded and their speed measured before the pass clock starts
+            # (the first chunk would pay the loading, and the link's end needs the speed)
+            self._warm_up_s_per_frame = None
+            if self.config.ec == "ldpc":
+                with stage("error_correction_warm_up"):
+                    self._warm_up_s_per_frame = reconcile.warm_up(self.config.ec_efficiency)
             self.feed.start()  # a live tagger: its first detection
             clock = PassClock(self.stream.speedup, self.feed.epoch_unix_s)
             timeline = Timeline(clock)
@@ -832,8 +919,13 @@ class StreamBob(Bob):
                 epoch_unix_s=clock.epoch_unix_s,
                 speedup=clock.speedup,
                 block_s=self.stream.block_s,
+                link_end_s=self.stream.link_end_s,
             )
-            out.report["stream"] = {**asdict(self.stream), "epoch_unix_s": clock.epoch_unix_s}
+            out.report["stream"] = {
+                **asdict(self.stream),
+                "epoch_unix_s": clock.epoch_unix_s,
+                "warm_up_ec_s_per_frame": self._warm_up_s_per_frame,
+            }
             watched = _Watched(channel, timeline)
             self._stream(watched, stage, out, clock, timeline)
             channel.recv("done")
@@ -889,15 +981,25 @@ class StreamBob(Bob):
         def after(pass_s: float) -> float:
             return round(time.time() - clock.wall_of(pass_s), 3)
 
+        def loss_of_signal_s() -> float:
+            # a live tagger still writing when the link's end cut the pass: the cut
+            return feed.last_s if math.isfinite(feed.last_s) else block_end
+
+        link_cut = None  # the link's end closes the pass at this block: its report entry
+        near_end = False  # the link's end is near: every whole frame is reconciled at once
+        block_key_bits = {n: 0 for n in key_bases}  # key bits the latest block added
         while True:
             block += 1
             block_end = block * opts.block_s
-            feed.wait_for(block_end)  # a live tagger: until it has passed the block's end
-            final = block_end >= feed.last_s
-            if final:
+            if opts.link_end_s is not None and block_end < feed.last_s:
+                link_cut, near_end = self._cut_for_link_end(out, clock, block_end, block_key_bits)
+            if link_cut is None:
+                feed.wait_for(block_end)  # a live tagger: until it has passed the block's end
+            final = link_cut is not None or block_end >= feed.last_s
+            if final and link_cut is None:
                 block_end = feed.last_s
             clock.sleep_until(block_end)
-            visible = feed.count() if final else feed.until(block_end)
+            visible = feed.until(block_end) if link_cut or not final else feed.count()
             time_ps, channels = feed.read(read, visible)
             read = visible
             if time_ps.size:
@@ -992,10 +1094,14 @@ class StreamBob(Bob):
                     )
                 if result is not None:
                     self.channels = buffer_ch[take]  # what _detections_to_slots reads
+            key_bits_before = {n: p.size for n, p in self._sifted.key_positions.items()}
             with stage("sifting"):
                 self._send_block(channel, result, int(take.sum()), handled_s)
+            block_key_bits = {
+                n: p.size - key_bits_before[n] for n, p in self._sifted.key_positions.items()
+            }
             if final:
-                after_los["last_block_sifted"] = after(feed.last_s)
+                after_los["last_block_sifted"] = after(loss_of_signal_s())
             buffer_t, buffer_ch = buffer_t[~take], buffer_ch[~take]
             timeline.update(
                 sifted_bits=self._sifted.basis.size,
@@ -1007,7 +1113,11 @@ class StreamBob(Bob):
                     qber, bits, source = self._estimate(name)
                     frame = chunk_bits(cfg, replace(opts, chunk_frames=1), qber, bits)
                     backlog = self._sifted.backlog(name)
-                    chunk = due_chunk_bits(backlog, frame, opts.chunk_frames, final)
+                    # near the link's end no frame is held back: what is left at the cut is
+                    # then under a frame and the blocks since, a short rest before the end
+                    chunk = due_chunk_bits(
+                        backlog, frame, opts.chunk_frames, final, hold=not near_end
+                    )
                     if not chunk:
                         break
                     started = time.perf_counter()
@@ -1022,11 +1132,21 @@ class StreamBob(Bob):
                     )
             timeline.update(handled_s=handled_s)
             if final:
-                after_los["last_chunks_reconciled"] = after(feed.last_s)
+                after_los["last_chunks_reconciled"] = after(loss_of_signal_s())
                 break
-        timeline.last_detection_s = feed.last_s
-        out.report["last_detection_unix_s"] = clock.wall_of(feed.last_s)
-        out.report["end_of_pass"] = {**feed.end, "end_s": feed.last_s, "detections": read}
+        # the lag is the pipeline's behind what it takes: up to the cut when the link's
+        # end closed the pass early; the key latency is from loss of signal all the same
+        timeline.last_detection_s = block_end
+        out.report["last_detection_unix_s"] = clock.wall_of(loss_of_signal_s())
+        out.report["end_of_pass"] = {
+            **(feed.end or {"by": "the optical link's end (the cut), the tagger still on"}),
+            "end_s": loss_of_signal_s(),
+            "detections": read,
+        }
+        if link_cut is not None:
+            link_cut["loss_of_signal_s"] = loss_of_signal_s()
+            link_cut["detections_discarded"] = feed.count() - read
+        out.report["stream_cut"] = link_cut
         out.report["sifted_bits"] = int(self._sifted.basis.size)
         out.report["sync"] = {
             "anchors": len(sync.anchors_t),
@@ -1037,7 +1157,13 @@ class StreamBob(Bob):
             "false_locks": self._false_locks,
             "probe": self._probe,
         }
-        channel.send("stream_next", step="end", last_detection_s=feed.last_s)
+        channel.send(
+            "stream_next",
+            step="end",
+            last_detection_s=loss_of_signal_s(),
+            cut_s=None if link_cut is None else link_cut["cut_s"],
+            detections_discarded=0 if link_cut is None else link_cut["detections_discarded"],
+        )
         for name in key_bases:
             if not self._block_idx[name]:
                 raise ProtocolAborted(f"too few events: no {name}-basis key bits")
@@ -1056,7 +1182,56 @@ class StreamBob(Bob):
             [self._ec_stats[n] for n in key_bases],
         )
         out.report.update(figures)
-        after_los["keys_computed"] = after(feed.last_s)
+        after_los["keys_computed"] = after(loss_of_signal_s())
+
+    def _cut_for_link_end(self, out, clock: PassClock, block_end: float, block_key_bits: dict):
+        """(the report entry of the cut when the block ending at block_end must be the last
+        one for the keys to exist before the optical link's predicted end, else None;
+        whether that end is near: within NEAR_END_RESTS times the time the rest would take).
+
+        A decision from the clock and the pipeline's measured costs only, never from a bit
+        value (LINK_END_SAFETY and the costs above). If this block is not the last, the next
+        block's rest starts a block later at the earliest, with each key basis's backlog
+        grown by up to two blocks of key bits (this one's and the next's): that rest must
+        still end before the link does."""
+        opts = self.stream
+        link_end_unix_s = clock.epoch_unix_s + opts.link_end_s
+        frames_done = sum(int(s["frames"]) for s in self._ec_stats.values() if s)
+        if frames_done:
+            s_per_frame = out.stage_seconds.get("error_correction", 0.0) / frames_done
+        elif self._warm_up_s_per_frame is not None:
+            s_per_frame = WARM_UP_TO_STREAM * self._warm_up_s_per_frame
+        else:
+            s_per_frame = EC_S_PER_FRAME_UNMEASURED
+        frames, pending = 0, 0
+        for name in self.key_bases:
+            bits = self._sifted.backlog(name) + 2 * block_key_bits[name]
+            if bits:
+                qber, sample_bits, _ = self._estimate(name)
+                frame_bits = max(1, chunk_bits(self.config, opts, qber, sample_bits))
+                frames += math.ceil(bits * opts.chunk_frames / frame_bits)
+                pending += bits
+        reconciled = sum(self._sifted.reconciled.values())
+        rest_s = LINK_END_SAFETY * (
+            s_per_frame * frames + PA_S_PER_BIT * (reconciled + pending) + FINISH_FIXED_S
+        )
+        block_wall_s = opts.block_s / clock.speedup
+        next_start_unix_s = max(time.time(), clock.wall_of(block_end)) + block_wall_s
+        near_end = next_start_unix_s + NEAR_END_RESTS * rest_s >= link_end_unix_s
+        if next_start_unix_s + rest_s < link_end_unix_s:
+            return None, near_end
+        return {
+            "cut_s": float(block_end),
+            "link_end_s": float(opts.link_end_s * clock.speedup),
+            "reserve_wall_s": round(rest_s + block_wall_s, 3),
+            "rest_bits_estimated": int(pending),
+            "rest_frames_estimated": int(frames),
+            "ec_s_per_frame": s_per_frame,
+            "reason": (
+                "the optical link's predicted end: the pass was closed early so that the "
+                "keys exist before it; the detections after the cut were never sifted"
+            ),
+        }, near_end
 
     def _first_sync(self, channel, stage, sync, t: np.ndarray, final: bool, windows: list):
         """The first anchor and tracking over the detections so far: (synced, last centre
