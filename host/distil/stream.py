@@ -1058,7 +1058,7 @@ class StreamBob(Bob):
                 if not final:
                     handled_s = max(handled_s, cut - self._t0)
             if final:
-                handled_s = feed.last_s
+                handled_s = block_end  # loss of signal, or the cut for the link's end
             result = None
             if take.any():
                 with stage("sync"):
