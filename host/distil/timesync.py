@@ -459,8 +459,10 @@ def match_epochs(detection_ps: np.ndarray, arrival_ps: np.ndarray) -> EpochMatch
         )
     window_ps = int(EPOCH_WINDOW_S * 1e12)
     t0 = int(arr[0])
-    windows = np.floor_divide(arr - t0, window_ps)
-    starts = np.searchsorted(windows, np.arange(int(windows[-1]) + 2))
+    # only the windows that hold emissions: epochs spread over a long span (a stray one
+    # far from the pass) cost nothing for the empty windows between
+    _, starts = np.unique(np.floor_divide(arr - t0, window_ps), return_index=True)
+    starts = np.append(starts, arr.size)
     anchors_t, anchors_lag = [], []
     first = None
     for w in range(min(EPOCH_FIRST_TRIES, starts.size - 1)):
@@ -485,8 +487,8 @@ def match_epochs(detection_ps: np.ndarray, arrival_ps: np.ndarray) -> EpochMatch
             break
     if first is None:
         raise ProtocolAborted(
-            "uplink time synchronisation failed: no window of the first "
-            f"{EPOCH_FIRST_TRIES} s of emissions has its detections at one lag"
+            "uplink time synchronisation failed: none of the first "
+            f"{EPOCH_FIRST_TRIES} windows of emissions has its detections at one lag"
         )
     base = anchors_lag[0]
     for w in range(first + 1, starts.size - 1):

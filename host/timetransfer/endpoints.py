@@ -385,6 +385,9 @@ class SatelliteEndpoint:
             down_sifted = unpack_bits(sift["downlink_sifted"], down_basis.size).astype(bool)
             n_down = int(down_sifted.sum())
             down_sample = _positions(sift["downlink_sample"], n_down, "downlink sample")
+        # its bits go sealed: a sample past the budget would burn key both sides counted
+        # on for nothing (the ground draws at most DOWNLINK_SAMPLE_MAX)
+        _check(down_sample.size <= DOWNLINK_SAMPLE_MAX, "downlink sample past the key budget")
         emission, received = uplink["emission_ps"], uplink["received_ps"]
         timing = uplink["timing"]
         base = int(np.median(received[timing] - emission[timing])) if timing.any() else 0

@@ -239,6 +239,7 @@ class StreamSatellite:
         up_edges = block_edges(up_tag, zero, block_s, n_blocks)
         down_edges = block_edges(down_tag, zero, block_s, n_blocks)
         orbit = estimate.predicted_orbit(scenario)
+        down_cap = downlink_sample_cap(n_blocks)
         uplink = _Direction(n_bins, bin_s)
         base = None
         previous = None
@@ -300,6 +301,7 @@ class StreamSatellite:
                 down_sample = _positions(
                     sift["downlink_sample"], int(down_sifted.sum()), "downlink sample"
                 )
+            _check(down_sample.size <= down_cap, "downlink sample past the key budget")
             previous = {
                 "down_epochs": epochs[down_sifted],
                 "down_sample_bits": bits[down_sifted][down_sample],
