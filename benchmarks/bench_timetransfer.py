@@ -101,8 +101,9 @@ def _print(profile: str, report: dict, read_cpu_s: float) -> None:
     )
     budget = report["key_budget"]
     print(
-        f"  key budget           {budget['need_bits']} bits before the session (tags "
-        f"{budget['auth_bits']}, fit {budget['fit_bits']}, headers {budget['header_bits']}, "
+        f"  key budget           {budget['need_bits']} bits before the session (pool start "
+        f"{budget['pool_start_bits']}, tags {budget['auth_bits']}, fit {budget['fit_bits']}, "
+        f"headers {budget['header_bits']}, "
         f"downlink sample {budget['downlink_sample_bits']}); used "
         f"{key['consumed_bits']} = {key['consumed_bits'] / budget['need_bits']:.3f} of it; "
         f"the smallest Micius pass key {MICIUS_SMALLEST_KEY_BITS}: "

@@ -475,7 +475,7 @@ def test_not_enough_key_is_refused_clearly_and_costs_no_key(
         assert code == 3 and report["aborted"] is True
         reason = report["abort_reason"]  # whichever side checked first names its key
         assert reason.startswith(("not enough key in alice.key", "not enough key in bob.key"))
-        assert "the time data of this pass needs 21504 bits" in reason
+        assert "the time data of this pass needs 21760 bits" in reason
         assert reason.endswith("9000 are left; no bit of it was used")
         assert not (tmp_path / attempt / "offset.csv").exists()
         # refused before the session took a bit: the key is still whole for a shorter use
@@ -500,7 +500,14 @@ def test_a_key_short_only_of_the_sealed_downlink_sample_is_refused_before_the_se
     budget = report["key_budget"]
     assert budget["downlink_sample_bits"] == endpoints.DOWNLINK_SAMPLE_MAX
     assert budget["need_bits"] == sum(
-        budget[part] for part in ("auth_bits", "fit_bits", "header_bits", "downlink_sample_bits")
+        budget[part]
+        for part in (
+            "pool_start_bits",
+            "auth_bits",
+            "fit_bits",
+            "header_bits",
+            "downlink_sample_bits",
+        )
     )
     assert budget["need_bits"] > budget["left_bits"] == 15_000
     assert budget["enough"] is False
