@@ -469,3 +469,23 @@ def test_a_stranger_at_keys_confirm_listen_burns_no_pool_and_the_peer_confirms_a
     assert not list(root.rglob("*.pending"))  # both keys confirmed
     record_after = json.loads((root / "alice.pool.used").read_text())["used_bytes"]
     assert record_after < record_before + 4096  # one session's reserve, not the pool
+
+
+@pytest.mark.slow
+def test_a_split_run_refuses_an_out_holding_its_key_of_an_earlier_split_run(
+    both_pending, tmp_path
+):
+    """Bob's --out holds his key of an earlier split run, which Alice holds too (confirmed
+    at the settling, or earlier). A split run replaces --out's key at its end and removes
+    it on an abort: Alice's copy would be left one-sided. Refused before any connection."""
+    root = _copy(both_pending, tmp_path / "run")
+    bob_key = (root / "b" / "bob.key").read_bytes()
+    refused = subprocess.run(
+        [PY, "-m", "host.cli", "distil", str(root / "pass-a"), "--role", "bob", "--connect",
+         "127.0.0.1:9", "--auth-pool", str(root / "bob.pool"), "--out", str(root / "b")],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert "holds bob's key of an earlier split run" in refused.stderr
+    assert "give each pass its own --out" in refused.stderr
+    assert (root / "b" / "bob.key").read_bytes() == bob_key

@@ -718,6 +718,17 @@ def key_store_of(args, out_dir: Path) -> Path:
         raise BadInput(f"--key-store {store}: not a directory")
     if store.is_dir():
         keystore.held_keys(store, args.role)
+    if Path(out_dir).is_dir():
+        # A split run replaces --out's key at its end (or removes it on an abort): one of
+        # an earlier split run may be held by the peer too, confirmed now by the settling
+        # below or earlier, and replacing it would leave the peer's copy one-sided.
+        for key in keystore.held_keys(out_dir, args.role).values():
+            if key.report_path.parent == Path(out_dir):
+                raise BadInput(
+                    f"--out {out_dir}: holds {args.role}'s key of an earlier split run "
+                    f"({key.path.name}, {key.key_id}); a split run never replaces or "
+                    "removes it (the peer may hold its copy): give each pass its own --out"
+                )
     return store
 
 
