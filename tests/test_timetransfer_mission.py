@@ -88,6 +88,12 @@ def test_the_satellite_endpoint_reads_the_downloaded_tags_and_recovers_the_truth
     assert figures["aborted"] is False, figures["abort_reason"]
     assert figures["uplink_from_firmware"]["events"] == two_way.uplink_rx[0].size
     assert figures["uplink_from_firmware"]["records_missing"] == 0
+    # every tag the firmware downloaded found its ground emission (the uplink's time
+    # synchronisation; a fixed draw: two photons in one 10 ns slot, ~1e-5 an event, would
+    # leave one unmatched), and the key budget was known and held before the session
+    sync = figures["uplink_sync"]
+    assert sync["matched"] == sync["detections"] == sync["emissions"] == two_way.uplink_rx[0].size
+    assert figures["key_budget"]["enough"] is True
     # the satellite's records are the firmware's and the head's: no simulator file
     assert not list((out / "satellite").glob("tt_*.npz"))
     report = json.loads((out / "timetransfer" / "report.json").read_text())

@@ -341,6 +341,8 @@ def run_stage(out: Path, qkd_profile: str, seed: int, window_s: float | None,
     )
     if "key_budget" in report:  # what the time data needs of the key, part by part
         figures["key_budget"] = report["key_budget"]
+    if "uplink_sync" in report:  # the firmware's uplink tags matched to the emissions
+        figures["uplink_sync"] = report["uplink_sync"]
     if "key" in report:
         figures["key_bits_used"] = {
             "pad": report["key"]["pad_bits"],
