@@ -392,7 +392,7 @@ class Synchroniser:
 # the structure is the same: a first anchor, anchors tracked window by window, every
 # detection assigned from the anchors inside a timing gate, so a detection lost on board
 # or one with no emission (a dark count) moves nothing else.
-EPOCH_WINDOW_S = 1.0  # of emissions per anchor (~1,300 Micius uplink events near culmination)
+EPOCH_WINDOW_S = 0.25  # of emissions per anchor (~330 Micius uplink events near culmination)
 EPOCH_FIRST_SLIP = 512  # first anchor: detection index within this of the emission index
 EPOCH_FIRST_BIN_PS = 100_000  # the first anchor's lag histogram (100 ns)
 EPOCH_MAX_RATE = 2e-6  # lag drift searched per second (a free-running TCXO, ~1 ppm, x2)
@@ -410,6 +410,13 @@ class EpochMatch:
     anchors_s: np.ndarray  # anchor times (s of predicted arrival from the first emission)
     lags_ps: np.ndarray  # the lag at each anchor, minus the first anchor's (lag_base_ps)
     lag_base_ps: int
+    t0_ps: int = 0  # the first arrival: anchors_s counts from it
+
+    def last_anchor(self) -> tuple[int, int]:
+        """(arrival ps, lag ps) of the last anchor: a hint for the next match_epochs."""
+        return self.t0_ps + int(round(self.anchors_s[-1] * 1e12)), self.lag_base_ps + int(
+            round(self.lags_ps[-1])
+        )
 
     def summary(self) -> dict:
         matched = int((self.emission >= 0).sum())
@@ -439,7 +446,7 @@ def _densest_lag(lags_ps: np.ndarray, times_s: np.ndarray, bin_ps: int):
     return int(pair[best]), float(np.mean(times_s[inside])), lag
 
 
-def match_epochs(detection_ps: np.ndarray, arrival_ps: np.ndarray) -> EpochMatch:
+def match_epochs(detection_ps: np.ndarray, arrival_ps: np.ndarray, hint=None) -> EpochMatch:
     """Each detection's emission. `detection_ps`: the receiver's tags (int64, its clock,
     time order); `arrival_ps`: each emission's predicted arrival (int64, the sender's
     epoch plus the predicted flight, in the sender's clock, time order). The lag
@@ -448,7 +455,9 @@ def match_epochs(detection_ps: np.ndarray, arrival_ps: np.ndarray) -> EpochMatch
     tracked window by window in time (a lag that moves at most EPOCH_MAX_RATE per second),
     then every detection takes the emission whose arrival plus the interpolated lag is
     nearest, inside EPOCH_GATE_PS; an emission claimed twice goes to the nearer.
-    Raises ProtocolAborted when no window gives an anchor."""
+    `hint`: (arrival ps, lag ps) of an earlier anchor (EpochMatch.last_anchor, the
+    stream's previous blocks) instead of the first anchor: the records then need not
+    start together. Raises ProtocolAborted when no window gives an anchor."""
     det = np.asarray(detection_ps, dtype=np.int64)
     arr = np.asarray(arrival_ps, dtype=np.int64)
     none = np.full(det.size, -1, dtype=np.int64)
@@ -465,7 +474,11 @@ def match_epochs(detection_ps: np.ndarray, arrival_ps: np.ndarray) -> EpochMatch
     starts = np.append(starts, arr.size)
     anchors_t, anchors_lag = [], []
     first = None
-    for w in range(min(EPOCH_FIRST_TRIES, starts.size - 1)):
+    if hint is not None:
+        anchors_t.append((int(hint[0]) - t0) * 1e-12)
+        anchors_lag.append(int(hint[1]))
+        first = -1
+    for w in range(min(EPOCH_FIRST_TRIES, starts.size - 1) if first is None else 0):
         i0, i1 = starts[w], min(starts[w + 1], starts[w] + EPOCH_FIRST_EMISSIONS)
         if i1 - i0 < EPOCH_MIN_PAIRS:
             continue
@@ -504,8 +517,9 @@ def match_epochs(detection_ps: np.ndarray, arrival_ps: np.ndarray) -> EpochMatch
         if count >= EPOCH_MIN_PAIRS:
             anchors_t.append(at)
             anchors_lag.append(predicted + lag)
-    ts = np.array(anchors_t)
-    lags = np.array(anchors_lag, dtype=np.float64) - base
+    order = np.argsort(anchors_t, kind="stable")  # a hint may lie inside the windows
+    ts = np.array(anchors_t)[order]
+    lags = np.array(anchors_lag, dtype=np.float64)[order] - base
     expected = arr + base + np.rint(_lag_line(ts, lags, (arr - t0) * 1e-12)).astype(np.int64)
     # nearest expected arrival of each detection (both neighbours in time order)
     k = np.clip(np.searchsorted(expected, det), 1, max(1, expected.size - 1))
@@ -519,7 +533,7 @@ def match_epochs(detection_ps: np.ndarray, arrival_ps: np.ndarray) -> EpochMatch
     repeat = np.zeros(order.size, dtype=bool)
     repeat[1:] = (ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)
     emission[order[repeat]] = -1
-    return EpochMatch(emission, ts, lags, base)
+    return EpochMatch(emission, ts, lags, base, t0)
 
 
 def _lag_line(ts: np.ndarray, lags: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -529,8 +543,8 @@ def _lag_line(ts: np.ndarray, lags: np.ndarray, t: np.ndarray) -> np.ndarray:
     inside = np.interp(t, ts, lags)
     if ts.size < 2:
         return inside
-    head = lags[0] + (lags[1] - lags[0]) / (ts[1] - ts[0]) * (t - ts[0])
-    tail = lags[-1] + (lags[-1] - lags[-2]) / (ts[-1] - ts[-2]) * (t - ts[-1])
+    head = lags[0] + (lags[1] - lags[0]) / max(ts[1] - ts[0], 1e-9) * (t - ts[0])
+    tail = lags[-1] + (lags[-1] - lags[-2]) / max(ts[-1] - ts[-2], 1e-9) * (t - ts[-1])
     return np.where(t < ts[0], head, np.where(t > ts[-1], tail, inside))
 
 

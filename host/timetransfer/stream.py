@@ -5,22 +5,25 @@ block after the bin (docs/time-transfer.md, "During the pass").
 The steps are those of the post-pass protocol (endpoints.py), cut into blocks of
 `block_s` of pass time. Both sides read their records as a pass clock lets them
 (host/distil/stream.py PassClock: pass seconds since the first event, at `speedup`
-pass seconds per wall second); the satellite decides each block's events by its own
-clock (uplink receptions, downlink emissions: index ranges of the records, which the
-ground takes the same from its own records, index i being the same photon in both).
+pass seconds per wall second); the satellite decides each block's downlink events by
+its own clock (index ranges of its record, which the ground takes the same from its
+own, index i being the same photon in both). The uplink is matched by its time
+synchronisation (_UplinkMatcher): the ground names its own block of emissions, cut by
+its clock, and the satellite matches its detections to them, so an uplink event lost
+or added on board moves nothing else.
 Messages, strictly alternating (the satellite is the first speaker):
 
-    satellite -> ground  tt_block       block k: bases of its uplink receptions and
-                                        downlink emissions; for block k-1: SEALED, the
+    satellite -> ground  tt_block       block k: bases of its downlink emissions
+                                        ("by epoch" for the uplink); for block k-1: SEALED, the
                                         uplink fit of the bins now complete and its
                                         emitted bits of the downlink sample (Alice's raw
                                         key bits), and in the clear the downlink emission
-                                        epochs of the sifted events, the uplink sample's
-                                        error count
-    ground -> satellite  tt_block_sift  block k: which bases agree, the uplink emission
-                                        epochs of the sifted events, a CSPRNG sample
-                                        (SAMPLE_FRACTION) of each direction's sifted
-                                        events and its emitted bits of the uplink sample
+                                        epochs of the sifted events, the uplink's sifted,
+                                        sampled and sample-error counts
+    ground -> satellite  tt_block_sift  block k: which downlink bases agree and a CSPRNG
+                                        sample of the sifted; its block of uplink
+                                        emissions (epochs, bases, a CSPRNG sample and its
+                                        emitted bits of it)
     ...
     satellite -> ground  tt_block       final: block N-1's data only
     ground -> satellite  tt_result      SEALED: the measured offset (middle, rate)
@@ -55,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from host.distil import channel as ch
+from host.distil import timesync
 from host.distil.bitcodec import pack_bits, unpack_bits
 from host.distil.endpoint_random import SystemRandom
 from host.distil.stream import PassClock
@@ -195,6 +199,91 @@ class _Direction:
         return {**self.fit, "sigma_ps": sigma}
 
 
+class _UplinkMatcher:
+    """The streamed uplink's time synchronisation on the satellite: the ground names each
+    block's emissions (cut by its own clock); each block, the detections of the last
+    MATCH_BLOCKS blocks not yet matched are matched (timesync.match_epochs) to the
+    emissions of those blocks not yet claimed, from the lag of the previous round (the
+    first round: both records from their start). A detection whose emission comes in
+    the ground's next block (the range shrank across a block's edge) is matched then; one
+    still unmatched after MATCH_BLOCKS blocks is a dark count or its emission was lost."""
+
+    MATCH_BLOCKS = 3
+
+    def __init__(self, scenario, tags, basis, bits, edges):
+        self.scenario, self.orbit = scenario, estimate.predicted_orbit(scenario)
+        self.tags, self.basis, self.bits, self.edges = tags, basis, bits, edges
+        self.detection_used = np.zeros(tags.size, dtype=bool)
+        self.epochs, self.arrivals, self.ground_basis = [], [], []
+        self.sample_bits = []  # per emission: the ground's bit if sampled, else -1
+        self.block_start = []  # first emission index of each named block
+        self.claimed = np.zeros(0, dtype=bool)
+        self.hint = None
+        self.matched = self.sifted = self.sampled = 0
+
+    def add_block(self, sift: dict) -> None:
+        count = int(sift["uplink_count"])
+        _check(0 <= count, "uplink count")
+        epochs = unpack_epochs(sift, "uplink_emission", count)
+        basis = unpack_bits(sift["uplink_basis"], count)
+        sample = _positions(sift["uplink_sample"], count, "uplink sample")
+        bits = np.full(count, -1, dtype=np.int16)
+        bits[sample] = unpack_bits(sift["uplink_sample_bits"], sample.size)
+        t1, t2 = estimate.uplink_flight(self.scenario, self.orbit, epochs)
+        self.block_start.append(sum(e.size for e in self.epochs))
+        self.epochs.append(epochs)
+        self.arrivals.append(epochs + np.rint((t2 - t1) * 1e12).astype(np.int64))
+        self.ground_basis.append(basis)
+        self.sample_bits.append(bits)
+        self.claimed = np.concatenate([self.claimed, np.zeros(count, dtype=bool)])
+
+    def match(self, k: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """After block k's emissions are named: (emission epochs, reception tags) of the
+        newly matched and sifted detections, their timing mask (sampled ones whose bits
+        disagree dropped), and the sample's (events, errors) of this round."""
+        first_block = max(0, k + 1 - self.MATCH_BLOCKS)
+        d0, d1 = int(self.edges[first_block]), int(self.edges[k + 1])
+        e0 = self.block_start[first_block]
+        epochs = np.concatenate(self.epochs)
+        arrivals = np.concatenate(self.arrivals)[e0:]
+        ground_basis = np.concatenate(self.ground_basis)
+        sample_bits = np.concatenate(self.sample_bits)
+        detections = np.flatnonzero(~self.detection_used[d0:d1]) + d0
+        free = np.flatnonzero(~self.claimed[e0:]) + e0
+        none = np.zeros(0, dtype=np.int64)
+        if detections.size < timesync.EPOCH_MIN_PAIRS or free.size < timesync.EPOCH_MIN_PAIRS:
+            return none, none, np.zeros(0, dtype=bool), (0, 0)
+        by_arrival = free[np.argsort(arrivals[free - e0], kind="stable")]
+        by_tag = detections[np.argsort(self.tags[detections], kind="stable")]
+        try:
+            result = timesync.match_epochs(self.tags[by_tag], arrivals[by_arrival - e0], self.hint)
+        except ProtocolAborted:
+            if self.hint is None and k + 1 < self.MATCH_BLOCKS:
+                return none, none, np.zeros(0, dtype=bool), (0, 0)  # too early: wait
+            raise
+        self.hint = result.last_anchor()
+        found = result.emission >= 0
+        detection, emission = by_tag[found], by_arrival[result.emission[found]]
+        self.detection_used[detection] = True
+        self.claimed[emission] = True
+        self.matched += int(detection.size)
+        sifted = self.basis[detection] == ground_basis[emission]
+        detection, emission = detection[sifted], emission[sifted]
+        order = np.argsort(emission, kind="stable")
+        detection, emission = detection[order], emission[order]
+        ground_bit = sample_bits[emission]
+        sampled = ground_bit >= 0
+        wrong = sampled & (self.bits[detection].astype(np.int16) != ground_bit)
+        self.sifted += int(detection.size)
+        self.sampled += int(sampled.sum())
+        return (
+            epochs[emission],
+            self.tags[detection],
+            ~wrong,
+            (int(sampled.sum()), int(wrong.sum())),
+        )
+
+
 def _start(transport, pool, role, key_info, scenario, block_s):
     chan = endpoints._session(transport, pool, role)
     sealed = SealedChannel(chan, key_info, auth_region_bytes(block_count(scenario, block_s)))
@@ -237,6 +326,7 @@ class StreamSatellite:
             int(up_tag[0]) if up_tag.size else 2**62, int(down_tag[0]) if down_tag.size else 2**62
         )
         up_edges = block_edges(up_tag, zero, block_s, n_blocks)
+        matcher = _UplinkMatcher(scenario, up_tag, up_basis, up_bit, up_edges)
         down_edges = block_edges(down_tag, zero, block_s, n_blocks)
         orbit = estimate.predicted_orbit(scenario)
         down_cap = downlink_sample_cap(n_blocks)
@@ -249,10 +339,9 @@ class StreamSatellite:
             fields = {"block": k, "final": final}
             if not final:
                 self.clock.sleep_until(min((k + 1) * block_s, float(scenario["duration_s"])))
-                u = slice(up_edges[k], up_edges[k + 1])
                 d = slice(down_edges[k], down_edges[k + 1])
                 fields.update(
-                    uplink_count=int(up_basis[u].size), uplink_basis=pack_bits(up_basis[u]),
+                    uplink_count=endpoints.BY_EPOCH,
                     downlink_count=endpoints.BY_SLOT if by_slot else int(down_basis[d].size),
                     downlink_basis=pack_bits(down_basis[d]),
                 )  # fmt: skip
@@ -267,6 +356,8 @@ class StreamSatellite:
                         sealed, previous["down_sample_bits"]
                     ),
                     uplink_sample_errors=previous["up_errors"],
+                    uplink_sampled=previous["up_sampled"],
+                    uplink_sifted=previous["up_sifted"],
                 )
                 if by_slot:
                     fields["downlink_sifted"] = pack_bits(previous["down_sifted"])
@@ -275,17 +366,10 @@ class StreamSatellite:
                 break
             sift = chan.recv("tt_block_sift")
             _check(int(sift["block"]) == k, "block out of order")
-            received, basis, bits = up_tag[u], up_basis[u], up_bit[u]
-            up_sifted = unpack_bits(sift["uplink_sifted"], basis.size).astype(bool)
-            n_up = int(up_sifted.sum())
-            emission = unpack_epochs(sift, "uplink_emission", n_up)
-            up_sample = _positions(sift["uplink_sample"], n_up, "uplink sample")
-            ground_bits = unpack_bits(sift["uplink_sample_bits"], up_sample.size)
-            wrong = bits[up_sifted][up_sample] != ground_bits
-            errors, sampled = errors + int(wrong.sum()), sampled + up_sample.size
-            timing = np.ones(n_up, dtype=bool)
-            timing[up_sample[wrong]] = False
-            got = received[up_sifted][timing]
+            matcher.add_block(sift)
+            emission, received, timing, (n_sampled, n_wrong) = matcher.match(k)
+            errors, sampled = errors + n_wrong, sampled + n_sampled
+            got = received[timing]
             if base is None and got.size:
                 base = int(np.median(got - emission[timing]))
             if got.size:
@@ -306,11 +390,14 @@ class StreamSatellite:
                 "down_epochs": epochs[down_sifted],
                 "down_sample_bits": bits[down_sifted][down_sample],
                 "down_sifted": down_sifted,
-                "up_errors": int(wrong.sum()),
+                "up_errors": n_wrong,
+                "up_sampled": n_sampled,
+                "up_sifted": int(received.size),
             }
         return {
             **endpoints.receive_offset_result(chan, sealed),
             "uplink_qber_sample": {"n": sampled, "errors": errors},
+            "uplink_sync": {"detections": int(up_tag.size), "matched": matcher.matched},
         }
 
 
@@ -373,7 +460,8 @@ class StreamGround:
         )
         own_down_edges = block_edges(down_tag, zero, self.block_s, n_blocks)
         up_sigma = math.nan
-        counts = {"up": [0, 0], "down": [0, 0], "up_sifted": 0, "down_sifted": 0}
+        counts = {"up": [0, 0], "down": [0, 0], "up_sifted": 0, "down_sifted": 0, "up_drawn": 0}
+        own_up_edges = block_edges(up_tag, zero, self.block_s, n_blocks)
         while True:
             message = chan.recv("tt_block")
             final = bool(message["final"])
@@ -404,9 +492,15 @@ class StreamGround:
                 counts["down"][0] += int(wrong.sum())
                 counts["down"][1] += sample.size
                 up_errors = int(message["uplink_sample_errors"])
-                _check(0 <= up_errors <= pending["up_sampled"], "uplink sample errors")
+                up_sampled = int(message["uplink_sampled"])
                 counts["up"][0] += up_errors
-                counts["up"][1] += pending["up_sampled"]
+                counts["up"][1] += up_sampled
+                counts["up_sifted"] += int(message["uplink_sifted"])
+                # late matches count samples of earlier blocks: the totals are checked
+                _check(
+                    0 <= up_errors <= up_sampled and counts["up"][1] <= counts["up_drawn"],
+                    "uplink sample counts",
+                )
                 timing = np.ones(pending["n_down"], dtype=bool)
                 timing[sample[wrong]] = False
                 if timing.any() and base is not None:
@@ -422,7 +516,11 @@ class StreamGround:
             if final:
                 break
             k = int(message["block"])
-            n_up, n_dn = int(message["uplink_count"]), int(message["downlink_count"])
+            n_dn = int(message["downlink_count"])
+            _check(int(message["uplink_count"]) == endpoints.BY_EPOCH, "uplink mode")
+            # the uplink: the ground names its own block of emissions, by its clock; the
+            # satellite matches its detections to them (_UplinkMatcher)
+            n_up = int(own_up_edges[k + 1] - own_up_edges[k]) if k < n_blocks else 0
             if by_slot is None:
                 by_slot = n_dn == endpoints.BY_SLOT
                 if by_slot and self.downlink_slots is None:
@@ -440,9 +538,8 @@ class StreamGround:
                 )
             u, d = slice(u0, u0 + n_up), slice(d0, d0 + n_dn)
             u0, d0 = u0 + n_up, d0 + n_dn
-            up_sifted = unpack_bits(message["uplink_basis"], n_up) == up_basis[u]
-            up_sample = self._sample(int(up_sifted.sum()))
-            counts["up_sifted"] += int(up_sifted.sum())
+            up_sample = self._sample(n_up)
+            counts["up_drawn"] += int(up_sample.size)
             if by_slot:  # name the slots and bases; the satellite sifts
                 sample_all = self._sample(n_dn, down_cap)
                 downlink_fields = {
@@ -462,13 +559,14 @@ class StreamGround:
             chan.send(
                 "tt_block_sift",
                 block=k,
-                uplink_sifted=pack_bits(up_sifted),
-                **pack_epochs("uplink_emission", up_tag[u][up_sifted]),
+                uplink_count=n_up,
+                **pack_epochs("uplink_emission", up_tag[u]),
+                uplink_basis=pack_bits(up_basis[u]),
                 uplink_sample=up_sample,
-                uplink_sample_bits=pack_bits(up_bit[u][up_sifted][up_sample]),
+                uplink_sample_bits=pack_bits(up_bit[u][up_sample]),
                 **downlink_fields,
             )
-            pending = {"up_sampled": int(up_sample.size)}
+            pending = {}
             if by_slot:
                 pending.update(
                     count=n_dn, sample_all=sample_all, tags=down_tag[d], bits=down_bit[d]
@@ -480,7 +578,7 @@ class StreamGround:
                     down_bits=down_bit[d][down_sifted],
                     down_sample=down_sample,
                 )
-        if u0 != up_basis.size or d0 != down_basis.size:
+        if d0 != down_basis.size:
             raise ProtocolAborted(
                 "the satellite's blocks cover a different number of events than the "
                 "ground's records: the two records do not belong together"
