@@ -169,7 +169,11 @@ def draw_timeline(ax, summary: dict) -> None:
                     fontsize=8)  # fmt: skip
     latency = summary.get("key_latency_s")
     if latency is not None:
-        ax.axvline(t[-1], color="tab:purple", lw=1.5, label=f"both keys: +{latency:.1f} s")
+        ax.axvline(t[-1], color="tab:purple", lw=1.5, label=f"both keys: {latency:+.1f} s")
+    cut = summary.get("stream_cut")
+    if cut:
+        discarded = f"{cut['detections_discarded']:,} discarded"
+        ax.axvline(cut["cut_s"], color="tab:brown", lw=1, ls="--", label=f"cut ({discarded})")
     pipeline = summary.get("pipeline", "post-pass")
     lag = summary.get("lag_s_max")
     ax.set_title(
@@ -307,6 +311,13 @@ def _summary_lines(summary: dict) -> list[str]:
             f"{'-' if latency is None else f'{latency} s'}, lag behind detections max "
             f"{summary['lag_s_max']} s, median {summary['lag_s_median']} s"
         )
+        cut = summary.get("stream_cut")
+        if cut:
+            lines.append(
+                f"          pass closed at {cut['cut_s']} s for the optical link's end at "
+                f"{cut['link_end_s']:.1f} s (loss of signal {cut['loss_of_signal_s']:.1f} s): "
+                f"{cut['detections_discarded']:,} detections discarded, never sifted"
+            )
     if "timetransfer" in s:
         tt = s["timetransfer"]
         if tt["aborted"]:

@@ -405,6 +405,9 @@ def distil_over_optical_link(
             "lag_s_median": bob.get("lag_s_median"),
             "loss_of_signal_s": round(last_detection_s - first_detection_s, 3),
             "classical_bytes": classical,
+            # the pass closed early for the optical link's end (docs/streaming.md "The
+            # link's end"): where, and the detections discarded after it; null without
+            "stream_cut": bob.get("stream_cut"),
         }
     else:
         # bits error correction left in agreement (Bob's EC blocks; discarded frames not)
