@@ -6,6 +6,7 @@ import random
 import socket
 import stat
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -483,6 +484,18 @@ def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_sess
         assert _dropped(garbage)
     with socket.create_connection(address) as silent:
         assert _dropped(silent)  # after HANDSHAKE_TIMEOUT_S
+    with socket.create_connection(address) as dribbler:  # its hello a byte every 0.2 s
+        hello = ch._LEN.pack(ch._START.size)
+        hello += ch._START.pack(ch._START_HELLO, ch.CONNECTOR, os.urandom(16))
+        sent = 0
+        try:
+            for byte in hello:
+                dribbler.sendall(bytes([byte]))
+                sent += 1
+                time.sleep(0.2)
+        except OSError:
+            pass  # dropped: the whole exchange is bounded, not each wait for a byte
+        assert sent < len(hello) and _dropped(dribbler)
     assert _record(path_l) == 0 and pool_l.start_byte == 0  # nothing committed
     transport = ch.connect(f"127.0.0.1:{ready.port}")
     session = ch.exchange_pool_start(transport, pool_c, ch.BOB)
@@ -491,7 +504,7 @@ def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_sess
     chan.send("ok")
     thread.join(30)
     assert "error" not in result, result.get("error")
-    assert len(result["dropped"]) == 3
+    assert len(result["dropped"]) == 4
     assert "failed authentication" in result["dropped"][0]
     assert pool_l.start_byte == pool_c.start_byte == 2 * ch.ANNOUNCE_BYTES
     chan.close()
@@ -523,3 +536,8 @@ def test_a_forged_position_from_the_listener_costs_the_connector_only_its_announ
     assert _record(path_c) == ch.ANNOUNCE_BYTES and pool_c.start_byte == 0
     thread.join(10)
     server.close()
+
+
+def test_a_listener_nobody_connects_to_says_so():
+    with pytest.raises(ch.ChannelClosed, match="no peer connected"):
+        ch.listen("127.0.0.1:0", timeout_s=0.3)

@@ -86,6 +86,7 @@ LISTENER, CONNECTOR = b"L", b"C"
 # announcement; a peer that fails (silent, garbage, a forged tag) is dropped and the
 # listener accepts the next, within its own deadline (listen's timeout_s).
 HANDSHAKE_TIMEOUT_S = 10.0
+_HANDSHAKE_FRAME_MAX = 64  # the exchange's frames are 24-25 bytes: a longer one is refused
 
 
 def _fsync_directory(path: str) -> None:
@@ -306,6 +307,8 @@ def exchange_pool_start(transport, pool: KeyPool, role: str | None = None) -> by
 
 
 def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
+    if hasattr(transport, "start_handshake"):
+        transport.start_handshake()
     mode = getattr(transport, "mode", CONNECTOR)
     nonce = os.urandom(SESSION_NONCE_BYTES)
     transport.send_bytes(_START.pack(_START_HELLO, mode, nonce))
@@ -426,9 +429,19 @@ class SocketTransport:
         except OSError as error:
             raise ChannelClosed(f"send failed: {error}") from error
 
+    # no bound of its own on a whole message: the socket's timeout bounds each wait
+    handshake_deadline = None
+
     def _recv_exact(self, count: int) -> bytes:
         parts, remaining = [], count
         while remaining:
+            if self.handshake_deadline is not None:  # a listener's peer not yet verified
+                left = self.handshake_deadline - time.monotonic()
+                if left <= 0:
+                    raise ChannelClosed(
+                        f"the pool-start exchange took more than {HANDSHAKE_TIMEOUT_S:g} s"
+                    )
+                self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(min(remaining, 1 << 20))
             except OSError as error:
@@ -442,7 +455,8 @@ class SocketTransport:
 
     def recv_bytes(self) -> bytes:
         (length,) = _LEN.unpack(self._recv_exact(4))
-        if length > MAX_MESSAGE_BYTES:
+        limit = MAX_MESSAGE_BYTES if self.handshake_deadline is None else _HANDSHAKE_FRAME_MAX
+        if length > limit:
             raise ProtocolAborted(f"peer announced a {length}-byte message")
         return self._recv_exact(length)
 
@@ -483,10 +497,18 @@ class ListeningTransport(SocketTransport):
             self.server.settimeout(remaining)
             conn, _ = self.server.accept()
         except TimeoutError as error:
-            self.close()
+            self.server.close()
+            self.server = None
             raise ChannelClosed(f"no peer connected to {self.address}") from error
-        conn.settimeout(min(HANDSHAKE_TIMEOUT_S, remaining))
         super().__init__(conn, LISTENER)
+        self.accepted_at = time.monotonic()
+        self.handshake_s = min(HANDSHAKE_TIMEOUT_S, remaining)
+
+    def start_handshake(self) -> None:
+        """The pool-start exchange begins: it must end within HANDSHAKE_TIMEOUT_S of the
+        connection, however the peer spaces its bytes, in frames of its own size."""
+        if self.server is not None:
+            self.handshake_deadline = self.accepted_at + self.handshake_s
 
     def accept_next(self, reason: str) -> bool:
         """A peer failed the pool-start exchange: drop it, accept the next (True), or
@@ -507,10 +529,12 @@ class ListeningTransport(SocketTransport):
     def handshake_done(self) -> None:
         self.server.close()
         self.server = None
+        self.handshake_deadline = None
         self.sock.settimeout(self.timeout_s)
 
     def close(self) -> None:
-        super().close()
+        if hasattr(self, "sock"):
+            super().close()
         if self.server is not None:
             self.server.close()
             self.server = None
