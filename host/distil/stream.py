@@ -142,7 +142,10 @@ LIVE_POLL_S = 0.05
 # - FINISH_FIXED_S for the estimation, the verification hashes, the last round trips and
 #   the keys' fsyncs.
 LINK_END_SAFETY = 2.0
-EC_S_PER_FRAME_UNMEASURED = 1.0  # a full jinan-1 pass under load: 54.4 s, 94 frames
+# Measured in full missions at load 8-10 (Bob's error correction wall / frames, and the
+# warm-up's frame): jinan-1 132 s / 77 frames = 1.72 s a frame, warm-up 0.22 s (x8.0);
+# micius-2017 59 s / 28 = 2.11 s, warm-up 0.25 s (x8.6).
+EC_S_PER_FRAME_UNMEASURED = 2.0
 WARM_UP_TO_STREAM = 8.0
 # Within NEAR_END_RESTS times the rest of the link's end, every whole frame is reconciled
 # at once (no frame held back): the backlog the rest must reconcile stays under a frame,
