@@ -1225,6 +1225,9 @@ class StreamBob(Bob):
             return None, near_end
         return {
             "cut_s": float(block_end),
+            # how far the pipeline was behind the detections when it had to stop: what
+            # arrived after the cut is the tail, discarded (the lag statistics stop at the cut)
+            "behind_s": round(max(clock.now() - block_end, 0.0), 3),
             "link_end_s": float(opts.link_end_s * clock.speedup),
             "reserve_wall_s": round(rest_s + block_wall_s, 3),
             "rest_bits_estimated": int(pending),

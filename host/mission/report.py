@@ -316,7 +316,8 @@ def _summary_lines(summary: dict) -> list[str]:
             lines.append(
                 f"          pass closed at {cut['cut_s']} s for the optical link's end at "
                 f"{cut['link_end_s']:.1f} s (loss of signal {cut['loss_of_signal_s']:.1f} s): "
-                f"{cut['detections_discarded']:,} detections discarded, never sifted"
+                f"{cut['detections_discarded']:,} detections discarded, never sifted (the "
+                f"pipeline {cut.get('behind_s', '-')} s behind the detections then)"
             )
     if "timetransfer" in s:
         tt = s["timetransfer"]
