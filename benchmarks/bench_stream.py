@@ -78,6 +78,14 @@ def test_bench_streaming_distillation_on_a_full_pass(profile, tmp_path):
             f"  {side}: key latency after the last detection {said}{ratio}; lag max "
             f"{report['lag_s_max']:.2f} s, median {report['lag_s_median']:.2f} s"
         )
+    cut = run.bob.get("stream_cut")
+    if cut:  # the pass closed ahead of the optical link's end (docs/streaming.md)
+        print(
+            f"  pass closed at {cut['cut_s']} s for the optical link's end at "
+            f"{cut['link_end_s']:.1f} s (loss of signal {cut['loss_of_signal_s']:.1f} s): "
+            f"{cut['detections_discarded']} detections discarded, the pipeline "
+            f"{cut['behind_s']} s behind then"
+        )
     bytes_each_way = run.alice["classical_bytes"]
     print(
         f"  classical bytes per sifted bit: down {bytes_each_way['down'] / sifted:.3f}, "
