@@ -8,6 +8,9 @@
   the median. Cascade's efficiency on the same data as the baseline.
 - A micius-like first key block sized from an 8192-bit QBER sample that is off by -3 .. +3
   standard errors: f and work against the same block sized from the exact QBER.
+- Each frame's own decoding threshold (the f at which it decodes, climbing in steps of
+  0.01 from f 1.02) on the protocol's frame plan per QBER: what the codes allow, against
+  the block f above (what the retry policy reaches).
 - Decoder throughput against the `ldpc` package's BpDecoder on the same frames (ratio),
   and against the project's earlier tanh/atanh sum-product decoder.
 - Privacy amplification time against one real FFT (ratio).
@@ -225,6 +228,80 @@ def test_bench_reconciliation_sized_from_a_sample():
             f"{label:>5s} | {max(fs):7.3f} | {statistics.median(fs):8.3f} | "
             f"{statistics.median(work):11.0f} | {max(rounds):18d} | "
             f"{statistics.median(per_cpu):14.3f}"
+        )
+
+
+THRESHOLD_FRAMES = 16
+THRESHOLD_START_F = 1.02
+
+
+def test_bench_frame_thresholds():
+    """What sets f: each frame's own decoding threshold. The frames of a 1 M-bit block at
+    each QBER (the protocol's plan from the exact QBER: mother code, punctured and
+    shortened bits), THRESHOLD_FRAMES of them with fixed noise, decoded by the protocol's
+    decoder first at THRESHOLD_START_F, then resumed after each further 0.01 of f in
+    revealed punctured bits (reveal order as reconcile): the f at which each frame
+    decodes. Their mean is the block f a perfect per-frame rate adaptation would reach
+    with these codes; the retry policy's cost is the bench above's f minus it. The
+    fraction of frames at or under 1.06 is how far the codes are from issue 17's f."""
+    print(
+        f"\nper-frame thresholds ({THRESHOLD_FRAMES} frames of the 1 M-bit block's plan per "
+        f"QBER, first attempt at f {THRESHOLD_START_F}, then +0.01 f per retry; f of the "
+        "frame's own error count)"
+    )
+    print(" QBER | rate  | punctured | mean f | 10 % | 50 % | 90 % | <= 1.06 | iterations/frame")
+    for q in QBERS:
+        plan = reconcile._plan(BLOCK_BITS, q, Config.ec_efficiency)
+        code, k = plan.code, plan.key_bits
+        key_pos, zero_pos = reconcile._frame_layout(plan, k)
+        order = reconcile._reveal_order(plan, k)
+        rng = np.random.default_rng([11, int(q * 1000)])
+        frames = THRESHOLD_FRAMES
+        x = np.zeros((frames, code.n), np.uint8)
+        x[:, key_pos] = rng.integers(0, 2, (frames, k))
+        x[:, plan.punctured_positions] = rng.integers(0, 2, (frames, plan.punctured))
+        errors = np.zeros((frames, code.n), np.uint8)
+        errors[:, key_pos] = rng.random((frames, k)) < q
+        h = np.array([binary_entropy(float(e[key_pos].mean())) for e in errors])
+        syndromes = code.syndrome(x)
+        magnitude = np.log((1 - q) / q)
+        llr = np.where((x ^ errors) == 1, -magnitude, magnitude).astype(np.float32)
+        llr[:, zero_pos] = ldpc.LLR_KNOWN
+        llr[:, plan.punctured_positions] = 0
+        revealed = np.maximum(np.round(THRESHOLD_START_F * h * k) - plan.leak_bits(), 0)
+        revealed = np.minimum(revealed, plan.punctured).astype(np.int64)
+        step = int(np.ceil(0.01 * binary_entropy(q) * k))
+        messages = np.zeros((frames, code.edges), np.float32)
+        out = np.zeros_like(x)
+        iterations = np.zeros(frames, np.int64)
+        threshold = np.full(frames, np.nan)
+        pending = np.arange(frames)
+        for attempt in range(30):
+            for f in pending:
+                shown = order[: revealed[f]]
+                llr[f, shown] = np.where(x[f, shown] == 1, -ldpc.LLR_KNOWN, ldpc.LLR_KNOWN)
+            sub = (messages[pending], out[pending], iterations[pending])
+            ok = reconcile._decode(
+                np.ascontiguousarray(llr[pending]),
+                np.ascontiguousarray(syndromes[pending]),
+                code,
+                reconcile.LDPC_MAX_ITERATIONS if attempt == 0 else reconcile.LDPC_RETRY_ITERATIONS,
+                *sub,
+            )
+            messages[pending], out[pending], iterations[pending] = sub
+            right = ok & (out[pending][:, key_pos] == x[pending][:, key_pos]).all(axis=1)
+            done = pending[right]
+            threshold[done] = (plan.leak_bits() + revealed[done]) / (h[done] * k)
+            pending = pending[~ok]
+            if pending.size == 0:
+                break
+            revealed[pending] += step
+        decoded = threshold[~np.isnan(threshold)]
+        low, mid, high = np.quantile(decoded, [0.1, 0.5, 0.9])
+        print(
+            f" {q:.2f} | {code.rate:.3f} | {plan.punctured:9d} | {decoded.mean():6.3f} | "
+            f"{low:.3f} | {mid:.3f} | {high:.3f} | {np.mean(decoded <= 1.06 + 1e-9):7.2f} | "
+            f"{iterations.mean():.0f}{'' if pending.size == 0 else f' ({pending.size} not)'}"
         )
 
 
