@@ -70,10 +70,12 @@ try:
         cobs_encode_thumb,
         crc16_thumb,
         crc32_thumb,
+        frame_encode_thumb,
         scan_thumb,
     )
 except (ImportError, SyntaxError, AttributeError):  # no inline assembler (unix)
     crc16_thumb = crc32_thumb = scan_thumb = cobs_encode_thumb = cobs_decode_thumb = None
+    frame_encode_thumb = None
 try:
     from binascii import crc32 as _c_crc32
 except ImportError:
@@ -228,6 +230,8 @@ class FrameWriter:
         # a 9-byte frame cost on the M3), and slicing a bytes body would allocate.
         if body is not raw:
             _copy_bytes(body, raw, length)
+        if frame_encode_thumb is not None:  # CRC, COBS and delimiter in one Thumb call
+            return self._out_view[: frame_encode_thumb(raw, length, self._out, _CRC16_TABLE)]
         if crc16_thumb is not None:  # the Thumb loop called directly: no wrapper call
             crc = crc16_thumb(raw, length, _CRC16_TABLE)
         else:

@@ -144,3 +144,18 @@ def test_every_cobs_implementation_the_port_has_agrees():
                 assert back_a[:want] == back_b[:want]
     if framing.cobs_decode_thumb is not None:
         assert fast_decode is framing.cobs_decode_thumb  # the fast loop is the one in use
+
+
+def test_the_frame_writer_gives_the_frame_crc_and_cobs_give():
+    # FrameWriter.encode's one-call Thumb path (QEMU, STM32) against CRC-16 + COBS + the
+    # delimiter done step by step with the viper loops
+    writer = framing.FrameWriter(600)
+    raw = bytearray(602)
+    out = bytearray(700)
+    for body in _cobs_cases():
+        raw[: len(body)] = body
+        crc = framing.crc16_viper(raw, len(body))
+        raw[len(body)] = crc >> 8
+        raw[len(body) + 1] = crc & 0xFF
+        n = framing.cobs_encode_viper(raw, len(body) + 2, out)
+        assert bytes(writer.encode(body)) == bytes(out[:n]) + b"\x00", len(body)
