@@ -116,3 +116,93 @@ def test_a_segment_whose_first_anchor_is_next_to_its_end_is_synchronised_through
     # deterministic draw (fixed key and seeds): measured 0.969 assigned, 0.994 right (the
     # rest dark counts and background, which have no true slot to match)
     assert result.assigned.mean() > 0.95 and right > 0.98, (result.summary(), right)
+
+
+PATTERN_SECRET = "5eed" * 8  # a test's pattern: not secret, the same pass on every run
+
+
+@pytest.fixture(scope="module")
+def micius_1s(tmp_path_factory):
+    from host.cli import main as qkdsat
+
+    out = tmp_path_factory.mktemp("micius1s") / "pass"
+    argv = ["simulate", "--profile", "micius-2017", "--duration-s", "1", "--seed", "1"]
+    argv += ["--pattern-secret", PATTERN_SECRET, "--out", str(out), "--quiet"]
+    assert qkdsat(argv) == 0
+    return out
+
+
+def _first_anchor(pass_dir, pass_json: dict, use_prior: bool):
+    """(synchroniser, slots Alice was asked for, true seconds, detection mask) of the
+    first anchor at the densest 40 ms, Alice answering from her own pattern source."""
+    from host.distil.bitcodec import pack_2bit
+    from host.distil.protocol import Alice, Config
+    from host.formats.qdet import read_detections
+
+    alice = Alice(pass_dir, Config())
+
+    class AliceAnswers:  # Alice._serve_sync's answer to one sync_request
+        asked = 0
+
+        def send(self, kind, **fields):
+            self.request = fields
+
+        def recv(self, kind):
+            starts, length = self.request["starts"], self.request["length"]
+            slots = (starts[:, None] + np.arange(length)[None, :]).reshape(-1)
+            self.asked += slots.size
+            return {"intensity": pack_2bit(alice._symbols(slots)[2])}
+
+    time_ps, channels, _ = read_detections(pass_dir / "ground" / "detections.qdet")
+    pps = read_detections(pass_dir / "ground" / "pps.qdet")[0]
+    t_all = timesync._true_seconds(time_ps, pps, pass_json)
+    det = np.isin(channels, (0, 1, 2, 3))
+    answers = AliceAnswers()
+    sync = timesync.Synchroniser(pass_json, answers)
+    sync.use_prior = use_prior
+    sync.first_anchor(t_all[det], 0.04)
+    return sync, answers.asked, t_all, det
+
+
+def _right_near_anchor(pass_dir, sync, t_all, det) -> float:
+    """Fraction of the assigned detections within 20 ms of the first anchor whose slot
+    is the true one (truth/: tests may read it, distillation never)."""
+    result = sync.assign(t_all, det)
+    near = result.assigned & (np.abs(t_all - sync.anchors_t[0]) < 0.02)
+    truth = np.load(pass_dir / "truth" / "detections.npz")["slot"]
+    return float(np.mean(result.slots[near] == truth[near]))
+
+
+@pytest.mark.slow
+def test_the_first_anchor_searched_around_the_orbit_prediction_is_the_full_searchs(micius_1s):
+    """The first anchor's lag and drift searched around pass.json's predicted light time
+    and range rate (public timing only) give the same anchor as the whole 12 ms x 5e-5
+    search, on the true slots, for a fraction of Alice's window. Before: the whole ranges
+    every time (first_search did not exist)."""
+    from host.formats.passdir import read_pass_json
+
+    pass_json = read_pass_json(micius_1s / "pass.json")
+    full, full_asked, t_all, det = _first_anchor(micius_1s, pass_json, use_prior=False)
+    near, near_asked, _, _ = _first_anchor(micius_1s, pass_json, use_prior=True)
+    assert (full.first_search, near.first_search) == ("full", "predicted")
+    # a subset of the same grids: the same lock, so the same slots and keys
+    assert near.anchors_off == full.anchors_off and near.first_slope == full.first_slope
+    # the 40 ms window's 4 M slots plus ~0.1 M of predicted lags instead of 1.2 M
+    assert near_asked < 0.8 * full_asked, (near_asked, full_asked)
+    # deterministic draw (fixed seeds and pattern): measured 1.0
+    assert _right_near_anchor(micius_1s, near, t_all, det) > 0.98
+
+
+@pytest.mark.slow
+def test_a_wrong_orbit_prediction_falls_back_to_the_full_search(micius_1s):
+    """A prediction 300 km off in range (1 ms of light time, far outside the prior's
+    ~60 us) holds no correlation peak: the first anchor falls back to the whole lag range
+    and still locks on the true slots."""
+    from host.formats.passdir import read_pass_json
+
+    pass_json = read_pass_json(micius_1s / "pass.json")
+    table = pass_json["predicted_geometry"]
+    table["range_km"] = [r + 300.0 for r in table["range_km"]]
+    sync, _, t_all, det = _first_anchor(micius_1s, pass_json, use_prior=True)
+    assert sync.first_search == "full"
+    assert _right_near_anchor(micius_1s, sync, t_all, det) > 0.98

@@ -1073,7 +1073,11 @@ class StreamBob(Bob):
                         take[:] = False
                         result = None
                     elif verdict is False:  # a false lock: drop it, sync again later
+                        # one found around the orbit prediction: the next searches the
+                        # whole ranges (the prediction may be what was wrong)
+                        use_prior = sync.use_prior and sync.first_search != "predicted"
                         sync = timesync.Synchroniser(self.pass_json, channel)
+                        sync.use_prior = use_prior
                         sync_needed = math.ceil(FALSE_LOCK_RETRY_GROWTH * sync_needed)
                         synced, self._unverified, self._lock_s = False, False, None
                         handled_s = handled_before
@@ -1157,6 +1161,7 @@ class StreamBob(Bob):
             "assigned_fraction": self._assigned / max(read, 1),
             "multi_click_slots": dict(self.multi_click_slots),
             "first_lock_s": self._lock_s,
+            "first_search": sync.first_search,  # "predicted" (around the orbit) or "full"
             "false_locks": self._false_locks,
             "probe": self._probe,
         }

@@ -12,7 +12,9 @@ intensities of detected slots are announced in sifting anyway). Steps:
    the drift are smallest): the drift is found by maximising how tightly the detection
    times cluster at one phase within the slot (circular mean resultant length); the
    integer lag by FFT cross-correlation of the detections' slot comb with the mean photon
-   number of the slots Alice revealed over the whole lag range.
+   number of the slots Alice revealed over the lag range. Both are searched first around
+   the public orbit prediction (pass.json's predicted_geometry: light time and range
+   rate, DelayPrior), then, if that finds no peak, over the whole ranges.
 4. Tracking: windows every `step_s` outward in both directions; each predicts the offset
    from the anchors so far (quadratic), re-estimates the phase, and searches a small
    integer lag range with Alice's intensities of the candidate slots only.
@@ -56,6 +58,17 @@ TRACK_Z = 5.0
 # ~190 slots/s^2 from 5.7 ms: every window on the other side predicted tens of slots off,
 # none correlated, and two anchors 6 ms apart set the slots of a whole 2 s segment.
 ACCEL_BASELINE_S = STEP_S / 2
+# The first anchor's search around the public prediction (DelayPrior). The delay is the
+# light time (pass.json's predicted_geometry) plus what the satellite's slot clock has
+# drifted since slot 0 left at T ~ 0 (first_slot_ps in host/simulate/passgen.py: the
+# first whole period of its clock after T = 0). Bounds, each far beyond the profiles'
+# assumptions: the prediction's along-track timing error (profiles: 0.05 s, a day-old
+# TLE), the slot clock's fractional frequency offset (profiles: 3e-8 OCXO, 5e-8 TCXO; a
+# free-running TCXO is ~1e-6) and a fixed margin for what neither holds (equipment and
+# troposphere delays, the PPS fit, the clock's noise: ns to a us).
+PRIOR_ALONG_TRACK_S = 1.0
+PRIOR_CLOCK_RATE = 1e-6
+PRIOR_MARGIN_S = 10e-6
 
 
 @dataclass
@@ -189,6 +202,57 @@ def _zscore(score: np.ndarray) -> tuple[int, float]:
     return best, float((score[best] - others.mean()) / sd)
 
 
+class DelayPrior:
+    """The first anchor's search ranges from public timing only (pass.json's predicted
+    geometry and the PRIOR_* bounds; nothing of the pattern): at true time T the delay is
+    within half_width_s(T) of the predicted light time, and the drift within
+    drift_half_width(T) of minus the predicted range rate over c."""
+
+    LIGHT_KM_S = 299_792.458
+
+    def __init__(self, table: dict):
+        self.t_s = np.asarray(table["t_s"], np.float64)
+        self.range_km = np.asarray(table["range_km"], np.float64)
+        self.range_rate_km_s = np.asarray(table["range_rate_km_s"], np.float64)
+        if self.t_s.size < 2 or np.any(np.diff(self.t_s) <= 0):
+            raise ValueError("predicted_geometry.t_s: fewer than 2 times, or not increasing")
+
+    @classmethod
+    def of(cls, pass_json: dict):
+        """The prior of a pass, or None when pass.json has no usable predicted_geometry
+        (then the first anchor searches the whole ranges, as before)."""
+        table = pass_json.get("predicted_geometry")
+        try:
+            return cls(table) if table else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def _at(self, values: np.ndarray, t: float) -> float:
+        return float(np.interp(t, self.t_s, values))
+
+    def _spread(self, values: np.ndarray, t: float) -> float:
+        """How far the value can move if the prediction is PRIOR_ALONG_TRACK_S early or
+        late (the largest difference over that span, on the table's samples too)."""
+        lo, hi = t - PRIOR_ALONG_TRACK_S, t + PRIOR_ALONG_TRACK_S
+        inside = (self.t_s > lo) & (self.t_s < hi)
+        near = np.concatenate([[self._at(values, lo), self._at(values, hi)], values[inside]])
+        return float(np.abs(near - self._at(values, t)).max())
+
+    def delay_s(self, t: float) -> float:
+        return self._at(self.range_km, t) / self.LIGHT_KM_S
+
+    def half_width_s(self, t: float) -> float:
+        spread = self._spread(self.range_km, t) / self.LIGHT_KM_S
+        return spread + PRIOR_CLOCK_RATE * abs(t) + PRIOR_MARGIN_S
+
+    def drift(self, t: float) -> float:
+        # slot(T) ~ (T - delay(T)) rate: the slot's rate falls as the range grows
+        return -self._at(self.range_rate_km_s, t) / self.LIGHT_KM_S
+
+    def drift_half_width(self, t: float) -> float:
+        return self._spread(self.range_rate_km_s, t) / self.LIGHT_KM_S + PRIOR_CLOCK_RATE
+
+
 def synchronise(time_ps, channels, pps_ps, pass_json, channel) -> SyncResult:
     """The whole pass at once (post-pass mode)."""
     sync = Synchroniser(pass_json, channel)
@@ -221,12 +285,15 @@ class Synchroniser:
         self.anchors_slope: list[float] = []
         self.first_slope = 0.0
         self.first_z, self.first_detections = 0.0, 0  # the last first_anchor's peak
+        self.prior = DelayPrior.of(pass_json)
+        self.use_prior = True  # the stream clears it when a lock found with it fails
+        self.first_search = None  # "predicted" or "full": the search that gave the lock
 
     def first_anchor(self, t: np.ndarray, window_s: float = FIRST_WINDOW_S) -> float:
         """The first anchor, at the densest window_s of t (true seconds of the detections,
         in time order); returns its time. Post-pass uses FIRST_WINDOW_S; the stream a
         longer window while the detections are sparse (stream.first_sync_window)."""
-        rate, helper = self.rate, self.helper
+        rate = self.rate
         edges = np.arange(t[0], t[-1] + window_s, window_s)
         hist, _ = np.histogram(t, edges)
         k = int(np.argmax(hist))
@@ -234,18 +301,54 @@ class Synchroniser:
         sel = (t >= edges[k]) & (t < edges[k + 1])
         tw = t[sel] - tc
         step = 0.1 / (window_s * rate)
-        drifts = np.arange(-MAX_DRIFT, MAX_DRIFT + step, step)
+        all_drifts = np.arange(-MAX_DRIFT, MAX_DRIFT + step, step)
+        lag_range = int(MAX_DELAY_S * rate)
+        searches = [("full", all_drifts, 0, lag_range)]
+        if self.prior is not None and self.use_prior:
+            # the predicted ranges: a subset of the same drift grid and of the same lags,
+            # so a lock found either way is the same anchor (the same slots and keys)
+            near = np.abs(all_drifts - self.prior.drift(tc))
+            drifts = all_drifts[near <= self.prior.drift_half_width(tc) + step]
+            delay, half = self.prior.delay_s(tc), self.prior.half_width_s(tc)
+            delay_lo = min(max(0, math.floor((delay - half) * rate)), lag_range)
+            delay_hi = min(max(0, math.ceil((delay + half) * rate)), lag_range)
+            if drifts.size and delay_hi > delay_lo:
+                searches.insert(0, ("predicted", drifts, delay_lo, delay_hi))
+        self.first_detections = int(sel.sum())  # the stream's retry rule
+        for search in searches:
+            z, offset, slope = self._correlate(tw, tc, *search[1:], step=step)
+            self.first_z = z
+            if z >= FIRST_Z:
+                break
+        else:
+            raise ProtocolAborted(
+                f"time synchronisation failed: no correlation peak (z={z:.1f}, "
+                f"{int(sel.sum())} detections in the densest {window_s * 1e3:.0f} ms)"
+            )
+        self.first_search = search[0]
+        self.anchors_t = [tc]
+        self.anchors_off = [offset]
+        self.first_slope = slope
+        self.anchors_slope = [self.first_slope]
+        return tc
+
+    def _correlate(self, tw, tc, drifts, delay_lo, delay_hi, step):
+        """(z, offset, slope) of the first anchor at tc (tw: the window's detection times
+        from tc) over the drifts given (evenly spaced by step) and the delays of
+        [delay_lo, delay_hi] slots: the drift of the tightest phase clustering, then the
+        lag of the strongest correlation with Alice's mean photon numbers."""
+        rate, helper = self.rate, self.helper
         drift = float(drifts[_densest_drift(tw * rate, drifts, step)])
         phi, conc = _phase(tw * rate * (1 + drift))
         # slot(T) = tc_slot + (T - tc) rate (1 + drift); tc_slot = (tc - delay) rate + phi
         u_rel = tw * rate * (1 + drift) - phi
         k_rel = np.rint(u_rel).astype(np.int64)
         span = int(k_rel.max() - k_rel.min()) + 1
-        lag_range = int(MAX_DELAY_S * rate)
-        base = int(math.floor(tc * rate)) + int(k_rel.min()) - lag_range
-        length = span + lag_range
-        # a circular correlation of this size holds lags 0..lag_range unwrapped: the comb
-        # spans `span` slots and Alice's window span + lag_range (length + span, as before,
+        lags = delay_hi - delay_lo
+        base = int(math.floor(tc * rate)) + int(k_rel.min()) - delay_hi
+        length = span + lags
+        # a circular correlation of this size holds lags 0..lags unwrapped: the comb
+        # spans `span` slots and Alice's window span + lags (length + span, as before,
         # made every FFT 60 % longer for no lag more)
         size = scipy.fft.next_fast_len(length, real=True)
         # Alice's mean photon numbers straight into the FFT's zero-padded float32 input:
@@ -260,21 +363,11 @@ class Synchroniser:
         np.conj(spectrum, out=spectrum)
         spectrum *= scipy.fft.rfft(alice, size, workers=-1)
         del alice
-        corr = scipy.fft.irfft(spectrum, size, workers=-1)[: lag_range + 1].astype(np.float64)
+        corr = scipy.fft.irfft(spectrum, size, workers=-1)[: lags + 1].astype(np.float64)
         del spectrum, comb
         lag, z = _zscore(corr)
-        self.first_z, self.first_detections = z, int(sel.sum())  # the stream's retry rule
-        if z < FIRST_Z:
-            raise ProtocolAborted(
-                f"time synchronisation failed: no correlation peak (z={z:.1f}, "
-                f"{int(sel.sum())} detections in the densest {window_s * 1e3:.0f} ms)"
-            )
         # offset(T) = slot position - T * rate; at tc the detections sit on slot centres - phi
-        self.anchors_t = [tc]
-        self.anchors_off = [base + lag - int(k_rel.min()) - phi - tc * rate]
-        self.first_slope = drift * rate
-        self.anchors_slope = [self.first_slope]
-        return tc
+        return z, base + lag - int(k_rel.min()) - phi - tc * rate, drift * rate
 
     def offset_model(self, tq: float) -> tuple[float, float]:
         """Offset and slope (slots/s) at tq, extrapolated from the nearest anchor with the
