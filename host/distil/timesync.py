@@ -242,7 +242,10 @@ class DelayPrior:
         return self._at(self.range_km, t) / self.LIGHT_KM_S
 
     def half_width_s(self, t: float) -> float:
-        spread = self._spread(self.range_km, t) / self.LIGHT_KM_S
+        # at least the range rate over the whole error (a table clamped at its ends, e.g.
+        # a short segment's two rows, shows no change beyond them)
+        moved_km = abs(self._at(self.range_rate_km_s, t)) * PRIOR_ALONG_TRACK_S
+        spread = max(self._spread(self.range_km, t), moved_km) / self.LIGHT_KM_S
         return spread + PRIOR_CLOCK_RATE * abs(t) + PRIOR_MARGIN_S
 
     def drift(self, t: float) -> float:
