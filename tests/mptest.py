@@ -8,6 +8,8 @@ A firmware test file is `tests/firmware/mptest_*.py`, written in MicroPython:
   `TARGETS = ("unix",)` with `TARGETS_REASON = "..."` narrows that (the STM32 board's
   96 KiB heap runs every file but the NOR-chip model's, mptest_flash_faults.py);
 - `QEMU_ICOUNT_SHIFT = N` runs QEMU with its clock following the instruction count;
+- `UNIX_HEAP_PERCENT = N` runs it on unix with N % of the controller's heap, so that a file
+  whose fixtures take a large share of the heap keeps its margin (docs/targets.md);
 - `MPTEST_HELPERS = ("link_helpers.py",)` appends those files of tests/firmware/ (set-up
   shared by several test files) after the file's own source, so that its line numbers
   stay the file's; the helpers only have to exist by the time the tests are called.
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emulator.targets import (
+    CONTROLLER_HEAP_BYTES,
     Netduino2Target,
     QemuTarget,
     unix_firmware_command,
@@ -59,6 +62,7 @@ class FileSpec:
     targets_reason: str | None
     icount_shift: int | None
     helpers: tuple[str, ...] = ()
+    unix_heap_percent: int = 100  # of the controller's heap, to keep a margin (docs/targets.md)
 
 
 @dataclass
@@ -90,6 +94,7 @@ def parse_spec(path: Path) -> FileSpec:
                 "TARGETS_REASON",
                 "QEMU_ICOUNT_SHIFT",
                 "MPTEST_HELPERS",
+                "UNIX_HEAP_PERCENT",
             ):
                 constants[target.id] = ast.literal_eval(node.value)
     targets = tuple(constants.get("TARGETS", ALL_TARGETS))
@@ -110,6 +115,7 @@ def parse_spec(path: Path) -> FileSpec:
         reason,
         constants.get("QEMU_ICOUNT_SHIFT"),
         helpers,
+        constants.get("UNIX_HEAP_PERCENT", 100),
     )
 
 
@@ -191,7 +197,7 @@ def run_on_unix(spec: FileSpec, timeout_s: float = 300.0) -> FileResult:
         program = Path(workdir) / spec.path.name
         program.write_text(build_program(spec))
         proc = subprocess.run(
-            unix_firmware_command(program),
+            unix_firmware_command(program, CONTROLLER_HEAP_BYTES * spec.unix_heap_percent // 100),
             capture_output=True,
             text=True,
             timeout=timeout_s,
