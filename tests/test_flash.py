@@ -2,9 +2,12 @@
 the maintenance telecommand), deploy .mpy files with mpremote, provision a link key,
 verify every file, then run the deployed firmware and command it with the new key."""
 
+import time
+
 import pytest
 from linkhelpers import KEY, qemu_payload
 
+from emulator.payload_run import COMMAND_TIMEOUT_S
 from emulator.targets import UnixTarget
 from host.cli import main
 from host.deploy.raw_repl import RawRepl
@@ -48,8 +51,13 @@ def test_flash_from_a_running_payload_then_command_it_with_the_new_key(tmp_path,
         started = repl._read_until(b"\n", 10.0)
         assert b"RUNNING /flash/payload/app.mpy" in started, started
         repl.close()
-        with PayloadClient(port, next_key) as payload:
+        # Before it answers, the deployed application mounts littlefs and imports its
+        # .mpy modules through the NOR-chip model; QEMU runs this without -icount, so on
+        # a loaded machine it took over the client's default 3 s (CI at 1af35ce, load 11)
+        with PayloadClient(port, next_key, timeout_s=COMMAND_TIMEOUT_S) as payload:
+            started_s = time.monotonic()
             hk = payload.housekeeping()
+            print(f"deployed application answered in {time.monotonic() - started_s:.2f} s")
             assert hk["key"] == "provisioned" and hk["version"].endswith("qemu")
         for wrong in (ccsds.DEVELOPMENT_KEY, KEY):  # the public key, the replaced key
             with PayloadClient(port, wrong, timeout_s=2.0) as intruder:
