@@ -63,7 +63,6 @@ from host.distil.protocol import (
     key_bases_for,
     own_detection_counts,
 )
-from host.distil.timesync import FIRST_Z
 from host.errors import BadInput, ProtocolAborted
 from host.formats.passdir import read_pass_json
 from host.formats.qdet import END_OF_PASS_CHANNEL, AppendedDetections
@@ -1032,9 +1031,12 @@ class StreamBob(Bob):
                         channel, stage, sync, buffer_t[det], final, windows
                     )
                     if not synced:
-                        # the detections a peak at FIRST_Z needs, from the last window tried
+                        # the detections a peak at the z needed (FIRST_Z, less around the
+                        # orbit prediction: timesync.first_z_needed) needs, from the last
+                        # window tried
                         z = max(sync.first_z, 1.0)
-                        grown = sync.first_detections * (FIRST_Z * SYNC_RETRY_Z_MARGIN / z) ** 2
+                        needed_z = sync.first_z_needed * SYNC_RETRY_Z_MARGIN
+                        grown = sync.first_detections * (needed_z / z) ** 2
                         sync_needed = max(sync_needed + 1, math.ceil(grown))
                     self._unverified = synced
                     if synced:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
+import scipy.stats
 from scipy.interpolate import make_interp_spline
 
 from host.distil.bitcodec import unpack_2bit
@@ -69,6 +70,20 @@ ACCEL_BASELINE_S = STEP_S / 2
 PRIOR_ALONG_TRACK_S = 1.0
 PRIOR_CLOCK_RATE = 1e-6
 PRIOR_MARGIN_S = 10e-6
+# A search over fewer lags meets fewer noise peaks: the predicted search's threshold gives
+# a noise peak the chance FIRST_Z gives it among the whole range's lags (Gaussian tails:
+# 6.3 among jinan-1's ~52 k predicted lags against 7.0 among its 7.5 M), never below
+# PRIOR_Z_FLOOR (the correlation of a few hundred detections is only nearly Gaussian so
+# far out). Every lock is still verified by the stream's probe.
+PRIOR_Z_FLOOR = 6.0
+
+
+def first_z_needed(lags: int, full_lags: int) -> float:
+    """The z a first anchor's peak needs among `lags` lags (of a search of `full_lags`)."""
+    if lags >= full_lags:
+        return FIRST_Z
+    chance = scipy.stats.norm.sf(FIRST_Z) * full_lags / max(lags, 1)
+    return max(PRIOR_Z_FLOOR, float(scipy.stats.norm.isf(chance)))
 
 
 @dataclass
@@ -288,6 +303,7 @@ class Synchroniser:
         self.anchors_slope: list[float] = []
         self.first_slope = 0.0
         self.first_z, self.first_detections = 0.0, 0  # the last first_anchor's peak
+        self.first_z_needed = FIRST_Z  # and the z its (first) search needed
         self.prior = DelayPrior.of(pass_json)
         self.use_prior = True  # the stream clears it when a lock found with it fails
         self.first_search = None  # "predicted" or "full": the search that gave the lock
@@ -318,10 +334,12 @@ class Synchroniser:
             if drifts.size and delay_hi > delay_lo:
                 searches.insert(0, ("predicted", drifts, delay_lo, delay_hi))
         self.first_detections = int(sel.sum())  # the stream's retry rule
-        for search in searches:
+        for i, search in enumerate(searches):
             z, offset, slope = self._correlate(tw, tc, *search[1:], step=step)
-            self.first_z = z
-            if z >= FIRST_Z:
+            needed = first_z_needed(search[3] - search[2], lag_range)
+            if i == 0:  # the stream's retry rule aims at the first search's threshold
+                self.first_z, self.first_z_needed = z, needed
+            if z >= needed:
                 break
         else:
             raise ProtocolAborted(
