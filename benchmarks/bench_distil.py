@@ -305,6 +305,37 @@ def test_bench_frame_thresholds():
         )
 
 
+def test_bench_retry_tail_widening(monkeypatch):
+    """Retry rounds (one message exchange each, the streaming pipeline's bottleneck), f and
+    CPU seconds of the same 1 M-bit blocks (16 frames) at 1 and 2 % QBER, exact QBER, with
+    main's retry schedule (no tail widening: reconcile.TAIL_SHARE_INV so large the
+    multiplier stays 1) and with the tail widening (reconcile._retry_step), in this run."""
+    _warm_up()
+    schedules = (("fine steps", 1 << 30), ("tail widening", reconcile.TAIL_SHARE_INV))
+    print(f"\nretry tail widening ({EC_SEEDS} blocks of {BLOCK_BITS} bits per QBER, same frames)")
+    print(" QBER | schedule      | rounds per block | f mean | CPU s | rounds / f / CPU vs fine")
+    for q in (0.01, 0.02):
+        figures = {}
+        for name, share_inv in schedules:
+            monkeypatch.setattr(reconcile, "TAIL_SHARE_INV", share_inv)
+            rounds, fs, cpu = [], [], 0.0
+            for seed in range(EC_SEEDS):
+                x, y = _noisy(q, seed)
+                stats, _, _ = _exchange("ldpc", x, y, q)
+                rounds.append(stats["retry_rounds"])
+                qber = float(np.mean(x != y))
+                fs.append(stats["leak_bits"] / (x.size * binary_entropy(qber)))
+                cpu += stats["cpu_seconds"]
+            figures[name] = (rounds, statistics.mean(fs), cpu)
+        base_rounds, base_f, base_cpu = figures["fine steps"]
+        for name, (rounds, f, cpu) in figures.items():
+            print(
+                f" {q:.2f} | {name:13s} | {' '.join(map(str, rounds)):16s} | {f:.4f} | "
+                f"{cpu:5.1f} | {sum(rounds) / sum(base_rounds):.2f} / {f - base_f:+.4f} / "
+                f"{cpu / base_cpu:.2f}"
+            )
+
+
 def test_bench_decoder_against_ldpc_package():
     """The same frames (each QBER's frame plan, no puncturing) through the decoder
     reconciliation runs (decode_phi: phi table, layered, frames on both cores), the

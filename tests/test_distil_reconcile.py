@@ -555,3 +555,42 @@ def test_a_block_sized_from_an_exact_count_is_not_probed():
     assert reconcile._probe_split(n, q, 1.05, 0) is None  # exact
     assert reconcile._probe_split(n, q, 1.05, 300_000) is None  # a previous chunk's count
     assert reconcile._probe_split(150_000, q, 1.05, 8192) is None  # 3 frames
+
+
+def test_a_chunks_last_frames_take_widened_retry_steps_on_the_public_schedule(monkeypatch):
+    """The streaming pipeline's latency is the retry rounds (one exchange each), and most
+    of them are spent on the last one or two frames of a chunk. With 2 or fewer of 16
+    frames left the step is widened (reconcile._retry_step, from the public failed list):
+    a 16-frame chunk at 2 % QBER (frames of 2^13, exact QBER, fixed noise and Alice's
+    random bits) takes 8 rounds (14 with main's fine steps). Keys identical, both sides
+    count the same leak, every retry step is on the schedule Alice checks, and the leak is
+    what crossed: syndromes less the punctured rank, reveals, the tag, Bob's messages."""
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
+    q = 0.02
+    n = 16 * ldpc.max_key_bits(q, 1.05, 8192)
+    x, y = _noisy_pair(n, q, np.random.default_rng(6))
+    corrected, kept, stats, alice_stats, by_alice, by_bob = _recorded_both_ways(x, y, q, 0)
+    assert np.array_equal(corrected, x) and kept.all()
+    assert stats["frames"] == 16
+    assert stats["retry_rounds"] <= 10, stats["retry_rounds"]  # main: 14
+    assert stats["leak_bits"] == alice_stats["leak_bits"]
+    retries = [f for kind, f in by_bob if kind == "ec_status"][:-1]
+    assert len(retries) == stats["retry_rounds"]
+    base = int(retries[0]["step"]) // reconcile._tail_widening(retries[0]["failed"].size, 16)
+    steps = [int(f["step"]) for f in retries]
+    failed = [f["failed"].size for f in retries]
+    assert steps == [reconcile._retry_step(base, k, p, 16) for k, p in enumerate(failed)]
+    assert max(s // base for s in steps) > 1  # the tail was widened
+    plan = reconcile._plan(n, q, 1.05)
+    (syndromes,) = [f for kind, f in by_alice if kind == "ec_syndromes"]
+    assert int(syndromes["frames"]) == 16 and syndromes["code"] == plan.code.digest()
+    reveals = [len(bytes(f["values"])) * 8 for kind, f in by_alice if kind == "ec_reveal"]
+    assert 0 <= sum(reveals) - stats["revealed_bits"] <= 7 * len(reveals)  # whole bytes
+    retried_bits = sum(s * p for s, p in zip(steps, failed, strict=True))
+    assert stats["revealed_bits"] == 16 * stats["first_request_bits"] + retried_bits
+    assert "ec_frame_tags" not in [kind for kind, _ in by_alice]
+    bob_bits = _bob_bits(stats, stats["retry_rounds"] + 1)
+    assert stats["leak_bob_messages_bits"] == bob_bits
+    assert stats["leak_bits"] == (
+        16 * plan.leak_bits() + stats["revealed_bits"] + reconcile.BLOCK_TAG_BITS + bob_bits
+    )

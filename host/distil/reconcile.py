@@ -35,6 +35,7 @@ LDPC_RETRIES = 40
 LDPC_REVEAL_STEP_F = 0.01
 LDPC_STEP_GROWTH = 8  # retries per unit of step growth (see _retry_step)
 LDPC_STEP_LINEAR = 24  # retries of linear growth before doubling
+TAIL_SHARE_INV = 2  # see _retry_step: a tail round costs at most a half-block round
 # Sizing from the QBER sample: the first syndromes are sized for the low end of the
 # sample's confidence interval (estimate - QBER_SIGMAS_LOW standard errors), the punctured
 # reserve reaches its high end (+ QBER_SIGMAS_HIGH). Bob then measures the QBER from the
@@ -71,18 +72,30 @@ BLOCK_TAG_BITS = 64
 FRAME_TAG_BITS = 32
 
 
-def _retry_step(base_step: int, attempt: int) -> int:
+def _retry_step(base_step: int, attempt: int, pending: int = 1, frames: int = 1) -> int:
     """Bits revealed per pending frame on retry `attempt` (0-based). Fine steps first,
     growing linearly (one more base step every LDPC_STEP_GROWTH retries): frames end close
     to their own threshold (doubling from the start overshot: a frame done on retry 20
     paid up to 0.08 in f for its last step). After LDPC_STEP_LINEAR retries the step
     doubles every 3, so that a small block whose sampled QBER was far too low, or a frame
     past the punctured reserve (key bits are worth only 1 - R syndrome bits each), still
-    decodes within LDPC_RETRIES."""
+    decodes within LDPC_RETRIES.
+    Tail widening: when few of the block's frames are left (pending of frames, both
+    public: Bob's ec_status lists them), the step is multiplied by
+    frames // (TAIL_SHARE_INV * pending), so a round's reveal costs the block at most what
+    a round with 1 / TAIL_SHARE_INV of the frames pending costs: the last one or two frames
+    of a 16-frame chunk (a frame's threshold lies up to ~0.06 above the mean) take a few
+    coarse rounds instead of many fine ones (docs/distillation.md, "Retry rounds")."""
+    widen = _tail_widening(pending, frames)
     if attempt < LDPC_STEP_LINEAR:
-        return base_step * (1 + attempt // LDPC_STEP_GROWTH)
+        return base_step * (1 + attempt // LDPC_STEP_GROWTH) * widen
     linear_end = 1 + (LDPC_STEP_LINEAR - 1) // LDPC_STEP_GROWTH
-    return base_step * linear_end << (1 + (attempt - LDPC_STEP_LINEAR) // 3)
+    return (base_step * linear_end << (1 + (attempt - LDPC_STEP_LINEAR) // 3)) * widen
+
+
+def _tail_widening(pending: int, frames: int) -> int:
+    """_retry_step's multiplier for `pending` of `frames` frames still to decode."""
+    return max(1, frames // (TAIL_SHARE_INV * max(pending, 1)))
 
 
 def _decode(llr, syndromes, code, iterations, messages, out, iters):
@@ -126,7 +139,8 @@ def _bob_messages_bits(
     computed from it, his QBER measured on the syndromes included): every ec_status names
     a subset of the frames (frame_count bits, whatever its encoding), every ec_top_up a
     step in [0, n], ec_check one bit, and ec_discard, when sent, another subset. The retry
-    steps are one step in [0, n]: retry k reveals _retry_step(base, k), base the first
+    steps are one step in [0, n]: retry k reveals _retry_step(base, k, pending, frames),
+    pending the frames of its (public) list, base from the first
     retry's step (Alice refuses any other), so the rounds after the first add only their
     frame lists. About 0.1-0.3 kbit a block; docs/distillation.md."""
     step_bits = math.ceil(math.log2(code_n + 1))
@@ -381,9 +395,10 @@ def _ldpc_alice_part(
         step = int(msg["step"])
         if not 0 < step <= code.n:
             raise ReconciliationFailed(f"ec_status: step {step} out of range")
-        base_step = step if base_step is None else base_step
+        if base_step is None:  # the first retry may already be widened (_retry_step)
+            base_step = max(1, step // _tail_widening(failed.size, len(frames)))
         # the leak counts one step for all retries (_bob_messages_bits): they must follow
-        if step != _retry_step(base_step, status_messages - 1):
+        if step != _retry_step(base_step, status_messages - 1, failed.size, len(frames)):
             raise ReconciliationFailed(f"ec_status: step {step} off the retry schedule")
         reveal(failed, step)
     # Check of the frames Bob decoded, under a key drawn only now (after Bob's decoder has
@@ -547,7 +562,7 @@ def _ldpc_bob_part(
         if pending.size == 0 or attempt == LDPC_RETRIES:
             break
         retries += 1
-        step = _retry_step(base_step, attempt)
+        step = _retry_step(base_step, attempt, pending.size, len(frames))
         channel.send("ec_status", failed=pending.astype(np.int32), step=step)
         request(pending, step)
     undecoded = pending
