@@ -443,6 +443,11 @@ def _dropped(sock: socket.socket) -> bool:
     return True
 
 
+HANDSHAKE_S = 2.0  # the listener's handshake deadline in the test below
+# a hello dribbled this slowly takes 14.5 s (29 bytes), 7x the deadline: always dropped
+DRIBBLE_S = 0.5
+
+
 def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_session(
     tmp_path, monkeypatch
 ):
@@ -452,7 +457,12 @@ def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_sess
     nobody. Now the connector proves its position first (tagged, over the listener's
     fresh nonce): a forged position, garbage and silence are each dropped with nothing
     committed, and the peer that connects next gets its session."""
-    monkeypatch.setattr(ch, "HANDSHAKE_TIMEOUT_S", 0.5)
+    # The listener's handshake deadline applies to the forger's announcement and the
+    # peer's session too: each exchange takes milliseconds, but on a loaded machine (load
+    # 8-12 on 2 cores) this process can stall for a good part of a second between its
+    # frames, and at 0.5 s the forger was dropped for silence or the peer for being slow.
+    # 2 s is the shortest wait that leaves such stalls a 4x margin and keeps the test short.
+    monkeypatch.setattr(ch, "HANDSHAKE_TIMEOUT_S", HANDSHAKE_S)
     (path_l, _), (pool_l, pool_c) = _file_pools(tmp_path)
     ready, result = threading.Event(), {}
 
@@ -484,7 +494,7 @@ def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_sess
         assert _dropped(garbage)
     with socket.create_connection(address) as silent:
         assert _dropped(silent)  # after HANDSHAKE_TIMEOUT_S
-    with socket.create_connection(address) as dribbler:  # its hello a byte every 0.2 s
+    with socket.create_connection(address) as dribbler:  # its hello a byte every DRIBBLE_S
         hello = ch._LEN.pack(ch._START.size)
         hello += ch._START.pack(ch._START_HELLO, ch.CONNECTOR, os.urandom(16))
         sent = 0
@@ -492,7 +502,7 @@ def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_sess
             for byte in hello:
                 dribbler.sendall(bytes([byte]))
                 sent += 1
-                time.sleep(0.2)
+                time.sleep(DRIBBLE_S)
         except OSError:
             pass  # dropped: the whole exchange is bounded, not each wait for a byte
         assert sent < len(hello) and _dropped(dribbler)
