@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -441,12 +442,17 @@ def test_a_stranger_at_keys_confirm_listen_burns_no_pool_and_the_peer_confirms_a
          f"127.0.0.1:{port}"],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    for _ in range(600):
+    # until Alice listens: a CLI process's start took 12 s of wall (0.8 s of CPU) on this
+    # machine under load, so 30 s of tries (600 x 0.05 s) were too near; Bob's `_pair`
+    # and its Link wait as long as it takes, and so does this, up to the 300 s they allow
+    deadline = time.monotonic() + 300
+    while True:
         try:
             stranger = socket.create_connection(("127.0.0.1", port))
             break
         except OSError:
-            threading.Event().wait(0.05)
+            assert time.monotonic() < deadline and alice.poll() is None, "Alice never listened"
+            time.sleep(0.05)
     with stranger:
         wire = ch.SocketTransport(stranger)
         wire.send_bytes(ch._START.pack(ch._START_HELLO, ch.CONNECTOR, os.urandom(16)))
