@@ -3,6 +3,7 @@ their time data block by block while the pass goes by, over the pass's emulated 
 link, sealed and authenticated; the ground knows each bin's offset one or two blocks
 after the bin, and the result matches the truth as the post-pass one does."""
 
+import functools
 import json
 import math
 
@@ -169,6 +170,10 @@ def test_split_processes_over_tcp_give_the_in_process_offsets(
     from pathlib import Path
 
     monkeypatch.setattr(stream, "SystemRandom", lambda: InsecureDeterministicRandom(11))
+    # the ground connects while the satellite's process is still starting: its CLI start
+    # took 12 s of wall (0.8 s of CPU) on this machine under load, too near the connector's
+    # 30 s of retries; here the ground retries as long as the satellite's wait below
+    monkeypatch.setattr(ch, "connect", functools.partial(ch.connect, retry_s=120.0))
     common = ["timetransfer", str(two_way_pass), "--keys", str(keys), "--during-pass"]
     common += ["--block-s", str(BLOCK_S), "--speedup", "50"]
     assert main([*common, "--out", str(tmp_path / "together")]) == 0
