@@ -139,7 +139,7 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
     if len(frames[1]) < 2:
         return [], 0, []  # Bob's announcement never crossed: nothing tagged was sent
     hellos = [frames[d][0] for d in (0, 1)]
-    assert all(len(h) == 25 and h[:8] == b"QKDPOOL3" for h in hellos), hellos
+    assert all(len(h) == 25 and h[:8] == b"QKDPOOL4" for h in hellos), hellos
     nonce_a, nonce_b = hellos[0][9:], hellos[1][9:]
 
     def announcement_tag(offset: int, body: bytes) -> bytes:
@@ -148,7 +148,7 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
         return (poly_hash(body, key) ^ pad).to_bytes(8, "little")
 
     magic, p_bob, tag = struct.unpack("<8sQ8s", frames[1][1])
-    assert magic == b"QKDPANN3"
+    assert magic == b"QKDPANN4"
     body = magic + struct.pack("<BQQ", 0, p_bob, 0) + nonce_b + nonce_a
     assert tag == announcement_tag(p_bob, body), "Bob's announcement not from his position"
     ranges, senders = [(p_bob, p_bob + 8), (p_bob + 8, p_bob + 16)], [1, 1]

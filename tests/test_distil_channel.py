@@ -205,9 +205,12 @@ def test_the_two_sides_begin_at_the_later_record_and_authenticate(tmp_path):
     thread.start()
     session = ch.exchange_pool_start(t_a, pool_a)
     thread.join()
-    # Bob (the connector) announced 9000 under the 16 bytes there, Alice answered under
-    # the next 16: the session begins past both (channel.exchange_pool_start)
-    assert pool_a.start_byte == pool_b.start_byte == 9000 + 2 * ch.ANNOUNCE_BYTES
+    # Bob (the connector) announced under the first 16 bytes of his lane from 9000, Alice
+    # answered under the next 16 (her lane): the session begins past both
+    # (channel.exchange_pool_start)
+    bob_slot = ch.announcement_slot(9000, ch.BOB)
+    assert 9000 <= bob_slot < 9000 + 2 * ch.ANNOUNCE_BYTES
+    assert pool_a.start_byte == pool_b.start_byte == bob_slot + 2 * ch.ANNOUNCE_BYTES
     a = ch.AuthChannel(t_a, pool_a, ch.ALICE, session=session)
     b = ch.AuthChannel(t_b, pool_b, ch.BOB, session=sessions["b"])
     a.send("hello", n=1)
@@ -516,7 +519,8 @@ def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_sess
     assert "error" not in result, result.get("error")
     assert len(result["dropped"]) == 4
     assert "failed authentication" in result["dropped"][0]
-    assert pool_l.start_byte == pool_c.start_byte == 2 * ch.ANNOUNCE_BYTES
+    # Bob's announcement on his lane (16), Alice's answer on hers (32)
+    assert pool_l.start_byte == pool_c.start_byte == 3 * ch.ANNOUNCE_BYTES
     chan.close()
 
 
@@ -543,7 +547,8 @@ def test_a_forged_position_from_the_listener_costs_the_connector_only_its_announ
     transport = ch.connect(f"127.0.0.1:{server.getsockname()[1]}")
     with pytest.raises(ch.AuthenticationFailed, match="pool position"):
         ch.exchange_pool_start(transport, pool_c, ch.BOB)
-    assert _record(path_c) == ch.ANNOUNCE_BYTES and pool_c.start_byte == 0
+    # the 16 bytes of Bob's lane at 16 (protocol 4), nothing more
+    assert _record(path_c) == 2 * ch.ANNOUNCE_BYTES and pool_c.start_byte == 0
     thread.join(10)
     server.close()
 

@@ -40,9 +40,9 @@ PASS_S = 30.0
 HEAD_SEGMENT_S = 2.0  # seconds of head generation around culmination
 OUTAGE_S = 3.0  # 20 s of micius' 274 s pass, scaled to the 30 s pass (2.2 s) and rounded up
 
-# channel.exchange_pool_start, the first two frames each way: the hello (b"QKDPOOL3", mode,
-# 16-byte nonce) and the tagged position (b"QKDPANN3", u64 position, 8-byte tag)
-POOL_START_FRAMES = {b"QKDPOOL3": 25, b"QKDPANN3": 24}
+# channel.exchange_pool_start, the first two frames each way: the hello (b"QKDPOOL4", mode,
+# 16-byte nonce) and the tagged position (b"QKDPANN4", u64 position, 8-byte tag)
+POOL_START_FRAMES = {b"QKDPOOL4": 25, b"QKDPANN4": 24}
 KEY_FILES = {role: name + ".key" for role, name in key_names(True).items()}  # test keys
 
 pytestmark = pytest.mark.slow

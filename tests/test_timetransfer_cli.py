@@ -475,7 +475,7 @@ def test_not_enough_key_is_refused_clearly_and_costs_no_key(
         assert code == 3 and report["aborted"] is True
         reason = report["abort_reason"]  # whichever side checked first names its key
         assert reason.startswith(("not enough key in alice.key", "not enough key in bob.key"))
-        assert "the time data of this pass needs 21760 bits" in reason
+        assert "the time data of this pass needs 21888 bits" in reason  # pool start 384
         assert reason.endswith("9000 are left; no bit of it was used")
         assert not (tmp_path / attempt / "offset.csv").exists()
         # refused before the session took a bit: the key is still whole for a shorter use
@@ -487,8 +487,9 @@ def test_not_enough_key_is_refused_clearly_and_costs_no_key(
 def test_a_key_short_only_of_the_sealed_downlink_sample_is_refused_before_the_session(
     clean_pass, tmp_path_factory, tmp_path
 ):
-    # 15,000 bits: enough for the tags, the uplink fit (8 bytes a bin) and the headers
-    # (13,312 bits), not for the satellite's sealed bits of the downlink QBER sample.
+    # 15,000 bits: enough for the pool start, the tags, the uplink fit (8 bytes a bin) and
+    # the headers (13,696 bits), not for the satellite's sealed bits of the downlink QBER
+    # sample.
     # The budget counts that sample (at most DOWNLINK_SAMPLE_MAX bits), so the run is
     # refused before either side takes a bit, names every part of the need, and reports
     # it (before: the check left the sample out, the session started, reserved key ahead

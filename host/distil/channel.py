@@ -76,11 +76,16 @@ RESERVE_STEP_BYTES = 2048  # one fsync'd record per this many bytes, not one per
 MIN_POOL_LEFT_BYTES = 1024
 # The pool-start exchange (exchange_pool_start): each side's hello (its mode and a fresh
 # session nonce, no position), then the two positions, each announcement tagged.
-_START_HELLO = b"QKDPOOL3"  # 3: hello, then tagged announcements (2: an untagged position)
+# 4: each party tags on its own lane of the pool (announcement_slot); 3: a lost answer let
+# the prover's next announcement reuse its bytes; 2: an untagged position
+_START_HELLO = b"QKDPOOL4"
 _START = struct.Struct(f"<8sc{SESSION_NONCE_BYTES}s")
-_ANNOUNCE = b"QKDPANN3"
+_ANNOUNCE = b"QKDPANN4"
 _ANNOUNCEMENT = struct.Struct("<8sQ8s")  # magic, position, tag
 ANNOUNCE_BYTES = 16  # an announcement's hash key and pad, at its place in the pool
+# The most pool one exchange takes: the prover's tag on its lane (up to 16 bytes skipped
+# to reach it) and the verifier's on the other lane, right after.
+POOL_START_MAX_BYTES = 3 * ANNOUNCE_BYTES
 LISTENER, CONNECTOR = b"L", b"C"
 # A listener gives a peer this long (wall seconds) from its connection to a verified
 # announcement; a peer that fails (silent, garbage, a forged tag) is dropped and the
@@ -169,18 +174,20 @@ class KeyPool:
             os.close(fd)
             raise
 
-    def reserve_announcement(self) -> int:
-        """The ANNOUNCE_BYTES at our start, for our announcement's tag (exchange_pool_start):
-        recorded used, durably, before the tag goes out. Returns their offset."""
+    def reserve_announcement(self, party: int) -> int:
+        """The ANNOUNCE_BYTES of `party`'s lane at or after our start, for our
+        announcement's tag (exchange_pool_start): recorded used, durably, before the tag
+        goes out. Returns their offset."""
         with self._mutex:
             if self.high_water_byte != self.start_byte:
                 raise RuntimeError("the announcement comes before any pad is taken")
-            end = self.start_byte + ANNOUNCE_BYTES
+            slot = announcement_slot(self.start_byte, party)
+            end = slot + ANNOUNCE_BYTES
             if end + MIN_POOL_LEFT_BYTES > len(self.data):
                 raise ProtocolAborted("authentication key pool exhausted")
             if self.path is not None and self.reserved_byte < end:
                 self._write_record(end)
-            return self.start_byte
+            return slot
 
     def agree_start(self, peer_start_byte: int) -> None:
         """Begin this session at the later of the two sides' records (never earlier than
@@ -271,6 +278,28 @@ def _announcement_body(direction: int, prover_byte: int, verifier_byte: int, non
     return _ANNOUNCE + struct.pack("<BQQ", direction, prover_byte, verifier_byte) + nonces
 
 
+def _party(role: str | None, mode: bytes) -> int:
+    """The lane of the pool whose announcement bytes this side alone tags: Alice's 0,
+    Bob's 1 (without a role, as in one process: the listener's 0, the connector's 1)."""
+    if role in (ALICE, BOB):
+        return _DIRECTION[role]
+    return 0 if mode == LISTENER else 1
+
+
+def announcement_slot(position: int, party) -> int:
+    """The first ANNOUNCE_BYTES at or after `position` on `party`'s lane (a party: 0 or 1,
+    or a role): offsets = 16 * party modulo 32. Why lanes: a side's record covers the
+    bytes it tagged, never the bytes of an answer the link lost on the way to it, so
+    from its record alone it would tag its next announcement under the peer's lost
+    answer's bytes (two tags under one key and pad give both away). On its own lane a
+    party's tags meet only its own, each recorded before it is sent, whatever the roles
+    (who listens, who proves) of each contact."""
+    if isinstance(party, str):
+        party = _DIRECTION[party]
+    lane = ANNOUNCE_BYTES * party
+    return position + (lane - position) % (2 * ANNOUNCE_BYTES)
+
+
 def _fits(pool: KeyPool, offset: int) -> bool:
     return 0 <= offset and offset + ANNOUNCE_BYTES + MIN_POOL_LEFT_BYTES <= len(pool.data)
 
@@ -283,18 +312,23 @@ def exchange_pool_start(transport, pool: KeyPool, role: str | None = None) -> by
 
     1. Each side sends its hello: its mode (listener or connector) and a fresh nonce.
        Nothing is committed: a hello costs no pool.
-    2. The PROVER sends its position p (its usage record) with a tag under the
-       ANNOUNCE_BYTES at p, recorded used (durably) before it is sent, covering both
-       nonces. A listener is never the prover: whoever connects proves first, so a stranger
-       connecting to a listener costs it nothing. Two connectors (through a relay, or one
+    2. The PROVER sends its position p (the first slot of its own lane at or after its
+       usage record, announcement_slot) with a tag under the ANNOUNCE_BYTES at p,
+       recorded used (durably) before it is sent, covering both nonces. A listener is
+       never the prover: whoever connects proves first, so a stranger connecting to a
+       listener costs it nothing. Two connectors (through a relay, or one
        process): Bob proves, Alice verifies.
     3. The VERIFIER checks that tag at p without committing anything: a forged or replayed
        announcement fails (the tag covers its fresh nonce) and changes nothing on this side.
-       Then it takes q = max(p + ANNOUNCE_BYTES, its own position), records the session
-       start q + ANNOUNCE_BYTES (durably) and sends its position, tagged under the bytes
-       at q. The prover checks that tag, and only then moves its start there.
-    So no byte serves two tags, a peer without the pool moves neither record (main: one
-    forged position burnt the pool to its end), and the session begins past both records.
+       A position off the prover's lane fails too. Then it takes q, the first slot of
+       its own lane at or after max(p + ANNOUNCE_BYTES, its own position), records the
+       session start q + ANNOUNCE_BYTES (durably) and sends its position, tagged under
+       the bytes at q. The prover checks that tag, and only then moves its start there.
+    So no byte serves two tags (Alice tags on her lane, Bob on his: an answer the link
+    lost is not covered by the prover's record, and on one lane its bytes were the
+    prover's next announcement's; protocol 3 did that), a peer without the pool moves
+    neither record (protocol 2: one forged position burnt the pool to its end), and the
+    session begins past both records.
     A listener drops a peer that fails (a forged tag, garbage, silence for
     HANDSHAKE_TIMEOUT_S) and accepts the next (ListeningTransport)."""
     while True:
@@ -318,9 +352,15 @@ def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
             "the peer announces its pool position without authentication: it speaks an "
             "older protocol"
         )
+    if data[:8] == b"QKDPOOL3":
+        raise ProtocolAborted(
+            "the peer speaks pool-start protocol 3 (it could tag under the bytes of an "
+            "answer the link lost): update it"
+        )
     if len(data) != _START.size or data[:8] != _START_HELLO:
         raise ProtocolAborted("the peer did not open the pool-start exchange")
     _, peer_mode, peer_nonce = _START.unpack(data)
+    party = _party(role, mode)
     if mode == LISTENER:
         prover = False
     elif peer_mode == LISTENER:
@@ -330,12 +370,12 @@ def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
     else:
         raise ProtocolAborted("pool start: two connectors and no role to tell who proves")
     if prover:
-        mine = pool.reserve_announcement()
+        mine = pool.reserve_announcement(party)
         body = _announcement_body(0, mine, 0, nonce + peer_nonce)
         tag = _announcement_tag(pool, mine, body)
         transport.send_bytes(_ANNOUNCEMENT.pack(_ANNOUNCE, mine, tag))
         theirs, their_tag = _read_announcement(transport.recv_bytes())
-        at = max(mine + ANNOUNCE_BYTES, theirs)
+        at = announcement_slot(max(mine + ANNOUNCE_BYTES, theirs), 1 - party)
         body = _announcement_body(1, mine, theirs, peer_nonce + nonce)
         if not _fits(pool, at) or not hmac.compare_digest(
             their_tag, _announcement_tag(pool, at, body)
@@ -345,12 +385,14 @@ def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
     else:
         theirs, their_tag = _read_announcement(transport.recv_bytes())
         body = _announcement_body(0, theirs, 0, peer_nonce + nonce)
-        if not _fits(pool, theirs) or not hmac.compare_digest(
-            their_tag, _announcement_tag(pool, theirs, body)
+        if (
+            not _fits(pool, theirs)
+            or announcement_slot(theirs, 1 - party) != theirs  # off the peer's lane
+            or not hmac.compare_digest(their_tag, _announcement_tag(pool, theirs, body))
         ):
             raise AuthenticationFailed("the peer's pool position failed authentication")
         mine = pool.start_byte
-        at = max(theirs + ANNOUNCE_BYTES, mine)
+        at = announcement_slot(max(theirs + ANNOUNCE_BYTES, mine), party)
         if not _fits(pool, at):
             raise ProtocolAborted("authentication key pool exhausted")
         pool.agree_start(at + ANNOUNCE_BYTES)  # durable before our tag uses the bytes at q

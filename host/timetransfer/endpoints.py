@@ -295,14 +295,15 @@ def key_budget(pool: ch.KeyPool, scenario: dict, auth_bytes: int = AUTH_REGION_B
                fit_bytes: int | None = None, header_bytes: int = 2 * SEALED_HEADER_BYTES,
                sample_bytes: int = (DOWNLINK_SAMPLE_MAX + 7) // 8) -> dict:  # fmt: skip
     """The key a pass's time data takes at most, part by part, in bits, against what is
-    left of the key: the pool-start exchange (two announcements, channel.ANNOUNCE_BYTES
-    each, before the session's start), the hash key and tag pads, the sealed uplink fit
-    (8 bytes a bin), the sealed messages' headers, the sealed downlink sample bits (at
-    most DOWNLINK_SAMPLE_MAX). Known from the scenario alone, before any bit is taken."""
+    left of the key: the pool-start exchange (two announcements, each on its party's
+    lane of the key, at most channel.POOL_START_MAX_BYTES before the session's start),
+    the hash key and tag pads, the sealed uplink fit (8 bytes a bin), the sealed
+    messages' headers, the sealed downlink sample bits (at most DOWNLINK_SAMPLE_MAX).
+    Known from the scenario alone, before any bit is taken."""
     if fit_bytes is None:
         fit_bytes = 8 * estimate.bin_grid(scenario)[1]
     parts = {
-        "pool_start_bits": 8 * 2 * ch.ANNOUNCE_BYTES,
+        "pool_start_bits": 8 * ch.POOL_START_MAX_BYTES,
         "auth_bits": 8 * auth_bytes,
         "fit_bits": 8 * fit_bytes,
         "header_bits": 8 * header_bytes,
