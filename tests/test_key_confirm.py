@@ -144,7 +144,8 @@ def _distil(root: Path, pass_dir: Path, outs=("a", "b"), stores=None, **link_opt
     if not (root / "alice.pool.used").exists():
         common.append("--new-auth-pool")
     alice, bob = (
-        ["--out", str(root / out)] + (["--key-store", str(root / stores[i])] if stores else [])
+        ["--out", str(root / out)]
+        + (["--key-store", str(root / stores[i])] if stores and stores[i] else [])
         for i, out in enumerate(outs)
     )
     return _pair(
@@ -420,6 +421,34 @@ def test_a_pending_key_of_the_last_contact_is_settled_at_the_start_of_the_next_d
     alice_key, bob_key = root / "a" / "p2" / "alice.key", root / "b" / "p2" / "bob.key"
     assert alice_key.read_bytes() == bob_key.read_bytes()
     assert reports["bob"]["key_files"]["bob"]["pending"] is True
+
+
+@pytest.mark.slow
+def test_a_peer_that_names_no_key_store_makes_the_other_side_destroy_nothing(
+    both_pending, tmp_path_factory, tmp_path
+):
+    """Both sides hold pass 1's key pending. At pass 2 Bob (a ground station) leaves out
+    --key-store, so his list is of his fresh --out: empty. Before, Alice destroyed her
+    pending key for it, and Bob's copy, never listed, stayed pending for good: the pass's
+    key was lost at the next contact (adversarial review). Now Bob's list says he named no
+    store: Alice keeps her key pending and says why; pass 2 proceeds; a later confirmation
+    with both stores keeps the key on both sides."""
+    root = _copy(both_pending, tmp_path / "run")
+    first_alice, first_bob = root / "a" / "alice.key", root / "b" / "bob.key"
+    assert Path(f"{first_alice}.pending").exists() and Path(f"{first_bob}.pending").exists()
+    (alice_rc, alice_err), (bob_rc, bob_err), _ = _distil(
+        root, _later_pass(tmp_path_factory), outs=("a/p2", "b/p2"), stores=("a", None)
+    )
+    assert (alice_rc, bob_rc) == (0, 0), (alice_err, bob_err)
+    settled = json.loads((root / "a" / "p2" / "report.json").read_text())["key_confirmation"]
+    assert settled["destroyed"] == [] and len(settled["kept"]) == 1, settled
+    assert "named no key store" in settled["warnings"][0]
+    assert first_alice.exists() and Path(f"{first_alice}.pending").exists()
+    (alice_rc, alice_out), (bob_rc, _), _ = _confirm(root)
+    assert (alice_rc, bob_rc) == (0, 0), alice_out
+    assert not Path(f"{first_alice}.pending").exists() and first_alice.exists()
+    assert not Path(f"{first_bob}.pending").exists() and first_bob.exists()
+    assert first_alice.read_bytes() == first_bob.read_bytes()
 
 
 @pytest.mark.slow

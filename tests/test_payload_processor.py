@@ -136,8 +136,8 @@ PUBLIC = "public"  # carries no bit value of Alice's
 FIELDS = {
     # the settling of earlier pending keys before the pass (host/distil/run.py): their
     # identifiers and check values, key bytes burnt before they are sent (keystore.py)
-    (DOWN, "keys_held"): {"ids": PUBLIC, "checks": "burnt_check"},
-    (UP, "keys_held"): {"ids": PUBLIC, "checks": "burnt_check"},
+    (DOWN, "keys_held"): {"ids": PUBLIC, "checks": "burnt_check", "store_named": PUBLIC},
+    (UP, "keys_held"): {"ids": PUBLIC, "checks": "burnt_check", "store_named": PUBLIC},
     (DOWN, "hello"): {"version": PUBLIC, "pass_digest": PUBLIC, "config": PUBLIC},
     (DOWN, "sync_pattern"): {"intensity": PUBLIC},
     (DOWN, "sift"): {"basis": PUBLIC, "intensity": PUBLIC},

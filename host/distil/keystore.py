@@ -123,28 +123,34 @@ def held_keys(store: str | Path, role: str) -> dict[str, HeldKey]:
     return keys
 
 
-def _listing(keys: dict[str, HeldKey]) -> dict:
-    """Our keys_held message; every check value in it is burnt first (module docstring)."""
+def _listing(keys: dict[str, HeldKey], store_named: bool) -> dict:
+    """Our keys_held message; every check value in it is burnt first (module docstring).
+    store_named False: this side was given no store (a split run without --key-store), so
+    its empty list says nothing about the keys it holds elsewhere."""
     for key in keys.values():
         burn_check(key)
     ids = sorted(keys)
     checks = b"".join(keys[key_id].check_value().ljust(CHECK_BYTES, b"\0") for key_id in ids)
-    return {"ids": ids, "checks": checks}
+    return {"ids": ids, "checks": checks, "store_named": store_named}
 
 
-def _peer_listing(fields: dict) -> dict[str, bytes]:
+def _peer_listing(fields: dict) -> tuple[dict[str, bytes], bool]:
+    """({key id: check value}, whether the peer named its store)."""
     ids, checks = fields.get("ids"), fields.get("checks")
+    store_named = fields.get("store_named", True)
     if (
-        not isinstance(ids, list)
+        not isinstance(store_named, bool)
+        or not isinstance(ids, list)
         or not all(isinstance(key_id, str) for key_id in ids)
         or not isinstance(checks, bytes)
         or len(checks) != CHECK_BYTES * len(ids)
         or len(set(ids)) != len(ids)
     ):
         raise ProtocolAborted("the peer's list of keys is malformed")
-    return {
+    listing = {
         key_id: checks[CHECK_BYTES * i : CHECK_BYTES * (i + 1)] for i, key_id in enumerate(ids)
     }
+    return listing, store_named
 
 
 def destroy(key: HeldKey, reason: str) -> None:
@@ -189,12 +195,24 @@ def confirm(key: HeldKey) -> None:
     fsync_directory(key.path.parent)
 
 
-def decide(mine: dict[str, HeldKey], peer: dict[str, bytes]) -> dict:
-    """Apply the rule to our keys given the peer's verified list; returns what was done."""
+def decide(
+    mine: dict[str, HeldKey], peer: dict[str, bytes], peer_store_named: bool = True
+) -> dict:
+    """Apply the rule to our keys given the peer's verified list; returns what was done.
+    A peer that named no store (a split run without --key-store) lists nothing it holds:
+    our pending keys then stay pending for a contact that settles them, never destroyed
+    for a list that was never made (a ground station's omitted option would otherwise
+    destroy every pass's key the payload processor holds pending)."""
     outcome = {"confirmed": [], "destroyed": [], "kept": [], "peer_only": []}
     for key_id, key in sorted(mine.items()):
         check = key.check_value().ljust(CHECK_BYTES, b"\0")
-        if key_id in peer and peer[key_id] == check:
+        if not peer_store_named and key_id not in peer:
+            outcome["kept"].append(key_id)
+            if key.pending:
+                outcome.setdefault("warnings", []).append(
+                    f"{key_id}: left pending: the peer named no key store (--key-store)"
+                )
+        elif key_id in peer and peer[key_id] == check:
             if key.pending:
                 confirm(key)
                 outcome["confirmed"].append(key_id)
@@ -219,15 +237,18 @@ def decide(mine: dict[str, HeldKey], peer: dict[str, bytes]) -> dict:
     return outcome
 
 
-def run_confirm(chan: ch.AuthChannel, store: str | Path | None, role: str) -> dict:
+def run_confirm(
+    chan: ch.AuthChannel, store: str | Path | None, role: str, store_named: bool = True
+) -> dict:
     """One side of the confirmation. Alice speaks first (AuthChannel: Bob sends nothing
     authenticated before Alice's first message verified). store None: this side holds no
-    key for the peer (a split distillation's first run into a new directory)."""
+    key for the peer (a split distillation's first run into a new directory).
+    store_named False: this side was given no store, and says so (decide)."""
     mine = {} if store is None else held_keys(store, role)
     if role == ch.ALICE:
-        chan.send(KEYS_HELD, **_listing(mine))
-        peer = _peer_listing(chan.recv(KEYS_HELD))
+        chan.send(KEYS_HELD, **_listing(mine, store_named))
+        peer, peer_named = _peer_listing(chan.recv(KEYS_HELD))
     else:
-        peer = _peer_listing(chan.recv(KEYS_HELD))
-        chan.send(KEYS_HELD, **_listing(mine))
-    return decide(mine, peer)
+        peer, peer_named = _peer_listing(chan.recv(KEYS_HELD))
+        chan.send(KEYS_HELD, **_listing(mine, store_named))
+    return decide(mine, peer, peer_named)

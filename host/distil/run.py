@@ -741,8 +741,9 @@ class SettlePendingFirst:
     (key_confirmation); a settling that fails aborts the run before the protocol begins
     (exit 3, no key; this side's pending keys unchanged, the next contact decides)."""
 
-    def __init__(self, endpoint, store: Path, role: str):
+    def __init__(self, endpoint, store: Path, role: str, store_named: bool = True):
         self.endpoint, self.store, self.role = endpoint, Path(store), role
+        self.store_named = store_named
 
     @property
     def on_stage(self):
@@ -759,7 +760,7 @@ class SettlePendingFirst:
         try:
             # a first run into a new --out holds nothing: its list says so
             store = self.store if self.store.is_dir() else None
-            settled = keystore.run_confirm(chan, store, self.role)
+            settled = keystore.run_confirm(chan, store, self.role, self.store_named)
         except ProtocolAborted as error:
             if not isinstance(error, PeerAborted):
                 chan.abort(f"settling the pending keys: {error}")
@@ -785,7 +786,9 @@ def _run_split(
     endpoint = _endpoints(pass_dir, None, cfg, seed, alice_patterns, stream, (args.role,))[
         args.role
     ]
-    endpoint = SettlePendingFirst(endpoint, key_store_of(args, out_dir), args.role)
+    endpoint = SettlePendingFirst(
+        endpoint, key_store_of(args, out_dir), args.role, bool(getattr(args, "key_store", None))
+    )
     metadata = run_metadata(pass_dir, cfg, seed)
     if progress is not None:
         endpoint.on_stage = _stage_lines(progress)
