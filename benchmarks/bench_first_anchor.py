@@ -25,7 +25,8 @@ ROUNDS = 2
 
 
 class _AliceAnswers:
-    """Alice._serve_sync's answer to a sync_request, counting the slots asked for."""
+    """Alice in process: her answer to each sync_request is Alice._serve_sync's (her own
+    _window_codes), counting the slots asked for."""
 
     def __init__(self, alice):
         self.alice, self.asked = alice, 0
@@ -34,10 +35,10 @@ class _AliceAnswers:
         self.request = fields
 
     def recv(self, kind):
-        starts, length = self.request["starts"], self.request["length"]
-        slots = (starts[:, None] + np.arange(length)[None, :]).reshape(-1)
-        self.asked += slots.size
-        return {"intensity": pack_2bit(self.alice._symbols(slots)[2])}
+        starts = np.asarray(self.request["starts"], dtype=np.int64).reshape(-1)
+        length = int(self.request["length"])
+        self.asked += starts.size * length
+        return {"intensity": pack_2bit(self.alice._window_codes(starts, length))}
 
 
 @pytest.fixture(scope="module")

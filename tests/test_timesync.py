@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from host.distil import timesync
+from host.distil.bitcodec import pack_2bit
 
 RATE_HZ = 1e8
 INTENSITIES = {"mu": 0.5, "nu": 0.1, "vac": 0.0}
@@ -16,6 +17,23 @@ INTENSITIES = {"mu": 0.5, "nu": 0.1, "vac": 0.0}
 # one: found by sweeping 150 os.urandom keys (2 such), fixed here so the draw is the same
 # in every run. A test fixture, never a key of anything.
 EDGE_KEY = bytes.fromhex("f13cc9ea8895babdd042627cede0fec874b3cd20b32d5dffda784e495caf5a66")
+
+
+class _AliceAnswers:
+    """Alice in process: her answer to each sync_request is Alice._serve_sync's (her own
+    _window_codes), counting the slots asked for."""
+
+    def __init__(self, alice):
+        self.alice, self.asked = alice, 0
+
+    def send(self, kind, **fields):
+        self.request = fields
+
+    def recv(self, kind):
+        starts = np.asarray(self.request["starts"], dtype=np.int64).reshape(-1)
+        length = int(self.request["length"])
+        self.asked += starts.size * length
+        return {"intensity": pack_2bit(self.alice._window_codes(starts, length))}
 
 
 def _synchroniser() -> timesync.Synchroniser:
@@ -70,7 +88,6 @@ def test_a_segment_whose_first_anchor_is_next_to_its_end_is_synchronised_through
     her own symbol lookup over the head's pattern memory (its truth interface)."""
     from emulator import pattern_generator
     from emulator.optical_head import OpticalHead
-    from host.distil.bitcodec import pack_2bit
     from host.distil.protocol import Alice, Config
     from host.formats.passdir import read_pass_json
     from host.formats.qdet import read_detections
@@ -94,18 +111,9 @@ def test_a_segment_whose_first_anchor_is_next_to_its_end_is_synchronised_through
     ground.write_ground(pass_dir, scenario, truth)
     alice = Alice(pass_dir, Config(), patterns=truth)
 
-    class AliceAnswers:  # Alice._serve_sync's answer to one sync_request
-        def send(self, kind, **fields):
-            self.request = fields
-
-        def recv(self, kind):
-            starts, length = self.request["starts"], self.request["length"]
-            slots = (starts[:, None] + np.arange(length)[None, :]).reshape(-1)
-            return {"intensity": pack_2bit(alice._symbols(slots)[2])}
-
     t, c, _ = read_detections(pass_dir / "ground" / "detections.qdet")
     pps = read_detections(pass_dir / "ground" / "pps.qdet")[0]
-    result = timesync.synchronise(t, c, pps, read_pass_json(pass_dir), AliceAnswers())
+    result = timesync.synchronise(t, c, pps, read_pass_json(pass_dir), _AliceAnswers(alice))
     anchors = np.sort(result.anchor_times)
     # the case this test is about: the first anchor and the edge window ~6 ms apart
     assert anchors[-1] - anchors[-2] < 0.01, anchors
@@ -136,29 +144,16 @@ def _first_anchor(pass_dir, pass_json: dict, use_prior: bool, stride: int = 1):
     """(synchroniser, slots Alice was asked for, true seconds, detection mask) of the
     first anchor at the densest 40 ms of every `stride`-th detection (fewer detections: a
     weaker peak), Alice answering from her own pattern source."""
-    from host.distil.bitcodec import pack_2bit
     from host.distil.protocol import Alice, Config
     from host.formats.qdet import read_detections
 
     alice = Alice(pass_dir, Config())
 
-    class AliceAnswers:  # Alice._serve_sync's answer to one sync_request
-        asked = 0
-
-        def send(self, kind, **fields):
-            self.request = fields
-
-        def recv(self, kind):
-            starts, length = self.request["starts"], self.request["length"]
-            slots = (starts[:, None] + np.arange(length)[None, :]).reshape(-1)
-            self.asked += slots.size
-            return {"intensity": pack_2bit(alice._symbols(slots)[2])}
-
     time_ps, channels, _ = read_detections(pass_dir / "ground" / "detections.qdet")
     pps = read_detections(pass_dir / "ground" / "pps.qdet")[0]
     t_all = timesync._true_seconds(time_ps, pps, pass_json)
     det = np.isin(channels, (0, 1, 2, 3))
-    answers = AliceAnswers()
+    answers = _AliceAnswers(alice)
     sync = timesync.Synchroniser(pass_json, answers)
     sync.use_prior = use_prior
     sync.first_anchor(t_all[det][::stride], 0.04)
