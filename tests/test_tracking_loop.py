@@ -194,22 +194,27 @@ def _pass_config(rows, parameters=None):
     }
 
 
+def _uploaded_pass(prediction_s: float, plant_s: float = 1.0):
+    """(plant, head, upload telecommands, pass configuration naming the upload by node
+    count and CRC-32) of a quickly acquired pass whose prediction spans prediction_s."""
+    params = _acquired_quickly()
+    plant = OpticalPlant(params, plant_s)
+    head = TrackingHead(seed=5)
+    head.attach(plant)
+    chunks, reference = trk.prediction_upload(prediction_table(params, prediction_s))
+    return plant, head, chunks, _pass_config(reference)
+
+
 @pytest.mark.slow
 def test_tracking_runs_in_pass_mode_configured_by_telecommand(tmp_path):
     # The application: the pass configuration (diagnostic telecommand) carries a
     # "tracking" section; start/stop drive the loop; its product is downloaded.
-    params = _acquired_quickly()
     # The head's frames pace the run (about one loop period per frame); the plant's
     # scenario is far longer so a slow host poll cannot run the loop past its end.
-    plant = OpticalPlant(params, 10.0)
-    head = TrackingHead(seed=5)
-    head.attach(plant)
     # A full pass's prediction (402 nodes: 6.7 minutes) goes up in 67 configure
     # telecommands of 6 nodes each, then the configuration names it by count and CRC-32.
-    chunks, reference = trk.prediction_upload(prediction_table(params, 400.0))
+    plant, head, chunks, config = _uploaded_pass(400.0, plant_s=10.0)
     assert len(chunks) == 67
-    config = _pass_config([])
-    config["tracking"]["predictions"] = reference
     run = run_pass("unix", head, config, 800, uploads=chunks)
     assert run.configure_reply["ok"], run.configure_reply
     state, steps, bus_errors, transition_count, lost, overruns = run.telemetry["tracking"]
@@ -233,24 +238,15 @@ def test_full_pass_upload_and_configure_fit_the_heap_with_15_percent_to_spare():
     # free in blocks of at most 9.4 KB, and configure's 8.6 KB tracker state failed now and
     # then at the full 512 KiB (every time at 500,000 bytes). Configure now collects first
     # and the tracker's state is one block: the same pass configures with 15 % less heap.
-    params = _acquired_quickly()
-    head = TrackingHead(seed=5)
-    head.attach(OpticalPlant(params, 1.0))
-    chunks, reference = trk.prediction_upload(prediction_table(params, 400.0))
-    config = _pass_config([])
-    config["tracking"]["predictions"] = reference
+    _, head, chunks, config = _uploaded_pass(400.0)
     heap_bytes = CONTROLLER_HEAP_BYTES * 85 // 100
     run = run_pass("unix", head, config, 10, uploads=chunks, unix_heap_bytes=heap_bytes)
     assert run.configure_reply["ok"], run.configure_reply
 
 
 def test_full_pass_prediction_upload_refused_when_incomplete_or_corrupt():
-    params = _acquired_quickly()
-    head = TrackingHead(seed=5)
-    head.attach(OpticalPlant(params, 1.0))
-    chunks, reference = trk.prediction_upload(prediction_table(params, 100.0))
-    config = _pass_config([])
-    config["tracking"]["predictions"] = reference
+    _, head, chunks, config = _uploaded_pass(100.0)
+    reference = config["tracking"]["predictions"]
     run = run_pass("unix", head, config, 10, uploads=chunks[:-1])  # last chunk missing
     assert not run.configure_reply["ok"]
     assert "102 nodes named, 96 uploaded" in run.configure_reply["reason"]
