@@ -15,6 +15,7 @@ from host.distil.bitcodec import pack_bits, unpack_bits
 from host.errors import BadInput, ProtocolAborted
 from host.timetransfer import command, endpoints, estimate, files, simulate
 from tests.network_keys import distilled
+from tests.split_timetransfer import run_split
 
 DURATION_S = 10.0
 
@@ -616,33 +617,7 @@ def test_a_key_file_others_can_read_is_refused(clean_pass, tmp_path, keys, capsy
 
 
 def test_split_mode_runs_the_satellite_in_its_own_process_over_tcp(clean_pass, tmp_path, keys):
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    common = ["timetransfer", str(clean_pass), "--keys", str(keys)]
-    satellite = subprocess.Popen(
-        [sys.executable, "-m", "host.cli", *common, "--role", "satellite", "--listen",
-         f"127.0.0.1:{port}", "--out", str(tmp_path / "sat")],
-        env=env,
-    )  # fmt: skip
-    try:
-        code = main(
-            [*common, "--role", "ground", "--connect", f"127.0.0.1:{port}", "--out",
-             str(tmp_path / "gnd")]
-        )  # fmt: skip
-        assert satellite.wait(timeout=120) == 0
-    finally:
-        satellite.kill()
-    assert code == 0
-    ground = json.loads((tmp_path / "gnd" / "report.json").read_text())
-    sat = json.loads((tmp_path / "sat" / "report.json").read_text())
+    ground, sat = run_split(["timetransfer", str(clean_pass), "--keys", str(keys)], tmp_path)
     assert ground["aborted"] is False and sat["aborted"] is False and sat["role"] == "satellite"
     assert (tmp_path / "gnd" / "offset.csv").exists() and not (
         tmp_path / "sat" / "offset.csv"

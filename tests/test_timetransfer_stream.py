@@ -17,6 +17,7 @@ from host.distil.endpoint_random import InsecureDeterministicRandom
 from host.errors import ProtocolAborted
 from host.timetransfer import files, stream
 from tests.network_keys import distilled
+from tests.split_timetransfer import run_split
 
 DURATION_S = 4.0
 BLOCK_S = 1.0
@@ -163,12 +164,6 @@ def test_split_processes_over_tcp_give_the_in_process_offsets(
     # TCP: the offsets are those of both endpoints in one process. The ground's QBER
     # sample is the only randomness (the satellite has none): drawn from the same seeded
     # generator in both runs here, so the offsets must agree exactly
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     monkeypatch.setattr(stream, "SystemRandom", lambda: InsecureDeterministicRandom(11))
     # the ground connects while the satellite's process is still starting: its CLI start
     # took 12 s of wall (0.8 s of CPU) on this machine under load, too near the connector's
@@ -177,27 +172,8 @@ def test_split_processes_over_tcp_give_the_in_process_offsets(
     common = ["timetransfer", str(two_way_pass), "--keys", str(keys), "--during-pass"]
     common += ["--block-s", str(BLOCK_S), "--speedup", "50"]
     assert main([*common, "--out", str(tmp_path / "together")]) == 0
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    satellite = subprocess.Popen(
-        [sys.executable, "-m", "host.cli", *common, "--role", "satellite", "--listen",
-         f"127.0.0.1:{port}", "--out", str(tmp_path / "sat")],
-        env=env,
-    )  # fmt: skip
-    try:
-        code = main(
-            [*common, "--role", "ground", "--connect", f"127.0.0.1:{port}", "--out",
-             str(tmp_path / "gnd")]
-        )  # fmt: skip
-        assert satellite.wait(timeout=120) == 0
-    finally:
-        satellite.kill()
-    assert code == 0
+    ground, sat = run_split(common, tmp_path)
     together = json.loads((tmp_path / "together" / "report.json").read_text())
-    ground = json.loads((tmp_path / "gnd" / "report.json").read_text())
-    sat = json.loads((tmp_path / "sat" / "report.json").read_text())
     assert ground["aborted"] is False and ground["mode"] == "stream"
     assert sat["aborted"] is False and sat["role"] == "satellite"
     assert ground["offset_reference_ps"] == together["offset_reference_ps"]
