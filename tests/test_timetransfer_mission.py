@@ -18,6 +18,7 @@ from host.mission import ground
 from host.mission.run import run_firmware
 from host.simulate import profiles
 from host.timetransfer import files, mission_stage
+from host.timetransfer.command import offset_error_ps
 from tests.network_keys import distilled
 
 # the real firmware, an emulated pass and (last test) the streaming distillation over the
@@ -171,12 +172,7 @@ def test_the_missions_records_stream_block_by_block(mission, tmp_path):
     assert report["sifted_events"]["uplink"] > 0.4 * two_way.uplink_rx[0].size
     assert satellite["offset_reference_ps"] == report["offset_reference_ps"]
     truth = files.read_truth(out)
-    true_ps = (
-        int(truth["offset_base_ps"])
-        - report["offset_reference_ps"]
-        + np.interp(series["t_s"], truth["t_s"], truth["offset_residual_ps"])
-    )
-    error = series["offset_ps"] - true_ps
+    error = offset_error_ps(report, series, truth)
     # 7.5 ps (half the calibration residual) within 5 sigma of the mean of the errors
     assert abs(np.mean(error) - 7.5) < 5 * np.std(error) / math.sqrt(error.size)
 

@@ -16,6 +16,7 @@ from host.distil.bitcodec import pack_bits, unpack_bits
 from host.distil.endpoint_random import InsecureDeterministicRandom
 from host.errors import ProtocolAborted
 from host.timetransfer import files, stream
+from host.timetransfer.command import offset_error_ps
 from tests.network_keys import distilled
 from tests.split_timetransfer import run_split
 
@@ -228,12 +229,7 @@ def test_uplink_events_lost_or_added_on_board_still_stream_the_offsets(
     assert satellite["uplink_sync"]["detections"] == int(keep.sum()) + extra.size
     series = report["series"]
     truth = files.read_truth(lossy)
-    true_ps = (
-        int(truth["offset_base_ps"])
-        - report["offset_reference_ps"]
-        + np.interp(series["t_s"], truth["t_s"], truth["offset_residual_ps"])
-    )
-    error = series["offset_ps"] - true_ps
+    error = offset_error_ps(report, series, truth)
     # 7.5 ps (half the calibration residual) within 5 sigma of the mean of the errors
     assert abs(np.mean(error) - 7.5) < 5 * np.std(error) / math.sqrt(error.size)
     assert series["t_s"].size >= 0.9 * DURATION_S / report["bin_s"]

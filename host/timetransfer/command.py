@@ -98,11 +98,17 @@ def stability(t_s: np.ndarray, offset_ps: np.ndarray, bin_s: float) -> dict:
     return result
 
 
-def compare_with_truth(report: dict, series: dict, truth: dict) -> dict:
-    """Figures against the simulator's truth: bias, 1 s precision, TDEV of the error."""
+def offset_error_ps(report: dict, series: dict, truth: dict) -> np.ndarray:
+    """Each bin's measured offset less the simulator's true one (truth/: for figures and
+    tests, never for the estimate), both relative to the report's offset reference."""
     reference = int(truth["offset_base_ps"]) - report["offset_reference_ps"]
     true_ps = reference + np.interp(series["t_s"], truth["t_s"], truth["offset_residual_ps"])
-    error = series["offset_ps"] - true_ps
+    return series["offset_ps"] - true_ps
+
+
+def compare_with_truth(report: dict, series: dict, truth: dict) -> dict:
+    """Figures against the simulator's truth: bias, 1 s precision, TDEV of the error."""
+    error = offset_error_ps(report, series, truth)
     bin_s = report["bin_s"]
     per_second = np.floor(series["t_s"]).astype(np.int64)
     seconds, inverse, counts = np.unique(per_second, return_inverse=True, return_counts=True)
