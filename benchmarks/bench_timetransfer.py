@@ -17,6 +17,7 @@ import numpy as np
 from host.timetransfer import estimate, files, simulate
 from host.timetransfer.command import time_transfer
 from tests.network_keys import distilled
+from tests.uplink_faults import lose_and_add_uplink_events
 
 PUBLISHED_RATE_HZ = 9000.0  # Dai et al. 2020
 PUBLISHED_PRECISION_PS = 30.0
@@ -56,26 +57,6 @@ def _uplink_sync_cpu(pass_dir) -> str:
         f"  uplink sync alone    {emitted.size} emissions: predicted arrivals {predicted_s:.2f} s,"
         f" matching {matched_s:.2f} s CPU ({match.summary()['anchors']} anchors)"
     )
-
-
-def _lose_and_add_uplink_events(pass_dir, lost: float, added: float, seed: int = 7) -> None:
-    """The satellite's uplink record with a fraction `lost` of its detections dropped at
-    random (and a run of 1,000 in a row: a ring overflow) and `added` more, dark counts
-    with no emission, uniform over the pass."""
-    relative = files.EVENT_FILES["uplink_rx"]
-    with np.load(pass_dir / relative) as data:
-        arrays = {name: data[name] for name in data.files}
-    n = arrays["tag_ps"].size
-    rng = np.random.default_rng(seed)
-    keep = rng.random(n) >= lost
-    keep[n // 2 : n // 2 + 1000] = False
-    extra = rng.integers(arrays["tag_ps"].min(), arrays["tag_ps"].max(), int(added * n))
-    order = np.argsort(np.concatenate([arrays["tag_ps"][keep], extra]), kind="stable")
-    for name in ("tag_ps", "basis", "bit"):
-        values = extra if name == "tag_ps" else rng.integers(0, 2, extra.size)
-        joined = np.concatenate([arrays[name][keep], values.astype(arrays[name].dtype)])
-        arrays[name] = joined[order]
-    np.savez(pass_dir / relative, **arrays)
 
 
 def _print(profile: str, report: dict, read_cpu_s: float) -> None:
@@ -150,7 +131,13 @@ def test_bench_micius_profile_against_the_published_qstt(tmp_path):
     assert report["range_rate_check"]["violation"] is False
     # the same pass with uplink events lost and added on board: the uplink's time
     # synchronisation matches the rest (before: one lost event aborted the transfer)
-    _lose_and_add_uplink_events(tmp_path / "micius-qstt", lost=0.10, added=0.05)
+    # 10 % lost, 1,000 in a row (a ring overflow), 5 % dark counts
+    lose_and_add_uplink_events(
+        tmp_path / "micius-qstt",
+        0.10,
+        lambda tags: slice(tags.size // 2, tags.size // 2 + 1000),
+        20,
+    )
     lossy, read_cpu_s = _run("micius-qstt", tmp_path, tmp_path / "micius-qstt", "lossy")
     _print("micius-qstt, 10 % of the uplink lost + 1,000 in a row, 5 % dark counts added",
            lossy, read_cpu_s)  # fmt: skip

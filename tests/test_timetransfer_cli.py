@@ -16,6 +16,7 @@ from host.errors import BadInput, ProtocolAborted
 from host.timetransfer import command, endpoints, estimate, files, simulate
 from tests.network_keys import distilled
 from tests.split_timetransfer import run_split
+from tests.uplink_faults import lose_and_add_uplink_events
 
 DURATION_S = 10.0
 
@@ -223,31 +224,17 @@ def test_uplink_events_lost_or_added_on_board_still_give_the_offset(clean_pass, 
     # together", exit 3)
     broken = tmp_path / "pass"
     shutil.copytree(clean_pass, broken)
-    relative = simulate.files.EVENT_FILES["uplink_rx"]
-    with np.load(broken / relative) as data:
-        arrays = {name: data[name] for name in data.files}
-    n = arrays["tag_ps"].size
-    rng = np.random.default_rng(7)
-    keep = rng.random(n) >= 0.1
-    keep[n // 2 : n // 2 + 300] = False
-    extra = rng.integers(arrays["tag_ps"].min(), arrays["tag_ps"].max(), n // 20)
-    order = np.argsort(np.concatenate([arrays["tag_ps"][keep], extra]), kind="stable")
-    for name, extra_values in (
-        ("tag_ps", extra),
-        ("basis", rng.integers(0, 2, extra.size)),
-        ("bit", rng.integers(0, 2, extra.size)),
-    ):
-        joined = np.concatenate([arrays[name][keep], extra_values.astype(arrays[name].dtype)])
-        arrays[name] = joined[order]
-    np.savez(broken / relative, **arrays)
+    n, kept, added = lose_and_add_uplink_events(
+        broken, 0.1, lambda tags: slice(tags.size // 2, tags.size // 2 + 300), 20
+    )
     code, report = run(broken, tmp_path / "out", keys)
     assert code == 0 and report["aborted"] is False
     sync = report["uplink_sync"]
-    assert sync["detections"] == int(keep.sum()) + extra.size
+    assert sync["detections"] == kept + added
     # every kept detection finds its emission; a dark count lands within the +-2 ns gate
     # of an emission with p ~ 4 ns x 2.6 kHz = 1e-5 each (~0.01 of 1,300): none
-    assert sync["matched"] == int(keep.sum())
-    assert sync["unmatched_emissions"] == n - int(keep.sum())
+    assert sync["matched"] == kept
+    assert sync["unmatched_emissions"] == n - kept
     # the offset within the clean pass's stated figures (test_clean_pass_matches_truth...)
     assert abs(report["truth"]["offset_bias_ps"] - 7.5) < 5.0
     assert report["truth"]["precision_1s_ps"] <= 30.0

@@ -19,6 +19,7 @@ from host.timetransfer import files, stream
 from host.timetransfer.command import offset_error_ps
 from tests.network_keys import distilled
 from tests.split_timetransfer import run_split
+from tests.uplink_faults import lose_and_add_uplink_events
 
 DURATION_S = 4.0
 BLOCK_S = 1.0
@@ -206,27 +207,18 @@ def test_uplink_events_lost_or_added_on_board_still_stream_the_offsets(
 
     lossy = tmp_path / "pass"
     shutil.copytree(two_way_pass, lossy)
-    relative = files.EVENT_FILES["uplink_rx"]
-    with np.load(lossy / relative) as data:
-        arrays = {name: data[name] for name in data.files}
-    n = arrays["tag_ps"].size
-    rng = np.random.default_rng(7)
-    keep = rng.random(n) >= 0.1
-    edge = int(np.searchsorted(arrays["tag_ps"], arrays["tag_ps"][0] + 10**12))
-    keep[edge - 100 : edge + 100] = False
-    extra = rng.integers(arrays["tag_ps"].min(), arrays["tag_ps"].max(), n // 20)
-    order = np.argsort(np.concatenate([arrays["tag_ps"][keep], extra]), kind="stable")
-    for name in ("tag_ps", "basis", "bit"):
-        values = extra if name == "tag_ps" else rng.integers(0, 2, extra.size)
-        joined = np.concatenate([arrays[name][keep], values.astype(arrays[name].dtype)])
-        arrays[name] = joined[order]
-    np.savez(lossy / relative, **arrays)
+
+    def across_a_block_edge(tags):  # 200 in a row around the first 1 s block's end
+        edge = int(np.searchsorted(tags, tags[0] + 10**12))
+        return slice(edge - 100, edge + 100)
+
+    _, kept, added = lose_and_add_uplink_events(lossy, 0.1, across_a_block_edge, 20)
     report, satellite = stream.run_streaming(lossy, keys, BLOCK_S, speedup=50.0)
     assert report["aborted"] is False and report["range_check"]["violation"] is False
     # every kept detection found its emission; a dark count falls in the +-2 ns gate of
     # an emission with p ~ 4 ns x 2.6 kHz = 1e-5 each (~0.03 of ~500): none
-    assert satellite["uplink_sync"]["matched"] == int(keep.sum())
-    assert satellite["uplink_sync"]["detections"] == int(keep.sum()) + extra.size
+    assert satellite["uplink_sync"]["matched"] == kept
+    assert satellite["uplink_sync"]["detections"] == kept + added
     series = report["series"]
     truth = files.read_truth(lossy)
     error = offset_error_ps(report, series, truth)
