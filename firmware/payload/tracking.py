@@ -596,8 +596,8 @@ class Tracker:
         self.config = dict(DEFAULTS)
         if config:
             self.config.update(config)
-        # one block, from a range: array("i", bytes(n)) needs a second n-byte block for
-        # the zeros (PredictionUpload.add); every word is set below or zero by design
+        # one block, from a range, then zeroed: array("i", bytes(n)) needs a second
+        # n-byte block for the zeros, which a fragmented heap may not have (docs/targets.md)
         self.words = array.array("i", range(_ALL_WORDS))
         for i in range(_ALL_WORDS):
             self.words[i] = 0
