@@ -201,20 +201,27 @@ def decode_tdc_block(payload: bytes) -> np.ndarray:
     return np.frombuffer(body, dtype=TDC_EVENT_DTYPE)
 
 
+def _read_log(path: Path) -> RecordLog:
+    """read_records, an unreadable file being bad input naming it."""
+    try:
+        return read_records(path)
+    except OSError as error:
+        raise BadInput(f"{path}: cannot read ({error.strerror})") from None
+
+
+def _of_kind(log: RecordLog, kind: Kind):
+    return (record for record in log.records if record.kind == kind)
+
+
 def read_tdc_events(path: str | Path) -> tuple[np.ndarray, np.ndarray, RecordLog]:
     """Every event of a TDC log (products/tdc.qrec: TDC_BLOCK records, what the
     controller's ring spooled) as (channel uint8, time_ps int64) in log order, with the
     log itself (its `problem`, `skipped` and `missing_records` say what was lost); a
     block that does not decode is bad input naming the file and the record."""
     path = Path(path)
-    try:
-        log = read_records(path)
-    except OSError as error:
-        raise BadInput(f"{path}: cannot read ({error.strerror})") from None
+    log = _read_log(path)
     blocks = []
-    for record in log.records:
-        if record.kind != Kind.TDC_BLOCK:
-            continue
+    for record in _of_kind(log, Kind.TDC_BLOCK):
         try:
             blocks.append(decode_tdc_block(record.payload))
         except (ValueError, struct.error) as error:
@@ -232,14 +239,9 @@ def read_emission_epochs(path: str | Path) -> tuple[np.ndarray, np.ndarray, Reco
     order, with the log itself; a record of the wrong size is bad input naming the file
     and the record."""
     path = Path(path)
-    try:
-        log = read_records(path)
-    except OSError as error:
-        raise BadInput(f"{path}: cannot read ({error.strerror})") from None
+    log = _read_log(path)
     marks = []
-    for record in log.records:
-        if record.kind != Kind.EMISSION_EPOCH:
-            continue
+    for record in _of_kind(log, Kind.EMISSION_EPOCH):
         if len(record.payload) != EMISSION_EPOCH_RECORD.size:
             raise BadInput(
                 f"{path}: record {record.seq}: an emission epoch of {len(record.payload)} "
