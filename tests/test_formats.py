@@ -133,6 +133,42 @@ def test_record_log_skips_a_corrupt_record_and_keeps_every_later_one():
         assert log.missing_records == 1 and not log.complete
 
 
+def test_a_log_read_while_it_is_written_gives_each_record_once_whole_and_never_early(tmp_path):
+    # the controller's TDC log read during the pass (qrec.AppendedRecords): the file grows
+    # a few bytes at a time; a record is returned once all its bytes are there, never a
+    # part of one, and a corrupt whole record is skipped as the reader of the finished
+    # file skips it (payload bit flip of record 3)
+    records = [qrec.encode_record(2, seq, bytes([seq]) * (seq * 11 % 60)) for seq in range(8)]
+    data = bytearray(b"".join(records))
+    at = sum(len(r) for r in records[:3])
+    data[at + 14] ^= 0x08
+    path = tmp_path / "tdc.qrec"
+    live = qrec.AppendedRecords(path)
+    assert live.poll() == []  # not created yet
+    got = []
+    for cut in range(0, len(data) + 1, 7):
+        path.write_bytes(bytes(data[:cut]))
+        new = live.poll()
+        assert all(r.offset + len(r.payload) + 16 <= cut for r in new)
+        got += new
+    path.write_bytes(bytes(data))
+    got += live.poll(final=True)
+    whole = qrec.parse_records(bytes(data))
+    assert [(r.seq, r.payload, r.offset) for r in got] == [
+        (r.seq, r.payload, r.offset) for r in whole.records
+    ]
+    assert [r.seq for r in got] == [0, 1, 2, 4, 5, 6, 7]
+    assert live.skipped == whole.skipped and live.missing_records == whole.missing_records == 1
+    # a torn tail is a record still being written; at the writer's end it is skipped
+    path.write_bytes(bytes(data) + records[0][:10])
+    assert live.poll() == [] and live.offset == len(data)
+    assert live.poll(final=True) == [] and live.skipped[-1] == (
+        len(data),
+        10,
+        "torn record (10 bytes left)",
+    )
+
+
 def test_pattern_log_answers_slots_across_frames(tmp_path):
     mapping = SymbolMapping.from_probabilities(0.5, [0.5, 0.25, 0.25])
     path = tmp_path / "patterns.qrec"

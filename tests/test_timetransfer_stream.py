@@ -6,6 +6,7 @@ after the bin, and the result matches the truth as the post-pass one does."""
 import functools
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -225,3 +226,104 @@ def test_uplink_events_lost_or_added_on_board_still_stream_the_offsets(
     # 7.5 ps (half the calibration residual) within 5 sigma of the mean of the errors
     assert abs(np.mean(error) - 7.5) < 5 * np.std(error) / math.sqrt(error.size)
     assert series["t_s"].size >= 0.9 * DURATION_S / report["bin_s"]
+
+
+def _tdc_log_writer(pass_dir, path, zero_ps, feed, problems):
+    """The controller spooling its TDC log during the pass: the uplink detections of
+    satellite/tt_uplink_rx.npz on their channels and the laser's sync marks (10 kHz, the
+    same clock) in time order, TDC_BLOCK records of the firmware's 227 events, written
+    through the log's one writer. Around each block's end it stops 0.3 s of pass time
+    short and checks that the satellite has not taken the block, then writes 0.5 s past
+    the end and waits for the satellite to take it; at the end, the end of pass."""
+    from emulator.optical_head import CH_SYNC, CH_UPLINK0
+    from host.formats import qrec
+
+    tags, basis, bit = files.read_events(pass_dir, ("uplink_rx",))["uplink_rx"]
+    marks = np.arange(int(tags[0]) - 10**9, int(tags[-1]), 10**8, dtype=np.int64)
+    time_ps = np.concatenate([tags, marks])
+    channel = np.concatenate([
+        CH_UPLINK0 + 2 * basis.astype(np.int64) + bit, np.full(marks.size, CH_SYNC)
+    ])  # fmt: skip
+    order = np.argsort(time_ps, kind="stable")
+    time_ps, channel = time_ps[order], channel[order]
+    writer = qrec.RecordWriter(path)
+    written = 0
+
+    def write_until(limit_ps):
+        nonlocal written
+        end = int(np.searchsorted(time_ps, limit_ps))
+        for at in range(written, end, 227):
+            stop = min(at + 227, end)
+            block = qrec.encode_tdc_block(channel[at:stop], time_ps[at:stop])
+            writer.append(qrec.Kind.TDC_BLOCK, block)
+        written = max(written, end)
+
+    try:
+        n_blocks = math.ceil(DURATION_S / BLOCK_S)
+        for k in range(n_blocks - 1):
+            block_end = zero_ps + (k + 1) * 10**12
+            write_until(block_end - 3 * 10**11)
+            time.sleep(0.3)
+            if len(feed.taken) != k:
+                problems.append(f"block {k} taken before its end was in the log")
+            write_until(block_end + 5 * 10**11)
+            deadline = time.monotonic() + 300.0
+            while len(feed.taken) <= k and time.monotonic() < deadline:
+                time.sleep(0.01)
+        write_until(2**62)
+    finally:
+        feed.end()
+
+
+def test_the_satellite_takes_its_uplink_from_the_controllers_tdc_log_as_it_grows(
+    two_way_pass, keys, tmp_path, monkeypatch
+):
+    # the satellite endpoint reads its uplink from the controller's TDC log while the
+    # controller writes it (tdc_feed.LiveTdcUplink), block by block, instead of a file
+    # downloaded after the pass: each block is taken once the log has passed its end and
+    # not before, the last at the controller's end of pass; the offsets are those of the
+    # same pass read from the finished files, element for element (the ground's QBER
+    # sample, the only randomness, drawn from the same seeded generator in both runs)
+    import threading
+
+    from host.timetransfer.tdc_feed import LiveTdcUplink
+
+    monkeypatch.setattr(stream, "SystemRandom", lambda: InsecureDeterministicRandom(11))
+    reference, _ = stream.run_streaming(two_way_pass, keys, BLOCK_S, speedup=50.0)
+
+    log = tmp_path / "tdc.qrec"
+    feed = LiveTdcUplink(log, idle_s=300.0)
+    up = files.read_events(two_way_pass, ("uplink_rx", "downlink_tx"))
+    zero_ps = min(int(up["uplink_rx"][0][0]), int(up["downlink_tx"][0][0]))
+    problems = []
+    writer = threading.Thread(
+        target=_tdc_log_writer, args=(two_way_pass, log, zero_ps, feed, problems), daemon=True
+    )
+    writer.start()
+    report, satellite = stream.run_streaming(
+        two_way_pass, keys, BLOCK_S, speedup=50.0, satellite={"uplink_feed": feed}
+    )
+    writer.join(60.0)
+    assert problems == []
+    assert report["aborted"] is False
+    fed = satellite["uplink_feed"]
+    assert fed["ended_by"] == "end of pass (controller)"
+    assert fed["records_missing"] == 0 and fed["bytes_skipped"] == 0
+    total = up["uplink_rx"][0].size
+    assert fed["events"] == total == satellite["uplink_sync"]["detections"]
+    # each block but the last taken while the log still grew, holding exactly the uplink
+    # events before the block's end (the edges of the whole log); the last at its end
+    tags = np.maximum.accumulate(up["uplink_rx"][0])
+    n_blocks = math.ceil(DURATION_S / BLOCK_S)
+    before_end = [int(np.searchsorted(tags, zero_ps + (k + 1) * 10**12)) for k in range(n_blocks)]
+    when = fed["events_when_taken"]
+    assert len(when) == n_blocks and when[-1] == total
+    for k in range(n_blocks - 1):
+        assert before_end[k] <= when[k] < total
+    assert reference["qber_sample"] == report["qber_sample"]
+    assert reference["offset_reference_ps"] == report["offset_reference_ps"]
+    for column in ("t_s", "offset_ps", "offset_sigma_ps", "range_error_ps", "events_up"):
+        np.testing.assert_array_equal(
+            report["series"][column], reference["series"][column], err_msg=column
+        )
+    assert report["series"]["t_s"].size >= 0.9 * DURATION_S / report["bin_s"]

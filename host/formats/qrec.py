@@ -147,6 +147,60 @@ class RecordWriter:
         self.next_seq += 1
 
 
+class AppendedRecords:
+    """A record log still being appended (a product the controller spools during the
+    pass): each poll() returns the records made whole since the last one, in log order.
+    A record whose bytes have not all come is one being written: it is waited for, not
+    skipped. A whole record that fails its checks (magic, CRC, a repeated sequence) is
+    skipped up to the next record magic, as parse_records does, once that magic has come.
+    poll(final=True) (the writer has ended) reads what is left and skips a torn tail.
+    Limit: a record whose length field was corrupted reads as one still being written
+    until the writer ends."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.offset = 0  # bytes consumed: the end of the last record read or skipped
+        self.last_seq = -1
+        self.records_read = 0
+        self.missing_records = 0  # sequence numbers absent between valid records
+        self.skipped: list[tuple[int, int, str]] = []  # (offset, bytes, why)
+
+    def poll(self, final: bool = False) -> list[Record]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []  # not created yet: the writer opens it at its first record
+        except OSError as error:
+            raise BadInput(f"{self.path}: cannot read ({error.strerror})") from None
+        records, at = [], 0
+        resync = MAGIC + bytes([VERSION])
+        while at < len(data):
+            length, why = _record_at(data, at, self.last_seq)
+            if length < 0:
+                if why.startswith("torn record") and not final:
+                    break  # still being written
+                found = data.find(resync, at + 1)
+                if found < 0 and not final:
+                    break  # the next record has not come: nothing to resynchronise on
+                found = len(data) if found < 0 else found
+                self.skipped.append((self.offset + at, found - at, why))
+                at = found
+                continue
+            _, _, kind, seq, _ = HEADER.unpack_from(data, at)
+            self.missing_records += seq - self.last_seq - 1
+            end = at + HEADER.size + length
+            records.append(
+                Record(kind, seq, bytes(data[at + HEADER.size : end]), self.offset + at)
+            )
+            self.last_seq = seq
+            at = end + CRC.size
+        self.offset += at
+        self.records_read += len(records)
+        return records
+
+
 # ---------------------------------------------------------------- record payloads
 
 PATTERN_HEAD = struct.Struct("<IQI")
@@ -220,14 +274,24 @@ def read_tdc_events(path: str | Path) -> tuple[np.ndarray, np.ndarray, RecordLog
     block that does not decode is bad input naming the file and the record."""
     path = Path(path)
     log = _read_log(path)
+    channel, time_ps = tdc_events_of(path, log.records)
+    return channel, time_ps, log
+
+
+def tdc_events_of(path: Path, records) -> tuple[np.ndarray, np.ndarray]:
+    """The events of a TDC log's TDC_BLOCK records (a whole log's, or those an
+    AppendedRecords poll returned) as (channel uint8, time_ps int64) in log order; a block
+    that does not decode is bad input naming the file and the record."""
     blocks = []
-    for record in _of_kind(log, Kind.TDC_BLOCK):
+    for record in records:
+        if record.kind != Kind.TDC_BLOCK:
+            continue
         try:
             blocks.append(decode_tdc_block(record.payload))
         except (ValueError, struct.error) as error:
             raise BadInput(f"{path}: record {record.seq}: {error}") from None
     events = np.concatenate(blocks) if blocks else np.zeros(0, dtype=TDC_EVENT_DTYPE)
-    return events["channel"].astype(np.uint8), events["time_ps"].astype(np.int64), log
+    return events["channel"].astype(np.uint8), events["time_ps"].astype(np.int64)
 
 
 EMISSION_EPOCH_RECORD = struct.Struct("<IQ")  # mark index since the pass start, local_ps

@@ -42,9 +42,9 @@ from host.errors import BadInput, ProtocolAborted
 from host.simulate import passgen
 from host.timetransfer import files, simulate
 from host.timetransfer.command import time_transfer
+from host.timetransfer.tdc_feed import uplink_of
 
 OUT_NAME = "timetransfer"
-UPLINK_CHANNELS = 4  # H, V, D, A: channel CH_UPLINK0 + 2 * basis + bit
 
 
 @dataclass
@@ -150,11 +150,9 @@ def uplink_from_tdc_log(path: Path) -> tuple[tuple, dict]:
     if not path.is_file():
         raise BadInput(f"{path}: missing (the controller's TDC log, downloaded)")
     channel, time_ps, log = read_tdc_events(path)
-    uplink = (channel >= CH_UPLINK0) & (channel < CH_UPLINK0 + UPLINK_CHANNELS)
-    detector = (channel[uplink] - CH_UPLINK0).astype(np.uint8)
-    record = (time_ps[uplink], detector // 2, detector % 2)
+    record = uplink_of(channel, time_ps)
     losses = {
-        "events": int(uplink.sum()),
+        "events": int(record[0].size),
         "records_missing": log.missing_records,
         "bytes_skipped": sum(n for _, n, _ in log.skipped),
     }

@@ -221,6 +221,13 @@ class _UplinkMatcher:
         self.hint = None
         self.matched = self.sifted = self.sampled = 0
 
+    def grow(self, tags, basis, bits, edges) -> None:
+        """The satellite's record as read so far (a live TDC log: tdc_feed.LiveTdcUplink);
+        the events already read and the edges of the blocks taken never change."""
+        self.tags, self.basis, self.bits, self.edges = tags, basis, bits, edges
+        more = tags.size - self.detection_used.size
+        self.detection_used = np.concatenate([self.detection_used, np.zeros(more, dtype=bool)])
+
     def add_block(self, sift: dict) -> None:
         count = int(sift["uplink_count"])
         _check(0 <= count, "uplink count")
@@ -295,13 +302,17 @@ class StreamSatellite:
     emissions, read as the pass clock lets it."""
 
     def __init__(self, scenario, events, pool, key_info, clock: PassClock, block_s: float,
-                 downlink_source=None):  # fmt: skip
+                 downlink_source=None, uplink_feed=None):  # fmt: skip
         """`downlink_source`: as endpoints.SatelliteEndpoint's (a mission: the slot clock
-        and the head's pattern memory); the ground then names its detections' slots."""
+        and the head's pattern memory); the ground then names its detections' slots.
+        `uplink_feed`: the uplink read as the controller's TDC log grows
+        (tdc_feed.LiveTdcUplink) instead of `events["uplink_rx"]`: each block is taken
+        when the log has passed its end, the last at the log's end, not by the clock."""
         self.scenario, self.events = scenario, events
         self.pool, self.key_info = pool, key_info
         self.clock, self.block_s = clock, block_s
         self.downlink_source = downlink_source
+        self.uplink_feed = uplink_feed
         self.sealed = None
 
     def run(self, transport) -> dict:
@@ -313,7 +324,12 @@ class StreamSatellite:
 
     def _run(self, chan, sealed) -> dict:
         scenario, block_s = self.scenario, self.block_s
-        up_tag, up_basis, up_bit = self.events["uplink_rx"]
+        feed = self.uplink_feed
+        if feed is None:
+            up_tag, up_basis, up_bit = self.events["uplink_rx"]
+        else:  # the block edges need the first uplink tag: wait for it
+            feed.first_tag()
+            up_tag, up_basis, up_bit = feed.record()
         by_slot = self.downlink_source is not None
         if by_slot:  # the ground names the slots: no downlink record of the satellite's
             down_tag = np.zeros(0, np.int64)
@@ -337,8 +353,14 @@ class StreamSatellite:
         for k in range(n_blocks + 1):
             final = k == n_blocks
             fields = {"block": k, "final": final}
-            if not final:
+            if not final and feed is None:
                 self.clock.sleep_until(min((k + 1) * block_s, float(scenario["duration_s"])))
+            elif not final:  # the log has passed the block's end (the last: the log's end)
+                end_ps = zero + round((k + 1) * block_s * 1e12) if k + 1 < n_blocks else None
+                up_tag, up_basis, up_bit = feed.through(end_ps)
+                up_edges = block_edges(up_tag, zero, block_s, n_blocks)
+                matcher.grow(up_tag, up_basis, up_bit, up_edges)
+            if not final:
                 d = slice(down_edges[k], down_edges[k + 1])
                 fields.update(
                     uplink_count=endpoints.BY_EPOCH,
@@ -398,6 +420,7 @@ class StreamSatellite:
             **endpoints.receive_offset_result(chan, sealed),
             "uplink_qber_sample": {"n": sampled, "errors": errors},
             "uplink_sync": {"detections": int(up_tag.size), "matched": matcher.matched},
+            **({"uplink_feed": feed.report()} if feed is not None else {}),
         }
 
 
@@ -635,15 +658,21 @@ def run_streaming(
     in-process pair by default, or the optical link's time-transfer stream); returns (the
     ground's report, the satellite's result) or raises ProtocolAborted with the report.
     `satellite`: the satellite's records when they are not satellite/tt_*.npz, as
-    command.run_endpoints's ({"uplink_rx", "downlink_source"})."""
+    command.run_endpoints's ({"uplink_rx", "downlink_source"}), or its uplink read as
+    the controller's TDC log grows ({"uplink_feed": tdc_feed.LiveTdcUplink}, with or
+    without "downlink_source": without, the downlink record is satellite/'s)."""
     check_block_s(block_s)
     scenario = files.read_scenario(pass_dir)
-    downlink_source = None
-    if satellite is None:
-        satellite_events = files.read_events(pass_dir, files.SATELLITE_FILES)
+    satellite = satellite or {}
+    downlink_source = satellite.get("downlink_source")
+    uplink_feed = satellite.get("uplink_feed")
+    if downlink_source is None:
+        wanted = ("downlink_tx",) if uplink_feed is not None else files.SATELLITE_FILES
+        satellite_events = files.read_events(pass_dir, wanted)
     else:
-        satellite_events = {"uplink_rx": satellite["uplink_rx"]}
-        downlink_source = satellite["downlink_source"]
+        satellite_events = {}
+    if "uplink_rx" in satellite:
+        satellite_events["uplink_rx"] = satellite["uplink_rx"]
     ground_events = files.read_events(pass_dir, files.GROUND_FILES)
     ground_slots = files.read_downlink_slots(pass_dir)
     satellite_pool, satellite_key = endpoints.open_time_key(keys_dir, "satellite")
@@ -655,7 +684,7 @@ def run_streaming(
     clock = PassClock(speedup)
     satellite = StreamSatellite(
         scenario, satellite_events, satellite_pool, satellite_key, clock, block_s,
-        downlink_source,
+        downlink_source, uplink_feed,
     )  # fmt: skip
     ground = StreamGround(
         scenario, ground_events, ground_pool, ground_key, clock, block_s,
