@@ -553,6 +553,50 @@ def test_a_forged_position_from_the_listener_costs_the_connector_only_its_announ
     server.close()
 
 
+def test_a_connector_held_by_a_dripping_peer_is_dropped_within_its_bound(tmp_path, monkeypatch):
+    """A man in the middle posing as the listener sends its hello a byte every DRIBBLE_S:
+    on main each byte reset the connector's 600 s per-read timeout, so it was held for as
+    long as the bytes kept coming (here the peer gives up after 10 s, having sent 20 of
+    its 29 bytes). Now a split mode's connector (open_split) bounds the whole pool-start
+    exchange: it stops within CONNECT_HANDSHAKE_TIMEOUT_S of connecting, as a link that
+    failed before the protocol began (EnvironmentFailure: exit 1), its pool untouched."""
+    from host.errors import EnvironmentFailure
+
+    monkeypatch.setattr(ch, "CONNECT_HANDSHAKE_TIMEOUT_S", HANDSHAKE_S)
+    (_, path_c), (_, pool_c) = _file_pools(tmp_path)
+    server = socket.create_server(("127.0.0.1", 0))
+    dripped = []
+
+    def dripping_listener():
+        conn, _ = server.accept()
+        hello = ch._LEN.pack(ch._START.size)
+        hello += ch._START.pack(ch._START_HELLO, ch.LISTENER, os.urandom(16))
+        with conn:
+            try:
+                for byte in hello[:20]:  # 10 s at DRIBBLE_S, then it hangs up
+                    conn.sendall(bytes([byte]))
+                    dripped.append(time.monotonic())
+                    time.sleep(DRIBBLE_S)
+            except OSError:
+                pass  # dropped by the connector
+
+    thread = threading.Thread(target=dripping_listener, daemon=True)
+    thread.start()
+    began = time.monotonic()
+    transport = ch.open_split(None, f"127.0.0.1:{server.getsockname()[1]}")
+    with pytest.raises(EnvironmentFailure, match="pool-start exchange took more than"):
+        ch.exchange_pool_start(transport, pool_c, ch.BOB)
+    held_s = time.monotonic() - began
+    transport.close()
+    thread.join(15)
+    server.close()
+    # the bound, plus a loaded machine's stall (the peer would have held it 10 s)
+    assert HANDSHAKE_S <= held_s < HANDSHAKE_S + 3.0, held_s
+    assert len(dripped) < 20
+    assert _record(path_c) == 0 and pool_c.start_byte == 0  # its hello never completed
+    pool_c.close()
+
+
 def test_a_listener_nobody_connects_to_says_so():
     with pytest.raises(ch.ChannelClosed, match="no peer connected"):
         ch.listen("127.0.0.1:0", timeout_s=0.3)

@@ -91,6 +91,12 @@ LISTENER, CONNECTOR = b"L", b"C"
 # announcement; a peer that fails (silent, garbage, a forged tag) is dropped and the
 # listener accepts the next, within its own deadline (listen's timeout_s).
 HANDSHAKE_TIMEOUT_S = 10.0
+# A connector in a split mode (open_split) gives the pool-start exchange this long (wall
+# seconds) from its connection, whatever the spacing of the bytes it receives: a man in
+# the middle dripping a byte every few minutes held it for good with only the socket's
+# per-read timeout. The listener answers at once, unless strangers it has accepted before
+# hold it (HANDSHAKE_TIMEOUT_S each): 60 s leaves room for five of them.
+CONNECT_HANDSHAKE_TIMEOUT_S = 60.0
 _HANDSHAKE_FRAME_MAX = 64  # the exchange's frames are 24-25 bytes: a longer one is refused
 
 
@@ -460,9 +466,16 @@ class SocketTransport:
     accepted, CONNECTOR for one it made (exchange_pool_start: a listener never proves
     first)."""
 
-    def __init__(self, sock: socket.socket, mode: bytes = CONNECTOR):
+    def __init__(
+        self,
+        sock: socket.socket,
+        mode: bytes = CONNECTOR,
+        handshake_timeout_s: float | None = None,
+    ):
         self.sock = sock
         self.mode = mode
+        self.connected_at = time.monotonic()
+        self.handshake_s = handshake_timeout_s
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def send_bytes(self, data: bytes) -> None:
@@ -473,19 +486,44 @@ class SocketTransport:
 
     # no bound of its own on a whole message: the socket's timeout bounds each wait
     handshake_deadline = None
+    handshake_s = None  # the pool-start exchange's bound (wall seconds), when it has one
+
+    def start_handshake(self) -> None:
+        """The pool-start exchange begins: with a bound (a connector of a split mode,
+        connect's handshake_timeout_s), it must end within it of the connection."""
+        if self.handshake_s is not None:
+            self._read_timeout_s = self.sock.gettimeout()
+            self.handshake_deadline = self.connected_at + self.handshake_s
+
+    def handshake_done(self) -> None:
+        if self.handshake_deadline is not None:
+            self.handshake_deadline = None
+            self.sock.settimeout(self._read_timeout_s)  # each later wait's own bound
+
+    def _handshake_overdue(self) -> Exception:
+        message = f"the pool-start exchange took more than {self.handshake_s:g} s"
+        if self.mode == LISTENER:
+            return ChannelClosed(message)  # the listener drops this peer, takes the next
+        from host.errors import EnvironmentFailure
+
+        # a connector: the link failed before the protocol began (exit 1, as open_split's
+        # "no peer answering"); nothing of the pool was committed but its announcement
+        return EnvironmentFailure(f"{message} (the peer or the link stalls it)")
 
     def _recv_exact(self, count: int) -> bytes:
         parts, remaining = [], count
         while remaining:
-            if self.handshake_deadline is not None:  # a listener's peer not yet verified
+            if self.handshake_deadline is not None:  # the pool-start exchange's bound
                 left = self.handshake_deadline - time.monotonic()
                 if left <= 0:
-                    raise ChannelClosed(
-                        f"the pool-start exchange took more than {HANDSHAKE_TIMEOUT_S:g} s"
-                    )
+                    raise self._handshake_overdue()
                 self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(min(remaining, 1 << 20))
+            except TimeoutError as error:
+                if self.handshake_deadline is not None:
+                    raise self._handshake_overdue() from error
+                raise ChannelClosed(f"receive failed: {error}") from error
             except OSError as error:
                 raise ChannelClosed(f"receive failed: {error}") from error
             if not chunk:
@@ -601,7 +639,9 @@ def open_split(listen_address: str | None, connect_address: str | None, on_liste
     """A split mode's transport: listen on `listen_address` or connect to `connect_address`
     (HOST:PORT, exactly one given). A bad address is bad input (exit 2); no peer coming or
     none answering is an EnvironmentFailure (exit 1: the link failed before the protocol
-    began; exit 3 is for a protocol that stopped, with its report)."""
+    began; exit 3 is for a protocol that stopped, with its report). A connector's
+    pool-start exchange is bounded as a whole (CONNECT_HANDSHAKE_TIMEOUT_S): past it,
+    EnvironmentFailure too."""
     from host.errors import EnvironmentFailure
 
     option = "--listen" if listen_address else "--connect"
@@ -609,20 +649,29 @@ def open_split(listen_address: str | None, connect_address: str | None, on_liste
     try:
         if listen_address:
             return listen(listen_address, on_listening=on_listening)
-        return connect(connect_address)
+        return connect(connect_address, handshake_timeout_s=CONNECT_HANDSHAKE_TIMEOUT_S)
     except (OSError, OverflowError) as error:
         raise BadInput(f"{option} {address}: {error}") from None
     except ChannelClosed as error:
         raise EnvironmentFailure(f"{option} {address}: {error}") from None
 
 
-def connect(address: str, timeout_s: float = 600.0, retry_s: float = 30.0):
+def connect(
+    address: str,
+    timeout_s: float = 600.0,
+    retry_s: float = 30.0,
+    handshake_timeout_s: float | None = None,
+):
+    """handshake_timeout_s: the pool-start exchange's bound from the connection (split
+    modes: CONNECT_HANDSHAKE_TIMEOUT_S); without it (two connectors through the optical
+    link's relay, which passes nothing until the link is up) only timeout_s bounds each
+    wait."""
     host, port = parse_address(address)
     deadline = time.monotonic() + retry_s
     while True:
         try:
             sock = socket.create_connection((host, port), timeout=timeout_s)
-            return SocketTransport(sock)
+            return SocketTransport(sock, handshake_timeout_s=handshake_timeout_s)
         except OSError as error:
             if time.monotonic() > deadline:
                 raise ChannelClosed(f"cannot connect to {address}: {error}") from error
