@@ -414,10 +414,10 @@ class SplitDuty(tracking_duty.TrackingDuty):
         if self._last_us >= 0 and ((now - self._last_us) & 0x3FFFFFFF) > self.tracker.cfg[0]:
             self.overruns += 1
         self._last_us = now
-        if bus.read(tracking_duty.REG_TRK_SENSORS, 10) != 0:
+        if bus.read(tracking_duty.REG_TRK_SENSORS, tracking_duty.SENSOR_WORDS) != 0:
             self.bus_errors += 1
             return False
-        tracking_duty._copy_words(bus.words, self.tracker.io, 10)
+        tracking_duty._copy_words(bus.words, self.tracker.io, tracking_duty.SENSOR_WORDS)
         self.tracker.step()
         if bus.write(tracking_duty.REG_TRK_COMMANDS, self._commands, 7) != 0:
             self.bus_errors += 1

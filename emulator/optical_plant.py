@@ -62,7 +62,8 @@ COMMAND_FORMAT = (
 )
 COMMAND_BYTES = struct.calcsize(COMMAND_FORMAT)
 # Plant -> firmware: 'M' measurement at the start of a step.
-MEASUREMENT_FORMAT = "<cIHHHHBiiiii"  # tag, step, A,B,C,D, cam_new, cam x/y, cam signal, enc x/y
+# tag, step, A,B,C,D, cam_new, cam x/y, cam signal, enc x/y, angular-rate sensor x/y (nrad)
+MEASUREMENT_FORMAT = "<cIHHHHBiiiiiii"
 MEASUREMENT_BYTES = struct.calcsize(MEASUREMENT_FORMAT)
 
 
@@ -170,6 +171,13 @@ class PlantParams:
     vibration_rolloff_order: int = 2  # PSD ~ f^-(2 order) above 30 Hz
     wheel_lines: tuple[tuple[float, float], ...] = ((95.0, 1.0), (190.0, 0.5))  # Hz, urad RMS
     vibration_floor_urad_rthz: float = 0.004  # white floor, one-sided PSD
+    # Angular-rate sensor on the terminal's base (MHD type, as laser terminals carry for
+    # line-of-sight stabilisation; docs/tracking.md "Angular-rate sensor"): it sees the
+    # platform's micro-vibration, not the gimbal or the mirror; its output is the rate
+    # integrated to angle (nrad), high-passed at `ars_highpass_hz` (an MHD sensor does not
+    # measure DC), with white rate noise of `ars_noise_urad_s_rthz` (one-sided density).
+    ars_highpass_hz: float = 2.0
+    ars_noise_urad_s_rthz: float = 2.0
     # Beacon outages: list of (start_s, duration_s); duration inf = never returns
     dropouts: tuple[tuple[float, float], ...] = ()
 
@@ -245,6 +253,25 @@ def scintillation_series(
     white[0] /= math.sqrt(1.0 - rho * rho)  # start in the stationary distribution
     g = lfilter([math.sqrt(1.0 - rho * rho)], [1.0, -rho], white)  # AR(1), unit variance
     return np.exp(sigma_ln * g - 0.5 * sigma_ln * sigma_ln)
+
+
+def ars_series(
+    rng: np.random.Generator,
+    jitter_rad: np.ndarray,
+    rate_hz: float,
+    highpass_hz: float,
+    noise_urad_s_rthz: float,
+) -> np.ndarray:
+    """What the angular-rate sensor reports per sample (nrad, int): the platform jitter
+    plus the sensor's white rate noise integrated to angle, through the sensor's
+    first-order high-pass (its angle output carries no DC and no drift)."""
+    dt = 1.0 / rate_hz
+    # one-sided density N (urad/s/rtHz) -> per-sample rate noise N sqrt(rate / 2)
+    rate_noise = noise_urad_s_rthz * URAD * math.sqrt(rate_hz / 2.0)
+    angle = jitter_rad + np.cumsum(rate_noise * rng.standard_normal(jitter_rad.size)) * dt
+    a = 1.0 / (1.0 + 2.0 * math.pi * highpass_hz * dt)  # y_k = a (y_k-1 + x_k - x_k-1)
+    out = lfilter([a, -a], [1.0, -a], angle - angle[0])
+    return np.round(out / NRAD).astype(np.int64)
 
 
 def prediction_table(params: PlantParams, duration_s: float) -> list[list[int]]:
@@ -325,6 +352,11 @@ class OpticalPlant:
         )  # fmt: skip
         self.qpd_noise = rng.standard_normal((n, 4))
         self.cam_noise = rng.standard_normal((n, 3))
+        # drawn after everything above, so the other series are those of earlier plants
+        self.ars_x = ars_series(rng, self.vib_x, params.loop_rate_hz, params.ars_highpass_hz,
+                                params.ars_noise_urad_s_rthz)  # fmt: skip
+        self.ars_y = ars_series(rng, self.vib_y, params.loop_rate_hz, params.ars_highpass_hz,
+                                params.ars_noise_urad_s_rthz)  # fmt: skip
         self.beacon_on = np.ones(n, dtype=bool)
         for start_s, duration in params.dropouts:
             end_s = start_s + duration
@@ -414,7 +446,8 @@ class OpticalPlant:
         q = p.encoder_resolution_nrad
         enc_x = int(round(round(self.coarse[0] / NRAD / q) * q))
         enc_y = int(round(round(self.coarse[1] / NRAD / q) * q))
-        return (*quads, cam_new, cam_x, cam_y, cam_sig, enc_x, enc_y)
+        ars = (int(self.ars_x[k]), int(self.ars_y[k]))
+        return (*quads, cam_new, cam_x, cam_y, cam_sig, enc_x, enc_y, *ars)
 
     # ------------------------------------------------------------------ actuators
     def apply(self, fsm_nrad, coarse_rate_urad_s, pa_nrad, state: int) -> None:
@@ -469,7 +502,4 @@ class OpticalPlant:
         return self.measurement_body()
 
     def measurement_body(self) -> bytes:
-        a, b, c, d, cam_new, cx, cy, cs, enc_x, enc_y = self.measure()
-        return struct.pack(
-            MEASUREMENT_FORMAT, b"M", self.k, a, b, c, d, cam_new, cx, cy, cs, enc_x, enc_y
-        )
+        return struct.pack(MEASUREMENT_FORMAT, b"M", self.k, *self.measure())

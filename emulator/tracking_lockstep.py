@@ -33,7 +33,7 @@ from host.protocol import tracking as trk
 # Tracking register blocks (firmware/payload/tracking_duty.py, docs/tracking.md).
 REG_TRK_SENSORS = pb.REG_TRACKING_BASE
 REG_TRK_COMMANDS = pb.REG_TRACKING_BASE + 0x10
-SENSOR_WORDS = 10
+SENSOR_WORDS = 12
 COMMAND_WORDS = 7
 
 

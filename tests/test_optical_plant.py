@@ -17,6 +17,7 @@ from emulator.optical_plant import (
     OpticalPlant,
     PassGeometry,
     PlantParams,
+    ars_series,
     prediction_table,
     scintillation_series,
     vibration_series,
@@ -76,6 +77,31 @@ def test_micro_vibration_has_the_wheel_lines_and_the_floor_over_its_low_band():
                              rolloff_order=2, wheel_lines=((95.0, 1.0), (190.0, 0.5)),
                              floor_urad_rthz=0.004)  # fmt: skip
     assert np.array_equal(series, again)
+
+
+def test_angular_rate_sensor_sees_the_jitter_through_its_high_pass_with_its_rate_noise():
+    rate, n = 2000.0, 1 << 16
+    jitter = vibration_series(np.random.default_rng(3), n, rate, 9.3, (2.7, 7.1, 17.3),
+                              rolloff_order=2, wheel_lines=((95.0, 1.0),))  # fmt: skip
+    # Noise-free: the jitter itself above the 2 Hz corner (in the 30-85 Hz band the loop
+    # cannot reach, within 1 %), nothing of it near DC.
+    clean = ars_series(np.random.default_rng(4), jitter, rate, 2.0, 0.0) * NRAD / URAD
+    f, p_clean = welch(clean, fs=rate, nperseg=8192)
+    _, p_jitter = welch(jitter / URAD, fs=rate, nperseg=8192)
+    band = (f >= 30.0) & (f < 85.0)
+    assert abs(math.sqrt(p_clean[band].sum() / p_jitter[band].sum()) - 1.0) < 0.01
+    low = (f > 0.0) & (f < 0.5)
+    assert p_clean[low].sum() < 0.05 * p_jitter[low].sum()
+    # Still platform: white rate noise N integrated to angle, PSD N^2 / (2 pi f)^2 above
+    # the corner (N = 2 urad/s/rtHz gives 5e-5 urad^2/Hz at 45 Hz; 60 averaged segments).
+    quiet = ars_series(np.random.default_rng(4), np.zeros(n), rate, 2.0, 2.0) * NRAD / URAD
+    f, p_quiet = welch(quiet, fs=rate, nperseg=4096)
+    band = (f >= 30.0) & (f < 60.0)
+    expected = (2.0**2 / (2 * math.pi * f[band]) ** 2).mean()
+    assert 0.85 < p_quiet[band].mean() / expected < 1.15, p_quiet[band].mean() / expected
+    # The plant reports it (nrad) as the last two measurement words, once per step.
+    plant = OpticalPlant(PlantParams(seed=2), duration_s=0.01)
+    assert plant.measure()[10:] == (plant.ars_x[0], plant.ars_y[0])
 
 
 def test_beacon_scintillation_has_the_index_and_the_correlation_time():

@@ -70,19 +70,21 @@ IO_CAM_Y = const(6)
 IO_CAM_SIGNAL = const(7)  # camera spot signal, counts
 IO_ENC_X = const(8)  # coarse axis position, nrad
 IO_ENC_Y = const(9)
-IO_FSM_X = const(10)  # out: mirror command, nrad
-IO_FSM_Y = const(11)
-IO_RATE_X = const(12)  # out: coarse axis rate command, nrad/ms (urad/s)
-IO_RATE_Y = const(13)
-IO_PA_X = const(14)  # out: point-ahead command, nrad
-IO_PA_Y = const(15)
-IO_STATE = const(16)  # out
-IO_ERR_X = const(17)  # out: measured fine error, nrad (0 without signal)
-IO_ERR_Y = const(18)
-IO_SIGNAL = const(19)  # out: QPD sum above background, counts
-IO_PRED_X = const(20)  # out: predicted line of sight (uplinked prediction, no bias), nrad
-IO_PRED_Y = const(21)
-IO_WORDS = const(22)
+IO_ARS_X = const(10)  # angular-rate sensor, platform jitter integrated to angle, nrad
+IO_ARS_Y = const(11)
+IO_FSM_X = const(12)  # out: mirror command, nrad
+IO_FSM_Y = const(13)
+IO_RATE_X = const(14)  # out: coarse axis rate command, nrad/ms (urad/s)
+IO_RATE_Y = const(15)
+IO_PA_X = const(16)  # out: point-ahead command, nrad
+IO_PA_Y = const(17)
+IO_STATE = const(18)  # out
+IO_ERR_X = const(19)  # out: measured fine error, nrad (0 without signal)
+IO_ERR_Y = const(20)
+IO_SIGNAL = const(21)  # out: QPD sum above background, counts
+IO_PRED_X = const(22)  # out: predicted line of sight (uplinked prediction, no bias), nrad
+IO_PRED_Y = const(23)
+IO_WORDS = const(24)
 
 # ---------------------------------------------------------------- config words (int32)
 _K_PERIOD_US = const(0)
@@ -118,7 +120,10 @@ _K_TELEM_DECIM = const(29)  # steps per telemetry sample
 _K_SPM = const(30)  # steps per ms, Q16 (per-step -> per-ms conversion)
 _K_KII = const(31)  # fine double-integral gain, Q12
 _K_RES = const(32)  # wheel-line resonators, per line: a1, a2, b0, b1 (Q12, signed)
-_K_WORDS = const(40)
+_K_ARS = const(40)  # angular-rate sensor feed-forward taps on ARS(k), ..., ARS(k-3), Q12
+_K_WORDS = const(44)
+_ARS_TAPS = const(4)
+_ARS_CLAMP = const(65536)  # 2**16 nrad: |tap| <= 1 (Q12 4096) keeps 4 products < 2**30
 _WHEEL_LINES = const(2)
 _RES_MAX_NRAD = const(131072)  # 2**17: resonator state bound (a1 * r < 2**30)
 
@@ -158,16 +163,17 @@ _S_NODE = const(31)  # current prediction node (time = node s + _S_NODE_US us)
 _S_START_MS = const(32)  # pass time at which the next start begins, ms
 _S_TM_COUNTDOWN = const(33)  # steps to the next telemetry sample
 _S_RES = const(34)  # resonator states, nrad: [axis x, y][line 0, 1][r(k-1), r(k-2)]
-_S_WORDS = const(44)
+_S_ARS = const(44)  # angular-rate sensor history, nrad: [axis x, y][ARS(k-1), (k-2), (k-3)]
+_S_WORDS = const(50)
 
 # All int32 state lives in one array (fewer kernel arguments: each costs ~200 instructions
 # per call on the Cortex-M3): [state | config | io | nodes | transition ring | telemetry].
-_OFF_CFG = const(44)  # _S_WORDS
-_OFF_IO = const(84)  # _OFF_CFG + _K_WORDS
-_OFF_NODES = const(106)  # _OFF_IO + IO_WORDS
-_OFF_LOG = const(108)
-_OFF_TM = const(364)  # _OFF_LOG + 4 * _TR_SLOTS
-_ALL_WORDS = const(2156)  # _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS
+_OFF_CFG = const(50)  # _S_WORDS
+_OFF_IO = const(94)  # _OFF_CFG + _K_WORDS
+_OFF_NODES = const(118)  # _OFF_IO + IO_WORDS
+_OFF_LOG = const(120)
+_OFF_TM = const(376)  # _OFF_LOG + 4 * _TR_SLOTS
+_ALL_WORDS = const(2168)  # _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS
 _TR_SLOTS = const(64)  # transition ring: step, from, to, reason
 TM_SAMPLE_WORDS = const(7)  # telemetry sample: step, state, signal, ex, ey, fsm x, fsm y
 _TM_SLOTS = const(256)
@@ -210,19 +216,25 @@ HARDWARE = {
 
 DEFAULTS = {
     "loop_rate_hz": 2000,
-    # Tuned on a frequency-domain model of the honest plant (docs/tracking.md "Tuning"),
-    # robust to a QPD slope of 0.5-1.5x and to one more sample of latency.
-    "fine_kp": 0.108,
-    "fine_ki": 0.287,
-    "fine_kii": 0.084,
-    "fine_kd": 0.002,
+    # Tuned on a frequency-domain model of the honest plant with the angular-rate sensor's
+    # feed-forward (docs/tracking.md "Tuning"), robust to a QPD slope of 0.5-1.5x and to one
+    # more sample of latency (every closed-loop pole inside 0.9985 in those cases). Without
+    # the sensor (taps all 0) use the QPD-only set: kp 0.108, ki 0.287, kii 0.084, kd 0.002,
+    # line gains (0.031, 0.0128), phases (-70.0, 37.7).
+    "fine_kp": 0.0078,
+    "fine_ki": 0.1923,
+    "fine_kii": 0.0133,
+    "fine_kd": 0.0,
     # Resonant terms at the reaction-wheel lines (0 Hz: off), from the wheel speed. Pole
     # radius 0.998: a peak of loop gain +-0.64 Hz wide at 2 kHz (the wheel speed must be
     # known to ~+-20 rpm at 5700 rpm; 0.995 rejected the lines 2x less).
     "wheel_lines_hz": (95.0, 190.0),
-    "wheel_line_gains": (0.031, 0.0128),
-    "wheel_line_phases_deg": (-70.0, 37.7),
+    "wheel_line_gains": (0.0275, 0.0355),
+    "wheel_line_phases_deg": (-54.2, 2.2),
     "wheel_line_pole_radius": 0.998,
+    # Angular-rate sensor feed-forward (docs/tracking.md "Angular-rate sensor"): taps on
+    # the sensor's angle at k, k-1, k-2, k-3, Q12 (all 0: off; then the QPD-only gains).
+    "ars_feedforward_taps": (0.9606, -0.0931, 0.5414, -0.4554),
     "fsm_limit_urad": 900.0,
     "qpd_spot_radius_urad": 25.0,
     "qpd_background_counts": 25,
@@ -413,6 +425,11 @@ def validate(config, hardware=None):
     for i in range(_WHEEL_LINES):
         if lines[i] > 0.0 and gains[i] > 0.0:
             resonators.append(wheel_resonator(lines[i], gains[i], phases[i], rate, rho))
+    taps = c["ars_feedforward_taps"]
+    need(len(taps) == _ARS_TAPS, "ars_feedforward_taps", "must list %d values" % _ARS_TAPS)
+    for i in range(_ARS_TAPS):
+        need(-1.0 <= taps[i] <= 1.0, "ars_feedforward_taps",
+             "tap %d: must be in [-1, 1] (Q12 fixed point)" % i)  # fmt: skip
     latency = hw["latency_samples"]
     mirror = mirror_zoh(hw["fsm_natural_hz"], hw["fsm_damping"], 1.0 / rate)
 
@@ -575,6 +592,8 @@ def validate(config, hardware=None):
     for i, (num, den) in enumerate(resonators):
         for j, value in enumerate((-den[1], den[2], num[0], num[1])):
             words[_K_RES + 4 * i + j] = int(value * 4096 + (0.5 if value >= 0 else -0.5))
+    for i, value in enumerate(taps):
+        words[_K_ARS + i] = int(value * 4096 + (0.5 if value >= 0 else -0.5))
     return words
 
 
@@ -1056,6 +1075,16 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             if st[_S_CAM_MISS] < _COUNT_MAX:
                 st[_S_CAM_MISS] = st[_S_CAM_MISS] + 1
             st[_S_CAM_RUN] = 0
+    ars_x = (st[_OFF_IO + IO_ARS_X] ^ m) - m
+    if ars_x > _ARS_CLAMP:
+        ars_x = _ARS_CLAMP
+    elif ars_x < 0 - _ARS_CLAMP:
+        ars_x = 0 - _ARS_CLAMP
+    ars_y = (st[_OFF_IO + IO_ARS_Y] ^ m) - m
+    if ars_y > _ARS_CLAMP:
+        ars_y = _ARS_CLAMP
+    elif ars_y < 0 - _ARS_CLAMP:
+        ars_y = 0 - _ARS_CLAMP
     enc_x = (st[_OFF_IO + IO_ENC_X] ^ m) - m
     if enc_x > angle_max:
         enc_x = angle_max
@@ -1335,6 +1364,18 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
                 st[i + 1] = r1
                 st[i] = r
                 res_y += r
+            # Feed-forward of the platform jitter the angular-rate sensor saw: a 4-tap
+            # filter on ARS(k)..ARS(k-3) (|tap| <= 1 Q12, |ARS| <= 2**16: sum < 2**30)
+            # that predicts it across the loop's latency (docs/tracking.md).
+            c = _OFF_CFG + _K_ARS
+            res_x += (((st[c] ^ m) - m) * ars_x
+                      + ((st[c + 1] ^ m) - m) * ((st[_S_ARS] ^ m) - m)
+                      + ((st[c + 2] ^ m) - m) * ((st[_S_ARS + 1] ^ m) - m)
+                      + ((st[c + 3] ^ m) - m) * ((st[_S_ARS + 2] ^ m) - m)) >> 12  # fmt: skip
+            res_y += (((st[c] ^ m) - m) * ars_y
+                      + ((st[c + 1] ^ m) - m) * ((st[_S_ARS + 3] ^ m) - m)
+                      + ((st[c + 2] ^ m) - m) * ((st[_S_ARS + 4] ^ m) - m)
+                      + ((st[c + 3] ^ m) - m) * ((st[_S_ARS + 5] ^ m) - m)) >> 12  # fmt: skip
             ux = ((kp * ex) >> 12) + (nix >> 8) + (ni2x >> 8) + ((kd * dex) >> 12) + res_x
             uy = ((kp * ey) >> 12) + (niy >> 8) + (ni2y >> 8) + ((kd * dey) >> 12) + res_y
             if (ux >= limit and ex > 0) or (ux <= 0 - limit and ex < 0):
@@ -1416,6 +1457,13 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         rate_x = vff_x + bias_rate_x + ((fsm_x * ko) >> 16)
         rate_y = vff_y + bias_rate_y + ((fsm_y * ko) >> 16)
 
+    # the angular-rate sensor's history, kept in every state (FINE starts with it full)
+    st[_S_ARS + 2] = st[_S_ARS + 1]
+    st[_S_ARS + 1] = st[_S_ARS]
+    st[_S_ARS] = ars_x
+    st[_S_ARS + 5] = st[_S_ARS + 4]
+    st[_S_ARS + 4] = st[_S_ARS + 3]
+    st[_S_ARS + 3] = ars_y
     rate_limit = st[_OFF_CFG + _K_RATE_LIMIT]
     st[_OFF_IO + IO_FSM_X] = fsm_x
     st[_OFF_IO + IO_FSM_Y] = fsm_y

@@ -9,11 +9,11 @@ from micropython import const
 
 from payload import storage, tracking
 
-REG_TRK_SENSORS = const(0x0500)  # read, 10 words: QA..QD, CAM_NEW, CAM_X, CAM_Y, CAM_SIGNAL,
-#                                  ENC_X, ENC_Y (Tracker.io words 0..9)
+REG_TRK_SENSORS = const(0x0500)  # read, 12 words: QA..QD, CAM_NEW, CAM_X, CAM_Y, CAM_SIGNAL,
+#                                  ENC_X, ENC_Y, ARS_X, ARS_Y (Tracker.io words 0..11)
 REG_TRK_COMMANDS = const(0x0510)  # write, 7 words: FSM_X, FSM_Y, RATE_X, RATE_Y, PA_X, PA_Y,
-#                                   STATE (io words 10..16); writing STATE latches the set
-SENSOR_WORDS = const(10)
+#                                   STATE (io words 12..18); writing STATE latches the set
+SENSOR_WORDS = const(12)
 COMMAND_WORDS = const(7)
 
 

@@ -12,7 +12,7 @@ from micropython import const
 from payload import framing, tracking
 
 _MAX_BODY = const(1024)
-_MEAS_BYTES = const(34)  # "<cIHHHHBiiiii"
+_MEAS_BYTES = const(42)  # "<cIHHHHBiiiiiii"
 _CMD_BYTES = const(31)  # "<cIiiiiiiBB"
 _SAMPLES_PER_RECORD = const(40)  # 12 + 40 * 24 bytes fits one bus frame
 
@@ -23,9 +23,9 @@ def _unpack_measurement(buf: ptr8, io: ptr32) -> int:
     for i in range(4):
         io[i] = buf[5 + 2 * i] | (buf[6 + 2 * i] << 8)
     io[4] = buf[13]  # IO_CAM_NEW
-    for i in range(5):
+    for i in range(7):
         at = 14 + 4 * i
-        # IO_CAM_X .. IO_ENC_Y
+        # IO_CAM_X .. IO_ENC_Y, IO_ARS_X, IO_ARS_Y
         io[5 + i] = buf[at] | (buf[at + 1] << 8) | (buf[at + 2] << 16) | (buf[at + 3] << 24)
     return (buf[1] | (buf[2] << 8) | (buf[3] << 16) | (buf[4] << 24)) & 0x3FFFFFFF
 
@@ -36,10 +36,10 @@ def _pack_command(buf: ptr8, io: ptr32, step: int):
     for k in range(4):
         buf[1 + k] = (step >> (8 * k)) & 0xFF
     for i in range(6):
-        v = io[10 + i]  # IO_FSM_X .. IO_PA_Y
+        v = io[12 + i]  # IO_FSM_X .. IO_PA_Y
         for k in range(4):
             buf[5 + 4 * i + k] = (v >> (8 * k)) & 0xFF
-    buf[29] = io[16]  # IO_STATE
+    buf[29] = io[18]  # IO_STATE
     buf[30] = 0
 
 

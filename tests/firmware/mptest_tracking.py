@@ -72,8 +72,8 @@ def test_configure_is_atomic_and_refused_while_tracking():
     except tracking.ConfigError:
         pass
     assert bytes(t.cfg) == before and t.config["fine_ki"] == tracking.DEFAULTS["fine_ki"]
-    t.configure({"fine_ki": 0.28})
-    assert t.cfg[2] == int(0.28 * 4096 + 0.5)
+    t.configure({"fine_ki": 0.18})
+    assert t.cfg[2] == int(0.18 * 4096 + 0.5)
     t.load_predictions(ROWS)
     t.start()
     t.step()
