@@ -135,11 +135,12 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
     who sent each range's tag (0: Alice, 1: Bob, None: the hash key, used by both)."""
     frames = {d: _frames(streams[d]) for d in (0, 1)}
     # the pool-start exchange (channel.exchange_pool_start): each side's hello (mode, nonce),
-    # then Bob's tagged position (he connects: he proves first), then Alice's
+    # then Bob's tagged position (he connects: he proves first), then Alice's, then Bob's
+    # confirmation (protocol 5)
     if len(frames[1]) < 2:
         return [], 0, []  # Bob's announcement never crossed: nothing tagged was sent
     hellos = [frames[d][0] for d in (0, 1)]
-    assert all(len(h) == 25 and h[:8] == b"QKDPOOL4" for h in hellos), hellos
+    assert all(len(h) == 25 and h[:8] == b"QKDPOOL5" for h in hellos), hellos
     nonce_a, nonce_b = hellos[0][9:], hellos[1][9:]
 
     def announcement_tag(offset: int, body: bytes) -> bytes:
@@ -148,7 +149,7 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
         return (poly_hash(body, key) ^ pad).to_bytes(8, "little")
 
     magic, p_bob, tag = struct.unpack("<8sQ8s", frames[1][1])
-    assert magic == b"QKDPANN4"
+    assert magic == b"QKDPANN5"
     body = magic + struct.pack("<BQQ", 0, p_bob, 0) + nonce_b + nonce_a
     assert tag == announcement_tag(p_bob, body), "Bob's announcement not from his position"
     ranges, senders = [(p_bob, p_bob + 8), (p_bob + 8, p_bob + 16)], [1, 1]
@@ -156,16 +157,25 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
         return ranges, 1, senders  # Alice never answered: no session
     magic, p_alice, tag = struct.unpack("<8sQ8s", frames[0][1])
     at = max(p_bob + 16, p_alice)
+    at += (0 - at) % 32  # Alice's lane (channel.announcement_slot)
     body = magic + struct.pack("<BQQ", 1, p_bob, p_alice) + nonce_a + nonce_b
     assert tag == announcement_tag(at, body), "Alice's announcement not from its place"
     ranges += [(at, at + 8), (at + 8, at + 16)]
     senders += [0, 0]
-    start = at + 16
+    if len(frames[1]) < 3:
+        return ranges, 2, senders  # Bob never confirmed: no session
+    magic, confirm_at, tag = struct.unpack("<8sQ8s", frames[1][2])
+    assert confirm_at == at + 16  # Bob's lane, right after Alice's answer
+    body = magic + struct.pack("<BQQ", 2, p_bob, p_alice) + nonce_b + nonce_a
+    assert tag == announcement_tag(confirm_at, body), "Bob's confirmation not from its place"
+    ranges += [(confirm_at, confirm_at + 8), (confirm_at + 8, confirm_at + 16)]
+    senders += [1, 1]
+    start = confirm_at + 16
     session = min(nonce_a, nonce_b) + max(nonce_a, nonce_b)  # every tag covers both
     key = int.from_bytes(pool[start : start + 8], "little")
-    tags = 2
+    tags = 3
     for d in (0, 1):
-        for seq, frame in enumerate(frames[d][2:]):
+        for seq, frame in enumerate(frames[d][2 + d :]):
             offset = start + 8 + 8 * (2 * seq + d)
             pad = int.from_bytes(pool[offset : offset + 8], "little")
             body, tag = frame[:-8], frame[-8:]
@@ -174,7 +184,7 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
             ranges.append((offset, offset + 8))
             senders.append(d)
             tags += 1
-    if tags > 2:
+    if tags > 3:
         ranges.append((start, start + 8))  # the hash key: both sides' tags used it
         senders.append(None)
     return ranges, tags, senders

@@ -206,11 +206,11 @@ def test_the_two_sides_begin_at_the_later_record_and_authenticate(tmp_path):
     session = ch.exchange_pool_start(t_a, pool_a)
     thread.join()
     # Bob (the connector) announced under the first 16 bytes of his lane from 9000, Alice
-    # answered under the next 16 (her lane): the session begins past both
-    # (channel.exchange_pool_start)
+    # answered under the next 16 (her lane), Bob confirmed under the next (his): the
+    # session begins past all three (channel.exchange_pool_start)
     bob_slot = ch.announcement_slot(9000, ch.BOB)
     assert 9000 <= bob_slot < 9000 + 2 * ch.ANNOUNCE_BYTES
-    assert pool_a.start_byte == pool_b.start_byte == bob_slot + 2 * ch.ANNOUNCE_BYTES
+    assert pool_a.start_byte == pool_b.start_byte == bob_slot + 3 * ch.ANNOUNCE_BYTES
     a = ch.AuthChannel(t_a, pool_a, ch.ALICE, session=session)
     b = ch.AuthChannel(t_b, pool_b, ch.BOB, session=sessions["b"])
     a.send("hello", n=1)
@@ -360,12 +360,37 @@ def test_a_side_never_puts_a_pad_on_the_wire_beyond_the_peers_record(tmp_path):
 def test_a_rolled_back_usage_record_on_one_side_reuses_no_pad(tmp_path, rolled_back):
     """A backup of one side's POOL.used from before a session is restored (or the disk lost
     the last writes). The next session begins at the later of the two records, so no pool
-    byte the first session used serves again, and the sessions authenticate."""
+    byte the first session used serves again, and the sessions authenticate. Bob, who
+    proves here (he connects), announces below the floor Alice keeps for him (protocol 5):
+    she refuses it, commits nothing, and his error names the record to restore; set to
+    it, the session goes."""
     paths, pools = _file_pools(tmp_path)
     side = 0 if rolled_back == "alice" else 1
-    backup = (paths[side].parent / (paths[side].name + ".used")).read_bytes()
+    used_path = paths[side].parent / (paths[side].name + ".used")
+    backup = used_path.read_bytes()
     used = []
     for session in range(2):
+        if session == 1 and rolled_back == "bob":
+            alice_record = _record(paths[0])
+            t_a, t_b = ch.queue_pair(timeout_s=5)
+            refused = {}
+
+            def bob(t_b=t_b, refused=refused, pool_b=pools[1]):
+                with pytest.raises(ch.AuthenticationFailed) as error:
+                    ch.exchange_pool_start(t_b, pool_b)
+                refused["bob"] = str(error.value)
+
+            thread = threading.Thread(target=bob)
+            thread.start()
+            with pytest.raises(ch.AuthenticationFailed, match="below"):
+                ch.exchange_pool_start(t_a, pools[0])
+            thread.join()
+            assert _record(paths[0]) == alice_record  # nothing committed
+            floor = pools[0].peer_floor_byte
+            assert f"set its used_bytes to {floor}" in refused["bob"]
+            pools[1].close()
+            used_path.write_text(json.dumps({"used_bytes": floor}))  # as the error says
+            pools[1] = ch.KeyPool.from_file(str(paths[1]))
         a, b = _start(*pools)
         start = pools[0].start_byte
         assert pools[1].start_byte == start
@@ -519,8 +544,8 @@ def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_sess
     assert "error" not in result, result.get("error")
     assert len(result["dropped"]) == 4
     assert "failed authentication" in result["dropped"][0]
-    # Bob's announcement on his lane (16), Alice's answer on hers (32)
-    assert pool_l.start_byte == pool_c.start_byte == 3 * ch.ANNOUNCE_BYTES
+    # Bob's announcement on his lane (16), Alice's answer on hers (32), his confirmation (48)
+    assert pool_l.start_byte == pool_c.start_byte == 4 * ch.ANNOUNCE_BYTES
     chan.close()
 
 

@@ -40,9 +40,10 @@ PASS_S = 30.0
 HEAD_SEGMENT_S = 2.0  # seconds of head generation around culmination
 OUTAGE_S = 3.0  # 20 s of micius' 274 s pass, scaled to the 30 s pass (2.2 s) and rounded up
 
-# channel.exchange_pool_start, the first two frames each way: the hello (b"QKDPOOL4", mode,
-# 16-byte nonce) and the tagged position (b"QKDPANN4", u64 position, 8-byte tag)
-POOL_START_FRAMES = {b"QKDPOOL4": 25, b"QKDPANN4": 24}
+# channel.exchange_pool_start, its first frames each way: the hello (b"QKDPOOL5", mode,
+# 16-byte nonce), the tagged positions and the prover's confirmation (b"QKDPANN5", u64
+# position, 8-byte tag)
+POOL_START_FRAMES = {b"QKDPOOL5": 25, b"QKDPANN5": 24}
 KEY_FILES = {role: name + ".key" for role, name in key_names(True).items()}  # test keys
 
 pytestmark = pytest.mark.slow
@@ -183,7 +184,7 @@ def _frames(stream: bytes) -> list[bytes]:
 
 
 def _is_pool_position(frame: bytes) -> bool:
-    """The first two frames each way: the pool-start exchange (public nonces, positions and
+    """The pool-start exchange's frames (public nonces, positions, the confirmation and
     their tags)."""
     return POOL_START_FRAMES.get(frame[:8]) == len(frame)
 

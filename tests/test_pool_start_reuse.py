@@ -7,7 +7,12 @@ listening socket for it, run after run (the burn protocol 3 was made to stop).""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,11 +46,15 @@ def _spy_tags(monkeypatch) -> list:
     return computed
 
 
-def _exchange(path_listener, role_listener, path_connector, role_connector, lose=None):
+def _exchange(
+    path_listener, role_listener, path_connector, role_connector, lose=None, starts=None
+):
     """One pool-start exchange over an in-process pipe (queue_pair's first end listens).
     `lose`: "listener" or "connector", whose announcement the link loses (heard, then
     replaced by garbage of its size). Returns the frames each side put on the wire (as
-    sent) and each side's outcome."""
+    sent) and each side's outcome. `starts`: a dict; a side that gets a session puts its
+    start there by role, and Alice then speaks first, as every protocol does (her first
+    message goes on the wire, tagged under the session's hash key and first pad)."""
     wire, outcome = [], {}
     t_l, t_c = ch.queue_pair(timeout_s=5)
 
@@ -63,8 +72,12 @@ def _exchange(path_listener, role_listener, path_connector, role_connector, lose
     def side(name, transport, path, role):
         pool = ch.KeyPool.from_file(str(path))
         try:
-            ch.exchange_pool_start(transport, pool, role)
+            session = ch.exchange_pool_start(transport, pool, role)
             outcome[name] = "session"
+            if starts is not None:
+                starts[role] = pool.start_byte
+                if role == ch.ALICE:
+                    ch.AuthChannel(transport, pool, role, session=session).send("hello")
         except ch.ProtocolAborted as error:
             outcome[name] = str(error)
         finally:
@@ -97,7 +110,8 @@ def test_no_pool_bytes_key_two_announcement_tags_when_the_link_loses_one(
     if lost.startswith("answer"):
         wire, outcome = _exchange(path_a, ch.ALICE, path_b, ch.BOB, lose="listener")
         assert outcome["connector"].startswith("the peer's pool position failed")
-        assert outcome["listener"] == "session"
+        # protocol 5: no confirmation from Bob, so no session for Alice either
+        assert outcome["listener"] == "peer closed the channel"
     else:
         wire, outcome = _exchange(path_b, ch.BOB, path_a, ch.ALICE, lose="connector")
         assert outcome["listener"].startswith("the peer's pool position failed")
@@ -126,3 +140,135 @@ def test_a_position_off_the_provers_lane_is_refused_before_anything_is_committed
         ch._exchange_pool_start(t_l, pool, ch.ALICE)
     assert pool.start_byte == 0 and pool.reserved_byte == 0
     pool.close()
+
+
+def test_no_announcement_is_tagged_under_the_session_bytes_of_a_verifier_whose_answer_was_lost(
+    tmp_path,
+):
+    """Alice listens and verifies; Bob's answer from her is lost (a man in the middle hears
+    it and drops it). On main (protocol 4) Alice had her session at once: she spoke first,
+    tagging her first message under the session's hash key and first pad, the 16 bytes
+    right after her answer, which Bob's record never covered. At the next contact Bob's
+    announcement on his lane was tagged under those very 16 bytes (offset 48): two tags
+    under one (k, r), which give both away, and the forged announcements the verifier then
+    accepts. Now Alice takes no session byte before Bob's confirmation, which he sends
+    only once his record is past them."""
+    path_a, path_b = _pools(tmp_path)
+    lost_starts, starts = {}, {}
+    wire, outcome = _exchange(
+        path_a, ch.ALICE, path_b, ch.BOB, lose="listener", starts=lost_starts
+    )
+    assert outcome["connector"].startswith("the peer's pool position failed")
+    more, outcome = _exchange(path_a, ch.ALICE, path_b, ch.BOB, starts=starts)
+    assert outcome == {"listener": "session", "connector": "session"}
+    assert starts[ch.ALICE] == starts[ch.BOB]
+    # every tag put on the wire, as the pool bytes it was keyed by: each announcement the
+    # prover's 16 at its position; Alice's first message of a session k = [S, S + 8) and
+    # its pad [S + 8, S + 16)
+    keyed = []
+    for frames in (wire, more):
+        first = next(f for f in frames if f[:8] == ch._ANNOUNCE)
+        position = ch._ANNOUNCEMENT.unpack(first)[1]
+        keyed.append(("Bob's announcement", range(position, position + ch.ANNOUNCE_BYTES)))
+    for start in (lost_starts.get(ch.ALICE), starts[ch.ALICE]):
+        if start is not None:
+            keyed.append(("Alice's first message", range(start, start + 16)))
+    for i, (what, used) in enumerate(keyed):
+        for other, again in keyed[i + 1 :]:
+            shared = set(used) & set(again)
+            assert not shared, f"{what} and {other} both keyed by pool bytes {sorted(shared)}"
+
+
+def _used(path) -> int:
+    return json.loads(Path(f"{path}.used").read_text())["used_bytes"]
+
+
+def _forge(address, data: bytes, position: int) -> bytes:
+    """A stranger who knows the 16 pool bytes at `position` (Bob's lane) tags an
+    announcement of it over the listener's fresh nonce; returns what the listener sent back
+    before it hung up."""
+    with socket.create_connection(address, timeout=30) as sock:
+        stranger = ch.SocketTransport(sock)
+        nonce = os.urandom(ch.SESSION_NONCE_BYTES)
+        stranger.send_bytes(ch._START.pack(ch._START_HELLO, ch.CONNECTOR, nonce))
+        peer_nonce = ch._START.unpack(stranger.recv_bytes())[2]
+        body = ch._announcement_body(0, position, 0, nonce + peer_nonce)
+        tag = ch._announcement_tag(ch.KeyPool(data), position, body)
+        stranger.send_bytes(ch._ANNOUNCEMENT.pack(ch._ANNOUNCE, position, tag))
+        try:
+            return stranger.recv_bytes()
+        except ch.ChannelClosed:
+            return b""
+
+
+def test_a_listener_commits_nothing_to_an_announcement_tagged_under_bytes_already_used(tmp_path):
+    """The pool-start denial of service with known pool bytes. After a session, an
+    eavesdropper may know some of the bytes it used (a one-time pad over a predictable
+    plaintext, as the time transfer seals its headers; two tags under one key) or Bob's
+    earlier announcement bytes. On main the verifier accepted a tag at any position of
+    Bob's lane below its own record: such a stranger made a listening Alice commit a
+    session start and its reserve (~560 bytes) and then hung up, every run. Now Alice
+    refuses a position below the floor she keeps for Bob (past every byte she used in a
+    session, and past his last verified tag): she commits nothing, drops the stranger, and
+    Bob, whose record is past them, gets his session."""
+    path_a, path_b = _pools(tmp_path)
+    data = path_a.read_bytes()
+
+    def alice_listens(result, ready, messages):
+        pool = ch.KeyPool.from_file(str(path_a))
+        try:
+            transport = ch.listen("127.0.0.1:0", timeout_s=60, ready=ready)
+            session = ch.exchange_pool_start(transport, pool, ch.ALICE)
+            result["dropped"] = list(transport.dropped)
+            result["start"] = pool.start_byte
+            chan = ch.AuthChannel(transport, pool, ch.ALICE, session=session)
+            for i in range(messages):  # she speaks first, a few messages
+                chan.send("data", i=i)
+            chan.recv("ok")
+            chan.close()
+            result["high_water"] = pool.high_water_byte
+        except BaseException as error:  # re-raised below
+            result["error"] = error
+        finally:
+            pool.close()
+
+    def bob_connects(port):
+        pool = ch.KeyPool.from_file(str(path_b))
+        try:
+            transport = ch.connect(f"127.0.0.1:{port}")
+            session = ch.exchange_pool_start(transport, pool, ch.BOB)
+            chan = ch.AuthChannel(transport, pool, ch.BOB, session=session)
+            while True:
+                if chan.recv("data")["i"] == 3:
+                    break
+            chan.send("ok")
+            chan.close()
+        finally:
+            pool.close()
+
+    def contact(forged_positions=()):
+        result, ready = {}, threading.Event()
+        thread = threading.Thread(target=alice_listens, args=(result, ready, 4), daemon=True)
+        thread.start()
+        assert ready.wait(10)
+        replies = []
+        for position in forged_positions:
+            record = _used(path_a)
+            replies.append(_forge(("127.0.0.1", ready.port), data, position))
+            time.sleep(0.2)  # the listener drops it before the next connects
+            assert _used(path_a) == record, f"committed for a forgery at {position}"
+        bob_connects(ready.port)
+        thread.join(30)
+        assert "error" not in result, result.get("error")
+        return result, replies
+
+    first, _ = contact()
+    session_start, used_end = first["start"], first["high_water"]
+    old_announcement = ch.announcement_slot(0, ch.BOB)  # Bob's in contact 1 (pools new)
+    used_by_alice = ch.announcement_slot(session_start + 16, ch.BOB)  # her pads, Bob's lane
+    assert used_by_alice + ch.ANNOUNCE_BYTES <= used_end
+    second, replies = contact([old_announcement, used_by_alice])
+    assert len(second["dropped"]) == 2
+    assert all("below" in reason for reason in second["dropped"]), second["dropped"]
+    assert all(reply[:8] == ch._REFUSE for reply in replies)
+    assert second["start"] > used_end  # Bob's session begins past everything used

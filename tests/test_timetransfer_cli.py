@@ -463,7 +463,7 @@ def test_not_enough_key_is_refused_clearly_and_costs_no_key(
         assert code == 3 and report["aborted"] is True
         reason = report["abort_reason"]  # whichever side checked first names its key
         assert reason.startswith(("not enough key in alice.key", "not enough key in bob.key"))
-        assert "the time data of this pass needs 21888 bits" in reason  # pool start 384
+        assert "the time data of this pass needs 22016 bits" in reason  # pool start 512
         assert reason.endswith("9000 are left; no bit of it was used")
         assert not (tmp_path / attempt / "offset.csv").exists()
         # refused before the session took a bit: the key is still whole for a shorter use

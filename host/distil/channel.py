@@ -74,18 +74,27 @@ _ACK_FIELD = "_ack"  # the acknowledgement's name in every message body
 RESERVE_AHEAD_BYTES = 16 * (MAX_UNANSWERED + 1)
 RESERVE_STEP_BYTES = 2048  # one fsync'd record per this many bytes, not one per message
 MIN_POOL_LEFT_BYTES = 1024
+PEER_FLOOR_FIELD = "peer_floor_bytes"  # KeyPool.peer_floor_byte, in the usage record
 # The pool-start exchange (exchange_pool_start): each side's hello (its mode and a fresh
-# session nonce, no position), then the two positions, each announcement tagged.
+# session nonce, no position), then the two positions and the prover's confirmation,
+# each tagged. 5: the prover confirms (the verifier takes no session byte before the
+# prover has recorded past them) and a verifier refuses a position below its peer floor;
 # 4: each party tags on its own lane of the pool (announcement_slot); 3: a lost answer let
 # the prover's next announcement reuse its bytes; 2: an untagged position
-_START_HELLO = b"QKDPOOL4"
+_START_HELLO = b"QKDPOOL5"
 _START = struct.Struct(f"<8sc{SESSION_NONCE_BYTES}s")
-_ANNOUNCE = b"QKDPANN4"
+_ANNOUNCE = b"QKDPANN5"
 _ANNOUNCEMENT = struct.Struct("<8sQ8s")  # magic, position, tag
 ANNOUNCE_BYTES = 16  # an announcement's hash key and pad, at its place in the pool
+_CONFIRM = 2  # the prover's confirmation, in its tag's body (announcements: 0 and 1)
+# A verifier's refusal of a position below its peer floor: magic, that floor. Untagged
+# (a tag would cost the verifier pool for every forgery): the prover only says it.
+_REFUSE = b"QKDPREF5"
+_REFUSAL = struct.Struct("<8sQ")
 # The most pool one exchange takes: the prover's tag on its lane (up to 16 bytes skipped
-# to reach it) and the verifier's on the other lane, right after.
-POOL_START_MAX_BYTES = 3 * ANNOUNCE_BYTES
+# to reach it), the verifier's on the other lane right after, the prover's confirmation
+# on its lane right after that.
+POOL_START_MAX_BYTES = 4 * ANNOUNCE_BYTES
 LISTENER, CONNECTOR = b"L", b"C"
 # A listener gives a peer this long (wall seconds) from its connection to a verified
 # announcement; a peer that fails (silent, garbage, a forged tag) is dropped and the
@@ -117,12 +126,24 @@ class KeyPool:
     An in-memory pool (no path) records nothing: its bytes are used once, in one process.
     """
 
-    def __init__(self, data: bytes, start_byte: int = 0, path: str | None = None, lock_fd=None):
+    def __init__(
+        self,
+        data: bytes,
+        start_byte: int = 0,
+        path: str | None = None,
+        lock_fd=None,
+        peer_floor_byte: int = 0,
+    ):
         self.data = bytes(data)
         self.start_byte = start_byte
         self.path = path
         self.high_water_byte = start_byte
         self.reserved_byte = start_byte  # what the usage record on disk covers
+        # The least position the peer may announce at (exchange_pool_start): past every
+        # pool byte this side used in a session and every tag of the peer it verified.
+        # Kept in the usage record beside used_bytes (PEER_FLOOR_FIELD).
+        self.peer_floor_byte = peer_floor_byte
+        self._floor_recorded = peer_floor_byte
         self._lock_fd = lock_fd
         self._mutex = threading.Lock()  # local mode: both endpoints' threads share a pool
 
@@ -165,14 +186,14 @@ class KeyPool:
                         f"authentication key pool {path}: declared new, but {used_path} "
                         "exists (the pool has been used)"
                     )
-                start = 0
+                start = floor = 0
             else:
-                start = _read_usage_record(path, used_path)
+                start, floor = _read_usage_record(path, used_path)
             if len(data) - start < MIN_POOL_LEFT_BYTES:
                 raise BadInput(
                     f"authentication key pool {path}: only {len(data) - start} bytes left"
                 )
-            pool = cls(data, start, path, lock_fd=fd)
+            pool = cls(data, start, path, lock_fd=fd, peer_floor_byte=floor)
             if new:
                 pool._write_record(0)
             return pool
@@ -220,21 +241,40 @@ class KeyPool:
                 target = max(end + RESERVE_AHEAD_BYTES, self.reserved_byte + RESERVE_STEP_BYTES)
                 self._write_record(min(target, len(self.data)))
             self.high_water_byte = max(self.high_water_byte, end)
+            # bytes used in a session may reach an eavesdropper (a pad of a predictable
+            # plaintext, a tag's pad and key solved from two tags): never a peer's tag
+            self.peer_floor_byte = max(self.peer_floor_byte, end)
         return self.data[begin:end]
+
+    def raise_peer_floor(self, position: int) -> None:
+        """The peer's record is known to have passed `position` (it recorded a tag we
+        verified, or a session start, before it sent it): it never announces below."""
+        with self._mutex:
+            self.peer_floor_byte = max(self.peer_floor_byte, int(position))
 
     @property
     def used_bits(self) -> int:
         return 8 * (self.high_water_byte - self.start_byte)
 
     def _write_record(self, reserved_byte: int) -> None:
-        write_usage_record(self.path, reserved_byte)
+        floor = self.peer_floor_byte
+        write_usage_record(self.path, reserved_byte, **{PEER_FLOOR_FIELD: floor})
         self.reserved_byte = reserved_byte
+        self._floor_recorded = floor
 
     def commit(self) -> None:
         """End of the session: the record already covers every pad used; release the lock."""
         self.close()
 
     def close(self) -> None:
+        if self._lock_fd is not None and self.path is not None:
+            # the floor this session raised (its pads), kept for the next pool start: a
+            # failed write costs only that (the record still covers every pad used)
+            if self.peer_floor_byte > self._floor_recorded:
+                try:
+                    self._write_record(self.reserved_byte)
+                except OSError:
+                    pass
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
@@ -254,10 +294,15 @@ def write_usage_record(path: str, used_bytes: int, **extra) -> None:
     write_atomic(used_path, record, 0o600, tmp=f"{used_path}.{os.getpid()}.tmp")
 
 
-def _read_usage_record(path: str, used_path: str) -> int:
+def _read_usage_record(path: str, used_path: str) -> tuple[int, int]:
+    """(used_bytes, the peer's floor). A record without a floor (written by the network
+    pool, the key store, or a qkdsat before pool-start protocol 5) has it at used_bytes:
+    every byte below may have been used, for a pad an eavesdropper can undo."""
     try:
         with open(used_path) as handle:
-            start = int(json.load(handle)["used_bytes"])
+            record = json.load(handle)
+        start = int(record["used_bytes"])
+        floor = int(record.get(PEER_FLOOR_FIELD, start))
     except FileNotFoundError as error:
         raise BadInput(
             f"authentication key pool {path}: its usage record {used_path} is missing; "
@@ -268,7 +313,9 @@ def _read_usage_record(path: str, used_path: str) -> int:
         raise BadInput(f"{used_path}: not a key-pool usage record ({error})") from error
     if start < 0:
         raise BadInput(f"{used_path}: negative used_bytes {start}")
-    return start
+    if not 0 <= floor <= start:
+        raise BadInput(f"{used_path}: {PEER_FLOOR_FIELD} {floor} outside 0..{start}")
+    return start, floor
 
 
 def _announcement_tag(pool: KeyPool, offset: int, body: bytes) -> bytes:
@@ -326,16 +373,22 @@ def exchange_pool_start(transport, pool: KeyPool, role: str | None = None) -> by
        process): Bob proves, Alice verifies.
     3. The VERIFIER checks that tag at p without committing anything: a forged or replayed
        announcement fails (the tag covers its fresh nonce) and changes nothing on this side.
-       A position off the prover's lane fails too. Then it takes q, the first slot of
-       its own lane at or after max(p + ANNOUNCE_BYTES, its own position), records the
-       session start q + ANNOUNCE_BYTES (durably) and sends its position, tagged under
-       the bytes at q. The prover checks that tag, and only then moves its start there.
-    So no byte serves two tags (Alice tags on her lane, Bob on his: an answer the link
-    lost is not covered by the prover's record, and on one lane its bytes were the
-    prover's next announcement's; protocol 3 did that), a peer without the pool moves
-    neither record (protocol 2: one forged position burnt the pool to its end), and the
-    session begins past both records.
-    A listener drops a peer that fails (a forged tag, garbage, silence for
+       So does a position off the prover's lane, or below the verifier's peer floor
+       (KeyPool.peer_floor_byte: past every byte it used in a session and every tag of
+       the peer it verified; a legitimate peer's record is past it, and bytes below it
+       may be known to an eavesdropper, who could tag there). Then it takes q, the first
+       slot of its own lane at or after max(p + ANNOUNCE_BYTES, its own position), and c,
+       the prover's slot right after q; it records the session start c + ANNOUNCE_BYTES
+       (durably, with RESERVE_AHEAD_BYTES) and sends its position, tagged at q.
+    4. The prover checks that tag, records the session start (durably), and only then
+       CONFIRMS, tagged at c; the verifier checks the confirmation before the session
+       takes any byte. Without it a verifier that spoke first (Alice) used the session's
+       first bytes while a prover whose answer was lost had recorded only its own
+       announcement: its next announcement on its lane was tagged under the session's
+       hash key and first pad (protocol 4).
+    So no byte serves two tags, a peer without the pool moves neither record (protocol 2:
+    one forged position burnt the pool to its end), and the session begins past both
+    records. A listener drops a peer that fails (a forged tag, garbage, silence for
     HANDSHAKE_TIMEOUT_S) and accepts the next (ListeningTransport)."""
     while True:
         try:
@@ -358,10 +411,11 @@ def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
             "the peer announces its pool position without authentication: it speaks an "
             "older protocol"
         )
-    if data[:8] == b"QKDPOOL3":
+    if data[:8] in (b"QKDPOOL3", b"QKDPOOL4"):
         raise ProtocolAborted(
-            "the peer speaks pool-start protocol 3 (it could tag under the bytes of an "
-            "answer the link lost): update it"
+            f"the peer speaks pool-start protocol {data[7:8].decode()} (it could tag under "
+            "the bytes of an answer the link lost, or of a session's first message): "
+            "update it"
         )
     if len(data) != _START.size or data[:8] != _START_HELLO:
         raise ProtocolAborted("the peer did not open the pool-start exchange")
@@ -380,14 +434,32 @@ def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
         body = _announcement_body(0, mine, 0, nonce + peer_nonce)
         tag = _announcement_tag(pool, mine, body)
         transport.send_bytes(_ANNOUNCEMENT.pack(_ANNOUNCE, mine, tag))
-        theirs, their_tag = _read_announcement(transport.recv_bytes())
+        answer = transport.recv_bytes()
+        if len(answer) == _REFUSAL.size and answer[:8] == _REFUSE:
+            floor = _REFUSAL.unpack(answer)[1]
+            raise AuthenticationFailed(
+                f"the peer refuses our pool position {mine}: it says our usage record stood "
+                f"at {floor} or later (its word: unauthenticated, nothing was moved). If "
+                f"{pool.path or 'the pool'}.used was restored from a backup, set its "
+                f"used_bytes to {floor}"
+            )
+        theirs, their_tag = _read_announcement(answer)
         at = announcement_slot(max(mine + ANNOUNCE_BYTES, theirs), 1 - party)
         body = _announcement_body(1, mine, theirs, peer_nonce + nonce)
         if not _fits(pool, at) or not hmac.compare_digest(
             their_tag, _announcement_tag(pool, at, body)
         ):
             raise AuthenticationFailed("the peer's pool position failed authentication")
-        pool.agree_start(at + ANNOUNCE_BYTES)
+        confirm_at = announcement_slot(at + ANNOUNCE_BYTES, party)
+        if not _fits(pool, confirm_at):
+            raise ProtocolAborted("authentication key pool exhausted")
+        # the verifier recorded this start before its answer; ours is durable before the
+        # confirmation goes out, so neither side's next tag falls on the session's bytes
+        pool.raise_peer_floor(confirm_at + ANNOUNCE_BYTES)
+        pool.agree_start(confirm_at + ANNOUNCE_BYTES)
+        body = _announcement_body(_CONFIRM, mine, theirs, nonce + peer_nonce)
+        tag = _announcement_tag(pool, confirm_at, body)
+        transport.send_bytes(_ANNOUNCEMENT.pack(_ANNOUNCE, confirm_at, tag))
     else:
         theirs, their_tag = _read_announcement(transport.recv_bytes())
         body = _announcement_body(0, theirs, 0, peer_nonce + nonce)
@@ -397,14 +469,35 @@ def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
             or not hmac.compare_digest(their_tag, _announcement_tag(pool, theirs, body))
         ):
             raise AuthenticationFailed("the peer's pool position failed authentication")
+        if theirs < pool.peer_floor_byte:
+            # checked after the tag, so that the reason names only a position the peer
+            # could tag; nothing is committed either way
+            transport.send_bytes(_REFUSAL.pack(_REFUSE, pool.peer_floor_byte))
+            raise AuthenticationFailed(
+                f"the peer's pool position {theirs} lies below {pool.peer_floor_byte}, "
+                "where this side's record says the peer's stood: bytes already used, "
+                "which an eavesdropper may know (a forgery, or the peer's record rolled "
+                "back)"
+            )
         mine = pool.start_byte
         at = announcement_slot(max(theirs + ANNOUNCE_BYTES, mine), party)
-        if not _fits(pool, at):
+        confirm_at = announcement_slot(at + ANNOUNCE_BYTES, 1 - party)
+        if not _fits(pool, confirm_at):
             raise ProtocolAborted("authentication key pool exhausted")
-        pool.agree_start(at + ANNOUNCE_BYTES)  # durable before our tag uses the bytes at q
+        pool.raise_peer_floor(theirs + ANNOUNCE_BYTES)  # the peer recorded them first
+        # durable before our tag uses the bytes at q, and before the prover can send
+        # anything under the session's (RESERVE_AHEAD_BYTES)
+        pool.agree_start(confirm_at + ANNOUNCE_BYTES)
         body = _announcement_body(1, theirs, mine, nonce + peer_nonce)
         tag = _announcement_tag(pool, at, body)
         transport.send_bytes(_ANNOUNCEMENT.pack(_ANNOUNCE, mine, tag))
+        position, confirm_tag = _read_announcement(transport.recv_bytes())
+        body = _announcement_body(_CONFIRM, theirs, mine, peer_nonce + nonce)
+        if position != confirm_at or not hmac.compare_digest(
+            confirm_tag, _announcement_tag(pool, confirm_at, body)
+        ):
+            raise AuthenticationFailed("the peer's pool-start confirmation failed authentication")
+        pool.raise_peer_floor(confirm_at + ANNOUNCE_BYTES)  # it recorded the start first
     if hasattr(transport, "handshake_done"):
         transport.handshake_done()
     return min(nonce, peer_nonce) + max(nonce, peer_nonce)
