@@ -110,6 +110,12 @@ class OpticalHead:
         self.qrng_key = None
         self.pattern_memory = None  # emulator.pattern_generator.attach sets it
         self.pattern_reads = 0  # PATTERN_READ(_RUNS) requests served on the pattern-memory port
+        # a read of slots not yet emitted waits up to this long for the head's clock to
+        # emit them (0: refused at once). Set while the pass goes by at its pace
+        # (host/mission/run.py PassAtItsPace): the emulated clock may lag the wall clock
+        # under load, where real hardware emits at the slot clock before any photon of a
+        # slot can be detected and asked about
+        self.pattern_wait_s = 0.0
         self.now_ps = 0
         self._wall0 = time.monotonic()
         self.regs: dict[int, int] = {
@@ -466,12 +472,17 @@ class OpticalHead:
             tag, slots = unpack(body)
         except pb.BusProtocolError:
             return pb.error_reply(body, pb.E_BAD_LENGTH)
-        with self._lock:
-            self.pattern_reads += 1
-            memory = self.pattern_memory
-            if memory is None or not bool(np.all(memory.covers(slots))):
-                return pb.pack_pattern_reply(tag, pb.E_BAD_ADDRESS, op=body[0])
-            return pb.pack_pattern_reply(tag, pb.OK, memory.symbols(slots), op=body[0])
+        deadline = time.monotonic() + self.pattern_wait_s
+        while True:
+            with self._lock:
+                memory = self.pattern_memory
+                covered = memory is not None and bool(np.all(memory.covers(slots)))
+                if covered or time.monotonic() >= deadline:
+                    self.pattern_reads += 1
+                    if not covered:
+                        return pb.pack_pattern_reply(tag, pb.E_BAD_ADDRESS, op=body[0])
+                    return pb.pack_pattern_reply(tag, pb.OK, memory.symbols(slots), op=body[0])
+            time.sleep(0.005)
 
     # ------------------------------------------------------------------ truth
 

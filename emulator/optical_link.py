@@ -364,6 +364,7 @@ class _Stream:
         self.sock = {SATELLITE: None, GROUND: None}
         self.outbox = {SATELLITE: deque(), GROUND: deque()}  # bytes to write to the socket
         self.capture = {DOWN: bytearray(), UP: bytearray()}
+        self.bytes_delivered = {DOWN: 0, UP: 0}  # this stream's share of the direction's
 
 
 class OpticalLink:
@@ -517,6 +518,14 @@ class OpticalLink:
             "bytes": {
                 "satellite_to_ground": self.stats[DOWN].bytes_delivered,
                 "ground_to_satellite": self.stats[UP].bytes_delivered,
+            },
+            # each stream's part (distillation, time transfer)
+            "stream_bytes": {
+                name: {
+                    "satellite_to_ground": stream.bytes_delivered[DOWN],
+                    "ground_to_satellite": stream.bytes_delivered[UP],
+                }
+                for name, stream in self.streams.items()
             },
         }
 
@@ -881,6 +890,7 @@ class OpticalLink:
                 elif data:
                     stream.outbox[destination].append(data)
                     self.stats[direction].bytes_delivered += len(data)
+                    stream.bytes_delivered[direction] += len(data)
             # acknowledgement on the reverse direction: this frame, and everything before
             # the next expected one (also for duplicates: the first ack may have been lost)
             reverse = UP if direction == DOWN else DOWN

@@ -71,6 +71,10 @@ class PatternMemory:
         slots = np.asarray(slot_indices, dtype=np.int64).reshape(-1)
         if not np.all(self.covers(slots)):
             raise IndexError("slot not in the pattern memory")
+        return self.generated(slots)
+
+    def generated(self, slots: np.ndarray) -> np.ndarray:
+        """The run's symbols of `slots`, emitted or not yet (PlannedTruth's source)."""
         run = self._generator.run
         if slots.size == 0:
             return np.zeros(0, np.uint8)
@@ -95,6 +99,20 @@ class PatternTruth:
 
     def symbols(self, slot_indices) -> np.ndarray:
         return self._memory.symbols(slot_indices)
+
+
+class PlannedTruth(PatternTruth):
+    """What the head will emit over the run's first `slot_count` slots, computed before
+    the frames go by (the QRNG stand-in is a keyed generator, the mapping the run's): the
+    ground simulation of a pass the head emits at the pass's pace (`qkdsat mission` with
+    the time transfer during the pass) needs its photons before they leave. The
+    emulator's truth interface, as PatternTruth: never a product, register or message."""
+
+    def symbols(self, slot_indices) -> np.ndarray:
+        slots = np.asarray(slot_indices, dtype=np.int64).reshape(-1)
+        if not np.all(self.covers(slots)):
+            raise IndexError("slot not in the planned run")
+        return self._memory.generated(slots)
 
 
 class PatternGenerator(RegisterDevice):

@@ -287,3 +287,37 @@ def test_a_pattern_product_with_a_splitmix64_seed_is_refused(tmp_path):
     for read in (open_patterns, lambda d: pattern_runs_from_log(d / "patterns.qrec")):
         with pytest.raises(BadInput, match="splitmix64 seed.*retired"):
             read(tmp_path)
+
+
+def test_a_run_planned_ahead_gives_the_symbols_the_head_then_emits_and_reads_wait_for_them():
+    # the pass at its pace (host/mission/run.py PassAtItsPace): the ground simulation takes
+    # the run's symbols before the frames go by (PlannedTruth), and they must be the ones
+    # the head then emits; a pattern read of slots the lagging head has not emitted yet
+    # waits for them (pattern_wait_s), and is refused at once otherwise
+    import threading
+
+    head = OpticalHead(seed=3, qrng_key=HEAD_KEY)
+    generator = pattern_generator.attach(head)
+    for offset, value in ((5, 16384), (6, 32768), (7, 49152)):
+        assert head.write_reg(0x0600 + offset, value) == pb.OK
+    assert head.write_reg(pb.REG_FRAME_SLOTS, 4096) == pb.OK
+    assert head.write_reg(0x0600, 1) == pb.OK
+    planned = pattern_generator.PlannedTruth(generator.memory, 40 * 4096)
+    slots = np.random.default_rng(4).integers(0, planned.slot_count, 20_000)
+    ahead = planned.symbols(slots)
+    assert generator.memory.slot_count == 0  # nothing emitted yet
+    late = pb.pack_pattern_read(9, 0, np.array([39 * 4096 + 5]))
+    assert head.handle_pattern_port(late) == pb.pack_pattern_reply(9, pb.E_BAD_ADDRESS)
+    head.pattern_wait_s = 30.0
+    emit = threading.Timer(
+        0.2, pattern_generator.fast_forward, (head, head.boundary_ps(generator.first_frame + 39))
+    )
+    emit.start()
+    reply = head.handle_pattern_port(late)  # waits for the head's clock to emit the slot
+    emit.join()
+    assert reply == pb.pack_pattern_reply(9, pb.OK, planned.symbols([39 * 4096 + 5]))
+    assert head.write_reg(0x0600, 0) == pb.OK
+    assert generator.truth().slot_count == planned.slot_count
+    assert np.array_equal(ahead, generator.truth().symbols(slots))
+    with pytest.raises(IndexError):
+        planned.symbols([planned.slot_count])

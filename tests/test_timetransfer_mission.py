@@ -180,9 +180,11 @@ def test_the_missions_records_stream_block_by_block(mission, tmp_path):
 def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path):
     """`qkdsat mission --timetransfer --timetransfer-keys K` (the streaming distillation
     over the optical link): the time transfer streams on the same link's second stream
-    while the distillation streams on the first, sealed with an earlier pass's key; a 4 s
-    segment replayed x4 (no key from the distillation: too short, exit 3 as designed; 4 s
-    so that the ~520 sampled uplink events make the 3 % QBER abort a < 1e-8 chance)."""
+    while the distillation streams on the first, sealed with an earlier pass's key, and
+    the pass goes by at its pace through the real firmware, whose TDC log the satellite
+    endpoint reads as it is written; a 4 s segment at x2 (no key from the distillation:
+    too short, exit 3 as designed; 4 s so that the ~520 sampled uplink events make the 3 %
+    QBER abort a < 1e-8 chance)."""
     from host.mission.run import run_mission
 
     keys = tmp_path / "earlier"
@@ -190,12 +192,12 @@ def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path)
     distilled(keys, 64_000, "an earlier pass")
     out = tmp_path / "mission"
     summary = run_mission(
-        out, segment_s=4.0, stream_speedup=4.0, timetransfer=True, timetransfer_keys=keys,
+        out, segment_s=4.0, stream_speedup=2.0, timetransfer=True, timetransfer_keys=keys,
         seed=SEED, qrng_key=bytes(range(32)),
     )  # fmt: skip
     during = summary["stages"]["timetransfer_during_pass"]
     assert during["aborted"] is False, during["abort_reason"]
-    assert during["bins"] >= 38 and during["streaming"]["speedup"] == 4.0
+    assert during["bins"] >= 38 and during["streaming"]["speedup"] == 2.0
     assert during["qber"]["uplink"] < 0.03
     report = json.loads((out / "timetransfer-during-pass" / "report.json").read_text())
     bias_sigma = report["truth"]["error_std_per_bin_ps"] / math.sqrt(report["bins"])
@@ -208,3 +210,91 @@ def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path)
     )
     assert report["key"]["file"] == "bob.key" and report["key"]["pad_bits"] > 0
     assert (keys / "bob.key.used").exists() and (keys / "alice.key.used").exists()
+    # the time data's own bytes on the link, each way (in mission.json): the time-transfer
+    # stream's share of the link's count is what the endpoints counted for their messages
+    # plus the pool-start exchange before them (a few untagged frames of under 64 bytes
+    # each, which the endpoints do not count: 57 bytes each way in protocol 4)
+    on_link = summary["stages"]["link"]["stream_bytes"]["time_transfer"]
+    assert report["classical_bytes"] == during["classical_bytes"]
+    for direction, sent in report["classical_bytes"].items():
+        assert 0 < on_link[direction] - sent <= 256 and sent > 10_000, direction
+    # the pass went by at its pace and the satellite read its uplink from the
+    # controller's TDC log as the controller wrote it: every block but the last taken
+    # while the log grew, the last at the controller's end of pass; all of the log's
+    # uplink events, as downloaded after the pass
+    # (x2 here gives each block half a wall second before the log moves on: measured, 3
+    # of the 4 blocks taken while the log grew; a stall of ~1.5 s would take block 0 late)
+    feed = during["uplink_feed"]
+    assert feed["ended_by"] == "end of pass (controller)"
+    assert feed["blocks_taken_before_the_log_ended"] >= 1
+    downloaded, losses = mission_stage.uplink_from_tdc_log(out / "satellite" / "tdc.qrec")
+    assert feed["events"] == downloaded[0].size == losses["events"] > 10_000
+    assert feed["records_missing"] == 0 and feed["bytes_skipped"] == 0
+    # each block was whole when taken: every uplink event before its end (the satellite
+    # clock from the first uplink tag) was in the log then
+    tags = np.maximum.accumulate(downloaded[0])
+    when = report["satellite"]["uplink_feed"]["events_when_taken"]
+    assert len(when) == 4 and when[-1] == tags.size
+    for k, present in enumerate(when[:-1]):
+        assert present >= np.searchsorted(tags, tags[0] + (k + 1) * 10**12), k
+
+
+class _FlipTheFirstSealedBlock:
+    """The satellite's end of the link's time-transfer stream, with one bit of its first
+    tt_block that carries sealed time data flipped on the way (a man in the middle)."""
+
+    def __init__(self, transport):
+        self.transport, self.flipped = transport, False
+
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+
+    def send_bytes(self, data: bytes) -> None:
+        from host.distil import channel as ch
+        from host.errors import ProtocolAborted
+
+        if not self.flipped:
+            try:
+                kind, fields = ch.decode(data[: -ch.TAG_BYTES])
+            except ProtocolAborted:  # the pool-start exchange
+                kind, fields = None, {}
+            if kind == "tt_block" and "sealed" in fields:
+                data = bytearray(data)
+                data[len(data) // 2] ^= 0x01
+                data, self.flipped = bytes(data), True
+        self.transport.send_bytes(data)
+
+
+# a 2 s segment going by at its pace through the real firmware: ~15 s (the module is slow)
+def test_a_tampered_time_message_during_the_mission_aborts_the_time_transfer(
+    tmp_path, monkeypatch
+):
+    """The time transfer during the pass in `qkdsat mission`: a bit of the satellite's
+    first sealed block flipped on the optical link fails its tag at the ground, which
+    stops the time transfer with the reason in mission.json and its report.json, writes
+    no offset, and makes the mission exit 3."""
+    from host.mission.run import run_mission
+    from host.timetransfer import stream
+
+    real = stream.run_streaming
+
+    def with_a_man_in_the_middle(*args, transports, **kwargs):
+        satellite, ground = transports
+        return real(*args, transports=(_FlipTheFirstSealedBlock(satellite), ground), **kwargs)
+
+    monkeypatch.setattr(stream, "run_streaming", with_a_man_in_the_middle)
+    keys = tmp_path / "earlier"
+    keys.mkdir()
+    distilled(keys, 64_000, "an earlier pass")
+    out = tmp_path / "mission"
+    summary = run_mission(
+        out, segment_s=2.0, stream_speedup=2.0, timetransfer=True, timetransfer_keys=keys,
+        seed=SEED, qrng_key=bytes(range(32)),
+    )  # fmt: skip
+    during = summary["stages"]["timetransfer_during_pass"]
+    assert during["aborted"] is True
+    assert "time message authentication failed" in during["abort_reason"]
+    report = json.loads((out / "timetransfer-during-pass" / "report.json").read_text())
+    assert report["aborted"] is True and report["abort_reason"] == during["abort_reason"]
+    assert not (out / "timetransfer-during-pass" / "offset.csv").exists()
+    assert summary["exit_code"] == 3

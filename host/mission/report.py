@@ -329,6 +329,22 @@ def _summary_lines(summary: dict) -> list[str]:
                 f"time      {tt['time_data_rate_hz']:.0f} Hz of time data, TDEV {tdev};"
                 f" key {tt['key_bits_used']['pad']} pad + {tt['key_bits_used']['auth']} tag bits"
             )
+    if "timetransfer_during_pass" in s:
+        tt = s["timetransfer_during_pass"]
+        if tt["aborted"]:
+            lines.append(f"time      during the pass: stopped: {tt['abort_reason']}")
+        else:
+            latency = tt["streaming"]["offset_latency_s"]
+            feed = tt.get("uplink_feed") or {}
+            on_link = (s.get("link", {}).get("stream_bytes") or {}).get("time_transfer") or {}
+            lines.append(
+                f"time      during the pass: {tt['bins']} bins, {tt['time_data_rate_hz']:.0f}"
+                f" Hz, offsets known {latency['median']:.1f} s (median) after their bin;"
+                f" uplink read from the controller's TDC log as written:"
+                f" {feed.get('blocks_taken_before_the_log_ended', '-')} blocks before its end;"
+                f" {on_link.get('satellite_to_ground', 0):,} bytes down,"
+                f" {on_link.get('ground_to_satellite', 0):,} up on the link"
+            )
     if "failed" in summary:
         lines.append(f"FAILED    {summary['failed']}")
     secs = summary.get("stage_seconds", {})

@@ -23,8 +23,11 @@ mission's own (docs/time-transfer.md, "In the mission"):
 Without it (`--generation controller`) the stage simulates a two-way pass of its own
 over the segment's length (`simulate.simulate`), as before.
 
-Post-pass, like the mission's distillation; during the pass over the optical link is
-not done yet (docs/time-transfer.md).
+Post-pass (run_stage), sealed with the pass's own key; and during the pass
+(beside_the_distillation: `--timetransfer-keys`, an earlier key), on the optical link's
+second stream beside the streaming distillation, the satellite endpoint reading the
+controller's TDC and emission-epoch logs as they are written when the pass goes by at its
+pace (live_satellite_records; docs/time-transfer.md, "The pass at its pace").
 """
 
 from __future__ import annotations
@@ -198,23 +201,53 @@ def satellite_records(out: Path, qkd_scenario, memory) -> tuple[dict, dict]:
     return {"uplink_rx": uplink, "downlink_source": downlink_source}, losses
 
 
+def live_satellite_records(products: Path, qkd_scenario, memory, pass_ended) -> dict:
+    """The satellite endpoint's records while the controller writes them (the pass at its
+    pace, host/mission/run.py PassAtItsPace): the uplink from its TDC log as it grows
+    (tdc_feed.LiveTdcUplink, ended by the controller's end of pass `pass_ended`); each
+    block's downlink epochs from its emission-epoch log as it is then (every record so far
+    must give the same slot clock), the symbols from the head's pattern memory."""
+    from host.protocol.symbols import decode_symbols
+    from host.timetransfer.tdc_feed import LiveTdcUplink
+
+    feed = LiveTdcUplink(products / "tdc.qrec", idle_s=LIVE_IDLE_S, ending=pass_ended)
+
+    def downlink_source(slots):
+        epoch_of = emission_epochs(products / "epochs.qrec", qkd_scenario.profile)
+        basis, bit, _ = decode_symbols(memory.symbols(slots))
+        return epoch_of(slots), basis.astype(np.uint8), bit.astype(np.uint8)
+
+    return {"uplink_feed": feed, "downlink_source": downlink_source}
+
+
+LIVE_IDLE_S = 60.0  # the controller's log silent this long ends the pass (no notice came)
+
+
 def stream_during_pass(out: Path, mission: MissionTwoWay, qkd_scenario, memory,
                        keys_dir: Path, block_s: float = 1.0, speedup: float = 1.0,
-                       transports=None) -> tuple[dict, dict]:  # fmt: skip
+                       transports=None, live_logs=None) -> tuple[dict, dict]:  # fmt: skip
     """The mission's records streamed block by block (host/timetransfer/stream.py): the
     satellite's uplink tags from the downloaded TDC log, its downlink symbols read on
     board for the slots the ground names each block; sealed with `keys_dir`'s key (an
-    earlier distillation's: the pass's own exists only at its end). Returns (the
-    ground's report, the satellite's result). Not yet run by `qkdsat mission`: that
-    needs the mission's link session to carry the time-transfer stream beside the
-    distillation's (docs/time-transfer.md)."""
+    earlier distillation's: the pass's own exists only at its end). `live_logs` (a
+    host/mission/run.py PassAtItsPace): the satellite's records from the controller's logs
+    as they are written instead (live_satellite_records). Returns (the ground's report,
+    the satellite's result)."""
     from host.timetransfer import stream
 
     write_ground_records(out, mission, qkd_scenario)
-    satellite, _ = satellite_records(out, qkd_scenario, memory)
+    clock = None
+    if live_logs is None:
+        satellite, _ = satellite_records(out, qkd_scenario, memory)
+    else:
+        satellite = live_satellite_records(
+            live_logs.products, qkd_scenario, memory, live_logs.pass_ended
+        )
+        clock = live_logs.clock  # the pass's own: its first slot is pass time 0
     return stream.run_streaming(
-        out, keys_dir, block_s, speedup, transports=transports, satellite=satellite
-    )
+        out, keys_dir, block_s, speedup, transports=transports, satellite=satellite,
+        clock=clock,
+    )  # fmt: skip
 
 
 DURING_NAME = "timetransfer-during-pass"
@@ -222,13 +255,16 @@ DURING_NAME = "timetransfer-during-pass"
 
 def beside_the_distillation(out: Path, mission: MissionTwoWay, qkd_scenario, head,
                             slot_count: int, keys_dir: Path, speedup: float,
-                            block_s: float = 1.0):  # fmt: skip
+                            block_s: float = 1.0, live_logs=None):  # fmt: skip
     """(beside(link), outcome): `beside` starts the streamed time transfer on the link's
     time-transfer stream while the distillation streams on its own (host/mission/run.py
     passes it to emulator/link_session.py), and returns the callable that waits for it;
     `outcome` receives the ground's report and the satellite's result, or the error.
     The satellite endpoint reads the head's pattern memory through a port of its own (the
-    payload processor's Alice holds the other)."""
+    payload processor's Alice holds the other). `live_logs` (host/mission/run.py
+    PassAtItsPace): the pass goes by at its pace from the ground's stream_start and the
+    satellite reads the controller's TDC and emission-epoch logs as they are written
+    (live_satellite_records); None: the downloaded ones."""
     from emulator.endpoint import FrameEndpoint
     from host.distil import channel as ch
     from host.link.pattern_memory import PatternMemoryClient
@@ -237,6 +273,10 @@ def beside_the_distillation(out: Path, mission: MissionTwoWay, qkd_scenario, hea
     outcome: dict = {"started": time.process_time()}
 
     def beside(link):
+        if live_logs is not None:  # the pass goes by from the ground's pass clock's start
+            from emulator.optical_link import UP
+
+            link.on_message(UP, "stream_start", lambda _link: live_logs.go())
         port = FrameEndpoint(
             head.handle_pattern_port, max_body_bytes=pb.PATTERN_PORT_MAX_BODY_BYTES
         )
@@ -249,7 +289,7 @@ def beside_the_distillation(out: Path, mission: MissionTwoWay, qkd_scenario, hea
                 with PatternMemoryClient(port.address, slot_count) as memory:
                     outcome["report"], outcome["satellite"] = stream_during_pass(
                         out, mission, qkd_scenario, memory, keys_dir, block_s, speedup,
-                        transports=(satellite, ground),
+                        transports=(satellite, ground), live_logs=live_logs,
                     )  # fmt: skip
             except BaseException as error:  # reported in the mission's figures
                 outcome["error"] = error
@@ -297,7 +337,15 @@ def during_pass_figures(out: Path, outcome: dict) -> dict:
             qber=report["qber"],
             offset_bias_ps=report.get("truth", {}).get("offset_bias_ps"),
             key_bits_used={"pad": report["key"]["pad_bits"], "auth": report["key"]["auth_bits"]},
+            classical_bytes=report.get("classical_bytes"),
         )
+        # the satellite's uplink read from the controller's TDC log as it was written
+        feed = (outcome.get("satellite") or {}).get("uplink_feed")
+        if feed is not None:
+            figures["uplink_feed"] = {k: v for k, v in feed.items() if k != "events_when_taken"}
+            figures["uplink_feed"]["blocks_taken_before_the_log_ended"] = sum(
+                n < feed["events"] for n in feed["events_when_taken"]
+            )
     return figures
 
 

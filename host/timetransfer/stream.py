@@ -652,7 +652,7 @@ def check_block_s(block_s: float) -> None:
 
 def run_streaming(
     pass_dir: Path, keys_dir: Path, block_s: float = 1.0, speedup: float = 1.0,
-    transports=None, tamper=None, satellite=None,
+    transports=None, tamper=None, satellite=None, clock=None,
 ) -> tuple[dict, dict]:  # fmt: skip
     """Both streaming endpoints in threads over `transports` (satellite's, ground's; an
     in-process pair by default, or the optical link's time-transfer stream); returns (the
@@ -660,7 +660,8 @@ def run_streaming(
     `satellite`: the satellite's records when they are not satellite/tt_*.npz, as
     command.run_endpoints's ({"uplink_rx", "downlink_source"}), or its uplink read as
     the controller's TDC log grows ({"uplink_feed": tdc_feed.LiveTdcUplink}, with or
-    without "downlink_source": without, the downlink record is satellite/'s)."""
+    without "downlink_source": without, the downlink record is satellite/'s). `clock`:
+    the pass clock both sides read (a PassClock; by default one started now at `speedup`)."""
     check_block_s(block_s)
     scenario = files.read_scenario(pass_dir)
     satellite = satellite or {}
@@ -681,7 +682,7 @@ def run_streaming(
     except BaseException:
         satellite_pool.close()
         raise
-    clock = PassClock(speedup)
+    clock = clock if clock is not None else PassClock(speedup)
     satellite = StreamSatellite(
         scenario, satellite_events, satellite_pool, satellite_key, clock, block_s,
         downlink_source, uplink_feed,

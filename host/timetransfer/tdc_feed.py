@@ -45,14 +45,16 @@ class LiveTdcUplink:
     """The uplink record of a TDC log being written, read as it grows (module docstring).
     Thread-safe for one reader (the satellite endpoint) and one producer calling end()."""
 
-    def __init__(self, path: str | Path, idle_s: float = 10.0, poll_s: float = POLL_S):
+    def __init__(self, path: str | Path, idle_s: float = 10.0, poll_s: float = POLL_S,
+                 ending: threading.Event | None = None):  # fmt: skip
+        """`ending`: set by the producer at the end of pass (else call end())."""
         self.path = Path(path)
         self.log = AppendedRecords(self.path)
         self.idle_s, self.poll_s = float(idle_s), float(poll_s)
         self._parts: list[tuple] = []
         self._record = (np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.uint8))
         self.clock_ps = None  # the newest uplink or sync tag so far
-        self._ending = threading.Event()
+        self._ending = ending if ending is not None else threading.Event()
         self.ended_by = None  # "end of pass (controller)" or "idle"
         self._last_growth = time.monotonic()
         self.taken = []  # per block taken: (uplink events present, the log's clock)
