@@ -622,6 +622,43 @@ def test_a_connector_held_by_a_dripping_peer_is_dropped_within_its_bound(tmp_pat
     pool_c.close()
 
 
+def test_a_session_message_dripped_a_byte_at_a_time_is_bounded_as_a_whole():
+    """After the pool start, each wait for a byte had the socket's timeout (600 s by
+    default) and nothing bounded a whole message: a man in the middle who passes a byte
+    just within it holds the session for good (here 0.4 s between bytes against a 1 s
+    timeout; the dripper gives up after 8 s). Now a message must arrive within the
+    timeout plus MESSAGE_BYTES_PER_S of its length, so dripping holds no longer than
+    silence would."""
+    server = socket.create_server(("127.0.0.1", 0))
+    dripped = []
+
+    def dripper():
+        conn, _ = server.accept()
+        with conn:
+            frame = ch._LEN.pack(64) + os.urandom(64)
+            try:
+                for byte in frame[:20]:  # 8 s in all
+                    conn.sendall(bytes([byte]))
+                    dripped.append(byte)
+                    time.sleep(0.4)
+            except OSError:
+                pass  # dropped
+
+    thread = threading.Thread(target=dripper, daemon=True)
+    thread.start()
+    transport = ch.connect(f"127.0.0.1:{server.getsockname()[1]}", timeout_s=1.0)
+    began = time.monotonic()
+    with pytest.raises(ch.ChannelClosed, match="a message took more than 1 s"):
+        transport.recv_bytes()
+    held_s = time.monotonic() - began
+    transport.close()
+    thread.join(15)
+    server.close()
+    # 1 s and 64 bytes at MESSAGE_BYTES_PER_S, plus a loaded machine's stall
+    assert 1.0 <= held_s < 3.5, held_s
+    assert len(dripped) < 20
+
+
 def test_a_listener_nobody_connects_to_says_so():
     with pytest.raises(ch.ChannelClosed, match="no peer connected"):
         ch.listen("127.0.0.1:0", timeout_s=0.3)

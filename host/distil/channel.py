@@ -106,6 +106,9 @@ HANDSHAKE_TIMEOUT_S = 10.0
 # per-read timeout. The listener answers at once, unless strangers it has accepted before
 # hold it (HANDSHAKE_TIMEOUT_S each): 60 s leaves room for five of them.
 CONNECT_HANDSHAKE_TIMEOUT_S = 60.0
+# A session message's body gets this rate on top of the wait's bound (SocketTransport):
+# 64 MiB, the largest message, 1,024 s more.
+MESSAGE_BYTES_PER_S = 64 * 1024
 _HANDSHAKE_FRAME_MAX = 64  # the exchange's frames are 24-25 bytes: a longer one is refused
 
 
@@ -577,7 +580,10 @@ class SocketTransport:
         except OSError as error:
             raise ChannelClosed(f"send failed: {error}") from error
 
-    # no bound of its own on a whole message: the socket's timeout bounds each wait
+    # A whole message must arrive within the socket's timeout (each wait's bound, listen's
+    # and connect's timeout_s) plus MESSAGE_BYTES_PER_S of its length, not only each wait
+    # for a byte: a man in the middle dripping a byte just within the timeout held a
+    # session for good; now he holds a message no longer than his silence would.
     handshake_deadline = None
     handshake_s = None  # the pool-start exchange's bound (wall seconds), when it has one
 
@@ -603,7 +609,7 @@ class SocketTransport:
         # "no peer answering"); nothing of the pool was committed but its announcement
         return EnvironmentFailure(f"{message} (the peer or the link stalls it)")
 
-    def _recv_exact(self, count: int) -> bytes:
+    def _recv_exact(self, count: int, deadline: float | None = None, wait_s=None) -> bytes:
         parts, remaining = [], count
         while remaining:
             if self.handshake_deadline is not None:  # the pool-start exchange's bound
@@ -611,11 +617,18 @@ class SocketTransport:
                 if left <= 0:
                     raise self._handshake_overdue()
                 self.sock.settimeout(left)
+            elif deadline is not None:  # a session message's bound
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._message_overdue(deadline)
+                self.sock.settimeout(min(left, wait_s))
             try:
                 chunk = self.sock.recv(min(remaining, 1 << 20))
             except TimeoutError as error:
                 if self.handshake_deadline is not None:
                     raise self._handshake_overdue() from error
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise self._message_overdue(deadline) from error
                 raise ChannelClosed(f"receive failed: {error}") from error
             except OSError as error:
                 raise ChannelClosed(f"receive failed: {error}") from error
@@ -626,12 +639,33 @@ class SocketTransport:
             remaining -= len(chunk)
         return b"".join(parts)
 
+    def _message_overdue(self, deadline: float) -> ChannelClosed:
+        return ChannelClosed(
+            f"a message took more than {deadline - self._message_began:.0f} s to arrive "
+            "(the peer or the link stalls it)"
+        )
+
     def recv_bytes(self) -> bytes:
-        (length,) = _LEN.unpack(self._recv_exact(4))
-        limit = MAX_MESSAGE_BYTES if self.handshake_deadline is None else _HANDSHAKE_FRAME_MAX
-        if length > limit:
-            raise ProtocolAborted(f"peer announced a {length}-byte message")
-        return self._recv_exact(length)
+        deadline = wait_s = None
+        if self.handshake_deadline is None:
+            wait_s = self.sock.gettimeout()
+            if wait_s is not None:
+                self._message_began = time.monotonic()
+                deadline = self._message_began + wait_s
+        try:
+            (length,) = _LEN.unpack(self._recv_exact(4, deadline, wait_s))
+            limit = MAX_MESSAGE_BYTES if self.handshake_deadline is None else _HANDSHAKE_FRAME_MAX
+            if length > limit:
+                raise ProtocolAborted(f"peer announced a {length}-byte message")
+            if deadline is not None:
+                deadline += length / MESSAGE_BYTES_PER_S
+            return self._recv_exact(length, deadline, wait_s)
+        finally:
+            if wait_s is not None:
+                try:
+                    self.sock.settimeout(wait_s)  # each later wait's own bound again
+                except OSError:
+                    pass  # closed meanwhile: the next use says so
 
     def close(self) -> None:
         try:
