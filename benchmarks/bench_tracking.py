@@ -256,6 +256,43 @@ def _elevation_and_idealised_figures():
     print(f"[tracking]  culmination at a 500 Hz loop, seed 1: x {rms_x:.3f} y {rms_y:.3f} urad")
 
 
+# The QPD-only loop before the angular-rate sensor (docs/tracking.md "Tuning"), and a set
+# tuned on the same model for a head with 2 samples of latency (robust at 2 and 3).
+QPD_ONLY_CONFIG = dict(fine_kp=0.108, fine_ki=0.287, fine_kii=0.084, fine_kd=0.002,
+                       wheel_line_gains=[0.031, 0.0128], wheel_line_phases_deg=[-70.0, 37.7],
+                       ars_feedforward_taps=[0.0, 0.0, 0.0, 0.0])  # fmt: skip
+LATENCY_2_CONFIG = dict(fine_kp=0.0133, fine_ki=0.1964, fine_kii=0.0063, fine_kd=0.0035,
+                        wheel_line_gains=[0.0443, 0.0247], wheel_line_phases_deg=[-14.6, 78.1],
+                        ars_feedforward_taps=[0.9992, 0.1547, 0.222, -0.4484])  # fmt: skip
+
+
+def test_default_loop_off_its_nominal_plant():
+    """Culmination, seeds 1-3, 6 s: the default loop and the QPD-only loop when the head
+    differs from its datasheet (latency, QPD slope) or the sensor is worse than modelled."""
+    cases = (
+        ("latency 2 samples", dict(latency_samples=2), (None, QPD_ONLY_CONFIG, LATENCY_2_CONFIG)),
+        ("QPD slope 1.5x (spot 16.7 urad)", dict(qpd_spot_radius_urad=16.7),
+         (None, QPD_ONLY_CONFIG)),
+        ("QPD slope 0.67x (spot 37.5 urad)", dict(qpd_spot_radius_urad=37.5),
+         (None, QPD_ONLY_CONFIG)),
+        ("sensor noise 3x (6 urad/s/rtHz)", dict(ars_noise_urad_s_rthz=6.0), (None,)),
+        ("sensor high-pass at 5 Hz", dict(ars_highpass_hz=5.0), (None,)),
+    )  # fmt: skip
+    names = {None: "default", id(QPD_ONLY_CONFIG): "QPD-only",
+             id(LATENCY_2_CONFIG): "tuned for 2 samples"}  # fmt: skip
+    print("\n[tracking] culmination, seeds 1-3, fine RMS x / y (urad), off the nominal plant:")
+    for label, change, configs in cases:
+        for config in configs:
+            figures = []
+            for seed in (1, 2, 3):
+                params = PlantParams(seed=seed, initial_error_urad=(300.0, -200.0), **change)
+                result = run_lockstep(params, duration_s=6.0, config=config)
+                rms_x, rms_y, _ = result.fine_rms_urad(settle_s=0.5)
+                figures.append(f"{rms_x:.3f} / {rms_y:.3f}")
+            name = names[None if config is None else id(config)]
+            print(f"[tracking]  {label:33s} {name:20s} " + ", ".join(figures))
+
+
 def _plot(f, px, py, pv, path):
     import matplotlib
 
@@ -371,16 +408,16 @@ N = {steps}
 t = tracking.Tracker()
 t.load_predictions([[0, 0, 0, 0, 0, 0, -50000, 0]] * 4)
 writer = framing.FrameWriter(256)
-values = struct.pack('<10I', 3000, 3300, 2900, 3200, 1, 0, 0, 5000, 0, 0)
+values = struct.pack('<12I', 3000, 3300, 2900, 3200, 1, 0, 0, 5000, 0, 0, 0, 0)
 def frames(head):
     out = []
     for tag in range(256):
         body = bytes([head[0], tag]) + head[1:]
         out.append(bytes(writer.encode(body, len(body))))
     return out
-READ = frames(bytes([0x81, 0, 0x00, 0x05, 10]) + values)
+READ = frames(bytes([0x81, 0, 0x00, 0x05, 12]) + values)
 WRITE = frames(bytes([0x82, 0]))
-READ_WRITE = frames(bytes([0x86, 0, 0x00, 0x05, 10]) + values)
+READ_WRITE = frames(bytes([0x86, 0, 0x00, 0x05, 12]) + values)
 class Loopback:
     # answers the client's n-th transaction (tag n + 1) with the next reply of `cycle`
     def __init__(self):

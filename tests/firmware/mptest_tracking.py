@@ -169,6 +169,41 @@ def test_fine_error_sign_and_scale_from_quadrants():
     assert t.io[tracking.IO_FSM_X] > 0  # mirror moves toward the beacon
 
 
+def test_angular_rate_sensor_fed_forward_to_the_mirror_in_fine():
+    # Two loops on the same sensors, one with the default taps and one with none: in FINE
+    # their mirror commands differ by exactly sum(tap_i ARS(k-i)) >> 12 (Q12), with the
+    # sensor clamped to +-2**16 nrad and its history kept from before FINE.
+    q12 = [int(v * 4096 + (0.5 if v >= 0 else -0.5))
+           for v in tracking.DEFAULTS["ars_feedforward_taps"]]  # fmt: skip
+    assert q12[0] != 0
+    loops = (tracking.Tracker(), tracking.Tracker({"ars_feedforward_taps": (0, 0, 0, 0)}))
+    ars = [1000, -2000, 3000, 70000, -90000, 12345, -54321, 0, 777, -1, 40000, -3]
+    ars = ars + ars
+    dark, lit = (25, 25, 25, 25), (2525, 2525, 2525, 2525)  # lit: centred, no fine error
+    for t in loops:
+        t.load_predictions(ROWS)
+        t.start()
+    seen = []
+    for k in range(len(ars)):
+        quads, cam = (dark, 0) if k < 3 else ((dark, 5000) if k < 6 else (lit, 5000))
+        for t in loops:
+            io = t.io
+            io[0], io[1], io[2], io[3] = quads
+            io[4], io[5], io[6], io[7] = 1, 0, 0, cam
+            io[tracking.IO_ARS_X] = ars[k]
+            io[tracking.IO_ARS_Y] = -ars[k] // 3
+            t.step()
+        seen.append(max(-65536, min(65536, ars[k])))
+        if loops[0].state != tracking.FINE or k < 12:
+            continue
+        want_x = sum(q12[i] * seen[k - i] for i in range(4)) >> 12
+        want_y = sum(q12[i] * max(-65536, min(65536, -ars[k - i] // 3)) for i in range(4)) >> 12
+        got_x = loops[0].io[tracking.IO_FSM_X] - loops[1].io[tracking.IO_FSM_X]
+        got_y = loops[0].io[tracking.IO_FSM_Y] - loops[1].io[tracking.IO_FSM_Y]
+        assert (got_x, got_y) == (want_x, want_y), (k, got_x, want_x, got_y, want_y)
+    assert loops[0].state == tracking.FINE
+
+
 def test_telemetry_ring_counts_what_it_drops():
     t = tracking.Tracker({"telemetry_decimation": 1})
     t.load_predictions(ROWS)
