@@ -210,6 +210,12 @@ def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path)
     )
     assert report["key"]["file"] == "bob.key" and report["key"]["pad_bits"] > 0
     assert (keys / "bob.key.used").exists() and (keys / "alice.key.used").exists()
+    # the key budget checked before the session, in mission.json, holds what it took
+    budget = during["key_budget"]
+    assert budget["enough"] is True
+    assert during["key_bits_used"]["pad"] <= (
+        budget["fit_bits"] + budget["header_bits"] + budget["downlink_sample_bits"]
+    )
     # the time data's own bytes on the link, each way (in mission.json): the time-transfer
     # stream's share of the link's count is what the endpoints counted for their messages
     # plus the pool-start exchange before them (a few untagged frames of under 64 bytes

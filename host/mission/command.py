@@ -82,7 +82,9 @@ def add_arguments(parser) -> None:
         metavar="DIR",
         help="with --timetransfer over the streaming optical link: also stream the time "
         "transfer during the pass on the link's second stream, sealed with this earlier "
-        "distillation's key (OUT/timetransfer-during-pass/)",
+        "distillation's key (OUT/timetransfer-during-pass/); on the unix target the pass "
+        "then goes by at its pace and the satellite reads the controller's TDC log as it "
+        "is written",
     )
     parser.add_argument(
         "--tail",

@@ -329,6 +329,8 @@ def during_pass_figures(out: Path, outcome: dict) -> dict:
         "abort_reason": report.get("abort_reason"),
         "out": f"{DURING_NAME}/",
     }
+    if "key_budget" in report:  # what the streamed time data needs of the earlier key
+        figures["key_budget"] = report["key_budget"]
     if not report["aborted"]:
         figures.update(
             bins=report["bins"],
