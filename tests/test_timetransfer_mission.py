@@ -230,6 +230,7 @@ def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path)
     # uplink events, as downloaded after the pass
     # (x2 here gives each block half a wall second before the log moves on: measured, 3
     # of the 4 blocks taken while the log grew; a stall of ~1.5 s would take block 0 late)
+    assert summary["stages"]["firmware"]["at_its_pace"]["speedup"] == 2.0
     feed = during["uplink_feed"]
     assert feed["ended_by"] == "end of pass (controller)"
     assert feed["blocks_taken_before_the_log_ended"] >= 1

@@ -240,6 +240,8 @@ def run_firmware(
         "duty_errors": mission_tm.get("duty_errors", {}),
         "housekeeping": mission_tm,
     }
+    if "at_its_pace" in stages:  # the pass went by at its pace (PassAtItsPace)
+        stages["firmware"]["at_its_pace"] = stages.pop("at_its_pace")
     total = sum(d["bytes"] for d in downloads)
     stages["download"] = {
         "products": downloads,
