@@ -280,15 +280,16 @@ def test_bench_frame_thresholds():
             for f in pending:
                 shown = order[: revealed[f]]
                 llr[f, shown] = np.where(x[f, shown] == 1, -ldpc.LLR_KNOWN, ldpc.LLR_KNOWN)
-            sub = (messages[pending], out[pending], iterations[pending])
             ok = reconcile._decode(
-                np.ascontiguousarray(llr[pending]),
-                np.ascontiguousarray(syndromes[pending]),
+                pending,
+                llr,
+                syndromes,
                 code,
                 reconcile.LDPC_MAX_ITERATIONS if attempt == 0 else reconcile.LDPC_RETRY_ITERATIONS,
-                *sub,
+                messages,
+                out,
+                iterations,
             )
-            messages[pending], out[pending], iterations[pending] = sub
             right = ok & (out[pending][:, key_pos] == x[pending][:, key_pos]).all(axis=1)
             done = pending[right]
             threshold[done] = (plan.leak_bits() + revealed[done]) / (h[done] * k)

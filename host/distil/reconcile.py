@@ -98,8 +98,10 @@ def _tail_widening(pending: int, frames: int) -> int:
     return max(1, frames // (TAIL_SHARE_INV * max(pending, 1)))
 
 
-def _decode(llr, syndromes, code, iterations, messages, out, iters):
-    return ldpc.decode_phi(
+def _decode(rows, llr, syndromes, code, iterations, messages, out, iters):
+    """Decode the frames `rows` in place (ldpc.decode_phi_rows); their success flags."""
+    return ldpc.decode_phi_rows(
+        rows,
         llr,
         syndromes,
         code.check_ptr,
@@ -543,21 +545,18 @@ def _ldpc_bob_part(
         llr[f, key_pos] = np.where(bits[start : start + used] == 1, -magnitude, magnitude)
         llr[f, zero_pos] = ldpc.LLR_KNOWN
     for attempt in range(LDPC_RETRIES + 1):
-        sub_out = np.zeros((pending.size, code.n), dtype=np.uint8)
-        sub_iters = iters[pending]
-        sub_messages = messages[pending]
         started = time.perf_counter()
         ok = _decode(
-            np.ascontiguousarray(llr[pending]),
-            np.ascontiguousarray(syndromes[pending]),
+            pending,
+            llr,
+            syndromes,
             code,
             LDPC_MAX_ITERATIONS if attempt == 0 else LDPC_RETRY_ITERATIONS,
-            sub_messages,
-            sub_out,
-            sub_iters,
+            messages,
+            out,
+            iters,
         )
         decoder_seconds += time.perf_counter() - started
-        out[pending], iters[pending], messages[pending] = sub_out, sub_iters, sub_messages
         pending = pending[~ok]
         if pending.size == 0 or attempt == LDPC_RETRIES:
             break
