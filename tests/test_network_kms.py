@@ -11,10 +11,12 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import ssl
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 
 import pytest
@@ -645,3 +647,35 @@ def test_a_message_overtaken_by_a_kme_delivery_is_still_received(tmp_path):
     with StationPool(pool_path(net, "Stellenbosch", "Beijing")) as pool_b:
         with StationPool(pool_path(net, "Beijing", "Stellenbosch")) as pool_a:
             assert pool_a.used_bytes == pool_b.used_bytes == 300 + 16 + 64
+
+
+def test_a_client_dripping_its_handshake_is_cut_off_at_the_request_deadline(kme, monkeypatch):
+    """A stranger (no certificate needed: the TLS handshake is what it drips) sends a TLS
+    record header announcing 512 bytes, then a byte every 0.3 s. On main only the
+    handler's 30 s idle timeout bounded each wait for a byte, so it held its thread for
+    as long as it kept dripping (here it gives up after 8 s), and one thread per
+    connection it opened. Now the whole reading of a request is bounded
+    (Handler.request_deadline_s, 1 s here): the connection is cut, and the KME still
+    answers its SAEs."""
+    from host.network.kms import Handler
+
+    monkeypatch.setattr(Handler, "request_deadline_s", 1.0)
+    began = time.monotonic()
+    closed_after_s = None
+    with socket.create_connection(("localhost", kme["port"]), timeout=0.3) as sock:
+        sock.sendall(b"\x16\x03\x01\x02\x00")  # a handshake record of 512 bytes follows
+        for _ in range(26):  # 8 s at a byte every 0.3 s
+            try:
+                sock.sendall(b"\x01")
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:  # reset by the server
+                data = b""
+            if not data:
+                closed_after_s = time.monotonic() - began
+                break
+    # the deadline, plus a loaded machine's stall (the stranger would have held it 8 s)
+    assert closed_after_s is not None and closed_after_s < 4.0, closed_after_s
+    status, _ = _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/status")
+    assert status == 200

@@ -18,6 +18,7 @@ import base64
 import http.client
 import json
 import os
+import socket
 import sqlite3
 import ssl
 import threading
@@ -386,9 +387,38 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "qkdsat-kme/1"
     protocol_version = "HTTP/1.1"
     timeout = 30  # seconds a connection may idle
+    # Seconds from the start of a request (an idle keep-alive wait, the TLS handshake,
+    # the request line, headers and body) to the end of its reading: `timeout` bounds only
+    # each wait for bytes, so a stranger sending a byte of a ClientHello every 29 s held
+    # a thread for good, and as many threads as connections it opened. Past it the
+    # connection is cut (shut down under the thread's read); the answer is not bounded.
+    request_deadline_s = 30.0
 
     def log_message(self, *args) -> None:  # the audit log replaces the access log
         pass
+
+    def handle_one_request(self) -> None:
+        cut = threading.Timer(self.request_deadline_s, self._cut)
+        cut.daemon = True
+        self._reading = cut
+        cut.start()
+        try:
+            super().handle_one_request()
+        finally:
+            cut.cancel()
+
+    def _request_read(self) -> None:
+        """The request is read: its deadline no longer applies (the answer may wait for the
+        peer KME or the database)."""
+        self._reading.cancel()
+
+    def _cut(self) -> None:
+        """From the timer's thread: end the reads of a request past its deadline. The plain
+        socket's shutdown (not SSLSocket's, which drops its TLS state under the reader)."""
+        try:
+            socket.socket.shutdown(self.connection, socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
 
     def _caller(self) -> str | None:
         cert = self.connection.getpeercert()
@@ -403,6 +433,8 @@ class Handler(BaseHTTPRequestHandler):
         caller = self._caller()
         parts = urlsplit(self.path)
         entry = {"sae": caller, "method": method, "path": parts.path}
+        if method == "GET":
+            self._request_read()
         try:
             if parts.path == PEER_DELIVER_PATH and method == "POST":
                 body = kme.deliver(caller, _json_body(self))
@@ -470,8 +502,10 @@ def _json_body(handler) -> dict:
         raise RequestError(400, "Content-Length is not a number") from None
     if not 0 <= length <= MAX_REQUEST_BYTES:
         raise RequestError(400, "request body too large")
+    data = handler.rfile.read(length)
+    handler._request_read()
     try:
-        request = json.loads(handler.rfile.read(length) or b"{}")
+        request = json.loads(data or b"{}")
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestError(400, f"body is not JSON: {error}") from None
     if not isinstance(request, dict):
