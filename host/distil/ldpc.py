@@ -190,6 +190,19 @@ class Code:
         _syndromes(bits, self.check_ptr, self.check_var, out)
         return out
 
+    def narrow_check_var(self) -> np.ndarray:
+        """check_var as uint16 when n <= 2^16 (every frame the protocol uses), else as is:
+        the decoder streams it every iteration and gathers through it, and the narrow
+        copy measured 1.09-1.13x per edge update (rates 0.90 and 0.66, /tmp
+        micro-benchmark). Made once per code."""
+        cached = self.__dict__.get("_narrow_check_var")
+        if cached is None:
+            cached = self.check_var
+            if self.n <= 1 << 16:
+                cached = self.check_var.astype(np.uint16)
+            self.__dict__["_narrow_check_var"] = cached
+        return cached
+
     def digest(self) -> str:
         """The code's identity (its arrays' hash), computed once: the arrays are never
         changed, and a 2^16 code's hash takes tens of ms."""

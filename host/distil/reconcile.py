@@ -105,7 +105,7 @@ def _decode(rows, llr, syndromes, code, iterations, messages, out, iters):
         llr,
         syndromes,
         code.check_ptr,
-        code.check_var,
+        code.narrow_check_var(),
         iterations,
         messages,
         out,
