@@ -622,6 +622,45 @@ def test_a_connector_held_by_a_dripping_peer_is_dropped_within_its_bound(tmp_pat
     pool_c.close()
 
 
+def test_keys_confirm_connect_to_a_dripping_peer_exits_1_with_the_reason(
+    tmp_path, monkeypatch, capsys
+):
+    """The same through the command line (`qkdsat keys confirm --connect`, in-process so
+    the bound can be 2 s): exit 1, the link failed before the protocol began, one line
+    naming the pool-start exchange; the pool's record untouched."""
+    from host.cli import main as qkdsat
+
+    monkeypatch.setattr(ch, "CONNECT_HANDSHAKE_TIMEOUT_S", HANDSHAKE_S)
+    (_, path_c), (_, pool_c) = _file_pools(tmp_path)
+    pool_c.close()
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def dripping_listener():
+        conn, _ = server.accept()
+        with conn:
+            try:
+                for byte in ch._LEN.pack(ch._START.size)[:3]:  # its hello's length, cut
+                    conn.sendall(bytes([byte]))
+                    time.sleep(DRIBBLE_S)
+                conn.settimeout(8.0)  # then it hangs up itself (main waited for it)
+                while conn.recv(1024):  # the connector's hello, then its hanging up
+                    pass
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=dripping_listener, daemon=True)
+    thread.start()
+    (tmp_path / "store").mkdir()
+    argv = ["keys", "confirm", "--role", "bob", "--store", str(tmp_path / "store")]
+    argv += ["--auth-pool", str(path_c), "--connect", f"127.0.0.1:{server.getsockname()[1]}"]
+    assert qkdsat(argv) == 1
+    err = capsys.readouterr().err
+    assert "failed: the pool-start exchange took more than 2 s" in err, err
+    assert _record(path_c) == 0
+    thread.join(15)
+    server.close()
+
+
 def test_a_session_message_dripped_a_byte_at_a_time_is_bounded_as_a_whole():
     """After the pool start, each wait for a byte had the socket's timeout (600 s by
     default) and nothing bounded a whole message: a man in the middle who passes a byte

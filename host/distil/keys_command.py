@@ -33,7 +33,11 @@ def add_arguments(parser) -> None:
 
 def confirm_over(transport, pool: ch.KeyPool, role: str, store) -> dict:
     """The confirmation over an open transport (the mission runs it in-process)."""
-    session = ch.exchange_pool_start(transport, pool, role)
+    try:
+        session = ch.exchange_pool_start(transport, pool, role)
+    except BaseException:
+        transport.close()  # the peer stops waiting (in a mission this process goes on)
+        raise
     chan = ch.AuthChannel(transport, pool, role, session=session)
     try:
         return keystore.run_confirm(chan, store, role)
