@@ -86,6 +86,15 @@ MODE = "stream"
 # already; a 40 ms attempt took 10-27 s of this loaded machine).
 FIRST_SYNC_WINDOWS_S = (0.02, 0.04, 0.08, 0.16)
 FIRST_SYNC_MAX_SLOTS = 25_000_000
+# Around the orbit prediction the lag correlation asks Alice only for each detected slot's
+# run of predicted lags when that is fewer slots (timesync.SPARSE_PIECE_SLOTS): its cost
+# is the detections, not the window's span, so the predicted search may integrate over
+# longer windows, up to FIRST_SYNC_MAX_SLOTS asked. jinan-1's weak start (seed 1, ~4,000
+# detections a second, ~41 k predicted lags): on its first second of data the densest
+# 40 ms held 192 detections, z 5.1 (6.23 needed: no lock), 80 ms 357, z 7.4 (lock, 14.8
+# M slots asked), 160 ms 684, z 10.4 (28 M); the FFT of the 40 ms window asked 25 M.
+# Every window's predicted search is tried (shortest first) before any full search.
+FIRST_SYNC_PREDICTED_WINDOWS_S = (0.02, 0.04, 0.08, 0.16, 0.32)
 FIRST_SYNC_DETECTIONS = 120
 # A bright pass (10x jinan-1: ~12,000 detections in 20 ms) needs far less than 20 ms: its
 # densest 5 or 10 ms are tried first when they hold FIRST_SYNC_SHORT_DETECTIONS. The lag
@@ -326,14 +335,34 @@ def first_sync_windows(slot_rate_hz: float) -> list[float]:
     return allowed or [FIRST_SYNC_WINDOWS_S[0]]
 
 
-def first_sync_window(t: np.ndarray, slot_rate_hz: float, needed: int) -> list[float]:
-    """The first-anchor windows worth trying on detections t (true seconds): the allowed
-    lengths whose densest window holds `needed` detections (the short ones, at least
-    FIRST_SYNC_SHORT_DETECTIONS), shortest first; empty while none does."""
-    short = max(needed, FIRST_SYNC_SHORT_DETECTIONS)
-    return [w for w in FIRST_SYNC_SHORT_WINDOWS_S if timesync.densest_count(t, w) >= short] + [
-        w for w in first_sync_windows(slot_rate_hz) if timesync.densest_count(t, w) >= needed
+def first_sync_attempts(sync, t: np.ndarray, needed: dict, final: bool) -> list[tuple]:
+    """The first-anchor attempts worth making on detections t (true seconds), in order:
+    (window, searches). A bright pass's short windows holding FIRST_SYNC_SHORT_DETECTIONS
+    (both searches); then every window whose densest holds needed["predicted"] detections
+    and whose search around the orbit prediction asks Alice for at most
+    FIRST_SYNC_MAX_SLOTS; then the allowed windows holding needed["full"], over the whole
+    ranges. Empty while none does (at loss of signal, the last chance: the longest
+    windows)."""
+    short = max(min(needed.values()), FIRST_SYNC_SHORT_DETECTIONS)
+    rate = sync.rate
+    attempts = [
+        (w, ("predicted", "full"))
+        for w in FIRST_SYNC_SHORT_WINDOWS_S
+        if timesync.densest_count(t, w) >= short
     ]
+    predicted = []
+    for w in FIRST_SYNC_PREDICTED_WINDOWS_S:
+        slots = sync.first_slots(t, w, "predicted")
+        if slots is None or slots > FIRST_SYNC_MAX_SLOTS:
+            continue
+        predicted.append(w)
+        if timesync.densest_count(t, w) >= needed["predicted"]:
+            attempts.append((w, ("predicted",)))
+    full = first_sync_windows(rate)
+    attempts += [(w, ("full",)) for w in full if timesync.densest_count(t, w) >= needed["full"]]
+    if final and not attempts:
+        attempts = [(w, ("predicted",)) for w in predicted[-1:]] + [(full[-1], ("full",))]
+    return attempts
 
 
 def sample_target(count: int, cfg: Config) -> int:
@@ -972,7 +1001,9 @@ class StreamBob(Bob):
         buffer_ch = np.zeros(0, np.int16)
         read = 0  # records read from the feed
         synced = False
-        sync_needed = FIRST_SYNC_DETECTIONS  # detections in a window for a first sync
+        # detections in a window for a first sync, per search (around the orbit prediction,
+        # over the whole ranges): each grows after its own misses
+        sync_needed = dict.fromkeys(("predicted", "full"), FIRST_SYNC_DETECTIONS)
         last_centre = 0.0
         handled_s = 0.0
         block = 0
@@ -1021,23 +1052,19 @@ class StreamBob(Bob):
             det = np.isin(buffer_ch, (0, 1, 2, 3))
             detected = int(det.sum())
             if not synced:
-                windows = []
+                attempts = []
                 if detected >= timesync.MIN_DETECTIONS:
-                    windows = first_sync_window(buffer_t[det], sync.rate, sync_needed)
-                    if final and not windows:  # the last chance: the longest window
-                        windows = first_sync_windows(sync.rate)[-1:]
-                if windows:
-                    synced, last_centre = self._first_sync(
-                        channel, stage, sync, buffer_t[det], final, windows
+                    attempts = first_sync_attempts(sync, buffer_t[det], sync_needed, final)
+                if attempts:
+                    synced, last_centre, missed = self._first_sync(
+                        channel, stage, sync, buffer_t[det], final, attempts
                     )
-                    if not synced:
+                    for kind, (z, z_needed, detections) in missed.items():
                         # the detections a peak at the z needed (FIRST_Z, less around the
                         # orbit prediction: timesync.first_z_needed) needs, from the last
-                        # window tried
-                        z = max(sync.first_z, 1.0)
-                        needed_z = sync.first_z_needed * SYNC_RETRY_Z_MARGIN
-                        grown = sync.first_detections * (needed_z / z) ** 2
-                        sync_needed = max(sync_needed + 1, math.ceil(grown))
+                        # window that search tried
+                        grown = detections * (z_needed * SYNC_RETRY_Z_MARGIN / max(z, 1.0)) ** 2
+                        sync_needed[kind] = max(sync_needed[kind] + 1, math.ceil(grown))
                     self._unverified = synced
                     if synced:
                         self._lock_s = block_end
@@ -1080,7 +1107,8 @@ class StreamBob(Bob):
                         use_prior = sync.use_prior and sync.first_search != "predicted"
                         sync = timesync.Synchroniser(self.pass_json, channel)
                         sync.use_prior = use_prior
-                        sync_needed = math.ceil(FALSE_LOCK_RETRY_GROWTH * sync_needed)
+                        growth = FALSE_LOCK_RETRY_GROWTH
+                        sync_needed = {k: math.ceil(growth * n) for k, n in sync_needed.items()}
                         synced, self._unverified, self._lock_s = False, False, None
                         handled_s = handled_before
                         take[:] = False
@@ -1246,30 +1274,33 @@ class StreamBob(Bob):
             ),
         }, near_end
 
-    def _first_sync(self, channel, stage, sync, t: np.ndarray, final: bool, windows: list):
+    def _first_sync(self, channel, stage, sync, t: np.ndarray, final: bool, attempts: list):
         """The first anchor and tracking over the detections so far: (synced, last centre
-        tried forward). The windows are tried shortest first until one has a correlation
-        peak; a failure for want of correlation is retried with more data."""
+        tried forward, the misses: per search, (z, z needed, detections) of the last window
+        it tried). The attempts (first_sync_attempts) are made in order until one has a
+        correlation peak; a failure for want of correlation is retried with more data."""
         channel.send("stream_next", step="sync")
+        missed = {}
         with stage("sync"):
-            for i, window_s in enumerate(windows):
+            for i, (window_s, kinds) in enumerate(attempts):
                 try:
-                    tc = sync.first_anchor(t, window_s)
+                    tc = sync.first_anchor(t, window_s, kinds)
                     self._lock_window_s = window_s
                     break
                 except (PeerAborted, ChannelClosed, AuthenticationFailed):
                     raise
                 except ProtocolAborted:
-                    if i + 1 < len(windows):
+                    missed.update(sync.first_tries)
+                    if i + 1 < len(attempts):
                         continue
                     if final:
                         raise
                     channel.send("sync_request", done=1, starts=np.zeros(0, np.int64), length=0)
-                    return False, 0.0
+                    return False, 0.0, missed
             sync.track(t, tc, -1, t[0] + timesync.TRACK_WINDOW_S / 2, to_edge=True)
             last = sync.track(t, tc, +1, t[-1] - timesync.TRACK_WINDOW_S / 2, to_edge=final)
             channel.send("sync_request", done=1, starts=np.zeros(0, np.int64), length=0)
-        return True, last
+        return True, last, missed
 
     def _verify_lock(self, channel, result, channels: np.ndarray, final: bool):
         """The probe of a new lock (PROBE_DETECTIONS, FALSE_LOCK_QBER): None while too few

@@ -76,6 +76,20 @@ PRIOR_MARGIN_S = 10e-6
 # PRIOR_Z_FLOOR (the correlation of a few hundred detections is only nearly Gaussian so
 # far out). Every lock is still verified by the stream's probe.
 PRIOR_Z_FLOOR = 6.0
+# The predicted search's lag correlation, computed slot by slot when that asks Alice for
+# fewer slots than the FFT's window: each distinct detected slot's run of predicted lags
+# (detections x lags) against the window's span plus the lags. At jinan-1's weak start
+# (~4,000 detections a second, ~40 k predicted lags at 625 MHz) the densest 80 ms holds
+# ~360 detections: 14 M slots, where its FFT window is 50 M. So a sparse start can
+# integrate over windows longer than the FFT allows (stream.FIRST_SYNC_WINDOWS_S). Alice
+# is asked for at most SPARSE_PIECE_SLOTS slots a request.
+SPARSE_PIECE_SLOTS = 1 << 22
+# The predicted range acceleration bends the slots' phase over a long window (jinan-1:
+# ~6 m/s^2 at its start, ~100 m/s^2 at culmination: 0.16 and 2.7 slots at the edges of a
+# 320 ms window at 625 MHz). The predicted search takes it into account when its effect at
+# the window's edges reaches ACCEL_IGNORED_SLOTS, else not: then the predicted search is the
+# full search's subset exactly (the same anchor when both lock).
+ACCEL_IGNORED_SLOTS = 0.01
 
 
 def first_z_needed(lags: int, full_lags: int) -> float:
@@ -174,18 +188,19 @@ def _phase(u: np.ndarray) -> tuple[float, float]:
 DRIFT_CHUNK = 128  # drifts per running product (each chunk restarts from an exact exp)
 
 
-def _densest_drift(u: np.ndarray, drifts: np.ndarray, step: float) -> int:
+def _densest_drift(u: np.ndarray, drifts: np.ndarray, step: float, bend=None) -> int:
     """Index of the drift d (evenly spaced by step) at which the phases of u (1 + d) cluster
     most tightly (largest mean resultant length, as _phase). The phasors of consecutive
     drifts differ by the factor exp(2 pi i u step): a running product along the grid, each
     chunk of DRIFT_CHUNK drifts started from an exact exp, replaces a cos and a sin per
     detection and drift (6,250 drifts x ~12,000 detections of a jinan-1-stress10x window:
-    7.3 s of 25 s of its first anchor, profiled in docs/streaming.md)."""
+    7.3 s of 25 s of its first anchor, profiled in docs/streaming.md). bend: slots added
+    to u at every drift (the predicted acceleration's), or None."""
     ratio = np.exp(2j * np.pi * step * u)
     conc = np.empty(drifts.size)
     for k0 in range(0, drifts.size, DRIFT_CHUNK):
         rows = min(DRIFT_CHUNK, drifts.size - k0)
-        start = np.exp(2j * np.pi * u * (1 + drifts[k0]))
+        start = np.exp(2j * np.pi * (u * (1 + drifts[k0]) + (0.0 if bend is None else bend)))
         conc[k0 : k0 + rows] = _running_concentration(start, ratio, rows)
     return int(np.argmax(conc))
 
@@ -270,6 +285,12 @@ class DelayPrior:
     def drift_half_width(self, t: float) -> float:
         return self._spread(self.range_rate_km_s, t) / self.LIGHT_KM_S + PRIOR_CLOCK_RATE
 
+    def drift_rate(self, t: float) -> float:
+        """d drift / dT (1/s): minus the predicted range acceleration over c."""
+        i = int(np.clip(np.searchsorted(self.t_s, t), 1, self.t_s.size - 1))
+        dv = self.range_rate_km_s[i] - self.range_rate_km_s[i - 1]
+        return -float(dv / (self.t_s[i] - self.t_s[i - 1])) / self.LIGHT_KM_S
+
 
 def synchronise(time_ps, channels, pps_ps, pass_json, channel) -> SyncResult:
     """The whole pass at once (post-pass mode)."""
@@ -307,23 +328,25 @@ class Synchroniser:
         self.prior = DelayPrior.of(pass_json)
         self.use_prior = True  # the stream clears it when a lock found with it fails
         self.first_search = None  # "predicted" or "full": the search that gave the lock
+        self.first_tries = {}  # the last first_anchor's searches: (z, z needed, detections)
 
-    def first_anchor(self, t: np.ndarray, window_s: float = FIRST_WINDOW_S) -> float:
-        """The first anchor, at the densest window_s of t (true seconds of the detections,
-        in time order); returns its time. Post-pass uses FIRST_WINDOW_S; the stream a
-        longer window while the detections are sparse (stream.first_sync_window)."""
-        rate = self.rate
+    def _densest(self, t: np.ndarray, window_s: float) -> tuple[float, np.ndarray]:
+        """(centre, mask) of the densest window_s of t."""
         edges = np.arange(t[0], t[-1] + window_s, window_s)
         hist, _ = np.histogram(t, edges)
         k = int(np.argmax(hist))
-        tc = edges[k] + window_s / 2
-        sel = (t >= edges[k]) & (t < edges[k + 1])
-        tw = t[sel] - tc
+        return edges[k] + window_s / 2, (t >= edges[k]) & (t < edges[k + 1])
+
+    def _searches(self, tc: float, window_s: float, kinds) -> list[tuple]:
+        """(name, drifts, delay_lo, delay_hi, drift rate) of each search of `kinds` at tc:
+        the whole ranges ("full") and, with a usable prior, the ranges around the
+        prediction ("predicted")."""
+        rate = self.rate
         step = 0.1 / (window_s * rate)
         all_drifts = np.arange(-MAX_DRIFT, MAX_DRIFT + step, step)
         lag_range = int(MAX_DELAY_S * rate)
-        searches = [("full", all_drifts, 0, lag_range)]
-        if self.prior is not None and self.use_prior:
+        searches = []
+        if "predicted" in kinds and self.prior is not None and self.use_prior:
             # the predicted ranges: a subset of the same drift grid and of the same lags,
             # so a lock found either way is the same anchor (the same slots and keys)
             near = np.abs(all_drifts - self.prior.drift(tc))
@@ -331,12 +354,47 @@ class Synchroniser:
             delay, half = self.prior.delay_s(tc), self.prior.half_width_s(tc)
             delay_lo = min(max(0, math.floor((delay - half) * rate)), lag_range)
             delay_hi = min(max(0, math.ceil((delay + half) * rate)), lag_range)
+            drift_rate = self.prior.drift_rate(tc)
+            if abs(drift_rate) * rate * (window_s / 2) ** 2 / 2 < ACCEL_IGNORED_SLOTS:
+                drift_rate = 0.0
             if drifts.size and delay_hi > delay_lo:
-                searches.insert(0, ("predicted", drifts, delay_lo, delay_hi))
+                searches.append(("predicted", drifts, delay_lo, delay_hi, drift_rate))
+        if "full" in kinds:
+            searches.append(("full", all_drifts, 0, lag_range, 0.0))
+        return searches
+
+    def first_slots(self, t: np.ndarray, window_s: float, kind: str) -> int | None:
+        """Slots of Alice's pattern a first anchor at the densest window_s of t asks for
+        with the search `kind` (None: no such search, e.g. no usable prior)."""
+        tc, sel = self._densest(t, window_s)
+        searches = self._searches(tc, window_s, (kind,))
+        if not searches:
+            return None
+        lags = searches[0][3] - searches[0][2]
+        span = int(window_s * self.rate) + 1
+        return min(span + lags, int(sel.sum()) * (lags + 1))
+
+    def first_anchor(
+        self, t: np.ndarray, window_s: float = FIRST_WINDOW_S, kinds=("predicted", "full")
+    ) -> float:
+        """The first anchor, at the densest window_s of t (true seconds of the detections,
+        in time order); returns its time. Post-pass uses FIRST_WINDOW_S; the stream a
+        longer window while the detections are sparse (stream.first_sync_window). The
+        searches of `kinds` are tried in that order until one has a peak."""
+        rate = self.rate
+        tc, sel = self._densest(t, window_s)
+        tw = t[sel] - tc
+        step = 0.1 / (window_s * rate)
+        lag_range = int(MAX_DELAY_S * rate)
+        searches = self._searches(tc, window_s, kinds)
         self.first_detections = int(sel.sum())  # the stream's retry rule
+        self.first_tries = {}  # per search: (z, z needed, detections), the retry rule's
+        if not searches:
+            raise ProtocolAborted("time synchronisation failed: no search to make")
         for i, search in enumerate(searches):
             z, offset, slope = self._correlate(tw, tc, *search[1:], step=step)
             needed = first_z_needed(search[3] - search[2], lag_range)
+            self.first_tries[search[0]] = (z, needed, self.first_detections)
             if i == 0:  # the stream's retry rule aims at the first search's threshold
                 self.first_z, self.first_z_needed = z, needed
             if z >= needed:
@@ -353,20 +411,49 @@ class Synchroniser:
         self.anchors_slope = [self.first_slope]
         return tc
 
-    def _correlate(self, tw, tc, drifts, delay_lo, delay_hi, step):
+    def _correlate(self, tw, tc, drifts, delay_lo, delay_hi, drift_rate, step):
         """(z, offset, slope) of the first anchor at tc (tw: the window's detection times
         from tc) over the drifts given (evenly spaced by step) and the delays of
         [delay_lo, delay_hi] slots: the drift of the tightest phase clustering, then the
-        lag of the strongest correlation with Alice's mean photon numbers."""
-        rate, helper = self.rate, self.helper
-        drift = float(drifts[_densest_drift(tw * rate, drifts, step)])
-        phi, conc = _phase(tw * rate * (1 + drift))
+        lag of the strongest correlation with Alice's mean photon numbers. drift_rate
+        (1/s): the drift's predicted change over the window (0: none)."""
+        rate = self.rate
+        bend = 0.5 * drift_rate * tw * tw * rate if drift_rate else None
+        drift = float(drifts[_densest_drift(tw * rate, drifts, step, bend)])
+        u = tw * rate * (1 + drift) + (0.0 if bend is None else bend)
+        phi, conc = _phase(u)
         # slot(T) = tc_slot + (T - tc) rate (1 + drift); tc_slot = (tc - delay) rate + phi
-        u_rel = tw * rate * (1 + drift) - phi
+        u_rel = u - phi
         k_rel = np.rint(u_rel).astype(np.int64)
         span = int(k_rel.max() - k_rel.min()) + 1
         lags = delay_hi - delay_lo
         base = int(math.floor(tc * rate)) + int(k_rel.min()) - delay_hi
+        length = span + lags
+        at, counts = np.unique(k_rel - k_rel.min(), return_counts=True)
+        if at.size * (lags + 1) < length:
+            corr = self._sparse_correlation(base, at, counts, lags)
+        else:
+            corr = self._fft_correlation(base, at, counts, span, lags)
+        lag, z = _zscore(corr)
+        # offset(T) = slot position - T * rate; at tc the detections sit on slot centres - phi
+        return z, base + lag - int(k_rel.min()) - phi - tc * rate, drift * rate
+
+    def _sparse_correlation(self, base, at, counts, lags) -> np.ndarray:
+        """corr[lag] = sum over the detected slots (offsets `at` from base, `counts`
+        detections each) of Alice's mean photon number at base + at + lag, lag in
+        0..lags: the FFT's correlation, asking Alice only for each slot's run of lags."""
+        helper = self.helper
+        weights = helper.weights.astype(np.float32)
+        corr = np.zeros(lags + 1)
+        rows = max(1, SPARSE_PIECE_SLOTS // (lags + 1))
+        for r0 in range(0, at.size, rows):
+            codes = helper.codes(base + at[r0 : r0 + rows], lags + 1).reshape(-1, lags + 1)
+            corr += counts[r0 : r0 + rows].astype(np.float32) @ weights[codes]
+        return corr
+
+    def _fft_correlation(self, base, at, counts, span, lags) -> np.ndarray:
+        """The same correlation by FFT over Alice's whole window (span + lags slots)."""
+        helper = self.helper
         length = span + lags
         # a circular correlation of this size holds lags 0..lags unwrapped: the comb
         # spans `span` slots and Alice's window span + lags (length + span, as before,
@@ -379,16 +466,13 @@ class Synchroniser:
         # float32 halves the FFT time of this (at 625 MHz ~3e7-point) correlation; its peak
         # is a few hundred counts over a background of tens, far above float32 rounding
         comb = np.zeros(size, np.float32)
-        np.add.at(comb, k_rel - k_rel.min(), np.float32(1.0))
+        comb[at] = counts
         spectrum = scipy.fft.rfft(comb, size, workers=-1)
         np.conj(spectrum, out=spectrum)
         spectrum *= scipy.fft.rfft(alice, size, workers=-1)
         del alice
         corr = scipy.fft.irfft(spectrum, size, workers=-1)[: lags + 1].astype(np.float64)
-        del spectrum, comb
-        lag, z = _zscore(corr)
-        # offset(T) = slot position - T * rate; at tc the detections sit on slot centres - phi
-        return z, base + lag - int(k_rel.min()) - phi - tc * rate, drift * rate
+        return corr
 
     def offset_model(self, tq: float) -> tuple[float, float]:
         """Offset and slope (slots/s) at tq, extrapolated from the nearest anchor with the
@@ -459,6 +543,17 @@ class Synchroniser:
                     anchors_slope.append(slope)
         return last
 
+    def _predicted_bend(self, t: float) -> float:
+        """Half the offset's second derivative (slots/s^2) the orbit prediction gives at
+        t: rate x the drift's rate (range acceleration / c), 0 without a usable prior.
+        What a line through one or two anchors, or a spline's linear extrapolation,
+        misses: jinan-1's start (~12 slots/s^2) put detections 0.4 s before a first anchor
+        and its tracked neighbour 1.7 slots off, beyond the gate (the tracking window
+        there, ~200 detections, gave z 4.9 < TRACK_Z)."""
+        if self.prior is None or not self.use_prior:
+            return 0.0
+        return 0.5 * self.rate * self.prior.drift_rate(t)
+
     def assign(self, t_all: np.ndarray, det: np.ndarray) -> SyncResult:
         """Every detection's slot from a smoothing spline through the anchors (linear
         beyond them, with the end slopes); assigned only inside the timing gate."""
@@ -466,18 +561,24 @@ class Synchroniser:
         order = np.argsort(self.anchors_t)
         ts = np.array(self.anchors_t)[order]
         os_ = np.array(self.anchors_off)[order]
+        bend = self._predicted_bend
         if ts.size >= 4:
             spline = make_interp_spline(ts, os_, k=3)
             model = spline(np.clip(t_all, ts[0], ts[-1]))
-            # outside the anchors: extrapolate linearly with the end slopes
+            # outside the anchors: extrapolate with the end slopes (and the predicted bend)
             d = spline.derivative()
-            model = np.where(t_all < ts[0], os_[0] + d(ts[0]) * (t_all - ts[0]), model)
-            model = np.where(t_all > ts[-1], os_[-1] + d(ts[-1]) * (t_all - ts[-1]), model)
-        elif ts.size >= 2:
-            coef = np.polyfit(ts, os_, ts.size - 1)
-            model = np.polyval(coef, t_all)
+            for end, beyond in ((0, t_all < ts[0]), (-1, t_all > ts[-1])):
+                dt = t_all[beyond] - ts[end]
+                model[beyond] = os_[end] + d(ts[end]) * dt + bend(ts[end]) * dt * dt
+        elif ts.size == 3:
+            model = np.polyval(np.polyfit(ts, os_, 2), t_all)
+        elif ts.size == 2:
+            # the line through both, bent as predicted between and beyond them
+            line = os_[0] + (os_[1] - os_[0]) / (ts[1] - ts[0]) * (t_all - ts[0])
+            model = line + bend(ts.mean()) * (t_all - ts[0]) * (t_all - ts[1])
         else:
-            model = os_[0] + self.first_slope * (t_all - ts[0])
+            dt = t_all - ts[0]
+            model = os_[0] + self.first_slope * dt + bend(ts[0]) * dt * dt
         u_all = t_all * rate + model
         slots = np.rint(u_all).astype(np.int64)
         resid = u_all - slots
