@@ -260,7 +260,9 @@ class KeyPool:
         return 8 * (self.high_water_byte - self.start_byte)
 
     def _write_record(self, reserved_byte: int) -> None:
-        floor = self.peer_floor_byte
+        # never past the record (a reader refuses that): a floor raised for a start this
+        # side then failed to reserve is kept in memory only
+        floor = min(self.peer_floor_byte, reserved_byte)
         write_usage_record(self.path, reserved_byte, **{PEER_FLOOR_FIELD: floor})
         self.reserved_byte = reserved_byte
         self._floor_recorded = floor
@@ -475,7 +477,10 @@ def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
         if theirs < pool.peer_floor_byte:
             # checked after the tag, so that the reason names only a position the peer
             # could tag; nothing is committed either way
-            transport.send_bytes(_REFUSAL.pack(_REFUSE, pool.peer_floor_byte))
+            try:
+                transport.send_bytes(_REFUSAL.pack(_REFUSE, pool.peer_floor_byte))
+            except ProtocolAborted:
+                pass  # the refusal is said best effort: the reason below is this side's
             raise AuthenticationFailed(
                 f"the peer's pool position {theirs} lies below {pool.peer_floor_byte}, "
                 "where this side's record says the peer's stood: bytes already used, "
