@@ -679,3 +679,49 @@ def test_a_client_dripping_its_handshake_is_cut_off_at_the_request_deadline(kme,
     assert closed_after_s is not None and closed_after_s < 4.0, closed_after_s
     status, _ = _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/status")
     assert status == 200
+
+
+def test_a_peer_kme_answer_dripped_by_a_man_in_the_middle_is_cut_at_the_deadline(
+    tmp_path, monkeypatch
+):
+    """The master's KME tells the slave's (PeerKME.deliver); a man in the middle passes
+    the answer on a byte every 0.3 s. On main only each wait had a bound (10 s), so the
+    delivery, and with it the master SAE's enc_keys, lasted as long as he liked (here
+    the whole answer, ~13 s). Now the delivery has a deadline (PeerKME.DEADLINE_S, 1 s
+    here) and fails as the peer's silence does: PeerError, the enc_keys a 503."""
+    from host.network.kms import PeerError, PeerKME
+
+    monkeypatch.setattr(PeerKME, "DEADLINE_S", 1.0)
+    pki = tmp_path / "pki"
+    make_ca(pki)
+    issue(pki, "localhost", server=True)
+    issue(pki, "kme-a")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(pki / "localhost.pem"), str(pki / "localhost.key"))
+    server = context.wrap_socket(socket.create_server(("localhost", 0)), server_side=True)
+
+    def dripping_peer():
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(20)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+            try:
+                for byte in answer:
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.3)
+            except OSError:
+                pass  # cut by the KME
+
+    thread = threading.Thread(target=dripping_peer, daemon=True)
+    thread.start()
+    peer = PeerKME(f"https://localhost:{server.getsockname()[1]}", "kme-b", pki / "ca.pem",
+                   pki / "kme-a.pem", pki / "kme-a.key")  # fmt: skip
+    began = time.monotonic()
+    with pytest.raises(PeerError, match="did not answer within 1 s"):
+        peer.deliver(MASTER, SLAVE, [str(uuid.uuid4())], 0, 256)
+    assert time.monotonic() - began < 4.0  # the deadline, plus a loaded machine's stall
+    thread.join(20)
+    server.close()

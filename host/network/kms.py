@@ -530,7 +530,11 @@ class PeerKME:
     own certificate (common name = its KME ID), and the peer's server certificate must
     name the peer's host."""
 
-    TIMEOUT_S = 10
+    TIMEOUT_S = 10  # each wait for bytes
+    # the whole delivery, connection to answer: TIMEOUT_S bounds only each wait, so a man
+    # in the middle passing the peer's answer a byte every 9 s held the master SAE's
+    # enc_keys (and its server thread) for as long as he liked
+    DEADLINE_S = 30.0
 
     def __init__(self, url: str, kme_id: str, ca_pem, cert_pem, key_pem):
         parts = urlsplit(url)
@@ -547,15 +551,36 @@ class PeerKME:
         connection = http.client.HTTPSConnection(
             self.host, self.port, context=self.context, timeout=self.TIMEOUT_S
         )
+
+        overdue = threading.Event()
+
+        def cut() -> None:  # from the timer's thread: end the reads under the deadline
+            overdue.set()
+            if connection.sock is not None:
+                try:
+                    socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        deadline = threading.Timer(self.DEADLINE_S, cut)
+        deadline.daemon = True
+        deadline.start()
         try:
             connection.request(
                 "POST", PEER_DELIVER_PATH, body, {"Content-Type": "application/json"}
             )
             response = connection.getresponse()
             answer = response.read()
+            if overdue.is_set():
+                raise OSError("cut")  # read to a cut: an answer short of its end
         except (OSError, http.client.HTTPException) as error:
+            if overdue.is_set():
+                raise PeerError(
+                    f"{self.kme_id} did not answer within {self.DEADLINE_S:g} s"
+                ) from None
             raise PeerError(f"{self.kme_id} unreachable ({error})") from None
         finally:
+            deadline.cancel()
             connection.close()
         if response.status != 200:
             try:
