@@ -371,7 +371,7 @@ class OpticalHead:
                 if len(body) >= 2 and not body[0] & pb.REPLY_FLAG:
                     known = body[0] in (
                         pb.OP_READ, pb.OP_WRITE, pb.OP_FIFO_READ, pb.OP_MEM_WRITE,
-                        pb.OP_READ_WRITE,
+                        pb.OP_READ_WRITE, pb.OP_TRACK,
                     )  # fmt: skip
                     return pb.error_reply(body, pb.E_BAD_LENGTH if known else pb.E_UNKNOWN_OP)
                 return None
@@ -416,6 +416,19 @@ class OpticalHead:
             if status != pb.OK:
                 return pb.Reply(req.op, req.tag, status)
             return self._read_reply(req)
+        if req.op == pb.OP_TRACK:
+            # READ_WRITE of the tracking blocks in TRACK's fixed layout: the commands (when
+            # the request carries them), then the sensors. A sensor value outside its
+            # field (a quadrant above the 16-bit ADC's range, CAM_NEW above a byte) is a
+            # fault of the device behind the block: refused, never truncated.
+            status = self._write_status(req, req.write_addr)
+            if status != pb.OK:
+                return pb.Reply(req.op, req.tag, status)
+            reply = self._read_reply(req)
+            words = reply.words
+            if reply.status == pb.OK and (max(words[:4]) > 0xFFFF or words[4] > 0xFF):
+                return pb.Reply(req.op, req.tag, pb.E_REFUSED)
+            return reply
         if req.op == pb.OP_FIFO_READ:
             if req.addr == pb.FIFO_QRNG:
                 if not self.regs[pb.REG_QRNG_CTRL] & 1:

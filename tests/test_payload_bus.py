@@ -8,6 +8,7 @@ import struct
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from emulator.optical_head import HeadServer, OpticalHead
@@ -29,6 +30,8 @@ def _request_from(case):
         return pb.read_write(
             case["tag"], case["write_addr"], tuple(case["words"]), case["addr"], case["count"]
         )
+    if op == "track":
+        return pb.track(case["tag"], tuple(case["words"]))
     return pb.mem_write(case["tag"], case["mem"], case["offset"], bytes.fromhex(case["data"]))
 
 
@@ -63,6 +66,8 @@ def test_replies_parse_as_the_vectors(case):
         (bytes.fromhex("06211005000005"), "READ_WRITE: missing addresses"),
         (bytes.fromhex("062110050000050b"[:-2] + "00"), "read count 0"),
         (bytes.fromhex("062110050100050a"), "READ_WRITE: write count 1 does not match 0"),
+        (bytes.fromhex("082101") + bytes(24), "TRACK: 27 bytes, expected 28"),
+        (bytes.fromhex("082102") + bytes(25), "TRACK: unknown flags 0x02"),
     ],
 )
 def test_malformed_requests_are_refused_with_the_reason(body, message):
@@ -150,6 +155,53 @@ def test_read_write_writes_then_reads_in_one_transaction(head_client):
     # the write is done even when the read then fails (the reply says only the status)
     reply = client.call(pb.read_write(4, pb.REG_FRAME_SLOTS, (128,), 0x7777, 1))
     assert reply.status == pb.E_BAD_ADDRESS and head.regs[pb.REG_FRAME_SLOTS] == 128
+
+
+def test_track_is_read_write_of_the_tracking_blocks_in_its_fixed_layout():
+    """Two heads on the same plant, one served READ_WRITE of the sensor and command blocks,
+    the other TRACK: the same sensors every period and the same plant afterwards (TRACK is
+    the tracking duty's period, docs/payload-bus.md "TRACK")."""
+    from emulator.optical_plant import OpticalPlant, PlantParams
+    from emulator.tracking_lockstep import TrackingHead
+
+    heads = []
+    for _ in range(2):
+        head = TrackingHead(seed=3)
+        head.attach(OpticalPlant(PlantParams(seed=3, initial_error_urad=(300.0, -200.0)), 0.05))
+        heads.append(head)
+    generic, fixed = heads
+    commands: tuple[int, ...] = ()
+    for k in range(60):
+        tag = k & 0xFF
+        request = pb.read_write(
+            tag, pb.TRACK_COMMANDS_ADDR, commands, pb.TRACK_SENSORS_ADDR, pb.TRACK_SENSOR_WORDS
+        )
+        want = pb.unpack_reply(generic.handle(request.pack()))
+        got = pb.unpack_reply(fixed.handle(pb.track(tag, commands).pack()))
+        assert want.status == got.status == pb.OK and got.words == want.words, k
+        assert len(fixed._last_reply) == pb.TRACK_REPLY_BYTES
+        # commands as the firmware computes them: signed nrad words, STATE last
+        fsm = (-1500 + 37 * k) & 0xFFFFFFFF
+        commands = (fsm, 2000 + k, (-40) & 0xFFFFFFFF, 15, (-50000) & 0xFFFFFFFF, 120, 4)
+    assert generic.plant.k == fixed.plant.k == 59
+    assert np.array_equal(generic.plant.err_x[:59], fixed.plant.err_x[:59])
+
+
+def test_track_refuses_a_sensor_value_its_field_cannot_hold():
+    """A quadrant above the 16-bit ADC's range is the device's fault: the head refuses the
+    exchange rather than send a truncated value."""
+
+    class Saturating(OpticalHead):
+        def read_reg(self, addr):
+            if pb.TRACK_SENSORS_ADDR <= addr < pb.TRACK_SENSORS_ADDR + pb.TRACK_SENSOR_WORDS:
+                return 70_000 if addr == pb.TRACK_SENSORS_ADDR + 2 else 1
+            return super().read_reg(addr)
+
+    reply = pb.unpack_reply(Saturating(seed=1).handle(pb.track(5).pack()))
+    assert reply.status == pb.E_REFUSED and reply.words == ()
+    # without a tracking device the blocks do not exist: the head says so
+    reply = pb.unpack_reply(OpticalHead(seed=1).handle(pb.track(6, (0,) * 7).pack()))
+    assert reply.status == pb.E_BAD_ADDRESS
 
 
 def test_laser_emits_the_committed_bank_and_blank_frames_when_late(head_client):

@@ -7,6 +7,9 @@
 #   MEM_WRITE  04 tag mem:u8 offset:u32 n:u16 bytes*n -> 84 tag status
 #   READ_WRITE 06 tag waddr:u16 wcount:u8 raddr:u16 rcount:u8 u32*wcount
 #                                                     -> 86 tag status raddr:u16 rcount:u8 u32*n
+#   TRACK      08 tag flags:u8 u32*6 state:u8         -> 88 tag status u16*4 u8 u32*7
+#     (the tracking loop's period in a fixed layout: the command block 0x0510.. written
+#      first when flags bit 0 is set, then the sensor block 0x0500.. read; `track()`)
 # All integers little-endian. The CPython twin is host/protocol/payload_bus.py; both pass
 # tests/vectors/payload_bus.json. Every call is synchronous with a timeout and returns a
 # status (never raises on a bad reply): the hot path allocates nothing, and a sick bus
@@ -23,6 +26,7 @@ OP_WRITE = const(0x02)
 OP_FIFO_READ = const(0x03)
 OP_MEM_WRITE = const(0x04)
 OP_READ_WRITE = const(0x06)  # 0x05 is PATTERN_READ, on the head's pattern-memory port only
+OP_TRACK = const(0x08)  # 0x07 is PATTERN_READ_RUNS (pattern-memory port)
 REPLY_FLAG = const(0x80)
 
 # Reply status codes (from the head) and local outcomes (negative, from this client).
@@ -34,6 +38,14 @@ E_READ_ONLY = const(4)
 E_REFUSED = const(5)
 E_TIMEOUT = const(-1)
 E_BAD_REPLY = const(-2)
+_E_NOT_MINE = const(-3)  # track()'s fast path: a frame that is not its reply
+
+# TRACK's fixed layout (docs/payload-bus.md "TRACK"): every field little-endian.
+TRACK_FLAG_COMMANDS = const(0x01)
+TRACK_REQUEST_BYTES = const(28)  # op, tag, flags, FSM_X..PA_Y u32 * 6, STATE u8
+TRACK_REPLY_BYTES = const(40)  # op, tag, status, QA..QD u16 * 4, CAM_NEW u8, u32 * 7
+# A body under 254 bytes always encodes to body + CRC + COBS code + delimiter: fixed.
+TRACK_REQUEST_FRAME_BYTES = const(32)
 
 MAX_DATA_BYTES = const(2048)  # largest FIFO burst or memory write in one frame
 MAX_BODY_BYTES = const(2064)  # MAX_DATA_BYTES plus the largest header, with margin
@@ -130,6 +142,45 @@ def _build_read_write(req: ptr8, words: ptr32, write: int, read: int):
 
 
 @micropython.viper
+def _build_track(req: ptr8, io: ptr32, head: int):
+    # head = flags << 8 | tag; the command words are Tracker.io 12..18 (FSM_X .. STATE),
+    # sent only with TRACK_FLAG_COMMANDS (zeros otherwise, as the spec's first period)
+    req[0] = OP_TRACK
+    req[1] = head & 0xFF
+    flags = (head >> 8) & 0xFF
+    req[2] = flags
+    send = flags & TRACK_FLAG_COMMANDS
+    for i in range(6):
+        value = io[12 + i] if send else 0
+        j = 3 + 4 * i
+        req[j] = value & 0xFF
+        req[j + 1] = (value >> 8) & 0xFF
+        req[j + 2] = (value >> 16) & 0xFF
+        req[j + 3] = (value >> 24) & 0xFF
+    req[27] = (io[18] & 0xFF) if send else 0
+
+
+@micropython.viper
+def _unpack_track(body: ptr8, length: int, io: ptr32, tag: int) -> int:
+    # A TRACK reply body -> Tracker.io 0..11; returns the head's status, E_BAD_REPLY (a
+    # length that does not match it) or _E_NOT_MINE (another op or tag).
+    if length < 3 or body[0] != (OP_TRACK | REPLY_FLAG) or body[1] != tag:
+        return _E_NOT_MINE
+    status = body[2]
+    if status != OK:
+        return status if length == 3 else E_BAD_REPLY
+    if length != TRACK_REPLY_BYTES:
+        return E_BAD_REPLY
+    for i in range(4):  # QA..QD: the 16-bit ADC's counts
+        io[i] = body[3 + 2 * i] | (body[4 + 2 * i] << 8)
+    io[4] = body[11]  # CAM_NEW
+    for i in range(7):  # CAM_X .. ARS_Y
+        j = 12 + 4 * i
+        io[5 + i] = body[j] | (body[j + 1] << 8) | (body[j + 2] << 16) | (body[j + 3] << 24)
+    return OK
+
+
+@micropython.viper
 def _copy(src: ptr8, src_offset: int, dst: ptr8, dst_offset: int, count: int):
     for i in range(count):
         dst[dst_offset + i] = src[src_offset + i]
@@ -151,6 +202,10 @@ class Bus:
         self._chunk_view = memoryview(self._chunk)
         self._chunk_fill = 0
         self._chunk_pos = 0
+        # track()'s fast path: the request frame's fixed view (encoding it in Thumb writes
+        # the writer's own buffer), the reader's decode buffer and its capacity argument
+        self._track_frame = memoryview(self.tx._out)[:TRACK_REQUEST_FRAME_BYTES]
+        self._decode_capacity = len(self.rx._decoded) << 16
         self.words = array.array("I", bytes(4 * MAX_REGS))  # values of the last READ
         self._one = array.array("I", (0,))
         self._tag = 0
@@ -222,13 +277,25 @@ class Bus:
         the head answers a repeated request from its reply cache without executing it
         again, so a lost reply loses neither FIFO data nor a commit."""
         self.transactions += 1
-        frame = self.tx.encode(self.req, length)
+        return self._exchange(self.tx.encode(self.req, length), -1)
+
+    def _exchange(self, frame, sent):
+        """_transact's send-and-wait for the encoded `frame` of self.req; `sent` is how much
+        of it the caller already wrote (-1: none, the first attempt sends it)."""
         link = self.link
         op = self.req[0] | REPLY_FLAG
         tag = self.req[1]
         clock = self.clock
+        total = len(frame)
         attempt = 0
         start = 0
+        if sent >= 0:  # the first attempt is under way: finish writing it
+            attempt = 1
+            start = clock.ticks_us()
+            while sent < total:
+                if ((clock.ticks_us() - start) & 0x3FFFFFFF) > self.timeout_us:
+                    break
+                sent += link.write(frame[sent:])
         while True:
             if attempt == 0 or ((clock.ticks_us() - start) & 0x3FFFFFFF) > self.timeout_us:
                 if attempt > self.retries:
@@ -242,7 +309,6 @@ class Bus:
                 # pressure from a stuck head) counts as a lost attempt.
                 # The whole frame first, with no clock read or slice (one write takes it all
                 # unless the link pushes back: ~1.6k instructions a clock read on the M3).
-                total = len(frame)
                 sent = link.write(frame)
                 while sent < total:
                     if ((clock.ticks_us() - start) & 0x3FFFFFFF) > self.timeout_us:
@@ -311,6 +377,55 @@ class Bus:
                 self.bad_replies += 1
                 return E_BAD_REPLY
             _bytes_to_words(body, 6, count, self.words)
+        return status
+
+    def track(self, io, send_commands):
+        """The tracking loop's period in one TRACK transaction (docs/payload-bus.md): the
+        command words io[12:19] out when send_commands is 1 (0: the first period, nothing
+        written), then the sensor words into io[0:12]. Returns the status, as read_write.
+
+        The period's fast path is a few native calls and allocates nothing: the request
+        built and framed in place (its frame length is fixed), and when the whole reply
+        frame is the link's next chunk, decoded and unpacked straight from it. Anything
+        else (a reply in pieces, a late one, another frame first, a damaged one) goes to
+        the general path with the same frame, which counts and retries as any transaction.
+        Measured on QEMU (docs/tracking.md "Loop rate in pass mode")."""
+        self.transactions += 1
+        tag = (self._tag + 1) & 0xFF
+        self._tag = tag
+        req = self.req
+        _build_track(req, io, (send_commands << 8) | tag)
+        framing.frame_encode(req, TRACK_REQUEST_BYTES, self.tx._out, framing.CRC16_TABLE)
+        frame = self._track_frame
+        link = self.link
+        sent = link.write(frame)
+        if sent == TRACK_REQUEST_FRAME_BYTES and self._chunk_pos >= self._chunk_fill:
+            chunk = self._chunk
+            count = link.readinto(chunk)
+            if count > 4 and chunk[count - 1] == 0 and self.rx._scan_params[3] == 0:
+                decoded = self.rx._decoded
+                n = framing.frame_decode(
+                    chunk, (count - 1) | self._decode_capacity, decoded, framing.CRC16_TABLE
+                )
+                if n > 0:
+                    status = _unpack_track(decoded, n, io, tag)
+                    if status != _E_NOT_MINE:
+                        self.rx.frames_ok += 1
+                        if status > OK:
+                            self.error_status += 1
+                        elif status == E_BAD_REPLY:
+                            self.bad_replies += 1
+                        return status
+            # not the fast case: the general path reads the chunk as any other
+            self._chunk_fill = count
+            self._chunk_pos = 0
+        status = self._exchange(frame, sent)
+        if status < 0:
+            return status
+        body = self.reply
+        status = _unpack_track(body, len(body), io, tag)
+        if status == E_BAD_REPLY:
+            self.bad_replies += 1
         return status
 
     def read1(self, addr):

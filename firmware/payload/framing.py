@@ -70,12 +70,13 @@ try:
         cobs_encode_thumb,
         crc16_thumb,
         crc32_thumb,
+        frame_decode_thumb,
         frame_encode_thumb,
         scan_thumb,
     )
 except (ImportError, SyntaxError, AttributeError):  # no inline assembler (unix)
     crc16_thumb = crc32_thumb = scan_thumb = cobs_encode_thumb = cobs_decode_thumb = None
-    frame_encode_thumb = None
+    frame_encode_thumb = frame_decode_thumb = None
 try:
     from binascii import crc32 as _c_crc32
 except ImportError:
@@ -196,6 +197,48 @@ else:
     cobs_decode = cobs_decode_viper
 
 
+# frame_decode's refusals (negative results) and the drop counter each one goes to.
+DECODE_NOT_COBS = const(-1)
+DECODE_OVERSIZE = const(-2)
+DECODE_SHORT = const(-3)
+DECODE_CRC = const(-4)
+
+
+def frame_decode_viper(src, length_capacity, dst, crc_table):
+    """One frame's COBS decode and CRC-16 check: src[:length] (no delimiter) into dst,
+    where length_capacity = length | capacity << 16 (dst's room). Returns the body's length
+    (the CRC follows it in dst), or DECODE_NOT_COBS, DECODE_OVERSIZE, DECODE_SHORT,
+    DECODE_CRC. frame_decode_thumb does the same in one native call."""
+    count = cobs_decode_viper(src, length_capacity & 0xFFFF, dst, length_capacity >> 16)
+    if count < 0:
+        return count
+    if count < CRC_BYTES + 1:
+        return DECODE_SHORT
+    body_bytes = count - CRC_BYTES
+    if crc16_viper(dst, body_bytes) != (dst[body_bytes] << 8) | dst[body_bytes + 1]:
+        return DECODE_CRC
+    return body_bytes
+
+
+frame_decode = frame_decode_thumb if frame_decode_thumb is not None else frame_decode_viper
+
+
+def frame_encode_viper(raw, length, out, crc_table):
+    """FrameWriter.encode's work with no view made: raw[:length] is the body (2 bytes of
+    room after it for the CRC), the frame goes to out; returns its length, delimiter
+    included. frame_encode_thumb does the same in one native call."""
+    crc = crc16_viper(raw, length)
+    raw[length] = crc >> 8
+    raw[length + 1] = crc & 0xFF
+    count = cobs_encode_viper(raw, length + CRC_BYTES, out)
+    out[count] = 0
+    return count + 1
+
+
+frame_encode = frame_encode_thumb if frame_encode_thumb is not None else frame_encode_viper
+CRC16_TABLE = _CRC16_TABLE  # frame_decode's and frame_encode_thumb's last argument
+
+
 @micropython.viper
 def _copy_bytes(src: ptr8, dst: ptr8, count: int):
     for i in range(count):
@@ -249,6 +292,7 @@ DROP_COBS = const(1)
 DROP_CRC = const(2)
 DROP_SHORT = const(3)
 DROP_REASONS = ("oversize", "cobs", "crc", "short")
+_DECODE_DROPS = (-1, DROP_COBS, DROP_OVERSIZE, DROP_SHORT, DROP_CRC)  # by -frame_decode(...)
 
 
 @micropython.viper
@@ -285,10 +329,13 @@ class FrameReader:
     """
 
     def __init__(self, max_body_bytes):
+        if encoded_capacity(max_body_bytes) > 0xFFFF:  # frame_decode takes 16-bit lengths
+            raise ValueError("frame body too long")
         self.max_body_bytes = max_body_bytes
         self._encoded = bytearray(encoded_capacity(max_body_bytes))
         self._decoded = bytearray(max_body_bytes + CRC_BYTES)
         self._decoded_view = memoryview(self._decoded)
+        self._decode_capacity = len(self._decoded) << 16  # frame_decode's length_capacity
         # the scan's state: [i, end, capacity, fill, overflowed] (scan_thumb's layout)
         self._scan_params = array.array("i", (0, 0, len(self._encoded), 0, 0))
         self.ready = False
@@ -329,25 +376,10 @@ class FrameReader:
             if fill == 0:
                 i += 1
                 continue  # idle delimiters between frames are allowed
-            decoded = self._decoded
-            count = cobs_decode(encoded, fill, decoded, len(decoded))
-            if count == -2:
-                self.drops[DROP_OVERSIZE] += 1
-                return i + 1
-            if count < 0:
-                self.drops[DROP_COBS] += 1
-                return i + 1
-            if count < CRC_BYTES + 1:
-                self.drops[DROP_SHORT] += 1
-                return i + 1
-            body_bytes = count - CRC_BYTES
-            received = (decoded[body_bytes] << 8) | decoded[body_bytes + 1]
-            if crc16_thumb is not None:  # the Thumb loop called directly: no wrapper call
-                crc = crc16_thumb(decoded, body_bytes, _CRC16_TABLE)
-            else:
-                crc = crc16_viper(decoded, body_bytes)
-            if crc != received:
-                self.drops[DROP_CRC] += 1
+            body_bytes = frame_decode(encoded, fill | self._decode_capacity, self._decoded,
+                                      _CRC16_TABLE)  # fmt: skip
+            if body_bytes < 0:
+                self.drops[_DECODE_DROPS[-body_bytes]] += 1
                 return i + 1
             self.frames_ok += 1
             self.body = self._decoded_view[:body_bytes]

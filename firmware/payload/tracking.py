@@ -631,6 +631,7 @@ class Tracker:
         self.table = array.array("i", bytes(4 * _TABLE_WORDS * 2))
         self._nodes[0] = 2
         self._sin = _sin_table()
+        self.sin_table = self._sin  # step_kernel's third argument
 
     # -------------------------------------------------------------- telecommands
     def configure(self, changes):
@@ -1510,3 +1511,15 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         countdown = 0
     st[_S_TM_COUNTDOWN] = countdown
     return state
+
+
+@micropython.viper
+def words_idle(words: ptr32) -> bool:
+    """Tracker.idle() from the tracker's words, in one native call (a method call in
+    bytecode costs ~1.5k instructions on the M3: the tracking duty asks every period)."""
+    return words[_S_STATE] == IDLE and words[_S_CMD] == 0
+
+
+# The kernel itself, for a caller that steps every period without the method call:
+# step_kernel(tracker.words, tracker.table, tracker.sin_table) is Tracker.step().
+step_kernel = _step

@@ -1,9 +1,9 @@
 # Tracking over the payload bus: the scheduler duty that writes the optical head's command
 # block and reads its sensor block, then steps the loop (docs/tracking.md "Payload-bus
-# registers"). The register blocks mirror Tracker.io word for word, so one READ_WRITE per
-# loop period carries everything: the commands computed last period out, this period's
-# sensors in. On a board a timer interrupt would do the same with register reads instead
-# of bus frames.
+# registers"). The register blocks mirror Tracker.io word for word, so one TRACK exchange
+# per loop period carries everything: the commands computed last period out, this period's
+# sensors in (docs/payload-bus.md "TRACK": READ_WRITE of these blocks in a fixed layout).
+# On a board a timer interrupt would do the same with register reads instead of bus frames.
 import micropython
 from micropython import const
 
@@ -17,6 +17,8 @@ SENSOR_WORDS = const(12)
 COMMAND_WORDS = const(7)
 
 
+# A READ_WRITE period's copy of bus.words into io (the pass-mode bench's baseline; the
+# duty's TRACK unpacks straight into io).
 @micropython.viper
 def _copy_words(src: ptr32, dst: ptr32, count: int):
     for i in range(count):
@@ -24,7 +26,7 @@ def _copy_words(src: ptr32, dst: ptr32, count: int):
 
 
 class TrackingDuty:
-    """`step()` for the scheduler: one loop period, one bus transaction (READ_WRITE: the
+    """`step()` for the scheduler: one loop period, one bus transaction (TRACK: the
     commands of the previous period, then the sensors of this one). A failed transaction
     skips the period (the head holds the last commands; the unsent ones are sent with the
     next period's) and is counted, never raised.
@@ -46,12 +48,13 @@ class TrackingDuty:
         self.bus_errors = 0
         self.overruns = 0
         self._last_us = -1
+        self._clock = bus.clock
         self.attach(tracker)
 
     def attach(self, tracker):
         self.tracker = tracker
         self._commands = memoryview(tracker.io)[tracking.IO_FSM_X : tracking.IO_FSM_X + 7]
-        self._unsent = 0  # command words computed and not yet on the head (0 or 7)
+        self._unsent = 0  # 1: the commands computed last period are not yet on the head
 
     def telemetry(self):
         t = self.tracker
@@ -81,27 +84,28 @@ class TrackingDuty:
         return True
 
     def step(self):
+        # The period's work in a few native calls (a method call in bytecode costs ~1.5k
+        # instructions on the M3, the kernel ~4k): Bus.track (build, frame, send, receive,
+        # check, unpack into io) and the kernel itself.
         tracker = self.tracker
-        if tracker.idle():
+        words = tracker.words
+        if tracking.words_idle(words):
             self._last_us = -1
-            self.flush()  # owed only if the stop's WRITE failed: retried here
+            if self._unsent:
+                self.flush()  # owed only if the stop's WRITE failed: retried here
             return False  # no loop to run
-        bus = self.bus
-        now = bus.clock.ticks_us()
+        now = self._clock.ticks_us()
         if self._last_us >= 0 and ((now - self._last_us) & 0x3FFFFFFF) > tracker.cfg[0]:
             self.overruns += 1
         self._last_us = now
-        status = bus.read_write(
-            REG_TRK_COMMANDS, self._commands, self._unsent, REG_TRK_SENSORS, SENSOR_WORDS
-        )
-        if status != 0:
+        # one TRACK: last period's commands (if owed) out, this period's sensors into io
+        if self.bus.track(tracker.io, self._unsent) != 0:
             self.bus_errors += 1
             return False
-        _copy_words(bus.words, tracker.io, SENSOR_WORDS)
-        tracker.step()
-        self._unsent = COMMAND_WORDS
+        tracking.step_kernel(words, tracker.table, tracker.sin_table)
+        self._unsent = 1
         self.steps += 1
-        if tracker.idle():  # stopped: no next period to carry the IDLE commands
+        if tracking.words_idle(words):  # stopped: no next period to carry the IDLE commands
             self.flush()
         return True
 

@@ -11,11 +11,13 @@ serves these requests.
     MEM_WRITE  04 tag mem:u8 offset:u32 n:u16 bytes*n -> 84 tag status
     READ_WRITE 06 tag waddr:u16 wcount:u8 raddr:u16 rcount:u8 u32*wcount
                                                       -> 86 tag status raddr:u16 rcount:u8 u32*n
+    TRACK      08 tag flags:u8 cmd:u32*6 state:u8     -> 88 tag status qpd:u16*4 cam_new:u8 u32*7
 
-(READ_WRITE: the writes first, then the read, in one transaction: the tracking loop's
-period, docs/payload-bus.md), and, on the head's pattern-memory port only (the payload
-processor's link to the head's pattern memory; never on the controller's bus, never off
-the satellite):
+(READ_WRITE: the writes first, then the read, in one transaction; TRACK: the tracking
+loop's period in a fixed layout, the command block 0x0510.. written first when flags bit 0
+is set, then the sensor block 0x0500.. read, docs/payload-bus.md), and, on the head's
+pattern-memory port only (the payload processor's link to the head's pattern memory;
+never on the controller's bus, never off the satellite):
 
     PATTERN_READ      05 tag base:u64 count:u16 offset:u32*count
                       -> 85 tag status count:u16 nibble*count (two per byte, padded)
@@ -37,6 +39,7 @@ OP_MEM_WRITE = 0x04
 OP_PATTERN_READ = 0x05
 OP_READ_WRITE = 0x06
 OP_PATTERN_READ_RUNS = 0x07
+OP_TRACK = 0x08
 REPLY_FLAG = 0x80
 
 OK = 0
@@ -93,6 +96,20 @@ REG_HK_TEMP_LASER_MC = 0x0401
 REG_HK_TEMP_TDC_MC = 0x0402
 REG_HK_TEMP_BOARD_MC = 0x0403
 REG_TRACKING_BASE = 0x0500  # 0x0500-0x05FF reserved for tracking (issue 6)
+# TRACK (docs/payload-bus.md "TRACK"): the tracking loop's period in one fixed-layout
+# exchange. The request carries the command block (FSM_X, FSM_Y, RATE_X, RATE_Y, PA_X,
+# PA_Y as u32 words, STATE as a byte) written from TRACK_COMMANDS_ADDR on when flags bit 0
+# is set; the reply the sensor block read from TRACK_SENSORS_ADDR: the four QPD quadrants
+# as u16 (a 16-bit ADC), CAM_NEW as a byte (0/1), the seven others as u32 words.
+TRACK_SENSORS_ADDR = REG_TRACKING_BASE
+TRACK_COMMANDS_ADDR = REG_TRACKING_BASE + 0x10
+TRACK_SENSOR_WORDS = 12
+TRACK_COMMAND_WORDS = 7
+TRACK_FLAG_COMMANDS = 0x01
+TRACK_REQUEST_BYTES = 28  # op, tag, flags, 6 x u32, state
+TRACK_REPLY_BYTES = 40  # op, tag, status, 4 x u16, u8, 7 x u32
+_TRACK_REQUEST = struct.Struct("<BBB6IB")
+_TRACK_REPLY = struct.Struct("<BBB4HB7I")
 
 HEAD_ID = 0x31444851  # b"QHD1" little-endian
 HEAD_VERSION = 1
@@ -129,6 +146,13 @@ class Request:
             return head + struct.pack(
                 f"<HBHB{n}I", self.write_addr, n, self.addr, self.count, *self.words
             )
+        if self.op == OP_TRACK:
+            if self.words:
+                commands = self.words
+                if len(commands) != TRACK_COMMAND_WORDS or not 0 <= commands[6] <= 0xFF:
+                    raise BusProtocolError("TRACK: 7 command words, STATE a byte")
+                return _TRACK_REQUEST.pack(self.op, self.tag, TRACK_FLAG_COMMANDS, *commands)
+            return _TRACK_REQUEST.pack(self.op, self.tag, 0, *(0,) * TRACK_COMMAND_WORDS)
         raise BusProtocolError(f"unknown op {self.op:#04x}")
 
 
@@ -154,6 +178,15 @@ def read_write(
     """Write `words` from write_addr (none: a plain read), then read read_count registers
     from read_addr, in one transaction."""
     return Request(OP_READ_WRITE, tag, read_addr, read_count, tuple(words), write_addr=write_addr)
+
+
+def track(tag: int, commands: tuple[int, ...] = ()) -> Request:
+    """The tracking loop's period: the 7 command words (none: the first period, nothing
+    written) out, the 12 sensor words back."""
+    return Request(
+        OP_TRACK, tag, TRACK_SENSORS_ADDR, TRACK_SENSOR_WORDS, tuple(commands),
+        write_addr=TRACK_COMMANDS_ADDR,
+    )  # fmt: skip
 
 
 def unpack_request(body: bytes) -> Request:
@@ -204,6 +237,14 @@ def unpack_request(body: bytes) -> Request:
             )
         words = struct.unpack_from(f"<{wcount}I", rest, 6)
         return Request(op, tag, read_addr, rcount, words, write_addr=write_addr)
+    if op == OP_TRACK:
+        if len(body) != TRACK_REQUEST_BYTES:
+            raise BusProtocolError(f"TRACK: {len(body)} bytes, expected {TRACK_REQUEST_BYTES}")
+        fields = _TRACK_REQUEST.unpack(body)
+        flags = fields[2]
+        if flags & ~TRACK_FLAG_COMMANDS:
+            raise BusProtocolError(f"TRACK: unknown flags {flags:#04x}")
+        return track(tag, fields[3:] if flags & TRACK_FLAG_COMMANDS else ())
     raise BusProtocolError(f"unknown op {op:#04x}")
 
 
@@ -223,6 +264,13 @@ class Reply:
         if self.op in (OP_READ, OP_READ_WRITE):
             n = len(self.words)
             return head + struct.pack(f"<HB{n}I", self.addr, n, *self.words)
+        if self.op == OP_TRACK:
+            words = self.words
+            if len(words) != TRACK_SENSOR_WORDS:
+                raise BusProtocolError(f"TRACK reply: {len(words)} sensor words, expected 12")
+            if max(words[:4]) > 0xFFFF or words[4] > 0xFF:
+                raise BusProtocolError("TRACK reply: a QPD quadrant above u16 or CAM_NEW above u8")
+            return _TRACK_REPLY.pack(*head, *words)
         if self.op == OP_FIFO_READ:
             return head + struct.pack("<BH", self.addr, len(self.data)) + self.data
         return head
@@ -240,6 +288,10 @@ def unpack_reply(body: bytes) -> Reply:
         if len(rest) != 3 + 4 * n:
             raise BusProtocolError("READ reply: length does not match count")
         return Reply(op, tag, status, addr, struct.unpack_from(f"<{n}I", rest, 3))
+    if op == OP_TRACK:
+        if len(body) != TRACK_REPLY_BYTES:
+            raise BusProtocolError(f"TRACK reply: {len(body)} bytes, expected {TRACK_REPLY_BYTES}")
+        return Reply(op, tag, status, TRACK_SENSORS_ADDR, _TRACK_REPLY.unpack(body)[3:])
     if op == OP_FIFO_READ:
         fifo, n = struct.unpack_from("<BH", rest)
         if len(rest) != 3 + n:

@@ -4,6 +4,7 @@
 import array
 
 import board
+import micropython
 from payload import bus as busmod
 from payload import framing
 
@@ -51,6 +52,8 @@ def test_request_bodies_match_vectors():
             n = b.build_read_write(
                 case["tag"], case["write_addr"], words, len(words), case["addr"], case["count"]
             )
+        elif op == "track":
+            continue  # built inside Bus.track(): test_track_exchanges_the_vector_frames
         else:
             data = bytes.fromhex(case["data"])
             n = b.build_mem_write(case["tag"], case["mem"], case["offset"], data, 0, len(data))
@@ -166,3 +169,125 @@ def test_ten_thousand_mutated_reply_frames_are_counted_and_dropped():
     assert dropped > 2000, dropped
     assert b.bad_replies > 2000, b.bad_replies
     assert b.rx.frames_ok + dropped >= 10_000
+
+
+def _track_vector(kind, name):
+    for case in load_vectors("payload_bus.json")[kind]:
+        if case["name"] == name:
+            return case
+    raise KeyError(name)
+
+
+class ChunkLink(ByteLink):
+    """Serves the queued bytes `chunk` bytes at a time (a whole reply in one read, as the
+    QEMU UART mostly gives it, or in pieces)."""
+
+    def __init__(self, chunk):
+        super().__init__()
+        self.chunk = chunk
+
+    def readinto(self, buf):
+        n = min(len(buf), len(self.rx) - self.pos, self.chunk)
+        buf[:n] = self.rx[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+def test_track_exchanges_the_vector_frames():
+    # TRACK (the tracking duty's every period): the request frame is the golden vector's,
+    # the vector reply lands in io[0:12], on the fast path (whole reply in one read) and on
+    # the general one (the reply in pieces)
+    sent = _track_vector("requests", "track: last period's tracking commands out, sensors in")
+    first = _track_vector("requests", "track: first period, no commands")
+    reply = _track_vector("replies", "track reply")
+    extremes = _track_vector("replies", "track reply, extremes of every field")
+    for chunk in (512, 37, 5):
+        link = ChunkLink(chunk)
+        b = _bus(link)
+        io = array.array("i", (0,) * 24)
+        for i, value in enumerate(sent["words"]):
+            io[12 + i] = value - (1 << 32) if value >= 1 << 31 else value
+        link.rx = bytearray(bytes.fromhex(reply["frame"]))
+        b._tag = sent["tag"] - 1
+        assert b.track(io, 1) == busmod.OK, chunk
+        assert _hex(link.tx) == sent["frame"], chunk
+        assert [v & 0xFFFFFFFF for v in io[:12]] == reply["words"], (chunk, list(io[:12]))
+        assert [v & 0xFFFFFFFF for v in io[12:19]] == sent["words"]  # commands untouched
+        link.tx, link.rx, link.pos = bytearray(), bytearray(bytes.fromhex(extremes["frame"])), 0
+        b._tag = extremes["tag"] - 1
+        assert b.track(io, 0) == busmod.OK
+        assert [v & 0xFFFFFFFF for v in io[:12]] == extremes["words"], chunk
+        assert b.bad_replies == 0 and b.rx.dropped() == 0 and b.error_status == 0
+    # the first period's frame (no commands) as the vector's; no answer: a timeout, the
+    # same frame sent again
+    link = ChunkLink(512)
+    b = _bus(link)
+    b._tag = first["tag"] - 1
+    assert b.track(io, 0) == busmod.E_TIMEOUT
+    assert _hex(link.tx) == first["frame"] * 2 and b.retransmissions == 1
+
+
+def test_track_refusal_and_damage_are_counted_not_unpacked():
+    refused = _track_vector("replies", "track refused")
+    reply = _track_vector("replies", "track reply")
+    link = ChunkLink(512)
+    b = _bus(link)
+    io = array.array("i", (7,) * 24)
+    link.rx = bytearray(bytes.fromhex(refused["frame"]))
+    b._tag = refused["tag"] - 1
+    assert b.track(io, 1) == busmod.E_REFUSED
+    assert b.error_status == 1 and list(io[:12]) == [7] * 12  # nothing unpacked
+    # a reply with one bit flipped on the wire, then (after the timeout) the good one: the
+    # damaged frame is dropped (CRC) and the retransmission's answer is taken
+    good = bytes.fromhex(reply["frame"])
+    damaged = bytearray(good)
+    damaged[14] ^= 0x04  # a data byte (0xfb), not a COBS code
+    link.rx, link.pos = bytearray(damaged) + bytearray(good), 0
+    b._tag = reply["tag"] - 1
+    assert b.track(io, 1) == busmod.OK
+    assert b.rx.drops[framing.DROP_CRC] == 1
+    assert [v & 0xFFFFFFFF for v in io[:12]] == reply["words"]
+    # a reply to another tag (stale) is a bad reply, never unpacked; then a timeout
+    io[0] = 7
+    link.rx, link.pos = bytearray(good), 0
+    b._tag = reply["tag"]  # the request goes out with the next tag: the reply is stale
+    assert b.track(io, 1) == busmod.E_TIMEOUT
+    assert io[0] == 7 and b.bad_replies == 1
+
+
+def test_track_fast_path_does_not_allocate():
+    # the duty's every period: build, frame, send, read, decode, check, unpack into io
+    reply = _track_vector("replies", "track reply")
+    frames = []
+    writer = framing.FrameWriter(64)
+    body = bytearray(bytes.fromhex(reply["body"]))
+    for tag in range(256):
+        body[1] = tag
+        frames.append(bytes(writer.encode(body)))
+
+    class Replies:
+        def __init__(self):
+            self.next = None
+
+        def write(self, data):
+            self.next = frames[(b._tag) & 0xFF]
+            return len(data)
+
+        def readinto(self, buf):
+            frame = self.next
+            for i in range(len(frame)):
+                buf[i] = frame[i]
+            return len(frame)
+
+    link = Replies()
+    b = _bus(link)
+    io = array.array("i", (0,) * 24)
+    statuses = bytearray(300)
+    micropython.heap_lock()
+    try:
+        for k in range(300):
+            statuses[k] = b.track(io, 1)
+    finally:
+        micropython.heap_unlock()
+    assert bytes(statuses) == bytes(300)
+    assert io[0] == 3000 and b.rx.frames_ok == 300 and b.rx.dropped() == 0

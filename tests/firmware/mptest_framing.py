@@ -159,3 +159,52 @@ def test_the_frame_writer_gives_the_frame_crc_and_cobs_give():
         raw[len(body) + 1] = crc & 0xFF
         n = framing.cobs_encode_viper(raw, len(body) + 2, out)
         assert bytes(writer.encode(body)) == bytes(out[:n]) + b"\x00", len(body)
+
+
+def test_every_frame_decode_the_port_has_agrees():
+    # frame_decode (COBS decode + CRC check in one call: Thumb on QEMU/STM32, viper on unix)
+    # against the viper steps, refusals included: not COBS, past capacity, short, bad CRC
+    writer = framing.FrameWriter(600)
+    back_a = bytearray(700)
+    back_b = bytearray(700)
+    table = framing.CRC16_TABLE
+    decoders = [framing.frame_decode_viper]
+    if framing.frame_decode_thumb is not None:
+        decoders.append(framing.frame_decode_thumb)
+        assert framing.frame_decode is framing.frame_decode_thumb  # the one in use
+    checked = 0
+    for body in _cobs_cases():
+        frame = bytes(writer.encode(body))
+        n = len(frame) - 1  # without the delimiter
+        cases = [(frame[:n], 700, len(body) if len(body) else framing.DECODE_SHORT)]
+        if len(body) > 2:
+            bad = bytearray(frame[:n])
+            bad[n // 2] = 0
+            cases.append((bytes(bad), 700, framing.DECODE_NOT_COBS))
+            cases.append((frame[:n], len(body), framing.DECODE_OVERSIZE))
+            flipped = bytearray(frame[:n])
+            flipped[n - 1] = flipped[n - 1] ^ 0x01 or 0x02  # a data byte, never made zero
+            cases.append((bytes(flipped), 700, None))  # CRC or COBS refusal: the steps say
+        for src, cap, want in cases:
+            outs = (back_a, back_b)
+            results = [
+                decoders[k](src, len(src) | (cap << 16), outs[k], table)
+                for k in range(len(decoders))
+            ]
+            if want is not None:
+                assert results[0] == want, (len(body), results, want)
+            else:
+                assert results[0] < 0, (len(body), results)
+            assert results[-1] == results[0], (len(body), results)
+            if results[0] > 0:
+                for k in range(len(decoders)):
+                    assert bytes(outs[k][: results[0]]) == body, (k, len(body))
+            checked += 1
+    assert checked > 200
+    frame = writer.encode(b"\x01\x02\x00\x03")
+    micropython.heap_lock()
+    try:
+        got = framing.frame_decode(frame, (len(frame) - 1) | (700 << 16), back_a, table)
+    finally:
+        micropython.heap_unlock()
+    assert got == 4 and back_a[:4] == b"\x01\x02\x00\x03"
