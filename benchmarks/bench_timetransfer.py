@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from host.timetransfer import estimate, files, simulate
+from host.timetransfer import files, simulate
 from host.timetransfer.command import time_transfer
 from tests.network_keys import distilled
 from tests.uplink_faults import lose_and_add_uplink_events
@@ -40,22 +40,27 @@ def _run(profile: str, tmp_path, pass_dir=None, name=None):
 
 def _uplink_sync_cpu(pass_dir) -> str:
     """CPU of the uplink's time synchronisation alone on a pass (the satellite's part of
-    sifting): the predicted arrivals of every emission, then timesync.match_epochs."""
-    from host.distil.timesync import match_epochs
+    sifting): the predicted flights of its detections, the request, the lock on the
+    ground's classes (answered by the ground's record in the same process) and every
+    detection's slot."""
+    from host.timetransfer import endpoints
 
     scenario = files.read_scenario(pass_dir)
-    emitted = files.read_events(pass_dir, files.GROUND_FILES)["uplink_tx"][0]
     detected = files.read_events(pass_dir, files.SATELLITE_FILES)["uplink_rx"][0]
+    ground = endpoints.UplinkTransmitterRecord(files.read_uplink_transmitter(pass_dir, scenario))
     started = time.process_time()
-    t1, t2 = estimate.uplink_flight(scenario, estimate.predicted_orbit(scenario), emitted)
-    arrival = emitted + np.rint((t2 - t1) * 1e12).astype(np.int64)
+    sync = endpoints.UplinkSync(scenario, detected)
     predicted_s = time.process_time() - started
     started = time.process_time()
-    match = match_epochs(np.sort(detected), np.sort(arrival))
+    request = {"uplink_count": endpoints.UPLINK_BY_SLOT, **sync.request()}
+    named = sync.name_slots(ground.classes(request))
     matched_s = time.process_time() - started
+    summary = sync.summary()
     return (
-        f"  uplink sync alone    {emitted.size} emissions: predicted arrivals {predicted_s:.2f} s,"
-        f" matching {matched_s:.2f} s CPU ({match.summary()['anchors']} anchors)"
+        f"  uplink sync alone    {detected.size} detections: predicted flights "
+        f"{predicted_s:.2f} s, request + lock + slots {matched_s:.2f} s CPU (ground's classes "
+        f"included; {summary['anchors']} anchors, first z {summary['first_z']:.1f}, "
+        f"{named['uplink_count']} slots named)"
     )
 
 
@@ -93,7 +98,7 @@ def _print(profile: str, report: dict, read_cpu_s: float) -> None:
     sync = report["uplink_sync"]
     print(
         f"  uplink sync          {sync['matched']} of {sync['detections']} detections matched "
-        f"to {sync['emissions']} emissions ({sync['unmatched_detections']} unmatched)"
+        f"to the ground's pulses ({sync['unmatched_detections']} unmatched)"
     )
     print(f"  1 s precision        {truth['precision_1s_ps']:.2f} ps")
     check = report["range_check"]

@@ -37,7 +37,9 @@ def mission(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("mission")
     profile = profiles.load("micius-2017", {})
-    two_way = mission_stage.prepare(profile, SEED, SEGMENT_SLOTS)
+    # the ground transmitter's pattern key fixed too (its pulses' intensities decide
+    # which are detected)
+    two_way = mission_stage.prepare(profile, SEED, SEGMENT_SLOTS, uplink_key=bytes(range(1, 33)))
     # the head's QRNG key fixed as the simulation seed is: the pass is the same on every
     # run (which slots click depends on the emitted intensities), so the clean pass's
     # 4-sigma range and range-rate checks are a fixed draw, not a 6e-5 chance a run
@@ -89,11 +91,13 @@ def test_the_satellite_endpoint_reads_the_downloaded_tags_and_recovers_the_truth
     assert figures["aborted"] is False, figures["abort_reason"]
     assert figures["uplink_from_firmware"]["events"] == two_way.uplink_rx[0].size
     assert figures["uplink_from_firmware"]["records_missing"] == 0
-    # every tag the firmware downloaded found its ground emission (the uplink's time
-    # synchronisation; a fixed draw: two photons in one 10 ns slot, ~1e-5 an event, would
-    # leave one unmatched), and the key budget was known and held before the session
+    # every tag the firmware downloaded found its ground pulse (the uplink's time
+    # synchronisation against the ground transmitter's pattern: the +-1.5 ns gate loses
+    # ~2e-5 of them, two photons of one pulse ~1e-5: at most 3 of ~10,700), each named
+    # once, and the key budget was known and held before the session
     sync = figures["uplink_sync"]
-    assert sync["matched"] == sync["detections"] == sync["emissions"] == two_way.uplink_rx[0].size
+    assert sync["detections"] == two_way.uplink_rx[0].size
+    assert sync["detections"] - 3 <= sync["matched"] == sync["slots_named"] <= sync["detections"]
     assert figures["key_budget"]["enough"] is True
     # the satellite's records are the firmware's and the head's: no simulator file
     assert not list((out / "satellite").glob("tt_*.npz"))

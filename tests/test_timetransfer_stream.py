@@ -13,6 +13,7 @@ import pytest
 
 from host.cli import main
 from host.distil import channel as ch
+from host.distil import timesync
 from host.distil.bitcodec import pack_bits, unpack_bits
 from host.distil.endpoint_random import InsecureDeterministicRandom
 from host.errors import ProtocolAborted
@@ -77,10 +78,14 @@ def test_each_bins_offset_is_known_one_or_two_blocks_after_it(two_way_pass, keys
     assert np.all(series["known_in_block"] >= block_of_bin + 1)
     assert np.all(series["known_in_block"] <= block_of_bin + 2)
     # one block after, but the last bin of a block: it is complete only when an event
-    # COMPLETE_MARGIN_S past its end has come, in the next block
+    # COMPLETE_MARGIN_S past its end has come, in the next block; and the first block's:
+    # its uplink detections are named only once the ground's answer to the sync request
+    # of block 0 has locked the lag (one exchange), so they come two blocks after
     inside = series["t_s"] + report["bin_s"] / 2 < (block_of_bin + 1) * BLOCK_S - 0.05
-    assert inside.sum() >= 0.8 * inside.size
+    inside &= block_of_bin >= 1
+    assert inside.sum() >= 0.6 * inside.size
     assert np.all(series["known_in_block"][inside] == block_of_bin[inside] + 1)
+    assert np.all(series["known_in_block"][block_of_bin == 0] == 2)
     assert satellite["offset_reference_ps"] == report["offset_reference_ps"]
     # the key budget known before the first bit holds what the session took: the sealed
     # downlink sample at most DOWNLINK_SAMPLE_MAX bits over the pass, a share a block
@@ -200,7 +205,7 @@ def test_uplink_events_lost_or_added_on_board_still_stream_the_offsets(
     two_way_pass, keys, tmp_path
 ):
     # streamed, the uplink is matched by its time synchronisation block by block
-    # (stream._UplinkMatcher) too: the satellite's record loses 10 % of its uplink
+    # (stream._StreamUplink) too: the satellite's record loses 10 % of its uplink
     # detections and a run of 200 in a row across a block's edge, and gains 5 % dark
     # counts; every kept detection is matched and the offsets are the truth's as on the
     # clean pass (before: "the two records do not belong together", exit 3)
@@ -216,9 +221,13 @@ def test_uplink_events_lost_or_added_on_board_still_stream_the_offsets(
     _, kept, added = lose_and_add_uplink_events(lossy, 0.1, across_a_block_edge, 20)
     report, satellite = stream.run_streaming(lossy, keys, BLOCK_S, speedup=50.0)
     assert report["aborted"] is False and report["range_check"]["violation"] is False
-    # every kept detection found its emission; a dark count falls in the +-2 ns gate of
-    # an emission with p ~ 4 ns x 2.6 kHz = 1e-5 each (~0.03 of ~500): none
-    assert satellite["uplink_sync"]["matched"] == kept
+    # every kept detection found its pulse (the +-1.5 ns gate loses ~2e-5 of them, at
+    # most 5); a dark count, uniform in time, falls in the gate of some 10 ns slot with
+    # p = 0.3: 5 sigma of that binomial
+    p = 2 * timesync.SLOT_GATE_PS / 10_000
+    spread = 5 * math.sqrt(added * p * (1 - p))
+    matched = satellite["uplink_sync"]["matched"]
+    assert kept - 5 + added * p - spread <= matched <= kept + added * p + spread
     assert satellite["uplink_sync"]["detections"] == kept + added
     series = report["series"]
     truth = files.read_truth(lossy)

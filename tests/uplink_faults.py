@@ -1,6 +1,7 @@
 """The satellite's uplink record damaged as a real one can be, for the time-transfer
 tests and bench: detections lost at random and in a run (a ring overflow), and dark
-counts added that no ground emission made (timesync.match_epochs must match the rest)."""
+counts added that no ground emission made (the uplink's time synchronisation,
+timesync.UplinkSlotSync, must match the rest)."""
 
 from __future__ import annotations
 

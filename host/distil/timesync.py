@@ -594,161 +594,31 @@ class Synchroniser:
         return result
 
 
-# ------------------------------------------------------------ the uplink: public epochs
+# ------------------------------------------------- the uplink: the ground's slot pattern
 
-# The uplink's synchronisation (the time transfer's satellite endpoint,
-# host/timetransfer/endpoints.py): the satellite's detection tags against the ground's
-# emission epochs, which the ground names (public, as slot epochs are once sifting names
-# them) with each emission's predicted flight (the predicted orbit, the calibrated delays,
-# the troposphere). What is unknown is the lag: the clock offset Delta plus what the
-# prediction misses, slowly varying (a clock's rate offset, ~1e-7, and its noise). The
-# downlink's intensity correlation above does not fit: the ground's record is a sparse
-# list of epochs (~1 kHz on a 100 MHz slot grid), not a dense pattern to correlate with;
-# the structure is the same: a first anchor, anchors tracked window by window, every
-# detection assigned from the anchors inside a timing gate, so a detection lost on board
-# or one with no emission (a dark count) moves nothing else.
-EPOCH_WINDOW_S = 0.25  # of emissions per anchor (~330 Micius uplink events near culmination)
-EPOCH_FIRST_SLIP = 512  # first anchor: detection index within this of the emission index
-EPOCH_FIRST_BIN_PS = 100_000  # the first anchor's lag histogram (100 ns)
-EPOCH_MAX_RATE = 2e-6  # lag drift searched per second (a free-running TCXO, ~1 ppm, x2)
-EPOCH_TRACK_FLOOR_PS = 200_000  # plus this, for clock noise and the prediction's error
-EPOCH_CLUSTER_PS = 20_000  # a window's lag: the median inside 20 ns of its densest point
-EPOCH_GATE_PS = 2_000  # +-2 ns: > 5 sigma of a 350 ps jitter, the 1 ns detection gate
-EPOCH_MIN_PAIRS = 10  # pairs at one lag to make an anchor (random ones: << 1 a window)
-EPOCH_FIRST_EMISSIONS = 400  # of a window, for the first anchor (x 1,424 detections)
-EPOCH_FIRST_TRIES = 30  # windows tried for the first anchor before giving up
-
-
-@dataclass
-class EpochMatch:
-    emission: np.ndarray  # int64 per detection: index of its emission, -1 if none
-    anchors_s: np.ndarray  # anchor times (s of predicted arrival from the first emission)
-    lags_ps: np.ndarray  # the lag at each anchor, minus the first anchor's (lag_base_ps)
-    lag_base_ps: int
-    t0_ps: int = 0  # the first arrival: anchors_s counts from it
-
-    def last_anchor(self) -> tuple[int, int]:
-        """(arrival ps, lag ps) of the last anchor: a hint for the next match_epochs."""
-        return self.t0_ps + int(round(self.anchors_s[-1] * 1e12)), self.lag_base_ps + int(
-            round(self.lags_ps[-1])
-        )
-
-    def summary(self) -> dict:
-        matched = int((self.emission >= 0).sum())
-        return {
-            "anchors": int(self.anchors_s.size),
-            "detections": int(self.emission.size),
-            "matched": matched,
-            "unmatched_detections": int(self.emission.size) - matched,
-        }
-
-
-def _densest_lag(lags_ps: np.ndarray, times_s: np.ndarray, bin_ps: int):
-    """(count, time, lag) of the densest `bin_ps`-wide histogram bin of lags (two bins
-    merged, so a cluster on a bin edge counts whole): the mean time and mean lag of the
-    pairs inside it, a point on the lag's line (the middle of a window is not, when a run
-    of detections is lost: 300 lost at a window's start moved it 2 ns off)."""
-    if lags_ps.size == 0:
-        return 0, 0.0, 0
-    cell = np.floor_divide(lags_ps, bin_ps)
-    cells, counts = np.unique(cell, return_counts=True)
-    pair = counts.copy()
-    pair[:-1] += np.where(np.diff(cells) == 1, counts[1:], 0)
-    best = int(np.argmax(pair))
-    inside = (cell >= cells[best]) & (cell <= cells[best] + 1)
-    lag0 = int(lags_ps[inside][0])
-    lag = lag0 + int(round(float(np.mean(lags_ps[inside] - lag0))))
-    return int(pair[best]), float(np.mean(times_s[inside])), lag
-
-
-def match_epochs(detection_ps: np.ndarray, arrival_ps: np.ndarray, hint=None) -> EpochMatch:
-    """Each detection's emission. `detection_ps`: the receiver's tags (int64, its clock,
-    time order); `arrival_ps`: each emission's predicted arrival (int64, the sender's
-    epoch plus the predicted flight, in the sender's clock, time order). The lag
-    detection - arrival is found at a first anchor (the earliest window of emissions
-    whose detections, index for index within EPOCH_FIRST_SLIP, pile up at one lag), then
-    tracked window by window in time (a lag that moves at most EPOCH_MAX_RATE per second),
-    then every detection takes the emission whose arrival plus the interpolated lag is
-    nearest, inside EPOCH_GATE_PS; an emission claimed twice goes to the nearer.
-    `hint`: (arrival ps, lag ps) of an earlier anchor (EpochMatch.last_anchor, the
-    stream's previous blocks) instead of the first anchor: the records then need not
-    start together. Raises ProtocolAborted when no window gives an anchor."""
-    det = np.asarray(detection_ps, dtype=np.int64)
-    arr = np.asarray(arrival_ps, dtype=np.int64)
-    none = np.full(det.size, -1, dtype=np.int64)
-    if det.size < EPOCH_MIN_PAIRS or arr.size < EPOCH_MIN_PAIRS:
-        raise ProtocolAborted(
-            f"uplink time synchronisation failed: {det.size} detections and {arr.size} "
-            "emissions are too few"
-        )
-    window_ps = int(EPOCH_WINDOW_S * 1e12)
-    t0 = int(arr[0])
-    # only the windows that hold emissions: epochs spread over a long span (a stray one
-    # far from the pass) cost nothing for the empty windows between
-    _, starts = np.unique(np.floor_divide(arr - t0, window_ps), return_index=True)
-    starts = np.append(starts, arr.size)
-    anchors_t, anchors_lag = [], []
-    first = None
-    if hint is not None:
-        anchors_t.append((int(hint[0]) - t0) * 1e-12)
-        anchors_lag.append(int(hint[1]))
-        first = -1
-    for w in range(min(EPOCH_FIRST_TRIES, starts.size - 1) if first is None else 0):
-        i0, i1 = starts[w], min(starts[w + 1], starts[w] + EPOCH_FIRST_EMISSIONS)
-        if i1 - i0 < EPOCH_MIN_PAIRS:
-            continue
-        # index for index, within EPOCH_FIRST_SLIP of the emission's index: the records
-        # start together, so a detection's index slips only by the events lost or added
-        # before it
-        lo = max(0, i0 - EPOCH_FIRST_SLIP)
-        hi = min(det.size, i1 + EPOCH_FIRST_SLIP)
-        if hi <= lo:
-            break
-        lags = (det[lo:hi][None, :] - arr[i0:i1][:, None]).ravel()
-        times = np.repeat((arr[i0:i1] - t0) * 1e-12, hi - lo)
-        count, at, lag = _densest_lag(lags, times, EPOCH_FIRST_BIN_PS)
-        # random pairs spread over ~2 EPOCH_FIRST_SLIP gaps: per 200 ns, far below one
-        if count >= max(EPOCH_MIN_PAIRS, (i1 - i0) // 4):
-            first = w
-            anchors_t.append(at)
-            anchors_lag.append(lag)
-            break
-    if first is None:
-        raise ProtocolAborted(
-            "uplink time synchronisation failed: none of the first "
-            f"{EPOCH_FIRST_TRIES} windows of emissions has its detections at one lag"
-        )
-    base = anchors_lag[0]
-    for w in range(first + 1, starts.size - 1):
-        i0, i1 = starts[w], starts[w + 1]
-        if i1 - i0 < EPOCH_MIN_PAIRS:
-            continue
-        centre = float(np.median(arr[i0:i1] - t0)) * 1e-12
-        predicted = _lag_at(anchors_t, anchors_lag, centre)
-        half = EPOCH_TRACK_FLOOR_PS + EPOCH_MAX_RATE * abs(centre - anchors_t[-1]) * 1e12
-        pairs, owner = _pairs_near(det, arr[i0:i1] + predicted, half)
-        times = (arr[i0:i1][owner] - t0) * 1e-12
-        count, at, lag = _densest_lag(pairs, times, EPOCH_CLUSTER_PS)
-        if count >= EPOCH_MIN_PAIRS:
-            anchors_t.append(at)
-            anchors_lag.append(predicted + lag)
-    order = np.argsort(anchors_t, kind="stable")  # a hint may lie inside the windows
-    ts = np.array(anchors_t)[order]
-    lags = np.array(anchors_lag, dtype=np.float64)[order] - base
-    expected = arr + base + np.rint(_lag_line(ts, lags, (arr - t0) * 1e-12)).astype(np.int64)
-    # nearest expected arrival of each detection (both neighbours in time order)
-    k = np.clip(np.searchsorted(expected, det), 1, max(1, expected.size - 1))
-    left, right = k - 1, np.minimum(k, expected.size - 1)
-    pick = np.where(np.abs(det - expected[left]) <= np.abs(det - expected[right]), left, right)
-    residual = np.abs(det - expected[pick])
-    emission = np.where(residual <= EPOCH_GATE_PS, pick, none)
-    # an emission claimed by two detections: the nearer keeps it
-    order = np.lexsort((residual, emission))
-    ordered = emission[order]
-    repeat = np.zeros(order.size, dtype=bool)
-    repeat[1:] = (ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)
-    emission[order[repeat]] = -1
-    return EpochMatch(emission, ts, lags, base, t0)
+# The uplink's time synchronisation against the ground transmitter's own record, its
+# slot clock (public: slot k leaves at first_epoch + k period on the ground clock) and
+# its pattern, of which the ground announces the intensity classes of the slots the
+# satellite asks about (never bits), as Alice does for Bob on the downlink (Synchroniser
+# above). The satellite knows its detection tags, each one's predicted flight (predicted
+# orbit, calibrated delays, troposphere) and its clock coarsely (GNSS: ~100 ns). The lag,
+# detection - (epoch + flight), is the clock offset plus what the prediction misses; its
+# fraction of a slot shows in how tightly the detections' slot phases cluster, its whole
+# slots in the correlation of the detections with the ground's mean photon numbers.
+# Steps: (1) at the densest window, the phase, then the whole-slot lag within the coarse
+# time's +-half width, by one request of the ground's classes around each of up to
+# SLOT_FIRST_DETECTIONS detections; (2) anchors window by window outward, each from the
+# phase around the lag predicted by the anchors so far (a slot is 10 ns; the prediction
+# misses by tens of ps); (3) every detection takes the slot its lag points to, inside
+# +-SLOT_GATE_PS, the nearer of two detections keeping a slot.
+SLOT_WINDOW_S = 0.25  # of detections per anchor (~330 Micius uplink events near culmination)
+SLOT_FIRST_DETECTIONS = 400  # asked about at the first anchor (z ~ 0.9 sqrt(n) at 0.8/0.1/0)
+SLOT_MIN_DETECTIONS = 10  # in a window, to make an anchor
+SLOT_RAYLEIGH = 16.0  # n R^2 of a window's phases to make an anchor (chance ~ e^-16)
+SLOT_FIRST_Z = 7.0  # the first anchor's correlation peak (a few hundred lags)
+SLOT_FIT_ANCHORS = 8  # the last anchors the prediction's line goes through
+SLOT_GATE_PS = 1_500  # +-1.5 ns: 4.3 sigma of a 350 ps jitter (2e-5 lost); a dark count: 30 %
+SLOT_MAX_REQUEST = 1 << 22  # classes the ground answers at most (1 MiB of 2-bit codes)
 
 
 def _lag_line(ts: np.ndarray, lags: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -763,21 +633,194 @@ def _lag_line(ts: np.ndarray, lags: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.where(t < ts[0], head, np.where(t > ts[-1], tail, inside))
 
 
-def _lag_at(anchors_t: list, anchors_lag: list, t: float) -> int:
-    """The lag at t extrapolated from the last anchors (a line through the last two)."""
-    if len(anchors_t) < 2:
-        return int(anchors_lag[-1])
-    t1, t2 = anchors_t[-2], anchors_t[-1]
-    rate = (anchors_lag[-1] - anchors_lag[-2]) / (t2 - t1) if t2 > t1 else 0.0
-    return int(round(anchors_lag[-1] + rate * (t - t2)))
+class UplinkSlotSync:
+    """The satellite's side of the uplink's synchronisation. `detection_ps`: its tags
+    (int64, its clock, time order); `flight_ps`: each one's predicted flight (float, the
+    ground epoch it left at is detection - lag - flight); `slot_clock`: the ground's
+    (first_epoch_ps, period_ps, slot_count); `coarse`: its coarse time (offset_ps at
+    satellite_reference_ps, rate, half_width_ps). request() -> the windows of slots to
+    ask the ground about; lock(classes' mean photon numbers) -> the whole-slot lag and
+    the anchors; slots() -> each detection's slot, -1 if none. During the pass, extend()
+    adds the detections of a block (later in time) and tracks the windows it completes."""
 
+    def __init__(self, detection_ps, flight_ps, slot_clock: dict, coarse: dict):
+        self.det = np.asarray(detection_ps, dtype=np.int64)
+        self.flight = np.asarray(flight_ps, dtype=np.float64)
+        self.first_epoch = int(slot_clock["first_epoch_ps"])
+        self.period = int(slot_clock["period_ps"])
+        self.slot_count = int(slot_clock["slot_count"])
+        self.coarse = coarse
+        self.t0 = int(self.det[0]) if self.det.size else None
+        self.t_s = self._seconds(self.det)
+        self.half = int(math.ceil(float(coarse["half_width_ps"]) / self.period))
+        self.forward: list = []  # (t, lag) anchors from the first on, in time order
+        self.backward: list = []  # before the first, outward
+        self.forward_edge = 0.0  # where the next forward window starts
+        self.asked = np.zeros(0, dtype=np.int64)
+        self.asked_slot = np.zeros(0, dtype=np.int64)
+        self.phase = 0.0
+        self.first_z = 0.0
+        self.locked = False
 
-def _pairs_near(det: np.ndarray, expected: np.ndarray, half_ps: float):
-    """(detection - expected, index of the expected) of every detection within half_ps
-    of an expected arrival."""
-    lo = np.searchsorted(det, expected - int(half_ps))
-    hi = np.searchsorted(det, expected + int(half_ps), side="right")
-    count = hi - lo
-    owner = np.repeat(np.arange(expected.size), count)
-    index = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(count.sum())
-    return det[index] - expected[owner], owner
+    def _seconds(self, det: np.ndarray) -> np.ndarray:
+        if self.t0 is None:
+            return np.zeros(0)
+        return (det - self.t0).astype(np.float64) * 1e-12
+
+    def extend(self, detection_ps, flight_ps, final: bool = False) -> None:
+        det = np.asarray(detection_ps, dtype=np.int64)
+        if self.t0 is None and det.size:
+            self.t0 = int(det[0])
+        self.det = np.concatenate([self.det, det])
+        self.flight = np.concatenate([self.flight, np.asarray(flight_ps, dtype=np.float64)])
+        self.t_s = self._seconds(self.det)
+        if self.locked:
+            self._track_forward(final)
+
+    def coarse_lag(self, t_s: np.ndarray) -> np.ndarray:
+        c = self.coarse
+        since = (self.t0 - int(c["satellite_reference_ps"])) * 1e-12 + t_s
+        return float(c["offset_ps"]) + float(c["rate"]) * since * 1e12
+
+    def _u(self, lag_ps: np.ndarray, index) -> np.ndarray:
+        """Slot position (slot units) of the detections `index` for lags `lag_ps`."""
+        start = (self.det[index] - self.first_epoch).astype(np.float64)
+        return (start - lag_ps - self.flight[index]) / self.period
+
+    def request(self) -> tuple[np.ndarray, int]:
+        """(first slot of each window, window length): the ground's classes of the slots
+        within the coarse time's half width of up to SLOT_FIRST_DETECTIONS detections of
+        the densest window. Raises ProtocolAborted when the detections cannot say."""
+        if self.det.size < SLOT_MIN_DETECTIONS:
+            raise ProtocolAborted(
+                f"uplink time synchronisation failed: {self.det.size} detections are too few"
+            )
+        edges = np.arange(0.0, self.t_s.max() + SLOT_WINDOW_S, SLOT_WINDOW_S)
+        counts, _ = np.histogram(self.t_s, edges)
+        w = int(np.argmax(counts))
+        i0, i1 = np.searchsorted(self.t_s, (edges[w], edges[w + 1]))
+        index = np.arange(i0, i1)
+        lag = self.coarse_lag(self.t_s[index])
+        u = self._u(lag, index)
+        phase, concentration = _phase(u)
+        if index.size < SLOT_MIN_DETECTIONS or index.size * concentration**2 < SLOT_RAYLEIGH:
+            raise ProtocolAborted(
+                "uplink time synchronisation failed: the detections of the densest "
+                f"{SLOT_WINDOW_S} s ({index.size}) show no slot phase (n R^2 = "
+                f"{index.size * concentration**2:.1f})"
+            )
+        self.phase = phase
+        pick = np.arange(0, index.size, max(1, -(-index.size // SLOT_FIRST_DETECTIONS)))
+        slot = np.rint(u[pick] - phase).astype(np.int64)
+        length = 2 * self.half + 1
+        inside = (slot - self.half >= 0) & (slot + self.half < self.slot_count)
+        self.asked, self.asked_slot = index[pick][inside], slot[inside]
+        keep = max(1, SLOT_MAX_REQUEST // length)
+        self.asked, self.asked_slot = self.asked[:keep], self.asked_slot[:keep]
+        if self.asked.size < SLOT_MIN_DETECTIONS:
+            raise ProtocolAborted(
+                "uplink time synchronisation failed: the densest window's detections lie "
+                "outside the ground's slots"
+            )
+        return self.asked_slot - self.half, length
+
+    def lock(self, mean_photon_number: np.ndarray) -> None:
+        """The whole-slot lag from the ground's mean photon numbers of the windows asked
+        (one row a detection): the shift whose slots' sum is the correlation peak; then
+        the anchors, tracked outward over the detections so far."""
+        length = 2 * self.half + 1
+        rows = np.asarray(mean_photon_number, dtype=np.float64).reshape(self.asked.size, length)
+        # the lag m slots more puts a detection's pulse at s - m: column half - m
+        score = rows.sum(axis=0)[::-1]
+        best, z = _zscore(score)
+        self.first_z = z
+        if z < SLOT_FIRST_Z:
+            raise ProtocolAborted(
+                f"uplink time synchronisation failed: no correlation peak with the ground's "
+                f"pattern (z={z:.1f}, {self.asked.size} detections)"
+            )
+        shift = best - self.half
+        t = float(np.mean(self.t_s[self.asked]))
+        lag = float(self.coarse_lag(np.array([t]))[0]) + (self.phase + shift) * self.period
+        self.forward = [(t, lag)]
+        self.forward_edge = t + SLOT_WINDOW_S / 2
+        self.locked = True
+        self._track_forward(final=False)
+        self.backward = self._track_side([(t, lag)], t - SLOT_WINDOW_S / 2, -1, 0.0)[1:]
+
+    def _predict(self, side: list, t: np.ndarray) -> np.ndarray:
+        ts = np.array([a for a, _ in side[-SLOT_FIT_ANCHORS:]])
+        lags = np.array([b for _, b in side[-SLOT_FIT_ANCHORS:]])
+        if ts.size >= 2 and np.ptp(ts) > 0:
+            slope, intercept = np.polyfit(ts - ts[-1], lags, 1)
+            return intercept + slope * (t - ts[-1])
+        return lags[-1] + float(self.coarse["rate"]) * 1e12 * (t - ts[-1])
+
+    def _window_anchor(self, side: list, lo: float, hi: float):
+        """(t, lag) of the window [lo, hi) from its detections' slot phase about the lag
+        the side's anchors predict, or None (too few, no phase)."""
+        i0, i1 = np.searchsorted(self.t_s, (lo, hi))
+        if i1 - i0 < SLOT_MIN_DETECTIONS:
+            return None
+        index = np.arange(i0, i1)
+        t = self.t_s[index]
+        phase, concentration = _phase(self._u(self._predict(side, t), index))
+        if index.size * concentration**2 < SLOT_RAYLEIGH:
+            return None
+        t_mean = float(np.mean(t))
+        return t_mean, float(self._predict(side, np.array([t_mean]))[0]) + phase * self.period
+
+    def _track_side(self, side: list, edge: float, direction: int, stop: float) -> list:
+        """Windows from edge outward (direction -1: towards stop)."""
+        while edge > stop:
+            anchor = self._window_anchor(side, edge - SLOT_WINDOW_S, edge)
+            edge -= SLOT_WINDOW_S
+            if anchor is not None:
+                side.append(anchor)
+        return side
+
+    def _track_forward(self, final: bool) -> None:
+        """Forward windows the detections so far complete (with `final`, the last partial
+        one too: the record's end)."""
+        end = float(self.t_s.max()) if self.t_s.size else 0.0
+        while self.forward_edge + (0.0 if final else SLOT_WINDOW_S) <= end or (
+            final and self.forward_edge < end
+        ):
+            lo = self.forward_edge
+            self.forward_edge += SLOT_WINDOW_S
+            anchor = self._window_anchor(self.forward, lo, lo + SLOT_WINDOW_S)
+            if anchor is not None:
+                self.forward.append(anchor)
+
+    def finish(self) -> None:
+        """The record is whole: its last (partial) window tracked too."""
+        self._track_forward(final=True)
+
+    def slots(self, start: int = 0) -> np.ndarray:
+        """The slot of each detection from index `start` on (-1: none inside the gate,
+        or its slot kept by a nearer detection, or outside the ground's slots)."""
+        anchors = sorted(self.backward + self.forward)
+        ts = np.array([a for a, _ in anchors])
+        lags = np.array([b for _, b in anchors])
+        index = np.arange(start, self.det.size)
+        u = self._u(_lag_line(ts, lags, self.t_s[index]), index)
+        slot = np.rint(u).astype(np.int64)
+        residual = np.abs(u - slot) * self.period
+        ok = (residual <= SLOT_GATE_PS) & (slot >= 0) & (slot < self.slot_count)
+        slot = np.where(ok, slot, -1)
+        # one pulse, two detections (two photons of one pulse, or a dark count beside it):
+        # the nearer keeps it
+        order = np.lexsort((residual, slot))
+        ordered = slot[order]
+        repeat = np.zeros(order.size, dtype=bool)
+        repeat[1:] = (ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)
+        slot[order[repeat]] = -1
+        return slot
+
+    def summary(self) -> dict:
+        return {
+            "anchors": len(self.forward) + len(self.backward),
+            "first_z": self.first_z,
+            "asked_detections": int(self.asked.size),
+            "window_slots": 2 * self.half + 1,
+        }

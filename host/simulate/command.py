@@ -190,6 +190,9 @@ def run(args) -> int:
         two_way_pass = two_way.prepare_beside_qkd(
             two_way_profile, profile, pick_station(profile, args.station), args.seed,
             args.duration_s, args.start or profile["orbit"]["utc_start"],
+            uplink_key=None if pattern_secret is None else two_way.uplink_key_from_secret(
+                pattern_secret
+            ),
         )  # fmt: skip
     scenario = passgen.build_scenario(
         profile,

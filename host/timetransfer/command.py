@@ -237,7 +237,7 @@ def run_endpoints(
     else:
         satellite_events = {"uplink_rx": satellite["uplink_rx"]}
         downlink_source = satellite["downlink_source"]
-    ground_events = files.read_events(pass_dir, files.GROUND_FILES)
+    ground_events = files.read_ground_records(pass_dir, scenario)
     ground_slots = files.read_downlink_slots(pass_dir)
     satellite_pool, satellite_key = endpoints.open_time_key(
         satellite_keys_dir or keys_dir, "satellite"
@@ -314,8 +314,10 @@ def time_transfer_split(
     started = time.process_time()
     pass_dir = Path(pass_dir)
     scenario = files.read_scenario(pass_dir)
-    side_files = files.SATELLITE_FILES if role == "satellite" else files.GROUND_FILES
-    events = files.read_events(pass_dir, side_files)
+    if role == "satellite":
+        events = files.read_events(pass_dir, files.SATELLITE_FILES)
+    else:
+        events = files.read_ground_records(pass_dir, scenario)
     pool, key = endpoints.open_time_key(keys_dir, role)
     try:
         transport = ch.open_split(listen, connect)

@@ -49,16 +49,19 @@ import numpy as np
 from host.distil import channel as ch
 from host.distil import timesync
 from host.distil.bitcodec import (
+    pack_2bit,
     pack_bits,
     rice_decode_sorted,
     rice_encode_sorted,
+    unpack_2bit,
     unpack_bits,
 )
 from host.distil.endpoint_random import SystemRandom
 from host.errors import BadInput, ProtocolAborted
+from host.protocol.symbols import decode_symbols
 from host.timetransfer import estimate
 
-MAX_MESSAGES_EACH_WAY = 3  # two protocol messages + an abort
+MAX_MESSAGES_EACH_WAY = 4  # three protocol messages + an abort
 AUTH_REGION_BYTES = 8 + 16 * MAX_MESSAGES_EACH_WAY  # hash key + one pad per message each way
 SAMPLE_FRACTION = 0.1  # of each direction's sifted events, bits disclosed for the QBER
 SAMPLE_MIN = 256
@@ -72,7 +75,7 @@ DOWNLINK_SAMPLE_MAX = 8192
 SEALED_HEADER_BYTES = 400  # a sealed message's header: kind, field names, scalars, shapes
 ROLE_OF_SIDE = {"satellite": ch.ALICE, "ground": ch.BOB}
 BY_SLOT = -1  # tt_bases downlink_count: "name your detections' slots, I sift the downlink"
-BY_EPOCH = -1  # tt_bases uplink_count: "name your emissions, I match and sift the uplink"
+UPLINK_BY_SLOT = -2  # tt_bases uplink_count: "your classes of these slots; I name mine"
 
 
 class NotEnoughKey(ProtocolAborted):
@@ -377,9 +380,11 @@ class SatelliteEndpoint:
                 "downlink_count": int(down_basis.size),
                 "downlink_basis": pack_bits(down_basis),
             }
-        chan.send("tt_bases", uplink_count=BY_EPOCH, **downlink)
+        sync = UplinkSync(self.scenario, up_tag)
+        chan.send("tt_bases", uplink_count=UPLINK_BY_SLOT, **sync.request(), **downlink)
+        chan.send("tt_uplink_slots", **sync.name_slots(chan.recv("tt_uplink_pattern")))
         sift = chan.recv("tt_sift")
-        uplink = sift_uplink_by_epoch(self.scenario, up_tag, up_basis, up_bit, sift)
+        uplink = sync.sift(up_basis, up_bit, sift)
         extra = {}
         if by_slot:
             down_tag, down_bit, down_sifted, down_sample = self._downlink_by_slot(sift)
@@ -415,7 +420,7 @@ class SatelliteEndpoint:
             uplink_matched=uplink["matched"],
             **extra,
         )
-        return receive_offset_result(chan, sealed)
+        return {**receive_offset_result(chan, sealed), "uplink_sync": sync.summary()}
 
     def _downlink_by_slot(self, sift: dict):
         return sift_downlink_by_slot(self.downlink_source, sift)
@@ -453,55 +458,172 @@ def receive_offset_result(chan, sealed) -> dict:
     }
 
 
-def sift_uplink_by_epoch(scenario: dict, tag_ps, basis, bit, sift: dict) -> dict:
-    """The satellite's uplink when the ground names its emissions (tt_sift: the epochs,
-    bases and CSPRNG sample of every emission, the ground's bits of the sample): each
-    detection matched to its emission by the uplink's time synchronisation
-    (timesync.match_epochs on the predicted arrivals), so a detection lost on board or
-    one with no emission (a dark count) moves nothing else; the matched ones sifted
-    against the ground's bases; the sample's errors counted. Returns the sifted events'
-    emission epochs and reception tags, their timing mask (sampled ones whose bits
-    disagree dropped), the counts."""
-    count = int(sift["uplink_count"])
-    _check(0 <= count, "uplink count")
-    emission_all = unpack_epochs(sift, "uplink_emission", count)
-    ground_basis = unpack_bits(sift["uplink_basis"], count)
-    sample = _positions(sift["uplink_sample"], count, "uplink sample")
-    ground_bits = unpack_bits(sift["uplink_sample_bits"], sample.size)
-    tag_ps = np.asarray(tag_ps, dtype=np.int64)
-    if tag_ps.size == 0 or count == 0:
-        matched_emission = np.full(tag_ps.size, -1, dtype=np.int64)
-    else:
-        orbit = estimate.predicted_orbit(scenario)
-        t1, t2 = estimate.uplink_flight(scenario, orbit, emission_all)
-        arrival = emission_all + np.rint((t2 - t1) * 1e12).astype(np.int64)
-        by_arrival = np.argsort(arrival, kind="stable")
-        by_tag = np.argsort(tag_ps, kind="stable")  # the log's order: a rare swap
-        found = timesync.match_epochs(tag_ps[by_tag], arrival[by_arrival]).emission
-        matched_emission = np.full(tag_ps.size, -1, dtype=np.int64)
-        matched_emission[by_tag] = np.where(found >= 0, by_arrival[np.maximum(found, 0)], -1)
-    detection = np.flatnonzero(matched_emission >= 0)
-    emission_index = matched_emission[detection]
-    sifted = np.asarray(basis, dtype=np.uint8)[detection] == ground_basis[emission_index]
-    detection, emission_index = detection[sifted], emission_index[sifted]
-    order = np.argsort(emission_index, kind="stable")  # time order of emission
-    detection, emission_index = detection[order], emission_index[order]
-    sample_of = np.full(count, -1, dtype=np.int64)
-    sample_of[sample] = np.arange(sample.size)
-    in_sample = sample_of[emission_index]
-    sampled = in_sample >= 0
-    wrong = np.zeros(detection.size, dtype=bool)
-    wrong[sampled] = (
-        np.asarray(bit, dtype=np.uint8)[detection[sampled]] != ground_bits[in_sample[sampled]]
-    )
-    return {
-        "emission_ps": emission_all[emission_index],
-        "received_ps": tag_ps[detection],
-        "timing": ~wrong,
-        "sampled": int(sampled.sum()),
-        "sample_errors": int(wrong.sum()),
-        "matched": int((matched_emission >= 0).sum()),
-    }
+def uplink_slot_clock(scenario: dict) -> dict:
+    clock = scenario.get("uplink_slot_clock")
+    _check(isinstance(clock, dict), "the scenario has no uplink slot clock")
+    return clock
+
+
+def uplink_class_weights(scenario: dict) -> np.ndarray:
+    """Mean photon number by the ground's intensity class index (timetransfer.json's
+    uplink_intensities, in class order; class 3 unused: 0)."""
+    weights = np.zeros(4)
+    values = [float(v) for v in (scenario.get("uplink_intensities") or {}).values()]
+    _check(1 <= len(values) <= 4, "the scenario has no uplink intensities")
+    weights[: len(values)] = values
+    return weights
+
+
+def detection_flights_ps(scenario: dict, tag_ps: np.ndarray) -> np.ndarray:
+    """Each uplink detection's predicted flight (ps: the ground's tx delay, light time on
+    the predicted orbit, troposphere, the satellite's rx delay), for the ground epoch it
+    left at by the payload's coarse time: the flight changes by ~2.5e-5 of the time it
+    is off, ps for the coarse time's microsecond."""
+    coarse = scenario["satellite_coarse_time"]
+    lag = float(coarse["offset_ps"]) + float(coarse["rate"]) * (
+        tag_ps - int(coarse["satellite_reference_ps"])
+    ).astype(np.float64)
+    orbit = estimate.predicted_orbit(scenario)
+    flight = np.zeros(tag_ps.size)
+    for _ in range(3):  # each round gains the range rate over c, ~2.5e-5
+        tx = tag_ps - np.rint(lag + flight).astype(np.int64)
+        t1, t2 = estimate.uplink_flight(scenario, orbit, tx)
+        flight = (t2 - t1) * 1e12
+    return flight
+
+
+class UplinkSync:
+    """The satellite's uplink: its detections matched to the ground's pulses by the
+    uplink's time synchronisation (timesync.UplinkSlotSync: the ground's slot clock and
+    its intensity classes of the slots asked about), then named to the ground by slot
+    and sifted against the bases it returns. A detection lost on board moves nothing
+    else; a dark count takes a slot only inside the +-1 ns gate of one (its bit is a
+    coin: the QBER counts it)."""
+
+    def __init__(self, scenario: dict, tag_ps):
+        _check("satellite_coarse_time" in scenario, "the scenario has no coarse satellite time")
+        self.scenario = scenario
+        tags = np.asarray(tag_ps, dtype=np.int64)
+        self.by_tag = np.argsort(tags, kind="stable")  # the log's order: a rare swap
+        self.tags = tags
+        sorted_tags = tags[self.by_tag]
+        self.sync = timesync.UplinkSlotSync(
+            sorted_tags, detection_flights_ps(scenario, sorted_tags),
+            uplink_slot_clock(scenario), scenario["satellite_coarse_time"],
+        )  # fmt: skip
+        self.slot = np.full(tags.size, -1, dtype=np.int64)
+
+    def request(self) -> dict:
+        starts, length = self.sync.request()
+        return {
+            "uplink_sync_count": int(starts.size),
+            "uplink_sync_length": int(length),
+            **pack_epochs("uplink_sync_start", starts),
+        }
+
+    def name_slots(self, pattern: dict) -> dict:
+        """tt_uplink_slots: the slots of the detections matched, from the ground's classes
+        of the windows asked (tt_uplink_pattern)."""
+        asked, length = self.sync.asked.size, 2 * self.sync.half + 1
+        try:
+            codes = unpack_2bit(pattern["intensity"], asked * length)
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolAborted("malformed time message: uplink pattern") from None
+        _check(codes.size == asked * length, "uplink pattern length")
+        self.sync.lock(uplink_class_weights(self.scenario)[codes])
+        self.sync.finish()
+        self.slot[self.by_tag] = self.sync.slots()
+        named = np.unique(self.slot[self.slot >= 0])
+        return {"uplink_count": int(named.size), **pack_epochs("uplink_slot", named)}
+
+    def sift(self, basis, bit, sift: dict) -> dict:
+        """tt_sift's uplink (the ground's bases of the named slots, its CSPRNG sample and
+        its bits of it): the matched detections sifted, the sample's errors counted.
+        Returns the sifted events' emission epochs (the slot clock's) and reception tags,
+        their timing mask (sampled ones whose bits disagree dropped), the counts."""
+        named = np.unique(self.slot[self.slot >= 0])
+        matched = int((self.slot >= 0).sum())
+        count = int(sift["uplink_count"])
+        _check(count == named.size, "uplink count")
+        ground_basis = unpack_bits(sift["uplink_basis"], count)
+        sample = _positions(sift["uplink_sample"], count, "uplink sample")
+        ground_bits = unpack_bits(sift["uplink_sample_bits"], sample.size)
+        detection = np.flatnonzero(self.slot >= 0)
+        named_index = np.searchsorted(named, self.slot[detection])
+        sifted = np.asarray(basis, dtype=np.uint8)[detection] == ground_basis[named_index]
+        detection, named_index = detection[sifted], named_index[sifted]
+        order = np.argsort(named_index, kind="stable")  # time order of emission
+        detection, named_index = detection[order], named_index[order]
+        sample_of = np.full(count, -1, dtype=np.int64)
+        sample_of[sample] = np.arange(sample.size)
+        in_sample = sample_of[named_index]
+        sampled = in_sample >= 0
+        wrong = np.zeros(detection.size, dtype=bool)
+        wrong[sampled] = (
+            np.asarray(bit, dtype=np.uint8)[detection[sampled]] != ground_bits[in_sample[sampled]]
+        )
+        clock = uplink_slot_clock(self.scenario)
+        epochs = int(clock["first_epoch_ps"]) + named[named_index] * int(clock["period_ps"])
+        return {
+            "emission_ps": epochs,
+            "received_ps": self.tags[detection],
+            "timing": ~wrong,
+            "sampled": int(sampled.sum()),
+            "sample_errors": int(wrong.sum()),
+            "matched": matched,
+        }
+
+    def summary(self) -> dict:
+        return {**self.sync.summary(), "matched": int((self.slot >= 0).sum())}
+
+
+class UplinkTransmitterRecord:
+    """The ground's uplink: its transmitter's pattern and slot clock
+    (files.read_uplink_transmitter), answering the satellite's requests: its intensity
+    classes of the windows of slots asked (public help, never bits: decoy classes are
+    announced in any sifting) and its bases, CSPRNG sample and bits of the sample of the
+    slots the satellite names."""
+
+    def __init__(self, transmitter: dict):
+        self.pattern = transmitter["pattern"]
+        self.slot_count = int(transmitter["slot_clock"]["slot_count"])
+        self.last_named = -1  # streamed: each block's slots come after the last block's
+
+    def classes(self, message: dict) -> dict:
+        """tt_uplink_pattern's field: the classes of the windows asked (uplink_sync_*)."""
+        count, length = int(message["uplink_sync_count"]), int(message["uplink_sync_length"])
+        _check(0 < count and 0 < length, "uplink sync request size")
+        _check(count * length <= timesync.SLOT_MAX_REQUEST, "uplink sync request too large")
+        starts = unpack_epochs(message, "uplink_sync_start", count)
+        _check(
+            bool(np.all((starts >= 0) & (starts + length <= self.slot_count))),
+            "uplink sync request outside the ground's slots",
+        )
+        slots = (starts[:, None] + np.arange(length)).reshape(-1)
+        _, _, intensity = decode_symbols(self.pattern.symbols(slots))
+        return {"intensity": pack_2bit(intensity)}
+
+    def named(self, message: dict, sampler) -> tuple[int, dict]:
+        """(slots named, tt_sift's uplink fields); `sampler(count)`: the CSPRNG sample's
+        positions among them."""
+        count = int(message["uplink_count"])
+        _check(0 <= count <= self.slot_count, "uplink slot count")
+        slots = unpack_epochs(message, "uplink_slot", count) if count else np.zeros(0, np.int64)
+        _check(
+            bool(np.all(np.diff(slots) > 0)) and (count == 0 or self.last_named < slots[0])
+            and (count == 0 or slots[-1] < self.slot_count),
+            "uplink slots not increasing or outside the ground's slots",
+        )  # fmt: skip
+        if count:
+            self.last_named = int(slots[-1])
+        basis, bit, _ = decode_symbols(self.pattern.symbols(slots))
+        sample = sampler(count)
+        return count, {
+            "uplink_count": count,
+            "uplink_basis": pack_bits(basis.astype(np.uint8)),
+            "uplink_sample": sample,
+            "uplink_sample_bits": pack_bits(bit[sample].astype(np.uint8)),
+        }
 
 
 def sift_downlink_by_slot(downlink_source, sift: dict):
@@ -561,7 +683,7 @@ class GroundEndpoint:
 
     def _run(self, chan, sealed) -> dict:
         report = self.report
-        up_tag, up_basis, up_bit = self.events["uplink_tx"]
+        uplink = UplinkTransmitterRecord(self.events["uplink_transmitter"])
         down_tag, down_basis, down_bit = self.events["downlink_rx"]
         bases = chan.recv("tt_bases")  # the satellite has checked its key: now ours
         sealed.require(pad_bytes_bound(self.scenario) + (DOWNLINK_SAMPLE_MAX + 7) // 8)
@@ -571,15 +693,20 @@ class GroundEndpoint:
                 "the satellite asks for the downlink slots and the ground has no slot "
                 "identification of its detections"
             )
-        _check(int(bases["uplink_count"]) == BY_EPOCH, "uplink mode")
         if not by_slot and int(bases["downlink_count"]) != down_basis.size:
             raise ProtocolAborted(
                 f"the satellite holds {int(bases['downlink_count'])} downlink events, the "
                 f"ground {down_basis.size}: the two records do not belong together"
             )
-        # the uplink: the ground names every emission (public epochs and bases), the
-        # satellite matches its detections to them and sifts (sift_uplink_by_epoch)
-        up_sample = sample_positions(up_basis.size, self.rng)
+        # the uplink: the ground's classes of the slots the satellite asks about; the
+        # satellite matches its detections to its pulses, names their slots, and sifts
+        # against the bases the ground returns (UplinkSync)
+        _check(int(bases["uplink_count"]) == UPLINK_BY_SLOT, "uplink mode")
+        chan.send("tt_uplink_pattern", **uplink.classes(bases))
+        up_count, up_fields = uplink.named(
+            chan.recv("tt_uplink_slots"), lambda count: sample_positions(count, self.rng)
+        )
+        up_sample = up_fields["uplink_sample"]
         if by_slot:  # the satellite sifts: the ground names slots and its bases
             down_sample_all = sample_positions(down_basis.size, self.rng, DOWNLINK_SAMPLE_MAX)
             downlink = {
@@ -592,15 +719,7 @@ class GroundEndpoint:
             down_sifted = unpack_bits(bases["downlink_basis"], down_basis.size) == down_basis
             down_sample = sample_positions(int(down_sifted.sum()), self.rng, DOWNLINK_SAMPLE_MAX)
             downlink = {"downlink_sifted": pack_bits(down_sifted), "downlink_sample": down_sample}
-        chan.send(
-            "tt_sift",
-            uplink_count=int(up_basis.size),
-            **pack_epochs("uplink_emission", up_tag),
-            uplink_basis=pack_bits(up_basis),
-            uplink_sample=up_sample,
-            uplink_sample_bits=pack_bits(up_bit[up_sample]),
-            **downlink,
-        )
+        chan.send("tt_sift", **up_fields, **downlink)
         message = chan.recv("tt_uplink")
         if by_slot:
             down_sifted = unpack_bits(message["downlink_sifted"], down_basis.size).astype(bool)
@@ -620,13 +739,12 @@ class GroundEndpoint:
         _check(0 <= up_errors <= up_sampled <= up_sample.size, "uplink sample counts")
         n_up = int(message["uplink_sifted"])
         detections, matched = int(message["uplink_detections"]), int(message["uplink_matched"])
-        _check(0 <= n_up <= matched <= min(detections, up_basis.size), "uplink match counts")
+        _check(0 <= n_up <= matched <= min(detections, up_count), "uplink match counts")
         report["uplink_sync"] = {
-            "emissions": int(up_basis.size),
+            "slots_named": up_count,
             "detections": detections,
             "matched": matched,
             "unmatched_detections": detections - matched,
-            "unmatched_emissions": int(up_basis.size) - matched,
         }
         report["qber"] = {
             "uplink": up_errors / up_sampled if up_sampled else math.nan,

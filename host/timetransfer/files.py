@@ -4,16 +4,24 @@
                                         calibrated delays, ground clock epoch
     PASS_DIR/satellite/tt_uplink_rx.npz     satellite tags of received up photons
     PASS_DIR/satellite/tt_downlink_tx.npz   satellite tags of emitted down photons
-    PASS_DIR/ground/tt_uplink_tx.npz        ground tags of emitted up photons
+    PASS_DIR/ground/tt_uplink_pattern.json  the ground transmitter's pattern source (its
+                                            key: 0600, never sent), its slot clock in
+                                            timetransfer.json (uplink_slot_clock)
     PASS_DIR/ground/tt_downlink_rx.npz      ground tags of received down photons
+    PASS_DIR/truth/tt_uplink_tx.npz         which ground pulses were detected on board (the
+                                            simulation's truth: no endpoint reads it)
     PASS_DIR/truth/tt_truth.npz             true offset (satellite minus ground clock)
 
 Each event file holds `tag_ps` (int64 picoseconds of that side's clock), `basis` and
 `bit` (uint8) of every detected photon (the ground's downlink file also `slot`, int64,
 when the pass came with its QKD detections), both bases: sifting is done by the two
 endpoints over the classical link (host/timetransfer/endpoints.py), never from these files
-together. Index i of a tx file and index i of the matching rx file are the same photon:
-the index stands for the slot identification the downlink's time synchronisation gives
+together. The ground's uplink record is its transmitter (pattern and slot clock), as a
+real station knows it: the satellite finds the pulse of each detection itself (the
+uplink's time synchronisation); truth/tt_uplink_tx.npz, index for index with the
+satellite's record, is only for tests. Index i of a tx file and index i of the matching
+rx file are the same photon: the index stands for the slot identification the downlink's
+time synchronisation gives
 (host/distil/timesync.py); emission tags are slot epochs, public once sifting names the
 slot.
 """
@@ -28,20 +36,28 @@ import numpy as np
 
 from host.distil.durable import write_atomic
 from host.errors import BadInput
+from host.formats.patterns import KeyedPatternSource, read_pattern_source, write_pattern_source
 
 FORMAT = "qkdsat-timetransfer/1"
 EVENT_FILES = {
-    "uplink_tx": "ground/tt_uplink_tx.npz",
+    "uplink_tx": "truth/tt_uplink_tx.npz",
     "uplink_rx": "satellite/tt_uplink_rx.npz",
     "downlink_tx": "satellite/tt_downlink_tx.npz",
     "downlink_rx": "ground/tt_downlink_rx.npz",
 }
 SCENARIO_FILE = "timetransfer.json"
 TRUTH_FILE = "truth/tt_truth.npz"
+UPLINK_PATTERN_FILE = "ground/tt_uplink_pattern.json"
 
 
-def write_pass(pass_dir: Path, scenario: dict, events: dict, truth: dict | None) -> None:
+def write_pass(pass_dir: Path, scenario: dict, events: dict, truth: dict | None,
+               uplink_pattern: KeyedPatternSource | None = None) -> None:  # fmt: skip
+    """`uplink_pattern`: the ground transmitter's pattern source (its slot clock goes in
+    the scenario's uplink_slot_clock)."""
     pass_dir = Path(pass_dir)
+    if uplink_pattern is not None:
+        (pass_dir / "ground").mkdir(parents=True, exist_ok=True)
+        write_pattern_source(pass_dir / UPLINK_PATTERN_FILE, uplink_pattern)
     for sub in ("satellite", "ground", "truth"):
         (pass_dir / sub).mkdir(parents=True, exist_ok=True)
     for key, relative in EVENT_FILES.items():
@@ -91,7 +107,37 @@ def read_scenario(pass_dir: Path) -> dict:
 
 
 SATELLITE_FILES = ("uplink_rx", "downlink_tx")  # what the payload recorded
-GROUND_FILES = ("uplink_tx", "downlink_rx")  # what the ground station recorded
+GROUND_FILES = ("downlink_rx",)  # what the ground station recorded (and its transmitter)
+
+
+def read_ground_records(pass_dir: Path, scenario: dict) -> dict:
+    """The ground endpoint's records: its downlink detections and its uplink transmitter."""
+    events = read_events(pass_dir, GROUND_FILES)
+    events["uplink_transmitter"] = read_uplink_transmitter(pass_dir, scenario)
+    return events
+
+
+def read_uplink_transmitter(pass_dir: Path, scenario: dict) -> dict:
+    """The ground transmitter's own record: {"pattern": its pattern source (symbols of any
+    slot), "slot_clock": timetransfer.json's uplink_slot_clock}; BadInput naming the
+    file or field."""
+    path = Path(pass_dir) / UPLINK_PATTERN_FILE
+    if not path.is_file():
+        raise BadInput(f"{path}: missing (the ground transmitter's uplink pattern)")
+    pattern = read_pattern_source(path)
+    clock = scenario.get("uplink_slot_clock")
+    where = f"{Path(pass_dir) / SCENARIO_FILE}: uplink_slot_clock"
+    if not isinstance(clock, dict):
+        raise BadInput(f"{where} missing")
+    for field in ("first_epoch_ps", "period_ps", "slot_count"):
+        value = clock.get(field)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadInput(f"{where}.{field} missing or not an integer")
+    if clock["period_ps"] <= 0 or clock["slot_count"] != pattern.slot_count:
+        raise BadInput(f"{where}: period or slot count does not fit {path.name}")
+    if not pattern.intensities:
+        raise BadInput(f"{path}: intensities missing (the uplink's sync needs them)")
+    return {"pattern": pattern, "slot_clock": clock}
 
 
 def read_events(pass_dir: Path, keys=tuple(EVENT_FILES)) -> dict:

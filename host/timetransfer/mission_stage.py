@@ -84,22 +84,20 @@ class MissionTwoWay:
         return self.satellite.true_time_s(tag_ps), channel.astype(np.uint8), tag_ps
 
 
-def prepare(qkd_profile: dict, seed: int, slot_count: int) -> MissionTwoWay:
+def prepare(qkd_profile: dict, seed: int, slot_count: int,
+            uplink_key: bytes | None = None) -> MissionTwoWay:  # fmt: skip
     """The two-way pass of a mission segment of `slot_count` slots (before the firmware
-    runs: its uplink goes through the controller)."""
+    runs: its uplink goes through the controller). `uplink_key`: the ground transmitter's
+    pattern key (os.urandom by default, the station's QRNG stand-in; a test fixes it)."""
     from host.simulate.profiles import station as pick_station
 
     profile = simulate.load_profile(simulate.profile_for(qkd_profile["name"]))
     duration_s = slot_count / float(qkd_profile["source"]["slot_rate_hz"])
     two_way = simulate.prepare_beside_qkd(
         profile, qkd_profile, pick_station(qkd_profile, None), seed, duration_s,
-        qkd_profile["orbit"]["utc_start"],
+        qkd_profile["orbit"]["utc_start"], uplink_key=uplink_key,
     )  # fmt: skip
-    tx, rx = simulate.direction_events(
-        "uplink", simulate.values(two_way.profile["uplink"]), two_way.truth_orbit,
-        two_way.duration_s, simulate.values(two_way.profile["delays_ps"]), two_way.satellite,
-        two_way.ground, two_way.rng, two_way.attack,
-    )  # fmt: skip
+    tx, rx = two_way.uplink_events()
     period_ps, slots_per_mark = slot_period_ps(qkd_profile), slots_per_sync_mark(qkd_profile)
     first = passgen.first_slot_ps(two_way.satellite, period_ps)  # the segment's slot clock
     marks = first + np.arange(0, slot_count, slots_per_mark, dtype=np.int64) * period_ps
@@ -163,9 +161,11 @@ def uplink_from_tdc_log(path: Path) -> tuple[tuple, dict]:
 
 
 def write_ground_records(out: Path, mission: MissionTwoWay, qkd_scenario) -> None:
-    """OUT/ground/ (the station's uplink emissions, its downlink detections with their
-    slots), OUT/truth/tt_truth.npz and OUT/timetransfer.json; nothing in satellite/: the
-    satellite's records are the firmware's and the head's."""
+    """OUT/ground/ (the station's uplink transmitter: its pattern source; its downlink
+    detections with their slots), OUT/truth/ (tt_truth.npz; tt_uplink_tx.npz, which
+    pulses were detected: no endpoint reads it) and OUT/timetransfer.json (with the
+    transmitter's slot clock); nothing in satellite/: the satellite's records are the
+    firmware's and the head's."""
     two_way = mission.two_way
     _, downlink_rx = simulate.downlink_from_detections(out, qkd_scenario)
     up = simulate.values(two_way.profile["uplink"])
@@ -178,10 +178,11 @@ def write_ground_records(out: Path, mission: MissionTwoWay, qkd_scenario) -> Non
         "slots is read on board (slot clock, head pattern memory)",
         uplink="the satellite's tags from the controller's TDC log (satellite/tdc.qrec)",
         qkd_profile=qkd_scenario.profile["name"],
+        **two_way.uplink_scenario(),
     )  # fmt: skip
     truth = simulate.truth_series(two_way.duration_s, two_way.satellite, two_way.ground, {})
     events = {"uplink_tx": mission.uplink_tx, "downlink_rx": downlink_rx}
-    files.write_pass(out, scenario, events, truth)
+    files.write_pass(out, scenario, events, truth, two_way.transmitter.pattern)
 
 
 def satellite_records(out: Path, qkd_scenario, memory) -> tuple[dict, dict]:

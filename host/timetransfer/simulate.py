@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from emulator.pass_model.two_way import (
     troposphere_delay_s,
 )
 from host.errors import BadInput
+from host.formats.patterns import KeyedPatternSource
+from host.protocol.symbols import SymbolMapping, decode_symbols
 from host.timetransfer import files
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -42,6 +45,7 @@ CHUNK_S = 0.01
 TWO_WAY_PROFILE = {"micius-2017": "micius-qstt", "jinan-1": "qstt-best"}
 TWO_WAY_ORBIT_KIND = "two-way-inertial"  # pass.json orbit kind of a --two-way pass
 TWO_WAY_STREAM = 2  # SeedSequence([seed, 2]): the two-way components beside a QKD pass
+COARSE_TIME_STREAM = 4  # SeedSequence([seed, 4]): the error of the payload's coarse time
 
 
 def profile_for(qkd_profile_name: str) -> str:
@@ -139,6 +143,121 @@ def draw_events(link: dict, orbit: InertialPass, duration_s: float, rng) -> dict
     return {"emit_s": emit[order], "is_noise": is_noise[order]}
 
 
+@dataclass(frozen=True)
+class UplinkTransmitter:
+    """The ground transmitter as it knows itself: its pattern (symbols of every slot from
+    a keyed generator, the source a real station's QRNG bits stand for: the head's
+    generator, host.protocol.symbols.keyed_slot_words) and its slot clock on the ground
+    clock (slot k leaves when the ground clock reads first_epoch_ps + k period_ps). It
+    never knows which of its pulses were detected on board."""
+
+    pattern: KeyedPatternSource
+    first_epoch_ps: int
+    period_ps: int
+
+    def slot_clock(self) -> dict:
+        """Public (timetransfer.json): the slot epochs, not the symbols."""
+        return {
+            "first_epoch_ps": int(self.first_epoch_ps),
+            "period_ps": int(self.period_ps),
+            "slot_count": int(self.pattern.slot_count),
+        }
+
+    def epochs_ps(self, slots) -> np.ndarray:
+        return self.first_epoch_ps + np.asarray(slots, dtype=np.int64) * self.period_ps
+
+
+def uplink_key_from_secret(secret: bytes) -> bytes:
+    """The ground transmitter's pattern key of a simulation given a pattern secret (a
+    reproducible run): a keyed hash of it apart from Alice's (person string), as
+    passgen.pattern_key_from_secret; without one the key comes from os.urandom."""
+    import hashlib
+
+    return hashlib.blake2b(bytes(secret), digest_size=32, person=b"qkdsat-uplink-k").digest()
+
+
+def uplink_transmitter(link: dict, ground: PassClock, duration_s: float,
+                       key: bytes | None = None) -> UplinkTransmitter:  # fmt: skip
+    """The ground transmitter of a window of duration_s: its slot clock from the first
+    whole period of the ground clock after the window's start, to 1 ms past its end; its
+    pattern keyed by `key` (32 bytes; os.urandom by default, as the emulated head's QRNG
+    key: a test fixes it)."""
+    key = os.urandom(32) if key is None else bytes(key)
+    rate = float(link["slot_rate_hz"])
+    period_ps = int(round(1e12 / rate))
+    if abs(period_ps * rate - 1e12) > 1e-3 * period_ps:
+        raise BadInput(f"uplink slot_rate_hz {rate}: not a whole number of picoseconds")
+    mapping = SymbolMapping.from_probabilities(
+        link["basis_probability_z"], list(link["intensity_probabilities"])
+    )
+    intensities = dict(link["intensities"])
+    if len(intensities) != len(link["intensity_probabilities"]):
+        raise BadInput("uplink intensities and intensity_probabilities differ in length")
+    start_ps = int(ground.to_clock_ps(np.array([0.0]))[0])
+    first_epoch = -(-start_ps // period_ps) * period_ps
+    slot_count = int(math.ceil((duration_s + 1e-3) * rate))
+    pattern = KeyedPatternSource(key, mapping, 0, slot_count, intensities)
+    return UplinkTransmitter(pattern, first_epoch, period_ps)
+
+
+def draw_uplink(link: dict, orbit: InertialPass, duration_s: float, rng, ground: PassClock,
+                transmitter: UplinkTransmitter) -> dict:  # fmt: skip
+    """Detections of the ground's pulses: a Poisson process at the brightest class's rate,
+    each candidate put on its slot (the ground clock's slot grid) and kept with the
+    probability its slot's intensity over the brightest gives (thinning: each slot's
+    detection probability is its own mean photon number's); noise counts (in the gate of
+    a slot whose photon was lost) kept whatever the slot sent. Returns each detection's
+    slot, true emission time, and whether it is noise."""
+    chunks = np.arange(0.0, duration_s, CHUNK_S)
+    centre = chunks + CHUNK_S / 2
+    transmission = 10.0 ** (-loss_db(link, orbit, centre) / 10.0)
+    mu_of_class = np.array(list(transmitter.pattern.intensities.values()), dtype=np.float64)
+    mu_max = float(mu_of_class.max())
+    signal_hz = link["slot_rate_hz"] * mu_max * transmission * link["detector_efficiency"]
+    duty = min(1.0, link["gate_ns"] * 1e-9 * link["slot_rate_hz"])
+    noise_hz = link["noise_counts_hz"] * duty
+    counts = rng.poisson((signal_hz + noise_hz) * CHUNK_S)
+    t = np.repeat(chunks, counts) + rng.uniform(0.0, CHUNK_S, counts.sum())
+    is_noise = rng.random(t.size) < np.repeat(noise_hz / (signal_hz + noise_hz), counts)
+    reading = ground.to_clock_ps(t)
+    slot = np.rint((reading - transmitter.first_epoch_ps) / transmitter.period_ps).astype(np.int64)
+    inside = (slot >= 0) & (slot < transmitter.pattern.slot_count)
+    t, is_noise, reading, slot = t[inside], is_noise[inside], reading[inside], slot[inside]
+    _, _, intensity = decode_symbols(transmitter.pattern.symbols(slot))
+    keep = is_noise | (rng.random(t.size) * mu_max < mu_of_class[intensity])
+    t, is_noise, reading, slot = t[keep], is_noise[keep], reading[keep], slot[keep]
+    # the true time the ground clock read the slot's epoch (its rate is 1 within 1e-8:
+    # one step of a few ns is exact to far below a femtosecond)
+    emit = t + (transmitter.epochs_ps(slot) - reading).astype(np.float64) / PS_PER_S
+    order = np.argsort(emit, kind="stable")
+    return {"emit_s": emit[order], "is_noise": is_noise[order], "slot": slot[order]}
+
+
+def coarse_satellite_time(profile: dict, satellite: PassClock, ground: PassClock,
+                          duration_s: float, seed: int) -> dict:  # fmt: skip
+    """What the payload knows of its clock before the time transfer (the profile's
+    `satellite_coarse_time`: a GNSS receiver's time and rate): the line of satellite
+    minus ground clock over the window, off by an error drawn with the profile's sigmas
+    (its own random stream). Satellite clock terms: the offset at `satellite_reference_ps`
+    and the rate against the satellite reading; +-half_width_ps is where the uplink's
+    first anchor searches."""
+    spec = values(profile["clocks"])["satellite_coarse_time"]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, COARSE_TIME_STREAM]))
+    grid = np.linspace(0.0, duration_s, 64)
+    difference = satellite.reading_ps(grid) - ground.reading_ps(grid)
+    rate, at_start = np.polyfit(grid, difference, 1)
+    reference_ps = int(satellite.to_clock_ps(np.array([0.0]))[0])
+    return {
+        "satellite_reference_ps": reference_ps,
+        "offset_ps": int(satellite.offset_ps - ground.offset_ps)
+        + int(round(at_start + rng.normal(0.0, spec["time_sigma_ns"] * 1e3))),
+        "rate": float(rate / PS_PER_S + rng.normal(0.0, spec["rate_sigma"])),
+        "half_width_ps": int(round(spec["half_width_ns"] * 1e3)),
+        "source": "the payload's GNSS time and rate (assumed: profile clocks."
+        "satellite_coarse_time)",
+    }
+
+
 def make_clock(spec: dict, duration_s: float, rate_hz: float, rng, extra_ps=None) -> PassClock:
     """A clock of the profile's `clocks` section: offset, drift, aging and power-law noise
     from 1 s before the window to 1 s after it (PPS marks lie outside the window too)."""
@@ -161,16 +280,27 @@ BURST_FRACTION = 0.1  # of the window: the `delay_burst_ps` attack's span, at it
 def direction_events(
     direction: str, link: dict, orbit: InertialPass, duration_s: float, delays: dict,
     satellite: PassClock, ground: PassClock, rng, attack: dict,
+    transmitter: UplinkTransmitter | None = None,
 ) -> tuple[tuple, tuple]:  # fmt: skip
     """((tx_tag, basis, bit), (rx_tag, basis, bit)) of every detection of one direction
     (both bases), index for index. `attack`: `one_way_delay_ps`, `delay_ramp_ps` and
-    `delay_burst_ps` on the up photons, `intercept_resend` on both directions."""
-    drawn = draw_events(link, orbit, duration_s, rng)
+    `delay_burst_ps` on the up photons, `intercept_resend` on both directions.
+    `transmitter` (the uplink): its pulses' symbols and slot epochs; the tx record is
+    then the simulation's truth of which pulses were detected (truth/, never the
+    ground's record: the ground knows only its transmitter)."""
+    if transmitter is not None:
+        drawn = draw_uplink(link, orbit, duration_s, rng, ground, transmitter)
+        basis, sent_bit, _ = decode_symbols(transmitter.pattern.symbols(drawn["slot"]))
+        basis, sent_bit = basis.astype(np.uint8), sent_bit.astype(np.uint8)
+    else:
+        drawn = draw_events(link, orbit, duration_s, rng)
     emit, is_noise = drawn["emit_s"], drawn["is_noise"]
     n = emit.size
-    basis = rng.integers(0, 2, n, dtype=np.uint8)
+    if transmitter is None:
+        basis = rng.integers(0, 2, n, dtype=np.uint8)
     received_basis = rng.integers(0, 2, n, dtype=np.uint8)  # the receiver's own choice
-    sent_bit = rng.integers(0, 2, n, dtype=np.uint8)
+    if transmitter is None:
+        sent_bit = rng.integers(0, 2, n, dtype=np.uint8)
     error = np.where(is_noise, rng.random(n) < 0.5, rng.random(n) < link["misalignment_error"])
     attacked = rng.random(n) < attack.get("intercept_resend", 0.0)  # 25 % errors
     error = np.where(attacked, rng.random(n) < 0.25, error)
@@ -195,7 +325,10 @@ def direction_events(
         attack_ps = attack_ps + attack.get("delay_burst_ps", 0.0) * burst
         satellite_rx_ps = delays["satellite_rx"] + delays["calibration_residual_ps"]
         arrive = leave + flight + (satellite_rx_ps + attack_ps) / PS_PER_S
-        tx_tag = ground.to_clock_ps(emit)
+        if transmitter is not None:
+            tx_tag = transmitter.epochs_ps(drawn["slot"])
+        else:
+            tx_tag = ground.to_clock_ps(emit)
         rx_tag = satellite.to_clock_ps(arrive, timing_ps)
     else:
         leave = emit + delays["satellite_tx"] / PS_PER_S
@@ -252,6 +385,20 @@ def scenario_json(profile: dict, predicted: InertialPass, duration_s: float, see
     }
 
 
+def uplink_scenario(profile: dict, transmitter: UplinkTransmitter, satellite: PassClock,
+                    ground: PassClock, duration_s: float, seed: int) -> dict:  # fmt: skip
+    """timetransfer.json's public uplink fields: the ground transmitter's slot clock and
+    intensity classes (as pass.json publishes the downlink's), and the payload's coarse
+    time (its GNSS), which the uplink's first anchor searches around."""
+    return {
+        "uplink_slot_clock": transmitter.slot_clock(),
+        "uplink_intensities": dict(transmitter.pattern.intensities),
+        "satellite_coarse_time": coarse_satellite_time(
+            profile, satellite, ground, duration_s, seed
+        ),
+    }
+
+
 def simulate(
     profile: dict,
     out_dir: Path,
@@ -261,6 +408,7 @@ def simulate(
     intercept_resend: float = 0.0,
     delay_ramp_ps: float = 0.0,
     delay_burst_ps: float = 0.0,
+    uplink_key: bytes | None = None,
 ) -> dict:
     """A two-way pass of its own (the profile's link budgets both ways).
     `one_way_delay_ps`: an extra delay on every up photon; `delay_ramp_ps`: an extra
@@ -269,7 +417,8 @@ def simulate(
     during the middle BURST_FRACTION of the window only (its mean over the pass under the
     range check, no slope: an attacker moving a second's offsets by half of it);
     `intercept_resend`: fraction of photons of both directions measured and resent in a
-    random basis."""
+    random basis. `uplink_key`: the ground transmitter's pattern key (32 bytes; fresh from
+    os.urandom by default)."""
     rng = np.random.default_rng(seed)
     truth_orbit, predicted_orbit, duration = orbits(profile, duration_s)
     up, down = values(profile["uplink"]), values(profile["downlink"])
@@ -287,16 +436,21 @@ def simulate(
         "delay_burst_ps": delay_burst_ps,
         "intercept_resend": intercept_resend,
     }
+    transmitter = uplink_transmitter(up, ground, duration, uplink_key)
     events = {}
     for direction, link in (("uplink", up), ("downlink", down)):
         tx, rx = direction_events(
-            direction, link, truth_orbit, duration, delays, satellite, ground, rng, attack
-        )
+            direction, link, truth_orbit, duration, delays, satellite, ground, rng, attack,
+            transmitter if direction == "uplink" else None,
+        )  # fmt: skip
         events[f"{direction}_tx"], events[f"{direction}_rx"] = tx, rx
     truth = truth_series(duration, satellite, ground, attack)
     wavelengths = {"uplink": up["wavelength_nm"], "downlink": down["wavelength_nm"]}
-    scenario = scenario_json(profile, predicted_orbit, duration, seed, ground, wavelengths)
-    files.write_pass(Path(out_dir), scenario, events, truth)
+    scenario = scenario_json(
+        profile, predicted_orbit, duration, seed, ground, wavelengths,
+        **uplink_scenario(profile, transmitter, satellite, ground, duration, seed),
+    )  # fmt: skip
+    files.write_pass(Path(out_dir), scenario, events, truth, transmitter.pattern)
     return {"events": {k: int(v[0].size) for k, v in events.items()}, "duration_s": duration}
 
 
@@ -320,11 +474,28 @@ class TwoWayPass:
     geometry: InertialPassGeometry
     rng: np.random.Generator
     attack: dict
+    transmitter: UplinkTransmitter
+
+    def uplink_events(self) -> tuple[tuple, tuple]:
+        """The uplink's detections on the shared orbit and clocks: (the truth's tx record
+        of the detected pulses, the satellite's rx record)."""
+        profile = self.profile
+        return direction_events(
+            "uplink", values(profile["uplink"]), self.truth_orbit, self.duration_s,
+            values(profile["delays_ps"]), self.satellite, self.ground, self.rng, self.attack,
+            self.transmitter,
+        )  # fmt: skip
+
+    def uplink_scenario(self) -> dict:
+        return uplink_scenario(
+            self.profile, self.transmitter, self.satellite, self.ground, self.duration_s,
+            self.seed,
+        )  # fmt: skip
 
 
 def prepare_beside_qkd(
     profile: dict, qkd_profile: dict, station: dict, seed: int, duration_s: float | None,
-    utc_start, **attack,
+    utc_start, uplink_key: bytes | None = None, **attack,
 ) -> TwoWayPass:  # fmt: skip
     """The two-way profile's orbit over the QKD pass's station (its latitude and height),
     cut to the window above the two-way profile's elevation mask (`duration_s` around
@@ -379,9 +550,10 @@ def prepare_beside_qkd(
         truth_orbit, duration, geo.parse_utc(utc_start, "start"), source, wavelength_nm,
         delays["satellite_tx"] / PS_PER_S, delays["ground_rx"] / PS_PER_S,
     )  # fmt: skip
+    transmitter = uplink_transmitter(values(profile["uplink"]), ground, duration, uplink_key)
     return TwoWayPass(
         profile, seed, truth_orbit, predicted_orbit, duration, satellite, ground, geometry,
-        rng, attack,
+        rng, attack, transmitter,
     )  # fmt: skip
 
 
@@ -420,11 +592,7 @@ def write_beside(two_way: TwoWayPass, pass_dir: Path, qkd_scenario) -> dict:
     profile = two_way.profile
     up = values(profile["uplink"])
     events = {}
-    tx, rx = direction_events(
-        "uplink", up, two_way.truth_orbit, two_way.duration_s, values(profile["delays_ps"]),
-        two_way.satellite, two_way.ground, two_way.rng, two_way.attack,
-    )  # fmt: skip
-    events["uplink_tx"], events["uplink_rx"] = tx, rx
+    events["uplink_tx"], events["uplink_rx"] = two_way.uplink_events()
     events["downlink_tx"], events["downlink_rx"] = downlink_from_detections(pass_dir, qkd_scenario)
     truth = truth_series(two_way.duration_s, two_way.satellite, two_way.ground, two_way.attack)
     wavelengths = {"uplink": up["wavelength_nm"], "downlink": two_way.geometry.wavelength_nm}
@@ -434,8 +602,9 @@ def write_beside(two_way: TwoWayPass, pass_dir: Path, qkd_scenario) -> dict:
         downlink="the QKD pass's detections (ground/detections.qdet) inside the coincidence "
         "window, each with the slot its tag points to",
         qkd_profile=qkd_scenario.profile["name"],
+        **two_way.uplink_scenario(),
     )  # fmt: skip
-    files.write_pass(Path(pass_dir), scenario, events, truth)
+    files.write_pass(Path(pass_dir), scenario, events, truth, two_way.transmitter.pattern)
     return {
         "events": {k: int(v[0].size) for k, v in events.items()},
         "duration_s": two_way.duration_s,

@@ -8,22 +8,25 @@ The steps are those of the post-pass protocol (endpoints.py), cut into blocks of
 pass seconds per wall second); the satellite decides each block's downlink events by
 its own clock (index ranges of its record, which the ground takes the same from its
 own, index i being the same photon in both). The uplink is matched by its time
-synchronisation (_UplinkMatcher): the ground names its own block of emissions, cut by
-its clock, and the satellite matches its detections to them, so an uplink event lost
-or added on board moves nothing else.
+synchronisation (_StreamUplink, timesync.UplinkSlotSync): the satellite asks once for
+the ground transmitter's intensity classes of windows of slots around its detections,
+locks the lag, then names the slots of each block's detections; the ground returns its
+bases and a sample of them. An uplink event lost or added on board moves nothing else.
 Messages, strictly alternating (the satellite is the first speaker):
 
-    satellite -> ground  tt_block       block k: bases of its downlink emissions
-                                        ("by epoch" for the uplink); for block k-1: SEALED, the
+    satellite -> ground  tt_block       block k: bases of its downlink emissions; the
+                                        uplink's request for the ground's classes (once)
+                                        or the slots of its detections added since the
+                                        last block; for block k-1: SEALED, the
                                         uplink fit of the bins now complete and its
                                         emitted bits of the downlink sample (Alice's raw
                                         key bits), and in the clear the downlink emission
                                         epochs of the sifted events, the uplink's sifted,
                                         sampled and sample-error counts
     ground -> satellite  tt_block_sift  block k: which downlink bases agree and a CSPRNG
-                                        sample of the sifted; its block of uplink
-                                        emissions (epochs, bases, a CSPRNG sample and its
-                                        emitted bits of it)
+                                        sample of the sifted; the classes asked for, or
+                                        its bases of the uplink slots named, a CSPRNG
+                                        sample of them and its emitted bits of it
     ...
     satellite -> ground  tt_block       final: block N-1's data only
     ground -> satellite  tt_result      SEALED: the measured offset (middle, rate)
@@ -59,7 +62,7 @@ import numpy as np
 
 from host.distil import channel as ch
 from host.distil import timesync
-from host.distil.bitcodec import pack_bits, unpack_bits
+from host.distil.bitcodec import pack_bits, unpack_2bit, unpack_bits
 from host.distil.endpoint_random import SystemRandom
 from host.distil.stream import PassClock
 from host.errors import BadInput, ProtocolAborted
@@ -74,6 +77,7 @@ from host.timetransfer.endpoints import (
 
 COMPLETE_MARGIN_S = 0.02  # a bin is complete when the newest event is this far past it
 SEALED_FIT = struct.Struct("<qdfIH")  # base ps, reference ps, jitter ps, first bin, count
+BASE_UNKNOWN = -(2**63)  # the sealed fit's base before the satellite knows one
 FIT_BYTES_PER_BIN = 8  # float32 intercept - reference, float16 variance, uint16 events
 RESULT_PAD_BYTES = 400  # the sealed result's encoded fields (as post-pass)
 
@@ -199,96 +203,107 @@ class _Direction:
         return {**self.fit, "sigma_ps": sigma}
 
 
-class _UplinkMatcher:
-    """The streamed uplink's time synchronisation on the satellite: the ground names each
-    block's emissions (cut by its own clock); each block, the detections of the last
-    MATCH_BLOCKS blocks not yet matched are matched (timesync.match_epochs) to the
-    emissions of those blocks not yet claimed, from the lag of the previous round (the
-    first round: both records from their start). A detection whose emission comes in
-    the ground's next block (the range shrank across a block's edge) is matched then; one
-    still unmatched after MATCH_BLOCKS blocks is a dark count or its emission was lost."""
+class _StreamUplink:
+    """The streamed uplink on the satellite: its detections added block by block to the
+    uplink's time synchronisation (timesync.UplinkSlotSync, as post-pass:
+    endpoints.UplinkSync). The first block whose detections can make one carries the
+    request for the ground's classes of windows of slots; once the ground's answer has
+    locked the lag, each block names the slots of the detections added since the last,
+    and the ground's bases and sample of them (its tt_block_sift) sift them. A detection
+    lost on board moves nothing else; a dark count takes a slot only inside the gate."""
 
-    MATCH_BLOCKS = 3
-
-    def __init__(self, scenario, tags, basis, bits, edges):
-        self.scenario, self.orbit = scenario, estimate.predicted_orbit(scenario)
-        self.tags, self.basis, self.bits, self.edges = tags, basis, bits, edges
-        self.detection_used = np.zeros(tags.size, dtype=bool)
-        self.epochs, self.arrivals, self.ground_basis = [], [], []
-        self.sample_bits = []  # per emission: the ground's bit if sampled, else -1
-        self.block_start = []  # first emission index of each named block
-        self.claimed = np.zeros(0, dtype=bool)
-        self.hint = None
+    def __init__(self, scenario: dict):
+        _check("satellite_coarse_time" in scenario, "the scenario has no coarse satellite time")
+        self.scenario = scenario
+        self.clock = endpoints.uplink_slot_clock(scenario)
+        self.sync = timesync.UplinkSlotSync(
+            np.zeros(0, np.int64), np.zeros(0), self.clock, scenario["satellite_coarse_time"]
+        )
+        self.tags = np.zeros(0, np.int64)
+        self.basis = self.bits = np.zeros(0, np.uint8)
+        self.requested = False
+        self.named_from = 0  # detections before this one have had their slot named or not
+        self.last_slot = -1
+        self.pending = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # detections, slots
         self.matched = self.sifted = self.sampled = 0
 
-    def grow(self, tags, basis, bits, edges) -> None:
-        """The satellite's record as read so far (a live TDC log: tdc_feed.LiveTdcUplink);
-        the events already read and the edges of the blocks taken never change."""
-        self.tags, self.basis, self.bits, self.edges = tags, basis, bits, edges
-        more = tags.size - self.detection_used.size
-        self.detection_used = np.concatenate([self.detection_used, np.zeros(more, dtype=bool)])
+    def add(self, tags, basis, bits, final: bool) -> None:
+        """A block's detections (the record's order; sorted by tag inside the block)."""
+        order = np.argsort(tags, kind="stable")
+        tags = np.asarray(tags, dtype=np.int64)[order]
+        flights = endpoints.detection_flights_ps(self.scenario, tags) if tags.size else ()
+        self.sync.extend(tags, flights, final)
+        self.tags = np.concatenate([self.tags, tags])
+        self.basis = np.concatenate([self.basis, np.asarray(basis, np.uint8)[order]])
+        self.bits = np.concatenate([self.bits, np.asarray(bits, np.uint8)[order]])
 
-    def add_block(self, sift: dict) -> None:
-        count = int(sift["uplink_count"])
-        _check(0 <= count, "uplink count")
-        epochs = unpack_epochs(sift, "uplink_emission", count)
-        basis = unpack_bits(sift["uplink_basis"], count)
-        sample = _positions(sift["uplink_sample"], count, "uplink sample")
-        bits = np.full(count, -1, dtype=np.int16)
-        bits[sample] = unpack_bits(sift["uplink_sample_bits"], sample.size)
-        t1, t2 = estimate.uplink_flight(self.scenario, self.orbit, epochs)
-        self.block_start.append(sum(e.size for e in self.epochs))
-        self.epochs.append(epochs)
-        self.arrivals.append(epochs + np.rint((t2 - t1) * 1e12).astype(np.int64))
-        self.ground_basis.append(basis)
-        self.sample_bits.append(bits)
-        self.claimed = np.concatenate([self.claimed, np.zeros(count, dtype=bool)])
+    def fields(self) -> dict:
+        """tt_block's uplink: before the lock, the request (once the detections so far can
+        make one); after, the slots of the detections added since the last block (a slot
+        at or before one already named is not named again)."""
+        if not self.sync.locked:
+            if self.requested:
+                return {"uplink_count": 0}
+            try:
+                starts, length = self.sync.request()
+            except ProtocolAborted:
+                return {"uplink_count": 0}  # too few detections yet: the next block
+            self.requested = True
+            return {
+                "uplink_count": 0,
+                "uplink_sync_count": int(starts.size),
+                "uplink_sync_length": int(length),
+                **pack_epochs("uplink_sync_start", starts),
+            }
+        slot = self.sync.slots(self.named_from)
+        detection = np.flatnonzero(slot > self.last_slot) + self.named_from
+        slot = slot[slot > self.last_slot]
+        order = np.argsort(slot, kind="stable")
+        detection, slot = detection[order], slot[order]
+        self.pending = (detection, slot)
+        self.named_from = self.tags.size
+        self.matched += int(slot.size)
+        if slot.size:
+            self.last_slot = int(slot[-1])
+        return {"uplink_count": int(slot.size), **pack_epochs("uplink_slot", slot)}
 
-    def match(self, k: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """After block k's emissions are named: (emission epochs, reception tags) of the
-        newly matched and sifted detections, their timing mask (sampled ones whose bits
-        disagree dropped), and the sample's (events, errors) of this round."""
-        first_block = max(0, k + 1 - self.MATCH_BLOCKS)
-        d0, d1 = int(self.edges[first_block]), int(self.edges[k + 1])
-        e0 = self.block_start[first_block]
-        epochs = np.concatenate(self.epochs)
-        arrivals = np.concatenate(self.arrivals)[e0:]
-        ground_basis = np.concatenate(self.ground_basis)
-        sample_bits = np.concatenate(self.sample_bits)
-        detections = np.flatnonzero(~self.detection_used[d0:d1]) + d0
-        free = np.flatnonzero(~self.claimed[e0:]) + e0
+    def base(self) -> int:
+        """The fits' reference (ps): the median of tag - epoch over the detections with a
+        slot so far (once locked)."""
+        slot = self.sync.slots(0)
+        ok = slot >= 0
+        epochs = int(self.clock["first_epoch_ps"]) + slot[ok] * int(self.clock["period_ps"])
+        return int(np.median(self.tags[ok] - epochs))
+
+    def on_sift(self, sift: dict):
+        """The ground's answer: its classes (lock), or its bases and sample of the slots
+        named. Returns the newly sifted events' (emission epochs, reception tags, timing
+        mask, (sampled, sample errors))."""
         none = np.zeros(0, dtype=np.int64)
-        if detections.size < timesync.EPOCH_MIN_PAIRS or free.size < timesync.EPOCH_MIN_PAIRS:
+        if "uplink_intensity" in sift:
+            _check(self.requested and not self.sync.locked, "uplink pattern not asked for")
+            length = 2 * self.sync.half + 1
+            codes = unpack_2bit(sift["uplink_intensity"], self.sync.asked.size * length)
+            _check(codes.size == self.sync.asked.size * length, "uplink pattern length")
+            self.sync.lock(endpoints.uplink_class_weights(self.scenario)[codes])
+        detection, slot = self.pending
+        self.pending = (none, none)
+        count = int(sift["uplink_count"])
+        _check(count == slot.size, "uplink count")
+        if count == 0:
             return none, none, np.zeros(0, dtype=bool), (0, 0)
-        by_arrival = free[np.argsort(arrivals[free - e0], kind="stable")]
-        by_tag = detections[np.argsort(self.tags[detections], kind="stable")]
-        try:
-            result = timesync.match_epochs(self.tags[by_tag], arrivals[by_arrival - e0], self.hint)
-        except ProtocolAborted:
-            if self.hint is None and k + 1 < self.MATCH_BLOCKS:
-                return none, none, np.zeros(0, dtype=bool), (0, 0)  # too early: wait
-            raise
-        self.hint = result.last_anchor()
-        found = result.emission >= 0
-        detection, emission = by_tag[found], by_arrival[result.emission[found]]
-        self.detection_used[detection] = True
-        self.claimed[emission] = True
-        self.matched += int(detection.size)
-        sifted = self.basis[detection] == ground_basis[emission]
-        detection, emission = detection[sifted], emission[sifted]
-        order = np.argsort(emission, kind="stable")
-        detection, emission = detection[order], emission[order]
-        ground_bit = sample_bits[emission]
+        ground_basis = unpack_bits(sift["uplink_basis"], count)
+        sample = _positions(sift["uplink_sample"], count, "uplink sample")
+        sample_bits = np.full(count, -1, dtype=np.int16)
+        sample_bits[sample] = unpack_bits(sift["uplink_sample_bits"], sample.size)
+        sifted = self.basis[detection] == ground_basis
+        detection, slot, ground_bit = detection[sifted], slot[sifted], sample_bits[sifted]
         sampled = ground_bit >= 0
         wrong = sampled & (self.bits[detection].astype(np.int16) != ground_bit)
         self.sifted += int(detection.size)
         self.sampled += int(sampled.sum())
-        return (
-            epochs[emission],
-            self.tags[detection],
-            ~wrong,
-            (int(sampled.sum()), int(wrong.sum())),
-        )
+        epochs = int(self.clock["first_epoch_ps"]) + slot * int(self.clock["period_ps"])
+        return epochs, self.tags[detection], ~wrong, (int(sampled.sum()), int(wrong.sum()))
 
 
 def _start(transport, pool, role, key_info, scenario, block_s):
@@ -342,7 +357,7 @@ class StreamSatellite:
             int(up_tag[0]) if up_tag.size else 2**62, int(down_tag[0]) if down_tag.size else 2**62
         )
         up_edges = block_edges(up_tag, zero, block_s, n_blocks)
-        matcher = _UplinkMatcher(scenario, up_tag, up_basis, up_bit, up_edges)
+        matcher = _StreamUplink(scenario)
         down_edges = block_edges(down_tag, zero, block_s, n_blocks)
         orbit = estimate.predicted_orbit(scenario)
         down_cap = downlink_sample_cap(n_blocks)
@@ -359,18 +374,21 @@ class StreamSatellite:
                 end_ps = zero + round((k + 1) * block_s * 1e12) if k + 1 < n_blocks else None
                 up_tag, up_basis, up_bit = feed.through(end_ps)
                 up_edges = block_edges(up_tag, zero, block_s, n_blocks)
-                matcher.grow(up_tag, up_basis, up_bit, up_edges)
             if not final:
+                u = slice(up_edges[k], up_edges[k + 1])
+                matcher.add(up_tag[u], up_basis[u], up_bit[u], k + 1 == n_blocks)
                 d = slice(down_edges[k], down_edges[k + 1])
                 fields.update(
-                    uplink_count=endpoints.BY_EPOCH,
+                    **matcher.fields(),
                     downlink_count=endpoints.BY_SLOT if by_slot else int(down_basis[d].size),
                     downlink_basis=pack_bits(down_basis[d]),
                 )  # fmt: skip
             if previous is not None:
                 first, count = uplink.complete(final)
                 sigma = uplink.as_fit()["sigma_ps"]
-                payload = pack_fit_bytes(uplink.fit, base or 0, first, count, sigma)
+                payload = pack_fit_bytes(
+                    uplink.fit, BASE_UNKNOWN if base is None else base, first, count, sigma
+                )
                 fields.update(
                     sealed=sealed.seal_bytes(payload),
                     **pack_epochs("downlink_emission", previous["down_epochs"]),
@@ -388,10 +406,11 @@ class StreamSatellite:
                 break
             sift = chan.recv("tt_block_sift")
             _check(int(sift["block"]) == k, "block out of order")
-            matcher.add_block(sift)
-            emission, received, timing, (n_sampled, n_wrong) = matcher.match(k)
+            emission, received, timing, (n_sampled, n_wrong) = matcher.on_sift(sift)
             errors, sampled = errors + n_wrong, sampled + n_sampled
             got = received[timing]
+            if base is None and matcher.sync.locked:  # the lag locked: any matched event
+                base = matcher.base()
             if base is None and got.size:
                 base = int(np.median(got - emission[timing]))
             if got.size:
@@ -419,7 +438,11 @@ class StreamSatellite:
         return {
             **endpoints.receive_offset_result(chan, sealed),
             "uplink_qber_sample": {"n": sampled, "errors": errors},
-            "uplink_sync": {"detections": int(up_tag.size), "matched": matcher.matched},
+            "uplink_sync": {
+                **matcher.sync.summary(),
+                "detections": int(up_tag.size),
+                "matched": matcher.matched,
+            },
             **({"uplink_feed": feed.report()} if feed is not None else {}),
         }
 
@@ -463,7 +486,7 @@ class StreamGround:
 
     def _run(self, chan, sealed) -> dict:
         scenario, report = self.scenario, self.report
-        up_tag, up_basis, up_bit = self.events["uplink_tx"]
+        uplink = endpoints.UplinkTransmitterRecord(self.events["uplink_transmitter"])
         down_tag, down_basis, down_bit = self.events["downlink_rx"]
         bin_s, n_bins = estimate.bin_grid(scenario)
         orbit = estimate.predicted_orbit(scenario)
@@ -472,19 +495,21 @@ class StreamGround:
                   "n": np.zeros(n_bins, np.int64)}  # fmt: skip
         known_at = np.full(n_bins, np.nan)  # pass time the ground knew each bin's offset
         known_in = np.full(n_bins, -1)  # and the block whose message brought it
-        u0 = d0 = 0
+        d0 = 0
+        backlog = []  # the downlink's (epochs, tags) waiting for the base
         base = None
         pending = None
         by_slot = None  # decided by the satellite's first block
         n_blocks = block_count(scenario, self.block_s)
         down_cap = downlink_sample_cap(n_blocks)
-        zero = min(
-            int(up_tag[0]) if up_tag.size else 2**62, int(down_tag[0]) if down_tag.size else 2**62
-        )
+        # the pass's start by the ground's clock: its transmitter's first slot (the
+        # satellite's: its first uplink tag)
+        first_slot_ps = int(endpoints.uplink_slot_clock(scenario)["first_epoch_ps"])
+        zero = min(first_slot_ps, int(down_tag[0]) if down_tag.size else 2**62)
         own_down_edges = block_edges(down_tag, zero, self.block_s, n_blocks)
         up_sigma = math.nan
         counts = {"up": [0, 0], "down": [0, 0], "up_sifted": 0, "down_sifted": 0, "up_drawn": 0}
-        own_up_edges = block_edges(up_tag, zero, self.block_s, n_blocks)
+        up_named = 0
         while True:
             message = chan.recv("tt_block")
             final = bool(message["final"])
@@ -504,7 +529,7 @@ class StreamGround:
                 b, first, a, variance, n, up_sigma = unpack_fit_bytes(
                     sealed.open_bytes(message["sealed"]), n_bins
                 )
-                base = b if base is None else base
+                base = b if base is None and b != BASE_UNKNOWN else base
                 up_fit["a_ps"][first : first + a.size] = a
                 up_fit["var_ps2"][first : first + a.size] = variance
                 up_fit["n"][first : first + a.size] = n
@@ -526,11 +551,13 @@ class StreamGround:
                 )
                 timing = np.ones(pending["n_down"], dtype=bool)
                 timing[sample[wrong]] = False
-                if timing.any() and base is not None:
-                    t3, y = estimate.downlink_samples(
-                        scenario, orbit, emission[timing], pending["received"][timing], base
-                    )
-                    downlink.add(t3, y)
+                # before the satellite's base is known, the downlink's events wait for it
+                backlog.append((emission[timing], pending["received"][timing]))
+                while backlog and base is not None:
+                    sent, got = backlog.pop(0)
+                    if sent.size:
+                        t3, y = estimate.downlink_samples(scenario, orbit, sent, got, base)
+                        downlink.add(t3, y)
                 downlink.complete(final)
                 both = np.isfinite(up_fit["a_ps"]) & np.isfinite(downlink.fit["a_ps"])
                 new = both & np.isnan(known_at)
@@ -540,10 +567,14 @@ class StreamGround:
                 break
             k = int(message["block"])
             n_dn = int(message["downlink_count"])
-            _check(int(message["uplink_count"]) == endpoints.BY_EPOCH, "uplink mode")
-            # the uplink: the ground names its own block of emissions, by its clock; the
-            # satellite matches its detections to them (_UplinkMatcher)
-            n_up = int(own_up_edges[k + 1] - own_up_edges[k]) if k < n_blocks else 0
+            # the uplink: the ground's classes of the slots the satellite asks about
+            # (once), then its bases and a sample of the slots the satellite names
+            # (_StreamUplink)
+            pattern_fields = {}
+            if "uplink_sync_count" in message:
+                pattern_fields["uplink_intensity"] = uplink.classes(message)["intensity"]
+            n_up, up_fields = uplink.named(message, self._sample)
+            up_named += n_up
             if by_slot is None:
                 by_slot = n_dn == endpoints.BY_SLOT
                 if by_slot and self.downlink_slots is None:
@@ -554,15 +585,14 @@ class StreamGround:
             _check((n_dn == endpoints.BY_SLOT) == by_slot, "downlink mode changed")
             if by_slot:  # the ground's own blocks of its detections, by its clock
                 n_dn = int(own_down_edges[k + 1] - own_down_edges[k]) if k < n_blocks else 0
-            if u0 + n_up > up_basis.size or d0 + n_dn > down_basis.size:
+            if d0 + n_dn > down_basis.size:
                 raise ProtocolAborted(
                     f"block {k}: the satellite names events past the ground's records: the "
                     "two records do not belong together"
                 )
-            u, d = slice(u0, u0 + n_up), slice(d0, d0 + n_dn)
-            u0, d0 = u0 + n_up, d0 + n_dn
-            up_sample = self._sample(n_up)
-            counts["up_drawn"] += int(up_sample.size)
+            d = slice(d0, d0 + n_dn)
+            d0 = d0 + n_dn
+            counts["up_drawn"] += int(up_fields["uplink_sample"].size)
             if by_slot:  # name the slots and bases; the satellite sifts
                 sample_all = self._sample(n_dn, down_cap)
                 downlink_fields = {
@@ -582,11 +612,8 @@ class StreamGround:
             chan.send(
                 "tt_block_sift",
                 block=k,
-                uplink_count=n_up,
-                **pack_epochs("uplink_emission", up_tag[u]),
-                uplink_basis=pack_bits(up_basis[u]),
-                uplink_sample=up_sample,
-                uplink_sample_bits=pack_bits(up_bit[u][up_sample]),
+                **up_fields,
+                **pattern_fields,
                 **downlink_fields,
             )
             pending = {}
@@ -674,7 +701,7 @@ def run_streaming(
         satellite_events = {}
     if "uplink_rx" in satellite:
         satellite_events["uplink_rx"] = satellite["uplink_rx"]
-    ground_events = files.read_events(pass_dir, files.GROUND_FILES)
+    ground_events = files.read_ground_records(pass_dir, scenario)
     ground_slots = files.read_downlink_slots(pass_dir)
     satellite_pool, satellite_key = endpoints.open_time_key(keys_dir, "satellite")
     try:
