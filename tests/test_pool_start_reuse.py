@@ -272,3 +272,76 @@ def test_a_listener_commits_nothing_to_an_announcement_tagged_under_bytes_alread
     assert all("below" in reason for reason in second["dropped"]), second["dropped"]
     assert all(reply[:8] == ch._REFUSE for reply in replies)
     assert second["start"] > used_end  # Bob's session begins past everything used
+
+
+def _time_session(path, role, transport, sealed_bytes: int, lost: list):
+    """One side of a time-transfer-like session over `transport`: the pool start, Bob's
+    first message, then Alice's reply carrying `sealed_bytes` of time data sealed with the
+    key (endpoints.SealedChannel: one-time pads after the authentication region, as the
+    satellite's tt_uplink). `lost`: Bob never reads that reply (the pass ended with it in
+    flight, or his process was killed), as the link or a man in the middle makes it."""
+    from host.timetransfer import endpoints
+    from host.timetransfer.endpoints import AUTH_REGION_BYTES, SealedChannel
+
+    pool = ch.KeyPool.from_file(str(path))
+    try:
+        # the time transfer's budget of this session: its tags, then the sealed data
+        budget = endpoints.key_budget(pool, {}, fit_bytes=sealed_bytes, header_bytes=0)
+        chan = endpoints._session(transport, pool, role, budget)
+        sealed = SealedChannel(chan, {"file": path.name}, AUTH_REGION_BYTES)
+        if role == ch.BOB:
+            chan.send("tt_sift")
+            if not lost:
+                sealed.open_bytes(bytes.fromhex(chan.recv("tt_uplink")["sealed"]))
+        else:
+            chan.recv("tt_sift")
+            chan.send("tt_uplink", sealed=sealed.seal_bytes(bytes(sealed_bytes)).hex())
+        return "session"
+    except ch.ProtocolAborted as error:
+        return str(error)
+    finally:
+        pool.close()
+        transport.close()
+
+
+def _time_contact(path_a, path_b, sealed_bytes: int, lost: bool) -> dict:
+    """Alice listens, Bob connects (queue_pair's first end listens)."""
+    t_l, t_c = ch.queue_pair(timeout_s=5)
+    outcome = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(
+            alice=_time_session(path_a, ch.ALICE, t_l, sealed_bytes, [lost] if lost else [])
+        ),
+        daemon=True,
+    )
+    thread.start()
+    outcome["bob"] = _time_session(path_b, ch.BOB, t_c, sealed_bytes, [lost] if lost else [])
+    thread.join(10)
+    return outcome
+
+
+@pytest.mark.parametrize("sealed_bytes", [600, 3000])
+def test_a_sealed_message_the_link_lost_does_not_lock_the_prover_out(tmp_path, sealed_bytes):
+    """Alice (verifier) seals time data with one-time pads of the key after the session's
+    authentication region and sends it; the link loses it (the pass ends, or Bob's process
+    is killed) before Bob opened it. Her peer floor then stands past those pads, which
+    Bob never took: on main his record (his tags' reserve, RESERVE_AHEAD_BYTES, or one
+    RESERVE_STEP_BYTES step) lay below it whenever the sealed data ran past it, and at
+    every later contact Alice refused his announcement, 32 bytes further each time (here
+    2,640 against 3,120: 15 refusals), telling the operator to edit a record that was never
+    restored from a backup. Each side's record must cover every pad the peer may take in
+    the session before the peer can take it: the time transfer's sessions record their
+    key budget with their start (endpoints._session)."""
+    pools = []
+    data = np.random.default_rng(22).bytes(1 << 15)
+    for name in ("a.key", "b.key"):
+        path = tmp_path / name
+        path.write_bytes(data)
+        path.chmod(0o600)
+        ch.KeyPool.from_file(str(path), new=True).close()
+        pools.append(path)
+    path_a, path_b = pools
+    first = _time_contact(path_a, path_b, sealed_bytes, lost=True)
+    assert first["alice"] == "session" and first["bob"] == "session", first
+    again = _time_contact(path_a, path_b, sealed_bytes, lost=False)
+    assert again == {"alice": "session", "bob": "session"}, again

@@ -219,9 +219,11 @@ class KeyPool:
                 self._write_record(end)
             return slot
 
-    def agree_start(self, peer_start_byte: int) -> None:
+    def agree_start(self, peer_start_byte: int, session_bytes: int = 0) -> None:
         """Begin this session at the later of the two sides' records (never earlier than
-        our own, whatever the peer claims): both then take the same pads."""
+        our own, whatever the peer claims): both then take the same pads. The record then
+        covers the session's first `session_bytes` (at least RESERVE_AHEAD_BYTES): every
+        pad the peer may take before we see its messages (exchange_pool_start)."""
         with self._mutex:
             if self.high_water_byte != self.start_byte:
                 raise RuntimeError("the session start is agreed before any pad is taken")
@@ -229,9 +231,11 @@ class KeyPool:
             if start + MIN_POOL_LEFT_BYTES > len(self.data):
                 raise ProtocolAborted("authentication key pool exhausted")
             self.start_byte = self.high_water_byte = start
-            if self.path is not None and self.reserved_byte < start + RESERVE_AHEAD_BYTES:
-                # cover the peer's first MAX_UNANSWERED messages at once, before any pad
-                self._write_record(min(start + RESERVE_AHEAD_BYTES, len(self.data)))
+            ahead = max(RESERVE_AHEAD_BYTES, int(session_bytes))
+            if self.path is not None and self.reserved_byte < start + ahead:
+                # cover the peer's first MAX_UNANSWERED messages (and a session's declared
+                # one-time pads) at once, before any pad
+                self._write_record(min(start + ahead, len(self.data)))
 
     def take(self, offset_byte: int, count: int) -> bytes:
         """Bytes at offset_byte (relative to this session's start), reserved durably first."""
@@ -362,7 +366,9 @@ def _fits(pool: KeyPool, offset: int) -> bool:
     return 0 <= offset and offset + ANNOUNCE_BYTES + MIN_POOL_LEFT_BYTES <= len(pool.data)
 
 
-def exchange_pool_start(transport, pool: KeyPool, role: str | None = None) -> bytes:
+def exchange_pool_start(
+    transport, pool: KeyPool, role: str | None = None, session_bytes: int = 0
+) -> bytes:
     """Agree where this session begins in the pool, authenticated before anything a peer
     says is committed (docs/distillation.md, "The pool-start exchange"). Returns the
     session (both sides' fresh nonces, in a fixed order) for AuthChannel, whose every tag
@@ -394,17 +400,26 @@ def exchange_pool_start(transport, pool: KeyPool, role: str | None = None) -> by
     So no byte serves two tags, a peer without the pool moves neither record (protocol 2:
     one forged position burnt the pool to its end), and the session begins past both
     records. A listener drops a peer that fails (a forged tag, garbage, silence for
-    HANDSHAKE_TIMEOUT_S) and accepts the next (ListeningTransport)."""
+    HANDSHAKE_TIMEOUT_S) and accepts the next (ListeningTransport).
+    `session_bytes`: the most of the pool the session may take from its start (the time
+    transfer's key budget: its one-time pads come after the tags' region), recorded by
+    each side with its start (KeyPool.agree_start), before its answer or confirmation
+    lets the peer take any: the peer floor stands past every pad this side took, and a
+    sealed message the link lost carried pads only its sender took. Without this
+    reservation the receiver's record lay below them, and the sender, verifying at the
+    next contact, refused its announcement, 32 bytes further each time."""
     while True:
         try:
-            return _exchange_pool_start(transport, pool, role)
+            return _exchange_pool_start(transport, pool, role, session_bytes)
         except (ProtocolAborted, OSError) as error:
             # a listener whose peer failed before anything was committed: the next peer
             if not getattr(transport, "accept_next", lambda _reason: False)(str(error)):
                 raise
 
 
-def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
+def _exchange_pool_start(
+    transport, pool: KeyPool, role: str | None, session_bytes: int = 0
+) -> bytes:
     if hasattr(transport, "start_handshake"):
         transport.start_handshake()
     mode = getattr(transport, "mode", CONNECTOR)
@@ -461,7 +476,7 @@ def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
         # the verifier recorded this start before its answer; ours is durable before the
         # confirmation goes out, so neither side's next tag falls on the session's bytes
         pool.raise_peer_floor(confirm_at + ANNOUNCE_BYTES)
-        pool.agree_start(confirm_at + ANNOUNCE_BYTES)
+        pool.agree_start(confirm_at + ANNOUNCE_BYTES, session_bytes)
         body = _announcement_body(_CONFIRM, mine, theirs, nonce + peer_nonce)
         tag = _announcement_tag(pool, confirm_at, body)
         transport.send_bytes(_ANNOUNCEMENT.pack(_ANNOUNCE, confirm_at, tag))
@@ -495,7 +510,7 @@ def _exchange_pool_start(transport, pool: KeyPool, role: str | None) -> bytes:
         pool.raise_peer_floor(theirs + ANNOUNCE_BYTES)  # the peer recorded them first
         # durable before our tag uses the bytes at q, and before the prover can send
         # anything under the session's (RESERVE_AHEAD_BYTES)
-        pool.agree_start(confirm_at + ANNOUNCE_BYTES)
+        pool.agree_start(confirm_at + ANNOUNCE_BYTES, session_bytes)
         body = _announcement_body(1, theirs, mine, nonce + peer_nonce)
         tag = _announcement_tag(pool, at, body)
         transport.send_bytes(_ANNOUNCEMENT.pack(_ANNOUNCE, mine, tag))

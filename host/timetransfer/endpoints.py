@@ -343,8 +343,16 @@ def check_key_length(pool: ch.KeyPool, key_info: dict, scenario: dict) -> dict:
     return budget
 
 
-def _session(transport, pool: ch.KeyPool, role: str) -> ch.AuthChannel:
-    session = ch.exchange_pool_start(transport, pool, role)
+def session_bytes(budget: dict) -> int:
+    """The most of the key a session takes from its start (its budget but the pool start)."""
+    return (budget["need_bits"] - budget["pool_start_bits"] + 7) // 8
+
+
+def _session(transport, pool: ch.KeyPool, role: str, budget: dict) -> ch.AuthChannel:
+    """The pool start, each side's record covering the session's whole budget before the
+    peer may take any of it: a sealed message the link loses carries pads its receiver
+    never took, and its sender's peer floor stands past them (channel.exchange_pool_start)."""
+    session = ch.exchange_pool_start(transport, pool, role, session_bytes(budget))
     return ch.AuthChannel(transport, pool, role, session=session)
 
 
@@ -365,7 +373,7 @@ class SatelliteEndpoint:
 
     def run(self, transport) -> dict:
         budget = check_key_length(self.pool, self.key_info, self.scenario)
-        chan = _session(transport, self.pool, ch.ALICE)
+        chan = _session(transport, self.pool, ch.ALICE, budget)
         self.sealed = sealed = SealedChannel(chan, self.key_info)
         return {**run_session(chan, sealed, lambda: self._run(chan, sealed)), "key_budget": budget}
 
@@ -677,7 +685,7 @@ class GroundEndpoint:
             self.report["key_budget"] = error.key_budget
             mark_aborted(self.report, error)
             raise
-        chan = _session(transport, self.pool, ch.BOB)
+        chan = _session(transport, self.pool, ch.BOB, self.report["key_budget"])
         self.sealed = sealed = SealedChannel(chan, self.key_info)
         return run_session(chan, sealed, lambda: self._run(chan, sealed), self.report)
 

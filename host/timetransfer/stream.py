@@ -306,8 +306,8 @@ class _StreamUplink:
         return epochs, self.tags[detection], ~wrong, (int(sampled.sum()), int(wrong.sum()))
 
 
-def _start(transport, pool, role, key_info, scenario, block_s):
-    chan = endpoints._session(transport, pool, role)
+def _start(transport, pool, role, key_info, scenario, block_s, budget):
+    chan = endpoints._session(transport, pool, role, budget)
     sealed = SealedChannel(chan, key_info, auth_region_bytes(block_count(scenario, block_s)))
     return chan, sealed
 
@@ -331,9 +331,9 @@ class StreamSatellite:
         self.sealed = None
 
     def run(self, transport) -> dict:
-        check_key(self.pool, self.key_info, self.scenario, self.block_s)
+        budget = check_key(self.pool, self.key_info, self.scenario, self.block_s)
         chan, self.sealed = _start(
-            transport, self.pool, ch.ALICE, self.key_info, self.scenario, self.block_s
+            transport, self.pool, ch.ALICE, self.key_info, self.scenario, self.block_s, budget
         )
         return endpoints.run_session(chan, self.sealed, lambda: self._run(chan, self.sealed))
 
@@ -473,8 +473,9 @@ class StreamGround:
             endpoints.mark_aborted(self.report, error)
             raise
         chan, self.sealed = _start(
-            transport, self.pool, ch.BOB, self.key_info, self.scenario, self.block_s
-        )
+            transport, self.pool, ch.BOB, self.key_info, self.scenario, self.block_s,
+            self.report["key_budget"],
+        )  # fmt: skip
         return endpoints.run_session(
             chan, self.sealed, lambda: self._run(chan, self.sealed), self.report
         )
