@@ -21,6 +21,11 @@ from micropython import const
 
 from payload import framing
 
+try:  # TRACK in two Thumb calls (QEMU, STM32); viper and the general path elsewhere (unix)
+    from payload._crc_thumb import track_reply_thumb, track_request_thumb
+except (ImportError, SyntaxError, AttributeError):
+    track_reply_thumb = track_request_thumb = None
+
 OP_READ = const(0x01)
 OP_WRITE = const(0x02)
 OP_FIFO_READ = const(0x03)
@@ -181,6 +186,11 @@ def _unpack_track(body: ptr8, length: int, io: ptr32, tag: int) -> int:
 
 
 @micropython.viper
+def _address(buf: ptr8) -> uint:
+    return uint(buf)
+
+
+@micropython.viper
 def _copy(src: ptr8, src_offset: int, dst: ptr8, dst_offset: int, count: int):
     for i in range(count):
         dst[dst_offset + i] = src[src_offset + i]
@@ -206,6 +216,12 @@ class Bus:
         # the writer's own buffer), the reader's decode buffer and its capacity argument
         self._track_frame = memoryview(self.tx._out)[:TRACK_REQUEST_FRAME_BYTES]
         self._decode_capacity = len(self.rx._decoded) << 16
+        self._track_ctx = None  # the Thumb pair's buffers (_crc_thumb.py): addresses
+        if track_request_thumb is not None:
+            self._track_ctx = array.array("I", bytes(24))
+            for i, buf in enumerate((self.req, self.tx._out, framing.CRC16_TABLE,
+                                     self.rx._decoded, None, self.rx._scan_params)):  # fmt: skip
+                self._track_ctx[i] = len(self.rx._decoded) if buf is None else _address(buf)
         self.words = array.array("I", bytes(4 * MAX_REGS))  # values of the last READ
         self._one = array.array("I", (0,))
         self._tag = 0
@@ -393,11 +409,27 @@ class Bus:
         self.transactions += 1
         tag = (self._tag + 1) & 0xFF
         self._tag = tag
+        ctx = self._track_ctx
+        link = self.link
+        frame = self._track_frame
+        if ctx is not None:  # two Thumb calls: request framed, reply checked and unpacked
+            track_request_thumb(io, (send_commands << 8) | tag, ctx)
+            sent = link.write(frame)
+            if sent == TRACK_REQUEST_FRAME_BYTES and self._chunk_pos >= self._chunk_fill:
+                count = link.readinto(self._chunk)
+                status = track_reply_thumb(self._chunk, count | (tag << 16), io, ctx)
+                if status >= 0:
+                    self.rx.frames_ok += 1
+                    if status:
+                        self.error_status += 1
+                    return status
+                # not the fast case: the general path reads the chunk as any other
+                self._chunk_fill = count
+                self._chunk_pos = 0
+            return self._track_general(io, tag, frame, sent)
         req = self.req
         _build_track(req, io, (send_commands << 8) | tag)
         framing.frame_encode(req, TRACK_REQUEST_BYTES, self.tx._out, framing.CRC16_TABLE)
-        frame = self._track_frame
-        link = self.link
         sent = link.write(frame)
         if sent == TRACK_REQUEST_FRAME_BYTES and self._chunk_pos >= self._chunk_fill:
             chunk = self._chunk
@@ -416,9 +448,12 @@ class Bus:
                         elif status == E_BAD_REPLY:
                             self.bad_replies += 1
                         return status
-            # not the fast case: the general path reads the chunk as any other
             self._chunk_fill = count
             self._chunk_pos = 0
+        return self._track_general(io, tag, frame, sent)
+
+    def _track_general(self, io, tag, frame, sent):
+        """track()'s general path: wait (retrying) for the reply, then unpack it."""
         status = self._exchange(frame, sent)
         if status < 0:
             return status

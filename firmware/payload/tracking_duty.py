@@ -14,6 +14,7 @@ REG_TRK_SENSORS = const(0x0500)  # read, 12 words: QA..QD, CAM_NEW, CAM_X, CAM_Y
 REG_TRK_COMMANDS = const(0x0510)  # write, 7 words: FSM_X, FSM_Y, RATE_X, RATE_Y, PA_X, PA_Y,
 #                                   STATE (io words 12..18); writing STATE latches the set
 SENSOR_WORDS = const(12)
+_IDLE = const(0)  # tracking.IDLE (the kernel returns the state it left)
 COMMAND_WORDS = const(7)
 
 
@@ -48,7 +49,7 @@ class TrackingDuty:
         self.bus_errors = 0
         self.overruns = 0
         self._last_us = -1
-        self._clock = bus.clock
+        self._ticks, self._ticks_arg = bus.clock.ticks_source()
         self.attach(tracker)
 
     def attach(self, tracker):
@@ -94,7 +95,7 @@ class TrackingDuty:
             if self._unsent:
                 self.flush()  # owed only if the stop's WRITE failed: retried here
             return False  # no loop to run
-        now = self._clock.ticks_us()
+        now = self._ticks(self._ticks_arg)  # the clock's ticks_us in one native call
         if self._last_us >= 0 and ((now - self._last_us) & 0x3FFFFFFF) > tracker.cfg[0]:
             self.overruns += 1
         self._last_us = now
@@ -102,10 +103,10 @@ class TrackingDuty:
         if self.bus.track(tracker.io, self._unsent) != 0:
             self.bus_errors += 1
             return False
-        tracking.step_kernel(words, tracker.table, tracker.sin_table)
+        state = tracking.step_kernel(words, tracker.table, tracker.sin_table)
         self._unsent = 1
         self.steps += 1
-        if tracking.words_idle(words):  # stopped: no next period to carry the IDLE commands
+        if state == _IDLE:  # stopped: no next period to carry the IDLE commands
             self.flush()
         return True
 

@@ -122,7 +122,7 @@ class Clock(boardkit.ExtendedClock):
 
 
 @micropython.viper
-def _clock_update(state: ptr32):
+def _clock_update(state: ptr32) -> int:
     active = state[0]
     src = 1 + 4 * active
     dst = 5 - 4 * active
@@ -149,6 +149,7 @@ def _clock_update(state: ptr32):
     state[dst + 2] = new_low
     state[dst + 3] = high
     state[0] = 1 - active  # publish: one word store
+    return new_low & 0x3FFFFFFF  # ticks_us() (boardkit.ExtendedClock): one native call
 
 
 @micropython.viper

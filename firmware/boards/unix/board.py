@@ -104,6 +104,11 @@ class Clock:
         self.update()
         return self._us & 0x3FFFFFFF
 
+    def ticks_source(self):
+        """(function, argument): function(argument) is ticks_us() (boardkit.ExtendedClock's
+        one-native-call path on the MCU boards)."""
+        return Clock.ticks_us, self
+
     def stamp_into(self, buf, offset):
         self.update()
         value = self._us
