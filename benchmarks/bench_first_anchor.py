@@ -14,7 +14,6 @@ import pytest
 
 from host.cli import main as qkdsat
 from host.distil import timesync
-from host.distil.bitcodec import pack_2bit
 from host.distil.protocol import Alice, Config
 from host.formats.passdir import read_pass_json
 from host.formats.qdet import read_detections
@@ -25,8 +24,8 @@ ROUNDS = 2
 
 
 class _AliceAnswers:
-    """Alice in process: her answer to each sync_request is Alice._serve_sync's (her own
-    _window_codes), counting the slots asked for."""
+    """Alice in process: her answer to each sync_request is Alice._serve_sync's
+    (Alice._sync_answer), counting the slots asked for."""
 
     def __init__(self, alice):
         self.alice, self.asked = alice, 0
@@ -35,10 +34,11 @@ class _AliceAnswers:
         self.request = fields
 
     def recv(self, kind):
-        starts = np.asarray(self.request["starts"], dtype=np.int64).reshape(-1)
-        length = int(self.request["length"])
-        self.asked += starts.size * length
-        return {"intensity": pack_2bit(self.alice._window_codes(starts, length))}
+        starts = np.asarray(self.request["starts"]).reshape(-1)
+        self.asked += starts.size * int(self.request["length"])
+        answer, fields = self.alice._sync_answer(self.request)
+        assert answer == kind, (answer, kind)
+        return fields
 
 
 @pytest.fixture(scope="module")

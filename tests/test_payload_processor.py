@@ -141,6 +141,7 @@ FIELDS = {
     (UP, "keys_held"): {"ids": PUBLIC, "checks": "burnt_check", "store_named": PUBLIC},
     (DOWN, "hello"): {"version": PUBLIC, "pass_digest": PUBLIC, "config": PUBLIC},
     (DOWN, "sync_pattern"): {"intensity": PUBLIC},
+    (DOWN, "sync_correlation"): {"sums": PUBLIC},  # intensities summed (timesync)
     (DOWN, "sift"): {"basis": PUBLIC, "intensity": PUBLIC},
     (DOWN, "disclose"): {
         **{f"pos_{b}": PUBLIC for b in BASES},
@@ -156,7 +157,7 @@ FIELDS = {
     (DOWN, "pa"): {"lengths": PUBLIC, **{f"seed_{b}": PUBLIC for b in BASES}},
     (DOWN, "done"): {},
     (UP, "hello_ok"): {},
-    (UP, "sync_request"): {"done": PUBLIC, "starts": PUBLIC, "length": PUBLIC},
+    (UP, "sync_request"): {"done": PUBLIC, "starts": PUBLIC, "length": PUBLIC, "counts": PUBLIC},
     (UP, "detections"): {"count": PUBLIC, "rice_k": PUBLIC, "slots": PUBLIC, "basis": PUBLIC},
     (UP, "disclosed_errors"): {f"qber_{b}": PUBLIC for b in BASES},
     (UP, "ec_top_up"): {"step": PUBLIC},

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from host.distil import timesync
-from host.distil.bitcodec import pack_2bit
 
 RATE_HZ = 1e8
 INTENSITIES = {"mu": 0.5, "nu": 0.1, "vac": 0.0}
@@ -20,8 +19,8 @@ EDGE_KEY = bytes.fromhex("f13cc9ea8895babdd042627cede0fec874b3cd20b32d5dffda784e
 
 
 class _AliceAnswers:
-    """Alice in process: her answer to each sync_request is Alice._serve_sync's (her own
-    _window_codes), counting the slots asked for."""
+    """Alice in process: her answer to each sync_request is Alice._serve_sync's
+    (Alice._sync_answer), counting the slots asked for."""
 
     def __init__(self, alice):
         self.alice, self.asked = alice, 0
@@ -30,10 +29,11 @@ class _AliceAnswers:
         self.request = fields
 
     def recv(self, kind):
-        starts = np.asarray(self.request["starts"], dtype=np.int64).reshape(-1)
-        length = int(self.request["length"])
-        self.asked += starts.size * length
-        return {"intensity": pack_2bit(self.alice._window_codes(starts, length))}
+        starts = np.asarray(self.request["starts"]).reshape(-1)
+        self.asked += starts.size * int(self.request["length"])
+        answer, fields = self.alice._sync_answer(self.request)
+        assert answer == kind, (answer, kind)
+        return fields
 
 
 def _synchroniser() -> timesync.Synchroniser:

@@ -87,8 +87,9 @@ MODE = "stream"
 FIRST_SYNC_WINDOWS_S = (0.02, 0.04, 0.08, 0.16)
 FIRST_SYNC_MAX_SLOTS = 25_000_000
 # Around the orbit prediction the lag correlation asks Alice only for each detected slot's
-# run of predicted lags when that is fewer slots (timesync.SPARSE_PIECE_SLOTS): its cost
-# is the detections, not the window's span, so the predicted search may integrate over
+# run of predicted lags when that is fewer slots (timesync's _sparse_correlation, summed by
+# Alice): its cost is the detections, not the window's span, so the predicted search may
+# integrate over
 # longer windows, up to FIRST_SYNC_MAX_SLOTS asked. jinan-1's weak start (seed 1, ~4,000
 # detections a second, ~41 k predicted lags): on its first second of data the densest
 # 40 ms held 192 detections, z 5.1 (6.23 needed: no lock), 80 ms 357, z 7.4 (lock, 14.8
