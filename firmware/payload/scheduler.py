@@ -35,6 +35,9 @@ class Duty:
 class Scheduler:
     def __init__(self, clock):
         self.clock = clock
+        # the clock's ticks_us in one native call (two reads per duty per pass: through the
+        # method it was ~1.65k instructions a read on the M3, this 0.6k)
+        self._ticks, self._ticks_arg = clock.ticks_source()
         self.duties = []
         self.passes = 0
 
@@ -45,11 +48,12 @@ class Scheduler:
 
     def run_once(self):
         """Call every due duty once; True if any did work."""
-        clock = self.clock
+        ticks = self._ticks
+        ticks_arg = self._ticks_arg
         busy = False
         self.passes += 1
         for duty in self.duties:
-            start = clock.ticks_us()
+            start = ticks(ticks_arg)
             if duty.period_us and ((start - duty.last_us) & 0x3FFFFFFF) < duty.period_us:
                 continue
             duty.last_us = start
@@ -62,7 +66,7 @@ class Scheduler:
                 # loop and leave a REPL behind.
                 duty.errors += 1
                 duty.last_error = error_text(error)
-            elapsed = (clock.ticks_us() - start) & 0x3FFFFFFF
+            elapsed = (ticks(ticks_arg) - start) & 0x3FFFFFFF
             duty.calls += 1
             duty.total_us += elapsed
             if elapsed > duty.worst_us:

@@ -56,6 +56,7 @@ class TrackingDuty:
         self.tracker = tracker
         self._commands = memoryview(tracker.io)[tracking.IO_FSM_X : tracking.IO_FSM_X + 7]
         self._unsent = 0  # 1: the commands computed last period are not yet on the head
+        self._state = tracker.state  # the state the kernel returned last period
 
     def telemetry(self):
         t = self.tracker
@@ -90,7 +91,9 @@ class TrackingDuty:
         # check, unpack into io) and the kernel itself.
         tracker = self.tracker
         words = tracker.words
-        if tracking.words_idle(words):
+        # idle only if the kernel left IDLE last period (or never ran) and no start is
+        # pending: while it runs, its returned state says so without a call
+        if self._state == _IDLE and tracking.words_idle(words):
             self._last_us = -1
             if self._unsent:
                 self.flush()  # owed only if the stop's WRITE failed: retried here
@@ -104,6 +107,7 @@ class TrackingDuty:
             self.bus_errors += 1
             return False
         state = tracking.step_kernel(words, tracker.table, tracker.sin_table)
+        self._state = state
         self._unsent = 1
         self.steps += 1
         if state == _IDLE:  # stopped: no next period to carry the IDLE commands
