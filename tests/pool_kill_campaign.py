@@ -159,6 +159,7 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
     at = max(p_bob + 16, p_alice)
     at += (0 - at) % 32  # Alice's lane (channel.announcement_slot)
     body = magic + struct.pack("<BQQ", 1, p_bob, p_alice) + nonce_a + nonce_b
+    body += struct.pack("<Q", 0)  # the session's budget: a distillation declares none
     assert tag == announcement_tag(at, body), "Alice's announcement not from its place"
     ranges += [(at, at + 8), (at + 8, at + 16)]
     senders += [0, 0]
@@ -167,6 +168,7 @@ def used_ranges(streams: dict, pool: bytes) -> tuple[list[tuple[int, int]], int]
     magic, confirm_at, tag = struct.unpack("<8sQ8s", frames[1][2])
     assert confirm_at == at + 16  # Bob's lane, right after Alice's answer
     body = magic + struct.pack("<BQQ", 2, p_bob, p_alice) + nonce_b + nonce_a
+    body += struct.pack("<Q", 0)
     assert tag == announcement_tag(confirm_at, body), "Bob's confirmation not from its place"
     ranges += [(confirm_at, confirm_at + 8), (confirm_at + 8, confirm_at + 16)]
     senders += [1, 1]

@@ -345,3 +345,97 @@ def test_a_sealed_message_the_link_lost_does_not_lock_the_prover_out(tmp_path, s
     assert first["alice"] == "session" and first["bob"] == "session", first
     again = _time_contact(path_a, path_b, sealed_bytes, lost=False)
     assert again == {"alice": "session", "bob": "session"}, again
+
+
+def _bob_seals(path, role, transport, sealed_bytes: int, budget_bytes: int, start: dict):
+    """A session in which Alice speaks, then Bob answers with `sealed_bytes` zero bytes
+    sealed (a predictable plaintext: the ciphertext on the wire is the pad), which Alice
+    never reads: the link lost it."""
+    from host.timetransfer import endpoints
+    from host.timetransfer.endpoints import AUTH_REGION_BYTES, SealedChannel
+
+    pool = ch.KeyPool.from_file(str(path))
+    try:
+        budget = endpoints.key_budget(pool, {}, fit_bytes=budget_bytes, header_bytes=0)
+        chan = endpoints._session(transport, pool, role, budget)
+        start[role] = pool.start_byte
+        sealed = SealedChannel(chan, {"file": path.name}, AUTH_REGION_BYTES)
+        if role == ch.ALICE:
+            chan.send("tt_bases")
+        else:
+            chan.recv("tt_bases")
+            chan.send("tt_uplink", sealed=sealed.seal_bytes(bytes(sealed_bytes)).hex())
+        return "session"
+    except ch.ProtocolAborted as error:
+        return str(error)
+    finally:
+        pool.close()
+        transport.close()
+
+
+def test_a_listener_commits_nothing_to_a_tag_under_pads_of_a_sealed_message_it_never_read(
+    tmp_path,
+):
+    """Bob seals 1,000 bytes of time data whose plaintext an eavesdropper can guess, and
+    the link loses them on the way to Alice: he knows the pads, which Alice never took, so
+    her floor (past the pads she took) stood below them. On main a stranger tagged an
+    announcement at a Bob-lane slot of those pads, and a listening Alice committed a
+    session start and its reserve (the session's whole key budget) for it, once per 16
+    known bytes: the time key burnt by strangers. Once Bob's confirmation verified, Alice
+    knows his record covers the session's budget (he records it before confirming), and
+    her floor stands there."""
+    data = np.random.default_rng(23).bytes(1 << 15)
+    paths = []
+    for name in ("a.key", "b.key"):
+        path = tmp_path / name
+        path.write_bytes(data)
+        path.chmod(0o600)
+        ch.KeyPool.from_file(str(path), new=True).close()
+        paths.append(path)
+    path_a, path_b = paths
+    budget_bytes = 2000  # the sessions' sealed data at most
+    t_l, t_c = ch.queue_pair(timeout_s=5)
+    start, outcome = {}, {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(
+            alice=_bob_seals(path_a, ch.ALICE, t_l, 1000, budget_bytes, start)
+        ),
+        daemon=True,
+    )
+    thread.start()
+    outcome["bob"] = _bob_seals(path_b, ch.BOB, t_c, 1000, budget_bytes, start)
+    thread.join(10)
+    assert outcome == {"alice": "session", "bob": "session"}, outcome
+    from host.timetransfer.endpoints import AUTH_REGION_BYTES
+
+    known = ch.announcement_slot(start[ch.BOB] + AUTH_REGION_BYTES, ch.BOB)  # in Bob's pads
+
+    def alice_listens(result, ready):
+        pool = ch.KeyPool.from_file(str(path_a))
+        try:
+            transport = ch.listen("127.0.0.1:0", timeout_s=60, ready=ready)
+            ch.exchange_pool_start(transport, pool, ch.ALICE, 2000)
+            result["dropped"] = list(transport.dropped)
+            transport.close()
+        except BaseException as error:  # re-raised below
+            result["error"] = error
+        finally:
+            pool.close()
+
+    result, ready = {}, threading.Event()
+    listener = threading.Thread(target=alice_listens, args=(result, ready), daemon=True)
+    listener.start()
+    assert ready.wait(10)
+    record = _used(path_a)
+    reply = _forge(("127.0.0.1", ready.port), data, known)
+    time.sleep(0.2)  # the listener drops the stranger before Bob connects
+    assert _used(path_a) == record, f"committed for a forgery at {known}"
+    assert reply[:8] == ch._REFUSE
+    pool = ch.KeyPool.from_file(str(path_b))
+    try:
+        ch.exchange_pool_start(ch.connect(f"127.0.0.1:{ready.port}"), pool, ch.BOB, 2000)
+    finally:
+        pool.close()
+    listener.join(30)
+    assert "error" not in result, result.get("error")
+    assert len(result["dropped"]) == 1 and "below" in result["dropped"][0]

@@ -334,10 +334,20 @@ def _announcement_tag(pool: KeyPool, offset: int, body: bytes) -> bytes:
     return (poly_hash(body, key) ^ pad).to_bytes(8, "little")
 
 
-def _announcement_body(direction: int, prover_byte: int, verifier_byte: int, nonces) -> bytes:
+def _announcement_body(
+    direction: int, prover_byte: int, verifier_byte: int, nonces, session_bytes: int = 0
+) -> bytes:
     """What an announcement's tag covers: who sends it, both positions (the verifier's 0 in
-    the prover's, who speaks first), the sender's nonce then the receiver's."""
-    return _ANNOUNCE + struct.pack("<BQQ", direction, prover_byte, verifier_byte) + nonces
+    the prover's, who speaks first), the sender's nonce then the receiver's; the answer's
+    and the confirmation's also the session's budget (exchange_pool_start session_bytes:
+    each side then knows the other recorded it)."""
+    body = _ANNOUNCE + struct.pack("<BQQ", direction, prover_byte, verifier_byte) + nonces
+    return body if direction == 0 else body + struct.pack("<Q", session_bytes)
+
+
+def _session_end(pool: KeyPool, start: int, session_bytes: int) -> int:
+    """Where a side's record stands once it agreed on `start` (KeyPool.agree_start)."""
+    return min(start + max(RESERVE_AHEAD_BYTES, int(session_bytes)), len(pool.data))
 
 
 def _party(role: str | None, mode: bytes) -> int:
@@ -465,19 +475,23 @@ def _exchange_pool_start(
             )
         theirs, their_tag = _read_announcement(answer)
         at = announcement_slot(max(mine + ANNOUNCE_BYTES, theirs), 1 - party)
-        body = _announcement_body(1, mine, theirs, peer_nonce + nonce)
+        body = _announcement_body(1, mine, theirs, peer_nonce + nonce, session_bytes)
         if not _fits(pool, at) or not hmac.compare_digest(
             their_tag, _announcement_tag(pool, at, body)
         ):
-            raise AuthenticationFailed("the peer's pool position failed authentication")
+            raise AuthenticationFailed(
+                "the peer's pool position failed authentication (or its session budget "
+                f"differs from ours, {session_bytes} bytes)"
+            )
         confirm_at = announcement_slot(at + ANNOUNCE_BYTES, party)
         if not _fits(pool, confirm_at):
             raise ProtocolAborted("authentication key pool exhausted")
         # the verifier recorded this start before its answer; ours is durable before the
         # confirmation goes out, so neither side's next tag falls on the session's bytes
-        pool.raise_peer_floor(confirm_at + ANNOUNCE_BYTES)
+        # (the verifier's record covers the session's budget: its answer's tag says so)
+        pool.raise_peer_floor(_session_end(pool, confirm_at + ANNOUNCE_BYTES, session_bytes))
         pool.agree_start(confirm_at + ANNOUNCE_BYTES, session_bytes)
-        body = _announcement_body(_CONFIRM, mine, theirs, nonce + peer_nonce)
+        body = _announcement_body(_CONFIRM, mine, theirs, nonce + peer_nonce, session_bytes)
         tag = _announcement_tag(pool, confirm_at, body)
         transport.send_bytes(_ANNOUNCEMENT.pack(_ANNOUNCE, confirm_at, tag))
     else:
@@ -511,16 +525,19 @@ def _exchange_pool_start(
         # durable before our tag uses the bytes at q, and before the prover can send
         # anything under the session's (RESERVE_AHEAD_BYTES)
         pool.agree_start(confirm_at + ANNOUNCE_BYTES, session_bytes)
-        body = _announcement_body(1, theirs, mine, nonce + peer_nonce)
+        body = _announcement_body(1, theirs, mine, nonce + peer_nonce, session_bytes)
         tag = _announcement_tag(pool, at, body)
         transport.send_bytes(_ANNOUNCEMENT.pack(_ANNOUNCE, mine, tag))
         position, confirm_tag = _read_announcement(transport.recv_bytes())
-        body = _announcement_body(_CONFIRM, theirs, mine, peer_nonce + nonce)
+        body = _announcement_body(_CONFIRM, theirs, mine, peer_nonce + nonce, session_bytes)
         if position != confirm_at or not hmac.compare_digest(
             confirm_tag, _announcement_tag(pool, confirm_at, body)
         ):
             raise AuthenticationFailed("the peer's pool-start confirmation failed authentication")
-        pool.raise_peer_floor(confirm_at + ANNOUNCE_BYTES)  # it recorded the start first
+        # it recorded the start and the session's budget first: every pad it may take in
+        # the session (a sealed message the link loses: pads only it took, which an
+        # eavesdropper may know) lies below its record, and so below our floor
+        pool.raise_peer_floor(_session_end(pool, confirm_at + ANNOUNCE_BYTES, session_bytes))
     if hasattr(transport, "handshake_done"):
         transport.handshake_done()
     return min(nonce, peer_nonce) + max(nonce, peer_nonce)
