@@ -96,6 +96,47 @@ def test_table_decoder_decodes_what_the_tanh_reference_decodes_and_resumes(code)
     assert resumed.all()
 
 
+@pytest.mark.parametrize("rate", [0.7, 0.9])
+def test_a_retry_round_decodes_its_rows_in_place_and_leaves_the_others(rate):
+    """decode_phi_rows (what each retry round runs) on some rows of the block's arrays:
+    those rows decode as the tanh/atanh reference decodes them, to Alice's words, through
+    the uint16 edge variables as through the int32 ones; the other rows' messages,
+    outputs and iteration counts are untouched. Rate 0.7 (check degree ~23) and 0.9
+    (~60 on 4096 bits) take the decoder's two gather paths (SEPARATE_GATHER_DEGREE)."""
+    code = ldpc.construct(4096, rate, seed=3)
+    degrees = np.diff(code.check_ptr)
+    assert (degrees.max() >= ldpc.SEPARATE_GATHER_DEGREE) == (rate == 0.9)
+    rng = np.random.default_rng(4)
+    frames, q = 6, 0.005 if rate == 0.9 else 0.03
+    x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
+    y = x ^ (rng.random((frames, code.n)) < q).astype(np.uint8)
+    llr = np.stack([ldpc.channel_llr(row, q) for row in y]).astype(np.float32)
+    syndromes = code.syndrome(x)
+    rows = np.array([1, 2, 4])
+    reference = np.zeros_like(x)
+    ref_ok = ldpc.decode_frames(
+        llr[rows].astype(np.float64), syndromes[rows], code.check_ptr, code.check_var, 60,
+        reference[rows], np.zeros(rows.size, np.int64),
+    )  # fmt: skip
+    results = []
+    for check_var in (code.check_var, code.narrow_check_var()):
+        messages = np.full((frames, code.edges), 7.0, np.float32)
+        messages[rows] = 0
+        out = np.full_like(x, 2)
+        iters = np.full(frames, 5, np.int64)
+        ok = ldpc.decode_phi_rows(rows, llr, syndromes, code.check_ptr, check_var, 60,
+                                  messages, out, iters, ldpc.STALL_ITERATIONS)  # fmt: skip
+        others = np.setdiff1d(np.arange(frames), rows)
+        assert (messages[others] == 7.0).all() and (out[others] == 2).all()
+        assert (iters[others] == 5).all() and (iters[rows] > 5).all()
+        assert np.array_equal(ok, ref_ok) and ok.all()
+        assert np.array_equal(out[rows], x[rows])
+        results.append((messages[rows], iters[rows]))
+    assert code.narrow_check_var().dtype == np.uint16
+    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])
+
+
 def test_punctured_leak_counts_the_rank_of_the_punctured_columns(code):
     plan = ldpc.FramePlan(code, punctured=200, shortened=100)
     assert plan.leak_bits() == code.m - 200  # low-weight random columns: full rank
