@@ -63,6 +63,7 @@ def _figures(summary: dict, out) -> dict:
         "busy": (stages.get("error_correction", 0.0) + stages.get("sifting", 0.0)) / segment_s,
         "first_lock_s": (ground.get("sync") or {}).get("first_lock_s"),
         "key_bits": summary["stages"]["distil"]["key_bits"],
+        "ec_f": (ground.get("ec") or {}).get("efficiency"),
         "aborted": summary["stages"]["distil"]["abort_reason"],
         "lag_s_max": summary["lag_s_max"],
         "lag_s_median": summary["lag_s_median"],
@@ -95,7 +96,7 @@ def test_bench_stress_profile_ten_times_jinan(tmp_path):
             f" ({f['detections'] / f['segment_s']:,.0f}/s); lag max {f['lag_s_max']} s,"
             f" median {f['lag_s_median']} s, drain after loss of signal {drain} s: {verdict};"
             f" Bob per pass second: sifting {f['sifting_s'] / f['segment_s']:.2f} s,"
-            f" EC {f['ec_s'] / f['segment_s']:.2f} s (busy {f['busy']:.2f});"
+            f" EC {f['ec_s'] / f['segment_s']:.2f} s (busy {f['busy']:.2f}), EC f {f['ec_f']};"
             f" sync {f['sync_s']:.1f} s (first lock at {f['first_lock_s']} s);"
             f" PA {f['pa_s']:.1f} s; key latency {f['key_latency_s']} s;"
             f" key {f['key_bits']} bits{'' if not f['aborted'] else ' (' + f['aborted'] + ')'};"
