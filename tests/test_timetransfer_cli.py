@@ -724,3 +724,48 @@ def test_the_grounds_uplink_record_is_its_transmitter_not_what_was_detected(tmp_
     assert lossy_run["public"] == clear["public"]
     # the slot clock covers every pulse of the window, detected or not (100 MHz x 2 s)
     assert clear["public"]["uplink_slot_clock"]["slot_count"] >= 2.0 * 1e8
+
+
+def _edit_scenario(pass_dir, edit):
+    path = pass_dir / files.SCENARIO_FILE
+    scenario = json.loads(path.read_text())
+    edit(scenario)
+    path.write_text(json.dumps(scenario))
+
+
+def test_a_coarse_time_off_beyond_its_half_width_gives_no_uplink_sync(clean_pass, tmp_path, keys):
+    # the satellite's whole-slot lag comes from correlating its detections with the
+    # ground's intensity classes within +-1 us of its coarse (GNSS) time: a coarse time
+    # 5 us off holds no peak, and the time transfer stops with the reason (exit 3), never
+    # an offset from a wrong slot
+    broken = tmp_path / "pass"
+    shutil.copytree(clean_pass, broken)
+
+    def off(scenario):
+        scenario["satellite_coarse_time"]["offset_ps"] += 5_000_000
+
+    _edit_scenario(broken, off)
+    code, report = run(broken, tmp_path / "out", keys)
+    assert code == 3 and report["aborted"] is True
+    assert "uplink time synchronisation failed: no correlation peak" in report["abort_reason"]
+    assert not (tmp_path / "out" / "offset.csv").exists()
+    # within the half width it locks (0.6 us off: the correlation finds the slots again)
+    shutil.copytree(clean_pass, broken, dirs_exist_ok=True)
+
+    def near(scenario):
+        scenario["satellite_coarse_time"]["offset_ps"] += 600_000
+
+    _edit_scenario(broken, near)
+    code, report = run(broken, tmp_path / "near", keys)
+    assert code == 0 and abs(report["truth"]["offset_bias_ps"] - 7.5) < 5.0
+
+
+def test_a_scenario_without_the_coarse_satellite_time_is_bad_input(clean_pass, tmp_path, capsys):
+    broken = tmp_path / "pass"
+    shutil.copytree(clean_pass, broken)
+    _edit_scenario(broken, lambda scenario: scenario.pop("satellite_coarse_time"))
+    keys = tmp_path / "keys"
+    distilled(keys, 64_000, "a pass")
+    argv = ["timetransfer", str(broken), "--keys", str(keys), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "field 'satellite_coarse_time' missing" in capsys.readouterr().err

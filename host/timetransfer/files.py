@@ -103,6 +103,23 @@ def read_scenario(pass_dir: Path) -> dict:
     for field in orbit_fields + ("range_sigma_mm", "range_rate_sigma_mm_s"):
         if not isinstance(scenario["orbit"].get(field), (int, float)):
             raise BadInput(f"{path}: orbit.{field} missing or not a number")
+    # the uplink's synchronisation: the payload's coarse time (its first anchor's search)
+    # and the ground transmitter's intensity classes (what it correlates with)
+    coarse = scenario.get("satellite_coarse_time")
+    if not isinstance(coarse, dict):
+        raise BadInput(f"{path}: field 'satellite_coarse_time' missing")
+    for field in ("satellite_reference_ps", "offset_ps", "rate", "half_width_ps"):
+        value = coarse.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadInput(f"{path}: satellite_coarse_time.{field} missing or not a number")
+    if not 0 < coarse["half_width_ps"] <= 1e9:
+        raise BadInput(f"{path}: satellite_coarse_time.half_width_ps not in (0, 1 ms]")
+    intensities = scenario.get("uplink_intensities")
+    if not isinstance(intensities, dict) or not 1 <= len(intensities) <= 4 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e3
+        for v in intensities.values()
+    ):
+        raise BadInput(f"{path}: uplink_intensities missing or not 1-4 mean photon numbers")
     return scenario
 
 
