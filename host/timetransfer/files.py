@@ -115,9 +115,13 @@ def read_scenario(pass_dir: Path) -> dict:
     if not 0 < coarse["half_width_ps"] <= 1e9:
         raise BadInput(f"{path}: satellite_coarse_time.half_width_ps not in (0, 1 ms]")
     intensities = scenario.get("uplink_intensities")
-    if not isinstance(intensities, dict) or not 1 <= len(intensities) <= 4 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e3
-        for v in intensities.values()
+    if (
+        not isinstance(intensities, dict)
+        or not 1 <= len(intensities) <= 4
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e3
+            for v in intensities.values()
+        )
     ):
         raise BadInput(f"{path}: uplink_intensities missing or not 1-4 mean photon numbers")
     return scenario
