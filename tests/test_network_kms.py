@@ -725,3 +725,40 @@ def test_a_peer_kme_answer_dripped_by_a_man_in_the_middle_is_cut_at_the_deadline
     assert time.monotonic() - began < 4.0  # the deadline, plus a loaded machine's stall
     thread.join(20)
     server.close()
+
+
+def test_connections_beyond_the_servers_cap_are_closed_at_once(tmp_path, monkeypatch):
+    """Each connection is a thread, and the TLS handshake runs in it: on main a stranger
+    (no certificate) could open connections by the thousand and hold a thread each. Now
+    past _Server.max_connections (2 here) a new connection is closed at once; once the
+    stranger's go, the KME serves its SAEs again."""
+    from host.network.kms import _Server
+
+    monkeypatch.setattr(_Server, "max_connections", 2)
+    pki = tmp_path / "pki"
+    make_ca(pki)
+    issue(pki, "localhost", server=True)
+    issue(pki, MASTER)
+    distilled(tmp_path / "keys", 8 * POOL_BYTES, "pass-1")
+    fill_pair(tmp_path / "net", "Jinan", tmp_path / "keys")
+    manager = KeyManager(
+        "kme-jinan", pool_path(tmp_path / "net", "Jinan", SATELLITE),
+        open_store(str(tmp_path / "keys.sqlite")), [MASTER, SLAVE], tmp_path / "audit.jsonl",
+    )  # fmt: skip
+    context = tls_context(pki / "ca.pem", pki / "localhost.pem", pki / "localhost.key")
+    server = make_server(manager, "localhost", 0, context)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = ("localhost", server.server_address[1])
+    try:
+        strangers = [socket.create_connection(address, timeout=5) for _ in range(2)]
+        time.sleep(0.5)  # both accepted, each holding its thread (its handshake unsent)
+        with socket.create_connection(address, timeout=5) as third:
+            assert third.recv(1) == b""  # closed at once, not after the 5 s timeout
+        for stranger in strangers:
+            stranger.close()
+        time.sleep(0.5)  # their threads end: the handshake read its end
+        kme = {"pki": pki, "port": address[1]}
+        assert _call(kme, MASTER, "GET", f"/api/v1/keys/{SLAVE}/status")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -612,6 +612,33 @@ def make_server(kme: KeyManager, host: str, port: int, context: ssl.SSLContext):
 
 
 class _Server(ThreadingHTTPServer):
+    # Connections served at once (a thread each): past it a new one is closed at once. With
+    # Handler.request_deadline_s each is bounded in time; this bounds them in number, so
+    # that a stranger opening connections by the thousand (no certificate needed: the
+    # handshake runs in the connection's thread) cannot take the server's memory.
+    # Not audited: an fsync'd line per refused connection would be a cost of its own.
+    max_connections = 64
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
     def handle_error(self, request, client_address) -> None:
         """A client refused in the TLS handshake (no certificate, another CA): audited."""
         import sys
