@@ -309,16 +309,22 @@ def test_bench_frame_thresholds():
 def test_bench_retry_tail_widening(monkeypatch):
     """Retry rounds (one message exchange each, the streaming pipeline's bottleneck), f and
     CPU seconds of the same 1 M-bit blocks (16 frames) at 1 and 2 % QBER, exact QBER, with
-    main's retry schedule (no tail widening: reconcile.TAIL_SHARE_INV so large the
-    multiplier stays 1) and with the tail widening (reconcile._retry_step), in this run."""
+    fine steps throughout (no widening: reconcile.TAIL_SHARE_INV so large and
+    ALL_FAILED_WIDENING 1 so that the multiplier stays 1) and with the protocol's widening
+    (reconcile._retry_step: the tail's, and doubled steps while every frame fails), in this
+    run."""
     _warm_up()
-    schedules = (("fine steps", 1 << 30), ("tail widening", reconcile.TAIL_SHARE_INV))
+    schedules = (
+        ("fine steps", 1 << 30, 1),
+        ("tail widening", reconcile.TAIL_SHARE_INV, reconcile.ALL_FAILED_WIDENING),
+    )
     print(f"\nretry tail widening ({EC_SEEDS} blocks of {BLOCK_BITS} bits per QBER, same frames)")
     print(" QBER | schedule      | rounds per block | f mean | CPU s | rounds / f / CPU vs fine")
     for q in (0.01, 0.02):
         figures = {}
-        for name, share_inv in schedules:
+        for name, share_inv, all_failed in schedules:
             monkeypatch.setattr(reconcile, "TAIL_SHARE_INV", share_inv)
+            monkeypatch.setattr(reconcile, "ALL_FAILED_WIDENING", all_failed)
             rounds, fs, cpu = [], [], 0.0
             for seed in range(EC_SEEDS):
                 x, y = _noisy(q, seed)

@@ -36,6 +36,12 @@ LDPC_REVEAL_STEP_F = 0.01
 LDPC_STEP_GROWTH = 8  # retries per unit of step growth (see _retry_step)
 LDPC_STEP_LINEAR = 24  # retries of linear growth before doubling
 TAIL_SHARE_INV = 2  # see _retry_step: a tail round costs at most a half-block round
+# A retry round after which every frame of a block of two or more still fails reveals
+# this many steps: Bob's top-up fell short of every frame, which on a small block means
+# his QBER measured from the syndromes ran low (it is +-6 % on 3 frames); doubled steps
+# halve the climb (30 s micius passes: worst EC 7.1 -> 5.0 s, f unchanged within the
+# runs' spread; docs/distillation.md, "Every frame failed").
+ALL_FAILED_WIDENING = 2
 # Sizing from the QBER sample: the first syndromes are sized for the low end of the
 # sample's confidence interval (estimate - QBER_SIGMAS_LOW standard errors), the punctured
 # reserve reaches its high end (+ QBER_SIGMAS_HIGH). Bob then measures the QBER from the
@@ -80,6 +86,8 @@ def _retry_step(base_step: int, attempt: int, pending: int = 1, frames: int = 1)
     doubles every 3, so that a small block whose sampled QBER was far too low, or a frame
     past the punctured reserve (key bits are worth only 1 - R syndrome bits each), still
     decodes within LDPC_RETRIES.
+    While every frame of a block of two or more fails, the step is multiplied by
+    ALL_FAILED_WIDENING (the first attempt fell short of all of them).
     Tail widening: when few of the block's frames are left (pending of frames, both
     public: Bob's ec_status lists them), the step is multiplied by
     frames // (TAIL_SHARE_INV * pending), so a round's reveal costs the block at most what
@@ -94,7 +102,10 @@ def _retry_step(base_step: int, attempt: int, pending: int = 1, frames: int = 1)
 
 
 def _tail_widening(pending: int, frames: int) -> int:
-    """_retry_step's multiplier for `pending` of `frames` frames still to decode."""
+    """_retry_step's multiplier for `pending` of `frames` frames still to decode:
+    ALL_FAILED_WIDENING while every frame of a multi-frame block fails, then the tail's."""
+    if pending == frames >= 2:
+        return ALL_FAILED_WIDENING
     return max(1, frames // (TAIL_SHARE_INV * max(pending, 1)))
 
 
