@@ -473,6 +473,7 @@ for _ in range(40):
     duty.step()
 assert t.state == tracking.FINE, t.state
 assert t.io[0] == 3000 and t.io[7] == 5000, list(t.io)
+assert client._chunk_fill == 0  # the replies took Bus.track's fast path, not the general one
 clock = board.clock.ticks_us
 # each loop starts on a collected heap: a collection inside one (its timing depends on the
 # image's heap layout) moved a period's figure by several thousand instructions

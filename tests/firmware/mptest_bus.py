@@ -291,3 +291,4 @@ def test_track_fast_path_does_not_allocate():
         micropython.heap_unlock()
     assert bytes(statuses) == bytes(300)
     assert io[0] == 3000 and b.rx.frames_ok == 300 and b.rx.dropped() == 0
+    assert b._chunk_fill == 0  # every reply took the fast path (the general one sets it)
