@@ -583,7 +583,7 @@ def test_a_connector_held_by_a_dripping_peer_is_dropped_within_its_bound(tmp_pat
     on main each byte reset the connector's 600 s per-read timeout, so it was held for as
     long as the bytes kept coming (here the peer gives up after 10 s, having sent 20 of
     its 29 bytes). Now a split mode's connector (open_split) bounds the whole pool-start
-    exchange: it stops within CONNECT_HANDSHAKE_TIMEOUT_S of connecting, as a link that
+    exchange: it stops within CONNECT_HANDSHAKE_TIMEOUT_S of the first byte, as a link that
     failed before the protocol began (EnvironmentFailure: exit 1), its pool untouched."""
     from host.errors import EnvironmentFailure
 
@@ -620,6 +620,47 @@ def test_a_connector_held_by_a_dripping_peer_is_dropped_within_its_bound(tmp_pat
     assert len(dripped) < 20
     assert _record(path_c) == 0 and pool_c.start_byte == 0  # its hello never completed
     pool_c.close()
+
+
+def test_a_connector_queued_behind_a_stranger_at_the_listener_still_gets_its_session(
+    tmp_path, monkeypatch
+):
+    """A listener serves one peer at a time: a silent stranger ahead holds it for its
+    handshake timeout (3 s here) while the real connector's connection waits, silent, in
+    the listen queue. The connector's bound (2 s here) runs from the listener's first byte,
+    not from the connection: it gets its session (counted from the connection, any six
+    strangers ahead at 10 s each would have stopped it at 60 s)."""
+    monkeypatch.setattr(ch, "HANDSHAKE_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(ch, "CONNECT_HANDSHAKE_TIMEOUT_S", HANDSHAKE_S)
+    (_, _), (pool_l, pool_c) = _file_pools(tmp_path)
+    ready, result = threading.Event(), {}
+
+    def listener():
+        try:
+            transport = ch.listen("127.0.0.1:0", timeout_s=60, ready=ready)
+            session = ch.exchange_pool_start(transport, pool_l, ch.ALICE)
+            result["dropped"] = list(transport.dropped)
+            chan = ch.AuthChannel(transport, pool_l, ch.ALICE, session=session)
+            chan.send("hello", n=7)
+            chan.close()
+        except BaseException as error:  # re-raised below
+            result["error"] = error
+
+    thread = threading.Thread(target=listener, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    with socket.create_connection(("127.0.0.1", ready.port)):  # silent
+        time.sleep(0.3)  # accepted: the listener waits for its hello
+        transport = ch.open_split(None, f"127.0.0.1:{ready.port}")
+        began = time.monotonic()
+        session = ch.exchange_pool_start(transport, pool_c, ch.BOB)
+    assert time.monotonic() - began >= 2.0  # it did wait behind the stranger
+    chan = ch.AuthChannel(transport, pool_c, ch.BOB, session=session)
+    assert chan.recv("hello")["n"] == 7
+    chan.close()
+    thread.join(30)
+    assert "error" not in result, result.get("error")
+    assert len(result["dropped"]) == 1 and "took more than" in result["dropped"][0]
 
 
 def test_keys_confirm_connect_to_a_dripping_peer_exits_1_with_the_reason(

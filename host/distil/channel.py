@@ -101,10 +101,12 @@ LISTENER, CONNECTOR = b"L", b"C"
 # listener accepts the next, within its own deadline (listen's timeout_s).
 HANDSHAKE_TIMEOUT_S = 10.0
 # A connector in a split mode (open_split) gives the pool-start exchange this long (wall
-# seconds) from its connection, whatever the spacing of the bytes it receives: a man in
-# the middle dripping a byte every few minutes held it for good with only the socket's
-# per-read timeout. The listener answers at once, unless strangers it has accepted before
-# hold it (HANDSHAKE_TIMEOUT_S each): 60 s leaves room for five of them.
+# seconds) from the peer's first byte, whatever the spacing of the bytes after it: a man
+# in the middle dripping a byte every few minutes held it for good with only the socket's
+# per-read timeout. From the first byte, not the connection: a connection waits, silent,
+# while the listener drops strangers ahead of it (HANDSHAKE_TIMEOUT_S each), and counted
+# from the connection six strangers queued ahead would have stopped the real peer. The
+# real exchange takes milliseconds; 60 s leaves a loaded machine's stalls ample room.
 CONNECT_HANDSHAKE_TIMEOUT_S = 60.0
 # A session message's body gets this rate on top of the wait's bound (SocketTransport):
 # 64 MiB, the largest message, 1,024 s more.
@@ -607,7 +609,6 @@ class SocketTransport:
     ):
         self.sock = sock
         self.mode = mode
-        self.connected_at = time.monotonic()
         self.handshake_s = handshake_timeout_s
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -624,14 +625,20 @@ class SocketTransport:
     handshake_deadline = None
     handshake_s = None  # the pool-start exchange's bound (wall seconds), when it has one
 
+    _handshake_pending = False  # bounded, and the peer has not sent its first byte yet
+
     def start_handshake(self) -> None:
         """The pool-start exchange begins: with a bound (a connector of a split mode,
-        connect's handshake_timeout_s), it must end within it of the connection."""
+        connect's handshake_timeout_s), it must end within it of the peer's first byte.
+        Not of the connection: a listener serves one peer at a time, and a connection
+        waits, silent, while strangers ahead of it are dropped (HANDSHAKE_TIMEOUT_S
+        each); silence itself has the socket's timeout, as every wait."""
         if self.handshake_s is not None:
             self._read_timeout_s = self.sock.gettimeout()
-            self.handshake_deadline = self.connected_at + self.handshake_s
+            self._handshake_pending = True
 
     def handshake_done(self) -> None:
+        self._handshake_pending = False
         if self.handshake_deadline is not None:
             self.handshake_deadline = None
             self.sock.settimeout(self._read_timeout_s)  # each later wait's own bound
@@ -672,6 +679,9 @@ class SocketTransport:
             if not chunk:
                 # on the optical link this is also how a link lost for good shows
                 raise ChannelClosed("connection closed: the peer stopped or the link was lost")
+            if self._handshake_pending:  # the peer's first byte: the bound runs from here
+                self._handshake_pending = False
+                self.handshake_deadline = time.monotonic() + self.handshake_s
             parts.append(chunk)
             remaining -= len(chunk)
         return b"".join(parts)
@@ -691,7 +701,8 @@ class SocketTransport:
                 deadline = self._message_began + wait_s
         try:
             (length,) = _LEN.unpack(self._recv_exact(4, deadline, wait_s))
-            limit = MAX_MESSAGE_BYTES if self.handshake_deadline is None else _HANDSHAKE_FRAME_MAX
+            in_handshake = self.handshake_deadline is not None or self._handshake_pending
+            limit = _HANDSHAKE_FRAME_MAX if in_handshake else MAX_MESSAGE_BYTES
             if length > limit:
                 raise ProtocolAborted(f"peer announced a {length}-byte message")
             if deadline is not None:
