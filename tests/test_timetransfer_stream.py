@@ -336,3 +336,28 @@ def test_the_satellite_takes_its_uplink_from_the_controllers_tdc_log_as_it_grows
             report["series"][column], reference["series"][column], err_msg=column
         )
     assert report["series"]["t_s"].size >= 0.9 * DURATION_S / report["bin_s"]
+
+
+def test_a_weak_uplink_at_the_start_still_locks_during_the_pass(tmp_path, keys):
+    # an uplink 12 dB weaker (as at a pass's 20 deg edge: ~170 detections/s) gives ~45 in
+    # the densest 0.25 s of block 0, too few for the correlation with the ground's classes
+    # (z ~ 0.9 sqrt(n) ~ 6, under 7): the streamed time transfer stopped, "no correlation
+    # peak" (found on the whole micius-2017 pass, whose first block is at its edge). The
+    # first window now grows (x2, up to 2 s) to 400 detections and the request waits for
+    # 250 (a failed lock asks again later), so the lag locks a block or two later.
+    from host.timetransfer import simulate
+
+    profile = simulate.load_profile("micius-qstt")
+    for field in ("loss_db_at_645_km", "loss_db_at_1200_km"):
+        profile["uplink"][field]["value"] += 12.0
+    profile["uplink"]["noise_counts_hz"]["value"] = 10.0  # the QBER stays the profile's
+    pass_dir = tmp_path / "pass"
+    simulate.simulate(profile, pass_dir, 3, 6.0, uplink_key=bytes(range(32)))
+    report, satellite = stream.run_streaming(pass_dir, keys, BLOCK_S, speedup=50.0)
+    assert report["aborted"] is False and report["range_check"]["violation"] is False
+    sync = satellite["uplink_sync"]
+    assert sync["asked_detections"] >= timesync.SLOT_REQUEST_MIN and sync["first_z"] >= 7
+    assert sync["matched"] >= 0.99 * sync["detections"]
+    error = offset_error_ps(report, report["series"], files.read_truth(pass_dir))
+    # 7.5 ps (half the calibration residual) within 5 sigma of the mean of the errors
+    assert abs(np.mean(error) - 7.5) < 5 * np.std(error) / math.sqrt(error.size)

@@ -622,6 +622,12 @@ class Synchroniser:
 # +-SLOT_GATE_PS, the nearer of two detections keeping a slot.
 SLOT_WINDOW_S = 0.25  # of detections per anchor (~330 Micius uplink events near culmination)
 SLOT_FIRST_DETECTIONS = 400  # asked about at the first anchor (z ~ 0.9 sqrt(n) at 0.8/0.1/0)
+# The first anchor's window grows (x2) from SLOT_WINDOW_S while its densest holds fewer
+# than SLOT_FIRST_DETECTIONS, up to this: at a pass's 20 deg edge the uplink gives ~190
+# detections/s (47 in 0.25 s: z ~ 6, under SLOT_FIRST_Z), and over 2 s the coarse rate's
+# error (5e-10) smears the slot phase by 1 ns of the 10 ns slot
+SLOT_FIRST_MAX_WINDOW_S = 2.0
+SLOT_REQUEST_MIN = 250  # streamed: detections a request waits for (z ~ 14 expected)
 SLOT_MIN_DETECTIONS = 10  # in a window, to make an anchor
 SLOT_RAYLEIGH = 16.0  # n R^2 of a window's phases to make an anchor (chance ~ e^-16)
 SLOT_FIRST_Z = 7.0  # the first anchor's correlation peak (a few hundred lags)
@@ -696,6 +702,20 @@ class UplinkSlotSync:
         start = (self.det[index] - self.first_epoch).astype(np.float64)
         return (start - lag_ps - self.flight[index]) / self.period
 
+    def first_window(self) -> tuple[int, int]:
+        """Index range of the densest window of the detections so far: SLOT_WINDOW_S long,
+        longer (x2, up to SLOT_FIRST_MAX_WINDOW_S) while it holds fewer than
+        SLOT_FIRST_DETECTIONS."""
+        window_s = SLOT_WINDOW_S
+        while True:
+            edges = np.arange(0.0, self.t_s.max() + window_s, window_s)
+            counts, _ = np.histogram(self.t_s, edges)
+            w = int(np.argmax(counts))
+            if counts[w] >= SLOT_FIRST_DETECTIONS or window_s * 2 > SLOT_FIRST_MAX_WINDOW_S:
+                i0, i1 = np.searchsorted(self.t_s, (edges[w], edges[w + 1]))
+                return int(i0), int(i1)
+            window_s *= 2
+
     def request(self) -> tuple[np.ndarray, int]:
         """(first slot of each window, window length): the ground's classes of the slots
         within the coarse time's half width of up to SLOT_FIRST_DETECTIONS detections of
@@ -704,10 +724,7 @@ class UplinkSlotSync:
             raise ProtocolAborted(
                 f"uplink time synchronisation failed: {self.det.size} detections are too few"
             )
-        edges = np.arange(0.0, self.t_s.max() + SLOT_WINDOW_S, SLOT_WINDOW_S)
-        counts, _ = np.histogram(self.t_s, edges)
-        w = int(np.argmax(counts))
-        i0, i1 = np.searchsorted(self.t_s, (edges[w], edges[w + 1]))
+        i0, i1 = self.first_window()
         index = np.arange(i0, i1)
         lag = self.coarse_lag(self.t_s[index])
         u = self._u(lag, index)

@@ -237,17 +237,20 @@ class _StreamUplink:
         self.basis = np.concatenate([self.basis, np.asarray(basis, np.uint8)[order]])
         self.bits = np.concatenate([self.bits, np.asarray(bits, np.uint8)[order]])
 
-    def fields(self) -> dict:
+    def fields(self, final: bool = False) -> dict:
         """tt_block's uplink: before the lock, the request (once the detections so far can
         make one); after, the slots of the detections added since the last block (a slot
         at or before one already named is not named again)."""
         if not self.sync.locked:
-            if self.requested:
+            if self.requested or not self.sync.det.size:
                 return {"uplink_count": 0}
+            i0, i1 = self.sync.first_window()
+            if i1 - i0 < timesync.SLOT_REQUEST_MIN and not final:
+                return {"uplink_count": 0}  # too few detections yet: a later block
             try:
                 starts, length = self.sync.request()
             except ProtocolAborted:
-                return {"uplink_count": 0}  # too few detections yet: the next block
+                return {"uplink_count": 0}  # no slot phase yet: a later block
             self.requested = True
             return {
                 "uplink_count": 0,
@@ -285,7 +288,10 @@ class _StreamUplink:
             length = 2 * self.sync.half + 1
             codes = unpack_2bit(sift["uplink_intensity"], self.sync.asked.size * length)
             _check(codes.size == self.sync.asked.size * length, "uplink pattern length")
-            self.sync.lock(endpoints.uplink_class_weights(self.scenario)[codes])
+            try:
+                self.sync.lock(endpoints.uplink_class_weights(self.scenario)[codes])
+            except ProtocolAborted:
+                self.requested = False  # no peak yet: a later block asks again, with more
         detection, slot = self.pending
         self.pending = (none, none)
         count = int(sift["uplink_count"])
@@ -379,7 +385,7 @@ class StreamSatellite:
                 matcher.add(up_tag[u], up_basis[u], up_bit[u], k + 1 == n_blocks)
                 d = slice(down_edges[k], down_edges[k + 1])
                 fields.update(
-                    **matcher.fields(),
+                    **matcher.fields(final=k + 1 == n_blocks),
                     downlink_count=endpoints.BY_SLOT if by_slot else int(down_basis[d].size),
                     downlink_basis=pack_bits(down_basis[d]),
                 )  # fmt: skip
