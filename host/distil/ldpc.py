@@ -522,11 +522,12 @@ def _phi(table, x):
 
 # Checks of at least this degree gather their posteriors in a loop of their own (it
 # vectorises: AVX-512/AVX2 gathers); lighter checks gather inside the first pass, where a
-# separate loop's entry costs more than it saves. Measured per edge update, one thread,
-# `/tmp` micro-benchmark on the bench's codes: rate 0.90 (check degree ~87) 2.6 ns
-# separate against 3.2 fused; 0.83 (~42) 3.1 / 3.2; 0.76 (~31) 3.8 / 3.5; 0.66 (~19)
-# 4.9 / 3.6 (the kernel before: 4.0, 4.0, 4.5, 4.2).
-SEPARATE_GATHER_DEGREE = 36
+# separate loop's entry costs more than it saves. Measured as reconciliation runs it (8
+# frames on both cores, uint16 edge variables, CPU per edge update, two alternated runs
+# each; `/tmp` A/B, load 5-9), separate / fused: check degree 43 (rate 0.825) 2.86-2.91 /
+# 3.42-3.47 ns, 30 (0.7625) 3.37-3.41 / 3.54-3.66, 19 (0.6575) 3.89-4.10 / 3.45-3.85. (One
+# thread alone favoured the fused loop up to degree ~50: the two cores' caches change it.)
+SEPARATE_GATHER_DEGREE = 24
 
 
 def decode_phi(
