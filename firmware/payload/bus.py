@@ -395,6 +395,8 @@ class Bus:
             _bytes_to_words(body, 6, count, self.words)
         return status
 
+    # native: the tracking loop's every period (machine code instead of bytecode dispatch)
+    @micropython.native
     def track(self, io, send_commands):
         """The tracking loop's period in one TRACK transaction (docs/payload-bus.md): the
         command words io[12:19] out when send_commands is 1 (0: the first period, nothing

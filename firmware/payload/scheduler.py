@@ -6,6 +6,7 @@
 #
 # Per duty the scheduler keeps the number of calls and the worst step time in
 # microseconds: the measured side of the latency budget in docs/scheduling.md.
+import micropython
 from micropython import const
 
 # An error's text as telemetry keeps it (a duty's last_error, the main loop's
@@ -46,6 +47,9 @@ class Scheduler:
         self.duties.append(duty)
         return duty
 
+    # native: every pass runs this (the tracking loop's period among them); as machine code
+    # it costs ~2.4k instructions a pass less than in bytecode on the M3 (docs/tracking.md)
+    @micropython.native
     def run_once(self):
         """Call every due duty once; True if any did work."""
         ticks = self._ticks
