@@ -769,3 +769,30 @@ def test_a_scenario_without_the_coarse_satellite_time_is_bad_input(clean_pass, t
     argv = ["timetransfer", str(broken), "--keys", str(keys), "--out", str(tmp_path / "out")]
     assert main(argv) == 2
     assert "field 'satellite_coarse_time' missing" in capsys.readouterr().err
+
+
+def test_a_ground_pattern_not_starting_at_the_slot_clocks_first_slot_is_bad_input(tmp_path):
+    # the ground answers classes and bases of any slot of its slot clock (0 ..
+    # slot_count - 1): a pattern source whose range starts later (first_slot edited, or
+    # another transmitter's) stopped the session with 'internal error: IndexError' (exit
+    # 1) once the satellite named a slot below it, instead of naming the file (exit 2)
+    from host.formats.patterns import KeyedPatternSource, write_pattern_source
+    from host.protocol.symbols import SymbolMapping
+
+    mapping = SymbolMapping.from_probabilities(0.5, [0.5, 0.25, 0.25])
+    intensities = {"signal": 0.8, "decoy": 0.1, "vacuum": 0.0}
+    clock = {"first_epoch_ps": 0, "period_ps": 10_000, "slot_count": 1000}
+    scenario = {"uplink_slot_clock": clock}
+    (tmp_path / "ground").mkdir()
+    pattern_path = tmp_path / files.UPLINK_PATTERN_FILE
+    write_pattern_source(
+        pattern_path, KeyedPatternSource(UPLINK_KEY, mapping, 0, 1000, intensities)
+    )
+    record = endpoints.UplinkTransmitterRecord(files.read_uplink_transmitter(tmp_path, scenario))
+    no_sample = lambda count: np.zeros(0, np.int64)  # noqa: E731
+    assert record.named({"uplink_count": 1, "uplink_slot_tag_ps": [3]}, no_sample)[0] == 1
+    write_pattern_source(
+        pattern_path, KeyedPatternSource(UPLINK_KEY, mapping, 500, 1000, intensities)
+    )
+    with pytest.raises(BadInput, match="tt_uplink_pattern.json: first_slot 500"):
+        files.read_uplink_transmitter(tmp_path, scenario)

@@ -156,6 +156,10 @@ def read_uplink_transmitter(pass_dir: Path, scenario: dict) -> dict:
             raise BadInput(f"{where}.{field} missing or not an integer")
     if clock["period_ps"] <= 0 or clock["slot_count"] != pattern.slot_count:
         raise BadInput(f"{where}: period or slot count does not fit {path.name}")
+    # the slot clock numbers the slots from 0 (first_epoch_ps): a source whose range
+    # starts elsewhere lacks the symbols of slots the satellite may name
+    if pattern.first_slot != 0:
+        raise BadInput(f"{path}: first_slot {pattern.first_slot}: the uplink slot clock's is 0")
     if not pattern.intensities:
         raise BadInput(f"{path}: intensities missing (the uplink's sync needs them)")
     return {"pattern": pattern, "slot_clock": clock}
