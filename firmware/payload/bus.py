@@ -44,6 +44,10 @@ E_REFUSED = const(5)
 E_TIMEOUT = const(-1)
 E_BAD_REPLY = const(-2)
 _E_NOT_MINE = const(-3)  # track()'s fast path: a frame that is not its reply
+# The counters track() moves every period wrap to 0 past this, the largest small int of a
+# 32-bit port: one more would be a big int, allocated every period from then on (after
+# 2^30 periods, 6 days of tracking at 2 kHz), and the fast path allocates nothing.
+COUNTER_WRAP = const(0x3FFFFFFF)
 
 # TRACK's fixed layout (docs/payload-bus.md "TRACK"): every field little-endian.
 TRACK_FLAG_COMMANDS = const(0x01)
@@ -408,7 +412,8 @@ class Bus:
         else (a reply in pieces, a late one, another frame first, a damaged one) goes to
         the general path with the same frame, which counts and retries as any transaction.
         Measured on QEMU (docs/tracking.md "Loop rate in pass mode")."""
-        self.transactions += 1
+        n = self.transactions
+        self.transactions = n + 1 if n < COUNTER_WRAP else 0
         tag = (self._tag + 1) & 0xFF
         self._tag = tag
         ctx = self._track_ctx
@@ -421,9 +426,11 @@ class Bus:
                 count = link.readinto(self._chunk)
                 status = track_reply_thumb(self._chunk, count | (tag << 16), io, ctx)
                 if status >= 0:
-                    self.rx.frames_ok += 1
+                    n = self.rx.frames_ok
+                    self.rx.frames_ok = n + 1 if n < COUNTER_WRAP else 0
                     if status:
-                        self.error_status += 1
+                        n = self.error_status
+                        self.error_status = n + 1 if n < COUNTER_WRAP else 0
                     return status
                 # not the fast case: the general path reads the chunk as any other
                 self._chunk_fill = count
@@ -444,9 +451,11 @@ class Bus:
                 if n > 0:
                     status = _unpack_track(decoded, n, io, tag)
                     if status != _E_NOT_MINE:
-                        self.rx.frames_ok += 1
+                        n = self.rx.frames_ok
+                        self.rx.frames_ok = n + 1 if n < COUNTER_WRAP else 0
                         if status > OK:
-                            self.error_status += 1
+                            n = self.error_status
+                            self.error_status = n + 1 if n < COUNTER_WRAP else 0
                         elif status == E_BAD_REPLY:
                             self.bad_replies += 1
                         return status

@@ -292,3 +292,45 @@ def test_track_fast_path_does_not_allocate():
     assert bytes(statuses) == bytes(300)
     assert io[0] == 3000 and b.rx.frames_ok == 300 and b.rx.dropped() == 0
     assert b._chunk_fill == 0  # every reply took the fast path (the general one sets it)
+
+
+def test_track_fast_path_does_not_allocate_when_its_counters_wrap():
+    # the counters the fast path moves every period (transactions, frames_ok) and those it
+    # moves on a head's refusal (error_status) wrap at 2^30 instead of becoming big ints:
+    # on a 32-bit MCU a small int ends at 2^30 - 1, so after 2^30 TRACK periods (6 days of
+    # tracking at 2 kHz) each period allocated, and under heap_lock raised MemoryError
+    reply = _track_vector("replies", "track reply")
+    refused = _track_vector("replies", "track refused")
+
+    class Replies:
+        def __init__(self):
+            self.frame = None
+
+        def write(self, data):
+            return len(data)
+
+        def readinto(self, buf):
+            frame = self.frame
+            for i in range(len(frame)):
+                buf[i] = frame[i]
+            return len(frame)
+
+    link = Replies()
+    b = _bus(link)
+    io = array.array("i", (0,) * 24)
+    top = 0x3FFFFFFF  # the largest small int of a 32-bit port
+    statuses = bytearray(4)
+    for k, case in enumerate((reply, reply, refused, refused)):
+        frame = bytes.fromhex(case["frame"])
+        b.transactions = b.rx.frames_ok = b.error_status = top
+        b._tag = case["tag"] - 1
+        link.frame = frame
+        micropython.heap_lock()
+        try:
+            statuses[k] = b.track(io, 1)
+        finally:
+            micropython.heap_unlock()
+        assert b.transactions == 0 and b.rx.frames_ok == 0, k
+        assert b.error_status == (0 if k >= 2 else top), k
+    assert list(statuses) == [busmod.OK, busmod.OK, busmod.E_REFUSED, busmod.E_REFUSED]
+    assert b._chunk_fill == 0  # the fast path each time
