@@ -14,6 +14,14 @@ from micropython import const
 # them, still fits one packet however long an exception's message is.
 MAX_ERROR_TEXT_CHARS = const(80)
 
+# The pass and call counters wrap to 0 past this, the largest small int of a 32-bit port,
+# and a duty's total time is kept as whole seconds plus microseconds under one second: a
+# big int would be allocated on every pass from then on (the busiest duty's total_us
+# passed 2^30 after 18 minutes of its work, the counters after 2^30 passes), and the
+# pass carries the tracking loop's period, which allocates nothing.
+COUNTER_WRAP = const(0x3FFFFFFF)
+_US_PER_S = const(1_000_000)
+
 
 def error_text(error):
     """An exception's repr, at most MAX_ERROR_TEXT_CHARS."""
@@ -27,6 +35,7 @@ class Duty:
         self.period_us = period_us  # 0: every pass
         self.calls = 0
         self.worst_us = 0
+        self.total_s = 0  # the duty's total time: total_s s + total_us us (< 1 s)
         self.total_us = 0
         self.last_us = 0
         self.errors = 0
@@ -55,7 +64,8 @@ class Scheduler:
         ticks = self._ticks
         ticks_arg = self._ticks_arg
         busy = False
-        self.passes += 1
+        n = self.passes
+        self.passes = n + 1 if n < COUNTER_WRAP else 0
         for duty in self.duties:
             start = ticks(ticks_arg)
             if duty.period_us and ((start - duty.last_us) & 0x3FFFFFFF) < duty.period_us:
@@ -71,16 +81,25 @@ class Scheduler:
                 duty.errors += 1
                 duty.last_error = error_text(error)
             elapsed = (ticks(ticks_arg) - start) & 0x3FFFFFFF
-            duty.calls += 1
-            duty.total_us += elapsed
+            n = duty.calls
+            duty.calls = n + 1 if n < COUNTER_WRAP else 0
             if elapsed > duty.worst_us:
                 duty.worst_us = elapsed
+            if elapsed >= _US_PER_S:  # a step of a second or more
+                duty.total_s += elapsed // _US_PER_S
+                elapsed %= _US_PER_S
+            total = duty.total_us + elapsed
+            if total >= _US_PER_S:
+                duty.total_s += 1
+                total -= _US_PER_S
+            duty.total_us = total
         return busy
 
     def telemetry(self):
         out = {}
         for d in self.duties:
-            entry = {"calls": d.calls, "worst_us": d.worst_us, "total_us": d.total_us}
+            total_us = d.total_s * _US_PER_S + d.total_us  # a big int past 2^30 us: here only
+            entry = {"calls": d.calls, "worst_us": d.worst_us, "total_us": total_us}
             if d.errors:
                 entry["errors"] = d.errors
                 entry["last_error"] = d.last_error
