@@ -14,6 +14,7 @@ REG_TRK_SENSORS = const(0x0500)  # read, 12 words: QA..QD, CAM_NEW, CAM_X, CAM_Y
 REG_TRK_COMMANDS = const(0x0510)  # write, 7 words: FSM_X, FSM_Y, RATE_X, RATE_Y, PA_X, PA_Y,
 #                                   STATE (io words 12..18); writing STATE latches the set
 SENSOR_WORDS = const(12)
+_COUNTER_WRAP = const(0x3FFFFFFF)  # bus.COUNTER_WRAP
 _IDLE = const(0)  # tracking.IDLE (the kernel returns the state it left)
 COMMAND_WORDS = const(7)
 
@@ -101,17 +102,22 @@ class TrackingDuty:
                 self.flush()  # owed only if the stop's WRITE failed: retried here
             return False  # no loop to run
         now = self._ticks(self._ticks_arg)  # the clock's ticks_us in one native call
+        # the counters wrap at 2^30 - 1 (bus.COUNTER_WRAP): a big int past it would be
+        # allocated every period
         if self._last_us >= 0 and ((now - self._last_us) & 0x3FFFFFFF) > tracker.cfg[0]:
-            self.overruns += 1
+            n = self.overruns
+            self.overruns = n + 1 if n < _COUNTER_WRAP else 0
         self._last_us = now
         # one TRACK: last period's commands (if owed) out, this period's sensors into io
         if self.bus.track(tracker.io, self._unsent) != 0:
-            self.bus_errors += 1
+            n = self.bus_errors
+            self.bus_errors = n + 1 if n < _COUNTER_WRAP else 0
             return False
         state = tracking.step_kernel(words, tracker.table, tracker.sin_table)
         self._state = state
         self._unsent = 1
-        self.steps += 1
+        n = self.steps
+        self.steps = n + 1 if n < _COUNTER_WRAP else 0
         if state == _IDLE:  # stopped: no next period to carry the IDLE commands
             self.flush()
         return True
