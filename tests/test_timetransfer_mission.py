@@ -186,9 +186,12 @@ def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path)
     over the optical link): the time transfer streams on the same link's second stream
     while the distillation streams on the first, sealed with an earlier pass's key, and
     the pass goes by at its pace through the real firmware, whose TDC log the satellite
-    endpoint reads as it is written; a 4 s segment at x2 (no key from the distillation:
+    endpoint reads as it is written; a 4 s segment at x1 (no key from the distillation:
     too short, exit 3 as designed; 4 s so that the ~520 sampled uplink events make the 3 %
-    QBER abort a < 1e-8 chance)."""
+    QBER abort a < 1e-8 chance). The ground transmitter's pattern key is fixed as the
+    head's QRNG key is: which uplink pulses are detected is then the same every run (with
+    a fresh key the ~10,300 detections varied by ~100, and the bound below sat 3 sigma
+    under them)."""
     from host.mission.run import run_mission
 
     keys = tmp_path / "earlier"
@@ -196,12 +199,12 @@ def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path)
     distilled(keys, 64_000, "an earlier pass")
     out = tmp_path / "mission"
     summary = run_mission(
-        out, segment_s=4.0, stream_speedup=2.0, timetransfer=True, timetransfer_keys=keys,
-        seed=SEED, qrng_key=bytes(range(32)),
+        out, segment_s=4.0, stream_speedup=1.0, timetransfer=True, timetransfer_keys=keys,
+        seed=SEED, qrng_key=bytes(range(32)), uplink_key=bytes(range(1, 33)),
     )  # fmt: skip
     during = summary["stages"]["timetransfer_during_pass"]
     assert during["aborted"] is False, during["abort_reason"]
-    assert during["bins"] >= 38 and during["streaming"]["speedup"] == 2.0
+    assert during["bins"] >= 38 and during["streaming"]["speedup"] == 1.0
     assert during["qber"]["uplink"] < 0.03
     report = json.loads((out / "timetransfer-during-pass" / "report.json").read_text())
     bias_sigma = report["truth"]["error_std_per_bin_ps"] / math.sqrt(report["bins"])
@@ -232,9 +235,10 @@ def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path)
     # controller's TDC log as the controller wrote it: every block but the last taken
     # while the log grew, the last at the controller's end of pass; all of the log's
     # uplink events, as downloaded after the pass
-    # (x2 here gives each block half a wall second before the log moves on: measured, 3
-    # of the 4 blocks taken while the log grew; a stall of ~1.5 s would take block 0 late)
-    assert summary["stages"]["firmware"]["at_its_pace"]["speedup"] == 2.0
+    # (x1, the command line's pace, gives block 0 three wall seconds between its end in
+    # the log and the log's end: at x2, 1.5 s, a loaded machine took 2 of the 3 blocks
+    # while the log grew with the pass 1.9 s late; x1 doubles that margin for +2 s)
+    assert summary["stages"]["firmware"]["at_its_pace"]["speedup"] == 1.0
     feed = during["uplink_feed"]
     assert feed["ended_by"] == "end of pass (controller)"
     assert feed["blocks_taken_before_the_log_ended"] >= 1

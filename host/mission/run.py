@@ -599,10 +599,13 @@ def run_mission(
     qrng_key: bytes | None = None,
     tail: str | None = None,
     progress=None,
+    uplink_key: bytes | None = None,
 ) -> dict:
     """Every stage; returns the mission summary (also written to OUT/mission.json).
     `qrng_key`: the emulated head's QRNG key (a test's fixed key: the same pass every run;
-    None: os.urandom, as the command line runs)."""
+    None: os.urandom, as the command line runs). `uplink_key`: the time transfer's ground
+    transmitter's pattern key, likewise (its pulses' intensities decide which are
+    detected: a test's fixed key fixes the uplink's detections)."""
     from host.distil.protocol import Config
     from host.distil.run import REPORT_NAME, run_local
     from host.mission import ground, report
@@ -695,7 +698,9 @@ def run_mission(
 
         say("timetransfer: the segment's two-way orbit, clocks and uplink")
         t = time.perf_counter()
-        two_way = mission_stage.prepare(profile, seed, pass_slots // FRAME_SLOTS * FRAME_SLOTS)
+        two_way = mission_stage.prepare(
+            profile, seed, pass_slots // FRAME_SLOTS * FRAME_SLOTS, uplink_key=uplink_key
+        )
         seconds["timetransfer_uplink"] = round(time.perf_counter() - t, 3)
 
     say(f"firmware on {target}: boot, pass mode, download (budget {budget_s:g} s)")
