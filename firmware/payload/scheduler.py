@@ -85,13 +85,11 @@ class Scheduler:
             duty.calls = n + 1 if n < COUNTER_WRAP else 0
             if elapsed > duty.worst_us:
                 duty.worst_us = elapsed
-            if elapsed >= _US_PER_S:  # a step of a second or more
-                duty.total_s += elapsed // _US_PER_S
-                elapsed %= _US_PER_S
+            # (a big int here only for a step of ~18 minutes, once)
             total = duty.total_us + elapsed
             if total >= _US_PER_S:
-                duty.total_s += 1
-                total -= _US_PER_S
+                duty.total_s += total // _US_PER_S
+                total %= _US_PER_S
             duty.total_us = total
         return busy
 
