@@ -10,6 +10,8 @@ A firmware test file is `tests/firmware/mptest_*.py`, written in MicroPython:
 - `QEMU_ICOUNT_SHIFT = N` runs QEMU with its clock following the instruction count;
 - `UNIX_HEAP_PERCENT = N` runs it on unix with N % of the controller's heap, so that a file
   whose fixtures take a large share of the heap keeps its margin (docs/targets.md);
+- `NETDUINO2_TESTS_PER_SESSION = N` runs it on the STM32 board in sessions of at most N
+  tests (fewer than the default 8: less source held in its 96 KiB heap while they run);
 - `MPTEST_HELPERS = ("link_helpers.py",)` appends those files of tests/firmware/ (set-up
   shared by several test files) after the file's own source, so that its line numbers
   stay the file's; the helpers only have to exist by the time the tests are called.
@@ -63,6 +65,7 @@ class FileSpec:
     icount_shift: int | None
     helpers: tuple[str, ...] = ()
     unix_heap_percent: int = 100  # of the controller's heap, to keep a margin (docs/targets.md)
+    netduino2_tests_per_session: int = 8  # NETDUINO2_TESTS_PER_SESSION, the default
 
 
 @dataclass
@@ -95,6 +98,7 @@ def parse_spec(path: Path) -> FileSpec:
                 "QEMU_ICOUNT_SHIFT",
                 "MPTEST_HELPERS",
                 "UNIX_HEAP_PERCENT",
+                "NETDUINO2_TESTS_PER_SESSION",
             ):
                 constants[target.id] = ast.literal_eval(node.value)
     targets = tuple(constants.get("TARGETS", ALL_TARGETS))
@@ -116,6 +120,7 @@ def parse_spec(path: Path) -> FileSpec:
         constants.get("QEMU_ICOUNT_SHIFT"),
         helpers,
         constants.get("UNIX_HEAP_PERCENT", 100),
+        constants.get("NETDUINO2_TESTS_PER_SESSION", NETDUINO2_TESTS_PER_SESSION),
     )
 
 
@@ -234,8 +239,9 @@ def run_on_netduino2(spec: FileSpec, timeout_s: float = 300.0) -> FileResult:
     merged = FileResult()
     fatals = []
     names = tuple(spec.test_names)
-    for first in range(0, len(names), NETDUINO2_TESTS_PER_SESSION):
-        group = names[first : first + NETDUINO2_TESTS_PER_SESSION]
+    per_session = spec.netduino2_tests_per_session
+    for first in range(0, len(names), per_session):
+        group = names[first : first + per_session]
         result = run_on_qemu(spec, timeout_s, Netduino2Target, group)
         merged.outcomes.update(result.outcomes)
         if result.fatal:

@@ -96,10 +96,12 @@ def test_every_crc_implementation_the_port_has_agrees_with_the_vectors():
 
 def _cobs_cases():
     """Deterministic inputs (an LCG): runs of zeros and non-zeros, blocks of 253-255
-    bytes around COBS's 254-byte code limit, and the empty input."""
+    bytes around COBS's 254-byte code limit, and the empty input. One at a time (a
+    generator): the 66 cases held at once took ~20 KB, and on the STM32 board at 85 % of
+    its heap test_every_frame_decode_the_port_has_agrees found no 548-byte hole."""
     seed = 12345
-    cases = [b"", b"\x00", b"\x00\x00", bytes(range(1, 255)), bytes(range(1, 256))]
-    cases.append(bytes(range(1, 255)) + b"\x00" + bytes(range(1, 255)))
+    yield from (b"", b"\x00", b"\x00\x00", bytes(range(1, 255)), bytes(range(1, 256)))
+    yield bytes(range(1, 255)) + b"\x00" + bytes(range(1, 255))
     for _ in range(60):
         seed = (seed * 1103515245 + 12345) & 0x7FFFFFFF
         length = (seed >> 8) % 600
@@ -108,8 +110,7 @@ def _cobs_cases():
         for i in range(length):
             seed = (seed * 1103515245 + 12345) & 0x7FFFFFFF
             data[i] = 0 if (seed >> 16) % zeros == 0 else 1 + (seed >> 8) % 255
-        cases.append(bytes(data))
-    return cases
+        yield bytes(data)
 
 
 def test_every_cobs_implementation_the_port_has_agrees():
