@@ -304,7 +304,7 @@ def test_a_tampered_time_message_during_the_mission_aborts_the_time_transfer(
     out = tmp_path / "mission"
     summary = run_mission(
         out, segment_s=2.0, stream_speedup=2.0, timetransfer=True, timetransfer_keys=keys,
-        seed=SEED, qrng_key=bytes(range(32)),
+        seed=SEED, qrng_key=bytes(range(32)), uplink_key=bytes(range(1, 33)),
     )  # fmt: skip
     during = summary["stages"]["timetransfer_during_pass"]
     assert during["aborted"] is True
