@@ -883,22 +883,26 @@ def cascade_bob(channel, bits: np.ndarray, qber_estimate: float, seed: int) -> t
         work[positions] ^= 1
         return positions
 
+    alice_blocks = []  # per pass done: Alice's parity of each of its blocks (kept: public)
     for p, (_perm, size) in enumerate(layout):
         starts = np.arange(0, count, size)
         stops = np.minimum(starts + size, count)
-        alice = query(np.full(starts.size, p), starts, stops)
-        odd = alice != local_parity(p, starts, stops)
+        alice_blocks.append(query(np.full(starts.size, p), starts, stops))
+        odd = alice_blocks[p] != local_parity(p, starts, stops)
         flipped = binary_search(np.full(int(odd.sum()), p), starts[odd].copy(), stops[odd].copy())
-        # Cascade: each flip makes the blocks containing it in earlier passes odd again.
+        # Cascade: each flip makes the blocks containing it odd again in every pass done,
+        # this one included (a block of this pass that held two errors, even when it was
+        # checked, is odd once a search in an earlier pass fixed one of them; skipping it
+        # left the other error in the key). Alice's block parities are known already:
+        # compared, not asked again.
         while flipped.size and p > 0:
             ps, los, his = [], [], []
-            for q in range(p):
+            for q in range(p + 1):
                 size_q = layout[q][1]
                 pos_q = np.unique(inverse[q][flipped] // size_q)
                 st = pos_q * size_q
                 sp = np.minimum(st + size_q, count)
-                known = query(np.full(st.size, q), st, sp)
-                bad = known != local_parity(q, st, sp)
+                bad = alice_blocks[q][pos_q] != local_parity(q, st, sp)
                 ps.append(np.full(int(bad.sum()), q))
                 los.append(st[bad])
                 his.append(sp[bad])
