@@ -626,17 +626,21 @@ def test_a_connector_held_by_a_dripping_peer_is_dropped_within_its_bound(tmp_pat
 def test_a_connector_queued_behind_a_stranger_at_the_listener_still_gets_its_session(
     tmp_path, monkeypatch
 ):
-    """A listener serves one peer at a time: a silent stranger ahead holds it for its
-    handshake timeout (5 s here) while the real connector's connection waits, silent, in
-    the listen queue. The connector's bound (3 s here) runs from the listener's first byte,
-    not from the connection: it gets its session (counted from the connection, any six
-    strangers ahead at 10 s each would have stopped it at 60 s)."""
+    """A listener hears MAX_PENDING_PEERS connections at once (1 here): a silent stranger
+    holding that place holds it for its handshake timeout (5 s here) while the real
+    connector's connection waits, silent, in the listen queue. The connector's bound
+    (3 s here) runs from the listener's first byte, not from the connection: it gets its
+    session (counted from the connection, strangers holding every place at 10 s each
+    would have stopped it at 60 s)."""
     # the stranger holds the listener 5 s, the connector's bound is 3 s from the first
     # byte: the wait behind the stranger exceeds the bound by 1.7 s of stall allowance
     # (after the 0.3 s sleep), and the exchange itself has 3 s on a loaded machine
     stranger_hold_s, bound_s = 5.0, 3.0
     monkeypatch.setattr(ch, "HANDSHAKE_TIMEOUT_S", stranger_hold_s)
     monkeypatch.setattr(ch, "CONNECT_HANDSHAKE_TIMEOUT_S", bound_s)
+    # the stranger holds the listener's only place (MAX_PENDING_PEERS strangers hold them
+    # all): the connector waits in the listen queue
+    monkeypatch.setattr(ch, "MAX_PENDING_PEERS", 1)
     (_, _), (pool_l, pool_c) = _file_pools(tmp_path)
     ready, result = threading.Event(), {}
 
@@ -666,6 +670,56 @@ def test_a_connector_queued_behind_a_stranger_at_the_listener_still_gets_its_ses
     thread.join(30)
     assert "error" not in result, result.get("error")
     assert len(result["dropped"]) == 1 and "took more than" in result["dropped"][0]
+
+
+def test_strangers_queued_ahead_of_the_peer_do_not_starve_the_listener(tmp_path, monkeypatch):
+    """The adversarial review's starvation: a listener served one connection at a time and
+    gave each HANDSHAKE_TIMEOUT_S, so strangers queued ahead of the real peer (a valid
+    hello, then silence) held it for that long each, and any number of them beyond the
+    connector's wait (600 s / 10 s: 60; here 4 at 3 s against an 8 s wait) made every
+    --connect run fail. Now the listener reads every queued connection's opening at once,
+    each bounded, commits nothing to one whose tag has not checked, and takes the first
+    that checks: the peer gets its session behind them."""
+    # the peer's exchange has 3 s from its acceptance (milliseconds unloaded: a loaded
+    # machine's stalls get x4 room); before, the 12 s the strangers held exceeded its 8 s
+    monkeypatch.setattr(ch, "HANDSHAKE_TIMEOUT_S", 3.0)
+    (path_l, _), (pool_l, pool_c) = _file_pools(tmp_path)
+    ready, result = threading.Event(), {}
+
+    def listener():
+        try:
+            transport = ch.listen("127.0.0.1:0", timeout_s=60, ready=ready)
+            session = ch.exchange_pool_start(transport, pool_l, ch.ALICE)
+            chan = ch.AuthChannel(transport, pool_l, ch.ALICE, session=session)
+            chan.send("hello", n=7)
+            chan.close()
+        except BaseException as error:  # re-raised below
+            result["error"] = error
+
+    thread = threading.Thread(target=listener, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    strangers = []
+    for _ in range(4):  # each a valid hello, then silence: queued ahead of the peer
+        sock = socket.create_connection(("127.0.0.1", ready.port))
+        ch.SocketTransport(sock).send_bytes(
+            ch._START.pack(ch._START_HELLO, ch.CONNECTOR, os.urandom(16))
+        )
+        strangers.append(sock)
+    try:
+        # the peer waits 8 s for each read (a --connect run's 600 s, scaled as the 10 s)
+        transport = ch.connect(f"127.0.0.1:{ready.port}", timeout_s=8.0, handshake_timeout_s=30.0)
+        session = ch.exchange_pool_start(transport, pool_c, ch.BOB)
+        chan = ch.AuthChannel(transport, pool_c, ch.BOB, session=session)
+        assert chan.recv("hello")["n"] == 7
+        chan.close()
+    finally:
+        for sock in strangers:
+            sock.close()
+    thread.join(30)
+    assert "error" not in result, result.get("error")
+    # nothing committed for the strangers: the start is the peer's exchange's alone
+    assert pool_l.start_byte == pool_c.start_byte == 4 * ch.ANNOUNCE_BYTES
 
 
 def test_keys_confirm_connect_to_a_dripping_peer_exits_1_with_the_reason(

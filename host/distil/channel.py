@@ -20,6 +20,7 @@ import hmac
 import json
 import os
 import queue
+import select
 import socket
 import struct
 import sys
@@ -100,6 +101,11 @@ LISTENER, CONNECTOR = b"L", b"C"
 # announcement; a peer that fails (silent, garbage, a forged tag) is dropped and the
 # listener accepts the next, within its own deadline (listen's timeout_s).
 HANDSHAKE_TIMEOUT_S = 10.0
+# A listener hears this many connections at once (ListeningTransport.first_verified);
+# more wait in the listen queue. Strangers holding them all (10 s each) delay a peer
+# queued behind B of them by B / 16 * 10 s: the kernel's queue (128) by 80 s, within a
+# connector's 600 s wait.
+MAX_PENDING_PEERS = 16
 # A connector in a split mode (open_split) gives the pool-start exchange this long (wall
 # seconds) from the peer's first byte, whatever the spacing of the bytes after it: a man
 # in the middle dripping a byte every few minutes held it for good with only the socket's
@@ -429,11 +435,8 @@ def exchange_pool_start(
                 raise
 
 
-def _exchange_pool_start(
-    transport, pool: KeyPool, role: str | None, session_bytes: int = 0
-) -> bytes:
-    if hasattr(transport, "start_handshake"):
-        transport.start_handshake()
+def _open_exchange(transport, role: str | None):
+    """Step 1, the hellos: (our nonce, the peer's, our lane, whether we prove)."""
     mode = getattr(transport, "mode", CONNECTOR)
     nonce = os.urandom(SESSION_NONCE_BYTES)
     transport.send_bytes(_START.pack(_START_HELLO, mode, nonce))
@@ -461,6 +464,55 @@ def _exchange_pool_start(
         prover = role == BOB
     else:
         raise ProtocolAborted("pool start: two connectors and no role to tell who proves")
+    return nonce, peer_nonce, party, prover
+
+
+def _verify_announcement(transport, pool: KeyPool, party: int, nonce, peer_nonce) -> int:
+    """Step 3's check, the verifier's: the prover's position, its tag checked. Commits
+    nothing (it only reads the pool): a listener runs it for every queued connection at
+    once (ListeningTransport.first_verified)."""
+    theirs, their_tag = _read_announcement(transport.recv_bytes())
+    body = _announcement_body(0, theirs, 0, peer_nonce + nonce)
+    if (
+        not _fits(pool, theirs)
+        or announcement_slot(theirs, 1 - party) != theirs  # off the peer's lane
+        or not hmac.compare_digest(their_tag, _announcement_tag(pool, theirs, body))
+    ):
+        raise AuthenticationFailed("the peer's pool position failed authentication")
+    floor = pool.peer_floor_byte
+    if theirs < floor:
+        # checked after the tag, so that the reason names only a position the peer
+        # could tag; nothing is committed either way
+        try:
+            transport.send_bytes(_REFUSAL.pack(_REFUSE, floor))
+        except ProtocolAborted:
+            pass  # the refusal is said best effort: the reason below is this side's
+        raise AuthenticationFailed(
+            f"the peer's pool position {theirs} lies below {floor}, "
+            "where this side's record says the peer's stood: bytes already used, "
+            "which an eavesdropper may know (a forgery, or the peer's record rolled "
+            "back)"
+        )
+    return theirs
+
+
+def _exchange_pool_start(
+    transport, pool: KeyPool, role: str | None, session_bytes: int = 0
+) -> bytes:
+    if hasattr(transport, "first_verified"):
+        # a listener: every queued connection's opening read at once, the first whose
+        # announcement checks taken (nothing committed before)
+        def hear(candidate):
+            opened = _open_exchange(candidate, role)
+            return opened, _verify_announcement(candidate, pool, opened[2], *opened[:2])
+
+        (nonce, peer_nonce, party, prover), theirs = transport.first_verified(hear)
+    else:
+        if hasattr(transport, "start_handshake"):
+            transport.start_handshake()
+        nonce, peer_nonce, party, prover = _open_exchange(transport, role)
+        if not prover:
+            theirs = _verify_announcement(transport, pool, party, nonce, peer_nonce)
     if prover:
         mine = pool.reserve_announcement(party)
         body = _announcement_body(0, mine, 0, nonce + peer_nonce)
@@ -496,28 +548,7 @@ def _exchange_pool_start(
         body = _announcement_body(_CONFIRM, mine, theirs, nonce + peer_nonce, session_bytes)
         tag = _announcement_tag(pool, confirm_at, body)
         transport.send_bytes(_ANNOUNCEMENT.pack(_ANNOUNCE, confirm_at, tag))
-    else:
-        theirs, their_tag = _read_announcement(transport.recv_bytes())
-        body = _announcement_body(0, theirs, 0, peer_nonce + nonce)
-        if (
-            not _fits(pool, theirs)
-            or announcement_slot(theirs, 1 - party) != theirs  # off the peer's lane
-            or not hmac.compare_digest(their_tag, _announcement_tag(pool, theirs, body))
-        ):
-            raise AuthenticationFailed("the peer's pool position failed authentication")
-        if theirs < pool.peer_floor_byte:
-            # checked after the tag, so that the reason names only a position the peer
-            # could tag; nothing is committed either way
-            try:
-                transport.send_bytes(_REFUSAL.pack(_REFUSE, pool.peer_floor_byte))
-            except ProtocolAborted:
-                pass  # the refusal is said best effort: the reason below is this side's
-            raise AuthenticationFailed(
-                f"the peer's pool position {theirs} lies below {pool.peer_floor_byte}, "
-                "where this side's record says the peer's stood: bytes already used, "
-                "which an eavesdropper may know (a forgery, or the peer's record rolled "
-                "back)"
-            )
+    else:  # the prover's announcement checked (_verify_announcement)
         mine = pool.start_byte
         at = announcement_slot(max(theirs + ANNOUNCE_BYTES, mine), party)
         confirm_at = announcement_slot(at + ANNOUNCE_BYTES, 1 - party)
@@ -732,44 +763,31 @@ def parse_address(text: str) -> tuple[str, int]:
 
 class ListeningTransport(SocketTransport):
     """The transport of a side that listens. Until the pool-start exchange has verified a
-    peer (exchange_pool_start), the listening socket stays open: a peer that fails before
-    then (silent for HANDSHAKE_TIMEOUT_S, garbage, a forged or replayed announcement) is
-    dropped, said on stderr, and the next one accepted, all within the listener's own
-    deadline (timeout_s from the start). A stranger can hold the listener for at most
-    HANDSHAKE_TIMEOUT_S a connection, and never commits anything on this side."""
+    peer (exchange_pool_start), the listening socket stays open and every connection is
+    heard at once (first_verified): up to MAX_PENDING_PEERS at a time, each in its own
+    thread, each given HANDSHAKE_TIMEOUT_S from its acceptance to a verified announcement;
+    the first that verifies is taken and the others closed. A peer that fails (silent,
+    garbage, a forged or replayed announcement) is dropped, said on stderr, all within
+    the listener's own deadline (timeout_s from the start). A stranger holds one of the
+    MAX_PENDING_PEERS places for at most HANDSHAKE_TIMEOUT_S, never the listener, and
+    never commits anything on this side."""
 
     def __init__(self, server: socket.socket, address: str, timeout_s: float):
         self.server, self.address, self.timeout_s = server, address, timeout_s
         self.deadline = time.monotonic() + timeout_s
+        self.mode = LISTENER
         self.dropped = []  # why each peer before the verified one was dropped
-        self._accept()
+        # the first connection is awaited here, as a listen() nobody reaches says at once
+        # (open_split: exit 1); first_verified accepts it
+        if not select.select([server], [], [], timeout_s)[0]:
+            self._give_up()
 
-    def _accept(self) -> None:
-        remaining = self.deadline - time.monotonic()
-        try:
-            if remaining <= 0:
-                raise TimeoutError
-            self.server.settimeout(remaining)
-            conn, _ = self.server.accept()
-        except TimeoutError as error:
-            self.server.close()
-            self.server = None
-            raise ChannelClosed(f"no peer connected to {self.address}") from error
-        super().__init__(conn, LISTENER)
-        self.accepted_at = time.monotonic()
-        self.handshake_s = min(HANDSHAKE_TIMEOUT_S, remaining)
+    def _give_up(self) -> None:
+        self.server.close()
+        self.server = None
+        raise ChannelClosed(f"no peer connected to {self.address}")
 
-    def start_handshake(self) -> None:
-        """The pool-start exchange begins: it must end within HANDSHAKE_TIMEOUT_S of the
-        connection, however the peer spaces its bytes, in frames of its own size."""
-        if self.server is not None:
-            self.handshake_deadline = self.accepted_at + self.handshake_s
-
-    def accept_next(self, reason: str) -> bool:
-        """A peer failed the pool-start exchange: drop it, accept the next (True), or
-        False once a peer was verified (the failure is then the session's)."""
-        if self.server is None:
-            return False
+    def _drop(self, reason: str) -> None:
         self.dropped.append(reason)
         print(
             f"qkdsat: {self.address}: dropped a peer before the session ({reason}); "
@@ -777,8 +795,108 @@ class ListeningTransport(SocketTransport):
             file=sys.stderr,
             flush=True,
         )
-        self.sock.close()
-        self._accept()
+
+    def first_verified(self, hear):
+        """`hear(candidate)` (the verifier's side of the exchange up to its check of the
+        prover's tag, committing nothing) on each connection, concurrently, each on its
+        own SocketTransport bounded by HANDSHAKE_TIMEOUT_S from its acceptance. Returns the
+        first result; its connection becomes this transport's, the others are closed.
+        Why concurrently: one connection at a time, strangers queued ahead of the peer (a
+        valid hello, then silence) held the listener HANDSHAKE_TIMEOUT_S each, and enough
+        of them (600 s / 10 s) made every --connect run fail."""
+        results = queue.Queue()
+        wake_r, wake_w = socket.socketpair()
+        pending = {}  # thread -> its candidate transport
+
+        def run(candidate):
+            try:
+                outcome = (candidate, hear(candidate), None)
+            except BaseException as error:  # dropped, or re-raised by the listener's thread
+                outcome = (candidate, None, error)
+            results.put(outcome)
+            try:
+                wake_w.send(b"\0")
+            except OSError:
+                pass  # the listener already took a peer
+
+        try:
+            while True:
+                while not results.empty():
+                    candidate, result, error = results.get()
+                    pending.pop(candidate, None)
+                    if error is None:
+                        self._adopt(candidate)
+                        return result
+                    candidate.close()
+                    if not isinstance(error, (ProtocolAborted, OSError)):
+                        raise error
+                    self._drop(str(error))
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    self._give_up()
+                # at the cap, further connections wait in the listen queue: strangers
+                # cost the listener threads and descriptors only up to MAX_PENDING_PEERS
+                waiting = [wake_r] + ([self.server] if len(pending) < MAX_PENDING_PEERS else [])
+                readable, _, _ = select.select(waiting, [], [], remaining)
+                if wake_r in readable:
+                    wake_r.recv(4096)
+                if self.server in readable:
+                    try:
+                        conn, _ = self.server.accept()
+                    except OSError:
+                        continue  # the connection went before it was accepted
+                    candidate = SocketTransport(conn, LISTENER)
+                    candidate.handshake_s = min(HANDSHAKE_TIMEOUT_S, remaining)
+                    candidate.handshake_deadline = time.monotonic() + candidate.handshake_s
+                    pending[candidate] = True
+                    threading.Thread(target=run, args=(candidate,), daemon=True).start()
+        finally:
+            for candidate in pending:
+                try:  # wakes its thread's read (a bare close may not)
+                    candidate.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                candidate.close()
+            wake_r.close()
+            wake_w.close()
+
+    def send_bytes(self, data: bytes) -> None:
+        if not hasattr(self, "sock"):
+            self._accept_unverified()
+        super().send_bytes(data)
+
+    def recv_bytes(self) -> bytes:
+        if not hasattr(self, "sock"):
+            self._accept_unverified()
+        return super().recv_bytes()
+
+    def _accept_unverified(self) -> None:
+        """Used without the pool-start exchange (a channel of its own: in-process tests),
+        the first connection is this transport's."""
+        self.server.settimeout(max(self.deadline - time.monotonic(), 0.001))
+        try:
+            conn, _ = self.server.accept()
+        except TimeoutError:
+            self._give_up()
+        SocketTransport.__init__(self, conn, LISTENER)
+        self.sock.settimeout(self.timeout_s)
+
+    def _adopt(self, candidate: SocketTransport) -> None:
+        """The verified connection becomes this transport's; its exchange's bound holds."""
+        self.sock = candidate.sock
+        self.handshake_s = candidate.handshake_s
+        self.handshake_deadline = candidate.handshake_deadline
+
+    def accept_next(self, reason: str) -> bool:
+        """A peer failed the pool-start exchange after its announcement verified (its
+        confirmation): drop it and hear the next (True), or False once a peer was
+        verified to the end (the failure is then the session's)."""
+        if self.server is None:
+            return False
+        self._drop(reason)
+        if hasattr(self, "sock"):
+            self.sock.close()
+            del self.sock
         return True
 
     def handshake_done(self) -> None:
