@@ -387,9 +387,12 @@ def test_a_rolled_back_usage_record_on_one_side_reuses_no_pad(tmp_path, rolled_b
             thread.join()
             assert _record(paths[0]) == alice_record  # nothing committed
             floor = pools[0].peer_floor_byte
-            assert f"set its used_bytes to {floor}" in refused["bob"]
+            assert f"claims our usage record stood at {floor}" in refused["bob"]
+            # the operator checks the claim against Alice's own record, out of band
+            alice_used = paths[0].parent / (paths[0].name + ".used")
+            assert json.loads(alice_used.read_text())[ch.PEER_FLOOR_FIELD] == floor
             pools[1].close()
-            used_path.write_text(json.dumps({"used_bytes": floor}))  # as the error says
+            used_path.write_text(json.dumps({"used_bytes": floor}))
             pools[1] = ch.KeyPool.from_file(str(paths[1]))
         a, b = _start(*pools)
         start = pools[0].start_byte
@@ -720,6 +723,27 @@ def test_strangers_queued_ahead_of_the_peer_do_not_starve_the_listener(tmp_path,
     assert "error" not in result, result.get("error")
     # nothing committed for the strangers: the start is the peer's exchange's alone
     assert pool_l.start_byte == pool_c.start_byte == 4 * ch.ANNOUNCE_BYTES
+
+
+def test_a_forged_refusal_tells_the_operator_no_position_to_set(tmp_path):
+    """The verifier's refusal (QKDPREF5, its floor F) is untagged. On main the prover's
+    error said "set its used_bytes to F", F from that frame: a man in the middle choosing
+    F near the pool's end had an operator burn the pool. Now F is said as the peer's
+    unauthenticated claim, to compare out of band with the peer's own record, and no
+    value to set; the prover's record moved only by its own announcement."""
+    (_, path_c), (_, pool_c) = _file_pools(tmp_path)
+    eve, bob = ch.queue_pair(timeout_s=5)
+    forged_floor = len(pool_c.data) - ch.MIN_POOL_LEFT_BYTES  # near the pool's end
+    eve.send_bytes(ch._START.pack(ch._START_HELLO, ch.LISTENER, os.urandom(16)))
+    eve.send_bytes(ch._REFUSAL.pack(ch._REFUSE, forged_floor))
+    with pytest.raises(ch.AuthenticationFailed) as refused:
+        ch.exchange_pool_start(bob, pool_c, ch.BOB)
+    message = str(refused.value)
+    assert f"claims our usage record stood at {forged_floor}" in message
+    assert "Unauthenticated" in message and "out of band" in message
+    assert "peer_floor_bytes" in message and "set its used_bytes" not in message
+    assert _record(path_c) <= 2 * ch.ANNOUNCE_BYTES < forged_floor  # its announcement only
+    pool_c.close()
 
 
 def test_keys_confirm_connect_to_a_dripping_peer_exits_1_with_the_reason(

@@ -97,9 +97,9 @@ _REFUSAL = struct.Struct("<8sQ")
 # on its lane right after that.
 POOL_START_MAX_BYTES = 4 * ANNOUNCE_BYTES
 LISTENER, CONNECTOR = b"L", b"C"
-# A listener gives a peer this long (wall seconds) from its connection to a verified
-# announcement; a peer that fails (silent, garbage, a forged tag) is dropped and the
-# listener accepts the next, within its own deadline (listen's timeout_s).
+# A listener gives a peer this long (wall seconds) from its acceptance to a verified
+# announcement; a peer that fails (silent, garbage, a forged tag) is dropped, within the
+# listener's own deadline (listen's timeout_s).
 HANDSHAKE_TIMEOUT_S = 10.0
 # A listener hears this many connections at once (ListeningTransport.first_verified);
 # more wait in the listen queue. Strangers holding them all (10 s each) delay a peer
@@ -109,9 +109,9 @@ MAX_PENDING_PEERS = 16
 # A connector in a split mode (open_split) gives the pool-start exchange this long (wall
 # seconds) from the peer's first byte, whatever the spacing of the bytes after it: a man
 # in the middle dripping a byte every few minutes held it for good with only the socket's
-# per-read timeout. From the first byte, not the connection: a connection waits, silent,
-# while the listener drops strangers ahead of it (HANDSHAKE_TIMEOUT_S each), and counted
-# from the connection six strangers queued ahead would have stopped the real peer. The
+# per-read timeout. From the first byte, not the connection: a connection may wait,
+# silent, in the listen queue while strangers hold the listener's places (MAX_PENDING_PEERS,
+# HANDSHAKE_TIMEOUT_S each), and counted from the connection that stopped the real peer. The
 # real exchange takes milliseconds; 60 s leaves a loaded machine's stalls ample room.
 CONNECT_HANDSHAKE_TIMEOUT_S = 60.0
 # A session message's body gets this rate on top of the wait's bound (SocketTransport):
@@ -521,11 +521,15 @@ def _exchange_pool_start(
         answer = transport.recv_bytes()
         if len(answer) == _REFUSAL.size and answer[:8] == _REFUSE:
             floor = _REFUSAL.unpack(answer)[1]
+            # the refusal is untagged: anyone on the link can send it with any F, so F is
+            # said as the peer's claim only; an instruction to set used_bytes to F let a
+            # man in the middle make the operator burn the pool to a place of his choosing
             raise AuthenticationFailed(
-                f"the peer refuses our pool position {mine}: it says our usage record stood "
-                f"at {floor} or later (its word: unauthenticated, nothing was moved). If "
-                f"{pool.path or 'the pool'}.used was restored from a backup, set its "
-                f"used_bytes to {floor}"
+                f"the peer refuses our pool position {mine}: it claims our usage record "
+                f"stood at {floor} or later. Unauthenticated (anyone on the link can send "
+                "this; nothing was moved): compare it out of band with the peer's own "
+                f"record ({PEER_FLOOR_FIELD} in its .used) before changing "
+                f"{pool.path or 'the pool'}.used"
             )
         theirs, their_tag = _read_announcement(answer)
         at = announcement_slot(max(mine + ANNOUNCE_BYTES, theirs), 1 - party)
@@ -661,8 +665,8 @@ class SocketTransport:
     def start_handshake(self) -> None:
         """The pool-start exchange begins: with a bound (a connector of a split mode,
         connect's handshake_timeout_s), it must end within it of the peer's first byte.
-        Not of the connection: a listener serves one peer at a time, and a connection
-        waits, silent, while strangers ahead of it are dropped (HANDSHAKE_TIMEOUT_S
+        Not of the connection: a connection may wait, silent, in the listen queue while
+        strangers hold the listener's places (MAX_PENDING_PEERS, HANDSHAKE_TIMEOUT_S
         each); silence itself has the socket's timeout, as every wait."""
         if self.handshake_s is not None:
             self._read_timeout_s = self.sock.gettimeout()
