@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import select
 import socket
 import stat
 import threading
@@ -723,6 +724,51 @@ def test_strangers_queued_ahead_of_the_peer_do_not_starve_the_listener(tmp_path,
     assert "error" not in result, result.get("error")
     # nothing committed for the strangers: the start is the peer's exchange's alone
     assert pool_l.start_byte == pool_c.start_byte == 4 * ch.ANNOUNCE_BYTES
+
+
+@pytest.mark.slow
+def test_a_listener_hears_at_most_max_pending_peers_at_once_and_the_rest_later(monkeypatch):
+    """The cap on strangers heard at once (MAX_PENDING_PEERS, 2 here): the listener sends
+    its hello to each connection it hears, so of 4 silent strangers exactly 2 get it;
+    the other 2 wait in the listen queue (no thread, no descriptor of the listener's)
+    and are heard once the first 2 are dropped (HANDSHAKE_TIMEOUT_S, 3 s here: the 0.35 s
+    the test looks leaves a loaded machine's stalls x8 room before those drops)."""
+    hold_s = 3.0
+    monkeypatch.setattr(ch, "HANDSHAKE_TIMEOUT_S", hold_s)
+    monkeypatch.setattr(ch, "MAX_PENDING_PEERS", 2)
+    pool = ch.KeyPool(np.random.default_rng(4).bytes(4096))
+    ready, result = threading.Event(), {}
+
+    def listener():
+        try:
+            transport = ch.listen("127.0.0.1:0", timeout_s=2 * hold_s + 1, ready=ready)
+            ch.exchange_pool_start(transport, pool, ch.ALICE)
+        except BaseException as error:  # the deadline, once every stranger was dropped
+            result["error"] = error
+
+    thread = threading.Thread(target=listener, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    strangers = [socket.create_connection(("127.0.0.1", ready.port)) for _ in range(4)]
+    try:
+
+        def heard(wait_s):  # the strangers the listener's hello reached within wait_s
+            return select.select(strangers, [], [], wait_s)[0] if wait_s else []
+
+        deadline = time.monotonic() + hold_s
+        while len(heard(0.05)) < 2 and time.monotonic() < deadline:
+            pass
+        time.sleep(0.3)  # a listener without the cap would have said hello to all 4 by now
+        assert len(heard(0.01)) == 2
+        deadline = time.monotonic() + 3 * hold_s  # the first 2 dropped at 3 s
+        while len(heard(0.05)) < 4 and time.monotonic() < deadline:
+            pass
+        assert len(heard(0.01)) == 4
+    finally:
+        for sock in strangers:
+            sock.close()
+    thread.join(30)
+    assert isinstance(result.get("error"), ch.ChannelClosed)
 
 
 def test_a_forged_refusal_tells_the_operator_no_position_to_set(tmp_path):
