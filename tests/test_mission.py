@@ -63,6 +63,9 @@ def test_every_stage_ran_and_the_summary_says_so(unix_mission):
     # --verbose: stage lines on stderr while the run lasts (a terminal gets them unasked)
     for stage in ("orbit:", "firmware on unix:", "ground:", "distil: Alice and Bob on the"):
         assert "qkdsat mission: [" in result.stderr and stage in result.stderr
+    # the controller boots and flies the pass once (it ran twice, the first run's products
+    # overwritten by the second's)
+    assert result.stderr.count("firmware on unix:") == 1, result.stderr
     png = (out / "mission.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 

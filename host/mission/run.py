@@ -703,21 +703,6 @@ def run_mission(
         )
         seconds["timetransfer_uplink"] = round(time.perf_counter() - t, 3)
 
-    say(f"firmware on {target}: boot, pass mode, download (budget {budget_s:g} s)")
-    t = time.perf_counter()
-    try:
-        head, generator, fw = run_firmware(
-            target, profile, seed, budget_s, out / "satellite", generation, pass_slots,
-            uplink=two_way.tdc_feed() if two_way is not None else None, qrng_key=qrng_key,
-        )  # fmt: skip
-    except Exception as error:  # the link's and the target's errors alike
-        summary["failed"] = f"firmware/download: {type(error).__name__}: {error}"
-        summary["exit_code"] = 1
-        report.write(out, summary, curve, None)
-        raise StageFailed(summary["failed"]) from error
-    stages.update(fw)
-    seconds["firmware_and_download"] = round(time.perf_counter() - t, 3)
-
     def ground_stage(log, slot_count: int):
         """Bob's detections of the emitted slots (OUT/ground/); the segment's scenario."""
         say("ground: Bob's detections of the emitted slots")
