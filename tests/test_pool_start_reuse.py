@@ -20,10 +20,11 @@ import pytest
 from host.distil import channel as ch
 
 
-def _pools(tmp_path):
-    data = np.random.default_rng(21).bytes(8192)
+def _pools(tmp_path, seed: int = 21, size_bytes: int = 8192, suffix: str = ".pool"):
+    """Alice's and Bob's copies of one new pool (a.pool and b.pool by default)."""
+    data = np.random.default_rng(seed).bytes(size_bytes)
     paths = []
-    for name in ("a.pool", "b.pool"):
+    for name in (f"a{suffix}", f"b{suffix}"):
         path = tmp_path / name
         path.write_bytes(data)
         path.chmod(0o600)
@@ -274,21 +275,37 @@ def test_a_listener_commits_nothing_to_an_announcement_tagged_under_bytes_alread
     assert second["start"] > used_end  # Bob's session begins past everything used
 
 
-def _time_session(path, role, transport, sealed_bytes: int, lost: list):
-    """One side of a time-transfer-like session over `transport`: the pool start, Bob's
-    first message, then Alice's reply carrying `sealed_bytes` of time data sealed with the
-    key (endpoints.SealedChannel: one-time pads after the authentication region, as the
-    satellite's tt_uplink). `lost`: Bob never reads that reply (the pass ended with it in
-    flight, or his process was killed), as the link or a man in the middle makes it."""
+def _sealed_session(path, role, transport, budget_bytes: int, exchange, start=None) -> str:
+    """One side of a time-transfer-like session over `transport`: the pool start under the
+    session's key budget (its tags, then up to `budget_bytes` of sealed data), then
+    `exchange(chan, sealed)`, the session's messages, with time data sealed with the key
+    (endpoints.SealedChannel: one-time pads after the authentication region, as the
+    satellite's tt_uplink). `start`: a dict; the side's session start goes there by role.
+    Returns "session", or the reason the protocol aborted."""
     from host.timetransfer import endpoints
     from host.timetransfer.endpoints import AUTH_REGION_BYTES, SealedChannel
 
     pool = ch.KeyPool.from_file(str(path))
     try:
-        # the time transfer's budget of this session: its tags, then the sealed data
-        budget = endpoints.key_budget(pool, {}, fit_bytes=sealed_bytes, header_bytes=0)
+        budget = endpoints.key_budget(pool, {}, fit_bytes=budget_bytes, header_bytes=0)
         chan = endpoints._session(transport, pool, role, budget)
-        sealed = SealedChannel(chan, {"file": path.name}, AUTH_REGION_BYTES)
+        if start is not None:
+            start[role] = pool.start_byte
+        exchange(chan, SealedChannel(chan, {"file": path.name}, AUTH_REGION_BYTES))
+        return "session"
+    except ch.ProtocolAborted as error:
+        return str(error)
+    finally:
+        pool.close()
+        transport.close()
+
+
+def _time_session(path, role, transport, sealed_bytes: int, lost: list):
+    """Bob's first message, then Alice's reply carrying `sealed_bytes` of time data sealed
+    with the key. `lost`: Bob never reads that reply (the pass ended with it in flight, or
+    his process was killed), as the link or a man in the middle makes it."""
+
+    def exchange(chan, sealed):
         if role == ch.BOB:
             chan.send("tt_sift")
             if not lost:
@@ -296,12 +313,8 @@ def _time_session(path, role, transport, sealed_bytes: int, lost: list):
         else:
             chan.recv("tt_sift")
             chan.send("tt_uplink", sealed=sealed.seal_bytes(bytes(sealed_bytes)).hex())
-        return "session"
-    except ch.ProtocolAborted as error:
-        return str(error)
-    finally:
-        pool.close()
-        transport.close()
+
+    return _sealed_session(path, role, transport, sealed_bytes, exchange)
 
 
 def _time_contact(path_a, path_b, sealed_bytes: int, lost: bool) -> dict:
@@ -332,15 +345,7 @@ def test_a_sealed_message_the_link_lost_does_not_lock_the_prover_out(tmp_path, s
     restored from a backup. Each side's record must cover every pad the peer may take in
     the session before the peer can take it: the time transfer's sessions record their
     key budget with their start (endpoints._session)."""
-    pools = []
-    data = np.random.default_rng(22).bytes(1 << 15)
-    for name in ("a.key", "b.key"):
-        path = tmp_path / name
-        path.write_bytes(data)
-        path.chmod(0o600)
-        ch.KeyPool.from_file(str(path), new=True).close()
-        pools.append(path)
-    path_a, path_b = pools
+    path_a, path_b = _pools(tmp_path, seed=22, size_bytes=1 << 15, suffix=".key")
     first = _time_contact(path_a, path_b, sealed_bytes, lost=True)
     assert first["alice"] == "session" and first["bob"] == "session", first
     again = _time_contact(path_a, path_b, sealed_bytes, lost=False)
@@ -351,26 +356,15 @@ def _bob_seals(path, role, transport, sealed_bytes: int, budget_bytes: int, star
     """A session in which Alice speaks, then Bob answers with `sealed_bytes` zero bytes
     sealed (a predictable plaintext: the ciphertext on the wire is the pad), which Alice
     never reads: the link lost it."""
-    from host.timetransfer import endpoints
-    from host.timetransfer.endpoints import AUTH_REGION_BYTES, SealedChannel
 
-    pool = ch.KeyPool.from_file(str(path))
-    try:
-        budget = endpoints.key_budget(pool, {}, fit_bytes=budget_bytes, header_bytes=0)
-        chan = endpoints._session(transport, pool, role, budget)
-        start[role] = pool.start_byte
-        sealed = SealedChannel(chan, {"file": path.name}, AUTH_REGION_BYTES)
+    def exchange(chan, sealed):
         if role == ch.ALICE:
             chan.send("tt_bases")
         else:
             chan.recv("tt_bases")
             chan.send("tt_uplink", sealed=sealed.seal_bytes(bytes(sealed_bytes)).hex())
-        return "session"
-    except ch.ProtocolAborted as error:
-        return str(error)
-    finally:
-        pool.close()
-        transport.close()
+
+    return _sealed_session(path, role, transport, budget_bytes, exchange, start)
 
 
 def test_a_listener_commits_nothing_to_a_tag_under_pads_of_a_sealed_message_it_never_read(
@@ -384,15 +378,8 @@ def test_a_listener_commits_nothing_to_a_tag_under_pads_of_a_sealed_message_it_n
     known bytes: the time key burnt by strangers. Once Bob's confirmation verified, Alice
     knows his record covers the session's budget (he records it before confirming), and
     her floor stands there."""
-    data = np.random.default_rng(23).bytes(1 << 15)
-    paths = []
-    for name in ("a.key", "b.key"):
-        path = tmp_path / name
-        path.write_bytes(data)
-        path.chmod(0o600)
-        ch.KeyPool.from_file(str(path), new=True).close()
-        paths.append(path)
-    path_a, path_b = paths
+    path_a, path_b = _pools(tmp_path, seed=23, size_bytes=1 << 15, suffix=".key")
+    data = path_a.read_bytes()
     budget_bytes = 2000  # the sessions' sealed data at most
     t_l, t_c = ch.queue_pair(timeout_s=5)
     start, outcome = {}, {}
