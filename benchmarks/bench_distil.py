@@ -166,6 +166,7 @@ def test_bench_reconciliation():
         "in-process Mbit/s worst / median | decoder Mbit/s | TCP 5 ms Mbit/s | "
         "Mbit per CPU s (median) | work per bit (median) | Cascade f (Alice / both ways)"
     )
+    print(f" (load average {os.getloadavg()[0]:.1f}: wall-clock Mbit/s scale with the idle cores)")
     for q in QBERS:
         fs, fer_first, fer_final, rounds, rates, decoder = [], [], [], [], [], []
         per_cpu, work = [], []
@@ -193,6 +194,78 @@ def test_bench_reconciliation():
             f"{statistics.median(per_cpu):23.3f} | {statistics.median(work):21.0f} | "
             f"{c_alice['leak_bits'] / h:.3f} / {c_stats['leak_bits'] / h:.3f}"
         )
+    print(f" (load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+def _executions():
+    """(name, setup) of the A/B below: how the reconciliation code runs, not what it sends
+    (the leak is the same, checked)."""
+
+    def cold(chunk):
+        def setup():
+            reconcile.DECODER_CHUNK_FRAMES = chunk
+            reconcile._public_permutation.cache_clear()
+            reconcile._EDGE_CHECKS.clear()
+
+        return setup
+
+    def warm():
+        reconcile.DECODER_CHUNK_FRAMES = 1
+
+    return (
+        ("static halves, cold (main before session 10)", cold(0)),
+        ("dynamic frames, cold (a pass's first block)", cold(1)),
+        ("dynamic frames, warm (a stream's next chunk)", warm),
+    )
+
+
+def test_bench_reconciliation_execution_ab():
+    """Issue 17 (throughput): the same 1 M-bit blocks reconciled with the decoder's frames
+    split in static halves over the cores and the public permutations drawn afresh (as
+    before session 10), against frames handed to the cores one at a time
+    (reconcile.DECODER_CHUNK_FRAMES) with the permutations and per-code arrays made once
+    (cold: the first block of its size; warm: the next one, as a stream's chunks). Each
+    block runs in both orders in the same run (A B C, then C B A); ratios of wall and of
+    process CPU seconds against the first, with the load average. Identical leak asserted."""
+    _warm_up()
+    chunk = reconcile.DECODER_CHUNK_FRAMES
+    executions = _executions()
+    print(
+        f"\nexecution A/B, {EC_SEEDS} blocks of {BLOCK_BITS} bits per QBER, each in both "
+        f"orders; load average {os.getloadavg()[0]:.1f} at the start"
+    )
+    print(
+        " QBER | f median | execution                                      | in-process Mbit/s "
+        "(wall) | Mbit per CPU s | speed-up on the first (wall / CPU)"
+    )
+    try:
+        for q in QBERS:
+            wall = {name: 0.0 for name, _ in executions}
+            cpu = dict(wall)
+            fs = []
+            for seed in range(EC_SEEDS):
+                x, y = _noisy(q, seed)
+                leaks = set()
+                for order in (executions, executions[::-1]):
+                    for name, setup in order:
+                        setup()
+                        stats, _, seconds = _exchange("ldpc", x, y, q)
+                        wall[name] += seconds
+                        cpu[name] += stats["cpu_seconds"]
+                        leaks.add(stats["leak_bits"])
+                assert len(leaks) == 1, leaks
+                fs.append(leaks.pop() / (BLOCK_BITS * binary_entropy(float((x != y).mean()))))
+            bits = 2 * EC_SEEDS * BLOCK_BITS
+            first = executions[0][0]
+            for name, _ in executions:
+                print(
+                    f" {q:.2f} | {statistics.median(fs):8.4f} | {name:46s} | "
+                    f"{bits / wall[name] / 1e6:23.3f} | {bits / cpu[name] / 1e6:14.3f} | "
+                    f"{wall[first] / wall[name]:.2f} / {cpu[first] / cpu[name]:.2f}"
+                )
+    finally:
+        reconcile.DECODER_CHUNK_FRAMES = chunk
+    print(f" load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def test_bench_reconciliation_sized_from_a_sample():

@@ -14,10 +14,12 @@ Leak accounting (bits an eavesdropper learns about the key string):
 
 from __future__ import annotations
 
+import functools
 import hmac
 import math
 import time
 
+import numba
 import numpy as np
 
 from host.distil import ldpc
@@ -109,20 +111,32 @@ def _tail_widening(pending: int, frames: int) -> int:
     return max(1, frames // (TAIL_SHARE_INV * max(pending, 1)))
 
 
+# Frames are handed to the decoder's threads one at a time (numba's dynamic schedule, chunk
+# DECODER_CHUNK_FRAMES), not in equal halves: a frame's iterations vary 5x within a call
+# (one that decodes stops after ~15, one that stalls runs to 40-50), and the static halves
+# kept both cores busy for only 84-94 % of a call's frame-iterations (1 M-bit blocks at
+# 1-5 % QBER, noise seeds 0-1; dynamic: 97-100 %). Each frame's result is the same either
+# way (frames are independent): the schedule changes only which core decodes it.
+DECODER_CHUNK_FRAMES = 1
+
+
 def _decode(rows, llr, syndromes, code, iterations, messages, out, iters):
-    """Decode the frames `rows` in place (ldpc.decode_phi_rows); their success flags."""
-    return ldpc.decode_phi_rows(
-        rows,
-        llr,
-        syndromes,
-        code.check_ptr,
-        code.narrow_check_var(),
-        iterations,
-        messages,
-        out,
-        iters,
-        ldpc.STALL_ITERATIONS,
-    )
+    """Decode the frames `rows` in place (ldpc.decode_phi_rows); their success flags. The
+    frames run on numba's threads (numba.set_num_threads of the calling thread: a caller
+    that decodes several blocks at once can give each fewer)."""
+    with numba.parallel_chunksize(DECODER_CHUNK_FRAMES):
+        return ldpc.decode_phi_rows(
+            rows,
+            llr,
+            syndromes,
+            code.check_ptr,
+            code.narrow_check_var(),
+            iterations,
+            messages,
+            out,
+            iters,
+            ldpc.STALL_ITERATIONS,
+        )
 
 
 class ReconciliationFailed(ProtocolAborted):
@@ -240,7 +254,7 @@ def _parity_groups(code: ldpc.Code, punctured_now: np.ndarray) -> tuple[np.ndarr
     other bit."""
     punctured = np.zeros(code.n, dtype=bool)
     punctured[punctured_now] = True
-    checks = np.repeat(np.arange(code.m), np.diff(code.check_ptr))
+    checks = _edge_checks(code)
     edges = np.nonzero(punctured[code.check_var])[0]
     per_check = np.bincount(checks[edges], minlength=code.m)
     variable, check = code.check_var[edges], checks[edges]
@@ -249,6 +263,23 @@ def _parity_groups(code: ldpc.Code, punctured_now: np.ndarray) -> tuple[np.ndarr
     pairs = check[two][order].reshape(-1, 2)
     pairs = pairs[(per_check[pairs[:, 0]] == 1) & (per_check[pairs[:, 1]] == 1)]
     return np.nonzero(per_check == 0)[0], pairs
+
+
+_EDGE_CHECKS: dict[str, np.ndarray] = {}
+
+
+def _edge_checks(code: ldpc.Code) -> np.ndarray:
+    """The check of every edge (read-only), made once per code: Bob measures the QBER two
+    or three times a block, and the repeat over 0.3-0.6 M edges was ~45 ms each."""
+    key = code.digest()
+    out = _EDGE_CHECKS.get(key)
+    if out is None:
+        out = np.repeat(np.arange(code.m), np.diff(code.check_ptr))
+        out.flags.writeable = False
+        if len(_EDGE_CHECKS) >= 16:
+            _EDGE_CHECKS.clear()
+        _EDGE_CHECKS[key] = out
+    return out
 
 
 def _syndrome_qber(
@@ -310,8 +341,20 @@ def _interleave(count: int) -> np.ndarray:
     """Public permutation applied to the key string before it is cut into frames. The QBER
     drifts over a pass (it rises at low elevation, where the signal falls towards the
     background), so contiguous frames would each see a different error rate than the
-    one the code is sized for; interleaved frames all see the block's average."""
-    return np.random.default_rng(0x1EAF).permutation(count)
+    one the code is sized for; interleaved frames all see the block's average.
+    Read-only, and kept for the next block of the same size (_public_permutation)."""
+    return _public_permutation(0x1EAF, count)
+
+
+@functools.lru_cache(maxsize=4)
+def _public_permutation(seed: int, count: int) -> np.ndarray:
+    """np.random.default_rng(seed).permutation(count), made once per (seed, count): a 1 M
+    permutation is 45-90 ms of one core, and both endpoints drew it for every block
+    (0.2-0.5 s of a block's wall time with the two in one process under load), while the
+    streaming pipeline's chunks, and a pass's blocks, repeat their sizes."""
+    out = np.random.default_rng(seed).permutation(count)
+    out.flags.writeable = False
+    return out
 
 
 def _frames(count: int, plan: ldpc.FramePlan) -> list[tuple[int, int]]:
@@ -676,7 +719,7 @@ def _probe_split(count: int, qber_estimate: float, efficiency: float, sample_bit
     plan = _plan(count, qber_estimate, efficiency, sample_bits)
     if math.ceil(count / plan.key_bits) < PROBE_MIN_FRAMES or sample_bits >= plan.key_bits:
         return None
-    order = np.random.default_rng(0x9B0BE).permutation(count)
+    order = _public_permutation(0x9B0BE, count)
     return np.sort(order[: plan.key_bits]), np.sort(order[plan.key_bits :])
 
 
