@@ -199,6 +199,35 @@ class ChunkLink(ByteLink):
         return n
 
 
+class FrameReplies:
+    """A whole reply frame a read, copied without allocating (TRACK's fast path, under
+    heap_lock): `frame`, or, given `frames` (one a tag), the frame of the tag sent."""
+
+    def __init__(self, frames=None):
+        self.frame = None
+        self.frames = frames
+        self.bus = None
+
+    def write(self, data):
+        if self.frames is not None:
+            self.frame = self.frames[self.bus._tag & 0xFF]
+        return len(data)
+
+    def readinto(self, buf):
+        frame = self.frame
+        for i in range(len(frame)):
+            buf[i] = frame[i]
+        return len(frame)
+
+
+def _track_bus(frames=None):
+    # (link, bus, io), the bus before what the test builds next: on the STM32 board 256
+    # reply frames taken first left no 2,066-byte hole for its FrameReader at 85 %
+    link = FrameReplies(frames)
+    link.bus = b = _bus(link)
+    return link, b, array.array("i", (0,) * 24)
+
+
 def test_track_exchanges_the_vector_frames():
     # TRACK (the tracking duty's every period): the request frame is the golden vector's,
     # the vector reply lands in io[0:12], on the fast path (whole reply in one read) and on
@@ -264,26 +293,7 @@ def test_track_refusal_and_damage_are_counted_not_unpacked():
 def test_track_fast_path_does_not_allocate():
     # the duty's every period: build, frame, send, read, decode, check, unpack into io
     frames = []
-
-    class Replies:
-        def __init__(self):
-            self.next = None
-
-        def write(self, data):
-            self.next = frames[(b._tag) & 0xFF]
-            return len(data)
-
-        def readinto(self, buf):
-            frame = self.next
-            for i in range(len(frame)):
-                buf[i] = frame[i]
-            return len(frame)
-
-    # the bus's buffers first, the 256 reply frames after: on the STM32 board's heap the
-    # frames taken first left no 2,066-byte hole for the bus's FrameReader at 85 %
-    link = Replies()
-    b = _bus(link)
-    io = array.array("i", (0,) * 24)
+    _, b, io = _track_bus(frames)  # the bus's buffers first, the 256 reply frames after
     statuses = bytearray(300)
     reply = _track_vector("replies", "track reply")
     writer = framing.FrameWriter(64)
@@ -309,23 +319,7 @@ def test_track_fast_path_does_not_allocate_when_its_counters_wrap():
     # tracking at 2 kHz) each period allocated, and under heap_lock raised MemoryError
     reply = _track_vector("replies", "track reply")
     refused = _track_vector("replies", "track refused")
-
-    class Replies:
-        def __init__(self):
-            self.frame = None
-
-        def write(self, data):
-            return len(data)
-
-        def readinto(self, buf):
-            frame = self.frame
-            for i in range(len(frame)):
-                buf[i] = frame[i]
-            return len(frame)
-
-    link = Replies()
-    b = _bus(link)
-    io = array.array("i", (0,) * 24)
+    link, b, io = _track_bus()
     top = 0x3FFFFFFF  # the largest small int of a 32-bit port
     statuses = bytearray(4)
     for k, case in enumerate((reply, reply, refused, refused)):
