@@ -29,6 +29,11 @@ SEED = 3
 # 4.096 s of the 100 MHz micius-2017 source: its ~540 sampled uplink events at ~0.5 %
 # make a timing QBER above the 3 % abort a < 1e-8 chance (at 2 s, 271 events: ~1e-5)
 SEGMENT_SLOTS = 1000 * 4096 * 100
+# the head's QRNG key and the ground transmitter's uplink pattern key, fixed as the
+# simulation seed is: the same pass every run (the emitted intensities decide which slots
+# click, the uplink pulses' intensities which are detected)
+QRNG_KEY = bytes(range(32))
+UPLINK_KEY = bytes(range(1, 33))
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +44,13 @@ def mission(tmp_path_factory):
     profile = profiles.load("micius-2017", {})
     # the ground transmitter's pattern key fixed too (its pulses' intensities decide
     # which are detected)
-    two_way = mission_stage.prepare(profile, SEED, SEGMENT_SLOTS, uplink_key=bytes(range(1, 33)))
+    two_way = mission_stage.prepare(profile, SEED, SEGMENT_SLOTS, uplink_key=UPLINK_KEY)
     # the head's QRNG key fixed as the simulation seed is: the pass is the same on every
     # run (which slots click depends on the emitted intensities), so the clean pass's
     # 4-sigma range and range-rate checks are a fixed draw, not a 6e-5 chance a run
     head, generator, stages = run_firmware(
         "unix", profile, SEED, 30.0, out / "satellite", "head", SEGMENT_SLOTS,
-        uplink=two_way.tdc_feed(), qrng_key=bytes(range(32)),
+        uplink=two_way.tdc_feed(), qrng_key=QRNG_KEY,
     )  # fmt: skip
     scenario = ground.make_segment_scenario(profile, SEED, SEGMENT_SLOTS, two_way)
     ground.write_ground(out, scenario, generator.truth())
@@ -181,6 +186,22 @@ def test_the_missions_records_stream_block_by_block(mission, tmp_path):
     assert abs(np.mean(error) - 7.5) < 5 * np.std(error) / math.sqrt(error.size)
 
 
+def _mission_during_the_pass(tmp_path, segment_s: float, stream_speedup: float):
+    """`qkdsat mission --timetransfer --timetransfer-keys K` in this process, K holding an
+    earlier pass's keys, the pass fixed (QRNG_KEY, UPLINK_KEY): (OUT, summary, K)."""
+    from host.mission.run import run_mission
+
+    keys = tmp_path / "earlier"
+    keys.mkdir()
+    distilled(keys, 64_000, "an earlier pass")
+    out = tmp_path / "mission"
+    summary = run_mission(
+        out, segment_s=segment_s, stream_speedup=stream_speedup, timetransfer=True,
+        timetransfer_keys=keys, seed=SEED, qrng_key=QRNG_KEY, uplink_key=UPLINK_KEY,
+    )  # fmt: skip
+    return out, summary, keys
+
+
 def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path):
     """`qkdsat mission --timetransfer --timetransfer-keys K` (the streaming distillation
     over the optical link): the time transfer streams on the same link's second stream
@@ -192,16 +213,7 @@ def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path)
     head's QRNG key is: which uplink pulses are detected is then the same every run (with
     a fresh key the ~10,300 detections varied by ~100, and the bound below sat 3 sigma
     under them)."""
-    from host.mission.run import run_mission
-
-    keys = tmp_path / "earlier"
-    keys.mkdir()
-    distilled(keys, 64_000, "an earlier pass")
-    out = tmp_path / "mission"
-    summary = run_mission(
-        out, segment_s=4.0, stream_speedup=1.0, timetransfer=True, timetransfer_keys=keys,
-        seed=SEED, qrng_key=bytes(range(32)), uplink_key=bytes(range(1, 33)),
-    )  # fmt: skip
+    out, summary, keys = _mission_during_the_pass(tmp_path, segment_s=4.0, stream_speedup=1.0)
     during = summary["stages"]["timetransfer_during_pass"]
     assert during["aborted"] is False, during["abort_reason"]
     assert during["bins"] >= 38 and during["streaming"]["speedup"] == 1.0
@@ -288,7 +300,6 @@ def test_a_tampered_time_message_during_the_mission_aborts_the_time_transfer(
     first sealed block flipped on the optical link fails its tag at the ground, which
     stops the time transfer with the reason in mission.json and its report.json, writes
     no offset, and makes the mission exit 3."""
-    from host.mission.run import run_mission
     from host.timetransfer import stream
 
     real = stream.run_streaming
@@ -298,14 +309,7 @@ def test_a_tampered_time_message_during_the_mission_aborts_the_time_transfer(
         return real(*args, transports=(_FlipTheFirstSealedBlock(satellite), ground), **kwargs)
 
     monkeypatch.setattr(stream, "run_streaming", with_a_man_in_the_middle)
-    keys = tmp_path / "earlier"
-    keys.mkdir()
-    distilled(keys, 64_000, "an earlier pass")
-    out = tmp_path / "mission"
-    summary = run_mission(
-        out, segment_s=2.0, stream_speedup=2.0, timetransfer=True, timetransfer_keys=keys,
-        seed=SEED, qrng_key=bytes(range(32)), uplink_key=bytes(range(1, 33)),
-    )  # fmt: skip
+    out, summary, _ = _mission_during_the_pass(tmp_path, segment_s=2.0, stream_speedup=2.0)
     during = summary["stages"]["timetransfer_during_pass"]
     assert during["aborted"] is True
     assert "time message authentication failed" in during["abort_reason"]
