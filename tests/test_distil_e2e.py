@@ -21,7 +21,7 @@ from distil_passgen import BIASED, make_pass
 
 from host.cli import main as qkdsat
 from host.distil import channel as ch
-from host.distil import ldpc, reconcile
+from host.distil import ldpc, pa, reconcile
 from host.distil.protocol import Config
 from host.distil.run import INSECURE_KEY_SUFFIX as INSECURE
 from host.distil.run import run_local
@@ -170,6 +170,8 @@ def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_p
     )
     assert on_disk["auth_key_bits_used"] >= 64 + 128
     assert set(on_disk["stage_seconds"]) >= {"sync", "sifting", "error_correction", "total"}
+    # the keys were hashed by the carry-less product and passed its check (pa.py)
+    assert on_disk["pa"]["method"] == ("carry-less" if pa.CARRYLESS_AVAILABLE else "fft")
     # which run, which inputs, which settings (docs/cli.md); the keys' bit lengths (the
     # files are padded to whole bytes)
     bits = report["key_bits"]

@@ -732,7 +732,7 @@ class Alice:
         _refuse_longer_than_input(lengths, blocks)
         _refuse_without_key(cfg, estimates, lengths)
         with stage("privacy_amplification"):
-            seeds, finals, worst = {}, [], 0.0
+            seeds, finals, worst, methods = {}, [], 0.0, set()
             for name in key_bases:
                 n_in, n_out = blocks[name].size, lengths[name]
                 if n_out > 0:
@@ -748,9 +748,10 @@ class Alice:
                 **{f"seed_{n}": pack_bits(s) for n, s in seeds.items()},
             )
             for name, seed in seeds.items():
-                y, w = toeplitz_hash(blocks[name], seed, lengths[name])
+                y, w, method = toeplitz_hash(blocks[name], seed, lengths[name])
                 finals.append(y)
                 worst = max(worst, w)
+                methods.add(method)
             channel.recv("pa_ok")
         out.key = np.concatenate(finals)
         report.update(
@@ -761,6 +762,8 @@ class Alice:
                     "input_bits": int(sum(blocks[n].size for n in key_bases)),
                     "output_bits": int(out.key.size),
                     "fft_rounding_margin": worst,
+                    # carry-less (exact, checked: 0.0 margin), fft or exact-blocks (pa.py)
+                    "method": "+".join(sorted(methods)),
                 },
                 "ec_alice": {
                     "leak_bits": leak_total,
