@@ -480,6 +480,32 @@ HANDSHAKE_S = 2.0  # the listener's handshake deadline in the test below
 DRIBBLE_S = 0.5
 
 
+def _listening_alice(pool_l, await_ok: bool = False):
+    """Alice listening on 127.0.0.1 in a thread of her own: the pool start with whoever
+    proves a position first, then her first message, 'hello' n=7 (and with `await_ok` Bob's
+    'ok' back). Returns (port, result, thread) once she listens: result["dropped"], the
+    connections dropped before the session; result["error"], whatever she raised."""
+    ready, result = threading.Event(), {}
+
+    def listener():
+        try:
+            transport = ch.listen("127.0.0.1:0", timeout_s=60, ready=ready)
+            session = ch.exchange_pool_start(transport, pool_l, ch.ALICE)
+            result["dropped"] = list(transport.dropped)
+            chan = ch.AuthChannel(transport, pool_l, ch.ALICE, session=session)
+            chan.send("hello", n=7)
+            if await_ok:
+                result["ok"] = chan.recv("ok")
+            chan.close()
+        except BaseException as error:  # re-raised by the test
+            result["error"] = error
+
+    thread = threading.Thread(target=listener, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    return ready.port, result, thread
+
+
 def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_session(
     tmp_path, monkeypatch
 ):
@@ -496,24 +522,8 @@ def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_sess
     # 2 s is the shortest wait that leaves such stalls a 4x margin and keeps the test short.
     monkeypatch.setattr(ch, "HANDSHAKE_TIMEOUT_S", HANDSHAKE_S)
     (path_l, _), (pool_l, pool_c) = _file_pools(tmp_path)
-    ready, result = threading.Event(), {}
-
-    def listener():
-        try:
-            transport = ch.listen("127.0.0.1:0", timeout_s=60, ready=ready)
-            session = ch.exchange_pool_start(transport, pool_l, ch.ALICE)
-            result["dropped"] = list(transport.dropped)
-            chan = ch.AuthChannel(transport, pool_l, ch.ALICE, session=session)
-            chan.send("hello", n=7)
-            result["ok"] = chan.recv("ok")
-            chan.close()
-        except BaseException as error:  # re-raised below
-            result["error"] = error
-
-    thread = threading.Thread(target=listener, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    address = ("127.0.0.1", ready.port)
+    port, result, thread = _listening_alice(pool_l, await_ok=True)
+    address = ("127.0.0.1", port)
     with socket.create_connection(address) as forger:  # a position near the pool's end
         stranger = ch.SocketTransport(forger)
         stranger.send_bytes(ch._START.pack(ch._START_HELLO, ch.CONNECTOR, os.urandom(16)))
@@ -539,7 +549,7 @@ def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_sess
             pass  # dropped: the whole exchange is bounded, not each wait for a byte
         assert sent < len(hello) and _dropped(dribbler)
     assert _record(path_l) == 0 and pool_l.start_byte == 0  # nothing committed
-    transport = ch.connect(f"127.0.0.1:{ready.port}")
+    transport = ch.connect(f"127.0.0.1:{port}")
     session = ch.exchange_pool_start(transport, pool_c, ch.BOB)
     chan = ch.AuthChannel(transport, pool_c, ch.BOB, session=session)
     assert chan.recv("hello")["n"] == 7
@@ -646,25 +656,10 @@ def test_a_connector_queued_behind_a_stranger_at_the_listener_still_gets_its_ses
     # all): the connector waits in the listen queue
     monkeypatch.setattr(ch, "MAX_PENDING_PEERS", 1)
     (_, _), (pool_l, pool_c) = _file_pools(tmp_path)
-    ready, result = threading.Event(), {}
-
-    def listener():
-        try:
-            transport = ch.listen("127.0.0.1:0", timeout_s=60, ready=ready)
-            session = ch.exchange_pool_start(transport, pool_l, ch.ALICE)
-            result["dropped"] = list(transport.dropped)
-            chan = ch.AuthChannel(transport, pool_l, ch.ALICE, session=session)
-            chan.send("hello", n=7)
-            chan.close()
-        except BaseException as error:  # re-raised below
-            result["error"] = error
-
-    thread = threading.Thread(target=listener, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    with socket.create_connection(("127.0.0.1", ready.port)):  # silent
+    port, result, thread = _listening_alice(pool_l)
+    with socket.create_connection(("127.0.0.1", port)):  # silent
         time.sleep(0.3)  # accepted: the listener waits for its hello
-        transport = ch.open_split(None, f"127.0.0.1:{ready.port}")
+        transport = ch.open_split(None, f"127.0.0.1:{port}")
         began = time.monotonic()
         session = ch.exchange_pool_start(transport, pool_c, ch.BOB)
     assert time.monotonic() - began >= bound_s  # it did wait behind the stranger
@@ -687,32 +682,18 @@ def test_strangers_queued_ahead_of_the_peer_do_not_starve_the_listener(tmp_path,
     # the peer's exchange has 3 s from its acceptance (milliseconds unloaded: a loaded
     # machine's stalls get x4 room); before, the 12 s the strangers held exceeded its 8 s
     monkeypatch.setattr(ch, "HANDSHAKE_TIMEOUT_S", 3.0)
-    (path_l, _), (pool_l, pool_c) = _file_pools(tmp_path)
-    ready, result = threading.Event(), {}
-
-    def listener():
-        try:
-            transport = ch.listen("127.0.0.1:0", timeout_s=60, ready=ready)
-            session = ch.exchange_pool_start(transport, pool_l, ch.ALICE)
-            chan = ch.AuthChannel(transport, pool_l, ch.ALICE, session=session)
-            chan.send("hello", n=7)
-            chan.close()
-        except BaseException as error:  # re-raised below
-            result["error"] = error
-
-    thread = threading.Thread(target=listener, daemon=True)
-    thread.start()
-    assert ready.wait(10)
+    (_, _), (pool_l, pool_c) = _file_pools(tmp_path)
+    port, result, thread = _listening_alice(pool_l)
     strangers = []
     for _ in range(4):  # each a valid hello, then silence: queued ahead of the peer
-        sock = socket.create_connection(("127.0.0.1", ready.port))
+        sock = socket.create_connection(("127.0.0.1", port))
         ch.SocketTransport(sock).send_bytes(
             ch._START.pack(ch._START_HELLO, ch.CONNECTOR, os.urandom(16))
         )
         strangers.append(sock)
     try:
         # the peer waits 8 s for each read (a --connect run's 600 s, scaled as the 10 s)
-        transport = ch.connect(f"127.0.0.1:{ready.port}", timeout_s=8.0, handshake_timeout_s=30.0)
+        transport = ch.connect(f"127.0.0.1:{port}", timeout_s=8.0, handshake_timeout_s=30.0)
         session = ch.exchange_pool_start(transport, pool_c, ch.BOB)
         chan = ch.AuthChannel(transport, pool_c, ch.BOB, session=session)
         assert chan.recv("hello")["n"] == 7
