@@ -480,6 +480,63 @@ HANDSHAKE_S = 2.0  # the listener's handshake deadline in the test below
 DRIBBLE_S = 0.5
 
 
+class _Stranger:
+    """A TCP server on 127.0.0.1 that serves its first connection with `serve(conn)` in a
+    thread of its own (a man in the middle posing as the listener): `address`; `join`
+    waits for the thread, then closes the server."""
+
+    def __init__(self, serve):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+
+        def accept_one():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return  # closed before anyone connected: the test stopped first
+            serve(conn)
+
+        self.thread = threading.Thread(target=accept_one, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout_s: float) -> None:
+        self.thread.join(timeout_s)
+        self.server.close()
+
+
+@pytest.fixture
+def stranger():
+    """Starts a _Stranger serving with the function given; its server closes at the end."""
+    started = []
+
+    def start(serve) -> _Stranger:
+        started.append(_Stranger(serve))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.server.close()
+
+
+def _drip(conn, data: bytes, interval_s: float, dripped: list, then_read_s=None) -> None:
+    """Sends `data` a byte every `interval_s` (each byte within a per-read timeout), each
+    byte sent recorded in `dripped`; then, `then_read_s` given, reads what comes (the
+    peer's hello, its hanging up) for up to that long; then hangs up. A peer that drops
+    the connection ends it."""
+    with conn:
+        try:
+            for byte in data:
+                conn.sendall(bytes([byte]))
+                dripped.append(byte)
+                time.sleep(interval_s)
+            if then_read_s is not None:
+                conn.settimeout(then_read_s)
+                while conn.recv(1024):
+                    pass
+        except OSError:
+            pass  # dropped by the peer
+
+
 def _listening_alice(pool_l, await_ok: bool = False):
     """Alice listening on 127.0.0.1 in a thread of her own: the pool start with whoever
     proves a position first, then her first message, 'hello' n=7 (and with `await_ok` Bob's
@@ -564,35 +621,33 @@ def test_strangers_at_a_listener_commit_nothing_and_its_peer_still_gets_the_sess
 
 
 def test_a_forged_position_from_the_listener_costs_the_connector_only_its_announcement(
-    tmp_path,
+    tmp_path, stranger
 ):
     """The other way round: a stranger posing as the listener answers the connector's
     announcement with a position near the pool's end and a guessed tag. The connector
     stops (authentication failed) having committed only the 16 bytes its own announcement
     used; its start stays."""
     (_, path_c), (_, pool_c) = _file_pools(tmp_path)
-    server = socket.create_server(("127.0.0.1", 0))
 
-    def fake_listener():
-        conn, _ = server.accept()
+    def fake_listener(conn):
         fake = ch.SocketTransport(conn, ch.LISTENER)
         fake.send_bytes(ch._START.pack(ch._START_HELLO, ch.LISTENER, os.urandom(16)))
         fake.recv_bytes(), fake.recv_bytes()  # the connector's hello and announcement
         end = len(pool_c.data) - ch.MIN_POOL_LEFT_BYTES - ch.ANNOUNCE_BYTES
         fake.send_bytes(ch._ANNOUNCEMENT.pack(ch._ANNOUNCE, end, os.urandom(8)))
 
-    thread = threading.Thread(target=fake_listener, daemon=True)
-    thread.start()
-    transport = ch.connect(f"127.0.0.1:{server.getsockname()[1]}")
+    fake = stranger(fake_listener)
+    transport = ch.connect(fake.address)
     with pytest.raises(ch.AuthenticationFailed, match="pool position"):
         ch.exchange_pool_start(transport, pool_c, ch.BOB)
     # the 16 bytes of Bob's lane at 16 (protocol 4), nothing more
     assert _record(path_c) == 2 * ch.ANNOUNCE_BYTES and pool_c.start_byte == 0
-    thread.join(10)
-    server.close()
+    fake.join(10)
 
 
-def test_a_connector_held_by_a_dripping_peer_is_dropped_within_its_bound(tmp_path, monkeypatch):
+def test_a_connector_held_by_a_dripping_peer_is_dropped_within_its_bound(
+    tmp_path, monkeypatch, stranger
+):
     """A man in the middle posing as the listener sends its hello a byte every DRIBBLE_S:
     on main each byte reset the connector's 600 s per-read timeout, so it was held for as
     long as the bytes kept coming (here the peer gives up after 10 s, having sent 20 of
@@ -603,32 +658,18 @@ def test_a_connector_held_by_a_dripping_peer_is_dropped_within_its_bound(tmp_pat
 
     monkeypatch.setattr(ch, "CONNECT_HANDSHAKE_TIMEOUT_S", HANDSHAKE_S)
     (_, path_c), (_, pool_c) = _file_pools(tmp_path)
-    server = socket.create_server(("127.0.0.1", 0))
+    hello = ch._LEN.pack(ch._START.size)
+    hello += ch._START.pack(ch._START_HELLO, ch.LISTENER, os.urandom(16))
     dripped = []
-
-    def dripping_listener():
-        conn, _ = server.accept()
-        hello = ch._LEN.pack(ch._START.size)
-        hello += ch._START.pack(ch._START_HELLO, ch.LISTENER, os.urandom(16))
-        with conn:
-            try:
-                for byte in hello[:20]:  # 10 s at DRIBBLE_S, then it hangs up
-                    conn.sendall(bytes([byte]))
-                    dripped.append(time.monotonic())
-                    time.sleep(DRIBBLE_S)
-            except OSError:
-                pass  # dropped by the connector
-
-    thread = threading.Thread(target=dripping_listener, daemon=True)
-    thread.start()
+    # 20 of its 29 bytes (10 s at DRIBBLE_S), then it hangs up
+    dripping = stranger(lambda conn: _drip(conn, hello[:20], DRIBBLE_S, dripped))
     began = time.monotonic()
-    transport = ch.open_split(None, f"127.0.0.1:{server.getsockname()[1]}")
+    transport = ch.open_split(None, dripping.address)
     with pytest.raises(EnvironmentFailure, match="pool-start exchange took more than"):
         ch.exchange_pool_start(transport, pool_c, ch.BOB)
     held_s = time.monotonic() - began
     transport.close()
-    thread.join(15)
-    server.close()
+    dripping.join(15)
     # the bound, plus a loaded machine's stall: up to 6 s (x4 the bound in all) at load ~10
     # on 2 cores; still under the 10 s the peer would have held it unbounded
     assert HANDSHAKE_S <= held_s < HANDSHAKE_S + 6.0, held_s
@@ -774,7 +815,7 @@ def test_a_forged_refusal_tells_the_operator_no_position_to_set(tmp_path):
 
 
 def test_keys_confirm_connect_to_a_dripping_peer_exits_1_with_the_reason(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys, stranger
 ):
     """The same through the command line (`qkdsat keys confirm --connect`, in-process so
     the bound can be 2 s): exit 1, the link failed before the protocol began, one line
@@ -784,66 +825,36 @@ def test_keys_confirm_connect_to_a_dripping_peer_exits_1_with_the_reason(
     monkeypatch.setattr(ch, "CONNECT_HANDSHAKE_TIMEOUT_S", HANDSHAKE_S)
     (_, path_c), (_, pool_c) = _file_pools(tmp_path)
     pool_c.close()
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def dripping_listener():
-        conn, _ = server.accept()
-        with conn:
-            try:
-                for byte in ch._LEN.pack(ch._START.size)[:3]:  # its hello's length, cut
-                    conn.sendall(bytes([byte]))
-                    time.sleep(DRIBBLE_S)
-                conn.settimeout(8.0)  # then it hangs up itself (main waited for it)
-                while conn.recv(1024):  # the connector's hello, then its hanging up
-                    pass
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=dripping_listener, daemon=True)
-    thread.start()
+    # its hello's length, cut; then it hangs up itself after 8 s (main waited for it)
+    length_cut = ch._LEN.pack(ch._START.size)[:3]
+    dripping = stranger(lambda conn: _drip(conn, length_cut, DRIBBLE_S, [], then_read_s=8.0))
     (tmp_path / "store").mkdir()
     argv = ["keys", "confirm", "--role", "bob", "--store", str(tmp_path / "store")]
-    argv += ["--auth-pool", str(path_c), "--connect", f"127.0.0.1:{server.getsockname()[1]}"]
+    argv += ["--auth-pool", str(path_c), "--connect", dripping.address]
     assert qkdsat(argv) == 1
     err = capsys.readouterr().err
     assert "failed: the pool-start exchange took more than 2 s" in err, err
     assert _record(path_c) == 0
-    thread.join(15)
-    server.close()
+    dripping.join(15)
 
 
-def test_a_session_message_dripped_a_byte_at_a_time_is_bounded_as_a_whole():
+def test_a_session_message_dripped_a_byte_at_a_time_is_bounded_as_a_whole(stranger):
     """After the pool start, each wait for a byte had the socket's timeout (600 s by
     default) and nothing bounded a whole message: a man in the middle who passes a byte
     just within it holds the session for good (here 0.4 s between bytes against a 1 s
     timeout; the dripper gives up after 16 s). Now a message must arrive within the
     timeout plus MESSAGE_BYTES_PER_S of its length, so dripping holds no longer than
     silence would."""
-    server = socket.create_server(("127.0.0.1", 0))
+    frame = ch._LEN.pack(64) + os.urandom(64)
     dripped = []
-
-    def dripper():
-        conn, _ = server.accept()
-        with conn:
-            frame = ch._LEN.pack(64) + os.urandom(64)
-            try:
-                for byte in frame[:40]:  # 16 s in all
-                    conn.sendall(bytes([byte]))
-                    dripped.append(byte)
-                    time.sleep(0.4)
-            except OSError:
-                pass  # dropped
-
-    thread = threading.Thread(target=dripper, daemon=True)
-    thread.start()
-    transport = ch.connect(f"127.0.0.1:{server.getsockname()[1]}", timeout_s=1.0)
+    dripping = stranger(lambda conn: _drip(conn, frame[:40], 0.4, dripped))  # 16 s in all
+    transport = ch.connect(dripping.address, timeout_s=1.0)
     began = time.monotonic()
     with pytest.raises(ch.ChannelClosed, match="a message took more than 1 s"):
         transport.recv_bytes()
     held_s = time.monotonic() - began
     transport.close()
-    thread.join(20)
-    server.close()
+    dripping.join(20)
     # 1 s and 64 bytes at MESSAGE_BYTES_PER_S, plus a loaded machine's stall: up to 5 s
     # (x6 the bound in all), far under the 16 s the dripper would have held it
     assert 1.0 <= held_s < 6.0, held_s
