@@ -146,7 +146,11 @@ class Mission:
             )
         tracker = None
         if "tracking" in config:
-            tracker = _tracker_from(config["tracking"], getattr(self, "_predictions", None))
+            tracker = _tracker_from(
+                config["tracking"],
+                getattr(self, "_predictions", None),
+                getattr(self.board, "TRACKING_LOOP_RATE_HZ", 0),
+            )
         # head generation: the FPGA maps at the slot clock, the controller's capacity does
         # not bound the slot rate
         self.sequencer.configure(config, 0 if generation == "head" else scale)
@@ -184,12 +188,18 @@ class Mission:
             self.tracking = tracking_duty.TrackingDuty(self.bus, tracker)
             self.tracking_product = tracking_duty.TrackingProduct(tracker, self.store)
             if self.scheduler is not None:
-                # short names: the status travels in one housekeeping packet
-                self.scheduler.add("trk", self.tracking.step)
+                # short names: the status travels in one housekeeping packet. The loop is
+                # the scheduler's paced duty: one period every loop period, before any
+                # other duty once due (docs/scheduling.md "The paced loop")
+                self.tracking.pacer = self.scheduler.set_loop(
+                    "trk", self.tracking.period, tracker.cfg[0]
+                )
                 self.scheduler.add("trk-tm", self.tracking_product.step)
         else:  # a new pass configuration: same duties, new loop
             self.tracking.attach(tracker)
             self.tracking_product.attach(tracker)
+            if self.tracking.pacer is not None:
+                self.tracking.pacer.period_us = tracker.cfg[0]
 
     def start(self):
         if self.pass_running:
@@ -262,17 +272,23 @@ class Mission:
         if self.tracking is not None:
             out["tracking"] = self.tracking.status()
         if self.scheduler is not None:
-            out["worst_us"] = {d.name: d.worst_us for d in self.scheduler.duties}
-            errors = {d.name: d.last_error for d in self.scheduler.duties if d.errors}
+            duties = list(self.scheduler.duties)
+            if self.scheduler.loop is not None:
+                duties.append(self.scheduler.loop)
+            out["worst_us"] = {d.name: d.worst_us for d in duties}
+            errors = {d.name: d.last_error for d in duties if d.errors}
             if errors:
                 out["duty_errors"] = errors
         return out
 
 
-def _tracker_from(section, upload=None):
+def _tracker_from(section, upload=None, rate_limit_hz=0):
     """A Tracker from a configuration's "tracking" section: {"parameters": {...},
     "predictions": [[x, y, vx, vy, ax, ay, pa_x, pa_y], ...]} or, for a full pass
     uploaded beforehand, "predictions": {"nodes": N, "crc32": C} (docs/tracking.md).
+    The parameters go over the gain set of the loop's rate: the rate they name, else the
+    rate the board's pass-mode loop sustains (board.TRACKING_LOOP_RATE_HZ; a rate above it
+    is refused), else 2 kHz (tracking.parameters_for_rate).
     Raises ValueError (tracking.ConfigError) naming the field. Imported only when a pass
     tracks: the loop's code costs RAM on the unix target."""
     from payload import tracking
@@ -280,7 +296,10 @@ def _tracker_from(section, upload=None):
     if not isinstance(section, dict) or "predictions" not in section:
         raise tracking.ConfigError("tracking: need an object with 'predictions'")
     try:
-        tracker = tracking.Tracker(section.get("parameters") or {})
+        changes = section.get("parameters") or {}
+        if not isinstance(changes, dict):
+            raise tracking.ConfigError("tracking.parameters: need an object")
+        tracker = tracking.Tracker(tracking.parameters_for_rate(changes, rate_limit_hz))
         predictions = section["predictions"]
         if isinstance(predictions, dict):
             if upload is None or upload.received != predictions.get("nodes"):

@@ -6,6 +6,8 @@
 #
 # Per duty the scheduler keeps the number of calls and the worst step time in
 # microseconds: the measured side of the latency budget in docs/scheduling.md.
+import array
+
 import micropython
 from micropython import const
 
@@ -42,6 +44,84 @@ class Duty:
         self.last_error = None
 
 
+# The paced loop's state words (Loop.state, an array("i")), read and written by _pace
+_DUE = const(0)  # the next period's due time (us, wrapped at 2^30); -1: idle, not paced
+_PERIOD = const(1)  # us
+_OVERRUNS = const(2)  # periods that started a whole period or more late (wrap at 2^30 - 1)
+_PERIODS = const(3)  # periods run (wrap at 2^30 - 1)
+_WORST_LATE = const(4)  # the latest a period started after its due time (us): the jitter
+
+
+@micropython.viper
+def _pace(step, ticks, ticks_arg, state: ptr32) -> int:
+    """Wait for the loop's due time, run one period (`step()`), schedule the next; returns
+    1 if the loop ran a period, 0 if it is idle. Viper: its arithmetic costs a few
+    instructions, where the same in native code goes through the runtime (~100 each)."""
+    due = state[_DUE]
+    now = int(ticks(ticks_arg))
+    if due >= 0:
+        late = (now - due) & 0x3FFFFFFF
+        while late >= 0x20000000:  # early (less than half the wrap before due): wait
+            now = int(ticks(ticks_arg))
+            late = (now - due) & 0x3FFFFFFF
+        if late > state[_WORST_LATE]:
+            state[_WORST_LATE] = late
+        if late >= state[_PERIOD]:  # a whole period or more late: counted, paced from now
+            n = state[_OVERRUNS]
+            state[_OVERRUNS] = n + 1 if n < 0x3FFFFFFF else 0
+            due = now
+    else:
+        due = now
+    state[_DUE] = -1  # idle unless the step runs a period (and if it raises)
+    if not step():
+        return 0
+    state[_DUE] = (due + state[_PERIOD]) & 0x3FFFFFFF
+    n = state[_PERIODS]
+    state[_PERIODS] = n + 1 if n < 0x3FFFFFFF else 0
+    return 1
+
+
+class Loop:
+    """The paced real-time duty (the tracking loop in pass mode, docs/scheduling.md "The
+    paced loop"). While it runs, the scheduler calls `step()` once every `period_us`,
+    before each other duty of a pass, so the other duties share the time its periods
+    leave; a call that comes a whole period or more late is counted in `overruns` and the
+    pacing starts again from it. While `step()` returns False (the loop is idle) it is
+    called once a pass, unpaced, until it returns True."""
+
+    def __init__(self, name, step, period_us):
+        self.name = name
+        self.step = step
+        self.state = array.array("i", (-1, period_us, 0, 0, 0))
+        self.errors = 0
+        self.last_error = None
+
+    @property
+    def period_us(self):
+        return self.state[_PERIOD]
+
+    @period_us.setter
+    def period_us(self, value):
+        self.state[_PERIOD] = value
+
+    @property
+    def pacing(self):
+        return self.state[_DUE] >= 0
+
+    @property
+    def overruns(self):
+        return self.state[_OVERRUNS]
+
+    @property
+    def periods(self):
+        return self.state[_PERIODS]
+
+    @property
+    def worst_us(self):
+        """The latest a period started after its due time (us)."""
+        return self.state[_WORST_LATE]
+
+
 class Scheduler:
     def __init__(self, clock):
         self.clock = clock
@@ -50,6 +130,12 @@ class Scheduler:
         self._ticks, self._ticks_arg = clock.ticks_source()
         self.duties = []
         self.passes = 0
+        self.loop = None  # the paced real-time duty (set_loop), or None
+
+    def set_loop(self, name, step, period_us):
+        """Run `step` as the paced loop (one slot: a second call replaces the first)."""
+        self.loop = Loop(name, step, period_us)
+        return self.loop
 
     def add(self, name, step, period_us=0):
         duty = Duty(name, step, period_us)
@@ -66,7 +152,21 @@ class Scheduler:
         busy = False
         n = self.passes
         self.passes = n + 1 if n < COUNTER_WRAP else 0
+        loop = self.loop
+        state = None
+        if loop is not None:
+            state = loop.state
+            loop_step = loop.step
         for duty in self.duties:
+            if state is not None and state[_DUE] >= 0:
+                # the paced loop's next period first (waiting for it): each other duty
+                # runs in the time a period leaves. Called here, not through _run_loop:
+                # a native call less every period (~0.5k instructions on the M3)
+                try:
+                    _pace(loop_step, ticks, ticks_arg, state)
+                except BaseException as error:  # noqa: BLE001 - as any duty's (below)
+                    loop.errors += 1
+                    loop.last_error = error_text(error)
             start = ticks(ticks_arg)
             if duty.period_us and ((start - duty.last_us) & 0x3FFFFFFF) < duty.period_us:
                 continue
@@ -91,10 +191,28 @@ class Scheduler:
                 duty.total_s += total // _US_PER_S
                 total %= _US_PER_S
             duty.total_us = total
+        if loop is not None:
+            # idle: one unpaced call a pass (it starts the pacing when the loop starts);
+            # paced: one more period, and the main loop must not idle (a board idles until
+            # the next interrupt, up to a millisecond)
+            try:
+                _pace(loop_step, ticks, ticks_arg, state)
+            except BaseException as error:  # noqa: BLE001
+                loop.errors += 1
+                loop.last_error = error_text(error)
+            if state[_DUE] >= 0:
+                busy = True
         return busy
 
     def telemetry(self):
         out = {}
+        loop = self.loop
+        if loop is not None:
+            out[loop.name] = {"periods": loop.periods, "worst_late_us": loop.worst_us,
+                              "overruns": loop.overruns, "period_us": loop.period_us}  # fmt: skip
+            if loop.errors:
+                out[loop.name]["errors"] = loop.errors
+                out[loop.name]["last_error"] = loop.last_error
         for d in self.duties:
             total_us = d.total_s * _US_PER_S + d.total_us  # a big int past 2^30 us: here only
             entry = {"calls": d.calls, "worst_us": d.worst_us, "total_us": total_us}

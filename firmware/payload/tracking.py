@@ -267,6 +267,45 @@ DEFAULTS = {
 }
 
 
+# The gain set of each loop rate (changes to DEFAULTS, the 2 kHz set): gains, resonators and
+# the sensor's taps are per rate, and the 2 kHz set is unstable at 1 kHz (pole radius
+# 1.015). A pass configures the set of the rate its loop really runs at (mission.py): the
+# application's paced loop on a 25 MHz Cortex-M3 sustains 1 kHz, not 2 (docs/tracking.md
+# "Loop rate in pass mode"). The 1 kHz set: the same model and search as the default at
+# 1 kHz (docs/tracking.md "Tuning"), every pole inside 0.9985 at 0.5x / 1.5x QPD slope and
+# one more sample of latency; loss_samples 10 keeps the 10 ms fade hold.
+RATE_SETS = {
+    2000: {},
+    1000: {
+        "loop_rate_hz": 1000,
+        "fine_kp": 0.015,
+        "fine_ki": 0.36,
+        "fine_kii": 0.0057,
+        "fine_kd": 0.1023,
+        "wheel_line_gains": (0.0271, 0.0247),
+        "wheel_line_phases_deg": (-0.785, 147.6),
+        "ars_feedforward_taps": (1.0, -0.2302, 0.4789, -0.3594),
+        "loss_samples": 10,
+    },
+}
+
+
+def parameters_for_rate(changes, rate_limit_hz=0):
+    """The parameters a pass configures: the gain set of the loop's rate (the rate in
+    `changes`, else `rate_limit_hz`, else DEFAULTS' 2 kHz) with `changes` over it. A rate
+    above `rate_limit_hz` (the rate the controller's loop sustains; 0: no limit) is refused:
+    the loop would run slower than its gains were tuned for."""
+    rate = changes.get("loop_rate_hz", rate_limit_hz or DEFAULTS["loop_rate_hz"])
+    if rate_limit_hz and isinstance(rate, int) and rate > rate_limit_hz:
+        raise ConfigError(
+            "loop_rate_hz=%r: above the %d Hz this controller's pass-mode loop sustains"
+            " (docs/tracking.md 'Loop rate in pass mode')" % (rate, rate_limit_hz)
+        )
+    out = dict(RATE_SETS.get(rate, {}))
+    out.update(changes)
+    return out
+
+
 # Per prediction-table field: the bound the kernel's fixed point is proven for.
 _TABLE_FIELDS = ("x nrad", "y nrad", "vx nrad/ms", "vy nrad/ms", "ax nrad/ms^2 Q16",
                  "ay nrad/ms^2 Q16", "pa x nrad", "pa y nrad")  # fmt: skip

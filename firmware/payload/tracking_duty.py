@@ -8,6 +8,7 @@ import micropython
 from micropython import const
 
 from payload import storage, tracking
+from payload.tracking import step_kernel as _step_kernel
 
 REG_TRK_SENSORS = const(0x0500)  # read, 12 words: QA..QD, CAM_NEW, CAM_X, CAM_Y, CAM_SIGNAL,
 #                                  ENC_X, ENC_Y, ARS_X, ARS_Y (Tracker.io words 0..11)
@@ -51,11 +52,16 @@ class TrackingDuty:
         self.overruns = 0
         self._last_us = -1
         self._ticks, self._ticks_arg = bus.clock.ticks_source()
+        self.pacer = None  # the scheduler's Loop when it paces period() (mission.py)
         self.attach(tracker)
 
     def attach(self, tracker):
         self.tracker = tracker
         self._commands = memoryview(tracker.io)[tracking.IO_FSM_X : tracking.IO_FSM_X + 7]
+        # what every period reads, as attributes of the duty (one load each)
+        self._words = tracker.words
+        self._io = tracker.io
+        self._sin_table = tracker.sin_table  # (the prediction table is replaced on upload)
         self._unsent = 0  # 1: the commands computed last period are not yet on the head
         self._state = tracker.state  # the state the kernel returned last period
 
@@ -67,7 +73,7 @@ class TrackingDuty:
             "bus_errors": self.bus_errors,
             "transitions": t.transition_count(),
             "telemetry_lost": t.telemetry_lost(),
-            "overruns": self.overruns,
+            "overruns": self.late_periods(),
         }
 
     def status(self):
@@ -75,7 +81,14 @@ class TrackingDuty:
         overruns (periods that came late)]."""
         t = self.tracker
         return [tracking.STATE_NAMES[t.state], self.steps, self.bus_errors,
-                t.transition_count(), t.telemetry_lost(), self.overruns]  # fmt: skip
+                t.transition_count(), t.telemetry_lost(), self.late_periods()]  # fmt: skip
+
+    def late_periods(self):
+        """Periods that came late: counted by the scheduler's pacing when it paces the
+        loop, by step() when called unpaced (wrapping at 2^30 - 1)."""
+        if self.pacer is None:
+            return self.overruns
+        return (self.overruns + self.pacer.overruns) & _COUNTER_WRAP
 
     def flush(self):
         """Send the commands still owed to the head (the loop stopped, or the run ends)."""
@@ -86,34 +99,44 @@ class TrackingDuty:
             self._unsent = 0
         return True
 
-    # native: every loop period (with Bus.track, ~3.3k instructions less than in bytecode)
-    @micropython.native
     def step(self):
-        # The period's work in a few native calls (a method call in bytecode costs ~1.5k
-        # instructions on the M3, the kernel ~4k): Bus.track (build, frame, send, receive,
-        # check, unpack into io) and the kernel itself.
-        tracker = self.tracker
-        words = tracker.words
-        # idle only if the kernel left IDLE last period (or never ran) and no start is
-        # pending: while it runs, its returned state says so without a call
-        if self._state == _IDLE and tracking.words_idle(words):
+        """One period called unpaced (a caller without the scheduler's paced loop, and the
+        stop's last period): counts a call that comes more than one period after the
+        previous one in `overruns`, then runs `period()`."""
+        if self._state == _IDLE and tracking.words_idle(self.tracker.words):
             self._last_us = -1
-            if self._unsent:
-                self.flush()  # owed only if the stop's WRITE failed: retried here
-            return False  # no loop to run
+            return self.period()
         now = self._ticks(self._ticks_arg)  # the clock's ticks_us in one native call
         # the counters wrap at 2^30 - 1 (bus.COUNTER_WRAP): a big int past it would be
         # allocated every period
-        if self._last_us >= 0 and ((now - self._last_us) & 0x3FFFFFFF) > tracker.cfg[0]:
+        if self._last_us >= 0 and ((now - self._last_us) & 0x3FFFFFFF) > self.tracker.cfg[0]:
             n = self.overruns
             self.overruns = n + 1 if n < _COUNTER_WRAP else 0
         self._last_us = now
+        return self.period()
+
+    # native: every loop period (with Bus.track, ~3.3k instructions less than in bytecode)
+    @micropython.native
+    def period(self):
+        """The loop's period, as the scheduler's paced loop calls it (the scheduler keeps
+        the time and counts late periods: Loop.overruns): one TRACK exchange and the
+        kernel. Returns False when the loop is idle (nothing to run)."""
+        # The period's work in a few native calls (a method call in bytecode costs ~1.5k
+        # instructions on the M3, the kernel ~4k): Bus.track (build, frame, send, receive,
+        # check, unpack into io) and the kernel itself.
+        words = self._words
+        # idle only if the kernel left IDLE last period (or never ran) and no start is
+        # pending: while it runs, its returned state says so without a call
+        if self._state == _IDLE and tracking.words_idle(words):
+            if self._unsent:
+                self.flush()  # owed only if the stop's WRITE failed: retried here
+            return False  # no loop to run
         # one TRACK: last period's commands (if owed) out, this period's sensors into io
-        if self.bus.track(tracker.io, self._unsent) != 0:
+        if self.bus.track(self._io, self._unsent) != 0:
             n = self.bus_errors
             self.bus_errors = n + 1 if n < _COUNTER_WRAP else 0
             return False
-        state = tracking.step_kernel(words, tracker.table, tracker.sin_table)
+        state = _step_kernel(words, self.tracker.table, self._sin_table)
         self._state = state
         self._unsent = 1
         n = self.steps

@@ -24,6 +24,14 @@ NAME = "netduino2"
 # An emulated head on a loaded host, as on the other emulated targets; 500 ms in flight.
 BUS_TIMEOUT_US = const(10_000_000)
 
+# The tracking loop's rate in pass mode (the scheduler's paced loop over the payload bus):
+# the highest configurable rate whose period, loop and pacing, leaves at least 15 % of a
+# 25 MHz Cortex-M3 to the other duties; the MPS2 image's figure: the same Cortex-M3 code
+# counted at the same 25 MHz (a real STM32F205 runs at up to 120 MHz)
+# (tests/firmware/mptest_paced_loop.py, docs/tracking.md "Loop rate in pass mode"). A pass
+# gets that rate's gain set; a faster one is refused.
+TRACKING_LOOP_RATE_HZ = const(1000)
+
 _USART1 = const(0x40011000)
 _USART2 = const(0x40004400)
 _TIM2 = const(0x40000000)

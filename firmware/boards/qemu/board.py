@@ -24,6 +24,13 @@ NAME = "qemu"
 # anything being wrong. A flight board uses 500 ms.
 BUS_TIMEOUT_US = const(10_000_000)
 
+# The tracking loop's rate in pass mode (the scheduler's paced loop over the payload bus):
+# the highest configurable rate whose period, loop and pacing, leaves at least 15 % of a
+# 25 MHz Cortex-M3 to the other duties; measured on this image with QEMU -icount
+# (tests/firmware/mptest_paced_loop.py, docs/tracking.md "Loop rate in pass mode"). A pass
+# gets that rate's gain set; a faster one is refused.
+TRACKING_LOOP_RATE_HZ = const(1000)
+
 _TIMER0 = const(0x40000000)
 _UART0 = const(0x40004000)
 _UART1 = const(0x40005000)
