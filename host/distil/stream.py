@@ -164,6 +164,16 @@ WARM_UP_TO_STREAM = 8.0
 NEAR_END_RESTS = 4.0
 PA_S_PER_BIT = 3.5e-6
 FINISH_FIXED_S = 1.0
+# Loss of signal, predicted by the pass geometry (pass.json's utc_end): within the pass
+# time a key basis takes to sift LOS_RELEASE_FRAMES frames at its rate over the last
+# RATE_WINDOW_S, no frame is held back and every whole frame is reconciled at once. What
+# is left at loss of signal is then under a frame and the last blocks per basis, one short
+# frame, sized from a chunk that ended seconds before: with the frame held back it was the
+# held frame and what came since (~1.25 frames, cut into two, sized from a chunk a minute
+# older), 10-17 retry rounds a basis one after the other, ~80 % of micius-2017's key
+# latency (docs/streaming.md, "After loss of signal").
+LOS_RELEASE_FRAMES = 2.0
+RATE_WINDOW_S = 10.0
 
 
 @dataclass
@@ -1022,6 +1032,7 @@ class StreamBob(Bob):
         link_cut = None  # the link's end closes the pass at this block: its report entry
         near_end = False  # the link's end is near: every whole frame is reconciled at once
         block_key_bits = {n: 0 for n in key_bases}  # key bits the latest block added
+        key_history = []  # (block end, key bits so far per basis) over RATE_WINDOW_S
         while True:
             block += 1
             block_end = block * opts.block_s
@@ -1146,16 +1157,22 @@ class StreamBob(Bob):
                 backlog_bits=self._sifted.backlog_total(),
             )
             self._check_qber(key_bases, final)
+            key_history.append(
+                (block_end, {n: p.size for n, p in self._sifted.key_positions.items()})
+            )
+            while key_history and key_history[0][0] < block_end - RATE_WINDOW_S:
+                key_history.pop(0)
             for name in key_bases:
                 while True:
                     qber, bits, source = self._estimate(name)
                     frame = chunk_bits(cfg, replace(opts, chunk_frames=1), qber, bits)
                     backlog = self._sifted.backlog(name)
-                    # near the link's end no frame is held back: what is left at the cut is
-                    # then under a frame and the blocks since, a short rest before the end
-                    chunk = due_chunk_bits(
-                        backlog, frame, opts.chunk_frames, final, hold=not near_end
-                    )
+                    # near the link's end or loss of signal no frame is held back: what is
+                    # left then is under a frame and the blocks since, a short rest
+                    hold = not (near_end or self._near_loss_of_signal(
+                        name, frame, block_end, key_history
+                    ))  # fmt: skip
+                    chunk = due_chunk_bits(backlog, frame, opts.chunk_frames, final, hold=hold)
                     if not chunk:
                         break
                     started = time.perf_counter()
@@ -1222,6 +1239,27 @@ class StreamBob(Bob):
         )
         out.report.update(figures)
         after_los["keys_computed"] = after(loss_of_signal_s())
+
+    def _predicted_loss_of_signal_s(self) -> float | None:
+        """Loss of signal in pass seconds, before it comes, by the pass geometry (pass.json's
+        utc_end); None if unknown. The same for a live tagger and a replay (not the replayed
+        file's end): both then chunk the same bits the same way and give the same key."""
+        pj = self.pass_json
+        los_true_s = _seconds_between(pj.get("utc_start"), pj.get("utc_end"))
+        if los_true_s is None or self._t0 is None:
+            return None
+        return los_true_s - self._t0
+
+    def _near_loss_of_signal(self, name, frame_bits, block_end, key_history) -> bool:
+        """Whether loss of signal comes before the basis sifts LOS_RELEASE_FRAMES more
+        frames at its key-bit rate over the last RATE_WINDOW_S (public timing and counts)."""
+        los_s = self._predicted_loss_of_signal_s()
+        if los_s is None or len(key_history) < 2:
+            return False
+        (t_first, first), (t_last, last) = key_history[0], key_history[-1]
+        rate = (last[name] - first[name]) / max(t_last - t_first, 1e-9)
+        # no key bits yet (before the first lock): nothing to go by
+        return rate > 0 and (los_s - block_end) * rate < LOS_RELEASE_FRAMES * frame_bits
 
     def _cut_for_link_end(self, out, clock: PassClock, block_end: float, block_key_bits: dict):
         """(the report entry of the cut when the block ending at block_end must be the last
@@ -1534,7 +1572,12 @@ class StreamBob(Bob):
                 "errors": int(wrong.sum()),
                 **{
                     key: stats[key]
-                    for key in ("retry_rounds", "leak_bob_messages_bits", "revealed_bits")
+                    for key in (
+                        "retry_rounds",
+                        "leak_bob_messages_bits",
+                        "revealed_bits",
+                        "decoder_seconds",
+                    )
                     if key in stats
                 },
                 "leak_error_count_bits": 0,
