@@ -4,6 +4,7 @@
 # (when its ack flag asks for it) or TM 1,2 rejected with a reason code and a short text.
 # Nothing that arrives on the link can raise out of `handle`: a handler failure is a
 # rejection, counted like the rest.
+import gc
 import json
 import os
 
@@ -680,6 +681,9 @@ class GroundLink:
             "key": self.key_state,
             "product_key": self.product_key_state,
             "link": self.link_counters(),
+            # what the heap has left (garbage not collected first: a lower bound); the
+            # boards' margin, docs/targets.md "Margins"
+            "heap_free": gc.mem_free(),
         }
         if self.loop_errors:
             report["loop_errors"] = self.loop_errors

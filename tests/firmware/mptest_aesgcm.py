@@ -2,6 +2,7 @@
 # host's `cryptography` (tests/vectors/aesgcm.json), and the ground link's sealed pattern
 # products: refused without a provisioned product key, sealed exactly as the host opens.
 import os
+import sys
 
 import board
 from payload import aesgcm, ccsds, telecommands
@@ -16,6 +17,43 @@ def test_aes256_block_is_fips197():
     out = bytearray(16)
     aesgcm.AesGcm(_unhex(case["key"])).encrypt_block(_unhex(case["plaintext"]), out)
     assert bytes(out) == _unhex(case["ciphertext"])
+
+
+def test_the_frozen_tables_are_aes():
+    # payload/_aes_tables.py is generated on the host (tools/gen_aes_tables.py); here the
+    # S-box comes from walking GF(2^8)* (p by 3, q = p^-1 by 3^-1) and the T-tables from
+    # it, on the target, word by word as _aes_ctr reads them (ptr32: native byte order).
+    from payload import _aes_tables
+
+    sbox = bytearray(256)
+    p = q = 1
+    while True:
+        p = p ^ ((p << 1) & 0xFF) ^ (0x1B if p & 0x80 else 0)
+        q ^= q << 1
+        q ^= q << 2
+        q ^= q << 4
+        q &= 0xFF
+        if q & 0x80:
+            q ^= 0x09
+        x = q ^ (q << 1 | q >> 7) ^ (q << 2 | q >> 6) ^ (q << 3 | q >> 5) ^ (q << 4 | q >> 4)
+        sbox[p] = (x ^ 0x63) & 0xFF
+        if p == 1:
+            break
+    sbox[0] = 0x63
+    xtime = bytes(((v << 1) ^ (0x1B if v & 0x80 else 0)) & 0xFF for v in range(256))
+    assert _aes_tables.SBOX == sbox and _aes_tables.XTIME == xtime
+    for x in range(256):
+        s1 = sbox[x]
+        s2 = xtime[s1]
+        column = (s2, s1, s1, s2 ^ s1)
+        for k in range(4):
+            b = [column[(i - k) % 4] for i in range(4)]
+            want = (b[0] << 24) | (b[1] << 16) | (b[2] << 8) | b[3]
+            at = 4 * (256 * k + x)
+            got = int.from_bytes(_aes_tables.TE[at : at + 4], sys.byteorder)
+            assert got == want, (k, x, got, want)
+    # the cipher reads the constant itself (in flash on the boards), not a heap copy
+    assert aesgcm._TE is _aes_tables.TE, "unaligned T-table copied to the heap"
 
 
 def test_gcm_vectors():

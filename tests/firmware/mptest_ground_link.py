@@ -278,7 +278,9 @@ def _bulky_status(digits, filler_chars=0):
 
 
 def test_housekeeping_is_served_compact_when_the_spaced_report_would_not_fit():
-    status = _bulky_status(14, filler_chars=420)
+    # near the limit on every target (the STM32 board's report also says
+    # "storage_formatted", and every report carries "heap_free")
+    status = _bulky_status(14, filler_chars=390)
     report, length = _housekeeping_over_the_link(_StatusMission(status))
     assert "omitted" not in report, report["omitted"]
     assert report["mission"] == status
