@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_tracking_model import _firmware_tracking
 from scipy.signal import welch
 
 from emulator.optical_plant import PlantParams
@@ -265,17 +266,13 @@ LATENCY_2_CONFIG = dict(fine_kp=0.0133, fine_ki=0.1964, fine_kii=0.0063, fine_kd
                         ars_feedforward_taps=[0.9992, 0.1547, 0.222, -0.4484])  # fmt: skip
 
 
-# The set for a 1 kHz loop: the rate the application's pass-mode loop achieves with
-# margin on a 25 MHz Cortex-M3 (16.2k instructions through the scheduler, 646 us, plus
-# 76 us of an 8 Mbit/s SPI bus: 722 us of a 1000 us period; 1.5 kHz and 2 kHz do not fit,
-# test_pass_mode_loop_rate). Tuned on the same model as the 2 kHz default
-# (bench_tracking_model.py, ONE_KHZ there), robust to 0.5-1.5x QPD slope and one more
+# The set for a 1 kHz loop, the firmware's own (tracking.RATE_SETS[1000]): the rate the
+# application's paced pass-mode loop runs at on a 25 MHz Cortex-M3 (16.0k instructions a
+# paced period, 64 % of a 1 kHz period; 2 kHz does not fit: mptest_paced_loop_cost.py,
+# test_pass_mode_loop_rate), and the set a pass there gets. Tuned on the same model as the
+# 2 kHz default (bench_tracking_model.py), robust to 0.5-1.5x QPD slope and one more
 # sample of latency (every pole inside 0.9985); loss_samples 10 keeps the 10 ms fade hold.
-ONE_KHZ_CONFIG = dict(loop_rate_hz=1000, fine_kp=0.015, fine_ki=0.36, fine_kii=0.0057,
-                      fine_kd=0.1023, wheel_line_gains=[0.0271, 0.0247],
-                      wheel_line_phases_deg=[-0.785, 147.6],
-                      ars_feedforward_taps=[1.0, -0.2302, 0.4789, -0.3594],
-                      loss_samples=10)  # fmt: skip
+ONE_KHZ_CONFIG = dict(_firmware_tracking().RATE_SETS[1000])
 
 
 def test_closed_loop_at_the_application_rate():

@@ -20,12 +20,6 @@ TRACKING_PY = Path(__file__).parents[1] / "firmware" / "payload" / "tracking.py"
 QPD_ONLY = dict(fine_kp=0.108, fine_ki=0.287, fine_kii=0.084, fine_kd=0.002,
                 wheel_line_gains=(0.031, 0.0128), wheel_line_phases_deg=(-70.0, 37.7),
                 ars_feedforward_taps=(0.0, 0.0, 0.0, 0.0))  # fmt: skip
-# The 1 kHz set (bench_tracking.py ONE_KHZ_CONFIG): the pass-mode loop's achieved rate,
-# Nelder-Mead over the same 12 parameters on this model at 1 kHz, every pole inside 0.9985
-# at 0.5x / 1.5x slope and with a second sample of latency.
-ONE_KHZ = dict(loop_rate_hz=1000, fine_kp=0.015, fine_ki=0.36, fine_kii=0.0057, fine_kd=0.1023,
-               wheel_line_gains=(0.0271, 0.0247), wheel_line_phases_deg=(-0.785, 147.6),
-               ars_feedforward_taps=(1.0, -0.2302, 0.4789, -0.3594))  # fmt: skip
 
 
 def _firmware_tracking():
@@ -128,7 +122,10 @@ def test_frequency_domain_model_and_qpd_only_bound():
         figures[label] = _residual(trk, config, f, psd, noise)
         print(f"[tracking model]  {label:58s} {figures[label]:.3f}")
     f1k, psd1k = welch(_vibration(1, 40000, 1000.0), 1000.0, nperseg=8192)
-    one_khz = _residual(trk, ONE_KHZ, f1k, psd1k, 2.0)
+    # the 1 kHz set, the firmware's own (tracking.RATE_SETS: a pass on the MCU boards gets
+    # it): Nelder-Mead over the same 12 parameters on this model at 1 kHz, every pole inside
+    # 0.9985 at 0.5x / 1.5x slope and with a second sample of latency
+    one_khz = _residual(trk, trk.RATE_SETS[1000], f1k, psd1k, 2.0)
     print(f"[tracking model]  {'1 kHz set at 1 kHz (the application rate), N 2':58s} "
           f"{one_khz:.3f}")  # fmt: skip
     try:  # the 2 kHz default gains at 1 kHz: refused (the set is per rate)

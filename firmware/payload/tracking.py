@@ -275,7 +275,7 @@ DEFAULTS = {
 # 1 kHz (docs/tracking.md "Tuning"), every pole inside 0.9985 at 0.5x / 1.5x QPD slope and
 # one more sample of latency; loss_samples 10 keeps the 10 ms fade hold.
 RATE_SETS = {
-    2000: {},
+    2000: {"loop_rate_hz": 2000},  # DEFAULTS
     1000: {
         "loop_rate_hz": 1000,
         "fine_kp": 0.015,

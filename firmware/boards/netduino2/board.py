@@ -28,7 +28,7 @@ BUS_TIMEOUT_US = const(10_000_000)
 # the highest configurable rate whose period, loop and pacing, leaves at least 15 % of a
 # 25 MHz Cortex-M3 to the other duties; the MPS2 image's figure: the same Cortex-M3 code
 # counted at the same 25 MHz (a real STM32F205 runs at up to 120 MHz)
-# (tests/firmware/mptest_paced_loop.py, docs/tracking.md "Loop rate in pass mode"). A pass
+# (tests/firmware/mptest_paced_loop_cost.py, docs/tracking.md "Loop rate in pass mode"). A pass
 # gets that rate's gain set; a faster one is refused.
 TRACKING_LOOP_RATE_HZ = const(1000)
 

@@ -27,7 +27,7 @@ BUS_TIMEOUT_US = const(10_000_000)
 # The tracking loop's rate in pass mode (the scheduler's paced loop over the payload bus):
 # the highest configurable rate whose period, loop and pacing, leaves at least 15 % of a
 # 25 MHz Cortex-M3 to the other duties; measured on this image with QEMU -icount
-# (tests/firmware/mptest_paced_loop.py, docs/tracking.md "Loop rate in pass mode"). A pass
+# (tests/firmware/mptest_paced_loop_cost.py, docs/tracking.md "Loop rate in pass mode"). A pass
 # gets that rate's gain set; a faster one is refused.
 TRACKING_LOOP_RATE_HZ = const(1000)
 
