@@ -1,5 +1,6 @@
 """Wegman-Carter authentication, message encoding and byte counting, in-process and TCP."""
 
+import gc
 import json
 import os
 import random
@@ -518,11 +519,14 @@ def stranger():
         one.server.close()
 
 
-def _drip(conn, data: bytes, interval_s: float, dripped: list, then_read_s=None) -> None:
+def _drip(
+    conn, data: bytes, interval_s: float, dripped: list, then_read_s=None, read_ends=None
+) -> None:
     """Sends `data` a byte every `interval_s` (each byte within a per-read timeout), each
     byte sent recorded in `dripped`; then, `then_read_s` given, reads what comes (the
-    peer's hello, its hanging up) for up to that long; then hangs up. A peer that drops
-    the connection ends it."""
+    peer's hello, its hanging up) for up to that long, appending to `read_ends` how the
+    reading ended: "hung up" (the peer closed), "timed out" (it kept the connection
+    open); then hangs up. A peer that drops the connection ends it."""
     with conn:
         try:
             for byte in data:
@@ -531,8 +535,14 @@ def _drip(conn, data: bytes, interval_s: float, dripped: list, then_read_s=None)
                 time.sleep(interval_s)
             if then_read_s is not None:
                 conn.settimeout(then_read_s)
-                while conn.recv(1024):
-                    pass
+                try:
+                    while conn.recv(1024):
+                        pass
+                    ended = "hung up"
+                except TimeoutError:
+                    ended = "timed out"
+                if read_ends is not None:
+                    read_ends.append(ended)
         except OSError:
             pass  # dropped by the peer
 
@@ -819,23 +829,35 @@ def test_keys_confirm_connect_to_a_dripping_peer_exits_1_with_the_reason(
 ):
     """The same through the command line (`qkdsat keys confirm --connect`, in-process so
     the bound can be 2 s): exit 1, the link failed before the protocol began, one line
-    naming the pool-start exchange; the pool's record untouched."""
+    naming the pool-start exchange; the pool's record untouched; and the connector hangs
+    up, so the peer stops waiting (before a2aadb0 it kept the socket open: the dripper
+    waited out its own 8 s)."""
     from host.cli import main as qkdsat
 
     monkeypatch.setattr(ch, "CONNECT_HANDSHAKE_TIMEOUT_S", HANDSHAKE_S)
     (_, path_c), (_, pool_c) = _file_pools(tmp_path)
     pool_c.close()
-    # its hello's length, cut; then it hangs up itself after 8 s (main waited for it)
+    # its hello's length, cut; then it reads until the connector hangs up, for up to 8 s
     length_cut = ch._LEN.pack(ch._START.size)[:3]
-    dripping = stranger(lambda conn: _drip(conn, length_cut, DRIBBLE_S, [], then_read_s=8.0))
+    read_ends = []
+    dripping = stranger(
+        lambda conn: _drip(conn, length_cut, DRIBBLE_S, [], then_read_s=8.0, read_ends=read_ends)
+    )
     (tmp_path / "store").mkdir()
     argv = ["keys", "confirm", "--role", "bob", "--store", str(tmp_path / "store")]
     argv += ["--auth-pool", str(path_c), "--connect", dripping.address]
-    assert qkdsat(argv) == 1
+    # a socket left open is closed whenever the cycle collector frees the exception's
+    # frames: without it, only the connector's own close ends the dripper's wait
+    gc.disable()
+    try:
+        assert qkdsat(argv) == 1
+        dripping.join(15)
+    finally:
+        gc.enable()
     err = capsys.readouterr().err
     assert "failed: the pool-start exchange took more than 2 s" in err, err
     assert _record(path_c) == 0
-    dripping.join(15)
+    assert read_ends == ["hung up"]  # the connector's hanging up, not the dripper's timeout
 
 
 def test_a_session_message_dripped_a_byte_at_a_time_is_bounded_as_a_whole(stranger):
