@@ -40,16 +40,31 @@ def test_the_paced_loop_keeps_its_period_and_counts_late_periods():
     count = len(calls)
     assert pacer.periods == count and count >= 20, (pacer.periods, count)
     # paced: each period starts no sooner than its due time (the first sets the origin;
-    # the step reads the clock a few microseconds after the pacing did)
-    span = _wrapped_us(calls[0], calls[-1])
-    assert span >= (count - 1) * period_us - 50, (span, count)
-    assert pacer.overruns == 0 or board.NAME == "unix", pacer.overruns  # a loaded host
+    # the step reads the clock a few microseconds after the pacing did). On QEMU time is
+    # the instruction count; a loaded unix host may hold the process between the pacing's
+    # clock read and the step's for milliseconds, so there only the count is checked.
+    if board.NAME != "unix":
+        span = _wrapped_us(calls[0], calls[-1])
+        assert span >= (count - 1) * period_us - 50, (span, count)
+        assert pacer.overruns == 0, pacer.overruns
     before = pacer.overruns
     slow[0] = 1
     for _ in range(4):
         loop.run_once()
     assert pacer.overruns >= before + 1, (before, pacer.overruns)  # the stall is counted
     assert loop.telemetry()["trk"]["overruns"] == pacer.overruns
+
+
+def test_a_loop_started_from_idle_is_not_counted_late():
+    # idle is the due word -1: a 64-bit build's ptr32 load read it as 2^32 - 1, a due time,
+    # and the start counted an overrun (unix, before the fix); a 1 us period makes any due
+    # time but the start's own a late one
+    from payload import scheduler
+
+    loop = scheduler.Scheduler(board.clock)
+    pacer = loop.set_loop("trk", lambda: True, 1)
+    loop.run_once()
+    assert pacer.periods == 1 and pacer.overruns == 0, (pacer.periods, pacer.overruns)
 
 
 def test_an_idle_loop_is_called_once_a_pass_and_not_paced():
