@@ -34,6 +34,7 @@ so a few milliseconds of virtual time hold many PPS edges).
 from __future__ import annotations
 
 import collections
+import copy
 import math
 import struct
 import threading
@@ -66,6 +67,15 @@ class RegisterDevice:
 
     def advance_to(self, t_ps: int) -> None:
         """The head's clock moved to t_ps (called before each request is served)."""
+
+    def checkpoint(self):
+        """The block's state, for `restore` (a failed TRACK at the tracking block has no
+        effect). A whole copy by default; a block with a large state saves less."""
+        return copy.deepcopy(self.__dict__)
+
+    def restore(self, saved) -> None:
+        self.__dict__.clear()
+        self.__dict__.update(saved)
 
 
 @dataclass
@@ -417,17 +427,14 @@ class OpticalHead:
                 return pb.Reply(req.op, req.tag, status)
             return self._read_reply(req)
         if req.op == pb.OP_TRACK:
-            # READ_WRITE of the tracking blocks in TRACK's fixed layout: the commands (when
-            # the request carries them), then the sensors. A sensor value outside its
-            # field (a quadrant above the 16-bit ADC's range, CAM_NEW above a byte) is a
-            # fault of the device behind the block: refused, never truncated.
-            status = self._write_status(req, req.write_addr)
-            if status != pb.OK:
-                return pb.Reply(req.op, req.tag, status)
-            reply = self._read_reply(req)
-            words = reply.words
-            if reply.status == pb.OK and (max(words[:4]) > 0xFFFF or words[4] > 0xFF):
-                return pb.Reply(req.op, req.tag, pb.E_REFUSED)
+            # A TRACK that fails has no effect: the controller takes the period as not
+            # done and sends the same commands with its next one (firmware tracking_duty),
+            # so commands kept from a refused exchange would be applied twice (the plant
+            # advanced two periods on one set). The tracking block is restored.
+            saved = self.track_checkpoint()
+            reply = self._track_reply(req)
+            if reply.status != pb.OK:
+                self.track_restore(saved)
             return reply
         if req.op == pb.OP_FIFO_READ:
             if req.addr == pb.FIFO_QRNG:
@@ -456,6 +463,30 @@ class OpticalHead:
             self.back[req.offset : req.offset + len(req.data)] = req.data
             return pb.Reply(req.op, req.tag, pb.OK)
         return pb.Reply(req.op, req.tag, pb.E_UNKNOWN_OP)
+
+    def _track_reply(self, req: pb.Request) -> pb.Reply:
+        """READ_WRITE of the tracking blocks in TRACK's fixed layout: the commands (when
+        the request carries them), then the sensors. A sensor value outside its field (a
+        quadrant above the 16-bit ADC's range, CAM_NEW above a byte) is a fault of the
+        device behind the block: refused, never truncated."""
+        status = self._write_status(req, req.write_addr)
+        if status != pb.OK:
+            return pb.Reply(req.op, req.tag, status)
+        reply = self._read_reply(req)
+        words = reply.words
+        if reply.status == pb.OK and (max(words[:4]) > 0xFFFF or words[4] > 0xFF):
+            return pb.Reply(req.op, req.tag, pb.E_REFUSED)
+        return reply
+
+    def track_checkpoint(self):
+        """The tracking block's state before a TRACK, for `track_restore` if it fails."""
+        device = self.devices.get(pb.REG_TRACKING_BASE)
+        return None if device is None else device.checkpoint()
+
+    def track_restore(self, saved) -> None:
+        device = self.devices.get(pb.REG_TRACKING_BASE)
+        if device is not None:
+            device.restore(saved)
 
     def _lockstep(self, addrs: range) -> None:
         # The controller polls because it is waiting on the head: let the clock run to

@@ -488,6 +488,31 @@ class OpticalPlant:
             self.coarse_rate[axis] = new
         self.k += 1
 
+    # ------------------------------------------------------------------ undo
+    _LOGS = ("err_x", "err_y", "downlink_x", "downlink_y", "states", "fsm_cmd_log")
+
+    def checkpoint(self) -> tuple:
+        """What a period's apply() and the next measure() change: the dynamic state and
+        the log rows at k and k + 1, for restore() (a refused TRACK has no effect)."""
+        rows = slice(self.k, self.k + 2)
+        coarse_pipeline = getattr(self, "_coarse_pipeline", None)
+        return (
+            self.k, self.coarse.copy(), self.coarse_rate.copy(), self.fsm.copy(),
+            list(self.fsm_pipeline), None if coarse_pipeline is None else list(coarse_pipeline),
+            self.cam, {name: getattr(self, name)[rows].copy() for name in self._LOGS},
+        )  # fmt: skip
+
+    def restore(self, saved: tuple) -> None:
+        k, coarse, coarse_rate, fsm, fsm_pipeline, coarse_pipeline, cam, logs = saved
+        self.k, self.coarse, self.coarse_rate, self.fsm = k, coarse, coarse_rate, fsm
+        self.fsm_pipeline, self.cam = fsm_pipeline, cam
+        if coarse_pipeline is None:
+            self.__dict__.pop("_coarse_pipeline", None)
+        else:
+            self._coarse_pipeline = coarse_pipeline
+        for name, rows in logs.items():
+            getattr(self, name)[k : k + len(rows)] = rows
+
     # ------------------------------------------------------------------ lockstep link
     def on_bus_body(self, body: bytes) -> bytes:
         """Payload-bus handler: a command body in, the next measurement body out."""

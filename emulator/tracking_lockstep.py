@@ -160,6 +160,13 @@ class TrackingHead(OpticalHead):
         self._sample: tuple | None = None
         self._commands = [0] * COMMAND_WORDS
 
+    def track_checkpoint(self):
+        return self._sample, list(self._commands), self.plant.checkpoint()
+
+    def track_restore(self, saved) -> None:
+        self._sample, self._commands, plant_state = saved
+        self.plant.restore(plant_state)
+
     def read_reg(self, addr: int) -> int:
         if REG_TRK_SENSORS <= addr < REG_TRK_SENSORS + SENSOR_WORDS:
             if self.plant.k >= self.plant.steps:
@@ -222,14 +229,16 @@ def run_over_bus(
     config: dict | None = None,
     start_at_s: float = 0.0,
     icount_shift: int | None = None,
+    head: TrackingHead | None = None,
 ) -> LockstepResult:
     """Run the scenario through the payload bus: the firmware's bus client and scheduler
-    drive the tracking duty; the plant sits behind the optical head's register block."""
+    drive the tracking duty; the plant sits behind the optical head's register block
+    (`head`, a TrackingHead not yet attached, when a test needs its own: a faulty one)."""
     config = dict(config or {})
     config.setdefault("loop_rate_hz", params.loop_rate_hz)
     plant = OpticalPlant(params, duration_s)
     rows = prediction_table(params, duration_s)
-    head = TrackingHead(seed=params.seed)
+    head = head if head is not None else TrackingHead(seed=params.seed)
     head.attach(plant)
     start_at = int(round(start_at_s * params.loop_rate_hz))
     program = bus_program(config, rows, plant.steps, start_at)

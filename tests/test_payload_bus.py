@@ -204,6 +204,70 @@ def test_track_refuses_a_sensor_value_its_field_cannot_hold():
     assert reply.status == pb.E_BAD_ADDRESS
 
 
+def test_a_refused_track_leaves_a_function_block_as_it_was(head_client):
+    """The same for any block attached at 0x0500: a TRACK refused for its sensor value
+    leaves the commands it wrote unlatched (the block's state as before the exchange)."""
+    from emulator.optical_head import RegisterDevice
+
+    class Latching(RegisterDevice):
+        def __init__(self):
+            self.commands, self.latched = [0] * 7, []
+
+        def read_reg(self, offset):
+            if offset >= pb.TRACK_SENSOR_WORDS:
+                raise KeyError(offset)
+            return 70_000 if offset == 0 and len(self.latched) == 2 else 1
+
+        def write_reg(self, offset, value):
+            self.commands[offset - 0x10] = value
+            if offset == 0x16:
+                self.latched.append(tuple(self.commands))
+            return pb.OK
+
+    head, client = head_client
+    block = Latching()
+    head.attach(pb.REG_TRACKING_BASE, block)
+    assert client.call(pb.track(1, (1,) * 7)).status == pb.OK
+    assert client.call(pb.track(2, (2,) * 7)).status == pb.E_REFUSED  # QA of 70,000
+    assert block.latched == [(1,) * 7] and block.commands == [1] * 7
+
+
+def test_a_refused_track_leaves_the_head_as_it_was_and_the_loop_resends_once():
+    """The firmware's tracking duty on unix against the emulated head, whose ADC glitches
+    once at two periods (a quadrant of 70,000 counts, refused). The duty counts each
+    refusal and sends the same commands with its next period, so the refused exchange
+    must not have latched them: the plant sees every command set once, as in a run
+    without the glitch (before: it advanced a period on the refused set, then again on
+    the resent one, and its trajectory parted from the clean run's)."""
+    from emulator.optical_plant import PlantParams
+    from emulator.tracking_lockstep import REG_TRK_SENSORS, TrackingHead, run_over_bus
+
+    class GlitchingAdc(TrackingHead):
+        def __init__(self, glitch_steps):
+            super().__init__(seed=5)
+            self.glitch_steps = set(glitch_steps)
+
+        def read_reg(self, addr):
+            value = super().read_reg(addr)
+            if addr == REG_TRK_SENSORS + 2 and self.plant.k in self.glitch_steps:
+                self.glitch_steps.discard(self.plant.k)  # once: the resent period reads
+                return 70_000
+            return value
+
+    params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))  # acquires quickly
+    clean = run_over_bus(params, duration_s=0.15)
+    glitching = run_over_bus(params, duration_s=0.15, head=GlitchingAdc((70, 120)))
+    assert clean.extra["bus_errors"] == 0 and glitching.extra["bus_errors"] == 2
+    assert glitching.extra["head"].glitch_steps == set()
+    # 300 periods: the clean run's 300 command sets (the first period sends none, the
+    # stop's flush the last), the glitching run's 298 kernel steps' sets, each once
+    assert (clean.plant.k, glitching.plant.k) == (300, 298)
+    n = glitching.plant.k
+    for log in ("fsm_cmd_log", "states", "err_x", "err_y", "downlink_x", "downlink_y"):
+        assert np.array_equal(getattr(glitching.plant, log)[:n], getattr(clean.plant, log)[:n])
+    assert glitching.transitions == clean.transitions
+
+
 def test_laser_emits_the_committed_bank_and_blank_frames_when_late(head_client):
     head, client = head_client
     client.call(pb.write(1, pb.REG_FRAME_SLOTS, 8))
