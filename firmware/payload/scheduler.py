@@ -59,9 +59,10 @@ def _pace(step, ticks, ticks_arg, state: ptr32) -> int:
     instructions, where the same in native code goes through the runtime (~100 each)."""
     due = state[_DUE]
     now = int(ticks(ticks_arg))
-    # idle is -1, which a 64-bit build's ptr32 load zero-extends: tested by bit 30, never
-    # set in a due time (wrapped at 2^30)
-    if not (due & 0x40000000):
+    # idle is -1, which a 64-bit build's ptr32 load zero-extends: a due time (wrapped at
+    # 2^30) has no bit from 30 up, -1 has them on 32 and 64 bits (a literal 2^30 is not a
+    # small int on a 32-bit port: viper refuses it there)
+    if (due >> 30) == 0:
         late = (now - due) & 0x3FFFFFFF
         while late >= 0x20000000:  # early (less than half the wrap before due): wait
             now = int(ticks(ticks_arg))
