@@ -1049,6 +1049,7 @@ class AuthChannel:
         self.peer_verified = False
         self.forgery_bound = 0.0  # sum over messages of (L + 1) / 2^64, L = max blocks
         self.closed = False
+        self.tag_region_messages = None  # each way, when bounded: limit_tag_region()
 
     @property
     def hash_key(self) -> int:
@@ -1056,7 +1057,21 @@ class AuthChannel:
             self._hash_key = int.from_bytes(self.pool.take(0, 8), "little")
         return self._hash_key
 
+    def limit_tag_region(self, messages_each_way: int) -> None:
+        """Keep the tags inside a region of the session's key that holds the hash key and
+        the pads of this many messages each way, the last kept for an abort: a protocol
+        that lays other pads after it (the time transfer's sealing) must never see one
+        taken twice. A message past the region is refused before its pad is taken."""
+        self.tag_region_messages = messages_each_way
+
     def _pad(self, direction: int, seq: int) -> int:
+        region = self.tag_region_messages
+        if region is not None and seq >= region:
+            raise ProtocolAborted(
+                f"message {seq} {'from bob' if direction else 'from alice'} is past the "
+                f"session's tag region ({region} messages each way): its pad would be "
+                "another region's"
+            )
         return int.from_bytes(self.pool.take(8 + 8 * (2 * seq + direction), 8), "little")
 
     def _tag(self, direction: int, seq: int, body: bytes) -> bytes:
@@ -1079,6 +1094,12 @@ class AuthChannel:
             raise RuntimeError(
                 f"message {kind!r}: {self.unanswered} messages not yet acknowledged by the "
                 f"peer, the most its pool reserve covers is {MAX_UNANSWERED}"
+            )
+        region = self.tag_region_messages
+        if region is not None and kind != "abort" and self.sent >= region - 1:
+            raise ProtocolAborted(
+                f"message {kind!r}: the session's tag region holds {region - 1} messages "
+                "each way and an abort, and this side has sent them"
             )
         direction = _DIRECTION[self.role]
         tag = self._tag(direction, self.sent, body)
@@ -1116,6 +1137,12 @@ class AuthChannel:
         if not isinstance(acknowledged, int) or not 0 <= acknowledged <= self.sent:
             raise ProtocolAborted(f"message {seq}: acknowledges {acknowledged!r} of {self.sent}")
         self.peer_acknowledged = max(self.peer_acknowledged, acknowledged)
+        region = self.tag_region_messages
+        if region is not None and kind != "abort" and seq >= region - 1:
+            raise ProtocolAborted(
+                f"message {seq} ({kind!r}): the peer sent more than the {region - 1} "
+                "messages each way the session's tag region holds"
+            )
         if kind == "abort":
             raise PeerAborted(f"{fields.get('reason', 'peer aborted')}")
         if kind != expected_kind:

@@ -128,6 +128,9 @@ class SealedChannel:
         self.key_info = key_info
         self.auth_region_bytes = auth_region_bytes
         self.pad_bytes = 0
+        # the tags' pads stay in the region: a message past it is refused, never tagged
+        # with a sealing pad
+        chan.limit_tag_region((auth_region_bytes - 8) // 16)
 
     def require(self, count: int) -> None:
         """Refuse, before anything secret is sent, a key too short for `count` more pad
