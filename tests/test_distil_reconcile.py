@@ -1,6 +1,9 @@
 """LDPC construction and decoding, rate adaptation, leak accounting, and Cascade."""
 
 import math
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -94,6 +97,54 @@ def test_table_decoder_decodes_what_the_tanh_reference_decodes_and_resumes(code)
     resumed = ldpc.decode_phi(llr[failed], syndromes[failed], code.check_ptr, code.check_var,
                               60, messages[failed], out[failed], iters[failed], 16)  # fmt: skip
     assert resumed.all()
+
+
+# Decodes the same frames at rates whose checks take the decoder's separate-gather path
+# (degree >= SEPARATE_GATHER_DEGREE), prints a digest of the messages left.
+_MESSAGES_DIGEST = """
+import hashlib
+import numpy as np
+from host.distil import ldpc
+digests = []
+for rate, q in ((0.7625, 0.03), (0.825, 0.02)):
+    code = ldpc.construct(8192, rate)
+    assert np.diff(code.check_ptr).max() >= ldpc.SEPARATE_GATHER_DEGREE
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 2, (4, code.n), dtype=np.uint8)
+    y = x ^ (rng.random(x.shape) < q).astype(np.uint8)
+    llr = np.stack([ldpc.channel_llr(row, q) for row in y]).astype(np.float32)
+    messages = np.zeros((4, code.edges), np.float32)
+    ldpc.decode_phi(llr, code.syndrome(x), code.check_ptr, code.narrow_check_var(), 30,
+                    messages, np.zeros_like(x), np.zeros(4, np.int64), ldpc.STALL_ITERATIONS)
+    digests.append(hashlib.sha256(messages.tobytes()).hexdigest())
+print(" ".join(digests))
+"""
+
+
+@pytest.mark.slow
+def test_the_decoder_leaves_the_same_messages_freshly_compiled_and_loaded_from_numbas_cache(
+    tmp_path,
+):
+    """Keys depend on the process (docs/distillation.md): with the check's sum of phi in
+    float32 under fastmath, decode_phi_rows compiled in the process and the same code
+    loaded from numba's cache left bitwise different messages, so a fresh clone's first
+    process and its later ones distilled keys 49-89 bits apart. The first process here
+    compiles into an empty cache, the second loads it (its index file is checked)."""
+    cache = tmp_path / "numba"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    runs = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", _MESSAGES_DIGEST],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        runs.append(done.stdout.split())
+        assert any("decode_phi_rows" in path.name for path in cache.rglob("*.nbi"))
+    assert len(runs[0]) == 2 and runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("rate", [0.5, 0.9])

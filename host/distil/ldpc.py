@@ -511,6 +511,24 @@ PHI_TABLE = _phi_table()
 PHI_SCALE = np.float32(PHI_STEPS_PER_UNIT)
 PHI_MAX = np.float32(PHI_MAX_LLR)
 
+# A check's sum of phi(|q|) is kept in integers (PHI_FIXED_BITS fractional bits of an LLR),
+# not in float32: integer addition gives the same sum in any order, so the decoder's output
+# no longer depends on how LLVM vectorises the reduction. With float sums under fastmath
+# (reassociation allowed) the same source freshly compiled and loaded from numba's cache
+# left bitwise different messages at check degrees >= SEPARATE_GATHER_DEGREE, and the same
+# pass distilled in a fresh clone's first process and in later ones gave keys 49-89 bits
+# apart (docs/distillation.md, "Keys depend on the process"). 2^-20 of an LLR is finer
+# than float32's rounding at phi ~1 and 1000x finer than the table's step; the sum of a
+# check of PHI_FIXED_MAX_DEGREE entries of the largest phi (8.32) still fits an int32.
+PHI_FIXED_BITS = 20
+PHI_TABLE_FIXED = np.round(PHI_TABLE.astype(np.float64) * (1 << PHI_FIXED_BITS)).astype(np.int32)
+PHI_FIXED_MAX_DEGREE = int((2**31 - 1) // int(PHI_TABLE_FIXED.max()))
+# fixed sum -> table index: round(x * PHI_STEPS_PER_UNIT), PHI_STEPS_PER_UNIT = 2^10
+PHI_FIXED_SHIFT = np.int32(PHI_FIXED_BITS - 10)
+PHI_FIXED_HALF = np.int32(1 << (PHI_FIXED_SHIFT - 1))
+PHI_LAST = np.int32(PHI_TABLE.size - 1)
+assert 1 << (PHI_FIXED_BITS - PHI_FIXED_SHIFT) == PHI_STEPS_PER_UNIT
+
 
 @numba.njit(cache=True, inline="always")
 def _phi(table, x):
@@ -559,15 +577,20 @@ def decode_phi_rows(
     Each check's update is written as loops over its edges that LLVM vectorises (gathers
     of the posteriors and of the table, the sum and the sign count as reductions, the
     sign as a select, no branch on data); only the scatter of the new posteriors is
-    scalar. Signs are counted, not branched on: a message's sign is a coin flip to the
-    branch predictor (the branchy form ran 2.5x slower)."""
+    scalar. The sum is in integers (PHI_TABLE_FIXED), so that every order of it, however
+    LLVM vectorises it, gives the same messages. Signs are counted, not branched on: a
+    message's sign is a coin flip to the branch predictor (the branchy form ran 2.5x
+    slower)."""
     table = PHI_TABLE
+    fixed = PHI_TABLE_FIXED
     n = llr.shape[1]
     m = check_ptr.size - 1
     ok = np.zeros(rows.size, dtype=np.bool_)
     maxdeg = 0
     for j in range(m):
         maxdeg = max(maxdeg, check_ptr[j + 1] - check_ptr[j])
+    if maxdeg > PHI_FIXED_MAX_DEGREE:
+        raise ValueError("check degree beyond PHI_FIXED_MAX_DEGREE: the phi sum overflows")
     for row in numba.prange(rows.size):
         f = rows[row]
         r = messages[f]
@@ -577,7 +600,7 @@ def decode_phi_rows(
         for e in range(check_var.size):
             post[check_var[e]] += r[e]
         q = np.empty(maxdeg, dtype=np.float32)
-        p = np.empty(maxdeg, dtype=np.float32)
+        p = np.empty(maxdeg, dtype=np.int32)
         g = np.empty(maxdeg, dtype=np.float32)
         it = 0
         done = False
@@ -591,7 +614,7 @@ def decode_phi_rows(
                 deg = check_ptr[j + 1] - start
                 cv = check_var[start : start + deg]
                 rj = r[start : start + deg]
-                total = np.float32(0.0)
+                total = np.int32(0)
                 negative = np.int32(syndromes[f, j])
                 if deg >= SEPARATE_GATHER_DEGREE:
                     for i in range(deg):
@@ -600,7 +623,7 @@ def decode_phi_rows(
                         qi = g[i] - rj[i]
                         q[i] = qi
                         negative += np.int32(qi < 0)
-                        pi = _phi(table, abs(qi))
+                        pi = _phi(fixed, abs(qi))
                         p[i] = pi
                         total += pi
                 else:
@@ -608,7 +631,7 @@ def decode_phi_rows(
                         qi = post[cv[i]] - rj[i]
                         q[i] = qi
                         negative += np.int32(qi < 0)
-                        pi = _phi(table, abs(qi))
+                        pi = _phi(fixed, abs(qi))
                         p[i] = pi
                         total += pi
                 # the sign of the product of the others and the syndrome bit, times the
@@ -617,7 +640,9 @@ def decode_phi_rows(
                 hard = np.int32(syndromes[f, j])
                 for i in range(deg):
                     qi = q[i]
-                    mag = _phi(table, max(total - p[i], np.float32(0.0)))
+                    # the others' sum, exact (total >= p[i]); its table index rounded
+                    index = min((total - p[i] + PHI_FIXED_HALF) >> PHI_FIXED_SHIFT, PHI_LAST)
+                    mag = table[index]
                     ri = (sign if qi >= 0 else -sign) * mag
                     rj[i] = ri
                     pv = qi + ri
