@@ -2,6 +2,10 @@
 against randextract, against each other and against main's keys (golden digests)."""
 
 import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +104,43 @@ def test_carryless_equals_fft_across_chunk_and_word_boundaries():
         x = rng.integers(0, 2, n, dtype=np.uint8)
         seed = rng.integers(0, 2, n + l - 1, dtype=np.uint8)
         assert np.array_equal(_carryless(x, seed, l), _fft(x, seed, l)), (n, l)
+
+
+# One golden case hashed in a process of its own (run by the test below).
+_HASH_IN_A_FRESH_PROCESS = """
+import hashlib, numpy as np
+from host.distil import pa
+rng = np.random.default_rng(12)
+x = rng.integers(0, 2, 1000, dtype=np.uint8)
+seed = rng.integers(0, 2, 1000 + 333 - 1, dtype=np.uint8)
+hashed = pa.toeplitz_hash(x, seed, 333)
+print(hashed.method, hashlib.sha256(np.packbits(hashed.bits).tobytes()).hexdigest())
+"""
+
+
+def test_a_numba_target_without_pclmul_hashes_by_the_fft_and_does_not_abort(tmp_path):
+    """NUMBA_CPU_NAME=generic (numba's recipe for a cache portable between machines)
+    makes numba compile for a CPU without PCLMULQDQ, whatever the host has: the
+    carry-less product must not be compiled then (LLVM aborted the whole process,
+    'Cannot select: intrinsic llvm.x86.pclmulqdq', exit -6, before any key), and the
+    keys are main's all the same. A fresh numba cache: no code compiled for the host."""
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_CPU_FEATURES", None)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1])]
+        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _HASH_IN_A_FRESH_PROCESS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    method, digest = done.stdout.split()
+    assert method == "fft"
+    assert digest == GOLDEN[1][3]
 
 
 def test_the_check_polynomial_is_irreducible():

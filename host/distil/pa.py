@@ -47,7 +47,27 @@ BASE_WORDS = 32
 # t^64 + t^4 + t^3 + t + 1 (irreducible over GF(2)): its low part, t^64 = this mod g.
 CHECK_POLY_LOW = np.uint64(0x1B)
 
-CARRYLESS_AVAILABLE = bool(llvmlite.binding.get_host_cpu_features().get("pclmul", False))
+
+def _numba_compiles_pclmul() -> bool:
+    """Whether the CPU runs PCLMULQDQ and numba's code generator is allowed to emit it.
+    numba compiles for NUMBA_CPU_NAME / NUMBA_CPU_FEATURES when they are set (its recipe
+    for a cache portable between machines is NUMBA_CPU_NAME=generic): then the target has
+    no pclmul feature and LLVM aborts the whole process ("Cannot select: intrinsic
+    llvm.x86.pclmulqdq") when _clmul64 compiles. The target's features are read from
+    numba's own code generator, so whatever numba decides, this agrees with it."""
+    try:
+        host = llvmlite.binding.get_host_cpu_features()
+    except RuntimeError:  # LLVM cannot read this CPU's features: assume none
+        return False
+    if not host.get("pclmul", False):
+        return False
+    from numba.core.registry import cpu_target
+
+    features = cpu_target.target_context.codegen()._tm_features
+    return "+pclmul" in features.split(",")
+
+
+CARRYLESS_AVAILABLE = _numba_compiles_pclmul()
 
 
 class PrivacyAmplificationError(RuntimeError):
