@@ -118,13 +118,17 @@ print(hashed.method, hashlib.sha256(np.packbits(hashed.bits).tobytes()).hexdiges
 """
 
 
-def test_a_numba_target_without_pclmul_hashes_by_the_fft_and_does_not_abort(tmp_path):
+@pytest.mark.parametrize(
+    "setting", [{"NUMBA_CPU_NAME": "generic"}, {"NUMBA_DISABLE_JIT": "1"}], ids=str
+)
+def test_a_numba_target_without_pclmul_hashes_by_the_fft_and_does_not_abort(tmp_path, setting):
     """NUMBA_CPU_NAME=generic (numba's recipe for a cache portable between machines)
     makes numba compile for a CPU without PCLMULQDQ, whatever the host has: the
     carry-less product must not be compiled then (LLVM aborted the whole process,
     'Cannot select: intrinsic llvm.x86.pclmulqdq', exit -6, before any key), and the
-    keys are main's all the same. A fresh numba cache: no code compiled for the host."""
-    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    keys are main's all the same. A fresh numba cache: no code compiled for the host.
+    Under NUMBA_DISABLE_JIT the intrinsic cannot run (NotImplementedError before)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), **setting)
     env.pop("NUMBA_CPU_FEATURES", None)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[1])]

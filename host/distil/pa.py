@@ -54,7 +54,10 @@ def _numba_compiles_pclmul() -> bool:
     for a cache portable between machines is NUMBA_CPU_NAME=generic): then the target has
     no pclmul feature and LLVM aborts the whole process ("Cannot select: intrinsic
     llvm.x86.pclmulqdq") when _clmul64 compiles. The target's features are read from
-    numba's own code generator, so whatever numba decides, this agrees with it."""
+    numba's own code generator, so whatever numba decides, this agrees with it. Under
+    NUMBA_DISABLE_JIT (numba's debugging switch) the intrinsic cannot run at all."""
+    if numba.config.DISABLE_JIT:
+        return False
     try:
         host = llvmlite.binding.get_host_cpu_features()
     except RuntimeError:  # LLVM cannot read this CPU's features: assume none
