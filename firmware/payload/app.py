@@ -249,9 +249,8 @@ def run(board):
     # first: each phase's long-lived buffers then fill the holes the last one's garbage
     # (file reads, littlefs mounts, recovery scans) left low in the heap, instead of
     # landing above garbage that dies later. MicroPython's heap does not compact; on the
-    # STM32 board at 85 % of its heap the largest free block after boot was 1.6 KB of
-    # 14.9 KB free without the collections and 4.7 KB with them (docs/targets.md
-    # "Margins"), and housekeeping during a pass failed for want of a 1 KB block.
+    # STM32 board at 85 % of its heap the largest free block after boot is about half as
+    # large again with the collections as without (docs/targets.md "Margins").
     _import_mission()
     gc.collect()
     storage_root = board.mount_storage()
