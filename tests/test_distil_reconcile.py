@@ -748,3 +748,15 @@ def test_a_block_whose_every_frame_failed_climbs_in_doubled_steps_on_the_public_
     corrected, kept, fine, _, _, _ = _recorded_both_ways(x, y, q, 0)
     assert np.array_equal(corrected, x) and kept.all()
     assert stats["retry_rounds"] < fine["retry_rounds"], (stats, fine)
+
+
+@pytest.mark.slow
+def test_density_evolution_finds_the_known_threshold_of_the_regular_3_6_code():
+    """ldpc_design's population-dynamics density evolution (no Gaussian assumption) is
+    what docs/distillation.md judges the codes' asymptotic thresholds by: on the regular
+    (3, 6) code it converges at BSC 0.080 and not at 0.088, around the known BP threshold
+    0.0840 (Richardson and Urbanke, Modern Coding Theory). Deterministic (seeded)."""
+    from host.distil import ldpc_design
+
+    assert ldpc_design.converges({3: 1.0}, 0.5, 0.080)
+    assert not ldpc_design.converges({3: 1.0}, 0.5, 0.088)
