@@ -13,7 +13,6 @@
 import array
 
 import micropython
-import uctypes
 from micropython import const
 
 from payload import _aes_tables
@@ -53,12 +52,13 @@ def _expand_key(key):
     return words
 
 
-# Te0..Te3 as 1024 32-bit words for ptr32. A frozen bytes constant's data need not be
-# word-aligned: the Cortex-M3/M4/M7 load words from any address, a core that does not
-# would fault, so an unaligned table is copied to the heap (aligned there).
+# Te0..Te3 as 1024 32-bit words for ptr32, read in place. A frozen bytes constant's data
+# need not be word-aligned (where the build puts it changes with the image); the boards'
+# cores (ARMv7-M: Cortex-M3/M4/M7, unaligned LDR not trapped, the reset state) and the
+# unix port's hosts load words from any address (mptest_aesgcm runs the cipher on a
+# table one byte off alignment). A core that traps unaligned loads (ARMv6-M) would need
+# the table copied to the heap.
 _TE = _aes_tables.TE
-if uctypes.addressof(_TE) & 3:
-    _TE = bytearray(_TE)
 
 
 @micropython.viper

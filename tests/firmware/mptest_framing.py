@@ -1,10 +1,58 @@
 # Firmware framing (COBS + CRC-16) against the golden vectors the host's twin also passes.
+import array
+
 import micropython
 from payload import framing
 
 
 def _hex(data):
     return "".join("%02x" % b for b in data)
+
+
+def test_the_frozen_crc_tables_are_the_polynomials():
+    # payload/_crc_tables.py is generated on the host (tools/gen_crc_tables.py); here
+    # each entry is recomputed bit by bit on the target and read as the kernels read it
+    # (ptr16 / ptr32 / LDRH / LDR: native byte order)
+    import sys
+
+    from payload import _crc_tables
+
+    for n in range(256):
+        crc = n << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
+        got = int.from_bytes(_crc_tables.CRC16[2 * n : 2 * n + 2], sys.byteorder)
+        assert got == crc & 0xFFFF, (n, got)
+        crc = n
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x3B6E20C8 << 2) if crc & 1 else crc >> 1
+        got = int.from_bytes(_crc_tables.CRC32[4 * n : 4 * n + 4], sys.byteorder)
+        assert got == crc, (n, got)
+    # The kernels read the constants in place (in flash on the boards), wherever the build
+    # put them: from tables one byte off alignment they give the check values.
+    import uctypes
+
+    assert framing._CRC16_TABLE is _crc_tables.CRC16
+    assert framing._CRC32_TABLE is _crc_tables.CRC32
+    check = b"123456789"
+    tables = {}
+    for name in ("CRC16", "CRC32"):
+        shifted = bytearray(len(getattr(_crc_tables, name)) + 1)
+        shifted[1:] = getattr(_crc_tables, name)
+        tables[name] = memoryview(shifted)[1:]
+        assert uctypes.addressof(tables[name]) & 1
+    framing._CRC16_TABLE, framing._CRC32_TABLE = tables["CRC16"], tables["CRC32"]
+    try:
+        crc16 = framing.crc16_viper(check, len(check))
+        thumb = None
+        if framing.crc16_thumb is not None:
+            thumb = framing.crc16_thumb(check, len(check), tables["CRC16"])
+        state = array.array("I", (0xFFFFFFFF,))
+        framing._crc32_update(state, check, len(check))
+    finally:
+        framing._CRC16_TABLE, framing._CRC32_TABLE = _crc_tables.CRC16, _crc_tables.CRC32
+    assert crc16 == 0x29B1 and thumb in (None, 0x29B1), (crc16, thumb)
+    assert state[0] ^ 0xFFFFFFFF == 0xCBF43926, state[0]
 
 
 def test_crc16_check_values():
