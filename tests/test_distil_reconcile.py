@@ -192,6 +192,29 @@ def test_a_retry_round_decodes_its_rows_in_place_and_leaves_the_others(rate):
     assert np.array_equal(results[0][1], results[1][1])
 
 
+def test_the_decoder_refuses_a_check_too_heavy_for_its_fixed_point_sum():
+    """A check's sum of phi(|q|) is kept in integers (ldpc.PHI_TABLE_FIXED). At
+    PHI_FIXED_MAX_DEGREE edges of LLR 0 (each term the table's largest) the sum still fits:
+    every message is the table's last entry, positive, and the frame decodes to zeros in
+    one iteration; a check of one edge more could overflow an int32, so its code is
+    refused, not decoded wrongly."""
+
+    def decode(degree):
+        messages = np.zeros((1, degree), np.float32)
+        bits = np.ones((1, degree), np.uint8)
+        ok = ldpc.decode_phi(
+            np.zeros((1, degree), np.float32), np.zeros((1, 1), np.uint8),
+            np.array([0, degree], np.int32), np.arange(degree, dtype=np.int32), 5, messages,
+            bits, np.zeros(1, np.int64), ldpc.STALL_ITERATIONS,
+        )  # fmt: skip
+        return ok, messages, bits
+
+    ok, messages, bits = decode(ldpc.PHI_FIXED_MAX_DEGREE)
+    assert ok.all() and (messages == ldpc.PHI_TABLE[-1]).all() and not bits.any()
+    with pytest.raises(ValueError, match="PHI_FIXED_MAX_DEGREE"):
+        decode(ldpc.PHI_FIXED_MAX_DEGREE + 1)
+
+
 def test_punctured_leak_counts_the_rank_of_the_punctured_columns(code):
     plan = ldpc.FramePlan(code, punctured=200, shortened=100)
     assert plan.leak_bits() == code.m - 200  # low-weight random columns: full rank

@@ -565,7 +565,19 @@ def decode_phi(
     )  # fmt: skip
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+# fastmath without 'reassoc': no float operation of the update can be reordered by LLVM,
+# so the result is the source's however numba compiled the kernel (in the process or
+# loaded from its cache: docs/distillation.md "Keys depend on the process"); with integer
+# sums (PHI_TABLE_FIXED) nothing is left that reassociation would speed up. 'contract' is
+# kept: the only products are by a power of two (_phi's index) and by +-1 (the sign), both
+# exact, so a fused multiply-add rounds as the separate operations do (without it the
+# lighter checks' loop ran ~3 % slower). The others only assume finite values (LLRs are:
+# LLR_KNOWN at most) and that the sign of a zero does not matter (every test of a value is
+# < 0 or >= 0).
+DECODER_FASTMATH = {"nnan", "ninf", "nsz", "contract", "arcp", "afn"}
+
+
+@numba.njit(cache=True, parallel=True, fastmath=DECODER_FASTMATH)
 def decode_phi_rows(
     rows, llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters,
     stall,
