@@ -68,6 +68,8 @@ class MicroPythonItem(pytest.Item):
         status, text = outcome
         if status != "pass":
             raise MicroPythonFailure(text)
+        if text:  # what a passing test printed (measured figures): shown with -s
+            print(f"\n{self.name}: {text}")
 
     def repr_failure(self, excinfo):
         if isinstance(excinfo.value, MicroPythonFailure):

@@ -49,6 +49,16 @@ _E_NOT_MINE = const(-3)  # track()'s fast path: a frame that is not its reply
 # 2^30 periods, 6 days of tracking at 2 kHz), and the fast path allocates nothing.
 COUNTER_WRAP = const(0x3FFFFFFF)
 
+# Bus.state: the words the tracking loop's period reads and writes (an array("i"), so a
+# viper period reaches them without an attribute lookup: tracking_duty._paced_period)
+B_TAG = const(0)  # the last request's tag
+B_CHUNK_FILL = const(1)  # bytes in the link's chunk
+B_CHUNK_POS = const(2)  # bytes of it consumed (< fill: the next frame starts there)
+B_TRANSACTIONS = const(3)  # (wrap at 2^30 - 1, as every counter here)
+B_ERROR_STATUS = const(4)  # replies with a status other than OK
+B_TRACK_REPLIES = const(5)  # TRACK replies the paced period took (not in rx.frames_ok)
+_B_WORDS = const(6)
+
 # TRACK's fixed layout (docs/payload-bus.md "TRACK"): every field little-endian.
 TRACK_FLAG_COMMANDS = const(0x01)
 TRACK_REQUEST_BYTES = const(28)  # op, tag, flags, FSM_X..PA_Y u32 * 6, STATE u8
@@ -214,8 +224,7 @@ class Bus:
         self.req = self.tx.body_buffer
         self._chunk = bytearray(512)
         self._chunk_view = memoryview(self._chunk)
-        self._chunk_fill = 0
-        self._chunk_pos = 0
+        self.state = array.array("i", bytes(4 * _B_WORDS))
         # track()'s fast path: the request frame's fixed view (encoding it in Thumb writes
         # the writer's own buffer), the reader's decode buffer and its capacity argument
         self._track_frame = memoryview(self.tx._out)[:TRACK_REQUEST_FRAME_BYTES]
@@ -228,16 +237,54 @@ class Bus:
                 self._track_ctx[i] = len(self.rx._decoded) if buf is None else _address(buf)
         self.words = array.array("I", bytes(4 * MAX_REGS))  # values of the last READ
         self._one = array.array("I", (0,))
-        self._tag = 0
         self.reply = None  # memoryview of the last good reply body
         # error counters (telemetry): bad replies, timeouts, head-reported errors
-        self.transactions = 0
         self.timeouts = 0
         self.retransmissions = 0
         self.bad_replies = 0
-        self.error_status = 0
         self.unsolicited = 0
         self.on_unsolicited = None
+
+    # the state words by name (not on the period's fast path)
+    @property
+    def _tag(self):
+        return self.state[B_TAG]
+
+    @_tag.setter
+    def _tag(self, value):
+        self.state[B_TAG] = value
+
+    @property
+    def _chunk_fill(self):
+        return self.state[B_CHUNK_FILL]
+
+    @_chunk_fill.setter
+    def _chunk_fill(self, value):
+        self.state[B_CHUNK_FILL] = value
+
+    @property
+    def _chunk_pos(self):
+        return self.state[B_CHUNK_POS]
+
+    @_chunk_pos.setter
+    def _chunk_pos(self, value):
+        self.state[B_CHUNK_POS] = value
+
+    @property
+    def transactions(self):
+        return self.state[B_TRANSACTIONS]
+
+    @transactions.setter
+    def transactions(self, value):
+        self.state[B_TRANSACTIONS] = value & COUNTER_WRAP
+
+    @property
+    def error_status(self):
+        return self.state[B_ERROR_STATUS]
+
+    @error_status.setter
+    def error_status(self, value):
+        self.state[B_ERROR_STATUS] = value & COUNTER_WRAP
 
     # ---------------------------------------------------------------- request builders
     # Each fills self.req and returns the body length; tested against golden vectors.

@@ -191,8 +191,9 @@ class Mission:
                 # short names: the status travels in one housekeeping packet. The loop is
                 # the scheduler's paced duty: one period every loop period, before any
                 # other duty once due (docs/scheduling.md "The paced loop")
+                period, period_arg = self.tracking.paced_step()
                 self.tracking.pacer = self.scheduler.set_loop(
-                    "trk", self.tracking.period, tracker.cfg[0]
+                    "trk", period, tracker.cfg[0], period_arg
                 )
                 self.scheduler.add("trk-tm", self.tracking_product.step)
         else:  # a new pass configuration: same duties, new loop

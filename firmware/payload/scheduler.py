@@ -50,14 +50,36 @@ _PERIOD = const(1)  # us
 _OVERRUNS = const(2)  # periods that started a whole period or more late (wrap at 2^30 - 1)
 _PERIODS = const(3)  # periods run (wrap at 2^30 - 1)
 _WORST_LATE = const(4)  # the latest a period started after its due time (us): the jitter
+_PASSES = const(5)  # the scheduler's passes while it has a loop (wrap at 2^30 - 1)
+
+
+# Scheduler._run, the paced loop's call in one list (set_loop): indexing it in viper costs
+# a few instructions, an attribute lookup in native code ~100-200
+_R_STEP = const(0)
+_R_STEP_ARG = const(1)
+_R_TICKS = const(2)
+_R_TICKS_ARG = const(3)
+_R_STATE = const(4)  # Loop.state
+_W_PASSES = const(0)  # Scheduler.words: passes while there is no loop (wrap at 2^30 - 1)
 
 
 @micropython.viper
-def _pace(step, ticks, ticks_arg, state: ptr32) -> int:
-    """Wait for the loop's due time, run one period (`step()`), schedule the next; returns
-    1 if the loop ran a period, 0 if it is idle. Viper: its arithmetic costs a few
-    instructions, where the same in native code goes through the runtime (~100 each)."""
+def _pace(run, last: int) -> int:
+    """Wait for the loop's due time, run one period (`step(step_arg)`), schedule the next;
+    returns 1 if the loop ran a period, 0 if it is idle. `last`: the pass's last call,
+    which counts the pass and calls an idle loop once (unpaced); the calls before each
+    other duty (`last` 0) do nothing while the loop is idle. Viper: its arithmetic costs a
+    few instructions, where the same in native code goes through the runtime (~100
+    each)."""
+    state = ptr32(run[_R_STATE])
     due = state[_DUE]
+    if last:
+        n = state[_PASSES]
+        state[_PASSES] = n + 1 if n < 0x3FFFFFFF else 0
+    elif due == -1:
+        return 0
+    ticks = run[_R_TICKS]
+    ticks_arg = run[_R_TICKS_ARG]
     now = int(ticks(ticks_arg))
     # idle is -1, which a 64-bit build's ptr32 load zero-extends: a due time (wrapped at
     # 2^30) has no bit from 30 up, -1 has them on 32 and 64 bits (a literal 2^30 is not a
@@ -76,12 +98,21 @@ def _pace(step, ticks, ticks_arg, state: ptr32) -> int:
     else:
         due = now
     state[_DUE] = -1  # idle unless the step runs a period (and if it raises)
-    if not step():
+    if not run[_R_STEP](run[_R_STEP_ARG]):
         return 0
     state[_DUE] = (due + state[_PERIOD]) & 0x3FFFFFFF
     n = state[_PERIODS]
     state[_PERIODS] = n + 1 if n < 0x3FFFFFFF else 0
     return 1
+
+
+@micropython.viper
+def _address(buf: ptr8) -> uint:
+    return uint(buf)
+
+
+def _call(step):
+    return step()
 
 
 class Loop:
@@ -92,10 +123,13 @@ class Loop:
     pacing starts again from it. While `step()` returns False (the loop is idle) it is
     called once a pass, unpaced, until it returns True."""
 
-    def __init__(self, name, step, period_us):
+    def __init__(self, name, step, period_us, step_arg=None):
         self.name = name
+        if step_arg is None:  # a step without an argument: called through _call
+            step, step_arg = _call, step
         self.step = step
-        self.state = array.array("i", (-1, period_us, 0, 0, 0))
+        self.step_arg = step_arg
+        self.state = array.array("i", (-1, period_us, 0, 0, 0, 0))
         self.errors = 0
         self.last_error = None
 
@@ -132,13 +166,37 @@ class Scheduler:
         # method it was ~1.65k instructions a read on the M3, this 0.6k)
         self._ticks, self._ticks_arg = clock.ticks_source()
         self.duties = []
-        self.passes = 0
+        self.words = array.array("i", (0,))  # _W_PASSES
         self.loop = None  # the paced real-time duty (set_loop), or None
+        self._run = None  # the loop's call (_R_*), while there is a loop
 
-    def set_loop(self, name, step, period_us):
-        """Run `step` as the paced loop (one slot: a second call replaces the first)."""
-        self.loop = Loop(name, step, period_us)
-        return self.loop
+    @property
+    def passes(self):
+        """Passes run (wrap at 2^30 - 1): counted by the loop's pacing while there is one."""
+        if self.loop is not None:
+            return self.loop.state[_PASSES]
+        return self.words[_W_PASSES]
+
+    @passes.setter
+    def passes(self, value):
+        if self.loop is not None:
+            self.loop.state[_PASSES] = value & COUNTER_WRAP
+        self.words[_W_PASSES] = value & COUNTER_WRAP
+
+    def set_loop(self, name, step, period_us, step_arg=None):
+        """Run `step` as the paced loop (one slot: a second call replaces the first);
+        with `step_arg`, each period is `step(step_arg)` (a viper period takes its state
+        as an argument: TrackingDuty.paced_step())."""
+        loop = Loop(name, step, period_us, step_arg)
+        loop.state[_PASSES] = self.passes
+        ticks_arg = self._ticks_arg
+        if isinstance(ticks_arg, array.array) and _address(ticks_arg) <= COUNTER_WRAP:
+            # the clock's state words by address: a small int goes through the call for a
+            # few instructions, an array through the buffer protocol (the MCU boards)
+            ticks_arg = _address(ticks_arg)
+        self._run = [loop.step, loop.step_arg, self._ticks, ticks_arg, loop.state]
+        self.loop = loop
+        return loop
 
     def add(self, name, step, period_us=0):
         duty = Duty(name, step, period_us)
@@ -150,26 +208,27 @@ class Scheduler:
     @micropython.native
     def run_once(self):
         """Call every due duty once; True if any did work."""
-        ticks = self._ticks
-        ticks_arg = self._ticks_arg
         busy = False
-        n = self.passes
-        self.passes = n + 1 if n < COUNTER_WRAP else 0
-        loop = self.loop
+        run = self._run
+        if run is None:  # (with a loop, _pace counts the pass)
+            words = self.words
+            n = words[_W_PASSES]
+            words[_W_PASSES] = n + 1 if n < COUNTER_WRAP else 0
+        duties = self.duties
         state = None
-        if loop is not None:
-            state = loop.state
-            loop_step = loop.step
-        for duty in self.duties:
+        if duties:
+            ticks = self._ticks
+            ticks_arg = self._ticks_arg
+            if run is not None:
+                state = run[_R_STATE]
+        for duty in duties:
             if state is not None and state[_DUE] >= 0:
                 # the paced loop's next period first (waiting for it): each other duty
-                # runs in the time a period leaves. Called here, not through _run_loop:
-                # a native call less every period (~0.5k instructions on the M3)
+                # runs in the time a period leaves
                 try:
-                    _pace(loop_step, ticks, ticks_arg, state)
+                    _pace(run, 0)
                 except BaseException as error:  # noqa: BLE001 - as any duty's (below)
-                    loop.errors += 1
-                    loop.last_error = error_text(error)
+                    self._loop_failed(error)
             start = ticks(ticks_arg)
             if duty.period_us and ((start - duty.last_us) & 0x3FFFFFFF) < duty.period_us:
                 continue
@@ -194,18 +253,21 @@ class Scheduler:
                 duty.total_s += total // _US_PER_S
                 total %= _US_PER_S
             duty.total_us = total
-        if loop is not None:
+        if run is not None:
             # idle: one unpaced call a pass (it starts the pacing when the loop starts);
             # paced: one more period, and the main loop must not idle (a board idles until
-            # the next interrupt, up to a millisecond)
+            # the next interrupt, up to a millisecond). The pass is counted there.
             try:
-                _pace(loop_step, ticks, ticks_arg, state)
+                if _pace(run, 1):
+                    busy = True
             except BaseException as error:  # noqa: BLE001
-                loop.errors += 1
-                loop.last_error = error_text(error)
-            if state[_DUE] >= 0:
-                busy = True
+                self._loop_failed(error)
         return busy
+
+    def _loop_failed(self, error):
+        loop = self.loop
+        loop.errors += 1
+        loop.last_error = error_text(error)
 
     def telemetry(self):
         out = {}

@@ -4,11 +4,17 @@
 # per loop period carries everything: the commands computed last period out, this period's
 # sensors in (docs/payload-bus.md "TRACK": READ_WRITE of these blocks in a fixed layout).
 # On a board a timer interrupt would do the same with register reads instead of bus frames.
+import array
+
 import micropython
 from micropython import const
 
+from payload import bus as _bus
 from payload import storage, tracking
 from payload.tracking import step_kernel as _step_kernel
+
+_track_request = _bus.track_request_thumb
+_track_reply = _bus.track_reply_thumb
 
 REG_TRK_SENSORS = const(0x0500)  # read, 12 words: QA..QD, CAM_NEW, CAM_X, CAM_Y, CAM_SIGNAL,
 #                                  ENC_X, ENC_Y, ARS_X, ARS_Y (Tracker.io words 0..11)
@@ -18,6 +24,50 @@ SENSOR_WORDS = const(12)
 _COUNTER_WRAP = const(0x3FFFFFFF)  # bus.COUNTER_WRAP
 _IDLE = const(0)  # tracking.IDLE (the kernel returns the state it left)
 COMMAND_WORDS = const(7)
+_TRACK_REQUEST_FRAME_BYTES = const(32)  # bus.TRACK_REQUEST_FRAME_BYTES
+# Bus.state's words (bus.B_*: a const is folded only in its own module)
+_B_TAG = const(0)
+_B_CHUNK_FILL = const(1)
+_B_CHUNK_POS = const(2)
+_B_TRANSACTIONS = const(3)
+_B_ERROR_STATUS = const(4)
+_B_TRACK_REPLIES = const(5)
+if (_bus.B_TAG, _bus.B_CHUNK_FILL, _bus.B_CHUNK_POS, _bus.B_TRANSACTIONS, _bus.B_ERROR_STATUS,
+        _bus.B_TRACK_REPLIES) != (0, 1, 2, 3, 4, 5):  # fmt: skip
+    raise ImportError("tracking_duty: bus state words moved")
+
+# TrackingDuty.state: the words every period reads and writes (an array("i"): the viper
+# period reaches them without an attribute lookup), and the addresses of the buffers it
+# hands to the Thumb pair and the kernel (an int goes through a call for a few
+# instructions, a buffer object through the buffer protocol; RAM lies below 2^30 on the
+# MCU targets, so they are small ints)
+_D_STATE = const(0)  # the state the kernel returned last period
+_D_UNSENT = const(1)  # 1: the commands computed last period are not yet on the head
+_D_STEPS = const(2)  # periods run (wrap at 2^30 - 1)
+_D_BUS_ERRORS = const(3)  # failed TRACK transactions (wrap at 2^30 - 1)
+_D_FAST = const(4)  # 1: the port has the Thumb TRACK pair (the whole period in _paced_period)
+_D_IO = const(5)  # address of Tracker.io
+_D_WORDS = const(6)  # address of Tracker.words
+_D_SIN = const(7)  # address of Tracker.sin_table
+_D_CTX = const(8)  # address of Bus._track_ctx
+_D_CHUNK = const(9)  # address of Bus._chunk
+_D_BUS = const(10)  # address of Bus.state
+_D_COUNT = const(11)
+
+# TrackingDuty.paced_args: the objects _paced_period needs, in one list (indexing it costs
+# ~85 instructions on the M3, an attribute lookup more)
+_A_DUTY = const(0)  # TrackingDuty.state
+_A_TRACKER = const(1)  # (its prediction table is replaced on upload: read every period)
+_A_FRAME = const(2)  # the request frame's fixed view (Bus._track_frame)
+_A_WRITE = const(3)  # link.write, bound once
+_A_CHUNK = const(4)
+_A_READINTO = const(5)  # link.readinto, bound once
+_A_GENERAL = const(6)  # Bus._track_general: a reply in pieces, late, damaged, foreign
+_A_SLOW = const(7)  # TrackingDuty._period_general: idle, starting, no Thumb pair
+_A_FLUSH = const(8)  # TrackingDuty.flush
+_A_IO = const(9)  # Tracker.io (for the general path)
+_ARGS = const(10)
+_ADDRESS_LIMIT = const(0x3FFFFFFF)  # a small int on a 32-bit port
 
 
 # A READ_WRITE period's copy of bus.words into io (the pass-mode bench's baseline; the
@@ -47,12 +97,22 @@ class TrackingDuty:
 
     def __init__(self, bus, tracker):
         self.bus = bus
-        self.steps = 0
-        self.bus_errors = 0
+        self.state = array.array("i", bytes(4 * _D_COUNT))
         self.overruns = 0
         self._last_us = -1
         self._ticks, self._ticks_arg = bus.clock.ticks_source()
         self.pacer = None  # the scheduler's Loop when it paces period() (mission.py)
+        link = bus.link
+        self.paced_args = [None] * _ARGS
+        args = self.paced_args
+        args[_A_DUTY] = self.state
+        args[_A_FRAME] = bus._track_frame
+        args[_A_WRITE] = link.write
+        args[_A_CHUNK] = bus._chunk
+        args[_A_READINTO] = link.readinto
+        args[_A_GENERAL] = bus._track_general
+        args[_A_SLOW] = self._period_general
+        args[_A_FLUSH] = self.flush
         self.attach(tracker)
 
     def attach(self, tracker):
@@ -62,8 +122,66 @@ class TrackingDuty:
         self._words = tracker.words
         self._io = tracker.io
         self._sin_table = tracker.sin_table  # (the prediction table is replaced on upload)
-        self._unsent = 0  # 1: the commands computed last period are not yet on the head
-        self._state = tracker.state  # the state the kernel returned last period
+        args = self.paced_args
+        args[_A_TRACKER] = tracker
+        args[_A_IO] = tracker.io
+        # the whole period in one viper call where the Thumb pair is (and the buffers'
+        # addresses are small ints, true of the MCU targets' RAM); elsewhere the general
+        # period, with the same calls in native code
+        bus = self.bus
+        fast = 0
+        if bus._track_ctx is not None:
+            d = self.state
+            fast = 1
+            for i, buf in ((_D_IO, tracker.io), (_D_WORDS, tracker.words),
+                           (_D_SIN, tracker.sin_table), (_D_CTX, bus._track_ctx),
+                           (_D_CHUNK, bus._chunk), (_D_BUS, bus.state)):  # fmt: skip
+                address = _bus._address(buf)
+                if address > _ADDRESS_LIMIT:
+                    fast = 0
+                else:
+                    d[i] = address
+        self.state[_D_FAST] = fast
+        self._unsent = 0
+        self._state = tracker.state
+
+    # the state words by name (not on the period's fast path)
+    @property
+    def _state(self):
+        return self.state[_D_STATE]
+
+    @_state.setter
+    def _state(self, value):
+        self.state[_D_STATE] = value
+
+    @property
+    def _unsent(self):
+        return self.state[_D_UNSENT]
+
+    @_unsent.setter
+    def _unsent(self, value):
+        self.state[_D_UNSENT] = value
+
+    @property
+    def steps(self):
+        return self.state[_D_STEPS]
+
+    @steps.setter
+    def steps(self, value):
+        self.state[_D_STEPS] = value & _COUNTER_WRAP
+
+    @property
+    def bus_errors(self):
+        return self.state[_D_BUS_ERRORS]
+
+    @bus_errors.setter
+    def bus_errors(self, value):
+        self.state[_D_BUS_ERRORS] = value & _COUNTER_WRAP
+
+    def paced_step(self):
+        """(function, argument) for Scheduler.set_loop: function(argument) is period()
+        in one viper call."""
+        return _paced_period, self.paced_args
 
     def telemetry(self):
         t = self.tracker
@@ -115,15 +233,15 @@ class TrackingDuty:
         self._last_us = now
         return self.period()
 
-    # native: every loop period (with Bus.track, ~3.3k instructions less than in bytecode)
-    @micropython.native
     def period(self):
         """The loop's period, as the scheduler's paced loop calls it (the scheduler keeps
         the time and counts late periods: Loop.overruns): one TRACK exchange and the
         kernel. Returns False when the loop is idle (nothing to run)."""
-        # The period's work in a few native calls (a method call in bytecode costs ~1.5k
-        # instructions on the M3, the kernel ~4k): Bus.track (build, frame, send, receive,
-        # check, unpack into io) and the kernel itself.
+        return _paced_period(self.paced_args) == 1
+
+    # native: the periods _paced_period does not take (idle, starting, no Thumb pair)
+    @micropython.native
+    def _period_general(self):
         words = self._words
         # idle only if the kernel left IDLE last period (or never ran) and no start is
         # pending: while it runs, its returned state says so without a call
@@ -133,17 +251,66 @@ class TrackingDuty:
             return False  # no loop to run
         # one TRACK: last period's commands (if owed) out, this period's sensors into io
         if self.bus.track(self._io, self._unsent) != 0:
-            n = self.bus_errors
-            self.bus_errors = n + 1 if n < _COUNTER_WRAP else 0
+            self.bus_errors += 1
             return False
         state = _step_kernel(words, self.tracker.table, self._sin_table)
         self._state = state
         self._unsent = 1
-        n = self.steps
-        self.steps = n + 1 if n < _COUNTER_WRAP else 0
+        self.steps += 1
         if state == _IDLE:  # stopped: no next period to carry the IDLE commands
             self.flush()
         return True
+
+
+@micropython.viper
+def _paced_period(args) -> int:
+    """TrackingDuty.period() in one viper call: one TRACK exchange through the Thumb pair
+    (request framed, reply checked and unpacked into io) and the kernel, the counters in
+    the duty's and the bus's state words. Anything but a running loop and the whole reply
+    as the link's next chunk goes where it went before (TrackingDuty._period_general,
+    Bus._track_general), which count and retry as before. Returns 1 if a period ran.
+    Measured on QEMU (docs/scheduling.md "The paced loop"): ~5k instructions less a
+    period than the native method with the same calls."""
+    d = ptr32(args[_A_DUTY])
+    if d[_D_STATE] == _IDLE or d[_D_FAST] == 0:
+        return 1 if args[_A_SLOW]() else 0
+    b = ptr32(d[_D_BUS])
+    n = b[_B_TRANSACTIONS]
+    b[_B_TRANSACTIONS] = n + 1 if n < _COUNTER_WRAP else 0
+    tag = (b[_B_TAG] + 1) & 0xFF
+    b[_B_TAG] = tag
+    io = d[_D_IO]
+    ctx = d[_D_CTX]
+    _track_request(io, (d[_D_UNSENT] << 8) | tag, ctx)
+    frame = args[_A_FRAME]
+    sent = int(args[_A_WRITE](frame))
+    status = -1
+    if sent == _TRACK_REQUEST_FRAME_BYTES and b[_B_CHUNK_POS] >= b[_B_CHUNK_FILL]:
+        count = int(args[_A_READINTO](args[_A_CHUNK]))
+        status = int(_track_reply(d[_D_CHUNK], count | (tag << 16), io, ctx))
+        if status >= 0:
+            n = b[_B_TRACK_REPLIES]
+            b[_B_TRACK_REPLIES] = n + 1 if n < _COUNTER_WRAP else 0
+            if status != 0:
+                n = b[_B_ERROR_STATUS]
+                b[_B_ERROR_STATUS] = n + 1 if n < _COUNTER_WRAP else 0
+        else:  # not the fast case: the general path reads the chunk as any other
+            b[_B_CHUNK_FILL] = count
+            b[_B_CHUNK_POS] = 0
+    if status < 0:
+        status = int(args[_A_GENERAL](args[_A_IO], tag, frame, sent))
+    if status != 0:  # the head holds the last commands; the unsent go with the next period
+        n = d[_D_BUS_ERRORS]
+        d[_D_BUS_ERRORS] = n + 1 if n < _COUNTER_WRAP else 0
+        return 0
+    state = int(_step_kernel(d[_D_WORDS], args[_A_TRACKER].table, d[_D_SIN]))
+    d[_D_STATE] = state
+    d[_D_UNSENT] = 1
+    n = d[_D_STEPS]
+    d[_D_STEPS] = n + 1 if n < _COUNTER_WRAP else 0
+    if state == _IDLE:  # stopped: no next period to carry the IDLE commands
+        args[_A_FLUSH]()
+    return 1
 
 
 _PER_RECORD = const(40)

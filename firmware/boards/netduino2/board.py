@@ -28,8 +28,9 @@ BUS_TIMEOUT_US = const(10_000_000)
 # the highest configurable rate whose paced period leaves at least 15 % of the CPU to the
 # other duties, measured on this image with QEMU -icount (tests/firmware/
 # mptest_paced_loop_cost.py, docs/tracking.md "Loop rate in pass mode"): at 2 kHz on the
-# 120 MHz core ~55 % at two cycles an instruction. A pass gets that rate's gain set (2 kHz:
-# the defaults, which the 0.5 urad culmination figure is for); a faster one is refused.
+# 120 MHz core ~37 % at two cycles an instruction (11,120 instructions a period). A pass
+# gets that rate's gain set (2 kHz: the defaults, which the 0.5 urad culmination figure is
+# for); a faster one is refused.
 TRACKING_LOOP_RATE_HZ = const(2000)
 # Cycles an instruction takes, for figures counted in instructions (QEMU -icount): flash at
 # 3 wait states at 120 MHz behind the ART accelerator; two assumed, a margin over the

@@ -26,11 +26,11 @@ BUS_TIMEOUT_US = const(10_000_000)
 
 # The tracking loop's rate in pass mode (the scheduler's paced loop over the payload bus):
 # the highest configurable rate whose paced period leaves at least 15 % of the CPU to the
-# other duties, measured on this image with QEMU -icount: 16.0k instructions, 64 % of the
-# 25 MHz CPU at 1 kHz, 128 % at 2 kHz (tests/firmware/mptest_paced_loop_cost.py,
-# docs/tracking.md "Loop rate in pass mode"). A pass gets that rate's gain set; a faster
-# one is refused.
-TRACKING_LOOP_RATE_HZ = const(1000)
+# other duties, measured on this image with QEMU -icount: 10,450 instructions, 84 % of the
+# 25 MHz CPU at 2 kHz (the limit 10,625; tests/firmware/mptest_paced_loop_cost.py,
+# docs/scheduling.md "The paced loop"). A pass gets that rate's gain set; a faster one is
+# refused.
+TRACKING_LOOP_RATE_HZ = const(2000)
 # Cycles an instruction takes, for figures counted in instructions (QEMU -icount): the
 # MPS2's SSRAM has no wait states, one cycle an instruction as -icount counts them.
 CYCLES_PER_INSTRUCTION = const(1)
