@@ -312,7 +312,11 @@ class GroundLink:
                     f.write("%d" % ceiling)
                 os.rename(temporary, self._link_path(TM_COUNTER_FILE))
                 self._tm_ceiling = ceiling
-            except OSError:
+            except (OSError, MemoryError):
+                # MemoryError too: an open file's cache is a heap block of its own (2 KB on
+                # the QEMU board's littlefs), which a fragmented heap may not have; that is
+                # storage that cannot be written now, not a reason to lose the packet (it
+                # raised out of handle(), the report and the rejection both lost)
                 self.tm_counter_write_failures += 1
         self.tm.security_counter = counter
 
@@ -331,7 +335,7 @@ class GroundLink:
             with open(temporary, "w") as f:
                 f.write("%d %s" % (ceiling, self.key_id))
             os.rename(temporary, self._link_path(COUNTER_FILE))
-        except OSError:
+        except (OSError, MemoryError):  # MemoryError: as in _next_tm_counter
             self.counter_write_failures += 1
             return False
         self._ceiling = ceiling

@@ -289,12 +289,43 @@ def test_housekeeping_is_served_compact_when_the_spaced_report_would_not_fit():
     assert length <= _HOUSEKEEPING_LIMIT < spaced, (length, spaced)
 
 
+def _cut_heap_into_holes():
+    """Fill the heap with 1 KB blocks (each held by one slot of a list made before), the
+    space left with one-word tuples, then free every other 1 KB block: the free space is
+    in holes of one such block (~1,040 bytes). Returns (slots, chain, whether a block of
+    1,100 bytes could still be had); the caller drops it to give the heap back."""
+    import gc
+
+    gc.collect()
+    slots = [None] * (gc.mem_free() // 1024 + 8)
+    filled = 0
+    chain = None
+    try:
+        while filled < len(slots):
+            slots[filled] = bytearray(1024)
+            filled += 1
+    except MemoryError:
+        pass
+    try:
+        while True:
+            chain = (chain,)
+    except MemoryError:
+        pass
+    for i in range(0, filled, 2):
+        slots[i] = None
+    gc.collect()
+    try:
+        bytearray(1100)
+        whole = True
+    except MemoryError:
+        whole = False
+    return slots, chain, whole
+
+
 def test_housekeeping_needs_no_heap_block_of_its_length():
     # The report's JSON goes into its packet piece by piece: with every free block of the
     # heap cut to about 1 KB, a report longer than that still goes out. (Made whole first,
     # its text found no block on the STM32 board at 85 % of its heap during a pass.)
-    import gc
-
     key = b"h" * 32
     status = _bulky_status(14, filler_chars=390)
     packet = bytearray(1200)  # what went out, copied without a block of its own
@@ -313,36 +344,12 @@ def test_housekeeping_needs_no_heap_block_of_its_length():
     assert len(lengths) == 2, lengths
     del lengths[:]
     command = _tc(key, 2, 3, 27)
-    # Fill the heap with 1 KB blocks (each held by one slot of a list made before), the
-    # space left with one-word tuples, then free every other 1 KB block: the free space
-    # is in holes of one such block (~1,040 bytes), none of the report's length.
-    gc.collect()
-    slots = [None] * (gc.mem_free() // 1024 + 8)
-    filled = 0
-    chain = None
+    holes = _cut_heap_into_holes()
     try:
-        while filled < len(slots):
-            slots[filled] = bytearray(1024)
-            filled += 1
-    except MemoryError:
-        pass
-    try:
-        while True:
-            chain = (chain,)
-    except MemoryError:
-        pass
-    try:
-        for i in range(0, filled, 2):
-            slots[i] = None
-        gc.collect()
-        try:
-            bytearray(1100)
-            whole = True
-        except MemoryError:
-            whole = False
+        whole = holes[2]
         link.handle(command)
     finally:
-        slots = chain = None
+        del holes  # the heap back
     assert not whole, "the heap still had a block of the report's length"
     assert len(lengths) == 2, lengths  # the acceptance and the report
     length = lengths[1]
@@ -350,6 +357,39 @@ def test_housekeeping_needs_no_heap_block_of_its_length():
     text = packet[ccsds.TM_HEADER_BYTES : length - ccsds.TM_TRAILER_BYTES]
     report = json.loads(text)
     assert len(text) > 1000 and report["mission"] == status, len(text)
+
+
+def test_a_counter_ceiling_the_heap_cannot_store_costs_no_packet():
+    # Storing the telemetry counter's next ceiling opens a file, whose cache is a heap
+    # block of its own (2 KB on the QEMU board's littlefs). On a heap in ~1 KB holes that
+    # failed with MemoryError, which raised out of handle(): the report and the rejection
+    # were both lost. It is storage that cannot be written now: counted, the packet goes.
+    key = b"h" * 32
+    lengths = []
+
+    def send(buf, length):
+        lengths.append(length)
+
+    root = _fresh_root(key)
+    region = keystore.FileRegion(root + ".keyregion")
+    link = telecommands.GroundLink(board, root, send, None, key_region=region)
+    link.handle(_tc(key, 1, 17, 1))  # a ping: both ceilings stored, heap whole
+    assert len(lengths) == 2 and link.tm_counter_write_failures == 0, lengths
+    del lengths[:]
+    ceiling = link.tm.security_counter
+    link._tm_ceiling = ceiling  # the next packet needs a new ceiling on storage
+    command = _tc(key, 2, 17, 1)
+    holes = _cut_heap_into_holes()
+    try:
+        link.handle(command)
+    finally:
+        del holes  # the heap back
+    assert len(lengths) == 2, lengths  # the acceptance and the pong
+    # stored where a file needs no large block (unix, the STM32 board's 256-byte pages);
+    # on QEMU each of the two packets tried and was counted
+    stored = link._tm_ceiling > ceiling
+    failures = link.tm_counter_write_failures
+    assert (stored, failures) in ((True, 0), (False, 2)), (stored, link.link_counters())
 
 
 def test_housekeeping_json_goes_into_its_packet_without_allocating():
