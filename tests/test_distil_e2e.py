@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import stat
@@ -172,6 +173,7 @@ def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_p
     assert set(on_disk["stage_seconds"]) >= {"sync", "sifting", "error_correction", "total"}
     # the keys were hashed by the carry-less product and passed its check (pa.py)
     assert on_disk["pa"]["method"] == ("carry-less" if pa.CARRYLESS_AVAILABLE else "fft")
+    assert on_disk["pa"]["check_failures"] == 0
     # which run, which inputs, which settings (docs/cli.md); the keys' bit lengths (the
     # files are padded to whole bytes)
     bits = report["key_bits"]
@@ -184,6 +186,47 @@ def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_p
     assert on_disk["inputs"]["pass_json_sha256"] == sha
     assert on_disk["qber_threshold"] == 0.11 and on_disk["deterministic_randomness"] is False
     assert on_disk["created_utc"].endswith("+00:00")
+
+
+@pytest.mark.skipif(not pa.CARRYLESS_AVAILABLE, reason="no PCLMULQDQ on this CPU")
+def test_a_failed_carryless_check_is_counted_in_the_report_and_the_key_is_unchanged(
+    micius_pass, tmp_path, monkeypatch, capfd
+):
+    """Every carry-less product made wrong (one accumulator bit flipped, as a bug or a
+    hardware fault would): each endpoint's check fails on each key block, the FFT gives
+    the same key bit for bit as a clean run, and the failures are not silent: counted in
+    report.json's pa.check_failures and said on stderr, by sizes only."""
+    clean_pass = shutil.copytree(micius_pass, tmp_path / "clean-copy")
+    clean = run_local(clean_pass, tmp_path / "clean", Config(), insecure_deterministic_seed=5)
+    assert not clean["aborted"], clean["abort_reason"]
+    assert clean["pa"]["check_failures"] == 0 and clean["pa"]["method"] == "carry-less"
+    capfd.readouterr()
+    product = pa._chunked_middle_product
+
+    def faulty(*args):
+        acc = product(*args)
+        acc[0] ^= np.uint64(1 << 63)  # y's first bit
+        return acc
+
+    monkeypatch.setattr(pa, "_chunked_middle_product", faulty)
+    out = tmp_path / "faulty"
+    report = run_local(micius_pass, out, Config(), insecure_deterministic_seed=5)
+    assert not report["aborted"], report["abort_reason"]
+    on_disk = json.loads((out / "report.json").read_text())
+    hashed_blocks = sum(1 for b in on_disk["blocks"] if b["key_bits"] > 0)
+    assert hashed_blocks == 2  # Z and X
+    assert on_disk["pa"]["check_failures"] == 2 * hashed_blocks  # Alice's and Bob's
+    assert on_disk["pa"]["method"] == "fft"
+    for name in (f"alice{INSECURE}.key", f"bob{INSECURE}.key"):
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "carry-less" in line]
+    assert len(warnings) == 2 * hashed_blocks
+    for line in warnings:
+        assert re.fullmatch(
+            r"qkdsat: privacy amplification: the carry-less product \(\d+ -> \d+ bits\) "
+            r"failed its check modulo t\^64 \+ t\^4 \+ t\^3 \+ t \+ 1; recomputed by the FFT",
+            line,
+        ), line
 
 
 def test_sync_assigns_the_true_slots(micius_pass):

@@ -177,9 +177,10 @@ def test_the_check_rejects_any_single_wrong_bit_of_the_hash_or_its_inputs():
 
 
 @carryless
-def test_a_wrong_carryless_product_never_reaches_the_key(monkeypatch):
+def test_a_wrong_carryless_product_never_reaches_the_key(monkeypatch, capsys):
     """A fault in the product (one accumulator bit flipped, as a bug or a hardware fault
-    would) fails the check, and the FFT recomputes the hash: the key is still right."""
+    would) fails the check, and the FFT recomputes the hash: the key is still right, and
+    the failure is counted and said on stderr (sizes only)."""
     rng = np.random.default_rng(23)
     n, l = 20_000, 3_000
     x = rng.integers(0, 2, n, dtype=np.uint8)
@@ -197,6 +198,14 @@ def test_a_wrong_carryless_product_never_reaches_the_key(monkeypatch):
     assert not checked and not np.array_equal(y, right)
     hashed = pa.toeplitz_hash(x, seed, l)
     assert hashed.method == "fft" and np.array_equal(hashed.bits, right)
+    assert hashed.check_failures == 1
+    assert capsys.readouterr().err == (
+        f"qkdsat: privacy amplification: the carry-less product ({n} -> {l} bits) failed its "
+        "check modulo t^64 + t^4 + t^3 + t + 1; recomputed by the FFT\n"
+    )
+    monkeypatch.setattr(pa, "_chunked_middle_product", product)
+    assert pa.toeplitz_hash(x, seed, l).check_failures == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_inexact_fft_falls_back_to_exact(monkeypatch):

@@ -18,7 +18,10 @@ Two ways to compute it, giving the same bits:
   on the unpacked bits: y(t) modulo the irreducible g = t^64 + t^4 + t^3 + t + 1 must
   equal sum_j x_j E_j(t) mod g, where E_j are the seed's windows (`_residues_of_hash`);
   a y with any error e passes only if g divides e. A failed check (a fault or a bug)
-  never reaches the key: the FFT path below recomputes it.
+  never reaches the key: the FFT path below recomputes it, says so on stderr (sizes
+  only, no bits) and counts it (`Hashed.check_failures`, report.json's
+  `pa.check_failures`), since the method alone (`fft`) would not tell it from a CPU
+  without PCLMULQDQ.
 - FFT: the convolution in float64 (one real transform length of about in + out: a
   circular convolution of the seed's length wraps the linear one's tail onto its first
   in - 1 values only, which are not used). Its values are integers up to min(in, seed);
@@ -28,6 +31,7 @@ Two ways to compute it, giving the same bits:
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import llvmlite.binding
@@ -291,6 +295,7 @@ class Hashed(NamedTuple):
     bits: np.ndarray  # y, uint8 bits
     rounding_margin: float  # the FFT's worst distance from an integer; 0.0 when carry-less
     method: str  # "carry-less", "fft" or "exact-blocks": which computation gave y
+    check_failures: int = 0  # 1 when the carry-less product failed its check (then fft)
 
 
 def toeplitz_hash(x: np.ndarray, seed: np.ndarray, out_bits: int) -> Hashed:
@@ -307,9 +312,19 @@ def toeplitz_hash(x: np.ndarray, seed: np.ndarray, out_bits: int) -> Hashed:
         raise PrivacyAmplificationError(
             f"Toeplitz seed has {seed.size} bits, needs {seed_bits_needed(n, out_bits)}"
         )
+    check_failures = 0
     if CARRYLESS_AVAILABLE:
         y, checked = toeplitz_hash_carryless(x, seed, out_bits)
         if checked:
             return Hashed(y, 0.0, "carry-less")
+        check_failures = 1
+        # sizes only: the hash, its input and the seed stay out of any log; one write of
+        # the whole line, as Alice and Bob may hash at once (threads of one process)
+        sys.stderr.write(
+            f"qkdsat: privacy amplification: the carry-less product ({n} -> {out_bits} bits) "
+            "failed its check modulo t^64 + t^4 + t^3 + t + 1; recomputed by the FFT\n"
+        )
+        sys.stderr.flush()
     y, margin = toeplitz_hash_fft(x, seed, out_bits)
-    return Hashed(y, margin, "fft" if margin < EXACT_MARGIN else "exact-blocks")
+    method = "fft" if margin < EXACT_MARGIN else "exact-blocks"
+    return Hashed(y, margin, method, check_failures)

@@ -732,7 +732,7 @@ class Alice:
         _refuse_longer_than_input(lengths, blocks)
         _refuse_without_key(cfg, estimates, lengths)
         with stage("privacy_amplification"):
-            seeds, finals, worst, methods = {}, [], 0.0, set()
+            seeds, finals, worst, methods, check_failures = {}, [], 0.0, set(), 0
             for name in key_bases:
                 n_in, n_out = blocks[name].size, lengths[name]
                 if n_out > 0:
@@ -748,10 +748,11 @@ class Alice:
                 **{f"seed_{n}": pack_bits(s) for n, s in seeds.items()},
             )
             for name, seed in seeds.items():
-                y, w, method = toeplitz_hash(blocks[name], seed, lengths[name])
-                finals.append(y)
-                worst = max(worst, w)
-                methods.add(method)
+                hashed = toeplitz_hash(blocks[name], seed, lengths[name])
+                finals.append(hashed.bits)
+                worst = max(worst, hashed.rounding_margin)
+                methods.add(hashed.method)
+                check_failures += hashed.check_failures
             channel.recv("pa_ok")
         out.key = np.concatenate(finals)
         report.update(
@@ -764,6 +765,9 @@ class Alice:
                     "fft_rounding_margin": worst,
                     # carry-less (exact, checked: 0.0 margin), fft or exact-blocks (pa.py)
                     "method": "+".join(sorted(methods)),
+                    # carry-less products that failed their check (recomputed by the FFT);
+                    # run.py adds Bob's
+                    "check_failures": check_failures,
                 },
                 "ec_alice": {
                     "leak_bits": leak_total,
@@ -1159,15 +1163,18 @@ class Bob:
             msg = channel.recv("pa")
             if json.loads(msg["lengths"]) != lengths:
                 raise ProtocolAborted("Alice and Bob computed different key lengths")
-            finals = []
+            finals, check_failures = [], 0
             for name in key_bases:
                 n_in, n_out = blocks[name].size, lengths[name]
                 if n_out <= 0:
                     continue
                 seed = unpack_bits(msg[f"seed_{name}"], seed_bits_needed(n_in, n_out))
-                finals.append(toeplitz_hash(blocks[name], seed, n_out)[0])
+                hashed = toeplitz_hash(blocks[name], seed, n_out)
+                finals.append(hashed.bits)
+                check_failures += hashed.check_failures
             channel.send("pa_ok")
         out.key = np.concatenate(finals)
+        out.report["pa"] = {"check_failures": check_failures}  # Bob's own (split mode)
         return _bob_figures(cfg, counts_full, leaks, ec_stats)
 
 

@@ -467,6 +467,15 @@ def run_metadata(pass_dir: Path, cfg: Config, seed: int | None) -> dict:
     }
 
 
+def _pa_figures(alice_pa: dict | None, bob_pa: dict | None) -> dict | None:
+    """Alice's privacy amplification figures, check_failures counting both endpoints'
+    carry-less products that failed their check (each recomputed by the FFT)."""
+    if alice_pa is None:
+        return None
+    bob_failures = (bob_pa or {}).get("check_failures", 0)
+    return {**alice_pa, "check_failures": alice_pa.get("check_failures", 0) + bob_failures}
+
+
 def build_report(pass_json, cfg, alice_out, bob_out, a_chan, b_chan, pool_bits, wall_s) -> dict:
     aborted = alice_out.key is None or bob_out.key is None
     reason = bob_out.report.get("abort_reason") or alice_out.report.get("abort_reason")
@@ -493,7 +502,7 @@ def build_report(pass_json, cfg, alice_out, bob_out, a_chan, b_chan, pool_bits, 
         "analysis": cfg.analysis,
         "tail": cfg.tail,
         "key_bases": a.get("key_bases"),
-        "pa": a.get("pa"),
+        "pa": _pa_figures(a.get("pa"), b.get("pa")),
         "blocks": a.get("blocks"),
         "counts_key_blocks": a.get("counts_key_blocks"),
         "sync": b.get("sync"),
