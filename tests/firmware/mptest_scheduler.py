@@ -34,3 +34,28 @@ def test_a_pass_allocates_nothing_once_its_counters_pass_a_small_int():
     total = loop.telemetry()["busy"]["total_us"]
     assert total >= 1_073_999_999 + 3 * 200, total
     assert total == 1_074_000_000 + duty.total_us
+
+
+def test_the_paced_loops_pass_and_period_counters_wrap_without_allocating():
+    # with a paced loop the pass is counted in the viper pacing (Loop.state), and the
+    # loop's periods and overruns there too: they wrap at 2^30 - 1 as the pass counter
+    # without a loop does, and the pass count carries over from before the loop was set
+    loop = scheduler.Scheduler(board.clock)
+    top = 0x3FFFFFFF
+    loop.passes = top - 1
+    loop.run_once()  # no loop yet: counted in the scheduler's own word
+    pacer = loop.set_loop("trk", lambda: True, 1)
+    assert loop.passes == top, loop.passes
+    pacer.state[3] = top  # periods
+    pacer.state[2] = top  # overruns (every period of a 1 us loop comes late)
+    micropython.heap_lock()
+    try:
+        for _ in range(3):
+            loop.run_once()
+    finally:
+        micropython.heap_unlock()
+    assert loop.passes == 2, loop.passes
+    # (a period within the same microsecond as the last is not late: overruns may stay)
+    assert pacer.periods == 2, pacer.periods
+    assert pacer.overruns == top or pacer.overruns <= 2, pacer.overruns
+    assert loop.telemetry()["trk"]["periods"] == 2
