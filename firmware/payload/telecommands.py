@@ -130,6 +130,8 @@ class GroundLink:
         self.mission = mission
         self.products = Products(storage_root)
         self._json_sink = _JsonSink()  # housekeeping's JSON, straight into its packet
+        # the data bytes an acceptance (TM 1,1) overwrites: its request id and trailer
+        self._acceptance_overlap = bytearray(4 + ccsds.TM_TRAILER_BYTES)
         self.accepted = 0
         self.rejected = [0] * len(ccsds.REJECT_NAMES)
         self.time_offset_us = None  # UTC - board clock, once a set-time arrived
@@ -453,10 +455,7 @@ class GroundLink:
             self._accept(body, ack)
             self.bus_send(params, len(params))
         elif service == ccsds.SVC_HOUSEKEEPING and subtype == 27:
-            report = self.housekeeping_report()
-            self._accept(body, ack)  # (its report goes out through tm.buf first)
-            length = _json_into(report, self._json_sink, self.tm.buf, ccsds.TM_HEADER_BYTES)
-            self._emit(ccsds.SVC_HOUSEKEEPING, 25, length)
+            self._housekeeping(body, ack)
         elif service == ccsds.SVC_PRODUCTS and subtype == 1:
             self._list(body, params, ack)
         elif service == ccsds.SVC_PRODUCTS and subtype == 5:
@@ -478,6 +477,29 @@ class GroundLink:
         data = ccsds.TM_HEADER_BYTES
         self.tm.buf[data : data + length] = body[:length]
         self._emit(ccsds.SVC_TEST, 129, length)
+
+    def _housekeeping(self, body, ack):
+        """The report's JSON is written into the packet BEFORE the acceptance goes out:
+        json.dump can still fail on the writing pass (MemoryError: a big int's digits on
+        a 32-bit port, a fragmented heap), and then the ground gets the rejection alone,
+        not "accepted" and then "rejected" for one command. The acceptance, built in the
+        same tm.buf, overwrites the first bytes of the data field (its request id, the
+        counter, tag and PEC after it): those are kept aside, in a buffer made once, and
+        put back for the report."""
+        buf = self.tm.buf
+        at = ccsds.TM_HEADER_BYTES
+        length = _json_into(self.housekeeping_report(), self._json_sink, buf, at)
+        if ack:
+            kept = self._acceptance_overlap
+            n = min(len(kept), length)
+            for i in range(n):  # byte by byte: a slice would allocate
+                kept[i] = buf[at + i]
+            self._accept(body, ack)
+            for i in range(n):
+                buf[at + i] = kept[i]
+        else:
+            self._accept(body, ack)
+        self._emit(ccsds.SVC_HOUSEKEEPING, 25, length)
 
     def _accept(self, body, ack):
         self.accepted += 1

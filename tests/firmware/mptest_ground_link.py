@@ -418,6 +418,43 @@ def test_housekeeping_json_goes_into_its_packet_without_allocating():
     assert bytes(packet[at : at + length]) == json.dumps(report, separators=(",", ":")).encode()
 
 
+class _SinkFailingToWrite(telecommands._JsonSink):
+    """The writing pass of json.dump fails as a failed allocation makes it (a big int's
+    digits on a 32-bit port, a fragmented heap); the measuring pass works."""
+
+    def write(self, data):
+        if self.buf is not None:
+            raise MemoryError("memory allocation failed, allocating 40 bytes")
+        return super().write(data)
+
+
+def test_housekeeping_that_cannot_be_written_is_rejected_alone_not_accepted_first():
+    # The acceptance went out before the JSON was written into the packet: when that
+    # failed, the ground got "accepted" and then "rejected" for the same command (and its
+    # client, waiting for the report after the acceptance, dropped the rejection as
+    # stale and timed out). Now the JSON is written first: a single rejection.
+    key = b"h" * 32
+    link, sent = _link(_fresh_root(key), _StatusMission({"pass_running": False}))
+    link._json_sink = _SinkFailingToWrite()
+    command = _tc(key, 1, 3, 27)
+    link.handle(command)
+    assert [(p[7], p[8]) for p in sent] == [(1, 2)], [bytes(p[:9]) for p in sent]
+    data = sent[0][ccsds.TM_HEADER_BYTES : len(sent[0]) - ccsds.TM_TRAILER_BYTES]
+    assert data[:4] == command[:4]  # the request id: this command's
+    assert ccsds.get_u16(data, 4) == ccsds.REJECT_STORAGE
+    assert b"MemoryError" in data[6:], bytes(data[6:])
+    assert link.accepted == 0 and link.rejected[ccsds.REJECT_STORAGE] == 1
+    # the next one, written, goes out accepted with its whole report
+    link._json_sink = telecommands._JsonSink()
+    del sent[:]
+    link.handle(_tc(key, 2, 3, 27))
+    assert [(p[7], p[8]) for p in sent] == [(1, 1), (3, 25)], [bytes(p[:9]) for p in sent]
+    report = json.loads(sent[1][ccsds.TM_HEADER_BYTES : len(sent[1]) - ccsds.TM_TRAILER_BYTES])
+    assert report["link"]["tc_accepted"] == 0  # counted before this one's acceptance
+    assert report["link"]["tc_rejected"] == {"storage": 1}, report["link"]
+    assert report["mission"] == {"pass_running": False}
+
+
 def test_housekeeping_sheds_the_least_needed_sections_in_order_and_names_them():
     status = _bulky_status(30, filler_chars=490)
     report, length = _housekeeping_over_the_link(_StatusMission(status), OSError(5))
