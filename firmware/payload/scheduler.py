@@ -66,11 +66,11 @@ _W_PASSES = const(0)  # Scheduler.words: passes while there is no loop (wrap at 
 @micropython.viper
 def _pace(run, last: int) -> int:
     """Wait for the loop's due time, run one period (`step(step_arg)`), schedule the next;
-    returns 1 if the loop ran a period, 0 if it is idle. `last`: the pass's last call,
-    which counts the pass and calls an idle loop once (unpaced); the calls before each
-    other duty (`last` 0) do nothing while the loop is idle. Viper: its arithmetic costs a
-    few instructions, where the same in native code goes through the runtime (~100
-    each)."""
+    returns 1 if the loop spent a period (ran it, or failed it: a true return), 0 if it is
+    idle. `last`: the pass's last call, which counts the pass and calls an idle loop once
+    (unpaced); the calls before each other duty (`last` 0) do nothing while the loop is
+    idle. Viper: its arithmetic costs a few instructions, where the same in native code
+    goes through the runtime (~100 each)."""
     state = ptr32(run[_R_STATE])
     due = state[_DUE]
     if last:
@@ -121,7 +121,9 @@ class Loop:
     before each other duty of a pass, so the other duties share the time its periods
     leave; a call that comes a whole period or more late is counted in `overruns` and the
     pacing starts again from it. While `step()` returns False (the loop is idle) it is
-    called once a pass, unpaced, until it returns True."""
+    called once a pass, unpaced, until it returns true. A period that fails must return
+    true too (TrackingDuty: -1 for a failed TRACK exchange): it is a spent period, paced
+    and counted in `periods` as any, so that a stall after it is still counted late."""
 
     def __init__(self, name, step, period_us, step_arg=None):
         self.name = name
@@ -151,6 +153,7 @@ class Loop:
 
     @property
     def periods(self):
+        """Periods spent (run, or failed: the step's true return), wrapping at 2^30 - 1."""
         return self.state[_PERIODS]
 
     @property

@@ -236,10 +236,12 @@ class TrackingDuty:
     def period(self):
         """The loop's period, as the scheduler's paced loop calls it (the scheduler keeps
         the time and counts late periods: Loop.overruns): one TRACK exchange and the
-        kernel. Returns False when the loop is idle (nothing to run)."""
+        kernel. Returns False when the loop is idle (nothing to run) or the exchange
+        failed (the commands are still owed: sent with the next period)."""
         return _paced_period(self.paced_args) == 1
 
-    # native: the periods _paced_period does not take (idle, starting, no Thumb pair)
+    # native: the periods _paced_period does not take (idle, starting, no Thumb pair);
+    # returns as _paced_period does (1 ran, 0 idle, -1 failed)
     @micropython.native
     def _period_general(self):
         words = self._words
@@ -248,18 +250,18 @@ class TrackingDuty:
         if self._state == _IDLE and tracking.words_idle(words):
             if self._unsent:
                 self.flush()  # owed only if the stop's WRITE failed: retried here
-            return False  # no loop to run
+            return 0  # no loop to run
         # one TRACK: last period's commands (if owed) out, this period's sensors into io
         if self.bus.track(self._io, self._unsent) != 0:
             self.bus_errors += 1
-            return False
+            return -1
         state = _step_kernel(words, self.tracker.table, self._sin_table)
         self._state = state
         self._unsent = 1
         self.steps += 1
         if state == _IDLE:  # stopped: no next period to carry the IDLE commands
             self.flush()
-        return True
+        return 1
 
 
 @micropython.viper
@@ -268,12 +270,16 @@ def _paced_period(args) -> int:
     (request framed, reply checked and unpacked into io) and the kernel, the counters in
     the duty's and the bus's state words. Anything but a running loop and the whole reply
     as the link's next chunk goes where it went before (TrackingDuty._period_general,
-    Bus._track_general), which count and retry as before. Returns 1 if a period ran.
+    Bus._track_general), which count and retry as before. Returns 1 if a period ran, 0
+    if the loop is idle, -1 if the exchange failed: a spent period, which the scheduler
+    paces and counts as any (a true return), the commands still owed going with the next
+    one (a 0 left the loop idle: called again unpaced, its timing restarted, a stall after
+    it counted neither late nor in overruns).
     Measured on QEMU (docs/scheduling.md "The paced loop"): ~5k instructions less a
     period than the native method with the same calls."""
     d = ptr32(args[_A_DUTY])
     if d[_D_STATE] == _IDLE or d[_D_FAST] == 0:
-        return 1 if args[_A_SLOW]() else 0
+        return int(args[_A_SLOW]())
     b = ptr32(d[_D_BUS])
     n = b[_B_TRANSACTIONS]
     b[_B_TRANSACTIONS] = n + 1 if n < _COUNTER_WRAP else 0
@@ -302,7 +308,7 @@ def _paced_period(args) -> int:
     if status != 0:  # the head holds the last commands; the unsent go with the next period
         n = d[_D_BUS_ERRORS]
         d[_D_BUS_ERRORS] = n + 1 if n < _COUNTER_WRAP else 0
-        return 0
+        return -1
     state = int(_step_kernel(d[_D_WORDS], args[_A_TRACKER].table, d[_D_SIN]))
     d[_D_STATE] = state
     d[_D_UNSENT] = 1
