@@ -525,8 +525,12 @@ def _drip(
     """Sends `data` a byte every `interval_s` (each byte within a per-read timeout), each
     byte sent recorded in `dripped`; then, `then_read_s` given, reads what comes (the
     peer's hello, its hanging up) for up to that long, appending to `read_ends` how the
-    reading ended: "hung up" (the peer closed), "timed out" (it kept the connection
-    open); then hangs up. A peer that drops the connection ends it."""
+    connection ended: "hung up" (the peer closed it), "timed out" (it kept it open); then
+    hangs up. A peer that drops the connection ends it, while dripping or reading: its
+    close may show as a reset or a broken pipe rather than an end of stream (a byte of
+    ours that reached its closed socket, when this thread was held past its bound by a
+    loaded machine), and it is the same hanging up."""
+    ended = "hung up"
     with conn:
         try:
             for byte in data:
@@ -535,16 +539,14 @@ def _drip(
                 time.sleep(interval_s)
             if then_read_s is not None:
                 conn.settimeout(then_read_s)
-                try:
-                    while conn.recv(1024):
-                        pass
-                    ended = "hung up"
-                except TimeoutError:
-                    ended = "timed out"
-                if read_ends is not None:
-                    read_ends.append(ended)
+                while conn.recv(1024):
+                    pass
+        except TimeoutError:  # (an OSError: first) the peer kept the connection open
+            ended = "timed out"
         except OSError:
-            pass  # dropped by the peer
+            pass  # dropped by the peer: reset, broken pipe
+    if then_read_s is not None and read_ends is not None:
+        read_ends.append(ended)
 
 
 def _listening_alice(pool_l, await_ok: bool = False):
