@@ -51,6 +51,11 @@ _OVERRUNS = const(2)  # periods that started a whole period or more late (wrap a
 _PERIODS = const(3)  # periods run (wrap at 2^30 - 1)
 _WORST_LATE = const(4)  # the latest a period started after its due time (us): the jitter
 _PASSES = const(5)  # the scheduler's passes while it has a loop (wrap at 2^30 - 1)
+# 1: the last period failed (the step returned < 0): the loop gets one period a pass, at its
+# end, until one runs. A failed exchange may be retries + 1 bus timeouts long (40 s on the
+# QEMU boards, 2 s in flight): one before each duty of a pass was ~11 of them a pass, and the
+# watchdog, fed once a pass, reset the controller whenever the head fell silent in a pass.
+_FAILING = const(6)
 
 
 # Scheduler._run, the paced loop's call in one list (set_loop): indexing it in viper costs
@@ -66,17 +71,18 @@ _W_PASSES = const(0)  # Scheduler.words: passes while there is no loop (wrap at 
 @micropython.viper
 def _pace(run, last: int) -> int:
     """Wait for the loop's due time, run one period (`step(step_arg)`), schedule the next;
-    returns 1 if the loop spent a period (ran it, or failed it: a true return), 0 if it is
-    idle. `last`: the pass's last call, which counts the pass and calls an idle loop once
-    (unpaced); the calls before each other duty (`last` 0) do nothing while the loop is
-    idle. Viper: its arithmetic costs a few instructions, where the same in native code
-    goes through the runtime (~100 each)."""
+    returns 1 if the loop spent a period (ran it, or failed it: a negative return), 0 if it
+    is idle. `last`: the pass's last call, which counts the pass and calls an idle loop
+    once (unpaced); the calls before each other duty (`last` 0) do nothing while the loop
+    is idle or failing (_FAILING: then only the pass's last call runs a period). Viper:
+    its arithmetic costs a few instructions, where the same in native code goes through
+    the runtime (~100 each)."""
     state = ptr32(run[_R_STATE])
     due = state[_DUE]
     if last:
         n = state[_PASSES]
         state[_PASSES] = n + 1 if n < 0x3FFFFFFF else 0
-    elif due == -1:
+    elif due == -1 or state[_FAILING] != 0:
         return 0
     ticks = run[_R_TICKS]
     ticks_arg = run[_R_TICKS_ARG]
@@ -98,11 +104,13 @@ def _pace(run, last: int) -> int:
     else:
         due = now
     state[_DUE] = -1  # idle unless the step runs a period (and if it raises)
-    if not run[_R_STEP](run[_R_STEP_ARG]):
+    ran = int(run[_R_STEP](run[_R_STEP_ARG]))
+    if ran == 0:
         return 0
     state[_DUE] = (due + state[_PERIOD]) & 0x3FFFFFFF
     n = state[_PERIODS]
     state[_PERIODS] = n + 1 if n < 0x3FFFFFFF else 0
+    state[_FAILING] = 1 if ran < 0 else 0
     return 1
 
 
@@ -112,7 +120,7 @@ def _address(buf: ptr8) -> uint:
 
 
 def _call(step):
-    return step()
+    return int(step() or 0)  # (True 1, False or None 0, a failed period's -1 kept)
 
 
 class Loop:
@@ -122,8 +130,10 @@ class Loop:
     leave; a call that comes a whole period or more late is counted in `overruns` and the
     pacing starts again from it. While `step()` returns False (the loop is idle) it is
     called once a pass, unpaced, until it returns true. A period that fails must return
-    true too (TrackingDuty: -1 for a failed TRACK exchange): it is a spent period, paced
-    and counted in `periods` as any, so that a stall after it is still counted late."""
+    true too, a negative int (TrackingDuty: -1 for a failed TRACK exchange): it is a spent
+    period, paced and counted in `periods` as any, so that a stall after it is still
+    counted late; until a period runs again the loop gets one period a pass, at the pass's
+    end, not one before each duty (a failed exchange can be several bus timeouts long)."""
 
     def __init__(self, name, step, period_us, step_arg=None):
         self.name = name
@@ -131,7 +141,7 @@ class Loop:
             step, step_arg = _call, step
         self.step = step
         self.step_arg = step_arg
-        self.state = array.array("i", (-1, period_us, 0, 0, 0, 0))
+        self.state = array.array("i", (-1, period_us, 0, 0, 0, 0, 0))
         self.errors = 0
         self.last_error = None
 

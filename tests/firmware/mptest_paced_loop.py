@@ -155,6 +155,84 @@ def test_a_failed_period_is_paced_and_a_stall_after_it_counted_late():
         assert abs(failed[1] - good[1]) <= 100, (good, failed)
 
 
+def test_a_dead_head_costs_one_failed_exchange_a_pass_not_one_a_duty():
+    # A failed period is paced (ef6c74e), and the paced loop runs before every other duty
+    # of a pass: with the head silent each of those calls was a whole failed exchange
+    # (retries + 1 bus timeouts: 40 s on the QEMU boards, 2 s in flight), one a duty, so a
+    # pass of the mission's ~11 duties blocked ~11 of them (440 s on QEMU, 22 s in flight)
+    # and the watchdog, fed once a pass, reset the controller (60 s, 32 s, flight 8 s). A
+    # failing loop gets one period a pass, at the pass's end, paced (counted late), until
+    # an exchange succeeds. Here: 5 other duties, a 2 ms bus timeout, the head silent
+    # (before the fix: 6 failed exchanges a pass).
+    import gc
+    import struct
+
+    from payload import bus, framing, scheduler, tracking, tracking_duty
+
+    class Loopback:  # answers each TRACK request with a reply of its tag unless silent
+        def __init__(self):
+            self.pending = None
+            self.silent = False
+
+        def write(self, data):
+            reply[1] = client._tag
+            self.pending = None if self.silent else writer.encode(reply, len(reply))
+            return len(data)
+
+        def readinto(self, buf):
+            p = self.pending
+            if p is None:
+                return 0
+            self.pending = None
+            for i in range(len(p)):
+                buf[i] = p[i]
+            return len(p)
+
+    t = tracking.Tracker()
+    t.load_predictions([[0, 0, 0, 0, 0, 0, -50000, 0]] * 4)
+    link = Loopback()
+    client = bus.Bus(link, board.clock, timeout_us=2000)
+    duty = tracking_duty.TrackingDuty(client, t)
+    writer = framing.FrameWriter(64)
+    sensors = struct.pack("<4HB7I", 3000, 3300, 2900, 3200, 1, 0, 0, 5000, 0, 0, 0, 0)
+    reply = bytearray(bytes([0x88, 0, 0]) + sensors)
+    t.start()
+    for _ in range(40):
+        duty.step()
+    assert t.state == tracking.FINE, t.state
+    loop = scheduler.Scheduler(board.clock)
+    for name in ("a", "b", "c", "d", "e"):
+        loop.add(name, lambda: False)
+    period, period_arg = duty.paced_step()
+    pacer = loop.set_loop("trk", period, 2000, period_arg)
+    for _ in range(3):
+        loop.run_once()
+    assert pacer.pacing and duty.bus_errors == 0, (pacer.pacing, duty.bus_errors)
+    link.silent = True
+    timeouts = []
+    for _ in range(4):
+        before = client.timeouts
+        loop.run_once()
+        timeouts.append(client.timeouts - before)
+    failing_errors = duty.bus_errors
+    assert pacer.pacing and pacer.errors == 0, (pacer.pacing, pacer.last_error)
+    link.silent = False  # the head answers again: the loop is paced before every duty
+    for _ in range(3):
+        loop.run_once()
+    steps = duty.steps
+    periods = pacer.periods
+    loop.run_once()
+    ran = (duty.steps - steps, pacer.periods - periods)
+    del t, loop, duty, client, link
+    gc.collect()
+    # the first silent pass: the period before the first duty and the pass's last one (as
+    # before ef6c74e, when a failed period left the loop idle); then one a pass
+    assert timeouts == [2, 1, 1, 1] and failing_errors == 5, (timeouts, failing_errors)
+    # recovered: a period before each of the 5 duties and one at the pass's end (a duty
+    # call comes before its due time and waits for it)
+    assert ran == (6, 6), ran
+
+
 def test_a_loop_started_from_idle_is_not_counted_late():
     # idle is the due word -1: a 64-bit build's ptr32 load read it as 2^32 - 1, a due time,
     # and the start counted an overrun (unix, before the fix); a 1 us period makes any due
