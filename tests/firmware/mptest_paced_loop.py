@@ -12,6 +12,55 @@ def _wrapped_us(a, b):
     return (b - a) & 0x3FFFFFFF
 
 
+def _duty_in_fine_tracking(timeout_us):
+    """A tracking duty whose Tracker is in FINE, over a loopback head that answers each TRACK
+    request with a reply of its tag, framed on write (one reply framed per request, not one
+    per tag made beforehand: the 256 frames found no block on the STM32 board at 85 % of its
+    heap). The head's `status` applies to the next request, once (an error status comes
+    without the sensor block); a `silent` head answers nothing. Returns the Tracker, the
+    link, the bus client and the duty."""
+    import struct
+
+    from payload import bus, framing, tracking, tracking_duty
+
+    class Loopback:
+        def __init__(self):
+            self.pending = None
+            self.status = 0  # the head's status for the next request, once (0: OK)
+            self.silent = False
+
+        def write(self, data):
+            reply[1] = client._tag
+            reply[2] = self.status
+            length = len(reply) if self.status == 0 else 3
+            self.pending = None if self.silent else writer.encode(reply, length)
+            self.status = 0
+            return len(data)
+
+        def readinto(self, buf):
+            p = self.pending
+            if p is None:
+                return 0
+            self.pending = None
+            for i in range(len(p)):
+                buf[i] = p[i]
+            return len(p)
+
+    t = tracking.Tracker()
+    t.load_predictions([[0, 0, 0, 0, 0, 0, -50000, 0]] * 4)
+    link = Loopback()
+    client = bus.Bus(link, board.clock, timeout_us=timeout_us)
+    duty = tracking_duty.TrackingDuty(client, t)
+    writer = framing.FrameWriter(64)
+    sensors = struct.pack("<4HB7I", 3000, 3300, 2900, 3200, 1, 0, 0, 5000, 0, 0, 0, 0)
+    reply = bytearray(bytes([0x88, 0, 0]) + sensors)
+    t.start()
+    for _ in range(40):
+        duty.step()
+    assert t.state == tracking.FINE, t.state
+    return t, link, client, duty
+
+
 def test_the_paced_loop_keeps_its_period_and_counts_late_periods():
     from payload import scheduler
 
@@ -65,42 +114,10 @@ def test_a_failed_period_is_paced_and_a_stall_after_it_counted_late():
     # busy-waits 2.5 periods right after a period whose exchange succeeds, then right after
     # one that fails (the head answers with an error status).
     import gc
-    import struct
 
-    from payload import bus, framing, scheduler, tracking, tracking_duty
+    from payload import scheduler, tracking
 
-    class Loopback:  # answers each TRACK request with a reply of its tag, framed on write
-        def __init__(self):
-            self.pending = None
-            self.status = 0  # the head's status for the next request, once (0: OK)
-
-        def write(self, data):
-            reply[1] = client._tag
-            reply[2] = self.status  # an error status comes without the sensor block
-            self.pending = writer.encode(reply, len(reply) if self.status == 0 else 3)
-            self.status = 0
-            return len(data)
-
-        def readinto(self, buf):
-            p = self.pending
-            for i in range(len(p)):
-                buf[i] = p[i]
-            return len(p)
-
-    t = tracking.Tracker()
-    t.load_predictions([[0, 0, 0, 0, 0, 0, -50000, 0]] * 4)
-    link = Loopback()
-    client = bus.Bus(link, board.clock, timeout_us=1_000_000)
-    duty = tracking_duty.TrackingDuty(client, t)
-    writer = framing.FrameWriter(64)
-    sensors = struct.pack("<4HB7I", 3000, 3300, 2900, 3200, 1, 0, 0, 5000, 0, 0, 0, 0)
-    # (one reply framed per request, not one per tag made beforehand: the 256 frames found
-    # no block on the STM32 board at 85 % of its heap)
-    reply = bytearray(bytes([0x88, 0, 0]) + sensors)
-    t.start()
-    for _ in range(40):
-        duty.step()
-    assert t.state == tracking.FINE, t.state
+    t, link, client, duty = _duty_in_fine_tracking(timeout_us=1_000_000)
     period_us = 2000
     stall = [0]
     overruns_before = [0]
@@ -165,42 +182,11 @@ def test_a_dead_head_costs_one_failed_exchange_a_pass_not_one_a_duty():
     # an exchange succeeds. Here: 5 other duties, a 2 ms bus timeout, the head silent
     # (before the fix: 6 failed exchanges a pass).
     import gc
-    import struct
 
     import micropython
-    from payload import bus, framing, scheduler, tracking, tracking_duty
+    from payload import scheduler
 
-    class Loopback:  # answers each TRACK request with a reply of its tag unless silent
-        def __init__(self):
-            self.pending = None
-            self.silent = False
-
-        def write(self, data):
-            reply[1] = client._tag
-            self.pending = None if self.silent else writer.encode(reply, len(reply))
-            return len(data)
-
-        def readinto(self, buf):
-            p = self.pending
-            if p is None:
-                return 0
-            self.pending = None
-            for i in range(len(p)):
-                buf[i] = p[i]
-            return len(p)
-
-    t = tracking.Tracker()
-    t.load_predictions([[0, 0, 0, 0, 0, 0, -50000, 0]] * 4)
-    link = Loopback()
-    client = bus.Bus(link, board.clock, timeout_us=2000)
-    duty = tracking_duty.TrackingDuty(client, t)
-    writer = framing.FrameWriter(64)
-    sensors = struct.pack("<4HB7I", 3000, 3300, 2900, 3200, 1, 0, 0, 5000, 0, 0, 0, 0)
-    reply = bytearray(bytes([0x88, 0, 0]) + sensors)
-    t.start()
-    for _ in range(40):
-        duty.step()
-    assert t.state == tracking.FINE, t.state
+    t, link, client, duty = _duty_in_fine_tracking(timeout_us=2000)
     loop = scheduler.Scheduler(board.clock)
     for name in ("a", "b", "c", "d", "e"):
         loop.add(name, lambda: False)
