@@ -286,6 +286,10 @@ class Bus:
     def error_status(self, value):
         self.state[B_ERROR_STATUS] = value & COUNTER_WRAP
 
+    @property
+    def track_replies(self):
+        return self.state[B_TRACK_REPLIES]
+
     # ---------------------------------------------------------------- request builders
     # Each fills self.req and returns the body length; tested against golden vectors.
 
@@ -575,6 +579,8 @@ class Bus:
             "retransmissions": self.retransmissions,
             "bad_replies": self.bad_replies,
             "error_status": self.error_status,
+            # pass-mode TRACK replies the paced period took: not in rx.frames_ok
+            "track_replies": self.track_replies,
             "unsolicited": self.unsolicited,
             "frames_dropped": {
                 framing.DROP_REASONS[i]: drops[i] for i in range(len(framing.DROP_REASONS))

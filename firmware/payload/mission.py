@@ -264,6 +264,9 @@ class Mission:
                 "retransmissions": bus.retransmissions,
                 "bad_replies": bus.bad_replies,
                 "error_status": bus.error_status,
+                # TRACK replies of the paced loop (Bus.counters' track_replies; not
+                # counted in frames): a short name, the report is near its packet's limit
+                "track": bus.track_replies,
                 "frames_dropped": bus.rx.dropped(),
             },
             "storage": self.store.status(),

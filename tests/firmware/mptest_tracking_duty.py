@@ -55,3 +55,45 @@ def test_a_tracking_period_allocates_nothing_once_its_counters_pass_a_small_int(
         micropython.heap_unlock()
     assert duty.steps == 2 and duty.overruns == 2, (duty.steps, duty.overruns)
     assert t.state == tracking.FINE and duty.bus_errors == 0
+
+
+def test_every_track_reply_of_the_paced_loop_is_in_the_bus_counters():
+    # The paced period counts its TRACK replies in the bus's state word B_TRACK_REPLIES,
+    # not in rx.frames_ok (the Thumb pair checks the frame itself); the word was in no
+    # counters() and no housekeeping, so a pass's TRACK replies appeared in no telemetry.
+    # Every reply a period took is in one of the two counters, whichever path took it.
+    import struct
+
+    from payload import bus, framing, tracking, tracking_duty
+
+    class Loopback:  # answers each TRACK request with the reply of its tag
+        def __init__(self):
+            self.pending = None
+
+        def write(self, data):
+            reply[1] = client._tag
+            self.pending = writer.encode(reply, len(reply))
+            return len(data)
+
+        def readinto(self, buf):
+            p = self.pending
+            for i in range(len(p)):
+                buf[i] = p[i]
+            return len(p)
+
+    t = tracking.Tracker()
+    t.load_predictions([[0, 0, 0, 0, 0, 0, -50000, 0]] * 4)
+    client = bus.Bus(Loopback(), board.clock, timeout_us=1_000_000)
+    duty = tracking_duty.TrackingDuty(client, t)
+    writer = framing.FrameWriter(64)
+    sensors = struct.pack("<4HB7I", 3000, 3300, 2900, 3200, 1, 0, 0, 5000, 0, 0, 0, 0)
+    reply = bytearray(bytes([0x88, 0, 0]) + sensors)
+    t.start()
+    period, period_arg = duty.paced_step()
+    for _ in range(40):
+        assert period(period_arg) == 1
+    counters = client.counters()
+    assert duty.steps == 40 and duty.bus_errors == 0, (duty.steps, duty.bus_errors)
+    assert counters["track_replies"] + client.rx.frames_ok == 40, counters
+    if duty.state[4]:  # the fast path took every period after the start's
+        assert counters["track_replies"] >= 39, counters
