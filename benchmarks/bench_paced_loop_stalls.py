@@ -1,0 +1,115 @@
+"""The paced tracking loop during an emulated pass on QEMU MPS2 with -icount (make bench):
+which duties run while the loop is paced, the longest call of each, and the loop's
+periods, overruns and worst lateness, read from housekeeping (docs/scheduling.md,
+"Stalls of the paced loop in a pass").
+
+    .venv/bin/python -m pytest -q benchmarks/bench_paced_loop_stalls.py -s
+
+The real firmware image, the emulated optical head with the tracking plant behind its
+0x0500 block over the payload bus (TCP), the authenticated ground link: configure (a
+full-pass prediction upload and a pass configuration with a tracking section), start,
+RUN_S seconds, housekeeping, stop. -icount shift=0: 1 ns of virtual time an
+instruction, so a duty's worst_us * 1000 is the instructions its longest call held the
+CPU, the spin waiting for the emulated head's bus bytes included (QEMU's UART hands the
+guest its bytes at the host's pace: that wait is not CPU work and is not the flight
+bus's speed). Figures are printed, not asserted: they depend on the host's load.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from emulator import pattern_generator
+from emulator.optical_head import HeadServer, OpticalHead, TdcSources
+from emulator.optical_plant import OpticalPlant, PlantParams, prediction_table
+from emulator.payload_run import payload_session
+from emulator.tracking_lockstep import TrackingHead
+from host.protocol import tracking as trk
+
+RUN_S = 20.0
+QEMU_ICOUNT_SHIFT = 0  # 1 ns of virtual time per instruction
+MCU_HZ = 25_000_000
+# The mission's satellite TDC sources in a controller-sequenced pass (host/mission/run.py:
+# the sync laser at the profiles' 10 kHz, the beacon's timing channel at 1 kHz)
+MISSION_SOURCES = TdcSources(sync_rate_hz=1e4, beacon_rate_hz=1e3)
+
+
+def measure_pass(mode: str, sources: TdcSources, run_s: float = RUN_S) -> dict:
+    """Housekeeping's mission status during the pass (after run_s) and after stop."""
+    params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))
+    plant = OpticalPlant(params, 120.0)
+    # head generation: the head's clock follows the wall clock (nothing in the pass polls
+    # a bank, which is what advances a lockstep head); controller: lockstep, as run_pass
+    head = TrackingHead(
+        seed=5,
+        fifo_depth=2048,
+        sources=sources,
+        pps_period_ps=10**12,
+        time_scale=1.0 if mode == "head" else None,
+    )
+    head.attach(plant)
+    if mode == "head":  # TrackingHead.attach takes the plant: the generator's block by hand
+        generator = pattern_generator.PatternGenerator(head)
+        OpticalHead.attach(head, pattern_generator.BASE, generator)
+        head.pattern_memory = generator.memory
+    chunks, reference = trk.prediction_upload(prediction_table(params, 400.0))
+    config = {
+        "intensity_probabilities": [0.5, 0.25, 0.25],
+        "basis_probability_z": 0.7,
+        # head: the mission's 100 MHz source; controller: within its rated 10 k slots/s
+        "slot_rate_hz": 100_000_000 if mode == "head" else 10_000,
+        "frame_slots": 4096,
+        "pps_period_ps": 10**12,
+        "tdc": {"bursts_per_step": 1},
+        "pattern_generation": mode,
+        "tracking": {"parameters": {}, "predictions": reference},
+    }
+    with HeadServer(head) as server:
+        with payload_session("qemu", server.address, icount_shift=QEMU_ICOUNT_SHIFT) as (
+            _target,
+            payload,
+        ):
+            for chunk in chunks:
+                payload.configure(chunk)
+            payload.configure(config)
+            payload.start()
+            time.sleep(run_s)
+            during = payload.housekeeping()["mission"]
+            payload.stop()
+            after = payload.housekeeping()["mission"]
+    return {"during": during, "after": after, "plant_periods": plant.k}
+
+
+def _report(title: str, r: dict) -> None:
+    during = r["during"]
+    state, steps, bus_errors, _, _, overruns = during["tracking"]
+    print(f"\n[{title}] {RUN_S:.0f} s of host time, -icount shift={QEMU_ICOUNT_SHIFT}")
+    print(f"  loop: {steps} periods, {overruns} overruns, worst lateness "
+          f"{during['worst_us']['trk']:,} us of virtual time, state {state}, "
+          f"bus errors {bus_errors}")  # fmt: skip
+    tdc = during["tdc"]
+    print(f"  tdc: {tdc['events_accepted']} events taken, {tdc['lost']} lost (FIFO overflow); "
+          f"sequencer frames sent {during['sequencer']['frames_sent']}")  # fmt: skip
+    print(
+        "  longest call of each duty (instructions, waits on the bus included; "
+        "ms at 25 MHz if it were all CPU):"
+    )
+    for name, worst_us in sorted(during["worst_us"].items(), key=lambda kv: -kv[1]):
+        if name == "trk":
+            continue
+        instructions = worst_us * 1000
+        print(f"    {name:10s} {instructions / 1e6:8.2f} M  {instructions / MCU_HZ * 1e3:8.1f} ms")
+
+
+@pytest.mark.parametrize(
+    "mode, sources, title",
+    [
+        ("head", TdcSources(), "head generation (the mission's default), TDC: PPS only"),
+        ("head", MISSION_SOURCES, "head generation, TDC at 11 k events/s"),
+        ("controller", MISSION_SOURCES, "controller sequencing, TDC at 11 k events/s"),
+    ],
+)
+def test_bench_paced_loop_stalls_in_a_pass_on_qemu(mode, sources, title):
+    _report(title, measure_pass(mode, sources))
