@@ -146,11 +146,14 @@ class Mission:
             )
         tracker = None
         if "tracking" in config:
+            rate_limit_hz = getattr(self.board, "TRACKING_LOOP_RATE_HZ", 0)
             tracker = _tracker_from(
-                config["tracking"],
-                getattr(self, "_predictions", None),
-                getattr(self.board, "TRACKING_LOOP_RATE_HZ", 0),
+                config["tracking"], getattr(self, "_predictions", None), rate_limit_hz
             )
+            from payload import tracking_duty
+
+            # a rate that needs the loop's fast path is refused when it is off
+            tracking_duty.TrackingDuty.check_loop_rate(self.bus, tracker, rate_limit_hz)
         # head generation: the FPGA maps at the slot clock, the controller's capacity does
         # not bound the slot rate
         self.sequencer.configure(config, 0 if generation == "head" else scale)

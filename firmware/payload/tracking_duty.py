@@ -68,6 +68,9 @@ _A_FLUSH = const(8)  # TrackingDuty.flush
 _A_IO = const(9)  # Tracker.io (for the general path)
 _ARGS = const(10)
 _ADDRESS_LIMIT = const(0x3FFFFFFF)  # a small int on a 32-bit port
+# The rate the general period sustains on the MCU targets (~16k instructions a period on
+# the MPS2 against 21,250 at 1 kHz; docs/scheduling.md "The paced loop")
+_GENERAL_PATH_RATE_HZ = const(1000)
 
 
 # A READ_WRITE period's copy of bus.words into io (the pass-mode bench's baseline; the
@@ -115,6 +118,40 @@ class TrackingDuty:
         args[_A_FLUSH] = self.flush
         self.attach(tracker)
 
+    # (static methods, not module functions: the module's globals, which _paced_period
+    # looks up every period, stay as they were)
+    @staticmethod
+    def _fast_path_fault(bus, tracker, d):
+        """None if the paced period can take the fast path with this bus and tracker
+        (their buffers' addresses written into d), else the reason it cannot."""
+        if bus._track_ctx is None:
+            return "no Thumb TRACK pair on this port"
+        for i, buf in ((_D_IO, tracker.io), (_D_WORDS, tracker.words),
+                       (_D_SIN, tracker.sin_table), (_D_CTX, bus._track_ctx),
+                       (_D_CHUNK, bus._chunk), (_D_BUS, bus.state)):  # fmt: skip
+            address = _bus._address(buf)
+            if address > _ADDRESS_LIMIT:
+                return "a loop buffer at 0x%x, above 2^30 - 1" % address
+            d[i] = address
+        return None
+
+    @staticmethod
+    def check_loop_rate(bus, tracker, rate_limit_hz):
+        """Refuse (tracking.ConfigError) a tracker whose loop rate needs the fast path on
+        a board whose pass-mode rate (board.TRACKING_LOOP_RATE_HZ) assumes it, when the
+        fast path is off: the general period does not fit a period above 1 kHz, and the
+        loop would lag silently (docs/scheduling.md "Without the fast path")."""
+        rate_hz = 1_000_000 // tracker.cfg[0]
+        if rate_limit_hz <= _GENERAL_PATH_RATE_HZ or rate_hz <= _GENERAL_PATH_RATE_HZ:
+            return
+        d = array.array("i", bytes(4 * _D_COUNT))
+        error = TrackingDuty._fast_path_fault(bus, tracker, d)
+        if error is not None:
+            raise tracking.ConfigError(
+                "tracking.parameters.loop_rate_hz: %d Hz needs the loop's fast path, off "
+                "on this controller (%s); at most %d Hz" % (rate_hz, error, _GENERAL_PATH_RATE_HZ)
+            )
+
     def attach(self, tracker):
         self.tracker = tracker
         self._commands = memoryview(tracker.io)[tracking.IO_FSM_X : tracking.IO_FSM_X + 7]
@@ -127,20 +164,8 @@ class TrackingDuty:
         args[_A_IO] = tracker.io
         # the whole period in one viper call where the Thumb pair is (and the buffers'
         # addresses are small ints, true of the MCU targets' RAM); elsewhere the general
-        # period, with the same calls in native code
-        bus = self.bus
-        fast = 0
-        if bus._track_ctx is not None:
-            d = self.state
-            fast = 1
-            for i, buf in ((_D_IO, tracker.io), (_D_WORDS, tracker.words),
-                           (_D_SIN, tracker.sin_table), (_D_CTX, bus._track_ctx),
-                           (_D_CHUNK, bus._chunk), (_D_BUS, bus.state)):  # fmt: skip
-                address = _bus._address(buf)
-                if address > _ADDRESS_LIMIT:
-                    fast = 0
-                else:
-                    d[i] = address
+        # period, with the same calls in native code (reported: telemetry's "fast")
+        fast = 1 if self._fast_path_fault(self.bus, tracker, self.state) is None else 0
         self.state[_D_FAST] = fast
         self._unsent = 0
         self._state = tracker.state
@@ -192,14 +217,16 @@ class TrackingDuty:
             "transitions": t.transition_count(),
             "telemetry_lost": t.telemetry_lost(),
             "overruns": self.late_periods(),
+            "fast": self.state[_D_FAST],  # 0: the general period (check_loop_rate)
         }
 
     def status(self):
         """Compact: [state, steps, bus errors, transitions, telemetry samples lost,
-        overruns (periods that came late)]."""
+        overruns (periods that came late), fast (1: the paced period's fast path)]."""
         t = self.tracker
         return [tracking.STATE_NAMES[t.state], self.steps, self.bus_errors,
-                t.transition_count(), t.telemetry_lost(), self.late_periods()]  # fmt: skip
+                t.transition_count(), t.telemetry_lost(), self.late_periods(),
+                self.state[_D_FAST]]  # fmt: skip
 
     def late_periods(self):
         """Periods that came late: counted by the scheduler's pacing when it paces the

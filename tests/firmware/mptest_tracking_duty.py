@@ -97,3 +97,60 @@ def test_every_track_reply_of_the_paced_loop_is_in_the_bus_counters():
     assert counters["track_replies"] + client.rx.frames_ok == 40, counters
     if duty.state[4]:  # the fast path took every period after the start's
         assert counters["track_replies"] >= 39, counters
+
+
+def test_the_loop_reports_its_path_and_a_rate_that_needs_the_fast_path_is_refused_without_it():
+    # With a buffer above 2^30 - 1 (a board's external SDRAM) attach turned the fast path
+    # off and the loop ran the general period, ~16k instructions on the MPS2 against the
+    # 10,625 of a 2 kHz period, silently. Here the address of the tracker's io reads as one
+    # above 2^30 (QEMU's and the STM32's RAM lie below it); the unix port has no Thumb pair.
+    import gc
+
+    from payload import bus, tracking, tracking_duty
+
+    class Silent:
+        def write(self, data):
+            return len(data)
+
+        def readinto(self, buf):
+            return 0
+
+    rows = [[0, 0, 0, 0, 0, 0, -50000, 0]] * 4
+    t = tracking.Tracker()
+    t.load_predictions(rows)
+    client = bus.Bus(Silent(), board.clock, timeout_us=1000)
+    duty = tracking_duty.TrackingDuty(client, t)
+    thumb = client._track_ctx is not None
+    assert duty.telemetry()["fast"] == (1 if thumb else 0) == duty.status()[6]
+    board_rate_hz = getattr(board, "TRACKING_LOOP_RATE_HZ", 0)
+    tracking_duty.TrackingDuty.check_loop_rate(
+        client, t, board_rate_hz
+    )  # the pass as configured today
+    address = bus._address
+    io = t.io
+
+    def sdram_address(buf):
+        return 0x40000000 if buf is io else address(buf)
+
+    bus._address = sdram_address
+    try:
+        duty.attach(t)
+        assert duty.telemetry()["fast"] == 0 == duty.status()[6], duty.telemetry()
+        try:
+            tracking_duty.TrackingDuty.check_loop_rate(
+                client, t, 2000
+            )  # a 2 kHz board's pass at 2 kHz
+            raise AssertionError("a 2 kHz loop accepted without its fast path")
+        except tracking.ConfigError as error:
+            text = str(error)
+            assert "loop_rate_hz" in text and "fast path" in text and "1000 Hz" in text, text
+            assert ("0x40000000" if thumb else "no Thumb") in text, text
+        del duty, t, io
+        gc.collect()  # (one Tracker at a time: 8.6 KiB each in the STM32 board's heap)
+        slow = tracking.Tracker(tracking.parameters_for_rate({}, 1000))
+        io = slow.io
+        tracking_duty.TrackingDuty.check_loop_rate(
+            client, slow, 2000
+        )  # 1 kHz: the general path's rate
+    finally:
+        bus._address = address
