@@ -84,11 +84,11 @@ def measure_pass(mode: str, sources: TdcSources, run_s: float = RUN_S) -> dict:
 
 def _report(title: str, r: dict) -> None:
     during = r["during"]
-    state, steps, bus_errors, _, _, overruns = during["tracking"]
+    state, steps, bus_errors, _, _, overruns, fast = during["tracking"]
     print(f"\n[{title}] {RUN_S:.0f} s of host time, -icount shift={QEMU_ICOUNT_SHIFT}")
     print(f"  loop: {steps} periods, {overruns} overruns, worst lateness "
           f"{during['worst_us']['trk']:,} us of virtual time, state {state}, "
-          f"bus errors {bus_errors}")  # fmt: skip
+          f"bus errors {bus_errors}, fast path {fast}")  # fmt: skip
     tdc = during["tdc"]
     print(f"  tdc: {tdc['events_accepted']} events taken, {tdc['lost']} lost (FIFO overflow); "
           f"sequencer frames sent {during['sequencer']['frames_sent']}")  # fmt: skip
