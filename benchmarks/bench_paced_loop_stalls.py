@@ -34,6 +34,28 @@ MCU_HZ = 25_000_000
 # The mission's satellite TDC sources in a controller-sequenced pass (host/mission/run.py:
 # the sync laser at the profiles' 10 kHz, the beacon's timing channel at 1 kHz)
 MISSION_SOURCES = TdcSources(sync_rate_hz=1e4, beacon_rate_hz=1e3)
+# Counts the garbage collections: one more duty (last in a pass) that sees the free heap
+# grow (only a collection frees blocks here) and keeps the count where the status carries
+# it, in its own worst_us: collections * 1000 + kB live after the latest (a housekeeping
+# packet has no room for more fields; the duty's own calls take a few us).
+GC_WATCH = """
+import gc
+from payload import mission as _mission
+_duties = _mission.Mission.duties
+_gcw = [0, 0, None]
+def _watch():
+    free = gc.mem_free()
+    grew = free > _gcw[1] + 2048
+    _gcw[1] = free
+    if grew:
+        _gcw[0] += 1
+        _gcw[2].worst_us = _gcw[0] * 1000 + gc.mem_alloc() // 1024
+    return False
+def _duties_watched(self, sched):
+    _duties(self, sched)
+    _gcw[2] = sched.add("gcw", _watch)
+_mission.Mission.duties = _duties_watched
+"""
 
 
 def measure_pass(mode: str, sources: TdcSources, run_s: float = RUN_S) -> dict:
@@ -67,19 +89,25 @@ def measure_pass(mode: str, sources: TdcSources, run_s: float = RUN_S) -> dict:
         "tracking": {"parameters": {}, "predictions": reference},
     }
     with HeadServer(head) as server:
-        with payload_session("qemu", server.address, icount_shift=QEMU_ICOUNT_SHIFT) as (
-            _target,
-            payload,
-        ):
+        with payload_session(
+            "qemu", server.address, icount_shift=QEMU_ICOUNT_SHIFT, before_app=GC_WATCH
+        ) as (_target, payload):
             for chunk in chunks:
                 payload.configure(chunk)
             payload.configure(config)
             payload.start()
+            started = payload.housekeeping()["mission"]
             time.sleep(run_s)
             during = payload.housekeeping()["mission"]
             payload.stop()
             after = payload.housekeeping()["mission"]
-    return {"during": during, "after": after, "plant_periods": plant.k}
+    return {"started": started, "during": during, "after": after, "plant_periods": plant.k}
+
+
+def _collections(status: dict) -> tuple[int, int]:
+    """(collections so far, kB live after the latest) from the gcw duty's worst_us."""
+    code = status["worst_us"]["gcw"]
+    return code // 1000, code % 1000
 
 
 def _report(title: str, r: dict) -> None:
@@ -90,6 +118,12 @@ def _report(title: str, r: dict) -> None:
           f"{during['worst_us']['trk']:,} us of virtual time, state {state}, "
           f"bus errors {bus_errors}, fast path {fast}")  # fmt: skip
     tdc = during["tdc"]
+    collections, live = _collections(during)
+    before, _ = _collections(r["started"])
+    print(
+        f"  garbage collections during the pass: {collections - before} "
+        f"({live} kB live after the latest)"
+    )
     print(f"  tdc: {tdc['events_accepted']} events taken, {tdc['lost']} lost (FIFO overflow); "
           f"sequencer frames sent {during['sequencer']['frames_sent']}")  # fmt: skip
     print(
@@ -97,7 +131,7 @@ def _report(title: str, r: dict) -> None:
         "ms at 25 MHz if it were all CPU):"
     )
     for name, worst_us in sorted(during["worst_us"].items(), key=lambda kv: -kv[1]):
-        if name == "trk":
+        if name in ("trk", "gcw"):
             continue
         instructions = worst_us * 1000
         print(f"    {name:10s} {instructions / 1e6:8.2f} M  {instructions / MCU_HZ * 1e3:8.1f} ms")
@@ -113,3 +147,43 @@ def _report(title: str, r: dict) -> None:
 )
 def test_bench_paced_loop_stalls_in_a_pass_on_qemu(mode, sources, title):
     _report(title, measure_pass(mode, sources))
+
+
+# What a record's commit holds the CPU on littlefs over the QEMU board's NOR model: the
+# duties that log without touching the bus (clock, epochs, trk-tm) stall the loop this long
+STORAGE_COMMITS = """
+import board, os
+from payload import storage
+clock = board.clock
+root = board.mount_storage() + "/stalls%d" % clock.ticks_us()
+os.mkdir(root)
+store = storage.Storage(root)
+for name, size, batched in (("clock", 28, False), ("hk", 200, False), ("tdc", 2047, True)):
+    log = store.open_log(name, storage.KIND_CLOCK_DISCIPLINE, size, batched=batched)
+    data = bytes(size)
+    worst = total = 0
+    for _ in range(24):
+        t0 = clock.ticks_us()
+        log.append(data)
+        took = (clock.ticks_us() - t0) & 0x3FFFFFFF
+        total += took
+        worst = max(worst, took)
+    print("@@commit", name, size, int(batched), total // 24, worst)
+"""
+
+
+def test_bench_record_commit_on_littlefs_on_qemu():
+    from emulator.targets import QemuTarget
+    from host.deploy.raw_repl import RawRepl
+
+    with QemuTarget(boot="maintenance", icount_shift=QEMU_ICOUNT_SHIFT) as target:
+        with RawRepl(target.ground_port, timeout_s=60.0) as repl:
+            output = repl.exec(STORAGE_COMMITS, timeout_s=600)
+    print("\n[qemu MPS2-AN385, one record appended to a fresh log on littlefs, -icount]")
+    for line in output.splitlines():
+        if line.startswith("@@commit"):
+            _, name, size, batched, mean_us, worst_us = line.split()
+            sync = "batched (a sync per 8)" if batched == "1" else "synced"
+            print(f"  {name:6s} {size:>5s} bytes {sync:22s} mean {int(mean_us) / 1000:.2f} M, "
+                  f"worst {int(worst_us) / 1000:.2f} M instructions "
+                  f"({int(worst_us) * 1000 / MCU_HZ * 1e3:.0f} ms at 25 MHz)")  # fmt: skip

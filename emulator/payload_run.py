@@ -54,10 +54,13 @@ def payload_session(
     unix_env: dict[str, str] | None = None,
     product_key: bytes | None = PRODUCT_KEY,
     unix_heap_bytes: int = CONTROLLER_HEAP_BYTES,
+    before_app: str = "",
 ):
     """A provisioned emulated payload wired to the head at bus_address; yields
     (target, PayloadClient). unix_env: extra environment for the unix board;
     unix_heap_bytes: its heap (below the controller's to show a margin).
+    before_app (QEMU boards): MicroPython run in the same raw-REPL program just before the
+    application starts (a benchmark's instrumentation).
     product_key: provisioned on the payload and given to the client (None: neither, so
     the payload refuses to serve pattern products)."""
     if target_name == "unix":
@@ -96,7 +99,8 @@ def payload_session(
         repl.enter()
         product = base64.b64encode(product_key or b"").decode()
         repl.exec(_QEMU_PROVISION % (base64.b64encode(KEY).decode(), bool(product_key), product))
-        repl.serial.write(b"from payload import app\napp.run(board)\x04")
+        program = before_app + "\nfrom payload import app\napp.run(board)\x04"
+        repl.serial.write(program.encode())
         repl._read_until(b"OK", 10.0)
         repl.close()
         with PayloadClient(
