@@ -34,16 +34,26 @@ MCU_HZ = 25_000_000
 # The mission's satellite TDC sources in a controller-sequenced pass (host/mission/run.py:
 # the sync laser at the profiles' 10 kHz, the beacon's timing channel at 1 kHz)
 MISSION_SOURCES = TdcSources(sync_rate_hz=1e4, beacon_rate_hz=1e3)
-# Counts the garbage collections: one more duty (last in a pass) that sees the free heap
-# grow (only a collection frees blocks here) and keeps the count where the status carries
-# it, in its own worst_us: collections * 1000 + kB live after the latest (a housekeeping
-# packet has no room for more fields; the duty's own calls take a few us).
+# One more duty, last in a pass, for the measurement: when the pass starts it clears every
+# duty's worst_us and the loop's worst lateness (so the figures are the pass's, not the
+# configure's), and it counts the garbage collections (it sees the free heap grow: only a
+# collection frees blocks here), kept where the status carries it, in its own worst_us:
+# collections * 1000 + kB live after the latest (a housekeeping packet has no room for
+# more fields; the duty's own calls take a few us).
 GC_WATCH = """
 import gc
 from payload import mission as _mission
 _duties = _mission.Mission.duties
-_gcw = [0, 0, None]
+_gcw = [0, 0, None, None, 0]
 def _watch():
+    mission, sched = _gcw[3]
+    if mission.pass_running and not _gcw[4]:
+        _gcw[4] = 1
+        for duty in sched.duties:
+            if duty is not _gcw[2]:
+                duty.worst_us = 0
+        if sched.loop is not None:
+            sched.loop.state[4] = 0  # scheduler._WORST_LATE
     free = gc.mem_free()
     grew = free > _gcw[1] + 2048
     _gcw[1] = free
@@ -54,6 +64,7 @@ def _watch():
 def _duties_watched(self, sched):
     _duties(self, sched)
     _gcw[2] = sched.add("gcw", _watch)
+    _gcw[3] = (self, sched)
 _mission.Mission.duties = _duties_watched
 """
 
