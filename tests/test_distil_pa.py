@@ -24,9 +24,9 @@ def _carryless(x, seed, l):
 
 
 def _fft(x, seed, l):
-    y, margin = pa.toeplitz_hash_fft(x, seed, l)
-    assert margin < 1e-6
-    return y
+    hashed = pa.toeplitz_hash_fft(x, seed, l)
+    assert hashed.rounding_margin < 1e-6
+    return hashed.bits
 
 
 PATHS = [pytest.param(_carryless, marks=carryless, id="carry-less"), pytest.param(_fft, id="fft")]
@@ -213,7 +213,7 @@ def test_inexact_fft_falls_back_to_exact(monkeypatch):
     rng = np.random.default_rng(4)
     x = rng.integers(0, 2, 300, dtype=np.uint8)
     seed = rng.integers(0, 2, 399, dtype=np.uint8)
-    y, _ = pa.toeplitz_hash_fft(x, seed, 100)
+    y = pa.toeplitz_hash_fft(x, seed, 100).bits
     T = np.array([[seed[i - j + 299] for j in range(300)] for i in range(100)])
     assert np.array_equal(y, (T @ x) % 2)
 

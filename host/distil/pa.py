@@ -269,9 +269,17 @@ def _convolve_exact_blocks(seed: np.ndarray, x: np.ndarray, out_bits: int) -> np
     return y
 
 
-def toeplitz_hash_fft(x: np.ndarray, seed: np.ndarray, out_bits: int) -> tuple[np.ndarray, float]:
-    """y by the float64 FFT convolution; (y, the worst rounding distance). Falls back to
-    the exact integer blocks if any value is not within EXACT_MARGIN of an integer."""
+class Hashed(NamedTuple):
+    bits: np.ndarray  # y, uint8 bits
+    rounding_margin: float  # the FFT's worst distance from an integer; 0.0 when carry-less
+    method: str  # "carry-less", "fft" or "exact-blocks": which computation gave y
+    check_failures: int = 0  # 1 when the carry-less product failed its check (then fft)
+
+
+def toeplitz_hash_fft(x: np.ndarray, seed: np.ndarray, out_bits: int) -> Hashed:
+    """y by the float64 FFT convolution, with the worst rounding distance. Falls back to
+    the exact integer blocks ("exact-blocks") if any value is not within EXACT_MARGIN of
+    an integer."""
     n = x.size
     size = fft_length(n, out_bits)
     # The seed's and the input's transforms in one batched call from one zero-padded array
@@ -287,15 +295,10 @@ def toeplitz_hash_fft(x: np.ndarray, seed: np.ndarray, out_bits: int) -> tuple[n
     rounded = np.rint(conv)
     worst = float(np.max(np.abs(conv - rounded)))
     if not worst < EXACT_MARGIN:
-        return _convolve_exact_blocks(seed.astype(np.uint8), x, out_bits), worst
-    return (rounded.astype(np.int64) & 1).astype(np.uint8), worst
-
-
-class Hashed(NamedTuple):
-    bits: np.ndarray  # y, uint8 bits
-    rounding_margin: float  # the FFT's worst distance from an integer; 0.0 when carry-less
-    method: str  # "carry-less", "fft" or "exact-blocks": which computation gave y
-    check_failures: int = 0  # 1 when the carry-less product failed its check (then fft)
+        return Hashed(
+            _convolve_exact_blocks(seed.astype(np.uint8), x, out_bits), worst, "exact-blocks"
+        )
+    return Hashed((rounded.astype(np.int64) & 1).astype(np.uint8), worst, "fft")
 
 
 def toeplitz_hash(x: np.ndarray, seed: np.ndarray, out_bits: int) -> Hashed:
@@ -325,6 +328,4 @@ def toeplitz_hash(x: np.ndarray, seed: np.ndarray, out_bits: int) -> Hashed:
             "failed its check modulo t^64 + t^4 + t^3 + t + 1; recomputed by the FFT\n"
         )
         sys.stderr.flush()
-    y, margin = toeplitz_hash_fft(x, seed, out_bits)
-    method = "fft" if margin < EXACT_MARGIN else "exact-blocks"
-    return Hashed(y, margin, method, check_failures)
+    return toeplitz_hash_fft(x, seed, out_bits)._replace(check_failures=check_failures)
