@@ -18,6 +18,13 @@ FIRMWARE_MANIFEST ?= $(ROOT)/firmware/boards/qemu/manifest.py
 NETDUINO2_BUILD ?= $(ROOT)/build/netduino2
 # The STM32F205 has 128 KiB of SRAM: the port's default heap (140 KiB) does not fit.
 NETDUINO2_HEAP_BYTES := 98304
+# C modules built into both QEMU images (not the unix port): irqtimer, the hardware timer
+# interrupt the tracking loop's period runs from (docs/scheduling.md)
+USER_C_MODULES_DIR := $(ROOT)/firmware/cmodules
+# A C module's new names renumber the qstrs, and MicroPython regenerates the frozen
+# modules' C only when a frozen file changed: drop it when a C module is newer.
+stale_frozen = find $(USER_C_MODULES_DIR) -newer $(1)/frozen_content.c 2>/dev/null | grep -q . \
+	&& rm -f $(1)/frozen_content.c || true
 
 # MicroPython names its version after `git describe`; keep git from finding this project's
 # repository above the unpacked source, so builds say v1.25.0 rather than our commit.
@@ -97,22 +104,26 @@ firmware: firmware-mps2 firmware-netduino2
 
 firmware-mps2: $(BIN)/mpy-cross
 	@test -d $(MPY_SRC) || { echo "MicroPython source missing: run 'make setup'"; exit 1; }
+	@$(call stale_frozen,$(QEMU_BUILD))
 	$(MAKE) -s -C $(MPY_SRC)/ports/qemu -j2 BOARD=MPS2_AN385 BUILD=$(QEMU_BUILD) \
 		MPY_LIB_DIR=$(MPY_LIB_DIR) MICROPY_VFS_LFS2=1 \
 		MICROPY_HEAP_SIZE=$(CONTROLLER_HEAP_BYTES) \
 		LDSCRIPT=$(ROOT)/firmware/boards/qemu/mps2_an385.ld \
 		"CFLAGS_EXTRA=-D'mp_hal_time_ns()=(0ULL)'" \
+		USER_C_MODULES=$(USER_C_MODULES_DIR) \
 		FROZEN_MANIFEST=$(FIRMWARE_MANIFEST)
 
 # The STM32 board (docs/targets.md): ports/qemu's NETDUINO2 (STM32F205, Cortex-M3) with
 # firmware/boards/netduino2 frozen in.
 firmware-netduino2: $(BIN)/mpy-cross
 	@test -d $(MPY_SRC) || { echo "MicroPython source missing: run 'make setup'"; exit 1; }
+	@$(call stale_frozen,$(NETDUINO2_BUILD))
 	$(MAKE) -s -C $(MPY_SRC)/ports/qemu -j2 BOARD=NETDUINO2 BUILD=$(NETDUINO2_BUILD) \
 		MPY_LIB_DIR=$(MPY_LIB_DIR) MICROPY_VFS_LFS2=1 \
 		MICROPY_HEAP_SIZE=$(NETDUINO2_HEAP_BYTES) \
 		LDSCRIPT=$(ROOT)/firmware/boards/netduino2/stm32f205.ld \
 		"CFLAGS_EXTRA=-D'mp_hal_time_ns()=(0ULL)'" \
+		USER_C_MODULES=$(USER_C_MODULES_DIR) \
 		FROZEN_MANIFEST=$(ROOT)/firmware/boards/netduino2/manifest.py
 
 clean:

@@ -1,0 +1,346 @@
+// irqtimer: one hardware timer whose update interrupt calls a Python callable as a hard
+// IRQ, for MicroPython 1.25's ports/qemu (which has no machine.Timer): the tracking loop's
+// period preempts whatever the cooperative scheduler is running, a littlefs commit (one C
+// call) included (docs/scheduling.md "The loop on a timer interrupt").
+//
+//   irqtimer.start(period_us, callback, arg)  callback(arg) every period_us, in the IRQ
+//   irqtimer.stop()
+//   irqtimer.counters() -> (fired, errors, overruns, worst_latency_us, worst_busy_us)
+//   irqtimer.reset_worst()
+//   irqtimer.last_error() -> the exception that disabled the callback, or None
+//   irqtimer.TIMER    the timer and its IRQ number, for telemetry and docs
+//
+// The callback runs as the stm32 port's Timer callbacks do: the scheduler and the heap
+// locked (an allocation raises MemoryError), under an nlr guard; an exception stops the
+// timer, is kept for last_error() and counted. It must not block and must not touch what
+// the interrupted code may be using (the payload bus of the data path): see
+// payload/tracking_duty.py.
+//
+// The port's vector table has only the 16 system exceptions, so start() copies them into
+// a RAM table with room for the SoC's IRQs and points SCB->VTOR at it (once).
+//
+// Timers (both emulated by QEMU, both left free by the boards, whose clock is TIMER0/TIM2):
+//   MPS2-AN385: CMSDK APB TIMER1 at 0x40001000, IRQ 9, 32-bit down-counter at PCLK 25 MHz.
+//   STM32F2 (netduino2): the core's SysTick at the 120 MHz processor clock (why not a TIM:
+//   below).
+#include <stdint.h>
+
+#include "py/gc.h"
+#include "py/mperrno.h"
+#include "py/nlr.h"
+#include "py/objstr.h"
+#include "py/runtime.h"
+
+#define SCB_VTOR (*(volatile uint32_t *)0xE000ED08)
+#define NVIC_ISER ((volatile uint32_t *)0xE000E100)
+#define NVIC_ICER ((volatile uint32_t *)0xE000E180)
+#define NVIC_ICPR ((volatile uint32_t *)0xE000E280)
+#define NVIC_IPR ((volatile uint8_t *)0xE000E400)
+#define SYSTEM_VECTORS (16)
+#define RAM_VECTORS (128)  // 16 + the F205's 81 IRQs, rounded to a power of two (VTOR)
+#define IRQ_PRIORITY (0x40)
+
+#if defined(QEMU_SOC_MPS2)
+#define IRQTIMER_NAME "CMSDK TIMER1 (IRQ 9)"
+#define TIMER_IRQ (9)
+typedef struct {
+    volatile uint32_t CTRL;  // bit 0 enable, bit 3 interrupt enable
+    volatile uint32_t VALUE;
+    volatile uint32_t RELOAD;
+    volatile uint32_t INTSTATUS;  // write 1: clear
+} cmsdk_timer_t;
+#define TIMER ((cmsdk_timer_t *)0x40001000)
+#define TICKS_PER_US (25)  // PCLK
+#define MAX_PERIOD_US (0xFFFFFFFFu / TICKS_PER_US)
+#elif defined(QEMU_SOC_STM32)
+// The core's SysTick, not a TIM: QEMU 7.2's stm32f2xx_timer schedules each alarm at now plus
+// the counter's absolute tick count (hit_time = ticks + now_ticks), so its update interrupt
+// comes ever later (measured: 56 interrupts in 95 ms at a 100 us period, the 56th ~1.7 ms
+// after the one before). SysTick is part of every Cortex-M3/M4 and modelled by QEMU on the
+// virtual clock; on the real part a TIM (TIM3, IRQ 29) does the same with the STM32's own
+// registers (docs/targets.md).
+#define IRQTIMER_NAME "SysTick (exception 15)"
+#define SYSTICK_EXCEPTION (15)
+typedef struct {
+    volatile uint32_t CSR;  // bit 0 enable, bit 1 interrupt, bit 2 processor clock
+    volatile uint32_t RVR;  // 24-bit reload
+    volatile uint32_t CVR;  // current value (down-counter); a write clears it
+} systick_t;
+#define SYSTICK ((systick_t *)0xE000E010)
+#define SCB_ICSR (*(volatile uint32_t *)0xE000ED04)
+#define ICSR_PENDSTSET (1u << 26)
+#define ICSR_PENDSTCLR (1u << 25)
+#define SCB_SHPR3 (*(volatile uint32_t *)0xE000ED20)
+#ifndef IRQTIMER_CPU_HZ
+#define IRQTIMER_CPU_HZ (120000000u)  // the netduino2 machine's system clock (the F205's)
+#endif
+#define TICKS_PER_US (IRQTIMER_CPU_HZ / 1000000u)
+#define MAX_PERIOD_US (0x1000000u / TICKS_PER_US)
+#else
+#error "irqtimer: no timer for this SoC (QEMU_SOC_MPS2 or QEMU_SOC_STM32)"
+#endif
+
+#define COUNTER_WRAP (0x3FFFFFFFu)  // a small int on a 32-bit port
+
+// The RAM vector table (VTOR needs it aligned to its size, 512 bytes). In .data, which the
+// netduino2 linker script places first, at the start of RAM: no alignment padding in the
+// STM32's 2 KB left beside the heap.
+static uint32_t irqtimer_vectors[RAM_VECTORS]
+__attribute__((section(".data.irqtimer_vectors"), aligned(RAM_VECTORS * 4))) = {0};
+
+static volatile uint32_t irqtimer_fired;
+static volatile uint32_t irqtimer_errors;
+static volatile uint32_t irqtimer_overruns;
+static volatile uint32_t irqtimer_worst_latency_ticks;
+static volatile uint32_t irqtimer_worst_busy_ticks;
+static uint32_t irqtimer_period_ticks;
+static volatile uint8_t irqtimer_running;
+
+MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_callback);
+MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_arg);
+MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_last_error);
+// An object whose finaliser stops the timer: the raw REPL's soft reset frees the heap
+// (gc_sweep_all runs every finaliser) with the callback in it, and the timer must not call
+// into the next session's heap.
+MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_guard);
+
+static void irqtimer_hw_stop(void) {
+    #if defined(QEMU_SOC_MPS2)
+    TIMER->CTRL = 0;
+    TIMER->INTSTATUS = 1;
+    NVIC_ICER[TIMER_IRQ / 32] = 1u << (TIMER_IRQ % 32);
+    NVIC_ICPR[TIMER_IRQ / 32] = 1u << (TIMER_IRQ % 32);
+    #else
+    SYSTICK->CSR = 0;
+    SCB_ICSR = ICSR_PENDSTCLR;
+    #endif
+    irqtimer_running = 0;
+}
+
+// Ticks since the period's expiry (the interrupt's latency at entry, the callback's end
+// at exit), and whether the timer expired again since it was cleared. Both timers count
+// down to 0, which raises the interrupt, and reload at the next tick: 0 is the expiry.
+static inline uint32_t irqtimer_elapsed_ticks(void) {
+    #if defined(QEMU_SOC_MPS2)
+    uint32_t value = TIMER->VALUE;
+    return value == 0 ? 0 : TIMER->RELOAD + 1 - value;
+    #else
+    uint32_t value = SYSTICK->CVR;
+    return value == 0 ? 0 : SYSTICK->RVR + 1 - value;
+    #endif
+}
+
+static inline int irqtimer_expired_again(void) {
+    #if defined(QEMU_SOC_MPS2)
+    return TIMER->INTSTATUS & 1;
+    #else
+    return (SCB_ICSR & ICSR_PENDSTSET) != 0;
+    #endif
+}
+
+static void irqtimer_isr(void) {
+    #if defined(QEMU_SOC_MPS2)
+    TIMER->INTSTATUS = 1;  // clear first: an expiry during the callback is seen at its end
+    #endif
+    uint32_t entry = irqtimer_elapsed_ticks();
+    if (!irqtimer_running) {
+        return;
+    }
+    if (entry > irqtimer_worst_latency_ticks) {
+        irqtimer_worst_latency_ticks = entry;
+    }
+    uint32_t n = irqtimer_fired;
+    irqtimer_fired = n < COUNTER_WRAP ? n + 1 : 0;
+    mp_sched_lock();
+    gc_lock();
+    nlr_buf_t nlr;
+    if (nlr_push(&nlr) == 0) {
+        mp_call_function_1(MP_STATE_VM(irqtimer_callback), MP_STATE_VM(irqtimer_arg));
+        nlr_pop();
+    } else {
+        // as the stm32 port's Timer: an uncaught exception stops the callback (kept, counted)
+        irqtimer_hw_stop();
+        MP_STATE_VM(irqtimer_last_error) = MP_OBJ_FROM_PTR(nlr.ret_val);
+        n = irqtimer_errors;
+        irqtimer_errors = n < COUNTER_WRAP ? n + 1 : 0;
+    }
+    gc_unlock();
+    mp_sched_unlock();
+    uint32_t end = irqtimer_elapsed_ticks();
+    if (irqtimer_running && irqtimer_expired_again()) {
+        // the next period came due before this one's callback returned: it runs late
+        end += irqtimer_period_ticks;
+        n = irqtimer_overruns;
+        irqtimer_overruns = n < COUNTER_WRAP ? n + 1 : 0;
+    }
+    if (end - entry > irqtimer_worst_busy_ticks && end >= entry) {
+        irqtimer_worst_busy_ticks = end - entry;
+    }
+}
+
+// Any other IRQ (none is enabled by the port): masked, so it cannot fire again.
+static void irqtimer_unexpected_irq(void) {
+    uint32_t ipsr;
+    __asm volatile ("mrs %0, ipsr" : "=r" (ipsr));
+    if (ipsr >= SYSTEM_VECTORS) {
+        uint32_t irq = ipsr - SYSTEM_VECTORS;
+        NVIC_ICER[irq / 32] = 1u << (irq % 32);
+    }
+}
+
+static void irqtimer_install_vectors(void) {
+    uint32_t active = SCB_VTOR;
+    if (active == (uint32_t)irqtimer_vectors) {
+        return;
+    }
+    // (through a volatile pointer: the port's table sits at address 0)
+    const volatile uint32_t *current = (const volatile uint32_t *)(uintptr_t)active;
+    for (int i = 0; i < SYSTEM_VECTORS; ++i) {
+        irqtimer_vectors[i] = current[i];
+    }
+    for (int i = SYSTEM_VECTORS; i < RAM_VECTORS; ++i) {
+        irqtimer_vectors[i] = (uint32_t)irqtimer_unexpected_irq;
+    }
+    #if defined(QEMU_SOC_MPS2)
+    irqtimer_vectors[SYSTEM_VECTORS + TIMER_IRQ] = (uint32_t)irqtimer_isr;
+    #else
+    irqtimer_vectors[SYSTICK_EXCEPTION] = (uint32_t)irqtimer_isr;
+    #endif
+    __asm volatile ("dsb\n isb" ::: "memory");
+    SCB_VTOR = (uint32_t)irqtimer_vectors;
+    __asm volatile ("dsb\n isb" ::: "memory");
+}
+
+static mp_obj_t irqtimer_guard_del(mp_obj_t self_in) {
+    (void)self_in;
+    irqtimer_hw_stop();
+    MP_STATE_VM(irqtimer_guard) = MP_OBJ_NULL;
+    MP_STATE_VM(irqtimer_callback) = MP_OBJ_NULL;
+    MP_STATE_VM(irqtimer_arg) = MP_OBJ_NULL;
+    MP_STATE_VM(irqtimer_last_error) = MP_OBJ_NULL;
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(irqtimer_guard_del_obj, irqtimer_guard_del);
+
+static const mp_rom_map_elem_t irqtimer_guard_locals_table[] = {
+    { MP_ROM_QSTR(MP_QSTR___del__), MP_ROM_PTR(&irqtimer_guard_del_obj) },
+};
+static MP_DEFINE_CONST_DICT(irqtimer_guard_locals, irqtimer_guard_locals_table);
+
+static MP_DEFINE_CONST_OBJ_TYPE(
+    irqtimer_guard_type, MP_QSTR_irqtimer, MP_TYPE_FLAG_NONE,
+    locals_dict, &irqtimer_guard_locals
+    );
+
+static mp_obj_t irqtimer_start(mp_obj_t period_in, mp_obj_t callback_in, mp_obj_t arg_in) {
+    mp_int_t period_us = mp_obj_get_int(period_in);
+    if (period_us < 10 || (mp_uint_t)period_us > MAX_PERIOD_US) {
+        mp_raise_ValueError(MP_ERROR_TEXT("period_us out of range"));
+    }
+    if (!mp_obj_is_callable(callback_in)) {
+        mp_raise_TypeError(MP_ERROR_TEXT("callback not callable"));
+    }
+    irqtimer_hw_stop();
+    if (MP_STATE_VM(irqtimer_guard) == MP_OBJ_NULL) {
+        MP_STATE_VM(irqtimer_guard) = MP_OBJ_FROM_PTR(
+            mp_obj_malloc_with_finaliser(mp_obj_base_t, &irqtimer_guard_type));
+    }
+    irqtimer_install_vectors();
+    MP_STATE_VM(irqtimer_callback) = callback_in;
+    MP_STATE_VM(irqtimer_arg) = arg_in;
+    MP_STATE_VM(irqtimer_last_error) = mp_const_none;
+    irqtimer_fired = 0;
+    irqtimer_errors = 0;
+    irqtimer_overruns = 0;
+    irqtimer_worst_latency_ticks = 0;
+    irqtimer_worst_busy_ticks = 0;
+    #if defined(QEMU_SOC_MPS2)
+    NVIC_IPR[TIMER_IRQ] = IRQ_PRIORITY;
+    irqtimer_period_ticks = (uint32_t)period_us * TICKS_PER_US;
+    TIMER->RELOAD = irqtimer_period_ticks - 1;
+    TIMER->VALUE = irqtimer_period_ticks - 1;
+    TIMER->INTSTATUS = 1;
+    irqtimer_running = 1;
+    NVIC_ISER[TIMER_IRQ / 32] = 1u << (TIMER_IRQ % 32);
+    TIMER->CTRL = 1 | 8;  // enable, interrupt enable
+    #else
+    SCB_SHPR3 = (SCB_SHPR3 & 0x00FFFFFFu) | ((uint32_t)IRQ_PRIORITY << 24);
+    irqtimer_period_ticks = (uint32_t)period_us * TICKS_PER_US;
+    SYSTICK->RVR = irqtimer_period_ticks - 1;
+    SYSTICK->CVR = 0;
+    irqtimer_running = 1;
+    SYSTICK->CSR = 1 | 2 | 4;  // enable, interrupt, processor clock
+    #endif
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_3(irqtimer_start_obj, irqtimer_start);
+
+static mp_obj_t irqtimer_stop(void) {
+    irqtimer_hw_stop();
+    MP_STATE_VM(irqtimer_callback) = mp_const_none;
+    MP_STATE_VM(irqtimer_arg) = mp_const_none;
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_0(irqtimer_stop_obj, irqtimer_stop);
+
+static mp_obj_t irqtimer_ticks_to_us(uint32_t ticks) {
+    ticks /= TICKS_PER_US;
+    return MP_OBJ_NEW_SMALL_INT(ticks & COUNTER_WRAP);
+}
+
+static mp_obj_t irqtimer_counters(void) {
+    mp_obj_t items[5] = {
+        MP_OBJ_NEW_SMALL_INT(irqtimer_fired),
+        MP_OBJ_NEW_SMALL_INT(irqtimer_errors),
+        MP_OBJ_NEW_SMALL_INT(irqtimer_overruns),
+        irqtimer_ticks_to_us(irqtimer_worst_latency_ticks),
+        irqtimer_ticks_to_us(irqtimer_worst_busy_ticks),
+    };
+    return mp_obj_new_tuple(5, items);
+}
+static MP_DEFINE_CONST_FUN_OBJ_0(irqtimer_counters_obj, irqtimer_counters);
+
+static mp_obj_t irqtimer_reset_worst(void) {
+    irqtimer_worst_latency_ticks = 0;
+    irqtimer_worst_busy_ticks = 0;
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_0(irqtimer_reset_worst_obj, irqtimer_reset_worst);
+
+static mp_obj_t irqtimer_fired_count(void) {
+    return MP_OBJ_NEW_SMALL_INT(irqtimer_fired);
+}
+static MP_DEFINE_CONST_FUN_OBJ_0(irqtimer_fired_obj, irqtimer_fired_count);
+
+static mp_obj_t irqtimer_get_last_error(void) {
+    return MP_STATE_VM(irqtimer_last_error) == MP_OBJ_NULL
+           ? mp_const_none : MP_STATE_VM(irqtimer_last_error);
+}
+static MP_DEFINE_CONST_FUN_OBJ_0(irqtimer_last_error_obj, irqtimer_get_last_error);
+
+static mp_obj_t irqtimer_is_running(void) {
+    return mp_obj_new_bool(irqtimer_running);
+}
+static MP_DEFINE_CONST_FUN_OBJ_0(irqtimer_running_obj, irqtimer_is_running);
+
+static MP_DEFINE_STR_OBJ(irqtimer_name_obj, IRQTIMER_NAME);
+
+static const mp_rom_map_elem_t irqtimer_module_globals_table[] = {
+    { MP_ROM_QSTR(MP_QSTR___name__), MP_ROM_QSTR(MP_QSTR_irqtimer) },
+    { MP_ROM_QSTR(MP_QSTR_start), MP_ROM_PTR(&irqtimer_start_obj) },
+    { MP_ROM_QSTR(MP_QSTR_stop), MP_ROM_PTR(&irqtimer_stop_obj) },
+    { MP_ROM_QSTR(MP_QSTR_counters), MP_ROM_PTR(&irqtimer_counters_obj) },
+    { MP_ROM_QSTR(MP_QSTR_reset_worst), MP_ROM_PTR(&irqtimer_reset_worst_obj) },
+    { MP_ROM_QSTR(MP_QSTR_fired), MP_ROM_PTR(&irqtimer_fired_obj) },
+    { MP_ROM_QSTR(MP_QSTR_last_error), MP_ROM_PTR(&irqtimer_last_error_obj) },
+    { MP_ROM_QSTR(MP_QSTR_running), MP_ROM_PTR(&irqtimer_running_obj) },
+    { MP_ROM_QSTR(MP_QSTR_TIMER), MP_ROM_PTR(&irqtimer_name_obj) },
+};
+static MP_DEFINE_CONST_DICT(irqtimer_module_globals, irqtimer_module_globals_table);
+
+const mp_obj_module_t irqtimer_user_cmodule = {
+    .base = { &mp_type_module },
+    .globals = (mp_obj_dict_t *)&irqtimer_module_globals,
+};
+
+MP_REGISTER_MODULE(MP_QSTR_irqtimer, irqtimer_user_cmodule);
