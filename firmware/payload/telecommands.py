@@ -74,40 +74,21 @@ HOUSEKEEPING_SHED_ORDER = (
 )
 
 
-class _JsonSink(io.IOBase):
-    """json.dump's stream: counts the bytes it is given and, when `buf` is set, copies
-    them to buf[at:] (the caller has measured that they fit). JSON written this way
-    needs no block of its own length, only json.dump's small pieces."""
-
-    def __init__(self):
-        self.buf = None
-        self.at = 0
-        self.length = 0
-
-    def write(self, data):
-        n = len(data)
-        buf = self.buf
-        if buf is not None:
-            # byte by byte: a slice assignment makes a slice object a piece (json.dump's
-            # pieces are a byte or a few), ~30 bytes of heap a byte of JSON: a 1 KB report
-            # left ~30 KB of garbage, a collection on the STM32 board's heap during a pass
-            at = self.at + self.length
-            for i in range(n):
-                buf[at + i] = data[i]
-        self.length += n
-        return n
+# json.dump's compact separators (a module constant: a literal tuple is built per call)
+_JSON_SEPARATORS = (",", ":")
 
 
-def _json_into(value, sink, buf=None, at=0):
-    """The length of value's compact JSON; written to buf[at:] when buf is given."""
-    sink.buf = buf
-    sink.at = at
-    sink.length = 0
-    try:
-        json.dump(value, sink, separators=(",", ":"))
-    finally:
-        sink.buf = None
-    return sink.length
+def _json_into(value, out):
+    """Write value's compact JSON to out (an io.BytesIO) from its start; returns its
+    length. json.dump writes every character of every string as a piece of its own:
+    into a BytesIO each piece is a C copy (~200 instructions a character on the M3),
+    where a stream written in Python cost a method call a piece (a 1 KB housekeeping
+    report measured and then written that way held the CPU ~7 M instructions). Within
+    the BytesIO's preallocated capacity nothing is allocated; a longer text grows it
+    (MemoryError on a heap without the room)."""
+    out.seek(0)
+    json.dump(value, out, separators=_JSON_SEPARATORS)
+    return out.tell()
 
 
 class EnterMaintenance(Exception):
@@ -129,9 +110,10 @@ class GroundLink:
         self._send = send  # send(buf, length): one frame on the ground link
         self.mission = mission
         self.products = Products(storage_root)
-        self._json_sink = _JsonSink()  # housekeeping's JSON, straight into its packet
-        # the data bytes an acceptance (TM 1,1) overwrites: its request id and trailer
-        self._acceptance_overlap = bytearray(4 + ccsds.TM_TRAILER_BYTES)
+        # housekeeping's JSON, written once by json.dump in C and copied into its packet
+        # (made at boot: a report then needs no block of its length during a pass; a
+        # text up to a whole packet long is measured without growing it)
+        self._json_out = io.BytesIO(max_packet_bytes)
         self.accepted = 0
         self.rejected = [0] * len(ccsds.REJECT_NAMES)
         self.time_offset_us = None  # UTC - board clock, once a set-time arrived
@@ -153,6 +135,10 @@ class GroundLink:
         self._load_counter()
         self._load_tm_counter()
         self._load_product_key()
+        # the packet's data field, where the report's JSON is read into
+        self._tm_data = memoryview(self.tm.buf)[
+            ccsds.TM_HEADER_BYTES : ccsds.TM_HEADER_BYTES + self.tm.max_data_bytes
+        ]
         self.pending_action = None  # FN_REBOOT / FN_MAINTENANCE after the report is out
         self.frame_reader = None  # the ground link's FrameReader, for its drop counters
         self.tx_queue = None  # the ground link's transmit queue, for its drop counter
@@ -479,26 +465,16 @@ class GroundLink:
         self._emit(ccsds.SVC_TEST, 129, length)
 
     def _housekeeping(self, body, ack):
-        """The report's JSON is written into the packet BEFORE the acceptance goes out:
-        json.dump can still fail on the writing pass (MemoryError: a big int's digits on
-        a 32-bit port, a fragmented heap), and then the ground gets the rejection alone,
-        not "accepted" and then "rejected" for one command. The acceptance, built in the
-        same tm.buf, overwrites the first bytes of the data field (its request id, the
-        counter, tag and PEC after it): those are kept aside, in a buffer made once, and
-        put back for the report."""
-        buf = self.tm.buf
-        at = ccsds.TM_HEADER_BYTES
-        length = _json_into(self.housekeeping_report(), self._json_sink, buf, at)
-        if ack:
-            kept = self._acceptance_overlap
-            n = min(len(kept), length)
-            for i in range(n):  # byte by byte: a slice would allocate
-                kept[i] = buf[at + i]
-            self._accept(body, ack)
-            for i in range(n):
-                buf[at + i] = kept[i]
-        else:
-            self._accept(body, ack)
+        """The report's JSON is complete (in self._json_out) BEFORE the acceptance goes
+        out: json.dump can fail (MemoryError: a big int's digits on a 32-bit port, a
+        fragmented heap), and then the ground gets the rejection alone, not "accepted"
+        and then "rejected" for one command. The acceptance is built in tm.buf first,
+        then the JSON is copied into the packet after it (one C copy)."""
+        length = self._housekeeping_json()
+        self._accept(body, ack)
+        out = self._json_out
+        out.seek(0)
+        out.readinto(self._tm_data)  # (at most the data field; `length` of it is the JSON)
         self._emit(ccsds.SVC_HOUSEKEEPING, 25, length)
 
     def _accept(self, body, ack):
@@ -757,18 +733,33 @@ class GroundLink:
         return report
 
     def housekeeping_report(self):
-        """housekeeping() as it goes out: sections left out in HOUSEKEEPING_SHED_ORDER
-        (named in "omitted") until its compact JSON fits one packet's data. Only measured
-        here (the JSON is written straight into the packet when it is sent), so a report
-        needs no heap block of its size: on the STM32 board at 85 % of its heap the ~1 KB
-        text failed to find one during a pass (docs/targets.md "Margins")."""
+        """housekeeping() as it goes out: the report and its compact JSON's length."""
+        report, length = self._housekeeping_measured()
+        return report
+
+    def _housekeeping_json(self):
+        """The report's compact JSON in self._json_out; returns its length."""
+        return self._housekeeping_measured()[1]
+
+    def _housekeeping_measured(self):
+        """housekeeping() with sections left out in HOUSEKEEPING_SHED_ORDER (named in
+        "omitted") until its compact JSON fits one packet's data: (report, length), the
+        JSON of the last try in self._json_out. A try that cannot be written
+        (MemoryError: the text longer than the BytesIO's capacity on a heap that cannot
+        grow it) counts as one that does not fit: a report needs no heap block of its
+        length (on the STM32 board at 85 % of its heap a ~1 KB text failed to find one
+        during a pass, docs/targets.md "Margins")."""
         report = self.housekeeping()
         limit = self.tm.max_data_bytes
-        sink = self._json_sink
+        out = self._json_out
         omitted = []
         for section, part in HOUSEKEEPING_SHED_ORDER:
-            if _json_into(report, sink) <= limit:
-                return report
+            try:
+                length = _json_into(report, out)
+            except MemoryError:
+                length = limit + 1
+            if length <= limit:
+                return report, length
             holder = report if part is None else report.get(section)
             key = section if part is None else part
             if not isinstance(holder, dict) or key not in holder:
@@ -776,6 +767,7 @@ class GroundLink:
             del holder[key]
             omitted.append(section if part is None else section + "." + part)
             report["omitted"] = omitted
-        if _json_into(report, sink) > limit:  # only a packet too small for the key states
+        length = _json_into(report, out)  # (a MemoryError here: rejected as internal)
+        if length > limit:  # only a packet too small for the key states
             raise Rejected(ccsds.REJECT_STORAGE, "housekeeping too long")
-        return report
+        return report, length

@@ -2,6 +2,7 @@
 # golden vectors shared with host/protocol/ccsds.py, authentication, replay protection,
 # product access, and never raising on garbage.
 import hashlib
+import io
 import json
 
 from payload import auth, ccsds, keystore, scheduler, telecommands
@@ -393,49 +394,57 @@ def test_a_counter_ceiling_the_heap_cannot_store_costs_no_packet():
 
 
 def test_housekeeping_json_goes_into_its_packet_without_allocating():
-    # Written piece by piece into the packet (telecommands._JsonSink), the report's JSON
-    # allocates nothing: before, each piece's slice assignment made a slice object, ~30
-    # bytes of heap a byte of JSON (a 1 KB report: ~30 KB of garbage, a collection on the
-    # STM32 board's 96 KiB heap during a pass). Measured first, as housekeeping_report
-    # does; the bytes written are json.dumps' compact text. Numbers of 9 digits: small
-    # ints on a 32-bit port too (json.dump itself allocates a big int's digits).
+    # json.dump writes the report into the link's BytesIO, made at boot with a whole
+    # packet's capacity, and the text is copied into the packet: nothing is allocated.
+    # (Slice assignments per piece made ~30 bytes of heap a byte of JSON before: a 1 KB
+    # report left ~30 KB of garbage, a collection on the STM32 board's 96 KiB heap during
+    # a pass.) The bytes are json.dumps' compact text. Numbers of 9 digits: small ints on
+    # a 32-bit port too (json.dump itself allocates a big int's digits).
     import gc
 
     import micropython
 
     report = {"mission": _bulky_status(9, filler_chars=600), "key": "provisioned"}
-    sink = telecommands._JsonSink()
-    packet = bytearray(1200)
-    length = telecommands._json_into(report, sink)
+    key = b"h" * 32
+    link, _ = _link(_fresh_root(key))
+    out = link._json_out
+    packet = link.tm.buf
     at = ccsds.TM_HEADER_BYTES
     gc.collect()
     micropython.heap_lock()
     try:
-        written = telecommands._json_into(report, sink, packet, at)
+        length = telecommands._json_into(report, out)
+        out.seek(0)
+        out.readinto(link._tm_data)
     finally:
         micropython.heap_unlock()
-    assert written == length > 900, (written, length)
+    assert length > 900, length
     assert bytes(packet[at : at + length]) == json.dumps(report, separators=(",", ":")).encode()
 
 
-class _SinkFailingToWrite(telecommands._JsonSink):
-    """The writing pass of json.dump fails as a failed allocation makes it (a big int's
-    digits on a 32-bit port, a fragmented heap); the measuring pass works."""
+class _OutFailingToWrite(io.IOBase):
+    """A JSON output that json.dump cannot write, as a failed allocation makes it (a big
+    int's digits on a 32-bit port, a fragmented heap)."""
+
+    def seek(self, offset):
+        return 0
+
+    def tell(self):
+        return 0
 
     def write(self, data):
-        if self.buf is not None:
-            raise MemoryError("memory allocation failed, allocating 40 bytes")
-        return super().write(data)
+        raise MemoryError("memory allocation failed, allocating 40 bytes")
 
 
 def test_housekeeping_that_cannot_be_written_is_rejected_alone_not_accepted_first():
     # The acceptance went out before the JSON was written into the packet: when that
     # failed, the ground got "accepted" and then "rejected" for the same command (and its
     # client, waiting for the report after the acceptance, dropped the rejection as
-    # stale and timed out). Now the JSON is written first: a single rejection.
+    # stale and timed out). Now the JSON is complete first: a single rejection.
     key = b"h" * 32
     link, sent = _link(_fresh_root(key), _StatusMission({"pass_running": False}))
-    link._json_sink = _SinkFailingToWrite()
+    written = link._json_out
+    link._json_out = _OutFailingToWrite()
     command = _tc(key, 1, 3, 27)
     link.handle(command)
     assert [(p[7], p[8]) for p in sent] == [(1, 2)], [bytes(p[:9]) for p in sent]
@@ -445,7 +454,7 @@ def test_housekeeping_that_cannot_be_written_is_rejected_alone_not_accepted_firs
     assert b"MemoryError" in data[6:], bytes(data[6:])
     assert link.accepted == 0 and link.rejected[ccsds.REJECT_STORAGE] == 1
     # the next one, written, goes out accepted with its whole report
-    link._json_sink = telecommands._JsonSink()
+    link._json_out = written
     del sent[:]
     link.handle(_tc(key, 2, 3, 27))
     assert [(p[7], p[8]) for p in sent] == [(1, 1), (3, 25)], [bytes(p[:9]) for p in sent]
