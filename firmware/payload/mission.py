@@ -6,6 +6,8 @@
 #   tdc        drain the TDC FIFO into the ring, spool blocks (tdc.py)
 #   clock      PPS discipline of the local clock (tdc.py)
 #   hk         housekeeping records (every HK_PERIOD_US during a pass)
+#   sync       syncs the low-rate logs (clock, epochs, housekeeping, tracking), one a pass
+#              when its oldest unsynced record is the store's sync age old (storage.py)
 #   trk, trk-tm the pointing loop and its telemetry product, added when a pass
 #              configuration carries a "tracking" section (docs/tracking.md)
 # Bad parameters raise ValueError (sequencer.ConfigError), a command that does not fit
@@ -41,7 +43,10 @@ class Housekeeping:
     def __init__(self, mission):
         self.mission = mission
         self.bus = mission.bus
-        self.log = mission.store.open_log("housekeeping", storage.KIND_HOUSEKEEPING, 1024)
+        # deferred: synced by the store's sync duty, not per record (docs/storage.md)
+        self.log = mission.store.open_log(
+            "housekeeping", storage.KIND_HOUSEKEEPING, 1024, deferred=True
+        )
         self.running = False
         self.records = 0
 
@@ -81,6 +86,8 @@ class Mission:
             storage_root,
             getattr(board, "STORAGE_QUOTA_BYTES", -1),
             getattr(board, "STORAGE_RECORDS_PER_SYNC", storage.RECORDS_PER_SYNC),
+            board.clock,  # the low-rate logs are synced by age on it (sync_step)
+            getattr(board, "STORAGE_SYNC_AGE_US", storage.SYNC_AGE_US),
         )
         self.bus = busmod.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)
         self.sequencer = sequencer.Sequencer(self.bus, self.store)
@@ -108,6 +115,8 @@ class Mission:
         sched.add("clock", self.discipline.step)
         sched.add("epochs", self.epochs.step)
         sched.add("hk", self.hk.step, HK_PERIOD_US)
+        # the low-rate logs' syncs, one log a pass when its oldest record is due
+        sched.add("sync", self.store.sync_step)
 
     def configure(self, config):
         """Validate and apply a pass configuration (ValueError names the bad field)."""

@@ -15,9 +15,14 @@
 # Records go out in flash-page sized writes (PAGE_BYTES). A log is synced per record, or,
 # for the high-rate logs (pattern frames, TDC blocks) opened `batched`, once per
 # `records_per_sync` records (a group commit): on NOR flash a sync per 2 kB frame record
-# costs two frame periods, a sync per 8 less than one (docs/storage.md). A power cut then
-# loses at most the records since the last sync (the loss window, whole records: littlefs
-# reverts an unsynced file to its last sync), never a torn one.
+# costs two frame periods, a sync per 8 less than one (docs/storage.md). The low-rate logs
+# (clock, epochs, housekeeping, tracking) are opened `deferred`: a commit never syncs them;
+# the scheduler's "sync" duty (Storage.sync_step) does, one log a pass, when the log's
+# oldest unsynced record is sync_age_us old, and so do a pass's stop, a product list, a
+# reset and every durable write of the link (a counter ceiling, a key): a synced littlefs
+# append holds the CPU 0.45-3 M instructions, which stalled the paced loop per record. A
+# power cut then loses at most the records since the last sync (the loss window, whole
+# records: littlefs reverts an unsynced file to its last sync), never a torn one.
 import os
 
 import micropython
@@ -51,6 +56,11 @@ _RESERVE_MIN_BLOCKS = const(8)  # ... and at least this many blocks
 # loss window on a power cut, in frames for the pattern log. A board may set its own
 # (board.STORAGE_RECORDS_PER_SYNC).
 RECORDS_PER_SYNC = const(8)
+# Age at which the sync duty syncs a deferred log's oldest unsynced record (the time loss
+# window of the low-rate logs, docs/storage.md). A board may set its own
+# (board.STORAGE_SYNC_AGE_US).
+SYNC_AGE_US = const(1_000_000)
+_TICKS_WRAP = const(0x3FFFFFFF)  # the clocks' ticks_us wrap at 2^30
 
 
 @micropython.viper
@@ -302,8 +312,11 @@ class RecordLog:
     `append(data)`. A record is committed once commit() returns its sequence number; it is
     durable (synced) then, or with records_per_sync > 1 at the latest when that many
     records have been committed since the last sync, or at `sync()` (`durable_seq` says
-    which). commit() returns COMMIT_FAILED (-1) when storage cannot take it (quota
-    reached, ENOSPC, I/O error), counts it, and leaves the log usable."""
+    which). records_per_sync 0 is a deferred log: commits do not sync it, its store does
+    (Storage.sync_step, by the age of its oldest unsynced record, `unsynced_since_us`);
+    a commit syncs it only when that record is twice the store's sync age old (the sync
+    duty is not running). commit() returns COMMIT_FAILED (-1) when storage cannot take it
+    (quota reached, ENOSPC, I/O error), counts it, and leaves the log usable."""
 
     def __init__(self, path, kind, max_payload_bytes, store=None, records_per_sync=1):
         self.path = path
@@ -325,6 +338,8 @@ class RecordLog:
         self.records_per_sync = records_per_sync
         self.durable_seq = self.next_seq - 1  # the last record known to be on the medium
         self._unsynced = 0  # records committed since the last sync
+        self.unsynced_since_us = 0  # deferred: ticks_us when the oldest unsynced was committed
+        self.syncs = 0  # syncs of this log (group commits, deferred syncs, forced ones)
         self._synced_size = self.size_bytes
         # records a failed write or sync took back with it (committed, never durable)
         self.unsynced_lost = 0
@@ -377,6 +392,15 @@ class RecordLog:
         _put_word(rec, HEADER_BYTES + length, crc._state, 0, -1)
         view = self._view
         self._unsynced += 1  # this record, from its first byte on
+        per_sync = self.records_per_sync
+        if per_sync == 0:  # deferred: synced by age (the store's sync duty)
+            now = store.ticks_us()
+            if self._unsynced == 1:
+                self.unsynced_since_us = now
+            elif ((now - self.unsynced_since_us) & _TICKS_WRAP) >= 2 * store.sync_age_us:
+                sync = True  # the sync duty did not run: the age bound still holds
+        elif self._unsynced >= per_sync:
+            sync = True
         try:
             f = self._file
             if f is None:
@@ -390,8 +414,9 @@ class RecordLog:
                 start = stop
                 if self.page_hook is not None:
                     self.page_hook()
-            if sync or self._unsynced >= self.records_per_sync:
+            if sync:
                 f.flush()
+                self.syncs += 1
                 self._unsynced = 0
         except OSError as error:
             self._failed(error)
@@ -418,6 +443,7 @@ class RecordLog:
         except OSError as error:
             self._failed(error, counted=False)
             return False
+        self.syncs += 1
         self._unsynced = 0
         self.durable_seq = self.next_seq - 1
         self._synced_size = self.size_bytes
@@ -491,9 +517,22 @@ class Storage:
     store at its quota is `full`: commits return COMMIT_FAILED, counted, until products
     are deleted."""
 
-    def __init__(self, root, quota_bytes=-1, records_per_sync=RECORDS_PER_SYNC):
+    def __init__(
+        self,
+        root,
+        quota_bytes=-1,
+        records_per_sync=RECORDS_PER_SYNC,
+        clock=None,
+        sync_age_us=SYNC_AGE_US,
+    ):
         self.root = root
         self.records_per_sync = records_per_sync  # for the logs opened batched
+        # Logs opened deferred are synced by sync_step, by age on this clock; without a
+        # clock they are synced per record, as before.
+        self.ticks_us = clock.ticks_us if clock is not None else None
+        self.sync_age_us = sync_age_us
+        self.deferred = []  # the logs opened deferred, which sync_step syncs
+        self.worst_sync_age_us = 0  # the oldest record sync_step found (the age bound kept)
         self.products_dir = _join(root, PRODUCTS_DIR)
         _mkdir(root)
         _mkdir(self.products_dir)
@@ -551,15 +590,46 @@ class Storage:
     def path(self, name):
         return _join(self.products_dir, name + ".qrec")
 
-    def open_log(self, name, kind, max_payload_bytes, batched=False):
+    def open_log(self, name, kind, max_payload_bytes, batched=False, deferred=False):
         """The log `name`; batched: synced once per records_per_sync records (the
-        high-rate logs), else per record."""
+        high-rate logs); deferred: synced by sync_step when its oldest unsynced record is
+        sync_age_us old (the low-rate logs; per record on a store without a clock); else
+        per record."""
         log = self.logs.get(name)
         if log is None:
-            per_sync = self.records_per_sync if batched else 1
+            per_sync = 1
+            if batched:
+                per_sync = self.records_per_sync
+            elif deferred and self.ticks_us is not None:
+                per_sync = 0
             log = RecordLog(self.path(name), kind, max_payload_bytes, self, per_sync)
             self.logs[name] = log
+            if per_sync == 0:
+                self.deferred.append(log)
         return log
+
+    def sync_step(self):
+        """The scheduler's "sync" duty: syncs the deferred log whose oldest unsynced record
+        is the oldest, once that record is sync_age_us old; one log a call, so a pass
+        holds the CPU for one sync at most (0.45-3 M instructions on the 25 MHz M3,
+        docs/scheduling.md). True if it synced."""
+        oldest = None
+        oldest_age = -1
+        now = 0
+        for log in self.deferred:
+            if log._unsynced:
+                if oldest is None:
+                    now = self.ticks_us()
+                age = (now - log.unsynced_since_us) & _TICKS_WRAP
+                if age > oldest_age:
+                    oldest = log
+                    oldest_age = age
+        if oldest is None or oldest_age < self.sync_age_us:
+            return False
+        if oldest_age > self.worst_sync_age_us:
+            self.worst_sync_age_us = oldest_age
+        oldest.sync()
+        return True
 
     def sync(self):
         """Make every log's committed records durable (a pass's stop, a product list);
@@ -623,3 +693,4 @@ class Storage:
         for log in self.logs.values():
             log.close()
         self.logs = {}
+        self.deferred = []

@@ -341,7 +341,7 @@ class EmissionEpochs:
     def __init__(self, tdc, store, record_every=100_000):
         self.tdc = tdc
         self.record_every = record_every
-        self.log = store.open_log("epochs", KIND_EMISSION_EPOCH, 12)
+        self.log = store.open_log("epochs", KIND_EMISSION_EPOCH, 12, deferred=True)
         self._seen = tdc.epoch_count()
         self._first = self._seen
         self._due = 0  # index of the next mark to log (or the first kept after it)
@@ -398,7 +398,7 @@ class ClockDiscipline:
         self.tdc = tdc
         self.pps_period_ps = pps_period_ps
         self.tolerance_ps = self.TOLERANCE_PS
-        self.log = store.open_log("clock", storage.KIND_CLOCK_DISCIPLINE, 28)
+        self.log = store.open_log("clock", storage.KIND_CLOCK_DISCIPLINE, 28, deferred=True)
         self._seen = 0
         self._points = []  # accepted (index, local_ps)
         self._rejected = []  # consecutive outliers (index, local_ps)

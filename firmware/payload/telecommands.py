@@ -149,6 +149,15 @@ class GroundLink:
     def _link_path(self, name):
         return self.root + "/" + LINK_DIR + "/" + name
 
+    def _logs_durable_first(self):
+        """Sync the data path's logs before a durable write of the link (a counter or
+        nonce ceiling, a key): the low-rate logs are synced by age (storage.sync_step),
+        and a power cut must never leave a later durable state on the medium without the
+        records committed before it (docs/storage.md, "Deferred syncs")."""
+        store = getattr(self.mission, "store", None)
+        if store is not None:
+            store.sync()
+
     def _load_key(self):
         # There is no fallback key: a payload without a provisioned key rejects every
         # telecommand (reason "auth"), it never accepts commands signed with a key that
@@ -235,6 +244,7 @@ class GroundLink:
         counter = self.sealed_chunks + 1
         if counter > self._nonce_ceiling:
             ceiling = counter + _NONCE_STEP
+            self._logs_durable_first()
             try:
                 temporary = self._link_path(NONCE_FILE + ".tmp")
                 with open(temporary, "w") as f:
@@ -290,6 +300,7 @@ class GroundLink:
         counter = self.tm.security_counter + 1
         if counter > self._tm_ceiling:
             ceiling = counter + _TM_COUNTER_STEP
+            self._logs_durable_first()
             try:
                 try:
                     os.mkdir(self.root + "/" + LINK_DIR)
@@ -314,6 +325,7 @@ class GroundLink:
         if counter < self._ceiling:
             return True
         ceiling = counter + _COUNTER_STEP
+        self._logs_durable_first()
         try:
             try:
                 os.mkdir(self.root + "/" + LINK_DIR)
@@ -660,6 +672,7 @@ class GroundLink:
         put_u32(counter, 0, self.last_counter)
         pad = self.hmac.digest(REKEY_LABEL + bytes(counter))
         key = bytes(args[i] ^ pad[i] for i in range(REKEY_KEY_BYTES))
+        self._logs_durable_first()
         try:
             self.key_store.store(key)
         except OSError:

@@ -358,7 +358,9 @@ class TrackingProduct:
 
     def __init__(self, tracker, store):
         self.tracker = tracker
-        self.log = store.open_log("tracking", storage.KIND_TRACKING, 12 + 24 * _PER_RECORD)
+        self.log = store.open_log(
+            "tracking", storage.KIND_TRACKING, 12 + 24 * _PER_RECORD, deferred=True
+        )
         self._samples = tracking.array.array(
             "i", bytes(4 * tracking.TM_SAMPLE_WORDS * _PER_RECORD)
         )

@@ -989,6 +989,83 @@ def test_a_power_cut_at_every_operation_of_a_group_commit_loses_only_its_window(
     assert cuts > 20 and max(windows) == per_sync - 1, (cuts, windows)
 
 
+class _PassClock:
+    """The time the deferred-log sweep's passes see: it moves by the housekeeping period
+    between two records (deterministic, so every run of the sweep cuts the same
+    operations; the age rule itself is tested on the boards' clocks in
+    mptest_log_sync.py)."""
+
+    def __init__(self):
+        self.now_us = 0
+
+    def ticks_us(self):
+        return self.now_us & 0x3FFFFFFF
+
+
+def test_a_power_cut_at_every_operation_of_a_deferred_log_loses_only_its_age_window():
+    # A deferred log (the low-rate logs: clock, epochs, housekeeping, tracking): commits
+    # never sync; the store's sync duty (sync_step, once a pass, here once a record) syncs
+    # when the oldest unsynced record is the sync age old. A record every 250 ms and a
+    # 1 s age: a sync after each 5th record, so a cut loses at most the 5 records of the
+    # last second, whole, and every record before the last completed sync comes back.
+    age_us = 1_000_000
+    every_us = 250_000
+    window = age_us // every_us + 1  # records committed within one age, both ends counted
+    commits = 2 * window + 2
+    chip = _chip(24)
+    store = _fresh_store(chip)
+    log = store.open_log("hk", storage.KIND_HOUSEKEEPING, 300)
+    for seq in range(12):
+        assert log.commit(_fill_payload(log, "hk", seq)) == seq
+    _power_off()
+    start = _Snapshot(chip, 24)
+    random.seed(97)
+    chip.rng = random
+    cut = 0
+    losses = set()
+    while True:
+        cut += 1
+        start.restore()
+        chip.cut_at = chip.operations + cut
+        returned = durable = 11
+        clock = _PassClock()
+        syncs = 0
+        try:
+            _power_on(chip)
+            store = storage.Storage(MOUNT, -1, storage.RECORDS_PER_SYNC, clock, age_us)
+            log = store.open_log("hk", storage.KIND_HOUSEKEEPING, 300, deferred=True)
+            assert log.records_per_sync == 0
+            for seq in range(12, 12 + commits):
+                clock.now_us += every_us
+                assert log.commit(_fill_payload(log, "hk", seq)) == seq
+                returned = seq
+                assert log.durable_seq == durable  # a commit never synced it
+                if store.sync_step():
+                    syncs += 1
+                durable = log.durable_seq
+            finished = True
+        except PowerCut:
+            finished = False
+        _power_off()
+        chip.cut_at = -1
+        _power_on(chip)
+        log = storage.Storage(MOUNT).open_log("hk", storage.KIND_HOUSEKEEPING, 300)
+        served, result = _served(log.path, 300)
+        _power_off()
+        assert all(served[s] == _expected("hk", s) for s in served), cut
+        last = max(served)
+        assert sorted(served) == list(range(last + 1)), (cut, sorted(served))
+        assert durable <= last <= returned + 1, (cut, durable, last, returned)
+        assert returned - last <= window, (cut, returned, last)
+        assert result.dropped_bytes == 0, (cut, result.as_dict())
+        losses.add(returned - last if returned > last else 0)
+        if finished:
+            break
+    print("cut at each of", cut, "operations; records lost per cut:", sorted(losses))
+    assert syncs == commits // window, syncs  # by age only: one per `window` records
+    assert cut > 20 and max(losses) == window, (cut, losses)
+
+
 def test_an_io_error_in_a_group_commit_counts_the_window_it_took():
     per_sync = storage.RECORDS_PER_SYNC
     chip = _chip()
