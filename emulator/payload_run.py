@@ -55,12 +55,14 @@ def payload_session(
     product_key: bytes | None = PRODUCT_KEY,
     unix_heap_bytes: int = CONTROLLER_HEAP_BYTES,
     before_app: str = "",
+    image: str | Path | None = None,
 ):
     """A provisioned emulated payload wired to the head at bus_address; yields
     (target, PayloadClient). unix_env: extra environment for the unix board;
     unix_heap_bytes: its heap (below the controller's to show a margin).
     before_app (QEMU boards): MicroPython run in the same raw-REPL program just before the
     application starts (a benchmark's instrumentation).
+    image (QEMU boards): a firmware image other than the build's (a benchmark's baseline).
     product_key: provisioned on the payload and given to the client (None: neither, so
     the payload refuses to serve pattern products)."""
     if target_name == "unix":
@@ -94,7 +96,10 @@ def payload_session(
     if target_name not in ("qemu", "netduino2"):
         raise ValueError(f"unknown target {target_name!r}")
     target_class = QemuTarget if target_name == "qemu" else Netduino2Target
-    with target_class(boot="maintenance", bus_address=bus_address, icount_shift=icount_shift) as t:
+    options = {} if image is None else {"image": image}
+    with target_class(
+        boot="maintenance", bus_address=bus_address, icount_shift=icount_shift, **options
+    ) as t:
         repl = RawRepl(t.ground_port, timeout_s=30.0)
         repl.enter()
         product = base64.b64encode(product_key or b"").decode()
