@@ -10,7 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from host.distil import timesync
-from host.distil.stream import FIRST_SYNC_MAX_SLOTS, first_sync_attempts
+from host.distil.stream import (
+    FIRST_SYNC_MAX_SLOTS,
+    FIRST_SYNC_MAX_SPARSE_SLOTS,
+    first_sync_attempts,
+)
 
 RATE_HZ = 625e6  # jinan-1's slot rate
 BOTH, PREDICTED, FULL = ("predicted", "full"), ("predicted",), ("full",)
@@ -48,14 +52,20 @@ def test_a_weak_start_is_searched_around_the_prediction_over_longer_windows():
     # jinan-1's start, ~4,000 detections a second: 80 / 160 / 320 in 20 / 40 / 80 ms
     sync, t = _sync(), _arrivals(4_000, 1.0)
     attempts = first_sync_attempts(sync, t, _needed(120), False)
-    # around the prediction, shortest first, up to the slots Alice may be asked for (at
-    # 160 ms: 640 detections x ~41,000 lags, above FIRST_SYNC_MAX_SLOTS); then the whole
+    # around the prediction, shortest first, up to the slots Alice may be asked for (her
+    # sums over each detected slot's lags: at 160 ms 640 detections x ~41,000 lags, 26 M,
+    # within FIRST_SYNC_MAX_SPARSE_SLOTS; at 320 ms 52 M, beyond it); then the whole
     # ranges on the windows whose FFT is allowed (at most 25 M slots of span: 40 ms)
-    assert attempts == [(0.04, PREDICTED), (0.08, PREDICTED), (0.04, FULL)], attempts
-    assert sync.first_slots(t, 0.08, "predicted") <= FIRST_SYNC_MAX_SLOTS
-    assert sync.first_slots(t, 0.16, "predicted") > FIRST_SYNC_MAX_SLOTS
+    assert attempts == [(0.04, PREDICTED), (0.08, PREDICTED), (0.16, PREDICTED), (0.04, FULL)]
+    assert sync.first_cost(t, 0.16, "predicted") == (sync.first_slots(t, 0.16, "predicted"), True)
+    assert FIRST_SYNC_MAX_SLOTS < sync.first_slots(t, 0.16, "predicted")
+    assert sync.first_slots(t, 0.16, "predicted") <= FIRST_SYNC_MAX_SPARSE_SLOTS
+    assert sync.first_slots(t, 0.32, "predicted") > FIRST_SYNC_MAX_SPARSE_SLOTS
     # each search's own count after its misses
-    assert first_sync_attempts(sync, t, _needed(300, 10_000), False) == [(0.08, PREDICTED)]
+    assert first_sync_attempts(sync, t, _needed(300, 10_000), False) == [
+        (0.08, PREDICTED),
+        (0.16, PREDICTED),
+    ]
     # no usable prediction: the whole ranges, as before
     assert first_sync_attempts(_sync(False), t, _needed(120), False) == [(0.04, FULL)]
 

@@ -2,7 +2,8 @@
 timesync's sparse correlation around the orbit prediction, docs/streaming.md "A weak
 start locks in its first second"): the first 3 s of the full jinan-1 pass (~4,000
 detections a second at 15 deg elevation, 625 MHz slots) streamed. Its densest 40 ms
-holds ~190 detections (z ~5, below the 6.2 the predicted lags need); the predicted search
+holds ~190 detections (z ~5, below the ~5.6 the predicted lags need: timesync.NullCorrelation;
+6.2 before); the predicted search
 integrates over 80 ms (~360 detections, z ~7.4) asking Alice only for each detected
 slot's run of predicted lags, and the lock is taken on the first block and verified by
 its probe. Before: no window the stream tried had a peak and the run aborted ("too few

@@ -95,7 +95,17 @@ FIRST_SYNC_MAX_SLOTS = 25_000_000
 # 40 ms held 192 detections, z 5.1 (6.23 needed: no lock), 80 ms 357, z 7.4 (lock, 14.8
 # M slots asked), 160 ms 684, z 10.4 (28 M); the FFT of the 40 ms window asked 25 M.
 # Every window's predicted search is tried (shortest first) before any full search.
+# The sums Alice computes for it hold one SYNC_PIECE_SLOTS piece of her pattern at a time
+# (host/distil/protocol.py): only her time grows with the slots asked, ~3-5 M slots a second
+# on this loaded machine (measured: 14.8 M in 5.1 s, 28.7 M in 5.8 s, load ~7), so the
+# sparse searches may ask for FIRST_SYNC_MAX_SPARSE_SLOTS. At jinan-1's start that admits
+# the densest 160 ms (~700 detections, z ~10 where 6.1 is needed: docs/streaming.md "The
+# first lock of every realisation"), which the first second tries when 40 and 80 ms miss:
+# before, 80 ms was the longest, a miss there (~1 realisation in 30) left no window that
+# could reach the detections the retry rule then asked for, and the first lock came from
+# the full search after 37 s.
 FIRST_SYNC_PREDICTED_WINDOWS_S = (0.02, 0.04, 0.08, 0.16, 0.32)
+FIRST_SYNC_MAX_SPARSE_SLOTS = 2 * FIRST_SYNC_MAX_SLOTS
 FIRST_SYNC_DETECTIONS = 120
 # A bright pass (10x jinan-1: ~12,000 detections in 20 ms) needs far less than 20 ms: its
 # densest 5 or 10 ms are tried first when they hold FIRST_SYNC_SHORT_DETECTIONS. The lag
@@ -351,7 +361,8 @@ def first_sync_attempts(sync, t: np.ndarray, needed: dict, final: bool) -> list[
     (window, searches). A bright pass's short windows holding FIRST_SYNC_SHORT_DETECTIONS
     (both searches); then every window whose densest holds needed["predicted"] detections
     and whose search around the orbit prediction asks Alice for at most
-    FIRST_SYNC_MAX_SLOTS; then the allowed windows holding needed["full"], over the whole
+    FIRST_SYNC_MAX_SLOTS (FIRST_SYNC_MAX_SPARSE_SLOTS when she sums each detected slot's
+    lags); then the allowed windows holding needed["full"], over the whole
     ranges. Empty while none does (at loss of signal, the last chance: the longest
     windows)."""
     short = max(min(needed.values()), FIRST_SYNC_SHORT_DETECTIONS)
@@ -363,8 +374,11 @@ def first_sync_attempts(sync, t: np.ndarray, needed: dict, final: bool) -> list[
     ]
     predicted = []
     for w in FIRST_SYNC_PREDICTED_WINDOWS_S:
-        slots = sync.first_slots(t, w, "predicted")
-        if slots is None or slots > FIRST_SYNC_MAX_SLOTS:
+        cost = sync.first_cost(t, w, "predicted")
+        if cost is None:
+            continue
+        slots, sparse = cost
+        if slots > (FIRST_SYNC_MAX_SPARSE_SLOTS if sparse else FIRST_SYNC_MAX_SLOTS):
             continue
         predicted.append(w)
         if timesync.densest_count(t, w) >= needed["predicted"]:
@@ -374,6 +388,24 @@ def first_sync_attempts(sync, t: np.ndarray, needed: dict, final: bool) -> list[
     if final and not attempts:
         attempts = [(w, ("predicted",)) for w in predicted[-1:]] + [(full[-1], ("full",))]
     return attempts
+
+
+def first_anchor_of_attempts(sync, t: np.ndarray, attempts: list, final: bool) -> tuple:
+    """The first anchor of the first attempt (first_sync_attempts) with a correlation
+    peak: (anchor time or None, its window, the misses: per search, (z, z needed,
+    detections) of the last window it tried). With `final` (loss of signal), a miss of
+    every attempt raises ProtocolAborted."""
+    missed = {}
+    for i, (window_s, kinds) in enumerate(attempts):
+        try:
+            return sync.first_anchor(t, window_s, kinds), window_s, missed
+        except (PeerAborted, ChannelClosed, AuthenticationFailed):
+            raise
+        except ProtocolAborted:
+            missed.update(sync.first_tries)
+            if final and i + 1 == len(attempts):
+                raise
+    return None, None, missed
 
 
 def sample_target(count: int, cfg: Config) -> int:
@@ -1088,6 +1120,8 @@ class StreamBob(Bob):
                         # orbit prediction: timesync.first_z_needed) needs, from the last
                         # window that search tried
                         grown = detections * (z_needed * SYNC_RETRY_Z_MARGIN / max(z, 1.0)) ** 2
+                        if not math.isfinite(grown):  # too few slots to stand out at all
+                            grown = 2 * detections
                         sync_needed[kind] = max(sync_needed[kind] + 1, math.ceil(grown))
                     self._unverified = synced
                     if synced:
@@ -1331,23 +1365,12 @@ class StreamBob(Bob):
         it tried). The attempts (first_sync_attempts) are made in order until one has a
         correlation peak; a failure for want of correlation is retried with more data."""
         channel.send("stream_next", step="sync")
-        missed = {}
         with stage("sync"):
-            for i, (window_s, kinds) in enumerate(attempts):
-                try:
-                    tc = sync.first_anchor(t, window_s, kinds)
-                    self._lock_window_s = window_s
-                    break
-                except (PeerAborted, ChannelClosed, AuthenticationFailed):
-                    raise
-                except ProtocolAborted:
-                    missed.update(sync.first_tries)
-                    if i + 1 < len(attempts):
-                        continue
-                    if final:
-                        raise
-                    channel.send("sync_request", done=1, starts=np.zeros(0, np.int64), length=0)
-                    return False, 0.0, missed
+            tc, window_s, missed = first_anchor_of_attempts(sync, t, attempts, final)
+            if tc is None:
+                channel.send("sync_request", done=1, starts=np.zeros(0, np.int64), length=0)
+                return False, 0.0, missed
+            self._lock_window_s = window_s
             sync.track(t, tc, -1, t[0] + timesync.TRACK_WINDOW_S / 2, to_edge=True)
             last = sync.track(t, tc, +1, t[-1] - timesync.TRACK_WINDOW_S / 2, to_edge=final)
             channel.send("sync_request", done=1, starts=np.zeros(0, np.int64), length=0)

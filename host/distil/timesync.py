@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
+import scipy.optimize
+import scipy.special
 import scipy.stats
 from scipy.interpolate import make_interp_spline
 
@@ -74,8 +76,27 @@ PRIOR_MARGIN_S = 10e-6
 # a noise peak the chance FIRST_Z gives it among the whole range's lags (Gaussian tails:
 # 6.3 among jinan-1's ~52 k predicted lags against 7.0 among its 7.5 M), never below
 # PRIOR_Z_FLOOR (the correlation of a few hundred detections is only nearly Gaussian so
-# far out). Every lock is still verified by the stream's probe.
+# far out). That rule is the fallback of a pass.json without intensity_probabilities;
+# with them, the threshold is the exact one (NullCorrelation, FIRST_FALSE_PEAK). Every
+# lock is still verified by the stream's probe.
 PRIOR_Z_FLOOR = 6.0
+# The first anchor's threshold, from the correlation's exact distribution at a wrong lag
+# (NullCorrelation): a search of L lags locks on noise with probability at most
+# FIRST_FALSE_PEAK (union bound over its lags: L x P(one wrong lag reaches it)). A false
+# lock costs time, never a key (the stream's probe rejects it at >= 5 sigma), but one found
+# around the prediction also turns the prediction off for the rest of the pass.
+# The Gaussian z the rule above used is far from that distribution at jinan-1's weights
+# (mean photon numbers 0.5 / 0.1 / 0 drawn 0.8 / 0.1 / 0.1: a sum of 0.5s with a few
+# smaller values, whose upper tail is much lighter than a Gaussian's): on ~41 k predicted
+# lags and 360 detections, z 6.23 stood for a chance of 6e-8 of a noise peak (not the
+# ~1e-5 it was meant to give), and the true peak (z 7.2 +- 0.55 over realisations) fell
+# below it in ~1 realisation of 30; now 5.91.
+FIRST_FALSE_PEAK = 1e-6
+# Up to this many detected slots the null distribution is enumerated exactly (every count
+# of each weight: (n + 1)(n + 2) / 2 sums at 3 weights, 0.5 M at 1,000, ~0.1 s); above it,
+# or with more than 3 distinct weights, a Chernoff bound (an upper bound on the chance: a
+# slightly higher threshold, ~0.3 z at jinan-1's 700) where the peak is far above either.
+NULL_EXACT_DETECTIONS = 1000
 # The predicted search's lag correlation, computed slot by slot when that asks Alice for
 # fewer slots than the FFT's window: each distinct detected slot's run of predicted lags
 # (detections x lags) against the window's span plus the lags. At jinan-1's weak start
@@ -96,6 +117,133 @@ def first_z_needed(lags: int, full_lags: int) -> float:
         return FIRST_Z
     chance = scipy.stats.norm.sf(FIRST_Z) * full_lags / max(lags, 1)
     return max(PRIOR_Z_FLOOR, float(scipy.stats.norm.isf(chance)))
+
+
+class NullCorrelation:
+    """The lag correlation at a wrong lag: the sum over n distinct detected slots of
+    Alice's mean photon number of an unrelated pattern slot, each an independent draw of
+    the intensity classes with pass.json's probabilities (as the symbol mapping's integer
+    thresholds realise them). threshold(n, chance) is the sum that such a sum reaches
+    with probability at most `chance`; z_needed puts it in the units of _zscore."""
+
+    def __init__(self, weights, probabilities):
+        merged: dict = {}
+        for w, p in zip(weights, probabilities, strict=True):
+            if p > 0:
+                merged[float(w)] = merged.get(float(w), 0.0) + float(p)
+        self.weights = np.array(sorted(merged, reverse=True))
+        self.probabilities = np.array([merged[w] for w in self.weights])
+        self.probabilities /= self.probabilities.sum()
+        self.mean = float(self.probabilities @ self.weights)
+        self.sd = float(np.sqrt(self.probabilities @ (self.weights - self.mean) ** 2))
+        self._cache: dict = {}
+
+    @classmethod
+    def of(cls, pass_json: dict):
+        """The pass's null distribution, or None without intensity_probabilities (then the
+        Gaussian rule, first_z_needed)."""
+        from host.protocol.symbols import SymbolMapping
+
+        probabilities = pass_json.get("intensity_probabilities")
+        names = list(pass_json.get("intensities") or {})
+        if not isinstance(probabilities, dict) or set(probabilities) != set(names):
+            return None
+        try:
+            mapping = SymbolMapping.from_probabilities(
+                float(pass_json.get("basis_probability_z", 0.5)),
+                [float(probabilities[n]) for n in names],
+            )
+        except (ValueError, TypeError):
+            return None
+        realised = mapping.realised_probabilities()[1]
+        return cls(intensity_weights(pass_json)[: len(names)], realised)
+
+    def threshold(self, n: int, chance: float) -> float:
+        """The smallest sum of n slots that a wrong lag reaches with probability at most
+        `chance` (inf: none, e.g. n slots too few to stand out at all)."""
+        key = (int(n), float(chance))
+        if key not in self._cache:
+            exact = n <= NULL_EXACT_DETECTIONS and self.weights.size <= 3
+            self._cache[key] = self._exact(n, chance) if exact else self._chernoff(n, chance)
+        return self._cache[key]
+
+    def z_needed(self, n: int, lags: int, chance: float = FIRST_FALSE_PEAK) -> float:
+        """The z (_zscore's units) a peak among `lags` lags of n slots needs: no wrong lag
+        of the search reaches it with probability above `chance` (union bound)."""
+        if n < 1 or self.sd <= 0:
+            return math.inf
+        x = self.threshold(n, chance / max(lags, 1))
+        return (x - n * self.mean) / (math.sqrt(n) * self.sd)
+
+    def _exact(self, n: int, chance: float) -> float:
+        w, p = self.weights, self.probabilities
+        if w.size == 1:
+            return math.inf
+        counts = np.arange(n + 1)
+        if w.size == 2:
+            a, b = counts, n - counts
+            c = np.zeros_like(a)
+        else:
+            a, b = (m.reshape(-1) for m in np.meshgrid(counts, counts, indexing="ij"))
+            keep = a + b <= n
+            a, b = a[keep], b[keep]
+            c = n - a - b
+        log_p = scipy.special.gammaln(n + 1) - scipy.special.gammaln(a + 1)
+        log_p -= scipy.special.gammaln(b + 1) + scipy.special.gammaln(c + 1)
+        log_p += a * math.log(p[0]) + b * math.log(p[1])
+        if w.size == 3:
+            log_p += c * math.log(p[2])
+            total = a * w[0] + b * w[1] + c * w[2]
+        else:
+            total = a * w[0] + b * w[1]
+        # counts far less likely than `chance` cannot move a tail near it: left out, their
+        # whole mass (at most e^-40 chance x their number) is added to every tail (so it
+        # stays an upper bound), and the sort below is over a few thousand sums
+        small = log_p < math.log(chance) - 40.0
+        dropped = float(np.exp(log_p[small]).sum())
+        total, log_p = total[~small], log_p[~small]
+        # equal sums from different counts (5 x 0.1 = 0.5) are one value of the sum
+        values, group = np.unique(np.round(total, 9), return_inverse=True)
+        mass = np.bincount(group, weights=np.exp(log_p), minlength=values.size)
+        tail = np.cumsum(mass[::-1])[::-1] + dropped  # P(sum >= values[i]), at most
+        rare = np.nonzero(tail <= chance)[0]
+        if rare.size == 0:
+            return math.inf
+        first = int(rare[0])
+        # halfway down to the next lower value: a peak's float32 sums at either value
+        # stay on their side
+        below = values[first - 1] if first > 0 else values[first] - 1.0
+        return float((values[first] + below) / 2)
+
+    def _chernoff(self, n: int, chance: float) -> float:
+        """x with exp(-n I(x / n)) = chance, I the rate function of one slot's weight: an
+        upper bound on P(sum >= x) (Chernoff), so the chance is at most `chance`."""
+        w, p = self.weights, self.probabilities
+        need = math.log(1.0 / chance) / n
+        top = float(w[0])
+        if need >= -math.log(p[0]):  # even every slot at the top weight is not that rare
+            return math.inf
+
+        def rate(a: float) -> float:  # sup over theta >= 0 of theta a - log E exp(theta w)
+            def slope(theta: float) -> float:
+                e = p * np.exp(theta * (w - top))
+                return float((e * w).sum() / e.sum()) - a
+
+            hi = 1.0
+            while slope(hi) < 0 and hi < 1e6:
+                hi *= 2
+            theta = scipy.optimize.brentq(slope, 0.0, hi)
+            e = p * np.exp(theta * (w - top))
+            return theta * a - (theta * top + math.log(float(e.sum())))
+
+        lo, hi = self.mean, top
+        for _ in range(60):  # the rate grows with a from 0 at the mean to -log p[0] at top
+            mid = (lo + hi) / 2
+            if rate(mid) < need:
+                lo = mid
+            else:
+                hi = mid
+        return float(hi * n)
 
 
 @dataclass
@@ -339,6 +487,7 @@ class Synchroniser:
         self.first_z, self.first_detections = 0.0, 0  # the last first_anchor's peak
         self.first_z_needed = FIRST_Z  # and the z its (first) search needed
         self.prior = DelayPrior.of(pass_json)
+        self.null = NullCorrelation.of(pass_json)  # None: the Gaussian rule (first_z_needed)
         self.use_prior = True  # the stream clears it when a lock found with it fails
         self.first_search = None  # "predicted" or "full": the search that gave the lock
         self.first_tries = {}  # the last first_anchor's searches: (z, z needed, detections)
@@ -379,13 +528,21 @@ class Synchroniser:
     def first_slots(self, t: np.ndarray, window_s: float, kind: str) -> int | None:
         """Slots of Alice's pattern a first anchor at the densest window_s of t asks for
         with the search `kind` (None: no such search, e.g. no usable prior)."""
+        cost = self.first_cost(t, window_s, kind)
+        return None if cost is None else cost[0]
+
+    def first_cost(self, t: np.ndarray, window_s: float, kind: str) -> tuple | None:
+        """(slots asked, sparse) of first_slots: sparse when Alice sums each detected
+        slot's run of lags (her memory stays a piece; her time grows with the slots),
+        else her whole window for the FFT (held at once, on both sides)."""
         tc, sel = self._densest(t, window_s)
         searches = self._searches(tc, window_s, (kind,))
         if not searches:
             return None
         lags = searches[0][3] - searches[0][2]
         span = int(window_s * self.rate) + 1
-        return min(span + lags, int(sel.sum()) * (lags + 1))
+        sparse = int(sel.sum()) * (lags + 1)
+        return min(span + lags, sparse), sparse < span + lags
 
     def first_anchor(
         self, t: np.ndarray, window_s: float = FIRST_WINDOW_S, kinds=("predicted", "full")
@@ -405,8 +562,8 @@ class Synchroniser:
         if not searches:
             raise ProtocolAborted("time synchronisation failed: no search to make")
         for i, search in enumerate(searches):
-            z, offset, slope = self._correlate(tw, tc, *search[1:], step=step)
-            needed = first_z_needed(search[3] - search[2], lag_range)
+            z, offset, slope, slots = self._correlate(tw, tc, *search[1:], step=step)
+            needed = self.z_needed(slots, search[3] - search[2] + 1, lag_range + 1)
             self.first_tries[search[0]] = (z, needed, self.first_detections)
             if i == 0:  # the stream's retry rule aims at the first search's threshold
                 self.first_z, self.first_z_needed = z, needed
@@ -424,12 +581,21 @@ class Synchroniser:
         self.anchors_slope = [self.first_slope]
         return tc
 
+    def z_needed(self, slots: int, lags: int, full_lags: int) -> float:
+        """The z a first anchor's peak over `slots` distinct detected slots needs among
+        `lags` lags (of the whole range's `full_lags`): exact, at FIRST_FALSE_PEAK, when
+        pass.json gives the intensity probabilities; else the Gaussian rule."""
+        if self.null is None:
+            return first_z_needed(lags, full_lags)
+        return self.null.z_needed(slots, lags)
+
     def _correlate(self, tw, tc, drifts, delay_lo, delay_hi, drift_rate, step):
-        """(z, offset, slope) of the first anchor at tc (tw: the window's detection times
-        from tc) over the drifts given (evenly spaced by step) and the delays of
-        [delay_lo, delay_hi] slots: the drift of the tightest phase clustering, then the
-        lag of the strongest correlation with Alice's mean photon numbers. drift_rate
-        (1/s): the drift's predicted change over the window (0: none)."""
+        """(z, offset, slope, distinct detected slots) of the first anchor at tc (tw: the
+        window's detection times from tc) over the drifts given (evenly spaced by step)
+        and the delays of [delay_lo, delay_hi] slots: the drift of the tightest phase
+        clustering, then the lag of the strongest correlation with Alice's mean photon
+        numbers. drift_rate (1/s): the drift's predicted change over the window (0:
+        none)."""
         rate = self.rate
         bend = 0.5 * drift_rate * tw * tw * rate if drift_rate else None
         drift = float(drifts[_densest_drift(tw * rate, drifts, step, bend)])
@@ -442,14 +608,18 @@ class Synchroniser:
         lags = delay_hi - delay_lo
         base = int(math.floor(tc * rate)) + int(k_rel.min()) - delay_hi
         length = span + lags
-        at, counts = np.unique(k_rel - k_rel.min(), return_counts=True)
+        # each detected slot once: at a wrong lag the sum is then over independent slots
+        # of the pattern, whose exact distribution sets the threshold (NullCorrelation; a
+        # slot clicked twice would add its weight twice)
+        at = np.unique(k_rel - k_rel.min())
+        counts = np.ones(at.size, np.int32)
         if at.size * (lags + 1) < length:
             corr = self._sparse_correlation(base, at, counts, lags)
         else:
             corr = self._fft_correlation(base, at, counts, span, lags)
         lag, z = _zscore(corr)
         # offset(T) = slot position - T * rate; at tc the detections sit on slot centres - phi
-        return z, base + lag - int(k_rel.min()) - phi - tc * rate, drift * rate
+        return z, base + lag - int(k_rel.min()) - phi - tc * rate, drift * rate, int(at.size)
 
     def _sparse_correlation(self, base, at, counts, lags) -> np.ndarray:
         """corr[lag] = sum over the detected slots (offsets `at` from base, `counts`
