@@ -58,13 +58,14 @@ _PASSES = const(5)  # the scheduler's passes while it has a loop (wrap at 2^30 -
 _FAILING = const(6)
 
 
-# Scheduler._run, the paced loop's call in one list (set_loop): indexing it in viper costs
-# a few instructions, an attribute lookup in native code ~100-200
+# Scheduler._run, the paced loop's call in one list (set_loop), in this order: _pace
+# unpacks it in one runtime call (an attribute lookup in native code costs ~100-200)
 _R_STEP = const(0)
 _R_STEP_ARG = const(1)
 _R_TICKS = const(2)
 _R_TICKS_ARG = const(3)
 _R_STATE = const(4)  # Loop.state
+_R_STATE_WORDS = const(5)  # Loop.state's address where it is a small int (MCU), else itself
 _W_PASSES = const(0)  # Scheduler.words: passes while there is no loop (wrap at 2^30 - 1)
 
 
@@ -77,15 +78,16 @@ def _pace(run, last: int) -> int:
     is idle or failing (_FAILING: then only the pass's last call runs a period). Viper:
     its arithmetic costs a few instructions, where the same in native code goes through
     the runtime (~100 each)."""
-    state = ptr32(run[_R_STATE])
+    # the loop's call in one unpacking (one runtime call, where indexing the list cost ~85
+    # instructions an item); the order of the _R_* indices
+    step, step_arg, ticks, ticks_arg, state_array, state_words = run
+    state = ptr32(state_words)
     due = state[_DUE]
     if last:
         n = state[_PASSES]
         state[_PASSES] = n + 1 if n < 0x3FFFFFFF else 0
     elif due == -1 or state[_FAILING] != 0:
         return 0
-    ticks = run[_R_TICKS]
-    ticks_arg = run[_R_TICKS_ARG]
     now = int(ticks(ticks_arg))
     # idle is -1, which a 64-bit build's ptr32 load zero-extends: a due time (wrapped at
     # 2^30) has no bit from 30 up, -1 has them on 32 and 64 bits (a literal 2^30 is not a
@@ -104,7 +106,7 @@ def _pace(run, last: int) -> int:
     else:
         due = now
     state[_DUE] = -1  # idle unless the step runs a period (and if it raises)
-    ran = int(run[_R_STEP](run[_R_STEP_ARG]))
+    ran = int(step(step_arg))
     if ran == 0:
         return 0
     state[_DUE] = (due + state[_PERIOD]) & 0x3FFFFFFF
@@ -182,6 +184,8 @@ class Scheduler:
         self.words = array.array("i", (0,))  # _W_PASSES
         self.loop = None  # the paced real-time duty (set_loop), or None
         self._run = None  # the loop's call (_R_*), while there is a loop
+        # what run_once reads every pass, in one attribute: [self._run, self.duties]
+        self._pass = [None, self.duties]
 
     @property
     def passes(self):
@@ -207,7 +211,11 @@ class Scheduler:
             # the clock's state words by address: a small int goes through the call for a
             # few instructions, an array through the buffer protocol (the MCU boards)
             ticks_arg = _address(ticks_arg)
-        self._run = [loop.step, loop.step_arg, self._ticks, ticks_arg, loop.state]
+        state_words = loop.state
+        if _address(state_words) <= COUNTER_WRAP:  # (an int goes to ptr32 cheaper)
+            state_words = _address(state_words)
+        self._run = [loop.step, loop.step_arg, self._ticks, ticks_arg, loop.state, state_words]
+        self._pass[0] = self._run
         self.loop = loop
         return loop
 
@@ -218,16 +226,17 @@ class Scheduler:
 
     # native: every pass runs this (the tracking loop's period among them); as machine code
     # it costs ~2.4k instructions a pass less than in bytecode on the M3 (docs/tracking.md)
+    # (`pace` a default argument: an argument costs nothing to read, where the global
+    # `_pace` was a lookup before each duty, its cost depending on the image's qstr layout)
     @micropython.native
-    def run_once(self):
+    def run_once(self, pace=_pace):
         """Call every due duty once; True if any did work."""
         busy = False
-        run = self._run
+        run, duties = self._pass  # (one lookup and an unpacking: each `self.x` costs ~120)
         if run is None:  # (with a loop, _pace counts the pass)
             words = self.words
             n = words[_W_PASSES]
             words[_W_PASSES] = n + 1 if n < COUNTER_WRAP else 0
-        duties = self.duties
         state = None
         if duties:
             ticks = self._ticks
@@ -239,7 +248,7 @@ class Scheduler:
                 # the paced loop's next period first (waiting for it): each other duty
                 # runs in the time a period leaves
                 try:
-                    _pace(run, 0)
+                    pace(run, 0)
                 except BaseException as error:  # noqa: BLE001 - as any duty's (below)
                     self._loop_failed(error)
             start = ticks(ticks_arg)
@@ -271,7 +280,7 @@ class Scheduler:
             # paced: one more period, and the main loop must not idle (a board idles until
             # the next interrupt, up to a millisecond). The pass is counted there.
             try:
-                if _pace(run, 1):
+                if pace(run, 1):
                     busy = True
             except BaseException as error:  # noqa: BLE001
                 self._loop_failed(error)

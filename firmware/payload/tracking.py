@@ -1329,12 +1329,17 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             iy = (st[_S_IY] ^ m) - m
             i2x = (st[_S_I2X] ^ m) - m
             i2y = (st[_S_I2Y] ^ m) - m
-            dex = ex - ((st[_S_EPX] ^ m) - m)
+            # the previous errors and the feed-forward taps, each loaded once (every
+            # sign-restoring load costs ~10 instructions on the M3; the resonators and
+            # both axes read them: docs/scheduling.md "The paced loop")
+            epx = (st[_S_EPX] ^ m) - m
+            epy = (st[_S_EPY] ^ m) - m
+            dex = ex - epx
             if dex > _E_CLAMP:
                 dex = _E_CLAMP
             elif dex < 0 - _E_CLAMP:
                 dex = 0 - _E_CLAMP
-            dey = ey - ((st[_S_EPY] ^ m) - m)
+            dey = ey - epy
             if dey > _E_CLAMP:
                 dey = _E_CLAMP
             elif dey < 0 - _E_CLAMP:
@@ -1385,7 +1390,7 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
                 i = _S_RES + 2 * line
                 r1 = (st[i] ^ m) - m
                 r = (a1 * r1 - a2 * ((st[i + 1] ^ m) - m) + b0 * ex
-                     + b1 * ((st[_S_EPX] ^ m) - m)) >> 12  # fmt: skip
+                     + b1 * epx) >> 12  # fmt: skip
                 if r > _RES_MAX_NRAD:
                     r = _RES_MAX_NRAD
                 elif r < 0 - _RES_MAX_NRAD:
@@ -1396,7 +1401,7 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
                 i = _S_RES + 4 + 2 * line
                 r1 = (st[i] ^ m) - m
                 r = (a1 * r1 - a2 * ((st[i + 1] ^ m) - m) + b0 * ey
-                     + b1 * ((st[_S_EPY] ^ m) - m)) >> 12  # fmt: skip
+                     + b1 * epy) >> 12  # fmt: skip
                 if r > _RES_MAX_NRAD:
                     r = _RES_MAX_NRAD
                 elif r < 0 - _RES_MAX_NRAD:
@@ -1408,14 +1413,18 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             # filter on ARS(k)..ARS(k-3) (|tap| <= 1 Q12, |ARS| <= 2**16: sum < 2**30)
             # that predicts it across the loop's latency (docs/tracking.md).
             c = _OFF_CFG + _K_ARS
-            res_x += (((st[c] ^ m) - m) * ars_x
-                      + ((st[c + 1] ^ m) - m) * ((st[_S_ARS] ^ m) - m)
-                      + ((st[c + 2] ^ m) - m) * ((st[_S_ARS + 1] ^ m) - m)
-                      + ((st[c + 3] ^ m) - m) * ((st[_S_ARS + 2] ^ m) - m)) >> 12  # fmt: skip
-            res_y += (((st[c] ^ m) - m) * ars_y
-                      + ((st[c + 1] ^ m) - m) * ((st[_S_ARS + 3] ^ m) - m)
-                      + ((st[c + 2] ^ m) - m) * ((st[_S_ARS + 4] ^ m) - m)
-                      + ((st[c + 3] ^ m) - m) * ((st[_S_ARS + 5] ^ m) - m)) >> 12  # fmt: skip
+            tap0 = (st[c] ^ m) - m
+            tap1 = (st[c + 1] ^ m) - m
+            tap2 = (st[c + 2] ^ m) - m
+            tap3 = (st[c + 3] ^ m) - m
+            res_x += (tap0 * ars_x
+                      + tap1 * ((st[_S_ARS] ^ m) - m)
+                      + tap2 * ((st[_S_ARS + 1] ^ m) - m)
+                      + tap3 * ((st[_S_ARS + 2] ^ m) - m)) >> 12  # fmt: skip
+            res_y += (tap0 * ars_y
+                      + tap1 * ((st[_S_ARS + 3] ^ m) - m)
+                      + tap2 * ((st[_S_ARS + 4] ^ m) - m)
+                      + tap3 * ((st[_S_ARS + 5] ^ m) - m)) >> 12  # fmt: skip
             ux = ((kp * ex) >> 12) + (nix >> 8) + (ni2x >> 8) + ((kd * dex) >> 12) + res_x
             uy = ((kp * ey) >> 12) + (niy >> 8) + (ni2y >> 8) + ((kd * dey) >> 12) + res_y
             if (ux >= limit and ex > 0) or (ux <= 0 - limit and ex < 0):
@@ -1537,7 +1546,7 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         if head - st[_S_TM_TAIL] >= _TM_SLOTS:
             st[_S_TM_LOST] = st[_S_TM_LOST] + 1
         else:
-            i = (head % _TM_SLOTS) * TM_SAMPLE_WORDS
+            i = (head & (_TM_SLOTS - 1)) * TM_SAMPLE_WORDS  # (a power of two: no division)
             st[_OFF_TM + i] = step
             st[_OFF_TM + i + 1] = state
             st[_OFF_TM + i + 2] = signal

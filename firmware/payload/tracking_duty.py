@@ -52,12 +52,15 @@ _D_SIN = const(7)  # address of Tracker.sin_table
 _D_CTX = const(8)  # address of Bus._track_ctx
 _D_CHUNK = const(9)  # address of Bus._chunk
 _D_BUS = const(10)  # address of Bus.state
-_D_COUNT = const(11)
+_D_TABLE = const(11)  # address of Tracker.table (replaced only while idle: set on each
+#                       general period, which every start of the loop runs first)
+_D_COUNT = const(12)
 
-# TrackingDuty.paced_args: the objects _paced_period needs, in one list (indexing it costs
-# ~85 instructions on the M3, an attribute lookup more)
-_A_DUTY = const(0)  # TrackingDuty.state
-_A_TRACKER = const(1)  # (its prediction table is replaced on upload: read every period)
+# TrackingDuty.paced_args: the objects _paced_period needs, in one list that it unpacks into
+# its locals in one runtime call (_PACED_ARGS_ORDER; indexing it costs ~85 instructions on
+# the M3 an item, an attribute lookup more)
+_A_DUTY = const(0)  # TrackingDuty.state (its address on the MCU targets)
+_A_TRACKER = const(1)
 _A_FRAME = const(2)  # the request frame's fixed view (Bus._track_frame)
 _A_WRITE = const(3)  # link.write, bound once
 _A_CHUNK = const(4)
@@ -66,7 +69,17 @@ _A_GENERAL = const(6)  # Bus._track_general: a reply in pieces, late, damaged, f
 _A_SLOW = const(7)  # TrackingDuty._period_general: idle, starting, no Thumb pair
 _A_FLUSH = const(8)  # TrackingDuty.flush
 _A_IO = const(9)  # Tracker.io (for the general path)
-_ARGS = const(10)
+# the Thumb pair and the kernel: reached by index, not as globals, so the period's cost
+# does not depend on where their names fall in the runtime's map-lookup cache
+_A_REQUEST = const(10)
+_A_REPLY = const(11)
+_A_KERNEL = const(12)
+_ARGS = const(13)
+# the order _paced_period unpacks paced_args in: its _A_* index order
+_PACED_ARGS_ORDER = (_A_DUTY, _A_TRACKER, _A_FRAME, _A_WRITE, _A_CHUNK, _A_READINTO, _A_GENERAL,
+                     _A_SLOW, _A_FLUSH, _A_IO, _A_REQUEST, _A_REPLY, _A_KERNEL)  # fmt: skip
+if _PACED_ARGS_ORDER != tuple(range(_ARGS)):
+    raise ImportError("tracking_duty: _paced_period's unpacking order is not _A_* order")
 _ADDRESS_LIMIT = const(0x3FFFFFFF)  # a small int on a 32-bit port
 # The rate the general period sustains on the MCU targets (~16k instructions a period on
 # the MPS2 against 21,250 at 1 kHz; docs/scheduling.md "The paced loop")
@@ -108,7 +121,10 @@ class TrackingDuty:
         link = bus.link
         self.paced_args = [None] * _ARGS
         args = self.paced_args
-        args[_A_DUTY] = self.state
+        # the state words by address where that is a small int (the MCU targets' RAM):
+        # ptr32 of an int costs less than of an array (the buffer protocol)
+        address = _bus._address(self.state)
+        args[_A_DUTY] = address if address <= _ADDRESS_LIMIT else self.state
         args[_A_FRAME] = bus._track_frame
         args[_A_WRITE] = link.write
         args[_A_CHUNK] = bus._chunk
@@ -116,10 +132,13 @@ class TrackingDuty:
         args[_A_GENERAL] = bus._track_general
         args[_A_SLOW] = self._period_general
         args[_A_FLUSH] = self.flush
+        args[_A_REQUEST] = _track_request
+        args[_A_REPLY] = _track_reply
+        args[_A_KERNEL] = _step_kernel
         self.attach(tracker)
 
-    # (static methods, not module functions: the module's globals, which _paced_period
-    # looks up every period, stay as they were)
+    # (static methods, not module functions: the module's globals stay as they were;
+    # _paced_period looks up none of them)
     @staticmethod
     def _fast_path_fault(bus, tracker, d):
         """None if the paced period can take the fast path with this bus and tracker
@@ -128,7 +147,8 @@ class TrackingDuty:
             return "no Thumb TRACK pair on this port"
         for i, buf in ((_D_IO, tracker.io), (_D_WORDS, tracker.words),
                        (_D_SIN, tracker.sin_table), (_D_CTX, bus._track_ctx),
-                       (_D_CHUNK, bus._chunk), (_D_BUS, bus.state)):  # fmt: skip
+                       (_D_CHUNK, bus._chunk), (_D_BUS, bus.state),
+                       (_D_TABLE, tracker.table)):  # fmt: skip
             address = _bus._address(buf)
             if address > _ADDRESS_LIMIT:
                 return "a loop buffer at 0x%x, above 2^30 - 1" % address
@@ -267,6 +287,13 @@ class TrackingDuty:
         failed (the commands are still owed: sent with the next period)."""
         return _paced_period(self.paced_args) == 1
 
+    def _fast_table(self, table):
+        address = _bus._address(table)
+        if address > _ADDRESS_LIMIT:  # (the loop then stays on the general path)
+            self.state[_D_FAST] = 0
+        else:
+            self.state[_D_TABLE] = address
+
     # native: the periods _paced_period does not take (idle, starting, no Thumb pair);
     # returns as _paced_period does (1 ran, 0 idle, -1 failed)
     @micropython.native
@@ -282,7 +309,10 @@ class TrackingDuty:
         if self.bus.track(self._io, self._unsent) != 0:
             self.bus_errors += 1
             return -1
-        state = _step_kernel(words, self.tracker.table, self._sin_table)
+        table = self.tracker.table
+        if self.state[_D_FAST]:  # the fast path's table: the one uploaded while idle
+            self._fast_table(table)
+        state = _step_kernel(words, table, self._sin_table)
         self._state = state
         self._unsent = 1
         self.steps += 1
@@ -304,9 +334,12 @@ def _paced_period(args) -> int:
     it counted neither late nor in overruns).
     Measured on QEMU (docs/scheduling.md "The paced loop"): ~5k instructions less a
     period than the native method with the same calls."""
-    d = ptr32(args[_A_DUTY])
+    # one unpacking in the order of the _A_* indices (checked at import: _PACED_ARGS_ORDER)
+    (duty, tracker, frame, write, chunk, readinto, general, slow, flush, io_words, request,
+     reply, kernel) = args  # fmt: skip
+    d = ptr32(duty)
     if d[_D_STATE] == _IDLE or d[_D_FAST] == 0:
-        return int(args[_A_SLOW]())
+        return int(slow())
     b = ptr32(d[_D_BUS])
     n = b[_B_TRANSACTIONS]
     b[_B_TRANSACTIONS] = n + 1 if n < _COUNTER_WRAP else 0
@@ -314,13 +347,12 @@ def _paced_period(args) -> int:
     b[_B_TAG] = tag
     io = d[_D_IO]
     ctx = d[_D_CTX]
-    _track_request(io, (d[_D_UNSENT] << 8) | tag, ctx)
-    frame = args[_A_FRAME]
-    sent = int(args[_A_WRITE](frame))
+    request(io, (d[_D_UNSENT] << 8) | tag, ctx)
+    sent = int(write(frame))
     status = -1
     if sent == _TRACK_REQUEST_FRAME_BYTES and b[_B_CHUNK_POS] >= b[_B_CHUNK_FILL]:
-        count = int(args[_A_READINTO](args[_A_CHUNK]))
-        status = int(_track_reply(d[_D_CHUNK], count | (tag << 16), io, ctx))
+        count = int(readinto(chunk))
+        status = int(reply(d[_D_CHUNK], count | (tag << 16), io, ctx))
         if status >= 0:
             n = b[_B_TRACK_REPLIES]
             b[_B_TRACK_REPLIES] = n + 1 if n < _COUNTER_WRAP else 0
@@ -331,18 +363,18 @@ def _paced_period(args) -> int:
             b[_B_CHUNK_FILL] = count
             b[_B_CHUNK_POS] = 0
     if status < 0:
-        status = int(args[_A_GENERAL](args[_A_IO], tag, frame, sent))
+        status = int(general(io_words, tag, frame, sent))
     if status != 0:  # the head holds the last commands; the unsent go with the next period
         n = d[_D_BUS_ERRORS]
         d[_D_BUS_ERRORS] = n + 1 if n < _COUNTER_WRAP else 0
         return -1
-    state = int(_step_kernel(d[_D_WORDS], args[_A_TRACKER].table, d[_D_SIN]))
+    state = int(kernel(d[_D_WORDS], d[_D_TABLE], d[_D_SIN]))
     d[_D_STATE] = state
     d[_D_UNSENT] = 1
     n = d[_D_STEPS]
     d[_D_STEPS] = n + 1 if n < _COUNTER_WRAP else 0
     if state == _IDLE:  # stopped: no next period to carry the IDLE commands
-        args[_A_FLUSH]()
+        flush()
     return 1
 
 

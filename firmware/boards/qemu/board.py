@@ -149,14 +149,15 @@ def _clock_update(state: ptr32) -> int:
     if total < 0:  # elapsed >= 2**31 cycles (signed overflow): take a chunk off first
         total -= big_chunk_cycles
         add_us = big_chunk_us
-    add_us += total // _CYCLES_PER_US
+    whole_us = total // _CYCLES_PER_US  # (one division: a runtime call each)
+    add_us += whole_us
     low = state[src + 2]
     new_low = low + add_us
     high = state[src + 3]
     if uint(new_low) < uint(low):
         high += 1
     state[dst] = now
-    state[dst + 1] = total - (total // _CYCLES_PER_US) * _CYCLES_PER_US
+    state[dst + 1] = total - whole_us * _CYCLES_PER_US
     state[dst + 2] = new_low
     state[dst + 3] = high
     state[0] = 1 - active  # publish: one word store
