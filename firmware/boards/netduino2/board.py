@@ -28,7 +28,7 @@ BUS_TIMEOUT_US = const(10_000_000)
 # the highest configurable rate whose paced period leaves at least 15 % of the CPU to the
 # other duties, measured on this image with QEMU -icount (tests/firmware/
 # mptest_paced_loop_cost.py, docs/tracking.md "Loop rate in pass mode"): at 2 kHz on the
-# 120 MHz core ~34 % at two cycles an instruction (10,165 instructions a period). A pass
+# 120 MHz core ~31 % at two cycles an instruction (9,230 instructions a period). A pass
 # gets that rate's gain set (2 kHz: the defaults, which the 0.5 urad culmination figure is
 # for); a faster one is refused.
 TRACKING_LOOP_RATE_HZ = const(2000)

@@ -26,7 +26,7 @@ BUS_TIMEOUT_US = const(10_000_000)
 
 # The tracking loop's rate in pass mode (the scheduler's paced loop over the payload bus):
 # the highest configurable rate whose paced period leaves at least 15 % of the CPU to the
-# other duties, measured on this image with QEMU -icount: 10,265 instructions, 82 % of the
+# other duties, measured on this image with QEMU -icount: 9,305 instructions, 74 % of the
 # 25 MHz CPU at 2 kHz (the limit 10,625; tests/firmware/mptest_paced_loop_cost.py,
 # docs/scheduling.md "The paced loop"). A pass gets that rate's gain set; a faster one is
 # refused.
