@@ -133,7 +133,7 @@ def _work_per_bit(stats: dict, bits: int) -> float:
     over both parts of a block reconciled in two."""
     total = 0.0
     for part in stats.get("parts", [stats]):
-        edges = ldpc.construct(ldpc.FRAME_BITS, part["mother_rate"]).edges
+        edges = ldpc.construct(part["frame_bits"], part["mother_rate"]).edges
         total += part["mean_iterations"] * part["frames"] * edges
     return total / bits
 
@@ -145,15 +145,43 @@ def _warm_up():
         _exchange("ldpc", x[:200_000], y[:200_000], q)
 
 
-def test_bench_reconciliation():
+def _frame_lengths(stats: dict) -> str:
+    """The frame lengths of a block's parts, as powers of two ("2^18", "2^16+2^18")."""
+    return "+".join(f"2^{p['frame_bits'].bit_length() - 1}" for p in stats.get("parts", [stats]))
+
+
+def _ldpc_figures(q: float) -> dict:
+    """f, FER, retry rounds, Mbit/s and work of EC_SEEDS 1 M-bit blocks at QBER q."""
+    fig = {key: [] for key in ("f", "fer_first", "fer_final", "rounds", "rates", "decoder")}
+    fig.update(per_cpu=[], work=[], frames=set())
+    for seed in range(EC_SEEDS):
+        x, y = _noisy(q, seed)
+        h = BLOCK_BITS * binary_entropy(float((x != y).mean()))
+        stats, _, seconds = _exchange("ldpc", x, y, q)
+        fig["f"].append(stats["leak_bits"] / h)
+        fig["fer_first"].append(stats["frame_errors"] / stats["frames"])
+        fig["fer_final"].append(stats["frames_discarded"] / stats["frames"])
+        fig["rounds"].append(stats["retry_rounds"])
+        fig["rates"].append(BLOCK_BITS / seconds / 1e6)
+        fig["decoder"].append(BLOCK_BITS / stats["decoder_seconds"] / 1e6)
+        fig["per_cpu"].append(BLOCK_BITS / stats["cpu_seconds"] / 1e6)
+        fig["work"].append(_work_per_bit(stats, BLOCK_BITS))
+        fig["frames"].add(f"{stats['frames']} x {_frame_lengths(stats)}")
+    return fig
+
+
+def test_bench_reconciliation(monkeypatch):
     _warm_up()
     print(
         f"\nLDPC reconciliation of {BLOCK_BITS} bits per QBER, {EC_SEEDS} noise seeds "
-        f"(worst / median); frames of {ldpc.FRAME_BITS} bits, first syndromes for "
-        f"f = {Config.ec_efficiency}, Bob's top-up to f = {reconcile.LDPC_FIRST_F} of the "
-        "QBER he measures from the syndromes, then retries of "
-        f"{reconcile.LDPC_REVEAL_STEP_F} n h each. f = leak / (n h(true QBER)); FER first = "
-        "frames failing their first decoding, FER final = frames discarded. Mbit/s of "
+        "(worst / median); frames of the length the protocol chooses for the block "
+        f"(ldpc.frame_bits_for: the longest of {ldpc.FRAME_BITS} and "
+        f"{ldpc.LONG_FRAME_BITS} the block fills {ldpc.LONG_FRAME_MIN_FRAMES} times), "
+        f"and below each the same blocks in frames of {ldpc.FRAME_BITS} (2^16 row); first "
+        f"syndromes for f = {Config.ec_efficiency}, Bob's top-up to f = "
+        f"{reconcile.LDPC_FIRST_F} of the QBER he measures from the syndromes, then retries "
+        f"of {reconcile.LDPC_REVEAL_STEP_F} n h each. f = leak / (n h(true QBER)); FER first "
+        "= frames failing their first decoding, FER final = frames discarded. Mbit/s of "
         "sifted key, end to end (both endpoints, every round trip, retry and check tag)."
     )
     print(
@@ -162,38 +190,35 @@ def test_bench_reconciliation():
         "work = decoder edge updates (iterations x edges of every frame), per key bit."
     )
     print(
-        " QBER | f worst | f median | FER first | FER final | retry rounds worst | "
-        "in-process Mbit/s worst / median | decoder Mbit/s | TCP 5 ms Mbit/s | "
+        " QBER | frames       | f worst | f median | FER first | FER final | retry rounds worst "
+        "| in-process Mbit/s worst / median | decoder Mbit/s | TCP 5 ms Mbit/s | "
         "Mbit per CPU s (median) | work per bit (median) | Cascade f (Alice / both ways)"
     )
     print(f" (load average {os.getloadavg()[0]:.1f}: wall-clock Mbit/s scale with the idle cores)")
+    long_frames = ldpc.LONG_FRAME_BITS
     for q in QBERS:
-        fs, fer_first, fer_final, rounds, rates, decoder = [], [], [], [], [], []
-        per_cpu, work = [], []
-        for seed in range(EC_SEEDS):
-            x, y = _noisy(q, seed)
-            h = BLOCK_BITS * binary_entropy(float((x != y).mean()))
-            stats, _, seconds = _exchange("ldpc", x, y, q)
-            fs.append(stats["leak_bits"] / h)
-            fer_first.append(stats["frame_errors"] / stats["frames"])
-            fer_final.append(stats["frames_discarded"] / stats["frames"])
-            rounds.append(stats["retry_rounds"])
-            rates.append(BLOCK_BITS / seconds / 1e6)
-            decoder.append(BLOCK_BITS / stats["decoder_seconds"] / 1e6)
-            per_cpu.append(BLOCK_BITS / stats["cpu_seconds"] / 1e6)
-            work.append(_work_per_bit(stats, BLOCK_BITS))
-        x, y = _noisy(q, 0)
-        _, _, tcp_seconds = _exchange("ldpc", x, y, q, tcp=True)
-        h = BLOCK_BITS * binary_entropy(float((x != y).mean()))
-        c_stats, c_alice, _ = _exchange("cascade", x, y, q)
-        print(
-            f" {q:.2f} | {max(fs):7.3f} | {statistics.median(fs):8.3f} | "
-            f"{statistics.mean(fer_first):9.3f} | {max(fer_final):9.3f} | {max(rounds):18d} | "
-            f"{min(rates):7.3f} / {statistics.median(rates):7.3f}{'':18s} | "
-            f"{statistics.median(decoder):14.3f} | {BLOCK_BITS / tcp_seconds / 1e6:15.3f} | "
-            f"{statistics.median(per_cpu):23.3f} | {statistics.median(work):21.0f} | "
-            f"{c_alice['leak_bits'] / h:.3f} / {c_stats['leak_bits'] / h:.3f}"
-        )
+        for row in ("chosen", "2^16"):
+            monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", () if row == "2^16" else long_frames)
+            fig = _ldpc_figures(q)
+            fs = fig["f"]
+            if row == "chosen":
+                x, y = _noisy(q, 0)
+                _, _, tcp_seconds = _exchange("ldpc", x, y, q, tcp=True)
+                h = BLOCK_BITS * binary_entropy(float((x != y).mean()))
+                c_stats, c_alice, _ = _exchange("cascade", x, y, q)
+                tcp = f"{BLOCK_BITS / tcp_seconds / 1e6:15.3f}"
+                cascade = f"{c_alice['leak_bits'] / h:.3f} / {c_stats['leak_bits'] / h:.3f}"
+            else:
+                tcp, cascade = f"{'-':>15s}", "-"
+            print(
+                f" {q:.2f} | {', '.join(sorted(fig['frames'])):12s} | {max(fs):7.3f} | "
+                f"{statistics.median(fs):8.3f} | {statistics.mean(fig['fer_first']):9.3f} | "
+                f"{max(fig['fer_final']):9.3f} | {max(fig['rounds']):18d} | "
+                f"{min(fig['rates']):7.3f} / {statistics.median(fig['rates']):7.3f}{'':18s} | "
+                f"{statistics.median(fig['decoder']):14.3f} | {tcp} | "
+                f"{statistics.median(fig['per_cpu']):23.3f} | "
+                f"{statistics.median(fig['work']):21.0f} | {cascade}"
+            )
     print(f" (load average {os.getloadavg()[0]:.1f} at the end)")
 
 

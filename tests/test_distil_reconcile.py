@@ -783,3 +783,78 @@ def test_density_evolution_finds_the_known_threshold_of_the_regular_3_6_code():
 
     assert ldpc_design.converges({3: 1.0}, 0.5, 0.080)
     assert not ldpc_design.converges({3: 1.0}, 0.5, 0.088)
+
+
+def _long_frames_leak(stats: dict, by_alice: list, frame_bits: int) -> int:
+    """The leak from what Alice sent (syndromes less the punctured rank of every frame of
+    the code her message names, reveals, the block tag) and Bob's string-dependent
+    messages (each step one of frame_bits + 1 values)."""
+    (syndromes,) = [f for kind, f in by_alice if kind == "ec_syndromes"]
+    code = ldpc.construct(frame_bits, stats["mother_rate"])
+    assert syndromes["code"] == code.digest()
+    frames = int(syndromes["frames"])
+    assert syndromes["syndromes"].size == -(-frames * code.m // 8)
+    plan = ldpc.FramePlan(code, stats["punctured"], stats["shortened"])
+    reveals = [len(bytes(f["values"])) * 8 for kind, f in by_alice if kind == "ec_reveal"]
+    assert 0 <= sum(reveals) - stats["revealed_bits"] <= 7 * len(reveals)  # whole bytes
+    assert "ec_frame_tags" not in [kind for kind, _ in by_alice]
+    bob = _bob_bits(stats, stats["retry_rounds"] + 1, code_n=frame_bits)
+    assert stats["leak_bob_messages_bits"] == bob
+    return frames * plan.leak_bits() + stats["revealed_bits"] + reconcile.BLOCK_TAG_BITS + bob
+
+
+def test_a_larger_block_is_reconciled_in_longer_frames_both_sides_agree_on(monkeypatch):
+    """Issue 17 (efficiency): BP's gap above the codes' threshold shrinks with the frame,
+    so a block that fills ldpc.LONG_FRAME_MIN_FRAMES frames of a longer length takes them
+    (ldpc.frame_bits_for, from the block's size and sizing interval: public, no message).
+    Scaled down (frames of 2^12, longer ones 2^13 and 2^14) so that it runs in seconds:
+    a block of 3 short frames keeps them, one of 5 frames of 2^13 takes 2^13, and one of
+    4 frames of 2^14 is reconciled in 2^14-bit frames: keys identical, both sides count the
+    same leak, and it is what crossed the channel (the syndromes of the code Alice's
+    message names, reveals, the tag, Bob's messages with steps in [0, 2^14]).
+    Deterministic: fixed noise and Alice's random bits."""
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 4096)
+    monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", (8192, 16384))
+    q = 0.03
+    assert ldpc.frame_bits_for(3 * ldpc.max_key_bits(q, 1.05, 4096), q, 1.05) == 4096
+    assert ldpc.frame_bits_for(5 * ldpc.max_key_bits(q, 1.05, 8192), q, 1.05) == 8192
+    n = 4 * ldpc.max_key_bits(q, 1.05, 16384)
+    assert ldpc.frame_bits_for(n - 1, q, 1.05) == 8192
+    x, y = _noisy_pair(n, q, np.random.default_rng(12))
+    corrected, kept, stats, alice_stats, by_alice, _ = _recorded_both_ways(x, y, q, 0)
+    assert np.array_equal(corrected, x) and kept.all()
+    assert stats["frame_bits"] == alice_stats["frame_bits"] == 16384
+    assert stats["frames"] == 4
+    assert stats["leak_bits"] == alice_stats["leak_bits"]
+    assert stats["leak_bits"] == _long_frames_leak(stats, by_alice, 16384)
+
+
+def test_a_probe_stays_one_short_frame_when_the_block_takes_long_ones():
+    """The probe of a block sized from a sample (its exact error count sizes the rest) is
+    one frame of ldpc.FRAME_BITS even where the block's size would take longer frames: a
+    long frame would reconcile a quarter of the block on the sample's poorer estimate.
+    Frame lengths from sizes only (no code is built)."""
+    n, q, sample = 1_200_000, 0.013, 8192
+    low, high = reconcile.qber_interval(q, sample)
+    assert ldpc.frame_bits_for(n, low, 1.05, high) == max(ldpc.LONG_FRAME_BITS)
+    probe, rest = reconcile._probe_split(n, q, 1.05, sample)
+    short = ldpc.max_key_bits(low, 1.05, ldpc.FRAME_BITS, high)
+    assert probe.size == math.ceil(n / math.ceil(n / short))  # one of 2^16-bit equal frames
+    assert ldpc.frame_bits_for(probe.size, low, 1.05, high) == ldpc.FRAME_BITS
+
+
+@pytest.mark.slow
+def test_a_post_pass_sized_block_decodes_in_frames_longer_than_2_16():
+    """The protocol's frames beyond 2^16 bits (the decoder's check_var stays int32 there:
+    ldpc.Code.narrow_check_var): a block of 4 frames of 2^17 at 5 % QBER, exact QBER, is
+    reconciled in frames of 2^17 bits with keys identical and the leak what crossed.
+    Deterministic: fixed noise and Alice's random bits."""
+    q = 0.05
+    n = 4 * ldpc.max_key_bits(q, 1.05, 1 << 17)
+    assert ldpc.frame_bits_for(n, q, 1.05) == 1 << 17
+    x, y = _noisy_pair(n, q, np.random.default_rng(13))
+    corrected, kept, stats, alice_stats, by_alice, _ = _recorded_both_ways(x, y, q, 0)
+    assert np.array_equal(corrected, x) and kept.all()
+    assert stats["frame_bits"] == alice_stats["frame_bits"] == 1 << 17 and stats["frames"] == 4
+    assert stats["leak_bits"] == alice_stats["leak_bits"]
+    assert stats["leak_bits"] == _long_frames_leak(stats, by_alice, 1 << 17)

@@ -264,7 +264,7 @@ def _check_no_leak(pass_dir: Path, link, alice_report: dict, bob_report: dict, k
         end = starts[index + 1] if index + 1 < len(starts) else len(down)
         part = down[starts[index] : end]
         syndromes = part[0][1]
-        code = ldpc.construct(ldpc.FRAME_BITS, stats["mother_rate"])
+        code = ldpc.construct(stats["frame_bits"], stats["mother_rate"])
         plan = ldpc.FramePlan(code, stats["punctured"], stats["shortened"])
         assert syndromes["code"] == code.digest()
         frames = int(syndromes["frames"])

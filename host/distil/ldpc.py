@@ -30,7 +30,16 @@ import numba
 import numpy as np
 
 CODE_VERSION = 5
-FRAME_BITS = 65536
+FRAME_BITS = 65536  # the shortest frame: small blocks, and the stream's chunks at low rates
+# Longer frames for a block that fills at least LONG_FRAME_MIN_FRAMES of them (a post-pass
+# key block, a bright stream's chunk): BP's finite-length gap above the codes' asymptotic
+# threshold shrinks with the frame (docs/distillation.md, "Frame length"). At least 4 frames,
+# so that both cores have frames to decode and the block's f averages several frames'
+# thresholds. The length is a function of the block's size and its sizing QBER interval
+# only (frame_bits_for), which both sides know: it is agreed without a message, and the
+# code's digest in ec_syndromes checks it.
+LONG_FRAME_BITS = (1 << 17, 1 << 18)
+LONG_FRAME_MIN_FRAMES = 4
 DESIGN_RATES = tuple(round(0.5 + 0.01 * i, 2) for i in range(46))  # 0.50 .. 0.95
 # Mother codes on a finer grid than the designs (each uses the nearest design): a frame
 # must puncture whatever the code's m exceeds the target leak by, and puncturing beyond the
@@ -829,6 +838,21 @@ def reserve_bits(
     """The punctured reserve of a frame (see plan_for), at least RETRY_RESERVE_MIN n."""
     a = _reserve_per_key_bit(qber, efficiency, qber_high)
     return max(a * key_bits, RETRY_RESERVE_MIN * n)
+
+
+def frame_bits_for(
+    count: int, qber: float, efficiency: float, qber_high: float | None = None
+) -> int:
+    """The frame length of a block of `count` key bits sized for (qber, qber_high): the
+    longest of FRAME_BITS and LONG_FRAME_BITS of which the block fills at least
+    LONG_FRAME_MIN_FRAMES frames (FRAME_BITS if none)."""
+    n = FRAME_BITS
+    for candidate in LONG_FRAME_BITS:
+        if candidate > n and count >= LONG_FRAME_MIN_FRAMES * max_key_bits(
+            qber, efficiency, candidate, qber_high
+        ):
+            n = candidate
+    return n
 
 
 def max_key_bits(

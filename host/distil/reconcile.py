@@ -233,15 +233,22 @@ def qber_interval(
 
 
 def _plan(
-    count: int, qber_estimate: float, efficiency: float, sample_bits: int = 0, sigmas=None
+    count: int,
+    qber_estimate: float,
+    efficiency: float,
+    sample_bits: int = 0,
+    sigmas=None,
+    frame_bits: int | None = None,
 ) -> ldpc.FramePlan:
     """Equal frames: as few as fit the block, each sized to it, so no frame is mostly
-    padding (the syndrome length is the code's whatever the frame holds)."""
+    padding (the syndrome length is the code's whatever the frame holds). Frames of
+    `frame_bits`, default the block's (ldpc.frame_bits_for: longer for a larger block)."""
     low, high = qber_interval(qber_estimate, sample_bits, sigmas)
-    most = ldpc.max_key_bits(low, efficiency, qber_high=high)
+    n = frame_bits or ldpc.frame_bits_for(count, low, efficiency, high)
+    most = ldpc.max_key_bits(low, efficiency, n, qber_high=high)
     frames = max(1, math.ceil(count / most))
     return ldpc.plan_for(
-        low, efficiency, key_bits=max(1, math.ceil(count / frames)), qber_high=high
+        low, efficiency, n=n, key_bits=max(1, math.ceil(count / frames)), qber_high=high
     )
 
 
@@ -492,6 +499,7 @@ def _ldpc_alice_part(
     return kept, {
         "leak_bits": leak,
         "frames": len(frames),
+        "frame_bits": code.n,
         "frame_errors": int(np.sum(revealed > first_step)),
         "frames_discarded": int(discarded.size),
         "bits_discarded": int(count - kept.sum()),
@@ -676,6 +684,7 @@ def _ldpc_bob_part(
         "bits_discarded": int(bits.size - kept.sum()),
         "leak_ec_check_bits": check_bits,
         "frame_tags_sent": not match,
+        "frame_bits": code.n,
         "mother_rate": code.rate,
         "punctured": plan.punctured,
         "shortened": plan.shortened,
@@ -716,7 +725,11 @@ def _probe_split(count: int, qber_estimate: float, efficiency: float, sample_bit
     the probe would add, or too few frames."""
     if not 0 < sample_bits < count:
         return None
-    plan = _plan(count, qber_estimate, efficiency, sample_bits)
+    # one frame of the shortest length, whatever frames the block would take: its exact
+    # error count is what the probe is for, and a 2^16 frame's (~8x an 8192-bit sample's)
+    # already sizes the rest well; a long frame would reconcile more of the block on the
+    # sample's poorer estimate
+    plan = _plan(count, qber_estimate, efficiency, sample_bits, frame_bits=ldpc.FRAME_BITS)
     if math.ceil(count / plan.key_bits) < PROBE_MIN_FRAMES or sample_bits >= plan.key_bits:
         return None
     order = _public_permutation(0x9B0BE, count)

@@ -1319,7 +1319,14 @@ class StreamBob(Bob):
         still end before the link does."""
         opts = self.stream
         link_end_unix_s = clock.epoch_unix_s + opts.link_end_s
-        frames_done = sum(int(s["frames"]) for s in self._ec_stats.values() if s)
+        # in frames of ldpc.FRAME_BITS, the unit `frames` below counts in (a bright chunk's
+        # frames can be longer: ldpc.frame_bits_for)
+        frames_done = sum(
+            int(c["frames"]) * c.get("frame_bits", ldpc.FRAME_BITS) / ldpc.FRAME_BITS
+            for s in self._ec_stats.values()
+            if s
+            for c in s["chunk_list"]
+        )
         if frames_done:
             s_per_frame = out.stage_seconds.get("error_correction", 0.0) / frames_done
         elif self._warm_up_s_per_frame is not None:
@@ -1614,6 +1621,7 @@ class StreamBob(Bob):
             {
                 "bits": int(count),
                 "frames": int(stats["frames"]),
+                "frame_bits": int(stats.get("frame_bits", ldpc.FRAME_BITS)),
                 "leak_bits": int(stats["leak_bits"]),
                 "qber_sized_for": qber,
                 "sample_bits": int(sample_bits),
