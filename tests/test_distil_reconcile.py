@@ -827,6 +827,12 @@ def test_a_larger_block_is_reconciled_in_longer_frames_both_sides_agree_on(monke
     assert stats["frames"] == 4
     assert stats["leak_bits"] == alice_stats["leak_bits"]
     assert stats["leak_bits"] == _long_frames_leak(stats, by_alice, 16384)
+    # Bob's top-up aims at LDPC_FIRST_F_LONG for long frames, not LDPC_FIRST_F: the same
+    # block and draws with both at 1.08 ask for more before the first decoding
+    monkeypatch.setattr(reconcile, "LDPC_FIRST_F_LONG", reconcile.LDPC_FIRST_F)
+    corrected, _, at_first_f, _, _, _ = _recorded_both_ways(x, y, q, 0)
+    assert np.array_equal(corrected, x)
+    assert stats["first_request_bits"] < at_first_f["first_request_bits"]
 
 
 def test_a_probe_stays_one_short_frame_when_the_block_takes_long_ones():

@@ -59,6 +59,22 @@ QBER_SIGMAS_HIGH = 4.0
 # at 5 %; at 1 % 1.06 -> 1.09 gave 1.107 -> 1.113 and 31 -> 15 s. Most frames' thresholds
 # lie above 1.06, so a lower top-up only moves them to the retries (a decoding pass each).
 LDPC_FIRST_F = 1.08
+# Frames longer than ldpc.FRAME_BITS (ldpc.frame_bits_for) decode closer to the codes'
+# threshold, and a top-up to 1.08 left them there: the jinan-1 pass's 22 frames of 2^18
+# (seed 1, fixed secret) 17 of 22 decoded at once, block f 1.101. Their top-up aims lower
+# and the fine retries take each frame the rest of the way: 1.05 gave f 1.083 and +11,414
+# key bits for ~2x the decoder's iterations, 1.03 only +817 more for 1.5x again
+# (docs/distillation.md, "Frame length").
+LDPC_FIRST_F_LONG = 1.05
+
+
+def _first_f(frame_bits: int) -> float:
+    """The f Bob's top-up brings every frame of this length to (at most LDPC_FIRST_F)."""
+    if frame_bits <= ldpc.FRAME_BITS:
+        return LDPC_FIRST_F
+    return min(LDPC_FIRST_F, LDPC_FIRST_F_LONG)
+
+
 # Bob's top-up is sized for the low end of his syndrome QBER measurement's likelihood
 # interval, this many standard errors below the maximum-likelihood value (reconcile
 # _syndrome_qber): on 1 M bits that is ~1 % below it, on an 80 k-bit block ~10 %.
@@ -586,7 +602,7 @@ def _ldpc_bob_part(
         cap = plan.punctured - first_step
         if top_up == 0 and plan.punctured > untainted:
             cap = plan.punctured - untainted
-        target = LDPC_FIRST_F * binary_entropy(measured_low) * plan.key_bits
+        target = _first_f(code.n) * binary_entropy(measured_low) * plan.key_bits
         missing = min(target - plan.leak_bits() - first_step, cap)
         step = base_step * math.ceil(missing / base_step) if missing > 0 else 0
         channel.send("ec_top_up", step=step)
