@@ -105,6 +105,9 @@ class Controller:
             board, storage_root, self.send_ground, mission, GROUND_MAX_BODY_BYTES
         )
         self.link.frame_reader = self.ground_rx
+        # a housekeeping report in slices, one a pass (poll_ground): no call of the ground
+        # duty holds the tracking loop's periods for the whole request
+        self.link.sliced = True
         self.link.tx_queue = self.ground_queue
         self.link.bus_send = self.send_bus
         self.mission = mission
@@ -151,6 +154,9 @@ class Controller:
         # takes the bus over with its own client
 
     def poll_ground(self):
+        link = self.link
+        if link.housekeeping_stage:  # a report's next slice, before any new frame
+            return link.step()
         return _pump(self.board.ground_link, self.ground_rx, self._chunk, self.on_ground_frame)
 
     def poll_bus(self):

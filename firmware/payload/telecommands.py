@@ -91,6 +91,14 @@ def _json_into(value, out):
     return out.tell()
 
 
+# A housekeeping report in slices (GroundLink.step), in order: the heap walk, the report
+# and its JSON, the acceptance (TM 1,1), the report (TM 3,25)
+_HK_HEAP_WALK = const(1)
+_HK_JSON = const(2)
+_HK_ACCEPT = const(3)
+_HK_REPORT = const(4)
+
+
 class EnterMaintenance(Exception):
     """Raised out of the main loop by the maintenance telecommand (after its report)."""
 
@@ -143,6 +151,15 @@ class GroundLink:
         self.frame_reader = None  # the ground link's FrameReader, for its drop counters
         self.tx_queue = None  # the ground link's transmit queue, for its drop counter
         self.bus_send = None  # send(buf, length) on the payload bus, for the bus test
+        # True (the application's main loop): a housekeeping report goes out in slices,
+        # one a call of step() (docs/scheduling.md "A housekeeping telecommand"); False:
+        # all within handle()
+        self.sliced = False
+        self.housekeeping_stage = 0  # the next slice of a report in slices (_HK_*), or 0
+        self._hk_request_id = bytearray(4)  # the report's telecommand's packet id, sequence
+        self._hk_ack = 0
+        self._hk_heap_free = 0
+        self._hk_length = 0
 
     # ---------------------------------------------------------------- key and counter
 
@@ -390,6 +407,8 @@ class GroundLink:
 
     def handle(self, body):
         """One frame body from the ground link: check, authenticate, dispatch, report."""
+        while self.housekeeping_stage:  # the report before, in order (two in one read)
+            self.step()
         try:
             self._handle(body)
         except Rejected as rejection:
@@ -481,13 +500,55 @@ class GroundLink:
         out: json.dump can fail (MemoryError: a big int's digits on a 32-bit port, a
         fragmented heap), and then the ground gets the rejection alone, not "accepted"
         and then "rejected" for one command. The acceptance is built in tm.buf first,
-        then the JSON is copied into the packet after it (one C copy)."""
+        then the JSON is copied into the packet after it (one C copy). With `sliced`,
+        the same steps go in slices, one a call of step()."""
+        if self.sliced:
+            for i in range(4):  # the request id (the frame's buffer is the reader's)
+                self._hk_request_id[i] = body[i]
+            self._hk_ack = ack
+            self.housekeeping_stage = _HK_HEAP_WALK
+            return
         length = self._housekeeping_json()
         self._accept(body, ack)
+        self._housekeeping_emit(length)
+
+    def _housekeeping_emit(self, length):
         out = self._json_out
         out.seek(0)
         out.readinto(self._tm_data)  # (at most the data field; `length` of it is the JSON)
         self._emit(ccsds.SVC_HOUSEKEEPING, 25, length)
+
+    def step(self):
+        """The next slice of a housekeeping report in slices; False if none is pending.
+        Measured on QEMU -icount (mptest_housekeeping_cost.py): the longest slice but the
+        heap walk's ~0.3 M instructions, where the whole request was ~0.6 M besides it:
+        the heap walk (gc.mem_free: ~0.2 M on the STM32 board's 96 KiB, ~1.2 M on the
+        MPS2's 512 KiB), the report gathered and its JSON written, the acceptance, the
+        report."""
+        stage = self.housekeeping_stage
+        if not stage:
+            return False
+        request_id = self._hk_request_id
+        try:
+            if stage == _HK_HEAP_WALK:
+                self._hk_heap_free = gc.mem_free()
+                self.housekeeping_stage = _HK_JSON
+            elif stage == _HK_JSON:
+                self._hk_length = self._housekeeping_measured(self._hk_heap_free)[1]
+                self.housekeeping_stage = _HK_ACCEPT
+            elif stage == _HK_ACCEPT:
+                self._accept(request_id, self._hk_ack)
+                self.housekeeping_stage = _HK_REPORT
+            else:
+                self.housekeeping_stage = 0
+                self._housekeeping_emit(self._hk_length)
+        except Rejected as rejection:  # as handle() reports them
+            self.housekeeping_stage = 0
+            self._reject(request_id, rejection.code, rejection.detail)
+        except Exception as error:
+            self.housekeeping_stage = 0
+            self._reject(request_id, ccsds.REJECT_STORAGE, "internal: %r" % (error,))
+        return True
 
     def _accept(self, body, ack):
         self.accepted += 1
@@ -721,7 +782,11 @@ class GroundLink:
             counters["tx_dropped"] = self.tx_queue.dropped_frames
         return counters
 
-    def housekeeping(self):
+    def housekeeping(self, heap_free=None):
+        """The report; heap_free: gc.mem_free() taken before (a report in slices), else
+        taken here."""
+        if heap_free is None:
+            heap_free = gc.mem_free()
         report = {
             "version": self.version_text.decode(),
             "uptime_s": self.board.clock.now_us() // 1000000,
@@ -731,7 +796,7 @@ class GroundLink:
             "link": self.link_counters(),
             # what the heap has left (garbage not collected first: a lower bound); the
             # boards' margin, docs/targets.md "Margins"
-            "heap_free": gc.mem_free(),
+            "heap_free": heap_free,
         }
         if self.loop_errors:
             report["loop_errors"] = self.loop_errors
@@ -754,7 +819,7 @@ class GroundLink:
         """The report's compact JSON in self._json_out; returns its length."""
         return self._housekeeping_measured()[1]
 
-    def _housekeeping_measured(self):
+    def _housekeeping_measured(self, heap_free=None):
         """housekeeping() with sections left out in HOUSEKEEPING_SHED_ORDER (named in
         "omitted") until its compact JSON fits one packet's data: (report, length), the
         JSON of the last try in self._json_out. A try that cannot be written
@@ -762,7 +827,7 @@ class GroundLink:
         grow it) counts as one that does not fit: a report needs no heap block of its
         length (on the STM32 board at 85 % of its heap a ~1 KB text failed to find one
         during a pass, docs/targets.md "Margins")."""
-        report = self.housekeeping()
+        report = self.housekeeping(heap_free)
         limit = self.tm.max_data_bytes
         out = self._json_out
         omitted = []
