@@ -1,7 +1,9 @@
 """The paced tracking loop during an emulated pass on QEMU MPS2 with -icount (make bench):
 which duties run while the loop is paced, the longest call of each, and the loop's
 periods, overruns and worst lateness, read from housekeeping (docs/scheduling.md,
-"Stalls of the paced loop in a pass").
+"Stalls of the paced loop in a pass"), with the loop paced by the scheduler over the
+payload bus (before) and run from the board's timer interrupt over its own tracking link
+(after: "The loop on a timer interrupt").
 
     .venv/bin/python -m pytest -q benchmarks/bench_paced_loop_stalls.py -s
 
@@ -46,21 +48,24 @@ MISSION_SOURCES = TdcSources(sync_rate_hz=1e4, beacon_rate_hz=1e3)
 # One more duty, last in a pass, for the measurement: when the pass starts it clears every
 # duty's worst_us and the loop's worst lateness (so the figures are the pass's, not the
 # configure's), and it counts the garbage collections (it sees the free heap grow: only a
-# collection frees blocks here), kept where the status carries it, in its own worst_us:
-# collections * 1000 + kB live after the latest (a housekeeping packet has no room for
-# more fields; the duty's own calls take a few us). And the mission status leaves out the
-# sections this bench does not read (bus, generator, clock): with the TDC at 11 k events/s
-# the report is near its packet's limit, and housekeeping then sheds worst_us first
-# (telecommands.HOUSEKEEPING_SHED_ORDER), the figures this bench is for.
+# collection frees blocks here) and the pass's virtual time, kept where the status carries
+# them, in its own worst_us: ms of the pass * 100 + collections (a housekeeping packet has
+# no room for more fields: with one more duty it shed worst_us; the duty's own calls take
+# a few us). And the mission status leaves out the sections this bench does not read (bus,
+# generator, clock): with the TDC at 11 k events/s the report is near its packet's limit,
+# and housekeeping then sheds worst_us first (telecommands.HOUSEKEEPING_SHED_ORDER), the
+# figures this bench is for.
 GC_WATCH = """
 import gc
 from payload import mission as _mission
 _duties = _mission.Mission.duties
-_gcw = [0, 0, None, None, 0]
+_gcw = [0, 0, None, None, 0, 0]
 def _watch():
     mission, sched = _gcw[3]
+    now = mission.board.clock.ticks_us()
     if mission.pass_running and not _gcw[4]:
         _gcw[4] = 1
+        _gcw[5] = now
         for duty in sched.duties:
             if duty is not _gcw[2]:
                 duty.worst_us = 0
@@ -71,7 +76,8 @@ def _watch():
     _gcw[1] = free
     if grew:
         _gcw[0] += 1
-        _gcw[2].worst_us = _gcw[0] * 1000 + gc.mem_alloc() // 1024
+    ms = ((now - _gcw[5]) & 0x3FFFFFFF) // 1000 if _gcw[4] else 0
+    _gcw[2].worst_us = ms * 100 + min(_gcw[0], 99)
     return False
 def _duties_watched(self, sched):
     _duties(self, sched)
@@ -91,8 +97,19 @@ _mission.Mission.status = _status_read
 BASELINE_IMAGE = os.environ.get("QKDSAT_BASELINE_IMAGE")
 
 
-def measure_pass(mode: str, sources: TdcSources, run_s: float = RUN_S, image=None) -> dict:
-    """Housekeeping's mission status during the pass (after run_s) and after stop."""
+def measure_pass(
+    mode: str,
+    sources: TdcSources,
+    run_s: float = RUN_S,
+    image=None,
+    timer: bool = True,
+    target: str = "qemu",
+    reply_wait_us: int | None = None,
+    prediction_s: float = 400.0,
+) -> dict:
+    """Housekeeping's mission status during the pass (after run_s) and after stop.
+    timer: the tracking link wired, so the loop runs from the board's timer interrupt
+    (False: paced by the scheduler over the payload bus, as before)."""
     params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))
     plant = OpticalPlant(params, 120.0)
     # head generation: the head's clock follows the wall clock (nothing in the pass polls
@@ -109,7 +126,7 @@ def measure_pass(mode: str, sources: TdcSources, run_s: float = RUN_S, image=Non
         generator = pattern_generator.PatternGenerator(head)
         OpticalHead.attach(head, pattern_generator.BASE, generator)
         head.pattern_memory = generator.memory
-    chunks, reference = trk.prediction_upload(prediction_table(params, 400.0))
+    chunks, reference = trk.prediction_upload(prediction_table(params, prediction_s))
     config = {
         "intensity_probabilities": [0.5, 0.25, 0.25],
         "basis_probability_z": 0.7,
@@ -123,11 +140,13 @@ def measure_pass(mode: str, sources: TdcSources, run_s: float = RUN_S, image=Non
     }
     with HeadServer(head) as server:
         with payload_session(
-            "qemu",
+            target,
             server.address,
             icount_shift=QEMU_ICOUNT_SHIFT,
-            before_app=GC_WATCH,
+            before_app=GC_WATCH
+            + ("" if reply_wait_us is None else f"\n_mission.REPLY_WAIT_US = {reply_wait_us}\n"),
             image=image,
+            track_address=server.track_address if timer else None,
         ) as (_target, payload):
             for chunk in chunks:
                 payload.configure(chunk)
@@ -141,27 +160,31 @@ def measure_pass(mode: str, sources: TdcSources, run_s: float = RUN_S, image=Non
     return {"started": started, "during": during, "after": after, "plant_periods": plant.k}
 
 
-def _collections(status: dict) -> tuple[int, int]:
-    """(collections so far, kB live after the latest) from the gcw duty's worst_us."""
+def _watched(status: dict) -> tuple[int, int]:
+    """(ms of the pass's virtual time, collections so far) from the gcw duty's worst_us."""
     code = status["worst_us"]["gcw"]
-    return code // 1000, code % 1000
+    return code // 100, code % 100
+
+
+LOOP_PERIOD_US = 500  # the 2 kHz set both MCU boards run
 
 
 def _report(title: str, r: dict) -> None:
     during = r["during"]
-    state, steps, bus_errors, _, _, overruns, fast = during["tracking"]
-    print(f"\n[{title}] {RUN_S:.0f} s of host time, -icount shift={QEMU_ICOUNT_SHIFT}")
-    print(f"  loop: {steps} periods, {overruns} overruns ({overruns / max(steps, 1):.0%} late), "
-          f"worst lateness "
-          f"{during['worst_us']['trk']:,} us of virtual time, state {state}, "
-          f"bus errors {bus_errors}, fast path {fast}")  # fmt: skip
+    state, steps, bus_errors, _, _, overruns, path = during["tracking"]
+    how = {2: "timer interrupt, tracking link", 1: "paced by the scheduler, payload bus"}
+    print(f"\n[{title}] {RUN_S:.0f} s of host time, -icount shift={QEMU_ICOUNT_SHIFT}, "
+          f"the loop {how.get(path, 'general period')}")  # fmt: skip
+    virtual_ms, collections = _watched(during)  # the pass's virtual time when sampled
+    due = virtual_ms * 1000 // LOOP_PERIOD_US
+    print(f"  loop: {steps} kernel periods in {virtual_ms} ms of virtual time ({due} due): "
+          f"{steps * 1000 // max(virtual_ms, 1)} Hz, {steps * 100 // max(due, 1)} % of the "
+          f"periods; {overruns} late or skipped ({overruns * 100 // max(steps + overruns, 1)} "
+          f"%); worst lateness {during['worst_us']['trk']:,} us of virtual time; state "
+          f"{state}, bus errors {bus_errors}")  # fmt: skip
     tdc = during["tdc"]
-    collections, live = _collections(during)
-    before, _ = _collections(r["started"])
-    print(
-        f"  garbage collections during the pass: {collections - before} "
-        f"({live} kB live after the latest)"
-    )
+    _, before = _watched(r["started"])
+    print(f"  garbage collections during the pass: {collections - before}")
     print(f"  tdc: {tdc['events_accepted']} events taken, {tdc['lost']} lost (FIFO overflow); "
           f"sequencer frames sent {during['sequencer']['frames_sent']}")  # fmt: skip
     print(
@@ -184,13 +207,15 @@ def _report(title: str, r: dict) -> None:
     ],
 )
 def test_bench_paced_loop_stalls_in_a_pass_on_qemu(mode, sources, title):
-    if BASELINE_IMAGE:
+    if BASELINE_IMAGE:  # (an image from before the tracking link: the loop paced)
         _report(
             f"{title}; baseline {BASELINE_IMAGE}",
-            measure_pass(mode, sources, image=BASELINE_IMAGE),
+            measure_pass(mode, sources, image=BASELINE_IMAGE, timer=False),
         )
-        title += "; this build"
-    _report(title, measure_pass(mode, sources))
+    # this build: the loop paced by the scheduler over the payload bus (no tracking link),
+    # then on the timer interrupt over its own link, in the same run
+    _report(title + "; the loop paced", measure_pass(mode, sources, timer=False))
+    _report(title + "; the loop on the timer interrupt", measure_pass(mode, sources, timer=True))
 
 
 # What a record's commit holds the CPU on littlefs over the QEMU board's NOR model: the

@@ -543,25 +543,32 @@ class OpticalHead:
 
 
 class HeadServer:
-    """An OpticalHead behind two FrameEndpoints: `address`, the payload bus a target's
-    UART1 connects to, and `pattern_address`, the pattern-memory port the payload
-    processor reads (host.link.pattern_memory.PatternMemoryClient)."""
+    """An OpticalHead behind three FrameEndpoints: `address`, the payload bus a target's
+    UART1 connects to, `track_address`, the tracking link (the TRACK exchange on a link of
+    its own, as the flight head's SPI: a QEMU target's third UART, docs/scheduling.md "The
+    loop on a timer interrupt"; the same request handler, serialised by the head's lock),
+    and `pattern_address`, the pattern-memory port the payload processor reads
+    (host.link.pattern_memory.PatternMemoryClient)."""
 
     def __init__(self, head: OpticalHead):
         self.head = head
         self.endpoint = FrameEndpoint(head.handle, max_body_bytes=pb.MAX_BODY_BYTES)
+        self.track_endpoint = FrameEndpoint(head.handle, max_body_bytes=pb.MAX_BODY_BYTES)
         self.pattern_endpoint = FrameEndpoint(
             head.handle_pattern_port, max_body_bytes=pb.PATTERN_PORT_MAX_BODY_BYTES
         )
         head.reader = self.endpoint.reader
         self.address = self.endpoint.address
+        self.track_address = self.track_endpoint.address
         self.pattern_address = self.pattern_endpoint.address
 
     def __enter__(self):
         self.endpoint.start()
+        self.track_endpoint.start()
         self.pattern_endpoint.start()
         return self
 
     def __exit__(self, *exc):
         self.pattern_endpoint.stop()
+        self.track_endpoint.stop()
         self.endpoint.stop()

@@ -56,9 +56,13 @@ def payload_session(
     unix_heap_bytes: int = CONTROLLER_HEAP_BYTES,
     before_app: str = "",
     image: str | Path | None = None,
+    track_address: tuple[str, int] | None = None,
 ):
     """A provisioned emulated payload wired to the head at bus_address; yields
-    (target, PayloadClient). unix_env: extra environment for the unix board;
+    (target, PayloadClient). track_address (QEMU boards): the head's tracking link
+    (HeadServer.track_address), over which the board's timer interrupt runs the tracking
+    loop (docs/scheduling.md); without it the loop is paced over the payload bus, as on
+    unix. unix_env: extra environment for the unix board;
     unix_heap_bytes: its heap (below the controller's to show a margin).
     before_app (QEMU boards): MicroPython run in the same raw-REPL program just before the
     application starts (a benchmark's instrumentation).
@@ -98,7 +102,11 @@ def payload_session(
     target_class = QemuTarget if target_name == "qemu" else Netduino2Target
     options = {} if image is None else {"image": image}
     with target_class(
-        boot="maintenance", bus_address=bus_address, icount_shift=icount_shift, **options
+        boot="maintenance",
+        bus_address=bus_address,
+        icount_shift=icount_shift,
+        track_address=track_address,
+        **options,
     ) as t:
         repl = RawRepl(t.ground_port, timeout_s=30.0)
         repl.enter()
@@ -170,6 +178,7 @@ def run_pass(
             icount_shift=icount_shift,
             unix_env=unix_env,
             unix_heap_bytes=unix_heap_bytes,
+            track_address=server.track_address,
         ) as (
             _target,
             payload,

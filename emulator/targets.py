@@ -4,6 +4,9 @@ bare-metal MicroPython in QEMU (mps2-an385), wired the same way on both.
     ground link (UART0)  -> a pty; the host opens `target.ground_port` with pyserial,
                             exactly as it would a board's serial port
     payload bus (UART1)  -> a TCP connection to the emulated optical head at `bus_address`
+    tracking link        -> QEMU only, with `track_address`: a second TCP connection to the
+      (UART2 / USART3)      head, the TRACK exchange's own link (docs/scheduling.md "The loop
+                            on a timer interrupt"), announced to the board by a strap
     storage              -> a directory (unix) or littlefs on emulated PSRAM (QEMU)
 
 Both are context managers: the firmware runs inside the `with` block and is stopped at
@@ -35,6 +38,9 @@ QEMU_BIN = "qemu-system-arm"
 # Boot strap word the QEMU board reads at 0x20000000 (firmware/boards/qemu/board.py).
 _STRAP_ADDR = 0x20000000
 _STRAP_MAINTENANCE = 0x4E49414D
+# The second word: the tracking link is wired (b"TRAK" little-endian; board.tracking_link)
+_STRAP_TRACK_ADDR = 0x20000004
+_STRAP_TRACK = 0x4B415254
 
 
 def _read_env_file(path: Path) -> dict[str, str]:
@@ -229,19 +235,29 @@ class QemuTarget(Target):
         boot: str = "app",
         icount_shift: int | None = None,
         image: str | os.PathLike = QEMU_IMAGE,
+        track_address: tuple[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.bus_address = bus_address
         self.boot = boot
         self.icount_shift = icount_shift
         self.image = Path(image)
+        self.track_address = track_address
 
-    def _bus_chardev(self) -> str:
-        """The payload bus UART's QEMU chardev: the emulated payload's TCP socket, or none."""
-        if not self.bus_address:
+    def _bus_chardev(self, address: tuple[str, int] | None = None) -> str:
+        """The payload bus UART's QEMU chardev (or the tracking link's, given its address):
+        the emulated payload's TCP socket, or none."""
+        address = address or self.bus_address
+        if not address:
             return "null"
         # nodelay: a bus round trip per frame (lockstep) must not wait for Nagle.
-        return f"tcp:{self.bus_address[0]}:{self.bus_address[1]},nodelay=on"
+        return f"tcp:{address[0]}:{address[1]},nodelay=on"
+
+    def _track_args(self) -> list[str]:
+        """The third serial port: the tracking link, when the head serves one."""
+        if not self.track_address:
+            return []
+        return ["-serial", self._bus_chardev(self.track_address)]
 
     def _icount_args(self) -> list[str]:
         if self.icount_shift is None:
@@ -258,11 +274,17 @@ class QemuTarget(Target):
             "-serial", self._bus_chardev(),
             "-kernel", str(image),
         ]  # fmt: skip
+        cmd[cmd.index("-kernel") : cmd.index("-kernel")] = self._track_args()
         cmd += self._icount_args()
         if self.boot == "maintenance":
             cmd += [
                 "-device",
                 f"loader,addr={_STRAP_ADDR:#x},data={_STRAP_MAINTENANCE:#x},data-len=4",
+            ]
+        if self.track_address:
+            cmd += [
+                "-device",
+                f"loader,addr={_STRAP_TRACK_ADDR:#x},data={_STRAP_TRACK:#x},data-len=4",
             ]
         return cmd
 
@@ -305,18 +327,21 @@ class Netduino2Target(QemuTarget):
         boot: str = "app",
         icount_shift: int | None = None,
         image: str | os.PathLike = NETDUINO2_IMAGE,
+        track_address: tuple[str, int] | None = None,
     ) -> None:
-        super().__init__(bus_address, boot, icount_shift, image)
+        super().__init__(bus_address, boot, icount_shift, image, track_address)
 
     def command(self) -> list[str]:
         image = require(self.image, "netduino2 firmware image (make firmware)")
+        strap = f"arg=qkdsat,arg={self.boot}" + (",arg=track" if self.track_address else "")
         cmd = [
             QEMU_BIN,
             "-machine", "netduino2",
             "-nographic", "-monitor", "null",
-            "-semihosting-config", f"enable=on,target=native,arg=qkdsat,arg={self.boot}",
+            "-semihosting-config", f"enable=on,target=native,{strap}",
             "-serial", "pty",
             "-serial", self._bus_chardev(),
+            *self._track_args(),
             "-kernel", str(image),
         ]  # fmt: skip
         cmd += self._icount_args()

@@ -21,6 +21,9 @@ from payload import bus as busmod
 from payload import headgen, sequencer, storage, tdc
 
 HK_PERIOD_US = const(100_000)
+# How long a pass's stop waits for the timer interrupt's loop to confirm its IDLE commands
+# on the head (a few periods; bounded for a silent head)
+_TIMER_LOOP_STOP_US = const(200_000)
 CONFIG_KEYS = (
     "intensity_probabilities",
     "intensity_names",
@@ -199,14 +202,25 @@ class Mission:
         if self.tracking is None:
             self.tracking = tracking_duty.TrackingDuty(self.bus, tracker)
             self.tracking_product = tracking_duty.TrackingProduct(tracker, self.store)
+            # The loop's period from the board's timer interrupt over its own tracking
+            # link where the board has both (the MCU images with the link wired: the
+            # period preempts any duty, docs/scheduling.md "The loop on a timer
+            # interrupt"), else the scheduler's paced duty (unix; no link)
+            link = getattr(self.board, "tracking_link", None)
+            irqtimer = tracking_duty.timer_interrupt() if link is not None else None
+            if irqtimer is not None and self.tracking.path() == 1:
+                self.tracking.timer_loop = tracking_duty.TimerLoop(
+                    self.tracking, link, irqtimer, _reply_wait_us(self.board)
+                )
             if self.scheduler is not None:
                 # short names: the status travels in one housekeeping packet. The loop is
                 # the scheduler's paced duty: one period every loop period, before any
                 # other duty once due (docs/scheduling.md "The paced loop")
-                period, period_arg = self.tracking.paced_step()
-                self.tracking.pacer = self.scheduler.set_loop(
-                    "trk", period, tracker.cfg[0], period_arg
-                )
+                if self.tracking.timer_loop is None:
+                    period, period_arg = self.tracking.paced_step()
+                    self.tracking.pacer = self.scheduler.set_loop(
+                        "trk", period, tracker.cfg[0], period_arg
+                    )
                 self.scheduler.add("trk-tm", self.tracking_product.step)
         else:  # a new pass configuration: same duties, new loop
             self.tracking.attach(tracker)
@@ -237,6 +251,8 @@ class Mission:
         self.hk.record()
         if self.tracking is not None:
             self.tracking.tracker.start()
+            if self.tracking.timer_loop is not None:
+                self.tracking.timer_loop.start(self.tracking.tracker.cfg[0])
         self.pass_running = True
 
     def stop(self):
@@ -250,7 +266,12 @@ class Mission:
         self.tdc.stop()
         if self.tracking is not None:
             self.tracking.tracker.stop()
-            self.tracking.step()  # the loop acts on the stop at its next period
+            timer_loop = self.tracking.timer_loop
+            if timer_loop is not None:  # the interrupt's next periods act on the stop
+                ticks, ticks_arg = self.board.clock.ticks_source()
+                timer_loop.stop(ticks, ticks_arg, _TIMER_LOOP_STOP_US)
+            else:
+                self.tracking.step()  # the loop acts on the stop at its next period
             self.tracking_product.flush()
         self.discipline.step()
         self.epochs.step()
@@ -292,10 +313,29 @@ class Mission:
             if self.scheduler.loop is not None:
                 duties.append(self.scheduler.loop)
             out["worst_us"] = {d.name: d.worst_us for d in duties}
+            if self.tracking is not None and self.tracking.timer_loop is not None:
+                # the loop's jitter: the interrupt's latest entry after its period's expiry
+                out["worst_us"]["trk"] = self.tracking.timer_loop.irqtimer.counters()[3]
             errors = {d.name: d.last_error for d in duties if d.errors}
+            if self.tracking is not None and self.tracking.timer_loop is not None:
+                irq = self.tracking.timer_loop.irqtimer
+                if irq.counters()[1]:  # the interrupt's callback raised: the timer stopped
+                    errors["trk"] = repr(irq.last_error())[:80]
             if errors:
                 out["duty_errors"] = errors
         return out
+
+
+def _reply_wait_us(board):
+    """How long into its period the timer interrupt's loop polls for a TRACK reply on its
+    way: board.TRACKING_REPLY_WAIT_US, unless mission.REPLY_WAIT_US is set (a benchmark's
+    instrumentation compares values)."""
+    if REPLY_WAIT_US is not None:
+        return REPLY_WAIT_US
+    return getattr(board, "TRACKING_REPLY_WAIT_US", 0)
+
+
+REPLY_WAIT_US = None
 
 
 def _tracker_from(section, upload=None, rate_limit_hz=0):

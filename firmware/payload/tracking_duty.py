@@ -10,6 +10,7 @@ import micropython
 from micropython import const
 
 from payload import bus as _bus
+from payload import framing as _framing
 from payload import storage, tracking
 from payload.tracking import step_kernel as _step_kernel
 
@@ -118,6 +119,7 @@ class TrackingDuty:
         self._last_us = -1
         self._ticks, self._ticks_arg = bus.clock.ticks_source()
         self.pacer = None  # the scheduler's Loop when it paces period() (mission.py)
+        self.timer_loop = None  # TimerLoop when the board's timer interrupt runs it
         link = bus.link
         self.paced_args = [None] * _ARGS
         args = self.paced_args
@@ -189,6 +191,8 @@ class TrackingDuty:
         self.state[_D_FAST] = fast
         self._unsent = 0
         self._state = tracker.state
+        if getattr(self, "timer_loop", None) is not None:
+            self.timer_loop.attach(tracker)
 
     # the state words by name (not on the period's fast path)
     @property
@@ -230,27 +234,41 @@ class TrackingDuty:
 
     def telemetry(self):
         t = self.tracker
-        return {
+        out = {
             "state": tracking.STATE_NAMES[t.state],
             "steps": self.steps,
             "bus_errors": self.bus_errors,
             "transitions": t.transition_count(),
             "telemetry_lost": t.telemetry_lost(),
             "overruns": self.late_periods(),
-            "fast": self.state[_D_FAST],  # 0: the general period (check_loop_rate)
+            "fast": self.path(),  # 0: the general period (check_loop_rate); 2: the timer's
         }
+        if self.timer_loop is not None:
+            out["irq"] = self.timer_loop.telemetry()
+        return out
+
+    def path(self):
+        """0: the general period; 1: the one-call period, paced by the scheduler; 2: the
+        one-call period from the board's timer interrupt (TimerLoop)."""
+        if self.timer_loop is not None:
+            return 2
+        return self.state[_D_FAST]
 
     def status(self):
         """Compact: [state, steps, bus errors, transitions, telemetry samples lost,
-        overruns (periods that came late), fast (1: the paced period's fast path)]."""
+        overruns (periods that came late), path (1: the paced period's fast path; 2: from
+        the timer interrupt; 0: the general period)]."""
         t = self.tracker
         return [tracking.STATE_NAMES[t.state], self.steps, self.bus_errors,
                 t.transition_count(), t.telemetry_lost(), self.late_periods(),
-                self.state[_D_FAST]]  # fmt: skip
+                self.path()]  # fmt: skip
 
     def late_periods(self):
         """Periods that came late: counted by the scheduler's pacing when it paces the
-        loop, by step() when called unpaced (wrapping at 2^30 - 1)."""
+        loop, by the TimerLoop when the timer interrupt runs it, by step() when called
+        unpaced (wrapping at 2^30 - 1)."""
+        if self.timer_loop is not None:
+            return (self.overruns + self.timer_loop.late_periods()) & _COUNTER_WRAP
         if self.pacer is None:
             return self.overruns
         return (self.overruns + self.pacer.overruns) & _COUNTER_WRAP
@@ -376,6 +394,228 @@ def _paced_period(args) -> int:
     if state == _IDLE:  # stopped: no next period to carry the IDLE commands
         flush()
     return 1
+
+
+# ------------------------------------------------------------ the loop on a timer interrupt
+# (docs/scheduling.md "The loop on a timer interrupt"). Where the board has a tracking link
+# of its own (board.tracking_link) and a timer interrupt (the irqtimer C module of both MCU
+# images), the period runs in the interrupt, so no duty's call (a littlefs commit, a
+# housekeeping record, a TDC burst) delays it. The interrupt must not wait on a link, so
+# the TRACK exchange is split over two periods: each period takes the reply to the request
+# the period before sent (whole in the link's receive buffer, filled byte by byte by the
+# link's RX interrupt), runs the kernel on its sensors, and sends the next request with the
+# commands. The commands still reach the head one period after the sensors they answer, as
+# over the payload bus (the plant's one sample of latency). A reply not yet whole skips
+# the period (counted: `waits`), one missing for _MAX_WAIT_PERIODS gives the request up
+# (`lost`, a bus error) and the next period asks again.
+_Q_TAG = const(0)
+_Q_PENDING = const(1)  # 0x100 | the tag of the request whose reply is awaited; 0: none
+_Q_WAITS = const(2)  # periods skipped: the reply was not whole yet (wrap at 2^30 - 1)
+_Q_WAITED = const(3)  # consecutive periods the pending reply has been waited for
+_Q_LOST = const(4)  # requests given up: no whole reply in _MAX_WAIT_PERIODS
+_Q_BAD = const(5)  # replies damaged, foreign or run together (dropped, a bus error)
+_Q_REPLIES = const(6)  # replies taken (status 0 or a head-reported error)
+_Q_ERRORS = const(7)  # replies with a head-reported error status
+_Q_SEND_FAILED = const(8)  # requests the link did not take whole
+_Q_RX = const(9)  # address of the receive buffer
+_Q_CTX = const(10)  # address of the Thumb pair's context for this link
+_Q_RX_BYTES = const(11)  # the receive buffer's size
+_Q_WAIT_US = const(12)  # how long into its period a period polls for a reply on its way
+_Q_COUNT = const(13)
+_MAX_WAIT_PERIODS = const(200)  # 100 ms at 2 kHz: an emulated head on a loaded host
+_RX_BYTES = const(128)  # a TRACK reply frame is 45 bytes
+_LINK_BUFFER_BYTES = const(64)  # request body, frame, reply decode: 30, 32, 42 bytes
+# TimerLoop.args: what _timer_period reads, in one list
+_I_DUTY = const(0)  # TrackingDuty.state
+_I_LINK = const(1)  # TimerLoop.words
+_I_RX = const(2)  # the RX interrupt's words: fill, dropped, received
+_I_FRAME = const(3)  # the request frame (32 bytes of the link's out buffer)
+_I_WRITE = const(4)  # tracking_link.write, bound once
+_I_TRACKER = const(5)  # (its prediction table is replaced on upload: read every period)
+_I_IDLE = const(6)  # tracking.words_idle
+_I_WAIT = const(7)  # irqtimer.read
+_I_COUNT = const(8)
+
+
+def timer_interrupt():
+    """The irqtimer module where the image has one (both MCU images), else None (unix)."""
+    try:
+        import irqtimer
+    except ImportError:
+        return None
+    return irqtimer
+
+
+class TimerLoop:
+    """The tracking loop's period from the board's timer interrupt over the board's
+    tracking link (see above). `start(period_us)` when the pass starts (after the
+    tracker's start), `stop()` when it stops (after the tracker's stop: waits, bounded,
+    for the IDLE commands to reach the head)."""
+
+    def __init__(self, duty, link, irqtimer, reply_wait_us=0):
+        self.duty = duty
+        self.link = link
+        self.irqtimer = irqtimer
+        self.words = array.array("i", bytes(4 * _Q_COUNT))
+        self.rx_words = array.array("i", bytes(12))
+        self._rx = bytearray(_RX_BYTES)
+        self._req = bytearray(_LINK_BUFFER_BYTES)
+        self._out = bytearray(_LINK_BUFFER_BYTES)
+        self._decoded = bytearray(_LINK_BUFFER_BYTES)
+        self._scan = array.array("i", bytes(20))  # an idle frame reader's: no partial frame
+        self.ctx = array.array("I", bytes(24))  # the Thumb pair's, as Bus._track_ctx
+        for i, buf in enumerate((self._req, self._out, _framing.CRC16_TABLE,
+                                 self._decoded, None, self._scan)):  # fmt: skip
+            self.ctx[i] = len(self._decoded) if buf is None else _bus._address(buf)
+        self.words[_Q_RX] = _bus._address(self._rx)
+        self.words[_Q_CTX] = _bus._address(self.ctx)
+        self.words[_Q_RX_BYTES] = _RX_BYTES
+        self.words[_Q_WAIT_US] = reply_wait_us
+        self.args = [None] * _I_COUNT
+        self.args[_I_DUTY] = duty.state
+        self.args[_I_LINK] = self.words
+        self.args[_I_RX] = self.rx_words
+        self.args[_I_FRAME] = memoryview(self._out)[:_TRACK_REQUEST_FRAME_BYTES]
+        self.args[_I_WRITE] = link.write
+        self.args[_I_IDLE] = tracking.words_idle
+        self.args[_I_WAIT] = irqtimer.read
+        self.attach(duty.tracker)
+        self.running = False
+        self.stops_unconfirmed = 0  # stops whose IDLE commands were not confirmed in time
+
+    def attach(self, tracker):
+        self.args[_I_TRACKER] = tracker
+
+    def start(self, period_us):
+        """Start the period interrupt (the tracker started: its first period asks for the
+        sensors, its second runs the kernel)."""
+        irqtimer = self.irqtimer
+        self.rx_words[0] = 0
+        self.words[_Q_PENDING] = 0
+        self.words[_Q_WAITED] = 0
+        irqtimer.open(self._rx, self.rx_words)
+        irqtimer.start(period_us, _timer_period, self.args)
+        self.running = True
+
+    def idle(self):
+        d = self.duty.state
+        return (d[_D_STATE] == _IDLE and d[_D_UNSENT] == 0 and self.words[_Q_PENDING] == 0
+                and tracking.words_idle(self.duty.tracker.words))  # fmt: skip
+
+    def stop(self, ticks, ticks_arg, timeout_us):
+        """Stop the interrupt once the loop is idle (the tracker stopped and its IDLE
+        commands confirmed by the head), or after timeout_us (counted)."""
+        if not self.running:
+            return
+        t0 = ticks(ticks_arg)
+        while not self.idle() and self.irqtimer.running():
+            if ((ticks(ticks_arg) - t0) & 0x3FFFFFFF) > timeout_us:
+                self.stops_unconfirmed += 1
+                break
+        self.irqtimer.stop()
+        self.irqtimer.close()
+        self.running = False
+
+    def late_periods(self):
+        """Periods that did not run on time: the interrupt came late (a period ran over
+        the next), or the reply was not whole yet or lost (wrapping at 2^30 - 1)."""
+        overruns = self.irqtimer.counters()[2]
+        w = self.words
+        return (overruns + w[_Q_WAITS] + w[_Q_LOST]) & _COUNTER_WRAP
+
+    def telemetry(self):
+        fired, errors, overruns, latency_us, busy_us = self.irqtimer.counters()
+        w = self.words
+        out = {
+            "timer": self.irqtimer.TIMER,
+            "fired": fired,
+            "overruns": overruns,
+            "worst_latency_us": latency_us,
+            "worst_busy_us": busy_us,
+            "waits": w[_Q_WAITS],
+            "lost": w[_Q_LOST],
+            "bad": w[_Q_BAD],
+            "replies": w[_Q_REPLIES],
+            "errors": w[_Q_ERRORS],
+            "send_failed": w[_Q_SEND_FAILED],
+            "rx_dropped": self.rx_words[1],
+        }
+        if errors:
+            out["error"] = repr(self.irqtimer.last_error())[:80]
+        return out
+
+
+@micropython.viper
+def _timer_period(args) -> int:
+    """One period in the timer interrupt (TimerLoop): the reply to the last request from
+    the receive buffer, the kernel on its sensors, the next request with the commands.
+    Allocates nothing (the interrupt runs with the heap locked). Returns 1 if the kernel
+    ran."""
+    d = ptr32(args[_I_DUTY])
+    q = ptr32(args[_I_LINK])
+    rx = ptr32(args[_I_RX])
+    io = d[_D_IO]
+    ctx = q[_Q_CTX]
+    ran = 0
+    pending = q[_Q_PENDING]
+    if pending != 0:
+        fill = rx[0]
+        buf = ptr8(q[_Q_RX])
+        whole = fill > 0 and buf[fill - 1] == 0
+        if not whole and q[_Q_WAIT_US] > 0:  # a reply on its way: polled, bounded
+            fill = int(args[_I_WAIT](q[_Q_WAIT_US]))
+            whole = fill > 0 and buf[fill - 1] == 0
+        if not whole:
+            waited = q[_Q_WAITED] + 1
+            q[_Q_WAITED] = waited
+            if waited < _MAX_WAIT_PERIODS and fill < q[_Q_RX_BYTES]:
+                n = q[_Q_WAITS]
+                q[_Q_WAITS] = n + 1 if n < _COUNTER_WRAP else 0
+                return 0
+            # (a full buffer without a delimiter, or no reply in time: given up)
+            n = q[_Q_LOST]
+            q[_Q_LOST] = n + 1 if n < _COUNTER_WRAP else 0
+            status = -1
+        else:
+            status = int(_track_reply(q[_Q_RX], fill | ((pending & 0xFF) << 16), io, ctx))
+            if status < 0:
+                n = q[_Q_BAD]
+                q[_Q_BAD] = n + 1 if n < _COUNTER_WRAP else 0
+            else:
+                n = q[_Q_REPLIES]
+                q[_Q_REPLIES] = n + 1 if n < _COUNTER_WRAP else 0
+                if status != 0:
+                    n = q[_Q_ERRORS]
+                    q[_Q_ERRORS] = n + 1 if n < _COUNTER_WRAP else 0
+        rx[0] = 0
+        q[_Q_PENDING] = 0
+        q[_Q_WAITED] = 0
+        if status != 0:  # the head holds the last commands; they go with the next request
+            n = d[_D_BUS_ERRORS]
+            d[_D_BUS_ERRORS] = n + 1 if n < _COUNTER_WRAP else 0
+        elif d[_D_STATE] == _IDLE and int(args[_I_IDLE](d[_D_WORDS])):
+            d[_D_UNSENT] = 0  # stopped: the IDLE commands that request carried are applied
+            return 0
+        else:
+            state = int(_step_kernel(d[_D_WORDS], args[_I_TRACKER].table, d[_D_SIN]))
+            d[_D_STATE] = state
+            d[_D_UNSENT] = 1
+            n = d[_D_STEPS]
+            d[_D_STEPS] = n + 1 if n < _COUNTER_WRAP else 0
+            ran = 1
+    elif d[_D_STATE] == _IDLE and d[_D_UNSENT] == 0 and int(args[_I_IDLE](d[_D_WORDS])):
+        return 0  # idle: nothing to ask for
+    tag = (q[_Q_TAG] + 1) & 0xFF
+    q[_Q_TAG] = tag
+    _track_request(io, (d[_D_UNSENT] << 8) | tag, ctx)
+    if int(args[_I_WRITE](args[_I_FRAME])) == _TRACK_REQUEST_FRAME_BYTES:
+        q[_Q_PENDING] = 0x100 | tag
+    else:
+        n = q[_Q_SEND_FAILED]
+        q[_Q_SEND_FAILED] = n + 1 if n < _COUNTER_WRAP else 0
+        n = d[_D_BUS_ERRORS]
+        d[_D_BUS_ERRORS] = n + 1 if n < _COUNTER_WRAP else 0
+    return ran
 
 
 _PER_RECORD = const(40)

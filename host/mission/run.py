@@ -146,7 +146,10 @@ def run_firmware(
     stages: dict = {}
     with HeadServer(head) as server:
         t0 = time.monotonic()
-        with payload_session(target, server.address) as (controller, payload):
+        with payload_session(target, server.address, track_address=server.track_address) as (
+            controller,
+            payload,
+        ):
             boot_s = time.monotonic() - t0
             version = payload.ping()
             payload.configure(config)

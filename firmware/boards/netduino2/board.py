@@ -5,6 +5,10 @@
 #
 #   0x40011000 USART1   ground link (QEMU's first -serial; the port's REPL UART)
 #   0x40004400 USART2   payload bus to the optical head (QEMU's second -serial)
+#   0x40004800 USART3   tracking link to the optical head (QEMU's third -serial, when the
+#                       launcher wires it: "track" on its command line), the TRACK
+#                       exchange's own link, received by irqtimer's RX interrupt (IRQ 39)
+#   SysTick             the tracking loop's period interrupt (irqtimer; docs/targets.md)
 #   0x40000000 TIM2     microsecond clock (32-bit up-counter, free-running)
 #   0x40003000 IWDG     independent watchdog (LSI-clocked: runs even if the core clock
 #                       stops; once started it cannot be stopped)
@@ -32,6 +36,12 @@ BUS_TIMEOUT_US = const(10_000_000)
 # gets that rate's gain set (2 kHz: the defaults, which the 0.5 urad culmination figure is
 # for); a faster one is refused.
 TRACKING_LOOP_RATE_HZ = const(2000)
+# Where the tracking link is wired the loop's period runs from the timer interrupt
+# (payload/tracking_duty.py TimerLoop): how long into its period it polls for the TRACK
+# reply still on its way before leaving it to the next period. A fifth of the 2 kHz period:
+# QEMU hands the UART its bytes at the host's pace (docs/scheduling.md "The loop on a timer
+# interrupt"); a head on SPI with DMA answers in microseconds, well within it.
+TRACKING_REPLY_WAIT_US = const(100)
 # Cycles an instruction takes, for figures counted in instructions (QEMU -icount): flash at
 # 3 wait states at 120 MHz behind the ART accelerator; two assumed, a margin over the
 # accelerator's near one (to be measured on the part with DWT_CYCCNT: docs/targets.md).
@@ -39,6 +49,7 @@ CYCLES_PER_INSTRUCTION = const(2)
 
 _USART1 = const(0x40011000)
 _USART2 = const(0x40004400)
+_USART3 = const(0x40004800)
 _TIM2 = const(0x40000000)
 _IWDG = const(0x40003000)
 # USART registers (byte offsets) and bits
@@ -211,6 +222,11 @@ def _launcher_args():
 def boot_mode():
     """'maintenance' when the launcher asked for it (a boot strap), else 'app'."""
     return "maintenance" if "maintenance" in _launcher_args().split() else "app"
+
+
+# The TRACK exchange's own link (docs/scheduling.md "The loop on a timer interrupt"), where
+# the launcher wired one; None: the loop is paced over the payload bus
+tracking_link = Uart(_USART3) if "track" in _launcher_args().split() else None
 
 
 def mount_storage():

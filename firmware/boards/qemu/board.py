@@ -5,6 +5,10 @@
 #   0x40000000 CMSDK TIMER0   microsecond clock (free-running, counts down at 25 MHz)
 #   0x40004000 CMSDK UART0    ground link (QEMU's first -serial; also the REPL)
 #   0x40005000 CMSDK UART1    payload bus to the optical head (QEMU's second -serial)
+#   0x40006000 CMSDK UART2    tracking link to the optical head (QEMU's third -serial, when
+#                             the launcher wires it: strap word 2), the TRACK exchange's own
+#                             link, received by irqtimer's RX interrupt (IRQ 4)
+#   0x40001000 CMSDK TIMER1   the tracking loop's period interrupt (irqtimer, IRQ 9)
 #   0x40008000 CMSDK WATCHDOG resets the MCU when the main loop stops feeding it
 #   0x20000000 SSRAM2         boot strap word (set by the launcher with -device loader)
 #   0x21000000 PSRAM          the "flash": a NOR chip of 4 KiB sectors (erased to 0xFF)
@@ -31,6 +35,12 @@ BUS_TIMEOUT_US = const(10_000_000)
 # docs/scheduling.md "The paced loop"). A pass gets that rate's gain set; a faster one is
 # refused.
 TRACKING_LOOP_RATE_HZ = const(2000)
+# Where the tracking link is wired the loop's period runs from the timer interrupt
+# (payload/tracking_duty.py TimerLoop): how long into its period it polls for the TRACK
+# reply still on its way before leaving it to the next period. A fifth of the 2 kHz period:
+# QEMU hands the UART its bytes at the host's pace (docs/scheduling.md "The loop on a timer
+# interrupt"); a head on SPI with DMA answers in microseconds, well within it.
+TRACKING_REPLY_WAIT_US = const(100)
 # Cycles an instruction takes, for figures counted in instructions (QEMU -icount): the
 # MPS2's SSRAM has no wait states, one cycle an instruction as -icount counts them.
 CYCLES_PER_INSTRUCTION = const(1)
@@ -38,6 +48,7 @@ CYCLES_PER_INSTRUCTION = const(1)
 _TIMER0 = const(0x40000000)
 _UART0 = const(0x40004000)
 _UART1 = const(0x40005000)
+_UART2 = const(0x40006000)
 _STRAP_ADDR = const(0x20000000)
 _FLASH_ADDR = const(0x21000000)
 _FLASH_BLOCK_BYTES = const(4096)
@@ -54,6 +65,8 @@ _FLASH_JOURNAL_SECTORS = const(4)
 _LFS_IO_BYTES = const(512)
 _KEY_REGION_ADDR = const(0x21200000)  # just past the littlefs blocks: a format spares it
 _STRAP_MAINTENANCE = const(0x4E49414D)  # b"MAIN" little-endian: stay in the REPL
+_STRAP_TRACK_ADDR = const(0x20000004)
+_STRAP_TRACK = const(0x4B415254)  # b"TRAK": the launcher wired the tracking link
 _WATCHDOG = const(0x40008000)
 _WDOG_LOAD = const(0x00)
 _WDOG_CTRL = const(0x08)
@@ -184,6 +197,9 @@ def _clock_stamp(state: ptr32, buf: ptr8, offset: int):
 
 ground_link = Uart(_UART0)
 payload_bus = Uart(_UART1)
+# The TRACK exchange's own link (docs/scheduling.md "The loop on a timer interrupt"), where
+# the launcher wired one; None: the loop is paced over the payload bus
+tracking_link = Uart(_UART2) if machine.mem32[_STRAP_TRACK_ADDR] == _STRAP_TRACK else None
 clock = Clock()
 key_region = keystore.MemoryRegion(_KEY_REGION_ADDR)
 storage_formatted = False  # set when mounting failed and storage was formatted

@@ -9,6 +9,22 @@
 //   irqtimer.reset_worst()
 //   irqtimer.last_error() -> the exception that disabled the callback, or None
 //   irqtimer.TIMER    the timer and its IRQ number, for telemetry and docs
+//   irqtimer.open(buf, words) / close()  the tracking link's receive interrupt
+//   irqtimer.read(until_us)  poll the link for the rest of a frame, bounded (see below)
+//
+// (Names the image already has: a new name renumbers the runtime's names, which moved the
+// paced loop's cost through the map-lookup cache: with rx_start, rx_stop and rx_wait the
+// MPS2 period cost 10,640 instructions, past its 10,625 limit, before main's period lost
+// its lookups, and after it 310 more with the cache overwritten than warm, past that
+// test's 150; tests/firmware/mptest_paced_loop_cost.py.)
+//
+// The tracking link (a UART of its own, not the payload bus the data path shares) is
+// written by the period in the timer interrupt and received by its RX interrupt: each
+// byte into buf at words[0] (the fill; the period resets it after taking a frame), bytes
+// past the end counted in words[1] and dropped, every byte counted in words[2] (wrapping
+// at 2^30). The timer and RX interrupts share a priority, so neither preempts the other:
+// the period sees the fill and the buffer consistent. MPS2: CMSDK UART2 (0x40006000, RX IRQ
+// 4); STM32: USART3 (0x40004800, IRQ 39). The board enables the UART (board.tracking_link).
 //
 // The callback runs as the stm32 port's Timer callbacks do: the scheduler and the heap
 // locked (an allocation raises MemoryError), under an nlr guard; an exception stops the
@@ -50,6 +66,14 @@ typedef struct {
     volatile uint32_t INTSTATUS;  // write 1: clear
 } cmsdk_timer_t;
 #define TIMER ((cmsdk_timer_t *)0x40001000)
+typedef struct {
+    volatile uint32_t DATA;
+    volatile uint32_t STATE;  // bit 1 RX full
+    volatile uint32_t CTRL;  // bit 3 RX interrupt enable
+    volatile uint32_t INTSTATUS;  // bit 1 RX interrupt (write 1: clear)
+} cmsdk_uart_t;
+#define TRACK_UART ((cmsdk_uart_t *)0x40006000)  // UART2: QEMU's third -serial
+#define TRACK_UART_IRQ (4)
 #define TICKS_PER_US (25)  // PCLK
 #define MAX_PERIOD_US (0xFFFFFFFFu / TICKS_PER_US)
 #elif defined(QEMU_SOC_STM32)
@@ -76,6 +100,14 @@ typedef struct {
 #endif
 #define TICKS_PER_US (IRQTIMER_CPU_HZ / 1000000u)
 #define MAX_PERIOD_US (0x1000000u / TICKS_PER_US)
+typedef struct {
+    volatile uint32_t SR;  // bit 5 RXNE
+    volatile uint32_t DR;
+    volatile uint32_t BRR;
+    volatile uint32_t CR1;  // bit 5 RXNEIE
+} stm32_usart_t;
+#define TRACK_UART ((stm32_usart_t *)0x40004800)  // USART3: QEMU's third -serial
+#define TRACK_UART_IRQ (39)
 #else
 #error "irqtimer: no timer for this SoC (QEMU_SOC_MPS2 or QEMU_SOC_STM32)"
 #endif
@@ -103,6 +135,53 @@ MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_last_error);
 // (gc_sweep_all runs every finaliser) with the callback in it, and the timer must not call
 // into the next session's heap.
 MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_guard);
+// the tracking link's receive buffer and its words (fill, dropped, received)
+MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_rx_buf);
+MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_rx_words);
+static uint8_t *irqtimer_rx_data;
+static size_t irqtimer_rx_capacity;
+static volatile int32_t *irqtimer_rx_state;
+
+static void irqtimer_rx_disable(void) {
+    NVIC_ICER[TRACK_UART_IRQ / 32] = 1u << (TRACK_UART_IRQ % 32);
+    #if defined(QEMU_SOC_MPS2)
+    TRACK_UART->CTRL &= ~8u;
+    TRACK_UART->INTSTATUS = 2;
+    #else
+    TRACK_UART->CR1 &= ~(1u << 5);
+    #endif
+    NVIC_ICPR[TRACK_UART_IRQ / 32] = 1u << (TRACK_UART_IRQ % 32);
+    irqtimer_rx_state = NULL;
+}
+
+static void irqtimer_rx_isr(void) {
+    volatile int32_t *state = irqtimer_rx_state;
+    for (;;) {
+        #if defined(QEMU_SOC_MPS2)
+        TRACK_UART->INTSTATUS = 2;  // clear first: a byte that comes after the check raises it
+        if (!(TRACK_UART->STATE & 2)) {
+            break;
+        }
+        uint8_t byte = TRACK_UART->DATA;
+        #else
+        if (!(TRACK_UART->SR & (1u << 5))) {
+            break;
+        }
+        uint8_t byte = TRACK_UART->DR;  // (clears RXNE)
+        #endif
+        if (state == NULL) {
+            continue;  // not started: drained, not kept
+        }
+        uint32_t fill = (uint32_t)state[0];
+        if (fill < irqtimer_rx_capacity) {
+            irqtimer_rx_data[fill] = byte;
+            state[0] = fill + 1;
+        } else {
+            state[1] = (state[1] + 1) & COUNTER_WRAP;
+        }
+        state[2] = (state[2] + 1) & COUNTER_WRAP;
+    }
+}
 
 static void irqtimer_hw_stop(void) {
     #if defined(QEMU_SOC_MPS2)
@@ -201,6 +280,7 @@ static void irqtimer_install_vectors(void) {
     for (int i = SYSTEM_VECTORS; i < RAM_VECTORS; ++i) {
         irqtimer_vectors[i] = (uint32_t)irqtimer_unexpected_irq;
     }
+    irqtimer_vectors[SYSTEM_VECTORS + TRACK_UART_IRQ] = (uint32_t)irqtimer_rx_isr;
     #if defined(QEMU_SOC_MPS2)
     irqtimer_vectors[SYSTEM_VECTORS + TIMER_IRQ] = (uint32_t)irqtimer_isr;
     #else
@@ -214,6 +294,9 @@ static void irqtimer_install_vectors(void) {
 static mp_obj_t irqtimer_guard_del(mp_obj_t self_in) {
     (void)self_in;
     irqtimer_hw_stop();
+    irqtimer_rx_disable();
+    MP_STATE_VM(irqtimer_rx_buf) = MP_OBJ_NULL;
+    MP_STATE_VM(irqtimer_rx_words) = MP_OBJ_NULL;
     MP_STATE_VM(irqtimer_guard) = MP_OBJ_NULL;
     MP_STATE_VM(irqtimer_callback) = MP_OBJ_NULL;
     MP_STATE_VM(irqtimer_arg) = MP_OBJ_NULL;
@@ -232,6 +315,13 @@ static MP_DEFINE_CONST_OBJ_TYPE(
     locals_dict, &irqtimer_guard_locals
     );
 
+static void irqtimer_guarded(void) {
+    if (MP_STATE_VM(irqtimer_guard) == MP_OBJ_NULL) {
+        MP_STATE_VM(irqtimer_guard) = MP_OBJ_FROM_PTR(
+            mp_obj_malloc_with_finaliser(mp_obj_base_t, &irqtimer_guard_type));
+    }
+}
+
 static mp_obj_t irqtimer_start(mp_obj_t period_in, mp_obj_t callback_in, mp_obj_t arg_in) {
     mp_int_t period_us = mp_obj_get_int(period_in);
     if (period_us < 10 || (mp_uint_t)period_us > MAX_PERIOD_US) {
@@ -241,10 +331,7 @@ static mp_obj_t irqtimer_start(mp_obj_t period_in, mp_obj_t callback_in, mp_obj_
         mp_raise_TypeError(MP_ERROR_TEXT("callback not callable"));
     }
     irqtimer_hw_stop();
-    if (MP_STATE_VM(irqtimer_guard) == MP_OBJ_NULL) {
-        MP_STATE_VM(irqtimer_guard) = MP_OBJ_FROM_PTR(
-            mp_obj_malloc_with_finaliser(mp_obj_base_t, &irqtimer_guard_type));
-    }
+    irqtimer_guarded();
     irqtimer_install_vectors();
     MP_STATE_VM(irqtimer_callback) = callback_in;
     MP_STATE_VM(irqtimer_arg) = arg_in;
@@ -323,6 +410,68 @@ static mp_obj_t irqtimer_is_running(void) {
 }
 static MP_DEFINE_CONST_FUN_OBJ_0(irqtimer_running_obj, irqtimer_is_running);
 
+static mp_obj_t irqtimer_rx_start(mp_obj_t buf_in, mp_obj_t words_in) {
+    mp_buffer_info_t buf, words;
+    mp_get_buffer_raise(buf_in, &buf, MP_BUFFER_WRITE);
+    mp_get_buffer_raise(words_in, &words, MP_BUFFER_WRITE);
+    if (words.len < 3 * sizeof(int32_t) || words.typecode != 'i') {
+        mp_raise_ValueError(MP_ERROR_TEXT("words: array('i') of 3"));
+    }
+    irqtimer_rx_disable();
+    irqtimer_guarded();
+    irqtimer_install_vectors();
+    MP_STATE_VM(irqtimer_rx_buf) = buf_in;  // (kept alive while the interrupt writes it)
+    MP_STATE_VM(irqtimer_rx_words) = words_in;
+    irqtimer_rx_data = buf.buf;
+    irqtimer_rx_capacity = buf.len;
+    volatile int32_t *state = words.buf;
+    state[0] = state[1] = state[2] = 0;
+    NVIC_IPR[TRACK_UART_IRQ] = IRQ_PRIORITY;
+    irqtimer_rx_state = state;
+    #if defined(QEMU_SOC_MPS2)
+    TRACK_UART->INTSTATUS = 2;
+    TRACK_UART->CTRL |= 8u;
+    #else
+    TRACK_UART->CR1 |= 1u << 5;
+    #endif
+    NVIC_ISER[TRACK_UART_IRQ / 32] = 1u << (TRACK_UART_IRQ % 32);
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_2(irqtimer_rx_start_obj, irqtimer_rx_start);
+
+static mp_obj_t irqtimer_rx_stop(void) {
+    irqtimer_rx_disable();
+    MP_STATE_VM(irqtimer_rx_buf) = mp_const_none;
+    MP_STATE_VM(irqtimer_rx_words) = mp_const_none;
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_0(irqtimer_rx_stop_obj, irqtimer_rx_stop);
+
+// Poll the tracking link until a frame's delimiter ends the receive buffer or the period
+// has run until_us since its expiry; returns the fill. For the period in the timer
+// interrupt (the RX interrupt cannot run then: same priority): a reply on its way is taken
+// this period instead of the next. QEMU hands a UART its bytes at the host's pace, and
+// faster to a guest that polls than to one that computes (docs/scheduling.md).
+static mp_obj_t irqtimer_rx_wait(mp_obj_t until_in) {
+    volatile int32_t *state = irqtimer_rx_state;
+    if (state == NULL) {
+        return MP_OBJ_NEW_SMALL_INT(0);
+    }
+    uint32_t until_ticks = (uint32_t)mp_obj_get_int(until_in) * TICKS_PER_US;
+    for (;;) {
+        int32_t fill = state[0];
+        if (fill > 0 && irqtimer_rx_data[fill - 1] == 0) {
+            break;
+        }
+        if (!irqtimer_running || irqtimer_elapsed_ticks() >= until_ticks) {
+            break;
+        }
+        irqtimer_rx_isr();
+    }
+    return MP_OBJ_NEW_SMALL_INT(state[0]);
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(irqtimer_rx_wait_obj, irqtimer_rx_wait);
+
 static MP_DEFINE_STR_OBJ(irqtimer_name_obj, IRQTIMER_NAME);
 
 static const mp_rom_map_elem_t irqtimer_module_globals_table[] = {
@@ -335,6 +484,9 @@ static const mp_rom_map_elem_t irqtimer_module_globals_table[] = {
     { MP_ROM_QSTR(MP_QSTR_last_error), MP_ROM_PTR(&irqtimer_last_error_obj) },
     { MP_ROM_QSTR(MP_QSTR_running), MP_ROM_PTR(&irqtimer_running_obj) },
     { MP_ROM_QSTR(MP_QSTR_TIMER), MP_ROM_PTR(&irqtimer_name_obj) },
+    { MP_ROM_QSTR(MP_QSTR_open), MP_ROM_PTR(&irqtimer_rx_start_obj) },
+    { MP_ROM_QSTR(MP_QSTR_close), MP_ROM_PTR(&irqtimer_rx_stop_obj) },
+    { MP_ROM_QSTR(MP_QSTR_read), MP_ROM_PTR(&irqtimer_rx_wait_obj) },
 };
 static MP_DEFINE_CONST_DICT(irqtimer_module_globals, irqtimer_module_globals_table);
 
