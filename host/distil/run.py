@@ -286,6 +286,7 @@ def _stream_fields(report: dict, outcome) -> None:
     the optical link's directions (down: satellite to ground)."""
     for name in (
         "timeline", "lag_s_max", "lag_s_median", "stream", "end_of_pass", "after_loss_of_signal_s",
+        "stream_cut",
     ):  # fmt: skip
         if name in outcome.report:
             report[name] = outcome.report[name]

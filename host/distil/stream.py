@@ -153,13 +153,13 @@ LIVE_POLL_S = 0.05
 #   as a full one, its ~10-30 exchanges each wait for the peer's and the link's turn);
 #   before the first chunk, WARM_UP_TO_STREAM times the warm-up's (reconcile.warm_up: one
 #   frame decoded in Bob's process before the pass), or EC_S_PER_FRAME_UNMEASURED;
-# - one privacy amplification hashing (both sides hash at once, protocol._finish) at
-#   PA_S_PER_BIT of the key block: on this machine, load ~4, 5.4 Mbit took 2.2-7.8 s
-#   (the first hashing in a process is the slow one) and 1.57 Mbit 0.44-1.48 s; in a full
-#   jinan-1 mission at load 8-10, Bob's privacy amplification stage took 14.6 s for 4.44
-#   Mbit (his hashing, and the wait for Alice's seeds);
-# - FINISH_FIXED_S for the estimation, the verification hashes, the last round trips and
-#   the keys' fsyncs.
+# - one privacy amplification hashing (both sides hash at once, protocol._finish) of the
+#   key block, pa_rest_s: PA_S_PER_BIT a bit up to PA_REFERENCE_BITS, growing as
+#   n^PA_GROWTH_EXPONENT beyond (the carry-less product's work grows as n l^0.585, and l
+#   grows with n);
+# - FINISH_FIXED_S for the estimation, the verification hashes, loading the hashing's
+#   machine code (the first hashing in a process), the last round trips and the keys'
+#   fsyncs.
 LINK_END_SAFETY = 2.0
 # Measured in full missions at load 8-10 (Bob's error correction wall / frames, and the
 # warm-up's frame): jinan-1 132 s / 77 frames = 1.72 s a frame, warm-up 0.22 s (x8.0);
@@ -172,8 +172,20 @@ WARM_UP_TO_STREAM = 8.0
 # micius-2017 pass under load ~10: 58 kbit took 8 s in the stream, ~40x the warm-up's
 # rate: each of a chunk's ~10-30 exchanges waits for the peer's and the link's turn).
 NEAR_END_RESTS = 4.0
-PA_S_PER_BIT = 3.5e-6
-FINISH_FIXED_S = 1.0
+# Measured in one fresh process at load 9.6-10 (2026-12-05, /tmp harness: pa.toeplitz_hash
+# on random bits, docs/streaming.md "The link's end"): the first hashing (numba's cache
+# loaded) 0.60 s; 5,311,900 -> 1,330,000 bits (jinan-1's key block) 0.28-0.38 s, 7.1e-8 s a
+# bit at worst; 2.7 -> 0.65 Mbit 0.09-0.12 s; 53 -> 13.3 Mbit (10x jinan-1) 13.1 s, 2.5e-7
+# s a bit; the verification hash of 5.3 Mbit 0.05 s. PA_S_PER_BIT is twice the worst rate
+# at the reference size, and the growth beyond it gives 30.6 s at 53 Mbit (2.3x the
+# measured): both before LINK_END_SAFETY. (Before, 3.5e-6 s a bit, measured on the FFT
+# hashing, 5.4 Mbit in 2.2-7.8 s at load ~4: 19 s reserved for jinan-1's block, 38 s with
+# the safety, so its pass was cut ~40 s before the link's end, ~230 k detections never
+# sifted, the keys written 35-38 s before loss of signal.)
+PA_S_PER_BIT = 1.5e-7
+PA_REFERENCE_BITS = 5_300_000
+PA_GROWTH_EXPONENT = 0.585
+FINISH_FIXED_S = 2.0
 # Loss of signal, predicted by the pass geometry (pass.json's utc_end): within the pass
 # time a key basis takes to sift LOS_RELEASE_FRAMES frames at its rate over the last
 # RATE_WINDOW_S, no frame is held back and every whole frame is reconciled at once. What
@@ -184,6 +196,22 @@ FINISH_FIXED_S = 1.0
 # latency (docs/streaming.md, "After loss of signal").
 LOS_RELEASE_FRAMES = 2.0
 RATE_WINDOW_S = 10.0
+
+
+def pa_rest_s(key_block_bits: int) -> float:
+    """Wall seconds one privacy amplification hashing of a key block of key_block_bits is
+    reserved (before LINK_END_SAFETY): PA_S_PER_BIT a bit, growing as the carry-less
+    product's work beyond PA_REFERENCE_BITS."""
+    growth = max(1.0, key_block_bits / PA_REFERENCE_BITS) ** PA_GROWTH_EXPONENT
+    return PA_S_PER_BIT * key_block_bits * growth
+
+
+def link_end_rest_s(ec_s_per_frame: float, frames: int, key_block_bits: int) -> float:
+    """Wall seconds reserved before the optical link's end for the rest of the pass after
+    a cut: the frames still to reconcile at the measured seconds per frame, one privacy
+    amplification hashing of the whole key block, and FINISH_FIXED_S, all times
+    LINK_END_SAFETY (docs/streaming.md, "The link's end")."""
+    return LINK_END_SAFETY * (ec_s_per_frame * frames + pa_rest_s(key_block_bits) + FINISH_FIXED_S)
 
 
 @dataclass
@@ -1285,6 +1313,11 @@ class StreamBob(Bob):
         )
         out.report.update(figures)
         after_los["keys_computed"] = after(loss_of_signal_s())
+        if link_cut is not None:
+            # what the rest really took, from the decision to the keys computed, against
+            # the reserve_wall_s it was given (Bob's report only: Alice's entry is the cut
+            # both agreed on)
+            link_cut["rest_wall_s"] = round(time.time() - self._cut_decided_unix_s, 3)
 
     def _predicted_loss_of_signal_s(self) -> float | None:
         """Loss of signal in pass seconds, before it comes, by the pass geometry (pass.json's
@@ -1342,14 +1375,13 @@ class StreamBob(Bob):
                 frames += math.ceil(bits * opts.chunk_frames / frame_bits)
                 pending += bits
         reconciled = sum(self._sifted.reconciled.values())
-        rest_s = LINK_END_SAFETY * (
-            s_per_frame * frames + PA_S_PER_BIT * (reconciled + pending) + FINISH_FIXED_S
-        )
+        rest_s = link_end_rest_s(s_per_frame, frames, reconciled + pending)
         block_wall_s = opts.block_s / clock.speedup
         next_start_unix_s = max(time.time(), clock.wall_of(block_end)) + block_wall_s
         near_end = next_start_unix_s + NEAR_END_RESTS * rest_s >= link_end_unix_s
         if next_start_unix_s + rest_s < link_end_unix_s:
             return None, near_end
+        self._cut_decided_unix_s = time.time()
         return {
             "cut_s": float(block_end),
             # how far the pipeline was behind the detections when it had to stop: what
