@@ -47,7 +47,7 @@ def _decision(seconds_to_link_end: float):
     wrong = np.zeros(55_000, bool)
     wrong[::50] = True  # the last chunk reconciled: 2 % QBER
     bob._record_chunk_errors("Z", wrong)
-    bob._ec_stats = {"Z": {"frames": FRAMES_DONE}}
+    bob._ec_stats = {"Z": {"frames": FRAMES_DONE, "chunk_list": [{"frames": FRAMES_DONE}]}}
     out = Outcome("bob")
     out.stage_seconds["error_correction"] = EC_S_PER_FRAME * FRAMES_DONE
     clock = PassClock(1.0, epoch_unix_s=time.time() - (LINK_END_S - seconds_to_link_end))
