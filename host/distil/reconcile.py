@@ -529,6 +529,7 @@ def _ldpc_bob_part(
     efficiency: float,
     sample_bits: int = 0,
     sigmas: tuple[float, float] | None = None,
+    top_up_f: float | None = None,
 ) -> tuple:
     """Bob's half of one part (see ldpc_bob): (corrected, kept, stats). Frames that do not
     decode within the retries, or whose decoded key bits hash differently from Alice's,
@@ -602,7 +603,8 @@ def _ldpc_bob_part(
         cap = plan.punctured - first_step
         if top_up == 0 and plan.punctured > untainted:
             cap = plan.punctured - untainted
-        target = _first_f(code.n) * binary_entropy(measured_low) * plan.key_bits
+        first_f = _first_f(code.n) if top_up_f is None else top_up_f
+        target = first_f * binary_entropy(measured_low) * plan.key_bits
         missing = min(target - plan.leak_bits() - first_step, cap)
         step = base_step * math.ceil(missing / base_step) if missing > 0 else 0
         channel.send("ec_top_up", step=step)
@@ -835,26 +837,36 @@ def ldpc_alice(
 
 
 def ldpc_bob(
-    channel, bits: np.ndarray, qber_estimate: float, efficiency: float, sample_bits: int = 0
+    channel,
+    bits: np.ndarray,
+    qber_estimate: float,
+    efficiency: float,
+    sample_bits: int = 0,
+    top_up_f: float | None = None,
 ) -> tuple:
     """Bob's half: (corrected, kept, stats); see _ldpc_bob_part. A block sized from a
     sample goes in two parts (_probe_split): after the probe Bob announces its exact error
-    count, and the rest is sized from it."""
+    count, and the rest is sized from it. top_up_f: the f Bob's top-up brings every frame
+    to before the first decoding (default _first_f: lower for long frames, less leak for
+    more decoding; the stream, whose latency is the decoder's, passes LDPC_FIRST_F). Bob's
+    choice alone: Alice accepts any top-up step, and the leak counts what is revealed."""
     split = _probe_split(bits.size, qber_estimate, efficiency, sample_bits)
     if split is None:
-        return _ldpc_bob_part(channel, bits, qber_estimate, efficiency, sample_bits)
+        return _ldpc_bob_part(
+            channel, bits, qber_estimate, efficiency, sample_bits, top_up_f=top_up_f
+        )
     probe, rest = split
     corrected = np.empty_like(bits)
     kept = np.empty(bits.size, dtype=bool)
     corrected[probe], kept[probe], probe_stats = _ldpc_bob_part(
-        channel, bits[probe], qber_estimate, efficiency, sample_bits
+        channel, bits[probe], qber_estimate, efficiency, sample_bits, top_up_f=top_up_f
     )
     # every error of the probe is known: its discarded frames' bits were disclosed
     errors = int(np.count_nonzero(corrected[probe] != bits[probe]))
     channel.send("ec_probe_errors", errors=errors, bits=int(probe.size))
     estimate, sized_bits = _after_probe(errors, probe.size, qber_estimate, sample_bits)
     corrected[rest], kept[rest], rest_stats = _ldpc_bob_part(
-        channel, bits[rest], estimate, efficiency, sized_bits, PROBE_SIGMAS
+        channel, bits[rest], estimate, efficiency, sized_bits, PROBE_SIGMAS, top_up_f
     )
     stats = _merged(probe_stats, rest_stats, probe.size)
     stats["probe_errors"] = errors

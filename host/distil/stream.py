@@ -1650,8 +1650,11 @@ class StreamBob(Bob):
         mine = sifted.bit.view[idx]
         if cfg.ec == "ldpc":
             with _naming_block(name):
+                # a chunk's top-up at LDPC_FIRST_F whatever its frames (a catch-up chunk's
+                # can be longer): the stream's latency is the decoder's, and the lower
+                # top-up of long frames costs ~2x its iterations (docs/distillation.md)
                 corrected, kept, stats = reconcile.ldpc_bob(
-                    channel, mine, qber, cfg.ec_efficiency, sample_bits
+                    channel, mine, qber, cfg.ec_efficiency, sample_bits, reconcile.LDPC_FIRST_F
                 )
         else:
             corrected, stats = reconcile.cascade_bob(
