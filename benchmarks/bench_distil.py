@@ -606,7 +606,8 @@ def test_bench_full_passes(tmp_path):
             print(
                 f"\n{profile} seed {sim_seed} ({tail}): {duration_s:.0f} s pass, key "
                 f"{report['key_bits']} bits, sifted {report['sifted_bits']}, EC f "
-                f"{report['ec']['efficiency']:.3f}, frames {report['ec']['frames']}, "
+                f"{report['ec']['efficiency']:.3f}, frames {report['ec']['frames']} ("
+                f"{', '.join(_frame_lengths(b) for b in report['ec']['blocks'])}), "
                 f"distil {stages['total']:.1f} s = {stages['total'] / duration_s:.3f} of "
                 f"the pass (EC {stages.get('error_correction', 0):.1f} s), CPU {cpu_s:.1f} s "
                 f"(both endpoints) = {cpu_s / duration_s:.3f} of the pass"
@@ -678,18 +679,34 @@ def test_bench_short_pass_over_endpoint_seeds(tmp_path):
 
 
 @pytest.mark.parametrize("profile,tail", [("micius-2017", "hoeffding"), ("jinan-1", "chernoff")])
-def test_bench_30s_passes_over_simulation_seeds(tmp_path, profile, tail):
+def test_bench_30s_passes_over_simulation_seeds(tmp_path, monkeypatch, profile, tail):
     """Issue 17 (robustness): BENCH_SEED_PASSES (10) 30 s passes of the profile, each a
     different simulation seed, distilled with the endpoints' CSPRNG: the worst EC
     efficiency f and the worst distillation time as a fraction of the pass, next to the
-    median (a pass whose finite-key length is 0 still reports its EC)."""
-    fs, fractions, ec_fractions, keys, aborted = [], [], [], [], 0
+    median (a pass whose finite-key length is 0 still reports its EC). A pass whose
+    blocks took frames longer than 2^16 (ldpc.frame_bits_for) is distilled again in
+    2^16 frames (a copy of its raw data), for the f beside it."""
+    fs, fractions, ec_fractions, keys, aborted, lengths = [], [], [], [], 0, set()
+    short_fs, long_fs = [], []
+    long_frames = ldpc.LONG_FRAME_BITS
     for sim_seed in range(1, SEED_PASSES + 1):
         pass_dir = tmp_path / f"{profile}-30s-{sim_seed}"
         duration_s = _simulate(profile, sim_seed, pass_dir, duration_s=30)
+        copy = shutil.copytree(pass_dir, tmp_path / f"{profile}-30s-{sim_seed}-2-16")
         report = run_local(pass_dir, tmp_path / f"out30-{profile}-{sim_seed}", Config(tail=tail))
         stages = report["stage_seconds"]
         aborted += bool(report["aborted"])
+        used = [_frame_lengths(b) for b in report.get("ec", {}).get("blocks", [])]
+        lengths.update(used)
+        if any(length != "2^16" for u in used for length in u.split("+")):
+            monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", ())
+            again = run_local(
+                copy, tmp_path / f"out30-{profile}-{sim_seed}-2-16", Config(tail=tail)
+            )
+            monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", long_frames)
+            if again.get("ec", {}).get("efficiency") is not None:
+                long_fs.append(report["ec"]["efficiency"])
+                short_fs.append(again["ec"]["efficiency"])
         if report.get("ec", {}).get("efficiency") is not None:
             fs.append(report["ec"]["efficiency"])
         fractions.append(stages["total"] / duration_s)
@@ -699,5 +716,11 @@ def test_bench_30s_passes_over_simulation_seeds(tmp_path, profile, tail):
         f"\n{profile}, {SEED_PASSES} simulation seeds of 30 s ({tail}): "
         f"{_summary('EC f', fs, max)}; {_summary('distil / pass', fractions, max)}; "
         f"{_summary('EC / pass', ec_fractions, max)}; key bits min {min(keys)} median "
-        f"{statistics.median(keys):.0f}; aborted {aborted}"
+        f"{statistics.median(keys):.0f}; aborted {aborted}; frame lengths (blocks' parts) "
+        f"{', '.join(sorted(lengths))}"
     )
+    if long_fs:
+        print(
+            f"  the {len(long_fs)} passes with longer frames: {_summary('EC f', long_fs, max)}; "
+            f"the same passes in 2^16 frames: {_summary('EC f', short_fs, max)}"
+        )
