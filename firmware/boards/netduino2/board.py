@@ -18,6 +18,9 @@
 #   (QEMU models the flash as ROM) a RAM buffer outside littlefs (KeyRegion below)
 import array
 
+# imported at boot: its first import takes the timer interrupt's stack reserve off the
+# main program's stack limit (firmware/cmodules/irqtimer/irqtimer.c STACK_RESERVE)
+import irqtimer  # noqa: F401
 import machine
 import micropython
 from micropython import const

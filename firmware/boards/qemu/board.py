@@ -16,6 +16,9 @@
 #   0x21200000 PSRAM          the link key's region, outside littlefs (keystore.py)
 # MicroPython itself lives in SSRAM1 at 0x00000000, so the last two are free for us.
 
+# imported at boot: its first import takes the timer interrupt's stack reserve off the
+# main program's stack limit (firmware/cmodules/irqtimer/irqtimer.c STACK_RESERVE)
+import irqtimer  # noqa: F401
 import machine
 import micropython
 from micropython import const

@@ -46,6 +46,7 @@
 #include "py/nlr.h"
 #include "py/objstr.h"
 #include "py/runtime.h"
+#include "py/stackctrl.h"
 
 #define SCB_VTOR (*(volatile uint32_t *)0xE000ED08)
 #define NVIC_ISER ((volatile uint32_t *)0xE000E100)
@@ -114,6 +115,18 @@ typedef struct {
 
 #define COUNTER_WRAP (0x3FFFFFFFu)  // a small int on a 32-bit port
 
+// The callback runs on the stack of the code it interrupts, which the port checks only
+// against its limit (10,240 bytes, ports/qemu/main.c); the STM32 board's stack region is
+// exactly that long, the RAM disk standing in for its flash right below it. So the module
+// takes a reserve off the main program's limit when it is first imported (the boards
+// import it at boot): the callback may use STACK_FOR_CALLBACK of it beyond the main
+// program's deepest, and the rest is for C code past the last check (a raise at the
+// limit wrote 236 bytes past it on netduino2). Without it a recursion of the main program
+// to its limit stopped the timer (the callback raised RuntimeError) and wrote below the
+// stack region (tests/firmware/mptest_irq_stack.py).
+#define STACK_RESERVE (2048)
+#define STACK_FOR_CALLBACK (1024)
+
 // The RAM vector table (VTOR needs it aligned to its size, 512 bytes). In .data, which the
 // netduino2 linker script places first, at the start of RAM: no alignment padding in the
 // STM32's 2 KB left beside the heap.
@@ -127,6 +140,7 @@ static volatile uint32_t irqtimer_worst_latency_ticks;
 static volatile uint32_t irqtimer_worst_busy_ticks;
 static uint32_t irqtimer_period_ticks;
 static volatile uint8_t irqtimer_running;
+static uint8_t irqtimer_stack_reserved;  // once per boot: main.c sets the limit once
 
 MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_callback);
 MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_arg);
@@ -232,11 +246,18 @@ static void irqtimer_isr(void) {
     irqtimer_fired = n < COUNTER_WRAP ? n + 1 : 0;
     mp_sched_lock();
     gc_lock();
+    // the reserve below the main program's limit is the callback's (see STACK_RESERVE)
+    size_t stack_limit = MP_STATE_THREAD(stack_limit);
+    if (irqtimer_stack_reserved) {
+        MP_STATE_THREAD(stack_limit) = stack_limit + STACK_FOR_CALLBACK;
+    }
     nlr_buf_t nlr;
     if (nlr_push(&nlr) == 0) {
         mp_call_function_1(MP_STATE_VM(irqtimer_callback), MP_STATE_VM(irqtimer_arg));
         nlr_pop();
+        MP_STATE_THREAD(stack_limit) = stack_limit;
     } else {
+        MP_STATE_THREAD(stack_limit) = stack_limit;
         // as the stm32 port's Timer: an uncaught exception stops the callback (kept, counted)
         irqtimer_hw_stop();
         MP_STATE_VM(irqtimer_last_error) = MP_OBJ_FROM_PTR(nlr.ret_val);
@@ -474,8 +495,21 @@ static MP_DEFINE_CONST_FUN_OBJ_1(irqtimer_rx_wait_obj, irqtimer_rx_wait);
 
 static MP_DEFINE_STR_OBJ(irqtimer_name_obj, IRQTIMER_NAME);
 
+// At the module's first import (MICROPY_MODULE_BUILTIN_INIT): the stack reserve, once a
+// boot (a soft reset keeps the limit main.c set at boot, and this flag)
+static mp_obj_t irqtimer_init(void) {
+    if (!irqtimer_stack_reserved
+        && MP_STATE_THREAD(stack_limit) > STACK_RESERVE + STACK_RESERVE) {
+        mp_stack_set_limit(MP_STATE_THREAD(stack_limit) - STACK_RESERVE);
+        irqtimer_stack_reserved = 1;
+    }
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_0(irqtimer_init_obj, irqtimer_init);
+
 static const mp_rom_map_elem_t irqtimer_module_globals_table[] = {
     { MP_ROM_QSTR(MP_QSTR___name__), MP_ROM_QSTR(MP_QSTR_irqtimer) },
+    { MP_ROM_QSTR(MP_QSTR___init__), MP_ROM_PTR(&irqtimer_init_obj) },
     { MP_ROM_QSTR(MP_QSTR_start), MP_ROM_PTR(&irqtimer_start_obj) },
     { MP_ROM_QSTR(MP_QSTR_stop), MP_ROM_PTR(&irqtimer_stop_obj) },
     { MP_ROM_QSTR(MP_QSTR_counters), MP_ROM_PTR(&irqtimer_counters_obj) },
