@@ -539,6 +539,7 @@ class TimerLoop:
             "errors": w[_Q_ERRORS],
             "send_failed": w[_Q_SEND_FAILED],
             "rx_dropped": self.rx_words[1],
+            "stops_unconfirmed": self.stops_unconfirmed,
         }
         if errors:
             out["error"] = repr(self.irqtimer.last_error())[:80]
