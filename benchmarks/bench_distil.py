@@ -441,6 +441,79 @@ def test_bench_retry_tail_widening(monkeypatch):
             )
 
 
+def _attempt_recorder(monkeypatch) -> list:
+    """Record every frame's decoding attempt of the reconciliation (reconcile._decode):
+    (retry, decoded, iterations, the attempt's iteration cap, the code's edges); the list
+    is filled as the exchanges run."""
+    attempts = []
+    decode = reconcile._decode
+
+    def recording(rows, llr, syndromes, code, iterations, messages, out, iters, stall_rule=None):
+        before = iters[rows].copy()
+        ok = decode(rows, llr, syndromes, code, iterations, messages, out, iters, stall_rule)
+        retry = iterations != reconcile.LDPC_MAX_ITERATIONS  # a retry's cap is lower
+        for used, decoded in zip(iters[rows] - before, ok, strict=True):
+            attempts.append((retry, bool(decoded), int(used), iterations, code.edges))
+        return ok
+
+    monkeypatch.setattr(reconcile, "_decode", recording)
+    return attempts
+
+
+def test_bench_decoder_work_per_key_bit(monkeypatch):
+    """Issue 17 (throughput): where the decoder's edge updates go, per QBER, on the
+    reconciliation bench's 1 M-bit blocks (BENCH_EC_SEEDS noise seeds, exact QBER), with
+    the stall rule before this change (every attempt given up after ldpc.STALL_ITERATIONS
+    iterations without a new low of its unsatisfied checks) and with the early one
+    (reconcile.LDPC_EARLY_STALL while at least EARLY_STALL_PENDING_SHARE of a block's
+    frames are pending), in this run: f, edge updates per key bit (iterations x edges of
+    every attempt, over the block's key bits) split into first attempts and retries that
+    decoded or failed, the failed attempts' mean iterations, attempts per frame, Mbit per
+    CPU second. The leak is asserted equal on both sides and the keys identical
+    (_exchange)."""
+    _warm_up()
+    attempts = _attempt_recorder(monkeypatch)
+    rules = (
+        ("before: stall only", None),
+        ("early stall", reconcile.LDPC_EARLY_STALL),
+    )
+    print(
+        f"\ndecoder work per key bit, {EC_SEEDS} blocks of {BLOCK_BITS} bits per QBER: edge "
+        "updates of first attempts and retries that decoded (ok) or failed; failed "
+        f"attempts' mean iterations; early stall {reconcile.LDPC_EARLY_STALL} (iterations, "
+        f"progress / {ldpc.PROGRESS_UNIT}) against ({ldpc.STALL_ITERATIONS}, 0); a round's "
+        "second chance (reconcile._decode_round) counts as a retry"
+    )
+    print(
+        " QBER | rule               | f mean | work per bit | first ok | first failed | "
+        "retry ok | retry failed | failed iterations | attempts per frame | Mbit per CPU s"
+    )
+    for q in QBERS:
+        for name, rule in rules:
+            monkeypatch.setattr(reconcile, "LDPC_EARLY_STALL", rule)
+            attempts.clear()
+            fs, cpu, frames = [], 0.0, 0
+            for seed in range(EC_SEEDS):
+                x, y = _noisy(q, seed)
+                stats, _, _ = _exchange("ldpc", x, y, q)
+                fs.append(stats["leak_bits"] / (x.size * binary_entropy(float((x != y).mean()))))
+                cpu += stats["cpu_seconds"]
+                frames += stats["frames"]
+            bits = EC_SEEDS * BLOCK_BITS
+            work = {}
+            for retry, ok, used, _, edges in attempts:
+                key = (retry, ok)
+                work[key] = work.get(key, 0) + used * edges / bits
+            failed = [used for _, ok, used, _, _ in attempts if not ok]
+            print(
+                f" {q:.2f} | {name:18s} | {statistics.mean(fs):.4f} | "
+                f"{sum(work.values()):12.0f} | {work.get((False, True), 0):8.0f} | "
+                f"{work.get((False, False), 0):12.0f} | {work.get((True, True), 0):8.0f} | "
+                f"{work.get((True, False), 0):12.0f} | {statistics.mean(failed or [0]):17.1f} | "
+                f"{len(attempts) / frames:18.2f} | {bits / cpu / 1e6:14.3f}"
+            )
+
+
 def test_bench_decoder_against_ldpc_package():
     """The same frames (each QBER's frame plan, no puncturing) through the decoder
     reconciliation runs (decode_phi: phi table, layered, frames on both cores), the

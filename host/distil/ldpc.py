@@ -505,6 +505,8 @@ PHI_MAX_LLR = 16.0
 # 0.001 at 1-5 % and cut the decoder's iterations by 23 % (1-2 %) and 13 % (3 %); 4 cost
 # up to 0.0025 in f for 10-18 % fewer again.
 STALL_ITERATIONS = 8
+# decode_phi's stall_progress is in units of 1 / PROGRESS_UNIT of the best count.
+PROGRESS_UNIT = 1024
 
 
 def _phi_table() -> np.ndarray:
@@ -558,19 +560,23 @@ SEPARATE_GATHER_DEGREE = 24
 
 
 def decode_phi(
-    llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters, stall
-):
+    llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters, stall,
+    stall_progress=0,
+):  # fmt: skip
     """Layered sum-product syndrome decoding (phi table, see PHI_STEPS_PER_UNIT) of many
     frames (numba prange over frames: both cores), continuing from the check messages of
     an earlier attempt (zeros: a fresh start); the messages (float32, frames x edges) are
     updated in place, out_iters accumulates. Stops a frame when its hard decision
     satisfies the syndrome (checked in full once a running count of the checks left
-    unsatisfied by their own update reaches zero), or when it stalls (STALL_ITERATIONS).
-    Returns success flags. (decode_phi_rows on every row.)"""
+    unsatisfied by their own update reaches zero), or when it stalls: its fewest
+    unsatisfied checks so far fell by less than stall_progress / PROGRESS_UNIT over the
+    last `stall` iterations (stall_progress 0: no new low in `stall`, STALL_ITERATIONS;
+    reconcile.LDPC_EARLY_STALL gives up sooner). Returns success flags. (decode_phi_rows
+    on every row.)"""
     rows = np.arange(llr.shape[0], dtype=np.int64)
     return decode_phi_rows(
         rows, llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits,
-        out_iters, stall,
+        out_iters, stall, stall_progress,
     )  # fmt: skip
 
 
@@ -589,7 +595,7 @@ DECODER_FASTMATH = {"nnan", "ninf", "nsz", "contract", "arcp", "afn"}
 @numba.njit(cache=True, parallel=True, fastmath=DECODER_FASTMATH)
 def decode_phi_rows(
     rows, llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters,
-    stall,
+    stall, stall_progress=0,
 ):  # fmt: skip
     """decode_phi on the frames `rows` of the arrays, in place: a retry round decodes its
     pending frames where they are (copying them out and back, 36 MB of messages for a
@@ -625,8 +631,10 @@ def decode_phi_rows(
         g = np.empty(maxdeg, dtype=np.float32)
         it = 0
         done = False
-        best = m + 1
-        since_best = 0
+        # best[i]: the fewest unsatisfied checks after i iterations (best[0]: more than m)
+        best = np.empty(max_iterations + 1, dtype=np.int64)
+        best[0] = m + 1
+        keep = np.int64(PROGRESS_UNIT - stall_progress)
         while it < max_iterations and not done:
             it += 1
             unsatisfied = 0
@@ -674,13 +682,11 @@ def decode_phi_rows(
                 unsatisfied += hard & 1
             if unsatisfied == 0:
                 done = _hard_decision_satisfies(post, syndromes, f, m, check_ptr, check_var)
-            if unsatisfied < best:
-                best = unsatisfied
-                since_best = 0
-            else:
-                since_best += 1
-                if since_best >= stall:
-                    break
+            best[it] = min(best[it - 1], unsatisfied)
+            # stalled: the last `stall` iterations lowered the best count by less than
+            # stall_progress / PROGRESS_UNIT of it (0: reached no new low)
+            if it >= stall and best[it] * PROGRESS_UNIT >= keep * best[it - stall]:
+                break
         for v in range(n):
             out_bits[f, v] = 1 if post[v] < 0 else 0
         out_iters[f] += it
