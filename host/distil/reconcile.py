@@ -138,38 +138,52 @@ DECODER_CHUNK_FRAMES = 1
 # fell by less than progress / ldpc.PROGRESS_UNIT over its last `stall` iterations. By
 # default (ldpc.STALL_ITERATIONS, 0): no new low in 8. LDPC_EARLY_STALL (None: off): less
 # than 5 % lower in 4, while at least EARLY_STALL_PENDING_SHARE of a block of
-# EARLY_STALL_MIN_FRAMES or more are pending. Failed attempts were 55-65 % of the
-# decoder's edge updates at 1-3 % QBER, each run until it stalled (15-29 iterations on
-# average); one that will not decode rarely lowers its count by 5 % in 4 iterations. An
-# attempt that would have decoded and is given up early costs its frame one more retry
-# step (0.01 of its f), so the early rule is kept off where that step is widened: the
-# tail (few frames pending), small blocks, and a round after which the step would be
-# widened (_decode_round). Measured on 1 M-bit blocks, 4 noise seeds (docs/distillation.md,
-# "Decoder work per key bit"): edge updates per key bit 482 / 585 / 477 / 240 -> 400 /
-# 423 / 375 / 237 at 1 / 2 / 3 / 5 %, f +0.0025 / +0.0011 / +0.0020 / -0.0001.
+# EARLY_STALL_MIN_FRAMES or more are pending, on mother codes of rate <= EARLY_STALL_MAX_RATE.
+# Failed attempts were 55-65 % of the decoder's edge updates at 1-3 % QBER, each run until
+# it stalled (15-35 iterations on average); one that will not decode rarely lowers its
+# count by 5 % in 4 iterations. An attempt that would have decoded and is given up early
+# costs its frame one more retry step (0.01 of its f), so the early rule is kept off where
+# that step is more than a base step (_decode_round). And a retry resumes from the messages
+# of the attempt before, so a failed attempt's slow progress is not all lost: at 1 % QBER
+# (rate 0.9075, 2^17 frames) frames climbed over 5 rounds on it, and every early rule
+# measured cost f ~0.005 there (1.0904 -> 1.0929-1.0969, 4 seeds), hence the rate bound.
+# Measured on 1 M-bit blocks (8 frames of 2^17), 4 noise seeds (docs/distillation.md,
+# "Decoder work per key bit"): edge updates per key bit at 2 / 3 / 5 % 635 / 724 / 586 ->
+# 442 / 582 / 427, f +0.0016 / -0.0013 / -0.0004.
 LDPC_EARLY_STALL: tuple[int, int] | None = (4, 51)
 EARLY_STALL_MIN_FRAMES = 4
 EARLY_STALL_PENDING_SHARE = 0.5
 
 
-def _stall_rule(pending: int, frames: int) -> tuple[int, int]:
-    """The decoder's (stall, progress) for a round decoding `pending` of `frames` frames."""
+EARLY_STALL_MAX_RATE = 0.85
+
+
+def _stall_rule(pending: int, frames: int, rate: float = 0.0) -> tuple[int, int]:
+    """The decoder's (stall, progress) for a round decoding `pending` of `frames` frames of
+    a mother code of this rate."""
     early = LDPC_EARLY_STALL is not None and frames >= EARLY_STALL_MIN_FRAMES
+    early = early and rate <= EARLY_STALL_MAX_RATE
     if early and pending >= EARLY_STALL_PENDING_SHARE * frames:
         return LDPC_EARLY_STALL
     return (ldpc.STALL_ITERATIONS, 0)
 
 
-def _decode_round(pending, llr, syndromes, code, iterations, messages, out, iters, frames):
-    """One decoding round of the `pending` frames (of `frames`): their success flags. Under
-    the early stall rule, when the frames left failing would take a widened retry step
-    (_tail_widening: the tail's, or every frame failing), those frames continue under
+def _decode_round(
+    pending, llr, syndromes, code, iterations, messages, out, iters, frames, attempt
+):  # fmt: skip
+    """Decoding round `attempt` (0: the first) of the `pending` frames (of `frames`): their
+    success flags. Under the early stall rule, when the frames left failing would take
+    more than a base retry step next (_retry_step: its growth after LDPC_STEP_GROWTH
+    retries, the tail's widening, or every frame failing), those frames continue under
     the default rule first, resuming from their messages: a frame given up early there
-    would cost several steps, not one."""
-    rule = _stall_rule(pending.size, frames)
+    would cost several base steps, not one. (Without it one 1 M-bit block at 1 % QBER,
+    8 frames of 2^17, took f 1.096 -> 1.105: three frames stopped at 5 iterations in the
+    ninth round, one of which the default rule decoded in 35.)"""
+    rule = _stall_rule(pending.size, frames, code.rate)
     ok = _decode(pending, llr, syndromes, code, iterations, messages, out, iters, rule)
     failed = pending[~ok]
-    if rule != _stall_rule(0, frames) and failed.size and _tail_widening(failed.size, frames) > 1:
+    widened = failed.size and _retry_step(1, attempt, failed.size, frames) > 1
+    if rule != _stall_rule(0, frames) and widened:
         ok[~ok] = _decode(
             failed, llr, syndromes, code, LDPC_RETRY_ITERATIONS, messages, out, iters
         )
@@ -679,6 +693,7 @@ def _ldpc_bob_part(
             out,
             iters,
             len(frames),
+            attempt,
         )
         decoder_seconds += time.perf_counter() - started
         pending = pending[~ok]
