@@ -641,7 +641,7 @@ def test_a_small_blocks_leak_stays_bounded_when_its_qber_sample_is_off(q_estimat
     )
 
 
-def _recorded_both_ways(x, y, q_estimate, sample_bits):
+def _recorded_both_ways(x, y, q_estimate, sample_bits, **bob_options):
     """LDPC between two endpoints whose transports log what each sends: (Bob's corrected
     string, kept mask, Bob's stats, Alice's stats, Alice's messages, Bob's messages)."""
     data = np.random.default_rng(0).bytes(1 << 16)
@@ -659,7 +659,9 @@ def _recorded_both_ways(x, y, q_estimate, sample_bits):
     thread = threading.Thread(target=alice)
     thread.start()
     try:
-        corrected, kept, stats = reconcile.ldpc_bob(b, y, q_estimate, 1.05, sample_bits)
+        corrected, kept, stats = reconcile.ldpc_bob(
+            b, y, q_estimate, 1.05, sample_bits, **bob_options
+        )
     finally:
         thread.join()
     return corrected, kept, stats, result["a"][1], by_alice, by_bob
@@ -907,11 +909,16 @@ def test_a_larger_block_is_reconciled_in_longer_frames_both_sides_agree_on(monke
     assert stats["leak_bits"] == alice_stats["leak_bits"]
     assert stats["leak_bits"] == _long_frames_leak(stats, by_alice, 16384)
     # Bob's top-up aims at LDPC_FIRST_F_LONG for long frames, not LDPC_FIRST_F: the same
-    # block and draws with both at 1.08 ask for more before the first decoding
-    monkeypatch.setattr(reconcile, "LDPC_FIRST_F_LONG", reconcile.LDPC_FIRST_F)
+    # block and draws with the stream's top-up (LDPC_FIRST_F, passed as the stream does)
+    # ask for more before the first decoding, as with LDPC_FIRST_F_LONG set to it
+    top_up = reconcile.LDPC_FIRST_F
+    corrected, _, streamed, _, _, _ = _recorded_both_ways(x, y, q, 0, top_up_f=top_up)
+    assert np.array_equal(corrected, x)
+    assert stats["first_request_bits"] < streamed["first_request_bits"]
+    monkeypatch.setattr(reconcile, "LDPC_FIRST_F_LONG", top_up)
     corrected, _, at_first_f, _, _, _ = _recorded_both_ways(x, y, q, 0)
     assert np.array_equal(corrected, x)
-    assert stats["first_request_bits"] < at_first_f["first_request_bits"]
+    assert streamed["first_request_bits"] == at_first_f["first_request_bits"]
 
 
 def test_a_probe_stays_one_short_frame_when_the_block_takes_long_ones():
