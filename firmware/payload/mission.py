@@ -160,7 +160,10 @@ class Mission:
         if "tracking" in config:
             rate_limit_hz = getattr(self.board, "TRACKING_LOOP_RATE_HZ", 0)
             tracker = _tracker_from(
-                config["tracking"], getattr(self, "_predictions", None), rate_limit_hz
+                config["tracking"],
+                getattr(self, "_predictions", None),
+                rate_limit_hz,
+                getattr(self.board, "TRACKING_TELEMETRY_SLOTS", 256),
             )
             from payload import tracking_duty
 
@@ -338,13 +341,14 @@ def _reply_wait_us(board):
 REPLY_WAIT_US = None
 
 
-def _tracker_from(section, upload=None, rate_limit_hz=0):
+def _tracker_from(section, upload=None, rate_limit_hz=0, telemetry_slots=256):
     """A Tracker from a configuration's "tracking" section: {"parameters": {...},
     "predictions": [[x, y, vx, vy, ax, ay, pa_x, pa_y], ...]} or, for a full pass
     uploaded beforehand, "predictions": {"nodes": N, "crc32": C} (docs/tracking.md).
     The parameters go over the gain set of the loop's rate: the rate they name, else the
     rate the board's pass-mode loop sustains (board.TRACKING_LOOP_RATE_HZ; a rate above it
     is refused), else 2 kHz (tracking.parameters_for_rate).
+    telemetry_slots: the loop's telemetry ring (board.TRACKING_TELEMETRY_SLOTS).
     Raises ValueError (tracking.ConfigError) naming the field. Imported only when a pass
     tracks: the loop's code costs RAM on the unix target."""
     from payload import tracking
@@ -355,7 +359,9 @@ def _tracker_from(section, upload=None, rate_limit_hz=0):
         changes = section.get("parameters") or {}
         if not isinstance(changes, dict):
             raise tracking.ConfigError("tracking.parameters: need an object")
-        tracker = tracking.Tracker(tracking.parameters_for_rate(changes, rate_limit_hz))
+        tracker = tracking.Tracker(
+            tracking.parameters_for_rate(changes, rate_limit_hz), None, telemetry_slots
+        )
         predictions = section["predictions"]
         if isinstance(predictions, dict):
             if upload is None or upload.received != predictions.get("nodes"):

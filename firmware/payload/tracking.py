@@ -171,12 +171,12 @@ _S_WORDS = const(50)
 _OFF_CFG = const(50)  # _S_WORDS
 _OFF_IO = const(94)  # _OFF_CFG + _K_WORDS
 _OFF_NODES = const(118)  # _OFF_IO + IO_WORDS
+_OFF_TM_MASK = const(119)  # the telemetry ring's slots - 1 (a power of two, set per board)
 _OFF_LOG = const(120)
 _OFF_TM = const(376)  # _OFF_LOG + 4 * _TR_SLOTS
-_ALL_WORDS = const(2168)  # _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS
 _TR_SLOTS = const(64)  # transition ring: step, from, to, reason
 TM_SAMPLE_WORDS = const(7)  # telemetry sample: step, state, signal, ex, ey, fsm x, fsm y
-_TM_SLOTS = const(256)
+_TM_SLOTS = const(256)  # the telemetry ring's default slots (Tracker's telemetry_slots)
 _TABLE_WORDS = const(8)  # per prediction node: x, y, vx, vy, ax, ay, pa x, pa y
 _SIN_SIZE = const(1024)
 _SIN_BIAS = const(16384)  # sin table stored unsigned (Q14 + bias): same load on all targets
@@ -649,23 +649,32 @@ class Tracker:
     """The tracking loop. Sensor words go in `io`, commands come out of `io`; `step()`
     is allocation-free and may be called from a timer interrupt."""
 
-    def __init__(self, config=None, hardware=None):
+    def __init__(self, config=None, hardware=None, telemetry_slots=_TM_SLOTS):
+        """telemetry_slots: the decimated telemetry ring's samples (a power of two of at
+        least 64: the product drains 40 at a time). The default 256 makes the tracker 8.7 KB,
+        more than the STM32 board's heap has in one block once the application is up; it
+        runs 64 (board.TRACKING_TELEMETRY_SLOTS: 3.3 KB; docs/targets.md)."""
+        if telemetry_slots < 64 or telemetry_slots & (telemetry_slots - 1):
+            raise ConfigError("telemetry_slots=%r: a power of two >= 64" % (telemetry_slots,))
         self.hardware = dict(HARDWARE if hardware is None else hardware)
         self.config = dict(DEFAULTS)
         if config:
             self.config.update(config)
         # one block, from a range, then zeroed: array("i", bytes(n)) needs a second
         # n-byte block for the zeros, which a fragmented heap may not have (docs/targets.md)
-        self.words = array.array("i", range(_ALL_WORDS))
-        for i in range(_ALL_WORDS):
+        all_words = _OFF_TM + TM_SAMPLE_WORDS * telemetry_slots
+        self.words = array.array("i", range(all_words))
+        for i in range(all_words):
             self.words[i] = 0
+        self.words[_OFF_TM_MASK] = telemetry_slots - 1
+        self._tm_mask = telemetry_slots - 1
         view = memoryview(self.words)
         self.st = view[:_S_WORDS]
         self.cfg = view[_OFF_CFG : _OFF_CFG + _K_WORDS]
         self.io = view[_OFF_IO : _OFF_IO + IO_WORDS]
         self._nodes = view[_OFF_NODES : _OFF_NODES + 1]
         self.transition_log = view[_OFF_LOG : _OFF_LOG + 4 * _TR_SLOTS]
-        self.telemetry = view[_OFF_TM : _OFF_TM + TM_SAMPLE_WORDS * _TM_SLOTS]
+        self.telemetry = view[_OFF_TM : _OFF_TM + TM_SAMPLE_WORDS * telemetry_slots]
         self.cfg[:] = validate(self.config, self.hardware)
         self.table = array.array("i", bytes(4 * _TABLE_WORDS * 2))
         self._nodes[0] = 2
@@ -782,7 +791,7 @@ class Tracker:
         count = min(max_samples, self.telemetry_pending())
         tail = self.st[_S_TM_TAIL]
         for n in range(count):
-            src = TM_SAMPLE_WORDS * ((tail + n) % _TM_SLOTS)
+            src = TM_SAMPLE_WORDS * ((tail + n) & self._tm_mask)
             dst = TM_SAMPLE_WORDS * n
             for j in range(TM_SAMPLE_WORDS):
                 out[dst + j] = self.telemetry[src + j]
@@ -1543,10 +1552,11 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
     if state != IDLE and countdown <= 0:
         countdown = st[_OFF_CFG + _K_TELEM_DECIM]
         head = st[_S_TM_HEAD]
-        if head - st[_S_TM_TAIL] >= _TM_SLOTS:
+        tm_mask = st[_OFF_TM_MASK]  # the ring's slots - 1 (a power of two: no division)
+        if head - st[_S_TM_TAIL] > tm_mask:
             st[_S_TM_LOST] = st[_S_TM_LOST] + 1
         else:
-            i = (head & (_TM_SLOTS - 1)) * TM_SAMPLE_WORDS  # (a power of two: no division)
+            i = (head & tm_mask) * TM_SAMPLE_WORDS
             st[_OFF_TM + i] = step
             st[_OFF_TM + i + 1] = state
             st[_OFF_TM + i + 2] = signal
