@@ -423,6 +423,9 @@ _Q_RX_BYTES = const(11)  # the receive buffer's size
 _Q_WAIT_US = const(12)  # how long into its period a period polls for a reply on its way
 _Q_COUNT = const(13)
 _MAX_WAIT_PERIODS = const(200)  # 100 ms at 2 kHz: an emulated head on a loaded host
+# A callback that raised stopped the timer (irqtimer, as the stm32 port's Timer): the
+# scheduler's check (TimerLoop.supervise) starts it again this many times a pass at most
+_MAX_RESTARTS = const(3)
 _RX_BYTES = const(128)  # a TRACK reply frame is 45 bytes
 _LINK_BUFFER_BYTES = const(64)  # request body, frame, reply decode: 30, 32, 42 bytes
 # TimerLoop.args: what _timer_period reads, in one list
@@ -482,6 +485,10 @@ class TimerLoop:
         self.attach(duty.tracker)
         self.running = False
         self.stops_unconfirmed = 0  # stops whose IDLE commands were not confirmed in time
+        self.period_us = 0
+        self.restarts = 0  # this pass's restarts after the callback raised (supervise)
+        self.error = None  # the first exception that stopped the timer this pass (text)
+        self._late_carried = 0  # overruns counted before a restart (irqtimer's restart at 0)
 
     def attach(self, tracker):
         self.args[_I_TRACKER] = tracker
@@ -489,6 +496,40 @@ class TimerLoop:
     def start(self, period_us):
         """Start the period interrupt (the tracker started: its first period asks for the
         sensors, its second runs the kernel)."""
+        self.period_us = period_us
+        self.restarts = 0
+        self.error = None
+        self._arm(period_us)
+
+    def supervise(self):
+        """Called by the scheduler every pass (mission.py): a callback that raised
+        stopped the timer (irqtimer), which left the loop dead for the rest of the pass and
+        the head on its last commands. Keep the error (status duty_errors.trk), count it,
+        and start the timer again, at most _MAX_RESTARTS times a pass (a callback that
+        keeps raising then stays stopped, reported). The tracker's state words are kept:
+        the next period asks for the sensors, the one after runs the kernel. True if it
+        restarted the timer."""
+        irqtimer = self.irqtimer
+        if not self.running or irqtimer.running():
+            return False
+        if self.error is None:
+            self.error = repr(irqtimer.last_error())[:80]
+        if self.restarts >= _MAX_RESTARTS:
+            return False
+        self.restarts += 1
+        self._late_carried = (self._late_carried + irqtimer.counters()[2]) & _COUNTER_WRAP
+        self._arm(self.period_us)
+        return True
+
+    def error_text(self):
+        """The exception that stopped the timer this pass (text), or None."""
+        if self.error is not None:
+            return self.error
+        if self.irqtimer.counters()[1]:
+            return repr(self.irqtimer.last_error())[:80]
+        return None
+
+    def _arm(self, period_us):
         irqtimer = self.irqtimer
         self.rx_words[0] = 0
         self.words[_Q_PENDING] = 0
@@ -519,7 +560,7 @@ class TimerLoop:
     def late_periods(self):
         """Periods that did not run on time: the interrupt came late (a period ran over
         the next), or the reply was not whole yet or lost (wrapping at 2^30 - 1)."""
-        overruns = self.irqtimer.counters()[2]
+        overruns = self.irqtimer.counters()[2] + self._late_carried
         w = self.words
         return (overruns + w[_Q_WAITS] + w[_Q_LOST]) & _COUNTER_WRAP
 
@@ -540,9 +581,11 @@ class TimerLoop:
             "send_failed": w[_Q_SEND_FAILED],
             "rx_dropped": self.rx_words[1],
             "stops_unconfirmed": self.stops_unconfirmed,
+            "restarts": self.restarts,
         }
-        if errors:
-            out["error"] = repr(self.irqtimer.last_error())[:80]
+        error = self.error_text()
+        if error is not None:
+            out["error"] = error
         return out
 
 
