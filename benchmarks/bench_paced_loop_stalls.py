@@ -365,3 +365,77 @@ def _report_commit_stalls(title, output, scale):
                   f"instructions, {total_us / 1000:8.1f} M in all")  # fmt: skip
         elif line.startswith("@@syncs"):
             print(f"  littlefs syncs of these logs: {fields[1]} for {fields[2]} records")
+
+
+# What the loop on the timer interrupt takes from the main program, on both MCU images:
+# a fixed viper workload timed alone, then with the loop running over the tracking link
+# (-icount shift=0: the difference over the periods fired is the instructions the
+# interrupt took a period, its entry, the callback, the kernel, the Thumb pair and the
+# bounded poll for a reply still on its way, which on QEMU's UART is the host's pace).
+TIMER_LOOP_COST = """
+import board, micropython
+from payload import bus, tracking, tracking_duty
+@micropython.viper
+def spin(n: int) -> int:
+    x = 0
+    for i in range(n):
+        x = (x + i) & 0xFFFF
+    return x
+tracker = tracking.Tracker({{"loop_rate_hz": 2000}})
+tracker.load_predictions({rows!r})
+link = bus.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)
+duty = tracking_duty.TrackingDuty(link, tracker)
+irqtimer = tracking_duty.timer_interrupt()
+loop = tracking_duty.TimerLoop(duty, board.tracking_link, irqtimer, {wait_us})
+duty.timer_loop = loop
+ticks = board.clock.ticks_us
+t0 = ticks()
+spin({spins})
+alone_us = (ticks() - t0) & 0x3FFFFFFF
+tracker.start()
+loop.start(tracker.cfg[0])
+spin(2000)  # (the first periods: start, acquisition)
+f0, s0, w0 = irqtimer.fired(), duty.steps, loop.words[2]
+t0 = ticks()
+spin({spins})
+with_us = (ticks() - t0) & 0x3FFFFFFF
+f1, s1, w1 = irqtimer.fired(), duty.steps, loop.words[2]
+tracker.stop()
+tk, ta = board.clock.ticks_source()
+loop.stop(tk, ta, 200_000)
+print("@@cost", alone_us, with_us, f1 - f0, s1 - s0, w1 - w0, irqtimer.counters()[4])
+"""
+
+
+@pytest.mark.parametrize("target", ["qemu", "netduino2"])
+def test_bench_timer_loop_cpu_per_period_on_qemu(target):
+    from emulator.targets import Netduino2Target, QemuTarget
+    from host.deploy.raw_repl import RawRepl
+
+    target_class = QemuTarget if target == "qemu" else Netduino2Target
+    params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))
+    rows = prediction_table(params, 30.0)
+    print(f"\n[{target}: the loop on the timer interrupt, instructions it takes a period]")
+    for wait_us in (0, 100):
+        head = TrackingHead(seed=5)
+        head.attach(OpticalPlant(params, 30.0))
+        program = TIMER_LOOP_COST.format(rows=rows, wait_us=wait_us, spins=2_000_000)
+        with HeadServer(head) as server:
+            with target_class(
+                boot="maintenance",
+                bus_address=server.address,
+                track_address=server.track_address,
+                icount_shift=QEMU_ICOUNT_SHIFT,
+            ) as t:
+                with RawRepl(t.ground_port, timeout_s=30.0) as repl:
+                    output = repl.exec(program, timeout_s=600)
+        line = next(x for x in output.splitlines() if x.startswith("@@cost"))
+        alone, with_loop, fired, steps, waits, busy = (int(v) for v in line.split()[1:])
+        per_period = (with_loop - alone) * 1000 // max(fired, 1)
+        per_kernel = (with_loop - alone) * 1000 // max(steps, 1)
+        print(
+            f"  poll {wait_us:3d} us: {fired} periods in {with_loop} us ({alone} us alone), "
+            f"{steps} ran the kernel, {waits} waited: {per_period:,} instructions a period, "
+            f"{per_kernel:,} a kernel period (all included); the longest period {busy} us; "
+            f"{(with_loop - alone) * 100 // with_loop} % of the virtual time"
+        )
