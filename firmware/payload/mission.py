@@ -22,8 +22,9 @@ from payload import headgen, sequencer, storage, tdc
 
 HK_PERIOD_US = const(100_000)
 # How long a pass's stop waits for the timer interrupt's loop to confirm its IDLE commands
-# on the head (a few periods; bounded for a silent head)
-_TIMER_LOOP_STOP_US = const(200_000)
+# on the head: a few periods on the flight link; bounded for a silent head, and long enough
+# for an emulated head on a loaded host (QEMU hands the link its bytes at the host's pace)
+_TIMER_LOOP_STOP_US = const(1_000_000)
 CONFIG_KEYS = (
     "intensity_probabilities",
     "intensity_names",
