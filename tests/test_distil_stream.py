@@ -206,6 +206,9 @@ def test_the_report_carries_the_timeline_and_latency_figures(streamed):
             == bob_block["leak_bits"]
             == sum(c["leak_bits"] for c in bob_block["chunk_list"])
         )
+    # the hashing's machine code loaded before the pass clock by both sides (pa.warm_up;
+    # the stage's seconds are the slower side's)
+    assert on_disk["stage_seconds"]["privacy_amplification_warm_up"] > 0
     assert report["classical_bytes"]["down"] == report["classical_bytes"]["alice_to_bob"] > 0
     assert report["classical_bytes"]["up"] == report["classical_bytes"]["bob_to_alice"] > 0
 

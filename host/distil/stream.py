@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from host.distil import ldpc, reconcile, timesync
+from host.distil import ldpc, pa, reconcile, timesync
 from host.distil.bitcodec import (
     decode_sorted,
     encode_sorted,
@@ -593,6 +593,10 @@ class StreamAlice(Alice):
         try:
             self._hello(channel, mode=MODE)
             self._claim_raw_data()
+            # the hashing's machine code loaded (or compiled) while Bob warms his decoder,
+            # not at the link's end, whose reserve does not hold a compilation (pa.warm_up)
+            with stage("privacy_amplification_warm_up"):
+                pa.warm_up()
             start = channel.recv("stream_start")
             clock = PassClock(float(start["speedup"]), float(start["epoch_unix_s"]))
             timeline = Timeline(clock)
@@ -1055,6 +1059,10 @@ class StreamBob(Bob):
             if self.config.ec == "ldpc":
                 with stage("error_correction_warm_up"):
                     self._warm_up_s_per_frame = reconcile.warm_up(self.config.ec_efficiency)
+            # and the hashing's: its first call in a process with numba's cache empty
+            # compiles it (~4 s), more than the link's end reserves for it (pa.warm_up)
+            with stage("privacy_amplification_warm_up"):
+                pa.warm_up()
             self.feed.start()  # a live tagger: its first detection
             clock = PassClock(self.stream.speedup, self.feed.epoch_unix_s)
             timeline = Timeline(clock)
