@@ -142,3 +142,67 @@ def test_too_few_detected_slots_can_never_lock():
     null = timesync.NullCorrelation((0.5, 0.1, 0.0), (0.8, 0.1, 0.1))
     assert null.z_needed(60, 41_000) == math.inf
     assert 5.0 < null.z_needed(360, 41_000) < 6.2  # the Gaussian rule asked 6.23
+
+
+@pytest.fixture(scope="module")
+def micius_alice(tmp_path_factory):
+    from host.distil.protocol import Alice, Config
+
+    out = tmp_path_factory.mktemp("short") / "pass"
+    from host.simulate import passgen, profiles
+
+    scenario = passgen.build_scenario(
+        profiles.load("micius-2017"), seed=1, duration_s=0.2, pattern_secret=bytes(16)
+    )
+    passgen.run(scenario, out, pattern_mode="source")
+    return Alice(out, Config())
+
+
+@pytest.mark.parametrize(
+    "windows,length,counts",
+    [(1, 10**12, False), (1, 10**12, True), (2000, 40_000, True), (1, -5, False)],
+    ids=["codes-1e12", "sums-1e12", "sums-80M", "negative"],
+)
+def test_alice_refuses_a_sync_request_beyond_the_most_a_search_asks(
+    micius_alice, windows, length, counts
+):
+    """A sync request's size is Bob's to choose, and each slot asked costs Alice's
+    processor time (and, for the codes, memory): before, one request of 10^12 slots asked
+    her for a terabyte (MemoryError, no reason given to Bob), and 80 M slots of sums for
+    16-27 s of her CPU (3-5 M slots a second, measured in cd3d396), as often as Bob asked.
+    Now it aborts with the reason, at once."""
+    from host.distil.protocol import ProtocolAborted
+
+    request = {"done": 0, "starts": np.arange(windows, dtype=np.int64) * 7, "length": length}
+    if counts:
+        request["counts"] = np.ones(windows, np.int32)
+    with pytest.raises(ProtocolAborted, match="sync_request: .* at most"):
+        micius_alice._sync_answer(request)
+
+
+def test_the_streams_largest_sync_requests_fit_under_alices_bound(micius_alice):
+    """Alice's bound admits every request the stream makes: the predicted search's sums
+    (FIRST_SYNC_MAX_SPARSE_SLOTS), a full search's FFT window (at most
+    FIRST_SYNC_MAX_SLOTS plus the lag range) and a post-pass first window, at every
+    profile's slot rate."""
+    from host.distil import protocol, stream
+    from host.simulate import profiles
+
+    for name in ("micius-2017", "jinan-1", "jinan-1-stress10x"):
+        rate = float(profiles.load(name)["source"]["slot_rate_hz"])
+        most = protocol.sync_request_max_slots(rate)
+        lag_range = int(timesync.MAX_DELAY_S * rate) + 1
+        assert stream.FIRST_SYNC_MAX_SPARSE_SLOTS <= most, name
+        assert stream.FIRST_SYNC_MAX_SLOTS + 1 + lag_range <= most, name
+        assert int(timesync.FIRST_WINDOW_S * rate) + 1 + lag_range <= most, name
+    # and a search's request under it is answered (the sums of 200 detected slots' runs
+    # of 2,001 lags: 0.4 M slots)
+    windows, length = 200, 2001
+    request = {
+        "done": 0,
+        "starts": np.arange(windows, dtype=np.int64) * 5000,
+        "length": length,
+        "counts": np.ones(windows, np.int32),
+    }
+    kind, fields = micius_alice._sync_answer(request)
+    assert kind == "sync_correlation" and fields["sums"].shape == (length,)

@@ -59,6 +59,22 @@ PHASE_ERROR_TOLERANCE = 0.25
 # Alice computes a synchronisation request's intensity codes this many slots at a time
 # (Alice._window_codes): what she holds per request stays ~1 byte a slot.
 SYNC_PIECE_SLOTS = 1 << 20
+# The most slots one sync request may ask of Alice (starts x length), at least: Bob's
+# largest are the stream's first-anchor searches (sums over at most 50 M slots,
+# stream.FIRST_SYNC_MAX_SPARSE_SLOTS; an FFT window of at most 25 M slots plus the lag
+# range: 32.5 M at jinan-1's 625 MHz). A pass whose slot rate makes the post-pass first
+# window and lag range longer gets those (sync_request_max_slots). Beyond it the request
+# aborts: every slot asked costs Alice's processor time (~3-5 M slots a second under load)
+# and, for the intensity codes, a byte of memory, and a request's size is otherwise
+# unbounded (a malformed length of 10^12 asked her for a terabyte).
+SYNC_REQUEST_MAX_SLOTS = 64_000_000
+
+
+def sync_request_max_slots(slot_rate_hz: float) -> int:
+    """The most slots one sync request may ask at this slot rate (SYNC_REQUEST_MAX_SLOTS,
+    or a post-pass first anchor's window and lag range if longer)."""
+    first_anchor = math.ceil((timesync.FIRST_WINDOW_S + timesync.MAX_DELAY_S) * slot_rate_hz)
+    return max(SYNC_REQUEST_MAX_SLOTS, first_anchor + 2)
 
 
 def draw_verification_keys(rng) -> tuple[int, ...]:
@@ -537,6 +553,12 @@ class Alice:
         the codes the first kind would reveal, ~4 bytes a lag instead of 2 bits a slot)."""
         starts = np.asarray(req["starts"], dtype=np.int64).reshape(-1)
         length = int(req["length"])
+        most = sync_request_max_slots(float(self.pass_json["slot_rate_hz"]))
+        if length < 0 or starts.size * length > most:
+            raise ProtocolAborted(
+                f"sync_request: {starts.size} windows of {length} slots, at most {most:,} "
+                "slots a request"
+            )
         counts = req.get("counts")
         if counts is None:
             return "sync_pattern", {"intensity": pack_2bit(self._window_codes(starts, length))}
