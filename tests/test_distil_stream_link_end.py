@@ -56,7 +56,7 @@ def _decision(seconds_to_link_end: float):
 
 def test_a_jinan_1_pass_is_cut_seconds_not_a_minute_before_the_link_end():
     # With privacy amplification reserved at its measured cost (the carry-less hashing:
-    # 0.28-0.38 s for this key block at load ~10), the rest after the cut is ~9 s here: one
+    # 0.28-0.38 s for this key block at load ~10), the rest after the cut is ~13 s here: one
     # frame, the hashing, the finish, times the safety. Before, the hashing was reserved at
     # the FFT's old rate (3.5e-6 s a bit: 19 s, 42.6 s with the rest and the safety) and a
     # jinan-1 pass was cut ~40 s before the link's end, ~230 k detections never sifted.
