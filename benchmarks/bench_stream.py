@@ -84,7 +84,8 @@ def test_bench_streaming_distillation_on_a_full_pass(profile, tmp_path):
             f"  pass closed at {cut['cut_s']} s for the optical link's end at "
             f"{cut['link_end_s']:.1f} s (loss of signal {cut['loss_of_signal_s']:.1f} s): "
             f"{cut['detections_discarded']} detections discarded, the pipeline "
-            f"{cut['behind_s']} s behind then"
+            f"{cut['behind_s']} s behind then; the rest took {cut.get('rest_wall_s')} s of "
+            f"the {cut['reserve_wall_s']} s reserved"
         )
     bytes_each_way = run.alice["classical_bytes"]
     print(

@@ -319,6 +319,11 @@ def _summary_lines(summary: dict) -> list[str]:
                 f"{cut['detections_discarded']:,} detections discarded, never sifted (the "
                 f"pipeline {cut.get('behind_s', '-')} s behind the detections then)"
             )
+            if cut.get("rest_wall_s") is not None:
+                lines.append(
+                    f"          the rest after the cut took {cut['rest_wall_s']} s of the "
+                    f"{cut['reserve_wall_s']} s reserved (docs/streaming.md, 'The link's end')"
+                )
     if "timetransfer" in s:
         tt = s["timetransfer"]
         if tt["aborted"]:
