@@ -482,11 +482,13 @@ CHUNK_TAIL_MIN_BITS = 16384
 # keys wait for it) is sized for the upper confidence bound of its frames' error rate,
 # LAST_CHUNK_SIGMAS standard errors above the rate it is sized from, with the spread of
 # both counts (the bits behind the estimate, and a frame's own: a short frame's rate strays
-# further), and that estimate's interval. Sized like the chunks before it (the estimate,
+# further), and that estimate's interval, plus the rise of the basis's error rate from the
+# chunk before the one it is sized from (StreamBob._climb: at micius-2017's end each chunk
+# ran 20-35 % above the tail before it). Sized like the chunks before it (the estimate,
 # with the interval of a 2 % sample), its first syndromes and Bob's top-up fall short of a
 # single frame's threshold by up to ~0.1-0.2 in f, and the retries climb 0.01 in f a round,
 # whether the estimate ran high or low (jinan-1, seed 1: the last 24 single-frame chunks
-# took 0-25 rounds, mean 8; each round is a decoding pass and a round trip on the link).
+# took 0-25 rounds, mean 8.5; each round is a decoding pass and a round trip on the link).
 # Measured on one frame of throw-away bits (/tmp harness, reconcile.ldpc_alice / ldpc_bob
 # in two threads, 16 noise seeds, load ~10; rounds mean / max, f) as before -> with the
 # bound at 2 / 3 sigmas: 46 kbit at 1.05 % sized from 1.1 %: 10.4 / 20, 1.158 -> 1.5 / 5,
@@ -494,22 +496,26 @@ CHUNK_TAIL_MIN_BITS = 16384
 # / 1.9 / 9, 1.156; 15 kbit at 2.15 % from 2.0 %: 12.6 / 19, 1.232 -> 8.0 / 15, 1.241 / 3.4
 # / 15, 1.231. At 4 sigmas the rounds fell little further (0.9-1.4) and the leak rose
 # (+0.13 in f on a 46 kbit frame at 1.05 % that decoded at once either way). The extra
-# leak at 3 sigmas, 0-0.05 in f on one frame a basis, is at most ~200 bits a basis.
+# leak at 3 sigmas, 0-0.05 in f on one frame a basis, is at most ~200 bits a basis. With
+# the bound alone, micius-2017's last frames (12.8 and 14.3 kbit at 2.36 and 2.68 %, from
+# tails at ~2.0 % after tails at ~1.25 %) still took 9 and 13 rounds in a mission; with the
+# climb, 13 kbit at 2.68 % on 8 draws: 91 -> 15 rounds (max 17 -> 7), f 1.228 either way.
 LAST_CHUNK_SIGMAS = 3.0
 LAST_CHUNK_MAX_FRAMES = 2
 
 
 def last_chunk_sizing(
-    qber: float, behind_bits: int, chunk_bits: int, frame_bits: int
+    qber: float, behind_bits: int, chunk_bits: int, frame_bits: int, climb: float = 0.0
 ) -> tuple[float, int]:
     """(QBER, bits behind it) a basis's last chunk of chunk_bits is sized for
-    (LAST_CHUNK_SIGMAS), from qber measured on behind_bits, frames of at most frame_bits.
-    A function of public counts and of the estimate alone: the request reveals nothing more
-    than the estimate did."""
+    (LAST_CHUNK_SIGMAS), from qber measured on behind_bits, frames of at most frame_bits,
+    and `climb`, how much the rate rose from the chunk before (StreamBob._climb: the same
+    rise again is allowed for). A function of public counts and of error counts already
+    announced: the request reveals nothing more than the requests before it did."""
     per_frame = chunk_bits // max(1, math.ceil(chunk_bits / max(frame_bits, 1)))
     q = min(max(qber, 1e-4), 0.5)
     spread = math.sqrt(q * (1 - q) * (1 / max(behind_bits, 1) + 1 / max(per_frame, 1)))
-    return min(q + LAST_CHUNK_SIGMAS * spread, 0.2), behind_bits
+    return min(q + max(climb, 0.0) + LAST_CHUNK_SIGMAS * spread, 0.2), behind_bits
 
 
 # A backlog of many frames (a bright pass, the catch-up after the first lock or an outage)
@@ -1301,7 +1307,8 @@ class StreamBob(Bob):
                         # of its frames' error rate, so that it decodes in few rounds
                         behind = self._chunk_tail[source[0]][source[1]][1] if source else bits
                         if behind > 0:
-                            qber, bits = last_chunk_sizing(qber, behind, chunk, frame)
+                            climb = self._climb(source)
+                            qber, bits = last_chunk_sizing(qber, behind, chunk, frame, climb)
                     started = time.perf_counter()
                     with stage("error_correction"):
                         self._reconcile(channel, name, chunk, qber, bits, handled_s, source)
@@ -1614,6 +1621,16 @@ class StreamBob(Bob):
             # fell short and retries revealed key bits (35-42 kbit leaked for 150 kbit).
             bits = max(self.config.sample_min, int(self.config.sample_fraction * exact_bits))
         return min(max(q, 0.004), 0.2), bits, source
+
+    def _climb(self, source: tuple[str, int] | None) -> float:
+        """How much the error rate of a basis's chunk tails rose from the chunk before the
+        source chunk to the source (0 if it fell, or if the earlier chunk's count was never
+        announced: using it would reveal a count the leak has not counted)."""
+        if source is None or source[1] < 1 or (source[0], source[1] - 1) not in self._announced:
+            return 0.0
+        tails = self._chunk_tail[source[0]]
+        (now_errors, now_bits), (then_errors, then_bits) = tails[source[1]], tails[source[1] - 1]
+        return max(0.0, now_errors / now_bits - then_errors / then_bits)
 
     def _record_chunk_errors(self, name: str, wrong: np.ndarray) -> None:
         """A reconciled chunk's errors (`wrong`: per key bit, in time order), which size
