@@ -421,7 +421,9 @@ _Q_RX = const(9)  # address of the receive buffer
 _Q_CTX = const(10)  # address of the Thumb pair's context for this link
 _Q_RX_BYTES = const(11)  # the receive buffer's size
 _Q_WAIT_US = const(12)  # how long into its period a period polls for a reply on its way
-_Q_COUNT = const(13)
+_Q_RESTARTS = const(13)  # this pass's restarts after the callback raised (supervise)
+_Q_LATE_CARRIED = const(14)  # overruns counted before a restart (irqtimer's restart at 0)
+_Q_COUNT = const(15)
 _MAX_WAIT_PERIODS = const(200)  # 100 ms at 2 kHz: an emulated head on a loaded host
 # A callback that raised stopped the timer (irqtimer, as the stm32 port's Timer): the
 # scheduler's check (TimerLoop.supervise) starts it again this many times a pass at most
@@ -485,10 +487,11 @@ class TimerLoop:
         self.attach(duty.tracker)
         self.running = False
         self.stops_unconfirmed = 0  # stops whose IDLE commands were not confirmed in time
-        self.period_us = 0
-        self.restarts = 0  # this pass's restarts after the callback raised (supervise)
-        self.error = None  # the first exception that stopped the timer this pass (text)
-        self._late_carried = 0  # overruns counted before a restart (irqtimer's restart at 0)
+        # the first exception that stopped the timer this pass (text); the restarts and
+        # the overruns carried over them are words (_Q_RESTARTS, _Q_LATE_CARRIED): one
+        # attribute more grows the instance's map, and the STM32 board's heap has no room
+        # for that in a tracking pass (tests/test_tracking_pass_stm32.py)
+        self.error = None
 
     def attach(self, tracker):
         self.args[_I_TRACKER] = tracker
@@ -496,8 +499,7 @@ class TimerLoop:
     def start(self, period_us):
         """Start the period interrupt (the tracker started: its first period asks for the
         sensors, its second runs the kernel)."""
-        self.period_us = period_us
-        self.restarts = 0
+        self.words[_Q_RESTARTS] = 0
         self.error = None
         self._arm(period_us)
 
@@ -514,12 +516,17 @@ class TimerLoop:
             return False
         if self.error is None:
             self.error = repr(irqtimer.last_error())[:80]
-        if self.restarts >= _MAX_RESTARTS:
+        w = self.words
+        if w[_Q_RESTARTS] >= _MAX_RESTARTS:
             return False
-        self.restarts += 1
-        self._late_carried = (self._late_carried + irqtimer.counters()[2]) & _COUNTER_WRAP
-        self._arm(self.period_us)
+        w[_Q_RESTARTS] += 1
+        w[_Q_LATE_CARRIED] = (w[_Q_LATE_CARRIED] + irqtimer.counters()[2]) & _COUNTER_WRAP
+        self._arm(self.duty.tracker.cfg[0])
         return True
+
+    @property
+    def restarts(self):
+        return self.words[_Q_RESTARTS]
 
     def error_text(self):
         """The exception that stopped the timer this pass (text), or None."""
@@ -560,8 +567,8 @@ class TimerLoop:
     def late_periods(self):
         """Periods that did not run on time: the interrupt came late (a period ran over
         the next), or the reply was not whole yet or lost (wrapping at 2^30 - 1)."""
-        overruns = self.irqtimer.counters()[2] + self._late_carried
         w = self.words
+        overruns = self.irqtimer.counters()[2] + w[_Q_LATE_CARRIED]
         return (overruns + w[_Q_WAITS] + w[_Q_LOST]) & _COUNTER_WRAP
 
     def telemetry(self):
@@ -581,7 +588,7 @@ class TimerLoop:
             "send_failed": w[_Q_SEND_FAILED],
             "rx_dropped": self.rx_words[1],
             "stops_unconfirmed": self.stops_unconfirmed,
-            "restarts": self.restarts,
+            "restarts": w[_Q_RESTARTS],
         }
         error = self.error_text()
         if error is not None:
