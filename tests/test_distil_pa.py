@@ -277,6 +277,7 @@ print(hashed.method, warmed == compiled(), min(warmed.values()))
 """
 
 
+@pytest.mark.slow  # 4-13 s at load 8-10: a fresh process compiles the hashing
 @carryless
 def test_the_warm_up_compiles_everything_a_key_blocks_hashing_runs(tmp_path):
     """With numba's cache empty (a fresh install on the payload processor, a clean CI
