@@ -198,7 +198,7 @@ def test_a_pass_on_the_mps2_runs_its_loop_from_the_timer_interrupt_and_stops_it(
 # commands, with nothing but the error in the status; the scheduler's trk-tm duty now
 # restarts it (TimerLoop.supervise, every pass), at most 3 times a pass, the first error
 # kept. The fault is injected: the link's write, as the period calls it, raises at its
-# 40th call, then at every call.
+# 10th call (a write a reply: early in any host's pace), then at every call.
 RESTART_PROGRAM = """
 import array
 import board
@@ -210,7 +210,7 @@ duty = tracking_duty.TrackingDuty(link, tracker)
 irqtimer = tracking_duty.timer_interrupt()
 loop = tracking_duty.TimerLoop(duty, board.tracking_link, irqtimer, board.TRACKING_REPLY_WAIT_US)
 duty.timer_loop = loop
-calls = array.array("i", [0, 40])  # the writes; the one that raises (-1: every one)
+calls = array.array("i", [0, 10])  # the writes; the one that raises (-1: every one)
 write = board.tracking_link.write
 def flaky(frame):
     calls[0] += 1
