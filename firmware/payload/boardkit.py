@@ -143,10 +143,14 @@ class FlashStore:
     ahead, and `background()` (the scheduler's lowest duty) erases the freed ones in idle
     time, so no commit waits for a sector erase. One per board: mounted once per boot."""
 
-    def __init__(self, raw, root, io_bytes, spares, journal_sectors):
+    def __init__(
+        self, raw, root, io_bytes, spares, journal_sectors, read_bytes=None, lookahead_bytes=32
+    ):
         self.raw = raw
         self.root = root
         self.io_bytes = io_bytes
+        self.read_bytes = read_bytes
+        self.lookahead_bytes = lookahead_bytes
         self.spares = spares
         self.journal_sectors = journal_sectors
         self.device = None  # the EraseAhead, once mounted
@@ -162,7 +166,9 @@ class FlashStore:
 
             fresh = self.raw.blank()  # before the journal's first write makes it not blank
             self.device = eraseahead.EraseAhead(self.raw, self.spares, 0, self.journal_sectors)
-        return mount_littlefs(self.device, self.root, self.io_bytes, fresh)
+        return mount_littlefs(
+            self.device, self.root, self.io_bytes, fresh, self.read_bytes, self.lookahead_bytes
+        )
 
     def background(self):
         """Erase one sector ahead if one is owed; True if it did (the loop then does not
@@ -176,12 +182,15 @@ class FlashStore:
         return None if self.device is None else self.device.status()
 
 
-def mount_littlefs(device, root, io_bytes=32, fresh=None):
+def mount_littlefs(device, root, io_bytes=32, fresh=None, read_bytes=None, lookahead_bytes=32):
     """Mount littlefs from `device` at `root` (mtime off: no wall clock), formatting a
     device that does not mount. Returns True if an existing filesystem was formatted
     (products and logs lost: housekeeping reports it), False otherwise; a root already
     mounted (from the maintenance REPL) is never formatted. `fresh`: whether the device
-    looked never written (default: its own blank())."""
+    looked never written (default: its own blank()). io_bytes: littlefs's program size
+    (its caches are 4 of it); read_bytes: its read size (default io_bytes); lookahead_bytes:
+    its allocator's window, 8 blocks a byte (docs/storage.md "littlefs's mount
+    parameters")."""
     import os
 
     try:
@@ -190,15 +199,21 @@ def mount_littlefs(device, root, io_bytes=32, fresh=None):
     except OSError:
         pass
     try:
-        vfs.mount(_lfs(device, io_bytes), root)
+        vfs.mount(_lfs(device, io_bytes, read_bytes, lookahead_bytes), root)
         return False
     except OSError:
         if fresh is None:
             fresh = device.blank()
-        vfs.VfsLfs2.mkfs(device, readsize=io_bytes, progsize=io_bytes)
-        vfs.mount(_lfs(device, io_bytes), root)
+        vfs.VfsLfs2.mkfs(device, readsize=read_bytes or io_bytes, progsize=io_bytes)
+        vfs.mount(_lfs(device, io_bytes, read_bytes, lookahead_bytes), root)
         return not fresh  # not on a blank (first-boot) device
 
 
-def _lfs(device, io_bytes):
-    return vfs.VfsLfs2(device, readsize=io_bytes, progsize=io_bytes, lookahead=32, mtime=False)
+def _lfs(device, io_bytes, read_bytes=None, lookahead_bytes=32):
+    return vfs.VfsLfs2(
+        device,
+        readsize=read_bytes or io_bytes,
+        progsize=io_bytes,
+        lookahead=lookahead_bytes,
+        mtime=False,
+    )

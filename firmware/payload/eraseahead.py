@@ -15,8 +15,14 @@
 # blocks. The map (littlefs block -> sector) is a journal of 16-byte slots:
 #   u8 'E', u8 'A', u16 block, u16 sector, u32 seq, 4 x 0x00, u16 CRC-16 of bytes 0..13
 # Slot 0 of a journal sector is its header (block 0xFFFE, seq = epoch); slots 1.. are map
-# entries, applied in order. When the active journal fills, the whole map is written to the
-# standby (entries first, header last) and the old one becomes the standby, erased later.
+# entries, applied in order. Once half the active journal's room after the map is used,
+# `background()`, when no sector is owed an erase, copies the whole map to the erased
+# standby, _COPY_SLOTS entries a call (entries first, header last; a remap of a block
+# already copied is also appended to the standby after the map), and the standby becomes
+# the active, the old one erased later: so
+# no littlefs call writes the whole map (on the QEMU board's 500 blocks that was one append
+# of 7.6 M instructions in ~2,900: docs/storage.md). Only when the active fills before the
+# copy is done (no idle time) is the whole map written inside the remap, as before.
 # A power cut tears at most one slot (its CRC fails: skipped) or one compaction (no header:
 # the old journal stays active). At mount every sector the map does not name is checked:
 # blank ones are spares, the others erased in the background.
@@ -33,6 +39,7 @@ _NAMED = const(1)  # a littlefs block's
 _SPARE = const(2)  # erased ahead, named by no block
 _DIRTY = const(3)  # named by no block, not erased
 SLOT_BYTES = const(16)
+_COPY_SLOTS = const(16)  # map entries background() copies to the standby a call
 _HEADER = const(0xFFFE)
 _ERASE = const(6)
 
@@ -97,7 +104,13 @@ class EraseAhead:
         self.foreground_erases = 0
         self.background_erases = 0
         self.remaps = 0
+        # the background copy of the map to the standby: the next block to copy (-1: none),
+        # the remaps appended after the map, and when to start (half the room after it)
+        self._copy_next = -1
+        self._copy_extra = 0
+        self._copy_ahead = max(1, (self.slots - 1 - self.blocks) // 2)
         self._slot = bytearray(SLOT_BYTES)
+        self._copy_slot = bytearray(SLOT_BYTES)
         self._read = bytearray(SLOT_BYTES)
         self._page = bytearray(256)
         status = self._mount()
@@ -124,9 +137,12 @@ class EraseAhead:
     # ---------------------------------------------------------------- the scheduler's side
 
     def background(self):
-        """Erase one sector owed (the old journal, or a sector a remap freed); returns True
-        if it did. Call from idle time: the only place where a whole erase is waited."""
-        if not self.standby_blank:
+        """Erase one sector owed (the old journal, or a sector a remap freed), or, with
+        none owed, copy the next _COPY_SLOTS entries of the map to the standby journal;
+        returns True if it did. Call from idle time: the only place where a whole erase is
+        waited. (Erases first: a remap needs an erased spare now, the copy only before the
+        journal fills.)"""
+        if not self.standby_blank and self._copy_next < 0:
             status = self._erase_sector(self._standby_next(), False)
             if status == 0:
                 self._standby_erased += 1
@@ -136,7 +152,45 @@ class EraseAhead:
         if sector and self._erase_sector(sector, False) == 0:
             self.state[sector] = _SPARE
             return True
-        return False
+        if self._copy_next < 0:
+            if self.slots - self.next_slot > self._copy_ahead:
+                return False
+            self.standby_blank = False  # written from here on; erased again once retired
+            self._standby_erased = 0
+            self._copy_next = 0
+            self._copy_extra = 0
+        self._copy_step()
+        return True
+
+    def _copy_step(self):
+        """Copy the next entries of the map to the standby; after the last, its header,
+        and the standby becomes the active journal. A failed program abandons the copy
+        (the standby is erased again, the active keeps every entry)."""
+        standby = 1 - self.journal
+        block = self._copy_next
+        end = min(block + _COPY_SLOTS, self.blocks)
+        while block < end:
+            # counted as copied before its program: a remap of this block from a finaliser
+            # while the program runs (littlefs closing a dropped file) is appended after
+            # the map; the copy's own slot buffer, which that remap does not touch
+            self._copy_next = block + 1
+            self.seq += 1
+            if self._write_slot(
+                standby, 1 + block, block, self.map[block], self.seq, self._copy_slot
+            ):
+                self._copy_next = -1
+                return
+            block += 1
+        if block < self.blocks:
+            return
+        self._copy_next = -1
+        if self._write_slot(standby, 0, _HEADER, 0, self.epoch + 1, self._copy_slot):
+            return
+        self.epoch += 1
+        self.journal = standby
+        self.next_slot = 1 + self.blocks + self._copy_extra
+        # the old copy is the standby now: standby_blank is False and _standby_erased 0
+        # since the copy began, so background() erases it next
 
     def status(self):
         """[spares erased, sectors owed an erase, erases waited for, erases in the
@@ -195,8 +249,7 @@ class EraseAhead:
                 self.background_erases += 1
         return status
 
-    def _fill_slot(self, block, sector, seq):
-        s = self._slot
+    def _fill_slot(self, block, sector, seq, s):
         s[0] = 0x45
         s[1] = 0x41
         s[2] = block & 0xFF
@@ -210,11 +263,13 @@ class EraseAhead:
         s[14] = crc >> 8
         s[15] = crc & 0xFF
 
-    def _write_slot(self, journal, slot, block, sector, seq):
-        self._fill_slot(block, sector, seq)
+    def _write_slot(self, journal, slot, block, sector, seq, buf=None):
+        if buf is None:
+            buf = self._slot
+        self._fill_slot(block, sector, seq, buf)
         per = self.slots_per_sector
         sector_at = journal * self.journal_sectors + slot // per
-        return self.raw.writeblocks(sector_at, self._slot, (slot % per) * SLOT_BYTES)
+        return self.raw.writeblocks(sector_at, buf, (slot % per) * SLOT_BYTES)
 
     def _read_slot(self, journal, slot):
         """(block, sector, seq) of a valid slot; None if blank; False if torn or corrupt."""
@@ -238,10 +293,21 @@ class EraseAhead:
         self.seq += 1
         status = self._write_slot(self.journal, self.next_slot, block, sector, self.seq)
         self.next_slot += 1  # a failed program may have torn the slot: never reused
+        if not status and self._copy_next > block:  # (a device may return None)
+            # a block the background copy already wrote: its new sector after the map
+            extra = 1 + self.blocks + self._copy_extra
+            self.seq += 1
+            if extra >= self.slots or self._write_slot(
+                1 - self.journal, extra, block, sector, self.seq
+            ):
+                self._copy_next = -1  # abandoned: the active journal has the remap
+            self._copy_extra += 1
         return status
 
     def _compact(self):
-        """Write the whole map to the standby journal (header last), make it the active."""
+        """Write the whole map to the standby journal (header last), make it the active
+        (a background copy under way is abandoned: the standby is erased first)."""
+        self._copy_next = -1
         standby = 1 - self.journal
         while not self.standby_blank:
             status = self._erase_sector(self._standby_next(), True)

@@ -66,6 +66,17 @@ _FLASH_JOURNAL_SECTORS = const(4)
 # 32 bytes), 512 costs 2.1 M (measured with -icount; docs/scheduling.md). Two 256-byte
 # NOR pages per program call.
 _LFS_IO_BYTES = const(512)
+# littlefs's read size: 32, below the program size. Each time littlefs's allocator has used
+# its lookahead window it walks every file's block list, one read per block, and a read is
+# a whole read size through the Python block device: with 512 that walk was one append of
+# 3.7-6.5 M instructions every ~1,400 appends (QEMU -icount, 4,000 appends of 200, 972 and
+# 28 bytes with a sync per 40: worst append 6.5 M, worst sync 2.95 M); with 32 the worst
+# append is 1.75 M, the worst sync 0.93 M and all of them cost 14 % less (docs/storage.md
+# "littlefs's mount parameters"). The lookahead stays 32 bytes (a 256-block window of the
+# 500): 64, the whole store, made the walks rarer but each no shorter (worst append 2.09 M
+# at read size 32, 8.6 M at 512).
+_LFS_READ_BYTES = const(32)
+_LFS_LOOKAHEAD_BYTES = const(32)
 _KEY_REGION_ADDR = const(0x21200000)  # just past the littlefs blocks: a format spares it
 _STRAP_MAINTENANCE = const(0x4E49414D)  # b"MAIN" little-endian: stay in the REPL
 _STRAP_TRACK_ADDR = const(0x20000004)
@@ -208,7 +219,13 @@ key_region = keystore.MemoryRegion(_KEY_REGION_ADDR)
 storage_formatted = False  # set when mounting failed and storage was formatted
 flash = boardkit.RamNorDevice(_FLASH_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCKS)
 store = boardkit.FlashStore(
-    flash, STORAGE_ROOT, _LFS_IO_BYTES, _FLASH_SPARES, _FLASH_JOURNAL_SECTORS
+    flash,
+    STORAGE_ROOT,
+    _LFS_IO_BYTES,
+    _FLASH_SPARES,
+    _FLASH_JOURNAL_SECTORS,
+    _LFS_READ_BYTES,
+    _LFS_LOOKAHEAD_BYTES,
 )
 
 
