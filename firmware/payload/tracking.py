@@ -786,6 +786,18 @@ class Tracker:
     def telemetry_lost(self):
         return self.st[_S_TM_LOST]
 
+    def pack_telemetry_into(self, out, max_samples):
+        """Pack up to max_samples pending samples straight from the ring into a TRACKING
+        samples payload in `out` (no copy of them: 1.1 kB of the STM32 board's heap);
+        returns (samples, payload bytes)."""
+        count = min(max_samples, self.telemetry_pending())
+        tail = self.st[_S_TM_TAIL]
+        length = pack_samples_into(out, self.telemetry, count, self.cfg[0],
+                                   self.config["telemetry_decimation"], tail,
+                                   self._tm_mask)  # fmt: skip
+        self.st[_S_TM_TAIL] = tail + count
+        return count, length
+
     def drain_telemetry(self, out, max_samples):
         """Copy up to max_samples pending samples into array 'i' out; return how many."""
         count = min(max_samples, self.telemetry_pending())
@@ -880,13 +892,14 @@ _SUB_SAMPLES = const(1)
 _SUB_TRANSITIONS = const(2)
 
 
-def pack_samples_into(out, samples, count, period_us, decimation):
-    """Write a TRACKING samples payload into `out`; returns its length in bytes."""
+def pack_samples_into(out, samples, count, period_us, decimation, first=0, mask=-1):
+    """Write a TRACKING samples payload into `out`; returns its length in bytes. samples:
+    count samples in a row, or (mask >= 0) a ring of mask + 1 slots read from slot first."""
     import struct
 
     struct.pack_into("<BBHII", out, 0, 1, _SUB_SAMPLES, count, period_us, decimation)
     for n in range(count):
-        i = TM_SAMPLE_WORDS * n
+        i = TM_SAMPLE_WORDS * ((first + n) & mask if mask >= 0 else n)
         signal = samples[i + 2]
         signal = 0 if signal < 0 else (65535 if signal > 65535 else signal)
         struct.pack_into(

@@ -684,9 +684,6 @@ class TrackingProduct:
         self.log = store.open_log(
             "tracking", storage.KIND_TRACKING, 12 + 24 * _PER_RECORD, deferred=True
         )
-        self._samples = tracking.array.array(
-            "i", bytes(4 * tracking.TM_SAMPLE_WORDS * _PER_RECORD)
-        )
         self.transitions_written = 0
         self.transitions_lost = 0
         self.records = 0
@@ -699,11 +696,7 @@ class TrackingProduct:
         tracker = self.tracker
         pending = tracker.telemetry_pending()
         if pending >= _PER_RECORD or (force and pending):
-            count = tracker.drain_telemetry(self._samples, _PER_RECORD)
-            length = tracking.pack_samples_into(
-                self.log.payload, self._samples, count, tracker.cfg[0],
-                tracker.config["telemetry_decimation"],
-            )  # fmt: skip
+            length = tracker.pack_telemetry_into(self.log.payload, _PER_RECORD)[1]
             self.log.commit(length)
             self.records += 1
             return True
