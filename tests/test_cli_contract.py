@@ -769,6 +769,43 @@ def test_raw_repl_deadline_holds_on_a_noisy_line():
             os.close(fd)
 
 
+@pytest.mark.slow  # ~7 s: the board below reads the program for longer than the old 5 s
+def test_a_program_the_board_reads_slowly_is_still_run():
+    """QEMU hands its UART the program one byte per turn of its main loop, at the host's
+    pace: the raw REPL's "OK" (sent once the board has read the whole program) came more
+    than 5 s after the write at load ~10, and a fixed 5 s wait for it failed 17 firmware
+    tests in one run on netduino2. A board on a pty that reads a 2 kB program 64 bytes
+    every 0.2 s (6.4 s) and then answers: exec returns its output."""
+    from host.deploy.raw_repl import RawRepl
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    program = b"print('slow')\n" + b"#" * 2000 + b"\n"
+
+    def board():
+        received = b""
+        while not received.endswith(b"\x04"):
+            time.sleep(0.2)
+            received += os.read(master, 64)
+        assert received == program + b"\x04"
+        os.write(master, b"OKslow\r\n\x04\x04>")
+
+    thread = threading.Thread(target=board, daemon=True)
+    thread.start()
+    try:
+        repl = RawRepl(os.ttyname(slave))
+        try:
+            started = time.monotonic()
+            assert repl.exec(program, timeout_s=60).strip() == "slow"
+            assert time.monotonic() - started > 6.0  # the board did take longer than 5 s
+        finally:
+            repl.close()
+    finally:
+        thread.join(10)
+        os.close(master)
+        os.close(slave)
+
+
 def test_the_link_benchmarks_pty_baseline_never_blocks():
     """benchmarks/bench_link.py's baseline copies 4 MiB through a bare pty; a blocking
     write into a full pty buffer used to stall it for good (within 30 repetitions on this

@@ -102,13 +102,19 @@ class RawRepl:
         """Run code; return its stdout, or raise ExecutionFailed with the traceback."""
         if isinstance(code, str):
             code = code.encode()
+        timeout_s = timeout_s or self.timeout_s
         # Write in chunks: the raw REPL has no flow control on some ports.
         for start in range(0, len(code), 256):
             self.serial.write(code[start : start + 256])
         self.serial.write(b"\x04")
-        self._read_until(b"OK", 5.0)
-        out = self._read_until(b"\x04", timeout_s or self.timeout_s)[:-1]
-        err = self._read_until(b"\x04>", 5.0)[:-2]
+        # "OK" comes once the board has read the whole program, which the write above only
+        # queued (a pty takes it at once): QEMU hands its UART one byte per turn of its
+        # main loop, at the host's pace. A 12.9 kB program took 0.4-1.2 s on this machine
+        # at load ~8 and more than 5 s (the fixed wait this was) under heavier load: 17
+        # firmware tests failed in one run on netduino2. The exec's own budget bounds it.
+        self._read_until(b"OK", timeout_s)
+        out = self._read_until(b"\x04", timeout_s)[:-1]
+        err = self._read_until(b"\x04>", timeout_s)[:-2]
         stdout = out.decode(errors="replace")
         if err:
             raise ExecutionFailed(stdout, err.decode(errors="replace"))
