@@ -186,6 +186,8 @@ class Scheduler:
         self._run = None  # the loop's call (_R_*), while there is a loop
         # what run_once reads every pass, in one attribute: [self._run, self.duties]
         self._pass = [None, self.duties]
+        # run_once(): one pass (a closure: see _runner)
+        self.run_once = _runner(self, self._pass)
 
     @property
     def passes(self):
@@ -224,23 +226,54 @@ class Scheduler:
         self.duties.append(duty)
         return duty
 
+    def _loop_failed(self, error):
+        loop = self.loop
+        loop.errors += 1
+        loop.last_error = error_text(error)
+
+    def telemetry(self):
+        out = {}
+        loop = self.loop
+        if loop is not None:
+            out[loop.name] = {"periods": loop.periods, "worst_late_us": loop.worst_us,
+                              "overruns": loop.overruns, "period_us": loop.period_us}  # fmt: skip
+            if loop.errors:
+                out[loop.name]["errors"] = loop.errors
+                out[loop.name]["last_error"] = loop.last_error
+        for d in self.duties:
+            total_us = d.total_s * _US_PER_S + d.total_us  # a big int past 2^30 us: here only
+            entry = {"calls": d.calls, "worst_us": d.worst_us, "total_us": total_us}
+            if d.errors:
+                entry["errors"] = d.errors
+                entry["last_error"] = d.last_error
+            out[d.name] = entry
+        return out
+
+
+def _runner(sched, pass_list):
+    """Scheduler.run_once for `sched`: a native closure over its [run, duties] list, so a
+    pass looks nothing up (it read `self._pass`: the one lookup left in the paced period,
+    whose cost moved with the image's qstr layout: 5 -> 270 instructions on netduino2 with
+    the map-lookup cache cold when other modules gained names;
+    mptest_paced_loop_cost.py)."""
+
     # native: every pass runs this (the tracking loop's period among them); as machine code
     # it costs ~2.4k instructions a pass less than in bytecode on the M3 (docs/tracking.md)
     # (`pace` a default argument: an argument costs nothing to read, where the global
     # `_pace` was a lookup before each duty, its cost depending on the image's qstr layout)
     @micropython.native
-    def run_once(self, pace=_pace):
+    def run_once(pace=_pace):
         """Call every due duty once; True if any did work."""
         busy = False
-        run, duties = self._pass  # (one lookup and an unpacking: each `self.x` costs ~120)
+        run, duties = pass_list  # (a closure's cell: no lookup, whatever the qstr layout)
         if run is None:  # (with a loop, _pace counts the pass)
-            words = self.words
+            words = sched.words
             n = words[_W_PASSES]
             words[_W_PASSES] = n + 1 if n < COUNTER_WRAP else 0
         state = None
         if duties:
-            ticks = self._ticks
-            ticks_arg = self._ticks_arg
+            ticks = sched._ticks
+            ticks_arg = sched._ticks_arg
             if run is not None:
                 state = run[_R_STATE]
         for duty in duties:
@@ -250,7 +283,7 @@ class Scheduler:
                 try:
                     pace(run, 0)
                 except BaseException as error:  # noqa: BLE001 - as any duty's (below)
-                    self._loop_failed(error)
+                    sched._loop_failed(error)
             start = ticks(ticks_arg)
             if duty.period_us and ((start - duty.last_us) & 0x3FFFFFFF) < duty.period_us:
                 continue
@@ -283,28 +316,7 @@ class Scheduler:
                 if pace(run, 1):
                     busy = True
             except BaseException as error:  # noqa: BLE001
-                self._loop_failed(error)
+                sched._loop_failed(error)
         return busy
 
-    def _loop_failed(self, error):
-        loop = self.loop
-        loop.errors += 1
-        loop.last_error = error_text(error)
-
-    def telemetry(self):
-        out = {}
-        loop = self.loop
-        if loop is not None:
-            out[loop.name] = {"periods": loop.periods, "worst_late_us": loop.worst_us,
-                              "overruns": loop.overruns, "period_us": loop.period_us}  # fmt: skip
-            if loop.errors:
-                out[loop.name]["errors"] = loop.errors
-                out[loop.name]["last_error"] = loop.last_error
-        for d in self.duties:
-            total_us = d.total_s * _US_PER_S + d.total_us  # a big int past 2^30 us: here only
-            entry = {"calls": d.calls, "worst_us": d.worst_us, "total_us": total_us}
-            if d.errors:
-                entry["errors"] = d.errors
-                entry["last_error"] = d.last_error
-            out[d.name] = entry
-        return out
+    return run_once
