@@ -40,8 +40,9 @@ MPY_LIB_DIR := $(MPY_SRC)/lib/micropython-lib
 setup:
 	@bash tools/setup.sh
 
+# The slowest tests are listed at the end so that the suite's time budget (README) is watched.
 test: firmware
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
