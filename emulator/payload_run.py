@@ -56,7 +56,7 @@ def payload_session(
     unix_heap_bytes: int = CONTROLLER_HEAP_BYTES,
     before_app: str = "",
     image: str | Path | None = None,
-    track_address: tuple[str, int] | None = None,
+    track_address: tuple[str, int] | str | None = None,
 ):
     """A provisioned emulated payload wired to the head at bus_address; yields
     (target, PayloadClient). track_address (QEMU boards): the head's tracking link

@@ -235,7 +235,7 @@ class QemuTarget(Target):
         boot: str = "app",
         icount_shift: int | None = None,
         image: str | os.PathLike = QEMU_IMAGE,
-        track_address: tuple[str, int] | None = None,
+        track_address: tuple[str, int] | str | None = None,
     ) -> None:
         super().__init__()
         self.bus_address = bus_address
@@ -250,6 +250,8 @@ class QemuTarget(Target):
         address = address or self.bus_address
         if not address:
             return "null"
+        if isinstance(address, str):  # a unix socket's path (a test's peer)
+            return f"unix:{address}"
         # nodelay: a bus round trip per frame (lockstep) must not wait for Nagle.
         return f"tcp:{address[0]}:{address[1]},nodelay=on"
 
@@ -327,7 +329,7 @@ class Netduino2Target(QemuTarget):
         boot: str = "app",
         icount_shift: int | None = None,
         image: str | os.PathLike = NETDUINO2_IMAGE,
-        track_address: tuple[str, int] | None = None,
+        track_address: tuple[str, int] | str | None = None,
     ) -> None:
         super().__init__(bus_address, boot, icount_shift, image, track_address)
 

@@ -275,3 +275,85 @@ def test_a_callback_that_raised_is_restarted_by_the_scheduler_at_most_three_time
     assert (restarts, running) == (1, 1) and steps_after >= 1, line
     # a callback that keeps raising: two more restarts, then it stays stopped, reported
     assert (restarts_final, running_final, error_kept) == (3, 0, 1), line
+
+
+# Review of the timer loop: the MPS2 board's UART write waited without limit for its
+# transmit register, and the tracking link's write runs in the timer interrupt, so a head
+# that stopped reading the link (the socket's buffers full: TX_FULL held) hung the
+# interrupt, the main loop with it, until the watchdog reset the board. The peer here is a
+# unix socket that is never read (a TCP peer takes ~2.8 MB of QEMU's byte-at-a-time writes
+# before it pushes back, a minute of host time; a unix socket a few hundred), filled up
+# before the application starts by a viper loop that stops at the first TX_FULL.
+FILL_TRACKING_LINK = """
+import micropython
+@micropython.viper
+def _fill_until_full(base: int) -> int:
+    regs = ptr32(base)
+    sent = 0
+    while not (regs[1] & 1):  # CMSDK UART STATE: TX_FULL
+        regs[0] = 0
+        sent += 1
+    return sent
+_fill_until_full(board.tracking_link._base)
+"""
+
+
+@pytest.mark.slow  # ~15 s: a boot, a prediction upload and a 2-s pass
+def test_a_tracking_link_whose_peer_stops_reading_leaves_the_board_serving_telecommands(
+    tmp_path,
+):
+    """The head stops reading its tracking link, and the link is full: the interrupt's
+    request write gives up (bounded) instead of hanging the board, the pass's telecommands
+    (start, housekeeping, stop) are answered, and the loop reports the fault (its bus
+    errors: every request the link did not take)."""
+    import socket
+    import time
+
+    from emulator import pattern_generator
+    from emulator.optical_head import OpticalHead
+    from emulator.payload_run import payload_session
+    from host.protocol import tracking as trk
+
+    params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))
+    head = TrackingHead(seed=5, fifo_depth=2048, pps_period_ps=10**12, time_scale=1.0)
+    head.attach(OpticalPlant(params, 120.0))
+    generator = pattern_generator.PatternGenerator(head)
+    OpticalHead.attach(head, pattern_generator.BASE, generator)
+    head.pattern_memory = generator.memory
+    chunks, reference = trk.prediction_upload(prediction_table(params, 60.0))
+    config = {
+        "intensity_probabilities": [0.5, 0.25, 0.25],
+        "basis_probability_z": 0.7,
+        "slot_rate_hz": 100_000_000,
+        "frame_slots": 4096,
+        "pps_period_ps": 10**12,
+        "tdc": {"bursts_per_step": 1},
+        "pattern_generation": "head",
+        "tracking": {"parameters": {}, "predictions": reference},
+    }
+    track_path = str(tmp_path / "track.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled_peer:
+        stalled_peer.bind(track_path)
+        stalled_peer.listen(1)  # QEMU's connection waits in the backlog, never read
+        with HeadServer(head) as server:
+            with payload_session(
+                "qemu",
+                server.address,
+                icount_shift=0,
+                track_address=track_path,
+                before_app=STATUS_TRIMMED + FILL_TRACKING_LINK,
+            ) as (_target, payload):
+                for chunk in chunks:
+                    payload.configure(chunk)
+                payload.configure(config)
+                payload.start()
+                time.sleep(2.0)
+                during = payload.housekeeping()["mission"]
+                payload.stop()
+                after = payload.housekeeping()["mission"]
+    state, steps, bus_errors, _transitions, _, _late, path = during["tracking"]
+    # the loop is on the interrupt, has never had the sensors, and counts every request
+    # the full link did not take as a link fault
+    assert path == 2 and steps == 0 and bus_errors > 0, during["tracking"]
+    state, _steps, bus_errors_after, *_ = after["tracking"]
+    assert state == "IDLE" and bus_errors_after >= bus_errors, after["tracking"]

@@ -100,6 +100,11 @@ _UART_BAUDDIV = const(4)
 _STATE_TX_FULL = const(1)
 _STATE_RX_FULL = const(2)
 _RX_SPIN = const(400)  # status polls to wait for the next byte of a burst
+# Status polls one write waits for the transmit register, in all (not per byte): the
+# tracking link's write runs in the timer interrupt, and a peer that stops reading holds
+# TX_FULL set for good (QEMU: its socket's buffers full), so an unbounded wait hung the
+# interrupt until the watchdog reset the board. A few tens of microseconds at 25 MHz.
+_TX_SPIN = const(400)
 
 STORAGE_ROOT = "/flash"
 
@@ -138,12 +143,21 @@ def _uart_readinto(base: int, buf: ptr8, length: int) -> int:
 
 @micropython.viper
 def _uart_write(base: int, buf: ptr8, length: int) -> int:
+    # Bounded: the bytes the transmit register took (fewer under back-pressure: the main
+    # loop's callers write the rest later, bounded by their own timeouts; the tracking
+    # period counts its request as not sent, a link fault: tracking_duty._timer_period).
     regs = ptr32(base)
-    for i in range(length):
-        while regs[_UART_STATE] & _STATE_TX_FULL:
-            pass
-        regs[_UART_DATA] = buf[i]
-    return length
+    count = 0
+    spin = 0
+    while count < length:
+        if regs[_UART_STATE] & _STATE_TX_FULL:
+            if spin >= _TX_SPIN:
+                break
+            spin += 1
+            continue
+        regs[_UART_DATA] = buf[count]
+        count += 1
+    return count
 
 
 class Clock(boardkit.ExtendedClock):
