@@ -357,3 +357,65 @@ def test_a_tracking_link_whose_peer_stops_reading_leaves_the_board_serving_telec
     assert path == 2 and steps == 0 and bus_errors > 0, during["tracking"]
     state, _steps, bus_errors_after, *_ = after["tracking"]
     assert state == "IDLE" and bus_errors_after >= bus_errors, after["tracking"]
+
+
+# Review of the timer loop: a reply that arrived after a stop (its request in flight then)
+# waited in the link, and the next start's receive interrupt took it as the first period's
+# reply: one `bad` reply counted at every such start. The start now drains the link first.
+STALE_REPLY_PROGRAM = """
+import board
+from payload import bus, tracking, tracking_duty
+tracker = tracking.Tracker({{"loop_rate_hz": 2000}})
+tracker.load_predictions({rows!r})
+link = bus.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)
+duty = tracking_duty.TrackingDuty(link, tracker)
+irqtimer = tracking_duty.timer_interrupt()
+loop = tracking_duty.TimerLoop(duty, board.tracking_link, irqtimer, board.TRACKING_REPLY_WAIT_US)
+duty.timer_loop = loop
+ticks = board.clock.ticks_us
+tk, ta = board.clock.ticks_source()
+def wait_until(done, us):
+    t0 = ticks()
+    while not done() and ((ticks() - t0) & 0x3FFFFFFF) < us:
+        pass
+tracker.start()
+loop.start(tracker.cfg[0])
+wait_until(lambda: duty.steps >= 5, 2_000_000)
+# a request sent, its reply not yet received: stop now (timeout 0), the reply in flight
+wait_until(lambda: loop.words[1] != 0 and loop.rx_words[0] == 0, 2_000_000)
+loop.stop(tk, ta, 0)
+in_flight = int(loop.words[1] != 0)
+wait_until(lambda: False, 200_000)  # the reply reaches the link meanwhile
+bad_before = loop.words[5]
+steps = duty.steps
+loop.start(tracker.cfg[0])
+wait_until(lambda: duty.steps >= steps + 10, 2_000_000)
+tracker.stop()
+loop.stop(tk, ta, 2_000_000)
+print("@@stale", in_flight, bad_before, loop.words[5], duty.steps - steps)
+"""
+
+
+@pytest.mark.parametrize("target_class", [QemuTarget, Netduino2Target], ids=["qemu", "netduino2"])
+def test_a_reply_that_arrives_after_a_stop_is_not_taken_as_a_bad_reply_at_the_next_start(
+    target_class,
+):
+    params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))
+    head = TrackingHead(seed=5)
+    head.attach(OpticalPlant(params, 30.0))
+    program = STALE_REPLY_PROGRAM.format(rows=prediction_table(params, 30.0))
+    with HeadServer(head) as server:
+        with target_class(
+            boot="maintenance",
+            bus_address=server.address,
+            track_address=server.track_address,
+            icount_shift=0,
+        ) as target:
+            with RawRepl(target.ground_port, timeout_s=30.0) as repl:
+                output = repl.exec(program, timeout_s=300)
+    line = next(x for x in output.splitlines() if x.startswith("@@stale"))
+    in_flight, bad_before, bad_after, steps_after = (int(v) for v in line.split()[1:])
+    # the stop left a request unanswered, and the loop ran on after the start...
+    assert in_flight == 1 and steps_after >= 10, line
+    # ...without counting its late reply as a bad one
+    assert bad_before == 0 and bad_after == 0, line

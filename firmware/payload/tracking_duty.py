@@ -538,6 +538,12 @@ class TimerLoop:
 
     def _arm(self, period_us):
         irqtimer = self.irqtimer
+        # A reply that came after the last stop (its request in flight then) waits in the
+        # link: taken by the receive interrupt, it was the first period's reply, one `bad`
+        # (review). Drained here first, bounded (a peer that keeps sending).
+        for _ in range(_RX_BYTES):
+            if not self.link.readinto(self._rx):
+                break
         self.rx_words[0] = 0
         self.words[_Q_PENDING] = 0
         self.words[_Q_WAITED] = 0
