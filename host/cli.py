@@ -82,6 +82,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "  qkdsat distil passes/p1 --out keys/a --role alice --listen 0.0.0.0:7000"
         " --auth-pool pool.bin",
     ),
+    "codes": (
+        "host.distil.codes",
+        "build the LDPC codes a pass can pick, once at installation (or --check them)",
+        "qkdsat codes build\n"
+        "  qkdsat codes build --check\n"
+        "  qkdsat codes build --cache /var/cache/qkdsat --jobs 4",
+    ),
     "mission": (
         "host.mission.command",
         "the main job: an emulated pass end to end, orbit to key",

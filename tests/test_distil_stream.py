@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from host.cli import main as qkdsat
+from host.distil import codes
 from host.distil.bitcodec import rice_decode_sorted
 from host.distil.channel import TAG_BYTES, decode
 from host.distil.protocol import BASES, Config
@@ -183,6 +184,13 @@ def test_the_report_carries_the_timeline_and_latency_figures(streamed):
         values = [r[name] for r in rows]
         assert values == sorted(values), name  # cumulative
     assert rows[-1]["detections"] == report["sync"]["detections"]
+    # each side counted at its warm-up the codes the pass may pick that its cache lacked;
+    # the pass builds the ones it needed, so at least those still missing now were missing
+    grid = codes.default_codes()
+    still_missing = len(codes.missing(grid))
+    for side in ("alice", "bob"):
+        counted = on_disk["ldpc_codes_missing"][side]
+        assert counted["of"] == len(grid) and still_missing <= counted["missing"] <= len(grid)
     assert rows[-1]["sifted_bits"] == report["sifted_bits"]
     assert rows[-1]["backlog_bits"] == 0
     # everything reconciled: the key blocks plus the disclosed sample are the key bases

@@ -368,16 +368,29 @@ _CODES: dict[str, Code] = {}
 
 def construct(n: int, rate: float, seed: int = 1, distribution=None) -> Code:
     """The code for (n, rate, seed, distribution): from memory, the disk cache, or built."""
-    distribution = distribution or DISTRIBUTIONS[min(DESIGN_RATES, key=lambda r: abs(r - rate))]
+    distribution = distribution or _design_for(rate)
     with _BUILD_LOCK:
         return _construct(n, rate, seed, distribution)
 
 
-def _construct(n: int, rate: float, seed: int, distribution) -> Code:
-    key = (
+def _design_for(rate: float) -> dict:
+    return DISTRIBUTIONS[min(DESIGN_RATES, key=lambda r: abs(r - rate))]
+
+
+def _cache_key(n: int, rate: float, seed: int, distribution) -> str:
+    return (
         f"v{CODE_VERSION}-n{n}-r{rate}-s{seed}-"
         + hashlib.sha256(repr(sorted(distribution.items())).encode()).hexdigest()[:10]
     )
+
+
+def cached_path(n: int, rate: float, seed: int = 1) -> Path:
+    """Where construct(n, rate, seed) keeps its code on disk (it may not exist yet)."""
+    return cache_dir() / f"{_cache_key(n, rate, seed, _design_for(rate))}.npz"
+
+
+def _construct(n: int, rate: float, seed: int, distribution) -> Code:
+    key = _cache_key(n, rate, seed, distribution)
     if key in _CODES:
         return _CODES[key]
     path = cache_dir() / f"{key}.npz"
@@ -815,16 +828,26 @@ def plan_for(
     per_bit = efficiency * h
     if key_bits is None:
         key_bits = max_key_bits(qber, efficiency, n, qber_high)
-    need = per_bit * key_bits + reserve_bits(qber, efficiency, n, key_bits, qber_high)
-    rate = MOTHER_RATES[0]
-    for candidate in reversed(MOTHER_RATES):
-        if round(n * (1 - candidate)) >= need:
-            rate = candidate
-            break
-    code = construct(n, rate, seed)
+    code = construct(n, mother_rate_for(qber, efficiency, n, key_bits, qber_high), seed)
     p = int(round(code.m - per_bit * key_bits))
     p = min(max(p, 0), code.n - key_bits)
     return FramePlan(code, p, code.n - key_bits - p)
+
+
+def mother_rate_for(
+    qber: float, efficiency: float, n: int, key_bits: int, qber_high: float | None = None
+) -> float:
+    """The mother code's rate plan_for picks (without building it): the highest grid rate
+    whose m holds the frame's leak and the punctured reserve (host/distil/provision.py
+    enumerates the codes a pass can pick through it)."""
+    from host.distil.finite_key import binary_entropy
+
+    h = binary_entropy(min(max(qber, 1e-4), 0.5))
+    need = efficiency * h * key_bits + reserve_bits(qber, efficiency, n, key_bits, qber_high)
+    for candidate in reversed(MOTHER_RATES):
+        if round(n * (1 - candidate)) >= need:
+            return candidate
+    return MOTHER_RATES[0]
 
 
 def _reserve_per_key_bit(qber: float, efficiency: float, qber_high: float | None) -> float:

@@ -646,6 +646,10 @@ def _run_local(
         report["insecure_deterministic"] = True
     if stream is not None:
         _stream_fields(report, result["bob"])  # the ground's view; Alice's is the same pass
+        report["ldpc_codes_missing"] = {
+            **result["alice"].report.get("ldpc_codes_missing", {}),
+            **result["bob"].report.get("ldpc_codes_missing", {}),
+        }
     finish(out_dir, report, {names["alice"]: result["alice"].key, names["bob"]: result["bob"].key})
     if stream is not None:
         _stamp_key_latency(out_dir, report, result["bob"].report.get("last_detection_unix_s"))

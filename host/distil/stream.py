@@ -588,6 +588,17 @@ def _check_step(msg: dict, expected: str) -> None:
 # ====================================================================== Alice
 
 
+def _missing_codes(config, role: str) -> dict:
+    """{role: {"missing", "of"}}: the LDPC codes this pass may pick that are not in this
+    side's cache, counted at the warm-up, before the pass clock (None with Cascade). Counted,
+    never built here: provisioning is `qkdsat codes build`'s, before the pass."""
+    if config.ec != "ldpc":
+        return {role: None}
+    from host.distil import codes
+
+    return {role: codes.count_missing_for_stream(config)}
+
+
 class StreamAlice(Alice):
     """Alice during the pass (on the payload processor): answers Bob's steps."""
 
@@ -606,6 +617,9 @@ class StreamAlice(Alice):
         try:
             self._hello(channel, mode=MODE)
             self._claim_raw_data()
+            # the codes this pass may pick that are not built: each would be built in the
+            # chunk that first needs it, seconds to tens of seconds (`qkdsat codes build`)
+            out.report["ldpc_codes_missing"] = _missing_codes(cfg, "alice")
             # the hashing's machine code loaded (or compiled) while Bob warms his decoder,
             # not at the link's end, whose reserve does not hold a compilation (pa.warm_up)
             with stage("privacy_amplification_warm_up"):
@@ -713,7 +727,11 @@ class StreamAlice(Alice):
                     sifted.intensity.view,
                     {n: sifted.key_positions[n].view for n in key_bases},
                 ),
-            ) | {k: out.report[k] for k in ("stream", "last_detection_unix_s", "stream_cut")}
+            ) | {
+                k: out.report[k]
+                for k in ("stream", "last_detection_unix_s", "stream_cut", "ldpc_codes_missing")
+                if k in out.report
+            }
             channel.send("done")
             channel.recv("done")
         except Exception as error:
@@ -1069,6 +1087,7 @@ class StreamBob(Bob):
             # the decoders loaded and their speed measured before the pass clock starts
             # (the first chunk would pay the loading, and the link's end needs the speed)
             self._warm_up_s_per_frame = None
+            out.report["ldpc_codes_missing"] = _missing_codes(self.config, "bob")
             if self.config.ec == "ldpc":
                 with stage("error_correction_warm_up"):
                     self._warm_up_s_per_frame = reconcile.warm_up(self.config.ec_efficiency)

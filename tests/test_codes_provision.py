@@ -1,0 +1,106 @@
+"""`qkdsat codes build`: every LDPC code reconciliation can pick is built before the pass.
+
+Frames of 2^12 bits (the command's --frame-bits; in-process, ldpc.FRAME_BITS patched) go
+through the same enumeration and the same ldpc.construct as the flight lengths, so the
+whole grid builds in seconds instead of minutes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from host.distil import codes, ldpc, reconcile, stream
+from host.distil.protocol import Config
+
+SMALL_FRAME_BITS = 4096
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _codes_cli(cache, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "host.cli", "codes", "build", "--cache", str(cache)]
+        + ["--frame-bits", str(SMALL_FRAME_BITS), *extra],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def provisioned(tmp_path_factory):
+    """A cache dir: --check before the build, the build, --check and the build again."""
+    cache = tmp_path_factory.mktemp("codes")
+    before = _codes_cli(cache, "--check")
+    build = _codes_cli(cache)
+    after = _codes_cli(cache, "--check")
+    again = _codes_cli(cache)
+    return cache, before, build, after, again
+
+
+def test_check_names_every_missing_code_and_fails_before_the_build(provisioned):
+    cache, before, *_ = provisioned
+    assert before.returncode == 1, before.stderr
+    listed = [line for line in before.stdout.splitlines() if line.startswith("missing: ")]
+    expected = codes.default_codes((SMALL_FRAME_BITS,))
+    assert len(listed) == len(expected) > 0
+    for line, (n, rate) in zip(listed, expected, strict=True):
+        assert line.startswith(f"missing: n={n} rate={rate} ")
+        assert line.endswith(".npz") and str(cache) in line
+    assert f"0 of {len(expected)} codes" in before.stdout
+
+
+def test_build_is_idempotent_and_check_passes_after_it(provisioned):
+    _, _, build, after, again = provisioned
+    total = len(codes.default_codes((SMALL_FRAME_BITS,)))
+    assert build.returncode == 0, build.stderr
+    assert f"built {total}, skipped 0" in build.stdout
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert "missing:" not in after.stdout and f"{total} of {total} codes" in after.stdout
+    assert again.returncode == 0 and f"built 0, skipped {total}" in again.stdout
+
+
+def test_every_code_plan_picks_is_in_the_provisioned_cache(provisioned, monkeypatch):
+    """reconcile._plan over block sizes, QBER estimates up to the abort threshold and sample
+    sizes: each code it picks is loaded from the cache, none is built (a build raises)."""
+    cache, *_ = provisioned
+    monkeypatch.setenv("QKDSAT_CACHE", str(cache))
+    monkeypatch.setattr(ldpc, "FRAME_BITS", SMALL_FRAME_BITS)
+    monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", ())
+    monkeypatch.setattr(ldpc, "_CODES", {})
+
+    def no_build(*args):
+        raise AssertionError("a code was built: the provisioning missed it")
+
+    monkeypatch.setattr(ldpc, "_peg_edges", no_build)
+    draw = np.random.default_rng(12)  # public simulation draw of (count, qber, sample)
+    picked = set()
+    for _ in range(400):
+        count = int(10 ** draw.uniform(0, math.log10(50 * SMALL_FRAME_BITS)))
+        qber = float(draw.uniform(1e-4, Config().qber_threshold))
+        sample_bits = int(draw.choice([0, 10, 256, 2_000, 50_000, 10**6]))
+        for efficiency in (Config().ec_efficiency, reconcile.LDPC_FIRST_F):
+            plan = reconcile._plan(count, qber, efficiency, sample_bits)
+            picked.add((plan.code.n, plan.code.rate))
+    assert len(picked) > 20  # the draw reaches across the grid, not one corner of it
+
+
+def test_warm_up_counts_the_missing_codes_and_names_the_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QKDSAT_CACHE", str(tmp_path))
+    monkeypatch.setattr(ldpc, "FRAME_BITS", SMALL_FRAME_BITS)
+    monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", ())
+    total = len(codes.default_codes())
+    assert stream._missing_codes(Config(), "bob") == {"bob": {"missing": total, "of": total}}
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "qkdsat codes build" in warning[0], warning
+    n, rate = codes.default_codes()[0]
+    ldpc.construct(n, rate)
+    assert stream._missing_codes(Config(), "alice") == {
+        "alice": {"missing": total - 1, "of": total}
+    }
