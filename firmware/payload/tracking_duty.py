@@ -436,10 +436,19 @@ _I_LINK = const(1)  # TimerLoop.words
 _I_RX = const(2)  # the RX interrupt's words: fill, dropped, received
 _I_FRAME = const(3)  # the request frame (32 bytes of the link's out buffer)
 _I_WRITE = const(4)  # tracking_link.write, bound once
-_I_TRACKER = const(5)  # (its prediction table is replaced on upload: read every period)
+_I_TRACKER = const(5)
 _I_IDLE = const(6)  # tracking.words_idle
 _I_WAIT = const(7)  # irqtimer.read
-_I_COUNT = const(8)
+# the Thumb pair and the kernel, bound once as in paced_args (not looked up as globals in
+# the interrupt): _timer_period unpacks the list in _I_* order in one runtime call
+_I_REQUEST = const(8)
+_I_REPLY = const(9)
+_I_KERNEL = const(10)
+# the tracker's prediction table, bound at each start (_arm): replaced only by an upload,
+# which the tracker refuses while tracking, and the timer runs only from the tracker's
+# start to its stop; the list holds the table, so a replaced one is never freed under it
+_I_TABLE = const(11)
+_I_COUNT = const(12)
 
 
 def timer_interrupt():
@@ -484,6 +493,9 @@ class TimerLoop:
         self.args[_I_WRITE] = link.write
         self.args[_I_IDLE] = tracking.words_idle
         self.args[_I_WAIT] = irqtimer.read
+        self.args[_I_REQUEST] = _track_request
+        self.args[_I_REPLY] = _track_reply
+        self.args[_I_KERNEL] = _step_kernel
         self.attach(duty.tracker)
         self.running = False
         self.stops_unconfirmed = 0  # stops whose IDLE commands were not confirmed in time
@@ -495,6 +507,7 @@ class TimerLoop:
 
     def attach(self, tracker):
         self.args[_I_TRACKER] = tracker
+        self.args[_I_TABLE] = tracker.table
 
     def start(self, period_us):
         """Start the period interrupt (the tracker started: its first period asks for the
@@ -544,6 +557,7 @@ class TimerLoop:
         for _ in range(_RX_BYTES):
             if not self.link.readinto(self._rx):
                 break
+        self.args[_I_TABLE] = self.args[_I_TRACKER].table
         self.rx_words[0] = 0
         self.words[_Q_PENDING] = 0
         self.words[_Q_WAITED] = 0
@@ -608,9 +622,12 @@ def _timer_period(args) -> int:
     the receive buffer, the kernel on its sensors, the next request with the commands.
     Allocates nothing (the interrupt runs with the heap locked). Returns 1 if the kernel
     ran."""
-    d = ptr32(args[_I_DUTY])
-    q = ptr32(args[_I_LINK])
-    rx = ptr32(args[_I_RX])
+    # one unpacking in the order of the _I_* indices (an index costs a runtime call each)
+    (duty, link, rx_words, frame, write, tracker, idle, wait, request, reply, kernel,
+     table) = args  # fmt: skip
+    d = ptr32(duty)
+    q = ptr32(link)
+    rx = ptr32(rx_words)
     io = d[_D_IO]
     ctx = q[_Q_CTX]
     ran = 0
@@ -620,7 +637,7 @@ def _timer_period(args) -> int:
         buf = ptr8(q[_Q_RX])
         whole = fill > 0 and buf[fill - 1] == 0
         if not whole and q[_Q_WAIT_US] > 0:  # a reply on its way: polled, bounded
-            fill = int(args[_I_WAIT](q[_Q_WAIT_US]))
+            fill = int(wait(q[_Q_WAIT_US]))
             whole = fill > 0 and buf[fill - 1] == 0
         if not whole:
             waited = q[_Q_WAITED] + 1
@@ -634,7 +651,7 @@ def _timer_period(args) -> int:
             q[_Q_LOST] = n + 1 if n < _COUNTER_WRAP else 0
             status = -1
         else:
-            status = int(_track_reply(q[_Q_RX], fill | ((pending & 0xFF) << 16), io, ctx))
+            status = int(reply(q[_Q_RX], fill | ((pending & 0xFF) << 16), io, ctx))
             if status < 0:
                 n = q[_Q_BAD]
                 q[_Q_BAD] = n + 1 if n < _COUNTER_WRAP else 0
@@ -650,22 +667,22 @@ def _timer_period(args) -> int:
         if status != 0:  # the head holds the last commands; they go with the next request
             n = d[_D_BUS_ERRORS]
             d[_D_BUS_ERRORS] = n + 1 if n < _COUNTER_WRAP else 0
-        elif d[_D_STATE] == _IDLE and int(args[_I_IDLE](d[_D_WORDS])):
+        elif d[_D_STATE] == _IDLE and int(idle(d[_D_WORDS])):
             d[_D_UNSENT] = 0  # stopped: the IDLE commands that request carried are applied
             return 0
         else:
-            state = int(_step_kernel(d[_D_WORDS], args[_I_TRACKER].table, d[_D_SIN]))
+            state = int(kernel(d[_D_WORDS], table, d[_D_SIN]))
             d[_D_STATE] = state
             d[_D_UNSENT] = 1
             n = d[_D_STEPS]
             d[_D_STEPS] = n + 1 if n < _COUNTER_WRAP else 0
             ran = 1
-    elif d[_D_STATE] == _IDLE and d[_D_UNSENT] == 0 and int(args[_I_IDLE](d[_D_WORDS])):
+    elif d[_D_STATE] == _IDLE and d[_D_UNSENT] == 0 and int(idle(d[_D_WORDS])):
         return 0  # idle: nothing to ask for
     tag = (q[_Q_TAG] + 1) & 0xFF
     q[_Q_TAG] = tag
-    _track_request(io, (d[_D_UNSENT] << 8) | tag, ctx)
-    if int(args[_I_WRITE](args[_I_FRAME])) == _TRACK_REQUEST_FRAME_BYTES:
+    request(io, (d[_D_UNSENT] << 8) | tag, ctx)
+    if int(write(frame)) == _TRACK_REQUEST_FRAME_BYTES:
         q[_Q_PENDING] = 0x100 | tag
     else:
         n = q[_Q_SEND_FAILED]
