@@ -104,3 +104,36 @@ def test_warm_up_counts_the_missing_codes_and_names_the_command(tmp_path, monkey
     assert stream._missing_codes(Config(), "alice") == {
         "alice": {"missing": total - 1, "of": total}
     }
+
+
+def test_every_flight_length_code_plan_picks_is_in_the_provisioned_set(monkeypatch):
+    """The flight lengths (2^16, and 2^17/2^18 for blocks of at least 4 such frames): the
+    codes reconcile._plan picks over block sizes, QBER estimates and samples are all in
+    what `qkdsat codes build` provisions. Building 543 flight codes does not fit a test, so
+    construct hands _plan a code of the right n and m without its edges (plan_for reads only
+    those) and records what was asked for."""
+    asked = set()
+
+    def record(n, rate, seed=1, distribution=None):
+        asked.add((n, rate))
+        m = round(n * (1 - rate))
+        empty = np.zeros(0, np.int32)
+        return ldpc.Code(n, m, empty, empty, seed, rate, np.arange(n, dtype=np.int32))
+
+    monkeypatch.setattr(ldpc, "construct", record)
+    draw = np.random.default_rng(13)  # public simulation draw of (count, qber, sample)
+    for _ in range(1500):
+        count = int(10 ** draw.uniform(0, math.log10(60 * max(ldpc.LONG_FRAME_BITS))))
+        qber = float(draw.uniform(1e-4, Config().qber_threshold))
+        sample_bits = int(draw.choice([0, 10, 256, 2_000, 50_000, 10**6]))
+        for efficiency in (Config().ec_efficiency, reconcile.LDPC_FIRST_F):
+            reconcile._plan(count, qber, efficiency, sample_bits)
+    provisioned = codes.default_codes()
+    assert {n for n, _ in asked} == set(codes.frame_lengths())
+    assert asked <= set(provisioned), sorted(asked - set(provisioned))
+    # and not padded: _plan reaches both ends of each length's provisioned rates (a tiny
+    # block at a low QBER the top, a few sampled bits at a high one the bottom)
+    for n in codes.frame_lengths():
+        picked = [rate for length, rate in asked if length == n]
+        built = [rate for length, rate in provisioned if length == n]
+        assert (min(picked), max(picked)) == (min(built), max(built)), n
