@@ -429,9 +429,6 @@ _MAX_WAIT_PERIODS = const(200)  # 100 ms at 2 kHz: an emulated head on a loaded 
 # scheduler's check (TimerLoop.supervise) starts it again this many times a pass at most
 _MAX_RESTARTS = const(3)
 _RX_BYTES = const(128)  # a TRACK reply frame is 45 bytes
-# reads of the link at a start, at most, to drain a late reply to its delimiter (~2k
-# instructions an empty one: ~0.1 s on the M3 if a peer streams without delimiters)
-_DRAIN_READS = const(2000)
 _LINK_BUFFER_BYTES = const(64)  # request body, frame, reply decode: 30, 32, 42 bytes
 # TimerLoop.args: what _timer_period reads, in one list
 _I_DUTY = const(0)  # TrackingDuty.state
@@ -558,9 +555,15 @@ class TimerLoop:
         # link: taken by the receive interrupt, it was the first period's reply, one `bad`
         # (review). Drained here first, to its frame's delimiter (QEMU hands the UART the
         # rest of a frame at the host's pace: a drain that stopped at the first empty read
-        # left a tail, a `bad` in 1 of 3 starts), bounded (a peer that keeps sending).
+        # left a tail, a `bad` in 1 of 3 starts), bounded (a peer that keeps sending) in
+        # virtual time, by the wait a period gives a reply (_MAX_WAIT_PERIODS): a bound of
+        # 2,000 reads (~4 ms: an empty read returns at once) still left a tail, 3 `bad`,
+        # in 1 of 4 starts at load ~10, the host's next byte later than that
+        ticks = self.duty.bus.clock.ticks_us
+        t0 = ticks()
+        limit_us = _MAX_WAIT_PERIODS * period_us
         n = 0  # 1: the bytes drained so far end inside a frame
-        for _ in range(_DRAIN_READS):
+        while ((ticks() - t0) & 0x3FFFFFFF) <= limit_us:
             count = self.link.readinto(self._rx)
             if count:
                 n = 0 if self._rx[count - 1] == 0 else 1
