@@ -11,6 +11,7 @@ import micropython
 from micropython import const
 
 QEMU_ICOUNT_SHIFT = 0
+MPTEST_HELPERS = ("lookup_cache_helpers.py",)
 TARGETS = ("qemu", "netduino2")
 TARGETS_REASON = (
     "the unix port has no timer interrupt: the loop keeps the scheduler's cooperative pacing "
@@ -188,32 +189,6 @@ def _periods(count, replies, words, rx, rx_words, period, args, cache_names=None
             period(args)
         if words[0] == _TAGS - 1:  # the next request's tag from 1 again: _TAGS replies
             words[0] = 0
-
-
-def _names_one_per_cache_slot():
-    """(dicts, keys): an interned name for each slot of the runtime's map-lookup cache, with
-    a module dict holding it (as mptest_paced_loop_cost.py's: looking them all up leaves
-    no entry of the cache as it was)."""
-    import sys
-
-    dicts = [None] * 64
-    keys = [None] * 64
-    for module_name in sys.modules:
-        names = getattr(sys.modules[module_name], "__dict__", None)
-        if not isinstance(names, dict):
-            continue
-        for key in names:
-            if isinstance(key, str):
-                slot = ((id(key) >> 2) % 128) >> 1
-                if keys[slot] is None:
-                    dicts[slot] = names
-                    keys[slot] = key
-    return dicts, keys
-
-
-def _look_up(dicts, keys):
-    for i in range(64):
-        dicts[i][keys[i]]
 
 
 def test_the_loops_period_on_the_interrupt_leaves_the_other_duties_their_share():

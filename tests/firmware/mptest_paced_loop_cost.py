@@ -6,6 +6,7 @@ import board
 import micropython
 
 QEMU_ICOUNT_SHIFT = 0
+MPTEST_HELPERS = ("lookup_cache_helpers.py",)
 # one test a session on the STM32 board: at 85 % of its 96 KiB heap the other test's source
 # beside the Tracker and the 256 reply frames left no 1 KB block for the replies' list
 NETDUINO2_TESTS_PER_SESSION = 1
@@ -134,35 +135,6 @@ def test_the_pass_mode_loop_leaves_the_other_duties_their_share_at_the_boards_ra
         budget = int(board.cpu_hz() * (1 - OTHER_DUTIES_SHARE)) // rate_hz
         print("@@paced", instructions, link_us * 1000 // periods, cycles, budget, rate_hz)
         assert cycles <= budget, (instructions, link_us * 1000 // periods, cycles, budget)
-
-
-def _names_one_per_cache_slot():
-    """(dicts, keys): interned names, one for each slot of the runtime's map-lookup cache
-    a name can take (MICROPY_OPT_MAP_LOOKUP_CACHE: 128 entries indexed by the name's
-    object >> 2, (qstr << 3 | 2) >> 2, so the 64 even ones), each with a module dict that
-    holds it; looking them all up leaves no entry of the cache as it was. Two lists made
-    once (the STM32 board's heap, fragmented by the Tracker and the replies, had no room
-    for a dict's growth)."""
-    import sys
-
-    dicts = [None] * 64
-    keys = [None] * 64
-    for module_name in sys.modules:
-        names = getattr(sys.modules[module_name], "__dict__", None)
-        if not isinstance(names, dict):
-            continue
-        for key in names:
-            if isinstance(key, str):
-                slot = ((id(key) >> 2) % 128) >> 1
-                if keys[slot] is None:
-                    dicts[slot] = names
-                    keys[slot] = key
-    return dicts, keys
-
-
-def _look_up(dicts, keys):
-    for i in range(64):
-        dicts[i][keys[i]]
 
 
 def test_the_paced_period_costs_the_same_whatever_the_lookup_cache_holds():
