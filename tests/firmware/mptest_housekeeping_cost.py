@@ -52,6 +52,33 @@ def _pass_like_status():
     }  # fmt: skip
 
 
+def _link_after_a_first_request(sliced):
+    """(status, link, sent, command): a link whose mission reports a pass-like status, after
+    a first housekeeping request (it stores the counters' ceilings: storage, measured
+    apart) answered with its acceptance and report, sent emptied; command is the second
+    request, the one a test measures."""
+    key = b"h" * 32
+    status = _pass_like_status()
+    link, sent = _link(_fresh_root(key), _StatusMission(status))
+    if sliced:
+        link.sliced = True
+    link.handle(_tc(key, 1, 3, 27))
+    while sliced and link.step():
+        pass
+    assert [(p[7], p[8]) for p in sent] == [(1, 1), (3, 25)], [bytes(p[:9]) for p in sent]
+    del sent[:]
+    return status, link, sent, _tc(key, 2, 3, 27)
+
+
+def _heap_walk_us(clock):
+    """What the report's heap_free (gc.mem_free: a walk of the whole heap) costs, on a
+    heap just collected."""
+    gc.collect()
+    start = clock.ticks_us()
+    gc.mem_free()
+    return _wrapped_us(start, clock.ticks_us())
+
+
 def test_a_housekeeping_telecommand_costs_under_a_million_instructions_besides_the_heap_walk():
     # The report's JSON went through a stream written in Python: json.dump writes each
     # character of each string as a piece of its own, one Python method call each, and the
@@ -62,18 +89,9 @@ def test_a_housekeeping_telecommand_costs_under_a_million_instructions_besides_t
     # ground queue) stays under 1 M. The heap walk of the report's heap_free (gc.mem_free,
     # its cost grows with the heap: ~0.2 M on the STM32 board's 96 KiB, ~1.2 M on the
     # MPS2's 512 KiB) is measured apart and left out.
-    key = b"h" * 32
-    status = _pass_like_status()
-    link, sent = _link(_fresh_root(key), _StatusMission(status))
-    link.handle(_tc(key, 1, 3, 27))  # the counters' ceilings stored (storage: apart)
-    assert [(p[7], p[8]) for p in sent] == [(1, 1), (3, 25)], [bytes(p[:9]) for p in sent]
-    del sent[:]
-    command = _tc(key, 2, 3, 27)
+    status, link, sent, command = _link_after_a_first_request(sliced=False)
     clock = board.clock
-    gc.collect()
-    start = clock.ticks_us()
-    gc.mem_free()
-    heap_walk_us = _wrapped_us(start, clock.ticks_us())
+    heap_walk_us = _heap_walk_us(clock)
     gc.collect()
     start = clock.ticks_us()
     link.handle(command)
@@ -99,21 +117,9 @@ def test_a_housekeeping_report_in_slices_holds_the_cpu_under_half_a_million_a_ca
     # the heap walk's is the walk alone (~0.2 M on the STM32 board's 96 KiB heap, ~1.2 M
     # on the MPS2's 512 KiB). Before, the whole request was one call: 7.8 M (MPS2) and
     # 7.0 M (netduino2), 1.8 M and 0.8 M with its JSON in C.
-    key = b"h" * 32
-    status = _pass_like_status()
-    link, sent = _link(_fresh_root(key), _StatusMission(status))
-    link.sliced = True
-    link.handle(_tc(key, 1, 3, 27))  # the counters' ceilings stored (storage: apart)
-    while link.step():
-        pass
-    assert [(p[7], p[8]) for p in sent] == [(1, 1), (3, 25)], [bytes(p[:9]) for p in sent]
-    del sent[:]
-    command = _tc(key, 2, 3, 27)
+    status, link, sent, command = _link_after_a_first_request(sliced=True)
     clock = board.clock
-    gc.collect()
-    start = clock.ticks_us()
-    gc.mem_free()
-    heap_walk = _wrapped_us(start, clock.ticks_us()) * 1000
+    heap_walk = _heap_walk_us(clock) * 1000
     calls = []  # (instructions, packets sent by then)
     gc.collect()
     start = clock.ticks_us()
