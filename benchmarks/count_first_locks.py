@@ -26,11 +26,9 @@ import numpy as np
 import scipy.stats
 
 from host.distil import timesync
-from host.distil.protocol import Alice, Config
 from host.distil.stream import FIRST_SYNC_DETECTIONS, first_sync_attempts
 from host.formats.passdir import read_pass_json
-from host.formats.qdet import read_detections
-from host.simulate import passgen, profiles
+from tests.first_lock_passes import first_block_and_synchroniser, simulate_pass_start
 
 try:
     from host.distil.stream import first_anchor_of_attempts
@@ -46,32 +44,10 @@ except ImportError:  # older trees: the stream's loop, as it was inline
         return None, None, missed
 
 
-class AliceAnswers:
-    """Alice in process: her answer to each sync_request is Alice._sync_answer's."""
-
-    def __init__(self, alice):
-        self.alice = alice
-
-    def send(self, kind, **fields):
-        self.request = fields
-
-    def recv(self, kind):
-        answer, fields = self.alice._sync_answer(self.request)
-        assert answer == kind, (answer, kind)
-        return fields
-
-
 def pass_start(profile: str, seed: int, secret: bytes, work: Path) -> Path:
     out = work / f"{profile}-{seed}-{secret.hex()[:8]}"
     if not (out / "pass.json").exists():
-        scenario = passgen.build_scenario(
-            profiles.load(profile),
-            seed=seed,
-            duration_s=1.5,
-            window_start_s=0.0,
-            pattern_secret=secret,
-        )
-        passgen.run(scenario, out, pattern_mode="source")
+        simulate_pass_start(profile, seed, secret, out)
     return out
 
 
@@ -89,14 +65,7 @@ def one(profile: str, i: int, work: Path) -> dict:
     seed, secret = 1 + i % 5, bytes([i]) * 16
     started = time.perf_counter()
     out = pass_start(profile, seed, secret, work)
-    pass_json = read_pass_json(out / "pass.json")
-    time_ps, channels, _ = read_detections(out / "ground" / "detections.qdet")
-    pps = read_detections(out / "ground" / "pps.qdet")[0]
-    t_all = timesync._true_seconds(time_ps, pps, pass_json)
-    det = np.isin(channels, (0, 1, 2, 3))
-    t = t_all[det]
-    block = t[t < t[0] + 1.0]
-    sync = timesync.Synchroniser(pass_json, AliceAnswers(Alice(out, Config())))
+    t_all, det, block, sync = first_block_and_synchroniser(out)
     vectors = []
     sums = sync._sparse_correlation
 

@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 import pytest
+from first_lock_passes import first_block_and_synchroniser, simulate_pass_start
 
 from host.distil import timesync
 from host.distil.stream import (
@@ -41,54 +42,13 @@ REALISATIONS = [
 ]
 
 
-class _AliceAnswers:
-    """Alice in process: her answer to each sync_request is Alice._sync_answer's."""
-
-    def __init__(self, alice):
-        self.alice = alice
-
-    def send(self, kind, **fields):
-        self.request = fields
-
-    def recv(self, kind):
-        answer, fields = self.alice._sync_answer(self.request)
-        assert answer == kind, (answer, kind)
-        return fields
-
-
-def _pass_start(profile: str, seed: int, secret: bytes, out):
-    """The first 1.5 s of the pass (from its 15-20 deg start)."""
-    from host.simulate import passgen, profiles
-
-    scenario = passgen.build_scenario(
-        profiles.load(profile),
-        seed=seed,
-        duration_s=1.5,
-        window_start_s=0.0,
-        pattern_secret=secret,
-    )
-    passgen.run(scenario, out, pattern_mode="source")
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "profile,seed,secret", REALISATIONS, ids=[f"{p}-{s}" for p, s, _ in REALISATIONS]
 )
 def test_the_first_second_locks_around_the_orbit_prediction(profile, seed, secret, tmp_path):
-    from host.distil.protocol import Alice, Config
-    from host.formats.passdir import read_pass_json
-    from host.formats.qdet import read_detections
-
-    out = _pass_start(profile, seed, secret, tmp_path / "pass")
-    pass_json = read_pass_json(out / "pass.json")
-    time_ps, channels, _ = read_detections(out / "ground" / "detections.qdet")
-    pps = read_detections(out / "ground" / "pps.qdet")[0]
-    t_all = timesync._true_seconds(time_ps, pps, pass_json)
-    det = np.isin(channels, (0, 1, 2, 3))
-    t = t_all[det]
-    first_block = t[t < t[0] + 1.0]  # the stream's first block (1 s of pass time)
-    sync = timesync.Synchroniser(pass_json, _AliceAnswers(Alice(out, Config())))
+    out = simulate_pass_start(profile, seed, secret, tmp_path / "pass")
+    t_all, det, first_block, sync = first_block_and_synchroniser(out)
     needed = dict.fromkeys(("predicted", "full"), FIRST_SYNC_DETECTIONS)
     attempts = first_sync_attempts(sync, first_block, needed, final=False)
     # the full search comes only after every window around the prediction (its 40 ms FFT
