@@ -66,6 +66,17 @@ def test_decoder_recovers_alices_word_from_the_syndrome(code):
     assert ok.all() and np.array_equal(out, x)
 
 
+def _alices_words_and_bobs_llrs(code, rng, frames, flip_q, estimated_q):
+    """(x, llr, syndromes): frames random words of Alice's, Bob's float32 LLRs of them
+    through a binary symmetric channel flipping each bit with flip_q (a number, or a
+    column of one per frame) as the decoder is given them at estimated_q, and Alice's
+    syndromes; drawn from rng, words first."""
+    x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
+    y = x ^ (rng.random((frames, code.n)) < flip_q).astype(np.uint8)
+    llr = np.stack([ldpc.channel_llr(row, estimated_q) for row in y]).astype(np.float32)
+    return x, llr, code.syndrome(x)
+
+
 def test_table_decoder_decodes_what_the_tanh_reference_decodes_and_resumes(code):
     """decode_phi (the phi table, signs as bits: what reconciliation runs) against the
     float64 tanh/atanh reference on the same frames, a quarter of them above the code's
@@ -74,11 +85,8 @@ def test_table_decoder_decodes_what_the_tanh_reference_decodes_and_resumes(code)
     (LLR_KNOWN) decodes."""
     rng = np.random.default_rng(2)
     frames = 12
-    x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
     q = np.where(np.arange(frames) % 4 == 3, 0.07, 0.03)[:, None]
-    y = x ^ (rng.random((frames, code.n)) < q).astype(np.uint8)
-    llr = np.stack([ldpc.channel_llr(row, 0.03) for row in y]).astype(np.float32)
-    syndromes = code.syndrome(x)
+    x, llr, syndromes = _alices_words_and_bobs_llrs(code, rng, frames, q, 0.03)
     reference = np.zeros_like(x)
     ref_ok = ldpc.decode_frames(
         llr.astype(np.float64), syndromes, code.check_ptr, code.check_var, 60, reference,
@@ -109,11 +117,8 @@ def test_an_attempt_that_stops_progressing_is_given_up_early_and_its_retry_still
     Deterministic: fixed noise."""
     rng = np.random.default_rng(2)
     frames = 8
-    x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
     q = np.where(np.arange(frames) % 2 == 1, 0.09, 0.03)[:, None]
-    y = x ^ (rng.random((frames, code.n)) < q).astype(np.uint8)
-    llr = np.stack([ldpc.channel_llr(row, 0.03) for row in y]).astype(np.float32)
-    syndromes = code.syndrome(x)
+    x, llr, syndromes = _alices_words_and_bobs_llrs(code, rng, frames, q, 0.03)
     runs = {}
     for rule in ((ldpc.STALL_ITERATIONS, 0), (4, 51)):
         messages = np.zeros((frames, code.edges), np.float32)
@@ -203,10 +208,7 @@ def test_a_retry_round_decodes_its_rows_in_place_and_leaves_the_others(rate):
         assert degrees.max() < ldpc.SEPARATE_GATHER_DEGREE
     rng = np.random.default_rng(4)
     frames, q = 6, 0.005 if rate == 0.9 else 0.05
-    x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
-    y = x ^ (rng.random((frames, code.n)) < q).astype(np.uint8)
-    llr = np.stack([ldpc.channel_llr(row, q) for row in y]).astype(np.float32)
-    syndromes = code.syndrome(x)
+    x, llr, syndromes = _alices_words_and_bobs_llrs(code, rng, frames, q, q)
     rows = np.array([1, 2, 4])
     reference = np.zeros_like(x)
     ref_ok = ldpc.decode_frames(
