@@ -32,12 +32,12 @@ import time
 
 import pytest
 
-from emulator import pattern_generator
-from emulator.optical_head import HeadServer, OpticalHead, TdcSources
+from emulator.optical_head import HeadServer, TdcSources
 from emulator.optical_plant import OpticalPlant, PlantParams, prediction_table
 from emulator.payload_run import payload_session
 from emulator.tracking_lockstep import TrackingHead
 from host.protocol import tracking as trk
+from tests.tracking_passes import attach_pattern_generator
 
 RUN_S = 20.0
 QEMU_ICOUNT_SHIFT = 0  # 1 ns of virtual time per instruction
@@ -123,10 +123,8 @@ def measure_pass(
         time_scale=1.0 if mode == "head" else None,
     )
     head.attach(plant)
-    if mode == "head":  # TrackingHead.attach takes the plant: the generator's block by hand
-        generator = pattern_generator.PatternGenerator(head)
-        OpticalHead.attach(head, pattern_generator.BASE, generator)
-        head.pattern_memory = generator.memory
+    if mode == "head":
+        attach_pattern_generator(head)
     chunks, reference = trk.prediction_upload(prediction_table(params, prediction_s))
     config = {
         "intensity_probabilities": [0.5, 0.25, 0.25],

@@ -24,13 +24,7 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from emulator import pattern_generator
-from emulator.optical_head import HeadServer, OpticalHead
-from emulator.optical_plant import OpticalPlant, PlantParams, prediction_table
-from emulator.payload_run import payload_session
-from emulator.tracking_lockstep import TrackingHead
-from host.protocol import tracking as trk
+from tracking_passes import configured_pass
 
 PASS_MS = 500  # virtual ms of the pass before its last housekeeping sample (5 heap samples)
 RUN_S = 90.0  # at most, in host seconds (PASS_MS took 6-25 s at load 8-10)
@@ -110,49 +104,21 @@ _m.Mission.status = _sw
 
 
 def run_tracking_pass(target: str = "netduino2", run_s: float = RUN_S) -> dict:
-    params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))
-    # the mission's default pass: the head generates the pattern at its slot clock, which
-    # follows the wall clock (benchmarks/bench_paced_loop_stalls.py)
-    head = TrackingHead(seed=5, fifo_depth=2048, pps_period_ps=10**12, time_scale=1.0)
-    head.attach(OpticalPlant(params, 120.0))
-    generator = pattern_generator.PatternGenerator(head)
-    OpticalHead.attach(head, pattern_generator.BASE, generator)
-    head.pattern_memory = generator.memory
-    chunks, reference = trk.prediction_upload(prediction_table(params, PREDICTION_S))
-    config = {
-        "intensity_probabilities": [0.5, 0.25, 0.25],
-        "basis_probability_z": 0.7,
-        "slot_rate_hz": 100_000_000,
-        "frame_slots": 4096,
-        "pps_period_ps": 10**12,
-        "tdc": {"bursts_per_step": 1},
-        "pattern_generation": "head",
-        "tracking": {"parameters": {}, "predictions": reference},
-    }
-    with HeadServer(head) as server:
-        with payload_session(
-            target,
-            server.address,
-            icount_shift=0,
-            before_app=HEAP_WATCH,
-            track_address=server.track_address,
-        ) as (_target, payload):
-            for chunk in chunks:
-                payload.configure(chunk)
-            payload.configure(config)
-            configured = payload.housekeeping()["mission"]
-            payload.start()
-            # until PASS_MS of the pass's virtual time (how much host time that takes
-            # depends on the host's load), at most run_s of host time
-            deadline = time.monotonic() + run_s
-            while True:
-                time.sleep(2.0)
-                during = payload.housekeeping()["mission"]
-                if during["hw"][9] >= PASS_MS or time.monotonic() > deadline:
-                    break
-            payload.stop()
-            after = payload.housekeeping()["mission"]
-    return {"configured": configured, "during": during, "after": after, "nodes": len(chunks)}
+    # the mission's default pass (the head generates the pattern), the loop on the tracking link
+    with configured_pass(target, HEAP_WATCH, prediction_s=PREDICTION_S) as (payload, nodes):
+        configured = payload.housekeeping()["mission"]
+        payload.start()
+        # until PASS_MS of the pass's virtual time (how much host time that takes
+        # depends on the host's load), at most run_s of host time
+        deadline = time.monotonic() + run_s
+        while True:
+            time.sleep(2.0)
+            during = payload.housekeeping()["mission"]
+            if during["hw"][9] >= PASS_MS or time.monotonic() > deadline:
+                break
+        payload.stop()
+        after = payload.housekeeping()["mission"]
+    return {"configured": configured, "during": during, "after": after, "nodes": nodes}
 
 
 def describe(r: dict) -> str:

@@ -14,18 +14,15 @@ benchmarks/bench_paced_loop_stalls.py, not asserted here.
 from __future__ import annotations
 
 import pytest
+from tracking_passes import HEAD_TRACKING_LINK, configured_pass, pass_status, run_board_program
 
-from emulator.optical_head import HeadServer
-from emulator.optical_plant import OpticalPlant, PlantParams, prediction_table
 from emulator.targets import Netduino2Target, QemuTarget
-from emulator.tracking_lockstep import TrackingHead
-from host.deploy.raw_repl import RawRepl
 
 PERIOD_US = 500  # the 2 kHz loop
 APPENDS = 40  # 2 KB each, the file started again every 4 (the STM32 board has 16 KiB)
-# the main thread's program: the tracker, its duty and the timer loop as mission.py wires
-# them, then littlefs appends with their syncs while the interrupt runs the loop
-PROGRAM = """
+# the programs' start: the tracker, its duty and the timer loop as mission.py wires them
+# (a str.format template: {rows!r} the prediction table)
+LOOP_WIRED = """
 import board
 from payload import bus, tracking, tracking_duty
 tracker = tracking.Tracker({{"loop_rate_hz": 2000}})
@@ -35,6 +32,12 @@ duty = tracking_duty.TrackingDuty(link, tracker)
 irqtimer = tracking_duty.timer_interrupt()
 loop = tracking_duty.TimerLoop(duty, board.tracking_link, irqtimer, board.TRACKING_REPLY_WAIT_US)
 duty.timer_loop = loop
+"""
+# the main thread's program: then littlefs appends with their syncs while the interrupt
+# runs the loop
+PROGRAM = (
+    LOOP_WIRED
+    + """
 root = board.mount_storage()
 path = root + "/timerloop.bin"
 block = bytes(range(256)) * 8
@@ -66,6 +69,7 @@ print("@@loop", elapsed_us, worst_call_us, fired_during, q["fired"], q["overruns
       q["replies"], q["errors"], q["send_failed"], duty.steps, duty.bus_errors,
       t["transitions"], loop.stops_unconfirmed, t["fast"], int(q.get("error") is not None))
 """
+)
 FIELDS = (
     "elapsed_us worst_call_us fired_during fired overruns worst_latency_us worst_busy_us "
     "waits lost bad replies errors send_failed steps bus_errors transitions "
@@ -74,20 +78,7 @@ FIELDS = (
 
 
 def run_timer_loop(target_class) -> dict:
-    params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))
-    head = TrackingHead(seed=5)
-    head.attach(OpticalPlant(params, 30.0))
-    program = PROGRAM.format(rows=prediction_table(params, 30.0), appends=APPENDS)
-    with HeadServer(head) as server:
-        with target_class(
-            boot="maintenance",
-            bus_address=server.address,
-            track_address=server.track_address,
-            icount_shift=0,
-        ) as target:
-            with RawRepl(target.ground_port, timeout_s=30.0) as repl:
-                output = repl.exec(program, timeout_s=300)
-    line = next(x for x in output.splitlines() if x.startswith("@@loop"))
+    line = run_board_program(target_class, PROGRAM, "@@loop", appends=APPENDS)
     return dict(zip(FIELDS, (int(v) for v in line.split()[1:]), strict=True))
 
 
@@ -137,48 +128,10 @@ def test_a_pass_on_the_mps2_runs_its_loop_from_the_timer_interrupt_and_stops_it(
     housekeeping `tracking` status), its worst lateness is the interrupt's entry, not a
     duty's call, and the stop leaves the loop idle with the timer stopped. Without the
     link the scheduler's paced loop over the payload bus runs it, as before (path 1)."""
-    import time
-
-    from emulator import pattern_generator
-    from emulator.optical_head import OpticalHead
-    from emulator.payload_run import payload_session
-    from host.protocol import tracking as trk
-
-    params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))
-    # the mission's default pass: the head generates the pattern at its slot clock, which
-    # follows the wall clock (benchmarks/bench_paced_loop_stalls.py)
-    head = TrackingHead(seed=5, fifo_depth=2048, pps_period_ps=10**12, time_scale=1.0)
-    head.attach(OpticalPlant(params, 120.0))
-    generator = pattern_generator.PatternGenerator(head)
-    OpticalHead.attach(head, pattern_generator.BASE, generator)
-    head.pattern_memory = generator.memory
-    chunks, reference = trk.prediction_upload(prediction_table(params, 60.0))
-    config = {
-        "intensity_probabilities": [0.5, 0.25, 0.25],
-        "basis_probability_z": 0.7,
-        "slot_rate_hz": 100_000_000,
-        "frame_slots": 4096,
-        "pps_period_ps": 10**12,
-        "tdc": {"bursts_per_step": 1},
-        "pattern_generation": "head",
-        "tracking": {"parameters": {}, "predictions": reference},
-    }
-    with HeadServer(head) as server:
-        with payload_session(
-            "qemu",
-            server.address,
-            icount_shift=0,
-            track_address=server.track_address if wired else None,
-            before_app=STATUS_TRIMMED,
-        ) as (_target, payload):
-            for chunk in chunks:
-                payload.configure(chunk)
-            payload.configure(config)
-            payload.start()
-            time.sleep(3.0)
-            during = payload.housekeeping()["mission"]
-            payload.stop()
-            after = payload.housekeeping()["mission"]
+    # the mission's default pass (the head generates the pattern)
+    track_address = HEAD_TRACKING_LINK if wired else None
+    with configured_pass("qemu", STATUS_TRIMMED, track_address) as (payload, _nodes):
+        during, after = pass_status(payload, 3.0)
     state, steps, bus_errors, transitions, _, _late, path = during["tracking"]
     assert path == (2 if wired else 1), during["tracking"]
     assert steps > 0 and transitions >= 1 and bus_errors == 0, during["tracking"]
@@ -199,17 +152,10 @@ def test_a_pass_on_the_mps2_runs_its_loop_from_the_timer_interrupt_and_stops_it(
 # restarts it (TimerLoop.supervise, every pass), at most 3 times a pass, the first error
 # kept. The fault is injected: the link's write, as the period calls it, raises at its
 # 10th call (a write a reply: early in any host's pace), then at every call.
-RESTART_PROGRAM = """
+RESTART_PROGRAM = (
+    LOOP_WIRED
+    + """
 import array
-import board
-from payload import bus, tracking, tracking_duty
-tracker = tracking.Tracker({{"loop_rate_hz": 2000}})
-tracker.load_predictions({rows!r})
-link = bus.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)
-duty = tracking_duty.TrackingDuty(link, tracker)
-irqtimer = tracking_duty.timer_interrupt()
-loop = tracking_duty.TimerLoop(duty, board.tracking_link, irqtimer, board.TRACKING_REPLY_WAIT_US)
-duty.timer_loop = loop
 calls = array.array("i", [0, 10])  # the writes; the one that raises (-1: every one)
 write = board.tracking_link.write
 def flaky(frame):
@@ -244,26 +190,14 @@ tk, ta = board.clock.ticks_source()
 loop.stop(tk, ta, 200_000)
 print("@@restart", *(once + final))
 """
+)
 
 
 @pytest.mark.parametrize("target_class", [QemuTarget, Netduino2Target], ids=["qemu", "netduino2"])
 def test_a_callback_that_raised_is_restarted_by_the_scheduler_at_most_three_times_a_pass(
     target_class,
 ):
-    params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))
-    head = TrackingHead(seed=5)
-    head.attach(OpticalPlant(params, 30.0))
-    program = RESTART_PROGRAM.format(rows=prediction_table(params, 30.0))
-    with HeadServer(head) as server:
-        with target_class(
-            boot="maintenance",
-            bus_address=server.address,
-            track_address=server.track_address,
-            icount_shift=0,
-        ) as target:
-            with RawRepl(target.ground_port, timeout_s=30.0) as repl:
-                output = repl.exec(program, timeout_s=300)
-    line = next(x for x in output.splitlines() if x.startswith("@@restart"))
+    line = run_board_program(target_class, RESTART_PROGRAM, "@@restart")
     restarts, running, steps_after, restarts_final, running_final, error_kept = (
         int(v) for v in line.split()[1:]
     )
@@ -307,50 +241,14 @@ def test_a_tracking_link_whose_peer_stops_reading_leaves_the_board_serving_telec
     (start, housekeeping, stop) are answered, and the loop reports the fault (its bus
     errors: every request the link did not take)."""
     import socket
-    import time
 
-    from emulator import pattern_generator
-    from emulator.optical_head import OpticalHead
-    from emulator.payload_run import payload_session
-    from host.protocol import tracking as trk
-
-    params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))
-    head = TrackingHead(seed=5, fifo_depth=2048, pps_period_ps=10**12, time_scale=1.0)
-    head.attach(OpticalPlant(params, 120.0))
-    generator = pattern_generator.PatternGenerator(head)
-    OpticalHead.attach(head, pattern_generator.BASE, generator)
-    head.pattern_memory = generator.memory
-    chunks, reference = trk.prediction_upload(prediction_table(params, 60.0))
-    config = {
-        "intensity_probabilities": [0.5, 0.25, 0.25],
-        "basis_probability_z": 0.7,
-        "slot_rate_hz": 100_000_000,
-        "frame_slots": 4096,
-        "pps_period_ps": 10**12,
-        "tdc": {"bursts_per_step": 1},
-        "pattern_generation": "head",
-        "tracking": {"parameters": {}, "predictions": reference},
-    }
     track_path = str(tmp_path / "track.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled_peer:
         stalled_peer.bind(track_path)
         stalled_peer.listen(1)  # QEMU's connection waits in the backlog, never read
-        with HeadServer(head) as server:
-            with payload_session(
-                "qemu",
-                server.address,
-                icount_shift=0,
-                track_address=track_path,
-                before_app=STATUS_TRIMMED + FILL_TRACKING_LINK,
-            ) as (_target, payload):
-                for chunk in chunks:
-                    payload.configure(chunk)
-                payload.configure(config)
-                payload.start()
-                time.sleep(2.0)
-                during = payload.housekeeping()["mission"]
-                payload.stop()
-                after = payload.housekeeping()["mission"]
+        before_app = STATUS_TRIMMED + FILL_TRACKING_LINK
+        with configured_pass("qemu", before_app, track_path) as (payload, _nodes):
+            during, after = pass_status(payload, 2.0)
     state, steps, bus_errors, _transitions, _, _late, path = during["tracking"]
     # the loop is on the interrupt, has never had the sensors, and counts every request
     # the full link did not take as a link fault
@@ -362,16 +260,9 @@ def test_a_tracking_link_whose_peer_stops_reading_leaves_the_board_serving_telec
 # Review of the timer loop: a reply that arrived after a stop (its request in flight then)
 # waited in the link, and the next start's receive interrupt took it as the first period's
 # reply: one `bad` reply counted at every such start. The start now drains the link first.
-STALE_REPLY_PROGRAM = """
-import board
-from payload import bus, tracking, tracking_duty
-tracker = tracking.Tracker({{"loop_rate_hz": 2000}})
-tracker.load_predictions({rows!r})
-link = bus.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)
-duty = tracking_duty.TrackingDuty(link, tracker)
-irqtimer = tracking_duty.timer_interrupt()
-loop = tracking_duty.TimerLoop(duty, board.tracking_link, irqtimer, board.TRACKING_REPLY_WAIT_US)
-duty.timer_loop = loop
+STALE_REPLY_PROGRAM = (
+    LOOP_WIRED
+    + """
 import machine
 ticks = board.clock.ticks_us
 tk, ta = board.clock.ticks_source()
@@ -406,26 +297,14 @@ tracker.stop()
 loop.stop(tk, ta, 2_000_000)
 print("@@stale", in_flight, arrived, bad_before, loop.words[5], duty.steps - steps)
 """
+)
 
 
 @pytest.mark.parametrize("target_class", [QemuTarget, Netduino2Target], ids=["qemu", "netduino2"])
 def test_a_reply_that_arrives_after_a_stop_is_not_taken_as_a_bad_reply_at_the_next_start(
     target_class,
 ):
-    params = PlantParams(seed=5, initial_error_urad=(500.0, -300.0))
-    head = TrackingHead(seed=5)
-    head.attach(OpticalPlant(params, 30.0))
-    program = STALE_REPLY_PROGRAM.format(rows=prediction_table(params, 30.0))
-    with HeadServer(head) as server:
-        with target_class(
-            boot="maintenance",
-            bus_address=server.address,
-            track_address=server.track_address,
-            icount_shift=0,
-        ) as target:
-            with RawRepl(target.ground_port, timeout_s=30.0) as repl:
-                output = repl.exec(program, timeout_s=300)
-    line = next(x for x in output.splitlines() if x.startswith("@@stale"))
+    line = run_board_program(target_class, STALE_REPLY_PROGRAM, "@@stale")
     in_flight, arrived, bad_before, bad_after, steps_after = (int(v) for v in line.split()[1:])
     # the stop left a request unanswered, its reply reached the link before the start, and
     # the loop ran on after the start...
