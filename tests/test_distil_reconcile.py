@@ -733,6 +733,31 @@ def test_a_block_sized_from_an_exact_count_is_not_probed():
     assert reconcile._probe_split(150_000, q, 1.05, 8192) is None  # 3 frames
 
 
+def _a_block_reconciled(monkeypatch, frames, seed):
+    """(x, y, q, stats, alice_stats, by_alice, by_bob): a block of frames frames at 2 %
+    QBER (frames of 2^13, exact QBER, noise and Alice's random bits fixed by seed)
+    reconciled both ways, Bob's key asserted to be Alice's and every bit kept."""
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
+    q = 0.02
+    n = frames * ldpc.max_key_bits(q, 1.05, 8192)
+    x, y = _noisy_pair(n, q, np.random.default_rng(seed))
+    corrected, kept, stats, alice_stats, by_alice, by_bob = _recorded_both_ways(x, y, q, 0)
+    assert np.array_equal(corrected, x) and kept.all()
+    return x, y, q, stats, alice_stats, by_alice, by_bob
+
+
+def _syndromes_and_reveals_as_counted(n, q, stats, by_alice):
+    """The 16-frame block's plan, after asserting what Alice sent: one syndrome message
+    of its 16 frames under the plan's code, and reveals whose whole bytes hold the
+    revealed bits Bob counted."""
+    plan = reconcile._plan(n, q, 1.05)
+    (syndromes,) = [f for kind, f in by_alice if kind == "ec_syndromes"]
+    assert int(syndromes["frames"]) == 16 and syndromes["code"] == plan.code.digest()
+    reveals = [len(bytes(f["values"])) * 8 for kind, f in by_alice if kind == "ec_reveal"]
+    assert 0 <= sum(reveals) - stats["revealed_bits"] <= 7 * len(reveals)  # whole bytes
+    return plan
+
+
 def test_a_chunks_last_frames_take_widened_retry_steps_on_the_public_schedule(monkeypatch):
     """The streaming pipeline's latency is the retry rounds (one exchange each), and most
     of them are spent on the last one or two frames of a chunk. With 2 or fewer of 16
@@ -741,12 +766,7 @@ def test_a_chunks_last_frames_take_widened_retry_steps_on_the_public_schedule(mo
     random bits) takes 8 rounds (14 with main's fine steps). Keys identical, both sides
     count the same leak, every retry step is on the schedule Alice checks, and the leak is
     what crossed: syndromes less the punctured rank, reveals, the tag, Bob's messages."""
-    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
-    q = 0.02
-    n = 16 * ldpc.max_key_bits(q, 1.05, 8192)
-    x, y = _noisy_pair(n, q, np.random.default_rng(6))
-    corrected, kept, stats, alice_stats, by_alice, by_bob = _recorded_both_ways(x, y, q, 0)
-    assert np.array_equal(corrected, x) and kept.all()
+    x, y, q, stats, alice_stats, by_alice, by_bob = _a_block_reconciled(monkeypatch, 16, 6)
     assert stats["frames"] == 16
     assert stats["retry_rounds"] <= 10, stats["retry_rounds"]  # main: 14
     assert stats["leak_bits"] == alice_stats["leak_bits"]
@@ -757,11 +777,7 @@ def test_a_chunks_last_frames_take_widened_retry_steps_on_the_public_schedule(mo
     failed = [f["failed"].size for f in retries]
     assert steps == [reconcile._retry_step(base, k, p, 16) for k, p in enumerate(failed)]
     assert max(s // base for s in steps) > 1  # the tail was widened
-    plan = reconcile._plan(n, q, 1.05)
-    (syndromes,) = [f for kind, f in by_alice if kind == "ec_syndromes"]
-    assert int(syndromes["frames"]) == 16 and syndromes["code"] == plan.code.digest()
-    reveals = [len(bytes(f["values"])) * 8 for kind, f in by_alice if kind == "ec_reveal"]
-    assert 0 <= sum(reveals) - stats["revealed_bits"] <= 7 * len(reveals)  # whole bytes
+    plan = _syndromes_and_reveals_as_counted(x.size, q, stats, by_alice)
     retried_bits = sum(s * p for s, p in zip(steps, failed, strict=True))
     assert stats["revealed_bits"] == 16 * stats["first_request_bits"] + retried_bits
     assert "ec_frame_tags" not in [kind for kind, _ in by_alice]
@@ -782,18 +798,9 @@ def test_early_given_up_attempts_cut_the_decoders_work_and_the_leak_is_what_cros
     bits): keys identical, both sides count the same leak, it is what crossed the channel
     (syndromes less the punctured rank, reveals, the tag, Bob's messages), f as with the
     early rule off, and the decoder ran 52 -> 40 iterations per frame."""
-    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
-    q = 0.02
-    n = 16 * ldpc.max_key_bits(q, 1.05, 8192)
-    x, y = _noisy_pair(n, q, np.random.default_rng(6))
-    corrected, kept, stats, alice_stats, by_alice, by_bob = _recorded_both_ways(x, y, q, 0)
-    assert np.array_equal(corrected, x) and kept.all()
+    x, y, q, stats, alice_stats, by_alice, by_bob = _a_block_reconciled(monkeypatch, 16, 6)
     assert stats["leak_bits"] == alice_stats["leak_bits"]
-    plan = reconcile._plan(n, q, 1.05)
-    (syndromes,) = [f for kind, f in by_alice if kind == "ec_syndromes"]
-    assert int(syndromes["frames"]) == 16 and syndromes["code"] == plan.code.digest()
-    reveals = [len(bytes(f["values"])) * 8 for kind, f in by_alice if kind == "ec_reveal"]
-    assert 0 <= sum(reveals) - stats["revealed_bits"] <= 7 * len(reveals)  # whole bytes
+    plan = _syndromes_and_reveals_as_counted(x.size, q, stats, by_alice)
     (tag,) = [bytes(f["tag"]) for kind, f in by_alice if kind == "ec_verify"]
     assert "ec_frame_tags" not in [kind for kind, _ in by_alice]
     statuses = [f for kind, f in by_bob if kind == "ec_status"]
@@ -824,18 +831,13 @@ def test_a_block_whose_every_frame_failed_climbs_in_doubled_steps_on_the_public_
     every frame fails it (fixed noise and Alice's random bits): keys identical, both sides
     count the same leak, every step on the schedule Alice checks, and fewer rounds than
     with fine steps."""
-    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
     monkeypatch.setattr(reconcile, "LDPC_FIRST_F", 0.95)
-    q = 0.02
-    n = 3 * ldpc.max_key_bits(q, 1.05, 8192)
-    x, y = _noisy_pair(n, q, np.random.default_rng(8))
-    corrected, kept, stats, alice_stats, by_alice, by_bob = _recorded_both_ways(x, y, q, 0)
-    assert np.array_equal(corrected, x) and kept.all()
+    x, y, q, stats, alice_stats, by_alice, by_bob = _a_block_reconciled(monkeypatch, 3, 8)
     assert stats["frames"] == 3 and "parts" not in stats
     assert stats["leak_bits"] == alice_stats["leak_bits"]
     retries = [f for kind, f in by_bob if kind == "ec_status"][:-1]
     assert len(retries) == stats["retry_rounds"] >= 2
-    plan = reconcile._plan(n, q, 1.05)
+    plan = reconcile._plan(x.size, q, 1.05)
     measured = binary_entropy(stats["qber_measured"])
     base = max(4, math.ceil(reconcile.LDPC_REVEAL_STEP_F * plan.key_bits * measured))
     failed = [f["failed"].size for f in retries]
