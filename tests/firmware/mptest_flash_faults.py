@@ -444,6 +444,19 @@ def _served(path, max_payload):
     return out, result
 
 
+def _served_after_the_cut(chip, name, kind, max_payload, cut):
+    """Power back on with no cut armed, read what the log serves, power off; every served
+    record must be the one written (the cut index in the message)."""
+    _power_off()
+    chip.cut_at = -1
+    _power_on(chip)
+    log = storage.Storage(MOUNT).open_log(name, kind, max_payload)
+    served, result = _served(log.path, max_payload)
+    _power_off()
+    assert all(served[s] == _expected(name, s) for s in served), cut
+    return served, result
+
+
 def _served_checked(path, name, max_payload):
     """The sequence numbers a reader gets from the file, and how many of those records
     differ from what was written (compared as read: the payloads are not kept, so a
@@ -943,13 +956,9 @@ def _sweep_every_cut(batched, commits, seed, check):
             finished = True
         except PowerCut:
             finished = False
-        _power_off()
-        chip.cut_at = -1
-        _power_on(chip)
-        log = storage.Storage(MOUNT).open_log("frames", storage.KIND_PATTERN_FRAME, 1100)
-        served, result = _served(log.path, 1100)
-        _power_off()
-        assert all(served[s] == _expected("frames", s) for s in served), cut
+        served, result = _served_after_the_cut(
+            chip, "frames", storage.KIND_PATTERN_FRAME, 1100, cut
+        )
         check(cut, served, result, returned, durable, flying)
         if finished:
             return cut
@@ -1046,13 +1055,7 @@ def test_a_power_cut_at_every_operation_of_a_deferred_log_loses_only_its_age_win
             finished = True
         except PowerCut:
             finished = False
-        _power_off()
-        chip.cut_at = -1
-        _power_on(chip)
-        log = storage.Storage(MOUNT).open_log("hk", storage.KIND_HOUSEKEEPING, 300)
-        served, result = _served(log.path, 300)
-        _power_off()
-        assert all(served[s] == _expected("hk", s) for s in served), cut
+        served, result = _served_after_the_cut(chip, "hk", storage.KIND_HOUSEKEEPING, 300, cut)
         last = max(served)
         assert sorted(served) == list(range(last + 1)), (cut, sorted(served))
         assert durable <= last <= returned + 1, (cut, durable, last, returned)
