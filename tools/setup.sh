@@ -125,5 +125,13 @@ step "builds (mpy-cross, unix port, QEMU MPS2_AN385 firmware)"
 make -s -C "$ROOT" micropython-builds || fail "MicroPython builds" \
     "read the compiler message above; 'make clean-micropython && make setup' rebuilds from scratch"
 
+# ---------------------------------------------------------------- LDPC codes
+# Every code reconciliation can pick, built once per installation: a code first needed
+# during a pass is built there (seconds each) and can push the keys past the satellite's
+# set (docs/streaming.md, "Provisioning the codes"). Idempotent: cached codes are skipped.
+step "LDPC codes (qkdsat codes build: 543 codes, ~12 min on 2 idle cores the first time)"
+"$VENV/bin/python" -m host.cli codes build || fail "LDPC code build" \
+    "read the message above; 'qkdsat codes build --check' lists what is missing"
+
 echo
 echo "setup done: $(./build/bin/micropython -c 'import sys; print(sys.implementation.name, sys.version)')"
