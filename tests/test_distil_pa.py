@@ -118,6 +118,21 @@ print(hashed.method, hashlib.sha256(np.packbits(hashed.bits).tobytes()).hexdiges
 """
 
 
+def _output_of_a_fresh_process(program: str, env: dict, numba_cache) -> list[str]:
+    """The words `program` prints, run by a new interpreter on this tree with numba's cache
+    in `numba_cache` (empty: everything compiled there); it must exit 0."""
+    env = dict(env, NUMBA_CACHE_DIR=str(numba_cache))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1])]
+        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
 @pytest.mark.parametrize(
     "setting", [{"NUMBA_CPU_NAME": "generic"}, {"NUMBA_DISABLE_JIT": "1"}], ids=str
 )
@@ -128,21 +143,9 @@ def test_a_numba_target_without_pclmul_hashes_by_the_fft_and_does_not_abort(tmp_
     'Cannot select: intrinsic llvm.x86.pclmulqdq', exit -6, before any key), and the
     keys are main's all the same. A fresh numba cache: no code compiled for the host.
     Under NUMBA_DISABLE_JIT the intrinsic cannot run (NotImplementedError before)."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), **setting)
+    env = dict(os.environ, **setting)
     env.pop("NUMBA_CPU_FEATURES", None)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1])]
-        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", _HASH_IN_A_FRESH_PROCESS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    method, digest = done.stdout.split()
+    method, digest = _output_of_a_fresh_process(_HASH_IN_A_FRESH_PROCESS, env, tmp_path)
     assert method == "fft"
     assert digest == GOLDEN[1][3]
 
@@ -286,20 +289,9 @@ def test_the_warm_up_compiles_everything_a_key_blocks_hashing_runs(tmp_path):
     end (stream.pa_rest_s) counts the hashing only. pa.warm_up, which both stream
     endpoints run before the pass clock starts, must leave nothing to compile for a key
     block's hashing (no dispatcher gains a signature)."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1])]
-        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    method, unchanged, fewest = _output_of_a_fresh_process(
+        _WARM_UP_THEN_HASH_A_KEY_BLOCK, dict(os.environ), tmp_path
     )
-    done = subprocess.run(
-        [sys.executable, "-c", _WARM_UP_THEN_HASH_A_KEY_BLOCK],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    method, unchanged, fewest = done.stdout.split()
     assert method == "carry-less"
     assert int(fewest) >= 1  # every dispatcher compiled by the warm-up
     assert unchanged == "True"
