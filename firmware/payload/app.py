@@ -255,6 +255,36 @@ def run(board):
     counted and the loop goes on."""
     lock_console()
     board.watchdog_start()
+    try:
+        controller = _start(board)
+    except BaseException:  # noqa: BLE001 - never a way to the REPL
+        # An application that cannot come up (storage that raises, no heap for the data
+        # path's buffers, a KeyboardInterrupt) resets the board, as its watchdog would:
+        # an exception out of here ended main.py, and the port opened the REPL on the
+        # ground link without any telecommand. A board that keeps failing its boot is
+        # reached through the maintenance strap (docs/ground-link.md).
+        board.reset()
+        raise  # (the unix board's reset() raises SystemExit first)
+    while True:
+        try:
+            if not controller.poll():
+                board.idle()
+        except telecommands.EnterMaintenance:
+            break
+        except SystemExit:  # the unix board's reset()
+            raise
+        except BaseException as error:  # noqa: BLE001 - counted, never a way to the REPL
+            controller.link.loop_errors += 1
+            # (never raises: a constant when the heap has no room for the text)
+            controller.link.last_loop_error = scheduler.error_text(error)
+    controller.link.wipe_key()
+    board.watchdog_stop()
+    unlock_console()
+    print("qkdsat firmware: maintenance telecommand, REPL on the ground link")
+
+
+def _start(board):
+    """The application's objects, made at boot; returns the Controller."""
     # Boot in phases with a collection between them, the data path's modules imported
     # first: each phase's long-lived buffers then fill the holes the last one's garbage
     # (file reads, littlefs mounts, recovery scans) left low in the heap, instead of
@@ -269,18 +299,4 @@ def run(board):
     gc.collect()
     controller = Controller(board, storage_root, mission)
     gc.collect()
-    while True:
-        try:
-            if not controller.poll():
-                board.idle()
-        except telecommands.EnterMaintenance:
-            break
-        except SystemExit:  # the unix board's reset()
-            raise
-        except BaseException as error:  # noqa: BLE001 - counted, never a way to the REPL
-            controller.link.loop_errors += 1
-            controller.link.last_loop_error = scheduler.error_text(error)
-    controller.link.wipe_key()
-    board.watchdog_stop()
-    unlock_console()
-    print("qkdsat firmware: maintenance telecommand, REPL on the ground link")
+    return controller

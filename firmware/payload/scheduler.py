@@ -25,9 +25,20 @@ COUNTER_WRAP = const(0x3FFFFFFF)
 _US_PER_S = const(1_000_000)
 
 
+# What an error's text becomes when the heap has no room for it: the handlers that keep
+# it (a duty's, the paced loop's, the main loop's in app.run) run after the failure, often
+# a MemoryError, and a repr that raised there escaped the scheduler and then app.run's
+# loop, which ended in the REPL on the ground link.
+NO_HEAP_ERROR_TEXT = "(error text: no heap)"
+
+
 def error_text(error):
-    """An exception's repr, at most MAX_ERROR_TEXT_CHARS."""
-    return repr(error)[:MAX_ERROR_TEXT_CHARS]
+    """An exception's repr, at most MAX_ERROR_TEXT_CHARS; never raises (the repr is a
+    heap string: NO_HEAP_ERROR_TEXT, a constant, when the heap has no room for it)."""
+    try:
+        return repr(error)[:MAX_ERROR_TEXT_CHARS]
+    except BaseException:  # noqa: BLE001 - MemoryError, or a repr that failed
+        return NO_HEAP_ERROR_TEXT
 
 
 class Duty:

@@ -148,6 +148,94 @@ def test_keyboard_interrupt_in_a_duty_does_not_end_the_loop():
     assert report["errors"] == 3 and "KeyboardInterrupt" in report["last_error"], report
 
 
+def test_an_error_whose_text_finds_no_heap_is_counted_and_the_loop_goes_on():
+    # The handler runs after the failure, often a MemoryError with the heap full: here the
+    # heap is locked when the duty raises, so keeping the error's text (a repr: a heap
+    # string) fails. That MemoryError escaped run_once, then app.run's loop (whose own
+    # handler made the same repr), and main.py ended in the REPL on the ground link.
+    import micropython
+
+    interrupt = KeyboardInterrupt()  # made while the heap is open
+    calls = []
+    locked = [0]  # (heap_lock nests: unlocked exactly as often as it was locked)
+
+    def unlock():
+        if locked[0]:
+            locked[0] = 0
+            micropython.heap_unlock()
+
+    def exhausted():
+        locked[0] = 1
+        micropython.heap_lock()
+        raise interrupt
+
+    def healthy():
+        unlock()
+        calls.append(1)
+        return True
+
+    loop = scheduler.Scheduler(board.clock)
+    loop.add("ground", exhausted)
+    loop.add("hk", healthy)
+    try:
+        for _ in range(3):
+            loop.run_once()
+    finally:
+        unlock()
+    assert len(calls) == 3
+    report = loop.telemetry()["ground"]
+    assert report["errors"] == 3, report
+    assert report["last_error"] == scheduler.NO_HEAP_ERROR_TEXT, report
+
+
+class _Reset(Exception):
+    pass
+
+
+class _BootFails:
+    """The board, but its storage raises at boot (fault injection): what a board whose
+    application cannot come up does next. Its reset is recorded, not made (the test's
+    session goes on); the watchdog is not started (nothing would feed it after the test)."""
+
+    def __init__(self, error):
+        self.error = error
+        self.mounts = 0
+        self.resets = 0
+
+    def watchdog_start(self):
+        pass
+
+    def watchdog_stop(self):
+        pass
+
+    def mount_storage(self):
+        self.mounts += 1
+        raise self.error
+
+    def reset(self):
+        self.resets += 1
+        raise _Reset()
+
+
+def test_an_application_that_cannot_boot_resets_the_board_and_leaves_no_repl():
+    # An exception out of app.run ends main.py, and the port then opens the REPL on the
+    # ground link, no telecommand needed: a storage fault at boot, a MemoryError, or a
+    # 0x03 before the console was locked. Each now resets the board instead.
+    from payload import app
+
+    for error in (OSError(5), MemoryError(), KeyboardInterrupt()):
+        faulty = _BootFails(error)
+        try:
+            app.run(faulty)
+            raise AssertionError("app.run returned")
+        except _Reset:
+            pass
+        finally:
+            app.unlock_console()
+        # (the injected error, not another one before it, is what reset the board)
+        assert faulty.mounts == 1 and faulty.resets == 1, (error, faulty.mounts)
+
+
 class _SlowLink:
     """Takes at most 16 bytes per write, like a UART with a small FIFO."""
 
