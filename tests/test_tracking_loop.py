@@ -4,8 +4,10 @@ lockstep: the issue's must-show figures, asserted (docs/tracking.md)."""
 from __future__ import annotations
 
 import math
+import struct
 import subprocess
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +266,19 @@ def test_bad_tracking_configuration_refused_by_telecommand():
     assert not run.configure_reply["ok"]
     assert "fsm_limit_urad" in run.configure_reply["reason"]
     assert "range" in run.configure_reply["reason"]
+
+
+def test_sine_table_constant_is_the_double_precision_table():
+    # The kernel's sine table is a constant in firmware/payload/_sin_q14.py (flash on the
+    # MCU, the same on every target); it is the table the 64-bit unix build computed.
+    namespace: dict = {}
+    exec((Path(__file__).parents[1] / "firmware/payload/_sin_q14.py").read_text(), namespace)
+    expected = struct.pack(
+        "<1024H",
+        *(int(16384 + 16384 * math.sin(2 * math.pi * i / 1024) + 0.5) for i in range(1024)),
+    )
+    assert namespace["SIN_Q14"] == expected
+    assert zlib.crc32(expected) == 0x7F778D94
 
 
 def test_pointing_efficiency_is_the_gaussian_beam_loss():

@@ -24,6 +24,8 @@ import array
 import micropython
 from micropython import const
 
+from payload._sin_q14 import SIN_Q14
+
 # ---------------------------------------------------------------- states and reasons
 IDLE = const(0)
 OPEN_LOOP = const(1)
@@ -636,15 +638,6 @@ def validate(config, hardware=None):
     return words
 
 
-def _sin_table():
-    import math
-
-    table = array.array("H", bytes(2 * _SIN_SIZE))
-    for i in range(_SIN_SIZE):
-        table[i] = int(_SIN_BIAS + 16384 * math.sin(6.283185307179586 * i / _SIN_SIZE) + 0.5)
-    return table
-
-
 class Tracker:
     """The tracking loop. Sensor words go in `io`, commands come out of `io`; `step()`
     is allocation-free and may be called from a timer interrupt."""
@@ -678,8 +671,9 @@ class Tracker:
         self.cfg[:] = validate(self.config, self.hardware)
         self.table = array.array("i", bytes(4 * _TABLE_WORDS * 2))
         self._nodes[0] = 2
-        self._sin = _sin_table()
-        self.sin_table = self._sin  # step_kernel's third argument
+        # a frozen constant: flash on the MCU, the same table on every target (_sin_q14.py)
+        self._sin = SIN_Q14
+        self.sin_table = SIN_Q14  # step_kernel's third argument
 
     # -------------------------------------------------------------- telecommands
     def configure(self, changes):
