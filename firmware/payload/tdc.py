@@ -275,8 +275,16 @@ class TdcDrain:
         d_delivered = (delivered - last[1]) & 0xFFFFFFFF
         if d_overflow >= 0x80000000 or d_delivered >= 0x80000000:
             # a counter went back: the head restarted (2**31 events between two reads
-            # would take 7 min at 5 M/s; housekeeping reads every 100 ms)
+            # would take 7 min at 5 M/s; housekeeping reads every 100 ms). Its counters
+            # started again from 0, so what they hold is what happened since: counted.
+            # Taken as a new baseline instead, the events it handed out since the restart
+            # were missing from `delivered` while every one of them was in `received`,
+            # and the transit loss before the restart vanished under them (clamped at 0).
+            # What the head did between the last read and its restart is not known: the
+            # restart is counted in head_resets.
             self.head_resets += 1
+            self.fifo_overflow += overflow
+            self.events_delivered += delivered
             return
         self.fifo_overflow += d_overflow
         self.events_delivered += d_delivered

@@ -213,13 +213,22 @@ def test_tdc_loss_counts_from_the_pass_start_across_wraps_and_head_restarts():
     report = drain.telemetry()
     assert report["transit_lost"] == 12 and report["fifo_overflow"] == 3, report
     assert report["lost"] == 15, report
-    head.regs = [2, 0, 40]  # the head restarted: its counters went back
+    # the head restarted: its counters went back to 0 and count again; since the restart
+    # it handed out 40 events, all received, and its FIFO dropped 2
+    head.regs = [2, 0, 40]
+    drain.events_received += 40
     drain.read_overflow()
-    assert drain.telemetry()["head_resets"] == 1
+    report = drain.telemetry()
+    assert report["head_resets"] == 1
+    # the 12 lost before the restart stay lost (a baseline taken at the restart left the
+    # 40 out of `delivered` but in `received`: transit loss 0, the 12 hidden), and the
+    # FIFO's 2 since it are loss too
+    assert report["transit_lost"] == 12 and report["fifo_overflow"] == 5, report
+    assert report["lost"] == 17, report
     head.regs = [2, 0, 60]
     drain.events_received += 20
     drain.read_overflow()
-    assert drain.telemetry()["lost"] == 15  # counted again from the restart
+    assert drain.telemetry()["lost"] == 17  # and counts on from there
 
 
 def test_uplink_tags_are_counted_apart_and_emission_marks_kept_without_allocating():
