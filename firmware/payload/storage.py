@@ -52,6 +52,11 @@ _ENOSPC = const(28)
 # append and needs blocks for metadata compaction, so a store is "full" before littlefs is.
 _RESERVE_FRACTION = const(8)  # 1/8 of the filesystem ...
 _RESERVE_MIN_BLOCKS = const(8)  # ... and at least this many blocks
+# A filesystem this large (in blocks of its own size: 2^30 bytes and more) is the unix
+# target's host disk, not a payload's flash: it keeps the minimum reserve only. With 1/8 of
+# it, a host disk with less than 12.5 % available (32 GB free of 252 GB here) gave the
+# store a quota of 0 and every commit was refused (storage_quota_on_a_host_disk test).
+_HOST_DISK_BYTES = const(0x40000000)
 # Records per sync of a batched log (measured on the NOR model, docs/storage.md): the
 # loss window on a power cut, in frames for the pattern log. A board may set its own
 # (board.STORAGE_RECORDS_PER_SYNC).
@@ -508,6 +513,23 @@ class RecordLog:
             f.close()
 
 
+def free_bytes(block_bytes, blocks, free_blocks):
+    """The room a store's quota may take from a filesystem of `blocks` blocks of
+    `block_bytes` with `free_blocks` available (statvfs), less the reserve; at most
+    0x3FFFFFFF (a small int)."""
+    if free_blocks > blocks:
+        return 0  # littlefs reports an error (a full or damaged store) as ~0: none
+    reserve = blocks // _RESERVE_FRACTION
+    if reserve < _RESERVE_MIN_BLOCKS or blocks >= _HOST_DISK_BYTES // block_bytes:
+        reserve = _RESERVE_MIN_BLOCKS
+    free = free_blocks - reserve
+    if free <= 0:
+        return 0
+    if free >= 0x3FFFFFFF // block_bytes:
+        return 0x3FFFFFFF  # a host disk: keep the quota a small int
+    return free * block_bytes
+
+
 class Storage:
     """The storage root: product logs under <root>/products/, listed with size and CRC.
 
@@ -557,18 +579,7 @@ class Storage:
             st = os.statvfs(self.root)
         except (OSError, AttributeError):
             return 0x3FFFFFFF
-        block_bytes, blocks, free_blocks = st[1], st[2], st[4]
-        if free_blocks > blocks:
-            return 0  # littlefs reports an error (a full or damaged store) as ~0: none
-        reserve = blocks // _RESERVE_FRACTION
-        if reserve < _RESERVE_MIN_BLOCKS:
-            reserve = _RESERVE_MIN_BLOCKS
-        free = free_blocks - reserve
-        if free <= 0:
-            return 0
-        if free >= 0x3FFFFFFF // block_bytes:
-            return 0x3FFFFFFF  # a host disk: keep the quota a small int
-        return free * block_bytes
+        return free_bytes(st[1], st[2], st[4])
 
     def reserve(self, nbytes):
         """True if nbytes more fit the quota; else the store is full (reported). A full

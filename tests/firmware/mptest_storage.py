@@ -161,3 +161,15 @@ def test_a_file_that_is_not_a_record_log_is_never_cut():
     assert log.append(b"y") == 0
     log.close()
     assert storage.scan(path, 64).records == 1
+
+
+def test_storage_quota_on_a_host_disk_keeps_only_the_minimum_reserve():
+    # The unix target's store is a host directory: with 1/8 of the disk kept back, a disk
+    # with less than 12.5 % available gave a quota of 0 and every commit was refused
+    # (this machine: 8,145,453 of 66,053,021 4 KiB blocks available).
+    assert storage.free_bytes(4096, 66_053_021, 8_145_453) == 0x3FFFFFFF
+    assert storage.free_bytes(4096, 66_053_021, 4) == 0  # a truly full disk is full
+    # a payload's flash keeps its 1/8 (littlefs's copies and compactions need the room)
+    assert storage.free_bytes(256, 64, 40) == (40 - 8) * 256
+    assert storage.free_bytes(4096, 4096, 1000) == (1000 - 512) * 4096
+    assert storage.free_bytes(4096, 4096, 500) == 0
