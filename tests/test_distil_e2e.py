@@ -567,3 +567,32 @@ def test_alice_and_bob_each_need_only_their_own_folder(micius_pass, tmp_path):
     key = (tmp_path / "together" / f"alice{INSECURE}.key").read_bytes()
     assert (tmp_path / "split" / f"alice{INSECURE}.key").read_bytes() == key
     assert (tmp_path / "split" / f"bob{INSECURE}.key").read_bytes() == key
+
+
+def test_a_distil_run_turns_numpys_huge_page_advice_off_unless_the_user_set_it(micius_pass):
+    """Sync and sifting churn through short-lived arrays of a few MB; numpy's default advice
+    (MADV_HUGEPAGE) cost 0-4 s of kernel time on a full micius-2017 pass of ~8 CPU s here
+    (docs/distillation.md, "Distillation time of a full pass"). A run turns it off, but a
+    user's NUMPY_MADVISE_HUGEPAGE (numpy's own switch) stands."""
+    from numpy._core.multiarray import _set_madvise_hugepage
+
+    from host.distil.run import _endpoints
+
+    _set_madvise_hugepage(True)
+    try:  # every run (local, split, stream) makes its endpoints there
+        _endpoints(micius_pass, None, Config(), 3, None, None, ("alice", "bob"))
+        assert _set_madvise_hugepage(True) is False  # the run had turned it off
+    finally:
+        _set_madvise_hugepage(True)
+    probe = (
+        "from numpy._core.multiarray import _set_madvise_hugepage as advice\n"
+        "from host.distil.run import without_huge_page_advice\n"
+        "print(without_huge_page_advice(), advice(True))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    for setting, expected in ((None, "True False"), ("1", "False True")):
+        if setting is not None:
+            env["NUMPY_MADVISE_HUGEPAGE"] = setting
+        out = subprocess.run([PY, "-c", probe], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == expected.split(), setting
