@@ -12,11 +12,12 @@ counts the collections the application made itself.
 Before the board's 64-slot telemetry ring the configure was refused (MemoryError: the
 tracker's 8,672 bytes, with the default 256-slot ring, found no block in this heap).
 
-The heap margin is not the 15 % docs/targets.md "Margins" asks of firmware tests: the pass
-runs at 9.2-9.5 % free after a collection (~9 kB), its largest free block ~0.5-0.7 kB. The
-test holds that line (MIN_FREE_FRACTION) so that any growth is seen; what it would take to
-reach 15 %, and why a whole pass's prediction (12.9 kB for 400 s) does not fit this part,
-is in docs/targets.md.
+The heap margin is not yet the 15 % docs/targets.md "Margins" asks of firmware tests:
+with the sine table a frozen constant and the prediction in storage, paged through a
+16-node window, the pass runs at 11.6-11.8 % free after a collection (9.2-9.6 % before,
+with a 30 s prediction in the heap), its largest free block ~0.7-0.9 kB. The test holds
+that line (MIN_FREE_FRACTION) so that any growth is seen; what is left is in
+docs/targets.md.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ from tracking_passes import configured_pass
 
 PASS_MS = 500  # virtual ms of the pass before its last housekeeping sample (5 heap samples)
 RUN_S = 90.0  # at most, in host seconds (PASS_MS took 6-25 s at load 8-10)
-# 32 nodes (1 kB): the prediction this heap takes beside the pass (docs/targets.md)
-PREDICTION_S = 30.0
+# The prediction is uploaded to storage and paged through a 16-node window (512 B of heap
+# whatever its length). 150 s (151 nodes, a 4.8 kB file): what this emulation's 16 KiB
+# store holds beside the pass's products; a whole pass (400 s, 12.9 kB) filled it (the
+# products' commits then failed, ENOSPC: docs/targets.md)
+PREDICTION_S = 150.0
 LOOP_PERIOD_US = 500  # the 2 kHz loop
-# The measured 9.2 % less ~4.5 kB: a growth of the pass's heap by more fails here (the
-# heap's figures moved by < 0.4 kB between runs: they hardly depend on the host's pace)
-MIN_FREE_FRACTION = 0.045
+# The measured 11.6-11.8 % less ~1.7 kB: a growth of the pass's heap by more fails here
+# (the heap's figures moved by < 0.4 kB between runs: they hardly depend on the host's
+# pace). Not yet the 15 % of docs/targets.md "Margins" (what is left: docs/targets.md).
+MIN_FREE_FRACTION = 0.10
 
 # The watch duty, kept small (its bytecode is compiled into the same heap, and a larger
 # one left the configure no block for the tracking product's 1,120 bytes): _hw = [last
@@ -97,7 +102,9 @@ def _sw(self):
     out["hw"] = _hw + [gc.mem_free() + gc.mem_alloc(), ms]
     if self.tracking is not None and self.tracking.timer_loop is not None:
         t = self.tracking.timer_loop.telemetry()
-        out["irq"] = [t["fired"], t["overruns"], t["waits"], t["lost"], t["bad"]]
+        k = self.tracking.tracker
+        out["irq"] = [t["fired"], t["overruns"], t["waits"], t["lost"], t["bad"],
+                      k.window_late(), k.page_faults]
     return out
 _m.Mission.status = _sw
 """
@@ -127,7 +134,7 @@ def describe(r: dict) -> str:
     heap = hw[8]
     virtual_ms = hw[9]
     state, steps, bus_errors, transitions, tm_lost, late, path = during["tracking"]
-    fired, overruns, waits, lost, bad = during["irq"]
+    fired, overruns, waits, lost, bad, window_late, page_faults = during["irq"]
     due = virtual_ms * 1000 // LOOP_PERIOD_US
     return (
         f"pass of {virtual_ms} ms virtual time, loop path {path}: interrupts {fired} of "
@@ -138,7 +145,9 @@ def describe(r: dict) -> str:
         f"({hw[2] / heap:.1%}), min largest free block {hw[3]} ({hw[3] / heap:.1%}), "
         f"{hw[4]} collections by the application; after stop: state "
         f"{after['tracking'][0]}, min free {after['hw'][2]}, min largest block "
-        f"{after['hw'][3]} over the pass and the stop"
+        f"{after['hw'][3]} over the pass and the stop; prediction {r['nodes']} chunks, "
+        f"window late {window_late} steps, page faults {page_faults}; storage "
+        f"{after['storage']}"
     )
 
 
@@ -158,3 +167,7 @@ def test_a_tracking_pass_completes_on_the_stm32_board_within_its_measured_heap()
     assert hw[9] >= PASS_MS and hw[1] >= 3, hw
     assert hw[2] >= MIN_FREE_FRACTION * heap, describe(r)
     assert after["hw"][2] >= MIN_FREE_FRACTION * heap, describe(r)
+    # the pager kept the window ahead of the loop, and the prediction's file left the
+    # products their room (no failed, refused or lost commit)
+    assert during["irq"][5:] == [0, 0], describe(r)
+    assert set(after["storage"]) == {"used"}, describe(r)

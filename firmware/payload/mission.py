@@ -38,6 +38,9 @@ CONFIG_KEYS = (
     "pattern_generation",
     "tracking_predictions",  # a chunk of a full-pass prediction, sent alone (below)
 )
+# A whole pass's uploaded prediction, in storage beside the products (not one of them): the
+# tracking loop pages it into a window (docs/tracking.md "Full-pass prediction upload")
+PREDICTION_FILE = "/prediction.bin"
 GENERATION_MODES = ("controller", "head")  # who maps QRNG words to symbols (headgen.py)
 
 
@@ -165,6 +168,7 @@ class Mission:
                 getattr(self, "_predictions", None),
                 rate_limit_hz,
                 getattr(self.board, "TRACKING_TELEMETRY_SLOTS", 256),
+                getattr(self.board, "TRACKING_PREDICTION_WINDOW_NODES", 16),
             )
             from payload import tracking_duty
 
@@ -197,12 +201,19 @@ class Mission:
         except ValueError:
             raise tracking.ConfigError("tracking_predictions.hex: not hexadecimal") from None
         if getattr(self, "_predictions", None) is None:
-            self._predictions = tracking.PredictionUpload()
+            self._predictions = tracking.PredictionUpload(self.store.root + PREDICTION_FILE)
+        if chunk.get("first") == 0 and self.tracking is not None:
+            # a new upload overwrites the file the configured loop pages from: that
+            # configuration no longer has its prediction (a start is refused until the
+            # pass is configured again, naming the new upload)
+            self.tracking.tracker.release_predictions()
         self._predictions.add(chunk.get("first"), chunk.get("total"), packed)
 
     def _attach_tracking(self, tracker):
         from payload import tracking_duty
 
+        if self.tracking is not None:
+            self.tracking.tracker.release_predictions()  # the loop it replaces
         if self.tracking is None:
             self.tracking = tracking_duty.TrackingDuty(self.bus, tracker)
             self.tracking_product = tracking_duty.TrackingProduct(tracker, self.store)
@@ -225,7 +236,7 @@ class Mission:
                     self.tracking.pacer = self.scheduler.set_loop(
                         "trk", period, tracker.cfg[0], period_arg
                     )
-                    self.scheduler.add("trk-tm", self.tracking_product.step)
+                    self.scheduler.add("trk-tm", self._tracking_background)
                 else:  # the same duty, which also restarts a timer its callback stopped
                     self.scheduler.add("trk-tm", self._tracking_product_and_timer)
         else:  # a new pass configuration: same duties, new loop
@@ -238,13 +249,27 @@ class Mission:
         # (not a duty of its own: each duty's name and worst call go into the housekeeping
         # report, which is near its packet's length in a pass)
         restarted = self.tracking.timer_loop.supervise()
-        return self.tracking_product.step() or restarted
+        return self._tracking_background() or restarted
+
+    def _tracking_background(self):
+        # the prediction's pager first (the window ahead of the loop), then the product
+        paged = self.tracking.tracker.page()
+        return self.tracking_product.step() or paged
 
     def start(self):
         if self.pass_running:
             raise RuntimeError("a pass is already running")
         if self.sequencer.config is None:
             raise RuntimeError("not configured")
+        if self.tracking is not None:
+            # the loop's window from the pass's first node, before anything starts: a
+            # prediction replaced or unreadable refuses the start
+            from payload import tracking
+
+            try:
+                self.tracking.tracker.fill_window(0)
+            except tracking.ConfigError as error:
+                raise RuntimeError(str(error)) from None
         for log in self.store.logs.values():
             if log.foreign:
                 raise RuntimeError("%s is not a record log: delete it first" % log.path)
@@ -352,14 +377,15 @@ def _reply_wait_us(board):
 REPLY_WAIT_US = None
 
 
-def _tracker_from(section, upload=None, rate_limit_hz=0, telemetry_slots=256):
+def _tracker_from(section, upload=None, rate_limit_hz=0, telemetry_slots=256, window_nodes=16):
     """A Tracker from a configuration's "tracking" section: {"parameters": {...},
     "predictions": [[x, y, vx, vy, ax, ay, pa_x, pa_y], ...]} or, for a full pass
     uploaded beforehand, "predictions": {"nodes": N, "crc32": C} (docs/tracking.md).
     The parameters go over the gain set of the loop's rate: the rate they name, else the
     rate the board's pass-mode loop sustains (board.TRACKING_LOOP_RATE_HZ; a rate above it
     is refused), else 2 kHz (tracking.parameters_for_rate).
-    telemetry_slots: the loop's telemetry ring (board.TRACKING_TELEMETRY_SLOTS).
+    telemetry_slots: the loop's telemetry ring (board.TRACKING_TELEMETRY_SLOTS);
+    window_nodes: the uploaded prediction's nodes kept resident (tracking.WINDOW_NODES).
     Raises ValueError (tracking.ConfigError) naming the field. Imported only when a pass
     tracks: the loop's code costs RAM on the unix target."""
     from payload import tracking
@@ -382,7 +408,7 @@ def _tracker_from(section, upload=None, rate_limit_hz=0, telemetry_slots=256):
                 )
             if upload.crc32() != predictions.get("crc32"):
                 raise tracking.ConfigError("tracking.predictions: CRC-32 of the upload differs")
-            tracker.load_table(upload)
+            tracker.load_table(upload, window_nodes)
         else:
             tracker.load_predictions(predictions)
     except TypeError as error:  # a non-numeric value where a number belongs

@@ -169,17 +169,29 @@ _S_ARS = const(44)  # angular-rate sensor history, nrad: [axis x, y][ARS(k-1), (
 _S_WORDS = const(50)
 
 # All int32 state lives in one array (fewer kernel arguments: each costs ~200 instructions
-# per call on the Cortex-M3): [state | config | io | nodes | transition ring | telemetry].
+# per call on the Cortex-M3): [state | config | io | nodes | prediction window | transition
+# ring | telemetry].
 _OFF_CFG = const(50)  # _S_WORDS
 _OFF_IO = const(94)  # _OFF_CFG + _K_WORDS
 _OFF_NODES = const(118)  # _OFF_IO + IO_WORDS
 _OFF_TM_MASK = const(119)  # the telemetry ring's slots - 1 (a power of two, set per board)
-_OFF_LOG = const(120)
-_OFF_TM = const(376)  # _OFF_LOG + 4 * _TR_SLOTS
+# The prediction window (Tracker.table): a ring of a power of two of nodes, node n in slot
+# n & mask. The main loop's pager (Tracker.page) writes slots, then publishes the last node
+# they hold in _OFF_WIN_LAST (one word: the single writer); the kernel reads no node past
+# it, and the pager overwrites only nodes before the kernel's (docs/tracking.md).
+_OFF_WIN_MASK = const(120)  # the window's slots - 1
+_OFF_WIN_LAST = const(121)  # the last node resident in the window (-1: none)
+_OFF_WIN_LATE = const(122)  # steps the pass time waited for the window (saturating)
+_OFF_LOG = const(123)
+_OFF_TM = const(379)  # _OFF_LOG + 4 * _TR_SLOTS
 _TR_SLOTS = const(64)  # transition ring: step, from, to, reason
 TM_SAMPLE_WORDS = const(7)  # telemetry sample: step, state, signal, ex, ey, fsm x, fsm y
 _TM_SLOTS = const(256)  # the telemetry ring's default slots (Tracker's telemetry_slots)
 _TABLE_WORDS = const(8)  # per prediction node: x, y, vx, vy, ax, ay, pa x, pa y
+NODE_BYTES = const(32)  # 8 little-endian int32 per node, the table's own layout
+# The nodes of an uploaded prediction kept resident (Tracker.load_table): 16 s ahead of
+# the loop, 512 bytes, however long the pass (board.TRACKING_PREDICTION_WINDOW_NODES)
+WINDOW_NODES = const(16)
 _SIN_SIZE = const(1024)
 _SIN_BIAS = const(16384)  # sin table stored unsigned (Q14 + bias): same load on all targets
 _E_CLAMP = const(131072)  # 2**17 nrad: bound on fine errors so Q12 products fit int32
@@ -669,8 +681,15 @@ class Tracker:
         self.transition_log = view[_OFF_LOG : _OFF_LOG + 4 * _TR_SLOTS]
         self.telemetry = view[_OFF_TM : _OFF_TM + TM_SAMPLE_WORDS * telemetry_slots]
         self.cfg[:] = validate(self.config, self.hardware)
-        self.table = array.array("i", bytes(4 * _TABLE_WORDS * 2))
+        # the prediction window: two nodes of zeros until a prediction is loaded
+        self.table = bytearray(NODE_BYTES * 2)
+        self.words[_OFF_WIN_MASK] = 1
+        self.words[_OFF_WIN_LAST] = 1
         self._nodes[0] = 2
+        self._source = None  # the stored prediction the pager reads (load_table), or None
+        self._window_first = -1  # the node the window was last filled from (start)
+        self.page_faults = 0  # reads of the stored prediction that failed or were refused
+        self._paging = False  # the pager runs (a fault stops it until the next start)
         # a frozen constant: flash on the MCU, the same table on every target (_sin_q14.py)
         self._sin = SIN_Q14
         self.sin_table = SIN_Q14  # step_kernel's third argument
@@ -691,12 +710,20 @@ class Tracker:
 
     def load_predictions(self, rows):
         """Store the uplinked pass prediction: one row per second from loop time 0,
-        [x, y nrad, vx, vy nrad/ms, ax, ay nrad/ms^2 Q16, pa_x, pa_y nrad]."""
+        [x, y nrad, vx, vy nrad/ms, ax, ay nrad/ms^2 Q16, pa_x, pa_y nrad]. The whole
+        table is resident (a window of a power of two of nodes that holds all of them):
+        for the configure telecommand's few nodes and the lockstep runs; a whole pass is
+        uploaded to storage and paged (load_table)."""
+        import struct
+
         if self.st[_S_STATE] != IDLE:
             raise ConfigError("load_predictions: refused while tracking; stop first")
         if len(rows) < 2:
             raise ConfigError("load_predictions: need at least 2 nodes, got %d" % len(rows))
-        table = array.array("i", bytes(4 * _TABLE_WORDS * len(rows)))
+        slots = 2
+        while slots < len(rows):
+            slots <<= 1
+        table = bytearray(NODE_BYTES * slots)
         for i, row in enumerate(rows):
             if len(row) != _TABLE_WORDS:
                 raise ConfigError("load_predictions: row %d has %d values, expected %d"
@@ -709,25 +736,169 @@ class Tracker:
                         "load_predictions: row %d value %d (%s) = %r outside +-%d"
                         % (i, j, _TABLE_FIELDS[j], value, limit)
                     )
-                table[i * _TABLE_WORDS + j] = value
+            struct.pack_into("<8i", table, i * NODE_BYTES, *row)
+        self.release_predictions()
         self.table = table
+        self.words[_OFF_WIN_MASK] = slots - 1
+        self.words[_OFF_WIN_LAST] = len(rows) - 1
         self._nodes[0] = len(rows)
 
-    def load_table(self, upload):
-        """Use a complete PredictionUpload's table (already validated row by row)."""
+    def load_table(self, upload, window_nodes=WINDOW_NODES):
+        """Use a complete PredictionUpload from storage: its file is read back and its
+        CRC-32 checked against the upload's (what storage holds is what was uploaded);
+        then a window of window_nodes (a power of two; fewer for a shorter pass) is kept
+        resident and refilled ahead of the loop by `page()`, a main-loop duty."""
         if self.st[_S_STATE] != IDLE:
             raise ConfigError("load_table: refused while tracking; stop first")
         if upload.received != upload.total or upload.total < 2:
             raise ConfigError("tracking predictions: %d of %d nodes uploaded"
                               % (upload.received, upload.total))  # fmt: skip
-        self.table = upload.table
-        self._nodes[0] = upload.total
+        if window_nodes < 2 or window_nodes & (window_nodes - 1):
+            raise ConfigError("window_nodes=%r: a power of two >= 2" % (window_nodes,))
+        total = upload.total
+        slots = 2
+        while slots < total and slots < window_nodes:
+            slots <<= 1
+        self.release_predictions()
+        table = bytearray(NODE_BYTES * slots)
+        from payload.framing import Crc32
+
+        crc = Crc32()
+        try:
+            f = open(upload.path, "rb")
+        except OSError as error:
+            raise ConfigError("tracking predictions: %s: %s" % (upload.path, error)) from None
+        try:
+            view = memoryview(table)
+            remaining = total * NODE_BYTES
+            while remaining:
+                n = f.readinto(view[: min(remaining, len(table))])
+                if not n:
+                    raise ConfigError("tracking predictions: %s holds %d of %d bytes"
+                                      % (upload.path, total * NODE_BYTES - remaining,
+                                         total * NODE_BYTES))  # fmt: skip
+                crc.update(table, n)
+                remaining -= n
+            if crc.value() != upload.crc32():
+                raise ConfigError("tracking predictions: %s: CRC-32 0x%08x, uploaded 0x%08x"
+                                  % (upload.path, crc.value(), upload.crc32()))  # fmt: skip
+        except BaseException:
+            f.close()
+            raise
+        self.table = table
+        self.words[_OFF_WIN_MASK] = slots - 1
+        self.words[_OFF_WIN_LAST] = -1
+        self._nodes[0] = total
+        self._source = f
+        self._window_first = -1
+        self.fill_window(0)
+
+    def release_predictions(self):
+        """Close the stored prediction (a new upload overwrites its file): the loop keeps
+        the nodes its window holds, and start refuses until a prediction is loaded."""
+        f = self._source
+        if f is not None:
+            self._source = None
+            self._window_first = -2  # released: fill_window refuses
+            f.close()
+
+    def fill_window(self, at_ms=0):
+        """Fill the window from the node at pass time at_ms (main loop, while idle: the
+        start's window). Raises ConfigError if the stored prediction was released or
+        cannot be read (a start refused, rather than a loop on nodes it does not have)."""
+        if self._window_first == -2:
+            raise ConfigError("tracking: the prediction was replaced by a new upload;"
+                              " configure the pass again")  # fmt: skip
+        if self._source is None:
+            return  # the whole table is resident
+        if self.st[_S_STATE] != IDLE:
+            raise ConfigError("fill_window: refused while tracking")
+        nodes = self._nodes[0]
+        first = at_ms // 1000
+        if first > nodes - 2:
+            first = nodes - 2
+        if first == self._window_first:
+            return
+        self._window_first = -1
+        self._paging = True
+        self.words[_OFF_WIN_LAST] = first - 1  # nothing from first on is resident yet
+        count = self.words[_OFF_WIN_MASK] + 1
+        if first + count > nodes:
+            count = nodes - first
+        if not self._page_in(first, count):
+            raise ConfigError("tracking: the stored prediction could not be read (node %d)"
+                              % first)  # fmt: skip
+        self._window_first = first
+
+    def page(self):
+        """The pager, a main-loop duty (never the interrupt): bring the nodes after the
+        window's last in, up to the loop's node + the window's slots - 1. The slot a node
+        goes to held one before the loop's node, which the loop never reads again (its
+        node only advances while it runs), and the new nodes are published after they are
+        written (single writer). True if it read nodes."""
+        if self._source is None or not self._paging:
+            return False
+        w = self.words
+        if w[_S_STATE] == IDLE or w[_S_CMD] != 0:
+            return False  # idle, or a start pending: the start filled the window
+        last = w[_OFF_WIN_LAST]
+        want = w[_S_NODE] + w[_OFF_WIN_MASK]
+        if want > self._nodes[0] - 1:
+            want = self._nodes[0] - 1
+        if last >= want:
+            return False
+        self._window_first = -1  # the window moved on: a start refills it
+        return self._page_in(last + 1, want - last)
+
+    def _page_in(self, first, count):
+        """Read nodes first..first+count-1 into their slots, check them against the
+        fixed-point ranges and publish them (_OFF_WIN_LAST), piece by piece. A read that
+        fails or a node out of range is counted (page_faults) and not published: the loop
+        then extrapolates from its last node and holds (the kernel, _OFF_WIN_LATE)."""
+        f = self._source
+        w = self.words
+        slots = w[_OFF_WIN_MASK] + 1
+        view = memoryview(self.table)
+        try:
+            f.seek(first * NODE_BYTES)
+            while count > 0:
+                slot = first & (slots - 1)
+                n = slots - slot
+                if n > count:
+                    n = count
+                got = f.readinto(view[slot * NODE_BYTES : (slot + n) * NODE_BYTES])
+                whole = got // NODE_BYTES if got else 0
+                bad = _nodes_out_of_range(self.table, slot, whole)
+                if bad:
+                    whole = (bad - 1) // _TABLE_WORDS
+                if whole:
+                    w[_OFF_WIN_LAST] = first + whole - 1  # publish: one word store
+                if whole != n:
+                    return self._page_fault()
+                first += n
+                count -= n
+        except OSError:
+            return self._page_fault()
+        return True
+
+    def _page_fault(self):
+        # counted once; the pager stops until the next start (a flipped bit stays flipped:
+        # retrying would read the flash every scheduler pass for nothing)
+        self.page_faults += 1
+        self._paging = False
+        return False
+
+    def window_late(self):
+        """Loop steps whose pass time waited for the window (the pager was late)."""
+        return self.words[_OFF_WIN_LATE]
 
     def start(self, at_ms=0):
         """Start tracking at pass time `at_ms` (ms after the first prediction node): a loop
-        started late in a pass begins on the right node."""
+        started late in a pass begins on the right node (its window filled from there)."""
         if not 0 <= at_ms < 1 << 31:
             raise ConfigError("start: at_ms=%r outside 0..2**31-1" % (at_ms,))
+        if self.st[_S_STATE] == IDLE:
+            self.fill_window(at_ms)
         self.st[_S_START_MS] = at_ms
         self.st[_S_CMD] = 1
 
@@ -806,20 +977,20 @@ class Tracker:
 
 
 # ---------------------------------------------------------------- full-pass prediction
-MAX_PREDICTION_NODES = 900  # 15 minutes at one node per second: 28.8 KB of RAM
-NODE_BYTES = const(32)  # 8 little-endian int32 per node, the table's own layout
+MAX_PREDICTION_NODES = 900  # 15 minutes at one node per second: a 28.8 KB file
 
 
 class PredictionUpload:
     """A whole pass's prediction, uploaded in chunks that each fit a telecommand
     (docs/tracking.md "Full-pass prediction upload"): chunk = (first node, total nodes,
-    packed nodes). Chunks arrive in order; a repeated chunk (a retransmission) is
+    packed nodes), appended to the file `path` in storage as it arrives (the loop pages it
+    in: Tracker.load_table). Chunks arrive in order; a repeated chunk (a retransmission) is
     ignored; a chunk with first == 0 starts a new upload. Every node is checked against
     the kernel's fixed-point ranges as it arrives; the CRC-32 of all packed bytes must
     match the one the configuration names before the table is used."""
 
-    def __init__(self):
-        self.table = None
+    def __init__(self, path):
+        self.path = path
         self.total = 0
         self.received = 0
         self._crc = None
@@ -835,20 +1006,12 @@ class PredictionUpload:
             if not 2 <= total <= MAX_PREDICTION_NODES:
                 raise ConfigError("tracking_predictions.total=%r: must be 2..%d"
                                   % (total, MAX_PREDICTION_NODES))  # fmt: skip
-            self.table = None  # free the previous one before allocating
-            # one block of 4 bytes a word, from a range (its length is known, so the
-            # array is allocated once and filled): array("i", bytes(n)) needed a second
-            # n-byte block for the zeros, and after the mission's start-up the 512 KiB
-            # heap (290 KB free, fragmented) could not place both 12.9 KB blocks of a
-            # full pass (MemoryError); one it could. Every word is
-            # overwritten by the chunks before configure accepts the table.
-            self.table = array.array("i", range(_TABLE_WORDS * total))
-            self.total = total
-            self.received = 0
             from payload.framing import Crc32
 
+            self.total = total
+            self.received = 0
             self._crc = Crc32()
-        elif self.table is None or total != self.total:
+        elif self._crc is None or total != self.total:
             raise ConfigError("tracking_predictions: chunk of an upload not begun (first=0)")
         if first != self.received:
             if first + count <= self.received:
@@ -858,25 +1021,51 @@ class PredictionUpload:
         if first + count > total:
             raise ConfigError("tracking_predictions: nodes %d..%d beyond total %d"
                               % (first, first + count - 1, total))  # fmt: skip
-        words = array.array("i", packed)  # little-endian on every target
-        for n in range(count):
-            for j in range(_TABLE_WORDS):
-                value = words[n * _TABLE_WORDS + j]
-                if not -_TABLE_LIMITS[j] <= value <= _TABLE_LIMITS[j]:
-                    raise ConfigError(
-                        "tracking_predictions: node %d value %d (%s) = %d outside +-%d"
-                        % (first + n, j, _TABLE_FIELDS[j], value, _TABLE_LIMITS[j])
-                    )
-        table = self.table
-        base = first * _TABLE_WORDS
-        for i in range(count * _TABLE_WORDS):
-            table[base + i] = words[i]
+        bad = _nodes_out_of_range(packed, 0, count)
+        if bad:
+            node, field = divmod(bad - 1, _TABLE_WORDS)
+            value = array.array("i", packed[(bad - 1) * 4 : bad * 4])[0]  # little-endian
+            raise ConfigError(
+                "tracking_predictions: node %d value %d (%s) = %d outside +-%d"
+                % (first + node, field, _TABLE_FIELDS[field], value, _TABLE_LIMITS[field])
+            )
+        try:
+            with open(self.path, "wb" if first == 0 else "ab") as f:
+                written = f.write(packed)
+        except OSError as error:
+            raise ConfigError("tracking_predictions: %s: %s" % (self.path, error)) from None
+        if written != len(packed):
+            raise ConfigError("tracking_predictions: %s: %d of %d bytes written"
+                              % (self.path, written, len(packed)))  # fmt: skip
         self._crc.update(packed)
         self.received = first + count
         return self.received
 
     def crc32(self):
         return self._crc.value() if self._crc is not None else 0
+
+
+@micropython.viper
+def _nodes_out_of_range(buf: ptr32, slot: int, count: int) -> int:
+    """0 if the count nodes from slot in buf (packed int32 nodes) are inside the kernel's
+    fixed-point ranges (_TABLE_LIMITS), else 1 + the index of the first word that is not
+    (counted from slot). Viper: the pager checks what it reads without allocating."""
+    m = 1
+    m <<= 31
+    angle_max = _ANGLE_MAX_KNRAD
+    angle_max *= 1000
+    base = slot * _TABLE_WORDS
+    for i in range(count * _TABLE_WORDS):
+        v = (buf[base + i] ^ m) - m
+        j = i & (_TABLE_WORDS - 1)
+        limit = angle_max
+        if j == 2 or j == 3:
+            limit = _RATE_MAX_TABLE
+        elif j >= 4:
+            limit = _ACCEL_MAX_TABLE  # == _PA_MAX_TABLE
+        if v > limit or v < 0 - limit:
+            return i + 1
+    return 0
 
 
 # ---------------------------------------------------------------- telemetry record
@@ -972,6 +1161,14 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
     step = st[_S_STEP] + 1  # stored as 32 bits on every target: wraps after 2**32 steps
     st[_S_STEP] = step
     nodes = st[_OFF_NODES]
+    # the last node a segment may begin at: the table's last but one, and the window's
+    # (a segment reads its node and the next)
+    last_seg = nodes - 2
+    resident_seg = st[_OFF_WIN_LAST] - 1
+    if resident_seg < last_seg:
+        last_seg = resident_seg
+        if last_seg < 0:
+            last_seg = 0
     # Pass time as (node, us since the node): never above 11 s of us, so it cannot wrap
     # however long the loop runs (an int32 us clock went negative after 35.8 min).
     node = st[_S_NODE]
@@ -979,8 +1176,17 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
     if state != IDLE:
         node_us += period
         if node_us >= _NODE_US and node < nodes - 2:
-            node += 1
-            node_us -= _NODE_US
+            if node < last_seg:
+                node += 1
+                node_us -= _NODE_US
+            else:
+                # the pager has not brought the next node in: extrapolate from this one,
+                # as past the table's end (then hold), and count the step
+                late = st[_OFF_WIN_LATE]
+                if late < _COUNT_MAX:
+                    st[_OFF_WIN_LATE] = late + 1
+                if node_us > _SEGMENT_US_MAX:
+                    node_us = _SEGMENT_US_MAX
         elif node_us > _SEGMENT_US_MAX:
             node_us = _SEGMENT_US_MAX
     in_state = st[_S_IN_STATE]
@@ -998,9 +1204,9 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         start_ms = st[_S_START_MS]
         node = start_ms // 1000
         node_us = (start_ms - node * 1000) * 1000
-        if node > nodes - 2:  # started past the table: extrapolate from the last segment
-            beyond = node - (nodes - 2)
-            node = nodes - 2
+        if node > last_seg:  # started past the table: extrapolate from the last segment
+            beyond = node - last_seg
+            node = last_seg
             if beyond > 11:
                 node_us = _SEGMENT_US_MAX
             else:
@@ -1014,8 +1220,8 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         st[_S_TM_COUNTDOWN] = 0
         _log_transition(st, OPEN_LOOP, R_COMMAND_START)
         state = OPEN_LOOP
-    if node > nodes - 2:  # a table reloaded shorter while idle: never read past its end
-        node = nodes - 2
+    if node > last_seg:  # a table reloaded shorter while idle: never read past its end
+        node = last_seg
     st[_S_NODE] = node
     st[_S_NODE_US] = node_us
 
@@ -1025,7 +1231,9 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
     # saturated at +-_ANGLE_MAX_NRAD without forming anything beyond 2**31.
     t_ms = node_us // 1000
     held = node_us >= _SEGMENT_US_MAX  # past the extrapolation: hold, no rate fed forward
-    row = node * _TABLE_WORDS
+    win_mask = st[_OFF_WIN_MASK]
+    row = (node & win_mask) * _TABLE_WORDS
+    next_row = ((node + 1) & win_mask) * _TABLE_WORDS
     acc_ms = t_ms
     if acc_ms > 2000:
         acc_ms = 2000
@@ -1060,9 +1268,9 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         frac_q10 = 1000
     frac_q10 = (frac_q10 * 1049) >> 10
     pa0 = (table[row + 6] ^ m) - m
-    pa_x = pa0 + ((((table[row + _TABLE_WORDS + 6] ^ m) - m - pa0) * frac_q10) >> 10)
+    pa_x = pa0 + ((((table[next_row + 6] ^ m) - m - pa0) * frac_q10) >> 10)
     pa0 = (table[row + 7] ^ m) - m
-    pa_y = pa0 + ((((table[row + _TABLE_WORDS + 7] ^ m) - m - pa0) * frac_q10) >> 10)
+    pa_y = pa0 + ((((table[next_row + 7] ^ m) - m - pa0) * frac_q10) >> 10)
 
     # -------- sensors
     qa = st[_OFF_IO + IO_QA] & 0xFFFF  # 16-bit ADC: a corrupt word cannot overflow S

@@ -180,7 +180,7 @@ class TrackingDuty:
         # what every period reads, as attributes of the duty (one load each)
         self._words = tracker.words
         self._io = tracker.io
-        self._sin_table = tracker.sin_table  # (the prediction table is replaced on upload)
+        self._sin_table = tracker.sin_table  # (the prediction window is replaced on upload)
         args = self.paced_args
         args[_A_TRACKER] = tracker
         args[_A_IO] = tracker.io
@@ -242,6 +242,10 @@ class TrackingDuty:
             "telemetry_lost": t.telemetry_lost(),
             "overruns": self.late_periods(),
             "fast": self.path(),  # 0: the general period (check_loop_rate); 2: the timer's
+            # the uploaded prediction's window (Tracker.page): steps whose pass time waited
+            # for it, and reads of the stored prediction that failed or were refused
+            "window_late": t.window_late(),
+            "page_faults": t.page_faults,
         }
         if self.timer_loop is not None:
             out["irq"] = self.timer_loop.telemetry()

@@ -281,9 +281,22 @@ def _packed(rows):
     return b"".join(struct.pack("<8i", *row) for row in rows)
 
 
+def _prediction_path(name):
+    import board
+
+    return board.mount_storage() + "/" + name
+
+
+def _uploaded(rows, name="t_prediction.bin", chunk=6):
+    up = tracking.PredictionUpload(_prediction_path(name))
+    for first in range(0, len(rows), chunk):
+        up.add(first, len(rows), _packed(rows[first : first + chunk]))
+    return up
+
+
 def test_full_pass_prediction_upload_in_chunks():
     rows = [[i * 15000000, 0, 15000, 0, 0, 0, -50000, 0] for i in range(20)]
-    up = tracking.PredictionUpload()
+    up = tracking.PredictionUpload(_prediction_path("t_prediction.bin"))
     assert up.add(0, 20, _packed(rows[:6])) == 6
     assert up.add(0 + 6, 20, _packed(rows[6:12])) == 12
     assert up.add(6, 20, _packed(rows[6:12])) == 12  # a retransmission: ignored
@@ -325,3 +338,97 @@ def test_sine_table_is_the_same_constant_on_every_target():
     t = tracking.Tracker()
     assert len(t.sin_table) == 2048
     assert binascii.crc32(t.sin_table) & 0xFFFFFFFF == 0x7F778D94
+
+
+# A straight pass of 100 s (1 mrad/s along x): the prediction at pass time t ms is
+# 1000 * t nrad exactly, wherever the loop's node is (a small int on every target).
+LONG_ROWS = [[i * 1000000, 0, 1000, 0, 0, 0, -50000, 0] for i in range(100)]
+
+
+def test_a_whole_pass_prediction_is_paged_through_a_small_window():
+    # 100 nodes uploaded to storage, 8 of them resident (256 bytes, not 3.2 kB); the pager
+    # (a main-loop duty) every 0.5 s keeps the loop on the right node across 20 s; the
+    # kernel's steps allocate nothing with the paged window
+    up = _uploaded(LONG_ROWS)
+    t = tracking.Tracker(tracking.parameters_for_rate({"loop_rate_hz": 1000}))
+    t.load_table(up, 8)
+    assert len(t.table) == 8 * tracking.NODE_BYTES
+    t.start(75000)
+    checked = 0
+    for _block in range(40):
+        micropython.heap_lock()
+        try:
+            for _ in range(500):
+                t.step()
+                assert t.io[tracking.IO_PRED_X] == 1000 * t.pass_time_ms()
+        finally:
+            micropython.heap_unlock()
+        checked += 500
+        t.page()
+    assert t.pass_time_ms() == 75000 + checked - 1  # the start's step does not advance
+    assert t.window_late() == 0 and t.page_faults == 0, (t.window_late(), t.page_faults)
+
+
+def test_a_late_pager_extrapolates_then_holds_and_counts():
+    # No pager: the window (4 nodes from the start) runs out at node 3; the loop
+    # extrapolates the last whole segment (exact for this straight pass) for its 10 s, then
+    # holds, counting every step it waited; it never reads a node it does not hold
+    up = _uploaded(LONG_ROWS)
+    t = tracking.Tracker(tracking.parameters_for_rate({"loop_rate_hz": 1000}))
+    t.load_table(up, 4)
+    t.start(0)
+    for _ in range(5000):  # 5 s
+        t.step()
+    assert t.io[tracking.IO_PRED_X] == 1000 * 5000 - 1000 * 1  # (the start's step)
+    assert t.window_late() > 0
+    for _ in range(15000):  # 15 s: held at node 2 + 11 s
+        t.step()
+    assert t.pass_time_ms() == 13000 and t.io[tracking.IO_PRED_X] == 1000 * 13000
+    late = t.window_late()
+    # the pager brings the next nodes in: the loop moves on from them
+    assert t.page() and t.page_faults == 0
+    t.step()
+    assert t.pass_time_ms() == 13001 and t.window_late() == late
+
+
+def test_a_stored_node_out_of_range_is_never_paged_in():
+    # flash that changed after the upload (a bit flip): the pager checks every node it
+    # reads against the fixed-point ranges, counts the fault and publishes nothing past it
+    up = _uploaded(LONG_ROWS)
+    t = tracking.Tracker(tracking.parameters_for_rate({"loop_rate_hz": 1000}))
+    t.load_table(up, 4)
+    t._source.close()  # (littlefs: a handle open across another's write keeps its cache)
+    with open(up.path, "r+b") as f:
+        f.seek(5 * tracking.NODE_BYTES + 8)  # node 5's vx
+        f.write(b"\x70\x11\x01\x00")  # 70000 little-endian
+    t._source = open(up.path, "rb")  # the loop's handle, as after configure
+    t.start(0)
+    for _ in range(3000):  # 3 s: node 2, the window held 0..3
+        t.step()
+    assert not t.page() and t.page_faults == 1  # node 4 came in, node 5 did not
+    assert not t.page() and t.page_faults == 1  # counted once: the pager stopped
+    for _ in range(4000):  # 4 s more: node 3 is the last whole segment, extrapolated
+        t.step()
+        assert t.io[tracking.IO_PRED_X] == 1000 * t.pass_time_ms()
+    assert t.window_late() > 0 and t.pass_time_ms() == 6999, t.pass_time_ms()
+
+
+def test_a_new_upload_withdraws_the_configured_prediction():
+    up = _uploaded(LONG_ROWS[:20])
+    t = tracking.Tracker()
+    t.load_table(up, 8)
+    t.release_predictions()  # the mission does this when a new upload begins
+    try:
+        t.start(0)
+        raise AssertionError("started on a prediction that was replaced")
+    except tracking.ConfigError as error:
+        assert "configure the pass again" in str(error), str(error)
+    # and a file that is not what was uploaded is refused when the table is loaded
+    with open(up.path, "r+b") as f:
+        f.seek(3)
+        f.write(b"\x01")
+    try:
+        tracking.Tracker().load_table(up, 8)
+        raise AssertionError("loaded a prediction whose file changed")
+    except tracking.ConfigError as error:
+        assert "CRC-32" in str(error), str(error)
