@@ -51,6 +51,19 @@ class HeadQrng:
             algorithms.AES(self._key), modes.CTR((DOMAIN_FIFO_BYTES << 64).to_bytes(16, "big"))
         ).encryptor()
         self.fifo_bytes_out = 0
+        self._stuck_from: int | None = None  # fault injection (stick_from), else None
+        self._stuck_word = 0
+
+    def stick_from(self, word_index: int, word: int = 0) -> None:
+        """Fault injection (tests): the physical source sticks from slot word `word_index`
+        on, every word from there `word` (a dead detector, a saturated ADC). What the
+        head's own health tests must catch (emulator/pattern_generator.py)."""
+        self._stuck_from = int(word_index)
+        self._stuck_word = int(word) & 0xFFFFFFFF
+
+    def stuck_from(self) -> int | None:
+        """The first stuck word, or None for a healthy source."""
+        return self._stuck_from
 
     def __repr__(self) -> str:  # never the key
         return f"HeadQrng(fifo_bytes_out={self.fifo_bytes_out})"
@@ -60,13 +73,49 @@ class HeadQrng:
 
     def slot_words(self, slot_indices) -> np.ndarray:
         """u32 word of each generated slot (any slots, any order)."""
-        return keyed_slot_words(self._key, slot_indices)
+        words = keyed_slot_words(self._key, slot_indices)
+        if self._stuck_from is not None:
+            slots = np.asarray(slot_indices, dtype=np.int64).reshape(-1)
+            words = words.copy()
+            words[slots >= self._stuck_from] = self._stuck_word
+        return words
 
     def slot_words_range(self, first: int, count: int) -> np.ndarray:
         """Words of slots first..first+count-1."""
-        return keyed_slot_words(self._key, np.arange(first, first + count, dtype=np.int64))
+        return self.slot_words(np.arange(first, first + count, dtype=np.int64))
 
     def fifo_bytes(self, count: int) -> bytes:
         """The next `count` bytes of the QRNG FIFO stream."""
         self.fifo_bytes_out += count
         return self._fifo.update(bytes(count))
+
+
+# SP 800-90B 4.4 continuous health tests, as the firmware runs them on the QRNG FIFO's
+# bytes (firmware/payload/sequencer.py qrng_health: one sample = one byte, H = 7 bits,
+# alpha = 2**-40): the head's generator runs the same on its QRNG's bytes before it maps
+# them (emulator/pattern_generator.py).
+RCT_CUTOFF = 7
+APT_WINDOW = 512
+APT_CUTOFF = 27
+RCT_FAILED = 1
+APT_FAILED = 2
+
+
+def health_failures(data: bytes) -> int:
+    """0, or RCT_FAILED | APT_FAILED: the repetition count test (a run of RCT_CUTOFF
+    equal bytes) and the adaptive proportion test (the first byte of a 512-byte window
+    seen APT_CUTOFF times in it) over `data`, from a fresh state."""
+    samples = np.frombuffer(bytes(data), dtype=np.uint8)
+    failed = 0
+    if samples.size == 0:
+        return failed
+    starts = np.flatnonzero(np.diff(samples) != 0) + 1
+    edges = np.concatenate(([0], starts, [samples.size]))
+    if int(np.diff(edges).max()) >= RCT_CUTOFF:
+        failed |= RCT_FAILED
+    for start in range(0, samples.size, APT_WINDOW):
+        window = samples[start : start + APT_WINDOW]
+        if int(np.count_nonzero(window == window[0])) >= APT_CUTOFF:
+            failed |= APT_FAILED
+            break
+    return failed

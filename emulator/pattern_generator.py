@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emulator.head_qrng import health_failures
 from emulator.optical_head import RegisterDevice
 from host.formats.patterns import mapping_from_thresholds
 from host.protocol import payload_bus as pb
@@ -33,6 +34,7 @@ from host.protocol.symbols import SymbolMapping
 
 BASE = 0x0600
 GEN_CTRL, GEN_THRESHOLDS, GEN_FIRST_FRAME, GEN_FRAMES = 0x00, 0x05, 0x08, 0x09
+GEN_HEALTH = 0x0A  # R: the run's QRNG health-test failures (head_qrng.RCT_FAILED | APT_FAILED)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ class PatternGenerator(RegisterDevice):
         self.run: PatternRun | None = None
         self.runs: list[PatternRun] = []
         self.memory = PatternMemory(self)
+        self.health = 0  # GEN_HEALTH: the current (or last) run's failed tests
+        self._health_checked = 0  # frames of the run whose QRNG bytes passed the tests
 
     def frames(self) -> int:
         if self.enabled:
@@ -141,7 +145,34 @@ class PatternGenerator(RegisterDevice):
             return self.first_frame
         if offset == GEN_FRAMES:
             return self.frames()
+        if offset == GEN_HEALTH:
+            return self.health
         raise KeyError(offset)
+
+    def advance_to(self, t_ps: int) -> None:
+        """The QRNG health tests (SP 800-90B, head_qrng.health_failures) on each frame's
+        QRNG bytes before the frame is mapped and emitted: a frame that fails is not
+        emitted, generation stops there (GEN_CTRL reads 0, GEN_FRAMES counts the frames
+        before it) and GEN_HEALTH says which test failed, until the next run. The emulated
+        source is AES-256-CTR, which passes them (tests/test_head_qrng.py runs them over
+        its stream), so only the frames an injected fault reaches (HeadQrng.stick_from)
+        are recomputed here: a pass's 10^10 slots are not."""
+        run = self.run
+        stuck = self.head.qrng.stuck_from()
+        if not self.enabled or run is None or stuck is None:
+            return
+        started = self.head.frame_count - self.first_frame
+        first = max(self._health_checked, (stuck - run.word_offset) // run.frame_slots)
+        for frame in range(max(first, 0), started):
+            first_word = run.word_offset + frame * run.frame_slots
+            words = self.head.qrng.slot_words_range(first_word, run.frame_slots)
+            failed = health_failures(words.astype("<u4").tobytes())
+            if failed:
+                self.health = failed
+                self._frames_at_stop = frame
+                self.enabled = False
+                return
+            self._health_checked = frame + 1
 
     def write_reg(self, offset: int, value: int) -> int:
         if offset == GEN_CTRL:
@@ -160,6 +191,8 @@ class PatternGenerator(RegisterDevice):
                 )
                 self.runs.append(self.run)
                 self._frames_at_stop = 0
+                self.health = 0
+                self._health_checked = 0
                 self.enabled = True
             elif not on and self.enabled:
                 self._frames_at_stop = self.head.frame_count - self.first_frame
@@ -173,7 +206,7 @@ class PatternGenerator(RegisterDevice):
                 return pb.E_BAD_LENGTH
             self.thresholds[offset - GEN_THRESHOLDS] = value
             return pb.OK
-        if offset in (GEN_FIRST_FRAME, GEN_FRAMES):
+        if offset in (GEN_FIRST_FRAME, GEN_FRAMES, GEN_HEALTH):
             return pb.E_READ_ONLY
         return pb.E_BAD_ADDRESS
 

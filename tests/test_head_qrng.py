@@ -7,13 +7,21 @@ import json
 import logging
 import pickle
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from emulator import pattern_generator
-from emulator.head_qrng import DOMAIN_FIFO_BYTES, DOMAIN_SLOT_WORDS, HeadQrng
+from emulator.head_qrng import (
+    APT_FAILED,
+    DOMAIN_FIFO_BYTES,
+    DOMAIN_SLOT_WORDS,
+    RCT_FAILED,
+    HeadQrng,
+    health_failures,
+)
 from emulator.link_proxy import LinkProxy
 from emulator.optical_head import HeadServer, OpticalHead, TdcSources
 from emulator.targets import UnixTarget
@@ -321,3 +329,56 @@ def test_a_run_planned_ahead_gives_the_symbols_the_head_then_emits_and_reads_wai
     assert np.array_equal(ahead, generator.truth().symbols(slots))
     with pytest.raises(IndexError):
         planned.symbols([planned.slot_count])
+
+
+def test_the_heads_health_tests_pass_its_stream_and_catch_a_stuck_or_biased_source():
+    # SP 800-90B 4.4 with the firmware's cutoffs (sequencer.qrng_health: RCT 7, APT 27 in
+    # 512): 1 MiB of the emulated source (fixed key: deterministic) passes both
+    stream = HeadQrng(HEAD_KEY).slot_words_range(0, 1 << 18).astype("<u4").tobytes()
+    assert health_failures(stream) == 0
+    assert health_failures(stream[:100] + bytes(7) + stream[100:]) == RCT_FAILED
+    assert health_failures(stream[:100] + bytes(6) + stream[100:]) == 0
+    biased = bytes(b for i in range(256) for b in (0xAA, i))  # 0xAA: half of the window
+    assert health_failures(biased) == APT_FAILED
+
+
+def test_a_stuck_head_qrng_stops_generation_at_its_frame_and_the_controller_reports_it(
+    tmp_path,
+):
+    """Head generation: the controller never sees the QRNG's bytes, so the head runs the
+    health tests on them before mapping; a source stuck from the middle of frame 100
+    fails the repetition count test there, that frame is not emitted and generation
+    stops; the controller reads GEN_HEALTH at its housekeeping period, logs the run's end
+    with the 100 frames before it and reports qrng_fault."""
+    from host.mission.run import sequencer_config
+    from host.simulate import profiles
+
+    head = OpticalHead(seed=4, fifo_depth=2048, qrng_key=HEAD_KEY)
+    generator = pattern_generator.attach(head)
+    storage = tmp_path / "flash"
+    (storage / "link").mkdir(parents=True)
+    (storage / "link" / "key").write_bytes(LINK_KEY)
+    config = sequencer_config(profiles.load("micius-2017", {}), "head")
+    with HeadServer(head) as server:
+        with UnixTarget(storage_dir=storage, bus_address=server.address) as target:
+            with PayloadClient(target.ground_port, LINK_KEY, timeout_s=30.0) as payload:
+                payload.configure(config)
+                payload.start()
+                slots = head.regs[pb.REG_FRAME_SLOTS]
+                head.qrng.stick_from(100 * slots + slots // 2)
+                pattern_generator.fast_forward(head, head.boundary_ps(generator.first_frame + 249))
+                deadline = time.monotonic() + 30.0  # the controller polls every 100 ms
+                while True:
+                    during = payload.housekeeping()["mission"]["generator"]
+                    if "qrng_fault" in during or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+                payload.stop()
+                after = payload.housekeeping()["mission"]["generator"]
+    # (half a frame of one byte value: the adaptive proportion test fails there too)
+    assert generator.health == RCT_FAILED | APT_FAILED and not generator.enabled
+    assert generator.frames() == 100  # frame 100 held the first stuck word: not emitted
+    assert during["qrng_fault"] == "rct" and not during["running"], during
+    assert during["frames"] == 100, during
+    # the stop after it logs nothing more: the run's end was logged at the fault (record 2)
+    assert after == during, after

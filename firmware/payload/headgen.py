@@ -11,6 +11,9 @@
 #   GEN_CTRL        bit 0: generate (the head emits its generated pattern every frame)
 #   GEN_THRESHOLDS  round(p_Z 2^15), c_0, c_1 (c_k = round(cumulative p_k 2^16), last 65536)
 #   GEN_FIRST_FRAME R: the first generated frame;  GEN_FRAMES R: frames generated
+#   GEN_HEALTH      R: the head QRNG's health tests (SP 800-90B, run by the head on its
+#                   bytes before it maps them): bit 0 repetition count, bit 1 adaptive
+#                   proportion failed; a failure has stopped generation in the head
 from micropython import const
 
 from payload import bus as busmod
@@ -21,6 +24,7 @@ REG_GEN_CTRL = const(0x0600)
 REG_GEN_THRESHOLDS = const(0x0605)  # 3 registers
 REG_GEN_FIRST_FRAME = const(0x0608)
 REG_GEN_FRAMES = const(0x0609)
+REG_GEN_HEALTH = const(0x060A)
 KIND_PATTERN_RUN = const(7)
 RECORD_BYTES = const(28)
 GENERATOR_HEAD_QRNG = const(2)  # 1 was the retired splitmix64 seed expansion
@@ -42,6 +46,7 @@ class HeadGenerator:
         self.first_frame = 0
         self.frames = 0
         self.records = 0
+        self.qrng_fault = None  # "rct" / "apt": the head's health tests stopped this run
 
     def _record(self):
         """PATTERN_RUN payload: u32 generator, u32 basis_threshold, u32 c_0, u32 c_1,
@@ -85,6 +90,7 @@ class HeadGenerator:
         for i in range(3):
             if w[i] != thresholds[i]:
                 raise ConfigError("optical head did not take GEN_THRESHOLDS")
+        self.qrng_fault = None
         req(bus.write1(REG_GEN_CTRL, 1), "GEN_CTRL")
         self.first_frame = bus.read1(REG_GEN_FIRST_FRAME)
         if self.first_frame < 0:
@@ -100,8 +106,25 @@ class HeadGenerator:
             raise ConfigError("storage could not log the run: generator stopped")
         self.running = True
 
+    def check(self):
+        """While the head generates (housekeeping's period): its QRNG's health, which the
+        controller cannot test itself (the bytes never leave the head). A failure has
+        stopped generation in the head at the failing frame, none of whose bytes was
+        emitted; here the run's end is logged with the frames before it, and the fault is
+        reported (qrng_fault) until the next start. True if it found one."""
+        if not self.running:
+            return False
+        health = self.bus.read1(REG_GEN_HEALTH)
+        if health <= 0:  # healthy, or unreadable (a bus failure, counted by the bus)
+            return False
+        self.qrng_fault = "rct" if health & 1 else "apt"
+        self.stop()
+        return True
+
     def stop(self):
         bus = self.bus
+        if not self.running and self.qrng_fault is not None:
+            return True  # stopped by a health-test failure: its end is logged already
         self.running = False
         status = bus.write1(REG_GEN_CTRL, 0)
         frames = bus.read1(REG_GEN_FRAMES)
@@ -112,9 +135,12 @@ class HeadGenerator:
         return self._record()  # False: the run's end is not logged (storage status says why)
 
     def telemetry(self):
-        return {
+        out = {
             "running": self.running,
             "first_frame": self.first_frame,
             "frames": self.frames,
             "records": self.records,
         }
+        if self.qrng_fault is not None:
+            out["qrng_fault"] = self.qrng_fault
+        return out

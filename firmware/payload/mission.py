@@ -60,6 +60,9 @@ class Housekeeping:
     def step(self):
         if not self.running:
             return False
+        mission = self.mission
+        if mission.generation == "head":
+            mission.generator.check()  # the head QRNG's health tests (headgen.py)
         return self.record()
 
     def record(self):
