@@ -68,6 +68,11 @@ TRACK_REQUEST_FRAME_BYTES = const(32)
 
 MAX_DATA_BYTES = const(2048)  # largest FIFO burst or memory write in one frame
 MAX_BODY_BYTES = const(2064)  # MAX_DATA_BYTES plus the largest header, with margin
+# Link reads one _next_frame call makes at most (of the 512-byte chunk): a whole frame of
+# MAX_BODY_BYTES takes 5, so a frame that is arriving is never cut into two calls by this.
+_MAX_READS_PER_CALL = const(8)
+# Unsolicited frames one poll() hands on at most (a head that floods them cannot hold it)
+_MAX_POLL_FRAMES = const(8)
 MAX_REGS = const(64)
 
 # FIFOs and memories
@@ -402,10 +407,17 @@ class Bus:
             return status
 
     def _next_frame(self):
-        """The next good frame body from the link, or None if none is complete yet."""
+        """The next good frame body from the link, or None if none is complete yet, or
+        after _MAX_READS_PER_CALL reads without one: a link that never stops sending (a
+        babbling head, a line stuck at a level that reads as bytes) held this loop for
+        good, past every caller's timeout, which is checked between calls."""
         rx = self.rx
+        reads = 0
         while True:
             if self._chunk_pos >= self._chunk_fill:
+                if reads >= _MAX_READS_PER_CALL:
+                    return None
+                reads += 1
                 count = self.link.readinto(self._chunk)
                 if not count:
                     return None
@@ -558,9 +570,10 @@ class Bus:
         )
 
     def poll(self):
-        """Between transactions: hand unsolicited frames to on_unsolicited."""
+        """Between transactions: hand unsolicited frames to on_unsolicited (at most
+        _MAX_POLL_FRAMES a call)."""
         busy = False
-        while True:
+        for _ in range(_MAX_POLL_FRAMES):
             body = self._next_frame()
             if body is None:
                 return busy
@@ -570,6 +583,7 @@ class Bus:
                 self.on_unsolicited(body)
             else:
                 self.bad_replies += 1
+        return busy
 
     def counters(self):
         drops = self.rx.drops

@@ -112,6 +112,43 @@ def test_timeout_is_counted_not_raised():
     assert b.timeouts == 1
 
 
+class BabblingLink(ByteLink):
+    """A head that never stops sending: every read fills the buffer (no delimiter ever,
+    or, with frame, that whole frame again and again)."""
+
+    def __init__(self, frame=None):
+        super().__init__()
+        self.frame = frame
+        self.reads = 0
+
+    def readinto(self, buf):
+        self.reads += 1
+        if self.frame is None:
+            for i in range(len(buf)):
+                buf[i] = 0x55
+            return len(buf)
+        n = min(len(buf), len(self.frame))
+        buf[:n] = self.frame[:n]
+        return n
+
+
+def test_a_link_that_never_stops_sending_ends_in_a_timeout_not_a_hang():
+    # _next_frame read until a frame was complete or the link had nothing: a babbling
+    # head (bytes with no delimiter) held the transaction forever, past its timeout, and
+    # the main loop with it (the watchdog's reset the only way out); a flood of
+    # unsolicited frames held poll() the same way.
+    link = BabblingLink()
+    b = _bus(link)
+    assert b.read(busmod.REG_ID, 1) == busmod.E_TIMEOUT
+    assert b.timeouts == 1
+    flood = BabblingLink(bytes(framing.FrameWriter(64).encode(b"\x01\x99\x00")))
+    b = _bus(flood)
+    seen = []
+    b.on_unsolicited = lambda body: seen.append(1)
+    assert b.poll() is True
+    assert 0 < len(seen) <= 64 and flood.reads <= 64, (len(seen), flood.reads)
+
+
 class XorShift:
     def __init__(self, seed):
         self.s = seed
