@@ -657,15 +657,20 @@ def _summary(name: str, values: list[float], worst) -> str:
 
 def test_bench_full_passes(tmp_path):
     """BENCH_PASSES full passes per profile, each a different simulation seed, distilled
-    with CSPRNG endpoint randomness (seed=None)."""
-    for profile, tail in (("micius-2017", "hoeffding"), ("jinan-1", "chernoff")):
+    with CSPRNG endpoint randomness (seed=None). BENCH_FULL_PASS_PROFILES (comma-separated,
+    default both) picks the profiles: micius-2017 alone is the issue's "fraction of the
+    pass" figure in a few minutes."""
+    chosen = os.environ.get("BENCH_FULL_PASS_PROFILES", "micius-2017,jinan-1").split(",")
+    profiles = (("micius-2017", "hoeffding"), ("jinan-1", "chernoff"))
+    for profile, tail in (pair for pair in profiles if pair[0] in chosen):
         fs, fractions, cpu_fractions, keys = [], [], [], []
         for sim_seed in range(1, PASSES + 1):
             pass_dir = tmp_path / f"{profile}-{sim_seed}"
             duration_s = _simulate(profile, sim_seed, pass_dir)
-            cpu0 = time.process_time()
+            times0 = os.times()
             report = run_local(pass_dir, tmp_path / f"out-{profile}-{sim_seed}", Config(tail=tail))
-            cpu_s = time.process_time() - cpu0
+            times1 = os.times()
+            cpu_s = times1.user + times1.system - times0.user - times0.system
             assert not report["aborted"], report["abort_reason"]
             stages = report["stage_seconds"]
             fs.append(report["ec"]["efficiency"])
@@ -682,8 +687,10 @@ def test_bench_full_passes(tmp_path):
                 f"{report['ec']['efficiency']:.3f}, frames {report['ec']['frames']} ("
                 f"{', '.join(_frame_lengths(b) for b in report['ec']['blocks'])}), "
                 f"distil {stages['total']:.1f} s = {stages['total'] / duration_s:.3f} of "
-                f"the pass (EC {stages.get('error_correction', 0):.1f} s), CPU {cpu_s:.1f} s "
-                f"(both endpoints) = {cpu_s / duration_s:.3f} of the pass"
+                f"the pass (EC {stages.get('error_correction', 0):.1f} s, sync "
+                f"{stages.get('sync', 0):.1f} s, sifting {stages.get('sifting', 0):.1f} s), CPU "
+                f"{cpu_s:.1f} s (both endpoints; kernel {times1.system - times0.system:.1f} s) "
+                f"= {cpu_s / duration_s:.3f} of the pass"
             )
         print(
             f"{profile} over {PASSES} passes: {_summary('f', fs, max)}; "
