@@ -51,8 +51,10 @@ class Housekeeping:
         self.mission = mission
         self.bus = mission.bus
         # deferred: synced by the store's sync duty, not per record (docs/storage.md)
+        # (its record buffer shared with the tracking product's: each fills and commits
+        # in one call)
         self.log = mission.store.open_log(
-            "housekeeping", storage.KIND_HOUSEKEEPING, 1024, deferred=True
+            "housekeeping", storage.KIND_HOUSEKEEPING, 1024, deferred=True, shared=True
         )
         self.running = False
         self.records = 0
@@ -179,6 +181,7 @@ class Mission:
             tracking_duty.TrackingDuty.check_loop_rate(self.bus, tracker, rate_limit_hz)
         # head generation: the FPGA maps at the slot clock, the controller's capacity does
         # not bound the slot rate
+        self.sequencer.keep_qrng_buffer(generation == "controller")
         self.sequencer.configure(config, 0 if generation == "head" else scale)
         self.generation = generation
         if tracker is not None:

@@ -323,12 +323,16 @@ class RecordLog:
     duty is not running). commit() returns COMMIT_FAILED (-1) when storage cannot take it
     (quota reached, ENOSPC, I/O error), counts it, and leaves the log usable."""
 
-    def __init__(self, path, kind, max_payload_bytes, store=None, records_per_sync=1):
+    def __init__(self, path, kind, max_payload_bytes, store=None, records_per_sync=1, record=None):
         self.path = path
         self.kind = kind
         self.max_payload_bytes = max_payload_bytes
         self.store = store  # the Storage whose quota this log draws on (None: no quota)
-        self._record = bytearray(HEADER_BYTES + max_payload_bytes + CRC_BYTES)
+        # record: a buffer shared with other logs that each fill their payload and commit
+        # it in one go (Storage.open_log's shared), else this log's own
+        if record is None or len(record) < HEADER_BYTES + max_payload_bytes + CRC_BYTES:
+            record = bytearray(HEADER_BYTES + max_payload_bytes + CRC_BYTES)
+        self._record = record
         self._view = memoryview(self._record)
         self.payload = self._view[HEADER_BYTES : HEADER_BYTES + max_payload_bytes]
         self._crc = framing.Crc32()
@@ -549,6 +553,7 @@ class Storage:
     ):
         self.root = root
         self.records_per_sync = records_per_sync  # for the logs opened batched
+        self._shared_record = None  # the record buffer of the logs opened shared
         # Logs opened deferred are synced by sync_step, by age on this clock; without a
         # clock they are synced per record, as before.
         self.ticks_us = clock.ticks_us if clock is not None else None
@@ -601,11 +606,15 @@ class Storage:
     def path(self, name):
         return _join(self.products_dir, name + ".qrec")
 
-    def open_log(self, name, kind, max_payload_bytes, batched=False, deferred=False):
+    def open_log(self, name, kind, max_payload_bytes, batched=False, deferred=False,
+                 shared=False):  # fmt: skip
         """The log `name`; batched: synced once per records_per_sync records (the
         high-rate logs); deferred: synced by sync_step when its oldest unsynced record is
         sync_age_us old (the low-rate logs; per record on a store without a clock); else
-        per record."""
+        per record. shared: the log's record buffer is one the store's other shared logs
+        use too (a log that fills its payload and commits it in one call, never a payload
+        kept between calls: housekeeping and the tracking product, ~1 kB each of the STM32
+        board's heap); the first shared log sizes it."""
         log = self.logs.get(name)
         if log is None:
             per_sync = 1
@@ -613,7 +622,13 @@ class Storage:
                 per_sync = self.records_per_sync
             elif deferred and self.ticks_us is not None:
                 per_sync = 0
-            log = RecordLog(self.path(name), kind, max_payload_bytes, self, per_sync)
+            record = None
+            if shared:
+                record = self._shared_record
+                if record is None:
+                    record = bytearray(HEADER_BYTES + max_payload_bytes + CRC_BYTES)
+                    self._shared_record = record
+            log = RecordLog(self.path(name), kind, max_payload_bytes, self, per_sync, record)
             self.logs[name] = log
             if per_sync == 0:
                 self.deferred.append(log)

@@ -37,16 +37,19 @@ REACQ = const(6)
 LOST = const(7)
 STATE_NAMES = ("IDLE", "OPEN_LOOP", "SCAN", "COARSE", "FINE", "HOLD", "REACQ", "LOST")
 
-R_COMMAND_START = const(1)
+# (Reasons and io words that no other module names are underscored: a public const is an
+# entry in the module's globals, and 25 fewer made that dict ~0.4 kB smaller in the STM32
+# board's heap; the numbers are the interface, docs/tracking.md.)
+_R_COMMAND_START = const(1)
 R_COMMAND_STOP = const(2)
-R_ON_PREDICTION = const(3)  # coarse axis settled on the predicted direction
-R_CAMERA_SIGNAL = const(4)  # camera signal above threshold for N frames
-R_FINE_SIGNAL = const(5)  # QPD sum above threshold and camera error small for N samples
-R_SIGNAL_LOST = const(6)  # QPD sum below threshold for N samples
-R_SIGNAL_BACK = const(7)  # QPD sum back above threshold during HOLD
-R_HOLD_TIMEOUT = const(8)
-R_SCAN_EXHAUSTED = const(9)
-R_CAMERA_LOST = const(10)
+_R_ON_PREDICTION = const(3)  # coarse axis settled on the predicted direction
+_R_CAMERA_SIGNAL = const(4)  # camera signal above threshold for N frames
+_R_FINE_SIGNAL = const(5)  # QPD sum above threshold and camera error small for N samples
+_R_SIGNAL_LOST = const(6)  # QPD sum below threshold for N samples
+_R_SIGNAL_BACK = const(7)  # QPD sum back above threshold during HOLD
+_R_HOLD_TIMEOUT = const(8)
+_R_SCAN_EXHAUSTED = const(9)
+_R_CAMERA_LOST = const(10)
 REASON_NAMES = (
     "",
     "command start",
@@ -62,31 +65,31 @@ REASON_NAMES = (
 )
 
 # ---------------------------------------------------------------- io words (int32)
-IO_QA = const(0)  # quadrant A..D, ADC counts (A: -x+y, B: +x+y, C: -x-y, D: +x-y)
-IO_QB = const(1)
-IO_QC = const(2)
-IO_QD = const(3)
-IO_CAM_NEW = const(4)  # 1 when the camera delivered a new frame this step
-IO_CAM_X = const(5)  # camera centroid, nrad
-IO_CAM_Y = const(6)
-IO_CAM_SIGNAL = const(7)  # camera spot signal, counts
-IO_ENC_X = const(8)  # coarse axis position, nrad
-IO_ENC_Y = const(9)
+_IO_QA = const(0)  # quadrant A..D, ADC counts (A: -x+y, B: +x+y, C: -x-y, D: +x-y)
+_IO_QB = const(1)
+_IO_QC = const(2)
+_IO_QD = const(3)
+_IO_CAM_NEW = const(4)  # 1 when the camera delivered a new frame this step
+_IO_CAM_X = const(5)  # camera centroid, nrad
+_IO_CAM_Y = const(6)
+_IO_CAM_SIGNAL = const(7)  # camera spot signal, counts
+_IO_ENC_X = const(8)  # coarse axis position, nrad
+_IO_ENC_Y = const(9)
 IO_ARS_X = const(10)  # angular-rate sensor, platform jitter integrated to angle, nrad
 IO_ARS_Y = const(11)
 IO_FSM_X = const(12)  # out: mirror command, nrad
 IO_FSM_Y = const(13)
 IO_RATE_X = const(14)  # out: coarse axis rate command, nrad/ms (urad/s)
-IO_RATE_Y = const(15)
-IO_PA_X = const(16)  # out: point-ahead command, nrad
-IO_PA_Y = const(17)
-IO_STATE = const(18)  # out
+_IO_RATE_Y = const(15)
+_IO_PA_X = const(16)  # out: point-ahead command, nrad
+_IO_PA_Y = const(17)
+_IO_STATE = const(18)  # out
 IO_ERR_X = const(19)  # out: measured fine error, nrad (0 without signal)
 IO_ERR_Y = const(20)
-IO_SIGNAL = const(21)  # out: QPD sum above background, counts
+_IO_SIGNAL = const(21)  # out: QPD sum above background, counts
 IO_PRED_X = const(22)  # out: predicted line of sight (uplinked prediction, no bias), nrad
 IO_PRED_Y = const(23)
-IO_WORDS = const(24)
+_IO_WORDS = const(24)
 
 # ---------------------------------------------------------------- config words (int32)
 _K_PERIOD_US = const(0)
@@ -173,7 +176,7 @@ _S_WORDS = const(50)
 # ring | telemetry].
 _OFF_CFG = const(50)  # _S_WORDS
 _OFF_IO = const(94)  # _OFF_CFG + _K_WORDS
-_OFF_NODES = const(118)  # _OFF_IO + IO_WORDS
+_OFF_NODES = const(118)  # _OFF_IO + _IO_WORDS
 _OFF_TM_MASK = const(119)  # the telemetry ring's slots - 1 (a power of two, set per board)
 # The prediction window (Tracker.table): a ring of a power of two of nodes, node n in slot
 # n & mask. The main loop's pager (Tracker.page) writes slots, then publishes the last node
@@ -183,8 +186,10 @@ _OFF_WIN_MASK = const(120)  # the window's slots - 1
 _OFF_WIN_LAST = const(121)  # the last node resident in the window (-1: none)
 _OFF_WIN_LATE = const(122)  # steps the pass time waited for the window (saturating)
 _OFF_LOG = const(123)
-_OFF_TM = const(379)  # _OFF_LOG + 4 * _TR_SLOTS
-_TR_SLOTS = const(64)  # transition ring: step, from, to, reason
+_OFF_TM = const(251)  # _OFF_LOG + 2 * _TR_SLOTS
+# transition ring: step, then from | to << 8 | reason << 16 (two words a transition, not
+# four: 512 bytes of the STM32 board's heap)
+_TR_SLOTS = const(64)
 TM_SAMPLE_WORDS = const(7)  # telemetry sample: step, state, signal, ex, ey, fsm x, fsm y
 _TM_SLOTS = const(256)  # the telemetry ring's default slots (Tracker's telemetry_slots)
 _TABLE_WORDS = const(8)  # per prediction node: x, y, vx, vy, ax, ay, pa x, pa y
@@ -656,15 +661,17 @@ class Tracker:
 
     def __init__(self, config=None, hardware=None, telemetry_slots=_TM_SLOTS):
         """telemetry_slots: the decimated telemetry ring's samples (a power of two of at
-        least 64: the product drains 40 at a time). The default 256 makes the tracker 8.7 KB,
-        more than the STM32 board's heap has in one block once the application is up; it
-        runs 64 (board.TRACKING_TELEMETRY_SLOTS: 3.3 KB; docs/targets.md)."""
+        least 64: the product drains 40 at a time). The default 256 makes the tracker's words
+        8.2 KB (8.7 KB before the transition ring was packed), more than the STM32 board's
+        heap had in one block once the application was up; it runs 64
+        (board.TRACKING_TELEMETRY_SLOTS: words 2.8 KB; docs/targets.md)."""
         if telemetry_slots < 64 or telemetry_slots & (telemetry_slots - 1):
             raise ConfigError("telemetry_slots=%r: a power of two >= 64" % (telemetry_slots,))
-        self.hardware = dict(HARDWARE if hardware is None else hardware)
-        self.config = dict(DEFAULTS)
-        if config:
-            self.config.update(config)
+        # (HARDWARE itself when not given: a copy is 80 bytes of the STM32 board's heap)
+        self.hardware = HARDWARE if hardware is None else dict(hardware)
+        # only the changes to DEFAULTS are kept (`config` merges them when asked): a merged
+        # copy is ~0.3 kB of the STM32 board's heap for the whole pass
+        self._changes = dict(config) if config else {}
         # one block, from a range, then zeroed: array("i", bytes(n)) needs a second
         # n-byte block for the zeros, which a fragmented heap may not have (docs/targets.md)
         all_words = _OFF_TM + TM_SAMPLE_WORDS * telemetry_slots
@@ -676,9 +683,9 @@ class Tracker:
         view = memoryview(self.words)
         self.st = view[:_S_WORDS]
         self.cfg = view[_OFF_CFG : _OFF_CFG + _K_WORDS]
-        self.io = view[_OFF_IO : _OFF_IO + IO_WORDS]
+        self.io = view[_OFF_IO : _OFF_IO + _IO_WORDS]
         self._nodes = view[_OFF_NODES : _OFF_NODES + 1]
-        self.transition_log = view[_OFF_LOG : _OFF_LOG + 4 * _TR_SLOTS]
+        self.transition_log = view[_OFF_LOG : _OFF_LOG + 2 * _TR_SLOTS]
         self.telemetry = view[_OFF_TM : _OFF_TM + TM_SAMPLE_WORDS * telemetry_slots]
         self.cfg[:] = validate(self.config, self.hardware)
         # the prediction window: two nodes of zeros until a prediction is loaded
@@ -702,11 +709,20 @@ class Tracker:
         if self.st[_S_STATE] != IDLE:
             raise ConfigError("configure: refused while tracking (state %s); stop first"
                               % STATE_NAMES[self.st[_S_STATE]])  # fmt: skip
-        merged = dict(self.config)
+        merged = dict(self._changes)
         merged.update(changes)
-        words = validate(merged, self.hardware)
-        self.config = merged
+        full = dict(DEFAULTS)
+        full.update(merged)
+        words = validate(full, self.hardware)
+        self._changes = merged
         self.cfg[:] = words
+
+    @property
+    def config(self):
+        """The whole configuration: DEFAULTS with this tracker's changes (a new dict)."""
+        out = dict(DEFAULTS)
+        out.update(self._changes)
+        return out
 
     def load_predictions(self, rows):
         """Store the uplinked pass prediction: one row per second from loop time 0,
@@ -928,10 +944,11 @@ class Tracker:
         count = self.st[_S_TR_COUNT]
         first = max(0, count - _TR_SLOTS)
         out = []
+        log = self.transition_log
         for n in range(first, count):
-            i = 4 * (n % _TR_SLOTS)
-            log = self.transition_log
-            out.append((log[i], log[i + 1], log[i + 2], log[i + 3]))
+            i = 2 * (n % _TR_SLOTS)
+            states = log[i + 1]
+            out.append((log[i], states & 0xFF, (states >> 8) & 0xFF, states >> 16))
         return out
 
     def bias_nrad(self):
@@ -958,7 +975,7 @@ class Tracker:
         count = min(max_samples, self.telemetry_pending())
         tail = self.st[_S_TM_TAIL]
         length = pack_samples_into(out, self.telemetry, count, self.cfg[0],
-                                   self.config["telemetry_decimation"], tail,
+                                   self.cfg[_K_TELEM_DECIM], tail,
                                    self._tm_mask)  # fmt: skip
         self.st[_S_TM_TAIL] = tail + count
         return count, length
@@ -1123,11 +1140,9 @@ def pack_transitions(transitions, period_us):
 @micropython.viper
 def _log_transition(st: ptr32, to: int, reason: int):
     count = st[_S_TR_COUNT]
-    i = (count % _TR_SLOTS) * 4
+    i = (count % _TR_SLOTS) * 2
     st[_OFF_LOG + i] = st[_S_STEP]
-    st[_OFF_LOG + i + 1] = st[_S_STATE]
-    st[_OFF_LOG + i + 2] = to
-    st[_OFF_LOG + i + 3] = reason
+    st[_OFF_LOG + i + 1] = st[_S_STATE] | (to << 8) | (reason << 16)
     st[_S_TR_COUNT] = count + 1
     st[_S_STATE] = to
     st[_S_IN_STATE] = 0
@@ -1218,7 +1233,7 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         st[_S_BDX] = 0
         st[_S_BDY] = 0
         st[_S_TM_COUNTDOWN] = 0
-        _log_transition(st, OPEN_LOOP, R_COMMAND_START)
+        _log_transition(st, OPEN_LOOP, _R_COMMAND_START)
         state = OPEN_LOOP
     if node > last_seg:  # a table reloaded shorter while idle: never read past its end
         node = last_seg
@@ -1273,10 +1288,10 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
     pa_y = pa0 + ((((table[next_row + 7] ^ m) - m - pa0) * frac_q10) >> 10)
 
     # -------- sensors
-    qa = st[_OFF_IO + IO_QA] & 0xFFFF  # 16-bit ADC: a corrupt word cannot overflow S
-    qb = st[_OFF_IO + IO_QB] & 0xFFFF
-    qc = st[_OFF_IO + IO_QC] & 0xFFFF
-    qd = st[_OFF_IO + IO_QD] & 0xFFFF
+    qa = st[_OFF_IO + _IO_QA] & 0xFFFF  # 16-bit ADC: a corrupt word cannot overflow S
+    qb = st[_OFF_IO + _IO_QB] & 0xFFFF
+    qc = st[_OFF_IO + _IO_QC] & 0xFFFF
+    qd = st[_OFF_IO + _IO_QD] & 0xFFFF
     signal = qa + qb + qc + qd - 4 * st[_OFF_CFG + _K_QPD_BG]
     fine_ok = signal >= st[_OFF_CFG + _K_QPD_THR]
     ex = 0
@@ -1326,10 +1341,10 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         if st[_S_QPD_MISS] < _COUNT_MAX:
             st[_S_QPD_MISS] = st[_S_QPD_MISS] + 1
         st[_S_QPD_RUN] = 0
-    cam_new = st[_OFF_IO + IO_CAM_NEW]
-    cam_x = (st[_OFF_IO + IO_CAM_X] ^ m) - m
-    cam_y = (st[_OFF_IO + IO_CAM_Y] ^ m) - m
-    cam_ok = ((st[_OFF_IO + IO_CAM_SIGNAL] ^ m) - m) >= st[_OFF_CFG + _K_CAM_THR]
+    cam_new = st[_OFF_IO + _IO_CAM_NEW]
+    cam_x = (st[_OFF_IO + _IO_CAM_X] ^ m) - m
+    cam_y = (st[_OFF_IO + _IO_CAM_Y] ^ m) - m
+    cam_ok = ((st[_OFF_IO + _IO_CAM_SIGNAL] ^ m) - m) >= st[_OFF_CFG + _K_CAM_THR]
     if cam_new:
         if cam_ok:
             if st[_S_CAM_RUN] < _COUNT_MAX:
@@ -1349,12 +1364,12 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         ars_y = _ARS_CLAMP
     elif ars_y < 0 - _ARS_CLAMP:
         ars_y = 0 - _ARS_CLAMP
-    enc_x = (st[_OFF_IO + IO_ENC_X] ^ m) - m
+    enc_x = (st[_OFF_IO + _IO_ENC_X] ^ m) - m
     if enc_x > angle_max:
         enc_x = angle_max
     elif enc_x < 0 - angle_max:
         enc_x = 0 - angle_max
-    enc_y = (st[_OFF_IO + IO_ENC_Y] ^ m) - m
+    enc_y = (st[_OFF_IO + _IO_ENC_Y] ^ m) - m
     if enc_y > angle_max:
         enc_y = angle_max
     elif enc_y < 0 - angle_max:
@@ -1388,7 +1403,7 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
     cam_seen = cam_new and st[_S_CAM_RUN] >= st[_OFF_CFG + _K_CAM_CONFIRM]
     if state == OPEN_LOOP or state == SCAN or state == REACQ or state == LOST:
         if cam_seen:
-            _log_transition(st, COARSE, R_CAMERA_SIGNAL)
+            _log_transition(st, COARSE, _R_CAMERA_SIGNAL)
             state = COARSE
             st[_S_CRX] = 0
             st[_S_CRY] = 0
@@ -1398,7 +1413,7 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             and int(_clamp(cam_x, st[_OFF_CFG + _K_HANDOVER])) == cam_x
             and int(_clamp(cam_y, st[_OFF_CFG + _K_HANDOVER])) == cam_y
         ):
-            _log_transition(st, FINE, R_FINE_SIGNAL)
+            _log_transition(st, FINE, _R_FINE_SIGNAL)
             state = FINE
             st[_S_IX] = 0
             st[_S_IY] = 0
@@ -1413,15 +1428,15 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             for i in range(4 * _WHEEL_LINES):
                 st[_S_RES + i] = 0
         elif cam_new and st[_S_CAM_MISS] >= st[_OFF_CFG + _K_CAM_LOSS]:
-            _log_transition(st, REACQ, R_CAMERA_LOST)
+            _log_transition(st, REACQ, _R_CAMERA_LOST)
             state = REACQ
     elif state == FINE:
         if st[_S_QPD_MISS] >= st[_OFF_CFG + _K_LOSS_SAMPLES]:
-            _log_transition(st, HOLD, R_SIGNAL_LOST)
+            _log_transition(st, HOLD, _R_SIGNAL_LOST)
             state = HOLD
     elif state == HOLD:
         if st[_S_QPD_RUN] >= st[_OFF_CFG + _K_QPD_CONFIRM]:
-            _log_transition(st, FINE, R_SIGNAL_BACK)
+            _log_transition(st, FINE, _R_SIGNAL_BACK)
             state = FINE
             st[_S_EPX] = ex
             st[_S_EPY] = ey
@@ -1432,12 +1447,12 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             # The camera sees the beacon away from the QPD's field: close the coarse loop
             # again. Near the centre the QPD will see it back first (a scintillation fade
             # of the QPD while the camera's 10 ms frame still integrates light).
-            _log_transition(st, COARSE, R_CAMERA_SIGNAL)
+            _log_transition(st, COARSE, _R_CAMERA_SIGNAL)
             state = COARSE
             st[_S_CRX] = 0
             st[_S_CRY] = 0
         elif st[_S_IN_STATE] >= st[_OFF_CFG + _K_HOLD_STEPS]:
-            _log_transition(st, REACQ, R_HOLD_TIMEOUT)
+            _log_transition(st, REACQ, _R_HOLD_TIMEOUT)
             state = REACQ
 
     # -------- controllers per state
@@ -1471,7 +1486,7 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
             off_x = ((r >> 7) * cos_q14) >> 7
             off_y = ((r >> 7) * sin_q14) >> 7
             if st[_S_SCANS] >= max_scans:
-                _log_transition(st, LOST, R_SCAN_EXHAUSTED)
+                _log_transition(st, LOST, _R_SCAN_EXHAUSTED)
                 state = LOST
                 off_x = 0
                 off_y = 0
@@ -1495,7 +1510,7 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
         if state == OPEN_LOOP:
             settle = st[_OFF_CFG + _K_SETTLE]
             if int(_clamp(dx, settle)) == dx and int(_clamp(dy, settle)) == dy:
-                _log_transition(st, SCAN, R_ON_PREDICTION)
+                _log_transition(st, SCAN, _R_ON_PREDICTION)
                 state = SCAN
                 st[_S_OFFX] = 0
                 st[_S_OFFY] = 0
@@ -1749,16 +1764,16 @@ def _step(st: ptr32, table: ptr32, sin: ptr16) -> int:
     elif rate_y < 0 - rate_limit:
         rate_y = 0 - rate_limit
     st[_OFF_IO + IO_RATE_X] = rate_x
-    st[_OFF_IO + IO_RATE_Y] = rate_y
+    st[_OFF_IO + _IO_RATE_Y] = rate_y
     if state == IDLE:
         pa_x = 0
         pa_y = 0
-    st[_OFF_IO + IO_PA_X] = pa_x
-    st[_OFF_IO + IO_PA_Y] = pa_y
-    st[_OFF_IO + IO_STATE] = state
+    st[_OFF_IO + _IO_PA_X] = pa_x
+    st[_OFF_IO + _IO_PA_Y] = pa_y
+    st[_OFF_IO + _IO_STATE] = state
     st[_OFF_IO + IO_ERR_X] = ex
     st[_OFF_IO + IO_ERR_Y] = ey
-    st[_OFF_IO + IO_SIGNAL] = signal
+    st[_OFF_IO + _IO_SIGNAL] = signal
     st[_OFF_IO + IO_PRED_X] = pred_x
     st[_OFF_IO + IO_PRED_Y] = pred_y
 

@@ -720,8 +720,10 @@ class TrackingProduct:
 
     def __init__(self, tracker, store):
         self.tracker = tracker
+        # packed into the payload and committed in one call (step): the record buffer is
+        # the one housekeeping's log uses too (storage.Storage.open_log's shared)
         self.log = store.open_log(
-            "tracking", storage.KIND_TRACKING, 12 + 24 * _PER_RECORD, deferred=True
+            "tracking", storage.KIND_TRACKING, 12 + 24 * _PER_RECORD, deferred=True, shared=True
         )
         self.transitions_written = 0
         self.transitions_lost = 0

@@ -11,12 +11,17 @@ def _names_one_per_cache_slot():
     holds it; looking them all up leaves no entry of the cache as it was. Two lists made
     once (the STM32 board's heap, fragmented by the Tracker and the replies, had no room
     for a dict's growth)."""
+    import builtins
     import sys
 
     dicts = [None] * 64
     keys = [None] * 64
-    for module_name in sys.modules:
-        names = getattr(sys.modules[module_name], "__dict__", None)
+    # the loaded modules' globals, then the built-in modules' (the cache serves every map:
+    # a slot no loaded module's name takes, since payload.tracking keeps fewer globals on
+    # the STM32 board, is taken by a built-in name)
+    modules = [sys.modules[name] for name in sys.modules] + [builtins, sys]
+    for module in modules:
+        names = getattr(module, "__dict__", None)
         if not isinstance(names, dict):
             continue
         for key in names:

@@ -97,9 +97,9 @@ TIMER_INPUT_HZ = 1_000_000_000  # QEMU's stm32f2xx_timer "clock-frequency"
 TDC_RING_EVENTS = 512
 # The tracking loop's telemetry ring: 64 samples (320 ms at the default decimation of 10 at
 # 2 kHz; the product drains 40 at a time, losses are counted) instead of 256, so the tracker
-# is 3.3 kB, not 8.7 kB: with the application up, this heap has ~28 kB free in holes of at
-# most ~7.7 kB, and the 8.7 kB tracker found none (MemoryError at configure; docs/targets.md
-# "A tracking pass on the STM32 board").
+# is 3.3 kB (2.8 kB since its transition ring was packed), not 8.7 kB: with the application
+# up, this heap had ~28 kB free in holes of at most ~7.7 kB, and the 8.7 kB tracker found
+# none (MemoryError at configure; docs/targets.md "A tracking pass on the STM32 board").
 TRACKING_TELEMETRY_SLOTS = 64
 
 STORAGE_ROOT = "/flash"
