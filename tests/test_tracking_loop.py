@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from emulator.optical_head import HeadServer
 from emulator.optical_plant import OpticalPlant, PassGeometry, PlantParams, prediction_table
-from emulator.payload_run import run_pass
+from emulator.payload_run import payload_session, run_pass
 from emulator.targets import (
     CONTROLLER_HEAP_BYTES,
     QemuTarget,
@@ -23,6 +24,7 @@ from emulator.targets import (
 )
 from emulator.tracking_lockstep import TrackingHead, run_lockstep, run_over_bus
 from host.deploy.raw_repl import RawRepl
+from host.link.client import CommandRejected
 from host.protocol import tracking as trk
 
 # The targets, under the default plant (docs/tracking.md "Figures"): the runs are
@@ -255,6 +257,30 @@ def test_full_pass_prediction_upload_refused_when_incomplete_or_corrupt():
     config["tracking"]["predictions"] = dict(reference, crc32=reference["crc32"] ^ 1)
     run = run_pass("unix", head, config, 10, uploads=chunks)
     assert not run.configure_reply["ok"] and "CRC-32" in run.configure_reply["reason"]
+
+
+def test_a_new_upload_withdraws_the_configured_prediction_until_configured_again():
+    # The prediction lives in storage (docs/tracking.md "Full-pass prediction upload"): a
+    # new upload overwrites the file the configured loop pages from, so a start is refused
+    # (the reason names what to do) until a configuration names the new upload
+    _, head, chunks, config = _uploaded_pass(30.0)
+    with HeadServer(head) as server:
+        with payload_session("unix", server.address, track_address=server.track_address) as (
+            _target,
+            payload,
+        ):
+            for chunk in chunks:
+                payload.configure(chunk)
+            payload.configure(config)
+            payload.configure(chunks[0])  # a new upload begins
+            with pytest.raises(CommandRejected, match="configure again"):
+                payload.start()
+            for chunk in chunks[1:]:
+                payload.configure(chunk)
+            payload.configure(config)
+            payload.start()
+            payload.stop()
+            assert payload.housekeeping()["mission"]["tracking"][0] == "IDLE"
 
 
 def test_bad_tracking_configuration_refused_by_telecommand():

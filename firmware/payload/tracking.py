@@ -823,8 +823,8 @@ class Tracker:
         start's window). Raises ConfigError if the stored prediction was released or
         cannot be read (a start refused, rather than a loop on nodes it does not have)."""
         if self._window_first == -2:
-            raise ConfigError("tracking: the prediction was replaced by a new upload;"
-                              " configure the pass again")  # fmt: skip
+            # (short: the link's rejection reason carries 64 characters)
+            raise ConfigError("tracking: prediction replaced by an upload; configure again")
         if self._source is None:
             return  # the whole table is resident
         if self.st[_S_STATE] != IDLE:

@@ -422,7 +422,7 @@ def test_a_new_upload_withdraws_the_configured_prediction():
         t.start(0)
         raise AssertionError("started on a prediction that was replaced")
     except tracking.ConfigError as error:
-        assert "configure the pass again" in str(error), str(error)
+        assert "configure again" in str(error), str(error)
     # and a file that is not what was uploaded is refused when the table is loaded
     with open(up.path, "r+b") as f:
         f.seek(3)
