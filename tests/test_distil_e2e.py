@@ -596,3 +596,48 @@ def test_a_distil_run_turns_numpys_huge_page_advice_off_unless_the_user_set_it(m
         out = subprocess.run([PY, "-c", probe], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == expected.split(), setting
+
+
+_WARM_UP_THEN_DISTIL = """
+import sys
+from host.distil import bitcodec, codes, gf64, ldpc, pa
+from host.distil.protocol import Config
+from host.distil.run import run_local
+
+def signatures():
+    return {
+        (module.__name__, name): len(kernel.signatures)
+        for module in (bitcodec, gf64, ldpc, pa)
+        for name, kernel in vars(module).items()
+        if hasattr(kernel, "signatures") and hasattr(kernel, "py_func")
+    }
+
+codes.warm_up_machine_code()
+warm = signatures()
+report = run_local(sys.argv[1], sys.argv[2], Config(), insecure_deterministic_seed=3)
+gained = sorted(f"{m}.{n}" for (m, n), count in signatures().items() if count != warm[(m, n)])
+print(report["key_bits"] > 0, warm[("host.distil.ldpc", "decode_phi_rows")], gained or "none")
+"""
+
+
+@pytest.mark.slow
+def test_the_setup_warm_up_leaves_a_pass_no_machine_code_to_compile_or_load(micius_pass, tmp_path):
+    """`make setup` runs codes.warm_up_machine_code: with an empty numba cache a pass
+    compiled its kernels inside its timed stages (the first full micius-2017 pass of a fresh
+    tree 27.4 s against ~9 s). After it, a pass adds no signature to any kernel: everything
+    it runs was compiled, and loaded, before; the decoder holds both of its signatures
+    (frames of 2^16, and the longer frames' int32 edge index)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1])]
+        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    done = subprocess.run(
+        [PY, "-c", _WARM_UP_THEN_DISTIL, str(micius_pass), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "2", "none"]

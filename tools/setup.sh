@@ -133,5 +133,14 @@ step "LDPC codes (qkdsat codes build: 543 codes, ~12 min on 2 idle cores the fir
 "$VENV/bin/python" -m host.cli codes build || fail "LDPC code build" \
     "read the message above; 'qkdsat codes build --check' lists what is missing"
 
+# ---------------------------------------------------------------- numba machine code
+# The distillation's kernels (decoder, syndromes, authentication hash, Rice coding, PA)
+# compiled into numba's cache (host/distil/__pycache__) now, on throw-away bits, not inside
+# the first pass's timed stages (a fresh tree's first micius-2017 pass: 27.4 s against ~9 s;
+# docs/distillation.md, "Distillation time of a full pass"). After the codes: it decodes.
+step "numba machine code of the distillation (~30 s the first time, then ~5 s)"
+"$VENV/bin/python" -c "from host.distil.codes import warm_up_machine_code as w; print(f'{w():.1f} s')" \
+    || fail "numba warm-up" "read the traceback above"
+
 echo
 echo "setup done: $(./build/bin/micropython -c 'import sys; print(sys.implementation.name, sys.version)')"

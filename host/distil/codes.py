@@ -23,6 +23,8 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
+
 from host.errors import EXIT_ENVIRONMENT, BadInput
 
 PROVISION_COMMAND = "qkdsat codes build"
@@ -134,6 +136,31 @@ def count_missing_for_stream(config) -> dict:
             file=sys.stderr,
         )
     return {"missing": len(absent), "of": len(codes)}
+
+
+def warm_up_machine_code() -> float:
+    """Put into numba's cache (host/distil/__pycache__) the machine code of every kernel a
+    pass runs, compiled if it is not there: the decoder for frames of 2^16 and for longer
+    ones (their edge index is int32, another signature), the syndromes, the message
+    authentication's hash (both layouts of its blocks), the Rice coding of the slots and
+    the privacy amplification. With an empty cache a pass compiles them inside its own
+    timed stages: the first full micius-2017 pass of a fresh tree took 27.4 s against
+    ~9 s (docs/distillation.md, "Distillation time of a full pass"). Throw-away bits
+    only. Run by `make setup` after the codes (it decodes with them); returns its wall
+    seconds."""
+    from host.distil import bitcodec, gf64, ldpc, pa, reconcile
+    from host.distil.protocol import Config
+
+    started = time.perf_counter()
+    efficiency = Config().ec_efficiency
+    reconcile._correct_throwaway_frame(efficiency)
+    reconcile._correct_throwaway_frame(efficiency, ldpc.LONG_FRAME_BITS[0])
+    gf64.poly_hash(b"8 bytes.", 1)  # a whole number of blocks: a read-only view of them
+    gf64.poly_hash(b"padded", 1)  # padded: a copy
+    k, packed = bitcodec.rice_encode_sorted(np.arange(1, 1000, 7, dtype=np.int64))
+    bitcodec.rice_decode_sorted(k, packed, 143)
+    pa.warm_up()
+    return time.perf_counter() - started
 
 
 def _build_one(job: tuple[int, float, str]) -> float:

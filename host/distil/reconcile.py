@@ -1111,14 +1111,22 @@ def warm_up(efficiency: float) -> float:
     return _correct_throwaway_frame(efficiency)
 
 
-def _correct_throwaway_frame(efficiency: float) -> float:
+def _correct_throwaway_frame(efficiency: float, frame_bits: int | None = None) -> float:
+    """One block of throw-away bits through ldpc_alice / ldpc_bob: one frame of
+    ldpc.FRAME_BITS, or with frame_bits (a longer length) the fewest key bits that take
+    frames of it (ldpc.frame_bits_for: LONG_FRAME_MIN_FRAMES of them after the probe,
+    sized from the probe's narrower interval, so one more). Its wall seconds."""
     import threading
 
     from host.distil.channel import queue_pair
 
     throwaway = np.random.default_rng(20261205)
     low, high = qber_interval(WARM_UP_QBER, WARM_UP_SAMPLE_BITS)
-    count = ldpc.max_key_bits(low, efficiency, qber_high=high)
+    if frame_bits is None:
+        count = ldpc.max_key_bits(low, efficiency, qber_high=high)
+    else:
+        per_frame = ldpc.max_key_bits(low, efficiency, frame_bits, qber_high=high)
+        count = (ldpc.LONG_FRAME_MIN_FRAMES + 1) * per_frame + ldpc.FRAME_BITS
     alice_bits = throwaway.integers(0, 2, count, dtype=np.uint8)
     flips = throwaway.random(count) < WARM_UP_QBER
     bob_bits = alice_bits ^ flips.astype(np.uint8)
