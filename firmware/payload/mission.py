@@ -181,7 +181,7 @@ class Mission:
             tracking_duty.TrackingDuty.check_loop_rate(self.bus, tracker, rate_limit_hz)
         # head generation: the FPGA maps at the slot clock, the controller's capacity does
         # not bound the slot rate
-        self.sequencer.keep_qrng_buffer(generation == "controller")
+        self.sequencer.keep_controller_buffers(generation == "controller")
         self.sequencer.configure(config, 0 if generation == "head" else scale)
         self.generation = generation
         if tracker is not None:

@@ -358,21 +358,28 @@ class Sequencer:
         self._done = 0
         self.bus.write1(busmod.REG_LASER_CTRL, 0)
 
-    def keep_qrng_buffer(self, keep):
-        """The QRNG burst buffer (2 kB) serves only the controller's own pattern mapping:
-        a pass whose head generates the pattern frees it (2 kB of the STM32 board's 96 KiB
-        heap, docs/targets.md "A tracking pass on the STM32 board"); a pass that maps here
-        allocates it again (Mission.configure collects first)."""
+    def keep_controller_buffers(self, keep):
+        """The QRNG burst buffer (2 kB) and the pattern frame's record buffer (2.1 kB) serve
+        only the controller's own pattern mapping: a pass whose head generates the pattern
+        frees both (the STM32 board's 96 KiB heap, docs/targets.md "A tracking pass on the
+        STM32 board"); its few pattern-log records (the run, the configuration, a few
+        hundred bytes each, filled and committed in one call) go through the store's shared
+        record buffer. A pass that maps here allocates them again (Mission.configure
+        collects first)."""
         if not keep:
             self._qrng = None
+            self._pattern = None
+            self.log.use_record(self.store.shared_record())
         elif self._qrng is None:
+            self.log.use_record(None)
+            self._pattern = self.log.payload[PATTERN_HEADER_BYTES:]
             self._qrng = bytearray(QRNG_BYTES_PER_SLOT * QRNG_BURST_SLOTS)
 
     def start(self):
         if self.config is None:
             raise ConfigError("sequencer: not configured")
         if self._qrng is None:
-            raise ConfigError("sequencer: the QRNG buffer was freed for head generation")
+            raise ConfigError("sequencer: its buffers were freed for head generation")
         if not self.log.can_commit(self.log.max_payload_bytes):
             raise ConfigError("storage full: no room to log frames (delete products)")
         self.qrng_fault = None

@@ -332,9 +332,7 @@ class RecordLog:
         # it in one go (Storage.open_log's shared), else this log's own
         if record is None or len(record) < HEADER_BYTES + max_payload_bytes + CRC_BYTES:
             record = bytearray(HEADER_BYTES + max_payload_bytes + CRC_BYTES)
-        self._record = record
-        self._view = memoryview(self._record)
-        self.payload = self._view[HEADER_BYTES : HEADER_BYTES + max_payload_bytes]
+        self.use_record(record)
         self._crc = framing.Crc32()
         self.file_crc = framing.Crc32()
         self.foreign = False
@@ -356,6 +354,21 @@ class RecordLog:
         # Called after each page write when set: the unix power-cut test uses it to give
         # pages a NOR-flash program time, so its kills land inside records.
         self.page_hook = None
+
+    def use_record(self, record):
+        """Commit through `record` from now on: a buffer shared with other logs (payloads
+        up to its size less the header and CRC, at most max_payload_bytes), or None: one
+        of the log's own for max_payload_bytes again. `payload` is a new view: a caller
+        holding a view of the old one takes it again."""
+        if record is None:
+            record = bytearray(HEADER_BYTES + self.max_payload_bytes + CRC_BYTES)
+        room = len(record) - HEADER_BYTES - CRC_BYTES
+        if room > self.max_payload_bytes:
+            room = self.max_payload_bytes
+        self._record = record
+        self._view = memoryview(record)
+        self.payload = self._view[HEADER_BYTES : HEADER_BYTES + room]
+        self._payload_room = room
 
     def _recover(self):
         result = scan(self.path, self.max_payload_bytes, self.file_crc)
@@ -379,7 +392,7 @@ class RecordLog:
         """Write the record whose payload is payload[:length]; returns its sequence
         number, or COMMIT_FAILED if storage could not take it (counted here). sync: make
         it durable now whatever the batch (a pass's configuration record)."""
-        if length > self.max_payload_bytes:
+        if length > self._payload_room:
             raise ValueError("record payload too long")
         if self.foreign:
             raise OSError("%s is not a record log; delete it to log here" % self.path)
@@ -622,17 +635,21 @@ class Storage:
                 per_sync = self.records_per_sync
             elif deferred and self.ticks_us is not None:
                 per_sync = 0
-            record = None
-            if shared:
-                record = self._shared_record
-                if record is None:
-                    record = bytearray(HEADER_BYTES + max_payload_bytes + CRC_BYTES)
-                    self._shared_record = record
+            record = self.shared_record(max_payload_bytes) if shared else None
             log = RecordLog(self.path(name), kind, max_payload_bytes, self, per_sync, record)
             self.logs[name] = log
             if per_sync == 0:
                 self.deferred.append(log)
         return log
+
+    def shared_record(self, max_payload_bytes=1024):
+        """The record buffer the logs opened shared commit through (made by the first to
+        ask, for its max_payload_bytes: housekeeping's 1024 in the mission)."""
+        record = self._shared_record
+        if record is None:
+            record = bytearray(HEADER_BYTES + max_payload_bytes + CRC_BYTES)
+            self._shared_record = record
+        return record
 
     def sync_step(self):
         """The scheduler's "sync" duty: syncs the deferred log whose oldest unsynced record

@@ -293,3 +293,33 @@ def test_the_lasers_mean_photon_numbers_are_checked_and_logged_with_the_config()
     seq.configure(GOOD, 0)  # none configured: none logged
     seq._log_config()
     assert "intensities" not in json.loads(seq.log.texts[-1])
+
+
+def test_head_generation_frees_the_controllers_buffers_and_a_controller_pass_gets_them_back():
+    # A pass whose head generates the pattern needs neither the QRNG burst buffer nor the
+    # frame's record buffer (4.1 kB of the STM32 board's heap): its pattern-log records go
+    # through the store's shared buffer; a controller pass gets both back and runs
+    import gc
+
+    seq, head = _sequencer(_LcgSource(17))
+    seq.running = False
+    seq.store.shared_record()  # made at boot in the mission (housekeeping's log)
+    gc.collect()
+    before = gc.mem_free()
+    seq.keep_controller_buffers(False)
+    gc.collect()
+    assert gc.mem_free() - before >= 4000, gc.mem_free() - before
+    try:
+        seq.start()
+        raise AssertionError("a controller pass started without its buffers")
+    except sequencer.ConfigError as error:
+        assert "freed for head generation" in str(error), str(error)
+    seq._log_config()  # the configuration record, through the shared buffer
+    assert seq.log.next_seq == 1
+    seq.keep_controller_buffers(True)
+    seq.running = True  # (start's head handshake is not this stand-in's: _sequencer)
+    steps = 0
+    while seq.frames_sent < 2 and steps < 20:
+        seq.step()
+        steps += 1
+    assert seq.frames_sent == 2 and seq.qrng_fault is None, seq.telemetry()
