@@ -57,13 +57,20 @@ def put(path, text):
 
 
 @contextlib.contextmanager
-def qemu_payload(products: dict[str, bytes], key: bytes | None = KEY, **target_args):
+def qemu_payload(
+    products: dict[str, bytes],
+    key: bytes | None = KEY,
+    product_key: bytes | None = None,
+    **target_args,
+):
     with QemuTarget(boot="maintenance", **target_args) as target:
         repl = RawRepl(target.ground_port, timeout_s=30.0)
         repl.enter()
         repl.exec(_QEMU_SETUP)
         if key is not None:
             repl.exec(f"put('/link/key', {base64.b64encode(key).decode()!r})")
+        if product_key is not None:
+            repl.exec(f"put('/link/product_key', {base64.b64encode(product_key).decode()!r})")
         for name, data in products.items():
             repl.exec(f"f = open(root + '/products/{name}', 'wb'); f.close()")
             for start in range(0, len(data), 3072):

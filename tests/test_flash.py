@@ -1,14 +1,17 @@
-"""`qkdsat flash` against the QEMU target's pty: from a running application (stopped by
-the maintenance telecommand), deploy .mpy files with mpremote, provision a link key,
-verify every file, then run the deployed firmware and command it with the new key."""
+"""`qkdsat flash` both ways onto a board (docs/ground-link.md "Maintenance in flight"):
+at the REPL of the maintenance strap (QEMU: .mpy files with mpremote, a link key
+provisioned, every file verified, the deployed firmware run and commanded with the new
+key), and to a running application over its code-update session (unix: the board then
+boots the deployed code, and a module uploaded later replaces its old version)."""
 
+import hashlib
 import time
 
 import pytest
-from linkhelpers import KEY, qemu_payload
+from linkhelpers import KEY, unix_payload
 
 from emulator.payload_run import COMMAND_TIMEOUT_S
-from emulator.targets import UnixTarget
+from emulator.targets import QemuTarget, UnixTarget, firmware_version
 from host.cli import main
 from host.deploy.raw_repl import RawRepl
 from host.link.client import LinkError, PayloadClient
@@ -28,17 +31,14 @@ _RUN_DEPLOYED = (
 
 @pytest.mark.qemu
 @pytest.mark.slow
-def test_flash_from_a_running_payload_then_command_it_with_the_new_key(tmp_path, capsys):
-    old_key = tmp_path / "old.key"
-    old_key.write_bytes(KEY)
+def test_flash_at_the_strap_repl_then_command_it_with_the_new_key(tmp_path, capsys):
     next_key = bytes(range(200, 232))
     new_key = tmp_path / "payload.key"
     new_key.write_bytes(next_key)
-    with qemu_payload({}, key=KEY) as target:  # provisioned, running the application
+    with QemuTarget(boot="maintenance") as target:  # the strap: the REPL on the link
         port = target.ground_port
-        # the application is stopped by the (armed) maintenance TC; the wrong board is
-        # refused
-        assert main(["flash", "--port", port, "--key", str(old_key), "--board", "unix"]) == 2
+        # the wrong board is refused
+        assert main(["flash", "--port", port, "--board", "unix"]) == 2
         assert "runs board module 'qemu'" in capsys.readouterr().err
         code = main(["flash", "--port", port, "--provision-key", str(new_key)])
         out = capsys.readouterr()
@@ -59,7 +59,7 @@ def test_flash_from_a_running_payload_then_command_it_with_the_new_key(tmp_path,
             hk = payload.housekeeping()
             print(f"deployed application answered in {time.monotonic() - started_s:.2f} s")
             assert hk["key"] == "provisioned" and hk["version"].endswith("qemu")
-        for wrong in (ccsds.DEVELOPMENT_KEY, KEY):  # the public key, the replaced key
+        for wrong in (ccsds.DEVELOPMENT_KEY, KEY):  # the public key, another key
             with PayloadClient(port, wrong, timeout_s=2.0) as intruder:
                 with pytest.raises(LinkError, match="no answer"):
                     intruder.ping()  # rejected, and the rejection is tagged with the real key
@@ -70,3 +70,71 @@ def test_flash_refuses_clearly_without_a_repl_or_a_key(tmp_path, capsys):
     with UnixTarget(storage_dir=tmp_path) as target:  # running the application
         assert main(["flash", "--port", target.ground_port]) == 1
     assert "no REPL" in capsys.readouterr().err
+
+
+def _put(payload, name, offset, data):
+    arg = ccsds.name_arg(name) + offset.to_bytes(4, "big") + data
+    payload.command("put", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_CODE_PUT]) + arg)
+
+
+def _commit(payload, name, total, digest):
+    arg = ccsds.name_arg(name) + total.to_bytes(4, "big") + digest
+    payload.command("commit", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_CODE_COMMIT]) + arg)
+
+
+def _boot_from_storage(storage):
+    """The unix board booting what is deployed in its storage, as a board runs main.py
+    from its filesystem: the script's directory (the storage root) comes first on
+    sys.path, so the deployed board module and payload package are the ones imported."""
+    return UnixTarget(storage_dir=storage, script=storage / "main.py")
+
+
+def _ended(target, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while target.running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not target.running()
+
+
+@pytest.mark.slow
+def test_flash_over_the_code_session_then_a_module_upload_runs_after_reboot(tmp_path, capsys):
+    key_file = tmp_path / "payload.key"
+    key_file.write_bytes(KEY)
+    storage = tmp_path / "flash"
+    with unix_payload(tmp_path, {}) as target:  # the application, running from firmware/
+        port = target.ground_port
+        assert main(["flash", "--port", port, "--key", str(key_file), "--reset"]) == 0
+        out = capsys.readouterr().out
+        assert "over the code-update session" in out and "rebooting" in out, out
+        assert _ended(target)  # the reboot: the unix board's reset ends the process
+    deployed = sorted(p.relative_to(storage).as_posix() for p in storage.rglob("*.*py"))
+    assert "main.py" in deployed and "board.mpy" in deployed
+    assert "payload/app.mpy" in deployed and "payload/codeupdate.mpy" in deployed
+    assert not (storage / "code.part").exists()
+    uploaded = b'FIRMWARE_VERSION = "9.9.9-uploaded"\n'
+    with _boot_from_storage(storage) as target:
+        with PayloadClient(target.ground_port, KEY, timeout_s=COMMAND_TIMEOUT_S) as payload:
+            assert payload.ping() == f"qkdsat-fw {firmware_version()} unix"
+            # one module replaced over the session (a .py is imported before a .mpy)
+            payload.open_code_session()
+            payload.upload_code("payload/version.py", uploaded, chunk_bytes=16)
+            assert payload.ping() == f"qkdsat-fw {firmware_version()} unix"  # until reboot
+            payload.reboot()
+        assert _ended(target)
+    assert (storage / "payload" / "version.py").read_bytes() == uploaded
+    with _boot_from_storage(storage) as target:
+        with PayloadClient(target.ground_port, KEY, timeout_s=COMMAND_TIMEOUT_S) as payload:
+            assert payload.ping() == "qkdsat-fw 9.9.9-uploaded unix"
+            # a wrong SHA-256 or a cut-off upload: refused, said why, the old file kept
+            payload.open_code_session()
+            name = "payload/version.py"
+            _put(payload, name, 0, b"broken")
+            with pytest.raises(LinkError, match="SHA-256 mismatch, old file kept"):
+                _commit(payload, name, 6, hashlib.sha256(b"other").digest())
+            _put(payload, name, 0, b"broken")
+            with pytest.raises(LinkError, match="6 of 16 bytes staged, old file kept"):
+                _commit(payload, name, 16, hashlib.sha256(b"broken" * 2).digest())
+            for name in ("link/product_key", "link/key", "../link/key", "/flash/main.py"):
+                with pytest.raises(LinkError, match="not a code file name"):
+                    payload.upload_code(name, b"x" * 32)
+    assert (storage / "payload" / "version.py").read_bytes() == uploaded

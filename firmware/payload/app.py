@@ -14,7 +14,7 @@ import micropython
 from micropython import const
 
 from payload import framing, scheduler, telecommands
-from payload.ccsds import FN_MAINTENANCE, FN_REBOOT
+from payload.ccsds import FN_REBOOT
 
 MAX_FRAME_BODY_BYTES = const(1024)
 # Ground frames carry a 1 KiB product chunk plus packet headers (docs/ground-link.md).
@@ -25,7 +25,7 @@ GROUND_TX_SLICE_US = const(2000)
 # When the queue is full, how long a new packet may wait for room before it is dropped
 # (and counted): a ground link nobody reads must not stop the payload.
 GROUND_TX_FULL_WAIT_US = const(200_000)
-# Before a reboot or the maintenance REPL: time to get the acceptance report out.
+# Before a reboot: time to get the acceptance report out.
 GROUND_TX_FLUSH_US = const(2_000_000)
 
 
@@ -176,8 +176,6 @@ class Controller:
             self.ground_queue.drain(GROUND_TX_FLUSH_US)  # the acceptance report first
             if action == FN_REBOOT:
                 self.board.reset()
-            elif action == FN_MAINTENANCE:
-                raise telecommands.EnterMaintenance()
         return busy
 
 
@@ -245,13 +243,10 @@ def lock_console():
             pass
 
 
-def unlock_console():
-    micropython.kbd_intr(3)
-
-
 def run(board):
-    """The application; returns only when an armed maintenance telecommand asks for the
-    REPL (docs/ground-link.md). Nothing else ends the loop: an exception of any kind is
+    """The application; never returns. No telecommand hands the ground link to the REPL
+    (maintenance in flight is a code-update session, docs/ground-link.md); the REPL is
+    reached only through the maintenance strap at boot. An exception of any kind is
     counted and the loop goes on."""
     lock_console()
     board.watchdog_start()
@@ -269,18 +264,12 @@ def run(board):
         try:
             if not controller.poll():
                 board.idle()
-        except telecommands.EnterMaintenance:
-            break
         except SystemExit:  # the unix board's reset()
             raise
         except BaseException as error:  # noqa: BLE001 - counted, never a way to the REPL
             controller.link.loop_errors += 1
             # (never raises: a constant when the heap has no room for the text)
             controller.link.last_loop_error = scheduler.error_text(error)
-    controller.link.wipe_key()
-    board.watchdog_stop()
-    unlock_console()
-    print("qkdsat firmware: maintenance telecommand, REPL on the ground link")
 
 
 def _start(board):

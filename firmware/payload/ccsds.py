@@ -48,9 +48,11 @@ FN_CONFIGURE = const(1)
 FN_START = const(2)
 FN_STOP = const(3)
 FN_REBOOT = const(4)
-FN_MAINTENANCE = const(5)  # stop the application, leave the REPL on the ground link
+FN_MAINTENANCE = const(5)  # open the code-update session (never a REPL)
 FN_MAINTENANCE_ARM = const(6)  # opens the window in which FN_MAINTENANCE is accepted
 FN_REKEY = const(7)  # install the next link key (wrapped), new counter space
+FN_CODE_PUT = const(8)  # code session: name, offset u32, bytes into the staging file
+FN_CODE_COMMIT = const(9)  # code session: name, length u32, SHA-256: rename into place
 
 # Rejection reasons (TM 1,2): u16 code, then up to 64 bytes of ASCII detail
 REJECT_SHORT = const(1)

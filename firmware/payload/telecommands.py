@@ -36,7 +36,8 @@ _SEALED_FIXED = const(34)  # offset u32, count u16, nonce 12, tag 16
 # used up the ordinary range (or a command sent with 0xFFFFFFFF) cannot lock the link:
 # the next key can still be installed, authenticated by the current one.
 ORDINARY_COUNTER_MAX = 0xFFFFFEFF  # a big int on 32-bit targets: off the hot path
-# The maintenance telecommand is accepted only this long after a maintenance-arm one.
+# The maintenance telecommand is accepted only this long after a maintenance-arm one;
+# the code-update session it opens closes this long after its last accepted command.
 MAINTENANCE_WINDOW_US = 60_000_000
 REKEY_KEY_BYTES = const(32)
 REKEY_LABEL = b"qkdsat rekey"
@@ -99,10 +100,6 @@ _HK_ACCEPT = const(3)
 _HK_REPORT = const(4)
 
 
-class EnterMaintenance(Exception):
-    """Raised out of the main loop by the maintenance telecommand (after its report)."""
-
-
 class Rejected(Exception):
     def __init__(self, code, detail=""):
         self.code = code
@@ -134,6 +131,9 @@ class GroundLink:
         self.last_loop_error = None
         self._maintenance_armed_us = None
         self.maintenance_window_us = MAINTENANCE_WINDOW_US
+        # the code-update session (payload.codeupdate.CodeSession), once the armed
+        # maintenance telecommand opened one; there is no REPL to hand the link to
+        self.code_session = None
         self._load_key()
         # Without a usable key telemetry is tagged with a public key (commands are never
         # accepted with it): the rejections then still say why to a ground that tries it.
@@ -147,7 +147,7 @@ class GroundLink:
         self._tm_data = memoryview(self.tm.buf)[
             ccsds.TM_HEADER_BYTES : ccsds.TM_HEADER_BYTES + self.tm.max_data_bytes
         ]
-        self.pending_action = None  # FN_REBOOT / FN_MAINTENANCE after the report is out
+        self.pending_action = None  # FN_REBOOT after the report is out
         self.frame_reader = None  # the ground link's FrameReader, for its drop counters
         self.tx_queue = None  # the ground link's transmit queue, for its drop counter
         self.bus_send = None  # send(buf, length) on the payload bus, for the bus test
@@ -213,13 +213,6 @@ class GroundLink:
         tm = getattr(self, "tm", None)
         if tm is not None:
             tm.hmac = self.hmac  # a rekey: telemetry is tagged with the new key from now
-
-    def wipe_key(self):
-        """Forget the key in RAM (before the maintenance REPL opens)."""
-        if self.hmac is not None:
-            self.hmac.wipe()
-        self.hmac = None
-        self.key_state = "wiped"
 
     def _load_product_key(self):
         # 32 raw bytes, or 64 hex characters. No key: pattern products are refused (there
@@ -413,8 +406,6 @@ class GroundLink:
             self._handle(body)
         except Rejected as rejection:
             self._reject(body, rejection.code, rejection.detail)
-        except EnterMaintenance:
-            raise
         except Exception as error:  # a handler bug must not take the link down
             self._reject(body, ccsds.REJECT_STORAGE, "internal: %r" % (error,))
 
@@ -685,6 +676,9 @@ class GroundLink:
         if function == ccsds.FN_REKEY:
             self._rekey(body, args, ack)
             return
+        if function in (ccsds.FN_CODE_PUT, ccsds.FN_CODE_COMMIT):
+            self._code_update(body, function, args, ack)
+            return
         if function in (ccsds.FN_REBOOT, ccsds.FN_MAINTENANCE, ccsds.FN_MAINTENANCE_ARM):
             if len(args):
                 raise Rejected(ccsds.REJECT_ARGUMENT, "function takes no arguments")
@@ -698,6 +692,9 @@ class GroundLink:
                 self._maintenance_armed_us = None
                 if armed is None or now_us - armed > self.maintenance_window_us:
                     raise Rejected(ccsds.REJECT_STATE, "maintenance not armed")
+                self._open_code_session(now_us)
+                self._accept(body, ack)
+                return
             self.pending_action = function
             self._accept(body, ack)
             return
@@ -721,6 +718,27 @@ class GroundLink:
             self._call_mission(self.mission.start)
         else:
             self._call_mission(self.mission.stop)
+        self._accept(body, ack)
+
+    def _open_code_session(self, now_us):
+        """Maintenance in flight (docs/ground-link.md): a code-update session, never the
+        REPL. The application keeps running and the key stays in use: every put and
+        commit is a telecommand authenticated and counted like any other."""
+        from payload import codeupdate  # only now: no heap for it until maintenance
+
+        self.code_session = codeupdate.CodeSession(self.root, self.maintenance_window_us, now_us)
+
+    def _code_update(self, body, function, args, ack):
+        session = self.code_session
+        if session is None:
+            raise Rejected(ccsds.REJECT_STATE, "no code session (arm, then maintenance)")
+        now_us = self.board.clock.now_us()
+        session.check_open(now_us)
+        if function == ccsds.FN_CODE_PUT:
+            session.put(args)
+        else:
+            session.commit(args)
+        session.touch(now_us)
         self._accept(body, ack)
 
     def _rekey(self, body, args, ack):

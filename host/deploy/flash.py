@@ -10,9 +10,15 @@ version checked. Why .mpy and not a ROMFS image: ROMFS needs a ROM partition tha
 some ports expose in 1.25 (the QEMU port has none: MICROPY_VFS_ROM_IOCTL=0), while every
 board with a filesystem loads .mpy; .mpy skips compiling on the board (RAM, boot time).
 
-The board must be at its REPL: in maintenance boot, or after the maintenance telecommand,
-which this command sends itself when given the link key (--key) and the REPL does not
-answer. --provision-key writes the payload's link key into <storage>/link/key.
+Two ways onto the board (docs/ground-link.md "Maintenance in flight"):
+- at its REPL, which only the maintenance strap at boot gives (ground integration,
+  physical access): mpremote copies the files, reads them back and imports the package;
+  --provision-key writes the payload's link key into <storage>/link/key;
+- a running application, with the link key (--key): over the payload's code-update
+  session (authenticated telecommands: arm, maintenance, then each file put in chunks and
+  committed with its SHA-256, which the payload checks before it renames the file into
+  place). No REPL opens; the link can write code files and nothing else (no key, no
+  read). The new code runs from the next boot (--reset reboots at the end).
 """
 
 from __future__ import annotations
@@ -61,16 +67,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--key",
         type=Path,
         metavar="FILE",
-        help="FILE holding the payload's link key (16..64 raw bytes, or their hex digits), "
-        "to send the maintenance TC; the name of a file, never the key itself",
+        help="FILE holding the payload's link key (16..64 raw bytes, or their hex digits): "
+        "deploy to a running application over its code-update session (no REPL there); "
+        "the name of a file, never the key itself",
     )
     parser.add_argument(
         "--provision-key",
         type=Path,
         metavar="FILE",
-        help="write the link key held in FILE to the board (the name of a file, never the key)",
+        help="write the link key held in FILE to the board (the name of a file, never the "
+        "key); only at the REPL of the maintenance strap, never over the link",
     )
-    parser.add_argument("--reset", action="store_true", help="hard-reset the board at the end")
+    parser.add_argument(
+        "--reset",
+        action="store_true",
+        help="hard-reset (over the link: reboot) the board at the end",
+    )
 
 
 def mpy_cross() -> Path:
@@ -136,28 +148,9 @@ def repl_answers(port: str, timeout_s: float = 3.0) -> bool:
         repl.close()
 
 
-def reach_repl(port: str, key_path: Path | None) -> tuple[int, str, str]:
+def read_repl(port: str) -> tuple[int, str, str]:
     """(the board's .mpy ABI word, its board module's NAME or '?', its storage root),
-    entering the REPL if need be."""
-    if not repl_answers(port):
-        if key_path is None:
-            raise FlashError(
-                f"no REPL on {port}: boot the board in maintenance mode, or give --key so "
-                "the maintenance telecommand can stop the application"
-            ) from None
-        from host.link.cli import load_key
-        from host.link.client import LinkError, PayloadClient
-        from host.link.framed_serial import LinkLost
-
-        try:
-            with PayloadClient(port, load_key(key_path)) as payload:
-                payload.enter_maintenance()
-        except (LinkError, LinkLost) as error:
-            raise FlashError(
-                f"no REPL on {port}, and the maintenance telecommand failed: {error}"
-            ) from None
-        if not repl_answers(port):
-            raise FlashError(f"the payload on {port} accepted maintenance, but no REPL")
+    from the REPL of a board in maintenance boot."""
     out = _exec(port, _PREPARE)
     for line in out.splitlines():
         if line.startswith("QKDSAT "):
@@ -172,7 +165,14 @@ def compile_firmware(board: str, arch: str | None, out_dir: Path) -> dict[str, P
     if not board_module.exists():
         known = sorted(p.name for p in (FIRMWARE_DIR / "boards").iterdir() if p.is_dir())
         raise BadInput(f"--board {board}: no {board_module} (known: {', '.join(known)})")
-    sources = {f"payload/{p.stem}.mpy": p for p in sorted((FIRMWARE_DIR / "payload").glob("*.py"))}
+    # The Thumb assembler modules (payload/_*_thumb.py) exist only for ARM cores; their
+    # importers fall back to viper without them (framing, bus, memcopy)
+    arm = (arch or "").startswith("arm")
+    sources = {
+        f"payload/{p.stem}.mpy": p
+        for p in sorted((FIRMWARE_DIR / "payload").glob("*.py"))
+        if arm or not p.stem.endswith("_thumb")
+    }
     sources["board.mpy"] = board_module
     files = {}
     compiler = mpy_cross()
@@ -231,6 +231,25 @@ def verify(port: str, root: str, files: dict[str, Path]) -> str:
     return parts[1]
 
 
+# The native .mpy architecture of each board module's MCU: over the link there is no
+# REPL to ask sys.implementation._mpy (the unix board: the host's own)
+BOARD_ARCHES = {"qemu": "armv7m", "netduino2": "armv7m"}
+_HOST_ARCHES = {"x86_64": "x64", "amd64": "x64", "i686": "x86", "i386": "x86"}
+
+
+def _board_to_deploy(port: str, board: str | None, running_board: str) -> str:
+    if board is None:
+        if running_board == "?":
+            raise BadInput(f"the board on {port} has no board module yet: give --board")
+        return running_board
+    if running_board not in ("?", board):
+        raise BadInput(
+            f"--board {board}, but the board on {port} runs board module {running_board!r}: "
+            "deploying another board's register map could drive the wrong hardware"
+        )
+    return board
+
+
 def flash(
     port: str,
     board: str | None = None,
@@ -239,16 +258,20 @@ def flash(
     reset: bool = False,
 ) -> dict:
     started = time.monotonic()
-    abi, running_board, root = reach_repl(port, key_path)
-    if board is None:
-        if running_board == "?":
-            raise BadInput(f"the board on {port} has no board module yet: give --board")
-        board = running_board
-    elif running_board not in ("?", board):
-        raise BadInput(
-            f"--board {board}, but the board on {port} runs board module {running_board!r}: "
-            "deploying another board's register map could drive the wrong hardware"
-        )
+    if not repl_answers(port):
+        if key_path is None:
+            raise FlashError(
+                f"no REPL on {port}: boot the board with the maintenance strap, or give "
+                "--key to deploy over the payload's code-update session"
+            )
+        if provision_key is not None:
+            raise BadInput(
+                "--provision-key: no key is ever written over the link; provision at the "
+                "REPL of the maintenance strap, or rotate with 'qkdsat payload rekey'"
+            )
+        return flash_over_link(port, board, key_path, reset, started)
+    abi, running_board, root = read_repl(port)
+    board = _board_to_deploy(port, board, running_board)
     arch_index = abi >> 10
     arch = MPY_ARCHES[arch_index] if arch_index < len(MPY_ARCHES) else None
     with tempfile.TemporaryDirectory(prefix="qkdsat-flash-") as tmp:
@@ -267,10 +290,62 @@ def flash(
     if reset:
         _mpremote(port, "reset")
     return {
+        "via": "repl",
         "root": root,
         "arch": arch,
         "files": sorted(files),
         "version": version,
+        "seconds": time.monotonic() - started,
+    }
+
+
+def flash_over_link(
+    port: str, board: str | None, key_path: Path, reset: bool, started: float
+) -> dict:
+    """Deploy to a running application over its code-update session."""
+    import platform
+
+    from host.link.cli import load_key
+    from host.link.client import LinkError, PayloadClient
+    from host.link.framed_serial import LinkLost
+
+    try:
+        payload = PayloadClient(port, load_key(key_path))
+    except OSError as error:
+        raise BadInput(f"port {port}: {error}") from None
+    with payload, tempfile.TemporaryDirectory(prefix="qkdsat-flash-") as tmp:
+        try:
+            running = payload.ping().split()  # "qkdsat-fw <version> <board NAME>"
+            payload.open_code_session()
+        except (LinkError, LinkLost) as error:
+            raise FlashError(
+                f"no REPL on {port}, and the maintenance telecommand failed: {error}"
+            ) from None
+        board = _board_to_deploy(port, board, running[-1] if running else "?")
+        arch = BOARD_ARCHES.get(board)
+        if board == "unix":
+            arch = _HOST_ARCHES.get(platform.machine().lower())
+        files = compile_firmware(board, arch, Path(tmp))
+        committed = []
+        try:
+            for target in sorted(files):
+                payload.upload_code(target, files[target].read_bytes())
+                committed.append(target)
+            if reset:
+                payload.reboot()
+        except (LinkError, LinkLost) as error:
+            raise FlashError(
+                f"deploying over the link stopped at {len(committed)} of {len(files)} files "
+                f"({error}); each file is new or old, never torn: run it again before any "
+                "reboot"
+            ) from None
+    return {
+        "via": "link",
+        "root": "<storage root>",
+        "arch": arch,
+        "files": sorted(files),
+        "version": firmware_version(),
+        "was": " ".join(running[1:2]),
         "seconds": time.monotonic() - started,
     }
 
@@ -287,10 +362,18 @@ def run(args: argparse.Namespace) -> int:
     except FlashError as error:
         print(f"qkdsat flash: {error}", file=sys.stderr)
         return 1
+    files = f"{len(result['files'])} files, .mpy for {result['arch'] or 'bytecode only'}"
+    if result["via"] == "link":
+        after = "rebooting into it" if args.reset else "it runs from the next boot (--reset)"
+        print(
+            f"deployed qkdsat-fw {result['version']} ({files}) over the code-update session "
+            f"on {args.port} (was {result['was'] or '?'}); SHA-256 of every file verified by "
+            f"the payload before it replaced the old one; {after} ({result['seconds']:.1f} s)"
+        )
+        return 0
     print(
-        f"deployed qkdsat-fw {result['version']} ({len(result['files'])} files, .mpy for "
-        f"{result['arch'] or 'bytecode only'}) to {result['root'] or '/'} on {args.port}; "
-        f"SHA-256 of every file verified, package imports from there "
+        f"deployed qkdsat-fw {result['version']} ({files}) to {result['root'] or '/'} on "
+        f"{args.port}; SHA-256 of every file verified, package imports from there "
         f"({result['seconds']:.1f} s)"
     )
     return 0

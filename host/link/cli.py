@@ -134,7 +134,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     time_parser = action("time", "set the payload's UTC clock")
     time_parser.add_argument("utc", nargs="?", default="now", help="ISO 8601 UTC or 'now'")
     action("reboot", "restart the payload controller")
-    action("maintenance", "stop the application; the port becomes the MicroPython REPL")
+    action(
+        "maintenance",
+        "open the payload's code-update session (no REPL: 'qkdsat flash --key' deploys over it)",
+    )
     rekey = action("rekey", "install the next link key (wrapped by the current one)")
     rekey.add_argument("next_key", type=Path, help="file with the next key (32 bytes or hex)")
 
@@ -336,11 +339,13 @@ def _act(client: PayloadClient, args: argparse.Namespace, config: dict | None) -
         client.reboot()
         _done(args, {"rebooting": True}, "rebooting")
     elif action == "maintenance":
-        client.enter_maintenance()
+        client.open_code_session()
         _done(
             args,
-            {"repl_port": args.port},
-            f"application stopped: {args.port} is now the MicroPython REPL",
+            {"code_session_s": ccsds.CODE_SESSION_S},
+            f"code-update session open on {args.port} for {ccsds.CODE_SESSION_S} s after each "
+            "accepted command; the application keeps running (no REPL: deploy with "
+            "'qkdsat flash --key')",
         )
     elif action == "rekey":
         next_key = load_key(args.next_key)

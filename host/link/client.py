@@ -10,6 +10,7 @@ pty), and resumable, CRC-verified product downloads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -267,11 +268,41 @@ class PayloadClient:
     def reboot(self) -> None:
         self.command("reboot", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_REBOOT]))
 
-    def enter_maintenance(self) -> None:
-        """Stop the application; the ground link becomes the MicroPython REPL. Two
-        authenticated commands: arm, then maintenance within the payload's window."""
+    def open_code_session(self) -> None:
+        """Open the payload's code-update session (docs/ground-link.md "Maintenance in
+        flight"): arm, then maintenance within the payload's window, both authenticated.
+        The application keeps running; no REPL opens. The session closes
+        ccsds.CODE_SESSION_S after its last accepted command."""
         self.command("maintenance arm", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_MAINTENANCE_ARM]))
         self.command("maintenance", ccsds.SVC_FUNCTION, 1, bytes([ccsds.FN_MAINTENANCE]))
+
+    def upload_code(
+        self, name: str, data: bytes, chunk_bytes: int = ccsds.MAX_CHUNK_BYTES
+    ) -> None:
+        """Replace the code file `name` (relative to the payload's storage root:
+        main.py, board.mpy, payload/<module>.mpy ...) with data, in an open code session:
+        chunks into the payload's staging file, then a commit that the payload accepts
+        only if the length and SHA-256 match, renaming the file into place in one step.
+        Any failure leaves the old file (CommandRejected says why)."""
+        target = ccsds.name_arg(name)
+        for offset in range(0, max(len(data), 1), chunk_bytes):
+            chunk = data[offset : offset + chunk_bytes]
+            self.command(
+                f"put {name} at {offset}",
+                ccsds.SVC_FUNCTION,
+                1,
+                bytes([ccsds.FN_CODE_PUT]) + target + offset.to_bytes(4, "big") + chunk,
+                idempotent=True,  # a repeated chunk is recognised by the payload
+            )
+        self.command(
+            f"commit {name}",
+            ccsds.SVC_FUNCTION,
+            1,
+            bytes([ccsds.FN_CODE_COMMIT])
+            + target
+            + len(data).to_bytes(4, "big")
+            + hashlib.sha256(data).digest(),
+        )
 
     def rekey(self, next_key: bytes) -> None:
         """Install next_key on the payload (authenticated by the current key, which wraps

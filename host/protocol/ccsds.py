@@ -60,6 +60,12 @@ FN_REBOOT = 4
 FN_MAINTENANCE = 5
 FN_MAINTENANCE_ARM = 6
 FN_REKEY = 7
+FN_CODE_PUT = 8
+FN_CODE_COMMIT = 9
+# The code-update session closes this long after its last accepted command (and the
+# maintenance telecommand is accepted this long after the arm one):
+# firmware/payload/telecommands.py MAINTENANCE_WINDOW_US
+CODE_SESSION_S = 60
 
 REJECT_NAMES = (
     "",

@@ -216,7 +216,7 @@ def test_function_management_goes_to_the_mission_hook():
     link.handle(_tc(key, 4, 8, 1, b"\x02"))
     link.handle(_tc(key, 5, 8, 1, b"\x02"))
     link.handle(_tc(key, 6, 8, 1, b"\x03"))
-    link.handle(_tc(key, 7, 8, 1, b"\x09"))
+    link.handle(_tc(key, 7, 8, 1, b"\x7f"))  # no such function
     results = [_verification(p) for p in sent]
     assert results == [
         (True, 0),

@@ -1,0 +1,176 @@
+# In-flight maintenance (docs/ground-link.md "Maintenance in flight"): a code-update
+# session, opened by the armed maintenance telecommand, that can only replace the
+# application's own code files. There is no command to read, list, execute or evaluate
+# anything: a file is put in chunks into one staging file, and the commit renames it over
+# the old one only when its length and SHA-256 are those the ground sent. The general
+# interpreter (the REPL) exists only behind the maintenance strap at boot.
+#
+# Imported when a session opens (GroundLink._open_code_session), not at boot: the module
+# costs the application's heap nothing until then.
+import hashlib
+import os
+
+from micropython import const
+
+from payload.ccsds import (
+    REJECT_ARGUMENT,
+    REJECT_RANGE,
+    REJECT_STATE,
+    REJECT_STORAGE,
+    get_u32,
+)
+from payload.telecommands import Rejected
+
+# One staging file at the storage root, outside the code directory (payload/): a cut-off
+# upload leaves it beside the old code, which still imports; never under link/ or
+# products/, which the session cannot name.
+STAGING_FILE = "code.part"
+SHA256_BYTES = const(32)
+_HASH_BLOCK_BYTES = const(256)
+_PACKAGE = b"payload/"
+# Files `qkdsat flash` deploys at the storage root beside the package
+_TOP_LEVEL_NAMES = (b"main.py", b"board.py", b"board.mpy")
+
+
+def allowed_name(name):
+    """True only for the application's code files: main.py, board.py / board.mpy, and
+    payload/<module>.py / .mpy with a module name of [a-z0-9_] (so no '/', no '..', no
+    absolute path, never link/ or products/)."""
+    if name in _TOP_LEVEL_NAMES:
+        return True
+    if not name.startswith(_PACKAGE):
+        return False
+    stem = name[len(_PACKAGE) :]
+    if stem.endswith(b".mpy"):
+        stem = stem[:-4]
+    elif stem.endswith(b".py"):
+        stem = stem[:-3]
+    else:
+        return False
+    if not stem:
+        return False
+    for c in stem:
+        if not (97 <= c <= 122 or 48 <= c <= 57 or c == 95):  # a-z 0-9 _
+            return False
+    return True
+
+
+def _name_arg(params, at):
+    if len(params) < at + 1:
+        raise Rejected(REJECT_ARGUMENT, "missing file name")
+    length = params[at]
+    name = bytes(params[at + 1 : at + 1 + length])
+    if len(name) != length or not allowed_name(name):
+        raise Rejected(REJECT_ARGUMENT, "not a code file name: " + repr(name)[:40])
+    return name, at + 1 + length
+
+
+class CodeSession:
+    """Open while `expires_us` is ahead of the clock: each accepted put or commit moves
+    it window_us on from now."""
+
+    def __init__(self, root, window_us, now_us):
+        self.root = root
+        self.window_us = window_us
+        self.expires_us = now_us + window_us
+        self.staged_name = None  # the file the staging file is for
+        self.staged_bytes = 0
+        self.committed = 0
+
+    def check_open(self, now_us):
+        if now_us > self.expires_us:
+            raise Rejected(REJECT_STATE, "code session closed (arm, then maintenance)")
+
+    def touch(self, now_us):
+        self.expires_us = now_us + self.window_us
+
+    def _staging(self):
+        return self.root + "/" + STAGING_FILE
+
+    def put(self, params):
+        """name, offset u32, bytes: appended to the staging file. Offset 0 starts the
+        file again; an offset equal to what is staged continues it; a chunk that ends
+        exactly at it is a repeat (its report was lost) and changes nothing: the commit's
+        SHA-256 decides."""
+        name, at = _name_arg(params, 0)
+        if len(params) < at + 4:
+            raise Rejected(REJECT_ARGUMENT, "put takes name, offset u32, bytes")
+        offset = get_u32(params, at)
+        data = params[at + 4 :]
+        if offset == 0:
+            mode = "wb"
+        elif name != self.staged_name or offset > self.staged_bytes:
+            raise Rejected(
+                REJECT_RANGE, "offset %d: %d bytes staged" % (offset, self._staged_for(name))
+            )
+        elif offset + len(data) == self.staged_bytes:
+            return  # a repeat
+        elif offset != self.staged_bytes:
+            raise Rejected(
+                REJECT_RANGE, "offset %d: %d bytes staged" % (offset, self.staged_bytes)
+            )
+        else:
+            mode = "ab"
+        try:
+            with open(self._staging(), mode) as f:
+                f.write(data)
+        except OSError as error:
+            self.staged_name = None
+            self.staged_bytes = 0
+            raise Rejected(REJECT_STORAGE, "staging: %r" % (error,)) from None
+        self.staged_name = name
+        self.staged_bytes = offset + len(data)
+
+    def _staged_for(self, name):
+        return self.staged_bytes if name == self.staged_name else 0
+
+    def commit(self, params):
+        """name, total length u32, SHA-256: the staged file replaces the old one in one
+        rename, or nothing changes (the staging file is dropped on a mismatch)."""
+        name, at = _name_arg(params, 0)
+        if len(params) != at + 4 + SHA256_BYTES:
+            raise Rejected(REJECT_ARGUMENT, "commit takes name, length u32, SHA-256")
+        total = get_u32(params, at)
+        expected = bytes(params[at + 4 :])
+        staged = self._staged_for(name)
+        if staged != total:
+            raise Rejected(REJECT_RANGE, "%d of %d bytes staged, old file kept" % (staged, total))
+        try:
+            digest = self._digest()
+        except OSError as error:
+            raise Rejected(REJECT_STORAGE, "staging: %r" % (error,)) from None
+        if digest != expected:
+            self._drop()
+            raise Rejected(REJECT_ARGUMENT, "SHA-256 mismatch, old file kept")
+        target = self.root + "/" + name.decode()
+        try:
+            if name.startswith(_PACKAGE):
+                try:
+                    os.mkdir(self.root + "/payload")
+                except OSError:
+                    pass  # exists
+            os.rename(self._staging(), target)  # atomic on littlefs and POSIX
+        except OSError as error:
+            raise Rejected(REJECT_STORAGE, "rename: %r, old file kept" % (error,)) from None
+        self.staged_name = None
+        self.staged_bytes = 0
+        self.committed += 1
+
+    def _digest(self):
+        sha = hashlib.sha256()
+        block = bytearray(_HASH_BLOCK_BYTES)
+        with open(self._staging(), "rb") as f:
+            while True:
+                count = f.readinto(block)
+                if not count:
+                    break
+                sha.update(memoryview(block)[:count])
+        return sha.digest()
+
+    def _drop(self):
+        self.staged_name = None
+        self.staged_bytes = 0
+        try:
+            os.remove(self._staging())
+        except OSError:
+            pass

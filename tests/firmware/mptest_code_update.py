@@ -1,0 +1,151 @@
+# Maintenance in flight (docs/ground-link.md): the armed maintenance telecommand opens a
+# code-update session that can only put a code file into a staging file and commit it
+# (length and SHA-256 checked, one rename); nothing reads, lists or executes, no name
+# outside the application's code is accepted, and a failed upload keeps the old file.
+import hashlib
+import os
+
+from payload import ccsds
+
+# _ROOT, _fresh_root, _link, _tc, _verification, _unhex (appended by the harness)
+MPTEST_HELPERS = ("link_helpers.py",)
+
+KEY = b"m" * 32
+OLD_CODE = b'FIRMWARE_VERSION = "old"\n'
+NEW_CODE = b'FIRMWARE_VERSION = "new"\n# ' + b"x" * 300 + b"\n"
+
+
+def _name(name):
+    return bytes([len(name)]) + name
+
+
+def _u32(value):
+    out = bytearray(4)
+    ccsds.put_u32(out, 0, value)
+    return bytes(out)
+
+
+def _put(counter, name, offset, data, key=KEY):
+    return _tc(key, counter, 8, 1, bytes([ccsds.FN_CODE_PUT]) + _name(name) + _u32(offset) + data)
+
+
+def _commit(counter, name, total, digest):
+    return _tc(
+        KEY, counter, 8, 1, bytes([ccsds.FN_CODE_COMMIT]) + _name(name) + _u32(total) + digest
+    )
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _session():
+    """A link with a key, an old payload/version.py, and an open code session."""
+    root = _fresh_root(KEY)
+    os.mkdir(root + "/payload")
+    with open(root + "/payload/version.py", "wb") as f:
+        f.write(OLD_CODE)
+    link, sent = _link(root)
+    link.handle(_tc(KEY, 1, 8, 1, bytes([ccsds.FN_MAINTENANCE_ARM])))
+    link.handle(_tc(KEY, 2, 8, 1, bytes([ccsds.FN_MAINTENANCE])))
+    assert _verification(sent[-1]) == (True, 0)
+    return root, link, sent
+
+
+def _rejection_text(packet):
+    return bytes(packet[25:-22])
+
+
+def test_a_code_file_is_replaced_only_by_a_verified_commit():
+    root, link, sent = _session()
+    name = b"payload/version.py"
+    digest = hashlib.sha256(NEW_CODE).digest()
+    # cut off: 200 of the bytes staged, the commit names the whole length
+    link.handle(_put(3, name, 0, NEW_CODE[:200]))
+    assert _verification(sent[-1]) == (True, 0), sent[-1]
+    link.handle(_commit(4, name, len(NEW_CODE), digest))
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_RANGE)
+    assert b"old file kept" in _rejection_text(sent[-1]), sent[-1]
+    assert _read(root + "/payload/version.py") == OLD_CODE
+    # all bytes, the wrong SHA-256: refused, the staging file dropped
+    link.handle(_put(5, name, 200, NEW_CODE[200:]))
+    assert _verification(sent[-1]) == (True, 0)
+    link.handle(_commit(6, name, len(NEW_CODE), hashlib.sha256(b"other").digest()))
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_ARGUMENT)
+    assert b"SHA-256 mismatch" in _rejection_text(sent[-1])
+    assert _read(root + "/payload/version.py") == OLD_CODE
+    # a chunk past what is staged is refused (nothing staged after the mismatch)
+    link.handle(_put(7, name, 200, NEW_CODE[200:]))
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_RANGE)
+    # again, whole and right (a repeated chunk, its report lost, changes nothing)
+    link.handle(_put(8, name, 0, NEW_CODE[:200]))
+    link.handle(_put(9, name, 0 + 100, NEW_CODE[100:200]))
+    link.handle(_put(10, name, 200, NEW_CODE[200:]))
+    assert [_verification(p) for p in sent[-3:]] == [(True, 0)] * 3
+    link.handle(_commit(11, name, len(NEW_CODE), digest))
+    assert _verification(sent[-1]) == (True, 0), sent[-1]
+    assert _read(root + "/payload/version.py") == NEW_CODE
+    assert "code.part" not in os.listdir(root)
+    # a new module: its directory is there, a file is made
+    link.handle(_put(12, b"payload/extra.mpy", 0, b"M\x06"))
+    link.handle(_commit(13, b"payload/extra.mpy", 2, hashlib.sha256(b"M\x06").digest()))
+    assert _verification(sent[-1]) == (True, 0)
+    assert _read(root + "/payload/extra.mpy") == b"M\x06"
+
+
+def test_only_the_applications_code_files_can_be_named():
+    root, link, sent = _session()
+    refused = (
+        b"link/key",
+        b"link/product_key",
+        b"../link/key",
+        b"payload/../link/key",
+        b"/flash/payload/app.py",
+        b"products/patterns.qrec",
+        b"payload/sub/app.py",
+        b"payload/app.txt",
+        b"payload/.py",
+        b"payload/App.py",
+        b"main.mpy",
+    )
+    counter = 3
+    for name in refused:
+        link.handle(_put(counter, name, 0, b"data"))
+        assert _verification(sent[-1]) == (False, ccsds.REJECT_ARGUMENT), name
+        counter += 1
+    link.handle(_commit(counter, b"link/key", 0, hashlib.sha256(b"").digest()))
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_ARGUMENT)
+    names = os.listdir(root + "/link")  # nothing written there (the key is in its region)
+    assert "key" not in names and "product_key" not in names, names
+    assert "code.part" not in os.listdir(root)
+    for name in (b"main.py", b"board.mpy", b"payload/app.mpy", b"payload/_crc_tables.py"):
+        counter += 1
+        link.handle(_put(counter, name, 0, b"data"))
+        assert _verification(sent[-1]) == (True, 0), name
+
+
+def test_code_commands_need_the_key_and_an_open_session():
+    root = _fresh_root(KEY)
+    link, sent = _link(root)
+    name = b"payload/version.py"
+    link.handle(_put(1, name, 0, NEW_CODE))  # authenticated, no session
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_STATE)
+    link.handle(_tc(KEY, 2, 8, 1, bytes([ccsds.FN_MAINTENANCE_ARM])))
+    link.handle(_put(3, name, 0, NEW_CODE))  # armed only: maintenance not sent
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_STATE)
+    link.handle(_tc(KEY, 4, 8, 1, bytes([ccsds.FN_MAINTENANCE])))
+    link.handle(_put(5, name, 0, NEW_CODE, key=b"k" * 32))  # not authenticated
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_AUTH)
+    link.handle(_put(5, name, 0, NEW_CODE))  # the counter of the refused one: still free
+    assert _verification(sent[-1]) == (True, 0)
+    link.handle(_put(5, name, 0, NEW_CODE))  # the same command again: a replay
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_REPLAY)
+    # each accepted command moves the end of the session on; past it, refused
+    session = link.code_session
+    now_us = board.clock.now_us()
+    assert session.expires_us > now_us
+    session.expires_us = now_us - 1
+    link.handle(_commit(6, name, len(NEW_CODE), hashlib.sha256(NEW_CODE).digest()))
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_STATE)
+    assert "payload" not in os.listdir(root)
