@@ -25,6 +25,7 @@ from host.errors import (
     EnvironmentFailure,
     ProtocolAborted,
 )
+from host.memory import without_huge_page_advice
 
 EXIT_CODES = """exit codes:
   0    success
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     debug = getattr(args, "debug", False) or "--debug" in argv
     name = f"qkdsat {args.command}"
+    without_huge_page_advice()  # for every command's arrays (host/memory.py: measured)
     try:
         if args.quiet:  # results go nowhere; errors still reach stderr
             with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):

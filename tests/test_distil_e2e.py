@@ -569,7 +569,9 @@ def test_alice_and_bob_each_need_only_their_own_folder(micius_pass, tmp_path):
     assert (tmp_path / "split" / f"bob{INSECURE}.key").read_bytes() == key
 
 
-def test_a_distil_run_turns_numpys_huge_page_advice_off_unless_the_user_set_it(micius_pass):
+def test_distil_and_every_command_turn_numpys_huge_page_advice_off_unless_the_user_set_it(
+    micius_pass,
+):
     """Sync and sifting churn through short-lived arrays of a few MB; numpy's default advice
     (MADV_HUGEPAGE) cost 0-4 s of kernel time on a full micius-2017 pass of ~8 CPU s here
     (docs/distillation.md, "Distillation time of a full pass"). A run turns it off, but a
@@ -586,7 +588,7 @@ def test_a_distil_run_turns_numpys_huge_page_advice_off_unless_the_user_set_it(m
         _set_madvise_hugepage(True)
     probe = (
         "from numpy._core.multiarray import _set_madvise_hugepage as advice\n"
-        "from host.distil.run import without_huge_page_advice\n"
+        "from host.memory import without_huge_page_advice\n"
         "print(without_huge_page_advice(), advice(True))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
@@ -596,6 +598,21 @@ def test_a_distil_run_turns_numpys_huge_page_advice_off_unless_the_user_set_it(m
         out = subprocess.run([PY, "-c", probe], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == expected.split(), setting
+    # every command of the command line too (the simulator's arrays: 11.5 -> 4.0 kernel
+    # seconds for a jinan-1 pass); a quick one: the codes' check, with nothing cached
+    env.pop("NUMPY_MADVISE_HUGEPAGE")
+    command = (
+        "import sys, host.cli\n"
+        "from numpy._core.multiarray import _set_madvise_hugepage as advice\n"
+        "code = host.cli.main(['codes', 'build', '--check', '--frame-bits', '64', '--cache',"
+        " sys.argv[1], '--quiet'])\n"
+        "print(code, advice(True))\n"
+    )
+    out = subprocess.run(
+        [PY, "-c", command, str(micius_pass / "no-codes")], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "False"]
 
 
 _WARM_UP_THEN_DISTIL = """

@@ -44,6 +44,7 @@ from host.distil.protocol import (
 )
 from host.errors import BadInput, EnvironmentFailure, ProtocolAborted
 from host.formats.passdir import read_pass_json, require_fields
+from host.memory import without_huge_page_advice
 from host.outdir import check_output_dir as check_outputs
 
 REPORT_NAME = "report.json"
@@ -243,24 +244,6 @@ def stream_from_args(args):
     )
     options.validate()
     return options
-
-
-def without_huge_page_advice() -> bool:
-    """Stop numpy advising transparent huge pages (madvise MADV_HUGEPAGE) for the arrays it
-    allocates from now on, unless NUMPY_MADVISE_HUGEPAGE is set (numpy's own switch, read at
-    its import: the user's choice stands). Returns whether the advice is now off.
-
-    Why: sync and sifting allocate and free hundreds of MB of short-lived arrays of a few
-    MB; advised, each fresh 2 MB page is faulted in and zeroed whole. On this project's
-    2-core VM that made the kernel's time 3-4 s of a full micius-2017 pass's ~10.6 CPU s
-    (sifting 2.7 -> 1.0 CPU s, sync 2.9 -> 1.4, the decoder unchanged; docs/distillation.md
-    "Distillation time of a full pass"). Only the allocator's advice changes: no result."""
-    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:  # numpy took it as int() at its import
-        return int(os.environ["NUMPY_MADVISE_HUGEPAGE"]) == 0
-    from numpy._core.multiarray import _set_madvise_hugepage  # numpy pinned (pyproject)
-
-    _set_madvise_hugepage(False)
-    return True
 
 
 def _endpoints(pass_dir, bob_pass_dir, cfg, seed, alice_patterns, stream, roles):
