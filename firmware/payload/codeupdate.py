@@ -76,6 +76,7 @@ class CodeSession:
         self.staged_name = None  # the file the staging file is for
         self.staged_bytes = 0
         self.committed = 0
+        self._drop()  # what a session cut off before its commit left (its space)
 
     def check_open(self, now_us):
         if now_us > self.expires_us:

@@ -149,3 +149,11 @@ def test_code_commands_need_the_key_and_an_open_session():
     link.handle(_commit(6, name, len(NEW_CODE), hashlib.sha256(NEW_CODE).digest()))
     assert _verification(sent[-1]) == (False, ccsds.REJECT_STATE)
     assert "payload" not in os.listdir(root)
+    # the staged bytes of the closed session stay until the next session opens
+    assert "code.part" in os.listdir(root)
+    link.handle(_tc(KEY, 7, 8, 1, bytes([ccsds.FN_MAINTENANCE_ARM])))
+    link.handle(_tc(KEY, 8, 8, 1, bytes([ccsds.FN_MAINTENANCE])))
+    assert _verification(sent[-1]) == (True, 0)
+    assert "code.part" not in os.listdir(root)
+    link.handle(_put(9, name, len(NEW_CODE), b"more"))  # nothing staged in this session
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_RANGE)
