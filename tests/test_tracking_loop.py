@@ -283,6 +283,33 @@ def test_a_new_upload_withdraws_the_configured_prediction_until_configured_again
             assert payload.housekeeping()["mission"]["tracking"][0] == "IDLE"
 
 
+def test_an_upload_that_does_not_fit_the_storage_quota_is_refused_and_the_store_not_full():
+    # The prediction's file draws on the products' quota: a chunk beyond it is refused
+    # (the ground sees why), the store is not marked full (the products keep logging), and
+    # a new, shorter upload takes the room of the old file back
+    _, head, chunks, config = _uploaded_pass(100.0)  # 102 nodes: 3,264 bytes
+    _, _, short_chunks, short_config = _uploaded_pass(30.0)  # 32 nodes: 1,024 bytes
+    with HeadServer(head) as server:
+        with payload_session(
+            "unix",
+            server.address,
+            track_address=server.track_address,
+            unix_env={"QKDSAT_STORAGE_QUOTA": "2000"},
+        ) as (_target, payload):
+            accepted = 0
+            with pytest.raises(CommandRejected, match="storage quota"):
+                for chunk in chunks:
+                    payload.configure(chunk)
+                    accepted += 1
+            assert accepted == 2000 // 192, accepted  # 10 chunks of 6 nodes (1,920 bytes)
+            assert "full" not in payload.housekeeping()["mission"]["storage"]
+            for chunk in short_chunks:
+                payload.configure(chunk)
+            payload.configure(short_config)
+            storage_status = payload.housekeeping()["mission"]["storage"]
+            assert storage_status["used"] == 1024 and "full" not in storage_status
+
+
 def test_bad_tracking_configuration_refused_by_telecommand():
     params = _acquired_quickly()
     head = TrackingHead(seed=5)

@@ -100,6 +100,7 @@ class Mission:
             getattr(board, "STORAGE_RECORDS_PER_SYNC", storage.RECORDS_PER_SYNC),
             board.clock,  # the low-rate logs are synced by age on it (sync_step)
             getattr(board, "STORAGE_SYNC_AGE_US", storage.SYNC_AGE_US),
+            (PREDICTION_FILE[1:],),  # the uploaded prediction shares the products' quota
         )
         self.bus = busmod.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)
         self.sequencer = sequencer.Sequencer(self.bus, self.store)
@@ -207,7 +208,9 @@ class Mission:
         except ValueError:
             raise tracking.ConfigError("tracking_predictions.hex: not hexadecimal") from None
         if getattr(self, "_predictions", None) is None:
-            self._predictions = tracking.PredictionUpload(self.store.root + PREDICTION_FILE)
+            self._predictions = tracking.PredictionUpload(
+                self.store.root + PREDICTION_FILE, self.store
+            )
         if chunk.get("first") == 0 and self.tracking is not None:
             # a new upload overwrites the file the configured loop pages from: that
             # configuration no longer has its prediction (a start is refused until the

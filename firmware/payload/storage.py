@@ -563,8 +563,12 @@ class Storage:
         records_per_sync=RECORDS_PER_SYNC,
         clock=None,
         sync_age_us=SYNC_AGE_US,
+        counted_files=(),
     ):
         self.root = root
+        # files beside the products that draw on the same quota (the mission's uploaded
+        # tracking prediction, docs/tracking.md), paths under root
+        self.counted_files = [_join(root, name) for name in counted_files]
         self.records_per_sync = records_per_sync  # for the logs opened batched
         self._shared_record = None  # the record buffer of the logs opened shared
         # Logs opened deferred are synced by sync_step, by age on this clock; without a
@@ -585,12 +589,19 @@ class Storage:
 
     def _usage(self):
         total = 0
-        for name in os.listdir(self.products_dir):
+        paths = [_join(self.products_dir, name) for name in os.listdir(self.products_dir)]
+        for path in paths + self.counted_files:
             try:
-                total += os.stat(_join(self.products_dir, name))[6]
+                total += os.stat(path)[6]
             except OSError:
                 pass
         return total
+
+    def room_bytes(self):
+        """Bytes the quota still has (what the products and the counted files hold,
+        recounted). A check only: unlike reserve(), it never marks the store full."""
+        self.used_bytes = self._usage()
+        return self.quota_bytes - self.used_bytes
 
     def _free_bytes(self):
         try:

@@ -1006,8 +1006,12 @@ class PredictionUpload:
     the kernel's fixed-point ranges as it arrives; the CRC-32 of all packed bytes must
     match the one the configuration names before the table is used."""
 
-    def __init__(self, path):
+    def __init__(self, path, store=None):
+        """store: the storage.Storage whose quota the file draws on with the products
+        (it counts the file: Storage's counted_files); a chunk that does not fit is
+        refused, naming the quota, and leaves the store's state as it was."""
         self.path = path
+        self.store = store
         self.total = 0
         self.received = 0
         self._crc = None
@@ -1046,11 +1050,21 @@ class PredictionUpload:
                 "tracking_predictions: node %d value %d (%s) = %d outside +-%d"
                 % (first + node, field, _TABLE_FIELDS[field], value, _TABLE_LIMITS[field])
             )
+        store = self.store
+        if store is not None:
+            room = store.room_bytes()  # (a new upload's first chunk: the old file counts)
+            if first == 0:
+                room += _file_bytes(self.path)
+            if len(packed) > room:
+                raise ConfigError("tracking_predictions: storage quota: %d bytes left"
+                                  % (room if room > 0 else 0))  # fmt: skip
         try:
             with open(self.path, "wb" if first == 0 else "ab") as f:
                 written = f.write(packed)
         except OSError as error:
             raise ConfigError("tracking_predictions: %s: %s" % (self.path, error)) from None
+        if store is not None:
+            store.used_bytes += written
         if written != len(packed):
             raise ConfigError("tracking_predictions: %s: %d of %d bytes written"
                               % (self.path, written, len(packed)))  # fmt: skip
@@ -1060,6 +1074,15 @@ class PredictionUpload:
 
     def crc32(self):
         return self._crc.value() if self._crc is not None else 0
+
+
+def _file_bytes(path):
+    import os
+
+    try:
+        return os.stat(path)[6]
+    except OSError:
+        return 0
 
 
 @micropython.viper
