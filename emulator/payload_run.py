@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emulator.optical_head import HeadServer, OpticalHead
-from emulator.targets import CONTROLLER_HEAP_BYTES, Netduino2Target, QemuTarget, UnixTarget
+from emulator.targets import (
+    CONTROLLER_HEAP_BYTES,
+    NETDUINO2_EMULATED_BUS_TIMEOUT_US,
+    Netduino2Target,
+    QemuTarget,
+    UnixTarget,
+)
 from host.deploy.raw_repl import RawRepl
 from host.link.client import CommandRejected, PayloadClient
 
@@ -57,6 +63,7 @@ def payload_session(
     before_app: str = "",
     image: str | Path | None = None,
     track_address: tuple[str, int] | str | None = None,
+    bus_timeout_us: int | None = NETDUINO2_EMULATED_BUS_TIMEOUT_US,
 ):
     """A provisioned emulated payload wired to the head at bus_address; yields
     (target, PayloadClient). track_address (QEMU boards): the head's tracking link
@@ -68,7 +75,9 @@ def payload_session(
     application starts (a benchmark's instrumentation).
     image (QEMU boards): a firmware image other than the build's (a benchmark's baseline).
     product_key: provisioned on the payload and given to the client (None: neither, so
-    the payload refuses to serve pattern products)."""
+    the payload refuses to serve pattern products).
+    bus_timeout_us (netduino2): the launcher's override of the board's bus timeout (None:
+    the board's flight value; targets.Netduino2Target)."""
     if target_name == "unix":
         with contextlib.ExitStack() as stack:
             if storage_dir is None:
@@ -101,6 +110,8 @@ def payload_session(
         raise ValueError(f"unknown target {target_name!r}")
     target_class = QemuTarget if target_name == "qemu" else Netduino2Target
     options = {} if image is None else {"image": image}
+    if target_name == "netduino2":
+        options["bus_timeout_us"] = bus_timeout_us
     with target_class(
         boot="maintenance",
         bus_address=bus_address,

@@ -315,11 +315,23 @@ class QemuTarget(Target):
         return ""
 
 
+# The payload bus's reply timeout a try that the launcher sets on the emulated STM32 board,
+# over its flight value (boards/netduino2 FLIGHT_BUS_TIMEOUT_US, 500 ms): QEMU hands the
+# USART its bytes at the host's pace, and a loaded host delays an emulated head's reply by
+# seconds. QEMU does not model the IWDG, so nothing resets the emulated board when a dead
+# head's 4 tries (40 s) outlast the part's watchdog (docs/targets.md).
+NETDUINO2_EMULATED_BUS_TIMEOUT_US = 10_000_000
+
+
 class Netduino2Target(QemuTarget):
     """The frozen STM32 image (firmware/boards/netduino2) on QEMU's netduino2 machine: an
     STM32F205 Cortex-M3 with STM32 USARTs and timers, 128 KiB of SRAM (docs/targets.md).
     USART1 is the ground link, USART2 the payload bus. The boot strap is the emulator's
-    semihosting command line (the board reads it with SYS_GET_CMDLINE)."""
+    semihosting command line (the board reads it with SYS_GET_CMDLINE).
+
+    bus_timeout_us: the emulation's override of the board's payload-bus timeout, on that
+    command line (`arg=bus_timeout_us=N`, the board's EMULATION_OVERRIDES); None: the
+    board's flight value."""
 
     name = "netduino2"
 
@@ -330,12 +342,16 @@ class Netduino2Target(QemuTarget):
         icount_shift: int | None = None,
         image: str | os.PathLike = NETDUINO2_IMAGE,
         track_address: tuple[str, int] | str | None = None,
+        bus_timeout_us: int | None = NETDUINO2_EMULATED_BUS_TIMEOUT_US,
     ) -> None:
         super().__init__(bus_address, boot, icount_shift, image, track_address)
+        self.bus_timeout_us = bus_timeout_us
 
     def command(self) -> list[str]:
         image = require(self.image, "netduino2 firmware image (make firmware)")
         strap = f"arg=qkdsat,arg={self.boot}" + (",arg=track" if self.track_address else "")
+        if self.bus_timeout_us is not None:
+            strap += f",arg=bus_timeout_us={int(self.bus_timeout_us)}"
         cmd = [
             QEMU_BIN,
             "-machine", "netduino2",

@@ -15,18 +15,11 @@ from micropython import const
 
 from payload import framing, scheduler, telecommands
 from payload.ccsds import FN_REBOOT
+from payload.waits import GROUND_TX_FLUSH_US, GROUND_TX_FULL_WAIT_US, GROUND_TX_SLICE_US
 
 MAX_FRAME_BODY_BYTES = const(1024)
 # Ground frames carry a 1 KiB product chunk plus packet headers (docs/ground-link.md).
 GROUND_MAX_BODY_BYTES = const(1200)  # a 1 KiB chunk sealed, or housekeeping JSON
-# Longest a scheduler pass spends writing to the ground link: at 115200 baud a 1 KiB
-# packet takes ~89 ms, more than two 41 ms frame periods, so it goes out in slices.
-GROUND_TX_SLICE_US = const(2000)
-# When the queue is full, how long a new packet may wait for room before it is dropped
-# (and counted): a ground link nobody reads must not stop the payload.
-GROUND_TX_FULL_WAIT_US = const(200_000)
-# Before a reboot: time to get the acceptance report out.
-GROUND_TX_FLUSH_US = const(2_000_000)
 
 
 class TxQueue:

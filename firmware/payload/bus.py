@@ -20,6 +20,7 @@ import micropython
 from micropython import const
 
 from payload import framing
+from payload.waits import BUS_RETRIES
 
 try:  # TRACK in two Thumb calls (QEMU, STM32); viper and the general path elsewhere (unix)
     from payload._crc_thumb import track_reply_thumb, track_request_thumb
@@ -218,7 +219,7 @@ def _copy(src: ptr8, src_offset: int, dst: ptr8, dst_offset: int, count: int):
 class Bus:
     """Synchronous request/reply client over a byte link (board.payload_bus)."""
 
-    def __init__(self, link, clock, timeout_us=500_000, retries=3):
+    def __init__(self, link, clock, timeout_us=500_000, retries=BUS_RETRIES):
         self.link = link
         self.clock = clock
         self.timeout_us = timeout_us

@@ -19,12 +19,9 @@ from micropython import const
 
 from payload import bus as busmod
 from payload import headgen, sequencer, storage, tdc
+from payload.waits import TIMER_LOOP_STOP_US
 
 HK_PERIOD_US = const(100_000)
-# How long a pass's stop waits for the timer interrupt's loop to confirm its IDLE commands
-# on the head: a few periods on the flight link; bounded for a silent head, and long enough
-# for an emulated head on a loaded host (QEMU hands the link its bytes at the host's pace)
-_TIMER_LOOP_STOP_US = const(1_000_000)
 CONFIG_KEYS = (
     "intensity_probabilities",
     "intensity_names",
@@ -315,7 +312,7 @@ class Mission:
             timer_loop = self.tracking.timer_loop
             if timer_loop is not None:  # the interrupt's next periods act on the stop
                 ticks, ticks_arg = self.board.clock.ticks_source()
-                timer_loop.stop(ticks, ticks_arg, _TIMER_LOOP_STOP_US)
+                timer_loop.stop(ticks, ticks_arg, TIMER_LOOP_STOP_US)
             else:
                 self.tracking.step()  # the loop acts on the stop at its next period
             self.tracking_product.flush()

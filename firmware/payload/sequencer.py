@@ -17,6 +17,7 @@ from micropython import const
 
 from payload import bus as busmod
 from payload import storage
+from payload.waits import LASER_STOP_TIMEOUT_US
 
 MAX_FRAME_SLOTS = const(4096)
 QRNG_BYTES_PER_SLOT = const(4)
@@ -163,11 +164,6 @@ def _put_frame_header(buf: ptr8, frame_number: int, frame_slots: int):
 
 class ConfigError(ValueError):
     pass
-
-
-# Longest wait for the laser to finish its frame: a frame is at most MAX_FRAME_SLOTS, and
-# the head runs at >= 1 kHz slot rates in any configuration that makes sense (4.1 s).
-LASER_STOP_TIMEOUT_US = const(10_000_000)
 
 
 def _elapsed_us(clock, start):

@@ -47,3 +47,36 @@ def test_storage_root_is_writable():
     with open(path, "rb") as handle:
         assert handle.read() == b"\x00\x01\x02" * 100
     os.remove(path)
+
+
+def test_the_longest_bounded_wait_leaves_the_watchdog_a_quarter_of_its_limit():
+    # Issue 15 finding 2: a dead head is reported and the link keeps serving only if every
+    # wait between two feeds of the watchdog (one a scheduler pass) ends well before the
+    # watchdog fires. The flight values: on the STM32 board a 10 s bus timeout (main's,
+    # for an emulated head) made a dead head's transaction 40 s and the laser stop 50 s,
+    # against an IWDG that may fire at 22.3 s; 500 ms makes them 2 s and 12 s.
+    from payload import waits
+
+    limit_us = board.WATCHDOG_LIMIT_US
+    if limit_us is None:  # no watchdog: the unix target's launcher supervises the process
+        assert board.NAME == "unix"
+        return
+    flight_us = getattr(board, "FLIGHT_BUS_TIMEOUT_US", board.BUS_TIMEOUT_US)
+    wait_us, name = waits.longest_wait_us(flight_us)
+    assert 4 * wait_us <= 3 * limit_us, (name, wait_us, limit_us)
+    waits.check(flight_us, limit_us)
+
+
+def test_waits_that_outlast_the_watchdog_are_refused_naming_the_wait():
+    from payload import waits
+
+    stm32_limit_us = 22_309_000  # the IWDG at its LSI's fastest (boards/netduino2)
+    assert waits.longest_wait_us(500_000) == (12_000_000, "laser stop")
+    waits.check(500_000, stm32_limit_us)
+    try:
+        waits.check(10_000_000, stm32_limit_us)  # main's netduino2 value
+    except ValueError as error:
+        text = str(error)
+    else:
+        raise AssertionError("a 10 s bus timeout passed against the IWDG")
+    assert "laser stop 50000000 us" in text and "22309000" in text, text

@@ -62,3 +62,11 @@ def test_a_txe_that_never_sets_ends_the_write_after_a_bounded_wait():
     # bounded: _TX_SPIN (64) polls of ~36 instructions and the call (2,960 measured; the
     # SysTick windows above are ~1,070 instructions, so a whole frame still goes out)
     assert per_write < 4_000, per_write
+
+
+def test_the_launchers_bus_timeout_is_an_override_the_board_states():
+    # The board carries the flight value; the emulation's longer one comes from the
+    # launcher's command line (emulator/targets.py Netduino2Target), named, never silent.
+    assert board.FLIGHT_BUS_TIMEOUT_US == 500_000
+    assert board.EMULATION_OVERRIDES == {"bus_timeout_us": 10_000_000}, board.EMULATION_OVERRIDES
+    assert board.BUS_TIMEOUT_US == 10_000_000

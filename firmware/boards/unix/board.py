@@ -142,7 +142,9 @@ def mount_storage():
 
 
 # No watchdog on the host: the launcher supervises the process. The calls are the same
-# as on the boards, so the application's feeding path runs here too.
+# as on the boards, so the application's feeding path runs here too. No limit, so the
+# emulated head's 10 s bus timeout is held to none (payload/waits.py check).
+WATCHDOG_LIMIT_US = None
 watchdog_feeds = 0
 
 
