@@ -55,6 +55,13 @@ def allowed_name(name):
     return True
 
 
+def _file_bytes(path):
+    try:
+        return os.stat(path)[6]
+    except OSError:
+        return 0
+
+
 def _name_arg(params, at):
     if len(params) < at + 1:
         raise Rejected(REJECT_ARGUMENT, "missing file name")
@@ -69,13 +76,19 @@ class CodeSession:
     """Open while `expires_us` is ahead of the clock: each accepted put or commit moves
     it window_us on from now."""
 
-    def __init__(self, root, window_us, now_us):
+    def __init__(self, root, window_us, now_us, store=None):
+        """store: the storage.Storage of the products: the staging file and the code
+        files share its flash, so the staging file draws on its quota (counted_files) and
+        a commit takes what the code file grew by out of it."""
         self.root = root
         self.window_us = window_us
         self.expires_us = now_us + window_us
         self.staged_name = None  # the file the staging file is for
         self.staged_bytes = 0
         self.committed = 0
+        self.store = store
+        if store is not None and self._staging() not in store.counted_files:
+            store.counted_files.append(self._staging())
         self._drop()  # what a session cut off before its commit left (its space)
 
     def check_open(self, now_us):
@@ -112,6 +125,17 @@ class CodeSession:
             )
         else:
             mode = "ab"
+        store = self.store
+        if store is not None:
+            # (uncounted, a code upload during a pass filled the flash under the products'
+            # quota: their commits failed with ENOSPC instead of the store reporting full)
+            room = store.room_bytes()  # the staged bytes counted
+            if mode == "wb":
+                room += _file_bytes(self._staging())  # a new file: the old one's room back
+            if len(data) > room:
+                raise Rejected(
+                    REJECT_STORAGE, "storage quota: %d bytes left" % (room if room > 0 else 0)
+                )
         try:
             with open(self._staging(), mode) as f:
                 f.write(data)
@@ -144,6 +168,7 @@ class CodeSession:
             self._drop()
             raise Rejected(REJECT_ARGUMENT, "SHA-256 mismatch, old file kept")
         target = self.root + "/" + name.decode()
+        grown = total - _file_bytes(target)
         try:
             if name.startswith(_PACKAGE):
                 try:
@@ -156,6 +181,11 @@ class CodeSession:
         self.staged_name = None
         self.staged_bytes = 0
         self.committed += 1
+        if self.store is not None:
+            # the staged bytes left the counted file and are the code file now: what it
+            # grew by is no longer flash the products may take
+            self.store.quota_bytes -= grown
+            self.store.room_bytes()  # recount: the staging file is gone
 
     def _digest(self):
         sha = hashlib.sha256()
@@ -169,6 +199,7 @@ class CodeSession:
         return sha.digest()
 
     def _drop(self):
+        """Remove the staging file (its room back to the store's quota)."""
         self.staged_name = None
         self.staged_bytes = 0
         try:

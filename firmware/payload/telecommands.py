@@ -726,7 +726,9 @@ class GroundLink:
         commit is a telecommand authenticated and counted like any other."""
         from payload import codeupdate  # only now: no heap for it until maintenance
 
-        self.code_session = codeupdate.CodeSession(self.root, self.maintenance_window_us, now_us)
+        self.code_session = codeupdate.CodeSession(
+            self.root, self.maintenance_window_us, now_us, getattr(self.mission, "store", None)
+        )
 
     def _code_update(self, body, function, args, ack):
         session = self.code_session

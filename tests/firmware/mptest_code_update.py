@@ -157,3 +157,48 @@ def test_code_commands_need_the_key_and_an_open_session():
     assert "code.part" not in os.listdir(root)
     link.handle(_put(9, name, len(NEW_CODE), b"more"))  # nothing staged in this session
     assert _verification(sent[-1]) == (False, ccsds.REJECT_RANGE)
+
+
+class _StoreOnly:
+    """What the link asks of the mission for a code session: its store (a real one)."""
+
+    def __init__(self, store):
+        self.store = store
+
+
+def test_the_staging_file_draws_on_the_storage_quota_and_a_commit_keeps_it_honest():
+    # The staging file and a committed code file take the flash the products' quota was
+    # computed from at boot: uncounted, a code upload during a pass filled the store under
+    # the quota, and the products' commits then failed with ENOSPC (the laser stopped)
+    # instead of the store reporting full. Now a chunk that does not fit is refused.
+    from payload import storage
+
+    root = _fresh_root(KEY)
+    os.mkdir(root + "/payload")
+    with open(root + "/payload/version.py", "wb") as f:
+        f.write(OLD_CODE)
+    store = storage.Storage(root, 1000)
+    link, sent = _link(root, _StoreOnly(store))
+    link.handle(_tc(KEY, 1, 8, 1, bytes([ccsds.FN_MAINTENANCE_ARM])))
+    link.handle(_tc(KEY, 2, 8, 1, bytes([ccsds.FN_MAINTENANCE])))
+    assert _verification(sent[-1]) == (True, 0)
+    name = b"payload/version.py"
+    code = bytes(48 + i % 10 for i in range(1200))
+    link.handle(_put(3, name, 0, code[:600]))
+    assert _verification(sent[-1]) == (True, 0)
+    assert store.room_bytes() == 400  # the staged 600 bytes are counted
+    link.handle(_put(4, name, 600, code[600:]))  # 1200 staged would pass the quota
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_STORAGE), sent[-1]
+    assert b"storage quota: 400 bytes left" in _rejection_text(sent[-1]), sent[-1]
+    assert not store.full  # a refused upload chunk is not a full product store
+    # a new file from offset 0 takes the old staged bytes' room back
+    small = code[:500]
+    link.handle(_put(5, name, 0, small))
+    assert _verification(sent[-1]) == (True, 0)
+    assert store.room_bytes() == 500
+    link.handle(_commit(6, name, len(small), hashlib.sha256(small).digest()))
+    assert _verification(sent[-1]) == (True, 0), sent[-1]
+    # the committed file grew by 500 - len(OLD_CODE) bytes of the same flash: the quota
+    # shrinks by as much (the staged bytes no longer count: they are the code file now)
+    assert store.quota_bytes == 1000 - (len(small) - len(OLD_CODE)), store.quota_bytes
+    assert store.room_bytes() == store.quota_bytes
