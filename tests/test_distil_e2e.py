@@ -658,3 +658,24 @@ def test_the_setup_warm_up_leaves_a_pass_no_machine_code_to_compile_or_load(mici
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "2", "none"]
+
+
+def test_alices_symbols_taken_piece_by_piece_are_those_of_all_the_slots_at_once(
+    micius_pass, monkeypatch
+):
+    """Alice._symbols works SYMBOL_PIECE_SLOTS slots at a time (its temporaries stay small
+    and are reused: docs/distillation.md, "Distillation time of a full pass"); the pieces'
+    edges, slots outside her record among them, change no symbol."""
+    from host.distil import protocol
+
+    alice = protocol.Alice(micius_pass, Config(), insecure_deterministic_seed=1)
+    first, count = alice.patterns.first_slot, alice.patterns.slot_count
+    rng = np.random.default_rng(5)  # her record's edges inside, slots beyond it outside
+    slots = np.sort(rng.choice(count + 5_000, 20_000, replace=False)) + first - 2_500
+    slots[:3], slots[-3:] = first - 3 + np.arange(3), first + count - 1 + np.arange(3)
+    whole = alice._symbols(slots)
+    assert (whole[2] == protocol.NO_PATTERN).any() and (whole[2] != protocol.NO_PATTERN).any()
+    monkeypatch.setattr(protocol, "SYMBOL_PIECE_SLOTS", 777)
+    pieces = alice._symbols(slots)
+    for a, b in zip(whole, pieces, strict=True):
+        assert np.array_equal(a, b)

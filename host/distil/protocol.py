@@ -59,6 +59,10 @@ PHASE_ERROR_TOLERANCE = 0.25
 # Alice computes a synchronisation request's intensity codes this many slots at a time
 # (Alice._window_codes): what she holds per request stays ~1 byte a slot.
 SYNC_PIECE_SLOTS = 1 << 20
+# Alice's symbols of Bob's detected slots (Alice._symbols), this many at a time: a multiple
+# of the pattern memory's read (payload_bus.MAX_PATTERN_READ_SLOTS), so that the head's
+# pattern memory gets as many requests as for all the slots at once (+1 a piece at most).
+SYMBOL_PIECE_SLOTS = 1 << 18
 # The most slots one sync request may ask of Alice (starts x length), at least: Bob's
 # largest are the stream's first-anchor searches (sums over at most 50 M slots,
 # stream.FIRST_SYNC_MAX_SPARSE_SLOTS; an FFT window of at most 25 M slots plus the lag
@@ -459,15 +463,20 @@ class Alice:
         self.insecure = insecure_deterministic_seed is not None
 
     def _symbols(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(basis_x, bit, intensity code) per slot; NO_PATTERN where Alice has no record."""
+        """(basis_x, bit, intensity code) per slot; NO_PATTERN where Alice has no record.
+        SYMBOL_PIECE_SLOTS slots at a time: the same symbols, but the temporaries (~40
+        bytes a slot) stay a few MB that the allocator reuses, where a pass's 3.3 M
+        detected slots at once took ~70,000 fresh pages and 0.32 CPU s against 0.18 s."""
         slots = np.asarray(slots, dtype=np.int64)
-        ok, nibbles = symbols_by_slots(self.patterns, slots)
         basis = np.zeros(slots.size, np.uint8)
         bit = np.zeros(slots.size, np.uint8)
         inten = np.full(slots.size, NO_PATTERN, np.uint8)
-        if ok.any():
-            b, v, k = decode_symbols(nibbles)
-            basis[ok], bit[ok], inten[ok] = b, v, k
+        for at in range(0, slots.size, SYMBOL_PIECE_SLOTS):
+            piece = slice(at, at + SYMBOL_PIECE_SLOTS)
+            ok, nibbles = symbols_by_slots(self.patterns, slots[piece])
+            if ok.any():
+                b, v, k = decode_symbols(nibbles)
+                basis[piece][ok], bit[piece][ok], inten[piece][ok] = b, v, k
         return basis, bit, inten
 
     def run(self, channel) -> Outcome:
