@@ -247,6 +247,26 @@ def test_invalid_configurations_are_refused_over_the_ground_link():
     assert "duty_errors" not in mission and mission["pass_running"] is False
 
 
+def test_a_refused_configuration_leaves_the_previous_pass_startable():
+    """A configuration refused for a bad field leaves the previous one in force
+    (Mission.configure). A refused head-generation configuration had already freed the
+    controller's pattern buffers: the configured controller pass then refused to start
+    ('its buffers were freed for head generation') until configured again."""
+    head = OpticalHead(seed=1, time_scale=1.0)  # a real-time head: capacity applies
+    good = _config(1024, 10**12)
+    good["slot_rate_hz"] = 5_000  # within the measured capacity (10 k slots/s)
+    bad_head = {**good, "pattern_generation": "head", "basis_probability_z": 0}
+    with HeadServer(head) as server:
+        with payload_session("unix", server.address) as (_target, payload):
+            payload.configure(good)
+            with pytest.raises(CommandRejected, match="basis_probability_z"):
+                payload.configure(bad_head)
+            payload.start()
+            payload.stop()
+            mission = payload.housekeeping()["mission"]
+    assert mission["pass_running"] is False and "duty_errors" not in mission, mission
+
+
 def test_lost_bus_replies_are_retried_without_losing_data():
     """Every 17th reply of the head is withheld: the controller times out, resends the
     same request, the head answers from its cache; nothing is lost or duplicated."""

@@ -180,7 +180,13 @@ class Mission:
         # head generation: the FPGA maps at the slot clock, the controller's capacity does
         # not bound the slot rate
         self.sequencer.keep_controller_buffers(generation == "controller")
-        self.sequencer.configure(config, 0 if generation == "head" else scale)
+        try:
+            self.sequencer.configure(config, 0 if generation == "head" else scale)
+        except BaseException:
+            # refused: the previous configuration stays in force, with its buffers (a
+            # refused head configuration had freed a configured controller pass's)
+            self.sequencer.keep_controller_buffers(self.generation == "controller")
+            raise
         self.generation = generation
         if tracker is not None:
             self._attach_tracking(tracker)
