@@ -444,6 +444,13 @@ class GroundLink:
             raise Rejected(ccsds.REJECT_STORAGE, "replay counter not persisted")
         self.tm.destination_id = get_u16(body, 9)
         ack = body[6] & ccsds.ACK_ACCEPTANCE
+        session = self.code_session
+        if session is not None and self.board.clock.now_us() > session.expires_us:
+            # the session has closed: its object and module go (not kept for the boot)
+            self.code_session = None
+            from payload import codeupdate
+
+            codeupdate.unload()
         self._dispatch(body, body[7], body[8], params, ack)
 
     def _dispatch(self, body, service, subtype, params, ack):
