@@ -56,10 +56,11 @@ RETRY_RESERVE_MIN = 0.0095
 LLR_KNOWN = 40.0
 
 # Variable-node degree distributions (node perspective) per mother rate, from
-# host/distil/ldpc_design.py (semi-Gaussian density evolution + LP, regenerate with
+# host/distil/ldpc_design.py (semi-Gaussian density evolution + LP; the rates of
+# ldpc_design.EXACT_DESIGNS then re-optimised on exact density evolution; regenerate with
 # `python -m host.distil.ldpc_design`); the degree-2 share forms the staircase. q* is
-# the approximation's threshold, optimistic at high rates (there it exceeds capacity):
-# the measured efficiency is in docs/distillation.md.
+# the approximation's threshold, optimistic at high rates (there it exceeds capacity), or
+# exact density evolution's: the measured efficiency is in docs/distillation.md.
 # fmt: off
 DISTRIBUTIONS: dict[float, dict[int, float]] = {
     # mean check degree 12, q* 0.10686
@@ -136,8 +137,8 @@ DISTRIBUTIONS: dict[float, dict[int, float]] = {
     0.82: {2: 0.18, 3: 0.52639, 9: 0.1179, 10: 0.09698, 25: 0.0155, 30: 0.03714, 80: 0.02611},
     # mean check degree 45, q* 0.02546
     0.83: {2: 0.17, 3: 0.53373, 9: 0.11381, 10: 0.10249, 25: 0.01699, 30: 0.03607, 80: 0.02691},
-    # mean check degree 51, q* 0.02190
-    0.84: {2: 0.14577, 3: 0.51485, 8: 0.11223, 9: 0.12121, 20: 0.0072, 25: 0.06741, 80: 0.03132},
+    # mean check degree 51, exact density evolution q* 0.02264
+    0.84: {2: 0.16, 3: 0.51706, 9: 0.2216, 20: 0.0315, 25: 0.03496, 80: 0.03488},
     # mean check degree 55, q* 0.02021
     0.85: {2: 0.13393, 3: 0.52465, 8: 0.09746, 9: 0.13746, 20: 0.00523, 25: 0.06936, 80: 0.03191},
     # mean check degree 59.5, q* 0.01861
