@@ -267,6 +267,31 @@ def test_a_refused_configuration_leaves_the_previous_pass_startable():
     assert mission["pass_running"] is False and "duty_errors" not in mission, mission
 
 
+def test_no_code_session_opens_or_writes_while_a_pass_runs():
+    """Maintenance is done between passes (docs/ground-link.md): the session's import, its
+    file writes and the commit's hash over the whole file came out of a running pass's
+    heap and main loop (the STM32 board's tracking pass has ~2 kB above its 15 % margin;
+    an open session kept 1.6 kB). Opening it, and a put into one opened before the pass,
+    are refused while the pass runs; after its stop the session works."""
+    head = OpticalHead(seed=1, time_scale=1.0)  # a real-time head: capacity applies
+    good = _config(1024, 10**12)
+    good["slot_rate_hz"] = 5_000  # within the measured capacity (10 k slots/s)
+    code = b'FIRMWARE_NOTE = "between passes"\n'
+    with HeadServer(head) as server:
+        with payload_session("unix", server.address) as (_target, payload):
+            payload.configure(good)
+            payload.start()
+            with pytest.raises(CommandRejected, match="a pass is running"):
+                payload.open_code_session()
+            payload.stop()
+            payload.open_code_session()
+            payload.start()
+            with pytest.raises(CommandRejected, match="a pass is running"):
+                payload.upload_code("payload/note.py", code)
+            payload.stop()
+            payload.upload_code("payload/note.py", code)
+
+
 def test_lost_bus_replies_are_retried_without_losing_data():
     """Every 17th reply of the head is withheld: the controller times out, resends the
     same request, the head answers from its cache; nothing is lost or duplicated."""
