@@ -427,6 +427,49 @@ def test_a_head_dead_mid_start_is_reported_and_the_link_keeps_serving(target, bu
     assert "duty_errors" not in mission
 
 
+class _HeadThatDies(OpticalHead):
+    """Answers until the test sets `dead`, then never again."""
+
+    dead = False
+
+    def handle(self, body):
+        return None if self.dead else super().handle(body)
+
+
+# the STM32 board's IWDG limit (its LSI at 47 kHz) and the share of it a pass may take
+# (boards/netduino2 WATCHDOG_LIMIT_US, payload/waits.py)
+_STM32_WATCHDOG_LIMIT_S = 22.309
+_WAIT_SHARE_OF_WATCHDOG = 0.75
+
+
+def test_a_head_dead_mid_pass_holds_no_pass_near_the_watchdog():
+    """A head that dies during a pass costs one timed-out transaction a scheduler pass
+    (the stop's laser-off command gets its own tries), not one per transaction of every
+    duty: on main, with the flight bus timeout on the STM32 board, the stop telecommand
+    held its duty 16.0 s (eight dead transactions) and the duties' worst calls added up
+    to 24.3 s, past the IWDG's 22.3 s; now 4.0 and ~6.3 s. The sum of every duty's worst
+    call bounds any one pass, so it must stay within the waits' share of the watchdog."""
+    head = _HeadThatDies(seed=3)
+    frame_slots, _frames, pps_period_ps = RUNS["netduino2"]
+    with HeadServer(head) as server:
+        # bus_timeout_us None: the board's flight value (500 ms a try, no emulation override)
+        with payload_session("netduino2", server.address, bus_timeout_us=None) as (_t, payload):
+            payload.configure(_config(frame_slots, pps_period_ps))
+            payload.start()
+            wait_frames(head, 3, 60)
+            head.dead = True
+            payload.timeout_s = 60.0
+            assert payload.ping().startswith("qkdsat-fw")
+            payload.stop()  # accepted: the laser-off write failed and is counted
+            mission = payload.housekeeping()["mission"]
+    assert mission["pass_running"] is False
+    worst_s = {name: us / 1e6 for name, us in mission["worst_us"].items()}
+    assert sum(worst_s.values()) < _WAIT_SHARE_OF_WATCHDOG * _STM32_WATCHDOG_LIMIT_S, worst_s
+    # the stop's duty call: its first dead transaction and the laser-off command's, 2 s each
+    assert worst_s["ground"] < 2 * 2.0 + 1.0, worst_s
+    assert mission["bus"]["timeouts"] >= 2 and mission["bus"]["skipped"] >= 1, mission["bus"]
+
+
 def test_the_pattern_log_describes_its_own_configuration(below_rate):
     """Each pass start writes a PATTERN_CONFIG record ahead of the frames: slot rate,
     frame size and probabilities travel with the pattern product."""

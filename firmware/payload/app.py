@@ -86,6 +86,7 @@ class Controller:
         self.ground_rx = framing.FrameReader(GROUND_MAX_BODY_BYTES)
         self.ground_tx = framing.FrameWriter(GROUND_MAX_BODY_BYTES)
         self.bus_rx = None  # the controller's own bus framing, only without a data path
+        self._bus = None  # the data path's bus client, whose down flag each pass resets
         self._chunk = bytearray(256)
         self.ground_queue = TxQueue(
             board.ground_link,
@@ -116,6 +117,7 @@ class Controller:
             # (the loopback test's) come back through on_unsolicited.
             mission.bus.on_unsolicited = self.on_bus_frame
             self._bus_tx = mission.bus.tx
+            self._bus = mission.bus
             mission.duties(self.scheduler)
         else:
             # 4 kB of buffers a data path (with its own bus client) does not need
@@ -159,6 +161,9 @@ class Controller:
         """One pass of the main loop; returns True if any duty did work. The watchdog is
         fed here and only here: after a whole pass of the scheduler, every duty returned."""
         self.board.clock.update()
+        bus = self._bus
+        if bus is not None:
+            bus.down = 0  # the head gets its tries again, until one times out (bus.Bus.down)
         busy = self._run_once()
         self.board.watchdog_feed()
         action = self.link.pending_action

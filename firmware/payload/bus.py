@@ -250,6 +250,15 @@ class Bus:
         self.bad_replies = 0
         self.unsolicited = 0
         self.on_unsolicited = None
+        # Whether the head is presumed down for the rest of the scheduler pass: -1 never (a
+        # Bus used outside the main loop), 0 up, 1 down: a transaction timed out (all its
+        # tries) this pass, and every later one fails at once (counted in `skipped`) until
+        # app.Controller.poll sets 0 at the next pass. A dead head then costs one timed-out
+        # transaction a pass, not one per transaction of every duty: on the STM32 board a
+        # stop telecommand's eight (16 s in flight) and the pass's other duties' held one
+        # pass 24 s, past the IWDG's 22.3 s (payload/waits.py, docs/targets.md).
+        self.down = -1
+        self.skipped = 0
 
     # the state words by name (not on the period's fast path)
     @property
@@ -359,6 +368,9 @@ class Bus:
     def _exchange(self, frame, sent):
         """_transact's send-and-wait for the encoded `frame` of self.req; `sent` is how much
         of it the caller already wrote (-1: none, the first attempt sends it)."""
+        if self.down > 0:
+            self.skipped += 1
+            return E_TIMEOUT
         link = self.link
         op = self.req[0] | REPLY_FLAG
         tag = self.req[1]
@@ -377,6 +389,8 @@ class Bus:
             if attempt == 0 or ((clock.ticks_us() - start) & 0x3FFFFFFF) > self.timeout_us:
                 if attempt > self.retries:
                     self.timeouts += 1
+                    if self.down == 0:
+                        self.down = 1
                     return E_TIMEOUT
                 if attempt:
                     self.retransmissions += 1
@@ -538,6 +552,12 @@ class Bus:
             self.bad_replies += 1
         return status
 
+    def try_again(self):
+        """The next transaction gets its tries even if one timed out earlier in this pass:
+        the laser-off command of a stop."""
+        if self.down > 0:
+            self.down = 0
+
     def read1(self, addr):
         """One register as an int (small values only on 32-bit targets), or -1 on error."""
         if self.read(addr, 1) != OK:
@@ -597,6 +617,7 @@ class Bus:
             # pass-mode TRACK replies the paced period took: not in rx.frames_ok
             "track_replies": self.track_replies,
             "unsolicited": self.unsolicited,
+            "skipped": self.skipped,
             "frames_dropped": {
                 framing.DROP_REASONS[i]: drops[i] for i in range(len(framing.DROP_REASONS))
             },

@@ -126,6 +126,7 @@ class HeadGenerator:
         if not self.running and self.qrng_fault is not None:
             return True  # stopped by a health-test failure: its end is logged already
         self.running = False
+        bus.try_again()  # the generator-off command gets its tries (bus.Bus.down)
         status = bus.write1(REG_GEN_CTRL, 0)
         frames = bus.read1(REG_GEN_FRAMES)
         if status != busmod.OK or frames < 0:

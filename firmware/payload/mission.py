@@ -353,6 +353,8 @@ class Mission:
             },
             "storage": self.store.status(),
         }
+        if bus.skipped:  # transactions not tried: the head timed out earlier in the pass
+            out["bus"]["skipped"] = bus.skipped
         if self.generation == "head":
             out["generator"] = self.generator.telemetry()
         if self.tracking is not None:

@@ -425,6 +425,7 @@ class Sequencer:
                 break
             if _elapsed_us(bus.clock, start) > LASER_STOP_TIMEOUT_US:
                 break
+        bus.try_again()  # the laser-off command gets its tries after a timed-out read
         bus.write1(busmod.REG_LASER_CTRL, 0)
         if wait_laser_idle(bus, max_polls) != 0:
             self.bus_failures += 1  # reported in telemetry; stop itself must not hang

@@ -37,6 +37,9 @@ def longest_wait_us(bus_timeout_us):
     transaction = (BUS_RETRIES + 1) * bus_timeout_us
     waits = (
         (transaction, "bus transaction"),
+        # a dead head, a pass: the first transaction that timed out, then the others fail at
+        # once (bus.Bus.down) but a stop's laser-off command, which gets its own tries
+        (2 * transaction, "dead head a pass"),
         # the deadline, then the LASER_ACTIVE read under way when it passed
         (LASER_STOP_TIMEOUT_US + transaction, "laser stop"),
         (GROUND_TX_FLUSH_US, "ground flush"),
