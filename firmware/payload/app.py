@@ -246,9 +246,9 @@ def run(board):
     (maintenance in flight is a code-update session, docs/ground-link.md); the REPL is
     reached only through the maintenance strap at boot. An exception of any kind is
     counted and the loop goes on."""
-    lock_console()
-    board.watchdog_start()
     try:
+        lock_console()
+        board.watchdog_start()  # (a machine.WDT refuses a timeout with ValueError)
         controller = _start(board)
     except BaseException:  # noqa: BLE001 - never a way to the REPL
         # An application that cannot come up (storage that raises, no heap for the data

@@ -237,6 +237,30 @@ def test_an_application_that_cannot_boot_resets_the_board_and_leaves_no_repl():
         assert faulty.mounts == 1 and faulty.resets == 1, (error, faulty.mounts)
 
 
+class _WatchdogFails(_BootFails):
+    """A board whose watchdog refuses to start (a machine.WDT timeout the port does not
+    take raises ValueError): the first thing app.run does with the board."""
+
+    def watchdog_start(self):
+        raise ValueError("timeout out of range")
+
+
+def test_a_watchdog_that_cannot_start_resets_the_board_and_leaves_no_repl():
+    # app.run started the watchdog (and locked the console) before its guard: an
+    # exception there ended main.py, and the port opened the REPL on the ground link
+    from payload import app
+
+    faulty = _WatchdogFails(OSError(5))
+    try:
+        app.run(faulty)
+        raise AssertionError("app.run returned")
+    except _Reset:
+        pass
+    finally:
+        micropython.kbd_intr(3)  # back for the harness's raw REPL
+    assert faulty.resets == 1 and faulty.mounts == 0, (faulty.resets, faulty.mounts)
+
+
 class _SlowLink:
     """Takes at most 16 bytes per write, like a UART with a small FIFO."""
 
