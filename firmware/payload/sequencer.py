@@ -170,11 +170,13 @@ def _elapsed_us(clock, start):
     return (clock.ticks_us() - start) & 0x3FFFFFFF
 
 
-def wait_laser_idle(bus, max_polls=10_000):
+def wait_laser_idle(bus, max_polls=10_000, start=None):
     """Poll LASER_ACTIVE until 0. Bounded three ways: a failed read (a dead head answers
     nothing: the bus has already retried) returns -1 at once, and at most max_polls reads
-    or LASER_STOP_TIMEOUT_US; returns 0 when idle, 1 when still active."""
-    start = bus.clock.ticks_us()
+    or LASER_STOP_TIMEOUT_US from `start` (ticks_us; None: now); returns 0 when idle, 1
+    when still active."""
+    if start is None:
+        start = bus.clock.ticks_us()
     for _ in range(max_polls):
         active = bus.read1(busmod.REG_LASER_ACTIVE)
         if active <= 0:
@@ -416,7 +418,10 @@ class Sequencer:
 
     def stop(self, max_polls=10_000):
         """Let the committed frame go out, then stop the laser at the next frame boundary
-        (a frame is logged when the head accepts it, so it must also be emitted)."""
+        (a frame is logged when the head accepts it, so it must also be emitted). Both
+        waits share one LASER_STOP_TIMEOUT_US: each is at most a frame (4.1 s), and with
+        a deadline each a laser that never stops held the stop twice as long (payload/
+        waits.py: the main loop's waits against the watchdog)."""
         self.running = False
         bus = self.bus
         start = bus.clock.ticks_us()
@@ -427,7 +432,7 @@ class Sequencer:
                 break
         bus.try_again()  # the laser-off command gets its tries after a timed-out read
         bus.write1(busmod.REG_LASER_CTRL, 0)
-        if wait_laser_idle(bus, max_polls) != 0:
+        if wait_laser_idle(bus, max_polls, start) != 0:
             self.bus_failures += 1  # reported in telemetry; stop itself must not hang
 
     def step(self):

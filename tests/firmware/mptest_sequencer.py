@@ -323,3 +323,51 @@ def test_head_generation_frees_the_controllers_buffers_and_a_controller_pass_get
         seq.step()
         steps += 1
     assert seq.frames_sent == 2 and seq.qrng_fault is None, seq.telemetry()
+
+
+class _LaserThatNeverStops(_Head):
+    """The back bank never frees and LASER_ACTIVE stays 1; each read takes ~1 ms, as a
+    bus round trip, so the stop's waits end on their deadline, not their poll count."""
+
+    def __init__(self, source):
+        super().__init__(source)
+        self.reads = 0
+
+    def _round_trip(self):
+        self.reads += 1
+        start = self.clock.ticks_us()
+        while (self.clock.ticks_us() - start) & 0x3FFFFFFF < 1000:
+            pass
+
+    def read(self, addr, count):
+        self._round_trip()
+        self.words[0] = self.frame
+        self.words[1] = 1  # a committed frame still waiting in the back bank
+        return busmod.OK
+
+    def read1(self, addr):
+        self._round_trip()
+        return 1
+
+    def try_again(self):
+        pass
+
+
+def test_a_laser_that_never_stops_holds_the_stop_one_deadline_not_two():
+    # The stop's two waits (the committed frame out, then the laser idle) share one
+    # LASER_STOP_TIMEOUT_US; each had its own, so the stop took two (payload/waits.py).
+    deadline_us = 200_000
+    saved = sequencer.LASER_STOP_TIMEOUT_US
+    sequencer.LASER_STOP_TIMEOUT_US = deadline_us
+    try:
+        seq, _ = _sequencer(_LcgSource(3))
+        head = _LaserThatNeverStops(_LcgSource(3))
+        seq.bus = head
+        start = board.clock.ticks_us()
+        seq.stop()
+        elapsed_us = (board.clock.ticks_us() - start) & 0x3FFFFFFF
+    finally:
+        sequencer.LASER_STOP_TIMEOUT_US = saved
+    assert head.laser == 0 and seq.bus_failures == 1, (head.laser, seq.bus_failures)
+    # one deadline and the read under way at it (~1 ms); two deadlines before: >= 400 ms
+    assert deadline_us <= elapsed_us < 1.5 * deadline_us, (elapsed_us, head.reads)
