@@ -75,10 +75,15 @@ def _first_f(frame_bits: int) -> float:
     return min(LDPC_FIRST_F, LDPC_FIRST_F_LONG)
 
 
-# Bob's top-up is sized for the low end of his syndrome QBER measurement's likelihood
-# interval, this many standard errors below the maximum-likelihood value (reconcile
-# _syndrome_qber): on 1 M bits that is ~1 % below it, on an 80 k-bit block ~10 %.
-TOP_UP_SIGMAS = 1.0
+# Bob's top-up is sized for the low end of his syndrome QBER measurement's interval, this
+# many standard errors below his estimate (_syndrome_qber; the standard error is the
+# measurement's real spread about the block's error rate, ~5 % of the QBER on 3 frames of
+# 2^16 at 1.1 %, ~2 % on 8 frames of 2^17). Until session 12 it was 1 standard error of a
+# likelihood that claimed about half the real spread; 0.5 real ones is about where that
+# sat. The level trades f for decoding rounds (docs/distillation.md, "Bob's measurement,
+# session 12"): 1.0 took f -0.0026 on the second block of a 30 s micius pass for 1.2x
+# the decoder iterations, +0.002 on the first, so 0.5.
+TOP_UP_SIGMAS = 0.5
 
 
 # Check after decoding, under a hash key Alice draws after Bob has finished decoding (so
@@ -371,50 +376,129 @@ def _syndrome_qber(
     sample_qber=0.0,
     sample_bits=0,
 ) -> tuple[float, float]:
-    """(maximum-likelihood QBER, the lower end of its TOP_UP_SIGMAS likelihood interval)
-    from the syndromes and the disclosed sample together:
-    a parity over d of the frame's key bits (a check, or two checks whose punctured bit
-    cancels: _parity_groups) differs from Alice's with probability (1 - (1 - 2q)^d) / 2
-    (errors independent, which the interleaving makes so); the sample has
-    sample_qber * sample_bits errors in sample_bits. words: Bob's frames, his key bits
-    and every bit he knows exactly (zeros, revealed bits), which carry no error. On a
-    large block the syndromes say ~100x more than the sample; on a small, heavily
-    punctured one few parities are free of punctured bits and the sample weighs in. Bob
-    computes it from what he has; nothing of it is sent (only the top-up steps chosen
-    from it)."""
+    """(Bob's estimate of the block's QBER, the lower end of its TOP_UP_SIGMAS interval)
+    from the syndromes and the disclosed sample together. A parity over d of the frame's
+    key bits (a check, or two checks whose punctured bit cancels: _parity_groups) differs
+    from Alice's with probability (1 - (1 - 2q)^d) / 2; the maximum-likelihood q of all
+    of them is the syndromes' estimate. words: Bob's frames, his key bits and every bit
+    he knows exactly (zeros, revealed bits), which carry no error.
+    Its spread is not what that likelihood says: the parities are not independent (a
+    check holds ~27 degree-80 bits, each on 80 checks), so the estimate weighs every
+    erroneous bit by its degree, and few of the errors decide it (_syndrome_spread: +-4.8 %
+    at 1.08 % QBER on 3 frames of 2^16, where the likelihood claims +-2.7 %). The spread
+    is taken from the code instead, against the block's own error rate (what the top-up
+    is for), and the likelihood's curvature is scaled to it (a composite likelihood); the
+    sample's, to its spread about the block's rate. Bob computes it from what he has;
+    nothing of it is sent (only the top-up steps chosen from it)."""
     code = plan.code
     singles, pairs = _parity_groups(code, punctured_now)
-    key_degree = {}
+    checks = _edge_checks(code)
+    layouts = {}
     for _, used in frames:
-        if used not in key_degree:
+        if used not in layouts:
             key_pos, _ = _frame_layout(plan, used)
             is_key = np.zeros(code.n, dtype=np.int64)
             is_key[key_pos] = 1
             per_check = np.add.reduceat(is_key[code.check_var], code.check_ptr[:-1])
-            key_degree[used] = np.concatenate(
+            degree = np.concatenate(
                 [per_check[singles], per_check[pairs[:, 0]] + per_check[pairs[:, 1]]]
             )
+            layouts[used] = (is_key, degree)
     differ_all = code.syndrome(words) ^ syndromes
-    size = 1 + max(int(d.max(initial=0)) for d in key_degree.values())
+    size = 1 + max(int(d.max(initial=0)) for _, d in layouts.values())
     groups = np.zeros(size, dtype=np.int64)
     differ = np.zeros(size, dtype=np.int64)
     for f, (_, used) in enumerate(frames):
-        d = key_degree[used]
+        d = layouts[used][1]
         z = np.concatenate(
             [differ_all[f, singles], differ_all[f, pairs[:, 0]] ^ differ_all[f, pairs[:, 1]]]
         )
         groups += np.bincount(d, minlength=size)
         differ += np.bincount(d, weights=z, minlength=size).astype(np.int64)
+    key_bits = sum(used for _, used in frames)
     d = np.nonzero(groups[1:])[0] + 1
     grid = np.linspace(1e-4, 0.3, 3000)
     p = np.clip(0.5 * (1 - (1 - 2 * grid[:, None]) ** d[None, :]), 1e-12, 1 - 1e-12)
     loglik = (differ[d] * np.log(p) + (groups[d] - differ[d]) * np.log(1 - p)).sum(axis=1)
     errors = sample_qber * sample_bits
-    loglik += errors * np.log(grid) + (sample_bits - errors) * np.log(1 - grid)
-    # the likelihood is unimodal in q: the interval's lower end is the first grid point
-    # within TOP_UP_SIGMAS^2 / 2 of the maximum
-    low = np.nonzero(loglik >= loglik.max() - 0.5 * TOP_UP_SIGMAS**2)[0][0]
-    return float(grid[np.argmax(loglik)]), float(grid[low])
+    sample_loglik = errors * np.log(grid) + (sample_bits - errors) * np.log(1 - grid)
+    # the likelihood takes the parities as independent; they are not (the docstring), so
+    # its curvature is scaled to the spread the code gives (_syndrome_spread, taken at the
+    # joint maximum), as a composite likelihood is; the sample's, to its spread about the
+    # block's own rate (its bits are not the block's)
+    pilot = float(grid[np.argmax(loglik + sample_loglik)])
+    if d.size:
+        variance, info = _syndrome_spread(
+            code, checks, singles, pairs, layouts, frames, pilot, key_bits
+        )
+        loglik = loglik / (info * variance)
+    if sample_bits:
+        loglik = loglik + sample_loglik * key_bits / (key_bits + sample_bits)
+    return _maximum_and_low_end(grid, loglik)
+
+
+def _maximum_and_low_end(grid: np.ndarray, loglik: np.ndarray) -> tuple[float, float]:
+    """The likelihood's maximum and the lower end of its TOP_UP_SIGMAS interval (where it
+    has fallen by TOP_UP_SIGMAS^2 / 2; it is unimodal in q), both between grid points: the
+    grid's step, 1e-4, is a fifth of the interval on 3 frames at 1 %, and rounding to it
+    narrowed the interval by ~15 %."""
+    top = int(np.argmax(loglik))
+    best = float(grid[top])
+    if 0 < top < grid.size - 1:  # the parabola through the maximum and its neighbours
+        left, mid, right = loglik[top - 1 : top + 2]
+        curvature = left - 2 * mid + right
+        if curvature < 0:
+            best += 0.5 * (left - right) / curvature * (grid[1] - grid[0])
+    threshold = loglik[top] - 0.5 * TOP_UP_SIGMAS**2
+    i = int(np.nonzero(loglik >= threshold)[0][0])
+    if i == 0:
+        return float(best), float(grid[0])
+    rise = (threshold - loglik[i - 1]) / (loglik[i] - loglik[i - 1])
+    return float(best), float(grid[i - 1] + rise * (grid[i] - grid[i - 1]))
+
+
+def _syndrome_spread(code, checks, singles, pairs, layouts, frames, q, key_bits):
+    """(variance, the likelihood's information I) at q. The variance is that of the
+    syndromes' maximum-likelihood QBER minus the block's own error rate, linearised at q
+    (delta method) with the parities' covariances. The score is
+    U = sum_g a_g (z_g - p_g), a_g = p_g' / (p_g (1 - p_g)), p_g = (1 - b_g) / 2,
+    b_g = (1 - 2q)^d_g; the likelihood's information I = sum_g a_g p_g'. Two parities
+    sharing a key bit have covariance b_g b_h ((1 - 2q)^-2 - 1) / 4 (one bit shared; j bits
+    count j times, right to first order in q), so the pairs' sum is, per key bit v,
+    (sum_{g on v} a_g b_g)^2 - sum_{g on v} (a_g b_g)^2. A parity and one of its key bits
+    covary by q (1 - q) (1 - 2q)^(d - 1). Then var(q^ - rate) = var(U) / I^2
+    - 2 cov(U, rate) / I + var(rate), rate = errors / key_bits."""
+    t = 1 - 2 * q
+    kappa = (t**-2 - 1) / 4
+    info = var_u = cov = 0.0
+    # frames of the same length have the same sums: each length once, times its frames
+    lengths, counts = np.unique([used for _, used in frames], return_counts=True)
+    for used, times in zip(lengths.tolist(), counts.tolist(), strict=True):
+        is_key, degree = layouts[used]
+        b = t ** degree.astype(np.float64)
+        p = np.clip((1 - b) / 2, 1e-12, 0.5)
+        dp = degree * t ** np.maximum(degree - 1, 0)
+        a = dp / (p * (1 - p))
+        info += times * float(np.sum(a * dp))
+        var_u += times * float(np.sum(a * a * p * (1 - p)))
+        cov += times * float(np.sum(a * degree * b)) * q * (1 - q) / t
+        # each check's weight a_g b_g (a pair's on both of its checks: they share no key bit)
+        weight = np.zeros(code.m)
+        ab = a * b
+        weight[singles] = ab[: singles.size]
+        weight[pairs[:, 0]] = ab[singles.size :]
+        weight[pairs[:, 1]] = ab[singles.size :]
+        edge_key = is_key[code.check_var] == 1
+        w_edges = weight[checks[edge_key]]
+        var_vars = code.check_var[edge_key]
+        per_var = np.bincount(var_vars, weights=w_edges, minlength=code.n)
+        per_var_sq = np.bincount(var_vars, weights=w_edges * w_edges, minlength=code.n)
+        var_u += times * kappa * float(np.sum(per_var * per_var - per_var_sq))
+    if info <= 0:
+        return 1.0, 1.0
+    cov /= key_bits
+    variance = var_u / info**2 - 2 * cov / info + q * (1 - q) / key_bits
+    return max(variance, 1e-3 * q * q), info
 
 
 def _interleave(count: int) -> np.ndarray:
