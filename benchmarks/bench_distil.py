@@ -421,7 +421,8 @@ def test_bench_exact_density_evolution_design(monkeypatch, tmp_path):
     (ldpc_design.design at the same rate), each frame's threshold on the 1 M-bit block's
     plan at the QBER that picks that design, frames of 2^16 and 2^17 bits, the same noise
     for both (_frame_thresholds, DESIGN_AB_SEEDS x 16 frames), in this run. The
-    semi-Gaussian codes are built into a temporary cache (~1-3 s each)."""
+    codes of both designs are built into a temporary cache (4 codes, seconds to tens of
+    seconds each under load)."""
     from host.distil import ldpc_design
 
     qbers = {0.84: 0.02}
