@@ -5,13 +5,21 @@ key), and to a running application over its code-update session (unix: the board
 boots the deployed code, and a module uploaded later replaces its old version)."""
 
 import hashlib
+import shutil
+import subprocess
 import time
 
 import pytest
 from linkhelpers import KEY, unix_payload
 
 from emulator.payload_run import COMMAND_TIMEOUT_S
-from emulator.targets import QemuTarget, UnixTarget, firmware_version
+from emulator.targets import (
+    FIRMWARE_DIR,
+    MICROPYTHON_BIN,
+    QemuTarget,
+    UnixTarget,
+    firmware_version,
+)
 from host.cli import main
 from host.deploy.raw_repl import RawRepl
 from host.link.client import LinkError, PayloadClient
@@ -118,6 +126,7 @@ def test_flash_over_the_code_session_then_a_module_upload_runs_after_reboot(tmp_
             # one module replaced over the session (a .py is imported before a .mpy)
             payload.open_code_session()
             payload.upload_code("payload/version.py", uploaded, chunk_bytes=16)
+            payload.activate_code(["payload/version.py"])
             assert payload.ping() == f"qkdsat-fw {firmware_version()} unix"  # until reboot
             payload.reboot()
         assert _ended(target)
@@ -138,3 +147,111 @@ def test_flash_over_the_code_session_then_a_module_upload_runs_after_reboot(tmp_
                 with pytest.raises(LinkError, match="not a code file name"):
                     payload.upload_code(name, b"x" * 32)
     assert (storage / "payload" / "version.py").read_bytes() == uploaded
+
+
+# A power cut during the activation, after the journal and `renames` of the set's renames:
+# the firmware's own CodeSession.activate, run by the unix port from the deployed storage,
+# its os.rename of a `<name>.new` ending the process (as the cut does) once `renames` ran.
+_ACTIVATION_CUT = """
+import os, sys
+sys.path.insert(0, %(root)r)
+from payload import codeupdate
+class CutAfter:
+    def __init__(self, renames):
+        self.renames = renames
+    def rename(self, source, target):
+        if source.endswith(".new"):
+            if not self.renames:
+                sys.exit(9)
+            self.renames -= 1
+        os.rename(source, target)
+    def stat(self, path):
+        return os.stat(path)
+    def remove(self, path):
+        os.remove(path)
+    def mkdir(self, path):
+        os.mkdir(path)
+codeupdate.os = CutAfter(%(renames)d)
+session = codeupdate.CodeSession(%(root)r, 60000000, 0)
+session.activate(b"".join(bytes([len(n)]) + n for n in %(names)r))
+"""
+
+
+def _cut_activation(storage, names, renames):
+    script = _ACTIVATION_CUT % {
+        "root": str(storage),
+        "renames": renames,
+        "names": [name.encode() for name in names],
+    }
+    done = subprocess.run(
+        [str(MICROPYTHON_BIN), "-c", script], cwd=storage, capture_output=True, timeout=60
+    )
+    assert done.returncode == 9, done.stderr  # cut, not finished nor failed
+    assert (storage / "deploy.journal").exists()
+
+
+def _deploy_source(storage):
+    """The application deployed as source, as `qkdsat flash` lays it out (.py for .mpy)."""
+    (storage / "products").mkdir(parents=True)
+    (storage / "link").mkdir()
+    (storage / "link" / "key").write_bytes(KEY)
+    shutil.copy(FIRMWARE_DIR / "main.py", storage / "main.py")
+    shutil.copy(FIRMWARE_DIR / "boards" / "unix" / "board.py", storage / "board.py")
+    shutil.copytree(
+        FIRMWARE_DIR / "payload", storage / "payload", ignore=shutil.ignore_patterns("__pycache__")
+    )
+
+
+def _version_booted(storage):
+    with _boot_from_storage(storage) as target:
+        with PayloadClient(target.ground_port, KEY, timeout_s=COMMAND_TIMEOUT_S) as payload:
+            return payload.ping()
+
+
+@pytest.mark.slow
+def test_a_deploy_cut_at_any_point_boots_a_whole_set_old_or_new(tmp_path):
+    # Before the activation (journal) each commit renamed one file into place, so a power
+    # cut part-way through a deploy left old and new modules mixed: with an interface
+    # changed, `from payload import app` raised at every boot and main.py reset the board
+    # each time, with no code session reachable. Here the new set's version.py imports a
+    # module the old set lacks, and is committed first (sorted order, as `qkdsat flash`).
+    storage = tmp_path / "flash"
+    _deploy_source(storage)
+    old = f"qkdsat-fw {firmware_version()} unix"
+    new_set = {
+        "payload/version.py": b"from payload.zz_release import TEXT as FIRMWARE_VERSION\n",
+        "payload/zz_release.py": b'TEXT = "9.9.9-set"\n',
+    }
+    names = sorted(new_set)
+    with _boot_from_storage(storage) as target:
+        with PayloadClient(target.ground_port, KEY, timeout_s=COMMAND_TIMEOUT_S) as payload:
+            assert payload.ping() == old
+            payload.open_code_session()
+            payload.upload_code(names[0], new_set[names[0]])
+    # the process killed after 1 of 2 files committed: the old set boots whole
+    assert _version_booted(storage) == old, "a cut between commits left a mixed set"
+    with _boot_from_storage(storage) as target:
+        with PayloadClient(target.ground_port, KEY, timeout_s=COMMAND_TIMEOUT_S) as payload:
+            payload.open_code_session()
+            payload.upload_code(names[1], new_set[names[1]])
+    # every file committed, no activation: nothing that boots changed
+    assert _version_booted(storage) == old
+    assert sorted(p.name for p in storage.rglob("*.new")) == [
+        "version.py.new",
+        "zz_release.py.new",
+    ]
+    # a journal torn or damaged (a byte flipped) is ignored: no rename had begun
+    _cut_activation(storage, names, renames=0)
+    journal = bytearray((storage / "deploy.journal").read_bytes())
+    journal[-1] ^= 0x01
+    (storage / "deploy.journal").write_bytes(journal)
+    assert _version_booted(storage) == old
+    assert not (storage / "deploy.journal").exists()
+    # the cut after the journal and 1 of the 2 renames: the boot finishes the set first
+    _cut_activation(storage, names, renames=1)
+    assert (storage / "payload" / "version.py").read_bytes() == new_set[names[0]]
+    assert not (storage / "payload" / "zz_release.py").exists()
+    assert _version_booted(storage) == "qkdsat-fw 9.9.9-set unix"
+    assert not (storage / "deploy.journal").exists() and not list(storage.rglob("*.new"))
+    for name in names:
+        assert (storage / name).read_bytes() == new_set[name]

@@ -7,7 +7,9 @@ import json
 import pytest
 from linkhelpers import KEY, PRODUCT_KEY, product_set, qemu_payload, unix_payload
 
+from emulator.payload_run import COMMAND_TIMEOUT_S
 from host.cli import main
+from host.link.client import PayloadClient
 
 
 @pytest.fixture
@@ -88,19 +90,29 @@ _REPL_INPUT = (
 
 @pytest.mark.qemu
 def test_maintenance_opens_no_repl_and_no_key_comes_back_over_the_link(tmp_path, key_file, capsys):
-    import time
-
-    import serial
-
     with qemu_payload({}, product_key=PRODUCT_KEY) as target:
         assert _qkdsat(target.ground_port, key_file, tmp_path, "maintenance") == 0
         assert "no REPL" in capsys.readouterr().out
-        answer = b""
-        with serial.Serial(target.ground_port, 115200, timeout=0.2) as port:
-            port.write(_REPL_INPUT)
-            deadline = time.monotonic() + 3.0  # the REPL of main's code answered in < 1 s
-            while time.monotonic() < deadline:
-                answer += port.read(4096)
+        counter_file = tmp_path / "counter"
+        with PayloadClient(
+            target.ground_port, KEY, counter_file=counter_file, timeout_s=COMMAND_TIMEOUT_S
+        ) as payload:
+            received = bytearray()  # every byte the port gives, frames and anything else
+            read = payload.link.serial.read
+
+            def read_and_keep(size=1):
+                chunk = read(size)
+                received.extend(chunk)
+                return chunk
+
+            payload.link.serial.read = read_and_keep
+            payload.link.write(_REPL_INPUT)
+            # A ping sent after the probe and answered proves the probe was read and
+            # handled first (the link is read in order): a fixed listening window (3 s
+            # before) could end before a slow, loaded emulator's REPL answered. A REPL
+            # would also have taken the ping's bytes: no answer, the test fails.
+            assert payload.ping().startswith("qkdsat-fw")
+        answer = bytes(received)
         for secret in (PRODUCT_KEY, repr(PRODUCT_KEY).encode(), KEY, repr(KEY).encode()):
             assert secret not in answer
         for prompt in (b">>>", b"raw REPL", b"Traceback"):

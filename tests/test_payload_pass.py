@@ -272,7 +272,7 @@ def test_no_code_session_opens_or_writes_while_a_pass_runs():
     file writes and the commit's hash over the whole file came out of a running pass's
     heap and main loop (the STM32 board's tracking pass has ~2 kB above its 15 % margin;
     an open session kept 1.6 kB). Opening it, and a put into one opened before the pass,
-    are refused while the pass runs; after its stop the session works."""
+    or an activation, are refused while the pass runs; after its stop the session works."""
     head = OpticalHead(seed=1, time_scale=1.0)  # a real-time head: capacity applies
     good = _config(1024, 10**12)
     good["slot_rate_hz"] = 5_000  # within the measured capacity (10 k slots/s)
@@ -290,6 +290,11 @@ def test_no_code_session_opens_or_writes_while_a_pass_runs():
                 payload.upload_code("payload/note.py", code)
             payload.stop()
             payload.upload_code("payload/note.py", code)
+            payload.start()  # the activation's renames are refused during a pass too
+            with pytest.raises(CommandRejected, match="a pass is running"):
+                payload.activate_code(["payload/note.py"])
+            payload.stop()
+            payload.activate_code(["payload/note.py"])
 
 
 def test_lost_bus_replies_are_retried_without_losing_data():

@@ -52,7 +52,8 @@ FN_MAINTENANCE = const(5)  # open the code-update session (never a REPL)
 FN_MAINTENANCE_ARM = const(6)  # opens the window in which FN_MAINTENANCE is accepted
 FN_REKEY = const(7)  # install the next link key (wrapped), new counter space
 FN_CODE_PUT = const(8)  # code session: name, offset u32, bytes into the staging file
-FN_CODE_COMMIT = const(9)  # code session: name, length u32, SHA-256: rename into place
+FN_CODE_COMMIT = const(9)  # code session: name, length u32, SHA-256: rename to <name>.new
+FN_CODE_ACTIVATE = const(10)  # code session: names: the committed set in place (journal)
 
 # Rejection reasons (TM 1,2): u16 code, then up to 64 bytes of ASCII detail
 REJECT_SHORT = const(1)

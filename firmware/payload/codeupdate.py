@@ -1,9 +1,11 @@
 # In-flight maintenance (docs/ground-link.md "Maintenance in flight"): a code-update
 # session, opened by the armed maintenance telecommand, that can only replace the
 # application's own code files. There is no command to read, list, execute or evaluate
-# anything: a file is put in chunks into one staging file, and the commit renames it over
-# the old one only when its length and SHA-256 are those the ground sent. The general
-# interpreter (the REPL) exists only behind the maintenance strap at boot.
+# anything: a file is put in chunks into one staging file, the commit renames it to
+# `<name>.new` only when its length and SHA-256 are those the ground sent, and the
+# activation puts a whole set of committed files in place through a journal that main.py
+# finishes at boot if a reset cuts it (roll-forward). The general interpreter (the REPL)
+# exists only behind the maintenance strap at boot.
 #
 # Imported when a session opens (GroundLink._open_code_session), not at boot: the module
 # costs the application's heap nothing until then.
@@ -25,6 +27,11 @@ from payload.telecommands import Rejected
 # upload leaves it beside the old code, which still imports; never under link/ or
 # products/, which the session cannot name.
 STAGING_FILE = "code.part"
+# The activation's journal: main.py (its reader) finishes it at boot, before it imports
+# anything of the set; written whole through a temporary file renamed into place.
+JOURNAL_FILE = "deploy.journal"
+_JOURNAL_TEMPORARY = "deploy.journal.part"
+NEW_SUFFIX = ".new"  # a committed file waiting for the activation
 SHA256_BYTES = const(32)
 _HASH_BLOCK_BYTES = const(256)
 _PACKAGE = b"payload/"
@@ -98,6 +105,7 @@ class CodeSession:
         self.staged_name = None  # the file the staging file is for
         self.staged_bytes = 0
         self.committed = 0
+        self.activated = 0
         self.store = store
         if store is not None and self._staging() not in store.counted_files:
             store.counted_files.append(self._staging())
@@ -162,8 +170,9 @@ class CodeSession:
         return self.staged_bytes if name == self.staged_name else 0
 
     def commit(self, params):
-        """name, total length u32, SHA-256: the staged file replaces the old one in one
-        rename, or nothing changes (the staging file is dropped on a mismatch)."""
+        """name, total length u32, SHA-256: the staged file becomes `<name>.new` in one
+        rename, or nothing changes (the staging file is dropped on a mismatch). Nothing
+        that boots changes until the activation."""
         name, at = _name_arg(params, 0)
         if len(params) != at + 4 + SHA256_BYTES:
             raise Rejected(REJECT_ARGUMENT, "commit takes name, length u32, SHA-256")
@@ -179,25 +188,79 @@ class CodeSession:
         if digest != expected:
             self._drop()
             raise Rejected(REJECT_ARGUMENT, "SHA-256 mismatch, old file kept")
-        target = self.root + "/" + name.decode()
-        grown = total - _file_bytes(target)
+        waiting = self._path(name) + NEW_SUFFIX
+        grown = total - _file_bytes(waiting)  # a .new committed before is replaced
         try:
             if name.startswith(_PACKAGE):
                 try:
                     os.mkdir(self.root + "/payload")
                 except OSError:
                     pass  # exists
-            os.rename(self._staging(), target)  # atomic on littlefs and POSIX
+            os.rename(self._staging(), waiting)  # atomic on littlefs and POSIX
         except OSError as error:
             raise Rejected(REJECT_STORAGE, "rename: %r, old file kept" % (error,)) from None
         self.staged_name = None
         self.staged_bytes = 0
         self.committed += 1
         if self.store is not None:
-            # the staged bytes left the counted file and are the code file now: what it
-            # grew by is no longer flash the products may take
+            # the staged bytes left the counted file and wait as <name>.new: flash the
+            # products may no longer take (the old file's is given back at activation)
             self.store.quota_bytes -= grown
             self.store.room_bytes()  # recount: the staging file is gone
+
+    def activate(self, params):
+        """names (each: length u8, name), every one committed (its `<name>.new` there):
+        the journal naming them is written whole, then each `<name>.new` is renamed over
+        `<name>`, then the journal is removed. A reset after the journal is written and
+        before its end is finished by main.py at the next boot, before it imports any of
+        them: the set boots whole, old before the journal, new after it."""
+        names = []
+        at = 0
+        while at < len(params):
+            name, at = _name_arg(params, at)
+            if name not in names:
+                names.append(name)
+        if not names:
+            raise Rejected(REJECT_ARGUMENT, "activate takes the committed files' names")
+        for name in names:
+            try:
+                os.stat(self._path(name) + NEW_SUFFIX)
+            except OSError:
+                raise Rejected(
+                    REJECT_STATE, "%s not committed, nothing activated" % name.decode()[:40]
+                ) from None
+        journal = self.root + "/" + JOURNAL_FILE
+        temporary = self.root + "/" + _JOURNAL_TEMPORARY
+        body = b"\n".join(names)
+        try:
+            with open(temporary, "wb") as f:
+                f.write(hashlib.sha256(body).digest())
+                f.write(body)
+            os.rename(temporary, journal)
+        except OSError as error:
+            try:
+                os.remove(temporary)
+            except OSError:
+                pass
+            raise Rejected(REJECT_STORAGE, "journal: %r, nothing activated" % (error,)) from None
+        store = self.store
+        try:
+            for name in names:
+                target = self._path(name)
+                freed = _file_bytes(target)
+                os.rename(target + NEW_SUFFIX, target)
+                if store is not None:
+                    store.quota_bytes += freed  # the old file's flash is the products' again
+            os.remove(journal)
+        except OSError as error:
+            # the journal stands: the next boot finishes the set before importing it
+            raise Rejected(
+                REJECT_STORAGE, "activation: %r, the next boot finishes it" % (error,)
+            ) from None
+        self.activated += len(names)
+
+    def _path(self, name):
+        return self.root + "/" + name.decode()
 
     def _digest(self):
         sha = hashlib.sha256()

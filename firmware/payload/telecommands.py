@@ -683,7 +683,7 @@ class GroundLink:
         if function == ccsds.FN_REKEY:
             self._rekey(body, args, ack)
             return
-        if function in (ccsds.FN_CODE_PUT, ccsds.FN_CODE_COMMIT):
+        if function in (ccsds.FN_CODE_PUT, ccsds.FN_CODE_COMMIT, ccsds.FN_CODE_ACTIVATE):
             self._code_update(body, function, args, ack)
             return
         if function in (ccsds.FN_REBOOT, ccsds.FN_MAINTENANCE, ccsds.FN_MAINTENANCE_ARM):
@@ -752,8 +752,10 @@ class GroundLink:
             raise Rejected(ccsds.REJECT_STATE, "a pass is running: stop it first")
         if function == ccsds.FN_CODE_PUT:
             session.put(args)
-        else:
+        elif function == ccsds.FN_CODE_COMMIT:
             session.commit(args)
+        else:
+            session.activate(args)
         session.touch(now_us)
         self._accept(body, ack)
 

@@ -16,9 +16,11 @@ Two ways onto the board (docs/ground-link.md "Maintenance in flight"):
   --provision-key writes the payload's link key into <storage>/link/key;
 - a running application, with the link key (--key): over the payload's code-update
   session (authenticated telecommands: arm, maintenance, then each file put in chunks and
-  committed with its SHA-256, which the payload checks before it renames the file into
-  place). No REPL opens; the link can write code files and nothing else (no key, no
-  read). The new code runs from the next boot (--reset reboots at the end).
+  committed with its SHA-256, which the payload checks before it renames the file to
+  <name>.new; then one activate puts the whole set in place through a journal the next
+  boot finishes if a reset cuts it). No REPL opens; the link can write code files and
+  nothing else (no key, no read). The new code runs from the next boot (--reset reboots
+  at the end).
 """
 
 from __future__ import annotations
@@ -331,13 +333,21 @@ def flash_over_link(
             for target in sorted(files):
                 payload.upload_code(target, files[target].read_bytes())
                 committed.append(target)
+        except (LinkError, LinkLost) as error:
+            raise FlashError(
+                f"deploying over the link stopped at {len(committed)} of {len(files)} files "
+                f"({error}); nothing activated, the old firmware boots whole: run it again"
+            ) from None
+        try:
+            # the whole set in place at once: a reset part-way through is finished by the
+            # next boot before it imports any of it (the payload's journal)
+            payload.activate_code(sorted(files))
             if reset:
                 payload.reboot()
         except (LinkError, LinkLost) as error:
             raise FlashError(
-                f"deploying over the link stopped at {len(committed)} of {len(files)} files "
-                f"({error}); each file is new or old, never torn: run it again before any "
-                "reboot"
+                f"deploying over the link: every file committed, the activation or reboot "
+                f"not confirmed ({error}); the old or the whole new set boots: run it again"
             ) from None
     return {
         "via": "link",

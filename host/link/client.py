@@ -282,8 +282,9 @@ class PayloadClient:
         """Replace the code file `name` (relative to the payload's storage root:
         main.py, board.mpy, payload/<module>.mpy ...) with data, in an open code session:
         chunks into the payload's staging file, then a commit that the payload accepts
-        only if the length and SHA-256 match, renaming the file into place in one step.
-        Any failure leaves the old file (CommandRejected says why)."""
+        only if the length and SHA-256 match, renaming it to `<name>.new` in one step; it
+        runs only once activate_code names it. Any failure leaves the old file
+        (CommandRejected says why)."""
         target = ccsds.name_arg(name)
         for offset in range(0, max(len(data), 1), chunk_bytes):
             chunk = data[offset : offset + chunk_bytes]
@@ -302,6 +303,18 @@ class PayloadClient:
             + target
             + len(data).to_bytes(4, "big")
             + hashlib.sha256(data).digest(),
+        )
+
+    def activate_code(self, names: list[str]) -> None:
+        """Put the committed files `names` (each uploaded with upload_code in this or an
+        earlier session) in place as one set: the payload writes a journal naming them,
+        then renames each; a reset part-way is finished at the next boot before any of
+        them is imported (docs/ground-link.md "Maintenance in flight")."""
+        self.command(
+            "activate",
+            ccsds.SVC_FUNCTION,
+            1,
+            bytes([ccsds.FN_CODE_ACTIVATE]) + b"".join(ccsds.name_arg(name) for name in names),
         )
 
     def rekey(self, next_key: bytes) -> None:

@@ -62,6 +62,7 @@ FN_MAINTENANCE_ARM = 6
 FN_REKEY = 7
 FN_CODE_PUT = 8
 FN_CODE_COMMIT = 9
+FN_CODE_ACTIVATE = 10
 # The code-update session closes this long after its last accepted command (and the
 # maintenance telecommand is accepted this long after the arm one):
 # firmware/payload/telecommands.py MAINTENANCE_WINDOW_US

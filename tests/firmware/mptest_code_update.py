@@ -1,7 +1,10 @@
 # Maintenance in flight (docs/ground-link.md): the armed maintenance telecommand opens a
-# code-update session that can only put a code file into a staging file and commit it
-# (length and SHA-256 checked, one rename); nothing reads, lists or executes, no name
+# code-update session that can only put a code file into a staging file, commit it
+# (length and SHA-256 checked, one rename to <name>.new) and activate a committed set
+# (journal, then the renames into place); nothing reads, lists or executes, no name
 # outside the application's code is accepted, and a failed upload keeps the old file.
+# The boot's roll-forward of a cut activation (main.py) runs in tests/test_flash.py on
+# the unix board: the emulated MCUs boot their frozen main.py before storage is mounted.
 import gc
 import hashlib
 import os
@@ -34,6 +37,12 @@ def _put(counter, name, offset, data, key=KEY):
 def _commit(counter, name, total, digest):
     return _tc(
         KEY, counter, 8, 1, bytes([ccsds.FN_CODE_COMMIT]) + _name(name) + _u32(total) + digest
+    )
+
+
+def _activate(counter, *names):
+    return _tc(
+        KEY, counter, 8, 1, bytes([ccsds.FN_CODE_ACTIVATE]) + b"".join(_name(n) for n in names)
     )
 
 
@@ -87,13 +96,43 @@ def test_a_code_file_is_replaced_only_by_a_verified_commit():
     assert [_verification(p) for p in sent[-3:]] == [(True, 0)] * 3
     link.handle(_commit(11, name, len(NEW_CODE), digest))
     assert _verification(sent[-1]) == (True, 0), sent[-1]
-    assert _read(root + "/payload/version.py") == NEW_CODE
+    # committed, not active: nothing that boots changed until the set is activated
+    assert _read(root + "/payload/version.py") == OLD_CODE
+    assert _read(root + "/payload/version.py.new") == NEW_CODE
     assert "code.part" not in os.listdir(root)
     # a new module: its directory is there, a file is made
     link.handle(_put(12, b"payload/extra.mpy", 0, b"M\x06"))
     link.handle(_commit(13, b"payload/extra.mpy", 2, hashlib.sha256(b"M\x06").digest()))
     assert _verification(sent[-1]) == (True, 0)
+    assert "extra.mpy" not in os.listdir(root + "/payload")
+    # the set activated whole: both in place, no journal, nothing waiting
+    link.handle(_activate(14, name, b"payload/extra.mpy"))
+    assert _verification(sent[-1]) == (True, 0), sent[-1]
+    assert _read(root + "/payload/version.py") == NEW_CODE
     assert _read(root + "/payload/extra.mpy") == b"M\x06"
+    assert sorted(os.listdir(root + "/payload")) == ["extra.mpy", "version.py"]
+    assert "deploy.journal" not in os.listdir(root)
+    assert link.code_session.activated == 2
+
+
+def test_an_activation_naming_an_uncommitted_file_changes_nothing():
+    root, link, sent = _session()
+    name = b"payload/version.py"
+    link.handle(_put(3, name, 0, NEW_CODE))
+    link.handle(_commit(4, name, len(NEW_CODE), hashlib.sha256(NEW_CODE).digest()))
+    assert _verification(sent[-1]) == (True, 0)
+    link.handle(_activate(5, name, b"payload/app.py"))  # app.py was never committed
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_STATE), sent[-1]
+    assert b"payload/app.py not committed, nothing activated" in _rejection_text(sent[-1])
+    assert _read(root + "/payload/version.py") == OLD_CODE
+    assert "deploy.journal" not in os.listdir(root)
+    for refused in (_activate(6), _activate(7, b"link/key")):  # no name; not a code file
+        link.handle(refused)
+        assert _verification(sent[-1]) == (False, ccsds.REJECT_ARGUMENT), sent[-1]
+    link.handle(_activate(8, name))  # the committed one alone
+    assert _verification(sent[-1]) == (True, 0), sent[-1]
+    assert _read(root + "/payload/version.py") == NEW_CODE
+    assert "version.py.new" not in os.listdir(root + "/payload")
 
 
 def test_only_the_applications_code_files_can_be_named():
@@ -200,8 +239,14 @@ def test_the_staging_file_draws_on_the_storage_quota_and_a_commit_keeps_it_hones
     assert store.room_bytes() == 500
     link.handle(_commit(6, name, len(small), hashlib.sha256(small).digest()))
     assert _verification(sent[-1]) == (True, 0), sent[-1]
-    # the committed file grew by 500 - len(OLD_CODE) bytes of the same flash: the quota
-    # shrinks by as much (the staged bytes no longer count: they are the code file now)
+    # committed, the 500 bytes wait beside the old file: the quota shrinks by all of them
+    # (the staged bytes no longer count: they are the waiting code file now)
+    assert store.quota_bytes == 1000 - len(small), store.quota_bytes
+    assert store.room_bytes() == store.quota_bytes
+    # activated, the old file's flash is the products' again: the code grew by
+    # 500 - len(OLD_CODE) bytes of the same flash, the quota is lower by as much
+    link.handle(_activate(7, name))
+    assert _verification(sent[-1]) == (True, 0), sent[-1]
     assert store.quota_bytes == 1000 - (len(small) - len(OLD_CODE)), store.quota_bytes
     assert store.room_bytes() == store.quota_bytes
 
