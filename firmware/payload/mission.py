@@ -98,6 +98,7 @@ class Mission:
             board.clock,  # the low-rate logs are synced by age on it (sync_step)
             getattr(board, "STORAGE_SYNC_AGE_US", storage.SYNC_AGE_US),
             (PREDICTION_FILE[1:],),  # the uploaded prediction shares the products' quota
+            board.STORAGE_MEDIUM,  # the reserve kept out of the quota follows it
         )
         self.bus = busmod.Bus(board.payload_bus, board.clock, timeout_us=board.BUS_TIMEOUT_US)
         self.sequencer = sequencer.Sequencer(self.bus, self.store)

@@ -52,11 +52,15 @@ _ENOSPC = const(28)
 # append and needs blocks for metadata compaction, so a store is "full" before littlefs is.
 _RESERVE_FRACTION = const(8)  # 1/8 of the filesystem ...
 _RESERVE_MIN_BLOCKS = const(8)  # ... and at least this many blocks
-# A filesystem this large (in blocks of its own size: 2^30 bytes and more) is the unix
-# target's host disk, not a payload's flash: it keeps the minimum reserve only. With 1/8 of
-# it, a host disk with less than 12.5 % available (32 GB free of 252 GB here) gave the
-# store a quota of 0 and every commit was refused (storage_quota_on_a_host_disk test).
-_HOST_DISK_BYTES = const(0x40000000)
+# What a store is on: each board states it (board.STORAGE_MEDIUM), and the reserve follows
+# the medium, never the filesystem's size (a flight SD card or eMMC under littlefs is
+# 1 GiB or more and needs its 1/8 all the same).
+MEDIUM_LITTLEFS = "littlefs"  # the boards: littlefs on flash, 1/8 kept, whatever the size
+# the unix target: a directory on the host's disk, which no littlefs copy-on-write draws on;
+# it keeps the minimum only. With 1/8 of it, a host disk with less than 12.5 % available
+# (32 GB free of 252 GB here) gave the store a quota of 0 and every commit was refused
+# (storage_quota_on_a_host_disk test).
+MEDIUM_HOST_DIRECTORY = "host directory"
 # Records per sync of a batched log (measured on the NOR model, docs/storage.md): the
 # loss window on a power cut, in frames for the pattern log. A board may set its own
 # (board.STORAGE_RECORDS_PER_SYNC).
@@ -530,15 +534,18 @@ class RecordLog:
             f.close()
 
 
-def free_bytes(block_bytes, blocks, free_blocks):
+def free_bytes(block_bytes, blocks, free_blocks, medium):
     """The room a store's quota may take from a filesystem of `blocks` blocks of
-    `block_bytes` with `free_blocks` available (statvfs), less the reserve; at most
-    0x3FFFFFFF (a small int)."""
+    `block_bytes` with `free_blocks` available (statvfs), less the reserve the store's
+    `medium` needs; at most 0x3FFFFFFF (a small int)."""
     if free_blocks > blocks:
         return 0  # littlefs reports an error (a full or damaged store) as ~0: none
-    reserve = blocks // _RESERVE_FRACTION
-    if reserve < _RESERVE_MIN_BLOCKS or blocks >= _HOST_DISK_BYTES // block_bytes:
+    if medium == MEDIUM_HOST_DIRECTORY:
         reserve = _RESERVE_MIN_BLOCKS
+    elif medium == MEDIUM_LITTLEFS:
+        reserve = max(blocks // _RESERVE_FRACTION, _RESERVE_MIN_BLOCKS)
+    else:
+        raise ValueError("board.STORAGE_MEDIUM: unknown medium %r" % (medium,))
     free = free_blocks - reserve
     if free <= 0:
         return 0
@@ -551,8 +558,10 @@ class Storage:
     """The storage root: product logs under <root>/products/, listed with size and CRC.
 
     quota_bytes caps the bytes of all product files; by default it is what the products
-    hold at boot plus the free space minus a reserve (1/8 of the filesystem, at least
-    8 blocks) that keeps littlefs from ever running out under its own copy-on-write. A
+    hold at boot plus the free space minus a reserve that keeps littlefs from ever running
+    out under its own copy-on-write: 1/8 of the filesystem (at least 8 blocks) on
+    MEDIUM_LITTLEFS, 8 blocks on MEDIUM_HOST_DIRECTORY. `medium` is the board's
+    (board.STORAGE_MEDIUM) unless given. A
     store at its quota is `full`: commits return COMMIT_FAILED, counted, until products
     are deleted."""
 
@@ -564,8 +573,14 @@ class Storage:
         clock=None,
         sync_age_us=SYNC_AGE_US,
         counted_files=(),
+        medium=None,
     ):
         self.root = root
+        if medium is None:
+            import board  # the store is on the board's medium (the firmware's board module)
+
+            medium = board.STORAGE_MEDIUM
+        self.medium = medium
         # files beside the products that draw on the same quota (the mission's uploaded
         # tracking prediction, docs/tracking.md), paths under root
         self.counted_files = [_join(root, name) for name in counted_files]
@@ -608,7 +623,7 @@ class Storage:
             st = os.statvfs(self.root)
         except (OSError, AttributeError):
             return 0x3FFFFFFF
-        return free_bytes(st[1], st[2], st[4])
+        return free_bytes(st[1], st[2], st[4], self.medium)
 
     def reserve(self, nbytes):
         """True if nbytes more fit the quota; else the store is full (reported). A full

@@ -167,9 +167,36 @@ def test_storage_quota_on_a_host_disk_keeps_only_the_minimum_reserve():
     # The unix target's store is a host directory: with 1/8 of the disk kept back, a disk
     # with less than 12.5 % available gave a quota of 0 and every commit was refused
     # (this machine: 8,145,453 of 66,053,021 4 KiB blocks available).
-    assert storage.free_bytes(4096, 66_053_021, 8_145_453) == 0x3FFFFFFF
-    assert storage.free_bytes(4096, 66_053_021, 4) == 0  # a truly full disk is full
+    host = storage.MEDIUM_HOST_DIRECTORY
+    assert storage.free_bytes(4096, 66_053_021, 8_145_453, host) == 0x3FFFFFFF
+    assert storage.free_bytes(4096, 66_053_021, 4, host) == 0  # a truly full disk is full
     # a payload's flash keeps its 1/8 (littlefs's copies and compactions need the room)
-    assert storage.free_bytes(256, 64, 40) == (40 - 8) * 256
-    assert storage.free_bytes(4096, 4096, 1000) == (1000 - 512) * 4096
-    assert storage.free_bytes(4096, 4096, 500) == 0
+    flash = storage.MEDIUM_LITTLEFS
+    assert storage.free_bytes(256, 64, 40, flash) == (40 - 8) * 256
+    assert storage.free_bytes(4096, 4096, 1000, flash) == (1000 - 512) * 4096
+    assert storage.free_bytes(4096, 4096, 500, flash) == 0
+    # the unix board says its store is a host directory; a store asks its board
+    if board.NAME == "unix":
+        assert board.STORAGE_MEDIUM == host
+    assert storage.Storage(board.mount_storage() + "/t_medium").medium == board.STORAGE_MEDIUM
+
+
+def test_a_large_flash_store_keeps_the_eighth_whatever_its_size():
+    # A flight SD card or eMMC under littlefs is 1 GiB or more: it needs the 1/8 reserve as
+    # much as a 16 KiB NOR region. Storage asks the board what it is on, never the size
+    # (a 1 GiB rule kept 8 blocks here: 32 KiB out of 1 GiB).
+    if board.NAME != "unix":
+        assert board.STORAGE_MEDIUM == storage.MEDIUM_LITTLEFS  # the MCU boards' policy
+    flash = storage.MEDIUM_LITTLEFS
+    blocks = 1 << 18  # 1 GiB of 4 KiB blocks
+    assert storage.free_bytes(4096, blocks, blocks // 4, flash) == (blocks // 8) * 4096
+    # 8 GiB, half of it free (a quota at the small-int cap) and 1/8 free (none)
+    blocks = 1 << 21
+    assert storage.free_bytes(4096, blocks, blocks // 2, flash) == 0x3FFFFFFF
+    assert storage.free_bytes(4096, blocks, blocks // 8, flash) == 0
+    # a medium no board states is refused, not guessed
+    try:
+        storage.free_bytes(4096, blocks, blocks // 2, "sd")
+        raise AssertionError("an unknown medium was accepted")
+    except ValueError:
+        pass

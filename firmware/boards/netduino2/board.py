@@ -112,6 +112,9 @@ TDC_RING_EVENTS = 512
 TRACKING_TELEMETRY_SLOTS = 64
 
 STORAGE_ROOT = "/flash"
+# littlefs on flash: the store keeps 1/8 of the filesystem out of its quota whatever the
+# size (payload/storage.py, docs/storage.md "Quota").
+STORAGE_MEDIUM = "littlefs"
 _FLASH_BLOCK_BYTES = const(256)
 _FLASH_BLOCKS = const(80)  # 20 KiB of RAM standing in for the flash region
 # littlefs through EraseAhead (docs/storage.md "Erase ahead"), as on the flight board's

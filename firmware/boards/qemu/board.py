@@ -113,6 +113,9 @@ _RX_SPIN = const(400)  # status polls to wait for the next byte of a burst
 _TX_SPIN = const(400)
 
 STORAGE_ROOT = "/flash"
+# littlefs on flash: the store keeps 1/8 of the filesystem out of its quota whatever the
+# size (payload/storage.py, docs/storage.md "Quota").
+STORAGE_MEDIUM = "littlefs"
 
 
 class Uart(boardkit.PolledUart):

@@ -25,6 +25,9 @@ STORAGE_ROOT = os.getenv("QKDSAT_STORAGE") or "flash"
 # Product bytes the storage may hold (payload/storage.py): -1 = the free space at boot less
 # a reserve. A host directory has a disk's worth; tests of a full store set it small.
 STORAGE_QUOTA_BYTES = int(os.getenv("QKDSAT_STORAGE_QUOTA") or -1)
+# A directory on the host's disk, not littlefs: the store keeps the minimum reserve only
+# (payload/storage.py, docs/storage.md "Quota").
+STORAGE_MEDIUM = "host directory"
 _CPU_HZ = 0  # not meaningful on the host
 
 
