@@ -21,17 +21,19 @@ from payload.ccsds import (
     REJECT_STORAGE,
     get_u32,
 )
+from payload.storage import CODE_STAGING_FILE, CODE_WAITING_SUFFIX
 from payload.telecommands import Rejected
 
 # One staging file at the storage root, outside the code directory (payload/): a cut-off
 # upload leaves it beside the old code, which still imports; never under link/ or
-# products/, which the session cannot name.
-STAGING_FILE = "code.part"
+# products/, which the session cannot name. Its name and the waiting files' suffix are
+# storage's, which counts both against the products' quota from boot on.
+STAGING_FILE = CODE_STAGING_FILE
 # The activation's journal: main.py (its reader) finishes it at boot, before it imports
 # anything of the set; written whole through a temporary file renamed into place.
 JOURNAL_FILE = "deploy.journal"
 _JOURNAL_TEMPORARY = "deploy.journal.part"
-NEW_SUFFIX = ".new"  # a committed file waiting for the activation
+NEW_SUFFIX = CODE_WAITING_SUFFIX  # a committed file waiting for the activation
 SHA256_BYTES = const(32)
 _HASH_BLOCK_BYTES = const(256)
 _PACKAGE = b"payload/"
@@ -97,8 +99,9 @@ class CodeSession:
 
     def __init__(self, root, window_us, now_us, store=None):
         """store: the storage.Storage of the products: the staging file and the code
-        files share its flash, so the staging file draws on its quota (counted_files) and
-        a commit takes what the code file grew by out of it."""
+        files share its flash, so the staging file and the committed files waiting for
+        the activation draw on its quota (its counted_files, which hold them from boot on),
+        and an activation takes what the code grew by out of it."""
         self.root = root
         self.window_us = window_us
         self.expires_us = now_us + window_us
@@ -189,7 +192,6 @@ class CodeSession:
             self._drop()
             raise Rejected(REJECT_ARGUMENT, "SHA-256 mismatch, old file kept")
         waiting = self._path(name) + NEW_SUFFIX
-        grown = total - _file_bytes(waiting)  # a .new committed before is replaced
         try:
             if name.startswith(_PACKAGE):
                 try:
@@ -202,11 +204,13 @@ class CodeSession:
         self.staged_name = None
         self.staged_bytes = 0
         self.committed += 1
-        if self.store is not None:
-            # the staged bytes left the counted file and wait as <name>.new: flash the
-            # products may no longer take (the old file's is given back at activation)
-            self.store.quota_bytes -= grown
-            self.store.room_bytes()  # recount: the staging file is gone
+        store = self.store
+        if store is not None:
+            # the staged bytes left the staging file and wait as <name>.new, counted too
+            # (a .new committed before is replaced, its room back)
+            if waiting not in store.counted_files:
+                store.counted_files.append(waiting)
+            store.room_bytes()  # recount
 
     def activate(self, params):
         """names (each: length u8, name), every one committed (its `<name>.new` there):
@@ -248,9 +252,15 @@ class CodeSession:
             for name in names:
                 target = self._path(name)
                 freed = _file_bytes(target)
+                taken = _file_bytes(target + NEW_SUFFIX)
                 os.rename(target + NEW_SUFFIX, target)
                 if store is not None:
-                    store.quota_bytes += freed  # the old file's flash is the products' again
+                    # the new file is code now, no longer a counted waiting file: the
+                    # quota loses what the code grew by (the old file's flash is the
+                    # products' again)
+                    store.quota_bytes += freed - taken
+            if store is not None:
+                store.room_bytes()  # recount: the waiting files are gone
             os.remove(journal)
         except OSError as error:
             # the journal stands: the next boot finishes the set before importing it

@@ -61,6 +61,14 @@ MEDIUM_LITTLEFS = "littlefs"  # the boards: littlefs on flash, 1/8 kept, whateve
 # (32 GB free of 252 GB here) gave the store a quota of 0 and every commit was refused
 # (storage_quota_on_a_host_disk test).
 MEDIUM_HOST_DIRECTORY = "host directory"
+# The code update's files on the storage root (payload/codeupdate.py writes them): the
+# staging file, and each committed file waiting for its activation (<name>.new, at the
+# root and under payload/). They take the products' flash, so the store counts them with
+# the products, from boot on: a power cut can leave them (an upload cut off, a set
+# committed and never activated), and uncounted they let the products fill the flash
+# under the quota until a session removed them.
+CODE_STAGING_FILE = "code.part"
+CODE_WAITING_SUFFIX = ".new"
 # Records per sync of a batched log (measured on the NOR model, docs/storage.md): the
 # loss window on a power cut, in frames for the pattern log. A board may set its own
 # (board.STORAGE_RECORDS_PER_SYNC).
@@ -534,6 +542,21 @@ class RecordLog:
             f.close()
 
 
+def code_update_files(root):
+    """The paths of the code update's files a store on `root` counts: the staging file
+    (counted whether there or not) and every <name>.new there now."""
+    paths = [_join(root, CODE_STAGING_FILE)]
+    for folder in (root, _join(root, "payload")):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue  # no payload/ folder on the store: no code deployed there
+        for name in names:
+            if name.endswith(CODE_WAITING_SUFFIX):
+                paths.append(_join(folder, name))
+    return paths
+
+
 def free_bytes(block_bytes, blocks, free_blocks, medium):
     """The room a store's quota may take from a filesystem of `blocks` blocks of
     `block_bytes` with `free_blocks` available (statvfs), less the reserve the store's
@@ -557,13 +580,13 @@ def free_bytes(block_bytes, blocks, free_blocks, medium):
 class Storage:
     """The storage root: product logs under <root>/products/, listed with size and CRC.
 
-    quota_bytes caps the bytes of all product files; by default it is what the products
-    hold at boot plus the free space minus a reserve that keeps littlefs from ever running
-    out under its own copy-on-write: 1/8 of the filesystem (at least 8 blocks) on
-    MEDIUM_LITTLEFS, 8 blocks on MEDIUM_HOST_DIRECTORY. `medium` is the board's
-    (board.STORAGE_MEDIUM) unless given. A
-    store at its quota is `full`: commits return COMMIT_FAILED, counted, until products
-    are deleted."""
+    quota_bytes caps the bytes of all product files and the counted files beside them (the
+    uploaded prediction, the code update's staging and waiting files: code_update_files);
+    by default it is what they hold at boot plus the free space minus a reserve that keeps
+    littlefs from ever running out under its own copy-on-write: 1/8 of the filesystem (at
+    least 8 blocks) on MEDIUM_LITTLEFS, 8 blocks on MEDIUM_HOST_DIRECTORY. `medium` is the
+    board's (board.STORAGE_MEDIUM) unless given. A store at its quota is `full`: commits
+    return COMMIT_FAILED, counted, until products are deleted."""
 
     def __init__(
         self,
@@ -584,6 +607,8 @@ class Storage:
         # files beside the products that draw on the same quota (the mission's uploaded
         # tracking prediction, docs/tracking.md), paths under root
         self.counted_files = [_join(root, name) for name in counted_files]
+        # and the code update's, left from before this boot or written after it
+        self.counted_files += code_update_files(root)
         self.records_per_sync = records_per_sync  # for the logs opened batched
         self._shared_record = None  # the record buffer of the logs opened shared
         # Logs opened deferred are synced by sync_step, by age on this clock; without a

@@ -239,16 +239,45 @@ def test_the_staging_file_draws_on_the_storage_quota_and_a_commit_keeps_it_hones
     assert store.room_bytes() == 500
     link.handle(_commit(6, name, len(small), hashlib.sha256(small).digest()))
     assert _verification(sent[-1]) == (True, 0), sent[-1]
-    # committed, the 500 bytes wait beside the old file: the quota shrinks by all of them
-    # (the staged bytes no longer count: they are the waiting code file now)
-    assert store.quota_bytes == 1000 - len(small), store.quota_bytes
-    assert store.room_bytes() == store.quota_bytes
+    # committed, the 500 bytes wait beside the old file: counted as <name>.new now (the
+    # staged bytes no longer count: they are the waiting code file)
+    assert store.room_bytes() == 1000 - len(small), store.room_bytes()
     # activated, the old file's flash is the products' again: the code grew by
     # 500 - len(OLD_CODE) bytes of the same flash, the quota is lower by as much
     link.handle(_activate(7, name))
     assert _verification(sent[-1]) == (True, 0), sent[-1]
     assert store.quota_bytes == 1000 - (len(small) - len(OLD_CODE)), store.quota_bytes
     assert store.room_bytes() == store.quota_bytes
+
+
+def test_a_power_cut_upload_left_on_flash_is_counted_from_boot():
+    # A power cut left the staging file of an upload (and the <name>.new of a set committed
+    # but never activated) on flash: they take the products' flash, but a store opened at
+    # the next boot counted neither until a session removed them, so the products could
+    # fill the flash under the quota (a full store is then ENOSPC, not a reported state).
+    from payload import storage
+
+    root = _fresh_root(KEY)
+    os.mkdir(root + "/payload")
+    with open(root + "/payload/version.py", "wb") as f:
+        f.write(OLD_CODE)
+    with open(root + "/code.part", "wb") as f:
+        f.write(b"p" * 300)
+    with open(root + "/payload/version.py.new", "wb") as f:
+        f.write(NEW_CODE)
+    store = storage.Storage(root, 1000)  # the boot's store
+    assert store.room_bytes() == 1000 - 300 - len(NEW_CODE), store.room_bytes()
+    # the session opened then drops the staging file: its room is the products' again
+    link, sent = _link(root, _StoreOnly(store))
+    link.handle(_tc(KEY, 1, 8, 1, bytes([ccsds.FN_MAINTENANCE_ARM])))
+    link.handle(_tc(KEY, 2, 8, 1, bytes([ccsds.FN_MAINTENANCE])))
+    assert _verification(sent[-1]) == (True, 0)
+    assert store.room_bytes() == 1000 - len(NEW_CODE), store.room_bytes()
+    # the set committed before the cut is activated: the code grew by
+    # len(NEW_CODE) - len(OLD_CODE), the old file's flash is the products' again
+    link.handle(_activate(3, b"payload/version.py"))
+    assert _verification(sent[-1]) == (True, 0), sent[-1]
+    assert store.room_bytes() == 1000 - (len(NEW_CODE) - len(OLD_CODE)), store.room_bytes()
 
 
 def test_a_closed_session_gives_its_heap_back_at_the_next_telecommand():
