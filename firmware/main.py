@@ -51,7 +51,18 @@ except BaseException:  # noqa: BLE001 - never a REPL from the boot; the old set 
     pass
 del _finish_deploy  # its heap back: it runs once a boot
 
-import board  # noqa: E402
+try:
+    import board
+except BaseException as error:  # noqa: BLE001 - a board that cannot import resets, no REPL
+    # (an exception here ended this module with the REPL on the ground link); no board, so
+    # machine.reset. The unix port has none: the exception ends the process, as it did.
+    try:
+        import machine
+
+        machine.reset()
+    except BaseException:  # noqa: BLE001 - no machine.reset: raise the board's error
+        pass
+    raise error
 
 if board.boot_mode() == "app":
     try:
