@@ -8,7 +8,7 @@ import os
 
 import board
 from payload import mission as missionmod
-from payload import scheduler, storage, tdc, telecommands, tracking_duty
+from payload import scheduler, storage, tdc
 
 MPTEST_HELPERS = ("link_helpers.py",)
 _BASE = board.mount_storage()
@@ -62,6 +62,52 @@ def _age_us(since):
     return (board.clock.ticks_us() - since) & 0x3FFFFFFF
 
 
+def test_in_a_mission_the_clock_log_costs_at_most_one_sync_a_pass_and_none_before_the_age():
+    # First in the file, and before the modules only the other tests need are imported:
+    # on unix the firmware is compiled from source in this process, and each compile
+    # leaves its code scattered through the heap. After the whole file's imports the
+    # unix heap (512 KiB, 64-bit objects) had 324 KB free but no block of the TDC ring's
+    # 18 KB, and the Mission could not be built; a board builds it at boot.
+    # The real data path and scheduler: the clock duty commits a record per PPS, the
+    # housekeeping log takes records between passes; no pass may sync more than once,
+    # none before the oldest unsynced record is the sync age old, and then both logs are
+    # synced within a few passes.
+    m = missionmod.Mission(board, _fresh("t_lsync3"))
+    m.store.sync_age_us = 1_500_000
+    sched = scheduler.Scheduler(board.clock)
+    m.duties(sched)
+    clock_log = m.discipline.log
+    hk_log = m.hk.log
+    syncs = (_count_syncs(clock_log), _count_syncs(hk_log))
+    oldest = board.clock.ticks_us()
+    young_passes = 0
+    for k in range(6):
+        _push_pps(m.tdc, k)
+        assert hk_log.append(b'{"k": %d}' % k) == k
+        before = syncs[0].count + syncs[1].count
+        sched.run_once()
+        during = syncs[0].count + syncs[1].count - before
+        assert during <= 1, k
+        if _age_us(oldest) < m.store.sync_age_us:
+            young_passes += 1
+            assert during == 0, (k, [s.count for s in syncs])  # main: 2 a pass
+    assert m.discipline.records == 6
+    assert young_passes > 0
+    # both logs due (the clock log's first record came in the first pass)
+    while min(_age_us(clock_log.unsynced_since_us), _age_us(hk_log.unsynced_since_us)) < (
+        m.store.sync_age_us
+    ):
+        pass
+    for _ in range(2):
+        before = syncs[0].count + syncs[1].count
+        sched.run_once()
+        assert syncs[0].count + syncs[1].count - before == 1
+    assert clock_log.durable_seq == 5 and hk_log.durable_seq == 5
+    assert [s.count for s in syncs] == [1, 1]
+    m.store.close()
+    _remove_tree(m.store.root)
+
+
 def test_the_low_rate_logs_are_opened_deferred_and_synced_by_the_store():
     # every low-rate producer, as the firmware builds it, on a store with a clock
     store = storage.Storage(_fresh("t_lsync1"), -1, storage.RECORDS_PER_SYNC, board.clock)
@@ -76,6 +122,8 @@ def test_the_low_rate_logs_are_opened_deferred_and_synced_by_the_store():
     holder.store = store
     holder.bus = None
     hk = missionmod.Housekeeping(holder)
+    from payload import tracking_duty
+
     product = tracking_duty.TrackingProduct(None, store)
     logs = (discipline.log, epochs.log, hk.log, product.log)
     assert [log.records_per_sync for log in logs] == [0, 0, 0, 0]
@@ -154,47 +202,6 @@ def test_a_deferred_record_is_synced_within_the_age_bound_even_without_the_duty(
     _remove_tree(plain.root)
 
 
-def test_in_a_mission_the_clock_log_costs_at_most_one_sync_a_pass_and_none_before_the_age():
-    # The real data path and scheduler: the clock duty commits a record per PPS, the
-    # housekeeping log takes records between passes; no pass may sync more than once,
-    # none before the oldest unsynced record is the sync age old, and then both logs are
-    # synced within a few passes.
-    m = missionmod.Mission(board, _fresh("t_lsync3"))
-    m.store.sync_age_us = 1_500_000
-    sched = scheduler.Scheduler(board.clock)
-    m.duties(sched)
-    clock_log = m.discipline.log
-    hk_log = m.hk.log
-    syncs = (_count_syncs(clock_log), _count_syncs(hk_log))
-    oldest = board.clock.ticks_us()
-    young_passes = 0
-    for k in range(6):
-        _push_pps(m.tdc, k)
-        assert hk_log.append(b'{"k": %d}' % k) == k
-        before = syncs[0].count + syncs[1].count
-        sched.run_once()
-        during = syncs[0].count + syncs[1].count - before
-        assert during <= 1, k
-        if _age_us(oldest) < m.store.sync_age_us:
-            young_passes += 1
-            assert during == 0, (k, [s.count for s in syncs])  # main: 2 a pass
-    assert m.discipline.records == 6
-    assert young_passes > 0
-    # both logs due (the clock log's first record came in the first pass)
-    while min(_age_us(clock_log.unsynced_since_us), _age_us(hk_log.unsynced_since_us)) < (
-        m.store.sync_age_us
-    ):
-        pass
-    for _ in range(2):
-        before = syncs[0].count + syncs[1].count
-        sched.run_once()
-        assert syncs[0].count + syncs[1].count - before == 1
-    assert clock_log.durable_seq == 5 and hk_log.durable_seq == 5
-    assert [s.count for s in syncs] == [1, 1]
-    m.store.close()
-    _remove_tree(m.store.root)
-
-
 def test_a_counter_ceiling_write_syncs_the_logs_first():
     # committed-before-durable: the first telecommand of a boot writes the counter ceiling
     # (before it acts); the records committed before it are synced before that write
@@ -202,6 +209,8 @@ def test_a_counter_ceiling_write_syncs_the_logs_first():
     root = _fresh_root(key)
     store = storage.Storage(root, -1, storage.RECORDS_PER_SYNC, board.clock)
     log = store.open_log("housekeeping", storage.KIND_HOUSEKEEPING, 64, deferred=True)
+    from payload import telecommands
+
     ceiling = root + "/" + telecommands.LINK_DIR + "/" + telecommands.COUNTER_FILE
 
     def ceiling_written():
