@@ -218,6 +218,17 @@ class _BootFails:
         raise _Reset()
 
 
+def _run_until_the_board_resets(app, faulty_board):
+    # app.run never returns on a board: it runs the loop or resets
+    try:
+        app.run(faulty_board)
+        raise AssertionError("app.run returned")
+    except _Reset:
+        pass
+    finally:
+        micropython.kbd_intr(3)  # back for the harness's raw REPL
+
+
 def test_an_application_that_cannot_boot_resets_the_board_and_leaves_no_repl():
     # An exception out of app.run ends main.py, and the port then opens the REPL on the
     # ground link, no telecommand needed: a storage fault at boot, a MemoryError, or a
@@ -226,13 +237,7 @@ def test_an_application_that_cannot_boot_resets_the_board_and_leaves_no_repl():
 
     for error in (OSError(5), MemoryError(), KeyboardInterrupt()):
         faulty = _BootFails(error)
-        try:
-            app.run(faulty)
-            raise AssertionError("app.run returned")
-        except _Reset:
-            pass
-        finally:
-            micropython.kbd_intr(3)  # back for the harness's raw REPL
+        _run_until_the_board_resets(app, faulty)
         # (the injected error, not another one before it, is what reset the board)
         assert faulty.mounts == 1 and faulty.resets == 1, (error, faulty.mounts)
 
@@ -251,13 +256,7 @@ def test_a_watchdog_that_cannot_start_resets_the_board_and_leaves_no_repl():
     from payload import app
 
     faulty = _WatchdogFails(OSError(5))
-    try:
-        app.run(faulty)
-        raise AssertionError("app.run returned")
-    except _Reset:
-        pass
-    finally:
-        micropython.kbd_intr(3)  # back for the harness's raw REPL
+    _run_until_the_board_resets(app, faulty)
     assert faulty.resets == 1 and faulty.mounts == 0, (faulty.resets, faulty.mounts)
 
 
