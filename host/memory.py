@@ -21,11 +21,14 @@ def without_huge_page_advice() -> bool:
     (host.cli.main), and every distillation run (host.distil.run._endpoints) for callers
     of the library. Only the allocator's advice changes: no result."""
     if "NUMPY_MADVISE_HUGEPAGE" in os.environ:  # numpy takes it as int() at its import
-        return int(os.environ["NUMPY_MADVISE_HUGEPAGE"]) == 0
+        # (a value that is no integer is numpy's to refuse, at its import, not this one's)
+        return os.environ["NUMPY_MADVISE_HUGEPAGE"].strip() == "0"
     if "numpy" not in sys.modules:  # a command without numpy does not import it for this
         os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"  # read at numpy's import (ours, children)
         return True
-    from numpy._core.multiarray import _set_madvise_hugepage  # numpy pinned (pyproject)
-
+    try:  # numpy's private switch, numpy pinned (pyproject); another numpy: advice stays
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:
+        return False
     _set_madvise_hugepage(False)
     return True

@@ -570,7 +570,7 @@ def test_alice_and_bob_each_need_only_their_own_folder(micius_pass, tmp_path):
 
 
 def test_distil_and_every_command_turn_numpys_huge_page_advice_off_unless_the_user_set_it(
-    micius_pass,
+    micius_pass, monkeypatch
 ):
     """Sync and sifting churn through short-lived arrays of a few MB; numpy's default advice
     (MADV_HUGEPAGE) cost 0-4 s of kernel time on a full micius-2017 pass of ~8 CPU s here
@@ -580,6 +580,7 @@ def test_distil_and_every_command_turn_numpys_huge_page_advice_off_unless_the_us
 
     from host.distil.run import _endpoints
 
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)  # the user's choice stands
     _set_madvise_hugepage(True)
     try:  # every run (local, split, stream) makes its endpoints there
         _endpoints(micius_pass, None, Config(), 3, None, None, ("alice", "bob"))
@@ -592,6 +593,16 @@ def test_distil_and_every_command_turn_numpys_huge_page_advice_off_unless_the_us
         "print(without_huge_page_advice(), advice(True))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    # a value numpy would refuse is numpy's to refuse: a command that never imports numpy
+    # runs on (it raised ValueError out of every command, flash and keystore included)
+    not_numpy = "from host.memory import without_huge_page_advice as w\nprint(w())\n"
+    out = subprocess.run(
+        [PY, "-c", not_numpy],
+        env={**env, "NUMPY_MADVISE_HUGEPAGE": "yes"},
+        capture_output=True,
+        text=True,
+    )
+    assert (out.returncode, out.stdout.split()) == (0, ["False"]), out.stderr
     for setting, expected in ((None, "True False"), ("1", "False True")):
         if setting is not None:
             env["NUMPY_MADVISE_HUGEPAGE"] = setting
