@@ -278,10 +278,6 @@ def main() -> None:
         print(entry, flush=True)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # Re-optimisation under exact discretised density evolution (ldpc_de), for the rates where
 # the semi-Gaussian design above is optimistic. Iterative LP in the manner of Ardakani and
 # Kschischang (2004) with exact densities: density evolution of the current distribution at
@@ -386,3 +382,7 @@ def design_exact(rate: float, dc=None, rounds: int = EXACT_ROUNDS, log=print):
     per_node = sum(v / d for d, v in lam.items())
     nodes = {d: v / d / per_node for d, v in sorted(lam.items())}
     return q, dc, {d: round(v, 5) for d, v in nodes.items() if v > 1e-5}
+
+
+if __name__ == "__main__":
+    main()
