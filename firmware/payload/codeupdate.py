@@ -21,7 +21,7 @@ from payload.ccsds import (
     REJECT_STORAGE,
     get_u32,
 )
-from payload.storage import CODE_STAGING_FILE, CODE_WAITING_SUFFIX
+from payload.storage import CODE_STAGING_FILE, CODE_WAITING_SUFFIX, file_bytes
 from payload.telecommands import Rejected
 
 # One staging file at the storage root, outside the code directory (payload/): a cut-off
@@ -74,13 +74,6 @@ def unload():
 
     sys.modules.pop(__name__, None)
     payload.__dict__.pop("codeupdate", None)
-
-
-def _file_bytes(path):
-    try:
-        return os.stat(path)[6]
-    except OSError:
-        return 0
 
 
 def _name_arg(params, at):
@@ -152,9 +145,8 @@ class CodeSession:
         if store is not None:
             # (uncounted, a code upload during a pass filled the flash under the products'
             # quota: their commits failed with ENOSPC instead of the store reporting full)
-            room = store.room_bytes()  # the staged bytes counted
-            if mode == "wb":
-                room += _file_bytes(self._staging())  # a new file: the old one's room back
+            # the staged bytes counted; a new file (offset 0): the old one's room back
+            room = store.room_bytes(self._staging() if mode == "wb" else None)
             if len(data) > room:
                 raise Rejected(
                     REJECT_STORAGE, "storage quota: %d bytes left" % (room if room > 0 else 0)
@@ -251,8 +243,8 @@ class CodeSession:
         try:
             for name in names:
                 target = self._path(name)
-                freed = _file_bytes(target)
-                taken = _file_bytes(target + NEW_SUFFIX)
+                freed = file_bytes(target)
+                taken = file_bytes(target + NEW_SUFFIX)
                 os.rename(target + NEW_SUFFIX, target)
                 if store is not None:
                     # the new file is code now, no longer a counted waiting file: the

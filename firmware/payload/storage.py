@@ -542,6 +542,14 @@ class RecordLog:
             f.close()
 
 
+def file_bytes(path):
+    """A file's size in bytes; 0 if it is not there."""
+    try:
+        return os.stat(path)[6]
+    except OSError:
+        return 0
+
+
 def code_update_files(root):
     """The paths of the code update's files a store on `root` counts: the staging file
     (counted whether there or not) and every <name>.new there now."""
@@ -631,17 +639,19 @@ class Storage:
         total = 0
         paths = [_join(self.products_dir, name) for name in os.listdir(self.products_dir)]
         for path in paths + self.counted_files:
-            try:
-                total += os.stat(path)[6]
-            except OSError:
-                pass
+            total += file_bytes(path)
         return total
 
-    def room_bytes(self):
+    def room_bytes(self, rewritten=None):
         """Bytes the quota still has (what the products and the counted files hold,
-        recounted). A check only: unlike reserve(), it never marks the store full."""
+        recounted). A check only: unlike reserve(), it never marks the store full.
+        rewritten: a counted file about to be written again from its start (an upload's
+        first chunk): its present bytes are room."""
         self.used_bytes = self._usage()
-        return self.quota_bytes - self.used_bytes
+        room = self.quota_bytes - self.used_bytes
+        if rewritten is not None:
+            room += file_bytes(rewritten)
+        return room
 
     def _free_bytes(self):
         try:

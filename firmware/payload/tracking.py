@@ -1052,9 +1052,8 @@ class PredictionUpload:
             )
         store = self.store
         if store is not None:
-            room = store.room_bytes()  # (a new upload's first chunk: the old file counts)
-            if first == 0:
-                room += _file_bytes(self.path)
+            # (a new upload's first chunk: the old file's bytes are room)
+            room = store.room_bytes(self.path if first == 0 else None)
             if len(packed) > room:
                 raise ConfigError("tracking_predictions: storage quota: %d bytes left"
                                   % (room if room > 0 else 0))  # fmt: skip
@@ -1074,15 +1073,6 @@ class PredictionUpload:
 
     def crc32(self):
         return self._crc.value() if self._crc is not None else 0
-
-
-def _file_bytes(path):
-    import os
-
-    try:
-        return os.stat(path)[6]
-    except OSError:
-        return 0
 
 
 @micropython.viper
