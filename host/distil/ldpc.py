@@ -188,6 +188,11 @@ class Code:
     seed: int
     rate: float
     order: np.ndarray  # int32 (n): public order in which positions get punctured/shortened
+    # Quasi-cyclic structure, when the code has one (docs/distillation.md, "Quasi-cyclic
+    # codes"): (lift Z, row_ptr int32 (m/Z + 1), column int32, shift int32). Check r Z + z
+    # holds, for each base entry t of row r in order, variable column[t] Z + (z + shift[t])
+    # mod Z; check_ptr/check_var are exactly that expansion. None: no structure.
+    qc: tuple | None = None
 
     @property
     def edges(self) -> int:
