@@ -22,7 +22,7 @@ import time
 import numba
 import numpy as np
 
-from host.distil import ldpc
+from host.distil import ldpc, ldpc_qc
 from host.distil.bitcodec import pack_bits, unpack_bits
 from host.distil.finite_key import binary_entropy
 from host.distil.gf64 import bits_hash
@@ -196,12 +196,18 @@ def _decode_round(
 
 
 def _decode(rows, llr, syndromes, code, iterations, messages, out, iters, stall_rule=None):
-    """Decode the frames `rows` in place (ldpc.decode_phi_rows); their success flags. The
+    """Decode the frames `rows` in place (ldpc.decode_phi_rows, or ldpc_qc.decode_qc_rows
+    on a quasi-cyclic code); their success flags. The
     frames run on numba's threads (numba.set_num_threads of the calling thread: a caller
     that decodes several blocks at once can give each fewer). stall_rule: (stall,
     progress) of decode_phi_rows, default (ldpc.STALL_ITERATIONS, 0)."""
     stall, progress = stall_rule or (ldpc.STALL_ITERATIONS, 0)
     with numba.parallel_chunksize(DECODER_CHUNK_FRAMES):
+        if code.qc is not None:
+            # the same results bit for bit, the messages in the QC layout (opaque here)
+            return ldpc_qc.decode_qc(
+                code, rows, llr, syndromes, iterations, messages, out, iters, stall, progress
+            )
         return ldpc.decode_phi_rows(
             rows,
             llr,

@@ -1,0 +1,138 @@
+"""The quasi-cyclic decoder (ldpc_qc.decode_qc_rows, issue 17) against the decoder it
+replaces on QC codes (ldpc.decode_phi_rows on the expanded CSR): bit for bit."""
+
+import numpy as np
+import pytest
+
+from host.distil import ldpc, ldpc_qc, reconcile
+from tests.ldpc_qc_codes import random_qc_code
+
+
+def test_the_expansion_puts_each_check_s_variables_in_entry_order():
+    """Check r Z + z holds column[t] Z + (z + shift[t]) mod Z for the entries t of base row
+    r in order (docs/distillation.md "Quasi-cyclic codes"), and the QC message index
+    t Z + z maps to that edge's CSR index."""
+    lift = 5
+    row_ptr = np.array([0, 2, 5], np.int32)
+    column = np.array([0, 3, 1, 2, 3], np.int32)
+    shift = np.array([0, 4, 1, 0, 2], np.int32)
+    check_ptr, check_var = ldpc_qc.expand(lift, row_ptr, column, shift)
+    assert check_ptr.tolist() == [0, 2, 4, 6, 8, 10, 13, 16, 19, 22, 25]
+    # check 1 (row 0, lane 1): column 0 lane 1, column 3 lane (1 + 4) % 5 = 0
+    assert check_var[2:4].tolist() == [1, 15]
+    # check 9 (row 1, lane 4): column 1 lane 0, column 2 lane 4, column 3 lane 1
+    assert check_var[22:25].tolist() == [5, 14, 16]
+    order = ldpc_qc.qc_message_order(lift, row_ptr)
+    # entry 3 (row 1, second entry), lane 4: CSR 2*5 + 4*3 + 1
+    assert order[3 * lift + 4] == 23 and np.array_equal(np.sort(order), np.arange(25))
+    qc_var = np.empty(25, np.int64)
+    for t in range(5):
+        qc_var[t * lift : (t + 1) * lift] = column[t] * lift + (np.arange(lift) + shift[t]) % lift
+    assert np.array_equal(check_var[order], qc_var)
+
+
+def _frames(code, rng, q_true, q_assumed, punctured, known):
+    """Alice's random words, Bob's LLRs at q_assumed from a noisy copy at q_true (one per
+    frame); the first `punctured` positions of the code's order at LLR 0, the next `known`
+    at +-LLR_KNOWN (shortened)."""
+    frames = q_true.size
+    x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
+    y = x ^ (rng.random((frames, code.n)) < q_true[:, None]).astype(np.uint8)
+    llr = np.stack([ldpc.channel_llr(row, q_assumed) for row in y]).astype(np.float32)
+    llr[:, code.order[:punctured]] = 0
+    shortened = code.order[punctured : punctured + known]
+    llr[:, shortened] = np.where(x[:, shortened] == 1, -1, 1) * ldpc.LLR_KNOWN
+    return x, llr, code.syndrome(x)
+
+
+def _both(code, rows, llr, syndromes, iterations, qc_messages, csr_messages, stall, progress):
+    """decode_qc_rows and decode_phi_rows on the same frames; each its flags, bits,
+    iteration counts (accumulated on 3 each) and messages (updated in place)."""
+    lift, row_ptr, column, shift = code.qc
+    results = []
+    for decode in ("qc", "csr"):
+        out = np.full(llr.shape, 2, np.uint8)
+        iters = np.full(llr.shape[0], 3, np.int64)
+        if decode == "qc":
+            ok = ldpc_qc.decode_qc_rows(
+                rows, llr, syndromes, lift, row_ptr, column, shift, code.check_ptr,
+                code.narrow_check_var(), iterations, qc_messages, out, iters, stall, progress,
+            )  # fmt: skip
+        else:
+            ok = ldpc.decode_phi_rows(
+                rows, llr, syndromes, code.check_ptr, code.narrow_check_var(), iterations,
+                csr_messages, out, iters, stall, progress,
+            )  # fmt: skip
+        results.append((ok, out, iters))
+    return results
+
+
+@pytest.mark.parametrize(
+    "rate,q,lift", [(0.9, 0.01, 16), (0.84, 0.02, 32), (0.78, 0.03, 24), (0.67, 0.05, 16)]
+)
+def test_the_qc_decoder_gives_the_csr_decoders_results_bit_for_bit(rate, q, lift):
+    """On a QC code, decode_qc_rows leaves the same success flags, hard decisions,
+    iteration counts and messages (bit for bit, after the layout permutation) as
+    decode_phi_rows on the expanded CSR: on fresh frames at and above the rate's QBER (some
+    decode, some stall), with punctured (LLR 0) and shortened (LLR_KNOWN) positions, then
+    on a resumed retry of a subset of the rows with revealed bits and the early stall rule,
+    the other rows left untouched. Any difference in the per-edge arithmetic or the order
+    of the layers would change the messages' bits."""
+    code = random_qc_code(4096 // lift * lift, rate, lift, seed=5)
+    order = ldpc_qc.qc_message_order(lift, code.qc[1])
+    assert np.array_equal(code.check_var[order].size, code.edges)
+    rng = np.random.default_rng(int(rate * 100))
+    q_true = q * np.array([0.6, 0.8, 1.0, 1.0, 1.3, 1.6, 2.0, 2.5])
+    frames = q_true.size
+    x, llr, syndromes = _frames(code, rng, q_true, q, punctured=code.n // 50, known=code.n // 40)
+    qc_messages = np.zeros((frames, code.edges), np.float32)
+    csr_messages = np.zeros((frames, code.edges), np.float32)
+    rows = np.arange(frames, dtype=np.int64)
+    (ok, out, iters), (ref_ok, ref_out, ref_iters) = _both(
+        code, rows, llr, syndromes, 60, qc_messages, csr_messages, ldpc.STALL_ITERATIONS, 0
+    )
+    assert np.array_equal(ok, ref_ok) and 0 < ok.sum() < frames, ok
+    assert np.array_equal(out, ref_out) and np.array_equal(iters, ref_iters)
+    assert np.array_equal(out[ok], x[ok])
+    assert np.array_equal(qc_messages.view(np.uint32), csr_messages[:, order].view(np.uint32))
+    assert np.count_nonzero(qc_messages) > 0.9 * qc_messages.size
+
+    # a retry round: the failed frames with a quarter of their bits revealed, resumed from
+    # their messages under the early stall rule; the decoded frames' rows are not touched
+    failed = np.nonzero(~ok)[0].astype(np.int64)
+    reveal = rng.permutation(code.n)[: code.n // 4]
+    llr[np.ix_(failed, reveal)] = np.where(x[np.ix_(failed, reveal)] == 1, -1, 1) * ldpc.LLR_KNOWN
+    before = qc_messages.copy()
+    (ok, out, iters), (ref_ok, ref_out, ref_iters) = _both(
+        code, failed, llr, syndromes, 40, qc_messages, csr_messages, 4, 51
+    )
+    assert np.array_equal(ok, ref_ok) and ok.any(), ok
+    assert np.array_equal(out, ref_out) and np.array_equal(iters, ref_iters)
+    assert np.array_equal(qc_messages.view(np.uint32), csr_messages[:, order].view(np.uint32))
+    others = np.setdiff1d(rows, failed)
+    assert np.array_equal(qc_messages[others], before[others]) and (out[others] == 2).all()
+    assert (iters[others] == 3).all() and (iters[failed] > 3).all()
+
+
+def test_reconciliation_decodes_a_quasi_cyclic_code_with_the_qc_decoder():
+    """reconcile._decode (every decoding round of Bob's) runs decode_qc_rows on a code with
+    a QC description: the messages it leaves are in the QC layout (entry t, lane z at
+    t Z + z), the CSR decoder's permuted, with the same flags and bits."""
+    lift = 16
+    code = random_qc_code(2048, 0.84, lift, seed=2)
+    rng = np.random.default_rng(9)
+    x, llr, syndromes = _frames(code, rng, np.full(4, 0.01), 0.01, punctured=0, known=0)
+    rows = np.arange(4, dtype=np.int64)
+    messages = np.zeros((4, code.edges), np.float32)
+    out = np.zeros_like(x)
+    ok = reconcile._decode(rows, llr, syndromes, code, 60, messages, out, np.zeros(4, np.int64))
+    csr_messages = np.zeros_like(messages)
+    ref_out = np.zeros_like(x)
+    ref_ok = ldpc.decode_phi_rows(
+        rows, llr, syndromes, code.check_ptr, code.check_var, 60, csr_messages, ref_out,
+        np.zeros(4, np.int64), ldpc.STALL_ITERATIONS,
+    )  # fmt: skip
+    assert ok.all() and np.array_equal(ok, ref_ok) and np.array_equal(out, x)
+    order = ldpc_qc.qc_message_order(lift, code.qc[1])
+    assert np.array_equal(messages.view(np.uint32), csr_messages[:, order].view(np.uint32))
+    assert not np.array_equal(messages, csr_messages)
