@@ -220,3 +220,43 @@ def test_a_peak_too_weak_for_the_whole_range_locks_around_the_prediction(micius_
     # deterministic draw (fixed seeds and pattern): measured z 6.19 against 6.05 needed
     assert sync.first_search == "predicted" and sync.first_z_needed < sync.first_z < 7.0
     assert _right_near_anchor(micius_1s, sync, t_all, det) > 0.98  # measured 0.991
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_prior", [True, False])
+def test_the_first_anchor_by_direct_sums_is_the_ffts(micius_1s, monkeypatch, use_prior):
+    """The first anchor's lag correlation summed lag run by lag run (_direct_correlation,
+    what a window with few detected slots against its lags now takes) locks on the same
+    anchor as the FFT over the same window: the same offset, slope and search, and z
+    within the FFT's float32 rounding. The predicted search (~0.1 M lags) and the whole
+    range (1.2 M lags) alike, each forced down both paths."""
+    from host.formats.passdir import read_pass_json
+
+    pass_json = read_pass_json(micius_1s / "pass.json")
+    locks = {}
+    for path, ops in (("fft", 0), ("direct", 10**12)):
+        monkeypatch.setattr(timesync, "DIRECT_OPS_PER_FFT_POINT", ops)
+        sync = _first_anchor(micius_1s, pass_json, use_prior=use_prior)[0]
+        locks[path] = (sync.first_search, sync.anchors_off, sync.first_slope, sync.first_z)
+    assert locks["direct"][:3] == locks["fft"][:3], locks
+    assert locks["direct"][0] == ("predicted" if use_prior else "full")
+    assert abs(locks["direct"][3] - locks["fft"][3]) < 1e-3, locks
+
+
+def test_direct_correlation_is_the_exact_sum_of_each_lags_weights():
+    """_direct_correlation against the sum counted code by code (how many detected slots
+    see each intensity at each lag, times its weight): equal to the last bit, repeated
+    detections of a slot weighted by their counts."""
+    rng = np.random.default_rng(5)
+    lags, span = 3000, 200_000
+    codes = rng.choice(4, span + lags, p=[0.72, 0.09, 0.09, 0.1]).astype(np.uint8)
+    weights = np.array([0.5, 0.1, 0.0, 0.0], np.float32)
+    at = np.unique(rng.integers(0, span, 700))
+    for counts in (np.ones(at.size, np.int32), rng.integers(1, 4, at.size).astype(np.int32)):
+        corr = timesync._direct_correlation(weights[codes], at, counts, lags)
+        runs = codes[at[:, None] + np.arange(lags + 1)[None, :]]
+        counted = sum(
+            ((runs == code) * counts[:, None]).sum(axis=0) * np.float64(weights[code])
+            for code in range(4)
+        )
+        assert corr.shape == (lags + 1,) and np.array_equal(corr, counted)

@@ -96,6 +96,12 @@ FIRST_FALSE_PEAK = 1e-6
 # or with more than 3 distinct weights, a Chernoff bound (an upper bound on the chance: a
 # slightly higher threshold, ~0.3 z at jinan-1's 700) where the peak is far above either.
 NULL_EXACT_DETECTIONS = 1000
+# The first anchor's correlation over Alice's whole window is summed lag run by lag run
+# (detected slots x (lags + 1) additions) while that is at most this many additions a
+# point of the FFT it replaces: an addition ~0.8 ns, a point of the FFT's three transforms
+# ~55 ns (jinan-1's 20 ms window around the prediction, 1,426 slots x 33,340 lags against
+# a 12.6 M-point FFT: 0.04 s against 0.7-1.8 s, docs/distillation.md "Sync and sifting CPU").
+DIRECT_OPS_PER_FFT_POINT = 16
 # The predicted search's lag correlation, computed slot by slot when that asks Alice for
 # fewer slots than the FFT's window: each distinct detected slot's run of predicted lags
 # (detections x lags) against the window's span plus the lags. At jinan-1's weak start
@@ -397,6 +403,24 @@ def _zscore(score: np.ndarray) -> tuple[int, float]:
     return best, float((score[best] - others.mean()) / sd)
 
 
+def _direct_correlation(window: np.ndarray, at: np.ndarray, counts, lags: int) -> np.ndarray:
+    """corr[lag] = sum over the detected slots i of counts[i] x window[at[i] + lag], lag in
+    0..lags, one run of lags + 1 additions a detected slot (the FFT's circular correlation
+    holds the same lags). Exact: the float32 weights (0.5, 0.1f, 0: multiples of 2^-27)
+    summed in float64 over up to millions of slots need fewer than 53 bits, so the sums do
+    not depend on their order; the FFT's float32 ones were off by ~1e-4."""
+    corr = np.zeros(lags + 1)
+    counts = np.asarray(counts)
+    ones = bool(np.all(counts == 1))
+    for a, c in zip(at.tolist(), counts.tolist(), strict=True):
+        run = window[a : a + lags + 1]
+        if ones:
+            np.add(corr, run, out=corr)
+        else:
+            corr += c * run.astype(np.float64)
+    return corr
+
+
 class DelayPrior:
     """The first anchor's search ranges from public timing only (pass.json's predicted
     geometry and the PRIOR_* bounds; nothing of the pattern): at true time T the delay is
@@ -632,13 +656,18 @@ class Synchroniser:
         return self.helper.sums(base + at, lags + 1, counts)
 
     def _fft_correlation(self, base, at, counts, span, lags) -> np.ndarray:
-        """The same correlation by FFT over Alice's whole window (span + lags slots)."""
+        """The same correlation over Alice's whole window (span + lags slots): summed lag
+        run by lag run when that is at most DIRECT_OPS_PER_FFT_POINT additions a point of
+        the FFT (_direct_correlation: exact), else by FFT."""
         helper = self.helper
         length = span + lags
+        size = scipy.fft.next_fast_len(length, real=True)
+        if at.size * (lags + 1) <= DIRECT_OPS_PER_FFT_POINT * size:
+            window = helper.weights.astype(np.float32)[helper.codes(np.array([base]), length)]
+            return _direct_correlation(window, at, counts, lags)
         # a circular correlation of this size holds lags 0..lags unwrapped: the comb
         # spans `span` slots and Alice's window span + lags (length + span, as before,
         # made every FFT 60 % longer for no lag more)
-        size = scipy.fft.next_fast_len(length, real=True)
         # Alice's mean photon numbers straight into the FFT's zero-padded float32 input:
         # no float64 window (8 bytes a slot, 160 MB at 625 MHz), no cast, no padding copy
         alice = np.zeros(size, np.float32)
