@@ -11,7 +11,7 @@ from tests.ldpc_qc_codes import random_qc_code
 def test_the_expansion_puts_each_check_s_variables_in_entry_order():
     """Check r Z + z holds column[t] Z + (z + shift[t]) mod Z for the entries t of base row
     r in order (docs/distillation.md "Quasi-cyclic codes"), and the QC message index
-    t Z + z maps to that edge's CSR index."""
+    t Z + w (entry t, variable lane w) maps to that edge's CSR index."""
     lift = 5
     row_ptr = np.array([0, 2, 5], np.int32)
     column = np.array([0, 3, 1, 2, 3], np.int32)
@@ -22,12 +22,12 @@ def test_the_expansion_puts_each_check_s_variables_in_entry_order():
     assert check_var[2:4].tolist() == [1, 15]
     # check 9 (row 1, lane 4): column 1 lane 0, column 2 lane 4, column 3 lane 1
     assert check_var[22:25].tolist() == [5, 14, 16]
-    order = ldpc_qc.qc_message_order(lift, row_ptr)
-    # entry 3 (row 1, second entry), lane 4: CSR 2*5 + 4*3 + 1
+    order = ldpc_qc.qc_message_order(lift, row_ptr, shift)
+    # entry 3 (row 1, second entry, shift 0), lane 4: check lane 4, CSR 2*5 + 4*3 + 1
     assert order[3 * lift + 4] == 23 and np.array_equal(np.sort(order), np.arange(25))
-    qc_var = np.empty(25, np.int64)
-    for t in range(5):
-        qc_var[t * lift : (t + 1) * lift] = column[t] * lift + (np.arange(lift) + shift[t]) % lift
+    # entry 1 (row 0, second entry, shift 4), variable lane 0: check lane 1, CSR 0 + 1*2 + 1
+    assert order[1 * lift + 0] == 3
+    qc_var = np.repeat(column.astype(np.int64) * lift, lift) + np.tile(np.arange(lift), 5)
     assert np.array_equal(check_var[order], qc_var)
 
 
@@ -79,7 +79,7 @@ def test_the_qc_decoder_gives_the_csr_decoders_results_bit_for_bit(rate, q, lift
     the other rows left untouched. Any difference in the per-edge arithmetic or the order
     of the layers would change the messages' bits."""
     code = random_qc_code(4096 // lift * lift, rate, lift, seed=5)
-    order = ldpc_qc.qc_message_order(lift, code.qc[1])
+    order = ldpc_qc.qc_message_order(lift, code.qc[1], code.qc[3])
     assert np.array_equal(code.check_var[order].size, code.edges)
     rng = np.random.default_rng(int(rate * 100))
     q_true = q * np.array([0.6, 0.8, 1.0, 1.0, 1.3, 1.6, 2.0, 2.5])
@@ -116,8 +116,8 @@ def test_the_qc_decoder_gives_the_csr_decoders_results_bit_for_bit(rate, q, lift
 
 def test_reconciliation_decodes_a_quasi_cyclic_code_with_the_qc_decoder():
     """reconcile._decode (every decoding round of Bob's) runs decode_qc_rows on a code with
-    a QC description: the messages it leaves are in the QC layout (entry t, lane z at
-    t Z + z), the CSR decoder's permuted, with the same flags and bits."""
+    a QC description: the messages it leaves are in the QC layout (entry t, variable lane w
+    at t Z + w), the CSR decoder's permuted, with the same flags and bits."""
     lift = 16
     code = random_qc_code(2048, 0.84, lift, seed=2)
     rng = np.random.default_rng(9)
@@ -133,6 +133,6 @@ def test_reconciliation_decodes_a_quasi_cyclic_code_with_the_qc_decoder():
         np.zeros(4, np.int64), ldpc.STALL_ITERATIONS,
     )  # fmt: skip
     assert ok.all() and np.array_equal(ok, ref_ok) and np.array_equal(out, x)
-    order = ldpc_qc.qc_message_order(lift, code.qc[1])
+    order = ldpc_qc.qc_message_order(lift, code.qc[1], code.qc[3])
     assert np.array_equal(messages.view(np.uint32), csr_messages[:, order].view(np.uint32))
     assert not np.array_equal(messages, csr_messages)

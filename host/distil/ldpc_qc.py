@@ -22,11 +22,8 @@ import numba
 import numpy as np
 
 from host.distil import ldpc
-from host.distil.ldpc import _hard_decision_satisfies, _phi
+from host.distil.ldpc import _hard_decision_satisfies
 
-PHI_FIXED_HALF = ldpc.PHI_FIXED_HALF
-PHI_FIXED_SHIFT = ldpc.PHI_FIXED_SHIFT
-PHI_LAST = ldpc.PHI_LAST
 PHI_FIXED_MAX_DEGREE = ldpc.PHI_FIXED_MAX_DEGREE
 PROGRESS_UNIT = ldpc.PROGRESS_UNIT
 PHI_TABLE = ldpc.PHI_TABLE
@@ -54,18 +51,22 @@ def expand(lift: int, row_ptr, column, shift) -> tuple[np.ndarray, np.ndarray]:
     return check_ptr.astype(np.int32), check_var
 
 
-def qc_message_order(lift: int, row_ptr) -> np.ndarray:
-    """For each QC message index t Z + z, the CSR edge index of the same edge:
-    row_ptr[r] Z + z d_r + (t - row_ptr[r]), d_r the degree of base row r."""
+def qc_message_order(lift: int, row_ptr, shift) -> np.ndarray:
+    """For each QC message index t Z + w (entry t, variable lane w: the edge of check
+    r Z + (w - shift[t]) mod Z), the CSR edge index of the same edge:
+    row_ptr[r] Z + z d_r + (t - row_ptr[r]), z = (w - shift[t]) mod Z, d_r the degree of
+    base row r."""
     lift = int(lift)
     row_ptr = np.asarray(row_ptr, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
     order = np.empty(int(row_ptr[-1]) * lift, dtype=np.int64)
     lanes = np.arange(lift, dtype=np.int64)
     for r in range(row_ptr.size - 1):
         first, last = row_ptr[r], row_ptr[r + 1]
         t = np.arange(first, last)
+        check_lane = (lanes[None, :] - shift[t][:, None]) % lift
         order[first * lift : last * lift] = (
-            first * lift + lanes[None, :] * (last - first) + (t - first)[:, None]
+            first * lift + check_lane * (last - first) + (t - first)[:, None]
         ).ravel()
     return order
 
@@ -81,18 +82,42 @@ def decode_qc(code: ldpc.Code, rows, llr, syndromes, max_iterations, messages, o
     )  # fmt: skip
 
 
+@numba.njit(cache=True, inline="always")
+def _phi_fixed(fixed, x):
+    """ldpc._phi(fixed, x) with the table index as a non-negative int32 (the value is the
+    same: x >= 0), which LLVM gathers through with 32-bit indices (ldpc._phi's signed
+    index takes numba's negative-index wrap-around and 64-bit gathers)."""
+    index = np.int32(min(x, ldpc.PHI_MAX) * ldpc.PHI_SCALE + np.float32(0.5))
+    return fixed[np.uint32(index & np.int32(0x7FFFFFFF))]
+
+
+# decode_phi_rows's table index of the others' sum, min((total - p + half) >> shift, last),
+# in uint32: total - p is in [0, 2^31) (PHI_FIXED_MAX_DEGREE), so + half cannot wrap and
+# the logical shift equals the arithmetic one; 8 lanes of int32 where int64 (numba's
+# promotion) took 8 lanes of 64 bits and 64-bit gathers.
+HALF_U = np.uint32(ldpc.PHI_FIXED_HALF)
+SHIFT_U = np.uint32(ldpc.PHI_FIXED_SHIFT)
+LAST_U = np.uint32(ldpc.PHI_LAST)
+
+
 @numba.njit(cache=True, parallel=True, fastmath=ldpc.DECODER_FASTMATH)
 def decode_qc_rows(
     rows, llr, syndromes, lift, row_ptr, column, shift, check_ptr, check_var, max_iterations,
     messages, out_bits, out_iters, stall, stall_progress=0,
 ):  # fmt: skip
     """ldpc.decode_phi_rows on a quasi-cyclic code, its messages in the QC layout (entry t,
-    lane z at t * lift + z): the same stop rules, flags, out_bits and out_iters, and the
-    same values bit for bit. check_ptr/check_var (the expansion) serve only the full
-    syndrome check when the running count of unsatisfied checks reaches zero.
-    Each base row is processed as lift lanes: per entry, loops over the lanes in the two
-    contiguous pieces of its circulant (LLVM vectorises them; the table lookups are
-    gathers)."""
+    variable lane w at t * lift + w: the edge of check lane (w - shift[t]) mod lift): the
+    same stop rules, flags, out_bits and out_iters, and the same values bit for bit.
+    check_ptr/check_var (the expansion) serve only the full syndrome check when the
+    running count of unsatisfied checks reaches zero.
+    A base row's lift checks are lanes. Everything of an entry is kept in its variables'
+    order (posteriors, messages, q, phi): one contiguous run of lift values. The per-check
+    values (sum of phi, count of negative signs, hard-decision parity) are in check order,
+    rotated by the entry's shift: they sit in arrays of 2 lift, read at lift - shift + w,
+    so that run is contiguous too; the sums go to both halves and are folded (integer
+    additions: any order gives the same), the values read are copied to both halves.
+    Every inner loop is thus over lift contiguous lanes (LLVM vectorises them; the table
+    lookups are gathers)."""
     table = PHI_TABLE
     fixed = PHI_TABLE_FIXED
     n = llr.shape[1]
@@ -113,21 +138,16 @@ def decode_qc_rows(
             post[v] = llr[f, v]
         # the messages added in the CSR's edge order: a variable's edges by check, i.e. by
         # base row (a row holds a column at most once)
-        for b in range(mb):
-            for t in range(row_ptr[b], row_ptr[b + 1]):
-                base = np.int64(column[t]) * Z
-                s = np.int64(shift[t])
-                head = Z - s
-                for z in range(head):
-                    post[base + s + z] += r[t * Z + z]
-                for z in range(head, Z):
-                    post[base + s - Z + z] += r[t * Z + z]
+        for t in range(row_ptr[mb]):
+            base = np.int64(column[t]) * Z
+            for w in range(Z):
+                post[base + w] += r[t * Z + w]
         q = np.empty((maxdeg, Z), dtype=np.float32)
         p = np.empty((maxdeg, Z), dtype=np.int32)
-        total = np.empty(Z, dtype=np.int32)
-        negative = np.empty(Z, dtype=np.int32)
-        sign = np.empty(Z, dtype=np.float32)
-        hard = np.empty(Z, dtype=np.int32)
+        total = np.empty(2 * Z, dtype=np.int32)
+        negative = np.empty(2 * Z, dtype=np.int32)
+        sign = np.empty(2 * Z, dtype=np.float32)
+        hard = np.empty(2 * Z, dtype=np.int32)
         it = 0
         done = False
         best = np.empty(max_iterations + 1, dtype=np.int64)
@@ -139,64 +159,56 @@ def decode_qc_rows(
             for b in range(mb):
                 t0 = row_ptr[b]
                 deg = row_ptr[b + 1] - t0
-                for z in range(Z):
+                for z in range(2 * Z):
                     total[z] = 0
-                    negative[z] = np.int32(syndromes[f, b * Z + z])
+                    negative[z] = 0
                 for i in range(deg):
                     t = t0 + i
-                    base = np.int64(column[t]) * Z
-                    s = np.int64(shift[t])
-                    head = Z - s
+                    pv_run = post[np.int64(column[t]) * Z :]
+                    rt = r[t * Z : t * Z + Z]
                     qi = q[i]
                     pi = p[i]
-                    rt = r[t * Z : t * Z + Z]
-                    for z in range(head):
-                        x = post[base + s + z] - rt[z]
-                        qi[z] = x
-                        negative[z] += np.int32(x < 0)
-                        y = _phi(fixed, abs(x))
-                        pi[z] = y
-                        total[z] += y
-                    for z in range(head, Z):
-                        x = post[base + s - Z + z] - rt[z]
-                        qi[z] = x
-                        negative[z] += np.int32(x < 0)
-                        y = _phi(fixed, abs(x))
-                        pi[z] = y
-                        total[z] += y
+                    k = Z - np.int64(shift[t])
+                    tk = total[k : k + Z]
+                    nk = negative[k : k + Z]
+                    for w in range(Z):
+                        x = pv_run[w] - rt[w]
+                        qi[w] = x
+                        nk[w] += np.int32(x < 0)
+                        y = _phi_fixed(fixed, abs(x))
+                        pi[w] = y
+                        tk[w] += y
                 for z in range(Z):
-                    sign[z] = np.float32(-1.0) if negative[z] & 1 else np.float32(1.0)
+                    sums = total[z] + total[z + Z]
+                    total[z] = sums
+                    total[z + Z] = sums
+                    odd = (negative[z] + negative[z + Z] + np.int32(syndromes[f, b * Z + z])) & 1
+                    sign[z] = np.float32(-1.0) if odd else np.float32(1.0)
+                    sign[z + Z] = sign[z]
                     hard[z] = np.int32(syndromes[f, b * Z + z])
+                    hard[z + Z] = 0
                 for i in range(deg):
                     t = t0 + i
-                    base = np.int64(column[t]) * Z
-                    s = np.int64(shift[t])
-                    head = Z - s
+                    pv_run = post[np.int64(column[t]) * Z :]
+                    rt = r[t * Z : t * Z + Z]
                     qi = q[i]
                     pi = p[i]
-                    rt = r[t * Z : t * Z + Z]
-                    for z in range(head):
-                        x = qi[z]
+                    k = Z - np.int64(shift[t])
+                    tk = total[k : k + Z]
+                    sk = sign[k : k + Z]
+                    hk = hard[k : k + Z]
+                    for w in range(Z):
+                        x = qi[w]
                         index = min(
-                            (total[z] - pi[z] + PHI_FIXED_HALF) >> PHI_FIXED_SHIFT, PHI_LAST
+                            np.uint32(np.uint32(tk[w] - pi[w]) + HALF_U) >> SHIFT_U, LAST_U
                         )
-                        w = (sign[z] if x >= 0 else -sign[z]) * table[index]
-                        rt[z] = w
-                        pv = x + w
-                        post[base + s + z] = pv
-                        hard[z] += np.int32(pv < 0)
-                    for z in range(head, Z):
-                        x = qi[z]
-                        index = min(
-                            (total[z] - pi[z] + PHI_FIXED_HALF) >> PHI_FIXED_SHIFT, PHI_LAST
-                        )
-                        w = (sign[z] if x >= 0 else -sign[z]) * table[index]
-                        rt[z] = w
-                        pv = x + w
-                        post[base + s - Z + z] = pv
-                        hard[z] += np.int32(pv < 0)
+                        message = (sk[w] if x >= 0 else -sk[w]) * table[index]
+                        rt[w] = message
+                        pv = x + message
+                        pv_run[w] = pv
+                        hk[w] += np.int32(pv < 0)
                 for z in range(Z):
-                    unsatisfied += hard[z] & 1
+                    unsatisfied += (hard[z] + hard[z + Z]) & 1
             if unsatisfied == 0:
                 done = _hard_decision_satisfies(post, syndromes, f, m, check_ptr, check_var)
             best[it] = min(best[it - 1], unsatisfied)
