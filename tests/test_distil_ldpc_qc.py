@@ -136,3 +136,46 @@ def test_reconciliation_decodes_a_quasi_cyclic_code_with_the_qc_decoder():
     order = ldpc_qc.qc_message_order(lift, code.qc[1], code.qc[3])
     assert np.array_equal(messages.view(np.uint32), csr_messages[:, order].view(np.uint32))
     assert not np.array_equal(messages, csr_messages)
+
+
+def test_checks_near_the_largest_degree_whose_phi_sum_fits_decode_as_on_the_csr():
+    """The QC decoder keeps a check's sum of phi and the parity of its negative signs in one
+    uint32 (the sum below 2^31, bit 31 the parity): a check of degree near
+    PHI_FIXED_MAX_DEGREE whose edges are nearly all punctured (phi at its largest: the sum
+    above 2^30) decodes bit for bit as decode_phi_rows decodes it; one degree more is
+    refused."""
+    lift = 8
+    degree = ldpc.PHI_FIXED_MAX_DEGREE - 1
+    rng = np.random.default_rng(3)
+    columns = degree + 10
+    row_ptr = np.array([0, degree, degree + 20], np.int32)
+    column = np.concatenate([np.arange(degree), np.arange(degree - 10, degree + 10)])
+    shift = rng.integers(lift, size=column.size)
+    check_ptr, check_var = ldpc_qc.expand(lift, row_ptr, column, shift)
+    qc = (lift, row_ptr, column.astype(np.int32), shift.astype(np.int32))
+    order = np.arange(columns * lift, dtype=np.int32)
+    code = ldpc.Code(columns * lift, 2 * lift, check_ptr, check_var, 1, 0.0, order, qc=qc)
+    x = rng.integers(0, 2, (3, code.n), dtype=np.uint8)
+    llr = np.where(x == 1, -3.0, 3.0).astype(np.float32)
+    llr[:, : (degree - 5) * lift] = 0  # punctured: q = 0, phi at its largest
+    syndromes = code.syndrome(x)
+    rows = np.arange(3, dtype=np.int64)
+    qc_messages = np.zeros((3, code.edges), np.float32)
+    csr_messages = np.zeros_like(qc_messages)
+    (ok, out, iters), (ref_ok, ref_out, ref_iters) = _both(
+        code, rows, llr, syndromes, 4, qc_messages, csr_messages, ldpc.STALL_ITERATIONS, 0
+    )
+    assert np.array_equal(ok, ref_ok) and np.array_equal(out, ref_out)
+    assert np.array_equal(iters, ref_iters)
+    order = ldpc_qc.qc_message_order(lift, row_ptr, shift)
+    assert np.array_equal(qc_messages.view(np.uint32), csr_messages[:, order].view(np.uint32))
+    # the first check's sum of phi on its first iteration: above 2^30, below 2^31
+    first_sum = (degree - 5) * int(ldpc.PHI_TABLE_FIXED[0])
+    assert 2**30 < first_sum < 2**31
+    heavier = np.concatenate([np.arange(degree + 2), np.arange(degree - 10, degree + 10)])
+    too_heavy = (lift, np.array([0, degree + 2, degree + 22], np.int32), heavier, heavier * 0)
+    with pytest.raises(ValueError, match="PHI_FIXED_MAX_DEGREE"):
+        ldpc_qc.decode_qc_rows(
+            rows, llr, syndromes, *too_heavy, code.check_ptr, code.check_var, 4, qc_messages,
+            out, iters, ldpc.STALL_ITERATIONS,
+        )  # fmt: skip

@@ -98,6 +98,8 @@ def _phi_fixed(fixed, x):
 HALF_U = np.uint32(ldpc.PHI_FIXED_HALF)
 SHIFT_U = np.uint32(ldpc.PHI_FIXED_SHIFT)
 LAST_U = np.uint32(ldpc.PHI_LAST)
+SIGN_BIT = np.uint32(31)
+SUM_MASK = np.uint32(0x7FFFFFFF)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=ldpc.DECODER_FASTMATH)
@@ -111,13 +113,19 @@ def decode_qc_rows(
     check_ptr/check_var (the expansion) serve only the full syndrome check when the
     running count of unsatisfied checks reaches zero.
     A base row's lift checks are lanes. Everything of an entry is kept in its variables'
-    order (posteriors, messages, q, phi): one contiguous run of lift values. The per-check
-    values (sum of phi, count of negative signs, hard-decision parity) are in check order,
-    rotated by the entry's shift: they sit in arrays of 2 lift, read at lift - shift + w,
-    so that run is contiguous too; the sums go to both halves and are folded (integer
-    additions: any order gives the same), the values read are copied to both halves.
-    Every inner loop is thus over lift contiguous lanes (LLVM vectorises them; the table
-    lookups are gathers)."""
+    order (posteriors, messages, phi(|q|)): one contiguous run of lift values. The
+    per-check sums are in check order, rotated by the entry's shift: they sit in an array
+    of 2 lift read at lift - shift + w, so that run is contiguous too; the halves are
+    folded after the row's first pass (integer additions: any order gives the same). A
+    check's sum of phi and the parity of its negative signs share one uint32 (the sum is
+    below 2^31, PHI_FIXED_MAX_DEGREE, so bit 31 holds the parity: adding never carries
+    into it, and adding two halves adds their parities mod 2): one array fewer to
+    accumulate, check for aliasing and read. q is not stored but recomputed in the second
+    pass (the row's posteriors and messages are unchanged until then: the same float
+    subtraction, the same bits). Every inner loop is over lift contiguous lanes (LLVM
+    vectorises them, 8 lanes of AVX2/AVX-512VL; the table lookups are gathers with 32-bit
+    indices).
+    """
     table = PHI_TABLE
     fixed = PHI_TABLE_FIXED
     n = llr.shape[1]
@@ -142,11 +150,8 @@ def decode_qc_rows(
             base = np.int64(column[t]) * Z
             for w in range(Z):
                 post[base + w] += r[t * Z + w]
-        q = np.empty((maxdeg, Z), dtype=np.float32)
-        p = np.empty((maxdeg, Z), dtype=np.int32)
-        total = np.empty(2 * Z, dtype=np.int32)
-        negative = np.empty(2 * Z, dtype=np.int32)
-        sign = np.empty(2 * Z, dtype=np.float32)
+        p = np.empty((maxdeg, Z), dtype=np.uint32)
+        acc = np.empty(2 * Z, dtype=np.uint32)
         hard = np.empty(2 * Z, dtype=np.int32)
         it = 0
         done = False
@@ -160,49 +165,44 @@ def decode_qc_rows(
                 t0 = row_ptr[b]
                 deg = row_ptr[b + 1] - t0
                 for z in range(2 * Z):
-                    total[z] = 0
-                    negative[z] = 0
+                    acc[z] = 0
                 for i in range(deg):
                     t = t0 + i
                     pv_run = post[np.int64(column[t]) * Z :]
                     rt = r[t * Z : t * Z + Z]
-                    qi = q[i]
                     pi = p[i]
                     k = Z - np.int64(shift[t])
-                    tk = total[k : k + Z]
-                    nk = negative[k : k + Z]
+                    ak = acc[k : k + Z]
                     for w in range(Z):
                         x = pv_run[w] - rt[w]
-                        qi[w] = x
-                        nk[w] += np.int32(x < 0)
-                        y = _phi_fixed(fixed, abs(x))
+                        y = np.uint32(_phi_fixed(fixed, abs(x)))
                         pi[w] = y
-                        tk[w] += y
+                        ak[w] = np.uint32(ak[w] + y) ^ (np.uint32(x < 0) << SIGN_BIT)
                 for z in range(Z):
-                    sums = total[z] + total[z + Z]
-                    total[z] = sums
-                    total[z + Z] = sums
-                    odd = (negative[z] + negative[z + Z] + np.int32(syndromes[f, b * Z + z])) & 1
-                    sign[z] = np.float32(-1.0) if odd else np.float32(1.0)
-                    sign[z + Z] = sign[z]
+                    a = np.uint32(acc[z] + acc[z + Z]) ^ (
+                        np.uint32(syndromes[f, b * Z + z]) << SIGN_BIT
+                    )
+                    acc[z] = a
+                    acc[z + Z] = a
                     hard[z] = np.int32(syndromes[f, b * Z + z])
                     hard[z + Z] = 0
                 for i in range(deg):
                     t = t0 + i
                     pv_run = post[np.int64(column[t]) * Z :]
                     rt = r[t * Z : t * Z + Z]
-                    qi = q[i]
                     pi = p[i]
                     k = Z - np.int64(shift[t])
-                    tk = total[k : k + Z]
-                    sk = sign[k : k + Z]
+                    ak = acc[k : k + Z]
                     hk = hard[k : k + Z]
                     for w in range(Z):
-                        x = qi[w]
+                        x = pv_run[w] - rt[w]
+                        a = ak[w]
                         index = min(
-                            np.uint32(np.uint32(tk[w] - pi[w]) + HALF_U) >> SHIFT_U, LAST_U
+                            np.uint32(np.uint32((a & SUM_MASK) - pi[w]) + HALF_U) >> SHIFT_U,
+                            LAST_U,
                         )
-                        message = (sk[w] if x >= 0 else -sk[w]) * table[index]
+                        sign = np.float32(-1.0) if a > SUM_MASK else np.float32(1.0)
+                        message = (sign if x >= 0 else -sign) * table[index]
                         rt[w] = message
                         pv = x + message
                         pv_run[w] = pv
