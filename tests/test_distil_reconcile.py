@@ -1012,3 +1012,45 @@ def test_bobs_syndrome_qber_interval_is_as_wide_as_the_measurements_spread(
     covered = np.mean(low <= real)
     stated = 0.5 * (1 + math.erf(reconcile.TOP_UP_SIGMAS / math.sqrt(2)))
     assert abs(covered - stated) <= 5 * math.sqrt(stated * (1 - stated) / draws), covered
+
+
+def test_bobs_qber_measurement_with_its_key_edges_kept_is_the_fresh_one(monkeypatch):
+    """reconcile._key_edges keeps a frame layout's key bits on the graph between Bob's
+    measurements (two to five a block): its arrays are the ones each measurement built
+    from the edges before (per check its key bits, the key edges' variables and checks in
+    edge order), and the measurement with them kept is the one computed with an empty
+    store, to the last bit, as the punctured bits are revealed."""
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
+    count, q = 22_000, 0.012
+    plan = reconcile._plan(count, q, 1.05)
+    code, frames = plan.code, reconcile._frames(count, plan)
+    for _, used in frames:
+        key_pos, _ = reconcile._frame_layout(plan, used)
+        is_key = np.zeros(code.n, dtype=np.int64)
+        is_key[key_pos] = 1
+        edge_key = is_key[code.check_var] == 1
+        kept = reconcile._key_edges(plan, used)
+        assert np.array_equal(
+            kept.per_check, np.add.reduceat(is_key[code.check_var], code.check_ptr[:-1])
+        )
+        assert np.array_equal(kept.variables, code.check_var[edge_key])
+        checks = np.repeat(np.arange(code.m), np.diff(code.check_ptr))
+        assert np.array_equal(kept.checks, checks[edge_key])
+    rng = np.random.default_rng(3)
+    key = rng.integers(0, 2, count, dtype=np.uint8)
+    errors = (rng.random(count) < q).astype(np.uint8)
+    alice = np.zeros((len(frames), code.n), dtype=np.uint8)
+    bob = np.zeros_like(alice)
+    for f, (start, used) in enumerate(frames):
+        key_pos, _ = reconcile._frame_layout(plan, used)
+        alice[f, key_pos] = key[start : start + used]
+        bob[f, key_pos] = key[start : start + used] ^ errors[start : start + used]
+        alice[f, plan.punctured_positions] = rng.integers(0, 2, plan.punctured, np.uint8)
+    syndromes = code.syndrome(alice)
+    order = reconcile._reveal_order(plan, 0)
+    for revealed in (0, order.size // 3, order.size // 2):
+        bob[:, order[:revealed]] = alice[:, order[:revealed]]
+        measure = (plan, frames, syndromes, bob, order[revealed:], q, 8192)
+        kept = reconcile._syndrome_qber(*measure)
+        reconcile._KEY_EDGES.clear()
+        assert reconcile._syndrome_qber(*measure) == kept

@@ -260,3 +260,49 @@ def test_direct_correlation_is_the_exact_sum_of_each_lags_weights():
             for code in range(4)
         )
         assert corr.shape == (lags + 1,) and np.array_equal(corr, counted)
+
+
+def test_running_concentration_is_np_means_to_the_last_bit():
+    """_running_concentration (np.add.reduce / n per step) gives exactly |mean| of each
+    step's phasors as np.mean computed them: the tracking slope's argmax, so every anchor,
+    cannot move. Tracking's sizes: 625 slopes, 50-4,000 detections."""
+    rng = np.random.default_rng(11)
+    for n in (50, 129, 2000, 4000):
+        fit = rng.normal(0.0, 0.02, n)
+        start = np.exp(2j * np.pi * (fit * 625e6 + 311.0 * fit))
+        ratio = np.exp(2j * np.pi * 2.0 * fit)
+        phasor, expected = start.copy(), np.empty(625)
+        for k in range(625):
+            expected[k] = abs(phasor.mean())
+            phasor *= ratio
+        assert np.array_equal(timesync._running_concentration(start, ratio, 625), expected)
+
+
+@pytest.mark.slow
+def test_window_weights_from_alices_bytes_are_the_weights_of_her_codes(micius_1s):
+    """_Helper.window_weights32 (each byte of Alice's sync_pattern answer looked up whole)
+    gives exactly the weights of the codes she sent, on a window that ends mid-byte; an
+    answer with fewer codes than asked ends the protocol with the reason, not an index
+    error further on."""
+    from host.distil.protocol import Alice, Config
+    from host.errors import ProtocolAborted
+    from host.formats.passdir import read_pass_json
+
+    pass_json = read_pass_json(micius_1s / "pass.json")
+    answers = _AliceAnswers(Alice(micius_1s, Config()))
+    helper = timesync._Helper(answers, timesync.intensity_weights(pass_json))
+    start, length = 12_345_677, 1_000_003
+    weights = helper.window_weights32(start, length)
+    codes = helper.codes(np.array([start]), length)
+    assert np.unique(codes).size >= 3  # the window holds every class the pass sends
+    assert weights.dtype == np.float32 and weights.shape == (length,)
+    assert np.array_equal(weights, helper.weights.astype(np.float32)[codes])
+
+    class ShortAnswer(_AliceAnswers):
+        def recv(self, kind):
+            fields = super().recv(kind)
+            return {"intensity": fields["intensity"][:-1]}
+
+    short = timesync._Helper(ShortAnswer(answers.alice), helper.weights)
+    with pytest.raises(ProtocolAborted, match="sync_pattern: 1000000 codes, 1000003 asked"):
+        short.window_weights32(start, length)

@@ -18,6 +18,7 @@ import functools
 import hmac
 import math
 import time
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -373,6 +374,42 @@ def _edge_checks(code: ldpc.Code) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class _KeyEdges:
+    """A frame layout's key bits on the code's graph (read-only): per check its number of
+    key bits, and the edges that touch a key bit (their variables and checks, in edge
+    order). What Bob's QBER measurement recomputed from the 0.5-1.1 M edges at every
+    call (two to five a block, each ~30 ms of it); they depend on the code, the plan's
+    punctured plus shortened count and the frame's key bits only."""
+
+    per_check: np.ndarray
+    variables: np.ndarray
+    checks: np.ndarray
+
+
+_KEY_EDGES: dict[tuple, _KeyEdges] = {}
+
+
+def _key_edges(plan: ldpc.FramePlan, used: int) -> _KeyEdges:
+    code = plan.code
+    name = (code.digest(), plan.punctured + plan.shortened, int(used))
+    out = _KEY_EDGES.get(name)
+    if out is None:
+        key_pos, _ = _frame_layout(plan, used)
+        is_key = np.zeros(code.n, dtype=np.int64)
+        is_key[key_pos] = 1
+        on_edges = is_key[code.check_var]
+        per_check = np.add.reduceat(on_edges, code.check_ptr[:-1])
+        edge_key = on_edges == 1
+        out = _KeyEdges(per_check, code.check_var[edge_key], _edge_checks(code)[edge_key])
+        for array in (out.per_check, out.variables, out.checks):
+            array.flags.writeable = False
+        if len(_KEY_EDGES) >= 4:  # a block's one or two frame lengths, ~18 MB each
+            _KEY_EDGES.clear()
+        _KEY_EDGES[name] = out
+    return out
+
+
 def _syndrome_qber(
     plan: ldpc.FramePlan,
     frames,
@@ -398,18 +435,15 @@ def _syndrome_qber(
     nothing of it is sent (only the top-up steps chosen from it)."""
     code = plan.code
     singles, pairs = _parity_groups(code, punctured_now)
-    checks = _edge_checks(code)
     layouts = {}
     for _, used in frames:
         if used not in layouts:
-            key_pos, _ = _frame_layout(plan, used)
-            is_key = np.zeros(code.n, dtype=np.int64)
-            is_key[key_pos] = 1
-            per_check = np.add.reduceat(is_key[code.check_var], code.check_ptr[:-1])
+            key_edges = _key_edges(plan, used)
+            per_check = key_edges.per_check
             degree = np.concatenate(
                 [per_check[singles], per_check[pairs[:, 0]] + per_check[pairs[:, 1]]]
             )
-            layouts[used] = (is_key, degree)
+            layouts[used] = (key_edges, degree)
     differ_all = code.syndrome(words) ^ syndromes
     size = 1 + max(int(d.max(initial=0)) for _, d in layouts.values())
     groups = np.zeros(size, dtype=np.int64)
@@ -434,9 +468,7 @@ def _syndrome_qber(
     # block's own rate (its bits are not the block's)
     pilot = float(grid[np.argmax(loglik + sample_loglik)])
     if d.size:
-        variance, info = _syndrome_spread(
-            code, checks, singles, pairs, layouts, frames, pilot, key_bits
-        )
+        variance, info = _syndrome_spread(code, singles, pairs, layouts, frames, pilot, key_bits)
         loglik = loglik / (info * variance)
     if sample_bits:
         loglik = loglik + sample_loglik * key_bits / (key_bits + sample_bits)
@@ -463,7 +495,7 @@ def _maximum_and_low_end(grid: np.ndarray, loglik: np.ndarray) -> tuple[float, f
     return float(best), float(grid[i - 1] + rise * (grid[i] - grid[i - 1]))
 
 
-def _syndrome_spread(code, checks, singles, pairs, layouts, frames, q, key_bits):
+def _syndrome_spread(code, singles, pairs, layouts, frames, q, key_bits):
     """(variance, the likelihood's information I) at q. The variance is that of the
     syndromes' maximum-likelihood QBER minus the block's own error rate, linearised at q
     (delta method) with the parities' covariances. The score is
@@ -480,7 +512,7 @@ def _syndrome_spread(code, checks, singles, pairs, layouts, frames, q, key_bits)
     # frames of the same length have the same sums: each length once, times its frames
     lengths, counts = np.unique([used for _, used in frames], return_counts=True)
     for used, times in zip(lengths.tolist(), counts.tolist(), strict=True):
-        is_key, degree = layouts[used]
+        key_edges, degree = layouts[used]
         b = t ** degree.astype(np.float64)
         p = np.clip((1 - b) / 2, 1e-12, 0.5)
         dp = degree * t ** np.maximum(degree - 1, 0)
@@ -494,9 +526,8 @@ def _syndrome_spread(code, checks, singles, pairs, layouts, frames, q, key_bits)
         weight[singles] = ab[: singles.size]
         weight[pairs[:, 0]] = ab[singles.size :]
         weight[pairs[:, 1]] = ab[singles.size :]
-        edge_key = is_key[code.check_var] == 1
-        w_edges = weight[checks[edge_key]]
-        var_vars = code.check_var[edge_key]
+        w_edges = weight[key_edges.checks]
+        var_vars = key_edges.variables
         per_var = np.bincount(var_vars, weights=w_edges, minlength=code.n)
         per_var_sq = np.bincount(var_vars, weights=w_edges * w_edges, minlength=code.n)
         var_u += times * kappa * float(np.sum(per_var * per_var - per_var_sq))
