@@ -373,9 +373,13 @@ _CODES: dict[str, Code] = {}
 
 
 def construct(n: int, rate: float, seed: int = 1, distribution=None) -> Code:
-    """The code for (n, rate, seed, distribution): from memory, the disk cache, or built."""
+    """The code for (n, rate, seed, distribution): from memory, the disk cache, or built.
+    Quasi-cyclic (construct_qc) under QKDSAT_LDPC_QC for a frame of whole base columns."""
     distribution = distribution or _design_for(rate)
+    shifts = qc_mode()
     with _BUILD_LOCK:
+        if shifts and n % QC_BASE_COLUMNS == 0:
+            return _construct_qc(n, rate, seed, distribution, shifts)
         return _construct(n, rate, seed, distribution)
 
 
@@ -392,7 +396,11 @@ def _cache_key(n: int, rate: float, seed: int, distribution) -> str:
 
 def cached_path(n: int, rate: float, seed: int = 1) -> Path:
     """Where construct(n, rate, seed) keeps its code on disk (it may not exist yet)."""
-    return cache_dir() / f"{_cache_key(n, rate, seed, _design_for(rate))}.npz"
+    key = _cache_key(n, rate, seed, _design_for(rate))
+    shifts = qc_mode()
+    if shifts and n % QC_BASE_COLUMNS == 0:
+        key = _qc_cache_key(n, key, shifts)
+    return cache_dir() / f"{key}.npz"
 
 
 def _construct(n: int, rate: float, seed: int, distribution) -> Code:
@@ -421,6 +429,198 @@ def _construct(n: int, rate: float, seed: int, distribution) -> Code:
     code = Code(n, m, check_ptr, check_var, seed, rate, order)
     tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.npz")
     np.savez(tmp, m=m, check_ptr=check_ptr, check_var=check_var, order=order)
+    os.replace(tmp, path)
+    _CODES[key] = code
+    return code
+
+
+# Quasi-cyclic codes (issue 17, docs/distillation.md "Quasi-cyclic codes"): the same degree
+# distributions and the same PEG on a base graph of QC_BASE_COLUMNS columns, each base edge
+# lifted to a Z x Z circulant (Z = n / QC_BASE_COLUMNS: 32 at 2^16, 64 at 2^17, 128 at
+# 2^18), so that a decoder can update the Z checks of a base row as SIMD lanes on
+# contiguous posteriors. Experimental: only under QKDSAT_LDPC_QC ("1": shifts chosen
+# greedily against lifted 4-cycles; "random": uniform shifts, the baseline), so the
+# production codes and their digests are unchanged.
+QC_BASE_COLUMNS = 2048
+QC_MODES = ("1", "random")
+
+
+def qc_mode() -> str | None:
+    """The QKDSAT_LDPC_QC switch: None (unset, empty or "0": PEG codes), "1" or "random"."""
+    value = os.environ.get("QKDSAT_LDPC_QC", "")
+    if value in ("", "0"):
+        return None
+    if value not in QC_MODES:
+        raise ValueError(f"QKDSAT_LDPC_QC={value!r}: expected one of 0, 1, random")
+    return value
+
+
+def _qc_cache_key(n: int, key: str, shifts: str) -> str:
+    return f"qc{n // QC_BASE_COLUMNS}{'' if shifts == '1' else 'r'}-{key}"
+
+
+def construct_qc(n: int, rate: float, seed: int = 1, distribution=None, shifts: str = "1"):
+    """The quasi-cyclic code for (n, rate, seed, distribution), whatever QKDSAT_LDPC_QC
+    says: from memory, the disk cache, or built (shifts "1": greedy, "random")."""
+    if n % QC_BASE_COLUMNS or shifts not in QC_MODES:
+        raise ValueError(f"no QC code for n={n} (a multiple of {QC_BASE_COLUMNS}), {shifts=}")
+    distribution = distribution or _design_for(rate)
+    with _BUILD_LOCK:
+        return _construct_qc(n, rate, seed, distribution, shifts)
+
+
+@numba.njit(cache=True)
+def _qc_shifts(ev, ec, stairs, nb, mb, lift, greedy, seed):
+    """Circulant shifts of the base edges (ev, ec) in their order: 0 on the staircase
+    (variables < stairs: Z parallel staircases, still no cycle among degree-2 nodes), else
+    the shift closing the fewest lifted 4-cycles with the edges before it, at random among
+    equals (greedy), or uniform (not greedy). A base 4-cycle over rows r, r' and columns
+    c, c' lifts to Z 4-cycles iff s(r,c) - s(r',c) + s(r',c') - s(r,c') = 0 mod Z, else to
+    none: for the new edge (r, c) each base cycle it closes forbids one shift value.
+    Returns (shifts, closed): closed[e] the base cycles edge e closed at zero sum."""
+    np.random.seed(seed)
+    edges = ev.size
+    base = np.full((mb, nb), -1, np.int64)  # shift of each base edge placed so far
+    row_deg = np.zeros(mb, np.int64)
+    col_deg = np.zeros(nb, np.int64)
+    row_cols = np.full((mb, nb), -1, np.int64)
+    col_rows = np.full((nb, mb), -1, np.int64)
+    shifts = np.zeros(edges, np.int64)
+    closed = np.zeros(edges, np.int64)
+    count = np.zeros(lift, np.int64)
+    for e in range(edges):
+        c, r = ev[e], ec[e]
+        count[:] = 0
+        for a in range(row_deg[r]):
+            u = row_cols[r, a]
+            for b in range(col_deg[c]):
+                r2 = col_rows[c, b]
+                s2u = base[r2, u]
+                if s2u >= 0:  # base cycle r-c-r2-u: zero sum iff s(r,c) = below
+                    count[(base[r2, c] - s2u + base[r, u]) % lift] += 1
+        if c < stairs:
+            s = 0
+        elif greedy:
+            fewest = count.min()
+            ties = 0
+            for k in range(lift):
+                ties += count[k] == fewest
+            pick = np.random.randint(ties)
+            s = -1
+            for k in range(lift):
+                if count[k] == fewest:
+                    if pick == 0:
+                        s = k
+                        break
+                    pick -= 1
+        else:
+            s = np.random.randint(lift)
+        shifts[e] = s
+        closed[e] = count[s]
+        base[r, c] = s
+        row_cols[r, row_deg[r]] = c
+        row_deg[r] += 1
+        col_rows[c, col_deg[c]] = r
+        col_deg[c] += 1
+    return shifts, closed
+
+
+@numba.njit(cache=True)
+def _qc_base_cycles(lift, row_ptr, column, shift, nb):
+    """Per base column, the base 4-cycles through it whose shift sum is 0 mod Z (each
+    lifts to Z 4-cycles of the code); enumerated over pairs of base rows, independently of
+    the construction's bookkeeping."""
+    mb = row_ptr.size - 1
+    per_column = np.zeros(nb, np.int64)
+    at = np.full(nb, -1, np.int64)  # entry of column c in row r, or -1
+    for r in range(mb):
+        for t in range(row_ptr[r], row_ptr[r + 1]):
+            at[column[t]] = t
+        for r2 in range(r + 1, mb):
+            for t2 in range(row_ptr[r2], row_ptr[r2 + 1]):
+                c = column[t2]
+                if at[c] < 0:
+                    continue
+                for u2 in range(t2 + 1, row_ptr[r2 + 1]):
+                    d = column[u2]
+                    if at[d] < 0:
+                        continue
+                    total = shift[at[c]] - shift[t2] + shift[u2] - shift[at[d]]
+                    if total % lift == 0:
+                        per_column[c] += 1
+                        per_column[d] += 1
+        for t in range(row_ptr[r], row_ptr[r + 1]):
+            at[column[t]] = -1
+    return per_column
+
+
+def qc_four_cycles(code: Code) -> np.ndarray:
+    """Per base column of a QC code, its base 4-cycles that lift to 4-cycles (Z each)."""
+    lift, row_ptr, column, shift = code.qc
+    return _qc_base_cycles(lift, row_ptr, column, shift, code.n // lift)
+
+
+def _qc_public_order(n: int, lift: int, stairs: int, seed: int) -> np.ndarray:
+    """_public_order of a QC code (columns in place, no shuffle): first the lifts of every
+    other staircase base column (0, 2, 4, ...: a check's two staircase neighbours are the
+    same lane of base columns r - 1 and r, so it has at most one of them), in random order,
+    then all other positions in random order."""
+    rng = np.random.default_rng(seed + 2)
+    if os.environ.get("QKDSAT_LDPC_RANDOM_ORDER"):
+        return rng.permutation(n).astype(np.int32)
+    first = (np.arange(0, stairs, 2)[:, None] * lift + np.arange(lift)[None, :]).ravel()
+    first = first[rng.permutation(first.size)]
+    rest = np.setdiff1d(np.arange(n), first)
+    return np.concatenate([first, rest[rng.permutation(rest.size)]]).astype(np.int32)
+
+
+def _construct_qc(n: int, rate: float, seed: int, distribution, shifts: str) -> Code:
+    lift = n // QC_BASE_COLUMNS
+    key = _qc_cache_key(n, _cache_key(n, rate, seed, distribution), shifts)
+    if key in _CODES:
+        return _CODES[key]
+    path = cache_dir() / f"{key}.npz"
+    if path.exists():
+        try:
+            z = np.load(path)
+            qc = (int(z["lift"]), z["row_ptr"], z["column"], z["shift"])
+            code = Code(n, int(z["m"]), z["check_ptr"], z["check_var"], seed, rate, z["order"], qc)
+            _CODES[key] = code
+            return code
+        except (OSError, ValueError, KeyError):
+            pass  # a torn cache file is rebuilt below
+    stairs, var_degrees, mb = _degrees(QC_BASE_COLUMNS, rate, distribution)
+    if var_degrees.size and var_degrees.max() > mb:
+        raise ValueError(f"rate {rate}: degree {var_degrees.max()} exceeds {mb} base rows")
+    ev, ec = _peg_edges(stairs, var_degrees, mb, seed)
+    # Shifts of the staircase first (fixed), then of the heaviest columns: a light column's
+    # edges come last, when every base cycle through them is known, and can each take one
+    # of the Z shifts none of them forbids (PEG's order, lightest first, left the
+    # heavy columns' later edges closing lifted 4-cycles through light ones).
+    degree = np.bincount(ev, minlength=QC_BASE_COLUMNS)
+    place = np.lexsort((-degree[ev], ev >= stairs))
+    shift = np.empty_like(ev)
+    shift[place], _ = _qc_shifts(
+        ev[place], ec[place], stairs, QC_BASE_COLUMNS, mb, lift, shifts == "1", seed + 3
+    )
+    order = np.lexsort((ev, ec))  # by base row, columns ascending within it
+    ev, ec, shift = ev[order], ec[order], shift[order]
+    if np.any((np.diff(ec) == 0) & (np.diff(ev) == 0)):
+        raise ValueError(f"rate {rate}: a repeated base edge")  # _peg_edges never makes one
+    row_ptr = np.zeros(mb + 1, np.int32)
+    row_ptr[1:] = np.cumsum(np.bincount(ec, minlength=mb))
+    column, shift = ev.astype(np.int32), shift.astype(np.int32)
+    from host.distil import ldpc_qc  # it imports this module
+
+    check_ptr, check_var = ldpc_qc.expand(lift, row_ptr, column, shift)
+    order = _qc_public_order(n, lift, stairs, seed)
+    m = mb * lift
+    code = Code(n, m, check_ptr, check_var, seed, rate, order, (lift, row_ptr, column, shift))
+    tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.npz")
+    np.savez(
+        tmp, m=m, check_ptr=check_ptr, check_var=check_var, order=order, lift=lift,
+        row_ptr=row_ptr, column=column, shift=shift,
+    )  # fmt: skip
     os.replace(tmp, path)
     _CODES[key] = code
     return code
