@@ -306,3 +306,40 @@ def test_window_weights_from_alices_bytes_are_the_weights_of_her_codes(micius_1s
     short = timesync._Helper(ShortAnswer(answers.alice), helper.weights)
     with pytest.raises(ProtocolAborted, match="sync_pattern: 1000000 codes, 1000003 asked"):
         short.window_weights32(start, length)
+
+
+def test_alices_sync_window_codes_as_a_run_are_her_symbols_intensities(monkeypatch):
+    """Alice's intensity codes of a long sync window taken as a run of her keyed pattern
+    source (KeyedPatternSource.intensity_run: one CTR pass, the words' high halves, no
+    slot index) are exactly her symbols' intensity field slot by slot (Alice._symbols):
+    at each offset within an AES block, a window crossing the source's end (no record:
+    NO_PATTERN), many short windows, and a threshold at 2^16 (a class never drawn)."""
+    from host.distil import protocol
+    from host.formats.patterns import KeyedPatternSource
+    from host.protocol.symbols import SymbolMapping
+
+    runs = []
+    run = KeyedPatternSource.intensity_run
+    monkeypatch.setattr(
+        KeyedPatternSource, "intensity_run", lambda self, *a: runs.append(a) or run(self, *a)
+    )
+    key = bytes(range(32))  # a test's pattern key: not secret
+    for probabilities in ([0.8, 0.1, 0.1], [0.5, 0.5, 0.0]):
+        mapping = SymbolMapping.from_probabilities(0.8, probabilities)
+        alice = object.__new__(protocol.Alice)  # only its pattern: the codes' source
+        alice.patterns = KeyedPatternSource(key, mapping, 1_000, 3_000_000)
+        windows = [
+            (np.array([1_000 + skip]), 65_537 + skip) for skip in range(4)
+        ]  # every offset in a block of 4 words, odd lengths
+        windows += [(np.array([2_990_000]), 20_000), (np.arange(5_000, 90_000, 7_001), 25)]
+        for starts, length in windows:
+            fast = alice._window_codes(starts, length)
+            monkeypatch.setattr(protocol, "SYNC_RUN_SLOTS", 1 << 40)  # slot by slot
+            slow = alice._window_codes(starts, length)
+            monkeypatch.setattr(protocol, "SYNC_RUN_SLOTS", 1 << 12)
+            assert np.array_equal(fast, slow), (starts[:2], length)
+            # the window crossing the source's end: its last 9,000 slots have no record
+            crossing = starts[0] == 2_990_000
+            assert (fast == protocol.NO_PATTERN).sum() == (9_000 if crossing else 0)
+    # the long windows inside the range took the run (first slot, count), the rest not
+    assert runs == 2 * [(1_000 + skip, 65_537 + skip) for skip in range(4)]

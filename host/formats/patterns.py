@@ -19,6 +19,7 @@ from host.formats.qrec import Kind, PatternFrame, read_records
 from host.protocol.symbols import (
     SymbolMapping,
     insecure_test_pattern_words,
+    keyed_run_high_halves,
     keyed_slot_words,
     unpack_nibbles,
 )
@@ -108,6 +109,14 @@ class KeyedPatternSource(_SlotRangeSource):
     def symbols(self, slot_indices: np.ndarray) -> np.ndarray:
         slots = self._slots_in_range(slot_indices)
         return self.mapping.symbols(keyed_slot_words(self.key, slots))
+
+    def intensity_run(self, first: int, count: int) -> np.ndarray:
+        """The intensity codes of the slots first .. first + count - 1, all in the range:
+        symbols()'s intensity field without the slots' index, words and nibbles (Alice's
+        answer to a sync window of millions of slots, ~3x faster)."""
+        if first < self.first_slot or first + count > self.first_slot + self.slot_count:
+            raise IndexError("slot outside the pattern source's range")
+        return self.mapping.intensity_codes(keyed_run_high_halves(self.key, first, count))
 
     def to_json(self) -> dict:
         return {

@@ -87,6 +87,15 @@ class SymbolMapping:
             intensity += (high >= threshold).astype(np.uint8)
         return bit | (basis_x << 1) | (intensity << NIBBLE_INTENSITY_SHIFT)
 
+    def intensity_codes(self, high: np.ndarray) -> np.ndarray:
+        """The intensity index (uint8) of each slot from the high 16 bits of its u32 word:
+        symbols()'s intensity field alone (a threshold of 2^16 is never reached)."""
+        codes = np.zeros(np.shape(high), dtype=np.uint8)
+        for threshold in self.intensity_thresholds[:-1]:
+            if threshold < 2**INTENSITY_BITS:
+                codes += high >= threshold
+        return codes
+
 
 def words_from_qrng_bytes(data: bytes) -> np.ndarray:
     if len(data) % 4:
@@ -146,6 +155,24 @@ def insecure_test_pattern_words(seed: int, slot_indices: np.ndarray) -> np.ndarr
 
 _SLOT_WORDS_DOMAIN = 1  # counter block = domain << 64 | block index (head_qrng.py)
 _WORDS_PER_BLOCK = 4
+
+
+def keyed_run_high_halves(key: bytes, first: int, count: int) -> np.ndarray:
+    """The high 16 bits (uint16, a read-only strided view) of keyed_slot_words of the slots
+    first .. first + count - 1: one CTR pass, no index array (the words are little-endian
+    u32, so each one's high half is the second u16 of its 4 bytes)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    if first < 0:
+        raise IndexError("negative slot index")
+    if count <= 0:
+        return np.zeros(0, np.uint16)
+    block0 = first // _WORDS_PER_BLOCK
+    skip = first - block0 * _WORDS_PER_BLOCK
+    blocks = -(-(skip + count) // _WORDS_PER_BLOCK)
+    nonce = ((_SLOT_WORDS_DOMAIN << 64) | block0).to_bytes(16, "big")
+    stream = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor().update(bytes(16 * blocks))
+    return np.frombuffer(stream, dtype="<u2")[2 * skip + 1 : 2 * (skip + count) : 2]
 
 
 def keyed_slot_words(key: bytes, slot_indices) -> np.ndarray:
