@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from host.distil import channel as ch
+from host.distil import gf64
 from host.distil.gf64 import bits_hash, gf64_mul, poly_hash
 from host.errors import BadInput
 
@@ -31,6 +32,23 @@ def test_gf64_is_a_field_multiplication():
         assert _mul(a, 1) == a
     # x^63 * x = x^64 = x^4 + x^3 + x + 1 in GF(2)[x]/(x^64 + x^4 + x^3 + x + 1)
     assert _mul(1 << 63, 2) == 0x1B
+
+
+@pytest.mark.skipif(not gf64.CARRYLESS_AVAILABLE, reason="no carry-less multiply here")
+def test_the_carryless_field_product_and_hash_are_the_bit_serial_ones():
+    """gf64's carry-less product (PCLMULQDQ, what poly_hash runs where the CPU has it) is
+    the bit-serial gf64_mul on random and extreme words, and the message hash through it
+    is the bit-serial one on messages of every length modulo 8 bytes up to 3 kB."""
+    r = random.Random(7)
+    words = [0, 1, 0x1B, (1 << 64) - 1, 1 << 63] + [r.getrandbits(64) for _ in range(300)]
+    for a in words:
+        for b in words[:40]:
+            fast = gf64.gf64_mul_carryless(np.uint64(a), np.uint64(b))
+            assert int(fast) == _mul(a, b), (a, b)
+    for size in list(range(0, 33)) + [1000, 3001]:
+        data = np.frombuffer(r.randbytes(size + (-size) % 8), np.uint64)
+        key, length = np.uint64(r.getrandbits(64)), np.uint64(size)
+        assert gf64._horner_carryless(data, key, length) == gf64._horner(data, key, length)
 
 
 def test_poly_hash_separates_messages_and_lengths():
