@@ -701,7 +701,7 @@ def _qc_against_csr(code, frames: int, iterations: int, repeats: int) -> dict:
         iters = np.zeros(frames, np.int64)
         started = time.process_time()
         if kind == "qc":
-            ok = ldpc_qc.decode_qc_rows(
+            ok = ldpc_qc.decoder_for(lift)(
                 rows, llr, syndromes, lift, row_ptr, column, shift, code.check_ptr,
                 check_var, iterations, messages, out, iters, iterations + 1,
             )  # fmt: skip
