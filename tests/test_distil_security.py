@@ -198,6 +198,58 @@ def _squash(bob, channels: np.ndarray, per_slot: int):
     return basis, bit
 
 
+def _detections_to_slots_before(bob, sync):
+    """Bob._detections_to_slots as it was before issue 17's session 13 (np.isin, a stable
+    sort every time, np.unique): the reference its faster form must equal."""
+    det = np.isin(bob.channels, (0, 1, 2, 3))
+    slots = sync.slots[det & sync.assigned]
+    ch = bob.channels[det & sync.assigned].astype(np.int64)
+    order = np.argsort(slots, kind="stable")
+    slots, ch = slots[order], ch[order]
+    unique, first, counts = np.unique(slots, return_index=True, return_counts=True)
+    basis = (ch[first] >= 2).astype(np.uint8)
+    bit = (ch[first] & 1).astype(np.uint8)
+    multi = np.nonzero(counts > 1)[0]
+    coins = bob.rng.integers(0, 2, (multi.size, 2), dtype=np.uint8)
+    lowest = np.minimum.reduceat(ch, first)[multi] if multi.size else multi
+    highest = np.maximum.reduceat(ch, first)[multi] if multi.size else multi
+    clicks = lowest != highest
+    both = clicks & (lowest < 2) & (highest >= 2)
+    basis[multi[both]] = coins[both, 0]
+    bit[multi[clicks]] = coins[clicks, 1]
+    bob.multi_click_slots["both_bases"] += int(both.sum())
+    bob.multi_click_slots["one_basis"] += int((clicks & ~both).sum())
+    return unique.astype(np.int64), basis, bit
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_bobs_slots_from_his_detections_are_those_of_before(tiny_pass, in_order):
+    """Bob's slots and squashed (basis, bit) from his assigned detections, computed from
+    neighbours when they come in slot order (no np.isin, np.unique or sort), are those of
+    the code before, draw for draw from the same endpoint randomness: tags of every
+    channel (4 and 5 are no detectors), unassigned ones, one to four tags a slot, and
+    detections a few slots out of order."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(9)
+    tags = 60_000
+    slot_of = np.cumsum(rng.choice([0, 1, 5, 40], tags, p=[0.1, 0.3, 0.3, 0.3]))
+    if not in_order:
+        swaps = rng.integers(0, tags - 1, 300)
+        slot_of[swaps], slot_of[swaps + 1] = slot_of[swaps + 1], slot_of[swaps].copy()
+    sync = SimpleNamespace(slots=slot_of, assigned=rng.random(tags) < 0.95)
+    channels = rng.choice(6, tags, p=[0.24, 0.24, 0.24, 0.24, 0.02, 0.02]).astype(np.int16)
+    results = []
+    for compute in (Bob._detections_to_slots, _detections_to_slots_before):
+        bob = Bob(tiny_pass, Config(), insecure_deterministic_seed=5)
+        bob.channels = channels
+        results.append((*compute(bob, sync), dict(bob.multi_click_slots)))
+    (slots, basis, bit, tally), (slots_0, basis_0, bit_0, tally_0) = results
+    assert slots.dtype == slots_0.dtype and np.array_equal(slots, slots_0)
+    assert np.array_equal(basis, basis_0) and np.array_equal(bit, bit_0)
+    assert tally == tally_0 and tally["both_bases"] > 100 and tally["one_basis"] > 100
+
+
 def test_multi_clicks_are_squashed_by_basis_not_by_tag_count(tiny_pass):
     """Three tags on detector 0 (Z, bit 0) and one on detector 2 (X, bit 0) in a slot are
     one click on each: a uniform basis (main drew a tag: Z three times in four); a double

@@ -1030,12 +1030,22 @@ class Bob:
         AND bit, i.e. the maximally mixed qubit (an error half the time in either basis);
         both detectors of one basis give that basis and a uniform bit. Several tags on one
         detector count as one click. Every draw comes from Bob's CSPRNG."""
-        det = np.isin(self.channels, (0, 1, 2, 3))
-        slots = sync.slots[det & sync.assigned]
-        ch = self.channels[det & sync.assigned].astype(np.int64)
-        order = np.argsort(slots, kind="stable")
-        slots, ch = slots[order], ch[order]
-        unique, first, counts = np.unique(slots, return_index=True, return_counts=True)
+        kept = timesync.detector_tags(self.channels) & sync.assigned
+        slots = sync.slots[kept]
+        ch = self.channels[kept].astype(np.int64)
+        # time-ordered detections give their slots in order nearly always: then the stable
+        # sort is the identity, and is skipped
+        if slots.size > 1 and not np.all(slots[1:] >= slots[:-1]):
+            order = np.argsort(slots, kind="stable")
+            slots, ch = slots[order], ch[order]
+        # np.unique(slots, return_index=True, return_counts=True) of the sorted slots, from
+        # their neighbours (np.unique sorted them once more: ~44 ms of 1.7 M)
+        starts = np.empty(slots.size, dtype=bool)
+        starts[:1] = True
+        np.not_equal(slots[1:], slots[:-1], out=starts[1:])
+        first = np.flatnonzero(starts)
+        unique = slots[first]
+        counts = np.diff(np.append(first, slots.size))
         basis = (ch[first] >= 2).astype(np.uint8)
         bit = (ch[first] & 1).astype(np.uint8)
         multi = np.nonzero(counts > 1)[0]

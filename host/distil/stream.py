@@ -1205,7 +1205,7 @@ class StreamBob(Bob):
                 buffer_t = np.concatenate([buffer_t, t_new])
                 buffer_ch = np.concatenate([buffer_ch, channels])
             timeline.update(detections=read)
-            det = np.isin(buffer_ch, (0, 1, 2, 3))
+            det = timesync.detector_tags(buffer_ch)
             detected = int(det.sum())
             if not synced:
                 attempts = []

