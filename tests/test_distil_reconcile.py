@@ -1054,3 +1054,26 @@ def test_bobs_qber_measurement_with_its_key_edges_kept_is_the_fresh_one(monkeypa
         kept = reconcile._syndrome_qber(*measure)
         reconcile._KEY_EDGES.clear()
         assert reconcile._syndrome_qber(*measure) == kept
+
+
+def test_key_edge_weight_sums_are_the_bincounts_to_the_last_bit(monkeypatch):
+    """reconcile._key_edge_weight_sums (one pass of numba over the key edges) gives per
+    variable exactly np.bincount of the key edges' check weights and of their squares,
+    the sums Bob's QBER measurement took before: the same additions in edge order, so
+    the measurement, and the top-up it sizes, cannot move. Weights spread over twelve
+    orders of magnitude, as a_g b_g are."""
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
+    plan = reconcile._plan(22_000, 0.012, 1.05)
+    code, frames = plan.code, reconcile._frames(22_000, plan)
+    rng = np.random.default_rng(8)
+    weight = 10.0 ** rng.uniform(-6, 6, code.m)
+    for _, used in frames:
+        edges = reconcile._key_edges(plan, used)
+        w = weight[edges.checks]
+        sums, squares = reconcile._key_edge_weight_sums(
+            edges.variables, edges.checks, weight, code.n
+        )
+        assert np.array_equal(sums, np.bincount(edges.variables, weights=w, minlength=code.n))
+        assert np.array_equal(
+            squares, np.bincount(edges.variables, weights=w * w, minlength=code.n)
+        )

@@ -401,7 +401,8 @@ def _key_edges(plan: ldpc.FramePlan, used: int) -> _KeyEdges:
         on_edges = is_key[code.check_var]
         per_check = np.add.reduceat(on_edges, code.check_ptr[:-1])
         edge_key = on_edges == 1
-        out = _KeyEdges(per_check, code.check_var[edge_key], _edge_checks(code)[edge_key])
+        variables = code.check_var[edge_key].astype(np.int64)  # one kernel signature
+        out = _KeyEdges(per_check, variables, _edge_checks(code)[edge_key])
         for array in (out.per_check, out.variables, out.checks):
             array.flags.writeable = False
         if len(_KEY_EDGES) >= 4:  # a block's one or two frame lengths, ~18 MB each
@@ -495,6 +496,21 @@ def _maximum_and_low_end(grid: np.ndarray, loglik: np.ndarray) -> tuple[float, f
     return float(best), float(grid[i - 1] + rise * (grid[i] - grid[i - 1]))
 
 
+@numba.njit(cache=True)
+def _key_edge_weight_sums(variables, checks, weight, n):
+    """Per variable, the sum over its key edges of their checks' weights, and of their
+    squares: np.bincount(variables, weights=weight[checks]) and the same of the squared
+    weights, the same additions in the same (edge) order, in one pass over the ~1 M key
+    edges without their three temporaries (~3x faster)."""
+    per_var = np.zeros(n)
+    per_var_sq = np.zeros(n)
+    for e in range(variables.size):
+        w = weight[checks[e]]
+        per_var[variables[e]] += w
+        per_var_sq[variables[e]] += w * w
+    return per_var, per_var_sq
+
+
 def _syndrome_spread(code, singles, pairs, layouts, frames, q, key_bits):
     """(variance, the likelihood's information I) at q. The variance is that of the
     syndromes' maximum-likelihood QBER minus the block's own error rate, linearised at q
@@ -526,10 +542,9 @@ def _syndrome_spread(code, singles, pairs, layouts, frames, q, key_bits):
         weight[singles] = ab[: singles.size]
         weight[pairs[:, 0]] = ab[singles.size :]
         weight[pairs[:, 1]] = ab[singles.size :]
-        w_edges = weight[key_edges.checks]
-        var_vars = key_edges.variables
-        per_var = np.bincount(var_vars, weights=w_edges, minlength=code.n)
-        per_var_sq = np.bincount(var_vars, weights=w_edges * w_edges, minlength=code.n)
+        per_var, per_var_sq = _key_edge_weight_sums(
+            key_edges.variables, key_edges.checks, weight, code.n
+        )
         var_u += times * kappa * float(np.sum(per_var * per_var - per_var_sq))
     if info <= 0:
         return 1.0, 1.0
