@@ -734,9 +734,10 @@ def test_bench_qc_decoder_against_csr_decoder():
     """The quasi-cyclic decoder (ldpc_qc.decode_qc_rows: a base row's lift checks as vector
     lanes, contiguous posterior runs) against the decoder it replaces (decode_phi_rows on
     the same code's CSR), CPU ns per edge update on the same frames (8, both cores, f 1.1,
-    30 iterations, best of 3 alternated), results equal bit for bit. Random staircase QC
-    codes (tests/ldpc_qc_codes.py) with the designs' degrees, at the lifts of the QC
-    construction (n / 2048: 32 at 2^16, 64 at 2^17) and larger ones."""
+    30 iterations, best of 3 alternated), results equal bit for bit. The QC construction's
+    codes (ldpc.construct_qc, lift n / 2048: 32 at 2^16, 64 at 2^17) at the mother rates
+    the reconciliation bench picks, and random staircase QC codes (tests/ldpc_qc_codes.py,
+    the designs' degrees) at larger lifts."""
     from tests.ldpc_qc_codes import random_qc_code
 
     frames, iterations, repeats = 8, 30, 3
@@ -744,17 +745,20 @@ def test_bench_qc_decoder_against_csr_decoder():
         f"\nQC decoder against decode_phi_rows ({frames} frames, both cores, f 1.1, "
         f"{iterations} iterations, best of {repeats}): CPU ns per edge update"
     )
-    print("   n    | rate  | lift | check degree | QC    | CSR   | CSR / QC")
+    print("   n    | code         | rate  | lift | check degree | QC    | CSR   | CSR / QC")
     for n in (1 << 16, 1 << 17):
+        codes = [("construct_qc", ldpc.construct_qc(n, r)) for r in (0.9075, 0.8375, 0.7775, 0.67)]
         for rate in (0.9, 0.84, 0.78, 0.67):
-            for lift in sorted({n // 2048, n // 512, 256}):
-                code = random_qc_code(n, rate, lift, seed=1)
-                r = _qc_against_csr(code, frames, iterations, repeats)
-                print(
-                    f" {n:6d} | {r['rate']:.3f} | {lift:4d} | {r['degree']:12.1f} | "
-                    f"{r['qc']:5.2f} | {r['csr']:5.2f} | {r['csr'] / r['qc']:.2f}x",
-                    flush=True,
-                )
+            for lift in sorted({n // 512, 256}):
+                codes.append(("random", random_qc_code(n, rate, lift, seed=1)))
+        for name, code in codes:
+            r = _qc_against_csr(code, frames, iterations, repeats)
+            print(
+                f" {n:6d} | {name:12s} | {r['rate']:.3f} | {code.qc[0]:4d} | "
+                f"{r['degree']:12.1f} | {r['qc']:5.2f} | {r['csr']:5.2f} | "
+                f"{r['csr'] / r['qc']:.2f}x",
+                flush=True,
+            )
 
 
 # Key blocks of the full passes: micius-2017 (build/mission-head/report.json, block Z:
