@@ -58,6 +58,36 @@ def test_qrng_words_are_aes256_ctr_random_access_and_never_show_the_key():
     assert not np.array_equal(a.slot_words_range(0, 64), b.slot_words_range(0, 64))
 
 
+def test_keyed_slot_words_read_the_ctr_stream_at_any_slots():
+    """host.protocol.symbols.keyed_slot_words (the head's stand-in and the simulations'
+    keyed source) is word i of the AES-256-CTR stream at every slot i: slots in order far
+    apart (its sparse path, where the blocks now come from neighbours, not np.unique),
+    the same out of order and repeated, and a dense run; the run reader's high halves are
+    those words' top 16 bits at each offset within a block."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from host.protocol.symbols import keyed_run_high_halves, keyed_slot_words
+
+    nonce = (DOMAIN_SLOT_WORDS << 64).to_bytes(16, "big")
+    stream = Cipher(algorithms.AES(HEAD_KEY), modes.CTR(nonce)).encryptor().update(bytes(1 << 22))
+    words = np.frombuffer(stream, dtype="<u4")
+    rng = np.random.default_rng(2)
+    in_order = np.cumsum(rng.geometric(1 / 300, 3000))
+    for slots in (
+        in_order,
+        rng.permutation(in_order),
+        np.repeat(in_order[:50], 3),
+        np.array([7]),
+        np.arange(11, 5000),
+    ):
+        got = keyed_slot_words(HEAD_KEY, slots)
+        assert got.dtype == np.uint32 and np.array_equal(got, words[slots])
+    for first in range(4):
+        assert np.array_equal(
+            keyed_run_high_halves(HEAD_KEY, 1001 + first, 777), words[1001 + first :][:777] >> 16
+        )
+
+
 def test_pattern_read_messages_match_the_vectors():
     for case in VECTORS["pattern_memory"]:
         body = bytes.fromhex(case["body"])

@@ -538,7 +538,7 @@ class Alice:
             slots = rice_decode_sorted(int(msg["rice_k"]), msg["slots"], count)
         except ValueError as error:
             raise ProtocolAborted(f"{context}: {error}") from error
-        if slots.size and (slots[0] <= last_slot or np.any(np.diff(slots) <= 0)):
+        if slots.size and (slots[0] <= last_slot or np.any(slots[1:] <= slots[:-1])):
             raise ProtocolAborted(
                 f"{context}: Bob's slots are not strictly after the slots already sifted"
             )
