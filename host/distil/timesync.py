@@ -100,7 +100,7 @@ NULL_EXACT_DETECTIONS = 1000
 # (detected slots x (lags + 1) additions) while that is at most this many additions a
 # point of the FFT it replaces: an addition ~0.8 ns, a point of the FFT's three transforms
 # ~55 ns (jinan-1's 20 ms window around the prediction, 1,426 slots x 33,340 lags against
-# a 12.6 M-point FFT: 0.04 s against 0.7-1.8 s, docs/distillation.md "Sync and sifting CPU").
+# a 12.6 M-point FFT: 0.04 s against 0.7-1.8 s; docs/distillation.md, "Outside the decoder").
 DIRECT_OPS_PER_FFT_POINT = 16
 # The predicted search's lag correlation, computed slot by slot when that asks Alice for
 # fewer slots than the FFT's window: each distinct detected slot's run of predicted lags
