@@ -118,14 +118,14 @@ def test_greedy_shifts_keep_lifted_four_cycles_off_the_light_columns():
 
 def test_qc_cache_round_trip_restores_the_description(tmp_path):
     built = ldpc.construct_qc(N, RATE)
-    (path,) = (tmp_path / "ldpc").glob("qc32-*.npz")
+    (path,) = (tmp_path / "ldpc").glob("qc32.*.npz")
     ldpc._CODES.clear()
     loaded = ldpc.construct_qc(N, RATE)
     assert loaded is not built and loaded.digest() == built.digest()
     assert type(loaded.qc[0]) is int and loaded.qc[0] == built.qc[0]
     for a, b in zip(loaded.qc[1:], built.qc[1:], strict=True):
         assert a.dtype == np.int32 and np.array_equal(a, b)
-    assert path.name.startswith(f"qc32-v{ldpc.CODE_VERSION}-n{N}-r{RATE}-s1-")
+    assert path.name.startswith(f"qc32.{ldpc.QC_VERSION}-v{ldpc.CODE_VERSION}-n{N}-r{RATE}-s1-")
 
 
 def test_the_switch_selects_qc_codes_and_is_off_by_default(monkeypatch):

@@ -3,7 +3,9 @@
 Codes: irregular, built in the project from a designed degree distribution
 (ldpc_design.py) by progressive edge growth on a degree-2 staircase (seeded, so
 deterministic; no 4-cycles below the maximum degree); cached as .npz under the cache
-directory keyed by (n, rate, distribution, seed, version).
+directory keyed by (n, rate, distribution, seed, version). Quasi-cyclic codes of the same
+distributions (construct_qc, docs/distillation.md "Quasi-cyclic codes") under the
+QKDSAT_LDPC_QC switch, off by default.
 Rate adaptation (Elkouss et al. 2010): a frame of n code bits holds n - p - s key bits,
 p punctured bits (Alice's private random bits, unknown to Bob: LLR 0) and s shortened
 bits (value known to both: LLR +-inf); the effective rate is (R0 n - s)/(n - p - s).
@@ -443,6 +445,9 @@ def _construct(n: int, rate: float, seed: int, distribution) -> Code:
 # production codes and their digests are unchanged.
 QC_BASE_COLUMNS = 2048
 QC_MODES = ("1", "random")
+# In the cache key of a QC code: bump it when the base graph, the shifts or the public
+# order of a QC code change (CODE_VERSION would also rename the production codes).
+QC_VERSION = 1
 
 
 def qc_mode() -> str | None:
@@ -456,7 +461,7 @@ def qc_mode() -> str | None:
 
 
 def _qc_cache_key(n: int, key: str, shifts: str) -> str:
-    return f"qc{n // QC_BASE_COLUMNS}{'' if shifts == '1' else 'r'}-{key}"
+    return f"qc{n // QC_BASE_COLUMNS}{'' if shifts == '1' else 'r'}.{QC_VERSION}-{key}"
 
 
 def construct_qc(n: int, rate: float, seed: int = 1, distribution=None, shifts: str = "1"):
