@@ -116,6 +116,28 @@ def test_greedy_shifts_keep_lifted_four_cycles_off_the_light_columns():
     assert light_on_cycle["1"] <= 10 < 300 <= light_on_cycle["random"], light_on_cycle
 
 
+def test_no_light_variable_closes_a_cycle_with_one_staircase():
+    """Lane z of the Z staircases joins check (r, z) to (r', z) for any two base rows
+    r, r' <= stairs, so a variable with two checks in one lane there closes a cycle of
+    length 2 |r - r'| + 2 through the staircase (the low-ACE cycles of a PEG code, which
+    has one for every pair of a variable's checks). The greedy shifts leave none on the
+    variables of degree <= 9 (distinct shifts within their base columns): checked on the
+    expanded graph, every such variable's checks on staircase rows in distinct lanes."""
+    code = ldpc.construct_qc(N, RATE)
+    lift = code.qc[0]
+    stairs, _, _ = ldpc._degrees(ldpc.QC_BASE_COLUMNS, RATE, ldpc._design_for(RATE))
+    check_of_edge = np.repeat(np.arange(code.m), np.diff(code.check_ptr))
+    row, lane = np.divmod(check_of_edge, lift)
+    degree = np.bincount(code.check_var, minlength=N)
+    light = (degree[code.check_var] <= 9) & (code.check_var >= stairs * lift) & (row <= stairs)
+    pairs = np.unique(np.stack([code.check_var[light], lane[light]]), axis=1)
+    assert pairs.shape[1] == light.sum() > 0  # no (variable, lane) twice
+    random = ldpc.construct_qc(N, RATE, shifts="random")
+    light = (degree[random.check_var] <= 9) & (random.check_var >= stairs * lift) & (row <= stairs)
+    lanes = (random.check_var[light], lane[light])  # same base graph: same check_ptr
+    assert np.unique(np.stack(lanes), axis=1).shape[1] < light.sum()  # uniform shifts do
+
+
 def test_qc_cache_round_trip_restores_the_description(tmp_path):
     built = ldpc.construct_qc(N, RATE)
     (path,) = (tmp_path / "ldpc").glob("qc32.*.npz")

@@ -447,7 +447,7 @@ QC_BASE_COLUMNS = 2048
 QC_MODES = ("1", "random")
 # In the cache key of a QC code: bump it when the base graph, the shifts or the public
 # order of a QC code change (CODE_VERSION would also rename the production codes).
-QC_VERSION = 1
+QC_VERSION = 2
 
 
 def qc_mode() -> str | None:
@@ -478,10 +478,16 @@ def construct_qc(n: int, rate: float, seed: int = 1, distribution=None, shifts: 
 def _qc_shifts(ev, ec, stairs, nb, mb, lift, greedy, seed):
     """Circulant shifts of the base edges (ev, ec) in their order: 0 on the staircase
     (variables < stairs: Z parallel staircases, still no cycle among degree-2 nodes), else
-    the shift closing the fewest lifted 4-cycles with the edges before it, at random among
-    equals (greedy), or uniform (not greedy). A base 4-cycle over rows r, r' and columns
-    c, c' lifts to Z 4-cycles iff s(r,c) - s(r',c) + s(r',c') - s(r,c') = 0 mod Z, else to
-    none: for the new edge (r, c) each base cycle it closes forbids one shift value.
+    (greedy) the shift closing the fewest lifted 4-cycles with the edges before it, then
+    the fewest staircase cycles, at random among equals; or uniform (not greedy).
+    A base 4-cycle over rows r, r' and columns c, c' lifts to Z 4-cycles iff
+    s(r,c) - s(r',c) + s(r',c') - s(r,c') = 0 mod Z, else to none: for the new edge (r, c)
+    each base cycle it closes forbids one shift value. Staircase cycles: lane z of the
+    staircase joins check (r, z) to (r', z) for any two rows r, r' <= stairs, so a
+    variable of column c closes a cycle of length 2 |r - r'| + 2 through it iff
+    s(r,c) = s(r',c) (the low-ACE cycles of docs/distillation.md "ACE / deeper PEG"; a
+    PEG code has one for every pair of a variable's checks). Distinct shifts within a
+    column (possible up to degree Z) leave none.
     Returns (shifts, closed): closed[e] the base cycles edge e closed at zero sum."""
     np.random.seed(seed)
     edges = ev.size
@@ -493,6 +499,7 @@ def _qc_shifts(ev, ec, stairs, nb, mb, lift, greedy, seed):
     shifts = np.zeros(edges, np.int64)
     closed = np.zeros(edges, np.int64)
     count = np.zeros(lift, np.int64)
+    cost = np.zeros(lift, np.int64)
     for e in range(edges):
         c, r = ev[e], ec[e]
         count[:] = 0
@@ -506,14 +513,23 @@ def _qc_shifts(ev, ec, stairs, nb, mb, lift, greedy, seed):
         if c < stairs:
             s = 0
         elif greedy:
-            fewest = count.min()
+            # 4-cycles first (weight above any staircase count: a column has < mb + 1
+            # rows), then staircase cycles
+            for k in range(lift):
+                cost[k] = count[k] * (mb + 1)
+            if r <= stairs:
+                for b in range(col_deg[c]):
+                    r2 = col_rows[c, b]
+                    if r2 <= stairs:
+                        cost[base[r2, c]] += 1
+            fewest = cost.min()
             ties = 0
             for k in range(lift):
-                ties += count[k] == fewest
+                ties += cost[k] == fewest
             pick = np.random.randint(ties)
             s = -1
             for k in range(lift):
-                if count[k] == fewest:
+                if cost[k] == fewest:
                     if pick == 0:
                         s = k
                         break
