@@ -320,6 +320,74 @@ def test_rice_coded_slots_roundtrip_near_the_entropy_of_their_gaps():
         rice_decode_sorted(k, packed[: packed.size // 2], slots.size)
 
 
+def _rice_bits_before(gaps, k) -> np.ndarray:
+    """The Rice code's bits one byte each, as bitcodec wrote them before issue 17's
+    session 13 (then np.packbits): the reference of the packed kernels."""
+    from host.distil.bitcodec import RICE_ESCAPE
+
+    bits = []
+    for g in gaps.tolist():
+        if g >> k >= RICE_ESCAPE:
+            bits += [0] * RICE_ESCAPE + [1] + [(g >> (63 - b)) & 1 for b in range(64)]
+        else:
+            bits += [0] * (g >> k) + [1] + [(g >> (k - 1 - b)) & 1 for b in range(k)]
+    return np.array(bits, dtype=np.uint8)
+
+
+def _rice_decode_before(k: int, packed: np.ndarray, count: int):
+    """bitcodec's decoder before session 13, bit by bit over the unpacked bits and a 1
+    after them: (bits read, or one more than the stream holds when it ends early; gaps)."""
+    from host.distil.bitcodec import RICE_ESCAPE
+
+    bits = np.unpackbits(packed).tolist() + [1]
+    end, pos, out = len(bits) - 1, 0, []
+    for _ in range(count):
+        q = 0
+        while bits[pos] == 0:
+            q, pos = q + 1, pos + 1
+        pos += 1
+        if pos + (64 if q >= RICE_ESCAPE else k) > end:
+            return end + 1, out
+        width = 63 if q >= RICE_ESCAPE else k
+        pos += q >= RICE_ESCAPE
+        value = int("".join(map(str, bits[pos : pos + width])) or "0", 2)
+        pos += width
+        out.append(value if q >= RICE_ESCAPE else (q << k) | value)
+    return pos, out
+
+
+def test_rice_code_in_packed_bytes_is_the_bit_by_bit_one():
+    """The Rice kernels write and read packed bytes a few bits at a time: the bytes are
+    np.packbits of the code written bit by bit before, for every k the rule picks from
+    gaps of one slot to ~2^20 with escapes; decoding gives the slots back (also from a
+    read-only view, as a message's arrays are) and reads exactly as the bit-by-bit
+    decoder did, on truncated streams (refused) and on arbitrary bytes alike."""
+    from host.distil import bitcodec
+    from host.distil.bitcodec import rice_decode_sorted, rice_encode_sorted
+
+    rng = np.random.default_rng(4)
+    for mean_gap in (1, 3, 50, 8500, 10**6):
+        gaps = rng.geometric(1 / mean_gap, 2000).astype(np.int64)
+        gaps[::400] = rng.integers(1, 400 * mean_gap + 10**4, gaps[::400].size)  # escapes
+        slots = np.cumsum(gaps) - 1
+        k, packed = rice_encode_sorted(slots)
+        expected = np.packbits(_rice_bits_before(np.diff(slots, prepend=0), k))
+        assert packed.dtype == np.uint8 and np.array_equal(packed, expected), mean_gap
+        view = np.frombuffer(packed.tobytes(), dtype=np.uint8)
+        assert np.array_equal(rice_decode_sorted(k, view, slots.size), slots)
+        with pytest.raises(ValueError, match="ends early"):
+            rice_decode_sorted(k, packed[:-2], slots.size)
+    huge = np.cumsum(rng.integers(1, 2**44, 50)).astype(np.int64)  # k above 40
+    assert np.array_equal(rice_decode_sorted(*rice_encode_sorted(huge), huge.size), huge)
+    for _ in range(300):
+        stream = rng.integers(0, 256, int(rng.integers(1, 40)), dtype=np.uint8)
+        k, count = int(rng.integers(0, 45)), int(rng.integers(1, 30))
+        out = np.zeros(count, dtype=np.int64)
+        used = bitcodec._rice_decode(stream, count, np.int64(k), out)
+        before_used, before = _rice_decode_before(k, stream, count)
+        assert used == before_used and out[: len(before)].tolist() == before
+
+
 def _file_pools(tmp_path, size=1 << 16):
     """Alice's and Bob's copies of one pool, as files (a.pool, b.pool), never used."""
     paths = [_pool_file(tmp_path / name, size=size, seed=9) for name in ("a.pool", "b.pool")]
