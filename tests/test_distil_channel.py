@@ -388,6 +388,24 @@ def test_rice_code_in_packed_bytes_is_the_bit_by_bit_one():
         assert used == before_used and out[: len(before)].tolist() == before
 
 
+def test_a_rice_parameter_outside_0_to_63_is_refused_before_reading_the_stream():
+    """The Rice parameter k comes from the peer's message (detections, stream probe):
+    a negative k moved the decoder's read position backwards, before the stream's first
+    byte (numba checks no bounds: it returned whatever memory lay there as slots, which
+    Alice then answered symbols for), and k >= 64 shifts beyond a 64-bit word. Refused
+    with a clear error, which Alice's sifting turns into an abort with that reason."""
+    from host.distil.bitcodec import rice_decode_sorted, rice_encode_sorted
+
+    slots = np.cumsum(np.random.default_rng(6).geometric(1 / 300, 400)).astype(np.int64)
+    k, packed = rice_encode_sorted(slots)
+    assert np.array_equal(rice_decode_sorted(k, packed, slots.size), slots)
+    for bad_k in (-1, -8, -(10**6), 64, 200):
+        with pytest.raises(ValueError, match=f"Rice parameter {bad_k}"):
+            rice_decode_sorted(bad_k, packed, slots.size)
+    with pytest.raises(ValueError, match="count -1"):
+        rice_decode_sorted(k, packed, -1)
+
+
 def _file_pools(tmp_path, size=1 << 16):
     """Alice's and Bob's copies of one pool, as files (a.pool, b.pool), never used."""
     paths = [_pool_file(tmp_path / name, size=size, seed=9) for name in ("a.pool", "b.pool")]

@@ -220,6 +220,15 @@ def rice_encode_sorted(slots: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 def rice_decode_sorted(k: int, packed: np.ndarray, count: int) -> np.ndarray:
+    """The `count` slots of a Rice code with parameter k (rice_encode_sorted). k and count
+    come from the peer's message: a k outside 0..63 (a negative one moved the kernel's
+    read position before the stream, where numba checks no bounds) or a negative count
+    raises ValueError, as a stream that ends early does."""
+    k, count = int(k), int(count)
+    if not 0 <= k < 64:
+        raise ValueError(f"Rice parameter {k} outside 0..63")
+    if count < 0:
+        raise ValueError(f"Rice-coded slot count {count} is negative")
     # a writable copy (a message's arrays are read-only views): the kernel's one signature,
     # the one the setup's warm-up compiles
     packed = np.array(packed, dtype=np.uint8).reshape(-1)
