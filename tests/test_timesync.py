@@ -228,15 +228,34 @@ def test_the_first_anchor_by_direct_sums_is_the_ffts(micius_1s, monkeypatch, use
     """The first anchor's lag correlation summed lag run by lag run (_direct_correlation,
     what a window with few detected slots against its lags now takes) locks on the same
     anchor as the FFT over the same window: the same offset, slope and search, and z
-    within the FFT's float32 rounding. The predicted search (~0.1 M lags) and the whole
-    range (1.2 M lags) alike, each forced down both paths."""
+    within the FFT's float32 rounding. The predicted search and the whole range (1.2 M
+    lags) alike, each forced down both paths: this 1 s pass's predicted search (961 slots,
+    2,164 lags) would take Alice's sums (_sparse_correlation), so it is sent through the
+    whole window too, and each run must have taken the path it names."""
     from host.formats.passdir import read_pass_json
 
     pass_json = read_pass_json(micius_1s / "pass.json")
+    direct_calls = []
+    direct = timesync._direct_correlation
+    monkeypatch.setattr(
+        timesync,
+        "_direct_correlation",
+        lambda *args: direct_calls.append(args[1].size) or direct(*args),
+    )
+    # at holds the window's distinct slot offsets from its first: its span is at.max() + 1
+    monkeypatch.setattr(
+        timesync.Synchroniser,
+        "_sparse_correlation",
+        lambda self, base, at, counts, lags: self._fft_correlation(
+            base, at, counts, int(at.max()) + 1, lags
+        ),
+    )
     locks = {}
     for path, ops in (("fft", 0), ("direct", 10**12)):
         monkeypatch.setattr(timesync, "DIRECT_OPS_PER_FFT_POINT", ops)
+        direct_calls.clear()
         sync = _first_anchor(micius_1s, pass_json, use_prior=use_prior)[0]
+        assert bool(direct_calls) == (path == "direct"), (path, direct_calls)
         locks[path] = (sync.first_search, sync.anchors_off, sync.first_slope, sync.first_z)
     assert locks["direct"][:3] == locks["fft"][:3], locks
     assert locks["direct"][0] == ("predicted" if use_prior else "full")
