@@ -393,7 +393,8 @@ def test_a_rice_parameter_outside_0_to_63_is_refused_before_reading_the_stream()
     a negative k moved the decoder's read position backwards, before the stream's first
     byte (numba checks no bounds: it returned whatever memory lay there as slots, which
     Alice then answered symbols for), and k >= 64 shifts beyond a 64-bit word. Refused
-    with a clear error, which Alice's sifting turns into an abort with that reason."""
+    with a clear error, which Alice's sifting turns into an abort with that reason; so is
+    a slot count the stream cannot hold."""
     from host.distil.bitcodec import rice_decode_sorted, rice_encode_sorted
 
     slots = np.cumsum(np.random.default_rng(6).geometric(1 / 300, 400)).astype(np.int64)
@@ -404,6 +405,13 @@ def test_a_rice_parameter_outside_0_to_63_is_refused_before_reading_the_stream()
             rice_decode_sorted(bad_k, packed, slots.size)
     with pytest.raises(ValueError, match="count -1"):
         rice_decode_sorted(k, packed, -1)
+    # a count the stream cannot hold (each slot at least 1 + k bits) is refused before
+    # its output is allocated: it was a MemoryError (10^15 slots: 8 PB), not a ValueError
+    with pytest.raises(ValueError, match="ends early"):
+        rice_decode_sorted(k, packed, 10**15)
+    fits = packed.size * 8 // (1 + k)
+    with pytest.raises(ValueError, match="ends early"):
+        rice_decode_sorted(k, packed, fits + 1)
 
 
 def _file_pools(tmp_path, size=1 << 16):

@@ -223,7 +223,7 @@ def rice_decode_sorted(k: int, packed: np.ndarray, count: int) -> np.ndarray:
     """The `count` slots of a Rice code with parameter k (rice_encode_sorted). k and count
     come from the peer's message: a k outside 0..63 (a negative one moved the kernel's
     read position before the stream, where numba checks no bounds) or a negative count
-    raises ValueError, as a stream that ends early does."""
+    raises ValueError, as a stream too short for `count` slots does."""
     k, count = int(k), int(count)
     if not 0 <= k < 64:
         raise ValueError(f"Rice parameter {k} outside 0..63")
@@ -232,6 +232,10 @@ def rice_decode_sorted(k: int, packed: np.ndarray, count: int) -> np.ndarray:
     # a writable copy (a message's arrays are read-only views): the kernel's one signature,
     # the one the setup's warm-up compiles
     packed = np.array(packed, dtype=np.uint8).reshape(-1)
+    # every slot takes at least 1 + k bits: a count the stream cannot hold is refused
+    # before its output is allocated (a peer's count of 10^12 was a MemoryError)
+    if count * (1 + k) > packed.size * 8:
+        raise ValueError("Rice stream ends early")
     out = np.zeros(count, dtype=np.int64)
     used = _rice_decode(packed, count, np.int64(k), out)
     if used > packed.size * 8:
