@@ -720,10 +720,7 @@ def test_post_pass_alice_refuses_a_slot_bob_sends_twice(tiny_pass, tmp_path, mon
 
     def unchecked(slots):  # bitcodec.rice_encode_sorted without its own check
         slots = np.asarray(slots, np.int64)
-        gaps = np.diff(slots, prepend=np.int64(0))
-        k = bitcodec.rice_parameter(gaps[1:])
-        out = np.zeros(int(np.sum(gaps >> k)) + slots.size * (65 + k) + 8, dtype=np.uint8)
-        return k, np.packbits(out[: bitcodec._rice_encode(gaps, np.int64(k), out)])
+        return bitcodec._rice_encode_gaps(np.diff(slots, prepend=np.int64(0)))
 
     real = protocol._request_sifting
 
