@@ -628,23 +628,28 @@ def test_distil_and_every_command_turn_numpys_huge_page_advice_off_unless_the_us
 
 _WARM_UP_THEN_DISTIL = """
 import sys
-from host.distil import bitcodec, codes, gf64, ldpc, pa
+from host.distil import bitcodec, codes, gf64, ldpc, ldpc_qc, pa
 from host.distil.protocol import Config
 from host.distil.run import run_local
 
 def signatures():
-    return {
-        (module.__name__, name): len(kernel.signatures)
-        for module in (bitcodec, gf64, ldpc, pa)
+    kernels = {
+        (module.__name__, name): kernel
+        for module in (bitcodec, gf64, ldpc, ldpc_qc, pa)
         for name, kernel in vars(module).items()
         if hasattr(kernel, "signatures") and hasattr(kernel, "py_func")
     }
+    for lift, kernel in ldpc_qc._LIFT_DECODERS.items():
+        kernels[("host.distil.ldpc_qc", f"decoder_for({lift})")] = kernel
+    return {key: len(kernel.signatures) for key, kernel in kernels.items()}
 
 codes.warm_up_machine_code()
 warm = signatures()
 report = run_local(sys.argv[1], sys.argv[2], Config(), insecure_deterministic_seed=3)
 gained = sorted(f"{m}.{n}" for (m, n), count in signatures().items() if count != warm[(m, n)])
-print(report["key_bits"] > 0, warm[("host.distil.ldpc", "decode_phi_rows")], gained or "none")
+qc = [warm[("host.distil.ldpc_qc", name)] for name in ("decoder_for(32)", "decoder_for(64)",
+      "decode_qc_rows")]
+print(report["key_bits"] > 0, *qc, gained or "none")
 """
 
 
@@ -653,8 +658,9 @@ def test_the_setup_warm_up_leaves_a_pass_no_machine_code_to_compile_or_load(mici
     """`make setup` runs codes.warm_up_machine_code: with an empty numba cache a pass
     compiled its kernels inside its timed stages (the first full micius-2017 pass of a fresh
     tree 27.4 s against ~9 s). After it, a pass adds no signature to any kernel: everything
-    it runs was compiled, and loaded, before; the decoder holds both of its signatures
-    (frames of 2^16, and the longer frames' int32 edge index)."""
+    it runs was compiled, and loaded, before; each frame length's quasi-cyclic decoder
+    holds its signature (2^16 and 2^17: the kernels compiled for lifts 32 and 64; 2^18:
+    the generic one)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[1])]
@@ -668,7 +674,7 @@ def test_the_setup_warm_up_leaves_a_pass_no_machine_code_to_compile_or_load(mici
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True", "2", "none"]
+    assert done.stdout.split() == ["True", "1", "1", "1", "none"]
 
 
 def test_alices_symbols_taken_piece_by_piece_are_those_of_all_the_slots_at_once(

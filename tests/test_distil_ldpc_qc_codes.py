@@ -1,4 +1,4 @@
-"""Quasi-cyclic LDPC codes (issue 17, ldpc.construct_qc behind QKDSAT_LDPC_QC): the code is
+"""Quasi-cyclic LDPC codes (issue 17, ldpc.construct_qc, the default): the code is
 exactly the expansion of its QC description (the contract the QC decoder relies on,
 docs/distillation.md "Quasi-cyclic codes"), its staircase is dual-diagonal, its shifts
 keep lifted 4-cycles away from the light columns, the cache restores the description, and
@@ -150,22 +150,52 @@ def test_qc_cache_round_trip_restores_the_description(tmp_path):
     assert path.name.startswith(f"qc32.{ldpc.QC_VERSION}-v{ldpc.CODE_VERSION}-n{N}-r{RATE}-s1-")
 
 
-def test_the_switch_selects_qc_codes_and_is_off_by_default(monkeypatch):
+def test_a_cached_qc_description_that_disagrees_with_its_code_is_rebuilt_not_decoded(tmp_path):
+    """The QC decoder indexes its buffers by the description's shifts and columns without
+    bounds checks: a cache file whose description is out of range or does not expand to
+    its parity checks (altered on disk, or another version's) is rebuilt on load, never
+    handed to the decoder."""
+    built = ldpc.construct_qc(N, RATE)
+    (path,) = (tmp_path / "ldpc").glob("qc32.*.npz")
+    good = dict(np.load(path))
+    for field, alter in (
+        ("shift", lambda a: np.where(np.arange(a.size) == 7, 32, a)),  # a shift = Z
+        ("shift", lambda a: (a + 1) % 32),  # in range, but not this code's
+        ("column", lambda a: np.where(np.arange(a.size) == 3, 2048, a)),
+    ):
+        altered = dict(good, **{field: alter(good[field]).astype(np.int32)})
+        np.savez(path, **altered)
+        ldpc._CODES.clear()
+        loaded = ldpc.construct_qc(N, RATE)
+        assert loaded.digest() == built.digest()
+        for a, b in zip(loaded.qc[1:], built.qc[1:], strict=True):
+            assert np.array_equal(a, b), field
+        assert np.array_equal(np.load(path)[field], good[field])  # the file rewritten
+
+
+def test_frames_of_the_protocol_take_qc_codes_unless_the_switch_says_peg(monkeypatch):
+    """QC codes are the default for every frame length the protocol uses (2^16-2^18: a
+    lift of 32-128); QKDSAT_LDPC_QC=0 builds the PEG code instead, a frame under
+    QC_MIN_LIFT base-column lifts (tests' 2^13) or of partial base columns keeps PEG, and
+    a value the switch does not know is refused, not taken as off."""
     monkeypatch.delenv("QKDSAT_LDPC_QC", raising=False)
-    peg = ldpc.construct(8192, 0.7, seed=3)
-    assert peg.qc is None
-    monkeypatch.setenv("QKDSAT_LDPC_QC", "1")
-    qc = ldpc.construct(8192, 0.7, seed=3)
-    assert qc.qc is not None and qc.qc[0] == 4 and qc.digest() != peg.digest()
-    assert ldpc.cached_path(8192, 0.7, seed=3).exists()
-    assert ldpc.construct(8000, 0.7, seed=3).qc is None  # not whole base columns: PEG
+    qc = ldpc.construct(N, 0.7, seed=3)
+    assert qc.qc is not None and qc.qc[0] == 32
+    assert ldpc.cached_path(N, 0.7, seed=3).exists()
+    assert ldpc.cached_path(N, 0.7, seed=3).name.startswith("qc32.")
+    assert ldpc.construct(8192, 0.7, seed=3).qc is None  # lift 4: PEG
+    assert ldpc.construct(N - 1024, 0.7, seed=3).qc is None  # not whole base columns
+    monkeypatch.setenv("QKDSAT_LDPC_QC", "0")
+    peg = ldpc.construct(N, 0.7, seed=3)
+    assert peg.qc is None and peg.digest() != qc.digest()
+    assert not ldpc.cached_path(N, 0.7, seed=3).name.startswith("qc")
     monkeypatch.setenv("QKDSAT_LDPC_QC", "yes")
     with pytest.raises(ValueError, match="QKDSAT_LDPC_QC"):
-        ldpc.construct(8192, 0.7, seed=3)
+        ldpc.construct(N, 0.7, seed=3)
 
 
 def test_a_block_reconciles_with_identical_keys_on_qc_codes(monkeypatch):
-    monkeypatch.setenv("QKDSAT_LDPC_QC", "1")
+    monkeypatch.delenv("QKDSAT_LDPC_QC", raising=False)
     q = 0.03
     x, y = _noisy_pair(120_000, q, np.random.default_rng(5))
     corrected, stats, alice_stats = _run_pair("ldpc", x, y, q)

@@ -30,16 +30,18 @@ def test_construction_is_deterministic_and_cached(code, tmp_path, monkeypatch):
     assert list((tmp_path / "ldpc").glob("*.npz"))
 
 
-def test_code_has_the_designed_rate_and_no_four_cycles_among_its_light_variables():
-    """Progressive edge growth keeps 4-cycles out of a dense high-rate frame code (rate
-    0.9, mean check degree 87) among every variable but the heaviest: random edge swaps
-    left about 70,000. The degree-80 variables (3 % of them, 2250 x 80 edges on 6554
-    checks) cannot all avoid each other; they converge first and anchor the rest
-    (ldpc_design.MAX_DEGREE)."""
+def test_code_has_the_designed_rate_and_no_four_cycles_among_its_light_variables(monkeypatch):
+    """(The PEG codes, QKDSAT_LDPC_QC=0: the QC codes' cycles are
+    tests/test_distil_ldpc_qc_codes.py's.) Progressive edge growth keeps 4-cycles out of a
+    dense high-rate frame code (rate 0.9, mean check degree 87) among every variable but
+    the heaviest: random edge swaps left about 70,000. The degree-80 variables (3 % of
+    them, 2250 x 80 edges on 6554 checks) cannot all avoid each other; they converge first
+    and anchor the rest (ldpc_design.MAX_DEGREE)."""
     import scipy.sparse as sp
 
+    monkeypatch.setenv("QKDSAT_LDPC_QC", "0")
     code = ldpc.construct(ldpc.FRAME_BITS, 0.9, seed=3)
-    assert code.m == round(ldpc.FRAME_BITS * 0.1)
+    assert code.qc is None and code.m == round(ldpc.FRAME_BITS * 0.1)
     rows = np.repeat(np.arange(code.m), np.diff(code.check_ptr))
     h = sp.csr_matrix(
         (np.ones(code.edges, np.int32), (rows, code.check_var)), shape=(code.m, code.n)

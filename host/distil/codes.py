@@ -140,8 +140,8 @@ def count_missing_for_stream(config) -> dict:
 
 def warm_up_machine_code() -> float:
     """Put into numba's cache (host/distil/__pycache__) the machine code of every kernel a
-    pass runs, compiled if it is not there: the decoder for frames of 2^16 and for longer
-    ones (their edge index is int32, another signature), the syndromes, the message
+    pass runs, compiled if it is not there: the decoder for frames of 2^16, 2^17 and 2^18
+    (a quasi-cyclic decoder each, ldpc_qc.decoder_for), the syndromes, the message
     authentication's hash (both layouts of its blocks), the Rice coding of the slots and
     the privacy amplification. With an empty cache a pass compiles them inside its own
     timed stages: the first full micius-2017 pass of a fresh tree took 27.4 s against
@@ -154,7 +154,10 @@ def warm_up_machine_code() -> float:
     started = time.perf_counter()
     efficiency = Config().ec_efficiency
     reconcile._correct_throwaway_frame(efficiency)
-    reconcile._correct_throwaway_frame(efficiency, ldpc.LONG_FRAME_BITS[0])
+    # every frame length: each has its own QC decoder (lifts 32, 64: their own machine
+    # code; 128: the generic kernel), ldpc_qc.decoder_for
+    for frame_bits in ldpc.LONG_FRAME_BITS:
+        reconcile._correct_throwaway_frame(efficiency, frame_bits)
     gf64.poly_hash(b"8 bytes.", 1)  # a whole number of blocks: a read-only view of them
     gf64.poly_hash(b"padded", 1)  # padded: a copy
     k, packed = bitcodec.rice_encode_sorted(np.arange(1, 1000, 7, dtype=np.int64))
