@@ -98,8 +98,8 @@ def test_greedy_shifts_keep_lifted_four_cycles_off_the_light_columns():
     """Greedy shifts (QKDSAT_LDPC_QC=1) against uniform ones: the 4-cycles of the
     expanded graph are exactly the lifts (Z each) of the base cycles ldpc.qc_four_cycles
     reports, through exactly the columns it names; at rate 0.5 the greedy leaves none at
-    all, and at 0.8375 it keeps them off all but a few of the light (degree <= 3) columns,
-    where uniform shifts put them on hundreds. Seeded: deterministic."""
+    all, and at 0.8375 it keeps them off all but a few of the light (degree <= 3) columns
+    (9 of 1,100), where uniform shifts put them on hundreds (395). Seeded: deterministic."""
     low = ldpc.construct_qc(N, 0.5)
     cycles, on_cycle = _four_cycle_variables(low)
     assert cycles == 0 and ldpc.qc_four_cycles(low).sum() == 0
@@ -113,7 +113,7 @@ def test_greedy_shifts_keep_lifted_four_cycles_off_the_light_columns():
         assert np.array_equal(on_cycle, np.repeat(per_column > 0, lift))
         light = np.bincount(column, minlength=per_column.size) <= 3
         light_on_cycle[shifts] = int(np.sum(light & (per_column > 0)))
-    assert light_on_cycle["1"] <= 10 < 300 <= light_on_cycle["random"], light_on_cycle
+    assert light_on_cycle["1"] <= 20 < 300 <= light_on_cycle["random"], light_on_cycle
 
 
 def test_no_light_variable_closes_a_cycle_with_one_staircase():
