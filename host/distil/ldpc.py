@@ -1,11 +1,12 @@
 """Rate-adaptive LDPC syndrome reconciliation: code construction, cache, BP decoder.
 
 Codes: irregular, built in the project from a designed degree distribution
-(ldpc_design.py) by progressive edge growth on a degree-2 staircase (seeded, so
-deterministic; no 4-cycles below the maximum degree); cached as .npz under the cache
-directory keyed by (n, rate, distribution, seed, version). Quasi-cyclic codes of the same
-distributions (construct_qc, docs/distillation.md "Quasi-cyclic codes") under the
-QKDSAT_LDPC_QC switch, off by default.
+(ldpc_design.py): quasi-cyclic for the protocol's frames of 2^16-2^18 bits (construct_qc:
+progressive edge growth on a base graph of QC_BASE_COLUMNS columns with a degree-2
+staircase, lifted by circulants whose shifts avoid lifted 4-cycles; docs/distillation.md
+"Quasi-cyclic codes"), PEG on the whole frame otherwise or under QKDSAT_LDPC_QC=0 (no
+4-cycles below the maximum degree); seeded, so deterministic; cached as .npz under the
+cache directory keyed by (n, rate, distribution, seed, version).
 Rate adaptation (Elkouss et al. 2010): a frame of n code bits holds n - p - s key bits,
 p punctured bits (Alice's private random bits, unknown to Bob: LLR 0) and s shortened
 bits (value known to both: LLR +-inf); the effective rate is (R0 n - s)/(n - p - s).
