@@ -945,6 +945,20 @@ def test_a_probe_stays_one_short_frame_when_the_block_takes_long_ones():
     assert ldpc.frame_bits_for(probe.size, low, 1.05, high) == ldpc.FRAME_BITS
 
 
+def _alices_and_bobs_frames(plan, frames, key, errors, rng):
+    """Alice's frames (the block's key bits at the plan's key positions, random punctured
+    bits from rng) and Bob's (the key bits with the errors), as ldpc_alice/ldpc_bob lay
+    them out."""
+    alice = np.zeros((len(frames), plan.code.n), dtype=np.uint8)
+    bob = np.zeros_like(alice)
+    for f, (start, used) in enumerate(frames):
+        key_pos, _ = reconcile._frame_layout(plan, used)
+        alice[f, key_pos] = key[start : start + used]
+        bob[f, key_pos] = key[start : start + used] ^ errors[start : start + used]
+        alice[f, plan.punctured_positions] = rng.integers(0, 2, plan.punctured, np.uint8)
+    return alice, bob
+
+
 @pytest.mark.slow
 def test_a_post_pass_sized_block_decodes_in_frames_longer_than_2_16():
     """The protocol's frames beyond 2^16 bits (the decoder's check_var stays int32 there:
@@ -973,13 +987,7 @@ def _syndrome_measurements(count: int, q: float, draws: int, seed: int) -> np.nd
     for _ in range(draws):
         key = rng.integers(0, 2, count, dtype=np.uint8)
         errors = (rng.random(count) < q).astype(np.uint8)
-        alice = np.zeros((len(frames), code.n), dtype=np.uint8)
-        bob = np.zeros_like(alice)
-        for f, (start, used) in enumerate(frames):
-            key_pos, _ = reconcile._frame_layout(plan, used)
-            alice[f, key_pos] = key[start : start + used]
-            bob[f, key_pos] = key[start : start + used] ^ errors[start : start + used]
-            alice[f, plan.punctured_positions] = rng.integers(0, 2, plan.punctured, np.uint8)
+        alice, bob = _alices_and_bobs_frames(plan, frames, key, errors, rng)
         estimate, low = reconcile._syndrome_qber(
             plan, frames, code.syndrome(alice), bob, reconcile._reveal_order(plan, 0)
         )
@@ -1041,13 +1049,7 @@ def test_bobs_qber_measurement_with_its_key_edges_kept_is_the_fresh_one(monkeypa
     rng = np.random.default_rng(3)
     key = rng.integers(0, 2, count, dtype=np.uint8)
     errors = (rng.random(count) < q).astype(np.uint8)
-    alice = np.zeros((len(frames), code.n), dtype=np.uint8)
-    bob = np.zeros_like(alice)
-    for f, (start, used) in enumerate(frames):
-        key_pos, _ = reconcile._frame_layout(plan, used)
-        alice[f, key_pos] = key[start : start + used]
-        bob[f, key_pos] = key[start : start + used] ^ errors[start : start + used]
-        alice[f, plan.punctured_positions] = rng.integers(0, 2, plan.punctured, np.uint8)
+    alice, bob = _alices_and_bobs_frames(plan, frames, key, errors, rng)
     syndromes = code.syndrome(alice)
     order = reconcile._reveal_order(plan, 0)
     for revealed in (0, order.size // 3, order.size // 2):

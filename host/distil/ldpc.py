@@ -407,19 +407,34 @@ def cached_path(n: int, rate: float, seed: int = 1) -> Path:
     return cache_dir() / f"{key}.npz"
 
 
+def _load_cached(path, key, n, rate, seed, quasi_cyclic=False) -> Code | None:
+    """The code cached at path (kept in memory under key), or None when there is none or
+    the file is torn, or (quasi_cyclic) its QC description does not expand to its code:
+    the caller builds it again."""
+    if not path.exists():
+        return None
+    try:
+        z = np.load(path)
+        qc = None
+        if quasi_cyclic:
+            qc = (int(z["lift"]), z["row_ptr"], z["column"], z["shift"])
+        code = Code(n, int(z["m"]), z["check_ptr"], z["check_var"], seed, rate, z["order"], qc)
+        if quasi_cyclic:
+            _check_qc_description(code)
+    except (OSError, ValueError, KeyError):
+        return None
+    _CODES[key] = code
+    return code
+
+
 def _construct(n: int, rate: float, seed: int, distribution) -> Code:
     key = _cache_key(n, rate, seed, distribution)
     if key in _CODES:
         return _CODES[key]
     path = cache_dir() / f"{key}.npz"
-    if path.exists():
-        try:
-            z = np.load(path)
-            code = Code(n, int(z["m"]), z["check_ptr"], z["check_var"], seed, rate, z["order"])
-            _CODES[key] = code
-            return code
-        except (OSError, ValueError, KeyError):
-            pass  # a torn cache file is rebuilt below
+    code = _load_cached(path, key, n, rate, seed)
+    if code is not None:
+        return code
     stairs, var_degrees, m = _degrees(n, rate, distribution)
     ev, ec = _peg_edges(stairs, var_degrees, m, seed)
     # Column order is shuffled so the staircase is not contiguous in the frame.
@@ -644,16 +659,9 @@ def _construct_qc(n: int, rate: float, seed: int, distribution, shifts: str) -> 
     if key in _CODES:
         return _CODES[key]
     path = cache_dir() / f"{key}.npz"
-    if path.exists():
-        try:
-            z = np.load(path)
-            qc = (int(z["lift"]), z["row_ptr"], z["column"], z["shift"])
-            code = Code(n, int(z["m"]), z["check_ptr"], z["check_var"], seed, rate, z["order"], qc)
-            _check_qc_description(code)
-            _CODES[key] = code
-            return code
-        except (OSError, ValueError, KeyError):
-            pass  # a torn (or altered) cache file is rebuilt below
+    code = _load_cached(path, key, n, rate, seed, quasi_cyclic=True)
+    if code is not None:
+        return code
     stairs, var_degrees, mb = _degrees(QC_BASE_COLUMNS, rate, distribution)
     if var_degrees.size and var_degrees.max() > mb:
         raise ValueError(f"rate {rate}: degree {var_degrees.max()} exceeds {mb} base rows")
@@ -877,6 +885,24 @@ def decode_phi(
 DECODER_FASTMATH = {"nnan", "ninf", "nsz", "contract", "arcp", "afn"}
 
 
+@numba.njit(cache=True, inline="always")
+def _stalled(best, it, unsatisfied, stall, keep):
+    """The stall rule of decode_phi_rows and ldpc_qc's decoder: best[it] takes the fewest
+    unsatisfied checks so far; stalled when the last `stall` iterations lowered it by less
+    than stall_progress / PROGRESS_UNIT of it (keep = PROGRESS_UNIT - stall_progress; 0:
+    reached no new low)."""
+    best[it] = min(best[it - 1], unsatisfied)
+    return it >= stall and best[it] * PROGRESS_UNIT >= keep * best[it - stall]
+
+
+@numba.njit(cache=True, inline="always")
+def _hard_decision_out(post, f, it, out_bits, out_iters):
+    """Frame f's hard decision into out_bits, its iterations added to out_iters."""
+    for v in range(post.size):
+        out_bits[f, v] = 1 if post[v] < 0 else 0
+    out_iters[f] += it
+
+
 @numba.njit(cache=True, parallel=True, fastmath=DECODER_FASTMATH)
 def decode_phi_rows(
     rows, llr, syndromes, check_ptr, check_var, max_iterations, messages, out_bits, out_iters,
@@ -967,14 +993,9 @@ def decode_phi_rows(
                 unsatisfied += hard & 1
             if unsatisfied == 0:
                 done = _hard_decision_satisfies(post, syndromes, f, m, check_ptr, check_var)
-            best[it] = min(best[it - 1], unsatisfied)
-            # stalled: the last `stall` iterations lowered the best count by less than
-            # stall_progress / PROGRESS_UNIT of it (0: reached no new low)
-            if it >= stall and best[it] * PROGRESS_UNIT >= keep * best[it - stall]:
+            if _stalled(best, it, unsatisfied, stall, keep):
                 break
-        for v in range(n):
-            out_bits[f, v] = 1 if post[v] < 0 else 0
-        out_iters[f] += it
+        _hard_decision_out(post, f, it, out_bits, out_iters)
         ok[row] = done
     return ok
 

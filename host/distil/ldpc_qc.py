@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from host.distil import ldpc
-from host.distil.ldpc import _hard_decision_satisfies
+from host.distil.ldpc import _hard_decision_out, _hard_decision_satisfies, _stalled
 
 PHI_FIXED_MAX_DEGREE = ldpc.PHI_FIXED_MAX_DEGREE
 PROGRESS_UNIT = ldpc.PROGRESS_UNIT
@@ -224,12 +224,9 @@ def _decoder(constant_lift: int):
                         unsatisfied += (hard[z] + hard[z + Z]) & 1
                 if unsatisfied == 0:
                     done = _hard_decision_satisfies(post, syndromes, f, m, check_ptr, check_var)
-                best[it] = min(best[it - 1], unsatisfied)
-                if it >= stall and best[it] * PROGRESS_UNIT >= keep * best[it - stall]:
+                if _stalled(best, it, unsatisfied, stall, keep):
                     break
-            for v in range(n):
-                out_bits[f, v] = 1 if post[v] < 0 else 0
-            out_iters[f] += it
+            _hard_decision_out(post, f, it, out_bits, out_iters)
             ok[row] = done
         return ok
 
