@@ -357,16 +357,16 @@ def _degrees(n: int, rate: float, distribution: dict[int, float]):
     return stairs, np.repeat(np.array(degrees, dtype=np.int64), counts), m
 
 
-def _public_order(n: int, stairs: int, column: np.ndarray, seed: int) -> np.ndarray:
-    """Order in which positions are punctured (then shortened): first every other staircase
-    variable (no check then has two punctured neighbours, so each punctured bit is
-    recovered in one decoding step: "untainted" puncturing, Elkouss et al. 2012), in random
-    order, then all other positions in random order."""
+def _public_order(n: int, untainted: np.ndarray, seed: int) -> np.ndarray:
+    """Order in which positions are punctured (then shortened): first the `untainted`
+    positions, every other staircase variable (no check then has two punctured
+    neighbours, so each punctured bit is recovered in one decoding step: "untainted"
+    puncturing, Elkouss et al. 2012), in random order, then all other positions in random
+    order."""
     rng = np.random.default_rng(seed + 2)
     if os.environ.get("QKDSAT_LDPC_RANDOM_ORDER"):
         return rng.permutation(n).astype(np.int32)
-    first = column[np.arange(0, stairs, 2)]
-    first = first[rng.permutation(first.size)]
+    first = untainted[rng.permutation(untainted.size)]
     rest = np.setdiff1d(np.arange(n), first)
     return np.concatenate([first, rest[rng.permutation(rest.size)]]).astype(np.int32)
 
@@ -427,6 +427,21 @@ def _load_cached(path, key, n, rate, seed, quasi_cyclic=False) -> Code | None:
     return code
 
 
+def _store(path, key, code: Code) -> Code:
+    """Write code to the cache at path (atomically: a temporary file, then a rename, so a
+    reader never sees half a file; with its QC description if it has one) and keep it in
+    memory under key: _load_cached's format."""
+    arrays = dict(m=code.m, check_ptr=code.check_ptr, check_var=code.check_var, order=code.order)
+    if code.qc is not None:
+        lift, row_ptr, column, shift = code.qc
+        arrays.update(lift=lift, row_ptr=row_ptr, column=column, shift=shift)
+    tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    _CODES[key] = code
+    return code
+
+
 def _construct(n: int, rate: float, seed: int, distribution) -> Code:
     key = _cache_key(n, rate, seed, distribution)
     if key in _CODES:
@@ -444,13 +459,8 @@ def _construct(n: int, rate: float, seed: int, distribution) -> Code:
     np.add.at(check_ptr, pairs[:, 0] + 1, 1)
     check_ptr = np.cumsum(check_ptr).astype(np.int32)
     check_var = pairs[:, 1].astype(np.int32)
-    order = _public_order(n, stairs, column, seed)
-    code = Code(n, m, check_ptr, check_var, seed, rate, order)
-    tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.npz")
-    np.savez(tmp, m=m, check_ptr=check_ptr, check_var=check_var, order=order)
-    os.replace(tmp, path)
-    _CODES[key] = code
-    return code
+    order = _public_order(n, column[np.arange(0, stairs, 2)], seed)
+    return _store(path, key, Code(n, m, check_ptr, check_var, seed, rate, order))
 
 
 # Quasi-cyclic codes (issue 17, docs/distillation.md "Quasi-cyclic codes"): the same degree
@@ -612,20 +622,6 @@ def qc_four_cycles(code: Code) -> np.ndarray:
     return _qc_base_cycles(lift, row_ptr, column, shift, code.n // lift)
 
 
-def _qc_public_order(n: int, lift: int, stairs: int, seed: int) -> np.ndarray:
-    """_public_order of a QC code (columns in place, no shuffle): first the lifts of every
-    other staircase base column (0, 2, 4, ...: a check's two staircase neighbours are the
-    same lane of base columns r - 1 and r, so it has at most one of them), in random order,
-    then all other positions in random order."""
-    rng = np.random.default_rng(seed + 2)
-    if os.environ.get("QKDSAT_LDPC_RANDOM_ORDER"):
-        return rng.permutation(n).astype(np.int32)
-    first = (np.arange(0, stairs, 2)[:, None] * lift + np.arange(lift)[None, :]).ravel()
-    first = first[rng.permutation(first.size)]
-    rest = np.setdiff1d(np.arange(n), first)
-    return np.concatenate([first, rest[rng.permutation(rest.size)]]).astype(np.int32)
-
-
 def _check_qc_description(code: Code) -> None:
     """ValueError unless code.qc is a description that expands to exactly the code's CSR:
     the QC decoder indexes its buffers by the shifts and columns without bounds checks, so
@@ -686,17 +682,14 @@ def _construct_qc(n: int, rate: float, seed: int, distribution, shifts: str) -> 
     from host.distil import ldpc_qc  # it imports this module
 
     check_ptr, check_var = ldpc_qc.expand(lift, row_ptr, column, shift)
-    order = _qc_public_order(n, lift, stairs, seed)
+    # columns in place (no shuffle): the untainted positions are the lifts of every other
+    # staircase base column (0, 2, 4, ...: a check's two staircase neighbours are the same
+    # lane of base columns r - 1 and r, so it has at most one of them)
+    untainted = (np.arange(0, stairs, 2)[:, None] * lift + np.arange(lift)[None, :]).ravel()
+    order = _public_order(n, untainted, seed)
     m = mb * lift
-    code = Code(n, m, check_ptr, check_var, seed, rate, order, (lift, row_ptr, column, shift))
-    tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.npz")
-    np.savez(
-        tmp, m=m, check_ptr=check_ptr, check_var=check_var, order=order, lift=lift,
-        row_ptr=row_ptr, column=column, shift=shift,
-    )  # fmt: skip
-    os.replace(tmp, path)
-    _CODES[key] = code
-    return code
+    qc = (lift, row_ptr, column, shift)
+    return _store(path, key, Code(n, m, check_ptr, check_var, seed, rate, order, qc))
 
 
 def decode_frames(llr, syndromes, check_ptr, check_var, max_iterations, out_bits, out_iters):

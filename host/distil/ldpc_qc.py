@@ -12,8 +12,9 @@ ldpc.decode_phi_rows only the two phi-table lookups stay gathers.
 The arithmetic per edge is decode_phi_rows's (the same table, the same fixed-point sum,
 the same order of the float operations on every value), and the checks of a row are
 independent, so the result is bit-identical to decode_phi_rows on the code's expanded
-CSR (check_ptr/check_var). Only the messages' layout differs: the message of entry t,
-lane z is at t Z + z (qc_message_order maps it to the CSR's).
+CSR (check_ptr/check_var). Only the messages' layout differs: the message of entry t to
+its variable in lane w (the edge of check lane (w - shift[t]) mod Z) is at t Z + w
+(qc_message_order maps it to the CSR's).
 """
 
 from __future__ import annotations
