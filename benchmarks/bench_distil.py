@@ -437,19 +437,60 @@ def test_bench_exact_density_evolution_design(monkeypatch, tmp_path):
         _, _, approximate = ldpc_design.design(rate)
         for n in (1 << 16, 1 << 17):
             for name, table in (("semi-Gaussian", approximate), ("exact DE", exact)):
-                monkeypatch.setitem(ldpc.DISTRIBUTIONS, rate, table)
-                plan = reconcile._plan(BLOCK_BITS, q, Config.ec_efficiency, frame_bits=n)
-                runs = [_frame_thresholds(plan, q, 16, seed) for seed in DESIGN_AB_SEEDS]
-                threshold = np.concatenate([t for t, _ in runs])
-                iterations = np.concatenate([i for _, i in runs])
-                decoded = threshold[~np.isnan(threshold)]
-                mid, high = np.quantile(decoded, [0.5, 0.9])
-                print(
-                    f" {q:.2f} | 2^{n.bit_length() - 1} | {name:14s} | {decoded.mean():6.4f} | "
-                    f"{mid:.3f} | {high:.3f} | {decoded.max():.3f} | "
-                    f"{threshold.size - decoded.size:4d} of {threshold.size} | "
-                    f"{iterations.mean() * plan.code.edges / 1e6:.1f}"
-                )
+                print(_design_thresholds(monkeypatch, rate, table, q, n, name))
+
+
+def _design_thresholds(monkeypatch, rate: float, table: dict, q: float, n: int, name: str):
+    """One row: the frame thresholds (_frame_thresholds, DESIGN_AB_SEEDS x 16 frames of n
+    bits, the 1 M-bit block's plan at QBER q) with `table` as the design of `rate`."""
+    monkeypatch.setitem(ldpc.DISTRIBUTIONS, rate, table)
+    plan = reconcile._plan(BLOCK_BITS, q, Config.ec_efficiency, frame_bits=n)
+    runs = [_frame_thresholds(plan, q, 16, seed) for seed in DESIGN_AB_SEEDS]
+    threshold = np.concatenate([t for t, _ in runs])
+    iterations = np.concatenate([i for _, i in runs])
+    decoded = threshold[~np.isnan(threshold)]
+    mid, high = np.quantile(decoded, [0.5, 0.9])
+    return (
+        f" {q:.2f} | 2^{n.bit_length() - 1} | {name:14s} | {decoded.mean():6.4f} | "
+        f"{mid:.3f} | {high:.3f} | {decoded.max():.3f} | "
+        f"{threshold.size - decoded.size:4d} of {threshold.size} | "
+        f"{iterations.mean() * plan.code.edges / 1e6:.1f}"
+    )
+
+
+# Issue 17, session 14 (docs/distillation.md "Degree distributions for finite length"): the
+# semi-Gaussian design re-run with a lower highest variable degree, and at a lower mean
+# check degree, against the table's design, per design rate and the QBER whose plan uses it.
+FINITE_LENGTH_DESIGNS = {0.91: 0.01, 0.84: 0.02}
+FINITE_LENGTH_MAX_DEGREES = (30, 60)
+FINITE_LENGTH_CHECK_SHARE = 0.9
+
+
+def test_bench_finite_length_degree_distributions(monkeypatch, tmp_path):
+    """Do distributions with fewer or lighter edges than the asymptotic design decode
+    better at 2^16? Each frame's threshold (_design_thresholds: the same frames and noise
+    for every design, in this run) with the table's design of the rate, the semi-Gaussian
+    design (ldpc_design.design) with variable degrees up to FINITE_LENGTH_MAX_DEGREES, and
+    with the mean check degree fixed at FINITE_LENGTH_CHECK_SHARE of the table's
+    (design_at). The codes are built into a temporary cache (0.1-0.5 s each)."""
+    from host.distil import ldpc_design
+
+    monkeypatch.setenv("QKDSAT_CACHE", str(tmp_path))
+    print("\nfinite-length degree distributions against the table's design (same frames)")
+    print(
+        " QBER | frame | design         | mean f | 50 % | 90 % | worst | not decoded | "
+        "M edge updates per frame"
+    )
+    for rate, q in FINITE_LENGTH_DESIGNS.items():
+        table = ldpc.DISTRIBUTIONS[rate]
+        designs = {"table": table}
+        for degree in FINITE_LENGTH_MAX_DEGREES:
+            designs[f"max degree {degree}"] = ldpc_design.design(rate, max_degree=degree)[2]
+        check_degree = sum(d * share for d, share in table.items()) / (1 - rate)
+        lower = round(2 * FINITE_LENGTH_CHECK_SHARE * check_degree) / 2
+        designs[f"check deg {lower:g}"] = ldpc_design.design_at(rate, lower)[2]
+        for name, nodes in designs.items():
+            print(_design_thresholds(monkeypatch, rate, nodes, q, 1 << 16, name))
 
 
 # Issue 17, quasi-cyclic codes (docs/distillation.md "Quasi-cyclic codes"): noise seeds
