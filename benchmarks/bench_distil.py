@@ -11,6 +11,9 @@
 - Each frame's own decoding threshold (the f at which it decodes, climbing in steps of
   0.01 from f 1.02) on the protocol's frame plan per QBER: what the codes allow, against
   the block f above (what the retry policy reaches).
+- The decoder's budget and stopping rules (iterations per attempt, the stall rule, the
+  reveal step; DecoderBudget): the frames' thresholds, the 1 M-bit blocks' f and work,
+  and 30 s micius-2017 passes under each, against the protocol's in the same run.
 - Decoder throughput against the `ldpc` package's BpDecoder on the same frames (ratio),
   and against the project's earlier tanh/atanh sum-product decoder.
 - Privacy amplification time against one real FFT (ratio).
@@ -25,6 +28,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -331,13 +335,42 @@ def test_bench_reconciliation_sized_from_a_sample():
 
 THRESHOLD_FRAMES = 16
 THRESHOLD_START_F = 1.02
+# Stall "iterations" that never come: an attempt runs to its iteration cap.
+NO_STALL = (1 << 30, 0)
 
 
-def _frame_thresholds(plan, q: float, frames: int, seed: int = 11):
+class DecoderBudget:
+    """A decoder budget and stopping rule for the frames' thresholds (_frame_thresholds):
+    iterations of the first attempt and of each retry, the stall rule ("default": the
+    protocol's ldpc.STALL_ITERATIONS with no progress bound; "early": the protocol's
+    reconcile._stall_rule, the early rule while half the frames are pending on codes of
+    rate <= EARLY_STALL_MAX_RATE; "off": none) and the reveal step in f. The protocol's
+    values by default."""
+
+    def __init__(self, name, first=None, retry=None, stall="default", step_f=None):
+        self.name = name
+        self.first_iterations = first or reconcile.LDPC_MAX_ITERATIONS
+        self.retry_iterations = retry or reconcile.LDPC_RETRY_ITERATIONS
+        self.stall = stall
+        self.step_f = step_f or reconcile.LDPC_REVEAL_STEP_F
+
+    def stall_rule(self, pending: int, frames: int, rate: float) -> tuple[int, int]:
+        if self.stall == "off":
+            return NO_STALL
+        if self.stall == "early":
+            return reconcile._stall_rule(pending, frames, rate)
+        if isinstance(self.stall, int):
+            return (self.stall, 0)
+        return (ldpc.STALL_ITERATIONS, 0)
+
+
+def _frame_thresholds(plan, q: float, frames: int, seed: int = 11, budget=None):
     """(each frame's threshold f, nan if it never decoded; iterations per frame): `frames`
     frames of `plan` at QBER q with fixed noise (seed), decoded by the protocol's decoder
     first at THRESHOLD_START_F, then resumed after each further 0.01 of f in revealed
-    punctured bits (reveal order as reconcile); f of the frame's own error count."""
+    punctured bits (reveal order as reconcile); f of the frame's own error count.
+    budget: a DecoderBudget instead of the protocol's (iterations, stall rule, step)."""
+    budget = budget or DecoderBudget("protocol")
     code, k = plan.code, plan.key_bits
     key_pos, zero_pos = reconcile._frame_layout(plan, k)
     order = reconcile._reveal_order(plan, k)
@@ -355,13 +388,13 @@ def _frame_thresholds(plan, q: float, frames: int, seed: int = 11):
     llr[:, plan.punctured_positions] = 0
     revealed = np.maximum(np.round(THRESHOLD_START_F * h * k) - plan.leak_bits(), 0)
     revealed = np.minimum(revealed, plan.punctured).astype(np.int64)
-    step = int(np.ceil(0.01 * binary_entropy(q) * k))
+    step = int(np.ceil(budget.step_f * binary_entropy(q) * k))
     messages = np.zeros((frames, code.edges), np.float32)
     out = np.zeros_like(x)
     iterations = np.zeros(frames, np.int64)
     threshold = np.full(frames, np.nan)
     pending = np.arange(frames)
-    for attempt in range(30):
+    for attempt in range(round(0.3 / budget.step_f)):
         for f in pending:
             shown = order[: revealed[f]]
             llr[f, shown] = np.where(x[f, shown] == 1, -ldpc.LLR_KNOWN, ldpc.LLR_KNOWN)
@@ -370,10 +403,11 @@ def _frame_thresholds(plan, q: float, frames: int, seed: int = 11):
             llr,
             syndromes,
             code,
-            reconcile.LDPC_MAX_ITERATIONS if attempt == 0 else reconcile.LDPC_RETRY_ITERATIONS,
+            budget.first_iterations if attempt == 0 else budget.retry_iterations,
             messages,
             out,
             iterations,
+            budget.stall_rule(pending.size, frames, code.rate),
         )
         right = ok & (out[pending][:, key_pos] == x[pending][:, key_pos]).all(axis=1)
         done = pending[right]
@@ -408,6 +442,165 @@ def test_bench_frame_thresholds():
             f" {q:.2f} | {plan.code.rate:.3f} | {plan.punctured:9d} | {decoded.mean():6.3f} | "
             f"{low:.3f} | {mid:.3f} | {high:.3f} | {np.mean(decoded <= 1.06 + 1e-9):7.2f} | "
             f"{iterations.mean():.0f}{'' if stuck == 0 else f' ({stuck} not)'}"
+        )
+
+
+BUDGET_FRAMES = int(os.environ.get("BENCH_BUDGET_FRAMES", "64"))
+BUDGET_ROWS = os.environ.get("BENCH_BUDGET_ROWS", "0.01:16,0.02:16,0.01:17,0.02:17")
+BUDGET_VARIANTS = (
+    DecoderBudget("100/40, stall 8, step 0.01 (before)", first=100, retry=40),
+    DecoderBudget("100/40, early stall", first=100, retry=40, stall="early"),
+    DecoderBudget("100/40, stall off", first=100, retry=40, stall="off"),
+    DecoderBudget("100/100, stall 8 (now)", first=100, retry=100),
+    DecoderBudget("300/100, stall 8", first=300, retry=100),
+    DecoderBudget("300/100, stall 16", first=300, retry=100, stall=16),
+    DecoderBudget("300/100, stall off", first=300, retry=100, stall="off"),
+    DecoderBudget("100/40, step 0.005", first=100, retry=40, step_f=0.005),
+    DecoderBudget("100/40, stall off, 0.005", first=100, retry=40, stall="off", step_f=0.005),
+    DecoderBudget("300/100, off, 0.005", first=300, retry=100, stall="off", step_f=0.005),
+)
+
+
+def test_bench_decoder_budget_thresholds(monkeypatch):
+    """Issue 17: how much of the frames' thresholds (f 1.07-1.09 at 2^16-2^17, where
+    density evolution puts the codes at 1.03-1.04) is the decoder's budget and stopping
+    rules. The same BUDGET_FRAMES frames and noise per row (QBER: log2 frame bits of the
+    1 M-bit block's plan) for every DecoderBudget of BUDGET_VARIANTS (_frame_thresholds):
+    mean / median / 90 % / worst threshold, the mean change against the first variant on
+    the same frames, iterations per frame and edge updates per key bit."""
+    names = os.environ.get("BENCH_BUDGET_VARIANTS")
+    variants = [v for v in BUDGET_VARIANTS if names is None or v.name in names.split(";")]
+    print(
+        f"\nframes' thresholds by decoder budget, {BUDGET_FRAMES} frames per row (the 1 M-bit "
+        f"block's plan), first attempt at f {THRESHOLD_START_F} (load average "
+        f"{os.getloadavg()[0]:.1f})"
+    )
+    print(
+        " QBER | frame | variant                            | mean f | median | 90 %  | worst "
+        "| mean change | not decoded | iterations/frame | work per key bit | CPU s"
+    )
+    for row in BUDGET_ROWS.split(","):
+        q, log2_bits = float(row.split(":")[0]), int(row.split(":")[1])
+        bits = 1 << log2_bits
+        long_frames = tuple(b for b in (1 << 17, 1 << 18) if b <= bits)
+        monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", long_frames if bits > ldpc.FRAME_BITS else ())
+        plan = reconcile._plan(BLOCK_BITS, q, Config.ec_efficiency)
+        assert plan.code.n == bits
+        base = None
+        for variant in variants:
+            cpu0 = time.process_time()
+            threshold, iterations = _frame_thresholds(plan, q, BUDGET_FRAMES, budget=variant)
+            cpu = time.process_time() - cpu0
+            if base is None:
+                base = threshold
+            decoded = threshold[~np.isnan(threshold)]
+            both = ~np.isnan(threshold) & ~np.isnan(base)
+            change = np.mean(threshold[both] - base[both])
+            print(
+                f" {q:.2f} | 2^{log2_bits} | {variant.name:36s} | {decoded.mean():.4f} | "
+                f"{np.median(decoded):.4f} | {np.quantile(decoded, 0.9):.3f} | "
+                f"{decoded.max():.3f} | {change:+11.4f} | {threshold.size - decoded.size:11d} | "
+                f"{iterations.mean():16.0f} | "
+                f"{iterations.mean() * plan.code.edges / plan.key_bits:16.0f} | {cpu:5.0f}"
+            )
+    print(f" (load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+def _apply_budget(monkeypatch, budget: DecoderBudget) -> None:
+    """Run the protocol (Alice and Bob in this process) with `budget`: its iterations and
+    reveal step; stall "off" disables both stall rules, an int replaces the default rule's
+    iterations, "default" keeps the protocol's rules (the early one included)."""
+    monkeypatch.setattr(reconcile, "LDPC_MAX_ITERATIONS", budget.first_iterations)
+    monkeypatch.setattr(reconcile, "LDPC_RETRY_ITERATIONS", budget.retry_iterations)
+    monkeypatch.setattr(reconcile, "LDPC_REVEAL_STEP_F", budget.step_f)
+    if budget.stall == "off":
+        monkeypatch.setattr(ldpc, "STALL_ITERATIONS", NO_STALL[0])
+        monkeypatch.setattr(reconcile, "LDPC_EARLY_STALL", None)
+    elif isinstance(budget.stall, int):
+        monkeypatch.setattr(ldpc, "STALL_ITERATIONS", budget.stall)
+
+
+PROTOCOL_BUDGETS = (
+    DecoderBudget("100/40, stall 8, step 0.01 (before)", first=100, retry=40),
+    DecoderBudget("100/100, stall 8 (now)", first=100, retry=100),
+    DecoderBudget("300/40, stall 8", first=300, retry=40),
+    DecoderBudget("300/100, stall 8", first=300, retry=100),
+    DecoderBudget("300/100, stall 16", first=300, retry=100, stall=16),
+    DecoderBudget("100/40, step 0.005", first=100, retry=40, step_f=0.005),
+    DecoderBudget("300/100, stall 8, 0.005", first=300, retry=100, step_f=0.005),
+    DecoderBudget("300/100, stall 16, 0.005", first=300, retry=100, stall=16, step_f=0.005),
+    DecoderBudget("300/100, off, 0.005", first=300, retry=100, stall="off", step_f=0.005),
+)
+
+
+def _chosen_budgets() -> list[DecoderBudget]:
+    names = os.environ.get("BENCH_PROTOCOL_BUDGETS")
+    return [b for b in PROTOCOL_BUDGETS if names is None or b.name in names.split(";")]
+
+
+def test_bench_decoder_budget_reconciliation(monkeypatch):
+    """Issue 17: the reconciliation bench's 1 M-bit blocks (frames the protocol chooses,
+    BENCH_EC_SEEDS noise seeds, exact QBER) under each protocol budget of PROTOCOL_BUDGETS
+    (BENCH_PROTOCOL_BUDGETS: names separated by ;), the budgets alternated per QBER in this
+    run: f worst / median, retry rounds, in-process Mbit/s, Mbit per CPU second, work per
+    key bit. Keys identical and the leak equal on both sides (_exchange)."""
+    _warm_up()
+    budgets = _chosen_budgets()
+    print(
+        f"\ndecoder budgets in the protocol, {EC_SEEDS} blocks of {BLOCK_BITS} bits per QBER "
+        f"(load average {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        " QBER | frames   | budget                             | f worst | f median | f mean "
+        "| rounds worst | in-process Mbit/s worst / median | Mbit per CPU s | work per bit"
+    )
+    rows = ("chosen", "2^16") if os.environ.get("BENCH_BUDGET_2_16") else ("chosen",)
+    for q, row, budget in itertools.product(QBERS, rows, budgets):
+        with monkeypatch.context() as patch:
+            _apply_budget(patch, budget)
+            if row == "2^16":
+                patch.setattr(ldpc, "LONG_FRAME_BITS", ())
+            fig = _ldpc_figures(q)
+            print(
+                f" {q:.2f} | {', '.join(sorted(fig['frames'])):8s} | {budget.name:36s} | "
+                f"{max(fig['f']):7.4f} | {statistics.median(fig['f']):8.4f} | "
+                f"{statistics.mean(fig['f']):6.4f} | {max(fig['rounds']):12d} | "
+                f"{min(fig['rates']):7.3f} / {statistics.median(fig['rates']):7.3f}{'':17s} | "
+                f"{statistics.median(fig['per_cpu']):14.3f} | "
+                f"{statistics.median(fig['work']):12.0f}"
+            )
+    print(f" (load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+def test_bench_decoder_budget_30s_passes(tmp_path, monkeypatch):
+    """Issue 17: BENCH_SEED_PASSES 30 s micius-2017 passes (Hoeffding), each simulated once
+    and distilled from a copy of its raw data under each budget of PROTOCOL_BUDGETS
+    (endpoints' CSPRNG): EC f worst / median, EC time as a fraction of the pass, key bits."""
+    budgets = _chosen_budgets()
+    results = {b.name: {"f": [], "ec": [], "key": []} for b in budgets}
+    for sim_seed in range(1, SEED_PASSES + 1):
+        pass_dir = tmp_path / f"micius-30s-{sim_seed}"
+        duration_s = _simulate("micius-2017", sim_seed, pass_dir, duration_s=30)
+        for i, budget in enumerate(budgets):
+            copy = shutil.copytree(pass_dir, tmp_path / f"micius-30s-{sim_seed}-{i}")
+            with monkeypatch.context() as patch:
+                _apply_budget(patch, budget)
+                report = run_local(copy, tmp_path / f"out-{sim_seed}-{i}", Config())
+            result = results[budget.name]
+            if report.get("ec", {}).get("efficiency") is not None:
+                result["f"].append(report["ec"]["efficiency"])
+            result["ec"].append(report["stage_seconds"].get("error_correction", 0.0) / duration_s)
+            result["key"].append(report["key_bits"] or 0)
+    print(
+        f"\nmicius-2017, {SEED_PASSES} simulation seeds of 30 s, each pass distilled under "
+        f"every budget (load average {os.getloadavg()[0]:.1f})"
+    )
+    for budget in budgets:
+        r = results[budget.name]
+        print(
+            f" {budget.name:36s}: {_summary('EC f', r['f'], max)}; "
+            f"{_summary('EC / pass', r['ec'], max)}; key bits min {min(r['key'])} median "
+            f"{statistics.median(r['key']):.0f}"
         )
 
 
