@@ -146,6 +146,68 @@ def test_an_attempt_that_stops_progressing_is_given_up_early_and_its_retry_still
     assert resumed.all() and np.array_equal(early_out, x)
 
 
+def _climbed_frames(plan, q: float, frames: int, start_f: float, retry_iterations: int):
+    """Frames of `plan` at QBER q (fixed noise, Alice's random punctured bits) decoded as
+    Bob's retries do: the first attempt at start_f (reconcile.LDPC_MAX_ITERATIONS), then,
+    resuming from the messages, one more 0.01 of f in revealed punctured bits per retry
+    (`retry_iterations` each) until each decodes. (reveal steps each frame took, the
+    iterations of every retry that decoded, each frame's decoded word equals Alice's)"""
+    code, k = plan.code, plan.key_bits
+    key_pos, zero_pos = reconcile._frame_layout(plan, k)
+    order = reconcile._reveal_order(plan, k)
+    rng = np.random.default_rng([5, int(q * 1000)])
+    x = np.zeros((frames, code.n), np.uint8)
+    x[:, key_pos] = rng.integers(0, 2, (frames, k))
+    x[:, plan.punctured_positions] = rng.integers(0, 2, (frames, plan.punctured))
+    errors = np.zeros((frames, code.n), np.uint8)
+    errors[:, key_pos] = rng.random((frames, k)) < q
+    llr = np.where((x ^ errors) == 1, -1, 1).astype(np.float32) * np.log((1 - q) / q)
+    llr[:, zero_pos] = ldpc.LLR_KNOWN
+    llr[:, plan.punctured_positions] = 0
+    syndromes = code.syndrome(x)
+    h = binary_entropy(q)
+    first = max(round(start_f * h * k) - plan.leak_bits(), 0)
+    step = math.ceil(0.01 * h * k)
+    messages = np.zeros((frames, code.edges), np.float32)
+    out, iters = np.zeros_like(x), np.zeros(frames, np.int64)
+    steps, decoded_retries = np.zeros(frames, np.int64), []
+    pending = np.arange(frames)
+    for attempt in range(12):
+        shown = order[: first + attempt * step]
+        known = np.where(x[np.ix_(pending, shown)] == 1, -1, 1) * ldpc.LLR_KNOWN
+        llr[np.ix_(pending, shown)] = known
+        before = iters.copy()
+        cap = reconcile.LDPC_MAX_ITERATIONS if attempt == 0 else retry_iterations
+        ok = reconcile._decode(pending, llr, syndromes, code, cap, messages, out, iters)
+        if attempt:
+            decoded_retries += (iters - before)[pending[ok]].tolist()
+        steps[pending[~ok]] += 1
+        pending = pending[~ok]
+        if pending.size == 0:
+            break
+    assert pending.size == 0
+    return steps, decoded_retries, (out[:, key_pos] == x[:, key_pos]).all(axis=1)
+
+
+def test_a_retry_that_still_makes_progress_is_not_cut_at_40_iterations(monkeypatch):
+    """Issue 17 (session 14): a retry is ended by the stall rule (no new low of its
+    unsatisfied checks in ldpc.STALL_ITERATIONS), and its cap (reconcile.
+    LDPC_RETRY_ITERATIONS) no longer cuts one that is still converging: with a cap of 40
+    such a frame paid one more reveal step (0.01 of its f) to decode in the next round.
+    16 frames of the protocol's 2^16 plan of a 1 M-bit block at 5 % QBER, climbing from f
+    1.04 (fixed noise, the production quasi-cyclic code): some retries decode after more
+    than 40 iterations, and the frames need fewer reveal steps in all than under a cap of
+    40, each decoding to Alice's word."""
+    monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", ())
+    plan = reconcile._plan(1_000_000, 0.05, 1.05)
+    assert plan.code.n == ldpc.FRAME_BITS
+    steps, retries, right = _climbed_frames(plan, 0.05, 16, 1.04, reconcile.LDPC_RETRY_ITERATIONS)
+    cut_steps, cut_retries, cut_right = _climbed_frames(plan, 0.05, 16, 1.04, 40)
+    assert right.all() and cut_right.all()
+    assert max(retries) > 40 >= max(cut_retries), (retries, cut_retries)
+    assert steps.sum() < cut_steps.sum() and (steps <= cut_steps).all(), (steps, cut_steps)
+
+
 # Decodes the same frames at rates whose checks take the decoder's separate-gather path
 # (degree >= SEPARATE_GATHER_DEGREE), prints a digest of the messages left.
 _MESSAGES_DIGEST = """

@@ -31,7 +31,12 @@ from host.distil.gf64 import bits_hash
 from host.errors import ProtocolAborted
 
 LDPC_MAX_ITERATIONS = 100  # first attempt
-LDPC_RETRY_ITERATIONS = 40  # each retry, resuming from the previous attempt's messages
+# Each retry's cap, resuming from the previous attempt's messages. The stall rule, not
+# the cap, ends a retry that makes no progress; a cap of 40 also cut retries still
+# reaching new lows, each then paying one more reveal step (issue 17, session 14: 100
+# took 0.001-0.002 off f at 1-5 % for the same decoder work, "Decoder budget and the
+# frames' thresholds" in docs/distillation.md; the first attempt's cap never binds).
+LDPC_RETRY_ITERATIONS = 100
 LDPC_RETRIES = 40
 # Bits revealed per retry, as a fraction of the frame's n h(QBER estimate): each retry
 # raises the frame's efficiency f by about this much, so the retry path ends close to the
