@@ -621,16 +621,19 @@ def test_bench_exact_density_evolution_design(monkeypatch, tmp_path):
     qbers = {0.84: 0.02}
     monkeypatch.setenv("QKDSAT_CACHE", str(tmp_path))
     print("\nexact density evolution design against the semi-Gaussian one (same frames)")
-    print(
-        " QBER | frame | design         | mean f | 50 % | 90 % | worst | not decoded | "
-        "M edge updates per frame"
-    )
+    print(DESIGN_ROW_HEADER)
     for rate, q in qbers.items():
         exact = ldpc.DISTRIBUTIONS[rate]
         _, _, approximate = ldpc_design.design(rate)
         for n in (1 << 16, 1 << 17):
             for name, table in (("semi-Gaussian", approximate), ("exact DE", exact)):
                 print(_design_thresholds(monkeypatch, rate, table, q, n, name))
+
+
+DESIGN_ROW_HEADER = (
+    " QBER | frame | design         | mean f | 50 % | 90 % | worst | not decoded | "
+    "M edge updates per frame"
+)
 
 
 def _design_thresholds(monkeypatch, rate: float, table: dict, q: float, n: int, name: str):
@@ -670,10 +673,7 @@ def test_bench_finite_length_degree_distributions(monkeypatch, tmp_path):
 
     monkeypatch.setenv("QKDSAT_CACHE", str(tmp_path))
     print("\nfinite-length degree distributions against the table's design (same frames)")
-    print(
-        " QBER | frame | design         | mean f | 50 % | 90 % | worst | not decoded | "
-        "M edge updates per frame"
-    )
+    print(DESIGN_ROW_HEADER)
     for rate, q in FINITE_LENGTH_DESIGNS.items():
         table = ldpc.DISTRIBUTIONS[rate]
         designs = {"table": table}
