@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 
 from host.distil.protocol import Config
-from host.distil.stream import MAX_CHUNK_FRAMES, StreamBob, _Growing, _Sifted, due_chunk_bits
+from host.distil.stream import (
+    MAX_CHUNK_FRAMES,
+    StreamBob,
+    StreamOptions,
+    _Growing,
+    _Sifted,
+    chunk_short_frames,
+    due_chunk_bits,
+    next_chunk,
+)
+from host.errors import BadInput
 
 FRAME = 39_334  # key bits of a frame at 1.2 % QBER (jinan-1-stress10x)
 
@@ -56,3 +66,67 @@ def test_the_next_chunk_is_sized_for_the_error_rate_of_the_latest_bits():
     qber, _, source = bob._estimate("Z")
     assert source == ("Z", 0)
     assert qber == pytest.approx(0.025, rel=0.01)  # the whole chunk's: 900 / 60,000 = 1.5 %
+
+
+# Key bits of a frame of 2^16 and of 2^17 at 1.2 % QBER (micius-2017's mid-pass)
+SHORT, LONG = 60_617, 121_234
+LONG_FRAMES = StreamOptions(chunk_frames=1, frame_bits=2**17)
+
+
+def test_during_the_pass_a_chunk_is_one_long_frame_with_one_held_back():
+    # The stream's frames are 2^17 (docs/streaming.md, "Frame length and top-up"): a frame
+    # of 2^16 at ~1.1-1.4 % decodes at f ~1.12-1.18, one of 2^17 ~0.02-0.03 lower.
+    assert next_chunk(2 * LONG - 1, SHORT, LONG, LONG_FRAMES, False, hold=True)[0] == 0
+    assert next_chunk(2 * LONG, SHORT, LONG, LONG_FRAMES, False, hold=True) == (
+        LONG,
+        LONG,
+        2**17,
+    )
+    # a catch-up: every whole long frame but the held one, up to the bits of
+    # MAX_CHUNK_FRAMES short frames (Bob's decoder memory)
+    chunk, frame, frame_bits = next_chunk(40 * LONG, SHORT, LONG, LONG_FRAMES, False, True)
+    assert (chunk, frame_bits) == (MAX_CHUNK_FRAMES // 2 * LONG, 2**17)
+
+
+def test_near_loss_of_signal_every_short_frame_goes_and_the_rest_in_short_frames():
+    # released (no frame held): whole frames of 2^16, so that what is left at loss of
+    # signal, which the keys wait for, is under a 2^16 frame and the last blocks as before
+    # the long frames; a chunk of a long frame or more is still asked in 2^17 frames
+    assert next_chunk(3 * SHORT + 5, SHORT, LONG, LONG_FRAMES, False, hold=False) == (
+        3 * SHORT,
+        SHORT,
+        2**17,
+    )
+    assert next_chunk(SHORT + 5, SHORT, LONG, LONG_FRAMES, False, hold=False) == (
+        SHORT,
+        SHORT,
+        2**16,
+    )
+    # the last chunk, under a long frame: 2^16 frames (a 2^17 frame shortened to 15 kbit
+    # would decode its whole graph for them)
+    assert next_chunk(15_000, SHORT, LONG, LONG_FRAMES, True, hold=False) == (
+        15_000,
+        SHORT,
+        2**16,
+    )
+
+
+def test_short_frames_chunk_as_before():
+    short = StreamOptions(chunk_frames=2, frame_bits=2**16)
+    assert next_chunk(3 * SHORT, SHORT, SHORT, short, False, True) == (2 * SHORT, SHORT, 2**16)
+    assert next_chunk(3 * SHORT - 1, SHORT, SHORT, short, False, True)[0] == 0
+
+
+def test_only_provisioned_frame_lengths_are_accepted():
+    with pytest.raises(BadInput):
+        StreamOptions(frame_bits=100_000).validate()
+    for frame_bits in (2**16, 2**17, 2**18):
+        StreamOptions(frame_bits=frame_bits).validate()
+
+
+def test_the_link_end_estimate_counts_a_chunk_in_frames_of_2_16():
+    # Bob's seconds per frame (the link's end reserve) are per frame of 2^16: a chunk of a
+    # 2^16 probe and two 2^17 frames is 5 of them, not 3 and not 6
+    assert chunk_short_frames({"frames": 3, "frame_bits": 2**17, "probe_bits": 60_000}) == 5
+    assert chunk_short_frames({"frames": 2, "frame_bits": 2**17}) == 4
+    assert chunk_short_frames({"frames": 2, "frame_bits": 2**16}) == 2

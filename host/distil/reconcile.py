@@ -621,6 +621,7 @@ def _ldpc_alice_part(
     rng,
     sample_bits: int = 0,
     sigmas: tuple[float, float] | None = None,
+    frame_bits: int | None = None,
 ) -> tuple:
     """Alice's half of one part (see ldpc_alice): (kept, stats), kept a mask over `key` of
     the bits in frames both sides keep (Bob announces the discarded frames; dropping a
@@ -628,8 +629,9 @@ def _ldpc_alice_part(
     least the frames he gave up on).
     The discarded frames' bits are then disclosed: they are no longer key.
     sample_bits: the size of the sample behind qber_estimate (0: exact), sigmas the
-    interval's width in its standard errors (default QBER_SIGMAS_LOW / HIGH), see _plan."""
-    plan = _plan(key.size, qber_estimate, efficiency, sample_bits, sigmas)
+    interval's width in its standard errors (default QBER_SIGMAS_LOW / HIGH), see _plan;
+    frame_bits the frames' length (default: the block's, ldpc.frame_bits_for)."""
+    plan = _plan(key.size, qber_estimate, efficiency, sample_bits, sigmas, frame_bits)
     code = plan.code
     frames = _frames(key.size, plan)
     interleave = _interleave(key.size)
@@ -741,6 +743,7 @@ def _ldpc_bob_part(
     sample_bits: int = 0,
     sigmas: tuple[float, float] | None = None,
     top_up_f: float | None = None,
+    frame_bits: int | None = None,
 ) -> tuple:
     """Bob's half of one part (see ldpc_bob): (corrected, kept, stats). Frames that do not
     decode within the retries, or whose decoded key bits hash differently from Alice's,
@@ -749,7 +752,7 @@ def _ldpc_bob_part(
     the block hash).
     First Bob measures the QBER from the syndromes and asks for what the frames need
     (LDPC_FIRST_F), then decodes, then retries in fine steps the frames that failed."""
-    plan = _plan(bits.size, qber_estimate, efficiency, sample_bits, sigmas)
+    plan = _plan(bits.size, qber_estimate, efficiency, sample_bits, sigmas, frame_bits)
     code = plan.code
     frames = _frames(bits.size, plan)
     interleave = _interleave(bits.size)
@@ -1025,12 +1028,17 @@ def ldpc_alice(
     efficiency: float,
     rng,
     sample_bits: int = 0,
+    frame_bits: int | None = None,
 ) -> tuple:
     """Alice's half: (kept, stats), kept a mask over `key` of the bits in frames both sides
-    keep. A block sized from a sample goes in two parts, a probe first (_probe_split)."""
+    keep. A block sized from a sample goes in two parts, a probe first (_probe_split).
+    frame_bits: the frames' length (the probe's stays ldpc.FRAME_BITS; default the block's,
+    ldpc.frame_bits_for); both sides must pass the same (the stream's request names it)."""
     split = _probe_split(key.size, qber_estimate, efficiency, sample_bits)
     if split is None:
-        return _ldpc_alice_part(channel, key, qber_estimate, efficiency, rng, sample_bits)
+        return _ldpc_alice_part(
+            channel, key, qber_estimate, efficiency, rng, sample_bits, frame_bits=frame_bits
+        )
     probe, rest = split
     kept = np.empty(key.size, dtype=bool)
     kept[probe], probe_stats = _ldpc_alice_part(
@@ -1044,7 +1052,7 @@ def ldpc_alice(
         )
     estimate, bits = _after_probe(errors, probe.size, qber_estimate, sample_bits)
     kept[rest], rest_stats = _ldpc_alice_part(
-        channel, key[rest], estimate, efficiency, rng, bits, PROBE_SIGMAS
+        channel, key[rest], estimate, efficiency, rng, bits, PROBE_SIGMAS, frame_bits
     )
     return kept, _merged(probe_stats, rest_stats, probe.size)
 
@@ -1056,17 +1064,25 @@ def ldpc_bob(
     efficiency: float,
     sample_bits: int = 0,
     top_up_f: float | None = None,
+    frame_bits: int | None = None,
 ) -> tuple:
     """Bob's half: (corrected, kept, stats); see _ldpc_bob_part. A block sized from a
     sample goes in two parts (_probe_split): after the probe Bob announces its exact error
     count, and the rest is sized from it. top_up_f: the f Bob's top-up brings every frame
     to before the first decoding (default _first_f: lower for long frames, less leak for
     more decoding; the stream, whose latency is the decoder's, passes LDPC_FIRST_F). Bob's
-    choice alone: Alice accepts any top-up step, and the leak counts what is revealed."""
+    choice alone: Alice accepts any top-up step, and the leak counts what is revealed.
+    frame_bits: as ldpc_alice's (the same on both sides)."""
     split = _probe_split(bits.size, qber_estimate, efficiency, sample_bits)
     if split is None:
         return _ldpc_bob_part(
-            channel, bits, qber_estimate, efficiency, sample_bits, top_up_f=top_up_f
+            channel,
+            bits,
+            qber_estimate,
+            efficiency,
+            sample_bits,
+            top_up_f=top_up_f,
+            frame_bits=frame_bits,
         )
     probe, rest = split
     corrected = np.empty_like(bits)
@@ -1079,7 +1095,7 @@ def ldpc_bob(
     channel.send("ec_probe_errors", errors=errors, bits=int(probe.size))
     estimate, sized_bits = _after_probe(errors, probe.size, qber_estimate, sample_bits)
     corrected[rest], kept[rest], rest_stats = _ldpc_bob_part(
-        channel, bits[rest], estimate, efficiency, sized_bits, PROBE_SIGMAS, top_up_f
+        channel, bits[rest], estimate, efficiency, sized_bits, PROBE_SIGMAS, top_up_f, frame_bits
     )
     stats = _merged(probe_stats, rest_stats, probe.size)
     stats["probe_errors"] = errors

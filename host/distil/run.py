@@ -174,6 +174,14 @@ def add_arguments(parser) -> None:
         help="with --stream: LDPC frames per error-correction chunk",
     )
     parser.add_argument(
+        "--stream-frame-bits",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --stream: the chunks' LDPC frame length, 65536, 131072 (the default) or "
+        "262144 (docs/streaming.md, 'Frame length and top-up')",
+    )
+    parser.add_argument(
         "--stream-idle-s",
         type=float,
         default=10.0,
@@ -223,22 +231,24 @@ def stream_from_args(args):
         args.stream_speedup != 1.0
         or args.stream_block_s != 1.0
         or args.stream_chunk_frames != 2
+        or args.stream_frame_bits is not None
         or args.stream_idle_s != 10.0
         or args.stream_link_end_s is not None
     )
     if not args.stream:
         if given:
             raise BadInput(
-                "--stream-speedup/--stream-block-s/--stream-chunk-frames/--stream-idle-s/"
-                "--stream-link-end-s need --stream"
+                "--stream-speedup/--stream-block-s/--stream-chunk-frames/--stream-frame-bits/"
+                "--stream-idle-s/--stream-link-end-s need --stream"
             )
         return None
-    from host.distil.stream import StreamOptions
+    from host.distil.stream import STREAM_FRAME_BITS, StreamOptions
 
     options = StreamOptions(
         args.stream_block_s,
         args.stream_speedup,
         args.stream_chunk_frames,
+        frame_bits=args.stream_frame_bits or STREAM_FRAME_BITS,
         idle_s=args.stream_idle_s,
         link_end_s=args.stream_link_end_s,
     )

@@ -203,6 +203,8 @@ FINISH_FIXED_S = 3.5
 # latency (docs/streaming.md, "After loss of signal").
 LOS_RELEASE_FRAMES = 2.0
 RATE_WINDOW_S = 10.0
+FRAME_LENGTHS = (ldpc.FRAME_BITS, *ldpc.LONG_FRAME_BITS)
+STREAM_FRAME_BITS = 2**17
 
 
 def pa_rest_s(key_block_bits: int) -> float:
@@ -226,6 +228,9 @@ class StreamOptions:
     block_s: float = 1.0  # pass seconds per detection block (at most 1 s)
     speedup: float = 1.0  # pass seconds per wall second of the replay
     chunk_frames: int = 2  # LDPC frames per error-correction chunk
+    # The chunks' LDPC frame length (ldpc.FRAME_BITS or one of ldpc.LONG_FRAME_BITS): Bob
+    # names each chunk's in its reconcile request (next_chunk), Alice follows
+    frame_bits: int = STREAM_FRAME_BITS
     # A live tagger silent this long (wall seconds: no new record in detections.qdet or
     # pps.qdet, whose marks come every second) stopped without its end-of-pass record:
     # the pass ends at its last record (LiveDetectionFeed)
@@ -248,6 +253,10 @@ class StreamOptions:
             raise BadInput(f"--stream-speedup {self.speedup}: must be in (0, 1000]")
         if not 1 <= int(self.chunk_frames) <= 64:
             raise BadInput(f"--stream-chunk-frames {self.chunk_frames}: must be in 1..64")
+        if int(self.frame_bits) not in FRAME_LENGTHS:
+            raise BadInput(
+                f"--stream-frame-bits {self.frame_bits}: must be one of {FRAME_LENGTHS}"
+            )
 
 
 class PassClock:
@@ -467,7 +476,47 @@ def chunk_bits(cfg: Config, options: StreamOptions, qber: float, sample_bits: in
     if cfg.ec != "ldpc":
         return options.chunk_frames * ldpc.FRAME_BITS
     low, high = reconcile.qber_interval(qber, sample_bits)
-    return options.chunk_frames * ldpc.max_key_bits(low, cfg.ec_efficiency, qber_high=high)
+    return options.chunk_frames * ldpc.max_key_bits(
+        low, cfg.ec_efficiency, options.frame_bits, qber_high=high
+    )
+
+
+def next_chunk(
+    backlog: int,
+    short_frame: int,
+    long_frame: int,
+    options: StreamOptions,
+    final: bool,
+    hold: bool,
+) -> tuple[int, int, int]:
+    """(key bits of a basis to reconcile now, the key bits of the frames they are counted
+    in, the frame length Bob asks for), `backlog` bits unreconciled, short_frame and
+    long_frame the key bits of a frame of ldpc.FRAME_BITS and of options.frame_bits at the
+    running estimate. During the pass (`hold`) chunks are counted in frames of
+    options.frame_bits (due_chunk_bits); near loss of signal or the link's end every whole
+    frame of ldpc.FRAME_BITS goes at once, so what the keys wait for stays under a short
+    frame and the last blocks. A chunk of at least one long frame is asked for in frames of
+    options.frame_bits, a smaller one (the last) in ldpc.FRAME_BITS: a long frame shortened
+    to a few kbit costs its whole graph's decoding for the bits of a short one. A function
+    of public counts and the estimate: Bob names the length in the reconcile request."""
+    frame = long_frame if hold else short_frame
+    # the cap on a chunk's frames bounds Bob's decoder memory: as many bits as
+    # MAX_CHUNK_FRAMES frames of ldpc.FRAME_BITS
+    max_frames = max(1, MAX_CHUNK_FRAMES * short_frame // max(frame, 1))
+    chunk = due_chunk_bits(
+        backlog, frame, options.chunk_frames, final, hold=hold, max_frames=max_frames
+    )
+    frame_bits = options.frame_bits if chunk >= long_frame else ldpc.FRAME_BITS
+    return chunk, frame, frame_bits
+
+
+def chunk_short_frames(chunk: dict) -> float:
+    """A reconciled chunk's frames (its report entry, ec.blocks[].chunk_list[]) in frames
+    of ldpc.FRAME_BITS: the probe's (reconcile._probe_split, when it has one) and the rest's
+    of `frame_bits` scaled by their length."""
+    probe = 1 if chunk.get("probe_bits") else 0
+    scale = chunk.get("frame_bits", ldpc.FRAME_BITS) / ldpc.FRAME_BITS
+    return probe + (int(chunk["frames"]) - probe) * scale
 
 
 def chunk_tail_bits(chunk_bits: int) -> int:
@@ -528,7 +577,12 @@ MAX_CHUNK_FRAMES = 16
 
 
 def due_chunk_bits(
-    backlog: int, frame_bits: int, chunk_frames: int, final: bool, hold: bool = True
+    backlog: int,
+    frame_bits: int,
+    chunk_frames: int,
+    final: bool,
+    hold: bool = True,
+    max_frames: int = MAX_CHUNK_FRAMES,
 ) -> int:
     """Key bits of a basis to reconcile now (0: none yet), `backlog` bits unreconciled and
     frames of `frame_bits` at the running estimate. During the pass: once the backlog holds
@@ -542,11 +596,11 @@ def due_chunk_bits(
     if final:
         return backlog
     if not hold:
-        return min(backlog // frame_bits, max(MAX_CHUNK_FRAMES, chunk_frames)) * frame_bits
+        return min(backlog // frame_bits, max(max_frames, chunk_frames)) * frame_bits
     frames = backlog // frame_bits - 1
     if frames < chunk_frames:
         return 0
-    return min(frames, max(MAX_CHUNK_FRAMES, chunk_frames)) * frame_bits
+    return min(frames, max(max_frames, chunk_frames)) * frame_bits
 
 
 class _Sifted:
@@ -835,13 +889,24 @@ class StreamAlice(Alice):
         qber, sample_bits = float(msg["qber"]), int(msg["sample_bits"])
         if not 0 < count <= sifted.backlog(name) or not 0 < qber < 0.5 or sample_bits < 0:
             raise ProtocolAborted(f"stream: reconcile request out of range ({count} bits)")
+        # Bob's choice of frame length (public, like the chunk's size): any length a code
+        # is provisioned for; the syndromes' code digest checks that both sides used it
+        frame_bits = int(msg.get("frame_bits", ldpc.FRAME_BITS))
+        if frame_bits not in FRAME_LENGTHS:
+            raise ProtocolAborted(f"stream: reconcile request with {frame_bits}-bit frames")
         start = sifted.reconciled[name]
         positions = sifted.key_positions[name].view[start : start + count]
         key_bits = sifted.bit.view[positions]
         if self.config.ec == "ldpc":
             with _naming_block(name):
                 kept, stats = reconcile.ldpc_alice(
-                    channel, key_bits, qber, self.config.ec_efficiency, self.rng, sample_bits
+                    channel,
+                    key_bits,
+                    qber,
+                    self.config.ec_efficiency,
+                    self.rng,
+                    sample_bits,
+                    frame_bits,
                 )
         else:
             stats = reconcile.cascade_alice(
@@ -1311,14 +1376,21 @@ class StreamBob(Bob):
             for name in key_bases:
                 while True:
                     qber, bits, source = self._estimate(name)
-                    frame = chunk_bits(cfg, replace(opts, chunk_frames=1), qber, bits)
+                    # key bits of a frame of ldpc.FRAME_BITS and of the chunks' length
+                    short_frame = chunk_bits(
+                        cfg, replace(opts, chunk_frames=1, frame_bits=ldpc.FRAME_BITS), qber, bits
+                    )
+                    long_frame = chunk_bits(cfg, replace(opts, chunk_frames=1), qber, bits)
                     backlog = self._sifted.backlog(name)
                     # near the link's end or loss of signal no frame is held back: what is
-                    # left then is under a frame and the blocks since, a short rest
+                    # left then is under a frame of ldpc.FRAME_BITS and the blocks since, a
+                    # short rest, whatever the chunks' frame length before
                     hold = not (near_end or self._near_loss_of_signal(
-                        name, frame, block_end, key_history
+                        name, short_frame, block_end, key_history
                     ))  # fmt: skip
-                    chunk = due_chunk_bits(backlog, frame, opts.chunk_frames, final, hold=hold)
+                    chunk, frame, frame_bits = next_chunk(
+                        backlog, short_frame, long_frame, opts, final, hold
+                    )
                     if not chunk:
                         break
                     if final and cfg.ec == "ldpc" and chunk <= LAST_CHUNK_MAX_FRAMES * frame:
@@ -1327,10 +1399,15 @@ class StreamBob(Bob):
                         behind = self._chunk_tail[source[0]][source[1]][1] if source else bits
                         if behind > 0:
                             climb = self._climb(source)
-                            qber, bits = last_chunk_sizing(qber, behind, chunk, frame, climb)
+                            per_frame = (
+                                short_frame if frame_bits == ldpc.FRAME_BITS else long_frame
+                            )
+                            qber, bits = last_chunk_sizing(qber, behind, chunk, per_frame, climb)
                     started = time.perf_counter()
                     with stage("error_correction"):
-                        self._reconcile(channel, name, chunk, qber, bits, handled_s, source)
+                        self._reconcile(
+                            channel, name, chunk, qber, bits, handled_s, source, frame_bits
+                        )
                     self._ec_stats[name]["chunk_list"][-1]["seconds"] = round(
                         time.perf_counter() - started, 3
                     )
@@ -1431,13 +1508,10 @@ class StreamBob(Bob):
         still end before the link does."""
         opts = self.stream
         link_end_unix_s = clock.epoch_unix_s + opts.link_end_s
-        # in frames of ldpc.FRAME_BITS, the unit `frames` below counts in (a bright chunk's
-        # frames can be longer: ldpc.frame_bits_for)
+        # in frames of ldpc.FRAME_BITS, the unit `frames` below counts in (a chunk's frames
+        # are longer, but a probe's, one first frame of ldpc.FRAME_BITS, is not)
         frames_done = sum(
-            int(c["frames"]) * c.get("frame_bits", ldpc.FRAME_BITS) / ldpc.FRAME_BITS
-            for s in self._ec_stats.values()
-            if s
-            for c in s["chunk_list"]
+            chunk_short_frames(c) for s in self._ec_stats.values() if s for c in s["chunk_list"]
         )
         if frames_done:
             s_per_frame = out.stage_seconds.get("error_correction", 0.0) / frames_done
@@ -1450,8 +1524,10 @@ class StreamBob(Bob):
             bits = self._sifted.backlog(name) + 2 * block_key_bits[name]
             if bits:
                 qber, sample_bits, _ = self._estimate(name)
-                frame_bits = max(1, chunk_bits(self.config, opts, qber, sample_bits))
-                frames += math.ceil(bits * opts.chunk_frames / frame_bits)
+                # in frames of ldpc.FRAME_BITS, as s_per_frame
+                short = replace(opts, chunk_frames=1, frame_bits=ldpc.FRAME_BITS)
+                frame_bits = max(1, chunk_bits(self.config, short, qber, sample_bits))
+                frames += math.ceil(bits / frame_bits)
                 pending += bits
         reconciled = sum(self._sifted.reconciled.values())
         rest_s = link_end_rest_s(s_per_frame, frames, reconciled + pending)
@@ -1672,7 +1748,9 @@ class StreamBob(Bob):
                     f"{cfg.qber_threshold:.4f} (from {bits} sampled bits)"
                 )
 
-    def _reconcile(self, channel, name, count, qber, sample_bits, handled_s, source) -> None:
+    def _reconcile(
+        self, channel, name, count, qber, sample_bits, handled_s, source, frame_bits
+    ) -> None:
         cfg = self.config
         sifted = self._sifted
         channel.send(
@@ -1682,6 +1760,7 @@ class StreamBob(Bob):
             bits=int(count),
             qber=float(qber),
             sample_bits=int(sample_bits),
+            frame_bits=int(frame_bits),
             sized_from_basis="" if source is None else source[0],
             sized_from_chunk=-1 if source is None else int(source[1]),
             t_handled_s=float(handled_s),
@@ -1701,11 +1780,17 @@ class StreamBob(Bob):
         mine = sifted.bit.view[idx]
         if cfg.ec == "ldpc":
             with _naming_block(name):
-                # a chunk's top-up at LDPC_FIRST_F whatever its frames (a catch-up chunk's
-                # can be longer): the stream's latency is the decoder's, and the lower
-                # top-up of long frames costs ~2x its iterations (docs/distillation.md)
+                # a chunk's top-up at LDPC_FIRST_F whatever its frames: the stream's
+                # latency is the decoder's, and the lower top-up of long frames costs more
+                # decoding for little f here (docs/streaming.md, "Frame length and top-up")
                 corrected, kept, stats = reconcile.ldpc_bob(
-                    channel, mine, qber, cfg.ec_efficiency, sample_bits, reconcile.LDPC_FIRST_F
+                    channel,
+                    mine,
+                    qber,
+                    cfg.ec_efficiency,
+                    sample_bits,
+                    reconcile.LDPC_FIRST_F,
+                    frame_bits,
                 )
         else:
             corrected, stats = reconcile.cascade_bob(
@@ -1754,6 +1839,7 @@ class StreamBob(Bob):
                 **{
                     key: stats[key]
                     for key in (
+                        "probe_bits",
                         "retry_rounds",
                         "leak_bob_messages_bits",
                         "revealed_bits",
