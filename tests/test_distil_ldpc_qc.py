@@ -68,7 +68,8 @@ def _both(code, rows, llr, syndromes, iterations, qc_messages, csr_messages, sta
 
 
 @pytest.mark.parametrize(
-    "rate,q,lift", [(0.9, 0.01, 16), (0.84, 0.02, 32), (0.78, 0.03, 24), (0.67, 0.05, 64)]
+    "rate,q,lift",
+    [(0.9, 0.01, 16), (0.84, 0.02, 32), (0.78, 0.03, 24), (0.67, 0.05, 64), (0.84, 0.02, 20)],
 )
 def test_the_qc_decoder_gives_the_csr_decoders_results_bit_for_bit(rate, q, lift):
     """On a QC code, decode_qc_rows leaves the same success flags, hard decisions,
@@ -78,7 +79,8 @@ def test_the_qc_decoder_gives_the_csr_decoders_results_bit_for_bit(rate, q, lift
     on a resumed retry of a subset of the rows with revealed bits and the early stall rule,
     the other rows left untouched. Any difference in the per-edge arithmetic or the order
     of the layers would change the messages' bits. Lifts 32 and 64 take the decoders
-    compiled for them (decoder_for), 16 and 24 the one for any lift."""
+    compiled for them (decoder_for), 16, 20 and 24 the one for any lift; lift 20 (not a
+    multiple of ldpc_qc.LANES) its numba loops, the others the LLVM vector passes."""
     code = random_qc_code(4096 // lift * lift, rate, lift, seed=5)
     order = ldpc_qc.qc_message_order(lift, code.qc[1], code.qc[3])
     assert np.array_equal(np.sort(order), np.arange(code.edges))

@@ -14,13 +14,19 @@ the same order of the float operations on every value), and the checks of a row 
 independent, so the result is bit-identical to decode_phi_rows on the code's expanded
 CSR (check_ptr/check_var). Only the messages' layout differs: the message of entry t to
 its variable in lane w (the edge of check lane (w - shift[t]) mod Z) is at t Z + w
-(qc_message_order maps it to the CSR's).
+(qc_message_order maps it to the CSR's). The two passes over a base row are LLVM vector
+code of LANES lanes (row_first_pass, row_second_pass; session 14: 1.4-1.8x the numba
+loops' speed, docs/distillation.md "Decoder kernel, session 14").
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from host.distil import ldpc
 from host.distil.ldpc import _hard_decision_out, _hard_decision_satisfies, _stalled
@@ -103,6 +109,235 @@ SIGN_BIT = np.uint32(31)
 SUM_MASK = np.uint32(0x7FFFFFFF)
 
 
+# The two passes over one base row as LLVM vectors (session 14; docs/distillation.md
+# "Decoder kernel, session 14"). numba intrinsics: each emits, in the kernel that calls it,
+# a loop over the row's entries and, per entry, over its lift lanes in vectors of LANES.
+# The arithmetic is the numba loops' they replace (kept below for other lifts), operation
+# for operation, so the kernel stays bit-identical to ldpc.decode_phi_rows. Why not numba
+# loops: LLVM's loop vectoriser picked 16-lane (zmm) gathers on this CPU (znver4), slower
+# than two 8-lane ones, and every entry paid slice normalisation and runtime alias checks.
+# Here the width is ours: 8 lanes, one ymm gather on AVX2 and AVX-512; a CPU without
+# gathers gets LLVM's scalar expansion of llvm.masked.gather (the same values). numba's
+# cache keys machine code by CPU name and features, so no build is served to another CPU.
+# They live in this file because numba's cache is invalidated by a hash of the kernel's
+# source file only: an edit here recompiles the kernels, an edit in another module would not.
+# lanes per vector: a lift that is a multiple of it takes these passes (32, 64, 128: the
+# construction's 2^16-2^18 frames); 8 x 32 bits is one ymm register
+LANES = 8
+
+_I1 = ir.IntType(1)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_F32 = ir.FloatType()
+_VF = ir.VectorType(_F32, LANES)
+_VI = ir.VectorType(_I32, LANES)
+_VB = ir.VectorType(_I1, LANES)
+
+_PHI_MAX = float(ldpc.PHI_MAX)
+_PHI_SCALE = float(ldpc.PHI_SCALE)
+_SUM_MASK = 0x7FFFFFFF
+_SIGN_BIT = 31
+_HALF = int(ldpc.PHI_FIXED_HALF)
+_SHIFT = int(ldpc.PHI_FIXED_SHIFT)
+_LAST = int(ldpc.PHI_LAST)
+
+
+class _VectorGEP(ir.Instruction):
+    """getelementptr elem, ptr base, <LANES x i32> index: a vector of LANES pointers, the
+    operand of llvm.masked.gather (llvmlite's GEPInstr takes scalar indices only). The
+    i32 index is sign-extended; every index here is in [0, PHI_LAST]."""
+
+    def __init__(self, parent, base, index, elem_type):
+        super().__init__(
+            parent, ir.VectorType(base.type, LANES), "getelementptr", [base, index], name=""
+        )
+        self.elem_type = elem_type
+
+    def descr(self, buf):
+        base, index = self.operands
+        buf.append(
+            f"getelementptr inbounds {self.elem_type}, {base.type} {base.get_reference()}, "
+            f"{index.type} {index.get_reference()}\n"
+        )
+
+
+def _splat(value, vector_type):
+    return ir.Constant(vector_type, [value] * LANES)
+
+
+def _gather(builder, base, index, vector_type):
+    """base[index] for the LANES indices (llvm.masked.gather, every lane on)."""
+    pointers = _VectorGEP(builder.block, base, index, vector_type.element)
+    builder._insert(pointers)
+    element = "i32" if vector_type.element == _I32 else "f32"
+    gather = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(vector_type, [pointers.type, _I32, _VB, vector_type]),
+        f"llvm.masked.gather.v{LANES}{element}.v{LANES}p0",
+    )
+    every_lane = _splat(1, _VB)
+    return builder.call(
+        gather, [pointers, ir.Constant(_I32, 4), every_lane, ir.Constant(vector_type, None)]
+    )
+
+
+def _vector_at(builder, data, offset, vector_type):
+    """A pointer to the LANES values data[offset ...]."""
+    return builder.bitcast(builder.gep(data, [offset], inbounds=True), vector_type.as_pointer())
+
+
+def _load(builder, pointer):
+    return builder.load(pointer, align=4)
+
+
+def _store(builder, value, pointer):
+    builder.store(value, pointer, align=4)
+
+
+def _contiguous(array, dtype) -> bool:
+    return isinstance(array, types.Array) and array.layout == "C" and array.dtype == dtype
+
+
+def _row_entries(context, builder, signature, args, first):
+    """The data pointers of the array arguments, and a loop over the row's entries t0 + i
+    yielding (i, t, column[t] lift, lift - shift[t], lift) as int64."""
+    arrays = [
+        context.make_array(ty)(context, builder, value).data if isinstance(ty, types.Array)
+        else None
+        for ty, value in zip(signature.args, args, strict=True)
+    ]  # fmt: skip
+    t0, degree, lift = (
+        context.cast(builder, args[k], signature.args[k], types.int64)
+        for k in range(first, first + 3)
+    )
+    return arrays, t0, degree, lift
+
+
+def _entry(context, builder, column, shift, t0, i, lift):
+    """(t, column[t] lift, lift - shift[t]) of entry t = t0 + i, int64."""
+    t = builder.add(t0, i)
+    values = []
+    for array_type, data in (column, shift):
+        value = builder.load(builder.gep(data, [t], inbounds=True))
+        values.append(context.cast(builder, value, array_type.dtype, types.int64))
+    return t, builder.mul(values[0], lift), builder.sub(lift, values[1])
+
+
+@intrinsic
+def row_first_pass(typingctx, post, r, p, acc, fixed, column, shift, t0, degree, lift):
+    """decode_qc_rows's first pass over base row entries t0 .. t0 + degree - 1 (lift a
+    multiple of LANES), for each entry i, t = t0 + i, and lane w < lift:
+    x = post[column[t] lift + w] - r[t lift + w];
+    y = fixed[int32(min(|x|, PHI_MAX) PHI_SCALE + 0.5)]; p[i lift + w] = y;
+    acc[lift - shift[t] + w] = (acc[...] + y) ^ ((x < 0) << 31)."""
+    float32s = (post, r)
+    if not (
+        all(_contiguous(a, types.float32) for a in float32s)
+        and all(_contiguous(a, types.uint32) for a in (p, acc))
+        and _contiguous(fixed, types.int32)
+        and all(isinstance(a, types.Array) and a.layout == "C" for a in (column, shift))
+        and all(isinstance(a, types.Integer) for a in (t0, degree, lift))
+    ):
+        return None
+    signature = types.void(post, r, p, acc, fixed, column, shift, t0, degree, lift)
+
+    def codegen(context, builder, signature, args):
+        arrays, t0_, degree_, lift_ = _row_entries(context, builder, signature, args, 7)
+        post_d, r_d, p_d, acc_d, fixed_d, column_d, shift_d = arrays[:7]
+        column_ = (signature.args[5], column_d)
+        shift_ = (signature.args[6], shift_d)
+        vectors = builder.udiv(lift_, ir.Constant(_I64, LANES))
+        fabs = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_VF, [_VF]), f"llvm.fabs.v{LANES}f32"
+        )
+        with cgutils.for_range(builder, degree_) as entry:
+            t, post_at, acc_at = _entry(context, builder, column_, shift_, t0_, entry.index, lift_)
+            starts = (post_at, builder.mul(t, lift_), builder.mul(entry.index, lift_), acc_at)
+            with cgutils.for_range(builder, vectors) as vector:
+                step = builder.mul(vector.index, ir.Constant(_I64, LANES))
+                post_o, r_o, p_o, acc_o = (builder.add(start, step) for start in starts)
+                x = builder.fsub(
+                    _load(builder, _vector_at(builder, post_d, post_o, _VF)),
+                    _load(builder, _vector_at(builder, r_d, r_o, _VF)),
+                )
+                magnitude = builder.call(fabs, [x])
+                top = _splat(_PHI_MAX, _VF)
+                magnitude = builder.select(
+                    builder.fcmp_ordered("<", magnitude, top), magnitude, top
+                )
+                scaled = builder.fadd(
+                    builder.fmul(magnitude, _splat(_PHI_SCALE, _VF)), _splat(0.5, _VF)
+                )
+                y = _gather(builder, fixed_d, builder.fptosi(scaled, _VI), _VI)
+                _store(builder, y, _vector_at(builder, p_d, p_o, _VI))
+                acc_p = _vector_at(builder, acc_d, acc_o, _VI)
+                negative = builder.zext(builder.fcmp_ordered("<", x, _splat(0.0, _VF)), _VI)
+                sign = builder.shl(negative, _splat(_SIGN_BIT, _VI))
+                _store(builder, builder.xor(builder.add(_load(builder, acc_p), y), sign), acc_p)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
+def row_second_pass(typingctx, post, r, p, acc, hard, table, column, shift, t0, degree, lift):
+    """decode_qc_rows's second pass over the same entries (acc folded: a check's phi sum
+    and sign parity at lift - shift[t] + w), for each entry and lane: x as in the first
+    pass; a = acc[lift - shift[t] + w];
+    index = min(((a & SUM_MASK) - p[i lift + w] + HALF) >> SHIFT, LAST) (uint32);
+    message = table[index], negated iff a's bit 31 differs from (x < 0) (the float product
+    (+-1) table[index] of the numba loop: the same bits); r[t lift + w] = message;
+    post[column[t] lift + w] = x + message; hard[lift - shift[t] + w] += (that < 0)."""
+    if not (
+        all(_contiguous(a, types.float32) for a in (post, r))
+        and all(_contiguous(a, types.uint32) for a in (p, acc))
+        and _contiguous(hard, types.int32)
+        and _contiguous(table, types.float32)
+        and all(isinstance(a, types.Array) and a.layout == "C" for a in (column, shift))
+        and all(isinstance(a, types.Integer) for a in (t0, degree, lift))
+    ):
+        return None
+    signature = types.void(post, r, p, acc, hard, table, column, shift, t0, degree, lift)
+
+    def codegen(context, builder, signature, args):
+        arrays, t0_, degree_, lift_ = _row_entries(context, builder, signature, args, 8)
+        post_d, r_d, p_d, acc_d, hard_d, table_d, column_d, shift_d = arrays[:8]
+        column_ = (signature.args[6], column_d)
+        shift_ = (signature.args[7], shift_d)
+        vectors = builder.udiv(lift_, ir.Constant(_I64, LANES))
+        with cgutils.for_range(builder, degree_) as entry:
+            t, post_at, acc_at = _entry(context, builder, column_, shift_, t0_, entry.index, lift_)
+            starts = (post_at, builder.mul(t, lift_), builder.mul(entry.index, lift_), acc_at)
+            with cgutils.for_range(builder, vectors) as vector:
+                step = builder.mul(vector.index, ir.Constant(_I64, LANES))
+                post_o, r_o, p_o, acc_o = (builder.add(start, step) for start in starts)
+                post_p = _vector_at(builder, post_d, post_o, _VF)
+                r_p = _vector_at(builder, r_d, r_o, _VF)
+                x = builder.fsub(_load(builder, post_p), _load(builder, r_p))
+                a = _load(builder, _vector_at(builder, acc_d, acc_o, _VI))
+                own = _load(builder, _vector_at(builder, p_d, p_o, _VI))
+                others = builder.sub(builder.and_(a, _splat(_SUM_MASK, _VI)), own)
+                index = builder.lshr(builder.add(others, _splat(_HALF, _VI)), _splat(_SHIFT, _VI))
+                last = _splat(_LAST, _VI)
+                index = builder.select(builder.icmp_unsigned("<", index, last), index, last)
+                magnitude = builder.bitcast(_gather(builder, table_d, index, _VF), _VI)
+                negative = builder.zext(builder.fcmp_ordered("<", x, _splat(0.0, _VF)), _VI)
+                flip = builder.xor(
+                    builder.and_(a, _splat(1 << _SIGN_BIT, _VI)),
+                    builder.shl(negative, _splat(_SIGN_BIT, _VI)),
+                )
+                message = builder.bitcast(builder.xor(magnitude, flip), _VF)
+                _store(builder, message, r_p)
+                posterior = builder.fadd(x, message)
+                _store(builder, posterior, post_p)
+                hard_p = _vector_at(builder, hard_d, acc_o, _VI)
+                below = builder.zext(builder.fcmp_ordered("<", posterior, _splat(0.0, _VF)), _VI)
+                _store(builder, builder.add(_load(builder, hard_p), below), hard_p)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
 def _decoder(constant_lift: int):
     """decode_qc_rows compiled for codes of lift `constant_lift` only (0: any lift). A lift
     known at compile time lets LLVM drop the loops' remainders and trip-count checks
@@ -129,9 +364,10 @@ def _decoder(constant_lift: int):
         into it, and adding two halves adds their parities mod 2): one array fewer to
         accumulate, check for aliasing and read. q is not stored but recomputed in the second
         pass (the row's posteriors and messages are unchanged until then: the same float
-        subtraction, the same bits). Every inner loop is over lift contiguous lanes (LLVM
-        vectorises them, 8 lanes of AVX2/AVX-512VL; the table lookups are gathers with 32-bit
-        indices).
+        subtraction, the same bits). Every inner loop is over lift contiguous lanes: for a
+        lift that is a multiple of LANES, row_first_pass / row_second_pass (LLVM vectors of
+        8 lanes, the table lookups 8-lane gathers with 32-bit indices); for another lift the
+        numba loops they replace (LLVM vectorises them itself).
         """
         table = PHI_TABLE
         fixed = PHI_TABLE_FIXED
@@ -180,18 +416,21 @@ def _decoder(constant_lift: int):
                     deg = row_ptr[b + 1] - t0
                     for z in range(2 * Z):
                         acc[z] = 0
-                    for i in range(deg):
-                        t = t0 + i
-                        pv_run = post[np.int64(column[t]) * Z :]
-                        rt = r[t * Z : t * Z + Z]
-                        pi = p[i]
-                        k = Z - np.int64(shift[t])
-                        ak = acc[k : k + Z]
-                        for w in range(Z):
-                            x = pv_run[w] - rt[w]
-                            y = np.uint32(_phi_fixed(fixed, abs(x)))
-                            pi[w] = y
-                            ak[w] = np.uint32(ak[w] + y) ^ (np.uint32(x < 0) << SIGN_BIT)
+                    if Z % LANES == 0:
+                        row_first_pass(post, r, p, acc, fixed, column, shift, t0, deg, Z)
+                    else:
+                        for i in range(deg):
+                            t = t0 + i
+                            pv_run = post[np.int64(column[t]) * Z :]
+                            rt = r[t * Z : t * Z + Z]
+                            pi = p[i]
+                            k = Z - np.int64(shift[t])
+                            ak = acc[k : k + Z]
+                            for w in range(Z):
+                                x = pv_run[w] - rt[w]
+                                y = np.uint32(_phi_fixed(fixed, abs(x)))
+                                pi[w] = y
+                                ak[w] = np.uint32(ak[w] + y) ^ (np.uint32(x < 0) << SIGN_BIT)
                     for z in range(Z):
                         a = np.uint32(acc[z] + acc[z + Z]) ^ (
                             np.uint32(syndromes[f, b * Z + z]) << SIGN_BIT
@@ -200,27 +439,31 @@ def _decoder(constant_lift: int):
                         acc[z + Z] = a
                         hard[z] = np.int32(syndromes[f, b * Z + z])
                         hard[z + Z] = 0
-                    for i in range(deg):
-                        t = t0 + i
-                        pv_run = post[np.int64(column[t]) * Z :]
-                        rt = r[t * Z : t * Z + Z]
-                        pi = p[i]
-                        k = Z - np.int64(shift[t])
-                        ak = acc[k : k + Z]
-                        hk = hard[k : k + Z]
-                        for w in range(Z):
-                            x = pv_run[w] - rt[w]
-                            a = ak[w]
-                            index = min(
-                                np.uint32(np.uint32((a & SUM_MASK) - pi[w]) + HALF_U) >> SHIFT_U,
-                                LAST_U,
-                            )
-                            sign = np.float32(-1.0) if a > SUM_MASK else np.float32(1.0)
-                            message = (sign if x >= 0 else -sign) * table[index]
-                            rt[w] = message
-                            pv = x + message
-                            pv_run[w] = pv
-                            hk[w] += np.int32(pv < 0)
+                    if Z % LANES == 0:
+                        row_second_pass(post, r, p, acc, hard, table, column, shift, t0, deg, Z)
+                    else:
+                        for i in range(deg):
+                            t = t0 + i
+                            pv_run = post[np.int64(column[t]) * Z :]
+                            rt = r[t * Z : t * Z + Z]
+                            pi = p[i]
+                            k = Z - np.int64(shift[t])
+                            ak = acc[k : k + Z]
+                            hk = hard[k : k + Z]
+                            for w in range(Z):
+                                x = pv_run[w] - rt[w]
+                                a = ak[w]
+                                index = min(
+                                    np.uint32(np.uint32((a & SUM_MASK) - pi[w]) + HALF_U)
+                                    >> SHIFT_U,
+                                    LAST_U,
+                                )
+                                sign = np.float32(-1.0) if a > SUM_MASK else np.float32(1.0)
+                                message = (sign if x >= 0 else -sign) * table[index]
+                                rt[w] = message
+                                pv = x + message
+                                pv_run[w] = pv
+                                hk[w] += np.int32(pv < 0)
                     for z in range(Z):
                         unsatisfied += (hard[z] + hard[z + Z]) & 1
                 if unsatisfied == 0:
