@@ -15,8 +15,8 @@ independent, so the result is bit-identical to decode_phi_rows on the code's exp
 CSR (check_ptr/check_var). Only the messages' layout differs: the message of entry t to
 its variable in lane w (the edge of check lane (w - shift[t]) mod Z) is at t Z + w
 (qc_message_order maps it to the CSR's). The two passes over a base row are LLVM vector
-code of LANES lanes (row_first_pass, row_second_pass; session 14: 1.4-1.8x the numba
-loops' speed, docs/distillation.md "Decoder kernel, session 14").
+code of LANES lanes (row_first_pass, row_second_pass; session 14: 1.2-1.4x the numba
+loops' speed per edge update, docs/distillation.md "Decoder kernel, session 14").
 """
 
 from __future__ import annotations
