@@ -130,3 +130,91 @@ def test_the_link_end_estimate_counts_a_chunk_in_frames_of_2_16():
     assert chunk_short_frames({"frames": 3, "frame_bits": 2**17, "probe_bits": 60_000}) == 5
     assert chunk_short_frames({"frames": 2, "frame_bits": 2**17}) == 4
     assert chunk_short_frames({"frames": 2, "frame_bits": 2**16}) == 2
+
+
+def _stream_options(*argv: str):
+    import argparse
+
+    from host.distil import run
+
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    return run.stream_from_args(parser.parse_args(["--out", "unused", "--stream", *argv]))
+
+
+@pytest.mark.parametrize("frame_bits", ["0", "-131072", "100000", "4096", str(2**30)])
+def test_stream_frame_bits_of_no_provisioned_length_is_refused_by_name(frame_bits):
+    # 0 was taken as "not given" (the default 2^17), a typo run silently on other frames
+    with pytest.raises(BadInput, match="--stream-frame-bits"):
+        _stream_options("--stream-frame-bits", frame_bits)
+    assert _stream_options().frame_bits == 2**17
+    assert _stream_options("--stream-frame-bits", "65536").frame_bits == 2**16
+
+
+class _NoMessages:
+    """A channel that must not be used: a refused request sends and receives nothing."""
+
+    def send(self, *args, **kwargs):
+        raise AssertionError("a message went out for a refused request")
+
+    def recv(self, *args, **kwargs):
+        raise AssertionError("a message was awaited for a refused request")
+
+
+@pytest.mark.parametrize(
+    "frame_bits", [100_000, 2**30, 0, -(2**17), 2**17 + 0.5, "131072", True, None]
+)
+def test_alice_refuses_a_frame_length_she_holds_no_code_for_before_using_any_bit(
+    monkeypatch, frame_bits
+):
+    """Bob names each chunk's frame length (an authenticated field): Alice refuses any but
+    ldpc.FRAME_BITS / LONG_FRAME_BITS (the provisioned codes) and a request that names none
+    (a Bob before frame_bits, whose frames were ldpc.frame_bits_for's: 2^17 for a catch-up
+    chunk where Alice would take 2^16, an abort after the chunk's syndromes) with a clear
+    reason, before any message, any code is built (a 2^30-bit code would exhaust her
+    memory, 100,000 bits is built at pass time) or any key bit is counted reconciled."""
+    from types import SimpleNamespace
+
+    from host.distil import ldpc
+    from host.distil.stream import StreamAlice
+    from host.errors import ProtocolAborted
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a code was built for a refused request")
+
+    monkeypatch.setattr(ldpc, "construct", no_build)
+    sifted = _Sifted(("Z",))
+    sifted.bit.extend(np.zeros(400_000, np.uint8))
+    sifted.key_positions["Z"].extend(np.arange(400_000))
+    alice = SimpleNamespace(config=Config(), rng=np.random.default_rng(0))
+    request = {"bits": 300_000, "qber": 0.012, "sample_bits": 20_000}
+    msg = request if frame_bits is None else {**request, "frame_bits": frame_bits}
+    with pytest.raises(ProtocolAborted, match="frame"):
+        StreamAlice._reconcile(alice, _NoMessages(), msg, sifted, "Z")
+    assert sifted.reconciled["Z"] == 0
+
+
+def test_a_peer_of_protocol_4_is_refused_at_the_hello_before_the_raw_data_is_claimed():
+    """Protocol 4's stream Bob named no frame length (his catch-up chunks took
+    ldpc.frame_bits_for's 2^17 where this Alice refuses the request, and this Bob's 2^17
+    chunks met a protocol-4 Alice's 2^16: a code mismatch after the syndromes). Both abort
+    mid-pass, after Alice claimed the pass's raw data (raw_data_record: no second run of
+    it); the hello, before the claim, refuses the other version instead."""
+    from types import SimpleNamespace
+
+    from host.distil.protocol import Bob, pass_digest
+    from host.errors import ProtocolAborted
+
+    pass_json = {"pass": "a stand-in"}
+    bob = SimpleNamespace(pass_json=pass_json, config=Config())
+    hello = {
+        "version": 4,
+        "pass_digest": pass_digest(pass_json),
+        "config": Config().public(),
+        "mode": "stream",
+    }
+    sent = []
+    channel = SimpleNamespace(recv=lambda kind: hello, send=lambda kind, **f: sent.append(kind))
+    with pytest.raises(ProtocolAborted, match="protocol 4"):
+        Bob._check_hello(bob, channel, mode="stream")
+    assert not sent

@@ -42,8 +42,10 @@ from host.formats.qdet import read_detections
 from host.protocol.symbols import decode_symbols
 
 # 2: per-frame LDPC check; 3: block tag first (ec_verify, ec_check), ec_block_errors;
-# 4: every message acknowledges the peer's (channel.py, _ack)
-PROTOCOL_VERSION = 4
+# 4: every message acknowledges the peer's (channel.py, _ack); 5: the stream's reconcile
+# request names its frames' length (frame_bits; a peer of 4 would fail mid-pass, after the
+# raw data is claimed, where the hello refuses it before)
+PROTOCOL_VERSION = 5
 NO_PATTERN = 3  # intensity code Alice sends for a slot she has no record of
 VERIFY_KEYS = 2  # two independent 64-bit hashes: collision <= (L/2^64)^2
 EC_CONSISTENT_SIGMAS = 2.0  # see _ec_qber

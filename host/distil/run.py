@@ -248,7 +248,8 @@ def stream_from_args(args):
         args.stream_block_s,
         args.stream_speedup,
         args.stream_chunk_frames,
-        frame_bits=args.stream_frame_bits or STREAM_FRAME_BITS,
+        # `is None`, not `or`: 0 is a length to refuse (validate), not "not given"
+        frame_bits=STREAM_FRAME_BITS if args.stream_frame_bits is None else args.stream_frame_bits,
         idle_s=args.stream_idle_s,
         link_end_s=args.stream_link_end_s,
     )

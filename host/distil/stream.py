@@ -890,10 +890,16 @@ class StreamAlice(Alice):
         if not 0 < count <= sifted.backlog(name) or not 0 < qber < 0.5 or sample_bits < 0:
             raise ProtocolAborted(f"stream: reconcile request out of range ({count} bits)")
         # Bob's choice of frame length (public, like the chunk's size): any length a code
-        # is provisioned for; the syndromes' code digest checks that both sides used it
-        frame_bits = int(msg.get("frame_bits", ldpc.FRAME_BITS))
-        if frame_bits not in FRAME_LENGTHS:
-            raise ProtocolAborted(f"stream: reconcile request with {frame_bits}-bit frames")
+        # is provisioned for; the syndromes' code digest checks that both sides used it.
+        # Named, an integer, checked before any message or code: no default (a request
+        # without it came from a Bob whose frames were ldpc.frame_bits_for's, 2^17 for a
+        # catch-up chunk: a code mismatch after the chunk's syndromes), no rounding
+        frame_bits = msg.get("frame_bits")
+        if type(frame_bits) is not int or frame_bits not in FRAME_LENGTHS:
+            raise ProtocolAborted(
+                f"stream: reconcile request with frames of {frame_bits!r} bits, not one of "
+                f"{FRAME_LENGTHS}"
+            )
         start = sifted.reconciled[name]
         positions = sifted.key_positions[name].view[start : start + count]
         key_bits = sifted.bit.view[positions]
