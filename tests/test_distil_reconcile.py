@@ -208,6 +208,26 @@ def test_a_retry_that_still_makes_progress_is_not_cut_at_40_iterations(monkeypat
     assert steps.sum() < cut_steps.sum() and (steps <= cut_steps).all(), (steps, cut_steps)
 
 
+def test_bobs_retries_run_to_the_retry_cap_the_test_above_pins(monkeypatch):
+    """The test above pins reconcile.LDPC_RETRY_ITERATIONS against 40 on its own copy of the
+    retry loop; this one checks that Bob's exchange decodes its retries with that cap (a
+    cap written into _ldpc_bob_part instead passed the test above). Small frames (2^13)
+    at 2 % so that the retry path runs, as the leak test's."""
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)
+    caps = []
+    decode_round = reconcile._decode_round
+
+    def recording(pending, llr, syndromes, code, iterations, *rest):
+        caps.append((rest[-1], iterations))  # (attempt, its cap)
+        return decode_round(pending, llr, syndromes, code, iterations, *rest)
+
+    monkeypatch.setattr(reconcile, "_decode_round", recording)
+    x, corrected, stats, _, _ = _exchange("ldpc", n=80_000, q=0.02, seed=4)
+    assert np.array_equal(corrected, x) and stats["retry_rounds"] > 0
+    assert caps[0] == (0, reconcile.LDPC_MAX_ITERATIONS)
+    assert {cap for attempt, cap in caps[1:]} == {reconcile.LDPC_RETRY_ITERATIONS}, caps
+
+
 # Decodes the same frames at rates whose checks take the decoder's separate-gather path
 # (degree >= SEPARATE_GATHER_DEGREE), prints a digest of the messages left.
 _MESSAGES_DIGEST = """
