@@ -727,20 +727,28 @@ def test_a_small_blocks_leak_stays_bounded_when_its_qber_sample_is_off(q_estimat
     )
 
 
-def _recorded_both_ways(x, y, q_estimate, sample_bits, **bob_options):
+def _recorded_both_ways(
+    x, y, q_estimate, sample_bits, alice_frame_bits=None, timeout_s=300, **bob_options
+):
     """LDPC between two endpoints whose transports log what each sends: (Bob's corrected
-    string, kept mask, Bob's stats, Alice's stats, Alice's messages, Bob's messages)."""
+    string, kept mask, Bob's stats, Alice's stats, Alice's messages, Bob's messages).
+    alice_frame_bits: the frame length Alice is told (the stream's request names it), Bob's
+    in bob_options; timeout_s how long a side waits for a message (Alice, when Bob aborts:
+    this helper sends no abort)."""
     data = np.random.default_rng(0).bytes(1 << 16)
-    t_a, t_b = ch.queue_pair(timeout_s=300)
+    t_a, t_b = ch.queue_pair(timeout_s=timeout_s)
     by_alice, by_bob = [], []
     a = ch.AuthChannel(_Recorder(t_a, by_alice), ch.KeyPool(data), ch.ALICE)
     b = ch.AuthChannel(_Recorder(t_b, by_bob), ch.KeyPool(data), ch.BOB)
     result = {}
 
     def alice():
-        result["a"] = reconcile.ldpc_alice(
-            a, x, q_estimate, 1.05, np.random.default_rng(2), sample_bits
-        )
+        try:
+            result["a"] = reconcile.ldpc_alice(
+                a, x, q_estimate, 1.05, np.random.default_rng(2), sample_bits, alice_frame_bits
+            )
+        except ProtocolAborted as error:
+            result["a_error"] = error
 
     thread = threading.Thread(target=alice)
     thread.start()
@@ -750,6 +758,8 @@ def _recorded_both_ways(x, y, q_estimate, sample_bits, **bob_options):
         )
     finally:
         thread.join()
+    if "a_error" in result:
+        raise result["a_error"]
     return corrected, kept, stats, result["a"][1], by_alice, by_bob
 
 
@@ -1025,6 +1035,51 @@ def test_a_probe_stays_one_short_frame_when_the_block_takes_long_ones():
     short = ldpc.max_key_bits(low, 1.05, ldpc.FRAME_BITS, high)
     assert probe.size == math.ceil(n / math.ceil(n / short))  # one of 2^16-bit equal frames
     assert ldpc.frame_bits_for(probe.size, low, 1.05, high) == ldpc.FRAME_BITS
+
+
+def test_a_chunk_in_the_frames_bob_names_counts_the_leak_that_crossed(monkeypatch):
+    """The stream's path (stream.next_chunk): both sides are told the frame length, here
+    longer than the block's own (ldpc.frame_bits_for: the short one for 2 long frames),
+    and the block is sized from a sample: a probe of one short frame, then the rest in the
+    named length. Keys identical, both sides count the same leak, and it is what crossed:
+    each part's syndromes of the code its message names (the probe's short, the rest's
+    long), reveals, the block tags, Bob's messages (steps in [0, n] of each part's code)
+    and the probe's count. Told different lengths, the sides abort on the code digest
+    before Bob decodes anything. Scaled down (2^12, 2^13, 2^14); fixed noise and draws."""
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 4096)
+    monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", (8192, 16384))
+    q, sample = 0.02, 2048
+    low, high = reconcile.qber_interval(q, sample)
+    n = int(2.3 * ldpc.max_key_bits(low, 1.05, 8192, qber_high=high))
+    assert ldpc.frame_bits_for(n, low, 1.05, high) == 4096
+    x, y = _noisy_pair(n, q, np.random.default_rng(14))
+    corrected, kept, stats, alice_stats, by_alice, by_bob = _recorded_both_ways(
+        x, y, q, sample, alice_frame_bits=8192, frame_bits=8192
+    )
+    assert np.array_equal(corrected, x) and kept.all()
+    assert stats["leak_bits"] == alice_stats["leak_bits"]
+    parts = stats["parts"]
+    syndromes = [f for kind, f in by_alice if kind == "ec_syndromes"]
+    assert len(parts) == len(syndromes) == 2 and parts[0]["frames"] == 1
+    alice_bits = bob_bits = 0
+    for part, message, frame_bits in zip(parts, syndromes, (4096, 8192), strict=True):
+        assert part["frame_bits"] == frame_bits
+        code = ldpc.construct(frame_bits, part["mother_rate"])
+        assert message["code"] == code.digest()
+        plan = ldpc.FramePlan(code, part["punctured"], part["shortened"])
+        alice_bits += int(message["frames"]) * plan.leak_bits()
+        bob_bits += _bob_bits(part, part["retry_rounds"] + 1, code_n=frame_bits)
+    alice_bits += sum(8 * len(bytes(f["tag"])) for kind, f in by_alice if kind == "ec_verify")
+    assert "ec_frame_tags" not in [kind for kind, _ in by_alice]
+    reveals = [len(bytes(f["values"])) * 8 for kind, f in by_alice if kind == "ec_reveal"]
+    assert 0 <= sum(reveals) - stats["revealed_bits"] <= 7 * len(reveals)  # whole bytes
+    alice_bits += stats["revealed_bits"]
+    (announced,) = [f for kind, f in by_bob if kind == "ec_probe_errors"]
+    bob_bits += math.ceil(math.log2(int(announced["bits"]) + 1))
+    assert stats["leak_bob_messages_bits"] == bob_bits
+    assert stats["leak_bits"] == alice_bits + bob_bits
+    with pytest.raises(ProtocolAborted, match="code"):
+        _recorded_both_ways(x, y, q, sample, alice_frame_bits=16384, timeout_s=5, frame_bits=8192)
 
 
 def _alices_and_bobs_frames(plan, frames, key, errors, rng):
