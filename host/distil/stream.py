@@ -897,8 +897,8 @@ class StreamAlice(Alice):
         frame_bits = msg.get("frame_bits")
         if type(frame_bits) is not int or frame_bits not in FRAME_LENGTHS:
             raise ProtocolAborted(
-                f"stream: reconcile request with frames of {frame_bits!r} bits, not one of "
-                f"{FRAME_LENGTHS}"
+                f"stream: reconcile request with frame length {frame_bits!r}, not one of "
+                f"{FRAME_LENGTHS} bits"
             )
         start = sifted.reconciled[name]
         positions = sifted.key_positions[name].view[start : start + count]
