@@ -188,3 +188,26 @@ def test_checks_near_the_largest_degree_whose_phi_sum_fits_decode_as_on_the_csr(
             rows, llr, syndromes, *too_heavy, code.check_ptr, code.narrow_check_var(), 4,
             qc_messages, out, iters, ldpc.STALL_ITERATIONS, 0,
         )  # fmt: skip
+
+
+def test_an_edit_of_ldpc_py_alone_keys_the_qc_decoders_cache_anew(monkeypatch):
+    """numba keys a cached kernel by its own source file's stamp, its bytecode and its
+    closure's values, not by the modules it calls into; the QC decoder inlines ldpc's
+    _stalled and _hard_decision_* and bakes in ldpc's tables and constants (the vector
+    passes' too), so after an edit of ldpc.py alone numba served the machine code built
+    against the old ldpc.py. The digest of ldpc.py is in the decoder's cache key: another
+    ldpc.py, another key (a cache miss: a fresh compile)."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256(Path(ldpc.__file__).read_bytes()).hexdigest()
+    assert ldpc_qc.LDPC_SOURCE_DIGEST == digest
+
+    def key(dispatcher):
+        return dispatcher._cache._index_key((), dispatcher.targetctx.codegen())
+
+    now = [key(ldpc_qc._decoder(lift)) for lift in (0, 32)]
+    assert now == [key(ldpc_qc.decode_qc_rows), key(ldpc_qc.decoder_for(32))]
+    monkeypatch.setattr(ldpc_qc, "LDPC_SOURCE_DIGEST", hashlib.sha256(b"edited").hexdigest())
+    edited = [key(ldpc_qc._decoder(lift)) for lift in (0, 32)]
+    assert all(a != b for a, b in zip(now, edited, strict=True))

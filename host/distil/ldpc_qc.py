@@ -21,6 +21,9 @@ loops' speed per edge update, docs/distillation.md "Decoder kernel, session 14")
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -119,8 +122,9 @@ SUM_MASK = np.uint32(0x7FFFFFFF)
 # Here the width is ours: 8 lanes, one ymm gather on AVX2 and AVX-512; a CPU without
 # gathers gets LLVM's scalar expansion of llvm.masked.gather (the same values). numba's
 # cache keys machine code by CPU name and features, so no build is served to another CPU.
-# They live in this file because numba's cache is invalidated by a hash of the kernel's
-# source file only: an edit here recompiles the kernels, an edit in another module would not.
+# They live in this file because numba's cache is invalidated by the stamp (mtime, size) of
+# the kernel's own source file: an edit here recompiles the kernels; for ldpc.py, see
+# LDPC_SOURCE_DIGEST.
 # lanes per vector: a lift that is a multiple of it takes these passes (32, 64, 128: the
 # construction's 2^16-2^18 frames); 8 x 32 bits is one ymm register
 LANES = 8
@@ -338,11 +342,20 @@ def row_second_pass(typingctx, post, r, p, acc, hard, table, column, shift, t0, 
     return signature, codegen
 
 
+# numba keys a cached kernel by its own file's stamp, its bytecode and its closure's values,
+# not by the modules it calls into. The decoder inlines ldpc's _stalled and _hard_decision_*
+# and bakes in ldpc's tables and constants (the vector passes' too): after an edit of
+# ldpc.py alone numba served the machine code built against the old one. The digest of
+# ldpc.py is a closure value of the decoder, so another ldpc.py is another cache key.
+LDPC_SOURCE_DIGEST = hashlib.sha256(Path(ldpc.__file__).read_bytes()).hexdigest()
+
+
 def _decoder(constant_lift: int):
     """decode_qc_rows compiled for codes of lift `constant_lift` only (0: any lift). A lift
     known at compile time lets LLVM drop the loops' remainders and trip-count checks
     (at lift 32 ~10 % of the time: its loops are 4 vector steps long). A closure: numba
-    caches each lift's machine code under its value."""
+    caches each lift's machine code under its value (and ldpc.py's, LDPC_SOURCE_DIGEST)."""
+    ldpc_source_digest = LDPC_SOURCE_DIGEST
 
     @numba.njit(cache=True, parallel=True, fastmath=ldpc.DECODER_FASTMATH)
     def decode_qc_rows(
@@ -369,6 +382,8 @@ def _decoder(constant_lift: int):
         8 lanes, the table lookups 8-lane gathers with 32-bit indices); for another lift the
         numba loops they replace (LLVM vectorises them itself).
         """
+        # only to be in the closure, hence in numba's cache key (LDPC_SOURCE_DIGEST)
+        _ = ldpc_source_digest
         table = PHI_TABLE
         fixed = PHI_TABLE_FIXED
         n = llr.shape[1]
