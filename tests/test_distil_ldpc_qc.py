@@ -211,3 +211,34 @@ def test_an_edit_of_ldpc_py_alone_keys_the_qc_decoders_cache_anew(monkeypatch):
     monkeypatch.setattr(ldpc_qc, "LDPC_SOURCE_DIGEST", hashlib.sha256(b"edited").hexdigest())
     edited = [key(ldpc_qc._decoder(lift)) for lift in (0, 32)]
     assert all(a != b for a, b in zip(now, edited, strict=True))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_reconciliation_refuses_a_non_finite_llr_before_the_decoder_reads_it(bad):
+    """The decoders are compiled with ldpc.DECODER_FASTMATH (nnan, ninf): a NaN or infinite
+    LLR is undefined behaviour there, and their phi-table index comes from it unchecked
+    (decode_phi_rows read out of bounds and crashed the process on a NaN LLR; the QC
+    kernel's index depends on how LLVM lowered the clamp). reconcile._decode refuses it,
+    on a QC code and on a CSR one, before either decoder runs; messages and bits are left
+    as they were."""
+    lift = 16
+    code = random_qc_code(2048, 0.84, lift, seed=2)
+    rng = np.random.default_rng(9)
+    x, llr, syndromes = _frames(code, rng, np.full(2, 0.01), 0.01, punctured=0, known=0)
+    llr[1, 77] = bad
+    csr_code = ldpc.Code(
+        code.n, code.m, code.check_ptr, code.check_var, 1, code.rate, code.order, qc=None
+    )
+    for c in (code, csr_code):
+        messages = np.zeros((2, c.edges), np.float32)
+        out = np.full(x.shape, 2, np.uint8)
+        rows = np.arange(2, dtype=np.int64)
+        with pytest.raises(ValueError, match="finite"):
+            reconcile._decode(rows, llr, syndromes, c, 5, messages, out, np.zeros(2, np.int64))
+        assert not messages.any() and (out == 2).all()
+    # a frame not decoded is not checked: its LLRs are not read
+    out = np.zeros_like(x)
+    messages = np.zeros((2, code.edges), np.float32)
+    rows = np.array([0], dtype=np.int64)
+    ok = reconcile._decode(rows, llr, syndromes, code, 60, messages, out, np.zeros(2, np.int64))
+    assert ok.all() and np.array_equal(out[0], x[0])

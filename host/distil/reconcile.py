@@ -208,6 +208,12 @@ def _decode(rows, llr, syndromes, code, iterations, messages, out, iters, stall_
     frames run on numba's threads (numba.set_num_threads of the calling thread: a caller
     that decodes several blocks at once can give each fewer). stall_rule: (stall,
     progress) of decode_phi_rows, default (ldpc.STALL_ITERATIONS, 0)."""
+    # The decoders assume finite values (ldpc.DECODER_FASTMATH: nnan, ninf) and index the
+    # phi table with them unchecked: a NaN LLR read out of bounds (decode_phi_rows
+    # crashed the process). The LLRs built here are finite (a clamped QBER, LLR_KNOWN, 0);
+    # this keeps it so for any caller (0.5 ms for 16 frames of 2^17).
+    if not np.isfinite(llr[rows]).all():
+        raise ValueError("an LLR that is not finite: the decoders assume finite values")
     stall, progress = stall_rule or (ldpc.STALL_ITERATIONS, 0)
     with numba.parallel_chunksize(DECODER_CHUNK_FRAMES):
         if code.qc is not None:
