@@ -350,6 +350,17 @@ def row_second_pass(typingctx, post, r, p, acc, hard, table, column, shift, t0, 
 LDPC_SOURCE_DIGEST = hashlib.sha256(Path(ldpc.__file__).read_bytes()).hexdigest()
 
 
+@numba.njit(cache=True, inline="always")
+def _entry_lanes(post, r, p, column, shift, t0, i, lift):
+    """The numba loops' views of entry t = t0 + i (what _entry gives the vector passes):
+    the posteriors from its column's first lane, its lift messages and phi values, and
+    k = lift - shift[t], where its lanes start in the doubled accumulators."""
+    t = t0 + i
+    posteriors = post[np.int64(column[t]) * lift :]
+    messages = r[t * lift : t * lift + lift]
+    return posteriors, messages, p[i], lift - np.int64(shift[t])
+
+
 def _decoder(constant_lift: int):
     """decode_qc_rows compiled for codes of lift `constant_lift` only (0: any lift). A lift
     known at compile time lets LLVM drop the loops' remainders and trip-count checks
@@ -435,11 +446,7 @@ def _decoder(constant_lift: int):
                         row_first_pass(post, r, p, acc, fixed, column, shift, t0, deg, Z)
                     else:
                         for i in range(deg):
-                            t = t0 + i
-                            pv_run = post[np.int64(column[t]) * Z :]
-                            rt = r[t * Z : t * Z + Z]
-                            pi = p[i]
-                            k = Z - np.int64(shift[t])
+                            pv_run, rt, pi, k = _entry_lanes(post, r, p, column, shift, t0, i, Z)
                             ak = acc[k : k + Z]
                             for w in range(Z):
                                 x = pv_run[w] - rt[w]
@@ -458,11 +465,7 @@ def _decoder(constant_lift: int):
                         row_second_pass(post, r, p, acc, hard, table, column, shift, t0, deg, Z)
                     else:
                         for i in range(deg):
-                            t = t0 + i
-                            pv_run = post[np.int64(column[t]) * Z :]
-                            rt = r[t * Z : t * Z + Z]
-                            pi = p[i]
-                            k = Z - np.int64(shift[t])
+                            pv_run, rt, pi, k = _entry_lanes(post, r, p, column, shift, t0, i, Z)
                             ak = acc[k : k + Z]
                             hk = hard[k : k + Z]
                             for w in range(Z):
