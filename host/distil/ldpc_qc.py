@@ -21,6 +21,7 @@ loops' speed per edge update, docs/distillation.md "Decoder kernel, session 14")
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -227,6 +228,20 @@ def _entry(context, builder, column, shift, t0, i, lift):
     return t, builder.mul(values[0], lift), builder.sub(lift, values[1])
 
 
+@contextlib.contextmanager
+def _row_vectors(context, builder, column, shift, t0, degree, lift):
+    """The vector passes' loops: over the row's entries t0 .. t0 + degree - 1 and each
+    entry's lift / LANES vectors; yields the current vector's element offsets into post, r,
+    p and the accumulators (column[t] lift, t lift, i lift, lift - shift[t]; + LANES v)."""
+    vectors = builder.udiv(lift, ir.Constant(_I64, LANES))
+    with cgutils.for_range(builder, degree) as entry:
+        t, post_at, acc_at = _entry(context, builder, column, shift, t0, entry.index, lift)
+        starts = (post_at, builder.mul(t, lift), builder.mul(entry.index, lift), acc_at)
+        with cgutils.for_range(builder, vectors) as vector:
+            step = builder.mul(vector.index, ir.Constant(_I64, LANES))
+            yield tuple(builder.add(start, step) for start in starts)
+
+
 @intrinsic
 def row_first_pass(typingctx, post, r, p, acc, fixed, column, shift, t0, degree, lift):
     """decode_qc_rows's first pass over base row entries t0 .. t0 + degree - 1 (lift a
@@ -250,34 +265,27 @@ def row_first_pass(typingctx, post, r, p, acc, fixed, column, shift, t0, degree,
         post_d, r_d, p_d, acc_d, fixed_d, column_d, shift_d = arrays[:7]
         column_ = (signature.args[5], column_d)
         shift_ = (signature.args[6], shift_d)
-        vectors = builder.udiv(lift_, ir.Constant(_I64, LANES))
         fabs = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_VF, [_VF]), f"llvm.fabs.v{LANES}f32"
         )
-        with cgutils.for_range(builder, degree_) as entry:
-            t, post_at, acc_at = _entry(context, builder, column_, shift_, t0_, entry.index, lift_)
-            starts = (post_at, builder.mul(t, lift_), builder.mul(entry.index, lift_), acc_at)
-            with cgutils.for_range(builder, vectors) as vector:
-                step = builder.mul(vector.index, ir.Constant(_I64, LANES))
-                post_o, r_o, p_o, acc_o = (builder.add(start, step) for start in starts)
-                x = builder.fsub(
-                    _load(builder, _vector_at(builder, post_d, post_o, _VF)),
-                    _load(builder, _vector_at(builder, r_d, r_o, _VF)),
-                )
-                magnitude = builder.call(fabs, [x])
-                top = _splat(_PHI_MAX, _VF)
-                magnitude = builder.select(
-                    builder.fcmp_ordered("<", magnitude, top), magnitude, top
-                )
-                scaled = builder.fadd(
-                    builder.fmul(magnitude, _splat(_PHI_SCALE, _VF)), _splat(0.5, _VF)
-                )
-                y = _gather(builder, fixed_d, builder.fptosi(scaled, _VI), _VI)
-                _store(builder, y, _vector_at(builder, p_d, p_o, _VI))
-                acc_p = _vector_at(builder, acc_d, acc_o, _VI)
-                negative = builder.zext(builder.fcmp_ordered("<", x, _splat(0.0, _VF)), _VI)
-                sign = builder.shl(negative, _splat(_SIGN_BIT, _VI))
-                _store(builder, builder.xor(builder.add(_load(builder, acc_p), y), sign), acc_p)
+        entries = (column_, shift_, t0_, degree_, lift_)
+        with _row_vectors(context, builder, *entries) as (post_o, r_o, p_o, acc_o):
+            x = builder.fsub(
+                _load(builder, _vector_at(builder, post_d, post_o, _VF)),
+                _load(builder, _vector_at(builder, r_d, r_o, _VF)),
+            )
+            magnitude = builder.call(fabs, [x])
+            top = _splat(_PHI_MAX, _VF)
+            magnitude = builder.select(builder.fcmp_ordered("<", magnitude, top), magnitude, top)
+            scaled = builder.fadd(
+                builder.fmul(magnitude, _splat(_PHI_SCALE, _VF)), _splat(0.5, _VF)
+            )
+            y = _gather(builder, fixed_d, builder.fptosi(scaled, _VI), _VI)
+            _store(builder, y, _vector_at(builder, p_d, p_o, _VI))
+            acc_p = _vector_at(builder, acc_d, acc_o, _VI)
+            negative = builder.zext(builder.fcmp_ordered("<", x, _splat(0.0, _VF)), _VI)
+            sign = builder.shl(negative, _splat(_SIGN_BIT, _VI))
+            _store(builder, builder.xor(builder.add(_load(builder, acc_p), y), sign), acc_p)
         return context.get_dummy_value()
 
     return signature, codegen
@@ -308,35 +316,30 @@ def row_second_pass(typingctx, post, r, p, acc, hard, table, column, shift, t0, 
         post_d, r_d, p_d, acc_d, hard_d, table_d, column_d, shift_d = arrays[:8]
         column_ = (signature.args[6], column_d)
         shift_ = (signature.args[7], shift_d)
-        vectors = builder.udiv(lift_, ir.Constant(_I64, LANES))
-        with cgutils.for_range(builder, degree_) as entry:
-            t, post_at, acc_at = _entry(context, builder, column_, shift_, t0_, entry.index, lift_)
-            starts = (post_at, builder.mul(t, lift_), builder.mul(entry.index, lift_), acc_at)
-            with cgutils.for_range(builder, vectors) as vector:
-                step = builder.mul(vector.index, ir.Constant(_I64, LANES))
-                post_o, r_o, p_o, acc_o = (builder.add(start, step) for start in starts)
-                post_p = _vector_at(builder, post_d, post_o, _VF)
-                r_p = _vector_at(builder, r_d, r_o, _VF)
-                x = builder.fsub(_load(builder, post_p), _load(builder, r_p))
-                a = _load(builder, _vector_at(builder, acc_d, acc_o, _VI))
-                own = _load(builder, _vector_at(builder, p_d, p_o, _VI))
-                others = builder.sub(builder.and_(a, _splat(_SUM_MASK, _VI)), own)
-                index = builder.lshr(builder.add(others, _splat(_HALF, _VI)), _splat(_SHIFT, _VI))
-                last = _splat(_LAST, _VI)
-                index = builder.select(builder.icmp_unsigned("<", index, last), index, last)
-                magnitude = builder.bitcast(_gather(builder, table_d, index, _VF), _VI)
-                negative = builder.zext(builder.fcmp_ordered("<", x, _splat(0.0, _VF)), _VI)
-                flip = builder.xor(
-                    builder.and_(a, _splat(1 << _SIGN_BIT, _VI)),
-                    builder.shl(negative, _splat(_SIGN_BIT, _VI)),
-                )
-                message = builder.bitcast(builder.xor(magnitude, flip), _VF)
-                _store(builder, message, r_p)
-                posterior = builder.fadd(x, message)
-                _store(builder, posterior, post_p)
-                hard_p = _vector_at(builder, hard_d, acc_o, _VI)
-                below = builder.zext(builder.fcmp_ordered("<", posterior, _splat(0.0, _VF)), _VI)
-                _store(builder, builder.add(_load(builder, hard_p), below), hard_p)
+        entries = (column_, shift_, t0_, degree_, lift_)
+        with _row_vectors(context, builder, *entries) as (post_o, r_o, p_o, acc_o):
+            post_p = _vector_at(builder, post_d, post_o, _VF)
+            r_p = _vector_at(builder, r_d, r_o, _VF)
+            x = builder.fsub(_load(builder, post_p), _load(builder, r_p))
+            a = _load(builder, _vector_at(builder, acc_d, acc_o, _VI))
+            own = _load(builder, _vector_at(builder, p_d, p_o, _VI))
+            others = builder.sub(builder.and_(a, _splat(_SUM_MASK, _VI)), own)
+            index = builder.lshr(builder.add(others, _splat(_HALF, _VI)), _splat(_SHIFT, _VI))
+            last = _splat(_LAST, _VI)
+            index = builder.select(builder.icmp_unsigned("<", index, last), index, last)
+            magnitude = builder.bitcast(_gather(builder, table_d, index, _VF), _VI)
+            negative = builder.zext(builder.fcmp_ordered("<", x, _splat(0.0, _VF)), _VI)
+            flip = builder.xor(
+                builder.and_(a, _splat(1 << _SIGN_BIT, _VI)),
+                builder.shl(negative, _splat(_SIGN_BIT, _VI)),
+            )
+            message = builder.bitcast(builder.xor(magnitude, flip), _VF)
+            _store(builder, message, r_p)
+            posterior = builder.fadd(x, message)
+            _store(builder, posterior, post_p)
+            hard_p = _vector_at(builder, hard_d, acc_o, _VI)
+            below = builder.zext(builder.fcmp_ordered("<", posterior, _splat(0.0, _VF)), _VI)
+            _store(builder, builder.add(_load(builder, hard_p), below), hard_p)
         return context.get_dummy_value()
 
     return signature, codegen
