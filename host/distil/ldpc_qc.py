@@ -140,8 +140,8 @@ _VB = ir.VectorType(_I1, LANES)
 
 _PHI_MAX = float(ldpc.PHI_MAX)
 _PHI_SCALE = float(ldpc.PHI_SCALE)
-_SUM_MASK = 0x7FFFFFFF
-_SIGN_BIT = 31
+_SUM_MASK = int(SUM_MASK)
+_SIGN_BIT = int(SIGN_BIT)
 _HALF = int(ldpc.PHI_FIXED_HALF)
 _SHIFT = int(ldpc.PHI_FIXED_SHIFT)
 _LAST = int(ldpc.PHI_LAST)
@@ -204,18 +204,20 @@ def _contiguous(array, dtype) -> bool:
 
 
 def _row_entries(context, builder, signature, args, first):
-    """The data pointers of the array arguments, and a loop over the row's entries t0 + i
-    yielding (i, t, column[t] lift, lift - shift[t], lift) as int64."""
+    """(the data pointers of the array arguments, _row_vectors's entries): the arguments end
+    with column, shift, t0, degree, lift, t0 the argument at `first`; entries are column's
+    and shift's (type, data pointer) and t0, degree and lift cast to int64."""
     arrays = [
         context.make_array(ty)(context, builder, value).data if isinstance(ty, types.Array)
         else None
         for ty, value in zip(signature.args, args, strict=True)
     ]  # fmt: skip
+    column, shift = ((signature.args[k], arrays[k]) for k in (first - 2, first - 1))
     t0, degree, lift = (
         context.cast(builder, args[k], signature.args[k], types.int64)
         for k in range(first, first + 3)
     )
-    return arrays, t0, degree, lift
+    return arrays, (column, shift, t0, degree, lift)
 
 
 def _entry(context, builder, column, shift, t0, i, lift):
@@ -249,9 +251,8 @@ def row_first_pass(typingctx, post, r, p, acc, fixed, column, shift, t0, degree,
     x = post[column[t] lift + w] - r[t lift + w];
     y = fixed[int32(min(|x|, PHI_MAX) PHI_SCALE + 0.5)]; p[i lift + w] = y;
     acc[lift - shift[t] + w] = (acc[...] + y) ^ ((x < 0) << 31)."""
-    float32s = (post, r)
     if not (
-        all(_contiguous(a, types.float32) for a in float32s)
+        all(_contiguous(a, types.float32) for a in (post, r))
         and all(_contiguous(a, types.uint32) for a in (p, acc))
         and _contiguous(fixed, types.int32)
         and all(isinstance(a, types.Array) and a.layout == "C" for a in (column, shift))
@@ -261,14 +262,11 @@ def row_first_pass(typingctx, post, r, p, acc, fixed, column, shift, t0, degree,
     signature = types.void(post, r, p, acc, fixed, column, shift, t0, degree, lift)
 
     def codegen(context, builder, signature, args):
-        arrays, t0_, degree_, lift_ = _row_entries(context, builder, signature, args, 7)
-        post_d, r_d, p_d, acc_d, fixed_d, column_d, shift_d = arrays[:7]
-        column_ = (signature.args[5], column_d)
-        shift_ = (signature.args[6], shift_d)
+        arrays, entries = _row_entries(context, builder, signature, args, 7)
+        post_d, r_d, p_d, acc_d, fixed_d = arrays[:5]
         fabs = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_VF, [_VF]), f"llvm.fabs.v{LANES}f32"
         )
-        entries = (column_, shift_, t0_, degree_, lift_)
         with _row_vectors(context, builder, *entries) as (post_o, r_o, p_o, acc_o):
             x = builder.fsub(
                 _load(builder, _vector_at(builder, post_d, post_o, _VF)),
@@ -312,11 +310,8 @@ def row_second_pass(typingctx, post, r, p, acc, hard, table, column, shift, t0, 
     signature = types.void(post, r, p, acc, hard, table, column, shift, t0, degree, lift)
 
     def codegen(context, builder, signature, args):
-        arrays, t0_, degree_, lift_ = _row_entries(context, builder, signature, args, 8)
-        post_d, r_d, p_d, acc_d, hard_d, table_d, column_d, shift_d = arrays[:8]
-        column_ = (signature.args[6], column_d)
-        shift_ = (signature.args[7], shift_d)
-        entries = (column_, shift_, t0_, degree_, lift_)
+        arrays, entries = _row_entries(context, builder, signature, args, 8)
+        post_d, r_d, p_d, acc_d, hard_d, table_d = arrays[:6]
         with _row_vectors(context, builder, *entries) as (post_o, r_o, p_o, acc_o):
             post_p = _vector_at(builder, post_d, post_o, _VF)
             r_p = _vector_at(builder, r_d, r_o, _VF)
