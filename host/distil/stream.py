@@ -469,16 +469,22 @@ def count_announcement_bits(chunk_bits: int) -> int:
     return math.ceil(math.log2(chunk_bits + 1))
 
 
-def chunk_bits(cfg: Config, options: StreamOptions, qber: float, sample_bits: int) -> int:
-    """Key bits of one error-correction chunk: `chunk_frames` whole frames of the plan the
-    reconciliation will choose for this QBER estimate (reconcile._plan), so that no frame
-    of a chunk is short (a short frame costs as much in check bits and Bob's messages)."""
+def frame_key_bits(
+    cfg: Config, qber: float, sample_bits: int, frame_bits: int = ldpc.FRAME_BITS
+) -> int:
+    """Key bits of one whole LDPC frame of `frame_bits` in the plan the reconciliation will
+    choose for this QBER estimate (reconcile._plan); ldpc.FRAME_BITS for Cascade."""
     if cfg.ec != "ldpc":
-        return options.chunk_frames * ldpc.FRAME_BITS
+        return ldpc.FRAME_BITS
     low, high = reconcile.qber_interval(qber, sample_bits)
-    return options.chunk_frames * ldpc.max_key_bits(
-        low, cfg.ec_efficiency, options.frame_bits, qber_high=high
-    )
+    return ldpc.max_key_bits(low, cfg.ec_efficiency, frame_bits, qber_high=high)
+
+
+def chunk_bits(cfg: Config, options: StreamOptions, qber: float, sample_bits: int) -> int:
+    """Key bits of one error-correction chunk: `chunk_frames` whole frames of the chunks'
+    length (frame_key_bits), so that no frame of a chunk is short (a short frame costs as
+    much in check bits and Bob's messages)."""
+    return options.chunk_frames * frame_key_bits(cfg, qber, sample_bits, options.frame_bits)
 
 
 def next_chunk(
@@ -1383,10 +1389,8 @@ class StreamBob(Bob):
                 while True:
                     qber, bits, source = self._estimate(name)
                     # key bits of a frame of ldpc.FRAME_BITS and of the chunks' length
-                    short_frame = chunk_bits(
-                        cfg, replace(opts, chunk_frames=1, frame_bits=ldpc.FRAME_BITS), qber, bits
-                    )
-                    long_frame = chunk_bits(cfg, replace(opts, chunk_frames=1), qber, bits)
+                    short_frame = frame_key_bits(cfg, qber, bits)
+                    long_frame = frame_key_bits(cfg, qber, bits, opts.frame_bits)
                     backlog = self._sifted.backlog(name)
                     # near the link's end or loss of signal no frame is held back: what is
                     # left then is under a frame of ldpc.FRAME_BITS and the blocks since, a
@@ -1531,8 +1535,7 @@ class StreamBob(Bob):
             if bits:
                 qber, sample_bits, _ = self._estimate(name)
                 # in frames of ldpc.FRAME_BITS, as s_per_frame
-                short = replace(opts, chunk_frames=1, frame_bits=ldpc.FRAME_BITS)
-                frame_bits = max(1, chunk_bits(self.config, short, qber, sample_bits))
+                frame_bits = max(1, frame_key_bits(self.config, qber, sample_bits))
                 frames += math.ceil(bits / frame_bits)
                 pending += bits
         reconciled = sum(self._sifted.reconciled.values())
