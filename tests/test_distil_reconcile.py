@@ -1037,6 +1037,16 @@ def test_a_probe_stays_one_short_frame_when_the_block_takes_long_ones():
     assert ldpc.frame_bits_for(probe.size, low, 1.05, high) == ldpc.FRAME_BITS
 
 
+def test_a_frames_key_positions_are_its_positions_in_ascending_order():
+    """ldpc.ascending (the frame layout's sort-free np.sort) gives exactly np.sort of a
+    slice of a code's public order, in its dtype, for every prefix a frame can use."""
+    order = np.random.default_rng(5).permutation(1 << 16).astype(np.int32)
+    for used in (0, 1, 1000, 60_000, 1 << 16):
+        got = ldpc.ascending(order[:used], 1 << 16)
+        assert got.dtype == order.dtype
+        assert np.array_equal(got, np.sort(order[:used]))
+
+
 def test_a_chunk_in_the_frames_bob_names_counts_the_leak_that_crossed(monkeypatch):
     """The stream's path (stream.next_chunk): both sides are told the frame length, here
     longer than the block's own (ldpc.frame_bits_for: the short one for 2 long frames),

@@ -1056,6 +1056,15 @@ def _earliest_second_member(check_ptr, edge_rank, n):
     return earliest
 
 
+def ascending(positions: np.ndarray, n: int) -> np.ndarray:
+    """np.sort(positions) for distinct positions in [0, n), by marking them: O(n) where the
+    sort is O(k log k) (a frame's key positions: ~0.5 ms against ~3 ms at 2^17, and
+    reconciliation lays out every frame of every round)."""
+    marked = np.zeros(n, dtype=np.bool_)
+    marked[positions] = True
+    return np.flatnonzero(marked).astype(positions.dtype, copy=False)
+
+
 @dataclass
 class FramePlan:
     """How a mother code is adapted to a target rate: the first p positions of the code's
@@ -1071,7 +1080,7 @@ class FramePlan:
 
     @property
     def key_positions(self) -> np.ndarray:
-        return np.sort(self.code.order[self.punctured + self.shortened :])
+        return ascending(self.code.order[self.punctured + self.shortened :], self.code.n)
 
     @property
     def punctured_positions(self) -> np.ndarray:

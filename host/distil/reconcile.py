@@ -614,7 +614,7 @@ def _reveal_order(plan: ldpc.FramePlan, used: int) -> np.ndarray:
 def _frame_layout(plan: ldpc.FramePlan, used: int) -> tuple[np.ndarray, np.ndarray]:
     """(key positions used by this frame in key order, positions known to be zero)."""
     key_order = plan.code.order[plan.punctured + plan.shortened :]
-    key_pos = np.sort(key_order[:used])
+    key_pos = ldpc.ascending(key_order[:used], plan.code.n)
     zero_pos = np.concatenate([plan.shortened_positions, key_order[used:]])
     return key_pos, zero_pos
 
