@@ -61,14 +61,17 @@ def _bits_of(count_range: int) -> int:
     return math.ceil(math.log2(count_range + 1))
 
 
-def _bob_string_dependent_bits(alice: Wire, bob: Wire, key_bases: list) -> tuple[list, dict]:
+def _bob_string_dependent_bits(
+    alice: Wire, bob: Wire, key_bases: list, frame_bits: list
+) -> tuple[list, dict]:
     """From what went over the wire: per EC block, what Bob's own messages can say about his
     string (a frame list is a subset of the block's frames; a step, in ec_top_up, one of
     n + 1 values, and one more for all the retries' ec_status steps, which follow the retry
     schedule from the first; ec_check one bit), and per key basis what his error
-    counts can say (each count in [0, n] for the n the same message or the block gives)."""
+    counts can say (each count in [0, n] for the n the same message or the block gives).
+    frame_bits: each EC part's frame length n, in the order of the parts' ec_syndromes."""
     frames = [int(f["frames"]) for kind, f in alice.messages if kind == "ec_syndromes"]
-    step_bits = _bits_of(ldpc.FRAME_BITS)
+    assert len(frame_bits) == len(frames)
     ec_bits, counts_bits = [], dict.fromkeys(key_bases, 0)
     # a block sized from a sample goes in two parts (a probe frame, its error count, the
     # rest), each with its own syndromes, top-ups, statuses and ec_check
@@ -82,11 +85,11 @@ def _bob_string_dependent_bits(alice: Wire, bob: Wire, key_bases: list) -> tuple
                     ec_bits.append(0)
                 continues = False
                 ec_bits[block] += 1  # the part's ec_check
-            ec_bits[block] += step_bits
+            ec_bits[block] += _bits_of(frame_bits[part])
         elif kind == "ec_status":
             ec_bits[block] += frames[part]
             if int(fields["step"]) and not retried:
-                ec_bits[block] += step_bits
+                ec_bits[block] += _bits_of(frame_bits[part])
                 retried = True
         elif kind == "ec_discard":
             ec_bits[block] += frames[part]
@@ -135,7 +138,10 @@ def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_p
     assert on_disk["key_bases"] == ["Z", "X"]  # symmetric basis choice: both bases
     # Bob's string-dependent messages, counted from the wire, are in the leak (main did
     # not count them), and the key length follows with them
-    ec_bits, counts_bits = _bob_string_dependent_bits(alice_wire, bob_wire, ["Z", "X"])
+    # each part's frame length (public: the code Alice's ec_syndromes names), from the report
+    frame_bits = [p["frame_bits"] for b in on_disk["ec"]["blocks"] for p in b.get("parts", [b])]
+    assert set(frame_bits) <= {ldpc.FRAME_BITS, *ldpc.LONG_FRAME_BITS}
+    ec_bits, counts_bits = _bob_string_dependent_bits(alice_wire, bob_wire, ["Z", "X"], frame_bits)
     assert [b["leak_bob_messages_bits"] for b in on_disk["ec"]["blocks"]] == ec_bits
     assert all(bits > 0 for bits in ec_bits)
     assert {b["basis"]: b["leak_bob_counts_bits"] for b in on_disk["blocks"]} == counts_bits

@@ -991,7 +991,7 @@ def test_a_larger_block_is_reconciled_in_longer_frames_both_sides_agree_on(monke
     so a block that fills ldpc.LONG_FRAME_MIN_FRAMES frames of a longer length takes them
     (ldpc.frame_bits_for, from the block's size and sizing interval: public, no message).
     Scaled down (frames of 2^12, longer ones 2^13 and 2^14) so that it runs in seconds:
-    a block of 3 short frames keeps them, one of 5 frames of 2^13 takes 2^13, and one of
+    a block of 5 short frames keeps them, one of 5 frames of 2^13 takes 2^13, and one of
     4 frames of 2^14 is reconciled in 2^14-bit frames: keys identical, both sides count the
     same leak, and it is what crossed the channel (the syndromes of the code Alice's
     message names, reveals, the tag, Bob's messages with steps in [0, 2^14]).
@@ -999,7 +999,7 @@ def test_a_larger_block_is_reconciled_in_longer_frames_both_sides_agree_on(monke
     monkeypatch.setattr(ldpc, "FRAME_BITS", 4096)
     monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", (8192, 16384))
     q = 0.03
-    assert ldpc.frame_bits_for(3 * ldpc.max_key_bits(q, 1.05, 4096), q, 1.05) == 4096
+    assert ldpc.frame_bits_for(5 * ldpc.max_key_bits(q, 1.05, 4096), q, 1.05) == 4096
     assert ldpc.frame_bits_for(5 * ldpc.max_key_bits(q, 1.05, 8192), q, 1.05) == 8192
     n = 4 * ldpc.max_key_bits(q, 1.05, 16384)
     assert ldpc.frame_bits_for(n - 1, q, 1.05) == 8192
@@ -1021,6 +1021,39 @@ def test_a_larger_block_is_reconciled_in_longer_frames_both_sides_agree_on(monke
     corrected, _, at_first_f, _, _, _ = _recorded_both_ways(x, y, q, 0)
     assert np.array_equal(corrected, x)
     assert streamed["first_request_bits"] == at_first_f["first_request_bits"]
+
+
+def test_a_small_block_is_reconciled_in_one_long_frame_it_fills_at_least_half(monkeypatch):
+    """Issue 17 (robustness, session 15): a block of 2 to LONG_FRAME_MIN_FRAMES - 1 short
+    frames (a 15-30 s pass's) takes one frame of the shortest longer length that holds it,
+    the rest shortened, when it fills at least SMALL_BLOCK_MIN_FILL of that frame's key
+    bits: its f is one long frame's threshold instead of the mean of 2-3 short ones'. One
+    short frame stays one; a block too small for the fill stays in short frames. Scaled
+    down (frames of 2^12, longer ones 2^13 and 2^14); the block is reconciled: one frame
+    of 2^14, keys identical, the same leak on both sides, and what crossed the channel."""
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 4096)
+    monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", (8192, 16384))
+    q = 0.03
+    short, longest = (ldpc.max_key_bits(q, 1.05, n) for n in (4096, 16384))
+    middle = ldpc.max_key_bits(q, 1.05, 8192)
+    assert ldpc.frame_bits_for(short, q, 1.05) == 4096  # one short frame
+    assert ldpc.frame_bits_for(2 * short, q, 1.05) == 8192  # 2 short frames, 8192 holds it
+    assert ldpc.frame_bits_for(middle + 1, q, 1.05) == 16384  # 2^14 holds it half full
+    small = math.ceil(ldpc.SMALL_BLOCK_MIN_FILL * longest)
+    assert short < small - 1 < 4 * short
+    # with the shortest longer frame holding it under half full, it stays in short frames
+    monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", (16384,))
+    assert ldpc.frame_bits_for(small - 1, q, 1.05) == 4096
+    assert ldpc.frame_bits_for(small, q, 1.05) == 16384
+    n = 3 * short
+    assert ldpc.frame_bits_for(n, q, 1.05) == 16384
+    x, y = _noisy_pair(n, q, np.random.default_rng(15))
+    corrected, kept, stats, alice_stats, by_alice, _ = _recorded_both_ways(x, y, q, 0)
+    assert np.array_equal(corrected, x) and kept.all()
+    assert stats["frame_bits"] == alice_stats["frame_bits"] == 16384
+    assert stats["frames"] == 1
+    assert stats["leak_bits"] == alice_stats["leak_bits"]
+    assert stats["leak_bits"] == _long_frames_leak(stats, by_alice, 16384)
 
 
 def test_a_probe_stays_one_short_frame_when_the_block_takes_long_ones():

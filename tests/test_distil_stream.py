@@ -158,11 +158,14 @@ def test_streamed_key_is_near_the_post_pass_length_and_identical_on_both_sides(
     assert alice == bob and len(alice) == -(-report["key_bits"] // 8)
     reference = run_local(micius_30s, tmp_path, Config(), insecure_deterministic_seed=SEED)
     assert not reference["aborted"], reference["abort_reason"]
-    # 8 %, not 2 %: measured on this pass (docs/streaming.md), the post-pass key spreads
+    # 10 %, not 2 %: measured on this pass (docs/streaming.md), the post-pass key spread
     # 21,128-21,922 bits over five endpoint seeds and the streamed one 20,081-20,790 over
     # four, 4-5 % lower on average (the key blocks' EC leak, +~650 bits on the first basis).
+    # Since session 15 post-pass reconciles each of this pass's small blocks in one 2^18
+    # frame (ldpc.SMALL_BLOCK_MIN_FILL), the stream its last chunks in 2^16 frames as
+    # before: 22,500 against 20,638 bits at SEED (8.3 %).
     # This asserts the stream keeps the post-pass analysis, not the 2 % target (not met).
-    assert abs(report["key_bits"] - reference["key_bits"]) <= 0.08 * reference["key_bits"], (
+    assert abs(report["key_bits"] - reference["key_bits"]) <= 0.10 * reference["key_bits"], (
         report["key_bits"],
         reference["key_bits"],
     )
