@@ -364,13 +364,19 @@ class DecoderBudget:
         return (ldpc.STALL_ITERATIONS, 0)
 
 
-def _frame_thresholds(plan, q: float, frames: int, seed: int = 11, budget=None):
+def _frame_thresholds(
+    plan, q: float, frames: int, seed: int = 11, budget=None, after_stall=None
+):  # fmt: skip
     """(each frame's threshold f, nan if it never decoded; iterations per frame): `frames`
     frames of `plan` at QBER q with fixed noise (seed), decoded by the protocol's decoder
     first at THRESHOLD_START_F, then resumed after each further 0.01 of f in revealed
     punctured bits (reveal order as reconcile); f of the frame's own error count.
-    budget: a DecoderBudget instead of the protocol's (iterations, stall rule, step)."""
+    budget: a DecoderBudget instead of the protocol's (iterations, stall rule, step).
+    after_stall: a StalledPostProcessing run on the frames whose attempt failed, before
+    the next reveal (decoding on the CSR kernel, whose messages it reads: the same results
+    bit for bit as the QC one); it counts the frames decoded to a wrong word."""
     budget = budget or DecoderBudget("protocol")
+    decode = reconcile._decode if after_stall is None else after_stall.decode
     code, k = plan.code, plan.key_bits
     key_pos, zero_pos = reconcile._frame_layout(plan, k)
     order = reconcile._reveal_order(plan, k)
@@ -398,7 +404,7 @@ def _frame_thresholds(plan, q: float, frames: int, seed: int = 11, budget=None):
         for f in pending:
             shown = order[: revealed[f]]
             llr[f, shown] = np.where(x[f, shown] == 1, -ldpc.LLR_KNOWN, ldpc.LLR_KNOWN)
-        ok = reconcile._decode(
+        ok = decode(
             pending,
             llr,
             syndromes,
@@ -409,7 +415,11 @@ def _frame_thresholds(plan, q: float, frames: int, seed: int = 11, budget=None):
             iterations,
             budget.stall_rule(pending.size, frames, code.rate),
         )
+        if after_stall is not None and not ok.all():
+            ok[~ok] = after_stall(pending[~ok], llr, syndromes, code, messages, out, iterations)
         right = ok & (out[pending][:, key_pos] == x[pending][:, key_pos]).all(axis=1)
+        if after_stall is not None:
+            after_stall.wrong_words += int(np.count_nonzero(ok & ~right))
         done = pending[right]
         threshold[done] = (plan.leak_bits() + revealed[done]) / (h[done] * k)
         pending = pending[~ok]
@@ -503,6 +513,141 @@ def test_bench_decoder_budget_thresholds(monkeypatch):
                 f"{iterations.mean():16.0f} | "
                 f"{iterations.mean() * plan.code.edges / plan.key_bits:16.0f} | {cpu:5.0f}"
             )
+    print(f" (load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+class StalledPostProcessing:
+    """A local step Bob could take on a frame whose attempt stalled, before he asks for more
+    revealed bits (nothing is sent: no leak), for _frame_thresholds' after_stall (issue 17,
+    session 15, docs/distillation.md "Post-processing of stalled frames"). Each of `rounds`
+    rounds changes the stalled frames' channel LLRs from their state (posterior = channel
+    LLR + the check messages; the unsatisfied checks of the hard decision) and continues
+    BP from their messages for `iterations` (default stall rule); a frame whose word then
+    satisfies its syndrome keeps it, the others get their LLRs and messages back, so the
+    retry path goes on as without the step. change: "none" (BP continued: the control),
+    "clamp" (the top `share` of the unknown variables by |posterior|, `share` more each
+    round, to +-clamp with the posterior's sign: decimation), "erase_unsatisfied" /
+    "flip_unsatisfied" (unknown variables on >= 2 unsatisfied checks: channel LLR 0 /
+    its magnitude against the posterior's sign), "erase_least" (the least reliable
+    `share` by |posterior|: channel LLR 0)."""
+
+    def __init__(self, name, change, share=0.0, rounds=1, clamp=ldpc.LLR_KNOWN, iterations=100):
+        self.name, self.change, self.share, self.rounds = name, change, share, rounds
+        self.clamp, self.iterations = clamp, iterations
+        self.wrong_words = 0  # frames whose accepted word was not Alice's
+        self.rescued = 0  # stalled attempts the step decoded
+
+    @staticmethod
+    def decode(rows, llr, syndromes, code, iterations, messages, out, iters, stall_rule=None):
+        stall, progress = stall_rule or (ldpc.STALL_ITERATIONS, 0)
+        return ldpc.decode_phi_rows(
+            rows, llr, syndromes, code.check_ptr, code.narrow_check_var(), iterations,
+            messages, out, iters, stall, progress,
+        )  # fmt: skip
+
+    def __call__(self, rows, llr, syndromes, code, messages, out, iterations):
+        saved_llr, saved_messages = llr[rows].copy(), messages[rows].copy()
+        ok = np.zeros(rows.size, dtype=bool)
+        for round_index in range(self.rounds):
+            live = rows[~ok]
+            for f in live:
+                self._change(f, round_index, llr, syndromes, code, messages, out)
+            ok[~ok] = self.decode(
+                live, llr, syndromes, code, self.iterations, messages, out, iterations
+            )
+            if ok.all():
+                break
+        llr[rows[~ok]] = saved_llr[~ok]
+        messages[rows[~ok]] = saved_messages[~ok]
+        self.rescued += int(ok.sum())
+        return ok
+
+    def _change(self, f, round_index, llr, syndromes, code, messages, out):
+        if self.change == "none":
+            return
+        unknown = np.nonzero(np.abs(llr[f]) < ldpc.LLR_KNOWN)[0]
+        posterior = llr[f] + np.bincount(code.check_var, messages[f], code.n)
+        if self.change in ("clamp", "erase_least"):
+            take = int(self.share * (round_index + 1) * unknown.size)
+            reliability = np.abs(posterior[unknown])
+            if self.change == "clamp":
+                chosen = unknown[np.argpartition(-reliability, take)[:take]]
+                llr[f, chosen] = np.where(posterior[chosen] < 0, -self.clamp, self.clamp)
+            else:
+                llr[f, unknown[np.argpartition(reliability, take)[:take]]] = 0
+            return
+        unsatisfied = code.syndrome(out[f : f + 1])[0] ^ syndromes[f]
+        on_variable = np.bincount(
+            code.check_var, unsatisfied[reconcile._edge_checks(code)], code.n
+        )
+        chosen = unknown[on_variable[unknown] >= 2]
+        if self.change == "erase_unsatisfied":
+            llr[f, chosen] = 0
+        else:  # flip_unsatisfied
+            against = np.where(posterior[chosen] < 0, 1.0, -1.0)
+            llr[f, chosen] = against * np.abs(llr[f, chosen])
+
+
+POST_PROCESSING = (
+    ("BP continued once (control)", "none", 0.0, 1, ldpc.LLR_KNOWN),
+    ("BP continued 4x (control)", "none", 0.0, 4, ldpc.LLR_KNOWN),
+    ("decimate top 5 %", "clamp", 0.05, 1, ldpc.LLR_KNOWN),
+    ("decimate top 10/20/30/40 %, clamp 8", "clamp", 0.10, 4, 8.0),
+    ("erase on >= 2 unsatisfied", "erase_unsatisfied", 0.0, 1, ldpc.LLR_KNOWN),
+    ("flip on >= 2 unsatisfied", "flip_unsatisfied", 0.0, 1, ldpc.LLR_KNOWN),
+    ("erase least reliable 10 %", "erase_least", 0.10, 1, ldpc.LLR_KNOWN),
+)
+POST_FRAMES = int(os.environ.get("BENCH_POST_FRAMES", "32"))
+
+
+def test_bench_stalled_post_processing():
+    """Issue 17: does a local step on a stalled frame (StalledPostProcessing: decimation,
+    erasing or flipping around the unsatisfied checks) lower the frames' thresholds
+    beyond what more BP iterations do? The same POST_FRAMES frames and noise per row
+    (BUDGET_ROWS: QBER, log2 frame bits of the 1 M-bit block's plan) with the protocol's
+    budget and each step: mean / median / 90 % / worst threshold, the paired change of
+    the mean, frames better / worse, attempts rescued, wrong words, work per key bit."""
+    names = os.environ.get("BENCH_POST_VARIANTS")
+    print(
+        f"\nframes' thresholds with a step on stalled attempts, {POST_FRAMES} frames per row "
+        f"(load average {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        " QBER | frame | step on a stalled attempt           | mean f | median | 90 %  | worst "
+        "| change | better/worse | rescued | wrong words | not decoded | work per key bit"
+    )
+    long_frames = ldpc.LONG_FRAME_BITS
+    try:
+        for row in BUDGET_ROWS.split(","):
+            q, log2_bits = float(row.split(":")[0]), int(row.split(":")[1])
+            bits = 1 << log2_bits
+            ldpc.LONG_FRAME_BITS = tuple(b for b in long_frames if b <= bits)
+            plan = reconcile._plan(BLOCK_BITS, q, Config.ec_efficiency)
+            assert plan.code.n == bits
+            base = None
+            steps = [None] + [
+                StalledPostProcessing(*v)
+                for v in POST_PROCESSING
+                if names is None or v[0] in names.split(";")
+            ]
+            for step in steps:
+                threshold, iterations = _frame_thresholds(plan, q, POST_FRAMES, after_stall=step)
+                base = threshold if base is None else base
+                decoded = threshold[~np.isnan(threshold)]
+                both = ~np.isnan(threshold) & ~np.isnan(base)
+                diff = threshold[both] - base[both]
+                print(
+                    f" {q:.2f} | 2^{log2_bits} | {'none' if step is None else step.name:35s} | "
+                    f"{decoded.mean():.4f} | {np.median(decoded):.4f} | "
+                    f"{np.quantile(decoded, 0.9):.3f} | {decoded.max():.3f} | "
+                    f"{diff.mean():+.4f} | {np.sum(diff < -1e-9):5d}/{np.sum(diff > 1e-9):<6d} | "
+                    f"{0 if step is None else step.rescued:7d} | "
+                    f"{0 if step is None else step.wrong_words:11d} | "
+                    f"{threshold.size - decoded.size:11d} | "
+                    f"{iterations.mean() * plan.code.edges / plan.key_bits:16.0f}"
+                )
+    finally:
+        ldpc.LONG_FRAME_BITS = long_frames
     print(f" (load average {os.getloadavg()[0]:.1f} at the end)")
 
 
