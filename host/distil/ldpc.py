@@ -486,7 +486,14 @@ QC_BASE_COLUMNS = 2048
 # lanes to pay, and leaves a base graph with too few rows for the heaviest columns: those
 # frames keep PEG codes.
 QC_MIN_LIFT = 32
-QC_MODES = ("1", "random")
+QC_MODES = ("1", "random", "6")
+# Shift modes "1" and "6" choose greedily ("6" also against lifted 6-cycles among light
+# columns, QC_LIGHT_DEGREE: docs/distillation.md "QC shifts against 6-cycles");
+# "random" draws uniform shifts.
+QC_GREEDY = {"1": 1, "random": 0, "6": 2}
+# Columns of at most this degree (the staircase's 2 and the designs' 3) are the light
+# ones: the stuck sets of docs/distillation.md are made of them.
+QC_LIGHT_DEGREE = 3
 # In the cache key of a QC code: bump it when the base graph, the shifts or the public
 # order of a QC code change (CODE_VERSION would also rename the production codes).
 QC_VERSION = 2
@@ -494,12 +501,12 @@ QC_VERSION = 2
 
 def qc_mode() -> str | None:
     """The QKDSAT_LDPC_QC switch: "1" (unset or empty: the default, greedy shifts),
-    "random", or None ("0": PEG codes)."""
+    "random", "6" (greedy, also against light 6-cycles) or None ("0": PEG codes)."""
     value = os.environ.get("QKDSAT_LDPC_QC", "") or "1"
     if value == "0":
         return None
     if value not in QC_MODES:
-        raise ValueError(f"QKDSAT_LDPC_QC={value!r}: expected one of 0, 1, random")
+        raise ValueError(f"QKDSAT_LDPC_QC={value!r}: expected one of 0, 1, random, 6")
     return value
 
 
@@ -512,12 +519,13 @@ def _qc_shifts_for(n: int) -> str | None:
 
 
 def _qc_cache_key(n: int, key: str, shifts: str) -> str:
-    return f"qc{n // QC_BASE_COLUMNS}{'' if shifts == '1' else 'r'}.{QC_VERSION}-{key}"
+    tag = {"1": "", "random": "r", "6": "s6"}[shifts]
+    return f"qc{n // QC_BASE_COLUMNS}{tag}.{QC_VERSION}-{key}"
 
 
 def construct_qc(n: int, rate: float, seed: int = 1, distribution=None, shifts: str = "1"):
     """The quasi-cyclic code for (n, rate, seed, distribution), whatever QKDSAT_LDPC_QC
-    says: from memory, the disk cache, or built (shifts "1": greedy, "random")."""
+    says: from memory, the disk cache, or built (shifts "1": greedy, "random", "6")."""
     if n % QC_BASE_COLUMNS or shifts not in QC_MODES:
         raise ValueError(f"no QC code for n={n} (a multiple of {QC_BASE_COLUMNS}), {shifts=}")
     distribution = distribution or _design_for(rate)
@@ -526,7 +534,7 @@ def construct_qc(n: int, rate: float, seed: int = 1, distribution=None, shifts: 
 
 
 @numba.njit(cache=True)
-def _qc_shifts(ev, ec, stairs, nb, mb, lift, greedy, seed):
+def _qc_shifts(ev, ec, stairs, nb, mb, lift, greedy, seed, light):
     """Circulant shifts of the base edges (ev, ec) in their order: 0 on the staircase
     (variables < stairs: Z parallel staircases, still no cycle among degree-2 nodes), else
     (greedy) the shift closing the fewest lifted 4-cycles with the edges before it, then
@@ -539,6 +547,11 @@ def _qc_shifts(ev, ec, stairs, nb, mb, lift, greedy, seed):
     s(r,c) = s(r',c) (the low-ACE cycles of docs/distillation.md "ACE / deeper PEG"; a
     PEG code has one for every pair of a variable's checks). Distinct shifts within a
     column (possible up to degree Z) leave none.
+    greedy 2 (shifts "6") then ranks, on an edge of a light column (light[c]), the base
+    6-cycles it closes through two more light columns, then those through one more: rows
+    r, r2, r3 and columns c, u, w lift to Z 6-cycles iff
+    s(r,c) - s(r2,c) + s(r2,u) - s(r3,u) + s(r3,w) - s(r,w) = 0 mod Z. Heavy columns
+    come first, so the last edge placed on such a cycle is a light column's.
     Returns (shifts, closed): closed[e] the base cycles edge e closed at zero sum."""
     np.random.seed(seed)
     edges = ev.size
@@ -551,6 +564,8 @@ def _qc_shifts(ev, ec, stairs, nb, mb, lift, greedy, seed):
     closed = np.zeros(edges, np.int64)
     count = np.zeros(lift, np.int64)
     cost = np.zeros(lift, np.int64)
+    six = np.zeros(lift, np.int64)
+    six_all = 1 << 16  # all-light 6-cycles rank before the two-light ones
     for e in range(edges):
         c, r = ev[e], ec[e]
         count[:] = 0
@@ -568,11 +583,55 @@ def _qc_shifts(ev, ec, stairs, nb, mb, lift, greedy, seed):
             # rows), then staircase cycles
             for k in range(lift):
                 cost[k] = count[k] * (mb + 1)
+            stair_weight = 1
+            if greedy >= 2 and light[c]:
+                # light 6-cycles closed per shift: all three columns light (weight
+                # six_all), or two of them (weight 1)
+                six[:] = 0
+                for b in range(col_deg[c]):
+                    r2 = col_rows[c, b]
+                    s2c = base[r2, c]
+                    for a in range(row_deg[r2]):  # u light, w any
+                        u = row_cols[r2, a]
+                        if u == c or not light[u]:
+                            continue
+                        via_u = s2c - base[r2, u]
+                        for b3 in range(col_deg[u]):
+                            r3 = col_rows[u, b3]
+                            if r3 == r2 or r3 == r:
+                                continue
+                            via_r3 = via_u + base[r3, u]
+                            for a3 in range(row_deg[r3]):
+                                w = row_cols[r3, a3]
+                                if w == u or base[r, w] < 0:
+                                    continue
+                                weight = six_all if light[w] else 1
+                                six[(via_r3 - base[r3, w] + base[r, w]) % lift] += weight
+                    for a in range(row_deg[r]):  # w light, u heavy
+                        w = row_cols[r, a]
+                        if not light[w]:
+                            continue
+                        for b3 in range(col_deg[w]):
+                            r3 = col_rows[w, b3]
+                            if r3 == r2 or r3 == r:
+                                continue
+                            for a3 in range(row_deg[r3]):
+                                u = row_cols[r3, a3]
+                                if light[u] or base[r2, u] < 0:
+                                    continue
+                                total = s2c - base[r2, u] + base[r3, u] - base[r3, w]
+                                six[(total + base[r, w]) % lift] += 1
+                # ranks apart: per shift, a light column's edge closes far fewer than
+                # 2^10 4-cycles, staircase cycles or all-light 6-cycles, and than 2^16
+                # two-light ones
+                stair_weight = 1 << 30
+                for k in range(lift):
+                    cost[k] = (count[k] << 40) + six[k]
             if r <= stairs:
                 for b in range(col_deg[c]):
                     r2 = col_rows[c, b]
                     if r2 <= stairs:
-                        cost[base[r2, c]] += 1
+                        cost[base[r2, c]] += stair_weight
             fewest = cost.min()
             ties = 0
             for k in range(lift):
@@ -632,6 +691,71 @@ def qc_four_cycles(code: Code) -> np.ndarray:
     return _qc_base_cycles(lift, row_ptr, column, shift, code.n // lift)
 
 
+@numba.njit(cache=True)
+def _qc_base_six_cycles(lift, row_ptr, column, shift, nb, light):
+    """Base 6-cycles through at least one light column whose shift sum is 0 mod Z (each
+    lifts to Z 6-cycles of the code), by how many of their three columns are light
+    (index 1-3); enumerated from each light column c over pairs of its rows, independently
+    of the construction's bookkeeping, each cycle once (at its lowest light column)."""
+    mb = row_ptr.size - 1
+    entries = row_ptr[mb]
+    col_ptr = np.zeros(nb + 1, np.int64)
+    for t in range(entries):
+        col_ptr[column[t] + 1] += 1
+    for c in range(nb):
+        col_ptr[c + 1] += col_ptr[c]
+    fill = col_ptr[:-1].copy()
+    col_entry = np.empty(entries, np.int64)
+    row_of = np.empty(entries, np.int64)
+    for r in range(mb):
+        for t in range(row_ptr[r], row_ptr[r + 1]):
+            row_of[t] = r
+            col_entry[fill[column[t]]] = t
+            fill[column[t]] += 1
+    at = np.full(nb, -1, np.int64)  # entry of column w in row r1, or -1
+    counts = np.zeros(4, np.int64)
+    for c in range(nb):
+        if not light[c]:
+            continue
+        for i in range(col_ptr[c], col_ptr[c + 1]):
+            t1 = col_entry[i]
+            r1 = row_of[t1]
+            for t in range(row_ptr[r1], row_ptr[r1 + 1]):
+                at[column[t]] = t
+            for j in range(i + 1, col_ptr[c + 1]):
+                t2 = col_entry[j]
+                r2 = row_of[t2]
+                # the cycle c - r2 - u - r3 - w - r1 - c
+                for tu in range(row_ptr[r2], row_ptr[r2 + 1]):
+                    u = column[tu]
+                    if u == c or (light[u] and u < c):
+                        continue
+                    for k in range(col_ptr[u], col_ptr[u + 1]):
+                        t3 = col_entry[k]
+                        r3 = row_of[t3]
+                        if r3 == r1 or r3 == r2:
+                            continue
+                        partial = shift[t1] - shift[t2] + shift[tu] - shift[t3]
+                        for tw in range(row_ptr[r3], row_ptr[r3 + 1]):
+                            w = column[tw]
+                            if w == u or w == c or at[w] < 0 or (light[w] and w < c):
+                                continue
+                            if (partial + shift[tw] - shift[at[w]]) % lift == 0:
+                                counts[1 + light[u] + light[w]] += 1
+            for t in range(row_ptr[r1], row_ptr[r1 + 1]):
+                at[column[t]] = -1
+    return counts
+
+
+def qc_six_cycles(code: Code, light_degree: int = QC_LIGHT_DEGREE) -> np.ndarray:
+    """Lifted 6-cycles of a QC code through light columns (degree <= light_degree), by how
+    many of their three variables are light: [0, one, two, three] (0: not counted)."""
+    lift, row_ptr, column, shift = code.qc
+    nb = code.n // lift
+    light = np.bincount(column, minlength=nb) <= light_degree
+    return _qc_base_six_cycles(lift, row_ptr, column, shift, nb, light) * lift
+
+
 def _check_qc_description(code: Code) -> None:
     """ValueError unless code.qc is a description that expands to exactly the code's CSR:
     the QC decoder indexes its buffers by the shifts and columns without bounds checks, so
@@ -679,8 +803,17 @@ def _construct_qc(n: int, rate: float, seed: int, distribution, shifts: str) -> 
     degree = np.bincount(ev, minlength=QC_BASE_COLUMNS)
     place = np.lexsort((-degree[ev], ev >= stairs))
     shift = np.empty_like(ev)
+    light = degree <= QC_LIGHT_DEGREE
     shift[place], _ = _qc_shifts(
-        ev[place], ec[place], stairs, QC_BASE_COLUMNS, mb, lift, shifts == "1", seed + 3
+        ev[place],
+        ec[place],
+        stairs,
+        QC_BASE_COLUMNS,
+        mb,
+        lift,
+        QC_GREEDY[shifts],
+        seed + 3,
+        light,
     )
     order = np.lexsort((ev, ec))  # by base row, columns ascending within it
     ev, ec, shift = ev[order], ec[order], shift[order]
