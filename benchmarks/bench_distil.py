@@ -834,7 +834,7 @@ def test_bench_finite_length_degree_distributions(monkeypatch, tmp_path):
 # Issue 17, quasi-cyclic codes (docs/distillation.md "Quasi-cyclic codes"): noise seeds
 # per QBER of the A/B below (16 frames each), "q:seed,seed;q:seed" (default: 3 seeds at
 # 1 and 2 %, one at 3 and 5 %), and the codes compared ("peg", "1": greedy shifts,
-# "random": uniform shifts).
+# "random": uniform shifts, "6": greedy also against light 6-cycles).
 QC_AB_SEEDS = os.environ.get("BENCH_QC_SEEDS", "0.01:11,12,13;0.02:11,12,13;0.03:11;0.05:11")
 QC_AB_CODES = os.environ.get("BENCH_QC_CODES", "peg,1").split(",")
 QC_AB_FRAMES = tuple(int(b) for b in os.environ.get("BENCH_QC_FRAME_BITS", "16,17").split(","))
@@ -848,7 +848,8 @@ def test_bench_qc_codes(monkeypatch):
     print("\nquasi-cyclic codes against PEG (same frames and noise, existing decoder)")
     print(
         " QBER | frame | code   | frames | mean f | 50 % | 90 % | worst | not decoded | "
-        "M edge updates per frame | lifted 4-cycles (low-degree columns in one)"
+        "M edge updates per frame | lifted 4-cycles (low-degree columns in one) | "
+        "lifted 6-cycles with 2 / 3 low-degree variables"
     )
     for spec in QC_AB_SEEDS.split(";"):
         q_text, seeds_text = spec.split(":")
@@ -875,6 +876,8 @@ def test_bench_qc_codes(monkeypatch):
                     lift, _, column, _ = built.qc
                     light = np.bincount(column, minlength=per_column.size) <= 3
                     cycles = f"{per_column.sum() // 2 * lift} ({np.sum(light & (per_column > 0))})"
+                    six = ldpc.qc_six_cycles(built)
+                    cycles += f" | {six[2]} / {six[3]}"
                 print(
                     f" {q:.2f} | 2^{bits} | {code:6s} | {threshold.size:6d} | "
                     f"{decoded.mean():6.4f} | {mid:.3f} | {high:.3f} | {decoded.max():.3f} | "
