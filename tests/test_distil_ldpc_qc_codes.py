@@ -205,7 +205,9 @@ def test_a_block_reconciles_with_identical_keys_on_qc_codes(monkeypatch):
     assert np.array_equal(corrected, x) and stats["kept"].all()
     assert stats["leak_bits"] == alice_stats["leak_bits"]
     code = ldpc.construct(stats["frame_bits"], stats["mother_rate"])
-    assert code.qc is not None and code.n == ldpc.FRAME_BITS
+    # 120,000 bits would fill two frames of 2^16: one frame of 2^17 holds them at least
+    # half full (ldpc.SMALL_BLOCK_MIN_FILL, 139d904), quasi-cyclic as well
+    assert code.qc is not None and code.n == 2 * ldpc.FRAME_BITS
     assert reconcile._plan(x.size, q, 1.1).code is code
 
 
