@@ -107,7 +107,7 @@ def test_warm_up_counts_the_missing_codes_and_names_the_command(tmp_path, monkey
 
 
 def test_every_flight_length_code_plan_picks_is_in_the_provisioned_set(monkeypatch):
-    """The flight lengths (2^16, and 2^17/2^18 for blocks of at least 4 such frames): the
+    """The flight lengths (2^16, and 2^17/2^18 for larger blocks, ldpc.frame_bits_for): the
     codes reconcile._plan picks over block sizes, QBER estimates and samples are all in
     what `qkdsat codes build` provisions. Building 543 flight codes does not fit a test, so
     construct hands _plan a code of the right n and m without its edges (plan_for reads only
@@ -128,6 +128,13 @@ def test_every_flight_length_code_plan_picks_is_in_the_provisioned_set(monkeypat
         sample_bits = int(draw.choice([0, 10, 256, 2_000, 50_000, 10**6]))
         for efficiency in (Config().ec_efficiency, reconcile.LDPC_FIRST_F):
             reconcile._plan(count, qber, efficiency, sample_bits)
+            # and a block of exactly 1 or 4 full short frames (the short length's fullest
+            # frames, hence its lowest rates: since session 15 the random sizes between
+            # 4 and 8 short frames take 2^17, ldpc.MID_FRAME_MIN_FRAMES)
+            low, high = reconcile.qber_interval(qber, sample_bits)
+            most = ldpc.max_key_bits(low, efficiency, ldpc.FRAME_BITS, high)
+            for frames in (1, 4):
+                reconcile._plan(frames * most, qber, efficiency, sample_bits)
     provisioned = codes.default_codes()
     assert {n for n, _ in asked} == set(codes.frame_lengths())
     assert asked <= set(provisioned), sorted(asked - set(provisioned))

@@ -991,7 +991,7 @@ def test_a_larger_block_is_reconciled_in_longer_frames_both_sides_agree_on(monke
     so a block that fills ldpc.LONG_FRAME_MIN_FRAMES frames of a longer length takes them
     (ldpc.frame_bits_for, from the block's size and sizing interval: public, no message).
     Scaled down (frames of 2^12, longer ones 2^13 and 2^14) so that it runs in seconds:
-    a block of 5 short frames keeps them, one of 5 frames of 2^13 takes 2^13, and one of
+    a block of 4 short frames keeps them, one of 5 frames of 2^13 takes 2^13, and one of
     4 frames of 2^14 is reconciled in 2^14-bit frames: keys identical, both sides count the
     same leak, and it is what crossed the channel (the syndromes of the code Alice's
     message names, reveals, the tag, Bob's messages with steps in [0, 2^14]).
@@ -999,7 +999,7 @@ def test_a_larger_block_is_reconciled_in_longer_frames_both_sides_agree_on(monke
     monkeypatch.setattr(ldpc, "FRAME_BITS", 4096)
     monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", (8192, 16384))
     q = 0.03
-    assert ldpc.frame_bits_for(5 * ldpc.max_key_bits(q, 1.05, 4096), q, 1.05) == 4096
+    assert ldpc.frame_bits_for(4 * ldpc.max_key_bits(q, 1.05, 4096), q, 1.05) == 4096
     assert ldpc.frame_bits_for(5 * ldpc.max_key_bits(q, 1.05, 8192), q, 1.05) == 8192
     n = 4 * ldpc.max_key_bits(q, 1.05, 16384)
     assert ldpc.frame_bits_for(n - 1, q, 1.05) == 8192
@@ -1028,7 +1028,8 @@ def test_a_small_block_is_reconciled_in_one_long_frame_it_fills_at_least_half(mo
     frames (a 15-30 s pass's) takes one frame of the shortest longer length that holds it,
     the rest shortened, when it fills at least SMALL_BLOCK_MIN_FILL of that frame's key
     bits: its f is one long frame's threshold instead of the mean of 2-3 short ones'. One
-    short frame stays one; a block too small for the fill stays in short frames. Scaled
+    short frame stays one; a block too small for the fill stays in short frames; a block
+    that makes MID_FRAME_MIN_FRAMES frames of the shortest longer length takes it. Scaled
     down (frames of 2^12, longer ones 2^13 and 2^14); the block is reconciled: one frame
     of 2^14, keys identical, the same leak on both sides, and what crossed the channel."""
     monkeypatch.setattr(ldpc, "FRAME_BITS", 4096)
@@ -1039,6 +1040,11 @@ def test_a_small_block_is_reconciled_in_one_long_frame_it_fills_at_least_half(mo
     assert ldpc.frame_bits_for(short, q, 1.05) == 4096  # one short frame
     assert ldpc.frame_bits_for(2 * short, q, 1.05) == 8192  # 2 short frames, 8192 holds it
     assert ldpc.frame_bits_for(middle + 1, q, 1.05) == 16384  # 2^14 holds it half full
+    # 4 short frames stay 4 (2 frames of 2^13 were no better); more make 3 frames of 2^13
+    # (ldpc.MID_FRAME_MIN_FRAMES)
+    assert ldpc.frame_bits_for(4 * short, q, 1.05) == 4096
+    assert ldpc.frame_bits_for(2 * middle + 1, q, 1.05) == 8192
+    assert ldpc.frame_bits_for(4 * middle - 1, q, 1.05) == 8192
     small = math.ceil(ldpc.SMALL_BLOCK_MIN_FILL * longest)
     assert short < small - 1 < 4 * short
     # with the shortest longer frame holding it under half full, it stays in short frames
@@ -1093,7 +1099,7 @@ def test_a_chunk_in_the_frames_bob_names_counts_the_leak_that_crossed(monkeypatc
     monkeypatch.setattr(ldpc, "LONG_FRAME_BITS", (8192, 16384))
     q, sample = 0.02, 2048
     low, high = reconcile.qber_interval(q, sample)
-    n = int(2.3 * ldpc.max_key_bits(low, 1.05, 8192, qber_high=high))
+    n = int(1.9 * ldpc.max_key_bits(low, 1.05, 8192, qber_high=high))
     assert ldpc.frame_bits_for(n, low, 1.05, high) == 4096
     x, y = _noisy_pair(n, q, np.random.default_rng(14))
     corrected, kept, stats, alice_stats, by_alice, by_bob = _recorded_both_ways(

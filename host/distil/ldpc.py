@@ -53,6 +53,14 @@ LONG_FRAME_MIN_FRAMES = 4
 # "Frame length"). Less filled, the frame is mostly shortened bits and its mother rate runs
 # off the grid's top (more puncturing).
 SMALL_BLOCK_MIN_FILL = 0.5
+# A block that fills fewer than LONG_FRAME_MIN_FRAMES frames of any longer length, but
+# makes at least this many frames of the shortest longer one (more than MID - 1 frames'
+# key bits: 4-8 frames of 2^16, a 45-90 s pass's), takes that one (session 15): 60 s
+# micius-2017 passes, 8 simulation seeds, paired, a block's 5-6 frames of 2^16 as 3-4 of
+# 2^17: EC f median 1.125 -> 1.104, lower in 8 of 8 (2^18, 2-3 frames: 1.110), keys
+# +0.4-2.2 %, CPU +0-40 %; 2 frames of 2^17 for 4 of 2^16 (45 s passes) were not better
+# (f -0.016 .. +0.005, median -0.005), hence 3 (docs/distillation.md, "Frame length").
+MID_FRAME_MIN_FRAMES = 3
 DESIGN_RATES = tuple(round(0.5 + 0.01 * i, 2) for i in range(46))  # 0.50 .. 0.95
 # Mother codes on a finer grid than the designs (each uses the nearest design): a frame
 # must puncture whatever the code's m exceeds the target leak by, and puncturing beyond the
@@ -1312,21 +1320,27 @@ def frame_bits_for(
 ) -> int:
     """The frame length of a block of `count` key bits sized for (qber, qber_high): the
     longest of FRAME_BITS and LONG_FRAME_BITS of which the block fills at least
-    LONG_FRAME_MIN_FRAMES frames; else, for a block of 2 to LONG_FRAME_MIN_FRAMES - 1
-    frames of FRAME_BITS, the shortest of LONG_FRAME_BITS of which it fills one frame to
-    at least SMALL_BLOCK_MIN_FILL; else FRAME_BITS."""
+    LONG_FRAME_MIN_FRAMES frames; else the shortest of LONG_FRAME_BITS of which it makes
+    at least MID_FRAME_MIN_FRAMES frames; else, for a block of 2 to
+    LONG_FRAME_MIN_FRAMES - 1 frames of FRAME_BITS, the shortest of LONG_FRAME_BITS of
+    which it fills one frame to at least SMALL_BLOCK_MIN_FILL; else FRAME_BITS."""
     n = FRAME_BITS
     for candidate in LONG_FRAME_BITS:
         if candidate > n and count >= LONG_FRAME_MIN_FRAMES * max_key_bits(
             qber, efficiency, candidate, qber_high
         ):
             n = candidate
-    short_frames = math.ceil(count / max(max_key_bits(qber, efficiency, n, qber_high), 1))
-    if n != FRAME_BITS or not 1 < short_frames < LONG_FRAME_MIN_FRAMES:
+    if n != FRAME_BITS:
         return n
-    for candidate in sorted(LONG_FRAME_BITS):
-        room = max_key_bits(qber, efficiency, candidate, qber_high)
-        if candidate > n and count <= room:
+    longer = sorted(candidate for candidate in LONG_FRAME_BITS if candidate > n)
+    rooms = [max_key_bits(qber, efficiency, candidate, qber_high) for candidate in longer]
+    if longer and count > (MID_FRAME_MIN_FRAMES - 1) * rooms[0]:
+        return longer[0]
+    short_frames = math.ceil(count / max(max_key_bits(qber, efficiency, n, qber_high), 1))
+    if not 1 < short_frames < LONG_FRAME_MIN_FRAMES:
+        return n
+    for candidate, room in zip(longer, rooms, strict=True):
+        if count <= room:
             return candidate if count >= SMALL_BLOCK_MIN_FILL * room else n
     return n
 
