@@ -57,7 +57,7 @@ SMALL_BLOCK_MIN_FILL = 0.5
 # makes at least this many frames of the shortest longer one (more than MID - 1 frames'
 # key bits: 4-8 frames of 2^16, a 45-90 s pass's), takes that one (session 15): 60 s
 # micius-2017 passes, 8 simulation seeds, paired, a block's 5-6 frames of 2^16 as 3-4 of
-# 2^17: EC f median 1.125 -> 1.104, lower in 8 of 8 (2^18, 2-3 frames: 1.110), keys
+# 2^17: EC f median 1.124 -> 1.103, lower in 8 of 8 (2^18, 2-3 frames: 1.110), keys
 # +0.4-2.2 %, CPU +0-40 %; 2 frames of 2^17 for 4 of 2^16 (45 s passes) were not better
 # (f -0.016 .. +0.005, median -0.005), hence 3 (docs/distillation.md, "Frame length").
 MID_FRAME_MIN_FRAMES = 3
