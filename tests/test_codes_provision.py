@@ -144,3 +144,36 @@ def test_every_flight_length_code_plan_picks_is_in_the_provisioned_set(monkeypat
         picked = [rate for length, rate in asked if length == n]
         built = [rate for length, rate in provisioned if length == n]
         assert (min(picked), max(picked)) == (min(built), max(built)), n
+
+
+def test_a_qber_range_provisions_a_small_blocks_one_long_frame(monkeypatch):
+    """`qkdsat codes build --qber-min/--qber-max` (codes.codes_for on a range): a block of
+    2 to LONG_FRAME_MIN_FRAMES - 1 frames of 2^16 takes one long frame filled down to
+    ldpc.SMALL_BLOCK_MIN_FILL (ldpc.frame_bits_for), a higher mother rate than the frames
+    of a block of LONG_FRAME_MIN_FRAMES or more (filled beyond 3/4) ever pick. Over the
+    whole QBER range every grid rate is provisioned anyway, so only a narrower range shows
+    whether codes_for provisions that fill: every code _plan picks for such blocks at
+    estimates in the range is in it (construct stubbed as above)."""
+    asked = set()
+
+    def record(n, rate, seed=1, distribution=None):
+        asked.add((n, rate))
+        m = round(n * (1 - rate))
+        empty = np.zeros(0, np.int32)
+        return ldpc.Code(n, m, empty, empty, seed, rate, np.arange(n, dtype=np.int32))
+
+    monkeypatch.setattr(ldpc, "construct", record)
+    qber_min, qber_max = 0.04, 0.06
+    efficiencies = (Config().ec_efficiency, reconcile.LDPC_FIRST_F)
+    draw = np.random.default_rng(17)  # public simulation draw of (size, qber, sample)
+    for _ in range(400):
+        qber = float(draw.uniform(qber_min, qber_max))
+        sample_bits = int(draw.choice([0, 10, 256, 2_000, 50_000, 10**6]))
+        for efficiency in efficiencies:
+            low, high = reconcile.qber_interval(qber, sample_bits)
+            short = ldpc.max_key_bits(low, efficiency, ldpc.FRAME_BITS, qber_high=high)
+            count = int(draw.uniform(1, ldpc.LONG_FRAME_MIN_FRAMES - 1) * short) + 1
+            reconcile._plan(count, qber, efficiency, sample_bits)
+    assert {n for n, _ in asked} == set(ldpc.LONG_FRAME_BITS)  # all in one long frame
+    provisioned = codes.codes_for(qber_min, qber_max, efficiencies)
+    assert asked <= set(provisioned), sorted(asked - set(provisioned))
