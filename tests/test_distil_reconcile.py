@@ -1062,6 +1062,26 @@ def test_a_small_block_is_reconciled_in_one_long_frame_it_fills_at_least_half(mo
     assert stats["leak_bits"] == _long_frames_leak(stats, by_alice, 16384)
 
 
+def test_a_small_block_at_a_low_qber_stays_in_short_frames():
+    """Below ldpc.SMALL_BLOCK_MIN_QBER (the sizing interval's low end) a small block keeps
+    its 2-3 frames of 2^16: its one long frame's mother rate sits at the grid's top
+    (0.9475-0.95) and leaked more, measured 8 of 9 noise seeds at 0.5 % (median +266
+    bits) and 6 of 7 at 0.1-0.2 % (docs/distillation.md, "Frame length"). At and above
+    it the block takes the long frame as before; both sides decide from the same public
+    interval."""
+    for estimate, frame_bits in ((0.002, 65536), (0.005, 65536), (0.0075, 1 << 18)):
+        low, high = reconcile.qber_interval(estimate, 10_000)
+        short = ldpc.max_key_bits(low, 1.05, ldpc.FRAME_BITS, qber_high=high)
+        assert ldpc.frame_bits_for(5 * short // 2, low, 1.05, high) == frame_bits, estimate
+    floor = ldpc.SMALL_BLOCK_MIN_QBER
+    short = ldpc.max_key_bits(floor, 1.05, ldpc.FRAME_BITS)
+    assert ldpc.frame_bits_for(2 * short, floor, 1.05) == 1 << 17
+    assert ldpc.frame_bits_for(2 * short, floor - 1e-6, 1.05) == ldpc.FRAME_BITS
+    # a block of LONG_FRAME_MIN_FRAMES long frames takes them at any QBER
+    most = ldpc.max_key_bits(0.002, 1.05, 1 << 17)
+    assert ldpc.frame_bits_for(4 * most, 0.002, 1.05) == 1 << 17
+
+
 def test_a_probe_stays_one_short_frame_when_the_block_takes_long_ones():
     """The probe of a block sized from a sample (its exact error count sizes the rest) is
     one frame of ldpc.FRAME_BITS even where the block's size would take longer frames: a

@@ -49,9 +49,9 @@ LONG_FRAME_MIN_FRAMES = 4
 # of the frame's key bits (session 15): its f is one long frame's threshold, not the mean of
 # 2-3 short ones' with the worst of them weighing a third. 30 s micius-2017 passes, 10
 # simulation seeds x 2 endpoint seeds, paired: f worst / median 1.162 / 1.124 -> 1.137 /
-# 1.105, keys +2-7 % in 17 of 20; ~2x the decoder's CPU, on one core (docs/distillation.md,
-# "Frame length"). Less filled, the frame is mostly shortened bits and its mother rate runs
-# off the grid's top (more puncturing).
+# 1.105, key longer in 17 of 20 (median +1.8 / +2.8 %); ~2x the decoder's CPU, on one
+# core (docs/distillation.md, "Frame length"). Less filled, the frame is mostly shortened
+# bits and its mother rate runs off the grid's top (more puncturing).
 SMALL_BLOCK_MIN_FILL = 0.5
 # A block that fills fewer than LONG_FRAME_MIN_FRAMES frames of any longer length, but
 # makes at least this many frames of the shortest longer one (more than MID - 1 frames'
@@ -61,6 +61,13 @@ SMALL_BLOCK_MIN_FILL = 0.5
 # +0.4-2.2 %, CPU +0-40 %; 2 frames of 2^17 for 4 of 2^16 (45 s passes) were not better
 # (f -0.016 .. +0.005, median -0.005), hence 3 (docs/distillation.md, "Frame length").
 MID_FRAME_MIN_FRAMES = 3
+# ... and only at a sizing QBER (the interval's low end) of at least this: lower, the
+# long frame's mother rate sits at the grid's top (0.9475-0.95 against 0.93 for 2^16) and
+# it leaked more than 3 short frames, 2.5 frames' worth of key sampled from 10,000 bits:
+# 8 of 9 noise seeds at 0.5 % (low end 0.3 %, median +266 bits), 6 of 7 at 0.1-0.2 %;
+# at 0.75 % (low end 0.55 %) it leaked less in 4 of 6 (median -205), at 1-1.5 % in 6 of 6
+# (review of session 15, docs/distillation.md "Frame length").
+SMALL_BLOCK_MIN_QBER = 0.005
 DESIGN_RATES = tuple(round(0.5 + 0.01 * i, 2) for i in range(46))  # 0.50 .. 0.95
 # Mother codes on a finer grid than the designs (each uses the nearest design): a frame
 # must puncture whatever the code's m exceeds the target leak by, and puncturing beyond the
@@ -1322,8 +1329,9 @@ def frame_bits_for(
     longest of FRAME_BITS and LONG_FRAME_BITS of which the block fills at least
     LONG_FRAME_MIN_FRAMES frames; else the shortest of LONG_FRAME_BITS of which it makes
     at least MID_FRAME_MIN_FRAMES frames; else, for a block of 2 to
-    LONG_FRAME_MIN_FRAMES - 1 frames of FRAME_BITS, the shortest of LONG_FRAME_BITS of
-    which it fills one frame to at least SMALL_BLOCK_MIN_FILL; else FRAME_BITS."""
+    LONG_FRAME_MIN_FRAMES - 1 frames of FRAME_BITS sized at a qber of at least
+    SMALL_BLOCK_MIN_QBER, the shortest of LONG_FRAME_BITS of which it fills one frame to
+    at least SMALL_BLOCK_MIN_FILL; else FRAME_BITS."""
     n = FRAME_BITS
     for candidate in LONG_FRAME_BITS:
         if candidate > n and count >= LONG_FRAME_MIN_FRAMES * max_key_bits(
@@ -1338,6 +1346,8 @@ def frame_bits_for(
         return longer[0]
     short_frames = math.ceil(count / max(max_key_bits(qber, efficiency, n, qber_high), 1))
     if not 1 < short_frames < LONG_FRAME_MIN_FRAMES:
+        return n
+    if qber < SMALL_BLOCK_MIN_QBER:
         return n
     for candidate, room in zip(longer, rooms, strict=True):
         if count <= room:
