@@ -1062,6 +1062,29 @@ def test_a_small_block_is_reconciled_in_one_long_frame_it_fills_at_least_half(mo
     assert stats["leak_bits"] == _long_frames_leak(stats, by_alice, 16384)
 
 
+def test_the_small_block_rules_edges_at_the_flight_lengths(monkeypatch):
+    """ldpc.frame_bits_for at 2^16 / 2^17 / 2^18 around each edge of the small-block rule:
+    one short frame's worth stays one frame, a bit more takes 2^17 (half full), the most
+    2^17 holds still takes it and one bit more 2^18, 3 short frames' worth takes 2^18 and
+    one bit more keeps its 4 short frames (fewer than LONG_FRAME_MIN_FRAMES long ones);
+    one short frame stays one even where the fill would allow a long one."""
+    q = 0.03
+    short, most_17 = (ldpc.max_key_bits(q, 1.05, n) for n in (ldpc.FRAME_BITS, 1 << 17))
+    assert 2 * short < most_17 < 3 * short  # 2^17 holds a little more than 2 short frames
+    edges = {
+        short: ldpc.FRAME_BITS,
+        short + 1: 1 << 17,
+        most_17: 1 << 17,
+        most_17 + 1: 1 << 18,
+        3 * short: 1 << 18,
+        3 * short + 1: ldpc.FRAME_BITS,
+        4 * short: ldpc.FRAME_BITS,
+    }
+    assert {count: ldpc.frame_bits_for(count, q, 1.05) for count in edges} == edges
+    monkeypatch.setattr(ldpc, "SMALL_BLOCK_MIN_FILL", 0.3)
+    assert ldpc.frame_bits_for(short, q, 1.05) == ldpc.FRAME_BITS
+
+
 def test_a_small_block_at_a_low_qber_stays_in_short_frames():
     """Below ldpc.SMALL_BLOCK_MIN_QBER (the sizing interval's low end) a small block keeps
     its 2-3 frames of 2^16: its one long frame's mother rate sits at the grid's top
