@@ -48,10 +48,10 @@ LONG_FRAME_MIN_FRAMES = 4
 # that holds it, the rest of that frame shortened, if the block fills at least this share
 # of the frame's key bits (session 15): its f is one long frame's threshold, not the mean of
 # 2-3 short ones' with the worst of them weighing a third. 30 s micius-2017 passes, 10
-# simulation seeds x 2 endpoint seeds, paired: f worst / median 1.162 / 1.124 -> 1.137 /
-# 1.105, key longer in 17 of 20 (median +1.8 / +2.8 %); ~2x the decoder's CPU, on one
-# core (docs/distillation.md, "Frame length"). Less filled, the frame is mostly shortened
-# bits and its mother rate runs off the grid's top (more puncturing).
+# simulation seeds x 2 endpoint seeds, paired: f worst 1.162 -> 1.137, median 1.131 / 1.124
+# -> 1.111 / 1.105 (endpoint seeds 7 / 8), key longer in 17 of 20 (median +1.8 / +2.8 %);
+# ~2x the decoder's CPU, on one core (docs/distillation.md, "Frame length"). Less filled,
+# the frame is mostly shortened bits and its mother rate runs off the grid's top.
 SMALL_BLOCK_MIN_FILL = 0.5
 # A block that fills fewer than LONG_FRAME_MIN_FRAMES frames of any longer length, but
 # makes at least this many frames of the shortest longer one (more than MID - 1 frames'
