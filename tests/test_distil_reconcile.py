@@ -1087,7 +1087,8 @@ def test_the_small_block_rules_edges_at_the_flight_lengths(monkeypatch):
 
 def test_a_small_block_at_a_low_qber_stays_in_short_frames():
     """Below ldpc.SMALL_BLOCK_MIN_QBER (the sizing interval's low end) a small block keeps
-    its 2-3 frames of 2^16: its one long frame's mother rate sits at the grid's top
+    its 2-3 frames of 2^16, and a mid-sized one its 4-8: its one long frame's mother rate
+    sits at the grid's top
     (0.9475-0.95) and leaked more, measured 8 of 9 noise seeds at 0.5 % (median +266
     bits) and 6 of 7 at 0.1-0.2 % (docs/distillation.md, "Frame length"). At and above
     it the block takes the long frame as before; both sides decide from the same public
@@ -1100,6 +1101,11 @@ def test_a_small_block_at_a_low_qber_stays_in_short_frames():
     short = ldpc.max_key_bits(floor, 1.05, ldpc.FRAME_BITS)
     assert ldpc.frame_bits_for(2 * short, floor, 1.05) == 1 << 17
     assert ldpc.frame_bits_for(2 * short, floor - 1e-6, 1.05) == ldpc.FRAME_BITS
+    # nor a mid-sized block 2^17 (ldpc.MID_FRAME_MIN_FRAMES): 3 frames of 2^17 at the floor,
+    # 6 of 2^16 under it
+    room = ldpc.max_key_bits(floor, 1.05, 1 << 17)
+    assert ldpc.frame_bits_for(2 * room + 1, floor, 1.05) == 1 << 17
+    assert ldpc.frame_bits_for(2 * room + 1, floor - 1e-6, 1.05) == ldpc.FRAME_BITS
     # a block of LONG_FRAME_MIN_FRAMES long frames takes them at any QBER
     most = ldpc.max_key_bits(0.002, 1.05, 1 << 17)
     assert ldpc.frame_bits_for(4 * most, 0.002, 1.05) == 1 << 17
