@@ -1085,6 +1085,33 @@ def test_the_small_block_rules_edges_at_the_flight_lengths(monkeypatch):
     assert ldpc.frame_bits_for(short, q, 1.05) == ldpc.FRAME_BITS
 
 
+def test_the_mid_rules_edges_at_the_flight_lengths():
+    """ldpc.frame_bits_for around the mid-sized rule's edges at 2^16 / 2^17 / 2^18, at 3 %
+    from the exact rate and at 11 % sized from 256 bits (high end 20 %, small frames): a
+    block of 2 full frames of 2^17 keeps its 5 short frames (MID_FRAME_MIN_FRAMES = 3 is
+    "more than 2 frames' key bits", not "at least 2"), one bit more takes 3 of 2^17; just
+    under 4 frames of 2^17 still 2^17, 4 frames' worth 2^17 (the long rule) until 4 frames
+    of 2^18's worth take 2^18. The scaled tests passed with count >= 2 x room."""
+    for estimate, sample_bits in ((0.03, 0), (0.11, 256)):
+        low, high = reconcile.qber_interval(estimate, sample_bits)
+        short, most_17, most_18 = (
+            ldpc.max_key_bits(low, 1.05, n, qber_high=high)
+            for n in (ldpc.FRAME_BITS, 1 << 17, 1 << 18)
+        )
+        assert 4 * short <= 2 * most_17 < 5 * short  # 2 long frames hold 4 short ones
+        edges = {
+            4 * short: ldpc.FRAME_BITS,
+            2 * most_17: ldpc.FRAME_BITS,
+            2 * most_17 + 1: 1 << 17,
+            4 * most_17 - 1: 1 << 17,
+            4 * most_17: 1 << 17,
+            4 * most_18 - 1: 1 << 17,
+            4 * most_18: 1 << 18,
+        }
+        got = {count: ldpc.frame_bits_for(count, low, 1.05, high) for count in edges}
+        assert got == edges, estimate
+
+
 def test_a_small_block_at_a_low_qber_stays_in_short_frames():
     """Below ldpc.SMALL_BLOCK_MIN_QBER (the sizing interval's low end) a small block keeps
     its 2-3 frames of 2^16, and a mid-sized one its 4-8: its one long frame's mother rate
