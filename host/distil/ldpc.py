@@ -56,10 +56,11 @@ SMALL_BLOCK_MIN_FILL = 0.5
 # A block that fills fewer than LONG_FRAME_MIN_FRAMES frames of any longer length, but
 # makes at least this many frames of the shortest longer one (more than MID - 1 frames'
 # key bits: 4-8 frames of 2^16, a 45-90 s pass's), takes that one (session 15): 60 s
-# micius-2017 passes, 8 simulation seeds, paired, a block's 5-6 frames of 2^16 as 3-4 of
-# 2^17: EC f median 1.124 -> 1.103, lower in 8 of 8 (2^18, 2-3 frames: 1.110), keys
-# +0.4-2.2 %, CPU +0-40 %; 2 frames of 2^17 for 4 of 2^16 (45 s passes) were not better
-# (f -0.016 .. +0.005, median -0.005), hence 3 (docs/distillation.md, "Frame length").
+# micius-2017 passes, 8 simulation seeds, paired, each block's 5 frames of 2^16 (the
+# first's after its probe) as 3 of 2^17: EC f median 1.124 -> 1.103, lower in 8 of 8
+# (2^18, 2 frames: 1.110), keys +0.4-2.2 %, CPU +0-46 %; 2 frames of 2^17 for 4 of 2^16
+# (45 s passes) were not better (f -0.016 .. +0.005, median -0.004), hence 3
+# (docs/distillation.md, "Frame length").
 MID_FRAME_MIN_FRAMES = 3
 # ... and only at a sizing QBER (the interval's low end) of at least this: lower, the
 # long frame's mother rate sits at the grid's top (0.9475-0.95 against 0.93 for 2^16) and
