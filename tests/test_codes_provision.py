@@ -177,3 +177,37 @@ def test_a_qber_range_provisions_a_small_blocks_one_long_frame(monkeypatch):
     assert {n for n, _ in asked} == set(ldpc.LONG_FRAME_BITS)  # all in one long frame
     provisioned = codes.codes_for(qber_min, qber_max, efficiencies)
     assert asked <= set(provisioned), sorted(asked - set(provisioned))
+
+
+def test_a_qber_range_provisions_the_mid_sized_blocks_frames_whatever_the_fill(monkeypatch):
+    """A block that makes ldpc.MID_FRAME_MIN_FRAMES frames of 2^17 (ldpc.frame_bits_for)
+    fills each to just over (MID - 1) / MID of the most: codes_for's fewest key bits of a
+    longer frame must count that bound too, not rely on SMALL_BLOCK_MIN_FILL (0.5) lying
+    under it. With the fill raised to 0.7 (over 2/3), every code _plan picks for such
+    blocks at 4-6 % is still in `codes build --qber-min 0.04 --qber-max 0.06`'s set; codes_for
+    bounded by LONG_FRAME_MIN_FRAMES and the fill alone missed 2^17's higher rates."""
+    asked = set()
+
+    def record(n, rate, seed=1, distribution=None):
+        asked.add((n, rate))
+        m = round(n * (1 - rate))
+        empty = np.zeros(0, np.int32)
+        return ldpc.Code(n, m, empty, empty, seed, rate, np.arange(n, dtype=np.int32))
+
+    monkeypatch.setattr(ldpc, "construct", record)
+    monkeypatch.setattr(ldpc, "SMALL_BLOCK_MIN_FILL", 0.7)
+    qber_min, qber_max = 0.04, 0.06
+    efficiencies = (Config().ec_efficiency, reconcile.LDPC_FIRST_F)
+    draw = np.random.default_rng(19)  # public simulation draw of (qber, sample)
+    for _ in range(200):
+        qber = float(draw.uniform(qber_min, qber_max))
+        sample_bits = int(draw.choice([0, 10, 256, 2_000, 50_000, 10**6]))
+        for efficiency in efficiencies:
+            low, high = reconcile.qber_interval(qber, sample_bits)
+            room = ldpc.max_key_bits(low, efficiency, 1 << 17, qber_high=high)
+            reconcile._plan(
+                (ldpc.MID_FRAME_MIN_FRAMES - 1) * room + 1, qber, efficiency, sample_bits
+            )
+    assert {n for n, _ in asked} == {1 << 17}
+    provisioned = codes.codes_for(qber_min, qber_max, efficiencies)
+    assert asked <= set(provisioned), sorted(asked - set(provisioned))

@@ -59,6 +59,7 @@ def codes_for(
     span: dict[int, tuple[int, int]] = {}
     grid = ldpc.MOTHER_RATES
     long_min = ldpc.LONG_FRAME_MIN_FRAMES
+    mid_min = ldpc.MID_FRAME_MIN_FRAMES
     fill = ldpc.SMALL_BLOCK_MIN_FILL
     estimates = [qber_min + (qber_max - qber_min) * (i / 64) ** 2 for i in range(65)]
     samples = [0] + [int(10 ** (k / 4)) for k in range(0, 37)]  # 1 .. 10^9 sampled bits
@@ -70,11 +71,13 @@ def codes_for(
                     most = ldpc.max_key_bits(low, efficiency, n, qber_high=high)
                     # the shortest frame takes a block of any size (down to one bit); a
                     # longer one a block of at least LONG_FRAME_MIN_FRAMES frames, so its
-                    # frames hold more than (min - 1) / min of the most, or a small block
-                    # alone in one frame, at least SMALL_BLOCK_MIN_FILL of the most
+                    # frames hold more than (min - 1) / min of the most, or one of at least
+                    # MID_FRAME_MIN_FRAMES (the same bound with mid), or a small block alone
+                    # in one frame, at least SMALL_BLOCK_MIN_FILL of the most
                     fewest = 1
                     if n != shortest:
-                        fewest = math.floor(most * min((long_min - 1) / long_min, fill))
+                        fuller = min((long_min - 1) / long_min, (mid_min - 1) / mid_min)
+                        fewest = math.floor(most * min(fuller, fill))
                     top = ldpc.mother_rate_for(low, efficiency, n, max(fewest, 1), high)
                     bottom = ldpc.mother_rate_for(low, efficiency, n, most, high)
                     i, j = grid.index(bottom), grid.index(top)
