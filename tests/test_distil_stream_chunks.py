@@ -194,12 +194,17 @@ def test_alice_refuses_a_frame_length_she_holds_no_code_for_before_using_any_bit
     assert sifted.reconciled["Z"] == 0
 
 
-def test_a_peer_of_protocol_4_is_refused_at_the_hello_before_the_raw_data_is_claimed():
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_peer_of_an_older_protocol_is_refused_at_the_hello_before_the_raw_data_is_claimed(
+    version,
+):
     """Protocol 4's stream Bob named no frame length (his catch-up chunks took
     ldpc.frame_bits_for's 2^17 where this Alice refuses the request, and this Bob's 2^17
-    chunks met a protocol-4 Alice's 2^16: a code mismatch after the syndromes). Both abort
-    mid-pass, after Alice claimed the pass's raw data (raw_data_record: no second run of
-    it); the hello, before the claim, refuses the other version instead."""
+    chunks met a protocol-4 Alice's 2^16: a code mismatch after the syndromes); protocol
+    5's post-pass sides cut a block of 2-8 frames of 2^16 in 2^16 frames where these take
+    longer ones (ldpc.frame_bits_for, session 15). Both abort mid-pass, after Alice claimed
+    the pass's raw data (raw_data_record: no second run of it); the hello, before the
+    claim, refuses the other version instead."""
     from types import SimpleNamespace
 
     from host.distil.protocol import Bob, pass_digest
@@ -208,13 +213,13 @@ def test_a_peer_of_protocol_4_is_refused_at_the_hello_before_the_raw_data_is_cla
     pass_json = {"pass": "a stand-in"}
     bob = SimpleNamespace(pass_json=pass_json, config=Config())
     hello = {
-        "version": 4,
+        "version": version,
         "pass_digest": pass_digest(pass_json),
         "config": Config().public(),
         "mode": "stream",
     }
     sent = []
     channel = SimpleNamespace(recv=lambda kind: hello, send=lambda kind, **f: sent.append(kind))
-    with pytest.raises(ProtocolAborted, match="protocol 4"):
+    with pytest.raises(ProtocolAborted, match=f"protocol {version}"):
         Bob._check_hello(bob, channel, mode="stream")
     assert not sent

@@ -44,8 +44,11 @@ from host.protocol.symbols import decode_symbols
 # 2: per-frame LDPC check; 3: block tag first (ec_verify, ec_check), ec_block_errors;
 # 4: every message acknowledges the peer's (channel.py, _ack); 5: the stream's reconcile
 # request names its frames' length (frame_bits; a peer of 4 would fail mid-pass, after the
-# raw data is claimed, where the hello refuses it before)
-PROTOCOL_VERSION = 5
+# raw data is claimed, where the hello refuses it before); 6: post-pass blocks of 2-8 frames
+# of 2^16 take longer frames (ldpc.frame_bits_for: SMALL_BLOCK_MIN_FILL, MID_FRAME_MIN_FRAMES,
+# SMALL_BLOCK_MIN_QBER), which both sides pick without a message: a peer of 5 would pick
+# 2^16, a code mismatch after the syndromes, the raw data claimed
+PROTOCOL_VERSION = 6
 NO_PATTERN = 3  # intensity code Alice sends for a slot she has no record of
 VERIFY_KEYS = 2  # two independent 64-bit hashes: collision <= (L/2^64)^2
 EC_CONSISTENT_SIGMAS = 2.0  # see _ec_qber
