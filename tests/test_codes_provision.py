@@ -106,12 +106,10 @@ def test_warm_up_counts_the_missing_codes_and_names_the_command(tmp_path, monkey
     }
 
 
-def test_every_flight_length_code_plan_picks_is_in_the_provisioned_set(monkeypatch):
-    """The flight lengths (2^16, and 2^17/2^18 for larger blocks, ldpc.frame_bits_for): the
-    codes reconcile._plan picks over block sizes, QBER estimates and samples are all in
-    what `qkdsat codes build` provisions. Building 543 flight codes does not fit a test, so
-    construct hands _plan a code of the right n and m without its edges (plan_for reads only
-    those) and records what was asked for."""
+def _record_construct(monkeypatch) -> set:
+    """Stub ldpc.construct with a code of the right n and m but no edges (plan_for reads only
+    those: building the flight codes does not fit a test); the set it fills with every
+    (n, rate) asked for."""
     asked = set()
 
     def record(n, rate, seed=1, distribution=None):
@@ -121,6 +119,16 @@ def test_every_flight_length_code_plan_picks_is_in_the_provisioned_set(monkeypat
         return ldpc.Code(n, m, empty, empty, seed, rate, np.arange(n, dtype=np.int32))
 
     monkeypatch.setattr(ldpc, "construct", record)
+    return asked
+
+
+def test_every_flight_length_code_plan_picks_is_in_the_provisioned_set(monkeypatch):
+    """The flight lengths (2^16, and 2^17/2^18 for larger blocks, ldpc.frame_bits_for): the
+    codes reconcile._plan picks over block sizes, QBER estimates and samples are all in
+    what `qkdsat codes build` provisions. Building 543 flight codes does not fit a test, so
+    construct hands _plan a code of the right n and m without its edges (plan_for reads only
+    those) and records what was asked for."""
+    asked = _record_construct(monkeypatch)
     draw = np.random.default_rng(13)  # public simulation draw of (count, qber, sample)
     for _ in range(1500):
         count = int(10 ** draw.uniform(0, math.log10(60 * max(ldpc.LONG_FRAME_BITS))))
@@ -154,15 +162,7 @@ def test_a_qber_range_provisions_a_small_blocks_one_long_frame(monkeypatch):
     whole QBER range every grid rate is provisioned anyway, so only a narrower range shows
     whether codes_for provisions that fill: every code _plan picks for such blocks at
     estimates in the range is in it (construct stubbed as above)."""
-    asked = set()
-
-    def record(n, rate, seed=1, distribution=None):
-        asked.add((n, rate))
-        m = round(n * (1 - rate))
-        empty = np.zeros(0, np.int32)
-        return ldpc.Code(n, m, empty, empty, seed, rate, np.arange(n, dtype=np.int32))
-
-    monkeypatch.setattr(ldpc, "construct", record)
+    asked = _record_construct(monkeypatch)
     qber_min, qber_max = 0.04, 0.06
     efficiencies = (Config().ec_efficiency, reconcile.LDPC_FIRST_F)
     draw = np.random.default_rng(17)  # public simulation draw of (size, qber, sample)
@@ -186,15 +186,7 @@ def test_a_qber_range_provisions_the_mid_sized_blocks_frames_whatever_the_fill(m
     under it. With the fill raised to 0.7 (over 2/3), every code _plan picks for such
     blocks at 4-6 % is still in `codes build --qber-min 0.04 --qber-max 0.06`'s set; codes_for
     bounded by LONG_FRAME_MIN_FRAMES and the fill alone missed 2^17's higher rates."""
-    asked = set()
-
-    def record(n, rate, seed=1, distribution=None):
-        asked.add((n, rate))
-        m = round(n * (1 - rate))
-        empty = np.zeros(0, np.int32)
-        return ldpc.Code(n, m, empty, empty, seed, rate, np.arange(n, dtype=np.int32))
-
-    monkeypatch.setattr(ldpc, "construct", record)
+    asked = _record_construct(monkeypatch)
     monkeypatch.setattr(ldpc, "SMALL_BLOCK_MIN_FILL", 0.7)
     qber_min, qber_max = 0.04, 0.06
     efficiencies = (Config().ec_efficiency, reconcile.LDPC_FIRST_F)

@@ -968,6 +968,19 @@ def test_density_evolution_finds_the_known_threshold_of_the_regular_3_6_code():
     assert not ldpc_design.converges({3: 1.0}, 0.5, 0.088)
 
 
+def _reconciled_in_frames_of(x, y, q: float, frame_bits: int, frames: int) -> dict:
+    """Reconcile y to x from the exact QBER q and check: keys identical, every frame kept,
+    `frames` frames of `frame_bits` on both sides, the same leak on both sides, and that
+    leak what crossed the channel (_long_frames_leak); Bob's stats."""
+    corrected, kept, stats, alice_stats, by_alice, _ = _recorded_both_ways(x, y, q, 0)
+    assert np.array_equal(corrected, x) and kept.all()
+    assert stats["frame_bits"] == alice_stats["frame_bits"] == frame_bits
+    assert stats["frames"] == frames
+    assert stats["leak_bits"] == alice_stats["leak_bits"]
+    assert stats["leak_bits"] == _long_frames_leak(stats, by_alice, frame_bits)
+    return stats
+
+
 def _long_frames_leak(stats: dict, by_alice: list, frame_bits: int) -> int:
     """The leak from what Alice sent (syndromes less the punctured rank of every frame of
     the code her message names, reveals, the block tag) and Bob's string-dependent
@@ -1004,12 +1017,7 @@ def test_a_larger_block_is_reconciled_in_longer_frames_both_sides_agree_on(monke
     n = 4 * ldpc.max_key_bits(q, 1.05, 16384)
     assert ldpc.frame_bits_for(n - 1, q, 1.05) == 8192
     x, y = _noisy_pair(n, q, np.random.default_rng(12))
-    corrected, kept, stats, alice_stats, by_alice, _ = _recorded_both_ways(x, y, q, 0)
-    assert np.array_equal(corrected, x) and kept.all()
-    assert stats["frame_bits"] == alice_stats["frame_bits"] == 16384
-    assert stats["frames"] == 4
-    assert stats["leak_bits"] == alice_stats["leak_bits"]
-    assert stats["leak_bits"] == _long_frames_leak(stats, by_alice, 16384)
+    stats = _reconciled_in_frames_of(x, y, q, 16384, 4)
     # Bob's top-up aims at LDPC_FIRST_F_LONG for long frames, not LDPC_FIRST_F: the same
     # block and draws with the stream's top-up (LDPC_FIRST_F, passed as the stream does)
     # ask for more before the first decoding, as with LDPC_FIRST_F_LONG set to it
@@ -1053,13 +1061,7 @@ def test_a_small_block_is_reconciled_in_one_long_frame_it_fills_at_least_half(mo
     assert ldpc.frame_bits_for(small, q, 1.05) == 16384
     n = 3 * short
     assert ldpc.frame_bits_for(n, q, 1.05) == 16384
-    x, y = _noisy_pair(n, q, np.random.default_rng(15))
-    corrected, kept, stats, alice_stats, by_alice, _ = _recorded_both_ways(x, y, q, 0)
-    assert np.array_equal(corrected, x) and kept.all()
-    assert stats["frame_bits"] == alice_stats["frame_bits"] == 16384
-    assert stats["frames"] == 1
-    assert stats["leak_bits"] == alice_stats["leak_bits"]
-    assert stats["leak_bits"] == _long_frames_leak(stats, by_alice, 16384)
+    _reconciled_in_frames_of(*_noisy_pair(n, q, np.random.default_rng(15)), q, 16384, 1)
 
 
 def test_the_small_block_rules_edges_at_the_flight_lengths(monkeypatch):
@@ -1230,12 +1232,7 @@ def test_a_post_pass_sized_block_decodes_in_frames_longer_than_2_16():
     q = 0.05
     n = 4 * ldpc.max_key_bits(q, 1.05, 1 << 17)
     assert ldpc.frame_bits_for(n, q, 1.05) == 1 << 17
-    x, y = _noisy_pair(n, q, np.random.default_rng(13))
-    corrected, kept, stats, alice_stats, by_alice, _ = _recorded_both_ways(x, y, q, 0)
-    assert np.array_equal(corrected, x) and kept.all()
-    assert stats["frame_bits"] == alice_stats["frame_bits"] == 1 << 17 and stats["frames"] == 4
-    assert stats["leak_bits"] == alice_stats["leak_bits"]
-    assert stats["leak_bits"] == _long_frames_leak(stats, by_alice, 1 << 17)
+    _reconciled_in_frames_of(*_noisy_pair(n, q, np.random.default_rng(13)), q, 1 << 17, 4)
 
 
 def _syndrome_measurements(count: int, q: float, draws: int, seed: int) -> np.ndarray:
