@@ -36,11 +36,13 @@ CODE_VERSION = 5
 FRAME_BITS = 65536  # the shortest frame: small blocks, and the stream's chunks at low rates
 # Longer frames for a block that fills at least LONG_FRAME_MIN_FRAMES of them (a post-pass
 # key block, a bright stream's chunk): BP's finite-length gap above the codes' asymptotic
-# threshold shrinks with the frame (docs/distillation.md, "Frame length"). At least 4 frames,
-# so that both cores have frames to decode and the block's f averages several frames'
-# thresholds. The length is a function of the block's size and its sizing QBER interval
-# only (frame_bits_for), which both sides know: it is agreed without a message, and the
-# code's digest in ec_syndromes checks it.
+# threshold shrinks with the frame (docs/distillation.md, "Frame length"). At least 4 frames
+# of the longest length taken, so that both cores have frames to decode and the block's f
+# averages several frames' thresholds; smaller post-pass blocks take 2^17 from 3 frames
+# (MID_FRAME_MIN_FRAMES) or one long frame (SMALL_BLOCK_MIN_FILL), below. The length is a
+# function of the block's size and its sizing QBER interval only (frame_bits_for), which
+# both sides know: it is agreed without a message, and the code's digest in ec_syndromes
+# checks it.
 LONG_FRAME_BITS = (1 << 17, 1 << 18)
 LONG_FRAME_MIN_FRAMES = 4
 # A small block, more than one frame of FRAME_BITS and fewer than LONG_FRAME_MIN_FRAMES
