@@ -880,7 +880,7 @@ def test_bench_qc_codes(monkeypatch):
                 if built.qc is not None:
                     per_column = ldpc.qc_four_cycles(built)
                     lift, _, column, _ = built.qc
-                    light = np.bincount(column, minlength=per_column.size) <= 3
+                    light = np.bincount(column, minlength=per_column.size) <= ldpc.QC_LIGHT_DEGREE
                     cycles = f"{per_column.sum() // 2 * lift} ({np.sum(light & (per_column > 0))})"
                     six = ldpc.qc_six_cycles(built)
                     cycles += f" | {six[2]} / {six[3]}"

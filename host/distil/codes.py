@@ -59,8 +59,10 @@ def codes_for(
     span: dict[int, tuple[int, int]] = {}
     grid = ldpc.MOTHER_RATES
     long_min = ldpc.LONG_FRAME_MIN_FRAMES
+    # the least a longer frame is filled: in a block of LONG_FRAME_MIN_FRAMES or of
+    # MID_FRAME_MIN_FRAMES frames or more, or alone at SMALL_BLOCK_MIN_FILL
     mid_min = ldpc.MID_FRAME_MIN_FRAMES
-    fill = ldpc.SMALL_BLOCK_MIN_FILL
+    fill = min((long_min - 1) / long_min, (mid_min - 1) / mid_min, ldpc.SMALL_BLOCK_MIN_FILL)
     estimates = [qber_min + (qber_max - qber_min) * (i / 64) ** 2 for i in range(65)]
     samples = [0] + [int(10 ** (k / 4)) for k in range(0, 37)]  # 1 .. 10^9 sampled bits
     for efficiency in efficiencies:
@@ -76,8 +78,7 @@ def codes_for(
                     # in one frame, at least SMALL_BLOCK_MIN_FILL of the most
                     fewest = 1
                     if n != shortest:
-                        fuller = min((long_min - 1) / long_min, (mid_min - 1) / mid_min)
-                        fewest = math.floor(most * min(fuller, fill))
+                        fewest = math.floor(most * fill)
                     top = ldpc.mother_rate_for(low, efficiency, n, max(fewest, 1), high)
                     bottom = ldpc.mother_rate_for(low, efficiency, n, most, high)
                     i, j = grid.index(bottom), grid.index(top)

@@ -1339,26 +1339,24 @@ def frame_bits_for(
     or for a block of 2 to LONG_FRAME_MIN_FRAMES - 1 frames of FRAME_BITS the shortest of
     LONG_FRAME_BITS of which it fills one frame to at least SMALL_BLOCK_MIN_FILL; else
     FRAME_BITS."""
+    # key bits of one frame of each length, once
+    room = {
+        n: max_key_bits(qber, efficiency, n, qber_high) for n in {FRAME_BITS, *LONG_FRAME_BITS}
+    }
     n = FRAME_BITS
     for candidate in LONG_FRAME_BITS:
-        if candidate > n and count >= LONG_FRAME_MIN_FRAMES * max_key_bits(
-            qber, efficiency, candidate, qber_high
-        ):
+        if candidate > n and count >= LONG_FRAME_MIN_FRAMES * room[candidate]:
             n = candidate
-    if n != FRAME_BITS:
-        return n
-    if qber < SMALL_BLOCK_MIN_QBER:
+    if n != FRAME_BITS or qber < SMALL_BLOCK_MIN_QBER:
         return n
     longer = sorted(candidate for candidate in LONG_FRAME_BITS if candidate > n)
-    rooms = [max_key_bits(qber, efficiency, candidate, qber_high) for candidate in longer]
-    if longer and count > (MID_FRAME_MIN_FRAMES - 1) * rooms[0]:
+    if longer and count > (MID_FRAME_MIN_FRAMES - 1) * room[longer[0]]:
         return longer[0]
-    short_frames = math.ceil(count / max(max_key_bits(qber, efficiency, n, qber_high), 1))
-    if not 1 < short_frames < LONG_FRAME_MIN_FRAMES:
+    if not 1 < math.ceil(count / max(room[n], 1)) < LONG_FRAME_MIN_FRAMES:
         return n
-    for candidate, room in zip(longer, rooms, strict=True):
-        if count <= room:
-            return candidate if count >= SMALL_BLOCK_MIN_FILL * room else n
+    for candidate in longer:
+        if count <= room[candidate]:
+            return candidate if count >= SMALL_BLOCK_MIN_FILL * room[candidate] else n
     return n
 
 
