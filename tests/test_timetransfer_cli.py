@@ -90,26 +90,24 @@ def check_qber_against_the_profile(pass_dir, report):
         assert errors / n_sifted < 0.01, direction  # the published "< 1 %", whole pass
         sample = report["qber_sample"][direction]
         n, k = sample["n"], sample["errors"]
-        named = report["uplink_sync"]["slots_named"] if direction == "uplink" else None
-        check_sample_size(direction, n, report["sifted_events"][direction], named)
+        check_sample_size(direction, n, report["sifted_events"][direction])
         assert report["qber"][direction] == k / n
+        if direction == "uplink":  # every sifted event: the truth's errors, bar the gate's
+            assert errors - (n_sifted - n) <= k <= errors, (k, errors)
+            continue
         q = errors / n_sifted  # sampled without replacement from this set: hypergeometric
         sample_sigma = math.sqrt(n * q * (1 - q) * (n_sifted - n) / (n_sifted - 1))
         assert abs(k - n * q) < 5 * sample_sigma, (direction, k, n * q)
 
 
-def check_sample_size(direction, n, n_sifted, n_events):
+def check_sample_size(direction, n, n_sifted):
     """The downlink's sample is 10 % of its sifted events, at most DOWNLINK_SAMPLE_MAX
-    (its bits are sealed: key); the uplink's 10 % of the slots the satellite named
-    (`n_events`: the ground draws it before the bases are compared), so its sifted part
-    is hypergeometric around 10 % of the sifted: 5 sigma."""
+    (its bits are sealed: key); the uplink's is every sifted event (the ground
+    transmitter's bits are never key: all disclosed)."""
     if direction == "downlink":
         assert n == endpoints.sample_size(n_sifted, endpoints.DOWNLINK_SAMPLE_MAX)
-        return
-    drawn = max(endpoints.SAMPLE_MIN, int(endpoints.SAMPLE_FRACTION * n_events))
-    share = n_sifted / n_events
-    sigma = math.sqrt(drawn * share * (1 - share) * (n_events - drawn) / (n_events - 1))
-    assert abs(n - drawn * share) < 5 * sigma, (n, drawn * share, sigma)
+    else:
+        assert n == n_sifted
 
 
 def test_clean_pass_matches_truth_and_raises_no_flag(clean_pass, tmp_path, keys):
@@ -305,7 +303,8 @@ def test_best_profile_reaches_10_ps_tdev_and_bias(tmp_path_factory, tmp_path):
 
 def test_sifting_is_the_endpoints_basis_exchange(clean_pass, tmp_path, keys):
     # the pass holds every detection in both bases; the endpoints keep the half whose bases
-    # agree (as the truth says) and measure the QBER on a disclosed sample of them
+    # agree (as the truth says) and measure the QBER on the disclosed bits: all the
+    # uplink's (the uplink QBER is then the truth's exactly), a sample of the downlink's
     code, report = run(clean_pass, tmp_path, keys)
     events = simulate.files.read_events(clean_pass)
     for direction in ("uplink", "downlink"):
@@ -314,11 +313,11 @@ def test_sifting_is_the_endpoints_basis_exchange(clean_pass, tmp_path, keys):
         assert 0.45 < agree.mean() < 0.55
         assert report["sifted_events"][direction] == int(agree.sum())
         sample = report["qber_sample"][direction]
-        check_sample_size(direction, sample["n"], int(agree.sum()), agree.size)
+        check_sample_size(direction, sample["n"], int(agree.sum()))
         assert report["qber"][direction] == sample["errors"] / sample["n"]
         true_qber = float(np.mean(tx[2][agree] != rx[2][agree]))
         # a sample without replacement of the sifted events: 5 sigma of its hypergeometric
-        # spread (the uplink's ~1,300 sampled events: 0.011; abs=0.006 was 2.8 sigma)
+        # spread (0 when all are disclosed)
         n, n_sifted = sample["n"], int(agree.sum())
         sigma = math.sqrt(true_qber * (1 - true_qber) * (n_sifted - n) / (n * (n_sifted - 1)))
         assert report["qber"][direction] == pytest.approx(true_qber, abs=5 * sigma)
@@ -789,10 +788,25 @@ def test_a_ground_pattern_not_starting_at_the_slot_clocks_first_slot_is_bad_inpu
         pattern_path, KeyedPatternSource(UPLINK_KEY, mapping, 0, 1000, intensities)
     )
     record = endpoints.UplinkTransmitterRecord(files.read_uplink_transmitter(tmp_path, scenario))
-    no_sample = lambda count: np.zeros(0, np.int64)  # noqa: E731
-    assert record.named({"uplink_count": 1, "uplink_slot_tag_ps": [3]}, no_sample)[0] == 1
+    assert record.named({"uplink_count": 1, "uplink_slot_tag_ps": [3]})[0] == 1
     write_pattern_source(
         pattern_path, KeyedPatternSource(UPLINK_KEY, mapping, 500, 1000, intensities)
     )
     with pytest.raises(BadInput, match="tt_uplink_pattern.json: first_slot 500"):
         files.read_uplink_transmitter(tmp_path, scenario)
+
+
+def test_the_uplink_bits_of_a_sift_are_all_the_named_slots_or_it_is_refused():
+    # every named slot's bit comes (the QBER counts all sifted uplink events): a field
+    # short of the count (np.unpackbits would pad it with zeros, each a 50 % error) or
+    # the earlier sample's fields (uplink_sample, uplink_sample_bits) abort with the reason
+    basis, bits = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1], np.uint8), np.arange(9) % 2
+    whole = {"uplink_basis": pack_bits(basis), "uplink_bits": pack_bits(bits.astype(np.uint8))}
+    got_basis, got_bits = endpoints.uplink_bases_and_bits(whole, 9)
+    assert got_basis.tolist() == basis.tolist() and got_bits.tolist() == bits.tolist()
+    with pytest.raises(ProtocolAborted, match="uplink bits: not 17 bits"):
+        endpoints.uplink_bases_and_bits({**whole, "uplink_basis": np.zeros(3, np.uint8)}, 17)
+    earlier = {"uplink_basis": whole["uplink_basis"], "uplink_sample": np.array([2])}
+    earlier["uplink_sample_bits"] = pack_bits(np.ones(1, np.uint8))
+    with pytest.raises(ProtocolAborted, match="malformed time message: no uplink_bits"):
+        endpoints.uplink_bases_and_bits(earlier, 9)

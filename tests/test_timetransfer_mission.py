@@ -26,8 +26,8 @@ from tests.network_keys import distilled
 pytestmark = pytest.mark.slow
 
 SEED = 3
-# 4.096 s of the 100 MHz micius-2017 source: its ~540 sampled uplink events at ~0.5 %
-# make a timing QBER above the 3 % abort a < 1e-8 chance (at 2 s, 271 events: ~1e-5)
+# 4.096 s of the 100 MHz micius-2017 source: its uplink QBER is checked on all its sifted
+# events (thousands at ~0.5 %; a 10 % sample of ~540 made a 3 % abort a < 1e-8 chance)
 SEGMENT_SLOTS = 1000 * 4096 * 100
 # the head's QRNG key and the ground transmitter's uplink pattern key, fixed as the
 # simulation seed is: the same pass every run (the emitted intensities decide which slots

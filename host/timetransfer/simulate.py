@@ -380,7 +380,7 @@ def scenario_json(profile: dict, predicted: InertialPass, duration_s: float, see
         "ground_clock_epoch_ps": int(ground.offset_ps),
         "wavelengths_nm": wavelengths_nm,
         "bin_s": values(profile["estimator"])["bin_s"],
-        "sifting": "by the endpoints: bases exchanged, a CSPRNG sample of bits disclosed",
+        "sifting": "by the endpoints: bases exchanged, uplink bits disclosed, downlink sampled",
         **more,
     }
 

@@ -11,7 +11,8 @@ own, index i being the same photon in both). The uplink is matched by its time
 synchronisation (_StreamUplink, timesync.UplinkSlotSync): the satellite asks once for
 the ground transmitter's intensity classes of windows of slots around its detections,
 locks the lag, then names the slots of each block's detections; the ground returns its
-bases and a sample of them. An uplink event lost or added on board moves nothing else.
+bases and bits of them (all: they are never key, endpoints.uplink_bases_and_bits). An
+uplink event lost or added on board moves nothing else.
 Messages, strictly alternating (the satellite is the first speaker):
 
     satellite -> ground  tt_block       block k: bases of its downlink emissions; the
@@ -25,8 +26,8 @@ Messages, strictly alternating (the satellite is the first speaker):
                                         sampled and sample-error counts
     ground -> satellite  tt_block_sift  block k: which downlink bases agree and a CSPRNG
                                         sample of the sifted; the classes asked for, or
-                                        its bases of the uplink slots named, a CSPRNG
-                                        sample of them and its emitted bits of it
+                                        its bases and emitted bits of the uplink slots
+                                        named
     ...
     satellite -> ground  tt_block       final: block N-1's data only
     ground -> satellite  tt_result      SEALED: the measured offset (middle, rate)
@@ -209,7 +210,7 @@ class _StreamUplink:
     endpoints.UplinkSync). The first block whose detections can make one carries the
     request for the ground's classes of windows of slots; once the ground's answer has
     locked the lag, each block names the slots of the detections added since the last,
-    and the ground's bases and sample of them (its tt_block_sift) sift them. A detection
+    and the ground's bases and bits of them (its tt_block_sift) sift them. A detection
     lost on board moves nothing else; a dark count takes a slot only inside the gate."""
 
     def __init__(self, scenario: dict):
@@ -225,7 +226,7 @@ class _StreamUplink:
         self.named_from = 0  # detections before this one have had their slot named or not
         self.last_slot = -1
         self.pending = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # detections, slots
-        self.matched = self.sifted = self.sampled = 0
+        self.matched = self.sifted = 0
 
     def add(self, tags, basis, bits, final: bool) -> None:
         """A block's detections (the record's order; sorted by tag inside the block)."""
@@ -279,9 +280,9 @@ class _StreamUplink:
         return int(np.median(self.tags[ok] - epochs))
 
     def on_sift(self, sift: dict):
-        """The ground's answer: its classes (lock), or its bases and sample of the slots
+        """The ground's answer: its classes (lock), or its bases and bits of the slots
         named. Returns the newly sifted events' (emission epochs, reception tags, timing
-        mask, (sampled, sample errors))."""
+        mask, (sampled: all sifted, errors))."""
         none = np.zeros(0, dtype=np.int64)
         if "uplink_intensity" in sift:
             _check(self.requested and not self.sync.locked, "uplink pattern not asked for")
@@ -298,18 +299,13 @@ class _StreamUplink:
         _check(count == slot.size, "uplink count")
         if count == 0:
             return none, none, np.zeros(0, dtype=bool), (0, 0)
-        ground_basis = unpack_bits(sift["uplink_basis"], count)
-        sample = _positions(sift["uplink_sample"], count, "uplink sample")
-        sample_bits = np.full(count, -1, dtype=np.int16)
-        sample_bits[sample] = unpack_bits(sift["uplink_sample_bits"], sample.size)
+        ground_basis, ground_bits = endpoints.uplink_bases_and_bits(sift, count)
         sifted = self.basis[detection] == ground_basis
-        detection, slot, ground_bit = detection[sifted], slot[sifted], sample_bits[sifted]
-        sampled = ground_bit >= 0
-        wrong = sampled & (self.bits[detection].astype(np.int16) != ground_bit)
+        detection, slot, ground_bit = detection[sifted], slot[sifted], ground_bits[sifted]
+        wrong = self.bits[detection] != ground_bit
         self.sifted += int(detection.size)
-        self.sampled += int(sampled.sum())
         epochs = int(self.clock["first_epoch_ps"]) + slot * int(self.clock["period_ps"])
-        return epochs, self.tags[detection], ~wrong, (int(sampled.sum()), int(wrong.sum()))
+        return epochs, self.tags[detection], ~wrong, (int(detection.size), int(wrong.sum()))
 
 
 def _start(transport, pool, role, key_info, scenario, block_s, budget):
@@ -580,7 +576,7 @@ class StreamGround:
             pattern_fields = {}
             if "uplink_sync_count" in message:
                 pattern_fields["uplink_intensity"] = uplink.classes(message)["intensity"]
-            n_up, up_fields = uplink.named(message, self._sample)
+            n_up, up_fields = uplink.named(message)
             up_named += n_up
             if by_slot is None:
                 by_slot = n_dn == endpoints.BY_SLOT
@@ -599,7 +595,7 @@ class StreamGround:
                 )
             d = slice(d0, d0 + n_dn)
             d0 = d0 + n_dn
-            counts["up_drawn"] += int(up_fields["uplink_sample"].size)
+            counts["up_drawn"] += n_up
             if by_slot:  # name the slots and bases; the satellite sifts
                 sample_all = self._sample(n_dn, down_cap)
                 downlink_fields = {
