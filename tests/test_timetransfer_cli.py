@@ -345,6 +345,29 @@ def test_every_sifted_uplink_events_error_is_counted_and_dropped_from_the_timing
     check_every_erring_uplink_event_counted_and_dropped(report, fitted, tags, sifted, erring)
 
 
+def test_a_satellite_counting_the_uplink_qber_on_a_sample_is_refused(
+    clean_pass, tmp_path, keys, monkeypatch
+):
+    # the ground sent its bit of every named slot and reports the uplink QBER as every
+    # sifted event's: a satellite that counts it on a tenth of them (as the earlier
+    # sample) is refused, not reported (main took any count up to the slots named)
+    sift = endpoints.UplinkSync.sift
+
+    def a_tenth_counted(self, basis, bit, fields):
+        uplink = sift(self, basis, bit, fields)
+        sampled = uplink["sampled"] // 10
+        return {
+            **uplink,
+            "sampled": sampled,
+            "sample_errors": uplink["sample_errors"] // 10,
+        }
+
+    monkeypatch.setattr(endpoints.UplinkSync, "sift", a_tenth_counted)
+    code, report = run(clean_pass, tmp_path, keys)
+    assert code == 3 and report["aborted"] is True
+    assert report["abort_reason"].endswith("uplink sample counts: not every sifted")
+
+
 def test_no_raw_time_tag_crosses_the_link_in_the_clear(clean_pass, tmp_path, keys):
     # the satellite's uplink detection tags and the ground's downlink detection tags (the
     # measured times) stay with their endpoint: not one of them is on the wire as int64

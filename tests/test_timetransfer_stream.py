@@ -260,6 +260,23 @@ def test_every_sifted_uplink_events_error_is_counted_and_dropped_block_by_block(
     check_every_erring_uplink_event_counted_and_dropped(report, fitted, tags, sifted, erring)
 
 
+def test_a_satellite_counting_a_blocks_uplink_qber_on_a_sample_is_refused(
+    two_way_pass, keys, monkeypatch
+):
+    # each tt_block_sift carries the ground's bit of every slot named: a block whose
+    # uplink QBER the satellite counts on a tenth of its sifted events is refused (main
+    # took any count up to the slots named so far)
+    on_sift = stream._StreamUplink.on_sift
+
+    def a_tenth_counted(self, sift):
+        emission, received, timing, (sampled, errors) = on_sift(self, sift)
+        return emission, received, timing, (sampled // 10, errors // 10)
+
+    monkeypatch.setattr(stream._StreamUplink, "on_sift", a_tenth_counted)
+    with pytest.raises(ProtocolAborted, match="uplink sample counts: not every sifted"):
+        stream.run_streaming(two_way_pass, keys, BLOCK_S, speedup=50.0)
+
+
 def _tdc_log_writer(pass_dir, path, zero_ps, feed, problems):
     """The controller spooling its TDC log during the pass: the uplink detections of
     satellite/tt_uplink_rx.npz on their channels and the laser's sync marks (10 kHz, the

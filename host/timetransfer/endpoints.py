@@ -752,8 +752,10 @@ class GroundEndpoint:
         timing = np.ones(n_down, dtype=bool)
         timing[down_sample[wrong]] = False
         up_sampled, up_errors = int(message["uplink_sample"]), int(message["uplink_sample_errors"])
-        _check(0 <= up_errors <= up_sampled <= up_count, "uplink sample counts")
         n_up = int(message["uplink_sifted"])
+        # the ground sent its bit of every named slot: the QBER is on every sifted event,
+        # and a count of fewer (a sample's) is refused, not reported as the whole's
+        _check(0 <= up_errors <= up_sampled == n_up, "uplink sample counts: not every sifted")
         detections, matched = int(message["uplink_detections"]), int(message["uplink_matched"])
         _check(0 <= n_up <= matched <= min(detections, up_count), "uplink match counts")
         report["uplink_sync"] = {

@@ -511,8 +511,8 @@ class StreamGround:
         zero = min(first_slot_ps, int(down_tag[0]) if down_tag.size else 2**62)
         own_down_edges = block_edges(down_tag, zero, self.block_s, n_blocks)
         up_sigma = math.nan
-        counts = {"up": [0, 0], "down": [0, 0], "up_sifted": 0, "down_sifted": 0, "up_drawn": 0}
-        up_named = 0
+        counts = {"up": [0, 0], "down": [0, 0], "up_sifted": 0, "down_sifted": 0}
+        up_named = 0  # slots the satellite named so far (the ground sent a bit of each)
         while True:
             message = chan.recv("tt_block")
             final = bool(message["final"])
@@ -547,10 +547,12 @@ class StreamGround:
                 counts["up"][0] += up_errors
                 counts["up"][1] += up_sampled
                 counts["up_sifted"] += int(message["uplink_sifted"])
-                # late matches count samples of earlier blocks: the totals are checked
+                # the ground sent its bit of every slot named: the QBER is on every sifted
+                # event of the block (a sample's count refused), at most one a slot named
                 _check(
-                    0 <= up_errors <= up_sampled and counts["up"][1] <= counts["up_drawn"],
-                    "uplink sample counts",
+                    0 <= up_errors <= up_sampled == int(message["uplink_sifted"])
+                    and counts["up_sifted"] <= up_named,
+                    "uplink sample counts: not every sifted",
                 )
                 timing = np.ones(pending["n_down"], dtype=bool)
                 timing[sample[wrong]] = False
@@ -595,7 +597,6 @@ class StreamGround:
                 )
             d = slice(d0, d0 + n_dn)
             d0 = d0 + n_dn
-            counts["up_drawn"] += n_up
             if by_slot:  # name the slots and bases; the satellite sifts
                 sample_all = self._sample(n_dn, down_cap)
                 downlink_fields = {
