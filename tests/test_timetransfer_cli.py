@@ -850,6 +850,12 @@ def test_the_uplink_bits_of_a_sift_are_all_the_named_slots_or_it_is_refused():
     assert got_basis.tolist() == basis.tolist() and got_bits.tolist() == bits.tolist()
     with pytest.raises(ProtocolAborted, match="uplink bits: not 17 bits"):
         endpoints.uplink_bases_and_bits({**whole, "uplink_basis": np.zeros(3, np.uint8)}, 17)
+    # the channel also carries raw bytes and scalars: of the right size, still refused
+    for odd in (b"\x05", 5, "\x05"):
+        with pytest.raises(ProtocolAborted, match="uplink bits: not 5 bits"):
+            endpoints.uplink_bases_and_bits(
+                {"uplink_basis": pack_bits(basis[:5]), "uplink_bits": odd}, 5
+            )
     earlier = {"uplink_basis": whole["uplink_basis"], "uplink_sample": np.array([2])}
     earlier["uplink_sample_bits"] = pack_bits(np.ones(1, np.uint8))
     with pytest.raises(ProtocolAborted, match="malformed time message: no uplink_bits"):

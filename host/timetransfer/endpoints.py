@@ -214,7 +214,13 @@ def uplink_bases_and_bits(sift: dict, count: int) -> tuple[np.ndarray, np.ndarra
         raise ProtocolAborted(f"malformed time message: no {error.args[0]}") from None
     whole_bytes = (count + 7) // 8  # np.unpackbits would pad a short field with zeros
     for name, packed in (("bases", packed_basis), ("bits", packed_bits)):
-        _check(np.asarray(packed).size == whole_bytes, f"uplink {name}: not {count} bits")
+        # bytes, a scalar or a string is one element to np.asarray: of the packed uint8
+        # array's shape only (a blob of 1 byte reached np.unpackbits and raised ValueError)
+        packed = np.asarray(packed)
+        _check(
+            packed.dtype == np.uint8 and packed.shape == (whole_bytes,),
+            f"uplink {name}: not {count} bits",
+        )
     return unpack_bits(packed_basis, count), unpack_bits(packed_bits, count)
 
 
