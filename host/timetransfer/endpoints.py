@@ -8,22 +8,25 @@ bit serves twice, even across a power cut.
 
 Messages (the satellite is the channel's first speaker, "alice"):
 
-    satellite -> ground  tt_bases   bases of every uplink detection and downlink emission
-                                    (public, as the distillation's sifting)
-    ground -> satellite  tt_sift    which of them agree (sifted), the uplink emission
-                                    epochs of the sifted events (public slot epochs), a
-                                    CSPRNG sample of each direction's sifted events and the
-                                    ground's emitted bits of the uplink sample (disclosed,
-                                    as the distillation's parameter estimation)
-    satellite -> ground  tt_uplink  SEALED: the satellite's per-bin uplink fit (intercept,
-                                    variance, events; its detection tags never leave it)
-                                    and its emitted bits of the downlink sample (Alice's
-                                    raw key bits: the downlink events are the QKD pass's
-                                    detections); in the clear: the downlink emission
-                                    epochs of the sifted events, the uplink sample's
-                                    error count
-    ground -> satellite  tt_result  SEALED: the offset the ground measured (value at the
-                                    pass middle and rate), so the satellite learns its clock
+    satellite -> ground  tt_bases           bases of every downlink emission (public, as
+                                            the distillation's sifting; or "by slot"), the
+                                            uplink's sync request (windows of slots)
+    ground -> satellite  tt_uplink_pattern  its transmitter's intensity classes of them
+    satellite -> ground  tt_uplink_slots    the slots of its matched uplink detections
+    ground -> satellite  tt_sift            its transmitter's bases and bits of every slot
+                                            named (never key: all disclosed); the downlink's
+                                            sifting and a CSPRNG sample of its sifted events
+    satellite -> ground  tt_uplink          SEALED: the satellite's per-bin uplink fit
+                                            (intercept, variance, events; its detection tags
+                                            never leave it) and its emitted bits of the
+                                            downlink sample (Alice's raw key bits: the
+                                            downlink events are the QKD pass's detections);
+                                            in the clear: the downlink emission epochs of
+                                            the sifted events, the uplink's counts (sifted,
+                                            and the errors of them all)
+    ground -> satellite  tt_result          SEALED: the offset the ground measured (value
+                                            at the pass middle and rate), so the satellite
+                                            learns its clock
 
 SEALED is one-time-pad encryption with key bits after the authentication region (the
 hash key and the tag pads of at most MAX_MESSAGES_EACH_WAY messages each way), then the
@@ -32,10 +35,12 @@ agree on every offset without sending one. The sealed messages have a fixed size
 pass (one entry per bin, NaN where a bin is empty): their length says nothing about the
 data.
 
-Timing events are the sifted events minus the disclosed ones whose bits disagree. The
-bits of the undisclosed events stay secret (they can be key when the timing photons are
-key photons) and are not needed: a wrong bit does not move a photon's arrival time, and
-noise counts are clipped by the fit. docs/time-transfer.md has the reasons.
+Timing events are the sifted events minus the disclosed ones whose bits disagree: every
+erring uplink event (the ground's bits are all disclosed), the downlink sample's. The
+bits of the downlink's undisclosed events stay secret (they can be key: beside a QKD
+pass its timing photons are the pass's detections) and are not needed: a wrong bit does
+not move a photon's arrival time, and noise counts are clipped by the fit.
+docs/time-transfer.md has the reasons.
 """
 
 from __future__ import annotations
@@ -607,8 +612,8 @@ class UplinkTransmitterRecord:
     """The ground's uplink: its transmitter's pattern and slot clock
     (files.read_uplink_transmitter), answering the satellite's requests: its intensity
     classes of the windows of slots asked (public help, never bits: decoy classes are
-    announced in any sifting) and its bases, CSPRNG sample and bits of the sample of the
-    slots the satellite names."""
+    announced in any sifting) and its bases and bits of the slots the satellite names
+    (all: the uplink is never key, uplink_bases_and_bits)."""
 
     def __init__(self, transmitter: dict):
         self.pattern = transmitter["pattern"]

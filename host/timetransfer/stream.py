@@ -573,7 +573,7 @@ class StreamGround:
             k = int(message["block"])
             n_dn = int(message["downlink_count"])
             # the uplink: the ground's classes of the slots the satellite asks about
-            # (once), then its bases and a sample of the slots the satellite names
+            # (once), then its bases and bits of the slots the satellite names
             # (_StreamUplink)
             pattern_fields = {}
             if "uplink_sync_count" in message:
