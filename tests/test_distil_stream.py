@@ -2,7 +2,7 @@
 30 s simulated micius-2017 pass: the detections are replayed as the tagger would append
 them, and Alice and Bob sync, sift and reconcile while they arrive.
 
-- the streamed key is identical on both sides, near the post-pass key's length (8 %: a
+- the streamed key is identical on both sides, near the post-pass key's length (9 %: a
   single 30 s run cannot show 2 %, see the test), of the length the report's counts give;
 - split over TCP (two processes) gives the key of the in-process run;
 - over the emulated optical link, a 20 s outage mid-pass gives the same key, and the link
@@ -17,7 +17,6 @@ import json
 import socket
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import finite_key_reference
@@ -158,14 +157,18 @@ def test_streamed_key_is_near_the_post_pass_length_and_identical_on_both_sides(
     assert alice == bob and len(alice) == -(-report["key_bits"] // 8)
     reference = run_local(micius_30s, tmp_path, Config(), insecure_deterministic_seed=SEED)
     assert not reference["aborted"], reference["abort_reason"]
-    # 10 %, not 2 %: measured on this pass (docs/streaming.md), the post-pass key spread
+    # 9 %, not 2 %: measured on this pass (docs/streaming.md), the post-pass key spread
     # 21,128-21,922 bits over five endpoint seeds and the streamed one 20,081-20,790 over
     # four, 4-5 % lower on average (the key blocks' EC leak, +~650 bits on the first basis).
     # Since session 15 post-pass reconciles each of this pass's small blocks in one 2^18
-    # frame (ldpc.SMALL_BLOCK_MIN_FILL), the stream its last chunks in 2^16 frames as
-    # before: 22,500 against 20,638 bits at SEED (8.3 %).
+    # frame (ldpc.SMALL_BLOCK_MIN_FILL): 22,500 bits at SEED; the stream 20,638 (8.3 %
+    # under) with its last chunks in 2^16 frames, 20,826 (7.4 %) since session 16 (near
+    # loss of signal whole 2^17 frames, the rest in one frame: docs/streaming.md, "The
+    # last chunks in one frame"). Over 8 simulation seeds of this pass (endpoint seed 7)
+    # the stream is 3.9-14.5 % under post-pass (9.2-17.7 % before): a single run's gap is
+    # no sharper than that, so 9 % keeps the ~1.6 points of margin the 10 % had.
     # This asserts the stream keeps the post-pass analysis, not the 2 % target (not met).
-    assert abs(report["key_bits"] - reference["key_bits"]) <= 0.10 * reference["key_bits"], (
+    assert abs(report["key_bits"] - reference["key_bits"]) <= 0.09 * reference["key_bits"], (
         report["key_bits"],
         reference["key_bits"],
     )
@@ -231,7 +234,7 @@ def test_what_is_left_at_loss_of_signal_is_under_a_frame_and_the_last_blocks(str
     # reconciled after the last detection, which the key latency waits for, is the rest of
     # the last whole frame and the blocks since, not a held frame and more (before: 102 kbit
     # in two frames here, 1.8 frames; after: 46 kbit, 0.8 of a frame).
-    from host.distil.stream import chunk_bits
+    from host.distil.stream import chunk_bits, chunk_frame_bits
 
     report, _ = streamed
     los_s = report["end_of_pass"]["end_s"]
@@ -241,11 +244,15 @@ def test_what_is_left_at_loss_of_signal_is_under_a_frame_and_the_last_blocks(str
     for block in report["ec"]["blocks"]:
         last = block["chunk_list"][-1]
         assert abs(last["t_handled_s"] - los_s) < STREAM.block_s, block["chunk_list"]
-        # a frame of 2^16: near loss of signal whole frames of 2^16 go at once, whatever the
-        # chunks' frame length before (stream.next_chunk)
-        short = replace(STREAM, frame_bits=2**16)
-        frame = chunk_bits(Config(), short, last["qber_sized_for"], last["sample_bits"])
+        # a frame of the chunks' length (2^17): near loss of signal every whole one goes at
+        # once (stream.next_chunk)
+        frame = chunk_bits(Config(), STREAM, last["qber_sized_for"], last["sample_bits"])
         assert last["bits"] < frame + last_blocks, (last, frame, last_blocks)
+        # the rest in one frame, of the post-pass rule's length for a block of its size
+        # (ldpc.frame_bits_for: one 2^17 frame, shortened, for more than a 2^16 frame holds)
+        sized = (last["bits"], last["qber_sized_for"], last["sample_bits"])
+        assert last["frame_bits"] == chunk_frame_bits(Config(), STREAM, *sized), last
+        assert last["frames"] == 1, last
 
 
 def _free_port() -> int:

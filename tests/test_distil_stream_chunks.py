@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from host.distil import reconcile
 from host.distil.protocol import Config
 from host.distil.stream import (
     MAX_CHUNK_FRAMES,
@@ -15,8 +16,10 @@ from host.distil.stream import (
     StreamOptions,
     _Growing,
     _Sifted,
+    chunk_frame_bits,
     chunk_short_frames,
     due_chunk_bits,
+    frame_key_bits,
     next_chunk,
 )
 from host.errors import BadInput
@@ -76,45 +79,63 @@ LONG_FRAMES = StreamOptions(chunk_frames=1, frame_bits=2**17)
 def test_during_the_pass_a_chunk_is_one_long_frame_with_one_held_back():
     # The stream's frames are 2^17 (docs/streaming.md, "Frame length and top-up"): a frame
     # of 2^16 at ~1.1-1.4 % decodes at f ~1.12-1.18, one of 2^17 ~0.02-0.03 lower.
-    assert next_chunk(2 * LONG - 1, SHORT, LONG, LONG_FRAMES, False, hold=True)[0] == 0
-    assert next_chunk(2 * LONG, SHORT, LONG, LONG_FRAMES, False, hold=True) == (
-        LONG,
-        LONG,
-        2**17,
-    )
+    assert next_chunk(2 * LONG - 1, SHORT, LONG, LONG_FRAMES, False, hold=True) == 0
+    assert next_chunk(2 * LONG, SHORT, LONG, LONG_FRAMES, False, hold=True) == LONG
     # a catch-up: every whole long frame but the held one, up to the bits of
     # MAX_CHUNK_FRAMES short frames (Bob's decoder memory)
-    chunk, frame, frame_bits = next_chunk(40 * LONG, SHORT, LONG, LONG_FRAMES, False, True)
-    assert (chunk, frame_bits) == (MAX_CHUNK_FRAMES // 2 * LONG, 2**17)
+    chunk = next_chunk(40 * LONG, SHORT, LONG, LONG_FRAMES, False, True)
+    assert chunk == MAX_CHUNK_FRAMES // 2 * LONG
 
 
-def test_near_loss_of_signal_every_short_frame_goes_and_the_rest_in_short_frames():
-    # released (no frame held): whole frames of 2^16, so that what is left at loss of
-    # signal, which the keys wait for, is under a 2^16 frame and the last blocks as before
-    # the long frames; a chunk of a long frame or more is still asked in 2^17 frames
-    assert next_chunk(3 * SHORT + 5, SHORT, LONG, LONG_FRAMES, False, hold=False) == (
-        3 * SHORT,
-        SHORT,
-        2**17,
-    )
-    assert next_chunk(SHORT + 5, SHORT, LONG, LONG_FRAMES, False, hold=False) == (
-        SHORT,
-        SHORT,
-        2**16,
-    )
-    # the last chunk, under a long frame: 2^16 frames (a 2^17 frame shortened to 15 kbit
-    # would decode its whole graph for them)
-    assert next_chunk(15_000, SHORT, LONG, LONG_FRAMES, True, hold=False) == (
-        15_000,
-        SHORT,
-        2**16,
-    )
+def test_near_loss_of_signal_every_whole_long_frame_goes_and_the_rest_at_the_end():
+    # released (no frame held): every whole frame of the chunks' length at once, so that
+    # what is left at loss of signal, which the keys wait for, is under one of them and the
+    # last blocks; no longer whole frames of 2^16 (docs/streaming.md, "The last chunks in
+    # one frame")
+    assert next_chunk(3 * SHORT + 5, SHORT, LONG, LONG_FRAMES, False, hold=False) == LONG
+    assert next_chunk(SHORT + 5, SHORT, LONG, LONG_FRAMES, False, hold=False) == 0
+    # the last chunk: all of it
+    assert next_chunk(SHORT + 5, SHORT, LONG, LONG_FRAMES, True, hold=False) == SHORT + 5
+
+
+# The estimate a last chunk is sized for in the tests below: 1.2 % from a tail of 16,384
+# bits (stream.CHUNK_TAIL_MIN_BITS), as the last chunk's bound sizing names it
+QBER, SAMPLE_BITS = 0.012, 16_384
+
+
+def _frame_key_bits(frame_bits: int) -> int:
+    return frame_key_bits(Config(), QBER, SAMPLE_BITS, frame_bits)
+
+
+def test_a_last_chunk_of_more_than_a_short_frame_goes_in_one_long_frame_shortened():
+    """The post-pass rule for a small block (ldpc.frame_bits_for, SMALL_BLOCK_MIN_FILL):
+    a last chunk of 60 % of a 2^17 frame's key bits (more than a 2^16 frame holds) is
+    asked in one frame of 2^17, shortened, not in two of 2^16; one that a 2^16 frame
+    holds stays in it; a whole long frame or more in the chunks' length."""
+    cfg, long_bits = Config(), _frame_key_bits(2**17)
+    short_bits = _frame_key_bits(2**16)
+    chunk = int(0.6 * long_bits)
+    assert chunk > short_bits
+    assert chunk_frame_bits(cfg, LONG_FRAMES, chunk, QBER, SAMPLE_BITS) == 2**17
+    plan = reconcile._plan(chunk, QBER, cfg.ec_efficiency, SAMPLE_BITS, frame_bits=2**17)
+    assert plan.key_bits == chunk  # one frame, what Alice's plan makes of the request
+    assert chunk_frame_bits(cfg, LONG_FRAMES, short_bits, QBER, SAMPLE_BITS) == 2**16
+    assert chunk_frame_bits(cfg, LONG_FRAMES, 3 * long_bits, QBER, SAMPLE_BITS) == 2**17
+    # the rule's length, never longer than the chunks': with 2^16 chunks, 2^16
+    short = StreamOptions(chunk_frames=2, frame_bits=2**16)
+    assert chunk_frame_bits(cfg, short, chunk, QBER, SAMPLE_BITS) == 2**16
+    # with 2^18 chunks, a last chunk of 60 % of a 2^18 frame takes one of 2^18
+    longest = StreamOptions(chunk_frames=2, frame_bits=2**18)
+    chunk = int(0.6 * _frame_key_bits(2**18))
+    assert chunk_frame_bits(cfg, longest, chunk, QBER, SAMPLE_BITS) == 2**18
 
 
 def test_short_frames_chunk_as_before():
     short = StreamOptions(chunk_frames=2, frame_bits=2**16)
-    assert next_chunk(3 * SHORT, SHORT, SHORT, short, False, True) == (2 * SHORT, SHORT, 2**16)
-    assert next_chunk(3 * SHORT - 1, SHORT, SHORT, short, False, True)[0] == 0
+    assert next_chunk(3 * SHORT, SHORT, SHORT, short, False, True) == 2 * SHORT
+    assert next_chunk(3 * SHORT - 1, SHORT, SHORT, short, False, True) == 0
+    # near loss of signal whole 2^16 frames, as before the long frames
+    assert next_chunk(SHORT + 5, SHORT, SHORT, short, False, hold=False) == SHORT
 
 
 def test_only_provisioned_frame_lengths_are_accepted():

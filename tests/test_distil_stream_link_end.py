@@ -29,17 +29,18 @@ EC_S_PER_FRAME = 1.72
 FRAMES_DONE = 77
 
 
-def _decision(seconds_to_link_end: float):
+def _decision(seconds_to_link_end: float, backlog_bits=BACKLOG_BITS, frame_bits=2**17):
     """Bob's decision at the end of a block, Bob keeping up with the detections, the link's
     end seconds_to_link_end wall seconds away: (the cut's report entry or None, near end).
-    Bob's state is a jinan-1 pass near its end (the sizing state only: no pass, no link)."""
+    Bob's state is a jinan-1 pass near its end (the sizing state only: no pass, no link),
+    backlog_bits unreconciled, chunks of frame_bits."""
     bob = StreamBob.__new__(StreamBob)
     bob.config = Config()
-    bob.stream = StreamOptions(link_end_s=LINK_END_S)
+    bob.stream = StreamOptions(link_end_s=LINK_END_S, frame_bits=frame_bits)
     bob.key_bases = ["Z"]
     bob._warm_up_s_per_frame = 0.2
     bob._sifted = _Sifted(("Z",))
-    bob._sifted.key_positions["Z"].extend(np.arange(JINAN_1_KEY_BLOCK_BITS + BACKLOG_BITS))
+    bob._sifted.key_positions["Z"].extend(np.arange(JINAN_1_KEY_BLOCK_BITS + backlog_bits))
     bob._sifted.reconciled["Z"] = JINAN_1_KEY_BLOCK_BITS
     bob._sample_at = {n: _Growing(np.int64) for n in "ZX"}
     bob._sample_wrong = {n: _Growing(bool) for n in "ZX"}
@@ -68,6 +69,23 @@ def test_a_jinan_1_pass_is_cut_seconds_not_a_minute_before_the_link_end():
     assert cut["rest_frames_estimated"] == 1
     needed_s = LINK_END_SAFETY * (EC_S_PER_FRAME + 0.38)
     assert needed_s < cut["reserve_wall_s"] < 15.0
+
+
+def test_the_rest_is_reserved_in_the_frames_its_last_chunk_is_asked_in():
+    # The rest after the cut is each basis's last chunk, asked in one frame of the length
+    # the post-pass rule picks for its size (stream.chunk_frame_bits): counted in frames of
+    # 2^16 of that length, as the seconds per frame are measured (a 2^17 frame is 2). With
+    # 2^18 chunks, a rest of 150,000 bits at ~2 % (60 % of a 2^18 frame, three of 2^16) is
+    # one 2^18 frame: 4, not the 3 frames of 2^16 it was counted as.
+    rest_bits = 150_000
+    cut, _ = _decision(5.0, backlog_bits=rest_bits - 2 * BLOCK_KEY_BITS, frame_bits=2**18)
+    assert cut["rest_frames_estimated"] == 4
+    short_cut, _ = _decision(5.0, backlog_bits=rest_bits - 2 * BLOCK_KEY_BITS, frame_bits=2**16)
+    assert short_cut["rest_frames_estimated"] == 3
+    assert cut["reserve_wall_s"] > short_cut["reserve_wall_s"]
+    # 2^17 chunks: a rest of 75,000 bits (60 % of a 2^17 frame) is one 2^17 frame, 2
+    cut, _ = _decision(5.0, backlog_bits=75_000 - 2 * BLOCK_KEY_BITS)
+    assert cut["rest_frames_estimated"] == 2
 
 
 def test_the_hashing_is_reserved_at_least_its_cost_measured_at_load_10_up_to_10x_jinan_1():

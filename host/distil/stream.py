@@ -194,13 +194,14 @@ PA_GROWTH_EXPONENT = 0.585
 # 1.27x above the estimate, which the safety then had to cover.)
 FINISH_FIXED_S = 3.5
 # Loss of signal, predicted by the pass geometry (pass.json's utc_end): within the pass
-# time a key basis takes to sift LOS_RELEASE_FRAMES frames at its rate over the last
-# RATE_WINDOW_S, no frame is held back and every whole frame is reconciled at once. What
-# is left at loss of signal is then under a frame and the last blocks per basis, one short
-# frame, sized from a chunk that ended seconds before: with the frame held back it was the
-# held frame and what came since (~1.25 frames, cut into two, sized from a chunk a minute
-# older), 10-17 retry rounds a basis one after the other, ~80 % of micius-2017's key
-# latency (docs/streaming.md, "After loss of signal").
+# time a key basis takes to sift LOS_RELEASE_FRAMES frames of ldpc.FRAME_BITS at its rate
+# over the last RATE_WINDOW_S, no frame is held back and every whole frame of the chunks'
+# length is reconciled at once. What is left at loss of signal is then under one such frame
+# and the last blocks per basis, one frame (chunk_frame_bits), sized from a chunk that
+# ended seconds before: with the frame held back it was the held frame and what came since
+# (~1.25 frames, cut into two, sized from a chunk a minute older), 10-17 retry rounds a
+# basis one after the other, ~80 % of micius-2017's key latency (docs/streaming.md, "After
+# loss of signal").
 LOS_RELEASE_FRAMES = 2.0
 RATE_WINDOW_S = 10.0
 FRAME_LENGTHS = (ldpc.FRAME_BITS, *ldpc.LONG_FRAME_BITS)
@@ -215,7 +216,7 @@ def pa_rest_s(key_block_bits: int) -> float:
     return PA_S_PER_BIT * key_block_bits * growth
 
 
-def link_end_rest_s(ec_s_per_frame: float, frames: int, key_block_bits: int) -> float:
+def link_end_rest_s(ec_s_per_frame: float, frames: float, key_block_bits: int) -> float:
     """Wall seconds reserved before the optical link's end for the rest of the pass after
     a cut: the frames still to reconcile at the measured seconds per frame, one privacy
     amplification hashing of the whole key block, and FINISH_FIXED_S, all times
@@ -494,26 +495,41 @@ def next_chunk(
     options: StreamOptions,
     final: bool,
     hold: bool,
-) -> tuple[int, int, int]:
-    """(key bits of a basis to reconcile now, the key bits of the frames they are counted
-    in, the frame length Bob asks for), `backlog` bits unreconciled, short_frame and
-    long_frame the key bits of a frame of ldpc.FRAME_BITS and of options.frame_bits at the
-    running estimate. During the pass (`hold`) chunks are counted in frames of
-    options.frame_bits (due_chunk_bits); near loss of signal or the link's end every whole
-    frame of ldpc.FRAME_BITS goes at once, so what the keys wait for stays under a short
-    frame and the last blocks. A chunk of at least one long frame is asked for in frames of
-    options.frame_bits, a smaller one (the last) in ldpc.FRAME_BITS: a long frame shortened
-    to a few kbit costs its whole graph's decoding for the bits of a short one. A function
-    of public counts and the estimate: Bob names the length in the reconcile request."""
-    frame = long_frame if hold else short_frame
+) -> int:
+    """Key bits of a basis to reconcile now (0: none yet), `backlog` bits unreconciled,
+    short_frame and long_frame the key bits of a frame of ldpc.FRAME_BITS and of
+    options.frame_bits at the running estimate. Chunks are counted in frames of
+    options.frame_bits (due_chunk_bits): during the pass (`hold`) with one held back; near
+    loss of signal or the link's end every whole one goes at once, so that what the keys
+    wait for stays under one of them and the last blocks, which then go in one frame of
+    the length the post-pass rule picks for a block of that size (chunk_frame_bits; before,
+    whole frames of ldpc.FRAME_BITS went there and the rest in them: docs/streaming.md,
+    "The last chunks in one frame"). A function of public counts and the estimate."""
     # the cap on a chunk's frames bounds Bob's decoder memory: as many bits as
     # MAX_CHUNK_FRAMES frames of ldpc.FRAME_BITS
-    max_frames = max(1, MAX_CHUNK_FRAMES * short_frame // max(frame, 1))
-    chunk = due_chunk_bits(
-        backlog, frame, options.chunk_frames, final, hold=hold, max_frames=max_frames
+    max_frames = max(1, MAX_CHUNK_FRAMES * short_frame // max(long_frame, 1))
+    return due_chunk_bits(
+        backlog, long_frame, options.chunk_frames, final, hold=hold, max_frames=max_frames
     )
-    frame_bits = options.frame_bits if chunk >= long_frame else ldpc.FRAME_BITS
-    return chunk, frame, frame_bits
+
+
+def chunk_frame_bits(
+    cfg: Config, options: StreamOptions, chunk_bits: int, qber: float, sample_bits: int
+) -> int:
+    """The frame length Bob asks for a chunk of chunk_bits key bits sized for (qber,
+    sample_bits), the estimate the request names: options.frame_bits for a chunk of at
+    least one whole frame of it; a smaller one (the last of a basis, at loss of signal or
+    the cut) takes the post-pass rule's length for a block of its size at that estimate
+    (ldpc.frame_bits_for, what reconcile._plan picks when no length is named): one longer
+    frame, shortened, for more than one frame of ldpc.FRAME_BITS filling at least
+    ldpc.SMALL_BLOCK_MIN_FILL of it, else frames of ldpc.FRAME_BITS. That length holds the
+    chunk, so it is never longer than options.frame_bits (with 2^16 chunks, 2^16)."""
+    if cfg.ec != "ldpc":
+        return options.frame_bits if chunk_bits >= ldpc.FRAME_BITS else ldpc.FRAME_BITS
+    if chunk_bits >= frame_key_bits(cfg, qber, sample_bits, options.frame_bits):
+        return options.frame_bits
+    low, high = reconcile.qber_interval(qber, sample_bits)
+    return ldpc.frame_bits_for(chunk_bits, low, cfg.ec_efficiency, high)
 
 
 def chunk_short_frames(chunk: dict) -> float:
@@ -1393,26 +1409,17 @@ class StreamBob(Bob):
                     long_frame = frame_key_bits(cfg, qber, bits, opts.frame_bits)
                     backlog = self._sifted.backlog(name)
                     # near the link's end or loss of signal no frame is held back: what is
-                    # left then is under a frame of ldpc.FRAME_BITS and the blocks since, a
-                    # short rest, whatever the chunks' frame length before
+                    # left then is under a frame of the chunks' length and the blocks since,
+                    # reconciled at the end in one frame of the post-pass rule's length
                     hold = not (near_end or self._near_loss_of_signal(
                         name, short_frame, block_end, key_history
                     ))  # fmt: skip
-                    chunk, frame, frame_bits = next_chunk(
-                        backlog, short_frame, long_frame, opts, final, hold
-                    )
+                    chunk = next_chunk(backlog, short_frame, long_frame, opts, final, hold)
                     if not chunk:
                         break
-                    if final and cfg.ec == "ldpc" and chunk <= LAST_CHUNK_MAX_FRAMES * frame:
-                        # the last chunk, which the keys wait for: sized for the upper bound
-                        # of its frames' error rate, so that it decodes in few rounds
-                        behind = self._chunk_tail[source[0]][source[1]][1] if source else bits
-                        if behind > 0:
-                            climb = self._climb(source)
-                            per_frame = (
-                                short_frame if frame_bits == ldpc.FRAME_BITS else long_frame
-                            )
-                            qber, bits = last_chunk_sizing(qber, behind, chunk, per_frame, climb)
+                    qber, bits, frame_bits = self._chunk_request(
+                        name, chunk, qber, bits, source, last=final
+                    )
                     started = time.perf_counter()
                     with stage("error_correction"):
                         self._reconcile(
@@ -1533,10 +1540,9 @@ class StreamBob(Bob):
         for name in self.key_bases:
             bits = self._sifted.backlog(name) + 2 * block_key_bits[name]
             if bits:
-                qber, sample_bits, _ = self._estimate(name)
-                # in frames of ldpc.FRAME_BITS, as s_per_frame
-                frame_bits = max(1, frame_key_bits(self.config, qber, sample_bits))
-                frames += math.ceil(bits / frame_bits)
+                # in frames of ldpc.FRAME_BITS, as s_per_frame, of the length the rest's
+                # request would ask (each basis's last chunk)
+                frames += self._last_chunk_short_frames(name, bits)
                 pending += bits
         reconciled = sum(self._sifted.reconciled.values())
         rest_s = link_end_rest_s(s_per_frame, frames, reconciled + pending)
@@ -1735,6 +1741,43 @@ class StreamBob(Bob):
         tails = self._chunk_tail[source[0]]
         (now_errors, now_bits), (then_errors, then_bits) = tails[source[1]], tails[source[1] - 1]
         return max(0.0, now_errors / now_bits - then_errors / then_bits)
+
+    def _chunk_request(self, name, chunk, qber, sample_bits, source, last: bool):
+        """(QBER, sample bits, frame length) Bob's reconcile request names for a chunk of
+        `chunk` key bits of basis `name` estimated at (qber, sample_bits) from `source`
+        (_estimate). The last chunk of a basis (`last`: at loss of signal or the cut; at
+        most LAST_CHUNK_MAX_FRAMES frames of the chunks' length), which the keys wait for,
+        is sized for the upper bound of its frames' error rate (last_chunk_sizing), so that
+        it decodes in few rounds, with the frames of the length it would take at the
+        estimate; its length is then the one chunk_frame_bits gives at that bound, the
+        interval Alice's plan sees. Public counts and announced error counts only."""
+        cfg, opts = self.config, self.stream
+        frame_bits = chunk_frame_bits(cfg, opts, chunk, qber, sample_bits)
+        long_frame = frame_key_bits(cfg, qber, sample_bits, opts.frame_bits)
+        if last and cfg.ec == "ldpc" and chunk <= LAST_CHUNK_MAX_FRAMES * long_frame:
+            behind = self._chunk_tail[source[0]][source[1]][1] if source else sample_bits
+            if behind > 0:
+                per_frame = frame_key_bits(cfg, qber, sample_bits, frame_bits)
+                qber, sample_bits = last_chunk_sizing(
+                    qber, behind, chunk, per_frame, self._climb(source)
+                )
+                frame_bits = chunk_frame_bits(cfg, opts, chunk, qber, sample_bits)
+        return qber, sample_bits, frame_bits
+
+    def _last_chunk_short_frames(self, name: str, bits: int) -> float:
+        """The frames a last chunk of `bits` key bits of basis `name` takes, of the length
+        and sizing its request would name (_chunk_request), in frames of ldpc.FRAME_BITS
+        as Bob's seconds per frame are measured (chunk_short_frames): one 2^17 frame counts
+        2, one 2^18 frame 4."""
+        cfg = self.config
+        qber, sample_bits, source = self._estimate(name)
+        qber, sample_bits, frame_bits = self._chunk_request(
+            name, bits, qber, sample_bits, source, last=True
+        )
+        per_frame = max(1, frame_key_bits(cfg, qber, sample_bits, frame_bits))
+        # Cascade has no frames: counted in ldpc.FRAME_BITS bits, as its chunks report
+        unit = frame_bits if cfg.ec == "ldpc" else ldpc.FRAME_BITS
+        return chunk_short_frames({"frames": math.ceil(bits / per_frame), "frame_bits": unit})
 
     def _record_chunk_errors(self, name: str, wrong: np.ndarray) -> None:
         """A reconciled chunk's errors (`wrong`: per key bit, in time order), which size
