@@ -130,6 +130,42 @@ def test_a_last_chunk_of_more_than_a_short_frame_goes_in_one_long_frame_shortene
     assert chunk_frame_bits(cfg, longest, chunk, QBER, SAMPLE_BITS) == 2**18
 
 
+def test_a_last_chunks_frame_length_is_the_rules_at_the_sizing_its_request_names():
+    """A last chunk is sized for the upper bound of its error rate (last_chunk_sizing), with
+    the interval of the tail it is sized from (16,384 bits), not of a 2 % sample of the
+    chunk (1,100 bits): narrower, so a frame holds more key bits there. Its frame length
+    is picked at that sizing, the one Alice's plan sees (StreamBob._chunk_request), and the
+    link-end reserve counts it so: 58,000 bits after a 55,000-bit chunk at 2 % fill 52 % of
+    a 2^17 frame at the estimate, but one 2^16 frame holds them at the bound (61,231
+    bits). Picked at the estimate, a 2^17 frame would be asked 47 % full at the bound,
+    under ldpc.SMALL_BLOCK_MIN_FILL, and its graph decoded whole for a 2^16 frame's bits."""
+    cfg, chunk = Config(), 58_000
+    bob = StreamBob.__new__(StreamBob)  # the sizing state only: no pass, no channel
+    bob.config, bob.stream = cfg, LONG_FRAMES
+    bob._sifted = _Sifted(("Z",))
+    bob._sifted.key_positions["Z"].extend(np.arange(55_000 + chunk))
+    bob._sifted.reconciled["Z"] = 55_000
+    bob._sample_at = {"Z": _Growing(np.int64)}
+    bob._sample_wrong = {"Z": _Growing(bool)}
+    bob._chunk_errors, bob._chunk_tail, bob._chunk_log = {"Z": []}, {"Z": []}, []
+    bob._announced = set()
+    wrong = np.zeros(55_000, bool)
+    wrong[::50] = True  # 2 %
+    bob._record_chunk_errors("Z", wrong)
+    estimate = bob._estimate("Z")
+    assert estimate[1:] == (1_100, ("Z", 0))
+    assert chunk_frame_bits(cfg, LONG_FRAMES, chunk, *estimate[:2]) == 2**17
+    qber, sample_bits, frame_bits = bob._chunk_request("Z", chunk, *estimate, last=True)
+    assert sample_bits == 16_384 and frame_bits == 2**16
+    plan = reconcile._plan(chunk, qber, cfg.ec_efficiency, sample_bits, frame_bits=frame_bits)
+    assert plan.key_bits == chunk  # one frame
+    assert bob._last_chunk_short_frames("Z", chunk) == 1
+    # sized at the bound up to LAST_CHUNK_MAX_FRAMES frames of the chunks' length, no
+    # longer of 2^16: what is left at loss of signal is under one of them and the last
+    # blocks (150,000 bits: 1.35 frames of 2^17, 2.7 of 2^16)
+    assert bob._chunk_request("Z", 150_000, *estimate, last=True)[1] == 16_384
+
+
 def test_short_frames_chunk_as_before():
     short = StreamOptions(chunk_frames=2, frame_bits=2**16)
     assert next_chunk(3 * SHORT, SHORT, SHORT, short, False, True) == 2 * SHORT
