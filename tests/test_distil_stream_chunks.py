@@ -98,6 +98,22 @@ def test_near_loss_of_signal_every_whole_long_frame_goes_and_the_rest_at_the_end
     assert next_chunk(SHORT + 5, SHORT, LONG, LONG_FRAMES, True, hold=False) == SHORT + 5
 
 
+def test_near_the_link_end_a_first_chunk_of_a_short_frame_measures_the_speed():
+    # Near the link's end, before any chunk has measured Bob's error correction, whole
+    # frames of 2^16 go as before session 16: the cut's reserve is otherwise 8x the
+    # warm-up's seconds per frame, 7-9x what the first chunk measures on an idle machine,
+    # and a 40 s micius-2017 pass whose link ended at 28 or 32 s was cut at 13 or 18 s
+    # waiting for a whole 2^17 frame (no key) instead of 20 or 24 s (2,578 or 8,133 bits)
+    measure = dict(hold=False, measure_first=True)
+    assert next_chunk(SHORT + 5, SHORT, LONG, LONG_FRAMES, False, **measure) == SHORT
+    assert next_chunk(3 * SHORT + 5, SHORT, LONG, LONG_FRAMES, False, **measure) == 3 * SHORT
+    assert next_chunk(SHORT - 1, SHORT, LONG, LONG_FRAMES, False, **measure) == 0
+    # at the end all of it; during the pass (a frame held back) as without it
+    assert next_chunk(SHORT + 5, SHORT, LONG, LONG_FRAMES, True, **measure) == SHORT + 5
+    held = next_chunk(2 * LONG - 1, SHORT, LONG, LONG_FRAMES, False, True, measure_first=True)
+    assert held == 0
+
+
 # The estimate a last chunk is sized for in the tests below: 1.2 % from a tail of 16,384
 # bits (stream.CHUNK_TAIL_MIN_BITS), as the last chunk's bound sizing names it
 QBER, SAMPLE_BITS = 0.012, 16_384

@@ -230,7 +230,7 @@ class StreamOptions:
     speedup: float = 1.0  # pass seconds per wall second of the replay
     chunk_frames: int = 2  # LDPC frames per error-correction chunk
     # The chunks' LDPC frame length (ldpc.FRAME_BITS or one of ldpc.LONG_FRAME_BITS): Bob
-    # names each chunk's in its reconcile request (next_chunk), Alice follows
+    # names each chunk's in its reconcile request (StreamBob._chunk_request), Alice follows
     frame_bits: int = STREAM_FRAME_BITS
     # A live tagger silent this long (wall seconds: no new record in detections.qdet or
     # pps.qdet, whose marks come every second) stopped without its end-of-pass record:
@@ -495,6 +495,7 @@ def next_chunk(
     options: StreamOptions,
     final: bool,
     hold: bool,
+    measure_first: bool = False,
 ) -> int:
     """Key bits of a basis to reconcile now (0: none yet), `backlog` bits unreconciled,
     short_frame and long_frame the key bits of a frame of ldpc.FRAME_BITS and of
@@ -504,12 +505,19 @@ def next_chunk(
     wait for stays under one of them and the last blocks, which then go in one frame of
     the length the post-pass rule picks for a block of that size (chunk_frame_bits; before,
     whole frames of ldpc.FRAME_BITS went there and the rest in them: docs/streaming.md,
-    "The last chunks in one frame"). A function of public counts and the estimate."""
+    "The last chunks in one frame"). Near the link's end before any chunk has measured
+    Bob's error correction (`measure_first`), whole frames of ldpc.FRAME_BITS go instead,
+    as before session 16: the cut's reserve rests on that measurement, and until it on
+    WARM_UP_TO_STREAM times the warm-up's seconds per frame (7-9x what a chunk measured on
+    an idle machine), on which a short pass waiting for a whole frame of 2^17 was cut
+    early, its key lost (docs/streaming.md, "The last chunks in one frame"). A function of
+    public counts, the estimate and public timing."""
+    frame = short_frame if measure_first and not hold else long_frame
     # the cap on a chunk's frames bounds Bob's decoder memory: as many bits as
     # MAX_CHUNK_FRAMES frames of ldpc.FRAME_BITS
-    max_frames = max(1, MAX_CHUNK_FRAMES * short_frame // max(long_frame, 1))
+    max_frames = max(1, MAX_CHUNK_FRAMES * short_frame // max(frame, 1))
     return due_chunk_bits(
-        backlog, long_frame, options.chunk_frames, final, hold=hold, max_frames=max_frames
+        backlog, frame, options.chunk_frames, final, hold=hold, max_frames=max_frames
     )
 
 
@@ -1414,7 +1422,12 @@ class StreamBob(Bob):
                     hold = not (near_end or self._near_loss_of_signal(
                         name, short_frame, block_end, key_history
                     ))  # fmt: skip
-                    chunk = next_chunk(backlog, short_frame, long_frame, opts, final, hold)
+                    # near the link's end, a first chunk measures the error correction's
+                    # speed for the cut's reserve as soon as a frame of 2^16 is there
+                    measure_first = near_end and not any(self._ec_stats.values())
+                    chunk = next_chunk(
+                        backlog, short_frame, long_frame, opts, final, hold, measure_first
+                    )
                     if not chunk:
                         break
                     qber, bits, frame_bits = self._chunk_request(
