@@ -883,6 +883,7 @@ def run_mission(
             stages["timetransfer"] = run_stage(
                 out, profile["name"], seed, stages["ground"]["segment_seconds"],
                 key_made=not stages["distil"]["aborted"], satellite_keys=onboard,
+                uplink_key=uplink_key,
             )  # fmt: skip
         else:  # the satellite reads its symbols on board, over the pattern-memory port
             with HeadServer(head) as server:

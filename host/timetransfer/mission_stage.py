@@ -354,13 +354,15 @@ def during_pass_figures(out: Path, outcome: dict) -> dict:
 
 def run_stage(out: Path, qkd_profile: str, seed: int, window_s: float | None,
               key_made: bool, satellite_keys: Path | None = None, mission=None,
-              qkd_scenario=None, memory=None) -> dict:  # fmt: skip
+              qkd_scenario=None, memory=None,
+              uplink_key: bytes | None = None) -> dict:  # fmt: skip
     """The stage's figures for mission.json; `aborted` with the reason when there is no
     time transfer to vouch for (no key to seal with, or the protocol aborted). Bob's key
     is in OUT, Alice's in `satellite_keys` (the on-board key store's pass directory after
     a distillation over the optical link; OUT after a local one). `mission` (prepare's),
     `qkd_scenario` (the segment's ground scenario) and `memory` (the head's pattern
-    memory client): the mission's own two-way pass; otherwise a simulated one."""
+    memory client): the mission's own two-way pass; otherwise a simulated one, its ground
+    transmitter's pattern keyed by `uplink_key` (os.urandom when None, as simulate's)."""
     if not key_made:
         return {
             "aborted": True,
@@ -374,7 +376,7 @@ def run_stage(out: Path, qkd_profile: str, seed: int, window_s: float | None,
         profile_name = mission.two_way.profile["name"]
     else:
         profile = simulate.load_profile(simulate.profile_for(qkd_profile))
-        simulate.simulate(profile, out, seed, window_s)
+        simulate.simulate(profile, out, seed, window_s, uplink_key=uplink_key)
         profile_name = profile["name"]
     try:
         report = time_transfer(
