@@ -171,7 +171,7 @@ def test_a_last_chunks_frame_length_is_the_rules_at_the_sizing_its_request_names
     estimate = bob._estimate("Z")
     assert estimate[1:] == (1_100, ("Z", 0))
     assert chunk_frame_bits(cfg, LONG_FRAMES, chunk, *estimate[:2]) == 2**17
-    qber, sample_bits, frame_bits = bob._chunk_request("Z", chunk, *estimate, last=True)
+    qber, sample_bits, frame_bits = bob._chunk_request(chunk, *estimate, last=True)
     assert sample_bits == 16_384 and frame_bits == 2**16
     plan = reconcile._plan(chunk, qber, cfg.ec_efficiency, sample_bits, frame_bits=frame_bits)
     assert plan.key_bits == chunk  # one frame
@@ -179,7 +179,7 @@ def test_a_last_chunks_frame_length_is_the_rules_at_the_sizing_its_request_names
     # sized at the bound up to LAST_CHUNK_MAX_FRAMES frames of the chunks' length, no
     # longer of 2^16: what is left at loss of signal is under one of them and the last
     # blocks (150,000 bits: 1.35 frames of 2^17, 2.7 of 2^16)
-    assert bob._chunk_request("Z", 150_000, *estimate, last=True)[1] == 16_384
+    assert bob._chunk_request(150_000, *estimate, last=True)[1] == 16_384
 
 
 def test_short_frames_chunk_as_before():

@@ -1431,7 +1431,7 @@ class StreamBob(Bob):
                     if not chunk:
                         break
                     qber, bits, frame_bits = self._chunk_request(
-                        name, chunk, qber, bits, source, last=final
+                        chunk, qber, bits, source, last=final
                     )
                     started = time.perf_counter()
                     with stage("error_correction"):
@@ -1755,9 +1755,9 @@ class StreamBob(Bob):
         (now_errors, now_bits), (then_errors, then_bits) = tails[source[1]], tails[source[1] - 1]
         return max(0.0, now_errors / now_bits - then_errors / then_bits)
 
-    def _chunk_request(self, name, chunk, qber, sample_bits, source, last: bool):
+    def _chunk_request(self, chunk, qber, sample_bits, source, last: bool):
         """(QBER, sample bits, frame length) Bob's reconcile request names for a chunk of
-        `chunk` key bits of basis `name` estimated at (qber, sample_bits) from `source`
+        `chunk` key bits of a basis estimated at (qber, sample_bits) from `source`
         (_estimate). The last chunk of a basis (`last`: at loss of signal or the cut; at
         most LAST_CHUNK_MAX_FRAMES frames of the chunks' length), which the keys wait for,
         is sized for the upper bound of its frames' error rate (last_chunk_sizing), so that
@@ -1785,7 +1785,7 @@ class StreamBob(Bob):
         cfg = self.config
         qber, sample_bits, source = self._estimate(name)
         qber, sample_bits, frame_bits = self._chunk_request(
-            name, bits, qber, sample_bits, source, last=True
+            bits, qber, sample_bits, source, last=True
         )
         per_frame = max(1, frame_key_bits(cfg, qber, sample_bits, frame_bits))
         # Cascade has no frames: counted in ldpc.FRAME_BITS bits, as its chunks report
