@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -46,7 +47,7 @@ import scipy.fft
 import scipy.sparse
 
 from host.distil import channel as ch
-from host.distil import ldpc, pa, reconcile
+from host.distil import ldpc, ldpc_qc, pa, reconcile
 from host.distil.finite_key import binary_entropy
 from host.distil.protocol import Config
 from host.distil.run import run_local
@@ -371,7 +372,7 @@ class DecoderBudget:
 
 
 def _frame_thresholds(
-    plan, q: float, frames: int, seed: int = 11, budget=None, after_stall=None
+    plan, q: float, frames: int, seed: int = 11, budget=None, after_stall=None, decode=None
 ):  # fmt: skip
     """(each frame's threshold f, nan if it never decoded; iterations per frame): `frames`
     frames of `plan` at QBER q with fixed noise (seed), decoded by the protocol's decoder
@@ -380,9 +381,11 @@ def _frame_thresholds(
     budget: a DecoderBudget instead of the protocol's (iterations, stall rule, step).
     after_stall: a StalledPostProcessing run on the frames whose attempt failed, before
     the next reveal (decoding on the CSR kernel, whose messages it reads: the same results
-    bit for bit as the QC one); it counts the frames decoded to a wrong word."""
+    bit for bit as the QC one); it counts the frames decoded to a wrong word.
+    decode: another decoder with reconcile._decode's arguments (DiverseDecoder)."""
     budget = budget or DecoderBudget("protocol")
-    decode = reconcile._decode if after_stall is None else after_stall.decode
+    if decode is None:
+        decode = reconcile._decode if after_stall is None else after_stall.decode
     code, k = plan.code, plan.key_bits
     key_pos, zero_pos = reconcile._frame_layout(plan, k)
     order = reconcile._reveal_order(plan, k)
@@ -655,6 +658,161 @@ def test_bench_stalled_post_processing():
     finally:
         ldpc.LONG_FRAME_BITS = long_frames
     print(f" (load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+def _code_in_base_row_order(code: ldpc.Code, base_rows) -> tuple[ldpc.Code, np.ndarray]:
+    """The quasi-cyclic `code` with its base rows taken in the order `base_rows`: the same
+    code (the same checks, renumbered), whose layered decoder updates them in that order;
+    and the index that takes a syndrome of `code` to the new check order."""
+    lift, row_ptr, column, shift = (np.asarray(a) for a in code.qc)
+    lift = int(lift)
+    base_rows = np.asarray(base_rows)
+    entries = np.concatenate([np.arange(row_ptr[b], row_ptr[b + 1]) for b in base_rows])
+    new_ptr = np.zeros_like(row_ptr)
+    new_ptr[1:] = np.cumsum(np.diff(row_ptr)[base_rows])
+    qc = (lift, new_ptr, column[entries].copy(), shift[entries].copy())
+    check_ptr, check_var = ldpc_qc.expand(*qc)
+    syndrome_index = (base_rows[:, None] * lift + np.arange(lift)[None, :]).ravel()
+    permuted = dataclasses.replace(code, check_ptr=check_ptr, check_var=check_var, qc=qc)
+    return permuted, syndrome_index
+
+
+def _base_row_order(order: str, rows: int) -> np.ndarray:
+    """The base rows 0 .. rows - 1 in `order`: "reversed", or "random:SEED" (a fixed public
+    permutation)."""
+    if order == "reversed":
+        return np.arange(rows)[::-1]
+    return np.random.default_rng(int(order.split(":")[1])).permutation(rows)
+
+
+class DiverseDecoder:
+    """Decoder diversity (issue 17, session 17, docs/distillation.md "Decoder diversity"),
+    for _frame_thresholds' decode: Bob runs the protocol's decoder (base rows in the code's
+    order) and, on the same frames, LLRs and budget, the layered decoder of the same code
+    with its base rows in each of `orders` ("reversed", or "random:SEED": a fixed public
+    permutation), each resuming from its own messages on a retry. A frame's word is the
+    first decoder's that converged, in that order, so it never depends on which finished
+    first. iters counts every decoder's iterations (the work). One instance per frame set:
+    it keeps the other decoders' messages."""
+
+    def __init__(self, name: str, orders):
+        self.name, self.orders = name, tuple(orders)
+        self.others = None  # per order: (code, syndrome index, messages, out)
+
+    def __call__(self, rows, llr, syndromes, code, iterations, messages, out, iters,
+                 stall_rule=None):  # fmt: skip
+        if self.others is None:
+            base_rows = len(code.qc[1]) - 1
+            self.others = [
+                (*_code_in_base_row_order(code, _base_row_order(o, base_rows)),
+                 np.zeros_like(messages), np.zeros_like(out))
+                for o in self.orders
+            ]  # fmt: skip
+        ok = reconcile._decode(rows, llr, syndromes, code, iterations, messages, out, iters,
+                               stall_rule)  # fmt: skip
+        for other, index, other_messages, other_out in self.others:
+            other_ok = reconcile._decode(
+                rows, llr, np.ascontiguousarray(syndromes[:, index]), other, iterations,
+                other_messages, other_out, iters, stall_rule,
+            )  # fmt: skip
+            taken = rows[~ok & other_ok]
+            out[taken] = other_out[taken]
+            ok |= other_ok
+        return ok
+
+
+DIVERSITY_FRAMES = int(os.environ.get("BENCH_DIVERSITY_FRAMES", "16"))
+DIVERSITY_SEEDS = os.environ.get("BENCH_DIVERSITY_SEEDS", "11,12,13,14")
+DIVERSITY_ROWS = os.environ.get("BENCH_DIVERSITY_ROWS", "0.01:17,0.02:17")
+
+
+def test_bench_decoder_diversity_thresholds():
+    """Issue 17, session 17: does a second layered schedule of the same code (base rows
+    reversed or in a fixed random order, DiverseDecoder) decode frames the protocol's
+    schedule cannot, lowering each frame's threshold to the lower of the two? The same
+    frames and noise (DIVERSITY_FRAMES per seed of DIVERSITY_SEEDS) per row
+    (DIVERSITY_ROWS: QBER, log2 frame bits of the 1 M-bit block's plan) for the protocol,
+    each schedule alone, the two together, and the control that spends the extra work on
+    the protocol's schedule (200 iterations first and per retry, stall 16): mean / median
+    / 90 % / worst threshold, paired change of the mean, frames better / worse, work."""
+    variants = (
+        ("protocol (rows in order)", None, None),
+        ("rows reversed alone", ("reversed",), "alone"),
+        ("rows random:1 alone", ("random:1",), "alone"),
+        ("in order + reversed", ("reversed",), "with"),
+        ("in order + random:1", ("random:1",), "with"),
+        ("in order + reversed + random:1, 2", ("reversed", "random:1", "random:2"), "with"),
+        ("control: 200/200, stall 16", None, DecoderBudget("200/200", 200, 200, stall=16)),
+    )
+    seeds = [int(s) for s in DIVERSITY_SEEDS.split(",")]
+    print(
+        f"\nframes' thresholds with decoder diversity, {DIVERSITY_FRAMES} frames x noise seeds "
+        f"{seeds} per row (load average {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        " QBER | frame | decoders                                  | mean f | median | 90 %  "
+        "| worst | change | better/worse | not decoded | work per key bit | CPU s"
+    )
+    long_frames = ldpc.LONG_FRAME_BITS
+    try:
+        for row in DIVERSITY_ROWS.split(","):
+            q, log2_bits = float(row.split(":")[0]), int(row.split(":")[1])
+            bits = 1 << log2_bits
+            ldpc.LONG_FRAME_BITS = tuple(b for b in long_frames if b <= bits)
+            plan = reconcile._plan(BLOCK_BITS, q, Config.ec_efficiency)
+            assert plan.code.n == bits and plan.code.qc is not None
+            base = None
+            for name, orders, how in variants:
+                cpu0 = time.process_time()
+                thresholds, iterations = [], []
+                for seed in seeds:
+                    budget = how if isinstance(how, DecoderBudget) else None
+                    decode = None
+                    if how == "with":
+                        decode = DiverseDecoder(name, orders)
+                    elif how == "alone":
+                        decode = _AloneInOrder(orders[0])
+                    threshold, iters = _frame_thresholds(
+                        plan, q, DIVERSITY_FRAMES, seed=seed, budget=budget, decode=decode
+                    )
+                    thresholds.append(threshold)
+                    iterations.append(iters)
+                threshold, iters = np.concatenate(thresholds), np.concatenate(iterations)
+                base = threshold if base is None else base
+                decoded = threshold[~np.isnan(threshold)]
+                both = ~np.isnan(threshold) & ~np.isnan(base)
+                diff = threshold[both] - base[both]
+                print(
+                    f" {q:.2f} | 2^{log2_bits} | {name:41s} | {decoded.mean():.4f} | "
+                    f"{np.median(decoded):.4f} | {np.quantile(decoded, 0.9):.3f} | "
+                    f"{decoded.max():.3f} | {diff.mean():+.4f} | "
+                    f"{np.sum(diff < -1e-9):5d}/{np.sum(diff > 1e-9):<6d} | "
+                    f"{threshold.size - decoded.size:11d} | "
+                    f"{iters.mean() * plan.code.edges / plan.key_bits:16.0f} | "
+                    f"{time.process_time() - cpu0:5.0f}"
+                )
+    finally:
+        ldpc.LONG_FRAME_BITS = long_frames
+    print(f" (load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+class _AloneInOrder:
+    """The layered decoder of the same code with its base rows in one other order
+    (DiverseDecoder's orders) instead of the protocol's, for _frame_thresholds' decode."""
+
+    def __init__(self, order: str):
+        self.order, self.state = order, None
+
+    def __call__(self, rows, llr, syndromes, code, iterations, messages, out, iters,
+                 stall_rule=None):  # fmt: skip
+        if self.state is None:
+            base_rows = _base_row_order(self.order, len(code.qc[1]) - 1)
+            self.state = _code_in_base_row_order(code, base_rows)
+        other, index = self.state
+        return reconcile._decode(
+            rows, llr, np.ascontiguousarray(syndromes[:, index]), other, iterations, messages,
+            out, iters, stall_rule,
+        )  # fmt: skip
 
 
 def _apply_budget(monkeypatch, budget: DecoderBudget) -> None:
