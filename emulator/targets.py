@@ -321,6 +321,12 @@ class QemuTarget(Target):
 # seconds. QEMU does not model the IWDG, so nothing resets the emulated board when a dead
 # head's 4 tries (40 s) outlast the part's watchdog (docs/targets.md).
 NETDUINO2_EMULATED_BUS_TIMEOUT_US = 10_000_000
+# How long the emulated STM32 board's ground poll reads on for the rest of a frame once
+# bytes came, over its flight value (payload/waits.py GROUND_RX_WAIT_US, 5 ms): QEMU's
+# USART holds one byte and gets the next when QEMU's main loop runs, 2-5 ms apart on a
+# host at load ~10 (a 38-byte telecommand took up to 182 ms), so with the flight value a
+# telecommand arrived a byte or two a scheduler pass (docs/targets.md).
+NETDUINO2_EMULATED_GROUND_RX_WAIT_US = 200_000
 
 
 class Netduino2Target(QemuTarget):
@@ -331,7 +337,8 @@ class Netduino2Target(QemuTarget):
 
     bus_timeout_us: the emulation's override of the board's payload-bus timeout, on that
     command line (`arg=bus_timeout_us=N`, the board's EMULATION_OVERRIDES); None: the
-    board's flight value."""
+    board's flight value. ground_rx_wait_us: the same for the ground poll's wait for the
+    rest of a frame (`arg=ground_rx_wait_us=N`)."""
 
     name = "netduino2"
 
@@ -343,15 +350,19 @@ class Netduino2Target(QemuTarget):
         image: str | os.PathLike = NETDUINO2_IMAGE,
         track_address: tuple[str, int] | str | None = None,
         bus_timeout_us: int | None = NETDUINO2_EMULATED_BUS_TIMEOUT_US,
+        ground_rx_wait_us: int | None = NETDUINO2_EMULATED_GROUND_RX_WAIT_US,
     ) -> None:
         super().__init__(bus_address, boot, icount_shift, image, track_address)
         self.bus_timeout_us = bus_timeout_us
+        self.ground_rx_wait_us = ground_rx_wait_us
 
     def command(self) -> list[str]:
         image = require(self.image, "netduino2 firmware image (make firmware)")
         strap = f"arg=qkdsat,arg={self.boot}" + (",arg=track" if self.track_address else "")
         if self.bus_timeout_us is not None:
             strap += f",arg=bus_timeout_us={int(self.bus_timeout_us)}"
+        if self.ground_rx_wait_us is not None:
+            strap += f",arg=ground_rx_wait_us={int(self.ground_rx_wait_us)}"
         cmd = [
             QEMU_BIN,
             "-machine", "netduino2",

@@ -15,7 +15,12 @@ from micropython import const
 
 from payload import framing, scheduler, telecommands
 from payload.ccsds import FN_REBOOT
-from payload.waits import GROUND_TX_FLUSH_US, GROUND_TX_FULL_WAIT_US, GROUND_TX_SLICE_US
+from payload.waits import (
+    GROUND_RX_WAIT_US,
+    GROUND_TX_FLUSH_US,
+    GROUND_TX_FULL_WAIT_US,
+    GROUND_TX_SLICE_US,
+)
 
 MAX_FRAME_BODY_BYTES = const(1024)
 # Ground frames carry a 1 KiB product chunk plus packet headers (docs/ground-link.md).
@@ -88,6 +93,9 @@ class Controller:
         self.bus_rx = None  # the controller's own bus framing, only without a data path
         self._bus = None  # the data path's bus client, whose down flag each pass resets
         self._chunk = bytearray(256)
+        # how long a ground poll that got bytes reads on for the rest of the frame (the
+        # board's, where its emulation states one: boards/netduino2 EMULATION_OVERRIDES)
+        self.ground_rx_wait_us = getattr(board, "GROUND_RX_WAIT_US", GROUND_RX_WAIT_US)
         self.ground_queue = TxQueue(
             board.ground_link,
             board.clock,
@@ -152,7 +160,14 @@ class Controller:
         link = self.link
         if link.housekeeping_stage:  # a report's next slice, before any new frame
             return link.step()
-        return _pump(self.board.ground_link, self.ground_rx, self._chunk, self.on_ground_frame)
+        return _pump_frame(
+            self.board.ground_link,
+            self.ground_rx,
+            self._chunk,
+            self.on_ground_frame,
+            self.board.clock,
+            self.ground_rx_wait_us,
+        )
 
     def poll_bus(self):
         return _pump(self.board.payload_bus, self.bus_rx, self._chunk, self.on_bus_frame)
@@ -188,6 +203,35 @@ def _pump(link, reader, chunk, handler):
         if reader.ready:
             handler(reader.body)
     return True
+
+
+def _pump_frame(link, reader, chunk, handler, clock, wait_us):
+    """Read what the link has; once bytes came, read on until a frame has been handed on
+    or wait_us has passed since the first byte. Polled once a pass, a link whose next byte
+    comes later than the board's read waits for it (a USART whose bytes QEMU hands on at
+    the host's pace, ms apart on a loaded host) gave a telecommand a byte or two a pass:
+    the stop of an emulated pass took 4-7 passes to arrive, one frame each (docs/
+    targets.md). Returns after the first frame handed on (the rest of the chunk stays in
+    the reader for the next pass); no allocation (feed_from, no slices)."""
+    count = link.readinto(chunk)
+    if not count:
+        return False
+    start_us = clock.ticks_us()
+    while True:
+        index = 0
+        handled = False
+        while index < count:
+            index = reader.feed_from(chunk, index, count)
+            if reader.ready:
+                handler(reader.body)
+                handled = True
+        if handled:
+            return True
+        count = 0
+        while not count:
+            if ((clock.ticks_us() - start_us) & 0x3FFFFFFF) > wait_us:
+                return True
+            count = link.readinto(chunk)
 
 
 def _write_bounded(link, data, clock, timeout_us):

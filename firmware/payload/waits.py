@@ -15,6 +15,14 @@ LASER_STOP_TIMEOUT_US = const(10_000_000)
 # Longest a scheduler pass spends writing to the ground link (app.TxQueue): at 115200 baud
 # a 1 KiB packet takes ~89 ms, more than two 41 ms frame periods, so it goes out in slices.
 GROUND_TX_SLICE_US = const(2000)
+# How long a ground poll (app.Controller.poll_ground) that got bytes goes on reading until a
+# frame is complete: the rest of a telecommand already on its way is taken in the same pass
+# instead of a few bytes a pass. At 115200 baud a stop, start or housekeeping request (~40
+# bytes with its leading delimiter) takes 3.5 ms on the wire; a larger frame (a 200-byte
+# configuration) goes on in the next passes. The STM32 board's emulation states a longer
+# one on its launcher's command line (boards/netduino2 EMULATION_OVERRIDES: QEMU hands the
+# USART its bytes at the host's pace, ms apart on a loaded host; docs/targets.md).
+GROUND_RX_WAIT_US = const(5000)
 # When the ground queue is full, how long a new packet may wait for room before it is
 # dropped (and counted): a ground link nobody reads must not stop the payload.
 GROUND_TX_FULL_WAIT_US = const(200_000)
@@ -46,6 +54,7 @@ def longest_wait_us(bus_timeout_us):
         (GROUND_TX_FULL_WAIT_US, "ground queue full"),
         (TIMER_LOOP_STOP_US, "tracking stop"),
         (GROUND_TX_SLICE_US, "ground slice"),
+        (GROUND_RX_WAIT_US, "ground frame"),
     )
     return max(waits)
 

@@ -111,6 +111,75 @@ def test_frame_reader_accepts_good_and_counts_bad_by_reason():
         assert reader.drops[index] == 1, (case["reason"], reader.drops)
 
 
+class _TrickleLink:
+    """A link that hands on one byte every other read (a USART whose next byte is not
+    there yet when polled: QEMU's, on a loaded host)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.pos = 0
+        self.reads = 0
+
+    def readinto(self, buf):
+        self.reads += 1
+        if self.reads % 2 or self.pos >= len(self.data):
+            return 0
+        buf[0] = self.data[self.pos]
+        self.pos += 1
+        return 1
+
+
+class _StepClock:
+    """ticks_us advancing 10 us a call: the poll's wait is counted in calls."""
+
+    def __init__(self):
+        self.now = 0
+
+    def ticks_us(self):
+        self.now += 10
+        return self.now & 0x3FFFFFFF
+
+
+def test_a_ground_poll_takes_a_trickling_telecommand_whole_within_its_wait():
+    from payload import app
+
+    body = bytes(range(40))  # a stop telecommand's size
+    frame = b"\x00" + bytes(framing.FrameWriter(64).encode(body))  # the host's leading 0
+    reader = framing.FrameReader(64)
+    chunk = bytearray(256)
+    got = []
+
+    def handler(received):
+        got.append(bytes(received))
+
+    # within the wait (~2 * 42 reads of 10 us, ~20 clock calls a byte: well under 5 ms)
+    link = _TrickleLink(frame + frame)
+    clock = _StepClock()
+    assert not app._pump_frame(link, reader, chunk, handler, clock, 5000)  # nothing yet
+    assert app._pump_frame(link, reader, chunk, handler, clock, 5000)
+    assert got == [body] and link.pos == len(frame), (got, link.pos)
+    # the next pass takes the next frame whole, from its leading delimiter
+    link.reads = 1  # (its byte is there at the poll)
+    assert app._pump_frame(link, reader, chunk, handler, clock, 5000)
+    assert got == [body, body] and link.pos == 2 * len(frame), (got, link.pos, len(frame))
+    # a frame cut short: the poll gives up after its wait, and the rest is taken later
+    del got[:]
+    link = _TrickleLink(frame[:20])
+    clock = _StepClock()
+    link.reads = 1
+    assert app._pump_frame(link, reader, chunk, handler, clock, 500)
+    assert not got and link.pos == 20 and 500 <= clock.now <= 600, clock.now
+    link.data = frame
+    while link.pos < len(frame):
+        app._pump_frame(link, reader, chunk, handler, clock, 500)
+    assert got == [body]
+    # no wait: the frame's first byte alone (the poll as it was: a byte or two a pass)
+    del got[:]
+    link = _TrickleLink(frame)
+    link.reads = 1
+    assert app._pump_frame(link, reader, chunk, handler, _StepClock(), 0)
+    assert not got and link.pos == 1
+
 def test_crc_and_cobs_kernels_do_not_allocate():
     # These run on received bytes in the link's hot path: prove no heap use.
     data = bytearray(range(256))
