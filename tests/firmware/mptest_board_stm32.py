@@ -68,5 +68,11 @@ def test_the_launchers_bus_timeout_is_an_override_the_board_states():
     # The board carries the flight value; the emulation's longer one comes from the
     # launcher's command line (emulator/targets.py Netduino2Target), named, never silent.
     assert board.FLIGHT_BUS_TIMEOUT_US == 500_000
-    assert board.EMULATION_OVERRIDES == {"bus_timeout_us": 10_000_000}, board.EMULATION_OVERRIDES
+    overrides = board.EMULATION_OVERRIDES
+    assert overrides == {"bus_timeout_us": 10_000_000, "ground_rx_wait_us": 200_000}, overrides
     assert board.BUS_TIMEOUT_US == 10_000_000
+    # the ground poll's wait for the rest of a frame, the same way (payload/waits.py)
+    from payload import waits
+
+    assert waits.GROUND_RX_WAIT_US == 5_000
+    assert board.GROUND_RX_WAIT_US == 200_000

@@ -180,6 +180,7 @@ def test_a_ground_poll_takes_a_trickling_telecommand_whole_within_its_wait():
     assert app._pump_frame(link, reader, chunk, handler, _StepClock(), 0)
     assert not got and link.pos == 1
 
+
 def test_crc_and_cobs_kernels_do_not_allocate():
     # These run on received bytes in the link's hot path: prove no heap use.
     data = bytearray(range(256))
