@@ -324,7 +324,7 @@ NETDUINO2_EMULATED_BUS_TIMEOUT_US = 10_000_000
 # How long the emulated STM32 board's ground poll reads on for the rest of a frame once
 # bytes came, over its flight value (payload/waits.py GROUND_RX_WAIT_US, 5 ms): QEMU's
 # USART holds one byte and gets the next when QEMU's main loop runs, 2-5 ms apart on a
-# host at load ~10 (a 38-byte telecommand took up to 182 ms), so with the flight value a
+# host at load ~10 (a 37-byte telecommand took up to 182 ms), so with the flight value a
 # telecommand arrived a byte or two a scheduler pass (docs/targets.md).
 NETDUINO2_EMULATED_GROUND_RX_WAIT_US = 200_000
 

@@ -20,9 +20,10 @@ P_Z = 0.7
 SLOT_RATE_HZ = 100_000_000  # a "100 MHz" source in virtual time (lockstep head)
 # per target: frame length, frames to run (QEMU's emulated UART is the slow part) and a
 # PPS period short enough for several PPS edges in the run's virtual time. The STM32
-# board's store is 20 KiB (RAM standing in for its flash, docs/targets.md; products may
-# take ~15 kB of it): 10 frames of logs fit in it with room for the frames the head
-# emits while the stop telecommand is on its way (5-7 there); 30 do not.
+# board's store is 16 KiB of littlefs (RAM standing in for its flash, docs/targets.md; a
+# frame's logs ~530 B, full at 19-20 frames): 10 frames fit with room for the frames the
+# head emits while the stop telecommand is on its way (1 since the ground poll takes it
+# whole; 2-11 before, on a loaded host: docs/targets.md); 30 do not.
 RUNS = {
     "unix": (1024, 150, 100_000_000),
     "qemu": (512, 30, 25_000_000),
