@@ -136,8 +136,11 @@ class _StepClock:
         self.now = 0
 
     def ticks_us(self):
-        self.now += 10
-        return self.now & 0x3FFFFFFF
+        # wrapped at 2^30 as a board's, never past it (a small int on a 32-bit port: no
+        # allocation under heap_lock)
+        now = self.now
+        self.now = now + 10 if now < 0x3FFFFFFF - 10 else now - 0x3FFFFFF6
+        return self.now
 
 
 def test_a_ground_poll_takes_a_trickling_telecommand_whole_within_its_wait():
@@ -179,6 +182,69 @@ def test_a_ground_poll_takes_a_trickling_telecommand_whole_within_its_wait():
     link.reads = 1
     assert app._pump_frame(link, reader, chunk, handler, _StepClock(), 0)
     assert not got and link.pos == 1
+
+
+class _GarbageLink:
+    """An uplink owned by an attacker: `pattern` over and over, `per_read` bytes on every
+    other read (a byte every few ms on the radio), forever. More reads than `max_reads` in
+    one call is a poll whose wait never ended (fails here, where it would hang the loop)."""
+
+    def __init__(self, pattern, per_read, max_reads=5000):
+        self.pattern = pattern
+        self.per_read = per_read
+        self.max_reads = max_reads
+        self.pos = 0
+        self.reads = 0
+
+    def readinto(self, buf):
+        self.reads += 1
+        assert self.reads <= self.max_reads  # (no message: no heap under heap_lock)
+        if self.reads % 2 == 0:
+            return 0
+        pattern = self.pattern
+        for index in range(self.per_read):
+            buf[index] = pattern[self.pos]
+            self.pos = (self.pos + 1) % len(pattern)
+        return self.per_read
+
+
+def test_a_ground_poll_fed_bytes_that_never_make_a_frame_ends_at_its_wait_without_allocating():
+    # The attacker's cheap stall: bytes that never complete a frame hold each pass for the
+    # poll's wait and no longer, whatever they are, with the clock's 2^30 wrap inside the
+    # wait, and the poll (the main loop's, every pass) allocates nothing on the way.
+    from payload import app
+
+    writer = framing.FrameWriter(64)
+    bad_crc = bytearray(writer.encode(b"stop"))
+    bad_crc[1] ^= 0x01  # a telecommand's frame with one bit flipped
+    cases = (
+        ("never-ending frame", b"\x55", 1),
+        ("never-ending frame, chunks full", b"\x55", 256),
+        ("lone delimiters", b"\x00", 1),
+        ("damaged frames", bytes(bad_crc), 1),
+        ("damaged frames, chunks full", bytes(bad_crc), 256),
+    )
+    wait_us = 500
+    for name, pattern, per_read in cases:
+        reader = framing.FrameReader(app.GROUND_MAX_BODY_BYTES)
+        chunk = bytearray(256)
+        link = _GarbageLink(pattern, per_read)
+        clock = _StepClock()
+        clock.now = 0x3FFFFFFF - 200  # the wrap comes 200 us into the wait
+        got = []
+        handler = got.append  # (bound here: a bound method is a heap object)
+        for _ in range(3):  # three passes
+            link.reads = 0
+            before = clock.now
+            micropython.heap_lock()
+            try:
+                took = app._pump_frame(link, reader, chunk, handler, clock, wait_us)
+            finally:
+                micropython.heap_unlock()
+            spent_us = (clock.now - before) & 0x3FFFFFFF
+            assert took and not got, (name, took, got)
+            # the wait, and one read and clock call past it at most
+            assert wait_us <= spent_us <= wait_us + 20, (name, spent_us)
 
 
 def test_crc_and_cobs_kernels_do_not_allocate():
