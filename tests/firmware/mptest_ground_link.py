@@ -551,3 +551,63 @@ def test_garbage_never_raises_and_every_packet_is_counted():
     assert rejected + link.accepted == count, (rejected, link.accepted)
     assert link.accepted == 0
     assert sent[0] == count
+
+
+class _SplitLink:
+    """The ground link a telecommand crosses in pieces: `pieces` one a read with a read
+    that finds nothing between them (the next bytes not there yet when polled)."""
+
+    def __init__(self, pieces):
+        self.pieces = list(pieces)
+        self.reads = 0
+        self.written = 0
+
+    def readinto(self, buf):
+        self.reads += 1
+        if self.reads % 2 == 0 or not self.pieces:
+            return 0
+        piece = self.pieces.pop(0)
+        buf[: len(piece)] = piece
+        return len(piece)
+
+    def write(self, data):
+        self.written += len(data)
+        return len(data)
+
+
+class _BoardWith:
+    """The board with some of its attributes replaced."""
+
+    def __init__(self, **replaced):
+        for name in replaced:
+            setattr(self, name, replaced[name])
+
+    def __getattr__(self, name):
+        return getattr(board, name)
+
+
+def test_the_controllers_ground_poll_takes_a_telecommand_in_pieces_whole_in_one_pass():
+    # app.Controller.poll_ground with the board's wait (boards/netduino2: the launcher's
+    # override), not only app._pump_frame (mptest_framing): a telecommand that arrives in
+    # pieces is handed on in the pass its first byte came in.
+    from payload import app, framing, waits
+
+    key = bytes(range(32))
+    root = _fresh_root(key)
+    region = keystore.FileRegion(root + ".keyregion")
+    packet = _tc(key, 1, 17, 1)  # a connection test
+    frame = b"\x00" + bytes(framing.FrameWriter(64).encode(packet))
+    pieces = [frame[i : i + 7] for i in range(0, len(frame), 7)]
+    assert len(pieces) > 4
+    plain = app.Controller(_BoardWith(ground_link=_SplitLink([]), key_region=region), root)
+    board_wait_us = getattr(board, "GROUND_RX_WAIT_US", waits.GROUND_RX_WAIT_US)
+    assert plain.ground_rx_wait_us == board_wait_us == max(board_wait_us, waits.GROUND_RX_WAIT_US)
+    # a wait no host's load reaches (10 s): the test does not depend on the host's pace
+    link = _SplitLink(pieces)
+    controller = app.Controller(
+        _BoardWith(ground_link=link, key_region=region, GROUND_RX_WAIT_US=10_000_000), root
+    )
+    assert controller.ground_rx_wait_us == 10_000_000
+    assert controller.poll_ground()
+    assert not link.pieces and controller.ground_rx.frames_ok == 1, (link.pieces, link.reads)
+    assert controller.link.accepted == 1
