@@ -76,3 +76,20 @@ def test_the_launchers_bus_timeout_is_an_override_the_board_states():
 
     assert waits.GROUND_RX_WAIT_US == 5_000
     assert board.GROUND_RX_WAIT_US == 200_000
+
+
+def test_a_ground_wait_override_outside_the_watchdog_rule_is_refused():
+    # The poll measures its wait modulo 2^30 us: a wait of 2^30 us or more never ended on a
+    # frame left incomplete (a hang), a negative one was none. The board refuses both at
+    # import, as it refuses a flight value past the rule (payload/waits.py).
+    from payload import waits
+
+    assert board.ground_rx_wait_us({}) == waits.GROUND_RX_WAIT_US
+    assert board.ground_rx_wait_us({"ground_rx_wait_us": 0}) == 0
+    assert board.ground_rx_wait_us({"ground_rx_wait_us": 16_000_000}) == 16_000_000
+    for wait_us in (-1, 17_000_000, 1 << 30, 1 << 40):
+        try:
+            board.ground_rx_wait_us({"ground_rx_wait_us": wait_us})
+        except ValueError:
+            continue
+        raise AssertionError(wait_us)

@@ -258,6 +258,11 @@ flash = boardkit.RamNorDevice(_FLASH_DISK_ADDR, _FLASH_BLOCK_BYTES, _FLASH_BLOCK
 store = boardkit.FlashStore(flash, STORAGE_ROOT, 32, _FLASH_SPARES, _FLASH_JOURNAL_SECTORS, 32, 8)
 
 
+# The launcher's command line the board reads, its NUL included (emulator/targets.py
+# NETDUINO2_LAUNCHER_LINE_BYTES, which the launcher holds its line to)
+_LAUNCHER_LINE_BYTES = const(96)
+
+
 @micropython.asm_thumb
 def _semihost(r0, r1):  # r0 = operation, r1 = parameter block; returns r0
     data(2, 0xBEAB)  # BKPT 0xAB: the ARM semihosting call
@@ -269,7 +274,10 @@ def _launcher_args():
     and the boot mode comes from a strap pin instead (docs/targets.md)."""
     import uctypes
 
-    text = bytearray(96)  # (the launcher's longest line: 74 characters)
+    # SYS_GET_CMDLINE fails (-1: nothing read, the flight values) on a line that does not
+    # fit, so the launcher refuses one longer (emulator/targets.py
+    # NETDUINO2_LAUNCHER_LINE_BYTES): its longest today is 73 characters and the NUL
+    text = bytearray(_LAUNCHER_LINE_BYTES)
     block = array.array("I", (uctypes.addressof(text), len(text)))
     if _semihost(0x15, block) != 0:
         return ""
@@ -306,8 +314,25 @@ EMULATION_OVERRIDES = _emulation_overrides()
 BUS_TIMEOUT_US = EMULATION_OVERRIDES.get("bus_timeout_us", FLIGHT_BUS_TIMEOUT_US)
 # How long a ground poll that got bytes reads on for the rest of the frame (payload/app.py
 # _pump_frame): the flight value, or the launcher's for QEMU, whose USART gets its bytes
-# ms apart on a loaded host (Netduino2Target: 200 ms). Not held to the IWDG either.
-GROUND_RX_WAIT_US = EMULATION_OVERRIDES.get("ground_rx_wait_us", waits.GROUND_RX_WAIT_US)
+# ms apart on a loaded host (Netduino2Target: 200 ms). Held to the watchdog rule's 3/4 of
+# the IWDG's limit all the same (16.7 s, far above 200 ms), and refused at import past it:
+# the poll takes its elapsed time modulo 2^30 us, so a wait of 2^30 us (~18 min) or more
+# never ended while a frame stayed incomplete, and a negative one was no wait at all.
+
+
+def ground_rx_wait_us(overrides):
+    """The ground poll's wait for the rest of a frame: the launcher's override, checked, or
+    the flight value."""
+    wait_us = overrides.get("ground_rx_wait_us", waits.GROUND_RX_WAIT_US)
+    if not 0 <= 4 * wait_us <= waits.WAIT_QUARTERS_OF_WATCHDOG * WATCHDOG_LIMIT_US:
+        raise ValueError(
+            "ground_rx_wait_us=%d: not within 0..%d/4 of the watchdog's %d us"
+            % (wait_us, waits.WAIT_QUARTERS_OF_WATCHDOG, WATCHDOG_LIMIT_US)
+        )
+    return wait_us
+
+
+GROUND_RX_WAIT_US = ground_rx_wait_us(EMULATION_OVERRIDES)
 
 
 # The TRACK exchange's own link (docs/scheduling.md "The loop on a timer interrupt"), where
