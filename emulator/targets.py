@@ -327,6 +327,12 @@ NETDUINO2_EMULATED_BUS_TIMEOUT_US = 10_000_000
 # host at load ~10 (a 37-byte telecommand took up to 182 ms), so with the flight value a
 # telecommand arrived a byte or two a scheduler pass (docs/targets.md).
 NETDUINO2_EMULATED_GROUND_RX_WAIT_US = 200_000
+# The board reads the command line below into a buffer of this many bytes, its NUL
+# included (boards/netduino2/board.py _LAUNCHER_LINE_BYTES). QEMU answers a line that does
+# not fit with an error and nothing else, and the board then boots as from no line at all:
+# the app, not the maintenance boot asked for, flight timeouts, no tracking link (seen with
+# ground_rx_wait_us=10**40). So a longer line is refused here.
+NETDUINO2_LAUNCHER_LINE_BYTES = 96
 
 
 class Netduino2Target(QemuTarget):
@@ -356,13 +362,26 @@ class Netduino2Target(QemuTarget):
         self.bus_timeout_us = bus_timeout_us
         self.ground_rx_wait_us = ground_rx_wait_us
 
+    def launcher_words(self) -> list[str]:
+        """The board's command line (SYS_GET_CMDLINE: these words joined by spaces);
+        ValueError if it would not fit the board's buffer (NETDUINO2_LAUNCHER_LINE_BYTES)."""
+        words = ["qkdsat", self.boot] + (["track"] if self.track_address else [])
+        if self.bus_timeout_us is not None:
+            words.append(f"bus_timeout_us={int(self.bus_timeout_us)}")
+        if self.ground_rx_wait_us is not None:
+            words.append(f"ground_rx_wait_us={int(self.ground_rx_wait_us)}")
+        line_bytes = len(" ".join(words).encode()) + 1
+        if line_bytes > NETDUINO2_LAUNCHER_LINE_BYTES:
+            raise ValueError(
+                f"netduino2 launcher line of {line_bytes} bytes with its NUL: the board reads"
+                f" {NETDUINO2_LAUNCHER_LINE_BYTES} (boards/netduino2/board.py"
+                f" _LAUNCHER_LINE_BYTES): {words}"
+            )
+        return words
+
     def command(self) -> list[str]:
         image = require(self.image, "netduino2 firmware image (make firmware)")
-        strap = f"arg=qkdsat,arg={self.boot}" + (",arg=track" if self.track_address else "")
-        if self.bus_timeout_us is not None:
-            strap += f",arg=bus_timeout_us={int(self.bus_timeout_us)}"
-        if self.ground_rx_wait_us is not None:
-            strap += f",arg=ground_rx_wait_us={int(self.ground_rx_wait_us)}"
+        strap = ",".join(f"arg={word}" for word in self.launcher_words())
         cmd = [
             QEMU_BIN,
             "-machine", "netduino2",
