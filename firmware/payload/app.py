@@ -211,8 +211,10 @@ def _pump_frame(link, reader, chunk, handler, clock, wait_us):
     comes later than the board's read waits for it (a USART whose bytes QEMU hands on at
     the host's pace, ms apart on a loaded host) gave a telecommand a byte or two a pass:
     the stop of an emulated pass took 4-7 passes to arrive, one frame each (docs/
-    targets.md). Returns after the first frame handed on (the rest of the chunk stays in
-    the reader for the next pass); no allocation (feed_from, no slices)."""
+    targets.md). Returns after the read in which a frame was handed on: every frame of
+    that chunk is handed on (as _pump does: a chunk of small frames is many), a frame
+    the chunk ends inside stays in the reader for the next pass. No allocation but the
+    reader's for a frame it hands on (feed_from, no slices: mptest_framing)."""
     count = link.readinto(chunk)
     if not count:
         return False
