@@ -206,6 +206,38 @@ LOS_RELEASE_FRAMES = 2.0
 RATE_WINDOW_S = 10.0
 FRAME_LENGTHS = (ldpc.FRAME_BITS, *ldpc.LONG_FRAME_BITS)
 STREAM_FRAME_BITS = 2**17
+# The chunks fall back from longer frames to frames of ldpc.FRAME_BITS while Bob's lag
+# behind the detections (Timeline.lag_s: the report's lag, pass seconds) is high, and go
+# back to the longer ones once it is low again (docs/streaming.md, "Falling back to 2^16
+# frames when the lag grows"). A 2^17 frame costs ~1.9x the decoder work of a 2^16 one
+# per key bit (docs/distillation.md "Issue 17 after session 14"), so a loaded machine's
+# catch-up goes ~1.9x faster in 2^16 frames for ~0.03 in f on those chunks. Derived from
+# the 10 s target (docs/mission.md) and the main job's measured chunks: on a quiet
+# machine the chunks put the lag at most 2.2 s (micius-2017) / 3.1 s (jinan-1) behind, so
+# the fallback starts above that (it never fires there, the f of 2^17 is kept); under load
+# two 2^17 chunks back to back took 5-7 s (the lag grew 1 s a second), so one 2^17 chunk
+# started just under LAG_FALLBACK_S and a 2^16 one after it (half its seconds) end by
+# ~4 + 3.5 + 1.8 = 9.3 s, under the target. Back to 2^17 under LAG_RECOVERED_S: above the
+# quiet median (1.1-1.3 s), so a pipeline that caught up returns, and a 2^17 chunk started
+# there on a quiet machine (1.2-2.6 s) stays near LAG_FALLBACK_S.
+LAG_FALLBACK_S = 4.0
+LAG_RECOVERED_S = 2.0
+
+
+def frame_bits_for_lag(current_bits: int, lag_s: float, frame_bits: int) -> int:
+    """The frame length of Bob's next chunk during the pass, `current_bits` the last one's,
+    `lag_s` his lag behind the detections (pass seconds) and `frame_bits` the chunks'
+    (StreamOptions.frame_bits): ldpc.FRAME_BITS above LAG_FALLBACK_S, frame_bits again under
+    LAG_RECOVERED_S, else unchanged (hysteresis: the length does not flap around one
+    threshold). Chunks of ldpc.FRAME_BITS stay so. Public timing only: Alice checks the
+    length the request names is a provisioned one, as for any chunk."""
+    if frame_bits <= ldpc.FRAME_BITS:
+        return frame_bits
+    if lag_s > LAG_FALLBACK_S:
+        return ldpc.FRAME_BITS
+    if lag_s < LAG_RECOVERED_S:
+        return frame_bits
+    return current_bits
 
 
 def pa_rest_s(key_block_bits: int) -> float:
@@ -302,6 +334,11 @@ class Timeline:
     def update(self, **values) -> None:
         self.state.update(values)
         self.events.append((self.clock.now(), dict(self.state)))
+
+    def lag_s(self) -> float:
+        """How far the pipeline is behind the detections now (pass seconds): the lag of
+        the timeline's rows (rows()) at this instant, before the loss of signal."""
+        return max(0.0, self.clock.now() - float(self.state["handled_s"]))
 
     def waited(self, start_s: float, end_s: float) -> None:
         """A wait for the peer from start_s to end_s (pass seconds)."""
@@ -1246,6 +1283,10 @@ class StreamBob(Bob):
         self._chunk_tail = {n: [] for n in key_bases}
         self._announced = set()  # (basis, chunk) whose error count a request revealed
         self._chunk_log = []  # (basis, chunk) in the order reconciled
+        # the frame length of the chunks during the pass (frame_bits_for_lag), and each
+        # change of it: {t_s, lag_s, frame_bits}, for the report
+        self._frame_bits = opts.frame_bits
+        self._frame_switches = out.report["stream"]["frame_switches"] = []
         self._last_slot = -1
         self._assigned = 0
         self._t0 = None  # true seconds of the first detection: pass time 0
@@ -1411,10 +1452,16 @@ class StreamBob(Bob):
                 key_history.pop(0)
             for name in key_bases:
                 while True:
+                    if not final:
+                        # the last chunks keep the chunks' length: what the keys wait for
+                        # is their rule's (chunk_frame_bits), as is the link-end reserve
+                        self._follow_lag(timeline)
                     qber, bits, source = self._estimate(name)
-                    # key bits of a frame of ldpc.FRAME_BITS and of the chunks' length
+                    # key bits of a frame of ldpc.FRAME_BITS and of the chunks' length now
                     short_frame = frame_key_bits(cfg, qber, bits)
-                    long_frame = frame_key_bits(cfg, qber, bits, opts.frame_bits)
+                    long_frame = frame_key_bits(
+                        cfg, qber, bits, opts.frame_bits if final else self._frame_bits
+                    )
                     backlog = self._sifted.backlog(name)
                     # near the link's end or loss of signal no frame is held back: what is
                     # left then is under a frame of the chunks' length and the blocks since,
@@ -1504,6 +1551,21 @@ class StreamBob(Bob):
             # the reserve_wall_s it was given (Bob's report only: Alice's entry is the cut
             # both agreed on)
             link_cut["rest_wall_s"] = round(time.time() - self._cut_decided_unix_s, 3)
+
+    def _follow_lag(self, timeline: Timeline) -> None:
+        """The chunks' frame length for Bob's lag now (frame_bits_for_lag), each change
+        logged for the report."""
+        lag_s = timeline.lag_s()
+        frame_bits = frame_bits_for_lag(self._frame_bits, lag_s, self.stream.frame_bits)
+        if frame_bits != self._frame_bits:
+            self._frame_bits = frame_bits
+            self._frame_switches.append(
+                {
+                    "t_s": round(timeline.clock.now(), 3),
+                    "lag_s": round(lag_s, 3),
+                    "frame_bits": frame_bits,
+                }
+            )
 
     def _predicted_loss_of_signal_s(self) -> float | None:
         """Loss of signal in pass seconds, before it comes, by the pass geometry (pass.json's
@@ -1765,6 +1827,8 @@ class StreamBob(Bob):
         estimate; its length is then the one chunk_frame_bits gives at that bound, the
         interval Alice's plan sees. Public counts and announced error counts only."""
         cfg, opts = self.config, self.stream
+        if not last:  # during the pass, the length Bob's lag asks for (_follow_lag)
+            opts = replace(opts, frame_bits=self._frame_bits)
         frame_bits = chunk_frame_bits(cfg, opts, chunk, qber, sample_bits)
         long_frame = frame_key_bits(cfg, qber, sample_bits, opts.frame_bits)
         if last and cfg.ec == "ldpc" and chunk <= LAST_CHUNK_MAX_FRAMES * long_frame:

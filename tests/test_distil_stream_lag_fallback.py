@@ -1,0 +1,122 @@
+"""The stream's chunks fall back to 2^16 frames while Bob's lag behind the detections is
+high, and go back to 2^17 once it is low again (host/distil/stream.py frame_bits_for_lag,
+StreamBob._follow_lag; docs/streaming.md "Falling back to 2^16 frames when the lag grows").
+
+A streamed minute of jinan-1's brightest (~39 kbit of key a second: a chunk of 2 x 2^17
+frames every ~6 s) replayed at SPEEDUP, Bob's decoder slowed as a loaded machine slows it:
+each chunk costs him SLOW_S_PER_KEY_BIT more wall seconds a key bit in 2^17 frames,
+WORK_2_17_TO_2_16 times less in 2^16 frames (the decoder work per key bit measured,
+docs/distillation.md "Issue 17 after session 14"). The 2^17 chunks then take ~1.2x the
+wall time of the detections they reconcile, the 2^16 ones ~0.7x. Without the fallback
+(the mutant: frame_bits_for_lag returning the chunks' length) the lag grows all pass, its
+troughs 3, 4, 6, 8, 10 s and its maximum 15 s; with it the lag came back to 1.1 s and the
+chunks to 2^17, its maximum 10 s (docs/streaming.md, measured at load ~4).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from host.cli import main as qkdsat
+from host.distil import ldpc, reconcile
+from host.distil.protocol import Config
+from host.distil.run import key_names, run_local
+from host.distil.stream import (
+    LAG_FALLBACK_S,
+    LAG_RECOVERED_S,
+    STREAM_FRAME_BITS,
+    StreamOptions,
+    frame_bits_for_lag,
+)
+
+pytestmark = pytest.mark.slow
+
+PASS_S = 60.0
+SPEEDUP = 2.0
+# Wall seconds a key bit Bob's decoder is slowed by in 2^17 frames: ~3.4 s more for a
+# chunk of ~240 kbit, whose detections came in ~3 wall s at SPEEDUP. At 2.0e-5 (and load
+# ~7) the 2^16 chunks too fell behind; at 1.2e-5 the 2^17 ones about kept up (the
+# mutant's troughs stayed at 2-3 s)
+SLOW_S_PER_KEY_BIT = 1.4e-5
+WORK_2_17_TO_2_16 = 1.9  # decoder work per key bit, 2^17 frames over 2^16
+LAG_TARGET_S = 10.0  # docs/mission.md: the stream's lag behind the detections
+KEY_FILES = {role: name + ".key" for role, name in key_names(True).items()}
+
+
+def test_the_rule_falls_back_above_the_threshold_and_returns_below_the_lower_one():
+    short, long_ = ldpc.FRAME_BITS, STREAM_FRAME_BITS
+    assert frame_bits_for_lag(long_, LAG_FALLBACK_S + 0.01, long_) == short
+    # between the thresholds the length stays what it was (no flapping)
+    middle = (LAG_FALLBACK_S + LAG_RECOVERED_S) / 2
+    assert frame_bits_for_lag(short, middle, long_) == short
+    assert frame_bits_for_lag(long_, middle, long_) == long_
+    assert frame_bits_for_lag(short, LAG_RECOVERED_S - 0.01, long_) == long_
+    # chunks of 2^16 frames have nothing to fall back to
+    assert frame_bits_for_lag(short, 100.0, short) == short
+    # the thresholds leave a 2^17 chunk under load (3.5 s) and a 2^16 one after it inside
+    # the target
+    assert LAG_RECOVERED_S < LAG_FALLBACK_S <= LAG_TARGET_S - 3.5 - 3.5 / WORK_2_17_TO_2_16
+
+
+@pytest.fixture(scope="module")
+def jinan_40s(tmp_path_factory):
+    out = tmp_path_factory.mktemp("jinan") / "pass"
+    argv = ["simulate", "--profile", "jinan-1", "--duration-s", str(PASS_S), "--seed", "1"]
+    argv += ["--pattern-secret", "6aa358d2c15cbf4a1daeb243e2348459"]  # a test's: not secret
+    assert qkdsat(argv + ["--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _slowed_bob(monkeypatch) -> None:
+    """Bob's half of each chunk's reconciliation slowed by SLOW_S_PER_KEY_BIT a key bit in
+    2^17 frames, WORK_2_17_TO_2_16 times less in 2^16 ones (Alice's half is not slowed: she
+    waits for Bob's messages)."""
+    ldpc_bob = reconcile.ldpc_bob
+
+    def slowed(channel, bits, *args, **kwargs):
+        result = ldpc_bob(channel, bits, *args, **kwargs)
+        frame_bits = result[2].get("frame_bits", ldpc.FRAME_BITS)
+        scale = 1.0 if frame_bits > ldpc.FRAME_BITS else 1.0 / WORK_2_17_TO_2_16
+        time.sleep(SLOW_S_PER_KEY_BIT * scale * len(bits))
+        return result
+
+    monkeypatch.setattr(reconcile, "ldpc_bob", slowed)
+
+
+def test_a_slow_bob_falls_back_to_2_16_frames_and_his_lag_recovers(
+    jinan_40s, tmp_path, monkeypatch
+):
+    _slowed_bob(monkeypatch)
+    report = run_local(
+        jinan_40s,
+        tmp_path,
+        Config(tail="chernoff"),
+        insecure_deterministic_seed=7,
+        stream=StreamOptions(block_s=1.0, speedup=SPEEDUP),
+    )
+    assert not report["aborted"], report["abort_reason"]
+    alice = (tmp_path / KEY_FILES["alice"]).read_bytes()
+    assert alice == (tmp_path / KEY_FILES["bob"]).read_bytes()
+    assert report["key_bits"] > 0 and len(alice) == -(-report["key_bits"] // 8)
+    switches = report["stream"]["frame_switches"]
+    chunks = [c for block in report["ec"]["blocks"] for c in block["chunk_list"]]
+    during = [c for c in chunks if c["t_handled_s"] < PASS_S - 1]
+    lengths = [c["frame_bits"] for c in during]
+    summary = (
+        report["lag_s_max"],
+        switches,
+        [(c["t_handled_s"], c["frame_bits"]) for c in chunks],
+    )
+    # the chunks fell back to 2^16 frames once the lag passed the threshold, mid-pass
+    assert switches and switches[0]["frame_bits"] == ldpc.FRAME_BITS, summary
+    assert switches[0]["lag_s"] > LAG_FALLBACK_S, summary
+    assert STREAM_FRAME_BITS in lengths and ldpc.FRAME_BITS in lengths, summary
+    # the lag came back under the lower threshold (Bob caught up: the mutant's troughs,
+    # after a 2^17 chunk each, stay above it and grow) and the chunks to 2^17
+    rows = report["timeline"]
+    after = [r["lag_s"] for r in rows if switches[0]["t_s"] < r["t_s"] < PASS_S - 5]
+    assert min(after) < LAG_RECOVERED_S, (after, summary)
+    back = [s for s in switches if s["frame_bits"] == STREAM_FRAME_BITS]
+    assert back and all(s["lag_s"] < LAG_RECOVERED_S for s in back), summary
