@@ -207,29 +207,31 @@ RATE_WINDOW_S = 10.0
 FRAME_LENGTHS = (ldpc.FRAME_BITS, *ldpc.LONG_FRAME_BITS)
 STREAM_FRAME_BITS = 2**17
 # The chunks fall back from longer frames to frames of ldpc.FRAME_BITS while Bob's lag
-# behind the detections (Timeline.lag_s: the report's lag, pass seconds) is high, and go
-# back to the longer ones once it is low again (docs/streaming.md, "Falling back to 2^16
-# frames when the lag grows"). A 2^17 frame costs ~1.9x the decoder work of a 2^16 one
-# per key bit (docs/distillation.md "Issue 17 after session 14"), so a loaded machine's
-# catch-up goes ~1.9x faster in 2^16 frames for ~0.03 in f on those chunks. Derived from
-# the 10 s target (docs/mission.md) and the main job's measured chunks: on a quiet
-# machine the chunks put the lag at most 2.2 s (micius-2017) / 3.1 s (jinan-1) behind, so
-# the fallback starts above that (it never fires there, the f of 2^17 is kept); under load
-# two 2^17 chunks back to back took 5-7 s (the lag grew 1 s a second), so one 2^17 chunk
-# started just under LAG_FALLBACK_S and a 2^16 one after it (half its seconds) end by
-# ~4 + 3.5 + 1.8 = 9.3 s, under the target. Back to 2^17 under LAG_RECOVERED_S: above the
-# quiet median (1.1-1.3 s), so a pipeline that caught up returns, and a 2^17 chunk started
-# there on a quiet machine (1.2-2.6 s) stays near LAG_FALLBACK_S.
+# behind the detections is high, and go back to the longer ones once it is low again
+# (docs/streaming.md, "Falling back to 2^16 frames when the lag grows"). A 2^17 frame costs
+# ~1.9x the decoder work of a 2^16 one per key bit (docs/distillation.md "Issue 17 after
+# session 14"), so a loaded machine's catch-up goes ~1.9x faster in 2^16 frames for ~0.03
+# in f on those chunks. The lag is Timeline.busy_lag_wall_s: the report's lag in wall
+# seconds (the decoder's work is wall time; at the mission's real time the same seconds as
+# the 10 s target's, docs/mission.md; a replay sped up 6x would otherwise fall back at
+# 0.7 s of decoding), less the waits on a silent link (an outage's lag is the link's: the
+# fallback answers the decoder). The thresholds from the target and the main job's
+# measured chunks: on a quiet machine the chunks put the lag at most 2.2 s (micius-2017) /
+# 3.1 s (jinan-1) behind, so the fallback starts above that (there the f of 2^17 is kept);
+# under load two 2^17 chunks back to back took 5-7 s (the lag grew 1 s a second), so one
+# 2^17 chunk started just under LAG_FALLBACK_S and a 2^16 one after it (half its seconds)
+# end by ~4 + 3.5 + 1.8 = 9.3 s, under the target. Back to 2^17 under LAG_RECOVERED_S:
+# above the quiet median (1.1-1.3 s), so a pipeline that caught up returns.
 LAG_FALLBACK_S = 4.0
 LAG_RECOVERED_S = 2.0
 
 
 def frame_bits_for_lag(current_bits: int, lag_s: float, frame_bits: int) -> int:
     """The frame length of Bob's next chunk during the pass, `current_bits` the last one's,
-    `lag_s` his lag behind the detections (pass seconds) and `frame_bits` the chunks'
-    (StreamOptions.frame_bits): ldpc.FRAME_BITS above LAG_FALLBACK_S, frame_bits again under
-    LAG_RECOVERED_S, else unchanged (hysteresis: the length does not flap around one
-    threshold). Chunks of ldpc.FRAME_BITS stay so. Public timing only: Alice checks the
+    `lag_s` his lag behind the detections (Timeline.busy_lag_wall_s) and `frame_bits` the
+    chunks' (StreamOptions.frame_bits): ldpc.FRAME_BITS above LAG_FALLBACK_S, frame_bits
+    again under LAG_RECOVERED_S, else unchanged (hysteresis: the length does not flap
+    around one threshold). Chunks of ldpc.FRAME_BITS stay so. Public timing only: Alice checks the
     length the request names is a provisioned one, as for any chunk."""
     if frame_bits <= ldpc.FRAME_BITS:
         return frame_bits
@@ -329,22 +331,30 @@ class Timeline:
         }
         self.events = [(0.0, dict(self.state))]
         self.silences = []  # (start, end) pass seconds of waits for the peer
+        self.link_waits = []  # (start, end) pass seconds of those waits, whole
         self.last_detection_s = None
 
     def update(self, **values) -> None:
         self.state.update(values)
         self.events.append((self.clock.now(), dict(self.state)))
 
-    def lag_s(self) -> float:
-        """How far the pipeline is behind the detections now (pass seconds): the lag of
-        the timeline's rows (rows()) at this instant, before the loss of signal."""
-        return max(0.0, self.clock.now() - float(self.state["handled_s"]))
+    def busy_lag_wall_s(self) -> float:
+        """How far the pipeline is behind the detections now in wall seconds (the lag of the
+        timeline's rows at this instant, over the replay's speed-up), less the waits for
+        the peer longer than LINK_SILENT_S within it (a silent link's, not the pipeline's
+        work)."""
+        now, handled = self.clock.now(), float(self.state["handled_s"])
+        waited = sum(
+            max(0.0, min(end, now) - max(start, handled)) for start, end in self.link_waits
+        )
+        return max(0.0, now - handled - waited) / self.clock.speedup
 
     def waited(self, start_s: float, end_s: float) -> None:
         """A wait for the peer from start_s to end_s (pass seconds)."""
         silent_s = LINK_SILENT_S * self.clock.speedup
         if end_s - start_s > silent_s:
             self.silences.append((start_s + silent_s, end_s))
+            self.link_waits.append((start_s, end_s))
 
     def rows(self, end_s: float) -> list[dict]:
         times = np.array([t for t, _ in self.events])
@@ -1284,7 +1294,7 @@ class StreamBob(Bob):
         self._announced = set()  # (basis, chunk) whose error count a request revealed
         self._chunk_log = []  # (basis, chunk) in the order reconciled
         # the frame length of the chunks during the pass (frame_bits_for_lag), and each
-        # change of it: {t_s, lag_s, frame_bits}, for the report
+        # change of it: {t_s, lag_wall_s, frame_bits}, for the report
         self._frame_bits = opts.frame_bits
         self._frame_switches = out.report["stream"]["frame_switches"] = []
         self._last_slot = -1
@@ -1555,14 +1565,14 @@ class StreamBob(Bob):
     def _follow_lag(self, timeline: Timeline) -> None:
         """The chunks' frame length for Bob's lag now (frame_bits_for_lag), each change
         logged for the report."""
-        lag_s = timeline.lag_s()
+        lag_s = timeline.busy_lag_wall_s()
         frame_bits = frame_bits_for_lag(self._frame_bits, lag_s, self.stream.frame_bits)
         if frame_bits != self._frame_bits:
             self._frame_bits = frame_bits
             self._frame_switches.append(
                 {
                     "t_s": round(timeline.clock.now(), 3),
-                    "lag_s": round(lag_s, 3),
+                    "lag_wall_s": round(lag_s, 3),
                     "frame_bits": frame_bits,
                 }
             )
