@@ -6,11 +6,13 @@ A streamed minute of jinan-1's brightest (~39 kbit of key a second: a chunk of 2
 frames every ~6 s) replayed at SPEEDUP, Bob's decoder slowed as a loaded machine slows it:
 each chunk costs him SLOW_S_PER_KEY_BIT more wall seconds a key bit in 2^17 frames,
 WORK_2_17_TO_2_16 times less in 2^16 frames (the decoder work per key bit measured,
-docs/distillation.md "Issue 17 after session 14"). The 2^17 chunks then take ~1.2x the
-wall time of the detections they reconcile, the 2^16 ones ~0.7x. Without the fallback
-(the mutant: frame_bits_for_lag returning the chunks' length) the lag grows all pass, its
-troughs 3, 4, 6, 8, 10 s and its maximum 15 s; with it the lag came back to 1.1 s and the
-chunks to 2^17, its maximum 10 s (docs/streaming.md, measured at load ~4).
+docs/distillation.md "Issue 17 after session 14"). The 2^17 chunks then take more
+wall time than the detections they reconcile, the 2^16 ones less (on a machine at load
+up to ~8). Without the fallback (the mutants: frame_bits_for_lag returning the chunks'
+length, or the switches logged but the chunks kept in 2^17) the lag grows all pass, its
+troughs from 3 s to 8-13 s, its maximum 15-22 s; with the fallback it stopped growing
+(at load ~4 it came back to 1 s, at load ~8 it stayed at 10-14 s). Measured:
+docs/streaming.md, "Falling back to 2^16 frames when the lag grows".
 """
 
 from __future__ import annotations
