@@ -219,7 +219,7 @@ STREAM_FRAME_BITS = 2**17
 # measured chunks: on a quiet machine the chunks put the lag at most 2.2 s (micius-2017) /
 # 3.1 s (jinan-1) behind, so the fallback starts above that (there the f of 2^17 is kept);
 # under load two 2^17 chunks back to back took 5-7 s (the lag grew 1 s a second), so one
-# 2^17 chunk started just under LAG_FALLBACK_S and a 2^16 one after it (half its seconds)
+# 2^17 chunk started just under LAG_FALLBACK_S and a 2^16 one after it (~1.9x faster)
 # end by ~4 + 3.5 + 1.8 = 9.3 s, under the target. Back to 2^17 under LAG_RECOVERED_S:
 # above the quiet median (1.1-1.3 s), so a pipeline that caught up returns.
 LAG_FALLBACK_S = 4.0
@@ -231,8 +231,8 @@ def frame_bits_for_lag(current_bits: int, lag_s: float, frame_bits: int) -> int:
     `lag_s` his lag behind the detections (Timeline.busy_lag_wall_s) and `frame_bits` the
     chunks' (StreamOptions.frame_bits): ldpc.FRAME_BITS above LAG_FALLBACK_S, frame_bits
     again under LAG_RECOVERED_S, else unchanged (hysteresis: the length does not flap
-    around one threshold). Chunks of ldpc.FRAME_BITS stay so. Public timing only: Alice checks the
-    length the request names is a provisioned one, as for any chunk."""
+    around one threshold). Chunks of ldpc.FRAME_BITS stay so. Public timing only: Alice
+    checks the length the request names is a provisioned one, as for any chunk."""
     if frame_bits <= ldpc.FRAME_BITS:
         return frame_bits
     if lag_s > LAG_FALLBACK_S:
