@@ -160,6 +160,15 @@ class GroundLink:
         self._hk_ack = 0
         self._hk_heap_free = 0
         self._hk_length = 0
+        # TM 1,2 reports handle() may still send for frames that did not pass the replay
+        # check, or None: no limit. The ground poll sets it each pass (app.Controller.
+        # poll_ground, REJECT_REPORTS_PER_PASS): a frame with a valid CRC is anyone's to
+        # make, and without a bound a chunk of them made a report each in one pass.
+        self.reject_reports_left = None
+        self.rejections_unreported = 0  # rejections counted but not reported (the bound)
+        # True once handle()'s frame passed the replay check and consumed its counter:
+        # its rejection is then always reported (only the key's holder can make one)
+        self._counter_consumed = False
 
     # ---------------------------------------------------------------- key and counter
 
@@ -396,18 +405,33 @@ class GroundLink:
         self.rejected[code] += 1
         self._report(body, False, code, detail)
 
+    def _reject_frame(self, body, code, detail):
+        """handle()'s rejection: reported unless the frame never consumed a counter
+        (garbage, a wrong tag, a replay: anyone can make one) and the ground poll's reports
+        for this pass are used up; counted in any case."""
+        left = self.reject_reports_left
+        if left is None or self._counter_consumed:
+            self._reject(body, code, detail)
+        elif left > 0:
+            self.reject_reports_left = left - 1
+            self._reject(body, code, detail)
+        else:
+            self.rejected[code] += 1
+            self.rejections_unreported += 1
+
     # ---------------------------------------------------------------- input
 
     def handle(self, body):
         """One frame body from the ground link: check, authenticate, dispatch, report."""
         while self.housekeeping_stage:  # the report before, in order (two in one read)
             self.step()
+        self._counter_consumed = False
         try:
             self._handle(body)
         except Rejected as rejection:
-            self._reject(body, rejection.code, rejection.detail)
+            self._reject_frame(body, rejection.code, rejection.detail)
         except Exception as error:  # a handler bug must not take the link down
-            self._reject(body, ccsds.REJECT_STORAGE, "internal: %r" % (error,))
+            self._reject_frame(body, ccsds.REJECT_STORAGE, "internal: %r" % (error,))
 
     def _handle(self, body):
         n = len(body)
@@ -440,6 +464,7 @@ class GroundLink:
             # not consumed: the reserved counters stay usable for the rekey
             raise Rejected(ccsds.REJECT_STATE, "counter reserved for rekey")
         self.last_counter = counter  # never accepted again in this boot, whatever follows
+        self._counter_consumed = True
         if not self._persist_counter(counter):
             raise Rejected(ccsds.REJECT_STORAGE, "replay counter not persisted")
         self.tm.destination_id = get_u16(body, 9)
@@ -816,6 +841,8 @@ class GroundLink:
             counters["tm_counter_write_failures"] = self.tm_counter_write_failures
         if self.tx_queue is not None and self.tx_queue.dropped_frames:
             counters["tx_dropped"] = self.tx_queue.dropped_frames
+        if self.rejections_unreported:
+            counters["tc_rejections_unreported"] = self.rejections_unreported
         return counters
 
     def housekeeping(self, heap_free=None):

@@ -611,3 +611,85 @@ def test_the_controllers_ground_poll_takes_a_telecommand_in_pieces_whole_in_one_
     assert controller.poll_ground()
     assert not link.pieces and controller.ground_rx.frames_ok == 1, (link.pieces, link.reads)
     assert controller.link.accepted == 1
+
+
+class _RecordingLink(_SplitLink):
+    """_SplitLink that keeps what the controller writes (its telemetry frames)."""
+
+    def __init__(self, pieces):
+        super().__init__(pieces)
+        self.out = bytearray()
+
+    def write(self, data):
+        self.out += data
+        return len(data)
+
+
+def _verifications_written(link):
+    """(accepted, code) of each TM 1,x in the frames written to link since the last call."""
+    from payload import framing
+
+    reader = framing.FrameReader(1300)
+    out = link.out
+    found = []
+    index = 0
+    while index < len(out):
+        index = reader.feed_from(out, index, len(out))
+        if reader.ready and reader.body[7] == ccsds.SVC_VERIFICATION:
+            found.append(_verification(reader.body))
+    link.out = bytearray()
+    return found
+
+
+def test_a_ground_poll_reports_a_chunk_of_garbage_frames_within_its_cap_and_counts_each():
+    # A chunk of frames with valid CRCs and garbage packets (the CRC is public): handed on
+    # in one pass, each used to get a TM 1,2 (~51 bytes of report per 5-byte frame), each
+    # of which could wait for room in the transmit queue. Now at most the cap, the rest
+    # counted; a command that consumed its counter is reported whatever the cap.
+    from payload import app, framing
+
+    key = bytes(range(32))
+    root = _fresh_root(key)
+    region = keystore.FileRegion(root + ".keyregion")
+    writer = framing.FrameWriter(64)
+    short_frame = bytes(writer.encode(b"\x00"))  # 5 bytes: 'short'
+    header_frame = bytes(writer.encode(bytes(7)))  # 'header': not a TC
+    unknown_service = bytes(writer.encode(_tc(key, 1, 99, 1)))  # authentic, fresh
+    first = bytearray(b"\x00")
+    shorts = headers = 0
+    while len(first) + len(unknown_service) + len(short_frame) + len(header_frame) <= 256:
+        first += short_frame
+        first += header_frame
+        shorts += 1
+        headers += 1
+    first += unknown_service
+    garbage = shorts + headers
+    assert garbage > 20 and len(first) <= 256, (garbage, len(first))
+    second = short_frame + bytes(writer.encode(_tc(key, 2, 17, 1)))  # garbage, then valid
+    link = _RecordingLink([bytes(first), second])
+    controller = app.Controller(
+        _BoardWith(ground_link=link, key_region=region, GROUND_RX_WAIT_US=10_000_000), root
+    )
+    tc = controller.link
+    cap = app.REJECT_REPORTS_PER_PASS
+    assert 1 <= cap < garbage
+    assert controller.poll_ground()  # one pass: the whole chunk
+    assert len(link.pieces) == 1, link.pieces
+    controller.ground_queue.drain(1_000_000)
+    assert controller.ground_rx.frames_ok == garbage + 1
+    reports = _verifications_written(link)
+    first_codes = (ccsds.REJECT_SHORT, ccsds.REJECT_HEADER)
+    expected = [(False, first_codes[i % 2]) for i in range(cap)] + [(False, ccsds.REJECT_SERVICE)]
+    assert reports == expected, reports
+    counters = tc.link_counters()
+    assert counters["tc_rejected"] == {"short": shorts, "header": headers, "service": 1}
+    assert counters["tc_rejections_unreported"] == garbage - cap, counters
+    assert tc.rejections_unreported == garbage - cap
+    # the next pass has its own reports: its garbage is answered, the command accepted
+    controller.poll_ground()  # the empty read between pieces
+    assert controller.poll_ground()
+    controller.ground_queue.drain(1_000_000)
+    reports = _verifications_written(link)
+    assert reports == [(False, ccsds.REJECT_SHORT), (True, 0)], reports
+    assert tc.accepted == 1 and tc.rejections_unreported == garbage - cap
+    assert tc.rejected[ccsds.REJECT_SHORT] == shorts + 1
