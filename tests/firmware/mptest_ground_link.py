@@ -648,6 +648,7 @@ def test_a_ground_poll_reports_a_chunk_of_garbage_frames_within_its_cap_and_coun
     # counted; a command that consumed its counter is reported whatever the cap.
     from payload import app, framing
 
+    cap_expected = app.REJECT_REPORTS_PER_PASS
     key = bytes(range(32))
     root = _fresh_root(key)
     region = keystore.FileRegion(root + ".keyregion")
@@ -666,7 +667,13 @@ def test_a_ground_poll_reports_a_chunk_of_garbage_frames_within_its_cap_and_coun
     garbage = shorts + headers
     assert garbage > 20 and len(first) <= 256, (garbage, len(first))
     second = short_frame + bytes(writer.encode(_tc(key, 2, 17, 1)))  # garbage, then valid
-    link = _RecordingLink([bytes(first), second])
+    # authentic frames that consumed no counter: the accepted command replayed (anyone can
+    # record it) and wrong tags, each kind more than the cap, after an accepted command
+    replayed = bytes(writer.encode(_tc(key, 2, 17, 1)))
+    wrong_tag = bytes(writer.encode(_tc(b"x" * 32, 3, 17, 1)))
+    third = replayed * (cap_expected + 1) + wrong_tag * (cap_expected + 1)
+    assert len(third) <= 256, len(third)
+    link = _RecordingLink([bytes(first), second, third])
     controller = app.Controller(
         _BoardWith(ground_link=link, key_region=region, GROUND_RX_WAIT_US=10_000_000), root
     )
@@ -674,7 +681,7 @@ def test_a_ground_poll_reports_a_chunk_of_garbage_frames_within_its_cap_and_coun
     cap = app.REJECT_REPORTS_PER_PASS
     assert 1 <= cap < garbage
     assert controller.poll_ground()  # one pass: the whole chunk
-    assert len(link.pieces) == 1, link.pieces
+    assert len(link.pieces) == 2, link.pieces
     controller.ground_queue.drain(1_000_000)
     assert controller.ground_rx.frames_ok == garbage + 1
     reports = _verifications_written(link)
@@ -693,3 +700,17 @@ def test_a_ground_poll_reports_a_chunk_of_garbage_frames_within_its_cap_and_coun
     assert reports == [(False, ccsds.REJECT_SHORT), (True, 0)], reports
     assert tc.accepted == 1 and tc.rejections_unreported == garbage - cap
     assert tc.rejected[ccsds.REJECT_SHORT] == shorts + 1
+    # a pass of replays and wrong tags after that command: neither kind consumed a counter
+    # (not exempt whatever the frame before set), the cap holds for both
+    controller.poll_ground()  # the empty read between pieces
+    assert controller.poll_ground()
+    controller.ground_queue.drain(1_000_000)
+    assert controller.ground_rx.frames_ok == garbage + 3 + 2 * (cap + 1)
+    reports = _verifications_written(link)
+    assert reports == [(False, ccsds.REJECT_REPLAY)] * cap, reports
+    assert tc.rejected[ccsds.REJECT_REPLAY] == cap + 1
+    assert tc.rejected[ccsds.REJECT_AUTH] == cap + 1
+    unreported = garbage - cap + 2 * (cap + 1) - cap
+    assert tc.rejections_unreported == unreported, tc.rejections_unreported
+    assert tc.link_counters()["tc_rejections_unreported"] == unreported
+    assert tc.accepted == 1 and tc.last_counter == 2
