@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from host.cli import main as qkdsat
+from host.distil.timesync import MIN_DETECTIONS
 
 TLE = Path(__file__).parent / "data" / "sso-500km.tle"
 ALL_STATIONS = "Jinan,Hefei,Nanshan,Wuhan,Beijing,Shanghai,Stellenbosch"
@@ -111,9 +113,18 @@ def test_a_killed_campaign_resumes_and_1_or_2_workers_give_the_same_results(tmp_
     for field in ("passes", "stations", "relay_capacity_bits", "pool_levels"):
         assert report_one[field] == report_two[field], field
     by_id = {result["id"]: result for result in report_one["passes"]}
-    for result in by_id.values():  # real simulated passes: synchronised, or said why not
+    # real simulated passes: synchronised on their own detections, or said why not. A pass's
+    # count follows the campaign's fresh secret (the pattern's intensities): the lowest
+    # synchronised pass had 836 detections in one CI run (at 806b87c, 2026-12-06) and 1,436
+    # in the next, so no fixed count stands for "real" pass by pass; the sync's own minimum
+    # does, and the passes' median (~5,000) says they carry photons
+    synchronised = []
+    for result in by_id.values():
         reason = result["abort_reason"] or ""
-        assert (result["detections"] or 0) > 1000 or reason.startswith("time synchronisation")
+        if not reason.startswith("time synchronisation"):
+            assert (result["detections"] or 0) >= MIN_DETECTIONS, result
+            synchronised.append(result["detections"])
+    assert len(synchronised) >= len(by_id) // 2 and statistics.median(synchronised) > 1000
     assert report_one["stations"]["Stellenbosch"]["passes"] == 7
     for plot in ("key-per-station.png", "pool-levels.png"):
         assert (two / plot).read_bytes().startswith(b"\x89PNG")
