@@ -330,8 +330,10 @@ class Timeline:
             "handled_s": 0.0,
         }
         self.events = [(0.0, dict(self.state))]
-        self.silences = []  # (start, end) pass seconds of waits for the peer
-        self.link_waits = []  # (start, end) pass seconds of those waits, whole
+        # (start, end) pass seconds of the waits for the peer longer than LINK_SILENT_S: the
+        # link silent from LINK_SILENT_S into each (rows), the whole wait not the pipeline's
+        # own (busy_lag_wall_s)
+        self.link_waits = []
         self.last_detection_s = None
 
     def update(self, **values) -> None:
@@ -353,11 +355,12 @@ class Timeline:
         """A wait for the peer from start_s to end_s (pass seconds)."""
         silent_s = LINK_SILENT_S * self.clock.speedup
         if end_s - start_s > silent_s:
-            self.silences.append((start_s + silent_s, end_s))
             self.link_waits.append((start_s, end_s))
 
     def rows(self, end_s: float) -> list[dict]:
         times = np.array([t for t, _ in self.events])
+        silent_s = LINK_SILENT_S * self.clock.speedup
+        silences = [(start + silent_s, end) for start, end in self.link_waits]
         rows = []
         # up to the second after end_s: the last row shows the state at the end
         for second in range(int(math.ceil(max(end_s, 0.0))) + 1):
@@ -372,7 +375,7 @@ class Timeline:
                     int(state["detections"]),
                     int(state["sifted_bits"]),
                     int(state["reconciled_bits"]),
-                    not any(a <= second < b for a, b in self.silences),
+                    not any(a <= second < b for a, b in silences),
                     int(state["backlog_bits"]),
                     max(0.0, arrived_until - handled),
                 )
@@ -1469,9 +1472,7 @@ class StreamBob(Bob):
                     qber, bits, source = self._estimate(name)
                     # key bits of a frame of ldpc.FRAME_BITS and of the chunks' length now
                     short_frame = frame_key_bits(cfg, qber, bits)
-                    long_frame = frame_key_bits(
-                        cfg, qber, bits, opts.frame_bits if final else self._frame_bits
-                    )
+                    long_frame = frame_key_bits(cfg, qber, bits, self._chunks_frame_bits(final))
                     backlog = self._sifted.backlog(name)
                     # near the link's end or loss of signal no frame is held back: what is
                     # left then is under a frame of the chunks' length and the blocks since,
@@ -1576,6 +1577,12 @@ class StreamBob(Bob):
                     "frame_bits": frame_bits,
                 }
             )
+
+    def _chunks_frame_bits(self, last: bool) -> int:
+        """The chunks' frame length: the one Bob's lag asks for during the pass
+        (_follow_lag), the chunks' own (StreamOptions.frame_bits) for the last chunks,
+        whose rule the keys and the link-end reserve wait for."""
+        return self.stream.frame_bits if last else self._frame_bits
 
     def _predicted_loss_of_signal_s(self) -> float | None:
         """Loss of signal in pass seconds, before it comes, by the pass geometry (pass.json's
@@ -1836,9 +1843,8 @@ class StreamBob(Bob):
         it decodes in few rounds, with the frames of the length it would take at the
         estimate; its length is then the one chunk_frame_bits gives at that bound, the
         interval Alice's plan sees. Public counts and announced error counts only."""
-        cfg, opts = self.config, self.stream
-        if not last:  # during the pass, the length Bob's lag asks for (_follow_lag)
-            opts = replace(opts, frame_bits=self._frame_bits)
+        cfg = self.config
+        opts = replace(self.stream, frame_bits=self._chunks_frame_bits(last))
         frame_bits = chunk_frame_bits(cfg, opts, chunk, qber, sample_bits)
         long_frame = frame_key_bits(cfg, qber, sample_bits, opts.frame_bits)
         if last and cfg.ec == "ldpc" and chunk <= LAST_CHUNK_MAX_FRAMES * long_frame:
