@@ -22,6 +22,8 @@ from emulator.optical_head import HeadServer, OpticalHead
 from emulator.targets import (
     CONTROLLER_HEAP_BYTES,
     NETDUINO2_EMULATED_BUS_TIMEOUT_US,
+    NETDUINO2_FLASH_DISK_ADDR,
+    NETDUINO2_FLASH_DISK_BYTES,
     Netduino2Target,
     QemuTarget,
     UnixTarget,
@@ -49,6 +51,35 @@ if %r:
         f.write(binascii.a2b_base64(%r))
 vfs.umount(root)
 """
+
+
+# The STM32 board's flash region, read out after provisioning (base64: the raw REPL's
+# output is text)
+_NETDUINO2_READ_FLASH = (
+    "import uctypes, binascii\n"
+    "print(binascii.b2a_base64(uctypes.bytearray_at("
+    f"{NETDUINO2_FLASH_DISK_ADDR:#x}, {NETDUINO2_FLASH_DISK_BYTES}), newline=False).decode())\n"
+)
+
+
+def netduino2_storage_image(path: str | Path, product_key: bytes | None = None) -> Path:
+    """The STM32 board's flash region with the link key (and product key) in its drop box,
+    written to path: provisioned as payload_session does (the maintenance REPL, on QEMU
+    with semihosting), then read out. Loaded into a board booted without semihosting
+    (Netduino2Target(semihosting=False, storage_image=path)), which has no REPL to be
+    provisioned through: a board whose flash was programmed on the bench."""
+    with Netduino2Target(boot="maintenance") as target:
+        repl = RawRepl(target.ground_port, timeout_s=30.0)
+        repl.enter()
+        product = base64.b64encode(product_key or b"").decode()
+        repl.exec(_QEMU_PROVISION % (base64.b64encode(KEY).decode(), bool(product_key), product))
+        image = base64.b64decode(repl.exec(_NETDUINO2_READ_FLASH).strip())
+        repl.close()
+    if len(image) != NETDUINO2_FLASH_DISK_BYTES:
+        raise RuntimeError(f"read {len(image)} bytes of the board's flash region")
+    path = Path(path)
+    path.write_bytes(image)
+    return path
 
 
 @contextlib.contextmanager

@@ -333,6 +333,12 @@ NETDUINO2_EMULATED_GROUND_RX_WAIT_US = 200_000
 # the app, not the maintenance boot asked for, flight timeouts, no tracking link (seen with
 # ground_rx_wait_us=10**40). So a longer line is refused here.
 NETDUINO2_LAUNCHER_LINE_BYTES = 96
+# The SRAM that stands in for the STM32 board's flash (boards/netduino2/board.py
+# _FLASH_DISK_ADDR, _FLASH_BLOCK_BYTES * _FLASH_BLOCKS; stm32f205.ld FLASHDISK): littlefs
+# with the provisioning drop box. A copy of it loaded there before reset is a board whose
+# flash was programmed before it left the bench (Netduino2Target storage_image).
+NETDUINO2_FLASH_DISK_ADDR = 0x20018800
+NETDUINO2_FLASH_DISK_BYTES = 80 * 256
 
 
 class Netduino2Target(QemuTarget):
@@ -344,7 +350,15 @@ class Netduino2Target(QemuTarget):
     bus_timeout_us: the emulation's override of the board's payload-bus timeout, on that
     command line (`arg=bus_timeout_us=N`, the board's EMULATION_OVERRIDES); None: the
     board's flight value. ground_rx_wait_us: the same for the ground poll's wait for the
-    rest of a frame (`arg=ground_rx_wait_us=N`)."""
+    rest of a frame (`arg=ground_rx_wait_us=N`).
+
+    semihosting=False: QEMU without -semihosting, which takes a BKPT as the part with no
+    debugger attached does (a HardFault, docs/targets.md "Boot strap"): the flight board.
+    There is no command line then, so the board boots the app with its flight values and
+    no tracking link; boot and track_address cannot be given, and the overrides are None.
+    storage_image: a file of NETDUINO2_FLASH_DISK_BYTES loaded over the board's flash
+    region before reset (a provisioned board: emulator.payload_run.
+    netduino2_storage_image)."""
 
     name = "netduino2"
 
@@ -357,10 +371,21 @@ class Netduino2Target(QemuTarget):
         track_address: tuple[str, int] | str | None = None,
         bus_timeout_us: int | None = NETDUINO2_EMULATED_BUS_TIMEOUT_US,
         ground_rx_wait_us: int | None = NETDUINO2_EMULATED_GROUND_RX_WAIT_US,
+        semihosting: bool = True,
+        storage_image: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(bus_address, boot, icount_shift, image, track_address)
+        if not semihosting:
+            if boot != "app" or track_address:
+                raise ValueError(
+                    "netduino2 without semihosting has no command line: it boots the app"
+                    " with no tracking link (boot='app', no track_address)"
+                )
+            bus_timeout_us = ground_rx_wait_us = None  # the board's flight values
+        self.semihosting = semihosting
         self.bus_timeout_us = bus_timeout_us
         self.ground_rx_wait_us = ground_rx_wait_us
+        self.storage_image = None if storage_image is None else Path(storage_image)
 
     def launcher_words(self) -> list[str]:
         """The board's command line (SYS_GET_CMDLINE: these words joined by spaces);
@@ -381,17 +406,27 @@ class Netduino2Target(QemuTarget):
 
     def command(self) -> list[str]:
         image = require(self.image, "netduino2 firmware image (make firmware)")
-        strap = ",".join(f"arg={word}" for word in self.launcher_words())
-        cmd = [
-            QEMU_BIN,
-            "-machine", "netduino2",
-            "-nographic", "-monitor", "null",
-            "-semihosting-config", f"enable=on,target=native,{strap}",
+        cmd = [QEMU_BIN, "-machine", "netduino2", "-nographic", "-monitor", "null"]
+        if self.semihosting:
+            strap = ",".join(f"arg={word}" for word in self.launcher_words())
+            cmd += ["-semihosting-config", f"enable=on,target=native,{strap}"]
+        cmd += [
             "-serial", "pty",
             "-serial", self._bus_chardev(),
             *self._track_args(),
             "-kernel", str(image),
         ]  # fmt: skip
+        if self.storage_image is not None:
+            storage = require(self.storage_image, "netduino2 storage image")
+            if storage.stat().st_size != NETDUINO2_FLASH_DISK_BYTES:
+                raise ValueError(
+                    f"{storage}: {storage.stat().st_size} bytes, the board's flash region"
+                    f" is {NETDUINO2_FLASH_DISK_BYTES}"
+                )
+            cmd += [
+                "-device",
+                f"loader,file={storage},addr={NETDUINO2_FLASH_DISK_ADDR:#x},force-raw=on",
+            ]
         cmd += self._icount_args()
         return cmd
 
