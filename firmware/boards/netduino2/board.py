@@ -268,10 +268,12 @@ def _semihost(r0, r1):  # r0 = operation, r1 = parameter block; returns r0
     data(2, 0xBEAB)  # BKPT 0xAB: the ARM semihosting call
 
 
-def _launcher_args():
-    """The emulator's command line for the firmware (QEMU -semihosting-config arg=...):
-    SYS_GET_CMDLINE. Emulation only: on the real board a BKPT without a debugger faults,
-    and the boot mode comes from a strap pin instead (docs/targets.md)."""
+def _launcher_words():
+    """The emulator's command line for the firmware (QEMU -semihosting-config arg=...),
+    split in words: SYS_GET_CMDLINE, once at boot. On a part with no debugger the BKPT
+    faults, and the HardFault handler (firmware/cmodules/semihosting_guard) answers it as
+    a refused call: no words, so boot mode 'app' and the flight values (docs/targets.md
+    "Boot strap")."""
     import uctypes
 
     # SYS_GET_CMDLINE fails (-1: nothing read, the flight values) on a line that does not
@@ -280,13 +282,18 @@ def _launcher_args():
     text = bytearray(_LAUNCHER_LINE_BYTES)
     block = array.array("I", (uctypes.addressof(text), len(text)))
     if _semihost(0x15, block) != 0:
-        return ""
-    return bytes(text[: block[1]]).decode()
+        return []
+    return bytes(text[: block[1]]).decode().split()
+
+
+# Read once: boot_mode, the overrides and the tracking link each read it, and each call is
+# a trap to the host (on the part, a HardFault taken and answered)
+_LAUNCHER_WORDS = _launcher_words()
 
 
 def boot_mode():
     """'maintenance' when the launcher asked for it (a boot strap), else 'app'."""
-    return "maintenance" if "maintenance" in _launcher_args().split() else "app"
+    return "maintenance" if "maintenance" in _LAUNCHER_WORDS else "app"
 
 
 def _emulation_overrides():
@@ -294,7 +301,7 @@ def _emulation_overrides():
     values for an emulated head on a loaded host, never the part's (a real board has no
     semihosting, and boots with the flight values)."""
     overrides = {}
-    for word in _launcher_args().split():
+    for word in _LAUNCHER_WORDS:
         if word.startswith("bus_timeout_us="):
             overrides["bus_timeout_us"] = int(word[15:])
         elif word.startswith("ground_rx_wait_us="):
@@ -337,7 +344,7 @@ GROUND_RX_WAIT_US = ground_rx_wait_us(EMULATION_OVERRIDES)
 
 # The TRACK exchange's own link (docs/scheduling.md "The loop on a timer interrupt"), where
 # the launcher wired one; None: the loop is paced over the payload bus
-tracking_link = Uart(_USART3, _uart_write_bounded) if "track" in _launcher_args().split() else None
+tracking_link = Uart(_USART3, _uart_write_bounded) if "track" in _LAUNCHER_WORDS else None
 
 
 def mount_storage():
