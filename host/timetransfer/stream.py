@@ -482,10 +482,8 @@ class StreamGround:
             chan, self.sealed, lambda: self._run(chan, self.sealed), self.report
         )
 
-    def _sample(self, count: int, cap: int | None = None) -> np.ndarray:
-        size = min(count, int(math.ceil(endpoints.SAMPLE_FRACTION * count)))
-        size = size if cap is None else min(size, cap)
-        return np.sort(self.rng.choice(count, size)) if size else np.zeros(0, np.int64)
+    def _sample(self, count: int, cap: int) -> np.ndarray:
+        return endpoints.sample_positions(count, self.rng, cap)
 
     def _run(self, chan, sealed) -> dict:
         scenario, report = self.scenario, self.report
