@@ -39,8 +39,8 @@ def test_a_vouch_bounds_the_attacks_chance_at_every_sample_size():
 
 def test_a_clean_sample_of_a_thousand_events_is_vouched_all_but_never():
     # the clean side, exactly: from 1,000 events a clean 1.2 % is refused with probability
-    # < 1e-5 (7.6e-6 at n = 1,000), 1.5 % < 4e-4; a rule that vouches only when an upper
-    # confidence bound is under 3 % refuses a clean 1,000-event pass ~3 % of the time
+    # < 1e-5 (7.6e-6 at n = 1,000), 1.5 % < 4e-4; a rule that vouches only when the 99.9 %
+    # upper confidence bound is under 3 % refuses a clean 1,000-event pass 23 % of the time
     for n in (1000, 1500, 2000, 2560, 4096, 8192):
         most = estimate.qber_vouch_max_errors(n)
         assert binom.sf(most, n, CLEAN_QBER) < 1e-5, n
@@ -163,7 +163,11 @@ def test_a_small_pass_above_the_limit_aborts_though_a_256_sample_looked_clean(
     with_downlink_errors(pass_2100, tmp_path / "pass", 5, int(0.035 * count))
     report = run_ground_sampling_first(tmp_path / "pass", keys, monkeypatch)
     assert report["aborted"] is True
-    assert report["abort_reason"].startswith("downlink timing QBER 0.035 above 0.03")
+    errors = int(0.035 * count)
+    assert report["abort_reason"].startswith(
+        f"downlink timing QBER {errors / count:.4f} ({errors} errors in {count} events) "
+        "above 0.03: photons intercepted or injected"
+    )
     assert report["qber_check"]["downlink"]["n"] == count
     assert report["qber_check"]["downlink"]["decision"] == "above the limit"
 

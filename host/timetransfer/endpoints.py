@@ -72,8 +72,8 @@ AUTH_REGION_BYTES = 8 + 16 * MAX_MESSAGES_EACH_WAY  # hash key + one pad per mes
 # bit an event: 10 % of a full pass's detections took 218-527 kbit, more than a Micius
 # pass's key (216-326 kbit). The QBER check needs far fewer: at 8,192 events a clean 1.2 %
 # has a sigma of 0.12 %, 15 sigma under the 3 % abort, and intercept-resend on a tenth of
-# the photons (+2.5 %) stands 20 sigma out. So at most this many a pass (1 KiB of pad),
-# which makes the key budget a fixed bound known before any bit is taken. A smaller pass
+# the photons (+2.5 %) is vouched 2.6e-4 of the time. So at most this many a pass (1 KiB
+# of pad), which makes the key budget a fixed bound known before any bit is taken. A smaller pass
 # discloses every sifted event (it was 10 %, at least 256): the budget holds them already,
 # and a sample of 256 could not decide (a clean 1.2 % aborted 1.3 % of the time, 5 %
 # passed 5.5 %; estimate.qber_check)

@@ -260,13 +260,14 @@ def combine(scenario: dict, orbit: InertialPass, base: int, up: dict, down: dict
     for direction, check in report["qber_check"].items():
         if check["decision"] == "above the limit":
             abort(
-                f"{direction} timing QBER {check['qber']:.3f} above "
-                f"{QBER_MAX}: photons intercepted or injected, time not vouched for"
+                f"{direction} timing QBER {check['qber']:.4f} ({check['errors']} errors in "
+                f"{check['n']} events) above {QBER_MAX}: photons intercepted or injected, "
+                "time not vouched for"
             )
         if check["decision"] == "undecided":
             abort(
                 f"{direction} timing QBER sample too small to vouch: {check['errors']} "
-                f"errors in {check['n']} events ({check['qber']:.3f}, under the {QBER_MAX} "
+                f"errors in {check['n']} events ({check['qber']:.4f}, under the {QBER_MAX} "
                 f"limit), where at most {check['max_errors_vouched']} rule out an "
                 f"intercept-resend at {QBER_ATTACK} QBER (p <= {ATTACK_VOUCH_PROBABILITY:g}); "
                 "time not vouched for, no interception shown"
