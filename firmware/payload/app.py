@@ -25,15 +25,6 @@ from payload.waits import (
 MAX_FRAME_BODY_BYTES = const(1024)
 # Ground frames carry a 1 KiB product chunk plus packet headers (docs/ground-link.md).
 GROUND_MAX_BODY_BYTES = const(1200)  # a 1 KiB chunk sealed, or housekeeping JSON
-# TM 1,2 reports one ground poll sends for frames that never consumed a counter (garbage,
-# a wrong tag, a replay: anyone on the uplink can make them, the frame CRC is public); the
-# rest are counted only (docs/ground-link.md "Verification and reason codes"). Uncapped, a
-# 256-byte chunk of 5-byte frames made ~51 reports of 51 bytes (10x the uplink) in one
-# pass, each of which could wait for room in the transmit queue (GROUND_TX_FULL_WAIT_US).
-# Two: at most 2 x 115 bytes framed, no more than a full chunk brought in, and one more
-# than a lone damaged frame needs, so a retried command behind it in the same read is
-# still answered.
-REJECT_REPORTS_PER_PASS = const(2)
 
 
 class TxQueue:
@@ -119,6 +110,9 @@ class Controller:
         # a housekeeping report in slices, one a pass (poll_ground): no call of the ground
         # duty holds the tracking loop's periods for the whole request
         self.link.sliced = True
+        # TM 1,2 for frames that consumed no counter: bounded per time (docs/ground-link.md
+        # "Verification and reason codes"); poll_ground refills the buckets
+        self.link.reports_bounded = True
         self.link.tx_queue = self.ground_queue
         self.link.bus_send = self.send_bus
         self.mission = mission
@@ -169,7 +163,8 @@ class Controller:
         link = self.link
         if link.housekeeping_stage:  # a report's next slice, before any new frame
             return link.step()
-        link.reject_reports_left = REJECT_REPORTS_PER_PASS
+        if link.reject_credit_low:  # refilled every pass until full (a read, when full)
+            link.refill_reject_credit()
         return _pump_frame(
             self.board.ground_link,
             self.ground_rx,

@@ -50,6 +50,21 @@ _COUNTER_STEP = const(64)
 # write costs ~89 ms on NOR, docs/storage.md).
 _TM_COUNTER_STEP = const(256)
 MAX_CHUNK_BYTES = const(1024)
+# TM 1,2 reports for frames that consumed no counter (anyone on the uplink can make them:
+# the frame CRC and the PEC are public), bounded per time by two token buckets over the
+# controller's clock (docs/ground-link.md "Verification and reason codes"). Credit is kept
+# in microseconds: a report costs its bucket's interval, the credit grows 1 us a us up to
+# burst x interval (small ints on a 32-bit port, nothing allocated). Framing garbage
+# (short, header, length, pec, apid: no authentic content is possible in it) has its own,
+# smaller budget, so it never takes the report of an authentic-looking refusal (auth,
+# replay, state, storage before the counter), which a genuine ground out of step needs:
+# the replay report carries the payload's counter, the ground's only way to resync.
+GARBAGE_REPORT_INTERVAL_US = const(2_000_000)  # one report per 2 s
+GARBAGE_REPORT_BURST = const(1)
+REFUSAL_REPORT_INTERVAL_US = const(1_000_000)  # one report per s
+REFUSAL_REPORT_BURST = const(2)  # a pipelined ground's first replay, and one more
+_GARBAGE_CREDIT_MAX_US = const(GARBAGE_REPORT_INTERVAL_US * GARBAGE_REPORT_BURST)
+_REFUSAL_CREDIT_MAX_US = const(REFUSAL_REPORT_INTERVAL_US * REFUSAL_REPORT_BURST)
 _LIST_ENTRY_FIXED = const(9)  # name length u8, size u32, crc32 u32
 _MAX_CONFIG_BYTES = const(512)
 
@@ -160,11 +175,20 @@ class GroundLink:
         self._hk_ack = 0
         self._hk_heap_free = 0
         self._hk_length = 0
-        # TM 1,2 reports handle() may still send for frames that did not pass the replay
-        # check, or None: no limit. The ground poll sets it each pass (app.Controller.
-        # poll_ground, REJECT_REPORTS_PER_PASS): a frame with a valid CRC is anyone's to
-        # make, and without a bound a chunk of them made a report each in one pass.
-        self.reject_reports_left = None
+        # True (the application, app.Controller): TM 1,2 reports for frames that did not
+        # pass the replay check are bounded per time (the *_REPORT_* buckets above);
+        # False: every rejection is reported. A frame with a valid CRC is anyone's to
+        # make; without a bound a chunk of them made a report each.
+        self.reports_bounded = False
+        # the buckets' credit (us) and the clock's ticks_us when last refilled; while
+        # either is below its maximum (reject_credit_low) the ground poll refills them
+        # every pass (refill_reject_credit), so an elapsed time is one pass long and the
+        # 2^30 us wrap of ticks_us never folds a long quiet spell into a short one
+        self.garbage_credit_us = _GARBAGE_CREDIT_MAX_US
+        self.refusal_credit_us = _REFUSAL_CREDIT_MAX_US
+        self.reject_credit_low = False
+        self._credit_ticks_us = 0
+        self._ticks, self._ticks_arg = board.clock.ticks_source()
         self.rejections_unreported = 0  # rejections counted but not reported (the bound)
         # True once handle()'s frame passed the replay check and consumed its counter:
         # its rejection is then always reported (only the key's holder can make one)
@@ -406,18 +430,52 @@ class GroundLink:
         self._report(body, False, code, detail)
 
     def _reject_frame(self, body, code, detail):
-        """handle()'s rejection: reported unless the frame never consumed a counter
-        (garbage, a wrong tag, a replay: anyone can make one) and the ground poll's reports
-        for this pass are used up; counted in any case."""
-        left = self.reject_reports_left
-        if left is None or self._counter_consumed:
+        """handle()'s rejection: reported if the frame consumed a counter (only the key's
+        holder can make one), else if its bucket has a report's credit; counted in any
+        case."""
+        if self._counter_consumed or not self.reports_bounded:
             self._reject(body, code, detail)
-        elif left > 0:
-            self.reject_reports_left = left - 1
-            self._reject(body, code, detail)
+            return
+        if not self.reject_credit_low:
+            # both full until now: the refills count from here
+            self._credit_ticks_us = self._ticks(self._ticks_arg)
+            self.reject_credit_low = True
+        if code <= ccsds.REJECT_APID:  # short, header, length, pec, apid: framing garbage
+            credit = self.garbage_credit_us
+            if credit >= GARBAGE_REPORT_INTERVAL_US:
+                self.garbage_credit_us = credit - GARBAGE_REPORT_INTERVAL_US
+                self._reject(body, code, detail)
+                return
+        else:  # auth, replay, state, storage: what a genuine ground out of step gets too
+            credit = self.refusal_credit_us
+            if credit >= REFUSAL_REPORT_INTERVAL_US:
+                self.refusal_credit_us = credit - REFUSAL_REPORT_INTERVAL_US
+                self._reject(body, code, detail)
+                return
+        self.rejected[code] += 1
+        self.rejections_unreported += 1
+
+    def refill_reject_credit(self):
+        """Add the time since the last refill to both buckets, up to their maximum; the
+        ground poll calls it every pass while reject_credit_low (app.Controller.
+        poll_ground). No allocation: every value stays below 2^30."""
+        now = self._ticks(self._ticks_arg)
+        elapsed = (now - self._credit_ticks_us) & 0x3FFFFFFF
+        self._credit_ticks_us = now
+        low = False
+        credit = self.garbage_credit_us
+        if elapsed < _GARBAGE_CREDIT_MAX_US - credit:
+            self.garbage_credit_us = credit + elapsed
+            low = True
         else:
-            self.rejected[code] += 1
-            self.rejections_unreported += 1
+            self.garbage_credit_us = _GARBAGE_CREDIT_MAX_US
+        credit = self.refusal_credit_us
+        if elapsed < _REFUSAL_CREDIT_MAX_US - credit:
+            self.refusal_credit_us = credit + elapsed
+            low = True
+        else:
+            self.refusal_credit_us = _REFUSAL_CREDIT_MAX_US
+        self.reject_credit_low = low
 
     # ---------------------------------------------------------------- input
 
