@@ -8,10 +8,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import random
+import threading
+import time
 from pathlib import Path
 
 from emulator.targets import QemuTarget, UnixTarget
 from host.deploy.raw_repl import RawRepl
+from host.protocol import ccsds
+from host.protocol.framing import FrameReader, encode_frame
 
 KEY = bytes(range(100, 132))
 PRODUCT_KEY = bytes(range(200, 232))  # AES-256-GCM for pattern products (test provisioning)
@@ -84,3 +88,47 @@ def qemu_payload(
         repl._read_until(b"OK", 10.0)
         repl.close()
         yield target
+
+
+class Downlink:
+    """Everything the payload sends, read on a thread (so neither side blocks on a full
+    pty), kept with the time each read returned."""
+
+    def __init__(self, serial):
+        self.serial = serial
+        self.reads: list[tuple[float, bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        serial.timeout = 0.02
+
+    def _run(self):
+        while not self._stop.is_set():
+            chunk = self.serial.read(4096)
+            if chunk:
+                self.reads.append((time.monotonic(), chunk))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def wait_quiet(self, quiet_s: float = 1.0, limit_s: float = 30.0) -> None:
+        """Until nothing came for quiet_s (counted from the call at the earliest)."""
+        called = time.monotonic()
+        while time.monotonic() < called + limit_s:
+            last = max(self.reads[-1][0] if self.reads else 0.0, called)
+            if time.monotonic() - last > quiet_s:
+                return
+            time.sleep(0.1)
+
+    def packets(self) -> list[tuple[float, int, ccsds.Tm]]:
+        """(time read, framed bytes, packet) for each telemetry packet received."""
+        reader = FrameReader(ccsds.GROUND_MAX_BODY_BYTES)
+        out = []
+        for at, chunk in self.reads:
+            for body in reader.feed(chunk):
+                out.append((at, len(encode_frame(body)), ccsds.parse_tm(body, KEY)))
+        return out
