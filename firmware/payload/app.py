@@ -15,6 +15,7 @@ from micropython import const
 
 from payload import framing, scheduler, telecommands
 from payload.ccsds import FN_REBOOT
+from payload.telecommands import refill_reject_credit as _refill_reject_credit
 from payload.waits import (
     GROUND_RX_WAIT_US,
     GROUND_TX_FLUSH_US,
@@ -113,6 +114,9 @@ class Controller:
         # TM 1,2 for frames that consumed no counter: bounded per time (docs/ground-link.md
         # "Verification and reason codes"); poll_ground refills the buckets
         self.link.reports_bounded = True
+        # the clock's ticks_us in one native call (boardkit.ExtendedClock.ticks_source), for
+        # the refills
+        self._ticks, self._ticks_arg = board.clock.ticks_source()
         self.link.tx_queue = self.ground_queue
         self.link.bus_send = self.send_bus
         self.mission = mission
@@ -164,7 +168,9 @@ class Controller:
         if link.housekeeping_stage:  # a report's next slice, before any new frame
             return link.step()
         if link.reject_credit_low:  # refilled every pass until full (a read, when full)
-            link.refill_reject_credit()
+            link.reject_credit_low = _refill_reject_credit(
+                link.reject_credit, self._ticks(self._ticks_arg)
+            )
         return _pump_frame(
             self.board.ground_link,
             self.ground_rx,
