@@ -16,12 +16,20 @@
 // exit to is a system reset (SCB AIRCR SYSRESETREQ): machine.reset() resets the part, as
 // a board port's does. Any other HardFault goes on to the port's handler unchanged.
 //
-// The instruction is read only where the image has code (flash up to _sidata, RAM from
-// _sdata to _ebss, where the heap keeps viper and asm_thumb code): a fault on a fetch from
-// elsewhere must not fault again in this handler (a lockup on the part).
+// Only a fault with no configurable fault's status (CFSR clear) may be a call: a BKPT
+// escalated is a debug event, which sets none of CFSR's bits, whereas a UsageFault,
+// MemManage or BusFault escalated to HardFault does, and its stacked PC may well be a BKPT
+// 0xAB (an INVSTATE branch to one, an imprecise bus fault from the store before one): that
+// fault goes to the port's dump with the registers it faulted with. And the instruction is
+// read only where the image has code (flash from the vector table up to _sidata, RAM from
+// _sdata to _ebss, where the heap keeps viper and asm_thumb code), a whole halfword,
+// with no sum that wraps: a fault on a fetch from elsewhere (0xFFFFFFFE, a call through
+// an erased flash word) must not fault again in this handler (a lockup on the part, and
+// QEMU's mps2-an385 aborts with "Lockup: can't escalate 3 to HardFault").
 #include <stdint.h>
 
 #define SCB_AIRCR (*(volatile uint32_t *)0xE000ED0C)
+#define SCB_CFSR (*(volatile uint32_t *)0xE000ED28)
 #define SCB_HFSR (*(volatile uint32_t *)0xE000ED2C)
 #define SCB_DFSR (*(volatile uint32_t *)0xE000ED30)
 #define AIRCR_VECTKEY (0x05FAu << 16)
@@ -39,20 +47,38 @@
 #define FRAME_R0 (0)
 #define FRAME_PC (6)
 
+extern const uint32_t isr_vector[];  // the port's vector table: the image's first word
 extern uint32_t _sidata, _sdata, _ebss;
 
 // Semihosting calls refused since reset (a debugger reads it; 0 under QEMU -semihosting)
 volatile uint32_t semihosting_guard_refused;
 
+// Whether the halfword at address lies wholly in [start, end). Written with no sum: pc + 2
+// <= end held for pc = 0xFFFFFFFE, whose pc + 2 wraps to 0.
+static uint32_t halfword_inside(uint32_t address, uint32_t start, uint32_t end) {
+    return address >= start && address < end && end - address >= 2;
+}
+
+// Whether a HardFault with this stacked PC and configurable fault status may be a
+// semihosting call, and the PC may be read (the instruction is the rest of the test).
+// Portable C, so the host can test it (tests/test_semihosting_guard.py).
+uint32_t semihosting_guard_may_be_call(uint32_t pc, uint32_t cfsr) {
+    if (cfsr != 0 || (pc & 1)) {
+        return 0;
+    }
+    return halfword_inside(pc, (uint32_t)(uintptr_t)isr_vector, (uint32_t)(uintptr_t)&_sidata)
+           || halfword_inside(pc, (uint32_t)(uintptr_t)&_sdata, (uint32_t)(uintptr_t)&_ebss);
+}
+
+#if defined(__ARM_ARCH_ISA_THUMB)
+
 void __real_HardFault_Handler(void);
 
 // Whether the fault stopped at a semihosting call: the instruction at the stacked PC,
-// read only inside the image.
+// read only when it may be one.
 __attribute__((used)) uint32_t semihosting_guard_is_call(const uint32_t *frame) {
     uint32_t pc = frame[FRAME_PC];
-    int in_flash = pc + 2 <= (uint32_t)&_sidata;
-    int in_ram = pc >= (uint32_t)&_sdata && pc + 2 <= (uint32_t)&_ebss;
-    if ((pc & 1) || !(in_flash || in_ram)) {
+    if (!semihosting_guard_may_be_call(pc, SCB_CFSR)) {
         return 0;
     }
     return *(const volatile uint16_t *)pc == SEMIHOSTING_BKPT;
@@ -95,3 +121,5 @@ __attribute__((naked)) void __wrap_HardFault_Handler(void) {
         "b __real_HardFault_Handler\n"
         );
 }
+
+#endif
