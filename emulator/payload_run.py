@@ -29,6 +29,7 @@ from emulator.targets import (
     UnixTarget,
 )
 from host.deploy.raw_repl import RawRepl
+from host.distil.durable import write_atomic
 from host.link.client import CommandRejected, PayloadClient
 
 KEY = bytes(range(100, 132))  # the emulated payloads' link key (test provisioning only)
@@ -77,8 +78,10 @@ def netduino2_storage_image(path: str | Path, product_key: bytes | None = None) 
         repl.close()
     if len(image) != NETDUINO2_FLASH_DISK_BYTES:
         raise RuntimeError(f"read {len(image)} bytes of the board's flash region")
+    # The link key (and product key) in the clear in littlefs: 0600, through a fresh
+    # temporary (a symlink planted at the name is replaced, not written through)
     path = Path(path)
-    path.write_bytes(image)
+    write_atomic(path, image, 0o600)
     return path
 
 

@@ -4,6 +4,7 @@ boots as from no line at all (the app, flight timeouts, no tracking link). And t
 with no line at all: QEMU without semihosting, as the part with no debugger attached."""
 
 import re
+import stat
 import time
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def test_the_image_boots_with_no_debugger_and_answers_with_the_flight_values(tmp
     # instruction, near the part's 120 MHz) the board's clock counts instructions, so the
     # durations below do not grow with the host's load.
     storage = payload_run.netduino2_storage_image(tmp_path / "flash.img")
+    # the link key in the clear: readable by its owner only
+    assert stat.S_IMODE(storage.stat().st_mode) == 0o600
     board = targets.Netduino2Target(semihosting=False, storage_image=storage, icount_shift=3)
     with board as target:
         with PayloadClient(target.ground_port, payload_run.KEY, timeout_s=0.5) as payload:
