@@ -6,7 +6,10 @@ handler is a lockup: no dump, nothing until the IWDG).
 
 The faults are raised from the maintenance REPL (QEMU with -semihosting, which answers a
 BKPT 0xAB itself: the guard sees only genuine faults there). The guard's answer to a call
-with no host is tests/test_netduino2_launcher.py's no-debugger boot."""
+with no host, from thread mode and from an interrupt: the MPS2 image on QEMU without
+-semihosting, whose maintenance strap is a RAM word, so its REPL is there with no host
+(the netduino2 image's strap is the semihosting line: tests/test_netduino2_launcher.py
+boots it with no host, as the part, the app and no REPL)."""
 
 from __future__ import annotations
 
@@ -200,3 +203,77 @@ def test_the_guard_reads_only_a_whole_halfword_inside_the_image(bounds, tmp_path
     assert time.monotonic() - started < 10
     answers = [int(line) for line in result.stdout.split()]
     assert dict(zip(cases, answers, strict=True)) == cases
+
+
+class _Mps2WithNoHost(QemuTarget):
+    """The MPS2 image with QEMU given no -semihosting: a BKPT is taken as on a part with no
+    debugger (HardFault, into the guard), and the maintenance strap is the RAM word the
+    launcher loads (not the semihosting line), so the REPL is there to call from."""
+
+    def command(self):
+        return [arg for arg in super().command() if arg != "-semihosting"]
+
+
+_CALLS = """
+import array, irqtimer
+@micropython.asm_thumb
+def call(r0, r1):
+    data(2, 0xBEAB)  # BKPT 0xAB
+@micropython.asm_thumb
+def call_then_r1(r0, r1):
+    data(2, 0xBEAB)
+    mov(r0, r1)
+print("@@thread", call(0x15, 0) & 0xFFFFFFFF, call_then_r1(0x01, 1234))
+got = array.array("I", [0, 0])
+def in_irq(got):
+    if got[1] == 0:
+        got[0] = call(0x15, 0)
+        got[1] = 1
+irqtimer.start(100, in_irq, got)
+for i in range(200000):
+    if got[1]:
+        break
+irqtimer.stop()
+print("@@irq", got[0], got[1])
+"""
+_EXIT_IN_IRQ = """
+import irqtimer
+@micropython.asm_thumb
+def call(r0, r1):
+    data(2, 0xBEAB)
+def in_irq(arg):
+    call(0x18, 0x20026)  # SYS_EXIT, ADP_Stopped_ApplicationExit
+irqtimer.start(100, in_irq, None)
+for i in range(200000):
+    pass
+print("@@survived")
+"""
+
+
+@pytest.mark.qemu
+def test_a_call_with_no_host_is_refused_in_thread_mode_and_in_an_interrupt():
+    # The HardFault taken from thread mode and from the timer's interrupt handler (nested:
+    # EXC_RETURN to handler mode) both return past the BKPT with -1 in r0 and the other
+    # registers as they were (r1 here); a guard that did not step the PC would fault on
+    # the same BKPT for good
+    with _Mps2WithNoHost(boot="maintenance", icount_shift=0) as target:
+        assert "-semihosting" not in target.command()
+        with RawRepl(target.ground_port, timeout_s=30.0) as repl:
+            output = repl.exec(_CALLS, timeout_s=60)
+    assert "@@thread 4294967295 1234" in output, output
+    assert "@@irq 4294967295 1" in output, output
+
+
+@pytest.mark.qemu
+def test_sys_exit_in_an_interrupt_resets_the_part():
+    with _Mps2WithNoHost(boot="maintenance", icount_shift=0) as target:
+        repl = RawRepl(target.ground_port, timeout_s=30.0)
+        try:
+            repl.enter()
+            repl.serial.write(_EXIT_IN_IRQ.encode() + b"\x04")
+            # the reset boots the image again: its banner, the strap reloaded with it
+            text = repl._read_until(b"maintenance mode", 30.0)
+        finally:
+            repl.close()
+        assert target.running()
+    assert b"@@survived" not in text, text
