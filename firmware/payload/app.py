@@ -203,16 +203,25 @@ class Controller:
         return busy
 
 
+def _feed(reader, chunk, count, handler):
+    """Hand on every frame chunk[:count] completes (a chunk of small frames is many); a
+    frame the chunk ends inside stays in the reader. True if one was handed on. No
+    allocation but the reader's for a frame (feed_from, no slices: mptest_framing)."""
+    index = 0
+    handled = False
+    while index < count:
+        index = reader.feed_from(chunk, index, count)
+        if reader.ready:
+            handler(reader.body)
+            handled = True
+    return handled
+
+
 def _pump(link, reader, chunk, handler):
     count = link.readinto(chunk)
     if not count:
         return False
-    start = 0
-    view = memoryview(chunk)
-    while start < count:
-        start += reader.feed(view[start:], count - start)
-        if reader.ready:
-            handler(reader.body)
+    _feed(reader, chunk, count, handler)
     return True
 
 
@@ -223,22 +232,14 @@ def _pump_frame(link, reader, chunk, handler, clock, wait_us):
     the host's pace, ms apart on a loaded host) gave a telecommand a byte or two a pass:
     the stop of an emulated pass took 4-7 passes to arrive, one frame each (docs/
     targets.md). Returns after the read in which a frame was handed on: every frame of
-    that chunk is handed on (as _pump does: a chunk of small frames is many), a frame
-    the chunk ends inside stays in the reader for the next pass. No allocation but the
-    reader's for a frame it hands on (feed_from, no slices: mptest_framing)."""
+    that chunk is handed on (_feed, as _pump's), a frame the chunk ends inside stays in the
+    reader for the next pass. No allocation but the reader's for a frame it hands on."""
     count = link.readinto(chunk)
     if not count:
         return False
     start_us = clock.ticks_us()
     while True:
-        index = 0
-        handled = False
-        while index < count:
-            index = reader.feed_from(chunk, index, count)
-            if reader.ready:
-                handler(reader.body)
-                handled = True
-        if handled:
+        if _feed(reader, chunk, count, handler):
             return True
         count = 0
         while not count:

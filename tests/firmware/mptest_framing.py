@@ -247,6 +247,61 @@ def test_a_ground_poll_fed_bytes_that_never_make_a_frame_ends_at_its_wait_withou
             assert wait_us <= spent_us <= wait_us + 20, (name, spent_us)
 
 
+class _ChunkLink:
+    """A link whose reads hand on the chunks given, one a read, then nothing."""
+
+    def __init__(self, *chunks):
+        self.chunks = list(chunks)
+        self.at = 0
+
+    def readinto(self, buf):
+        if self.at >= len(self.chunks):
+            return 0
+        data = self.chunks[self.at]
+        self.at += 1
+        for index in range(len(data)):  # (a slice assignment would allocate its slice)
+            buf[index] = data[index]
+        return len(data)
+
+
+def test_the_bus_poll_hands_on_every_frame_of_a_chunk_and_allocates_nothing_between():
+    # app._pump (the payload bus without a data path) shares _pump_frame's feed loop
+    # (app._feed, reader.feed_from): every frame of a read is handed on in order, a frame
+    # the read ends inside is finished by the next read, and between frames nothing is
+    # allocated. It sliced a memoryview per frame (main at 793d087: MemoryError below).
+    from payload import app
+
+    writer = framing.FrameWriter(64)
+    bodies = [bytes([i]) * (i + 1) for i in range(1, 6)]
+    frames = b"".join(bytes(writer.encode(body)) for body in bodies)
+    got = []
+    reader = framing.FrameReader(64)
+    chunk = bytearray(256)
+    cut = len(frames) - 3  # inside the last frame
+    link = _ChunkLink(frames[:cut], frames[cut:])
+
+    def keep(body):  # (a view of the reader's buffer, which the next frame overwrites)
+        got.append(bytes(body))
+
+    assert app._pump(link, reader, chunk, keep)
+    assert got == bodies[:4], got
+    assert app._pump(link, reader, chunk, keep)
+    assert got == bodies, got
+    assert not app._pump(link, reader, chunk, keep)  # nothing read: no work
+    # a read of damaged frames (no body handed on, so no body view made): no allocation
+    damaged = bytearray(writer.encode(b"stop"))
+    damaged[1] ^= 0x01
+    link = _ChunkLink(bytes(damaged) * 8)
+    drops = reader.dropped()
+    handler = got.append  # (bound here: a bound method is a heap object)
+    micropython.heap_lock()
+    try:
+        took = app._pump(link, reader, chunk, handler)
+    finally:
+        micropython.heap_unlock()
+    assert took and reader.dropped() == drops + 8, (took, reader.dropped(), drops)
+
+
 def test_crc_and_cobs_kernels_do_not_allocate():
     # These run on received bytes in the link's hot path: prove no heap use.
     data = bytearray(range(256))
