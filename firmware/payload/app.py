@@ -306,6 +306,12 @@ def run(board):
     counted and the loop goes on."""
     try:
         lock_console()
+        # The ground link's receive interrupt, where the board has one (netduino2: USART1
+        # into a ring): from here no byte waits for the loop's poll. First, so its ring
+        # is low in the heap and the boot's own telecommands are kept.
+        start_receiving = getattr(board.ground_link, "start_receiving", None)
+        if start_receiving is not None:
+            start_receiving()
         board.watchdog_start()  # (a machine.WDT refuses a timeout with ValueError)
         controller = _start(board)
     except BaseException:  # noqa: BLE001 - never a way to the REPL

@@ -911,6 +911,15 @@ class GroundLink:
             counters["tx_dropped"] = self.tx_queue.dropped_frames
         if self.rejections_unreported:
             counters["tc_rejections_unreported"] = self.rejections_unreported
+        # uplink bytes lost before the frame reader, where the board's ground link says
+        # (netduino2's receive ring: to a full ring, to a USART overrun)
+        rx_lost = getattr(self.board.ground_link, "rx_lost", None)
+        if rx_lost is not None:
+            ring_full, overruns = rx_lost()
+            if ring_full:
+                counters["rx_ring_full"] = ring_full
+            if overruns:
+                counters["rx_overruns"] = overruns
         return counters
 
     def housekeeping(self, heap_free=None):

@@ -13,6 +13,7 @@ import micropython
 TARGETS = ("netduino2",)
 TARGETS_REASON = "the STM32 board's registers (boards/netduino2)"
 QEMU_ICOUNT_SHIFT = 0  # one instruction a nanosecond: the SysTick windows deterministic
+MPTEST_HELPERS = ("link_helpers.py",)  # (the link counters' test)
 
 _SYST_CSR = 0xE000E010
 _SYST_RVR = 0xE000E014
@@ -93,3 +94,113 @@ def test_a_ground_wait_override_outside_the_watchdog_rule_is_refused():
         except ValueError:
             continue
         raise AssertionError(wait_us)
+
+
+# The ground link's receive interrupt (board.GroundUart, irqtimer.ground_open). QEMU 7.2's
+# STM32 USART takes a status register written below 0x400 as written (TXE kept), and
+# raises its interrupt when a byte comes or CR1 is written with RXNEIE while RXNE is set
+# (hw/char/stm32f2xx_usart.c): RXNE written, then CR1 rewritten, is a byte's arrival (the
+# data register's last byte); ORE with it an overrun, which QEMU never makes itself.
+_USART1 = 0x40011000
+_CR1 = 0x4001100C
+_SR_ORE = 0x08
+_SR_RXNE = 0x20
+_SR_TXE = 0x80
+
+
+def _arrive(count, status=_SR_RXNE | _SR_TXE):
+    for _ in range(count):
+        machine.mem32[_USART1] = status
+        machine.mem32[_CR1] = machine.mem32[_CR1]
+    if status & _SR_ORE:
+        machine.mem32[_USART1] = _SR_TXE  # (QEMU keeps ORE until written; the part clears it)
+
+
+def test_the_ground_rings_interrupt_keeps_bytes_and_counts_what_it_loses():
+    link = board.GroundUart(_USART1, 16)
+    try:
+        byte = machine.mem32[_USART1 + 4] & 0xFF  # what each arrival brings (clears RXNE)
+        link.start_receiving()
+        _arrive(20)  # 4 more than the ring holds
+        assert link.rx_words[2] == 20 and link.rx_lost() == (4, 0), list(link.rx_words)
+        _arrive(1, _SR_RXNE | _SR_ORE | _SR_TXE)  # an overrun: counted, its byte lost too
+        assert link.rx_words[2] == 21 and link.rx_lost() == (5, 1), list(link.rx_words)
+        buf = bytearray(32)
+        micropython.heap_lock()  # the application's read allocates nothing
+        try:
+            count = link.readinto(buf)
+            again = link.readinto(buf)
+        finally:
+            micropython.heap_unlock()
+        assert (count, again) == (16, 0), (count, again)
+        assert buf[:16] == bytes([byte]) * 16
+        _arrive(10)  # across the ring's end
+        assert link.readinto(buf) == 10 and link.rx_lost() == (5, 1)
+        link.stop_receiving()
+        # polled again: no interrupt takes the byte, the class's read does
+        _arrive(1)
+        assert link.rx_words[2] == 31 and not link.receiving
+        assert link.readinto(buf) == 1 and buf[0] == byte
+    finally:
+        link.stop_receiving()
+        machine.mem32[_USART1] = _SR_TXE  # nothing left for the REPL to read
+
+
+def test_a_ring_that_is_not_a_power_of_two_is_refused():
+    import array
+
+    import irqtimer
+
+    for length in (0, 12, 1000):
+        try:
+            irqtimer.ground_open(bytearray(length), array.array("i", bytes(20)))
+        except ValueError:
+            continue
+        raise AssertionError(length)
+
+
+def test_the_link_counters_report_the_ground_links_lost_bytes():
+    link = board.ground_link
+    try:
+        link.start_receiving()
+        ground = _link(_fresh_root(), keep=False)[0]
+        counters = ground.link_counters()
+        assert "rx_ring_full" not in counters and "rx_overruns" not in counters, counters
+        _arrive(board.GROUND_RX_RING_BYTES + 3)
+        _arrive(1, _SR_RXNE | _SR_ORE | _SR_TXE)
+        counters = ground.link_counters()
+        assert counters["rx_ring_full"] == 4 and counters["rx_overruns"] == 1, counters
+    finally:
+        link.stop_receiving()
+        machine.mem32[_USART1] = _SR_TXE
+
+
+class _Started(Exception):
+    pass
+
+
+class _ProbeBoard:
+    """The board as app.run sees it, up to its watchdog's start: what the ground link
+    is by then."""
+
+    ground_link = board.ground_link
+
+    def watchdog_start(self):
+        raise _Started(board.ground_link.receiving)
+
+    def reset(self):
+        pass
+
+
+def test_the_application_takes_the_ground_link_by_interrupt_before_anything_else():
+    from payload import app
+
+    try:
+        app.run(_ProbeBoard())
+    except _Started as started:
+        assert started.args == (True,), started.args
+    else:
+        raise AssertionError("app.run returned")
+    finally:
+        board.ground_link.stop_receiving()
+        micropython.kbd_intr(3)  # (app.run's lock_console took Ctrl-C off the REPL)

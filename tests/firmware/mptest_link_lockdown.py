@@ -196,7 +196,10 @@ class _Reset(Exception):
 class _BootFails:
     """The board, but its storage raises at boot (fault injection): what a board whose
     application cannot come up does next. Its reset is recorded, not made (the test's
-    session goes on); the watchdog is not started (nothing would feed it after the test)."""
+    session goes on); the watchdog is not started (nothing would feed it after the test),
+    nor a receive interrupt on the ground link (none here: the test's REPL keeps its UART)."""
+
+    ground_link = None
 
     def __init__(self, error):
         self.error = error

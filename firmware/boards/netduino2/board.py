@@ -3,7 +3,9 @@
 # from RM0033 (STM32F205/207 reference manual); the same offsets hold on the F4 (RM0090).
 # The only firmware module besides the other boards' that touches `machine`.
 #
-#   0x40011000 USART1   ground link (QEMU's first -serial; the port's REPL UART)
+#   0x40011000 USART1   ground link (QEMU's first -serial; the port's REPL UART), received
+#                       by irqtimer's RXNE interrupt (IRQ 37) into a ring once the
+#                       application runs (GroundUart)
 #   0x40004400 USART2   payload bus to the optical head (QEMU's second -serial)
 #   0x40004800 USART3   tracking link to the optical head (QEMU's third -serial, when the
 #                       launcher wires it: "track" on its command line), the TRACK
@@ -19,8 +21,9 @@
 import array
 
 # imported at boot: its first import takes the timer interrupt's stack reserve off the
-# main program's stack limit (firmware/cmodules/irqtimer/irqtimer.c STACK_RESERVE)
-import irqtimer  # noqa: F401
+# main program's stack limit (firmware/cmodules/irqtimer/irqtimer.c STACK_RESERVE); the
+# ground link's receive interrupt (GroundUart)
+import irqtimer
 import machine
 import micropython
 from micropython import const
@@ -91,6 +94,12 @@ WATCHDOG_PERIOD_S = const(32)
 WATCHDOG_LIMIT_US = const(22_309_000)  # (4095 + 1) * 256 / 47,000 Hz, rounded down
 
 _RX_SPIN = const(400)  # status polls to wait for the next byte of a burst
+# The ground link's receive ring (GroundUart), a power of two: 1,024 bytes are 89 ms of
+# uplink at 115,200 baud (10 bits a byte) that the main loop may spend elsewhere before a
+# byte is lost, longer than its longest duty (a full bus transaction at 1 Mbaud 42 ms, a
+# NOR commit 34-89 ms: docs/storage.md), and most of the largest telecommand's frame
+# (encoded_capacity(1,200)); 1 KiB of this heap, taken when the application starts.
+GROUND_RX_RING_BYTES = const(1024)
 # Status polls the tracking link's write waits for TXE before each byte (see
 # _uart_write_bounded): a write that gives up costs ~2,960 instructions (measured on this
 # image, -icount: mptest_board_stm32.py), ~49 us at 120 MHz and two cycles an instruction,
@@ -135,6 +144,45 @@ class Uart(boardkit.PolledUart):
     def __init__(self, base, write=None):
         machine.mem32[base + _CR1] = _CR1_ENABLE
         super().__init__(base, _uart_readinto, write or _uart_write)
+
+
+class GroundUart(Uart):
+    """USART1, the ground link. Polled like the others until the application takes the
+    link (`start_receiving`, app.run); from then on received by its RXNE interrupt into a
+    ring (irqtimer, C: nothing allocated in the handler) that `readinto` drains. On the
+    part the USART holds one byte, and a polled link lost every byte that came while the
+    main loop was busy elsewhere for more than a byte time (87 us at 115,200 baud): a bus
+    transaction, a storage commit. Not at boot: the maintenance REPL reads USART1's data
+    register itself and would get nothing."""
+
+    def __init__(self, base, ring_bytes):
+        super().__init__(base)
+        self._ring_bytes = ring_bytes
+        self._ring = None
+        self.receiving = False
+        # the interrupt's words: bytes put into the ring, bytes taken out, bytes received,
+        # bytes lost to a full ring, USART overruns (irqtimer.ground_open)
+        self.rx_words = array.array("i", bytes(20))
+
+    def start_receiving(self):
+        if self._ring is None:
+            self._ring = bytearray(self._ring_bytes)
+        irqtimer.ground_open(self._ring, self.rx_words)
+        self.readinto = irqtimer.ground_read  # (the instance's: one C call a read)
+        self.receiving = True
+
+    def stop_receiving(self):
+        """Back to polling (tests; the REPL after them): what the ring still holds is
+        dropped."""
+        irqtimer.ground_close()
+        if self.receiving:
+            del self.readinto  # the class's polled read again
+            self.receiving = False
+
+    def rx_lost(self):
+        """(bytes lost to a full ring, USART overruns) since start_receiving, each
+        wrapping at 2^30: the board's link counters (telecommands.link_counters)."""
+        return self.rx_words[3], self.rx_words[4]
 
 
 @micropython.viper
@@ -240,7 +288,7 @@ def _clock_stamp(state: ptr32, buf: ptr8, offset: int):
         buf[offset + 4 + i] = (high >> (8 * i)) & 0xFF
 
 
-ground_link = Uart(_USART1)
+ground_link = GroundUart(_USART1, GROUND_RX_RING_BYTES)
 payload_bus = Uart(_USART2)
 clock = Clock()
 # the link key's region: a flash sector of its own on the real part, RAM here

@@ -11,6 +11,8 @@
 //   irqtimer.TIMER    the timer and its IRQ number, for telemetry and docs
 //   irqtimer.open(buf, words) / close()  the tracking link's receive interrupt
 //   irqtimer.read(until_us)  poll the link for the rest of a frame, bounded (see below)
+//   irqtimer.ground_open(ring, words) / ground_close() / ground_read(buf)  STM32 only: the
+//   ground link's receive interrupt into a ring (below)
 //
 // (Names the image already has: a new name renumbers the runtime's names, which moved the
 // paced loop's cost through the map-lookup cache: with rx_start, rx_stop and rx_wait the
@@ -25,6 +27,20 @@
 // at 2^30). The timer and RX interrupts share a priority, so neither preempts the other:
 // the period sees the fill and the buffer consistent. MPS2: CMSDK UART2 (0x40006000, RX IRQ
 // 4); STM32: USART3 (0x40004800, IRQ 39). The board enables the UART (board.tracking_link).
+//
+// The ground link (STM32 only: USART1, IRQ 37, the port's REPL UART) is received by its RXNE
+// interrupt into a ring: the USART holds one byte, and a byte that arrives while the main
+// loop is busy elsewhere for longer than a byte time (a bus transaction, a storage commit:
+// ms) overruns it on the part (docs/targets.md "The ground link's receive interrupt").
+// ground_open(ring, words): ring a bytearray of a power-of-two length; words an array('i')
+// of 5: [bytes put into the ring, bytes taken out (both modulo 2^32: their difference is
+// the fill), bytes received, bytes lost to a full ring, USART overruns (SR.ORE)], the
+// counters wrapping at 2^30. ground_read(buf) moves what the ring holds into buf (C, no
+// allocation) and returns the count. The interrupt only puts (word 0), ground_read only
+// takes (word 1): each word has one writer. Its priority is above the timer's, so a
+// tracking period in the interrupt (~150 us at 2 kHz) does not hold off the ground's bytes
+// (87 us each at 115,200 baud). Only the application opens it (board.ground_link
+// .start_receiving): the REPL reads USART1's data register itself and would get nothing.
 //
 // The callback runs as the stm32 port's Timer callbacks do: the scheduler and the heap
 // locked (an allocation raises MemoryError), under an nlr guard; an exception stops the
@@ -109,6 +125,12 @@ typedef struct {
 } stm32_usart_t;
 #define TRACK_UART ((stm32_usart_t *)0x40004800)  // USART3: QEMU's third -serial
 #define TRACK_UART_IRQ (39)
+#define GROUND_UART ((stm32_usart_t *)0x40011000)  // USART1: QEMU's first -serial
+#define GROUND_UART_IRQ (37)
+#define USART_SR_ORE (1u << 3)
+#define USART_SR_RXNE (1u << 5)
+#define USART_CR1_RXNEIE (1u << 5)
+#define GROUND_IRQ_PRIORITY (0x20)  // above IRQ_PRIORITY: preempts the tracking period
 #else
 #error "irqtimer: no timer for this SoC (QEMU_SOC_MPS2 or QEMU_SOC_STM32)"
 #endif
@@ -196,6 +218,50 @@ static void irqtimer_rx_isr(void) {
         state[2] = (state[2] + 1) & COUNTER_WRAP;
     }
 }
+
+#if defined(QEMU_SOC_STM32)
+// the ground link's ring and its words (see ground_open above)
+MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_ground_ring);
+MP_REGISTER_ROOT_POINTER(mp_obj_t irqtimer_ground_words);
+static uint8_t *irqtimer_ground_data;
+static uint32_t irqtimer_ground_mask;  // the ring's length - 1
+static volatile int32_t *irqtimer_ground_state;
+
+static void irqtimer_ground_disable(void) {
+    NVIC_ICER[GROUND_UART_IRQ / 32] = 1u << (GROUND_UART_IRQ % 32);
+    GROUND_UART->CR1 &= ~USART_CR1_RXNEIE;
+    NVIC_ICPR[GROUND_UART_IRQ / 32] = 1u << (GROUND_UART_IRQ % 32);
+    irqtimer_ground_state = NULL;
+}
+
+static void irqtimer_ground_isr(void) {
+    volatile int32_t *state = irqtimer_ground_state;
+    for (;;) {
+        uint32_t sr = GROUND_UART->SR;
+        if (!(sr & USART_SR_RXNE)) {
+            // (ORE comes with RXNE set on the part: the byte that overran it is the one
+            // still in DR, and the SR-then-DR read below clears both)
+            break;
+        }
+        uint8_t byte = GROUND_UART->DR;  // after SR: clears RXNE and ORE
+        if (state == NULL) {
+            continue;  // not open: drained, not kept
+        }
+        if (sr & USART_SR_ORE) {
+            state[4] = (state[4] + 1) & COUNTER_WRAP;
+        }
+        uint32_t put = (uint32_t)state[0];
+        if (put - (uint32_t)state[1] <= irqtimer_ground_mask) {
+            irqtimer_ground_data[put & irqtimer_ground_mask] = byte;
+            __asm volatile ("" ::: "memory");  // the byte before the count that shows it
+            state[0] = (int32_t)(put + 1);
+        } else {
+            state[3] = (state[3] + 1) & COUNTER_WRAP;  // the ring is full: this byte lost
+        }
+        state[2] = (state[2] + 1) & COUNTER_WRAP;
+    }
+}
+#endif
 
 static void irqtimer_hw_stop(void) {
     #if defined(QEMU_SOC_MPS2)
@@ -302,6 +368,9 @@ static void irqtimer_install_vectors(void) {
         irqtimer_vectors[i] = (uint32_t)irqtimer_unexpected_irq;
     }
     irqtimer_vectors[SYSTEM_VECTORS + TRACK_UART_IRQ] = (uint32_t)irqtimer_rx_isr;
+    #if defined(QEMU_SOC_STM32)
+    irqtimer_vectors[SYSTEM_VECTORS + GROUND_UART_IRQ] = (uint32_t)irqtimer_ground_isr;
+    #endif
     #if defined(QEMU_SOC_MPS2)
     irqtimer_vectors[SYSTEM_VECTORS + TIMER_IRQ] = (uint32_t)irqtimer_isr;
     #else
@@ -318,6 +387,11 @@ static mp_obj_t irqtimer_guard_del(mp_obj_t self_in) {
     irqtimer_rx_disable();
     MP_STATE_VM(irqtimer_rx_buf) = MP_OBJ_NULL;
     MP_STATE_VM(irqtimer_rx_words) = MP_OBJ_NULL;
+    #if defined(QEMU_SOC_STM32)
+    irqtimer_ground_disable();
+    MP_STATE_VM(irqtimer_ground_ring) = MP_OBJ_NULL;
+    MP_STATE_VM(irqtimer_ground_words) = MP_OBJ_NULL;
+    #endif
     MP_STATE_VM(irqtimer_guard) = MP_OBJ_NULL;
     MP_STATE_VM(irqtimer_callback) = MP_OBJ_NULL;
     MP_STATE_VM(irqtimer_arg) = MP_OBJ_NULL;
@@ -493,6 +567,68 @@ static mp_obj_t irqtimer_rx_wait(mp_obj_t until_in) {
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(irqtimer_rx_wait_obj, irqtimer_rx_wait);
 
+#if defined(QEMU_SOC_STM32)
+static mp_obj_t irqtimer_ground_open(mp_obj_t ring_in, mp_obj_t words_in) {
+    mp_buffer_info_t ring, words;
+    mp_get_buffer_raise(ring_in, &ring, MP_BUFFER_WRITE);
+    mp_get_buffer_raise(words_in, &words, MP_BUFFER_WRITE);
+    if (ring.len == 0 || (ring.len & (ring.len - 1)) != 0) {
+        mp_raise_ValueError(MP_ERROR_TEXT("ring: a power of two long"));
+    }
+    if (words.len < 5 * sizeof(int32_t) || words.typecode != 'i') {
+        mp_raise_ValueError(MP_ERROR_TEXT("words: array('i') of 5"));
+    }
+    irqtimer_ground_disable();
+    irqtimer_guarded();
+    irqtimer_install_vectors();
+    MP_STATE_VM(irqtimer_ground_ring) = ring_in;  // (kept alive while the interrupt writes it)
+    MP_STATE_VM(irqtimer_ground_words) = words_in;
+    irqtimer_ground_data = ring.buf;
+    irqtimer_ground_mask = ring.len - 1;
+    volatile int32_t *state = words.buf;
+    for (int i = 0; i < 5; ++i) {
+        state[i] = 0;
+    }
+    NVIC_IPR[GROUND_UART_IRQ] = GROUND_IRQ_PRIORITY;
+    irqtimer_ground_state = state;
+    GROUND_UART->CR1 |= USART_CR1_RXNEIE;  // a byte already in DR raises it at once
+    NVIC_ISER[GROUND_UART_IRQ / 32] = 1u << (GROUND_UART_IRQ % 32);
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_2(irqtimer_ground_open_obj, irqtimer_ground_open);
+
+static mp_obj_t irqtimer_ground_close(void) {
+    irqtimer_ground_disable();
+    MP_STATE_VM(irqtimer_ground_ring) = mp_const_none;
+    MP_STATE_VM(irqtimer_ground_words) = mp_const_none;
+    return mp_const_none;
+}
+static MP_DEFINE_CONST_FUN_OBJ_0(irqtimer_ground_close_obj, irqtimer_ground_close);
+
+static mp_obj_t irqtimer_ground_read(mp_obj_t buf_in) {
+    mp_buffer_info_t buf;
+    mp_get_buffer_raise(buf_in, &buf, MP_BUFFER_WRITE);
+    volatile int32_t *state = irqtimer_ground_state;
+    if (state == NULL) {
+        return MP_OBJ_NEW_SMALL_INT(0);
+    }
+    uint32_t taken = (uint32_t)state[1];
+    uint32_t count = (uint32_t)state[0] - taken;
+    __asm volatile ("" ::: "memory");  // the bytes after the count that shows them
+    if (count > buf.len) {
+        count = buf.len;
+    }
+    uint8_t *out = buf.buf;
+    for (uint32_t i = 0; i < count; ++i) {
+        out[i] = irqtimer_ground_data[(taken + i) & irqtimer_ground_mask];
+    }
+    __asm volatile ("" ::: "memory");  // copied before their room is given back
+    state[1] = (int32_t)(taken + count);
+    return MP_OBJ_NEW_SMALL_INT(count);
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(irqtimer_ground_read_obj, irqtimer_ground_read);
+#endif
+
 static MP_DEFINE_STR_OBJ(irqtimer_name_obj, IRQTIMER_NAME);
 
 // At the module's first import (MICROPY_MODULE_BUILTIN_INIT): the stack reserve, once a
@@ -521,6 +657,11 @@ static const mp_rom_map_elem_t irqtimer_module_globals_table[] = {
     { MP_ROM_QSTR(MP_QSTR_open), MP_ROM_PTR(&irqtimer_rx_start_obj) },
     { MP_ROM_QSTR(MP_QSTR_close), MP_ROM_PTR(&irqtimer_rx_stop_obj) },
     { MP_ROM_QSTR(MP_QSTR_read), MP_ROM_PTR(&irqtimer_rx_wait_obj) },
+    #if defined(QEMU_SOC_STM32)
+    { MP_ROM_QSTR(MP_QSTR_ground_open), MP_ROM_PTR(&irqtimer_ground_open_obj) },
+    { MP_ROM_QSTR(MP_QSTR_ground_close), MP_ROM_PTR(&irqtimer_ground_close_obj) },
+    { MP_ROM_QSTR(MP_QSTR_ground_read), MP_ROM_PTR(&irqtimer_ground_read_obj) },
+    #endif
 };
 static MP_DEFINE_CONST_DICT(irqtimer_module_globals, irqtimer_module_globals_table);
 
