@@ -1,9 +1,8 @@
 """irqtimer (firmware/cmodules/irqtimer) across the raw REPL's soft reset, on both MCU
 images: a program that leaves the timer and the tracking link's receive interrupt running
 (killed, or an error before its stop) must not leave them calling into the heap the reset
-frees, nor (STM32) the ground link's receive ring taking the REPL's bytes. The module's
-finaliser stops them when the reset sweeps the heap; the next session starts with them
-stopped and can start them again."""
+frees. The module's finaliser stops both when the reset sweeps the heap; the next session
+starts with them stopped and can start them again."""
 
 from __future__ import annotations
 
@@ -20,9 +19,6 @@ words = array.array("i", [0, 0, 0])
 def count(c):
     c[0] += 1
 irqtimer.open(rx, words)
-if hasattr(irqtimer, "ground_open"):  # the STM32 image: the ground link's ring, on the
-    # REPL's own UART (after the reset the REPL must get its bytes again)
-    irqtimer.ground_open(bytearray(64), array.array("i", bytes(20)))
 irqtimer.start(100, count, counter)
 x = 0
 for i in range(100000):

@@ -86,3 +86,24 @@ def test_a_burst_while_the_loop_is_busy_is_kept_whole_and_in_order():
     # every byte through the interrupt, none lost to the ring or the USART
     assert int(busy.group(2)) == len(BURST), busy.groups()
     assert busy.group(3).strip() == "(0, 0)", busy.groups()
+
+
+def test_a_soft_reset_closes_the_ring_and_the_repl_hears_its_uart_again():
+    # A program that leaves the ring open leaves the REPL deaf (it reads USART1's data
+    # register itself; the interrupt takes every byte first, a 0x04 too), so the reset
+    # here is the program's own (machine.soft_reset): the heap's sweep runs irqtimer's
+    # finaliser, which closes the ring as it stops the timer. Without that close the
+    # REPL hears nothing after the reset.
+    opens = (
+        b"import board, machine\n"
+        b"board.ground_link.start_receiving()\n"
+        b"print('@@open', board.ground_link.receiving)\n"
+        b"machine.soft_reset()\n"
+    )
+    with Netduino2Target(boot="maintenance") as target:
+        with RawRepl(target.ground_port, timeout_s=30.0) as repl:
+            repl.serial.write(opens + b"\x04")
+            repl._read_until(b"@@open True", 30.0)
+            repl._read_until(b"soft reboot\r\nraw REPL; CTRL-B to exit\r\n>", 30.0)
+            output = repl.exec("import board\nprint('@@again', board.ground_link.receiving)\n")
+    assert "@@again False" in output, output
