@@ -46,6 +46,7 @@ import pytest
 import scipy.fft
 import scipy.sparse
 
+from benchmarks.minsum_qc import decode_min_sum
 from host.distil import channel as ch
 from host.distil import ldpc, ldpc_qc, pa, reconcile
 from host.distil.finite_key import binary_entropy
@@ -813,6 +814,236 @@ class _AloneInOrder:
             rows, llr, np.ascontiguousarray(syndromes[:, index]), other, iterations, messages,
             out, iters, stall_rule,
         )  # fmt: skip
+
+
+class MinSumDecoder:
+    """Min-sum check updates (issue 17, session 18, docs/distillation.md "Min-sum check
+    updates"), for _frame_thresholds' decode and, in place of reconcile._decode, the
+    protocol: benchmarks/minsum_qc.py's layered min-sum on the QC code, its message
+    max(s m - offset, 0) with s = min(scale + scale_step i, scale_max) in the frame's
+    iteration i (a constant s when scale_step is 0; an annealed one grows from a small
+    scale, as sum-product's messages grow from small values on a channel whose LLRs all
+    have one magnitude).
+    hybrid None: min-sum alone, each retry resuming from the messages (fresh: from zero
+    messages, the schedule from its start). hybrid K: the first K iterations of a frame's
+    first attempt (every_attempt: of every attempt) in min-sum, then sum-product
+    (ldpc_qc.decode_qc, the protocol's decoder) from the min-sum messages for the rest of
+    the attempt's iterations, so a frame min-sum does not decode ends at sum-product's
+    fixed point. min_sum_iterations counts the min-sum iterations (the work's split)."""
+
+    def __init__(self, name, scale, scale_step=0.0, scale_max=1.0, offset=0.0, hybrid=None,
+                 every_attempt=False, fresh=False):  # fmt: skip
+        self.name, self.hybrid, self.every_attempt, self.fresh = name, hybrid, every_attempt, fresh
+        self.schedule = (scale, offset, scale_step, scale_max)
+        self.min_sum_iterations = 0
+
+    def _min_sum(self, rows, llr, syndromes, code, iterations, messages, out, iters, stall):
+        counted = np.zeros_like(iters) if self.fresh else iters
+        before = counted[rows].sum()
+        ok = decode_min_sum(code, rows, llr, syndromes, iterations, messages, out, counted,
+                            *stall, *self.schedule)  # fmt: skip
+        self.min_sum_iterations += int(counted[rows].sum() - before)
+        if self.fresh:
+            iters += counted
+        return ok
+
+    def __call__(self, rows, llr, syndromes, code, iterations, messages, out, iters,
+                 stall_rule=None):  # fmt: skip
+        stall = stall_rule or (ldpc.STALL_ITERATIONS, 0)
+        if self.hybrid is None:
+            if self.fresh:
+                messages[rows] = 0
+            return self._min_sum(rows, llr, syndromes, code, iterations, messages, out, iters,
+                                 stall)  # fmt: skip
+        # a frame with no iteration yet is in its first attempt
+        first = np.ones(rows.size, bool) if self.every_attempt else iters[rows] == 0
+        ok = np.zeros(rows.size, bool)
+        if first.any():
+            # no stall rule inside the K iterations: sum-product's takes over after them
+            ok[first] = self._min_sum(rows[first], llr, syndromes, code, self.hybrid, messages,
+                                      out, iters, (self.hybrid + 1, 0))  # fmt: skip
+        # the rest of the attempt's iterations in sum-product, from the min-sum messages
+        for ran, budget in ((first, iterations - self.hybrid), (~first, iterations)):
+            pending = ran & ~ok
+            if pending.any():
+                ok[pending] = ldpc_qc.decode_qc(code, rows[pending], llr, syndromes, budget,
+                                                messages, out, iters, *stall)  # fmt: skip
+        return ok
+
+
+def _min_sum_against_sum_product(code, frames=8, iterations=30, repeats=3) -> dict:
+    """CPU ns per edge update of the min-sum kernel (constant scale 0.8; a schedule costs
+    the same) and of the protocol's sum-product kernel (ldpc_qc.decode_qc) on the same
+    frames at f 1.1 for the code's rate, no stall rule, `iterations` each, best of
+    `repeats`, the two alternated (as _qc_against_csr)."""
+    from scipy.optimize import brentq
+
+    rate = 1 - code.m / code.n
+    q = brentq(lambda q: 1.1 * binary_entropy(q) - (1 - rate), 1e-4, 0.2)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
+    y = x ^ (rng.random(x.shape) < q).astype(np.uint8)
+    llr = np.stack([ldpc.channel_llr(row, q) for row in y]).astype(np.float32)
+    syndromes = code.syndrome(x)
+    rows = np.arange(frames, dtype=np.int64)
+
+    def run(kind: str, iterations: int) -> float:
+        messages = np.zeros((frames, code.edges), np.float32)
+        out = np.zeros_like(x)
+        iters = np.zeros(frames, np.int64)
+        started = time.process_time()
+        if kind == "sum-product":
+            ldpc_qc.decode_qc(code, rows, llr, syndromes, iterations, messages, out, iters,
+                              iterations + 1)  # fmt: skip
+        else:
+            decode_min_sum(code, rows, llr, syndromes, iterations, messages, out, iters,
+                           iterations + 1, 0, 0.8, 0.0)  # fmt: skip
+        return (time.process_time() - started) * 1e9 / (iters.sum() * code.edges)
+
+    best = {"sum-product": float("inf"), "min-sum": float("inf")}
+    for kind in best:
+        run(kind, 2)  # compiled and warm
+    for _ in range(repeats):
+        for kind in best:
+            best[kind] = min(best[kind], run(kind, iterations))
+    return best
+
+
+# The annealed scale: tuned on other frames (noise seed 21, 16 frames per QBER, 13:4x UTC)
+# at rates 0.9075 / 0.8375 (f 1.12 without puncturing: a constant scale of 0.1-0.8 or an
+# offset of 0.5-2 left 300-2,500 wrong bits after 100 iterations on every frame, a start
+# above 0.1 or a growth above 0.04 per iteration diverged at rate 0.9075).
+ANNEALED = {"scale": 0.05, "scale_step": 0.03, "scale_max": 0.8}
+MIN_SUM_VARIANTS = (
+    ("normalised, scale 0.5", {"scale": 0.5}),
+    ("normalised, scale 0.8", {"scale": 0.8}),
+    ("offset 1.0", {"scale": 1.0, "offset": 1.0}),
+    ("annealed scale, resumed", ANNEALED),
+    ("annealed scale, fresh per attempt", {**ANNEALED, "fresh": True}),
+    ("hybrid: 10 annealed, then sum-product", {**ANNEALED, "hybrid": 10}),
+    ("hybrid: 20 annealed, then sum-product", {**ANNEALED, "hybrid": 20}),
+    ("hybrid: 5 per attempt, then sum-product", {**ANNEALED, "hybrid": 5, "every_attempt": True}),
+)
+MIN_SUM_FRAMES = int(os.environ.get("BENCH_MIN_SUM_FRAMES", "64"))
+MIN_SUM_ROWS = os.environ.get("BENCH_MIN_SUM_ROWS", "0.01:17,0.02:17,0.03:17,0.05:17")
+
+
+def test_bench_min_sum_thresholds():
+    """Issue 17, session 18: is a check update without the phi tables (min-sum family,
+    MinSumDecoder) worth it? The same MIN_SUM_FRAMES frames and noise (seed 11) per row
+    (MIN_SUM_ROWS: QBER, log2 frame bits of the 1 M-bit block's plan) for sum-product (the
+    protocol's decoder) and each of MIN_SUM_VARIANTS (_frame_thresholds): mean / median /
+    90 % / worst threshold, paired change of the mean, frames better / worse, not decoded;
+    edge updates per key bit (min-sum's of them), and their cost in ns per key bit from
+    both kernels' ns per edge update measured on the row's code in this run
+    (_min_sum_against_sum_product), relative to sum-product's; the sum-product work
+    relative to sum-product's alone (the cost if min-sum were free). Decision rule (stated
+    before the run): a variant is taken only if its mean threshold is within 0.002 of
+    sum-product's and the reconciliation bench gains >= 10 % Mbit/s at 1-3 %."""
+    print(
+        f"\nframes' thresholds with min-sum check updates, {MIN_SUM_FRAMES} frames per row "
+        f"(load average {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        " QBER | frame | decoder                                 | mean f | median | 90 %  "
+        "| worst | change  | better/worse | not decoded | work per key bit (min-sum) | "
+        "ns per key bit | cost / SP | SP work / SP's | CPU s"
+    )
+    for row in MIN_SUM_ROWS.split(","):
+        q, log2_bits = float(row.split(":")[0]), int(row.split(":")[1])
+        plan = reconcile._plan(BLOCK_BITS, q, Config.ec_efficiency)
+        assert plan.code.n == 1 << log2_bits and plan.code.qc is not None
+        ns = _min_sum_against_sum_product(plan.code)
+        print(
+            f" {q:.2f} | 2^{log2_bits} | rate {plan.code.rate:.4f}, lift {plan.code.qc[0]}: "
+            f"sum-product {ns['sum-product']:.2f} ns, min-sum {ns['min-sum']:.2f} ns per edge "
+            f"update (load average {os.getloadavg()[0]:.1f})"
+        )
+        base = base_cost = base_work = None
+        for name, settings in (("sum-product (protocol)", None), *MIN_SUM_VARIANTS):
+            decode = None if settings is None else MinSumDecoder(name, **settings)
+            cpu0 = time.process_time()
+            threshold, iterations = _frame_thresholds(plan, q, MIN_SUM_FRAMES, decode=decode)
+            cpu = time.process_time() - cpu0
+            base = threshold if base is None else base
+            decoded = threshold[~np.isnan(threshold)]
+            both = ~np.isnan(threshold) & ~np.isnan(base)
+            diff = threshold[both] - base[both]
+            per_key_bit = plan.code.edges / plan.key_bits / MIN_SUM_FRAMES
+            work = iterations.sum() * per_key_bit
+            min_sum_work = 0 if decode is None else decode.min_sum_iterations * per_key_bit
+            cost = min_sum_work * ns["min-sum"] + (work - min_sum_work) * ns["sum-product"]
+            base_cost = cost if base_cost is None else base_cost
+            base_work = work if base_work is None else base_work
+            stats = (
+                f"{decoded.mean():.4f} | {np.median(decoded):.4f} | "
+                f"{np.quantile(decoded, 0.9):.3f} | {decoded.max():.3f} | {diff.mean():+.4f}"
+                if decoded.size
+                else f"{'-':6s} | {'-':6s} | {'-':5s} | {'-':5s} | {'-':7s}"
+            )
+            print(
+                f" {q:.2f} | 2^{log2_bits} | {name:39s} | {stats} | "
+                f"{np.sum(diff < -1e-9):5d}/{np.sum(diff > 1e-9):<6d} | "
+                f"{threshold.size - decoded.size:11d} | {work:13.0f} ({min_sum_work:5.0f})    | "
+                f"{cost:14.0f} | {cost / base_cost:9.2f} | "
+                f"{(work - min_sum_work) / base_work:14.2f} | {cpu:5.0f}",
+                flush=True,
+            )
+    print(f" (load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+MIN_SUM_PROTOCOL = ("hybrid: 10 annealed, then sum-product", {**ANNEALED, "hybrid": 10})
+MIN_SUM_REPEATS = int(os.environ.get("BENCH_MIN_SUM_REPEATS", "2"))
+
+
+def test_bench_min_sum_reconciliation(monkeypatch):
+    """Issue 17, session 18: the reconciliation bench's 1 M-bit blocks (frames the
+    protocol chooses, BENCH_EC_SEEDS noise seeds, exact QBER; _ldpc_figures) with
+    sum-product (the protocol) and with MIN_SUM_PROTOCOL in reconcile._decode's place,
+    alternated per QBER, BENCH_MIN_SUM_REPEATS times: f worst / median / mean, retry
+    rounds, in-process Mbit/s, Mbit per CPU second, work per key bit (min-sum's share).
+    Keys identical and the leak equal on both sides (_exchange)."""
+    _warm_up()
+    print(
+        f"\nmin-sum in the protocol, {EC_SEEDS} blocks of {BLOCK_BITS} bits per QBER "
+        f"(load average {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        " QBER | frames   | decoder                                 | f worst | f median | "
+        "f mean | rounds worst | in-process Mbit/s worst / median | Mbit per CPU s | "
+        "work per bit | min-sum share"
+    )
+    name, settings = MIN_SUM_PROTOCOL
+    for q, _, hybrid in itertools.product(QBERS, range(MIN_SUM_REPEATS), (False, True)):
+        with monkeypatch.context() as patch:
+            decode = MinSumDecoder(name, **settings) if hybrid else None
+            if decode is not None:
+                patch.setattr(reconcile, "_decode", decode)
+            iterations = 0
+
+            def counting(*args, original=ldpc_qc.decode_qc, **kwargs):
+                nonlocal iterations
+                before = args[7][args[1]].sum()
+                ok = original(*args, **kwargs)
+                iterations += int(args[7][args[1]].sum() - before)
+                return ok
+
+            patch.setattr(ldpc_qc, "decode_qc", counting)
+            fig = _ldpc_figures(q)
+            share = 0.0
+            if decode is not None:
+                share = decode.min_sum_iterations / (decode.min_sum_iterations + iterations)
+            print(
+                f" {q:.2f} | {', '.join(sorted(fig['frames'])):8s} | "
+                f"{name if hybrid else 'sum-product (protocol)':39s} | "
+                f"{max(fig['f']):7.4f} | {statistics.median(fig['f']):8.4f} | "
+                f"{statistics.mean(fig['f']):6.4f} | {max(fig['rounds']):12d} | "
+                f"{min(fig['rates']):7.3f} / {statistics.median(fig['rates']):7.3f}{'':17s} | "
+                f"{statistics.median(fig['per_cpu']):14.3f} | "
+                f"{statistics.median(fig['work']):12.0f} | {share:13.2f}",
+                flush=True,
+            )
+    print(f" (load average {os.getloadavg()[0]:.1f} at the end)")
 
 
 def _apply_budget(monkeypatch, budget: DecoderBudget) -> None:
