@@ -14,6 +14,10 @@
 - The decoder's budget and stopping rules (iterations per attempt, the stall rule, the
   reveal step; DecoderBudget): the frames' thresholds, the 1 M-bit blocks' f and work,
   and 30 s micius-2017 passes under each, against the protocol's in the same run.
+- Min-sum check updates (benchmarks/minsum_qc.py: normalised, offset, annealed scale,
+  and hybrids that end in sum-product) against the protocol's sum-product: the frames'
+  thresholds, edge updates per key bit and both kernels' ns per edge update in one run,
+  and the protocol's 1 M-bit blocks with the hybrid in the decoder's place.
 - Decoder throughput against the `ldpc` package's BpDecoder on the same frames (ratio),
   and against the project's earlier tanh/atanh sum-product decoder.
 - Privacy amplification time against one real FFT (ratio).
@@ -942,10 +946,11 @@ def _min_sum_against_sum_product(code, frames=8, iterations=30, repeats=3) -> di
     return best
 
 
-# The annealed scale: tuned on other frames (noise seed 21, 16 frames per QBER, 13:4x UTC)
-# at rates 0.9075 / 0.8375 (f 1.12 without puncturing: a constant scale of 0.1-0.8 or an
-# offset of 0.5-2 left 300-2,500 wrong bits after 100 iterations on every frame, a start
-# above 0.1 or a growth above 0.04 per iteration diverged at rate 0.9075).
+# The annealed scale, tuned on other frames (noise seed 21; docs/distillation.md "Min-sum
+# check updates"): on unpunctured frames at f 1.12-1.3 a constant scale of 0.1-0.75 or an
+# offset of 0.5-2 decoded none (rates 0.9075 / 0.8375 / 0.67, but offset 1 at 0.67, f 1.3);
+# schedules from 0.05-0.1 growing 0.02-0.05 per iteration decoded most frames when capped at
+# 0.7-1.0 and none when capped at 0.15-0.6.
 ANNEALED = {"scale": 0.05, "scale_step": 0.03, "scale_max": 0.8}
 MIN_SUM_VARIANTS = (
     ("normalised, scale 0.5", {"scale": 0.5}),
@@ -1034,8 +1039,9 @@ def test_bench_min_sum_reconciliation(monkeypatch):
     protocol chooses, BENCH_EC_SEEDS noise seeds, exact QBER; _ldpc_figures) with
     sum-product (the protocol) and with MIN_SUM_PROTOCOL in reconcile._decode's place,
     alternated per QBER, BENCH_MIN_SUM_REPEATS times: f worst / median / mean, retry
-    rounds, in-process Mbit/s, Mbit per CPU second, work per key bit (min-sum's share).
-    Keys identical and the leak equal on both sides (_exchange)."""
+    rounds, in-process Mbit/s, the decoder's Mbit/s (wall clock inside the decoder calls),
+    Mbit per CPU second, work per key bit (min-sum's share of the iterations). Keys
+    identical and the leak equal on both sides (_exchange)."""
     _warm_up()
     print(
         f"\nmin-sum in the protocol, {EC_SEEDS} blocks of {BLOCK_BITS} bits per QBER "
@@ -1043,8 +1049,8 @@ def test_bench_min_sum_reconciliation(monkeypatch):
     )
     print(
         " QBER | frames   | decoder                                 | f worst | f median | "
-        "f mean | rounds worst | in-process Mbit/s worst / median | Mbit per CPU s | "
-        "work per bit | min-sum share"
+        "f mean | rounds worst | in-process Mbit/s worst / median | decoder Mbit/s | "
+        "Mbit per CPU s | work per bit | min-sum share"
     )
     name, settings = MIN_SUM_PROTOCOL
     for q, _, hybrid in itertools.product(QBERS, range(MIN_SUM_REPEATS), (False, True)):
@@ -1072,6 +1078,7 @@ def test_bench_min_sum_reconciliation(monkeypatch):
                 f"{max(fig['f']):7.4f} | {statistics.median(fig['f']):8.4f} | "
                 f"{statistics.mean(fig['f']):6.4f} | {max(fig['rounds']):12d} | "
                 f"{min(fig['rates']):7.3f} / {statistics.median(fig['rates']):7.3f}{'':17s} | "
+                f"{statistics.median(fig['decoder']):14.3f} | "
                 f"{statistics.median(fig['per_cpu']):14.3f} | "
                 f"{statistics.median(fig['work']):12.0f} | {share:13.2f}",
                 flush=True,
