@@ -774,3 +774,90 @@ def test_rejection_reports_are_bounded_per_second_in_two_buckets_and_each_counte
     assert tc.rejected[replay] == 3 and tc.rejected[auth] == refused - 3
     assert tc.rejected[service] == 1 and tc.accepted == 1 and tc.last_counter == 2
     assert counters["tc_rejections_unreported"] == rejected + refused - reported, counters
+
+
+def test_each_reason_before_the_counter_is_charged_to_its_own_bucket():
+    # docs/ground-link.md "Verification and reason codes": framing garbage (short, header,
+    # length, pec, apid, and the PUS version, checked after the PEC) spends the garbage
+    # bucket; auth, replay, state "counter reserved for rekey" and storage "internal"
+    # before the counter spend the refusal bucket. The test above sends short, header,
+    # auth and replay only: it passed with length, pec and apid charged to the refusal
+    # bucket, and with the reserved counter's rejection exempted as if consumed (a frame
+    # the payload never consumes, so a recording of it could be replayed for a report
+    # each time). No refill here (no ground poll): the credit is what the test sets.
+    key = b"b" * 32
+    root = _fresh_root(key)
+    link, sent = _link(root)
+    link.reports_bounded = True
+    link.handle(_tc(key, 5, 17, 1))  # accepted: counter 5 consumed
+    assert _verification(sent[0]) == (True, 0)
+    garbage_us = telecommands.GARBAGE_REPORT_INTERVAL_US * telecommands.GARBAGE_REPORT_BURST
+    refusal_us = telecommands.REFUSAL_REPORT_INTERVAL_US * telecommands.REFUSAL_REPORT_BURST
+    credit = link.reject_credit
+
+    def with_pec(frame):
+        frame = bytearray(frame)
+        crc = crc16(frame, len(frame) - 2)
+        frame[-2] = crc >> 8
+        frame[-1] = crc & 0xFF
+        return bytes(frame)
+
+    good = _tc(key, 6, 17, 1)
+    length = bytearray(good)
+    length[5] ^= 1  # the data length field disagrees with the frame
+    tiny = bytearray(10)  # a TC primary header whose length agrees, no room for a trailer
+    tiny[0], tiny[1], tiny[5] = 0x18 | (ccsds.APID >> 8), ccsds.APID & 0xFF, 10 - 7
+    pec = bytearray(good)
+    pec[-1] ^= 1
+    apid = bytearray(good)
+    apid[1] ^= 1
+    pus = bytearray(good)
+    pus[6] = (pus[6] & 0x0F) | ((ccsds.PUS_VERSION + 1) << 4)
+
+    class RaisingHmac:
+        def verify(self, data, tag):
+            raise ValueError("verify")
+
+    cases = (
+        (bytes(length), ccsds.REJECT_LENGTH),
+        (bytes(tiny), ccsds.REJECT_SHORT),
+        (bytes(pec), ccsds.REJECT_PEC),
+        (with_pec(apid), ccsds.REJECT_APID),
+        (with_pec(pus), ccsds.REJECT_HEADER),
+        (_tc(b"x" * 32, 6, 17, 1), ccsds.REJECT_AUTH),
+        (_tc(key, 5, 17, 1), ccsds.REJECT_REPLAY),
+        (_tc(key, 0xFFFFFF00, 17, 1), ccsds.REJECT_STATE),
+        (None, ccsds.REJECT_STORAGE),  # hmac.verify raising: "internal", before the counter
+    )
+    garbage = (ccsds.REJECT_SHORT, ccsds.REJECT_HEADER, ccsds.REJECT_LENGTH, ccsds.REJECT_PEC)
+    garbage += (ccsds.REJECT_APID,)
+    hmac = link.hmac
+    charged = []
+    for frame, code in cases:
+        credit[0], credit[1] = garbage_us, refusal_us
+        del sent[:]
+        if frame is None:
+            link.hmac = RaisingHmac()
+            link.handle(good)
+            link.hmac = hmac
+        else:
+            link.handle(frame)
+        assert [_verification(p) for p in sent] == [(False, code)], (code, sent)
+        spent = "garbage" if credit[0] < garbage_us else "refusal"
+        assert (credit[0] < garbage_us) != (credit[1] < refusal_us), (code, list(credit))
+        charged.append((code, spent))
+    expected = [(code, "garbage" if code in garbage else "refusal") for _, code in cases]
+    assert charged == expected, charged
+    # the reserved counter is not consumed: the same frame again is 'state' again, and
+    # its reports take the refusal burst like any other, the rest counted
+    credit[0], credit[1] = garbage_us, refusal_us
+    del sent[:]
+    reserved = cases[7][0]
+    unreported = link.rejections_unreported
+    burst = telecommands.REFUSAL_REPORT_BURST
+    for _ in range(burst + 2):
+        link.handle(reserved)
+    assert [_verification(p) for p in sent] == [(False, ccsds.REJECT_STATE)] * burst, sent
+    assert link.rejections_unreported == unreported + 2
+    assert link.rejected[ccsds.REJECT_STATE] == 1 + burst + 2
+    assert link.last_counter == 5 and link.accepted == 1
