@@ -125,6 +125,10 @@ class Controller:
         # instructions on the M3, more or less with the image's layout), and with the
         # tracking loop paced every pass carries loop periods (docs/scheduling.md)
         self._run_once = self.scheduler.run_once
+        # bound once, kept under the method's own name (the instance's attribute is found
+        # first): `self.on_ground_frame` in each poll's call made a bound method, a heap
+        # object every pass (mptest_reject_bound_cost: an empty poll allocates nothing)
+        self.on_ground_frame = self.on_ground_frame
         self.scheduler.add("ground", self.poll_ground)
         self.scheduler.add("gtx", self.ground_queue.pump)
         if mission is not None and hasattr(mission, "duties"):
@@ -138,6 +142,7 @@ class Controller:
             # 4 kB of buffers a data path (with its own bus client) does not need
             self.bus_rx = framing.FrameReader(MAX_FRAME_BODY_BYTES)
             self._bus_tx = framing.FrameWriter(MAX_FRAME_BODY_BYTES)
+            self.on_bus_frame = self.on_bus_frame  # bound once, as on_ground_frame
             self.scheduler.add("bus", self.poll_bus)
         # Last: a board whose littlefs sits on NOR through EraseAhead erases one sector ahead
         # per pass while one is owed (boardkit.FlashStore), after every other duty's work.
