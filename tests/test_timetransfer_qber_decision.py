@@ -8,12 +8,14 @@ The samples are constructed: the exact binomial for the rule; on small simulated
 ground's sampler is replaced by one that takes the first `size` sifted events, so what the
 old rule (a sample of 256) would have seen is known too. No fresh randomness decides."""
 
+import json
 import shutil
 
 import numpy as np
 import pytest
 from scipy.stats import binom
 
+from host.cli import main
 from host.errors import ProtocolAborted
 from host.timetransfer import command, endpoints, estimate, files, simulate
 from tests.network_keys import distilled
@@ -76,12 +78,13 @@ class FirstSifted:
         return np.arange(int(size))
 
 
-def small_pass(tmp_path_factory, name, extra_downlink_loss_db):
+def small_pass(tmp_path_factory, name, extra_downlink_loss_db, extra_uplink_loss_db=0.0):
     """A 1 s slice of micius-qstt (seed 3) with a weaker downlink: ~2,100 sifted downlink
-    events at +9 dB, ~860 at +13 dB."""
+    events at +9 dB, ~860 at +13 dB (and the uplink `extra_uplink_loss_db` weaker)."""
     profile = simulate.load_profile("micius-qstt")
     for field in ("loss_db_at_645_km", "loss_db_at_1200_km"):
         profile["downlink"][field]["value"] += extra_downlink_loss_db
+        profile["uplink"][field]["value"] += extra_uplink_loss_db
     pass_dir = tmp_path_factory.mktemp(name)
     simulate.simulate(profile, pass_dir, 3, 1.0, uplink_key=UPLINK_KEY)
     return pass_dir
@@ -191,3 +194,62 @@ def test_a_weak_pass_under_the_limit_that_cannot_rule_out_the_attack_is_not_vouc
     assert "too small to vouch" in report["abort_reason"]
     assert "no interception shown" in report["abort_reason"]
     assert report["qber_check"]["uplink"]["decision"] == "vouched"
+
+
+# ------------------------------------------------------------ the uplink: the same rule
+
+
+@pytest.fixture(scope="module")
+def pass_weak_uplink(tmp_path_factory):
+    """A 1 s slice of micius-qstt (seed 3) with the uplink 3 dB weaker: ~650 sifted uplink
+    events (where the attack bound, not the limit, decides), the downlink as it is."""
+    return small_pass(tmp_path_factory, "weak-uplink", 0.0, extra_uplink_loss_db=3.0)
+
+
+def with_uplink_errors(pass_dir, out_dir, total_errors):
+    """A copy of the pass whose satellite bits err on exactly `total_errors` sifted uplink
+    events (spread evenly; sifted by the truth's bases, index for index). Returns the
+    sifted count."""
+    shutil.copytree(pass_dir, out_dir)
+    _, sent_basis, sent_bit = files.read_events(out_dir, ("uplink_tx",))["uplink_tx"]
+    path = out_dir / files.EVENT_FILES["uplink_rx"]
+    with np.load(path) as data:
+        arrays = {name: data[name].copy() for name in data.files}
+    sifted = np.flatnonzero(arrays["basis"] == sent_basis)
+    erring = np.zeros(sifted.size, dtype=bool)
+    erring[np.linspace(0, sifted.size - 1, total_errors).astype(int)] = True
+    arrays["bit"][sifted] = sent_bit[sifted] ^ erring.astype(np.uint8)
+    np.savez(path, **arrays)
+    return sifted.size
+
+
+def test_an_uplink_under_the_limit_that_cannot_rule_out_the_attack_is_not_vouched(
+    pass_weak_uplink, tmp_path, keys
+):
+    # the uplink takes the downlink's rule (estimate.combine decides both): ~650 sifted
+    # uplink events, one error fewer than the 3 % limit allows (the limit alone vouched):
+    # an intercept-resend at 5 % shows that few more often than 1e-3, so the time is not
+    # vouched for, exit 3, and no offset.csv is left where a user takes the time from.
+    # (A rule of the limit alone for the uplink passed every other test.)
+    pass_dir = tmp_path / "pass"
+    sifted = int(np.sum(
+        files.read_events(pass_weak_uplink, ("uplink_tx",))["uplink_tx"][1]
+        == files.read_events(pass_weak_uplink)["uplink_rx"][1]
+    ))  # fmt: skip
+    assert 400 < sifted < 1000
+    errors = (3 * sifted) // 100 - 1
+    assert estimate.qber_vouch_max_errors(sifted) + 2 < errors  # room for the gate's few
+    with_uplink_errors(pass_weak_uplink, pass_dir, errors)
+    out = tmp_path / "out"
+    argv = ["timetransfer", str(pass_dir), "--keys", str(keys), "--out", str(out)]
+    assert main(argv) == 3
+    report = json.loads((out / "report.json").read_text())
+    check = report["qber_check"]["uplink"]
+    # the satellite counted every sifted uplink event it matched (the +-1.5 ns gate loses
+    # a few) and every erring one among them
+    assert sifted - 5 <= check["n"] <= sifted and errors - 5 <= check["errors"] <= errors
+    assert check["decision"] == "undecided"
+    assert check["errors"] <= estimate.QBER_MAX * check["n"]
+    assert report["abort_reason"].startswith("uplink timing QBER sample too small to vouch")
+    assert report["qber_check"]["downlink"]["decision"] == "vouched"
+    assert not (out / "offset.csv").exists() and (out / "offset.rejected.csv").exists()
