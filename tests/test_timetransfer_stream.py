@@ -136,9 +136,16 @@ def test_alices_downlink_sample_bits_never_cross_in_the_clear_during_the_pass(tw
     satellite_wire = b"".join(frames["satellite"])
     first = 0
     checked = 0
+    cap = stream.downlink_sample_cap(len(blocks))
     for block, sift in zip(blocks, sifts, strict=True):
         count = int(block["downlink_count"])
         sifted = unpack_bits(sift["downlink_sifted"], count).astype(bool)
+        # the block's sample: every sifted event of it up to its share of the pass's
+        # DOWNLINK_SAMPLE_MAX (the timing QBER's decision; 10 % a block before session 17,
+        # which no test saw), each event once
+        sample = np.asarray(sift["downlink_sample"])
+        assert sample.size == min(int(sifted.sum()), cap) > 0
+        assert np.unique(sample).size == sample.size
         bits = sent_bit[first : first + count][sifted][np.asarray(sift["downlink_sample"])]
         first += count
         alices_sample_bits = pack_bits(bits).tobytes()
