@@ -17,7 +17,7 @@ from scipy.stats import binom
 
 from host.cli import main
 from host.errors import ProtocolAborted
-from host.timetransfer import command, endpoints, estimate, files, simulate
+from host.timetransfer import command, endpoints, estimate, files, simulate, stream
 from tests.network_keys import distilled
 
 UPLINK_KEY = bytes(range(32))  # the ground transmitter's pattern key: a fixed draw
@@ -253,3 +253,31 @@ def test_an_uplink_under_the_limit_that_cannot_rule_out_the_attack_is_not_vouche
     assert report["abort_reason"].startswith("uplink timing QBER sample too small to vouch")
     assert report["qber_check"]["downlink"]["decision"] == "vouched"
     assert not (out / "offset.csv").exists() and (out / "offset.rejected.csv").exists()
+
+
+# ------------------------------------------------- the pad the sample may take, and no more
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["post-pass", "streamed"])
+def test_a_ground_asking_for_a_sample_past_the_pad_budget_is_refused(
+    pass_2100, keys, monkeypatch, streamed
+):
+    # the satellite seals its bits (Alice's raw key) of whatever sample the ground names;
+    # the key budget reserved DOWNLINK_SAMPLE_MAX bits a pass (streamed, a share a block).
+    # With every sifted event now the sample, a ground asking for one event past the cap
+    # is refused before any bit is sealed (without the satellite's check both runs went
+    # on, the pad past the budget taken). The cap lowered to 1,000 so the ~2,100 sifted
+    # events of this pass (two 0.5 s blocks of ~1,050 streamed, a share of 500) pass it
+    monkeypatch.setattr(endpoints, "DOWNLINK_SAMPLE_MAX", 1000)
+    sample_positions = endpoints.sample_positions
+    monkeypatch.setattr(
+        endpoints,
+        "sample_positions",
+        lambda count, rng, cap: sample_positions(count, rng, cap + 1),
+    )
+    with pytest.raises(ProtocolAborted, match="downlink sample past the key budget") as caught:
+        if streamed:
+            stream.run_streaming(pass_2100, keys, 0.5, speedup=1000.0)
+        else:
+            command.run_endpoints(files.read_scenario(pass_2100), pass_2100, keys)
+    assert caught.value.report["aborted"] is True
