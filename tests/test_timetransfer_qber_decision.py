@@ -28,15 +28,24 @@ def test_a_vouch_bounds_the_attacks_chance_at_every_sample_size():
     # at every size the vouched counts are those an intercept-resend at 5 % shows with
     # probability <= 1e-3, never above the 3 % limit, and the most that are (one error
     # more breaks one of the two): the limit alone (errors / n <= 3 %) vouched 5 % with
-    # probability 0.055 at n = 256 and 0.12 at n = 200, so it fails here
+    # probability 0.055 at n = 256 and 0.12 at n = 200, so it fails here. The limit in
+    # integers (3 n // 100): the float's int(0.03 n + 1e-9) agrees up to 400,000 events
+    bound_decides = []
     for n in list(range(1, 2001)) + [2560, 4096, 8192, 20_000, 330_000]:
         most = estimate.qber_vouch_max_errors(n)
-        limit = int(estimate.QBER_MAX * n + 1e-9)
+        limit = (3 * n) // 100
         assert most <= limit, n
         if most >= 0:
             assert binom.cdf(most, n, estimate.QBER_ATTACK) <= 1e-3, n
         above = binom.cdf(most + 1, n, estimate.QBER_ATTACK) > 1e-3
         assert above or most == limit, n
+        if most < limit:
+            bound_decides.append(n)
+    # what docs/time-transfer.md says: from 1,037 events on the limit decides alone
+    # (c(n) = floor(0.03 n)), so a sample of 8,192 is decided as before; nothing is vouched
+    # under 135 events (0.95^n > 1e-3)
+    assert max(bound_decides) == 1036
+    assert estimate.qber_vouch_max_errors(134) == -1 and estimate.qber_vouch_max_errors(135) == 0
 
 
 def test_a_clean_sample_of_a_thousand_events_is_vouched_all_but_never():

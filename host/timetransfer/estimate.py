@@ -304,7 +304,7 @@ def qber_vouch_max_errors(n: int) -> int:
         return -1
     limit = int(QBER_MAX * n + 1e-9)  # errors / n <= QBER_MAX, without float's 8.99999
     if binom.cdf(limit, n, QBER_ATTACK) <= ATTACK_VOUCH_PROBABILITY:
-        return limit  # every sample of >= ~1,500 events: the limit decides alone
+        return limit  # every sample of >= 1,037 events: the limit decides alone
     most = int(binom.ppf(ATTACK_VOUCH_PROBABILITY, n, QBER_ATTACK))
     while most >= 0 and binom.cdf(most, n, QBER_ATTACK) > ATTACK_VOUCH_PROBABILITY:
         most -= 1
