@@ -23,10 +23,11 @@
 // The tracking link (a UART of its own, not the payload bus the data path shares) is
 // written by the period in the timer interrupt and received by its RX interrupt: each
 // byte into buf at words[0] (the fill; the period resets it after taking a frame), bytes
-// past the end counted in words[1] and dropped, every byte counted in words[2] (wrapping
-// at 2^30). The timer and RX interrupts share a priority, so neither preempts the other:
-// the period sees the fill and the buffer consistent. MPS2: CMSDK UART2 (0x40006000, RX IRQ
-// 4); STM32: USART3 (0x40004800, IRQ 39). The board enables the UART (board.tracking_link).
+// past the end counted in words[1] and dropped (STM32: and the bytes a USART overrun lost,
+// SR.ORE), every byte counted in words[2] (wrapping at 2^30). The timer and RX interrupts
+// share a priority, so neither preempts the other: the period sees the fill and the
+// buffer consistent. MPS2: CMSDK UART2 (0x40006000, RX IRQ 4); STM32: USART3 (0x40004800,
+// IRQ 39). The board enables the UART (board.tracking_link).
 //
 // The ground link (STM32 only: USART1, IRQ 37, the port's REPL UART) is received by its RXNE
 // interrupt into a ring: the USART holds one byte, and a byte that arrives while the main
@@ -192,6 +193,9 @@ static void irqtimer_rx_disable(void) {
 
 static void irqtimer_rx_isr(void) {
     volatile int32_t *state = irqtimer_rx_state;
+    #if defined(QEMU_SOC_STM32)
+    uint32_t last_sr = 0;
+    #endif
     for (;;) {
         #if defined(QEMU_SOC_MPS2)
         TRACK_UART->INTSTATUS = 2;  // clear first: a byte that comes after the check raises it
@@ -200,10 +204,24 @@ static void irqtimer_rx_isr(void) {
         }
         uint8_t byte = TRACK_UART->DATA;
         #else
-        if (!(TRACK_UART->SR & (1u << 5))) {
+        uint32_t sr = TRACK_UART->SR;
+        if (!(sr & (USART_SR_RXNE | USART_SR_ORE))) {
             break;
         }
-        uint8_t byte = TRACK_UART->DR;  // (clears RXNE)
+        uint8_t byte = TRACK_UART->DR;  // (clears RXNE; ORE after an SR read that showed it)
+        if (!(sr & USART_SR_RXNE)) {
+            // ORE without a byte (irqtimer_ground_isr): this read clears it, or the
+            // interrupt is entered again at once until the head's next byte; the byte the
+            // overrun lost is counted as dropped
+            if (state != NULL && !(last_sr & USART_SR_ORE)) {
+                state[1] = (state[1] + 1) & COUNTER_WRAP;
+            }
+            break;
+        }
+        if ((sr & USART_SR_ORE) && state != NULL) {
+            state[1] = (state[1] + 1) & COUNTER_WRAP;  // the byte after DR's was lost
+        }
+        last_sr = sr;
         #endif
         if (state == NULL) {
             continue;  // not started: drained, not kept
