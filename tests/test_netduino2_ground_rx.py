@@ -12,6 +12,7 @@ of it, in order."""
 
 from __future__ import annotations
 
+import random
 import re
 
 from emulator.targets import Netduino2Target
@@ -107,3 +108,85 @@ def test_a_soft_reset_closes_the_ring_and_the_repl_hears_its_uart_again():
             repl._read_until(b"soft reboot\r\nraw REPL; CTRL-B to exit\r\n>", 30.0)
             output = repl.exec("import board\nprint('@@again', board.ground_link.receiving)\n")
     assert "@@again False" in output, output
+
+
+# Bursts in turn, each read after it: 700 bytes, then 600 (the read crosses the ring's end,
+# 1,024 bytes), then 1,064 while nothing reads (the ring full: its first 1,024 kept, 40
+# counted lost). Random bytes (public test data): a read at a wrong offset cannot match,
+# as a repeating pattern could at a multiple of its period.
+RING_BURSTS = tuple(
+    random.Random(seed).randbytes(size) for seed, size in enumerate((700, 600, 1064))
+)
+RING_BYTES = 1024
+
+RING_PROGRAM = """
+import board, machine, micropython
+micropython.kbd_intr(-1)
+link = board.ground_link
+words = link.rx_words
+CR1 = 0x4001100C
+buf = bytearray(%(largest)d + 32)
+view = memoryview(buf)
+
+@micropython.viper
+def busy(words, count: int, limit_us: int) -> int:
+    tim2 = ptr32(0x40000024)
+    received = ptr32(words)
+    t0 = int(tim2[0])
+    while received[2] < count:
+        if int(tim2[0]) - t0 > limit_us:
+            break
+    return int(tim2[0]) - t0
+
+link.start_receiving()
+try:
+    total = 0
+    for size in %(sizes)r:
+        total += size
+        print("@@ready", size)
+        busy(words, total, %(limit_us)d)
+        machine.mem32[CR1] &= ~4
+        got = 0
+        idle = 0
+        while idle < 2000 and got < len(buf):
+            n = link.readinto(view[got:])
+            got += n
+            idle = 0 if n else idle + 1
+        machine.mem32[CR1] |= 4
+        print("@@got", buf[:got].hex(), words[2], link.rx_lost())
+finally:
+    link.stop_receiving()
+"""
+
+
+def test_the_ring_reads_across_its_end_and_keeps_exactly_its_length_when_full():
+    sizes = tuple(len(burst) for burst in RING_BURSTS)
+    program = RING_PROGRAM % {
+        "largest": max(sizes),
+        "sizes": sizes,
+        "limit_us": BUSY_LIMIT_US,
+    }
+    results = []
+    with Netduino2Target(boot="maintenance") as target:
+        with RawRepl(target.ground_port, timeout_s=30.0) as repl:
+            repl.serial.write(program.encode() + b"\x04")
+            repl._read_until(b"OK", 30.0)
+            for burst in RING_BURSTS:
+                repl._read_until(b"@@ready %d" % len(burst), 30.0)
+                repl.serial.write(burst)
+                line = repl._read_until(b")\r\n", 60.0).decode(errors="replace")
+                results.append(re.search(r"@@got (\w*) (\d+) \((\d+), (\d+)\)", line).groups())
+            out = repl._read_until(b"\x04", 60.0)
+            err = repl._read_until(b"\x04>", 30.0)[:-2]
+    assert not err, (err.decode(errors="replace"), out[-200:])
+    received = 0
+    for burst, (got_hex, words_received, ring_full, overruns) in zip(
+        RING_BURSTS, results, strict=True
+    ):
+        received += len(burst)
+        kept = burst[:RING_BYTES]
+        got = bytes.fromhex(got_hex)
+        assert got == kept, (len(burst), len(got), got[:8], kept[:8])
+        assert int(words_received) == received, (len(burst), words_received)
+        assert int(ring_full) == len(burst) - len(kept), (len(burst), ring_full)
+        assert int(overruns) == 0
