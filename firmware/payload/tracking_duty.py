@@ -437,7 +437,8 @@ _LINK_BUFFER_BYTES = const(64)  # request body, frame, reply decode: 30, 32, 42 
 # TimerLoop.args: what _timer_period reads, in one list
 _I_DUTY = const(0)  # TrackingDuty.state
 _I_LINK = const(1)  # TimerLoop.words
-_I_RX = const(2)  # the RX interrupt's words: fill, dropped, received
+_I_RX = const(2)  # the RX interrupt's words: fill, dropped (past the buffer; on the STM32 also
+# lost to a USART overrun), received
 _I_FRAME = const(3)  # the request frame (32 bytes of the link's out buffer)
 _I_WRITE = const(4)  # tracking_link.write, bound once
 _I_TRACKER = const(5)
