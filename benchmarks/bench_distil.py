@@ -903,9 +903,11 @@ def _min_sum_reference(code, llr, syndrome, scale: float, iterations: int):
 
 def _min_sum_against_sum_product(code, frames=8, iterations=30, repeats=3) -> dict:
     """CPU ns per edge update of the min-sum kernel (constant scale 0.8; a schedule costs
-    the same) and of the protocol's sum-product kernel (ldpc_qc.decode_qc) on the same
-    frames at f 1.1 for the code's rate, no stall rule, `iterations` each, best of
-    `repeats`, the two alternated (as _qc_against_csr)."""
+    the same; its vector passes, and its numba loops as "min-sum loops") and of the
+    protocol's sum-product kernel (ldpc_qc.decode_qc) on the same frames at f 1.1 for the
+    code's rate, no stall rule, `iterations` each, best of `repeats`, alternated (as
+    _qc_against_csr); the min-sum kernel checked first against _min_sum_reference and its
+    vector passes against its loops (30 iterations: the same bits)."""
     from scipy.optimize import brentq
 
     rate = 1 - code.m / code.n
@@ -917,7 +919,7 @@ def _min_sum_against_sum_product(code, frames=8, iterations=30, repeats=3) -> di
     syndromes = code.syndrome(x)
     rows = np.arange(frames, dtype=np.int64)
 
-    def run(kind: str, iterations: int) -> float:
+    def run(kind: str, iterations: int, results=None) -> float:
         messages = np.zeros((frames, code.edges), np.float32)
         out = np.zeros_like(x)
         iters = np.zeros(frames, np.int64)
@@ -927,8 +929,12 @@ def _min_sum_against_sum_product(code, frames=8, iterations=30, repeats=3) -> di
                               iterations + 1)  # fmt: skip
         else:
             decode_min_sum(code, rows, llr, syndromes, iterations, messages, out, iters,
-                           iterations + 1, 0, 0.8, 0.0)  # fmt: skip
-        return (time.process_time() - started) * 1e9 / (iters.sum() * code.edges)
+                           iterations + 1, 0, 0.8, 0.0,
+                           vector_passes=kind == "min-sum")  # fmt: skip
+        seconds = time.process_time() - started
+        if results is not None:
+            results.append((out, iters, messages.view(np.uint32)))
+        return seconds * 1e9 / (iters.sum() * code.edges)
 
     # the kernel against the numpy reference, 3 iterations on the first two frames
     messages = np.zeros((2, code.edges), np.float32)
@@ -937,7 +943,11 @@ def _min_sum_against_sum_product(code, frames=8, iterations=30, repeats=3) -> di
     for f in range(2):
         reference, _ = _min_sum_reference(code, llr[f], syndromes[f], 0.8, 3)
         assert np.array_equal(messages[f].view(np.uint32), reference.view(np.uint32))
-    best = {"sum-product": float("inf"), "min-sum": float("inf")}
+    both = []
+    for kind in ("min-sum", "min-sum loops"):
+        run(kind, 30, both)
+    assert all(np.array_equal(a, b) for a, b in zip(*both, strict=True))
+    best = {"sum-product": float("inf"), "min-sum": float("inf"), "min-sum loops": float("inf")}
     for kind in best:
         run(kind, 2)  # compiled and warm
     for _ in range(repeats):
@@ -989,13 +999,19 @@ def test_bench_min_sum_thresholds():
     )
     for row in MIN_SUM_ROWS.split(","):
         q, log2_bits = float(row.split(":")[0]), int(row.split(":")[1])
-        plan = reconcile._plan(BLOCK_BITS, q, Config.ec_efficiency)
+        long_frames = ldpc.LONG_FRAME_BITS
+        try:
+            ldpc.LONG_FRAME_BITS = tuple(b for b in long_frames if b <= 1 << log2_bits)
+            plan = reconcile._plan(BLOCK_BITS, q, Config.ec_efficiency)
+        finally:
+            ldpc.LONG_FRAME_BITS = long_frames
         assert plan.code.n == 1 << log2_bits and plan.code.qc is not None
         ns = _min_sum_against_sum_product(plan.code)
         print(
             f" {q:.2f} | 2^{log2_bits} | rate {plan.code.rate:.4f}, lift {plan.code.qc[0]}: "
             f"sum-product {ns['sum-product']:.2f} ns, min-sum {ns['min-sum']:.2f} ns per edge "
-            f"update (load average {os.getloadavg()[0]:.1f})"
+            f"update (its numba loops {ns['min-sum loops']:.2f}; load average "
+            f"{os.getloadavg()[0]:.1f})"
         )
         base = base_cost = base_work = None
         for name, settings in (("sum-product (protocol)", None), *MIN_SUM_VARIANTS):
