@@ -59,14 +59,22 @@ def longest_wait_us(bus_timeout_us):
     return max(waits)
 
 
+def check_wait(name, wait_us, watchdog_limit_us, context=""):
+    """Raise ValueError unless wait_us leaves the watchdog its margin: at least 0 and at
+    most WAIT_QUARTERS_OF_WATCHDOG quarters of watchdog_limit_us (a poll takes its elapsed
+    time modulo 2^30 us, so a negative wait is none and one of 2^30 us or more never
+    ends; both are outside this)."""
+    if not 0 <= 4 * wait_us <= WAIT_QUARTERS_OF_WATCHDOG * watchdog_limit_us:
+        raise ValueError(
+            "waits: %s %d us%s not within 0..%d/4 of the watchdog's %d us"
+            % (name, wait_us, context, WAIT_QUARTERS_OF_WATCHDOG, watchdog_limit_us)
+        )
+
+
 def check(bus_timeout_us, watchdog_limit_us):
     """Raise ValueError unless the longest bounded wait leaves the watchdog its margin;
     watchdog_limit_us None: no watchdog (the unix target's launcher supervises)."""
     if watchdog_limit_us is None:
         return
     wait_us, name = longest_wait_us(bus_timeout_us)
-    if 4 * wait_us > WAIT_QUARTERS_OF_WATCHDOG * watchdog_limit_us:
-        raise ValueError(
-            "waits: %s %d us with bus timeout %d us exceeds %d/4 of the watchdog's %d us"
-            % (name, wait_us, bus_timeout_us, WAIT_QUARTERS_OF_WATCHDOG, watchdog_limit_us)
-        )
+    check_wait(name, wait_us, watchdog_limit_us, " with bus timeout %d us" % bus_timeout_us)

@@ -379,11 +379,7 @@ def ground_rx_wait_us(overrides):
     """The ground poll's wait for the rest of a frame: the launcher's override, checked, or
     the flight value."""
     wait_us = overrides.get("ground_rx_wait_us", waits.GROUND_RX_WAIT_US)
-    if not 0 <= 4 * wait_us <= waits.WAIT_QUARTERS_OF_WATCHDOG * WATCHDOG_LIMIT_US:
-        raise ValueError(
-            "ground_rx_wait_us=%d: not within 0..%d/4 of the watchdog's %d us"
-            % (wait_us, waits.WAIT_QUARTERS_OF_WATCHDOG, WATCHDOG_LIMIT_US)
-        )
+    waits.check_wait("ground_rx_wait_us", wait_us, WATCHDOG_LIMIT_US)
     return wait_us
 
 
