@@ -901,13 +901,11 @@ def _min_sum_reference(code, llr, syndrome, scale: float, iterations: int):
     return messages, post
 
 
-def _min_sum_against_sum_product(code, frames=8, iterations=30, repeats=3) -> dict:
-    """CPU ns per edge update of the min-sum kernel (constant scale 0.8; a schedule costs
-    the same; its vector passes, and its numba loops as "min-sum loops") and of the
-    protocol's sum-product kernel (ldpc_qc.decode_qc) on the same frames at f 1.1 for the
-    code's rate, no stall rule, `iterations` each, best of `repeats`, alternated (as
-    _qc_against_csr); the min-sum kernel checked first against _min_sum_reference and its
-    vector passes against its loops (30 iterations: the same bits)."""
+def _frames_at_f_1_1(code, frames: int):
+    """`frames` random words for `code`, their channel LLRs at the QBER q where the code's
+    rate is f 1.1 (1.1 h(q) = 1 - rate; noise seed 1) and their syndromes, with the row
+    indices the decoders take, and the rate and q: (x, llr, syndromes, rows, rate, q). The
+    kernel speed benches' frames (_qc_against_csr, _min_sum_against_sum_product)."""
     from scipy.optimize import brentq
 
     rate = 1 - code.m / code.n
@@ -916,8 +914,17 @@ def _min_sum_against_sum_product(code, frames=8, iterations=30, repeats=3) -> di
     x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
     y = x ^ (rng.random(x.shape) < q).astype(np.uint8)
     llr = np.stack([ldpc.channel_llr(row, q) for row in y]).astype(np.float32)
-    syndromes = code.syndrome(x)
-    rows = np.arange(frames, dtype=np.int64)
+    return x, llr, code.syndrome(x), np.arange(frames, dtype=np.int64), rate, q
+
+
+def _min_sum_against_sum_product(code, frames=8, iterations=30, repeats=3) -> dict:
+    """CPU ns per edge update of the min-sum kernel (constant scale 0.8; a schedule costs
+    the same; its vector passes, and its numba loops as "min-sum loops") and of the
+    protocol's sum-product kernel (ldpc_qc.decode_qc) on the same frames at f 1.1 for the
+    code's rate, no stall rule, `iterations` each, best of `repeats`, alternated (as
+    _qc_against_csr); the min-sum kernel checked first against _min_sum_reference and its
+    vector passes against its loops (30 iterations: the same bits)."""
+    x, llr, syndromes, rows, _, _ = _frames_at_f_1_1(code, frames)
 
     def run(kind: str, iterations: int, results=None) -> float:
         messages = np.zeros((frames, code.edges), np.float32)
@@ -1513,18 +1520,9 @@ def _qc_against_csr(code, frames: int, iterations: int, repeats: int) -> dict:
     expanded CSR, uint16/int32 edge variables as reconciliation passes them) on the same
     frames at f 1.1 for the code's rate (no stall rule, `iterations` each), best of
     `repeats`, the two alternated; their results checked equal bit for bit first."""
-    from scipy.optimize import brentq
-
     from host.distil import ldpc_qc
 
-    rate = 1 - code.m / code.n
-    q = brentq(lambda q: 1.1 * binary_entropy(q) - (1 - rate), 1e-4, 0.2)
-    rng = np.random.default_rng(1)
-    x = rng.integers(0, 2, (frames, code.n), dtype=np.uint8)
-    y = x ^ (rng.random(x.shape) < q).astype(np.uint8)
-    llr = np.stack([ldpc.channel_llr(row, q) for row in y]).astype(np.float32)
-    syndromes = code.syndrome(x)
-    rows = np.arange(frames, dtype=np.int64)
+    x, llr, syndromes, rows, rate, q = _frames_at_f_1_1(code, frames)
     lift, row_ptr, column, shift = code.qc
     check_var = code.narrow_check_var()
 
