@@ -104,6 +104,8 @@ def test_the_satellite_endpoint_reads_the_downloaded_tags_and_recovers_the_truth
     assert sync["detections"] == two_way.uplink_rx[0].size
     assert sync["detections"] - 3 <= sync["matched"] == sync["slots_named"] <= sync["detections"]
     assert figures["key_budget"]["enough"] is True
+    assert figures["qber_check"]["downlink"]["decision"] == "vouched"
+    assert figures["qber_check"]["uplink"]["decision"] == "vouched"
     # the satellite's records are the firmware's and the head's: no simulator file
     assert not list((out / "satellite").glob("tt_*.npz"))
     report = json.loads((out / "timetransfer" / "report.json").read_text())
@@ -218,6 +220,11 @@ def test_the_mission_streams_the_time_transfer_beside_the_distillation(tmp_path)
     assert during["aborted"] is False, during["abort_reason"]
     assert during["bins"] >= 38 and during["streaming"]["speedup"] == 1.0
     assert during["qber"]["uplink"] < 0.03
+    # mission.json says why the time is vouched for, each way (estimate.qber_check)
+    assert {d: c["decision"] for d, c in during["qber_check"].items()} == {
+        "uplink": "vouched",
+        "downlink": "vouched",
+    }
     report = json.loads((out / "timetransfer-during-pass" / "report.json").read_text())
     bias_sigma = report["truth"]["error_std_per_bin_ps"] / math.sqrt(report["bins"])
     assert abs(report["truth"]["offset_bias_ps"] - 7.5) < 5 * bias_sigma

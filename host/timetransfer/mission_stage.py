@@ -332,6 +332,8 @@ def during_pass_figures(out: Path, outcome: dict) -> dict:
     }
     if "key_budget" in report:  # what the streamed time data needs of the earlier key
         figures["key_budget"] = report["key_budget"]
+    if "qber_check" in report:  # each direction's vouch: vouched / above the limit / undecided
+        figures["qber_check"] = report["qber_check"]
     if not report["aborted"]:
         figures.update(
             bins=report["bins"],
@@ -392,6 +394,8 @@ def run_stage(out: Path, qkd_profile: str, seed: int, window_s: float | None,
     )
     if "key_budget" in report:  # what the time data needs of the key, part by part
         figures["key_budget"] = report["key_budget"]
+    if "qber_check" in report:  # each direction's vouch: vouched / above the limit / undecided
+        figures["qber_check"] = report["qber_check"]
     if "uplink_sync" in report:  # the firmware's uplink tags matched to the emissions
         figures["uplink_sync"] = report["uplink_sync"]
     if "key" in report:
