@@ -28,12 +28,11 @@ BURST = bytes((37 * i + 11) % 256 for i in range(96))
 # bytes on late, not each byte slowly): 20 s, as the bound costs only an image that fails.
 BUSY_LIMIT_US = 20_000_000
 
-BUSY_PROGRAM = """
+# The board side both programs share: the busy loop and the read of what the ring kept.
+BOARD_HELPERS = """
 import array, board, machine, micropython
-micropython.kbd_intr(-1)  # a 0x03 in the burst is data
+micropython.kbd_intr(-1)  # a 0x03 in a burst is data
 link = board.ground_link
-start = getattr(link, "start_receiving", None)  # (main's polled Uart has none)
-words = getattr(link, "rx_words", None) or array.array("i", bytes(20))
 CR1 = 0x4001100C
 
 @micropython.viper
@@ -47,20 +46,29 @@ def busy(words, count: int, limit_us: int) -> int:
             break
     return int(tim2[0]) - t0
 
+def read_what_was_kept(view):
+    machine.mem32[CR1] &= ~4  # receiver off: what came during the busy time is all there is
+    got = 0
+    idle = 0
+    while idle < 2000 and got < len(view):
+        n = link.readinto(view[got:])
+        got += n
+        idle = 0 if n else idle + 1
+    machine.mem32[CR1] |= 4
+    return got
+"""
+
+BUSY_PROGRAM = (
+    BOARD_HELPERS
+    + """
+start = getattr(link, "start_receiving", None)  # (main's polled Uart has none)
+words = getattr(link, "rx_words", None) or array.array("i", bytes(20))
+buf = bytearray(%(count)d + 32)
 if start is not None:
     start()
 print("@@ready")
 busy_us = busy(words, %(count)d, %(limit_us)d)
-machine.mem32[CR1] &= ~4  # receiver off: what came during the busy time is all there is
-buf = bytearray(%(count)d + 32)
-view = memoryview(buf)
-got = 0
-idle = 0
-while idle < 2000 and got < len(buf):
-    n = link.readinto(view[got:])
-    got += n
-    idle = 0 if n else idle + 1
-machine.mem32[CR1] |= 4
+got = read_what_was_kept(memoryview(buf))
 lost = None
 if start is not None:
     lost = link.rx_lost()
@@ -68,6 +76,7 @@ if start is not None:
 print("@@got", buf[:got].hex())
 print("@@busy", busy_us, words[2], lost)
 """
+)
 
 
 def test_a_burst_while_the_loop_is_busy_is_kept_whole_and_in_order():
@@ -121,25 +130,12 @@ RING_BURSTS = tuple(
 )
 RING_BYTES = 1024
 
-RING_PROGRAM = """
-import board, machine, micropython
-micropython.kbd_intr(-1)
-link = board.ground_link
+RING_PROGRAM = (
+    BOARD_HELPERS
+    + """
 words = link.rx_words
-CR1 = 0x4001100C
 buf = bytearray(%(largest)d + 32)
 view = memoryview(buf)
-
-@micropython.viper
-def busy(words, count: int, limit_us: int) -> int:
-    tim2 = ptr32(0x40000024)
-    received = ptr32(words)
-    t0 = int(tim2[0])
-    while received[2] < count:
-        if int(tim2[0]) - t0 > limit_us:
-            break
-    return int(tim2[0]) - t0
-
 link.start_receiving()
 try:
     total = 0
@@ -147,18 +143,12 @@ try:
         total += size
         print("@@ready", size)
         busy_us = busy(words, total, %(limit_us)d)
-        machine.mem32[CR1] &= ~4
-        got = 0
-        idle = 0
-        while idle < 2000 and got < len(buf):
-            n = link.readinto(view[got:])
-            got += n
-            idle = 0 if n else idle + 1
-        machine.mem32[CR1] |= 4
+        got = read_what_was_kept(view)
         print("@@got", buf[:got].hex(), words[2], busy_us, link.rx_lost())
 finally:
     link.stop_receiving()
 """
+)
 
 
 def test_the_ring_reads_across_its_end_and_keeps_exactly_its_length_when_full():
