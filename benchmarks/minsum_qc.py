@@ -165,6 +165,24 @@ def min_sum_second_pass(typingctx, post, r, first, second, parity, hard, scale, 
     return signature, codegen
 
 
+@numba.njit(cache=True, inline="always")
+def _entry_check_lanes(post, r, first, second, parity, column, shift, t0, i, lift):
+    """The numba loops' views of entry t = t0 + i (ldpc_qc._entry_lanes's, with min-sum's
+    per-check arrays for its phi values): the posteriors from its column's first lane, its
+    lift messages, the smallest, second smallest and sign parity of its checks from
+    k = lift - shift[t], and k (where its lanes start in the doubled per-check arrays)."""
+    t = t0 + i
+    k = lift - np.int64(shift[t])
+    return (
+        post[np.int64(column[t]) * lift :],
+        r[t * lift : t * lift + lift],
+        first[k : k + lift],
+        second[k : k + lift],
+        parity[k : k + lift],
+        k,
+    )
+
+
 def _min_sum_decoder(constant_lift: int, vector_passes: bool = True):
     """decode_min_sum_rows compiled for one lift (0: any), as ldpc_qc._decoder;
     vector_passes False: the numba loops for every lift (for an A/B of the two)."""
@@ -230,13 +248,9 @@ def _min_sum_decoder(constant_lift: int, vector_passes: bool = True):
                         min_sum_first_pass(post, r, first, second, parity, column, shift, t0,
                                            deg, Z)  # fmt: skip
                     for i in range(0 if vector_passes and Z % LANES == 0 else deg):
-                        t = t0 + i
-                        pv_run = post[np.int64(column[t]) * Z :]
-                        rt = r[t * Z : t * Z + Z]
-                        k = Z - np.int64(shift[t])
-                        f1 = first[k : k + Z]
-                        f2 = second[k : k + Z]
-                        pk = parity[k : k + Z]
+                        pv_run, rt, f1, f2, pk, k = _entry_check_lanes(
+                            post, r, first, second, parity, column, shift, t0, i, Z
+                        )
                         for w in range(Z):
                             x = pv_run[w] - rt[w]
                             magnitude = abs(x)
@@ -260,13 +274,9 @@ def _min_sum_decoder(constant_lift: int, vector_passes: bool = True):
                         min_sum_second_pass(post, r, first, second, parity, hard, scale_now,
                                             offset, column, shift, t0, deg, Z)  # fmt: skip
                     for i in range(0 if vector_passes and Z % LANES == 0 else deg):
-                        t = t0 + i
-                        pv_run = post[np.int64(column[t]) * Z :]
-                        rt = r[t * Z : t * Z + Z]
-                        k = Z - np.int64(shift[t])
-                        f1 = first[k : k + Z]
-                        f2 = second[k : k + Z]
-                        pk = parity[k : k + Z]
+                        pv_run, rt, f1, f2, pk, k = _entry_check_lanes(
+                            post, r, first, second, parity, column, shift, t0, i, Z
+                        )
                         hk = hard[k : k + Z]
                         for w in range(Z):
                             x = pv_run[w] - rt[w]
