@@ -473,17 +473,14 @@ class GroundLink:
             credit[_CREDIT_TICKS] = self._ticks(self._ticks_arg)
             self.reject_credit_low = 1
         if code <= ccsds.REJECT_APID:  # short, header, length, pec, apid: framing garbage
-            left = credit[_CREDIT_GARBAGE] - GARBAGE_REPORT_INTERVAL_US
-            if left >= 0:
-                credit[_CREDIT_GARBAGE] = left
-                self._reject(body, code, detail)
-                return
+            bucket, interval_us = _CREDIT_GARBAGE, GARBAGE_REPORT_INTERVAL_US
         else:  # auth, replay, state, storage: what a genuine ground out of step gets too
-            left = credit[_CREDIT_REFUSAL] - REFUSAL_REPORT_INTERVAL_US
-            if left >= 0:
-                credit[_CREDIT_REFUSAL] = left
-                self._reject(body, code, detail)
-                return
+            bucket, interval_us = _CREDIT_REFUSAL, REFUSAL_REPORT_INTERVAL_US
+        left = credit[bucket] - interval_us
+        if left >= 0:
+            credit[bucket] = left
+            self._reject(body, code, detail)
+            return
         self.rejected[code] += 1
         self.rejections_unreported += 1
 
