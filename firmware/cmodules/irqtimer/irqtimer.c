@@ -138,6 +138,37 @@ typedef struct {
 
 #define COUNTER_WRAP (0x3FFFFFFFu)  // a small int on a 32-bit port
 
+#if defined(QEMU_SOC_STM32)
+// One step of an STM32 USART receive interrupt (the tracking link's and the ground link's):
+// 1 with *byte the received byte, 0 when there is nothing more. overrun (NULL: not
+// counted) gets one per byte an overrun lost. ORE alongside a byte: the byte after DR's was
+// lost. ORE without a byte: a byte finished between an SR read and its DR read (here or in
+// a polled read before the interrupt was enabled), which cleared RXNE only (ORE clears on a
+// DR read after an SR read that showed it). RXNEIE raises the interrupt for ORE as well:
+// returning without this read re-enters the handler at once, and the main loop gets no
+// cycle until the next byte comes (on a silent link, the watchdog). DR's byte is the one
+// already taken. (QEMU keeps ORE through a DR read: counted once, *last_sr.)
+static int stm32_usart_take(stm32_usart_t *usart, uint8_t *byte, uint32_t *last_sr,
+    volatile int32_t *overrun) {
+    uint32_t sr = usart->SR;
+    if (!(sr & (USART_SR_RXNE | USART_SR_ORE))) {
+        return 0;
+    }
+    *byte = usart->DR;  // after SR: clears RXNE and ORE
+    if (!(sr & USART_SR_RXNE)) {
+        if (overrun != NULL && !(*last_sr & USART_SR_ORE)) {
+            *overrun = (*overrun + 1) & COUNTER_WRAP;
+        }
+        return 0;
+    }
+    if ((sr & USART_SR_ORE) && overrun != NULL) {
+        *overrun = (*overrun + 1) & COUNTER_WRAP;
+    }
+    *last_sr = sr;
+    return 1;
+}
+#endif
+
 // The callback runs on the stack of the code it interrupts, which the port checks only
 // against its limit (10,240 bytes, ports/qemu/main.c); the STM32 board's stack region is
 // exactly that long, the RAM disk standing in for its flash right below it. So the module
@@ -204,24 +235,11 @@ static void irqtimer_rx_isr(void) {
         }
         uint8_t byte = TRACK_UART->DATA;
         #else
-        uint32_t sr = TRACK_UART->SR;
-        if (!(sr & (USART_SR_RXNE | USART_SR_ORE))) {
+        // an overrun's lost byte is counted as dropped (words[1])
+        uint8_t byte;
+        if (!stm32_usart_take(TRACK_UART, &byte, &last_sr, state == NULL ? NULL : &state[1])) {
             break;
         }
-        uint8_t byte = TRACK_UART->DR;  // (clears RXNE; ORE after an SR read that showed it)
-        if (!(sr & USART_SR_RXNE)) {
-            // ORE without a byte (irqtimer_ground_isr): this read clears it, or the
-            // interrupt is entered again at once until the head's next byte; the byte the
-            // overrun lost is counted as dropped
-            if (state != NULL && !(last_sr & USART_SR_ORE)) {
-                state[1] = (state[1] + 1) & COUNTER_WRAP;
-            }
-            break;
-        }
-        if ((sr & USART_SR_ORE) && state != NULL) {
-            state[1] = (state[1] + 1) & COUNTER_WRAP;  // the byte after DR's was lost
-        }
-        last_sr = sr;
         #endif
         if (state == NULL) {
             continue;  // not started: drained, not kept
@@ -256,30 +274,12 @@ static void irqtimer_ground_isr(void) {
     volatile int32_t *state = irqtimer_ground_state;
     uint32_t last_sr = 0;
     for (;;) {
-        uint32_t sr = GROUND_UART->SR;
-        if (!(sr & (USART_SR_RXNE | USART_SR_ORE))) {
+        uint8_t byte;  // an overrun's lost byte is counted in words[4]
+        if (!stm32_usart_take(GROUND_UART, &byte, &last_sr, state == NULL ? NULL : &state[4])) {
             break;
         }
-        uint8_t byte = GROUND_UART->DR;  // after SR: clears RXNE and ORE
-        if (!(sr & USART_SR_RXNE)) {
-            // ORE without a byte: a byte finished between an SR read and its DR read (here
-            // or in a polled read before the ring opened), which cleared RXNE only (ORE
-            // clears on a DR read after an SR read that showed it). RXNEIE raises the
-            // interrupt for ORE as well: returning without this read re-enters the handler
-            // at once, and the main loop gets no cycle until the next byte comes (on a
-            // silent link, the watchdog). DR's byte is the one already taken. (QEMU keeps
-            // ORE through a DR read: counted once.)
-            if (state != NULL && !(last_sr & USART_SR_ORE)) {
-                state[4] = (state[4] + 1) & COUNTER_WRAP;
-            }
-            break;
-        }
-        last_sr = sr;
         if (state == NULL) {
             continue;  // not open: drained, not kept
-        }
-        if (sr & USART_SR_ORE) {
-            state[4] = (state[4] + 1) & COUNTER_WRAP;
         }
         uint32_t put = (uint32_t)state[0];
         if (put - (uint32_t)state[1] <= irqtimer_ground_mask) {
