@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from host.distil import finite_key, reconcile, timesync
+from host.distil import finite_key, noise_model, reconcile, timesync
 from host.distil.bitcodec import (
     decode_sorted,
     encode_sorted,
@@ -624,6 +624,18 @@ class Alice:
                 at += slots.size
         return codes
 
+    def _noise_shares(self, s_slot, s_int) -> np.ndarray:
+        """Each sifted detection's noise share (noise_model.noise_shares), from the sifted
+        detections' slots and intensity classes: public, as Alice announced them."""
+        period_s = self.pass_json["slot_period_ps"] * 1e-12
+        return noise_model.noise_shares(
+            s_slot,
+            s_int,
+            list(self.pass_json["intensities"].values()),
+            list(self.pass_json["intensity_probabilities"].values()),
+            round(noise_model.NOISE_WINDOW_S / period_s),
+        )
+
     def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
         cfg = self.config
         key_bases = key_bases_for(self.pass_json, cfg)
@@ -948,8 +960,8 @@ def _ec_sizing(qber_est: dict, sample_size: dict, name: str, previous=None) -> t
 def _request_sifting(channel, kind: str, reply_kind: str, slots, basis, bit, **fields):
     """Bob's half of sifting (post-pass and stream): his sorted slots (Rice-coded) and
     bases to Alice in a `kind` message (after `fields`); her `reply_kind` answer gives her
-    basis and intensity code per slot. Returns his sifted (basis, bit, intensity): the
-    slots where the bases agree and she holds a pattern, and her answer."""
+    basis and intensity code per slot. Returns his sifted (basis, bit, intensity, slot):
+    the slots where the bases agree and she holds a pattern, and her answer."""
     rice_k, packed_slots = rice_encode_sorted(slots)
     channel.send(
         kind,
@@ -963,7 +975,7 @@ def _request_sifting(channel, kind: str, reply_kind: str, slots, basis, bit, **f
     a_basis = unpack_bits(answer["basis"], slots.size)
     inten = unpack_2bit(answer["intensity"], slots.size)
     keep = (a_basis == basis) & (inten != NO_PATTERN)
-    return (basis[keep], bit[keep], inten[keep]), answer
+    return (basis[keep], bit[keep], inten[keep], slots[keep]), answer
 
 
 class Bob:
@@ -987,6 +999,7 @@ class Bob:
         self.config = config
         check_parameters(self.pass_json, config)
         self.rng = endpoint_random(insecure_deterministic_seed)
+        self.noise_share = None  # per sifted detection, once sifted (_noise_shares)
 
     def run(self, channel) -> Outcome:
         out = Outcome("bob")
@@ -1003,9 +1016,10 @@ class Bob:
                 slots, basis, bit = self._detections_to_slots(sync)
                 # slots with clicks on more than one detector, squashed (report: sync)
                 out.report["sync"]["multi_click_slots"] = dict(self.multi_click_slots)
-                (s_basis, s_bit, s_int), _ = _request_sifting(
+                (s_basis, s_bit, s_int, s_slot), _ = _request_sifting(
                     channel, "detections", "sift", slots, basis, bit
                 )
+                self.noise_share = self._noise_shares(s_slot, s_int)
             out.report.update(self._after_sifting(channel, stage, s_basis, s_bit, s_int, out))
             channel.recv("done")
             channel.send("done")
@@ -1074,6 +1088,18 @@ class Bob:
         tally["one_basis"] += int((clicks & ~both).sum())
         return unique.astype(np.int64), basis, bit
 
+    def _noise_shares(self, s_slot, s_int) -> np.ndarray:
+        """Each sifted detection's noise share (noise_model.noise_shares), from the sifted
+        detections' slots and intensity classes: public, as Alice announced them."""
+        period_s = self.pass_json["slot_period_ps"] * 1e-12
+        return noise_model.noise_shares(
+            s_slot,
+            s_int,
+            list(self.pass_json["intensities"].values()),
+            list(self.pass_json["intensity_probabilities"].values()),
+            round(noise_model.NOISE_WINDOW_S / period_s),
+        )
+
     def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
         cfg = self.config
         key_bases = key_bases_for(self.pass_json, cfg)
@@ -1126,7 +1152,14 @@ class Bob:
                 if cfg.ec == "ldpc":
                     with _naming_block(name):
                         corrected, kept, stats = reconcile.ldpc_bob(
-                            channel, s_bit[idx], estimate, cfg.ec_efficiency, sample_bits
+                            channel,
+                            s_bit[idx],
+                            estimate,
+                            cfg.ec_efficiency,
+                            sample_bits,
+                            noise_share=None
+                            if self.noise_share is None
+                            else self.noise_share[idx],
                         )
                 else:
                     corrected, stats = reconcile.cascade_bob(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from host.distil import ldpc, ldpc_qc
+from host.distil import ldpc, ldpc_qc, noise_model
 from host.distil.bitcodec import pack_bits, unpack_bits
 from host.distil.finite_key import binary_entropy
 from host.distil.gf64 import bits_hash
@@ -750,6 +750,7 @@ def _ldpc_bob_part(
     sigmas: tuple[float, float] | None = None,
     top_up_f: float | None = None,
     frame_bits: int | None = None,
+    noise_share: np.ndarray | None = None,
 ) -> tuple:
     """Bob's half of one part (see ldpc_bob): (corrected, kept, stats). Frames that do not
     decode within the retries, or whose decoded key bits hash differently from Alice's,
@@ -763,6 +764,9 @@ def _ldpc_bob_part(
     frames = _frames(bits.size, plan)
     interleave = _interleave(bits.size)
     bits = bits[interleave]
+    channel_model = noise_model.BitErrorModel(
+        None if noise_share is None else noise_share[interleave]
+    )
     msg = channel.recv("ec_syndromes")
     if msg["code"] != code.digest() or int(msg["frames"]) != len(frames):
         raise ReconciliationFailed("LDPC code or frame count differs between Alice and Bob")
@@ -818,13 +822,13 @@ def _ldpc_bob_part(
     first_step = 0
     top_up_messages = 0
     for top_up in range(2):
-        h = binary_entropy(measured)
+        h = channel_model.entropy(measured)
         base_step = max(4, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * h))
         cap = plan.punctured - first_step
         if top_up == 0 and plan.punctured > untainted:
             cap = plan.punctured - untainted
         first_f = _first_f(code.n) if top_up_f is None else top_up_f
-        target = first_f * binary_entropy(measured_low) * plan.key_bits
+        target = first_f * channel_model.entropy(measured_low) * plan.key_bits
         missing = min(target - plan.leak_bits() - first_step, cap)
         step = base_step * math.ceil(missing / base_step) if missing > 0 else 0
         channel.send("ec_top_up", step=step)
@@ -837,12 +841,13 @@ def _ldpc_bob_part(
     else:
         channel.send("ec_top_up", step=0)
         top_up_messages += 1
-    h = binary_entropy(measured)
+    h = channel_model.entropy(measured)
     base_step = max(4, math.ceil(LDPC_REVEAL_STEP_F * plan.key_bits * h))
-    magnitude = math.log((1 - measured) / measured)
+    magnitude = channel_model.llr_magnitudes(measured)
     for f, (start, used) in enumerate(frames):
         key_pos, zero_pos = _frame_layout(plan, used)
-        llr[f, key_pos] = np.where(bits[start : start + used] == 1, -magnitude, magnitude)
+        m = magnitude if np.ndim(magnitude) == 0 else magnitude[start : start + used]
+        llr[f, key_pos] = np.where(bits[start : start + used] == 1, -m, m)
         llr[f, zero_pos] = ldpc.LLR_KNOWN
     for attempt in range(LDPC_RETRIES + 1):
         started = time.perf_counter()
@@ -932,6 +937,9 @@ def _ldpc_bob_part(
         "retry_rounds": retries,
         "decoder_seconds": decoder_seconds,
         "qber_measured": measured,
+        # the syndrome the bits need at the Shannon limit under Bob's prior, against h(q)
+        # (1 without noise shares): f / this ratio is f against that limit
+        "noise_entropy_ratio": channel_model.entropy(measured) / binary_entropy(measured),
         "first_request_bits": first_step,
         "revealed_bits": int(revealed.sum()),
     }
@@ -1071,6 +1079,7 @@ def ldpc_bob(
     sample_bits: int = 0,
     top_up_f: float | None = None,
     frame_bits: int | None = None,
+    noise_share: np.ndarray | None = None,
 ) -> tuple:
     """Bob's half: (corrected, kept, stats); see _ldpc_bob_part. A block sized from a
     sample goes in two parts (_probe_split): after the probe Bob announces its exact error
@@ -1089,19 +1098,34 @@ def ldpc_bob(
             sample_bits,
             top_up_f=top_up_f,
             frame_bits=frame_bits,
+            noise_share=noise_share,
         )
     probe, rest = split
     corrected = np.empty_like(bits)
     kept = np.empty(bits.size, dtype=bool)
     corrected[probe], kept[probe], probe_stats = _ldpc_bob_part(
-        channel, bits[probe], qber_estimate, efficiency, sample_bits, top_up_f=top_up_f
+        channel,
+        bits[probe],
+        qber_estimate,
+        efficiency,
+        sample_bits,
+        top_up_f=top_up_f,
+        noise_share=None if noise_share is None else noise_share[probe],
     )
     # every error of the probe is known: its discarded frames' bits were disclosed
     errors = int(np.count_nonzero(corrected[probe] != bits[probe]))
     channel.send("ec_probe_errors", errors=errors, bits=int(probe.size))
     estimate, sized_bits = _after_probe(errors, probe.size, qber_estimate, sample_bits)
     corrected[rest], kept[rest], rest_stats = _ldpc_bob_part(
-        channel, bits[rest], estimate, efficiency, sized_bits, PROBE_SIGMAS, top_up_f, frame_bits
+        channel,
+        bits[rest],
+        estimate,
+        efficiency,
+        sized_bits,
+        PROBE_SIGMAS,
+        top_up_f,
+        frame_bits,
+        noise_share=None if noise_share is None else noise_share[rest],
     )
     stats = _merged(probe_stats, rest_stats, probe.size)
     stats["probe_errors"] = errors

@@ -1280,6 +1280,7 @@ class StreamBob(Bob):
         self.key_bases = key_bases
         sync = timesync.Synchroniser(self.pass_json, channel)
         self._sifted = _Sifted(key_bases)
+        self._sifted_slot = _Growing(np.int64)  # Bob's: each sifted bit's slot
         self._errors = _Growing(bool)
         self._known = _Growing(bool)
         self._sample = {n: [0, 0] for n in BASES}  # errors, bits of the disclosed bits
@@ -1728,7 +1729,7 @@ class StreamBob(Bob):
         slots, basis, bit = slots[fresh], basis[fresh], bit[fresh]
         if slots.size:
             self._last_slot = int(slots[-1])
-        (s_basis, s_bit, s_int), msg = _request_sifting(
+        (s_basis, s_bit, s_int, s_slot), msg = _request_sifting(
             channel,
             "stream_next",
             "stream_sift",
@@ -1743,6 +1744,7 @@ class StreamBob(Bob):
         index = sifted.basis.extend(s_basis)
         sifted.bit.extend(s_bit)
         sifted.intensity.extend(s_int)
+        self._sifted_slot.extend(s_slot)
         self._errors.extend(np.zeros(index.size, bool))
         self._known.extend(np.zeros(index.size, bool))
         for b, name in enumerate(BASES):
@@ -1928,6 +1930,9 @@ class StreamBob(Bob):
                 # a chunk's top-up at LDPC_FIRST_F whatever its frames: the stream's
                 # latency is the decoder's, and the lower top-up of long frames costs more
                 # decoding for little f here (docs/streaming.md, "Frame length and top-up")
+                # each bit's noise share from the detections sifted so far (its window
+                # may still be filling: the shares are ratios of rates in one window)
+                share = self._noise_shares(self._sifted_slot.view, sifted.intensity.view)
                 corrected, kept, stats = reconcile.ldpc_bob(
                     channel,
                     mine,
@@ -1936,6 +1941,7 @@ class StreamBob(Bob):
                     sample_bits,
                     reconcile.LDPC_FIRST_F,
                     frame_bits,
+                    noise_share=share[idx],
                 )
         else:
             corrected, stats = reconcile.cascade_bob(
