@@ -52,7 +52,7 @@ import scipy.sparse
 
 from benchmarks.minsum_qc import decode_min_sum
 from host.distil import channel as ch
-from host.distil import ldpc, ldpc_qc, pa, reconcile
+from host.distil import ldpc, ldpc_qc, noise_model, pa, reconcile
 from host.distil.finite_key import binary_entropy
 from host.distil.protocol import Config
 from host.distil.run import run_local
@@ -1783,15 +1783,26 @@ def test_bench_30s_passes_over_simulation_seeds(tmp_path, monkeypatch, profile, 
     efficiency f and the worst distillation time as a fraction of the pass, next to the
     median (a pass whose finite-key length is 0 still reports its EC). A pass whose
     blocks took frames longer than 2^16 (ldpc.frame_bits_for) is distilled again in
-    2^16 frames (a copy of its raw data), for the f beside it."""
+    2^16 frames (a copy of its raw data), for the f beside it. Every pass is also
+    distilled with Bob decoding as a binary symmetric channel (no noise shares:
+    noise_model), as main did before session 19, for the f and key beside it."""
     _warm_up()  # a pass's first decoding would otherwise compile the kernel in its time
     fs, fractions, ec_fractions, keys, aborted, lengths = [], [], [], [], 0, set()
-    short_fs, long_fs = [], []
+    short_fs, long_fs, bsc_fs, bsc_keys = [], [], [], []
     long_frames = ldpc.LONG_FRAME_BITS
     for sim_seed in range(1, SEED_PASSES + 1):
         pass_dir = tmp_path / f"{profile}-30s-{sim_seed}"
         duration_s = _simulate(profile, sim_seed, pass_dir, duration_s=30)
         copy = shutil.copytree(pass_dir, tmp_path / f"{profile}-30s-{sim_seed}-2-16")
+        bsc_copy = shutil.copytree(pass_dir, tmp_path / f"{profile}-30s-{sim_seed}-bsc")
+        with monkeypatch.context() as patch:
+            patch.setattr(noise_model, "noise_shares", lambda slots, *_: np.zeros(len(slots)))
+            bsc = run_local(
+                bsc_copy, tmp_path / f"out30-{profile}-{sim_seed}-bsc", Config(tail=tail)
+            )
+        if bsc.get("ec", {}).get("efficiency") is not None:
+            bsc_fs.append(bsc["ec"]["efficiency"])
+            bsc_keys.append(bsc["key_bits"] or 0)
         report = run_local(pass_dir, tmp_path / f"out30-{profile}-{sim_seed}", Config(tail=tail))
         stages = report["stage_seconds"]
         aborted += bool(report["aborted"])
@@ -1818,6 +1829,12 @@ def test_bench_30s_passes_over_simulation_seeds(tmp_path, monkeypatch, profile, 
         f"{statistics.median(keys):.0f}; aborted {aborted}; frame lengths (blocks' parts) "
         f"{', '.join(sorted(lengths))}"
     )
+    if bsc_fs:
+        print(
+            f"  the same passes with Bob decoding as a binary symmetric channel (no noise "
+            f"shares): {_summary('EC f', bsc_fs, max)}; key bits min {min(bsc_keys)} median "
+            f"{statistics.median(bsc_keys):.0f}"
+        )
     if long_fs:
         print(
             f"  the {len(long_fs)} passes with longer frames: {_summary('EC f', long_fs, max)}; "

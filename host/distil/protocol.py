@@ -627,13 +627,12 @@ class Alice:
     def _noise_shares(self, s_slot, s_int) -> np.ndarray:
         """Each sifted detection's noise share (noise_model.noise_shares), from the sifted
         detections' slots and intensity classes: public, as Alice announced them."""
-        period_s = self.pass_json["slot_period_ps"] * 1e-12
         return noise_model.noise_shares(
             s_slot,
             s_int,
             list(self.pass_json["intensities"].values()),
             list(self.pass_json["intensity_probabilities"].values()),
-            round(noise_model.NOISE_WINDOW_S / period_s),
+            round(noise_model.NOISE_WINDOW_S * float(self.pass_json["slot_rate_hz"])),
         )
 
     def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
@@ -1091,13 +1090,12 @@ class Bob:
     def _noise_shares(self, s_slot, s_int) -> np.ndarray:
         """Each sifted detection's noise share (noise_model.noise_shares), from the sifted
         detections' slots and intensity classes: public, as Alice announced them."""
-        period_s = self.pass_json["slot_period_ps"] * 1e-12
         return noise_model.noise_shares(
             s_slot,
             s_int,
             list(self.pass_json["intensities"].values()),
             list(self.pass_json["intensity_probabilities"].values()),
-            round(noise_model.NOISE_WINDOW_S / period_s),
+            round(noise_model.NOISE_WINDOW_S * float(self.pass_json["slot_rate_hz"])),
         )
 
     def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
