@@ -709,6 +709,31 @@ def test_the_simulations_truth_holding_the_pattern_secret_is_private(tmp_path):
         assert os.stat(path).st_mode & 0o777 == 0o600, path
 
 
+def test_bob_refuses_an_intensity_code_his_pass_has_no_intensity_for():
+    """A one-decoy pass (two intensities) leaves the 2-bit code 2 unused: an Alice who
+    announces it for a sifted slot (faulty or forged) is refused at sifting with a clear
+    reason, where Bob's decoder prior (noise_model.noise_shares) would index a class that
+    does not exist."""
+    from host.distil.bitcodec import pack_2bit, pack_bits
+
+    class Answering:
+        def send(self, kind, **fields):
+            pass
+
+        def recv(self, kind):
+            return {
+                "basis": pack_bits(np.zeros(4, np.uint8)),
+                "intensity": pack_2bit(np.array([0, 1, 2, 3], np.uint8)),
+            }
+
+    slots, zeros = np.arange(4, dtype=np.int64), np.zeros(4, np.uint8)
+    args = (Answering(), "detections", "sift", slots, zeros, zeros)
+    with pytest.raises(ProtocolAborted, match="intensity code 2 .* 2 intensities"):
+        protocol._request_sifting(*args, classes=2)
+    (_, _, inten, kept_slots), _ = protocol._request_sifting(*args, classes=3)
+    assert inten.tolist() == [0, 1, 2] and kept_slots.tolist() == [0, 1, 2]
+
+
 def test_post_pass_alice_refuses_a_slot_bob_sends_twice(tiny_pass, tmp_path, monkeypatch):
     """A Bob whose slot list repeats a slot (a faulty tagger feed, a forged or buggy
     encoder: the Rice code carries a gap of 0): Alice would sift her bit twice, one copy

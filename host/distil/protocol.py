@@ -956,11 +956,15 @@ def _ec_sizing(qber_est: dict, sample_size: dict, name: str, previous=None) -> t
 # ====================================================================== Bob
 
 
-def _request_sifting(channel, kind: str, reply_kind: str, slots, basis, bit, **fields):
+def _request_sifting(
+    channel, kind: str, reply_kind: str, slots, basis, bit, *, classes: int, **fields
+):
     """Bob's half of sifting (post-pass and stream): his sorted slots (Rice-coded) and
     bases to Alice in a `kind` message (after `fields`); her `reply_kind` answer gives her
     basis and intensity code per slot. Returns his sifted (basis, bit, intensity, slot):
-    the slots where the bases agree and she holds a pattern, and her answer."""
+    the slots where the bases agree and she holds a pattern, and her answer. An intensity
+    code of a sifted slot that names none of pass.json's `classes` intensities aborts (a
+    2-bit code can, with fewer than three)."""
     rice_k, packed_slots = rice_encode_sorted(slots)
     channel.send(
         kind,
@@ -974,6 +978,12 @@ def _request_sifting(channel, kind: str, reply_kind: str, slots, basis, bit, **f
     a_basis = unpack_bits(answer["basis"], slots.size)
     inten = unpack_2bit(answer["intensity"], slots.size)
     keep = (a_basis == basis) & (inten != NO_PATTERN)
+    unknown = inten[keep] >= classes
+    if unknown.any():
+        raise ProtocolAborted(
+            f"Alice announced intensity code {int(inten[keep][unknown][0])} for a sifted "
+            f"slot; pass.json has {classes} intensities"
+        )
     return (basis[keep], bit[keep], inten[keep], slots[keep]), answer
 
 
@@ -1016,7 +1026,13 @@ class Bob:
                 # slots with clicks on more than one detector, squashed (report: sync)
                 out.report["sync"]["multi_click_slots"] = dict(self.multi_click_slots)
                 (s_basis, s_bit, s_int, s_slot), _ = _request_sifting(
-                    channel, "detections", "sift", slots, basis, bit
+                    channel,
+                    "detections",
+                    "sift",
+                    slots,
+                    basis,
+                    bit,
+                    classes=len(intensity_names(self.pass_json)),
                 )
                 self.noise_share = self._noise_shares(s_slot, s_int)
             out.report.update(self._after_sifting(channel, stage, s_basis, s_bit, s_int, out))

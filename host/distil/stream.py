@@ -1736,6 +1736,7 @@ class StreamBob(Bob):
             slots,
             basis,
             bit,
+            classes=len(intensity_names(self.pass_json)),
             step="block",
             t_end_s=float(handled_s),
             detections=raw_count,
