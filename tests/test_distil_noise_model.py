@@ -66,6 +66,30 @@ def test_without_a_vacuum_class_the_noise_is_extrapolated_from_the_two_weakest()
         assert shares[classes == k][0] == pytest.approx(noise / (noise + eta * mu[k]), rel=0.3)
 
 
+def test_two_weakest_classes_of_one_intensity_extrapolate_from_the_next_distinct_one():
+    """A profile whose two weakest classes share a mean photon number (0.5 / 0.1 / 0.1,
+    which rusca2018's check lets through): the line to mu 0 goes through the weakest and
+    the next distinct intensity, not 0 / 0 (which gave every window shares of all 0 or all
+    1, and a division warning)."""
+    rng = np.random.default_rng(3)
+    mu, p = [0.5, 0.1, 0.1], [0.5, 0.25, 0.25]
+    noise, eta = 5e-5, 4e-4
+    slots, classes = _detections(rng, mu, p, noise, [eta] * 4)
+    with np.errstate(all="raise"):
+        shares = noise_shares(slots, classes, mu, p, 4 * WINDOW)
+    for k in range(3):
+        expected = noise / (noise + eta * mu[k])
+        assert shares[classes == k][0] == pytest.approx(expected, rel=0.3), k
+
+
+def test_classes_outside_the_intensities_are_refused_and_a_huge_span_is_cheap():
+    with pytest.raises(ValueError, match="intensity classes outside"):
+        noise_shares(np.arange(3), np.array([0, 1, 2]), [0.5, 0.1], [0.5, 0.5], 10)
+    # two detections 2^62 slots apart: two windows, not 2^62 / window_slots of them
+    shares = noise_shares(np.array([0, 2**62]), np.array([0, 1]), [0.5, 0.0], [0.5, 0.5], 10)
+    assert shares.tolist() == [0.0, 1.0]
+
+
 def test_no_detections_or_a_single_class_give_no_shares():
     assert noise_shares(np.zeros(0, int), np.zeros(0, int), [0.8, 0.0], [0.5, 0.5], 10).size == 0
     shares = noise_shares(np.arange(10), np.zeros(10, int), [0.8], [1.0], 5)
@@ -94,8 +118,10 @@ def test_the_model_keeps_the_block_qber_and_lowers_the_syndrome_it_needs():
 def test_a_block_cleaner_than_its_noise_clicks_allow_keeps_the_shape_and_a_floor():
     """Shares that claim more noise than the QBER holds (a stale window, say): the optics'
     rate is floored at a tenth of q instead of going negative, so every bit keeps an
-    error probability in (0, 1/2] and a finite LLR."""
-    model = BitErrorModel(np.full(100, 0.5))
-    p = model.error_rates(0.01)
-    assert np.all((p > 0) & (p <= 0.5))
-    assert np.all(np.isfinite(model.llr_magnitudes(0.01)))
+    error probability in (0, 1/2] and a finite LLR, and the noisier bit the larger one."""
+    for share in (np.full(100, 0.5), np.repeat([0.0, 1.0], 50)):
+        model = BitErrorModel(share)
+        p = model.error_rates(0.01)
+        assert np.all((p > 0) & (p <= 0.5))
+        assert np.all(np.isfinite(model.llr_magnitudes(0.01)))
+    assert p[0] == pytest.approx(0.001) and p[-1] == 0.5

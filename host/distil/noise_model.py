@@ -44,22 +44,33 @@ def noise_shares(
     in are r_k = n_k / p_k = Y0 + (signal of mean mu_k), Y0 the noise clicks per slot,
     the same for every class (they do not depend on what Alice sent); Y0 is the rate of
     a vacuum class (mu 0), else extrapolated linearly to mu 0 from the two weakest
-    classes (the signal's yield is linear in mu at satellite losses). A detection's share
+    distinct intensities (the signal's yield is linear in mu at satellite losses); classes
+    outside the intensities are a ValueError. A detection's share
     is Y0 / r_k of its class and window, within [0, 1]. Any set of detections whose basis
     choice does not depend on the class (the sifted ones, say) gives the same ratios."""
     slots = np.asarray(slots, dtype=np.int64)
     classes = np.asarray(classes, dtype=np.int64)
     shares = np.zeros(slots.size, dtype=np.float64)
-    if slots.size == 0 or len(intensities) < 2:
-        return shares
     mu = np.asarray(intensities, dtype=np.float64)
     p = np.asarray(probabilities, dtype=np.float64)
+    if slots.size == 0 or mu.size < 2:
+        return shares
+    if classes.min() < 0 or classes.max() >= mu.size:
+        raise ValueError(f"noise_shares: intensity classes outside [0, {mu.size})")
+    # the weakest class and the weakest of those above it (two classes of one mean photon
+    # number give no line to extrapolate); all of one mean photon number: no shares
+    order = np.argsort(mu, kind="stable")
+    distinct = order[mu[order] > mu[order[0]]]
+    if distinct.size == 0:
+        return shares
+    weakest, next_weakest = order[0], distinct[0]
     window = (slots - slots.min()) // max(1, int(window_slots))
+    if int(window.max()) >= slots.size:  # sparse windows (a huge span): number those used
+        window = np.unique(window, return_inverse=True)[1].reshape(-1)
     windows = int(window.max()) + 1
     counts = np.bincount(window * mu.size + classes, minlength=windows * mu.size)
     counts = counts.reshape(windows, mu.size).astype(np.float64)
     rate = counts / p[None, :]
-    weakest, next_weakest = np.argsort(mu, kind="stable")[:2]
     if mu[weakest] == 0.0:
         noise = rate[:, weakest]
     else:
