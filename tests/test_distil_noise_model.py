@@ -112,7 +112,7 @@ def test_the_model_keeps_the_block_qber_and_lowers_the_syndrome_it_needs():
     assert bsc.error_rates(q) == q
     assert bsc.entropy(q) == binary_entropy(q)
     assert bsc.llr_magnitudes(q) == math.log((1 - q) / q)
-    assert BitErrorModel(np.zeros(10)).share is None  # all-zero shares: the same channel
+    assert BitErrorModel(np.zeros(10)).level is None  # all-zero shares: the same channel
 
 
 def test_a_block_cleaner_than_its_noise_clicks_allow_keeps_the_shape_and_a_floor():
@@ -125,3 +125,36 @@ def test_a_block_cleaner_than_its_noise_clicks_allow_keeps_the_shape_and_a_floor
         assert np.all((p > 0) & (p <= 0.5))
         assert np.all(np.isfinite(model.llr_magnitudes(0.01)))
     assert p[0] == pytest.approx(0.001) and p[-1] == 0.5
+
+
+def _stream_bob_state(slots, classes, mu, p, window_slots):
+    """What StreamBob._chunk_noise_shares reads: the sifted slots and classes so far."""
+    from types import SimpleNamespace
+
+    from host.distil.stream import StreamBob, _Growing
+
+    state = SimpleNamespace(_sifted_slot=_Growing(np.int64), _sifted=SimpleNamespace())
+    state._sifted.intensity = _Growing(np.uint8)
+    state._sifted_slot.extend(slots)
+    state._sifted.intensity.extend(classes)
+    state._rates_parameters = lambda: (mu, p, window_slots)
+    return lambda idx: StreamBob._chunk_noise_shares(state, idx)
+
+
+def test_a_stream_chunks_shares_do_not_depend_on_what_was_sifted_after_it():
+    """A chunk's bits get the same shares whether Bob reconciles it at once or after
+    more blocks were sifted (whose detections share the chunk's last window): the leak
+    and the key must not depend on timing. Windows the chunk spans entirely give the
+    shares of the whole pass's count."""
+    rng = np.random.default_rng(8)
+    mu, p = [0.8, 0.1, 0.0], [0.5, 0.25, 0.25]
+    slots, classes = _detections(rng, mu, p, 1e-4, [3e-3, 1e-3, 3e-4, 2e-4])
+    chunk = np.flatnonzero((slots >= WINDOW // 2) & (slots < 5 * WINDOW // 2))
+    upto = chunk[-1] + 1
+    early = _stream_bob_state(slots[:upto], classes[:upto], mu, p, WINDOW)(chunk)
+    late = _stream_bob_state(slots, classes, mu, p, WINDOW)(chunk)
+    assert np.array_equal(early, late)
+    whole = noise_shares(slots, classes, mu, p, WINDOW, origin=int(slots[0]))
+    full_window = (slots[chunk] >= WINDOW) & (slots[chunk] < 2 * WINDOW)
+    assert np.array_equal(early[full_window], whole[chunk][full_window])
+    assert not np.array_equal(early, whole[chunk])  # the last window: only up to the chunk

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from host.distil import ldpc, pa, reconcile, timesync
+from host.distil import ldpc, noise_model, pa, reconcile, timesync
 from host.distil.bitcodec import (
     decode_sorted,
     encode_sorted,
@@ -1280,7 +1280,7 @@ class StreamBob(Bob):
         self.key_bases = key_bases
         sync = timesync.Synchroniser(self.pass_json, channel)
         self._sifted = _Sifted(key_bases)
-        self._sifted_slot = _Growing(np.int64)  # Bob's: each sifted bit's slot
+        self._sifted_slot = _Growing(np.int64)  # Bob's: each sifted bit's slot, ascending
         self._errors = _Growing(bool)
         self._known = _Growing(bool)
         self._sample = {n: [0, 0] for n in BASES}  # errors, bits of the disclosed bits
@@ -1896,6 +1896,23 @@ class StreamBob(Bob):
                     f"{cfg.qber_threshold:.4f} (from {bits} sampled bits)"
                 )
 
+    def _chunk_noise_shares(self, idx: np.ndarray) -> np.ndarray:
+        """The noise shares (noise_model) of a chunk's bits, counted over the detections
+        sifted up to its last bit only, in the pass's windows: the same whatever else has
+        been sifted when the chunk is reconciled (a window still filling at that moment
+        would make Bob's decoding, hence the leak and the key, depend on timing), and
+        O(chunk): only the windows the chunk touches are counted."""
+        slots, classes = self._sifted_slot.view, self._sifted.intensity.view
+        intensities, probabilities, window_slots = self._rates_parameters()
+        origin = int(slots[0])
+        chunk = slots[idx]
+        first_window = (int(chunk.min()) - origin) // window_slots
+        lo = int(np.searchsorted(slots, origin + first_window * window_slots, side="left"))
+        hi = int(np.searchsorted(slots, int(chunk.max()), side="right"))
+        rates = noise_model.DetectionRates(intensities, probabilities, window_slots, origin)
+        rates.add(slots[lo:hi], classes[lo:hi])
+        return rates.shares(chunk, classes[idx])
+
     def _reconcile(
         self, channel, name, count, qber, sample_bits, handled_s, source, frame_bits
     ) -> None:
@@ -1931,9 +1948,7 @@ class StreamBob(Bob):
                 # a chunk's top-up at LDPC_FIRST_F whatever its frames: the stream's
                 # latency is the decoder's, and the lower top-up of long frames costs more
                 # decoding for little f here (docs/streaming.md, "Frame length and top-up")
-                # each bit's noise share from the detections sifted so far (its window
-                # may still be filling: the shares are ratios of rates in one window)
-                share = self._noise_shares(self._sifted_slot.view, sifted.intensity.view)
+                share = self._chunk_noise_shares(idx)
                 corrected, kept, stats = reconcile.ldpc_bob(
                     channel,
                     mine,
@@ -1942,7 +1957,7 @@ class StreamBob(Bob):
                     sample_bits,
                     reconcile.LDPC_FIRST_F,
                     frame_bits,
-                    noise_share=share[idx],
+                    noise_share=share,
                 )
         else:
             corrected, stats = reconcile.cascade_bob(
