@@ -624,17 +624,6 @@ class Alice:
                 at += slots.size
         return codes
 
-    def _noise_shares(self, s_slot, s_int) -> np.ndarray:
-        """Each sifted detection's noise share (noise_model.noise_shares), from the sifted
-        detections' slots and intensity classes: public, as Alice announced them."""
-        return noise_model.noise_shares(
-            s_slot,
-            s_int,
-            list(self.pass_json["intensities"].values()),
-            list(self.pass_json["intensity_probabilities"].values()),
-            round(noise_model.NOISE_WINDOW_S * float(self.pass_json["slot_rate_hz"])),
-        )
-
     def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
         cfg = self.config
         key_bases = key_bases_for(self.pass_json, cfg)
