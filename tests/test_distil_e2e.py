@@ -194,6 +194,60 @@ def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_p
     assert on_disk["created_utc"].endswith("+00:00")
 
 
+def spy_on_key_blocks(monkeypatch) -> list:
+    """Spies (that change nothing) on reconcile.ldpc_alice and ldpc_bob: the list they fill
+    with each key block's (Alice's bits, Bob's bits, Bob's noise shares), the warm-up's
+    throw-away blocks left out."""
+    real_alice, real_bob = reconcile.ldpc_alice, reconcile.ldpc_bob
+    alice, bob = [], []
+
+    def warm_up(channel) -> bool:
+        return type(channel).__name__ == "_PipeChannel"
+
+    def alice_spy(channel, key, *args, **kwargs):
+        if not warm_up(channel):
+            alice.append(np.array(key))
+        return real_alice(channel, key, *args, **kwargs)
+
+    def bob_spy(channel, bits, *args, noise_share=None, **kwargs):
+        if not warm_up(channel):
+            bob.append((np.array(bits), noise_share))
+        return real_bob(channel, bits, *args, noise_share=noise_share, **kwargs)
+
+    monkeypatch.setattr(reconcile, "ldpc_alice", alice_spy)
+    monkeypatch.setattr(reconcile, "ldpc_bob", bob_spy)
+    return alice, bob
+
+
+def noise_bits_err_half_the_time(alice: list, bob: list, min_noise_bits: int, windows=1) -> None:
+    """Each key block's bits that Bob's prior calls pure noise (share 1: vacuum-pulse
+    detections) err about half the time and the others near the optics' rate: the shares
+    reach his decoder aligned with the bits (misaligned, the share-1 bits would err at the
+    block's QBER, ~1 %). The others' shares are small but not 0, one per class (signal,
+    decoy) and 10 s window, `windows` of them at least."""
+    assert len(alice) == len(bob) > 0
+    for key, (bits, share) in zip(alice, bob, strict=True):
+        assert share is not None and share.shape == bits.shape == key.shape
+        noise, wrong = share == 1.0, bits != key
+        assert noise.sum() >= min_noise_bits
+        assert wrong[noise].mean() > 0.3 and wrong[~noise].mean() < 0.03
+        assert 0 < share[~noise].mean() < 0.1
+        assert np.unique(share[~noise]).size >= 2 * windows
+
+
+def test_bob_decodes_each_key_bit_with_its_own_detections_noise_share(tmp_path, monkeypatch):
+    """Post-pass, on the simulator's 30 s micius-2017 pass (~200 vacuum-pulse key bits a
+    block; tests/distil_passgen.py's passes hold a handful)."""
+    pass_dir = tmp_path / "micius"
+    argv = ["simulate", "--profile", "micius-2017", "--duration-s", "30", "--seed", "1"]
+    assert qkdsat([*argv, "--pattern-secret", "5eed" * 8, "--out", str(pass_dir), "--quiet"]) == 0
+    alice, bob = spy_on_key_blocks(monkeypatch)
+    report = run_local(pass_dir, tmp_path / "out", Config(), insecure_deterministic_seed=5)
+    assert not report["aborted"], report["abort_reason"]
+    assert len(bob) == 2  # the Z and X key blocks
+    noise_bits_err_half_the_time(alice, bob, min_noise_bits=100, windows=3)
+
+
 @pytest.mark.skipif(not pa.CARRYLESS_AVAILABLE, reason="no PCLMULQDQ on this CPU")
 def test_a_failed_carryless_check_is_counted_in_the_report_and_the_key_is_unchanged(
     micius_pass, tmp_path, monkeypatch, capfd
