@@ -19,6 +19,7 @@ import finite_key_reference as reference
 import numpy as np
 import pytest
 from distil_passgen import BIASED, make_pass
+from key_block_spies import noise_bits_err_half_the_time, spy_on_key_blocks
 
 from host.cli import main as qkdsat
 from host.distil import channel as ch
@@ -192,47 +193,6 @@ def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_p
     assert on_disk["inputs"]["pass_json_sha256"] == sha
     assert on_disk["qber_threshold"] == 0.11 and on_disk["deterministic_randomness"] is False
     assert on_disk["created_utc"].endswith("+00:00")
-
-
-def spy_on_key_blocks(monkeypatch) -> list:
-    """Spies (that change nothing) on reconcile.ldpc_alice and ldpc_bob: the list they fill
-    with each key block's (Alice's bits, Bob's bits, Bob's noise shares), the warm-up's
-    throw-away blocks left out."""
-    real_alice, real_bob = reconcile.ldpc_alice, reconcile.ldpc_bob
-    alice, bob = [], []
-
-    def warm_up(channel) -> bool:
-        return type(channel).__name__ == "_PipeChannel"
-
-    def alice_spy(channel, key, *args, **kwargs):
-        if not warm_up(channel):
-            alice.append(np.array(key))
-        return real_alice(channel, key, *args, **kwargs)
-
-    def bob_spy(channel, bits, *args, noise_share=None, **kwargs):
-        if not warm_up(channel):
-            bob.append((np.array(bits), noise_share))
-        return real_bob(channel, bits, *args, noise_share=noise_share, **kwargs)
-
-    monkeypatch.setattr(reconcile, "ldpc_alice", alice_spy)
-    monkeypatch.setattr(reconcile, "ldpc_bob", bob_spy)
-    return alice, bob
-
-
-def noise_bits_err_half_the_time(alice: list, bob: list, min_noise_bits: int, windows=1) -> None:
-    """Each key block's bits that Bob's prior calls pure noise (share 1: vacuum-pulse
-    detections) err about half the time and the others near the optics' rate: the shares
-    reach his decoder aligned with the bits (misaligned, the share-1 bits would err at the
-    block's QBER, ~1 %). The others' shares are small but not 0, one per class (signal,
-    decoy) and 10 s window, `windows` of them at least."""
-    assert len(alice) == len(bob) > 0
-    for key, (bits, share) in zip(alice, bob, strict=True):
-        assert share is not None and share.shape == bits.shape == key.shape
-        noise, wrong = share == 1.0, bits != key
-        assert noise.sum() >= min_noise_bits
-        assert wrong[noise].mean() > 0.3 and wrong[~noise].mean() < 0.03
-        assert 0 < share[~noise].mean() < 0.1
-        assert np.unique(share[~noise]).size >= 2 * windows
 
 
 def test_bob_decodes_each_key_bit_with_its_own_detections_noise_share(tmp_path, monkeypatch):
