@@ -1092,16 +1092,18 @@ class Bob:
         tally["one_basis"] += int((clicks & ~both).sum())
         return unique.astype(np.int64), basis, bit
 
-    def _noise_shares(self, s_slot, s_int) -> np.ndarray:
-        """Each sifted detection's noise share (noise_model.noise_shares), from the sifted
-        detections' slots and intensity classes: public, as Alice announced them."""
-        return noise_model.noise_shares(
-            s_slot,
-            s_int,
+    def _noise_parameters(self) -> tuple:
+        """(intensities, probabilities, window slots) of the noise shares (noise_model)."""
+        return (
             list(self.pass_json["intensities"].values()),
             list(self.pass_json["intensity_probabilities"].values()),
             round(noise_model.NOISE_WINDOW_S * float(self.pass_json["slot_rate_hz"])),
         )
+
+    def _noise_shares(self, s_slot, s_int) -> np.ndarray:
+        """Each sifted detection's noise share (noise_model.noise_shares), from the sifted
+        detections' slots and intensity classes: public, as Alice announced them."""
+        return noise_model.noise_shares(s_slot, s_int, *self._noise_parameters())
 
     def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
         cfg = self.config

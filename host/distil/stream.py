@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from host.distil import ldpc, pa, reconcile, timesync
+from host.distil import ldpc, noise_model, pa, reconcile, timesync
 from host.distil.bitcodec import (
     decode_sorted,
     encode_sorted,
@@ -1281,6 +1281,9 @@ class StreamBob(Bob):
         sync = timesync.Synchroniser(self.pass_json, channel)
         self._sifted = _Sifted(key_bases)
         self._sifted_slot = _Growing(np.int64)  # Bob's: each sifted bit's slot
+        # the sifted detections' counts per intensity class and 10 s window, for each
+        # chunk's noise shares (noise_model.NoiseCounts: public, as Alice announced them)
+        self._noise_counts = noise_model.NoiseCounts(*self._noise_parameters())
         self._errors = _Growing(bool)
         self._known = _Growing(bool)
         self._sample = {n: [0, 0] for n in BASES}  # errors, bits of the disclosed bits
@@ -1746,6 +1749,7 @@ class StreamBob(Bob):
         sifted.bit.extend(s_bit)
         sifted.intensity.extend(s_int)
         self._sifted_slot.extend(s_slot)
+        self._noise_counts.add(s_slot, s_int)
         self._errors.extend(np.zeros(index.size, bool))
         self._known.extend(np.zeros(index.size, bool))
         for b, name in enumerate(BASES):
@@ -1933,7 +1937,9 @@ class StreamBob(Bob):
                 # decoding for little f here (docs/streaming.md, "Frame length and top-up")
                 # each bit's noise share from the detections sifted so far (its window
                 # may still be filling: the shares are ratios of rates in one window)
-                share = self._noise_shares(self._sifted_slot.view, sifted.intensity.view)
+                share = self._noise_counts.shares(
+                    self._sifted_slot.view[idx], sifted.intensity.view[idx]
+                )
                 corrected, kept, stats = reconcile.ldpc_bob(
                     channel,
                     mine,
@@ -1942,7 +1948,7 @@ class StreamBob(Bob):
                     sample_bits,
                     reconcile.LDPC_FIRST_F,
                     frame_bits,
-                    noise_share=share[idx],
+                    noise_share=share,
                 )
         else:
             corrected, stats = reconcile.cascade_bob(
