@@ -68,9 +68,10 @@ class NoiseCounts:
     the first slot added, added to block by block, and the noise shares they give: the
     stream's, whose sifted slots only grow, so that a chunk's shares cost its own bits and
     the blocks' new detections, not every detection sifted so far (noise_shares over
-    those: ~0.5 s and ~0.5 GB of temporaries a chunk at 10 M). For detections added in
+    those: 0.2-0.5 s and ~250 MB of temporaries a chunk at 10 M). For detections added in
     increasing slot order, shares(slots, classes) of any of them is noise_shares of all
-    of them at those detections."""
+    of them at those detections (of a slot never added, whose window may hold no count:
+    1)."""
 
     def __init__(self, intensities: list[float], probabilities: list[float], window_slots: int):
         self.mu = np.asarray(intensities, dtype=np.float64)
