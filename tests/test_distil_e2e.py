@@ -19,6 +19,7 @@ import finite_key_reference as reference
 import numpy as np
 import pytest
 from distil_passgen import BIASED, make_pass
+from key_block_spies import noise_bits_err_half_the_time, spy_on_key_blocks
 
 from host.cli import main as qkdsat
 from host.distil import channel as ch
@@ -192,6 +193,19 @@ def test_micius_like_pass_gives_identical_keys_of_the_recomputed_length(micius_p
     assert on_disk["inputs"]["pass_json_sha256"] == sha
     assert on_disk["qber_threshold"] == 0.11 and on_disk["deterministic_randomness"] is False
     assert on_disk["created_utc"].endswith("+00:00")
+
+
+def test_bob_decodes_each_key_bit_with_its_own_detections_noise_share(tmp_path, monkeypatch):
+    """Post-pass, on the simulator's 30 s micius-2017 pass (~200 vacuum-pulse key bits a
+    block; tests/distil_passgen.py's passes hold a handful)."""
+    pass_dir = tmp_path / "micius"
+    argv = ["simulate", "--profile", "micius-2017", "--duration-s", "30", "--seed", "1"]
+    assert qkdsat([*argv, "--pattern-secret", "5eed" * 8, "--out", str(pass_dir), "--quiet"]) == 0
+    alice, bob = spy_on_key_blocks(monkeypatch)
+    report = run_local(pass_dir, tmp_path / "out", Config(), insecure_deterministic_seed=5)
+    assert not report["aborted"], report["abort_reason"]
+    assert len(bob) == 2  # the Z and X key blocks
+    noise_bits_err_half_the_time(alice, bob, min_noise_bits=100, windows=3)
 
 
 @pytest.mark.skipif(not pa.CARRYLESS_AVAILABLE, reason="no PCLMULQDQ on this CPU")

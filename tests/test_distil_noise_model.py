@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from host.distil.finite_key import binary_entropy
-from host.distil.noise_model import BitErrorModel, noise_shares
+from host.distil.noise_model import BitErrorModel, DetectionRates, noise_shares
 
 WINDOW = 4_000_000  # slots
 
@@ -88,6 +88,27 @@ def test_classes_outside_the_intensities_are_refused_and_a_huge_span_is_cheap():
     # two detections 2^62 slots apart: two windows, not 2^62 / window_slots of them
     shares = noise_shares(np.array([0, 2**62]), np.array([0, 1]), [0.5, 0.0], [0.5, 0.5], 10)
     assert shares.tolist() == [0.0, 1.0]
+
+
+def test_counts_added_block_by_block_give_the_shares_of_all_the_detections_so_far():
+    """DetectionRates fed block by block gives the same numbers as noise_shares over
+    every detection added so far, at every point (a window still filling included),
+    empty blocks and all."""
+    rng = np.random.default_rng(7)
+    mu, p = [0.8, 0.1, 0.0], [0.5, 0.25, 0.25]
+    slots, classes = _detections(rng, mu, p, 1e-4, [3e-3, 1e-3, 3e-4])
+    slots = slots + 123_456_789  # the windows start at the first detection, not slot 0
+    counts = DetectionRates(mu, p, WINDOW)
+    assert counts.shares(slots[:5], classes[:5]).tolist() == [0.0] * 5  # nothing added yet
+    cuts = np.sort(rng.integers(0, slots.size, 12))
+    cuts = np.concatenate([[0], cuts, cuts[-1:], [slots.size]])  # an empty block too
+    for start, end in zip(cuts[:-1], cuts[1:], strict=True):
+        counts.add(slots[start:end], classes[start:end])
+        if end == 0:
+            continue
+        every = noise_shares(slots[:end], classes[:end], mu, p, WINDOW)
+        at = np.sort(rng.choice(end, min(end, 5000), replace=False))
+        assert np.array_equal(counts.shares(slots[at], classes[at]), every[at])
 
 
 def test_no_detections_or_a_single_class_give_no_shares():

@@ -370,7 +370,7 @@ def test_rate_adaptation_hits_the_target_rate():
         assert rate == pytest.approx(1 - 1.2 * binary_entropy(q), abs=0.01)
 
 
-def _run_pair(method, x, y, q, efficiency=1.1, noise_share=None):
+def _run_pair(method, x, y, q, efficiency=1.1, noise_share=None, sample_bits=0):
     """Reconcile x (Alice, in a thread) and y (Bob) between two authenticated endpoints:
     (Bob's corrected string, Bob's stats, Alice's stats). LDPC stats carry each side's
     kept mask as "kept" (all bits for Cascade); noise_share is Bob's prior (LDPC)."""
@@ -383,7 +383,9 @@ def _run_pair(method, x, y, q, efficiency=1.1, noise_share=None):
     def alice():
         try:
             if method == "ldpc":
-                kept, stats = reconcile.ldpc_alice(a, x, q, efficiency, np.random.default_rng(2))
+                kept, stats = reconcile.ldpc_alice(
+                    a, x, q, efficiency, np.random.default_rng(2), sample_bits
+                )
                 result["a"] = {**stats, "kept": kept}
             else:
                 result["a"] = reconcile.cascade_alice(a, x, q, 7)
@@ -395,7 +397,7 @@ def _run_pair(method, x, y, q, efficiency=1.1, noise_share=None):
     try:
         if method == "ldpc":
             corrected, kept, stats = reconcile.ldpc_bob(
-                b, y, q, efficiency, noise_share=noise_share
+                b, y, q, efficiency, sample_bits, noise_share=noise_share
             )
             stats["kept"] = kept
         else:
@@ -460,6 +462,26 @@ def test_bobs_noise_shares_cut_the_leak_of_a_block_mixing_intensity_classes():
     assert ratio < 0.9
     assert leaks["shares"] < 0.8 * leaks["bsc"]
     assert leaks["shares"] / (x.size * binary_entropy(q)) < 1.0
+
+
+def test_a_block_sized_from_a_sample_gives_its_probe_and_rest_their_own_bits_shares():
+    """A block sized from a sample goes in two parts (_probe_split), each decoded with the
+    shares of its own bits: both parts' priors are below h(q) and the block leaks less
+    than with Bob decoding as a binary symmetric channel (a part given no shares, or
+    another part's, leaks more)."""
+    x, y, share, q = _mixed_classes_pair(np.random.default_rng(13), n=200_000)
+    leaks = {}
+    for name, prior in (("bsc", None), ("shares", share)):
+        corrected, stats, alice_stats = _run_pair(
+            "ldpc", x, y, q, 1.0, noise_share=prior, sample_bits=4000
+        )
+        assert stats["kept"].all() and np.array_equal(corrected, x)
+        assert stats["leak_bits"] == alice_stats["leak_bits"]
+        assert [part["frames"] for part in stats["parts"]][0] == 1  # the probe: one frame
+        leaks[name] = stats["leak_bits"]
+    assert all(part["noise_entropy_ratio"] < 0.9 for part in stats["parts"])
+    # 39,320 against 44,433 bits; the probe given the first bits' shares: 42,468
+    assert leaks["shares"] < 0.92 * leaks["bsc"], leaks
 
 
 def test_a_wrong_prior_costs_leak_but_never_a_wrong_key():

@@ -22,6 +22,7 @@ from pathlib import Path
 import finite_key_reference
 import numpy as np
 import pytest
+from key_block_spies import noise_bits_err_half_the_time, spy_on_key_blocks
 
 from host.cli import main as qkdsat
 from host.distil import codes
@@ -70,6 +71,9 @@ WIRES = {}  # the streamed run's messages, each direction
 # detections are assigned) and his clock map (ground ps -> true seconds), read by spies that
 # change nothing, with the synchroniser as it ended
 CUTS = {"cuts_s": [], "ground_ps": [], "true_s": [], "sync": None}
+# the streamed run's chunks as each side reconciled them, and Bob's noise shares
+# (key_block_spies.spy_on_key_blocks)
+CHUNKS = {}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +98,7 @@ def streamed(micius_30s, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(timesync.Synchroniser, "assign", assign_spy)
         patch.setattr(timesync, "_true_seconds", true_seconds_spy)
+        CHUNKS["alice"], CHUNKS["bob"] = spy_on_key_blocks(patch)
         report = run_local(
             micius_30s,
             out,
@@ -179,6 +184,13 @@ def test_streamed_key_is_near_the_post_pass_length_and_identical_on_both_sides(
     last = report["timeline"][-1]["t_s"]
     assert any(c["t_handled_s"] < PASS_S - 2 for c in chunks), chunks
     assert last >= PASS_S - 1
+
+
+def test_bob_decodes_each_chunk_with_its_own_bits_noise_shares(streamed):
+    """Each chunk's shares, from the detections sifted up to it (its last window still
+    filling), reach Bob's decoder aligned with the chunk's bits: those his prior calls pure
+    noise (vacuum-pulse detections) err half the time, the others ~1 %."""
+    noise_bits_err_half_the_time(CHUNKS["alice"], CHUNKS["bob"], min_noise_bits=30)
 
 
 def test_the_report_carries_the_timeline_and_latency_figures(streamed):
