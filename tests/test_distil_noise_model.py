@@ -175,7 +175,12 @@ def test_a_stream_chunks_shares_do_not_depend_on_what_was_sifted_after_it():
     early = _stream_bob_state(slots[:upto], classes[:upto], mu, p, WINDOW)(chunk)
     late = _stream_bob_state(slots, classes, mu, p, WINDOW)(chunk)
     assert np.array_equal(early, late)
+    # exactly the post-pass shares of what was sifted up to the chunk's last bit: its
+    # first window counted from the window's start (slots[0], the origin, a detection),
+    # its last one up to and with that bit
+    upto_then = noise_shares(slots[:upto], classes[:upto], mu, p, WINDOW, origin=int(slots[0]))
+    assert np.array_equal(early, upto_then[chunk])
     whole = noise_shares(slots, classes, mu, p, WINDOW, origin=int(slots[0]))
-    full_window = (slots[chunk] >= WINDOW) & (slots[chunk] < 2 * WINDOW)
+    full_window = slots[chunk] < 2 * WINDOW  # windows 0 (the chunk starts mid-way) and 1
     assert np.array_equal(early[full_window], whole[chunk][full_window])
     assert not np.array_equal(early, whole[chunk])  # the last window: only up to the chunk
