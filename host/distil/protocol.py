@@ -997,7 +997,6 @@ class Bob:
         self.config = config
         check_parameters(self.pass_json, config)
         self.rng = endpoint_random(insecure_deterministic_seed)
-        self.noise_share = None  # per sifted detection, once sifted (_noise_shares)
 
     def run(self, channel) -> Outcome:
         out = Outcome("bob")
@@ -1023,8 +1022,10 @@ class Bob:
                     bit,
                     classes=len(intensity_names(self.pass_json)),
                 )
-                self.noise_share = self._noise_shares(s_slot, s_int)
-            out.report.update(self._after_sifting(channel, stage, s_basis, s_bit, s_int, out))
+                noise_share = self._noise_shares(s_slot, s_int)
+            out.report.update(
+                self._after_sifting(channel, stage, s_basis, s_bit, s_int, noise_share, out)
+            )
             channel.recv("done")
             channel.send("done")
         except Exception as error:
@@ -1105,7 +1106,9 @@ class Bob:
         detections' slots and intensity classes: public, as Alice announced them."""
         return noise_model.noise_shares(s_slot, s_int, *self._rates_parameters())
 
-    def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, out) -> dict:
+    def _after_sifting(self, channel, stage, s_basis, s_bit, s_int, noise_share, out) -> dict:
+        """Estimation, error correction and the rest, from Bob's sifted bits; noise_share
+        holds each sifted bit's (_noise_shares), his decoder's prior."""
         cfg = self.config
         key_bases = key_bases_for(self.pass_json, cfg)
         errors = np.zeros(s_basis.size, bool)
@@ -1162,9 +1165,7 @@ class Bob:
                             estimate,
                             cfg.ec_efficiency,
                             sample_bits,
-                            noise_share=None
-                            if self.noise_share is None
-                            else self.noise_share[idx],
+                            noise_share=noise_share[idx],
                         )
                 else:
                     corrected, stats = reconcile.cascade_bob(
