@@ -24,7 +24,6 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from host.distil import ldpc
@@ -33,12 +32,15 @@ from host.distil.ldpc_qc import (
     _VF,
     _VI,
     LANES,
+    _below_zero,
     _contiguous,
+    _fabs,
     _load,
     _row_entries,
     _row_vectors,
     _splat,
     _store,
+    _store_message,
     _vector_at,
 )
 
@@ -87,15 +89,12 @@ def min_sum_first_pass(typingctx, post, r, first, second, parity, column, shift,
     def codegen(context, builder, signature, args):
         arrays, entries = _row_entries(context, builder, signature, args, 7)
         post_d, r_d, first_d, second_d, parity_d = arrays[:5]
-        fabs = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_VF, [_VF]), f"llvm.fabs.v{LANES}f32"
-        )
         with _row_vectors(context, builder, *entries) as (post_o, r_o, _, acc_o):
             x = builder.fsub(
                 _load(builder, _vector_at(builder, post_d, post_o, _VF)),
                 _load(builder, _vector_at(builder, r_d, r_o, _VF)),
             )
-            magnitude = builder.call(fabs, [x])
+            magnitude = _fabs(builder, x)
             first_p = _vector_at(builder, first_d, acc_o, _VF)
             second_p = _vector_at(builder, second_d, acc_o, _VF)
             parity_p = _vector_at(builder, parity_d, acc_o, _VI)
@@ -103,7 +102,7 @@ def min_sum_first_pass(typingctx, post, r, first, second, parity, column, shift,
             above = _maximum(builder, low, magnitude)
             _store(builder, _minimum(builder, _load(builder, second_p), above), second_p)
             _store(builder, _minimum(builder, low, magnitude), first_p)
-            negative = builder.zext(builder.fcmp_ordered("<", x, _splat(0.0, _VF)), _VI)
+            negative = _below_zero(builder, x)
             _store(builder, builder.xor(_load(builder, parity_p), negative), parity_p)
         return context.get_dummy_value()
 
@@ -137,29 +136,22 @@ def min_sum_second_pass(typingctx, post, r, first, second, parity, hard, scale, 
             _vector_of(builder, context.cast(builder, args[k], signature.args[k], types.float32))
             for k in (6, 7)
         )
-        fabs = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_VF, [_VF]), f"llvm.fabs.v{LANES}f32"
-        )
         with _row_vectors(context, builder, *entries) as (post_o, r_o, _, acc_o):
             post_p = _vector_at(builder, post_d, post_o, _VF)
             r_p = _vector_at(builder, r_d, r_o, _VF)
             x = builder.fsub(_load(builder, post_p), _load(builder, r_p))
-            magnitude = builder.call(fabs, [x])
+            magnitude = _fabs(builder, x)
             low = _load(builder, _vector_at(builder, first_d, acc_o, _VF))
             next_low = _load(builder, _vector_at(builder, second_d, acc_o, _VF))
             others = builder.select(builder.fcmp_ordered("==", magnitude, low), next_low, low)
             others = builder.fsub(builder.fmul(others, scale_v), offset_v)
             others = _maximum(builder, others, _splat(0.0, _VF))
-            negative = builder.zext(builder.fcmp_ordered("<", x, _splat(0.0, _VF)), _VI)
             parity = _load(builder, _vector_at(builder, parity_d, acc_o, _VI))
-            flip = builder.shl(builder.xor(parity, negative), _splat(_SIGN_BIT, _VI))
+            flip = builder.shl(
+                builder.xor(parity, _below_zero(builder, x)), _splat(_SIGN_BIT, _VI)
+            )
             message = builder.bitcast(builder.xor(builder.bitcast(others, _VI), flip), _VF)
-            _store(builder, message, r_p)
-            posterior = builder.fadd(x, message)
-            _store(builder, posterior, post_p)
-            hard_p = _vector_at(builder, hard_d, acc_o, _VI)
-            below = builder.zext(builder.fcmp_ordered("<", posterior, _splat(0.0, _VF)), _VI)
-            _store(builder, builder.add(_load(builder, hard_p), below), hard_p)
+            _store_message(builder, x, message, r_p, post_p, hard_d, acc_o)
         return context.get_dummy_value()
 
     return signature, codegen

@@ -199,6 +199,30 @@ def _store(builder, value, pointer):
     builder.store(value, pointer, align=4)
 
 
+def _fabs(builder, x):
+    """|x| in every lane of a float vector (llvm.fabs)."""
+    fabs = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_VF, [_VF]), f"llvm.fabs.v{LANES}f32"
+    )
+    return builder.call(fabs, [x])
+
+
+def _below_zero(builder, x):
+    """1 in each lane where the float vector x is negative, else 0 (int32 lanes)."""
+    return builder.zext(builder.fcmp_ordered("<", x, _splat(0.0, _VF)), _VI)
+
+
+def _store_message(builder, x, message, r_p, post_p, hard_d, acc_o):
+    """A second pass's outputs for one vector of an entry: the check's message at r_p, the
+    posterior x + message at post_p, and the count of negative posteriors of its checks
+    (hard, at the checks' offset acc_o) raised where that posterior is below zero."""
+    _store(builder, message, r_p)
+    posterior = builder.fadd(x, message)
+    _store(builder, posterior, post_p)
+    hard_p = _vector_at(builder, hard_d, acc_o, _VI)
+    _store(builder, builder.add(_load(builder, hard_p), _below_zero(builder, posterior)), hard_p)
+
+
 def _contiguous(array, dtype) -> bool:
     return isinstance(array, types.Array) and array.layout == "C" and array.dtype == dtype
 
@@ -264,15 +288,12 @@ def row_first_pass(typingctx, post, r, p, acc, fixed, column, shift, t0, degree,
     def codegen(context, builder, signature, args):
         arrays, entries = _row_entries(context, builder, signature, args, 7)
         post_d, r_d, p_d, acc_d, fixed_d = arrays[:5]
-        fabs = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_VF, [_VF]), f"llvm.fabs.v{LANES}f32"
-        )
         with _row_vectors(context, builder, *entries) as (post_o, r_o, p_o, acc_o):
             x = builder.fsub(
                 _load(builder, _vector_at(builder, post_d, post_o, _VF)),
                 _load(builder, _vector_at(builder, r_d, r_o, _VF)),
             )
-            magnitude = builder.call(fabs, [x])
+            magnitude = _fabs(builder, x)
             top = _splat(_PHI_MAX, _VF)
             magnitude = builder.select(builder.fcmp_ordered("<", magnitude, top), magnitude, top)
             scaled = builder.fadd(
@@ -281,8 +302,7 @@ def row_first_pass(typingctx, post, r, p, acc, fixed, column, shift, t0, degree,
             y = _gather(builder, fixed_d, builder.fptosi(scaled, _VI), _VI)
             _store(builder, y, _vector_at(builder, p_d, p_o, _VI))
             acc_p = _vector_at(builder, acc_d, acc_o, _VI)
-            negative = builder.zext(builder.fcmp_ordered("<", x, _splat(0.0, _VF)), _VI)
-            sign = builder.shl(negative, _splat(_SIGN_BIT, _VI))
+            sign = builder.shl(_below_zero(builder, x), _splat(_SIGN_BIT, _VI))
             _store(builder, builder.xor(builder.add(_load(builder, acc_p), y), sign), acc_p)
         return context.get_dummy_value()
 
@@ -323,18 +343,12 @@ def row_second_pass(typingctx, post, r, p, acc, hard, table, column, shift, t0, 
             last = _splat(_LAST, _VI)
             index = builder.select(builder.icmp_unsigned("<", index, last), index, last)
             magnitude = builder.bitcast(_gather(builder, table_d, index, _VF), _VI)
-            negative = builder.zext(builder.fcmp_ordered("<", x, _splat(0.0, _VF)), _VI)
             flip = builder.xor(
                 builder.and_(a, _splat(1 << _SIGN_BIT, _VI)),
-                builder.shl(negative, _splat(_SIGN_BIT, _VI)),
+                builder.shl(_below_zero(builder, x), _splat(_SIGN_BIT, _VI)),
             )
             message = builder.bitcast(builder.xor(magnitude, flip), _VF)
-            _store(builder, message, r_p)
-            posterior = builder.fadd(x, message)
-            _store(builder, posterior, post_p)
-            hard_p = _vector_at(builder, hard_d, acc_o, _VI)
-            below = builder.zext(builder.fcmp_ordered("<", posterior, _splat(0.0, _VF)), _VI)
-            _store(builder, builder.add(_load(builder, hard_p), below), hard_p)
+            _store_message(builder, x, message, r_p, post_p, hard_d, acc_o)
         return context.get_dummy_value()
 
     return signature, codegen
