@@ -202,10 +202,23 @@ def test_bob_decodes_each_key_bit_with_its_own_detections_noise_share(tmp_path, 
     argv = ["simulate", "--profile", "micius-2017", "--duration-s", "30", "--seed", "1"]
     assert qkdsat([*argv, "--pattern-secret", "5eed" * 8, "--out", str(pass_dir), "--quiet"]) == 0
     alice, bob = spy_on_key_blocks(monkeypatch)
-    report = run_local(pass_dir, tmp_path / "out", Config(), insecure_deterministic_seed=5)
+    bob_wire = Wire()
+    report = run_local(
+        pass_dir, tmp_path / "out", Config(), insecure_deterministic_seed=5, tamper_bob=bob_wire
+    )
     assert not report["aborted"], report["abort_reason"]
     assert len(bob) == 2  # the Z and X key blocks
     noise_bits_err_half_the_time(alice, bob, min_noise_bits=100, windows=3)
+    # Bob announced each block's mean entropy over h(q) (ec_sizing, one per part, ahead
+    # of its syndromes) and both planned its first syndromes on it: below 1 here, as the
+    # block mixes vacuum, decoy and signal detections
+    ratios = [int(f["entropy_ratio"]) for kind, f in bob_wire.messages if kind == "ec_sizing"]
+    blocks = report["ec"]["blocks"]
+    assert len(ratios) == sum(len(b.get("parts", [b])) for b in blocks) == 2
+    assert [r / reconcile.ENTROPY_RATIO_ONE for r in ratios] == [
+        b["sizing_entropy_ratio"] for b in blocks
+    ]
+    assert all(0.9 < r / reconcile.ENTROPY_RATIO_ONE < 0.99 for r in ratios)
 
 
 @pytest.mark.skipif(not pa.CARRYLESS_AVAILABLE, reason="no PCLMULQDQ on this CPU")

@@ -171,6 +171,8 @@ FIELDS = {
     (UP, "sync_request"): {"done": PUBLIC, "starts": PUBLIC, "length": PUBLIC, "counts": PUBLIC},
     (UP, "detections"): {"count": PUBLIC, "rice_k": PUBLIC, "slots": PUBLIC, "basis": PUBLIC},
     (UP, "disclosed_errors"): {f"qber_{b}": PUBLIC for b in BASES},
+    # the bits' mean entropy over h(q), from the public shares at the public sizing QBER
+    (UP, "ec_sizing"): {"entropy_ratio": PUBLIC},
     (UP, "ec_top_up"): {"step": PUBLIC},
     (UP, "ec_status"): {"failed": PUBLIC, "step": PUBLIC, "undecoded": PUBLIC},
     (UP, "ec_check"): {"match": PUBLIC},

@@ -93,6 +93,47 @@ def _first_f(frame_bits: int) -> float:
 TOP_UP_SIGMAS = 0.5
 
 
+# Sizing on the bits' own entropies (docs/distillation.md, "Alice sizes on the bits'
+# entropies", session 20). Bob's prior (noise_model.BitErrorModel) gives the syndrome a
+# part's bits need at the Shannon limit, the mean of h(p_i), which lies below h(q) when
+# the block mixes cleaner and noisier detections (0.94 h(q) on a full micius-2017 pass).
+# Alice's first syndromes were sized on efficiency h(q) and so set f there, above where
+# most frames decode; Bob now announces the ratio (ec_sizing, before the syndromes) and
+# both plan on efficiency x ratio. The ratio is a function of public values only: the
+# shares come from the detection rates of each announced intensity class, and the QBER
+# it is taken at is the part's public sizing estimate (not Bob's syndrome measurement),
+# so it tells nothing about the key and is not in the leak. It crosses as an integer in
+# 1/ENTROPY_RATIO_ONE, rounded up (both sides compute the same plan from the same
+# integer). A wrong ratio costs top-ups, retries and leak, never a wrong key (the frames'
+# tags). But the punctured reserve's reach falls with it (_plan: efficiency x ratio +
+# RETRY_RESERVE_F of h(q)), and past the reserve a frame reveals key bits, each worth
+# only 1 - R of a syndrome bit (a block whose bits' entropies average 0.82 h(q), sized at
+# efficiency 0.9 x 0.82: f 1.07-1.56, against 0.93 sized at 0.9). So the ratio is at
+# least _entropy_ratio_floor(efficiency), where the reserve still reaches the whole
+# h(q), should a receiver differ from the model: 0.81 at the default efficiency 1.05
+# (a micius-2017 pass's bits give 0.94-0.96, jinan-1's 0.985). Alice refuses a ratio
+# outside [floor, ENTROPY_RATIO_ONE].
+ENTROPY_RATIO_ONE = 1 << 16
+
+
+def _entropy_ratio_floor(efficiency: float) -> int:
+    """The lowest ratio (in 1 / ENTROPY_RATIO_ONE) whose plan's reserve reaches h(q):
+    efficiency x ratio + RETRY_RESERVE_F >= 1."""
+    floor = math.ceil(ENTROPY_RATIO_ONE * (1 - ldpc.RETRY_RESERVE_F) / efficiency)
+    return min(floor, ENTROPY_RATIO_ONE)
+
+
+def entropy_ratio(
+    channel_model: noise_model.BitErrorModel, qber_low: float, efficiency: float
+) -> int:
+    """Bob's ec_sizing: the model's mean entropy over h(q) at the plan's low end, in
+    1 / ENTROPY_RATIO_ONE, rounded up, within [_entropy_ratio_floor(efficiency),
+    ENTROPY_RATIO_ONE] (ENTROPY_RATIO_ONE for a binary symmetric channel)."""
+    q = min(max(qber_low, 1e-4), 0.5)
+    ratio = math.ceil(channel_model.entropy(q) / binary_entropy(q) * ENTROPY_RATIO_ONE)
+    return min(max(ratio, _entropy_ratio_floor(efficiency)), ENTROPY_RATIO_ONE)
+
+
 # Check after decoding, under a hash key Alice draws after Bob has finished decoding (so
 # the wrong words cannot depend on it), with the polynomial hash gf64.bits_hash:
 # - first one BLOCK_TAG_BITS tag of all decoded frames together: in the usual case, every
@@ -336,10 +377,19 @@ def _plan(
     sample_bits: int = 0,
     sigmas=None,
     frame_bits: int | None = None,
+    ratio: int = ENTROPY_RATIO_ONE,
 ) -> ldpc.FramePlan:
     """Equal frames: as few as fit the block, each sized to it, so no frame is mostly
     padding (the syndrome length is the code's whatever the frame holds). Frames of
-    `frame_bits`, default the block's (ldpc.frame_bits_for: longer for a larger block)."""
+    `frame_bits`, default the block's (ldpc.frame_bits_for: longer for a larger block).
+    ratio (entropy_ratio, in 1 / ENTROPY_RATIO_ONE): the frames are sized on
+    efficiency x ratio, so the first syndromes leak that times h(q) per key bit, on the
+    mother code that leak and the punctured reserve take (a higher rate than at
+    efficiency: the same leak kept punctured on the lower-rate code decoded worse, f
+    +0.005-0.013 on full micius-2017 passes; docs/distillation.md, "Alice sizes on the
+    bits' entropies"). The reserve's reach falls with it: efficiency x ratio +
+    RETRY_RESERVE_F of h(q), which _entropy_ratio_floor bounds."""
+    efficiency = efficiency * ratio / ENTROPY_RATIO_ONE  # the same float on both sides
     low, high = qber_interval(qber_estimate, sample_bits, sigmas)
     n = frame_bits or ldpc.frame_bits_for(count, low, efficiency, high)
     most = ldpc.max_key_bits(low, efficiency, n, qber_high=high)
@@ -636,8 +686,15 @@ def _ldpc_alice_part(
     The discarded frames' bits are then disclosed: they are no longer key.
     sample_bits: the size of the sample behind qber_estimate (0: exact), sigmas the
     interval's width in its standard errors (default QBER_SIGMAS_LOW / HIGH), see _plan;
-    frame_bits the frames' length (default: the block's, ldpc.frame_bits_for)."""
-    plan = _plan(key.size, qber_estimate, efficiency, sample_bits, sigmas, frame_bits)
+    frame_bits the frames' length (default: the block's, ldpc.frame_bits_for).
+    efficiency is scaled by Bob's announced entropy ratio (ec_sizing, entropy_ratio)."""
+    ratio = int(channel.recv("ec_sizing")["entropy_ratio"])
+    if not _entropy_ratio_floor(efficiency) <= ratio <= ENTROPY_RATIO_ONE:
+        raise ReconciliationFailed(
+            f"ec_sizing: entropy ratio {ratio} / {ENTROPY_RATIO_ONE} outside "
+            f"[{_entropy_ratio_floor(efficiency)}, {ENTROPY_RATIO_ONE}]"
+        )
+    plan = _plan(key.size, qber_estimate, efficiency, sample_bits, sigmas, frame_bits, ratio)
     code = plan.code
     frames = _frames(key.size, plan)
     interleave = _interleave(key.size)
@@ -738,6 +795,7 @@ def _ldpc_alice_part(
         "frame_errors": int(np.sum(revealed > first_step)),
         "frames_discarded": int(discarded.size),
         "bits_discarded": int(count - kept.sum()),
+        "sizing_entropy_ratio": ratio / ENTROPY_RATIO_ONE,
     }
 
 
@@ -759,14 +817,18 @@ def _ldpc_bob_part(
     the block hash).
     First Bob measures the QBER from the syndromes and asks for what the frames need
     (LDPC_FIRST_F), then decodes, then retries in fine steps the frames that failed."""
-    plan = _plan(bits.size, qber_estimate, efficiency, sample_bits, sigmas, frame_bits)
-    code = plan.code
-    frames = _frames(bits.size, plan)
     interleave = _interleave(bits.size)
     bits = bits[interleave]
     channel_model = noise_model.BitErrorModel(
         None if noise_share is None else noise_share[interleave]
     )
+    # the first syndromes sized on the bits' mean entropy (entropy_ratio), announced first
+    low = qber_interval(qber_estimate, sample_bits, sigmas)[0]
+    ratio = entropy_ratio(channel_model, low, efficiency)
+    channel.send("ec_sizing", entropy_ratio=ratio)
+    plan = _plan(bits.size, qber_estimate, efficiency, sample_bits, sigmas, frame_bits, ratio)
+    code = plan.code
+    frames = _frames(bits.size, plan)
     msg = channel.recv("ec_syndromes")
     if msg["code"] != code.digest() or int(msg["frames"]) != len(frames):
         raise ReconciliationFailed("LDPC code or frame count differs between Alice and Bob")
@@ -940,6 +1002,7 @@ def _ldpc_bob_part(
         # the syndrome the bits need at the Shannon limit under Bob's prior, against h(q)
         # (1 without noise shares): f / this ratio is f against that limit
         "noise_entropy_ratio": channel_model.entropy(measured) / binary_entropy(measured),
+        "sizing_entropy_ratio": ratio / ENTROPY_RATIO_ONE,
         "first_request_bits": first_step,
         "revealed_bits": int(revealed.sum()),
     }
