@@ -202,9 +202,14 @@ def test_bob_decodes_each_key_bit_with_its_own_detections_noise_share(tmp_path, 
     argv = ["simulate", "--profile", "micius-2017", "--duration-s", "30", "--seed", "1"]
     assert qkdsat([*argv, "--pattern-secret", "5eed" * 8, "--out", str(pass_dir), "--quiet"]) == 0
     alice, bob = spy_on_key_blocks(monkeypatch)
-    bob_wire = Wire()
+    alice_wire, bob_wire = Wire(), Wire()
     report = run_local(
-        pass_dir, tmp_path / "out", Config(), insecure_deterministic_seed=5, tamper_bob=bob_wire
+        pass_dir,
+        tmp_path / "out",
+        Config(),
+        insecure_deterministic_seed=5,
+        tamper=alice_wire,
+        tamper_bob=bob_wire,
     )
     assert not report["aborted"], report["abort_reason"]
     assert len(bob) == 2  # the Z and X key blocks
@@ -219,6 +224,22 @@ def test_bob_decodes_each_key_bit_with_its_own_detections_noise_share(tmp_path, 
         b["sizing_entropy_ratio"] for b in blocks
     ]
     assert all(0.9 < r / reconcile.ENTROPY_RATIO_ONE < 0.99 for r in ratios)
+    # and each is what anyone recomputes from public values: the block's shares (public:
+    # detection rates of the announced classes) at the low end of its sizing interval,
+    # from the disclosed sample's QBER or the previous block's announced error count
+    from host.distil.protocol import _ec_sizing
+
+    (disclosed,) = [f for kind, f in bob_wire.messages if kind == "disclosed_errors"]
+    (disclose,) = [f for kind, f in alice_wire.messages if kind == "disclose"]
+    qber = {n: float(disclosed[f"qber_{n}"]) for n in ("Z", "X")}
+    sizes = {n: int(disclose[f"count_{n}"]) for n in ("Z", "X")}
+    announced = [f for kind, f in bob_wire.messages if kind == "ec_block_errors"]
+    previous = [None] + [(int(f["errors"]), int(f["bits"])) for f in announced]
+    for name, (_, share), before, ratio in zip(["Z", "X"], bob, previous, ratios, strict=True):
+        estimate, sample_bits = _ec_sizing(qber, sizes, name, before)
+        low = reconcile.qber_interval(estimate, sample_bits)[0]
+        model = reconcile.noise_model.BitErrorModel(share)
+        assert ratio == reconcile.entropy_ratio(model, low, Config().ec_efficiency), name
 
 
 @pytest.mark.skipif(not pa.CARRYLESS_AVAILABLE, reason="no PCLMULQDQ on this CPU")

@@ -518,6 +518,60 @@ def test_alice_sizes_the_first_syndromes_on_the_entropy_ratio_bob_announces():
     assert stats["sizing_entropy_ratio"] == alice_stats["sizing_entropy_ratio"] == 1.0
 
 
+def test_each_parts_entropy_ratio_is_recomputed_from_public_values_alone():
+    """ec_sizing is not in the leak because it is a function of public values: each part's
+    shares and its public sizing interval. Recomputed here from those alone (the probe's
+    from the sample, the rest's from the sample pooled with the announced probe count, at
+    PROBE_SIGMAS), the ratios on the wire must be the same: a ratio that read Bob's bits or
+    his syndrome measurement (in either part) would differ. Both below 1, so the check
+    is not the binary symmetric channel's trivial one."""
+    x, y, share, q = _mixed_classes_pair(np.random.default_rng(13), n=200_000)
+    sample = 4000
+    corrected, kept, stats, alice_stats, _, by_bob = _recorded_both_ways(
+        x, y, q, sample, noise_share=share
+    )
+    assert np.array_equal(corrected, x) and kept.all()
+    ratios = [int(f["entropy_ratio"]) for kind, f in by_bob if kind == "ec_sizing"]
+    probe, rest = reconcile._probe_split(x.size, q, 1.05, sample)
+    (announced,) = [f for kind, f in by_bob if kind == "ec_probe_errors"]
+    estimate, bits = reconcile._after_probe(int(announced["errors"]), probe.size, q, sample)
+    model = reconcile.noise_model.BitErrorModel
+    public = [
+        reconcile.entropy_ratio(model(share[probe]), reconcile.qber_interval(q, sample)[0], 1.05),
+        reconcile.entropy_ratio(
+            model(share[rest]),
+            reconcile.qber_interval(estimate, bits, reconcile.PROBE_SIGMAS)[0],
+            1.05,
+        ),
+    ]
+    assert ratios == public
+    assert all(r < reconcile.ENTROPY_RATIO_ONE for r in public)
+    assert [p["sizing_entropy_ratio"] for p in stats["parts"]] == [
+        r / reconcile.ENTROPY_RATIO_ONE for r in public
+    ]
+
+
+@pytest.mark.parametrize("efficiency", [0.5, 0.85, 0.9, 1.0, 1.05, 1.08, 1.3, 3.0])
+def test_the_entropy_ratio_floor_is_the_lowest_whose_reserve_reaches_h(efficiency):
+    """_entropy_ratio_floor: the plan on efficiency x ratio keeps the punctured reserve's
+    reach (efficiency x ratio + RETRY_RESERVE_F of h(q)) at h(q) or more (unless it is 1:
+    an efficiency of 0.85 or less leaves no room), and one unit below it would not; never
+    above 1. Bob's announced ratio is clamped to it: a model whose bits
+    average 0.82 h(q) announces the floor where that is higher (0.944 at 0.9)."""
+    one, reserve = reconcile.ENTROPY_RATIO_ONE, ldpc.RETRY_RESERVE_F
+    floor = reconcile._entropy_ratio_floor(efficiency)
+    assert 0 < floor <= one
+    if floor < one:
+        assert efficiency * floor / one + reserve >= 1 - 1e-12
+    assert efficiency * (floor - 1) / one + reserve < 1
+    _, _, share, q = _mixed_classes_pair(np.random.default_rng(11))
+    model = reconcile.noise_model.BitErrorModel(share)
+    mean = model.entropy(q) / binary_entropy(q)
+    announced = reconcile.entropy_ratio(model, q, efficiency)
+    assert announced == max(floor, math.ceil(mean * one))
+    assert reconcile.entropy_ratio(reconcile.noise_model.BitErrorModel(None), q, efficiency) == one
+
+
 @pytest.mark.parametrize("offset", [-1, 1])
 def test_alice_refuses_an_entropy_ratio_outside_its_bounds(offset):
     """A ratio below the floor (the reserve would no longer reach h(q)) or above one:

@@ -193,6 +193,49 @@ def test_bob_decodes_each_chunk_with_its_own_bits_noise_shares(streamed):
     noise_bits_err_half_the_time(CHUNKS["alice"], CHUNKS["bob"], min_noise_bits=30)
 
 
+def test_each_chunks_entropy_ratio_is_recomputed_from_public_values(streamed):
+    """ec_sizing is not in the leak: each part's ratio is the model's mean entropy over
+    h(q) from the chunk's public shares at the low end of the interval its request
+    announces (and, for the rest of a two-part chunk, the probe's announced count), as
+    anyone recomputes it from the wire and the shares."""
+    from host.distil import noise_model, reconcile
+
+    efficiency = Config().ec_efficiency
+    requests, sizing, probes = [], [], []
+    for kind, fields in WIRES["bob"].messages:
+        if kind == "stream_next" and fields["step"] == "reconcile":
+            requests.append(fields)
+            sizing.append([])
+            probes.append([])
+        elif kind == "ec_sizing":
+            sizing[-1].append(int(fields["entropy_ratio"]))
+        elif kind == "ec_probe_errors":
+            probes[-1].append(int(fields["errors"]))
+    shares = [share for _, share in CHUNKS["bob"]]
+    assert len(requests) == len(shares) > 0
+    below_one = 0
+    for request, ratios, announced, share in zip(requests, sizing, probes, shares, strict=True):
+        count, qber = int(request["bits"]), float(request["qber"])
+        sample_bits = int(request["sample_bits"])
+        split = reconcile._probe_split(count, qber, efficiency, sample_bits)
+        if split is None:
+            parts = [(share, reconcile.qber_interval(qber, sample_bits)[0])]
+        else:
+            probe, rest = split
+            estimate, bits = reconcile._after_probe(announced[0], probe.size, qber, sample_bits)
+            parts = [
+                (share[probe], reconcile.qber_interval(qber, sample_bits)[0]),
+                (share[rest], reconcile.qber_interval(estimate, bits, reconcile.PROBE_SIGMAS)[0]),
+            ]
+        public = [
+            reconcile.entropy_ratio(noise_model.BitErrorModel(s), low, efficiency)
+            for s, low in parts
+        ]
+        assert ratios == public
+        below_one += sum(r < reconcile.ENTROPY_RATIO_ONE for r in public)
+    assert below_one > 0
+
+
 def test_the_report_carries_the_timeline_and_latency_figures(streamed):
     report, out = streamed
     on_disk = json.loads((out / "report.json").read_text())
