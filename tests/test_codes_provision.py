@@ -203,3 +203,25 @@ def test_a_qber_range_provisions_the_mid_sized_blocks_frames_whatever_the_fill(m
     assert {n for n, _ in asked} == {1 << 17}
     provisioned = codes.codes_for(qber_min, qber_max, efficiencies)
     assert asked <= set(provisioned), sorted(asked - set(provisioned))
+
+
+@pytest.mark.parametrize("qber_min, qber_max", [(0.01, 0.03), (0.04, 0.06)])
+def test_a_qber_range_provisions_the_codes_of_every_entropy_ratio_bob_may_announce(
+    monkeypatch, qber_min, qber_max
+):
+    """Bob's ec_sizing scales the efficiency each part is planned on by a ratio in
+    [reconcile._entropy_ratio_floor, 1] (session 20): a lower efficiency picks higher
+    mother rates, which `codes build --qber-min/--qber-max` must provision too (at the
+    floor, a 2^18 code of a rate above those of efficiency 1.05 was missing in each range)."""
+    asked = _record_construct(monkeypatch)
+    cfg = Config()
+    floor = reconcile._entropy_ratio_floor(cfg.ec_efficiency)
+    draw = np.random.default_rng(17)  # public simulation draw of (size, qber, sample)
+    for _ in range(600):
+        count = int(10 ** draw.uniform(0, math.log10(60 * max(ldpc.LONG_FRAME_BITS))))
+        qber = float(draw.uniform(qber_min, qber_max))
+        sample_bits = int(draw.choice([0, 10, 256, 2_000, 50_000, 10**6]))
+        for ratio in (floor, (floor + reconcile.ENTROPY_RATIO_ONE) // 2):
+            reconcile._plan(count, qber, cfg.ec_efficiency, sample_bits, ratio=ratio)
+    provisioned = codes.codes_for(qber_min, qber_max, codes.sizing_efficiencies(cfg))
+    assert asked <= set(provisioned), sorted(asked - set(provisioned))

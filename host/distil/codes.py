@@ -99,21 +99,35 @@ def missing(codes: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return [(n, rate) for n, rate in codes if not ldpc.cached_path(n, rate).exists()]
 
 
+def sizing_efficiencies(config) -> tuple[float, ...]:
+    """The efficiencies reconcile._plan sizes a part on under `config`: its ec_efficiency
+    times any entropy ratio Bob may announce (ec_sizing, reconcile.entropy_ratio: from
+    _entropy_ratio_floor to 1; codes_for's interval per length spans the rates between),
+    and the first attempt's."""
+    from host.distil import reconcile
+
+    efficiency = config.ec_efficiency
+    lowest = (
+        efficiency * reconcile._entropy_ratio_floor(efficiency) / reconcile.ENTROPY_RATIO_ONE
+    )
+    return tuple(sorted({efficiency, lowest, reconcile.LDPC_FIRST_F}))
+
+
 def default_codes(
     lengths: tuple[int, ...] | None = None,
     qber_max: float | None = None,
     qber_min: float = 0.0,
 ):
     """The codes of the default distillation configuration (protocol.Config): its abort
-    threshold and efficiency, and the first attempt's."""
-    from host.distil import reconcile
+    threshold and efficiency (times any announced entropy ratio), and the first
+    attempt's."""
     from host.distil.protocol import Config
 
     cfg = Config()
     return codes_for(
         qber_min,
         cfg.qber_threshold if qber_max is None else qber_max,
-        tuple(sorted({cfg.ec_efficiency, reconcile.LDPC_FIRST_F})),
+        sizing_efficiencies(cfg),
         lengths,
     )
 
@@ -126,9 +140,7 @@ def count_missing_for_stream(config) -> dict:
     in the cache (report field `ldpc_codes_missing`), with one warning line on stderr
     naming the provisioning command. Nothing is built here: a build belongs before the
     pass, not in its first chunks."""
-    from host.distil import reconcile
-
-    efficiencies = tuple(sorted({config.ec_efficiency, reconcile.LDPC_FIRST_F}))
+    efficiencies = sizing_efficiencies(config)
     key = (config.qber_threshold, efficiencies, frame_lengths())
     if key not in _MISSING_AT_WARM_UP:
         _MISSING_AT_WARM_UP[key] = codes_for(0.0, config.qber_threshold, efficiencies)
