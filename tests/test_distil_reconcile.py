@@ -572,16 +572,19 @@ def test_the_entropy_ratio_floor_is_the_lowest_whose_reserve_reaches_h(efficienc
     assert reconcile.entropy_ratio(reconcile.noise_model.BitErrorModel(None), q, efficiency) == one
 
 
-@pytest.mark.parametrize("offset", [-1, 1])
+@pytest.mark.parametrize(
+    "offset", [-1, 1, "60000", 60000.5, True, None, float("inf"), float("nan"), [60000]]
+)
 def test_alice_refuses_an_entropy_ratio_outside_its_bounds(offset):
-    """A ratio below the floor (the reserve would no longer reach h(q)) or above one:
-    Alice stops before sending a syndrome."""
-    bound = reconcile._entropy_ratio_floor(1.05) if offset < 0 else reconcile.ENTROPY_RATIO_ONE
+    """A ratio below the floor (the reserve would no longer reach h(q)) or above one, or
+    anything but an integer (a string or a float she would round, a bool, null, a list):
+    Alice stops with a refusal before sending a syndrome."""
+    bound = reconcile._entropy_ratio_floor(1.05) if offset == -1 else reconcile.ENTROPY_RATIO_ONE
     data = np.random.default_rng(0).bytes(1 << 12)
     t_a, t_b = ch.queue_pair(timeout_s=10)
     a = ch.AuthChannel(t_a, ch.KeyPool(data), ch.ALICE)
     b = ch.AuthChannel(t_b, ch.KeyPool(data), ch.BOB)
-    b.send("ec_sizing", entropy_ratio=bound + offset)
+    b.send("ec_sizing", entropy_ratio=bound + offset if type(offset) is int else offset)
     key = np.random.default_rng(1).integers(0, 2, 20_000, dtype=np.uint8)
     with pytest.raises(reconcile.ReconciliationFailed, match="ec_sizing"):
         reconcile.ldpc_alice(a, key, 0.02, 1.05, np.random.default_rng(2))

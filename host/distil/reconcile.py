@@ -688,11 +688,14 @@ def _ldpc_alice_part(
     interval's width in its standard errors (default QBER_SIGMAS_LOW / HIGH), see _plan;
     frame_bits the frames' length (default: the block's, ldpc.frame_bits_for).
     efficiency is scaled by Bob's announced entropy ratio (ec_sizing, entropy_ratio)."""
-    ratio = int(channel.recv("ec_sizing")["entropy_ratio"])
-    if not _entropy_ratio_floor(efficiency) <= ratio <= ENTROPY_RATIO_ONE:
+    # an integer, checked before any syndrome: no rounding of a float or a string (which
+    # would plan on a ratio Bob did not name), no exception other than a refusal
+    ratio = channel.recv("ec_sizing").get("entropy_ratio")
+    floor = _entropy_ratio_floor(efficiency)
+    if type(ratio) is not int or not floor <= ratio <= ENTROPY_RATIO_ONE:
         raise ReconciliationFailed(
-            f"ec_sizing: entropy ratio {ratio} / {ENTROPY_RATIO_ONE} outside "
-            f"[{_entropy_ratio_floor(efficiency)}, {ENTROPY_RATIO_ONE}]"
+            f"ec_sizing: entropy ratio {ratio!r} / {ENTROPY_RATIO_ONE}, not an integer in "
+            f"[{floor}, {ENTROPY_RATIO_ONE}]"
         )
     plan = _plan(key.size, qber_estimate, efficiency, sample_bits, sigmas, frame_bits, ratio)
     code = plan.code
