@@ -545,6 +545,9 @@ def test_the_tolerance_test_uses_the_blocks_bound_and_spares_keyless_blocks():
     for bad in (0.0, 0.51, float("nan")):
         with pytest.raises(BadInput, match="--phase-error-tolerance"):
             Config(phase_error_tolerance=bad).validate()
+    for bad in (0.0, -1.05, float("nan"), float("inf")):
+        with pytest.raises(BadInput, match="ec_efficiency"):
+            Config(ec_efficiency=bad).validate()
 
 
 def test_pass_json_mean_photon_numbers_must_match_alices_source_record(

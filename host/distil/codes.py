@@ -107,9 +107,7 @@ def sizing_efficiencies(config) -> tuple[float, ...]:
     from host.distil import reconcile
 
     efficiency = config.ec_efficiency
-    lowest = (
-        efficiency * reconcile._entropy_ratio_floor(efficiency) / reconcile.ENTROPY_RATIO_ONE
-    )
+    lowest = efficiency * reconcile._entropy_ratio_floor(efficiency) / reconcile.ENTROPY_RATIO_ONE
     return tuple(sorted({efficiency, lowest, reconcile.LDPC_FIRST_F}))
 
 

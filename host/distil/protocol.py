@@ -138,6 +138,10 @@ class Config:
             value = getattr(self, name)
             if not 0 < value < 1:
                 raise BadInput(f"--{name.replace('_', '-')} {value}: must be in (0, 1)")
+        # the LDPC plan divides by it (reconcile._entropy_ratio_floor), and a leak target
+        # of 0 or less per key bit names no code
+        if not (math.isfinite(self.ec_efficiency) and self.ec_efficiency > 0):
+            raise BadInput(f"ec_efficiency {self.ec_efficiency}: must be a number above 0")
         tolerance = self.phase_error_tolerance
         if not (math.isfinite(tolerance) and 0 < tolerance <= 0.5):
             raise BadInput(f"--phase-error-tolerance {tolerance}: must be a number in (0, 0.5]")
