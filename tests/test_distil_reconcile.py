@@ -1329,6 +1329,34 @@ def test_a_frames_key_positions_are_its_positions_in_ascending_order():
         assert np.array_equal(got, np.sort(order[:used]))
 
 
+@pytest.mark.parametrize("rate", [0.7, 0.9])
+def test_a_low_rate_frame_shortens_positions_off_the_untainted_staircase_half(rate):
+    """Punctured, shortened and key positions split the frame; under
+    SHORTEN_FROM_END_BELOW_RATE the shortened ones are the last of the public order (none
+    of the staircase's untainted half the punctured bits did not take), above it the ones
+    right after the punctured bits. The layout's key bits, its known zeros of a short
+    frame and the retries' reveal order all follow the plan's key order."""
+    code = ldpc.construct(1 << 16, rate)
+    untainted = ldpc.untainted_prefix(code)
+    p, s = untainted // 4, untainted  # more shortened than the untainted half has left
+    plan = ldpc.FramePlan(code, p, s)
+    parts = [plan.punctured_positions, plan.shortened_positions, plan.key_positions]
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(code.n))
+    from_end = rate < ldpc.SHORTEN_FROM_END_BELOW_RATE
+    assert from_end == (rate == 0.7)
+    staircase_left = code.order[p:untainted]
+    shortened_there = np.isin(plan.shortened_positions, staircase_left).sum()
+    assert shortened_there == (0 if from_end else untainted - p)
+    used = plan.key_bits - 100  # a short last frame
+    key_pos, zero_pos = reconcile._frame_layout(plan, used)
+    assert np.array_equal(key_pos, np.sort(plan.key_order[:used]))
+    assert np.array_equal(np.sort(zero_pos), np.sort(np.concatenate(
+        [plan.shortened_positions, plan.key_order[used:]]
+    )))  # fmt: skip
+    reveal = reconcile._reveal_order(plan, used)
+    assert np.array_equal(reveal[p:], plan.key_order[:used])
+
+
 def test_a_chunk_in_the_frames_bob_names_counts_the_leak_that_crossed(monkeypatch):
     """The stream's path (stream.next_chunk): both sides are told the frame length, here
     longer than the block's own (ldpc.frame_bits_for: the short one for 2 long frames),

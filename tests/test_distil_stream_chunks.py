@@ -267,7 +267,7 @@ def test_alice_refuses_a_frame_length_she_holds_no_code_for_before_using_any_bit
     assert sifted.reconciled["Z"] == 0
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_a_peer_of_an_older_protocol_is_refused_at_the_hello_before_the_raw_data_is_claimed(
     version,
 ):
@@ -276,7 +276,8 @@ def test_a_peer_of_an_older_protocol_is_refused_at_the_hello_before_the_raw_data
     chunks met a protocol-4 Alice's 2^16: a code mismatch after the syndromes); protocol
     5's post-pass sides cut a block of 2-8 frames of 2^16 in 2^16 frames where these take
     longer ones (ldpc.frame_bits_for, session 15); protocol 6's Alice sends her syndromes
-    without waiting for Bob's ec_sizing (session 20). All abort mid-pass, after Alice claimed
+    without waiting for Bob's ec_sizing, and protocol 7's shorten other positions of the
+    frames of low mother rates (both session 20). All abort mid-pass, after Alice claimed
     the pass's raw data (raw_data_record: no second run of it); the hello, before the
     claim, refuses the other version instead."""
     from types import SimpleNamespace

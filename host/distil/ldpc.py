@@ -1230,10 +1230,21 @@ def ascending(positions: np.ndarray, n: int) -> np.ndarray:
     return np.flatnonzero(marked).astype(positions.dtype, copy=False)
 
 
+# Mother rates below this shorten the last s positions of the public order (random
+# positions off the staircase's untainted half) instead of the s after the punctured ones
+# (the rest of that half). Frames of 2^17 filled to 0.9 (~13,300 shortened) had mean
+# thresholds of 1.073-1.125 from 1.5 to 6 % QBER shortened after the punctured bits,
+# 1.065-1.078 shortened from the end; at 1 % (rate ~0.91) the first was 0.007 better, at
+# 1.3-1.5 % (0.88-0.89) the two were level (docs/distillation.md, "Shortened positions
+# and designs", session 20).
+SHORTEN_FROM_END_BELOW_RATE = 0.875
+
+
 @dataclass
 class FramePlan:
     """How a mother code is adapted to a target rate: the first p positions of the code's
-    public order are punctured, the next s shortened, the rest carry key bits."""
+    public order are punctured; s are shortened, the next s after them or, at a mother
+    rate under SHORTEN_FROM_END_BELOW_RATE, the last s; the rest carry key bits."""
 
     code: Code
     punctured: int
@@ -1243,9 +1254,21 @@ class FramePlan:
     def key_bits(self) -> int:
         return self.code.n - self.punctured - self.shortened
 
+    def _shortened_from_end(self) -> bool:
+        return self.code.rate < SHORTEN_FROM_END_BELOW_RATE
+
+    @property
+    def key_order(self) -> np.ndarray:
+        """The key positions in the public order (a short frame fills the first ones, and
+        the retries reveal them in this order after the punctured bits)."""
+        p, s, n = self.punctured, self.shortened, self.code.n
+        if self._shortened_from_end():
+            return self.code.order[p : n - s]
+        return self.code.order[p + s :]
+
     @property
     def key_positions(self) -> np.ndarray:
-        return ascending(self.code.order[self.punctured + self.shortened :], self.code.n)
+        return ascending(self.key_order, self.code.n)
 
     @property
     def punctured_positions(self) -> np.ndarray:
@@ -1253,7 +1276,10 @@ class FramePlan:
 
     @property
     def shortened_positions(self) -> np.ndarray:
-        return self.code.order[self.punctured : self.punctured + self.shortened]
+        p, s, n = self.punctured, self.shortened, self.code.n
+        if self._shortened_from_end():
+            return self.code.order[n - s :]
+        return self.code.order[p : p + s]
 
     def leak_bits(self) -> int:
         return self.code.m - punctured_rank(self.code, self.punctured)

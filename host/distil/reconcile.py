@@ -442,7 +442,7 @@ class _KeyEdges:
     key bits, and the edges that touch a key bit (their variables and checks, in edge
     order). What Bob's QBER measurement recomputed from the 0.5-1.1 M edges at every
     call (two to five a block, each ~30 ms of it); they depend on the code, the plan's
-    punctured plus shortened count and the frame's key bits only."""
+    punctured and shortened counts and the frame's key bits only."""
 
     per_check: np.ndarray
     variables: np.ndarray
@@ -454,7 +454,7 @@ _KEY_EDGES: dict[tuple, _KeyEdges] = {}
 
 def _key_edges(plan: ldpc.FramePlan, used: int) -> _KeyEdges:
     code = plan.code
-    name = (code.digest(), plan.punctured + plan.shortened, int(used))
+    name = (code.digest(), plan.punctured, plan.shortened, int(used))
     out = _KEY_EDGES.get(name)
     if out is None:
         key_pos, _ = _frame_layout(plan, used)
@@ -657,13 +657,12 @@ def _reveal_order(plan: ldpc.FramePlan, used: int) -> np.ndarray:
     first (each costs at most one bit of leak and tells Bob the most), the last punctured
     first, so that what stays punctured is the untainted part (every other staircase bit,
     ldpc._public_order), which decodes best; then key positions."""
-    key_in_order = plan.code.order[plan.punctured + plan.shortened :][:used]
-    return np.concatenate([plan.punctured_positions[::-1], key_in_order])
+    return np.concatenate([plan.punctured_positions[::-1], plan.key_order[:used]])
 
 
 def _frame_layout(plan: ldpc.FramePlan, used: int) -> tuple[np.ndarray, np.ndarray]:
     """(key positions used by this frame in key order, positions known to be zero)."""
-    key_order = plan.code.order[plan.punctured + plan.shortened :]
+    key_order = plan.key_order
     key_pos = ldpc.ascending(key_order[:used], plan.code.n)
     zero_pos = np.concatenate([plan.shortened_positions, key_order[used:]])
     return key_pos, zero_pos
