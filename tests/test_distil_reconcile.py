@@ -1332,13 +1332,18 @@ def test_a_frames_key_positions_are_its_positions_in_ascending_order():
 @pytest.mark.parametrize("rate", [0.7, 0.9])
 def test_a_low_rate_frame_shortens_positions_off_the_untainted_staircase_half(rate):
     """Punctured, shortened and key positions split the frame; under
-    SHORTEN_FROM_END_BELOW_RATE the shortened ones are the last of the public order (none
-    of the staircase's untainted half the punctured bits did not take), above it the ones
-    right after the punctured bits. The layout's key bits, its known zeros of a short
-    frame and the retries' reveal order all follow the plan's key order."""
+    SHORTEN_FROM_END_BELOW_RATE, with more than SHORTEN_FROM_END_MIN_SHARE of the frame
+    shortened, the shortened ones are the last of the public order (none of the
+    staircase's untainted half the punctured bits did not take), else the ones right after
+    the punctured bits. The layout's key bits, its known zeros of a short frame and the
+    retries' reveal order all follow the plan's key order."""
     code = ldpc.construct(1 << 16, rate)
     untainted = ldpc.untainted_prefix(code)
-    p, s = untainted // 4, untainted  # more shortened than the untainted half has left
+    p = untainted // 4
+    share = ldpc.SHORTEN_FROM_END_MIN_SHARE * code.n
+    few = ldpc.FramePlan(code, p, int(share))  # not more than the share: after the punctured
+    assert np.array_equal(few.shortened_positions, code.order[p : p + int(share)])
+    s = max(untainted, int(share) + 1)  # more than the untainted half has left
     plan = ldpc.FramePlan(code, p, s)
     parts = [plan.punctured_positions, plan.shortened_positions, plan.key_positions]
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(code.n))
@@ -1346,7 +1351,7 @@ def test_a_low_rate_frame_shortens_positions_off_the_untainted_staircase_half(ra
     assert from_end == (rate == 0.7)
     staircase_left = code.order[p:untainted]
     shortened_there = np.isin(plan.shortened_positions, staircase_left).sum()
-    assert shortened_there == (0 if from_end else untainted - p)
+    assert shortened_there == (0 if from_end else min(untainted - p, s))
     used = plan.key_bits - 100  # a short last frame
     key_pos, zero_pos = reconcile._frame_layout(plan, used)
     assert np.array_equal(key_pos, np.sort(plan.key_order[:used]))
