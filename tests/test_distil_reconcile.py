@@ -1362,6 +1362,49 @@ def test_a_low_rate_frame_shortens_positions_off_the_untainted_staircase_half(ra
     assert np.array_equal(reveal[p:], plan.key_order[:used])
 
 
+def test_the_layout_bound_is_strict_at_its_rate_and_pins_both_layouts():
+    """A mother rate of exactly SHORTEN_FROM_END_BELOW_RATE keeps the shortened bits after
+    the punctured ones; the grid rate below it, with more than SHORTEN_FROM_END_MIN_SHARE
+    of the frame shortened, takes the last of the public order. Both sides pick this
+    without a message (protocol 8), so the positions are pinned."""
+    bound = ldpc.SHORTEN_FROM_END_BELOW_RATE
+    below = max(r for r in ldpc.MOTHER_RATES if r < bound)
+    assert bound in ldpc.MOTHER_RATES
+    for rate, from_end in ((bound, False), (below, True)):
+        code = ldpc.construct(1 << 16, rate)
+        n, p = code.n, 700
+        s = int(ldpc.SHORTEN_FROM_END_MIN_SHARE * n) + 1
+        plan = ldpc.FramePlan(code, p, s)
+        if from_end:
+            shortened, key = code.order[n - s :], code.order[p : n - s]
+        else:
+            shortened, key = code.order[p : p + s], code.order[p + s :]
+        assert np.array_equal(plan.shortened_positions, shortened), rate
+        assert np.array_equal(plan.key_order, key), rate
+        assert np.array_equal(plan.punctured_positions, code.order[:p])
+
+
+def test_bobs_key_edges_tell_apart_plans_of_one_code_with_the_same_punctured_plus_shortened():
+    """Shortened from the end, (p, s) and (p', s') with p + s = p' + s' put the key bits on
+    other positions: the store of key edges (kept between Bob's measurements) must not
+    hand one plan's to the other."""
+    code = ldpc.construct(1 << 16, 0.7)
+    a, b = ldpc.FramePlan(code, 100, 5000), ldpc.FramePlan(code, 300, 4800)
+    assert a._shortened_from_end() and a.key_bits == b.key_bits
+    used = a.key_bits - 50
+    reconcile._KEY_EDGES.clear()
+    reconcile._key_edges(a, used)
+    kept = reconcile._key_edges(b, used)
+    key_pos, _ = reconcile._frame_layout(b, used)
+    is_key = np.zeros(code.n, dtype=np.int64)
+    is_key[key_pos] = 1
+    assert np.array_equal(kept.variables, code.check_var[is_key[code.check_var] == 1])
+    assert np.array_equal(
+        kept.per_check, np.add.reduceat(is_key[code.check_var], code.check_ptr[:-1])
+    )
+    reconcile._KEY_EDGES.clear()
+
+
 def test_a_chunk_in_the_frames_bob_names_counts_the_leak_that_crossed(monkeypatch):
     """The stream's path (stream.next_chunk): both sides are told the frame length, here
     longer than the block's own (ldpc.frame_bits_for: the short one for 2 long frames),

@@ -454,7 +454,9 @@ _KEY_EDGES: dict[tuple, _KeyEdges] = {}
 
 def _key_edges(plan: ldpc.FramePlan, used: int) -> _KeyEdges:
     code = plan.code
-    name = (code.digest(), plan.punctured, plan.shortened, int(used))
+    # the layout: p and s apart (shortened from the end, p + s does not fix it) and which
+    # side of ldpc.SHORTEN_FROM_END_BELOW_RATE the plan takes (a bound moved at run time)
+    name = (code.digest(), plan._shortened_from_end(), plan.punctured, plan.shortened, int(used))
     out = _KEY_EDGES.get(name)
     if out is None:
         key_pos, _ = _frame_layout(plan, used)
