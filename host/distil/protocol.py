@@ -50,10 +50,10 @@ from host.protocol.symbols import decode_symbols
 # 2^16, a code mismatch after the syndromes, the raw data claimed; 7: each LDPC part opens
 # with Bob's ec_sizing (reconcile.entropy_ratio), which a peer of 6 neither sends nor
 # expects (its Alice sends the syndromes and aborts on ec_sizing, the raw data claimed);
-# 8: frames of mother rates under ldpc.SHORTEN_FROM_END_BELOW_RATE, more than 1/16
-# shortened, shorten the last
-# positions of the public order, a layout both sides pick without a message (a peer of 7
-# would decode other positions: every frame fails or is discarded, the raw data claimed)
+# 8: frames of mother rates under ldpc.SHORTEN_FROM_END_BELOW_RATE with more than 1/16
+# shortened shorten the last positions of the public order, a layout both sides pick
+# without a message (a peer of 7 would decode other positions: every frame fails or is
+# discarded, the raw data claimed)
 PROTOCOL_VERSION = 8
 NO_PATTERN = 3  # intensity code Alice sends for a slot she has no record of
 VERIFY_KEYS = 2  # two independent 64-bit hashes: collision <= (L/2^64)^2
