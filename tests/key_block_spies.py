@@ -3,7 +3,7 @@ reconciled and the noise shares Bob decoded with (host/distil/noise_model.py).""
 
 import numpy as np
 
-from host.distil import reconcile
+from host.distil import noise_model, reconcile
 
 
 def spy_on_key_blocks(monkeypatch) -> tuple[list, list]:
@@ -45,3 +45,24 @@ def noise_bits_err_half_the_time(alice: list, bob: list, min_noise_bits: int, wi
         assert wrong[noise].mean() > 0.3 and wrong[~noise].mean() < 0.03
         assert 0 < share[~noise].mean() < 0.1
         assert np.unique(share[~noise]).size >= 2 * windows
+
+
+def public_entropy_ratios(share, qber: float, sample_bits: int, probe_errors, efficiency):
+    """What anyone recomputes of one key block's (or chunk's) ec_sizing ratios from public
+    values alone: the bits' shares, the block's sizing QBER and sample, and, for a block
+    reconciled in two parts (reconcile._probe_split), the probe's announced error count
+    (probe_errors[0]); the probe at the sample's interval, the rest at the pooled one
+    (reconcile._after_probe, PROBE_SIGMAS), each at its low end."""
+    split = reconcile._probe_split(share.size, qber, efficiency, sample_bits)
+    low = reconcile.qber_interval(qber, sample_bits)[0]
+    if split is None:
+        parts = [(share, low)]
+    else:
+        probe, rest = split
+        estimate, bits = reconcile._after_probe(probe_errors[0], probe.size, qber, sample_bits)
+        rest_low = reconcile.qber_interval(estimate, bits, reconcile.PROBE_SIGMAS)[0]
+        parts = [(share[probe], low), (share[rest], rest_low)]
+    return [
+        reconcile.entropy_ratio(noise_model.BitErrorModel(part), part_low, efficiency)
+        for part, part_low in parts
+    ]

@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+from key_block_spies import public_entropy_ratios
 
 from host.distil import channel as ch
 from host.distil import ldpc, reconcile
@@ -533,18 +534,9 @@ def test_each_parts_entropy_ratio_is_recomputed_from_public_values_alone():
     )
     assert np.array_equal(corrected, x) and kept.all()
     ratios = [int(f["entropy_ratio"]) for kind, f in by_bob if kind == "ec_sizing"]
-    probe, rest = reconcile._probe_split(x.size, q, 1.05, sample)
     (announced,) = [f for kind, f in by_bob if kind == "ec_probe_errors"]
-    estimate, bits = reconcile._after_probe(int(announced["errors"]), probe.size, q, sample)
-    model = reconcile.noise_model.BitErrorModel
-    public = [
-        reconcile.entropy_ratio(model(share[probe]), reconcile.qber_interval(q, sample)[0], 1.05),
-        reconcile.entropy_ratio(
-            model(share[rest]),
-            reconcile.qber_interval(estimate, bits, reconcile.PROBE_SIGMAS)[0],
-            1.05,
-        ),
-    ]
+    public = public_entropy_ratios(share, q, sample, [int(announced["errors"])], 1.05)
+    assert len(public) == 2  # the probe and the rest
     assert ratios == public
     assert all(r < reconcile.ENTROPY_RATIO_ONE for r in public)
     assert [p["sizing_entropy_ratio"] for p in stats["parts"]] == [

@@ -22,7 +22,11 @@ from pathlib import Path
 import finite_key_reference
 import numpy as np
 import pytest
-from key_block_spies import noise_bits_err_half_the_time, spy_on_key_blocks
+from key_block_spies import (
+    noise_bits_err_half_the_time,
+    public_entropy_ratios,
+    spy_on_key_blocks,
+)
 
 from host.cli import main as qkdsat
 from host.distil import codes
@@ -198,7 +202,7 @@ def test_each_chunks_entropy_ratio_is_recomputed_from_public_values(streamed):
     h(q) from the chunk's public shares at the low end of the interval its request
     announces (and, for the rest of a two-part chunk, the probe's announced count), as
     anyone recomputes it from the wire and the shares."""
-    from host.distil import noise_model, reconcile
+    from host.distil import reconcile
 
     efficiency = Config().ec_efficiency
     requests, sizing, probes = [], [], []
@@ -215,22 +219,9 @@ def test_each_chunks_entropy_ratio_is_recomputed_from_public_values(streamed):
     assert len(requests) == len(shares) > 0
     below_one = 0
     for request, ratios, announced, share in zip(requests, sizing, probes, shares, strict=True):
-        count, qber = int(request["bits"]), float(request["qber"])
-        sample_bits = int(request["sample_bits"])
-        split = reconcile._probe_split(count, qber, efficiency, sample_bits)
-        if split is None:
-            parts = [(share, reconcile.qber_interval(qber, sample_bits)[0])]
-        else:
-            probe, rest = split
-            estimate, bits = reconcile._after_probe(announced[0], probe.size, qber, sample_bits)
-            parts = [
-                (share[probe], reconcile.qber_interval(qber, sample_bits)[0]),
-                (share[rest], reconcile.qber_interval(estimate, bits, reconcile.PROBE_SIGMAS)[0]),
-            ]
-        public = [
-            reconcile.entropy_ratio(noise_model.BitErrorModel(s), low, efficiency)
-            for s, low in parts
-        ]
+        assert share.size == int(request["bits"])
+        qber, sample_bits = float(request["qber"]), int(request["sample_bits"])
+        public = public_entropy_ratios(share, qber, sample_bits, announced, efficiency)
         assert ratios == public
         below_one += sum(r < reconcile.ENTROPY_RATIO_ONE for r in public)
     assert below_one > 0
