@@ -242,22 +242,39 @@ def _executions():
     """(name, setup) of the A/B below: how the reconciliation code runs, not what it sends
     (the leak is the same, checked)."""
 
-    def cold(chunk):
+    def cold(chunk, messages=None):
         def setup():
             reconcile.DECODER_CHUNK_FRAMES = chunk
             reconcile._public_permutation.cache_clear()
             reconcile._EDGE_CHECKS.clear()
+            ldpc.MESSAGE_BUFFERS = messages or KEPT_MESSAGES
 
         return setup
 
     def warm():
         reconcile.DECODER_CHUNK_FRAMES = 1
+        ldpc.MESSAGE_BUFFERS = KEPT_MESSAGES
 
     return (
-        ("static halves, cold (main before session 10)", cold(0)),
+        ("static halves, cold (main before session 10)", cold(0, CallocMessages())),
+        ("dynamic frames, cold, np.zeros messages (session 20)", cold(1, CallocMessages())),
         ("dynamic frames, cold (a pass's first block)", cold(1)),
         ("dynamic frames, warm (a stream's next chunk)", warm),
     )
+
+
+KEPT_MESSAGES = ldpc.MESSAGE_BUFFERS
+
+
+class CallocMessages:
+    """The decoder's messages as reconcile made them until session 20: a new np.zeros for
+    every part, its pages faulted in by the kernel (ldpc.MessageBuffers)."""
+
+    def take(self, frames: int, edges: int) -> np.ndarray:
+        return np.zeros((frames, edges), dtype=np.float32)
+
+    def give(self, messages: np.ndarray) -> None:
+        pass
 
 
 def test_bench_reconciliation_execution_ab():
@@ -265,7 +282,8 @@ def test_bench_reconciliation_execution_ab():
     split in static halves over the cores and the public permutations drawn afresh (as
     before session 10), against frames handed to the cores one at a time
     (reconcile.DECODER_CHUNK_FRAMES) with the permutations and per-code arrays made once
-    (cold: the first block of its size; warm: the next one, as a stream's chunks). Each
+    (cold: the first block of its size; warm: the next one, as a stream's chunks), and the
+    decoder's messages from np.zeros (until session 20) against ldpc.MESSAGE_BUFFERS. Each
     block runs in both orders in the same run (A B C, then C B A); ratios of wall and of
     process CPU seconds against the first, with the load average. Identical leak asserted."""
     _warm_up()
@@ -276,8 +294,8 @@ def test_bench_reconciliation_execution_ab():
         f"orders; load average {os.getloadavg()[0]:.1f} at the start"
     )
     print(
-        " QBER | f median | execution                                      | in-process Mbit/s "
-        "(wall) | Mbit per CPU s | speed-up on the first (wall / CPU)"
+        " QBER | f median | execution                                            | "
+        "in-process Mbit/s (wall) | Mbit per CPU s | speed-up on the first (wall / CPU)"
     )
     try:
         for q in QBERS:
@@ -300,12 +318,13 @@ def test_bench_reconciliation_execution_ab():
             first = executions[0][0]
             for name, _ in executions:
                 print(
-                    f" {q:.2f} | {statistics.median(fs):8.4f} | {name:46s} | "
+                    f" {q:.2f} | {statistics.median(fs):8.4f} | {name:52s} | "
                     f"{bits / wall[name] / 1e6:23.3f} | {bits / cpu[name] / 1e6:14.3f} | "
                     f"{wall[first] / wall[name]:.2f} / {cpu[first] / cpu[name]:.2f}"
                 )
     finally:
         reconcile.DECODER_CHUNK_FRAMES = chunk
+        ldpc.MESSAGE_BUFFERS = KEPT_MESSAGES
     print(f" load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -432,6 +432,48 @@ def test_ldpc_exchange_corrects_every_frame_and_both_sides_count_the_same_leak()
     assert 1.0 < f < 1.3
 
 
+def test_a_block_decoded_on_a_kept_message_buffer_decodes_as_on_a_new_one(monkeypatch):
+    """Bob's decoder messages come from ldpc.MESSAGE_BUFFERS (issue 17: a new array's page
+    faults were 35-115 ms of a 1 M-bit block). A buffer given back is wiped (the messages'
+    signs are Bob's corrected bits) and the next block, decoded on it, gets the same
+    iterations, leak and bits as on a new buffer: nothing of the earlier block carries
+    over into its decoding."""
+    buffers = ldpc.MessageBuffers()
+    monkeypatch.setattr(ldpc, "MESSAGE_BUFFERS", buffers)
+    x1, y1 = _noisy_pair(60_000, 0.03, np.random.default_rng(1))
+    _run_pair("ldpc", x1, y1, 0.03)
+    kept = list(buffers._free)
+    assert len(kept) == 1 and kept[0].size and not kept[0].any()
+    x2, y2 = _noisy_pair(60_000, 0.03, np.random.default_rng(2))
+    on_kept = _run_pair("ldpc", x2, y2, 0.03)
+    assert len(buffers._free) == 1 and buffers._free[0] is kept[0]  # given back again
+    assert not kept[0].any()
+    monkeypatch.setattr(ldpc, "MESSAGE_BUFFERS", ldpc.MessageBuffers())
+    on_new = _run_pair("ldpc", x2, y2, 0.03)
+    assert np.array_equal(on_kept[0], x2) and np.array_equal(on_new[0], x2)
+    for key in ("leak_bits", "mean_iterations", "retry_rounds", "frame_errors"):
+        assert on_kept[1][key] == on_new[1][key], key
+
+
+def test_message_buffers_hand_each_buffer_to_one_part_and_keep_at_most_their_cap():
+    buffers = ldpc.MessageBuffers(keep_bytes=4 * 1000)
+    a = buffers.take(2, 300)  # 2,400 bytes
+    b = buffers.take(2, 300)
+    assert a.shape == (2, 300) and not a.any() and not np.shares_memory(a, b)
+    a[:] = 1.5
+    buffers.give(a)
+    assert buffers.kept_bytes() == 2400 and not a.any()  # wiped when given back
+    c = buffers.take(1, 100)  # the kept buffer, smallest that holds it
+    assert np.shares_memory(c, a) and not c.any() and buffers.kept_bytes() == 0
+    buffers.give(b)
+    buffers.give(c)  # 4,800 bytes would be kept, over the cap: one of the two dropped
+    assert buffers.kept_bytes() == 2400
+    big = buffers.take(3, 1000)  # nothing kept holds it: a new one
+    assert big.shape == (3, 1000) and not big.any() and buffers.kept_bytes() == 2400
+    buffers.give(big)  # 12,000 bytes: over the cap, dropped first
+    assert buffers.kept_bytes() == 2400
+
+
 def _mixed_classes_pair(rng, n=60_000):
     """A block whose bits come from three intensity classes with noise shares 0.02 (88 %),
     0.1 (10 %) and 1 (2 %, vacuum), the optics erring at 0.8 %: (x, y, shares, QBER)."""

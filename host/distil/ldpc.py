@@ -857,6 +857,65 @@ def _construct_qc(n: int, rate: float, seed: int, distribution, shifts: str) -> 
     return _store(path, key, Code(n, m, check_ptr, check_var, seed, rate, order, qc))
 
 
+# Decoder messages kept for the next part (MessageBuffers), at most this many bytes: the
+# 1 M-bit blocks' 8 frames of 2^17 take ~34 MB, a stream chunk's 2 frames ~9 MB; a larger
+# part (a jinan-1 pass's 22 frames of 2^18, ~180 MB) is allocated and dropped as before.
+MESSAGE_BUFFER_KEEP_BYTES = 128 << 20
+
+
+class MessageBuffers:
+    """Zeroed check messages (float32, frames x edges) for the decoders, from buffers that
+    earlier parts gave back. A fresh array of tens of MB is untouched memory: np.zeros left
+    its page faults to the kernel, which reads each message before it writes it (a read
+    fault onto the zero page, then a copy-on-write fault, on both cores' threads at once),
+    and np.empty + fill moves them to the fill. Either way 35-115 ms per 1 M-bit block
+    (8 frames of 2^17, 34 MB: 4 KB pages when the kernel has no transparent huge page to
+    give), against ~3 ms to zero a buffer already mapped (docs/distillation.md, "Decoder
+    messages from kept buffers"). Thread-safe: the stream decodes parts concurrently."""
+
+    def __init__(self, keep_bytes: int = MESSAGE_BUFFER_KEEP_BYTES):
+        self.keep_bytes = keep_bytes
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def kept_bytes(self) -> int:
+        with self._lock:
+            return sum(b.nbytes for b in self._free)
+
+    def take(self, frames: int, edges: int) -> np.ndarray:
+        """A zeroed (frames, edges) view of a kept buffer (the smallest that holds it; kept
+        buffers are zero, see give) or of a new one; give it back with give() once the
+        decoder is done with it."""
+        need = frames * edges
+        with self._lock:
+            fitting = [i for i, b in enumerate(self._free) if b.size >= need]
+            buffer = None
+            if fitting:
+                buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].size))
+        if buffer is None:
+            buffer = np.empty(need, dtype=np.float32)
+            buffer.fill(0)
+        return buffer[:need].reshape(frames, edges)
+
+    def give(self, messages: np.ndarray) -> None:
+        """Zero the buffer behind messages (from take) and keep it for a later part, the
+        largest dropped first while more than keep_bytes are kept. Zeroed here, not when
+        taken: the messages' signs are Bob's corrected bits, and a kept buffer must not hold
+        them after its part. The caller must not use messages after."""
+        buffer = messages
+        while buffer.base is not None:  # the 1-D array take() made
+            buffer = buffer.base
+        buffer.fill(0)
+        with self._lock:
+            self._free.append(buffer)
+            self._free.sort(key=lambda b: b.size)
+            while self._free and sum(b.nbytes for b in self._free) > self.keep_bytes:
+                self._free.pop()
+
+
+MESSAGE_BUFFERS = MessageBuffers()
+
+
 def decode_frames(llr, syndromes, check_ptr, check_var, max_iterations, out_bits, out_iters):
     """Layered sum-product syndrome decoding of many frames from scratch; returns success
     flags (see decode_frames_warm)."""

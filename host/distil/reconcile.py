@@ -844,7 +844,6 @@ def _ldpc_bob_part(
     out = np.zeros((len(frames), code.n), dtype=np.uint8)
     iters = np.zeros(len(frames), dtype=np.int64)
     revealed = np.zeros(len(frames), dtype=np.int64)
-    messages = np.zeros((len(frames), code.edges), dtype=np.float32)
     punctured_order = _reveal_order(plan, 0)  # the punctured part, in reveal order
 
     def request(pending: np.ndarray, step: int) -> None:
@@ -915,28 +914,33 @@ def _ldpc_bob_part(
         m = magnitude if np.ndim(magnitude) == 0 else magnitude[start : start + used]
         llr[f, key_pos] = np.where(bits[start : start + used] == 1, -m, m)
         llr[f, zero_pos] = ldpc.LLR_KNOWN
-    for attempt in range(LDPC_RETRIES + 1):
-        started = time.perf_counter()
-        ok = _decode_round(
-            pending,
-            llr,
-            syndromes,
-            code,
-            LDPC_MAX_ITERATIONS if attempt == 0 else LDPC_RETRY_ITERATIONS,
-            messages,
-            out,
-            iters,
-            len(frames),
-            attempt,
-        )
-        decoder_seconds += time.perf_counter() - started
-        pending = pending[~ok]
-        if pending.size == 0 or attempt == LDPC_RETRIES:
-            break
-        retries += 1
-        step = _retry_step(base_step, attempt, pending.size, len(frames))
-        channel.send("ec_status", failed=pending.astype(np.int32), step=step)
-        request(pending, step)
+    messages = ldpc.MESSAGE_BUFFERS.take(len(frames), code.edges)
+    try:
+        for attempt in range(LDPC_RETRIES + 1):
+            started = time.perf_counter()
+            ok = _decode_round(
+                pending,
+                llr,
+                syndromes,
+                code,
+                LDPC_MAX_ITERATIONS if attempt == 0 else LDPC_RETRY_ITERATIONS,
+                messages,
+                out,
+                iters,
+                len(frames),
+                attempt,
+            )
+            decoder_seconds += time.perf_counter() - started
+            pending = pending[~ok]
+            if pending.size == 0 or attempt == LDPC_RETRIES:
+                break
+            retries += 1
+            step = _retry_step(base_step, attempt, pending.size, len(frames))
+            channel.send("ec_status", failed=pending.astype(np.int32), step=step)
+            request(pending, step)
+    finally:
+        ldpc.MESSAGE_BUFFERS.give(messages)
+        del messages
     undecoded = pending
     channel.send(
         "ec_status",
