@@ -1420,16 +1420,20 @@ def test_the_layout_bound_is_strict_at_its_rate_and_pins_both_layouts():
 
 def test_bobs_key_edges_tell_apart_plans_of_one_code_with_the_same_punctured_plus_shortened():
     """Shortened from the end, (p, s) and (p', s') with p + s = p' + s' put the key bits on
-    other positions: the store of key edges (kept between Bob's measurements) must not
-    hand one plan's to the other."""
+    other positions: the stores of key edges and of frame layouts (kept between Bob's
+    measurements and frames) must not hand one plan's to the other."""
     code = ldpc.construct(1 << 16, 0.7)
     a, b = ldpc.FramePlan(code, 100, 5000), ldpc.FramePlan(code, 300, 4800)
     assert a._shortened_from_end() and a.key_bits == b.key_bits
     used = a.key_bits - 50
     reconcile._KEY_EDGES.clear()
+    reconcile._FRAME_LAYOUTS.clear()
     reconcile._key_edges(a, used)
     kept = reconcile._key_edges(b, used)
     key_pos, _ = reconcile._frame_layout(b, used)
+    # the store of layouts (kept between a part's frames) tells them apart too
+    assert np.array_equal(key_pos, np.sort(b.key_order[:used]))
+    assert not np.array_equal(reconcile._frame_layout(a, used)[0], key_pos)
     is_key = np.zeros(code.n, dtype=np.int64)
     is_key[key_pos] = 1
     assert np.array_equal(kept.variables, code.check_var[is_key[code.check_var] == 1])
