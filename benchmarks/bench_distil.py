@@ -242,12 +242,14 @@ def _executions():
     """(name, setup) of the A/B below: how the reconciliation code runs, not what it sends
     (the leak is the same, checked)."""
 
-    def cold(chunk, messages=None):
+    def cold(chunk, pool):
         def setup():
             reconcile.DECODER_CHUNK_FRAMES = chunk
             reconcile._public_permutation.cache_clear()
             reconcile._EDGE_CHECKS.clear()
-            ldpc.MESSAGE_BUFFERS = messages or KEPT_MESSAGES
+            reconcile._KEY_EDGES.clear()
+            reconcile._FRAME_LAYOUTS.clear()
+            ldpc.MESSAGE_BUFFERS = pool()
 
         return setup
 
@@ -256,14 +258,14 @@ def _executions():
         ldpc.MESSAGE_BUFFERS = KEPT_MESSAGES
 
     return (
-        ("static halves, cold (main before session 10)", cold(0, CallocMessages())),
-        ("dynamic frames, cold, np.zeros messages (session 20)", cold(1, CallocMessages())),
-        ("dynamic frames, cold (a pass's first block)", cold(1)),
+        ("static halves, cold, np.zeros (before session 10)", cold(0, CallocMessages)),
+        ("dynamic frames, cold, np.zeros (session 20)", cold(1, CallocMessages)),
+        ("dynamic frames, cold, new buffers (a first block)", cold(1, ldpc.MessageBuffers)),
         ("dynamic frames, warm (a stream's next chunk)", warm),
     )
 
 
-KEPT_MESSAGES = ldpc.MESSAGE_BUFFERS
+KEPT_MESSAGES = ldpc.MESSAGE_BUFFERS  # the warm arm's: kept from one block to the next
 
 
 class CallocMessages:
@@ -283,11 +285,12 @@ def test_bench_reconciliation_execution_ab():
     before session 10), against frames handed to the cores one at a time
     (reconcile.DECODER_CHUNK_FRAMES) with the permutations and per-code arrays made once
     (cold: the first block of its size; warm: the next one, as a stream's chunks), and the
-    decoder's messages from np.zeros (until session 20) against ldpc.MESSAGE_BUFFERS. Each
+    decoder's messages from np.zeros (until session 20), from a new ldpc.MessageBuffers (a
+    process's first block) and from a kept buffer (warm). Each
     block runs in both orders in the same run (A B C, then C B A); ratios of wall and of
     process CPU seconds against the first, with the load average. Identical leak asserted."""
     _warm_up()
-    chunk = reconcile.DECODER_CHUNK_FRAMES
+    chunk, pool = reconcile.DECODER_CHUNK_FRAMES, ldpc.MESSAGE_BUFFERS
     executions = _executions()
     print(
         f"\nexecution A/B, {EC_SEEDS} blocks of {BLOCK_BITS} bits per QBER, each in both "
@@ -324,7 +327,7 @@ def test_bench_reconciliation_execution_ab():
                 )
     finally:
         reconcile.DECODER_CHUNK_FRAMES = chunk
-        ldpc.MESSAGE_BUFFERS = KEPT_MESSAGES
+        ldpc.MESSAGE_BUFFERS = pool
     print(f" load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -371,12 +371,13 @@ def test_rate_adaptation_hits_the_target_rate():
         assert rate == pytest.approx(1 - 1.2 * binary_entropy(q), abs=0.01)
 
 
-def _run_pair(method, x, y, q, efficiency=1.1, noise_share=None, sample_bits=0):
+def _run_pair(method, x, y, q, efficiency=1.1, noise_share=None, sample_bits=0, timeout_s=60):
     """Reconcile x (Alice, in a thread) and y (Bob) between two authenticated endpoints:
     (Bob's corrected string, Bob's stats, Alice's stats). LDPC stats carry each side's
-    kept mask as "kept" (all bits for Cascade); noise_share is Bob's prior (LDPC)."""
+    kept mask as "kept" (all bits for Cascade); noise_share is Bob's prior (LDPC).
+    timeout_s: how long either side waits for the other's next message."""
     data = np.random.default_rng(0).bytes(1 << 16)
-    t_a, t_b = ch.queue_pair(timeout_s=60)
+    t_a, t_b = ch.queue_pair(timeout_s=timeout_s)
     a = ch.AuthChannel(t_a, ch.KeyPool(data), ch.ALICE)
     b = ch.AuthChannel(t_b, ch.KeyPool(data), ch.BOB)
     result = {}
@@ -432,46 +433,79 @@ def test_ldpc_exchange_corrects_every_frame_and_both_sides_count_the_same_leak()
     assert 1.0 < f < 1.3
 
 
+def _wiped(buffer: np.ndarray) -> bool:
+    """Every bit zero: no message, and no sign of one (-0.0 keeps a message's sign)."""
+    return not buffer.view(np.uint32).any()
+
+
 def test_a_block_decoded_on_a_kept_message_buffer_decodes_as_on_a_new_one(monkeypatch):
     """Bob's decoder messages come from ldpc.MESSAGE_BUFFERS (issue 17: a new array's page
     faults were 35-115 ms of a 1 M-bit block). A buffer given back is wiped (the messages'
-    signs are Bob's corrected bits) and the next block, decoded on it, gets the same
-    iterations, leak and bits as on a new buffer: nothing of the earlier block carries
-    over into its decoding."""
+    signs are Bob's corrected bits), and a smaller block of several frames and retry
+    rounds, decoded on it, gets the same iterations, leak and bits as on a new buffer:
+    nothing of the earlier block carries over into its decoding."""
     buffers = ldpc.MessageBuffers()
     monkeypatch.setattr(ldpc, "MESSAGE_BUFFERS", buffers)
-    x1, y1 = _noisy_pair(60_000, 0.03, np.random.default_rng(1))
-    _run_pair("ldpc", x1, y1, 0.03)
+    monkeypatch.setattr(ldpc, "FRAME_BITS", 8192)  # several frames a block
+    x1, y1 = _noisy_pair(200_000, 0.02, np.random.default_rng(7))
+    _run_pair("ldpc", x1, y1, 0.02)
     kept = list(buffers._free)
-    assert len(kept) == 1 and kept[0].size and not kept[0].any()
-    x2, y2 = _noisy_pair(60_000, 0.03, np.random.default_rng(2))
-    on_kept = _run_pair("ldpc", x2, y2, 0.03)
+    assert len(kept) == 1 and kept[0].size and _wiped(kept[0])
+    x2, y2 = _noisy_pair(40_000, 0.02, np.random.default_rng(8))
+    on_kept = _run_pair("ldpc", x2, y2, 0.02)
     assert len(buffers._free) == 1 and buffers._free[0] is kept[0]  # given back again
-    assert not kept[0].any()
+    assert _wiped(kept[0])
     monkeypatch.setattr(ldpc, "MESSAGE_BUFFERS", ldpc.MessageBuffers())
-    on_new = _run_pair("ldpc", x2, y2, 0.03)
+    on_new = _run_pair("ldpc", x2, y2, 0.02)
+    assert on_kept[1]["frames"] > 1 and on_kept[1]["retry_rounds"] > 0
     assert np.array_equal(on_kept[0], x2) and np.array_equal(on_new[0], x2)
     for key in ("leak_bits", "mean_iterations", "retry_rounds", "frame_errors"):
         assert on_kept[1][key] == on_new[1][key], key
+
+
+def test_a_part_that_aborts_gives_its_message_buffer_back_wiped(monkeypatch):
+    buffers = ldpc.MessageBuffers()
+    monkeypatch.setattr(ldpc, "MESSAGE_BUFFERS", buffers)
+    seen, decode_round = {}, reconcile._decode_round
+
+    def round_then_abort(pending, llr, syndromes, code, iterations, messages, *rest):
+        decode_round(pending, llr, syndromes, code, iterations, messages, *rest)
+        seen["written"], seen["buffer"] = bool(messages.any()), messages.base
+        raise reconcile.ReconciliationFailed("aborted after a decoding round (test)")
+
+    monkeypatch.setattr(reconcile, "_decode_round", round_then_abort)
+    x, y = _noisy_pair(60_000, 0.03, np.random.default_rng(1))
+    with pytest.raises(ProtocolAborted):  # Alice then waits for Bob's next message: 3 s
+        _run_pair("ldpc", x, y, 0.03, timeout_s=3)
+    assert seen["written"]
+    assert len(buffers._free) == 1 and buffers._free[0] is seen["buffer"]
+    assert _wiped(buffers._free[0])
 
 
 def test_message_buffers_hand_each_buffer_to_one_part_and_keep_at_most_their_cap():
     buffers = ldpc.MessageBuffers(keep_bytes=4 * 1000)
     a = buffers.take(2, 300)  # 2,400 bytes
     b = buffers.take(2, 300)
-    assert a.shape == (2, 300) and not a.any() and not np.shares_memory(a, b)
-    a[:] = 1.5
+    small = buffers.take(1, 50)  # 200 bytes
+    assert a.shape == (2, 300) and _wiped(a) and not np.shares_memory(a, b)
+    a[:] = -1.5
     buffers.give(a)
-    assert buffers.kept_bytes() == 2400 and not a.any()  # wiped when given back
-    c = buffers.take(1, 100)  # the kept buffer, smallest that holds it
-    assert np.shares_memory(c, a) and not c.any() and buffers.kept_bytes() == 0
+    assert buffers.kept_bytes() == 2400 and _wiped(a)  # wiped when given back
+    with pytest.raises(RuntimeError, match="twice"):
+        buffers.give(a)  # else two later parts would share it
+    buffers.give(small)
+    c = buffers.take(1, 40)  # the smallest kept buffer that holds it
+    assert np.shares_memory(c, small) and _wiped(c) and buffers.kept_bytes() == 2400
+    d = buffers.take(1, 100)  # the other one
+    assert np.shares_memory(d, a) and buffers.kept_bytes() == 0
     buffers.give(b)
-    buffers.give(c)  # 4,800 bytes would be kept, over the cap: one of the two dropped
+    buffers.give(d)  # 4,800 bytes would be kept, over the cap: one of the two dropped
     assert buffers.kept_bytes() == 2400
+    buffers.give(c)
     big = buffers.take(3, 1000)  # nothing kept holds it: a new one
-    assert big.shape == (3, 1000) and not big.any() and buffers.kept_bytes() == 2400
+    assert big.shape == (3, 1000) and _wiped(big) and buffers.kept_bytes() == 2600
     buffers.give(big)  # 12,000 bytes: over the cap, dropped first
-    assert buffers.kept_bytes() == 2400
+    assert buffers.kept_bytes() == 2600
 
 
 def _mixed_classes_pair(rng, n=60_000):
@@ -1431,9 +1465,13 @@ def test_bobs_key_edges_tell_apart_plans_of_one_code_with_the_same_punctured_plu
     reconcile._key_edges(a, used)
     kept = reconcile._key_edges(b, used)
     key_pos, _ = reconcile._frame_layout(b, used)
-    # the store of layouts (kept between a part's frames) tells them apart too
+    # the store of layouts (kept between a part's frames) tells them apart too, and the
+    # same (p, s) on another code of the same length and rate
     assert np.array_equal(key_pos, np.sort(b.key_order[:used]))
     assert not np.array_equal(reconcile._frame_layout(a, used)[0], key_pos)
+    other = ldpc.FramePlan(ldpc.construct(1 << 16, 0.7, seed=2), 300, 4800)
+    assert not np.array_equal(reconcile._frame_layout(other, used)[0], key_pos)
+    assert np.array_equal(reconcile._frame_layout(other, used)[0], np.sort(other.key_order[:used]))
     is_key = np.zeros(code.n, dtype=np.int64)
     is_key[key_pos] = 1
     assert np.array_equal(kept.variables, code.check_var[is_key[code.check_var] == 1])

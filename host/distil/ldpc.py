@@ -871,7 +871,8 @@ class MessageBuffers:
     and np.empty + fill moves them to the fill. Either way 35-115 ms per 1 M-bit block
     (8 frames of 2^17, 34 MB: 4 KB pages when the kernel has no transparent huge page to
     give), against ~3 ms to zero a buffer already mapped (docs/distillation.md, "Decoder
-    messages from kept buffers"). Thread-safe: the stream decodes parts concurrently."""
+    messages from kept buffers"). Thread-safe (one process may reconcile several blocks at
+    once: reconcile._decode)."""
 
     def __init__(self, keep_bytes: int = MESSAGE_BUFFER_KEEP_BYTES):
         self.keep_bytes = keep_bytes
@@ -907,6 +908,9 @@ class MessageBuffers:
             buffer = buffer.base
         buffer.fill(0)
         with self._lock:
+            if any(kept is buffer for kept in self._free):
+                # two later take()s would hand it to two parts
+                raise RuntimeError("a decoder message buffer given back twice")
             self._free.append(buffer)
             self._free.sort(key=lambda b: b.size)
             while self._free and sum(b.nbytes for b in self._free) > self.keep_bytes:

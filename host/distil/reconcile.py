@@ -930,7 +930,8 @@ def _ldpc_bob_part(
         m = magnitude if np.ndim(magnitude) == 0 else magnitude[start : start + used]
         llr[f, key_pos] = np.where(bits[start : start + used] == 1, -m, m)
         llr[f, zero_pos] = ldpc.LLR_KNOWN
-    messages = ldpc.MESSAGE_BUFFERS.take(len(frames), code.edges)
+    buffers = ldpc.MESSAGE_BUFFERS  # given back to the pool it came from
+    messages = buffers.take(len(frames), code.edges)
     try:
         for attempt in range(LDPC_RETRIES + 1):
             started = time.perf_counter()
@@ -955,7 +956,7 @@ def _ldpc_bob_part(
             channel.send("ec_status", failed=pending.astype(np.int32), step=step)
             request(pending, step)
     finally:
-        ldpc.MESSAGE_BUFFERS.give(messages)
+        buffers.give(messages)  # wiped, also when the part aborts
         del messages
     undecoded = pending
     channel.send(
