@@ -253,15 +253,19 @@ def _executions():
 
         return setup
 
-    def warm():
-        reconcile.DECODER_CHUNK_FRAMES = 1
-        ldpc.MESSAGE_BUFFERS = KEPT_MESSAGES
+    def warm(pool):
+        def setup():
+            reconcile.DECODER_CHUNK_FRAMES = 1
+            ldpc.MESSAGE_BUFFERS = pool
+
+        return setup
 
     return (
         ("static halves, cold, np.zeros (before session 10)", cold(0, CallocMessages)),
         ("dynamic frames, cold, np.zeros (session 20)", cold(1, CallocMessages)),
         ("dynamic frames, cold, new buffers (a first block)", cold(1, ldpc.MessageBuffers)),
-        ("dynamic frames, warm (a stream's next chunk)", warm),
+        ("dynamic frames, warm, np.zeros (session 20's next)", warm(CallocMessages())),
+        ("dynamic frames, warm, kept buffers (a next block)", warm(KEPT_MESSAGES)),
     )
 
 
