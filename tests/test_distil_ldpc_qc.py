@@ -1,6 +1,7 @@
 """The quasi-cyclic decoder (ldpc_qc.decode_qc_rows, issue 17) against the decoder it
 replaces on QC codes (ldpc.decode_phi_rows on the expanded CSR): bit for bit."""
 
+import numba
 import numpy as np
 import pytest
 
@@ -242,3 +243,23 @@ def test_reconciliation_refuses_a_non_finite_llr_before_the_decoder_reads_it(bad
     rows = np.array([0], dtype=np.int64)
     ok = reconcile._decode(rows, llr, syndromes, code, 60, messages, out, np.zeros(2, np.int64))
     assert ok.all() and np.array_equal(out[0], x[0])
+
+
+@numba.njit(parallel=True)
+def _claim_every_index(counts):
+    claimed = np.zeros(1, dtype=np.int64)
+    for _ in numba.prange(counts.size):  # as decode_qc_rows: claims until none is left
+        index = ldpc_qc._claim(claimed)
+        while index < counts.size:
+            counts[index] += 1
+            index = ldpc_qc._claim(claimed)
+
+
+def test_the_quasi_cyclic_decoders_claims_hand_every_frame_to_one_thread():
+    """decode_qc_rows's threads take frames by _claim (an atomic fetch-and-add) as each
+    finishes one: every index goes out exactly once, however the threads race (a frame
+    decoded twice at once would corrupt its messages; one never taken, left undecoded)."""
+    counts = np.zeros(200_000, dtype=np.int64)
+    _claim_every_index(counts)
+    assert numba.get_num_threads() >= 2
+    assert (counts == 1).all()

@@ -373,6 +373,23 @@ def _entry_lanes(post, r, p, column, shift, t0, i, lift):
     return posteriors, messages, p[i], lift - np.int64(shift[t])
 
 
+@intrinsic
+def _claim(typingctx, counter):
+    """counter[0], then counter[0] + 1, in one atomic step: the index of the next frame a
+    decoding worker takes (decode_qc_rows). Every index is handed out once, whichever
+    thread asks; the order between threads is the only thing left to the machine."""
+    sig = types.int64(counter)
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        first = cgutils.get_item_pointer(
+            context, builder, signature.args[0], array, [context.get_constant(types.intp, 0)]
+        )
+        return builder.atomic_rmw("add", first, context.get_constant(types.int64, 1), "monotonic")
+
+    return sig, codegen
+
+
 def _decoder(constant_lift: int):
     """decode_qc_rows compiled for codes of lift `constant_lift` only (0: any lift). A lift
     known at compile time lets LLVM drop the loops' remainders and trip-count checks
@@ -426,82 +443,103 @@ def _decoder(constant_lift: int):
             raise ValueError("check degree beyond PHI_FIXED_MAX_DEGREE: the phi sum overflows")
         if constant_lift != 0 and lift != constant_lift:
             raise ValueError("a code of another lift than this decoder was compiled for")
-        for row in numba.prange(rows.size):
-            f = rows[row]
-            r = messages[f]
+        # Each thread takes the next frame (_claim) as it finishes one. A round's frames take
+        # 5 to 100 iterations, and numba's prange split them into static halves whatever
+        # parallel_chunksize said (its OpenMP loop has no dynamic schedule): a round lasted
+        # as long as the slower half (docs/distillation.md, "Frames handed to the threads as
+        # they finish"). The prange is over the frames: each thread's first iteration takes
+        # frames until none is left, its others find none. (Over numba.get_num_threads()
+        # workers the kernel could not be cached: numba calls that through a pointer.)
+        claimed = np.zeros(1, dtype=np.int64)
+        keep = np.int64(PROGRESS_UNIT - stall_progress)
+        for _worker in numba.prange(rows.size):
+            row = _claim(claimed)
+            if row >= rows.size:
+                continue
             post = np.empty(n, dtype=np.float32)
-            for v in range(n):
-                post[v] = llr[f, v]
-            # the messages added in the CSR's edge order: a variable's edges by check, i.e. by
-            # base row (a row holds a column at most once)
-            for t in range(row_ptr[mb]):
-                base = np.int64(column[t]) * Z
-                for w in range(Z):
-                    post[base + w] += r[t * Z + w]
             p = np.empty((maxdeg, Z), dtype=np.uint32)
             acc = np.empty(2 * Z, dtype=np.uint32)
             hard = np.empty(2 * Z, dtype=np.int32)
-            it = 0
-            done = False
             best = np.empty(max_iterations + 1, dtype=np.int64)
-            best[0] = m + 1
-            keep = np.int64(PROGRESS_UNIT - stall_progress)
-            while it < max_iterations and not done:
-                it += 1
-                unsatisfied = 0
-                for b in range(mb):
-                    t0 = row_ptr[b]
-                    deg = row_ptr[b + 1] - t0
-                    for z in range(2 * Z):
-                        acc[z] = 0
-                    if Z % LANES == 0:
-                        row_first_pass(post, r, p, acc, fixed, column, shift, t0, deg, Z)
-                    else:
-                        for i in range(deg):
-                            pv_run, rt, pi, k = _entry_lanes(post, r, p, column, shift, t0, i, Z)
-                            ak = acc[k : k + Z]
-                            for w in range(Z):
-                                x = pv_run[w] - rt[w]
-                                y = np.uint32(_phi_fixed(fixed, abs(x)))
-                                pi[w] = y
-                                ak[w] = np.uint32(ak[w] + y) ^ (np.uint32(x < 0) << SIGN_BIT)
-                    for z in range(Z):
-                        a = np.uint32(acc[z] + acc[z + Z]) ^ (
-                            np.uint32(syndromes[f, b * Z + z]) << SIGN_BIT
-                        )
-                        acc[z] = a
-                        acc[z + Z] = a
-                        hard[z] = np.int32(syndromes[f, b * Z + z])
-                        hard[z + Z] = 0
-                    if Z % LANES == 0:
-                        row_second_pass(post, r, p, acc, hard, table, column, shift, t0, deg, Z)
-                    else:
-                        for i in range(deg):
-                            pv_run, rt, pi, k = _entry_lanes(post, r, p, column, shift, t0, i, Z)
-                            ak = acc[k : k + Z]
-                            hk = hard[k : k + Z]
-                            for w in range(Z):
-                                x = pv_run[w] - rt[w]
-                                a = ak[w]
-                                index = min(
-                                    np.uint32(np.uint32((a & SUM_MASK) - pi[w]) + HALF_U)
-                                    >> SHIFT_U,
-                                    LAST_U,
+            while row < rows.size:
+                f = rows[row]
+                r = messages[f]
+                for v in range(n):
+                    post[v] = llr[f, v]
+                # the messages added in the CSR's edge order: a variable's edges by check, i.e.
+                # by base row (a row holds a column at most once)
+                for t in range(row_ptr[mb]):
+                    base = np.int64(column[t]) * Z
+                    for w in range(Z):
+                        post[base + w] += r[t * Z + w]
+                it = 0
+                done = False
+                best[0] = m + 1
+                while it < max_iterations and not done:
+                    it += 1
+                    unsatisfied = 0
+                    for b in range(mb):
+                        t0 = row_ptr[b]
+                        deg = row_ptr[b + 1] - t0
+                        for z in range(2 * Z):
+                            acc[z] = 0
+                        if Z % LANES == 0:
+                            row_first_pass(post, r, p, acc, fixed, column, shift, t0, deg, Z)
+                        else:
+                            for i in range(deg):
+                                pv_run, rt, pi, k = _entry_lanes(
+                                    post, r, p, column, shift, t0, i, Z
                                 )
-                                sign = np.float32(-1.0) if a > SUM_MASK else np.float32(1.0)
-                                message = (sign if x >= 0 else -sign) * table[index]
-                                rt[w] = message
-                                pv = x + message
-                                pv_run[w] = pv
-                                hk[w] += np.int32(pv < 0)
-                    for z in range(Z):
-                        unsatisfied += (hard[z] + hard[z + Z]) & 1
-                if unsatisfied == 0:
-                    done = _hard_decision_satisfies(post, syndromes, f, m, check_ptr, check_var)
-                if _stalled(best, it, unsatisfied, stall, keep):
-                    break
-            _hard_decision_out(post, f, it, out_bits, out_iters)
-            ok[row] = done
+                                ak = acc[k : k + Z]
+                                for w in range(Z):
+                                    x = pv_run[w] - rt[w]
+                                    y = np.uint32(_phi_fixed(fixed, abs(x)))
+                                    pi[w] = y
+                                    ak[w] = np.uint32(ak[w] + y) ^ (np.uint32(x < 0) << SIGN_BIT)
+                        for z in range(Z):
+                            a = np.uint32(acc[z] + acc[z + Z]) ^ (
+                                np.uint32(syndromes[f, b * Z + z]) << SIGN_BIT
+                            )
+                            acc[z] = a
+                            acc[z + Z] = a
+                            hard[z] = np.int32(syndromes[f, b * Z + z])
+                            hard[z + Z] = 0
+                        if Z % LANES == 0:
+                            row_second_pass(
+                                post, r, p, acc, hard, table, column, shift, t0, deg, Z
+                            )
+                        else:
+                            for i in range(deg):
+                                pv_run, rt, pi, k = _entry_lanes(
+                                    post, r, p, column, shift, t0, i, Z
+                                )
+                                ak = acc[k : k + Z]
+                                hk = hard[k : k + Z]
+                                for w in range(Z):
+                                    x = pv_run[w] - rt[w]
+                                    a = ak[w]
+                                    index = min(
+                                        np.uint32(np.uint32((a & SUM_MASK) - pi[w]) + HALF_U)
+                                        >> SHIFT_U,
+                                        LAST_U,
+                                    )
+                                    sign = np.float32(-1.0) if a > SUM_MASK else np.float32(1.0)
+                                    message = (sign if x >= 0 else -sign) * table[index]
+                                    rt[w] = message
+                                    pv = x + message
+                                    pv_run[w] = pv
+                                    hk[w] += np.int32(pv < 0)
+                        for z in range(Z):
+                            unsatisfied += (hard[z] + hard[z + Z]) & 1
+                    if unsatisfied == 0:
+                        done = _hard_decision_satisfies(
+                            post, syndromes, f, m, check_ptr, check_var
+                        )
+                    if _stalled(best, it, unsatisfied, stall, keep):
+                        break
+                _hard_decision_out(post, f, it, out_bits, out_iters)
+                ok[row] = done
+                row = _claim(claimed)
         return ok
 
     return decode_qc_rows

@@ -180,12 +180,16 @@ def _tail_widening(pending: int, frames: int) -> int:
     return max(1, frames // (TAIL_SHARE_INV * max(pending, 1)))
 
 
-# Frames are handed to the decoder's threads one at a time (numba's dynamic schedule, chunk
-# DECODER_CHUNK_FRAMES), not in equal halves: a frame's iterations vary 5x within a call
-# (one that decodes stops after ~15, one that stalls runs to 40-50), and the static halves
-# kept both cores busy for only 84-94 % of a call's frame-iterations (1 M-bit blocks at
-# 1-5 % QBER, noise seeds 0-1; dynamic: 97-100 %). Each frame's result is the same either
-# way (frames are independent): the schedule changes only which core decodes it.
+# Frames should reach the decoder's threads one at a time, not in equal halves: a frame's
+# iterations vary 5-20x within a call (one that stalls stops after 5, one that decodes runs
+# 20-100), and static halves keep both cores busy for only part of a round. This asks
+# numba's prange for chunks of DECODER_CHUNK_FRAMES (session 10), but its OpenMP layer (the
+# one this machine's numba runs) splits the loop in static halves whatever the chunk
+# (session 21: a row 7x heavier than the 7 others held its half, 328 ms either way). The
+# quasi-cyclic decoder, the protocol's, hands frames out itself (ldpc_qc._claim); this
+# setting remains for the CSR decoder (ldpc.decode_phi_rows: other frame lengths). Each
+# frame's result is the same either way (frames are independent): the schedule changes
+# only which core decodes it.
 DECODER_CHUNK_FRAMES = 1
 # (stall, progress): the decoder gives an attempt up once its fewest unsatisfied checks
 # fell by less than progress / ldpc.PROGRESS_UNIT over its last `stall` iterations. By
