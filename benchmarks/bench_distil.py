@@ -242,9 +242,8 @@ def _executions():
     """(name, setup) of the A/B below: how the reconciliation code runs, not what it sends
     (the leak is the same, checked)."""
 
-    def cold(chunk, pool):
+    def cold(pool):
         def setup():
-            reconcile.DECODER_CHUNK_FRAMES = chunk
             reconcile._public_permutation.cache_clear()
             reconcile._EDGE_CHECKS.clear()
             reconcile._KEY_EDGES.clear()
@@ -255,17 +254,15 @@ def _executions():
 
     def warm(pool):
         def setup():
-            reconcile.DECODER_CHUNK_FRAMES = 1
             ldpc.MESSAGE_BUFFERS = pool
 
         return setup
 
     return (
-        ("static halves, cold, np.zeros (before session 10)", cold(0, CallocMessages)),
-        ("dynamic frames, cold, np.zeros (session 20)", cold(1, CallocMessages)),
-        ("dynamic frames, cold, new buffers (a first block)", cold(1, ldpc.MessageBuffers)),
-        ("dynamic frames, warm, np.zeros (session 20's next)", warm(CallocMessages())),
-        ("dynamic frames, warm, kept buffers (a next block)", warm(KEPT_MESSAGES)),
+        ("cold, np.zeros messages (session 20's first block)", cold(CallocMessages)),
+        ("cold, new buffers (a process's first block)", cold(ldpc.MessageBuffers)),
+        ("warm, np.zeros messages (session 20's next block)", warm(CallocMessages())),
+        ("warm, kept buffers (a next block, a stream's chunk)", warm(KEPT_MESSAGES)),
     )
 
 
@@ -284,17 +281,17 @@ class CallocMessages:
 
 
 def test_bench_reconciliation_execution_ab():
-    """Issue 17 (throughput): the same 1 M-bit blocks reconciled with the decoder's frames
-    split in static halves over the cores and the public permutations drawn afresh (as
-    before session 10), against frames handed to the cores one at a time
-    (reconcile.DECODER_CHUNK_FRAMES) with the permutations and per-code arrays made once
-    (cold: the first block of its size; warm: the next one, as a stream's chunks), and the
-    decoder's messages from np.zeros (until session 20), from a new ldpc.MessageBuffers (a
-    process's first block) and from a kept buffer (warm). Each
-    block runs in both orders in the same run (A B C, then C B A); ratios of wall and of
-    process CPU seconds against the first, with the load average. Identical leak asserted."""
+    """Issue 17 (throughput): the same 1 M-bit blocks reconciled with the public
+    permutations and per-code arrays made afresh (cold: a block of a new size) or kept
+    (warm: the next one, as a stream's chunks), and the decoder's messages from np.zeros
+    (until session 20), from a new ldpc.MessageBuffers (a process's first block) or from a
+    kept buffer. (Until session 21 it also compared numba's static halves of the frames
+    with chunks of one: under the OpenMP layer both were static halves; the QC decoder now
+    hands frames out itself, ldpc_qc._claim.) Each block runs in both orders in the same
+    run (A B C, then C B A); ratios of wall and of process CPU seconds against the first,
+    with the load average. Identical leak asserted."""
     _warm_up()
-    chunk, pool = reconcile.DECODER_CHUNK_FRAMES, ldpc.MESSAGE_BUFFERS
+    pool = ldpc.MESSAGE_BUFFERS
     executions = _executions()
     print(
         f"\nexecution A/B, {EC_SEEDS} blocks of {BLOCK_BITS} bits per QBER, each in both "
@@ -330,7 +327,6 @@ def test_bench_reconciliation_execution_ab():
                     f"{wall[first] / wall[name]:.2f} / {cpu[first] / cpu[name]:.2f}"
                 )
     finally:
-        reconcile.DECODER_CHUNK_FRAMES = chunk
         ldpc.MESSAGE_BUFFERS = pool
     print(f" load average {os.getloadavg()[0]:.1f} at the end")
 
