@@ -889,10 +889,9 @@ class MessageBuffers:
         decoder is done with it."""
         need = frames * edges
         with self._lock:
-            fitting = [i for i, b in enumerate(self._free) if b.size >= need]
-            buffer = None
-            if fitting:
-                buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].size))
+            # kept sorted by size (give): the first that holds it is the smallest
+            fitting = next((i for i, b in enumerate(self._free) if b.size >= need), None)
+            buffer = None if fitting is None else self._free.pop(fitting)
         if buffer is None:
             buffer = np.empty(need, dtype=np.float32)
             buffer.fill(0)

@@ -423,21 +423,49 @@ def _parity_groups(code: ldpc.Code, punctured_now: np.ndarray) -> tuple[np.ndarr
     return np.nonzero(per_check == 0)[0], pairs
 
 
+def _kept(store: dict, name, limit: int, make):
+    """store[name], made by make() the first time and kept (arrays a part reuses: made
+    read-only by make); the store emptied once it holds `limit` names."""
+    out = store.get(name)
+    if out is None:
+        out = make()
+        if len(store) >= limit:
+            store.clear()
+        store[name] = out
+    return out
+
+
+def _read_only(*arrays: np.ndarray) -> None:
+    for array in arrays:
+        array.flags.writeable = False
+
+
+def _layout_name(plan: ldpc.FramePlan, used: int) -> tuple:
+    """What a frame's layout depends on: the code, p and s apart (shortened from the end,
+    p + s does not fix it), which side of ldpc.SHORTEN_FROM_END_BELOW_RATE the plan takes
+    (a bound moved at run time) and the frame's key bits."""
+    return (
+        plan.code.digest(),
+        plan._shortened_from_end(),
+        plan.punctured,
+        plan.shortened,
+        int(used),
+    )
+
+
 _EDGE_CHECKS: dict[str, np.ndarray] = {}
 
 
 def _edge_checks(code: ldpc.Code) -> np.ndarray:
     """The check of every edge (read-only), made once per code: Bob measures the QBER two
     or three times a block, and the repeat over 0.3-0.6 M edges was ~45 ms each."""
-    key = code.digest()
-    out = _EDGE_CHECKS.get(key)
-    if out is None:
+
+    def make():
         out = np.repeat(np.arange(code.m), np.diff(code.check_ptr))
-        out.flags.writeable = False
-        if len(_EDGE_CHECKS) >= 16:
-            _EDGE_CHECKS.clear()
-        _EDGE_CHECKS[key] = out
-    return out
+        _read_only(out)
+        return out
+
+    return _kept(_EDGE_CHECKS, code.digest(), 16, make)
 
 
 @dataclass(frozen=True)
@@ -458,11 +486,8 @@ _KEY_EDGES: dict[tuple, _KeyEdges] = {}
 
 def _key_edges(plan: ldpc.FramePlan, used: int) -> _KeyEdges:
     code = plan.code
-    # the layout: p and s apart (shortened from the end, p + s does not fix it) and which
-    # side of ldpc.SHORTEN_FROM_END_BELOW_RATE the plan takes (a bound moved at run time)
-    name = (code.digest(), plan._shortened_from_end(), plan.punctured, plan.shortened, int(used))
-    out = _KEY_EDGES.get(name)
-    if out is None:
+
+    def make():
         key_pos, _ = _frame_layout(plan, used)
         is_key = np.zeros(code.n, dtype=np.int64)
         is_key[key_pos] = 1
@@ -471,12 +496,11 @@ def _key_edges(plan: ldpc.FramePlan, used: int) -> _KeyEdges:
         edge_key = on_edges == 1
         variables = code.check_var[edge_key].astype(np.int64)  # one kernel signature
         out = _KeyEdges(per_check, variables, _edge_checks(code)[edge_key])
-        for array in (out.per_check, out.variables, out.checks):
-            array.flags.writeable = False
-        if len(_KEY_EDGES) >= 4:  # a block's one or two frame lengths, ~18 MB each
-            _KEY_EDGES.clear()
-        _KEY_EDGES[name] = out
-    return out
+        _read_only(out.per_check, out.variables, out.checks)
+        return out
+
+    # a block's one or two frame lengths, ~18 MB each
+    return _kept(_KEY_EDGES, _layout_name(plan, used), 4, make)
 
 
 def _syndrome_qber(
@@ -674,20 +698,16 @@ def _frame_layout(plan: ldpc.FramePlan, used: int) -> tuple[np.ndarray, np.ndarr
     read-only. Made once per (plan, used): a block's frames take one or two values of
     used, and each side lays every frame out several times a part (24 layouts, ~12 ms of
     Bob's ~530 ms on a 1 M-bit block at 2 %)."""
-    code = plan.code
-    # keyed as _key_edges: p and s apart, and the side of SHORTEN_FROM_END_BELOW_RATE
-    name = (code.digest(), plan._shortened_from_end(), plan.punctured, plan.shortened, int(used))
-    out = _FRAME_LAYOUTS.get(name)
-    if out is None:
+
+    def make():
         key_order = plan.key_order
-        key_pos = ldpc.ascending(key_order[:used], code.n)
+        key_pos = ldpc.ascending(key_order[:used], plan.code.n)
         zero_pos = np.concatenate([plan.shortened_positions, key_order[used:]])
-        for array in (key_pos, zero_pos):
-            array.flags.writeable = False
-        if len(_FRAME_LAYOUTS) >= 16:  # ~1 MB each at 2^17; a part needs one or two
-            _FRAME_LAYOUTS.clear()
-        _FRAME_LAYOUTS[name] = out = (key_pos, zero_pos)
-    return out
+        _read_only(key_pos, zero_pos)
+        return key_pos, zero_pos
+
+    # ~1 MB each at 2^17; a part needs one or two
+    return _kept(_FRAME_LAYOUTS, _layout_name(plan, used), 16, make)
 
 
 def _ldpc_alice_part(
