@@ -673,7 +673,7 @@ def _public_permutation(seed: int, count: int) -> np.ndarray:
     (0.2-0.5 s of a block's wall time with the two in one process under load), while the
     streaming pipeline's chunks, and a pass's blocks, repeat their sizes."""
     out = np.random.default_rng(seed).permutation(count)
-    out.flags.writeable = False
+    _read_only(out)
     return out
 
 
