@@ -3,7 +3,7 @@ campaign killed midway resumes without redoing a finished pass; 1 and 2 workers 
 same results; bad input is refused before any work.
 
 The passes are real `qkdsat simulate` + `qkdsat distil` runs of short segments (0.3 s
-around culmination at a 20 MHz slot rate, Cascade): cheap enough for 21 passes three
+around culmination at a 20 MHz slot rate, Cascade): cheap enough for 10 passes three
 times over. They make no key (too few events for a finite-key length; the campaign
 records the abort); tests/test_network_kms.py runs a campaign whose passes do make keys.
 The distillation's randomness is replayed per pass (--insecure-deterministic-seed: such
@@ -38,7 +38,7 @@ SHORT_PASSES = ["--profile", "jinan-1", "--duration-s", "0.3", "--ec", "cascade"
 DRIVER = "import sys; from host.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _campaign(out: Path, *extra: str, stations: str = ALL_STATIONS, days: str = "6") -> list:
+def _campaign(out: Path, *extra: str, stations: str = ALL_STATIONS, days: str = "3") -> list:
     return ["campaign", "--tle", str(TLE), "--stations", stations, "--start",
             "2024-03-01T00:00:00Z", "--days", days, *SHORT_PASSES, "--out", str(out),
             "--quiet", *extra]  # fmt: skip
@@ -86,7 +86,7 @@ def test_a_killed_campaign_resumes_and_1_or_2_workers_give_the_same_results(tmp_
     finished_at_kill = _finished(one)
     plan = json.loads((one / "campaign.json").read_text())
     ids = [spec["id"] for spec in plan["passes"]]
-    assert len(ids) >= 20 and 3 <= len(finished_at_kill) < len(ids)
+    assert len(ids) >= 10 and 3 <= len(finished_at_kill) < len(ids)
     assert not (one / "report.json").exists()
 
     assert qkdsat(_campaign(one, "--workers", "1")) == 0
@@ -125,7 +125,7 @@ def test_a_killed_campaign_resumes_and_1_or_2_workers_give_the_same_results(tmp_
             assert (result["detections"] or 0) >= MIN_DETECTIONS, result
             synchronised.append(result["detections"])
     assert len(synchronised) >= len(by_id) // 2 and statistics.median(synchronised) > 1000
-    assert report_one["stations"]["Stellenbosch"]["passes"] == 7
+    assert report_one["stations"]["Stellenbosch"]["passes"] == 4
     for plot in ("key-per-station.png", "pool-levels.png"):
         assert (two / plot).read_bytes().startswith(b"\x89PNG")
 
