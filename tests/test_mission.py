@@ -268,17 +268,19 @@ def test_a_whole_micius_pass_with_head_generation_gives_a_key(tmp_path):
     Lim 2014 with Hoeffding tails gives ~0.72x the published 300,939 bits
     (docs/distillation.md); both ends hold the same key, files 0600."""
     # 5 pass seconds per wall second: the key does not depend on the pace (docs/streaming.md).
-    # On session 23's machine (Zen 3, 2 cores) the keys came 1.0 s after the last detection
-    # with 16 s of link left (lag median 1.3 s, at most 16 s); at 8 the pipeline fell behind
-    # (lag median 7 s) and the keys came 9.4 s after it, with 10 s left
+    # On session 23's machine (Zen 3, 2 cores) the keys came 1.0 s of wall time after the
+    # last detection, with ~16 s of wall time of link left (lag median 1.3 s, at most 16 s);
+    # at 8 the pipeline fell behind (lag median 7 s) and the keys came 9.4 s after it,
+    # with ~10 s left
     result = _mission(tmp_path, extra=("--stream-speedup", "5"))
     summary = json.loads((tmp_path / "mission.json").read_text())
     distil = summary["stages"]["distil"]
     link = summary["stages"]["link"]
     if result.returncode == 3 and link["lost_for_good"]:
-        # the pipeline fell so far behind that the work outlasted the ~77 s of link left
-        # after the window (a loaded machine); then neither side keeps a key and the
-        # reason says why
+        # the pipeline fell so far behind that the work outlasted the ~77 pass seconds of
+        # link left after the window (~15 s of wall time at 5x; a loaded machine); then
+        # neither side keeps a key and the reason says why (the link's ~350 pass seconds
+        # from the first detection are ~70 s of wall time at 5x: wall_s > 60)
         assert "loss of signal" in distil["abort_reason"]
         assert distil["key_files"] == [] and link["wall_s"] > 60
         return
