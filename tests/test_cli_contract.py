@@ -731,8 +731,9 @@ def test_payload_on_a_noisy_line_ends_with_link_failed_exit_4(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_flash_with_a_key_and_no_answer_is_one_line_exit_1(tmp_path, capsys):
-    """No REPL and no answer to the maintenance telecommand (a board that is off): ~7 s
-    of bounded waits, then one line naming both failures."""
+    """No REPL and no answer to the maintenance telecommand (a board that is off): ~15 s
+    of bounded waits (the REPL probe, then the ping, a read, sent 4 times with 3 s for
+    each answer), then one line naming both failures and saying how long it waited."""
     key = tmp_path / "payload.key"
     key.write_text("ab" * 32)
     master, slave = os.openpty()
@@ -744,6 +745,7 @@ def test_flash_with_a_key_and_no_answer_is_one_line_exit_1(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err
         assert "maintenance telecommand failed" in err and "no answer" in err
+        assert "within 3.0 s, sent 4 times" in err
     finally:
         os.close(master)
         os.close(slave)

@@ -185,8 +185,9 @@ class PayloadClient:
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             request = self.send_tc(service, subtype, data)
+            tries = attempt + 1 if idempotent else 1
             try:
-                verification = self._await_verification(what, request)
+                verification = self._await_verification(what, request, tries)
             except LinkError:
                 if last or not idempotent:
                     raise
@@ -216,19 +217,24 @@ class PayloadClient:
                 return tm
             self.stale_packets += 1
 
-    def _receive_or_fail(self, what: str, deadline: float) -> Tm:
+    def _receive_or_fail(self, what: str, deadline: float, tries: int = 1) -> Tm:
+        """The next TM before the deadline, or LinkFailed saying how long was waited (a
+        read sent `tries` times waited that many timeouts)."""
         try:
             return self.receive_tm(max(0.0, deadline - time.monotonic()) + 1e-3)
         except LinkTimeout:
+            each = f"within {self.timeout_s:.1f} s"
+            if tries > 1:
+                each = f"{each}, sent {tries} times"
             raise LinkFailed(
-                f"{what}: no answer from the payload on {self.link.port_name} within "
-                f"{self.timeout_s:.1f} s (check the port, the baud rate and the key)"
+                f"{what}: no answer from the payload on {self.link.port_name} {each} "
+                "(check the port, the baud rate and the key)"
             ) from None
 
-    def _await_verification(self, what: str, request: bytes) -> ccsds.Verification:
+    def _await_verification(self, what: str, request: bytes, tries: int = 1) -> ccsds.Verification:
         deadline = time.monotonic() + self.timeout_s
         while True:
-            tm = self._receive_or_fail(what, deadline)
+            tm = self._receive_or_fail(what, deadline, tries)
             if tm.service != ccsds.SVC_VERIFICATION:
                 self.stale_packets += 1
                 continue
