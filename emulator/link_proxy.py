@@ -30,6 +30,9 @@ class LinkFaults:
     flip_rate: float = 0.0  # per byte: one random bit flips
     truncate_rate: float = 0.0  # per frame: a random tail before the delimiter is lost
     frame_loss_rate: float = 0.0  # per frame: the whole frame vanishes
+    # every frame longer than this vanishes (None: none): a line that passes the short
+    # acceptance reports and loses long telemetry, such as a housekeeping reply
+    loss_above_bytes: int | None = None
 
 
 @dataclass
@@ -172,6 +175,9 @@ class LinkProxy:
     def _mangle(self, direction: str, frame: bytes, stats: DirectionStats) -> bytes:
         faults = self.faults[direction]
         rng = self.random[direction]
+        if faults.loss_above_bytes is not None and len(frame) > faults.loss_above_bytes:
+            stats.lost_frames += 1
+            return b""
         if faults.frame_loss_rate and rng.random() < faults.frame_loss_rate:
             stats.lost_frames += 1
             return b""

@@ -9,7 +9,7 @@ import pytest
 from linkhelpers import KEY, product_set, qemu_payload, unix_payload
 
 from emulator.link_proxy import LinkFaults, LinkProxy
-from host.link.client import CorruptDownload, LinkError, PayloadClient
+from host.link.client import CorruptDownload, LinkError, LinkFailed, PayloadClient
 from host.link.framed_serial import LinkTimeout
 
 NOISY = LinkFaults(drop_rate=2e-4, flip_rate=2e-4, truncate_rate=0.02, frame_loss_rate=0.02)
@@ -28,6 +28,23 @@ def test_download_through_a_noisy_link_completes_byte_for_byte(tmp_path):
     faults = proxy.stats.down
     assert faults.flipped_bits + faults.dropped_bytes + faults.truncated_frames > 10
     assert sum(r.retransmissions for r in results) > 0
+
+
+def test_a_read_whose_replies_are_all_lost_is_sent_retries_plus_one_times_then_fails(tmp_path):
+    """A line that passes the 49-byte acceptance reports and loses every long frame (the
+    housekeeping reply, ~1 kB): the read is accepted and sent again after each lost
+    reply, retries + 1 sends in all, then fails saying so. (Before, each lost reply began
+    a new round of retries, without end.) A short reply still gets through."""
+    long_frames_lost = LinkFaults(loss_above_bytes=200)
+    with unix_payload(tmp_path, {}) as target:
+        with LinkProxy(target.ground_port, down=long_frames_lost) as proxy:
+            with PayloadClient(proxy.port, KEY, timeout_s=0.5, retries=3) as payload:
+                assert payload.ping().startswith("qkdsat-fw")  # a 65-byte reply
+                per_send = proxy.stats.up.frames  # the link's frames of one telecommand
+                with pytest.raises(LinkFailed, match="no answer .* to any of 4 sends, 0.5 s each"):
+                    payload.housekeeping()
+                assert proxy.stats.up.frames == 5 * per_send
+    assert proxy.stats.down.lost_frames == 4
 
 
 def _list_with_retries(payload, attempts=10):

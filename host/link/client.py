@@ -176,65 +176,65 @@ class PayloadClient:
 
         A replay rejection means this ground station's counter is behind the payload's
         (another station, a lost state file): jump past the payload's counter and retry
-        once. A command damaged in transit is sent again (up to `retries` times); one
-        that got no answer is sent again only if it is `idempotent` (a read), since an
-        action may have happened with only its report lost. Any other rejection raises
-        CommandRejected.
+        once. A command damaged in transit is sent again; one that got no answer (or
+        whose reply was lost after its acceptance) is sent again only if it is
+        `idempotent` (a read), since an action may have happened with only its report
+        lost. At most `retries` + 1 sends in all. Any other rejection raises
+        CommandRejected; no answer raises LinkFailed, saying to how many sends.
         """
         resynced = False
+        unanswered = 0  # sends that got no answer in time (said in LinkFailed)
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             request = self.send_tc(service, subtype, data)
-            tries = attempt + 1 if idempotent else 1
             try:
-                verification = self._await_verification(what, request, tries)
-            except LinkError:
+                verification = self._await_verification(what, request, unanswered + 1)
+            except LinkFailed:
+                unanswered += 1
                 if last or not idempotent:
                     raise
                 continue
             if verification.accepted:
-                break
-            if verification.last_counter is not None and not resynced:
+                self._save_counter()
+                if reply is None:
+                    return None
+                try:
+                    return self._await_reply(what, service, reply, unanswered + 1)
+                except LinkFailed:
+                    unanswered += 1
+                    if last or not idempotent:
+                        raise
+                    continue  # the reply was lost after the acceptance: ask again (a read)
+            if verification.last_counter is not None and not resynced and not last:
                 self.counter = max(self.counter, verification.last_counter)
                 resynced = True
                 continue
             if verification.damaged_in_transit and not last:
                 continue  # the payload never saw a valid command: send it again
             raise CommandRejected(what, verification)
-        self._save_counter()
-        if reply is None:
-            return None
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                tm = self._receive_or_fail(what, deadline)
-            except LinkError:
-                if not idempotent or attempt >= self.retries:
-                    raise
-                # the reply was lost after the acceptance: ask again (harmless, a read)
-                return self.command(what, service, subtype, data, reply, idempotent)
-            if tm.service == service and tm.subtype == reply:
-                return tm
-            self.stale_packets += 1
+        raise AssertionError("unreachable: the last send returns or raises")
 
-    def _receive_or_fail(self, what: str, deadline: float, tries: int = 1) -> Tm:
-        """The next TM before the deadline, or LinkFailed saying how long was waited (a
-        read sent `tries` times waited that many timeouts)."""
+    def _receive_or_fail(self, what: str, deadline: float, sends: int = 1) -> Tm:
+        """The next TM before the deadline, or LinkFailed saying how long was waited: the
+        timeout, to each of `sends` sends when the command went unanswered more than once,
+        and why the last packet of the wait was refused, if one was (a wrong key)."""
         try:
             return self.receive_tm(max(0.0, deadline - time.monotonic()) + 1e-3)
-        except LinkTimeout:
-            each = f"within {self.timeout_s:.1f} s"
-            if tries > 1:
-                each = f"{each}, sent {tries} times"
+        except LinkTimeout as error:
+            waited = f"within {self.timeout_s:.1f} s"
+            if sends > 1:
+                waited = f"to any of {sends} sends, {self.timeout_s:.1f} s each"
+            refused = str(error).partition("; refused: ")[2]
             raise LinkFailed(
-                f"{what}: no answer from the payload on {self.link.port_name} {each} "
-                "(check the port, the baud rate and the key)"
+                f"{what}: no answer from the payload on {self.link.port_name} {waited}"
+                + (f" (the last packet refused: {refused})" if refused else "")
+                + " (check the port, the baud rate and the key)"
             ) from None
 
-    def _await_verification(self, what: str, request: bytes, tries: int = 1) -> ccsds.Verification:
+    def _await_verification(self, what: str, request: bytes, sends: int = 1):
         deadline = time.monotonic() + self.timeout_s
         while True:
-            tm = self._receive_or_fail(what, deadline, tries)
+            tm = self._receive_or_fail(what, deadline, sends)
             if tm.service != ccsds.SVC_VERIFICATION:
                 self.stale_packets += 1
                 continue
@@ -245,6 +245,14 @@ class PayloadClient:
                 continue
             if verification.request == request:
                 return verification
+            self.stale_packets += 1
+
+    def _await_reply(self, what: str, service: int, reply: int, sends: int = 1) -> Tm:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            tm = self._receive_or_fail(what, deadline, sends)
+            if tm.service == service and tm.subtype == reply:
+                return tm
             self.stale_packets += 1
 
     # ------------------------------------------------------------------ telecommands
