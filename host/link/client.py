@@ -71,6 +71,8 @@ class PayloadClient:
         timeout_s: float = 3.0,
         retries: int = 3,
     ):
+        if retries < 0:
+            raise ValueError(f"retries {retries}: a command is sent at least once")
         self.link = FramedSerial(port, baudrate, max_body_bytes=ccsds.GROUND_MAX_BODY_BYTES)
         self.key = key
         self.product_key = product_key  # AES-256-GCM: opens sealed (pattern) products
@@ -174,21 +176,21 @@ class PayloadClient:
     ) -> Tm | None:
         """Send a telecommand and wait for its acceptance (and its reply TM `service,reply`).
 
-        A replay rejection means this ground station's counter is behind the payload's
-        (another station, a lost state file): jump past the payload's counter and retry
-        once. A command damaged in transit is sent again; one that got no answer (or
-        whose reply was lost after its acceptance) is sent again only if it is
-        `idempotent` (a read), since an action may have happened with only its report
-        lost. At most `retries` + 1 sends in all. Any other rejection raises
-        CommandRejected; no answer raises LinkFailed, saying to how many sends.
+        At most `retries` + 1 sends in all. A replay rejection means this ground
+        station's counter is behind the payload's (another station, a lost state file):
+        take the payload's counter and send again, once. A command damaged in transit is
+        sent again; one that got no answer, or whose reply was lost after its acceptance,
+        only if it is `idempotent` (a read), since an action may have happened with only
+        its report lost. Any other rejection raises CommandRejected; no answer raises
+        LinkFailed, saying to how many of the sends.
         """
         resynced = False
-        unanswered = 0  # sends that got no answer in time (said in LinkFailed)
+        unanswered = 0  # sends whose acceptance report did not come in time
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             request = self.send_tc(service, subtype, data)
             try:
-                verification = self._await_verification(what, request, unanswered + 1)
+                verification = self._await_verification(what, request, (unanswered, attempt))
             except LinkFailed:
                 unanswered += 1
                 if last or not idempotent:
@@ -199,31 +201,37 @@ class PayloadClient:
                 if reply is None:
                     return None
                 try:
-                    return self._await_reply(what, service, reply, unanswered + 1)
+                    return self._await_reply(what, service, reply)
                 except LinkFailed:
-                    unanswered += 1
                     if last or not idempotent:
-                        raise
+                        raise LinkFailed(
+                            f"{what}: accepted by the payload on {self.link.port_name}, but "
+                            f"its reply did not come within {self.timeout_s:.1f} s (sent "
+                            f"{attempt + 1} times; a line that loses long frames?)"
+                        ) from None
                     continue  # the reply was lost after the acceptance: ask again (a read)
-            if verification.last_counter is not None and not resynced and not last:
+            if verification.last_counter is not None and not resynced:
                 self.counter = max(self.counter, verification.last_counter)
                 resynced = True
-                continue
-            if verification.damaged_in_transit and not last:
+                if not last:
+                    continue
+            elif verification.damaged_in_transit and not last:
                 continue  # the payload never saw a valid command: send it again
             raise CommandRejected(what, verification)
         raise AssertionError("unreachable: the last send returns or raises")
 
-    def _receive_or_fail(self, what: str, deadline: float, sends: int = 1) -> Tm:
-        """The next TM before the deadline, or LinkFailed saying how long was waited: the
-        timeout, to each of `sends` sends when the command went unanswered more than once,
-        and why the last packet of the wait was refused, if one was (a wrong key)."""
+    def _receive_or_fail(self, what: str, deadline: float, sends=(0, 0)) -> Tm:
+        """The next TM before the deadline, or LinkFailed saying how long was waited and
+        why the last packet of the wait was refused, if one was (a wrong key). sends:
+        (the command's earlier sends that got no answer, all its earlier sends)."""
         try:
             return self.receive_tm(max(0.0, deadline - time.monotonic()) + 1e-3)
         except LinkTimeout as error:
+            unanswered, sent = sends[0] + 1, sends[1] + 1  # this send included
             waited = f"within {self.timeout_s:.1f} s"
-            if sends > 1:
-                waited = f"to any of {sends} sends, {self.timeout_s:.1f} s each"
+            if sent > 1:
+                of = "any" if unanswered == sent else f"{unanswered}"
+                waited = f"to {of} of {sent} sends, {self.timeout_s:.1f} s each"
             refused = str(error).partition("; refused: ")[2]
             raise LinkFailed(
                 f"{what}: no answer from the payload on {self.link.port_name} {waited}"
@@ -231,7 +239,7 @@ class PayloadClient:
                 + " (check the port, the baud rate and the key)"
             ) from None
 
-    def _await_verification(self, what: str, request: bytes, sends: int = 1):
+    def _await_verification(self, what: str, request: bytes, sends=(0, 0)) -> ccsds.Verification:
         deadline = time.monotonic() + self.timeout_s
         while True:
             tm = self._receive_or_fail(what, deadline, sends)
@@ -247,10 +255,10 @@ class PayloadClient:
                 return verification
             self.stale_packets += 1
 
-    def _await_reply(self, what: str, service: int, reply: int, sends: int = 1) -> Tm:
+    def _await_reply(self, what: str, service: int, reply: int) -> Tm:
         deadline = time.monotonic() + self.timeout_s
         while True:
-            tm = self._receive_or_fail(what, deadline, sends)
+            tm = self._receive_or_fail(what, deadline)
             if tm.service == service and tm.subtype == reply:
                 return tm
             self.stale_packets += 1
