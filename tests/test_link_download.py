@@ -85,9 +85,10 @@ def test_a_wrong_key_gets_nothing_done(tmp_path):
     with unix_payload(tmp_path, product_set(4, {"a.qrec": 10})) as target:
         with PayloadClient(target.ground_port, ccsds.DEVELOPMENT_KEY, timeout_s=1.0) as intruder:
             # the payload rejects it ("auth"), and tags that rejection with its own key:
-            # the intruder cannot even authenticate the answer
-            with pytest.raises(LinkError, match="no answer"):
+            # the intruder cannot even authenticate the answer, and is told so
+            with pytest.raises(LinkError, match="no answer") as refused:
                 intruder.delete("a.qrec")
+            assert "the last packet refused: " in str(refused.value), refused.value
             assert intruder.unauthenticated_packets >= 1
         assert (target.storage_dir / "products" / "a.qrec").exists()
         with PayloadClient(target.ground_port, KEY) as payload:

@@ -152,7 +152,7 @@ class PayloadClient:
             except LinkTimeout as error:
                 if refused is None:
                     raise
-                raise LinkTimeout(f"{error}; refused: {refused}") from None
+                raise LinkTimeout(f"{error}; refused: {refused}", refused=refused) from None
             try:
                 return self.tm_counter.accept(ccsds.parse_tm(body, self.key))
             except PacketError as error:
@@ -232,7 +232,7 @@ class PayloadClient:
             if sent > 1:
                 of = "any" if unanswered == sent else f"{unanswered}"
                 waited = f"to {of} of {sent} sends, {self.timeout_s:.1f} s each"
-            refused = str(error).partition("; refused: ")[2]
+            refused = error.refused
             raise LinkFailed(
                 f"{what}: no answer from the payload on {self.link.port_name} {waited}"
                 + (f" (the last packet refused: {refused})" if refused else "")

@@ -15,7 +15,12 @@ from host.protocol.framing import FrameReader, encode_frame
 
 
 class LinkTimeout(TimeoutError):
-    pass
+    """Nothing (that parsed) came in time. refused: why the last packet of the wait was
+    refused, if one was (a wrong key, a replay), for the caller's message."""
+
+    def __init__(self, message: str, refused: str | None = None):
+        super().__init__(message)
+        self.refused = refused
 
 
 class LinkLost(ConnectionError):
