@@ -5,6 +5,8 @@ key was os.urandom, and one key in ~75 puts the densest 20 ms in that place)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -281,12 +283,35 @@ def test_direct_correlation_is_the_exact_sum_of_each_lags_weights():
         assert corr.shape == (lags + 1,) and np.array_equal(corr, counted)
 
 
-def test_running_concentration_is_np_means_to_the_last_bit():
-    """_running_concentration (np.add.reduce / n per step) gives exactly |mean| of each
-    step's phasors as np.mean computed them: the tracking slope's argmax, so every anchor,
-    cannot move. Tracking's sizes: 625 slopes, 50-4,000 detections."""
+def _concentration_as_written(start, ratio, steps):
+    """_running_concentration_kernel's arithmetic in Python floats, in its order: four
+    partial sums by j mod 4, the rest after, each product rounded on its own."""
+    re, im = [z.real for z in start], [z.imag for z in start]
+    n, whole, out = len(re), len(re) - len(re) % 4, []
+    for _ in range(steps):
+        parts = [[0.0] * 4 for _ in range(2)]
+        for j in range(whole):
+            parts[0][j % 4] += re[j]
+            parts[1][j % 4] += im[j]
+        total = [(p[0] + p[1]) + (p[2] + p[3]) for p in parts]
+        for j in range(whole, n):
+            total[0] += re[j]
+            total[1] += im[j]
+        for j in range(n):
+            a, b, c, d = re[j], im[j], ratio[j].real, ratio[j].imag
+            re[j], im[j] = a * c - b * d, a * d + b * c
+        mean = (total[0] / n, total[1] / n)
+        out.append(math.sqrt(mean[0] * mean[0] + mean[1] * mean[1]))
+    return np.array(out)
+
+
+def test_running_concentration_is_the_mean_resultant_length_rounded_as_written():
+    """_running_concentration gives |mean| of each step's phasors (np.mean's to ~1e-13,
+    the tracking slope's argmax the same), and bit for bit the arithmetic its source
+    writes: no reordering by the compiler (fastmath), so the anchors cannot depend on
+    how numba built the kernel. Tracking's sizes: 625 slopes, 50-4,000 detections."""
     rng = np.random.default_rng(11)
-    for n in (50, 129, 2000, 4000):
+    for n in (1, 7, 50, 129, 2000, 4000):
         fit = rng.normal(0.0, 0.02, n)
         start = np.exp(2j * np.pi * (fit * 625e6 + 311.0 * fit))
         ratio = np.exp(2j * np.pi * 2.0 * fit)
@@ -294,7 +319,10 @@ def test_running_concentration_is_np_means_to_the_last_bit():
         for k in range(625):
             expected[k] = abs(phasor.mean())
             phasor *= ratio
-        assert np.array_equal(timesync._running_concentration(start, ratio, 625), expected)
+        got = timesync._running_concentration(start, ratio, 625)
+        assert np.allclose(got, expected, rtol=1e-12, atol=1e-15)
+        assert np.argmax(got) == np.argmax(expected)
+        assert np.array_equal(got[:40], _concentration_as_written(start, ratio, 40))
 
 
 @pytest.mark.slow
