@@ -12,6 +12,9 @@ emulation), runs Alice, and leaves in KS/STATION/passes/PASS_ID/:
   report.json     Alice's report (an abort's reason, never key material)
   processor.json  the processor's budget for the pass: CPU seconds, peak memory, wall time
 The pool is KS/STATION/auth.pool (its consumption in auth.pool.used, as for `qkdsat distil`).
+Every pass whose raw data Alice used is recorded in KS/raw-data-used/ (one per pass, for
+every station, whatever directory it was read from: host/distil/raw_data_record.py); a
+pass found there is refused.
 
 The processor is held to one core: the process is pinned to one CPU and every numerical
 library is limited to one thread before it is imported.
@@ -35,6 +38,7 @@ from host.errors import BadInput, ProtocolAborted  # noqa: E402
 
 KEYSTORE_DIR_MODE = 0o700
 POOL_NAME = "auth.pool"
+LEDGER_NAME = "raw-data-used"  # in the key store: Alice's passes used, all stations
 
 
 def pass_id(pass_json: dict) -> str:
@@ -155,6 +159,7 @@ def run(argv: list[str]) -> int:
         # the station's store, whatever the options say: its pending keys are settled with
         # this ground station before the pass makes a new one (host/distil/run.py)
         + ["--key-store", str(station)]
+        + ["--raw-data-ledger", str(Path(args.keystore) / LEDGER_NAME)]
     )
     cfg = distil_run.config_from_args(distil_args)
     stream = distil_run.stream_from_args(distil_args)  # --stream: during the pass

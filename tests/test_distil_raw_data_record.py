@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,10 @@ import pytest
 from distil_passgen import make_pass
 
 from host.cli import main as qkdsat
+from host.distil.protocol import Config, pass_digest
 from host.distil.raw_data_record import INSECURE_NAME, RECORD_NAME
+from host.distil.run import run_local
+from host.formats.patterns import open_patterns
 
 PY = sys.executable
 KEY_NAMES = ("alice.key", "bob.key")
@@ -98,3 +102,62 @@ def test_a_run_killed_after_the_claim_burns_the_pass(small_pass, tmp_path):
     assert _keys(tmp_path / "alice") == [] and _keys(tmp_path / "bob") == []
     assert qkdsat(["distil", str(small_pass), "--out", str(tmp_path / "rerun")]) == 3
     assert _keys(tmp_path / "rerun") == []
+
+
+@pytest.fixture
+def onboard_pass(small_pass, tmp_path):
+    """The payload processor's view of a pass: pass.json and Bob's ground/, no satellite/;
+    Alice reads her symbols from the head's pattern memory (here the pattern files of
+    small_pass, opened as a source)."""
+    onboard = tmp_path / "onboard"
+    onboard.mkdir()
+    shutil.copy(small_pass / "pass.json", onboard / "pass.json")
+    shutil.copytree(small_pass / "ground", onboard / "ground")
+    return onboard, open_patterns(small_pass / "satellite")
+
+
+def _distil(pass_dir, out, memory, ledger=None) -> dict:
+    return run_local(pass_dir, out, Config(), alice_patterns=memory, raw_data_ledger=ledger)
+
+
+def test_a_satellite_directory_made_after_the_first_run_does_not_hide_its_record(
+    onboard_pass, tmp_path
+):
+    """With the pattern memory the record sits in the pass directory (no satellite/ there);
+    a satellite/ made later (a product download) must not let a second run in."""
+    onboard, memory = onboard_pass
+    assert not _distil(onboard, tmp_path / "k1", memory)["aborted"]
+    (onboard / "satellite").mkdir()
+    second = _distil(onboard, tmp_path / "k2", memory)
+    assert second["aborted"] and "already used" in second["abort_reason"]
+    assert str(onboard / RECORD_NAME) in second["abort_reason"]
+    assert _keys(tmp_path / "k2") == []
+
+
+def test_the_ledger_refuses_the_same_pass_read_from_another_directory(onboard_pass, tmp_path):
+    """The same pass.json in a second directory reaches the same raw bits through the
+    pattern memory: Alice's ledger (one record per pass digest) refuses it, where the
+    folder's record cannot see it."""
+    onboard, memory = onboard_pass
+    ledger = tmp_path / "store" / "raw-data-used"
+    assert not _distil(onboard, tmp_path / "k1", memory, ledger)["aborted"]
+    digest = pass_digest(json.loads((onboard / "pass.json").read_text()))
+    record = ledger / f"{digest}.json"
+    assert json.loads(record.read_text())["pass_sha256"] == digest
+    assert record.stat().st_mode & 0o777 == 0o600 and ledger.stat().st_mode & 0o777 == 0o700
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(onboard / "pass.json", copy / "pass.json")
+    shutil.copytree(onboard / "ground", copy / "ground")
+    second = _distil(copy, tmp_path / "k2", memory, ledger)
+    assert second["aborted"] and str(record) in second["abort_reason"]
+    assert _keys(tmp_path / "k2") == [] and _keys(tmp_path / "k1") == list(KEY_NAMES)
+    # nothing of the refused run in the copy: the ledger is checked before any record
+    assert not (copy / RECORD_NAME).exists()
+
+
+def test_the_ledger_is_alices_only(small_pass, tmp_path, capsys):
+    argv = ["distil", str(small_pass), "--role", "bob", "--connect", "127.0.0.1:9"]
+    argv += ["--auth-pool", str(tmp_path / "p"), "--out", str(tmp_path / "b")]
+    assert qkdsat(argv + ["--raw-data-ledger", str(tmp_path / "l")]) == 2
+    assert "--raw-data-ledger is Alice's record" in capsys.readouterr().err

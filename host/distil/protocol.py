@@ -463,9 +463,11 @@ class Alice:
         config: Config,
         insecure_deterministic_seed: int | None = None,
         patterns=None,
+        raw_data_ledger=None,
     ):
         self.pass_dir = Path(pass_dir)
         self.pass_json = read_pass_json(self.pass_dir / "pass.json")
+        self.raw_data_ledger = raw_data_ledger  # raw_data_record's ledger, or None
         if patterns is None:
             patterns = open_patterns(self.pass_dir / "satellite")
         self.patterns = patterns
@@ -537,7 +539,9 @@ class Alice:
         """Mark this pass's raw data used (raw_data_record) before the first message that
         depends on it: the sync answers. The hello (version, pass digest, parameters) does
         not. A pass already used aborts here: Bob gets the reason, nobody keeps a key."""
-        claim_raw_data(self.pass_dir, pass_digest(self.pass_json), self.insecure)
+        claim_raw_data(
+            self.pass_dir, pass_digest(self.pass_json), self.insecure, self.raw_data_ledger
+        )
 
     def _answer_sifting(self, msg: dict, context: str, last_slot: int = -1):
         """Alice's half of sifting (post-pass and stream): Bob's slots and bases from his

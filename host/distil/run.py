@@ -131,6 +131,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--listen", help="split mode (with --role): HOST:PORT to listen on")
     parser.add_argument("--connect", help="split mode (with --role): HOST:PORT to connect to")
     parser.add_argument(
+        "--raw-data-ledger",
+        metavar="DIR",
+        help="Alice: her record of the passes whose raw data she has used, one per pass "
+        "whatever directory it was read from (created 0700; the payload processor gives its "
+        "key store's). Without it only the pass directory records the use",
+    )
+    parser.add_argument(
         "--key-store",
         metavar="DIR",
         help="split mode: this side's keys for this peer (earlier runs' --out directories, "
@@ -257,9 +264,11 @@ def stream_from_args(args):
     return options
 
 
-def _endpoints(pass_dir, bob_pass_dir, cfg, seed, alice_patterns, stream, roles):
+def _endpoints(
+    pass_dir, bob_pass_dir, cfg, seed, alice_patterns, stream, roles, raw_data_ledger=None
+):
     """{role: endpoint}: post-pass (protocol.Alice/Bob) or streaming (stream.StreamAlice/
-    StreamBob)."""
+    StreamBob). raw_data_ledger: Alice's (host/distil/raw_data_record.py), or None."""
     without_huge_page_advice()
     if stream is None:
         kinds = {"alice": Alice, "bob": Bob}
@@ -272,7 +281,12 @@ def _endpoints(pass_dir, bob_pass_dir, cfg, seed, alice_patterns, stream, roles)
     out = {}
     if "alice" in roles:
         out["alice"] = kinds["alice"](
-            pass_dir, cfg, insecure_deterministic_seed=seed, patterns=alice_patterns, **extra
+            pass_dir,
+            cfg,
+            insecure_deterministic_seed=seed,
+            patterns=alice_patterns,
+            raw_data_ledger=raw_data_ledger,
+            **extra,
         )
     if "bob" in roles:
         out["bob"] = kinds["bob"](
@@ -579,9 +593,11 @@ def run_local(
     alice_patterns=None,
     progress=None,
     stream=None,
+    raw_data_ledger=None,
 ) -> dict:
     """Both endpoints in one process (two threads, in-process channel). alice_patterns:
     where Alice reads her symbols when not from satellite/ (the head's pattern memory).
+    raw_data_ledger: Alice's record of the passes she used (raw_data_record), or None.
     Every input is read and checked before the pools are opened and the output touched."""
     pass_dir, out_dir = Path(pass_dir), Path(out_dir)
     check_output_dir(out_dir)
@@ -602,6 +618,7 @@ def run_local(
             pass_json,
             progress,
             stream,
+            raw_data_ledger,
         )
     finally:
         for pool in pools:
@@ -620,11 +637,19 @@ def _run_local(
     pass_json,
     progress,
     stream=None,
+    raw_data_ledger=None,
 ) -> dict:
     pool_a, pool_b = pools
     insecure = seed is not None
     endpoints = _endpoints(
-        pass_dir, bob_pass_dir, cfg, seed, alice_patterns, stream, ("alice", "bob")
+        pass_dir,
+        bob_pass_dir,
+        cfg,
+        seed,
+        alice_patterns,
+        stream,
+        ("alice", "bob"),
+        raw_data_ledger,
     )
     alice, bob = endpoints["alice"], endpoints["bob"]
     metadata = run_metadata(pass_dir, cfg, seed)
@@ -719,6 +744,8 @@ def run_split(args, cfg: Config, progress=None, alice_patterns=None, stream=None
     pattern memory)."""
     if not args.auth_pool:
         raise BadInput("split mode needs --auth-pool (the pre-shared authentication key)")
+    if args.raw_data_ledger and args.role != "alice":
+        raise BadInput("--raw-data-ledger is Alice's record: not for --role bob")
     if bool(args.listen) == bool(args.connect):
         raise BadInput("split mode needs exactly one of --listen or --connect")
     address = args.listen or args.connect
@@ -810,7 +837,8 @@ def _run_split(
     stream=None,
 ) -> dict:
     seed = args.insecure_deterministic_seed
-    endpoint = _endpoints(pass_dir, None, cfg, seed, alice_patterns, stream, (args.role,))[
+    ledger = getattr(args, "raw_data_ledger", None)
+    endpoint = _endpoints(pass_dir, None, cfg, seed, alice_patterns, stream, (args.role,), ledger)[
         args.role
     ]
     endpoint = SettlePendingFirst(
@@ -925,6 +953,7 @@ def run(args) -> int:
             new_pool=args.new_auth_pool,
             progress=progress,
             stream=stream,
+            raw_data_ledger=args.raw_data_ledger,
         )
     progress("done")
     print_result(args, report, summary(report, args.out))
