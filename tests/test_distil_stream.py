@@ -30,7 +30,7 @@ from key_block_spies import (
 
 from host.cli import main as qkdsat
 from host.distil import codes
-from host.distil.bitcodec import rice_decode_sorted
+from host.distil.bitcodec import rice_decode_sorted, rice_encode_sorted
 from host.distil.channel import TAG_BYTES, decode
 from host.distil.protocol import BASES, Config
 from host.distil.run import key_names, run_local
@@ -581,6 +581,43 @@ def test_alice_refuses_a_slot_sifted_in_an_earlier_block(micius_30s, tmp_path, m
     )
     assert report["aborted"], "Alice sifted a slot twice"
     assert "not strictly after the slots already sifted" in report["abort_reason"]
+    assert not list(tmp_path.glob("*.key"))
+
+
+def test_alice_refuses_a_probe_of_slots_already_sifted(micius_30s, tmp_path, monkeypatch):
+    """A Bob that probes again after a block (a faulty or compromised ground segment)
+    naming slots already sifted: Alice's basis and bit of each would cross in the clear
+    while they may sit in the key. She aborts without answering; no key on either side."""
+    from host.distil.stream import PROBE_DETECTIONS, StreamBob
+
+    sent_slots, original_slots = [], StreamBob._detections_to_slots
+    original_block = StreamBob._send_block
+
+    def recording(self, result):
+        slots, basis, bit = original_slots(self, result)
+        sent_slots.append(slots[slots > self._last_slot])
+        return slots, basis, bit
+
+    def probing_after_a_block(self, channel, *args, **kwargs):
+        done = original_block(self, channel, *args, **kwargs)
+        if sent_slots and sent_slots[-1].size:
+            probed = sent_slots[-1][-PROBE_DETECTIONS:]  # within the probe's size
+            rice_k, packed = rice_encode_sorted(probed)
+            channel.send(
+                "stream_next", step="probe", count=int(probed.size), rice_k=rice_k,
+                slots=packed,
+            )  # fmt: skip
+            channel.recv("stream_probe")
+        return done
+
+    monkeypatch.setattr(StreamBob, "_detections_to_slots", recording)
+    monkeypatch.setattr(StreamBob, "_send_block", probing_after_a_block)
+    fast = StreamOptions(block_s=1.0, speedup=30.0, chunk_frames=1)
+    report = run_local(
+        micius_30s, tmp_path, Config(), insecure_deterministic_seed=SEED, stream=fast
+    )
+    assert report["aborted"], "Alice answered a probe of sifted slots"
+    assert "not after the slots already sifted" in report["abort_reason"]
     assert not list(tmp_path.glob("*.key"))
 
 

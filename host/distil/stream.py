@@ -912,6 +912,13 @@ class StreamAlice(Alice):
             raise ProtocolAborted(f"stream probe: {error}") from error
         if np.any(np.diff(slots) <= 0):
             raise ProtocolAborted("stream probe: slots not strictly increasing")
+        if slots.size and slots[0] <= self._last_slot:
+            # a slot already sifted may be in the key: its bit in the clear would be a
+            # disclosed key bit no leak counts (burning it now spares later blocks only)
+            raise ProtocolAborted(
+                f"stream probe: slot {int(slots[0])} is not after the slots already sifted "
+                f"(the last {self._last_slot}); their bits are not disclosed"
+            )
         basis, bit, inten = self._symbols(slots)
         self._burned = np.union1d(self._burned, slots)
         channel.send(
