@@ -57,6 +57,31 @@ def test_a_fill_cut_between_the_two_pools_is_completed_by_running_it_again(tmp_p
     assert pool_path(net, "Hefei", SATELLITE).read_bytes() == key
 
 
+def test_a_pass_filled_before_a_cut_fill_is_completed_is_refused_and_the_pair_stays_in_step(
+    tmp_path,
+):
+    """A fill cut between the pools (the satellite's filled), then the next pass's fill:
+    it must not enter either pool (it would sit at byte 512 on the satellite and 0 at the
+    station, then pass-1 completed at 512 / 0 the other way round: two pools of equal
+    length, different bytes at every offset, and keys served under one key ID that differ
+    at the two ends). It is refused, naming the fill to complete; after that, both go in
+    step."""
+    net = tmp_path / "net"
+    first = distilled(tmp_path / "k1", 4096, "pass-1")
+    second = distilled(tmp_path / "k2", 8 * 300, "pass-2")
+    _, source = read_distilled_key(tmp_path / "k1", "alice")
+    with StationPool(pool_path(net, SATELLITE, "Hefei"), create=True) as pool:
+        pool.fill(first, source)  # cut: the station's pool was never reached
+    with pytest.raises(BadInput, match=f"out of step.*complete the fill of {source} first"):
+        fill_pair(net, "Hefei", tmp_path / "k2")
+    assert pool_path(net, SATELLITE, "Hefei").read_bytes() == first  # nothing added
+    assert pool_path(net, "Hefei", SATELLITE).read_bytes() == b""
+    assert fill_pair(net, "Hefei", tmp_path / "k1")["offset"] == 0
+    assert fill_pair(net, "Hefei", tmp_path / "k2")["offset"] == 512
+    for holder, peer in ((SATELLITE, "Hefei"), ("Hefei", SATELLITE)):
+        assert pool_path(net, holder, peer).read_bytes() == first + second
+
+
 def test_bytes_are_served_once_across_restarts_and_never_again(tmp_path):
     net = tmp_path / "net"
     key = distilled(tmp_path / "k", 8 * 2000, "pass-1")

@@ -649,24 +649,59 @@ def _holds_source(network_dir, station: str, source: str) -> bool:
 
 def _fill_both(network_dir, station: str, alice_source: str, alice_key: bytes,
                bob_key: bytes) -> dict:  # fmt: skip
-    offsets = {}
-    added = 0
-    for holder, peer, key in ((SATELLITE, station, alice_key), (station, SATELLITE, bob_key)):
-        with StationPool(pool_path(network_dir, holder, peer), create=True) as pool:
-            if alice_source in pool.sources:
-                offsets[holder] = pool.sources[alice_source]
-            else:
-                offsets[holder] = pool.fill(key, alice_source)
-                added += 1
-    if offsets[SATELLITE] != offsets[station]:
-        raise BadInput(
-            f"pools of {station} out of step: this pass sits at byte {offsets[SATELLITE]} on "
-            f"the satellite and {offsets[station]} at the station"
-        )
-    if added == 0:
-        raise BadInput(f"{alice_source} is already in both pools of {station}")
+    """Both pools of the pair take this pass at the same offset, or neither takes it: each
+    at its end, or where the other already holds it (completing a fill cut between the
+    two). Checked before either appends: a fill cut between the pools, then another
+    pass's fill before it was completed, put that pass at different offsets in the two
+    pools (each check after its appends), and completing the first then did the same:
+    pools of equal length, different bytes at every offset, and two applications served
+    different keys under one key ID (a cold review, session 24)."""
+    ends = ((SATELLITE, station, alice_key), (station, SATELLITE, bob_key))
+    with contextlib.ExitStack() as stack:
+        pools = {
+            holder: stack.enter_context(
+                StationPool(pool_path(network_dir, holder, peer), create=True)
+            )
+            for holder, peer, _ in ends
+        }
+        held = {holder: pool.sources.get(alice_source) for holder, pool in pools.items()}
+        if None not in held.values() and held[SATELLITE] == held[station]:
+            raise BadInput(f"{alice_source} is already in both pools of {station}")
+        at = {
+            holder: pool.filled_bytes if held[holder] is None else held[holder]
+            for holder, pool in pools.items()
+        }
+        if at[SATELLITE] != at[station]:
+            raise BadInput(_out_of_step(station, alice_source, pools, held))
+        for holder, _, key in ends:
+            if held[holder] is None:
+                pools[holder].fill(key, alice_source)
     return {"station": station, "source": alice_source, "bytes": len(alice_key),
-            "offset": offsets[station]}  # fmt: skip
+            "offset": at[station]}  # fmt: skip
+
+
+def _out_of_step(station: str, source: str, pools: dict, held: dict) -> str:
+    """Why a pair cannot take this pass: where it would sit in each pool, and the passes
+    one pool holds beyond the other's end (fills cut between the two, to complete first)."""
+    sat, sta = pools[SATELLITE], pools[station]
+    where = {
+        holder: (f"at byte {held[holder]}" if held[holder] is not None
+                 else f"at its end, byte {pools[holder].filled_bytes}")
+        for holder in pools
+    }  # fmt: skip
+    longer, shorter = (sat, sta) if sat.filled_bytes > sta.filled_bytes else (sta, sat)
+    beyond = sorted(
+        (offset, name) for name, offset in longer.sources.items()
+        if offset >= shorter.filled_bytes and name not in shorter.sources
+    )  # fmt: skip
+    text = (
+        f"pools of {station} out of step: {source} would sit {where[SATELLITE]} on the "
+        f"satellite and {where[station]} at the station; nothing was added"
+    )
+    if beyond:
+        names = ", ".join(name for _, name in beyond)
+        text += f" (complete the fill of {names} first: {longer.path} holds it alone)"
+    return text
 
 
 def network_levels(network_dir: str | Path) -> list[dict]:
