@@ -289,6 +289,23 @@ def test_kms_command_serves_over_https_until_terminated(tmp_path):
         assert pool_now.used_bytes == 64
 
 
+def test_a_store_file_readable_by_others_is_refused_and_left_as_it_is(tmp_path):
+    """A store made by someone else (an installer's touch, a restored backup) at 0644
+    would leave the slave's pending keys readable: refused, as a pool at that mode is;
+    the file is not touched. One the KME creates is 0600."""
+    from host.errors import BadInput
+
+    made = tmp_path / "made.sqlite"
+    open_store(str(made))
+    assert made.stat().st_mode & 0o777 == 0o600
+    planted = tmp_path / "planted.sqlite"
+    planted.write_bytes(b"")
+    planted.chmod(0o644)
+    with pytest.raises(BadInput, match=r"readable or writable by group or others \(mode 644\)"):
+        open_store(str(planted))
+    assert planted.read_bytes() == b"" and planted.stat().st_mode & 0o777 == 0o644
+
+
 def test_an_unreachable_postgresql_is_a_clear_error(tmp_path, capsys):
     from host.cli import main as qkdsat
     from host.errors import BadInput

@@ -64,6 +64,15 @@ class SQLiteStore:
         self.path = str(path)
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        # a store made by someone else (an installer, a restored backup) is used only if
+        # private, as the pools are: its pending keys are secret (SQLite's journal takes
+        # the database's mode)
+        mode = os.stat(self.path).st_mode
+        if mode & 0o077:
+            raise BadInput(
+                f"key store {self.path}: readable or writable by group or others "
+                f"(mode {mode & 0o777:o}); it holds keys: chmod 600 {self.path}"
+            )
         self._create()
 
     def _create(self) -> None:
