@@ -130,6 +130,9 @@ def test_a_noisy_cut_link_still_gives_the_sealed_product_byte_for_byte(tmp_path)
                 part = satellite / "patterns.qrec.part"
                 assert PATTERN.startswith(part.read_bytes())
                 assert part.stat().st_mode & 0o777 == 0o600
+                # its record holds the CRC of the opened prefix: Alice's raw data too
+                meta = satellite / "patterns.qrec.part.json"
+                assert meta.stat().st_mode & 0o777 == 0o600, oct(meta.stat().st_mode)
                 proxy.restore()
                 result = p.download(entry, satellite, chunk_bytes=256)
     assert result.sealed and result.resumed_from > 0

@@ -560,7 +560,12 @@ class PayloadClient:
         meta = {"name": entry.name, "size": entry.size, "crc32": entry.crc32}
         meta.update(verified_bytes=verified, verified_crc32=crc)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta))
+        # 0600 like the part: the CRC of a sealed product's opened prefix is 32 linear
+        # bits of Alice's raw data (the payload lists that product's CRC as 0 for this)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(meta))
         os.replace(tmp, path)
 
     @staticmethod
