@@ -699,16 +699,18 @@ def test_a_simulated_pattern_log_is_private_and_never_written_through_a_symlink(
 
 
 def test_the_simulations_truth_holding_the_pattern_secret_is_private(tmp_path):
-    """truth/truth.json holds the pattern secret Alice's symbols derive from (and
-    satellite/products.json is Alice's): main wrote them with the default mode, readable
-    by every user."""
+    """truth/truth.json holds the pattern secret Alice's symbols derive from, and
+    truth/detections.npz each detection's symbol (her basis and bit); satellite/products.json
+    is Alice's: main wrote them with the default mode, readable by every user."""
     from host.simulate import passgen, profiles
 
     scenario = passgen.build_scenario(profiles.load("micius-2017"), seed=7, duration_s=0.05)
     passgen.run(scenario, tmp_path / "p")
     truth = tmp_path / "p" / "truth" / "truth.json"
     assert json.loads(truth.read_text())["pattern_secret"]
-    for path in (truth, tmp_path / "p" / "satellite" / "products.json"):
+    detections = tmp_path / "p" / "truth" / "detections.npz"
+    assert np.load(detections)["symbol"].size
+    for path in (truth, detections, tmp_path / "p" / "satellite" / "products.json"):
         assert os.stat(path).st_mode & 0o777 == 0o600, path
 
 

@@ -392,7 +392,7 @@ def write_truth(
     `qkdsat simulate` and the mission's ground segment alike; `started`: the
     time.perf_counter() at which the generation began (truth.json's wall_seconds)."""
     geometry = scenario.geometry
-    np.savez(
+    _save_npz_private(
         truth_dir / "detections.npz",
         slot=tags.slot,
         kind=tags.kind,
@@ -510,6 +510,19 @@ def write_products(satellite_dir: Path) -> None:
                 crc = zlib.crc32(chunk, crc)
         products.append({"name": path.name, "bytes": path.stat().st_size, "crc32": crc})
     _write_json(satellite_dir / "products.json", {"products": products})
+
+
+def _save_npz_private(path: Path, **arrays) -> None:
+    """np.savez into a file created 0600 (a planted symlink removed, never followed): the
+    detections' truth holds each one's symbol, Alice's basis and bit, as secret as the
+    pattern secret in truth.json."""
+    path = Path(path)
+    if path.is_symlink():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "wb") as out:
+        np.savez(out, **arrays)
 
 
 def _write_json(path: Path, data: dict) -> None:
