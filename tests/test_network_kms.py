@@ -22,7 +22,7 @@ import uuid
 import pytest
 from network_keys import distilled
 
-from host.network.kms import KeyManager, make_server, open_store, tls_context
+from host.network.kms import KeyManager, PeerKME, make_server, open_store, tls_context
 from host.network.messaging import unpack_head
 from host.network.pki import issue, make_ca
 from host.network.pool import SATELLITE, StationPool, fill_pair, pool_path
@@ -304,6 +304,29 @@ def test_a_store_file_readable_by_others_is_refused_and_left_as_it_is(tmp_path):
     with pytest.raises(BadInput, match=r"readable or writable by group or others \(mode 644\)"):
         open_store(str(planted))
     assert planted.read_bytes() == b"" and planted.stat().st_mode & 0o777 == 0o644
+
+
+def test_an_application_named_as_a_kme_is_refused_at_issue_and_at_serve(tmp_path, capsys):
+    """Client certificates from the one CA are told apart by name: an SAE certificate
+    named as the peer KME would pass the peer check of deliver (keys stored for a slave
+    under key IDs it chose). The PKI issues no such pair and a KME serves none."""
+    from host.cli import main as qkdsat
+    from host.errors import BadInput
+
+    pki = tmp_path / "pki"
+    argv = ["kms", "pki", "--pki", str(pki), "--sae", f"{MASTER},kme-b", "--kme", "kme-a,kme-b"]
+    assert qkdsat(argv) == 2
+    assert "every name once, SAE or KME" in capsys.readouterr().err
+    assert not pki.exists()
+    distilled(tmp_path / "keys", 8 * 64, "pass-1")
+    fill_pair(tmp_path / "net", "Hefei", tmp_path / "keys")
+    pool = pool_path(tmp_path / "net", "Hefei", SATELLITE)
+    store = open_store(str(tmp_path / "k.sqlite"))
+    assert qkdsat(["kms", "pki", "--pki", str(pki), "--sae", MASTER, "--kme", "kme-a,kme-b"]) == 0
+    peer = PeerKME("https://127.0.0.1:1", "kme-b", pki / "ca.pem", pki / "kme-a.pem",
+                   pki / "kme-a.key")  # fmt: skip
+    with pytest.raises(BadInput, match=r"SAE IDs \['kme-b'\] are also KME IDs"):
+        KeyManager("kme-a", pool, store, [MASTER, "kme-b"], tmp_path / "audit", peer=peer)
 
 
 def test_an_unreachable_postgresql_is_a_clear_error(tmp_path, capsys):

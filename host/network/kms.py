@@ -235,6 +235,15 @@ class KeyManager:
         self.pool_path = Path(pool_path)
         self.store = store
         self.sae_ids = set(sae_ids)
+        # client certificates are told apart by their common name alone (one CA): an
+        # application named as a KME would be taken for the peer (deliver: keys stored
+        # under key IDs it chose) or for this KME
+        kmes = {kme_id} | ({peer.kme_id} if peer is not None else set())
+        if kmes & self.sae_ids:
+            raise BadInput(
+                f"SAE IDs {sorted(kmes & self.sae_ids)} are also KME IDs: a client "
+                "certificate names one or the other, never both"
+            )
         self.audit_path = Path(audit_path)
         self._audit_lock = threading.Lock()
         with StationPool(self.pool_path):

@@ -51,9 +51,12 @@ def run(args) -> int:
             raise BadInput(f"--sae {args.sae!r}: give the SAE names, e.g. --sae sae-a,sae-b")
         if (pki / "ca.pem").exists():
             raise BadInput(f"--pki {pki}: holds a CA already (ca.pem); use another directory")
+        kme_ids = [check_name(n.strip(), "KME") for n in args.kme.split(",") if n.strip()]
+        if set(sae_ids) & set(kme_ids) or len(set(sae_ids + kme_ids)) < len(sae_ids + kme_ids):
+            # one CA, told apart by name: an SAE named as a KME would pass as that KME
+            raise BadInput(f"--sae {args.sae} --kme {args.kme}: every name once, SAE or KME")
         make_ca(pki)
         issue(pki, args.server_name, server=True)
-        kme_ids = [check_name(n.strip(), "KME") for n in args.kme.split(",") if n.strip()]
         for name in sae_ids + kme_ids:
             issue(pki, name)
         print(
