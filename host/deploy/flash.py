@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reset",
         action="store_true",
         help="hard-reset (over the link: reboot) the board at the end",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        help="with --key: seconds to wait for each reply over the link, as 'qkdsat payload "
+        "--timeout' (default 3; the REPL probe before it keeps its own 3 s)",
     )
 
 
@@ -258,6 +266,7 @@ def flash(
     key_path: Path | None = None,
     provision_key: Path | None = None,
     reset: bool = False,
+    timeout_s: float = 3.0,
 ) -> dict:
     started = time.monotonic()
     if not repl_answers(port):
@@ -271,7 +280,7 @@ def flash(
                 "--provision-key: no key is ever written over the link; provision at the "
                 "REPL of the maintenance strap, or rotate with 'qkdsat payload rekey'"
             )
-        return flash_over_link(port, board, key_path, reset, started)
+        return flash_over_link(port, board, key_path, reset, started, timeout_s)
     abi, running_board, root = read_repl(port)
     board = _board_to_deploy(port, board, running_board)
     arch_index = abi >> 10
@@ -302,7 +311,12 @@ def flash(
 
 
 def flash_over_link(
-    port: str, board: str | None, key_path: Path, reset: bool, started: float
+    port: str,
+    board: str | None,
+    key_path: Path,
+    reset: bool,
+    started: float,
+    timeout_s: float = 3.0,
 ) -> dict:
     """Deploy to a running application over its code-update session."""
     import platform
@@ -312,7 +326,7 @@ def flash_over_link(
     from host.link.framed_serial import LinkLost
 
     try:
-        payload = PayloadClient(port, load_key(key_path))
+        payload = PayloadClient(port, load_key(key_path), timeout_s=timeout_s)
     except OSError as error:
         raise BadInput(f"port {port}: {error}") from None
     with payload, tempfile.TemporaryDirectory(prefix="qkdsat-flash-") as tmp:
@@ -367,8 +381,12 @@ def run(args: argparse.Namespace) -> int:
         load_key(args.provision_key, "--provision-key")  # a bad key file before the board
     if args.key is not None:
         load_key(args.key)
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 3600):
+        raise BadInput(f"--timeout {args.timeout}: must be between 0 and 3600 s")
     try:
-        result = flash(args.port, args.board, args.key, args.provision_key, args.reset)
+        result = flash(
+            args.port, args.board, args.key, args.provision_key, args.reset, args.timeout
+        )
     except FlashError as error:
         print(f"qkdsat flash: {error}", file=sys.stderr)
         return 1
