@@ -36,10 +36,15 @@ def test_missing_cross_compiler_is_named_with_its_fix(tmp_path):
 
 @pytest.mark.slow
 def test_a_firmware_that_does_not_compile_stops_setup_and_names_the_file(tmp_path):
+    """A copy of the working image's build dir (mtimes kept: the C objects and qstr headers
+    are up to date, as in a tree where a firmware file was just broken), so the build gets
+    to the freezing at once, which MicroPython redoes on every make (frozen_content.c is
+    FORCE), instead of compiling the whole port first into an empty dir."""
     broken = tmp_path / "fw"
     broken.mkdir()
     (broken / "payload_broken.py").write_text("def broken(:\n")
     (broken / "manifest.py").write_text('freeze(".", "payload_broken.py")\n')
+    shutil.copytree(REPO / "build" / "qemu", tmp_path / "build", symlinks=True)
     result = _run_setup(
         {"QEMU_BUILD": str(tmp_path / "build"), "FIRMWARE_MANIFEST": str(broken / "manifest.py")},
         tmp_path,
