@@ -110,6 +110,12 @@ class Relay:
             return self.seen.wait_for(lambda: self.frames_seen >= count, timeout_s)
 
     def close(self):
+        try:
+            # wakes an accept() still waiting for Bob (a close alone does not, on Linux:
+            # the join below then waited its whole 5 s whenever Bob died before connecting)
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.server.close()
         for s in self.sockets:
             try:
