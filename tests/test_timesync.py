@@ -390,3 +390,26 @@ def test_alices_sync_window_codes_as_a_run_are_her_symbols_intensities(monkeypat
             assert (fast == protocol.NO_PATTERN).sum() == (9_000 if crossing else 0)
     # the long windows inside the range took the run (first slot, count), the rest not
     assert runs == 2 * [(1_000 + skip, 65_537 + skip) for skip in range(4)]
+
+
+def test_the_clock_models_spline_is_scipys_at_every_tag_in_any_order():
+    """assign's spline through the anchors, evaluated piece by piece (_piecewise_cubic):
+    scipy's B-spline values to ~1e-15 relative at tags in time order, out of order, on
+    the anchors themselves and at both ends, and bit for bit the Horner arithmetic its
+    source writes (no reordering by the compiler)."""
+    from scipy.interpolate import PPoly, make_interp_spline
+
+    rng = np.random.default_rng(5)
+    anchors = np.arange(0.3, 30.0, 0.5) + rng.normal(0, 0.01, 60)
+    offsets = 1e6 * np.sin(anchors / 10) - 3e6 + rng.normal(0, 1, anchors.size)
+    spline = make_interp_spline(anchors, offsets, k=3)
+    pieces = PPoly.from_spline(spline)
+    in_order = np.sort(rng.uniform(anchors[0], anchors[-1], 20_000))
+    for t in (in_order, rng.permutation(in_order), anchors, anchors[[0, -1, 0, -1]]):
+        got = timesync._piecewise_cubic(pieces, t)
+        assert np.allclose(got, spline(t), rtol=1e-14, atol=0)
+    for t in rng.permutation(in_order)[:200]:
+        i = min(max(int(np.searchsorted(pieces.x, t, side="right")) - 1, 0), pieces.c.shape[1] - 1)
+        d, c = t - pieces.x[i], pieces.c[:, i]
+        expected = ((c[0] * d + c[1]) * d + c[2]) * d + c[3]
+        assert timesync._piecewise_cubic(pieces, np.array([t]))[0] == expected

@@ -1253,6 +1253,8 @@ class StreamBob(Bob):
             # compiles it (~4 s), more than the link's end reserves for it (pa.warm_up)
             with stage("privacy_amplification_warm_up"):
                 pa.warm_up()
+            with stage("sync_warm_up"):  # the clock model's kernels, likewise
+                timesync.warm_up()
             self.feed.start()  # a live tagger: its first detection
             clock = PassClock(self.stream.speedup, self.feed.epoch_unix_s)
             timeline = Timeline(clock)
