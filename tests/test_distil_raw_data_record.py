@@ -19,8 +19,8 @@ import pytest
 from distil_passgen import make_pass
 
 from host.cli import main as qkdsat
-from host.distil.protocol import Config, pass_digest
-from host.distil.raw_data_record import INSECURE_NAME, RECORD_NAME
+from host.distil.protocol import Config
+from host.distil.raw_data_record import INSECURE_NAME, RECORD_NAME, raw_data_fingerprint
 from host.distil.run import run_local
 from host.formats.patterns import open_patterns
 
@@ -134,26 +134,55 @@ def test_a_satellite_directory_made_after_the_first_run_does_not_hide_its_record
     assert _keys(tmp_path / "k2") == []
 
 
-def test_the_ledger_refuses_the_same_pass_read_from_another_directory(onboard_pass, tmp_path):
-    """The same pass.json in a second directory reaches the same raw bits through the
-    pattern memory: Alice's ledger (one record per pass digest) refuses it, where the
-    folder's record cannot see it."""
+def test_the_ledger_refuses_the_same_raw_data_under_any_directory_and_pass_json(
+    onboard_pass, tmp_path
+):
+    """The pattern memory is read by slot index, whatever pass.json says: a second
+    directory with the same pass.json, or with a field changed (a note added, the rate
+    written as an integer), reaches the same raw bits. Alice's ledger names them by their
+    own fingerprint and refuses them every time, where the folder's record cannot see
+    another folder (a ledger named by pass.json's digest let the changed ones through:
+    four keys from one run in a cold review)."""
     onboard, memory = onboard_pass
     ledger = tmp_path / "store" / "raw-data-used"
     assert not _distil(onboard, tmp_path / "k1", memory, ledger)["aborted"]
-    digest = pass_digest(json.loads((onboard / "pass.json").read_text()))
-    record = ledger / f"{digest}.json"
-    assert json.loads(record.read_text())["pass_sha256"] == digest
+    record = ledger / f"{raw_data_fingerprint(memory)}.json"
+    assert json.loads(record.read_text())["pass_sha256"]
     assert record.stat().st_mode & 0o777 == 0o600 and ledger.stat().st_mode & 0o777 == 0o700
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    shutil.copy(onboard / "pass.json", copy / "pass.json")
-    shutil.copytree(onboard / "ground", copy / "ground")
-    second = _distil(copy, tmp_path / "k2", memory, ledger)
-    assert second["aborted"] and str(record) in second["abort_reason"]
-    assert _keys(tmp_path / "k2") == [] and _keys(tmp_path / "k1") == list(KEY_NAMES)
-    # nothing of the refused run in the copy: the ledger is checked before any record
-    assert not (copy / RECORD_NAME).exists()
+    pass_json = json.loads((onboard / "pass.json").read_text())
+    edits = {
+        "same": pass_json,
+        "noted": {**pass_json, "note": "again"},
+        "integer_rate": {**pass_json, "slot_rate_hz": int(pass_json["slot_rate_hz"])},
+    }
+    for name, edited in edits.items():
+        copy = tmp_path / name
+        copy.mkdir()
+        (copy / "pass.json").write_text(json.dumps(edited))
+        shutil.copytree(onboard / "ground", copy / "ground")
+        second = _distil(copy, tmp_path / f"k-{name}", memory, ledger)
+        assert second["aborted"] and str(record) in second["abort_reason"], name
+        assert _keys(tmp_path / f"k-{name}") == []
+        # nothing of the refused run in the copy: the ledger is checked before any record
+        assert not (copy / RECORD_NAME).exists()
+    assert _keys(tmp_path / "k1") == list(KEY_NAMES)
+    assert sorted(p.name for p in ledger.iterdir()) == [record.name]
+
+
+def test_a_ledger_others_can_write_is_refused_before_any_disclosure(onboard_pass, tmp_path):
+    """Whoever can delete a record lets the raw data in again: a ledger directory open to
+    group or others is refused, and the pass is not claimed anywhere."""
+    onboard, memory = onboard_pass
+    ledger = tmp_path / "open-ledger"
+    ledger.mkdir()
+    ledger.chmod(0o777)
+    report = _distil(onboard, tmp_path / "k", memory, ledger)
+    assert (
+        report["aborted"]
+        and "must be a directory of this user with mode 0700" in (report["abort_reason"])
+    )
+    assert list(ledger.iterdir()) == [] and not (onboard / RECORD_NAME).exists()
+    assert _keys(tmp_path / "k") == []
 
 
 def test_the_ledger_is_alices_only(small_pass, tmp_path, capsys):

@@ -34,7 +34,7 @@ from host.distil.channel import PeerAborted
 from host.distil.endpoint_random import endpoint_random
 from host.distil.gf64 import bits_hash
 from host.distil.pa import seed_bits_needed, toeplitz_hash
-from host.distil.raw_data_record import claim_raw_data
+from host.distil.raw_data_record import claim_raw_data, raw_data_fingerprint
 from host.errors import BadInput, ProtocolAborted
 from host.formats.passdir import read_pass_json
 from host.formats.patterns import open_patterns, symbols_by_slots
@@ -539,8 +539,13 @@ class Alice:
         """Mark this pass's raw data used (raw_data_record) before the first message that
         depends on it: the sync answers. The hello (version, pass digest, parameters) does
         not. A pass already used aborts here: Bob gets the reason, nobody keeps a key."""
+        ledger = self.raw_data_ledger
         claim_raw_data(
-            self.pass_dir, pass_digest(self.pass_json), self.insecure, self.raw_data_ledger
+            self.pass_dir,
+            pass_digest(self.pass_json),
+            self.insecure,
+            ledger,
+            None if ledger is None else raw_data_fingerprint(self.patterns),
         )
 
     def _answer_sifting(self, msg: dict, context: str, last_slot: int = -1):

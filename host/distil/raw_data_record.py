@@ -20,28 +20,40 @@ that key), and it leaves its own marker (INSECURE_NAME) that a later secure run 
 The record lives beside Alice's own data: the pass's satellite/ directory, or the pass
 directory itself when Alice reads the head's pattern memory and there is no satellite/.
 A run refuses a record or marker in either place (a satellite/ made after the first run,
-e.g. by a product download, must not hide the record). A folder is not the raw data,
-though: with the pattern memory, a second directory holding the same pass.json reaches
-the same bits. So Alice also keeps a LEDGER (`qkdsat distil --raw-data-ledger DIR`; the
-payload processor always gives its key store's): one record per pass, named by the pass's
-digest (pass.json: its times, geometry and intensities, one per physical pass), created
-exclusively before the folder's; a run finding the pass in the ledger refuses it,
-whatever folder it was given.
+e.g. by a product download, must not hide the record).
+
+A folder is not the raw data, though: with the pattern memory, a second directory holding
+the same pass.json (or any pass.json: the memory is read by slot index, whatever
+the file says) reaches the same bits. So Alice also keeps a LEDGER (`qkdsat distil
+--raw-data-ledger DIR`; the payload processor always gives its key store's): one record
+per raw data, named by its FINGERPRINT (raw_data_fingerprint: SHA-256 of the symbols of
+the run's first FINGERPRINT_SLOTS slots, read where Alice reads them), created
+exclusively before the folder's; a run finding its raw data there refuses the pass,
+whatever folder and pass.json it was given. (Named by the pass.json's digest, as first
+written, it let a changed field through: a cold review made four keys from one run.)
+The ledger directory must be private (0700, this user's, not a symlink): whoever can
+delete a record can let the raw data in again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
 import time
 from pathlib import Path
 
+import numpy as np
+
 from host.distil.durable import fsync_directory, write_atomic
 from host.errors import ProtocolAborted
+from host.formats.patterns import symbols_by_slots
 
 RECORD_NAME = "raw-data-used.json"
 INSECURE_NAME = "raw-data-disclosed-insecurely.json"
 LEDGER_DIR_MODE = 0o700
+FINGERPRINT_SLOTS = 4096  # ~16 kbit of random symbols: two runs never share them
 _USED = (
     "this pass's raw data was already used by an earlier distillation run (a second key "
     "from the same raw bits, after fresh disclosures, would hold more than privacy "
@@ -59,26 +71,67 @@ def record_path(pass_dir: str | Path) -> Path:
     return record_directory(pass_dir) / RECORD_NAME
 
 
-def ledger_paths(ledger: str | Path, pass_sha256: str) -> tuple[Path, Path]:
-    """(record, insecure marker) of a pass in the ledger, named by its digest
-    (protocol.pass_digest: 32 hex digits)."""
-    if not 32 <= len(pass_sha256) <= 64 or not all(c in "0123456789abcdef" for c in pass_sha256):
-        raise ValueError(f"pass digest {pass_sha256!r}: 32-64 lowercase hex digits expected")
-    return Path(ledger) / f"{pass_sha256}.json", Path(ledger) / f"{pass_sha256}.insecure.json"
+def raw_data_fingerprint(patterns) -> str:
+    """The ledger's name for Alice's raw data: SHA-256 of the symbols of the first
+    FINGERPRINT_SLOTS slots of her pattern (the run's own first slots, whatever pass.json
+    or --slot-count says). On board only, in Alice's private ledger: a hash of ~16 kbit
+    of random symbols, which tells nothing of them."""
+    first = int(patterns.first_slot)
+    slots = np.arange(first, first + FINGERPRINT_SLOTS, dtype=np.int64)
+    covered, nibbles = symbols_by_slots(patterns, slots)
+    digest = hashlib.sha256(b"qkdsat raw-data ledger v1\0")
+    digest.update(slots[covered].tobytes())
+    digest.update(np.asarray(nibbles, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def ledger_paths(ledger: str | Path, fingerprint: str) -> tuple[Path, Path]:
+    """(record, insecure marker) of a raw data in the ledger (raw_data_fingerprint)."""
+    if len(fingerprint) != 64 or not all(c in "0123456789abcdef" for c in fingerprint):
+        raise ValueError(f"raw data fingerprint {fingerprint!r}: 64 lowercase hex digits")
+    return Path(ledger) / f"{fingerprint}.json", Path(ledger) / f"{fingerprint}.insecure.json"
+
+
+def _private_ledger(ledger: Path) -> None:
+    """The ledger directory, made 0700 if missing (its parent's entry fsync'd), else
+    checked: a directory, not a symlink, this user's, no access for group or others."""
+    if not os.path.lexists(ledger):
+        ledger.parent.mkdir(mode=LEDGER_DIR_MODE, parents=True, exist_ok=True)
+        try:
+            ledger.mkdir(mode=LEDGER_DIR_MODE)
+        except FileExistsError:
+            pass  # another run made it: checked below
+        else:
+            fsync_directory(ledger.parent)
+    info = os.lstat(ledger)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ProtocolAborted(
+            f"raw-data ledger {ledger}: must be a directory of this user with mode 0700 "
+            f"(mode {info.st_mode & 0o777:o}, not a symlink): whoever can delete a record "
+            "could let the same raw data be used again"
+        )
 
 
 def claim_raw_data(
-    pass_dir: str | Path, pass_sha256: str, insecure: bool = False, ledger=None
+    pass_dir: str | Path,
+    pass_sha256: str,
+    insecure: bool = False,
+    ledger=None,
+    fingerprint: str | None = None,
 ) -> Path:
-    """Create the record (exclusively, durably), in the ledger first when one is given,
-    or raise ProtocolAborted if the pass's raw data was used already (a record, or for a
-    secure run an insecure marker, in the ledger or in either of the folder's layouts).
-    Returns the folder's record's path (the marker's, insecure). insecure: the
-    deterministic test mode (see the module docstring)."""
+    """Create the record (exclusively, durably), in the ledger first when one is given
+    (with the raw data's fingerprint), or raise ProtocolAborted if the pass's raw data was
+    used already (a record, or for a secure run an insecure marker, in the ledger or in
+    either of the folder's layouts). Returns the folder's record's path (the marker's,
+    insecure). insecure: the deterministic test mode (see the module docstring)."""
     pass_dir = Path(pass_dir)
     written = [(record_path(pass_dir), record_directory(pass_dir) / INSECURE_NAME)]
     if ledger is not None:
-        written.insert(0, ledger_paths(ledger, pass_sha256))
+        if fingerprint is None:
+            raise ValueError("a raw-data ledger needs the raw data's fingerprint")
+        ledger = Path(ledger)
+        _private_ledger(ledger)
+        written.insert(0, ledger_paths(ledger, fingerprint))
     checked = written + [
         (d / RECORD_NAME, d / INSECURE_NAME) for d in (pass_dir, pass_dir / "satellite")
     ]
@@ -95,8 +148,6 @@ def claim_raw_data(
                 f"{marker}: an insecure deterministic run disclosed this pass's raw data "
                 "(its transcript is public and uncounted); no secure key from it; refusing"
             )
-    if ledger is not None:
-        Path(ledger).mkdir(mode=LEDGER_DIR_MODE, parents=True, exist_ok=True)
     body = json.dumps(
         {"pass_sha256": pass_sha256, "claimed_unix_s": time.time(), "pid": os.getpid()},
         sort_keys=True,

@@ -936,6 +936,8 @@ def run(args) -> int:
     if not args.pass_dir:
         raise BadInput("give the pass directory: qkdsat distil PASS_DIR --out DIR")
     seed = args.insecure_deterministic_seed
+    if args.raw_data_ledger is not None and not args.raw_data_ledger.strip():
+        raise BadInput("--raw-data-ledger: an empty path (give Alice's ledger directory)")
     if seed is not None and not 0 <= seed < 2**63:
         raise BadInput(f"--insecure-deterministic-seed {seed}: must be an integer in 0..2**63-1")
     cfg = config_from_args(args)
