@@ -314,10 +314,11 @@ def test_an_application_named_as_a_kme_is_refused_at_issue_and_at_serve(tmp_path
     from host.errors import BadInput
 
     pki = tmp_path / "pki"
-    argv = ["kms", "pki", "--pki", str(pki), "--sae", f"{MASTER},kme-b", "--kme", "kme-a,kme-b"]
-    assert qkdsat(argv) == 2
-    assert "every name once, SAE or KME" in capsys.readouterr().err
-    assert not pki.exists()
+    for sae in (f"{MASTER},kme-b", "localhost", "ca"):  # a KME's, the server's, the CA's
+        argv = ["kms", "pki", "--pki", str(pki), "--sae", sae, "--kme", "kme-a,kme-b"]
+        assert qkdsat(argv) == 2, sae
+        assert "every name once, SAE or KME" in capsys.readouterr().err
+        assert not pki.exists()
     distilled(tmp_path / "keys", 8 * 64, "pass-1")
     fill_pair(tmp_path / "net", "Hefei", tmp_path / "keys")
     pool = pool_path(tmp_path / "net", "Hefei", SATELLITE)

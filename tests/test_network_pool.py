@@ -82,6 +82,28 @@ def test_a_pass_filled_before_a_cut_fill_is_completed_is_refused_and_the_pair_st
         assert pool_path(net, holder, peer).read_bytes() == first + second
 
 
+def test_a_pair_already_out_of_step_takes_no_more_fills(tmp_path):
+    """Pools left out of step before the check (two passes at swapped offsets: equal
+    lengths, different bytes) are named and take no further pass."""
+    net = tmp_path / "net"
+    keys = [distilled(tmp_path / f"k{i}", 4096, f"pass-{i}") for i in (1, 2)]
+    distilled(tmp_path / "k3", 4096, "pass-3")
+    sources = [read_distilled_key(tmp_path / f"k{i}", "alice")[1] for i in (1, 2)]
+    for holder, peer, order in ((SATELLITE, "Hefei", (0, 1)), ("Hefei", SATELLITE, (1, 0))):
+        with StationPool(pool_path(net, holder, peer), create=True) as pool:
+            for i in order:
+                pool.fill(keys[i], sources[i])
+    before = [
+        pool_path(net, h, p).read_bytes() for h, p in ((SATELLITE, "Hefei"), ("Hefei", SATELLITE))
+    ]
+    with pytest.raises(BadInput, match="sit at different offsets in the two pools"):
+        fill_pair(net, "Hefei", tmp_path / "k3")
+    after = [
+        pool_path(net, h, p).read_bytes() for h, p in ((SATELLITE, "Hefei"), ("Hefei", SATELLITE))
+    ]
+    assert after == before
+
+
 def test_bytes_are_served_once_across_restarts_and_never_again(tmp_path):
     net = tmp_path / "net"
     key = distilled(tmp_path / "k", 8 * 2000, "pass-1")

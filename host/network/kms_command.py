@@ -52,9 +52,14 @@ def run(args) -> int:
         if (pki / "ca.pem").exists():
             raise BadInput(f"--pki {pki}: holds a CA already (ca.pem); use another directory")
         kme_ids = [check_name(n.strip(), "KME") for n in args.kme.split(",") if n.strip()]
-        if set(sae_ids) & set(kme_ids) or len(set(sae_ids + kme_ids)) < len(sae_ids + kme_ids):
-            # one CA, told apart by name: an SAE named as a KME would pass as that KME
-            raise BadInput(f"--sae {args.sae} --kme {args.kme}: every name once, SAE or KME")
+        names = [*sae_ids, *kme_ids, args.server_name, "ca"]
+        if len(set(names)) < len(names):
+            # one CA, told apart by name: an SAE named as a KME would pass as that KME, and
+            # one named as the server or the CA would overwrite its certificate
+            raise BadInput(
+                f"--sae {args.sae} --kme {args.kme}: every name once, SAE or KME, and "
+                f"none 'ca' or the server's ({args.server_name})"
+            )
         make_ca(pki)
         issue(pki, args.server_name, server=True)
         for name in sae_ids + kme_ids:

@@ -664,6 +664,15 @@ def _fill_both(network_dir, station: str, alice_source: str, alice_key: bytes,
             )
             for holder, peer, _ in ends
         }
+        # a pair already out of step (left so by the check this replaces): any pass both
+        # pools hold at different offsets; no fill can mend it
+        sat, sta = pools[SATELLITE].sources, pools[station].sources
+        apart = sorted(name for name in sat.keys() & sta.keys() if sat[name] != sta[name])
+        if apart:
+            raise BadInput(
+                f"pools of {station} out of step: {', '.join(apart)} sit at different "
+                "offsets in the two pools; nothing was added (the pair cannot serve keys)"
+            )
         held = {holder: pool.sources.get(alice_source) for holder, pool in pools.items()}
         if None not in held.values() and held[SATELLITE] == held[station]:
             raise BadInput(f"{alice_source} is already in both pools of {station}")
