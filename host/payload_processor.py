@@ -12,9 +12,9 @@ emulation), runs Alice, and leaves in KS/STATION/passes/PASS_ID/:
   report.json     Alice's report (an abort's reason, never key material)
   processor.json  the processor's budget for the pass: CPU seconds, peak memory, wall time
 The pool is KS/STATION/auth.pool (its consumption in auth.pool.used, as for `qkdsat distil`).
-Every pass whose raw data Alice used is recorded in KS/raw-data-used/ (one per pass, for
-every station, whatever directory it was read from: host/distil/raw_data_record.py); a
-pass found there is refused.
+Every raw data Alice used is recorded in KS/raw-data-used/ (named by the symbols'
+fingerprint, for every station: host/distil/raw_data_record.py); raw data found there is
+refused, whatever directory and pass.json it is read with.
 
 The processor is held to one core: the process is pinned to one CPU and every numerical
 library is limited to one thread before it is imported.
