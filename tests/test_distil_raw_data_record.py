@@ -15,13 +15,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from distil_passgen import make_pass
 
 from host.cli import main as qkdsat
 from host.distil.protocol import Config
-from host.distil.raw_data_record import INSECURE_NAME, RECORD_NAME, raw_data_fingerprint
+from host.distil.raw_data_record import (
+    FINGERPRINT_SLOTS,
+    INSECURE_NAME,
+    RECORD_NAME,
+    raw_data_fingerprint,
+)
 from host.distil.run import run_local
+from host.errors import ProtocolAborted
 from host.formats.patterns import open_patterns
 
 PY = sys.executable
@@ -190,3 +197,29 @@ def test_the_ledger_is_alices_only(small_pass, tmp_path, capsys):
     argv += ["--auth-pool", str(tmp_path / "p"), "--out", str(tmp_path / "b")]
     assert qkdsat(argv + ["--raw-data-ledger", str(tmp_path / "l")]) == 2
     assert "--raw-data-ledger is Alice's record" in capsys.readouterr().err
+
+
+class _FirstSlotsOnly:
+    """Alice's pattern as a processor given a smaller --slot-count reads it: the slots
+    past the count are not asked for (host/link/pattern_memory.py)."""
+
+    def __init__(self, patterns, slot_count: int):
+        self.patterns, self.first_slot, self.slot_count = patterns, patterns.first_slot, slot_count
+
+    def covers(self, slots):
+        slots = np.asarray(slots)
+        return self.patterns.covers(slots) & (slots < self.first_slot + self.slot_count)
+
+    def symbols(self, slots):
+        return self.patterns.symbols(slots)
+
+
+def test_the_raw_datas_name_does_not_follow_the_slot_count(onboard_pass, tmp_path):
+    """A smaller --slot-count must not rename the same raw data: the name covers a fixed
+    prefix, and a pattern that does not hold all of it is refused, not named by less."""
+    _, memory = onboard_pass
+    name = raw_data_fingerprint(memory)
+    assert raw_data_fingerprint(_FirstSlotsOnly(memory, 10_000)) == name
+    assert raw_data_fingerprint(_FirstSlotsOnly(memory, FINGERPRINT_SLOTS)) == name
+    with pytest.raises(ProtocolAborted, match="too few to name its raw data"):
+        raw_data_fingerprint(_FirstSlotsOnly(memory, FINGERPRINT_SLOTS - 1))

@@ -27,7 +27,7 @@ the same pass.json (or any pass.json: the memory is read by slot index, whatever
 the file says) reaches the same bits. So Alice also keeps a LEDGER (`qkdsat distil
 --raw-data-ledger DIR`; the payload processor always gives its key store's): one record
 per raw data, named by its FINGERPRINT (raw_data_fingerprint: SHA-256 of the symbols of
-the run's first FINGERPRINT_SLOTS slots, read where Alice reads them), created
+the run's first FINGERPRINT_SLOTS slots, read where Alice reads them, all of them), created
 exclusively before the folder's; a run finding its raw data there refuses the pass,
 whatever folder and pass.json it was given. (Named by the pass.json's digest, as first
 written, it let a changed field through: a cold review made four keys from one run.)
@@ -53,7 +53,10 @@ from host.formats.patterns import symbols_by_slots
 RECORD_NAME = "raw-data-used.json"
 INSECURE_NAME = "raw-data-disclosed-insecurely.json"
 LEDGER_DIR_MODE = 0o700
-FINGERPRINT_SLOTS = 4096  # ~16 kbit of random symbols: two runs never share them
+# Slots whose symbols name a raw data (~600 bits of random symbols: two runs never share
+# them). All must be covered: a prefix shortened by a smaller --slot-count would give
+# another name for the same bits.
+FINGERPRINT_SLOTS = 256
 _USED = (
     "this pass's raw data was already used by an earlier distillation run (a second key "
     "from the same raw bits, after fresh disclosures, would hold more than privacy "
@@ -74,13 +77,18 @@ def record_path(pass_dir: str | Path) -> Path:
 def raw_data_fingerprint(patterns) -> str:
     """The ledger's name for Alice's raw data: SHA-256 of the symbols of the first
     FINGERPRINT_SLOTS slots of her pattern (the run's own first slots, whatever pass.json
-    or --slot-count says). On board only, in Alice's private ledger: a hash of ~16 kbit
-    of random symbols, which tells nothing of them."""
+    or --slot-count says; a pattern not holding them all is refused). On board only, in
+    Alice's private ledger: a hash of ~600 bits of random symbols, which tells nothing of
+    them."""
     first = int(patterns.first_slot)
     slots = np.arange(first, first + FINGERPRINT_SLOTS, dtype=np.int64)
     covered, nibbles = symbols_by_slots(patterns, slots)
+    if not covered.all():
+        raise ProtocolAborted(
+            f"the pattern holds {int(covered.sum())} of its first {FINGERPRINT_SLOTS} slots: "
+            "too few to name its raw data in the ledger; refusing"
+        )
     digest = hashlib.sha256(b"qkdsat raw-data ledger v1\0")
-    digest.update(slots[covered].tobytes())
     digest.update(np.asarray(nibbles, dtype=np.uint8).tobytes())
     return digest.hexdigest()
 
