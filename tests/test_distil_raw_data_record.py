@@ -168,7 +168,9 @@ def test_the_ledger_refuses_the_same_raw_data_under_any_directory_and_pass_json(
         (copy / "pass.json").write_text(json.dumps(edited))
         shutil.copytree(onboard / "ground", copy / "ground")
         second = _distil(copy, tmp_path / f"k-{name}", memory, ledger)
-        assert second["aborted"] and str(record) in second["abort_reason"], name
+        assert second["aborted"] and f"raw-data ledger {ledger}:" in second["abort_reason"]
+        # the reason reaches Bob and the reports: the fingerprint is not in it
+        assert record.stem not in second["abort_reason"], name
         assert _keys(tmp_path / f"k-{name}") == []
         # nothing of the refused run in the copy: the ledger is checked before any record
         assert not (copy / RECORD_NAME).exists()
@@ -221,5 +223,49 @@ def test_the_raw_datas_name_does_not_follow_the_slot_count(onboard_pass, tmp_pat
     name = raw_data_fingerprint(memory)
     assert raw_data_fingerprint(_FirstSlotsOnly(memory, 10_000)) == name
     assert raw_data_fingerprint(_FirstSlotsOnly(memory, FINGERPRINT_SLOTS)) == name
-    with pytest.raises(ProtocolAborted, match="too few to name its raw data"):
+    with pytest.raises(ProtocolAborted, match="cannot be named in the raw-data ledger"):
         raw_data_fingerprint(_FirstSlotsOnly(memory, FINGERPRINT_SLOTS - 1))
+
+
+def test_a_pattern_file_copied_with_its_first_slot_moved_is_the_same_raw_data(
+    small_pass, tmp_path
+):
+    """A copy of the pass whose pattern_source.json starts 256 slots later (and counts 256
+    fewer) holds the same bits at the same slots: the ledger names raw data by the bits of
+    slots 0-511, so the copy, holding none of them, is refused, not named anew."""
+    ledger = tmp_path / "ledger"
+    assert qkdsat(["distil", str(small_pass), "--out", str(tmp_path / "k1"),
+                   "--raw-data-ledger", str(ledger)]) == 0  # fmt: skip
+    copy = shutil.copytree(small_pass, tmp_path / "copy")
+    (copy / "satellite" / RECORD_NAME).unlink()
+    source = copy / "satellite" / "pattern_source.json"
+    fields = json.loads(source.read_text())
+    fields["first_slot"] += 256
+    fields["slot_count"] -= 256
+    source.write_text(json.dumps(fields))
+    assert qkdsat(["distil", str(copy), "--out", str(tmp_path / "k2"),
+                   "--raw-data-ledger", str(ledger)]) == 3  # fmt: skip
+    report = json.loads((tmp_path / "k2" / "report.json").read_text())
+    assert "cannot be named in the raw-data ledger" in report["abort_reason"]
+    assert _keys(tmp_path / "k2") == [] and len(list(ledger.iterdir())) == 1
+
+
+def test_a_pass_with_a_pattern_log_is_named_in_the_ledger(tmp_path):
+    """A pattern log (explicit symbols, as the payload writes) reads like a source: a
+    secure run with a ledger keys and names it; a second run on a copy is refused."""
+    from host.formats.patterns import read_pattern_source
+    from host.simulate.passgen import write_pattern_log
+
+    logged = make_pass(tmp_path / "pass", duration_s=3.0, seed=2)
+    source = logged / "satellite" / "pattern_source.json"
+    write_pattern_log(logged / "satellite" / "patterns.qrec", read_pattern_source(source))
+    source.unlink()
+    copy = shutil.copytree(logged, tmp_path / "copy")
+    ledger = tmp_path / "ledger"
+    for pass_dir, out, code in ((logged, "k1", 0), (copy, "k2", 3)):
+        argv = ["distil", str(pass_dir), "--out", str(tmp_path / out)]
+        assert qkdsat(argv + ["--raw-data-ledger", str(ledger)]) == code
+    assert _keys(tmp_path / "k1") == list(KEY_NAMES) and len(list(ledger.iterdir())) == 1
+    report = json.loads((tmp_path / "k2" / "report.json").read_text())
+    assert report["aborted"] and "raw-data ledger" in report["abort_reason"]
+    assert _keys(tmp_path / "k2") == []

@@ -26,8 +26,8 @@ A folder is not the raw data, though: with the pattern memory, a second director
 the same pass.json (or any pass.json: the memory is read by slot index, whatever
 the file says) reaches the same bits. So Alice also keeps a LEDGER (`qkdsat distil
 --raw-data-ledger DIR`; the payload processor always gives its key store's): one record
-per raw data, named by its FINGERPRINT (raw_data_fingerprint: SHA-256 of the symbols of
-the run's first FINGERPRINT_SLOTS slots, read where Alice reads them, all of them), created
+per raw data, named by its FINGERPRINT (raw_data_fingerprint: SHA-256 of the bit values of
+slots 0..FINGERPRINT_SLOTS-1, read where Alice reads them, all of them), created
 exclusively before the folder's; a run finding its raw data there refuses the pass,
 whatever folder and pass.json it was given. (Named by the pass.json's digest, as first
 written, it let a changed field through: a cold review made four keys from one run.)
@@ -49,14 +49,17 @@ import numpy as np
 from host.distil.durable import fsync_directory, write_atomic
 from host.errors import ProtocolAborted
 from host.formats.patterns import symbols_by_slots
+from host.protocol.symbols import decode_symbols
 
 RECORD_NAME = "raw-data-used.json"
 INSECURE_NAME = "raw-data-disclosed-insecurely.json"
 LEDGER_DIR_MODE = 0o700
-# Slots whose symbols name a raw data (~600 bits of random symbols: two runs never share
-# them). All must be covered: a prefix shortened by a smaller --slot-count would give
-# another name for the same bits.
-FINGERPRINT_SLOTS = 256
+# Slots whose bit values name a raw data: slots 0..FINGERPRINT_SLOTS-1 of the run, all of
+# which the pattern must hold (a prefix shortened by a smaller --slot-count, or a pattern
+# file whose first_slot was moved, would otherwise give another name for the same bits).
+# The bits only (symbols.decode_symbols: nibble & 1): basis and intensity follow the
+# pattern's thresholds, which an edited file and pass.json could change together.
+FINGERPRINT_SLOTS = 512
 _USED = (
     "this pass's raw data was already used by an earlier distillation run (a second key "
     "from the same raw bits, after fresh disclosures, would hold more than privacy "
@@ -75,21 +78,21 @@ def record_path(pass_dir: str | Path) -> Path:
 
 
 def raw_data_fingerprint(patterns) -> str:
-    """The ledger's name for Alice's raw data: SHA-256 of the symbols of the first
-    FINGERPRINT_SLOTS slots of her pattern (the run's own first slots, whatever pass.json
-    or --slot-count says; a pattern not holding them all is refused). On board only, in
-    Alice's private ledger: a hash of ~600 bits of random symbols, which tells nothing of
-    them."""
-    first = int(patterns.first_slot)
-    slots = np.arange(first, first + FINGERPRINT_SLOTS, dtype=np.int64)
+    """The ledger's name for Alice's raw data: SHA-256 of the bit values of slots
+    0..FINGERPRINT_SLOTS-1 (the run's own first slots, whatever pass.json, the pattern
+    file's first_slot or --slot-count says); a pattern not holding them all is refused.
+    On board only, in Alice's private ledger: a hash of 512 random bits, which tells
+    nothing of them (and no message names it)."""
+    slots = np.arange(FINGERPRINT_SLOTS, dtype=np.int64)
     covered, nibbles = symbols_by_slots(patterns, slots)
     if not covered.all():
         raise ProtocolAborted(
-            f"the pattern holds {int(covered.sum())} of its first {FINGERPRINT_SLOTS} slots: "
-            "too few to name its raw data in the ledger; refusing"
+            f"the pattern holds {int(covered.sum())} of slots 0-{FINGERPRINT_SLOTS - 1}: "
+            "its raw data cannot be named in the raw-data ledger; refusing"
         )
-    digest = hashlib.sha256(b"qkdsat raw-data ledger v1\0")
-    digest.update(np.asarray(nibbles, dtype=np.uint8).tobytes())
+    _, bits, _ = decode_symbols(np.asarray(nibbles, dtype=np.uint8))
+    digest = hashlib.sha256(b"qkdsat raw-data ledger v2\0")
+    digest.update(np.packbits(bits).tobytes())
     return digest.hexdigest()
 
 
@@ -147,14 +150,16 @@ def claim_raw_data(
         if os.path.lexists(record):
             if insecure:
                 raise ProtocolAborted(
-                    f"{record}: this pass's raw data was used by a secure distillation run; "
-                    "a further run would disclose more of the bits its key came from; refusing"
+                    f"{_said(record, ledger)}: this pass's raw data was used by a secure "
+                    "distillation run; a further run would disclose more of the bits its key "
+                    "came from; refusing"
                 )
-            raise ProtocolAborted(f"{record}: {_USED}")
+            raise ProtocolAborted(f"{_said(record, ledger)}: {_USED}")
         if not insecure and os.path.lexists(marker):
             raise ProtocolAborted(
-                f"{marker}: an insecure deterministic run disclosed this pass's raw data "
-                "(its transcript is public and uncounted); no secure key from it; refusing"
+                f"{_said(marker, ledger)}: an insecure deterministic run disclosed this pass's "
+                "raw data (its transcript is public and uncounted); no secure key from it; "
+                "refusing"
             )
     body = json.dumps(
         {"pass_sha256": pass_sha256, "claimed_unix_s": time.time(), "pid": os.getpid()},
@@ -164,16 +169,24 @@ def claim_raw_data(
         if insecure:
             write_atomic(marker, body, 0o600)
         else:
-            _create_exclusively(record, body)
+            _create_exclusively(record, body, _said(record, ledger))
     return written[-1][1 if insecure else 0]
 
 
-def _create_exclusively(path: Path, body: bytes) -> None:
+def _said(path: Path, ledger) -> str:
+    """How a message names a record: the ledger's by the ledger alone (the reason reaches
+    Bob and the reports; the fingerprint stays on board)."""
+    if ledger is not None and path.parent == Path(ledger):
+        return f"raw-data ledger {ledger}"
+    return str(path)
+
+
+def _create_exclusively(path: Path, body: bytes, said: str) -> None:
     """path holds body, created here (O_EXCL: of two runs racing, one fails) and durable."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        raise ProtocolAborted(f"{path}: {_USED}") from None
+        raise ProtocolAborted(f"{said}: {_USED}") from None
     try:
         view = memoryview(body)
         while view:

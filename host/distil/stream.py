@@ -750,7 +750,6 @@ class StreamAlice(Alice):
         timeline = None
         try:
             self._hello(channel, mode=MODE)
-            self._claim_raw_data()
             # the codes this pass may pick that are not built: each would be built in the
             # chunk that first needs it, seconds to tens of seconds (`qkdsat codes build`)
             out.report["ldpc_codes_missing"] = _missing_codes(cfg, "alice")
@@ -769,6 +768,9 @@ class StreamAlice(Alice):
                     f"stream: Bob predicts the optical link's end at {link_end_s} s, Alice at "
                     f"{mine:g} s"
                 )
+            # claimed once the pass runs (the head's memory fills from its start: the
+            # ledger's fingerprint reads its first slots) and before her first answer
+            self._claim_raw_data()
             out.report["stream"] = {
                 "block_s": float(start["block_s"]),
                 "speedup": clock.speedup,

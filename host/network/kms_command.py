@@ -52,6 +52,7 @@ def run(args) -> int:
         if (pki / "ca.pem").exists():
             raise BadInput(f"--pki {pki}: holds a CA already (ca.pem); use another directory")
         kme_ids = [check_name(n.strip(), "KME") for n in args.kme.split(",") if n.strip()]
+        check_name(args.server_name, "server")  # a file name in --pki, like the others
         names = [*sae_ids, *kme_ids, args.server_name, "ca"]
         if len(set(names)) < len(names):
             # one CA, told apart by name: an SAE named as a KME would pass as that KME, and
