@@ -133,9 +133,10 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--raw-data-ledger",
         metavar="DIR",
-        help="Alice: her record of the passes whose raw data she has used, one per pass "
-        "whatever directory it was read from (created 0700; the payload processor gives its "
-        "key store's). Without it only the pass directory records the use",
+        help="Alice: her record of the raw data she has used, named by its bits, so that no "
+        "directory, copy or edited pass.json gives a second key from them (this user's, 0700; "
+        "the payload processor gives its key store's). Without it only the pass directory "
+        "records the use",
     )
     parser.add_argument(
         "--key-store",
