@@ -93,15 +93,17 @@ def test_a_pair_already_out_of_step_takes_no_more_fills(tmp_path):
         with StationPool(pool_path(net, holder, peer), create=True) as pool:
             for i in order:
                 pool.fill(keys[i], sources[i])
-    before = [
-        pool_path(net, h, p).read_bytes() for h, p in ((SATELLITE, "Hefei"), ("Hefei", SATELLITE))
-    ]
+
+    def contents():
+        return [
+            pool_path(net, *ends).read_bytes()
+            for ends in ((SATELLITE, "Hefei"), ("Hefei", SATELLITE))
+        ]
+
+    before = contents()
     with pytest.raises(BadInput, match="sit at different offsets in the two pools"):
         fill_pair(net, "Hefei", tmp_path / "k3")
-    after = [
-        pool_path(net, h, p).read_bytes() for h, p in ((SATELLITE, "Hefei"), ("Hefei", SATELLITE))
-    ]
-    assert after == before
+    assert contents() == before
 
 
 def test_bytes_are_served_once_across_restarts_and_never_again(tmp_path):
