@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 import json
 import os
 import shutil
@@ -165,6 +166,30 @@ def _warm_up():
 def _frame_lengths(stats: dict) -> str:
     """The frame lengths of a block's parts, as powers of two ("2^18", "2^16+2^18")."""
     return "+".join(f"2^{p['frame_bits'].bit_length() - 1}" for p in stats.get("parts", [stats]))
+
+
+def _block_anatomy(block: dict) -> str:
+    """Where a key block's f comes from, part by part: each part's frames, retry rounds,
+    frames failing their first decoding (fewer than its frames: the first syndromes sat
+    above those frames' thresholds, the excess leaked) and revealed bits; for a block with
+    a probe, the probe's exact QBER against the block's in standard errors (a probe that
+    ran high sizes the rest above it: docs/distillation.md, "The probe's deviation and
+    the rest's sizing")."""
+    parts = [
+        f"{p['frames']} x 2^{p['frame_bits'].bit_length() - 1}: rounds {p['retry_rounds']}, "
+        f"failing first {p['frame_errors']}, revealed {p['revealed_bits']}"
+        for p in block.get("parts", [block])
+    ]
+    text = "; ".join(parts)
+    if block.get("probe_bits"):
+        probe_bits, probe_errors = block["probe_bits"], block["probe_errors"]
+        qber = block["errors"] / block["bits"]
+        z = (probe_errors - qber * probe_bits) / math.sqrt(qber * (1 - qber) * probe_bits)
+        text += (
+            f"; probe QBER {probe_errors / probe_bits:.4f} against the block's {qber:.4f} "
+            f"({z:+.1f} standard errors)"
+        )
+    return text
 
 
 def _ldpc_figures(q: float) -> dict:
@@ -1812,6 +1837,7 @@ def test_bench_30s_passes_over_simulation_seeds(tmp_path, monkeypatch, profile, 
     _warm_up()  # a pass's first decoding would otherwise compile the kernel in its time
     fs, fractions, ec_fractions, keys, aborted, lengths = [], [], [], [], 0, set()
     short_fs, long_fs, bsc_fs, bsc_keys = [], [], [], []
+    worst = (0.0, None, [])  # (f, simulation seed, its blocks): the worst pass's anatomy
     long_frames = ldpc.LONG_FRAME_BITS
     for sim_seed in range(1, SEED_PASSES + 1):
         pass_dir = tmp_path / f"{profile}-30s-{sim_seed}"
@@ -1842,6 +1868,8 @@ def test_bench_30s_passes_over_simulation_seeds(tmp_path, monkeypatch, profile, 
                 short_fs.append(again["ec"]["efficiency"])
         if report.get("ec", {}).get("efficiency") is not None:
             fs.append(report["ec"]["efficiency"])
+            if fs[-1] > worst[0]:
+                worst = (fs[-1], sim_seed, report["ec"]["blocks"])
         fractions.append(stages["total"] / duration_s)
         ec_fractions.append(stages.get("error_correction", 0.0) / duration_s)
         keys.append(report["key_bits"] or 0)
@@ -1852,6 +1880,10 @@ def test_bench_30s_passes_over_simulation_seeds(tmp_path, monkeypatch, profile, 
         f"{statistics.median(keys):.0f}; aborted {aborted}; frame lengths (blocks' parts) "
         f"{', '.join(sorted(lengths))}"
     )
+    if worst[1] is not None:
+        print(f"  the worst EC f, {worst[0]:.3f}, simulation seed {worst[1]}:")
+        for block in worst[2]:
+            print(f"    block of {block['bits']} bits: {_block_anatomy(block)}")
     if bsc_fs:
         print(
             f"  the same passes with Bob decoding as a binary symmetric channel (no noise "
