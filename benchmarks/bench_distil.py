@@ -34,8 +34,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 import json
+import math
 import os
 import shutil
 import socket
