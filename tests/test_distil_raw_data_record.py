@@ -269,3 +269,74 @@ def test_a_pass_with_a_pattern_log_is_named_in_the_ledger(tmp_path):
     report = json.loads((tmp_path / "k2" / "report.json").read_text())
     assert report["aborted"] and "raw-data ledger" in report["abort_reason"]
     assert _keys(tmp_path / "k2") == []
+
+
+# Two runs that both checked before either wrote: the other run's file lands between this
+# run's check and its write (the interleaving two processes can take). Each run writes
+# first and checks again after, so at least the later checker refuses before disclosing.
+
+
+def _landing_first(monkeypatch, name: str, land) -> None:
+    """raw_data_record.`name` (the writer of this run's file) lets the other run's file
+    land (`land()`) just before it writes."""
+    from host.distil import raw_data_record
+
+    write = getattr(raw_data_record, name)
+
+    def landing(*args, **kwargs):
+        land()
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(raw_data_record, name, landing)
+
+
+def test_a_secure_run_racing_an_insecure_one_refuses_the_pass(tmp_path, monkeypatch):
+    from host.distil.raw_data_record import claim_raw_data
+
+    pass_dir = tmp_path / "pass"
+    (pass_dir / "satellite").mkdir(parents=True)
+    marker = pass_dir / "satellite" / INSECURE_NAME
+    _landing_first(monkeypatch, "_create_exclusively", lambda: marker.write_text("{}"))
+    with pytest.raises(ProtocolAborted, match="insecure deterministic run disclosed"):
+        claim_raw_data(pass_dir, "0" * 64)
+    # its own record stays: the pass is burnt for any later secure run
+    assert (pass_dir / "satellite" / RECORD_NAME).exists()
+
+
+def test_an_insecure_run_racing_a_secure_one_refuses_the_pass(tmp_path, monkeypatch):
+    from host.distil.raw_data_record import claim_raw_data
+
+    pass_dir = tmp_path / "pass"
+    (pass_dir / "satellite").mkdir(parents=True)
+    record = pass_dir / "satellite" / RECORD_NAME
+    _landing_first(monkeypatch, "write_atomic", lambda: record.write_text("{}"))
+    with pytest.raises(ProtocolAborted, match="used by a secure distillation run"):
+        claim_raw_data(pass_dir, "0" * 64, insecure=True)
+
+
+def test_two_secure_runs_on_the_passs_two_layouts_do_not_both_go_on(tmp_path, monkeypatch):
+    """Without a ledger, a run given the pass before satellite/ existed writes its record in
+    the pass directory, one after in satellite/: O_EXCL guards two different files."""
+    from host.distil.raw_data_record import claim_raw_data
+
+    pass_dir = tmp_path / "pass"
+    pass_dir.mkdir()
+
+    def other_run_with_satellite():
+        (pass_dir / "satellite").mkdir()
+        (pass_dir / "satellite" / RECORD_NAME).write_text("{}")
+
+    _landing_first(monkeypatch, "_create_exclusively", other_run_with_satellite)
+    with pytest.raises(ProtocolAborted, match="already used"):
+        claim_raw_data(pass_dir, "0" * 64)
+
+
+def test_a_run_does_not_take_its_own_record_reached_by_another_layout_for_a_rival(tmp_path):
+    from host.distil.raw_data_record import claim_raw_data
+
+    pass_dir = tmp_path / "pass"
+    pass_dir.mkdir()
+    (pass_dir / "satellite").symlink_to(".")  # both layouts name the same directory
+    assert claim_raw_data(pass_dir, "0" * 64).exists()
+    with pytest.raises(ProtocolAborted, match="already used"):
+        claim_raw_data(pass_dir, "0" * 64)

@@ -15,7 +15,8 @@ The insecure deterministic test mode (--insecure-deterministic-seed, whose keys 
 for any use) is exempt from the exclusivity only: its tests run one pass many times to
 compare keys. It still refuses a pass a secure run claimed (its disclosures would weaken
 that key), and it leaves its own marker (INSECURE_NAME) that a later secure run refuses
-(what it disclosed is public).
+(what it disclosed is public). Every run writes its own file first and checks all places
+again after, so of two runs starting at once the later checker sees the other's file.
 
 The record lives beside Alice's own data: the pass's satellite/ directory, or the pass
 directory itself when Alice reads the head's pattern memory and there is no satellite/.
@@ -146,8 +147,35 @@ def claim_raw_data(
     checked = written + [
         (d / RECORD_NAME, d / INSECURE_NAME) for d in (pass_dir, pass_dir / "satellite")
     ]
+    _refuse_if_used(checked, insecure, ledger)
+    body = json.dumps(
+        {"pass_sha256": pass_sha256, "claimed_unix_s": time.time(), "pid": os.getpid()},
+        sort_keys=True,
+    ).encode()
+    own = set()  # (device, inode) of the files this run wrote
+    for record, marker in written:
+        mine = marker if insecure else record
+        if insecure:
+            write_atomic(marker, body, 0o600)
+        else:
+            _create_exclusively(record, body, _said(record, ledger))
+        own.add(_identity(mine))
+    # Checked again now that ours is durable. Two runs that both checked before either
+    # wrote (a secure and an insecure one, or two secure ones given the pass in its two
+    # layouts without a ledger: O_EXCL then guards two different files) would both go on;
+    # each writes first and checks after, so the later checker always sees the other's.
+    # A run that finds one now aborts before any disclosure; its own record stays (the
+    # pass is burnt, as after a crash).
+    _refuse_if_used(checked, insecure, ledger, own)
+    return written[-1][1 if insecure else 0]
+
+
+def _refuse_if_used(checked, insecure: bool, ledger, own=frozenset()) -> None:
+    """ProtocolAborted if any (record, marker) pair of `checked`, other than this run's
+    own files, says the raw data was used: a record for any run, a marker for a secure
+    one."""
     for record, marker in checked:
-        if os.path.lexists(record):
+        if os.path.lexists(record) and _identity(record) not in own:
             if insecure:
                 raise ProtocolAborted(
                     f"{_said(record, ledger)}: this pass's raw data was used by a secure "
@@ -155,22 +183,23 @@ def claim_raw_data(
                     "came from; refusing"
                 )
             raise ProtocolAborted(f"{_said(record, ledger)}: {_USED}")
-        if not insecure and os.path.lexists(marker):
+        if not insecure and os.path.lexists(marker) and _identity(marker) not in own:
             raise ProtocolAborted(
                 f"{_said(marker, ledger)}: an insecure deterministic run disclosed this pass's "
                 "raw data (its transcript is public and uncounted); no secure key from it; "
                 "refusing"
             )
-    body = json.dumps(
-        {"pass_sha256": pass_sha256, "claimed_unix_s": time.time(), "pid": os.getpid()},
-        sort_keys=True,
-    ).encode()
-    for record, marker in written:
-        if insecure:
-            write_atomic(marker, body, 0o600)
-        else:
-            _create_exclusively(record, body, _said(record, ledger))
-    return written[-1][1 if insecure else 0]
+
+
+def _identity(path: Path):
+    """The file a path names (its last component not followed): the same file reached
+    through another layout (a satellite/ linked to the pass directory) is still ours. A
+    path that vanished between the look and this call names nothing of ours."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _said(path: Path, ledger) -> str:
