@@ -340,3 +340,24 @@ def test_a_run_does_not_take_its_own_record_reached_by_another_layout_for_a_riva
     assert claim_raw_data(pass_dir, "0" * 64).exists()
     with pytest.raises(ProtocolAborted, match="already used"):
         claim_raw_data(pass_dir, "0" * 64)
+
+
+def test_an_insecure_run_takes_no_record_for_its_own(tmp_path, monkeypatch):
+    """A rerun's marker replaces the last one by rename, which frees its inode, and the
+    file system gave it straight to a secure run's new record: an insecure run that counted
+    its marker's inode as its own took that record for its marker and went on (a cold
+    review, with real processes). Here the record lands as the marker's own inode."""
+    from host.distil import raw_data_record
+    from host.distil.raw_data_record import claim_raw_data
+
+    pass_dir = tmp_path / "pass"
+    (pass_dir / "satellite").mkdir(parents=True)
+    write = raw_data_record.write_atomic
+
+    def write_then_record_on_its_inode(path, *args, **kwargs):
+        write(path, *args, **kwargs)
+        os.link(path, pass_dir / "satellite" / RECORD_NAME)
+
+    monkeypatch.setattr(raw_data_record, "write_atomic", write_then_record_on_its_inode)
+    with pytest.raises(ProtocolAborted, match="used by a secure distillation run"):
+        claim_raw_data(pass_dir, "0" * 64, insecure=True)

@@ -152,14 +152,18 @@ def claim_raw_data(
         {"pass_sha256": pass_sha256, "claimed_unix_s": time.time(), "pid": os.getpid()},
         sort_keys=True,
     ).encode()
-    own = set()  # (device, inode) of the files this run wrote
+    # (device, inode) of the records this run created: a secure run's only. An insecure
+    # run writes no record, so any record it finds is a rival's; its markers are replaced
+    # by rename on every rerun, which frees their inodes for the next file made (a rival's
+    # record took one, and an insecure run counting its marker as its own went on: a cold
+    # review). A record is never replaced or removed by a run, so its inode stays its own.
+    own = set()
     for record, marker in written:
-        mine = marker if insecure else record
         if insecure:
             write_atomic(marker, body, 0o600)
         else:
             _create_exclusively(record, body, _said(record, ledger))
-        own.add(_identity(mine))
+            own.add(_identity(record))
     # Checked again now that ours is durable. Two runs that both checked before either
     # wrote (a secure and an insecure one, or two secure ones given the pass in its two
     # layouts without a ledger: O_EXCL then guards two different files) would both go on;
@@ -171,9 +175,9 @@ def claim_raw_data(
 
 
 def _refuse_if_used(checked, insecure: bool, ledger, own=frozenset()) -> None:
-    """ProtocolAborted if any (record, marker) pair of `checked`, other than this run's
-    own files, says the raw data was used: a record for any run, a marker for a secure
-    one."""
+    """ProtocolAborted if any (record, marker) pair of `checked`, other than the records
+    this run created (`own`), says the raw data was used: a record for any run, a marker
+    for a secure one."""
     for record, marker in checked:
         if os.path.lexists(record) and _identity(record) not in own:
             if insecure:
