@@ -361,3 +361,21 @@ def test_an_insecure_run_takes_no_record_for_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(raw_data_record, "write_atomic", write_then_record_on_its_inode)
     with pytest.raises(ProtocolAborted, match="used by a secure distillation run"):
         claim_raw_data(pass_dir, "0" * 64, insecure=True)
+
+
+def test_a_ledger_marker_that_cannot_be_written_is_a_refusal_naming_the_ledger_only(tmp_path):
+    """The ledger's file names are the raw data's fingerprint: a write that fails (here a
+    directory in the marker's place) is refused as the other refusals are, by the ledger's
+    name (before: the OSError's text, fingerprint and all)."""
+    from host.distil.raw_data_record import claim_raw_data, ledger_paths
+
+    pass_dir, ledger = tmp_path / "pass", tmp_path / "ledger"
+    (pass_dir / "satellite").mkdir(parents=True)
+    ledger.mkdir(mode=0o700)
+    fingerprint = "ab" * 32
+    ledger_paths(ledger, fingerprint)[1].mkdir()
+    with pytest.raises(ProtocolAborted) as refused:
+        claim_raw_data(pass_dir, "0" * 64, insecure=True, ledger=ledger, fingerprint=fingerprint)
+    assert f"raw-data ledger {ledger}: cannot write this run's marker" in str(refused.value)
+    assert fingerprint not in str(refused.value)
+    assert not (pass_dir / "satellite" / INSECURE_NAME).exists()

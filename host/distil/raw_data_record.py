@@ -159,11 +159,20 @@ def claim_raw_data(
     # review). A record is never replaced or removed by a run, so its inode stays its own.
     own = set()
     for record, marker in written:
-        if insecure:
-            write_atomic(marker, body, 0o600)
-        else:
-            _create_exclusively(record, body, _said(record, ledger))
-            own.add(_identity(record))
+        mine = marker if insecure else record
+        try:
+            if insecure:
+                write_atomic(marker, body, 0o600)
+            else:
+                _create_exclusively(record, body, _said(record, ledger))
+                own.add(_identity(record))
+        except OSError as error:  # not FileExistsError: _create_exclusively refused that
+            # named as the refusals are (a ledger's file name is the raw data's fingerprint)
+            raise ProtocolAborted(
+                f"{_said(mine, ledger)}: cannot write this run's "
+                f"{'marker' if insecure else 'record'} ({error.strerror or type(error).__name__})"
+                "; refusing"
+            ) from None
     # Checked again now that ours is durable. Two runs that both checked before either
     # wrote (a secure and an insecure one, or two secure ones given the pass in its two
     # layouts without a ledger: O_EXCL then guards two different files) would both go on;
