@@ -290,28 +290,27 @@ def _landing_first(monkeypatch, name: str, land) -> None:
     monkeypatch.setattr(raw_data_record, name, landing)
 
 
-def test_a_secure_run_racing_an_insecure_one_refuses_the_pass(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "insecure, writer, landed, refusal",
+    [
+        (False, "_create_exclusively", INSECURE_NAME, "insecure deterministic run disclosed"),
+        (True, "write_atomic", RECORD_NAME, "used by a secure distillation run"),
+    ],
+    ids=["secure-run-racing-an-insecure-one", "insecure-run-racing-a-secure-one"],
+)
+def test_runs_of_both_kinds_racing_do_not_both_go_on(
+    tmp_path, monkeypatch, insecure, writer, landed, refusal
+):
     from host.distil.raw_data_record import claim_raw_data
 
     pass_dir = tmp_path / "pass"
     (pass_dir / "satellite").mkdir(parents=True)
-    marker = pass_dir / "satellite" / INSECURE_NAME
-    _landing_first(monkeypatch, "_create_exclusively", lambda: marker.write_text("{}"))
-    with pytest.raises(ProtocolAborted, match="insecure deterministic run disclosed"):
-        claim_raw_data(pass_dir, "0" * 64)
-    # its own record stays: the pass is burnt for any later secure run
-    assert (pass_dir / "satellite" / RECORD_NAME).exists()
-
-
-def test_an_insecure_run_racing_a_secure_one_refuses_the_pass(tmp_path, monkeypatch):
-    from host.distil.raw_data_record import claim_raw_data
-
-    pass_dir = tmp_path / "pass"
-    (pass_dir / "satellite").mkdir(parents=True)
-    record = pass_dir / "satellite" / RECORD_NAME
-    _landing_first(monkeypatch, "write_atomic", lambda: record.write_text("{}"))
-    with pytest.raises(ProtocolAborted, match="used by a secure distillation run"):
-        claim_raw_data(pass_dir, "0" * 64, insecure=True)
+    rivals = pass_dir / "satellite" / landed
+    _landing_first(monkeypatch, writer, lambda: rivals.write_text("{}"))
+    with pytest.raises(ProtocolAborted, match=refusal):
+        claim_raw_data(pass_dir, "0" * 64, insecure=insecure)
+    if not insecure:  # its own record stays: the pass is burnt for any later secure run
+        assert (pass_dir / "satellite" / RECORD_NAME).exists()
 
 
 def test_two_secure_runs_on_the_passs_two_layouts_do_not_both_go_on(tmp_path, monkeypatch):

@@ -406,8 +406,12 @@ def test_a_20_s_outage_mid_pass_only_delays_the_stream_and_gives_the_same_key(
     assert [o["cause"] for o in run.link["outages"]] == ["clouds (test)"]
     assert not run.link["lost_for_good"]
     key = (out / KEY_FILES["alice"]).read_bytes()
-    assert (run.alice_dir / KEY_FILES["alice"]).read_bytes() == key
-    assert (run.bob_dir / KEY_FILES["bob"]).read_bytes() == key
+    # Blocks are cut in pass time, so the key is the unbroken run's, unless Bob's decoder
+    # fell behind by LAG_FALLBACK_S (a loaded machine: once with three other test runs
+    # beside it) and his chunks took 2^16 frames: say so rather than only "differs".
+    switches = run.bob.get("stream", {}).get("frame_switches")
+    assert (run.alice_dir / KEY_FILES["alice"]).read_bytes() == key, switches
+    assert (run.bob_dir / KEY_FILES["bob"]).read_bytes() == key, switches
     for side in (run.alice, run.bob):
         rows = side["timeline"]
         down = [r["t_s"] for r in rows if not r["link_up"]]
