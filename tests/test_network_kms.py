@@ -325,7 +325,7 @@ def test_an_application_named_as_a_kme_is_refused_at_issue_and_at_serve(tmp_path
     store = open_store(str(tmp_path / "k.sqlite"))
     assert qkdsat(["kms", "pki", "--pki", str(pki), "--sae", MASTER, "--kme", "kme-a,kme-b"]) == 0
     peer = PeerKME("https://127.0.0.1:1", "kme-b", pki / "ca.pem", pki / "kme-a.pem",
-                   pki / "kme-a.key")  # fmt: skip
+                   pki / "kme-a.key", pki / "kme-b.pem")  # fmt: skip
     with pytest.raises(BadInput, match=r"SAE IDs \['kme-b'\] are also KME IDs"):
         KeyManager("kme-a", pool, store, [MASTER, "kme-b"], tmp_path / "audit", peer=peer)
 
@@ -439,6 +439,7 @@ def test_two_kmes_serve_the_same_relayed_key_made_from_simulated_passes(tmp_path
             pki / "ca.pem",
             pki / f"{own}.pem",
             pki / f"{own}.key",
+            pki / f"{peer}.pem",
         )
     try:
         status, body = _call(
@@ -561,7 +562,63 @@ def test_peer_delivery_is_refused_without_a_peer_and_peer_options_are_checked(
     assert qkdsat(serve + ["--peer-url", "https://localhost:9"]) == 2
     assert "--peer-url and --peer-kme-id go together" in capsys.readouterr().err
     assert qkdsat(serve + ["--peer-url", "https://localhost:9", "--peer-kme-id", "kme-b"]) == 2
-    assert "kme-a.pem missing (qkdsat kms pki --kme kme-a)" in capsys.readouterr().err
+    assert "kme-a.pem missing (qkdsat kms pki --kme kme-a,kme-b)" in capsys.readouterr().err
+
+
+def test_a_delivery_from_a_certificate_the_ca_signed_under_the_peers_name_is_refused(
+    tmp_path, capsys
+):
+    """Certificates from the one CA are told apart by name; a second certificate under the
+    peer KME's name (issued by hand with the CA's key) was taken for the peer: its
+    deliveries took this KME's pool bytes under key_IDs it chose. Now the peer's own
+    certificate is pinned (PeerKME, from the PKI that made both)."""
+    from host.cli import main as qkdsat
+    from host.network.kms import PEER_DELIVER_PATH
+
+    pki, forged = tmp_path / "pki", tmp_path / "forged"
+    argv = ["kms", "pki", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}", "--kme", "kme-a,kme-b"]
+    assert qkdsat(argv) == 0
+    forged.mkdir()
+    for name in ("ca.pem", "ca.key"):
+        shutil.copy(pki / name, forged / name)
+    issue(forged, "kme-a")  # the peer's name, another key pair, the same CA
+    distilled(tmp_path / "keys", 8 * POOL_BYTES, "pass-1")
+    fill_pair(tmp_path / "net", "Jinan", tmp_path / "keys")
+    pool = pool_path(tmp_path / "net", "Jinan", SATELLITE)
+    peer = PeerKME("https://localhost:9", "kme-a", pki / "ca.pem", pki / "kme-b.pem",
+                   pki / "kme-b.key", pki / "kme-a.pem")  # fmt: skip
+    manager = KeyManager(
+        "kme-b", pool, open_store(str(tmp_path / "k.sqlite")), [MASTER, SLAVE],
+        tmp_path / "audit.jsonl", peer=peer,
+    )  # fmt: skip
+    context = tls_context(pki / "ca.pem", pki / "localhost.pem", pki / "localhost.key")
+    server = make_server(manager, "localhost", 0, context)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kme = {"pki": pki, "port": server.server_address[1], "pool": pool}
+    delivery = {"master_SAE_ID": MASTER, "slave_SAE_ID": SLAVE,
+                "key_IDs": [str(uuid.uuid4())], "offset": 0, "size": 256}  # fmt: skip
+    try:
+        used = _used(kme)
+        status, body = _call(kme, "kme-a", "POST", PEER_DELIVER_PATH, delivery, pki=forged)
+        assert status == 401 and "not the peer KME's pinned one" in body["message"]
+        assert _used(kme) == used  # nothing taken
+        status, body = _call(kme, "kme-a", "POST", PEER_DELIVER_PATH, delivery)
+        assert (status, body["key_IDs"]) == (200, delivery["key_IDs"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    # serve needs the peer's certificate to pin, and it must be the peer's
+    serve = ["kms", "serve", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}", "--pool",
+             str(pool), "--db", str(tmp_path / "k2.db"), "--audit", str(tmp_path / "a2"),
+             "--listen", "127.0.0.1:0", "--kme-id", "kme-b", "--peer-url",
+             "https://localhost:9", "--peer-kme-id", "kme-a"]  # fmt: skip
+    capsys.readouterr()
+    (pki / "kme-a.pem").rename(pki / "kme-a.pem.away")
+    assert qkdsat(serve) == 2
+    assert "kme-a.pem missing (qkdsat kms pki --kme kme-b,kme-a)" in capsys.readouterr().err
+    shutil.copy(pki / "kme-b.pem", pki / "kme-a.pem")
+    assert qkdsat(serve) == 2
+    assert "names ['kme-b'], not the peer KME kme-a" in capsys.readouterr().err
 
 
 def test_a_private_key_is_never_written_through_a_file_planted_at_its_temporary_name(
@@ -671,7 +728,8 @@ def test_a_message_overtaken_by_a_kme_delivery_is_still_received(tmp_path):
         threading.Thread(target=servers[-1].serve_forever, daemon=True).start()
     for own, peer in (("kme-beijing", "kme-stellenbosch"), ("kme-stellenbosch", "kme-beijing")):
         managers[own].peer = PeerKME(f"https://localhost:{ports[peer]}", peer, pki / "ca.pem",
-                                     pki / f"{own}.pem", pki / f"{own}.key")  # fmt: skip
+                                     pki / f"{own}.pem", pki / f"{own}.key",
+                                     pki / f"{peer}.pem")  # fmt: skip
     try:
         plain, message, out = (tmp_path / name for name in ("image.bin", "image.msg", "out"))
         plain.write_bytes(os.urandom(300))
@@ -747,6 +805,7 @@ def test_a_peer_kme_answer_dripped_by_a_man_in_the_middle_is_cut_at_the_deadline
     make_ca(pki)
     issue(pki, "localhost", server=True)
     issue(pki, "kme-a")
+    issue(pki, "kme-b")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(pki / "localhost.pem"), str(pki / "localhost.key"))
     server = context.wrap_socket(socket.create_server(("localhost", 0)), server_side=True)
@@ -769,7 +828,7 @@ def test_a_peer_kme_answer_dripped_by_a_man_in_the_middle_is_cut_at_the_deadline
     thread = threading.Thread(target=dripping_peer, daemon=True)
     thread.start()
     peer = PeerKME(f"https://localhost:{server.getsockname()[1]}", "kme-b", pki / "ca.pem",
-                   pki / "kme-a.pem", pki / "kme-a.key")  # fmt: skip
+                   pki / "kme-a.pem", pki / "kme-a.key", pki / "kme-b.pem")  # fmt: skip
     began = time.monotonic()
     with pytest.raises(PeerError, match="did not answer within 1 s"):
         peer.deliver(MASTER, SLAVE, [str(uuid.uuid4())], 0, 256)

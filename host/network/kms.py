@@ -15,6 +15,7 @@ short. The audit log records who asked what and the key_IDs, never key material.
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import json
 import os
@@ -336,11 +337,17 @@ class KeyManager:
                 ) from None
         return {"keys": [{"key_ID": k, "key": base64.b64encode(v).decode()} for k, v in keys]}
 
-    def deliver(self, caller: str | None, request: dict) -> dict:
+    def deliver(self, caller: str | None, request: dict, certificate_sha256: str = "") -> dict:
         """The peer KME's enc_keys: store for the slave the `number` keys of `size` bits
-        that start at byte `offset` of this KME's pool, under the peer's key_IDs."""
+        that start at byte `offset` of this KME's pool, under the peer's key_IDs.
+        certificate_sha256: the caller's client certificate (SHA-256 of its DER), which
+        must be the peer's own (PeerKME.certificate_sha256), not only carry its name."""
         if self.peer is None or caller != self.peer.kme_id:
             raise RequestError(401, "client certificate names no peer KME of this KME")
+        if certificate_sha256 != self.peer.certificate_sha256:
+            raise RequestError(
+                401, f"client certificate named {caller} is not the peer KME's pinned one"
+            )
         try:
             master, slave = str(request["master_SAE_ID"]), str(request["slave_SAE_ID"])
             key_ids = [str(uuid.UUID(str(k))) for k in request["key_IDs"]]
@@ -438,6 +445,10 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass  # already closed
 
+    def _caller_certificate_sha256(self) -> str:
+        der = self.connection.getpeercert(binary_form=True)
+        return hashlib.sha256(der).hexdigest() if der else ""
+
     def _caller(self) -> str | None:
         cert = self.connection.getpeercert()
         for rdn in (cert or {}).get("subject", ()):
@@ -455,7 +466,7 @@ class Handler(BaseHTTPRequestHandler):
             self._request_read()
         try:
             if parts.path == PEER_DELIVER_PATH and method == "POST":
-                body = kme.deliver(caller, _json_body(self))
+                body = kme.deliver(caller, _json_body(self), self._caller_certificate_sha256())
                 entry["key_IDs"] = body["key_IDs"]
                 raise _Answered(body)
             if not parts.path.startswith(API_PREFIX):
@@ -546,7 +557,10 @@ class PeerKME:
     over mutual TLS which offsets became which key_IDs, so that it serves them to the
     slave SAE by dec_keys. Only key_IDs and offsets cross; this KME authenticates with its
     own certificate (common name = its KME ID), and the peer's server certificate must
-    name the peer's host."""
+    name the peer's host. The peer's own client certificate (`peer_cert_pem`, from the
+    PKI that made both: `kms pki --kme A,B`) is pinned: a delivery from it is taken, and
+    from no other certificate the CA signed under its name (one issued by hand with the
+    CA's key, or a rogue copy)."""
 
     TIMEOUT_S = 10  # each wait for bytes
     # the whole delivery, connection to answer: TIMEOUT_S bounds only each wait, so a man
@@ -554,11 +568,12 @@ class PeerKME:
     # enc_keys (and its server thread) for as long as he liked
     DEADLINE_S = 30.0
 
-    def __init__(self, url: str, kme_id: str, ca_pem, cert_pem, key_pem):
+    def __init__(self, url: str, kme_id: str, ca_pem, cert_pem, key_pem, peer_cert_pem):
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname or not parts.port:
             raise BadInput(f"--peer-url {url!r}: expected https://HOST:PORT")
         self.host, self.port, self.kme_id = parts.hostname, parts.port, kme_id
+        self.certificate_sha256 = _certificate_sha256(peer_cert_pem, kme_id)
         self.context = ssl.create_default_context(cafile=str(ca_pem))
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.context.load_cert_chain(str(cert_pem), str(key_pem))
@@ -606,6 +621,22 @@ class PeerKME:
             except (ValueError, KeyError, TypeError):
                 message = f"HTTP {response.status}"
             raise PeerError(f"{self.kme_id} refused: {message}")
+
+
+def _certificate_sha256(pem_path, kme_id: str) -> str:
+    """SHA-256 of the DER of the one certificate in pem_path, which must name kme_id."""
+    try:
+        pem = Path(pem_path).read_text()
+        der = ssl.PEM_cert_to_DER_cert(pem)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise BadInput(f"{pem_path}: not the peer KME's certificate ({error})") from None
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [n.value for n in names] != [kme_id]:
+        raise BadInput(f"{pem_path}: names {[n.value for n in names]}, not the peer KME {kme_id}")
+    return hashlib.sha256(der).hexdigest()
 
 
 def tls_context(ca_pem, cert_pem, key_pem) -> ssl.SSLContext:

@@ -36,7 +36,11 @@ def add_arguments(parser) -> None:
         help="serve: the slave side's KME (https://HOST:PORT), whose pool is this pool's "
         "pair (B/A.pool for A/B.pool): enc_keys here are served by dec_keys there",
     )
-    parser.add_argument("--peer-kme-id", help="serve: that KME's ID (with --peer-url)")
+    parser.add_argument(
+        "--peer-kme-id",
+        help="serve: that KME's ID (with --peer-url); its certificate PKI/ID.pem is pinned: "
+        "deliveries from it only",
+    )
 
 
 def run(args) -> int:
@@ -85,12 +89,16 @@ def run(args) -> int:
     if args.peer_url:
         from host.network.kms import PeerKME
 
-        for name in (f"{args.kme_id}.pem", f"{args.kme_id}.key"):
+        peer_id = check_name(args.peer_kme_id, "KME")
+        for name in (f"{args.kme_id}.pem", f"{args.kme_id}.key", f"{peer_id}.pem"):
             if not (pki / name).is_file():
-                raise BadInput(f"--pki {pki}: {name} missing (qkdsat kms pki --kme {args.kme_id})")
+                raise BadInput(
+                    f"--pki {pki}: {name} missing (qkdsat kms pki --kme {args.kme_id},{peer_id})"
+                )
+        # the peer's own certificate is pinned (PeerKME): deliveries from it only
         peer = PeerKME(
-            args.peer_url, check_name(args.peer_kme_id, "KME"), pki / "ca.pem",
-            pki / f"{args.kme_id}.pem", pki / f"{args.kme_id}.key",
+            args.peer_url, peer_id, pki / "ca.pem",
+            pki / f"{args.kme_id}.pem", pki / f"{args.kme_id}.key", pki / f"{peer_id}.pem",
         )  # fmt: skip
     manager = KeyManager(
         args.kme_id, args.pool, open_store(args.db), sae_ids, args.audit, peer=peer
