@@ -562,7 +562,8 @@ def test_peer_delivery_is_refused_without_a_peer_and_peer_options_are_checked(
     assert qkdsat(serve + ["--peer-url", "https://localhost:9"]) == 2
     assert "--peer-url and --peer-kme-id go together" in capsys.readouterr().err
     assert qkdsat(serve + ["--peer-url", "https://localhost:9", "--peer-kme-id", "kme-b"]) == 2
-    assert "kme-a.pem missing (qkdsat kms pki --kme kme-a,kme-b)" in capsys.readouterr().err
+    missing = "kme-a.pem missing or not a file (qkdsat kms pki --kme kme-a,kme-b)"
+    assert missing in capsys.readouterr().err
 
 
 def test_a_delivery_from_a_certificate_the_ca_signed_under_the_peers_name_is_refused(
@@ -615,10 +616,21 @@ def test_a_delivery_from_a_certificate_the_ca_signed_under_the_peers_name_is_ref
     capsys.readouterr()
     (pki / "kme-a.pem").rename(pki / "kme-a.pem.away")
     assert qkdsat(serve) == 2
-    assert "kme-a.pem missing (qkdsat kms pki --kme kme-b,kme-a)" in capsys.readouterr().err
+    missing = "kme-a.pem missing or not a file (qkdsat kms pki --kme kme-b,kme-a)"
+    assert missing in capsys.readouterr().err
     shutil.copy(pki / "kme-b.pem", pki / "kme-a.pem")
     assert qkdsat(serve) == 2
     assert "names ['kme-b'], not the peer KME kme-a" in capsys.readouterr().err
+    # a damaged file, or the peer's name from another CA: refused at start, not an
+    # internal error, nor a pin no delivery could match
+    rogue = tmp_path / "rogue"
+    make_ca(rogue)
+    issue(rogue, "kme-a")
+    damaged = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    for planted in (damaged, (rogue / "kme-a.pem").read_text()):
+        (pki / "kme-a.pem").write_text(planted)
+        assert qkdsat(serve) == 2
+        assert "not the peer KME's certificate issued by" in capsys.readouterr().err
 
 
 def test_a_private_key_is_never_written_through_a_file_planted_at_its_temporary_name(

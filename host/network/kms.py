@@ -345,8 +345,11 @@ class KeyManager:
         if self.peer is None or caller != self.peer.kme_id:
             raise RequestError(401, "client certificate names no peer KME of this KME")
         if certificate_sha256 != self.peer.certificate_sha256:
+            # the presented one's digest (public) for the audit log's follow-up
             raise RequestError(
-                401, f"client certificate named {caller} is not the peer KME's pinned one"
+                401,
+                f"client certificate named {caller} is not the peer KME's pinned one "
+                f"(presented SHA-256 {certificate_sha256[:16] or 'none'}...)",
             )
         try:
             master, slave = str(request["master_SAE_ID"]), str(request["slave_SAE_ID"])
@@ -573,7 +576,7 @@ class PeerKME:
         if parts.scheme != "https" or not parts.hostname or not parts.port:
             raise BadInput(f"--peer-url {url!r}: expected https://HOST:PORT")
         self.host, self.port, self.kme_id = parts.hostname, parts.port, kme_id
-        self.certificate_sha256 = _certificate_sha256(peer_cert_pem, kme_id)
+        self.certificate_sha256 = _certificate_sha256(peer_cert_pem, kme_id, ca_pem)
         self.context = ssl.create_default_context(cafile=str(ca_pem))
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.context.load_cert_chain(str(cert_pem), str(key_pem))
@@ -623,19 +626,26 @@ class PeerKME:
             raise PeerError(f"{self.kme_id} refused: {message}")
 
 
-def _certificate_sha256(pem_path, kme_id: str) -> str:
-    """SHA-256 of the DER of the one certificate in pem_path, which must name kme_id."""
-    try:
-        pem = Path(pem_path).read_text()
-        der = ssl.PEM_cert_to_DER_cert(pem)
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise BadInput(f"{pem_path}: not the peer KME's certificate ({error})") from None
+def _certificate_sha256(pem_path, kme_id: str, ca_pem) -> str:
+    """SHA-256 of the DER of the one certificate in pem_path, which must name kme_id and
+    be issued by the CA of ca_pem (a stale or foreign pin is refused at start, not found
+    out by a 401 on every delivery); BadInput naming the file otherwise."""
     from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
     from cryptography.x509.oid import NameOID
 
-    names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if [n.value for n in names] != [kme_id]:
-        raise BadInput(f"{pem_path}: names {[n.value for n in names]}, not the peer KME {kme_id}")
+    try:
+        der = ssl.PEM_cert_to_DER_cert(Path(pem_path).read_text())
+        certificate = x509.load_der_x509_certificate(der)
+        ca = x509.load_pem_x509_certificate(Path(ca_pem).read_bytes())
+        certificate.verify_directly_issued_by(ca)
+    except (OSError, ValueError, TypeError, UnicodeDecodeError, InvalidSignature) as error:
+        raise BadInput(
+            f"{pem_path}: not the peer KME's certificate issued by {ca_pem} ({error})"
+        ) from None
+    names = [n.value for n in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [kme_id]:
+        raise BadInput(f"{pem_path}: names {names}, not the peer KME {kme_id}")
     return hashlib.sha256(der).hexdigest()
 
 

@@ -93,7 +93,8 @@ def run(args) -> int:
         for name in (f"{args.kme_id}.pem", f"{args.kme_id}.key", f"{peer_id}.pem"):
             if not (pki / name).is_file():
                 raise BadInput(
-                    f"--pki {pki}: {name} missing (qkdsat kms pki --kme {args.kme_id},{peer_id})"
+                    f"--pki {pki}: {name} missing or not a file "
+                    f"(qkdsat kms pki --kme {args.kme_id},{peer_id})"
                 )
         # the peer's own certificate is pinned (PeerKME): deliveries from it only
         peer = PeerKME(
