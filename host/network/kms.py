@@ -337,7 +337,7 @@ class KeyManager:
                 ) from None
         return {"keys": [{"key_ID": k, "key": base64.b64encode(v).decode()} for k, v in keys]}
 
-    def deliver(self, caller: str | None, request: dict, certificate_sha256: str = "") -> dict:
+    def deliver(self, caller: str | None, request: dict, certificate_sha256: str) -> dict:
         """The peer KME's enc_keys: store for the slave the `number` keys of `size` bits
         that start at byte `offset` of this KME's pool, under the peer's key_IDs.
         certificate_sha256: the caller's client certificate (SHA-256 of its DER), which
