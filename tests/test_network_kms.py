@@ -603,6 +603,10 @@ def test_a_delivery_from_a_certificate_the_ca_signed_under_the_peers_name_is_ref
         status, body = _call(kme, "kme-a", "POST", PEER_DELIVER_PATH, delivery, pki=forged)
         assert status == 401 and "not the peer KME's pinned one" in body["message"]
         assert _used(kme) == used  # nothing taken
+        # refused before its body is read: a malformed one is a 401 too, not a parse error
+        for malformed in (b"{not json", b"[]"):
+            status, body = _call(kme, "kme-a", "POST", PEER_DELIVER_PATH, malformed, pki=forged)
+            assert status == 401 and "not the peer KME's pinned one" in body["message"]
         status, body = _call(kme, "kme-a", "POST", PEER_DELIVER_PATH, delivery)
         assert (status, body["key_IDs"]) == (200, delivery["key_IDs"])
     finally:
