@@ -7,7 +7,8 @@ variable column[t] Z + (z + shift[t]) mod Z. decode_qc_rows updates those Z chec
 as vector lanes: the posteriors of an entry are a contiguous run of the frame's
 posteriors (two pieces: the circulant wraps once), a check's sum over its edges is a
 vertical add over the row's entries, so of the per-edge random accesses of
-ldpc.decode_phi_rows only the two phi-table lookups stay gathers.
+ldpc.decode_phi_rows only the two phi-table lookups stay (gathers, or scalar loads on the
+CPUs whose gathers are slower: SCALAR_LOOKUPS).
 
 The arithmetic per edge is decode_phi_rows's (the same table, the same fixed-point sum,
 the same order of the float operations on every value), and the checks of a row are
@@ -113,6 +114,21 @@ SIGN_BIT = np.uint32(31)
 SUM_MASK = np.uint32(0x7FFFFFFF)
 
 
+def _scalar_lookups_pay() -> bool:
+    """Whether numba's target CPU is an AMD Zen of the first three generations, whose
+    gathers are microcoded: there 8 scalar loads put into a vector beat one 8-lane gather
+    (the decoder ~1.15x on a Zen 3 EPYC, docs/distillation.md "Table lookups without
+    gathers"). numba compiles for NUMBA_CPU_NAME when set, else for the host (its cache
+    keys machine code by CPU name, so a cached kernel never meets another CPU)."""
+    import llvmlite.binding
+
+    name = numba.config.CPU_NAME or llvmlite.binding.get_host_cpu_name()
+    return name in ("znver1", "znver2", "znver3")
+
+
+SCALAR_LOOKUPS = _scalar_lookups_pay()
+
+
 # The two passes over one base row as LLVM vectors (session 14; docs/distillation.md
 # "Decoder kernel, session 14"). numba intrinsics: each emits, in the kernel that calls it,
 # a loop over the row's entries and, per entry, over its lift lanes in vectors of LANES.
@@ -168,6 +184,19 @@ class _VectorGEP(ir.Instruction):
 
 def _splat(value, vector_type):
     return ir.Constant(vector_type, [value] * LANES)
+
+
+def _lookup(builder, base, index, vector_type, scalar_loads):
+    """base[index] for the LANES indices: a gather, or LANES scalar loads put into the
+    vector (scalar_loads; the same values: SCALAR_LOOKUPS)."""
+    if not scalar_loads:
+        return _gather(builder, base, index, vector_type)
+    vector = ir.Constant(vector_type, None)
+    for lane in range(LANES):
+        at = builder.extract_element(index, ir.Constant(_I32, lane))
+        value = builder.load(builder.gep(base, [at], inbounds=True), align=4)
+        vector = builder.insert_element(vector, value, ir.Constant(_I32, lane))
+    return vector
 
 
 def _gather(builder, base, index, vector_type):
@@ -268,90 +297,110 @@ def _row_vectors(context, builder, column, shift, t0, degree, lift):
             yield tuple(builder.add(start, step) for start in starts)
 
 
-@intrinsic
-def row_first_pass(typingctx, post, r, p, acc, fixed, column, shift, t0, degree, lift):
-    """decode_qc_rows's first pass over base row entries t0 .. t0 + degree - 1 (lift a
-    multiple of LANES), for each entry i, t = t0 + i, and lane w < lift:
-    x = post[column[t] lift + w] - r[t lift + w];
-    y = fixed[int32(min(|x|, PHI_MAX) PHI_SCALE + 0.5)]; p[i lift + w] = y;
-    acc[lift - shift[t] + w] = (acc[...] + y) ^ ((x < 0) << 31)."""
-    if not (
-        all(_contiguous(a, types.float32) for a in (post, r))
-        and all(_contiguous(a, types.uint32) for a in (p, acc))
-        and _contiguous(fixed, types.int32)
-        and all(isinstance(a, types.Array) and a.layout == "C" for a in (column, shift))
-        and all(isinstance(a, types.Integer) for a in (t0, degree, lift))
-    ):
-        return None
-    signature = types.void(post, r, p, acc, fixed, column, shift, t0, degree, lift)
-
-    def codegen(context, builder, signature, args):
-        arrays, entries = _row_entries(context, builder, signature, args, 7)
-        post_d, r_d, p_d, acc_d, fixed_d = arrays[:5]
-        with _row_vectors(context, builder, *entries) as (post_o, r_o, p_o, acc_o):
-            x = builder.fsub(
-                _load(builder, _vector_at(builder, post_d, post_o, _VF)),
-                _load(builder, _vector_at(builder, r_d, r_o, _VF)),
-            )
-            magnitude = _fabs(builder, x)
-            top = _splat(_PHI_MAX, _VF)
-            magnitude = builder.select(builder.fcmp_ordered("<", magnitude, top), magnitude, top)
-            scaled = builder.fadd(
-                builder.fmul(magnitude, _splat(_PHI_SCALE, _VF)), _splat(0.5, _VF)
-            )
-            y = _gather(builder, fixed_d, builder.fptosi(scaled, _VI), _VI)
-            _store(builder, y, _vector_at(builder, p_d, p_o, _VI))
-            acc_p = _vector_at(builder, acc_d, acc_o, _VI)
-            sign = builder.shl(_below_zero(builder, x), _splat(_SIGN_BIT, _VI))
-            _store(builder, builder.xor(builder.add(_load(builder, acc_p), y), sign), acc_p)
-        return context.get_dummy_value()
-
-    return signature, codegen
+def _row_passes(scalar_loads: bool):
+    """The two vector passes (row_first_pass, row_second_pass), their table lookups
+    gathers or scalar loads (_lookup)."""
+    return _first_pass(scalar_loads), _second_pass(scalar_loads)
 
 
-@intrinsic
-def row_second_pass(typingctx, post, r, p, acc, hard, table, column, shift, t0, degree, lift):
-    """decode_qc_rows's second pass over the same entries (acc folded: a check's phi sum
-    and sign parity at lift - shift[t] + w), for each entry and lane: x as in the first
-    pass; a = acc[lift - shift[t] + w];
-    index = min(((a & SUM_MASK) - p[i lift + w] + HALF) >> SHIFT, LAST) (uint32);
-    message = table[index], negated iff a's bit 31 differs from (x < 0) (the float product
-    (+-1) table[index] of the numba loop: the same bits); r[t lift + w] = message;
-    post[column[t] lift + w] = x + message; hard[lift - shift[t] + w] += (that < 0)."""
-    if not (
-        all(_contiguous(a, types.float32) for a in (post, r))
-        and all(_contiguous(a, types.uint32) for a in (p, acc))
-        and _contiguous(hard, types.int32)
-        and _contiguous(table, types.float32)
-        and all(isinstance(a, types.Array) and a.layout == "C" for a in (column, shift))
-        and all(isinstance(a, types.Integer) for a in (t0, degree, lift))
-    ):
-        return None
-    signature = types.void(post, r, p, acc, hard, table, column, shift, t0, degree, lift)
+def _first_pass(scalar_loads: bool):
+    @intrinsic
+    def row_first_pass(typingctx, post, r, p, acc, fixed, column, shift, t0, degree, lift):
+        """decode_qc_rows's first pass over base row entries t0 .. t0 + degree - 1 (lift a
+        multiple of LANES), for each entry i, t = t0 + i, and lane w < lift:
+        x = post[column[t] lift + w] - r[t lift + w];
+        y = fixed[int32(min(|x|, PHI_MAX) PHI_SCALE + 0.5)]; p[i lift + w] = y;
+        acc[lift - shift[t] + w] = (acc[...] + y) ^ ((x < 0) << 31)."""
+        if not (
+            all(_contiguous(a, types.float32) for a in (post, r))
+            and all(_contiguous(a, types.uint32) for a in (p, acc))
+            and _contiguous(fixed, types.int32)
+            and all(isinstance(a, types.Array) and a.layout == "C" for a in (column, shift))
+            and all(isinstance(a, types.Integer) for a in (t0, degree, lift))
+        ):
+            return None
+        signature = types.void(post, r, p, acc, fixed, column, shift, t0, degree, lift)
 
-    def codegen(context, builder, signature, args):
-        arrays, entries = _row_entries(context, builder, signature, args, 8)
-        post_d, r_d, p_d, acc_d, hard_d, table_d = arrays[:6]
-        with _row_vectors(context, builder, *entries) as (post_o, r_o, p_o, acc_o):
-            post_p = _vector_at(builder, post_d, post_o, _VF)
-            r_p = _vector_at(builder, r_d, r_o, _VF)
-            x = builder.fsub(_load(builder, post_p), _load(builder, r_p))
-            a = _load(builder, _vector_at(builder, acc_d, acc_o, _VI))
-            own = _load(builder, _vector_at(builder, p_d, p_o, _VI))
-            others = builder.sub(builder.and_(a, _splat(_SUM_MASK, _VI)), own)
-            index = builder.lshr(builder.add(others, _splat(_HALF, _VI)), _splat(_SHIFT, _VI))
-            last = _splat(_LAST, _VI)
-            index = builder.select(builder.icmp_unsigned("<", index, last), index, last)
-            magnitude = builder.bitcast(_gather(builder, table_d, index, _VF), _VI)
-            flip = builder.xor(
-                builder.and_(a, _splat(1 << _SIGN_BIT, _VI)),
-                builder.shl(_below_zero(builder, x), _splat(_SIGN_BIT, _VI)),
-            )
-            message = builder.bitcast(builder.xor(magnitude, flip), _VF)
-            _store_message(builder, x, message, r_p, post_p, hard_d, acc_o)
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            arrays, entries = _row_entries(context, builder, signature, args, 7)
+            post_d, r_d, p_d, acc_d, fixed_d = arrays[:5]
+            with _row_vectors(context, builder, *entries) as (post_o, r_o, p_o, acc_o):
+                x = builder.fsub(
+                    _load(builder, _vector_at(builder, post_d, post_o, _VF)),
+                    _load(builder, _vector_at(builder, r_d, r_o, _VF)),
+                )
+                magnitude = _fabs(builder, x)
+                top = _splat(_PHI_MAX, _VF)
+                magnitude = builder.select(
+                    builder.fcmp_ordered("<", magnitude, top), magnitude, top
+                )
+                scaled = builder.fadd(
+                    builder.fmul(magnitude, _splat(_PHI_SCALE, _VF)), _splat(0.5, _VF)
+                )
+                y = _lookup(builder, fixed_d, builder.fptosi(scaled, _VI), _VI, scalar_loads)
+                _store(builder, y, _vector_at(builder, p_d, p_o, _VI))
+                acc_p = _vector_at(builder, acc_d, acc_o, _VI)
+                sign = builder.shl(_below_zero(builder, x), _splat(_SIGN_BIT, _VI))
+                _store(builder, builder.xor(builder.add(_load(builder, acc_p), y), sign), acc_p)
+            return context.get_dummy_value()
 
-    return signature, codegen
+        return signature, codegen
+
+    return row_first_pass
+
+
+def _second_pass(scalar_loads: bool):
+    @intrinsic
+    def row_second_pass(typingctx, post, r, p, acc, hard, table, column, shift, t0, degree, lift):
+        """decode_qc_rows's second pass over the same entries (acc folded: a check's phi sum
+        and sign parity at lift - shift[t] + w), for each entry and lane: x as in the first
+        pass; a = acc[lift - shift[t] + w];
+        index = min(((a & SUM_MASK) - p[i lift + w] + HALF) >> SHIFT, LAST) (uint32);
+        message = table[index], negated iff a's bit 31 differs from (x < 0) (the float product
+        (+-1) table[index] of the numba loop: the same bits); r[t lift + w] = message;
+        post[column[t] lift + w] = x + message; hard[lift - shift[t] + w] += (that < 0)."""
+        if not (
+            all(_contiguous(a, types.float32) for a in (post, r))
+            and all(_contiguous(a, types.uint32) for a in (p, acc))
+            and _contiguous(hard, types.int32)
+            and _contiguous(table, types.float32)
+            and all(isinstance(a, types.Array) and a.layout == "C" for a in (column, shift))
+            and all(isinstance(a, types.Integer) for a in (t0, degree, lift))
+        ):
+            return None
+        signature = types.void(post, r, p, acc, hard, table, column, shift, t0, degree, lift)
+
+        def codegen(context, builder, signature, args):
+            arrays, entries = _row_entries(context, builder, signature, args, 8)
+            post_d, r_d, p_d, acc_d, hard_d, table_d = arrays[:6]
+            with _row_vectors(context, builder, *entries) as (post_o, r_o, p_o, acc_o):
+                post_p = _vector_at(builder, post_d, post_o, _VF)
+                r_p = _vector_at(builder, r_d, r_o, _VF)
+                x = builder.fsub(_load(builder, post_p), _load(builder, r_p))
+                a = _load(builder, _vector_at(builder, acc_d, acc_o, _VI))
+                own = _load(builder, _vector_at(builder, p_d, p_o, _VI))
+                others = builder.sub(builder.and_(a, _splat(_SUM_MASK, _VI)), own)
+                index = builder.lshr(builder.add(others, _splat(_HALF, _VI)), _splat(_SHIFT, _VI))
+                last = _splat(_LAST, _VI)
+                index = builder.select(builder.icmp_unsigned("<", index, last), index, last)
+                magnitude = builder.bitcast(
+                    _lookup(builder, table_d, index, _VF, scalar_loads), _VI
+                )
+                flip = builder.xor(
+                    builder.and_(a, _splat(1 << _SIGN_BIT, _VI)),
+                    builder.shl(_below_zero(builder, x), _splat(_SIGN_BIT, _VI)),
+                )
+                message = builder.bitcast(builder.xor(magnitude, flip), _VF)
+                _store_message(builder, x, message, r_p, post_p, hard_d, acc_o)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return row_second_pass
+
+
+row_first_pass, row_second_pass = _row_passes(scalar_loads=False)
+row_first_pass_scalar, row_second_pass_scalar = _row_passes(scalar_loads=True)
 
 
 # numba keys a cached kernel by its own file's stamp, its bytecode and its closure's values,
@@ -390,12 +439,17 @@ def _claim(typingctx, counter):
     return sig, codegen
 
 
-def _decoder(constant_lift: int):
+def _decoder(constant_lift: int, scalar_lookups: bool | None = None):
     """decode_qc_rows compiled for codes of lift `constant_lift` only (0: any lift). A lift
     known at compile time lets LLVM drop the loops' remainders and trip-count checks
-    (at lift 32 ~10 % of the time: its loops are 4 vector steps long). A closure: numba
-    caches each lift's machine code under its value (and ldpc.py's, LDPC_SOURCE_DIGEST)."""
+    (at lift 32 ~10 % of the time: its loops are 4 vector steps long). Its vector passes'
+    table lookups are scalar loads if scalar_lookups (default SCALAR_LOOKUPS), else
+    gathers: the same values. A closure: numba caches each lift's machine code under its
+    value, the lookups' and ldpc.py's (LDPC_SOURCE_DIGEST)."""
     ldpc_source_digest = LDPC_SOURCE_DIGEST
+    if scalar_lookups is None:
+        scalar_lookups = SCALAR_LOOKUPS
+    scalar_lookups = bool(scalar_lookups)
 
     @numba.njit(cache=True, parallel=True, fastmath=ldpc.DECODER_FASTMATH)
     def decode_qc_rows(
@@ -483,7 +537,11 @@ def _decoder(constant_lift: int):
                         deg = row_ptr[b + 1] - t0
                         for z in range(2 * Z):
                             acc[z] = 0
-                        if Z % LANES == 0:
+                        if Z % LANES == 0 and scalar_lookups:
+                            row_first_pass_scalar(
+                                post, r, p, acc, fixed, column, shift, t0, deg, Z
+                            )
+                        elif Z % LANES == 0:
                             row_first_pass(post, r, p, acc, fixed, column, shift, t0, deg, Z)
                         else:
                             for i in range(deg):
@@ -504,7 +562,11 @@ def _decoder(constant_lift: int):
                             acc[z + Z] = a
                             hard[z] = np.int32(syndromes[f, b * Z + z])
                             hard[z + Z] = 0
-                        if Z % LANES == 0:
+                        if Z % LANES == 0 and scalar_lookups:
+                            row_second_pass_scalar(
+                                post, r, p, acc, hard, table, column, shift, t0, deg, Z
+                            )
+                        elif Z % LANES == 0:
                             row_second_pass(
                                 post, r, p, acc, hard, table, column, shift, t0, deg, Z
                             )
