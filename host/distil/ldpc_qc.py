@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from pathlib import Path
 
 import numba
@@ -114,16 +115,46 @@ SIGN_BIT = np.uint32(31)
 SUM_MASK = np.uint32(0x7FFFFFFF)
 
 
-def _scalar_lookups_pay() -> bool:
-    """Whether numba's target CPU is an AMD Zen of the first three generations, whose
-    gathers are microcoded: there 8 scalar loads put into a vector beat one 8-lane gather
-    (the decoder ~1.15x on a Zen 3 EPYC, docs/distillation.md "Table lookups without
-    gathers"). numba compiles for NUMBA_CPU_NAME when set, else for the host (its cache
-    keys machine code by CPU name, so a cached kernel never meets another CPU)."""
+# An 8-lane gather of int32 through 32-bit indices, as the vector passes emit it
+_GATHER_PROBE_IR = """
+define <8 x i32> @gather_probe(ptr %base, <8 x i32> %index) {
+  %p = getelementptr inbounds i32, ptr %base, <8 x i32> %index
+  %v = call <8 x i32> @llvm.masked.gather.v8i32.v8p0(<8 x ptr> %p, i32 4,
+      <8 x i1> <i1 1, i1 1, i1 1, i1 1, i1 1, i1 1, i1 1, i1 1>, <8 x i32> undef)
+  ret <8 x i32> %v
+}
+declare <8 x i32> @llvm.masked.gather.v8i32.v8p0(<8 x ptr>, i32, <8 x i1>, <8 x i32>)
+"""
+
+
+def gathers_in_hardware(target_machine) -> bool:
+    """Whether LLVM compiles the vector passes' 8-lane gather to a gather instruction for
+    target_machine (an llvmlite TargetMachine). Where it does not (this LLVM on AMD Zen 1-3,
+    and on Zen 4 without AVX-512; CPUs without AVX2), it splits the gather into 8 scalar
+    loads through a vector of 64-bit pointers (sign extension, shift, add, extraction per
+    lane), and the vector passes' own scalar loads from the 32-bit indices skip that
+    arithmetic: docs/distillation.md, "Table lookups without gathers"."""
     import llvmlite.binding
 
-    name = numba.config.CPU_NAME or llvmlite.binding.get_host_cpu_name()
-    return name in ("znver1", "znver2", "znver3")
+    module = llvmlite.binding.parse_assembly(_GATHER_PROBE_IR)
+    module.verify()
+    assembly = target_machine.emit_assembly(module)
+    # vpgatherdd (AVX2), vpgatherdd / vgatherdps (AVX-512), in AT&T or Intel syntax
+    return re.search(r"\bv(p)?gather", assembly) is not None
+
+
+def _scalar_lookups_pay() -> bool:
+    """Scalar loads where numba's code generator (its target CPU and features:
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, else the host's) has no hardware gather; gathers
+    where it has one (Intel from Skylake, AVX-512 CPUs: scalar loads were not measured
+    there). numba's cache keys machine code by CPU name and features, so a kernel cached
+    for one choice never runs on a CPU of the other."""
+    from numba.core.registry import cpu_target
+
+    try:
+        return not gathers_in_hardware(cpu_target.target_context.codegen()._tm)
+    except Exception:  # noqa: BLE001 (no probe: scalar loads are right on every CPU)
+        return True
 
 
 SCALAR_LOOKUPS = _scalar_lookups_pay()
