@@ -8,7 +8,7 @@ as vector lanes: the posteriors of an entry are a contiguous run of the frame's
 posteriors (two pieces: the circulant wraps once), a check's sum over its edges is a
 vertical add over the row's entries, so of the per-edge random accesses of
 ldpc.decode_phi_rows only the two phi-table lookups stay (gathers, or scalar loads on the
-CPUs whose gathers are slower: SCALAR_LOOKUPS).
+targets where LLVM would not gather in hardware: SCALAR_LOOKUPS).
 
 The arithmetic per edge is decode_phi_rows's (the same table, the same fixed-point sum,
 the same order of the float operations on every value), and the checks of a row are
