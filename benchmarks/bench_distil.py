@@ -153,7 +153,14 @@ def _warm_up():
     """Compile the decoder and build the codes outside the timings: a 200 kbit block per
     QBER, and a 160 kbit one at 1.3 % (a 30 s micius block) in one frame of 2^18
     (ldpc.SMALL_BLOCK_MIN_FILL), whose QC kernel of lift 128 the passes' small blocks and
-    jinan-1's take: compiled inside a pass, it was 0.2 of a 30 s pass's time."""
+    jinan-1's take: compiled inside a pass, it was 0.2 of a 30 s pass's time. First
+    `make setup`'s warm-up (codes.warm_up_machine_code: a frame of every length, so every
+    QC kernel): the 1 M-bit blocks' 2^17 frames take the lift-64 kernel, which none of
+    the blocks here reaches, and after an edit of ldpc_qc.py (numba's cache then stale)
+    the first 1 % block compiled it inside its timing (~8 s: 0.11 Mbit/s "worst")."""
+    from host.distil import codes
+
+    codes.warm_up_machine_code()
     for q in QBERS:
         x, y = _noisy(q, 99)
         _exchange("ldpc", x[:200_000], y[:200_000], q)
