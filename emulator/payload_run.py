@@ -94,7 +94,7 @@ def payload_session(
     unix_env: dict[str, str] | None = None,
     product_key: bytes | None = PRODUCT_KEY,
     unix_heap_bytes: int = CONTROLLER_HEAP_BYTES,
-    before_app: str = "",
+    before_app: str | list[str] = "",
     image: str | Path | None = None,
     track_address: tuple[str, int] | str | None = None,
     bus_timeout_us: int | None = NETDUINO2_EMULATED_BUS_TIMEOUT_US,
@@ -105,8 +105,9 @@ def payload_session(
     loop (docs/scheduling.md); without it the loop is paced over the payload bus, as on
     unix. unix_env: extra environment for the unix board;
     unix_heap_bytes: its heap (below the controller's to show a margin).
-    before_app (QEMU boards): MicroPython run in the same raw-REPL program just before the
-    application starts (a benchmark's instrumentation).
+    before_app (QEMU boards): MicroPython run in the raw REPL just before the application
+    starts, as a program of its own, or a list of such programs run in turn (a
+    benchmark's or a test's instrumentation).
     image (QEMU boards): a firmware image other than the build's (a benchmark's baseline).
     product_key: provisioned on the payload and given to the client (None: neither, so
     the payload refuses to serve pattern products).
@@ -157,7 +158,13 @@ def payload_session(
         repl.enter()
         product = base64.b64encode(product_key or b"").decode()
         repl.exec(_QEMU_PROVISION % (base64.b64encode(KEY).decode(), bool(product_key), product))
-        program = before_app + "\nfrom payload import app\napp.run(board)\x04"
+        # each its own program, so that its module-level code is freed before the
+        # application starts (what it defines stays in the REPL's globals): an
+        # instrument's footprint in the heap is its functions and data only
+        for instrument in [before_app] if isinstance(before_app, str) else before_app:
+            if instrument:
+                repl.exec(instrument)
+        program = "from payload import app\napp.run(board)\x04"
         repl.serial.write(program.encode())
         repl._read_until(b"OK", 10.0)
         repl.close()
