@@ -115,19 +115,39 @@ _m.Mission.status = _sw
 """
 
 
-# The watch's own footprint in the heap (its functions, their bytecode, its names and
-# data: what no flight image holds), credited to the application's free heap: the free
-# heap after a collection before the watch's program and after it (each a raw-REPL
-# program of its own, freed when it ends; the last one's few bytes count as the watch's).
+# The watch's own footprint in the heap (what no flight image holds), credited to the
+# application's free heap: the free heap after a collection before the watch's programs
+# and after them (each a raw-REPL program of its own, its module code freed when it ends).
+# It holds the watch's functions, their bytecode, its names and data, and the raw REPL's
+# input buffer, which grows to the longest program and is never freed (MicroPython's
+# shared/runtime/pyexec.c): hence the watch goes in one program per top-level statement
+# (the longest ~0.7 kB, not the whole 1.8 kB). Over-credit (cold review, from
+# MicroPython's sources): a names pool (up to ~0.3 kB) or a larger globals table that the
+# application then fills with its own, a stale stack pointer keeping a program's code
+# alive at the collection: at most ~0.9 kB, so WATCH_ALLOWANCE_BYTES is not credited.
 WATCH_BEFORE = "import gc\nfrom payload import mission\ngc.collect()\n_wf0 = gc.mem_free()"
 WATCH_AFTER = "gc.collect()\n_hc = _wf0 - gc.mem_free()"
+WATCH_ALLOWANCE_BYTES = 1024
+# measured 1,696 B on netduino2 (one program per statement): more is something
+# else than the watch
+WATCH_MAX_BYTES = 2048
+
+
+def _statements(program: str) -> list[str]:
+    """program's top-level statements (a line at column 0 starts one), each a program."""
+    statements: list[list[str]] = []
+    for line in program.strip("\n").splitlines():
+        if not line.startswith((" ", "#")) or not statements:
+            statements.append([])
+        statements[-1].append(line)
+    return ["\n".join(lines) for lines in statements]
 
 
 def run_tracking_pass(
     target: str = "netduino2", run_s: float = RUN_S, prediction_s: float = PREDICTION_S
 ) -> dict:
     # the mission's default pass (the head generates the pattern), the loop on the tracking link
-    watch = [WATCH_BEFORE, HEAP_WATCH, WATCH_AFTER]
+    watch = [WATCH_BEFORE, *_statements(HEAP_WATCH), WATCH_AFTER]
     with configured_pass(target, watch, prediction_s=prediction_s) as (payload, nodes):
         configured = payload.housekeeping()["mission"]
         payload.start()
@@ -152,14 +172,16 @@ def describe(r: dict) -> str:
     state, steps, bus_errors, transitions, tm_lost, late, path = during["tracking"]
     fired, overruns, waits, lost, bad, window_late, page_faults = during["irq"]
     due = virtual_ms * 1000 // LOOP_PERIOD_US
+    credit = max(0, hw[10] - WATCH_ALLOWANCE_BYTES)
     return (
         f"pass of {virtual_ms} ms virtual time, loop path {path}: interrupts {fired} of "
         f"{due} periods due, kernel ran {steps}, late {late} (overruns {overruns}, waits "
         f"{waits}, lost {lost}, bad {bad}), worst entry lateness {during['worst_us']['trk']} "
         f"us, state {state}, transitions {transitions}, bus errors {bus_errors}, telemetry "
         f"samples lost {tm_lost}; heap {heap} B, at {hw[1]} samples: min free {hw[2]} "
-        f"({hw[2] / heap:.1%}; {hw[2] + hw[10]}, {(hw[2] + hw[10]) / heap:.1%}, without "
-        f"the watch's own {hw[10]} B), min largest free block {hw[3]} ({hw[3] / heap:.1%}), "
+        f"({hw[2] / heap:.1%}; the watch's own {hw[10]} B, less the allowance "
+        f"{WATCH_ALLOWANCE_BYTES} B, credited: {hw[2] + credit} B, "
+        f"{(hw[2] + credit) / heap:.1%}), min largest free block {hw[3]} ({hw[3] / heap:.1%}), "
         f"{hw[4]} collections by the application; after stop: state "
         f"{after['tracking'][0]}, min free {after['hw'][2]}, min largest block "
         f"{after['hw'][3]} over the pass and the stop; prediction {r['nodes']} chunks, "
@@ -181,13 +203,13 @@ def test_a_tracking_pass_completes_on_the_stm32_board_within_its_measured_heap()
     assert "duty_errors" not in during and "duty_errors" not in after, (during, after)
     assert after["tracking"][0] == "IDLE" and not after["pass_running"], after
     # the watch sampled the pass, and the heap kept its measured free space at every sample
-    # (the watch's own bytes, measured on the board, are the application's in flight;
-    # they cannot be more than a few kB)
+    # (the watch's own bytes, measured on the board, less an allowance for over-credit,
+    # are the application's in flight)
     assert hw[9] >= PASS_MS and hw[1] >= 3, hw
-    watch_bytes = hw[10]
-    assert 0 < watch_bytes < 4096, describe(r)
-    assert hw[2] + watch_bytes >= MIN_FREE_FRACTION * heap, describe(r)
-    assert after["hw"][2] + watch_bytes >= MIN_FREE_FRACTION * heap, describe(r)
+    assert 0 < hw[10] <= WATCH_MAX_BYTES, describe(r)
+    credit = max(0, hw[10] - WATCH_ALLOWANCE_BYTES)
+    assert hw[2] + credit >= MIN_FREE_FRACTION * heap, describe(r)
+    assert after["hw"][2] + credit >= MIN_FREE_FRACTION * heap, describe(r)
     assert min(hw[3], after["hw"][3]) >= MIN_LARGEST_BLOCK_BYTES, describe(r)
     # the pager kept the window ahead of the loop, and the prediction's file left the
     # products their room (no failed, refused or lost commit)

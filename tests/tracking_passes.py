@@ -53,7 +53,10 @@ HEAD_TRACKING_LINK = object()
 
 @contextlib.contextmanager
 def configured_pass(
-    target: str, before_app: str, track_address=HEAD_TRACKING_LINK, prediction_s: float = 60.0
+    target: str,
+    before_app: str | list[str],
+    track_address=HEAD_TRACKING_LINK,
+    prediction_s: float = 60.0,
 ):
     """The application on `target` (1 ns an instruction) with the mission's default pass
     configured: the head generates the pattern at its slot clock, which follows the wall
