@@ -337,11 +337,10 @@ class KeyManager:
                 ) from None
         return {"keys": [{"key_ID": k, "key": base64.b64encode(v).decode()} for k, v in keys]}
 
-    def authenticate_peer(self, caller: str | None, certificate_sha256: str) -> None:
+    def _authenticate_peer(self, caller: str | None, certificate_sha256: str) -> None:
         """RequestError 401 unless the caller is the peer KME: its name, and its client
         certificate (SHA-256 of its DER) the peer's own (PeerKME.certificate_sha256), not
-        only one carrying its name. The handler calls it before it reads a delivery's
-        body, so a stranger learns nothing of how that body is parsed."""
+        only one carrying its name."""
         if self.peer is None or caller != self.peer.kme_id:
             raise RequestError(401, "client certificate names no peer KME of this KME")
         if certificate_sha256 != self.peer.certificate_sha256:
@@ -352,11 +351,14 @@ class KeyManager:
                 f"(presented SHA-256 {certificate_sha256[:16] or 'none'}...)",
             )
 
-    def deliver(self, caller: str | None, request: dict, certificate_sha256: str) -> dict:
+    def deliver(self, caller: str | None, certificate_sha256: str, read_request) -> dict:
         """The peer KME's enc_keys: store for the slave the `number` keys of `size` bits
-        that start at byte `offset` of this KME's pool, under the peer's key_IDs, once
-        authenticate_peer(caller, certificate_sha256) passed."""
-        self.authenticate_peer(caller, certificate_sha256)
+        that start at byte `offset` of this KME's pool, under the peer's key_IDs.
+        certificate_sha256: the caller's client certificate, which must be the peer's
+        pinned one (_authenticate_peer); read_request() reads the delivery's body, only
+        once that passed, so a stranger learns nothing of how the body is parsed."""
+        self._authenticate_peer(caller, certificate_sha256)
+        request = read_request()
         try:
             master, slave = str(request["master_SAE_ID"]), str(request["slave_SAE_ID"])
             key_ids = [str(uuid.UUID(str(k))) for k in request["key_IDs"]]
@@ -475,9 +477,8 @@ class Handler(BaseHTTPRequestHandler):
             self._request_read()
         try:
             if parts.path == PEER_DELIVER_PATH and method == "POST":
-                certificate_sha256 = self._caller_certificate_sha256()
-                kme.authenticate_peer(caller, certificate_sha256)  # before the body is read
-                body = kme.deliver(caller, _json_body(self), certificate_sha256)
+                certificate = self._caller_certificate_sha256()
+                body = kme.deliver(caller, certificate, lambda: _json_body(self))
                 entry["key_IDs"] = body["key_IDs"]
                 raise _Answered(body)
             if not parts.path.startswith(API_PREFIX):
