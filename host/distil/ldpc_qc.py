@@ -328,12 +328,6 @@ def _row_vectors(context, builder, column, shift, t0, degree, lift):
             yield tuple(builder.add(start, step) for start in starts)
 
 
-def _row_passes(scalar_loads: bool):
-    """The two vector passes (row_first_pass, row_second_pass), their table lookups
-    gathers or scalar loads (_lookup)."""
-    return _first_pass(scalar_loads), _second_pass(scalar_loads)
-
-
 def _first_pass(scalar_loads: bool):
     @intrinsic
     def row_first_pass(typingctx, post, r, p, acc, fixed, column, shift, t0, degree, lift):
@@ -430,8 +424,11 @@ def _second_pass(scalar_loads: bool):
     return row_second_pass
 
 
-row_first_pass, row_second_pass = _row_passes(scalar_loads=False)
-row_first_pass_scalar, row_second_pass_scalar = _row_passes(scalar_loads=True)
+# the two vector passes, their table lookups gathers or scalar loads (_lookup); module
+# globals, which the decoder picks between by its closure's bool: numba's cache key is
+# made of the closure's values, and plain values keep it the same from process to process
+row_first_pass, row_second_pass = _first_pass(False), _second_pass(False)
+row_first_pass_scalar, row_second_pass_scalar = _first_pass(True), _second_pass(True)
 
 
 # numba keys a cached kernel by its own file's stamp, its bytecode and its closure's values,
