@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emulator.pass_model.geometry import parse_tle
+from emulator.pass_model.geometry import parse_tle, with_iau2000b_nutation
 from host.errors import BadInput
 from host.network.stations import Station
 
@@ -63,7 +63,7 @@ class _Sky:
         self._t0 = self.ts.from_datetime(start)
 
     def times(self, seconds):
-        return self._t0 + np.asarray(seconds, dtype=float) / 86400.0
+        return with_iau2000b_nutation(self._t0 + np.asarray(seconds, dtype=float) / 86400.0)
 
     def alt_az_deg(self, seconds):
         alt, az, _ = self.relative.at(self.times(seconds)).altaz()
