@@ -324,8 +324,8 @@ def test_an_application_named_as_a_kme_is_refused_at_issue_and_at_serve(tmp_path
     pool = pool_path(tmp_path / "net", "Hefei", SATELLITE)
     store = open_store(str(tmp_path / "k.sqlite"))
     assert qkdsat(["kms", "pki", "--pki", str(pki), "--sae", MASTER, "--kme", "kme-a,kme-b"]) == 0
-    peer = PeerKME("https://127.0.0.1:1", "kme-b", pki / "ca.pem", pki / "kme-a.pem",
-                   pki / "kme-a.key", pki / "kme-b.pem")  # fmt: skip
+    peer = PeerKME("https://localhost:1", "kme-b", pki / "ca.pem", pki / "kme-a.pem",
+                   pki / "kme-a.key", pki / "kme-b.pem", pki / "localhost.pem")  # fmt: skip
     with pytest.raises(BadInput, match=r"SAE IDs \['kme-b'\] are also KME IDs"):
         KeyManager("kme-a", pool, store, [MASTER, "kme-b"], tmp_path / "audit", peer=peer)
 
@@ -440,6 +440,7 @@ def test_two_kmes_serve_the_same_relayed_key_made_from_simulated_passes(tmp_path
             pki / f"{own}.pem",
             pki / f"{own}.key",
             pki / f"{peer}.pem",
+            pki / "localhost.pem",
         )
     try:
         status, body = _call(
@@ -587,7 +588,7 @@ def test_a_delivery_from_a_certificate_the_ca_signed_under_the_peers_name_is_ref
     fill_pair(tmp_path / "net", "Jinan", tmp_path / "keys")
     pool = pool_path(tmp_path / "net", "Jinan", SATELLITE)
     peer = PeerKME("https://localhost:9", "kme-a", pki / "ca.pem", pki / "kme-b.pem",
-                   pki / "kme-b.key", pki / "kme-a.pem")  # fmt: skip
+                   pki / "kme-b.key", pki / "kme-a.pem", pki / "localhost.pem")  # fmt: skip
     manager = KeyManager(
         "kme-b", pool, open_store(str(tmp_path / "k.sqlite")), [MASTER, SLAVE],
         tmp_path / "audit.jsonl", peer=peer,
@@ -634,7 +635,7 @@ def test_a_delivery_from_a_certificate_the_ca_signed_under_the_peers_name_is_ref
     for planted in (damaged, (rogue / "kme-a.pem").read_text()):
         (pki / "kme-a.pem").write_text(planted)
         assert qkdsat(serve) == 2
-        assert "not the peer KME's certificate issued by" in capsys.readouterr().err
+        assert "not a certificate of the peer KME kme-a issued by" in capsys.readouterr().err
 
 
 def test_a_private_key_is_never_written_through_a_file_planted_at_its_temporary_name(
@@ -745,7 +746,7 @@ def test_a_message_overtaken_by_a_kme_delivery_is_still_received(tmp_path):
     for own, peer in (("kme-beijing", "kme-stellenbosch"), ("kme-stellenbosch", "kme-beijing")):
         managers[own].peer = PeerKME(f"https://localhost:{ports[peer]}", peer, pki / "ca.pem",
                                      pki / f"{own}.pem", pki / f"{own}.key",
-                                     pki / f"{peer}.pem")  # fmt: skip
+                                     pki / f"{peer}.pem", pki / "localhost.pem")  # fmt: skip
     try:
         plain, message, out = (tmp_path / name for name in ("image.bin", "image.msg", "out"))
         plain.write_bytes(os.urandom(300))
@@ -844,7 +845,8 @@ def test_a_peer_kme_answer_dripped_by_a_man_in_the_middle_is_cut_at_the_deadline
     thread = threading.Thread(target=dripping_peer, daemon=True)
     thread.start()
     peer = PeerKME(f"https://localhost:{server.getsockname()[1]}", "kme-b", pki / "ca.pem",
-                   pki / "kme-a.pem", pki / "kme-a.key", pki / "kme-b.pem")  # fmt: skip
+                   pki / "kme-a.pem", pki / "kme-a.key", pki / "kme-b.pem",
+                   pki / "localhost.pem")  # fmt: skip
     began = time.monotonic()
     with pytest.raises(PeerError, match="did not answer within 1 s"):
         peer.deliver(MASTER, SLAVE, [str(uuid.uuid4())], 0, 256)
@@ -853,6 +855,69 @@ def test_a_peer_kme_answer_dripped_by_a_man_in_the_middle_is_cut_at_the_deadline
     assert time.monotonic() - began < 8.0
     thread.join(20)
     server.close()
+
+
+def test_a_delivery_goes_to_no_server_the_ca_signed_for_the_peers_host_but_its_own(
+    tmp_path, capsys
+):
+    """A's deliveries (which key_IDs the pool's offsets became) went to any server whose
+    certificate the CA signed for the peer's host: one issued by hand with the CA's key
+    took them, answered 200, and the master SAE got keys its slave could never fetch.
+    Now the peer's server certificate is pinned too, checked before a byte is sent."""
+    from host.cli import main as qkdsat
+    from host.errors import BadInput
+    from host.network.kms import PeerError
+
+    pki, forged = tmp_path / "pki", tmp_path / "forged"
+    argv = ["kms", "pki", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}", "--kme", "kme-a,kme-b"]
+    assert qkdsat(argv) == 0
+    forged.mkdir()
+    for name in ("ca.pem", "ca.key"):
+        shutil.copy(pki / name, forged / name)
+    issue(forged, "localhost", server=True)  # the peer's host, another key pair, the same CA
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(forged / "localhost.pem"), str(forged / "localhost.key"))
+    server = context.wrap_socket(socket.create_server(("localhost", 0)), server_side=True)
+    received = []
+
+    def impostor():
+        conn, _ = server.accept()  # the handshake completes: the CA signed its certificate
+        with conn:
+            conn.settimeout(10)
+            try:
+                while chunk := conn.recv(4096):
+                    received.append(chunk)
+            except OSError:
+                pass
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+            try:
+                conn.sendall(answer)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=impostor, daemon=True)
+    thread.start()
+    peer = PeerKME(f"https://localhost:{server.getsockname()[1]}", "kme-b", pki / "ca.pem",
+                   pki / "kme-a.pem", pki / "kme-a.key", pki / "kme-b.pem",
+                   pki / "localhost.pem")  # fmt: skip
+    with pytest.raises(PeerError, match="not kme-b's pinned one: nothing sent"):
+        peer.deliver(MASTER, SLAVE, [str(uuid.uuid4())], 0, 256)
+    thread.join(20)
+    server.close()
+    assert not thread.is_alive() and received == []
+    # the pin must be the peer host's certificate from this CA, and kms serve needs it
+    with pytest.raises(BadInput, match=r"names \[.kme-b.\], not the peer KME.s server localhost"):
+        PeerKME("https://localhost:9", "kme-b", pki / "ca.pem", pki / "kme-a.pem",
+                pki / "kme-a.key", pki / "kme-b.pem", pki / "kme-b.pem")  # fmt: skip
+    serve = ["kms", "serve", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}", "--pool",
+             str(tmp_path / "none.pool"), "--db", str(tmp_path / "k.db"), "--audit",
+             str(tmp_path / "a"), "--listen", "127.0.0.1:0", "--kme-id", "kme-a",
+             "--peer-url", "https://kme-b.example:8443", "--peer-kme-id", "kme-b"]  # fmt: skip
+    capsys.readouterr()
+    assert qkdsat(serve) == 2
+    assert "kme-b.example.pem missing or not a file: the peer KME's server certificate" in (
+        capsys.readouterr().err
+    )
 
 
 def test_connections_beyond_the_servers_cap_are_closed_at_once(tmp_path, monkeypatch):

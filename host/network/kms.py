@@ -568,11 +568,12 @@ class PeerKME:
     there: the same bytes at the same offsets). After an enc_keys here, `deliver` tells it
     over mutual TLS which offsets became which key_IDs, so that it serves them to the
     slave SAE by dec_keys. Only key_IDs and offsets cross; this KME authenticates with its
-    own certificate (common name = its KME ID), and the peer's server certificate must
-    name the peer's host. The peer's own client certificate (`peer_cert_pem`, from the
-    PKI that made both: `kms pki --kme A,B`) is pinned: a delivery from it is taken, and
-    from no other certificate the CA signed under its name (one issued by hand with the
-    CA's key, or a rogue copy)."""
+    own certificate (common name = its KME ID). The peer's own client certificate
+    (`peer_cert_pem`, from the PKI that made both: `kms pki --kme A,B`) is pinned: a
+    delivery from it is taken, and from no other certificate the CA signed under its name
+    (one issued by hand with the CA's key, or a rogue copy). So is the peer's server
+    certificate (`peer_server_cert_pem`, naming the peer's host): a delivery goes to the
+    server holding it, and to no other the CA signed for that host."""
 
     TIMEOUT_S = 10  # each wait for bytes
     # the whole delivery, connection to answer: TIMEOUT_S bounds only each wait, so a man
@@ -580,12 +581,18 @@ class PeerKME:
     # enc_keys (and its server thread) for as long as he liked
     DEADLINE_S = 30.0
 
-    def __init__(self, url: str, kme_id: str, ca_pem, cert_pem, key_pem, peer_cert_pem):
+    def __init__(
+        self, url: str, kme_id: str, ca_pem, cert_pem, key_pem, peer_cert_pem,
+        peer_server_cert_pem,
+    ):  # fmt: skip
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname or not parts.port:
             raise BadInput(f"--peer-url {url!r}: expected https://HOST:PORT")
         self.host, self.port, self.kme_id = parts.hostname, parts.port, kme_id
         self.certificate_sha256 = _certificate_sha256(peer_cert_pem, kme_id, ca_pem)
+        self.server_certificate_sha256 = _certificate_sha256(
+            peer_server_cert_pem, self.host, ca_pem, "the peer KME's server"
+        )
         self.context = ssl.create_default_context(cafile=str(ca_pem))
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.context.load_cert_chain(str(cert_pem), str(key_pem))
@@ -611,6 +618,12 @@ class PeerKME:
         deadline.daemon = True
         deadline.start()
         try:
+            connection.connect()
+            # the key_IDs and offsets go to the peer's own server only (the CA may have
+            # signed another certificate for its host): checked before a byte is sent
+            presented = connection.sock.getpeercert(binary_form=True) or b""
+            if hashlib.sha256(presented).hexdigest() != self.server_certificate_sha256:
+                raise _NotThePeer()
             connection.request(
                 "POST", PEER_DELIVER_PATH, body, {"Content-Type": "application/json"}
             )
@@ -618,6 +631,11 @@ class PeerKME:
             answer = response.read()
             if overdue.is_set():
                 raise OSError("cut")  # read to a cut: an answer short of its end
+        except _NotThePeer:
+            raise PeerError(
+                f"{self.host}:{self.port} presented a server certificate the CA signed for "
+                f"{self.host}, not {self.kme_id}'s pinned one: nothing sent"
+            ) from None
         except (OSError, http.client.HTTPException) as error:
             if overdue.is_set():
                 raise PeerError(
@@ -635,10 +653,15 @@ class PeerKME:
             raise PeerError(f"{self.kme_id} refused: {message}")
 
 
-def _certificate_sha256(pem_path, kme_id: str, ca_pem) -> str:
-    """SHA-256 of the DER of the one certificate in pem_path, which must name kme_id and
-    be issued by the CA of ca_pem (a stale or foreign pin is refused at start, not found
-    out by a 401 on every delivery); BadInput naming the file otherwise."""
+class _NotThePeer(Exception):
+    pass
+
+
+def _certificate_sha256(pem_path, name: str, ca_pem, holder: str = "the peer KME") -> str:
+    """SHA-256 of the DER of the one certificate in pem_path, which must name `name` (a
+    KME ID, or the peer's host for its server certificate) and be issued by the CA of
+    ca_pem (a stale or foreign pin is refused at start, not found out on every
+    delivery); BadInput naming the file otherwise."""
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
     from cryptography.x509.oid import NameOID
@@ -650,11 +673,11 @@ def _certificate_sha256(pem_path, kme_id: str, ca_pem) -> str:
         certificate.verify_directly_issued_by(ca)
     except (OSError, ValueError, TypeError, UnicodeDecodeError, InvalidSignature) as error:
         raise BadInput(
-            f"{pem_path}: not the peer KME's certificate issued by {ca_pem} ({error})"
+            f"{pem_path}: not a certificate of {holder} {name} issued by {ca_pem} ({error})"
         ) from None
     names = [n.value for n in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    if names != [kme_id]:
-        raise BadInput(f"{pem_path}: names {names}, not the peer KME {kme_id}")
+    if names != [name]:
+        raise BadInput(f"{pem_path}: names {names}, not {holder} {name}")
     return hashlib.sha256(der).hexdigest()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from host.errors import BadInput
 from host.network.pool import check_name
@@ -39,7 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--peer-kme-id",
         help="serve: that KME's ID (with --peer-url); its certificate PKI/ID.pem is pinned: "
-        "deliveries from it only",
+        "deliveries from it only; so is its server certificate PKI/HOST.pem (HOST of "
+        "--peer-url): deliveries to it only",
     )
 
 
@@ -90,16 +92,24 @@ def run(args) -> int:
         from host.network.kms import PeerKME
 
         peer_id = check_name(args.peer_kme_id, "KME")
+        peer_host = check_name(urlsplit(args.peer_url).hostname or "", "--peer-url host")
         for name in (f"{args.kme_id}.pem", f"{args.kme_id}.key", f"{peer_id}.pem"):
             if not (pki / name).is_file():
                 raise BadInput(
                     f"--pki {pki}: {name} missing or not a file "
                     f"(qkdsat kms pki --kme {args.kme_id},{peer_id})"
                 )
-        # the peer's own certificate is pinned (PeerKME): deliveries from it only
+        if not (pki / f"{peer_host}.pem").is_file():
+            raise BadInput(
+                f"--pki {pki}: {peer_host}.pem missing or not a file: the peer KME's server "
+                f"certificate for {peer_host}, pinned (qkdsat kms pki --server-name {peer_host})"
+            )
+        # the peer's own certificates are pinned (PeerKME): deliveries from its client
+        # certificate only, and to its server certificate only
         peer = PeerKME(
             args.peer_url, peer_id, pki / "ca.pem",
             pki / f"{args.kme_id}.pem", pki / f"{args.kme_id}.key", pki / f"{peer_id}.pem",
+            pki / f"{peer_host}.pem",
         )  # fmt: skip
     manager = KeyManager(
         args.kme_id, args.pool, open_store(args.db), sae_ids, args.audit, peer=peer
