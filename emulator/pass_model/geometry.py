@@ -206,7 +206,8 @@ def with_iau2000b_nutation(times):
     that evaluate the sky hundreds of times: skyfield's default IAU 2000A sums 1,365 terms
     (~13 ms a call whatever the array's size: 0.7 s of a 0.3 s pass's simulation, 15 s of
     a 3-day campaign's schedule), 2000B 77 terms, within 1 milliarcsecond of it (~5 mm at
-    1,000 km), against a TLE's kilometre. skyfield's own almanac searches do the same."""
+    1,000 km), against a TLE's kilometre. skyfield's own almanac searches set it so, and its
+    Time keeps the setter for this use."""
     from skyfield.nutationlib import iau2000b_radians
 
     times._nutation_angles_radians = iau2000b_radians(times)
