@@ -1,8 +1,9 @@
 """`qkdsat codes build`: every LDPC code reconciliation can pick is built before the pass.
 
-Frames of 2^12 bits (the command's --frame-bits; in-process, ldpc.FRAME_BITS patched) go
+Frames of 2^11 bits (the command's --frame-bits; in-process, ldpc.FRAME_BITS patched) go
 through the same enumeration and the same ldpc.construct as the flight lengths, so the
-whole grid builds in seconds instead of minutes.
+whole grid builds in seconds instead of minutes (the shortest frame every rate's design
+fits: at 2^10 the rate-0.92 codes have fewer checks than their variables' degree 80).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from host.distil import codes, ldpc, reconcile, stream
 from host.distil.protocol import Config
 
-SMALL_FRAME_BITS = 4096
+SMALL_FRAME_BITS = 2048
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -89,6 +90,26 @@ def test_every_code_plan_picks_is_in_the_provisioned_cache(provisioned, monkeypa
             plan = reconcile._plan(count, qber, efficiency, sample_bits)
             picked.add((plan.code.n, plan.code.rate))
     assert len(picked) > 20  # the draw reaches across the grid, not one corner of it
+
+
+def test_a_frame_too_short_for_a_rates_design_is_refused_before_any_build(tmp_path):
+    """`--frame-bits 1024` (or 64) ran the code growth for ever: the rate-0.9225 design's
+    degree-80 variables need 80 distinct checks, and such a frame has 79. Now: exit 2
+    naming the frame, the rate and the degree, and nothing written."""
+    for frame_bits, rate, checks in ((1024, 0.9225, 79), (64, 0.5075, 32)):
+        out = subprocess.run(
+            [sys.executable, "-m", "host.cli", "codes", "build", "--cache", str(tmp_path),
+             "--frame-bits", str(frame_bits)],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        assert (
+            f"--frame-bits {frame_bits}: a frame of {frame_bits} bits at rate {rate} has "
+            f"{checks} checks, fewer than the degree 80 of its design's heaviest variables"
+        ) in out.stderr
+        assert not list(tmp_path.rglob("*.npz"))
+    with pytest.raises(ValueError, match="has 79 checks"):
+        ldpc.construct(1024, 0.9225)  # the library itself: an error, not a hang
 
 
 def test_warm_up_counts_the_missing_codes_and_names_the_command(tmp_path, monkeypatch, capsys):

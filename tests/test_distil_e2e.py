@@ -672,7 +672,7 @@ def test_distil_and_every_command_turn_numpys_huge_page_advice_off_unless_the_us
     command = (
         "import sys, host.cli\n"
         "from numpy._core.multiarray import _set_madvise_hugepage as advice\n"
-        "code = host.cli.main(['codes', 'build', '--check', '--frame-bits', '64', '--cache',"
+        "code = host.cli.main(['codes', 'build', '--check', '--frame-bits', '2048', '--cache',"
         " sys.argv[1], '--quiet'])\n"
         "print(code, advice(True))\n"
     )

@@ -244,6 +244,11 @@ def run(args) -> int:
     codes = default_codes(
         tuple(args.frame_bits) if args.frame_bits else None, args.qber_max, args.qber_min
     )
+    for n, rate in codes:
+        try:
+            ldpc.buildable(n, rate)
+        except ValueError as error:
+            raise BadInput(f"--frame-bits {n}: {error}") from None
     absent = missing(codes)
     say = (lambda *a, **k: None) if args.quiet else print
     if args.check:

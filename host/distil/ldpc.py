@@ -386,6 +386,12 @@ def _degrees(n: int, rate: float, distribution: dict[int, float]):
     degrees = sorted(others)
     counts = [int(math.floor(others[d] / total * rest)) for d in degrees]
     counts[0] += rest - sum(counts)
+    highest = max((d for d, count in zip(degrees, counts, strict=True) if count), default=2)
+    if highest > m:  # its edges need as many distinct checks: the growth would never end
+        raise ValueError(
+            f"a frame of {n} bits at rate {rate} has {m} checks, fewer than the degree "
+            f"{highest} of its design's heaviest variables"
+        )
     return stairs, np.repeat(np.array(degrees, dtype=np.int64), counts), m
 
 
@@ -417,6 +423,13 @@ def construct(n: int, rate: float, seed: int = 1, distribution=None) -> Code:
         if shifts:
             return _construct_qc(n, rate, seed, distribution, shifts)
         return _construct(n, rate, seed, distribution)
+
+
+def buildable(n: int, rate: float) -> None:
+    """ValueError naming why construct(n, rate) cannot be built (too few checks for the
+    design's heaviest variables: a frame too short for its rate), else nothing."""
+    base = QC_BASE_COLUMNS if _qc_shifts_for(n) else n
+    _degrees(base, rate, _design_for(rate))
 
 
 def _design_for(rate: float) -> dict:
@@ -815,8 +828,6 @@ def _construct_qc(n: int, rate: float, seed: int, distribution, shifts: str) -> 
     if code is not None:
         return code
     stairs, var_degrees, mb = _degrees(QC_BASE_COLUMNS, rate, distribution)
-    if var_degrees.size and var_degrees.max() > mb:
-        raise ValueError(f"rate {rate}: degree {var_degrees.max()} exceeds {mb} base rows")
     ev, ec = _peg_edges(stairs, var_degrees, mb, seed)
     # Shifts of the staircase first (fixed), then of the heaviest columns: a light column's
     # edges come last, when every base cycle through them is known, and can each take one
