@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import glob
+import hashlib
 import http.client
 import json
 import os
@@ -525,13 +526,17 @@ def test_two_kmes_serve_the_same_relayed_key_made_from_simulated_passes(tmp_path
             "size": 256,
         }
         assert _call(at["kme-stellenbosch"], beijing, "POST", PEER_DELIVER_PATH, forged)[0] == 401
-        # The peer KME gone: the master gets nothing, and those bits are never served.
+        # The peer KME gone: the master gets nothing, and the pool loses nothing (the
+        # peer is reached before the take; before, each such enc_keys burnt its bytes)
         servers[1].shutdown()
         servers[1].server_close()
         status, body = _call(
             at["kme-beijing"], beijing, "GET", f"/api/v1/keys/{stellenbosch}/enc_keys?size=256"
         )
-        assert status == 503 and "slave's KME" in body["message"]
+        assert status == 503 and "slave's KME is not reached" in body["message"]
+        assert "no key taken" in body["message"]
+        with StationPool(pool_path(net, "Beijing", "Stellenbosch")) as pool_a:
+            assert pool_a.used_bytes == 64 + 32
         for kme_id in managers:
             audit = (tmp_path / f"{kme_id}-audit.jsonl").read_text()
             assert relayed[:160].hex() not in audit
@@ -900,24 +905,49 @@ def test_a_delivery_goes_to_no_server_the_ca_signed_for_the_peers_host_but_its_o
     peer = PeerKME(f"https://localhost:{server.getsockname()[1]}", "kme-b", pki / "ca.pem",
                    pki / "kme-a.pem", pki / "kme-a.key", pki / "kme-b.pem",
                    pki / "localhost.pem")  # fmt: skip
-    with pytest.raises(PeerError, match="not kme-b's pinned one: nothing sent"):
+    impostor_sha256 = hashlib.sha256(
+        ssl.PEM_cert_to_DER_cert((forged / "localhost.pem").read_text())
+    ).hexdigest()
+    # the message names the certificate presented: a stale pin is told from an impostor
+    with pytest.raises(
+        PeerError, match=f"SHA-256 {impostor_sha256[:16]}.*not kme-b's pinned one: nothing sent"
+    ):
         peer.deliver(MASTER, SLAVE, [str(uuid.uuid4())], 0, 256)
     thread.join(20)
     server.close()
     assert not thread.is_alive() and received == []
-    # the pin must be the peer host's certificate from this CA, and kms serve needs it
-    with pytest.raises(BadInput, match=r"names \[.kme-b.\], not the peer KME.s server localhost"):
-        PeerKME("https://localhost:9", "kme-b", pki / "ca.pem", pki / "kme-a.pem",
-                pki / "kme-a.key", pki / "kme-b.pem", pki / "kme-b.pem")  # fmt: skip
+    # the pin must be the peer host's server certificate from this CA, and kms serve
+    # needs it: not a KME's, not a client certificate under the host's name, not one of
+    # another CA
+    client_named_as_host = tmp_path / "client"
+    client_named_as_host.mkdir()
+    for name in ("ca.pem", "ca.key"):
+        shutil.copy(pki / name, client_named_as_host / name)
+    issue(client_named_as_host, "localhost")  # server=False: a client certificate
+    rogue = tmp_path / "rogue"
+    make_ca(rogue)
+    issue(rogue, "localhost", server=True)
+    for pin, refusal in (
+        (pki / "kme-b.pem", r"names \['kme-b'\], not the peer KME's server localhost"),
+        (client_named_as_host / "localhost.pem", "not a server certificate"),
+        (rogue / "localhost.pem", "issued by .*ca.pem \\(its signature is not the CA's\\)"),
+    ):
+        with pytest.raises(BadInput, match=refusal):
+            PeerKME("https://localhost:9", "kme-b", pki / "ca.pem", pki / "kme-a.pem",
+                    pki / "kme-a.key", pki / "kme-b.pem", pin)  # fmt: skip
     serve = ["kms", "serve", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}", "--pool",
              str(tmp_path / "none.pool"), "--db", str(tmp_path / "k.db"), "--audit",
              str(tmp_path / "a"), "--listen", "127.0.0.1:0", "--kme-id", "kme-a",
              "--peer-url", "https://kme-b.example:8443", "--peer-kme-id", "kme-b"]  # fmt: skip
     capsys.readouterr()
     assert qkdsat(serve) == 2
-    assert "kme-b.example.pem missing or not a file: the peer KME's server certificate" in (
+    assert "kme-b.example.pem missing or not a file: the certificate the peer KME serves" in (
         capsys.readouterr().err
     )
+    for url in ("kme-b.example:8443", "http://kme-b.example:8443", "https://kme-b.example"):
+        serve[serve.index("--peer-url") + 1] = url
+        assert qkdsat(serve) == 2
+        assert f"--peer-url {url!r}: expected https://HOST:PORT" in capsys.readouterr().err
 
 
 def test_connections_beyond_the_servers_cap_are_closed_at_once(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ short. The audit log records who asked what and the key_IDs, never key material.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -305,36 +306,51 @@ class KeyManager:
         if self.store.count() + number > MAX_STORED_KEYS:
             raise RequestError(503, "the key store is full: the slave SAE must fetch keys")
         key_ids = [str(uuid.uuid4()) for _ in range(number)]
-        try:
-            with StationPool(self.pool_path) as pool:
-                # this end's share of the pair: the other end's KME (or its sends) take
-                # the other share, so no key here is ever a key there (pool.split_fill)
-                offset = pool.position(pool.holder)
-                material = pool.take(
-                    number * size // 8, f"etsi014 enc_keys {key_ids[0]}", offset, pool.holder
-                )
-        except PoolShort as short:
-            raise RequestError(
-                503,
-                f"key pool short: {8 * short.available_bytes} bits available, "
-                f"{number * size} asked",
-            ) from None
-        step = size // 8
-        keys = [(key_id, material[i * step : (i + 1) * step]) for i, key_id in enumerate(key_ids)]
-        del material
-        if self.peer is None:
-            self.store.add(caller, slave, keys)
-        else:
-            # The slave's KME holds the same bytes at the same offset (the two pools of a
-            # relayed pair): it is told which key_IDs they became, never the keys. Until
-            # it confirms, the master gets nothing; if it never does, the bytes taken here
-            # are lost (counted in the pool), never served.
+        with contextlib.ExitStack() as connection:
+            send = None
+            if self.peer is not None:
+                # The slave's KME holds the same bytes at the same offset (the two pools
+                # of a relayed pair): it is told which key_IDs they became, never the
+                # keys. Reached (its pinned server) before anything is taken here.
+                try:
+                    send = connection.enter_context(self.peer.connected())
+                except PeerError as error:
+                    raise RequestError(
+                        503, f"the slave's KME is not reached: {error}; no key taken"
+                    ) from None
             try:
-                self.peer.deliver(caller, slave, key_ids, offset, size)
-            except PeerError as error:
+                with StationPool(self.pool_path) as pool:
+                    # this end's share of the pair: the other end's KME (or its sends)
+                    # take the other share, so no key here is ever a key there
+                    # (pool.split_fill)
+                    offset = pool.position(pool.holder)
+                    material = pool.take(
+                        number * size // 8, f"etsi014 enc_keys {key_ids[0]}", offset,
+                        pool.holder,
+                    )  # fmt: skip
+            except PoolShort as short:
                 raise RequestError(
-                    503, f"the slave's KME did not take the keys: {error}"
+                    503,
+                    f"key pool short: {8 * short.available_bytes} bits available, "
+                    f"{number * size} asked",
                 ) from None
+            step = size // 8
+            keys = [
+                (key_id, material[i * step : (i + 1) * step]) for i, key_id in enumerate(key_ids)
+            ]
+            del material
+            if send is None:
+                self.store.add(caller, slave, keys)
+            else:
+                # Until the peer confirms, the master gets nothing; if it never does (it
+                # went down, refused, or its answer missed the deadline), the bytes taken
+                # here are lost (counted in the pool), never served.
+                try:
+                    send(caller, slave, key_ids, offset, size)
+                except PeerError as error:
+                    raise RequestError(
+                        503, f"the slave's KME did not take the keys: {error}"
+                    ) from None
         return {"keys": [{"key_ID": k, "key": base64.b64encode(v).decode()} for k, v in keys]}
 
     def _authenticate_peer(self, caller: str | None, certificate_sha256: str) -> None:
@@ -585,25 +601,25 @@ class PeerKME:
         self, url: str, kme_id: str, ca_pem, cert_pem, key_pem, peer_cert_pem,
         peer_server_cert_pem,
     ):  # fmt: skip
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname or not parts.port:
-            raise BadInput(f"--peer-url {url!r}: expected https://HOST:PORT")
-        self.host, self.port, self.kme_id = parts.hostname, parts.port, kme_id
+        self.host, self.port = peer_address(url)
+        self.kme_id = kme_id
         self.certificate_sha256 = _certificate_sha256(peer_cert_pem, kme_id, ca_pem)
         self.server_certificate_sha256 = _certificate_sha256(
-            peer_server_cert_pem, self.host, ca_pem, "the peer KME's server"
+            peer_server_cert_pem, self.host, ca_pem, server=True
         )
         self.context = ssl.create_default_context(cafile=str(ca_pem))
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.context.load_cert_chain(str(cert_pem), str(key_pem))
 
-    def deliver(self, master: str, slave: str, key_ids: list, offset: int, size: int) -> None:
-        body = json.dumps({"master_SAE_ID": master, "slave_SAE_ID": slave, "key_IDs": key_ids,
-                           "offset": offset, "size": size}).encode()  # fmt: skip
+    @contextlib.contextmanager
+    def connected(self):
+        """A connection to the peer's own server (its pinned certificate), open before
+        this KME takes anything from its pool: a peer that is down, or a server holding
+        another certificate, costs no pool bytes. Yields send(master, slave, key_ids,
+        offset, size). The deadline covers the whole: connection, take and answer."""
         connection = http.client.HTTPSConnection(
             self.host, self.port, context=self.context, timeout=self.TIMEOUT_S
         )
-
         overdue = threading.Event()
 
         def cut() -> None:  # from the timer's thread: end the reads under the deadline
@@ -618,12 +634,30 @@ class PeerKME:
         deadline.daemon = True
         deadline.start()
         try:
-            connection.connect()
+            with self._peer_errors(overdue):
+                connection.connect()
             # the key_IDs and offsets go to the peer's own server only (the CA may have
             # signed another certificate for its host): checked before a byte is sent
-            presented = connection.sock.getpeercert(binary_form=True) or b""
-            if hashlib.sha256(presented).hexdigest() != self.server_certificate_sha256:
-                raise _NotThePeer()
+            presented = hashlib.sha256(connection.sock.getpeercert(binary_form=True) or b"")
+            if presented.hexdigest() != self.server_certificate_sha256:
+                raise PeerError(
+                    f"{self.host}:{self.port} presented a server certificate (SHA-256 "
+                    f"{presented.hexdigest()[:16]}...) the CA signed for {self.host}, not "
+                    f"{self.kme_id}'s pinned one: nothing sent"
+                )
+            yield lambda *delivery: self._send(connection, overdue, *delivery)
+        finally:
+            deadline.cancel()
+            connection.close()
+
+    def deliver(self, master: str, slave: str, key_ids: list, offset: int, size: int) -> None:
+        with self.connected() as send:
+            send(master, slave, key_ids, offset, size)
+
+    def _send(self, connection, overdue, master, slave, key_ids, offset, size) -> None:
+        body = json.dumps({"master_SAE_ID": master, "slave_SAE_ID": slave, "key_IDs": key_ids,
+                           "offset": offset, "size": size}).encode()  # fmt: skip
+        with self._peer_errors(overdue):
             connection.request(
                 "POST", PEER_DELIVER_PATH, body, {"Content-Type": "application/json"}
             )
@@ -631,20 +665,6 @@ class PeerKME:
             answer = response.read()
             if overdue.is_set():
                 raise OSError("cut")  # read to a cut: an answer short of its end
-        except _NotThePeer:
-            raise PeerError(
-                f"{self.host}:{self.port} presented a server certificate the CA signed for "
-                f"{self.host}, not {self.kme_id}'s pinned one: nothing sent"
-            ) from None
-        except (OSError, http.client.HTTPException) as error:
-            if overdue.is_set():
-                raise PeerError(
-                    f"{self.kme_id} did not answer within {self.DEADLINE_S:g} s"
-                ) from None
-            raise PeerError(f"{self.kme_id} unreachable ({error})") from None
-        finally:
-            deadline.cancel()
-            connection.close()
         if response.status != 200:
             try:
                 message = json.loads(answer)["message"]
@@ -652,32 +672,77 @@ class PeerKME:
                 message = f"HTTP {response.status}"
             raise PeerError(f"{self.kme_id} refused: {message}")
 
+    @contextlib.contextmanager
+    def _peer_errors(self, overdue):
+        """A socket or HTTP failure as PeerError: the deadline's cut, or unreachable."""
+        try:
+            yield
+        except (OSError, http.client.HTTPException) as error:
+            if overdue.is_set():
+                raise PeerError(
+                    f"{self.kme_id} did not answer within {self.DEADLINE_S:g} s"
+                ) from None
+            raise PeerError(f"{self.kme_id} unreachable ({error})") from None
 
-class _NotThePeer(Exception):
-    pass
+
+def peer_address(url: str) -> tuple[str, int]:
+    """(host, port) of --peer-url, which must be https://HOST:PORT; BadInput otherwise."""
+    try:
+        parts = urlsplit(url)
+        scheme, host, port = parts.scheme, parts.hostname, parts.port
+    except ValueError:  # a port out of range or not a number, a bracket left open
+        scheme = host = port = None
+    if scheme != "https" or not host or not port:
+        raise BadInput(f"--peer-url {url!r}: expected https://HOST:PORT")
+    return host, port
 
 
-def _certificate_sha256(pem_path, name: str, ca_pem, holder: str = "the peer KME") -> str:
-    """SHA-256 of the DER of the one certificate in pem_path, which must name `name` (a
-    KME ID, or the peer's host for its server certificate) and be issued by the CA of
-    ca_pem (a stale or foreign pin is refused at start, not found out on every
-    delivery); BadInput naming the file otherwise."""
+def _certificate_sha256(pem_path, name: str, ca_pem, server: bool = False) -> str:
+    """SHA-256 of the DER of the one certificate in pem_path, which must be issued by the
+    CA of ca_pem and name `name`: a KME ID for its client certificate, or (server=True)
+    the peer's host for its server certificate, which must be one (a server's extended
+    key usage, the host among its alternative names). A stale or foreign pin is refused at
+    start, not found out on every delivery; BadInput naming the file otherwise."""
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
-    from cryptography.x509.oid import NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    holder = "the peer KME's server" if server else "the peer KME"
     try:
         der = ssl.PEM_cert_to_DER_cert(Path(pem_path).read_text())
         certificate = x509.load_der_x509_certificate(der)
         ca = x509.load_pem_x509_certificate(Path(ca_pem).read_bytes())
         certificate.verify_directly_issued_by(ca)
     except (OSError, ValueError, TypeError, UnicodeDecodeError, InvalidSignature) as error:
+        reason = str(error) or "its signature is not the CA's"  # InvalidSignature: no text
         raise BadInput(
-            f"{pem_path}: not a certificate of {holder} {name} issued by {ca_pem} ({error})"
+            f"{pem_path}: not a certificate of {holder} {name} issued by {ca_pem} ({reason})"
         ) from None
     names = [n.value for n in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if names != [name]:
         raise BadInput(f"{pem_path}: names {names}, not {holder} {name}")
+    try:
+        usages = list(certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usages = []
+    wanted = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    if wanted not in usages:
+        kind = "server" if server else "client"
+        raise BadInput(
+            f"{pem_path}: not a {kind} certificate (extended key usage), not {holder}'s"
+        )
+    if server:
+        try:
+            alternative = certificate.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            ).value
+            hosts = alternative.get_values_for_type(x509.DNSName) + [
+                str(address) for address in alternative.get_values_for_type(x509.IPAddress)
+            ]
+        except x509.ExtensionNotFound:
+            hosts = []
+        if name not in hosts:
+            raise BadInput(f"{pem_path}: its alternative names {hosts} do not hold {name}")
     return hashlib.sha256(der).hexdigest()
 
 

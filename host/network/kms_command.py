@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from host.errors import BadInput
 from host.network.pool import check_name
@@ -89,10 +89,14 @@ def run(args) -> int:
     if bool(args.peer_url) != bool(args.peer_kme_id):
         raise BadInput("--peer-url and --peer-kme-id go together")
     if args.peer_url:
-        from host.network.kms import PeerKME
+        from host.network.kms import PeerKME, peer_address
 
         peer_id = check_name(args.peer_kme_id, "KME")
-        peer_host = check_name(urlsplit(args.peer_url).hostname or "", "--peer-url host")
+        peer_host, _ = peer_address(args.peer_url)
+        try:
+            ipaddress.ip_address(peer_host)  # an address: a file name of its own
+        except ValueError:
+            check_name(peer_host, "--peer-url host")  # no path in the pin's file name
         for name in (f"{args.kme_id}.pem", f"{args.kme_id}.key", f"{peer_id}.pem"):
             if not (pki / name).is_file():
                 raise BadInput(
@@ -101,8 +105,8 @@ def run(args) -> int:
                 )
         if not (pki / f"{peer_host}.pem").is_file():
             raise BadInput(
-                f"--pki {pki}: {peer_host}.pem missing or not a file: the peer KME's server "
-                f"certificate for {peer_host}, pinned (qkdsat kms pki --server-name {peer_host})"
+                f"--pki {pki}: {peer_host}.pem missing or not a file: the certificate the "
+                f"peer KME serves with, issued by this CA for {peer_host}, is pinned"
             )
         # the peer's own certificates are pinned (PeerKME): deliveries from its client
         # certificate only, and to its server certificate only
