@@ -572,6 +572,25 @@ def test_peer_delivery_is_refused_without_a_peer_and_peer_options_are_checked(
     assert missing in capsys.readouterr().err
 
 
+def _two_kme_pki(pki):
+    """`kms pki` for two KMEs, kme-a and kme-b, and the two SAEs."""
+    from host.cli import main as qkdsat
+
+    argv = ["kms", "pki", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}", "--kme", "kme-a,kme-b"]
+    assert qkdsat(argv) == 0
+    return pki
+
+
+def _issued_by_the_same_ca(pki, directory, name, server=False):
+    """A certificate for `name` on another key pair, issued with pki's CA key (by hand, as
+    whoever holds that key could): directory/name.pem and .key."""
+    directory.mkdir()
+    for stem in ("ca.pem", "ca.key"):
+        shutil.copy(pki / stem, directory / stem)
+    issue(directory, name, server=server)
+    return directory
+
+
 def test_a_delivery_from_a_certificate_the_ca_signed_under_the_peers_name_is_refused(
     tmp_path, capsys
 ):
@@ -582,13 +601,8 @@ def test_a_delivery_from_a_certificate_the_ca_signed_under_the_peers_name_is_ref
     from host.cli import main as qkdsat
     from host.network.kms import PEER_DELIVER_PATH
 
-    pki, forged = tmp_path / "pki", tmp_path / "forged"
-    argv = ["kms", "pki", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}", "--kme", "kme-a,kme-b"]
-    assert qkdsat(argv) == 0
-    forged.mkdir()
-    for name in ("ca.pem", "ca.key"):
-        shutil.copy(pki / name, forged / name)
-    issue(forged, "kme-a")  # the peer's name, another key pair, the same CA
+    pki = _two_kme_pki(tmp_path / "pki")
+    forged = _issued_by_the_same_ca(pki, tmp_path / "forged", "kme-a")  # the peer's name
     distilled(tmp_path / "keys", 8 * POOL_BYTES, "pass-1")
     fill_pair(tmp_path / "net", "Jinan", tmp_path / "keys")
     pool = pool_path(tmp_path / "net", "Jinan", SATELLITE)
@@ -873,13 +887,9 @@ def test_a_delivery_goes_to_no_server_the_ca_signed_for_the_peers_host_but_its_o
     from host.errors import BadInput
     from host.network.kms import PeerError
 
-    pki, forged = tmp_path / "pki", tmp_path / "forged"
-    argv = ["kms", "pki", "--pki", str(pki), "--sae", f"{MASTER},{SLAVE}", "--kme", "kme-a,kme-b"]
-    assert qkdsat(argv) == 0
-    forged.mkdir()
-    for name in ("ca.pem", "ca.key"):
-        shutil.copy(pki / name, forged / name)
-    issue(forged, "localhost", server=True)  # the peer's host, another key pair, the same CA
+    pki = _two_kme_pki(tmp_path / "pki")
+    # the peer's host, another key pair, the same CA
+    forged = _issued_by_the_same_ca(pki, tmp_path / "forged", "localhost", server=True)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(forged / "localhost.pem"), str(forged / "localhost.key"))
     server = context.wrap_socket(socket.create_server(("localhost", 0)), server_side=True)
@@ -919,11 +929,7 @@ def test_a_delivery_goes_to_no_server_the_ca_signed_for_the_peers_host_but_its_o
     # the pin must be the peer host's server certificate from this CA, and kms serve
     # needs it: not a KME's, not a client certificate under the host's name, not one of
     # another CA
-    client_named_as_host = tmp_path / "client"
-    client_named_as_host.mkdir()
-    for name in ("ca.pem", "ca.key"):
-        shutil.copy(pki / name, client_named_as_host / name)
-    issue(client_named_as_host, "localhost")  # server=False: a client certificate
+    client_named_as_host = _issued_by_the_same_ca(pki, tmp_path / "client", "localhost")
     rogue = tmp_path / "rogue"
     make_ca(rogue)
     issue(rogue, "localhost", server=True)
