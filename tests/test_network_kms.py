@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import pwd
+import re
 import shutil
 import socket
 import ssl
@@ -682,19 +683,116 @@ def test_a_private_key_is_never_written_through_a_file_planted_at_its_temporary_
     assert os.stat(key).st_mode & 0o777 == 0o600
 
 
-def test_a_kme_serving_one_pool_alone_and_a_send_to_its_station_never_share_a_key(tmp_path):
-    """Stellenbosch's KME serves its pool for Beijing alone (no peer KME) while Beijing
-    sends Stellenbosch a message over the same relayed pair: the keys the KME hands its
-    master SAE and the message's pad lie apart in the pool (before, both took the pair's
-    first bytes: the application's key was the message's pad)."""
-    from host.cli import main as qkdsat
-    from host.network.relay import AUTH_BYTES, relay
+def _relayed_pair(tmp_path):
+    """NET with Beijing's and Stellenbosch's passes filled and 8,192 bits relayed between
+    them (NET/Beijing/Stellenbosch.pool and NET/Stellenbosch/Beijing.pool)."""
+    from host.network.relay import relay
 
     net = tmp_path / "net"
     for station in ("Beijing", "Stellenbosch"):
         distilled(tmp_path / station, 8 * 4096, f"pass-{station}")
         fill_pair(net, station, tmp_path / station)
     relay(net, "Beijing", "Stellenbosch", 8 * 1024)
+    return net
+
+
+def _relayed_kmes(tmp_path):
+    """Beijing's and Stellenbosch's KMEs serving the two pools of a relayed pair, each the
+    other's peer, in this process: (net, pki, ports by KME ID, servers)."""
+    from host.network.kms import PeerKME
+
+    net = _relayed_pair(tmp_path)
+    pki = tmp_path / "pki"
+    make_ca(pki)
+    issue(pki, "localhost", server=True)
+    for name in (MASTER, SLAVE, "kme-beijing", "kme-stellenbosch"):
+        issue(pki, name)
+    managers, servers, ports = {}, [], {}
+    for kme_id, holder, peer in (("kme-beijing", "Beijing", "Stellenbosch"),
+                                 ("kme-stellenbosch", "Stellenbosch", "Beijing")):  # fmt: skip
+        managers[kme_id] = KeyManager(
+            kme_id, pool_path(net, holder, peer), open_store(str(tmp_path / f"{kme_id}.db")),
+            [MASTER, SLAVE], tmp_path / f"{kme_id}.audit",
+        )  # fmt: skip
+        context = tls_context(pki / "ca.pem", pki / "localhost.pem", pki / "localhost.key")
+        servers.append(make_server(managers[kme_id], "localhost", 0, context))
+        ports[kme_id] = servers[-1].server_address[1]
+        threading.Thread(target=servers[-1].serve_forever, daemon=True).start()
+    for own, peer in (("kme-beijing", "kme-stellenbosch"), ("kme-stellenbosch", "kme-beijing")):
+        managers[own].peer = PeerKME(f"https://localhost:{ports[peer]}", peer, pki / "ca.pem",
+                                     pki / f"{own}.pem", pki / f"{own}.key",
+                                     pki / f"{peer}.pem", pki / "localhost.pem")  # fmt: skip
+    return net, pki, ports, servers
+
+
+def _used_pair_bytes(net) -> tuple[int, int]:
+    with StationPool(pool_path(net, "Beijing", "Stellenbosch")) as pool_a:
+        with StationPool(pool_path(net, "Stellenbosch", "Beijing")) as pool_b:
+            return pool_a.used_bytes, pool_b.used_bytes
+
+
+def test_a_delivery_past_its_deadline_before_the_take_takes_nothing(tmp_path, monkeypatch):
+    """The peer is reached before the pool's take, and the deadline runs from there (cold
+    review of session 27): a take that waited on the pool's lock past half the deadline
+    took the bytes and lost them to a delivery cut short; a connection that outlasted the
+    whole deadline before its socket existed (nothing to cut) went on, the peer storing
+    keys under key_IDs no master got. Now each is a 503 that takes nothing, at either
+    end, and the next enc_keys is served."""
+    import http.client
+
+    from host.network.kms import PeerKME
+
+    net, pki, ports, servers = _relayed_kmes(tmp_path)
+    beijing = {"pki": pki, "port": ports["kme-beijing"]}
+    stellenbosch = {"pki": pki, "port": ports["kme-stellenbosch"]}
+    enc_keys = f"/api/v1/keys/{SLAVE}/enc_keys?number=2&size=256"
+    monkeypatch.setattr(PeerKME, "DEADLINE_S", 2.0)
+    try:
+        used = _used_pair_bytes(net)
+        holder = StationPool(pool_path(net, "Beijing", "Stellenbosch"))  # its lock, 1.5 s
+        threading.Timer(1.5, holder.close).start()
+        status, body = _call(beijing, MASTER, "GET", enc_keys)
+        assert status == 503, body
+        assert re.fullmatch(
+            r"1\.\d s of the delivery's 2 s were gone at the pool's take \(its lock held\): "
+            r"nothing sent; no key taken",
+            body["message"],
+        ), body
+        assert _used_pair_bytes(net) == used
+        connect = http.client.HTTPSConnection.connect
+
+        def slow_connect(connection):  # slow name resolution, a blackholed first address
+            time.sleep(2.5)
+            connect(connection)
+
+        monkeypatch.setattr(http.client.HTTPSConnection, "connect", slow_connect)
+        status, body = _call(beijing, MASTER, "GET", enc_keys)
+        assert status == 503 and "did not answer within 2 s" in body["message"], body
+        assert "no key taken" in body["message"]
+        assert _used_pair_bytes(net) == used
+        monkeypatch.setattr(http.client.HTTPSConnection, "connect", connect)
+        status, enc = _call(beijing, MASTER, "GET", enc_keys)
+        assert status == 200, enc
+        request = {"key_IDs": [{"key_ID": item["key_ID"]} for item in enc["keys"]]}
+        status, dec = _call(stellenbosch, SLAVE, "POST", f"/api/v1/keys/{MASTER}/dec_keys",
+                            request)  # fmt: skip
+        assert status == 200 and dec["keys"] == enc["keys"]
+        assert _used_pair_bytes(net) == (used[0] + 64, used[1] + 64)
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+def test_a_kme_serving_one_pool_alone_and_a_send_to_its_station_never_share_a_key(tmp_path):
+    """Stellenbosch's KME serves its pool for Beijing alone (no peer KME) while Beijing
+    sends Stellenbosch a message over the same relayed pair: the keys the KME hands its
+    master SAE and the message's pad lie apart in the pool (before, both took the pair's
+    first bytes: the application's key was the message's pad)."""
+    from host.cli import main as qkdsat
+    from host.network.relay import AUTH_BYTES
+
+    net = _relayed_pair(tmp_path)
     pki = tmp_path / "pki"
     make_ca(pki)
     issue(pki, "localhost", server=True)
@@ -738,34 +836,8 @@ def test_a_message_overtaken_by_a_kme_delivery_is_still_received(tmp_path):
     (once), and the slave SAE gets the master's keys. Before, the delivery's skip used
     the pad's bytes up at Stellenbosch and the message was refused as a replay."""
     from host.cli import main as qkdsat
-    from host.network.kms import PeerKME
-    from host.network.relay import relay
 
-    net = tmp_path / "net"
-    for station in ("Beijing", "Stellenbosch"):
-        distilled(tmp_path / station, 8 * 4096, f"pass-{station}")
-        fill_pair(net, station, tmp_path / station)
-    relay(net, "Beijing", "Stellenbosch", 8 * 1024)
-    pki = tmp_path / "pki"
-    make_ca(pki)
-    issue(pki, "localhost", server=True)
-    for name in (MASTER, SLAVE, "kme-beijing", "kme-stellenbosch"):
-        issue(pki, name)
-    managers, servers, ports = {}, [], {}
-    for kme_id, holder, peer in (("kme-beijing", "Beijing", "Stellenbosch"),
-                                 ("kme-stellenbosch", "Stellenbosch", "Beijing")):  # fmt: skip
-        managers[kme_id] = KeyManager(
-            kme_id, pool_path(net, holder, peer), open_store(str(tmp_path / f"{kme_id}.db")),
-            [MASTER, SLAVE], tmp_path / f"{kme_id}.audit",
-        )  # fmt: skip
-        context = tls_context(pki / "ca.pem", pki / "localhost.pem", pki / "localhost.key")
-        servers.append(make_server(managers[kme_id], "localhost", 0, context))
-        ports[kme_id] = servers[-1].server_address[1]
-        threading.Thread(target=servers[-1].serve_forever, daemon=True).start()
-    for own, peer in (("kme-beijing", "kme-stellenbosch"), ("kme-stellenbosch", "kme-beijing")):
-        managers[own].peer = PeerKME(f"https://localhost:{ports[peer]}", peer, pki / "ca.pem",
-                                     pki / f"{own}.pem", pki / f"{own}.key",
-                                     pki / f"{peer}.pem", pki / "localhost.pem")  # fmt: skip
+    net, pki, ports, servers = _relayed_kmes(tmp_path)
     try:
         plain, message, out = (tmp_path / name for name in ("image.bin", "image.msg", "out"))
         plain.write_bytes(os.urandom(300))

@@ -244,10 +244,14 @@ def run(args) -> int:
     codes = default_codes(
         tuple(args.frame_bits) if args.frame_bits else None, args.qber_max, args.qber_min
     )
+    try:
+        ldpc.qc_mode()  # the construction switch, read by every code below
+    except ValueError as error:
+        raise BadInput(str(error)) from None
     for n, rate in codes:
         try:
             ldpc.buildable(n, rate)
-        except ValueError as error:
+        except ldpc.FrameTooShort as error:
             raise BadInput(f"--frame-bits {n}: {error}") from None
     absent = missing(codes)
     say = (lambda *a, **k: None) if args.quiet else print

@@ -371,6 +371,10 @@ def _peg_edges(stairs, degrees, m, seed):
     return ev, ec
 
 
+class FrameTooShort(ValueError):
+    """A frame with fewer checks than its design's heaviest variables have edges."""
+
+
 def _degrees(n: int, rate: float, distribution: dict[int, float]):
     """(staircase length, ascending degrees of the other variables, m): m - 1 degree-2
     variables in a staircase (no cycles among degree-2 nodes, the usual error-floor
@@ -388,7 +392,7 @@ def _degrees(n: int, rate: float, distribution: dict[int, float]):
     counts[0] += rest - sum(counts)
     highest = max((d for d, count in zip(degrees, counts, strict=True) if count), default=2)
     if highest > m:  # its edges need as many distinct checks: the growth would never end
-        raise ValueError(
+        raise FrameTooShort(
             f"a frame of {n} bits at rate {rate} has {m} checks, fewer than the degree "
             f"{highest} of its design's heaviest variables"
         )
@@ -426,8 +430,8 @@ def construct(n: int, rate: float, seed: int = 1, distribution=None) -> Code:
 
 
 def buildable(n: int, rate: float) -> None:
-    """ValueError naming why construct(n, rate) cannot be built (too few checks for the
-    design's heaviest variables: a frame too short for its rate), else nothing."""
+    """FrameTooShort naming why construct(n, rate) cannot be built (too few checks for
+    the design's heaviest variables), else nothing."""
     base = QC_BASE_COLUMNS if _qc_shifts_for(n) else n
     _degrees(base, rate, _design_for(rate))
 

@@ -18,6 +18,7 @@ import base64
 import contextlib
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import socket
@@ -307,19 +308,21 @@ class KeyManager:
             raise RequestError(503, "the key store is full: the slave SAE must fetch keys")
         key_ids = [str(uuid.uuid4()) for _ in range(number)]
         with contextlib.ExitStack() as connection:
-            send = None
+            delivery = None
             if self.peer is not None:
                 # The slave's KME holds the same bytes at the same offset (the two pools
                 # of a relayed pair): it is told which key_IDs they became, never the
                 # keys. Reached (its pinned server) before anything is taken here.
                 try:
-                    send = connection.enter_context(self.peer.connected())
+                    delivery = connection.enter_context(self.peer.connected())
                 except PeerError as error:
                     raise RequestError(
                         503, f"the slave's KME is not reached: {error}; no key taken"
                     ) from None
             try:
                 with StationPool(self.pool_path) as pool:
+                    if delivery is not None:
+                        delivery.check_time_left()
                     # this end's share of the pair: the other end's KME (or its sends)
                     # take the other share, so no key here is ever a key there
                     # (pool.split_fill)
@@ -334,19 +337,21 @@ class KeyManager:
                     f"key pool short: {8 * short.available_bytes} bits available, "
                     f"{number * size} asked",
                 ) from None
+            except PeerError as error:
+                raise RequestError(503, f"{error}; no key taken") from None
             step = size // 8
             keys = [
                 (key_id, material[i * step : (i + 1) * step]) for i, key_id in enumerate(key_ids)
             ]
             del material
-            if send is None:
+            if delivery is None:
                 self.store.add(caller, slave, keys)
             else:
                 # Until the peer confirms, the master gets nothing; if it never does (it
                 # went down, refused, or its answer missed the deadline), the bytes taken
                 # here are lost (counted in the pool), never served.
                 try:
-                    send(caller, slave, key_ids, offset, size)
+                    delivery.send(caller, slave, key_ids, offset, size)
                 except PeerError as error:
                     raise RequestError(
                         503, f"the slave's KME did not take the keys: {error}"
@@ -615,8 +620,8 @@ class PeerKME:
     def connected(self):
         """A connection to the peer's own server (its pinned certificate), open before
         this KME takes anything from its pool: a peer that is down, or a server holding
-        another certificate, costs no pool bytes. Yields send(master, slave, key_ids,
-        offset, size). The deadline covers the whole: connection, take and answer."""
+        another certificate, costs no pool bytes. Yields a _Delivery. DEADLINE_S bounds
+        the whole, from the connection: handshake, the pool's take, request and answer."""
         connection = http.client.HTTPSConnection(
             self.host, self.port, context=self.context, timeout=self.TIMEOUT_S
         )
@@ -630,12 +635,15 @@ class PeerKME:
                 except OSError:
                     pass
 
+        started_s = time.monotonic()
         deadline = threading.Timer(self.DEADLINE_S, cut)
         deadline.daemon = True
         deadline.start()
         try:
             with self._peer_errors(overdue):
                 connection.connect()
+                if overdue.is_set():  # past the deadline before there was a socket to cut
+                    raise OSError("cut")
             # the key_IDs and offsets go to the peer's own server only (the CA may have
             # signed another certificate for its host): checked before a byte is sent
             presented = hashlib.sha256(connection.sock.getpeercert(binary_form=True) or b"")
@@ -645,32 +653,14 @@ class PeerKME:
                     f"{presented.hexdigest()[:16]}...) the CA signed for {self.host}, not "
                     f"{self.kme_id}'s pinned one: nothing sent"
                 )
-            yield lambda *delivery: self._send(connection, overdue, *delivery)
+            yield _Delivery(self, connection, overdue, started_s)
         finally:
             deadline.cancel()
             connection.close()
 
     def deliver(self, master: str, slave: str, key_ids: list, offset: int, size: int) -> None:
-        with self.connected() as send:
-            send(master, slave, key_ids, offset, size)
-
-    def _send(self, connection, overdue, master, slave, key_ids, offset, size) -> None:
-        body = json.dumps({"master_SAE_ID": master, "slave_SAE_ID": slave, "key_IDs": key_ids,
-                           "offset": offset, "size": size}).encode()  # fmt: skip
-        with self._peer_errors(overdue):
-            connection.request(
-                "POST", PEER_DELIVER_PATH, body, {"Content-Type": "application/json"}
-            )
-            response = connection.getresponse()
-            answer = response.read()
-            if overdue.is_set():
-                raise OSError("cut")  # read to a cut: an answer short of its end
-        if response.status != 200:
-            try:
-                message = json.loads(answer)["message"]
-            except (ValueError, KeyError, TypeError):
-                message = f"HTTP {response.status}"
-            raise PeerError(f"{self.kme_id} refused: {message}")
+        with self.connected() as delivery:
+            delivery.send(master, slave, key_ids, offset, size)
 
     @contextlib.contextmanager
     def _peer_errors(self, overdue):
@@ -683,6 +673,47 @@ class PeerKME:
                     f"{self.kme_id} did not answer within {self.DEADLINE_S:g} s"
                 ) from None
             raise PeerError(f"{self.kme_id} unreachable ({error})") from None
+
+
+class _Delivery:
+    """One delivery's connection to the peer KME, reached and pinned (PeerKME.connected)."""
+
+    def __init__(self, peer: PeerKME, connection, overdue: threading.Event, started_s: float):
+        self.peer, self.connection, self.overdue = peer, connection, overdue
+        self.started_s = started_s
+
+    def check_time_left(self) -> None:
+        """PeerError unless half the deadline is left, called with the pool's lock held and
+        before its take: a take that waited that long on the lock is refused with nothing
+        taken, where it would have been taken and lost to a delivery cut short (the peer
+        cuts a request not read within its own 30 s, Handler.request_deadline_s)."""
+        waited_s = time.monotonic() - self.started_s
+        if self.overdue.is_set() or waited_s > self.peer.DEADLINE_S / 2:
+            raise PeerError(
+                f"{waited_s:.1f} s of the delivery's {self.peer.DEADLINE_S:g} s were gone "
+                f"at the pool's take (its lock held): nothing sent"
+            )
+
+    def send(self, master: str, slave: str, key_ids: list, offset: int, size: int) -> None:
+        """The delivery: which key_IDs the bytes at `offset` became. PeerError unless the
+        peer answers 200 in full within the deadline."""
+        peer, connection = self.peer, self.connection
+        body = json.dumps({"master_SAE_ID": master, "slave_SAE_ID": slave, "key_IDs": key_ids,
+                           "offset": offset, "size": size}).encode()  # fmt: skip
+        with peer._peer_errors(self.overdue):
+            connection.request(
+                "POST", PEER_DELIVER_PATH, body, {"Content-Type": "application/json"}
+            )
+            response = connection.getresponse()
+            answer = response.read()
+            if self.overdue.is_set():
+                raise OSError("cut")  # read to a cut: an answer short of its end
+        if response.status != 200:
+            try:
+                message = json.loads(answer)["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {response.status}"
+            raise PeerError(f"{peer.kme_id} refused: {message}")
 
 
 def peer_address(url: str) -> tuple[str, int]:
@@ -719,7 +750,9 @@ def _certificate_sha256(pem_path, name: str, ca_pem, server: bool = False) -> st
             f"{pem_path}: not a certificate of {holder} {name} issued by {ca_pem} ({reason})"
         ) from None
     names = [n.value for n in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    if names != [name]:
+    # a host name as TLS compares it (urlsplit gives it in lower case); an ID exactly
+    same = (lambda a, b: a.casefold() == b.casefold()) if server else (lambda a, b: a == b)
+    if len(names) != 1 or not same(names[0], name):
         raise BadInput(f"{pem_path}: names {names}, not {holder} {name}")
     try:
         usages = list(certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
@@ -736,12 +769,16 @@ def _certificate_sha256(pem_path, name: str, ca_pem, server: bool = False) -> st
             alternative = certificate.extensions.get_extension_for_class(
                 x509.SubjectAlternativeName
             ).value
-            hosts = alternative.get_values_for_type(x509.DNSName) + [
-                str(address) for address in alternative.get_values_for_type(x509.IPAddress)
-            ]
+            dns = alternative.get_values_for_type(x509.DNSName)
+            addresses = alternative.get_values_for_type(x509.IPAddress)
         except x509.ExtensionNotFound:
-            hosts = []
-        if name not in hosts:
+            dns, addresses = [], []
+        try:
+            held = ipaddress.ip_address(name) in addresses
+        except ValueError:  # a host name
+            held = any(same(entry, name) for entry in dns)
+        if not held:
+            hosts = dns + [str(address) for address in addresses]
             raise BadInput(f"{pem_path}: its alternative names {hosts} do not hold {name}")
     return hashlib.sha256(der).hexdigest()
 
