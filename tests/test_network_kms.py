@@ -740,6 +740,7 @@ def test_a_delivery_past_its_deadline_before_the_take_takes_nothing(tmp_path, mo
     end, and the next enc_keys is served."""
     import http.client
 
+    from host.network import kms
     from host.network.kms import PeerKME
 
     net, pki, ports, servers = _relayed_kmes(tmp_path)
@@ -754,8 +755,8 @@ def test_a_delivery_past_its_deadline_before_the_take_takes_nothing(tmp_path, mo
         status, body = _call(beijing, MASTER, "GET", enc_keys)
         assert status == 503, body
         assert re.fullmatch(
-            r"\d+\.\d s of the delivery's 2 s were gone at the pool's take \(its lock held\): "
-            r"nothing sent; no key taken",
+            r"\d+\.\d s of the delivery's 2 s were gone at the pool's take \(connecting, "
+            r"then waiting for the pool's lock\): nothing sent; no key taken",
             body["message"],
         ), body
         assert _used_pair_bytes(net) == used
@@ -771,6 +772,17 @@ def test_a_delivery_past_its_deadline_before_the_take_takes_nothing(tmp_path, mo
         assert "no key taken" in body["message"]
         assert _used_pair_bytes(net) == used
         monkeypatch.setattr(http.client.HTTPSConnection, "connect", connect)
+        # the slave's KME held on its own pool's lock past the master's deadline: it takes
+        # nothing and stores no key for the 503'd master (its bytes stay for the next)
+        monkeypatch.setattr(kms, "PEER_TAKE_BY_S", 2.5)
+        holder = StationPool(pool_path(net, "Stellenbosch", "Beijing"))
+        threading.Timer(3.0, holder.close).start()
+        status, body = _call(beijing, MASTER, "GET", enc_keys)
+        assert status == 503 and "did not answer within 2 s" in body["message"], body
+        time.sleep(1.5)  # the slave's KME gets its lock and refuses the late take
+        assert open_store(str(tmp_path / "kme-stellenbosch.db")).count() == 0
+        assert _used_pair_bytes(net) == (used[0] + 64, used[1])  # the master's taken, lost
+        used = _used_pair_bytes(net)
         monkeypatch.setattr(PeerKME, "DEADLINE_S", 30.0)  # a loaded machine's delivery
         status, enc = _call(beijing, MASTER, "GET", enc_keys)
         assert status == 200, enc
@@ -778,7 +790,8 @@ def test_a_delivery_past_its_deadline_before_the_take_takes_nothing(tmp_path, mo
         status, dec = _call(stellenbosch, SLAVE, "POST", f"/api/v1/keys/{MASTER}/dec_keys",
                             request)  # fmt: skip
         assert status == 200 and dec["keys"] == enc["keys"]
-        assert _used_pair_bytes(net) == (used[0] + 64, used[1] + 64)
+        # the slave's pool skips the 64 bytes the master's lost: both ends used alike
+        assert _used_pair_bytes(net) == (used[0] + 64, used[0] + 64)
     finally:
         for server in servers:
             server.shutdown()

@@ -40,6 +40,11 @@ MIN_KEY_SIZE_BITS = 64
 MAX_KEY_SIZE_BITS = 8192
 MAX_KEYS_PER_REQUEST = 128
 MAX_REQUEST_BYTES = 1 << 16
+# The slave's KME takes a delivery's bytes no later than this after the delivery's
+# connection began: the master's KME waits PeerKME.DEADLINE_S (30 s) from its own
+# connection, a little earlier, so a take later than this could store keys for which the
+# master got a 503 (its own bytes lost), kept under key_IDs nobody holds.
+PEER_TAKE_BY_S = 22.5
 MAX_STORED_KEYS = 100_000
 
 
@@ -372,12 +377,16 @@ class KeyManager:
                 f"(presented SHA-256 {certificate_sha256[:16] or 'none'}...)",
             )
 
-    def deliver(self, caller: str | None, certificate_sha256: str, read_request) -> dict:
+    def deliver(
+        self, caller: str | None, certificate_sha256: str, read_request, started_s=None
+    ) -> dict:
         """The peer KME's enc_keys: store for the slave the `number` keys of `size` bits
         that start at byte `offset` of this KME's pool, under the peer's key_IDs.
         certificate_sha256: the caller's client certificate, which must be the peer's
         pinned one (_authenticate_peer); read_request() reads the delivery's body, only
-        once that passed, so a stranger learns nothing of how the body is parsed."""
+        once that passed, so a stranger learns nothing of how the body is parsed.
+        started_s: time.monotonic() when the request's connection began; a take later
+        than PEER_TAKE_BY_S after it is refused (the peer may have given up waiting)."""
         self._authenticate_peer(caller, certificate_sha256)
         request = read_request()
         try:
@@ -395,6 +404,14 @@ class KeyManager:
         count = len(key_ids) * size // 8
         try:
             with StationPool(self.pool_path) as pool:
+                late_s = 0.0 if started_s is None else time.monotonic() - started_s
+                if late_s > PEER_TAKE_BY_S:  # this pool's lock held it that long
+                    raise RequestError(
+                        503,
+                        f"the delivery reached the pool {late_s:.1f} s after its connection, "
+                        f"past {PEER_TAKE_BY_S:g} s (the peer waits {PeerKME.DEADLINE_S:g} s "
+                        f"in all): nothing taken",
+                    )
                 # at the peer's offset: bytes below it are skipped (lost), bytes already
                 # used are refused by the pool: nothing is served twice
                 # in the share of the pair's other end, whose KME made these keys
@@ -455,6 +472,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def handle_one_request(self) -> None:
+        self._started_s = time.monotonic()
         cut = threading.Timer(self.request_deadline_s, self._cut)
         cut.daemon = True
         self._reading = cut
@@ -499,7 +517,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if parts.path == PEER_DELIVER_PATH and method == "POST":
                 certificate = self._caller_certificate_sha256()
-                body = kme.deliver(caller, certificate, lambda: _json_body(self))
+                body = kme.deliver(caller, certificate, lambda: _json_body(self), self._started_s)
                 entry["key_IDs"] = body["key_IDs"]
                 raise _Answered(body)
             if not parts.path.startswith(API_PREFIX):
@@ -620,8 +638,11 @@ class PeerKME:
     def connected(self):
         """A connection to the peer's own server (its pinned certificate), open before
         this KME takes anything from its pool: a peer that is down, or a server holding
-        another certificate, costs no pool bytes. Yields a _Delivery. DEADLINE_S bounds
-        the whole, from the connection: handshake, the pool's take, request and answer."""
+        another certificate, costs no pool bytes. Yields a _Delivery. DEADLINE_S runs
+        from the start: the TCP connection (TIMEOUT_S an address) and the TLS handshake
+        (TIMEOUT_S in all: CPython's, the timer cannot cut a socket being wrapped) are
+        refused once past it, before the take; from there it cuts the request and the
+        answer."""
         connection = http.client.HTTPSConnection(
             self.host, self.port, context=self.context, timeout=self.TIMEOUT_S
         )
@@ -629,9 +650,10 @@ class PeerKME:
 
         def cut() -> None:  # from the timer's thread: end the reads under the deadline
             overdue.set()
-            if connection.sock is not None:
+            sock = connection.sock  # once: close() may clear it meanwhile
+            if sock is not None:
                 try:
-                    socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
                 except OSError:
                     pass
 
@@ -691,7 +713,8 @@ class _Delivery:
         if self.overdue.is_set() or waited_s > self.peer.DEADLINE_S / 2:
             raise PeerError(
                 f"{waited_s:.1f} s of the delivery's {self.peer.DEADLINE_S:g} s were gone "
-                f"at the pool's take (its lock held): nothing sent"
+                f"at the pool's take (connecting, then waiting for the pool's lock): "
+                f"nothing sent"
             )
 
     def send(self, master: str, slave: str, key_ids: list, offset: int, size: int) -> None:
