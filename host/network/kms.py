@@ -378,7 +378,7 @@ class KeyManager:
             )
 
     def deliver(
-        self, caller: str | None, certificate_sha256: str, read_request, started_s=None
+        self, caller: str | None, certificate_sha256: str, read_request, started_s: float
     ) -> dict:
         """The peer KME's enc_keys: store for the slave the `number` keys of `size` bits
         that start at byte `offset` of this KME's pool, under the peer's key_IDs.
@@ -404,7 +404,7 @@ class KeyManager:
         count = len(key_ids) * size // 8
         try:
             with StationPool(self.pool_path) as pool:
-                late_s = 0.0 if started_s is None else time.monotonic() - started_s
+                late_s = time.monotonic() - started_s
                 if late_s > PEER_TAKE_BY_S:  # this pool's lock held it that long
                     raise RequestError(
                         503,
@@ -657,12 +657,12 @@ class PeerKME:
                 except OSError:
                     pass
 
-        started_s = time.monotonic()
+        delivery = _Delivery(self, connection, overdue, time.monotonic())
         deadline = threading.Timer(self.DEADLINE_S, cut)
         deadline.daemon = True
         deadline.start()
         try:
-            with self._peer_errors(overdue):
+            with delivery.peer_errors():
                 connection.connect()
                 if overdue.is_set():  # past the deadline before there was a socket to cut
                     raise OSError("cut")
@@ -675,7 +675,7 @@ class PeerKME:
                     f"{presented.hexdigest()[:16]}...) the CA signed for {self.host}, not "
                     f"{self.kme_id}'s pinned one: nothing sent"
                 )
-            yield _Delivery(self, connection, overdue, started_s)
+            yield delivery
         finally:
             deadline.cancel()
             connection.close()
@@ -684,18 +684,6 @@ class PeerKME:
         with self.connected() as delivery:
             delivery.send(master, slave, key_ids, offset, size)
 
-    @contextlib.contextmanager
-    def _peer_errors(self, overdue):
-        """A socket or HTTP failure as PeerError: the deadline's cut, or unreachable."""
-        try:
-            yield
-        except (OSError, http.client.HTTPException) as error:
-            if overdue.is_set():
-                raise PeerError(
-                    f"{self.kme_id} did not answer within {self.DEADLINE_S:g} s"
-                ) from None
-            raise PeerError(f"{self.kme_id} unreachable ({error})") from None
-
 
 class _Delivery:
     """One delivery's connection to the peer KME, reached and pinned (PeerKME.connected)."""
@@ -703,6 +691,18 @@ class _Delivery:
     def __init__(self, peer: PeerKME, connection, overdue: threading.Event, started_s: float):
         self.peer, self.connection, self.overdue = peer, connection, overdue
         self.started_s = started_s
+
+    @contextlib.contextmanager
+    def peer_errors(self):
+        """A socket or HTTP failure as PeerError: the deadline's cut, or unreachable."""
+        try:
+            yield
+        except (OSError, http.client.HTTPException) as error:
+            if self.overdue.is_set():
+                raise PeerError(
+                    f"{self.peer.kme_id} did not answer within {self.peer.DEADLINE_S:g} s"
+                ) from None
+            raise PeerError(f"{self.peer.kme_id} unreachable ({error})") from None
 
     def check_time_left(self) -> None:
         """PeerError unless half the deadline is left, called with the pool's lock held and
@@ -723,7 +723,7 @@ class _Delivery:
         peer, connection = self.peer, self.connection
         body = json.dumps({"master_SAE_ID": master, "slave_SAE_ID": slave, "key_IDs": key_ids,
                            "offset": offset, "size": size}).encode()  # fmt: skip
-        with peer._peer_errors(self.overdue):
+        with self.peer_errors():
             connection.request(
                 "POST", PEER_DELIVER_PATH, body, {"Content-Type": "application/json"}
             )
