@@ -40,9 +40,16 @@ MPY_LIB_DIR := $(MPY_SRC)/lib/micropython-lib
 setup:
 	@bash tools/setup.sh
 
+# Both cores: the tests run in two pytest-xdist workers, a test file's tests in one worker
+# (its module fixtures are made once). The tests marked realtime, whose outcome depends on
+# a pass clock paced by the wall clock (the streaming pipeline or the firmware keeping up),
+# run after, alone on the machine. Both runs always run; either failing fails the target.
 # The slowest tests are listed at the end so that the suite's time budget (README) is watched.
 test: firmware
-	$(PY) -m pytest -q --durations=30
+	@status=0; \
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not realtime" --durations=30 || status=1; \
+	$(PY) -m pytest -q -m realtime --durations=10 || status=1; \
+	exit $$status
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"

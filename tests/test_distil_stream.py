@@ -47,7 +47,8 @@ SPEEDUP = 6.0  # pass seconds replayed per wall second: the 30 s pass in 5 s of 
 STREAM = StreamOptions(block_s=1.0, speedup=SPEEDUP, chunk_frames=1)
 KEY_FILES = {role: name + ".key" for role, name in key_names(True).items()}
 
-pytestmark = pytest.mark.slow
+# the stream replays passes at a few times real time against the wall clock (Makefile test)
+pytestmark = [pytest.mark.slow, pytest.mark.realtime]
 
 
 @pytest.fixture(scope="module")

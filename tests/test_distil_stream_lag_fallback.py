@@ -32,7 +32,8 @@ from host.distil.stream import (
     frame_bits_for_lag,
 )
 
-pytestmark = pytest.mark.slow
+# Bob's lag behind a wall-clock pass decides the chunks' frames (Makefile test)
+pytestmark = [pytest.mark.slow, pytest.mark.realtime]
 
 PASS_S = 60.0
 WORK_2_17_TO_2_16 = 1.9  # decoder work per key bit, 2^17 frames over 2^16

@@ -21,6 +21,9 @@ from host.distil.stream import LiveDetectionFeed, StreamOptions
 from host.errors import BadInput
 from host.formats.qdet import LiveDetectionsWriter, read_detections
 
+# a live tagger writes at 4x real time while Bob reads (Makefile test)
+pytestmark = pytest.mark.realtime
+
 OFFSET_PS = 5_000_000_000_000  # the tagger's clock at utc_start (no drift: marks exact)
 PASS_JSON = {"utc_start": "2017-01-01T00:00:00Z", "utc_end": "2017-01-01T00:00:10Z"}
 BLOCKED_S = 0.5  # how long a wait that must not return is watched

@@ -18,6 +18,9 @@ from host.distil.run import run_local
 from host.distil.stream import StreamOptions
 from host.simulate import passgen, profiles
 
+# the stream runs at 10x real time (Makefile test)
+pytestmark = pytest.mark.realtime
+
 PATTERN_SECRET = bytes.fromhex("5eed" * 8)  # a test's pattern: not secret
 SEED = 33
 

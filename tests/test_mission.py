@@ -17,6 +17,9 @@ from host.formats.qrec import parse_records
 from host.mission.timeline import ROW_FIELDS
 from host.protocol.symbols import decode_symbols
 
+# the firmware paces its frames and the stream its blocks by the wall clock (Makefile test)
+pytestmark = pytest.mark.realtime
+
 
 def _exit_code_of(out) -> int:
     """0 when the mission made a key, 3 when it made none (like `qkdsat distil`)."""

@@ -62,7 +62,7 @@ def test_test_and_lint_tools_are_an_extra_that_setup_installs():
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    tools = {"pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "ruff"}
+    tools = {"pytest", "pytest-benchmark", "pytest-timeout", "pytest-xdist", "hypothesis", "ruff"}
     runtime = {pin.split("==")[0].lower() for pin in project["dependencies"]}
     assert not runtime & tools
     dev = project["optional-dependencies"]["dev"]

@@ -23,7 +23,8 @@ from tests.network_keys import distilled
 
 # the real firmware, an emulated pass and (last test) the streaming distillation over the
 # optical link: ~50 s in all
-pytestmark = pytest.mark.slow
+# the mission streams at 1-2x real time (Makefile test)
+pytestmark = [pytest.mark.slow, pytest.mark.realtime]
 
 SEED = 3
 # 4.096 s of the 100 MHz micius-2017 source: its uplink QBER is checked on all its sifted
