@@ -135,7 +135,7 @@ firmware-netduino2: $(BIN)/mpy-cross
 		FROZEN_MANIFEST=$(ROOT)/firmware/boards/netduino2/manifest.py
 
 clean:
-	rm -rf build/qemu build/netduino2 build/mission build/mission-jinan build/mission-head \
+	rm -rf build/qemu build/netduino2 build/unix-mpy build/mission build/mission-jinan build/mission-head \
 		.pytest_cache
 
 clean-micropython:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import abc
 import fcntl
+import hashlib
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -81,17 +83,58 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
+def unix_firmware_tree() -> Path:
+    """The firmware as the unix target runs it: every module compiled by mpy-cross for this
+    host's architecture (`flash.compile_firmware`, what `qkdsat flash` deploys), with
+    main.py beside them, in build/unix-mpy/<digest of the sources and the compiler>.
+
+    A board runs its code frozen or from .mpy files, never parsing source; the unix port
+    parsing firmware/*.py at import needed about five times a module's resident size at
+    once (tracking.py: ~200 KB of heap to import, 43 KB kept, 37 KB as .mpy), so a
+    configure that first imported it failed at 84 % of the heap budget for the parse
+    alone (docs/targets.md, "RAM budget"). Compiled once per state of the sources; a
+    concurrent compile (parallel tests) renames its own complete tree into place or finds
+    one there."""
+    from host.deploy import flash
+
+    compiler = flash.mpy_cross()
+    arch = flash._HOST_ARCHES.get(os.uname().machine.lower())
+    sources = sorted((FIRMWARE_DIR / "payload").glob("*.py"))
+    sources += [FIRMWARE_DIR / "boards" / "unix" / "board.py", FIRMWARE_DIR / "main.py"]
+    digest = hashlib.sha256(
+        f"{arch} {compiler.stat().st_size} {compiler.stat().st_mtime_ns}".encode()
+    )
+    for source in sources:
+        digest.update(str(source.relative_to(FIRMWARE_DIR)).encode() + b"\0")
+        digest.update(source.read_bytes() + b"\0")
+    tree = BUILD_DIR / "unix-mpy" / digest.hexdigest()[:16]
+    if not (tree / "main.py").exists():
+        tree.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=tree.parent))
+        try:
+            for target, local in flash.compile_firmware("unix", arch, staging).items():
+                if target == "main.py":
+                    shutil.copyfile(local, staging / target)
+            try:
+                os.rename(staging, tree)
+            except OSError:  # another process put the same tree in place first
+                if not (tree / "main.py").exists():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return tree
+
+
 def unix_firmware_env(
     storage_dir: str | os.PathLike,
     bus_address: tuple[str, int] | None = None,
     boot: str | None = None,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The environment the unix board reads (firmware/boards/unix/board.py)."""
+    """The environment the unix board reads (firmware/boards/unix/board.py): the firmware
+    from its compiled tree (unix_firmware_tree)."""
     env = dict(os.environ)
-    env["MICROPYPATH"] = os.pathsep.join(
-        [str(FIRMWARE_DIR), str(FIRMWARE_DIR / "boards" / "unix"), ".frozen"]
-    )
+    env["MICROPYPATH"] = os.pathsep.join([str(unix_firmware_tree()), ".frozen"])
     env["QKDSAT_STORAGE"] = str(storage_dir)
     if boot:
         env["QKDSAT_BOOT"] = boot
@@ -186,7 +229,7 @@ class UnixTarget(Target):
         self.storage_dir = Path(storage_dir)
         self.bus_address = bus_address
         self.boot = boot
-        self.script = Path(script) if script else FIRMWARE_DIR / "main.py"
+        self.script = Path(script) if script else unix_firmware_tree() / "main.py"
         self.heap_bytes = heap_bytes
         self.extra_env = extra_env or {}
 
