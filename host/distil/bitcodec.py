@@ -5,6 +5,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+import host.distil.numba_cache  # noqa: F401 - numba's cache index locked among processes
+
 
 def varint_encode(values: np.ndarray) -> bytes:
     """Unsigned LEB128 of each value, vectorised (values < 2**63)."""

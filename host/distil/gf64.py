@@ -13,6 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+import host.distil.numba_cache  # noqa: F401 - numba's cache index locked among processes
 from host.distil.pa import CARRYLESS_AVAILABLE
 from host.distil.pa import _clmul64 as clmul64
 

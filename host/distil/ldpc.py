@@ -32,6 +32,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
+import host.distil.numba_cache  # noqa: F401 - numba's cache index locked among processes
+
 CODE_VERSION = 5
 FRAME_BITS = 65536  # the shortest frame: small blocks, and the stream's chunks at low rates
 # Longer frames for a block that fills at least LONG_FRAME_MIN_FRAMES of them (a post-pass

@@ -27,6 +27,8 @@ import math
 import numba
 import numpy as np
 
+import host.distil.numba_cache  # noqa: F401 - numba's cache index locked among processes
+
 STEP = 0.08  # target grid step in LLR units (the exact one puts the channel LLR on the grid)
 SATURATION = 30.0  # |LLR| beyond which messages are clipped
 SUCCESS_ERROR_RATE = 1e-10

@@ -42,6 +42,8 @@ import numba
 import numpy as np
 from scipy.optimize import brentq, linprog
 
+import host.distil.numba_cache  # noqa: F401 - numba's cache index locked among processes
+
 DEGREES = np.array([2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80])
 # Highest variable degree. A few degree-80 nodes converge first and anchor the rest.
 # Measured per frame (16 frames of 2^16 bits, the same noise for every design, retries of

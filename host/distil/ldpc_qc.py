@@ -34,6 +34,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+import host.distil.numba_cache  # noqa: F401 - numba's cache index locked among processes
 from host.distil import ldpc
 from host.distil.ldpc import _hard_decision_out, _hard_decision_satisfies, _stalled
 

@@ -43,6 +43,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+import host.distil.numba_cache  # noqa: F401 - numba's cache index locked among processes
+
 EXACT_MARGIN = 0.25
 # Schoolbook at and below this many words (64 bits each). CPU time of the whole hash at
 # 8 / 16 / 32 / 48 / 64 / 96 on 0.78 -> 0.13, 1.6 -> 0.3 and 5.6 -> 1.33 Mbit (docs/

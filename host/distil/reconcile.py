@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+import host.distil.numba_cache  # noqa: F401 - numba's cache index locked among processes
 from host.distil import ldpc, ldpc_qc, noise_model
 from host.distil.bitcodec import pack_bits, unpack_bits
 from host.distil.finite_key import binary_entropy

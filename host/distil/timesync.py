@@ -35,6 +35,7 @@ import scipy.optimize
 import scipy.special
 from scipy.interpolate import PPoly, make_interp_spline
 
+import host.distil.numba_cache  # noqa: F401 - numba's cache index locked among processes
 from host.distil.bitcodec import unpack_2bit
 from host.errors import ProtocolAborted
 
