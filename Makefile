@@ -105,8 +105,9 @@ $(BIN)/mpy-cross:
 	$(MAKE) -s -C $(MPY_SRC)/mpy-cross -j2
 	mkdir -p $(BIN) && cp $(MPY_SRC)/mpy-cross/build/mpy-cross $@
 
-# The unix port runs the firmware from source (firmware/ on MICROPYPATH), so it is built
-# once; asyncio is frozen in as on the boards that have it.
+# The unix port runs the firmware from .mpy files compiled when a target starts and the
+# sources changed (emulator/targets.py::unix_firmware_tree, build/unix-mpy), not frozen in,
+# so it is built once; asyncio is frozen in as on the boards that have it.
 $(BIN)/micropython: $(BIN)/mpy-cross firmware/boards/unix/manifest.py
 	$(MAKE) -s -C $(MPY_SRC)/ports/unix -j2 BUILD=$(ROOT)/build/unix \
 		MPY_LIB_DIR=$(MPY_LIB_DIR) MICROPY_PY_BTREE=0 MICROPY_PY_SSL=0 MICROPY_PY_FFI=0 \

@@ -86,7 +86,8 @@ def require(path: Path, what: str) -> Path:
 def unix_firmware_tree() -> Path:
     """The firmware as the unix target runs it: every module compiled by mpy-cross for this
     host's architecture (`flash.compile_firmware`, what `qkdsat flash` deploys), with
-    main.py beside them, in build/unix-mpy/<digest of the sources and the compiler>.
+    main.py beside them, in build/unix-mpy/<digest of the sources and of how they are
+    compiled>.
 
     A board runs its code frozen or from .mpy files, never parsing source; the unix port
     parsing firmware/*.py at import needed about five times a module's resident size at
@@ -94,35 +95,57 @@ def unix_firmware_tree() -> Path:
     configure that first imported it failed at 84 % of the heap budget for the parse
     alone (docs/targets.md, "RAM budget"). Compiled once per state of the sources; a
     concurrent compile (parallel tests) renames its own complete tree into place or finds
-    one there."""
+    one there; a source edited during the compile (a checkout mid-test) is compiled again,
+    so a tree never holds code other than its digest's."""
     from host.deploy import flash
+    from host.errors import BadInput
 
-    compiler = flash.mpy_cross()
+    try:
+        compiler = flash.mpy_cross()
+    except BadInput as error:
+        raise BuildMissing(f"the unix target's firmware: {error}") from None
     arch = flash._HOST_ARCHES.get(os.uname().machine.lower())
-    sources = sorted((FIRMWARE_DIR / "payload").glob("*.py"))
-    sources += [FIRMWARE_DIR / "boards" / "unix" / "board.py", FIRMWARE_DIR / "main.py"]
-    digest = hashlib.sha256(
-        f"{arch} {compiler.stat().st_size} {compiler.stat().st_mtime_ns}".encode()
-    )
-    for source in sources:
-        digest.update(str(source.relative_to(FIRMWARE_DIR)).encode() + b"\0")
-        digest.update(source.read_bytes() + b"\0")
-    tree = BUILD_DIR / "unix-mpy" / digest.hexdigest()[:16]
-    if not (tree / "main.py").exists():
+    for _attempt in range(5):
+        digest = _unix_tree_digest(flash, compiler, arch)
+        tree = BUILD_DIR / "unix-mpy" / digest
+        if (tree / "main.py").exists():
+            return tree
         tree.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=tree.parent))
         try:
-            for target, local in flash.compile_firmware("unix", arch, staging).items():
-                if target == "main.py":
-                    shutil.copyfile(local, staging / target)
+            staging.chmod(0o755)  # mkdtemp's 0700 would shut other users out of the tree
+            try:
+                files = flash.compile_firmware("unix", arch, staging)
+            except flash.FlashError as error:
+                raise BuildMissing(
+                    f"the unix target's firmware does not compile: {error}"
+                ) from None
+            shutil.copyfile(files["main.py"], staging / "main.py")
+            if _unix_tree_digest(flash, compiler, arch) != digest:
+                continue  # a source changed while it compiled: again, from the new state
             try:
                 os.rename(staging, tree)
             except OSError:  # another process put the same tree in place first
                 if not (tree / "main.py").exists():
                     raise
+            return tree
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return tree
+    raise TargetError("firmware/ kept changing while its unix tree compiled (5 tries)")
+
+
+def _unix_tree_digest(flash, compiler: Path, arch: str | None) -> str:
+    """16 hex digits of SHA-256 over what the unix tree is made from: the compiler (size and
+    time), the architecture, the compiling code (host/deploy/flash.py) and the sources."""
+    stat = compiler.stat()
+    digest = hashlib.sha256(f"{arch} {stat.st_size} {stat.st_mtime_ns}".encode())
+    digest.update(Path(flash.__file__).read_bytes() + b"\0")
+    sources = sorted((FIRMWARE_DIR / "payload").glob("*.py"))
+    sources += [FIRMWARE_DIR / "boards" / "unix" / "board.py", FIRMWARE_DIR / "main.py"]
+    for source in sources:
+        digest.update(str(source.relative_to(FIRMWARE_DIR)).encode() + b"\0")
+        digest.update(source.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def unix_firmware_env(

@@ -109,7 +109,7 @@ def test_flash_over_the_code_session_then_a_module_upload_runs_after_reboot(tmp_
     key_file = tmp_path / "payload.key"
     key_file.write_bytes(KEY)
     storage = tmp_path / "flash"
-    with unix_payload(tmp_path, {}) as target:  # the application, running from firmware/
+    with unix_payload(tmp_path, {}) as target:  # the application, from firmware/'s unix tree
         port = target.ground_port
         assert main(["flash", "--port", port, "--key", str(key_file), "--reset"]) == 0
         out = capsys.readouterr().out

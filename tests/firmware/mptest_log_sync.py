@@ -64,7 +64,8 @@ def _age_us(since):
 
 def test_in_a_mission_the_clock_log_costs_at_most_one_sync_a_pass_and_none_before_the_age():
     # First in the file, and before the modules only the other tests need are imported:
-    # on unix the firmware is compiled from source in this process, and each compile
+    # on unix the firmware was compiled from source in this process (it is .mpy since
+    # session 28; the test programs still are), and each compile
     # leaves its code scattered through the heap. After the whole file's imports the
     # unix heap (512 KiB, 64-bit objects) had 324 KB free but no block of the TDC ring's
     # 18 KB, and the Mission could not be built; a board builds it at boot.

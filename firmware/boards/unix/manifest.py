@@ -1,3 +1,4 @@
-# Frozen into the unix-port binary. The firmware itself runs from source on this target
-# (MICROPYPATH=firmware:firmware/boards/unix), so only the standard library is frozen.
+# Frozen into the unix-port binary. The firmware itself runs on this target as .mpy files
+# compiled by mpy-cross (emulator/targets.py::unix_firmware_tree, MICROPYPATH that tree), so
+# only the standard library is frozen.
 include("$(MPY_DIR)/extmod/asyncio")
