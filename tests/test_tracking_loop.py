@@ -262,6 +262,20 @@ def test_a_full_pass_upload_and_configure_fit_in_two_thirds_of_the_heap_as_on_a_
     assert run.configure_reply["ok"], run.configure_reply
 
 
+def _firmware_program(workdir, source: str, heap_bytes: int = CONTROLLER_HEAP_BYTES):
+    """A MicroPython program run on the unix port beside the unix target's firmware."""
+    program = workdir / "program.py"
+    program.write_text(source + "\n")
+    return subprocess.run(
+        unix_firmware_command(program, heap_bytes),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=workdir,
+        env=unix_firmware_env(workdir, None),
+    )
+
+
 def test_the_unix_tree_holds_the_code_of_its_sources_even_if_one_changes_mid_compile(
     tmp_path, monkeypatch
 ):
@@ -292,15 +306,8 @@ def test_the_unix_tree_holds_the_code_of_its_sources_even_if_one_changes_mid_com
     version.write_text(version.read_text() + "CHANGED = 1\n")
     second = unix_firmware_tree()
     assert second != first
-    program = tmp_path / "names.py"
-    program.write_text("from payload import version\nprint(sorted(dir(version)))\n")
-    result = subprocess.run(
-        unix_firmware_command(program),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=unix_firmware_env(tmp_path, None),
+    result = _firmware_program(
+        tmp_path, "from payload import version\nprint(sorted(dir(version)))"
     )
     assert result.returncode == 0, result.stderr
     assert "'CHANGED'" in result.stdout and "'EDITED'" in result.stdout
@@ -313,15 +320,8 @@ def test_the_unix_target_imports_the_firmware_compiled_as_a_board_does(tmp_path)
     # Parsing tracking.py (80 KB of source) took ~200 KB of heap at once for 43 KB kept:
     # the unix target imports the .mpy files a board is flashed with, in ~60 KB. From
     # source, this import fails at this heap (MemoryError) and names a .py file.
-    program = tmp_path / "imports.py"
-    program.write_text("from payload import tracking\nprint(tracking.__file__)\n")
-    result = subprocess.run(
-        unix_firmware_command(program, 100_000),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=unix_firmware_env(tmp_path, None),
+    result = _firmware_program(
+        tmp_path, "from payload import tracking\nprint(tracking.__file__)", heap_bytes=100_000
     )
     assert result.returncode == 0, result.stderr
     imported = Path(result.stdout.strip())
