@@ -93,10 +93,10 @@ def unix_firmware_tree() -> Path:
     parsing firmware/*.py at import needed about five times a module's resident size at
     once (tracking.py: ~200 KB of heap to import, 43 KB kept, 37 KB as .mpy), so a
     configure that first imported it failed at 84 % of the heap budget for the parse
-    alone (docs/targets.md, "RAM budget"). Compiled once per state of the sources; a
-    concurrent compile (parallel tests) renames its own complete tree into place or finds
-    one there; a source edited during the compile (a checkout mid-test) is compiled again,
-    so a tree never holds code other than its digest's."""
+    alone (docs/targets.md, "RAM budget"). Compiled once per state of the sources, from a
+    snapshot of the very bytes the digest was taken over (a file edited during the compile,
+    a checkout while tests run, cannot put other code under the name); a concurrent
+    compile (parallel tests) renames its own complete tree into place or finds one there."""
     from host.deploy import flash
     from host.errors import BadInput
 
@@ -105,47 +105,50 @@ def unix_firmware_tree() -> Path:
     except BadInput as error:
         raise BuildMissing(f"the unix target's firmware: {error}") from None
     arch = flash._HOST_ARCHES.get(os.uname().machine.lower())
-    for _attempt in range(5):
-        digest = _unix_tree_digest(flash, compiler, arch)
-        tree = BUILD_DIR / "unix-mpy" / digest
-        if (tree / "main.py").exists():
-            return tree
-        tree.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=tree.parent))
-        try:
-            staging.chmod(0o755)  # mkdtemp's 0700 would shut other users out of the tree
-            try:
-                files = flash.compile_firmware("unix", arch, staging)
-            except flash.FlashError as error:
-                raise BuildMissing(
-                    f"the unix target's firmware does not compile: {error}"
-                ) from None
-            shutil.copyfile(files["main.py"], staging / "main.py")
-            if _unix_tree_digest(flash, compiler, arch) != digest:
-                continue  # a source changed while it compiled: again, from the new state
-            try:
-                os.rename(staging, tree)
-            except OSError:  # another process put the same tree in place first
-                if not (tree / "main.py").exists():
-                    raise
-            return tree
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    raise TargetError("firmware/ kept changing while its unix tree compiled (5 tries)")
-
-
-def _unix_tree_digest(flash, compiler: Path, arch: str | None) -> str:
-    """16 hex digits of SHA-256 over what the unix tree is made from: the compiler (size and
-    time), the architecture, the compiling code (host/deploy/flash.py) and the sources."""
+    sources = {
+        path.relative_to(FIRMWARE_DIR): path.read_bytes()
+        for path in [
+            *sorted((FIRMWARE_DIR / "payload").glob("*.py")),
+            FIRMWARE_DIR / "boards" / "unix" / "board.py",
+            FIRMWARE_DIR / "main.py",
+        ]
+    }
     stat = compiler.stat()
     digest = hashlib.sha256(f"{arch} {stat.st_size} {stat.st_mtime_ns}".encode())
     digest.update(Path(flash.__file__).read_bytes() + b"\0")
-    sources = sorted((FIRMWARE_DIR / "payload").glob("*.py"))
-    sources += [FIRMWARE_DIR / "boards" / "unix" / "board.py", FIRMWARE_DIR / "main.py"]
-    for source in sources:
-        digest.update(str(source.relative_to(FIRMWARE_DIR)).encode() + b"\0")
-        digest.update(source.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+    for name, content in sources.items():
+        digest.update(str(name).encode() + b"\0" + content + b"\0")
+    tree = BUILD_DIR / "unix-mpy" / digest.hexdigest()[:16]
+    if (tree / "main.py").exists():
+        return tree
+    if not tree.parent.is_dir():
+        tree.parent.mkdir(parents=True, exist_ok=True)
+        tree.parent.chmod(0o755)  # whatever the umask: the trees are shared
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=tree.parent))
+    try:
+        snapshot = staging / "sources"
+        for name, content in sources.items():
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / name).write_bytes(content)
+        compiled = staging / "tree"
+        try:
+            files = flash.compile_firmware("unix", arch, compiled, firmware_dir=snapshot)
+        except flash.FlashError as error:
+            raise BuildMissing(f"the unix target's firmware does not compile: {error}") from None
+        shutil.copyfile(files["main.py"], compiled / "main.py")
+        # readable by every user (mkdtemp's 0700, a umask of 077): a tree is shared
+        for folder, _, names in os.walk(compiled):
+            os.chmod(folder, 0o755)
+            for name in names:
+                os.chmod(os.path.join(folder, name), 0o644)
+        try:
+            os.rename(compiled, tree)
+        except OSError:  # another process put the same tree in place first
+            if not (tree / "main.py").exists():
+                raise
+        return tree
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def unix_firmware_env(

@@ -280,40 +280,42 @@ def test_the_unix_tree_holds_the_code_of_its_sources_even_if_one_changes_mid_com
     tmp_path, monkeypatch
 ):
     """A tree is named by the digest of the sources it was compiled from: an edit gives a
-    new tree, and an edit during the compile (a checkout while tests run) is compiled
-    again instead of being filed under the old sources' name."""
+    new tree, and a file edited and put back during the compile (a checkout while tests
+    run, an editor's save) cannot put other code under the sources' name: the compile
+    reads the bytes the digest was taken over."""
     from emulator import targets
     from host.deploy import flash
 
     firmware = tmp_path / "firmware"
     shutil.copytree(targets.FIRMWARE_DIR, firmware)
     monkeypatch.setattr(targets, "FIRMWARE_DIR", firmware)
-    monkeypatch.setattr(flash, "FIRMWARE_DIR", firmware)
     monkeypatch.setattr(targets, "BUILD_DIR", tmp_path / "build")
     version = firmware / "payload" / "version.py"
     first = unix_firmware_tree()
     assert unix_firmware_tree() == first  # compiled once per state of the sources
-    compile_firmware, edits = flash.compile_firmware, []
+    version.write_text(version.read_text() + "CHANGED = 1\n")
+    compile_firmware = flash.compile_firmware
 
-    def edited_while_compiling(*args):
-        files = compile_firmware(*args)
-        if not edits:
-            edits.append(version.read_text())
-            version.write_text(edits[0] + "EDITED = 1\n")
-        return files
+    def edited_while_compiling(*args, **kwargs):
+        source = version.read_text()
+        version.write_text(source + "EDITED = 1\n")
+        try:
+            return compile_firmware(*args, **kwargs)
+        finally:
+            version.write_text(source)
 
     monkeypatch.setattr(flash, "compile_firmware", edited_while_compiling)
-    version.write_text(version.read_text() + "CHANGED = 1\n")
     second = unix_firmware_tree()
-    assert second != first
+    monkeypatch.setattr(flash, "compile_firmware", compile_firmware)
+    assert second != first and unix_firmware_tree() == second
     result = _firmware_program(
         tmp_path, "from payload import version\nprint(sorted(dir(version)))"
     )
     assert result.returncode == 0, result.stderr
-    assert "'CHANGED'" in result.stdout and "'EDITED'" in result.stdout
+    assert "'CHANGED'" in result.stdout and "'EDITED'" not in result.stdout
     assert sorted(p.name for p in (tmp_path / "build" / "unix-mpy").iterdir()) == sorted(
         [first.name, second.name]
-    )  # the tree compiled before the edit was dropped, no staging left
+    )  # no staging left
 
 
 def test_the_unix_target_imports_the_firmware_compiled_as_a_board_does(tmp_path):

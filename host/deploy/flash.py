@@ -169,18 +169,21 @@ def read_repl(port: str) -> tuple[int, str, str]:
     raise FlashError(f"unexpected answer from the board on {port}: {out!r}")
 
 
-def compile_firmware(board: str, arch: str | None, out_dir: Path) -> dict[str, Path]:
-    """{path on the board relative to the storage root: local file}."""
-    board_module = FIRMWARE_DIR / "boards" / board / "board.py"
+def compile_firmware(
+    board: str, arch: str | None, out_dir: Path, firmware_dir: Path = FIRMWARE_DIR
+) -> dict[str, Path]:
+    """{path on the board relative to the storage root: local file}. firmware_dir: the
+    sources (a snapshot of firmware/: the unix target's tree)."""
+    board_module = firmware_dir / "boards" / board / "board.py"
     if not board_module.exists():
-        known = sorted(p.name for p in (FIRMWARE_DIR / "boards").iterdir() if p.is_dir())
+        known = sorted(p.name for p in (firmware_dir / "boards").iterdir() if p.is_dir())
         raise BadInput(f"--board {board}: no {board_module} (known: {', '.join(known)})")
     # The Thumb assembler modules (payload/_*_thumb.py) exist only for ARM cores; their
     # importers fall back to viper without them (framing, bus, memcopy)
     arm = (arch or "").startswith("arm")
     sources = {
         f"payload/{p.stem}.mpy": p
-        for p in sorted((FIRMWARE_DIR / "payload").glob("*.py"))
+        for p in sorted((firmware_dir / "payload").glob("*.py"))
         if arm or not p.stem.endswith("_thumb")
     }
     sources["board.mpy"] = board_module
@@ -196,7 +199,7 @@ def compile_firmware(board: str, arch: str | None, out_dir: Path) -> dict[str, P
         if proc.returncode != 0:
             raise FlashError(f"mpy-cross {source}: {proc.stderr.strip()}")
         files[target] = output
-    files["main.py"] = FIRMWARE_DIR / "main.py"
+    files["main.py"] = firmware_dir / "main.py"
     return files
 
 

@@ -16,7 +16,9 @@ it reads the index, takes a name neither the index nor the disk holds (a new key
 key's own, writes the data, then the index. A reader (loads take no lock) then finds
 either no entry (it compiles) or an entry whose data is complete and its own: numba writes
 each file to a temporary name and renames it. Stale `.nbc` files are no longer reused, so
-they stay until `__pycache__` is removed. Every module with cached kernels imports this.
+they stay until `__pycache__` is removed (~1.8 MB an edit of ldpc_qc.py). Where the lock
+file cannot be opened or locked, nothing is saved (the kernel compiles again next time).
+Every module with cached kernels imports this.
 """
 
 from __future__ import annotations
@@ -33,10 +35,16 @@ _INDEX_CACHE = caching.IndexDataCacheFile
 def _locked_save(self, key, data):
     try:
         lock = os.open(self._index_path + ".lock", os.O_RDONLY | os.O_CREAT, 0o666)
-    except OSError:  # no lock file here (another user's folder): numba's own save
-        return _UNLOCKED_SAVE(self, key, data)
+    except OSError:
+        # No lock here (another user's folder): no save, rather than numba's unlocked one,
+        # which could pair a key with the data of a locked writer's; the next process
+        # compiles the kernel again
+        return
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (NFS without its lock daemon)
+            return
         overloads = self._load_index()
         data_name = overloads.get(key)
         if data_name is None:
@@ -54,6 +62,6 @@ def _locked_save(self, key, data):
 
 
 if not getattr(_INDEX_CACHE.save, "qkdsat_locked", False):
-    _UNLOCKED_SAVE = _INDEX_CACHE.save
+    _UNLOCKED_SAVE = _INDEX_CACHE.save  # numba's own (tests show what it loses)
     _locked_save.qkdsat_locked = True
     _INDEX_CACHE.save = _locked_save
