@@ -104,7 +104,7 @@ def unix_firmware_tree() -> Path:
         compiler = flash.mpy_cross()
     except BadInput as error:
         raise BuildMissing(f"the unix target's firmware: {error}") from None
-    arch = flash._HOST_ARCHES.get(os.uname().machine.lower())
+    arch = flash.host_arch()
     sources = {
         path.relative_to(FIRMWARE_DIR): path.read_bytes()
         for path in [
@@ -156,11 +156,12 @@ def unix_firmware_env(
     bus_address: tuple[str, int] | None = None,
     boot: str | None = None,
     extra: dict[str, str] | None = None,
+    tree: Path | None = None,
 ) -> dict[str, str]:
     """The environment the unix board reads (firmware/boards/unix/board.py): the firmware
-    from its compiled tree (unix_firmware_tree)."""
+    from its compiled tree (tree, else unix_firmware_tree())."""
     env = dict(os.environ)
-    env["MICROPYPATH"] = os.pathsep.join([str(unix_firmware_tree()), ".frozen"])
+    env["MICROPYPATH"] = os.pathsep.join([str(tree or unix_firmware_tree()), ".frozen"])
     env["QKDSAT_STORAGE"] = str(storage_dir)
     if boot:
         env["QKDSAT_BOOT"] = boot
@@ -255,18 +256,21 @@ class UnixTarget(Target):
         self.storage_dir = Path(storage_dir)
         self.bus_address = bus_address
         self.boot = boot
-        self.script = Path(script) if script else unix_firmware_tree() / "main.py"
+        self.script = Path(script) if script else None  # None: the tree's main.py
         self.heap_bytes = heap_bytes
         self.extra_env = extra_env or {}
 
     def start(self) -> None:
-        command = unix_firmware_command(self.script, self.heap_bytes)
+        tree = unix_firmware_tree()  # once: the script and the imports from one tree
+        command = unix_firmware_command(self.script or tree / "main.py", self.heap_bytes)
         master, slave = os.openpty()
         tty.setraw(slave)
         # The firmware must never block on a ground link nobody reads (like a UART).
         flags = fcntl.fcntl(master, fcntl.F_GETFL)
         fcntl.fcntl(master, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        env = unix_firmware_env(self.storage_dir, self.bus_address, self.boot, self.extra_env)
+        env = unix_firmware_env(
+            self.storage_dir, self.bus_address, self.boot, self.extra_env, tree=tree
+        )
         self.process = subprocess.Popen(
             command,
             stdin=master,

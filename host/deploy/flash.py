@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import platform
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,11 @@ BOARD_ARCHES = {"qemu": "armv7m", "netduino2": "armv7m"}
 _HOST_ARCHES = {"x86_64": "x64", "amd64": "x64", "i686": "x86", "i386": "x86"}
 
 
+def host_arch() -> str | None:
+    """The native .mpy architecture of this machine (the unix board's), None if unknown."""
+    return _HOST_ARCHES.get(platform.machine().lower())
+
+
 def _board_to_deploy(port: str, board: str | None, running_board: str) -> str:
     if board is None:
         if running_board == "?":
@@ -322,8 +328,6 @@ def flash_over_link(
     timeout_s: float = 3.0,
 ) -> dict:
     """Deploy to a running application over its code-update session."""
-    import platform
-
     from host.link.cli import load_key
     from host.link.client import LinkError, PayloadClient
     from host.link.framed_serial import LinkLost
@@ -343,7 +347,7 @@ def flash_over_link(
         board = _board_to_deploy(port, board, running[-1] if running else "?")
         arch = BOARD_ARCHES.get(board)
         if board == "unix":
-            arch = _HOST_ARCHES.get(platform.machine().lower())
+            arch = host_arch()
         files = compile_firmware(board, arch, Path(tmp))
         committed = []
         try:
