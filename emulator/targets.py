@@ -120,6 +120,7 @@ def unix_firmware_tree() -> Path:
         digest.update(str(name).encode() + b"\0" + content + b"\0")
     tree = BUILD_DIR / "unix-mpy" / digest.hexdigest()[:16]
     if (tree / "main.py").exists():
+        _mark_used(tree)
         return tree
     if not tree.parent.is_dir():
         tree.parent.mkdir(parents=True, exist_ok=True)
@@ -146,9 +147,52 @@ def unix_firmware_tree() -> Path:
         except OSError:  # another process put the same tree in place first
             if not (tree / "main.py").exists():
                 raise
+        _mark_used(tree)
+        _prune_unix_trees(tree)
         return tree
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# A tree is ~150 KB and every edit of the firmware makes one: the trees nobody has launched
+# for a week go when a new one is made. A week, not less: a process imports some modules
+# late (payload.tracking at configure), so a tree must outlive any launch from it. A
+# staging folder older than an hour is a compile that was killed (a compile takes seconds).
+UNIX_TREE_UNUSED_S = 7 * 86400
+UNIX_STAGING_ABANDONED_S = 3600
+
+
+def _mark_used(tree: Path) -> None:
+    """The tree's folder mtime is its last launch (what _prune_unix_trees goes by)."""
+    try:
+        os.utime(tree)
+    except OSError:  # another user's tree: it is theirs to prune
+        pass
+
+
+def _prune_unix_trees(current: Path, now_s: float | None = None) -> list[str]:
+    """Remove the unix-mpy trees unused for UNIX_TREE_UNUSED_S and the staging folders of
+    compiles killed mid-way (older than UNIX_STAGING_ABANDONED_S); returns their names.
+    Only names this function's caller makes (16 hex digits, .staging-*) are touched."""
+    now_s = time.time() if now_s is None else now_s
+    removed = []
+    for entry in current.parent.iterdir():
+        if entry == current or not entry.is_dir() or entry.is_symlink():
+            continue
+        if re.fullmatch(r"[0-9a-f]{16}", entry.name):
+            limit_s = UNIX_TREE_UNUSED_S
+        elif entry.name.startswith(".staging-"):
+            limit_s = UNIX_STAGING_ABANDONED_S
+        else:
+            continue
+        try:
+            age_s = now_s - entry.stat().st_mtime
+        except OSError:  # gone meanwhile (another process pruning)
+            continue
+        if age_s > limit_s:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
 
 
 def unix_firmware_env(

@@ -4,10 +4,12 @@ lockstep: the issue's must-show figures, asserted (docs/tracking.md)."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import struct
 import subprocess
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -316,6 +318,44 @@ def test_the_unix_tree_holds_the_code_of_its_sources_even_if_one_changes_mid_com
     assert sorted(p.name for p in (tmp_path / "build" / "unix-mpy").iterdir()) == sorted(
         [first.name, second.name]
     )  # no staging left
+
+
+def test_unix_trees_unused_for_a_week_and_killed_compiles_go_when_a_new_tree_is_made(
+    tmp_path, monkeypatch
+):
+    """Every firmware edit makes a tree: without pruning, build/unix-mpy grows for ever, and
+    a compile killed mid-way (SIGKILL, a power cut) leaves its staging folder. A launch
+    marks its tree used, so a tree in use is never taken."""
+    from emulator import targets
+
+    monkeypatch.setattr(targets, "BUILD_DIR", tmp_path / "build")
+    trees = tmp_path / "build" / "unix-mpy"
+    current = unix_firmware_tree()
+    day_s = 86400.0
+    now_s = time.time()
+    ages_s = {
+        "0123456789abcdef": 8 * day_s,  # unused for over a week: goes
+        "fedcba9876543210": 6 * day_s,  # used within the week: stays
+        ".staging-killed": 2 * 3600.0,  # a compile killed two hours ago: goes
+        ".staging-running": 60.0,  # another process compiling now: stays
+        "notes": 30 * day_s,  # not a name the target makes: never touched
+    }
+    for name, age_s in ages_s.items():
+        (trees / name).mkdir()
+        (trees / name / "main.py").write_text("")
+        os.utime(trees / name, (now_s - age_s, now_s - age_s))
+    os.utime(current, (now_s - 30 * day_s, now_s - 30 * day_s))
+    assert unix_firmware_tree() == current  # launched again: marked used
+    assert current.stat().st_mtime > now_s - 60
+    firmware = tmp_path / "firmware"  # an edit: a new tree, and the pruning
+    shutil.copytree(targets.FIRMWARE_DIR, firmware)
+    monkeypatch.setattr(targets, "FIRMWARE_DIR", firmware)
+    version = firmware / "payload" / "version.py"
+    version.write_text(version.read_text() + "CHANGED = 1\n")
+    edited = unix_firmware_tree()
+    assert sorted(p.name for p in trees.iterdir()) == sorted(
+        [current.name, edited.name, "fedcba9876543210", ".staging-running", "notes"]
+    )
 
 
 def test_the_unix_target_imports_the_firmware_compiled_as_a_board_does(tmp_path):
