@@ -119,12 +119,11 @@ def unix_firmware_tree() -> Path:
     for name, content in sources.items():
         digest.update(str(name).encode() + b"\0" + content + b"\0")
     tree = BUILD_DIR / "unix-mpy" / digest.hexdigest()[:16]
-    if (tree / "main.py").exists():
-        _mark_used(tree)
-        return tree
     if not tree.parent.is_dir():
         tree.parent.mkdir(parents=True, exist_ok=True)
         tree.parent.chmod(0o755)  # whatever the umask: the trees are shared
+    if _mark_used(tree):
+        return tree
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=tree.parent))
     try:
         snapshot = staging / "sources"
@@ -147,51 +146,86 @@ def unix_firmware_tree() -> Path:
         except OSError:  # another process put the same tree in place first
             if not (tree / "main.py").exists():
                 raise
-        _mark_used(tree)
         _prune_unix_trees(tree)
+        if not _mark_used(tree):  # cannot be: the prune spares the current tree
+            raise TargetError(f"the unix target's firmware tree {tree} vanished")
         return tree
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-# A tree is ~150 KB and every edit of the firmware makes one: the trees nobody has launched
-# for a week go when a new one is made. A week, not less: a process imports some modules
-# late (payload.tracking at configure), so a tree must outlive any launch from it. A
-# staging folder older than an hour is a compile that was killed (a compile takes seconds).
+# A tree is ~260 KB on disk and every edit of the firmware makes one: the trees nobody has
+# launched for a week go when a new one is made. A week, not less: a process imports some
+# modules late (payload.tracking at configure), so a tree must outlive any launch from it.
+# A staging folder older than a day is a compile that was killed (a compile takes seconds;
+# a day, so that a compile paused by a suspended laptop overnight keeps its folder).
 UNIX_TREE_UNUSED_S = 7 * 86400
-UNIX_STAGING_ABANDONED_S = 3600
+UNIX_STAGING_ABANDONED_S = 86400
 
 
-def _mark_used(tree: Path) -> None:
-    """The tree's folder mtime is its last launch (what _prune_unix_trees goes by)."""
+def _trees_lock(trees: Path, exclusive: bool):
+    """An flock on <trees>/.lock: a launch marks its tree under a shared lock, a prune
+    checks and removes under an exclusive one, so a tree marked is never then removed and a
+    tree removed is never then returned. None if the lock cannot be had (another user's
+    read-only folder): the caller then neither marks nor prunes."""
     try:
-        os.utime(tree)
-    except OSError:  # another user's tree: it is theirs to prune
-        pass
+        handle = open(trees / ".lock", "a+b")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def _mark_used(tree: Path) -> bool:
+    """Whether the tree is complete; if so its folder's mtime becomes now (its last launch,
+    what _prune_unix_trees goes by), under the trees' shared lock."""
+    lock = _trees_lock(tree.parent, exclusive=False)
+    try:
+        if not (tree / "main.py").exists():
+            return False
+        try:
+            os.utime(tree)
+        except OSError:  # another user's tree: launched as is, theirs to prune
+            pass
+        return True
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _prune_unix_trees(current: Path, now_s: float | None = None) -> list[str]:
     """Remove the unix-mpy trees unused for UNIX_TREE_UNUSED_S and the staging folders of
     compiles killed mid-way (older than UNIX_STAGING_ABANDONED_S); returns their names.
-    Only names this function's caller makes (16 hex digits, .staging-*) are touched."""
+    Only names unix_firmware_tree makes (16 hex digits, .staging-*) are touched, and none
+    at all without the trees' exclusive lock."""
+    lock = _trees_lock(current.parent, exclusive=True)
+    if lock is None:
+        return []
     now_s = time.time() if now_s is None else now_s
     removed = []
-    for entry in current.parent.iterdir():
-        if entry == current or not entry.is_dir() or entry.is_symlink():
-            continue
-        if re.fullmatch(r"[0-9a-f]{16}", entry.name):
-            limit_s = UNIX_TREE_UNUSED_S
-        elif entry.name.startswith(".staging-"):
-            limit_s = UNIX_STAGING_ABANDONED_S
-        else:
-            continue
-        try:
-            age_s = now_s - entry.stat().st_mtime
-        except OSError:  # gone meanwhile (another process pruning)
-            continue
-        if age_s > limit_s:
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry.name)
+    try:
+        for entry in current.parent.iterdir():
+            if entry == current or not entry.is_dir() or entry.is_symlink():
+                continue
+            if re.fullmatch(r"[0-9a-f]{16}", entry.name):
+                limit_s = UNIX_TREE_UNUSED_S
+            elif entry.name.startswith(".staging-"):
+                limit_s = UNIX_STAGING_ABANDONED_S
+            else:
+                continue
+            try:
+                age_s = now_s - entry.stat().st_mtime
+            except OSError:  # gone meanwhile
+                continue
+            if age_s > limit_s:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+    finally:
+        lock.close()
     return removed
 
 

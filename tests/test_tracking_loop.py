@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -316,7 +317,7 @@ def test_the_unix_tree_holds_the_code_of_its_sources_even_if_one_changes_mid_com
     assert result.returncode == 0, result.stderr
     assert "'CHANGED'" in result.stdout and "'EDITED'" not in result.stdout
     assert sorted(p.name for p in (tmp_path / "build" / "unix-mpy").iterdir()) == sorted(
-        [first.name, second.name]
+        [first.name, second.name, ".lock"]
     )  # no staging left
 
 
@@ -327,6 +328,7 @@ def test_unix_trees_unused_for_a_week_and_killed_compiles_go_when_a_new_tree_is_
     a compile killed mid-way (SIGKILL, a power cut) leaves its staging folder. A launch
     marks its tree used, so a tree in use is never taken."""
     from emulator import targets
+    from host.deploy import flash  # noqa: F401 (imports BUILD_DIR before it is replaced)
 
     monkeypatch.setattr(targets, "BUILD_DIR", tmp_path / "build")
     trees = tmp_path / "build" / "unix-mpy"
@@ -336,8 +338,8 @@ def test_unix_trees_unused_for_a_week_and_killed_compiles_go_when_a_new_tree_is_
     ages_s = {
         "0123456789abcdef": 8 * day_s,  # unused for over a week: goes
         "fedcba9876543210": 6 * day_s,  # used within the week: stays
-        ".staging-killed": 2 * 3600.0,  # a compile killed two hours ago: goes
-        ".staging-running": 60.0,  # another process compiling now: stays
+        ".staging-killed": 2 * day_s,  # a compile killed two days ago: goes
+        ".staging-running": 3600.0,  # another process compiling (or paused): stays
         "notes": 30 * day_s,  # not a name the target makes: never touched
     }
     for name, age_s in ages_s.items():
@@ -353,9 +355,21 @@ def test_unix_trees_unused_for_a_week_and_killed_compiles_go_when_a_new_tree_is_
     version = firmware / "payload" / "version.py"
     version.write_text(version.read_text() + "CHANGED = 1\n")
     edited = unix_firmware_tree()
-    assert sorted(p.name for p in trees.iterdir()) == sorted(
+    assert sorted(p.name for p in trees.iterdir() if p.is_dir()) == sorted(
         [current.name, edited.name, "fedcba9876543210", ".staging-running", "notes"]
     )
+    # A launch marks under the trees' shared lock and a prune removes under the exclusive
+    # one: a prune waits for a launch in progress, which then finds its tree intact.
+    os.utime(current, (now_s - 30 * day_s, now_s - 30 * day_s))
+    launch = targets._trees_lock(trees, exclusive=False)
+    pruned = []
+    prune = threading.Thread(target=lambda: pruned.extend(targets._prune_unix_trees(edited)))
+    prune.start()
+    prune.join(0.5)
+    assert prune.is_alive() and (current / "main.py").exists()
+    launch.close()
+    prune.join(10)
+    assert pruned == [current.name] and not current.exists()
 
 
 def test_the_unix_target_imports_the_firmware_compiled_as_a_board_does(tmp_path):
