@@ -143,9 +143,8 @@ def unix_firmware_tree() -> Path:
                 os.chmod(os.path.join(folder, name), 0o644)
         try:
             os.rename(compiled, tree)
-        except OSError:  # another process put the same tree in place first
-            if not (tree / "main.py").exists():
-                raise
+        except OSError:  # another process put the same tree in place first, or a cut-off
+            _replace_incomplete_tree(tree, compiled)  # prune left part of one
         _prune_unix_trees(tree)
         if not _mark_used(tree):  # cannot be: the prune spares the current tree
             raise TargetError(f"the unix target's firmware tree {tree} vanished")
@@ -167,11 +166,16 @@ def _trees_lock(trees: Path, exclusive: bool):
     """An flock on <trees>/.lock: a launch marks its tree under a shared lock, a prune
     checks and removes under an exclusive one, so a tree marked is never then removed and a
     tree removed is never then returned. None if the lock cannot be had (another user's
-    read-only folder): the caller then neither marks nor prunes."""
+    folder): a launch then marks without it, a prune does not run."""
     try:
-        handle = open(trees / ".lock", "a+b")
+        descriptor = os.open(trees / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        os.fchmod(descriptor, 0o644)  # whatever the umask: other users take shared locks
     except OSError:
-        return None
+        try:  # another user's lock file: a shared lock needs only to read it
+            descriptor = os.open(trees / ".lock", os.O_RDONLY)
+        except OSError:
+            return None
+    handle = os.fdopen(descriptor, "rb")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
     except OSError:
@@ -223,10 +227,31 @@ def _prune_unix_trees(current: Path, now_s: float | None = None) -> list[str]:
                 continue
             if age_s > limit_s:
                 shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry.name)
+                if not entry.exists():
+                    removed.append(entry.name)
     finally:
         lock.close()
     return removed
+
+
+def _replace_incomplete_tree(tree: Path, compiled: Path) -> None:
+    """Put the compiled tree in place of a folder without main.py: a prune cut off mid-way
+    (Ctrl-C, SIGKILL) leaves part of a tree, which a rename cannot replace. A tree renamed
+    into place is always complete, so such a folder is never another process's work."""
+    lock = _trees_lock(tree.parent, exclusive=True)
+    try:
+        if (tree / "main.py").exists():  # another process's complete tree
+            return
+        shutil.rmtree(tree, ignore_errors=True)
+        try:
+            os.rename(compiled, tree)
+        except OSError as error:
+            raise TargetError(
+                f"the unix target's firmware tree {tree} cannot be put in place: {error}"
+            ) from None
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def unix_firmware_env(

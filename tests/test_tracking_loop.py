@@ -3,6 +3,7 @@ lockstep: the issue's must-show figures, asserted (docs/tracking.md)."""
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import shutil
@@ -360,7 +361,20 @@ def test_unix_trees_unused_for_a_week_and_killed_compiles_go_when_a_new_tree_is_
     )
     # A launch marks under the trees' shared lock and a prune removes under the exclusive
     # one: a prune waits for a launch in progress, which then finds its tree intact.
+    # The prune's removals happen while it holds the lock (no launch can take it then).
     os.utime(current, (now_s - 30 * day_s, now_s - 30 * day_s))
+    rmtree, locked_out = shutil.rmtree, []
+
+    def rmtree_noting_the_lock(path, *args, **kwargs):
+        with open(trees / ".lock", "rb") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                locked_out.append(False)
+            except BlockingIOError:
+                locked_out.append(True)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_noting_the_lock)
     launch = targets._trees_lock(trees, exclusive=False)
     pruned = []
     prune = threading.Thread(target=lambda: pruned.extend(targets._prune_unix_trees(edited)))
@@ -369,7 +383,22 @@ def test_unix_trees_unused_for_a_week_and_killed_compiles_go_when_a_new_tree_is_
     assert prune.is_alive() and (current / "main.py").exists()
     launch.close()
     prune.join(10)
-    assert pruned == [current.name] and not current.exists()
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert pruned == [current.name] and not current.exists() and locked_out == [True]
+    # and a launch waits for a prune in progress
+    prune_lock = targets._trees_lock(trees, exclusive=True)
+    launched = []
+    relaunch = threading.Thread(target=lambda: launched.append(unix_firmware_tree()))
+    relaunch.start()
+    relaunch.join(0.5)
+    assert relaunch.is_alive()
+    prune_lock.close()
+    relaunch.join(10)
+    assert launched == [edited]
+    # A prune cut off mid-way leaves part of a tree: it is compiled again, not returned.
+    (edited / "main.py").unlink()
+    assert unix_firmware_tree() == edited and (edited / "main.py").exists()
+    assert (edited / "payload" / "tracking.mpy").exists()
 
 
 def test_the_unix_target_imports_the_firmware_compiled_as_a_board_does(tmp_path):
