@@ -212,7 +212,7 @@ def _prune_unix_trees(current: Path, now_s: float | None = None) -> list[str]:
     now_s = time.time() if now_s is None else now_s
     removed = []
     try:
-        for entry in current.parent.iterdir():
+        for entry in list(current.parent.iterdir()):
             if entry == current or not entry.is_dir() or entry.is_symlink():
                 continue
             if re.fullmatch(r"[0-9a-f]{16}", entry.name):
@@ -225,19 +225,33 @@ def _prune_unix_trees(current: Path, now_s: float | None = None) -> list[str]:
                 age_s = now_s - entry.stat().st_mtime
             except OSError:  # gone meanwhile
                 continue
-            if age_s > limit_s:
-                shutil.rmtree(entry, ignore_errors=True)
-                if not entry.exists():
-                    removed.append(entry.name)
+            if age_s <= limit_s:
+                continue
+            if not entry.name.startswith(".staging-"):
+                # out of the trees' names first (one rename), so that a prune cut off
+                # mid-way leaves a staging folder, never a tree with main.py and not all
+                # of its modules, which a launch would take as whole
+                doomed = Path(tempfile.mkdtemp(prefix=".staging-pruned-", dir=entry.parent))
+                try:
+                    os.rename(entry, doomed)
+                except OSError:
+                    os.rmdir(doomed)
+                    continue
+                entry, removed_name = doomed, entry.name
+            else:
+                removed_name = entry.name
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(removed_name)
     finally:
         lock.close()
     return removed
 
 
 def _replace_incomplete_tree(tree: Path, compiled: Path) -> None:
-    """Put the compiled tree in place of a folder without main.py: a prune cut off mid-way
-    (Ctrl-C, SIGKILL) leaves part of a tree, which a rename cannot replace. A tree renamed
-    into place is always complete, so such a folder is never another process's work."""
+    """Put the compiled tree in place of a folder without main.py (a tree's files removed by
+    hand, a crash of the file system), which a rename cannot replace. A tree renamed into
+    place is always complete, so such a folder is never another process's work."""
     lock = _trees_lock(tree.parent, exclusive=True)
     try:
         if (tree / "main.py").exists():  # another process's complete tree

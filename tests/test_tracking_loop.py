@@ -395,7 +395,23 @@ def test_unix_trees_unused_for_a_week_and_killed_compiles_go_when_a_new_tree_is_
     prune_lock.close()
     relaunch.join(10)
     assert launched == [edited]
-    # A prune cut off mid-way leaves part of a tree: it is compiled again, not returned.
+    # A prune cut off mid-way (Ctrl-C in rmtree) leaves a staging folder for a later prune,
+    # not a tree that still has main.py and not all of its modules.
+    os.utime(edited, (now_s - 30 * day_s, now_s - 30 * day_s))
+
+    def rmtree_interrupted(path, *args, **kwargs):
+        (Path(path) / "payload" / "tracking.mpy").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        targets._prune_unix_trees(trees / "0000000000000000")
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert not edited.exists()
+    (left,) = [p for p in trees.iterdir() if p.name.startswith(".staging-pruned-")]
+    assert (left / "main.py").exists()  # the part left, out of the trees' names
+    # A tree without its main.py is compiled again, not returned.
+    assert unix_firmware_tree() == edited
     (edited / "main.py").unlink()
     assert unix_firmware_tree() == edited and (edited / "main.py").exists()
     assert (edited / "payload" / "tracking.mpy").exists()
