@@ -34,11 +34,19 @@ def _firmware_tracking():
 
     for name in ("ptr8", "ptr16", "ptr32"):
         setattr(builtins, name, int)
+    # tracking.py imports its constants from the payload package (payload._sin_q14)
+    firmware_dir = str(TRACKING_PY.parents[1])
+    sys.path.insert(0, firmware_dir)
+    modules_before = set(sys.modules)
     try:
         spec = importlib.util.spec_from_file_location("tracking_cpython", TRACKING_PY)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
+        sys.path.remove(firmware_dir)
+        for name in set(sys.modules) - modules_before:
+            if name == "payload" or name.startswith("payload."):
+                del sys.modules[name]
         if saved is None:
             del sys.modules["micropython"]
         for name in ("ptr8", "ptr16", "ptr32"):
