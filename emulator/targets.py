@@ -16,6 +16,7 @@ its end; `kill()` cuts power abruptly (for power-cut tests).
 from __future__ import annotations
 
 import abc
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -145,9 +146,7 @@ def unix_firmware_tree() -> Path:
             os.rename(compiled, tree)
         except OSError:  # another process put the same tree in place first, or a cut-off
             _replace_incomplete_tree(tree, compiled)  # prune left part of one
-        _prune_unix_trees(tree)
-        if not _mark_used(tree):  # cannot be: the prune spares the current tree
-            raise TargetError(f"the unix target's firmware tree {tree} vanished")
+        _prune_unix_trees(tree)  # spares this tree, just made (its mtime: now)
         return tree
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -162,11 +161,13 @@ UNIX_TREE_UNUSED_S = 7 * 86400
 UNIX_STAGING_ABANDONED_S = 86400
 
 
-def _trees_lock(trees: Path, exclusive: bool):
-    """An flock on <trees>/.lock: a launch marks its tree under a shared lock, a prune
-    checks and removes under an exclusive one, so a tree marked is never then removed and a
-    tree removed is never then returned. None if the lock cannot be had (another user's
-    folder): a launch then marks without it, a prune does not run."""
+@contextlib.contextmanager
+def _trees_locked(trees: Path, exclusive: bool):
+    """An flock on <trees>/.lock for the with block; yields whether it is held. A launch
+    marks its tree under a shared lock, a prune checks and removes under an exclusive one,
+    so a tree marked is never then removed and a tree removed is never then returned. Not
+    held where the lock cannot be had (another user's folder): a launch then marks without
+    it, a prune does not run."""
     try:
         descriptor = os.open(trees / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         os.fchmod(descriptor, 0o644)  # whatever the umask: other users take shared locks
@@ -174,21 +175,24 @@ def _trees_lock(trees: Path, exclusive: bool):
         try:  # another user's lock file: a shared lock needs only to read it
             descriptor = os.open(trees / ".lock", os.O_RDONLY)
         except OSError:
-            return None
-    handle = os.fdopen(descriptor, "rb")
+            descriptor = None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-    except OSError:
-        handle.close()
-        return None
-    return handle
+        held = descriptor is not None
+        if held:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            except OSError:
+                held = False
+        yield held
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)  # releases the flock
 
 
 def _mark_used(tree: Path) -> bool:
     """Whether the tree is complete; if so its folder's mtime becomes now (its last launch,
     what _prune_unix_trees goes by), under the trees' shared lock."""
-    lock = _trees_lock(tree.parent, exclusive=False)
-    try:
+    with _trees_locked(tree.parent, exclusive=False):
         if not (tree / "main.py").exists():
             return False
         try:
@@ -196,9 +200,6 @@ def _mark_used(tree: Path) -> bool:
         except OSError:  # another user's tree: launched as is, theirs to prune
             pass
         return True
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 def _prune_unix_trees(current: Path, now_s: float | None = None) -> list[str]:
@@ -206,28 +207,25 @@ def _prune_unix_trees(current: Path, now_s: float | None = None) -> list[str]:
     compiles killed mid-way (older than UNIX_STAGING_ABANDONED_S); returns their names.
     Only names unix_firmware_tree makes (16 hex digits, .staging-*) are touched, and none
     at all without the trees' exclusive lock."""
-    lock = _trees_lock(current.parent, exclusive=True)
-    if lock is None:
-        return []
     now_s = time.time() if now_s is None else now_s
     removed = []
-    try:
+    with _trees_locked(current.parent, exclusive=True) as held:
+        if not held:
+            return []
         for entry in list(current.parent.iterdir()):
             if entry == current or not entry.is_dir() or entry.is_symlink():
                 continue
-            if re.fullmatch(r"[0-9a-f]{16}", entry.name):
-                limit_s = UNIX_TREE_UNUSED_S
-            elif entry.name.startswith(".staging-"):
-                limit_s = UNIX_STAGING_ABANDONED_S
-            else:
+            is_tree = re.fullmatch(r"[0-9a-f]{16}", entry.name) is not None
+            if not is_tree and not entry.name.startswith(".staging-"):
                 continue
             try:
                 age_s = now_s - entry.stat().st_mtime
             except OSError:  # gone meanwhile
                 continue
-            if age_s <= limit_s:
+            if age_s <= (UNIX_TREE_UNUSED_S if is_tree else UNIX_STAGING_ABANDONED_S):
                 continue
-            if not entry.name.startswith(".staging-"):
+            doomed = entry
+            if is_tree:
                 # out of the trees' names first (one rename), so that a prune cut off
                 # mid-way leaves a staging folder, never a tree with main.py and not all
                 # of its modules, which a launch would take as whole
@@ -237,14 +235,9 @@ def _prune_unix_trees(current: Path, now_s: float | None = None) -> list[str]:
                 except OSError:
                     os.rmdir(doomed)
                     continue
-                entry, removed_name = doomed, entry.name
-            else:
-                removed_name = entry.name
-            shutil.rmtree(entry, ignore_errors=True)
-            if not entry.exists():
-                removed.append(removed_name)
-    finally:
-        lock.close()
+            shutil.rmtree(doomed, ignore_errors=True)
+            if not doomed.exists():
+                removed.append(entry.name)
     return removed
 
 
@@ -252,8 +245,7 @@ def _replace_incomplete_tree(tree: Path, compiled: Path) -> None:
     """Put the compiled tree in place of a folder without main.py (a tree's files removed by
     hand, a crash of the file system), which a rename cannot replace. A tree renamed into
     place is always complete, so such a folder is never another process's work."""
-    lock = _trees_lock(tree.parent, exclusive=True)
-    try:
+    with _trees_locked(tree.parent, exclusive=True):
         if (tree / "main.py").exists():  # another process's complete tree
             return
         shutil.rmtree(tree, ignore_errors=True)
@@ -263,9 +255,6 @@ def _replace_incomplete_tree(tree: Path, compiled: Path) -> None:
             raise TargetError(
                 f"the unix target's firmware tree {tree} cannot be put in place: {error}"
             ) from None
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 def unix_firmware_env(

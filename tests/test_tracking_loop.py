@@ -3,6 +3,7 @@ lockstep: the issue's must-show figures, asserted (docs/tracking.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import os
@@ -375,7 +376,8 @@ def test_unix_trees_unused_for_a_week_and_killed_compiles_go_when_a_new_tree_is_
         return rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", rmtree_noting_the_lock)
-    launch = targets._trees_lock(trees, exclusive=False)
+    launch = contextlib.ExitStack()
+    assert launch.enter_context(targets._trees_locked(trees, exclusive=False))
     pruned = []
     prune = threading.Thread(target=lambda: pruned.extend(targets._prune_unix_trees(edited)))
     prune.start()
@@ -386,7 +388,8 @@ def test_unix_trees_unused_for_a_week_and_killed_compiles_go_when_a_new_tree_is_
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     assert pruned == [current.name] and not current.exists() and locked_out == [True]
     # and a launch waits for a prune in progress
-    prune_lock = targets._trees_lock(trees, exclusive=True)
+    prune_lock = contextlib.ExitStack()
+    assert prune_lock.enter_context(targets._trees_locked(trees, exclusive=True))
     launched = []
     relaunch = threading.Thread(target=lambda: launched.append(unix_firmware_tree()))
     relaunch.start()
