@@ -62,6 +62,5 @@ def _locked_save(self, key, data):
 
 
 if not getattr(_INDEX_CACHE.save, "qkdsat_locked", False):
-    _UNLOCKED_SAVE = _INDEX_CACHE.save  # numba's own (tests show what it loses)
     _locked_save.qkdsat_locked = True
     _INDEX_CACHE.save = _locked_save
