@@ -4,6 +4,7 @@ opened on the ground with `cryptography`; a chunk that does not authenticate is 
 
 import json
 import os
+import zlib
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,46 @@ def test_a_noisy_cut_link_still_gives_the_sealed_product_byte_for_byte(tmp_path)
                 result = p.download(entry, satellite, chunk_bytes=256)
     assert result.sealed and result.resumed_from > 0
     assert (satellite / "patterns.qrec").read_bytes() == PATTERN
+
+
+def test_a_pattern_products_partial_file_is_never_readable_by_others(tmp_path, monkeypatch):
+    """The partial file of a pattern product is 0600 (its folder 0700) before the first
+    chunk is asked for, whatever the umask; and one left readable by an older client is
+    not resumed: a descriptor opened on it then would read every byte opened into it later
+    (the same inode is renamed into place; a cold review read Alice's pattern so)."""
+    satellite = tmp_path / "sat"
+    part = satellite / "patterns.qrec.part"
+    previous_umask = os.umask(0o022)
+    try:
+        with _payload(tmp_path, PRODUCT_KEY) as target:
+            with PayloadClient(target.ground_port, KEY, product_key=PRODUCT_KEY) as payload:
+                entry = next(e for e in payload.list_products() if e.name == "patterns.qrec")
+                modes = []
+                send = payload.send_tc
+
+                def note_modes(service, subtype, data=b"", ack=True):
+                    if service == ccsds.SVC_PRODUCTS and subtype == 3 and not modes:
+                        modes.append(
+                            (part.stat().st_mode & 0o777, satellite.stat().st_mode & 0o777)
+                        )
+                    return send(service, subtype, data, ack)
+
+                monkeypatch.setattr(payload, "send_tc", note_modes)
+                payload.download(entry, satellite, chunk_bytes=700)
+                assert modes == [(0o600, 0o700)]
+                # an earlier, readable partial download of the first 1,400 bytes
+                (satellite / "patterns.qrec").unlink()
+                part.write_bytes(PATTERN[:1400])
+                part.chmod(0o644)
+                meta = satellite / "patterns.qrec.part.json"
+                PayloadClient._save_meta(meta, entry, 1400, zlib.crc32(PATTERN[:1400]))
+                spy = os.open(part, os.O_RDONLY)  # opened while it was readable
+                try:
+                    result = payload.download(entry, satellite, chunk_bytes=700)
+                    spied = os.pread(spy, len(PATTERN), 0)
+                finally:
+                    os.close(spy)
+    finally:
+        os.umask(previous_umask)
+    assert result.resumed_from == 0 and result.path.read_bytes() == PATTERN
+    assert spied == PATTERN[:1400]  # nothing opened later reached that descriptor

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 import zlib
 from collections.abc import Callable
@@ -406,10 +407,15 @@ class PayloadClient:
             raise ValueError(f"chunk_bytes must be 1..{ccsds.MAX_CHUNK_BYTES}")
         stall_timeout_s = stall_timeout_s or max(10.0, 4 * self.timeout_s)
         started = time.monotonic()
-        folder.mkdir(parents=True, exist_ok=True)
+        # a pattern product is Alice's raw data once opened: its folder, if made here, and
+        # its partial file are the owner's alone from their creation
+        protected = entry.name.startswith(ccsds.PROTECTED_PREFIX)
+        folder.mkdir(mode=0o700 if protected else 0o777, parents=True, exist_ok=True)
         final = folder / entry.name
         part = folder / (entry.name + ".part")
         meta_path = folder / (entry.name + ".part.json")
+        if protected:
+            self._drop_readable_part(part, meta_path)
         verified, crc = self._resume_point(entry, part, meta_path)
         resumed_from = verified
         if progress:
@@ -436,7 +442,8 @@ class PayloadClient:
             outstanding[offset] = (time.monotonic() + request_timeout_s, sent)
             sent += 1
 
-        with open(part, "r+b" if part.exists() else "wb") as out:
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600 if protected else 0o666)
+        with os.fdopen(fd, "r+b") as out:
             out.truncate(verified)
             out.seek(verified)
             while verified < entry.size:
@@ -550,7 +557,7 @@ class PayloadClient:
                 f"{entry.name} is served sealed (AES-256-GCM): give the product key "
                 "(--product-key) to download it"
             )
-        os.chmod(part, 0o600)  # Alice's raw data, decrypted on the ground
+        os.chmod(part, 0o600)  # made 0600 already (PROTECTED_PREFIX); whatever the name
         sealed = ccsds.parse_sealed_chunk(tm)
         data = ccsds.open_sealed_chunk(self.product_key, entry.name, sealed)
         return ccsds.Chunk(sealed.offset, data, zlib.crc32(data))
@@ -567,6 +574,20 @@ class PayloadClient:
         with os.fdopen(fd, "w") as out:
             out.write(json.dumps(meta))
         os.replace(tmp, path)
+
+    @staticmethod
+    def _drop_readable_part(part: Path, meta_path: Path) -> None:
+        """Remove a pattern product's partial download that others could read (left by a
+        client that made it with the umask's mode): a descriptor opened on it then would
+        read every byte opened into it later, the inode being the one renamed into place,
+        so the download starts again in a new file rather than chmod it."""
+        try:
+            mode = os.lstat(part).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(mode) or mode & 0o077:
+            part.unlink()
+            meta_path.unlink(missing_ok=True)
 
     @staticmethod
     def _resume_point(entry: ProductEntry, part: Path, meta_path: Path) -> tuple[int, int]:
