@@ -21,6 +21,7 @@ from host.distil.stream import (
     due_chunk_bits,
     frame_key_bits,
     next_chunk,
+    request_reveals,
 )
 from host.errors import BadInput
 
@@ -69,6 +70,47 @@ def test_the_next_chunk_is_sized_for_the_error_rate_of_the_latest_bits():
     qber, _, source = bob._estimate("Z")
     assert source == ("Z", 0)
     assert qber == pytest.approx(0.025, rel=0.01)  # the whole chunk's: 900 / 60,000 = 1.5 %
+
+
+def test_a_first_chunk_sized_from_its_sample_counts_the_bit_its_request_tells():
+    """A basis's first chunk is sized from the other basis's chunk just reconciled when
+    the sample agrees with that chunk's tail rate. Whether it agrees is a function of that
+    chunk's secret error count, and the request shows which way it went: named, the count
+    is counted (ceil(log2(bits + 1))); not named, one bit, on both sides alike (a cold
+    review found that bit uncounted)."""
+    bob = StreamBob.__new__(StreamBob)
+    bob.config = Config()
+    bob._sifted = _Sifted(("Z", "X"))
+    bob._sifted.key_positions["X"].extend(np.arange(100_000, 200_000))
+    bob._sample_at = {"X": _Growing(np.int64)}
+    bob._sample_at["X"].extend(np.arange(100_000, 102_000))
+    bob._sample_wrong = {"X": _Growing(bool)}
+    sample = np.zeros(2_000, bool)
+    sample[::100] = True  # 1 %
+    bob._sample_wrong["X"].extend(sample)
+    charged = {}
+    for tail_errors in (160, 400):  # Z0's tail at 1.0 % and 2.4 %
+        bob._chunk_errors = {"Z": [], "X": []}
+        bob._chunk_tail, bob._chunk_log = {"Z": [], "X": []}, []
+        wrong = np.zeros(65_536, bool)
+        wrong[-16_384:][: tail_errors * 40 : 40] = True  # the tail's errors, spread
+        bob._record_chunk_errors("Z", wrong)
+        _, _, source = bob._estimate("X")
+        chunk_bits = {("Z", 0): 65_536}
+        # Bob's count, from his state, and Alice's, from the request's public fields only
+        bobs = request_reveals(source, set(), True, bob._chunk_log[-1], chunk_bits.get)
+        alices = request_reveals(source, set(), True, ("Z", 0), chunk_bits.get)
+        assert bobs == alices
+        charged[tail_errors] = (source, bobs)
+    assert charged[160] == (("Z", 0), (("Z", 0), 17))  # agreed: the count, 17 bits
+    assert charged[400] == (None, (("Z", 0), 1))  # apart: one bit, on Z0
+    # a later basis's chunk, or a first one with nothing reconciled before, tells nothing
+    assert request_reveals(None, set(), False, ("Z", 0), chunk_bits.get) is None
+    assert request_reveals(None, set(), True, None, chunk_bits.get) is None
+    # a count is counted once however many requests name its chunk
+    announced = set()
+    assert request_reveals(("Z", 0), announced, False, None, chunk_bits.get)[1] == 17
+    assert request_reveals(("Z", 0), announced, False, None, chunk_bits.get) is None
 
 
 # Key bits of a frame of 2^16 and of 2^17 at 1.2 % QBER (micius-2017's mid-pass)

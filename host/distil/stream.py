@@ -514,10 +514,42 @@ def sample_target(count: int, cfg: Config) -> int:
     return min(count, max(cfg.sample_min, int(cfg.sample_fraction * count)), cfg.sample_max)
 
 
+# A basis's first chunk is sized from the chunk reconciled just before it (of the other
+# basis) when the sample agrees with that chunk's tail rate; a request sized from the
+# sample instead says they disagree: one bit about that chunk's error count.
+SIZING_DECISION_BITS = 1
+
+
 def count_announcement_bits(chunk_bits: int) -> int:
     """Leak of announcing a reconciled chunk's error count (a number in [0, chunk_bits]),
     counted as post-pass counts ec_block_errors (protocol.bob_counts_bits)."""
     return math.ceil(math.log2(chunk_bits + 1))
+
+
+def request_reveals(
+    source: tuple[str, int] | None,
+    announced: set,
+    first_of_basis: bool,
+    last_chunk: tuple[str, int] | None,
+    chunk_bits,
+) -> tuple[tuple[str, int], int] | None:
+    """(reconciled chunk, leak bits) that a reconcile request reveals about that chunk's
+    error count, the same on both sides (Alice refuses a leak count below her own), or None.
+
+    A request sized from a chunk (`source`) reveals its tail's error count: counted once per
+    chunk (`announced`, updated), as a number in [0, chunk_bits(chunk)]. A basis's first
+    chunk (`first_of_basis`) sized from the sample after another basis's chunk
+    (`last_chunk`) was reconciled says that Bob found that chunk's tail rate apart from the
+    sample (StreamBob._estimate): one bit, counted whether or not he could compare (his
+    sample's size), since Alice cannot tell."""
+    if source is not None:
+        if source in announced:
+            return None
+        announced.add(source)
+        return source, count_announcement_bits(chunk_bits(source))
+    if first_of_basis and last_chunk is not None:
+        return last_chunk, SIZING_DECISION_BITS
+    return None
 
 
 def frame_key_bits(
@@ -786,6 +818,7 @@ class StreamAlice(Alice):
             totals = [0, 0, 0]  # leak, frames, frame errors
             chunk_sizes = {n: [] for n in key_bases}  # bits of each reconciled chunk
             announced = set()  # (basis, chunk) whose error count Bob's sizing revealed
+            last_chunk = None  # (basis, chunk) reconciled last
             detections = 0
             last_block_end_s = None
             while True:
@@ -810,16 +843,20 @@ class StreamAlice(Alice):
                     )
                 elif step == "reconcile":
                     name = str(msg["basis"])
-                    source = _sizing_source(msg, chunk_sizes)
-                    if source is not None and source not in announced:
-                        # the chunk's QBER Bob sized from is that chunk's exact error count
-                        announced.add(source)
-                        leak = count_announcement_bits(chunk_sizes[source[0]][source[1]])
-                        my_leaks[source[0]] += leak
-                        totals[0] += leak
+                    revealed = request_reveals(
+                        _sizing_source(msg, chunk_sizes),
+                        announced,
+                        not chunk_sizes[name],
+                        last_chunk,
+                        lambda chunk: chunk_sizes[chunk[0]][chunk[1]],
+                    )
+                    if revealed is not None:
+                        my_leaks[revealed[0][0]] += revealed[1]
+                        totals[0] += revealed[1]
                     with stage("error_correction"):
                         kept_bits, stats, count = self._reconcile(channel, msg, sifted, name)
                     chunk_sizes[name].append(count)
+                    last_chunk = (name, len(chunk_sizes[name]) - 1)
                     blocks[name].append(kept_bits)
                     discards[name]["frames_discarded"] += int(stats.get("frames_discarded", 0))
                     discards[name]["bits_discarded"] += count - kept_bits.size
@@ -1941,16 +1978,20 @@ class StreamBob(Bob):
             sized_from_chunk=-1 if source is None else int(source[1]),
             t_handled_s=float(handled_s),
         )
-        if source is not None and source not in self._announced:
-            # the QBER field reveals that chunk's exact error count: a leak about the key
-            # block of its basis, counted on that chunk
-            self._announced.add(source)
-            leak = count_announcement_bits(self._chunk_errors[source[0]][source[1]][1])
-            self._leaks[source[0]] += leak
-            stats_of_source = self._ec_stats[source[0]]
+        revealed = request_reveals(
+            source,
+            self._announced,
+            not self._chunk_errors[name],
+            self._chunk_log[-1] if self._chunk_log else None,
+            lambda chunk: self._chunk_errors[chunk[0]][chunk[1]][1],
+        )
+        if revealed is not None:
+            revealed, leak = revealed
+            self._leaks[revealed[0]] += leak
+            stats_of_source = self._ec_stats[revealed[0]]
             stats_of_source["leak_bits"] += leak
-            stats_of_source["chunk_list"][source[1]]["leak_bits"] += leak
-            stats_of_source["chunk_list"][source[1]]["leak_error_count_bits"] = leak
+            stats_of_source["chunk_list"][revealed[1]]["leak_bits"] += leak
+            stats_of_source["chunk_list"][revealed[1]]["leak_error_count_bits"] += leak
         start = sifted.reconciled[name]
         idx = sifted.key_positions[name].view[start : start + count].copy()
         mine = sifted.bit.view[idx]
