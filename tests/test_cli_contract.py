@@ -268,7 +268,7 @@ BAD_INPUTS = [
         "payload counter file garbage",
         "payload --port /dev/null --counter-file {d}/counter-garbage status",
         2,
-        "expected one integer",
+        "expected one integer (the telecommand counter)",
     ),
     (
         "payload counter file is a directory",

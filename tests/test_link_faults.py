@@ -9,7 +9,14 @@ import pytest
 from linkhelpers import KEY, product_set, qemu_payload, unix_payload
 
 from emulator.link_proxy import LinkFaults, LinkProxy
-from host.link.client import CorruptDownload, LinkError, LinkFailed, PayloadClient
+from host.link.client import (
+    CorruptDownload,
+    LinkError,
+    LinkFailed,
+    PayloadClient,
+    read_counter_state,
+    write_counter_state,
+)
 from host.link.framed_serial import LinkTimeout
 
 NOISY = LinkFaults(drop_rate=2e-4, flip_rate=2e-4, truncate_rate=0.02, frame_loss_rate=0.02)
@@ -132,6 +139,36 @@ def test_qemu_noisy_link_with_a_cut_resumes_and_completes(tmp_path):
                 result = payload.download(entry, satellite, request_timeout_s=0.5)
     assert result.resumed_from == len(part)
     assert (satellite / "stream.qrec").read_bytes() == data
+
+
+def test_telemetry_recorded_in_an_earlier_session_is_refused_in_a_later_one(tmp_path):
+    """The ground's last accepted telemetry counter outlives the session (the station's
+    counter file, beside the telecommand counter): an acceptance recorded off the link in
+    one session and injected at the start of the next, before any genuine packet, is
+    refused, so it cannot pass for the answer to a new command (a cold review made a stop
+    or a rekey look accepted that way while each session started afresh)."""
+    counter_file = tmp_path / "station" / "counter"
+    with unix_payload(tmp_path, {}) as target:
+        with LinkProxy(target.ground_port, seed=1, capture=True) as proxy:
+            with PayloadClient(proxy.port, KEY, counter_file=counter_file) as payload:
+                version = payload.ping()
+                recorded = bytes(proxy.captured["down"])  # the ping's acceptance and reply
+                last_accepted = payload.tm_counter.last
+            telecommand, telemetry = read_counter_state(counter_file)
+            assert telecommand == payload.counter and telemetry == last_accepted
+            with PayloadClient(proxy.port, KEY, counter_file=counter_file) as later:
+                proxy.inject("down", recorded)
+                with pytest.raises(LinkTimeout, match="replayed or reordered"):
+                    later.receive_tm(1.0)
+                assert later.replayed_packets == recorded.count(b"\x00") >= 2
+                assert later.ping() == version  # genuine telemetry still accepted
+                assert later.tm_counter.last > last_accepted
+            # a station that heard a payload further on (another board given this key):
+            # nothing is believed, and the error says where the operator's record is
+            write_counter_state(counter_file, 0, 2**31)
+            with PayloadClient(proxy.port, KEY, counter_file=counter_file, timeout_s=1.0) as new:
+                with pytest.raises(LinkFailed, match="if this payload is new, remove the sec"):
+                    new.ping()
 
 
 def test_replayed_telemetry_is_refused_and_counted(tmp_path):

@@ -26,7 +26,7 @@ import serial
 
 from host.console import print_result, to_json
 from host.errors import BadInput
-from host.link.client import LinkError, LinkFailed, PayloadClient
+from host.link.client import LinkError, LinkFailed, PayloadClient, read_counter_state
 from host.link.framed_serial import LinkLost, LinkTimeout
 from host.protocol import ccsds
 
@@ -187,16 +187,17 @@ def load_product_key(path: Path | None) -> bytes | None:
 
 
 def check_counter_file(path: Path) -> None:
-    """The telecommand counter file must hold one integer, and be writable."""
+    """The counter file must be readable as one (client.read_counter_state), and
+    writable."""
     if path.exists():
         if not path.is_file():
             raise BadInput(f"--counter-file {path}: not a file")
         try:
-            text = path.read_text().strip()
+            read_counter_state(path)
         except (OSError, UnicodeDecodeError) as error:
             raise BadInput(f"--counter-file {path}: cannot read ({error})") from None
-        if text and not text.isdigit():
-            raise BadInput(f"--counter-file {path}: expected one integer, found {text[:20]!r}")
+        except ValueError as error:
+            raise BadInput(f"--counter-file {path}: {error}") from None
         if not os.access(path, os.W_OK):
             raise BadInput(f"--counter-file {path}: not writable")
     else:

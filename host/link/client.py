@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import stat
 import time
 import zlib
@@ -59,6 +60,29 @@ class DownloadResult:
     sealed: bool = False  # served AES-256-GCM sealed (a pattern product), opened here
 
 
+def read_counter_state(path: Path) -> tuple[int, int | None]:
+    """(the last telecommand security counter sent with this key, the last telemetry
+    counter accepted from the payload or None) from a station's counter file:
+    `<telecommand> [<telemetry>]`, decimal (a file of one number: before session 30).
+    ValueError names what is wrong."""
+    fields = path.read_text().split()
+    if len(fields) > 2 or not all(f.isdigit() for f in fields):
+        raise ValueError(
+            "expected one integer (the telecommand counter) and optionally a second (the "
+            f"telemetry counter), found {' '.join(fields)[:40]!r}"
+        )
+    numbers = [int(f) for f in fields]
+    return (numbers[0] if numbers else 0), (numbers[1] if len(numbers) == 2 else None)
+
+
+def write_counter_state(path: Path, telecommand: int, telemetry: int | None) -> None:
+    """The counter file, replaced whole (a temporary renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{telecommand}" + ("" if telemetry is None else f" {telemetry}") + "\n")
+    os.replace(tmp, path)
+
+
 class PayloadClient:
     def __init__(
         self,
@@ -81,15 +105,19 @@ class PayloadClient:
         self.source_id = source_id
         self.timeout_s = timeout_s
         self.counter_file = counter_file
-        self.counter = 0
+        self.counter, last_tm = 0, None
         if counter_file is not None and counter_file.exists():
-            self.counter = int(counter_file.read_text().strip() or 0)
-        self.sequence_count = 0
+            self.counter, last_tm = read_counter_state(counter_file)
+        # Where the 14-bit sequence count starts is not a secret, but a fixed start gave
+        # every session's first command the same request id, which an old session's
+        # recorded acceptance quoted (the telemetry counter below is the real guard)
+        self.sequence_count = secrets.randbelow(0x4000)
         self.bad_packets = 0
         self.unauthenticated_packets = 0  # of bad_packets: wrong HMAC tag, refused
         self.stale_packets = 0
-        # the payload's telemetry security counter: replayed or reordered packets refused
-        self.tm_counter = ccsds.TelemetryCounter()
+        # the payload's telemetry security counter: replayed or reordered packets refused,
+        # from the last one this station accepted in any session (its counter file)
+        self.tm_counter = ccsds.TelemetryCounter(last_tm)
         self.last_refusal: str | None = None
         self.retries = retries
 
@@ -107,10 +135,7 @@ class PayloadClient:
 
     def _save_counter(self) -> None:
         if self.counter_file is not None:
-            self.counter_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.counter_file.with_suffix(".tmp")
-            tmp.write_text(f"{self.counter}\n")
-            os.replace(tmp, self.counter_file)
+            write_counter_state(self.counter_file, self.counter, self.tm_counter.last)
 
     def send_tc(self, service: int, subtype: int, data: bytes = b"", ack: bool = True) -> bytes:
         """Send one telecommand; returns its request id (what reports quote). `data` may be
@@ -202,7 +227,9 @@ class PayloadClient:
                 if reply is None:
                     return None
                 try:
-                    return self._await_reply(what, service, reply)
+                    answer = self._await_reply(what, service, reply)
+                    self._save_counter()  # its telemetry counter too: never accepted again
+                    return answer
                 except LinkFailed:
                     if last or not idempotent:
                         raise LinkFailed(
@@ -234,10 +261,19 @@ class PayloadClient:
                 of = "any" if unanswered == sent else f"{unanswered}"
                 waited = f"to {of} of {sent} sends, {self.timeout_s:.1f} s each"
             refused = error.refused
+            hint = " (check the port, the baud rate and the key)"
+            if refused and "telemetry security counter" in refused and self.counter_file:
+                # a replay by an intruder, or a payload whose counter did start again (a new
+                # board, emulated ones included, given this key): only the operator can tell
+                hint = (
+                    f" (its telemetry counter is below the last this station accepted, kept "
+                    f"in {self.counter_file}: if this payload is new, remove the second "
+                    "number from that file)"
+                )
             raise LinkFailed(
                 f"{what}: no answer from the payload on {self.link.port_name} {waited}"
                 + (f" (the last packet refused: {refused})" if refused else "")
-                + " (check the port, the baud rate and the key)"
+                + hint
             ) from None
 
     def _await_verification(self, what: str, request: bytes, sends=(0, 0)) -> ccsds.Verification:
