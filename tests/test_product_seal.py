@@ -14,6 +14,8 @@ from emulator.link_proxy import LinkProxy
 from emulator.targets import UnixTarget
 from host.link.client import CommandRejected, LinkError, PayloadClient
 from host.protocol import ccsds
+from host.protocol.ccsds import PacketError
+from host.protocol.framing import FrameError, decode_frame
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "aesgcm.json").read_text())
 PRODUCT_KEY = bytes(range(200, 232))
@@ -67,6 +69,19 @@ def _payload(tmp_path, product_key):
     return UnixTarget(storage_dir=storage)
 
 
+def _sealed_chunks(down: bytes) -> list[ccsds.SealedChunk]:
+    """The sealed chunks (TM 128,6) among the frames captured on the downlink."""
+    chunks = []
+    for encoded in down.split(b"\x00"):
+        try:
+            tm = ccsds.parse_tm(decode_frame(encoded, ccsds.GROUND_MAX_BODY_BYTES), KEY)
+        except (FrameError, PacketError):
+            continue  # an empty split, a frame of another kind
+        if (tm.service, tm.subtype) == (ccsds.SVC_PRODUCTS, 6):
+            chunks.append(ccsds.parse_sealed_chunk(tm))
+    return chunks
+
+
 def _windows(data: bytes) -> list[bytes]:
     return [data[i : i + 16] for i in range(0, len(data) - 15, 16)]
 
@@ -99,7 +114,10 @@ def test_a_sealed_product_round_trips_and_only_ciphertext_crosses_the_link(tmp_p
     assert result.sealed and result.path.read_bytes() == PATTERN
     assert os.stat(result.path).st_mode & 0o777 == 0o600
     assert not [w for w in _windows(PATTERN) if w in down]
-    assert down.count(b"PRD1") >= len(PATTERN) // 700  # one fresh nonce per chunk
+    # one nonce per chunk, none used twice (PRD1 + the u64 count of sealed chunks)
+    nonces = [chunk.nonce for chunk in _sealed_chunks(down)]
+    assert len(nonces) >= len(PATTERN) // 700 and all(n[:4] == b"PRD1" for n in nonces)
+    assert len(set(nonces)) == len(nonces)
 
 
 def test_chunks_sealed_under_another_key_are_refused_and_nothing_is_kept(tmp_path):
