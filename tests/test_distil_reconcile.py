@@ -660,6 +660,25 @@ def test_alice_refuses_an_entropy_ratio_outside_its_bounds(offset):
     assert t_a.outbox.empty()  # nothing of the key crossed
 
 
+def test_alice_refuses_a_third_top_up_before_revealing_anything_of_it():
+    """Bob may top every frame up twice before his first decoding; a third step is refused
+    before Alice reveals its bits (she revealed them, then refused, until session 30)."""
+    data = np.random.default_rng(0).bytes(1 << 12)
+    t_a, t_b = ch.queue_pair(timeout_s=10)
+    a = ch.AuthChannel(t_a, ch.KeyPool(data), ch.ALICE)
+    b = ch.AuthChannel(t_b, ch.KeyPool(data), ch.BOB)
+    b.send("ec_sizing", entropy_ratio=reconcile.ENTROPY_RATIO_ONE)
+    for _ in range(3):
+        b.send("ec_top_up", step=64)
+    key = np.random.default_rng(1).integers(0, 2, 20_000, dtype=np.uint8)
+    with pytest.raises(reconcile.ReconciliationFailed, match="more than two top-ups"):
+        reconcile.ldpc_alice(a, key, 0.02, 1.05, np.random.default_rng(2))
+    sent = []
+    while not t_a.outbox.empty():
+        sent.append(ch.decode(t_a.outbox.get()[: -ch.TAG_BYTES])[0])
+    assert sent.count("ec_reveal") == 2, sent
+
+
 def _bob_bits(stats: dict, lists: int, code_n: int = 8192) -> int:
     """Bob's string-dependent EC messages: each frame list (ec_status, ec_discard) a subset
     of the frames, each ec_top_up step one of n + 1 values, the retries' steps one such

@@ -773,17 +773,17 @@ def _ldpc_alice_part(
     # ended by a step of 0
     first_step = 0
     top_up_messages = 0
-    for _ in range(3):
+    for top_ups in range(3):
         step = int(channel.recv("ec_top_up")["step"])
         top_up_messages += 1
         if not 0 <= step <= code.n:
             raise ReconciliationFailed(f"ec_top_up: step {step} out of range")
         if not step:
             break
+        if top_ups == 2:  # refused before anything of it is revealed
+            raise ReconciliationFailed("ec_top_up: more than two top-ups")
         reveal(np.arange(len(frames)), step)
         first_step += step
-    else:
-        raise ReconciliationFailed("ec_top_up: more than two top-ups")
     status_messages = 0
     base_step = None
     while True:
