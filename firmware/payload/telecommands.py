@@ -357,14 +357,17 @@ class GroundLink:
         # the chunk counter: persisted as a ceiling, as the telecommand counter is, and
         # coarsely in the key region. One counter for the payload's life, whatever
         # product key: the same key provisioned again after a format (which lost the file,
-        # not the region) never sees a nonce again.
-        self.sealed_chunks = self._region[3]
+        # not the region) never sees a nonce again. The region's only without a file, as
+        # the telecommand counter (_load_counter).
+        self.sealed_chunks = -1
         for name in (NONCE_FILE, NONCE_FILE + ".tmp"):
             try:
                 with open(self._link_path(name)) as f:
                     self.sealed_chunks = max(self.sealed_chunks, int(f.read().strip()))
             except (OSError, ValueError):
                 pass
+        if self.sealed_chunks < 0:
+            self.sealed_chunks = self._region[3]
         self._nonce_ceiling = self.sealed_chunks
 
     def _next_nonce(self):
@@ -397,7 +400,10 @@ class GroundLink:
         # in littlefs and POSIX), so a power cut leaves the old or the new value, never an
         # empty file that would reopen the replay window; both are read, the larger wins.
         # Each file names the key it belongs to: a new key starts a new counter space.
-        self.last_counter = 0
+        # Without a file of this key (a format lost it, not the key) the key region's
+        # coarse ceiling: both are written before a counter passes them, so either bounds
+        # every counter used, and the file's, nearer, skips no counters at each boot.
+        self.last_counter = -1
         for name in (COUNTER_FILE, COUNTER_FILE + ".tmp"):
             try:
                 with open(self._link_path(name)) as f:
@@ -408,22 +414,25 @@ class GroundLink:
             if len(fields) > 1 and fields[1] != self.key_id:
                 continue  # the counter of a previous key
             self.last_counter = max(self.last_counter, value)
-        # the region's ceiling too: after a format the file is gone, the key is not
-        self.last_counter = max(self.last_counter, self._region_tc_ceiling())
+        if self.last_counter < 0:
+            self.last_counter = self._region_tc_ceiling()
         self._ceiling = self.last_counter
 
     def _load_tm_counter(self):
         # Telemetry counts on from the ceiling stored before the last power cut, so no
         # counter value is ever sent twice; one counter for the payload's life (not per
         # key: the ground's last accepted value stays valid across a rekey); from the key
-        # region's ceiling when it is higher (a format lost the file).
-        ceiling = self._region[2]
+        # region's coarse ceiling when there is no file (a format lost it), as the
+        # telecommand counter (_load_counter)
+        ceiling = -1
         for name in (TM_COUNTER_FILE, TM_COUNTER_FILE + ".tmp"):
             try:
                 with open(self._link_path(name)) as f:
                     ceiling = max(ceiling, int(f.read().split()[0]))
             except (OSError, ValueError, IndexError):
                 pass
+        if ceiling < 0:
+            ceiling = self._region[2]
         self.tm.security_counter = ceiling
         self._tm_ceiling = ceiling
         self.tm_counter_write_failures = 0
