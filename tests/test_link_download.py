@@ -7,6 +7,7 @@ import zlib
 import pytest
 from linkhelpers import KEY, product_set, qemu_payload, unix_payload
 
+from emulator.targets import UnixTarget
 from host.link.client import CommandRejected, LinkError, PayloadClient
 from host.protocol import ccsds
 
@@ -79,6 +80,40 @@ def test_a_station_behind_on_counters_resyncs_but_replays_stay_rejected(tmp_path
             assert not verification.accepted and verification.reason == "replay"
             hk = second.housekeeping()
     assert hk["link"]["tc_rejected"]["replay"] == 2
+
+
+def test_after_a_storage_format_replays_stay_rejected_and_the_ground_resyncs(tmp_path):
+    # A format (what a board does when littlefs will not mount) loses link/counter and
+    # link/tm_counter but not <storage>/.keyregion: the key and the counters' coarse
+    # ceilings. Recorded telecommands stay refused; the ground's counter file, now behind
+    # the payload's, resyncs on the first replay report, and telemetry counts on above it.
+    counter_file = tmp_path / "ctr"
+    with unix_payload(tmp_path, {}) as target:
+        with PayloadClient(target.ground_port, KEY, counter_file=counter_file) as payload:
+            for _ in range(3):
+                payload.ping()
+            recorded = ccsds.build_tc(KEY, payload.counter + 1, ccsds.SVC_TEST, 1)
+            payload.link.send(recorded)
+            payload._await_verification("ping", ccsds.request_id(recorded))
+            payload.counter += 1
+            payload._save_counter()
+            tm_before = payload.housekeeping()["link"]["tm_counter"]
+    storage = target.storage_dir
+    for folder in ("link", "products"):  # the format: littlefs empty, the region kept
+        for path in (storage / folder).iterdir():
+            path.unlink()
+    assert (storage / ".keyregion").exists()
+    with UnixTarget(storage_dir=storage) as target:
+        with PayloadClient(target.ground_port, KEY, counter_file=counter_file) as payload:
+            payload.link.send(recorded)  # played again after the format
+            verification = payload._await_verification("replay", ccsds.request_id(recorded))
+            assert not verification.accepted and verification.reason == "replay"
+            payload.ping()  # behind: one replay report, the jump, accepted
+            hk = payload.housekeeping()
+    assert hk["key"] == "provisioned"
+    assert hk["link"]["tc_rejected"] == {"replay": 2}
+    assert hk["link"]["tm_counter"] > tm_before
+    assert int(counter_file.read_text()) > 4096
 
 
 def test_a_wrong_key_gets_nothing_done(tmp_path):

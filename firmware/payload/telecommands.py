@@ -51,6 +51,20 @@ _COUNTER_STEP = const(64)
 # chunk, and one ceiling write per 256 packets keeps flash wear and time small (one synced
 # write costs ~89 ms on NOR, docs/storage.md).
 _TM_COUNTER_STEP = const(256)
+# Coarse ceilings of the three counters, in the key region beside the key
+# (keystore.py), so that a storage format (which loses the littlefs ceilings above, not
+# the key) never lets a counter value be used twice. At boot each counter starts at the
+# larger of its littlefs ceiling and its region ceiling; the region's is rewritten, before
+# the counter passes it, this far ahead. Steps this long because on a board the region is
+# a flash sector without wear levelling: a write per 4,096 telecommands and per 65,536
+# telemetry packets or sealed chunks is a handful of writes a year of passes, plus one per
+# boot that uses the counter (it restarts at the region's ceiling, docs/ground-link.md).
+# Module globals, not const: read only on a region write, and a test can shorten them to
+# cross many region ceilings with real traffic.
+REGION_TC_STEP = 4096
+REGION_TM_STEP = 65_536
+REGION_NONCE_STEP = 65_536
+_U32_MAX = 0xFFFFFFFF  # a big int on 32-bit targets: only on a region write
 MAX_CHUNK_BYTES = const(1024)
 # TM 1,2 reports for frames that consumed no counter (anyone on the uplink can make them:
 # the frame CRC and the PEC are public), bounded per time by two token buckets over the
@@ -183,6 +197,7 @@ class GroundLink:
         # maintenance telecommand opened one; there is no REPL to hand the link to
         self.code_session = None
         self._load_key()
+        self._load_region_ceilings()
         # Without a usable key telemetry is tagged with a public key (commands are never
         # accepted with it): the rejections then still say why to a ground that tries it.
         self.tm = ccsds.TmWriter(
@@ -245,6 +260,7 @@ class GroundLink:
         # anyone could know.
         self.hmac = None
         self.key_id = ""
+        self._key_id_raw = None
         dropped = None
         path = self._link_path(KEY_FILE)
         try:
@@ -274,9 +290,45 @@ class GroundLink:
         self.key_state = "provisioned"
         self.hmac = auth.Hmac(key)
         self.key_id = auth.key_id(key)
+        self._key_id_raw = bytes.fromhex(self.key_id)
         tm = getattr(self, "tm", None)
         if tm is not None:
             tm.hmac = self.hmac  # a rekey: telemetry is tagged with the new key from now
+
+    def _load_region_ceilings(self):
+        """The key region's coarse ceilings: [key id, telecommand, telemetry, nonce], as
+        stored (the telecommand ceiling counts for the key of that id only); zeros when
+        no valid record is there (a region from before the record, or never written)."""
+        record = None
+        try:
+            record = self.key_store.load_ceilings()
+        except (OSError, MemoryError):
+            pass
+        if record is None:
+            record = (bytes(keystore.KEY_ID_BYTES), 0, 0, 0)
+        self._region = list(record)
+
+    def _region_tc_ceiling(self):
+        """The region's telecommand ceiling for the current key: 0 when the record names
+        another key (a rekey, a new key provisioned: a new counter space)."""
+        region = self._region
+        return region[1] if region[0] == self._key_id_raw else 0
+
+    def _store_region(self, index, ceiling):
+        """Store a new ceiling of one counter (index into self._region: 1 telecommand, for
+        the current key; 2 telemetry; 3 nonce) in the key region, the others as they are;
+        False if the region cannot be written (the counter must then not pass the stored
+        ceiling)."""
+        record = list(self._region)
+        if index == 1:
+            record[0] = self._key_id_raw
+        record[index] = ceiling
+        try:
+            self.key_store.store_ceilings(record[0], record[1], record[2], record[3])
+        except (OSError, MemoryError):  # MemoryError: as in _next_tm_counter
+            return False
+        self._region = record
+        return True
 
     def _load_product_key(self):
         # 32 raw bytes, or 64 hex characters. No key: pattern products are refused (there
@@ -302,23 +354,33 @@ class GroundLink:
         self._nonce = bytearray(aesgcm.NONCE_BYTES)
         self._nonce[:4] = _NONCE_PREFIX
         self.product_key_state = "provisioned"
-        # the chunk counter: persisted as a ceiling, as the telecommand counter is
-        self.sealed_chunks = 0
+        # the chunk counter: persisted as a ceiling, as the telecommand counter is, and
+        # coarsely in the key region. One counter for the payload's life, whatever
+        # product key: the same key provisioned again after a format (which lost the file,
+        # not the region) never sees a nonce again. The region's only without a file, as
+        # the telecommand counter (_load_counter).
+        self.sealed_chunks = -1
         for name in (NONCE_FILE, NONCE_FILE + ".tmp"):
             try:
                 with open(self._link_path(name)) as f:
                     self.sealed_chunks = max(self.sealed_chunks, int(f.read().strip()))
             except (OSError, ValueError):
                 pass
+        if self.sealed_chunks < 0:
+            self.sealed_chunks = self._region[3]
         self._nonce_ceiling = self.sealed_chunks
 
     def _next_nonce(self):
         """A nonce never used before with this key, or Rejected if that cannot be
         guaranteed (the ceiling could not be stored)."""
         counter = self.sealed_chunks + 1
+        if counter > self._nonce_ceiling or counter > self._region[3]:
+            self._logs_durable_first()
+        if counter > self._region[3]:
+            if not self._store_region(3, counter + REGION_NONCE_STEP):
+                raise Rejected(ccsds.REJECT_STORAGE, "cannot store the nonce ceiling")
         if counter > self._nonce_ceiling:
             ceiling = counter + _NONCE_STEP
-            self._logs_durable_first()
             try:
                 temporary = self._link_path(NONCE_FILE + ".tmp")
                 with open(temporary, "w") as f:
@@ -338,7 +400,10 @@ class GroundLink:
         # in littlefs and POSIX), so a power cut leaves the old or the new value, never an
         # empty file that would reopen the replay window; both are read, the larger wins.
         # Each file names the key it belongs to: a new key starts a new counter space.
-        self.last_counter = 0
+        # Without a file of this key (a format lost it, not the key) the key region's
+        # coarse ceiling: both are written before a counter passes them, so either bounds
+        # every counter used, and the file's, nearer, skips no counters at each boot.
+        self.last_counter = -1
         for name in (COUNTER_FILE, COUNTER_FILE + ".tmp"):
             try:
                 with open(self._link_path(name)) as f:
@@ -349,32 +414,43 @@ class GroundLink:
             if len(fields) > 1 and fields[1] != self.key_id:
                 continue  # the counter of a previous key
             self.last_counter = max(self.last_counter, value)
+        if self.last_counter < 0:
+            self.last_counter = self._region_tc_ceiling()
         self._ceiling = self.last_counter
 
     def _load_tm_counter(self):
         # Telemetry counts on from the ceiling stored before the last power cut, so no
         # counter value is ever sent twice; one counter for the payload's life (not per
-        # key: the ground's last accepted value stays valid across a rekey).
-        ceiling = 0
+        # key: the ground's last accepted value stays valid across a rekey); from the key
+        # region's coarse ceiling when there is no file (a format lost it), as the
+        # telecommand counter (_load_counter)
+        ceiling = -1
         for name in (TM_COUNTER_FILE, TM_COUNTER_FILE + ".tmp"):
             try:
                 with open(self._link_path(name)) as f:
                     ceiling = max(ceiling, int(f.read().split()[0]))
             except (OSError, ValueError, IndexError):
                 pass
+        if ceiling < 0:
+            ceiling = self._region[2]
         self.tm.security_counter = ceiling
         self._tm_ceiling = ceiling
         self.tm_counter_write_failures = 0
 
     def _next_tm_counter(self):
         """Advance the telemetry counter, storing a new ceiling first when it reaches the
-        stored one. If storage fails the packet still goes out (counted): a counter reused
+        stored one (the key region's coarse one and the littlefs one, each on its own). If
+        storage fails the packet still goes out (counted): a counter reused
         after a later power cut is refused by the ground as a replay, which costs
         telemetry, never security."""
         counter = self.tm.security_counter + 1
+        if counter > self._tm_ceiling or counter > self._region[2]:
+            self._logs_durable_first()
+        failed = False
+        if counter > self._region[2]:
+            failed = not self._store_region(2, min(counter + REGION_TM_STEP, _U32_MAX))
         if counter > self._tm_ceiling:
             ceiling = counter + _TM_COUNTER_STEP
-            self._logs_durable_first()
             try:
                 try:
                     os.mkdir(self.root + "/" + LINK_DIR)
@@ -390,16 +466,27 @@ class GroundLink:
                 # the QEMU board's littlefs), which a fragmented heap may not have; that is
                 # storage that cannot be written now, not a reason to lose the packet (it
                 # raised out of handle(), the report and the rejection both lost)
-                self.tm_counter_write_failures += 1
+                failed = True
+        if failed:  # once a packet, whichever ceiling (or both) could not be stored
+            self.tm_counter_write_failures += 1
         self.tm.security_counter = counter
 
     def _persist_counter(self, counter):
         """Make sure the ceiling on storage is above counter before the command acts;
-        False if it cannot be written (the command must then not act)."""
-        if counter < self._ceiling:
+        False if it cannot be written (the command must then not act). The key region's
+        coarse ceiling first (a format loses the file, not the region); each is checked on
+        its own, as either may be the lower."""
+        region_ceiling = self._region_tc_ceiling()
+        if counter < self._ceiling and counter < region_ceiling:
             return True
-        ceiling = counter + _COUNTER_STEP
         self._logs_durable_first()
+        if counter >= region_ceiling:
+            if not self._store_region(1, min(counter + REGION_TC_STEP, _U32_MAX)):
+                self.counter_write_failures += 1
+                return False
+            if counter < self._ceiling:
+                return True
+        ceiling = counter + _COUNTER_STEP
         try:
             try:
                 os.mkdir(self.root + "/" + LINK_DIR)
@@ -866,9 +953,13 @@ class GroundLink:
             raise Rejected(ccsds.REJECT_STORAGE, "key region not writable") from None
         self._accept(body, ack)  # reported under the old key's counter, as sent
         self._use_key(key)
-        self.last_counter = 0
+        # A new key counts from 0 (the region's record names the old key until the first
+        # write below renames it; the telemetry and nonce ceilings stay in every record).
+        # The current key installed again keeps its region ceiling: its used counters
+        # stay used.
+        self.last_counter = self._region_tc_ceiling()
         self._ceiling = 0
-        self._persist_counter(0)
+        self._persist_counter(self.last_counter)
 
     def _call_mission(self, method, *args):
         # The mission validates its own parameters: ValueError is a bad argument,
