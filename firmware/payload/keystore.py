@@ -92,17 +92,25 @@ class KeyStore:
 
     def store(self, key):
         """Write key into the older (or invalid) slot; the previous key stays in the other
-        one until this write is complete."""
+        one until this write is complete. Then a second copy over the previous key: a
+        retired key left readable in the region would be what a damaged newer slot falls
+        back to, with its counter space gone (its ceilings name it no more)."""
         if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
             raise ValueError("key: need 16..64 bytes")
         target, sequence = _older(self._slots())
         slot = bytearray(SLOT_BYTES)
         slot[0:4] = _MAGIC
-        slot[4:8] = sequence.to_bytes(4, "little")
         slot[8:12] = len(key).to_bytes(4, "little")
         slot[12 : 12 + len(key)] = key
-        slot[76:80] = _crc(slot[:76]).to_bytes(4, "little")
-        self.region.write(target * SLOT_BYTES, slot)
+        for index, number in ((target, sequence), (1 - target, sequence + 1)):
+            slot[4:8] = number.to_bytes(4, "little")
+            slot[76:80] = _crc(slot[:76]).to_bytes(4, "little")
+            try:
+                self.region.write(index * SLOT_BYTES, slot)
+            except OSError:
+                if index == target:
+                    raise  # nothing stored: the caller says so
+                # the key is stored; the previous one stays readable until the next store
 
     def _ceiling_slots(self):
         return [

@@ -164,9 +164,10 @@ def test_a_torn_write_of_the_ceilings_leaves_ceilings_above_every_used_value():
         for cut in range(2, 14):
             region.cut_at_write = region.writes + cut
             sent, send = _recorder()
-            link = telecommands.GroundLink(board, root, send, key_region=region)
-            counter = link.last_counter
             try:
+                # the boot itself writes the key's two copies at first
+                link = telecommands.GroundLink(board, root, send, key_region=region)
+                counter = link.last_counter
                 for _ in range(20):
                     before = len(sent)
                     counter = _command(link, sent, key, counter + 1)
@@ -208,6 +209,8 @@ def test_rekey_restarts_the_telecommand_counter_and_keeps_the_others():
     assert _verification(sent[-1]) == (True, 0), sent[-1]
     tm = _tm_counter(sent[-1])
     assert link.last_counter == 0  # the new key's counter space
+    with open(root + ".keyregion", "rb") as f:
+        assert key not in f.read()  # the retired key is not left in the other slot
     link.handle(_tc(next_key, 1, 17, 1))
     assert _verification(sent[-2]) == (True, 0) and _tm_counter(sent[-2]) == tm + 1
     recorded = _tc(next_key, 2, 8, 1, bytes([ccsds.FN_REBOOT]))
@@ -227,30 +230,32 @@ def test_rekey_restarts_the_telecommand_counter_and_keeps_the_others():
 
 
 def test_a_power_cut_in_a_rekey_keeps_the_telemetry_and_nonce_ceilings():
-    # The rekey writes the key's slot, then the ceilings record naming the new key; a
-    # power cut tearing that record leaves the previous one (the old key's name: the new
-    # key counts from 0), whose telemetry and nonce ceilings still hold.
-    key = b"k" * 32
+    # The rekey writes the key's slot, its second copy over the retired key, then the
+    # ceilings record naming the new key; a power cut tearing the copy or the record
+    # leaves the previous record (the old key's name: the new key counts from 0), whose
+    # telemetry and nonce ceilings still hold, and the new key.
     next_key = bytes(range(80, 112))
-    root = _fresh_root(key)
-    _provision_products(root)
-    region = _TornRegion(root + ".keyregion")
-    sent, send = _recorder()
-    link = telecommands.GroundLink(board, root, send, key_region=region)
-    counter = _command(link, sent, key, 1)
-    counter = _command(link, sent, key, counter + 1, 128, 3, _READ_ARGS, 0)
-    nonce = _nonce_counter(sent[-1])
-    region.cut_at_write = region.writes + 2  # the key's slot, then the record: torn
-    try:
-        link.handle(_rekey_tc(key, counter + 1, next_key))
-        raise AssertionError("no power cut")
-    except _PowerCut:
-        pass
-    tm = max(_tm_counter(p) for p in sent)
-    _format(root, products=True)
-    region.cut_at_write = 0
-    sent, send = _recorder()
-    again = telecommands.GroundLink(board, root, send, key_region=region)
-    assert again.key_id == auth.key_id(next_key) and again.last_counter == 0
-    _command(again, sent, next_key, 1, 128, 3, _READ_ARGS, 0)
-    assert _nonce_counter(sent[-1]) > nonce and _tm_counter(sent[-1]) > tm
+    for torn in (2, 3):  # the second copy, the record
+        key = b"k" * 32
+        root = _fresh_root(key)
+        _provision_products(root)
+        region = _TornRegion(root + ".keyregion")
+        sent, send = _recorder()
+        link = telecommands.GroundLink(board, root, send, key_region=region)
+        counter = _command(link, sent, key, 1)
+        counter = _command(link, sent, key, counter + 1, 128, 3, _READ_ARGS, 0)
+        nonce = _nonce_counter(sent[-1])
+        region.cut_at_write = region.writes + torn
+        try:
+            link.handle(_rekey_tc(key, counter + 1, next_key))
+            raise AssertionError("no power cut")
+        except _PowerCut:
+            pass
+        tm = max(_tm_counter(p) for p in sent)
+        _format(root, products=True)
+        region.cut_at_write = 0
+        sent, send = _recorder()
+        again = telecommands.GroundLink(board, root, send, key_region=region)
+        assert again.key_id == auth.key_id(next_key) and again.last_counter == 0, torn
+        _command(again, sent, next_key, 1, 128, 3, _READ_ARGS, 0)
+        assert _nonce_counter(sent[-1]) > nonce and _tm_counter(sent[-1]) > tm, torn
