@@ -110,6 +110,14 @@ class CodeSession:
     def check_open(self, now_us):
         if now_us > self.expires_us:
             raise Rejected(REJECT_STATE, "code session closed (arm, then maintenance)")
+        try:
+            os.stat(self.root + "/" + JOURNAL_FILE)
+        except OSError:
+            return
+        # An activation that failed half-way stands in its journal, which the next boot
+        # finishes: a file committed meanwhile under one of its names would be renamed in
+        # by that boot, never activated by the ground
+        raise Rejected(REJECT_STATE, "an activation is unfinished: reboot to finish it")
 
     def touch(self, now_us):
         self.expires_us = now_us + self.window_us

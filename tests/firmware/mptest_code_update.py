@@ -135,6 +135,30 @@ def test_an_activation_naming_an_uncommitted_file_changes_nothing():
     assert "version.py.new" not in os.listdir(root + "/payload")
 
 
+def test_nothing_is_put_committed_or_activated_while_an_activation_is_unfinished():
+    # An activation cut by a storage error leaves its journal for the next boot to finish;
+    # a commit meanwhile under one of its names would be renamed in by that boot though
+    # the ground never activated it (cold review, session 30)
+    root, link, sent = _session()
+    name = b"payload/version.py"
+    link.handle(_put(3, name, 0, NEW_CODE))
+    link.handle(_commit(4, name, len(NEW_CODE), hashlib.sha256(NEW_CODE).digest()))
+    assert _verification(sent[-1]) == (True, 0)
+    with open(root + "/deploy.journal", "wb") as f:  # what the cut activation left
+        f.write(hashlib.sha256(name).digest() + name)
+    other = b'FIRMWARE_VERSION = "other"\n'
+    for counter, command in (
+        (5, _put(5, name, 0, other)),
+        (6, _commit(6, name, len(other), hashlib.sha256(other).digest())),
+        (7, _activate(7, name)),
+    ):
+        link.handle(command)
+        assert _verification(sent[-1]) == (False, ccsds.REJECT_STATE), (counter, sent[-1])
+        assert b"activation is unfinished" in _rejection_text(sent[-1])
+    assert _read(root + "/payload/version.py.new") == NEW_CODE  # what the journal names
+    assert _read(root + "/payload/version.py") == OLD_CODE
+
+
 def test_only_the_applications_code_files_can_be_named():
     root, link, sent = _session()
     refused = (
