@@ -93,6 +93,15 @@ def _tc(key, counter, service, subtype, data=b"", ack=1):
     return packet + bytes((crc >> 8, crc & 0xFF))
 
 
+def _rekey_tc(key, counter, next_key):
+    """The rekey telecommand: next_key wrapped with the pad only the current key makes."""
+    counter_bytes = bytearray(4)
+    ccsds.put_u32(counter_bytes, 0, counter)
+    pad = auth.Hmac(key).digest(telecommands.REKEY_LABEL + bytes(counter_bytes))
+    wrapped = bytes(next_key[i] ^ pad[i] for i in range(32))
+    return _tc(key, counter, 8, 1, bytes([ccsds.FN_REKEY]) + wrapped)
+
+
 def _verification(packet):
     assert packet[7] == 1, packet
     code = 0 if packet[8] == 1 else (packet[23] << 8) | packet[24]

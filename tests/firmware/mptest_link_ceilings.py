@@ -93,14 +93,6 @@ def _command(link, sent, key, counter, service=17, subtype=1, data=b"", ack=1):
     raise AssertionError("still a replay after the resync")
 
 
-def _rekey_tc(key, counter, next_key):
-    counter_bytes = bytearray(4)
-    ccsds.put_u32(counter_bytes, 0, counter)
-    pad = auth.Hmac(key).digest(telecommands.REKEY_LABEL + bytes(counter_bytes))
-    wrapped = bytes(next_key[i] ^ pad[i] for i in range(32))
-    return _tc(key, counter, 8, 1, bytes([ccsds.FN_REKEY]) + wrapped)
-
-
 def test_telemetry_counter_after_a_format_is_above_every_value_sent():
     key = b"m" * 32
     root = _fresh_root(key)

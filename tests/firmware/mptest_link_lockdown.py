@@ -9,7 +9,7 @@ import os
 
 import board
 import micropython
-from payload import auth, ccsds, scheduler, telecommands
+from payload import ccsds, scheduler, telecommands
 
 # What the firmware used to fall back to when no key was provisioned: public.
 PUBLIC_KEY = hashlib.sha256(b"qkdsat development key, not for flight").digest()
@@ -26,14 +26,6 @@ def _rmtree(path):
         except OSError:
             _rmtree(full)
     os.rmdir(path)
-
-
-def _rekey_tc(key, counter, next_key):
-    counter_bytes = bytearray(4)
-    ccsds.put_u32(counter_bytes, 0, counter)
-    pad = auth.Hmac(key).digest(telecommands.REKEY_LABEL + bytes(counter_bytes))
-    wrapped = bytes(next_key[i] ^ pad[i] for i in range(32))
-    return _tc(key, counter, 8, 1, bytes([ccsds.FN_REKEY]) + wrapped)
 
 
 def test_counter_exhaustion_does_not_lock_the_link_and_rekey_recovers():
