@@ -183,13 +183,19 @@ def test_a_pattern_products_partial_file_is_never_readable_by_others(tmp_path, m
                 monkeypatch.setattr(payload, "send_tc", note_modes)
                 payload.download(entry, satellite, chunk_bytes=700)
                 assert modes == [(0o600, 0o700)]
-                # an earlier, readable partial download of the first 1,400 bytes
+                # an older client's partial download of the first 1,400 bytes: made with
+                # the umask's mode, a descriptor opened on it then, narrowed to 0600 at its
+                # first chunk, its record valid (without this client's private_part)
                 (satellite / "patterns.qrec").unlink()
-                part.write_bytes(PATTERN[:1400])
+                part.write_bytes(b"")
                 part.chmod(0o644)
+                spy = os.open(part, os.O_RDONLY)
+                part.chmod(0o600)
+                part.write_bytes(PATTERN[:1400])
                 meta = satellite / "patterns.qrec.part.json"
-                PayloadClient._save_meta(meta, entry, 1400, zlib.crc32(PATTERN[:1400]))
-                spy = os.open(part, os.O_RDONLY)  # opened while it was readable
+                record = {"name": entry.name, "size": entry.size, "crc32": entry.crc32}
+                record.update(verified_bytes=1400, verified_crc32=zlib.crc32(PATTERN[:1400]))
+                meta.write_text(json.dumps(record))
                 try:
                     result = payload.download(entry, satellite, chunk_bytes=700)
                     spied = os.pread(spy, len(PATTERN), 0)

@@ -451,7 +451,7 @@ class PayloadClient:
         part = folder / (entry.name + ".part")
         meta_path = folder / (entry.name + ".part.json")
         if protected:
-            self._drop_readable_part(part, meta_path)
+            self._drop_unsafe_part(part, meta_path)
         verified, crc = self._resume_point(entry, part, meta_path)
         resumed_from = verified
         if progress:
@@ -601,7 +601,9 @@ class PayloadClient:
     @staticmethod
     def _save_meta(path: Path, entry: ProductEntry, verified: int, crc: int) -> None:
         meta = {"name": entry.name, "size": entry.size, "crc32": entry.crc32}
-        meta.update(verified_bytes=verified, verified_crc32=crc)
+        # private_part: the part was 0600 from its creation (_drop_unsafe_part)
+        private = entry.name.startswith(ccsds.PROTECTED_PREFIX)
+        meta.update(verified_bytes=verified, verified_crc32=crc, private_part=private)
         tmp = path.with_suffix(".tmp")
         # 0600 like the part: the CRC of a sealed product's opened prefix is 32 linear
         # bits of Alice's raw data (the payload lists that product's CRC as 0 for this)
@@ -612,16 +614,22 @@ class PayloadClient:
         os.replace(tmp, path)
 
     @staticmethod
-    def _drop_readable_part(part: Path, meta_path: Path) -> None:
-        """Remove a pattern product's partial download that others could read (left by a
-        client that made it with the umask's mode): a descriptor opened on it then would
-        read every byte opened into it later, the inode being the one renamed into place,
-        so the download starts again in a new file rather than chmod it."""
+    def _drop_unsafe_part(part: Path, meta_path: Path) -> None:
+        """Remove a pattern product's partial download unless this client made it (0600
+        from its creation, its record says so): an older client made it with the umask's
+        mode and narrowed it only at the first chunk, and a descriptor opened on it in
+        between would read every byte opened into it later (the inode is the one renamed
+        into place), however its mode reads now. The download then starts again in a new
+        file rather than resume."""
         try:
             mode = os.lstat(part).st_mode
         except FileNotFoundError:
             return
-        if not stat.S_ISREG(mode) or mode & 0o077:
+        try:
+            ours = json.loads(meta_path.read_text()).get("private_part") is True
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours or not stat.S_ISREG(mode) or mode & 0o077:
             part.unlink()
             meta_path.unlink(missing_ok=True)
 
