@@ -53,12 +53,12 @@ _COUNTER_STEP = const(64)
 _TM_COUNTER_STEP = const(256)
 # Coarse ceilings of the three counters, in the key region beside the key
 # (keystore.py), so that a storage format (which loses the littlefs ceilings above, not
-# the key) never lets a counter value be used twice. At boot each counter starts at the
-# larger of its littlefs ceiling and its region ceiling; the region's is rewritten, before
-# the counter passes it, this far ahead. Steps this long because on a board the region is
-# a flash sector without wear levelling: a write per 4,096 telecommands and per 65,536
-# telemetry packets or sealed chunks is a handful of writes a year of passes, plus one per
-# boot that uses the counter (it restarts at the region's ceiling, docs/ground-link.md).
+# the key) never lets a counter value be used twice. At boot each counter starts at its
+# littlefs ceiling, or at its region ceiling when the file is gone (a format); the
+# region's is rewritten, before the counter passes it, this far ahead. Steps this long
+# because on a board the region is a flash sector without wear levelling: a write per
+# 4,096 telecommands and per 65,536 telemetry packets or sealed chunks is a handful of
+# writes a year of passes (docs/ground-link.md).
 # Module globals, not const: read only on a region write, and a test can shorten them to
 # cross many region ceilings with real traffic.
 REGION_TC_STEP = 4096
@@ -467,9 +467,22 @@ class GroundLink:
                 # storage that cannot be written now, not a reason to lose the packet (it
                 # raised out of handle(), the report and the rejection both lost)
                 failed = True
+                if counter <= self._region[2]:
+                    self._drop_stale_tm_files()
         if failed:  # once a packet, whichever ceiling (or both) could not be stored
             self.tm_counter_write_failures += 1
         self.tm.security_counter = counter
+
+    def _drop_stale_tm_files(self):
+        """The packet goes out above the file's ceiling, which a boot would resume from
+        (the file wins while it is there): removed, the boot resumes from the key region's,
+        which bounds this packet. Storage that cannot write may not remove either: then a
+        value is reused after a power cut, as before the region (refused by the ground)."""
+        for name in (TM_COUNTER_FILE + ".tmp", TM_COUNTER_FILE):
+            try:
+                os.remove(self._link_path(name))
+            except OSError:
+                pass
 
     def _persist_counter(self, counter):
         """Make sure the ceiling on storage is above counter before the command acts;
@@ -481,7 +494,10 @@ class GroundLink:
             return True
         self._logs_durable_first()
         if counter >= region_ceiling:
-            if not self._store_region(1, min(counter + REGION_TC_STEP, _U32_MAX)):
+            # an ordinary command's ceiling stops below the counters kept for the rekey:
+            # one at 0xFFFFFFFF would leave a format nothing to rekey with
+            cap = ORDINARY_COUNTER_MAX if counter <= ORDINARY_COUNTER_MAX else _U32_MAX
+            if not self._store_region(1, min(counter + REGION_TC_STEP, cap)):
                 self.counter_write_failures += 1
                 return False
             if counter < self._ceiling:

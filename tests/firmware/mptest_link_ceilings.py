@@ -113,6 +113,30 @@ def test_telemetry_counter_after_a_format_is_above_every_value_sent():
     assert min(_tm_counter(p) for p in sent) > highest[0], [_tm_counter(p) for p in sent]
 
 
+def test_telemetry_past_a_ceiling_littlefs_could_not_store_resumes_above_it():
+    # The file's ceiling cannot be written (a directory where its temporary goes) while
+    # the key region's can: packets go out above the file's ceiling, so its stale file
+    # is removed and the next boot resumes from the region's (the file won at boot and
+    # reused 258-798: second cold review)
+    key = b"s" * 32
+    root = _fresh_root(key)
+    link, _ = _link(root, keep=False)
+    highest = [0]
+
+    def record(buf, length):
+        highest[0] = max(highest[0], ccsds.get_u32(buf, length - 22))
+
+    link._send = record
+    link.handle(_tc(key, 1, 17, 1))  # the first ceilings stored: file and region
+    os.mkdir(root + "/link/tm_counter.tmp")
+    for counter in range(2, 201):  # 400 packets: past the file's first ceiling (256)
+        link.handle(_tc(key, counter, 17, 1))
+    assert highest[0] >= 400 and link.tm_counter_write_failures > 0
+    again, sent = _link(root)
+    _command(again, sent, key, 201)
+    assert min(_tm_counter(p) for p in sent) > highest[0], [_tm_counter(p) for p in sent]
+
+
 def test_a_nonce_after_a_format_and_the_same_product_key_again_is_new():
     # With the nonce counter only in littlefs, the format restarted it at 1: the same
     # product key provisioned again sealed new chunks under nonces already used (keystream
@@ -219,6 +243,24 @@ def test_rekey_restarts_the_telecommand_counter_and_keeps_the_others():
     assert _nonce_counter(sent[-1]) > nonce and _tm_counter(sent[0]) > tm
     again.handle(_tc(key, counter + 1, 17, 1))  # the old key is gone
     assert _verification(sent[-1]) == (False, ccsds.REJECT_AUTH)
+
+
+def test_a_format_near_exhaustion_still_leaves_the_rekey_its_counters():
+    # An ordinary counter within a region step of the rekey's reserved counters: its
+    # region ceiling stops at ORDINARY_COUNTER_MAX, so after a format the rekey still has
+    # counters (at 0xFFFFFFFF none was left: a key locked for good, second cold review)
+    key = b"x" * 32
+    next_key = bytes(range(120, 152))
+    root = _fresh_root(key)
+    link, sent = _link(root)
+    link.handle(_tc(key, telecommands.ORDINARY_COUNTER_MAX - 16, 17, 1))
+    assert _verification(sent[-2]) == (True, 0), sent[-2]  # then the ping's reply
+    _format(root)
+    again, sent = _link(root)
+    assert again.last_counter == telecommands.ORDINARY_COUNTER_MAX
+    again.handle(_rekey_tc(key, telecommands.ORDINARY_COUNTER_MAX + 1, next_key))
+    assert _verification(sent[-1]) == (True, 0), sent[-1]
+    assert again.key_id == auth.key_id(next_key)
 
 
 def test_a_power_cut_in_a_rekey_keeps_the_telemetry_and_nonce_ceilings():
