@@ -5,7 +5,7 @@ import os
 import sys
 
 import board
-from payload import aesgcm, ccsds, telecommands
+from payload import aesgcm, ccsds, keystore, telecommands
 
 # _ROOT, _serial, _unhex, _tc (appended by the harness)
 MPTEST_HELPERS = ("link_helpers.py",)
@@ -108,8 +108,13 @@ def _link_tc(counter, service, subtype, data):
     return _tc(_LINK_KEY, counter, service, subtype, data, ack=0)
 
 
-def _board_link(root):
-    # the board's own key region (link_helpers._link gives each root a file region)
+def _board_link(root, fresh=True):
+    # the board's own key region (link_helpers._link gives each root a file region), its
+    # counters' ceilings cleared as on a new payload (fresh): they outlive a root, and an
+    # earlier test's, under the same link key, would make this one's counters replays
+    if fresh:
+        tail = keystore.REGION_BYTES - keystore.CEILINGS_AT
+        board.key_region.write(keystore.CEILINGS_AT, bytes(tail))
     sent = []
     link = telecommands.GroundLink(board, root, lambda b, n: sent.append(bytes(b[:n])))
     return link, sent
@@ -154,7 +159,7 @@ def test_a_sealed_chunk_is_what_the_host_opens():
     # a second read gets a fresh nonce; after a restart too (the ceiling is stored)
     link.handle(_link_tc(3, 128, 3, _read_args(name, 0, 16)))
     nonce_a = sent[-1][25:37]
-    link, sent = _board_link(root)
+    link, sent = _board_link(root, fresh=False)  # a restart, the region kept
     link.handle(_link_tc(100, 128, 3, _read_args(name, 0, 16)))  # past the stored TC ceiling
     nonce_b = sent[-1][25:37]
     assert nonce_a[:4] == nonce_b[:4] == b"PRD1"
