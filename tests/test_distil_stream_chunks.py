@@ -88,7 +88,7 @@ def test_a_first_chunk_sized_from_its_sample_counts_the_bit_its_request_tells():
     sample = np.zeros(2_000, bool)
     sample[::100] = True  # 1 %
     bob._sample_wrong["X"].extend(sample)
-    charged = {}
+    charged, schedules = {}, []
     for tail_errors in (160, 400):  # Z0's tail at 1.0 % and 2.4 %
         bob._chunk_errors = {"Z": [], "X": []}
         bob._chunk_tail, bob._chunk_log = {"Z": [], "X": []}, []
@@ -96,6 +96,9 @@ def test_a_first_chunk_sized_from_its_sample_counts_the_bit_its_request_tells():
         wrong[-16_384:][: tail_errors * 40 : 40] = True  # the tail's errors, spread
         bob._record_chunk_errors("Z", wrong)
         _, _, source = bob._estimate("X")
+        # the schedule (when the chunk is due, how long) does not look at Z0's tail: its
+        # comparison, block after block, would show in the request's timing
+        schedules.append(bob._estimate("X", compare_other=False))
         chunk_bits = {("Z", 0): 65_536}
         # Bob's count, from his state, and Alice's, from the request's public fields only
         bobs = request_reveals(source, set(), True, bob._chunk_log[-1], chunk_bits.get)
@@ -104,6 +107,7 @@ def test_a_first_chunk_sized_from_its_sample_counts_the_bit_its_request_tells():
         charged[tail_errors] = (source, bobs)
     assert charged[160] == (("Z", 0), (("Z", 0), 17))  # agreed: the count, 17 bits
     assert charged[400] == (None, (("Z", 0), 1))  # apart: one bit, on Z0
+    assert schedules[0] == schedules[1] == (0.01, 2_000, None)  # the sample's alone
     # a later basis's chunk, or a first one with nothing reconciled before, tells nothing
     assert request_reveals(None, set(), False, ("Z", 0), chunk_bits.get) is None
     assert request_reveals(None, set(), True, None, chunk_bits.get) is None

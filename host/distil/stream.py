@@ -1518,7 +1518,12 @@ class StreamBob(Bob):
                         # the last chunks keep the chunks' length: what the keys wait for
                         # is their rule's (chunk_frame_bits), as is the link-end reserve
                         self._follow_lag(timeline)
-                    qber, bits, source = self._estimate(name)
+                    # When a chunk is due, and how long, from public values and counts
+                    # already announced only: a basis's first chunk is not scheduled on the
+                    # other basis's unannounced tail (its comparison with the sample, block
+                    # after block, would show in the request's timing); its request is
+                    # sized on it below, which request_reveals counts
+                    qber, bits, _ = self._estimate(name, compare_other=False)
                     # key bits of a frame of ldpc.FRAME_BITS and of the chunks' length now
                     short_frame = frame_key_bits(cfg, qber, bits)
                     long_frame = frame_key_bits(cfg, qber, bits, self._chunks_frame_bits(final))
@@ -1537,6 +1542,7 @@ class StreamBob(Bob):
                     )
                     if not chunk:
                         break
+                    qber, bits, source = self._estimate(name)
                     qber, bits, frame_bits = self._chunk_request(
                         chunk, qber, bits, source, last=final
                     )
@@ -1826,9 +1832,12 @@ class StreamBob(Bob):
             self._sample_at[name].extend(idx)
             self._sample_wrong[name].extend(wrong)
 
-    def _estimate(self, name: str) -> tuple[float, int, tuple[str, int] | None]:
+    def _estimate(
+        self, name: str, compare_other: bool = True
+    ) -> tuple[float, int, tuple[str, int] | None]:
         """The QBER the next chunk of a basis is sized for, the bits it comes from, and the
         reconciled chunk it is that chunk's exact error rate of (None: the sample).
+        compare_other False: a first chunk from its sample alone (the schedule's).
 
         - After a chunk of the same basis: the exact error rate of that chunk's latest
           bits (chunk_tail_bits: Bob knows every error once it is decoded). The QBER
@@ -1852,7 +1861,7 @@ class StreamBob(Bob):
         own = self._chunk_errors[name]
         if own:
             source = (name, len(own) - 1)
-        elif self._chunk_log and bits:
+        elif compare_other and self._chunk_log and bits:
             other = self._chunk_log[-1]  # the latest chunk, of another basis
             errors, other_bits = self._chunk_tail[other[0]][other[1]]
             spread = math.sqrt(max(q, 1e-4) * (1 - q) / bits)
@@ -1914,7 +1923,8 @@ class StreamBob(Bob):
         as Bob's seconds per frame are measured (chunk_short_frames): one 2^17 frame counts
         2, one 2^18 frame 4."""
         cfg = self.config
-        qber, sample_bits, source = self._estimate(name)
+        # a schedule's figure: public values and announced counts only (_estimate)
+        qber, sample_bits, source = self._estimate(name, compare_other=False)
         qber, sample_bits, frame_bits = self._chunk_request(
             bits, qber, sample_bits, source, last=True
         )
