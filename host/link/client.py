@@ -267,8 +267,10 @@ class PayloadClient:
                 # board, emulated ones included, given this key): only the operator can tell
                 hint = (
                     f" (its telemetry counter is below the last this station accepted, kept "
-                    f"in {self.counter_file}: if this payload is new, remove the second "
-                    "number from that file)"
+                    f"in {self.counter_file}: someone replays recorded telemetry, or this "
+                    "payload's counter is another's (a new board given this key); only in "
+                    "that case, and if this payload is new, remove the second number from "
+                    "that file)"
                 )
             raise LinkFailed(
                 f"{what}: no answer from the payload on {self.link.port_name} {waited}"
