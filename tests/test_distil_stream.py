@@ -14,6 +14,7 @@ them, and Alice and Bob sync, sift and reconcile while they arrive.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -274,6 +275,36 @@ def test_the_report_carries_the_timeline_and_latency_figures(streamed):
     assert on_disk["stage_seconds"]["privacy_amplification_warm_up"] > 0
     assert report["classical_bytes"]["down"] == report["classical_bytes"]["alice_to_bob"] > 0
     assert report["classical_bytes"]["up"] == report["classical_bytes"]["bob_to_alice"] > 0
+
+
+def test_what_each_reconcile_request_tells_of_an_earlier_chunk_is_counted_on_it(streamed):
+    """Recomputed from Bob's requests on the wire, with the rule written out here: a
+    request sized from a chunk reveals that chunk's error count (ceil(log2(bits + 1)),
+    once per chunk); a basis's first request sized from its sample after a chunk of the
+    other basis tells one bit of that chunk's (docs/streaming.md, "Chunk sizing"). The
+    report counts exactly that on each chunk, and in the basis's leak."""
+    report, _ = streamed
+    sizes, expected, announced, last = {}, {}, set(), None
+    for kind, fields in WIRES["bob"].messages:
+        if kind != "stream_next" or fields["step"] != "reconcile":
+            continue
+        basis = fields["basis"]
+        source = (fields["sized_from_basis"], int(fields["sized_from_chunk"]))
+        if source[0] and source not in announced:
+            announced.add(source)
+            bits = sizes[source[0]][source[1]]
+            expected[source] = expected.get(source, 0) + math.ceil(math.log2(bits + 1))
+        elif not source[0] and not sizes.get(basis) and last is not None:
+            expected[last] = expected.get(last, 0) + 1
+        sizes.setdefault(basis, []).append(int(fields["bits"]))
+        last = (basis, len(sizes[basis]) - 1)
+    counted = {
+        (block["basis"], index): chunk["leak_error_count_bits"]
+        for block in report["ec"]["blocks"]
+        for index, chunk in enumerate(block["chunk_list"])
+        if chunk["leak_error_count_bits"]
+    }
+    assert counted == expected and expected
 
 
 def test_what_is_left_at_loss_of_signal_is_under_a_frame_and_the_last_blocks(streamed):

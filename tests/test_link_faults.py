@@ -167,7 +167,9 @@ def test_telemetry_recorded_in_an_earlier_session_is_refused_in_a_later_one(tmp_
             # nothing is believed, and the error says where the operator's record is
             write_counter_state(counter_file, 0, 2**31)
             with PayloadClient(proxy.port, KEY, counter_file=counter_file, timeout_s=1.0) as new:
-                with pytest.raises(LinkFailed, match="if this payload is new, remove the second number"):
+                with pytest.raises(
+                    LinkFailed, match="if this payload is new, remove the second number"
+                ):
                     new.ping()
 
 
