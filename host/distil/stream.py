@@ -1542,7 +1542,22 @@ class StreamBob(Bob):
                     )
                     if not chunk:
                         break
+                    scheduled = (qber, bits)
                     qber, bits, source = self._estimate(name)
+                    if (qber, bits) != scheduled:
+                        # sized from the other basis's chunk: the chunk in whole frames of
+                        # that sizing where the backlog has one (a function of that chunk's
+                        # count, which the request reveals and request_reveals counts)
+                        resized = next_chunk(
+                            backlog,
+                            frame_key_bits(cfg, qber, bits),
+                            frame_key_bits(cfg, qber, bits, self._chunks_frame_bits(final)),
+                            opts,
+                            final,
+                            hold,
+                            measure_first,
+                        )
+                        chunk = resized or chunk
                     qber, bits, frame_bits = self._chunk_request(
                         chunk, qber, bits, source, last=final
                     )
