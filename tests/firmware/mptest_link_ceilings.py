@@ -93,16 +93,22 @@ def _command(link, sent, key, counter, service=17, subtype=1, data=b"", ack=1):
     raise AssertionError("still a replay after the resync")
 
 
-def test_telemetry_counter_after_a_format_is_above_every_value_sent():
-    key = b"m" * 32
-    root = _fresh_root(key)
-    link, _ = _link(root, keep=False)
+def _keep_highest_tm_counter(link):
+    """[the highest telemetry counter the link sends], its packets not kept (heap)."""
     highest = [0]
 
     def record(buf, length):
         highest[0] = max(highest[0], ccsds.get_u32(buf, length - 22))
 
     link._send = record
+    return highest
+
+
+def test_telemetry_counter_after_a_format_is_above_every_value_sent():
+    key = b"m" * 32
+    root = _fresh_root(key)
+    link, _ = _link(root, keep=False)
+    highest = _keep_highest_tm_counter(link)
     for counter in range(1, 151):  # 300 packets: past the first littlefs ceiling (256)
         link.handle(_tc(key, counter, 17, 1))
     assert highest[0] >= 300, highest
@@ -121,12 +127,7 @@ def test_telemetry_past_a_ceiling_littlefs_could_not_store_resumes_above_it():
     key = b"s" * 32
     root = _fresh_root(key)
     link, _ = _link(root, keep=False)
-    highest = [0]
-
-    def record(buf, length):
-        highest[0] = max(highest[0], ccsds.get_u32(buf, length - 22))
-
-    link._send = record
+    highest = _keep_highest_tm_counter(link)
     link.handle(_tc(key, 1, 17, 1))  # the first ceilings stored: file and region
     os.mkdir(root + "/link/tm_counter.tmp")
     for counter in range(2, 201):  # 400 packets: past the file's first ceiling (256)
