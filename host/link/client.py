@@ -595,7 +595,7 @@ class PayloadClient:
                 f"{entry.name} is served sealed (AES-256-GCM): give the product key "
                 "(--product-key) to download it"
             )
-        os.chmod(part, 0o600)  # made 0600 already (PROTECTED_PREFIX); whatever the name
+        os.chmod(part, 0o600)  # any sealed product, 0600 from creation if named patterns*
         sealed = ccsds.parse_sealed_chunk(tm)
         data = ccsds.open_sealed_chunk(self.product_key, entry.name, sealed)
         return ccsds.Chunk(sealed.offset, data, zlib.crc32(data))
