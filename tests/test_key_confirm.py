@@ -524,3 +524,29 @@ def test_a_split_run_refuses_an_out_holding_its_key_of_an_earlier_split_run(
     assert "holds bob's key of an earlier split run" in refused.stderr
     assert "give each pass its own --out" in refused.stderr
     assert (root / "b" / "bob.key").read_bytes() == bob_key
+
+
+def test_a_split_run_refuses_copies_of_pass_json_that_differ_in_bytes(pass_dir, tmp_path):
+    """The keys' identifier is the SHA-256 of pass.json's bytes (pass-sha256:), the hello
+    compared its content only: two copies of one pass in other bytes (re-serialised)
+    distilled, and both keys were destroyed at their confirmation, the pass's raw data
+    used (a cold review). The hello now refuses them, before Alice claims the raw data,
+    and says what to do."""
+    _pools(tmp_path)
+    alice_dir = shutil.copytree(pass_dir, tmp_path / "alice-pass")
+    bob_dir = shutil.copytree(pass_dir, tmp_path / "bob-pass")
+    content = json.loads((bob_dir / "pass.json").read_text())
+    (bob_dir / "pass.json").write_text(json.dumps(content, indent=1, sort_keys=True))
+    assert (bob_dir / "pass.json").read_bytes() != (alice_dir / "pass.json").read_bytes()
+    base = [PY, "-m", "host.cli", "distil"]
+    (alice_rc, alice_err), (bob_rc, bob_err), _ = _pair(
+        base + [str(alice_dir), "--new-auth-pool", "--role", "alice", "--auth-pool",
+                str(tmp_path / "alice.pool"), "--out", str(tmp_path / "a")],
+        base + [str(bob_dir), "--new-auth-pool", "--role", "bob", "--auth-pool",
+                str(tmp_path / "bob.pool"), "--out", str(tmp_path / "b")],
+    )  # fmt: skip
+    assert bob_rc == 3 and "copy pass.json byte for byte" in bob_err, bob_err
+    assert alice_rc == 3, alice_err
+    assert not list(alice_dir.rglob("raw-data-used.json"))  # the raw data still unused
+    for out in ("a", "b"):
+        assert not list((tmp_path / out).glob("*.key")), out

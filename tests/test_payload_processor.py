@@ -150,7 +150,12 @@ FIELDS = {
     # identifiers and check values, key bytes burnt before they are sent (keystore.py)
     (DOWN, "keys_held"): {"ids": PUBLIC, "checks": "burnt_check", "store_named": PUBLIC},
     (UP, "keys_held"): {"ids": PUBLIC, "checks": "burnt_check", "store_named": PUBLIC},
-    (DOWN, "hello"): {"version": PUBLIC, "pass_digest": PUBLIC, "config": PUBLIC},
+    (DOWN, "hello"): {
+        "version": PUBLIC,
+        "pass_digest": PUBLIC,
+        "pass_json_sha256": PUBLIC,
+        "config": PUBLIC,
+    },
     (DOWN, "sync_pattern"): {"intensity": PUBLIC},
     (DOWN, "sync_correlation"): {"sums": PUBLIC},  # intensities summed (timesync)
     (DOWN, "sift"): {"basis": PUBLIC, "intensity": PUBLIC},

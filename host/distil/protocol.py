@@ -288,6 +288,11 @@ def pass_digest(pass_json: dict) -> str:
     return hashlib.sha256(json.dumps(pass_json, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def pass_json_sha256(pass_dir: Path) -> str:
+    """SHA-256 of pass.json's bytes: the pass's key identifier (`pass-sha256:`, run.py)."""
+    return hashlib.sha256((Path(pass_dir) / "pass.json").read_bytes()).hexdigest()
+
+
 def key_bases_for(pass_json: dict, config: Config) -> list[str]:
     if config.key_bases == "Z":
         return ["Z"]
@@ -530,6 +535,7 @@ class Alice:
             "hello",
             version=PROTOCOL_VERSION,
             pass_digest=pass_digest(self.pass_json),
+            pass_json_sha256=pass_json_sha256(self.pass_dir),
             config=self.config.public(),
             **fields,
         )
@@ -1062,6 +1068,15 @@ class Bob:
             raise ProtocolAborted("Alice runs post-pass distillation, Bob streams")
         if hello["pass_digest"] != pass_digest(self.pass_json):
             raise ProtocolAborted("Alice and Bob hold different pass.json files")
+        # (absent from a hello before session 30: the same protocol otherwise)
+        bytes_sha256 = hello.get("pass_json_sha256")
+        if bytes_sha256 is not None and bytes_sha256 != pass_json_sha256(self.pass_dir):
+            # the keys' identifier is the bytes' digest: keys under two identifiers would
+            # both be destroyed at their confirmation, after the pass's raw data was used
+            raise ProtocolAborted(
+                "Alice's and Bob's pass.json hold the same pass in different bytes (the "
+                "keys' identifier is their SHA-256): copy pass.json byte for byte"
+            )
         if hello["config"] != self.config.public():
             raise ProtocolAborted("Alice and Bob were started with different parameters")
         channel.send("hello_ok")

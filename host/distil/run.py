@@ -20,7 +20,6 @@ the command exits 1. Keys are never logged.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import math
 import os
 import sys
@@ -41,6 +40,7 @@ from host.distil.protocol import (
     Alice,
     Bob,
     Config,
+    pass_json_sha256,
 )
 from host.errors import BadInput, EnvironmentFailure, ProtocolAborted
 from host.formats.passdir import read_pass_json, require_fields
@@ -346,10 +346,6 @@ def read_pass(pass_dir: Path, role: str | None) -> dict:
             if not (pass_dir / "ground" / name).is_file():
                 raise BadInput(f"{pass_dir / 'ground' / name}: missing (Bob's {name})")
     return pass_json
-
-
-def pass_json_sha256(pass_dir: Path) -> str:
-    return hashlib.sha256((Path(pass_dir) / "pass.json").read_bytes()).hexdigest()
 
 
 # ------------------------------------------------------------------ writing the outputs
