@@ -494,10 +494,15 @@ class GroundLink:
             return True
         self._logs_durable_first()
         if counter >= region_ceiling:
-            # an ordinary command's ceiling stops below the counters kept for the rekey:
-            # one at 0xFFFFFFFF would leave a format nothing to rekey with
-            cap = ORDINARY_COUNTER_MAX if counter <= ORDINARY_COUNTER_MAX else _U32_MAX
-            if not self._store_region(1, min(counter + REGION_TC_STEP, cap)):
+            # an ordinary command's ceiling stops below the counters kept for the rekey,
+            # and a rekey's (one of those 256) is its own counter: a ceiling at 0xFFFFFFFF
+            # would leave a format (after a rekey cut short or refused) nothing to rekey
+            # with
+            if counter <= ORDINARY_COUNTER_MAX:
+                ceiling = min(counter + REGION_TC_STEP, ORDINARY_COUNTER_MAX)
+            else:
+                ceiling = counter
+            if not self._store_region(1, ceiling):
                 self.counter_write_failures += 1
                 return False
             if counter < self._ceiling:

@@ -259,9 +259,18 @@ def test_a_format_near_exhaustion_still_leaves_the_rekey_its_counters():
     _format(root)
     again, sent = _link(root)
     assert again.last_counter == telecommands.ORDINARY_COUNTER_MAX
-    again.handle(_rekey_tc(key, telecommands.ORDINARY_COUNTER_MAX + 1, next_key))
+    # a rekey refused (its argument cut short) uses a reserved counter up; the region's
+    # ceiling is that counter, not 0xFFFFFFFF (a third cold review), so after another
+    # format the next reserved counter still rekeys
+    rekey = bytes([ccsds.FN_REKEY]) + bytes(5)
+    again.handle(_tc(key, telecommands.ORDINARY_COUNTER_MAX + 1, 8, 1, rekey))
+    assert _verification(sent[-1]) == (False, ccsds.REJECT_ARGUMENT), sent[-1]
+    _format(root)
+    third, sent = _link(root)
+    assert third.last_counter == telecommands.ORDINARY_COUNTER_MAX + 1
+    third.handle(_rekey_tc(key, telecommands.ORDINARY_COUNTER_MAX + 2, next_key))
     assert _verification(sent[-1]) == (True, 0), sent[-1]
-    assert again.key_id == auth.key_id(next_key)
+    assert third.key_id == auth.key_id(next_key)
 
 
 def test_a_power_cut_in_a_rekey_keeps_the_telemetry_and_nonce_ceilings():
