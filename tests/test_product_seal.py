@@ -205,3 +205,23 @@ def test_a_pattern_products_partial_file_is_never_readable_by_others(tmp_path, m
         os.umask(previous_umask)
     assert result.resumed_from == 0 and result.path.read_bytes() == PATTERN
     assert spied == PATTERN[:1400]  # nothing opened later reached that descriptor
+
+
+def test_a_partial_file_planted_by_another_user_is_not_resumed(tmp_path):
+    """A pattern product's partial file and record that say all the right things (0600,
+    private_part) but belong to another user, who can write the folder: the download
+    starts again in a file of its own, so the opened product is never renamed into a
+    file that user owns (a third cold review)."""
+    satellite = tmp_path / "sat"
+    satellite.mkdir(mode=0o777)
+    with _payload(tmp_path, PRODUCT_KEY) as target:
+        with PayloadClient(target.ground_port, KEY, product_key=PRODUCT_KEY) as payload:
+            entry = next(e for e in payload.list_products() if e.name == "patterns.qrec")
+            part = satellite / "patterns.qrec.part"
+            part.write_bytes(b"")
+            part.chmod(0o600)
+            PayloadClient._save_meta(satellite / "patterns.qrec.part.json", entry, 0, 0)
+            os.chown(part, 65534, 65534)  # nobody's
+            result = payload.download(entry, satellite, chunk_bytes=700)
+    assert result.path.read_bytes() == PATTERN
+    assert result.path.stat().st_uid == os.getuid()

@@ -480,7 +480,13 @@ class PayloadClient:
             outstanding[offset] = (time.monotonic() + request_timeout_s, sent)
             sent += 1
 
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600 if protected else 0o666)
+        if verified == 0:
+            # a new file, made here: nobody else's, and nobody's descriptor open on it
+            part.unlink(missing_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        else:
+            flags = os.O_RDWR | os.O_NOFOLLOW  # the verified prefix of an earlier run
+        fd = os.open(part, flags, 0o600 if protected else 0o666)
         with os.fdopen(fd, "r+b") as out:
             out.truncate(verified)
             out.seek(verified)
@@ -624,14 +630,17 @@ class PayloadClient:
         into place), however its mode reads now. The download then starts again in a new
         file rather than resume."""
         try:
-            mode = os.lstat(part).st_mode
+            info = os.lstat(part)
         except FileNotFoundError:
             return
         try:
             ours = json.loads(meta_path.read_text()).get("private_part") is True
         except (OSError, ValueError, AttributeError):
             ours = False
-        if not ours or not stat.S_ISREG(mode) or mode & 0o077:
+        # and this user's: one planted by another user who can write the folder would
+        # stay theirs, the opened product renamed into it
+        ours = ours and info.st_uid == os.getuid()
+        if not ours or not stat.S_ISREG(info.st_mode) or info.st_mode & 0o077:
             part.unlink()
             meta_path.unlink(missing_ok=True)
 
