@@ -359,13 +359,7 @@ class GroundLink:
         # product key: the same key provisioned again after a format (which lost the file,
         # not the region) never sees a nonce again. The region's only without a file, as
         # the telecommand counter (_load_counter).
-        self.sealed_chunks = -1
-        for name in (NONCE_FILE, NONCE_FILE + ".tmp"):
-            try:
-                with open(self._link_path(name)) as f:
-                    self.sealed_chunks = max(self.sealed_chunks, int(f.read().strip()))
-            except (OSError, ValueError):
-                pass
+        self.sealed_chunks = self._stored_ceiling(NONCE_FILE, lambda text: int(text.strip()))
         if self.sealed_chunks < 0:
             self.sealed_chunks = self._region[3]
         self._nonce_ceiling = self.sealed_chunks
@@ -395,6 +389,19 @@ class GroundLink:
             nonce[11 - i] = (counter >> (8 * i)) & 0xFF
         return nonce
 
+    def _stored_ceiling(self, name, parse):
+        """The larger of the ceilings parse() reads from link/<name> and its temporary (a
+        power cut leaves the one or the other), or -1 when neither is there or parses (a
+        format lost them)."""
+        ceiling = -1
+        for path in (name, name + ".tmp"):
+            try:
+                with open(self._link_path(path)) as f:
+                    ceiling = max(ceiling, parse(f.read()))
+            except (OSError, ValueError, IndexError):
+                pass
+        return ceiling
+
     def _load_counter(self):
         # The ceiling is written to a temporary file and renamed over the old one (atomic
         # in littlefs and POSIX), so a power cut leaves the old or the new value, never an
@@ -403,17 +410,13 @@ class GroundLink:
         # Without a file of this key (a format lost it, not the key) the key region's
         # coarse ceiling: both are written before a counter passes them, so either bounds
         # every counter used, and the file's, nearer, skips no counters at each boot.
-        self.last_counter = -1
-        for name in (COUNTER_FILE, COUNTER_FILE + ".tmp"):
-            try:
-                with open(self._link_path(name)) as f:
-                    fields = f.read().split()
-                value = int(fields[0])
-            except (OSError, ValueError, IndexError):
-                continue
+        def this_keys(text):
+            fields = text.split()
             if len(fields) > 1 and fields[1] != self.key_id:
-                continue  # the counter of a previous key
-            self.last_counter = max(self.last_counter, value)
+                raise ValueError  # the counter of a previous key
+            return int(fields[0])
+
+        self.last_counter = self._stored_ceiling(COUNTER_FILE, this_keys)
         if self.last_counter < 0:
             self.last_counter = self._region_tc_ceiling()
         self._ceiling = self.last_counter
@@ -424,13 +427,7 @@ class GroundLink:
         # key: the ground's last accepted value stays valid across a rekey); from the key
         # region's coarse ceiling when there is no file (a format lost it), as the
         # telecommand counter (_load_counter)
-        ceiling = -1
-        for name in (TM_COUNTER_FILE, TM_COUNTER_FILE + ".tmp"):
-            try:
-                with open(self._link_path(name)) as f:
-                    ceiling = max(ceiling, int(f.read().split()[0]))
-            except (OSError, ValueError, IndexError):
-                pass
+        ceiling = self._stored_ceiling(TM_COUNTER_FILE, lambda text: int(text.split()[0]))
         if ceiling < 0:
             ceiling = self._region[2]
         self.tm.security_counter = ceiling
